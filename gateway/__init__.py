@@ -1,0 +1,3 @@
+"""Token Kiosk: a self-hosted, OpenAI-compatible LLM API gateway."""
+
+__version__ = "0.1.0"

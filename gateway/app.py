@@ -1,0 +1,93 @@
+"""`create_app(settings)`: wires state, middlewares and routes; resources open in cleanup contexts.
+
+The factory does no I/O, so tests build apps from their own settings and several apps can run
+side by side. Cleanup contexts open in this order and close in reverse: store → usage writer →
+key cache → providers (one HTTP session per upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from weakref import WeakSet
+
+import aiohttp
+from aiohttp import web
+
+from gateway.auth import KeyCache, auth_middleware
+from gateway.middleware import add_request_id_header, error_middleware, request_context
+from gateway.providers import Provider, build_provider
+from gateway.router import Router
+from gateway.routes import setup_routes
+from gateway.settings import ProviderConfig, Settings
+from gateway.state import KEYS_KEY, ROUTER_KEY, SETTINGS_KEY, STORE_KEY, STREAMS_KEY, USAGE_KEY
+from gateway.store import Store
+from gateway.usage import UsageRecorder
+
+__all__ = ["create_app"]
+
+# Large enough for a big tool-call or image event on one SSE line.
+_READ_BUFSIZE = 2**20
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = await Store.open(app[SETTINGS_KEY].server.database)
+    app[STORE_KEY] = store
+    yield
+    await store.close()
+
+
+async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    server = app[SETTINGS_KEY].server
+    recorder = UsageRecorder(
+        app[STORE_KEY], flush_seconds=server.usage_flush_seconds, batch_size=server.usage_batch_size
+    )
+    app[USAGE_KEY] = recorder
+    await recorder.start()
+    yield
+    await recorder.stop()  # drains: no usage row is lost on a clean stop
+
+
+async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
+    cache = KeyCache(app[STORE_KEY], app[SETTINGS_KEY].server.keys_refresh_seconds)
+    await cache.load()
+    app[KEYS_KEY] = cache
+    task = asyncio.create_task(cache.run(), name="key-cache-refresh")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _session(cfg: ProviderConfig) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=cfg.max_connections, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, read_bufsize=_READ_BUFSIZE)
+
+
+async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS_KEY]
+    sessions: list[aiohttp.ClientSession] = []
+    providers: dict[str, Provider] = {}
+    for cfg in settings.providers:
+        session = _session(cfg)
+        sessions.append(session)
+        providers[cfg.name] = build_provider(cfg, session)
+    app[ROUTER_KEY] = Router(settings, providers)
+    yield
+    for session in sessions:
+        await session.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the gateway application for `settings`. No I/O happens until it starts."""
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[request_context, error_middleware, auth_middleware],
+    )
+    app[SETTINGS_KEY] = settings
+    app[STREAMS_KEY] = WeakSet()
+    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _keys_ctx, _router_ctx])
+    app.on_response_prepare.append(add_request_id_header)
+    setup_routes(app)
+    return app

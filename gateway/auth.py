@@ -1,0 +1,125 @@
+"""Bearer-key authentication against an in-memory key cache, refreshed from the store.
+
+Keys are looked up by the SHA-256 digest of the presented secret: API keys have enough entropy
+that a fast hash is safe, and a dict lookup keeps the database off the request path. The cache
+polls `PRAGMA data_version` so keys created, changed or revoked by the CLI (another connection)
+take effect within `keys_refresh_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from gateway.errors import AuthenticationFailed
+from gateway.records import KeyRecord
+from gateway.state import KEYS_KEY, PRINCIPAL_KEY
+from gateway.store import Store
+
+__all__ = ["KeyCache", "Principal", "auth_middleware", "digest_of"]
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Routes that need a virtual key; health checks and the admin API (own key) do not.
+_PROTECTED_PREFIXES = ("/v1/", "/api/")
+
+
+def digest_of(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key record the request authenticated with."""
+
+    key: KeyRecord
+
+
+class KeyCache:
+    """Every key, by digest, in memory; `run()` keeps it in step with the database."""
+
+    def __init__(self, store: Store, refresh_seconds: float) -> None:
+        self._store = store
+        self._refresh = refresh_seconds
+        self._by_digest: dict[str, KeyRecord] = {}
+        self._version: int | None = None
+
+    async def load(self) -> None:
+        self._version = await self._store.data_version()
+        keys = await self._store.list_keys()
+        self._by_digest = {k.digest: k for k in keys}
+
+    async def refresh(self) -> None:
+        """Reload when another connection changed the database since the last load."""
+        version = await self._store.data_version()
+        if version != self._version:
+            await self.load()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh)
+            try:
+                await self.refresh()
+            except Exception:  # keep serving from the last good cache
+                log.exception("key_cache_refresh_failed")
+
+    def put(self, key: KeyRecord) -> None:
+        """Apply a change made through this process (admin API) without waiting for a poll."""
+        self._by_digest[key.digest] = key
+
+    def lookup(self, secret: str) -> KeyRecord | None:
+        digest = digest_of(secret)
+        key = self._by_digest.get(digest)
+        # The dict lookup hashes the digest, not the secret; compare anyway in constant time.
+        if key is not None and hmac.compare_digest(key.digest, digest):
+            return key
+        return None
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def authenticate(request: web.Request) -> Principal:
+    """The caller's principal.
+
+    Raises:
+        AuthenticationFailed: the key is missing, unknown, revoked or expired.
+    """
+    secret = _bearer(request)
+    if secret is None:
+        raise AuthenticationFailed(
+            "Missing API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+        )
+    key = request.app[KEYS_KEY].lookup(secret)
+    if key is None:
+        raise AuthenticationFailed("Incorrect API key provided.")
+    if key.revoked_at is not None:
+        raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
+    if not key.usable_at(time.time()):
+        raise AuthenticationFailed("This API key has expired.", code="key_expired")
+    return Principal(key)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith(_PROTECTED_PREFIXES):
+        principal = authenticate(request)
+        request[PRINCIPAL_KEY] = principal
+        structlog.contextvars.bind_contextvars(key_id=principal.key.id)
+    return await handler(request)

@@ -1,0 +1,184 @@
+"""The gateway's error tree and the one table that maps it to OpenAI-shaped HTTP errors.
+
+Handlers, providers and the store raise these; only `middleware.error_middleware` turns them
+into responses, so status codes and error types live here and nowhere else::
+
+    GatewayError                      500 server_error
+    ├── InvalidRequest                400 invalid_request_error
+    │   └── PayloadTooLarge           413 invalid_request_error / request_too_large
+    ├── AuthenticationFailed          401 authentication_error / invalid_api_key
+    ├── PermissionDenied              403 permission_error / model_not_allowed
+    ├── NotFound                      404 not_found_error / model_not_found
+    ├── RateLimited                   429 rate_limit_exceeded (carries retry_after)
+    ├── QuotaExceeded                 429 insufficient_quota
+    └── UpstreamError                 502 upstream_error  (the provider failed us)
+        ├── UpstreamBadRequest        4xx invalid_request_error (the upstream blamed the request)
+        ├── UpstreamRateLimited       429 rate_limit_exceeded (retryable, carries retry_after)
+        ├── UpstreamUnavailable       503 upstream_error (retryable: 5xx, overloaded)
+        ├── UpstreamTimeout           504 upstream_error (retryable)
+        ├── UpstreamConnectionError   502 upstream_error (retryable: refused, reset, DNS)
+        └── UpstreamAuthError         502 upstream_error (our upstream credentials were refused)
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "AuthenticationFailed",
+    "ErrorBody",
+    "ErrorEnvelope",
+    "GatewayError",
+    "InvalidRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "RateLimited",
+    "UpstreamAuthError",
+    "UpstreamBadRequest",
+    "UpstreamConnectionError",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_body",
+]
+
+
+class ErrorBody(msgspec.Struct):
+    """The inner object of every error; all four keys are always present."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    error: ErrorBody
+
+
+class GatewayError(Exception):
+    """Base of every error a client can see. Subclasses set the class attributes."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.retry_after = retry_after
+
+    def body(self) -> ErrorEnvelope:
+        return ErrorEnvelope(ErrorBody(self.message, self.type, self.param, self.code))
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "not_found_error"
+    code = "model_not_found"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(GatewayError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class UpstreamError(GatewayError):
+    """The upstream provider failed; never the client's fault unless a subclass says so."""
+
+    status = 502
+    type = "upstream_error"
+    code: str | None = "upstream_error"
+
+
+class UpstreamBadRequest(UpstreamError):
+    """The upstream rejected the request itself (4xx): relayed with the upstream's message."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = None
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+    retryable = True
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+    retryable = True
+
+
+class UpstreamConnectionError(UpstreamError):
+    status = 502
+    code = "upstream_connection_error"
+    retryable = True
+
+
+class UpstreamAuthError(UpstreamError):
+    """Our credentials for the upstream were refused: a gateway fault, never the client's 401."""
+
+    status = 502
+    code = "upstream_auth_failed"
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def error_body(exc: GatewayError) -> bytes:
+    """The JSON bytes of `exc` as an OpenAI error envelope."""
+    return _ENCODER.encode(exc.body())

@@ -1,0 +1,194 @@
+"""Request context (id, contextvars, canonical log line, usage row) and error mapping.
+
+Order in the app: `request_context` → `error_middleware` → `auth_middleware` → handler, so
+the log line and usage row see the final status of every request, errors included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, error_body
+from gateway.records import UsageRecord
+from gateway.settings import ModelConfig
+from gateway.state import USAGE_KEY
+
+__all__ = [
+    "TRACE_KEY",
+    "RequestTrace",
+    "add_request_id_header",
+    "error_middleware",
+    "request_context",
+]
+
+log = structlog.get_logger("gateway.request")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# A client-supplied id is echoed only when it is short and harmless in logs and headers.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# nginx's convention for "client closed the connection before the response was complete".
+CLIENT_CLOSED = 499
+
+
+@dataclass(slots=True)
+class RequestTrace:
+    """What a handler learned about a request, for the log line and the usage row."""
+
+    request_id: str
+    started: float
+    ts: float
+    endpoint: str = ""
+    metered: bool = False  # True once a model was resolved: the request gets a usage row
+    key_id: str | None = None
+    model: ModelConfig | None = None
+    model_id: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    stream: bool = False
+    status: int | None = None  # overrides the HTTP status (stream errors, disconnects)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float | None = None
+    estimated: bool = False
+
+
+TRACE_KEY: web.RequestKey[RequestTrace] = web.RequestKey("trace")
+
+
+def _new_request_id(request: web.Request) -> str:
+    incoming = request.headers.get("X-Request-ID")
+    if incoming and _SAFE_ID.match(incoming):
+        return incoming
+    return f"req_{uuid.uuid4().hex}"
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: every response, streams and errors too, carries the id."""
+    trace = request.get(TRACE_KEY)
+    if trace is not None:
+        response.headers["X-Request-ID"] = trace.request_id
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    trace = RequestTrace(
+        request_id=_new_request_id(request),
+        started=time.perf_counter(),
+        ts=time.time(),
+        endpoint=request.path,
+    )
+    request[TRACE_KEY] = trace
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=trace.request_id)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED  # handler cancelled because the client went away
+        raise
+    finally:
+        _finish(request, trace, trace.status or status)
+
+
+def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
+    latency_ms = round((time.perf_counter() - trace.started) * 1000, 3)
+    total = trace.prompt_tokens + trace.completion_tokens
+    if trace.metered:
+        cost = (
+            trace.model.cost_usd(trace.prompt_tokens, trace.completion_tokens)
+            if trace.model
+            else 0.0
+        )
+        request.app[USAGE_KEY].record(
+            UsageRecord(
+                ts=trace.ts,
+                request_id=trace.request_id,
+                key_id=trace.key_id,
+                model=trace.model_id,
+                provider=trace.provider,
+                upstream_model=trace.upstream_model,
+                endpoint=trace.endpoint,
+                stream=trace.stream,
+                status=status,
+                prompt_tokens=trace.prompt_tokens,
+                completion_tokens=trace.completion_tokens,
+                total_tokens=total,
+                cost_usd=cost,
+                latency_ms=latency_ms,
+                ttft_ms=trace.ttft_ms,
+                estimated=trace.estimated,
+            )
+        )
+    log.info(
+        "request",
+        method=request.method,
+        path=request.path,
+        status=status,
+        model=trace.model_id,
+        provider=trace.provider,
+        upstream_model=trace.upstream_model,
+        stream=trace.stream,
+        prompt_tokens=trace.prompt_tokens,
+        completion_tokens=trace.completion_tokens,
+        total_tokens=total,
+        ttft_ms=trace.ttft_ms,
+        latency_ms=latency_ms,
+    )
+
+
+_HTTP_ERRORS: dict[int, type[GatewayError]] = {
+    400: InvalidRequest,
+    404: NotFound,
+    413: PayloadTooLarge,
+}
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
+    """aiohttp's own errors (unknown route, wrong method, body too large) in our shape."""
+    if exc.status == 404:
+        return NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
+    if exc.status == 413:
+        return PayloadTooLarge("Request body is too large.")
+    if exc.status == 405:
+        err = InvalidRequest("Method not allowed for this route.", code="method_not_allowed")
+        err.status = 405
+        return err
+    return _HTTP_ERRORS.get(exc.status, GatewayError)(exc.reason, status=exc.status)
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return web.Response(
+        status=exc.status, body=error_body(exc), content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(request, exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled_error")
+        return error_response(GatewayError("The gateway failed to process the request."))

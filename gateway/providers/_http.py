@@ -1,0 +1,190 @@
+"""HTTP plumbing shared by providers: timeouts, SSE parsing, and upstream status → error.
+
+Upstream failures are classified by HTTP status and typed parsing of the error body, never
+by matching message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+
+from gateway.errors import (
+    UpstreamAuthError,
+    UpstreamBadRequest,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.settings import ProviderConfig
+
+__all__ = [
+    "error_from_status",
+    "iter_sse_data",
+    "parse_retry_after",
+    "stream_timeout",
+    "unary_timeout",
+    "upstream_detail",
+    "upstream_failure",
+]
+
+
+def unary_timeout(cfg: ProviderConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=cfg.total_timeout, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
+    )
+
+
+def stream_timeout(cfg: ProviderConfig) -> aiohttp.ClientTimeout:
+    # No total: a long, healthy generation must never be cut; sock_read bounds each silence.
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `retry-after` header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _OpenAIErrorBody(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class _OpenAIErrorEnvelope(msgspec.Struct):
+    error: _OpenAIErrorBody | str | None = None
+    message: str | None = None
+
+
+_ERROR_DECODER = msgspec.json.Decoder(_OpenAIErrorEnvelope)
+
+
+def upstream_detail(body: bytes) -> _OpenAIErrorBody:
+    try:
+        env = _ERROR_DECODER.decode(body)
+    except msgspec.MsgspecError:
+        return _OpenAIErrorBody()
+    if isinstance(env.error, _OpenAIErrorBody):
+        return env.error
+    return _OpenAIErrorBody(message=env.error or env.message)
+
+
+def error_from_status(
+    provider: str, status: int, body: bytes, retry_after: str | None = None
+) -> UpstreamError:
+    """Map an upstream error response to the error the client sees.
+
+    Client-caused 4xx keep the upstream's message, param and code; our own credential
+    problems and upstream faults become gateway errors that never blame the client.
+    """
+    detail = upstream_detail(body)
+    code = str(detail.code) if detail.code is not None else None
+    message = detail.message or f"upstream returned HTTP {status}"
+    if status in (401, 403):
+        return UpstreamAuthError(
+            f"The upstream provider '{provider}' rejected the gateway's credentials "
+            f"(HTTP {status}). This is a gateway configuration problem."
+        )
+    if status == 429:
+        if code == "insufficient_quota" or detail.type == "insufficient_quota":
+            # The upstream account is out of credit: our problem, not the client's quota.
+            return UpstreamUnavailable(
+                f"The upstream provider '{provider}' account has exhausted its quota.",
+                code="upstream_quota_exhausted",
+            )
+        return UpstreamRateLimited(
+            f"The upstream provider '{provider}' is rate limiting requests: {message}",
+            retry_after=parse_retry_after(retry_after),
+        )
+    if status in (400, 404, 409, 413, 422):
+        mapped = {404: 404, 413: 413}.get(status, 400)
+        err_type = "not_found_error" if mapped == 404 else "invalid_request_error"
+        err = UpstreamBadRequest(message, param=detail.param, code=code, status=mapped)
+        err.type = err_type
+        return err
+    if status in (408, 504):
+        return UpstreamTimeout(f"The upstream provider '{provider}' timed out (HTTP {status}).")
+    if status >= 500 or status == 529:
+        return UpstreamUnavailable(
+            f"The upstream provider '{provider}' failed (HTTP {status}): {message}",
+            retry_after=parse_retry_after(retry_after),
+        )
+    return UpstreamError(f"The upstream provider '{provider}' answered HTTP {status}: {message}")
+
+
+def upstream_failure(provider: str, exc: BaseException) -> UpstreamError:
+    """Map a client-side exception (timeout, refused, reset) to an UpstreamError."""
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return UpstreamTimeout(f"The upstream provider '{provider}' did not answer in time.")
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return UpstreamConnectionError(
+            f"The upstream provider '{provider}' closed the connection mid-response."
+        )
+    return UpstreamConnectionError(f"Could not reach the upstream provider '{provider}'.")
+
+
+_EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+async def iter_sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Yield the `data` of each SSE event of `resp`, as bytes, as soon as it is complete.
+
+    Reads with our own buffer instead of `resp.content` line iteration, which raises
+    `LineTooLong` on the large single-line events big tool calls or images produce.
+    Comments (`: ping`) and `event:`/`id:` fields are skipped.
+    """
+    buf = b""
+    async for piece in resp.content.iter_any():
+        buf = buf + piece if buf else piece
+        while True:
+            cut, sep_len = _find_event_end(buf)
+            if cut < 0:
+                break
+            event, buf = buf[:cut], buf[cut + sep_len :]
+            data = _event_data(event)
+            if data is not None:
+                yield data
+    if buf.strip():
+        data = _event_data(buf)
+        if data is not None:
+            yield data
+
+
+def _find_event_end(buf: bytes) -> tuple[int, int]:
+    best, best_len = -1, 0
+    for sep in _EVENT_END:
+        i = buf.find(sep)
+        if i >= 0 and (best < 0 or i < best):
+            best, best_len = i, len(sep)
+    return best, best_len
+
+
+def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and b"\n" not in event and b"\r" not in event:
+        return event[6:]  # the common case: one data line
+    lines = [
+        line[5:].removeprefix(b" ")
+        for line in event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None

@@ -1,0 +1,90 @@
+"""The narrow interface every upstream provider implements, and the call it receives.
+
+A provider has two methods: `chat()` returns a whole OpenAI `chat.completion` as JSON bytes,
+`stream_chat()` yields OpenAI `chat.completion.chunk` JSON payloads (no SSE framing, no
+`[DONE]`). Both speak bytes, not structs, so the OpenAI pass-through relays upstream bytes
+without re-encoding; translating providers encode their structs once. Usage seen on the way
+is written into the `ChatCall` so the handler can account for it, even when a stream is cut.
+Errors are raised as `gateway.errors.UpstreamError` subclasses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgspec
+
+from gateway.schemas.chat import ChatCompletionRequest
+from gateway.schemas.common import Usage
+from gateway.settings import ModelConfig, ProviderConfig
+
+__all__ = ["ChatCall", "ChatReply", "Provider"]
+
+
+@dataclass(slots=True)
+class ChatCall:
+    """One chat request on its way to one upstream target.
+
+    Attributes:
+        request: the validated client request.
+        raw: the client's top-level JSON fields as raw bytes, so pass-through can forward
+            fields the typed request does not model.
+        model: the model config the request resolved to (prices, defaults, reasoning flag).
+        upstream_model: the model name to send upstream.
+        api_key: the upstream account to use, chosen by the router (None for keyless servers).
+        request_id: the gateway's request id, forwarded upstream as `x-request-id`.
+        usage: filled by the provider when the upstream reports usage.
+        chunks: stream chunks with content seen so far (a completion-token estimate when the
+            upstream never reports usage, e.g. because the client hung up).
+        first_byte_at: monotonic time the first upstream event arrived (for ttft).
+    """
+
+    request: ChatCompletionRequest
+    raw: dict[str, msgspec.Raw]
+    model: ModelConfig
+    upstream_model: str
+    api_key: str | None = None
+    request_id: str = ""
+    usage: Usage | None = None
+    chunks: int = 0
+    first_byte_at: float | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The client's output limit, else the model's configured default."""
+        return self.request.token_limit or self.model.max_tokens
+
+
+@dataclass(slots=True, frozen=True)
+class ChatReply:
+    body: bytes  # an OpenAI chat.completion object, JSON
+    usage: Usage | None
+
+
+class Provider(Protocol):
+    """An upstream that answers OpenAI chat requests. Implementations live one per module."""
+
+    config: ProviderConfig
+
+    async def chat(self, call: ChatCall) -> ChatReply:
+        """Send a non-streaming request and return the whole completion.
+
+        Raises:
+            UpstreamError: the upstream failed, timed out or refused the request.
+        """
+        ...
+
+    def stream_chat(self, call: ChatCall) -> AsyncGenerator[bytes, None]:
+        """Yield chunk payloads as they arrive.
+
+        The first `__anext__()` performs the request, so an upstream that fails before its
+        first event raises there and the handler can still answer with a proper status.
+
+        Raises:
+            UpstreamError: before or during the stream.
+        """
+        ...

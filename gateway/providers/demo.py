@@ -1,0 +1,209 @@
+"""The offline `demo` provider: deterministic answers, so a first run and the tests need no network.
+
+It answers "You said: <last user text>", honours `max_tokens` (finish_reason "length"),
+`stop`, `n`, JSON mode (an object built from the schema), and tools: when tools are offered
+and the last message is not a tool result, it calls the named or first tool with arguments
+sampled from the tool's JSON schema; after a tool result it reports what the tool returned.
+Tokens are counted as the words it emits (completion) and a chars/4 estimate (prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
+
+import msgspec
+
+from gateway.providers.base import ChatCall, ChatReply
+from gateway.schemas.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    DeltaFunction,
+    DeltaToolCall,
+    FunctionCall,
+    FunctionTool,
+    JSONObjectFormat,
+    JSONSchemaFormat,
+    ToolCall,
+    ToolChoiceFunction,
+    ToolMessage,
+    UserMessage,
+)
+from gateway.schemas.common import Usage
+from gateway.settings import ProviderConfig
+from gateway.tokens import estimate_prompt_tokens, message_text
+
+__all__ = ["DemoProvider"]
+
+_ENCODER = msgspec.json.Encoder()
+
+
+class _Answer(msgspec.Struct):
+    words: list[str]
+    finish_reason: str
+    tool_call: ToolCall | None = None
+
+
+def _sample(schema: Any, text: str) -> Any:
+    """A deterministic value that satisfies the common parts of a JSON schema."""
+    if not isinstance(schema, dict):
+        return text
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props: dict[str, Any] = schema.get("properties") or {}
+        return {name: _sample(sub, text) for name, sub in props.items()}
+    if kind == "array":
+        return [_sample(schema.get("items", {}), text)]
+    return {"integer": 1, "number": 1.0, "boolean": True, "null": None}.get(kind, text)
+
+
+def _pick_tool(req: ChatCompletionRequest) -> FunctionTool | None:
+    tools = [t for t in req.tools or () if isinstance(t, FunctionTool)]
+    if not tools or req.tool_choice == "none":
+        return None
+    if isinstance(req.tool_choice, ToolChoiceFunction):
+        wanted = req.tool_choice.function.name
+        return next((t for t in tools if t.function.name == wanted), None)
+    if isinstance(req.messages[-1], ToolMessage):
+        return None  # answer the tool result instead of calling again
+    return tools[0]
+
+
+def _answer(req: ChatCompletionRequest, limit: int | None) -> _Answer:
+    last = next((m for m in reversed(req.messages) if isinstance(m, UserMessage)), None)
+    text = message_text(last.content) if last is not None else ""
+    tool = _pick_tool(req)
+    if tool is not None:
+        params = msgspec.json.decode(tool.function.parameters) if tool.function.parameters else {}
+        args = _ENCODER.encode(_sample(params, text)).decode()
+        digest = hashlib.sha256(f"{tool.function.name}:{args}".encode()).hexdigest()[:24]
+        call = ToolCall(id=f"call_{digest}", function=FunctionCall(tool.function.name, args))
+        return _Answer(words=[], finish_reason="tool_calls", tool_call=call)
+    if isinstance(req.messages[-1], ToolMessage):
+        reply = f"The tool returned: {message_text(req.messages[-1].content)}"
+    else:
+        reply = f"You said: {text}"
+    fmt = req.response_format
+    if isinstance(fmt, JSONSchemaFormat):
+        schema = msgspec.json.decode(fmt.json_schema.schema) if fmt.json_schema.schema else {}
+        reply = _ENCODER.encode(_sample(schema, text)).decode()
+    elif isinstance(fmt, JSONObjectFormat):
+        reply = _ENCODER.encode({"reply": text}).decode()
+    words = reply.split(" ")
+    words = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
+    finish = "stop"
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+    for i in range(len(words)):
+        joined = "".join(words[: i + 1])
+        hit = next((s for s in stops if s and s in joined), None)
+        if hit is not None:
+            cut = joined[: joined.index(hit)]
+            words = [cut] if cut else []
+            break
+    if limit is not None and len(words) > limit:
+        words, finish = words[:limit], "length"
+    return _Answer(words=words, finish_reason=finish)
+
+
+def _usage(req: ChatCompletionRequest, answer: _Answer, n: int) -> Usage:
+    prompt = estimate_prompt_tokens(req)
+    per_choice = len(answer.words) if answer.tool_call is None else 8
+    completion = per_choice * n
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+class DemoProvider:
+    """Adapter for `type = "demo"` providers."""
+
+    def __init__(self, config: ProviderConfig, session: object | None = None) -> None:
+        self.config = config
+
+    @staticmethod
+    def _ids(call: ChatCall) -> tuple[str, int, str]:
+        model = call.request.model if isinstance(call.request.model, str) else call.model.name
+        return f"chatcmpl-demo-{call.request_id or 'local'}", int(time.time()), model
+
+    async def chat(self, call: ChatCall) -> ChatReply:
+        req = call.request
+        n = req.n or 1
+        answer = _answer(req, call.max_tokens)
+        call.first_byte_at = time.monotonic()
+        content = None if answer.tool_call else "".join(answer.words)
+        tool_calls = [answer.tool_call] if answer.tool_call else msgspec.UNSET
+        message = ChatMessage(content=content, tool_calls=tool_calls)
+        call.usage = _usage(req, answer, n)
+        rid, created, model = self._ids(call)
+        completion = ChatCompletion(
+            id=rid,
+            created=created,
+            model=model,
+            choices=[Choice(i, message, answer.finish_reason) for i in range(n)],
+            usage=call.usage,
+            system_fingerprint="fp_demo",
+        )
+        return ChatReply(body=_ENCODER.encode(completion), usage=call.usage)
+
+    async def stream_chat(self, call: ChatCall) -> AsyncGenerator[bytes, None]:
+        req = call.request
+        n = req.n or 1
+        answer = _answer(req, call.max_tokens)
+        call.first_byte_at = time.monotonic()
+        rid, created, model = self._ids(call)
+        with_usage = req.wants_usage
+        for choices in _deltas(answer, n):
+            chunk = ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=model,
+                choices=choices,
+                system_fingerprint="fp_demo",
+                usage=None if with_usage else msgspec.UNSET,
+            )
+            call.chunks += 1
+            yield _ENCODER.encode(chunk)
+        call.usage = _usage(req, answer, n)
+        if with_usage:
+            yield _ENCODER.encode(
+                ChatCompletionChunk(
+                    id=rid, created=created, model=model, choices=[], usage=call.usage
+                )
+            )
+
+
+def _deltas(answer: _Answer, n: int) -> Iterator[list[ChunkChoice]]:
+    """Chunk choices in OpenAI's order: role, content or tool-call fragments, finish."""
+    if answer.tool_call is not None:
+        call = answer.tool_call
+        args = call.function.arguments
+        half = len(args) // 2
+        first = DeltaToolCall(
+            index=0,
+            id=call.id,
+            type="function",
+            function=DeltaFunction(name=call.function.name, arguments=""),
+        )
+        yield [
+            ChunkChoice(i, Delta(role="assistant", content=None, tool_calls=[first]))
+            for i in range(n)
+        ]
+        for piece in (args[:half], args[half:]):
+            frag = DeltaToolCall(index=0, function=DeltaFunction(arguments=piece))
+            yield [ChunkChoice(i, Delta(tool_calls=[frag])) for i in range(n)]
+    else:
+        yield [ChunkChoice(i, Delta(role="assistant", content="", refusal=None)) for i in range(n)]
+        for word in answer.words:
+            yield [ChunkChoice(i, Delta(content=word)) for i in range(n)]
+    yield [ChunkChoice(i, Delta(), answer.finish_reason) for i in range(n)]

@@ -1,0 +1,159 @@
+"""OpenAI and every OpenAI-compatible server (vLLM, Ollama, OpenRouter, DeepSeek...): pass-through.
+
+The client's body is forwarded field for field (unknown fields included) with three edits:
+`model` becomes the upstream name, the model's default `max_tokens` fills a missing limit,
+and streams always ask for `include_usage` so usage can be accounted; that extra usage chunk
+is dropped again when the client did not ask for it. Upstream bytes go back untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+
+import aiohttp
+import msgspec
+
+from gateway.errors import UpstreamError
+from gateway.providers._http import (
+    error_from_status,
+    iter_sse_data,
+    stream_timeout,
+    unary_timeout,
+    upstream_detail,
+    upstream_failure,
+)
+from gateway.providers.base import ChatCall, ChatReply
+from gateway.schemas.common import Usage
+from gateway.settings import ProviderConfig
+
+__all__ = ["OpenAIProvider"]
+
+_ENCODER = msgspec.json.Encoder()
+_TRUE = msgspec.Raw(b"true")
+
+
+class _UsageView(msgspec.Struct):
+    """Only what we read from an upstream completion or chunk; the rest is skipped unparsed."""
+
+    usage: Usage | None = None
+    choices: list[msgspec.Raw] = []
+
+
+class _ErrorView(msgspec.Struct):
+    error: msgspec.Raw | None = None
+
+
+_USAGE = msgspec.json.Decoder(_UsageView)
+_ERROR = msgspec.json.Decoder(_ErrorView)
+
+
+class OpenAIProvider:
+    """Adapter for `type = "openai"` providers."""
+
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self._session = session
+        self._url = f"{config.url}/chat/completions"
+        self._unary_timeout = unary_timeout(config)
+        self._stream_timeout = stream_timeout(config)
+
+    def _headers(self, call: ChatCall) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", **self.config.headers}
+        if call.api_key:
+            headers["Authorization"] = f"Bearer {call.api_key}"
+        if call.request_id:
+            headers["X-Request-ID"] = call.request_id
+        return headers
+
+    def _body(self, call: ChatCall, *, stream: bool) -> bytes:
+        fields = dict(call.raw)
+        fields["model"] = msgspec.Raw(_ENCODER.encode(call.upstream_model))
+        if call.request.token_limit is None and call.model.max_tokens is not None:
+            # Reasoning models reject max_tokens; max_completion_tokens works for all.
+            key = "max_completion_tokens" if call.model.reasoning else "max_tokens"
+            fields[key] = msgspec.Raw(_ENCODER.encode(call.model.max_tokens))
+        if stream:
+            fields["stream"] = _TRUE
+            if not call.request.wants_usage:
+                options = call.request.stream_options
+                extra = (
+                    msgspec.structs.asdict(options) if isinstance(options, msgspec.Struct) else {}
+                )
+                extra = {k: v for k, v in extra.items() if v is not msgspec.UNSET}
+                extra["include_usage"] = True
+                fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
+        return _ENCODER.encode(fields)
+
+    async def chat(self, call: ChatCall) -> ChatReply:
+        try:
+            async with self._session.post(
+                self._url,
+                data=self._body(call, stream=False),
+                headers=self._headers(call),
+                timeout=self._unary_timeout,
+            ) as resp:
+                body = await resp.read()
+                call.first_byte_at = call.first_byte_at or time.monotonic()
+                if resp.status >= 400:
+                    raise error_from_status(
+                        self.config.name, resp.status, body, resp.headers.get("retry-after")
+                    )
+        except UpstreamError:
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_failure(self.config.name, exc) from exc
+        try:
+            call.usage = _USAGE.decode(body).usage
+        except msgspec.MsgspecError:
+            raise UpstreamError(
+                f"The upstream provider '{self.config.name}' returned a malformed completion."
+            ) from None
+        return ChatReply(body=body, usage=call.usage)
+
+    async def stream_chat(self, call: ChatCall) -> AsyncGenerator[bytes, None]:
+        keep_usage_chunk = call.request.wants_usage
+        try:
+            async with self._session.post(
+                self._url,
+                data=self._body(call, stream=True),
+                headers=self._headers(call),
+                timeout=self._stream_timeout,
+            ) as resp:
+                if resp.status >= 400:
+                    body = await resp.read()
+                    raise error_from_status(
+                        self.config.name, resp.status, body, resp.headers.get("retry-after")
+                    )
+                async for data in iter_sse_data(resp):
+                    if call.first_byte_at is None:
+                        call.first_byte_at = time.monotonic()
+                    if data == b"[DONE]":
+                        return
+                    if b'"usage":{' in data or b'"usage": {' in data:
+                        view = _USAGE.decode(data)
+                        call.usage = view.usage
+                        if not view.choices and not keep_usage_chunk:
+                            continue
+                    elif data.startswith(b'{"error"') or b'"error":' in data[:16]:
+                        _raise_stream_error(self.config.name, data)
+                    call.chunks += 1
+                    yield data
+        except UpstreamError:
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_failure(self.config.name, exc) from exc
+
+
+def _raise_stream_error(provider: str, data: bytes) -> None:
+    """Raise if a stream event is an upstream `{"error": ...}` event."""
+    try:
+        view = _ERROR.decode(data)
+    except msgspec.MsgspecError:
+        return
+    if view.error is not None:
+        detail = upstream_detail(data)
+        raise UpstreamError(
+            f"The upstream provider '{provider}' failed mid-stream: "
+            f"{detail.message or 'unknown error'}"
+        )

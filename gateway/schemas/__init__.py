@@ -1,0 +1,1 @@
+"""Wire structs for what clients send and receive (OpenAI shapes)."""

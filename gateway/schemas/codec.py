@@ -1,0 +1,58 @@
+"""Codecs made once at import, and `decode_body()` that turns msgspec errors into 400s.
+
+msgspec reports "Expected `int`, got `str` - at `$.messages[0].content`"; the `$.` path becomes
+the error's `param` (OpenAI style, `messages[0].content`) so a client learns which field is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway.errors import InvalidRequest
+
+__all__ = ["ENCODER", "RAW_OBJECT", "decode_body", "encode", "param_of"]
+
+T = TypeVar("T")
+
+ENCODER = msgspec.json.Encoder()
+encode = ENCODER.encode
+
+# Top-level JSON object with values kept as raw bytes: cheap, and lets pass-through forward
+# fields the typed structs do not know.
+RAW_OBJECT: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(
+    dict[str, msgspec.Raw]
+)
+
+_DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
+_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def param_of(message: str) -> tuple[str, str | None]:
+    """Split a msgspec error message into (problem, OpenAI-style param path)."""
+    match = _PATH.search(message)
+    if match is None:
+        return message, None
+    return message[: match.start()], match.group("path") or None
+
+
+def decode_body(body: bytes, type_: type[T]) -> T:
+    """Decode a request body into `type_`.
+
+    Raises:
+        InvalidRequest: the body is not JSON, not an object, or a field has the wrong
+            type or value; `param` names the field.
+    """
+    decoder = _DECODERS.get(type_)
+    if decoder is None:
+        decoder = _DECODERS[type_] = msgspec.json.Decoder(type_)
+    try:
+        return decoder.decode(body)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        problem, param = param_of(str(exc))
+        where = f" at '{param}'" if param else ""
+        raise InvalidRequest(f"Invalid request body{where}: {problem}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None

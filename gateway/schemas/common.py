@@ -1,0 +1,44 @@
+"""Structs shared by several endpoints: token usage and constrained number aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+__all__ = [
+    "CompletionTokensDetails",
+    "Penalty",
+    "PromptTokensDetails",
+    "Temperature",
+    "TopP",
+    "Usage",
+]
+
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int | None = 0
+    audio_tokens: int | UnsetType | None = UNSET
+
+
+class CompletionTokensDetails(msgspec.Struct):
+    reasoning_tokens: int | None = 0
+    audio_tokens: int | UnsetType | None = UNSET
+    accepted_prediction_tokens: int | UnsetType | None = UNSET
+    rejected_prediction_tokens: int | UnsetType | None = UNSET
+
+
+class Usage(msgspec.Struct):
+    """OpenAI `usage`. Upstreams may send nulls in the detail objects, so those stay optional;
+    the three counts are always encoded because the SDK requires them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | UnsetType | None = UNSET
+    completion_tokens_details: CompletionTokensDetails | UnsetType | None = UNSET

@@ -1,0 +1,35 @@
+"""Every typed key the application and its requests carry, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from weakref import WeakSet
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.auth import KeyCache, Principal
+    from gateway.router import Router
+    from gateway.settings import Settings
+    from gateway.store import Store
+    from gateway.usage import UsageRecorder
+
+__all__ = [
+    "KEYS_KEY",
+    "PRINCIPAL_KEY",
+    "ROUTER_KEY",
+    "SETTINGS_KEY",
+    "STORE_KEY",
+    "STREAMS_KEY",
+    "USAGE_KEY",
+]
+
+SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
+STORE_KEY: web.AppKey[Store] = web.AppKey("store")
+USAGE_KEY: web.AppKey[UsageRecorder] = web.AppKey("usage")
+KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
+ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
+# Open SSE responses, so shutdown can end them instead of waiting on idle clients.
+STREAMS_KEY: web.AppKey[WeakSet[web.StreamResponse]] = web.AppKey("streams")
+
+PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")

@@ -1,0 +1,117 @@
+"""Shared fixtures: settings on a temp database, the gateway under test, keys, and clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.settings import ModelConfig, ProviderConfig, ServerSettings, Settings, Target
+from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
+
+DEMO = ProviderConfig(name="demo", type="demo")
+DEMO_MODEL = ModelConfig(name="demo", targets=(Target(provider="demo", model="demo"),))
+
+MakeSettings = Callable[..., Settings]
+MakeKey = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> MakeSettings:
+    """Settings with a temp database and fast background loops; demo provider always present."""
+
+    def build(
+        providers: tuple[ProviderConfig, ...] = (),
+        models: tuple[ModelConfig, ...] = (),
+        **server: Any,
+    ) -> Settings:
+        server.setdefault("database", str(tmp_path / "keys.db"))
+        server.setdefault("usage_flush_seconds", 0.05)
+        server.setdefault("keys_refresh_seconds", 0.1)
+        return Settings(
+            server=ServerSettings(**server),
+            providers=(DEMO, *providers),
+            models=(DEMO_MODEL, *models),
+        )
+
+    return build
+
+
+async def start_gateway(aiohttp_client: AiohttpClient, settings: Settings) -> TestClient[Any, Any]:
+    # handler_cancellation: a client that hangs up cancels its request, as under `gateway serve`.
+    return await aiohttp_client(
+        create_app(settings), server_kwargs={"handler_cancellation": True}
+    )
+
+
+@pytest.fixture
+async def gateway(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> TestClient[Any, Any]:
+    """The gateway with only the demo provider."""
+    return await start_gateway(aiohttp_client, make_settings())
+
+
+def app_of(client: TestClient[Any, Any]) -> web.Application:
+    app = client.server.app
+    assert app is not None
+    return app
+
+
+async def create_key(client: TestClient[Any, Any], **fields: Any) -> str:
+    """Create a key in the gateway's store and make the running cache see it at once."""
+    app = app_of(client)
+    fields.setdefault("name", "test")
+    record, secret = await app[STORE_KEY].create_key(**fields)
+    app[KEYS_KEY].put(record)
+    return secret
+
+
+@pytest.fixture
+async def key(gateway: TestClient[Any, Any]) -> str:
+    return await create_key(gateway)
+
+
+def openai_client(client: TestClient[Any, Any], key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=str(client.make_url("/v1")), api_key=key, max_retries=0, timeout=10
+    )
+
+
+@pytest.fixture
+async def oai(gateway: TestClient[Any, Any], key: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai_client(gateway, key) as client:
+        yield client
+
+
+async def usage_rows(client: TestClient[Any, Any]) -> list[dict[str, Any]]:
+    """Every usage row written so far (after flushing the recorder)."""
+    app = app_of(client)
+    await app[USAGE_KEY].flush()
+    store = app[STORE_KEY]
+    async with store.db.execute("SELECT * FROM usage ORDER BY id") as cur:
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+
+def sse_events(body: bytes) -> list[Any]:
+    """Decode a chat SSE body into its JSON events, asserting the framing on the way."""
+    assert body.endswith(b"data: [DONE]\n\n"), body[-200:]
+    events = []
+    for block in body.split(b"\n\n"):
+        if not block or block.startswith(b":"):
+            continue
+        assert block.startswith(b"data: "), block
+        payload = block[6:]
+        if payload == b"[DONE]":
+            break
+        events.append(msgspec.json.decode(payload))
+    return events

@@ -1,0 +1,118 @@
+"""Config loading: the embedded default, TOML files, env secrets, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import ConfigError, load_settings
+
+GOOD = """
+[server]
+port = 9000
+admin_key = "env:ADMIN"
+default_model = "gpt"
+
+[[providers]]
+name = "openai"
+type = "openai"
+api_keys = ["env:OPENAI_API_KEY", "literal-key"]
+
+[[models]]
+name = "gpt"
+targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+input_price_per_mtok = 0.15
+output_price_per_mtok = 0.6
+max_tokens = 256
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_default_is_demo_only_without_env() -> None:
+    settings = load_settings(None, {})
+    assert [p.name for p in settings.providers] == ["demo"]
+    assert [m.name for m in settings.models] == ["demo"]
+    assert settings.server.port == 8080 and settings.server.admin_key is None
+
+
+def test_default_adds_providers_from_env() -> None:
+    settings = load_settings(
+        None, {"OPENAI_API_KEY": "sk-a", "ANTHROPIC_API_KEY": "sk-b", "GEMINI_API_KEY": "g"}
+    )
+    names = {p.name: p for p in settings.providers}
+    assert set(names) == {"demo", "openai", "anthropic", "gemini"}
+    assert names["openai"].api_keys == ("sk-a",)
+    assert names["openai"].url == "https://api.openai.com/v1"
+    assert names["gemini"].url.endswith("/v1beta/openai")
+    assert settings.model("gpt-4o-mini") is not None
+
+
+def test_file_with_env_secrets(tmp_path: Path) -> None:
+    env = {"OPENAI_API_KEY": "sk-real", "ADMIN": "a" * 20}
+    settings = load_settings(write(tmp_path, GOOD), env)
+    assert settings.server.port == 9000
+    assert settings.server.admin_key == "a" * 20
+    assert settings.providers[0].api_keys == ("sk-real", "literal-key")
+    model = settings.model("gpt")
+    assert model is not None and model.max_tokens == 256
+    assert model.cost_usd(1_000_000, 1_000_000) == pytest.approx(0.75)
+
+
+def test_gateway_config_env_var_and_cwd_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, GOOD)
+    env = {"GATEWAY_CONFIG": str(path), "OPENAI_API_KEY": "k"}
+    assert load_settings(None, env).server.port == 9000
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(None, {"OPENAI_API_KEY": "k"}).server.port == 9000
+
+
+def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD), {"OPENAI_API_KEY": "k"})
+    assert settings.server.admin_key is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nport = 'x'\n", "server.port: Expected `int`, got `str`"),
+        ("[server]\nbogus = 1\n", "server: Object contains unknown field `bogus`"),
+        ("[server\n", "not valid TOML"),
+        (
+            "[[providers]]\nname = 'p'\ntype = 'nope'\n",
+            "providers[0].type: Invalid enum value 'nope'",
+        ),
+        (
+            "[[providers]]\nname = 'p'\ntype = 'openai'\napi_keys = ['env:MISSING']\n",
+            "providers[0].api_keys[0]: environment variable MISSING is not set",
+        ),
+        (
+            "[[models]]\nname = 'm'\ntargets = [{provider = 'ghost', model = 'x'}]\n",
+            "models[0].targets[0].provider: no provider named 'ghost'",
+        ),
+        ("[[models]]\nname = 'm'\ntargets = []\n", "models[0].targets: Expected `array` of length >= 1"),
+        ("[server]\ndefault_model = 'ghost'\n", "server.default_model: no model named 'ghost'"),
+        (
+            "[[providers]]\nname = 'a'\ntype = 'anthropic'\napi_keys = ['k']\n",
+            "providers[0].type: native 'anthropic' providers are not available yet",
+        ),
+        ("[server]\nadmin_key = 'short'\n", "server.admin_key: must be at least 16 characters"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_field(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), {})
+    rendered = str(info.value)
+    assert "\n" not in rendered
+    assert rendered.startswith(str(tmp_path / "gateway.toml") + ": ")
+    assert message in rendered
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "absent.toml", {})
