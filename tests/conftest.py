@@ -47,9 +47,7 @@ def make_settings(tmp_path: Path) -> MakeSettings:
 
 async def start_gateway(aiohttp_client: AiohttpClient, settings: Settings) -> TestClient[Any, Any]:
     # handler_cancellation: a client that hangs up cancels its request, as under `gateway serve`.
-    return await aiohttp_client(
-        create_app(settings), server_kwargs={"handler_cancellation": True}
-    )
+    return await aiohttp_client(create_app(settings), server_kwargs={"handler_cancellation": True})
 
 
 @pytest.fixture

@@ -64,7 +64,9 @@ def test_file_with_env_secrets(tmp_path: Path) -> None:
     assert model.cost_usd(1_000_000, 1_000_000) == pytest.approx(0.75)
 
 
-def test_gateway_config_env_var_and_cwd_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gateway_config_env_var_and_cwd_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write(tmp_path, GOOD)
     env = {"GATEWAY_CONFIG": str(path), "OPENAI_API_KEY": "k"}
     assert load_settings(None, env).server.port == 9000
@@ -95,7 +97,10 @@ def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
             "[[models]]\nname = 'm'\ntargets = [{provider = 'ghost', model = 'x'}]\n",
             "models[0].targets[0].provider: no provider named 'ghost'",
         ),
-        ("[[models]]\nname = 'm'\ntargets = []\n", "models[0].targets: Expected `array` of length >= 1"),
+        (
+            "[[models]]\nname = 'm'\ntargets = []\n",
+            "models[0].targets: Expected `array` of length >= 1",
+        ),
         ("[server]\ndefault_model = 'ghost'\n", "server.default_model: no model named 'ghost'"),
         (
             "[[providers]]\nname = 'a'\ntype = 'anthropic'\napi_keys = ['k']\n",

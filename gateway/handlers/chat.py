@@ -84,7 +84,10 @@ async def _chat(request: web.Request, default_model: str | None) -> web.StreamRe
 def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool) -> None:
     if reasoning:
         return
-    for name, value in (("reasoning_effort", req.reasoning_effort), ("thinking", req.thinking)):
+    thinking = (
+        req.thinking if req.thinking is not UNSET and bytes(req.thinking) != b"null" else None
+    )
+    for name, value in (("reasoning_effort", req.reasoning_effort), ("thinking", thinking)):
         if value is not UNSET and value is not None:
             raise InvalidRequest(
                 f"The '{name}' parameter is not supported by the model '{model_id}'; "

@@ -41,7 +41,7 @@ class _UsageView(msgspec.Struct):
 
 
 class _ErrorView(msgspec.Struct):
-    error: msgspec.Raw | None = None
+    error: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
 _USAGE = msgspec.json.Decoder(_UsageView)
@@ -151,7 +151,7 @@ def _raise_stream_error(provider: str, data: bytes) -> None:
         view = _ERROR.decode(data)
     except msgspec.MsgspecError:
         return
-    if view.error is not None:
+    if view.error is not msgspec.UNSET and bytes(view.error) != b"null":
         detail = upstream_detail(data)
         raise UpstreamError(
             f"The upstream provider '{provider}' failed mid-stream: "

@@ -129,8 +129,8 @@ class AssistantMessage(_Message, tag="assistant"):
     name: str | UnsetType = UNSET
     refusal: str | UnsetType | None = UNSET
     tool_calls: list[ToolCall] | UnsetType = UNSET
-    function_call: Raw | UnsetType | None = UNSET
-    audio: Raw | UnsetType | None = UNSET
+    function_call: Raw | UnsetType = UNSET
+    audio: Raw | UnsetType = UNSET
 
 
 class ToolMessage(_Message, tag="tool"):
@@ -266,15 +266,15 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
     store: bool | UnsetType | None = UNSET
     reasoning_effort: ReasoningEffort | UnsetType | None = UNSET
     # Not an OpenAI field: Anthropic-style {"type": "enabled", "budget_tokens": N}.
-    thinking: Raw | UnsetType | None = UNSET
+    thinking: Raw | UnsetType = UNSET
     modalities: list[str] | UnsetType | None = UNSET
-    audio: Raw | UnsetType | None = UNSET
-    prediction: Raw | UnsetType | None = UNSET
+    audio: Raw | UnsetType = UNSET
+    prediction: Raw | UnsetType = UNSET
     service_tier: str | UnsetType | None = UNSET
     verbosity: Literal["low", "medium", "high"] | UnsetType | None = UNSET
-    web_search_options: Raw | UnsetType | None = UNSET
-    functions: Raw | UnsetType | None = UNSET
-    function_call: Raw | UnsetType | None = UNSET
+    web_search_options: Raw | UnsetType = UNSET
+    functions: Raw | UnsetType = UNSET
+    function_call: Raw | UnsetType = UNSET
 
     @property
     def is_stream(self) -> bool:

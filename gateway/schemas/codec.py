@@ -28,14 +28,22 @@ RAW_OBJECT: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(
 
 _DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
 
 
 def param_of(message: str) -> tuple[str, str | None]:
-    """Split a msgspec error message into (problem, OpenAI-style param path)."""
+    """Split a msgspec error message into (problem, OpenAI-style param path).
+
+    A missing field is reported at its parent's path; the param names the field itself.
+    """
     match = _PATH.search(message)
-    if match is None:
-        return message, None
-    return message[: match.start()], match.group("path") or None
+    problem = message if match is None else message[: match.start()]
+    path = None if match is None else match.group("path") or None
+    missing = _MISSING.match(problem)
+    if missing is not None:
+        field = missing.group("field")
+        path = f"{path}.{field}" if path else field
+    return problem, path
 
 
 def decode_body(body: bytes, type_: type[T]) -> T:

@@ -1,0 +1,383 @@
+"""An in-process fake OpenAI-compatible upstream for gateway tests.
+
+    fake = FakeOpenAI()
+    server = await fake.start(aiohttp_server)        # or: await aiohttp_server(fake.make_app())
+    provider = ProviderConfig(..., base_url=fake.base_url)
+
+By default ``POST /v1/chat/completions`` answers like OpenAI does: a ``chat.completion`` echoing the
+last user message ("echo: <text>"), or a call to the first tool when ``tools`` are given and
+``tool_choice`` is not ``"none"``; with ``stream: true`` the real SSE chunk sequence. Every request
+is recorded in ``fake.requests``. Scripting (see ``Script`` for every knob):
+
+    fake.script(status=429, headers={"retry-after": "1"})  # next request only (FIFO queue)
+    fake.script(status=503, times=2)                       # the next two requests
+    fake.always(chunk_delay=0.05)                          # every request without a queued script
+
+Knobs: status/error/headers (scripted HTTP errors), delay_headers, chunk_delay,
+drop_before_response, drop_after=N (abort mid-stream), error_after=N (`data: {"error": ...}`
+event), content (a long text without spaces streams as one huge SSE line), tool_call/arguments,
+finish_reason. Scripts apply to chat requests only; ``GET /v1/models`` lists ``fake.models``.
+
+Events for concurrency tests: ``fake.request_seen`` is set when any request arrives (``.clear()`` it
+to wait for the next one); ``fake.client_disconnected`` is set when the client hangs up while a
+chat request is in progress (seen as ConnectionResetError on a write, or as handler cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import string
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.pytest_plugin import AiohttpServer
+from aiohttp.test_utils import TestServer
+
+Json = dict[str, Any]
+
+# Realistic bodies for scripted error statuses, as OpenAI sends them.
+ERRORS: dict[int, tuple[str, str | None, str]] = {
+    400: ("invalid_request_error", None, "Invalid value for 'messages'."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided: sk-fake."),
+    403: ("invalid_request_error", "unsupported_country_region_territory", "Not supported."),
+    404: ("invalid_request_error", "model_not_found", "The model does not exist."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached. Please try again in 1s."),
+    500: ("server_error", None, "The server had an error while processing your request."),
+    503: ("server_error", "service_unavailable", "The engine is currently overloaded."),
+}
+
+
+def error_body(
+    status: int,
+    message: str | None = None,
+    *,
+    type: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+) -> Json:
+    """An OpenAI error body ``{"error": {message, type, param, code}}`` for ``status``."""
+    default_type, default_code, default_message = ERRORS.get(status, ERRORS[500])
+    return {
+        "error": {
+            "message": message or default_message,
+            "type": type or default_type,
+            "param": param,
+            "code": code if code is not None else default_code,
+        }
+    }
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the fake received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    json: Any
+
+
+RECORDED = web.RequestKey("recorded", Recorded)
+
+
+@dataclass(kw_only=True)
+class Script:
+    """How the fake answers one chat request. Every knob defaults to "behave like OpenAI"."""
+
+    status: int = 200  # non-2xx: answer with ``error`` (default: error_body(status))
+    error: Json | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers
+    delay_headers: float = 0.0  # seconds before anything is sent
+    chunk_delay: float = 0.0  # seconds between stream chunks
+    drop_before_response: bool = False  # close the connection without any response
+    drop_after: int | None = None  # stream: abort the connection after N chunks, no [DONE]
+    error_after: int | None = None  # stream: after N chunks send `data: {"error": ...}` and end
+    stream_error: Json = field(
+        default_factory=lambda: error_body(500, "The server had an error mid-stream.")
+    )
+    content: str | None = None  # reply text (default "echo: <last user text>"); split on spaces
+    tool_call: bool | None = None  # None: call a tool iff tools given and tool_choice != "none"
+    arguments: str | None = None  # tool call arguments (default: built from the tool's schema)
+    finish_reason: str | None = None  # default "stop" / "tool_calls"
+
+
+class FakeOpenAI:
+    """A scriptable fake of OpenAI's chat API. See the module docstring."""
+
+    def __init__(self, *, api_key: str | None = None, models: tuple[str, ...] = ()) -> None:
+        self.api_key = api_key  # when set, requests must carry `Authorization: Bearer <api_key>`
+        self.models = models or ("gpt-4o-mini", "gpt-4o")
+        self.requests: list[Recorded] = []
+        self.default = Script()
+        self.queue: list[Script] = []
+        self.request_seen = asyncio.Event()
+        self.client_disconnected = asyncio.Event()
+        self.server: TestServer | None = None
+        self._ids = itertools.count(1)
+
+    # -- scripting ------------------------------------------------------------------------
+
+    def script(self, *, times: int = 1, **knobs: Any) -> Script:
+        """Queue a behaviour (``Script`` knobs) for the next ``times`` chat requests."""
+        behaviour = Script(**knobs)
+        self.queue.extend([behaviour] * times)
+        return behaviour
+
+    def always(self, **knobs: Any) -> Script:
+        """Set the behaviour of every chat request that has no queued script."""
+        self.default = Script(**knobs)
+        return self.default
+
+    @property
+    def chat_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path == "/v1/chat/completions"]
+
+    # -- serving --------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._record], client_max_size=64 * 1024**2)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        return app
+
+    async def start(self, aiohttp_server: AiohttpServer) -> TestServer:
+        self.server = await aiohttp_server(self.make_app())
+        return self.server
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None, "call `await fake.start(aiohttp_server)` first"
+        return str(self.server.make_url("/v1"))
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        request[RECORDED] = recorded = Recorded(request.method, request.path, headers, body)
+        self.requests.append(recorded)
+        self.request_seen.set()
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            return web.json_response(error_body(401), status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+            for m in self.models
+        ]
+        return web.json_response({"object": "list", "data": data}, headers=self._headers())
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        plan = self.queue.pop(0) if self.queue else self.default
+        body = request[RECORDED].json
+        if not isinstance(body, dict):
+            return web.json_response(
+                error_body(400, "We could not parse the JSON body."), status=400
+            )
+        try:
+            await asyncio.sleep(plan.delay_headers)
+            if plan.drop_before_response:
+                return self._drop(request, web.Response())
+            if plan.status >= 400:
+                error = plan.error or error_body(plan.status)
+                return web.json_response(error, status=plan.status, headers=self._headers(plan))
+            reply = self._reply(body, plan)
+            if body.get("stream"):
+                return await self._stream(request, body, plan, reply)
+            return web.json_response(reply, status=plan.status, headers=self._headers(plan))
+        except asyncio.CancelledError:
+            self.client_disconnected.set()
+            raise
+
+    # -- building replies -----------------------------------------------------------------
+
+    def _headers(self, plan: Script | None = None) -> dict[str, str]:
+        headers = {
+            "x-request-id": f"req_fake{next(self._ids)}",
+            "openai-processing-ms": "42",
+            "openai-version": "2020-10-01",
+        }
+        return headers | (plan.headers if plan else {})
+
+    def _reply(self, body: Json, plan: Script) -> Json:
+        """The non-streaming ``chat.completion`` answering ``body``; streams are cut from it."""
+        messages = body.get("messages") or []
+        tool = _chosen_tool(body) if plan.tool_call is not False else None
+        message: Json = {"role": "assistant", "content": None, "refusal": None, "annotations": []}
+        if tool is not None or plan.tool_call:
+            function = (tool or {}).get("function", {"name": "tool"})
+            arguments = plan.arguments or json.dumps(
+                _sample(function.get("parameters") or {"type": "object"})
+            )
+            call = {"name": function["name"], "arguments": arguments}
+            message["tool_calls"] = [{"id": "call_fake1", "type": "function", "function": call}]
+            finish, completion = "tool_calls", len(arguments) // 4 + 5
+        else:
+            text = plan.content if plan.content is not None else f"echo: {_last_user(messages)}"
+            message["content"] = text
+            finish, completion = "stop", len(text.split())
+        prompt = sum(len(_text(m.get("content")).split()) + 4 for m in messages) + 3
+        return {
+            "id": f"chatcmpl-fake{next(self._ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "gpt-4o-mini"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": plan.finish_reason or finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {
+                    "reasoning_tokens": 0,
+                    "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0,
+                    "rejected_prediction_tokens": 0,
+                },
+            },
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake0001",
+        }
+
+    def _chunks(self, body: Json, reply: Json) -> list[Json]:
+        """The ``chat.completion.chunk`` sequence OpenAI streams for ``reply``."""
+        options = body.get("stream_options") or {}
+        with_usage = bool(options.get("include_usage"))
+        head = {
+            k: reply[k] for k in ("id", "created", "model", "service_tier", "system_fingerprint")
+        }
+        head["object"] = "chat.completion.chunk"
+        choice = reply["choices"][0]
+        message = choice["message"]
+
+        def chunk(delta: Json, finish: str | None = None) -> Json:
+            out = head | {
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            }
+            return out | {"usage": None} if with_usage else out
+
+        chunks = []
+        if message.get("tool_calls"):
+            for index, call in enumerate(message["tool_calls"]):
+                name, arguments = call["function"]["name"], call["function"]["arguments"]
+                first = {"index": index, "id": call["id"], "type": "function"}
+                first["function"] = {"name": name, "arguments": ""}
+                delta = {"role": "assistant", "content": None} if index == 0 else {}
+                chunks.append(chunk(delta | {"tool_calls": [first]}))
+                for start in range(0, len(arguments), 8):
+                    piece = {
+                        "index": index,
+                        "function": {"arguments": arguments[start : start + 8]},
+                    }
+                    chunks.append(chunk({"tool_calls": [piece]}))
+        else:
+            chunks.append(chunk({"role": "assistant", "content": "", "refusal": None}))
+            words = message["content"].split(" ")
+            for i, word in enumerate(words):
+                chunks.append(chunk({"content": word if i == 0 else " " + word}))
+        chunks.append(chunk({}, choice["finish_reason"]))
+        if with_usage:
+            chunks.append(head | {"choices": [], "usage": reply["usage"]})
+        if options.get("include_obfuscation", True):
+            for c in chunks:
+                c["obfuscation"] = "".join(random.choices(string.ascii_letters, k=6))
+        return chunks
+
+    async def _stream(
+        self, request: web.Request, body: Json, plan: Script, reply: Json
+    ) -> web.StreamResponse:
+        headers = {"Content-Type": "text/event-stream; charset=utf-8"} | self._headers(plan)
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        try:
+            for sent, chunk in enumerate(self._chunks(body, reply)):
+                if sent == plan.drop_after:
+                    return self._drop(request, response)
+                if sent == plan.error_after:
+                    await response.write(_sse(plan.stream_error))
+                    await response.write_eof()
+                    return response
+                if sent and plan.chunk_delay:
+                    await asyncio.sleep(plan.chunk_delay)
+                await response.write(_sse(chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away (seen on the next write)
+            self.client_disconnected.set()
+        except asyncio.CancelledError:  # ... or, with handler_cancellation, at once
+            self.client_disconnected.set()
+            raise
+        return response
+
+    def _drop(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        """Abort the TCP connection; aiohttp's final write then fails quietly."""
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+
+def _sse(obj: Json) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _last_user(messages: list[Json]) -> str:
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return _text(users[-1].get("content")) if users else ""
+
+
+def _chosen_tool(body: Json) -> Json | None:
+    """The tool OpenAI would call: the forced one, else the first; None if tools are off."""
+    tools = [t for t in body.get("tools") or [] if t.get("type") == "function"]
+    choice = body.get("tool_choice", "auto")
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, dict) and "function" in choice:
+        wanted = choice["function"].get("name")
+        return next((t for t in tools if t["function"]["name"] == wanted), tools[0])
+    return tools[0]
+
+
+def _sample(schema: Json) -> Any:
+    """A plausible value for a JSON schema (what a model would fill in)."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        return {k: _sample(v) for k, v in props.items() if k in schema.get("required", props)}
+    return SAMPLES.get(str(kind))
+
+
+SAMPLES: dict[str, Any] = {
+    "string": "Paris",
+    "integer": 1,
+    "number": 1.5,
+    "boolean": True,
+    "array": [],
+}
+
+
+__all__ = ["ERRORS", "FakeOpenAI", "Recorded", "Script", "error_body"]

@@ -1,0 +1,40 @@
+"""Request schema edge cases: every pass-through (Raw) field takes any JSON value, null too."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from gateway.schemas.chat import AssistantMessage, ChatCompletionRequest
+from gateway.schemas.codec import decode_body
+
+RAW_FIELDS = [
+    name for name, hint in ChatCompletionRequest.__annotations__.items() if "Raw" in str(hint)
+]
+
+
+def test_there_are_raw_fields() -> None:
+    assert {"thinking", "audio", "prediction", "web_search_options"} <= set(RAW_FIELDS)
+
+
+@pytest.mark.parametrize("name", RAW_FIELDS)
+@pytest.mark.parametrize("value", [b'{"a": [1, {"b": null}]}', b"null", b'"text"', b"[1]"])
+def test_raw_fields_accept_any_json(name: str, value: bytes) -> None:
+    body = b'{"model":"m","messages":[{"role":"user","content":"x"}],"%s":%s}' % (
+        name.encode(),
+        value,
+    )
+    req = decode_body(body, ChatCompletionRequest)
+    raw = getattr(req, name)
+    assert isinstance(raw, msgspec.Raw)
+    assert msgspec.json.decode(raw) == msgspec.json.decode(value)
+
+
+def test_assistant_raw_fields_accept_objects() -> None:
+    body = (
+        b'{"model":"m","messages":[{"role":"assistant","content":null,'
+        b'"function_call":{"name":"f","arguments":"{}"},"audio":{"id":"a1"}}]}'
+    )
+    msg = decode_body(body, ChatCompletionRequest).messages[0]
+    assert isinstance(msg, AssistantMessage)
+    assert msgspec.json.decode(msg.audio) == {"id": "a1"}  # type: ignore[arg-type]
