@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from gateway.errors import AuthenticationFailed
+from gateway.middleware import TRACE_KEY
 from gateway.records import KeyRecord
 from gateway.state import KEYS_KEY, PRINCIPAL_KEY
 from gateway.store import Store
@@ -121,5 +122,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.path.startswith(_PROTECTED_PREFIXES):
         principal = authenticate(request)
         request[PRINCIPAL_KEY] = principal
+        trace = request.get(TRACE_KEY)
+        if trace is not None:
+            trace.key_id = principal.key.id
         structlog.contextvars.bind_contextvars(key_id=principal.key.id)
     return await handler(request)

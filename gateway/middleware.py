@@ -133,6 +133,8 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         )
     log.info(
         "request",
+        request_id=trace.request_id,
+        key_id=trace.key_id,
         method=request.method,
         path=request.path,
         status=status,

@@ -8,6 +8,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import MakeSettings, create_key, sse_events, start_gateway
+from tests.spec import (
+    validate_chat_completion,
+    validate_chat_stream,
+    validate_error,
+    validate_model,
+    validate_models_list,
+)
 
 CHAT = "/v1/chat/completions"
 HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
@@ -22,6 +29,7 @@ async def error_of(resp: Any, status: int) -> dict[str, Any]:
     assert resp.content_type == "application/json"
     body = await resp.json()
     assert set(body) == {"error"}
+    validate_error(body)
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert "Traceback" not in body["error"]["message"]
     return body["error"]  # type: ignore[no-any-return]
@@ -111,6 +119,7 @@ async def test_sse_framing(gateway: TestClient[Any, Any], key: str) -> None:
     body = await resp.read()
     assert b"\r\n" not in body
     events = sse_events(body)
+    validate_chat_stream(events)
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert len({e["id"] for e in events}) == 1
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -126,7 +135,7 @@ async def test_simple_chat_api_uses_default_model(gateway: TestClient[Any, Any],
     )
     assert resp.status == 200
     body = await resp.json()
-    assert body["object"] == "chat.completion"
+    validate_chat_completion(body)
     assert body["model"] == "demo"
     assert body["choices"][0]["message"]["content"] == "You said: Hello, how are you?"
     resp = await gateway.post(
@@ -141,7 +150,7 @@ async def test_models_list_and_get_respect_allow_list(
     gateway: TestClient[Any, Any], key: str
 ) -> None:
     body = await (await gateway.get("/v1/models", headers=auth(key))).json()
-    assert body["object"] == "list"
+    validate_models_list(body)
     assert [m["id"] for m in body["data"]] == ["demo"]
     assert body["data"][0] == {
         "id": "demo",
@@ -149,7 +158,7 @@ async def test_models_list_and_get_respect_allow_list(
         "created": 1_700_000_000,
         "owned_by": "demo",
     }
-    assert (await gateway.get("/v1/models/demo", headers=auth(key))).status == 200
+    validate_model(await (await gateway.get("/v1/models/demo", headers=auth(key))).json())
     assert (await gateway.get("/v1/models/demo/anything", headers=auth(key))).status == 200
     await error_of(await gateway.get("/v1/models/nope", headers=auth(key)), 404)
     limited = await create_key(gateway, models=["something-else"])
@@ -181,3 +190,28 @@ async def test_health_endpoints_need_no_key(gateway: TestClient[Any, Any]) -> No
     resp = await gateway.get("/readyz")
     assert resp.status == 200
     assert (await resp.json())["database"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"n": 2},
+        {
+            "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+            ]
+        },
+        {"stream_options": {"include_usage": True}},
+    ],
+)
+async def test_demo_streams_match_the_spec(
+    gateway: TestClient[Any, Any], key: str, extra: dict[str, Any]
+) -> None:
+    body = {**HELLO, "stream": True, **extra}
+    events = sse_events(await (await gateway.post(CHAT, json=body, headers=auth(key))).read())
+    validate_chat_stream(events, include_usage="stream_options" in extra)
+    resp = await gateway.post(
+        CHAT, json={**body, "stream": False, "stream_options": None}, headers=auth(key)
+    )
+    validate_chat_completion(await resp.json())

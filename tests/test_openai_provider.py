@@ -14,8 +14,10 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
 from gateway.settings import ModelConfig, ProviderConfig, Target
+from gateway.state import USAGE_KEY
 from tests.conftest import (
     MakeSettings,
+    app_of,
     create_key,
     openai_client,
     sse_events,
@@ -353,7 +355,7 @@ async def test_client_disconnect_cancels_upstream_and_records_usage(rig: Rig) ->
         resp.close()  # hang up mid-stream
     async with asyncio.timeout(5):
         await rig.fake.client_disconnected.wait()
-        while not (rows := await usage_rows(rig.gateway)):
-            await asyncio.sleep(0.02)
+        await app_of(rig.gateway)[USAGE_KEY].wait_recorded(1)
+    rows = await usage_rows(rig.gateway)
     assert rows[-1]["status"] == 499
     assert rows[-1]["stream"] == 1 and rows[-1]["estimated"] == 1

@@ -58,7 +58,6 @@ async def _chat(request: web.Request, default_model: str | None) -> web.StreamRe
     route = router.pick(model)
     trace = request[TRACE_KEY]
     trace.metered = True
-    trace.key_id = principal.key.id
     trace.model = model
     trace.model_id = model_id
     trace.provider = route.provider.config.name

@@ -1,0 +1,383 @@
+"""The `gateway` command: serve the API, manage virtual keys, report usage.
+
+Key and usage commands open the database as a second connection; a running server notices
+their writes through `PRAGMA data_version` within seconds, with no restart. Only
+`keys create` ever prints a secret, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gateway import __version__
+from gateway.errors import InvalidRequest, NotFound
+from gateway.logging import configure_logging
+from gateway.records import KeyRecord
+from gateway.settings import ConfigError, load_settings
+from gateway.store import Store, StoreError, open_store
+
+__all__ = ["main", "parse_expires", "parse_since"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_LIMITS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd", "budget_period")
+
+Command = Callable[[Store, argparse.Namespace], Awaitable[int]]
+
+
+def _instant(text: str, now: float, sign: int) -> float:
+    """`30d`/`12h`/`90m` from now (times `sign`), or an ISO-8601 time (UTC unless it says)."""
+    match = _DURATION.match(text)
+    if match:
+        return now + sign * float(match[1]) * _UNIT_SECONDS[match[2]]
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30d, 12h) nor an ISO-8601 time"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def parse_expires(text: str, now: float | None = None) -> float:
+    """The unix time a key given `--expires TEXT` expires at; it must lie in the future."""
+    now = time.time() if now is None else now
+    when = _instant(text, now, +1)
+    if when <= now:
+        raise ValueError(f"{text!r} is not in the future")
+    return when
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """The unix time `--since TEXT` means: a duration ago, or an ISO-8601 time."""
+    return _instant(text, time.time() if now is None else now, -1)
+
+
+def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a parser raising ValueError; `none` means "no limit"."""
+
+    def convert(text: str) -> Any:
+        if text.strip().lower() == "none":  # how `keys update` clears a limit
+            return None
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            # int("x") says "invalid literal for int() with base 10"; say it like argparse does.
+            message = f"invalid {parse.__name__} value: {text!r}" if parse in (int, float) else exc
+            raise argparse.ArgumentTypeError(str(message)) from None
+        if isinstance(value, int | float) and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    return convert
+
+
+def _models(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
+    return port
+
+
+def _key_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    # In `update`, options left out must not appear at all, so SUPPRESS their defaults.
+    default: Any = argparse.SUPPRESS if update else None
+    none = " ('none' clears it)" if update else ""
+    add = parser.add_argument
+    add("--name", required=not update, default=default)
+    add("--models", type=_models, default=default, metavar="A,B", help="empty = all models")
+    for flag, kind, text in (
+        ("rpm", int, "requests per minute"),
+        ("tpm", int, "tokens per minute"),
+        ("max-concurrency", int, "requests in flight"),
+        ("budget-tokens", int, "tokens per budget period"),
+        ("budget-usd", float, "USD per budget period"),
+    ):
+        add(f"--{flag}", type=_argtype(kind), default=default, metavar="N", help=text + none)
+    add("--budget-period", choices=("day", "week", "month", "total"), default=default)
+    expiry = parser.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires",
+        type=_argtype(parse_expires),
+        default=default,
+        dest="expires_at",
+        metavar="30d|12h|ISO-8601",
+    )
+    if update:
+        expiry.add_argument("--clear-expires", action="store_true", default=default)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config (default: $GATEWAY_CONFIG, ./gateway.toml, else built in)",
+    )
+    common.add_argument("--db", metavar="PATH", help="database file (default: server.database)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+    both = [common, as_json]
+
+    parser = argparse.ArgumentParser(prog="gateway", description="Token Kiosk LLM API gateway.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", parents=[common], help="run the HTTP server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=_port)
+
+    keys = sub.add_parser("keys", help="manage virtual API keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", parents=both, help="create a key; prints its secret once")
+    _key_options(create, update=False)
+    create.set_defaults(run=_keys_create)
+    keys.add_parser("list", parents=both, help="list every key").set_defaults(run=_keys_list)
+    for action, run, text in (
+        ("show", _keys_show, "show one key"),
+        ("revoke", _keys_revoke, "revoke a key for good"),
+    ):
+        p = keys.add_parser(action, parents=both, help=text)
+        p.add_argument("id")
+        p.set_defaults(run=run)
+    update = keys.add_parser("update", parents=both, help="change a key's name, models or limits")
+    update.add_argument("id")
+    _key_options(update, update=True)
+    update.set_defaults(run=_keys_update)
+
+    usage = sub.add_parser("usage", parents=both, help="usage report")
+    usage.add_argument("--key", metavar="ID")
+    usage.add_argument("--since", type=_argtype(parse_since), metavar="7d|ISO-8601")
+    usage.add_argument("--by", choices=("key", "model", "day"), default="key")
+    usage.set_defaults(run=_usage)
+    return parser
+
+
+# Output
+
+
+def _print_json(obj: Any) -> None:
+    print(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode())
+
+
+def _key_obj(key: KeyRecord) -> dict[str, Any]:
+    obj = msgspec.structs.asdict(key)
+    del obj["digest"]  # not a secret, but of no use to a reader
+    return obj
+
+
+def _when(ts: float | None, never: str = "-") -> str:
+    return never if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _status(key: KeyRecord) -> str:
+    if key.revoked_at is not None:
+        return "revoked"
+    return "active" if key.usable_at(time.time()) else "expired"
+
+
+def _budget(key: KeyRecord) -> str:
+    parts = [f"{key.budget_tokens} tok"] if key.budget_tokens is not None else []
+    parts += [f"${key.budget_usd:g}"] if key.budget_usd is not None else []
+    text = " + ".join(parts) or "-"
+    return f"{text}/{key.budget_period}" if parts and key.budget_period else text
+
+
+def _opt(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right_from: int | None = None
+) -> str:
+    """Columns padded to their widest cell; columns from index `right_from` on align right."""
+    right = len(headers) if right_from is None else right_from
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i >= right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [headers, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _print_key(key: KeyRecord) -> None:
+    fields = {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "status": _status(key),
+        "models": ", ".join(key.models) or "all",
+        "rpm": _opt(key.rpm),
+        "tpm": _opt(key.tpm),
+        "max_concurrency": _opt(key.max_concurrency),
+        "budget": _budget(key),
+        "expires": _when(key.expires_at, "never"),
+        "created": _when(key.created_at),
+        "updated": _when(key.updated_at),
+        "revoked": _when(key.revoked_at),
+    }
+    fields.update({f"meta.{k}": v for k, v in key.metadata.items()})
+    width = max(map(len, fields))
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in fields.items()))
+
+
+def _show(key: KeyRecord, args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json(_key_obj(key))
+    else:
+        _print_key(key)
+    return 0
+
+
+# Commands
+
+
+async def _keys_create(store: Store, args: argparse.Namespace) -> int:
+    fields = {f: getattr(args, f) for f in (*_LIMITS, "expires_at")}
+    key, secret = await store.create_key(name=args.name, models=args.models or (), **fields)
+    if args.json:
+        _print_json({**_key_obj(key), "key": secret})
+    else:
+        _print_key(key)
+        print("\nThe secret below is shown only now; store it safely:")
+        print(secret)  # last line of stdout, for scripts
+    return 0
+
+
+async def _keys_list(store: Store, args: argparse.Namespace) -> int:
+    keys = await store.list_keys()
+    if args.json:
+        _print_json([_key_obj(k) for k in keys])
+        return 0
+    headers = ("ID", "NAME", "PREFIX", "STATUS", "MODELS", "RPM", "TPM", "CONC", "BUDGET")
+    rows = []
+    for k in keys:
+        row = [k.id, k.name, k.prefix, _status(k), ",".join(k.models) or "all"]
+        row += map(_opt, (k.rpm, k.tpm, k.max_concurrency))
+        rows.append([*row, _budget(k), _when(k.expires_at, "never")])
+    print(_table((*headers, "EXPIRES"), rows))
+    return 0
+
+
+async def _existing(store: Store, key_id: str) -> KeyRecord:
+    key = await store.get_key(key_id)
+    if key is None:
+        raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
+    return key
+
+
+async def _keys_show(store: Store, args: argparse.Namespace) -> int:
+    return _show(await _existing(store, args.id), args)
+
+
+async def _keys_update(store: Store, args: argparse.Namespace) -> int:
+    given = vars(args)  # options left out are absent (SUPPRESS), not None
+    changes = {f: given[f] for f in (*_LIMITS, "name", "models", "expires_at") if f in given}
+    if given.get("clear_expires"):
+        changes["expires_at"] = None
+    if not changes:
+        print("gateway: keys update: nothing to change (see --help)", file=sys.stderr)
+        return 2
+    return _show(await store.update_key(args.id, **changes), args)
+
+
+async def _keys_revoke(store: Store, args: argparse.Namespace) -> int:
+    return _show(await store.revoke_key(args.id), args)
+
+
+async def _usage(store: Store, args: argparse.Namespace) -> int:
+    if args.key is not None:
+        await _existing(store, args.key)
+    rows = await store.usage_summary(since=args.since, key_id=args.key, by=args.by)
+    if args.json:
+        _print_json(rows)
+        return 0
+    headers = (args.by.upper(), "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL", "COST_USD")
+    body = []
+    for r in rows:
+        counts = (r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.total_tokens)
+        latency = (_ms(r.p50_latency_ms), _ms(r.p95_latency_ms))
+        body.append([r.group, *map(str, counts), f"{r.cost_usd:.4f}", *latency])
+    print(_table((*headers, "P50_MS", "P95_MS"), body, right_from=1))
+    return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here so key and usage commands need not load the HTTP and provider stack.
+    from gateway.app import create_app
+
+    settings = load_settings(args.config, os.environ)
+    given = {"host": args.host, "port": args.port, "database": args.db}
+    server = msgspec.structs.replace(
+        settings.server, **{k: v for k, v in given.items() if v is not None}
+    )
+    settings = msgspec.structs.replace(settings, server=server)
+    configure_logging(server.log_level)
+    host = f"[{server.host}]" if ":" in server.host else server.host
+
+    def announce(*_: object) -> None:
+        # run_app calls this once its sites are bound, so the line never precedes a bind error.
+        print(f"Token Kiosk listening on http://{host}:{server.port}", file=sys.stderr, flush=True)
+
+    web.run_app(
+        create_app(settings),
+        host=server.host,
+        port=server.port,
+        print=announce,
+        access_log=None,
+        # A client that hangs up cancels its handler, which closes the upstream request.
+        handler_cancellation=True,
+    )
+    return 0
+
+
+async def _run_with_store(path: str, run: Command, args: argparse.Namespace) -> int:
+    async with open_store(path) as store:
+        return await run(store, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage or config error)."""
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        # Settings only supply the database path. With --db and no --config they are not
+        # loaded, so a shell without the providers' env secrets can still manage keys.
+        path = args.db
+        if path is None or args.config is not None:
+            database = load_settings(args.config, os.environ).server.database
+            path = path or database
+        return asyncio.run(_run_with_store(path, args.run, args))
+    except ConfigError as exc:
+        print(f"gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    except (NotFound, InvalidRequest) as exc:
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 1 if isinstance(exc, NotFound) else 2
+    except (sqlite3.Error, StoreError) as exc:
+        print(f"gateway: database error: {exc}", file=sys.stderr)
+        return 1

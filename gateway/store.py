@@ -1,0 +1,421 @@
+"""SQLite persistence over one aiosqlite connection: schema migrations, virtual keys, usage rows.
+
+Only the SHA-256 digest of a key's secret is stored. Writes are serialised by one lock and run
+in `BEGIN IMMEDIATE` transactions, so the server and the CLI (another connection, possibly
+another process) never interleave half-done changes; WAL lets readers go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+import aiosqlite
+import msgspec
+
+from gateway.errors import InvalidRequest, NotFound
+from gateway.records import BudgetPeriod, KeyRecord, UsageRecord, UsageSummaryRow
+
+__all__ = ["MIGRATIONS", "SECRET_PREFIX", "Store", "StoreError", "open_store"]
+
+SECRET_PREFIX = "sk-kiosk-"  # noqa: S105 (a label, not a secret)
+_PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart
+
+# Ordered schema steps; step N leaves the database at `PRAGMA user_version = N`.
+# Never edit a released step: append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            digest TEXT NOT NULL UNIQUE,
+            models TEXT NOT NULL DEFAULT '[]',
+            rpm INTEGER, tpm INTEGER, max_concurrency INTEGER,
+            budget_tokens INTEGER, budget_usd REAL,
+            budget_period TEXT CHECK (budget_period IN ('day', 'week', 'month', 'total')),
+            expires_at REAL, revoked_at REAL,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            metadata TEXT NOT NULL DEFAULT '{}'
+        )""",
+        """CREATE TABLE usage (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            request_id TEXT NOT NULL,
+            key_id TEXT, model TEXT, provider TEXT, upstream_model TEXT,
+            endpoint TEXT NOT NULL,
+            stream INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            total_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL NOT NULL DEFAULT 0,
+            latency_ms REAL NOT NULL DEFAULT 0,
+            ttft_ms REAL,
+            estimated INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX usage_ts ON usage (ts)",
+        "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
+    ),
+)
+
+
+def _marks(fields: Sequence[str]) -> str:
+    return ", ".join("?" * len(fields))
+
+
+_KEY_FIELDS = [f.name for f in msgspec.structs.fields(KeyRecord)]
+_KEY_COLUMNS = ", ".join(_KEY_FIELDS)
+_UPDATABLE = frozenset(
+    {"name", "models", "rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd"}
+    | {"budget_period", "expires_at", "metadata"}
+)
+_USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
+# A record's fields are its table's columns; queries name them explicitly. S608 is silenced
+# where SQL is built from these constants: values are always bound parameters.
+_SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
+_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({_marks(_KEY_FIELDS)})"  # noqa: S608
+_UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
+_INSERT_USAGE = f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
+# `by` -> the SQL expression naming a row's group. Rows without a key or model (failed auth,
+# unknown model) group under "-"; days are UTC.
+_GROUP_EXPR = {
+    "key": "COALESCE(key_id, '-')",
+    "model": "COALESCE(model, '-')",
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+}
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is (e.g. its schema is newer than this code)."""
+
+
+def _checked(record: KeyRecord) -> KeyRecord:
+    """Type-check a record built from caller input (msgspec validates the Struct annotations)."""
+    try:
+        return msgspec.convert(msgspec.structs.asdict(record), KeyRecord)
+    except msgspec.ValidationError as exc:
+        # msgspec ends its message with "- at `$.field`"; that names the parameter.
+        param = str(exc).rpartition("$.")[2].rstrip("`") if "$." in str(exc) else None
+        raise InvalidRequest(f"Invalid key field: {exc}", param=param) from None
+
+
+def _key_from_row(row: Sequence[Any]) -> KeyRecord:
+    fields = dict(zip(_KEY_FIELDS, row, strict=True))
+    fields["models"] = msgspec.json.decode(fields["models"])
+    fields["metadata"] = msgspec.json.decode(fields["metadata"])
+    return msgspec.convert(fields, KeyRecord)
+
+
+def _key_params(key: KeyRecord) -> tuple[Any, ...]:
+    """The record's values in `_KEY_FIELDS` order, JSON columns encoded."""
+    values = msgspec.structs.asdict(key)
+    values["models"] = msgspec.json.encode(list(key.models)).decode()
+    values["metadata"] = msgspec.json.encode(key.metadata).decode()
+    return tuple(values[f] for f in _KEY_FIELDS)
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default) of sorted values."""
+    pos = (len(ordered) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _p50_p95(ordered: Sequence[float]) -> tuple[float, float]:
+    return _percentile(ordered, 0.5), _percentile(ordered, 0.95)
+
+
+class Store:
+    """The gateway's database. Create with `await Store.open(path)` or `open_store(path)`.
+
+    `db` is the underlying connection, exposed for tests and ad-hoc reads; write through the
+    methods so the lock and transactions hold.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+        self.db = db
+        self.path = path
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str) -> Store:
+        """Open (creating if missing) the database at `path` and bring its schema up to date.
+
+        Raises:
+            sqlite3.Error: the file cannot be opened or is not a database.
+            StoreError: the schema is newer than this code.
+        """
+        # When aiosqlite fails to connect it leaves its worker thread to report to an event
+        # loop that may be gone (a CLI typo in --db ends in a thread traceback), so try the
+        # path with plain sqlite3 first, off the loop.
+        await asyncio.to_thread(_probe, path)
+        db = await aiosqlite.connect(path)
+        try:
+            # busy_timeout first: switching to WAL itself waits on other connections' locks.
+            for setting in ("busy_timeout = 5000", "journal_mode = WAL", "synchronous = NORMAL"):
+                await _pragma(db, setting)
+            await _pragma(db, "foreign_keys = ON")
+            await _migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            # IMMEDIATE takes the write lock up front, so a read-modify-write cannot lose a
+            # race with another process (the CLI) between its read and its write.
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                await self.db.commit()
+            except BaseException:
+                await self.db.rollback()
+                raise
+
+    async def ping(self) -> None:
+        async with self.db.execute("SELECT 1") as cur:
+            await cur.fetchone()
+
+    async def data_version(self) -> int:
+        """A number that changes whenever *another* connection commits (not this one)."""
+        return int(await _pragma(self.db, "data_version"))
+
+    # Keys
+
+    async def create_key(
+        self,
+        *,
+        name: str,
+        models: Sequence[str] = (),
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrency: int | None = None,
+        budget_tokens: int | None = None,
+        budget_usd: float | None = None,
+        budget_period: BudgetPeriod | None = None,
+        expires_at: float | None = None,
+        metadata: dict[str, str] | None = None,
+        secret: str | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """Create a key and return it with its plain secret, which is never stored or shown again.
+
+        Args:
+            secret: use this secret instead of a random one (the sample database's demo key).
+
+        Raises:
+            InvalidRequest: a field has the wrong type.
+        """
+        if secret is None:
+            secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        now = time.time()
+        record = _checked(
+            KeyRecord(
+                id="key_" + secrets.token_hex(6),
+                name=name,
+                prefix=secret[:_PREFIX_CHARS],
+                digest=hashlib.sha256(secret.encode()).hexdigest(),
+                created_at=now,
+                updated_at=now,
+                models=tuple(models),
+                rpm=rpm,
+                tpm=tpm,
+                max_concurrency=max_concurrency,
+                budget_tokens=budget_tokens,
+                budget_usd=budget_usd,
+                budget_period=budget_period,
+                expires_at=expires_at,
+                metadata=dict(metadata or {}),
+            )
+        )
+        async with self._transaction() as db:
+            await db.execute(_INSERT_KEY, _key_params(record))
+        return record, secret
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """Every key, revoked and expired ones included, oldest first."""
+        async with self.db.execute(f"{_SELECT_KEY} ORDER BY created_at, id") as cur:
+            return [_key_from_row(row) for row in await cur.fetchall()]
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        async with self.db.execute(f"{_SELECT_KEY} WHERE id = ?", (key_id,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _key_from_row(row)
+
+    async def _get_existing(self, key_id: str) -> KeyRecord:
+        key = await self.get_key(key_id)
+        if key is None:
+            raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
+        return key
+
+    async def update_key(self, key_id: str, /, **changes: Any) -> KeyRecord:
+        """Change a key's name, models, limits, budget, expiry or metadata; `None` clears a limit.
+
+        Raises:
+            NotFound: no key has this id (code `key_not_found`).
+            InvalidRequest: a field cannot be changed or has the wrong type.
+        """
+        unknown = sorted(set(changes) - _UPDATABLE)
+        if unknown:
+            raise InvalidRequest(f"Key field {unknown[0]!r} cannot be changed.", param=unknown[0])
+        if "models" in changes:
+            changes["models"] = tuple(changes["models"] or ())
+        if "metadata" in changes:
+            changes["metadata"] = dict(changes["metadata"] or {})
+        async with self._transaction() as db:
+            current = await self._get_existing(key_id)
+            updated = _checked(msgspec.structs.replace(current, **changes, updated_at=time.time()))
+            await db.execute(_UPDATE_KEY, (*_key_params(updated), key_id))
+        return updated
+
+    async def revoke_key(self, key_id: str) -> KeyRecord:
+        """Revoke a key for good. Revoking a revoked key changes nothing.
+
+        Raises:
+            NotFound: no key has this id (code `key_not_found`).
+        """
+        now = time.time()
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE keys SET revoked_at = ?, updated_at = ?"
+                " WHERE id = ? AND revoked_at IS NULL",
+                (now, now, key_id),
+            )
+            return await self._get_existing(key_id)
+
+    # Usage
+
+    async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
+        """Append usage rows in one transaction (all or none)."""
+        if not rows:
+            return
+        params = [msgspec.structs.astuple(r) for r in rows]
+        async with self._transaction() as db:
+            await db.executemany(_INSERT_USAGE, params)
+
+    async def usage_summary(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        key_id: str | None = None,
+        by: Literal["key", "model", "day"] = "key",
+    ) -> list[UsageSummaryRow]:
+        """Requests, errors (status >= 400), tokens, cost and latency percentiles per group.
+
+        Args:
+            since: unix time, inclusive. until: unix time, exclusive.
+            by: group by key id, model id, or UTC day (`YYYY-MM-DD`).
+        """
+        conditions: list[str] = []
+        params: list[Any] = []
+        for clause, value in (("ts >= ?", since), ("ts < ?", until), ("key_id = ?", key_id)):
+            if value is not None:
+                conditions.append(clause)
+                params.append(value)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        group = _GROUP_EXPR[by]
+        totals_sql = (
+            f"SELECT {group} AS grp, COUNT(*), TOTAL(status >= 400), TOTAL(prompt_tokens),"  # noqa: S608
+            f" TOTAL(completion_tokens), TOTAL(total_tokens), TOTAL(cost_usd)"
+            f" FROM usage {where} GROUP BY grp ORDER BY grp"
+        )
+        async with self.db.execute(totals_sql, params) as cur:
+            totals = await cur.fetchall()
+        # Percentiles need every latency of a group; SQLite has no percentile function, so
+        # stream them sorted and keep one group in memory at a time.
+        latency_sql = (
+            f"SELECT {group} AS grp, latency_ms FROM usage {where} ORDER BY grp, latency_ms"  # noqa: S608
+        )
+        percentiles: dict[str, tuple[float, float]] = {}
+        group_of, values = "", list[float]()
+        async with self.db.execute(latency_sql, params) as cur:
+            while batch := await cur.fetchmany(4096):
+                for grp, latency in batch:
+                    if grp != group_of and values:
+                        percentiles[group_of], values = _p50_p95(values), []
+                    group_of = grp
+                    values.append(latency)
+        if values:
+            percentiles[group_of] = _p50_p95(values)
+        result = []
+        for grp, n, errors, prompt, completion, total, cost in totals:
+            p50, p95 = percentiles.get(grp, (None, None))
+            result.append(
+                UsageSummaryRow(
+                    group=grp,
+                    requests=n,
+                    errors=int(errors),
+                    prompt_tokens=int(prompt),
+                    completion_tokens=int(completion),
+                    total_tokens=int(total),
+                    cost_usd=cost,
+                    p50_latency_ms=p50,
+                    p95_latency_ms=p95,
+                )
+            )
+        return result
+
+
+def _probe(path: str) -> None:
+    sqlite3.connect(path).close()
+
+
+async def _pragma(db: aiosqlite.Connection, pragma: str) -> Any:
+    """Run `PRAGMA <pragma>` and return its first value, if any.
+
+    Every row is fetched: aiosqlite's worker thread keeps the last cursor alive, and a statement
+    left unfinished holds a read transaction open (which blocks e.g. leaving WAL mode).
+    """
+    rows = list(await db.execute_fetchall(f"PRAGMA {pragma}"))
+    return rows[0][0] if rows else None
+
+
+async def _user_version(db: aiosqlite.Connection) -> int:
+    return int(await _pragma(db, "user_version"))
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Apply the steps past the database's `user_version`, all in one transaction."""
+    if await _user_version(db) == len(MIGRATIONS):
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read under the write lock: another process may have migrated meanwhile.
+        version = await _user_version(db)
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"database schema version {version} is newer than this gateway understands"
+                f" ({len(MIGRATIONS)}); upgrade the gateway"
+            )
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in step:
+                await db.execute(statement)
+            # PRAGMA takes no bound parameters; `number` is an int we computed.
+            await _pragma(db, f"user_version = {number}")
+    except BaseException:
+        await db.rollback()
+        raise
+    await db.commit()
+
+
+@contextlib.asynccontextmanager
+async def open_store(path: str) -> AsyncIterator[Store]:
+    """`async with open_store(path) as store:` opens, migrates, and always closes."""
+    store = await Store.open(path)
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -1,0 +1,149 @@
+"""UsageRecorder: queue usage rows without blocking requests; write them in batches.
+
+`record()` is synchronous so a handler can call it from a `finally` block even while it is
+being cancelled (a client hanging up). A background task writes a batch when `batch_size` rows
+are waiting or `flush_seconds` after the first row arrived. Rows from a failed write are kept,
+up to `max_retained`, and retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+
+from gateway.records import UsageRecord
+
+__all__ = ["UsageRecorder", "UsageSink"]
+
+log = structlog.get_logger(__name__)
+
+_MAX_BACKOFF_SECONDS = 60.0
+
+
+class UsageSink(Protocol):
+    """Where rows go; `gateway.store.Store` is one."""
+
+    async def insert_usage(self, rows: Sequence[UsageRecord]) -> None: ...
+
+
+class UsageRecorder:
+    """Batches usage rows into the store from a background task.
+
+    Args:
+        store: writes the rows (all or none per call).
+        flush_seconds: longest a row waits before a write is attempted.
+        batch_size: rows per write; that many waiting rows trigger a write at once.
+        max_retained: rows kept across failed writes; beyond it the oldest are dropped (logged).
+    """
+
+    def __init__(
+        self,
+        store: UsageSink,
+        *,
+        flush_seconds: float,
+        batch_size: int,
+        max_retained: int = 100_000,
+    ) -> None:
+        self._store = store
+        self._flush_seconds = flush_seconds
+        self._batch_size = batch_size
+        self._max_retained = max(max_retained, batch_size)
+        self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue()
+        # Rows taken off the queue and not yet written (including rows of failed writes).
+        self._held: list[UsageRecord] = []
+        self._full = asyncio.Event()
+        # One writer at a time: the background task, flush() or stop().
+        self._write_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.recorded = 0  # rows ever recorded, for tests and metrics
+        self._arrived = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Rows recorded but not yet written."""
+        return self._queue.qsize() + len(self._held)
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue one row. Never blocks and never raises for a full queue (it is unbounded)."""
+        self._queue.put_nowait(rec)
+        self.recorded += 1
+        self._arrived.set()
+        if self.pending >= self._batch_size:
+            self._full.set()
+
+    async def wait_recorded(self, count: int) -> None:
+        """Wait until at least `count` rows have been recorded since start."""
+        while self.recorded < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="usage-recorder")
+
+    async def flush(self) -> None:
+        """Write every row recorded so far.
+
+        Raises:
+            Exception: whatever the store raised; the unwritten rows stay queued for retry.
+        """
+        async with self._write_lock:
+            self._full.clear()
+            while not self._queue.empty():
+                self._held.append(self._queue.get_nowait())
+            while self._held:
+                batch = self._held[: self._batch_size]
+                try:
+                    await self._store.insert_usage(batch)
+                except Exception:
+                    self._trim()
+                    raise
+                # Only the task appends to _held while we await, and only at the end.
+                del self._held[: len(batch)]
+
+    async def stop(self) -> None:
+        """Stop the task and write everything still queued; no row is lost on a clean stop."""
+        task, self._task = self._task, None
+        if task is not None:
+            # Cancel only while holding the lock, so the task never dies halfway through an
+            # insert (which could commit rows we would then write again).
+            async with self._write_lock:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("usage_rows_lost", rows=self.pending)
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            if not self._held:
+                # Idle until a row arrives: no polling while there is nothing to write.
+                self._held.append(await self._queue.get())
+            if self.pending < self._batch_size:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._flush_seconds):
+                        await self._full.wait()
+            try:
+                await self.flush()
+            except Exception:
+                failures += 1
+                log.exception("usage_write_failed", rows=self.pending, failures=failures)
+                # Back off so a database that stays down is not hammered in a tight loop.
+                delay = min(self._flush_seconds * 2 ** min(failures, 16), _MAX_BACKOFF_SECONDS)
+                await asyncio.sleep(delay)
+            else:
+                failures = 0
+
+    def _trim(self) -> None:
+        """Keep at most `max_retained` unwritten rows, dropping the oldest."""
+        excess = len(self._held) - self._max_retained
+        if excess > 0:
+            del self._held[:excess]
+            log.error("usage_rows_dropped", rows=excess, retained=len(self._held))

@@ -1,0 +1,315 @@
+"""The `gateway` command line, run in-process against a temporary database."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gateway import cli
+from gateway.records import UsageRecord
+from gateway.state import SETTINGS_KEY
+from gateway.store import open_store
+
+
+class Run:
+    """Calls `cli.main` with `--db` pointing at a temp database; returns (status, out, err)."""
+
+    def __init__(self, db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.db = db
+        self.capsys = capsys
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        status = cli.main([*argv, "--db", str(self.db)])
+        out, err = self.capsys.readouterr()
+        return status, out, err
+
+    def json(self, *argv: str) -> Any:
+        status, out, err = self(*argv, "--json")
+        assert status == 0, err
+        return json.loads(out)
+
+
+@pytest.fixture
+def run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Run:
+    return Run(tmp_path / "keys.db", capsys)
+
+
+def test_keys_round_trip_json(run: Run) -> None:
+    limits = ("--rpm", "60", "--budget-usd", "2.5", "--budget-period", "month")
+    created = run.json("keys", "create", "--name", "alice", "--models", "demo, openai/*", *limits)
+    secret = created.pop("key")
+    assert secret.startswith("sk-kiosk-")
+    assert created["id"].startswith("key_") and created["name"] == "alice"
+    assert created["models"] == ["demo", "openai/*"]
+    assert (created["rpm"], created["budget_usd"], created["budget_period"]) == (60, 2.5, "month")
+    assert created["prefix"] == secret[:12] and "digest" not in created
+
+    key_id = created["id"]
+    assert run.json("keys", "list") == [created]
+    assert run.json("keys", "show", key_id) == created
+
+    updated = run.json("keys", "update", key_id, "--rpm", "none", "--tpm", "1000",
+                       "--models", "", "--name", "alice2")  # fmt: skip
+    assert (updated["rpm"], updated["tpm"], updated["models"]) == (None, 1000, [])
+    assert updated["name"] == "alice2" and updated["budget_usd"] == 2.5  # untouched
+    assert updated["updated_at"] >= created["updated_at"]
+
+    revoked = run.json("keys", "revoke", key_id)
+    assert revoked["revoked_at"] is not None
+    assert run.json("keys", "revoke", key_id) == revoked  # idempotent
+    assert run.json("keys", "show", key_id)["revoked_at"] == revoked["revoked_at"]
+
+
+def test_keys_round_trip_text(run: Run) -> None:
+    status, out, _ = run("keys", "create", "--name", "bob", "--tpm", "500", "--expires", "30d")
+    assert status == 0
+    lines = out.strip().splitlines()
+    secret = lines[-1]  # the last line of stdout, for scripts
+    assert secret.startswith("sk-kiosk-") and out.count(secret) == 1
+    fields = dict(line.split(None, 1) for line in lines[:-1] if line and " " in line)
+    key_id = fields["id"]
+    assert fields["name"] == "bob" and fields["tpm"] == "500" and fields["models"] == "all"
+
+    status, out, _ = run("keys", "list")
+    header, line = out.splitlines()
+    assert header.split() == ["ID", "NAME", "PREFIX", "STATUS", "MODELS", "RPM", "TPM", "CONC",
+                              "BUDGET", "EXPIRES"]  # fmt: skip
+    assert line.split()[:7] == [key_id, "bob", secret[:12], "active", "all", "-", "500"]
+    assert header.index("NAME") == line.index("bob")  # columns line up
+
+    status, out, _ = run("keys", "update", key_id, "--clear-expires", "--max-concurrency", "3")
+    assert status == 0 and "never" in out and "3" in out
+    status, out, _ = run("keys", "revoke", key_id)
+    assert status == 0 and "revoked" in out
+    status, out, _ = run("keys", "list")
+    assert " revoked " in out
+
+
+def test_secret_is_printed_only_by_create(run: Run) -> None:
+    status, out, _ = run("keys", "create", "--name", "carol")
+    secret = out.strip().splitlines()[-1]
+    key_id = run.json("keys", "list")[0]["id"]
+    outputs = [
+        run("keys", "list"),
+        run("keys", "list", "--json"),
+        run("keys", "show", key_id),
+        run("keys", "show", key_id, "--json"),
+        run("keys", "update", key_id, "--rpm", "5"),
+        run("keys", "revoke", key_id, "--json"),
+        run("usage"),
+        run("usage", "--json"),
+    ]
+    for status, out, err in outputs:
+        assert status == 0, err
+        assert secret not in out + err and secret[12:] not in out + err
+
+
+def test_created_key_is_stored_hashed(run: Run) -> None:
+    secret = run.json("keys", "create", "--name", "dave")["key"]
+    raw = b"".join(p.read_bytes() for p in run.db.parent.glob("keys.db*"))
+    assert secret.encode() not in raw
+    assert hashlib.sha256(secret.encode()).hexdigest().encode() in raw
+
+
+def test_unknown_key_id_exits_1(run: Run) -> None:
+    for argv in (
+        ["keys", "show", "key_nope"],
+        ["keys", "revoke", "key_nope"],
+        ["keys", "update", "key_nope", "--rpm", "1"],
+        ["usage", "--key", "key_nope"],
+    ):
+        status, out, err = run(*argv)
+        assert (status, out) == (1, "")
+        assert "key_nope" in err
+
+
+def test_update_without_changes_exits_2(run: Run) -> None:
+    key_id = run.json("keys", "create", "--name", "erin")["id"]
+    status, _, err = run("keys", "update", key_id)
+    assert status == 2 and "nothing to change" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["keys", "create"],  # --name is required
+        ["keys", "create", "--name", "x", "--rpm", "0"],
+        ["keys", "create", "--name", "x", "--rpm", "lots"],
+        ["keys", "create", "--name", "x", "--budget-period", "fortnight"],
+        ["keys", "create", "--name", "x", "--expires", "yesterday"],
+        ["keys", "create", "--name", "x", "--expires", "2001-01-01"],
+        ["keys", "update", "key_x", "--expires", "1d", "--clear-expires"],
+        ["usage", "--by", "provider"],
+    ],
+)
+def test_bad_arguments_exit_2(run: Run, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run(*argv)
+    assert info.value.code == 2
+
+
+def test_parse_expires_and_since() -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC).timestamp()
+    assert cli.parse_expires("30d", now) == now + 30 * 86400
+    assert cli.parse_expires("12h", now) == now + 12 * 3600
+    assert cli.parse_expires("90m", now) == now + 90 * 60
+    assert cli.parse_expires("1.5w", now) == now + 1.5 * 7 * 86400
+    assert cli.parse_since("7d", now) == now - 7 * 86400
+    future = datetime(2100, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()
+    assert cli.parse_expires("2100-01-02T03:04:05Z", now) == future
+    assert cli.parse_expires("2100-01-02T03:04:05", now) == future  # naive means UTC
+    assert cli.parse_expires("2100-01-02T05:04:05+02:00", now) == future
+    assert cli.parse_since("2100-01-02", now) == datetime(2100, 1, 2, tzinfo=UTC).timestamp()
+    for bad in ("", "30", "30y", "soon", "-1d"):
+        with pytest.raises(ValueError, match="duration"):
+            cli.parse_expires(bad, now)
+    with pytest.raises(ValueError, match="future"):
+        cli.parse_expires("1999-12-31", now)
+
+
+def test_expires_option_sets_expiry(run: Run) -> None:
+    before = time.time()
+    created = run.json("keys", "create", "--name", "f", "--expires", "12h")
+    assert before + 12 * 3600 <= created["expires_at"] <= time.time() + 12 * 3600
+    updated = run.json("keys", "update", created["id"], "--expires", "2100-01-01T00:00:00Z")
+    assert updated["expires_at"] == datetime(2100, 1, 1, tzinfo=UTC).timestamp()
+    assert run.json("keys", "update", created["id"], "--clear-expires")["expires_at"] is None
+
+
+def seed_usage(db: Path, key_id: str) -> None:
+    now = time.time()
+
+    def rec(**fields: Any) -> UsageRecord:
+        base: dict[str, Any] = {"ts": now - 60, "request_id": "r", "key_id": key_id,
+                                "model": "demo", "provider": "demo", "upstream_model": "demo",
+                                "endpoint": "/v1/chat/completions", "stream": False,
+                                "status": 200}  # fmt: skip
+        return UsageRecord(**(base | fields))
+
+    async def write() -> None:
+        async with open_store(str(db)) as store:
+            await store.insert_usage(
+                [
+                    rec(prompt_tokens=10, completion_tokens=20, total_tokens=30, latency_ms=10),
+                    rec(model="gpt", status=502, latency_ms=30, cost_usd=0.125),
+                    rec(key_id="key_other", ts=now - 30 * 86400, latency_ms=5),
+                ]
+            )
+
+    asyncio.run(write())
+
+
+def test_usage_report(run: Run) -> None:
+    key_id = run.json("keys", "create", "--name", "g")["id"]
+    seed_usage(run.db, key_id)
+
+    rows = run.json("usage")
+    assert [(r["group"], r["requests"], r["errors"]) for r in rows] == [
+        (key_id, 2, 1),
+        ("key_other", 1, 0),
+    ]
+    mine = rows[0]
+    assert (mine["total_tokens"], mine["cost_usd"], mine["p50_latency_ms"]) == (30, 0.125, 20.0)
+
+    assert [r["group"] for r in run.json("usage", "--since", "7d")] == [key_id]
+    by_model = run.json("usage", "--key", key_id, "--by", "model")
+    assert [(r["group"], r["requests"]) for r in by_model] == [("demo", 1), ("gpt", 1)]
+    by_day = run.json("usage", "--by", "day")
+    assert len(by_day) == 2 and all(len(r["group"]) == 10 for r in by_day)
+
+    _, out, _ = run("usage", "--by", "model")
+    header, *lines = out.splitlines()
+    assert header.split() == ["MODEL", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL",
+                              "COST_USD", "P50_MS", "P95_MS"]  # fmt: skip
+    assert lines[0].split() == ["demo", "2", "0", "10", "20", "30", "0.0000", "7.5", "9.8"]
+    assert lines[1].split()[:3] == ["gpt", "1", "1"]
+    assert len({len(line) for line in [header, *lines]}) == 1  # right-aligned numbers
+
+
+def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "gateway.toml"
+    bad.write_text("[server]\nport = 'eighty'\n")
+    for argv in (["keys", "list"], ["usage"], ["serve"]):
+        assert cli.main([*argv, "--config", str(bad)]) == 2
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.startswith("gateway: config error: ") and "server.port" in err
+    assert cli.main(["keys", "list", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
+    # An explicit --config is checked even when --db makes it unnecessary.
+    assert cli.main(["keys", "list", "--config", str(bad), "--db", str(tmp_path / "k.db")]) == 2
+
+
+def test_db_option_needs_no_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[[providers]]\nname = "o"\ntype = "openai"\napi_keys = ["env:UNSET_KEY"]\n')
+    monkeypatch.setenv("GATEWAY_CONFIG", str(config))  # would fail: UNSET_KEY is not set
+    monkeypatch.delenv("UNSET_KEY", raising=False)
+    assert cli.main(["keys", "list"]) == 2
+    assert cli.main(["keys", "list", "--db", str(tmp_path / "k.db")]) == 0
+
+
+def test_database_path_comes_from_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "from-config.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\n\n[[providers]]\nname = "demo"\ntype = "demo"\n\n'
+        '[[models]]\nname = "demo"\ntargets = [{ provider = "demo", model = "demo" }]\n'
+    )
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    assert cli.main(["keys", "create", "--name", "h", "--config", str(config)]) == 0
+    assert db.is_file()
+    capsys.readouterr()
+    monkeypatch.setenv("GATEWAY_CONFIG", str(config))
+    assert cli.main(["keys", "list", "--json"]) == 0
+    assert [k["name"] for k in json.loads(capsys.readouterr().out)] == ["h"]
+
+
+def test_serve_applies_overrides_and_runs_the_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: dict[str, Any] = {}
+
+    def fake_run_app(app: web.Application, **kwargs: Any) -> None:
+        calls.update(kwargs, app=app)
+        kwargs["print"]("======== Running on ... ========")  # what run_app does once bound
+
+    monkeypatch.setattr(web, "run_app", fake_run_app)
+    monkeypatch.setattr(cli, "configure_logging", lambda level: calls.setdefault("level", level))
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./gateway.toml: the embedded default
+    db = str(tmp_path / "serve.db")
+    assert cli.main(["serve", "--host", "::1", "--port", "9123", "--db", db]) == 0
+    server = calls["app"][SETTINGS_KEY].server
+    assert (server.host, server.port, server.database) == ("::1", 9123, db)
+    assert (calls["host"], calls["port"], calls["access_log"]) == ("::1", 9123, None)
+    assert calls["level"] == "info"
+    out, err = capsys.readouterr()
+    assert err == "Token Kiosk listening on http://[::1]:9123\n" and out == ""
+
+
+def test_serve_rejects_a_bad_port() -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--port", "70000"])
+    assert info.value.code == 2
+
+
+def test_unusable_database_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_bytes(b"just some text, not SQLite " * 10)
+    for db in (tmp_path / "no-such-dir" / "keys.db", not_a_db):
+        assert cli.main(["keys", "list", "--db", str(db)]) == 1
+        assert capsys.readouterr().err.startswith("gateway: database error: ")

@@ -1,0 +1,57 @@
+"""The canonical request log line: one per request, ids and numbers, never secrets or prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from aiohttp.test_utils import TestClient
+
+from gateway.logging import configure_logging
+
+
+async def test_one_line_per_request_without_secrets(
+    gateway: TestClient[Any, Any], key: str
+) -> None:
+    prompt = "my very private prompt"
+    with structlog.testing.capture_logs() as logs:
+        resp = await gateway.post(
+            "/v1/chat/completions",
+            json={"model": "demo", "messages": [{"role": "user", "content": prompt}]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert resp.status == 200
+        bad = await gateway.post(
+            "/v1/chat/completions", json={}, headers={"Authorization": "Bearer sk-nope"}
+        )
+        assert bad.status == 401
+    lines = [e for e in logs if e["event"] == "request"]
+    assert len(lines) == 2
+    ok, refused = lines
+    assert ok["request_id"] == resp.headers["X-Request-ID"]
+    assert ok["key_id"].startswith("key_")
+    assert (ok["model"], ok["provider"], ok["status"]) == ("demo", "demo", 200)
+    assert ok["prompt_tokens"] > 0 and ok["completion_tokens"] == 6
+    assert ok["latency_ms"] > 0
+    assert refused["status"] == 401 and refused["key_id"] is None
+    text = repr(logs)
+    assert key not in text and "sk-nope" not in text and prompt not in text
+
+
+def test_configure_logging_writes_json_lines(capfd: Any) -> None:
+    configure_logging("info")
+    try:
+        structlog.get_logger("t").info("hello", n=1)
+        import logging
+
+        logging.getLogger("aiohttp.server").warning("from stdlib")
+        out = capfd.readouterr().out.strip().splitlines()
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    import json
+
+    first, second = (json.loads(line) for line in out[-2:])
+    assert first["event"] == "hello" and first["n"] == 1 and first["level"] == "info"
+    assert "timestamp" in first
+    assert second["event"] == "from stdlib" and second["level"] == "warning"

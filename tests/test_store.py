@@ -1,0 +1,280 @@
+"""Store: migrations, hashed keys, cross-connection change detection, usage summaries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequest, NotFound
+from gateway.records import UsageRecord
+from gateway.store import MIGRATIONS, Store, StoreError, open_store
+
+SAMPLE_DB = Path(__file__).resolve().parent.parent / "keys.db.sample"
+DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
+DAY2 = datetime(2025, 3, 2, 0, 30, tzinfo=UTC).timestamp()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "keys.db")
+
+
+@pytest.fixture
+async def store(db_path: str) -> AsyncIterator[Store]:
+    async with open_store(db_path) as s:
+        yield s
+
+
+def usage(**fields: Any) -> UsageRecord:
+    base: dict[str, Any] = {
+        "ts": DAY1,
+        "request_id": "req",
+        "key_id": "key_a",
+        "model": "demo",
+        "provider": "demo",
+        "upstream_model": "demo",
+        "endpoint": "/v1/chat/completions",
+        "stream": False,
+        "status": 200,
+    }
+    return UsageRecord(**(base | fields))
+
+
+async def fetch(store: Store, sql: str) -> list[Any]:
+    return list(await store.db.execute_fetchall(sql))
+
+
+def file_bytes(path: str) -> bytes:
+    return b"".join(p.read_bytes() for p in Path(path).parent.glob(Path(path).name + "*"))
+
+
+async def test_open_creates_schema_in_wal_mode(db_path: str) -> None:
+    async with open_store(db_path) as store:
+        assert (await fetch(store, "PRAGMA journal_mode")) == [("wal",)]
+        assert (await fetch(store, "PRAGMA foreign_keys")) == [(1,)]
+        tables = await fetch(
+            store, "SELECT name FROM sqlite_master WHERE type IN ('table', 'index') ORDER BY name"
+        )
+        assert {"keys", "usage", "usage_key_ts", "usage_ts"} <= {t[0] for t in tables}
+        await store.ping()
+
+
+async def test_migrations_are_recorded_and_idempotent(db_path: str) -> None:
+    async with open_store(db_path) as store:
+        record, _ = await store.create_key(name="kept")
+    for _ in range(2):  # reopening must neither fail nor re-run a step nor lose data
+        async with open_store(db_path) as store:
+            version = await fetch(store, "PRAGMA user_version")
+            assert version == [(len(MIGRATIONS),)]
+            assert await store.list_keys() == [record]
+
+
+async def test_newer_schema_is_refused(db_path: str) -> None:
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        await Store.open(db_path)
+
+
+async def test_create_key_stores_only_the_digest(store: Store, db_path: str) -> None:
+    record, secret = await store.create_key(name="alice", models=["demo", "openai/*"], rpm=60)
+    assert secret.startswith("sk-kiosk-") and len(secret) > 40
+    assert record.id.startswith("key_") and len(record.id) == 16
+    int(record.id[4:], 16)  # 12 hex characters
+    assert record.prefix == secret[:12]
+    assert record.digest == hashlib.sha256(secret.encode()).hexdigest()
+    assert record.models == ("demo", "openai/*")
+    assert record.rpm == 60 and record.tpm is None
+    assert record.created_at == record.updated_at
+    await store.close()
+    raw = file_bytes(db_path)
+    assert record.digest.encode() in raw
+    assert secret.encode() not in raw
+    assert secret[12:].encode() not in raw
+
+
+async def test_keys_round_trip(store: Store) -> None:
+    created, _ = await store.create_key(
+        name="bob",
+        tpm=1000,
+        max_concurrency=2,
+        budget_tokens=10_000,
+        budget_usd=5,
+        budget_period="month",
+        expires_at=2e9,
+        metadata={"team": "search"},
+    )
+    assert created.budget_usd == 5.0
+    assert await store.get_key(created.id) == created
+    assert await store.get_key("key_000000000000") is None
+    other, _ = await store.create_key(name="carol", secret="sk-kiosk-fixed")
+    assert other.digest == hashlib.sha256(b"sk-kiosk-fixed").hexdigest()
+    assert [k.name for k in await store.list_keys()] == ["bob", "carol"]
+
+
+async def test_update_key(store: Store) -> None:
+    created, _ = await store.create_key(name="dave", rpm=10, expires_at=2e9)
+    updated = await store.update_key(
+        created.id, name="dave2", models=["demo"], rpm=None, tpm=500, expires_at=None
+    )
+    assert (updated.name, updated.models, updated.rpm, updated.tpm) == (
+        "dave2",
+        ("demo",),
+        None,
+        500,
+    )
+    assert updated.expires_at is None
+    assert updated.updated_at > created.updated_at
+    assert (updated.id, updated.digest, updated.created_at) == (
+        created.id,
+        created.digest,
+        created.created_at,
+    )
+    assert await store.get_key(created.id) == updated
+
+
+async def test_update_key_rejects_unknown_ids_and_fields(store: Store) -> None:
+    created, _ = await store.create_key(name="erin")
+    with pytest.raises(NotFound) as info:
+        await store.update_key("key_missing", rpm=1)
+    assert info.value.code == "key_not_found"
+    with pytest.raises(InvalidRequest, match="digest"):
+        await store.update_key(created.id, digest="0" * 64)
+    with pytest.raises(InvalidRequest):
+        await store.update_key(created.id, budget_period="fortnight")
+    with pytest.raises(InvalidRequest):
+        await store.update_key(created.id, rpm="many")
+    assert await store.get_key(created.id) == created  # failed updates change nothing
+
+
+async def test_revoke_is_idempotent(store: Store) -> None:
+    created, _ = await store.create_key(name="frank")
+    revoked = await store.revoke_key(created.id)
+    assert revoked.revoked_at is not None and not revoked.usable_at(revoked.revoked_at)
+    assert await store.revoke_key(created.id) == revoked
+    assert await store.list_keys() == [revoked]
+    with pytest.raises(NotFound):
+        await store.revoke_key("key_missing")
+
+
+async def test_duplicate_secret_is_rejected(store: Store) -> None:
+    await store.create_key(name="a", secret="sk-kiosk-same")
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.create_key(name="b", secret="sk-kiosk-same")
+    assert len(await store.list_keys()) == 1  # the failed transaction rolled back
+
+
+async def test_data_version_sees_other_connections_only(store: Store, db_path: str) -> None:
+    before = await store.data_version()
+    await store.create_key(name="own write")
+    assert await store.data_version() == before  # own commits do not count; callers know them
+    async with open_store(db_path) as cli:
+        created, _ = await cli.create_key(name="from the cli")
+    after = await store.data_version()
+    assert after != before
+    assert created in await store.list_keys()
+    async with open_store(db_path) as cli:
+        await cli.revoke_key(created.id)
+    assert await store.data_version() != after
+
+
+async def test_concurrent_writes_on_one_connection(store: Store) -> None:
+    results = await asyncio.gather(*(store.create_key(name=f"k{i}") for i in range(20)))
+    await store.insert_usage([usage(request_id=str(i)) for i in range(5)])
+    assert len({r.id for r, _ in results}) == 20
+    assert len(await store.list_keys()) == 20
+
+
+async def test_insert_usage_writes_every_column(store: Store) -> None:
+    row = usage(
+        stream=True,
+        status=429,
+        prompt_tokens=3,
+        completion_tokens=4,
+        total_tokens=7,
+        cost_usd=0.5,
+        latency_ms=12.5,
+        ttft_ms=3.25,
+        estimated=True,
+    )
+    await store.insert_usage([row, usage(key_id=None, model=None)])
+    await store.insert_usage([])
+    rows = await fetch(store, "SELECT * FROM usage ORDER BY id")
+    assert rows[0][:8] == (1, DAY1, "req", "key_a", "demo", "demo", "demo", "/v1/chat/completions")
+    assert rows[0][8:] == (1, 429, 3, 4, 7, 0.5, 12.5, 3.25, 1)
+    assert rows[1][3:5] == (None, None) and rows[1][15] is None
+
+
+async def test_usage_summary_groupings(store: Store) -> None:
+    await store.insert_usage(
+        [
+            usage(key_id="key_a", model="m1", prompt_tokens=10, completion_tokens=5,
+                  total_tokens=15, cost_usd=0.25, latency_ms=100),
+            usage(key_id="key_a", model="m2", status=500, latency_ms=300, ts=DAY2),
+            usage(key_id="key_b", model="m1", status=429, total_tokens=2, latency_ms=50, ts=DAY2),
+            usage(key_id=None, model=None, status=401, latency_ms=1),
+        ]
+    )  # fmt: skip
+    by_key = {r.group: r for r in await store.usage_summary()}
+    assert list(by_key) == ["-", "key_a", "key_b"]
+    a = by_key["key_a"]
+    assert (a.requests, a.errors, a.prompt_tokens, a.completion_tokens, a.total_tokens) == (
+        2, 1, 10, 5, 15,
+    )  # fmt: skip
+    assert a.cost_usd == pytest.approx(0.25)
+    assert a.p50_latency_ms == 200.0 and a.p95_latency_ms == pytest.approx(290.0)
+    assert by_key["key_b"].errors == 1 and by_key["-"].errors == 1
+
+    by_model = {r.group: r.requests for r in await store.usage_summary(by="model")}
+    assert by_model == {"-": 1, "m1": 2, "m2": 1}
+    by_day = {r.group: r.requests for r in await store.usage_summary(by="day")}
+    assert by_day == {"2025-03-01": 2, "2025-03-02": 2}
+
+    since = await store.usage_summary(since=DAY2)
+    assert {r.group: r.requests for r in since} == {"key_a": 1, "key_b": 1}
+    until = await store.usage_summary(until=DAY2, by="day")
+    assert [r.group for r in until] == ["2025-03-01"]
+    only_a = await store.usage_summary(key_id="key_a", by="model")
+    assert [(r.group, r.requests) for r in only_a] == [("m1", 1), ("m2", 1)]
+    assert await store.usage_summary(key_id="key_none") == []
+
+
+async def test_usage_percentiles_interpolate(store: Store) -> None:
+    await store.insert_usage([usage(latency_ms=float(ms)) for ms in range(100, 0, -1)])
+    (row,) = await store.usage_summary()
+    assert row.requests == 100
+    assert row.p50_latency_ms == pytest.approx(50.5)
+    assert row.p95_latency_ms == pytest.approx(95.05)
+    await store.insert_usage([usage(key_id="single", latency_ms=7)])
+    single = await store.usage_summary(key_id="single")
+    assert (single[0].p50_latency_ms, single[0].p95_latency_ms) == (7.0, 7.0)
+
+
+async def test_open_store_closes_on_error(db_path: str) -> None:
+    with pytest.raises(RuntimeError):
+        async with open_store(db_path) as store:
+            raise RuntimeError("boom")
+    with pytest.raises(ValueError):  # aiosqlite: the connection is closed
+        await store.ping()
+
+
+async def test_sample_database_holds_only_the_demo_key(tmp_path: Path) -> None:
+    assert not list(SAMPLE_DB.parent.glob("keys.db.sample-*")), "sample has WAL leftovers"
+    copy = tmp_path / "keys.db"
+    shutil.copyfile(SAMPLE_DB, copy)
+    assert b"sk-kiosk-demo" not in copy.read_bytes()
+    async with open_store(str(copy)) as store:
+        (demo,) = await store.list_keys()
+    assert demo.name == "demo" and demo.models == ("demo",)
+    assert demo.digest == hashlib.sha256(b"sk-kiosk-demo").hexdigest()
+    assert not demo.has_limits and demo.usable_at(4e9)
+    assert (demo.budget_tokens, demo.budget_usd, demo.expires_at) == (None, None, None)
