@@ -110,9 +110,9 @@ async def _stream(
     try:
         await sse.start()
         if first is not None:
-            await sse.send(first)
-            async for payload in events:
-                await sse.send(payload)
+            await sse.send_batch(first)
+            async for batch in events:
+                await sse.send_batch(batch)
         await sse.done()
     except GatewayError as exc:
         trace.status = exc.status

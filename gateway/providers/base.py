@@ -1,10 +1,12 @@
 """The narrow interface every upstream provider implements, and the call it receives.
 
 A provider has two methods: `chat()` returns a whole OpenAI `chat.completion` as JSON bytes,
-`stream_chat()` yields OpenAI `chat.completion.chunk` JSON payloads (no SSE framing, no
-`[DONE]`). Both speak bytes, not structs, so the OpenAI pass-through relays upstream bytes
-without re-encoding; translating providers encode their structs once. Usage seen on the way
-is written into the `ChatCall` so the handler can account for it, even when a stream is cut.
+`stream_chat()` yields batches of OpenAI `chat.completion.chunk` JSON payloads (no SSE
+framing, no `[DONE]`): a batch is what one upstream read produced, so a burst of events
+reaches the client in one write. Both speak bytes, not structs, so the OpenAI pass-through
+relays upstream bytes without re-encoding; translating providers encode their structs once.
+Usage seen on the way is written into the `ChatCall` so the handler can account for it, even
+when a stream is cut.
 Errors are raised as `gateway.errors.UpstreamError` subclasses.
 """
 
@@ -78,8 +80,8 @@ class Provider(Protocol):
         """
         ...
 
-    def stream_chat(self, call: ChatCall) -> AsyncGenerator[bytes, None]:
-        """Yield chunk payloads as they arrive.
+    def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
+        """Yield non-empty batches of chunk payloads as they arrive.
 
         The first `__anext__()` performs the request, so an upstream that fails before its
         first event raises there and the handler can still answer with a proper status.

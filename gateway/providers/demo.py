@@ -156,31 +156,38 @@ class DemoProvider:
         )
         return ChatReply(body=_ENCODER.encode(completion), usage=call.usage)
 
-    async def stream_chat(self, call: ChatCall) -> AsyncGenerator[bytes, None]:
+    async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         req = call.request
         n = req.n or 1
         answer = _answer(req, call.max_tokens)
         call.first_byte_at = time.monotonic()
         rid, created, model = self._ids(call)
         with_usage = req.wants_usage
-        for choices in _deltas(answer, n):
-            chunk = ChatCompletionChunk(
-                id=rid,
-                created=created,
-                model=model,
-                choices=choices,
-                system_fingerprint="fp_demo",
-                usage=None if with_usage else msgspec.UNSET,
-            )
-            call.chunks += 1
-            yield _ENCODER.encode(chunk)
-        call.usage = _usage(req, answer, n)
-        if with_usage:
-            yield _ENCODER.encode(
+        # The demo's whole answer is ready at once: one batch, one write to the client.
+        batch = [
+            _ENCODER.encode(
                 ChatCompletionChunk(
-                    id=rid, created=created, model=model, choices=[], usage=call.usage
+                    id=rid,
+                    created=created,
+                    model=model,
+                    choices=choices,
+                    system_fingerprint="fp_demo",
+                    usage=None if with_usage else msgspec.UNSET,
                 )
             )
+            for choices in _deltas(answer, n)
+        ]
+        call.chunks = len(batch)
+        call.usage = _usage(req, answer, n)
+        if with_usage:
+            batch.append(
+                _ENCODER.encode(
+                    ChatCompletionChunk(
+                        id=rid, created=created, model=model, choices=[], usage=call.usage
+                    )
+                )
+            )
+        yield batch
 
 
 def _deltas(answer: _Answer, n: int) -> Iterator[list[ChunkChoice]]:

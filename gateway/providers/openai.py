@@ -17,7 +17,7 @@ import msgspec
 from gateway.errors import UpstreamError
 from gateway.providers._http import (
     error_from_status,
-    iter_sse_data,
+    iter_sse_batches,
     stream_timeout,
     unary_timeout,
     upstream_detail,
@@ -111,7 +111,7 @@ class OpenAIProvider:
             ) from None
         return ChatReply(body=body, usage=call.usage)
 
-    async def stream_chat(self, call: ChatCall) -> AsyncGenerator[bytes, None]:
+    async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         keep_usage_chunk = call.request.wants_usage
         try:
             async with self._session.post(
@@ -125,24 +125,47 @@ class OpenAIProvider:
                     raise error_from_status(
                         self.config.name, resp.status, body, resp.headers.get("retry-after")
                     )
-                async for data in iter_sse_data(resp):
+                async for batch in iter_sse_batches(resp):
                     if call.first_byte_at is None:
                         call.first_byte_at = time.monotonic()
-                    if data == b"[DONE]":
+                    out, done, error = self._relay(call, batch, keep_usage_chunk)
+                    if out:
+                        yield out  # chunks before an error event still reach the client
+                    if error is not None:
+                        raise error
+                    if done:
                         return
-                    if b'"usage":{' in data or b'"usage": {' in data:
-                        view = _USAGE.decode(data)
-                        call.usage = view.usage
-                        if not view.choices and not keep_usage_chunk:
-                            continue
-                    elif data.startswith(b'{"error"') or b'"error":' in data[:16]:
-                        _raise_stream_error(self.config.name, data)
-                    call.chunks += 1
-                    yield data
         except UpstreamError:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_failure(self.config.name, exc) from exc
+
+    def _relay(
+        self, call: ChatCall, batch: list[bytes], keep_usage_chunk: bool
+    ) -> tuple[list[bytes], bool, UpstreamError | None]:
+        """Split one batch into (events for the client, saw [DONE], upstream error event)."""
+        out: list[bytes] = []
+        for data in batch:
+            if data == b"[DONE]":
+                return out, True, None
+            try:
+                if self._keep(call, data, keep_usage_chunk):
+                    out.append(data)
+            except UpstreamError as exc:
+                return out, True, exc
+        return out, False, None
+
+    def _keep(self, call: ChatCall, data: bytes, keep_usage_chunk: bool) -> bool:
+        """Account for one upstream event; False for events the client must not get."""
+        if b'"usage":{' in data or b'"usage": {' in data:
+            view = _USAGE.decode(data)
+            call.usage = view.usage
+            if not view.choices and not keep_usage_chunk:
+                return False
+        elif data.startswith(b'{"error"') or b'"error":' in data[:16]:
+            _raise_stream_error(self.config.name, data)
+        call.chunks += 1
+        return True
 
 
 def _raise_stream_error(provider: str, data: bytes) -> None:

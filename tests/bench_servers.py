@@ -1,0 +1,216 @@
+"""Subprocess entry points for `tests/bench.py`: a fake OpenAI upstream and a bare aiohttp relay.
+
+    python -m tests.bench_servers upstream --port 9001
+    python -m tests.bench_servers relay --port 9002 --upstream http://127.0.0.1:9001
+
+The upstream answers `POST /v1/chat/completions` from pre-encoded bytes, as fast as it can: a
+`chat.completion` (~600 bytes, with usage), or with `"stream": true` twenty `chat.completion.chunk`
+events (plus a usage chunk when `stream_options.include_usage` is true) and `data: [DONE]`.
+
+The relay is the floor any aiohttp gateway pays: read the client's body, POST it upstream through
+one shared `ClientSession`, and hand the bytes back (whole for JSON, `iter_any()` chunks for SSE).
+It parses nothing and checks nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+__all__ = ["STREAM_CONTENT_TYPE", "completion_body", "main", "stream_events"]
+
+STREAM_CONTENT_TYPE = "text/event-stream"
+_CREATED = 1_767_225_600
+_ID = "chatcmpl-BENCH0123456789abcdefghijklmn"
+_MODEL = "bench-model-2025-01-01"
+_FINGERPRINT = "fp_0123456789"
+_WORDS = (
+    "Sure",
+    "!",
+    " Here",
+    " is",
+    " a",
+    " short",
+    " answer",
+    " to",
+    " your",
+    " question",
+    ":",
+    " the",
+    " gateway",
+    " relays",
+    " every",
+    " token",
+    " as",
+    " it",
+)
+_TEXT = "".join(_WORDS)
+_USAGE: dict[str, Any] = {
+    "prompt_tokens": 42,
+    "completion_tokens": len(_WORDS),
+    "total_tokens": 42 + len(_WORDS),
+    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 0,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+
+
+def completion_body() -> bytes:
+    """The non-streaming answer, as OpenAI shapes it."""
+    return msgspec.json.encode(
+        {
+            "id": _ID,
+            "object": "chat.completion",
+            "created": _CREATED,
+            "model": _MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": _TEXT,
+                        "refusal": None,
+                        "annotations": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": _USAGE,
+            "service_tier": "default",
+            "system_fingerprint": _FINGERPRINT,
+        }
+    )
+
+
+def _chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    return {
+        "id": _ID,
+        "object": "chat.completion.chunk",
+        "created": _CREATED,
+        "model": _MODEL,
+        "service_tier": "default",
+        "system_fingerprint": _FINGERPRINT,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+def stream_events(include_usage: bool) -> tuple[bytes, ...]:
+    """Twenty chunk events (role, eighteen words, finish), optional usage chunk, then [DONE]."""
+    usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
+    events = [_event({**_chunk({"role": "assistant", "content": ""}, None), **usage_field})]
+    events += [_event({**_chunk({"content": w}, None), **usage_field}) for w in _WORDS]
+    events.append(_event({**_chunk({}, "stop"), **usage_field}))
+    if include_usage:
+        usage_chunk = _chunk({}, None)
+        usage_chunk["choices"] = []
+        usage_chunk["usage"] = _USAGE
+        events.append(_event(usage_chunk))
+    events.append(b"data: [DONE]\n\n")
+    return tuple(events)
+
+
+class _Request(msgspec.Struct):
+    """The only fields the fake upstream looks at."""
+
+    stream: bool | None = None
+    stream_options: dict[str, object] | None = None
+
+
+_DECODER = msgspec.json.Decoder(_Request)
+_BODY = completion_body()
+_EVENTS = {flag: stream_events(flag) for flag in (False, True)}
+_SSE_HEADERS = {"Content-Type": STREAM_CONTENT_TYPE, "Cache-Control": "no-cache"}
+
+
+async def _upstream_chat(request: web.Request) -> web.StreamResponse:
+    req = _DECODER.decode(await request.read())
+    if not req.stream:
+        return web.Response(body=_BODY, content_type="application/json")
+    include_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    await resp.prepare(request)
+    for event in _EVENTS[include_usage]:
+        await resp.write(event)
+    await resp.write_eof()
+    return resp
+
+
+def upstream_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _upstream_chat)
+    return app
+
+
+_SESSION_KEY: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
+_TARGET_KEY: web.AppKey[str] = web.AppKey("target", str)
+_UPSTREAM_HEADERS = {
+    "Authorization": "Bearer bench-upstream-key",
+    "Content-Type": "application/json",
+}
+
+
+async def _relay_chat(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    session = request.app[_SESSION_KEY]
+    async with session.post(
+        request.app[_TARGET_KEY], data=body, headers=_UPSTREAM_HEADERS
+    ) as upstream:
+        if not upstream.headers.get("Content-Type", "").startswith(STREAM_CONTENT_TYPE):
+            return web.Response(
+                status=upstream.status, body=await upstream.read(), content_type="application/json"
+            )
+        resp = web.StreamResponse(status=upstream.status, headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+
+def relay_app(upstream: str) -> web.Application:
+    app = web.Application()
+    app[_TARGET_KEY] = upstream.rstrip("/") + "/v1/chat/completions"
+
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Same pool size as the gateway's default `max_connections`.
+        app[_SESSION_KEY] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+        yield
+        await app[_SESSION_KEY].close()
+
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_post("/v1/chat/completions", _relay_chat)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench_servers")
+    parser.add_argument("role", choices=("upstream", "relay"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", help="relay only: the upstream's base URL")
+    args = parser.parse_args(argv)
+    if args.role == "relay":
+        if not args.upstream:
+            parser.error("relay needs --upstream")
+        app = relay_app(args.upstream)
+    else:
+        app = upstream_app()
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
