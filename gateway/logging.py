@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import msgspec
@@ -23,13 +25,32 @@ def _serialize(obj: Any, **_: Any) -> bytes:
     return msgspec.json.encode(obj, enc_hook=str)
 
 
+class _UTCTimestamp:
+    """ISO-8601 UTC timestamps with milliseconds, formatting the date part once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(
+        self, _: Any, __: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        return event
+
+
 def configure_logging(level: str = "info") -> None:
     """Route structlog and stdlib logging to JSON lines on stdout at `level`."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _UTCTimestamp(),
     ]
     structlog.configure(
         processors=[

@@ -7,6 +7,7 @@ the log line and usage row see the final status of every request, errors include
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 import uuid
@@ -65,11 +66,17 @@ class RequestTrace:
 TRACE_KEY: web.RequestKey[RequestTrace] = web.RequestKey("trace")
 
 
+# Ids are a random per-process prefix plus a counter: unique across restarts and processes,
+# without a syscall for fresh randomness on every request.
+_ID_PREFIX = f"req_{uuid.uuid4().hex[:16]}"
+_id_counter = itertools.count(1)
+
+
 def _new_request_id(request: web.Request) -> str:
     incoming = request.headers.get("X-Request-ID")
     if incoming and _SAFE_ID.match(incoming):
         return incoming
-    return f"req_{uuid.uuid4().hex}"
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import structlog
@@ -53,5 +54,5 @@ def test_configure_logging_writes_json_lines(capfd: Any) -> None:
 
     first, second = (json.loads(line) for line in out[-2:])
     assert first["event"] == "hello" and first["n"] == 1 and first["level"] == "info"
-    assert "timestamp" in first
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["timestamp"])
     assert second["event"] == "from stdlib" and second["level"] == "warning"

@@ -37,8 +37,9 @@ __all__ = [
 
 
 def unary_timeout(cfg: ProviderConfig) -> aiohttp.ClientTimeout:
+    # The whole call is bounded by `total`; a per-read timer would only add work per read.
     return aiohttp.ClientTimeout(
-        total=cfg.total_timeout, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
+        total=min(cfg.total_timeout, cfg.read_timeout), sock_connect=cfg.connect_timeout
     )
 
 
