@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.auth import KeyCache, auth_middleware
-from gateway.middleware import add_request_id_header, error_middleware, request_context
+from gateway.middleware import error_middleware, request_context
 from gateway.providers import Provider, build_provider
 from gateway.router import Router
 from gateway.routes import setup_routes
@@ -88,6 +88,5 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()
     app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _keys_ctx, _router_ctx])
-    app.on_response_prepare.append(add_request_id_header)
     setup_routes(app)
     return app

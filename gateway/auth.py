@@ -53,11 +53,21 @@ class KeyCache:
         self._refresh = refresh_seconds
         self._by_digest: dict[str, KeyRecord] = {}
         self._version: int | None = None
+        self.loads = 0  # completed (re)loads, observable by tests and metrics
+        self._loaded = asyncio.Event()
 
     async def load(self) -> None:
         self._version = await self._store.data_version()
         keys = await self._store.list_keys()
         self._by_digest = {k.digest: k for k in keys}
+        self.loads += 1
+        self._loaded.set()
+
+    async def wait_reload(self, after: int) -> None:
+        """Wait until the cache has been (re)loaded more than `after` times."""
+        while self.loads <= after:
+            self._loaded.clear()
+            await self._loaded.wait()
 
     async def refresh(self) -> None:
         """Reload when another connection changed the database since the last load."""

@@ -25,7 +25,6 @@ from gateway.state import USAGE_KEY
 __all__ = [
     "TRACE_KEY",
     "RequestTrace",
-    "add_request_id_header",
     "error_middleware",
     "request_context",
 ]
@@ -79,13 +78,6 @@ def _new_request_id(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
-async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare` hook: every response, streams and errors too, carries the id."""
-    trace = request.get(TRACE_KEY)
-    if trace is not None:
-        response.headers["X-Request-ID"] = trace.request_id
-
-
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     trace = RequestTrace(
@@ -101,6 +93,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
         status = response.status
+        if not response.prepared:  # streams set it themselves before their headers go out
+            response.headers["X-Request-ID"] = trace.request_id
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED  # handler cancelled because the client went away

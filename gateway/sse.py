@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, error_body
+from gateway.middleware import TRACE_KEY
 from gateway.state import STREAMS_KEY
 
 __all__ = ["SSEStream"]
@@ -31,6 +32,7 @@ class SSEStream:
         )
 
     async def start(self) -> None:
+        self.response.headers["X-Request-ID"] = self._request[TRACE_KEY].request_id
         await self.response.prepare(self._request)
         self._request.app[STREAMS_KEY].add(self.response)
 

@@ -34,9 +34,12 @@ _TRUE = msgspec.Raw(b"true")
 
 
 class _UsageView(msgspec.Struct):
-    """Only what we read from an upstream completion or chunk; the rest is skipped unparsed."""
+    """Only what we read from an upstream completion; the rest is skipped unparsed."""
 
     usage: Usage | None = None
+
+
+class _ChunkUsageView(_UsageView):
     choices: list[msgspec.Raw] = []
 
 
@@ -45,6 +48,7 @@ class _ErrorView(msgspec.Struct):
 
 
 _USAGE = msgspec.json.Decoder(_UsageView)
+_CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
 _ERROR = msgspec.json.Decoder(_ErrorView)
 
 
@@ -57,14 +61,17 @@ class OpenAIProvider:
         self._url = f"{config.url}/chat/completions"
         self._unary_timeout = unary_timeout(config)
         self._stream_timeout = stream_timeout(config)
+        # Per upstream account: the headers every request to it carries.
+        self._base_headers: dict[str | None, dict[str, str]] = {}
 
     def _headers(self, call: ChatCall) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", **self.config.headers}
-        if call.api_key:
-            headers["Authorization"] = f"Bearer {call.api_key}"
-        if call.request_id:
-            headers["X-Request-ID"] = call.request_id
-        return headers
+        base = self._base_headers.get(call.api_key)
+        if base is None:
+            base = {"Content-Type": "application/json", **self.config.headers}
+            if call.api_key:
+                base["Authorization"] = f"Bearer {call.api_key}"
+            self._base_headers[call.api_key] = base
+        return {**base, "X-Request-ID": call.request_id} if call.request_id else base
 
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
         fields = dict(call.raw)
@@ -158,7 +165,7 @@ class OpenAIProvider:
     def _keep(self, call: ChatCall, data: bytes, keep_usage_chunk: bool) -> bool:
         """Account for one upstream event; False for events the client must not get."""
         if b'"usage":{' in data or b'"usage": {' in data:
-            view = _USAGE.decode(data)
+            view = _CHUNK_USAGE.decode(data)
             call.usage = view.usage
             if not view.choices and not keep_usage_chunk:
                 return False
