@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -104,51 +105,31 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
-    latency_ms = round((time.perf_counter() - trace.started) * 1000, 3)
-    total = trace.prompt_tokens + trace.completion_tokens
-    if trace.metered:
-        cost = (
-            trace.model.cost_usd(trace.prompt_tokens, trace.completion_tokens)
-            if trace.model
-            else 0.0
-        )
-        request.app[USAGE_KEY].record(
-            UsageRecord(
-                ts=trace.ts,
-                request_id=trace.request_id,
-                key_id=trace.key_id,
-                model=trace.model_id,
-                provider=trace.provider,
-                upstream_model=trace.upstream_model,
-                endpoint=trace.endpoint,
-                stream=trace.stream,
-                status=status,
-                prompt_tokens=trace.prompt_tokens,
-                completion_tokens=trace.completion_tokens,
-                total_tokens=total,
-                cost_usd=cost,
-                latency_ms=latency_ms,
-                ttft_ms=trace.ttft_ms,
-                estimated=trace.estimated,
-            )
-        )
-    log.info(
-        "request",
+    """Queue the usage row (for model requests) and write the canonical log line."""
+    model = trace.model
+    record = UsageRecord(
+        ts=trace.ts,
         request_id=trace.request_id,
         key_id=trace.key_id,
-        method=request.method,
-        path=request.path,
-        status=status,
         model=trace.model_id,
         provider=trace.provider,
         upstream_model=trace.upstream_model,
+        endpoint=trace.endpoint,
         stream=trace.stream,
+        status=status,
         prompt_tokens=trace.prompt_tokens,
         completion_tokens=trace.completion_tokens,
-        total_tokens=total,
+        total_tokens=trace.prompt_tokens + trace.completion_tokens,
+        cost_usd=model.cost_usd(trace.prompt_tokens, trace.completion_tokens) if model else 0.0,
+        latency_ms=round((time.perf_counter() - trace.started) * 1000, 3),
         ttft_ms=trace.ttft_ms,
-        latency_ms=latency_ms,
+        estimated=trace.estimated,
     )
+    if trace.metered:
+        request.app[USAGE_KEY].record(record)
+    fields = msgspec.structs.asdict(record)
+    del fields["ts"], fields["endpoint"]  # the log line has its own timestamp and the path
+    log.info("request", method=request.method, path=request.path, **fields)
 
 
 _HTTP_ERRORS: dict[int, type[GatewayError]] = {

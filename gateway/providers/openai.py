@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 import msgspec
@@ -92,20 +93,28 @@ class OpenAIProvider:
                 fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
         return _ENCODER.encode(fields)
 
+    def _post(
+        self, call: ChatCall, *, stream: bool
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        return self._session.post(
+            self._url,
+            data=self._body(call, stream=stream),
+            headers=self._headers(call),
+            timeout=self._stream_timeout if stream else self._unary_timeout,
+        )
+
+    def _failed(self, resp: aiohttp.ClientResponse, body: bytes) -> UpstreamError:
+        return error_from_status(
+            self.config.name, resp.status, body, resp.headers.get("retry-after")
+        )
+
     async def chat(self, call: ChatCall) -> ChatReply:
         try:
-            async with self._session.post(
-                self._url,
-                data=self._body(call, stream=False),
-                headers=self._headers(call),
-                timeout=self._unary_timeout,
-            ) as resp:
+            async with self._post(call, stream=False) as resp:
                 body = await resp.read()
                 call.first_byte_at = call.first_byte_at or time.monotonic()
                 if resp.status >= 400:
-                    raise error_from_status(
-                        self.config.name, resp.status, body, resp.headers.get("retry-after")
-                    )
+                    raise self._failed(resp, body)
         except UpstreamError:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -121,17 +130,9 @@ class OpenAIProvider:
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         keep_usage_chunk = call.request.wants_usage
         try:
-            async with self._session.post(
-                self._url,
-                data=self._body(call, stream=True),
-                headers=self._headers(call),
-                timeout=self._stream_timeout,
-            ) as resp:
+            async with self._post(call, stream=True) as resp:
                 if resp.status >= 400:
-                    body = await resp.read()
-                    raise error_from_status(
-                        self.config.name, resp.status, body, resp.headers.get("retry-after")
-                    )
+                    raise self._failed(resp, await resp.read())
                 async for batch in iter_sse_batches(resp):
                     if call.first_byte_at is None:
                         call.first_byte_at = time.monotonic()
