@@ -22,6 +22,8 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from tests.fakes import openai_usage
+
 __all__ = ["STREAM_CONTENT_TYPE", "completion_body", "main", "stream_events"]
 
 STREAM_CONTENT_TYPE = "text/event-stream"
@@ -50,18 +52,7 @@ _WORDS = (
     " it",
 )
 _TEXT = "".join(_WORDS)
-_USAGE: dict[str, Any] = {
-    "prompt_tokens": 42,
-    "completion_tokens": len(_WORDS),
-    "total_tokens": 42 + len(_WORDS),
-    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-    "completion_tokens_details": {
-        "reasoning_tokens": 0,
-        "audio_tokens": 0,
-        "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0,
-    },
-}
+_USAGE: dict[str, Any] = openai_usage(42, len(_WORDS))
 
 
 def completion_body() -> bytes:

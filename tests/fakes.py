@@ -240,18 +240,7 @@ class FakeOpenAI:
                     "finish_reason": plan.finish_reason or finish,
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-                "completion_tokens_details": {
-                    "reasoning_tokens": 0,
-                    "audio_tokens": 0,
-                    "accepted_prediction_tokens": 0,
-                    "rejected_prediction_tokens": 0,
-                },
-            },
+            "usage": openai_usage(prompt, completion),
             "service_tier": "default",
             "system_fingerprint": "fp_fake0001",
         }
@@ -331,6 +320,22 @@ class FakeOpenAI:
         assert request.transport is not None
         request.transport.abort()
         return response
+
+
+def openai_usage(prompt: int, completion: int) -> Json:
+    """A `usage` object as OpenAI sends it, detail objects included."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 def _sse(obj: Json) -> bytes:
