@@ -21,50 +21,13 @@ import aiosqlite
 import msgspec
 
 from gateway.errors import InvalidRequest, NotFound
+from gateway.migrations import MIGRATIONS, StoreError, migrate, pragma
 from gateway.records import BudgetPeriod, KeyRecord, UsageRecord, UsageSummaryRow
 
 __all__ = ["MIGRATIONS", "SECRET_PREFIX", "Store", "StoreError", "open_store"]
 
 SECRET_PREFIX = "sk-kiosk-"  # noqa: S105 (a label, not a secret)
 _PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart
-
-# Ordered schema steps; step N leaves the database at `PRAGMA user_version = N`.
-# Never edit a released step: append a new one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE keys (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            prefix TEXT NOT NULL,
-            digest TEXT NOT NULL UNIQUE,
-            models TEXT NOT NULL DEFAULT '[]',
-            rpm INTEGER, tpm INTEGER, max_concurrency INTEGER,
-            budget_tokens INTEGER, budget_usd REAL,
-            budget_period TEXT CHECK (budget_period IN ('day', 'week', 'month', 'total')),
-            expires_at REAL, revoked_at REAL,
-            created_at REAL NOT NULL, updated_at REAL NOT NULL,
-            metadata TEXT NOT NULL DEFAULT '{}'
-        )""",
-        """CREATE TABLE usage (
-            id INTEGER PRIMARY KEY,
-            ts REAL NOT NULL,
-            request_id TEXT NOT NULL,
-            key_id TEXT, model TEXT, provider TEXT, upstream_model TEXT,
-            endpoint TEXT NOT NULL,
-            stream INTEGER NOT NULL,
-            status INTEGER NOT NULL,
-            prompt_tokens INTEGER NOT NULL DEFAULT 0,
-            completion_tokens INTEGER NOT NULL DEFAULT 0,
-            total_tokens INTEGER NOT NULL DEFAULT 0,
-            cost_usd REAL NOT NULL DEFAULT 0,
-            latency_ms REAL NOT NULL DEFAULT 0,
-            ttft_ms REAL,
-            estimated INTEGER NOT NULL DEFAULT 0
-        )""",
-        "CREATE INDEX usage_ts ON usage (ts)",
-        "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
-    ),
-)
 
 
 def _marks(fields: Sequence[str]) -> str:
@@ -91,10 +54,6 @@ _GROUP_EXPR = {
     "model": "COALESCE(model, '-')",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
 }
-
-
-class StoreError(Exception):
-    """The database cannot be used as it is (e.g. its schema is newer than this code)."""
 
 
 def _checked(record: KeyRecord) -> KeyRecord:
@@ -161,9 +120,9 @@ class Store:
         try:
             # busy_timeout first: switching to WAL itself waits on other connections' locks.
             for setting in ("busy_timeout = 5000", "journal_mode = WAL", "synchronous = NORMAL"):
-                await _pragma(db, setting)
-            await _pragma(db, "foreign_keys = ON")
-            await _migrate(db)
+                await pragma(db, setting)
+            await pragma(db, "foreign_keys = ON")
+            await migrate(db)
         except BaseException:
             await db.close()
             raise
@@ -191,7 +150,7 @@ class Store:
 
     async def data_version(self) -> int:
         """A number that changes whenever *another* connection commits (not this one)."""
-        return int(await _pragma(self.db, "data_version"))
+        return int(await pragma(self.db, "data_version"))
 
     # Keys
 
@@ -371,44 +330,6 @@ class Store:
 
 def _probe(path: str) -> None:
     sqlite3.connect(path).close()
-
-
-async def _pragma(db: aiosqlite.Connection, pragma: str) -> Any:
-    """Run `PRAGMA <pragma>` and return its first value, if any.
-
-    Every row is fetched: aiosqlite's worker thread keeps the last cursor alive, and a statement
-    left unfinished holds a read transaction open (which blocks e.g. leaving WAL mode).
-    """
-    rows = list(await db.execute_fetchall(f"PRAGMA {pragma}"))
-    return rows[0][0] if rows else None
-
-
-async def _user_version(db: aiosqlite.Connection) -> int:
-    return int(await _pragma(db, "user_version"))
-
-
-async def _migrate(db: aiosqlite.Connection) -> None:
-    """Apply the steps past the database's `user_version`, all in one transaction."""
-    if await _user_version(db) == len(MIGRATIONS):
-        return
-    await db.execute("BEGIN IMMEDIATE")
-    try:
-        # Re-read under the write lock: another process may have migrated meanwhile.
-        version = await _user_version(db)
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"database schema version {version} is newer than this gateway understands"
-                f" ({len(MIGRATIONS)}); upgrade the gateway"
-            )
-        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in step:
-                await db.execute(statement)
-            # PRAGMA takes no bound parameters; `number` is an int we computed.
-            await _pragma(db, f"user_version = {number}")
-    except BaseException:
-        await db.rollback()
-        raise
-    await db.commit()
 
 
 @contextlib.asynccontextmanager
