@@ -48,6 +48,19 @@ async def test_missing_key_is_401(gateway: TestClient[Any, Any]) -> None:
     ("body", "param", "needle"),
     [
         (b"{not json", None, "not valid JSON"),
+        (b'{"model": "demo", "messages": [{"role": "user", "content": "\xff"}]}', None, "UTF-8"),
+        (
+            b'{"model": "demo", "messages": [{"role": "user", "content": "x"}],'
+            b' "tools": [{"type": "function", "function": {"name": "f", "parameters": "zzz"}}]}',
+            "tools[0].function",
+            "JSON object",
+        ),
+        (
+            b'{"model": "demo", "messages": [{"role": "user", "content": "x"}], "response_format":'
+            b' {"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}}}',
+            "response_format.json_schema",
+            "JSON object",
+        ),
         (b"[1, 2]", None, "Expected `object`"),
         (b'{"model": "demo"}', "messages", "messages"),
         (b'{"model": "demo", "messages": "hi"}', "messages", "array"),

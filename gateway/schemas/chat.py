@@ -155,11 +155,20 @@ Message = (
 )
 
 
+def _require_object(value: Raw | UnsetType) -> None:
+    """Raw pass-through fields that must hold a JSON object (checked without decoding it)."""
+    if value is not UNSET and not bytes(value).lstrip().startswith(b"{"):
+        raise ValueError("Expected a JSON object")
+
+
 class FunctionDefinition(msgspec.Struct, omit_defaults=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
     description: str | UnsetType = UNSET
     parameters: Raw | UnsetType = UNSET
     strict: bool | UnsetType | None = UNSET
+
+    def __post_init__(self) -> None:
+        _require_object(self.parameters)
 
 
 class _Tool(msgspec.Struct, tag_field="type", omit_defaults=True):
@@ -215,6 +224,9 @@ class JSONSchemaSpec(msgspec.Struct, omit_defaults=True):
     description: str | UnsetType = UNSET
     schema: Raw | UnsetType = UNSET
     strict: bool | UnsetType | None = UNSET
+
+    def __post_init__(self) -> None:
+        _require_object(self.schema)
 
 
 class JSONSchemaFormat(_Format, tag="json_schema"):

@@ -64,3 +64,5 @@ def decode_body(body: bytes, type_: type[T]) -> T:
         raise InvalidRequest(f"Invalid request body{where}: {problem}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("Request body is not valid UTF-8.") from None
