@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 from weakref import WeakSet
 
 import aiohttp
@@ -21,7 +22,15 @@ from gateway.providers import Provider, build_provider
 from gateway.router import Router
 from gateway.routes import setup_routes
 from gateway.settings import ProviderConfig, Settings
-from gateway.state import KEYS_KEY, ROUTER_KEY, SETTINGS_KEY, STORE_KEY, STREAMS_KEY, USAGE_KEY
+from gateway.state import (
+    KEYS_KEY,
+    ROUTER_KEY,
+    SETTINGS_KEY,
+    SHUTTING_DOWN_KEY,
+    STORE_KEY,
+    STREAMS_KEY,
+    USAGE_KEY,
+)
 from gateway.store import Store
 from gateway.usage import UsageRecorder
 
@@ -79,6 +88,14 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+async def _end_streams(app: web.Application) -> None:
+    """On shutdown, end open streams with an error event instead of waiting for them."""
+    app[SHUTTING_DOWN_KEY].set()
+    streams: WeakSet[asyncio.Task[Any]] = app[STREAMS_KEY]
+    for task in list(streams):
+        task.cancel()
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application for `settings`. No I/O happens until it starts."""
     app = web.Application(
@@ -87,6 +104,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()
+    app[SHUTTING_DOWN_KEY] = asyncio.Event()
+    app.on_shutdown.append(_end_streams)
     app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _keys_ctx, _router_ctx])
     setup_routes(app)
     return app

@@ -35,7 +35,8 @@ _PROTECTED_PREFIXES = ("/v1/", "/api/")
 
 
 def digest_of(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # surrogateescape: aiohttp decodes non-UTF-8 header bytes that way; such a key is unknown.
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from gateway.store import Store, StoreError, open_store
 __all__ = ["main", "parse_expires", "parse_since"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_LATEST = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the last time datetime can show
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _LIMITS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd", "budget_period")
 
@@ -57,6 +58,8 @@ def parse_expires(text: str, now: float | None = None) -> float:
     when = _instant(text, now, +1)
     if when <= now:
         raise ValueError(f"{text!r} is not in the future")
+    if when > _LATEST:
+        raise ValueError(f"{text!r} is too far in the future (the limit is 9999-12-31)")
     return when
 
 
@@ -342,15 +345,22 @@ def _serve(args: argparse.Namespace) -> int:
         # run_app calls this once its sites are bound, so the line never precedes a bind error.
         print(f"Token Kiosk listening on http://{host}:{server.port}", file=sys.stderr, flush=True)
 
-    web.run_app(
-        create_app(settings),
-        host=server.host,
-        port=server.port,
-        print=announce,
-        access_log=None,
-        # A client that hangs up cancels its handler, which closes the upstream request.
-        handler_cancellation=True,
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=server.host,
+            port=server.port,
+            print=announce,
+            access_log=None,
+            # A client that hangs up cancels its handler, which closes the upstream request.
+            handler_cancellation=True,
+        )
+    except OSError as exc:  # address in use, unknown host, no permission
+        print(f"gateway: cannot listen on {host}:{server.port}: {exc}", file=sys.stderr)
+        return 1
+    except (sqlite3.Error, StoreError) as exc:
+        print(f"gateway: database error ({server.database}): {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import structlog
+import structlog.tracebacks
 
 __all__ = ["configure_logging", "get_logger"]
 
@@ -55,7 +56,10 @@ def configure_logging(level: str = "info") -> None:
     structlog.configure(
         processors=[
             *shared,
-            structlog.processors.dict_tracebacks,
+            # Tracebacks as data, but never with frame locals: they hold prompts and keys.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(serializer=_serialize),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -19,9 +19,6 @@ from gateway.settings import ModelConfig, Settings, Target
 
 __all__ = ["Route", "Router"]
 
-# Synthesized "<provider>/<model>" configs are cached; the cap keeps random ids from growing it.
-_SYNTH_CACHE_MAX = 4096
-
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -38,7 +35,6 @@ class Router:
         self._settings = settings
         self._providers = dict(providers)
         self._models = {m.name: m for m in settings.models}
-        self._synth: dict[str, ModelConfig] = {}
         self._accounts: dict[str, Iterator[str | None]] = {
             name: itertools.cycle(p.config.api_keys or (None,)) for name, p in providers.items()
         }
@@ -57,7 +53,7 @@ class Router:
         Raises:
             NotFound: no configured model and no `<provider>/` prefix matches.
         """
-        found = self._models.get(model_id) or self._synth.get(model_id)
+        found = self._models.get(model_id)
         if found is not None:
             return found
         prefix, sep, upstream = model_id.partition("/")
@@ -67,14 +63,13 @@ class Router:
                 f"The model '{model_id}' does not exist or you do not have access to it.",
                 param="model",
             )
-        synth = ModelConfig(
+        # Built per request, never cached: clients choose these ids, so a cache would let any
+        # key grow the gateway's memory without bound.
+        return ModelConfig(
             name=model_id,
             targets=(Target(provider=prefix, model=upstream),),
             reasoning=self._settings.is_reasoning(provider.config, upstream),
         )
-        if len(self._synth) < _SYNTH_CACHE_MAX:
-            self._synth[model_id] = synth
-        return synth
 
     @staticmethod
     def providers_of(model: ModelConfig) -> tuple[str, ...]:

@@ -154,8 +154,20 @@ def _resolve_secret(value: str, where: str, environ: Mapping[str, str]) -> str:
     return found
 
 
+def _with_demo(settings: Settings) -> Settings:
+    """Every config gets the offline `demo` provider and model unless it defines its own."""
+    if any(p.name == "demo" for p in settings.providers):
+        return settings
+    providers = (*settings.providers, ProviderConfig(name="demo", type="demo"))
+    models = settings.models
+    if not any(m.name == "demo" for m in models):
+        models = (*models, DEMO_MODEL)
+    return msgspec.structs.replace(settings, providers=providers, models=models)
+
+
 def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
     """Resolve `env:` secrets and check every cross-reference."""
+    settings = _with_demo(settings)
     admin_key = settings.server.admin_key
     if admin_key is not None and admin_key.startswith("env:"):
         # An unset admin key variable turns the admin API off rather than refusing to start.
@@ -217,16 +229,17 @@ def _describe(err: msgspec.MsgspecError) -> str:
     return text
 
 
+DEMO_MODEL = ModelConfig(
+    name="demo",
+    targets=(Target(provider="demo", model="demo"),),
+    description="Offline demo model: answers from your last message.",
+)
+
+
 def default_settings(environ: Mapping[str, str]) -> Settings:
     """The embedded default: the offline demo model, plus one provider per API key found."""
-    providers = [ProviderConfig(name="demo", type="demo")]
-    models = [
-        ModelConfig(
-            name="demo",
-            targets=(Target(provider="demo", model="demo"),),
-            description="Offline demo model: answers from your last message.",
-        )
-    ]
+    providers: list[ProviderConfig] = []
+    models: list[ModelConfig] = []
     if environ.get("OPENAI_API_KEY"):
         providers.append(
             ProviderConfig(
@@ -281,6 +294,8 @@ def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str
         raise ConfigError(f"{where}: {_describe(exc)}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not valid UTF-8") from None
     try:
         return _resolve(settings, environ)
     except ConfigError as exc:

@@ -8,6 +8,7 @@ never decoded to `str` and back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from aiohttp import web
@@ -22,6 +23,12 @@ __all__ = ["SSEStream"]
 PING_SECONDS = 15.0
 
 
+def _frame(payload: bytes) -> bytes:
+    if b"\n" in payload:  # a multi-line payload needs a `data:` field per line
+        payload = payload.replace(b"\n", b"\ndata: ")
+    return b"data: %b\n\n" % payload
+
+
 class SSEStream:
     """One client event stream: `start()`, then `send()` payloads, then `done()` or `error()`."""
 
@@ -34,17 +41,19 @@ class SSEStream:
     async def start(self) -> None:
         self.response.headers["X-Request-ID"] = self._request[TRACE_KEY].request_id
         await self.response.prepare(self._request)
-        self._request.app[STREAMS_KEY].add(self.response)
+        task = asyncio.current_task()
+        if task is not None:
+            self._request.app[STREAMS_KEY].add(task)
 
     async def send(self, payload: bytes) -> None:
-        await self.response.write(b"data: %b\n\n" % payload)
+        await self.response.write(_frame(payload))
 
     async def send_batch(self, payloads: list[bytes]) -> None:
         """Frame several events and write them with one call (one syscall, not one each)."""
         if len(payloads) == 1:
             await self.send(payloads[0])
         else:
-            await self.response.write(b"".join([b"data: %b\n\n" % p for p in payloads]))
+            await self.response.write(b"".join([_frame(p) for p in payloads]))
 
     async def error(self, exc: GatewayError) -> None:
         """Report a failure after the 200 went out: an error event, then the end of the stream."""
@@ -55,6 +64,8 @@ class SSEStream:
 
     async def close(self) -> None:
         """Stop pings and finish the HTTP response; safe after a client disconnect."""
+        if not self.response.prepared:
+            return
         self.response.stop_streaming()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.response.write_eof()

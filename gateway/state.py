@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Any
 from weakref import WeakSet
 
 from aiohttp import web
@@ -19,6 +20,7 @@ __all__ = [
     "PRINCIPAL_KEY",
     "ROUTER_KEY",
     "SETTINGS_KEY",
+    "SHUTTING_DOWN_KEY",
     "STORE_KEY",
     "STREAMS_KEY",
     "USAGE_KEY",
@@ -29,7 +31,9 @@ STORE_KEY: web.AppKey[Store] = web.AppKey("store")
 USAGE_KEY: web.AppKey[UsageRecorder] = web.AppKey("usage")
 KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
-# Open SSE responses, so shutdown can end them instead of waiting on idle clients.
-STREAMS_KEY: web.AppKey[WeakSet[web.StreamResponse]] = web.AppKey("streams")
+# Tasks serving open SSE streams, so shutdown can end them instead of waiting for them.
+STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
+# Set when the server begins to shut down; streams ended then say why.
+SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")

@@ -56,3 +56,21 @@ def test_configure_logging_writes_json_lines(capfd: Any) -> None:
     assert first["event"] == "hello" and first["n"] == 1 and first["level"] == "info"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["timestamp"])
     assert second["event"] == "from stdlib" and second["level"] == "warning"
+
+
+def test_tracebacks_never_carry_local_variables(capfd: Any) -> None:
+    import logging
+
+    configure_logging("info")
+    try:
+        prompt = "my password is hunter2"  # noqa: F841 - the local a leaky renderer would show
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            structlog.get_logger("t").exception("failed")
+        out = capfd.readouterr().out
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert "boom" in out and "ValueError" in out
+    assert "hunter2" not in out

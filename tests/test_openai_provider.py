@@ -287,6 +287,16 @@ async def test_upstream_auth_failure_is_never_a_client_401(
     assert "credentials" in info.value.message
 
 
+async def test_upstream_rate_limit_is_the_sdks_rate_limit_error(
+    rig: Rig, oai: openai.AsyncOpenAI
+) -> None:
+    rig.fake.script(status=429, headers={"retry-after": "3"})
+    with pytest.raises(openai.RateLimitError) as info:
+        await oai.chat.completions.create(model="gpt", messages=[{"role": "user", "content": "x"}])
+    assert info.value.response.headers["retry-after"] == "3"
+    assert info.value.code == "rate_limit_exceeded"
+
+
 async def test_unreachable_upstream_is_502(
     aiohttp_client: AiohttpClient, make_settings: MakeSettings, unused_tcp_port: int
 ) -> None:

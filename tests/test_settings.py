@@ -121,3 +121,23 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path: Path, text: str, mess
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "absent.toml", {})
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readme_config_example_loads(tmp_path: Path) -> None:
+    text = README.read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    settings = load_settings(write(tmp_path, block), {"OPENAI_API_KEY": "sk-x"})
+    assert {p.name for p in settings.providers} == {"openai", "local", "demo"}
+    assert settings.server.default_model == "demo"  # the built-in demo model is always there
+    assert settings.model("demo") is not None and settings.model("gpt-4o-mini") is not None
+
+
+def test_a_config_with_its_own_demo_provider_is_left_alone(tmp_path: Path) -> None:
+    text = "[[providers]]\nname = 'demo'\ntype = 'openai'\nbase_url = 'http://127.0.0.1:1/v1'\n"
+    text += "[server]\ndefault_model = 'demo/x'\n"
+    settings = load_settings(write(tmp_path, text), {})
+    assert [p.type for p in settings.providers] == ["openai"]
+    assert settings.model("demo") is None

@@ -6,13 +6,21 @@ response) happens before the first byte goes out; after that, failures are SSE e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable
 
+import structlog
 from aiohttp import web
 from msgspec import UNSET
 
-from gateway.errors import GatewayError, InvalidRequest, PermissionDenied
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    PermissionDenied,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from gateway.middleware import CLIENT_CLOSED, TRACE_KEY, RequestTrace
 from gateway.providers import ChatCall, Provider
 from gateway.records import model_allowed
@@ -20,10 +28,14 @@ from gateway.router import Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import RAW_OBJECT, decode_body
 from gateway.sse import SSEStream
-from gateway.state import PRINCIPAL_KEY, ROUTER_KEY, SETTINGS_KEY
+from gateway.state import PRINCIPAL_KEY, ROUTER_KEY, SETTINGS_KEY, SHUTTING_DOWN_KEY
 from gateway.tokens import estimate_prompt_tokens
 
 __all__ = ["create_chat", "create_chat_completion"]
+
+log = structlog.get_logger(__name__)
+
+MAX_MODEL_ID = 256
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
@@ -37,11 +49,17 @@ async def create_chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _chat(request: web.Request, default_model: str | None) -> web.StreamResponse:
+    trace = request[TRACE_KEY]
+    trace.metered = True  # every authenticated model request gets a usage row, refusals too
     body = await request.read()
     req = decode_body(body, ChatCompletionRequest)
     model_id = req.model if req.model is not UNSET else default_model
     if not model_id:
         raise InvalidRequest("You must provide a model parameter.", param="model")
+    if len(model_id) > MAX_MODEL_ID:
+        raise InvalidRequest(
+            f"The model id is longer than {MAX_MODEL_ID} characters.", param="model"
+        )
     router: Router = request.app[ROUTER_KEY]
     principal = request[PRINCIPAL_KEY]
     model = router.resolve(model_id)
@@ -56,8 +74,6 @@ async def _chat(request: web.Request, default_model: str | None) -> web.StreamRe
             param="stream_options",
         )
     route = router.pick(model)
-    trace = request[TRACE_KEY]
-    trace.metered = True
     trace.model = model
     trace.model_id = model_id
     trace.provider = route.provider.config.name
@@ -103,22 +119,35 @@ async def _stream(
     try:
         # Wait for the upstream's first event before committing to a 200.
         first = await anext(events, None)
+        if first is None:
+            raise UpstreamError(
+                f"The upstream provider '{provider.config.name}' ended the stream without events."
+            )
     except BaseException:
         await events.aclose()
         raise
     sse = SSEStream(request)
     try:
         await sse.start()
-        if first is not None:
-            await sse.send_batch(first)
-            async for batch in events:
-                await sse.send_batch(batch)
+        await sse.send_batch(first)
+        async for batch in events:
+            await sse.send_batch(batch)
         await sse.done()
     except GatewayError as exc:
         trace.status = exc.status
         await _try(sse.error(exc))
     except ConnectionError:
         trace.status = CLIENT_CLOSED  # the client hung up; the upstream is closed below
+    except asyncio.CancelledError:
+        if request.app[SHUTTING_DOWN_KEY].is_set():
+            trace.status = 503
+            await _try(sse.error(UpstreamUnavailable("The gateway is shutting down.")))
+        raise
+    except Exception:
+        # The 200 is out: a bug must still end the stream with an error the SDK raises.
+        log.exception("stream_failed")
+        trace.status = 500
+        await _try(sse.error(GatewayError("The gateway failed while streaming the response.")))
     finally:
         await events.aclose()
         await sse.close()

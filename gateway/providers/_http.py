@@ -65,11 +65,16 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class _ErrorDetail(msgspec.Struct):
+    reason: str | None = None  # Google's typed error reason, e.g. API_KEY_INVALID
+
+
 class _OpenAIErrorBody(msgspec.Struct):
     message: str | None = None
     type: str | None = None
     param: str | None = None
     code: str | int | None = None
+    details: list[_ErrorDetail] = []
 
 
 class _OpenAIErrorEnvelope(msgspec.Struct):
@@ -77,7 +82,11 @@ class _OpenAIErrorEnvelope(msgspec.Struct):
     message: str | None = None
 
 
-_ERROR_DECODER = msgspec.json.Decoder(_OpenAIErrorEnvelope)
+# Google's OpenAI-compatible endpoint wraps its error envelope in a one-element list.
+_ERROR_DECODER = msgspec.json.Decoder(_OpenAIErrorEnvelope | list[_OpenAIErrorEnvelope])
+
+# Google answers a bad API key with HTTP 400; the typed reason says it is ours, not the client's.
+_CREDENTIAL_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED"})
 
 
 def upstream_detail(body: bytes) -> _OpenAIErrorBody:
@@ -85,6 +94,10 @@ def upstream_detail(body: bytes) -> _OpenAIErrorBody:
         env = _ERROR_DECODER.decode(body)
     except msgspec.MsgspecError:
         return _OpenAIErrorBody()
+    if isinstance(env, list):
+        if not env:
+            return _OpenAIErrorBody()
+        env = env[0]
     if isinstance(env.error, _OpenAIErrorBody):
         return env.error
     return _OpenAIErrorBody(message=env.error or env.message)
@@ -101,7 +114,8 @@ def error_from_status(
     detail = upstream_detail(body)
     code = str(detail.code) if detail.code is not None else None
     message = detail.message or f"upstream returned HTTP {status}"
-    if status in (401, 403):
+    reasons = {d.reason for d in detail.details}
+    if status in (401, 403) or reasons & _CREDENTIAL_REASONS:
         return UpstreamAuthError(
             f"The upstream provider '{provider}' rejected the gateway's credentials "
             f"(HTTP {status}). This is a gateway configuration problem."
@@ -113,8 +127,9 @@ def error_from_status(
                 f"The upstream provider '{provider}' account has exhausted its quota.",
                 code="upstream_quota_exhausted",
             )
+        # The upstream's own text names the operator's account (e.g. an org id): not relayed.
         return UpstreamRateLimited(
-            f"The upstream provider '{provider}' is rate limiting requests: {message}",
+            f"The upstream provider '{provider}' is rate limiting requests; retry later.",
             retry_after=parse_retry_after(retry_after),
         )
     if status in (400, 404, 409, 413, 422):

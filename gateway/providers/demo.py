@@ -51,20 +51,25 @@ class _Answer(msgspec.Struct):
     tool_call: ToolCall | None = None
 
 
-def _sample(schema: Any, text: str) -> Any:
+def _sample(schema: Any, text: str, depth: int = 0) -> Any:
     """A deterministic value that satisfies the common parts of a JSON schema."""
-    if not isinstance(schema, dict):
+    if not isinstance(schema, dict) or depth > 16:
         return text
-    if schema.get("enum"):
-        return schema["enum"][0]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
     kind = schema.get("type", "object" if "properties" in schema else "string")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object":
-        props: dict[str, Any] = schema.get("properties") or {}
-        return {name: _sample(sub, text) for name, sub in props.items()}
+        props = schema.get("properties")
+        if not isinstance(props, dict):
+            return {}
+        return {str(name): _sample(sub, text, depth + 1) for name, sub in props.items()}
     if kind == "array":
-        return [_sample(schema.get("items", {}), text)]
+        return [_sample(schema.get("items", {}), text, depth + 1)]
+    if not isinstance(kind, str):
+        return text
     return {"integer": 1, "number": 1.0, "boolean": True, "null": None}.get(kind, text)
 
 
@@ -100,17 +105,13 @@ def _answer(req: ChatCompletionRequest, limit: int | None) -> _Answer:
         reply = _ENCODER.encode(_sample(schema, text)).decode()
     elif isinstance(fmt, JSONObjectFormat):
         reply = _ENCODER.encode({"reply": text}).decode()
-    words = reply.split(" ")
-    words = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
     finish = "stop"
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
-    for i in range(len(words)):
-        joined = "".join(words[: i + 1])
-        hit = next((s for s in stops if s and s in joined), None)
-        if hit is not None:
-            cut = joined[: joined.index(hit)]
-            words = [cut] if cut else []
-            break
+    stops = [req.stop] if isinstance(req.stop, str) else [s for s in req.stop or () if s]
+    hits = [i for i in (reply.find(s) for s in stops) if i >= 0]
+    if hits:
+        reply = reply[: min(hits)]
+    words = reply.split(" ") if reply else []
+    words = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
     if limit is not None and len(words) > limit:
         words, finish = words[:limit], "length"
     return _Answer(words=words, finish_reason=finish)

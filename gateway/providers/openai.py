@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 import msgspec
+import structlog
 
 from gateway.errors import UpstreamError
 from gateway.providers._http import (
@@ -29,6 +30,8 @@ from gateway.schemas.common import Usage
 from gateway.settings import ProviderConfig
 
 __all__ = ["OpenAIProvider"]
+
+log = structlog.get_logger(__name__)
 
 _ENCODER = msgspec.json.Encoder()
 _TRUE = msgspec.Raw(b"true")
@@ -48,6 +51,7 @@ class _ErrorView(msgspec.Struct):
     error: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
+_RAW_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _USAGE = msgspec.json.Decoder(_UsageView)
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
 _ERROR = msgspec.json.Decoder(_ErrorView)
@@ -77,19 +81,20 @@ class OpenAIProvider:
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
         fields = dict(call.raw)
         fields["model"] = msgspec.Raw(_ENCODER.encode(call.upstream_model))
+        if call.model.reasoning and "max_tokens" in fields:
+            # Reasoning models reject max_tokens; max_completion_tokens means the same there.
+            limit = fields.pop("max_tokens")
+            fields.setdefault("max_completion_tokens", limit)
         if call.request.token_limit is None and call.model.max_tokens is not None:
-            # Reasoning models reject max_tokens; max_completion_tokens works for all.
             key = "max_completion_tokens" if call.model.reasoning else "max_tokens"
             fields[key] = msgspec.Raw(_ENCODER.encode(call.model.max_tokens))
         if stream:
             fields["stream"] = _TRUE
             if not call.request.wants_usage:
-                options = call.request.stream_options
-                extra = (
-                    msgspec.structs.asdict(options) if isinstance(options, msgspec.Struct) else {}
-                )
-                extra = {k: v for k, v in extra.items() if v is not msgspec.UNSET}
-                extra["include_usage"] = True
+                # Ask for usage, keeping any other stream option the client (or server) uses.
+                options = call.raw.get("stream_options")
+                extra = _RAW_OBJECT.decode(options) if options and options != b"null" else {}
+                extra["include_usage"] = _TRUE
                 fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
         return _ENCODER.encode(fields)
 
@@ -121,7 +126,11 @@ class OpenAIProvider:
             raise upstream_failure(self.config.name, exc) from exc
         try:
             call.usage = _USAGE.decode(body).usage
-        except msgspec.MsgspecError:
+        except msgspec.ValidationError:
+            # A usage object we cannot read must not cost the client a good answer: the row
+            # is estimated instead.
+            log.warning("upstream_usage_unreadable", provider=self.config.name)
+        except msgspec.DecodeError:
             raise UpstreamError(
                 f"The upstream provider '{self.config.name}' returned a malformed completion."
             ) from None
@@ -166,10 +175,21 @@ class OpenAIProvider:
     def _keep(self, call: ChatCall, data: bytes, keep_usage_chunk: bool) -> bool:
         """Account for one upstream event; False for events the client must not get."""
         if b'"usage":{' in data or b'"usage": {' in data:
-            view = _CHUNK_USAGE.decode(data)
-            call.usage = view.usage
-            if not view.choices and not keep_usage_chunk:
-                return False
+            try:
+                view = _CHUNK_USAGE.decode(data)
+            except msgspec.ValidationError:
+                # Unreadable usage: relay the event, let the usage row be estimated.
+                log.warning("upstream_usage_unreadable", provider=self.config.name)
+                usage_only = b'"choices":[]' in data or b'"choices": []' in data
+            except msgspec.DecodeError:
+                raise UpstreamError(
+                    f"The upstream provider '{self.config.name}' sent a malformed stream event."
+                ) from None
+            else:
+                call.usage = view.usage
+                usage_only = not view.choices
+            if usage_only:
+                return keep_usage_chunk
         elif data.startswith(b'{"error"') or b'"error":' in data[:16]:
             _raise_stream_error(self.config.name, data)
         call.chunks += 1

@@ -66,3 +66,5 @@ def decode_body(body: bytes, type_: type[T]) -> T:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError:
         raise InvalidRequest("Request body is not valid UTF-8.") from None
+    except RecursionError:
+        raise InvalidRequest("Request body is nested too deeply.") from None

@@ -22,23 +22,27 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 
 
 class PromptTokensDetails(msgspec.Struct):
-    cached_tokens: int | None = 0
+    cached_tokens: Count | None = 0
     audio_tokens: int | UnsetType | None = UNSET
 
 
 class CompletionTokensDetails(msgspec.Struct):
-    reasoning_tokens: int | None = 0
+    reasoning_tokens: Count | None = 0
     audio_tokens: int | UnsetType | None = UNSET
     accepted_prediction_tokens: int | UnsetType | None = UNSET
     rejected_prediction_tokens: int | UnsetType | None = UNSET
+
+
+# Counts beyond this are nonsense from an upstream and would not fit SQLite's integers.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 
 class Usage(msgspec.Struct):
     """OpenAI `usage`. Upstreams may send nulls in the detail objects, so those stay optional;
     the three counts are always encoded because the SDK requires them."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    total_tokens: Count = 0
     prompt_tokens_details: PromptTokensDetails | UnsetType | None = UNSET
     completion_tokens_details: CompletionTokensDetails | UnsetType | None = UNSET
