@@ -83,6 +83,13 @@ async def test_missing_key_is_401(gateway: TestClient[Any, Any]) -> None:
             "stream",
         ),
         (b'{"messages": [{"role": "user", "content": "x"}]}', "model", "model"),
+        (
+            b'{"model": "demo", "messages": [{"role": "user", "content": "x"}], "metadata": {"k": "'
+            + b"v" * 513
+            + b'"}}',
+            "metadata",
+            "length <= 512",
+        ),
     ],
 )
 async def test_bad_bodies_are_400_naming_the_field(

@@ -242,7 +242,8 @@ class StreamOptions(msgspec.Struct, omit_defaults=True):
 
 
 Metadata = Annotated[
-    dict[Annotated[str, msgspec.Meta(max_length=64)], str], msgspec.Meta(max_length=16)
+    dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+    msgspec.Meta(max_length=16),
 ]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]

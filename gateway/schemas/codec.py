@@ -38,7 +38,8 @@ def param_of(message: str) -> tuple[str, str | None]:
     """
     match = _PATH.search(message)
     problem = message if match is None else message[: match.start()]
-    path = None if match is None else match.group("path") or None
+    # msgspec writes a dict value's position as `[...]`; the param names the dict itself.
+    path = None if match is None else match.group("path").replace("[...]", "") or None
     missing = _MISSING.match(problem)
     if missing is not None:
         field = missing.group("field")
