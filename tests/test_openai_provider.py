@@ -369,3 +369,19 @@ async def test_client_disconnect_cancels_upstream_and_records_usage(rig: Rig) ->
     rows = await usage_rows(rig.gateway)
     assert rows[-1]["status"] == 499
     assert rows[-1]["stream"] == 1 and rows[-1]["estimated"] == 1
+
+
+async def test_non_streaming_hang_up_cancels_upstream_and_records_an_estimate(rig: Rig) -> None:
+    rig.fake.always(delay_headers=5)
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.create_task(
+            session.post(rig.gateway.make_url(CHAT), json=HI, headers=rig.headers)
+        )
+        await rig.fake.request_seen.wait()
+        pending.cancel()  # the client gives up while the upstream is still thinking
+    async with asyncio.timeout(5):
+        await rig.fake.client_disconnected.wait()
+        await app_of(rig.gateway)[USAGE_KEY].wait_recorded(1)
+    row = (await usage_rows(rig.gateway))[-1]
+    assert (row["status"], row["estimated"]) == (499, 1)
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 0

@@ -163,10 +163,12 @@ def _account(trace: RequestTrace, call: ChatCall) -> None:
     """Copy usage (or an estimate when the upstream never reported it) into the trace."""
     if call.first_byte_at is not None:
         trace.ttft_ms = round((call.first_byte_at - call.started_at) * 1000, 3)
+    task = asyncio.current_task()
+    hung_up = task is not None and task.cancelling() > 0  # the upstream already has the prompt
     if call.usage is not None:
         trace.prompt_tokens = call.usage.prompt_tokens
         trace.completion_tokens = call.usage.completion_tokens
-    elif call.first_byte_at is not None:
+    elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
         trace.prompt_tokens = estimate_prompt_tokens(call.request)
         trace.completion_tokens = call.chunks
