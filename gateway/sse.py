@@ -57,7 +57,8 @@ class SSEStream:
 
     async def error(self, exc: GatewayError) -> None:
         """Report a failure after the 200 went out: an error event, then the end of the stream."""
-        await self.send(error_body(exc))
+        if self.response.prepared:  # before that, the client already hung up
+            await self.send(error_body(exc))
 
     async def done(self) -> None:
         await self.response.write(b"data: [DONE]\n\n")

@@ -153,6 +153,13 @@ async def test_stream_asks_upstream_for_usage_and_hides_it(rig: Rig) -> None:
     assert rows[-1]["estimated"] == 0
 
 
+async def test_stream_with_null_stream_options(rig: Rig) -> None:
+    resp = await rig.post({**HI, "stream": True, "stream_options": None})
+    assert resp.status == 200
+    assert all(e["choices"] for e in sse_events(await resp.read()))
+    assert rig.last()["stream_options"] == {"include_usage": True}
+
+
 async def test_stream_keeps_usage_chunk_when_asked(rig: Rig) -> None:
     resp = await rig.post(
         {

@@ -93,7 +93,8 @@ class OpenAIProvider:
             if not call.request.wants_usage:
                 # Ask for usage, keeping any other stream option the client (or server) uses.
                 options = call.raw.get("stream_options")
-                extra = _RAW_OBJECT.decode(options) if options and options != b"null" else {}
+                present = options is not None and bytes(options) != b"null"
+                extra = _RAW_OBJECT.decode(options) if present else {}
                 extra["include_usage"] = _TRUE
                 fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
         return _ENCODER.encode(fields)
