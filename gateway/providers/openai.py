@@ -93,8 +93,11 @@ class OpenAIProvider:
             if not call.request.wants_usage:
                 # Ask for usage, keeping any other stream option the client (or server) uses.
                 options = call.raw.get("stream_options")
-                present = options is not None and bytes(options) != b"null"
-                extra = _RAW_OBJECT.decode(options) if present else {}
+                extra = (
+                    _RAW_OBJECT.decode(options)
+                    if options is not None and bytes(options) != b"null"
+                    else {}
+                )
                 extra["include_usage"] = _TRUE
                 fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
         return _ENCODER.encode(fields)
