@@ -45,8 +45,13 @@ class _UTCTimestamp:
         return event
 
 
-def configure_logging(level: str = "info") -> None:
-    """Route structlog and stdlib logging to JSON lines on stdout at `level`."""
+def configure_logging(level: str = "info", *, cache: bool = True) -> None:
+    """Route structlog and stdlib logging to JSON lines on stdout at `level`.
+
+    Args:
+        level: the lowest level written.
+        cache: bind loggers once, on first use (fast; tests that reconfigure pass False).
+    """
     numeric = logging.getLevelNamesMapping()[level.upper()]
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -64,7 +69,7 @@ def configure_logging(level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(

@@ -40,7 +40,7 @@ async def test_one_line_per_request_without_secrets(
 
 
 def test_configure_logging_writes_json_lines(capfd: Any) -> None:
-    configure_logging("info")
+    configure_logging("info", cache=False)
     try:
         structlog.get_logger("t").info("hello", n=1)
         import logging
@@ -61,7 +61,7 @@ def test_configure_logging_writes_json_lines(capfd: Any) -> None:
 def test_tracebacks_never_carry_local_variables(capfd: Any) -> None:
     import logging
 
-    configure_logging("info")
+    configure_logging("info", cache=False)
     try:
         prompt = "my password is hunter2"  # noqa: F841 - the local a leaky renderer would show
         try:
