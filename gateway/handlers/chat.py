@@ -26,7 +26,7 @@ from gateway.providers import ChatCall, Provider
 from gateway.records import model_allowed
 from gateway.router import Router
 from gateway.schemas.chat import ChatCompletionRequest
-from gateway.schemas.codec import RAW_OBJECT, decode_body
+from gateway.schemas.codec import RAW_OBJECT, decode_body, present
 from gateway.sse import SSEStream
 from gateway.state import PRINCIPAL_KEY, ROUTER_KEY, SETTINGS_KEY, SHUTTING_DOWN_KEY
 from gateway.tokens import estimate_prompt_tokens
@@ -99,11 +99,12 @@ async def _chat(request: web.Request, default_model: str | None) -> web.StreamRe
 def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool) -> None:
     if reasoning:
         return
-    thinking = (
-        req.thinking if req.thinking is not UNSET and bytes(req.thinking) != b"null" else None
-    )
-    for name, value in (("reasoning_effort", req.reasoning_effort), ("thinking", thinking)):
-        if value is not UNSET and value is not None:
+    sent = {
+        "reasoning_effort": req.reasoning_effort not in (UNSET, None),
+        "thinking": present(req.thinking),
+    }
+    for name, value in sent.items():
+        if value:
             raise InvalidRequest(
                 f"The '{name}' parameter is not supported by the model '{model_id}'; "
                 "it is only accepted for models marked as reasoning models.",

@@ -29,6 +29,7 @@ __all__ = [
     "error_from_status",
     "iter_sse_batches",
     "parse_retry_after",
+    "stream_error",
     "stream_timeout",
     "unary_timeout",
     "upstream_detail",
@@ -83,24 +84,44 @@ class _OpenAIErrorEnvelope(msgspec.Struct):
 
 
 # Google's OpenAI-compatible endpoint wraps its error envelope in a one-element list.
-_ERROR_DECODER = msgspec.json.Decoder(_OpenAIErrorEnvelope | list[_OpenAIErrorEnvelope])
+_ERROR_DECODER: msgspec.json.Decoder[_OpenAIErrorEnvelope | list[_OpenAIErrorEnvelope]] = (
+    msgspec.json.Decoder(_OpenAIErrorEnvelope | list[_OpenAIErrorEnvelope])
+)
 
 # Google answers a bad API key with HTTP 400; the typed reason says it is ours, not the client's.
 _CREDENTIAL_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED"})
 
 
-def upstream_detail(body: bytes) -> _OpenAIErrorBody:
+def _envelope(body: bytes) -> _OpenAIErrorEnvelope | None:
     try:
         env = _ERROR_DECODER.decode(body)
     except msgspec.MsgspecError:
-        return _OpenAIErrorBody()
+        return None
     if isinstance(env, list):
-        if not env:
-            return _OpenAIErrorBody()
-        env = env[0]
+        return env[0] if env else None
+    return env
+
+
+def upstream_detail(body: bytes) -> _OpenAIErrorBody:
+    env = _envelope(body)
+    if env is None:
+        return _OpenAIErrorBody()
     if isinstance(env.error, _OpenAIErrorBody):
         return env.error
     return _OpenAIErrorBody(message=env.error or env.message)
+
+
+def stream_error(provider: str, data: bytes) -> UpstreamError | None:
+    """The error an upstream `{"error": ...}` stream event reports; None for other events."""
+    env = _envelope(data)
+    if env is None or env.error is None:
+        return None
+    message = (
+        env.error.message if isinstance(env.error, _OpenAIErrorBody) else env.error or env.message
+    )
+    return UpstreamError(
+        f"The upstream provider '{provider}' failed mid-stream: {message or 'unknown error'}"
+    )
 
 
 def error_from_status(

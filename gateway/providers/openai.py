@@ -20,12 +20,13 @@ from gateway.errors import UpstreamError
 from gateway.providers._http import (
     error_from_status,
     iter_sse_batches,
+    stream_error,
     stream_timeout,
     unary_timeout,
-    upstream_detail,
     upstream_failure,
 )
 from gateway.providers.base import ChatCall, ChatReply
+from gateway.schemas.codec import RAW_OBJECT, present
 from gateway.schemas.common import Usage
 from gateway.settings import ProviderConfig
 
@@ -47,14 +48,8 @@ class _ChunkUsageView(_UsageView):
     choices: list[msgspec.Raw] = []
 
 
-class _ErrorView(msgspec.Struct):
-    error: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
-
-
-_RAW_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _USAGE = msgspec.json.Decoder(_UsageView)
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
-_ERROR = msgspec.json.Decoder(_ErrorView)
 
 
 class OpenAIProvider:
@@ -93,11 +88,7 @@ class OpenAIProvider:
             if not call.request.wants_usage:
                 # Ask for usage, keeping any other stream option the client (or server) uses.
                 options = call.raw.get("stream_options")
-                extra = (
-                    _RAW_OBJECT.decode(options)
-                    if options is not None and bytes(options) != b"null"
-                    else {}
-                )
+                extra = RAW_OBJECT.decode(options) if present(options) else {}
                 extra["include_usage"] = _TRUE
                 fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
         return _ENCODER.encode(fields)
@@ -195,20 +186,8 @@ class OpenAIProvider:
             if usage_only:
                 return keep_usage_chunk
         elif data.startswith(b'{"error"') or b'"error":' in data[:16]:
-            _raise_stream_error(self.config.name, data)
+            error = stream_error(self.config.name, data)
+            if error is not None:
+                raise error
         call.chunks += 1
         return True
-
-
-def _raise_stream_error(provider: str, data: bytes) -> None:
-    """Raise if a stream event is an upstream `{"error": ...}` event."""
-    try:
-        view = _ERROR.decode(data)
-    except msgspec.MsgspecError:
-        return
-    if view.error is not msgspec.UNSET and bytes(view.error) != b"null":
-        detail = upstream_detail(data)
-        raise UpstreamError(
-            f"The upstream provider '{provider}' failed mid-stream: "
-            f"{detail.message or 'unknown error'}"
-        )

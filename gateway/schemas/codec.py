@@ -7,13 +7,13 @@ the error's `param` (OpenAI style, `messages[0].content`) so a client learns whi
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import msgspec
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["ENCODER", "RAW_OBJECT", "decode_body", "encode", "param_of"]
+__all__ = ["ENCODER", "RAW_OBJECT", "decode_body", "encode", "param_of", "present"]
 
 T = TypeVar("T")
 
@@ -27,6 +27,13 @@ RAW_OBJECT: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(
 )
 
 _DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def present(value: msgspec.Raw | msgspec.UnsetType | None) -> TypeGuard[msgspec.Raw]:
+    """Whether a raw pass-through field was sent with a value other than JSON `null`."""
+    return isinstance(value, msgspec.Raw) and bytes(value) != b"null"
+
+
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
 
