@@ -281,15 +281,8 @@ async def _keys_list(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _existing(store: Store, key_id: str) -> KeyRecord:
-    key = await store.get_key(key_id)
-    if key is None:
-        raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
-    return key
-
-
 async def _keys_show(store: Store, args: argparse.Namespace) -> int:
-    return _show(await _existing(store, args.id), args)
+    return _show(await store.require_key(args.id), args)
 
 
 async def _keys_update(store: Store, args: argparse.Namespace) -> int:
@@ -309,7 +302,7 @@ async def _keys_revoke(store: Store, args: argparse.Namespace) -> int:
 
 async def _usage(store: Store, args: argparse.Namespace) -> int:
     if args.key is not None:
-        await _existing(store, args.key)
+        await store.require_key(args.key)
     rows = await store.usage_summary(since=args.since, key_id=args.key, by=args.by)
     if args.json:
         _print_json(rows)

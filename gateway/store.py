@@ -213,7 +213,12 @@ class Store:
             row = await cur.fetchone()
         return None if row is None else _key_from_row(row)
 
-    async def _get_existing(self, key_id: str) -> KeyRecord:
+    async def require_key(self, key_id: str) -> KeyRecord:
+        """The key with `key_id`.
+
+        Raises:
+            NotFound: no such key (code `key_not_found`).
+        """
         key = await self.get_key(key_id)
         if key is None:
             raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
@@ -234,7 +239,7 @@ class Store:
         if "metadata" in changes:
             changes["metadata"] = dict(changes["metadata"] or {})
         async with self._transaction() as db:
-            current = await self._get_existing(key_id)
+            current = await self.require_key(key_id)
             updated = _checked(msgspec.structs.replace(current, **changes, updated_at=time.time()))
             await db.execute(_UPDATE_KEY, (*_key_params(updated), key_id))
         return updated
@@ -252,7 +257,7 @@ class Store:
                 " WHERE id = ? AND revoked_at IS NULL",
                 (now, now, key_id),
             )
-            return await self._get_existing(key_id)
+            return await self.require_key(key_id)
 
     # Usage
 
