@@ -36,18 +36,13 @@ DEFAULT_BASE_URLS: dict[str, str] = {
     "demo": "",
 }
 
-# Provider types this build can serve; native anthropic/gemini translation comes later.
-IMPLEMENTED_TYPES = frozenset({"openai", "demo"})
-
-# Until the native providers exist, the default config reaches Anthropic and Gemini through
-# their own OpenAI-compatible endpoints.
-COMPAT_BASE_URLS = {
-    "anthropic": "https://api.anthropic.com/v1",
-    "gemini": "https://generativelanguage.googleapis.com/v1beta/openai",
+# Models that take `reasoning_effort` (OpenAI: and reject `max_tokens`), per provider type;
+# used by the embedded default config for "<provider>/<model>" ids.
+REASONING_MODELS: dict[str, tuple[str, ...]] = {
+    "openai": ("o1*", "o3*", "o4*", "gpt-5*"),
+    "anthropic": ("claude-3-7-sonnet*", "claude-sonnet-4*", "claude-opus-4*", "claude-haiku-4*"),
+    "gemini": ("gemini-2.5-pro*", "gemini-2.5-flash", "gemini-2.5-flash-*", "gemini-3*"),
 }
-
-# OpenAI models that take `reasoning_effort` (and reject `max_tokens`); used by the default config.
-OPENAI_REASONING_MODELS = ("o1*", "o3*", "o4*", "gpt-5*")
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -96,6 +91,9 @@ class ProviderConfig(_Base, frozen=True):
     # Whole-request bound for non-streaming calls; streams are bounded by read_timeout only.
     total_timeout: PositiveFloat = 600.0
     max_connections: PositiveInt = 100
+    # Output limit for upstreams that require one (Anthropic's `max_tokens`) when neither the
+    # request nor the model config sets one.
+    default_max_tokens: PositiveInt = 4096
 
     @property
     def url(self) -> str:
@@ -183,13 +181,8 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
         if p.name in seen:
             raise ConfigError(f"{where}.name: duplicate provider name {p.name!r}")
         seen.add(p.name)
-        if p.type not in IMPLEMENTED_TYPES:
-            raise ConfigError(
-                f"{where}.type: native {p.type!r} providers are not available yet; use"
-                f' type = "openai" with {p.type}\'s OpenAI-compatible base_url meanwhile'
-            )
         if p.type in ("anthropic", "gemini") and not p.api_keys:
-            raise ConfigError(f"{where}.api_keys: a {p.type} provider needs at least one key")
+            raise ConfigError(f"{where}.api_keys: {p.type} providers need at least one key")
         if p.base_url is not None and not p.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}.base_url: must start with http:// or https://")
         keys = tuple(
@@ -247,7 +240,7 @@ def default_settings(environ: Mapping[str, str]) -> Settings:
                 type="openai",
                 base_url=environ.get("OPENAI_BASE_URL") or None,
                 api_keys=("env:OPENAI_API_KEY",),
-                reasoning_models=OPENAI_REASONING_MODELS,
+                reasoning_models=REASONING_MODELS["openai"],
             )
         )
         models.append(
@@ -258,14 +251,18 @@ def default_settings(environ: Mapping[str, str]) -> Settings:
                 output_price_per_mtok=0.60,
             )
         )
-    for var, name in (("ANTHROPIC_API_KEY", "anthropic"), ("GEMINI_API_KEY", "gemini")):
+    native: tuple[tuple[str, ProviderType], ...] = (
+        ("ANTHROPIC_API_KEY", "anthropic"),
+        ("GEMINI_API_KEY", "gemini"),
+    )
+    for var, name in native:
         if environ.get(var):
             providers.append(
                 ProviderConfig(
                     name=name,
-                    type="openai",
-                    base_url=COMPAT_BASE_URLS[name],
+                    type=name,
                     api_keys=(f"env:{var}",),
+                    reasoning_models=REASONING_MODELS[name],
                 )
             )
     return _resolve(Settings(providers=tuple(providers), models=tuple(models)), environ)

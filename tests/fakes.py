@@ -344,7 +344,7 @@ def _sse(obj: Json) -> bytes:
 
 def _text(content: Any) -> str:
     if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and "text" in p)
     return content if isinstance(content, str) else ""
 
 

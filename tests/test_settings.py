@@ -49,7 +49,11 @@ def test_default_adds_providers_from_env() -> None:
     assert set(names) == {"demo", "openai", "anthropic", "gemini"}
     assert names["openai"].api_keys == ("sk-a",)
     assert names["openai"].url == "https://api.openai.com/v1"
-    assert names["gemini"].url.endswith("/v1beta/openai")
+    assert names["anthropic"].type == "anthropic"
+    assert names["anthropic"].url == "https://api.anthropic.com"
+    assert names["gemini"].type == "gemini"
+    assert names["gemini"].url == "https://generativelanguage.googleapis.com"
+    assert names["anthropic"].reasoning_models  # claude-sonnet-4* etc. take reasoning_effort
     assert settings.model("gpt-4o-mini") is not None
 
 
@@ -103,8 +107,8 @@ def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
         ),
         ("[server]\ndefault_model = 'ghost'\n", "server.default_model: no model named 'ghost'"),
         (
-            "[[providers]]\nname = 'a'\ntype = 'anthropic'\napi_keys = ['k']\n",
-            "providers[0].type: native 'anthropic' providers are not available yet",
+            "[[providers]]\nname = 'a'\ntype = 'anthropic'\n",
+            "providers[0].api_keys: anthropic providers need at least one key",
         ),
         ("[server]\nadmin_key = 'short'\n", "server.admin_key: must be at least 16 characters"),
     ],

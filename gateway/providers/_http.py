@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import msgspec
@@ -26,6 +26,7 @@ from gateway.errors import (
 from gateway.settings import ProviderConfig
 
 __all__ = [
+    "UpstreamClient",
     "error_from_status",
     "iter_sse_batches",
     "parse_retry_after",
@@ -222,3 +223,51 @@ def _event_data(event: bytes) -> bytes | None:
         line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
     ]
     return b"\n".join(lines) if lines else None
+
+
+class UpstreamClient:
+    """One provider's HTTP calls: a JSON POST answered whole, or an SSE stream opened.
+
+    Statuses of 400 and above become the mapped `UpstreamError`; client-side failures
+    (refused, reset, timed out) become `UpstreamConnectionError`/`UpstreamTimeout`. Both are
+    raised before a single byte of the answer is used, so the handler can still pick a status.
+    """
+
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self._session = session
+        self._unary_timeout = unary_timeout(config)
+        self._stream_timeout = stream_timeout(config)
+
+    def failed(self, resp: aiohttp.ClientResponse, body: bytes) -> UpstreamError:
+        return error_from_status(
+            self.config.name, resp.status, body, resp.headers.get("retry-after")
+        )
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+        """POST `body` and return the upstream's whole 2xx answer."""
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=self._unary_timeout
+            ) as resp:
+                data = await resp.read()
+                if resp.status >= 400:
+                    raise self.failed(resp, data)
+                return data
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_failure(self.config.name, exc) from exc
+
+    async def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> AsyncIterator[list[bytes]]:
+        """POST `body` and yield the `data` of the upstream's SSE events, batched by read."""
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=self._stream_timeout
+            ) as resp:
+                if resp.status >= 400:
+                    raise self.failed(resp, await resp.read())
+                async for batch in iter_sse_batches(resp):
+                    yield batch
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_failure(self.config.name, exc) from exc

@@ -324,6 +324,9 @@ class ChatMessage(msgspec.Struct):
     refusal: str | None = None
     role: Literal["assistant"] = "assistant"
     tool_calls: list[ToolCall] | UnsetType = UNSET
+    # Extensions for translated providers (as DeepSeek, OpenRouter and LiteLLM send them):
+    # thinking text, and images from image-output models.
+    reasoning_content: str | UnsetType = UNSET
     images: list[ImageOutput] | UnsetType = UNSET
 
 
@@ -364,6 +367,7 @@ class Delta(msgspec.Struct):
     content: str | UnsetType | None = UNSET
     refusal: str | UnsetType | None = UNSET
     tool_calls: list[DeltaToolCall] | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
     images: list[ImageOutput] | UnsetType = UNSET
 
 

@@ -1,0 +1,222 @@
+"""What every translating provider (Anthropic, Gemini) shares: reading the OpenAI request,
+refusing what an upstream cannot honour, and writing OpenAI completions and stream chunks.
+
+Translated answers must be indistinguishable from OpenAI's: the same object shapes, `role` only
+in the first chunk, a tool call's `id` and `name` only in its first fragment, one finish chunk,
+and the usage chunk last (only when the client asked for it).
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import time
+from collections.abc import Iterable
+
+import msgspec
+from msgspec import UNSET
+
+from gateway.errors import InvalidRequest
+from gateway.schemas.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    DeltaFunction,
+    DeltaToolCall,
+    ImageOutput,
+    ImageURL,
+    TextContentPart,
+    ToolCall,
+)
+from gateway.schemas.common import Usage
+
+__all__ = [
+    "ChunkWriter",
+    "DataURL",
+    "completion_body",
+    "data_url",
+    "joined_text",
+    "message",
+    "new_call_id",
+    "object_arguments",
+    "unsupported",
+]
+
+_ENCODER = msgspec.json.Encoder()
+
+
+class DataURL(msgspec.Struct, frozen=True):
+    mime: str
+    data: str  # base64, as sent
+
+
+def data_url(url: str) -> DataURL | None:
+    """Split `data:<mime>;base64,<data>`; None for anything that is not a base64 data URL."""
+    if not url.startswith("data:"):
+        return None
+    head, sep, data = url[5:].partition(",")
+    mime, _, encoding = head.partition(";")
+    if not sep or encoding.lower() != "base64" or not mime or not data:
+        return None
+    return DataURL(mime=mime.lower(), data=data)
+
+
+def joined_text(content: str | list[TextContentPart] | None, sep: str = "\n") -> str:
+    """The text of a system/developer/tool message: a string or its text parts joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return sep.join(p.text for p in content)
+
+
+def unsupported(provider_type: str, param: str, why: str = "") -> InvalidRequest:
+    """The 400 for a request field this upstream cannot honour (never silently dropped)."""
+    reason = f": {why}" if why else "."
+    return InvalidRequest(
+        f"The '{param}' parameter is not supported by {provider_type} models{reason}",
+        param=param,
+        code="unsupported_parameter",
+    )
+
+
+def object_arguments(arguments: str, param: str) -> msgspec.Raw:
+    """A tool call's `arguments` string as raw JSON, checked to be a JSON object."""
+    if not arguments.strip():
+        return msgspec.Raw(b"{}")
+    raw = arguments.encode()
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise InvalidRequest(
+            f"Invalid value for '{param}': the tool call arguments are not valid JSON.",
+            param=param,
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"Invalid value for '{param}': the tool call arguments must be a JSON object.",
+            param=param,
+        )
+    return msgspec.Raw(raw)
+
+
+def new_call_id() -> str:
+    """A tool-call id for upstreams that do not give one (OpenAI's `call_` + 24 characters)."""
+    return "call_" + binascii.hexlify(os.urandom(12)).decode()
+
+
+def image_outputs(urls: Iterable[str]) -> list[ImageOutput]:
+    return [ImageOutput(image_url=ImageURL(url=u)) for u in urls]
+
+
+def completion_body(
+    *,
+    id: str,
+    model: str,
+    choices: list[Choice],
+    usage: Usage | None,
+) -> bytes:
+    """A whole `chat.completion` object, encoded."""
+    return _ENCODER.encode(
+        ChatCompletion(
+            id=id,
+            created=int(time.time()),
+            model=model,
+            choices=choices,
+            usage=usage if usage is not None else UNSET,
+        )
+    )
+
+
+def message(
+    text: str | None,
+    tool_calls: list[ToolCall] | None = None,
+    *,
+    reasoning: str | None = None,
+    images: list[str] | None = None,
+) -> ChatMessage:
+    return ChatMessage(
+        content=text,
+        tool_calls=tool_calls or UNSET,
+        reasoning_content=reasoning if reasoning else UNSET,
+        images=image_outputs(images) if images else UNSET,
+    )
+
+
+class ChunkWriter:
+    """Encodes the OpenAI `chat.completion.chunk` events of one translated stream.
+
+    The caller says what happened (text, a tool call started, arguments, the end); the writer
+    keeps the OpenAI ordering rules: `role` once, a tool call's `id`/`type`/`name` only in its
+    first fragment with a 0-based `index` per call, `usage: null` on every chunk when the
+    client asked for usage, and the usage chunk with empty `choices` at the very end.
+    """
+
+    def __init__(self, *, id: str, model: str, include_usage: bool) -> None:
+        self.id = id
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self._started: set[int] = set()  # choices whose role chunk went out
+        self.tool_calls: dict[int, int] = {}  # per choice: tool calls started so far
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        return _ENCODER.encode(
+            ChatCompletionChunk(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=choices,
+                usage=usage if usage is not None else (None if self.include_usage else UNSET),
+            )
+        )
+
+    def _delta(self, delta: Delta, index: int = 0, finish: str | None = None) -> bytes:
+        if index not in self._started:
+            self._started.add(index)
+            delta.role = "assistant"
+            if delta.content is UNSET:
+                delta.content = "" if delta.tool_calls is UNSET else None
+        return self._chunk([ChunkChoice(index, delta, finish)])
+
+    def start(self, index: int = 0) -> bytes | None:
+        """The role chunk, if this choice has not sent one yet."""
+        if index in self._started:
+            return None
+        return self._delta(Delta(content="", refusal=None), index)
+
+    def text(self, text: str, index: int = 0) -> bytes:
+        return self._delta(Delta(content=text), index)
+
+    def reasoning(self, text: str, index: int = 0) -> bytes:
+        return self._delta(Delta(reasoning_content=text), index)
+
+    def images(self, urls: list[str], index: int = 0) -> bytes:
+        return self._delta(Delta(images=image_outputs(urls)), index)
+
+    def tool_start(
+        self, call_id: str, name: str, arguments: str = "", index: int = 0
+    ) -> tuple[int, bytes]:
+        """A tool call's first fragment; returns its OpenAI `index` (0, 1, ... per choice)."""
+        slot = self.tool_calls.get(index, 0)
+        self.tool_calls[index] = slot + 1
+        first = DeltaToolCall(
+            index=slot,
+            id=call_id,
+            type="function",
+            function=DeltaFunction(name=name, arguments=arguments),
+        )
+        return slot, self._delta(Delta(tool_calls=[first]), index)
+
+    def tool_arguments(self, slot: int, fragment: str, index: int = 0) -> bytes:
+        frag = DeltaToolCall(index=slot, function=DeltaFunction(arguments=fragment))
+        return self._delta(Delta(tool_calls=[frag]), index)
+
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        return self._delta(Delta(), index, reason)
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._chunk([], usage)
