@@ -1,11 +1,14 @@
-"""Subprocess entry points for `tests/bench.py`: a fake OpenAI upstream and a bare aiohttp relay.
+"""Subprocess entry points for `tests/bench.py`: a fake OpenAI/Anthropic upstream and a bare relay.
 
     python -m tests.bench_servers upstream --port 9001
     python -m tests.bench_servers relay --port 9002 --upstream http://127.0.0.1:9001
 
 The upstream answers `POST /v1/chat/completions` from pre-encoded bytes, as fast as it can: a
 `chat.completion` (~600 bytes, with usage), or with `"stream": true` twenty `chat.completion.chunk`
-events (plus a usage chunk when `stream_options.include_usage` is true) and `data: [DONE]`.
+events (plus a usage chunk when `stream_options.include_usage` is true) and `data: [DONE]`. It
+answers `POST /v1/messages` as Anthropic does, with the same text: a `message` (~400 bytes), or with
+`"stream": true` Anthropic's `event:`/`data:` sequence (message_start, content_block_start, a ping,
+one text_delta per word, content_block_stop, message_delta with usage, message_stop).
 
 The relay is the floor any aiohttp gateway pays: read the client's body, POST it upstream through
 one shared `ClientSession`, and hand the bytes back (whole for JSON, `iter_any()` chunks for SSE).
@@ -24,13 +27,22 @@ from aiohttp import web
 
 from tests.fakes import openai_usage
 
-__all__ = ["STREAM_CONTENT_TYPE", "completion_body", "main", "stream_events"]
+__all__ = [
+    "STREAM_CONTENT_TYPE",
+    "completion_body",
+    "main",
+    "message_body",
+    "message_events",
+    "stream_events",
+]
 
 STREAM_CONTENT_TYPE = "text/event-stream"
 _CREATED = 1_767_225_600
 _ID = "chatcmpl-BENCH0123456789abcdefghijklmn"
 _MODEL = "bench-model-2025-01-01"
 _FINGERPRINT = "fp_0123456789"
+_MSG_ID = "msg_01BENCH0123456789abcdefgh"
+_ANTHROPIC_MODEL = "claude-bench-2025-01-01"
 _WORDS = (
     "Sure",
     "!",
@@ -53,6 +65,13 @@ _WORDS = (
 )
 _TEXT = "".join(_WORDS)
 _USAGE: dict[str, Any] = openai_usage(42, len(_WORDS))
+_ANTHROPIC_USAGE: dict[str, Any] = {
+    "input_tokens": 42,
+    "output_tokens": len(_WORDS),
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+    "service_tier": "standard",
+}
 
 
 def completion_body() -> bytes:
@@ -114,6 +133,70 @@ def stream_events(include_usage: bool) -> tuple[bytes, ...]:
     return tuple(events)
 
 
+def message_body() -> bytes:
+    """The non-streaming answer, as Anthropic shapes it."""
+    return msgspec.json.encode(
+        {
+            "id": _MSG_ID,
+            "type": "message",
+            "role": "assistant",
+            "model": _ANTHROPIC_MODEL,
+            "content": [{"type": "text", "text": _TEXT}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": _ANTHROPIC_USAGE,
+        }
+    )
+
+
+def _anthropic_event(obj: dict[str, Any]) -> bytes:
+    name = obj["type"].encode()
+    return b"event: " + name + b"\ndata: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+def message_events() -> tuple[bytes, ...]:
+    """Anthropic's stream: start, block start, ping, a text delta per word, stops and usage."""
+    start_usage = {**_ANTHROPIC_USAGE, "output_tokens": 1}
+    message = {
+        "id": _MSG_ID,
+        "type": "message",
+        "role": "assistant",
+        "model": _ANTHROPIC_MODEL,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": start_usage,
+    }
+    block = {"type": "text", "text": ""}
+    events = [
+        _anthropic_event({"type": "message_start", "message": message}),
+        _anthropic_event({"type": "content_block_start", "index": 0, "content_block": block}),
+        b'event: ping\ndata: {"type": "ping"}\n\n',  # sic: the real API spaces this one
+    ]
+    events += [
+        _anthropic_event(
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": w},
+            }
+        )
+        for w in _WORDS
+    ]
+    events += [
+        _anthropic_event({"type": "content_block_stop", "index": 0}),
+        _anthropic_event(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": len(_WORDS)},
+            }
+        ),
+        _anthropic_event({"type": "message_stop"}),
+    ]
+    return tuple(events)
+
+
 class _Request(msgspec.Struct):
     """The only fields the fake upstream looks at."""
 
@@ -124,6 +207,8 @@ class _Request(msgspec.Struct):
 _DECODER = msgspec.json.Decoder(_Request)
 _BODY = completion_body()
 _EVENTS = {flag: stream_events(flag) for flag in (False, True)}
+_MESSAGE_BODY = message_body()
+_MESSAGE_EVENTS = message_events()
 _SSE_HEADERS = {"Content-Type": STREAM_CONTENT_TYPE, "Cache-Control": "no-cache"}
 
 
@@ -140,9 +225,22 @@ async def _upstream_chat(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _upstream_messages(request: web.Request) -> web.StreamResponse:
+    req = _DECODER.decode(await request.read())
+    if not req.stream:
+        return web.Response(body=_MESSAGE_BODY, content_type="application/json")
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    await resp.prepare(request)
+    for event in _MESSAGE_EVENTS:
+        await resp.write(event)
+    await resp.write_eof()
+    return resp
+
+
 def upstream_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _upstream_chat)
+    app.router.add_post("/v1/messages", _upstream_messages)
     return app
 
 

@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 import aiohttp
 
+from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import ChatCall, ChatReply, Provider
 from gateway.providers.demo import DemoProvider
+from gateway.providers.gemini import GeminiProvider
 from gateway.providers.openai import OpenAIProvider
 from gateway.settings import ProviderConfig
 
@@ -15,6 +17,8 @@ __all__ = ["PROVIDER_TYPES", "ChatCall", "ChatReply", "Provider", "build_provide
 
 PROVIDER_TYPES: dict[str, Callable[[ProviderConfig, aiohttp.ClientSession], Provider]] = {
     "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
+    "gemini": GeminiProvider,
     "demo": DemoProvider,
 }
 

@@ -67,8 +67,9 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class _ErrorDetail(msgspec.Struct):
+class _ErrorDetail(msgspec.Struct, rename={"retry_delay": "retryDelay"}):
     reason: str | None = None  # Google's typed error reason, e.g. API_KEY_INVALID
+    retry_delay: str | None = None  # Google's RetryInfo, e.g. "33s"
 
 
 class _OpenAIErrorBody(msgspec.Struct):
@@ -150,9 +151,10 @@ def error_from_status(
                 code="upstream_quota_exhausted",
             )
         # The upstream's own text names the operator's account (e.g. an org id): not relayed.
+        delays = [d.retry_delay.removesuffix("s") for d in detail.details if d.retry_delay]
         return UpstreamRateLimited(
             f"The upstream provider '{provider}' is rate limiting requests; retry later.",
-            retry_after=parse_retry_after(retry_after),
+            retry_after=parse_retry_after(retry_after or (delays[0] if delays else None)),
         )
     if status in (400, 404, 409, 413, 422):
         mapped = {404: 404, 413: 413}.get(status, 400)

@@ -1,0 +1,208 @@
+"""Anthropic answers and stream events → OpenAI `chat.completion` and `chat.completion.chunk`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+from msgspec import UNSET
+
+from gateway.errors import UpstreamError, UpstreamUnavailable
+from gateway.providers._translate import ChunkWriter, completion_body, message
+from gateway.providers.anthropic.request import JSON_TOOL
+from gateway.providers.anthropic.wire import (
+    EVENT_DECODER,
+    AnthropicContentBlock,
+    AnthropicDelta,
+    AnthropicErrorBody,
+    AnthropicResponse,
+    AnthropicUsage,
+)
+from gateway.providers.base import ChatCall
+from gateway.schemas.chat import Choice, FunctionCall, ToolCall
+from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
+
+__all__ = ["AnthropicStream", "finish_reason", "from_anthropic", "openai_usage"]
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def openai_usage(usage: AnthropicUsage) -> Usage:
+    """Anthropic's input count excludes cache reads and writes; OpenAI's prompt count has all."""
+    cached = usage.cache_read_input_tokens or 0
+    prompt = (usage.input_tokens or 0) + cached + (usage.cache_creation_input_tokens or 0)
+    completion = usage.output_tokens or 0
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
+    )
+
+
+def finish_reason(stop_reason: str | None, json_tool: bool) -> str:
+    reason = FINISH_REASONS.get(stop_reason or "end_turn", "stop")
+    return "stop" if json_tool and reason == "tool_calls" else reason
+
+
+def from_anthropic(resp: AnthropicResponse, json_tool: bool) -> tuple[bytes, Usage]:
+    """An Anthropic `message` as an OpenAI `chat.completion` (encoded) and its usage."""
+    texts: list[str] = []
+    thoughts: list[str] = []
+    calls: list[ToolCall] = []
+    for block in resp.content:
+        if block.type == "text":
+            texts.append(block.text)
+        elif block.type == "thinking":
+            thoughts.append(block.thinking)
+        elif block.type == "tool_use":
+            args = bytes(block.input).decode() if block.input is not UNSET else "{}"
+            if json_tool and block.name == JSON_TOOL:
+                texts.append(args)
+            else:
+                calls.append(ToolCall(id=block.id, function=FunctionCall(block.name, args)))
+    usage = openai_usage(resp.usage)
+    msg = message("".join(texts) if texts else None, calls, reasoning="".join(thoughts))
+    body = completion_body(
+        id=f"chatcmpl-{resp.id}",
+        model=resp.model,
+        choices=[Choice(0, msg, finish_reason(resp.stop_reason, json_tool))],
+        usage=usage,
+    )
+    return body, usage
+
+
+@dataclass(slots=True)
+class _BlockState:
+    kind: str  # "text", "thinking", "tool", "json" (the forced JSON tool), or another type
+    slot: int = 0  # the OpenAI tool-call index of a "tool" block
+    has_arguments: bool = False
+
+
+class AnthropicStream:
+    """Turns Anthropic stream events into OpenAI chunks, one event at a time, nothing buffered.
+
+    Content blocks map to OpenAI deltas: text to `content`, thinking to `reasoning_content`,
+    tool_use to a tool call (its index counts tool calls only, not Anthropic's block index),
+    and the forced JSON tool's argument fragments to `content`.
+    """
+
+    def __init__(self, call: ChatCall, provider: str, json_tool: bool) -> None:
+        self.call = call
+        self.provider = provider
+        self.json_tool = json_tool
+        self.writer: ChunkWriter | None = None
+        self.usage = AnthropicUsage()
+        self.finished = False
+        self.done = False
+        self._blocks: dict[int, _BlockState] = {}  # by Anthropic's block index
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The chunks for one upstream event.
+
+        Raises:
+            UpstreamError: the event is an error, or the stream is malformed.
+        """
+        try:
+            event = EVENT_DECODER.decode(data)
+        except msgspec.MsgspecError:
+            raise UpstreamError(
+                f"The upstream provider '{self.provider}' sent a malformed stream event."
+            ) from None
+        kind = event.type
+        if kind == "message_start" and event.message is not None:
+            msg = event.message
+            self.writer = ChunkWriter(
+                id=f"chatcmpl-{msg.id}",
+                model=msg.model,
+                include_usage=self.call.request.wants_usage,
+            )
+            self._merge_usage(msg.usage)
+            start = self.writer.start()
+            return [start] if start else []
+        if kind == "error":
+            raise self._error(event.error or AnthropicErrorBody())
+        writer = self.writer
+        if writer is None:
+            if kind == "ping":
+                return []
+            raise UpstreamError(
+                f"The upstream provider '{self.provider}' sent '{kind}' before 'message_start'."
+            )
+        if kind == "content_block_start" and event.content_block is not None:
+            return self._block_start(writer, event.index, event.content_block)
+        if kind == "content_block_delta" and event.delta is not None:
+            return self._block_delta(writer, event.index, event.delta)
+        if kind == "content_block_stop":
+            state = self._blocks.get(event.index)
+            if state is not None and state.kind == "tool" and not state.has_arguments:
+                return [writer.tool_arguments(state.slot, "{}")]  # a call without arguments
+            return []
+        if kind == "message_delta":
+            if event.usage is not None:
+                self._merge_usage(event.usage)
+            if event.delta is not None and event.delta.stop_reason and not self.finished:
+                self.finished = True
+                return [writer.finish(finish_reason(event.delta.stop_reason, self.json_tool))]
+            return []
+        if kind == "message_stop":
+            self.done = True
+            usage = self.call.usage = openai_usage(self.usage)
+            out = [] if self.finished else [writer.finish("stop")]
+            return [*out, writer.usage(usage)] if writer.include_usage else out
+        return []  # ping, and event types added after this was written
+
+    def _merge_usage(self, usage: AnthropicUsage) -> None:
+        for name in usage.__struct_fields__:
+            value = getattr(usage, name)
+            if value is not None:
+                setattr(self.usage, name, value)
+
+    def _block_start(
+        self, writer: ChunkWriter, index: int, block: AnthropicContentBlock
+    ) -> list[bytes]:
+        if block.type == "tool_use":
+            if self.json_tool and block.name == JSON_TOOL:
+                self._blocks[index] = _BlockState("json")
+                return []
+            slot, chunk = writer.tool_start(block.id, block.name)
+            self._blocks[index] = _BlockState("tool", slot)
+            self.call.chunks += 1
+            return [chunk]
+        self._blocks[index] = _BlockState(block.type)
+        if block.type == "text" and block.text:
+            self.call.chunks += 1
+            return [writer.text(block.text)]
+        return []
+
+    def _block_delta(self, writer: ChunkWriter, index: int, delta: AnthropicDelta) -> list[bytes]:
+        state = self._blocks.get(index)
+        if delta.type == "text_delta" and delta.text:
+            self.call.chunks += 1
+            return [writer.text(delta.text)]
+        if delta.type == "thinking_delta" and delta.thinking:
+            self.call.chunks += 1
+            return [writer.reasoning(delta.thinking)]
+        if delta.type == "input_json_delta" and delta.partial_json and state is not None:
+            self.call.chunks += 1
+            if state.kind == "json":
+                return [writer.text(delta.partial_json)]
+            state.has_arguments = True
+            return [writer.tool_arguments(state.slot, delta.partial_json)]
+        return []  # signature, citation and empty deltas carry nothing for OpenAI clients
+
+    def _error(self, error: AnthropicErrorBody) -> UpstreamError:
+        text = f"The upstream provider '{self.provider}' failed mid-stream: "
+        text += error.message or error.type or "unknown error"
+        if error.type in ("overloaded_error", "api_error", "rate_limit_error"):
+            return UpstreamUnavailable(text)
+        return UpstreamError(text)

@@ -1,0 +1,148 @@
+"""Anthropic Messages API wire structs: the request we send, and the answers and events we read.
+
+Outbound structs leave out what is unset; inbound ones name only what the translation reads
+and tolerate block and event types added after this was written.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import UNSET, Raw, UnsetType
+
+API_VERSION = "2023-06-01"
+
+# ---- wire structs: what we send ------------------------------------------------------------
+
+
+class _Block(msgspec.Struct, tag_field="type", omit_defaults=True):
+    pass
+
+
+class AnthropicText(_Block, tag="text"):
+    text: str
+
+
+class _Source(msgspec.Struct, tag_field="type"):
+    pass
+
+
+class AnthropicBase64Source(_Source, tag="base64"):
+    media_type: str
+    data: str
+
+
+class AnthropicURLSource(_Source, tag="url"):
+    url: str
+
+
+class AnthropicImage(_Block, tag="image"):
+    source: AnthropicBase64Source | AnthropicURLSource
+
+
+class AnthropicDocument(_Block, tag="document"):
+    source: AnthropicBase64Source | AnthropicURLSource
+
+
+class AnthropicToolUse(_Block, tag="tool_use"):
+    id: str
+    name: str
+    input: Raw
+
+
+class AnthropicToolResult(_Block, tag="tool_result"):
+    tool_use_id: str
+    content: str
+
+
+AnthropicBlock = (
+    AnthropicText | AnthropicImage | AnthropicDocument | AnthropicToolUse | AnthropicToolResult
+)
+
+
+class AnthropicMessage(msgspec.Struct):
+    role: Literal["user", "assistant"]
+    content: list[AnthropicBlock]
+
+
+class AnthropicTool(msgspec.Struct, omit_defaults=True):
+    name: str
+    input_schema: Raw
+    description: str | UnsetType = UNSET
+
+
+class AnthropicToolChoice(msgspec.Struct, omit_defaults=True):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | UnsetType = UNSET
+    disable_parallel_tool_use: bool | UnsetType = UNSET
+
+
+class AnthropicRequest(msgspec.Struct, omit_defaults=True):
+    model: str
+    max_tokens: int
+    messages: list[AnthropicMessage]
+    system: list[AnthropicText] | UnsetType = UNSET
+    stop_sequences: list[str] | UnsetType = UNSET
+    temperature: float | UnsetType = UNSET
+    top_p: float | UnsetType = UNSET
+    tools: list[AnthropicTool] | UnsetType = UNSET
+    tool_choice: AnthropicToolChoice | UnsetType = UNSET
+    thinking: Raw | UnsetType = UNSET
+    metadata: dict[str, str] | UnsetType = UNSET
+    output_config: Raw | UnsetType = UNSET
+    stream: bool | UnsetType = UNSET
+
+
+# ---- wire structs: what we read (unknown block and event types are tolerated) ---------------
+
+
+class AnthropicUsage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class AnthropicContentBlock(msgspec.Struct):
+    type: str
+    text: str = ""
+    thinking: str = ""
+    id: str = ""
+    name: str = ""
+    input: Raw | UnsetType = UNSET
+
+
+class AnthropicResponse(msgspec.Struct):
+    id: str = ""
+    model: str = ""
+    content: list[AnthropicContentBlock] = []
+    stop_reason: str | None = None
+    usage: AnthropicUsage = msgspec.field(default_factory=AnthropicUsage)
+
+
+class AnthropicDelta(msgspec.Struct):
+    type: str = ""
+    text: str = ""
+    partial_json: str = ""
+    thinking: str = ""
+    stop_reason: str | None = None
+
+
+class AnthropicErrorBody(msgspec.Struct):
+    type: str = ""
+    message: str = ""
+
+
+class AnthropicEvent(msgspec.Struct):
+    type: str
+    message: AnthropicResponse | None = None
+    index: int = 0
+    content_block: AnthropicContentBlock | None = None
+    delta: AnthropicDelta | None = None
+    usage: AnthropicUsage | None = None
+    error: AnthropicErrorBody | None = None
+
+
+RESPONSE_DECODER = msgspec.json.Decoder(AnthropicResponse)
+EVENT_DECODER = msgspec.json.Decoder(AnthropicEvent)

@@ -1,0 +1,342 @@
+"""OpenAI chat request → Gemini `generateContent` request.
+
+System and developer messages become `systemInstruction`; assistant tool calls and tool
+results become `functionCall`/`functionResponse` parts (a result's function name is found
+through its `tool_call_id`); JSON Schemas are converted to Gemini's `Schema` subset. A call's
+thought signature travels inside its id (`call_<hex>__thought__<signature>`, LiteLLM's
+convention) so the next request can hand it back, as Gemini 3 requires. Images are sent
+inline: the gateway never downloads a URL (it must not be made to fetch internal addresses),
+so http(s) URLs other than Gemini Files API and YouTube URIs are refused with a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import UNSET, Raw, UnsetType
+
+from gateway.errors import InvalidRequest
+from gateway.providers._translate import data_url, joined_text, object_arguments, unsupported
+from gateway.providers.base import ChatCall
+from gateway.providers.gemini.schema import UnsupportedSchema, to_gemini_schema
+from gateway.providers.gemini.wire import (
+    GeminiBlob,
+    GeminiContent,
+    GeminiFileData,
+    GeminiFunctionCall,
+    GeminiFunctionCallingConfig,
+    GeminiFunctionDeclaration,
+    GeminiFunctionResponse,
+    GeminiGenerationConfig,
+    GeminiPart,
+    GeminiRequest,
+    GeminiThinkingConfig,
+    GeminiTool,
+    GeminiToolConfig,
+)
+from gateway.schemas.chat import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    CustomTool,
+    DeveloperMessage,
+    FileContentPart,
+    FunctionMessage,
+    ImageContentPart,
+    InputAudioPart,
+    JSONObjectFormat,
+    JSONSchemaFormat,
+    RefusalContentPart,
+    SystemMessage,
+    TextContentPart,
+    ToolChoiceFunction,
+    ToolMessage,
+    UserMessage,
+)
+
+__all__ = ["DUMMY_SIGNATURE", "PROVIDER", "join_call_id", "split_call_id", "to_gemini"]
+
+PROVIDER = "Gemini"
+SIGNATURE_SEP = "__thought__"
+# Accepted by Gemini 3 for history that has no real signature (e.g. from another provider).
+DUMMY_SIGNATURE = "skip_thought_signature_validator"
+# URLs Gemini reads itself: its Files API and YouTube. Anything else would need a download.
+FILE_URL_PREFIXES = (
+    "https://generativelanguage.googleapis.com/",
+    "https://www.youtube.com/",
+    "https://youtube.com/",
+    "https://youtu.be/",
+)
+# reasoning_effort → Gemini 2.5 thinkingBudget (0 turns thinking off where the model allows).
+THINKING_BUDGETS = {
+    "none": 0,
+    "minimal": 512,
+    "low": 1024,
+    "medium": 2048,
+    "high": 4096,
+    "xhigh": 16384,
+    "max": 24576,
+}
+# ... and → Gemini 3 thinkingLevel (thinking cannot be switched off there).
+THINKING_LEVELS = {"none": "low", "minimal": "low", "low": "low", "medium": "high"}
+_ENCODER = msgspec.json.Encoder()
+_NO_PARAMETERS = b'{"type":"OBJECT"}'
+
+
+def split_call_id(call_id: str) -> tuple[str, str | None]:
+    """(id, thought signature) from an id minted by `join_call_id`."""
+    head, sep, signature = call_id.partition(SIGNATURE_SEP)
+    return head, (signature or None) if sep else None
+
+
+def join_call_id(call_id: str, signature: str | None) -> str:
+    return f"{call_id}{SIGNATURE_SEP}{signature}" if signature else call_id
+
+
+def _media(url: str, param: str) -> GeminiPart:
+    parsed = data_url(url)
+    if parsed is not None:
+        return GeminiPart(inline_data=GeminiBlob(mime_type=parsed.mime, data=parsed.data))
+    if url.startswith(FILE_URL_PREFIXES):
+        return GeminiPart(file_data=GeminiFileData(file_uri=url))
+    raise InvalidRequest(
+        f"Invalid value for '{param}': {PROVIDER} models take images as base64 data URLs "
+        "(or Gemini Files API / YouTube URLs); the gateway does not download other URLs.",
+        param=param,
+    )
+
+
+def _user_parts(msg: UserMessage, at: str) -> list[GeminiPart]:
+    if isinstance(msg.content, str):
+        return [GeminiPart(text=msg.content)] if msg.content else []
+    parts: list[GeminiPart] = []
+    for j, part in enumerate(msg.content):
+        param = f"{at}.content[{j}]"
+        if isinstance(part, TextContentPart):
+            if part.text:
+                parts.append(GeminiPart(text=part.text))
+        elif isinstance(part, ImageContentPart):
+            parts.append(_media(part.image_url.url, f"{param}.image_url.url"))
+        elif isinstance(part, InputAudioPart):
+            audio = part.input_audio
+            blob = GeminiBlob(mime_type=f"audio/{audio.format}", data=audio.data)
+            parts.append(GeminiPart(inline_data=blob))
+        elif isinstance(part, FileContentPart):
+            fields = msgspec.json.decode(part.file)
+            file_data = fields.get("file_data") if isinstance(fields, dict) else None
+            if not isinstance(file_data, str):
+                raise unsupported(PROVIDER, f"{param}.file", "only inline files can be sent")
+            parts.append(_media(file_data, f"{param}.file.file_data"))
+        elif isinstance(part, RefusalContentPart):
+            parts.append(GeminiPart(text=part.refusal))
+    return parts
+
+
+def _model_parts(msg: AssistantMessage, at: str, gemini3: bool) -> list[GeminiPart]:
+    parts: list[GeminiPart] = []
+    if isinstance(msg.content, str):
+        if msg.content:
+            parts.append(GeminiPart(text=msg.content))
+    elif msg.content is not None:
+        text = "".join(p.text if isinstance(p, TextContentPart) else p.refusal for p in msg.content)
+        if text:
+            parts.append(GeminiPart(text=text))
+    for j, call in enumerate(msg.tool_calls or ()):
+        args = object_arguments(call.function.arguments, f"{at}.tool_calls[{j}].function.arguments")
+        _, signature = split_call_id(call.id)
+        if signature is None and gemini3 and j == 0:
+            signature = DUMMY_SIGNATURE  # history from elsewhere has no signature to replay
+        parts.append(
+            GeminiPart(
+                function_call=GeminiFunctionCall(name=call.function.name, args=args),
+                thought_signature=signature if signature else UNSET,
+            )
+        )
+    return parts
+
+
+def _tool_response(msg: ToolMessage, names: dict[str, str], at: str) -> GeminiPart:
+    name = names.get(msg.tool_call_id)
+    if name is None:
+        raise InvalidRequest(
+            f"Invalid value for '{at}.tool_call_id': no assistant tool call has the id "
+            f"'{msg.tool_call_id}'.",
+            param=f"{at}.tool_call_id",
+        )
+    text = joined_text(msg.content)
+    try:
+        output = Raw(_ENCODER.encode(msgspec.json.decode(text)))
+    except msgspec.DecodeError:
+        output = Raw(_ENCODER.encode(text))
+    response = Raw(b'{"output":%b}' % bytes(output))  # Gemini wants an object
+    return GeminiPart(function_response=GeminiFunctionResponse(name=name, response=response))
+
+
+def _contents(
+    req: ChatCompletionRequest, gemini3: bool
+) -> tuple[list[GeminiPart], list[GeminiContent]]:
+    system: list[GeminiPart] = []
+    contents: list[GeminiContent] = []
+    names = {
+        call.id: call.function.name
+        for m in req.messages
+        if isinstance(m, AssistantMessage)
+        for call in m.tool_calls or ()
+    }
+    for i, msg in enumerate(req.messages):
+        at = f"messages[{i}]"
+        role: Literal["user", "model"] = "user"
+        if isinstance(msg, SystemMessage | DeveloperMessage):
+            text = joined_text(msg.content)
+            if text:
+                system.append(GeminiPart(text=text))
+            continue
+        if isinstance(msg, UserMessage):
+            parts = _user_parts(msg, at)
+        elif isinstance(msg, AssistantMessage):
+            role, parts = "model", _model_parts(msg, at, gemini3)
+        elif isinstance(msg, ToolMessage):
+            parts = [_tool_response(msg, names, at)]
+        elif isinstance(msg, FunctionMessage):
+            raise unsupported(PROVIDER, f"{at}.role", "use tools instead of the legacy functions")
+        if not parts:
+            continue
+        last = contents[-1] if contents else None
+        if last is not None and last.role == role:
+            last.parts.extend(parts)  # one turn per role; all function responses in one turn
+        else:
+            contents.append(GeminiContent(role=role, parts=parts))
+    if not contents:
+        if not system:
+            raise InvalidRequest(
+                "The messages must include at least one non-empty message.", param="messages"
+            )
+        contents, system = [GeminiContent(role="user", parts=system)], []
+    return system, contents
+
+
+def _schema(raw: Raw, param: str) -> Raw:
+    try:
+        return Raw(_ENCODER.encode(to_gemini_schema(msgspec.json.decode(raw))))
+    except UnsupportedSchema as exc:
+        raise InvalidRequest(
+            f"Invalid value for '{param}': {PROVIDER} cannot use this JSON schema: {exc}",
+            param=param,
+        ) from None
+
+
+def _tools(
+    req: ChatCompletionRequest,
+) -> tuple[list[GeminiTool] | UnsetType, GeminiToolConfig | UnsetType]:
+    declarations: list[GeminiFunctionDeclaration] = []
+    for i, tool in enumerate(req.tools or ()):
+        if isinstance(tool, CustomTool):
+            raise unsupported(PROVIDER, f"tools[{i}]", "only function tools are available")
+        fn = tool.function
+        params: Raw | UnsetType = UNSET
+        if fn.parameters is not UNSET:
+            params = _schema(fn.parameters, f"tools[{i}].function.parameters")
+            if bytes(params) == _NO_PARAMETERS:
+                params = UNSET  # a function without arguments declares no parameters
+        declarations.append(
+            GeminiFunctionDeclaration(name=fn.name, description=fn.description, parameters=params)
+        )
+    choice = req.tool_choice
+    if choice in (UNSET, None):
+        config: GeminiToolConfig | UnsetType = UNSET
+    elif not declarations:
+        raise InvalidRequest(
+            "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
+        )
+    elif isinstance(choice, ToolChoiceFunction):
+        mode = GeminiFunctionCallingConfig(
+            mode="ANY", allowed_function_names=[choice.function.name]
+        )
+        config = GeminiToolConfig(function_calling_config=mode)
+    elif isinstance(choice, str):
+        modes: dict[str, Literal["AUTO", "ANY", "NONE"]] = {
+            "none": "NONE",
+            "auto": "AUTO",
+            "required": "ANY",
+        }
+        mode = GeminiFunctionCallingConfig(mode=modes[choice])
+        config = GeminiToolConfig(function_calling_config=mode)
+    else:
+        raise unsupported(PROVIDER, "tool_choice", "use none, auto, required or a named function")
+    tools = [GeminiTool(function_declarations=declarations)] if declarations else UNSET
+    return tools, config
+
+
+def _refuse_unsupported(req: ChatCompletionRequest) -> None:
+    if req.logprobs is True or isinstance(req.top_logprobs, int):
+        raise unsupported(PROVIDER, "logprobs" if req.logprobs is True else "top_logprobs")
+    if req.logit_bias:
+        raise unsupported(PROVIDER, "logit_bias")
+    if req.audio is not UNSET or (req.modalities and set(req.modalities) - {"text", "image"}):
+        raise unsupported(PROVIDER, "modalities", "only text and image output are available")
+    if req.prediction is not UNSET:
+        raise unsupported(PROVIDER, "prediction")
+    if req.functions is not UNSET or req.function_call is not UNSET:
+        raise unsupported(PROVIDER, "functions", "use tools instead of the legacy functions")
+
+
+def _thinking(call: ChatCall, gemini3: bool) -> GeminiThinkingConfig | UnsetType:
+    effort = call.request.reasoning_effort
+    if not call.model.reasoning or not isinstance(effort, str):
+        return UNSET
+    show = effort != "none"
+    if gemini3:
+        return GeminiThinkingConfig(
+            include_thoughts=show, thinking_level=THINKING_LEVELS.get(effort, "high")
+        )
+    return GeminiThinkingConfig(include_thoughts=show, thinking_budget=THINKING_BUDGETS[effort])
+
+
+def _generation_config(call: ChatCall, gemini3: bool) -> GeminiGenerationConfig:
+    req = call.request
+    cfg = GeminiGenerationConfig(thinking_config=_thinking(call, gemini3))
+    if isinstance(req.temperature, float | int):
+        cfg.temperature = float(req.temperature)
+    if isinstance(req.top_p, float | int):
+        cfg.top_p = float(req.top_p)
+    if call.max_tokens is not None:
+        cfg.max_output_tokens = call.max_tokens
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+    if stops:
+        cfg.stop_sequences = stops
+    if isinstance(req.n, int) and req.n > 1:
+        cfg.candidate_count = req.n
+    if isinstance(req.seed, int):
+        cfg.seed = req.seed
+    if isinstance(req.presence_penalty, float | int):
+        cfg.presence_penalty = float(req.presence_penalty)
+    if isinstance(req.frequency_penalty, float | int):
+        cfg.frequency_penalty = float(req.frequency_penalty)
+    if req.modalities and "image" in req.modalities:
+        cfg.response_modalities = ["TEXT", "IMAGE"]
+    fmt = req.response_format
+    if isinstance(fmt, JSONObjectFormat | JSONSchemaFormat):
+        cfg.response_mime_type = "application/json"
+    if isinstance(fmt, JSONSchemaFormat) and fmt.json_schema.schema is not UNSET:
+        cfg.response_schema = _schema(fmt.json_schema.schema, "response_format.json_schema.schema")
+    return cfg
+
+
+def to_gemini(call: ChatCall) -> GeminiRequest:
+    """Translate the client's request into a `generateContent` body.
+
+    Raises:
+        InvalidRequest: a field Gemini cannot honour, or content it cannot take.
+    """
+    req = call.request
+    gemini3 = call.upstream_model.removeprefix("models/").startswith("gemini-3")
+    _refuse_unsupported(req)
+    system, contents = _contents(req, gemini3)
+    tools, tool_config = _tools(req)
+    return GeminiRequest(
+        contents=contents,
+        system_instruction=GeminiContent(parts=system) if system else UNSET,
+        tools=tools,
+        tool_config=tool_config,
+        generation_config=_generation_config(call, gemini3),
+    )

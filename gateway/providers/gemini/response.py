@@ -1,0 +1,192 @@
+"""Gemini answers and stream chunks → OpenAI `chat.completion` and `chat.completion.chunk`."""
+
+from __future__ import annotations
+
+import binascii
+import os
+
+import msgspec
+from msgspec import UNSET
+
+from gateway.errors import UpstreamError
+from gateway.providers._http import stream_error
+from gateway.providers._translate import ChunkWriter, completion_body, message, new_call_id
+from gateway.providers.base import ChatCall
+from gateway.providers.gemini.request import join_call_id
+from gateway.providers.gemini.wire import (
+    RESPONSE_DECODER,
+    GeminiReadPart,
+    GeminiResponse,
+    GeminiUsage,
+)
+from gateway.schemas.chat import Choice, FunctionCall, ToolCall
+from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
+
+__all__ = ["GeminiStream", "finish_reason", "from_gemini", "openai_usage"]
+
+FILTERED = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "LANGUAGE",
+        "OTHER",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+        "IMAGE_OTHER",
+        "NO_IMAGE",
+    }
+)
+
+
+def openai_usage(usage: GeminiUsage) -> Usage:
+    prompt = usage.prompt_token_count + usage.tool_use_prompt_token_count
+    completion = usage.candidates_token_count + usage.thoughts_token_count
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=usage.total_token_count or prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_content_token_count),
+        completion_tokens_details=CompletionTokensDetails(
+            reasoning_tokens=usage.thoughts_token_count
+        ),
+    )
+
+
+def finish_reason(reason: str | None, called_tools: bool) -> str:
+    if called_tools:
+        return "tool_calls"
+    if reason == "MAX_TOKENS":
+        return "length"
+    return "content_filter" if reason in FILTERED else "stop"
+
+
+def _tool_call(part: GeminiReadPart) -> ToolCall | None:
+    fc = part.function_call
+    if fc is None:
+        return None
+    call_id = join_call_id(fc.id if fc.id else new_call_id(), part.thought_signature)
+    args = bytes(fc.args).decode() if fc.args is not UNSET else "{}"
+    return ToolCall(id=call_id, function=FunctionCall(fc.name, args))
+
+
+def _image_url(part: GeminiReadPart) -> str | None:
+    blob = part.inline_data
+    return f"data:{blob.mime_type};base64,{blob.data}" if blob is not None else None
+
+
+def from_gemini(resp: GeminiResponse, model: str) -> tuple[bytes, Usage]:
+    """A `GenerateContentResponse` as an OpenAI `chat.completion` (encoded) and its usage."""
+    choices: list[Choice] = []
+    for cand in resp.candidates:
+        texts: list[str] = []
+        thoughts: list[str] = []
+        calls: list[ToolCall] = []
+        images: list[str] = []
+        for part in cand.content.parts if cand.content else ():
+            if part.text is not None:
+                (thoughts if part.thought else texts).append(part.text)
+            elif (call := _tool_call(part)) is not None:
+                calls.append(call)
+            elif (url := _image_url(part)) is not None:
+                images.append(url)
+        msg = message(
+            "".join(texts) if texts else None, calls, reasoning="".join(thoughts), images=images
+        )
+        choices.append(Choice(cand.index, msg, finish_reason(cand.finish_reason, bool(calls))))
+    if not choices:  # the prompt itself was blocked
+        choices.append(Choice(0, message(None), "content_filter"))
+    usage = openai_usage(resp.usage_metadata or GeminiUsage())
+    body = completion_body(
+        id=f"chatcmpl-{resp.response_id or binascii.hexlify(os.urandom(12)).decode()}",
+        model=resp.model_version or model,
+        choices=sorted(choices, key=lambda c: c.index),
+        usage=usage,
+    )
+    return body, usage
+
+
+class GeminiStream:
+    """Turns Gemini stream chunks into OpenAI chunks as they arrive.
+
+    Each Gemini chunk holds only new parts: text becomes `content` deltas, thoughts
+    `reasoning_content`, a function call (always whole) one tool-call delta with its full
+    arguments, an image an `images` delta. The last chunk's `finishReason` ends each choice;
+    the stream itself ends when the upstream closes it.
+    """
+
+    def __init__(self, call: ChatCall, provider: str) -> None:
+        self.call = call
+        self.provider = provider
+        self.writer: ChunkWriter | None = None
+        self.usage: GeminiUsage | None = None
+        self.open: set[int] = set()  # choices that started and have not finished
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if data.startswith((b'{"error"', b"[{")):
+            error = stream_error(self.provider, data)
+            if error is not None:
+                raise error
+        try:
+            resp = RESPONSE_DECODER.decode(data)
+        except msgspec.MsgspecError:
+            raise UpstreamError(
+                f"The upstream provider '{self.provider}' sent a malformed stream chunk."
+            ) from None
+        writer = self.writer
+        if writer is None:
+            writer = self.writer = ChunkWriter(
+                id=f"chatcmpl-{resp.response_id or binascii.hexlify(os.urandom(12)).decode()}",
+                model=resp.model_version or self.call.upstream_model,
+                include_usage=self.call.request.wants_usage,
+            )
+        if resp.usage_metadata is not None:
+            self.usage = resp.usage_metadata
+        out: list[bytes] = []
+        if not resp.candidates and resp.prompt_feedback and resp.prompt_feedback.block_reason:
+            out.extend(c for c in (writer.start(),) if c)
+            out.append(writer.finish("content_filter"))
+            return out
+        for cand in resp.candidates:
+            index = cand.index
+            start = writer.start(index)
+            if start is not None:
+                self.open.add(index)
+                out.append(start)
+            for part in cand.content.parts if cand.content else ():
+                out.extend(self._part(writer, part, index))
+            if cand.finish_reason and index in self.open:
+                self.open.discard(index)
+                called = writer.tool_calls.get(index, 0) > 0
+                out.append(writer.finish(finish_reason(cand.finish_reason, called), index))
+        return out
+
+    def _part(self, writer: ChunkWriter, part: GeminiReadPart, index: int) -> list[bytes]:
+        self.call.chunks += 1
+        if part.text is not None:
+            if not part.text:
+                return []
+            if part.thought:
+                return [writer.reasoning(part.text, index)]
+            return [writer.text(part.text, index)]
+        if (call := _tool_call(part)) is not None:
+            _, chunk = writer.tool_start(
+                call.id, call.function.name, call.function.arguments, index
+            )
+            return [chunk]
+        if (url := _image_url(part)) is not None:
+            return [writer.images([url], index)]
+        return []
+
+    def end(self) -> list[bytes]:
+        """The chunks after the upstream closed the stream: usage, if the client asked."""
+        writer = self.writer
+        if writer is None or self.open:
+            raise UpstreamError(
+                f"The upstream provider '{self.provider}' ended the stream before it was complete."
+            )
+        usage = self.call.usage = openai_usage(self.usage or GeminiUsage())
+        return [writer.usage(usage)] if writer.include_usage else []

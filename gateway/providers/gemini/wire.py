@@ -1,0 +1,141 @@
+"""Gemini `generateContent` wire structs: camelCase on the wire, unset fields left out.
+
+Outbound structs carry what the translation writes; inbound ones name only what it reads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import UNSET, Raw, UnsetType
+
+
+class _Wire(msgspec.Struct, rename="camel", omit_defaults=True):
+    pass
+
+
+class GeminiBlob(_Wire):
+    mime_type: str
+    data: str
+
+
+class GeminiFileData(_Wire):
+    file_uri: str
+    mime_type: str | UnsetType = UNSET
+
+
+class GeminiFunctionCall(_Wire):
+    name: str
+    args: Raw | UnsetType = UNSET
+    id: str | UnsetType = UNSET
+
+
+class GeminiFunctionResponse(_Wire):
+    name: str
+    response: Raw
+
+
+class GeminiPart(_Wire):
+    text: str | UnsetType = UNSET
+    inline_data: GeminiBlob | UnsetType = UNSET
+    file_data: GeminiFileData | UnsetType = UNSET
+    function_call: GeminiFunctionCall | UnsetType = UNSET
+    function_response: GeminiFunctionResponse | UnsetType = UNSET
+    thought: bool | UnsetType = UNSET
+    thought_signature: str | UnsetType = UNSET
+
+
+class GeminiContent(_Wire):
+    parts: list[GeminiPart]
+    role: Literal["user", "model"] | UnsetType = UNSET
+
+
+class GeminiFunctionDeclaration(_Wire):
+    name: str
+    description: str | UnsetType = UNSET
+    parameters: Raw | UnsetType = UNSET
+
+
+class GeminiTool(_Wire):
+    function_declarations: list[GeminiFunctionDeclaration]
+
+
+class GeminiFunctionCallingConfig(_Wire):
+    mode: Literal["AUTO", "ANY", "NONE"]
+    allowed_function_names: list[str] | UnsetType = UNSET
+
+
+class GeminiToolConfig(_Wire):
+    function_calling_config: GeminiFunctionCallingConfig
+
+
+class GeminiThinkingConfig(_Wire):
+    include_thoughts: bool | UnsetType = UNSET
+    thinking_budget: int | UnsetType = UNSET
+    thinking_level: str | UnsetType = UNSET
+
+
+class GeminiGenerationConfig(_Wire):
+    temperature: float | UnsetType = UNSET
+    top_p: float | UnsetType = UNSET
+    max_output_tokens: int | UnsetType = UNSET
+    stop_sequences: list[str] | UnsetType = UNSET
+    candidate_count: int | UnsetType = UNSET
+    seed: int | UnsetType = UNSET
+    presence_penalty: float | UnsetType = UNSET
+    frequency_penalty: float | UnsetType = UNSET
+    response_mime_type: str | UnsetType = UNSET
+    response_schema: Raw | UnsetType = UNSET
+    response_modalities: list[str] | UnsetType = UNSET
+    thinking_config: GeminiThinkingConfig | UnsetType = UNSET
+
+
+class GeminiRequest(_Wire):
+    contents: list[GeminiContent]
+    system_instruction: GeminiContent | UnsetType = UNSET
+    tools: list[GeminiTool] | UnsetType = UNSET
+    tool_config: GeminiToolConfig | UnsetType = UNSET
+    generation_config: GeminiGenerationConfig | UnsetType = UNSET
+
+
+class GeminiReadPart(msgspec.Struct, rename="camel"):
+    text: str | None = None
+    thought: bool = False
+    inline_data: GeminiBlob | None = None
+    function_call: GeminiFunctionCall | None = None
+    thought_signature: str | None = None
+
+
+class GeminiReadContent(msgspec.Struct):
+    parts: list[GeminiReadPart] = []
+
+
+class GeminiCandidate(msgspec.Struct, rename="camel"):
+    content: GeminiReadContent | None = None
+    finish_reason: str | None = None
+    index: int = 0
+
+
+class GeminiUsage(msgspec.Struct, rename="camel"):
+    prompt_token_count: int = 0
+    candidates_token_count: int = 0
+    thoughts_token_count: int = 0
+    tool_use_prompt_token_count: int = 0
+    cached_content_token_count: int = 0
+    total_token_count: int = 0
+
+
+class GeminiPromptFeedback(msgspec.Struct, rename="camel"):
+    block_reason: str | None = None
+
+
+class GeminiResponse(msgspec.Struct, rename="camel"):
+    candidates: list[GeminiCandidate] = []
+    prompt_feedback: GeminiPromptFeedback | None = None
+    usage_metadata: GeminiUsage | None = None
+    model_version: str = ""
+    response_id: str = ""
+
+
+RESPONSE_DECODER = msgspec.json.Decoder(GeminiResponse)
