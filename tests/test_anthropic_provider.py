@@ -1,4 +1,4 @@
-"""The Anthropic provider end to end: what only Anthropic does (the shared contract is elsewhere)."""
+"""The Anthropic provider end to end: what only Anthropic does (the rest is the contract)."""
 
 from __future__ import annotations
 

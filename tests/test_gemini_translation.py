@@ -465,7 +465,8 @@ def test_stream_that_ends_early_or_fails() -> None:
         state.end()
     with pytest.raises(UpstreamError, match="overloaded"):
         state.feed(
-            b'{"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}'
+            b'{"error": {"code": 503, "message": "The model is overloaded.", '
+            b'"status": "UNAVAILABLE"}}'
         )
     with pytest.raises(UpstreamError, match="malformed"):
         state.feed(b"{not json")
