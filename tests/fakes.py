@@ -5,8 +5,8 @@
     provider = ProviderConfig(..., base_url=fake.base_url)
 
 By default ``POST /v1/chat/completions`` answers like OpenAI does: a ``chat.completion`` echoing the
-last user message ("echo: <text>"), or a call to the first tool when ``tools`` are given and
-``tool_choice`` is not ``"none"``; with ``stream: true`` the real SSE chunk sequence. Every request
+last user message ("echo: <text>"; in JSON mode a JSON object sampled from the schema), or a call
+to the first tool when ``tools`` are given and ``tool_choice`` is not ``"none"``; with ``stream: true`` the real SSE chunk sequence. Every request
 is recorded in ``fake.requests``. Scripting (see ``Script`` for every knob):
 
     fake.script(status=429, headers={"retry-after": "1"})  # next request only (FIFO queue)
@@ -223,7 +223,7 @@ class FakeOpenAI:
             message["tool_calls"] = [{"id": "call_fake1", "type": "function", "function": call}]
             finish, completion = "tool_calls", len(arguments) // 4 + 5
         else:
-            text = plan.content if plan.content is not None else f"echo: {_last_user(messages)}"
+            text = plan.content if plan.content is not None else _answer(body, messages)
             message["content"] = text
             finish, completion = "stop", len(text.split())
         prompt = sum(len(_text(m.get("content")).split()) + 4 for m in messages) + 3
@@ -351,6 +351,16 @@ def _text(content: Any) -> str:
 def _last_user(messages: list[Json]) -> str:
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     return _text(users[-1].get("content")) if users else ""
+
+
+def _answer(body: Json, messages: list[Json]) -> str:
+    """ "echo: <last user text>", or in JSON mode a JSON object (sampled from the schema)."""
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_schema":
+        return json.dumps(_sample(fmt.get("json_schema", {}).get("schema") or {"type": "object"}))
+    if fmt.get("type") == "json_object":
+        return json.dumps({"reply": _last_user(messages)})
+    return f"echo: {_last_user(messages)}"
 
 
 def _chosen_tool(body: Json) -> Json | None:

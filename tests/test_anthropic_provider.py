@@ -97,7 +97,7 @@ async def test_upstream_400_keeps_its_message(rig: Rig, client: openai.AsyncOpen
 
 
 async def test_overloaded_mid_stream(rig: Rig) -> None:
-    rig.fake.script(error_after=3)
+    rig.fake.script(error_after=4)  # after the first text delta
     headers = {"Authorization": f"Bearer {rig.key}"}
     body = {"model": "claude", "messages": HI, "stream": True}
     async with rig.gateway.post("/v1/chat/completions", json=body, headers=headers) as resp:
@@ -191,3 +191,13 @@ async def test_stop_sequence(rig: Rig, client: openai.AsyncOpenAI) -> None:
     )
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.content == "echo: alpha "
+
+
+async def test_overloaded_before_any_content_is_a_503_status(rig: Rig) -> None:
+    rig.fake.script(error_after=1)  # message_start, then the overloaded error event
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    body = {"model": "claude", "messages": HI, "stream": True}
+    async with rig.gateway.post("/v1/chat/completions", json=body, headers=headers) as resp:
+        error = await resp.json()
+    assert resp.status == 503
+    assert "Overloaded" in error["error"]["message"]

@@ -75,21 +75,25 @@ class AnthropicProvider:
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         body, json_tool = self._body(call, stream=True)
         state = AnthropicStream(call, self.config.name, json_tool)
+        # Chunks are held back until the answer has content: Anthropic reports overload as
+        # an `error` event right after `message_start`, and with nothing sent yet that error
+        # can still be a proper HTTP status (and a retry) instead of a broken stream.
+        out: list[bytes] = []
         async for batch in self._http.stream(self._url, body, self._headers_for(call)):
             if call.first_byte_at is None:
                 call.first_byte_at = time.monotonic()
-            out: list[bytes] = []
             try:
                 for data in batch:
                     out.extend(state.feed(data))
                     if state.done:
                         break
             except UpstreamError:
-                if out:
+                if out and call.chunks:
                     yield out  # what arrived before the error still reaches the client
                 raise
-            if out:
+            if out and (call.chunks or state.done):
                 yield out
+                out = []
             if state.done:
                 return
         raise UpstreamError(
