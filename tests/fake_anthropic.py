@@ -21,6 +21,7 @@ Knobs (see ``Script``): status/error/headers, delay_headers, chunk_delay, drop_b
 drop_after=N, error_after=N (``event: error``), content, tool_call, parallel, arguments,
 stop_reason, thinking, input/output_tokens, cache_read/cache_creation_input_tokens, ping. A
 rejected request uses up its script too. ``request_seen``/``client_disconnected``: as FakeOpenAI.
+Converter unit tests can call ``check_request(body)`` directly (raises ``Invalid(message)``).
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class FakeAnthropic:
 
 
 def _headers(plan: Script) -> dict[str, str]:
-    limits = {"anthropic-ratelimit-requests-limit": "4000"}
+    limits = {"anthropic-ratelimit-requests-limit": "4000"}  # one of many; clients may log it
     return {"request-id": new_request_id()} | limits | plan.headers
 
 
@@ -523,7 +524,7 @@ def _conform(value: Any, spec: Any, path: str) -> None:
         _check(valid, f"{at}Input should be a valid {TYPE_NAMES.get(spec, spec.__name__)}")
 
 
-def _at_least(value: float, path: str, low: float, high: float | None = None) -> None:
+def _range(value: float, path: str, low: float, high: float | None = None) -> None:
     _check(value >= low, f"{path}: Input should be greater than or equal to {low}")
     _check(high is None or value <= high, f"{path}: Input should be less than or equal to {high}")
 
@@ -546,11 +547,17 @@ def validate(version: str | None, raw: bytes) -> Json:
     except ValueError:
         raise Invalid("There was an error parsing the body of your request.") from None
     _check(isinstance(body, dict), "Input should be a valid dictionary or object")
+    check_request(body)
+    return body
+
+
+def check_request(body: Json) -> None:
+    """Check a request body like the real API (for converter unit tests); raise ``Invalid``."""
     _conform(body, REQUEST, "")
-    _at_least(body["max_tokens"], "max_tokens", 1)
+    _range(body["max_tokens"], "max_tokens", 1)
     for name in ("temperature", "top_p", "top_k"):
         if body.get(name) is not None:
-            _at_least(body[name], name, 0, None if name == "top_k" else 1)
+            _range(body[name], name, 0, None if name == "top_k" else 1)
     for sequence in body.get("stop_sequences") or []:
         _check(sequence.strip(), "stop_sequences: each stop sequence must contain non-whitespace")
     for i, block in enumerate(body["system"] if isinstance(body.get("system"), list) else []):
@@ -571,7 +578,7 @@ def validate(version: str | None, raw: bytes) -> Json:
         _check(name in names or name is None, f"tool_choice: Tool '{name}' not found in tools")
     thinking = body.get("thinking") or {}
     if thinking.get("type") == "enabled":
-        _at_least(thinking["budget_tokens"], "thinking.enabled.budget_tokens", 1024)
+        _range(thinking["budget_tokens"], "thinking.enabled.budget_tokens", 1024)
         _check(
             body["max_tokens"] > thinking["budget_tokens"],
             f"`max_tokens` must be greater than `thinking.budget_tokens`. {DOCS}"
@@ -589,7 +596,6 @@ def validate(version: str | None, raw: bytes) -> Json:
             f"`top_p` must be greater than or equal to 0.95 or unset {THINKING_ONLY}",
         )
     _validate_messages(body["messages"], bool(names), thinking.get("type") == "enabled")
-    return body
 
 
 def _walk(blocks: list[Json], path: str) -> Iterator[tuple[str, Json]]:
@@ -717,4 +723,13 @@ def _validate_pairing(messages: list[Json], thinking: bool) -> None:
         _check(replayed, THINKING_FIRST.format(n=len(messages) - 2, found=first))
 
 
-__all__ = ["ERRORS", "FakeAnthropic", "Invalid", "Script", "error_body", "sse", "validate"]
+__all__ = [
+    "ERRORS",
+    "FakeAnthropic",
+    "Invalid",
+    "Script",
+    "check_request",
+    "error_body",
+    "sse",
+    "validate",
+]

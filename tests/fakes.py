@@ -6,8 +6,9 @@
 
 By default ``POST /v1/chat/completions`` answers like OpenAI does: a ``chat.completion`` echoing the
 last user message ("echo: <text>"; in JSON mode a JSON object sampled from the schema), or a call
-to the first tool when ``tools`` are given and ``tool_choice`` is not ``"none"``; with ``stream: true`` the real SSE chunk sequence. Every request
-is recorded in ``fake.requests``. Scripting (see ``Script`` for every knob):
+to the first tool when ``tools`` are given and ``tool_choice`` is not ``"none"``; with
+``stream: true`` the real SSE chunk sequence. Every request is recorded in ``fake.requests``.
+Scripting (see ``Script`` for every knob):
 
     fake.script(status=429, headers={"retry-after": "1"})  # next request only (FIFO queue)
     fake.script(status=503, times=2)                       # the next two requests

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp.pytest_plugin import AiohttpServer
 
-from tests.fake_anthropic import FakeAnthropic
+from tests.fake_anthropic import FakeAnthropic, Invalid, check_request
 
 Json = dict[str, Any]
 
@@ -610,6 +610,12 @@ async def test_bad_header_or_body_is_rejected(
     expected: str,
 ) -> None:
     assert (await rejected(await post(fake, session, data, headers))).startswith(expected)
+
+
+def test_check_request_without_a_server() -> None:
+    check_request(HELLO | {"tools": TOOLS, "messages": TOOL_TURN})
+    with pytest.raises(Invalid, match=r"^messages.1: `tool_use` ids were found without"):
+        check_request(HELLO | {"tools": TOOLS, "messages": [*TOOL_TURN[:2], HI]})
 
 
 async def test_rejected_request_uses_up_its_script(
