@@ -133,8 +133,12 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_the_readme_config_example_loads(tmp_path: Path) -> None:
     text = README.read_text()
     block = text.split("```toml\n", 1)[1].split("```", 1)[0]
-    settings = load_settings(write(tmp_path, block), {"OPENAI_API_KEY": "sk-x"})
-    assert {p.name for p in settings.providers} == {"openai", "local", "demo"}
+    env = {"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-a", "GEMINI_API_KEY": "g"}
+    settings = load_settings(write(tmp_path, block), env)
+    names = {p.name: p for p in settings.providers}
+    assert set(names) == {"openai", "anthropic", "gemini", "local", "demo"}
+    assert names["anthropic"].default_max_tokens == 4096
+    assert names["gemini"].url == "https://generativelanguage.googleapis.com"
     assert settings.server.default_model == "demo"  # the built-in demo model is always there
     assert settings.model("demo") is not None and settings.model("gpt-4o-mini") is not None
 
