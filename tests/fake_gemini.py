@@ -16,13 +16,14 @@ the text. ``:streamGenerateContent?alt=sse`` streams the same answer as ``data: 
 ended by CRLF CRLF: text word by word, calls whole, finishReason and the usage totals on the last
 event, no [DONE]. Without ``alt=sse`` it answers 400 (Google would stream a JSON array).
 
-Every request is checked the way Google checks it: unknown field names at any depth (camelCase or
-proto snake_case), scalar and enum types (enums case-insensitive), Schema keywords, oneof parts,
-base64, function call/response pairing, Gemini 3 thought signatures (accepted: the ones this fake
-issued, listed in ``fake.signatures``, and ``skip_thought_signature_validator``), generationConfig
-ranges. A bad request gets Google's 400 ``{"error": {"code": 400, "message": ..., "status":
-"INVALID_ARGUMENT"}}`` with Google's wording, so a translation bug fails the test that caused it.
-Scripting (every knob is described on ``Script``):
+Every request is checked the way Google checks it (``validate`` can be called directly): unknown
+field names at any depth (camelCase or proto snake_case), scalar and enum types (enums
+case-insensitive), Schema keywords, oneof parts, base64, function call/response pairing, Gemini 3
+thought signatures on the current turn (valid: those this fake issued, kept in ``fake.signatures``,
+and ``skip_thought_signature_validator``), generationConfig ranges, tools together with JSON output
+(only Gemini 3 allows it). A bad request gets Google's 400 ``{"error": {"code": 400, "message":
+..., "status": "INVALID_ARGUMENT"}}`` with Google's wording (parse errors add a BadRequest detail),
+so a translation bug fails the test that caused it. Scripting (every knob is on ``Script``):
 
     fake.script(status=429, retry_delay="7s")  # the next generate request only (FIFO queue)
     fake.script(status=503, times=2)            # the next two
@@ -41,7 +42,7 @@ import json
 import random
 import re
 import string
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,35 +54,57 @@ from tests.fakes import RECORDED, Recorded
 
 Json = dict[str, Any]
 V1 = "type.googleapis.com/google.ai.generativelanguage.v1beta."
+STRUCT = "type.googleapis.com/google.protobuf.Struct"
 DUMMY_SIGNATURE = "skip_thought_signature_validator"
-OVERLOADED = "The model is overloaded. Please try again later."
-STATUSES: dict[int, tuple[str, str]] = {  # scripted errors: (status, message) as Google sends them
-    400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
-    401: ("UNAUTHENTICATED", "Request had invalid authentication credentials."),
-    403: ("PERMISSION_DENIED", "The caller does not have permission"),
-    404: (
-        "NOT_FOUND",
-        "models/{model} is not found for API version v1beta, or is not supported for"
-        " generateContent. Call ListModels to see the list of available models and their"
-        " supported methods.",
-    ),
-    429: (
-        "RESOURCE_EXHAUSTED",
-        "You exceeded your current quota, please check your plan and"
-        " billing details. For more information on this error, head to:"
-        " https://ai.google.dev/gemini-api/docs/rate-limits.",
-    ),
-    500: (
-        "INTERNAL",
-        "An internal error has occurred. Please retry or report in"
-        " https://developers.generativeai.google/guide/troubleshooting",
-    ),
-    503: ("UNAVAILABLE", OVERLOADED),
-    504: ("DEADLINE_EXCEEDED", "Deadline expired before operation could complete."),
-}
+STATUS_TEXT = """
+400: INVALID_ARGUMENT Request contains an invalid argument.
+401: UNAUTHENTICATED Request had invalid authentication credentials.
+403: PERMISSION_DENIED The caller does not have permission
+404: NOT_FOUND models/{model} is not found for API version v1beta, or is not supported for
+  generateContent. Call ListModels to see the list of available models and their supported methods.
+429: RESOURCE_EXHAUSTED You exceeded your current quota, please check your plan and billing details.
+  For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.
+500: INTERNAL An internal error has occurred. Please retry or report in
+  https://developers.generativeai.google/guide/troubleshooting
+503: UNAVAILABLE The model is overloaded. Please try again later.
+504: DEADLINE_EXCEEDED Deadline expired before operation could complete.
+"""
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    """Parse ``name: word word ...`` lines (indented lines continue the one above)."""
+    return {k: v.split() for k, v in re.findall(r"^(\S+): (.*(?:\n  .*)*)", text, re.MULTILINE)}
+
+
+# Scripted error statuses: code -> (status, message) as Google sends them.
+STATUSES = {int(code): (w[0], " ".join(w[1:])) for code, w in _table(STATUS_TEXT).items()}
+OVERLOADED = STATUSES[503][1]
+MESSAGES_TEXT = """
+call_turn: Please ensure that function call turn comes immediately after a user turn or after a
+  function response turn.
+response_turn: Please ensure that function response turn comes immediately after a function call
+  turn.
+pairs: Please ensure that the number of function response parts is equal to the number of function
+  call parts of the function call turn.
+signature: Function call is missing a thought_signature in functionCall parts. This is required for
+  tools to work correctly, and missing thought_signature may lead to degraded model performance.
+  Additional data, function call `default_api:{name}` , position {position}. Please refer to
+  https://ai.google.dev/gemini-api/docs/thought-signatures for more details.
+function_name: Invalid function name. Must start with a letter or an underscore. Must be a-z, A-Z,
+  0-9, or contain underscores (_), dots (.), colons (:), or dashes (-), with a maximum length of 64.
+mimes: allowed mimetypes are `text/plain`, `application/json`, `application/xml`,
+  `application/yaml` and `text/x.enum`.
+schema_mime: response_mime_type must be one of ['application/json', 'text/x.enum'] when
+  response_schema is set.
+json_schema_mime: response_mime_type must be 'application/json' when response_json_schema is set.
+both_schemas: response_schema and response_json_schema are mutually exclusive.
+thinking: You can only set only one of thinking budget and thinking level.
+"""
+MESSAGES = {name: " ".join(words) for name, words in _table(MESSAGES_TEXT).items()}
 RPC = "type.googleapis.com/google.rpc."
+RATE_LIMITS = "https://ai.google.dev/gemini-api/docs/rate-limits"
 KEY_MESSAGE = "API key not valid. Please pass a valid API key."
-KEY_DETAILS = [
+KEY_DETAILS: list[Json] = [
     {
         "@type": RPC + "ErrorInfo",
         "reason": "API_KEY_INVALID",
@@ -93,30 +116,28 @@ KEY_DETAILS = [
 
 
 def google_error(
-    status: int, message: str | None = None, *, model: str = "gemini", details: Sequence[Json] = ()
+    status: int,
+    message: str | None = None,
+    *,
+    model: str = "gemini",
+    details: list[Json] | None = None,
 ) -> Json:
     """Google's error body ``{"error": {code, message, status[, details]}}`` for ``status``."""
     name, default = STATUSES.get(status, STATUSES[500])
     error = {"code": status, "message": message or default.format(model=model), "status": name}
-    return {"error": error | ({"details": list(details)} if details else {})}
+    return {"error": error | ({"details": details} if details else {})}
 
 
 def quota_details(model: str, retry_delay: str | None) -> list[Json]:
     """The ``details`` of Google's 429: QuotaFailure, Help and (given a delay) RetryInfo."""
-    violation = {
-        "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
-        "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
-        "quotaDimensions": {"location": "global", "model": model},
-        "quotaValue": "10",
+    quota: Json = {
+        "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests"
     }
-    link = {
-        "description": "Learn more about Gemini API quotas",
-        "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
-    }
-    details = [
-        {"@type": RPC + "QuotaFailure", "violations": [violation]},
-        {"@type": RPC + "Help", "links": [link]},
-    ]
+    quota["quotaId"] = "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+    quota |= {"quotaDimensions": {"location": "global", "model": model}, "quotaValue": "10"}
+    link = {"description": "Learn more about Gemini API quotas", "url": RATE_LIMITS}
+    details: list[Json] = [{"@type": RPC + "QuotaFailure", "violations": [quota]}]
+    details.append({"@type": RPC + "Help", "links": [link]})
     retry = [{"@type": RPC + "RetryInfo", "retryDelay": retry_delay}] if retry_delay else []
     return details + retry
 
@@ -205,42 +226,31 @@ CodeExecutionResult.Outcome: OUTCOME_UNSPECIFIED OUTCOME_OK OUTCOME_FAILED
 """
 
 
-def _table(text: str) -> dict[str, list[str]]:
-    return {k: v.split() for k, v in re.findall(r"^(\S+): (.*(?:\n  .*)*)", text, re.MULTILINE)}
-
-
 FIELDS = {name: dict(w.split(":", 1) for w in words) for name, words in _table(PROTO).items()}
 ENUMS = {name: frozenset(values) for name, values in _table(ENUMS_TEXT).items()}
-SCALARS = {
-    "string": "TYPE_STRING",
-    "bool": "TYPE_BOOL",
-    "float": "TYPE_FLOAT",
-    "int": "TYPE_INT32",
-    "bytes": "TYPE_BYTES",
+SCALARS = {k: f"TYPE_{k.upper()}" for k in ("string", "bool", "float", "bytes")} | {
+    "int": "TYPE_INT32"
 }
-DATA_FIELDS = (
-    "text",
-    "inlineData",
-    "fileData",
-    "functionCall",
-    "functionResponse",
-    "executableCode",
-    "codeExecutionResult",
-)
+METADATA = ("thought", "thoughtSignature", "videoMetadata")  # Part fields outside the `data` oneof
+DATA_FIELDS = [f for f in FIELDS["Part"] if f not in METADATA]
 FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 REQUIRED = (("inlineData", "mimeType"), ("inlineData", "data"), ("fileData", "fileUri"))
 RANGES = {"temperature": (0, 2), "topP": (0, 1), "candidateCount": (1, 8)}
-MIME_TYPES = (
-    "text/plain",
-    "application/json",
-    "application/xml",
-    "application/yaml",
-    "text/x.enum",
-)
+MIMES = ("text/plain", "application/json", "application/xml", "application/yaml", "text/x.enum")
 
 
 class Invalid(Exception):
-    """A request Google answers with 400 INVALID_ARGUMENT; the message is Google's."""
+    """A request Google answers with 400 INVALID_ARGUMENT; the message is Google's. JSON parse
+    errors carry the ``field`` Google names in its ``google.rpc.BadRequest`` detail."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def body(self) -> Json:
+        violation = ({"field": self.field} if self.field else {}) | {"description": str(self)}
+        bad_request = {"@type": RPC + "BadRequest", "fieldViolations": [violation]}
+        return google_error(400, str(self), details=None if self.field is None else [bad_request])
 
 
 def _snake(name: str) -> str:
@@ -253,15 +263,13 @@ def _camel(name: str) -> str:
 
 def _unknown(name: str, path: str, why: str) -> Invalid:
     at = f" at '{path}'" if path else ""
-    return Invalid(f'Invalid JSON payload received. Unknown name "{name}"{at}: {why}')
+    return Invalid(f'Invalid JSON payload received. Unknown name "{name}"{at}: {why}', path)
 
 
 def _invalid_value(path: str, kind: str, value: Any, prefix: str = "") -> Invalid:
     struct = kind in ("struct", "any") or kind.startswith("map<")
-    name = SCALARS.get(kind) or (
-        "type.googleapis.com/google.protobuf.Struct" if struct else V1 + kind
-    )
-    return Invalid(f"Invalid value at '{path}' ({name}), {prefix}{json.dumps(value)[:80]}")
+    name = SCALARS.get(kind) or (STRUCT if struct else V1 + kind)
+    return Invalid(f"Invalid value at '{path}' ({name}), {prefix}{json.dumps(value)[:80]}", path)
 
 
 def parse(obj: Any, kind: str, path: str = "", parent: str = "", key: str = "") -> Any:
@@ -270,15 +278,15 @@ def parse(obj: Any, kind: str, path: str = "", parent: str = "", key: str = "") 
     if kind.startswith("["):
         if not isinstance(obj, list):
             raise _invalid_value(path, kind[1:-1], obj)
-        return [_value(item, kind[1:-1], f"{path}[{i}]", key) for i, item in enumerate(obj)]
+        return [_value(item, kind[1:-1], f"{path}[{i}]") for i, item in enumerate(obj)]
     if isinstance(obj, list) and kind != "any":
         raise _unknown(key, parent, "Proto field is not repeating, cannot start list.")
     if isinstance(obj, dict) and kind in (*SCALARS, *ENUMS):
         raise _unknown(key, parent, "Starting an object on a scalar field.")
-    return _value(obj, kind, path, key)
+    return _value(obj, kind, path)
 
 
-def _value(obj: Any, kind: str, path: str, key: str) -> Any:
+def _value(obj: Any, kind: str, path: str) -> Any:
     if kind == "any":
         return obj
     if kind in FIELDS or kind == "struct" or kind.startswith("map<"):
@@ -286,7 +294,7 @@ def _value(obj: Any, kind: str, path: str, key: str) -> Any:
             raise _invalid_value(path, kind, obj)
         if kind.startswith("map<"):
             return {
-                k: _value(v, kind[4:-1], f"{path}[{i}].value", "value")
+                k: _value(v, kind[4:-1], f"{path}[{i}].value")
                 for i, (k, v) in enumerate(obj.items())
             }
         if kind == "struct":
@@ -346,11 +354,7 @@ def _problems(req: Json) -> list[str]:
         for j, decl in enumerate(tool.get("functionDeclarations") or []):
             path = f"tools[{i}].function_declarations[{j}]"
             if not FUNCTION_NAME.fullmatch(decl.get("name", "")):
-                out.append(
-                    f"{path}.name: Invalid function name. Must start with a letter or an "
-                    "underscore. Must be a-z, A-Z, 0-9, or contain underscores (_), dots (.), "
-                    "colons (:), or dashes (-), with a maximum length of 64."
-                )
+                out.append(f"{path}.name: {MESSAGES['function_name']}")
             if "parameters" in decl and "parametersJsonSchema" in decl:
                 out.append(f"{path}: parameters and parameters_json_schema are mutually exclusive.")
             for key in ("parameters", "response"):
@@ -412,33 +416,18 @@ def _check_generation(config: Json, out: list[str]) -> None:
     if len(config.get("stopSequences") or []) > 5:
         out.append(f"{path}.stop_sequences: the number of stop_sequences must not exceed 5.")
     mime = config.get("responseMimeType")
-    if mime is not None and mime not in MIME_TYPES:
-        out.append(
-            f"{path}.response_mime_type: allowed mimetypes are `text/plain`, "
-            "`application/json`, `application/xml`, `application/yaml` and `text/x.enum`."
-        )
+    if mime is not None and mime not in MIMES:
+        out.append(f"{path}.response_mime_type: {MESSAGES['mimes']}")
     if "responseSchema" in config and "responseJsonSchema" in config:
-        out.append(
-            f"{path}.response_json_schema: response_schema and response_json_schema "
-            "are mutually exclusive."
-        )
+        out.append(f"{path}.response_json_schema: {MESSAGES['both_schemas']}")
     if "responseSchema" in config:
         _check_schema(config["responseSchema"], f"{path}.response_schema", out)
     if "responseSchema" in config and mime not in ("application/json", "text/x.enum"):
-        out.append(
-            f"{path}.response_mime_type: response_mime_type must be one of "
-            "['application/json', 'text/x.enum'] when response_schema is set."
-        )
+        out.append(f"{path}.response_mime_type: {MESSAGES['schema_mime']}")
     if "responseJsonSchema" in config and mime != "application/json":
-        out.append(
-            f"{path}.response_mime_type: response_mime_type must be 'application/json' "
-            "when response_json_schema is set."
-        )
+        out.append(f"{path}.response_mime_type: {MESSAGES['json_schema_mime']}")
     if {"thinkingBudget", "thinkingLevel"} <= set(config.get("thinkingConfig") or {}):
-        out.append(
-            f"{path}.thinking_config: You can only set only one of thinking budget and "
-            "thinking level."
-        )
+        out.append(f"{path}.thinking_config: {MESSAGES['thinking']}")
 
 
 def _role(content: Json) -> str:
@@ -456,45 +445,25 @@ def _check_turns(req: Json, model: str, signatures: Collection[str]) -> None:
     ]
     for i in range(len(contents)):
         if calls[i] and (i == 0 or _role(contents[i - 1]) != "user"):
-            raise Invalid(
-                "Please ensure that function call turn comes immediately after a user "
-                "turn or after a function response turn."
-            )
+            raise Invalid(MESSAGES["call_turn"])
         if answers[i] and (i == 0 or not calls[i - 1]):
-            raise Invalid(
-                "Please ensure that function response turn comes immediately after a "
-                "function call turn."
-            )
+            raise Invalid(MESSAGES["response_turn"])
+        following = answers[i + 1] if i + 1 < len(contents) else None
         names = sorted(c["name"] for c in calls[i])
-        if (
-            calls[i]
-            and i + 1 < len(contents)
-            and names != sorted(a["name"] for a in answers[i + 1])
-        ):
-            raise Invalid(
-                "Please ensure that the number of function response parts is equal to "
-                "the number of function call parts of the function call turn."
-            )
+        if calls[i] and following is not None and names != sorted(a["name"] for a in following):
+            raise Invalid(MESSAGES["pairs"])
     if not model.startswith("gemini-3"):
         return
-    if any(
-        p.get("thoughtSignature") not in (None, DUMMY_SIGNATURE, *signatures)
-        for c in contents
-        for p in c["parts"]
-    ):
+    known = {None, DUMMY_SIGNATURE, *signatures}
+    if any(p.get("thoughtSignature") not in known for c in contents for p in c["parts"]):
         raise Invalid("Corrupted thought signature.")
     # Only the current turn (since the last user turn that is not function responses) counts.
     starts = [i for i, c in enumerate(contents) if _role(c) == "user" and not answers[i]]
     for i in range(starts[-1] + 1 if starts else 0, len(contents)):
         first = next((p for p in contents[i]["parts"] if "functionCall" in p), None)
         if first is not None and not first.get("thoughtSignature"):
-            raise Invalid(
-                "Function call is missing a thought_signature in functionCall parts. "
-                "This is required for tools to work correctly, and missing thought_signature may "
-                "lead to degraded model performance. Additional data, function call "
-                f"`default_api:{first['functionCall']['name']}` , position {i + 1}. Please refer "
-                "to https://ai.google.dev/gemini-api/docs/thought-signatures for more details."
-            )
+            name = first["functionCall"]["name"]
+            raise Invalid(MESSAGES["signature"].format(name=name, position=i + 1))
 
 
 def _declarations(req: Json) -> list[Json]:
@@ -623,9 +592,7 @@ def _answer(req: Json, model: str, plan: Script, signatures: set[str]) -> Answer
         if limit is not None and _words(text) > limit:
             text, finish = " ".join(text.split()[:limit]), "MAX_TOKENS"
         parts.append({"text": text})
-    image = (
-        plan.image if plan.image is not None else "IMAGE" in config.get("responseModalities", [])
-    )
+    image = "IMAGE" in config.get("responseModalities", []) if plan.image is None else plan.image
     if image:
         parts.append({"inlineData": {"mimeType": "image/png", "data": PNG}})
     parts += calls
@@ -661,13 +628,8 @@ def _response(model: str, answer: Answer, response_id: str, parts: list[Json], l
     ]
     usage = answer.usage
     if not last:  # early stream events only know the prompt
-        prompt = usage["promptTokenCount"]
-        details = usage["promptTokensDetails"]
-        usage = {
-            "promptTokenCount": prompt,
-            "totalTokenCount": prompt,
-            "promptTokensDetails": details,
-        }
+        known = ("promptTokenCount", "promptTokensDetails")
+        usage = {k: usage[k] for k in known} | {"totalTokenCount": usage["promptTokenCount"]}
     return {"candidates": candidates, "usageMetadata": usage} | tail
 
 
@@ -767,9 +729,9 @@ class FakeGemini:
                     )
                 req = validate(request[RECORDED].json, model, self.signatures)
             except Invalid as invalid:
-                return web.json_response(google_error(400, str(invalid)), status=400)
+                return web.json_response(invalid.body(), status=400)
             if plan.status >= 400:
-                details = quota_details(model, plan.retry_delay) if plan.status == 429 else []
+                details = quota_details(model, plan.retry_delay) if plan.status == 429 else None
                 error = plan.error or google_error(plan.status, model=model, details=details)
                 return web.json_response(error, status=plan.status, headers=self._headers(plan))
             answer = _answer(req, model, plan, self.signatures)

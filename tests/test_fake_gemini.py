@@ -111,7 +111,7 @@ async def test_plain_answer_and_recording(fake: FakeGemini, session: aiohttp.Cli
     assert recorded.path == f"/v1beta/models/{MODEL}:generateContent"
     assert recorded.json == HELLO and fake.generate_requests == [recorded]
 
-    status, body = await generate(fake, session, generationConfig={"candidateCount": 2})
+    _, body = await generate(fake, session, generationConfig={"candidateCount": 2})
     assert [c["index"] for c in body["candidates"]] == [0, 1]
     assert text_of([body]) == "echo: hello there"
 
@@ -120,8 +120,13 @@ async def test_snake_case_nulls_and_usage_knobs(
     fake: FakeGemini, session: aiohttp.ClientSession
 ) -> None:
     fake.always(prompt_tokens=7, candidates_tokens=5, thoughts_tokens=3, cached_tokens=4)
-    body = {"contents": [USER], "system_instruction": {"parts": [{"text": "x"}]}, "tools": None,
-            "generation_config": {"max_output_tokens": "100", "response_modalities": ["text"]}}  # fmt: skip
+    snake = {"max_output_tokens": "100", "response_modalities": ["text"]}
+    body = {
+        "contents": [USER],
+        "system_instruction": USER,
+        "tools": None,
+        "generation_config": snake,
+    }
     status, answer = await generate(fake, session, body)
     assert status == 200, answer
     assert answer["usageMetadata"] | {"promptTokensDetails": None, "cacheTokensDetails": None} == {
@@ -340,83 +345,300 @@ def schema(**fields: Any) -> Json:
 
 
 UNKNOWN = "Invalid JSON payload received. Unknown name \"{}\" at '{}': Cannot find field."
+NOT_REPEATING = "Proto field is not repeating, cannot start list."
+V1 = "(type.googleapis.com/google.ai.generativelanguage.v1beta."
+STRUCT = "(type.googleapis.com/google.protobuf.Struct)"
+ONEOF = "required oneof field 'data' must have one initialized field"
+PAIRS = "the number of function response parts is equal to the number of function call parts"
 CALLED = parts(CALL, role="model")
 FN = "tools[0].function_declarations[0]"
 PROPS = {"type": "OBJECT", "properties": {"city": {"type": "STRING"}}}
-REJECTED: dict[str, tuple[Any, str]] = {
-    "top-level": (HELLO | {"model": MODEL}, 'Unknown name "model": Cannot find field.'),
-    "part": (req(parts({"type": "text", "text": "hi"})), UNKNOWN.format("type", "contents[0].parts[0]")),
-    "content": (req(USER | {"name": "bob"}), UNKNOWN.format("name", "contents[0]")),
-    "config": (config(max_tokens=5), UNKNOWN.format("max_tokens", "generation_config")),
-    "thinking": (config(thinkingConfig={"effort": "low"}), UNKNOWN.format("effort", "generation_config.thinking_config")),
-    "tool": (req(tools=[{"type": "function"}]), UNKNOWN.format("type", "tools[0]")),
-    "declaration": (declare(strict=True), UNKNOWN.format("strict", FN)),
-    "additionalProperties": (declare(PROPS | {"additionalProperties": False}), UNKNOWN.format("additionalProperties", f"{FN}.parameters")),
-    "nested-$schema": (declare({"type": "OBJECT", "properties": {"a": {"type": "STRING", "$schema": "x"}}}), UNKNOWN.format("$schema", f"{FN}.parameters.properties[0].value")),
-    "const": (schema(type="STRING", const="a"), UNKNOWN.format("const", "generation_config.response_schema")),
-    "exclusiveMinimum": (schema(type="NUMBER", exclusiveMinimum=0), 'Unknown name "exclusiveMinimum"'),
-    "$ref": (schema(type="OBJECT", properties={"a": {"$ref": "#/$defs/A"}}), 'Unknown name "$ref"'),
-    "$defs": (schema(type="OBJECT", **{"$defs": {}}), 'Unknown name "$defs"'),
-    "type-list": (declare({"type": "OBJECT", "properties": {"a": {"type": ["string", "null"]}}}), f"Unknown name \"type\" at '{FN}.parameters.properties[0].value': Proto field is not repeating, cannot start list."),
-    "type-name": (schema(type="str"), "Invalid value at 'generation_config.response_schema.type' (type.googleapis.com/google.ai.generativelanguage.v1beta.Type), \"str\""),
-    "enum-number": (schema(type="INTEGER", enum=[1, 2]), "Invalid value at 'generation_config.response_schema.enum[0]' (TYPE_STRING), 1"),
-    "array-items": (declare({"type": "OBJECT", "properties": {"tags": {"type": "ARRAY"}}}), f"* GenerateContentRequest.{FN}.parameters.properties[tags].items: missing field."),
-    "required": (declare(PROPS | {"required": ["town"]}), f"{FN}.parameters.required[0]: property is not defined"),
-    "no-contents": ({}, "* GenerateContentRequest.contents: contents is not specified\n"),
-    "empty-contents": (req(contents=[]), "contents: contents is not specified"),
-    "contents-object": (req(contents=USER), "Invalid value at 'contents' (type.googleapis.com/google.ai.generativelanguage.v1beta.Content)"),
-    "role": (req(USER | {"role": "assistant"}), "Please use a valid role: user, model."),
-    "system-role": (req(USER | {"role": "system"}), "Please use a valid role: user, model."),
-    "no-parts": (req(parts()), "* GenerateContentRequest.contents[0].parts: contents.parts must not be empty."),
-    "empty-part": (req(parts({})), "contents[0].parts[0].data: required oneof field 'data' must have one initialized field"),
-    "empty-text": (req(parts({"text": ""})), "required oneof field 'data' must have one initialized field"),
-    "two-data": (req(parts({"text": "a", "fileData": {"fileUri": "x"}})), "Oneof field 'data' is already set."),
-    "text-object": (req(parts({"text": {"value": "a"}})), "Unknown name \"text\" at 'contents[0].parts[0]': Starting an object on a scalar field."),
-    "mime-type": (req(parts({"inlineData": {"data": "QUJD"}})), "contents[0].parts[0].inline_data.mime_type: mime_type must be specified."),
-    "data-url": (req(parts({"inlineData": {"mimeType": "image/png", "data": "data:image/png;base64,QUJD"}})), "Invalid value at 'contents[0].parts[0].inline_data.data' (TYPE_BYTES), Base64 decoding failed for \"data:image/png;base64,QUJD\""),
-    "file-uri": (req(parts({"fileData": {"mimeType": "application/pdf"}})), "contents[0].parts[0].file_data.file_uri: file_uri must be specified."),
-    "args-string": (req(USER, parts({"functionCall": {"name": "f", "args": '{"a": 1}'}}, role="model")), "Invalid value at 'contents[1].parts[0].function_call.args' (type.googleapis.com/google.protobuf.Struct), \"{\\\"a\\\": 1}\""),
-    "response-string": (req(USER, CALLED, parts({"functionResponse": {"name": "get_weather", "response": "21"}})), "Invalid value at 'contents[2].parts[0].function_response.response' (type.googleapis.com/google.protobuf.Struct), \"21\""),
-    "response-name": (req(USER, CALLED, parts({"functionResponse": {"response": {}}})), "contents[2].parts[0].function_response.name: Name cannot be empty."),
-    "response-count": (req(USER, parts(CALL, CALL, role="model"), parts(ANSWER)), "Please ensure that the number of function response parts is equal to the number of function call parts of the function call turn."),
-    "response-name-mismatch": (req(USER, CALLED, parts({"functionResponse": {"name": "other", "response": {}}})), "the number of function response parts is equal"),
-    "no-response": (req(USER, CALLED, USER), "the number of function response parts is equal"),
-    "response-first": (req(parts(ANSWER)), "Please ensure that function response turn comes immediately after a function call turn."),
-    "call-first": (req(CALLED, parts(ANSWER)), "Please ensure that function call turn comes immediately after a user turn or after a function response turn."),
-    "mode": (req(toolConfig={"functionCallingConfig": {"mode": "SOMETIMES"}}), "Invalid value at 'tool_config.function_calling_config.mode' (type.googleapis.com/google.ai.generativelanguage.v1beta.FunctionCallingConfig.Mode), \"SOMETIMES\""),
-    "allowed-auto": (req(tools=TOOLS, toolConfig={"functionCallingConfig": {"mode": "AUTO", "allowedFunctionNames": ["get_time"]}}), "allowed_function_names may only be set when mode is ANY"),
-    "allowed-unknown": (req(tools=TOOLS, toolConfig={"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["nope"]}}), "allowed_function_names[0]: function `nope` is not declared"),
-    "function-name": (req(tools=[{"functionDeclarations": [{"name": "1 bad"}]}]), f"{FN}.name: Invalid function name. Must start with a letter or an underscore."),
-    "temperature": (config(temperature=2.5), "generation_config.temperature: must be in the range [0, 2]."),
-    "top-p": (config(topP=1.5), "generation_config.top_p: must be in the range"),
-    "candidate-count": (config(candidateCount=0), "generation_config.candidate_count: must be in the range"),
-    "max-tokens": (config(maxOutputTokens=0), "generation_config.max_output_tokens: max_output_tokens must be positive."),
-    "max-tokens-float": (config(maxOutputTokens=1.5), "Invalid value at 'generation_config.max_output_tokens' (TYPE_INT32), 1.5"),
-    "stop-sequences": (config(stopSequences=list("abcdef")), "generation_config.stop_sequences: the number of stop_sequences must not exceed 5."),
-    "modality": (config(responseModalities=["VIDEO"]), "Invalid value at 'generation_config.response_modalities[0]' (type.googleapis.com/google.ai.generativelanguage.v1beta.GenerationConfig.Modality), \"VIDEO\""),
-    "thinking-level": (config(thinkingConfig={"thinkingLevel": "extreme"}), "Invalid value at 'generation_config.thinking_config.thinking_level'"),
-    "thinking-budget": (config(thinkingConfig={"thinkingBudget": "lots"}), "Invalid value at 'generation_config.thinking_config.thinking_budget' (TYPE_INT32), \"lots\""),
-    "thinking-both": (config(thinkingConfig={"thinkingBudget": 0, "thinkingLevel": "low"}), "You can only set only one of thinking budget and thinking level."),
-    "both-schemas": (config(responseMimeType="application/json", responseSchema={"type": "STRING"}, responseJsonSchema={"type": "string"}), "response_schema and response_json_schema are mutually exclusive"),
-    "schema-no-mime": (config(responseSchema={"type": "STRING"}), "response_mime_type must be one of ['application/json', 'text/x.enum'] when response_schema is set."),
-    "json-schema-no-mime": (config(responseMimeType="text/plain", responseJsonSchema={"type": "string"}), "response_mime_type must be 'application/json' when response_json_schema is set."),
-    "mime": (config(responseMimeType="text/html"), "generation_config.response_mime_type: allowed mimetypes are `text/plain`, `application/json`"),
-    "system-string": (HELLO | {"systemInstruction": "Be terse."}, "Invalid value at 'system_instruction' (type.googleapis.com/google.ai.generativelanguage.v1beta.Content), \"Be terse.\""),
-    "system-image": (HELLO | {"systemInstruction": {"parts": [{"inlineData": {"mimeType": "image/png", "data": "QUJD"}}]}}, "system_instruction.parts[0]: only text parts are supported."),
-    "tools-and-json": (req(tools=TOOLS, generationConfig={"responseMimeType": "application/json"}), "Tool use with a response mime type: 'application/json' is unsupported"),
-    "root-list": ([HELLO], 'Invalid JSON payload received. Unknown name "": Root element must be a message.'),
-}  # fmt: skip
+PNG_PART = {"inlineData": {"mimeType": "image/png", "data": "QUJD"}}
+JSON_MIME = "application/json"
+REJECTED: list[tuple[str, Any, str]] = [
+    # unknown field names, at every depth
+    ("top-level", HELLO | {"model": MODEL}, 'Unknown name "model": Cannot find field.'),
+    (
+        "part",
+        req(parts({"type": "text", "text": "hi"})),
+        UNKNOWN.format("type", "contents[0].parts[0]"),
+    ),
+    ("content", req(USER | {"name": "bob"}), UNKNOWN.format("name", "contents[0]")),
+    ("config", config(max_tokens=5), UNKNOWN.format("max_tokens", "generation_config")),
+    (
+        "thinking",
+        config(thinkingConfig={"effort": "low"}),
+        "\"effort\" at 'generation_config.thinking_config'",
+    ),
+    ("tool", req(tools=[{"type": "function"}]), UNKNOWN.format("type", "tools[0]")),
+    ("declaration", declare(strict=True), UNKNOWN.format("strict", FN)),
+    # Schema keywords Google's Schema proto lacks, and type unions
+    (
+        "additionalProperties",
+        declare(PROPS | {"additionalProperties": False}),
+        f"\"additionalProperties\" at '{FN}.parameters'",
+    ),
+    (
+        "nested-$schema",
+        declare({"type": "OBJECT", "properties": {"a": {"$schema": "x"}}}),
+        f"\"$schema\" at '{FN}.parameters.properties[0].value'",
+    ),
+    (
+        "const",
+        schema(type="STRING", const="a"),
+        UNKNOWN.format("const", "generation_config.response_schema"),
+    ),
+    (
+        "exclusiveMinimum",
+        schema(type="NUMBER", exclusiveMinimum=0),
+        'Unknown name "exclusiveMinimum"',
+    ),
+    ("$ref", schema(type="OBJECT", properties={"a": {"$ref": "#/$defs/A"}}), 'Unknown name "$ref"'),
+    ("$defs", schema(type="OBJECT", **{"$defs": {}}), 'Unknown name "$defs"'),
+    (
+        "type-list",
+        declare({"type": "OBJECT", "properties": {"a": {"type": ["string", "null"]}}}),
+        f"Unknown name \"type\" at '{FN}.parameters.properties[0].value': {NOT_REPEATING}",
+    ),
+    (
+        "type-name",
+        schema(type="str"),
+        f"Invalid value at 'generation_config.response_schema.type' {V1}Type), \"str\"",
+    ),
+    (
+        "enum-number",
+        schema(type="INTEGER", enum=[1, 2]),
+        "at 'generation_config.response_schema.enum[0]' (TYPE_STRING), 1",
+    ),
+    (
+        "array-items",
+        declare({"type": "OBJECT", "properties": {"tags": {"type": "ARRAY"}}}),
+        f"* GenerateContentRequest.{FN}.parameters.properties[tags].items: missing field.\n",
+    ),
+    (
+        "required",
+        declare(PROPS | {"required": ["town"]}),
+        f"{FN}.parameters.required[0]: property is not defined",
+    ),
+    # contents and parts
+    ("no-contents", {}, "* GenerateContentRequest.contents: contents is not specified\n"),
+    ("empty-contents", req(contents=[]), "contents: contents is not specified"),
+    ("contents-object", req(contents=USER), f"Invalid value at 'contents' {V1}Content)"),
+    ("role", req(USER | {"role": "assistant"}), "Please use a valid role: user, model."),
+    ("system-role", req(USER | {"role": "system"}), "Please use a valid role: user, model."),
+    (
+        "no-parts",
+        req(parts()),
+        "* GenerateContentRequest.contents[0].parts: contents.parts must not be empty.",
+    ),
+    ("empty-part", req(parts({})), f"* GenerateContentRequest.contents[0].parts[0].data: {ONEOF}"),
+    ("empty-text", req(parts({"text": ""})), ONEOF),
+    (
+        "two-data",
+        req(parts({"text": "a", "fileData": {"fileUri": "x"}})),
+        "Oneof field 'data' is already set.",
+    ),
+    (
+        "text-object",
+        req(parts({"text": {"value": "a"}})),
+        "\"text\" at 'contents[0].parts[0]': Starting an object on a scalar field.",
+    ),
+    (
+        "mime-type",
+        req(parts({"inlineData": {"data": "QUJD"}})),
+        "parts[0].inline_data.mime_type: mime_type must be specified.",
+    ),
+    (
+        "data-url",
+        req(parts({"inlineData": {"mimeType": "image/png", "data": "data:image/png;base64,QUJD"}})),
+        "'contents[0].parts[0].inline_data.data' (TYPE_BYTES), Base64 decoding failed for \"data:",
+    ),
+    (
+        "file-uri",
+        req(parts({"fileData": {"mimeType": "application/pdf"}})),
+        "parts[0].file_data.file_uri: file_uri must be specified.",
+    ),
+    # function calls and responses
+    (
+        "args-string",
+        req(USER, parts({"functionCall": {"name": "f", "args": '{"a": 1}'}}, role="model")),
+        f"Invalid value at 'contents[1].parts[0].function_call.args' {STRUCT}, \"{{",
+    ),
+    (
+        "response-string",
+        req(USER, CALLED, parts({"functionResponse": {"name": "get_weather", "response": "21"}})),
+        f"'contents[2].parts[0].function_response.response' {STRUCT}, \"21\"",
+    ),
+    (
+        "response-name",
+        req(USER, CALLED, parts({"functionResponse": {"response": {}}})),
+        "contents[2].parts[0].function_response.name: Name cannot be empty.",
+    ),
+    (
+        "response-count",
+        req(USER, parts(CALL, CALL, role="model"), parts(ANSWER)),
+        f"Please ensure that {PAIRS} of the function call turn.",
+    ),
+    (
+        "response-name-mismatch",
+        req(USER, CALLED, parts({"functionResponse": {"name": "other", "response": {}}})),
+        PAIRS,
+    ),
+    ("no-response", req(USER, CALLED, USER), PAIRS),
+    (
+        "response-first",
+        req(parts(ANSWER)),
+        "Please ensure that function response turn comes immediately after a function call turn.",
+    ),
+    (
+        "call-first",
+        req(CALLED, parts(ANSWER)),
+        "Please ensure that function call turn comes immediately after a user turn or after a "
+        "function response turn.",
+    ),
+    # tools and toolConfig
+    (
+        "mode",
+        req(toolConfig={"functionCallingConfig": {"mode": "SOMETIMES"}}),
+        f"'tool_config.function_calling_config.mode' {V1}FunctionCallingConfig.Mode), \"SOMETIMES",
+    ),
+    (
+        "allowed-auto",
+        req(
+            tools=TOOLS,
+            toolConfig={
+                "functionCallingConfig": {"mode": "AUTO", "allowedFunctionNames": ["get_time"]}
+            },
+        ),
+        "allowed_function_names may only be set when mode is ANY",
+    ),
+    (
+        "allowed-unknown",
+        req(
+            tools=TOOLS,
+            toolConfig={"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["nope"]}},
+        ),
+        "allowed_function_names[0]: function `nope` is not declared",
+    ),
+    (
+        "function-name",
+        req(tools=[{"functionDeclarations": [{"name": "1 bad"}]}]),
+        f"{FN}.name: Invalid function name. Must start with a letter or an underscore.",
+    ),
+    (
+        "tools-and-json",
+        req(tools=TOOLS, generationConfig={"responseMimeType": JSON_MIME}),
+        "Tool use with a response mime type: 'application/json' is unsupported",
+    ),
+    # generationConfig
+    (
+        "temperature",
+        config(temperature=2.5),
+        "generation_config.temperature: must be in the range [0, 2].",
+    ),
+    ("top-p", config(topP=1.5), "generation_config.top_p: must be in the range [0, 1]."),
+    (
+        "candidate-count",
+        config(candidateCount=0),
+        "generation_config.candidate_count: must be in the range",
+    ),
+    (
+        "max-tokens",
+        config(maxOutputTokens=0),
+        "max_output_tokens: max_output_tokens must be positive.",
+    ),
+    (
+        "max-tokens-float",
+        config(maxOutputTokens=1.5),
+        "at 'generation_config.max_output_tokens' (TYPE_INT32), 1.5",
+    ),
+    (
+        "stop-sequences",
+        config(stopSequences=list("abcdef")),
+        "stop_sequences: the number of stop_sequences must not exceed 5.",
+    ),
+    (
+        "modality",
+        config(responseModalities=["VIDEO"]),
+        f"'generation_config.response_modalities[0]' {V1}GenerationConfig.Modality), \"VIDEO\"",
+    ),
+    (
+        "thinking-level",
+        config(thinkingConfig={"thinkingLevel": "extreme"}),
+        "Invalid value at 'generation_config.thinking_config.thinking_level'",
+    ),
+    (
+        "thinking-budget",
+        config(thinkingConfig={"thinkingBudget": "lots"}),
+        "'generation_config.thinking_config.thinking_budget' (TYPE_INT32), \"lots\"",
+    ),
+    (
+        "thinking-both",
+        config(thinkingConfig={"thinkingBudget": 0, "thinkingLevel": "low"}),
+        "You can only set only one of thinking budget and thinking level.",
+    ),
+    (
+        "both-schemas",
+        config(
+            responseMimeType=JSON_MIME, responseSchema={"type": "STRING"}, responseJsonSchema={}
+        ),
+        "response_schema and response_json_schema are mutually exclusive",
+    ),
+    (
+        "schema-no-mime",
+        config(responseSchema={"type": "STRING"}),
+        "response_mime_type must be one of ['application/json', 'text/x.enum'] when response_sch",
+    ),
+    (
+        "json-schema-no-mime",
+        config(responseMimeType="text/plain", responseJsonSchema={}),
+        "response_mime_type must be 'application/json' when response_json_schema",
+    ),
+    (
+        "mime",
+        config(responseMimeType="text/html"),
+        "response_mime_type: allowed mimetypes are `text/plain`, `application/json`",
+    ),
+    # systemInstruction and the body itself
+    (
+        "system-string",
+        HELLO | {"systemInstruction": "Be terse."},
+        f"Invalid value at 'system_instruction' {V1}Content), \"Be terse.\"",
+    ),
+    (
+        "system-image",
+        HELLO | {"systemInstruction": {"parts": [PNG_PART]}},
+        "system_instruction.parts[0]: only text parts are supported.",
+    ),
+    (
+        "root-list",
+        [HELLO],
+        'Invalid JSON payload received. Unknown name "": Root element must be a message.',
+    ),
+]
 
 
-@pytest.mark.parametrize(("body", "message"), REJECTED.values(), ids=REJECTED.keys())
+@pytest.mark.parametrize(
+    ("body", "message"), [r[1:] for r in REJECTED], ids=[r[0] for r in REJECTED]
+)
 async def test_rejects_what_google_rejects(
     fake: FakeGemini, session: aiohttp.ClientSession, body: Any, message: str
 ) -> None:
     status, error = await generate(fake, session, body)
     assert status == 400, error
-    assert set(error) == {"error"} and set(error["error"]) == {"code", "message", "status"}
+    assert set(error) == {"error"} and set(error["error"]) <= {
+        "code",
+        "message",
+        "status",
+        "details",
+    }
     assert (error["error"]["code"], error["error"]["status"]) == (400, "INVALID_ARGUMENT")
     assert message in error["error"]["message"]
+    if "details" in error["error"]:  # JSON parse errors name the field, as Google's do
+        [detail] = error["error"]["details"]
+        assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+        assert detail["fieldViolations"][0]["description"] == error["error"]["message"]
+        assert error["error"]["message"].startswith(("Invalid JSON payload", "Invalid value at"))
 
 
 async def test_accepts_what_google_accepts(
@@ -424,8 +646,9 @@ async def test_accepts_what_google_accepts(
 ) -> None:
     contents = [USER, CALLED, parts(ANSWER), parts({"text": "ok"}, role="model"), USER]
     json_schema = {"type": "object", "additionalProperties": False, "$defs": {}}
+    name = "a.b:c-d"
     tools = [
-        {"functionDeclarations": [{"name": "a.b:c-d", "parametersJsonSchema": json_schema}]},
+        {"functionDeclarations": [{"name": name, "parametersJsonSchema": json_schema}]},
         {"googleSearch": {}},
         {"codeExecution": {}},
     ]
@@ -433,7 +656,7 @@ async def test_accepts_what_google_accepts(
         "contents": contents,
         "systemInstruction": {"role": "system", "parts": [{"text": "Be terse."}]},
         "tools": tools,
-        "toolConfig": {"functionCallingConfig": {"mode": "any", "allowedFunctionNames": ["a.b:c-d"]}},
+        "toolConfig": {"function_calling_config": {"mode": "any", "allowedFunctionNames": [name]}},
         "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
         "generationConfig": {"temperature": 0, "topP": 1, "seed": 1, "stopSequences": ["x"] * 5,
                              "thinkingConfig": {"thinkingLevel": "low", "includeThoughts": False},
@@ -444,7 +667,16 @@ async def test_accepts_what_google_accepts(
     assert parts_of(answer) == [{"functionCall": {"name": "a.b:c-d", "args": {}}}]
 
 
-@pytest.mark.parametrize("status", [400, 403, 404, 429, 500, 503, 504])
+STATUSES = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}
+STATUSES |= {
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+@pytest.mark.parametrize("status", STATUSES)
 async def test_scripted_errors(
     fake: FakeGemini, session: aiohttp.ClientSession, status: int
 ) -> None:
@@ -453,13 +685,12 @@ async def test_scripted_errors(
         async with session.post(url(fake, stream=stream), json=HELLO) as response:
             assert (response.status, response.headers["x-extra"]) == (status, "1")
             error = (await response.json())["error"]
-        assert error["code"] == status
-        assert error["status"] in {"INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND",
-                                   "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"}  # fmt: skip
-    if status == 404:
-        assert error["message"].startswith(f"models/{MODEL} is not found for API version v1beta")
-    if status == 503:
-        assert error["message"] == "The model is overloaded. Please try again later."
+        assert (error["code"], error["status"]) == (status, STATUSES[status])
+        assert "RetryInfo" not in json.dumps(error)  # only with retry_delay
+        if status == 404:
+            assert error["message"].startswith(f"models/{MODEL} is not found for API version")
+        if status == 503:
+            assert error["message"] == "The model is overloaded. Please try again later."
     assert (await generate(fake, session))[0] == 200  # the queue is used up
 
 
@@ -522,4 +753,13 @@ async def test_client_disconnect_is_noticed(
     await response.content.readuntil(b"\r\n\r\n")
     assert not fake.client_disconnected.is_set()
     response.close()  # hang up mid-stream
+    await asyncio.wait_for(fake.client_disconnected.wait(), 1)
+
+
+async def test_client_timeout_before_headers_is_noticed(
+    fake: FakeGemini, session: aiohttp.ClientSession
+) -> None:
+    fake.always(delay_headers=5)
+    with pytest.raises(asyncio.TimeoutError):
+        await session.post(url(fake), json=HELLO, timeout=aiohttp.ClientTimeout(total=0.1))
     await asyncio.wait_for(fake.client_disconnected.wait(), 1)
