@@ -1,21 +1,35 @@
-"""Gateway overhead benchmark: the gateway against a bare aiohttp relay, same fake upstream.
+"""Gateway overhead benchmark: vs a bare aiohttp relay, and Anthropic translation vs pass-through.
 
     make bench                                  # or: .venv/bin/python -m tests.bench
     .venv/bin/python -m tests.bench --quick     # 10x fewer requests, a smoke run
     .venv/bin/python -m tests.bench --requests 500 --json bench.json
+    .venv/bin/python -m tests.bench --compare anthropic     # only the translation cells
 
-Three subprocesses on 127.0.0.1: the fake OpenAI upstream and the relay (`tests/bench_servers.py`)
-and `gateway serve` with a temporary config and database holding one real virtual key. The load
-generator runs here, with one aiohttp `ClientSession` per server and cell (connector limit =
-concurrency). Every (mode, concurrency) cell warms both servers up, then loads them in alternating
-rounds (relay, gateway, gateway, relay, ...) so drift in machine load hits both alike. Stream
-latency is the whole response; time to first byte is reported too, and so is each server
-process's CPU time per request (from /proc).
+Three subprocesses on 127.0.0.1: the fake upstream and the relay (`tests/bench_servers.py`) and
+`gateway serve` with a temporary config and database holding one real virtual key. The upstream
+answers OpenAI's `/v1/chat/completions` and Anthropic's `/v1/messages` from precomputed bytes, with
+the same text and a similar number of stream events. The gateway serves model `bench` through an
+`openai` provider (pass-through) and model `bench-anthropic` through an `anthropic` provider
+(request, answer and SSE stream translated), and the key may use both. The load generator runs
+here, with one aiohttp `ClientSession` per side and cell (connector limit = concurrency), and
+sends the same OpenAI chat request to every side but for its model.
 
-Targets: gateway throughput >= 0.8 x relay in every cell, and gateway p50 at concurrency 1 within
-0.3 ms of the relay's. Missing a target still exits 0 (this is a measurement); a server that does
-not start, or any request that errors, exits 1. The gateway's output goes to /dev/null (its
-per-request log line is part of its cost) unless `--gateway-log FILE` is given.
+Two comparisons (`--compare`, default both), each over every (mode, concurrency) cell:
+
+* relay: the relay against the gateway's `bench`, the gateway's whole overhead;
+* anthropic: the gateway's `bench-anthropic` against its `bench`, same process, the cost of the
+  Anthropic translation over the OpenAI pass-through.
+
+Every cell warms both sides up, then loads them in alternating rounds (A, B, B, A, ...) so drift
+in machine load hits both alike. Stream latency is the whole response; time to first byte is
+reported too, and so is each server process's CPU time per request (from /proc).
+
+Targets (relay cells): gateway throughput >= 0.8 x relay in every cell, and gateway p50 at
+concurrency 1 within 0.3 ms of the relay's. The anthropic cells have no target: translation
+throughput >= 0.8 x pass-through is printed as information. Missing a target still exits 0 (this
+is a measurement); a server that does not start, or any request that errors (in any cell: JSON
+must be a `chat.completion`, a stream must end with `data: [DONE]`), exits 1. The gateway's output
+goes to /dev/null (its per-request log line is part of its cost) unless `--gateway-log FILE`.
 """
 
 from __future__ import annotations
@@ -49,15 +63,23 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 30.0
 MODEL = "bench"
+ANTHROPIC_MODEL = "bench-anthropic"
 UPSTREAM_KEY = "bench-upstream-key"
 THROUGHPUT_TARGET = 0.8  # gateway rps / relay rps, every cell
 P50_TARGET_MS = 0.3  # gateway p50 - relay p50 at concurrency 1
+TRANSLATION_INFO = 0.8  # anthropic rps / openai rps, every cell: information, not a target
 DEFAULT_REQUESTS = {1: 10000, 32: 20000}
-ROUNDS = 4  # each cell alternates relay/gateway this many times
+ROUNDS = 4  # each cell alternates its two sides this many times
 MAX_ERRORS_SHOWN = 5
 
 Mode = Literal["json", "stream"]
 MODES: tuple[Mode, ...] = ("json", "stream")
+Comparison = Literal["relay", "anthropic"]
+COMPARISONS: tuple[Comparison, ...] = ("relay", "anthropic")
+TITLES: dict[Comparison, str] = {
+    "relay": "Gateway vs bare relay (same upstream)",
+    "anthropic": "Anthropic translation vs OpenAI pass-through (same gateway)",
+}
 
 _MESSAGES = [
     {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
@@ -65,8 +87,8 @@ _MESSAGES = [
 ]
 
 
-def request_body(mode: Mode) -> bytes:
-    body: dict[str, Any] = {"model": MODEL, "messages": _MESSAGES, "max_tokens": 64}
+def request_body(mode: Mode, model: str = MODEL) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": _MESSAGES, "max_tokens": 64}
     if mode == "stream":
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -190,9 +212,19 @@ type = "openai"
 base_url = "{upstream.url}/v1"
 api_keys = ["{UPSTREAM_KEY}"]
 
+[[providers]]
+name = "ant"
+type = "anthropic"
+base_url = "{upstream.url}"
+api_keys = ["{UPSTREAM_KEY}"]
+
 [[models]]
 name = "{MODEL}"
 targets = [{{ provider = "up", model = "bench-model" }}]
+
+[[models]]
+name = "{ANTHROPIC_MODEL}"
+targets = [{{ provider = "ant", model = "claude-bench" }}]
 """
     )
 
@@ -203,7 +235,7 @@ async def create_key(db: Path) -> str:
 
     store = await Store.open(str(db))
     try:
-        _record, secret = await store.create_key(name="bench", models=[MODEL])
+        _record, secret = await store.create_key(name="bench", models=[MODEL, ANTHROPIC_MODEL])
     finally:
         await store.close()
     return secret
@@ -256,15 +288,25 @@ async def one_request(
         samples.error(f"{type(exc).__name__}: {exc}")
 
 
-class Client:
-    """One server's side of a cell: a session (connector limit = concurrency) and its samples."""
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: its name in the report, the server, and the model it asks for."""
 
-    def __init__(self, server: Server, key: str, mode: Mode, concurrency: int) -> None:
-        self.server = server
+    label: str
+    server: Server
+    model: str = MODEL
+
+
+class Client:
+    """One side of a cell: a session (connector limit = concurrency) and its samples."""
+
+    def __init__(self, side: Side, key: str, mode: Mode, concurrency: int) -> None:
+        self.label = side.label
+        self.server = side.server
         self.mode = mode
         self.concurrency = concurrency
-        self.url = f"{server.url}/v1/chat/completions"
-        self.body = request_body(mode)
+        self.url = f"{side.server.url}/v1/chat/completions"
+        self.body = request_body(mode, side.model)
         self.samples = Samples()
         self.wall = 0.0
         self.cpu: float | None = 0.0
@@ -309,7 +351,7 @@ class Client:
 
     def figures(self) -> Figures:
         return Figures.of(
-            self.server.name, self.mode, self.concurrency, self.samples, self.wall, self.cpu
+            self.label, self.mode, self.concurrency, self.samples, self.wall, self.cpu
         )
 
     async def close(self) -> None:
@@ -326,7 +368,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 @dataclass
 class Figures:
-    server: str
+    server: str  # the side's label: relay, gateway (relay cells), openai, anthropic
     mode: Mode
     concurrency: int
     requests: int
@@ -383,11 +425,11 @@ class Figures:
 
 
 async def measure_cell(
-    relay: Server, gateway: Server, key: str, mode: Mode, concurrency: int, requests: int
+    base: Side, subject: Side, key: str, mode: Mode, concurrency: int, requests: int
 ) -> tuple[Figures, Figures]:
-    """Both servers in alternating rounds (relay, gateway, gateway, relay, ...) so drift in
-    machine load hits both alike; each gets its own warm pool for the whole cell."""
-    clients = [Client(s, key, mode, concurrency) for s in (relay, gateway)]
+    """Both sides in alternating rounds (base, subject, subject, base, ...) so drift in machine
+    load hits both alike; each gets its own warm pool for the whole cell."""
+    clients = [Client(s, key, mode, concurrency) for s in (base, subject)]
     try:
         warmup = min(max(requests // 10, concurrency), 200)
         for client in clients:
@@ -402,7 +444,7 @@ async def measure_cell(
     pair = (clients[0].figures(), clients[1].figures())
     for f in pair:
         print(
-            f"  {f.server:<7} {mode:<6} c={concurrency:<3} {f.ok:>6} ok {f.errors:>4} err "
+            f"  {f.server:<9} {mode:<6} c={concurrency:<3} {f.ok:>6} ok {f.errors:>4} err "
             f"{f.rps:8.0f} rps  p50 {f.p50_ms:6.2f} ms  p99 {f.p99_ms:6.2f} ms",
             flush=True,
         )
@@ -412,30 +454,46 @@ async def measure_cell(
 # --- report ----------------------------------------------------------------------------------
 
 
-def print_table(pairs: list[tuple[Figures, Figures]]) -> None:
+def print_table(
+    pairs: list[tuple[Figures, Figures]],
+    title: str,
+    names: tuple[str, str] = ("relay", "gw"),
+    notes: Sequence[str] = (
+        "(latencies in ms; Δp50 = gateway - relay; cpu/req = server process CPU per request)",
+    ),
+) -> None:
+    """One row per cell: base and subject side by side (`names` head their columns)."""
+    a, b = names
+
+    def cols(*heads: str) -> str:
+        return " ".join(h.rjust(max(len(h), 8)) for h in heads)
+
+    def col(head: str, value: float | None, spec: str = ".2f", unit: str = "") -> str:
+        text = f"{value:{spec}}{unit}" if value is not None else "-"
+        return text.rjust(max(len(head), 8))
+
     header = (
-        f"{'mode':<6} {'conc':>4} | {'relay rps':>9} {'gw rps':>8} {'ratio':>6} | "
-        f"{'relay p50':>9} {'relay p99':>9} {'gw p50':>8} {'gw p99':>8} {'Δp50':>7} | "
-        f"{'relay ttfb50':>12} {'gw ttfb50':>9} | {'relay cpu/req':>13} {'gw cpu/req':>10}"
+        f"{'mode':<6} {'conc':>4} | {cols(f'{a} rps', f'{b} rps')} {'ratio':>6} | "
+        f"{cols(f'{a} p50', f'{a} p99', f'{b} p50', f'{b} p99')} {'Δp50':>7} | "
+        f"{cols(f'{a} ttfb50', f'{b} ttfb50')} | {cols(f'{a} cpu/req', f'{b} cpu/req')}"
     )
     print()
+    print(title)
     print(header)
     print("-" * len(header))
-    for relay, gw in pairs:
-        ratio = gw.rps / relay.rps if relay.rps else float("nan")
-
-        def opt(value: float | None, unit: str, width: int) -> str:
-            return f"{value:.2f}{unit}".rjust(width) if value is not None else "-".rjust(width)
-
+    for x, y in pairs:
+        ratio = y.rps / x.rps if x.rps else float("nan")
         print(
-            f"{relay.mode:<6} {relay.concurrency:>4} | {relay.rps:9.0f} {gw.rps:8.0f} "
-            f"{ratio:6.2f} | {relay.p50_ms:9.2f} {relay.p99_ms:9.2f} {gw.p50_ms:8.2f} "
-            f"{gw.p99_ms:8.2f} {gw.p50_ms - relay.p50_ms:+7.2f} | "
-            f"{opt(relay.ttfb_p50_ms, '', 12)} {opt(gw.ttfb_p50_ms, '', 9)} | "
-            f"{opt(relay.server_cpu_us_per_req, 'us', 13)} "
-            f"{opt(gw.server_cpu_us_per_req, 'us', 10)}"
+            f"{x.mode:<6} {x.concurrency:>4} | {col(f'{a} rps', x.rps, '.0f')} "
+            f"{col(f'{b} rps', y.rps, '.0f')} {ratio:6.2f} | {col(f'{a} p50', x.p50_ms)} "
+            f"{col(f'{a} p99', x.p99_ms)} {col(f'{b} p50', y.p50_ms)} "
+            f"{col(f'{b} p99', y.p99_ms)} {y.p50_ms - x.p50_ms:+7.2f} | "
+            f"{col(f'{a} ttfb50', x.ttfb_p50_ms)} {col(f'{b} ttfb50', y.ttfb_p50_ms)} | "
+            f"{col(f'{a} cpu/req', x.server_cpu_us_per_req, unit='us')} "
+            f"{col(f'{b} cpu/req', y.server_cpu_us_per_req, unit='us')}"
         )
-    print("(latencies in ms; Δp50 = gateway - relay; cpu/req = server process CPU per request)")
+    for note in notes:
+        print(note)
 
 
 def evaluate_targets(pairs: list[tuple[Figures, Figures]]) -> list[dict[str, Any]]:
@@ -467,16 +525,41 @@ def evaluate_targets(pairs: list[tuple[Figures, Figures]]) -> list[dict[str, Any
     return targets
 
 
+def translation_info(pairs: list[tuple[Figures, Figures]]) -> list[dict[str, Any]]:
+    """Anthropic vs OpenAI throughput per cell, against a soft bar that fails nothing."""
+    info: list[dict[str, Any]] = []
+    for oai, ant in pairs:
+        ratio = ant.rps / oai.rps if oai.rps else 0.0
+        info.append(
+            {
+                "target": f"throughput {oai.mode} c={oai.concurrency}: "
+                f"anthropic >= {TRANSLATION_INFO} x openai pass-through",
+                "value": f"{ratio:.3f} x",
+                "met": ratio >= TRANSLATION_INFO,
+            }
+        )
+    print()
+    print("Anthropic translation (information, not a target):")
+    for t in info:
+        print(f"  {'ok ' if t['met'] else 'LOW'}  {t['target']}  ({t['value']})")
+    return info
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
 async def bench(
-    relay: Server, gateway: Server, key: str, plan: list[tuple[Mode, int, int]]
-) -> list[tuple[Figures, Figures]]:
-    pairs: list[tuple[Figures, Figures]] = []
-    for mode, concurrency, requests in plan:
-        pairs.append(await measure_cell(relay, gateway, key, mode, concurrency, requests))
-    return pairs
+    comparisons: dict[Comparison, tuple[Side, Side]], key: str, plan: list[tuple[Mode, int, int]]
+) -> dict[Comparison, list[tuple[Figures, Figures]]]:
+    """Every cell of the plan for each comparison in turn; (base, subject) figures per cell."""
+    results: dict[Comparison, list[tuple[Figures, Figures]]] = {}
+    for name, (base, subject) in comparisons.items():
+        print(f"{TITLES[name]}:", flush=True)
+        results[name] = [
+            await measure_cell(base, subject, key, mode, concurrency, requests)
+            for mode, concurrency, requests in plan
+        ]
+    return results
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -489,6 +572,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--concurrency", type=int, nargs="+", default=[1, 32], metavar="C", help="default: 1 32"
     )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        choices=COMPARISONS,
+        default=list(COMPARISONS),
+        help="relay: gateway vs relay; anthropic: Anthropic translation vs OpenAI pass-through "
+        "(default: both)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw figures here")
     parser.add_argument(
         "--gateway-log", type=Path, metavar="FILE", help="keep the gateway's stdout/stderr here"
@@ -537,14 +628,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 port=port,
                 output=subprocess.DEVNULL,
             )
-            port = free_port()
-            relay = servers.start(
-                "relay",
-                [*py, "relay", "--port", str(port), "--upstream", upstream.url],
-                cwd=ROOT,
-                port=port,
-                output=subprocess.DEVNULL,
-            )
+            relay: Server | None = None
+            if "relay" in args.compare:
+                port = free_port()
+                relay = servers.start(
+                    "relay",
+                    [*py, "relay", "--port", str(port), "--upstream", upstream.url],
+                    cwd=ROOT,
+                    port=port,
+                    output=subprocess.DEVNULL,
+                )
             config, db = tmp / "gateway.toml", tmp / "keys.db"
             write_config(config, upstream)
             key = asyncio.run(create_key(db))
@@ -568,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output=log,
             )
             wait_tcp(upstream)
-            wait_tcp(relay)
+            if relay is not None:
+                wait_tcp(relay)
             try:
                 wait_http(gateway, "/healthz")
             except BenchError as exc:
@@ -576,10 +670,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise BenchError(f"{exc}{hint}") from None
             print(
                 f"servers ready in {time.monotonic() - started:.1f} s: upstream {upstream.url}, "
-                f"relay {relay.url}, gateway {gateway.url}",
+                + (f"relay {relay.url}, " if relay is not None else "")
+                + f"gateway {gateway.url}",
                 flush=True,
             )
-            pairs = asyncio.run(bench(relay, gateway, key, plan))
+            comparisons: dict[Comparison, tuple[Side, Side]] = {}
+            if relay is not None:
+                comparisons["relay"] = (Side("relay", relay), Side("gateway", gateway))
+            if "anthropic" in args.compare:
+                comparisons["anthropic"] = (
+                    Side("openai", gateway),
+                    Side("anthropic", gateway, ANTHROPIC_MODEL),
+                )
+            results = asyncio.run(bench(comparisons, key, plan))
         except BenchError as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 1
@@ -589,14 +692,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             servers.stop_all()
 
-    print_table(pairs)
-    targets = evaluate_targets(pairs)
-    errors = sum(f.errors for pair in pairs for f in pair)
+    pairs = results.get("relay", [])
+    translated = results.get("anthropic", [])
+    if pairs:
+        print_table(pairs, TITLES["relay"])
+    if translated:
+        print_table(
+            translated,
+            TITLES["anthropic"],
+            ("oai", "ant"),
+            (
+                f"(latencies in ms; oai = model {MODEL}, OpenAI pass-through; ant = model "
+                f"{ANTHROPIC_MODEL}, Anthropic translation;",
+                " Δp50 = ant - oai; cpu/req = gateway process CPU per request)",
+            ),
+        )
+    targets = evaluate_targets(pairs) if pairs else []
+    info = translation_info(translated) if translated else []
+    errors = sum(f.errors for cells in results.values() for pair in cells for f in pair)
     print(f"\n{errors} request errors; total time {time.monotonic() - started:.1f} s")
-    for pair in pairs:
-        for f in pair:
-            for example in f.error_examples:
-                print(f"  {f.server} {f.mode} c={f.concurrency}: {example}")
+    for cells in results.values():
+        for pair in cells:
+            for f in pair:
+                for example in f.error_examples:
+                    print(f"  {f.server} {f.mode} c={f.concurrency}: {example}")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -604,6 +723,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "plan": [list(p) for p in plan],
                     "cells": [[asdict(r), asdict(g)] for r, g in pairs],
                     "targets": targets,
+                    "anthropic": {
+                        "cells": [[asdict(o), asdict(a)] for o, a in translated],
+                        "info": info,
+                    },
                     "errors": errors,
                 },
                 indent=2,

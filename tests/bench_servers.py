@@ -150,14 +150,15 @@ def message_body() -> bytes:
 
 
 def _anthropic_event(obj: dict[str, Any]) -> bytes:
-    name = obj["type"].encode()
-    return b"event: " + name + b"\ndata: " + msgspec.json.encode(obj) + b"\n\n"
+    """One SSE frame as Anthropic writes it: `event: <type>` then `data: <json>`."""
+    name: str = obj["type"]
+    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(obj) + b"\n\n"
 
 
 def message_events() -> tuple[bytes, ...]:
     """Anthropic's stream: start, block start, ping, a text delta per word, stops and usage."""
     start_usage = {**_ANTHROPIC_USAGE, "output_tokens": 1}
-    message = {
+    message: dict[str, Any] = {
         "id": _MSG_ID,
         "type": "message",
         "role": "assistant",

@@ -472,3 +472,16 @@ def test_stream_that_ends_early_or_fails() -> None:
         state.feed(b"{not json")
     with pytest.raises(UpstreamError):
         GeminiStream(call, "g").end()
+
+
+def test_tools_with_json_output_need_gemini_3() -> None:
+    body = {
+        "messages": [user("hi")],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "response_format": {"type": "json_object"},
+    }
+    with pytest.raises(InvalidRequest) as err:
+        translate(body)
+    assert err.value.param == "response_format"
+    out = translate(body, upstream="gemini-3-flash-preview")
+    assert out["generationConfig"]["responseMimeType"] == "application/json"

@@ -315,6 +315,12 @@ def _generation_config(call: ChatCall, gemini3: bool) -> GeminiGenerationConfig:
     if req.modalities and "image" in req.modalities:
         cfg.response_modalities = ["TEXT", "IMAGE"]
     fmt = req.response_format
+    if isinstance(fmt, JSONObjectFormat | JSONSchemaFormat) and req.tools and not gemini3:
+        raise unsupported(
+            PROVIDER,
+            "response_format",
+            "Gemini models before Gemini 3 cannot combine tools with JSON output",
+        )
     if isinstance(fmt, JSONObjectFormat | JSONSchemaFormat):
         cfg.response_mime_type = "application/json"
     if isinstance(fmt, JSONSchemaFormat) and fmt.json_schema.schema is not UNSET:
