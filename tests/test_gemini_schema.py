@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from typing import Any
 
 import pytest
@@ -974,3 +975,18 @@ def test_tool_parameters_schema() -> None:
 
 def test_unsupported_schema_is_a_value_error() -> None:
     assert issubclass(UnsupportedSchema, ValueError)
+
+
+def test_duplicate_type_lists_do_not_multiply_the_work() -> None:
+    """A tiny hostile schema must not tie up the event loop (each level used to multiply it)."""
+    wide: dict[str, Any] = {"type": "string"}
+    for _ in range(30):  # shared children: 2**30 nodes once expanded
+        wide = {"type": ["object", "OBJECT"], "properties": {"a": wide, "b": wide}}
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(12):  # duplicate types: used to cost 8**12 conversions
+        deep = {"type": ["object"] * 8, "properties": {"a": deep}}
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedSchema, match="nodes"):
+        to_gemini_schema(wide)
+    assert to_gemini_schema(deep)["type"] == "OBJECT"
+    assert time.perf_counter() - start < 1.0

@@ -124,8 +124,11 @@ def _convert(node: dict[str, Any], path: _Path) -> dict[str, Any]:
         gemini_type = "STRING"
     elif isinstance(types, list):
         # A type list is an anyOf of one node per type; `_union` folds "null" into nullable.
+        # Duplicates go first: each branch copies the node's children, so `["object"] * 8`
+        # nested a few levels deep would multiply the work exponentially.
+        unique = list({str(t).lower(): t for t in types}.values())
         branch = {k: v for k, v in node.items() if k not in ("type", "title", "description")}
-        return _union({**node, "anyOf": [{**branch, "type": t} for t in types]}, path)
+        return _union({**node, "anyOf": [{**branch, "type": t} for t in unique]}, path)
     else:
         gemini_type = _gemini_type(types, node, path)
 
