@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -35,6 +36,10 @@ DEFAULT_BASE_URLS: dict[str, str] = {
     "gemini": "https://generativelanguage.googleapis.com",
     "demo": "",
 }
+
+# Path endings that mean a base_url already holds what the gateway appends (a copy of the
+# OpenAI-compatible URL, say), which would end in e.g. /v1/v1/messages.
+_ROOT_ONLY = {"anthropic": ("/v1", "/v1/messages"), "gemini": ("/v1beta", "/v1beta/openai")}
 
 # Models that take `reasoning_effort` (OpenAI: and reject `max_tokens`), per provider type;
 # used by the embedded default config for "<provider>/<model>" ids.
@@ -185,6 +190,13 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
             raise ConfigError(f"{where}.api_keys: {p.type} providers need at least one key")
         if p.base_url is not None and not p.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}.base_url: must start with http:// or https://")
+        if p.base_url is not None and p.type in _ROOT_ONLY:
+            path = urllib.parse.urlsplit(p.base_url).path.rstrip("/")
+            if path.endswith(_ROOT_ONLY[p.type]):
+                raise ConfigError(
+                    f"{where}.base_url: give the API root (as {p.type}'s SDK takes it, e.g. "
+                    f"{DEFAULT_BASE_URLS[p.type]}); the gateway adds the rest of the path"
+                )
         keys = tuple(
             _resolve_secret(k, f"{where}.api_keys[{j}]", environ) for j, k in enumerate(p.api_keys)
         )

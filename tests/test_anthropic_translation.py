@@ -13,6 +13,7 @@ from gateway.providers.anthropic import (
     JSON_TOOL,
     AnthropicResponse,
     AnthropicStream,
+    JsonTool,
     from_anthropic,
     to_anthropic,
     tool_id,
@@ -210,7 +211,8 @@ def test_sampling_stop_and_user() -> None:
         }
     )
     assert out["temperature"] == 1.0  # Anthropic's range ends at 1
-    assert out["top_p"] == 0.9
+    assert "top_p" not in out  # recent models refuse both together: temperature wins
+    assert translate({"messages": [user("hi")], "top_p": 0.9})["top_p"] == 0.9
     assert out["stop_sequences"] == ["END"]  # whitespace-only sequences are refused upstream
     assert out["metadata"] == {"user_id": "u-1"}
 
@@ -343,7 +345,8 @@ def test_json_schema_with_tools_uses_native_structured_output() -> None:
     )
     out = json.loads(msgspec.json.encode(request))
     assert not json_tool
-    assert out["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    strict = schema | {"additionalProperties": False}  # what Anthropic's structured output needs
+    assert out["output_config"] == {"format": {"type": "json_schema", "schema": strict}}
     assert [t["name"] for t in out["tools"]] == ["f"]
 
 
@@ -415,7 +418,7 @@ def _response(**fields: Any) -> AnthropicResponse:
     ],
 )
 def test_finish_reasons(stop: str, finish: str) -> None:
-    body, _ = from_anthropic(_response(stop_reason=stop), json_tool=False)
+    body, _ = from_anthropic(_response(stop_reason=stop), json_tool=None)
     assert json.loads(body)["choices"][0]["finish_reason"] == finish
 
 
@@ -435,7 +438,7 @@ def test_response_content_thinking_tools_and_cached_usage() -> None:
             "cache_creation_input_tokens": 20,
         },
     )
-    body, usage = from_anthropic(resp, json_tool=False)
+    body, usage = from_anthropic(resp, json_tool=None)
     out = json.loads(body)
     msg = out["choices"][0]["message"]
     assert out["id"] == "chatcmpl-msg_1" and out["object"] == "chat.completion"
@@ -464,7 +467,7 @@ START = {
 
 
 def _run(
-    call: ChatCall, events: list[bytes], json_tool: bool = False
+    call: ChatCall, events: list[bytes], json_tool: JsonTool | None = None
 ) -> tuple[AnthropicStream, list[dict[str, Any]]]:
     stream = AnthropicStream(call, "a", json_tool)
     out: list[dict[str, Any]] = []
@@ -559,7 +562,7 @@ def test_stream_json_tool_fragments_become_content() -> None:
             },
             {"type": "message_stop"},
         ),
-        json_tool=True,
+        json_tool=JsonTool(),
     )
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert json.loads(text) == {"a": 1}
@@ -583,3 +586,221 @@ def test_stream_errors() -> None:
         _run(call, _events({"type": "content_block_stop", "index": 0}))
     with pytest.raises(UpstreamError, match="malformed"):
         _run(call, [b"{nope"])
+
+
+def test_json_object_with_tools_is_a_400() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        translate(
+            {
+                "messages": [user("hi")],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "response_format": {"type": "json_object"},
+            }
+        )
+    assert err.value.param == "response_format"
+
+
+def test_json_tool_joins_tools_declared_for_history() -> None:
+    out = translate(
+        {
+            "messages": [
+                user("q"),
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c", "content": "1"},
+            ],
+            "response_format": {"type": "json_object"},
+        }
+    )
+    assert [t["name"] for t in out["tools"]] == ["f", JSON_TOOL]
+    assert out["tool_choice"] == {"type": "tool", "name": JSON_TOOL}
+
+
+def test_thinking_is_off_when_a_tool_is_forced() -> None:
+    body = {
+        "messages": [user("hi")],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "required",
+        "reasoning_effort": "high",
+        "temperature": 0.3,
+    }
+    out = translate(body, THINKER)
+    assert "thinking" not in out
+    assert out["temperature"] == 0.3
+    assert "thinking" not in translate(
+        {
+            "messages": [user("hi")],
+            "reasoning_effort": "low",
+            "response_format": {"type": "json_object"},
+        },
+        THINKER,
+    )
+
+
+def test_non_object_json_schema_is_wrapped_and_unwrapped() -> None:
+    schema = {"type": "array", "items": {"type": "integer"}}
+    call = make_call(
+        {
+            "messages": [user("hi")],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": schema},
+            },
+        }
+    )
+    request, json_tool = to_anthropic(call, 100)
+    out = json.loads(msgspec.json.encode(request))
+    assert json_tool == JsonTool(wrapped=True)
+    assert out["tools"][0]["input_schema"] == {
+        "type": "object",
+        "properties": {"values": schema},
+        "required": ["values"],
+    }
+    resp = _response(
+        content=[{"type": "tool_use", "id": "t", "name": JSON_TOOL, "input": {"values": [1, 2]}}],
+        stop_reason="tool_use",
+    )
+    body, _ = from_anthropic(resp, json_tool)
+    assert json.loads(json.loads(body)["choices"][0]["message"]["content"]) == [1, 2]
+    stream_call = make_call({"messages": [user("hi")], "stream": True})
+    _, chunks = _run(
+        stream_call,
+        _events(
+            START,
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "tool_use", "id": "t", "name": JSON_TOOL, "input": {}},
+            },
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": '{"values": [1,'},
+            },
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": " 2]}"},
+            },
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "tool_use"},
+                "usage": {"output_tokens": 3},
+            },
+            {"type": "message_stop"},
+        ),
+        json_tool=json_tool,
+    )
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert json.loads(text) == [1, 2]
+
+
+def test_tool_parameters_must_describe_an_object() -> None:
+    out = translate(
+        {
+            "messages": [user("hi")],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"properties": {"a": {"type": "string"}}},
+                    },
+                }
+            ],
+        }
+    )
+    assert out["tools"][0]["input_schema"] == {
+        "type": "object",
+        "properties": {"a": {"type": "string"}},
+    }
+    with pytest.raises(InvalidRequest) as err:
+        translate(
+            {
+                "messages": [user("hi")],
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}
+                ],
+            }
+        )
+    assert err.value.param == "tools[0].function.parameters"
+
+
+def test_strict_schema_for_structured_output() -> None:
+    from gateway.providers.anthropic.schema import strict_schema
+
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "name": {"type": ["string", "null"], "format": "email"},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 3},
+            "kind": {"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]},
+        },
+        "required": ["name"],
+        "additionalProperties": True,
+    }
+    out = json.loads(bytes(strict_schema(msgspec.Raw(json.dumps(schema).encode()), "p")))
+    assert out["additionalProperties"] is False
+    assert out["properties"]["name"] == {
+        "anyOf": [{"type": "string", "format": "email"}, {"type": "null"}]
+    }
+    assert out["properties"]["tags"]["description"] == "{minItems: 3}"
+    assert out["properties"]["kind"]["anyOf"][1] == {
+        "type": "integer",
+        "description": "{minimum: 1}",
+    }
+    assert out["required"] == ["name"]
+    with pytest.raises(InvalidRequest):
+        strict_schema(msgspec.Raw(b"[1]"), "p")
+
+
+def test_deeply_nested_tool_arguments_are_a_400_not_a_crash() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(InvalidRequest) as err:
+        translate(
+            {
+                "messages": [
+                    user("q"),
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": deep},
+                            }
+                        ],
+                    },
+                ]
+            }
+        )
+    assert err.value.param == "messages[1].tool_calls[0].function.arguments"
+
+
+def test_data_urls_with_parameters() -> None:
+    out = translate(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;name=a.png;base64,AAAA"},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    assert out["messages"][0]["content"][0]["source"]["media_type"] == "image/png"

@@ -319,7 +319,13 @@ def test_tools_and_tool_choice(choice: Any, expected: dict[str, Any]) -> None:
         ("gemini-2.5-flash", "low", {"includeThoughts": True, "thinkingBudget": 1024}),
         ("gemini-2.5-flash", "none", {"includeThoughts": False, "thinkingBudget": 0}),
         ("gemini-3-pro-preview", "high", {"includeThoughts": True, "thinkingLevel": "high"}),
-        ("gemini-3-pro-preview", "minimal", {"includeThoughts": True, "thinkingLevel": "low"}),
+        (
+            "gemini-3-flash-preview",
+            "minimal",
+            {"includeThoughts": True, "thinkingLevel": "minimal"},
+        ),
+        ("gemini-3-pro-preview", "none", {"includeThoughts": False, "thinkingLevel": "low"}),
+        ("gemini-2.5-pro", "none", {"includeThoughts": False, "thinkingBudget": 128}),
     ],
 )
 def test_reasoning_effort_becomes_thinking_config(
@@ -485,3 +491,80 @@ def test_tools_with_json_output_need_gemini_3() -> None:
     assert err.value.param == "response_format"
     out = translate(body, upstream="gemini-3-flash-preview")
     assert out["generationConfig"]["responseMimeType"] == "application/json"
+
+
+def test_zero_penalties_are_not_sent() -> None:
+    cfg = translate({"messages": [user("hi")], "presence_penalty": 0, "frequency_penalty": 0.0})
+    assert "presencePenalty" not in cfg.get("generationConfig", {})
+    assert "frequencyPenalty" not in cfg.get("generationConfig", {})
+
+
+def test_ids_gemini_gave_go_back_to_it_and_only_those() -> None:
+    resp = _resp(
+        candidates=[
+            {"content": {"parts": [{"functionCall": {"id": "fc-7", "name": "f", "args": {}}}]}}
+        ]
+    )
+    body, _ = from_gemini(resp, "m")
+    [tc] = json.loads(body)["choices"][0]["message"]["tool_calls"]
+    assert tc["id"] == "gcall_fc-7"
+    out = translate(
+        {
+            "messages": [
+                user("q"),
+                {"role": "assistant", "tool_calls": [call(tc["id"], "f"), call("call_x", "g")]},
+                {"role": "tool", "tool_call_id": tc["id"], "content": "1"},
+                {"role": "tool", "tool_call_id": "call_x", "content": "2"},
+            ]
+        }
+    )
+    calls = [p["functionCall"] for p in out["contents"][1]["parts"]]
+    results = [p["functionResponse"] for p in out["contents"][2]["parts"]]
+    assert [c.get("id") for c in calls] == ["fc-7", None]
+    assert [r.get("id") for r in results] == ["fc-7", None]
+
+
+def test_thought_images_are_not_the_answer() -> None:
+    resp = _resp(
+        candidates=[
+            {
+                "content": {
+                    "parts": [
+                        {"inlineData": {"mimeType": "image/png", "data": "AA"}, "thought": True},
+                        {"inlineData": {"mimeType": "image/png", "data": "BB"}},
+                    ]
+                }
+            }
+        ]
+    )
+    body, _ = from_gemini(resp, "m")
+    images = json.loads(body)["choices"][0]["message"]["images"]
+    assert [i["image_url"]["url"] for i in images] == ["data:image/png;base64,BB"]
+
+
+def test_anthropic_style_thinking_field() -> None:
+    on = translate(
+        {"messages": [user("hi")], "thinking": {"type": "enabled", "budget_tokens": 3000}}, THINKER
+    )
+    assert on["generationConfig"]["thinkingConfig"] == {
+        "includeThoughts": True,
+        "thinkingBudget": 3000,
+    }
+    off = translate({"messages": [user("hi")], "thinking": {"type": "disabled"}}, THINKER)
+    assert off["generationConfig"]["thinkingConfig"] == {
+        "includeThoughts": False,
+        "thinkingBudget": 0,
+    }
+    with pytest.raises(InvalidRequest) as err:
+        translate({"messages": [user("hi")], "thinking": {"budget_tokens": 1}}, THINKER)
+    assert err.value.param == "thinking"
+
+
+def test_stream_error_events_keep_their_status() -> None:
+    from gateway.errors import UpstreamRateLimited, UpstreamUnavailable
+
+    state = GeminiStream(make_call({"messages": [user("hi")], "stream": True}), "g")
+    with pytest.raises(UpstreamRateLimited):
+        state.feed(b'{"error": {"code": 429, "message": "Quota", "status": "RESOURCE_EXHAUSTED"}}')
+    with pytest.raises(UpstreamUnavailable):
+        state.feed(b'[{"error": {"code": 503, "message": "busy", "status": "UNAVAILABLE"}}]')

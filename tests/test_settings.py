@@ -111,6 +111,16 @@ def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
             "providers[0].api_keys: anthropic providers need at least one key",
         ),
         ("[server]\nadmin_key = 'short'\n", "server.admin_key: must be at least 16 characters"),
+        (
+            "[[providers]]\nname = 'a'\ntype = 'anthropic'\napi_keys = ['k']\n"
+            "base_url = 'https://api.anthropic.com/v1'\n",
+            "providers[0].base_url: give the API root",
+        ),
+        (
+            "[[providers]]\nname = 'g'\ntype = 'gemini'\napi_keys = ['k']\n"
+            "base_url = 'https://generativelanguage.googleapis.com/v1beta/openai/'\n",
+            "providers[0].base_url: give the API root",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(tmp_path: Path, text: str, message: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import TypeVar
 
 import aiohttp
 import msgspec
@@ -24,6 +25,8 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.settings import ProviderConfig
+
+T = TypeVar("T")
 
 __all__ = [
     "UpstreamClient",
@@ -118,6 +121,9 @@ def stream_error(provider: str, data: bytes) -> UpstreamError | None:
     env = _envelope(data)
     if env is None or env.error is None:
         return None
+    code = env.error.code if isinstance(env.error, _OpenAIErrorBody) else None
+    if isinstance(code, int) and code >= 400:  # Google's envelope names the HTTP status
+        return error_from_status(provider, code, data)
     message = (
         env.error.message if isinstance(env.error, _OpenAIErrorBody) else env.error or env.message
     )
@@ -235,11 +241,44 @@ class UpstreamClient:
     raised before a single byte of the answer is used, so the handler can still pick a status.
     """
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        session: aiohttp.ClientSession,
+        *,
+        auth_header: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self._session = session
         self._unary_timeout = unary_timeout(config)
         self._stream_timeout = stream_timeout(config)
+        self._auth_header = auth_header
+        self._base = {"content-type": "application/json", **(headers or {}), **config.headers}
+        self._by_account: dict[str | None, dict[str, str]] = {}
+
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        """The headers of every request to one upstream account (built once per account)."""
+        found = self._by_account.get(api_key)
+        if found is None:
+            found = dict(self._base)
+            if api_key:
+                found[self._auth_header] = api_key
+            self._by_account[api_key] = found
+        return found
+
+    def decode(self, decoder: msgspec.json.Decoder[T], data: bytes) -> T:
+        """An upstream answer as `decoder`'s type.
+
+        Raises:
+            UpstreamError: the answer is not what the upstream's API promises.
+        """
+        try:
+            return decoder.decode(data)
+        except (msgspec.MsgspecError, RecursionError):
+            raise UpstreamError(
+                f"The upstream provider '{self.config.name}' returned a malformed answer."
+            ) from None
 
     def failed(self, resp: aiohttp.ClientResponse, body: bytes) -> UpstreamError:
         return error_from_status(
@@ -261,7 +300,7 @@ class UpstreamClient:
 
     async def stream(
         self, url: str, body: bytes, headers: Mapping[str, str]
-    ) -> AsyncIterator[list[bytes]]:
+    ) -> AsyncGenerator[list[bytes], None]:
         """POST `body` and yield the `data` of the upstream's SSE events, batched by read."""
         try:
             async with self._session.post(

@@ -14,20 +14,23 @@ import time
 from collections.abc import Iterable
 
 import msgspec
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from gateway.errors import InvalidRequest
 from gateway.schemas.chat import (
     ChatCompletion,
     ChatCompletionChunk,
+    ChatCompletionRequest,
     ChatMessage,
     Choice,
     ChunkChoice,
     Delta,
     DeltaFunction,
     DeltaToolCall,
+    FileContentPart,
     ImageOutput,
     ImageURL,
+    RefusalContentPart,
     TextContentPart,
     ToolCall,
 )
@@ -36,12 +39,20 @@ from gateway.schemas.common import Usage
 __all__ = [
     "ChunkWriter",
     "DataURL",
+    "assistant_text",
     "completion_body",
+    "completion_id",
     "data_url",
+    "file_data",
     "joined_text",
+    "json_value",
     "message",
     "new_call_id",
+    "nonzero",
     "object_arguments",
+    "refuse_unsupported",
+    "stop_sequences",
+    "tool_choice_without_tools",
     "unsupported",
 ]
 
@@ -54,12 +65,12 @@ class DataURL(msgspec.Struct, frozen=True):
 
 
 def data_url(url: str) -> DataURL | None:
-    """Split `data:<mime>;base64,<data>`; None for anything that is not a base64 data URL."""
+    """Split `data:<mime>[;param...];base64,<data>`; None for anything else."""
     if not url.startswith("data:"):
         return None
     head, sep, data = url[5:].partition(",")
-    mime, _, encoding = head.partition(";")
-    if not sep or encoding.lower() != "base64" or not mime or not data:
+    mime, *params = head.split(";")
+    if not sep or not params or params[-1].lower() != "base64" or not mime or not data:
         return None
     return DataURL(mime=mime.lower(), data=data)
 
@@ -73,6 +84,52 @@ def joined_text(content: str | list[TextContentPart] | None, sep: str = "\n") ->
     return sep.join(p.text for p in content)
 
 
+def assistant_text(content: str | list[TextContentPart | RefusalContentPart] | None) -> str:
+    """An assistant message's text, its refusal parts included."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p.text if isinstance(p, TextContentPart) else p.refusal for p in content)
+
+
+def file_data(part: FileContentPart, param: str, provider_type: str) -> str:
+    """The data URL of an inline file part (`file.file_data`); uploaded file ids are refused."""
+    try:
+        fields = msgspec.json.decode(part.file)
+    except (msgspec.DecodeError, RecursionError):
+        fields = None
+    data = fields.get("file_data") if isinstance(fields, dict) else None
+    if not isinstance(data, str):
+        raise unsupported(provider_type, param, "only inline files (file_data) can be sent")
+    return data
+
+
+def stop_sequences(req: ChatCompletionRequest) -> list[str]:
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+
+
+def nonzero(value: float | UnsetType | None) -> float | None:
+    """A sampling number the client really set: absent, null and 0 mean "leave the default"."""
+    return float(value) if isinstance(value, int | float) and value != 0 else None
+
+
+def refuse_unsupported(req: ChatCompletionRequest, provider_type: str) -> None:
+    """Refuse the fields no translated upstream can honour (OpenAI-only features)."""
+    if req.logprobs is True or isinstance(req.top_logprobs, int):
+        raise unsupported(provider_type, "logprobs" if req.logprobs is True else "top_logprobs")
+    if req.logit_bias:
+        raise unsupported(provider_type, "logit_bias")
+    if req.prediction is not UNSET:
+        raise unsupported(provider_type, "prediction")
+    if req.functions is not UNSET or req.function_call is not UNSET:
+        raise unsupported(provider_type, "functions", "use tools instead of the legacy functions")
+
+
+def tool_choice_without_tools() -> InvalidRequest:
+    return InvalidRequest(
+        "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
+    )
+
+
 def unsupported(provider_type: str, param: str, why: str = "") -> InvalidRequest:
     """The 400 for a request field this upstream cannot honour (never silently dropped)."""
     reason = f": {why}" if why else "."
@@ -83,24 +140,37 @@ def unsupported(provider_type: str, param: str, why: str = "") -> InvalidRequest
     )
 
 
+def json_value(text: str) -> msgspec.Raw | None:
+    """`text` as raw JSON if it is JSON (not too deeply nested to decode), else None."""
+    raw = text.encode()
+    try:
+        msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return msgspec.Raw(raw)
+
+
 def object_arguments(arguments: str, param: str) -> msgspec.Raw:
     """A tool call's `arguments` string as raw JSON, checked to be a JSON object."""
     if not arguments.strip():
         return msgspec.Raw(b"{}")
-    raw = arguments.encode()
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    raw = json_value(arguments)
+    if raw is None:
         raise InvalidRequest(
             f"Invalid value for '{param}': the tool call arguments are not valid JSON.",
             param=param,
-        ) from None
-    if not isinstance(value, dict):
+        )
+    if not bytes(raw).lstrip().startswith(b"{"):
         raise InvalidRequest(
             f"Invalid value for '{param}': the tool call arguments must be a JSON object.",
             param=param,
         )
-    return msgspec.Raw(raw)
+    return raw
+
+
+def completion_id(upstream_id: str) -> str:
+    """Our `chatcmpl-` id, built on the upstream's own id when it gives one."""
+    return f"chatcmpl-{upstream_id or binascii.hexlify(os.urandom(12)).decode()}"
 
 
 def new_call_id() -> str:

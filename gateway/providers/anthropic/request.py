@@ -12,13 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Literal
 
-import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
 from gateway.errors import InvalidRequest
-from gateway.providers._translate import data_url, joined_text, object_arguments, unsupported
+from gateway.providers._translate import (
+    assistant_text,
+    data_url,
+    file_data,
+    joined_text,
+    nonzero,
+    object_arguments,
+    refuse_unsupported,
+    stop_sequences,
+    tool_choice_without_tools,
+    unsupported,
+)
+from gateway.providers.anthropic.schema import object_schema, strict_schema
 from gateway.providers.anthropic.wire import (
     AnthropicBase64Source,
     AnthropicBlock,
@@ -53,7 +65,7 @@ from gateway.schemas.chat import (
     UserMessage,
 )
 
-__all__ = ["JSON_TOOL", "PROVIDER", "to_anthropic", "tool_id"]
+__all__ = ["JSON_TOOL", "PROVIDER", "JsonTool", "to_anthropic", "tool_id"]
 
 PROVIDER = "Anthropic"
 JSON_TOOL = "json_tool_call"  # the forced tool that carries JSON-mode answers (LiteLLM's name)
@@ -72,6 +84,17 @@ _TOOL_ID = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _TOOL_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
 _ANY_OBJECT = Raw(b'{"type":"object","properties":{},"additionalProperties":true}')
 _NO_ARGS = Raw(b'{"type":"object","properties":{}}')
+
+
+@dataclass(frozen=True, slots=True)
+class JsonTool:
+    """JSON mode through the forced `json_tool_call` tool: the tool's input is the answer.
+
+    `wrapped`: the client's schema is not an object, so the tool takes it as `{"values": ...}`
+    and the answer is that value.
+    """
+
+    wrapped: bool = False
 
 
 def tool_id(call_id: str) -> str:
@@ -107,14 +130,6 @@ def _image(url: str, param: str) -> AnthropicImage | AnthropicDocument:
     )
 
 
-def _file(part: FileContentPart, param: str) -> AnthropicDocument | AnthropicImage:
-    fields = msgspec.json.decode(part.file)
-    file_data = fields.get("file_data") if isinstance(fields, dict) else None
-    if not isinstance(file_data, str):
-        raise unsupported(PROVIDER, param, "only inline files (file_data) can be sent")
-    return _image(file_data, param)
-
-
 def _user_blocks(msg: UserMessage, at: str) -> list[AnthropicBlock]:
     if isinstance(msg.content, str):
         return [AnthropicText(msg.content)] if msg.content.strip() else []
@@ -127,7 +142,7 @@ def _user_blocks(msg: UserMessage, at: str) -> list[AnthropicBlock]:
         elif isinstance(part, ImageContentPart):
             blocks.append(_image(part.image_url.url, f"{param}.image_url.url"))
         elif isinstance(part, FileContentPart):
-            blocks.append(_file(part, f"{param}.file"))
+            blocks.append(_image(file_data(part, f"{param}.file", PROVIDER), f"{param}.file"))
         elif isinstance(part, InputAudioPart):
             raise unsupported(PROVIDER, param, "audio input cannot be sent to Anthropic")
         elif isinstance(part, RefusalContentPart):
@@ -136,15 +151,8 @@ def _user_blocks(msg: UserMessage, at: str) -> list[AnthropicBlock]:
 
 
 def _assistant_blocks(msg: AssistantMessage, at: str) -> list[AnthropicBlock]:
-    blocks: list[AnthropicBlock] = []
-    if isinstance(msg.content, str):
-        if msg.content.strip():
-            blocks.append(AnthropicText(msg.content))
-    elif msg.content is not None:
-        for part in msg.content:
-            text = part.text if isinstance(part, TextContentPart) else part.refusal
-            if text.strip():
-                blocks.append(AnthropicText(text))
+    text = assistant_text(msg.content)
+    blocks: list[AnthropicBlock] = [AnthropicText(text)] if text.strip() else []
     for j, call in enumerate(msg.tool_calls or ()):
         args = object_arguments(call.function.arguments, f"{at}.tool_calls[{j}].function.arguments")
         blocks.append(AnthropicToolUse(id=tool_id(call.id), name=call.function.name, input=args))
@@ -199,23 +207,16 @@ def _turns(req: ChatCompletionRequest) -> tuple[list[AnthropicText], list[Anthro
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
+    refuse_unsupported(req, PROVIDER)
     if isinstance(req.n, int) and req.n > 1:
         raise unsupported(PROVIDER, "n", "it returns one choice per request")
-    if req.logprobs is True or isinstance(req.top_logprobs, int):
-        raise unsupported(PROVIDER, "logprobs" if req.logprobs is True else "top_logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (UNSET, None, 0, 0.0):
+        if nonzero(getattr(req, name)) is not None:
             raise unsupported(PROVIDER, name)
-    if req.logit_bias:
-        raise unsupported(PROVIDER, "logit_bias")
     if isinstance(req.seed, int):
         raise unsupported(PROVIDER, "seed", "Anthropic has no deterministic sampling")
     if req.audio is not UNSET or (req.modalities and set(req.modalities) - {"text"}):
         raise unsupported(PROVIDER, "modalities", "only text output is available")
-    if req.prediction is not UNSET:
-        raise unsupported(PROVIDER, "prediction")
-    if req.functions is not UNSET or req.function_call is not UNSET:
-        raise unsupported(PROVIDER, "functions", "use tools instead of the legacy functions")
 
 
 def _tools(req: ChatCompletionRequest, turns: list[AnthropicMessage]) -> list[AnthropicTool]:
@@ -224,13 +225,16 @@ def _tools(req: ChatCompletionRequest, turns: list[AnthropicMessage]) -> list[An
         if isinstance(tool, CustomTool):
             raise unsupported(PROVIDER, f"tools[{i}]", "only function tools are available")
         fn = tool.function
-        tools.append(
-            AnthropicTool(
-                name=fn.name,
-                input_schema=fn.parameters if fn.parameters is not UNSET else _NO_ARGS,
-                description=fn.description,
-            )
-        )
+        schema = _NO_ARGS
+        if fn.parameters is not UNSET:
+            schema, wrapped = object_schema(fn.parameters, f"tools[{i}].function.parameters")
+            if wrapped:
+                raise InvalidRequest(
+                    f"Invalid value for 'tools[{i}].function.parameters': the parameters of a "
+                    "function must be a JSON schema of type 'object'.",
+                    param=f"tools[{i}].function.parameters",
+                )
+        tools.append(AnthropicTool(name=fn.name, input_schema=schema, description=fn.description))
     if not tools:
         # Anthropic refuses tool history without tool definitions: declare the tools the
         # history used (the request offers none, so tool_choice becomes "none").
@@ -246,9 +250,7 @@ def _tool_choice(req: ChatCompletionRequest, offered: bool) -> AnthropicToolChoi
             return AnthropicToolChoice(type="auto", disable_parallel_tool_use=True)
         return UNSET
     if not offered:
-        raise InvalidRequest(
-            "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
-        )
+        raise tool_choice_without_tools()
     no_parallel = True if req.parallel_tool_calls is False else UNSET
     if choice == "none":
         return AnthropicToolChoice(type="none")
@@ -295,10 +297,47 @@ def _ends_in_tool_results(turns: list[AnthropicMessage]) -> bool:
     )
 
 
+def _json_mode(
+    req: ChatCompletionRequest, out: AnthropicRequest, thinking_on: bool
+) -> JsonTool | None:
+    """Set up JSON mode: a forced tool, or native structured output where none can be forced.
+
+    A tool cannot be forced beside the client's own tools (it would hide them); a schema then
+    goes to `output_config`, which also works with thinking. JSON without a schema has no
+    native form, so it always takes the forced tool (thinking is then turned off).
+    """
+    fmt = req.response_format
+    param = "response_format.json_schema.schema"
+    if isinstance(fmt, JSONSchemaFormat) and fmt.json_schema.schema is not UNSET:
+        if req.tools or thinking_on:
+            schema = strict_schema(fmt.json_schema.schema, param)
+            out.output_config = Raw(b'{"format":{"type":"json_schema","schema":%b}}' % schema)
+            return None
+        schema, wrapped = object_schema(fmt.json_schema.schema, param)
+    elif isinstance(fmt, JSONObjectFormat | JSONSchemaFormat):
+        if req.tools:
+            raise unsupported(
+                PROVIDER,
+                "response_format",
+                "JSON mode without a schema cannot be combined with tools; use json_schema",
+            )
+        schema, wrapped = _ANY_OBJECT, False
+    else:
+        return None
+    json_tool = AnthropicTool(name=JSON_TOOL, input_schema=schema, description="Reply in JSON.")
+    out.tools = [*(out.tools or ()), json_tool]
+    out.tool_choice = AnthropicToolChoice(type="tool", name=JSON_TOOL)
+    return JsonTool(wrapped=wrapped)
+
+
+def _thinking_on(thinking: Raw | UnsetType) -> bool:
+    return isinstance(thinking, Raw) and b'"disabled"' not in bytes(thinking)
+
+
 def to_anthropic(
     call: ChatCall, default_max_tokens: int, *, stream: bool = False
-) -> tuple[AnthropicRequest, bool]:
-    """Translate the client's request; returns it and whether JSON mode uses the forced tool.
+) -> tuple[AnthropicRequest, JsonTool | None]:
+    """Translate the client's request; returns it and, in JSON mode, the forced JSON tool.
 
     Raises:
         InvalidRequest: a field Anthropic cannot honour, or content it cannot take.
@@ -311,13 +350,7 @@ def to_anthropic(
     tool_choice = _tool_choice(req, offered)
     if tools and not offered:
         tool_choice = AnthropicToolChoice(type="none")
-    max_tokens = call.max_tokens or default_max_tokens
-    thinking, max_tokens = _thinking(call, max_tokens)
-    thinking_on = isinstance(thinking, Raw) and b'"enabled"' in bytes(thinking)
-    if thinking_on and _ends_in_tool_results(turns):
-        # Continuing a tool loop with thinking needs the earlier thinking blocks, which
-        # OpenAI clients do not send back: this turn runs without thinking instead.
-        thinking, thinking_on = UNSET, False
+    thinking, max_tokens = _thinking(call, call.max_tokens or default_max_tokens)
     out = AnthropicRequest(
         model=call.upstream_model,
         max_tokens=max_tokens,
@@ -325,38 +358,29 @@ def to_anthropic(
         system=system or UNSET,
         tools=tools or UNSET,
         tool_choice=tool_choice,
-        thinking=thinking,
         stream=True if stream else UNSET,
     )
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
-    stops = [s for s in stops if s.strip()]  # Anthropic rejects whitespace-only sequences
+    json_tool = _json_mode(req, out, _thinking_on(thinking))
+    forced = isinstance(out.tool_choice, AnthropicToolChoice) and out.tool_choice.type in (
+        "any",
+        "tool",
+    )
+    if _thinking_on(thinking) and (forced or _ends_in_tool_results(turns)):
+        # Anthropic refuses thinking with a forced tool, and continuing a tool loop with
+        # thinking needs the earlier thinking blocks, which OpenAI clients do not send
+        # back: such a turn runs without thinking.
+        thinking = UNSET
+    out.thinking = thinking
+    stops = [s for s in stop_sequences(req) if s.strip()]  # whitespace-only ones are refused
     if stops:
         out.stop_sequences = stops
-    if not thinking_on:  # thinking forbids sampling changes
+    if not _thinking_on(thinking):  # thinking forbids sampling changes
         if isinstance(req.temperature, float | int):
             out.temperature = min(float(req.temperature), 1.0)  # Anthropic's range is 0-1
-        if isinstance(req.top_p, float | int):
+        elif isinstance(req.top_p, float | int):
+            # Recent models refuse temperature and top_p together; temperature wins.
             out.top_p = float(req.top_p)
     user = req.user if isinstance(req.user, str) else req.safety_identifier
     if isinstance(user, str) and user:
         out.metadata = {"user_id": user}
-    json_tool = _json_mode(req, out, thinking_on)
     return out, json_tool
-
-
-def _json_mode(req: ChatCompletionRequest, out: AnthropicRequest, thinking_on: bool) -> bool:
-    fmt = req.response_format
-    if isinstance(fmt, JSONSchemaFormat):
-        schema = fmt.json_schema.schema if fmt.json_schema.schema is not UNSET else _ANY_OBJECT
-    elif isinstance(fmt, JSONObjectFormat):
-        schema = _ANY_OBJECT
-    else:
-        return False
-    if thinking_on or req.tools:
-        # A tool cannot be forced with thinking on, and forcing it would hide the client's
-        # own tools: use Anthropic's native structured output instead.
-        out.output_config = Raw(b'{"format":{"type":"json_schema","schema":%b}}' % bytes(schema))
-        return False
-    out.tools = [AnthropicTool(name=JSON_TOOL, input_schema=schema, description="Reply in JSON.")]
-    out.tool_choice = AnthropicToolChoice(type="tool", name=JSON_TOOL)
-    return True

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError, UpstreamUnavailable
 from gateway.providers._translate import ChunkWriter, completion_body, message
-from gateway.providers.anthropic.request import JSON_TOOL
+from gateway.providers.anthropic.request import JSON_TOOL, JsonTool
 from gateway.providers.anthropic.wire import (
     EVENT_DECODER,
     AnthropicContentBlock,
@@ -49,12 +49,23 @@ def openai_usage(usage: AnthropicUsage) -> Usage:
     )
 
 
-def finish_reason(stop_reason: str | None, json_tool: bool) -> str:
+def finish_reason(stop_reason: str | None, json_tool: JsonTool | None) -> str:
     reason = FINISH_REASONS.get(stop_reason or "end_turn", "stop")
-    return "stop" if json_tool and reason == "tool_calls" else reason
+    return "stop" if json_tool is not None and reason == "tool_calls" else reason
 
 
-def from_anthropic(resp: AnthropicResponse, json_tool: bool) -> tuple[bytes, Usage]:
+def json_answer(arguments: str, json_tool: JsonTool) -> str:
+    """The JSON-mode answer carried by the forced tool's input (unwrapped if it was wrapped)."""
+    if not json_tool.wrapped:
+        return arguments
+    try:
+        value = msgspec.json.decode(arguments)
+    except (msgspec.DecodeError, RecursionError):
+        return arguments
+    return msgspec.json.encode(value.get("values") if isinstance(value, dict) else value).decode()
+
+
+def from_anthropic(resp: AnthropicResponse, json_tool: JsonTool | None) -> tuple[bytes, Usage]:
     """An Anthropic `message` as an OpenAI `chat.completion` (encoded) and its usage."""
     texts: list[str] = []
     thoughts: list[str] = []
@@ -66,8 +77,8 @@ def from_anthropic(resp: AnthropicResponse, json_tool: bool) -> tuple[bytes, Usa
             thoughts.append(block.thinking)
         elif block.type == "tool_use":
             args = bytes(block.input).decode() if block.input is not UNSET else "{}"
-            if json_tool and block.name == JSON_TOOL:
-                texts.append(args)
+            if json_tool is not None and block.name == JSON_TOOL:
+                texts.append(json_answer(args, json_tool))
             else:
                 calls.append(ToolCall(id=block.id, function=FunctionCall(block.name, args)))
     usage = openai_usage(resp.usage)
@@ -83,20 +94,22 @@ def from_anthropic(resp: AnthropicResponse, json_tool: bool) -> tuple[bytes, Usa
 
 @dataclass(slots=True)
 class _BlockState:
-    kind: str  # "text", "thinking", "tool", "json" (the forced JSON tool), or another type
+    kind: str  # "tool", "json" (the forced JSON tool), or another block type
     slot: int = 0  # the OpenAI tool-call index of a "tool" block
     has_arguments: bool = False
+    held: list[str] = field(default_factory=list)  # a wrapped JSON answer, until it is whole
 
 
 class AnthropicStream:
-    """Turns Anthropic stream events into OpenAI chunks, one event at a time, nothing buffered.
+    """Turns Anthropic stream events into OpenAI chunks, one event at a time, as they come.
 
     Content blocks map to OpenAI deltas: text to `content`, thinking to `reasoning_content`,
     tool_use to a tool call (its index counts tool calls only, not Anthropic's block index),
-    and the forced JSON tool's argument fragments to `content`.
+    and the forced JSON tool's argument fragments to `content` (a wrapped, non-object answer
+    is held until its block ends, since only the whole of it can be unwrapped).
     """
 
-    def __init__(self, call: ChatCall, provider: str, json_tool: bool) -> None:
+    def __init__(self, call: ChatCall, provider: str, json_tool: JsonTool | None) -> None:
         self.call = call
         self.provider = provider
         self.json_tool = json_tool
@@ -146,6 +159,8 @@ class AnthropicStream:
             state = self._blocks.get(event.index)
             if state is not None and state.kind == "tool" and not state.has_arguments:
                 return [writer.tool_arguments(state.slot, "{}")]  # a call without arguments
+            if state is not None and state.held and self.json_tool is not None:
+                return [writer.text(json_answer("".join(state.held), self.json_tool))]
             return []
         if kind == "message_delta":
             if event.usage is not None:
@@ -171,7 +186,7 @@ class AnthropicStream:
         self, writer: ChunkWriter, index: int, block: AnthropicContentBlock
     ) -> list[bytes]:
         if block.type == "tool_use":
-            if self.json_tool and block.name == JSON_TOOL:
+            if self.json_tool is not None and block.name == JSON_TOOL:
                 self._blocks[index] = _BlockState("json")
                 return []
             slot, chunk = writer.tool_start(block.id, block.name)
@@ -195,9 +210,13 @@ class AnthropicStream:
         if delta.type == "input_json_delta" and delta.partial_json and state is not None:
             self.call.chunks += 1
             if state.kind == "json":
+                if self.json_tool is not None and self.json_tool.wrapped:
+                    state.held.append(delta.partial_json)  # unwrapped once it is whole
+                    return []
                 return [writer.text(delta.partial_json)]
-            state.has_arguments = True
-            return [writer.tool_arguments(state.slot, delta.partial_json)]
+            if state.kind == "tool":
+                state.has_arguments = True
+                return [writer.tool_arguments(state.slot, delta.partial_json)]
         return []  # signature, citation and empty deltas carry nothing for OpenAI clients
 
     def _error(self, error: AnthropicErrorBody) -> UpstreamError:

@@ -6,6 +6,7 @@ Gemini answers, `wire` holds the API's structs; this module is the adapter (`typ
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator
@@ -45,8 +46,7 @@ class GeminiProvider:
 
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
-        self._http = UpstreamClient(config, session)
-        self._headers: dict[str | None, dict[str, str]] = {}
+        self._http = UpstreamClient(config, session, auth_header="x-goog-api-key")
 
     def _url(self, call: ChatCall, *, stream: bool) -> str:
         # The model name comes from the client for "<provider>/<model>" ids: quote it so it
@@ -55,25 +55,12 @@ class GeminiProvider:
         action = "streamGenerateContent?alt=sse" if stream else "generateContent"
         return f"{self.config.url}/v1beta/models/{model}:{action}"
 
-    def _headers_for(self, call: ChatCall) -> dict[str, str]:
-        headers = self._headers.get(call.api_key)
-        if headers is None:
-            headers = {"content-type": "application/json", **self.config.headers}
-            if call.api_key:
-                headers["x-goog-api-key"] = call.api_key
-            self._headers[call.api_key] = headers
-        return headers
-
     async def chat(self, call: ChatCall) -> ChatReply:
         body = _ENCODER.encode(to_gemini(call))
-        data = await self._http.post(self._url(call, stream=False), body, self._headers_for(call))
+        url = self._url(call, stream=False)
+        data = await self._http.post(url, body, self._http.headers(call.api_key))
         call.first_byte_at = call.first_byte_at or time.monotonic()
-        try:
-            resp = RESPONSE_DECODER.decode(data)
-        except msgspec.MsgspecError:
-            raise UpstreamError(
-                f"The upstream provider '{self.config.name}' returned a malformed response."
-            ) from None
+        resp = self._http.decode(RESPONSE_DECODER, data)
         out, call.usage = from_gemini(resp, call.upstream_model)
         return ChatReply(body=out, usage=call.usage)
 
@@ -81,19 +68,24 @@ class GeminiProvider:
         body = _ENCODER.encode(to_gemini(call))
         state = GeminiStream(call, self.config.name)
         url = self._url(call, stream=True)
-        async for batch in self._http.stream(url, body, self._headers_for(call)):
-            if call.first_byte_at is None:
-                call.first_byte_at = time.monotonic()
-            out: list[bytes] = []
-            try:
-                for data in batch:
-                    out.extend(state.feed(data))
-            except UpstreamError:
-                if out:
+        # As for Anthropic: nothing goes out before content, so an error event that comes
+        # first is still answered with its HTTP status.
+        out: list[bytes] = []
+        headers = self._http.headers(call.api_key)
+        async with contextlib.aclosing(self._http.stream(url, body, headers)) as events:
+            async for batch in events:
+                if call.first_byte_at is None:
+                    call.first_byte_at = time.monotonic()
+                try:
+                    for data in batch:
+                        out.extend(state.feed(data))
+                except UpstreamError:
+                    if out and call.chunks:
+                        yield out
+                    raise
+                if out and call.chunks:
                     yield out
-                raise
-            if out:
-                yield out
-        last = state.end()
-        if last:
-            yield last
+                    out = []
+        out.extend(state.end())
+        if out:
+            yield out

@@ -17,7 +17,19 @@ import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
 from gateway.errors import InvalidRequest
-from gateway.providers._translate import data_url, joined_text, object_arguments, unsupported
+from gateway.providers._translate import (
+    assistant_text,
+    data_url,
+    file_data,
+    joined_text,
+    json_value,
+    nonzero,
+    object_arguments,
+    refuse_unsupported,
+    stop_sequences,
+    tool_choice_without_tools,
+    unsupported,
+)
 from gateway.providers.base import ChatCall
 from gateway.providers.gemini.schema import UnsupportedSchema, to_gemini_schema
 from gateway.providers.gemini.wire import (
@@ -58,6 +70,8 @@ __all__ = ["DUMMY_SIGNATURE", "PROVIDER", "join_call_id", "split_call_id", "to_g
 
 PROVIDER = "Gemini"
 SIGNATURE_SEP = "__thought__"
+# Marks the ids Gemini itself gave a function call; only those are sent back to it.
+GEMINI_ID = "gcall_"
 # Accepted by Gemini 3 for history that has no real signature (e.g. from another provider).
 DUMMY_SIGNATURE = "skip_thought_signature_validator"
 # URLs Gemini reads itself: its Files API and YouTube. Anything else would need a download.
@@ -77,8 +91,10 @@ THINKING_BUDGETS = {
     "xhigh": 16384,
     "max": 24576,
 }
+# Gemini 2.5 Pro cannot switch thinking off; its smallest budget stands for "none".
+PRO_MIN_BUDGET = 128
 # ... and → Gemini 3 thinkingLevel (thinking cannot be switched off there).
-THINKING_LEVELS = {"none": "low", "minimal": "low", "low": "low", "medium": "high"}
+THINKING_LEVELS = {"none": "low", "minimal": "minimal", "low": "low", "medium": "medium"}
 _ENCODER = msgspec.json.Encoder()
 _NO_PARAMETERS = b'{"type":"OBJECT"}'
 
@@ -122,37 +138,35 @@ def _user_parts(msg: UserMessage, at: str) -> list[GeminiPart]:
             blob = GeminiBlob(mime_type=f"audio/{audio.format}", data=audio.data)
             parts.append(GeminiPart(inline_data=blob))
         elif isinstance(part, FileContentPart):
-            fields = msgspec.json.decode(part.file)
-            file_data = fields.get("file_data") if isinstance(fields, dict) else None
-            if not isinstance(file_data, str):
-                raise unsupported(PROVIDER, f"{param}.file", "only inline files can be sent")
-            parts.append(_media(file_data, f"{param}.file.file_data"))
+            url = file_data(part, f"{param}.file", PROVIDER)
+            parts.append(_media(url, f"{param}.file.file_data"))
         elif isinstance(part, RefusalContentPart):
             parts.append(GeminiPart(text=part.refusal))
     return parts
 
 
 def _model_parts(msg: AssistantMessage, at: str, gemini3: bool) -> list[GeminiPart]:
-    parts: list[GeminiPart] = []
-    if isinstance(msg.content, str):
-        if msg.content:
-            parts.append(GeminiPart(text=msg.content))
-    elif msg.content is not None:
-        text = "".join(p.text if isinstance(p, TextContentPart) else p.refusal for p in msg.content)
-        if text:
-            parts.append(GeminiPart(text=text))
+    text = assistant_text(msg.content)
+    parts = [GeminiPart(text=text)] if text else []
     for j, call in enumerate(msg.tool_calls or ()):
         args = object_arguments(call.function.arguments, f"{at}.tool_calls[{j}].function.arguments")
-        _, signature = split_call_id(call.id)
+        call_id, signature = split_call_id(call.id)
         if signature is None and gemini3 and j == 0:
             signature = DUMMY_SIGNATURE  # history from elsewhere has no signature to replay
         parts.append(
             GeminiPart(
-                function_call=GeminiFunctionCall(name=call.function.name, args=args),
+                function_call=GeminiFunctionCall(
+                    name=call.function.name, args=args, id=_gemini_id(call_id)
+                ),
                 thought_signature=signature if signature else UNSET,
             )
         )
     return parts
+
+
+def _gemini_id(call_id: str) -> str | UnsetType:
+    """The id Gemini gave a call, to send back; ids minted elsewhere are never sent."""
+    return call_id[len(GEMINI_ID) :] if call_id.startswith(GEMINI_ID) else UNSET
 
 
 def _tool_response(msg: ToolMessage, names: dict[str, str], at: str) -> GeminiPart:
@@ -164,12 +178,12 @@ def _tool_response(msg: ToolMessage, names: dict[str, str], at: str) -> GeminiPa
             param=f"{at}.tool_call_id",
         )
     text = joined_text(msg.content)
-    try:
-        output = Raw(_ENCODER.encode(msgspec.json.decode(text)))
-    except msgspec.DecodeError:
-        output = Raw(_ENCODER.encode(text))
+    output = json_value(text) or Raw(_ENCODER.encode(text))  # JSON results stay structured
     response = Raw(b'{"output":%b}' % bytes(output))  # Gemini wants an object
-    return GeminiPart(function_response=GeminiFunctionResponse(name=name, response=response))
+    call_id = _gemini_id(split_call_id(msg.tool_call_id)[0])
+    return GeminiPart(
+        function_response=GeminiFunctionResponse(name=name, response=response, id=call_id)
+    )
 
 
 def _contents(
@@ -245,9 +259,7 @@ def _tools(
     if choice in (UNSET, None):
         config: GeminiToolConfig | UnsetType = UNSET
     elif not declarations:
-        raise InvalidRequest(
-            "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
-        )
+        raise tool_choice_without_tools()
     elif isinstance(choice, ToolChoiceFunction):
         mode = GeminiFunctionCallingConfig(
             mode="ANY", allowed_function_names=[choice.function.name]
@@ -268,28 +280,47 @@ def _tools(
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
-    if req.logprobs is True or isinstance(req.top_logprobs, int):
-        raise unsupported(PROVIDER, "logprobs" if req.logprobs is True else "top_logprobs")
-    if req.logit_bias:
-        raise unsupported(PROVIDER, "logit_bias")
+    refuse_unsupported(req, PROVIDER)
     if req.audio is not UNSET or (req.modalities and set(req.modalities) - {"text", "image"}):
         raise unsupported(PROVIDER, "modalities", "only text and image output are available")
-    if req.prediction is not UNSET:
-        raise unsupported(PROVIDER, "prediction")
-    if req.functions is not UNSET or req.function_call is not UNSET:
-        raise unsupported(PROVIDER, "functions", "use tools instead of the legacy functions")
+
+
+class _AnthropicThinking(msgspec.Struct):
+    """The Anthropic-style `thinking` field some clients send to reasoning models."""
+
+    type: str
+    budget_tokens: int | None = None
 
 
 def _thinking(call: ChatCall, gemini3: bool) -> GeminiThinkingConfig | UnsetType:
-    effort = call.request.reasoning_effort
-    if not call.model.reasoning or not isinstance(effort, str):
+    req = call.request
+    effort = req.reasoning_effort
+    if not call.model.reasoning:
+        return UNSET
+    if req.thinking is not UNSET and not isinstance(effort, str):
+        try:
+            native = msgspec.json.decode(req.thinking, type=_AnthropicThinking)
+        except msgspec.MsgspecError:
+            raise InvalidRequest(
+                'Invalid value for \'thinking\': expected {"type": "enabled", '
+                '"budget_tokens": N} or {"type": "disabled"}.',
+                param="thinking",
+            ) from None
+        if native.type == "disabled":
+            return GeminiThinkingConfig(include_thoughts=False, thinking_budget=0)
+        budget = native.budget_tokens if native.budget_tokens is not None else UNSET
+        return GeminiThinkingConfig(include_thoughts=True, thinking_budget=budget)
+    if not isinstance(effort, str):
         return UNSET
     show = effort != "none"
     if gemini3:
         return GeminiThinkingConfig(
             include_thoughts=show, thinking_level=THINKING_LEVELS.get(effort, "high")
         )
-    return GeminiThinkingConfig(include_thoughts=show, thinking_budget=THINKING_BUDGETS[effort])
+    budget = THINKING_BUDGETS[effort]
+    if budget == 0 and "-pro" in call.upstream_model:
+        budget = PRO_MIN_BUDGET
+    return GeminiThinkingConfig(include_thoughts=show, thinking_budget=budget)
 
 
 def _generation_config(call: ChatCall, gemini3: bool) -> GeminiGenerationConfig:
@@ -301,17 +332,18 @@ def _generation_config(call: ChatCall, gemini3: bool) -> GeminiGenerationConfig:
         cfg.top_p = float(req.top_p)
     if call.max_tokens is not None:
         cfg.max_output_tokens = call.max_tokens
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+    stops = stop_sequences(req)
     if stops:
         cfg.stop_sequences = stops
     if isinstance(req.n, int) and req.n > 1:
         cfg.candidate_count = req.n
     if isinstance(req.seed, int):
         cfg.seed = req.seed
-    if isinstance(req.presence_penalty, float | int):
-        cfg.presence_penalty = float(req.presence_penalty)
-    if isinstance(req.frequency_penalty, float | int):
-        cfg.frequency_penalty = float(req.frequency_penalty)
+    # Zero is the default, and some models (Gemini 3) refuse the fields altogether.
+    if (presence := nonzero(req.presence_penalty)) is not None:
+        cfg.presence_penalty = presence
+    if (frequency := nonzero(req.frequency_penalty)) is not None:
+        cfg.frequency_penalty = frequency
     if req.modalities and "image" in req.modalities:
         cfg.response_modalities = ["TEXT", "IMAGE"]
     fmt = req.response_format

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import binascii
-import os
-
 import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
 from gateway.providers._http import stream_error
-from gateway.providers._translate import ChunkWriter, completion_body, message, new_call_id
+from gateway.providers._translate import (
+    ChunkWriter,
+    completion_body,
+    completion_id,
+    message,
+    new_call_id,
+)
 from gateway.providers.base import ChatCall
-from gateway.providers.gemini.request import join_call_id
+from gateway.providers.gemini.request import GEMINI_ID, join_call_id
 from gateway.providers.gemini.wire import (
     RESPONSE_DECODER,
     GeminiReadPart,
@@ -68,14 +71,17 @@ def _tool_call(part: GeminiReadPart) -> ToolCall | None:
     fc = part.function_call
     if fc is None:
         return None
-    call_id = join_call_id(fc.id if fc.id else new_call_id(), part.thought_signature)
+    call_id = f"{GEMINI_ID}{fc.id}" if fc.id else new_call_id()
+    call_id = join_call_id(call_id, part.thought_signature)
     args = bytes(fc.args).decode() if fc.args is not UNSET else "{}"
     return ToolCall(id=call_id, function=FunctionCall(fc.name, args))
 
 
 def _image_url(part: GeminiReadPart) -> str | None:
     blob = part.inline_data
-    return f"data:{blob.mime_type};base64,{blob.data}" if blob is not None else None
+    if blob is None or part.thought:  # interim "thought images" are not the answer
+        return None
+    return f"data:{blob.mime_type};base64,{blob.data}"
 
 
 def from_gemini(resp: GeminiResponse, model: str) -> tuple[bytes, Usage]:
@@ -101,7 +107,7 @@ def from_gemini(resp: GeminiResponse, model: str) -> tuple[bytes, Usage]:
         choices.append(Choice(0, message(None), "content_filter"))
     usage = openai_usage(resp.usage_metadata or GeminiUsage())
     body = completion_body(
-        id=f"chatcmpl-{resp.response_id or binascii.hexlify(os.urandom(12)).decode()}",
+        id=completion_id(resp.response_id),
         model=resp.model_version or model,
         choices=sorted(choices, key=lambda c: c.index),
         usage=usage,
@@ -126,7 +132,7 @@ class GeminiStream:
         self.open: set[int] = set()  # choices that started and have not finished
 
     def feed(self, data: bytes) -> list[bytes]:
-        if data.startswith((b'{"error"', b"[{")):
+        if b'"error"' in data[:48]:  # an error envelope, possibly list-wrapped or spaced
             error = stream_error(self.provider, data)
             if error is not None:
                 raise error
@@ -139,7 +145,7 @@ class GeminiStream:
         writer = self.writer
         if writer is None:
             writer = self.writer = ChunkWriter(
-                id=f"chatcmpl-{resp.response_id or binascii.hexlify(os.urandom(12)).decode()}",
+                id=completion_id(resp.response_id),
                 model=resp.model_version or self.call.upstream_model,
                 include_usage=self.call.request.wants_usage,
             )
@@ -147,7 +153,8 @@ class GeminiStream:
             self.usage = resp.usage_metadata
         out: list[bytes] = []
         if not resp.candidates and resp.prompt_feedback and resp.prompt_feedback.block_reason:
-            out.extend(c for c in (writer.start(),) if c)
+            if (start := writer.start()) is not None:
+                out.append(start)
             out.append(writer.finish("content_filter"))
             return out
         for cand in resp.candidates:
@@ -165,21 +172,18 @@ class GeminiStream:
         return out
 
     def _part(self, writer: ChunkWriter, part: GeminiReadPart, index: int) -> list[bytes]:
-        self.call.chunks += 1
-        if part.text is not None:
-            if not part.text:
-                return []
-            if part.thought:
-                return [writer.reasoning(part.text, index)]
-            return [writer.text(part.text, index)]
-        if (call := _tool_call(part)) is not None:
+        if part.text:
+            chunk = (writer.reasoning if part.thought else writer.text)(part.text, index)
+        elif (call := _tool_call(part)) is not None:
             _, chunk = writer.tool_start(
                 call.id, call.function.name, call.function.arguments, index
             )
-            return [chunk]
-        if (url := _image_url(part)) is not None:
-            return [writer.images([url], index)]
-        return []
+        elif (url := _image_url(part)) is not None:
+            chunk = writer.images([url], index)
+        else:
+            return []
+        self.call.chunks += 1
+        return [chunk]
 
     def end(self) -> list[bytes]:
         """The chunks after the upstream closed the stream: usage, if the client asked."""

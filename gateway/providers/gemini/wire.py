@@ -34,6 +34,7 @@ class GeminiFunctionCall(_Wire):
 class GeminiFunctionResponse(_Wire):
     name: str
     response: Raw
+    id: str | UnsetType = UNSET
 
 
 class GeminiPart(_Wire):
