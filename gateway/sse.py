@@ -3,22 +3,29 @@
 aiohttp-sse gives us the headers proxies need (no-cache, X-Accel-Buffering: no), never
 compresses, pings with `: ping` comments during long silences, and aborts stalled peers.
 Payloads that are already JSON bytes are framed here directly so relayed upstream chunks are
-never decoded to `str` and back.
+never decoded to `str` and back. `relay()` is the one loop that moves a stream's batches to
+the client and ends it, cleanly or with an error event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import structlog
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from gateway.errors import GatewayError, error_body
-from gateway.middleware import TRACE_KEY
-from gateway.state import STREAMS_KEY
+from gateway.errors import GatewayError, UpstreamUnavailable, error_body
+from gateway.middleware import CLIENT_CLOSED, TRACE_KEY
+from gateway.state import SHUTTING_DOWN_KEY, STREAMS_KEY
 
-__all__ = ["SSEStream"]
+__all__ = ["DONE", "SSEStream", "data_frames", "relay"]
+
+log = structlog.get_logger(__name__)
+
+DONE = b"data: [DONE]\n\n"
 
 PING_SECONDS = 15.0
 
@@ -27,6 +34,15 @@ def _frame(payload: bytes) -> bytes:
     if b"\n" in payload:  # a multi-line payload needs a `data:` field per line
         payload = payload.replace(b"\n", b"\ndata: ")
     return b"data: %b\n\n" % payload
+
+
+def data_frames(payloads: list[bytes]) -> bytes:
+    """Payloads as `data:` events (OpenAI chat streams)."""
+    return _frame(payloads[0]) if len(payloads) == 1 else b"".join([_frame(p) for p in payloads])
+
+
+def _error_frame(exc: GatewayError) -> bytes:
+    return _frame(error_body(exc))
 
 
 class SSEStream:
@@ -50,18 +66,21 @@ class SSEStream:
 
     async def send_batch(self, payloads: list[bytes]) -> None:
         """Frame several events and write them with one call (one syscall, not one each)."""
-        if len(payloads) == 1:
-            await self.send(payloads[0])
-        else:
-            await self.response.write(b"".join([_frame(p) for p in payloads]))
+        await self.response.write(data_frames(payloads))
 
-    async def error(self, exc: GatewayError) -> None:
+    async def write(self, frames: bytes) -> None:
+        """Write events that are already framed."""
+        await self.response.write(frames)
+
+    async def error(
+        self, exc: GatewayError, frame: Callable[[GatewayError], bytes] = _error_frame
+    ) -> None:
         """Report a failure after the 200 went out: an error event, then the end of the stream."""
         if self.response.prepared:  # before that, the client already hung up
-            await self.send(error_body(exc))
+            await self.response.write(frame(exc))
 
     async def done(self) -> None:
-        await self.response.write(b"data: [DONE]\n\n")
+        await self.response.write(DONE)
 
     async def close(self) -> None:
         """Stop pings and finish the HTTP response; safe after a client disconnect."""
@@ -70,3 +89,58 @@ class SSEStream:
         self.response.stop_streaming()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.response.write_eof()
+
+
+async def relay(
+    request: web.Request,
+    events: AsyncIterator[list[bytes]],
+    *,
+    frame: Callable[[list[bytes]], bytes] = data_frames,
+    error_frame: Callable[[GatewayError], bytes] = _error_frame,
+    end: bytes = DONE,
+) -> web.StreamResponse:
+    """Stream `events` to the client; the 200 goes out only once the first batch is there.
+
+    A failure before the first batch propagates (the caller answers with its status); after
+    it, the stream ends with an error event and the trace records the status.
+
+    Args:
+        frame: turns one batch into the bytes of its SSE events.
+        error_frame: the SSE event of a failure.
+        end: written after the last batch (chat streams: `data: [DONE]`).
+    """
+    trace = request[TRACE_KEY]
+    first = await anext(aiter(events))
+    sse = SSEStream(request)
+    try:
+        await sse.start()
+        await sse.write(frame(first))
+        async for batch in events:
+            await sse.write(frame(batch))
+        if end:
+            await sse.write(end)
+    except GatewayError as exc:
+        trace.status = exc.status
+        await _try(sse.error(exc, error_frame))
+    except ConnectionError:
+        trace.status = CLIENT_CLOSED  # the client hung up; the upstream is closed by its owner
+    except asyncio.CancelledError:
+        if request.app[SHUTTING_DOWN_KEY].is_set():
+            trace.status = 503
+            shutdown = UpstreamUnavailable("The gateway is shutting down.")
+            await _try(sse.error(shutdown, error_frame))
+        raise
+    except Exception:
+        # The 200 is out: a bug must still end the stream with an error the SDK raises.
+        log.exception("stream_failed")
+        trace.status = 500
+        failure = GatewayError("The gateway failed while streaming the response.")
+        await _try(sse.error(failure, error_frame))
+    finally:
+        await sse.close()
+    return sse.response
+
+
+async def _try(aw: Awaitable[None]) -> None:
+    with contextlib.suppress(ConnectionError):
+        await aw

@@ -1,0 +1,156 @@
+"""The request path every model endpoint shares, whatever its wire format.
+
+`begin()` resolves the model, checks the key may use it, and picks the upstream; `complete()`
+and `stream()` call it; `finish()` accounts for what was used, in a `finally`, so a failed,
+refused or abandoned request is accounted too. Chat completions and the Responses API both
+run on this, so limits, budgets, usage rows and routing apply alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import msgspec
+from aiohttp import web
+from msgspec import UNSET
+
+from gateway.errors import InvalidRequest, PermissionDenied, UpstreamError
+from gateway.middleware import TRACE_KEY, RequestTrace
+from gateway.providers import ChatCall, ChatReply, Provider
+from gateway.records import model_allowed
+from gateway.router import Router
+from gateway.schemas.chat import ChatCompletionRequest
+from gateway.schemas.codec import present
+from gateway.state import PRINCIPAL_KEY, ROUTER_KEY
+from gateway.tokens import estimate_prompt_tokens
+
+__all__ = ["MAX_MODEL_ID", "Exchange", "begin", "complete", "finish", "stream"]
+
+MAX_MODEL_ID = 256
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One model request between its client and its upstream."""
+
+    request: web.Request
+    trace: RequestTrace
+    call: ChatCall
+    provider: Provider
+
+
+def begin(
+    request: web.Request,
+    req: ChatCompletionRequest,
+    raw: dict[str, msgspec.Raw],
+    model_id: str | None,
+) -> Exchange:
+    """Check a decoded chat request against the key and the config, and choose its upstream.
+
+    Raises:
+        InvalidRequest: no model, a parameter the model does not take.
+        NotFound: the model does not exist.
+        PermissionDenied: the key may not use the model.
+    """
+    trace = request[TRACE_KEY]
+    trace.metered = True  # refusals get a usage row too
+    if not model_id:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if len(model_id) > MAX_MODEL_ID:
+        raise InvalidRequest(
+            f"The model id is longer than {MAX_MODEL_ID} characters.", param="model"
+        )
+    router: Router = request.app[ROUTER_KEY]
+    principal = request[PRINCIPAL_KEY]
+    model = router.resolve(model_id)
+    if not model_allowed(principal.key.models, model_id, router.providers_of(model)):
+        raise PermissionDenied(
+            f"This API key is not allowed to use the model '{model_id}'.", param="model"
+        )
+    _check_reasoning(req, model_id, model.reasoning)
+    if req.stream_options not in (UNSET, None) and not req.is_stream:
+        raise InvalidRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is true.",
+            param="stream_options",
+        )
+    route = router.pick(model)
+    trace.model = model
+    trace.model_id = model_id
+    trace.provider = route.provider.config.name
+    trace.upstream_model = route.upstream_model
+    trace.stream = req.is_stream
+    call = ChatCall(
+        request=req,
+        raw=raw,
+        model=model,
+        upstream_model=route.upstream_model,
+        api_key=route.api_key,
+        request_id=trace.request_id,
+    )
+    return Exchange(request=request, trace=trace, call=call, provider=route.provider)
+
+
+def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool) -> None:
+    if reasoning:
+        return
+    sent = {
+        "reasoning_effort": req.reasoning_effort not in (UNSET, None),
+        "thinking": present(req.thinking),
+    }
+    for name, value in sent.items():
+        if value:
+            raise InvalidRequest(
+                f"The '{name}' parameter is not supported by the model '{model_id}'; "
+                "it is only accepted for models marked as reasoning models.",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
+async def complete(ex: Exchange) -> ChatReply:
+    """The whole answer of a non-streaming request.
+
+    Raises:
+        UpstreamError: the upstream failed or refused the request.
+    """
+    return await ex.provider.chat(ex.call)
+
+
+async def stream(ex: Exchange) -> AsyncGenerator[list[bytes], None]:
+    """Batches of OpenAI chunk payloads; the first batch is awaited before anything is sent.
+
+    Raises:
+        UpstreamError: before the first batch (the caller can still answer with a status)
+            or during the stream (the caller ends it with an error event).
+    """
+    events = ex.provider.stream_chat(ex.call)
+    try:
+        first = await anext(events, None)
+        if first is None:
+            raise UpstreamError(
+                f"The upstream provider '{ex.provider.config.name}' ended the stream "
+                "without events."
+            )
+        yield first
+        async for batch in events:
+            yield batch
+    finally:
+        await events.aclose()
+
+
+def finish(ex: Exchange) -> None:
+    """Copy usage (or an estimate when the upstream never reported it) into the trace."""
+    trace, call = ex.trace, ex.call
+    if call.first_byte_at is not None:
+        trace.ttft_ms = round((call.first_byte_at - call.started_at) * 1000, 3)
+    task = asyncio.current_task()
+    hung_up = task is not None and task.cancelling() > 0  # the upstream already has the prompt
+    if call.usage is not None:
+        trace.prompt_tokens = call.usage.prompt_tokens
+        trace.completion_tokens = call.usage.completion_tokens
+    elif call.first_byte_at is not None or hung_up:
+        trace.estimated = True
+        trace.prompt_tokens = estimate_prompt_tokens(call.request)
+        trace.completion_tokens = call.chunks
