@@ -16,13 +16,16 @@ from weakref import WeakSet
 import aiohttp
 from aiohttp import web
 
+from gateway.admission import Gate
 from gateway.auth import KeyCache, auth_middleware
 from gateway.middleware import error_middleware, request_context
 from gateway.providers import Provider, build_provider
+from gateway.records import KeyRecord
 from gateway.router import Router
 from gateway.routes import setup_routes
 from gateway.settings import ProviderConfig, Settings
 from gateway.state import (
+    GATE_KEY,
     KEYS_KEY,
     ROUTER_KEY,
     SETTINGS_KEY,
@@ -59,7 +62,19 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
-    cache = KeyCache(app[STORE_KEY], app[SETTINGS_KEY].server.keys_refresh_seconds)
+    settings = app[SETTINGS_KEY]
+    gate = app[GATE_KEY] = Gate(app[STORE_KEY])
+    recorder = app[USAGE_KEY]
+
+    async def sync_budgets(keys: list[KeyRecord]) -> None:
+        await gate.sync(keys, recorder.flush)
+
+    cache = KeyCache(
+        app[STORE_KEY],
+        settings.server.keys_refresh_seconds,
+        groups=settings.groups,
+        on_load=sync_budgets,
+    )
     await cache.load()
     app[KEYS_KEY] = cache
     task = asyncio.create_task(cache.run(), name="key-cache-refresh")

@@ -12,19 +12,21 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+import msgspec
 import structlog
 from aiohttp import web
 
 from gateway.errors import AuthenticationFailed
 from gateway.middleware import TRACE_KEY
 from gateway.records import KeyRecord
-from gateway.state import KEYS_KEY, PRINCIPAL_KEY
+from gateway.settings import GroupConfig
+from gateway.state import GATE_KEY, KEYS_KEY, PRINCIPAL_KEY
 from gateway.store import Store
 
-__all__ = ["KeyCache", "Principal", "auth_middleware", "digest_of"]
+__all__ = ["KeyCache", "Principal", "auth_middleware", "digest_of", "with_group"]
 
 log = structlog.get_logger(__name__)
 
@@ -46,12 +48,52 @@ class Principal:
     key: KeyRecord
 
 
-class KeyCache:
-    """Every key, by digest, in memory; `run()` keeps it in step with the database."""
+def with_group(key: KeyRecord, groups: Mapping[str, GroupConfig]) -> KeyRecord:
+    """The key as it is enforced: its group's limits, budget and models where it sets none."""
+    group = groups.get(key.group_name) if key.group_name else None
+    if group is None:
+        return key
+    changes: dict[str, object] = {
+        name: getattr(group, name)
+        for name in _GROUP_DEFAULTS
+        if getattr(key, name) is None and getattr(group, name) is not None
+    }
+    if not key.models and group.models:
+        changes["models"] = group.models
+    return msgspec.structs.replace(key, **changes) if changes else key
 
-    def __init__(self, store: Store, refresh_seconds: float) -> None:
+
+_GROUP_DEFAULTS = (
+    "rpm",
+    "tpm",
+    "max_concurrency",
+    "budget_tokens",
+    "budget_usd",
+    "budget_period",
+)
+
+OnLoad = Callable[[list[KeyRecord]], Awaitable[None]]
+
+
+class KeyCache:
+    """Every key, by digest, in memory; `run()` keeps it in step with the database.
+
+    Keys are held as enforced: merged with their config group's defaults. `on_load` runs on
+    the new keys before they replace the old ones (the budget book reads their spending).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        refresh_seconds: float,
+        *,
+        groups: Iterable[GroupConfig] = (),
+        on_load: OnLoad | None = None,
+    ) -> None:
         self._store = store
         self._refresh = refresh_seconds
+        self._groups = {g.name: g for g in groups}
+        self._on_load = on_load
         self._by_digest: dict[str, KeyRecord] = {}
         self._version: int | None = None
         self.loads = 0  # completed (re)loads, observable by tests and metrics
@@ -59,7 +101,12 @@ class KeyCache:
 
     async def load(self) -> None:
         self._version = await self._store.data_version()
-        keys = await self._store.list_keys()
+        keys = [with_group(k, self._groups) for k in await self._store.list_keys()]
+        unknown = {k.group_name for k in keys if k.group_name and k.group_name not in self._groups}
+        if unknown:
+            log.warning("key_groups_not_configured", groups=sorted(unknown))
+        if self._on_load is not None:
+            await self._on_load(keys)
         self._by_digest = {k.digest: k for k in keys}
         self.loads += 1
         self._loaded.set()
@@ -84,9 +131,14 @@ class KeyCache:
             except Exception:  # keep serving from the last good cache
                 log.exception("key_cache_refresh_failed")
 
-    def put(self, key: KeyRecord) -> None:
+    def with_groups(self, key: KeyRecord) -> KeyRecord:
+        """The key as it is enforced (its group's defaults applied)."""
+        return with_group(key, self._groups)
+
+    def put(self, key: KeyRecord) -> KeyRecord:
         """Apply a change made through this process (admin API) without waiting for a poll."""
-        self._by_digest[key.digest] = key
+        key = self._by_digest[key.digest] = with_group(key, self._groups)
+        return key
 
     def lookup(self, secret: str) -> KeyRecord | None:
         digest = digest_of(secret)
@@ -136,5 +188,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         trace = request.get(TRACE_KEY)
         if trace is not None:
             trace.key_id = principal.key.id
+            if principal.key.has_limits:  # every response of a limited key tells its state
+                trace.headers = request.app[GATE_KEY].headers(principal.key)
         structlog.contextvars.bind_contextvars(key_id=principal.key.id)
     return await handler(request)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sqlite3
 import sys
 import time
@@ -24,48 +23,16 @@ from aiohttp import web
 from gateway import __version__
 from gateway.errors import InvalidRequest, NotFound
 from gateway.logging import configure_logging
-from gateway.records import KeyRecord
-from gateway.settings import ConfigError, load_settings
+from gateway.records import KeyRecord, key_view
+from gateway.settings import ConfigError, Settings, load_settings
 from gateway.store import Store, StoreError, open_store
+from gateway.timeparse import parse_expires, parse_since
 
 __all__ = ["main", "parse_expires", "parse_since"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_LATEST = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the last time datetime can show
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _LIMITS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd", "budget_period")
 
 Command = Callable[[Store, argparse.Namespace], Awaitable[int]]
-
-
-def _instant(text: str, now: float, sign: int) -> float:
-    """`30d`/`12h`/`90m` from now (times `sign`), or an ISO-8601 time (UTC unless it says)."""
-    match = _DURATION.match(text)
-    if match:
-        return now + sign * float(match[1]) * _UNIT_SECONDS[match[2]]
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither a duration (30d, 12h) nor an ISO-8601 time"
-        ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
-def parse_expires(text: str, now: float | None = None) -> float:
-    """The unix time a key given `--expires TEXT` expires at; it must lie in the future."""
-    now = time.time() if now is None else now
-    when = _instant(text, now, +1)
-    if when <= now:
-        raise ValueError(f"{text!r} is not in the future")
-    if when > _LATEST:
-        raise ValueError(f"{text!r} is too far in the future (the limit is 9999-12-31)")
-    return when
-
-
-def parse_since(text: str, now: float | None = None) -> float:
-    """The unix time `--since TEXT` means: a duration ago, or an ISO-8601 time."""
-    return _instant(text, time.time() if now is None else now, -1)
 
 
 def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -114,6 +81,8 @@ def _key_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
     ):
         add(f"--{flag}", type=_argtype(kind), default=default, metavar="N", help=text + none)
     add("--budget-period", choices=("day", "week", "month", "total"), default=default)
+    add("--group", dest="group_name", default=default, metavar="NAME", help="a [[groups]] entry")
+    add("--notes", default=default, metavar="TEXT", help="free text for people")
     expiry = parser.add_mutually_exclusive_group()
     expiry.add_argument(
         "--expires",
@@ -167,6 +136,9 @@ def _build_parser() -> argparse.ArgumentParser:
     usage = sub.add_parser("usage", parents=both, help="usage report")
     usage.add_argument("--key", metavar="ID")
     usage.add_argument("--since", type=_argtype(parse_since), metavar="7d|ISO-8601")
+    usage.add_argument(
+        "--until", type=_argtype(parse_since), metavar="1d|ISO-8601", help="exclusive end"
+    )
     usage.add_argument("--by", choices=("key", "model", "day"), default="key")
     usage.set_defaults(run=_usage)
     return parser
@@ -180,9 +152,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _key_obj(key: KeyRecord) -> dict[str, Any]:
-    obj = msgspec.structs.asdict(key)
-    del obj["digest"]  # not a secret, but of no use to a reader
-    return obj
+    return key_view(key)
 
 
 def _when(ts: float | None, never: str = "-") -> str:
@@ -233,6 +203,8 @@ def _print_key(key: KeyRecord) -> None:
         "tpm": _opt(key.tpm),
         "max_concurrency": _opt(key.max_concurrency),
         "budget": _budget(key),
+        "group": _opt(key.group_name),
+        "notes": key.notes or "-",
         "expires": _when(key.expires_at, "never"),
         "created": _when(key.created_at),
         "updated": _when(key.updated_at),
@@ -254,9 +226,20 @@ def _show(key: KeyRecord, args: argparse.Namespace) -> int:
 # Commands
 
 
+def _check_group(name: str | None, args: argparse.Namespace) -> None:
+    """Refuse a group the config does not define (when a config was read at all)."""
+    settings: Settings | None = getattr(args, "settings", None)
+    if name is not None and settings is not None and settings.group(name) is None:
+        known = ", ".join(g.name for g in settings.groups) or "none are configured"
+        raise InvalidRequest(f"No group named {name!r} in the config ({known}).", param="group")
+
+
 async def _keys_create(store: Store, args: argparse.Namespace) -> int:
-    fields = {f: getattr(args, f) for f in (*_LIMITS, "expires_at")}
-    key, secret = await store.create_key(name=args.name, models=args.models or (), **fields)
+    _check_group(args.group_name, args)
+    fields = {f: getattr(args, f) for f in (*_LIMITS, "expires_at", "group_name")}
+    key, secret = await store.create_key(
+        name=args.name, models=args.models or (), notes=args.notes or "", **fields
+    )
     if args.json:
         _print_json({**_key_obj(key), "key": secret})
     else:
@@ -287,7 +270,13 @@ async def _keys_show(store: Store, args: argparse.Namespace) -> int:
 
 async def _keys_update(store: Store, args: argparse.Namespace) -> int:
     given = vars(args)  # options left out are absent (SUPPRESS), not None
-    changes = {f: given[f] for f in (*_LIMITS, "name", "models", "expires_at") if f in given}
+    names = (*_LIMITS, "name", "models", "expires_at", "group_name", "notes")
+    changes = {f: given[f] for f in names if f in given}
+    for field, cleared in (("notes", ""), ("group_name", None)):
+        value = changes.get(field)
+        if isinstance(value, str) and value.strip().lower() == "none":  # `--group none`
+            changes[field] = cleared
+    _check_group(changes.get("group_name"), args)
     if given.get("clear_expires"):
         changes["expires_at"] = None
     if not changes:
@@ -303,7 +292,9 @@ async def _keys_revoke(store: Store, args: argparse.Namespace) -> int:
 async def _usage(store: Store, args: argparse.Namespace) -> int:
     if args.key is not None:
         await store.require_key(args.key)
-    rows = await store.usage_summary(since=args.since, key_id=args.key, by=args.by)
+    rows = await store.usage_summary(
+        since=args.since, until=args.until, key_id=args.key, by=args.by
+    )
     if args.json:
         _print_json(rows)
         return 0
@@ -371,9 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         # Settings only supply the database path. With --db and no --config they are not
         # loaded, so a shell without the providers' env secrets can still manage keys.
         path = args.db
+        args.settings = None
         if path is None or args.config is not None:
-            database = load_settings(args.config, os.environ).server.database
-            path = path or database
+            args.settings = load_settings(args.config, os.environ)
+            path = path or args.settings.server.database
         return asyncio.run(_run_with_store(path, args.run, args))
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)

@@ -66,6 +66,9 @@ class GatewayError(Exception):
     type: str = "server_error"
     code: str | None = None
     retryable: bool = False
+    # Sent as `x-should-retry`, which the OpenAI and Anthropic SDKs obey over their own rules
+    # (e.g. they retry every 429 unless told not to).
+    should_retry: bool | None = None
 
     def __init__(
         self,
@@ -127,6 +130,7 @@ class QuotaExceeded(GatewayError):
     status = 429
     type = "insufficient_quota"
     code = "insufficient_quota"
+    should_retry = False  # retrying cannot help until the budget period turns
 
 
 class UpstreamError(GatewayError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import re
 import time
 import uuid
@@ -61,6 +62,8 @@ class RequestTrace:
     completion_tokens: int = 0
     ttft_ms: float | None = None
     estimated: bool = False
+    # Response headers that belong to the caller's key (x-ratelimit-*), on every response.
+    headers: dict[str, str] | None = None
 
 
 TRACE_KEY: web.RequestKey[RequestTrace] = web.RequestKey("trace")
@@ -94,8 +97,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
         status = response.status
-        if not response.prepared:  # streams set it themselves before their headers go out
+        if not response.prepared:  # streams set these themselves before their headers go out
             response.headers["X-Request-ID"] = trace.request_id
+            if trace.headers:
+                response.headers.update(trace.headers)
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED  # handler cancelled because the client went away
@@ -155,7 +160,12 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
 def error_response(exc: GatewayError) -> web.Response:
     headers = {}
     if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        # Whole seconds, rounded up so a client that obeys is not refused again; the SDKs
+        # read the exact figure from retry-after-ms first.
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after * 1000)))
+    if exc.should_retry is not None:
+        headers["x-should-retry"] = "true" if exc.should_retry else "false"
     return web.Response(
         status=exc.status, body=error_body(exc), content_type="application/json", headers=headers
     )

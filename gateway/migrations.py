@@ -51,6 +51,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX usage_ts ON usage (ts)",
         "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
     ),
+    (
+        # Keys may belong to a config group (its limits and budget are their defaults).
+        "ALTER TABLE keys ADD COLUMN group_name TEXT",
+        "ALTER TABLE keys ADD COLUMN notes TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 

@@ -16,14 +16,15 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET
 
+from gateway.admission import Gate, Ticket
 from gateway.errors import InvalidRequest, PermissionDenied, UpstreamError
 from gateway.middleware import TRACE_KEY, RequestTrace
 from gateway.providers import ChatCall, ChatReply, Provider
-from gateway.records import model_allowed
+from gateway.records import KeyRecord, model_allowed
 from gateway.router import Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
-from gateway.state import PRINCIPAL_KEY, ROUTER_KEY
+from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY
 from gateway.tokens import estimate_prompt_tokens
 
 __all__ = ["MAX_MODEL_ID", "Exchange", "begin", "complete", "finish", "stream"]
@@ -39,6 +40,7 @@ class Exchange:
     trace: RequestTrace
     call: ChatCall
     provider: Provider
+    ticket: Ticket | None = None  # what the request holds of its key's limits and budget
 
 
 def begin(
@@ -89,7 +91,21 @@ def begin(
         api_key=route.api_key,
         request_id=trace.request_id,
     )
-    return Exchange(request=request, trace=trace, call=call, provider=route.provider)
+    ex = Exchange(request=request, trace=trace, call=call, provider=route.provider)
+    key = principal.key
+    if key.has_limits or key.has_budget:
+        ex.ticket = _admit(request.app[GATE_KEY], key, call, route.provider)
+        if key.has_limits:
+            trace.headers = request.app[GATE_KEY].headers(key)
+    return ex
+
+
+def _admit(gate: Gate, key: KeyRecord, call: ChatCall, provider: Provider) -> Ticket | None:
+    """Hold what the request may use at most: its prompt (estimated) and its output limit."""
+    prompt = estimate_prompt_tokens(call.request)
+    choices = call.request.n if isinstance(call.request.n, int) else 1
+    output = (call.max_tokens or provider.config.default_max_tokens) * choices
+    return gate.admit(key, prompt + output, call.model.cost_usd(prompt, output))
 
 
 def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool) -> None:
@@ -154,3 +170,7 @@ def finish(ex: Exchange) -> None:
         trace.estimated = True
         trace.prompt_tokens = estimate_prompt_tokens(call.request)
         trace.completion_tokens = call.chunks
+    if ex.ticket is not None:
+        used = trace.prompt_tokens + trace.completion_tokens
+        cost = call.model.cost_usd(trace.prompt_tokens, trace.completion_tokens)
+        ex.request.app[GATE_KEY].settle(ex.ticket, used, cost)

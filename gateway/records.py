@@ -7,11 +7,18 @@ recorder queues `UsageRecord`s; none of those modules depends on another's inter
 from __future__ import annotations
 
 import fnmatch
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["BudgetPeriod", "KeyRecord", "UsageRecord", "UsageSummaryRow", "model_allowed"]
+__all__ = [
+    "BudgetPeriod",
+    "KeyRecord",
+    "UsageRecord",
+    "UsageSummaryRow",
+    "key_view",
+    "model_allowed",
+]
 
 BudgetPeriod = Literal["day", "week", "month", "total"]
 
@@ -52,6 +59,8 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: float | None = None
     revoked_at: float | None = None
     metadata: dict[str, str] = {}
+    group_name: str | None = None  # a `[[groups]]` entry of the config: defaults for this key
+    notes: str = ""
 
     def usable_at(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -59,6 +68,18 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def has_limits(self) -> bool:
         return any(v is not None for v in (self.rpm, self.tpm, self.max_concurrency))
+
+    @property
+    def has_budget(self) -> bool:
+        return self.budget_tokens is not None or self.budget_usd is not None
+
+
+def key_view(key: KeyRecord) -> dict[str, Any]:
+    """A key as the CLI and the admin API show it: never its digest (nor, of course, secret)."""
+    view = msgspec.structs.asdict(key)
+    del view["digest"]
+    view["group"] = view.pop("group_name")
+    return view
 
 
 class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):

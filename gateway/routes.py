@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.handlers import chat, health, models
+from gateway.handlers import admin, chat, health, models
 
 __all__ = ["setup_routes"]
 
@@ -16,3 +16,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model:.+}", models.get_model)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
+    app.router.add_post("/admin/keys", admin.create_key)
+    app.router.add_get("/admin/keys", admin.list_keys)
+    app.router.add_get("/admin/keys/{key_id}", admin.get_key)
+    app.router.add_patch("/admin/keys/{key_id}", admin.update_key)
+    app.router.add_delete("/admin/keys/{key_id}", admin.revoke_key)
+    app.router.add_get("/admin/usage", admin.usage)

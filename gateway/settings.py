@@ -19,6 +19,7 @@ import msgspec
 __all__ = [
     "DEFAULT_BASE_URLS",
     "ConfigError",
+    "GroupConfig",
     "ModelConfig",
     "ProviderConfig",
     "ServerSettings",
@@ -132,16 +133,33 @@ class ModelConfig(_Base, frozen=True):
         ) / 1_000_000
 
 
+class GroupConfig(_Base, frozen=True):
+    """Defaults for the keys of a group: a key's own value, when set, wins."""
+
+    name: Name
+    models: tuple[str, ...] = ()
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrency: PositiveInt | None = None
+    budget_tokens: PositiveInt | None = None
+    budget_usd: PositiveFloat | None = None
+    budget_period: Literal["day", "week", "month", "total"] | None = None
+
+
 class Settings(_Base, frozen=True):
     server: ServerSettings = ServerSettings()
     providers: tuple[ProviderConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
+    groups: tuple[GroupConfig, ...] = ()
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def group(self, name: str) -> GroupConfig | None:
+        return next((g for g in self.groups if g.name == name), None)
 
     def is_reasoning(self, provider: ProviderConfig, upstream_model: str) -> bool:
         return any(fnmatch.fnmatchcase(upstream_model, p) for p in provider.reasoning_models)
@@ -216,7 +234,14 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
                 raise ConfigError(
                     f"{where}.targets[{j}].provider: no provider named {t.provider!r}"
                 )
-    resolved = Settings(server=server, providers=tuple(providers), models=settings.models)
+    groups: set[str] = set()
+    for i, g in enumerate(settings.groups):
+        if g.name in groups:
+            raise ConfigError(f"groups[{i}].name: duplicate group name {g.name!r}")
+        groups.add(g.name)
+    resolved = Settings(
+        server=server, providers=tuple(providers), models=settings.models, groups=settings.groups
+    )
     default = server.default_model
     if default and resolved.model(default) is None:
         prefix = default.split("/", 1)[0]

@@ -55,7 +55,10 @@ class SSEStream:
         )
 
     async def start(self) -> None:
-        self.response.headers["X-Request-ID"] = self._request[TRACE_KEY].request_id
+        trace = self._request[TRACE_KEY]
+        self.response.headers["X-Request-ID"] = trace.request_id
+        if trace.headers:
+            self.response.headers.update(trace.headers)
         await self.response.prepare(self._request)
         task = asyncio.current_task()
         if task is not None:

@@ -9,6 +9,7 @@ from weakref import WeakSet
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from gateway.admission import Gate
     from gateway.auth import KeyCache, Principal
     from gateway.router import Router
     from gateway.settings import Settings
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from gateway.usage import UsageRecorder
 
 __all__ = [
+    "GATE_KEY",
     "KEYS_KEY",
     "PRINCIPAL_KEY",
     "ROUTER_KEY",
@@ -30,6 +32,8 @@ SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
 USAGE_KEY: web.AppKey[UsageRecorder] = web.AppKey("usage")
 KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
+# Rate limits and budgets of every key (memory only on the request path).
+GATE_KEY: web.AppKey[Gate] = web.AppKey("gate")
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
 # Tasks serving open SSE streams, so shutdown can end them instead of waiting for them.
 STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")

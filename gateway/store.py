@@ -38,7 +38,7 @@ _KEY_FIELDS = [f.name for f in msgspec.structs.fields(KeyRecord)]
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
 _UPDATABLE = frozenset(
     {"name", "models", "rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd"}
-    | {"budget_period", "expires_at", "metadata"}
+    | {"budget_period", "expires_at", "metadata", "group_name", "notes"}
 )
 _USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
 # A record's fields are its table's columns; queries name them explicitly. S608 is silenced
@@ -167,6 +167,8 @@ class Store:
         budget_period: BudgetPeriod | None = None,
         expires_at: float | None = None,
         metadata: dict[str, str] | None = None,
+        group_name: str | None = None,
+        notes: str = "",
         secret: str | None = None,
     ) -> tuple[KeyRecord, str]:
         """Create a key and return it with its plain secret, which is never stored or shown again.
@@ -197,6 +199,8 @@ class Store:
                 budget_period=budget_period,
                 expires_at=expires_at,
                 metadata=dict(metadata or {}),
+                group_name=group_name,
+                notes=notes,
             )
         )
         async with self._transaction() as db:
@@ -268,6 +272,15 @@ class Store:
         params = [msgspec.structs.astuple(r) for r in rows]
         async with self._transaction() as db:
             await db.executemany(_INSERT_USAGE, params)
+
+    async def spend_since(self, key_id: str, since: float) -> tuple[int, float]:
+        """Tokens and USD a key has used since a unix time (its budget period's start)."""
+        async with self.db.execute(
+            "SELECT TOTAL(total_tokens), TOTAL(cost_usd) FROM usage WHERE key_id = ? AND ts >= ?",
+            (key_id, since),
+        ) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
     async def usage_summary(
         self,

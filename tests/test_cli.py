@@ -313,3 +313,32 @@ def test_unusable_database_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture
     for db in (tmp_path / "no-such-dir" / "keys.db", not_a_db):
         assert cli.main(["keys", "list", "--db", str(db)]) == 1
         assert capsys.readouterr().err.startswith("gateway: database error: ")
+
+
+def test_groups_and_notes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{tmp_path / "g.db"}"\n\n[[groups]]\nname = "team"\nrpm = 10\n'
+    )
+    base = ["--config", str(config), "--json"]
+    assert (
+        cli.main(["keys", "create", "--name", "a", "--group", "team", "--notes", "hi", *base]) == 0
+    )
+    created = json.loads(capsys.readouterr().out)
+    assert (created["group"], created["notes"], created["rpm"]) == ("team", "hi", None)
+    assert cli.main(["keys", "create", "--name", "b", "--group", "ghost", *base]) == 2
+    assert "No group named 'ghost'" in capsys.readouterr().err
+    update = ["keys", "update", created["id"], "--group", "none", "--notes", "none", *base]
+    assert cli.main(update) == 0
+    updated = json.loads(capsys.readouterr().out)
+    assert (updated["group"], updated["notes"]) == (None, "")
+
+
+def test_usage_until(run: Run) -> None:
+    key_id = run.json("keys", "create", "--name", "g")["id"]
+    seed_usage(run.db, key_id)
+    everything = run.json("usage")
+    assert sum(r["requests"] for r in everything) == 3
+    assert run.json("usage", "--until", "1d") == [
+        r for r in everything if r["group"] == "key_other"
+    ]

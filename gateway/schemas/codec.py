@@ -35,7 +35,7 @@ def present(value: msgspec.Raw | msgspec.UnsetType | None) -> TypeGuard[msgspec.
 
 
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
+_MISSING = re.compile(r"^Object (missing required|contains unknown) field `(?P<field>[^`]+)`")
 
 
 def param_of(message: str) -> tuple[str, str | None]:

@@ -1,0 +1,127 @@
+"""Per-key spending budgets (tokens and/or USD, per day, week, month or in total).
+
+A request reserves what it may cost (prompt estimate plus its output limit, priced with the
+model's prices) before it is sent, and the reservation is settled with what it really cost
+when it ends. A reservation that does not fit beside what is spent and what other requests
+hold is refused, so concurrent requests cannot together overspend by more than their own
+estimates were short. Spent amounts come from the usage table, so they survive a restart.
+Periods are calendar periods in UTC; weeks start on Monday.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from gateway.errors import QuotaExceeded
+from gateway.records import BudgetPeriod, KeyRecord
+
+__all__ = ["BudgetBook", "Spend", "period_start"]
+
+Clock = Callable[[], float]
+
+
+def period_start(period: BudgetPeriod | None, now: float) -> float:
+    """The unix time the budget period holding `now` began (0 for `total` or no period)."""
+    if period in (None, "total"):
+        return 0.0
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "week":
+        day -= timedelta(days=day.weekday())
+    elif period == "month":
+        day = day.replace(day=1)
+    return day.timestamp()
+
+
+@dataclass(slots=True)
+class Spend:
+    """A key's spending in its current period: settled, and held by requests in flight."""
+
+    start: float
+    tokens: int = 0
+    usd: float = 0.0
+    held_tokens: int = 0
+    held_usd: float = 0.0
+
+
+class BudgetBook:
+    """What every budgeted key has spent this period. `load()` fills it from the usage table."""
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._spend: dict[str, Spend] = {}
+        self._periods: dict[str, BudgetPeriod | None] = {}
+
+    def needs_load(self, key: KeyRecord) -> bool:
+        """Whether the key's spending must be read from the usage table first."""
+        return key.has_budget and (
+            key.id not in self._spend or self._periods.get(key.id) != key.budget_period
+        )
+
+    def load(self, key: KeyRecord, start: float, tokens: int, usd: float) -> None:
+        """Set a key's settled spending since `start` (requests in flight keep their holds)."""
+        held = self._spend.get(key.id)
+        self._spend[key.id] = Spend(
+            start=start,
+            tokens=tokens,
+            usd=usd,
+            held_tokens=held.held_tokens if held else 0,
+            held_usd=held.held_usd if held else 0.0,
+        )
+        self._periods[key.id] = key.budget_period
+
+    def spent(self, key: KeyRecord) -> Spend | None:
+        spend = self._spend.get(key.id)
+        if spend is not None:
+            self._roll(key, spend)
+        return spend
+
+    def _roll(self, key: KeyRecord, spend: Spend) -> None:
+        start = period_start(key.budget_period, self._clock())
+        if start > spend.start:  # a new period: what was spent before no longer counts
+            spend.start, spend.tokens, spend.usd = start, 0, 0.0
+
+    def reserve(self, key: KeyRecord, tokens: int, usd: float) -> None:
+        """Hold `tokens` and `usd` of the key's budget for one request, or refuse it.
+
+        Raises:
+            QuotaExceeded: the hold does not fit in what is left of the budget.
+        """
+        spend = self.spent(key)
+        if spend is None:  # not loaded yet (a key created a moment ago has spent nothing)
+            spend = self._spend[key.id] = Spend(
+                start=period_start(key.budget_period, self._clock())
+            )
+            self._periods[key.id] = key.budget_period
+        over = []
+        if key.budget_tokens is not None:
+            left = key.budget_tokens - spend.tokens - spend.held_tokens
+            if tokens > left:
+                over.append(f"{max(0, left)} of {key.budget_tokens} tokens left")
+        if key.budget_usd is not None:
+            left_usd = key.budget_usd - spend.usd - spend.held_usd
+            if usd > left_usd:
+                over.append(f"${max(0.0, left_usd):.4f} of ${key.budget_usd:g} left")
+        if over:
+            period = key.budget_period or "total"
+            when = "in total" if period == "total" else f"this {period}"
+            raise QuotaExceeded(
+                f"API limit exceeded, upgrade your plan: this key's budget has "
+                f"{' and '.join(over)} {when}, and this request may use up to {tokens} "
+                f"tokens (${usd:.4f}). Lower max_tokens or wait for the next period."
+            )
+        spend.held_tokens += tokens
+        spend.held_usd += usd
+
+    def settle(self, key: KeyRecord, held: tuple[int, float], used: tuple[int, float]) -> None:
+        """Release a request's hold and count what it really used."""
+        spend = self._spend.get(key.id)
+        if spend is None:
+            return
+        spend.held_tokens = max(0, spend.held_tokens - held[0])
+        spend.held_usd = max(0.0, spend.held_usd - held[1])
+        self._roll(key, spend)
+        spend.tokens += used[0]
+        spend.usd += used[1]

@@ -1,0 +1,200 @@
+"""The admin API: manage keys and read usage with `Authorization: Bearer <server.admin_key>`.
+
+Without an admin key in the config the API is off (every route answers 404, as if it did not
+exist). The admin key is compared in constant time. No answer ever holds a key's secret, except
+the one that creates it; changes reach the running key cache at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from aiohttp import web
+from msgspec import UNSET, UnsetType
+
+from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
+from gateway.records import KeyRecord, key_view
+from gateway.schemas.codec import decode_body, encode
+from gateway.settings import Settings
+from gateway.state import GATE_KEY, KEYS_KEY, SETTINGS_KEY, STORE_KEY, USAGE_KEY
+from gateway.timeparse import parse_expires, parse_since
+
+__all__ = ["create_key", "get_key", "list_keys", "revoke_key", "update_key", "usage"]
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Period = Literal["day", "week", "month", "total"]
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+    msgspec.Meta(max_length=16),
+]
+
+
+class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    models: list[str] = []
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrency: PositiveInt | None = None
+    budget_tokens: PositiveInt | None = None
+    budget_usd: PositiveFloat | None = None
+    budget_period: Period | None = None
+    expires_at: float | str | None = None  # unix seconds, "30d", or ISO-8601
+    group: str | None = None
+    notes: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+    metadata: Metadata = {}
+
+
+class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Fields left out stay as they are; `null` clears a limit, budget, expiry or group."""
+
+    name: Name | UnsetType = UNSET
+    models: list[str] | UnsetType = UNSET
+    rpm: PositiveInt | UnsetType | None = UNSET
+    tpm: PositiveInt | UnsetType | None = UNSET
+    max_concurrency: PositiveInt | UnsetType | None = UNSET
+    budget_tokens: PositiveInt | UnsetType | None = UNSET
+    budget_usd: PositiveFloat | UnsetType | None = UNSET
+    budget_period: Period | UnsetType | None = UNSET
+    expires_at: float | str | UnsetType | None = UNSET
+    group: str | UnsetType | None = UNSET
+    notes: Annotated[str, msgspec.Meta(max_length=2000)] | UnsetType = UNSET
+    metadata: Metadata | UnsetType = UNSET
+
+
+def _require_admin(request: web.Request) -> None:
+    admin_key = request.app[SETTINGS_KEY].server.admin_key
+    if admin_key is None:
+        raise NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    presented = token.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented, admin_key.encode()):
+        raise AuthenticationFailed("The admin API needs 'Authorization: Bearer <admin key>'.")
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encode(obj), status=status, content_type="application/json")
+
+
+def _expires(value: float | str | None) -> float | None:
+    if value is None or isinstance(value, float | int):
+        if value is not None and value <= time.time():
+            raise InvalidRequest("'expires_at' must lie in the future.", param="expires_at")
+        return value
+    try:
+        return parse_expires(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid 'expires_at': {exc}", param="expires_at") from None
+
+
+def _check_group(settings: Settings, name: str | None) -> None:
+    if name is not None and settings.group(name) is None:
+        raise InvalidRequest(f"No group named {name!r} in the config.", param="group")
+
+
+async def _publish(request: web.Request, key: KeyRecord) -> dict[str, Any]:
+    """Put a changed key into the running cache (its spending loaded first); its view."""
+    enforced = request.app[KEYS_KEY].with_groups(key)
+    await request.app[GATE_KEY].sync([enforced])
+    request.app[KEYS_KEY].put(key)
+    return _view(request, key)
+
+
+def _view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
+    view = key_view(key)
+    view["object"] = "api_key"
+    spend = request.app[GATE_KEY].spent(request.app[KEYS_KEY].with_groups(key))
+    if spend is not None:
+        view["spend"] = {"period_start": spend.start, "tokens": spend.tokens, "usd": spend.usd}
+    return view
+
+
+async def create_key(request: web.Request) -> web.Response:
+    """`POST /admin/keys`: the new key, with its secret in `key` (the only time it is shown)."""
+    _require_admin(request)
+    body = decode_body(await request.read(), KeyCreate)
+    _check_group(request.app[SETTINGS_KEY], body.group)
+    record, secret = await request.app[STORE_KEY].create_key(
+        name=body.name,
+        models=body.models,
+        rpm=body.rpm,
+        tpm=body.tpm,
+        max_concurrency=body.max_concurrency,
+        budget_tokens=body.budget_tokens,
+        budget_usd=body.budget_usd,
+        budget_period=body.budget_period,
+        expires_at=_expires(body.expires_at),
+        metadata=body.metadata,
+        group_name=body.group,
+        notes=body.notes,
+    )
+    view = await _publish(request, record)
+    return _json({**view, "key": secret}, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    """`GET /admin/keys`: every key, revoked and expired ones included."""
+    _require_admin(request)
+    keys = await request.app[STORE_KEY].list_keys()
+    return _json({"object": "list", "data": [_view(request, k) for k in keys]})
+
+
+async def get_key(request: web.Request) -> web.Response:
+    _require_admin(request)
+    key = await request.app[STORE_KEY].require_key(request.match_info["key_id"])
+    return _json(_view(request, key))
+
+
+async def update_key(request: web.Request) -> web.Response:
+    """`PATCH /admin/keys/{id}`: change what the body names; `null` clears."""
+    _require_admin(request)
+    body = decode_body(await request.read(), KeyUpdate)
+    changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not UNSET}
+    if "group" in changes:
+        _check_group(request.app[SETTINGS_KEY], changes["group"])
+        changes["group_name"] = changes.pop("group")
+    if "expires_at" in changes:
+        changes["expires_at"] = _expires(changes["expires_at"])
+    if not changes:
+        raise InvalidRequest("The body names no field to change.")
+    key = await request.app[STORE_KEY].update_key(request.match_info["key_id"], **changes)
+    return _json(await _publish(request, key))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    """`DELETE /admin/keys/{id}`: revoke for good (the record stays for the usage history)."""
+    _require_admin(request)
+    key = await request.app[STORE_KEY].revoke_key(request.match_info["key_id"])
+    return _json(await _publish(request, key))
+
+
+async def usage(request: web.Request) -> web.Response:
+    """`GET /admin/usage?since=7d&until=...&key=...&by=key|model|day`."""
+    _require_admin(request)
+    query = request.query
+    by = query.get("by", "key")
+    if by not in ("key", "model", "day"):
+        raise InvalidRequest("'by' must be key, model or day.", param="by")
+    bounds: dict[str, float | None] = {}
+    for name in ("since", "until"):
+        text = query.get(name)
+        try:
+            bounds[name] = parse_since(text) if text else None
+        except ValueError as exc:
+            raise InvalidRequest(f"Invalid '{name}': {exc}", param=name) from None
+    await request.app[USAGE_KEY].flush()  # requests that just ended are part of the report
+    store = request.app[STORE_KEY]
+    key_id = query.get("key")
+    if key_id is not None:
+        await store.require_key(key_id)
+    rows = await store.usage_summary(
+        since=bounds["since"],
+        until=bounds["until"],
+        key_id=key_id,
+        by=by,  # type: ignore[arg-type]  # checked above
+    )
+    return _json({"object": "list", "by": by, "data": rows})

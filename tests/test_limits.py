@@ -1,0 +1,235 @@
+"""Per-key limits and budgets end to end: concurrency, headers, refusals, groups, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from aiohttp.test_utils import TestClient
+
+from gateway.settings import GroupConfig, ModelConfig, ProviderConfig, Target
+from gateway.state import GATE_KEY, KEYS_KEY, STORE_KEY, USAGE_KEY
+from tests.conftest import (
+    MakeSettings,
+    app_of,
+    create_key,
+    openai_client,
+    sse_events,
+    start_gateway,
+    usage_rows,
+)
+from tests.fakes import FakeOpenAI
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+# What the gateway reserves for HI with max_tokens=50: a prompt estimate of 8 plus 50.
+RESERVED = 58
+
+
+def body(**extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": HI, "max_tokens": 50} | extra
+
+
+async def rig(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    **server: Any,
+) -> tuple[FakeOpenAI, TestClient[Any, Any]]:
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    settings = make_settings(
+        providers=(ProviderConfig(name="up", type="openai", base_url=fake.base_url),),
+        models=(
+            ModelConfig(
+                name="m",
+                targets=(Target(provider="up", model="gpt-4o-mini"),),
+                input_price_per_mtok=1000.0,  # $0.001 a token: budgets in USD stay readable
+                output_price_per_mtok=1000.0,
+            ),
+        ),
+        **server,
+    )
+    return fake, await start_gateway(aiohttp_client, settings)
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+async def up(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> tuple[FakeOpenAI, TestClient[Any, Any]]:
+    return await rig(aiohttp_server, aiohttp_client, make_settings)
+
+
+async def test_a_burst_cannot_spend_past_the_budget(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    fake, gw = up
+    secret = await create_key(gw, budget_tokens=10 * RESERVED, budget_period="day")
+    fake.always(delay_headers=0.2)  # all 50 are in flight together
+
+    async def one() -> tuple[int, dict[str, Any]]:
+        async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+            return resp.status, await resp.json()
+
+    results = await asyncio.gather(*(one() for _ in range(50)))
+    statuses = [s for s, _ in results]
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 40
+    refusal = next(b for s, b in results if s == 429)["error"]
+    assert refusal["code"] == "insufficient_quota" and refusal["type"] == "insufficient_quota"
+    assert refusal["message"].startswith("API limit exceeded, upgrade your plan")
+    rows = [r for r in await usage_rows(gw) if r["status"] == 200]
+    assert sum(r["total_tokens"] for r in rows) <= 10 * RESERVED  # never past the budget
+
+
+async def test_budget_refusal_tells_clients_not_to_retry(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    _, gw = up
+    secret = await create_key(gw, budget_usd=0.01, budget_period="month")
+    async with openai_client(gw, secret) as client:
+        with pytest.raises(openai.RateLimitError) as err:
+            await client.chat.completions.create(model="m", messages=HI, max_tokens=50)
+    assert err.value.code == "insufficient_quota"
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert "$0.0100 of $0.01 left this month" in err.value.message
+
+
+async def test_spend_survives_a_restart(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    _, gw = await rig(aiohttp_server, aiohttp_client, make_settings)
+    secret = await create_key(gw, budget_tokens=3 * RESERVED, budget_period="total")
+    for _ in range(2):
+        async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+            assert resp.status == 200
+    spent = sum(r["total_tokens"] for r in await usage_rows(gw))
+    await gw.close()  # a clean stop writes every usage row
+
+    _, again = await rig(aiohttp_server, aiohttp_client, make_settings)
+    record = app_of(again)[KEYS_KEY].lookup(secret)
+    assert record is not None
+    spend = app_of(again)[GATE_KEY].spent(record)
+    assert spend is not None and spend.tokens == spent
+    # 3 reservations fit the budget, but 2 requests' real use is already spent.
+    left = 3 * RESERVED - spent
+    async with again.post(CHAT, json=body(max_tokens=left), headers=auth(secret)) as resp:
+        assert resp.status == 429
+    async with again.post(CHAT, json=body(max_tokens=left - 8), headers=auth(secret)) as resp:
+        assert resp.status == 200
+
+
+async def test_rate_limit_headers_on_every_response(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    _, gw = up
+    secret = await create_key(gw, rpm=3, tpm=10_000)
+    async with gw.get("/v1/models", headers=auth(secret)) as resp:
+        assert resp.headers["x-ratelimit-remaining-requests"] == "3"  # a look costs nothing
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-ratelimit-limit-requests"] == "3"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "2"
+        assert resp.headers["x-ratelimit-limit-tokens"] == "10000"
+        assert int(resp.headers["x-ratelimit-remaining-tokens"]) <= 10_000 - RESERVED
+        assert resp.headers["x-ratelimit-reset-requests"].endswith("s")
+    async with gw.post(CHAT, json=body(stream=True), headers=auth(secret)) as resp:
+        assert resp.headers["x-ratelimit-remaining-requests"] == "1"
+        sse_events(await resp.read())
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+        assert resp.status == 200
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+        error = await resp.json()
+        assert resp.status == 429
+        assert error["error"]["code"] == "rate_limit_exceeded"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+        assert 15 <= int(resp.headers["retry-after"]) <= 20  # one request back every 20 s
+        assert 15_000 <= int(resp.headers["retry-after-ms"]) <= 20_000
+    rows = await usage_rows(gw)
+    assert rows[-1]["status"] == 429
+
+
+async def test_unused_tokens_come_back_after_the_answer(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    _, gw = up
+    secret = await create_key(gw, tpm=2 * RESERVED)
+    for _ in range(6):  # each reserves 58 and uses about 15, so far more than 2 pass
+        async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+            assert resp.status == 200
+    async with gw.post(CHAT, json=body(max_tokens=500), headers=auth(secret)) as resp:
+        assert resp.status == 429
+        assert resp.headers["x-should-retry"] == "false"  # larger than the whole limit
+
+
+async def test_concurrency_limit_with_the_openai_client(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    fake, gw = up
+    secret = await create_key(gw, max_concurrency=1)
+    fake.script(delay_headers=0.3)
+    async with openai_client(gw, secret) as client:
+        first = asyncio.create_task(
+            client.chat.completions.create(model="m", messages=HI, max_tokens=5)
+        )
+        await fake.request_seen.wait()
+        with pytest.raises(openai.RateLimitError, match="in flight"):
+            await client.chat.completions.create(model="m", messages=HI, max_tokens=5)
+        await first
+        await client.chat.completions.create(model="m", messages=HI, max_tokens=5)
+
+
+async def test_group_defaults_and_key_overrides(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    make = make_settings
+
+    def with_groups(**kw: Any) -> Any:
+        settings = make(**kw)
+        groups = (GroupConfig(name="team", rpm=1, models=("m",)),)
+        return type(settings)(
+            server=settings.server,
+            providers=settings.providers,
+            models=settings.models,
+            groups=groups,
+        )
+
+    _, gw = await rig(aiohttp_server, aiohttp_client, with_groups)  # type: ignore[arg-type]
+    member = await create_key(gw, group_name="team")
+    own = await create_key(gw, group_name="team", rpm=5)
+    for secret, allowed in ((member, 1), (own, 5)):
+        statuses = []
+        for _ in range(allowed + 1):
+            async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+                statuses.append(resp.status)
+        assert statuses == [200] * allowed + [429]
+    async with gw.post(CHAT, json=body(model="demo"), headers=auth(member)) as resp:
+        assert resp.status == 403  # the group's model list applies
+
+
+async def test_a_cut_stream_still_counts_what_was_generated(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    fake, gw = up
+    secret = await create_key(gw, budget_tokens=10_000)
+    fake.script(content="one two three four five six", chunk_delay=0.05)
+    async with gw.post(CHAT, json=body(stream=True), headers=auth(secret)) as resp:
+        await resp.content.readany()
+    await fake.client_disconnected.wait()
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    rows = await usage_rows(gw)
+    assert rows[-1]["status"] == 499
+    assert rows[-1]["completion_tokens"] > 0
+    record = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert record is not None
+    spend = app_of(gw)[GATE_KEY].spent(record)
+    assert spend is not None and spend.tokens == rows[-1]["total_tokens"]
+    assert spend.held_tokens == 0
+    assert (await app_of(gw)[STORE_KEY].spend_since(record.id, 0))[0] == spend.tokens
