@@ -1,4 +1,4 @@
-"""Gateway overhead benchmark: vs a bare aiohttp relay, and Anthropic translation vs pass-through.
+"""Gateway overhead: vs a bare aiohttp relay; Anthropic translation and key limits, in-process.
 
     make bench                                  # or: .venv/bin/python -m tests.bench
     .venv/bin/python -m tests.bench --quick     # 10x fewer requests, a smoke run
@@ -6,7 +6,7 @@
     .venv/bin/python -m tests.bench --compare anthropic     # only the translation cells
 
 Three subprocesses on 127.0.0.1: the fake upstream and the relay (`tests/bench_servers.py`) and
-`gateway serve` with a temporary config and database holding one real virtual key. The upstream
+`gateway serve` with a temporary config and database holding real virtual keys. The upstream
 answers OpenAI's `/v1/chat/completions` and Anthropic's `/v1/messages` from precomputed bytes, with
 the same text and a similar number of stream events. The gateway serves model `bench` through an
 `openai` provider (pass-through) and model `bench-anthropic` through an `anthropic` provider
@@ -14,11 +14,13 @@ the same text and a similar number of stream events. The gateway serves model `b
 here, with one aiohttp `ClientSession` per side and cell (connector limit = concurrency), and
 sends the same OpenAI chat request to every side but for its model.
 
-Two comparisons (`--compare`, default both), each over every (mode, concurrency) cell:
+Three comparisons (`--compare`, default all), each over every (mode, concurrency) cell:
 
 * relay: the relay against the gateway's `bench`, the gateway's whole overhead;
 * anthropic: the gateway's `bench-anthropic` against its `bench`, same process, the cost of the
-  Anthropic translation over the OpenAI pass-through.
+  Anthropic translation over the OpenAI pass-through;
+* limits: a key with rate, token, concurrency and budget limits it never reaches against a key
+  without any, same process and model, the cost of admission and settlement.
 
 Every cell warms both sides up, then loads them in alternating rounds (A, B, B, A, ...) so drift
 in machine load hits both alike. Stream latency is the whole response; time to first byte is
@@ -26,10 +28,11 @@ reported too, and so is each server process's CPU time per request (from /proc).
 
 Targets (relay cells): gateway throughput >= 0.8 x relay in every cell, and gateway p50 at
 concurrency 1 within 0.3 ms of the relay's. The anthropic cells have no target: translation
-throughput >= 0.8 x pass-through is printed as information. Missing a target still exits 0 (this
-is a measurement); a server that does not start, or any request that errors (in any cell: JSON
-must be a `chat.completion`, a stream must end with `data: [DONE]`), exits 1. The gateway's output
-goes to /dev/null (its per-request log line is part of its cost) unless `--gateway-log FILE`.
+throughput >= 0.8 x pass-through is printed as information; the limits cells are reported.
+Missing a target still exits 0 (this is a measurement); a server that does not start, or any
+request that errors (in any cell: JSON must be a `chat.completion`, a stream must end with
+`data: [DONE]`), exits 1. The gateway's output goes to /dev/null (its per-request log line is
+part of its cost) unless `--gateway-log FILE`.
 """
 
 from __future__ import annotations
@@ -74,11 +77,12 @@ MAX_ERRORS_SHOWN = 5
 
 Mode = Literal["json", "stream"]
 MODES: tuple[Mode, ...] = ("json", "stream")
-Comparison = Literal["relay", "anthropic"]
-COMPARISONS: tuple[Comparison, ...] = ("relay", "anthropic")
+Comparison = Literal["relay", "anthropic", "limits"]
+COMPARISONS: tuple[Comparison, ...] = ("relay", "anthropic", "limits")
 TITLES: dict[Comparison, str] = {
     "relay": "Gateway vs bare relay (same upstream)",
     "anthropic": "Anthropic translation vs OpenAI pass-through (same gateway)",
+    "limits": "Key with rate limits and a budget vs key without (same gateway)",
 }
 
 _MESSAGES = [
@@ -229,13 +233,28 @@ targets = [{{ provider = "ant", model = "claude-bench" }}]
     )
 
 
-async def create_key(db: Path) -> str:
+# The "limits" comparison's key: limits and a budget far above what a run uses, so every
+# request pays for admission (rate buckets, budget hold, settlement, x-ratelimit headers) but
+# none is refused.
+KEY_LIMITS: dict[str, Any] = {
+    "rpm": 10**9,
+    "tpm": 10**12,
+    "max_concurrency": 10_000,
+    "budget_tokens": 10**12,
+    "budget_usd": 10.0**9,
+    "budget_period": "month",
+}
+
+
+async def create_key(db: Path, limited: bool = False) -> str:
     """A real virtual key in the gateway's database; returns its secret."""
     from gateway.store import Store
 
     store = await Store.open(str(db))
     try:
-        _record, secret = await store.create_key(name="bench", models=[MODEL, ANTHROPIC_MODEL])
+        _record, secret = await store.create_key(
+            name="bench", models=[MODEL, ANTHROPIC_MODEL], **(KEY_LIMITS if limited else {})
+        )
     finally:
         await store.close()
     return secret
@@ -295,6 +314,7 @@ class Side:
     label: str
     server: Server
     model: str = MODEL
+    key: str | None = None  # the comparison's own virtual key, else the run's
 
 
 class Client:
@@ -310,9 +330,10 @@ class Client:
         self.samples = Samples()
         self.wall = 0.0
         self.cpu: float | None = 0.0
+        secret = side.key or key
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=concurrency),
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
         )
 
@@ -577,8 +598,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=COMPARISONS,
         default=list(COMPARISONS),
-        help="relay: gateway vs relay; anthropic: Anthropic translation vs OpenAI pass-through "
-        "(default: both)",
+        help="relay: gateway vs relay; anthropic: Anthropic translation vs OpenAI pass-through; "
+        "limits: a limited key vs an unlimited one (default: all)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw figures here")
     parser.add_argument(
@@ -641,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, db = tmp / "gateway.toml", tmp / "keys.db"
             write_config(config, upstream)
             key = asyncio.run(create_key(db))
+            limited_key = asyncio.run(create_key(db, limited=True))
             port = free_port()
             gateway = servers.start(
                 "gateway",
@@ -682,6 +704,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     Side("openai", gateway),
                     Side("anthropic", gateway, ANTHROPIC_MODEL),
                 )
+            if "limits" in args.compare:
+                comparisons["limits"] = (
+                    Side("open", gateway),
+                    Side("limited", gateway, key=limited_key),
+                )
             results = asyncio.run(bench(comparisons, key, plan))
         except BenchError as exc:
             print(f"bench: {exc}", file=sys.stderr)
@@ -694,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pairs = results.get("relay", [])
     translated = results.get("anthropic", [])
+    limited = results.get("limits", [])
     if pairs:
         print_table(pairs, TITLES["relay"])
     if translated:
@@ -705,6 +733,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(latencies in ms; oai = model {MODEL}, OpenAI pass-through; ant = model "
                 f"{ANTHROPIC_MODEL}, Anthropic translation;",
                 " Δp50 = ant - oai; cpu/req = gateway process CPU per request)",
+            ),
+        )
+    if limited:
+        print_table(
+            limited,
+            TITLES["limits"],
+            ("open", "lim"),
+            (
+                "(latencies in ms; open = a key without limits; lim = a key with rpm, tpm,",
+                " concurrency and budget limits it never reaches; cpu/req = gateway CPU/request)",
             ),
         )
     targets = evaluate_targets(pairs) if pairs else []
@@ -727,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "cells": [[asdict(o), asdict(a)] for o, a in translated],
                         "info": info,
                     },
+                    "limits": {"cells": [[asdict(o), asdict(x)] for o, x in limited]},
                     "errors": errors,
                 },
                 indent=2,
