@@ -104,11 +104,17 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _end_streams(app: web.Application) -> None:
-    """On shutdown, end open streams with an error event instead of waiting for them."""
+    """On shutdown, let open streams finish within the grace period; end the rest with an
+    error event. (aiohttp itself waits for other in-flight requests, up to the same period.)"""
     app[SHUTTING_DOWN_KEY].set()
-    streams: WeakSet[asyncio.Task[Any]] = app[STREAMS_KEY]
-    for task in list(streams):
-        task.cancel()
+    open_streams: WeakSet[asyncio.Task[Any]] = app[STREAMS_KEY]
+    streams = list(open_streams)
+    grace = app[SETTINGS_KEY].server.shutdown_grace_seconds
+    if streams and grace > 0:
+        await asyncio.wait(streams, timeout=grace)
+    for task in streams:
+        if not task.done():
+            task.cancel()
 
 
 def create_app(settings: Settings) -> web.Application:

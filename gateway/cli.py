@@ -336,6 +336,8 @@ def _serve(args: argparse.Namespace) -> int:
             port=server.port,
             print=announce,
             access_log=None,
+            # In-flight requests get the grace period to finish (streams too: see app.py).
+            shutdown_timeout=server.shutdown_grace_seconds,
             # A client that hangs up cancels its handler, which closes the upstream request.
             handler_cancellation=True,
         )

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -64,6 +64,8 @@ class RequestTrace:
     estimated: bool = False
     # Response headers that belong to the caller's key (x-ratelimit-*), on every response.
     headers: dict[str, str] | None = None
+    # Every upstream attempt: provider, account, upstream model, status, ms.
+    attempts: list[dict[str, object]] = field(default_factory=list)
 
 
 TRACE_KEY: web.RequestKey[RequestTrace] = web.RequestKey("trace")
@@ -134,6 +136,8 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         request.app[USAGE_KEY].record(record)
     fields = msgspec.structs.asdict(record)
     del fields["ts"], fields["endpoint"]  # the log line has its own timestamp and the path
+    if trace.attempts:
+        fields["attempts"] = trace.attempts
     log.info("request", method=request.method, path=request.path, **fields)
 
 

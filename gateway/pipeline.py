@@ -17,11 +17,18 @@ from aiohttp import web
 from msgspec import UNSET
 
 from gateway.admission import Gate, Ticket
-from gateway.errors import InvalidRequest, PermissionDenied, UpstreamError
+from gateway.errors import (
+    InvalidRequest,
+    PermissionDenied,
+    UpstreamConnectionError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.failover import attempt_each
 from gateway.middleware import TRACE_KEY, RequestTrace
 from gateway.providers import ChatCall, ChatReply, Provider
 from gateway.records import KeyRecord, model_allowed
-from gateway.router import Router
+from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
 from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY
@@ -39,7 +46,8 @@ class Exchange:
     request: web.Request
     trace: RequestTrace
     call: ChatCall
-    provider: Provider
+    provider: Provider  # the upstream of the current (finally: the answering) attempt
+    routes: list[Route]  # what the request may try, in order
     ticket: Ticket | None = None  # what the request holds of its key's limits and budget
 
 
@@ -77,7 +85,14 @@ def begin(
             "The 'stream_options' parameter is only allowed when 'stream' is true.",
             param="stream_options",
         )
-    route = router.pick(model)
+    routes = router.routes(model)
+    if not routes:
+        raise UpstreamUnavailable(
+            f"No upstream account for the model '{model_id}' is available right now "
+            "(all are cooling down after failures); retry later.",
+            retry_after=5.0,
+        )
+    route = routes[0]
     trace.model = model
     trace.model_id = model_id
     trace.provider = route.provider.config.name
@@ -91,7 +106,7 @@ def begin(
         api_key=route.api_key,
         request_id=trace.request_id,
     )
-    ex = Exchange(request=request, trace=trace, call=call, provider=route.provider)
+    ex = Exchange(request=request, trace=trace, call=call, provider=route.provider, routes=routes)
     key = principal.key
     if key.has_limits or key.has_budget:
         ex.ticket = _admit(request.app[GATE_KEY], key, call, route.provider)
@@ -126,34 +141,54 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
 
 
 async def complete(ex: Exchange) -> ChatReply:
-    """The whole answer of a non-streaming request.
+    """The whole answer of a non-streaming request, from the first route that gives one.
 
     Raises:
-        UpstreamError: the upstream failed or refused the request.
+        UpstreamError: the upstream refused the request, or every attempt failed.
     """
-    return await ex.provider.chat(ex.call)
+    return await attempt_each(ex, lambda route: route.provider.chat(ex.call))
 
 
 async def stream(ex: Exchange) -> AsyncGenerator[list[bytes], None]:
-    """Batches of OpenAI chunk payloads; the first batch is awaited before anything is sent.
+    """Batches of OpenAI chunk payloads; routes are tried until one sends its first batch.
 
     Raises:
         UpstreamError: before the first batch (the caller can still answer with a status)
-            or during the stream (the caller ends it with an error event).
+            or during the stream (the caller ends it with an error event; no retry then).
     """
-    events = ex.provider.stream_chat(ex.call)
+    events, first = await attempt_each(ex, lambda route: _first_batch(ex, route))
     try:
-        first = await anext(events, None)
-        if first is None:
-            raise UpstreamError(
-                f"The upstream provider '{ex.provider.config.name}' ended the stream "
-                "without events."
-            )
         yield first
         async for batch in events:
             yield batch
     finally:
         await events.aclose()
+
+
+async def _first_batch(
+    ex: Exchange, route: Route
+) -> tuple[AsyncGenerator[list[bytes], None], list[bytes]]:
+    """Open the stream of one attempt and wait (bounded) for its first batch."""
+    config = route.provider.config
+    events = route.provider.stream_chat(ex.call)
+    try:
+        async with asyncio.timeout(config.first_byte_timeout or config.read_timeout):
+            first = await anext(events, None)
+    except TimeoutError:
+        await events.aclose()
+        raise UpstreamTimeout(
+            f"The upstream provider '{config.name}' sent nothing within "
+            f"{config.first_byte_timeout or config.read_timeout:g} s."
+        ) from None
+    except BaseException:
+        await events.aclose()
+        raise
+    if first is None:
+        await events.aclose()
+        raise UpstreamConnectionError(
+            f"The upstream provider '{config.name}' ended the stream without events."
+        )
+    return events, first
 
 
 def finish(ex: Exchange) -> None:

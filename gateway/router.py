@@ -1,21 +1,24 @@
-"""Model resolution and target choice: which provider, upstream model and account serve a request.
+"""Model resolution and the order in which a request tries its upstream accounts.
 
 A model id is a configured `[[models]]` name, or `<provider>/<upstream model>` for any
-configured provider. A model has targets with priorities and weights: the best priority wins,
-ties are spread by weight, and each provider's API keys (accounts) are used in turn.
-Retries, failover and cooldowns build on `Route` (a later issue).
+configured provider. A model has targets with priorities and weights, and a provider may hold
+several API keys (accounts). `routes()` lists what a request may try, in order: the best
+priority first, its targets in a weighted random order, each target's accounts in turn (a
+round-robin cursor spreads load), then the lower priorities as fallbacks. Accounts whose
+breaker is open (cooling down or disabled) are left out.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from gateway.breaker import Account, BreakerBoard
 from gateway.errors import NotFound
 from gateway.providers import Provider
-from gateway.settings import ModelConfig, Settings, Target
+from gateway.settings import ModelConfig, RoutingSettings, Settings, Target
 
 __all__ = ["Route", "Router"]
 
@@ -26,19 +29,31 @@ class Route:
     provider: Provider
     upstream_model: str
     api_key: str | None
+    account: Account
 
 
 class Router:
-    """Resolves model ids and picks a target for each request. Pure in-memory, no I/O."""
+    """Resolves model ids and orders each request's attempts. Pure in-memory, no I/O."""
 
-    def __init__(self, settings: Settings, providers: Mapping[str, Provider]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        providers: Mapping[str, Provider],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._settings = settings
         self._providers = dict(providers)
         self._models = {m.name: m for m in settings.models}
-        self._accounts: dict[str, Iterator[str | None]] = {
-            name: itertools.cycle(p.config.api_keys or (None,)) for name, p in providers.items()
-        }
-        self._rng = random.Random()  # noqa: S311 - load spreading, not security
+        self._cursor: dict[str, int] = dict.fromkeys(providers, 0)
+        self.rng = random.Random()  # noqa: S311 - load spreading, not security
+        routing: RoutingSettings = settings.routing
+        self.breakers = BreakerBoard(
+            threshold=routing.failure_threshold,
+            window=routing.failure_window,
+            cooldown=routing.cooldown,
+            clock=clock,
+        )
 
     @property
     def models(self) -> tuple[ModelConfig, ...]:
@@ -75,14 +90,32 @@ class Router:
     def providers_of(model: ModelConfig) -> tuple[str, ...]:
         return tuple(t.provider for t in model.targets)
 
-    def pick(self, model: ModelConfig) -> Route:
-        """Choose a target of the best priority (weighted) and the provider's next account."""
-        best = min(t.priority for t in model.targets)
-        tier = [t for t in model.targets if t.priority == best]
-        target = tier[0] if len(tier) == 1 else self._rng.choices(tier, [t.weight for t in tier])[0]
-        return Route(
-            model=model,
-            provider=self._providers[target.provider],
-            upstream_model=target.model,
-            api_key=next(self._accounts[target.provider]),
-        )
+    def _weighted_order(self, tier: list[Target]) -> list[Target]:
+        """The targets of one priority in a random order drawn by weight, without repeats."""
+        if len(tier) == 1:
+            return tier
+        rest, order = list(tier), []
+        while rest:
+            pick = self.rng.choices(range(len(rest)), [t.weight for t in rest])[0]
+            order.append(rest.pop(pick))
+        return order
+
+    def _accounts(self, provider: Provider) -> list[tuple[str | None, int]]:
+        keys: tuple[str | None, ...] = provider.config.api_keys or (None,)
+        name = provider.config.name
+        start = self._cursor[name] % len(keys)
+        self._cursor[name] = start + 1
+        return [(keys[(start + i) % len(keys)], (start + i) % len(keys)) for i in range(len(keys))]
+
+    def routes(self, model: ModelConfig) -> list[Route]:
+        """Every target and account the request may try, best first; none that cools down."""
+        routes: list[Route] = []
+        for priority in sorted({t.priority for t in model.targets}):
+            tier = [t for t in model.targets if t.priority == priority]
+            for target in self._weighted_order(tier):
+                provider = self._providers[target.provider]
+                for key, index in self._accounts(provider):
+                    account = (provider.config.name, index)
+                    if self.breakers.usable(account):
+                        routes.append(Route(model, provider, target.model, key, account))
+        return routes

@@ -22,6 +22,7 @@ __all__ = [
     "GroupConfig",
     "ModelConfig",
     "ProviderConfig",
+    "RoutingSettings",
     "ServerSettings",
     "Settings",
     "Target",
@@ -77,6 +78,25 @@ class ServerSettings(_Base, frozen=True):
     keys_refresh_seconds: Annotated[float, msgspec.Meta(gt=0, le=2)] = 1.0
     usage_flush_seconds: PositiveFloat = 0.5
     usage_batch_size: PositiveInt = 500
+    # On SIGTERM/SIGINT: how long in-flight requests and streams may take to finish.
+    shutdown_grace_seconds: NonNegativeFloat = 30.0
+
+
+class RoutingSettings(_Base, frozen=True):
+    """Retries, failover and cooldowns (`[routing]`)."""
+
+    # Upstream attempts per request, over the accounts and targets of its model.
+    max_attempts: PositiveInt = 3
+    # Exponential backoff between attempts: initial * 2**n, capped, with jitter.
+    backoff_initial: NonNegativeFloat = 0.1
+    backoff_max: NonNegativeFloat = 2.0
+    # Bounds the whole search for an answer (non-streaming) or a first byte (streaming).
+    deadline: PositiveFloat = 600.0
+    # A breaker opens after this many failures of an account within the window...
+    failure_threshold: PositiveInt = 3
+    failure_window: PositiveFloat = 30.0
+    # ... for this long (a 429's retry-after, when the upstream sends one).
+    cooldown: PositiveFloat = 30.0
 
 
 class ProviderConfig(_Base, frozen=True):
@@ -92,7 +112,9 @@ class ProviderConfig(_Base, frozen=True):
     # "<provider>/<model>" ids that have no [[models]] entry of their own.
     reasoning_models: tuple[str, ...] = ()
     connect_timeout: PositiveFloat = 10.0
-    # Time to the response headers / first byte, and the longest silence inside a stream.
+    # Time to the response headers and, for streams, to the first event (default: read_timeout).
+    first_byte_timeout: PositiveFloat | None = None
+    # The longest silence inside a stream (and, without first_byte_timeout, before it).
     read_timeout: PositiveFloat = 300.0
     # Whole-request bound for non-streaming calls; streams are bounded by read_timeout only.
     total_timeout: PositiveFloat = 600.0
@@ -100,6 +122,9 @@ class ProviderConfig(_Base, frozen=True):
     # Output limit for upstreams that require one (Anthropic's `max_tokens`) when neither the
     # request nor the model config sets one.
     default_max_tokens: PositiveInt = 4096
+    # `type = "openai"` only: the upstream serves /v1/responses itself, so Responses API
+    # requests are passed through instead of being translated to chat completions.
+    responses_api: bool = False
 
     @property
     def url(self) -> str:
@@ -148,6 +173,7 @@ class GroupConfig(_Base, frozen=True):
 
 class Settings(_Base, frozen=True):
     server: ServerSettings = ServerSettings()
+    routing: RoutingSettings = RoutingSettings()
     providers: tuple[ProviderConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     groups: tuple[GroupConfig, ...] = ()
@@ -206,6 +232,8 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
         seen.add(p.name)
         if p.type in ("anthropic", "gemini") and not p.api_keys:
             raise ConfigError(f"{where}.api_keys: {p.type} providers need at least one key")
+        if p.responses_api and p.type != "openai":
+            raise ConfigError(f"{where}.responses_api: only openai providers can serve it")
         if p.base_url is not None and not p.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}.base_url: must start with http:// or https://")
         if p.base_url is not None and p.type in _ROOT_ONLY:
@@ -239,9 +267,7 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
         if g.name in groups:
             raise ConfigError(f"groups[{i}].name: duplicate group name {g.name!r}")
         groups.add(g.name)
-    resolved = Settings(
-        server=server, providers=tuple(providers), models=settings.models, groups=settings.groups
-    )
+    resolved = msgspec.structs.replace(settings, server=server, providers=tuple(providers))
     default = server.default_model
     if default and resolved.model(default) is None:
         prefix = default.split("/", 1)[0]

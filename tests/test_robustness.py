@@ -330,7 +330,8 @@ async def test_shutdown_ends_open_streams_with_an_error_event(
     app.router.add_post("/v1/chat/completions", reply)
     server = await aiohttp_server(app)
     provider = ProviderConfig(name="up", type="openai", base_url=str(server.make_url("/v1")))
-    gateway = await start_gateway(aiohttp_client, make_settings(providers=(provider,)))
+    settings = make_settings(providers=(provider,), shutdown_grace_seconds=0.1)
+    gateway = await start_gateway(aiohttp_client, settings)
     key = await create_key(gateway)
     resp = await gateway.post(
         CHAT, json={**GPT, "model": "up/m", "stream": True}, headers=auth(key)

@@ -42,9 +42,11 @@ __all__ = [
 
 
 def unary_timeout(cfg: ProviderConfig) -> aiohttp.ClientTimeout:
-    # The whole call is bounded by `total`; a per-read timer would only add work per read.
+    # A non-streaming answer's headers come when it is done, so the first-byte bound is the
+    # total one too; a per-read timer would only add work per read.
+    first_byte = cfg.first_byte_timeout or cfg.read_timeout
     return aiohttp.ClientTimeout(
-        total=min(cfg.total_timeout, cfg.read_timeout), sock_connect=cfg.connect_timeout
+        total=min(cfg.total_timeout, first_byte), sock_connect=cfg.connect_timeout
     )
 
 

@@ -1,0 +1,369 @@
+"""Routing across accounts and targets: retries, failover, cooldowns, timeouts, shutdown.
+
+Two fake OpenAI upstreams: provider `a` (two accounts, priority 0) and provider `b` (one
+account, priority 1, the fallback). Faults are injected per request with the fakes' scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
+
+from gateway.settings import ModelConfig, ProviderConfig, RoutingSettings, Settings, Target
+from gateway.state import ROUTER_KEY
+from tests.conftest import (
+    MakeSettings,
+    app_of,
+    create_key,
+    openai_client,
+    sse_events,
+    start_gateway,
+    usage_rows,
+)
+from tests.fakes import FakeOpenAI
+
+CHAT = "/v1/chat/completions"
+HI = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+KEYS = ("key-a0", "key-a1")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Rig:
+    def __init__(
+        self, a: FakeOpenAI, b: FakeOpenAI, gw: TestClient[Any, Any], key: str, clock: Clock
+    ) -> None:
+        self.a, self.b, self.gw, self.key, self.clock = a, b, gw, key, clock
+
+    @property
+    def breakers(self) -> Any:
+        return app_of(self.gw)[ROUTER_KEY].breakers
+
+    def post(self, body: dict[str, Any] | None = None) -> Any:
+        return self.gw.post(CHAT, json=body or HI, headers={"Authorization": f"Bearer {self.key}"})
+
+    def accounts(self) -> list[str]:
+        """The account (API key) of each request provider `a` received, in order."""
+        return [r.headers["authorization"].removeprefix("Bearer ") for r in self.a.chat_requests]
+
+
+ROUTING = RoutingSettings(
+    backoff_initial=0.001,
+    backoff_max=0.005,
+    failure_threshold=2,
+    failure_window=60,
+    cooldown=30,
+    deadline=5,
+)
+
+
+async def make_rig(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    *,
+    routing: RoutingSettings = ROUTING,
+    a_url: str | None = None,
+    **provider: Any,
+) -> Rig:
+    a, b = FakeOpenAI(), FakeOpenAI()
+    await a.start(aiohttp_server)
+    await b.start(aiohttp_server)
+    base = make_settings(
+        providers=(
+            ProviderConfig(
+                name="a", type="openai", base_url=a_url or a.base_url, api_keys=KEYS, **provider
+            ),
+            ProviderConfig(
+                name="b", type="openai", base_url=b.base_url, api_keys=("key-b",), **provider
+            ),
+        ),
+        models=(
+            ModelConfig(
+                name="m",
+                targets=(
+                    Target(provider="a", model="gpt-a"),
+                    Target(provider="b", model="gpt-b", priority=1),
+                ),
+            ),
+        ),
+    )
+    settings = Settings(
+        server=base.server, routing=routing, providers=base.providers, models=base.models
+    )
+    gw = await start_gateway(aiohttp_client, settings)
+    clock = Clock()
+    app_of(gw)[ROUTER_KEY].breakers.clock = clock
+    return Rig(a, b, gw, await create_key(gw), clock)
+
+
+@pytest.fixture
+async def rig(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> Rig:
+    return await make_rig(aiohttp_server, aiohttp_client, make_settings)
+
+
+async def test_a_5xx_moves_to_the_next_account(rig: Rig) -> None:
+    rig.a.script(status=500)
+    with capture_logs() as logs:
+        async with rig.post() as resp:
+            assert resp.status == 200
+            assert resp.headers["x-gateway-provider"] == "a"
+    assert rig.accounts() == ["key-a0", "key-a1"]
+    line = next(e for e in logs if e["event"] == "request")
+    assert [(t["provider"], t["account"], t["status"]) for t in line["attempts"]] == [
+        ("a", 0, 503),
+        ("a", 1, 200),
+    ]
+    assert rig.b.chat_requests == []
+
+
+async def test_accounts_take_turns(rig: Rig) -> None:
+    for _ in range(4):
+        async with rig.post() as resp:
+            assert resp.status == 200
+    assert rig.accounts() == ["key-a0", "key-a1", "key-a0", "key-a1"]
+
+
+async def test_when_a_provider_fails_the_fallback_answers(rig: Rig) -> None:
+    rig.a.script(status=503, times=2)
+    async with rig.post() as resp:
+        body = await resp.json()
+        assert resp.status == 200
+        assert resp.headers["x-gateway-provider"] == "b"
+    assert body["model"] == "gpt-b"
+    rows = await usage_rows(rig.gw)
+    assert (rows[-1]["provider"], rows[-1]["upstream_model"]) == ("b", "gpt-b")
+
+
+async def test_a_refused_connection_fails_over(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    rig = await make_rig(aiohttp_server, aiohttp_client, make_settings, a_url=dead)
+    async with rig.post() as resp:
+        assert resp.status == 200
+        assert resp.headers["x-gateway-provider"] == "b"
+
+
+async def test_a_bad_request_is_not_retried(rig: Rig) -> None:
+    rig.a.script(status=400)
+    async with rig.post() as resp:
+        assert resp.status == 400
+    assert len(rig.a.chat_requests) == 1 and rig.b.chat_requests == []
+    assert rig.breakers.state(("a", 0)) == "closed"
+
+
+async def test_429_with_retry_after_cools_the_account_down(rig: Rig) -> None:
+    rig.a.script(status=429, headers={"retry-after": "7"})
+    async with rig.post() as resp:
+        assert resp.status == 200  # answered by the other account
+    assert rig.breakers.state(("a", 0)) == "open"
+    for _ in range(3):  # account 0 sits out its 7 seconds
+        async with rig.post() as resp:
+            assert resp.status == 200
+    assert rig.accounts() == ["key-a0", "key-a1", "key-a1", "key-a1", "key-a1"]
+    rig.clock.now += 7
+    assert rig.breakers.state(("a", 0)) == "half-open"
+    async with rig.post() as resp:
+        assert resp.status == 200
+    assert "key-a0" in rig.accounts()[-2:]  # the probe went to account 0 ...
+    assert rig.breakers.state(("a", 0)) == "closed"  # ... and it is back in rotation
+
+
+async def test_every_account_rate_limited_is_a_429_with_the_shortest_wait(rig: Rig) -> None:
+    rig.a.script(status=429, headers={"retry-after": "9"}, times=2)
+    rig.b.script(status=429, headers={"retry-after": "4"})
+    async with openai_client(rig.gw, rig.key) as client:
+        with pytest.raises(openai.RateLimitError) as err:
+            await client.chat.completions.create(model="m", messages=HI["messages"])
+    assert err.value.response.headers["retry-after"] == "4"
+
+
+async def test_repeated_failures_open_the_breaker_and_a_probe_closes_it(rig: Rig) -> None:
+    rig.a.always(status=500)
+    for _ in range(2):  # two failures per account within the window
+        async with rig.post() as resp:
+            assert resp.status == 200  # b answered
+    assert rig.breakers.state(("a", 0)) == "open" and rig.breakers.state(("a", 1)) == "open"
+    seen = len(rig.a.chat_requests)
+    async with rig.post() as resp:
+        assert resp.headers["x-gateway-provider"] == "b"
+    assert len(rig.a.chat_requests) == seen  # a is not even tried while it cools down
+    rig.clock.now += 30
+    async with rig.post() as resp:  # one probe per account fails: open again
+        assert resp.status == 200
+    assert rig.breakers.state(("a", 0)) == "open"
+    rig.a.always()  # a heals
+    rig.clock.now += 30
+    async with rig.post() as resp:
+        assert resp.headers["x-gateway-provider"] == "a"
+    assert rig.breakers.state(("a", 0)) == "closed" or rig.breakers.state(("a", 1)) == "closed"
+
+
+async def test_bad_credentials_disable_the_account_loudly(rig: Rig) -> None:
+    rig.a.script(status=401)
+    with capture_logs() as logs:
+        async with rig.post() as resp:
+            assert resp.status == 200
+    assert rig.breakers.state(("a", 0)) == "disabled"
+    disabled = [e for e in logs if e["event"] == "upstream_account_disabled"]
+    assert disabled and disabled[0]["log_level"] == "error"
+    rig.clock.now += 10_000
+    for _ in range(3):
+        async with rig.post() as resp:
+            assert resp.status == 200
+    assert rig.accounts().count("key-a0") == 1  # never again
+
+
+async def test_a_hanging_upstream_times_out_and_fails_over(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    rig = await make_rig(
+        aiohttp_server, aiohttp_client, make_settings, first_byte_timeout=0.2, read_timeout=5
+    )
+    rig.a.script(delay_headers=3, times=2)
+    for stream in (False, True):
+        async with rig.post({**HI, "stream": stream}) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-gateway-provider"] == ("a" if stream else "b")
+            await resp.read()
+
+
+async def test_the_deadline_bounds_every_attempt(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    routing = RoutingSettings(deadline=0.3, backoff_initial=0.001, backoff_max=0.001)
+    rig = await make_rig(aiohttp_server, aiohttp_client, make_settings, routing=routing)
+    rig.a.always(delay_headers=3)
+    rig.b.always(delay_headers=3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with rig.post() as resp:
+        error = (await resp.json())["error"]
+    assert resp.status == 504
+    assert "deadline" in error["message"]
+    assert loop.time() - started < 2
+
+
+async def test_a_slow_first_byte_on_a_stream_fails_over(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    rig = await make_rig(
+        aiohttp_server, aiohttp_client, make_settings, first_byte_timeout=0.2, read_timeout=5
+    )
+    rig.a.always(delay_headers=1)
+    async with rig.post({**HI, "stream": True}) as resp:
+        events = sse_events(await resp.read())
+    assert resp.headers["x-gateway-provider"] == "b"
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+
+
+async def test_a_started_stream_is_never_retried(rig: Rig) -> None:
+    rig.a.script(drop_after=3)
+    async with rig.post({**HI, "stream": True}) as resp:
+        raw = await resp.read()
+    assert resp.status == 200
+    last = [b for b in raw.split(b"\n\n") if b.startswith(b"data: {")][-1]
+    assert "error" in json.loads(last[6:])
+    text = [json.loads(b[6:]) for b in raw.split(b"\n\n") if b.startswith(b"data: {")][:-1]
+    assert sum(1 for e in text if e["choices"] and e["choices"][0]["delta"].get("role")) == 1
+    assert len(rig.a.chat_requests) == 1 and rig.b.chat_requests == []  # no duplicate answer
+
+
+async def test_no_usable_account_is_a_503(rig: Rig) -> None:
+    for account in (("a", 0), ("a", 1), ("b", 0)):
+        rig.breakers.failed(account, retry_after=60)
+    async with rig.post() as resp:
+        error = await resp.json()
+    assert resp.status == 503 and "cooling down" in error["error"]["message"]
+    assert resp.headers["retry-after"] == "5"
+
+
+async def test_weights_spread_a_priority_tier(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    a, b = FakeOpenAI(), FakeOpenAI()
+    await a.start(aiohttp_server)
+    await b.start(aiohttp_server)
+    settings = make_settings(
+        providers=(
+            ProviderConfig(name="a", type="openai", base_url=a.base_url),
+            ProviderConfig(name="b", type="openai", base_url=b.base_url),
+        ),
+        models=(
+            ModelConfig(
+                name="m",
+                targets=(
+                    Target(provider="a", model="x", weight=3),
+                    Target(provider="b", model="x", weight=1),
+                ),
+            ),
+        ),
+    )
+    gw = await start_gateway(aiohttp_client, settings)
+    app_of(gw)[ROUTER_KEY].rng.seed(7)
+    key = await create_key(gw)
+    for _ in range(200):
+        async with gw.post(CHAT, json=HI, headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 200
+    assert 125 <= len(a.chat_requests) <= 175  # about 3 of 4
+    assert len(a.chat_requests) + len(b.chat_requests) == 200
+
+
+async def test_shutdown_lets_a_stream_finish_within_the_grace_period(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    fake.script(content="one two three four", chunk_delay=0.05)
+    settings = make_settings(
+        providers=(ProviderConfig(name="up", type="openai", base_url=fake.base_url),),
+        shutdown_grace_seconds=5,
+    )
+    gw = await start_gateway(aiohttp_client, settings)
+    key = await create_key(gw)
+    body = {**HI, "model": "up/x", "stream": True}
+    async with gw.post(CHAT, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        await resp.content.readuntil(b"\n\n")
+        shutdown = asyncio.create_task(app_of(gw).shutdown())
+        rest = await resp.content.read()
+    await shutdown
+    assert rest.endswith(b"data: [DONE]\n\n")  # finished, not cut
+    assert b"shutting down" not in rest
+
+
+async def test_routes_skip_cooling_accounts_unit() -> None:
+    """The router lists no route through an open breaker; the list follows priorities."""
+    from gateway.providers.openai import OpenAIProvider
+    from gateway.router import Router
+
+    providers = {
+        name: OpenAIProvider(ProviderConfig(name=name, type="openai", api_keys=keys), None)  # type: ignore[arg-type]
+        for name, keys in (("a", KEYS), ("b", ("k",)))
+    }
+    model = ModelConfig(
+        name="m",
+        targets=(Target(provider="b", model="y", priority=2), Target(provider="a", model="x")),
+    )
+    router = Router(Settings(providers=tuple(p.config for p in providers.values())), providers)
+    assert [r.account for r in router.routes(model)] == [("a", 0), ("a", 1), ("b", 0)]
+    router.breakers.failed(("a", 1), retry_after=5)
+    assert [r.account for r in router.routes(model)] == [("a", 0), ("b", 0)]
