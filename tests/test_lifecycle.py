@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from typing import Any
@@ -64,3 +65,78 @@ async def test_clean_stop_writes_every_usage_row(
     with sqlite3.connect(settings.server.database) as conn:
         count, keys = conn.execute("SELECT count(*), count(DISTINCT key_id) FROM usage").fetchone()
     assert (count, keys) == (25, 1)
+
+
+async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys: Any) -> None:
+    """`gateway serve` as a real process: SIGTERM lets an open stream finish, writes usage, 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from aiohttp import ClientSession, web
+
+    chunks = asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for word in ("one", " two", " three"):
+            delta = {"role": "assistant", "content": word}
+            event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            chunks.set()
+            await asyncio.sleep(0.3)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    up_port = runner.addresses[0][1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\nshutdown_grace_seconds = 10\n\n'
+        f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
+    )
+    capsys.readouterr()
+    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    secret = json.loads(capsys.readouterr().out)["key"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert b"listening" in line
+        body = {"model": "up/x", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with (
+            ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as resp,
+        ):
+            await chunks.wait()
+            proc.send_signal(signal.SIGTERM)
+            rest = await resp.read()
+        assert rest.endswith(b"data: [DONE]\n\n")  # the open stream finished
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status FROM usage").fetchall() == [(200,)]
