@@ -12,6 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+import structlog
+
 from gateway.budgets import BudgetBook, Spend, period_start
 from gateway.errors import GatewayError
 from gateway.ratelimit import Limiter
@@ -19,6 +21,8 @@ from gateway.records import KeyRecord
 from gateway.store import Store
 
 __all__ = ["Gate", "Ticket"]
+
+log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
 
@@ -49,11 +53,18 @@ class Gate:
         self, keys: Iterable[KeyRecord], flush: Callable[[], Awaitable[None]] | None = None
     ) -> None:
         """Load the period spending of budgeted keys not known yet (or whose period changed)."""
+        keys = list(keys)
+        for key in keys:
+            if not key.has_budget:
+                self.budgets.forget(key)  # a budget given again later starts from the table
         todo = [k for k in keys if self.budgets.needs_load(k)]
         if not todo:
             return
         if flush is not None:
-            await flush()  # rows of requests already finished must be counted
+            try:
+                await flush()  # rows of requests already finished must be counted
+            except Exception:  # the keys must still load; the rows stay queued for later
+                log.exception("usage_flush_failed_before_budget_load")
         for key in todo:
             start = period_start(key.budget_period, self._wall())
             tokens, usd = await self._store.spend_since(key.id, start)
@@ -70,14 +81,14 @@ class Gate:
         budgeted = key.has_budget
         if not (limited or budgeted):
             return None
-        if limited:
-            self.limiter.admit(key, tokens)
         if budgeted:
+            self.budgets.reserve(key, tokens, usd)
+        if limited:
             try:
-                self.budgets.reserve(key, tokens, usd)
+                self.limiter.admit(key, tokens)
             except GatewayError:
-                if limited:
-                    self.limiter.release(key, tokens, 0)  # the request never ran
+                if budgeted:
+                    self.budgets.settle(key, (tokens, usd), (0, 0.0))  # it never ran
                 raise
         return Ticket(key=key, tokens=tokens, usd=usd, limited=limited, budgeted=budgeted)
 

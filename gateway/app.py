@@ -26,6 +26,7 @@ from gateway.routes import setup_routes
 from gateway.settings import ProviderConfig, Settings
 from gateway.state import (
     GATE_KEY,
+    INFLIGHT_KEY,
     KEYS_KEY,
     ROUTER_KEY,
     SETTINGS_KEY,
@@ -103,16 +104,18 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
-async def _end_streams(app: web.Application) -> None:
-    """On shutdown, let open streams finish within the grace period; end the rest with an
-    error event. (aiohttp itself waits for other in-flight requests, up to the same period.)"""
+async def _wind_down(app: web.Application) -> None:
+    """On shutdown (the listening sockets are already closed): let in-flight requests and
+    streams finish within the grace period, then end the streams still open with an error
+    event. aiohttp then cancels whatever else is left."""
     app[SHUTTING_DOWN_KEY].set()
-    open_streams: WeakSet[asyncio.Task[Any]] = app[STREAMS_KEY]
-    streams = list(open_streams)
+    tasks: set[asyncio.Task[Any]] = app[INFLIGHT_KEY]
+    inflight = list(tasks)
     grace = app[SETTINGS_KEY].server.shutdown_grace_seconds
-    if streams and grace > 0:
-        await asyncio.wait(streams, timeout=grace)
-    for task in streams:
+    if inflight and grace > 0:
+        await asyncio.wait(inflight, timeout=grace)
+    open_streams: WeakSet[asyncio.Task[Any]] = app[STREAMS_KEY]
+    for task in list(open_streams):
         if not task.done():
             task.cancel()
 
@@ -126,7 +129,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
-    app.on_shutdown.append(_end_streams)
+    app[INFLIGHT_KEY] = set()
+    app.on_shutdown.append(_wind_down)
     app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _keys_ctx, _router_ctx])
     setup_routes(app)
     return app

@@ -95,19 +95,24 @@ class KeyCache:
         self._groups = {g.name: g for g in groups}
         self._on_load = on_load
         self._by_digest: dict[str, KeyRecord] = {}
+        self._changed_meanwhile: dict[str, KeyRecord] = {}
         self._version: int | None = None
         self.loads = 0  # completed (re)loads, observable by tests and metrics
         self._loaded = asyncio.Event()
 
     async def load(self) -> None:
-        self._version = await self._store.data_version()
+        version = await self._store.data_version()
+        self._changed_meanwhile = {}  # admin changes that land while this load awaits
         keys = [with_group(k, self._groups) for k in await self._store.list_keys()]
         unknown = {k.group_name for k in keys if k.group_name and k.group_name not in self._groups}
         if unknown:
             log.warning("key_groups_not_configured", groups=sorted(unknown))
         if self._on_load is not None:
             await self._on_load(keys)
-        self._by_digest = {k.digest: k for k in keys}
+        by_digest = {k.digest: k for k in keys}
+        by_digest.update(self._changed_meanwhile)  # newer than this load's snapshot
+        self._by_digest = by_digest
+        self._version = version  # only now: a failed load is tried again at the next poll
         self.loads += 1
         self._loaded.set()
 
@@ -138,6 +143,7 @@ class KeyCache:
     def put(self, key: KeyRecord) -> KeyRecord:
         """Apply a change made through this process (admin API) without waiting for a poll."""
         key = self._by_digest[key.digest] = with_group(key, self._groups)
+        self._changed_meanwhile[key.digest] = key
         return key
 
     def lookup(self, secret: str) -> KeyRecord | None:

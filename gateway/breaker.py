@@ -41,11 +41,13 @@ class BreakerBoard:
         threshold: int,
         window: float,
         cooldown: float,
+        max_pause: float = 300.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self.threshold = threshold
         self.window = window
         self.cooldown = cooldown
+        self.max_pause = max_pause  # the longest an upstream's retry-after benches an account
         self.clock = clock
         self._breakers: dict[Account, _Breaker] = {}
 
@@ -66,31 +68,37 @@ class BreakerBoard:
             return True
         return self.clock() >= breaker.open_until and not breaker.probing
 
-    def attempt(self, account: Account) -> bool:
-        """Claim an attempt on the account; False when it must not be tried (any more)."""
+    def attempt(self, account: Account) -> bool | None:
+        """Claim an attempt: None if the account must not be tried now, else whether this
+        attempt is the half-open probe (only the probe's outcome may end the probe)."""
         if not self.usable(account):
-            return False
+            return None
         breaker = self._breakers.get(account)
         if breaker is not None and breaker.open_until:
-            breaker.probing = True  # this request is the half-open probe
-        return True
+            breaker.probing = True
+            return True
+        return False
 
-    def release(self, account: Account) -> None:
-        """An attempt ended without a verdict (cancelled): a probe slot opens again."""
+    def release(self, account: Account, probe: bool) -> None:
+        """An attempt ended without a verdict on the account (cancelled, or the request's own
+        fault): a probe slot opens again."""
         breaker = self._breakers.get(account)
-        if breaker is not None:
+        if breaker is not None and probe:
             breaker.probing = False
 
-    def succeeded(self, account: Account) -> None:
+    def succeeded(self, account: Account, probe: bool = False) -> None:
         breaker = self._breakers.get(account)
-        if breaker is not None and not breaker.disabled:
-            if breaker.open_until:
-                log.info("upstream_account_recovered", provider=account[0], account=account[1])
-            breaker.failures.clear()
-            breaker.open_until = 0.0
-            breaker.probing = False
+        if breaker is None or breaker.disabled or (breaker.probing and not probe):
+            return  # a late answer of an older attempt says nothing about the probe's account
+        if breaker.open_until:
+            log.info("upstream_account_recovered", provider=account[0], account=account[1])
+        breaker.failures.clear()
+        breaker.open_until = 0.0
+        breaker.probing = False
 
-    def failed(self, account: Account, retry_after: float | None = None) -> None:
+    def failed(
+        self, account: Account, retry_after: float | None = None, probe: bool = False
+    ) -> None:
         """Count a failure; open the breaker after too many, or for the upstream's retry-after."""
         now = self.clock()
         breaker = self._get(account)
@@ -99,12 +107,13 @@ class BreakerBoard:
             breaker.failures.popleft()
         pause = None
         if retry_after is not None and retry_after > 0:
-            pause = retry_after
-        elif breaker.probing or len(breaker.failures) >= self.threshold:
+            pause = min(retry_after, self.max_pause)
+        elif probe or len(breaker.failures) >= self.threshold:
             pause = self.cooldown
-        breaker.probing = False
-        if pause is not None:
-            breaker.open_until = now + pause
+        if probe:
+            breaker.probing = False
+        if pause is not None and (not breaker.probing or probe):
+            breaker.open_until = max(breaker.open_until, now + pause)
             log.warning(
                 "upstream_account_cooling_down",
                 provider=account[0],

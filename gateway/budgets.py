@@ -72,6 +72,10 @@ class BudgetBook:
         )
         self._periods[key.id] = key.budget_period
 
+    def forget(self, key: KeyRecord) -> None:
+        self._spend.pop(key.id, None)
+        self._periods.pop(key.id, None)
+
     def spent(self, key: KeyRecord) -> Spend | None:
         spend = self._spend.get(key.id)
         if spend is not None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from gateway.breaker import BreakerBoard
 from gateway.errors import (
     UpstreamAuthError,
     UpstreamError,
@@ -24,6 +25,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.middleware import CLIENT_CLOSED
 from gateway.router import Route
 from gateway.settings import RoutingSettings
 from gateway.state import ROUTER_KEY, SETTINGS_KEY
@@ -31,7 +33,7 @@ from gateway.state import ROUTER_KEY, SETTINGS_KEY
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange
 
-__all__ = ["attempt_each", "backoff"]
+__all__ = ["attempt_each", "backoff", "no_route"]
 
 T = TypeVar("T")
 
@@ -70,8 +72,20 @@ def _record(ex: Exchange, route: Route, started: float, status: int) -> None:
     )
 
 
+def _next_route(ex: Exchange, tried: int, breakers: BreakerBoard) -> tuple[Route, bool] | None:
+    """The next route to try and whether it is a half-open probe; routes are cycled, so a
+    model with one account still gets its retries. None when no route may be tried now."""
+    routes = ex.routes
+    for offset in range(len(routes)):
+        route = routes[(tried + offset) % len(routes)]
+        probe = breakers.attempt(route.account)
+        if probe is not None:
+            return route, probe
+    return None
+
+
 async def attempt_each(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -> T:
-    """The result of the first route whose attempt succeeds.
+    """The result of the first attempt that succeeds.
 
     Raises:
         UpstreamError: a non-retryable failure at once; else, when every try failed or the
@@ -83,24 +97,28 @@ async def attempt_each(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -
     loop = asyncio.get_running_loop()
     deadline = loop.time() + routing.deadline
     failures: list[UpstreamError] = []
-    for route in ex.routes:
-        if len(failures) >= routing.max_attempts:
-            break
-        if not breakers.attempt(route.account):
-            continue  # it began cooling down since the routes were listed
-        if failures:
+    while len(failures) < routing.max_attempts:
+        if failures:  # back off before a retry, if the deadline leaves time for one
             delay = backoff(len(failures), routing)
             if loop.time() + delay >= deadline:
                 break
             await asyncio.sleep(delay)
+        # Claimed only now, right before the attempt, so no exit can leave a probe claimed.
+        claim = _next_route(ex, len(failures), breakers)
+        if claim is None:
+            break
+        route, probe = claim
         _use(ex, route)
         started = time.perf_counter()
+        scope = asyncio.timeout_at(deadline)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with scope:
                 result = await attempt(route)
         except TimeoutError:
+            if not scope.expired():
+                raise  # not ours: providers turn their own timeouts into UpstreamTimeout
             _record(ex, route, started, 504)
-            breakers.failed(route.account)
+            breakers.release(route.account, probe)  # the time ran out, not the account
             failures.append(
                 UpstreamTimeout(
                     f"No upstream answered within the request deadline ({routing.deadline:g} s)."
@@ -113,28 +131,35 @@ async def attempt_each(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -
             if isinstance(exc, UpstreamAuthError):
                 breakers.disable(route.account)  # our key: another account may still work
             elif exc.retryable:
-                retry_after = exc.retry_after if isinstance(exc, UpstreamRateLimited) else None
-                breakers.failed(route.account, retry_after)
+                breakers.failed(route.account, exc.retry_after, probe)
             else:
-                breakers.succeeded(route.account)  # the upstream is fine; the request is not
+                # The request's own fault: the upstream answered, which is all a probe asks.
+                if probe:
+                    breakers.succeeded(route.account, probe)
                 raise
             continue
         except BaseException:
-            breakers.release(route.account)  # cancelled (client gone): no verdict on it
+            _record(ex, route, started, CLIENT_CLOSED)
+            breakers.release(route.account, probe)  # cancelled (client gone): no verdict
             raise
-        breakers.succeeded(route.account)
+        breakers.succeeded(route.account, probe)
         _record(ex, route, started, 200)
         return result
     raise _final(ex, failures)
 
 
+def no_route(model_id: str | None) -> UpstreamUnavailable:
+    """Every account of the model is cooling down or disabled."""
+    return UpstreamUnavailable(
+        f"No upstream account for the model '{model_id}' is available right now "
+        "(all are cooling down after failures); retry later.",
+        retry_after=5.0,
+    )
+
+
 def _final(ex: Exchange, failures: list[UpstreamError]) -> UpstreamError:
     if not failures:
-        return UpstreamUnavailable(
-            f"No upstream account for the model '{ex.trace.model_id}' is available right now "
-            "(all are cooling down after failures); retry later.",
-            retry_after=5.0,
-        )
+        return no_route(ex.trace.model_id)
     if all(isinstance(f, UpstreamRateLimited) for f in failures):
         waits = [f.retry_after for f in failures if f.retry_after is not None]
         last = failures[-1]

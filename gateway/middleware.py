@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, error_body
 from gateway.records import UsageRecord
 from gateway.settings import ModelConfig
-from gateway.state import USAGE_KEY
+from gateway.state import INFLIGHT_KEY, USAGE_KEY
 
 __all__ = [
     "TRACE_KEY",
@@ -96,6 +96,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=trace.request_id)
     status = 500
+    task = asyncio.current_task()
+    inflight = request.app[INFLIGHT_KEY]
+    if task is not None:
+        inflight.add(task)
     try:
         response = await handler(request)
         status = response.status
@@ -108,6 +112,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = CLIENT_CLOSED  # handler cancelled because the client went away
         raise
     finally:
+        if task is not None:
+            inflight.discard(task)
         _finish(request, trace, trace.status or status)
 
 

@@ -21,10 +21,11 @@ from gateway.errors import (
     InvalidRequest,
     PermissionDenied,
     UpstreamConnectionError,
+    UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.failover import attempt_each
+from gateway.failover import attempt_each, no_route
 from gateway.middleware import TRACE_KEY, RequestTrace
 from gateway.providers import ChatCall, ChatReply, Provider
 from gateway.records import KeyRecord, model_allowed
@@ -87,11 +88,7 @@ def begin(
         )
     routes = router.routes(model)
     if not routes:
-        raise UpstreamUnavailable(
-            f"No upstream account for the model '{model_id}' is available right now "
-            "(all are cooling down after failures); retry later.",
-            retry_after=5.0,
-        )
+        raise no_route(model_id)
     route = routes[0]
     trace.model = model
     trace.model_id = model_id
@@ -109,17 +106,19 @@ def begin(
     ex = Exchange(request=request, trace=trace, call=call, provider=route.provider, routes=routes)
     key = principal.key
     if key.has_limits or key.has_budget:
-        ex.ticket = _admit(request.app[GATE_KEY], key, call, route.provider)
+        ex.ticket = _admit(request.app[GATE_KEY], key, call, routes)
         if key.has_limits:
             trace.headers = request.app[GATE_KEY].headers(key)
     return ex
 
 
-def _admit(gate: Gate, key: KeyRecord, call: ChatCall, provider: Provider) -> Ticket | None:
-    """Hold what the request may use at most: its prompt (estimated) and its output limit."""
+def _admit(gate: Gate, key: KeyRecord, call: ChatCall, routes: list[Route]) -> Ticket | None:
+    """Hold what the request may use at most: its prompt (estimated) and its output limit
+    (without one of its own, the largest default of the providers it may be routed to)."""
     prompt = estimate_prompt_tokens(call.request)
     choices = call.request.n if isinstance(call.request.n, int) else 1
-    output = (call.max_tokens or provider.config.default_max_tokens) * choices
+    default = max(r.provider.config.default_max_tokens for r in routes)
+    output = (call.max_tokens or default) * choices
     return gate.admit(key, prompt + output, call.model.cost_usd(prompt, output))
 
 
@@ -180,6 +179,11 @@ async def _first_batch(
             f"The upstream provider '{config.name}' sent nothing within "
             f"{config.first_byte_timeout or config.read_timeout:g} s."
         ) from None
+    except UpstreamError as exc:
+        await events.aclose()
+        if type(exc) is UpstreamError:  # an error event, or malformed, before any byte went out
+            raise UpstreamUnavailable(exc.message) from exc  # so another route may answer
+        raise
     except BaseException:
         await events.aclose()
         raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.breaker import Account, BreakerBoard
 from gateway.errors import NotFound
@@ -28,8 +28,8 @@ class Route:
     model: ModelConfig
     provider: Provider
     upstream_model: str
-    api_key: str | None
-    account: Account
+    api_key: str | None = field(repr=False)  # a secret: never in a repr, so never in a log
+    account: Account = ("", 0)
 
 
 class Router:
@@ -52,15 +52,13 @@ class Router:
             threshold=routing.failure_threshold,
             window=routing.failure_window,
             cooldown=routing.cooldown,
+            max_pause=routing.max_cooldown,
             clock=clock,
         )
 
     @property
     def models(self) -> tuple[ModelConfig, ...]:
         return self._settings.models
-
-    def provider(self, name: str) -> Provider | None:
-        return self._providers.get(name)
 
     def resolve(self, model_id: str) -> ModelConfig:
         """The model config for a client's model id.

@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gateway.errors import InvalidRequest
+
 __all__ = [
     "DEFAULT_BASE_URLS",
     "ConfigError",
@@ -95,8 +97,9 @@ class RoutingSettings(_Base, frozen=True):
     # A breaker opens after this many failures of an account within the window...
     failure_threshold: PositiveInt = 3
     failure_window: PositiveFloat = 30.0
-    # ... for this long (a 429's retry-after, when the upstream sends one).
+    # ... for this long (or the upstream's retry-after, up to max_cooldown).
     cooldown: PositiveFloat = 30.0
+    max_cooldown: PositiveFloat = 300.0
 
 
 class ProviderConfig(_Base, frozen=True):
@@ -112,9 +115,10 @@ class ProviderConfig(_Base, frozen=True):
     # "<provider>/<model>" ids that have no [[models]] entry of their own.
     reasoning_models: tuple[str, ...] = ()
     connect_timeout: PositiveFloat = 10.0
-    # Time to the response headers and, for streams, to the first event (default: read_timeout).
+    # Streams: time to the first event (default: read_timeout). A non-streaming answer comes
+    # only once it is generated, so there read_timeout and total_timeout bound the wait.
     first_byte_timeout: PositiveFloat | None = None
-    # The longest silence inside a stream (and, without first_byte_timeout, before it).
+    # The longest silence: between stream events, or waiting for a non-streaming answer.
     read_timeout: PositiveFloat = 300.0
     # Whole-request bound for non-streaming calls; streams are bounded by read_timeout only.
     total_timeout: PositiveFloat = 600.0
@@ -186,6 +190,16 @@ class Settings(_Base, frozen=True):
 
     def group(self, name: str) -> GroupConfig | None:
         return next((g for g in self.groups if g.name == name), None)
+
+    def require_group(self, name: str | None) -> None:
+        """Refuse a key's group that this config does not define.
+
+        Raises:
+            InvalidRequest: no `[[groups]]` entry has that name (param `group`).
+        """
+        if name is not None and self.group(name) is None:
+            known = ", ".join(g.name for g in self.groups) or "none are configured"
+            raise InvalidRequest(f"No group named {name!r} in the config ({known}).", param="group")
 
     def is_reasoning(self, provider: ProviderConfig, upstream_model: str) -> bool:
         return any(fnmatch.fnmatchcase(upstream_model, p) for p in provider.reasoning_models)

@@ -46,7 +46,7 @@ def _error_frame(exc: GatewayError) -> bytes:
 
 
 class SSEStream:
-    """One client event stream: `start()`, then `send()` payloads, then `done()` or `error()`."""
+    """One client event stream: `start()`, then `write()` framed events, `error()`, `close()`."""
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
@@ -64,15 +64,8 @@ class SSEStream:
         if task is not None:
             self._request.app[STREAMS_KEY].add(task)
 
-    async def send(self, payload: bytes) -> None:
-        await self.response.write(_frame(payload))
-
-    async def send_batch(self, payloads: list[bytes]) -> None:
-        """Frame several events and write them with one call (one syscall, not one each)."""
-        await self.response.write(data_frames(payloads))
-
     async def write(self, frames: bytes) -> None:
-        """Write events that are already framed."""
+        """Write events that are already framed (a batch in one call: one syscall)."""
         await self.response.write(frames)
 
     async def error(
@@ -81,9 +74,6 @@ class SSEStream:
         """Report a failure after the 200 went out: an error event, then the end of the stream."""
         if self.response.prepared:  # before that, the client already hung up
             await self.response.write(frame(exc))
-
-    async def done(self) -> None:
-        await self.response.write(DONE)
 
     async def close(self) -> None:
         """Stop pings and finish the HTTP response; safe after a client disconnect."""

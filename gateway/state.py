@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GATE_KEY",
+    "INFLIGHT_KEY",
     "KEYS_KEY",
     "PRINCIPAL_KEY",
     "ROUTER_KEY",
@@ -35,8 +36,10 @@ KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
 # Rate limits and budgets of every key (memory only on the request path).
 GATE_KEY: web.AppKey[Gate] = web.AppKey("gate")
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
-# Tasks serving open SSE streams, so shutdown can end them instead of waiting for them.
+# Tasks serving open SSE streams, so shutdown can end them with an error event.
 STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
+# Tasks serving any request, so shutdown can wait for them (up to the grace period).
+INFLIGHT_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("inflight")
 # Set when the server begins to shut down; streams ended then say why.
 SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 

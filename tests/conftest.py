@@ -14,10 +14,20 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
-from gateway.settings import ModelConfig, ProviderConfig, ServerSettings, Settings, Target
+from gateway.settings import (
+    ModelConfig,
+    ProviderConfig,
+    RoutingSettings,
+    ServerSettings,
+    Settings,
+    Target,
+)
 from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
 
 DEMO = ProviderConfig(name="demo", type="demo")
+# One upstream attempt per request, so a scripted upstream failure reaches the client as it is;
+# tests about retries and failover (test_routing.py) pass their own routing settings.
+ONE_ATTEMPT = RoutingSettings(max_attempts=1)
 DEMO_MODEL = ModelConfig(name="demo", targets=(Target(provider="demo", model="demo"),))
 
 MakeSettings = Callable[..., Settings]
@@ -31,6 +41,7 @@ def make_settings(tmp_path: Path) -> MakeSettings:
     def build(
         providers: tuple[ProviderConfig, ...] = (),
         models: tuple[ModelConfig, ...] = (),
+        routing: RoutingSettings = ONE_ATTEMPT,
         **server: Any,
     ) -> Settings:
         server.setdefault("database", str(tmp_path / "keys.db"))
@@ -38,6 +49,7 @@ def make_settings(tmp_path: Path) -> MakeSettings:
         server.setdefault("keys_refresh_seconds", 0.1)
         return Settings(
             server=ServerSettings(**server),
+            routing=routing,
             providers=(DEMO, *providers),
             models=(DEMO_MODEL, *models),
         )

@@ -233,3 +233,65 @@ async def test_a_cut_stream_still_counts_what_was_generated(
     assert spend is not None and spend.tokens == rows[-1]["total_tokens"]
     assert spend.held_tokens == 0
     assert (await app_of(gw)[STORE_KEY].spend_since(record.id, 0))[0] == spend.tokens
+
+
+async def test_failed_upstream_calls_are_not_charged(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    fake, gw = up
+    secret = await create_key(gw, budget_tokens=10_000, tpm=10_000)
+    fake.script(status=503, times=3)
+    for _ in range(3):
+        async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+            assert resp.status == 503
+    record = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert record is not None
+    spend = app_of(gw)[GATE_KEY].spent(record)
+    assert spend is not None and (spend.tokens, spend.usd, spend.held_tokens) == (0, 0.0, 0)
+    async with gw.get("/v1/models", headers=auth(secret)) as resp:
+        assert resp.headers["x-ratelimit-remaining-tokens"] == "10000"
+
+
+async def test_an_admin_change_during_a_reload_is_kept(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """A reload's older snapshot must not undo a revocation made while it was running."""
+    _, gw = up
+    app = app_of(gw)
+    cache, store = app[KEYS_KEY], app[STORE_KEY]
+    record, secret = await store.create_key(name="r")
+    cache.put(record)
+    started, proceed = asyncio.Event(), asyncio.Event()
+
+    async def slow_sync(keys: list[Any]) -> None:
+        started.set()
+        await proceed.wait()
+
+    cache._on_load = slow_sync
+    reload = asyncio.create_task(cache.load())
+    await started.wait()
+    cache.put(await store.revoke_key(record.id))  # what the admin API does
+    proceed.set()
+    await reload
+    found = cache.lookup(secret)
+    assert found is not None and found.revoked_at is not None
+
+
+def test_a_budget_refusal_costs_no_request_slot() -> None:
+    from gateway.admission import Gate
+    from gateway.errors import QuotaExceeded
+    from gateway.records import KeyRecord
+
+    gate = Gate(None)  # type: ignore[arg-type]  # no store needed: nothing is loaded here
+    key = KeyRecord(
+        id="k", name="k", prefix="p", digest="d", created_at=0, updated_at=0,
+        rpm=5, budget_tokens=10,
+    )  # fmt: skip
+    with pytest.raises(QuotaExceeded):
+        gate.admit(key, 50, 0.0)
+    assert gate.headers(key)["x-ratelimit-remaining-requests"] == "5"
+    ticket = gate.admit(key, 5, 0.0)
+    assert ticket is not None
+    gate.settle(ticket, 3, 0.0)
+    spend = gate.spent(key)
+    assert spend is not None and (spend.tokens, spend.held_tokens) == (3, 0)

@@ -84,6 +84,7 @@ async def make_rig(
     await a.start(aiohttp_server)
     await b.start(aiohttp_server)
     base = make_settings(
+        routing=routing,
         providers=(
             ProviderConfig(
                 name="a", type="openai", base_url=a_url or a.base_url, api_keys=KEYS, **provider
@@ -102,10 +103,7 @@ async def make_rig(
             ),
         ),
     )
-    settings = Settings(
-        server=base.server, routing=routing, providers=base.providers, models=base.models
-    )
-    gw = await start_gateway(aiohttp_client, settings)
+    gw = await start_gateway(aiohttp_client, base)
     clock = Clock()
     app_of(gw)[ROUTER_KEY].breakers.clock = clock
     return Rig(a, b, gw, await create_key(gw), clock)
@@ -236,9 +234,7 @@ async def test_bad_credentials_disable_the_account_loudly(rig: Rig) -> None:
 async def test_a_hanging_upstream_times_out_and_fails_over(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
 ) -> None:
-    rig = await make_rig(
-        aiohttp_server, aiohttp_client, make_settings, first_byte_timeout=0.2, read_timeout=5
-    )
+    rig = await make_rig(aiohttp_server, aiohttp_client, make_settings, read_timeout=0.2)
     rig.a.script(delay_headers=3, times=2)
     for stream in (False, True):
         async with rig.post({**HI, "stream": stream}) as resp:
@@ -367,3 +363,80 @@ async def test_routes_skip_cooling_accounts_unit() -> None:
     assert [r.account for r in router.routes(model)] == [("a", 0), ("a", 1), ("b", 0)]
     router.breakers.failed(("a", 1), retry_after=5)
     assert [r.account for r in router.routes(model)] == [("a", 0), ("b", 0)]
+
+
+def test_only_the_probe_decides_a_half_open_breaker() -> None:
+    from gateway.breaker import BreakerBoard
+
+    clock = Clock()
+    board = BreakerBoard(threshold=1, window=60, cooldown=10, clock=clock)
+    account = ("a", 0)
+    assert board.attempt(account) is False  # closed: an ordinary attempt
+    board.failed(account)
+    assert board.state(account) == "open" and board.attempt(account) is None
+    clock.now += 10
+    assert board.attempt(account) is True  # the probe
+    assert board.attempt(account) is None  # only one at a time
+    board.succeeded(account)  # a late answer of an older, ordinary attempt ...
+    board.failed(account)
+    assert board.state(account) == "half-open"  # ... decides nothing
+    board.release(account, probe=True)  # the probe was cancelled: the slot is free again
+    assert board.attempt(account) is True
+    board.succeeded(account, probe=True)
+    assert board.state(account) == "closed"
+    board.failed(account, retry_after=10**6)
+    assert board.state(account) == "open"
+    clock.now += 300  # an upstream's retry-after is capped (max_cooldown)
+    assert board.state(account) == "half-open"
+
+
+async def test_a_single_account_is_retried(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    fake.script(status=500)
+    fake.script(drop_before_response=True)
+    settings = make_settings(
+        routing=RoutingSettings(backoff_initial=0.001, backoff_max=0.002),  # 3 attempts
+        providers=(ProviderConfig(name="up", type="openai", base_url=fake.base_url),),
+    )
+    gw = await start_gateway(aiohttp_client, settings)
+    key = await create_key(gw)
+    body = {**HI, "model": "up/x"}
+    async with gw.post(CHAT, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200
+    assert len(fake.chat_requests) == 3
+
+
+async def test_a_503_retry_after_also_cools_the_account(rig: Rig) -> None:
+    rig.a.script(status=503, headers={"retry-after": "12"})
+    async with rig.post() as resp:
+        assert resp.status == 200
+    assert rig.breakers.state(("a", 0)) == "open"
+    rig.clock.now += 12
+    assert rig.breakers.state(("a", 0)) == "half-open"
+
+
+async def test_an_error_event_before_any_byte_fails_over(rig: Rig) -> None:
+    rig.a.script(error_after=0)  # the stream opens with an error event
+    async with rig.post({**HI, "stream": True}) as resp:
+        events = sse_events(await resp.read())
+    assert resp.headers["x-gateway-provider"] == "a"  # the other account answered
+    assert rig.accounts() == ["key-a0", "key-a1"]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+
+
+async def test_a_cancelled_probe_frees_its_slot(rig: Rig) -> None:
+    rig.breakers.failed(("a", 0), retry_after=1)
+    rig.breakers.failed(("a", 1), retry_after=60)
+    rig.clock.now += 1  # account 0 is half-open: the next request probes it
+    rig.a.script(delay_headers=5)
+    task = asyncio.create_task(rig.post().__aenter__())
+    await rig.a.request_seen.wait()
+    task.cancel()  # the client gives up while the probe runs
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await rig.a.client_disconnected.wait()
+    assert rig.breakers.state(("a", 0)) == "half-open"
+    assert rig.breakers.usable(("a", 0))  # not stuck: another request may probe it

@@ -8,7 +8,7 @@ the one that creates it; changes reach the running key cache at once.
 from __future__ import annotations
 
 import hmac
-import time
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -18,7 +18,6 @@ from msgspec import UNSET, UnsetType
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from gateway.records import KeyRecord, key_view
 from gateway.schemas.codec import decode_body, encode
-from gateway.settings import Settings
 from gateway.state import GATE_KEY, KEYS_KEY, SETTINGS_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_expires, parse_since
 
@@ -81,25 +80,20 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 
 def _expires(value: float | str | None) -> float | None:
-    if value is None or isinstance(value, float | int):
-        if value is not None and value <= time.time():
-            raise InvalidRequest("'expires_at' must lie in the future.", param="expires_at")
-        return value
+    if value is None:
+        return None
     try:
-        return parse_expires(value)
-    except ValueError as exc:
+        # Unix seconds get the same checks as "30d" or an ISO-8601 time.
+        text = datetime.fromtimestamp(value, UTC).isoformat() if isinstance(value, float) else value
+        return parse_expires(text)
+    except (ValueError, OverflowError, OSError) as exc:
         raise InvalidRequest(f"Invalid 'expires_at': {exc}", param="expires_at") from None
-
-
-def _check_group(settings: Settings, name: str | None) -> None:
-    if name is not None and settings.group(name) is None:
-        raise InvalidRequest(f"No group named {name!r} in the config.", param="group")
 
 
 async def _publish(request: web.Request, key: KeyRecord) -> dict[str, Any]:
     """Put a changed key into the running cache (its spending loaded first); its view."""
     enforced = request.app[KEYS_KEY].with_groups(key)
-    await request.app[GATE_KEY].sync([enforced])
+    await request.app[GATE_KEY].sync([enforced], request.app[USAGE_KEY].flush)
     request.app[KEYS_KEY].put(key)
     return _view(request, key)
 
@@ -117,7 +111,7 @@ async def create_key(request: web.Request) -> web.Response:
     """`POST /admin/keys`: the new key, with its secret in `key` (the only time it is shown)."""
     _require_admin(request)
     body = decode_body(await request.read(), KeyCreate)
-    _check_group(request.app[SETTINGS_KEY], body.group)
+    request.app[SETTINGS_KEY].require_group(body.group)
     record, secret = await request.app[STORE_KEY].create_key(
         name=body.name,
         models=body.models,
@@ -155,7 +149,7 @@ async def update_key(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), KeyUpdate)
     changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not UNSET}
     if "group" in changes:
-        _check_group(request.app[SETTINGS_KEY], changes["group"])
+        request.app[SETTINGS_KEY].require_group(changes["group"])
         changes["group_name"] = changes.pop("group")
     if "expires_at" in changes:
         changes["expires_at"] = _expires(changes["expires_at"])

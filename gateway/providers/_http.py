@@ -42,11 +42,11 @@ __all__ = [
 
 
 def unary_timeout(cfg: ProviderConfig) -> aiohttp.ClientTimeout:
-    # A non-streaming answer's headers come when it is done, so the first-byte bound is the
-    # total one too; a per-read timer would only add work per read.
-    first_byte = cfg.first_byte_timeout or cfg.read_timeout
+    # A non-streaming answer's headers only come once it is generated, so the first-byte bound
+    # (a stream's) does not apply; the longest silence does. A per-read timer would only add
+    # work per read, so both bounds are one `total`.
     return aiohttp.ClientTimeout(
-        total=min(cfg.total_timeout, first_byte), sock_connect=cfg.connect_timeout
+        total=min(cfg.total_timeout, cfg.read_timeout), sock_connect=cfg.connect_timeout
     )
 
 
