@@ -9,14 +9,17 @@ and the usage chunk last (only when the client asked for it).
 from __future__ import annotations
 
 import binascii
+import contextlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
+from typing import Protocol
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, UpstreamError
+from gateway.providers.base import ChatCall
 from gateway.schemas.chat import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -39,6 +42,7 @@ from gateway.schemas.common import Usage
 __all__ = [
     "ChunkWriter",
     "DataURL",
+    "StreamState",
     "assistant_text",
     "completion_body",
     "completion_id",
@@ -53,6 +57,7 @@ __all__ = [
     "refuse_unsupported",
     "stop_sequences",
     "tool_choice_without_tools",
+    "translated_stream",
     "unsupported",
 ]
 
@@ -290,3 +295,51 @@ class ChunkWriter:
 
     def usage(self, usage: Usage) -> bytes:
         return self._chunk([], usage)
+
+
+class StreamState(Protocol):
+    """A provider's stream translator: upstream events in, OpenAI chunk payloads out."""
+
+    done: bool  # the upstream said the answer is complete
+
+    def feed(self, data: bytes) -> list[bytes]: ...
+
+    def end(self) -> list[bytes]:
+        """The last chunks once the upstream stopped; raises if the answer is incomplete."""
+        ...
+
+
+async def translated_stream(
+    call: ChatCall, events: AsyncGenerator[list[bytes], None], state: StreamState
+) -> AsyncGenerator[list[bytes], None]:
+    """Feed the upstream's SSE events through `state`, one batch per upstream read.
+
+    Chunks are held back until the answer has content: an upstream error event that comes
+    first (Anthropic reports overload right after `message_start`) then still becomes a
+    proper HTTP status, and another route may be tried, instead of a broken stream.
+
+    Raises:
+        UpstreamError: an error event, a malformed event, or an incomplete stream.
+    """
+    out: list[bytes] = []
+    async with contextlib.aclosing(events):
+        async for batch in events:
+            if call.first_byte_at is None:
+                call.first_byte_at = time.monotonic()
+            try:
+                for data in batch:
+                    out.extend(state.feed(data))
+                    if state.done:
+                        break
+            except UpstreamError:
+                if out and call.chunks:
+                    yield out  # what arrived before the error still reaches the client
+                raise
+            if state.done:
+                break
+            if out and call.chunks:
+                yield out
+                out = []
+    out.extend(state.end())
+    if out:
+        yield out

@@ -13,8 +13,8 @@ from collections.abc import AsyncGenerator
 import aiohttp
 import msgspec
 
-from gateway.errors import UpstreamError
 from gateway.providers._http import UpstreamClient
+from gateway.providers._translate import translated_stream
 from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropic, tool_id
 from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
 from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER, AnthropicResponse
@@ -60,29 +60,7 @@ class AnthropicProvider:
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         body, json_tool = self._body(call, stream=True)
         state = AnthropicStream(call, self.config.name, json_tool)
-        headers = self._http.headers(call.api_key)
-        # Chunks are held back until the answer has content: Anthropic reports overload as
-        # an `error` event right after `message_start`, and with nothing sent yet that error
-        # can still be a proper HTTP status (and a retry) instead of a broken stream.
-        out: list[bytes] = []
-        async with contextlib.aclosing(self._http.stream(self._url, body, headers)) as events:
-            async for batch in events:
-                if call.first_byte_at is None:
-                    call.first_byte_at = time.monotonic()
-                try:
-                    for data in batch:
-                        out.extend(state.feed(data))
-                        if state.done:
-                            break
-                except UpstreamError:
-                    if out and call.chunks:
-                        yield out  # what arrived before the error still reaches the client
-                    raise
-                if out and (call.chunks or state.done):
-                    yield out
-                    out = []
-                if state.done:
-                    return
-        raise UpstreamError(
-            f"The upstream provider '{self.config.name}' ended the stream before it was complete."
-        )
+        events = self._http.stream(self._url, body, self._http.headers(call.api_key))
+        async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
+            async for batch in chunks:
+                yield batch

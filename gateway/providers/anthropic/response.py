@@ -176,6 +176,13 @@ class AnthropicStream:
             return [*out, writer.usage(usage)] if writer.include_usage else out
         return []  # ping, and event types added after this was written
 
+    def end(self) -> list[bytes]:
+        if not self.done:
+            raise UpstreamError(
+                f"The upstream provider '{self.provider}' ended the stream before it was complete."
+            )
+        return []
+
     def _merge_usage(self, usage: AnthropicUsage) -> None:
         for name in usage.__struct_fields__:
             value = getattr(usage, name)

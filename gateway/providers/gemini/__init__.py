@@ -14,8 +14,8 @@ from collections.abc import AsyncGenerator
 import aiohttp
 import msgspec
 
-from gateway.errors import UpstreamError
 from gateway.providers._http import UpstreamClient
+from gateway.providers._translate import translated_stream
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.gemini.request import (
     DUMMY_SIGNATURE,
@@ -68,24 +68,7 @@ class GeminiProvider:
         body = _ENCODER.encode(to_gemini(call))
         state = GeminiStream(call, self.config.name)
         url = self._url(call, stream=True)
-        # As for Anthropic: nothing goes out before content, so an error event that comes
-        # first is still answered with its HTTP status.
-        out: list[bytes] = []
-        headers = self._http.headers(call.api_key)
-        async with contextlib.aclosing(self._http.stream(url, body, headers)) as events:
-            async for batch in events:
-                if call.first_byte_at is None:
-                    call.first_byte_at = time.monotonic()
-                try:
-                    for data in batch:
-                        out.extend(state.feed(data))
-                except UpstreamError:
-                    if out and call.chunks:
-                        yield out
-                    raise
-                if out and call.chunks:
-                    yield out
-                    out = []
-        out.extend(state.end())
-        if out:
-            yield out
+        events = self._http.stream(url, body, self._http.headers(call.api_key))
+        async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
+            async for batch in chunks:
+                yield batch

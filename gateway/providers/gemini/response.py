@@ -130,6 +130,7 @@ class GeminiStream:
         self.writer: ChunkWriter | None = None
         self.usage: GeminiUsage | None = None
         self.open: set[int] = set()  # choices that started and have not finished
+        self.done = False  # Gemini has no end event: its stream just closes
 
     def feed(self, data: bytes) -> list[bytes]:
         if b'"error"' in data[:48]:  # an error envelope, possibly list-wrapped or spaced
