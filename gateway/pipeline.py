@@ -32,10 +32,11 @@ from gateway.records import KeyRecord, model_allowed
 from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
+from gateway.settings import ProviderConfig
 from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY
 from gateway.tokens import estimate_prompt_tokens
 
-__all__ = ["MAX_MODEL_ID", "Exchange", "begin", "complete", "finish", "stream"]
+__all__ = ["MAX_MODEL_ID", "Exchange", "begin", "complete", "finish", "first_batch", "stream"]
 
 MAX_MODEL_ID = 256
 
@@ -167,17 +168,26 @@ async def stream(ex: Exchange) -> AsyncGenerator[list[bytes], None]:
 async def _first_batch(
     ex: Exchange, route: Route
 ) -> tuple[AsyncGenerator[list[bytes], None], list[bytes]]:
-    """Open the stream of one attempt and wait (bounded) for its first batch."""
-    config = route.provider.config
-    events = route.provider.stream_chat(ex.call)
+    return await first_batch(route.provider.config, route.provider.stream_chat(ex.call))
+
+
+async def first_batch(
+    config: ProviderConfig, events: AsyncGenerator[list[bytes], None]
+) -> tuple[AsyncGenerator[list[bytes], None], list[bytes]]:
+    """Wait (bounded by the provider's first-byte timeout) for an attempt's first batch.
+
+    Raises:
+        UpstreamError: the attempt failed before its first batch (retryable where another
+            route may do better), with `events` closed.
+    """
+    limit = config.first_byte_timeout or config.read_timeout
     try:
-        async with asyncio.timeout(config.first_byte_timeout or config.read_timeout):
+        async with asyncio.timeout(limit):
             first = await anext(events, None)
     except TimeoutError:
         await events.aclose()
         raise UpstreamTimeout(
-            f"The upstream provider '{config.name}' sent nothing within "
-            f"{config.first_byte_timeout or config.read_timeout:g} s."
+            f"The upstream provider '{config.name}' sent nothing within {limit:g} s."
         ) from None
     except UpstreamError as exc:
         await events.aclose()

@@ -17,7 +17,12 @@ Scripting (see ``Script`` for every knob):
 Knobs: status/error/headers (scripted HTTP errors), delay_headers, chunk_delay,
 drop_before_response, drop_after=N (abort mid-stream), error_after=N (`data: {"error": ...}`
 event), content (a long text without spaces streams as one huge SSE line), tool_call/arguments,
-finish_reason. Scripts apply to chat requests only; ``GET /v1/models`` lists ``fake.models``.
+finish_reason. Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
+``fake.models``.
+
+``POST /v1/responses`` gives the same answers in the Responses API's shapes: a ``response``
+object, or with ``stream: true`` the real event sequence (``event:`` lines, ``sequence_number``,
+no ``[DONE]``; ``error_after`` sends an ``error`` event).
 
 Events for concurrency tests: ``fake.request_seen`` is set when any request arrives (``.clear()`` it
 to wait for the next one); ``fake.client_disconnected`` is set when the client hangs up while a
@@ -138,11 +143,16 @@ class FakeOpenAI:
     def chat_requests(self) -> list[Recorded]:
         return [r for r in self.requests if r.path == "/v1/chat/completions"]
 
+    @property
+    def responses_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path == "/v1/responses"]
+
     # -- serving --------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._record], client_max_size=64 * 1024**2)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -196,6 +206,29 @@ class FakeOpenAI:
             if body.get("stream"):
                 return await self._stream(request, body, plan, reply)
             return web.json_response(reply, status=plan.status, headers=self._headers(plan))
+        except asyncio.CancelledError:
+            self.client_disconnected.set()
+            raise
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/responses``: the same answers as chat, in the Responses API's shapes."""
+        plan = self.queue.pop(0) if self.queue else self.default
+        body = request[RECORDED].json
+        if not isinstance(body, dict) or not body.get("model"):
+            return web.json_response(
+                error_body(400, "Missing required parameter: 'model'."), status=400
+            )
+        try:
+            await asyncio.sleep(plan.delay_headers)
+            if plan.drop_before_response:
+                return self._drop(request, web.Response())
+            if plan.status >= 400:
+                error = plan.error or error_body(plan.status)
+                return web.json_response(error, status=plan.status, headers=self._headers(plan))
+            response = self._response(body, self._reply(_chat_body(body), plan))
+            if body.get("stream"):
+                return await self._stream(request, body, plan, response)
+            return web.json_response(response, headers=self._headers(plan))
         except asyncio.CancelledError:
             self.client_disconnected.set()
             raise
@@ -290,24 +323,106 @@ class FakeOpenAI:
                 c["obfuscation"] = "".join(random.choices(string.ascii_letters, k=6))
         return chunks
 
+    def _response(self, body: Json, reply: Json) -> Json:
+        """The ``response`` object answering a Responses request, built from the chat reply."""
+        choice = reply["choices"][0]
+        message = choice["message"]
+        output: list[Json] = []
+        if message.get("content") is not None:
+            text = {"type": "output_text", "text": message["content"]}
+            output.append(
+                {
+                    "type": "message",
+                    "id": f"msg_fake{next(self._ids)}",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [text | {"annotations": [], "logprobs": []}],
+                }
+            )
+        for call in message.get("tool_calls") or []:
+            output.append(
+                {
+                    "type": "function_call",
+                    "id": f"fc_fake{next(self._ids)}",
+                    "call_id": call["id"],
+                    "name": call["function"]["name"],
+                    "arguments": call["function"]["arguments"],
+                    "status": "completed",
+                }
+            )
+        usage = reply["usage"]
+        cut = choice["finish_reason"] == "length"
+        tools = [
+            {
+                "type": "function",
+                "name": t["name"],
+                "description": t.get("description"),
+                "parameters": t.get("parameters"),
+                "strict": t.get("strict", True),
+            }
+            for t in body.get("tools") or []
+            if t.get("type") == "function"
+        ]
+        return {
+            "id": f"resp_fake{next(self._ids)}",
+            "object": "response",
+            "created_at": reply["created"],
+            "status": "incomplete" if cut else "completed",
+            "background": False,
+            "completed_at": None if cut else reply["created"],
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": body["model"],
+            "output": output,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": None, "summary": None},
+            "service_tier": "default",
+            "store": body.get("store", True),
+            "temperature": body.get("temperature", 1.0),
+            "text": {"format": {"type": "text"}, "verbosity": "medium"} | (body.get("text") or {}),
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": tools,
+            "top_logprobs": 0,
+            "top_p": body.get("top_p", 1.0),
+            "truncation": "disabled",
+            "usage": {
+                "input_tokens": usage["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": usage["completion_tokens"],
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["total_tokens"],
+            },
+            "metadata": body.get("metadata") or {},
+        }
+
     async def _stream(
         self, request: web.Request, body: Json, plan: Script, reply: Json
     ) -> web.StreamResponse:
+        """Stream ``reply``: chat chunks and ``[DONE]``, or (a ``response``) its events."""
+        events = reply.get("object") == "response"
         headers = {"Content-Type": "text/event-stream; charset=utf-8"} | self._headers(plan)
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         try:
-            for sent, chunk in enumerate(self._chunks(body, reply)):
+            chunks = _response_events(reply) if events else self._chunks(body, reply)
+            for sent, chunk in enumerate(chunks):
                 if sent == plan.drop_after:
                     return self._drop(request, response)
                 if sent == plan.error_after:
-                    await response.write(_sse(plan.stream_error))
+                    error = plan.stream_error
+                    if events:  # a Responses `error` event is flat
+                        error = error["error"] | {"type": "error", "sequence_number": sent}
+                    await response.write(_sse(error, "error" if events else None))
                     await response.write_eof()
                     return response
                 if sent and plan.chunk_delay:
                     await asyncio.sleep(plan.chunk_delay)
-                await response.write(_sse(chunk))
-            await response.write(b"data: [DONE]\n\n")
+                await response.write(_sse(chunk, chunk["type"] if events else None))
+            if not events:
+                await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionResetError:  # the client went away (seen on the next write)
             self.client_disconnected.set()
@@ -339,8 +454,106 @@ def openai_usage(prompt: int, completion: int) -> Json:
     }
 
 
-def _sse(obj: Json) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+def _sse(obj: Json, event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _chat_body(body: Json) -> Json:
+    """A Responses request as the chat request it means, so chat replies can answer it."""
+    messages: list[Json] = []
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input") or []
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item["role"], "content": item["content"]})
+        elif kind == "function_call":
+            call = {"name": item["name"], "arguments": item["arguments"]}
+            tool_call = {"id": item["call_id"], "type": "function", "function": call}
+            messages.append({"role": "assistant", "content": None, "tool_calls": [tool_call]})
+        elif kind == "function_call_output":
+            messages.append(
+                {"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]}
+            )
+    tools = [
+        {"type": "function", "function": {"name": t["name"], "parameters": t.get("parameters")}}
+        for t in body.get("tools") or []
+        if t.get("type") == "function"
+    ]
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    fmt = dict((body.get("text") or {}).get("format") or {"type": "text"})
+    if fmt["type"] == "json_schema":
+        fmt = {"type": "json_schema", "json_schema": {"name": fmt["name"], "schema": fmt["schema"]}}
+    return {
+        "model": body["model"],
+        "messages": messages,
+        "tools": tools,
+        "tool_choice": choice,
+        "response_format": fmt,
+    }
+
+
+def _response_events(response: Json) -> list[Json]:
+    """The Responses API event sequence that streams ``response`` (numbered from 0)."""
+    start = {k: v for k, v in response.items() if k not in ("usage", "completed_at")}
+    start |= {"status": "in_progress", "output": [], "incomplete_details": None}
+    events: list[Json] = [
+        {"type": "response.created", "response": start},
+        {"type": "response.in_progress", "response": start},
+    ]
+    for index, item in enumerate(response["output"]):
+        where = {"item_id": item["id"], "output_index": index}
+        if item["type"] == "message":
+            added = item | {"status": "in_progress", "content": []}
+            part = item["content"][0]
+            text = part["text"]
+            events.append(
+                {"type": "response.output_item.added", "output_index": index, "item": added}
+            )
+            events.append(
+                {"type": "response.content_part.added", **where, "content_index": 0}
+                | {"part": part | {"text": ""}}
+            )
+            for i, word in enumerate(text.split(" ")):
+                delta = word if i == 0 else " " + word
+                events.append(
+                    {"type": "response.output_text.delta", **where, "content_index": 0}
+                    | {"delta": delta, "logprobs": []}
+                )
+            events.append(
+                {"type": "response.output_text.done", **where, "content_index": 0}
+                | {"text": text, "logprobs": []}
+            )
+            events.append(
+                {"type": "response.content_part.done", **where, "content_index": 0, "part": part}
+            )
+        else:
+            added = item | {"status": "in_progress", "arguments": ""}
+            events.append(
+                {"type": "response.output_item.added", "output_index": index, "item": added}
+            )
+            arguments = item["arguments"]
+            for start_at in range(0, len(arguments), 8):
+                piece = arguments[start_at : start_at + 8]
+                events.append(
+                    {"type": "response.function_call_arguments.delta", **where, "delta": piece}
+                )
+            events.append(
+                {"type": "response.function_call_arguments.done", **where}
+                | {"name": item["name"], "arguments": arguments}
+            )
+        events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+    terminal = "response.completed" if response["status"] == "completed" else "response.incomplete"
+    events.append({"type": terminal, "response": response})
+    for number, event in enumerate(events):
+        event["sequence_number"] = number
+    return events
 
 
 def _text(content: Any) -> str:

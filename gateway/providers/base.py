@@ -8,6 +8,9 @@ relays upstream bytes without re-encoding; translating providers encode their st
 Usage seen on the way is written into the `ChatCall` so the handler can account for it, even
 when a stream is cut.
 Errors are raised as `gateway.errors.UpstreamError` subclasses.
+
+Optional capabilities are separate Protocols, checked with `isinstance`: `ResponsesPassThrough`
+is an upstream that serves the Responses API itself, so `/v1/responses` relays to it untranslated.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -23,7 +26,7 @@ from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
 
-__all__ = ["ChatCall", "ChatReply", "Provider"]
+__all__ = ["ChatCall", "ChatReply", "Provider", "ResponsesPassThrough"]
 
 
 @dataclass(slots=True)
@@ -63,7 +66,7 @@ class ChatCall:
 
 @dataclass(slots=True, frozen=True)
 class ChatReply:
-    body: bytes  # an OpenAI chat.completion object, JSON
+    body: bytes  # an OpenAI chat.completion object (a `response` from pass-through), JSON
     usage: Usage | None
 
 
@@ -88,5 +91,38 @@ class Provider(Protocol):
 
         Raises:
             UpstreamError: before or during the stream.
+        """
+        ...
+
+
+@runtime_checkable
+class ResponsesPassThrough(Protocol):
+    """An upstream that serves `POST /v1/responses` itself (OpenAI, some compatible servers).
+
+    Both methods take the client's top-level fields as raw JSON and send them on with `model`
+    set to `call.upstream_model`; usage is read from the `response`'s `usage` into `call.usage`
+    in chat terms, so accounting is the same as for chat requests.
+    """
+
+    config: ProviderConfig
+
+    async def responses(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
+        """Send a non-streaming request; the reply's body is the upstream `response` object.
+
+        Raises:
+            UpstreamError: the upstream failed, timed out or refused the request.
+        """
+        ...
+
+    def stream_responses(
+        self, call: ChatCall, body: dict[str, msgspec.Raw]
+    ) -> AsyncGenerator[list[bytes], None]:
+        """Yield non-empty batches of complete SSE events (`event:` and `data:` lines).
+
+        As with `stream_chat`, the first `__anext__()` performs the request.
+
+        Raises:
+            UpstreamError: before or during the stream, including an upstream `error` event
+                and a stream that ends before its terminal `response.*` event.
         """
         ...

@@ -1,0 +1,147 @@
+"""`POST /v1/responses`: the Responses API on the shared pipeline, for every provider.
+
+The request is translated into a chat request first, so `pipeline.begin()` applies the same
+model, permission, limit, budget and routing checks as chat completions do. When the first
+upstream to try serves the Responses API itself (`responses_api = true`), the client's own body
+goes to it (model rewritten) and its answer or events are relayed, with retries and failover
+over the upstreams that can do the same. Otherwise the chat request runs through the pipeline,
+and its completion or chunk stream becomes a `response` object or the Responses event stream.
+As for chat, everything that can fail with a status happens before the first byte goes out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import cast
+
+import msgspec
+from aiohttp import web
+
+from gateway import pipeline
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.failover import attempt_each
+from gateway.middleware import TRACE_KEY
+from gateway.providers import Provider
+from gateway.providers.base import ResponsesPassThrough
+from gateway.responses import (
+    ResponseEvents,
+    Translation,
+    error_event,
+    from_completion,
+    shell,
+    to_chat,
+)
+from gateway.router import Route
+from gateway.schemas.codec import RAW_OBJECT, decode_body, encode
+from gateway.schemas.responses import ResponseCreateRequest
+from gateway.sse import relay
+
+__all__ = ["create_response"]
+
+Batches = AsyncGenerator[list[bytes], None]
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """OpenAI Responses API; `model` is required."""
+    request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
+    body = await request.read()
+    req = decode_body(body, ResponseCreateRequest)
+    translation = to_chat(req)
+    chat = translation.chat
+    model_id = req.model if isinstance(req.model, str) else None
+    try:
+        ex = pipeline.begin(request, chat, RAW_OBJECT.decode(encode(chat)), model_id)
+    except InvalidRequest as exc:
+        raise _renamed(exc, translation) from None
+    try:
+        if _passes_through(ex.provider):
+            # Only upstreams that take the client's body as it is can stand in for this one.
+            ex.routes = [route for route in ex.routes if _passes_through(route.provider)]
+            return await _pass_through(ex, RAW_OBJECT.decode(body), stream=req.is_stream)
+        if translation.refusal is not None:
+            raise translation.refusal
+        base = shell(req, translation)
+        try:
+            if req.is_stream:
+                converter = ResponseEvents(base, ex.call)
+                async with (
+                    contextlib.aclosing(pipeline.stream(ex)) as chunks,
+                    contextlib.aclosing(converter.events(chunks)) as batches,
+                ):
+                    return await _relay(request, batches, converter.error_frame)
+            reply = await pipeline.complete(ex)
+        except InvalidRequest as exc:  # a provider refused a field: name the Responses one
+            raise _renamed(exc, translation) from None
+        answer = from_completion(reply.body, base, reply.usage)
+        return web.Response(body=answer, content_type="application/json")
+    finally:
+        pipeline.finish(ex)
+
+
+def _passes_through(provider: Provider) -> bool:
+    # The flag first: a protocol isinstance() check costs more than an attribute read.
+    return provider.config.responses_api and isinstance(provider, ResponsesPassThrough)
+
+
+def _upstream(route: Route) -> ResponsesPassThrough:
+    # The routes were filtered with _passes_through before any attempt.
+    return cast(ResponsesPassThrough, route.provider)
+
+
+async def _pass_through(
+    ex: pipeline.Exchange, fields: dict[str, msgspec.Raw], *, stream: bool
+) -> web.StreamResponse:
+    if not stream:
+        reply = await attempt_each(ex, lambda route: _upstream(route).responses(ex.call, fields))
+        return web.Response(body=reply.body, content_type="application/json")
+    events, first = await attempt_each(
+        ex,
+        lambda route: pipeline.first_batch(
+            route.provider.config, _upstream(route).stream_responses(ex.call, fields)
+        ),
+    )
+    numbered = _Numbered(events, first)
+    async with contextlib.aclosing(numbered.batches()) as batches:
+        return await _relay(ex.request, batches, numbered.error_frame)
+
+
+async def _relay(
+    request: web.Request,
+    batches: AsyncIterator[list[bytes]],
+    error_frame: Callable[[GatewayError], bytes],
+) -> web.StreamResponse:
+    # Batches hold framed events (`event:` and `data:` lines); Responses streams end after
+    # their terminal event, without `[DONE]`.
+    return await relay(request, batches, frame=b"".join, error_frame=error_frame, end=b"")
+
+
+def _renamed(exc: InvalidRequest, translation: Translation) -> InvalidRequest:
+    """`exc` with the chat parameter it names replaced by the Responses field it came from."""
+    param = translation.param(exc.param)
+    if exc.param and param != exc.param:
+        exc.message = exc.message.replace(f"'{exc.param}'", f"'{param}'")
+        exc.param = param
+    return exc
+
+
+class _Numbered:
+    """A passed-through event stream, counted so that an error event can take the next
+    `sequence_number` (upstream events number themselves from 0, one by one)."""
+
+    def __init__(self, events: Batches, first: list[bytes]) -> None:
+        self._events = events
+        self._first = first
+        self._count = 0
+
+    async def batches(self) -> Batches:
+        async with contextlib.aclosing(self._events) as events:
+            self._count = len(self._first)
+            yield self._first
+            async for batch in events:
+                self._count += len(batch)
+                yield batch
+
+    def error_frame(self, exc: GatewayError) -> bytes:
+        self._count += 1
+        return error_event(exc, self._count - 1)

@@ -1,0 +1,147 @@
+"""Chat answers as Responses API `response` objects.
+
+`shell()` holds what every `response` of one request shares (its id and the echoed request
+settings); `from_completion()` turns a whole `chat.completion` into the finished object: text
+and refusal as one `message` item, each tool call as a `function_call` item whose `call_id` is
+the chat tool-call id (so the next request's `function_call_output` maps back to it on any
+provider), thinking text as a `reasoning` item, and usage in Responses terms.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Literal
+
+import msgspec
+from msgspec import UNSET
+
+from gateway.errors import UpstreamError
+from gateway.responses.request import Translation
+from gateway.schemas.chat import ChatCompletion
+from gateway.schemas.codec import encode
+from gateway.schemas.common import Usage
+from gateway.schemas.response_output import (
+    IncompleteDetails,
+    OutputFunctionCall,
+    OutputItem,
+    OutputMessage,
+    OutputReasoning,
+    OutputRefusal,
+    OutputText,
+    ReasoningTextContent,
+    Response,
+    ResponseUsage,
+)
+from gateway.schemas.responses import (
+    ReasoningConfig,
+    ResponseCreateRequest,
+    TextConfig,
+    ToolChoiceObject,
+)
+
+__all__ = ["finished", "from_completion", "new_id", "shell"]
+
+_COMPLETION = msgspec.json.Decoder(ChatCompletion)
+
+_INCOMPLETE = {
+    "length": IncompleteDetails(reason="max_output_tokens"),
+    "content_filter": IncompleteDetails(reason="content_filter"),
+}
+
+
+def new_id(prefix: str) -> str:
+    """An object id in OpenAI's style: `resp_`, `msg_`, `fc_`, `rs_` plus random hex."""
+    return f"{prefix}_{os.urandom(24).hex()}"
+
+
+def shell(req: ResponseCreateRequest, translation: Translation) -> Response:
+    """The `response` of `req` before any output: new id, echoed settings, `in_progress`.
+
+    `store` is always false: the gateway keeps no conversation content.
+    """
+    return Response(
+        id=new_id("resp"),
+        created_at=int(time.time()),
+        status="in_progress",
+        model=req.model if isinstance(req.model, str) else "",
+        instructions=req.instructions or None,
+        max_output_tokens=req.max_output_tokens if isinstance(req.max_output_tokens, int) else None,
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+        reasoning=req.reasoning
+        if isinstance(req.reasoning, ReasoningConfig)
+        else ReasoningConfig(),
+        temperature=req.temperature if isinstance(req.temperature, float | int) else None,
+        text=req.text if isinstance(req.text, TextConfig) else TextConfig(),
+        tool_choice=req.tool_choice
+        if isinstance(req.tool_choice, str | ToolChoiceObject)
+        else "auto",
+        tools=translation.tools,
+        top_p=req.top_p if isinstance(req.top_p, float | int) else None,
+        user=req.user if isinstance(req.user, str) else UNSET,
+        metadata=req.metadata or {},
+    )
+
+
+def finished(
+    base: Response,
+    output: list[OutputItem],
+    finish_reason: str | None,
+    usage: Usage | None,
+) -> Response:
+    """`base` completed (or incomplete, when the answer was cut) with its output and usage."""
+    incomplete = _INCOMPLETE.get(finish_reason or "")
+    return msgspec.structs.replace(
+        base,
+        status="completed" if incomplete is None else "incomplete",
+        completed_at=int(time.time()) if incomplete is None else None,
+        incomplete_details=incomplete,
+        output=output,
+        usage=ResponseUsage.from_usage(usage) if usage is not None else UNSET,
+    )
+
+
+def from_completion(body: bytes, base: Response, usage: Usage | None) -> bytes:
+    """A whole `chat.completion` (JSON) as the finished `response` (JSON).
+
+    Raises:
+        UpstreamError: the completion is not one.
+    """
+    try:
+        completion = _COMPLETION.decode(body)
+    except (msgspec.MsgspecError, RecursionError):
+        raise UpstreamError("The upstream provider returned a malformed completion.") from None
+    if not completion.choices:
+        raise UpstreamError("The upstream provider returned a completion without choices.")
+    choice = completion.choices[0]
+    message = choice.message
+    status: Literal["completed", "incomplete"] = (
+        "incomplete" if choice.finish_reason in _INCOMPLETE else "completed"
+    )
+    output: list[OutputItem] = []
+    if message.reasoning_content:
+        thought = [ReasoningTextContent(text=message.reasoning_content)]
+        output.append(OutputReasoning(id=new_id("rs"), content=thought, status="completed"))
+    parts: list[OutputText | OutputRefusal] = []
+    if message.content:
+        parts.append(OutputText(text=message.content))
+    if message.refusal:
+        parts.append(OutputRefusal(refusal=message.refusal))
+    if parts:
+        output.append(OutputMessage(id=new_id("msg"), status=status, content=parts))
+    for call in message.tool_calls or ():
+        output.append(
+            OutputFunctionCall(
+                id=new_id("fc"),
+                call_id=call.id,
+                name=call.function.name,
+                arguments=call.function.arguments,
+                status=status,
+            )
+        )
+    if isinstance(completion.usage, Usage):
+        usage = completion.usage
+    response = finished(base, output, choice.finish_reason, usage)
+    response.created_at = completion.created
+    response.model = completion.model
+    return encode(response)

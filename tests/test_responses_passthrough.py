@@ -1,0 +1,251 @@
+"""`/v1/responses` passed through to OpenAI-compatible upstreams with `responses_api = true`:
+what is forwarded, and how odd upstream streams and bodies are handled."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from aiohttp.test_utils import TestClient
+
+from gateway.settings import ModelConfig, ProviderConfig, RoutingSettings, Target
+from tests.conftest import MakeSettings, create_key, start_gateway, usage_rows
+from tests.fakes import FakeOpenAI
+from tests.test_responses import sse
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Start = Callable[..., Awaitable[tuple[TestClient[Any, Any], str]]]
+
+
+@pytest.fixture
+def start(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> Start:
+    """A gateway whose model `m` passes Responses requests through to `upstream`."""
+
+    async def run(
+        upstream: web.Application, max_tokens: int | None = None
+    ) -> tuple[TestClient[Any, Any], str]:
+        server = await aiohttp_server(upstream)
+        provider = ProviderConfig(
+            name="up", type="openai", base_url=str(server.make_url("/v1")), responses_api=True
+        )
+        model = ModelConfig(
+            name="m", targets=(Target(provider="up", model="up-model"),), max_tokens=max_tokens
+        )
+        gateway = await start_gateway(
+            aiohttp_client, make_settings(providers=(provider,), models=(model,))
+        )
+        return gateway, await create_key(gateway)
+
+    return run
+
+
+def app(handler: Handler) -> web.Application:
+    upstream = web.Application()
+    upstream.router.add_post("/v1/responses", handler)
+    return upstream
+
+
+def events_handler(*frames: bytes) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for frame in frames:
+            await response.write(frame)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+def event(kind: str, number: int, **fields: Any) -> bytes:
+    data = {"type": kind, "sequence_number": number} | fields
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+RESPONSE = {
+    "id": "resp_1",
+    "object": "response",
+    "created_at": 1,
+    "status": "in_progress",
+    "model": "up-model",
+    "output": [],
+    "error": None,
+    "incomplete_details": None,
+    "instructions": None,
+    "metadata": {},
+    "parallel_tool_calls": True,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "tool_choice": "auto",
+    "tools": [],
+}
+USAGE = {
+    "input_tokens": 11,
+    "input_tokens_details": {"cached_tokens": 2, "cache_write_tokens": 0},
+    "output_tokens": 5,
+    "output_tokens_details": {"reasoning_tokens": 1},
+    "total_tokens": 16,
+}
+
+
+async def post(gateway: TestClient[Any, Any], key: str, **body: Any) -> tuple[int, bytes]:
+    body = {"model": "m", "input": "hi"} | body
+    headers = {"Authorization": f"Bearer {key}"}
+    async with gateway.post("/v1/responses", json=body, headers=headers) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_the_client_body_is_forwarded(start: Start, aiohttp_server: AiohttpServer) -> None:
+    fake = FakeOpenAI()
+    gateway, key = await start(fake.make_app(), max_tokens=77)
+    tools = [{"type": "web_search"}, {"type": "function", "name": "f", "parameters": {}}]
+    status, _ = await post(gateway, key, tools=tools, tool_choice="none", x_custom={"a": 1})
+    assert status == 200
+    sent = fake.responses_requests[-1]
+    assert sent.json["model"] == "up-model"
+    assert sent.json["max_output_tokens"] == 77  # the model's default limit
+    assert sent.json["tools"] == tools  # built-in tools are the upstream's business
+    assert sent.json["x_custom"] == {"a": 1}
+    assert sent.headers["x-request-id"]
+    status, _ = await post(gateway, key, max_output_tokens=5)
+    assert fake.responses_requests[-1].json["max_output_tokens"] == 5
+
+
+async def test_usage_comes_from_the_terminal_event(start: Start) -> None:
+    done = RESPONSE | {"status": "completed", "usage": USAGE}
+    gateway, key = await start(
+        app(
+            events_handler(
+                event("response.created", 0, response=RESPONSE),
+                event("response.completed", 1, response=done),
+                b"data: [DONE]\n\n",  # not OpenAI's, but some servers send it
+            )
+        )
+    )
+    status, body = await post(gateway, key, stream=True)
+    assert status == 200
+    assert [e["type"] for e in sse(body)] == ["response.created", "response.completed"]
+    row = (await usage_rows(gateway))[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (11, 5, 0)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        (event("response.created", 0, response=RESPONSE),),
+        (event("response.created", 0, response=RESPONSE), b"data: {not json\n\n"),
+        (
+            event("response.created", 0, response=RESPONSE),
+            b'data: {"type":"error","error":{"message":"boom","type":"server_error"}}\n\n',
+        ),
+        (
+            event("response.created", 0, response=RESPONSE),
+            b'data: {"error":{"message":"boom","type":"server_error"}}\n\n',
+        ),
+    ],
+    ids=["no-terminal-event", "malformed-event", "wrapped-error-event", "chat-error-event"],
+)
+async def test_broken_streams_end_with_an_error_event(
+    start: Start, frames: tuple[bytes, ...]
+) -> None:
+    gateway, key = await start(app(events_handler(*frames)))
+    status, body = await post(gateway, key, stream=True)
+    assert status == 200
+    events = sse(body)
+    assert [e["type"] for e in events] == ["response.created", "error"]
+    assert events[-1]["sequence_number"] == 1
+    assert (await usage_rows(gateway))[-1]["status"] == 502
+
+
+async def test_an_empty_stream_is_a_502(start: Start) -> None:
+    gateway, key = await start(app(events_handler()))
+    status, body = await post(gateway, key, stream=True)
+    assert status == 502, body
+
+
+async def test_multi_line_events_are_reframed(start: Start) -> None:
+    pretty = json.dumps(
+        {"type": "response.created", "sequence_number": 0, "response": RESPONSE}, indent=1
+    )
+    data = "".join(f"data: {line}\n" for line in pretty.splitlines())
+    done = RESPONSE | {"status": "completed", "usage": USAGE}
+    gateway, key = await start(
+        app(
+            events_handler(
+                f"event: response.created\n{data}\n".encode(),
+                event("response.completed", 1, response=done),
+            )
+        )
+    )
+    status, body = await post(gateway, key, stream=True)
+    assert status == 200
+    assert [e["type"] for e in sse_multiline(body)] == ["response.created", "response.completed"]
+
+
+def sse_multiline(body: bytes) -> list[dict[str, Any]]:
+    events = []
+    for block in body.split(b"\n\n"):
+        if not block:
+            continue
+        name, *data = block.split(b"\n")
+        assert name.startswith(b"event: ")
+        events.append(json.loads(b"\n".join(line[6:] for line in data)))
+    return events
+
+
+async def test_unreadable_usage_still_answers(start: Start) -> None:
+    body = RESPONSE | {"status": "completed", "usage": USAGE | {"input_tokens": 1.5}}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(body)
+
+    gateway, key = await start(app(handler))
+    status, answer = await post(gateway, key)
+    assert status == 200
+    assert json.loads(answer)["id"] == "resp_1"
+    row = (await usage_rows(gateway))[-1]
+    assert row["status"] == 200
+
+
+async def test_malformed_body_is_a_502(start: Start) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=b"{not json", content_type="application/json")
+
+    gateway, key = await start(app(handler))
+    status, _ = await post(gateway, key)
+    assert status == 502
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_a_failing_account_fails_over(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    stream: bool,
+) -> None:
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    provider = ProviderConfig(
+        name="up", type="openai", base_url=fake.base_url, api_keys=("k1", "k2"), responses_api=True
+    )
+    model = ModelConfig(name="m", targets=(Target(provider="up", model="up-model"),))
+    settings = make_settings(providers=(provider,), models=(model,))
+    settings = msgspec.structs.replace(settings, routing=RoutingSettings(backoff_initial=0))
+    gateway = await start_gateway(aiohttp_client, settings)
+    key = await create_key(gateway)
+    fake.script(status=503)
+    status, body = await post(gateway, key, stream=stream)
+    assert status == 200, body
+    assert [r.headers["authorization"] for r in fake.responses_requests] == [
+        "Bearer k1",
+        "Bearer k2",
+    ]
+    row = (await usage_rows(gateway))[-1]
+    assert (row["status"], row["estimated"]) == (200, 0)
