@@ -429,3 +429,41 @@ async def test_thinking_comes_back_as_a_reasoning_item(rig: RRig, stream: bool) 
         model="m", input=[*history, {"role": "user", "content": "more"}]
     )
     assert again.output_text == "echo: more"
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_several_output_items_stream_through_the_sdk_helper(
+    kind: str,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+) -> None:
+    """Text, then two tool calls: each item gets its own output_index, as the SDK demands."""
+    fake = _fake(kind)
+    await fake.start(aiohttp_server)
+    if kind == "anthropic":
+        fake.script(content="Let me check.", parallel=True)
+    else:
+        fake.script(content="Let me check.", tool_call=True, parallel=True)
+    provider = ProviderConfig(
+        name="up",
+        type=kind,
+        base_url=fake.base_url,
+        api_keys=(UPSTREAM_KEY,),  # type: ignore[arg-type]
+    )
+    model = ModelConfig(name="m", targets=(Target(provider="up", model=UPSTREAM_MODELS[kind]),))
+    gateway = await start_gateway(
+        aiohttp_client, make_settings(providers=(provider,), models=(model,))
+    )
+    key = await create_key(gateway)
+    tools = [WEATHER, {**WEATHER, "name": "get_time"}]
+    async with (
+        openai_client(gateway, key) as client,
+        client.responses.stream(model="m", input="Weather and time?", tools=tools) as stream,
+    ):
+        indices = [e.output_index async for e in stream if e.type == "response.output_item.added"]
+        final = await stream.get_final_response()
+    assert indices == list(range(len(final.output)))
+    kinds = [item.type for item in final.output]
+    assert kinds[0] == "message" and kinds.count("function_call") == 2
+    assert final.output_text.startswith("Let me check.")

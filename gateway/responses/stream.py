@@ -197,7 +197,8 @@ class ResponseEvents:
                 self._tool_call(fragment)
 
     def _start(self, item: _Open, added: OutputItem) -> None:
-        self._close()
+        self._close()  # the open item joins the output first: the new one comes after it
+        item.index = len(self._items)
         self._open = item
         self._emit(ItemAddedEvent(output_index=item.index, item=added))
 
