@@ -46,6 +46,14 @@ def backoff(retry: int, routing: RoutingSettings) -> float:
     return delay * (1 - 0.25 * _rng.random())
 
 
+def _bound(route: Route, stream: bool) -> float:
+    """The longest one attempt can take by its provider's timeouts alone."""
+    cfg = route.provider.config
+    if stream:  # until the first batch
+        return cfg.connect_timeout + (cfg.first_byte_timeout or cfg.read_timeout)
+    return min(cfg.total_timeout, cfg.read_timeout)
+
+
 def _use(ex: Exchange, route: Route) -> None:
     """Point the exchange at `route`, forgetting what an earlier attempt left in the call."""
     call, trace = ex.call, ex.trace
@@ -110,12 +118,18 @@ async def attempt_each(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -
         route, probe = claim
         _use(ex, route)
         started = time.perf_counter()
-        scope = asyncio.timeout_at(deadline)
+        # The provider's own timeouts bound an attempt; only when the deadline comes sooner
+        # is a timer of ours needed (most requests: never, and a timer costs a few us).
+        soon = loop.time() + _bound(route, ex.call.request.is_stream) > deadline
+        scope = asyncio.timeout_at(deadline) if soon else None
         try:
-            async with scope:
+            if scope is None:
                 result = await attempt(route)
+            else:
+                async with scope:
+                    result = await attempt(route)
         except TimeoutError:
-            if not scope.expired():
+            if scope is None or not scope.expired():
                 raise  # not ours: providers turn their own timeouts into UpstreamTimeout
             _record(ex, route, started, 504)
             breakers.release(route.account, probe)  # the time ran out, not the account

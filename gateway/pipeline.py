@@ -180,10 +180,15 @@ async def first_batch(
         UpstreamError: the attempt failed before its first batch (retryable where another
             route may do better), with `events` closed.
     """
+    # Without a first-byte timeout of its own, read_timeout bounds every wait for the upstream
+    # (the client's per-read timer), and an extra timer here would only cost time.
     limit = config.first_byte_timeout or config.read_timeout
     try:
-        async with asyncio.timeout(limit):
+        if config.first_byte_timeout is None:
             first = await anext(events, None)
+        else:
+            async with asyncio.timeout(config.first_byte_timeout):
+                first = await anext(events, None)
     except TimeoutError:
         await events.aclose()
         raise UpstreamTimeout(

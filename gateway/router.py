@@ -47,6 +47,14 @@ class Router:
         self._models = {m.name: m for m in settings.models}
         self._cursor: dict[str, int] = dict.fromkeys(providers, 0)
         self.rng = random.Random()  # noqa: S311 - load spreading, not security
+        # Configured models with one target on a provider with one account: their route.
+        self._single: dict[str, Route] = {}
+        for m in settings.models:
+            provider = self._providers.get(m.targets[0].provider)
+            if len(m.targets) == 1 and provider is not None and len(provider.config.api_keys) <= 1:
+                key = provider.config.api_keys[0] if provider.config.api_keys else None
+                account = (provider.config.name, 0)
+                self._single[m.name] = Route(m, provider, m.targets[0].model, key, account)
         routing: RoutingSettings = settings.routing
         self.breakers = BreakerBoard(
             threshold=routing.failure_threshold,
@@ -107,6 +115,10 @@ class Router:
 
     def routes(self, model: ModelConfig) -> list[Route]:
         """Every target and account the request may try, best first; none that cools down."""
+        single = self._single.get(model.name)
+        if single is not None and self._models.get(model.name) is model:
+            # The common case, one target on one account, without building anything.
+            return [single] if self.breakers.usable(single.account) else []
         routes: list[Route] = []
         for priority in sorted({t.priority for t in model.targets}):
             tier = [t for t in model.targets if t.priority == priority]
