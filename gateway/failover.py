@@ -103,9 +103,14 @@ async def attempt_each(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -
     breakers = app[ROUTER_KEY].breakers
     routing = app[SETTINGS_KEY].routing
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + routing.deadline
+    if ex.deadline is None:  # one deadline per request, however many rounds of attempts
+        ex.deadline = loop.time() + routing.deadline
+    deadline = ex.deadline
     failures: list[UpstreamError] = []
     while len(failures) < routing.max_attempts:
+        if loop.time() >= deadline:  # an earlier round of attempts used the time up
+            failures.append(_past_deadline(routing))
+            break
         if failures:  # back off before a retry, if the deadline leaves time for one
             delay = backoff(len(failures), routing)
             if loop.time() + delay >= deadline:
@@ -133,11 +138,7 @@ async def attempt_each(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -
                 raise  # not ours: providers turn their own timeouts into UpstreamTimeout
             _record(ex, route, started, 504)
             breakers.release(route.account, probe)  # the time ran out, not the account
-            failures.append(
-                UpstreamTimeout(
-                    f"No upstream answered within the request deadline ({routing.deadline:g} s)."
-                )
-            )
+            failures.append(_past_deadline(routing))
             break
         except UpstreamError as exc:
             _record(ex, route, started, exc.status)
@@ -160,6 +161,12 @@ async def attempt_each(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -
         _record(ex, route, started, 200)
         return result
     raise _final(ex, failures)
+
+
+def _past_deadline(routing: RoutingSettings) -> UpstreamTimeout:
+    return UpstreamTimeout(
+        f"No upstream answered within the request deadline ({routing.deadline:g} s)."
+    )
 
 
 def no_route(model_id: str | None) -> UpstreamUnavailable:

@@ -51,6 +51,7 @@ class Exchange:
     provider: Provider  # the upstream of the current (finally: the answering) attempt
     routes: list[Route]  # what the request may try, in order
     ticket: Ticket | None = None  # what the request holds of its key's limits and budget
+    deadline: float | None = None  # loop time by which an answer must have begun (set once)
 
 
 def begin(

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
+import pydantic
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from openai import omit
+from openai.lib.streaming.responses import ResponseStreamState
+from openai.types.responses import ResponseStreamEvent
 
 from gateway.settings import ModelConfig, ProviderConfig, Target
 from tests.conftest import MakeSettings, create_key, openai_client, start_gateway, usage_rows
@@ -467,3 +471,78 @@ async def test_several_output_items_stream_through_the_sdk_helper(
     kinds = [item.type for item in final.output]
     assert kinds[0] == "message" and kinds.count("function_call") == 2
     assert final.output_text.startswith("Let me check.")
+
+
+def sdk_final_response(events: list[dict[str, Any]], tools: list[dict[str, Any]]) -> Any:
+    """Feed raw gateway events to the SDK's own stream state machine; its final response."""
+    adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
+    state: ResponseStreamState[Any] = ResponseStreamState(
+        input_tools=tools,  # type: ignore[arg-type]
+        text_format=omit,
+    )
+    completed = []
+    for raw in events:
+        for event in state.handle_event(adapter.validate_python(raw)):
+            if event.type == "response.completed":
+                completed.append(event.response)
+    (final,) = completed
+    return final
+
+
+@pytest.mark.parametrize("scenario", ["reasoning-text", "text-two-calls"])
+async def test_sdk_stream_state_accepts_the_events(
+    scenario: str,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+) -> None:
+    """The installed SDK's `ResponseStreamState` (behind `responses.stream()`) over what the
+    gateway streams: thinking then text from a reasoning model, and text then two calls."""
+    fake = _fake("anthropic")
+    await fake.start(aiohttp_server)
+    tools: list[dict[str, Any]] = []
+    body: dict[str, Any] = {"input": "hello there"}
+    if scenario == "reasoning-text":
+        fake.always(thinking="Let me think it through.")
+        body["reasoning"] = {"effort": "low"}
+    else:
+        fake.script(content="Let me check.", parallel=True)
+        tools = [WEATHER, {**WEATHER, "name": "get_time"}]
+        body["tools"] = tools
+    provider = ProviderConfig(
+        name="up",
+        type="anthropic",
+        base_url=fake.base_url,
+        api_keys=(UPSTREAM_KEY,),
+        reasoning_models=("claude-sonnet-4*",),
+    )
+    target = Target(provider="up", model="claude-sonnet-4-5")
+    model = ModelConfig(name="m", targets=(target,), reasoning=scenario == "reasoning-text")
+    gateway = await start_gateway(
+        aiohttp_client, make_settings(providers=(provider,), models=(model,))
+    )
+    key = await create_key(gateway)
+    async with openai_client(gateway, key) as client:
+        rig = RRig("anthropic", fake, gateway, key, client, name="anthropic")
+        events = await raw_stream(rig, **body)
+    final = sdk_final_response(events, tools)
+    assert final.status == "completed"
+    done = [e["item"]["id"] for e in events if e["type"] == "response.output_item.done"]
+    assert [item.id for item in final.output] == done
+    kinds = [item.type for item in final.output]
+    if scenario == "reasoning-text":
+        assert rig.last()["thinking"]["type"] == "enabled"
+        assert kinds == ["reasoning", "message"]
+        assert final.output[0].content[0].text == "Let me think it through."
+        assert final.output_text == "echo: hello there"
+        deltas = [e["output_index"] for e in events if e["type"].endswith(".delta")]
+        assert deltas[0] == 0 and deltas[-1] == 1  # thinking first, then the text
+    else:
+        assert kinds == ["message", "function_call", "function_call"]
+        assert [item.name for item in final.output[1:]] == ["get_weather", "get_time"]
+        assert [json.loads(item.arguments) for item in final.output[1:]] == [
+            json.loads(e["arguments"])
+            for e in events
+            if e["type"] == "response.function_call_arguments.done"
+        ]
+        assert final.output_text == "Let me check."

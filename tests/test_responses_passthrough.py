@@ -3,6 +3,8 @@ what is forwarded, and how odd upstream streams and bodies are handled."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +15,7 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
+from gateway.handlers import responses as responses_handler
 from gateway.settings import ModelConfig, ProviderConfig, RoutingSettings, Target
 from tests.conftest import MakeSettings, create_key, start_gateway, usage_rows
 from tests.fakes import FakeOpenAI
@@ -249,3 +252,204 @@ async def test_a_failing_account_fails_over(
     ]
     row = (await usage_rows(gateway))[-1]
     assert (row["status"], row["estimated"]) == (200, 0)
+
+
+# ---- which routes a request takes ---------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> Callable[..., Awaitable[tuple[TestClient[Any, Any], str, FakeOpenAI, FakeOpenAI]]]:
+    """A gateway whose model `m` has a pass-through target (fake `through`) and a translated
+    one (fake `chat`); `through_first` says which has the better priority."""
+
+    async def run(
+        *, through_first: bool
+    ) -> tuple[TestClient[Any, Any], str, FakeOpenAI, FakeOpenAI]:
+        through, chat = FakeOpenAI(), FakeOpenAI()
+        await through.start(aiohttp_server)
+        await chat.start(aiohttp_server)
+        providers = (
+            ProviderConfig(name="pt", type="openai", base_url=through.base_url, responses_api=True),
+            ProviderConfig(name="chat", type="openai", base_url=chat.base_url),
+        )
+        targets = (
+            Target(provider="pt", model="pt-model", priority=0 if through_first else 1),
+            Target(provider="chat", model="chat-model", priority=1 if through_first else 0),
+        )
+        settings = make_settings(
+            providers=providers, models=(ModelConfig(name="m", targets=targets),)
+        )
+        gateway = await start_gateway(aiohttp_client, settings)
+        return gateway, await create_key(gateway), through, chat
+
+    return run
+
+
+async def test_what_only_a_pass_through_serves_goes_to_one(mixed: Any) -> None:
+    # The router put the translated target first; a built-in tool still finds its upstream.
+    gateway, key, through, chat = await mixed(through_first=False)
+    status, body = await post(gateway, key, tools=[{"type": "web_search"}])
+    assert status == 200, body
+    assert through.responses_requests[-1].json["tools"] == [{"type": "web_search"}]
+    assert chat.requests == []
+
+
+async def test_what_only_a_pass_through_serves_does_not_fall_back(mixed: Any) -> None:
+    gateway, key, through, chat = await mixed(through_first=True)
+    through.always(status=503)
+    status, _ = await post(gateway, key, previous_response_id="resp_1")
+    assert status == 503
+    assert chat.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_failed_pass_through_falls_back_to_translation(mixed: Any, stream: bool) -> None:
+    gateway, key, through, chat = await mixed(through_first=True)
+    through.always(status=503)
+    status, body = await post(gateway, key, input="hello there", stream=stream)
+    assert status == 200, body
+    final = sse(body)[-1]["response"] if stream else json.loads(body)
+    assert final["output"][0]["content"][0]["text"] == "echo: hello there"
+    assert final["id"].startswith("resp_") and final["store"] is False  # the gateway's own
+    assert [r.path for r in through.requests] == ["/v1/responses"]
+    assert [r.path for r in chat.requests] == ["/v1/chat/completions"]
+    assert chat.requests[0].json["model"] == "chat-model"
+    row = (await usage_rows(gateway))[-1]
+    assert (row["status"], row["provider"]) == (200, "chat")
+
+
+async def test_a_request_the_upstream_refuses_does_not_fall_back(mixed: Any) -> None:
+    gateway, key, through, chat = await mixed(through_first=True)
+    through.always(status=400)
+    status, _ = await post(gateway, key)
+    assert status == 400
+    assert chat.requests == []
+
+
+async def test_pass_through_bodies_are_not_translated_again(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chat request is only encoded (for OpenAI chat upstreams) if it is sent.
+    encoded: list[object] = []
+
+    def encode(obj: object) -> bytes:
+        encoded.append(obj)
+        return b"{}"
+
+    monkeypatch.setattr(responses_handler, "encode", encode)
+    gateway, key = await start(FakeOpenAI().make_app())
+    status, _ = await post(gateway, key)
+    assert status == 200
+    assert encoded == []
+
+
+# ---- what is forwarded as sent ------------------------------------------------------------------
+
+
+async def test_store_and_stream_options_are_forwarded_as_sent(start: Start) -> None:
+    # Storage then happens at the upstream (OpenAI stores by default), not in the gateway.
+    fake = FakeOpenAI()
+    gateway, key = await start(fake.make_app())
+    options = {"include_obfuscation": False}
+    status, _ = await post(gateway, key, store=True, stream=True, stream_options=options)
+    assert status == 200
+    sent = fake.responses_requests[-1].json
+    assert (sent["store"], sent["stream_options"]) == (True, options)
+    await post(gateway, key)
+    assert "store" not in fake.responses_requests[-1].json
+
+
+async def test_stream_options_without_a_stream_is_a_400(start: Start) -> None:
+    fake = FakeOpenAI()
+    gateway, key = await start(fake.make_app())
+    status, body = await post(gateway, key, stream_options={"include_obfuscation": False})
+    assert status == 400
+    assert json.loads(body)["error"]["param"] == "stream_options"
+    assert fake.requests == []
+
+
+# ---- the end of a stream, and its errors --------------------------------------------------------
+
+
+async def test_nothing_is_read_after_the_terminal_event(start: Start) -> None:
+    done = RESPONSE | {"status": "completed", "usage": USAGE}
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(event("response.created", 0, response=RESPONSE))
+        await response.write(event("response.completed", 1, response=done))
+        await response.write(event("response.output_text.delta", 2, delta="late"))
+        with contextlib.suppress(ConnectionError):
+            await release.wait()  # the connection stays open
+        return response
+
+    gateway, key = await start(app(handler))
+    try:
+        status, body = await asyncio.wait_for(post(gateway, key, stream=True), 5)
+    finally:
+        release.set()
+    assert status == 200
+    assert [e["type"] for e in sse(body)] == ["response.created", "response.completed"]
+    row = (await usage_rows(gateway))[-1]
+    assert (row["status"], row["prompt_tokens"], row["estimated"]) == (200, 11, 0)
+
+
+CONTEXT = "Your input exceeds the context window of this model."
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (  # as OpenAI sends it
+            {
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "context_length_exceeded",
+                    "message": CONTEXT,
+                    "param": "input",
+                }
+            },
+            400,
+            "context_length_exceeded",
+        ),
+        (  # as OpenAI documents it
+            {"code": "context_length_exceeded", "message": CONTEXT, "param": "input"},
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            {"error": {"type": "tokens", "code": "rate_limit_exceeded", "message": "Slow."}},
+            429,
+            "rate_limit_exceeded",
+        ),
+    ],
+    ids=["wrapped", "flat", "rate-limit"],
+)
+async def test_error_events_keep_their_class(
+    start: Start, error: dict[str, Any], status: int, code: str
+) -> None:
+    data = {"type": "error", "sequence_number": 0} | error
+    first = f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+    # Before the first event: the status the error stands for, not a retryable 503.
+    gateway, key = await start(app(events_handler(first)))
+    got, body = await post(gateway, key, stream=True)
+    assert got == status, body
+    answer = json.loads(body)["error"]
+    assert answer["code"] == code
+    if status == 400:
+        assert (answer["message"], answer["param"]) == (CONTEXT, "input")
+    # Mid-stream: an error event with the upstream's code.
+    later = event("response.created", 0, response=RESPONSE) + first.replace(
+        b'"sequence_number": 0', b'"sequence_number": 1'
+    )
+    gateway, key = await start(app(events_handler(later)))
+    got, body = await post(gateway, key, stream=True)
+    assert got == 200
+    events = sse(body)
+    assert events[-1]["type"] == "error"
+    assert events[-1]["code"] == code
+    assert (await usage_rows(gateway))[-1]["status"] == status

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.errors import UpstreamError, UpstreamRateLimited
 from gateway.providers.base import ChatCall
-from gateway.responses import ResponseEvents, from_completion, shell, to_chat
+from gateway.responses import ResponseEvents, from_completion, items, shell, to_chat
 from gateway.schemas.chat import (
     AssistantMessage,
     FileContentPart,
@@ -105,6 +105,34 @@ def test_items_become_chat_messages() -> None:
     assert out.param("max_tokens") == "max_output_tokens"
     assert out.param("temperature") == "temperature"
     assert out.param(None) is None
+    # tool_choice is nested in chat and flat in Responses.
+    assert out.param("tool_choice.function.name") == "tool_choice.name"
+    assert out.param("tool_choice.allowed_tools.tools[1].function") == "tool_choice.tools[1]"
+    assert out.param("tool_choice.allowed_tools.mode") == "tool_choice.mode"
+
+
+def test_each_input_item_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[bytes] = []
+
+    class Counting:
+        def __init__(self, decoder: Any) -> None:
+            self.decoder = decoder
+
+        def decode(self, raw: bytes) -> Any:
+            decoded.append(bytes(raw))
+            return self.decoder.decode(raw)
+
+    counting = {t: Counting(d) for t, d in items._DECODERS.items()}
+    monkeypatch.setattr(items, "_DECODERS", counting)
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {"type": "message", "role": "assistant", "content": "Let me check."},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ]
+    out = to_chat(request(input=history))
+    assert len(out.chat.messages) == 3  # the call joins the assistant turn
+    assert len(decoded) == len(history)
 
 
 def test_tools_formats_and_choices() -> None:
@@ -137,7 +165,17 @@ def test_tools_formats_and_choices() -> None:
         ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
         ({"input": [{"type": "computer_call_output", "call_id": "c"}]}, "input[0].type"),
-        ({"input": []}, "input"),
+        (
+            # Fields of other shapes than translated items have: still only a refusal.
+            {"input": [{"type": "computer_call_output", "call_id": "c", "output": {"x": 1}}]},
+            "input[0].type",
+        ),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}], "instructions": "I"}, "input[0]"),
+        ({"prompt": {"id": "pmpt_1"}, "input": []}, "prompt"),  # a stored prompt may have it
+        (
+            {"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "mcp"}]}},
+            "tool_choice.tools[0]",
+        ),
         ({"background": True}, "background"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"prompt": {"id": "pmpt_1"}}, "prompt"),
@@ -324,6 +362,20 @@ async def test_stream_of_every_kind_of_output() -> None:
     assert done == final["output"]
 
 
+async def test_a_tool_name_sent_after_the_id_is_kept() -> None:
+    late = {"index": 0, "id": "call_a", "type": "function", "function": {"arguments": ""}}
+    events = await translate(
+        [
+            [chunk({"role": "assistant", "tool_calls": [late]})],
+            [chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{}"}}]})],
+            [chunk({}, "tool_calls")],
+        ]
+    )
+    (done,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert done["name"] == "f"
+    assert events[-1]["response"]["output"][0]["name"] == "f"
+
+
 async def test_stream_cut_by_the_limit_ends_incomplete() -> None:
     events = await translate([[chunk({"content": "Hi"}), chunk({}, "length")]])
     assert events[-1]["type"] == "response.incomplete"
@@ -389,6 +441,42 @@ def test_error_event_takes_the_next_number() -> None:
             None,
         ),
         ({"tool_choice": {"type": "function"}}, "tool_choice.name", None),
+        ({"tool_choice": {"type": "allowed_tools", "mode": "auto"}}, "tool_choice.tools", None),
+        (
+            {
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "mode": "auto",
+                    "tools": [{"type": "function", "name": "f"}, {"type": "function"}],
+                }
+            },
+            "tool_choice.tools[1].name",
+            None,
+        ),
+        (
+            {
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "mode": "auto",
+                    "tools": [{"server_label": "x", "type": "mcp"}],
+                }
+            },
+            "tool_choice.tools[0]",
+            "unsupported_parameter",
+        ),
+        ({"input": None}, "input", None),  # missing
+        ({"input": []}, "input", None),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input", None),
+        ({"input": [{"role": "user"}]}, "input[0].content", None),
+        ({"input": [{"content": "hi"}]}, "input[0].role", None),
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output", None),
+        ({"input": [{"role": "user", "content": "hi"}] * 10_001}, "input", None),
+        ({"stream_options": {"include_obfuscation": False}}, "stream_options", None),
+        (
+            {"stream_options": {"include_obfuscation": "no"}, "stream": True},
+            "stream_options.include_obfuscation",
+            None,
+        ),
         ({"max_output_tokens": 0}, "max_output_tokens", None),
         ({"text": {"format": {"type": "xml"}}}, "text.format.type", None),
         ({"reasoning": {"effort": "high"}}, "reasoning.effort", "unsupported_parameter"),
@@ -407,6 +495,28 @@ async def test_bad_requests_name_the_field(
     error = await resp.json()
     validate_error(error)
     assert (error["error"]["param"], error["error"]["code"]) == (param, code)
+    assert error["error"]["type"] == "invalid_request_error"
+    if param != "model":
+        assert f"'{param}'" in error["error"]["message"]
+
+
+async def test_missing_input_says_so(gateway: TestClient[Any, Any], key: str) -> None:
+    resp = await gateway.post(
+        "/v1/responses", json={"model": "demo"}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["message"] == "Missing required parameter: 'input'."
+
+
+async def test_stream_options_with_a_stream(oai: openai.AsyncOpenAI) -> None:
+    # Accepted; a translated stream's events carry no `obfuscation` padding (see the README).
+    stream = await oai.responses.create(
+        model="demo", input="hi", stream=True, stream_options={"include_obfuscation": True}
+    )
+    events = [event async for event in stream]
+    assert events[-1].type == "response.completed"
+    assert all(getattr(e, "obfuscation", None) is None for e in events)
 
 
 async def test_demo_limit_gives_an_incomplete_response(oai: openai.AsyncOpenAI) -> None:

@@ -1,11 +1,18 @@
 """`POST /v1/responses`: the Responses API on the shared pipeline, for every provider.
 
 The request is translated into a chat request first, so `pipeline.begin()` applies the same
-model, permission, limit, budget and routing checks as chat completions do. When the first
-upstream to try serves the Responses API itself (`responses_api = true`), the client's own body
-goes to it (model rewritten) and its answer or events are relayed, with retries and failover
-over the upstreams that can do the same. Otherwise the chat request runs through the pipeline,
-and its completion or chunk stream becomes a `response` object or the Responses event stream.
+model, permission, limit, budget and routing checks as chat completions do. Which way it goes:
+
+- It asks for what only an upstream serving the Responses API itself (`responses_api = true`)
+  can do (`Translation.refusal`: built-in tools, stored state, file ids): only those routes
+  are tried, and without one the refusal is the answer.
+- The first route (the router's pick) is such an upstream: the client's own body goes to the
+  pass-through routes (model rewritten) and their answer or events are relayed. Should every
+  one of them fail in a way another upstream may not share, the translated request gets the
+  remaining routes.
+- Otherwise the chat request runs through the pipeline over every route, and its completion
+  or chunk stream becomes a `response` object or the Responses event stream.
+
 As for chat, everything that can fail with a status happens before the first byte goes out.
 """
 
@@ -19,7 +26,7 @@ import msgspec
 from aiohttp import web
 
 from gateway import pipeline
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest, UpstreamAuthError, UpstreamError
 from gateway.failover import attempt_each
 from gateway.middleware import TRACE_KEY
 from gateway.providers import Provider
@@ -48,33 +55,31 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     req = decode_body(body, ResponseCreateRequest)
     translation = to_chat(req)
-    chat = translation.chat
     model_id = req.model if isinstance(req.model, str) else None
     try:
-        ex = pipeline.begin(request, chat, RAW_OBJECT.decode(encode(chat)), model_id)
+        # The chat request's raw fields are only made if it is sent (see _translated).
+        ex = pipeline.begin(request, translation.chat, {}, model_id)
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None
     try:
-        if _passes_through(ex.provider):
-            # Only upstreams that take the client's body as it is can stand in for this one.
-            ex.routes = [route for route in ex.routes if _passes_through(route.provider)]
-            return await _pass_through(ex, RAW_OBJECT.decode(body), stream=req.is_stream)
+        through = [route for route in ex.routes if _passes_through(route.provider)]
         if translation.refusal is not None:
-            raise translation.refusal
-        base = shell(req, translation)
-        try:
-            if req.is_stream:
-                converter = ResponseEvents(base, ex.call)
-                async with (
-                    contextlib.aclosing(pipeline.stream(ex)) as chunks,
-                    contextlib.aclosing(converter.events(chunks)) as batches,
-                ):
-                    return await _relay(request, batches, converter.error_frame)
-            reply = await pipeline.complete(ex)
-        except InvalidRequest as exc:  # a provider refused a field: name the Responses one
-            raise _renamed(exc, translation) from None
-        answer = from_completion(reply.body, base, reply.usage)
-        return web.Response(body=answer, content_type="application/json")
+            if not through:
+                raise translation.refusal
+            ex.routes = through  # only they can serve it
+            return await _pass_through(ex, body, stream=req.is_stream)
+        if _passes_through(ex.routes[0].provider):
+            rest = [route for route in ex.routes if not _passes_through(route.provider)]
+            ex.routes = through
+            try:
+                return await _pass_through(ex, body, stream=req.is_stream)
+            except UpstreamError as exc:
+                # The fallback shares the request's deadline (ex.deadline, set by the first
+                # round of attempts): it stops at once when that has passed.
+                if not (rest and _may_fail_over(exc)):
+                    raise
+            ex.routes = rest
+        return await _translated(ex, req, translation)
     finally:
         pipeline.finish(ex)
 
@@ -84,14 +89,45 @@ def _passes_through(provider: Provider) -> bool:
     return provider.config.responses_api and isinstance(provider, ResponsesPassThrough)
 
 
+def _may_fail_over(exc: UpstreamError) -> bool:
+    """Whether another upstream might succeed where the pass-through ones failed: what
+    `attempt_each` would move on from (retryable failures, refused credentials)."""
+    return exc.retryable or isinstance(exc, UpstreamAuthError)
+
+
+async def _translated(
+    ex: pipeline.Exchange, req: ResponseCreateRequest, translation: Translation
+) -> web.StreamResponse:
+    """Run the translated chat request over `ex.routes`; answer in Responses shapes."""
+    ex.call.raw = RAW_OBJECT.decode(encode(translation.chat))  # what OpenAI providers forward
+    base = shell(req, translation)
+    try:
+        if req.is_stream:
+            converter = ResponseEvents(base, ex.call)
+            async with (
+                contextlib.aclosing(pipeline.stream(ex)) as chunks,
+                contextlib.aclosing(converter.events(chunks)) as batches,
+            ):
+                return await _relay(ex.request, batches, converter.error_frame)
+        reply = await pipeline.complete(ex)
+    except InvalidRequest as exc:  # a provider refused a field: name the Responses one
+        raise _renamed(exc, translation) from None
+    answer = from_completion(reply.body, base, reply.usage)
+    return web.Response(body=answer, content_type="application/json")
+
+
 def _upstream(route: Route) -> ResponsesPassThrough:
     # The routes were filtered with _passes_through before any attempt.
     return cast(ResponsesPassThrough, route.provider)
 
 
-async def _pass_through(
-    ex: pipeline.Exchange, fields: dict[str, msgspec.Raw], *, stream: bool
-) -> web.StreamResponse:
+async def _pass_through(ex: pipeline.Exchange, body: bytes, *, stream: bool) -> web.StreamResponse:
+    """Relay the client's body over `ex.routes` (all pass through).
+
+    Raises:
+        UpstreamError: before anything was sent to the client (so it may still fall back).
+    """
+    fields: dict[str, msgspec.Raw] = RAW_OBJECT.decode(body)  # decode_body made sure it is JSON
     if not stream:
         reply = await attempt_each(ex, lambda route: _upstream(route).responses(ex.call, fields))
         return web.Response(body=reply.body, content_type="application/json")

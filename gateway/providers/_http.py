@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import aiohttp
 import msgspec
+import structlog
 
 from gateway.errors import (
     UpstreamAuthError,
@@ -28,11 +29,14 @@ from gateway.settings import ProviderConfig
 
 T = TypeVar("T")
 
+log = structlog.get_logger(__name__)
+
 __all__ = [
     "UpstreamClient",
     "error_from_status",
     "iter_sse_batches",
     "parse_retry_after",
+    "read_usage",
     "stream_error",
     "stream_timeout",
     "unary_timeout",
@@ -178,6 +182,26 @@ def error_from_status(
             retry_after=parse_retry_after(retry_after),
         )
     return UpstreamError(f"The upstream provider '{provider}' answered HTTP {status}: {message}")
+
+
+def read_usage(provider: str, decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T | None:
+    """The usage view of a whole upstream answer (`what`: "completion", "response"...).
+
+    A usage object we cannot read must not cost the client a good answer: None then (the
+    usage row is estimated), with a warning.
+
+    Raises:
+        UpstreamError: the answer is not JSON at all.
+    """
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError:
+        log.warning("upstream_usage_unreadable", provider=provider)
+        return None
+    except msgspec.DecodeError:
+        raise UpstreamError(
+            f"The upstream provider '{provider}' returned a malformed {what}."
+        ) from None
 
 
 def upstream_failure(provider: str, exc: BaseException) -> UpstreamError:

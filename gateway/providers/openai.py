@@ -5,9 +5,8 @@ The client's body is forwarded field for field (unknown fields included) with th
 and streams always ask for `include_usage` so usage can be accounted; that extra usage chunk
 is dropped again when the client did not ask for it. Upstream bytes go back untouched.
 
-Upstreams with `responses_api = true` also get `/v1/responses` requests as they are (model
-rewritten, the model's default output limit filled in); their events are relayed with their
-`event:` lines, and usage is read from the final `response` object.
+Upstreams with `responses_api = true` also get `/v1/responses` requests as they are: see
+`gateway.providers.openai_responses`, whose methods this adapter mixes in.
 """
 
 from __future__ import annotations
@@ -20,20 +19,20 @@ import aiohttp
 import msgspec
 import structlog
 
-from gateway.errors import UpstreamConnectionError, UpstreamError
+from gateway.errors import UpstreamError
 from gateway.providers._http import (
     error_from_status,
     iter_sse_batches,
+    read_usage,
     stream_error,
     stream_timeout,
     unary_timeout,
-    upstream_detail,
     upstream_failure,
 )
 from gateway.providers.base import ChatCall, ChatReply
+from gateway.providers.openai_responses import ResponsesMixin
 from gateway.schemas.codec import RAW_OBJECT, present
 from gateway.schemas.common import Usage
-from gateway.schemas.response_output import ResponseUsage
 from gateway.settings import ProviderConfig
 
 __all__ = ["OpenAIProvider"]
@@ -54,33 +53,12 @@ class _ChunkUsageView(_UsageView):
     choices: list[msgspec.Raw] = []
 
 
-class _ResponseUsageView(msgspec.Struct):
-    usage: ResponseUsage | None = None
-
-
-class _EventView(msgspec.Struct):
-    """A Responses stream event's type; the rest is skipped unparsed."""
-
-    type: str = ""
-
-
-class _TerminalView(msgspec.Struct):
-    """The `response` (with usage) that a terminal Responses stream event carries."""
-
-    response: _ResponseUsageView | None = None
-
-
 _USAGE = msgspec.json.Decoder(_UsageView)
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
-_RESPONSE_USAGE = msgspec.json.Decoder(_ResponseUsageView)
-_EVENT = msgspec.json.Decoder(_EventView)
-_TERMINAL_USAGE = msgspec.json.Decoder(_TerminalView)
-# The events that end a Responses stream; each carries the whole `response`, usage included.
-_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
-class OpenAIProvider:
-    """Adapter for `type = "openai"` providers."""
+class OpenAIProvider(ResponsesMixin):
+    """Adapter for `type = "openai"` providers (and their Responses pass-through)."""
 
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
@@ -121,13 +99,6 @@ class OpenAIProvider:
                 fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
         return _ENCODER.encode(fields)
 
-    def _responses_body(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> bytes:
-        fields = dict(body)
-        fields["model"] = msgspec.Raw(_ENCODER.encode(call.upstream_model))
-        if not present(fields.get("max_output_tokens")) and call.model.max_tokens is not None:
-            fields["max_output_tokens"] = msgspec.Raw(_ENCODER.encode(call.model.max_tokens))
-        return _ENCODER.encode(fields)
-
     def _post(
         self, call: ChatCall, *, stream: bool, body: bytes | None = None, url: str | None = None
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
@@ -162,16 +133,9 @@ class OpenAIProvider:
 
     async def chat(self, call: ChatCall) -> ChatReply:
         body = await self._send(call)
-        try:
-            call.usage = _USAGE.decode(body).usage
-        except msgspec.ValidationError:
-            # A usage object we cannot read must not cost the client a good answer: the row
-            # is estimated instead.
-            log.warning("upstream_usage_unreadable", provider=self.config.name)
-        except msgspec.DecodeError:
-            raise UpstreamError(
-                f"The upstream provider '{self.config.name}' returned a malformed completion."
-            ) from None
+        view = read_usage(self.config.name, _USAGE, body, "completion")
+        if view is not None:
+            call.usage = view.usage
         return ChatReply(body=body, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
@@ -234,106 +198,3 @@ class OpenAIProvider:
                 raise error
         call.chunks += 1
         return True
-
-    # -- the Responses API, passed through ------------------------------------------------
-
-    async def responses(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
-        answer = await self._send(call, self._responses_body(call, body), self._responses_url)
-        try:
-            usage = _RESPONSE_USAGE.decode(answer).usage
-        except msgspec.ValidationError:
-            log.warning("upstream_usage_unreadable", provider=self.config.name)
-        except msgspec.DecodeError:
-            raise UpstreamError(
-                f"The upstream provider '{self.config.name}' returned a malformed response."
-            ) from None
-        else:
-            call.usage = usage.to_usage() if usage is not None else None
-        return ChatReply(body=answer, usage=call.usage)
-
-    async def stream_responses(
-        self, call: ChatCall, body: dict[str, msgspec.Raw]
-    ) -> AsyncGenerator[list[bytes], None]:
-        fields = dict(body)
-        fields["stream"] = _TRUE
-        data = self._responses_body(call, fields)
-        ended = False
-        try:
-            async with self._post(call, stream=True, body=data, url=self._responses_url) as resp:
-                if resp.status >= 400:
-                    raise self._failed(resp, await resp.read())
-                async for batch in iter_sse_batches(resp):
-                    if call.first_byte_at is None:
-                        call.first_byte_at = time.monotonic()
-                    out, terminal, error = self._reframe(call, batch)
-                    ended = ended or terminal
-                    if out:
-                        yield out  # events before an error still reach the client
-                    if error is not None:
-                        raise error
-        except UpstreamError:
-            raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_failure(self.config.name, exc) from exc
-        if not ended:  # cut like a dropped connection (which a retry may fix before 200)
-            raise UpstreamConnectionError(
-                f"The upstream provider '{self.config.name}' ended the stream before the "
-                "response was complete."
-            )
-
-    def _reframe(
-        self, call: ChatCall, batch: list[bytes]
-    ) -> tuple[list[bytes], bool, UpstreamError | None]:
-        """Split one batch into (framed events for the client, saw a terminal event, error)."""
-        out: list[bytes] = []
-        terminal = False
-        for payload in batch:
-            if payload == b"[DONE]":  # not sent by OpenAI; some servers do
-                continue
-            try:
-                kind = self._event_type(call, payload)
-            except UpstreamError as exc:
-                return out, terminal, exc
-            if kind == "error":
-                return out, terminal, self._event_error(payload)
-            terminal = terminal or kind in _TERMINAL
-            out.append(_event_frame(kind, payload))
-        return out, terminal, None
-
-    def _event_type(self, call: ChatCall, payload: bytes) -> str:
-        """One upstream event's type; usage of a terminal event is accounted on the way."""
-        try:
-            kind = _EVENT.decode(payload).type
-        except msgspec.MsgspecError:
-            kind = ""
-        if not kind and (error := stream_error(self.config.name, payload)) is not None:
-            raise error  # a chat-style {"error": {...}} event
-        if not kind or "\n" in kind or "\r" in kind:
-            raise UpstreamError(
-                f"The upstream provider '{self.config.name}' sent a malformed stream event."
-            )
-        if kind in _TERMINAL:
-            try:
-                view = _TERMINAL_USAGE.decode(payload).response
-            except msgspec.ValidationError:
-                log.warning("upstream_usage_unreadable", provider=self.config.name)
-            else:
-                if view is not None and view.usage is not None:
-                    call.usage = view.usage.to_usage()
-        elif kind.endswith(".delta"):
-            call.chunks += 1
-        return kind
-
-    def _event_error(self, payload: bytes) -> UpstreamError:
-        # A Responses `error` event is flat ({"type": "error", "message", "code"}); older
-        # servers wrap it in {"error": {...}}: upstream_detail reads both.
-        message = upstream_detail(payload).message or "unknown error"
-        return UpstreamError(
-            f"The upstream provider '{self.config.name}' failed mid-stream: {message}"
-        )
-
-
-def _event_frame(kind: str, payload: bytes) -> bytes:
-    if b"\n" in payload:  # a multi-line payload needs a `data:` field per line
-        payload = payload.replace(b"\n", b"\ndata: ")
-    return b"event: %s\ndata: %s\n\n" % (kind.encode(), payload)

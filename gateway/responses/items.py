@@ -4,7 +4,8 @@ Messages keep their role (`input_text`/`output_text` parts become text parts, `i
 image part, `input_file` a file part); consecutive `function_call` items join the assistant turn
 before them as its `tool_calls` (ids kept, so `function_call_output` items, which become `tool`
 messages, still answer them); `reasoning` items are dropped. Items and tools are decoded one by
-one, so a bad field is a 400 naming its full path, e.g. `input[2].content[0].type`.
+one (each item once, into `InputItem`), so a bad field is a 400 naming its full path, e.g.
+`input[2].content[0].type`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 import msgspec
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from gateway.errors import InvalidRequest
 from gateway.responses.translation import Translation, unsupported
@@ -42,36 +43,30 @@ from gateway.schemas.chat import (
 from gateway.schemas.codec import encode, param_of, present
 from gateway.schemas.response_output import FunctionToolOut
 from gateway.schemas.responses import (
-    FunctionCallItem,
-    FunctionCallOutputItem,
+    AllowedToolType,
     FunctionToolParam,
     InputContent,
     InputFile,
     InputImage,
+    InputItem,
     InputText,
     ItemType,
-    MessageItem,
     OutputTextInput,
     RefusalInput,
     ToolChoiceObject,
     ToolType,
 )
 
-__all__ = ["ChatBuilder"]
+__all__ = ["ChatBuilder", "missing"]
 
 T = TypeVar("T")
 
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t)
-    for t in (
-        ItemType,
-        MessageItem,
-        FunctionCallItem,
-        FunctionCallOutputItem,
-        ToolType,
-        FunctionToolParam,
-    )
+    for t in (InputItem, ItemType, ToolType, FunctionToolParam, AllowedToolType)
 }
+# The item kinds `InputItem` holds; any other kind is only checked for its `type`.
+_TRANSLATED = frozenset({"message", "function_call", "function_call_output"})
 _IMAGE_DETAIL: dict[str, Literal["auto", "low", "high"]] = {
     "auto": "auto",
     "low": "low",
@@ -88,6 +83,38 @@ def _decode(type_: type[T], raw: msgspec.Raw, where: str) -> T:
         problem, path = param_of(str(exc))
         param = f"{where}.{path}" if path else where
         raise InvalidRequest(f"Invalid request body at '{param}': {problem}", param=param) from None
+
+
+def missing(param: str) -> InvalidRequest:
+    """The 400 for a required field that was not sent."""
+    return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+
+
+def _need(value: T | UnsetType, param: str) -> T:
+    if isinstance(value, UnsetType):
+        raise missing(param)
+    return value
+
+
+def _content(value: str | list[InputContent] | UnsetType, param: str) -> str | list[InputContent]:
+    # _need() would infer Sequence[...] for this union.
+    if isinstance(value, UnsetType):
+        raise missing(param)
+    return value
+
+
+def _item(raw: msgspec.Raw, where: str) -> InputItem:
+    """One input item, decoded once. An item of a kind that is not translated may have
+    fields of other shapes (a `computer_call_output`'s `output` object): only its `type` is
+    read then, and the refusal is left to the caller."""
+    try:
+        item: InputItem = _DECODERS[InputItem].decode(raw)
+    except msgspec.ValidationError:
+        kind = _decode(ItemType, raw, where).type
+        if kind in _TRANSLATED:
+            _decode(InputItem, raw, where)  # raises again, now as the 400 naming the field
+        return InputItem(type=kind)
+    return item
 
 
 class ChatBuilder:
@@ -108,38 +135,45 @@ class ChatBuilder:
         self.out.origins.append(origin)
 
     def item(self, raw: msgspec.Raw, where: str) -> None:
-        kind = _decode(ItemType, raw, where).type
+        item = _item(raw, where)
+        kind = item.type
         if kind == "message":
-            self.message(_decode(MessageItem, raw, where), where)
+            self.message(item, where)
         elif kind == "function_call":
-            self.function_call(_decode(FunctionCallItem, raw, where), where)
+            self.function_call(item, where)
         elif kind == "function_call_output":
-            item = _decode(FunctionCallOutputItem, raw, where)
-            content = self.text_parts(item.output, f"{where}.output")
-            self.add(ToolMessage(content=content, tool_call_id=item.call_id), where)
+            call_id = _need(item.call_id, f"{where}.call_id")
+            output = _content(item.output, f"{where}.output")
+            content = self.text_parts(output, f"{where}.output")
+            self.add(ToolMessage(content=content, tool_call_id=call_id), where)
         elif kind == "item_reference":
             self.refuse(where, "the gateway does not store responses or items")
         elif kind != "reasoning":  # earlier thinking has no chat equivalent: dropped
             self.refuse(f"{where}.type", f"input items of type '{kind}' cannot be translated")
 
-    def message(self, item: MessageItem, where: str) -> None:
-        content = item.content
+    def message(self, item: InputItem, where: str) -> None:
+        role = _need(item.role, f"{where}.role")
+        content = _content(item.content, f"{where}.content")
         parts = isinstance(content, list)
-        if item.role == "user":
+        if role == "user":
             user = content if isinstance(content, str) else self.user_parts(content, where)
             self.add(UserMessage(content=user), where, parts=parts)
-        elif item.role == "assistant":
+        elif role == "assistant":
             said: str | list[TextContentPart | RefusalContentPart] = (
                 content if isinstance(content, str) else self.assistant_parts(content, where)
             )
             self.add(AssistantMessage(content=said), where, parts=parts)
         else:
             text = self.text_parts(content, f"{where}.content")
-            role = SystemMessage if item.role == "system" else DeveloperMessage
-            self.add(role(content=text), where, parts=parts)
+            kind = SystemMessage if role == "system" else DeveloperMessage
+            self.add(kind(content=text), where, parts=parts)
 
-    def function_call(self, item: FunctionCallItem, where: str) -> None:
-        call = ToolCall(id=item.call_id, function=FunctionCall(item.name, item.arguments))
+    def function_call(self, item: InputItem, where: str) -> None:
+        call_id = _need(item.call_id, f"{where}.call_id")
+        function = FunctionCall(
+            _need(item.name, f"{where}.name"), _need(item.arguments, f"{where}.arguments")
+        )
+        call = ToolCall(id=call_id, function=function)
         last = self.messages[-1] if self.messages else None
         if isinstance(last, AssistantMessage):  # consecutive calls: one assistant turn
             if last.tool_calls is UNSET:
@@ -226,16 +260,21 @@ class ChatBuilder:
 
     def tool_choice(self, choice: ToolChoiceObject) -> ToolChoice | None:
         if choice.type == "function":
-            if choice.name is UNSET:
-                msg = "Missing required parameter: 'tool_choice.name'."
-                raise InvalidRequest(msg, param="tool_choice.name")
-            named = {"type": "function", "function": {"name": choice.name}}
+            name = _need(choice.name, "tool_choice.name")
+            named = {"type": "function", "function": {"name": name}}
             return msgspec.convert(named, ToolChoiceFunction)
-        if choice.type == "allowed_tools" and choice.tools is not UNSET:
-            listed = [_decode(FunctionToolParam, t, "tool_choice.tools") for t in choice.tools]
+        if choice.type == "allowed_tools":
+            names: list[str] = []
+            for i, raw in enumerate(_need(choice.tools, "tool_choice.tools")):
+                where = f"tool_choice.tools[{i}]"
+                kind = _decode(AllowedToolType, raw, where).type
+                if kind == "function":
+                    names.append(_decode(FunctionToolParam, raw, where).name)
+                else:
+                    self.refuse(where, f"built-in tools ('{kind}') need an upstream that runs them")
             allowed = {
                 "mode": choice.mode or "auto",
-                "tools": [{"type": "function", "function": {"name": t.name}} for t in listed],
+                "tools": [{"type": "function", "function": {"name": name}} for name in names],
             }
             return ToolChoiceAllowedTools(allowed_tools=msgspec.Raw(encode(allowed)))
         self.refuse("tool_choice", f"'{choice.type}' names a built-in tool")

@@ -40,7 +40,7 @@ from gateway.schemas.responses import (
     ToolChoiceObject,
 )
 
-__all__ = ["finished", "from_completion", "new_id", "shell"]
+__all__ = ["finished", "from_completion", "incomplete", "item_status", "new_id", "shell"]
 
 _COMPLETION = msgspec.json.Decoder(ChatCompletion)
 
@@ -48,6 +48,17 @@ _INCOMPLETE = {
     "length": IncompleteDetails(reason="max_output_tokens"),
     "content_filter": IncompleteDetails(reason="content_filter"),
 }
+
+
+def incomplete(finish_reason: str | None) -> IncompleteDetails | None:
+    """Why an answer that ended with this chat `finish_reason` is incomplete (cut by the
+    output limit or a content filter); None when it is complete."""
+    return _INCOMPLETE.get(finish_reason or "")
+
+
+def item_status(finish_reason: str | None) -> Literal["completed", "incomplete"]:
+    """The status of the output items (and the response) of such an answer."""
+    return "completed" if incomplete(finish_reason) is None else "incomplete"
 
 
 def new_id(prefix: str) -> str:
@@ -90,12 +101,12 @@ def finished(
     usage: Usage | None,
 ) -> Response:
     """`base` completed (or incomplete, when the answer was cut) with its output and usage."""
-    incomplete = _INCOMPLETE.get(finish_reason or "")
+    details = incomplete(finish_reason)
     return msgspec.structs.replace(
         base,
-        status="completed" if incomplete is None else "incomplete",
-        completed_at=int(time.time()) if incomplete is None else None,
-        incomplete_details=incomplete,
+        status="completed" if details is None else "incomplete",
+        completed_at=int(time.time()) if details is None else None,
+        incomplete_details=details,
         output=output,
         usage=ResponseUsage.from_usage(usage) if usage is not None else UNSET,
     )
@@ -115,9 +126,7 @@ def from_completion(body: bytes, base: Response, usage: Usage | None) -> bytes:
         raise UpstreamError("The upstream provider returned a completion without choices.")
     choice = completion.choices[0]
     message = choice.message
-    status: Literal["completed", "incomplete"] = (
-        "incomplete" if choice.finish_reason in _INCOMPLETE else "completed"
-    )
+    status = item_status(choice.finish_reason)
     output: list[OutputItem] = []
     if message.reasoning_content:
         thought = [ReasoningTextContent(text=message.reasoning_content)]

@@ -3,15 +3,16 @@
 `to_chat()` builds the same chat request the chat endpoint would receive, so limits, budgets,
 usage rows and routing apply alike. A malformed request is refused at once (400 naming the
 Responses field). What only an upstream serving `/v1/responses` itself can do (built-in tools,
-stored state, uploaded files) is recorded as `Translation.refusal` instead, and refused only
-once the chosen upstream turns out not to be such a pass-through.
+stored state, uploaded files) is recorded as `Translation.refusal` instead: such a request may
+only go to those upstreams, and is refused when its model has none.
 """
 
 from __future__ import annotations
 
 from msgspec import UNSET
 
-from gateway.responses.items import ChatBuilder
+from gateway.errors import InvalidRequest
+from gateway.responses.items import ChatBuilder, missing
 from gateway.responses.translation import Translation
 from gateway.schemas.chat import (
     JSONObjectFormat,
@@ -24,6 +25,7 @@ from gateway.schemas.chat import (
 from gateway.schemas.codec import present
 from gateway.schemas.responses import (
     ResponseCreateRequest,
+    ResponseStreamOptions,
     TextFormatJSONObject,
     TextFormatJSONSchema,
     ToolChoiceObject,
@@ -48,8 +50,14 @@ def to_chat(req: ResponseCreateRequest) -> Translation:
     """Translate a Responses request (see the module docstring for what is deferred).
 
     Raises:
-        InvalidRequest: an input item or tool is malformed; `param` names its Responses path.
+        InvalidRequest: an input item or tool is malformed, `input` is missing or holds no
+            message, `stream_options` without `stream`; `param` names the Responses field.
     """
+    if isinstance(req.stream_options, ResponseStreamOptions) and not req.is_stream:
+        raise InvalidRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is true.",
+            param="stream_options",
+        )
     b = ChatBuilder()
     if req.instructions:
         b.add(SystemMessage(content=req.instructions), "instructions")
@@ -59,8 +67,7 @@ def to_chat(req: ResponseCreateRequest) -> Translation:
     elif isinstance(req.input, list):
         for i, raw in enumerate(req.input):
             b.item(raw, f"input[{i}]")
-    if len(b.messages) == head:
-        b.refuse("input", "an 'input' with at least one message is required")
+    no_input = len(b.messages) == head
     chat = b.out.chat
     chat.model = req.model
     chat.stream = req.stream
@@ -84,6 +91,11 @@ def to_chat(req: ResponseCreateRequest) -> Translation:
     chat.prompt_cache_key = req.prompt_cache_key
     chat.service_tier = req.service_tier
     _refuse_stateful(req, b)
+    if no_input and b.out.refusal is None:
+        # With a refusal, a pass-through upstream may still serve it (a stored prompt, say).
+        if req.input is UNSET:
+            raise missing("input")
+        raise InvalidRequest("Invalid 'input': expected at least one input message.", param="input")
     return b.out
 
 

@@ -18,7 +18,8 @@ import msgspec
 
 from gateway.errors import GatewayError, UpstreamError
 from gateway.providers.base import ChatCall
-from gateway.responses.output import finished, new_id
+from gateway.responses.framing import event_frame
+from gateway.responses.output import finished, item_status, new_id
 from gateway.schemas.chat import ChatCompletionChunk, Delta, DeltaFunction, DeltaToolCall
 from gateway.schemas.codec import encode
 from gateway.schemas.response_output import (
@@ -238,6 +239,8 @@ class ResponseEvents:
             item.name = function.name if function and isinstance(function.name, str) else ""
             item.chat_index = fragment.index
             self._start(item, item.call("in_progress"))
+        elif function and isinstance(function.name, str) and function.name and not item.name:
+            item.name = function.name  # a late name (some servers send it after the id)
         if function and isinstance(function.arguments, str) and function.arguments:
             item.arguments.append(function.arguments)
             self._emit(
@@ -251,9 +254,7 @@ class ResponseEvents:
         item, self._open = self._open, None
         if item is None:
             return
-        status: Literal["completed", "incomplete"] = (
-            "incomplete" if self._finish in ("length", "content_filter") else "completed"
-        )
+        status = item_status(self._finish)
         done: OutputItem
         if item.kind == "function_call":
             self._closed_calls.add(item.chat_index)
@@ -297,7 +298,7 @@ def _frame(event: StreamEvent) -> bytes:
     name = _NAMES.get(type(event))
     if name is None:
         name = _NAMES[type(event)] = str(type(event).__struct_config__.tag).encode()
-    return b"event: %s\ndata: %s\n\n" % (name, encode(event))
+    return event_frame(name, encode(event))
 
 
 def error_event(exc: GatewayError, sequence_number: int) -> bytes:

@@ -26,6 +26,10 @@ _RENAMED = {
 }
 _MESSAGE_PARAM = re.compile(r"^messages\[(\d+)\](?:\.tool_calls\[(\d+)\]|\.content\[(\d+)\])?")
 _TOOL_PARAM = re.compile(r"^tools\[(\d+)\]")
+# Chat's nested tool_choice fields and the flat Responses ones they came from.
+_TOOL_CHOICE = re.compile(
+    r"^tool_choice\.(?:(function)\b|allowed_tools\.(?:tools(\[\d+\])|(mode)))"
+)
 _HEAD = re.compile(r"^[A-Za-z_]+")
 
 
@@ -68,5 +72,10 @@ class Translation:
         tool = _TOOL_PARAM.match(chat_param)
         if tool is not None:
             return tool[0]
+        choice = _TOOL_CHOICE.match(chat_param)
+        if choice is not None:
+            if choice[1]:
+                return "tool_choice.name"
+            return f"tool_choice.tools{choice[2]}" if choice[2] else "tool_choice.mode"
         head = _HEAD.match(chat_param)
         return _RENAMED.get(head[0], chat_param) if head else chat_param

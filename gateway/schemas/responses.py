@@ -18,20 +18,21 @@ from gateway.schemas.chat import MaxTokens, Metadata, ReasoningEffort
 from gateway.schemas.common import Temperature, TopP
 
 __all__ = [
-    "FunctionCallItem",
-    "FunctionCallOutputItem",
+    "MAX_INPUT_ITEMS",
+    "AllowedToolType",
     "FunctionToolParam",
     "InputContent",
     "InputFile",
     "InputImage",
+    "InputItem",
     "InputText",
     "ItemType",
-    "MessageItem",
     "OutputTextInput",
     "ReasoningConfig",
     "ReasoningText",
     "RefusalInput",
     "ResponseCreateRequest",
+    "ResponseStreamOptions",
     "TextConfig",
     "TextFormat",
     "TextFormatJSONObject",
@@ -88,20 +89,22 @@ class ItemType(msgspec.Struct):
     type: str = "message"
 
 
-class MessageItem(msgspec.Struct):
-    role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[InputContent]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class FunctionCallItem(msgspec.Struct):
-    call_id: Annotated[str, msgspec.Meta(min_length=1)]
-    name: Annotated[str, msgspec.Meta(min_length=1)]
-    arguments: str
+class InputItem(ItemType):
+    """The fields of every input item kind the gateway translates, in one struct, so that
+    each item is decoded once: `message` (`role`, `content`), `function_call` (`call_id`,
+    `name`, `arguments`), `function_call_output` (`call_id`, `output`), and `reasoning` and
+    `item_reference` (nothing read). Which fields a kind requires is checked after decoding.
+    """
 
-
-class FunctionCallOutputItem(msgspec.Struct):
-    call_id: Annotated[str, msgspec.Meta(min_length=1)]
-    output: str | list[InputContent]
+    role: Literal["user", "assistant", "system", "developer"] | UnsetType = UNSET
+    content: str | list[InputContent] | UnsetType = UNSET
+    call_id: NonEmpty | UnsetType = UNSET
+    name: NonEmpty | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+    output: str | list[InputContent] | UnsetType = UNSET
 
 
 # ---- request: tools, formats, the body -------------------------------------------------
@@ -109,6 +112,12 @@ class FunctionCallOutputItem(msgspec.Struct):
 
 class ToolType(msgspec.Struct):
     type: str
+
+
+class AllowedToolType(msgspec.Struct):
+    """An `allowed_tools` entry's type: `function` (the default) or a built-in tool's."""
+
+    type: str = "function"
 
 
 class FunctionToolParam(msgspec.Struct, omit_defaults=True):
@@ -165,11 +174,25 @@ class ReasoningConfig(msgspec.Struct):
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
+class ResponseStreamOptions(msgspec.Struct):
+    include_obfuscation: bool | UnsetType | None = UNSET
+
+
+# More input items than this are refused (400 naming `input`): each one is decoded and
+# translated on the event loop, and a conversation this long would not fit any context window.
+MAX_INPUT_ITEMS = 10_000
+
+
 class ResponseCreateRequest(msgspec.Struct, omit_defaults=True):
-    """`POST /v1/responses` body (`input` optional: a stored prompt may stand in for it)."""
+    """`POST /v1/responses` body (`input` optional: a stored prompt may stand in for it).
+
+    `store`, `truncation` and `max_tool_calls` are validated and otherwise ignored when the
+    request is translated (nothing is stored, nothing truncated, there are no built-in tools
+    whose calls `max_tool_calls` counts); a pass-through upstream gets them as sent.
+    """
 
     model: Annotated[str, msgspec.Meta(min_length=1)] | UnsetType = UNSET
-    input: str | list[Raw] | UnsetType = UNSET
+    input: str | Annotated[list[Raw], msgspec.Meta(max_length=MAX_INPUT_ITEMS)] | UnsetType = UNSET
     instructions: str | UnsetType | None = UNSET
     tools: list[Raw] | UnsetType | None = UNSET
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceObject | UnsetType | None = UNSET
@@ -182,7 +205,7 @@ class ResponseCreateRequest(msgspec.Struct, omit_defaults=True):
     top_p: TopP | UnsetType | None = UNSET
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | UnsetType | None = UNSET
     stream: bool | UnsetType | None = UNSET
-    stream_options: Raw | UnsetType = UNSET
+    stream_options: ResponseStreamOptions | UnsetType | None = UNSET
     previous_response_id: str | UnsetType | None = UNSET
     store: bool | UnsetType | None = UNSET
     metadata: Metadata | UnsetType | None = UNSET

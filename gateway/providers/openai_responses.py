@@ -1,0 +1,265 @@
+"""`POST /v1/responses` passed through to OpenAI-compatible upstreams (`responses_api = true`).
+
+The client's body goes to `{base_url}/responses` as it is, with `model` set to the upstream
+model and the model's default output limit filled in when the request sets none. A whole
+answer is relayed untouched; events are relayed as they arrive, each with its `event:` line,
+up to and including the terminal `response.completed`/`.incomplete`/`.failed` event, after
+which the upstream is not read any further. Usage is read from the final `response`.
+
+An upstream `error` event (flat as documented, or wrapped in `error` as OpenAI sends it) is
+classified by its typed `type` and `code` the way an error status would be, so that e.g. a
+`context_length_exceeded` before the first event is the client's 400, not a retryable 503.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
+
+import aiohttp
+import msgspec
+import structlog
+
+from gateway.errors import UpstreamConnectionError, UpstreamError
+from gateway.providers._http import (
+    error_from_status,
+    iter_sse_batches,
+    read_usage,
+    stream_error,
+    upstream_failure,
+)
+from gateway.providers.base import ChatCall, ChatReply
+from gateway.responses.framing import event_frame
+from gateway.schemas.codec import encode, present
+from gateway.schemas.response_output import ResponseUsage
+from gateway.settings import ProviderConfig
+
+__all__ = ["ResponsesMixin", "event_error"]
+
+log = structlog.get_logger(__name__)
+
+_TRUE = msgspec.Raw(b"true")
+
+
+class _ResponseUsageView(msgspec.Struct):
+    usage: ResponseUsage | None = None
+
+
+class _EventView(msgspec.Struct):
+    """A Responses stream event's type; the rest is skipped unparsed."""
+
+    type: str = ""
+
+
+class _TerminalView(msgspec.Struct):
+    """The `response` (with usage) that a terminal Responses stream event carries."""
+
+    response: _ResponseUsageView | None = None
+
+
+class _ErrorFields(msgspec.Struct):
+    type: str | None = None
+    code: str | int | None = None
+    message: str | None = None
+    param: str | None = None
+
+
+class _ErrorEventView(_ErrorFields):
+    """`{"type": "error", "code", "message", "param"}` as documented, or with those fields
+    in an `error` object, as OpenAI sends it (and chat-style servers, without the type)."""
+
+    error: _ErrorFields | str | None = None
+
+
+_RESPONSE_USAGE = msgspec.json.Decoder(_ResponseUsageView)
+_EVENT = msgspec.json.Decoder(_EventView)
+_TERMINAL_USAGE = msgspec.json.Decoder(_TerminalView)
+_ERROR_EVENT = msgspec.json.Decoder(_ErrorEventView)
+
+# The events that end a Responses stream; each carries the whole `response`, usage included.
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+# The HTTP status an error `type` (or `code`) stands for; an error event has no status.
+_STATUS_OF = {
+    "invalid_request_error": 400,
+    "not_found_error": 404,
+    "insufficient_quota": 429,
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+    "too_many_requests": 429,
+    "requests": 429,  # OpenAI's rate limit types name the limit that was hit
+    "tokens": 429,
+}
+# Codes that blame the request itself (OpenAI's `ResponseError` codes, and the context
+# window), for flat events that carry no `type`.
+_REQUEST_CODES = frozenset(
+    {
+        "context_length_exceeded",
+        "invalid_prompt",
+        "invalid_image",
+        "invalid_image_format",
+        "invalid_base64_image",
+        "invalid_image_url",
+        "image_too_large",
+        "image_too_small",
+        "image_parse_error",
+        "image_content_policy_violation",
+        "invalid_image_mode",
+        "image_file_too_large",
+        "unsupported_image_media_type",
+        "empty_image_file",
+        "failed_to_download_image",
+        "image_file_not_found",
+    }
+)
+
+
+def event_error(provider: str, payload: bytes) -> UpstreamError:
+    """The error an upstream `error` event reports, mapped as its status would be.
+
+    Only what blames the request or is a rate limit is classified; anything else (a server
+    error) stays a plain `UpstreamError`, a 502 that the pipeline makes retryable before the
+    first event, as for chat streams.
+    """
+    try:
+        view = _ERROR_EVENT.decode(payload)
+    except msgspec.MsgspecError:
+        view = _ErrorEventView()
+    fields = view.error if isinstance(view.error, _ErrorFields) else view
+    message = fields.message or (view.error if isinstance(view.error, str) else None)
+    code = fields.code
+    status = code if isinstance(code, int) and code >= 400 else None
+    for key in (fields.type, code):
+        if status is None and isinstance(key, str):
+            status = _STATUS_OF.get(key)
+    if status is None and code in _REQUEST_CODES:
+        status = 400
+    if status is None:
+        return UpstreamError(
+            f"The upstream provider '{provider}' failed mid-stream: {message or 'unknown error'}"
+        )
+    envelope = {
+        "error": {
+            "message": message,
+            "type": fields.type if fields.type != "error" else None,
+            "param": fields.param,
+            "code": code if isinstance(code, str) else None,
+        }
+    }
+    return error_from_status(provider, status, encode(envelope))
+
+
+class ResponsesMixin:
+    """The `ResponsesPassThrough` methods of `OpenAIProvider`, which provides the HTTP calls."""
+
+    config: ProviderConfig
+    _responses_url: str
+
+    if TYPE_CHECKING:  # provided by OpenAIProvider
+
+        async def _send(
+            self, call: ChatCall, body: bytes | None = None, url: str | None = None
+        ) -> bytes: ...
+
+        def _post(
+            self,
+            call: ChatCall,
+            *,
+            stream: bool,
+            body: bytes | None = None,
+            url: str | None = None,
+        ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]: ...
+
+        def _failed(self, resp: aiohttp.ClientResponse, body: bytes) -> UpstreamError: ...
+
+    def _responses_body(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> bytes:
+        fields = dict(body)
+        fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        if not present(fields.get("max_output_tokens")) and call.model.max_tokens is not None:
+            fields["max_output_tokens"] = msgspec.Raw(encode(call.model.max_tokens))
+        return encode(fields)
+
+    async def responses(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
+        answer = await self._send(call, self._responses_body(call, body), self._responses_url)
+        view = read_usage(self.config.name, _RESPONSE_USAGE, answer, "response")
+        if view is not None:
+            call.usage = view.usage.to_usage() if view.usage is not None else None
+        return ChatReply(body=answer, usage=call.usage)
+
+    async def stream_responses(
+        self, call: ChatCall, body: dict[str, msgspec.Raw]
+    ) -> AsyncGenerator[list[bytes], None]:
+        fields = dict(body)
+        fields["stream"] = _TRUE
+        data = self._responses_body(call, fields)
+        try:
+            async with self._post(call, stream=True, body=data, url=self._responses_url) as resp:
+                if resp.status >= 400:
+                    raise self._failed(resp, await resp.read())
+                async for batch in iter_sse_batches(resp):
+                    if call.first_byte_at is None:
+                        call.first_byte_at = time.monotonic()
+                    out, ended, error = self._reframe(call, batch)
+                    if out:
+                        yield out  # events before an error still reach the client
+                    if error is not None:
+                        raise error
+                    if ended:
+                        return  # whatever follows (or a connection left open) is not ours
+        except UpstreamError:
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_failure(self.config.name, exc) from exc
+        # Cut like a dropped connection (which a retry may fix before the first event).
+        raise UpstreamConnectionError(
+            f"The upstream provider '{self.config.name}' ended the stream before the "
+            "response was complete."
+        )
+
+    def _reframe(
+        self, call: ChatCall, batch: list[bytes]
+    ) -> tuple[list[bytes], bool, UpstreamError | None]:
+        """Split one batch into (framed events for the client, ended, upstream error).
+
+        `ended` means a terminal event was the last one taken: the rest is dropped.
+        """
+        out: list[bytes] = []
+        for payload in batch:
+            if payload == b"[DONE]":  # not sent by OpenAI; some servers do
+                continue
+            try:
+                kind = self._event_type(call, payload)
+            except UpstreamError as exc:
+                return out, False, exc
+            if kind == "error":
+                return out, False, event_error(self.config.name, payload)
+            out.append(event_frame(kind.encode(), payload))
+            if kind in _TERMINAL:
+                return out, True, None
+        return out, False, None
+
+    def _event_type(self, call: ChatCall, payload: bytes) -> str:
+        """One upstream event's type; usage of a terminal event is accounted on the way."""
+        try:
+            kind = _EVENT.decode(payload).type
+        except msgspec.MsgspecError:
+            kind = ""
+        if not kind and stream_error(self.config.name, payload) is not None:
+            return "error"  # a chat-style {"error": {...}} event
+        if not kind or "\n" in kind or "\r" in kind:
+            raise UpstreamError(
+                f"The upstream provider '{self.config.name}' sent a malformed stream event."
+            )
+        if kind in _TERMINAL:
+            try:
+                view = _TERMINAL_USAGE.decode(payload).response
+            except msgspec.ValidationError:
+                log.warning("upstream_usage_unreadable", provider=self.config.name)
+            else:
+                if view is not None and view.usage is not None:
+                    call.usage = view.usage.to_usage()
+        elif kind.endswith(".delta"):
+            call.chunks += 1
+        return kind
