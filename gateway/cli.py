@@ -12,19 +12,17 @@ import asyncio
 import os
 import sqlite3
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from gateway import __version__
+from gateway import __version__, cli_output as out
+from gateway.config import load_settings
 from gateway.errors import InvalidRequest, NotFound
 from gateway.logging import configure_logging
-from gateway.records import KeyRecord, key_view
-from gateway.settings import ConfigError, Settings, load_settings
+from gateway.settings import ConfigError, Settings
 from gateway.store import Store, StoreError, open_store
 from gateway.timeparse import parse_expires, parse_since
 
@@ -144,85 +142,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Output
-
-
-def _print_json(obj: Any) -> None:
-    print(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode())
-
-
-def _key_obj(key: KeyRecord) -> dict[str, Any]:
-    return key_view(key)
-
-
-def _when(ts: float | None, never: str = "-") -> str:
-    return never if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _status(key: KeyRecord) -> str:
-    if key.revoked_at is not None:
-        return "revoked"
-    return "active" if key.usable_at(time.time()) else "expired"
-
-
-def _budget(key: KeyRecord) -> str:
-    parts = [f"{key.budget_tokens} tok"] if key.budget_tokens is not None else []
-    parts += [f"${key.budget_usd:g}"] if key.budget_usd is not None else []
-    text = " + ".join(parts) or "-"
-    return f"{text}/{key.budget_period}" if parts and key.budget_period else text
-
-
-def _opt(value: object) -> str:
-    return "-" if value is None else str(value)
-
-
-def _table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], right_from: int | None = None
-) -> str:
-    """Columns padded to their widest cell; columns from index `right_from` on align right."""
-    right = len(headers) if right_from is None else right_from
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = [
-        "  ".join(
-            c.rjust(w) if i >= right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in [headers, *rows]
-    ]
-    return "\n".join(lines)
-
-
-def _print_key(key: KeyRecord) -> None:
-    fields = {
-        "id": key.id,
-        "name": key.name,
-        "prefix": key.prefix,
-        "status": _status(key),
-        "models": ", ".join(key.models) or "all",
-        "rpm": _opt(key.rpm),
-        "tpm": _opt(key.tpm),
-        "max_concurrency": _opt(key.max_concurrency),
-        "budget": _budget(key),
-        "group": _opt(key.group_name),
-        "notes": key.notes or "-",
-        "expires": _when(key.expires_at, "never"),
-        "created": _when(key.created_at),
-        "updated": _when(key.updated_at),
-        "revoked": _when(key.revoked_at),
-    }
-    fields.update({f"meta.{k}": v for k, v in key.metadata.items()})
-    width = max(map(len, fields))
-    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in fields.items()))
-
-
-def _show(key: KeyRecord, args: argparse.Namespace) -> int:
-    if args.json:
-        _print_json(_key_obj(key))
-    else:
-        _print_key(key)
-    return 0
-
-
 # Commands
 
 
@@ -239,9 +158,9 @@ async def _keys_create(store: Store, args: argparse.Namespace) -> int:
         name=args.name, models=args.models or (), notes=args.notes or "", **fields
     )
     if args.json:
-        _print_json({**_key_obj(key), "key": secret})
+        out.print_json({**out.key_obj(key), "key": secret})
     else:
-        _print_key(key)
+        out.print_key(key)
         print("\nThe secret below is shown only now; store it safely:")
         print(secret)  # last line of stdout, for scripts
     return 0
@@ -250,20 +169,20 @@ async def _keys_create(store: Store, args: argparse.Namespace) -> int:
 async def _keys_list(store: Store, args: argparse.Namespace) -> int:
     keys = await store.list_keys()
     if args.json:
-        _print_json([_key_obj(k) for k in keys])
+        out.print_json([out.key_obj(k) for k in keys])
         return 0
     headers = ("ID", "NAME", "PREFIX", "STATUS", "MODELS", "RPM", "TPM", "CONC", "BUDGET")
     rows = []
     for k in keys:
-        row = [k.id, k.name, k.prefix, _status(k), ",".join(k.models) or "all"]
-        row += map(_opt, (k.rpm, k.tpm, k.max_concurrency))
-        rows.append([*row, _budget(k), _when(k.expires_at, "never")])
-    print(_table((*headers, "EXPIRES"), rows))
+        row = [k.id, k.name, k.prefix, out.status(k), ",".join(k.models) or "all"]
+        row += map(out.opt, (k.rpm, k.tpm, k.max_concurrency))
+        rows.append([*row, out.budget(k), out.when(k.expires_at, "never")])
+    print(out.table((*headers, "EXPIRES"), rows))
     return 0
 
 
 async def _keys_show(store: Store, args: argparse.Namespace) -> int:
-    return _show(await store.require_key(args.id), args)
+    return out.show(await store.require_key(args.id), args)
 
 
 async def _keys_update(store: Store, args: argparse.Namespace) -> int:
@@ -280,11 +199,11 @@ async def _keys_update(store: Store, args: argparse.Namespace) -> int:
     if not changes:
         print("gateway: keys update: nothing to change (see --help)", file=sys.stderr)
         return 2
-    return _show(await store.update_key(args.id, **changes), args)
+    return out.show(await store.update_key(args.id, **changes), args)
 
 
 async def _keys_revoke(store: Store, args: argparse.Namespace) -> int:
-    return _show(await store.revoke_key(args.id), args)
+    return out.show(await store.revoke_key(args.id), args)
 
 
 async def _usage(store: Store, args: argparse.Namespace) -> int:
@@ -294,20 +213,16 @@ async def _usage(store: Store, args: argparse.Namespace) -> int:
         since=args.since, until=args.until, key_id=args.key, by=args.by
     )
     if args.json:
-        _print_json(rows)
+        out.print_json(rows)
         return 0
     headers = (args.by.upper(), "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL", "COST_USD")
     body = []
     for r in rows:
         counts = (r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.total_tokens)
-        latency = (_ms(r.p50_latency_ms), _ms(r.p95_latency_ms))
+        latency = (out.ms(r.p50_latency_ms), out.ms(r.p95_latency_ms))
         body.append([r.group, *map(str, counts), f"{r.cost_usd:.4f}", *latency])
-    print(_table((*headers, "P50_MS", "P95_MS"), body, right_from=1))
+    print(out.table((*headers, "P50_MS", "P95_MS"), body, right_from=1))
     return 0
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 def _serve(args: argparse.Namespace) -> int:

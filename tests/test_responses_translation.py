@@ -13,6 +13,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.config import load_settings
 from gateway.errors import UpstreamError, UpstreamRateLimited
 from gateway.providers.base import ChatCall
 from gateway.responses import ResponseEvents, from_completion, items, shell, to_chat
@@ -30,7 +31,7 @@ from gateway.schemas.codec import decode_body
 from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
 from gateway.schemas.response_output import ResponseUsage
 from gateway.schemas.responses import ResponseCreateRequest
-from gateway.settings import ConfigError, ModelConfig, Target, load_settings
+from gateway.settings import ConfigError, ModelConfig, Target
 from tests.conftest import create_key, usage_rows
 from tests.spec import validate_error, validate_response, validate_response_event
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ConfigError, load_settings
+from gateway.config import load_settings
+from gateway.settings import ConfigError
 
 GOOD = """
 [server]

@@ -1,0 +1,106 @@
+"""How the `gateway` command prints keys and usage: aligned tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from gateway.records import KeyRecord, key_view
+
+__all__ = [
+    "budget",
+    "key_obj",
+    "ms",
+    "opt",
+    "print_json",
+    "print_key",
+    "show",
+    "status",
+    "table",
+    "when",
+]
+
+
+def print_json(obj: Any) -> None:
+    print(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode())
+
+
+def key_obj(key: KeyRecord) -> dict[str, Any]:
+    return key_view(key)
+
+
+def when(ts: float | None, never: str = "-") -> str:
+    return never if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def status(key: KeyRecord) -> str:
+    if key.revoked_at is not None:
+        return "revoked"
+    return "active" if key.usable_at(time.time()) else "expired"
+
+
+def budget(key: KeyRecord) -> str:
+    parts = [f"{key.budget_tokens} tok"] if key.budget_tokens is not None else []
+    parts += [f"${key.budget_usd:g}"] if key.budget_usd is not None else []
+    text = " + ".join(parts) or "-"
+    return f"{text}/{key.budget_period}" if parts and key.budget_period else text
+
+
+def opt(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right_from: int | None = None
+) -> str:
+    """Columns padded to their widest cell; columns from index `right_from` on align right."""
+    right = len(headers) if right_from is None else right_from
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i >= right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [headers, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def print_key(key: KeyRecord) -> None:
+    fields = {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "status": status(key),
+        "models": ", ".join(key.models) or "all",
+        "rpm": opt(key.rpm),
+        "tpm": opt(key.tpm),
+        "max_concurrency": opt(key.max_concurrency),
+        "budget": budget(key),
+        "group": opt(key.group_name),
+        "notes": key.notes or "-",
+        "expires": when(key.expires_at, "never"),
+        "created": when(key.created_at),
+        "updated": when(key.updated_at),
+        "revoked": when(key.revoked_at),
+    }
+    fields.update({f"meta.{k}": v for k, v in key.metadata.items()})
+    width = max(map(len, fields))
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in fields.items()))
+
+
+def show(key: KeyRecord, args: argparse.Namespace) -> int:
+    if args.json:
+        print_json(key_obj(key))
+    else:
+        print_key(key)
+    return 0
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
