@@ -1,0 +1,95 @@
+"""Usage reports: per key, model or day, the requests, errors, tokens, cost and latency
+percentiles of a time range, read from the usage table (SQLite has no percentile function)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import aiosqlite
+
+from gateway.records import UsageSummaryRow
+
+__all__ = ["summarize"]
+
+# `by` -> the SQL expression naming a row's group. Rows without a key or model (failed auth,
+# unknown model) group under "-"; days are UTC.
+_GROUP_EXPR = {
+    "key": "COALESCE(key_id, '-')",
+    "model": "COALESCE(model, '-')",
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+}
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default) of sorted values."""
+    pos = (len(ordered) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _p50_p95(ordered: Sequence[float]) -> tuple[float, float]:
+    return _percentile(ordered, 0.5), _percentile(ordered, 0.95)
+
+
+async def summarize(
+    db: aiosqlite.Connection,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    key_id: str | None = None,
+    by: Literal["key", "model", "day"] = "key",
+) -> list[UsageSummaryRow]:
+    """Requests, errors (status >= 400), tokens, cost and latency percentiles per group.
+
+    Args:
+        since: unix time, inclusive. until: unix time, exclusive.
+        by: group by key id, model id, or UTC day (`YYYY-MM-DD`).
+    """
+    conditions: list[str] = []
+    params: list[Any] = []
+    for clause, value in (("ts >= ?", since), ("ts < ?", until), ("key_id = ?", key_id)):
+        if value is not None:
+            conditions.append(clause)
+            params.append(value)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    group = _GROUP_EXPR[by]
+    totals_sql = (
+        f"SELECT {group} AS grp, COUNT(*), TOTAL(status >= 400), TOTAL(prompt_tokens),"  # noqa: S608
+        f" TOTAL(completion_tokens), TOTAL(total_tokens), TOTAL(cost_usd)"
+        f" FROM usage {where} GROUP BY grp ORDER BY grp"
+    )
+    async with db.execute(totals_sql, params) as cur:
+        totals = await cur.fetchall()
+    # Percentiles need every latency of a group; SQLite has no percentile function, so
+    # stream them sorted and keep one group in memory at a time.
+    latency_sql = f"SELECT {group} AS grp, latency_ms FROM usage {where} ORDER BY grp, latency_ms"  # noqa: S608
+    percentiles: dict[str, tuple[float, float]] = {}
+    group_of, values = "", list[float]()
+    async with db.execute(latency_sql, params) as cur:
+        while batch := await cur.fetchmany(4096):
+            for grp, latency in batch:
+                if grp != group_of and values:
+                    percentiles[group_of], values = _p50_p95(values), []
+                group_of = grp
+                values.append(latency)
+    if values:
+        percentiles[group_of] = _p50_p95(values)
+    result = []
+    for grp, n, errors, prompt, completion, total, cost in totals:
+        p50, p95 = percentiles.get(grp, (None, None))
+        result.append(
+            UsageSummaryRow(
+                group=grp,
+                requests=n,
+                errors=int(errors),
+                prompt_tokens=int(prompt),
+                completion_tokens=int(completion),
+                total_tokens=int(total),
+                cost_usd=cost,
+                p50_latency_ms=p50,
+                p95_latency_ms=p95,
+            )
+        )
+    return result
