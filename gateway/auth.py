@@ -23,7 +23,7 @@ from gateway.errors import AuthenticationFailed
 from gateway.middleware import TRACE_KEY
 from gateway.records import KeyRecord
 from gateway.settings import GroupConfig
-from gateway.state import GATE_KEY, KEYS_KEY, PRINCIPAL_KEY
+from gateway.state import KEYS_KEY, PRINCIPAL_KEY
 from gateway.store import Store
 
 __all__ = ["KeyCache", "Principal", "auth_middleware", "digest_of", "with_group"]
@@ -194,7 +194,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         trace = request.get(TRACE_KEY)
         if trace is not None:
             trace.key_id = principal.key.id
-            if principal.key.has_limits:  # every response of a limited key tells its state
-                trace.headers = request.app[GATE_KEY].headers(principal.key)
+            if principal.key.rpm is not None or principal.key.tpm is not None:
+                trace.limited = principal.key  # its responses tell the state of its limits
         structlog.contextvars.bind_contextvars(key_id=principal.key.id)
     return await handler(request)

@@ -20,9 +20,9 @@ import structlog
 from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, error_body
-from gateway.records import UsageRecord
+from gateway.records import KeyRecord, UsageRecord
 from gateway.settings import ModelConfig
-from gateway.state import INFLIGHT_KEY, USAGE_KEY
+from gateway.state import GATE_KEY, INFLIGHT_KEY, USAGE_KEY
 
 __all__ = [
     "TRACE_KEY",
@@ -62,8 +62,11 @@ class RequestTrace:
     completion_tokens: int = 0
     ttft_ms: float | None = None
     estimated: bool = False
-    # Response headers that belong to the caller's key (x-ratelimit-*), on every response.
+    # Extra response headers (x-gateway-provider).
     headers: dict[str, str] | None = None
+    # A key with rate limits: its x-ratelimit-* headers go on every response, made once, as
+    # the response goes out (so they show what this request took).
+    limited: KeyRecord | None = None
     # Every upstream attempt: provider, account, upstream model, status, ms.
     attempts: list[dict[str, object]] = field(default_factory=list)
 
@@ -105,8 +108,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = response.status
         if not response.prepared:  # streams set these themselves before their headers go out
             response.headers["X-Request-ID"] = trace.request_id
-            if trace.headers:
-                response.headers.update(trace.headers)
+            add_trace_headers(request, trace, response)
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED  # handler cancelled because the client went away
@@ -115,6 +117,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         if task is not None:
             inflight.discard(task)
         _finish(request, trace, trace.status or status)
+
+
+def add_trace_headers(
+    request: web.Request, trace: RequestTrace, response: web.StreamResponse
+) -> None:
+    """The headers a request earned on its way (provider, the key's rate limits)."""
+    if trace.headers:
+        response.headers.update(trace.headers)
+    if trace.limited is not None:
+        response.headers.update(request.app[GATE_KEY].headers(trace.limited))
 
 
 def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:

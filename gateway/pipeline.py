@@ -109,8 +109,6 @@ def begin(
     key = principal.key
     if key.has_limits or key.has_budget:
         ex.ticket = _admit(request.app[GATE_KEY], key, call, routes)
-        if key.has_limits:
-            trace.headers = request.app[GATE_KEY].headers(key)
     return ex
 
 

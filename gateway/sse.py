@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, UpstreamUnavailable, error_body
-from gateway.middleware import CLIENT_CLOSED, TRACE_KEY
+from gateway.middleware import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
 from gateway.state import SHUTTING_DOWN_KEY, STREAMS_KEY
 
 __all__ = ["DONE", "SSEStream", "data_frames", "relay"]
@@ -57,8 +57,7 @@ class SSEStream:
     async def start(self) -> None:
         trace = self._request[TRACE_KEY]
         self.response.headers["X-Request-ID"] = trace.request_id
-        if trace.headers:
-            self.response.headers.update(trace.headers)
+        add_trace_headers(self._request, trace, self.response)
         await self.response.prepare(self._request)
         task = asyncio.current_task()
         if task is not None:
