@@ -38,10 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.pytest_plugin import AiohttpServer
-from aiohttp.test_utils import TestServer
 
-from tests.fakes import RECORDED, Recorded, _sample
+from tests.fakes import Recorded, ScriptedFake, _sample
 
 Json = dict[str, Any]
 
@@ -107,30 +105,16 @@ class Invalid(Exception):
     """The request breaks a rule of the real API; ``str(self)`` is the 400 message."""
 
 
-class FakeAnthropic:
+class FakeAnthropic(ScriptedFake[Script]):
     """A scriptable, validating fake of Anthropic's Messages API. See the module docstring."""
 
+    script_type = Script
+
     def __init__(self, *, api_key: str | None = None) -> None:
-        self.api_key = api_key  # when set, requests must carry `x-api-key: <api_key>`
-        self.requests: list[Recorded] = []
-        self.default = Script()
-        self.queue: list[Script] = []
-        self.request_seen = asyncio.Event()
-        self.client_disconnected = asyncio.Event()
-        self.server: TestServer | None = None
+        # api_key: when set, requests must carry `x-api-key: <api_key>`
+        super().__init__(api_key=api_key)
 
     # -- scripting ------------------------------------------------------------------------
-
-    def script(self, *, times: int = 1, **knobs: Any) -> Script:
-        """Queue a behaviour (``Script`` knobs) for the next ``times`` messages requests."""
-        behaviour = Script(**knobs)
-        self.queue.extend([behaviour] * times)
-        return behaviour
-
-    def always(self, **knobs: Any) -> Script:
-        """Set the behaviour of every messages request that has no queued script."""
-        self.default = Script(**knobs)
-        return self.default
 
     @property
     def messages_requests(self) -> list[Recorded]:
@@ -143,26 +127,9 @@ class FakeAnthropic:
         app.router.add_post("/v1/messages", self._messages)
         return app
 
-    async def start(self, aiohttp_server: AiohttpServer) -> TestServer:
-        self.server = await aiohttp_server(self.make_app())
-        return self.server
-
-    @property
-    def base_url(self) -> str:
-        assert self.server is not None, "call `await fake.start(aiohttp_server)` first"
-        return str(self.server.make_url("/")).rstrip("/")
-
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        request[RECORDED] = recorded = Recorded(request.method, request.path, headers, body)
-        self.requests.append(recorded)
-        self.request_seen.set()
+        headers = self.record(request, await request.read()).headers
         if self.api_key is not None and headers.get("x-api-key") != self.api_key:
             return _error_response(error_body(401), 401)
         try:
@@ -173,7 +140,7 @@ class FakeAnthropic:
         return response
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        plan = self.queue.pop(0) if self.queue else self.default
+        plan = self.next_plan()
         try:
             body = validate(request.headers.get("anthropic-version"), await request.read())
         except Invalid as exc:
@@ -214,12 +181,6 @@ class FakeAnthropic:
         except asyncio.CancelledError:  # ... or, with handler_cancellation, at once
             self.client_disconnected.set()
             raise
-        return response
-
-    def _drop(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-        """Abort the TCP connection; aiohttp's final write then fails quietly."""
-        assert request.transport is not None
-        request.transport.abort()
         return response
 
 

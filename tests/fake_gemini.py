@@ -47,10 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.pytest_plugin import AiohttpServer
-from aiohttp.test_utils import TestServer
 
-from tests.fakes import RECORDED, Recorded
+from tests.fakes import RECORDED, Recorded, ScriptedFake
 
 Json = dict[str, Any]
 V1 = "type.googleapis.com/google.ai.generativelanguage.v1beta."
@@ -651,29 +649,15 @@ def _chunks(model: str, answer: Answer) -> list[Json]:
     return [_response(model, answer, response_id, p, i == last) for i, p in enumerate(pieces)]
 
 
-class FakeGemini:
+class FakeGemini(ScriptedFake[Script]):
     """A scriptable fake of the Gemini API. See the module docstring."""
 
+    script_type = Script
+
     def __init__(self, *, api_key: str | None = None) -> None:
-        self.api_key = api_key  # when set, requests must carry `x-goog-api-key: <api_key>`
-        self.requests: list[Recorded] = []
-        self.default = Script()
-        self.queue: list[Script] = []
-        self.request_seen = asyncio.Event()
-        self.client_disconnected = asyncio.Event()
+        # api_key: when set, requests must carry `x-goog-api-key: <api_key>`
+        super().__init__(api_key=api_key)
         self.signatures: set[str] = set()  # thought signatures issued; replaying them is valid
-        self.server: TestServer | None = None
-
-    def script(self, *, times: int = 1, **knobs: Any) -> Script:
-        """Queue a behaviour (``Script`` knobs) for the next ``times`` generate requests."""
-        behaviour = Script(**knobs)
-        self.queue.extend([behaviour] * times)
-        return behaviour
-
-    def always(self, **knobs: Any) -> Script:
-        """Set the behaviour of every generate request that has no queued script."""
-        self.default = Script(**knobs)
-        return self.default
 
     @property
     def generate_requests(self) -> list[Recorded]:
@@ -685,26 +669,9 @@ class FakeGemini:
         app.router.add_post("/v1beta/models/{model_action}", self._generate)
         return app
 
-    async def start(self, aiohttp_server: AiohttpServer) -> TestServer:
-        self.server = await aiohttp_server(self.make_app())
-        return self.server
-
-    @property
-    def base_url(self) -> str:
-        assert self.server is not None, "call `await fake.start(aiohttp_server)` first"
-        return str(self.server.make_url("/")).rstrip("/")
-
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        request[RECORDED] = recorded = Recorded(request.method, request.path, headers, body)
-        self.requests.append(recorded)
-        self.request_seen.set()
+        headers = self.record(request, await request.read()).headers
         if self.api_key is not None and headers.get("x-goog-api-key") != self.api_key:
             return web.json_response(
                 google_error(400, KEY_MESSAGE, details=KEY_DETAILS), status=400
@@ -716,7 +683,7 @@ class FakeGemini:
         model, _, action = request.match_info["model_action"].rpartition(":")
         if action not in ("generateContent", "streamGenerateContent") or not model:
             return web.json_response(google_error(404, "Method not found."), status=404)
-        plan = self.queue.pop(0) if self.queue else self.default
+        plan = self.next_plan()
         try:
             await asyncio.sleep(plan.delay_headers)
             if plan.drop_before_response:
@@ -770,12 +737,6 @@ class FakeGemini:
         except asyncio.CancelledError:  # ... or, with handler_cancellation, at once
             self.client_disconnected.set()
             raise
-        return response
-
-    def _drop(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-        """Abort the TCP connection; aiohttp's final write then fails quietly."""
-        assert request.transport is not None
-        request.transport.abort()
         return response
 
 

@@ -38,7 +38,7 @@ import random
 import string
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
@@ -112,32 +112,82 @@ class Script:
     finish_reason: str | None = None  # default "stop" / "tool_calls"
 
 
-class FakeOpenAI:
-    """A scriptable fake of OpenAI's chat API. See the module docstring."""
+S = TypeVar("S")
 
-    def __init__(self, *, api_key: str | None = None, models: tuple[str, ...] = ()) -> None:
-        self.api_key = api_key  # when set, requests must carry `Authorization: Bearer <api_key>`
-        self.models = models or ("gpt-4o-mini", "gpt-4o")
+
+class ScriptedFake(Generic[S]):
+    """What every fake upstream shares: scripts (a FIFO queue and a default), the request log,
+    the events tests wait on, and the server it runs in. `script_type` is its `Script` class;
+    `root` is the path the gateway's provider `base_url` points at."""
+
+    script_type: type[S]
+    root = ""
+
+    def __init__(self, *, api_key: str | None = None) -> None:
+        self.api_key = api_key  # when set, requests must carry it (how: see each fake)
         self.requests: list[Recorded] = []
-        self.default = Script()
-        self.queue: list[Script] = []
+        self.default: S = self.script_type()
+        self.queue: list[S] = []
         self.request_seen = asyncio.Event()
         self.client_disconnected = asyncio.Event()
         self.server: TestServer | None = None
-        self._ids = itertools.count(1)
 
-    # -- scripting ------------------------------------------------------------------------
-
-    def script(self, *, times: int = 1, **knobs: Any) -> Script:
-        """Queue a behaviour (``Script`` knobs) for the next ``times`` chat requests."""
-        behaviour = Script(**knobs)
+    def script(self, *, times: int = 1, **knobs: Any) -> S:
+        """Queue a behaviour (``Script`` knobs) for the next ``times`` model requests."""
+        behaviour = self.script_type(**knobs)
         self.queue.extend([behaviour] * times)
         return behaviour
 
-    def always(self, **knobs: Any) -> Script:
-        """Set the behaviour of every chat request that has no queued script."""
-        self.default = Script(**knobs)
+    def always(self, **knobs: Any) -> S:
+        """Set the behaviour of every model request that has no queued script."""
+        self.default = self.script_type(**knobs)
         return self.default
+
+    def next_plan(self) -> S:
+        return self.queue.pop(0) if self.queue else self.default
+
+    def make_app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def start(self, aiohttp_server: AiohttpServer) -> TestServer:
+        self.server = await aiohttp_server(self.make_app())
+        return self.server
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None, "call `await fake.start(aiohttp_server)` first"
+        return str(self.server.make_url(self.root or "/")).rstrip("/")
+
+    def record(self, request: web.Request, raw: bytes) -> Recorded:
+        """Log a request (its JSON body decoded when it is JSON) and wake whoever waits."""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        request[RECORDED] = recorded = Recorded(request.method, request.path, headers, body)
+        self.requests.append(recorded)
+        self.request_seen.set()
+        return recorded
+
+    def _drop(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        """Abort the TCP connection; aiohttp's final write then fails quietly."""
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+
+class FakeOpenAI(ScriptedFake[Script]):
+    """A scriptable fake of OpenAI's chat API. See the module docstring."""
+
+    script_type = Script
+    root = "/v1"
+
+    def __init__(self, *, api_key: str | None = None, models: tuple[str, ...] = ()) -> None:
+        # api_key: requests must carry `Authorization: Bearer <api_key>`
+        super().__init__(api_key=api_key)
+        self.models = models or ("gpt-4o-mini", "gpt-4o")
+        self._ids = itertools.count(1)
 
     @property
     def chat_requests(self) -> list[Recorded]:
@@ -156,26 +206,9 @@ class FakeOpenAI:
         app.router.add_get("/v1/models", self._models)
         return app
 
-    async def start(self, aiohttp_server: AiohttpServer) -> TestServer:
-        self.server = await aiohttp_server(self.make_app())
-        return self.server
-
-    @property
-    def base_url(self) -> str:
-        assert self.server is not None, "call `await fake.start(aiohttp_server)` first"
-        return str(self.server.make_url("/v1"))
-
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        request[RECORDED] = recorded = Recorded(request.method, request.path, headers, body)
-        self.requests.append(recorded)
-        self.request_seen.set()
+        headers = self.record(request, await request.read()).headers
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
             return web.json_response(error_body(401), status=401)
         response: web.StreamResponse = await handler(request)
@@ -189,7 +222,7 @@ class FakeOpenAI:
         return web.json_response({"object": "list", "data": data}, headers=self._headers())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        plan = self.queue.pop(0) if self.queue else self.default
+        plan = self.next_plan()
         body = request[RECORDED].json
         if not isinstance(body, dict):
             return web.json_response(
@@ -212,7 +245,7 @@ class FakeOpenAI:
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/responses``: the same answers as chat, in the Responses API's shapes."""
-        plan = self.queue.pop(0) if self.queue else self.default
+        plan = self.next_plan()
         body = request[RECORDED].json
         if not isinstance(body, dict) or not body.get("model"):
             return web.json_response(
@@ -431,12 +464,6 @@ class FakeOpenAI:
             raise
         return response
 
-    def _drop(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-        """Abort the TCP connection; aiohttp's final write then fails quietly."""
-        assert request.transport is not None
-        request.transport.abort()
-        return response
-
 
 def openai_usage(prompt: int, completion: int) -> Json:
     """A `usage` object as OpenAI sends it, detail objects included."""
@@ -609,4 +636,4 @@ SAMPLES: dict[str, Any] = {
 }
 
 
-__all__ = ["ERRORS", "FakeOpenAI", "Recorded", "Script", "error_body"]
+__all__ = ["ERRORS", "FakeOpenAI", "Recorded", "Script", "ScriptedFake", "error_body"]
