@@ -164,24 +164,8 @@ class FakeAnthropic(ScriptedFake[Script]):
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
         response = web.StreamResponse(headers=headers | _headers(plan))
         await response.prepare(request)
-        try:
-            for sent, event in enumerate(_events(reply, plan)):
-                if sent == plan.drop_after:
-                    return self._drop(request, response)
-                if sent == plan.error_after:
-                    await response.write(sse(STREAM_ERROR))
-                    await response.write_eof()
-                    return response
-                if sent and plan.chunk_delay:
-                    await asyncio.sleep(plan.chunk_delay)
-                await response.write(sse(event))
-            await response.write_eof()
-        except ConnectionResetError:  # the client went away (seen on the next write)
-            self.client_disconnected.set()
-        except asyncio.CancelledError:  # ... or, with handler_cancellation, at once
-            self.client_disconnected.set()
-            raise
-        return response
+        frames = [sse(event) for event in _events(reply, plan)]
+        return await self.play(request, response, frames, plan, lambda _: sse(STREAM_ERROR))
 
 
 # -- building replies ---------------------------------------------------------------------------

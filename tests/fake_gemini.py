@@ -720,24 +720,8 @@ class FakeGemini(ScriptedFake[Script]):
         headers = {"Content-Type": "text/event-stream"} | self._headers(plan)
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
-        try:
-            for sent, chunk in enumerate(chunks):
-                if sent == plan.drop_after:
-                    return self._drop(request, response)
-                if sent == plan.error_after:
-                    await response.write(_sse(plan.stream_error))
-                    await response.write_eof()
-                    return response
-                if sent and plan.chunk_delay:
-                    await asyncio.sleep(plan.chunk_delay)
-                await response.write(_sse(chunk))
-            await response.write_eof()
-        except ConnectionResetError:  # the client went away (seen on the next write)
-            self.client_disconnected.set()
-        except asyncio.CancelledError:  # ... or, with handler_cancellation, at once
-            self.client_disconnected.set()
-            raise
-        return response
+        frames = [_sse(chunk) for chunk in chunks]
+        return await self.play(request, response, frames, plan, lambda _: _sse(plan.stream_error))
 
 
 def _response_id() -> str:

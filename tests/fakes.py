@@ -37,6 +37,7 @@ import json
 import random
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -174,6 +175,39 @@ class ScriptedFake(Generic[S]):
         """Abort the TCP connection; aiohttp's final write then fails quietly."""
         assert request.transport is not None
         request.transport.abort()
+        return response
+
+    async def play(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        frames: list[bytes],
+        plan: Any,
+        error: Callable[[int], bytes],
+        end: bytes = b"",
+    ) -> web.StreamResponse:
+        """Write a prepared stream's SSE `frames` the way `plan` says: abort after
+        `drop_after` frames, or send `error(n)` after `error_after` and end, pausing
+        `chunk_delay` between frames; then `end`. Notes a client that hangs up."""
+        try:
+            for sent, frame in enumerate(frames):
+                if sent == plan.drop_after:
+                    return self._drop(request, response)
+                if sent == plan.error_after:
+                    await response.write(error(sent))
+                    await response.write_eof()
+                    return response
+                if sent and plan.chunk_delay:
+                    await asyncio.sleep(plan.chunk_delay)
+                await response.write(frame)
+            if end:
+                await response.write(end)
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away (seen on the next write)
+            self.client_disconnected.set()
+        except asyncio.CancelledError:  # ... or, with handler_cancellation, at once
+            self.client_disconnected.set()
+            raise
         return response
 
 
@@ -439,30 +473,17 @@ class FakeOpenAI(ScriptedFake[Script]):
         headers = {"Content-Type": "text/event-stream; charset=utf-8"} | self._headers(plan)
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
-        try:
-            chunks = _response_events(reply) if events else self._chunks(body, reply)
-            for sent, chunk in enumerate(chunks):
-                if sent == plan.drop_after:
-                    return self._drop(request, response)
-                if sent == plan.error_after:
-                    error = plan.stream_error
-                    if events:  # a Responses `error` event is flat
-                        error = error["error"] | {"type": "error", "sequence_number": sent}
-                    await response.write(_sse(error, "error" if events else None))
-                    await response.write_eof()
-                    return response
-                if sent and plan.chunk_delay:
-                    await asyncio.sleep(plan.chunk_delay)
-                await response.write(_sse(chunk, chunk["type"] if events else None))
-            if not events:
-                await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except ConnectionResetError:  # the client went away (seen on the next write)
-            self.client_disconnected.set()
-        except asyncio.CancelledError:  # ... or, with handler_cancellation, at once
-            self.client_disconnected.set()
-            raise
-        return response
+        chunks = _response_events(reply) if events else self._chunks(body, reply)
+        frames = [_sse(c, c["type"] if events else None) for c in chunks]
+
+        def error(sent: int) -> bytes:
+            body = plan.stream_error
+            if events:  # a Responses `error` event is flat
+                body = body["error"] | {"type": "error", "sequence_number": sent}
+            return _sse(body, "error" if events else None)
+
+        end = b"" if events else b"data: [DONE]\n\n"
+        return await self.play(request, response, frames, plan, error, end)
 
 
 def openai_usage(prompt: int, completion: int) -> Json:
