@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.errors import AuthenticationFailed
 from gateway.middleware import TRACE_KEY
-from gateway.records import KeyRecord
+from gateway.records import LIMIT_FIELDS, KeyRecord
 from gateway.settings import GroupConfig
 from gateway.state import KEYS_KEY, PRINCIPAL_KEY
 from gateway.store import Store
@@ -55,22 +55,13 @@ def with_group(key: KeyRecord, groups: Mapping[str, GroupConfig]) -> KeyRecord:
         return key
     changes: dict[str, object] = {
         name: getattr(group, name)
-        for name in _GROUP_DEFAULTS
+        for name in LIMIT_FIELDS
         if getattr(key, name) is None and getattr(group, name) is not None
     }
     if not key.models and group.models:
         changes["models"] = group.models
     return msgspec.structs.replace(key, **changes) if changes else key
 
-
-_GROUP_DEFAULTS = (
-    "rpm",
-    "tpm",
-    "max_concurrency",
-    "budget_tokens",
-    "budget_usd",
-    "budget_period",
-)
 
 OnLoad = Callable[[list[KeyRecord]], Awaitable[None]]
 

@@ -22,13 +22,13 @@ from gateway import __version__, cli_output as out
 from gateway.config import load_settings
 from gateway.errors import InvalidRequest, NotFound
 from gateway.logging import configure_logging
+from gateway.records import LIMIT_FIELDS
 from gateway.settings import ConfigError, Settings
 from gateway.store import Store, StoreError, open_store
 from gateway.timeparse import parse_expires, parse_since
 
 __all__ = ["main", "parse_expires", "parse_since"]
 
-_LIMITS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd", "budget_period")
 
 Command = Callable[[Store, argparse.Namespace], Awaitable[int]]
 
@@ -153,7 +153,7 @@ def _check_group(name: str | None, args: argparse.Namespace) -> None:
 
 async def _keys_create(store: Store, args: argparse.Namespace) -> int:
     _check_group(args.group_name, args)
-    fields = {f: getattr(args, f) for f in (*_LIMITS, "expires_at", "group_name")}
+    fields = {f: getattr(args, f) for f in (*LIMIT_FIELDS, "expires_at", "group_name")}
     key, secret = await store.create_key(
         name=args.name, models=args.models or (), notes=args.notes or "", **fields
     )
@@ -187,7 +187,7 @@ async def _keys_show(store: Store, args: argparse.Namespace) -> int:
 
 async def _keys_update(store: Store, args: argparse.Namespace) -> int:
     given = vars(args)  # options left out are absent (SUPPRESS), not None
-    names = (*_LIMITS, "name", "models", "expires_at", "group_name", "notes")
+    names = (*LIMIT_FIELDS, "name", "models", "expires_at", "group_name", "notes")
     changes = {f: given[f] for f in names if f in given}
     for field, cleared in (("notes", ""), ("group_name", None)):
         value = changes.get(field)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 __all__ = [
+    "LIMIT_FIELDS",
     "BudgetPeriod",
     "KeyRecord",
     "UsageRecord",
@@ -21,6 +22,8 @@ __all__ = [
 ]
 
 BudgetPeriod = Literal["day", "week", "month", "total"]
+# A key's limits and budget: what a config group can default and `keys update` can clear.
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd", "budget_period")
 
 
 def model_allowed(patterns: tuple[str, ...], model_id: str, providers: tuple[str, ...]) -> bool:

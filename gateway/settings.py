@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from gateway.errors import InvalidRequest
+from gateway.records import BudgetPeriod
 
 __all__ = [
     "DEFAULT_BASE_URLS",
@@ -153,7 +154,7 @@ class GroupConfig(_Base, frozen=True):
     max_concurrency: PositiveInt | None = None
     budget_tokens: PositiveInt | None = None
     budget_usd: PositiveFloat | None = None
-    budget_period: Literal["day", "week", "month", "total"] | None = None
+    budget_period: BudgetPeriod | None = None
 
 
 class Settings(_Base, frozen=True):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hmac
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
-from gateway.records import KeyRecord, key_view
+from gateway.records import BudgetPeriod, KeyRecord, key_view
 from gateway.schemas.codec import decode_body, encode
 from gateway.state import GATE_KEY, KEYS_KEY, SETTINGS_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_expires, parse_since
@@ -26,7 +26,6 @@ __all__ = ["create_key", "get_key", "list_keys", "revoke_key", "update_key", "us
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Period = Literal["day", "week", "month", "total"]
 Metadata = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
     msgspec.Meta(max_length=16),
@@ -41,7 +40,7 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrency: PositiveInt | None = None
     budget_tokens: PositiveInt | None = None
     budget_usd: PositiveFloat | None = None
-    budget_period: Period | None = None
+    budget_period: BudgetPeriod | None = None
     expires_at: float | str | None = None  # unix seconds, "30d", or ISO-8601
     group: str | None = None
     notes: Annotated[str, msgspec.Meta(max_length=2000)] = ""
@@ -58,7 +57,7 @@ class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrency: PositiveInt | UnsetType | None = UNSET
     budget_tokens: PositiveInt | UnsetType | None = UNSET
     budget_usd: PositiveFloat | UnsetType | None = UNSET
-    budget_period: Period | UnsetType | None = UNSET
+    budget_period: BudgetPeriod | UnsetType | None = UNSET
     expires_at: float | str | UnsetType | None = UNSET
     group: str | UnsetType | None = UNSET
     notes: Annotated[str, msgspec.Meta(max_length=2000)] | UnsetType = UNSET
