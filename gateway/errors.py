@@ -17,6 +17,7 @@ into responses, so status codes and error types live here and nowhere else::
         ├── UpstreamUnavailable       503 upstream_error (retryable: 5xx, overloaded)
         ├── UpstreamTimeout           504 upstream_error (retryable)
         ├── UpstreamConnectionError   502 upstream_error (retryable: refused, reset, DNS)
+        ├── UpstreamBadResponse       502 upstream_error (retryable: a redirect, too large)
         └── UpstreamAuthError         502 upstream_error (our upstream credentials were refused)
 """
 
@@ -37,6 +38,7 @@ __all__ = [
     "RateLimited",
     "UpstreamAuthError",
     "UpstreamBadRequest",
+    "UpstreamBadResponse",
     "UpstreamConnectionError",
     "UpstreamError",
     "UpstreamRateLimited",
@@ -170,6 +172,15 @@ class UpstreamTimeout(UpstreamError):
 class UpstreamConnectionError(UpstreamError):
     status = 502
     code = "upstream_connection_error"
+    retryable = True
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The upstream answered with what the gateway never relays: a redirect (never followed),
+    or a body or stream event larger than the provider's limits."""
+
+    status = 502
+    code = "upstream_bad_response"
     retryable = True
 
 

@@ -105,6 +105,11 @@ class ProviderConfig(_Base, frozen=True):
     # Whole-request bound for non-streaming calls; streams are bounded by read_timeout only.
     total_timeout: PositiveFloat = 600.0
     max_connections: PositiveInt = 100
+    # The most the gateway reads of one upstream answer (non-streaming), and of one stream
+    # event, counted after decompression; past either, the client gets a 502 (or an error
+    # event once its stream has started) and the upstream connection is dropped.
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
+    max_event_bytes: PositiveInt = 16 * 1024 * 1024
     # Output limit for upstreams that require one (Anthropic's `max_tokens`) when neither the
     # request nor the model config sets one.
     default_max_tokens: PositiveInt = 4096

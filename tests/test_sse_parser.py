@@ -1,62 +1,81 @@
-"""The upstream SSE parser: batches per read, and every framing variant the spec allows."""
+"""The upstream SSE decoder: events per read, every framing variant the spec allows, bounded
+buffering, and work linear in what it reads however the upstream splits it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
 
-from gateway.providers._http import iter_sse_batches
+from gateway.providers._sse import EventTooLarge, SSEDecoder
+
+LIMIT = 16 * 1024 * 1024
 
 
-class _Content:
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = pieces
-
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        for piece in self._pieces:
-            yield piece
+def batches(pieces: list[bytes], limit: int = LIMIT) -> list[list[bytes]]:
+    decoder = SSEDecoder(limit)
+    out = [batch for piece in pieces if (batch := decoder.feed(piece))]
+    tail = decoder.end()
+    return [*out, tail] if tail else out
 
 
-class _Response:
-    def __init__(self, pieces: list[bytes]) -> None:
-        self.content = _Content(pieces)
+def test_one_read_many_events_is_one_batch() -> None:
+    assert batches([b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"]) == [[b"1", b"2", b"[DONE]"]]
 
 
-async def batches(pieces: list[bytes]) -> list[list[bytes]]:
-    return [b async for b in iter_sse_batches(_Response(pieces))]  # type: ignore[arg-type]
-
-
-async def test_one_read_many_events_is_one_batch() -> None:
-    assert await batches([b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"]) == [[b"1", b"2", b"[DONE]"]]
-
-
-async def test_events_split_across_reads() -> None:
+def test_events_split_across_reads() -> None:
     pieces = [b"da", b'ta: {"a"', b":1}\n", b"\ndata: 2\n\n"]
-    assert await batches(pieces) == [[b'{"a":1}', b"2"]]
+    assert batches(pieces) == [[b'{"a":1}', b"2"]]
 
 
 @pytest.mark.parametrize("sep", [b"\r\n", b"\r", b"\n"])
-async def test_line_endings(sep: bytes) -> None:
+def test_line_endings(sep: bytes) -> None:
     stream = b"data: 1" + sep + sep + b"data: 2" + sep + sep
     one_byte_reads = [stream[i : i + 1] for i in range(len(stream))]
     expected = [b"1", b"2"]
-    assert [e for b in await batches(one_byte_reads) for e in b] == expected
-    assert [e for b in await batches([stream]) for e in b] == expected
+    assert [e for b in batches(one_byte_reads) for e in b] == expected
+    assert [e for b in batches([stream]) for e in b] == expected
 
 
-async def test_comments_fields_and_multiline_data() -> None:
+def test_comments_fields_and_multiline_data() -> None:
     stream = b": ping\n\nevent: x\nid: 3\ndata: a\ndata:b\n\nretry: 5\n\n"
-    assert await batches([stream]) == [[b"a\nb"]]
+    assert batches([stream]) == [[b"a\nb"]]
 
 
-async def test_unterminated_last_event_is_flushed() -> None:
-    assert await batches([b"data: 1\n\ndata: tail"]) == [[b"1"], [b"tail"]]
+def test_unterminated_last_event_is_flushed() -> None:
+    assert batches([b"data: 1\n\ndata: tail"]) == [[b"1"], [b"tail"]]
 
 
-async def test_large_event_in_small_reads() -> None:
+def test_large_event_in_small_reads() -> None:
     payload = b"x" * 300_000
     stream = b"data: " + payload + b"\n\n"
-    reads: list[Any] = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
-    assert await batches(reads) == [[payload]]
+    reads = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
+    assert batches(reads) == [[payload]]
+
+
+def test_an_event_over_the_limit_is_refused_as_it_grows() -> None:
+    decoder = SSEDecoder(1000)
+    assert decoder.feed(b"data: ok\n\n") == [b"ok"]
+    decoder.feed(b"data: " + b"x" * 900)
+    with pytest.raises(EventTooLarge):
+        decoder.feed(b"x" * 200)
+
+
+def test_an_event_at_the_limit_passes() -> None:
+    event = b"data: " + b"x" * 994  # 1000 bytes before its separator
+    assert batches([event[:500], event[500:], b"\n\n"], limit=1000) == [[b"x" * 994]]
+
+
+def test_work_is_linear_in_the_bytes_read() -> None:
+    # One 4 MB event in 1-byte-ish reads: a parser that re-scans (or re-copies) its buffer on
+    # every read does ~n^2/2 work; this one must stay within a small multiple of n.
+    size = 4 * 1024 * 1024
+    decoder = SSEDecoder(LIMIT)
+    piece = b"y" * 4096
+    decoder.feed(b"data: ")
+    reads = 0
+    for _ in range(size // len(piece)):
+        assert decoder.feed(piece) == []
+        reads += 1
+    # The buffer only ever grows by what arrived: its search resumes where it stopped.
+    assert decoder._scan >= size - 1
+    assert decoder.feed(b"\n\n") == [b"y" * size]
+    assert reads == size // 4096

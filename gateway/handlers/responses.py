@@ -19,6 +19,7 @@ As for chat, everything that can fail with a status happens before the first byt
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import cast
 
@@ -85,8 +86,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 
 def _passes_through(provider: Provider) -> bool:
-    # The flag first: a protocol isinstance() check costs more than an attribute read.
-    return provider.config.responses_api and isinstance(provider, ResponsesPassThrough)
+    return _serves_responses(type(provider))
+
+
+@functools.cache
+def _serves_responses(kind: type) -> bool:
+    # Once per provider class: a protocol check costs far more than this cache lookup.
+    return issubclass(kind, ResponsesPassThrough)
 
 
 def _may_fail_over(exc: UpstreamError) -> bool:

@@ -10,7 +10,7 @@ from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import ChatCall, ChatReply, Provider
 from gateway.providers.demo import DemoProvider
 from gateway.providers.gemini import GeminiProvider
-from gateway.providers.openai import OpenAIProvider
+from gateway.providers.openai import OpenAIProvider, OpenAIResponsesProvider
 from gateway.settings import ProviderConfig
 
 __all__ = ["PROVIDER_TYPES", "ChatCall", "ChatReply", "Provider", "build_provider"]
@@ -25,4 +25,6 @@ PROVIDER_TYPES: dict[str, Callable[[ProviderConfig, aiohttp.ClientSession], Prov
 
 def build_provider(config: ProviderConfig, session: aiohttp.ClientSession) -> Provider:
     """Instantiate the adapter for `config.type` (settings already refused unknown types)."""
+    if config.responses_api:
+        return OpenAIResponsesProvider(config, session)
     return PROVIDER_TYPES[config.type](config, session)

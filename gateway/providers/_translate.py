@@ -324,8 +324,6 @@ async def translated_stream(
     out: list[bytes] = []
     async with contextlib.aclosing(events):
         async for batch in events:
-            if call.first_byte_at is None:
-                call.first_byte_at = time.monotonic()
             try:
                 for data in batch:
                     out.extend(state.feed(data))

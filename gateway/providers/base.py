@@ -101,10 +101,9 @@ class ResponsesPassThrough(Protocol):
 
     Both methods take the client's top-level fields as raw JSON and send them on with `model`
     set to `call.upstream_model`; usage is read from the `response`'s `usage` into `call.usage`
-    in chat terms, so accounting is the same as for chat requests.
+    in chat terms, so accounting is the same as for chat requests. (Methods only, so that
+    `issubclass()` can answer for a provider class once.)
     """
-
-    config: ProviderConfig
 
     async def responses(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
         """Send a non-streaming request; the reply's body is the upstream `response` object.

@@ -5,37 +5,29 @@ The client's body is forwarded field for field (unknown fields included) with th
 and streams always ask for `include_usage` so usage can be accounted; that extra usage chunk
 is dropped again when the client did not ask for it. Upstream bytes go back untouched.
 
-Upstreams with `responses_api = true` also get `/v1/responses` requests as they are: see
-`gateway.providers.openai_responses`, whose methods this adapter mixes in.
+Upstreams with `responses_api = true` also get `/v1/responses` requests as they are
+(`OpenAIResponsesProvider`, which relays them with `gateway.providers.openai_responses`).
 """
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import AsyncGenerator
-from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
-from gateway.providers._http import (
-    error_from_status,
-    iter_sse_batches,
-    read_usage,
-    stream_error,
-    stream_timeout,
-    unary_timeout,
-    upstream_failure,
-)
+from gateway.providers._errors import read_usage, stream_error
+from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers.base import ChatCall, ChatReply
-from gateway.providers.openai_responses import ResponsesMixin
+from gateway.providers.openai_responses import ResponsesRelay
 from gateway.schemas.codec import RAW_OBJECT, present
 from gateway.schemas.common import Usage
 from gateway.settings import ProviderConfig
 
-__all__ = ["OpenAIProvider"]
+__all__ = ["OpenAIProvider", "OpenAIResponsesProvider"]
 
 log = structlog.get_logger(__name__)
 
@@ -57,27 +49,19 @@ _USAGE = msgspec.json.Decoder(_UsageView)
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
 
 
-class OpenAIProvider(ResponsesMixin):
-    """Adapter for `type = "openai"` providers (and their Responses pass-through)."""
+class OpenAIProvider:
+    """Adapter for `type = "openai"` providers."""
+
+    dialect = Dialect(auth=bearer)
 
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
-        self._session = session
+        self._http = UpstreamClient(config, session, self.dialect)
         self._url = f"{config.url}/chat/completions"
-        self._responses_url = f"{config.url}/responses"
-        self._unary_timeout = unary_timeout(config)
-        self._stream_timeout = stream_timeout(config)
-        # Per upstream account: the headers every request to it carries.
-        self._base_headers: dict[str | None, dict[str, str]] = {}
 
-    def _headers(self, call: ChatCall) -> dict[str, str]:
-        base = self._base_headers.get(call.api_key)
-        if base is None:
-            base = {"Content-Type": "application/json", **self.config.headers}
-            if call.api_key:
-                base["Authorization"] = f"Bearer {call.api_key}"
-            self._base_headers[call.api_key] = base
-        return {**base, "X-Request-ID": call.request_id} if call.request_id else base
+    def chat_url(self, call: ChatCall) -> str:
+        """Where chat completions go (Azure: per deployment)."""
+        return self._url
 
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
         fields = dict(call.raw)
@@ -99,40 +83,8 @@ class OpenAIProvider(ResponsesMixin):
                 fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
         return _ENCODER.encode(fields)
 
-    def _post(
-        self, call: ChatCall, *, stream: bool, body: bytes | None = None, url: str | None = None
-    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        return self._session.post(
-            url or self._url,
-            data=body if body is not None else self._body(call, stream=stream),
-            headers=self._headers(call),
-            timeout=self._stream_timeout if stream else self._unary_timeout,
-        )
-
-    def _failed(self, resp: aiohttp.ClientResponse, body: bytes) -> UpstreamError:
-        return error_from_status(
-            self.config.name, resp.status, body, resp.headers.get("retry-after")
-        )
-
-    async def _send(
-        self, call: ChatCall, body: bytes | None = None, url: str | None = None
-    ) -> bytes:
-        """POST a non-streaming request and return the upstream's 2xx answer."""
-        try:
-            async with self._post(call, stream=False, body=body, url=url) as resp:
-                answer = await resp.read()
-                if resp.status >= 400:
-                    raise self._failed(resp, answer)
-                # Only an answer counts: a refused call must not be charged as if it ran.
-                call.first_byte_at = call.first_byte_at or time.monotonic()
-                return answer
-        except UpstreamError:
-            raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_failure(self.config.name, exc) from exc
-
     async def chat(self, call: ChatCall) -> ChatReply:
-        body = await self._send(call)
+        body = await self._http.post(self.chat_url(call), self._body(call, stream=False), call)
         view = read_usage(self.config.name, _USAGE, body, "completion")
         if view is not None:
             call.usage = view.usage
@@ -140,24 +92,16 @@ class OpenAIProvider(ResponsesMixin):
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         keep_usage_chunk = call.request.wants_usage
-        try:
-            async with self._post(call, stream=True) as resp:
-                if resp.status >= 400:
-                    raise self._failed(resp, await resp.read())
-                async for batch in iter_sse_batches(resp):
-                    if call.first_byte_at is None:
-                        call.first_byte_at = time.monotonic()
-                    out, done, error = self._relay(call, batch, keep_usage_chunk)
-                    if out:
-                        yield out  # chunks before an error event still reach the client
-                    if error is not None:
-                        raise error
-                    if done:
-                        return
-        except UpstreamError:
-            raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_failure(self.config.name, exc) from exc
+        events = self._http.stream(self.chat_url(call), self._body(call, stream=True), call)
+        async with contextlib.aclosing(events):
+            async for batch in events:
+                out, done, error = self._relay(call, batch, keep_usage_chunk)
+                if out:
+                    yield out  # chunks before an error event still reach the client
+                if error is not None:
+                    raise error
+                if done:
+                    return
 
     def _relay(
         self, call: ChatCall, batch: list[bytes], keep_usage_chunk: bool
@@ -198,3 +142,20 @@ class OpenAIProvider(ResponsesMixin):
                 raise error
         call.chunks += 1
         return True
+
+
+class OpenAIResponsesProvider(OpenAIProvider):
+    """An OpenAI-compatible upstream that also serves `/v1/responses` (`responses_api = true`):
+    Responses API requests are relayed to it untranslated (see `openai_responses`)."""
+
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(config, session)
+        self._responses = ResponsesRelay(self._http, f"{config.url}/responses")
+
+    async def responses(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
+        return await self._responses.create(call, body)
+
+    def stream_responses(
+        self, call: ChatCall, body: dict[str, msgspec.Raw]
+    ) -> AsyncGenerator[list[bytes], None]:
+        return self._responses.stream(call, body)

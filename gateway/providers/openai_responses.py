@@ -13,30 +13,21 @@ classified by its typed `type` and `code` the way an error status would be, so t
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import AsyncGenerator
-from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
 
-import aiohttp
 import msgspec
 import structlog
 
 from gateway.errors import UpstreamConnectionError, UpstreamError
-from gateway.providers._http import (
-    error_from_status,
-    iter_sse_batches,
-    read_usage,
-    stream_error,
-    upstream_failure,
-)
+from gateway.providers._errors import error_from_status, read_usage, stream_error
+from gateway.providers._http import UpstreamClient
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, present
 from gateway.schemas.response_output import ResponseUsage
-from gateway.settings import ProviderConfig
 
-__all__ = ["ResponsesMixin", "event_error"]
+__all__ = ["ResponsesRelay", "event_error"]
 
 log = structlog.get_logger(__name__)
 
@@ -151,70 +142,46 @@ def event_error(provider: str, payload: bytes) -> UpstreamError:
     return error_from_status(provider, status, encode(envelope))
 
 
-class ResponsesMixin:
-    """The `ResponsesPassThrough` methods of `OpenAIProvider`, which provides the HTTP calls."""
+class ResponsesRelay:
+    """Relays Responses API requests to one upstream through its provider's client."""
 
-    config: ProviderConfig
-    _responses_url: str
+    def __init__(self, http: UpstreamClient, url: str) -> None:
+        self._http = http
+        self._name = http.config.name
+        self._url = url
 
-    if TYPE_CHECKING:  # provided by OpenAIProvider
-
-        async def _send(
-            self, call: ChatCall, body: bytes | None = None, url: str | None = None
-        ) -> bytes: ...
-
-        def _post(
-            self,
-            call: ChatCall,
-            *,
-            stream: bool,
-            body: bytes | None = None,
-            url: str | None = None,
-        ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]: ...
-
-        def _failed(self, resp: aiohttp.ClientResponse, body: bytes) -> UpstreamError: ...
-
-    def _responses_body(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> bytes:
+    def _body(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> bytes:
         fields = dict(body)
         fields["model"] = msgspec.Raw(encode(call.upstream_model))
         if not present(fields.get("max_output_tokens")) and call.model.max_tokens is not None:
             fields["max_output_tokens"] = msgspec.Raw(encode(call.model.max_tokens))
         return encode(fields)
 
-    async def responses(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
-        answer = await self._send(call, self._responses_body(call, body), self._responses_url)
-        view = read_usage(self.config.name, _RESPONSE_USAGE, answer, "response")
+    async def create(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
+        answer = await self._http.post(self._url, self._body(call, body), call)
+        view = read_usage(self._name, _RESPONSE_USAGE, answer, "response")
         if view is not None:
             call.usage = view.usage.to_usage() if view.usage is not None else None
         return ChatReply(body=answer, usage=call.usage)
 
-    async def stream_responses(
+    async def stream(
         self, call: ChatCall, body: dict[str, msgspec.Raw]
     ) -> AsyncGenerator[list[bytes], None]:
         fields = dict(body)
         fields["stream"] = _TRUE
-        data = self._responses_body(call, fields)
-        try:
-            async with self._post(call, stream=True, body=data, url=self._responses_url) as resp:
-                if resp.status >= 400:
-                    raise self._failed(resp, await resp.read())
-                async for batch in iter_sse_batches(resp):
-                    if call.first_byte_at is None:
-                        call.first_byte_at = time.monotonic()
-                    out, ended, error = self._reframe(call, batch)
-                    if out:
-                        yield out  # events before an error still reach the client
-                    if error is not None:
-                        raise error
-                    if ended:
-                        return  # whatever follows (or a connection left open) is not ours
-        except UpstreamError:
-            raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_failure(self.config.name, exc) from exc
+        events = self._http.stream(self._url, self._body(call, fields), call)
+        async with contextlib.aclosing(events):
+            async for batch in events:
+                out, ended, error = self._reframe(call, batch)
+                if out:
+                    yield out  # events before an error still reach the client
+                if error is not None:
+                    raise error
+                if ended:
+                    return  # whatever follows (or a connection left open) is not ours
         # Cut like a dropped connection (which a retry may fix before the first event).
         raise UpstreamConnectionError(
-            f"The upstream provider '{self.config.name}' ended the stream before the "
+            f"The upstream provider '{self._name}' ended the stream before the "
             "response was complete."
         )
 
@@ -234,7 +201,7 @@ class ResponsesMixin:
             except UpstreamError as exc:
                 return out, False, exc
             if kind == "error":
-                return out, False, event_error(self.config.name, payload)
+                return out, False, event_error(self._name, payload)
             out.append(event_frame(kind.encode(), payload))
             if kind in _TERMINAL:
                 return out, True, None
@@ -246,17 +213,17 @@ class ResponsesMixin:
             kind = _EVENT.decode(payload).type
         except msgspec.MsgspecError:
             kind = ""
-        if not kind and stream_error(self.config.name, payload) is not None:
+        if not kind and stream_error(self._name, payload) is not None:
             return "error"  # a chat-style {"error": {...}} event
         if not kind or "\n" in kind or "\r" in kind:
             raise UpstreamError(
-                f"The upstream provider '{self.config.name}' sent a malformed stream event."
+                f"The upstream provider '{self._name}' sent a malformed stream event."
             )
         if kind in _TERMINAL:
             try:
                 view = _TERMINAL_USAGE.decode(payload).response
             except msgspec.ValidationError:
-                log.warning("upstream_usage_unreadable", provider=self.config.name)
+                log.warning("upstream_usage_unreadable", provider=self._name)
             else:
                 if view is not None and view.usage is not None:
                     call.usage = view.usage.to_usage()

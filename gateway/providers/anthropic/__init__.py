@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncGenerator
 
 import aiohttp
 import msgspec
 
-from gateway.providers._http import UpstreamClient
+from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
 from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropic, tool_id
 from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
@@ -33,6 +32,7 @@ __all__ = [
 ]
 
 _ENCODER = msgspec.json.Encoder()
+_DIALECT = Dialect(auth=key_header("x-api-key"), headers={"anthropic-version": API_VERSION})
 
 
 class AnthropicProvider:
@@ -40,9 +40,7 @@ class AnthropicProvider:
 
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
-        self._http = UpstreamClient(
-            config, session, auth_header="x-api-key", headers={"anthropic-version": API_VERSION}
-        )
+        self._http = UpstreamClient(config, session, _DIALECT)
         self._url = f"{config.url}/v1/messages"
 
     def _body(self, call: ChatCall, *, stream: bool) -> tuple[bytes, JsonTool | None]:
@@ -51,8 +49,7 @@ class AnthropicProvider:
 
     async def chat(self, call: ChatCall) -> ChatReply:
         body, json_tool = self._body(call, stream=False)
-        data = await self._http.post(self._url, body, self._http.headers(call.api_key))
-        call.first_byte_at = call.first_byte_at or time.monotonic()
+        data = await self._http.post(self._url, body, call)
         resp = self._http.decode(RESPONSE_DECODER, data)
         out, call.usage = from_anthropic(resp, json_tool)
         return ChatReply(body=out, usage=call.usage)
@@ -60,7 +57,7 @@ class AnthropicProvider:
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         body, json_tool = self._body(call, stream=True)
         state = AnthropicStream(call, self.config.name, json_tool)
-        events = self._http.stream(self._url, body, self._http.headers(call.api_key))
+        events = self._http.stream(self._url, body, call)
         async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
             async for batch in chunks:
                 yield batch

@@ -7,14 +7,13 @@ Gemini answers, `wire` holds the API's structs; this module is the adapter (`typ
 from __future__ import annotations
 
 import contextlib
-import time
 import urllib.parse
 from collections.abc import AsyncGenerator
 
 import aiohttp
 import msgspec
 
-from gateway.providers._http import UpstreamClient
+from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.gemini.request import (
@@ -39,6 +38,7 @@ __all__ = [
 ]
 
 _ENCODER = msgspec.json.Encoder()
+_DIALECT = Dialect(auth=key_header("x-goog-api-key"))
 
 
 class GeminiProvider:
@@ -46,7 +46,7 @@ class GeminiProvider:
 
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
-        self._http = UpstreamClient(config, session, auth_header="x-goog-api-key")
+        self._http = UpstreamClient(config, session, _DIALECT)
 
     def _url(self, call: ChatCall, *, stream: bool) -> str:
         # The model name comes from the client for "<provider>/<model>" ids: quote it so it
@@ -58,8 +58,7 @@ class GeminiProvider:
     async def chat(self, call: ChatCall) -> ChatReply:
         body = _ENCODER.encode(to_gemini(call))
         url = self._url(call, stream=False)
-        data = await self._http.post(url, body, self._http.headers(call.api_key))
-        call.first_byte_at = call.first_byte_at or time.monotonic()
+        data = await self._http.post(url, body, call)
         resp = self._http.decode(RESPONSE_DECODER, data)
         out, call.usage = from_gemini(resp, call.upstream_model)
         return ChatReply(body=out, usage=call.usage)
@@ -68,7 +67,7 @@ class GeminiProvider:
         body = _ENCODER.encode(to_gemini(call))
         state = GeminiStream(call, self.config.name)
         url = self._url(call, stream=True)
-        events = self._http.stream(url, body, self._http.headers(call.api_key))
+        events = self._http.stream(url, body, call)
         async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
             async for batch in chunks:
                 yield batch

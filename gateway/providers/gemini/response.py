@@ -6,7 +6,7 @@ import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
-from gateway.providers._http import stream_error
+from gateway.providers._errors import stream_error
 from gateway.providers._translate import (
     ChunkWriter,
     completion_body,
