@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-import msgspec
 from aiohttp import web
 from msgspec import UNSET
 
@@ -57,10 +56,12 @@ class Exchange:
 def begin(
     request: web.Request,
     req: ChatCompletionRequest,
-    raw: dict[str, msgspec.Raw],
+    body: bytes | None,
     model_id: str | None,
 ) -> Exchange:
     """Check a decoded chat request against the key and the config, and choose its upstream.
+
+    `body` is the client's JSON when `req` is the client's own chat request (see `ChatCall`).
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
@@ -99,7 +100,7 @@ def begin(
     trace.stream = req.is_stream
     call = ChatCall(
         request=req,
-        raw=raw,
+        body=body,
         model=model,
         upstream_model=route.upstream_model,
         api_key=route.api_key,

@@ -20,7 +20,7 @@ from gateway.providers.anthropic import (
 )
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import ChatCompletionRequest
-from gateway.schemas.codec import RAW_OBJECT, decode_body
+from gateway.schemas.codec import decode_body
 from gateway.settings import ModelConfig, Target
 
 MODEL = ModelConfig(name="c", targets=(Target(provider="a", model="claude-x"),))
@@ -32,7 +32,7 @@ def make_call(body: dict[str, Any], model: ModelConfig = MODEL) -> ChatCall:
     raw = json.dumps(body).encode()
     return ChatCall(
         request=decode_body(raw, ChatCompletionRequest),
-        raw=RAW_OBJECT.decode(raw),
+        body=raw,
         model=model,
         upstream_model="claude-x",
     )

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from gateway.providers.base import ChatCall
 from gateway.providers.gemini import GeminiProvider
 from gateway.schemas.chat import ChatCompletionRequest
-from gateway.schemas.codec import RAW_OBJECT, decode_body
+from gateway.schemas.codec import decode_body
 from gateway.settings import ModelConfig, ProviderConfig, Target
 from tests.conftest import MakeSettings, create_key, openai_client, sse_events, start_gateway
 from tests.fake_gemini import FakeGemini
@@ -110,7 +110,7 @@ def make_call(upstream: str) -> ChatCall:
     raw = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
     return ChatCall(
         request=decode_body(raw, ChatCompletionRequest),
-        raw=RAW_OBJECT.decode(raw),
+        body=raw,
         model=ModelConfig(name="m", targets=(Target(provider="gem", model=upstream),)),
         upstream_model=upstream,
     )

@@ -20,7 +20,7 @@ from gateway.providers.gemini import (
     to_gemini,
 )
 from gateway.schemas.chat import ChatCompletionRequest
-from gateway.schemas.codec import RAW_OBJECT, decode_body
+from gateway.schemas.codec import decode_body
 from gateway.settings import ModelConfig, Target
 
 MODEL = ModelConfig(name="g", targets=(Target(provider="g", model="gemini-2.5-flash"),))
@@ -33,7 +33,7 @@ def make_call(
     raw = json.dumps({"model": model.name} | body).encode()
     return ChatCall(
         request=decode_body(raw, ChatCompletionRequest),
-        raw=RAW_OBJECT.decode(raw),
+        body=raw,
         model=model,
         upstream_model=upstream,
     )

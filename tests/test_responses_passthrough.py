@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.handlers import responses as responses_handler
+from gateway.providers import base as provider_base
 from gateway.settings import ModelConfig, ProviderConfig, RoutingSettings, Target
 from tests.conftest import MakeSettings, create_key, start_gateway, usage_rows
 from tests.fakes import FakeOpenAI
@@ -331,14 +331,14 @@ async def test_a_request_the_upstream_refuses_does_not_fall_back(mixed: Any) -> 
 async def test_pass_through_bodies_are_not_translated_again(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The chat request is only encoded (for OpenAI chat upstreams) if it is sent.
+    # The chat request's fields are only encoded (for OpenAI chat upstreams) if it is sent.
     encoded: list[object] = []
 
-    def encode(obj: object) -> bytes:
+    def raw_fields(obj: object) -> dict[str, object]:
         encoded.append(obj)
-        return b"{}"
+        return {}
 
-    monkeypatch.setattr(responses_handler, "encode", encode)
+    monkeypatch.setattr(provider_base, "raw_fields", raw_fields)
     gateway, key = await start(FakeOpenAI().make_app())
     status, _ = await post(gateway, key)
     assert status == 200

@@ -306,7 +306,7 @@ async def translate(batches: list[list[bytes]], usage: Usage | None = None) -> l
     translation = to_chat(req)
     call = ChatCall(
         request=translation.chat,
-        raw={},
+        body=None,
         model=ModelConfig(name="m", targets=(Target(provider="p", model="up"),)),
         upstream_model="up",
         usage=usage,
@@ -402,7 +402,7 @@ def test_error_event_takes_the_next_number() -> None:
     translation = to_chat(req)
     call = ChatCall(
         request=translation.chat,
-        raw={},
+        body=None,
         model=ModelConfig(name="m", targets=(Target(provider="p", model="up"),)),
         upstream_model="up",
     )
@@ -563,7 +563,7 @@ async def test_events_before_a_bad_chunk_still_go_out() -> None:
     translation = to_chat(req)
     call = ChatCall(
         request=translation.chat,
-        raw={},
+        body=None,
         model=ModelConfig(name="m", targets=(Target(provider="p", model="up"),)),
         upstream_model="up",
     )

@@ -14,7 +14,7 @@ from msgspec import UNSET
 from gateway import pipeline
 from gateway.middleware import TRACE_KEY
 from gateway.schemas.chat import ChatCompletionRequest
-from gateway.schemas.codec import RAW_OBJECT, decode_body
+from gateway.schemas.codec import decode_body
 from gateway.sse import relay
 from gateway.state import SETTINGS_KEY
 
@@ -36,7 +36,7 @@ async def _chat(request: web.Request, default_model: str | None) -> web.StreamRe
     body = await request.read()
     req = decode_body(body, ChatCompletionRequest)
     model_id = req.model if req.model is not UNSET else default_model
-    ex = pipeline.begin(request, req, RAW_OBJECT.decode(body), model_id)
+    ex = pipeline.begin(request, req, body, model_id)
     try:
         if req.is_stream:
             async with contextlib.aclosing(pipeline.stream(ex)) as events:

@@ -41,7 +41,7 @@ from gateway.responses import (
     to_chat,
 )
 from gateway.router import Route
-from gateway.schemas.codec import RAW_OBJECT, decode_body, encode
+from gateway.schemas.codec import RAW_OBJECT, decode_body
 from gateway.schemas.responses import ResponseCreateRequest
 from gateway.sse import relay
 
@@ -58,8 +58,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     translation = to_chat(req)
     model_id = req.model if isinstance(req.model, str) else None
     try:
-        # The chat request's raw fields are only made if it is sent (see _translated).
-        ex = pipeline.begin(request, translation.chat, {}, model_id)
+        # No body: the chat request is made from the struct, only if a provider forwards it.
+        ex = pipeline.begin(request, translation.chat, None, model_id)
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None
     try:
@@ -105,7 +105,6 @@ async def _translated(
     ex: pipeline.Exchange, req: ResponseCreateRequest, translation: Translation
 ) -> web.StreamResponse:
     """Run the translated chat request over `ex.routes`; answer in Responses shapes."""
-    ex.call.raw = RAW_OBJECT.decode(encode(translation.chat))  # what OpenAI providers forward
     base = shell(req, translation)
     try:
         if req.is_stream:

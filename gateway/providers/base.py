@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import msgspec
 
 from gateway.schemas.chat import ChatCompletionRequest
+from gateway.schemas.codec import RAW_OBJECT, raw_fields
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
 
@@ -35,8 +36,8 @@ class ChatCall:
 
     Attributes:
         request: the validated client request.
-        raw: the client's top-level JSON fields as raw bytes, so pass-through can forward
-            fields the typed request does not model.
+        body: the client's JSON body when `request` is the client's own chat request (None
+            when it was translated, e.g. from the Responses API).
         model: the model config the request resolved to (prices, defaults, reasoning flag).
         upstream_model: the model name to send upstream.
         api_key: the upstream account to use, chosen by the router (None for keyless servers).
@@ -48,7 +49,7 @@ class ChatCall:
     """
 
     request: ChatCompletionRequest
-    raw: dict[str, msgspec.Raw]
+    body: bytes | None
     model: ModelConfig
     upstream_model: str
     api_key: str | None = None
@@ -57,6 +58,16 @@ class ChatCall:
     chunks: int = 0
     first_byte_at: float | None = None
     started_at: float = field(default_factory=time.monotonic)
+    _raw: dict[str, msgspec.Raw] | None = None
+
+    @property
+    def raw(self) -> dict[str, msgspec.Raw]:
+        """The request's top-level JSON fields as raw bytes, so pass-through can forward the
+        fields the typed request does not model. Made on first use: only providers that
+        forward the body need it, and the body is decoded at most once more."""
+        if self._raw is None:
+            self._raw = RAW_OBJECT.decode(self.body) if self.body else raw_fields(self.request)
+        return self._raw
 
     @property
     def max_tokens(self) -> int | None:

@@ -13,7 +13,15 @@ import msgspec
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["ENCODER", "RAW_OBJECT", "decode_body", "encode", "param_of", "present"]
+__all__ = [
+    "ENCODER",
+    "RAW_OBJECT",
+    "decode_body",
+    "encode",
+    "param_of",
+    "present",
+    "raw_fields",
+]
 
 T = TypeVar("T")
 
@@ -32,6 +40,18 @@ _DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
 def present(value: msgspec.Raw | msgspec.UnsetType | None) -> TypeGuard[msgspec.Raw]:
     """Whether a raw pass-through field was sent with a value other than JSON `null`."""
     return isinstance(value, msgspec.Raw) and bytes(value) != b"null"
+
+
+def raw_fields(obj: msgspec.Struct) -> dict[str, msgspec.Raw]:
+    """The fields `encode(obj)` would write, each as raw JSON (no decode of the encoding).
+
+    Only for structs whose unset fields are `UNSET` (omitted), as request structs are.
+    """
+    return {
+        f.encode_name: msgspec.Raw(encode(value))
+        for f in msgspec.structs.fields(obj)
+        if (value := getattr(obj, f.name)) is not msgspec.UNSET
+    }
 
 
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
