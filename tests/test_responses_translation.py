@@ -511,7 +511,7 @@ async def test_missing_input_says_so(gateway: TestClient[Any, Any], key: str) ->
 
 
 async def test_stream_options_with_a_stream(oai: openai.AsyncOpenAI) -> None:
-    # Accepted; a translated stream's events carry no `obfuscation` padding (see the README).
+    # Accepted; a translated stream's events carry no `obfuscation` padding (see docs/providers.md).
     stream = await oai.responses.create(
         model="demo", input="hi", stream=True, stream_options={"include_obfuscation": True}
     )
