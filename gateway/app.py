@@ -23,7 +23,7 @@ from gateway.providers import Provider, build_provider
 from gateway.records import KeyRecord
 from gateway.router import Router
 from gateway.routes import setup_routes
-from gateway.settings import ProviderConfig, Settings
+from gateway.settings import Settings, UpstreamConfig
 from gateway.state import (
     GATE_KEY,
     INFLIGHT_KEY,
@@ -85,7 +85,7 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def _session(cfg: ProviderConfig) -> aiohttp.ClientSession:
+def _session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=cfg.max_connections, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, read_bufsize=_READ_BUFSIZE)
 
@@ -95,8 +95,9 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
     sessions: list[aiohttp.ClientSession] = []
     providers: dict[str, Provider] = {}
     for cfg in settings.providers:
-        session = _session(cfg)
-        sessions.append(session)
+        session = _session(cfg) if isinstance(cfg, UpstreamConfig) else None
+        if session is not None:
+            sessions.append(session)
         providers[cfg.name] = build_provider(cfg, session)
     app[ROUTER_KEY] = Router(settings, providers)
     yield

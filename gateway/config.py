@@ -11,24 +11,36 @@ import os
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
 from gateway.settings import (
     DEFAULT_BASE_URLS,
+    AnthropicConfig,
+    AzureConfig,
     ConfigError,
+    DemoConfig,
+    GeminiConfig,
     ModelConfig,
+    OpenAIConfig,
     ProviderConfig,
-    ProviderType,
     Settings,
     Target,
+    UpstreamConfig,
 )
 
 __all__ = ["DEMO_MODEL", "REASONING_MODELS", "default_settings", "load_settings"]
 
 # Path endings that mean a base_url already holds what the gateway appends (a copy of the
 # OpenAI-compatible URL, say), which would end in e.g. /v1/v1/messages.
-_ROOT_ONLY = {"anthropic": ("/v1", "/v1/messages"), "gemini": ("/v1beta", "/v1beta/openai")}
+_ROOT_ONLY = {
+    "anthropic": ("/v1", "/v1/messages"),
+    "gemini": ("/v1beta", "/v1beta/openai"),
+    "azure": ("/openai", "/openai/v1", "/openai/deployments"),
+}
+
+UpstreamT = TypeVar("UpstreamT", bound=UpstreamConfig)
 
 # Models that take `reasoning_effort` (OpenAI: and reject `max_tokens`), per provider type;
 # used by the embedded default config for "<provider>/<model>" ids.
@@ -49,11 +61,37 @@ def _resolve_secret(value: str, where: str, environ: Mapping[str, str]) -> str:
     return found
 
 
+def _upstream(p: UpstreamT, where: str, environ: Mapping[str, str]) -> UpstreamT:
+    """Check an HTTP provider's fields and resolve its secrets."""
+    if isinstance(p, AnthropicConfig | GeminiConfig | AzureConfig) and not p.api_keys:
+        raise ConfigError(f"{where}.api_keys: {p.type} providers need at least one key")
+    if isinstance(p, AzureConfig) and p.base_url is None:
+        raise ConfigError(
+            f"{where}.base_url: azure providers need their resource's endpoint "
+            "(https://RESOURCE.openai.azure.com)"
+        )
+    if p.base_url is not None and not p.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.base_url: must start with http:// or https://")
+    if p.base_url is not None and p.type in _ROOT_ONLY:
+        path = urllib.parse.urlsplit(p.base_url).path.rstrip("/")
+        if path.endswith(_ROOT_ONLY[p.type]):
+            root = DEFAULT_BASE_URLS[p.type] or "https://RESOURCE.openai.azure.com"
+            raise ConfigError(
+                f"{where}.base_url: give the API root (as {p.type}'s SDK takes it, e.g. "
+                f"{root}); the gateway adds the rest of the path"
+            )
+    keys = tuple(
+        _resolve_secret(k, f"{where}.api_keys[{j}]", environ) for j, k in enumerate(p.api_keys)
+    )
+    headers = {k: _resolve_secret(v, f"{where}.headers.{k}", environ) for k, v in p.headers.items()}
+    return msgspec.structs.replace(p, api_keys=keys, headers=headers)
+
+
 def _with_demo(settings: Settings) -> Settings:
     """Every config gets the offline `demo` provider and model unless it defines its own."""
     if any(p.name == "demo" for p in settings.providers):
         return settings
-    providers = (*settings.providers, ProviderConfig(name="demo", type="demo"))
+    providers = (*settings.providers, DemoConfig(name="demo"))
     models = settings.models
     if not any(m.name == "demo" for m in models):
         models = (*models, DEMO_MODEL)
@@ -78,26 +116,7 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
         if p.name in seen:
             raise ConfigError(f"{where}.name: duplicate provider name {p.name!r}")
         seen.add(p.name)
-        if p.type in ("anthropic", "gemini") and not p.api_keys:
-            raise ConfigError(f"{where}.api_keys: {p.type} providers need at least one key")
-        if p.responses_api and p.type != "openai":
-            raise ConfigError(f"{where}.responses_api: only openai providers can serve it")
-        if p.base_url is not None and not p.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}.base_url: must start with http:// or https://")
-        if p.base_url is not None and p.type in _ROOT_ONLY:
-            path = urllib.parse.urlsplit(p.base_url).path.rstrip("/")
-            if path.endswith(_ROOT_ONLY[p.type]):
-                raise ConfigError(
-                    f"{where}.base_url: give the API root (as {p.type}'s SDK takes it, e.g. "
-                    f"{DEFAULT_BASE_URLS[p.type]}); the gateway adds the rest of the path"
-                )
-        keys = tuple(
-            _resolve_secret(k, f"{where}.api_keys[{j}]", environ) for j, k in enumerate(p.api_keys)
-        )
-        headers = {
-            k: _resolve_secret(v, f"{where}.headers.{k}", environ) for k, v in p.headers.items()
-        }
-        providers.append(msgspec.structs.replace(p, api_keys=keys, headers=headers))
+        providers.append(_upstream(p, where, environ) if isinstance(p, UpstreamConfig) else p)
 
     names: set[str] = set()
     for i, m in enumerate(settings.models):
@@ -146,9 +165,8 @@ def default_settings(environ: Mapping[str, str]) -> Settings:
     models: list[ModelConfig] = []
     if environ.get("OPENAI_API_KEY"):
         providers.append(
-            ProviderConfig(
+            OpenAIConfig(
                 name="openai",
-                type="openai",
                 base_url=environ.get("OPENAI_BASE_URL") or None,
                 api_keys=("env:OPENAI_API_KEY",),
                 reasoning_models=REASONING_MODELS["openai"],
@@ -162,16 +180,15 @@ def default_settings(environ: Mapping[str, str]) -> Settings:
                 output_price_per_mtok=0.60,
             )
         )
-    native: tuple[tuple[str, ProviderType], ...] = (
-        ("ANTHROPIC_API_KEY", "anthropic"),
-        ("GEMINI_API_KEY", "gemini"),
+    native: tuple[tuple[str, str, type[AnthropicConfig | GeminiConfig]], ...] = (
+        ("ANTHROPIC_API_KEY", "anthropic", AnthropicConfig),
+        ("GEMINI_API_KEY", "gemini", GeminiConfig),
     )
-    for var, name in native:
+    for var, name, kind in native:
         if environ.get(var):
             providers.append(
-                ProviderConfig(
+                kind(
                     name=name,
-                    type=name,
                     api_keys=(f"env:{var}",),
                     reasoning_models=REASONING_MODELS[name],
                 )

@@ -7,7 +7,7 @@ checks a file (or builds the embedded default) and is where the cross-references
 from __future__ import annotations
 
 import fnmatch
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -16,23 +16,27 @@ from gateway.records import BudgetPeriod
 
 __all__ = [
     "DEFAULT_BASE_URLS",
+    "AnthropicConfig",
+    "AzureConfig",
     "ConfigError",
+    "DemoConfig",
+    "GeminiConfig",
     "GroupConfig",
     "ModelConfig",
+    "OpenAIConfig",
     "ProviderConfig",
     "RoutingSettings",
     "ServerSettings",
     "Settings",
     "Target",
+    "UpstreamConfig",
 ]
-
-ProviderType = Literal["openai", "anthropic", "gemini", "demo"]
 
 DEFAULT_BASE_URLS: dict[str, str] = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
     "gemini": "https://generativelanguage.googleapis.com",
-    "demo": "",
+    "azure": "",  # required: the resource's own endpoint
 }
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -84,18 +88,29 @@ class RoutingSettings(_Base, frozen=True):
     max_cooldown: PositiveFloat = 300.0
 
 
-class ProviderConfig(_Base, frozen=True):
-    """One upstream: where it is, how to authenticate, and how long to wait for it."""
+class _Provider(_Base, frozen=True, kw_only=True, tag_field="type"):
+    """What every provider type has; the `type` tag picks the rest (a tagged union)."""
 
     name: Name
-    type: ProviderType
+    # Glob patterns of upstream model names that accept `reasoning_effort`, for
+    # "<provider>/<model>" ids that have no [[models]] entry of their own.
+    reasoning_models: tuple[str, ...] = ()
+    # Output limit for upstreams that require one (Anthropic's `max_tokens`) when neither the
+    # request nor the model config sets one; also what admission reserves for such requests.
+    default_max_tokens: PositiveInt = 4096
+
+    @property
+    def type(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+class UpstreamConfig(_Provider, frozen=True, kw_only=True):
+    """An upstream reached over HTTP: where it is, how to authenticate, how long to wait."""
+
     base_url: str | None = None
     api_keys: tuple[str, ...] = ()
     # Extra headers sent with every upstream request (e.g. OpenRouter's HTTP-Referer).
     headers: dict[str, str] = {}
-    # Glob patterns of upstream model names that accept `reasoning_effort`, for
-    # "<provider>/<model>" ids that have no [[models]] entry of their own.
-    reasoning_models: tuple[str, ...] = ()
     connect_timeout: PositiveFloat = 10.0
     # Streams: time to the first event (default: read_timeout). A non-streaming answer comes
     # only once it is generated, so there read_timeout and total_timeout bound the wait.
@@ -110,16 +125,50 @@ class ProviderConfig(_Base, frozen=True):
     # event once its stream has started) and the upstream connection is dropped.
     max_response_bytes: PositiveInt = 64 * 1024 * 1024
     max_event_bytes: PositiveInt = 16 * 1024 * 1024
-    # Output limit for upstreams that require one (Anthropic's `max_tokens`) when neither the
-    # request nor the model config sets one.
-    default_max_tokens: PositiveInt = 4096
-    # `type = "openai"` only: the upstream serves /v1/responses itself, so Responses API
-    # requests are passed through instead of being translated to chat completions.
-    responses_api: bool = False
 
     @property
     def url(self) -> str:
         return (self.base_url or DEFAULT_BASE_URLS[self.type]).rstrip("/")
+
+
+class OpenAIConfig(UpstreamConfig, frozen=True, kw_only=True, tag="openai"):
+    """OpenAI, or any server that speaks its API (vLLM, Ollama, OpenRouter, DeepSeek...)."""
+
+    # The upstream serves /v1/responses itself, so Responses API requests are passed through
+    # instead of being translated to chat completions.
+    responses_api: bool = False
+
+
+class AzureConfig(UpstreamConfig, frozen=True, kw_only=True, tag="azure"):
+    """Azure OpenAI: `base_url` is the resource (https://RESOURCE.openai.azure.com), a
+    target's `model` is a deployment name, and every call names its `api_version`."""
+
+    api_version: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.-]{1,64}$")]
+
+
+class AnthropicConfig(UpstreamConfig, frozen=True, kw_only=True, tag="anthropic"):
+    """Anthropic's Messages API, translated both ways."""
+
+
+class GeminiConfig(UpstreamConfig, frozen=True, kw_only=True, tag="gemini"):
+    """Google's Gemini API (`generateContent`), translated both ways."""
+
+
+class DemoConfig(_Provider, frozen=True, kw_only=True, tag="demo"):
+    """The offline demo model: nothing to connect to, so no connection settings (a config
+    that sets one is refused); what generic code reads of every provider is fixed here."""
+
+    base_url: ClassVar[None] = None
+    api_keys: ClassVar[tuple[str, ...]] = ()
+    headers: ClassVar[dict[str, str]] = {}
+    connect_timeout: ClassVar[float] = 1.0
+    first_byte_timeout: ClassVar[float | None] = None
+    read_timeout: ClassVar[float] = 60.0
+    total_timeout: ClassVar[float] = 60.0
+    max_connections: ClassVar[int] = 1
+
+
+ProviderConfig = OpenAIConfig | AzureConfig | AnthropicConfig | GeminiConfig | DemoConfig
 
 
 class Target(_Base, frozen=True):

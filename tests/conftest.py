@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.settings import (
+    DemoConfig,
     ModelConfig,
     ProviderConfig,
     RoutingSettings,
@@ -24,7 +25,7 @@ from gateway.settings import (
 )
 from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
 
-DEMO = ProviderConfig(name="demo", type="demo")
+DEMO = DemoConfig(name="demo")
 # One upstream attempt per request, so a scripted upstream failure reaches the client as it is;
 # tests about retries and failover (test_routing.py) pass their own routing settings.
 ONE_ATTEMPT = RoutingSettings(max_attempts=1)
@@ -68,6 +69,11 @@ async def gateway(
 ) -> TestClient[Any, Any]:
     """The gateway with only the demo provider."""
     return await start_gateway(aiohttp_client, make_settings())
+
+
+def provider_config(kind: str, **fields: Any) -> ProviderConfig:
+    """A provider config of type `kind` (the tagged union's tag), as a config file gives it."""
+    return msgspec.convert({"type": kind, **fields}, type=ProviderConfig)  # type: ignore[arg-type]
 
 
 def app_of(client: TestClient[Any, Any]) -> web.Application:

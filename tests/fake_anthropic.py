@@ -2,7 +2,7 @@
 
     fake = FakeAnthropic(api_key="sk-ant-test")     # optional: require `x-api-key` (else 401)
     server = await fake.start(aiohttp_server)       # or: await aiohttp_server(fake.make_app())
-    provider = ProviderConfig(..., base_url=fake.base_url)  # the root: clients add /v1/messages
+    provider = AnthropicConfig(..., base_url=fake.base_url)  # the root: clients add /v1/messages
 
 Every request is checked like the real API checks it (``validate``: the anthropic-version header,
 field types and ranges, role alternation, block shapes, tool_use/tool_result pairing, thinking

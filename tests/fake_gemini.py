@@ -2,7 +2,7 @@
 
     fake = FakeGemini(api_key="AIza-test")      # optional: then `x-goog-api-key` must match
     server = await fake.start(aiohttp_server)   # or: await aiohttp_server(fake.make_app())
-    provider = ProviderConfig(..., base_url=fake.base_url)  # the server root ("http://127.0.0.1:N")
+    provider = GeminiConfig(..., base_url=fake.base_url)  # the server root ("http://127.0.0.1:N")
 
 ``POST /v1beta/models/{model}:generateContent`` answers like Gemini: one candidate (or
 ``candidateCount``) with the text "echo: <last user text>"; a ``functionCall`` part (no ``id``,

@@ -2,7 +2,7 @@
 
     fake = FakeOpenAI()
     server = await fake.start(aiohttp_server)        # or: await aiohttp_server(fake.make_app())
-    provider = ProviderConfig(..., base_url=fake.base_url)
+    provider = OpenAIConfig(..., base_url=fake.base_url)
 
 By default ``POST /v1/chat/completions`` answers like OpenAI does: a ``chat.completion`` echoing the
 last user message ("echo: <text>"; in JSON mode a JSON object sampled from the schema), or a call

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.settings import ModelConfig, ProviderConfig, Target
+from gateway.settings import AnthropicConfig, ModelConfig, Target
 from tests.conftest import MakeSettings, create_key, openai_client, sse_events, start_gateway
 from tests.fake_anthropic import FakeAnthropic
 from tests.spec import validate_chat_stream
@@ -33,9 +33,8 @@ async def rig(
 ) -> Rig:
     fake = FakeAnthropic(api_key=KEY)
     await fake.start(aiohttp_server)
-    provider = ProviderConfig(
+    provider = AnthropicConfig(
         name="ant",
-        type="anthropic",
         base_url=fake.base_url,
         api_keys=(KEY,),
         default_max_tokens=1000,

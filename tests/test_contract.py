@@ -19,24 +19,27 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.settings import ModelConfig, ProviderConfig, Target
+from gateway.settings import ModelConfig, Target
 from tests.conftest import (
     MakeSettings,
     create_key,
     openai_client,
+    provider_config,
     sse_events,
     start_gateway,
     usage_rows,
 )
 from tests.fake_anthropic import FakeAnthropic
+from tests.fake_azure import FakeAzure
 from tests.fake_gemini import FakeGemini
 from tests.fakes import FakeOpenAI
 from tests.spec import validate_chat_completion, validate_chat_stream, validate_error
 
 UPSTREAM_KEY = "upstream-secret-key"
-KINDS = ("openai", "anthropic", "gemini")
+KINDS = ("openai", "azure", "anthropic", "gemini")
 UPSTREAM_MODELS = {
     "openai": "gpt-4o-mini",
+    "azure": "gpt-4o-mini",  # a deployment name
     "anthropic": "claude-sonnet-4-5",
     "gemini": "gemini-2.5-flash",
 }
@@ -60,7 +63,7 @@ WEATHER = {
         },
     },
 }
-Fake = FakeOpenAI | FakeAnthropic | FakeGemini
+Fake = FakeOpenAI | FakeAzure | FakeAnthropic | FakeGemini
 
 
 @dataclass
@@ -75,7 +78,13 @@ class Rig:
     def content_started(self) -> int:
         """Upstream stream events up to and including the first piece of text."""
         # Anthropic: message_start, content_block_start, ping, then the first text_delta.
-        return {"openai": 2, "anthropic": 4, "gemini": 1}[self.kind]
+        # Azure: first its content filter's chunk (empty choices), then as OpenAI.
+        return {"openai": 2, "azure": 3, "anthropic": 4, "gemini": 1}[self.kind]
+
+    @property
+    def wire(self) -> str:
+        """The wire format the upstream speaks: Azure's is OpenAI's."""
+        return "openai" if self.kind == "azure" else self.kind
 
     def last(self) -> dict[str, Any]:
         """The body of the last chat request the upstream received."""
@@ -88,18 +97,18 @@ class Rig:
 
     def system_text(self) -> str:
         body = self.last()
-        if self.kind == "openai":
+        if self.wire == "openai":
             return " ".join(m["content"] for m in body["messages"] if m["role"] == "system")
-        if self.kind == "anthropic":
+        if self.wire == "anthropic":
             system = body.get("system", [])
             return system if isinstance(system, str) else " ".join(b["text"] for b in system)
         return " ".join(p["text"] for p in body["systemInstruction"]["parts"])
 
     def tool_results(self) -> list[str]:
         body = self.last()
-        if self.kind == "openai":
+        if self.wire == "openai":
             return [m["content"] for m in body["messages"] if m["role"] == "tool"]
-        if self.kind == "anthropic":
+        if self.wire == "anthropic":
             return [
                 b["content"]
                 for m in body["messages"]
@@ -118,13 +127,13 @@ class Rig:
         """Each image the upstream got, as `<mime>:<base64>` or its URL."""
         body = self.last()
         found: list[str] = []
-        if self.kind == "openai":
+        if self.wire == "openai":
             for m in body["messages"]:
                 for p in m["content"] if isinstance(m["content"], list) else ():
                     if p["type"] == "image_url":
                         found.append(p["image_url"]["url"])
             return found
-        if self.kind == "anthropic":
+        if self.wire == "anthropic":
             for m in body["messages"]:
                 for b in m["content"] if isinstance(m["content"], list) else ():
                     if b["type"] == "image":
@@ -145,6 +154,8 @@ class Rig:
 def _fake(kind: str) -> Fake:
     if kind == "openai":
         return FakeOpenAI(api_key=UPSTREAM_KEY)
+    if kind == "azure":
+        return FakeAzure(api_key=UPSTREAM_KEY)
     if kind == "anthropic":
         return FakeAnthropic(api_key=UPSTREAM_KEY)
     return FakeGemini(api_key=UPSTREAM_KEY)
@@ -160,11 +171,9 @@ async def rig(
     kind: str = request.param
     fake = _fake(kind)
     await fake.start(aiohttp_server)
-    provider = ProviderConfig(
-        name="up",
-        type=kind,  # type: ignore[arg-type]
-        base_url=fake.base_url,
-        api_keys=(UPSTREAM_KEY,),
+    extra = {"api_version": "2024-10-21"} if kind == "azure" else {}
+    provider = provider_config(
+        kind, name="up", base_url=fake.base_url, api_keys=(UPSTREAM_KEY,), **extra
     )
     upstream = UPSTREAM_MODELS[kind]
     settings = make_settings(
@@ -328,7 +337,7 @@ async def test_data_url_image_reaches_the_upstream(rig: Rig) -> None:
         model="m", messages=[{"role": "user", "content": content}]
     )
     assert reply.choices[0].message.content == "echo: What is this?"
-    expected = f"data:image/png;base64,{PNG}" if rig.kind == "openai" else f"image/png:{PNG}"
+    expected = f"data:image/png;base64,{PNG}" if rig.wire == "openai" else f"image/png:{PNG}"
     assert rig.images() == [expected]
 
 

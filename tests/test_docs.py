@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ ENV = {
     "OPENAI_API_KEY": "sk-x",
     "ANTHROPIC_API_KEY": "sk-a",
     "GEMINI_API_KEY": "g",
+    "AZURE_OPENAI_API_KEY": "az",
     "GATEWAY_ADMIN_KEY": "admin-key-of-at-least-16-characters",
 }
 
@@ -153,7 +155,8 @@ def test_every_config_field_is_documented() -> None:
     for section in msgspec.structs.fields(Settings):
         header = f"[[{section.name}]]" if section.default == () else f"[{section.name}]"
         assert f"`{header}`" in text, f"{page.name} has no section on {header}"
-    for struct in (ServerSettings, RoutingSettings, ProviderConfig, Target, ModelConfig):
+    providers = typing.get_args(ProviderConfig)  # every provider type's own fields too
+    for struct in (ServerSettings, RoutingSettings, *providers, Target, ModelConfig):
         for field in msgspec.structs.fields(struct):
             name = f"{struct.__name__}.{field.name}"
             assert f"`{field.name}`" in text, f"{page.name} does not describe {name}"

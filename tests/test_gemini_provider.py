@@ -15,7 +15,7 @@ from gateway.providers.base import ChatCall
 from gateway.providers.gemini import GeminiProvider
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import decode_body
-from gateway.settings import ModelConfig, ProviderConfig, Target
+from gateway.settings import GeminiConfig, ModelConfig, ProviderConfig, Target
 from tests.conftest import MakeSettings, create_key, openai_client, sse_events, start_gateway
 from tests.fake_gemini import FakeGemini
 from tests.spec import validate_chat_completion, validate_chat_stream
@@ -41,9 +41,8 @@ async def rig(
 ) -> Rig:
     fake = FakeGemini(api_key=KEY)
     await fake.start(aiohttp_server)
-    provider = ProviderConfig(
+    provider = GeminiConfig(
         name="gem",
-        type="gemini",
         base_url=fake.base_url,
         api_keys=(KEY,),
         reasoning_models=("gemini-2.5-flash", "gemini-3*"),
@@ -103,7 +102,7 @@ async def test_client_model_names_cannot_escape_the_models_path(
 
 
 def rig_config() -> ProviderConfig:
-    return ProviderConfig(name="gem", type="gemini", base_url="https://g.test", api_keys=("k",))
+    return GeminiConfig(name="gem", base_url="https://g.test", api_keys=("k",))
 
 
 def make_call(upstream: str) -> ChatCall:

@@ -16,16 +16,17 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.settings import ModelConfig, ProviderConfig, Target
-from tests.conftest import MakeSettings, create_key, start_gateway
+from gateway.settings import ModelConfig, Target
+from tests.conftest import MakeSettings, create_key, provider_config, start_gateway
 
 MiB = 1024 * 1024
-# Provider type -> (base URL path under the fake, whether a Responses pass-through).
+# Provider type ("responses": an openai one that serves the Responses API) -> base URL path.
 KINDS = {
     "openai": "/v1",
     "responses": "/v1",
     "anthropic": "",
     "gemini": "",
+    "azure": "",
 }
 
 
@@ -102,13 +103,12 @@ def build(
         app.router.add_route("*", "/{tail:.*}", upstream.handle)
         server = await aiohttp_server(app)
         base = str(server.make_url(KINDS[kind])).rstrip("/")
-        provider = ProviderConfig(
-            name="up",
-            type="openai" if kind == "responses" else kind,  # type: ignore[arg-type]
-            base_url=base,
-            api_keys=("sk-upstream",),
-            responses_api=kind == "responses",
-            **limits,
+        if kind == "responses":
+            kind, limits = "openai", {**limits, "responses_api": True}
+        if kind == "azure":
+            limits = {**limits, "api_version": "2024-10-21"}
+        provider = provider_config(
+            kind, name="up", base_url=base, api_keys=("sk-upstream",), **limits
         )
         model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
         gateway = await start_gateway(
@@ -226,7 +226,7 @@ def _endless_event(piece_size: int, first: bytes = b"") -> Callable[..., Any]:
     ],
     ids=["gzip-bomb", "endless-json", "gzip-sse-bomb", "huge-event", "huge-event-small-reads"],
 )
-@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini", "azure"])
 async def test_oversized_answers_are_refused_with_bounded_memory(
     build: Build, kind: str, reply: Callable[..., Any], stream: bool
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.settings import GroupConfig, ModelConfig, ProviderConfig, Target
+from gateway.settings import GroupConfig, ModelConfig, OpenAIConfig, Target
 from gateway.state import GATE_KEY, KEYS_KEY, STORE_KEY, USAGE_KEY
 from tests.conftest import (
     MakeSettings,
@@ -42,7 +42,7 @@ async def rig(
     fake = FakeOpenAI()
     await fake.start(aiohttp_server)
     settings = make_settings(
-        providers=(ProviderConfig(name="up", type="openai", base_url=fake.base_url),),
+        providers=(OpenAIConfig(name="up", base_url=fake.base_url),),
         models=(
             ModelConfig(
                 name="m",

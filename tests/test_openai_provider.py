@@ -13,7 +13,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.settings import ModelConfig, ProviderConfig, Target
+from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.state import USAGE_KEY
 from tests.conftest import (
     MakeSettings,
@@ -58,7 +58,7 @@ async def make_rig(
     await fake.start(aiohttp_server)
     provider.setdefault("base_url", fake.base_url)
     settings = make_settings(
-        providers=(ProviderConfig(name="up", type="openai", api_keys=(UPSTREAM_KEY,), **provider),),
+        providers=(OpenAIConfig(name="up", api_keys=(UPSTREAM_KEY,), **provider),),
         models=(
             ModelConfig(
                 name="gpt",
@@ -308,11 +308,7 @@ async def test_unreachable_upstream_is_502(
     aiohttp_client: AiohttpClient, make_settings: MakeSettings, unused_tcp_port: int
 ) -> None:
     settings = make_settings(
-        providers=(
-            ProviderConfig(
-                name="up", type="openai", base_url=f"http://127.0.0.1:{unused_tcp_port}/v1"
-            ),
-        )
+        providers=(OpenAIConfig(name="up", base_url=f"http://127.0.0.1:{unused_tcp_port}/v1"),)
     )
     gateway = await start_gateway(aiohttp_client, settings)
     key = await create_key(gateway)

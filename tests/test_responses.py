@@ -21,8 +21,15 @@ from openai import omit
 from openai.lib.streaming.responses import ResponseStreamState
 from openai.types.responses import ResponseStreamEvent
 
-from gateway.settings import ModelConfig, ProviderConfig, Target
-from tests.conftest import MakeSettings, create_key, openai_client, start_gateway, usage_rows
+from gateway.settings import AnthropicConfig, ModelConfig, ProviderConfig, Target
+from tests.conftest import (
+    MakeSettings,
+    create_key,
+    openai_client,
+    provider_config,
+    start_gateway,
+    usage_rows,
+)
 from tests.spec import validate_error, validate_response, validate_response_event
 from tests.test_contract import PNG, UPSTREAM_KEY, UPSTREAM_MODELS, Rig, _fake
 
@@ -89,12 +96,12 @@ async def rig(
         fake = _fake(kind)
         await fake.start(aiohttp_server)
         providers = (
-            ProviderConfig(
+            provider_config(
+                kind,
                 name="up",
-                type=kind,  # type: ignore[arg-type]
                 base_url=fake.base_url,
                 api_keys=(UPSTREAM_KEY,),
-                responses_api=name == "openai-responses",
+                **({"responses_api": True} if name == "openai-responses" else {}),
             ),
         )
         target = Target(provider="up", model=UPSTREAM_MODELS[kind])
@@ -449,12 +456,7 @@ async def test_several_output_items_stream_through_the_sdk_helper(
         fake.script(content="Let me check.", parallel=True)
     else:
         fake.script(content="Let me check.", tool_call=True, parallel=True)
-    provider = ProviderConfig(
-        name="up",
-        type=kind,
-        base_url=fake.base_url,
-        api_keys=(UPSTREAM_KEY,),  # type: ignore[arg-type]
-    )
+    provider = provider_config(kind, name="up", base_url=fake.base_url, api_keys=(UPSTREAM_KEY,))
     model = ModelConfig(name="m", targets=(Target(provider="up", model=UPSTREAM_MODELS[kind]),))
     gateway = await start_gateway(
         aiohttp_client, make_settings(providers=(provider,), models=(model,))
@@ -509,9 +511,8 @@ async def test_sdk_stream_state_accepts_the_events(
         fake.script(content="Let me check.", parallel=True)
         tools = [WEATHER, {**WEATHER, "name": "get_time"}]
         body["tools"] = tools
-    provider = ProviderConfig(
+    provider = AnthropicConfig(
         name="up",
-        type="anthropic",
         base_url=fake.base_url,
         api_keys=(UPSTREAM_KEY,),
         reasoning_models=("claude-sonnet-4*",),

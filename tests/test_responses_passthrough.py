@@ -16,7 +16,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
 from gateway.providers import base as provider_base
-from gateway.settings import ModelConfig, ProviderConfig, RoutingSettings, Target
+from gateway.settings import ModelConfig, OpenAIConfig, RoutingSettings, Target
 from tests.conftest import MakeSettings, create_key, start_gateway, usage_rows
 from tests.fakes import FakeOpenAI
 from tests.test_responses import sse
@@ -35,9 +35,7 @@ def start(
         upstream: web.Application, max_tokens: int | None = None
     ) -> tuple[TestClient[Any, Any], str]:
         server = await aiohttp_server(upstream)
-        provider = ProviderConfig(
-            name="up", type="openai", base_url=str(server.make_url("/v1")), responses_api=True
-        )
+        provider = OpenAIConfig(name="up", base_url=str(server.make_url("/v1")), responses_api=True)
         model = ModelConfig(
             name="m", targets=(Target(provider="up", model="up-model"),), max_tokens=max_tokens
         )
@@ -235,8 +233,8 @@ async def test_a_failing_account_fails_over(
 ) -> None:
     fake = FakeOpenAI()
     await fake.start(aiohttp_server)
-    provider = ProviderConfig(
-        name="up", type="openai", base_url=fake.base_url, api_keys=("k1", "k2"), responses_api=True
+    provider = OpenAIConfig(
+        name="up", base_url=fake.base_url, api_keys=("k1", "k2"), responses_api=True
     )
     model = ModelConfig(name="m", targets=(Target(provider="up", model="up-model"),))
     settings = make_settings(providers=(provider,), models=(model,))
@@ -271,8 +269,8 @@ def mixed(
         await through.start(aiohttp_server)
         await chat.start(aiohttp_server)
         providers = (
-            ProviderConfig(name="pt", type="openai", base_url=through.base_url, responses_api=True),
-            ProviderConfig(name="chat", type="openai", base_url=chat.base_url),
+            OpenAIConfig(name="pt", base_url=through.base_url, responses_api=True),
+            OpenAIConfig(name="chat", base_url=chat.base_url),
         )
         targets = (
             Target(provider="pt", model="pt-model", priority=0 if through_first else 1),

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.settings import ModelConfig, ProviderConfig, Target
+from gateway.settings import ModelConfig, OpenAIConfig, Target
 from tests.conftest import (
     MakeSettings,
     app_of,
@@ -83,7 +83,7 @@ def raw_upstream(
         server = await aiohttp_server(app)
         base = str(server.make_url("/v1"))
         settings = make_settings(
-            providers=(ProviderConfig(name="up", type="openai", base_url=base, api_keys=("k",)),),
+            providers=(OpenAIConfig(name="up", base_url=base, api_keys=("k",)),),
             models=(
                 ModelConfig(name="gpt", targets=(Target(provider="up", model="gpt-4o-mini"),)),
                 ModelConfig(
@@ -329,7 +329,7 @@ async def test_shutdown_ends_open_streams_with_an_error_event(
     app = web.Application()
     app.router.add_post("/v1/chat/completions", reply)
     server = await aiohttp_server(app)
-    provider = ProviderConfig(name="up", type="openai", base_url=str(server.make_url("/v1")))
+    provider = OpenAIConfig(name="up", base_url=str(server.make_url("/v1")))
     settings = make_settings(providers=(provider,), shutdown_grace_seconds=0.1)
     gateway = await start_gateway(aiohttp_client, settings)
     key = await create_key(gateway)

@@ -17,7 +17,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
-from gateway.settings import ModelConfig, ProviderConfig, RoutingSettings, Settings, Target
+from gateway.settings import ModelConfig, OpenAIConfig, RoutingSettings, Settings, Target
 from gateway.state import ROUTER_KEY
 from tests.conftest import (
     MakeSettings,
@@ -86,12 +86,8 @@ async def make_rig(
     base = make_settings(
         routing=routing,
         providers=(
-            ProviderConfig(
-                name="a", type="openai", base_url=a_url or a.base_url, api_keys=KEYS, **provider
-            ),
-            ProviderConfig(
-                name="b", type="openai", base_url=b.base_url, api_keys=("key-b",), **provider
-            ),
+            OpenAIConfig(name="a", base_url=a_url or a.base_url, api_keys=KEYS, **provider),
+            OpenAIConfig(name="b", base_url=b.base_url, api_keys=("key-b",), **provider),
         ),
         models=(
             ModelConfig(
@@ -301,8 +297,8 @@ async def test_weights_spread_a_priority_tier(
     await b.start(aiohttp_server)
     settings = make_settings(
         providers=(
-            ProviderConfig(name="a", type="openai", base_url=a.base_url),
-            ProviderConfig(name="b", type="openai", base_url=b.base_url),
+            OpenAIConfig(name="a", base_url=a.base_url),
+            OpenAIConfig(name="b", base_url=b.base_url),
         ),
         models=(
             ModelConfig(
@@ -331,7 +327,7 @@ async def test_shutdown_lets_a_stream_finish_within_the_grace_period(
     await fake.start(aiohttp_server)
     fake.script(content="one two three four", chunk_delay=0.05)
     settings = make_settings(
-        providers=(ProviderConfig(name="up", type="openai", base_url=fake.base_url),),
+        providers=(OpenAIConfig(name="up", base_url=fake.base_url),),
         shutdown_grace_seconds=5,
     )
     gw = await start_gateway(aiohttp_client, settings)
@@ -352,7 +348,7 @@ async def test_routes_skip_cooling_accounts_unit() -> None:
     from gateway.router import Router
 
     providers = {
-        name: OpenAIProvider(ProviderConfig(name=name, type="openai", api_keys=keys), None)  # type: ignore[arg-type]
+        name: OpenAIProvider(OpenAIConfig(name=name, api_keys=keys), None)  # type: ignore[arg-type]
         for name, keys in (("a", KEYS), ("b", ("k",)))
     }
     model = ModelConfig(
@@ -399,7 +395,7 @@ async def test_a_single_account_is_retried(
     fake.script(drop_before_response=True)
     settings = make_settings(
         routing=RoutingSettings(backoff_initial=0.001, backoff_max=0.002),  # 3 attempts
-        providers=(ProviderConfig(name="up", type="openai", base_url=fake.base_url),),
+        providers=(OpenAIConfig(name="up", base_url=fake.base_url),),
     )
     gw = await start_gateway(aiohttp_client, settings)
     key = await create_key(gw)

@@ -92,7 +92,7 @@ def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
         ("[server\n", "not valid TOML"),
         (
             "[[providers]]\nname = 'p'\ntype = 'nope'\n",
-            "providers[0].type: Invalid enum value 'nope'",
+            "providers[0].type: Invalid value 'nope'",
         ),
         (
             "[[providers]]\nname = 'p'\ntype = 'openai'\napi_keys = ['env:MISSING']\n",

@@ -1,30 +1,48 @@
-"""The closed registry of provider types, keyed by the config's `type` tag."""
+"""The closed registry of provider types: the config's `type` tag picks the adapter."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import assert_never
 
 import aiohttp
 
 from gateway.providers.anthropic import AnthropicProvider
+from gateway.providers.azure import AzureProvider
 from gateway.providers.base import ChatCall, ChatReply, Provider
 from gateway.providers.demo import DemoProvider
 from gateway.providers.gemini import GeminiProvider
 from gateway.providers.openai import OpenAIProvider, OpenAIResponsesProvider
-from gateway.settings import ProviderConfig
+from gateway.settings import (
+    AnthropicConfig,
+    AzureConfig,
+    DemoConfig,
+    GeminiConfig,
+    OpenAIConfig,
+    ProviderConfig,
+)
 
-__all__ = ["PROVIDER_TYPES", "ChatCall", "ChatReply", "Provider", "build_provider"]
-
-PROVIDER_TYPES: dict[str, Callable[[ProviderConfig, aiohttp.ClientSession], Provider]] = {
-    "openai": OpenAIProvider,
-    "anthropic": AnthropicProvider,
-    "gemini": GeminiProvider,
-    "demo": DemoProvider,
-}
+__all__ = ["ChatCall", "ChatReply", "Provider", "build_provider"]
 
 
-def build_provider(config: ProviderConfig, session: aiohttp.ClientSession) -> Provider:
-    """Instantiate the adapter for `config.type` (settings already refused unknown types)."""
-    if config.responses_api:
-        return OpenAIResponsesProvider(config, session)
-    return PROVIDER_TYPES[config.type](config, session)
+def build_provider(config: ProviderConfig, session: aiohttp.ClientSession | None) -> Provider:
+    """The adapter for `config` (its type was checked when the config was decoded).
+
+    `session` is the provider's own HTTP session; only the demo provider has none.
+    """
+    if isinstance(config, DemoConfig):
+        return DemoProvider(config)
+    if session is None:
+        raise ValueError(f"the {config.type} provider {config.name!r} needs an HTTP session")
+    match config:
+        case OpenAIConfig(responses_api=True):
+            return OpenAIResponsesProvider(config, session)
+        case OpenAIConfig():
+            return OpenAIProvider(config, session)
+        case AzureConfig():
+            return AzureProvider(config, session)
+        case AnthropicConfig():
+            return AnthropicProvider(config, session)
+        case GeminiConfig():
+            return GeminiProvider(config, session)
+        case _:
+            assert_never(config)

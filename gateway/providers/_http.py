@@ -31,7 +31,7 @@ import msgspec
 from gateway.errors import UpstreamBadResponse, UpstreamError
 from gateway.providers._errors import error_from_status, upstream_failure
 from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder
-from gateway.settings import ProviderConfig
+from gateway.settings import UpstreamConfig
 
 __all__ = ["Attempt", "Dialect", "UpstreamClient", "bearer", "key_header"]
 
@@ -71,7 +71,7 @@ class Dialect:
     frames: Callable[[int], FrameDecoder] = SSEDecoder
 
 
-def _unary_timeout(cfg: ProviderConfig) -> aiohttp.ClientTimeout:
+def _unary_timeout(cfg: UpstreamConfig) -> aiohttp.ClientTimeout:
     # A non-streaming answer's headers only come once it is generated, so the first-byte bound
     # (a stream's) does not apply; the longest silence does. A per-read timer would only add
     # work per read, so both bounds are one `total`.
@@ -80,7 +80,7 @@ def _unary_timeout(cfg: ProviderConfig) -> aiohttp.ClientTimeout:
     )
 
 
-def _stream_timeout(cfg: ProviderConfig) -> aiohttp.ClientTimeout:
+def _stream_timeout(cfg: UpstreamConfig) -> aiohttp.ClientTimeout:
     # No total: a long, healthy generation must never be cut; sock_read bounds each silence.
     return aiohttp.ClientTimeout(
         total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
@@ -95,7 +95,7 @@ class UpstreamClient:
     """
 
     def __init__(
-        self, config: ProviderConfig, session: aiohttp.ClientSession, dialect: Dialect
+        self, config: UpstreamConfig, session: aiohttp.ClientSession, dialect: Dialect
     ) -> None:
         self.config = config
         self._session = session

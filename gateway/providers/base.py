@@ -84,7 +84,10 @@ class ChatReply:
 class Provider(Protocol):
     """An upstream that answers OpenAI chat requests. Implementations live one per module."""
 
-    config: ProviderConfig
+    @property
+    def config(self) -> ProviderConfig:
+        """Its settings (read-only here, so each adapter may hold its own config type)."""
+        ...
 
     async def chat(self, call: ChatCall) -> ChatReply:
         """Send a non-streaming request and return the whole completion.

@@ -37,7 +37,7 @@ from gateway.schemas.chat import (
     UserMessage,
 )
 from gateway.schemas.common import Usage
-from gateway.settings import ProviderConfig
+from gateway.settings import DemoConfig
 from gateway.tokens import estimate_prompt_tokens, message_text
 
 __all__ = ["DemoProvider"]
@@ -129,7 +129,7 @@ def _usage(req: ChatCompletionRequest, answer: _Answer, n: int) -> Usage:
 class DemoProvider:
     """Adapter for `type = "demo"` providers."""
 
-    def __init__(self, config: ProviderConfig, session: object | None = None) -> None:
+    def __init__(self, config: DemoConfig, session: object | None = None) -> None:
         self.config = config
 
     @staticmethod

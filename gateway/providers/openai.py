@@ -25,7 +25,7 @@ from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.openai_responses import ResponsesRelay
 from gateway.schemas.codec import RAW_OBJECT, present
 from gateway.schemas.common import Usage
-from gateway.settings import ProviderConfig
+from gateway.settings import AzureConfig, OpenAIConfig
 
 __all__ = ["OpenAIProvider", "OpenAIResponsesProvider"]
 
@@ -50,11 +50,11 @@ _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
 
 
 class OpenAIProvider:
-    """Adapter for `type = "openai"` providers."""
+    """Adapter for `type = "openai"` providers (and, with its own URLs and key header, Azure)."""
 
     dialect = Dialect(auth=bearer)
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: OpenAIConfig | AzureConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, self.dialect)
         self._url = f"{config.url}/chat/completions"
@@ -148,7 +148,7 @@ class OpenAIResponsesProvider(OpenAIProvider):
     """An OpenAI-compatible upstream that also serves `/v1/responses` (`responses_api = true`):
     Responses API requests are relayed to it untranslated (see `openai_responses`)."""
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: OpenAIConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config, session)
         self._responses = ResponsesRelay(self._http, f"{config.url}/responses")
 

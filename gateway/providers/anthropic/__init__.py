@@ -18,7 +18,7 @@ from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropi
 from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
 from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER, AnthropicResponse
 from gateway.providers.base import ChatCall, ChatReply
-from gateway.settings import ProviderConfig
+from gateway.settings import AnthropicConfig
 
 __all__ = [
     "JSON_TOOL",
@@ -38,7 +38,7 @@ _DIALECT = Dialect(auth=key_header("x-api-key"), headers={"anthropic-version": A
 class AnthropicProvider:
     """Adapter for `type = "anthropic"` providers."""
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: AnthropicConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, _DIALECT)
         self._url = f"{config.url}/v1/messages"

@@ -24,7 +24,7 @@ from gateway.providers.gemini.request import (
 )
 from gateway.providers.gemini.response import GeminiStream, from_gemini
 from gateway.providers.gemini.wire import RESPONSE_DECODER, GeminiResponse
-from gateway.settings import ProviderConfig
+from gateway.settings import GeminiConfig
 
 __all__ = [
     "DUMMY_SIGNATURE",
@@ -44,7 +44,7 @@ _DIALECT = Dialect(auth=key_header("x-goog-api-key"))
 class GeminiProvider:
     """Adapter for `type = "gemini"` providers."""
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: GeminiConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, _DIALECT)
 
