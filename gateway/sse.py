@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, UpstreamUnavailable, error_body
-from gateway.middleware import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
 from gateway.state import SHUTTING_DOWN_KEY, STREAMS_KEY
+from gateway.trace import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
 
 __all__ = ["DONE", "SSEStream", "data_frames", "relay"]
 
