@@ -21,7 +21,7 @@ from aiohttp import web
 from gateway import __version__, cli_output as out
 from gateway.config import load_settings
 from gateway.errors import InvalidRequest, NotFound
-from gateway.logging import configure_logging
+from gateway.logs import configure_logging
 from gateway.records import LIMIT_FIELDS
 from gateway.settings import ConfigError, Settings
 from gateway.store import Store, StoreError, open_store
