@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 
+from gateway.schemas.codec import error_path
 from gateway.settings import (
     DEFAULT_BASE_URLS,
     ConfigError,
@@ -127,10 +128,8 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
 def _describe(err: msgspec.MsgspecError) -> str:
     """msgspec says "Expected `int`, got `str` - at `$.server.port`"; put the path first."""
     text = str(err)
-    if " - at `$." in text:
-        problem, _, path = text.rpartition(" - at `$.")
-        return f"{path.rstrip('`')}: {problem}"
-    return text
+    problem, at, _ = error_path(text)
+    return f"{at}: {problem}" if at else text
 
 
 DEMO_MODEL = ModelConfig(

@@ -23,6 +23,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.migrations import MIGRATIONS, StoreError, migrate, pragma
 from gateway.records import BudgetPeriod, KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.reports import summarize
+from gateway.schemas.codec import error_path
 
 __all__ = ["MIGRATIONS", "SECRET_PREFIX", "Store", "StoreError", "open_store"]
 
@@ -54,9 +55,9 @@ def _checked(record: KeyRecord) -> KeyRecord:
     try:
         return msgspec.convert(msgspec.structs.asdict(record), KeyRecord)
     except msgspec.ValidationError as exc:
-        # msgspec ends its message with "- at `$.field`"; that names the parameter.
-        param = str(exc).rpartition("$.")[2].rstrip("`") if "$." in str(exc) else None
-        raise InvalidRequest(f"Invalid key field: {exc}", param=param) from None
+        raise InvalidRequest(
+            f"Invalid key field: {exc}", param=error_path(str(exc)).param
+        ) from None
 
 
 def _key_from_row(row: Sequence[Any]) -> KeyRecord:
