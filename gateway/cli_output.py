@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from gateway.records import KeyRecord, key_view
+from gateway.schemas.codec import encode
 
 __all__ = [
     "budget",
@@ -27,7 +28,7 @@ __all__ = [
 
 
 def print_json(obj: Any) -> None:
-    print(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode())
+    print(msgspec.json.format(encode(obj), indent=2).decode())
 
 
 def key_obj(key: KeyRecord) -> dict[str, Any]:

@@ -18,8 +18,9 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, error_body
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.records import UsageRecord
+from gateway.schemas.codec import encode
 from gateway.state import INFLIGHT_KEY, USAGE_KEY
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
 
@@ -137,7 +138,7 @@ def error_response(exc: GatewayError) -> web.Response:
     if exc.should_retry is not None:
         headers["x-should-retry"] = "true" if exc.should_retry else "false"
     return web.Response(
-        status=exc.status, body=error_body(exc), content_type="application/json", headers=headers
+        status=exc.status, body=encode(exc.body()), content_type="application/json", headers=headers
     )
 
 

@@ -23,7 +23,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.migrations import MIGRATIONS, StoreError, migrate, pragma
 from gateway.records import BudgetPeriod, KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.reports import summarize
-from gateway.schemas.codec import error_path
+from gateway.schemas.codec import encode, error_path
 
 __all__ = ["MIGRATIONS", "SECRET_PREFIX", "Store", "StoreError", "open_store"]
 
@@ -70,8 +70,8 @@ def _key_from_row(row: Sequence[Any]) -> KeyRecord:
 def _key_params(key: KeyRecord) -> tuple[Any, ...]:
     """The record's values in `_KEY_FIELDS` order, JSON columns encoded."""
     values = msgspec.structs.asdict(key)
-    values["models"] = msgspec.json.encode(list(key.models)).decode()
-    values["metadata"] = msgspec.json.encode(key.metadata).decode()
+    values["models"] = encode(list(key.models)).decode()
+    values["metadata"] = encode(key.metadata).decode()
     return tuple(values[f] for f in _KEY_FIELDS)
 
 

@@ -31,7 +31,7 @@ from gateway.providers._http import (
 )
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.openai_responses import ResponsesMixin
-from gateway.schemas.codec import RAW_OBJECT, present
+from gateway.schemas.codec import RAW_OBJECT, encode, present
 from gateway.schemas.common import Usage
 from gateway.settings import ProviderConfig
 
@@ -39,7 +39,6 @@ __all__ = ["OpenAIProvider"]
 
 log = structlog.get_logger(__name__)
 
-_ENCODER = msgspec.json.Encoder()
 _TRUE = msgspec.Raw(b"true")
 
 
@@ -81,14 +80,14 @@ class OpenAIProvider(ResponsesMixin):
 
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
         fields = dict(call.raw)
-        fields["model"] = msgspec.Raw(_ENCODER.encode(call.upstream_model))
+        fields["model"] = msgspec.Raw(encode(call.upstream_model))
         if call.model.reasoning and "max_tokens" in fields:
             # Reasoning models reject max_tokens; max_completion_tokens means the same there.
             limit = fields.pop("max_tokens")
             fields.setdefault("max_completion_tokens", limit)
         if call.request.token_limit is None and call.model.max_tokens is not None:
             key = "max_completion_tokens" if call.model.reasoning else "max_tokens"
-            fields[key] = msgspec.Raw(_ENCODER.encode(call.model.max_tokens))
+            fields[key] = msgspec.Raw(encode(call.model.max_tokens))
         if stream:
             fields["stream"] = _TRUE
             if not call.request.wants_usage:
@@ -96,8 +95,8 @@ class OpenAIProvider(ResponsesMixin):
                 options = call.raw.get("stream_options")
                 extra = RAW_OBJECT.decode(options) if present(options) else {}
                 extra["include_usage"] = _TRUE
-                fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
-        return _ENCODER.encode(fields)
+                fields["stream_options"] = msgspec.Raw(encode(extra))
+        return encode(fields)
 
     def _post(
         self, call: ChatCall, *, stream: bool, body: bytes | None = None, url: str | None = None

@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncGenerator
 
 import aiohttp
-import msgspec
 
 from gateway.providers._http import UpstreamClient
 from gateway.providers._translate import translated_stream
@@ -19,6 +18,7 @@ from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropi
 from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
 from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER, AnthropicResponse
 from gateway.providers.base import ChatCall, ChatReply
+from gateway.schemas.codec import encode
 from gateway.settings import ProviderConfig
 
 __all__ = [
@@ -31,8 +31,6 @@ __all__ = [
     "to_anthropic",
     "tool_id",
 ]
-
-_ENCODER = msgspec.json.Encoder()
 
 
 class AnthropicProvider:
@@ -47,7 +45,7 @@ class AnthropicProvider:
 
     def _body(self, call: ChatCall, *, stream: bool) -> tuple[bytes, JsonTool | None]:
         request, json_tool = to_anthropic(call, self.config.default_max_tokens, stream=stream)
-        return _ENCODER.encode(request), json_tool
+        return encode(request), json_tool
 
     async def chat(self, call: ChatCall) -> ChatReply:
         body, json_tool = self._body(call, stream=False)

@@ -12,7 +12,6 @@ import urllib.parse
 from collections.abc import AsyncGenerator
 
 import aiohttp
-import msgspec
 
 from gateway.providers._http import UpstreamClient
 from gateway.providers._translate import translated_stream
@@ -25,6 +24,7 @@ from gateway.providers.gemini.request import (
 )
 from gateway.providers.gemini.response import GeminiStream, from_gemini
 from gateway.providers.gemini.wire import RESPONSE_DECODER, GeminiResponse
+from gateway.schemas.codec import encode
 from gateway.settings import ProviderConfig
 
 __all__ = [
@@ -37,8 +37,6 @@ __all__ = [
     "split_call_id",
     "to_gemini",
 ]
-
-_ENCODER = msgspec.json.Encoder()
 
 
 class GeminiProvider:
@@ -56,7 +54,7 @@ class GeminiProvider:
         return f"{self.config.url}/v1beta/models/{model}:{action}"
 
     async def chat(self, call: ChatCall) -> ChatReply:
-        body = _ENCODER.encode(to_gemini(call))
+        body = encode(to_gemini(call))
         url = self._url(call, stream=False)
         data = await self._http.post(url, body, self._http.headers(call.api_key))
         call.first_byte_at = call.first_byte_at or time.monotonic()
@@ -65,7 +63,7 @@ class GeminiProvider:
         return ChatReply(body=out, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
-        body = _ENCODER.encode(to_gemini(call))
+        body = encode(to_gemini(call))
         state = GeminiStream(call, self.config.name)
         url = self._url(call, stream=True)
         events = self._http.stream(url, body, self._http.headers(call.api_key))
