@@ -22,12 +22,12 @@ from gateway import __version__, cli_output as out
 from gateway.config import load_settings
 from gateway.errors import InvalidRequest, NotFound
 from gateway.logs import configure_logging
-from gateway.records import LIMIT_FIELDS
+from gateway.records import LIMIT_FIELDS, key_view
 from gateway.settings import ConfigError, Settings
 from gateway.store import Store, StoreError, open_store
 from gateway.timeparse import parse_expires, parse_since
 
-__all__ = ["main", "parse_expires", "parse_since"]
+__all__ = ["main"]
 
 
 Command = Callable[[Store, argparse.Namespace], Awaitable[int]]
@@ -158,7 +158,7 @@ async def _keys_create(store: Store, args: argparse.Namespace) -> int:
         name=args.name, models=args.models or (), notes=args.notes or "", **fields
     )
     if args.json:
-        out.print_json({**out.key_obj(key), "key": secret})
+        out.print_json({**key_view(key), "key": secret})
     else:
         out.print_key(key)
         print("\nThe secret below is shown only now; store it safely:")
@@ -169,7 +169,7 @@ async def _keys_create(store: Store, args: argparse.Namespace) -> int:
 async def _keys_list(store: Store, args: argparse.Namespace) -> int:
     keys = await store.list_keys()
     if args.json:
-        out.print_json([out.key_obj(k) for k in keys])
+        out.print_json([key_view(k) for k in keys])
         return 0
     headers = ("ID", "NAME", "PREFIX", "STATUS", "MODELS", "RPM", "TPM", "CONC", "BUDGET")
     rows = []

@@ -15,7 +15,6 @@ from gateway.schemas.codec import encode
 
 __all__ = [
     "budget",
-    "key_obj",
     "ms",
     "opt",
     "print_json",
@@ -29,10 +28,6 @@ __all__ = [
 
 def print_json(obj: Any) -> None:
     print(msgspec.json.format(encode(obj), indent=2).decode())
-
-
-def key_obj(key: KeyRecord) -> dict[str, Any]:
-    return key_view(key)
 
 
 def when(ts: float | None, never: str = "-") -> str:
@@ -97,7 +92,7 @@ def print_key(key: KeyRecord) -> None:
 
 def show(key: KeyRecord, args: argparse.Namespace) -> int:
     if args.json:
-        print_json(key_obj(key))
+        print_json(key_view(key))
     else:
         print_key(key)
     return 0

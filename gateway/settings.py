@@ -164,9 +164,6 @@ class Settings(_Base, frozen=True):
     models: tuple[ModelConfig, ...] = ()
     groups: tuple[GroupConfig, ...] = ()
 
-    def provider(self, name: str) -> ProviderConfig | None:
-        return next((p for p in self.providers if p.name == name), None)
-
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 

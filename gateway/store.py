@@ -20,12 +20,12 @@ import aiosqlite
 import msgspec
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.migrations import MIGRATIONS, StoreError, migrate, pragma
+from gateway.migrations import StoreError, migrate, pragma
 from gateway.records import BudgetPeriod, KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.reports import summarize
 from gateway.schemas.codec import encode, error_path
 
-__all__ = ["MIGRATIONS", "SECRET_PREFIX", "Store", "StoreError", "open_store"]
+__all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
 
 SECRET_PREFIX = "sk-kiosk-"  # noqa: S105 (a label, not a secret)
 _PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart

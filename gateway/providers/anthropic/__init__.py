@@ -14,23 +14,14 @@ import aiohttp
 
 from gateway.providers._http import UpstreamClient
 from gateway.providers._translate import translated_stream
-from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropic, tool_id
+from gateway.providers.anthropic.request import JsonTool, to_anthropic
 from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
-from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER, AnthropicResponse
+from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.schemas.codec import encode
 from gateway.settings import ProviderConfig
 
-__all__ = [
-    "JSON_TOOL",
-    "AnthropicProvider",
-    "AnthropicResponse",
-    "AnthropicStream",
-    "JsonTool",
-    "from_anthropic",
-    "to_anthropic",
-    "tool_id",
-]
+__all__ = ["AnthropicProvider"]
 
 
 class AnthropicProvider:

@@ -16,27 +16,13 @@ import aiohttp
 from gateway.providers._http import UpstreamClient
 from gateway.providers._translate import translated_stream
 from gateway.providers.base import ChatCall, ChatReply
-from gateway.providers.gemini.request import (
-    DUMMY_SIGNATURE,
-    join_call_id,
-    split_call_id,
-    to_gemini,
-)
+from gateway.providers.gemini.request import to_gemini
 from gateway.providers.gemini.response import GeminiStream, from_gemini
-from gateway.providers.gemini.wire import RESPONSE_DECODER, GeminiResponse
+from gateway.providers.gemini.wire import RESPONSE_DECODER
 from gateway.schemas.codec import encode
 from gateway.settings import ProviderConfig
 
-__all__ = [
-    "DUMMY_SIGNATURE",
-    "GeminiProvider",
-    "GeminiResponse",
-    "GeminiStream",
-    "from_gemini",
-    "join_call_id",
-    "split_call_id",
-    "to_gemini",
-]
+__all__ = ["GeminiProvider"]
 
 
 class GeminiProvider:
