@@ -21,7 +21,7 @@ import msgspec
 
 from gateway.errors import InvalidRequest, NotFound
 from gateway.migrations import StoreError, migrate, pragma
-from gateway.records import BudgetPeriod, KeyRecord, UsageRecord, UsageSummaryRow
+from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.reports import summarize
 from gateway.schemas.codec import encode, error_path
 
@@ -35,12 +35,8 @@ def _marks(fields: Sequence[str]) -> str:
     return ", ".join("?" * len(fields))
 
 
-_KEY_FIELDS = [f.name for f in msgspec.structs.fields(KeyRecord)]
+_KEY_FIELDS = [f.name for f in KEY_FIELDS]
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
-_UPDATABLE = frozenset(
-    {"name", "models", "rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd"}
-    | {"budget_period", "expires_at", "metadata", "group_name", "notes"}
-)
 _USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
 # A record's fields are its table's columns; queries name them explicitly. S608 is silenced
 # where SQL is built from these constants: values are always bound parameters.
@@ -48,6 +44,22 @@ _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
 _INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({_marks(_KEY_FIELDS)})"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
 _INSERT_USAGE = f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
+
+
+def _editable(fields: dict[str, Any]) -> dict[str, Any]:
+    """Caller-given key fields, refused unless editable, JSON-ish collections made exact.
+
+    Raises:
+        InvalidRequest: a field that does not exist or is the gateway's to set.
+    """
+    unknown = sorted(set(fields) - set(EDITABLE_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"Key field {unknown[0]!r} cannot be changed.", param=unknown[0])
+    if "models" in fields:
+        fields["models"] = tuple(fields["models"] or ())
+    if "metadata" in fields:
+        fields["metadata"] = dict(fields["metadata"] or {})
+    return fields
 
 
 def _checked(record: KeyRecord) -> KeyRecord:
@@ -138,30 +150,20 @@ class Store:
     # Keys
 
     async def create_key(
-        self,
-        *,
-        name: str,
-        models: Sequence[str] = (),
-        rpm: int | None = None,
-        tpm: int | None = None,
-        max_concurrency: int | None = None,
-        budget_tokens: int | None = None,
-        budget_usd: float | None = None,
-        budget_period: BudgetPeriod | None = None,
-        expires_at: float | None = None,
-        metadata: dict[str, str] | None = None,
-        group_name: str | None = None,
-        notes: str = "",
-        secret: str | None = None,
+        self, *, name: str, secret: str | None = None, **fields: Any
     ) -> tuple[KeyRecord, str]:
         """Create a key and return it with its plain secret, which is never stored or shown again.
 
         Args:
+            name: what people call the key.
             secret: use this secret instead of a random one (the sample database's demo key).
+            fields: any other editable `KeyRecord` field (models, limits, budget, expiry, ...).
 
         Raises:
-            InvalidRequest: a field has the wrong type.
+            InvalidRequest: a field does not exist, is not the caller's to set, or has the
+                wrong type.
         """
+        fields = _editable(fields)
         if secret is None:
             secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
@@ -173,17 +175,7 @@ class Store:
                 digest=hashlib.sha256(secret.encode()).hexdigest(),
                 created_at=now,
                 updated_at=now,
-                models=tuple(models),
-                rpm=rpm,
-                tpm=tpm,
-                max_concurrency=max_concurrency,
-                budget_tokens=budget_tokens,
-                budget_usd=budget_usd,
-                budget_period=budget_period,
-                expires_at=expires_at,
-                metadata=dict(metadata or {}),
-                group_name=group_name,
-                notes=notes,
+                **fields,
             )
         )
         async with self._transaction() as db:
@@ -218,13 +210,7 @@ class Store:
             NotFound: no key has this id (code `key_not_found`).
             InvalidRequest: a field cannot be changed or has the wrong type.
         """
-        unknown = sorted(set(changes) - _UPDATABLE)
-        if unknown:
-            raise InvalidRequest(f"Key field {unknown[0]!r} cannot be changed.", param=unknown[0])
-        if "models" in changes:
-            changes["models"] = tuple(changes["models"] or ())
-        if "metadata" in changes:
-            changes["metadata"] = dict(changes["metadata"] or {})
+        changes = _editable(changes)
         async with self._transaction() as db:
             current = await self.require_key(key_id)
             updated = _checked(msgspec.structs.replace(current, **changes, updated_at=time.time()))
