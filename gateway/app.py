@@ -17,7 +17,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.admission import Gate
-from gateway.auth import KeyCache, auth_middleware
+from gateway.auth import auth_middleware
+from gateway.keys import KeyCache
 from gateway.middleware import error_middleware, request_context
 from gateway.providers import Provider, build_provider
 from gateway.records import KeyRecord

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import msgspec
 from aiohttp import web
@@ -21,13 +21,20 @@ from aiohttp import web
 from gateway import __version__, cli_output as out
 from gateway.config import load_settings
 from gateway.errors import InvalidRequest, NotFound
-from gateway.logging import configure_logging
-from gateway.records import LIMIT_FIELDS
+from gateway.logs import configure_logging
+from gateway.records import (
+    EDITABLE_FIELDS,
+    KEY_FIELDS,
+    LIMIT_FIELDS,
+    describe,
+    key_view,
+    value_type,
+)
 from gateway.settings import ConfigError, Settings
 from gateway.store import Store, StoreError, open_store
 from gateway.timeparse import parse_expires, parse_since
 
-__all__ = ["main", "parse_expires", "parse_since"]
+__all__ = ["main"]
 
 
 Command = Callable[[Store, argparse.Namespace], Awaitable[int]]
@@ -70,15 +77,13 @@ def _key_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
     add = parser.add_argument
     add("--name", required=not update, default=default)
     add("--models", type=_models, default=default, metavar="A,B", help="empty = all models")
-    for flag, kind, text in (
-        ("rpm", int, "requests per minute"),
-        ("tpm", int, "tokens per minute"),
-        ("max-concurrency", int, "requests in flight"),
-        ("budget-tokens", int, "tokens per budget period"),
-        ("budget-usd", float, "USD per budget period"),
-    ):
-        add(f"--{flag}", type=_argtype(kind), default=default, metavar="N", help=text + none)
-    add("--budget-period", choices=("day", "week", "month", "total"), default=default)
+    # One option per limit of the key record, typed as the record types it.
+    for field in (f for f in KEY_FIELDS if f.name in LIMIT_FIELDS):
+        flag, kind, text = f"--{field.name.replace('_', '-')}", value_type(field), describe(field)
+        if get_origin(kind) is Literal:  # a choice, which `none` cannot clear
+            add(flag, choices=get_args(kind), default=default, help=text)
+        else:
+            add(flag, type=_argtype(kind), default=default, metavar="N", help=text + none)
     add("--group", dest="group_name", default=default, metavar="NAME", help="a [[groups]] entry")
     add("--notes", default=default, metavar="TEXT", help="free text for people")
     expiry = parser.add_mutually_exclusive_group()
@@ -153,12 +158,11 @@ def _check_group(name: str | None, args: argparse.Namespace) -> None:
 
 async def _keys_create(store: Store, args: argparse.Namespace) -> int:
     _check_group(args.group_name, args)
-    fields = {f: getattr(args, f) for f in (*LIMIT_FIELDS, "expires_at", "group_name")}
-    key, secret = await store.create_key(
-        name=args.name, models=args.models or (), notes=args.notes or "", **fields
-    )
+    given = vars(args)  # options left out are None: the record's defaults apply
+    fields = {f: given[f] for f in EDITABLE_FIELDS if given.get(f) is not None}
+    key, secret = await store.create_key(**fields)
     if args.json:
-        out.print_json({**out.key_obj(key), "key": secret})
+        out.print_json({**key_view(key), "key": secret})
     else:
         out.print_key(key)
         print("\nThe secret below is shown only now; store it safely:")
@@ -169,7 +173,7 @@ async def _keys_create(store: Store, args: argparse.Namespace) -> int:
 async def _keys_list(store: Store, args: argparse.Namespace) -> int:
     keys = await store.list_keys()
     if args.json:
-        out.print_json([out.key_obj(k) for k in keys])
+        out.print_json([key_view(k) for k in keys])
         return 0
     headers = ("ID", "NAME", "PREFIX", "STATUS", "MODELS", "RPM", "TPM", "CONC", "BUDGET")
     rows = []
@@ -187,8 +191,7 @@ async def _keys_show(store: Store, args: argparse.Namespace) -> int:
 
 async def _keys_update(store: Store, args: argparse.Namespace) -> int:
     given = vars(args)  # options left out are absent (SUPPRESS), not None
-    names = (*LIMIT_FIELDS, "name", "models", "expires_at", "group_name", "notes")
-    changes = {f: given[f] for f in names if f in given}
+    changes = {f: given[f] for f in EDITABLE_FIELDS if f in given}
     for field, cleared in (("notes", ""), ("group_name", None)):
         value = changes.get(field)
         if isinstance(value, str) and value.strip().lower() == "none":  # `--group none`

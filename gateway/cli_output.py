@@ -10,11 +10,11 @@ from typing import Any
 
 import msgspec
 
-from gateway.records import KeyRecord, key_view
+from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, key_view
+from gateway.schemas.codec import encode
 
 __all__ = [
     "budget",
-    "key_obj",
     "ms",
     "opt",
     "print_json",
@@ -27,11 +27,7 @@ __all__ = [
 
 
 def print_json(obj: Any) -> None:
-    print(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode())
-
-
-def key_obj(key: KeyRecord) -> dict[str, Any]:
-    return key_view(key)
+    print(msgspec.json.format(encode(obj), indent=2).decode())
 
 
 def when(ts: float | None, never: str = "-") -> str:
@@ -72,31 +68,40 @@ def table(
 
 
 def print_key(key: KeyRecord) -> None:
-    fields = {
-        "id": key.id,
-        "name": key.name,
-        "prefix": key.prefix,
-        "status": status(key),
-        "models": ", ".join(key.models) or "all",
-        "rpm": opt(key.rpm),
-        "tpm": opt(key.tpm),
-        "max_concurrency": opt(key.max_concurrency),
-        "budget": budget(key),
-        "group": opt(key.group_name),
-        "notes": key.notes or "-",
-        "expires": when(key.expires_at, "never"),
-        "created": when(key.created_at),
-        "updated": when(key.updated_at),
-        "revoked": when(key.revoked_at),
-    }
-    fields.update({f"meta.{k}": v for k, v in key.metadata.items()})
-    width = max(map(len, fields))
-    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in fields.items()))
+    """Every field of the key in `KeyRecord` order, one per line; then its times, the ones
+    that are settings (expiry) before its history; then its metadata."""
+    lines: dict[str, str] = {}
+    for name in (f.name for f in KEY_FIELDS):
+        value = getattr(key, name)
+        if name in ("digest", "metadata") or name.endswith("_at"):
+            continue  # never shown; or shown below
+        if name.startswith("budget_"):
+            lines["budget"] = budget(key)  # one line says the whole budget
+        elif name == "models":
+            lines[name] = ", ".join(value) or "all"
+        elif name == "notes":
+            lines[name] = value or "-"
+        else:
+            lines["group" if name == "group_name" else name] = opt(value)
+        if name == "prefix":
+            lines["status"] = status(key)
+    times = sorted((f.name for f in KEY_FIELDS if f.name.endswith("_at")), key=_is_history)
+    lines |= {t.removesuffix("_at"): when(getattr(key, t), _NEVER.get(t, "-")) for t in times}
+    lines |= {f"meta.{k}": v for k, v in key.metadata.items()}
+    width = max(map(len, lines))
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in lines.items()))
+
+
+_NEVER = {"expires_at": "never"}  # what an unset time means, where "-" would not say it
+
+
+def _is_history(field: str) -> bool:
+    return field not in EDITABLE_FIELDS
 
 
 def show(key: KeyRecord, args: argparse.Namespace) -> int:
     if args.json:
-        print_json(key_obj(key))
+        print_json(key_view(key))
     else:
         print_key(key)
     return 0

@@ -8,6 +8,7 @@ naming the field and the problem, so a bad config stops the process before it bi
 from __future__ import annotations
 
 import os
+import typing
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TypeVar
 
 import msgspec
 
+from gateway.schemas.codec import error_path
 from gateway.settings import (
     DEFAULT_BASE_URLS,
     AnthropicConfig,
@@ -39,6 +41,8 @@ _ROOT_ONLY = {
     "gemini": ("/v1beta", "/v1beta/openai"),
     "azure": ("/openai", "/openai/v1", "/openai/deployments"),
 }
+
+PROVIDER_TYPES = tuple(str(t.__struct_config__.tag) for t in typing.get_args(ProviderConfig))
 
 UpstreamT = TypeVar("UpstreamT", bound=UpstreamConfig)
 
@@ -144,12 +148,19 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
 
 
 def _describe(err: msgspec.MsgspecError) -> str:
-    """msgspec says "Expected `int`, got `str` - at `$.server.port`"; put the path first."""
+    """msgspec says "Expected `int`, got `str` - at `$.server.port`"; put the path first.
+
+    A missing or unknown field is named by its own path (`providers[0].responses_api`, not
+    its parent's), and an unknown provider type lists the known ones.
+    """
     text = str(err)
-    if " - at `$." in text:
-        problem, _, path = text.rpartition(" - at `$.")
-        return f"{path.rstrip('`')}: {problem}"
-    return text
+    problem, at, param = error_path(text)
+    if at is None:
+        return text
+    named = param if param and at.replace("[...]", "") != param else at
+    if named.startswith("providers[") and named.endswith("].type") and "Invalid value" in problem:
+        problem += f" (the provider types are: {', '.join(PROVIDER_TYPES)})"
+    return f"{named}: {problem}"
 
 
 DEMO_MODEL = ModelConfig(

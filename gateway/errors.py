@@ -44,7 +44,6 @@ __all__ = [
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
-    "error_body",
 ]
 
 
@@ -189,11 +188,3 @@ class UpstreamAuthError(UpstreamError):
 
     status = 502
     code = "upstream_auth_failed"
-
-
-_ENCODER = msgspec.json.Encoder()
-
-
-def error_body(exc: GatewayError) -> bytes:
-    """The JSON bytes of `exc` as an OpenAI error envelope."""
-    return _ENCODER.encode(exc.body())

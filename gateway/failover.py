@@ -7,6 +7,9 @@ with `retry-after` cools it down for that long, which is how the upstream's wish
 the next try goes elsewhere). An upstream that refuses our credentials disables that account.
 A 4xx caused by the request itself is answered at once. A per-request deadline bounds it all.
 Nothing here runs once a byte of the answer went to the client: streams never retry.
+
+`Exchange` is the request being tried; the breakers and the routing settings come from
+the caller (`pipeline.try_routes`), so this loop depends on no application state.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
+from aiohttp import web
+
+from gateway.admission import Ticket
 from gateway.breaker import BreakerBoard
 from gateway.errors import (
     UpstreamAuthError,
@@ -25,19 +32,29 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.middleware import CLIENT_CLOSED
+from gateway.providers import ChatCall, Provider
 from gateway.router import Route
 from gateway.settings import RoutingSettings
-from gateway.state import ROUTER_KEY, SETTINGS_KEY
+from gateway.trace import CLIENT_CLOSED, RequestTrace
 
-if TYPE_CHECKING:
-    from gateway.pipeline import Exchange
-
-__all__ = ["attempt_each", "backoff", "no_route"]
+__all__ = ["Exchange", "attempt_each", "backoff", "no_route"]
 
 T = TypeVar("T")
 
 _rng = random.Random()  # noqa: S311 - jitter, not security
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One model request between its client and its upstream."""
+
+    request: web.Request
+    trace: RequestTrace
+    call: ChatCall
+    provider: Provider  # the upstream of the current (finally: the answering) attempt
+    routes: list[Route]  # what the request may try, in order
+    ticket: Ticket | None = None  # what the request holds of its key's limits and budget
+    deadline: float | None = None  # loop time by which an answer must have begun (set once)
 
 
 def backoff(retry: int, routing: RoutingSettings) -> float:
@@ -92,16 +109,24 @@ def _next_route(ex: Exchange, tried: int, breakers: BreakerBoard) -> tuple[Route
     return None
 
 
-async def attempt_each(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -> T:
+async def attempt_each(
+    ex: Exchange,
+    attempt: Callable[[Route], Awaitable[T]],
+    *,
+    breakers: BreakerBoard,
+    routing: RoutingSettings,
+) -> T:
     """The result of the first attempt that succeeds.
+
+    Args:
+        attempt: one try of the request on a route.
+        breakers: the accounts' breakers, asked before and told after every attempt.
+        routing: how many attempts, the backoff between them, and the deadline.
 
     Raises:
         UpstreamError: a non-retryable failure at once; else, when every try failed or the
             deadline passed, a 429 if every failure was a rate limit, otherwise the last one.
     """
-    app = ex.request.app
-    breakers = app[ROUTER_KEY].breakers
-    routing = app[SETTINGS_KEY].routing
     loop = asyncio.get_running_loop()
     if ex.deadline is None:  # one deadline per request, however many rounds of attempts
         ex.deadline = loop.time() + routing.deadline

@@ -13,23 +13,18 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, error_body
-from gateway.records import KeyRecord, UsageRecord
-from gateway.settings import ModelConfig
-from gateway.state import GATE_KEY, INFLIGHT_KEY, USAGE_KEY
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.records import UsageRecord
+from gateway.schemas.codec import encode
+from gateway.state import INFLIGHT_KEY, USAGE_KEY
+from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
 
-__all__ = [
-    "TRACE_KEY",
-    "RequestTrace",
-    "error_middleware",
-    "request_context",
-]
+__all__ = ["error_middleware", "request_context"]
 
 log = structlog.get_logger("gateway.request")
 
@@ -37,42 +32,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # A client-supplied id is echoed only when it is short and harmless in logs and headers.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-# nginx's convention for "client closed the connection before the response was complete".
-CLIENT_CLOSED = 499
-
-
-@dataclass(slots=True)
-class RequestTrace:
-    """What a handler learned about a request, for the log line and the usage row."""
-
-    request_id: str
-    started: float
-    ts: float
-    endpoint: str = ""
-    metered: bool = False  # True once a model was resolved: the request gets a usage row
-    key_id: str | None = None
-    model: ModelConfig | None = None
-    model_id: str | None = None
-    provider: str | None = None
-    upstream_model: str | None = None
-    stream: bool = False
-    status: int | None = None  # overrides the HTTP status (stream errors, disconnects)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_ms: float | None = None
-    estimated: bool = False
-    # Extra response headers (x-gateway-provider).
-    headers: dict[str, str] | None = None
-    # A key with rate limits: its x-ratelimit-* headers go on every response, made once, as
-    # the response goes out (so they show what this request took).
-    limited: KeyRecord | None = None
-    # Every upstream attempt: provider, account, upstream model, status, ms.
-    attempts: list[dict[str, object]] = field(default_factory=list)
-
-
-TRACE_KEY: web.RequestKey[RequestTrace] = web.RequestKey("trace")
-
 
 # Ids are a random per-process prefix plus a counter: unique across restarts and processes,
 # without a syscall for fresh randomness on every request.
@@ -117,16 +76,6 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         if task is not None:
             inflight.discard(task)
         _finish(request, trace, trace.status or status)
-
-
-def add_trace_headers(
-    request: web.Request, trace: RequestTrace, response: web.StreamResponse
-) -> None:
-    """The headers a request earned on its way (provider, the key's rate limits)."""
-    if trace.headers:
-        response.headers.update(trace.headers)
-    if trace.limited is not None:
-        response.headers.update(request.app[GATE_KEY].headers(trace.limited))
 
 
 def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
@@ -189,7 +138,7 @@ def error_response(exc: GatewayError) -> web.Response:
     if exc.should_retry is not None:
         headers["x-should-retry"] = "true" if exc.should_retry else "false"
     return web.Response(
-        status=exc.status, body=error_body(exc), content_type="application/json", headers=headers
+        status=exc.status, body=encode(exc.body()), content_type="application/json", headers=headers
     )
 
 

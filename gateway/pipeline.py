@@ -9,8 +9,8 @@ run on this, so limits, budgets, usage rows and routing apply alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 from msgspec import UNSET
@@ -24,33 +24,30 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.failover import attempt_each, no_route
-from gateway.middleware import TRACE_KEY, RequestTrace
-from gateway.providers import ChatCall, ChatReply, Provider
+from gateway.failover import Exchange, attempt_each, no_route
+from gateway.providers import ChatCall, ChatReply
 from gateway.records import KeyRecord, model_allowed
 from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
 from gateway.settings import ProviderConfig
-from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY
+from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY, SETTINGS_KEY
 from gateway.tokens import estimate_prompt_tokens
+from gateway.trace import TRACE_KEY
 
-__all__ = ["MAX_MODEL_ID", "Exchange", "begin", "complete", "finish", "first_batch", "stream"]
+__all__ = [
+    "MAX_MODEL_ID",
+    "begin",
+    "complete",
+    "finish",
+    "first_batch",
+    "stream",
+    "try_routes",
+]
 
 MAX_MODEL_ID = 256
 
-
-@dataclass(slots=True)
-class Exchange:
-    """One model request between its client and its upstream."""
-
-    request: web.Request
-    trace: RequestTrace
-    call: ChatCall
-    provider: Provider  # the upstream of the current (finally: the answering) attempt
-    routes: list[Route]  # what the request may try, in order
-    ticket: Ticket | None = None  # what the request holds of its key's limits and budget
-    deadline: float | None = None  # loop time by which an answer must have begun (set once)
+T = TypeVar("T")
 
 
 def begin(
@@ -140,13 +137,26 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
             )
 
 
+async def try_routes(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -> T:
+    """`failover.attempt_each` over the request's routes, with the app's breakers and routing
+    settings.
+
+    Raises:
+        UpstreamError: as `attempt_each` does.
+    """
+    app = ex.request.app
+    return await attempt_each(
+        ex, attempt, breakers=app[ROUTER_KEY].breakers, routing=app[SETTINGS_KEY].routing
+    )
+
+
 async def complete(ex: Exchange) -> ChatReply:
     """The whole answer of a non-streaming request, from the first route that gives one.
 
     Raises:
         UpstreamError: the upstream refused the request, or every attempt failed.
     """
-    return await attempt_each(ex, lambda route: route.provider.chat(ex.call))
+    return await try_routes(ex, lambda route: route.provider.chat(ex.call))
 
 
 async def stream(ex: Exchange) -> AsyncGenerator[list[bytes], None]:
@@ -156,7 +166,7 @@ async def stream(ex: Exchange) -> AsyncGenerator[list[bytes], None]:
         UpstreamError: before the first batch (the caller can still answer with a status)
             or during the stream (the caller ends it with an error event; no retry then).
     """
-    events, first = await attempt_each(ex, lambda route: _first_batch(ex, route))
+    events, first = await try_routes(ex, lambda route: _first_batch(ex, route))
     try:
         yield first
         async for batch in events:

@@ -1,29 +1,47 @@
 """Records that cross module lines: a virtual key, one usage row, and a usage summary row.
 
-The store persists them, the auth cache serves `KeyRecord`s from memory, and the usage
+The store persists them, the key cache serves `KeyRecord`s from memory, and the usage
 recorder queues `UsageRecord`s; none of those modules depends on another's internals.
+
+`KeyRecord` is the one declaration of a key's fields: the store's columns, the admin API's
+bodies, the CLI's options and the config groups' defaults are all read from it (`KEY_FIELDS`,
+`EDITABLE_FIELDS`, `LIMIT_FIELDS`), so a new field is added there and nowhere else.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
 __all__ = [
+    "EDITABLE_FIELDS",
+    "KEY_FIELDS",
     "LIMIT_FIELDS",
+    "VIEW_NAMES",
     "BudgetPeriod",
     "KeyRecord",
     "UsageRecord",
     "UsageSummaryRow",
+    "describe",
     "key_view",
     "model_allowed",
+    "value_type",
 ]
 
 BudgetPeriod = Literal["day", "week", "month", "total"]
-# A key's limits and budget: what a config group can default and `keys update` can clear.
-LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd", "budget_period")
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+# Marks a key's limits and budget (`None`: none): what a config group can default for its keys
+# and `keys update` can clear. The description is the CLI option's help.
+_LIMIT = "limit"
+
+
+def _limit(description: str) -> msgspec.Meta:
+    return msgspec.Meta(description=description, extra={_LIMIT: True})
 
 
 def model_allowed(patterns: tuple[str, ...], model_id: str, providers: tuple[str, ...]) -> bool:
@@ -53,12 +71,12 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     updated_at: float
     models: tuple[str, ...] = ()  # allow-list; empty = every model
-    rpm: int | None = None
-    tpm: int | None = None
-    max_concurrency: int | None = None
-    budget_tokens: int | None = None
-    budget_usd: float | None = None
-    budget_period: BudgetPeriod | None = None
+    rpm: Annotated[PositiveInt | None, _limit("requests per minute")] = None
+    tpm: Annotated[PositiveInt | None, _limit("tokens per minute")] = None
+    max_concurrency: Annotated[PositiveInt | None, _limit("requests in flight")] = None
+    budget_tokens: Annotated[PositiveInt | None, _limit("tokens per budget period")] = None
+    budget_usd: Annotated[PositiveFloat | None, _limit("USD per budget period")] = None
+    budget_period: Annotated[BudgetPeriod | None, _limit("the period budgets count over")] = None
     expires_at: float | None = None
     revoked_at: float | None = None
     metadata: dict[str, str] = {}
@@ -77,11 +95,49 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
         return self.budget_tokens is not None or self.budget_usd is not None
 
 
+def _meta(field: msgspec.structs.FieldInfo) -> msgspec.Meta | None:
+    extras = getattr(field.type, "__metadata__", ())
+    return next((m for m in extras if isinstance(m, msgspec.Meta)), None)
+
+
+def value_type(field: msgspec.structs.FieldInfo) -> Any:
+    """A field's type without `None` and constraints: `int`, `float`, `str`, a `Literal`..."""
+    kind = field.type
+    while True:
+        if get_origin(kind) is Annotated:
+            kind = get_args(kind)[0]
+        elif get_origin(kind) in (Union, UnionType):  # Optional[X] or X | None: X
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        else:
+            return kind
+
+
+def describe(field: msgspec.structs.FieldInfo) -> str:
+    """The description a field's declaration gives it ("" without one)."""
+    meta = _meta(field)
+    return (meta.description or "") if meta is not None else ""
+
+
+KEY_FIELDS: tuple[msgspec.structs.FieldInfo, ...] = msgspec.structs.fields(KeyRecord)
+# Set by the gateway itself, never by whoever creates or changes a key.
+_MANAGED = frozenset({"id", "prefix", "digest", "created_at", "updated_at", "revoked_at"})
+# What a key's creator may set and a change may change: every other field.
+EDITABLE_FIELDS = tuple(f.name for f in KEY_FIELDS if f.name not in _MANAGED)
+LIMIT_FIELDS = tuple(
+    f.name for f in KEY_FIELDS if (m := _meta(f)) is not None and (m.extra or {}).get(_LIMIT)
+)
+
+
+# What the CLI and the admin API call a record's field, where the name differs.
+VIEW_NAMES = {"group_name": "group"}
+
+
 def key_view(key: KeyRecord) -> dict[str, Any]:
     """A key as the CLI and the admin API show it: never its digest (nor, of course, secret)."""
     view = msgspec.structs.asdict(key)
     del view["digest"]
-    view["group"] = view.pop("group_name")
+    for field, shown in VIEW_NAMES.items():
+        view[shown] = view.pop(field)
     return view
 
 

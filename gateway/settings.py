@@ -7,12 +7,12 @@ checks a file (or builds the embedded default) and is where the cross-references
 from __future__ import annotations
 
 import fnmatch
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import msgspec
 
 from gateway.errors import InvalidRequest
-from gateway.records import BudgetPeriod
+from gateway.records import KEY_FIELDS, LIMIT_FIELDS
 
 __all__ = [
     "DEFAULT_BASE_URLS",
@@ -198,17 +198,29 @@ class ModelConfig(_Base, frozen=True):
         ) / 1_000_000
 
 
-class GroupConfig(_Base, frozen=True):
-    """Defaults for the keys of a group: a key's own value, when set, wins."""
+if TYPE_CHECKING:  # mypy cannot see fields made at run time; code reads them with getattr
+    _GroupLimits = _Base
+else:
+    # A key's limit fields (records.LIMIT_FIELDS), typed and defaulting as the key has them.
+    _GroupLimits = msgspec.defstruct(
+        "_GroupLimits",
+        [(f.name, f.type, f.default) for f in KEY_FIELDS if f.name in LIMIT_FIELDS],
+        bases=(_Base,),
+        frozen=True,
+        kw_only=True,
+        module=__name__,
+    )
+
+
+class GroupConfig(_GroupLimits, frozen=True, kw_only=True):
+    """Defaults for the keys of a group: a key's own value, when set, wins.
+
+    Besides `models` a group sets a key's limits and budget: every `LIMIT_FIELDS` field of
+    `KeyRecord` (rpm, tpm, max_concurrency, budget_tokens, budget_usd, budget_period).
+    """
 
     name: Name
     models: tuple[str, ...] = ()
-    rpm: PositiveInt | None = None
-    tpm: PositiveInt | None = None
-    max_concurrency: PositiveInt | None = None
-    budget_tokens: PositiveInt | None = None
-    budget_usd: PositiveFloat | None = None
-    budget_period: BudgetPeriod | None = None
 
 
 class Settings(_Base, frozen=True):
@@ -217,9 +229,6 @@ class Settings(_Base, frozen=True):
     providers: tuple[ProviderConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     groups: tuple[GroupConfig, ...] = ()
-
-    def provider(self, name: str) -> ProviderConfig | None:
-        return next((p for p in self.providers if p.name == name), None)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)

@@ -17,9 +17,10 @@ import structlog
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from gateway.errors import GatewayError, UpstreamUnavailable, error_body
-from gateway.middleware import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
+from gateway.errors import GatewayError, UpstreamUnavailable
+from gateway.schemas.codec import encode
 from gateway.state import SHUTTING_DOWN_KEY, STREAMS_KEY
+from gateway.trace import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
 
 __all__ = ["DONE", "SSEStream", "data_frames", "relay"]
 
@@ -42,7 +43,7 @@ def data_frames(payloads: list[bytes]) -> bytes:
 
 
 def _error_frame(exc: GatewayError) -> bytes:
-    return _frame(error_body(exc))
+    return _frame(encode(exc.body()))
 
 
 class SSEStream:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.admission import Gate
-    from gateway.auth import KeyCache, Principal
+    from gateway.keys import KeyCache, Principal
     from gateway.router import Router
     from gateway.settings import Settings
     from gateway.store import Store

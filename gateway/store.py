@@ -20,11 +20,12 @@ import aiosqlite
 import msgspec
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.migrations import MIGRATIONS, StoreError, migrate, pragma
-from gateway.records import BudgetPeriod, KeyRecord, UsageRecord, UsageSummaryRow
+from gateway.migrations import StoreError, migrate, pragma
+from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.reports import summarize
+from gateway.schemas.codec import encode, error_path
 
-__all__ = ["MIGRATIONS", "SECRET_PREFIX", "Store", "StoreError", "open_store"]
+__all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
 
 SECRET_PREFIX = "sk-kiosk-"  # noqa: S105 (a label, not a secret)
 _PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart
@@ -34,12 +35,8 @@ def _marks(fields: Sequence[str]) -> str:
     return ", ".join("?" * len(fields))
 
 
-_KEY_FIELDS = [f.name for f in msgspec.structs.fields(KeyRecord)]
+_KEY_FIELDS = [f.name for f in KEY_FIELDS]
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
-_UPDATABLE = frozenset(
-    {"name", "models", "rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd"}
-    | {"budget_period", "expires_at", "metadata", "group_name", "notes"}
-)
 _USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
 # A record's fields are its table's columns; queries name them explicitly. S608 is silenced
 # where SQL is built from these constants: values are always bound parameters.
@@ -49,14 +46,30 @@ _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHE
 _INSERT_USAGE = f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
 
 
+def _editable(fields: dict[str, Any]) -> dict[str, Any]:
+    """Caller-given key fields, refused unless editable, JSON-ish collections made exact.
+
+    Raises:
+        InvalidRequest: a field that does not exist or is the gateway's to set.
+    """
+    unknown = sorted(set(fields) - set(EDITABLE_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"Key field {unknown[0]!r} cannot be changed.", param=unknown[0])
+    if "models" in fields:
+        fields["models"] = tuple(fields["models"] or ())
+    if "metadata" in fields:
+        fields["metadata"] = dict(fields["metadata"] or {})
+    return fields
+
+
 def _checked(record: KeyRecord) -> KeyRecord:
     """Type-check a record built from caller input (msgspec validates the Struct annotations)."""
     try:
         return msgspec.convert(msgspec.structs.asdict(record), KeyRecord)
     except msgspec.ValidationError as exc:
-        # msgspec ends its message with "- at `$.field`"; that names the parameter.
-        param = str(exc).rpartition("$.")[2].rstrip("`") if "$." in str(exc) else None
-        raise InvalidRequest(f"Invalid key field: {exc}", param=param) from None
+        raise InvalidRequest(
+            f"Invalid key field: {exc}", param=error_path(str(exc)).param
+        ) from None
 
 
 def _key_from_row(row: Sequence[Any]) -> KeyRecord:
@@ -69,8 +82,8 @@ def _key_from_row(row: Sequence[Any]) -> KeyRecord:
 def _key_params(key: KeyRecord) -> tuple[Any, ...]:
     """The record's values in `_KEY_FIELDS` order, JSON columns encoded."""
     values = msgspec.structs.asdict(key)
-    values["models"] = msgspec.json.encode(list(key.models)).decode()
-    values["metadata"] = msgspec.json.encode(key.metadata).decode()
+    values["models"] = encode(list(key.models)).decode()
+    values["metadata"] = encode(key.metadata).decode()
     return tuple(values[f] for f in _KEY_FIELDS)
 
 
@@ -137,30 +150,20 @@ class Store:
     # Keys
 
     async def create_key(
-        self,
-        *,
-        name: str,
-        models: Sequence[str] = (),
-        rpm: int | None = None,
-        tpm: int | None = None,
-        max_concurrency: int | None = None,
-        budget_tokens: int | None = None,
-        budget_usd: float | None = None,
-        budget_period: BudgetPeriod | None = None,
-        expires_at: float | None = None,
-        metadata: dict[str, str] | None = None,
-        group_name: str | None = None,
-        notes: str = "",
-        secret: str | None = None,
+        self, *, name: str, secret: str | None = None, **fields: Any
     ) -> tuple[KeyRecord, str]:
         """Create a key and return it with its plain secret, which is never stored or shown again.
 
         Args:
+            name: what people call the key.
             secret: use this secret instead of a random one (the sample database's demo key).
+            fields: any other editable `KeyRecord` field (models, limits, budget, expiry, ...).
 
         Raises:
-            InvalidRequest: a field has the wrong type.
+            InvalidRequest: a field does not exist, is not the caller's to set, or has the
+                wrong type.
         """
+        fields = _editable(fields)
         if secret is None:
             secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
@@ -172,17 +175,7 @@ class Store:
                 digest=hashlib.sha256(secret.encode()).hexdigest(),
                 created_at=now,
                 updated_at=now,
-                models=tuple(models),
-                rpm=rpm,
-                tpm=tpm,
-                max_concurrency=max_concurrency,
-                budget_tokens=budget_tokens,
-                budget_usd=budget_usd,
-                budget_period=budget_period,
-                expires_at=expires_at,
-                metadata=dict(metadata or {}),
-                group_name=group_name,
-                notes=notes,
+                **fields,
             )
         )
         async with self._transaction() as db:
@@ -217,13 +210,7 @@ class Store:
             NotFound: no key has this id (code `key_not_found`).
             InvalidRequest: a field cannot be changed or has the wrong type.
         """
-        unknown = sorted(set(changes) - _UPDATABLE)
-        if unknown:
-            raise InvalidRequest(f"Key field {unknown[0]!r} cannot be changed.", param=unknown[0])
-        if "models" in changes:
-            changes["models"] = tuple(changes["models"] or ())
-        if "metadata" in changes:
-            changes["metadata"] = dict(changes["metadata"] or {})
+        changes = _editable(changes)
         async with self._transaction() as db:
             current = await self.require_key(key_id)
             updated = _checked(msgspec.structs.replace(current, **changes, updated_at=time.time()))

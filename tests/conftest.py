@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from types import FrameType, ModuleType
 from typing import Any
 
 import msgspec
@@ -30,6 +34,10 @@ DEMO = DemoConfig(name="demo")
 # tests about retries and failover (test_routing.py) pass their own routing settings.
 ONE_ATTEMPT = RoutingSettings(max_attempts=1)
 DEMO_MODEL = ModelConfig(name="demo", targets=(Target(provider="demo", model="demo"),))
+
+# Tests wait on events, never on time; this bound only turns a hang (a regression that never
+# sets the event) into a failure, and is far longer than any passing wait.
+NEVER_HANG = 30.0
 
 MakeSettings = Callable[..., Settings]
 MakeKey = Callable[..., Awaitable[str]]
@@ -116,6 +124,30 @@ async def usage_rows(client: TestClient[Any, Any]) -> list[dict[str, Any]]:
     async with store.db.execute("SELECT * FROM usage ORDER BY id") as cur:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+
+@contextlib.contextmanager
+def calls_in(module: ModuleType) -> Iterator[Counter[str]]:
+    """Count, while the block runs, the calls into `module`'s functions (by function name) and
+    the calls its code makes to C functions (by their name): a measure of work that, unlike
+    elapsed time, is the same on a fast machine and a loaded one."""
+    counts: Counter[str] = Counter()
+    path = module.__file__
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if frame.f_code.co_filename != path:
+            return
+        if event == "call":
+            counts[frame.f_code.co_name] += 1
+        elif event == "c_call":
+            counts[getattr(arg, "__qualname__", repr(arg))] += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield counts
+    finally:
+        sys.setprofile(previous)
 
 
 def sse_events(body: bytes) -> list[Any]:

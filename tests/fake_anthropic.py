@@ -17,7 +17,8 @@ real ``event:``/``data:`` SSE sequence. Requests are recorded in ``fake.requests
     fake.script(status=429, headers={"retry-after": "1"}, times=2)
     fake.always(thinking="Hmm.", parallel=True)              # every request without a script
 
-Knobs (see ``Script``): status/error/headers, delay_headers, chunk_delay, drop_before_response,
+Knobs (see ``Script``): status/error/headers, delay_headers, chunk_delay, hold/hold_after,
+drop_before_response,
 drop_after=N, error_after=N (``event: error``), content, tool_call, parallel, arguments,
 stop_reason, thinking, input/output_tokens, cache_read/cache_creation_input_tokens, ping. A
 rejected request uses up its script too. ``request_seen``/``client_disconnected``: as FakeOpenAI.
@@ -84,6 +85,8 @@ class Script:
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (retry-after)
     delay_headers: float = 0.0  # seconds before anything is sent
     chunk_delay: float = 0.0  # seconds between SSE events
+    hold: asyncio.Event | None = None  # answer only once the test sets it (never: a hung upstream)
+    hold_after: int | None = None  # stream: send N events first, then wait for ``hold``
     drop_before_response: bool = False  # close the connection without any response
     drop_after: int | None = None  # stream: abort the connection after N events
     error_after: int | None = None  # stream: after N events send `event: error` and end
@@ -146,7 +149,7 @@ class FakeAnthropic(ScriptedFake[Script]):
         except Invalid as exc:
             return _error_response(error_body(400, str(exc)), 400)
         try:
-            await asyncio.sleep(plan.delay_headers)
+            await self.pause(plan)
             if plan.drop_before_response:
                 return self._drop(request, web.Response())
             if plan.status >= 400:

@@ -149,6 +149,8 @@ class Script:
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers
     delay_headers: float = 0.0  # seconds before anything is sent
     chunk_delay: float = 0.0  # seconds between stream events
+    hold: asyncio.Event | None = None  # answer only once the test sets it (never: a hung upstream)
+    hold_after: int | None = None  # stream: send N events first, then wait for ``hold``
     drop_before_response: bool = False  # close the connection without any response
     drop_after: int | None = None  # stream: abort the connection after N events
     error_after: int | None = None  # stream: after N events send `data: {"error": ...}` and end
@@ -685,7 +687,7 @@ class FakeGemini(ScriptedFake[Script]):
             return web.json_response(google_error(404, "Method not found."), status=404)
         plan = self.next_plan()
         try:
-            await asyncio.sleep(plan.delay_headers)
+            await self.pause(plan)
             if plan.drop_before_response:
                 return self._drop(request, web.Response())
             stream = action == "streamGenerateContent"

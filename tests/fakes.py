@@ -14,7 +14,8 @@ Scripting (see ``Script`` for every knob):
     fake.script(status=503, times=2)                       # the next two requests
     fake.always(chunk_delay=0.05)                          # every request without a queued script
 
-Knobs: status/error/headers (scripted HTTP errors), delay_headers, chunk_delay,
+Knobs: status/error/headers (scripted HTTP errors), delay_headers, chunk_delay, hold (an
+``asyncio.Event`` the answer waits for; with hold_after=N, a stream waits after N chunks),
 drop_before_response, drop_after=N (abort mid-stream), error_after=N (`data: {"error": ...}`
 event), content (a long text without spaces streams as one huge SSE line), tool_call/arguments,
 finish_reason. Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
@@ -27,6 +28,8 @@ no ``[DONE]``; ``error_after`` sends an ``error`` event).
 Events for concurrency tests: ``fake.request_seen`` is set when any request arrives (``.clear()`` it
 to wait for the next one); ``fake.client_disconnected`` is set when the client hangs up while a
 chat request is in progress (seen as ConnectionResetError on a write, or as handler cancellation).
+Tests synchronise on these and on ``hold``, never on time: a request held by the fake stays in
+flight until the test releases it, however slow the machine.
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ class Script:
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers
     delay_headers: float = 0.0  # seconds before anything is sent
     chunk_delay: float = 0.0  # seconds between stream chunks
+    hold: asyncio.Event | None = None  # answer only once the test sets it (never: a hung upstream)
+    hold_after: int | None = None  # stream: send N chunks first, then wait for ``hold``
     drop_before_response: bool = False  # close the connection without any response
     drop_after: int | None = None  # stream: abort the connection after N chunks, no [DONE]
     error_after: int | None = None  # stream: after N chunks send `data: {"error": ...}` and end
@@ -171,6 +176,12 @@ class ScriptedFake(Generic[S]):
         self.request_seen.set()
         return recorded
 
+    async def pause(self, plan: Any) -> None:
+        """Before an answer: `delay_headers`, then `hold` (unless that is for mid-stream)."""
+        await asyncio.sleep(plan.delay_headers)
+        if plan.hold is not None and plan.hold_after is None:
+            await plan.hold.wait()
+
     def _drop(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         """Abort the TCP connection; aiohttp's final write then fails quietly."""
         assert request.transport is not None
@@ -188,7 +199,8 @@ class ScriptedFake(Generic[S]):
     ) -> web.StreamResponse:
         """Write a prepared stream's SSE `frames` the way `plan` says: abort after
         `drop_after` frames, or send `error(n)` after `error_after` and end, pausing
-        `chunk_delay` between frames; then `end`. Notes a client that hangs up."""
+        `chunk_delay` between frames (and for `hold` after `hold_after`); then `end`. Notes a
+        client that hangs up."""
         try:
             for sent, frame in enumerate(frames):
                 if sent == plan.drop_after:
@@ -199,6 +211,8 @@ class ScriptedFake(Generic[S]):
                     return response
                 if sent and plan.chunk_delay:
                     await asyncio.sleep(plan.chunk_delay)
+                if sent == plan.hold_after and plan.hold is not None:
+                    await plan.hold.wait()
                 await response.write(frame)
             if end:
                 await response.write(end)
@@ -263,7 +277,7 @@ class FakeOpenAI(ScriptedFake[Script]):
                 error_body(400, "We could not parse the JSON body."), status=400
             )
         try:
-            await asyncio.sleep(plan.delay_headers)
+            await self.pause(plan)
             if plan.drop_before_response:
                 return self._drop(request, web.Response())
             if plan.status >= 400:
@@ -286,7 +300,7 @@ class FakeOpenAI(ScriptedFake[Script]):
                 error_body(400, "Missing required parameter: 'model'."), status=400
             )
         try:
-            await asyncio.sleep(plan.delay_headers)
+            await self.pause(plan)
             if plan.drop_before_response:
                 return self._drop(request, web.Response())
             if plan.status >= 400:

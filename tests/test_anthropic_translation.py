@@ -9,15 +9,9 @@ import msgspec
 import pytest
 
 from gateway.errors import InvalidRequest, UpstreamError, UpstreamUnavailable
-from gateway.providers.anthropic import (
-    JSON_TOOL,
-    AnthropicResponse,
-    AnthropicStream,
-    JsonTool,
-    from_anthropic,
-    to_anthropic,
-    tool_id,
-)
+from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropic, tool_id
+from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
+from gateway.providers.anthropic.wire import AnthropicResponse
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import decode_body

@@ -206,6 +206,6 @@ def test_settings_of_another_provider_type_are_config_errors(
     path = tmp_path / "gateway.toml"
     path.write_text(f"[[providers]]\nname = 'p'\n{provider}\n")
     with pytest.raises(
-        ConfigError, match=rf"providers\[0\]: Object contains unknown field `{field}`"
+        ConfigError, match=rf"providers\[0\]\.{field}: Object contains unknown field `{field}`"
     ):
         load_settings(path, {})

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp.pytest_plugin import AiohttpServer
 
+from tests.conftest import NEVER_HANG
 from tests.fake_anthropic import FakeAnthropic, Invalid, check_request
 
 Json = dict[str, Any]
@@ -713,10 +714,11 @@ async def test_mid_stream_error_event(fake: FakeAnthropic, session: aiohttp.Clie
 async def test_client_disconnect_is_noticed(
     fake: FakeAnthropic, session: aiohttp.ClientSession
 ) -> None:
-    fake.always(chunk_delay=0.05)
+    fake.always(hold=asyncio.Event(), hold_after=1)  # the stream stops after one event
     url = f"{fake.base_url}/v1/messages"
     response = await session.post(url, json=HELLO | {"stream": True}, headers=VERSION)
     await response.content.readuntil(b"\n\n")
     assert not fake.client_disconnected.is_set()
     response.close()  # hang up mid-stream
-    await asyncio.wait_for(fake.client_disconnected.wait(), 1)
+    async with asyncio.timeout(NEVER_HANG):
+        await fake.client_disconnected.wait()

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.pytest_plugin import AiohttpServer
 
+from tests.conftest import NEVER_HANG
 from tests.fake_gemini import DUMMY_SIGNATURE, FakeGemini
 
 Json = dict[str, Any]
@@ -748,18 +749,21 @@ async def test_drop_before_response(fake: FakeGemini, session: aiohttp.ClientSes
 async def test_client_disconnect_is_noticed(
     fake: FakeGemini, session: aiohttp.ClientSession
 ) -> None:
-    fake.always(chunk_delay=0.05, content="a b c d e f g h")
+    # The stream stops after one event.
+    fake.always(content="a b c d e f g h", hold=asyncio.Event(), hold_after=1)
     response = await session.post(url(fake, stream=True), json=HELLO)
     await response.content.readuntil(b"\r\n\r\n")
     assert not fake.client_disconnected.is_set()
     response.close()  # hang up mid-stream
-    await asyncio.wait_for(fake.client_disconnected.wait(), 1)
+    async with asyncio.timeout(NEVER_HANG):
+        await fake.client_disconnected.wait()
 
 
 async def test_client_timeout_before_headers_is_noticed(
     fake: FakeGemini, session: aiohttp.ClientSession
 ) -> None:
-    fake.always(delay_headers=5)
+    fake.always(hold=asyncio.Event())  # never answers
     with pytest.raises(asyncio.TimeoutError):
         await session.post(url(fake), json=HELLO, timeout=aiohttp.ClientTimeout(total=0.1))
-    await asyncio.wait_for(fake.client_disconnected.wait(), 1)
+    async with asyncio.timeout(NEVER_HANG):
+        await fake.client_disconnected.wait()

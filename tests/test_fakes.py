@@ -13,6 +13,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpServer
 
 from tests import spec
+from tests.conftest import NEVER_HANG
 from tests.fakes import FakeOpenAI
 
 HELLO: dict[str, Any] = {
@@ -256,27 +257,49 @@ async def test_delays(fake: FakeOpenAI, session: aiohttp.ClientSession) -> None:
     assert done
 
 
+async def test_hold_answers_only_once_released(
+    fake: FakeOpenAI, session: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+    fake.script(hold=release)
+    pending = asyncio.create_task(chat(fake, session))
+    await fake.request_seen.wait()
+    release.set()
+    assert (await pending).status == 200
+    rest = asyncio.Event()
+    fake.script(hold=rest, hold_after=2)
+    response = await session.post(
+        f"{fake.base_url}/chat/completions", json=HELLO | {"stream": True}
+    )
+    head = [await response.content.readuntil(b"\n\n") for _ in range(2)]  # before the hold
+    rest.set()
+    chunks, done = sse(b"".join(head) + await response.read())
+    assert done and streamed_text(chunks) == "echo: hello there"
+
+
 async def test_client_disconnect_is_noticed(
     fake: FakeOpenAI, session: aiohttp.ClientSession
 ) -> None:
-    fake.always(chunk_delay=0.05)
+    fake.always(hold=asyncio.Event(), hold_after=1)  # the stream stops after one chunk
     response = await session.post(
         f"{fake.base_url}/chat/completions", json=HELLO | {"stream": True}
     )
     await response.content.readuntil(b"\n\n")
     assert not fake.client_disconnected.is_set()
     response.close()  # hang up mid-stream
-    await asyncio.wait_for(fake.client_disconnected.wait(), 1)
+    async with asyncio.timeout(NEVER_HANG):
+        await fake.client_disconnected.wait()
 
 
 async def test_client_timeout_before_headers_is_noticed(
     fake: FakeOpenAI, session: aiohttp.ClientSession
 ) -> None:
-    fake.always(delay_headers=5)
+    fake.always(hold=asyncio.Event())  # never answers
     with pytest.raises(asyncio.TimeoutError):
         await session.post(
             f"{fake.base_url}/chat/completions",
             json=HELLO,
             timeout=aiohttp.ClientTimeout(total=0.1),
         )
-    await asyncio.wait_for(fake.client_disconnected.wait(), 1)
+    async with asyncio.timeout(NEVER_HANG):
+        await fake.client_disconnected.wait()

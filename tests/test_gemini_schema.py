@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from typing import Any
 
 import pytest
 
+from gateway.providers.gemini import schema
 from gateway.providers.gemini.schema import UnsupportedSchema, to_gemini_schema
+from tests.conftest import calls_in
 
 ALLOWED_KEYS = frozenset(
     {
@@ -985,8 +986,10 @@ def test_duplicate_type_lists_do_not_multiply_the_work() -> None:
     deep: dict[str, Any] = {"type": "string"}
     for _ in range(12):  # duplicate types: used to cost 8**12 conversions
         deep = {"type": ["object"] * 8, "properties": {"a": deep}}
-    start = time.perf_counter()
-    with pytest.raises(UnsupportedSchema, match="nodes"):
+    with calls_in(schema) as calls, pytest.raises(UnsupportedSchema, match="nodes"):
         to_gemini_schema(wide)
-    assert to_gemini_schema(deep)["type"] == "OBJECT"
-    assert time.perf_counter() - start < 1.0
+    assert calls["inline"] <= 10_001  # stopped by the 10,000-node cap, before any conversion
+    assert calls["_convert"] == 0
+    with calls_in(schema) as calls:
+        assert to_gemini_schema(deep)["type"] == "OBJECT"
+    assert calls["_convert"] <= 4 * 12  # a few conversions per level, not 8 per level

@@ -10,15 +10,14 @@ import pytest
 
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.providers.base import ChatCall
-from gateway.providers.gemini import (
+from gateway.providers.gemini.request import (
     DUMMY_SIGNATURE,
-    GeminiResponse,
-    GeminiStream,
-    from_gemini,
     join_call_id,
     split_call_id,
     to_gemini,
 )
+from gateway.providers.gemini.response import GeminiStream, from_gemini
+from gateway.providers.gemini.wire import GeminiResponse
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import decode_body
 from gateway.settings import ModelConfig, Target

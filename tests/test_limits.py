@@ -56,6 +56,16 @@ async def rig(
     return fake, await start_gateway(aiohttp_client, settings)
 
 
+async def all_decided(tasks: list[asyncio.Task[Any]], fake: FakeOpenAI) -> None:
+    """Wait until every request is either answered (refused) or held at the upstream."""
+    while sum(t.done() for t in tasks) + len(fake.chat_requests) < len(tasks):
+        fake.request_seen.clear()
+        seen = asyncio.create_task(fake.request_seen.wait())
+        pending = [t for t in tasks if not t.done()]
+        await asyncio.wait([seen, *pending], return_when=asyncio.FIRST_COMPLETED)
+        seen.cancel()
+
+
 def auth(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
@@ -72,13 +82,17 @@ async def test_a_burst_cannot_spend_past_the_budget(
 ) -> None:
     fake, gw = up
     secret = await create_key(gw, budget_tokens=10 * RESERVED, budget_period="day")
-    fake.always(delay_headers=0.2)  # all 50 are in flight together
+    release = asyncio.Event()
+    fake.always(hold=release)  # the admitted ones stay in flight until all 50 are decided
 
     async def one() -> tuple[int, dict[str, Any]]:
         async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
             return resp.status, await resp.json()
 
-    results = await asyncio.gather(*(one() for _ in range(50)))
+    tasks = [asyncio.create_task(one()) for _ in range(50)]
+    await all_decided(tasks, fake)
+    release.set()
+    results = await asyncio.gather(*tasks)
     statuses = [s for s, _ in results]
     assert statuses.count(200) == 10
     assert statuses.count(429) == 40
@@ -178,7 +192,8 @@ async def test_concurrency_limit_with_the_openai_client(
 ) -> None:
     fake, gw = up
     secret = await create_key(gw, max_concurrency=1)
-    fake.script(delay_headers=0.3)
+    release = asyncio.Event()
+    fake.script(hold=release)  # the first request stays in flight until the second is refused
     async with openai_client(gw, secret) as client:
         first = asyncio.create_task(
             client.chat.completions.create(model="m", messages=HI, max_tokens=5)
@@ -186,6 +201,7 @@ async def test_concurrency_limit_with_the_openai_client(
         await fake.request_seen.wait()
         with pytest.raises(openai.RateLimitError, match="in flight"):
             await client.chat.completions.create(model="m", messages=HI, max_tokens=5)
+        release.set()
         await first
         await client.chat.completions.create(model="m", messages=HI, max_tokens=5)
 
@@ -223,7 +239,8 @@ async def test_a_cut_stream_still_counts_what_was_generated(
 ) -> None:
     fake, gw = up
     secret = await create_key(gw, budget_tokens=10_000)
-    fake.script(content="one two three four five six", chunk_delay=0.05)
+    # The upstream stops after two chunks and never goes on: the client hangs up mid-way.
+    fake.script(content="one two three four five six", hold=asyncio.Event(), hold_after=2)
     async with gw.post(CHAT, json=body(stream=True), headers=auth(secret)) as resp:
         await resp.content.readany()
     await fake.client_disconnected.wait()

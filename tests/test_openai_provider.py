@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.state import USAGE_KEY
 from tests.conftest import (
+    NEVER_HANG,
     MakeSettings,
     app_of,
     create_key,
@@ -220,12 +221,16 @@ async def test_sdk_streaming_tools_and_json_mode(rig: Rig, oai: openai.AsyncOpen
 
 
 async def test_first_chunk_arrives_before_the_upstream_finishes(rig: Rig) -> None:
-    rig.fake.always(chunk_delay=5.0)
+    rest = asyncio.Event()
+    rig.fake.always(hold=rest, hold_after=1)  # the upstream sends its first chunk, then waits
     async with rig.post({**HI, "stream": True}) as resp:
         assert resp.status == 200
-        async with asyncio.timeout(2):
-            first = await resp.content.readuntil(b"\n\n")
+        async with asyncio.timeout(NEVER_HANG):
+            first = await resp.content.readuntil(b"\n\n")  # while the upstream still waits
+        rest.set()
+        events = sse_events(first + await resp.read())
     assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and len(events) > 1
 
 
 async def test_long_sse_lines_are_relayed_intact(rig: Rig) -> None:
@@ -323,7 +328,7 @@ async def test_slow_upstream_times_out_with_504(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
 ) -> None:
     rig = await make_rig(aiohttp_server, aiohttp_client, make_settings, read_timeout=0.2)
-    rig.fake.always(delay_headers=3)
+    rig.fake.always(hold=asyncio.Event())  # never answers: only the timeout can end a wait
     for stream in (False, True):
         resp = await rig.post({**HI, "stream": stream})
         assert resp.status == 504
@@ -359,14 +364,15 @@ async def test_upstream_error_event_mid_stream_is_relayed(rig: Rig) -> None:
 
 
 async def test_client_disconnect_cancels_upstream_and_records_usage(rig: Rig) -> None:
-    rig.fake.always(chunk_delay=0.2, content=" ".join(["word"] * 50))
+    # The upstream sends two chunks, then waits for good: the client hangs up mid-stream.
+    rig.fake.always(content=" ".join(["word"] * 50), hold=asyncio.Event(), hold_after=2)
     async with aiohttp.ClientSession() as session:
         resp = await session.post(
             rig.gateway.make_url(CHAT), json={**HI, "stream": True}, headers=rig.headers
         )
         await resp.content.readuntil(b"\n\n")
         resp.close()  # hang up mid-stream
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(NEVER_HANG):
         await rig.fake.client_disconnected.wait()
         await app_of(rig.gateway)[USAGE_KEY].wait_recorded(1)
     rows = await usage_rows(rig.gateway)
@@ -375,14 +381,14 @@ async def test_client_disconnect_cancels_upstream_and_records_usage(rig: Rig) ->
 
 
 async def test_non_streaming_hang_up_cancels_upstream_and_records_an_estimate(rig: Rig) -> None:
-    rig.fake.always(delay_headers=5)
+    rig.fake.always(hold=asyncio.Event())  # the upstream is still thinking when the client goes
     async with aiohttp.ClientSession() as session:
         pending = asyncio.create_task(
             session.post(rig.gateway.make_url(CHAT), json=HI, headers=rig.headers)
         )
         await rig.fake.request_seen.wait()
         pending.cancel()  # the client gives up while the upstream is still thinking
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(NEVER_HANG):
         await rig.fake.client_disconnected.wait()
         await app_of(rig.gateway)[USAGE_KEY].wait_recorded(1)
     row = (await usage_rows(rig.gateway))[-1]

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.providers import base as provider_base
 from gateway.settings import ModelConfig, OpenAIConfig, RoutingSettings, Target
-from tests.conftest import MakeSettings, create_key, start_gateway, usage_rows
+from tests.conftest import NEVER_HANG, MakeSettings, create_key, start_gateway, usage_rows
 from tests.fakes import FakeOpenAI
 from tests.test_responses import sse
 
@@ -387,7 +387,8 @@ async def test_nothing_is_read_after_the_terminal_event(start: Start) -> None:
 
     gateway, key = await start(app(handler))
     try:
-        status, body = await asyncio.wait_for(post(gateway, key, stream=True), 5)
+        async with asyncio.timeout(NEVER_HANG):  # it would wait for `release` forever
+            status, body = await post(gateway, key, stream=True)
     finally:
         release.set()
     assert status == 200

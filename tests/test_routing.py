@@ -18,8 +18,9 @@ from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
 from gateway.settings import ModelConfig, OpenAIConfig, RoutingSettings, Settings, Target
-from gateway.state import ROUTER_KEY
+from gateway.state import ROUTER_KEY, SHUTTING_DOWN_KEY
 from tests.conftest import (
+    NEVER_HANG,
     MakeSettings,
     app_of,
     create_key,
@@ -231,7 +232,7 @@ async def test_a_hanging_upstream_times_out_and_fails_over(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
 ) -> None:
     rig = await make_rig(aiohttp_server, aiohttp_client, make_settings, read_timeout=0.2)
-    rig.a.script(delay_headers=3, times=2)
+    rig.a.script(hold=asyncio.Event(), times=2)  # both accounts of `a` hang for good
     for stream in (False, True):
         async with rig.post({**HI, "stream": stream}) as resp:
             assert resp.status == 200
@@ -244,15 +245,14 @@ async def test_the_deadline_bounds_every_attempt(
 ) -> None:
     routing = RoutingSettings(deadline=0.3, backoff_initial=0.001, backoff_max=0.001)
     rig = await make_rig(aiohttp_server, aiohttp_client, make_settings, routing=routing)
-    rig.a.always(delay_headers=3)
-    rig.b.always(delay_headers=3)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    async with rig.post() as resp:
+    rig.a.always(hold=asyncio.Event())  # every upstream hangs for good (read_timeout: 300 s)
+    rig.b.always(hold=asyncio.Event())
+    async with asyncio.timeout(NEVER_HANG), rig.post() as resp:
         error = (await resp.json())["error"]
     assert resp.status == 504
     assert "deadline" in error["message"]
-    assert loop.time() - started < 2
+    # The deadline cut the first attempt short, and no attempt began after it.
+    assert len(rig.a.chat_requests) + len(rig.b.chat_requests) == 1
 
 
 async def test_a_slow_first_byte_on_a_stream_fails_over(
@@ -261,7 +261,7 @@ async def test_a_slow_first_byte_on_a_stream_fails_over(
     rig = await make_rig(
         aiohttp_server, aiohttp_client, make_settings, first_byte_timeout=0.2, read_timeout=5
     )
-    rig.a.always(delay_headers=1)
+    rig.a.always(hold=asyncio.Event())  # no first byte, ever
     async with rig.post({**HI, "stream": True}) as resp:
         events = sse_events(await resp.read())
     assert resp.headers["x-gateway-provider"] == "b"
@@ -325,10 +325,11 @@ async def test_shutdown_lets_a_stream_finish_within_the_grace_period(
 ) -> None:
     fake = FakeOpenAI()
     await fake.start(aiohttp_server)
-    fake.script(content="one two three four", chunk_delay=0.05)
+    rest_of_stream = asyncio.Event()
+    fake.script(content="one two three four", hold=rest_of_stream, hold_after=1)
     settings = make_settings(
         providers=(OpenAIConfig(name="up", base_url=fake.base_url),),
-        shutdown_grace_seconds=5,
+        shutdown_grace_seconds=60,  # far more than the stream needs once it may go on
     )
     gw = await start_gateway(aiohttp_client, settings)
     key = await create_key(gw)
@@ -336,6 +337,8 @@ async def test_shutdown_lets_a_stream_finish_within_the_grace_period(
     async with gw.post(CHAT, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
         await resp.content.readuntil(b"\n\n")
         shutdown = asyncio.create_task(app_of(gw).shutdown())
+        await app_of(gw)[SHUTTING_DOWN_KEY].wait()  # the shutdown began mid-stream
+        rest_of_stream.set()
         rest = await resp.content.read()
     await shutdown
     assert rest.endswith(b"data: [DONE]\n\n")  # finished, not cut
@@ -427,7 +430,7 @@ async def test_a_cancelled_probe_frees_its_slot(rig: Rig) -> None:
     rig.breakers.failed(("a", 0), retry_after=1)
     rig.breakers.failed(("a", 1), retry_after=60)
     rig.clock.now += 1  # account 0 is half-open: the next request probes it
-    rig.a.script(delay_headers=5)
+    rig.a.script(hold=asyncio.Event())  # the probe is still running when the client gives up
     task = asyncio.create_task(rig.post().__aenter__())
     await rig.a.request_seen.wait()
     task.cancel()  # the client gives up while the probe runs

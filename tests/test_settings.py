@@ -88,11 +88,11 @@ def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("[server]\nport = 'x'\n", "server.port: Expected `int`, got `str`"),
-        ("[server]\nbogus = 1\n", "server: Object contains unknown field `bogus`"),
+        ("[server]\nbogus = 1\n", "server.bogus: Object contains unknown field `bogus`"),
         ("[server\n", "not valid TOML"),
         (
             "[[providers]]\nname = 'p'\ntype = 'nope'\n",
-            "providers[0].type: Invalid value 'nope'",
+            "providers[0].type: Invalid value 'nope' (the provider types are: openai, azure, anthropic, gemini, demo)",
         ),
         (
             "[[providers]]\nname = 'p'\ntype = 'openai'\napi_keys = ['env:MISSING']\n",

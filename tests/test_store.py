@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequest, NotFound
+from gateway.migrations import MIGRATIONS
 from gateway.records import UsageRecord
-from gateway.store import MIGRATIONS, Store, StoreError, open_store
+from gateway.store import Store, StoreError, open_store
 
 SAMPLE_DB = Path(__file__).resolve().parent.parent / "keys.db.sample"
 DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()

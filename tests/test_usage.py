@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from gateway.records import UsageRecord
 from gateway.store import Store, open_store
 from gateway.usage import UsageRecorder
+from tests.conftest import NEVER_HANG
 
 
 class SpyStore:
@@ -62,7 +63,8 @@ def row(i: int) -> UsageRecord:
 
 
 async def wait(event: asyncio.Event) -> None:
-    await asyncio.wait_for(event.wait(), timeout=2)
+    async with asyncio.timeout(NEVER_HANG):
+        await event.wait()
     event.clear()
 
 

@@ -16,52 +16,54 @@ from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
-from gateway.records import BudgetPeriod, KeyRecord, key_view
+from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, VIEW_NAMES, KeyRecord, key_view
 from gateway.schemas.codec import decode_body, encode
 from gateway.state import GATE_KEY, KEYS_KEY, SETTINGS_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_expires, parse_since
 
 __all__ = ["create_key", "get_key", "list_keys", "revoke_key", "update_key", "usage"]
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Metadata = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
     msgspec.Meta(max_length=16),
 ]
 
-
-class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: Name
-    models: list[str] = []
-    rpm: PositiveInt | None = None
-    tpm: PositiveInt | None = None
-    max_concurrency: PositiveInt | None = None
-    budget_tokens: PositiveInt | None = None
-    budget_usd: PositiveFloat | None = None
-    budget_period: BudgetPeriod | None = None
-    expires_at: float | str | None = None  # unix seconds, "30d", or ISO-8601
-    group: str | None = None
-    notes: Annotated[str, msgspec.Meta(max_length=2000)] = ""
-    metadata: Metadata = {}
+# Where the API takes more, or less, than the record's own type: bounds on what people type,
+# and an expiry also as "30d" or an ISO-8601 time (besides unix seconds).
+_API_TYPES: dict[str, Any] = {
+    "name": Name,
+    "expires_at": float | str | None,
+    "notes": Annotated[str, msgspec.Meta(max_length=2000)],
+    "metadata": Metadata,
+}
 
 
-class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Fields left out stay as they are; `null` clears a limit, budget, expiry or group."""
+def _body(name: str, *, update: bool) -> type[msgspec.Struct]:
+    """The body of a key's creation or (`update`) change: every editable `KeyRecord` field.
 
-    name: Name | UnsetType = UNSET
-    models: list[str] | UnsetType = UNSET
-    rpm: PositiveInt | UnsetType | None = UNSET
-    tpm: PositiveInt | UnsetType | None = UNSET
-    max_concurrency: PositiveInt | UnsetType | None = UNSET
-    budget_tokens: PositiveInt | UnsetType | None = UNSET
-    budget_usd: PositiveFloat | UnsetType | None = UNSET
-    budget_period: BudgetPeriod | UnsetType | None = UNSET
-    expires_at: float | str | UnsetType | None = UNSET
-    group: str | UnsetType | None = UNSET
-    notes: Annotated[str, msgspec.Meta(max_length=2000)] | UnsetType = UNSET
-    metadata: Metadata | UnsetType = UNSET
+    A change leaves out what stays as it is (UNSET); `null` clears a limit, budget, expiry or
+    group. Attributes keep the record's names, so a decoded body maps onto the store's fields.
+    """
+    fields: list[tuple[str, Any, Any]] = []
+    for f in KEY_FIELDS:
+        if f.name not in EDITABLE_FIELDS:
+            continue
+        kind = _API_TYPES.get(f.name, f.type)
+        rename = VIEW_NAMES.get(f.name, f.name)  # the name `key_view` shows it by
+        if update:
+            default = msgspec.field(default=UNSET, name=rename)
+            kind = kind | UnsetType
+        elif f.default_factory is not msgspec.NODEFAULT:
+            default = msgspec.field(default_factory=f.default_factory, name=rename)
+        else:
+            default = msgspec.field(default=f.default, name=rename)
+        fields.append((f.name, kind, default))
+    return msgspec.defstruct(name, fields, forbid_unknown_fields=True, kw_only=True)
+
+
+KeyCreate = _body("KeyCreate", update=False)
+KeyUpdate = _body("KeyUpdate", update=True)
 
 
 def _require_admin(request: web.Request) -> None:
@@ -109,22 +111,10 @@ def _view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
 async def create_key(request: web.Request) -> web.Response:
     """`POST /admin/keys`: the new key, with its secret in `key` (the only time it is shown)."""
     _require_admin(request)
-    body = decode_body(await request.read(), KeyCreate)
-    request.app[SETTINGS_KEY].require_group(body.group)
-    record, secret = await request.app[STORE_KEY].create_key(
-        name=body.name,
-        models=body.models,
-        rpm=body.rpm,
-        tpm=body.tpm,
-        max_concurrency=body.max_concurrency,
-        budget_tokens=body.budget_tokens,
-        budget_usd=body.budget_usd,
-        budget_period=body.budget_period,
-        expires_at=_expires(body.expires_at),
-        metadata=body.metadata,
-        group_name=body.group,
-        notes=body.notes,
-    )
+    fields = msgspec.structs.asdict(decode_body(await request.read(), KeyCreate))
+    request.app[SETTINGS_KEY].require_group(fields["group_name"])
+    fields["expires_at"] = _expires(fields["expires_at"])
+    record, secret = await request.app[STORE_KEY].create_key(**fields)
     view = await _publish(request, record)
     return _json({**view, "key": secret}, status=201)
 
@@ -145,11 +135,10 @@ async def get_key(request: web.Request) -> web.Response:
 async def update_key(request: web.Request) -> web.Response:
     """`PATCH /admin/keys/{id}`: change what the body names; `null` clears."""
     _require_admin(request)
-    body = decode_body(await request.read(), KeyUpdate)
-    changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not UNSET}
-    if "group" in changes:
-        request.app[SETTINGS_KEY].require_group(changes["group"])
-        changes["group_name"] = changes.pop("group")
+    body = msgspec.structs.asdict(decode_body(await request.read(), KeyUpdate))
+    changes = {f: value for f, value in body.items() if value is not UNSET}
+    if "group_name" in changes:
+        request.app[SETTINGS_KEY].require_group(changes["group_name"])
     if "expires_at" in changes:
         changes["expires_at"] = _expires(changes["expires_at"])
     if not changes:

@@ -12,11 +12,11 @@ from aiohttp import web
 from msgspec import UNSET
 
 from gateway import pipeline
-from gateway.middleware import TRACE_KEY
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import decode_body
 from gateway.sse import relay
 from gateway.state import SETTINGS_KEY
+from gateway.trace import TRACE_KEY
 
 __all__ = ["create_chat", "create_chat_completion"]
 

@@ -28,8 +28,7 @@ from aiohttp import web
 
 from gateway import pipeline
 from gateway.errors import GatewayError, InvalidRequest, UpstreamAuthError, UpstreamError
-from gateway.failover import attempt_each
-from gateway.middleware import TRACE_KEY
+from gateway.failover import Exchange
 from gateway.providers import Provider
 from gateway.providers.base import ResponsesPassThrough
 from gateway.responses import (
@@ -44,6 +43,7 @@ from gateway.router import Route
 from gateway.schemas.codec import RAW_OBJECT, decode_body
 from gateway.schemas.responses import ResponseCreateRequest
 from gateway.sse import relay
+from gateway.trace import TRACE_KEY
 
 __all__ = ["create_response"]
 
@@ -102,7 +102,7 @@ def _may_fail_over(exc: UpstreamError) -> bool:
 
 
 async def _translated(
-    ex: pipeline.Exchange, req: ResponseCreateRequest, translation: Translation
+    ex: Exchange, req: ResponseCreateRequest, translation: Translation
 ) -> web.StreamResponse:
     """Run the translated chat request over `ex.routes`; answer in Responses shapes."""
     base = shell(req, translation)
@@ -126,7 +126,7 @@ def _upstream(route: Route) -> ResponsesPassThrough:
     return cast(ResponsesPassThrough, route.provider)
 
 
-async def _pass_through(ex: pipeline.Exchange, body: bytes, *, stream: bool) -> web.StreamResponse:
+async def _pass_through(ex: Exchange, body: bytes, *, stream: bool) -> web.StreamResponse:
     """Relay the client's body over `ex.routes` (all pass through).
 
     Raises:
@@ -134,9 +134,11 @@ async def _pass_through(ex: pipeline.Exchange, body: bytes, *, stream: bool) -> 
     """
     fields: dict[str, msgspec.Raw] = RAW_OBJECT.decode(body)  # decode_body made sure it is JSON
     if not stream:
-        reply = await attempt_each(ex, lambda route: _upstream(route).responses(ex.call, fields))
+        reply = await pipeline.try_routes(
+            ex, lambda route: _upstream(route).responses(ex.call, fields)
+        )
         return web.Response(body=reply.body, content_type="application/json")
-    events, first = await attempt_each(
+    events, first = await pipeline.try_routes(
         ex,
         lambda route: pipeline.first_batch(
             route.provider.config, _upstream(route).stream_responses(ex.call, fields)

@@ -37,6 +37,7 @@ from gateway.schemas.chat import (
     TextContentPart,
     ToolCall,
 )
+from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage
 
 __all__ = [
@@ -60,8 +61,6 @@ __all__ = [
     "translated_stream",
     "unsupported",
 ]
-
-_ENCODER = msgspec.json.Encoder()
 
 
 class DataURL(msgspec.Struct, frozen=True):
@@ -195,7 +194,7 @@ def completion_body(
     usage: Usage | None,
 ) -> bytes:
     """A whole `chat.completion` object, encoded."""
-    return _ENCODER.encode(
+    return encode(
         ChatCompletion(
             id=id,
             created=int(time.time()),
@@ -239,7 +238,7 @@ class ChunkWriter:
         self.tool_calls: dict[int, int] = {}  # per choice: tool calls started so far
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
-        return _ENCODER.encode(
+        return encode(
             ChatCompletionChunk(
                 id=self.id,
                 created=self.created,

@@ -36,13 +36,12 @@ from gateway.schemas.chat import (
     ToolMessage,
     UserMessage,
 )
+from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage
 from gateway.settings import DemoConfig
 from gateway.tokens import estimate_prompt_tokens, message_text
 
 __all__ = ["DemoProvider"]
-
-_ENCODER = msgspec.json.Encoder()
 
 
 class _Answer(msgspec.Struct):
@@ -91,7 +90,7 @@ def _answer(req: ChatCompletionRequest, limit: int | None) -> _Answer:
     tool = _pick_tool(req)
     if tool is not None:
         params = msgspec.json.decode(tool.function.parameters) if tool.function.parameters else {}
-        args = _ENCODER.encode(_sample(params, text)).decode()
+        args = encode(_sample(params, text)).decode()
         digest = hashlib.sha256(f"{tool.function.name}:{args}".encode()).hexdigest()[:24]
         call = ToolCall(id=f"call_{digest}", function=FunctionCall(tool.function.name, args))
         return _Answer(words=[], finish_reason="tool_calls", tool_call=call)
@@ -102,9 +101,9 @@ def _answer(req: ChatCompletionRequest, limit: int | None) -> _Answer:
     fmt = req.response_format
     if isinstance(fmt, JSONSchemaFormat):
         schema = msgspec.json.decode(fmt.json_schema.schema) if fmt.json_schema.schema else {}
-        reply = _ENCODER.encode(_sample(schema, text)).decode()
+        reply = encode(_sample(schema, text)).decode()
     elif isinstance(fmt, JSONObjectFormat):
-        reply = _ENCODER.encode({"reply": text}).decode()
+        reply = encode({"reply": text}).decode()
     finish = "stop"
     stops = [req.stop] if isinstance(req.stop, str) else [s for s in req.stop or () if s]
     hits = [i for i in (reply.find(s) for s in stops) if i >= 0]
@@ -155,7 +154,7 @@ class DemoProvider:
             usage=call.usage,
             system_fingerprint="fp_demo",
         )
-        return ChatReply(body=_ENCODER.encode(completion), usage=call.usage)
+        return ChatReply(body=encode(completion), usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         req = call.request
@@ -166,7 +165,7 @@ class DemoProvider:
         with_usage = req.wants_usage
         # The demo's whole answer is ready at once: one batch, one write to the client.
         batch = [
-            _ENCODER.encode(
+            encode(
                 ChatCompletionChunk(
                     id=rid,
                     created=created,
@@ -182,7 +181,7 @@ class DemoProvider:
         call.usage = _usage(req, answer, n)
         if with_usage:
             batch.append(
-                _ENCODER.encode(
+                encode(
                     ChatCompletionChunk(
                         id=rid, created=created, model=model, choices=[], usage=call.usage
                     )

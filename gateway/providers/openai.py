@@ -23,7 +23,7 @@ from gateway.providers._errors import read_usage, stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.openai_responses import ResponsesRelay
-from gateway.schemas.codec import RAW_OBJECT, present
+from gateway.schemas.codec import RAW_OBJECT, encode, present
 from gateway.schemas.common import Usage
 from gateway.settings import AzureConfig, OpenAIConfig
 
@@ -31,7 +31,6 @@ __all__ = ["OpenAIProvider", "OpenAIResponsesProvider"]
 
 log = structlog.get_logger(__name__)
 
-_ENCODER = msgspec.json.Encoder()
 _TRUE = msgspec.Raw(b"true")
 
 
@@ -65,14 +64,14 @@ class OpenAIProvider:
 
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
         fields = dict(call.raw)
-        fields["model"] = msgspec.Raw(_ENCODER.encode(call.upstream_model))
+        fields["model"] = msgspec.Raw(encode(call.upstream_model))
         if call.model.reasoning and "max_tokens" in fields:
             # Reasoning models reject max_tokens; max_completion_tokens means the same there.
             limit = fields.pop("max_tokens")
             fields.setdefault("max_completion_tokens", limit)
         if call.request.token_limit is None and call.model.max_tokens is not None:
             key = "max_completion_tokens" if call.model.reasoning else "max_tokens"
-            fields[key] = msgspec.Raw(_ENCODER.encode(call.model.max_tokens))
+            fields[key] = msgspec.Raw(encode(call.model.max_tokens))
         if stream:
             fields["stream"] = _TRUE
             if not call.request.wants_usage:
@@ -80,8 +79,8 @@ class OpenAIProvider:
                 options = call.raw.get("stream_options")
                 extra = RAW_OBJECT.decode(options) if present(options) else {}
                 extra["include_usage"] = _TRUE
-                fields["stream_options"] = msgspec.Raw(_ENCODER.encode(extra))
-        return _ENCODER.encode(fields)
+                fields["stream_options"] = msgspec.Raw(encode(extra))
+        return encode(fields)
 
     async def chat(self, call: ChatCall) -> ChatReply:
         body = await self._http.post(self.chat_url(call), self._body(call, stream=False), call)

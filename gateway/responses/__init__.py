@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from gateway.responses.output import from_completion, new_id, shell
-from gateway.responses.request import Translation, to_chat
+from gateway.responses.output import from_completion, shell
+from gateway.responses.request import to_chat
 from gateway.responses.stream import ResponseEvents, error_event
+from gateway.responses.translation import Translation
 
 __all__ = [
     "ResponseEvents",
     "Translation",
     "error_event",
     "from_completion",
-    "new_id",
     "shell",
     "to_chat",
 ]

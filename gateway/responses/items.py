@@ -40,7 +40,7 @@ from gateway.schemas.chat import (
     ToolMessage,
     UserMessage,
 )
-from gateway.schemas.codec import encode, param_of, present
+from gateway.schemas.codec import encode, error_path, present
 from gateway.schemas.response_output import FunctionToolOut
 from gateway.schemas.responses import (
     AllowedToolType,
@@ -80,7 +80,7 @@ def _decode(type_: type[T], raw: msgspec.Raw, where: str) -> T:
     try:
         return _DECODERS[type_].decode(raw)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
-        problem, path = param_of(str(exc))
+        problem, _, path = error_path(str(exc))
         param = f"{where}.{path}" if path else where
         raise InvalidRequest(f"Invalid request body at '{param}': {problem}", param=param) from None
 

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
-from gateway.responses.request import Translation
+from gateway.responses.translation import Translation
 from gateway.schemas.chat import ChatCompletion
 from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage

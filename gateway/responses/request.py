@@ -31,7 +31,7 @@ from gateway.schemas.responses import (
     ToolChoiceObject,
 )
 
-__all__ = ["Translation", "to_chat"]
+__all__ = ["to_chat"]
 
 
 def _response_format(req: ResponseCreateRequest) -> ResponseFormat | None:

@@ -1,13 +1,14 @@
 """Codecs made once at import, and `decode_body()` that turns msgspec errors into 400s.
 
-msgspec reports "Expected `int`, got `str` - at `$.messages[0].content`"; the `$.` path becomes
-the error's `param` (OpenAI style, `messages[0].content`) so a client learns which field is wrong.
+msgspec reports "Expected `int`, got `str` - at `$.messages[0].content`"; `error_path()` is the
+one reader of that path: the error's `param` (OpenAI style, `messages[0].content`) tells a client
+which field is wrong, and the same path prefixes config and key-store errors.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 import msgspec
 
@@ -16,9 +17,10 @@ from gateway.errors import InvalidRequest
 __all__ = [
     "ENCODER",
     "RAW_OBJECT",
+    "ErrorPath",
     "decode_body",
     "encode",
-    "param_of",
+    "error_path",
     "present",
     "raw_fields",
 ]
@@ -58,20 +60,29 @@ _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"^Object (missing required|contains unknown) field `(?P<field>[^`]+)`")
 
 
-def param_of(message: str) -> tuple[str, str | None]:
-    """Split a msgspec error message into (problem, OpenAI-style param path).
+class ErrorPath(NamedTuple):
+    """A msgspec validation message taken apart by `error_path()`."""
 
-    A missing field is reported at its parent's path; the param names the field itself.
+    problem: str  # the message without its " - at `$...`" ending
+    at: str | None  # where msgspec reports it, `$.` dropped (`server`, `headers[...]`); None: root
+    param: str | None  # the field it is about, OpenAI style (see `error_path`)
+
+
+def error_path(message: str) -> ErrorPath:
+    """Split a msgspec error message into its problem, its path, and the field it names.
+
+    A missing or unknown field is reported at its parent's path; `param` names the field
+    itself. msgspec writes a dict value's position as `[...]`; `param` names the dict.
     """
     match = _PATH.search(message)
     problem = message if match is None else message[: match.start()]
-    # msgspec writes a dict value's position as `[...]`; the param names the dict itself.
-    path = None if match is None else match.group("path").replace("[...]", "") or None
+    at = None if match is None else match.group("path") or None
+    param = None if at is None else at.replace("[...]", "") or None
     missing = _MISSING.match(problem)
     if missing is not None:
         field = missing.group("field")
-        path = f"{path}.{field}" if path else field
-    return problem, path
+        param = f"{param}.{field}" if param else field
+    return ErrorPath(problem, at, param)
 
 
 def decode_body(body: bytes, type_: type[T]) -> T:
@@ -87,7 +98,7 @@ def decode_body(body: bytes, type_: type[T]) -> T:
     try:
         return decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
-        problem, param = param_of(str(exc))
+        problem, _, param = error_path(str(exc))
         where = f" at '{param}'" if param else ""
         raise InvalidRequest(f"Invalid request body{where}: {problem}", param=param) from None
     except msgspec.DecodeError as exc:

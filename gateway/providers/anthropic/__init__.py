@@ -10,28 +10,18 @@ import contextlib
 from collections.abc import AsyncGenerator
 
 import aiohttp
-import msgspec
 
 from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
-from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropic, tool_id
+from gateway.providers.anthropic.request import JsonTool, to_anthropic
 from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
-from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER, AnthropicResponse
+from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER
 from gateway.providers.base import ChatCall, ChatReply
+from gateway.schemas.codec import encode
 from gateway.settings import AnthropicConfig
 
-__all__ = [
-    "JSON_TOOL",
-    "AnthropicProvider",
-    "AnthropicResponse",
-    "AnthropicStream",
-    "JsonTool",
-    "from_anthropic",
-    "to_anthropic",
-    "tool_id",
-]
+__all__ = ["AnthropicProvider"]
 
-_ENCODER = msgspec.json.Encoder()
 _DIALECT = Dialect(auth=key_header("x-api-key"), headers={"anthropic-version": API_VERSION})
 
 
@@ -45,7 +35,7 @@ class AnthropicProvider:
 
     def _body(self, call: ChatCall, *, stream: bool) -> tuple[bytes, JsonTool | None]:
         request, json_tool = to_anthropic(call, self.config.default_max_tokens, stream=stream)
-        return _ENCODER.encode(request), json_tool
+        return encode(request), json_tool
 
     async def chat(self, call: ChatCall) -> ChatReply:
         body, json_tool = self._body(call, stream=False)

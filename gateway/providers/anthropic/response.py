@@ -20,6 +20,7 @@ from gateway.providers.anthropic.wire import (
 )
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import Choice, FunctionCall, ToolCall
+from gateway.schemas.codec import encode
 from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
 
 __all__ = ["AnthropicStream", "finish_reason", "from_anthropic", "openai_usage"]
@@ -62,7 +63,7 @@ def json_answer(arguments: str, json_tool: JsonTool) -> str:
         value = msgspec.json.decode(arguments)
     except (msgspec.DecodeError, RecursionError):
         return arguments
-    return msgspec.json.encode(value.get("values") if isinstance(value, dict) else value).decode()
+    return encode(value.get("values") if isinstance(value, dict) else value).decode()
 
 
 def from_anthropic(resp: AnthropicResponse, json_tool: JsonTool | None) -> tuple[bytes, Usage]:

@@ -14,10 +14,10 @@ import msgspec
 from msgspec import Raw
 
 from gateway.errors import InvalidRequest
+from gateway.schemas.codec import encode
 
 __all__ = ["object_schema", "strict_schema"]
 
-_ENCODER = msgspec.json.Encoder()
 _STRING_FORMATS = frozenset(
     {"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid"}
 )
@@ -48,14 +48,14 @@ def object_schema(raw: Raw, param: str) -> tuple[Raw, bool]:
     if kind == "object":
         return raw, False
     if kind is None and not {"anyOf", "oneOf", "allOf", "enum", "const", "$ref"} & schema.keys():
-        return Raw(_ENCODER.encode({"type": "object", **schema})), False
+        return Raw(encode({"type": "object", **schema})), False
     wrapped = {"type": "object", "properties": {"values": schema}, "required": ["values"]}
-    return Raw(_ENCODER.encode(wrapped)), True
+    return Raw(encode(wrapped)), True
 
 
 def strict_schema(raw: Raw, param: str) -> Raw:
     """The schema in the strict form Anthropic's structured output takes."""
-    return Raw(_ENCODER.encode(_strict(_decode(raw, param), param, 0)))
+    return Raw(encode(_strict(_decode(raw, param), param, 0)))
 
 
 def _strict(node: dict[str, Any], param: str, depth: int) -> dict[str, Any]:

@@ -11,33 +11,18 @@ import urllib.parse
 from collections.abc import AsyncGenerator
 
 import aiohttp
-import msgspec
 
 from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
 from gateway.providers.base import ChatCall, ChatReply
-from gateway.providers.gemini.request import (
-    DUMMY_SIGNATURE,
-    join_call_id,
-    split_call_id,
-    to_gemini,
-)
+from gateway.providers.gemini.request import to_gemini
 from gateway.providers.gemini.response import GeminiStream, from_gemini
-from gateway.providers.gemini.wire import RESPONSE_DECODER, GeminiResponse
+from gateway.providers.gemini.wire import RESPONSE_DECODER
+from gateway.schemas.codec import encode
 from gateway.settings import GeminiConfig
 
-__all__ = [
-    "DUMMY_SIGNATURE",
-    "GeminiProvider",
-    "GeminiResponse",
-    "GeminiStream",
-    "from_gemini",
-    "join_call_id",
-    "split_call_id",
-    "to_gemini",
-]
+__all__ = ["GeminiProvider"]
 
-_ENCODER = msgspec.json.Encoder()
 _DIALECT = Dialect(auth=key_header("x-goog-api-key"))
 
 
@@ -56,7 +41,7 @@ class GeminiProvider:
         return f"{self.config.url}/v1beta/models/{model}:{action}"
 
     async def chat(self, call: ChatCall) -> ChatReply:
-        body = _ENCODER.encode(to_gemini(call))
+        body = encode(to_gemini(call))
         url = self._url(call, stream=False)
         data = await self._http.post(url, body, call)
         resp = self._http.decode(RESPONSE_DECODER, data)
@@ -64,7 +49,7 @@ class GeminiProvider:
         return ChatReply(body=out, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
-        body = _ENCODER.encode(to_gemini(call))
+        body = encode(to_gemini(call))
         state = GeminiStream(call, self.config.name)
         url = self._url(call, stream=True)
         events = self._http.stream(url, body, call)

@@ -65,6 +65,7 @@ from gateway.schemas.chat import (
     ToolMessage,
     UserMessage,
 )
+from gateway.schemas.codec import encode
 
 __all__ = ["DUMMY_SIGNATURE", "PROVIDER", "join_call_id", "split_call_id", "to_gemini"]
 
@@ -95,7 +96,6 @@ THINKING_BUDGETS = {
 PRO_MIN_BUDGET = 128
 # ... and → Gemini 3 thinkingLevel (thinking cannot be switched off there).
 THINKING_LEVELS = {"none": "low", "minimal": "minimal", "low": "low", "medium": "medium"}
-_ENCODER = msgspec.json.Encoder()
 _NO_PARAMETERS = b'{"type":"OBJECT"}'
 
 
@@ -178,7 +178,7 @@ def _tool_response(msg: ToolMessage, names: dict[str, str], at: str) -> GeminiPa
             param=f"{at}.tool_call_id",
         )
     text = joined_text(msg.content)
-    output = json_value(text) or Raw(_ENCODER.encode(text))  # JSON results stay structured
+    output = json_value(text) or Raw(encode(text))  # JSON results stay structured
     response = Raw(b'{"output":%b}' % bytes(output))  # Gemini wants an object
     call_id = _gemini_id(split_call_id(msg.tool_call_id)[0])
     return GeminiPart(
@@ -231,7 +231,7 @@ def _contents(
 
 def _schema(raw: Raw, param: str) -> Raw:
     try:
-        return Raw(_ENCODER.encode(to_gemini_schema(msgspec.json.decode(raw))))
+        return Raw(encode(to_gemini_schema(msgspec.json.decode(raw))))
     except UnsupportedSchema as exc:
         raise InvalidRequest(
             f"Invalid value for '{param}': {PROVIDER} cannot use this JSON schema: {exc}",

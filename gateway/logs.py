@@ -16,14 +16,16 @@ import msgspec
 import structlog
 import structlog.tracebacks
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging"]
 
-_ENCODER = msgspec.json.Encoder()
+# Not the shared codec.ENCODER: log events may hold any object (an exception, a path), which
+# this one writes as its str() instead of failing.
+_ENCODER = msgspec.json.Encoder(enc_hook=str)
 
 
 def _serialize(obj: Any, **_: Any) -> bytes:
-    # JSONRenderer passes `default=`, which msgspec does not take; unknown objects become str.
-    return msgspec.json.encode(obj, enc_hook=str)
+    # JSONRenderer passes `default=`, which msgspec does not take; enc_hook does its job.
+    return _ENCODER.encode(obj)
 
 
 class _UTCTimestamp:
@@ -86,7 +88,3 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
     root.setLevel(max(numeric, logging.INFO))
     # aiohttp.access would duplicate our canonical request line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)

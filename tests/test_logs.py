@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 from aiohttp.test_utils import TestClient
 
-from gateway.logging import configure_logging
+from gateway.logs import configure_logging
 
 
 async def test_one_line_per_request_without_secrets(

@@ -1,0 +1,136 @@
+"""Every virtual key in memory, by the SHA-256 digest of its secret, refreshed from the store.
+
+API keys have enough entropy that a fast hash is safe, and a dict lookup keeps the database off
+the request path. The cache polls `PRAGMA data_version` so keys created, changed or revoked by
+the CLI (another connection) take effect within `keys_refresh_seconds`. Keys are held as they
+are enforced: merged with their config group's defaults (`with_group`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import msgspec
+import structlog
+
+from gateway.records import LIMIT_FIELDS, KeyRecord
+from gateway.settings import GroupConfig
+from gateway.store import Store
+
+__all__ = ["KeyCache", "Principal", "digest_of", "with_group"]
+
+log = structlog.get_logger(__name__)
+
+
+def digest_of(secret: str) -> str:
+    # surrogateescape: aiohttp decodes non-UTF-8 header bytes that way; such a key is unknown.
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key record the request authenticated with."""
+
+    key: KeyRecord
+
+
+def with_group(key: KeyRecord, groups: Mapping[str, GroupConfig]) -> KeyRecord:
+    """The key as it is enforced: its group's limits, budget and models where it sets none."""
+    group = groups.get(key.group_name) if key.group_name else None
+    if group is None:
+        return key
+    changes: dict[str, object] = {
+        name: getattr(group, name)
+        for name in LIMIT_FIELDS
+        if getattr(key, name) is None and getattr(group, name) is not None
+    }
+    if not key.models and group.models:
+        changes["models"] = group.models
+    return msgspec.structs.replace(key, **changes) if changes else key
+
+
+OnLoad = Callable[[list[KeyRecord]], Awaitable[None]]
+
+
+class KeyCache:
+    """Every key, by digest, in memory; `run()` keeps it in step with the database.
+
+    Keys are held as enforced: merged with their config group's defaults. `on_load` runs on
+    the new keys before they replace the old ones (the budget book reads their spending).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        refresh_seconds: float,
+        *,
+        groups: Iterable[GroupConfig] = (),
+        on_load: OnLoad | None = None,
+    ) -> None:
+        self._store = store
+        self._refresh = refresh_seconds
+        self._groups = {g.name: g for g in groups}
+        self._on_load = on_load
+        self._by_digest: dict[str, KeyRecord] = {}
+        self._changed_meanwhile: dict[str, KeyRecord] = {}
+        self._version: int | None = None
+        self.loads = 0  # completed (re)loads, observable by tests and metrics
+        self._loaded = asyncio.Event()
+
+    async def load(self) -> None:
+        version = await self._store.data_version()
+        self._changed_meanwhile = {}  # admin changes that land while this load awaits
+        keys = [with_group(k, self._groups) for k in await self._store.list_keys()]
+        unknown = {k.group_name for k in keys if k.group_name and k.group_name not in self._groups}
+        if unknown:
+            log.warning("key_groups_not_configured", groups=sorted(unknown))
+        if self._on_load is not None:
+            await self._on_load(keys)
+        by_digest = {k.digest: k for k in keys}
+        by_digest.update(self._changed_meanwhile)  # newer than this load's snapshot
+        self._by_digest = by_digest
+        self._version = version  # only now: a failed load is tried again at the next poll
+        self.loads += 1
+        self._loaded.set()
+
+    async def wait_reload(self, after: int) -> None:
+        """Wait until the cache has been (re)loaded more than `after` times."""
+        while self.loads <= after:
+            self._loaded.clear()
+            await self._loaded.wait()
+
+    async def refresh(self) -> None:
+        """Reload when another connection changed the database since the last load."""
+        version = await self._store.data_version()
+        if version != self._version:
+            await self.load()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh)
+            try:
+                await self.refresh()
+            except Exception:  # keep serving from the last good cache
+                log.exception("key_cache_refresh_failed")
+
+    def with_groups(self, key: KeyRecord) -> KeyRecord:
+        """The key as it is enforced (its group's defaults applied)."""
+        return with_group(key, self._groups)
+
+    def put(self, key: KeyRecord) -> KeyRecord:
+        """Apply a change made through this process (admin API) without waiting for a poll."""
+        key = self._by_digest[key.digest] = with_group(key, self._groups)
+        self._changed_meanwhile[key.digest] = key
+        return key
+
+    def lookup(self, secret: str) -> KeyRecord | None:
+        digest = digest_of(secret)
+        key = self._by_digest.get(digest)
+        # The dict lookup hashes the digest, not the secret; compare anyway in constant time.
+        if key is not None and hmac.compare_digest(key.digest, digest):
+            return key
+        return None

@@ -1,0 +1,63 @@
+"""The per-request trace: what a request learned on its way, for its log line and usage row.
+
+`request_context` (middleware) creates one per request under `TRACE_KEY`; authentication,
+the pipeline, retries and the SSE writer fill it in; the middleware reads it when the request
+ends. This module depends on nothing above it, so all of them can import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.records import KeyRecord
+from gateway.settings import ModelConfig
+from gateway.state import GATE_KEY
+
+__all__ = ["CLIENT_CLOSED", "TRACE_KEY", "RequestTrace", "add_trace_headers"]
+
+# nginx's convention for "client closed the connection before the response was complete".
+CLIENT_CLOSED = 499
+
+
+@dataclass(slots=True)
+class RequestTrace:
+    """What a handler learned about a request, for the log line and the usage row."""
+
+    request_id: str
+    started: float
+    ts: float
+    endpoint: str = ""
+    metered: bool = False  # True once a model was resolved: the request gets a usage row
+    key_id: str | None = None
+    model: ModelConfig | None = None
+    model_id: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    stream: bool = False
+    status: int | None = None  # overrides the HTTP status (stream errors, disconnects)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float | None = None
+    estimated: bool = False
+    # Extra response headers (x-gateway-provider).
+    headers: dict[str, str] | None = None
+    # A key with rate limits: its x-ratelimit-* headers go on every response, made once, as
+    # the response goes out (so they show what this request took).
+    limited: KeyRecord | None = None
+    # Every upstream attempt: provider, account, upstream model, status, ms.
+    attempts: list[dict[str, object]] = field(default_factory=list)
+
+
+TRACE_KEY: web.RequestKey[RequestTrace] = web.RequestKey("trace")
+
+
+def add_trace_headers(
+    request: web.Request, trace: RequestTrace, response: web.StreamResponse
+) -> None:
+    """The headers a request earned on its way (provider, the key's rate limits)."""
+    if trace.headers:
+        response.headers.update(trace.headers)
+    if trace.limited is not None:
+        response.headers.update(request.app[GATE_KEY].headers(trace.limited))
