@@ -92,7 +92,8 @@ def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
         ("[server\n", "not valid TOML"),
         (
             "[[providers]]\nname = 'p'\ntype = 'nope'\n",
-            "providers[0].type: Invalid value 'nope' (the provider types are: openai, azure, anthropic, gemini, demo)",
+            "providers[0].type: Invalid value 'nope' "
+            "(the provider types are: openai, azure, anthropic, gemini, demo)",
         ),
         (
             "[[providers]]\nname = 'p'\ntype = 'openai'\napi_keys = ['env:MISSING']\n",
