@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.providers import _sse
 from gateway.providers._sse import EventTooLarge, SSEDecoder
+from tests.conftest import calls_in
 
 LIMIT = 16 * 1024 * 1024
 
@@ -79,3 +81,49 @@ def test_work_is_linear_in_the_bytes_read() -> None:
     assert decoder._scan >= size - 1
     assert decoder.feed(b"\n\n") == [b"y" * size]
     assert reads == size // 4096
+
+
+# What carries no data, as an upstream could flood it: blank lines (LF, CRLF, CR), pings,
+# comments and fields with no `data:` line.
+NO_DATA = [b"\n", b"\r\n", b"\r", b":\n\n", b": ping\n\n", b"event: x\n\n", b"id: 1\nretry: 5\n\n"]
+
+
+@pytest.mark.parametrize("junk", NO_DATA, ids=repr)
+def test_a_flood_without_data_costs_work_per_read_not_per_byte(junk: bytes) -> None:
+    # Before: a Python loop turn per empty event (1 MB/s of newlines pinned a core); an
+    # upstream must not be able to spend one byte to make the gateway spend a microsecond.
+    piece = junk * (65536 // len(junk))
+    reads = (4 * 1024 * 1024) // len(piece)
+    decoder = SSEDecoder(LIMIT)
+    with calls_in(_sse) as work:
+        for _ in range(reads):
+            assert decoder.feed(piece) == []
+    assert decoder.end() == []
+    assert sum(work.values()) <= 20 * reads, work.most_common(5)
+
+
+def test_junk_between_events_costs_a_few_calls_per_junk_event() -> None:
+    junk = b":\n\n" * 5000 + b"event: x\n\n" * 5000
+    piece = junk + b"data: {}\n\n"
+    decoder = SSEDecoder(LIMIT)
+    with calls_in(_sse) as work:
+        for _ in range(10):
+            assert decoder.feed(piece) == [b"{}"]
+    assert sum(work.values()) <= 10 * (3 * 10_000 + 50), work.most_common(5)
+
+
+def test_empty_data_is_not_an_event() -> None:
+    # The SSE standard dispatches no event for an empty data buffer; relayed, `data: ` would
+    # be a JSON parse error in the client's SDK.
+    assert batches([b"data:\n\ndata: \n\ndata: 1\n\ndata:"]) == [[b"1"]]
+
+
+def test_invalid_utf8_is_read_as_replacement_characters() -> None:
+    # The SSE standard decodes a stream as UTF-8 with U+FFFD for invalid bytes; relayed as
+    # they are, they would make the client's SDK fail to decode the stream at all.
+    stream = b'data: {"a":"\xff\xfe ok \xc3\xa9"}\n\ndata: {"b":"\xed\xa0\x80"}\n\n'
+    assert batches([stream]) == [
+        ['{"a":"\ufffd\ufffd ok é"}'.encode(), '{"b":"\ufffd\ufffd\ufffd"}'.encode()]
+    ]
+    # A character split across reads is not invalid.
+    assert batches([b'data: "\xc3', b'\xa9"\n\n']) == [['"é"'.encode()]]

@@ -1,16 +1,21 @@
 """Server-sent events from an upstream: bytes in, the `data` of each complete event out.
 
 One linear pass over what arrives, however the upstream splits it: each read is appended once,
-the search for the end of an event resumes where the last one stopped, and consumed bytes are
-dropped from the front of the buffer (amortised O(1) for a `bytearray`). An event that grows
-past `max_event_bytes` before it ends raises `EventTooLarge`, so a hostile upstream cannot make
-the gateway buffer an endless line. CR, LF and CRLF line ends are all accepted (a CR that ends
+the search for the end of an event resumes where the last one stopped, and a read is split
+into its events by one C call. What carries no data (blank lines, comments, lone `event:` or
+`id:` lines) costs no Python work per event where it can be skipped in C, so an upstream
+cannot spend one byte to make the gateway spend a microsecond. An event that grows past
+`max_event_bytes` before it ends raises `EventTooLarge`, so a hostile upstream cannot make the
+gateway buffer an endless line. CR, LF and CRLF line ends are all accepted (a CR that ends
 one read may be the first half of a CRLF split across reads, so it waits for the next one).
+
+As the SSE standard says, a stream is UTF-8 text with invalid bytes read as U+FFFD, and an
+event whose data is empty is not dispatched: what comes out is valid UTF-8, never empty.
 """
 
 from __future__ import annotations
 
-__all__ = ["EventTooLarge", "FrameDecoder", "SSEDecoder"]
+__all__ = ["EventTooLarge", "FrameDecoder", "SSEDecoder", "utf8"]
 
 from typing import Protocol
 
@@ -35,6 +40,17 @@ class FrameDecoder(Protocol):
         ...
 
 
+def utf8(data: bytes) -> bytes:
+    """`data` as valid UTF-8: invalid bytes become U+FFFD (as the SSE standard decodes)."""
+    if data.isascii():
+        return data
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return data.decode(errors="replace").encode()
+    return data
+
+
 class SSEDecoder:
     """The `data` of each SSE event; comments (`: ping`), `event:`, `id:` and `retry:` are
     skipped, and several `data:` lines of one event are joined with newlines."""
@@ -43,7 +59,7 @@ class SSEDecoder:
 
     def __init__(self, max_event_bytes: int) -> None:
         self._limit = max_event_bytes
-        self._buf = bytearray()  # the unfinished event(s), line ends already normalised
+        self._buf = bytearray()  # the unfinished event, line ends already normalised
         self._scan = 0  # where the search for "\n\n" resumes in _buf
         self._cr = False  # the last read ended with a CR, held back
 
@@ -59,41 +75,54 @@ class SSEDecoder:
         buf = self._buf
         if buf:
             buf += piece
-            data: bytes | bytearray = buf
-            scan = self._scan
+            if buf.find(b"\n\n", self._scan) < 0:
+                self._hold()
+                return []
+            data = bytes(buf)  # the event is complete: copied once, then split
+            buf.clear()
         else:
-            data, scan = piece, 0  # the common case: parse the read itself, copy nothing
-        out: list[bytes] = []
-        start = 0
-        while (end := data.find(b"\n\n", scan)) >= 0:
-            payload = _event_data(bytes(data[start:end]))
-            if payload is not None:
-                out.append(payload)
-            start = scan = end + 2
-        rest = len(data) - start
-        if rest > self._limit:
+            data = piece  # the common case: parse the read itself
+        events = data.split(b"\n\n")
+        rest = events.pop()
+        if rest:
+            buf += rest
+        self._hold()
+        if not events or b"data:" not in data:
+            return []  # e.g. a run of blank lines or pings: nothing to dispatch
+        return _payloads(events, data.isascii())
+
+    def _hold(self) -> None:
+        """Check the unfinished event against the limit; resume its search at its end."""
+        held = len(self._buf)
+        if held > self._limit:
             raise EventTooLarge(f"an event is larger than {self._limit} bytes")
-        if data is buf:
-            del buf[:start]
-        elif rest:
-            buf += data[start:]
         # A "\n" at the very end may be the first half of the next event's separator.
-        self._scan = max(0, len(buf) - 1)
-        return out
+        self._scan = max(0, held - 1)
 
     def end(self) -> list[bytes]:
         tail = bytes(self._buf).strip()
         self._buf.clear()
-        if not tail:
-            return []
-        payload = _event_data(tail)
-        return [payload] if payload is not None else []
+        return _payloads([tail], tail.isascii()) if b"data:" in tail else []
 
 
-def _event_data(event: bytes) -> bytes | None:
-    if event.startswith(b"data: ") and b"\n" not in event:
-        return event[6:]  # the common case: one data line
+def _payloads(events: list[bytes], ascii_only: bool) -> list[bytes]:
+    out: list[bytes] = []
+    for event in filter(None, events):  # empty: a run of blank lines, skipped in C
+        if b"\n" in event:
+            payload = _event_data(event)
+        elif event.startswith(b"data: "):
+            payload = event[6:]  # the common case: one data line
+        elif event.startswith(b"data:"):
+            payload = event[5:]
+        else:
+            continue  # a comment or another field alone: no event
+        if payload:
+            out.append(payload if ascii_only else utf8(payload))
+    return out
+
+
+def _event_data(event: bytes) -> bytes:
     lines = [
         line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
     ]
-    return b"\n".join(lines) if lines else None
+    return b"\n".join(lines)
