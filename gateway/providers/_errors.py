@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__)
 __all__ = [
     "MAX_RETRY_AFTER",
     "error_from_status",
+    "is_json_object",
     "parse_retry_after",
     "read_usage",
     "retry_after_of",
@@ -184,6 +185,24 @@ def error_from_status(
     return UpstreamError(f"The upstream provider '{provider}' answered HTTP {status}: {message}")
 
 
+class _AnyObject(msgspec.Struct):
+    """Any JSON object: decoding checks the syntax and skips every field, building nothing."""
+
+
+_ANY_OBJECT = msgspec.json.Decoder(_AnyObject)
+
+
+def is_json_object(data: bytes) -> bool:
+    """Whether `data` is one well-formed JSON object, as every answer and event of the APIs
+    the gateway speaks is; what is relayed untouched must be, or the client's SDK fails
+    to parse it (or returns a list where a completion belongs)."""
+    try:
+        _ANY_OBJECT.decode(data)
+    except msgspec.MsgspecError:
+        return False
+    return True
+
+
 def read_usage(provider: str, decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T | None:
     """The usage view of a whole upstream answer (`what`: "completion", "response"...).
 
@@ -191,17 +210,17 @@ def read_usage(provider: str, decoder: msgspec.json.Decoder[T], body: bytes, wha
     usage row is estimated), with a warning.
 
     Raises:
-        UpstreamError: the answer is not JSON at all.
+        UpstreamError: the answer is not a JSON object at all.
     """
     try:
         return decoder.decode(body)
     except msgspec.ValidationError:
-        log.warning("upstream_usage_unreadable", provider=provider)
-        return None
+        if is_json_object(body):
+            log.warning("upstream_usage_unreadable", provider=provider)
+            return None
     except msgspec.DecodeError:
-        raise UpstreamError(
-            f"The upstream provider '{provider}' returned a malformed {what}."
-        ) from None
+        pass
+    raise UpstreamError(f"The upstream provider '{provider}' returned a malformed {what}.")
 
 
 def upstream_failure(provider: str, exc: BaseException) -> UpstreamError:

@@ -9,6 +9,9 @@ follow an upstream's redirect and bound every buffer):
   its `max_event_bytes`, counted after decompression (aiohttp inflates in bounded steps as
   the body is read, so a compressed body is never inflated past the limit). Past a limit the
   connection is closed, not returned to the pool. Error bodies are read up to 64 KiB.
+- What it hands back (answers, error bodies, events) is valid UTF-8: invalid bytes are read
+  as U+FFFD, as the SSE standard reads a stream, so no later decode of an upstream's text
+  can fail.
 - Every request carries the gateway's `x-request-id`.
 - Client-side failures (refused, reset, timed out) become `UpstreamConnectionError` or
   `UpstreamTimeout`, before a byte of the answer is used.
@@ -30,7 +33,7 @@ import msgspec
 
 from gateway.errors import UpstreamBadResponse, UpstreamError
 from gateway.providers._errors import error_from_status, upstream_failure
-from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder
+from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder, utf8
 from gateway.settings import UpstreamConfig
 
 __all__ = ["Attempt", "Dialect", "UpstreamClient", "bearer", "key_header"]
@@ -150,7 +153,7 @@ class UpstreamClient:
             raise upstream_failure(self.config.name, exc) from exc
         # Only an answer counts: a refused call must not be charged as if it ran.
         attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
-        return data
+        return utf8(data)
 
     async def stream(
         self, url: str, body: bytes, attempt: Attempt
@@ -198,7 +201,7 @@ class UpstreamClient:
                 f"The upstream provider '{self.config.name}' answered HTTP {resp.status} "
                 "(a redirect); the gateway never follows upstream redirects."
             )
-        body = await self._read(resp, ERROR_BODY_BYTES, truncate=True)
+        body = utf8(await self._read(resp, ERROR_BODY_BYTES, truncate=True))
         return self._dialect.classify(self.config.name, resp.status, body, resp.headers)
 
     async def _read(

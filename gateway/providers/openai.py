@@ -19,7 +19,7 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
-from gateway.providers._errors import read_usage, stream_error
+from gateway.providers._errors import is_json_object, read_usage, stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.openai_responses import ResponsesRelay
@@ -118,29 +118,42 @@ class OpenAIProvider:
         return out, False, None
 
     def _keep(self, call: ChatCall, data: bytes, keep_usage_chunk: bool) -> bool:
-        """Account for one upstream event; False for events the client must not get."""
+        """Account for one upstream event; False for events the client must not get.
+
+        Raises:
+            UpstreamError: an error event, or one that is not a JSON object (relayed, the
+                client's SDK would fail to parse it).
+        """
         if b'"usage":{' in data or b'"usage": {' in data:
             try:
                 view = _CHUNK_USAGE.decode(data)
             except msgspec.ValidationError:
+                if not is_json_object(data):
+                    raise self._malformed() from None
                 # Unreadable usage: relay the event, let the usage row be estimated.
                 log.warning("upstream_usage_unreadable", provider=self.config.name)
                 usage_only = b'"choices":[]' in data or b'"choices": []' in data
             except msgspec.DecodeError:
-                raise UpstreamError(
-                    f"The upstream provider '{self.config.name}' sent a malformed stream event."
-                ) from None
+                raise self._malformed() from None
             else:
                 call.usage = view.usage
                 usage_only = not view.choices
             if usage_only:
                 return keep_usage_chunk
-        elif data.startswith(b'{"error"') or b'"error":' in data[:16]:
-            error = stream_error(self.config.name, data)
-            if error is not None:
-                raise error
+        else:
+            if data.startswith(b'{"error"') or b'"error":' in data[:16]:
+                error = stream_error(self.config.name, data)
+                if error is not None:
+                    raise error
+            if not is_json_object(data):
+                raise self._malformed()
         call.chunks += 1
         return True
+
+    def _malformed(self) -> UpstreamError:
+        return UpstreamError(
+            f"The upstream provider '{self.config.name}' sent a malformed stream event."
+        )
 
 
 class OpenAIResponsesProvider(OpenAIProvider):

@@ -1,0 +1,316 @@
+"""The one upstream client attacked from outside, byte by byte: a raw TCP upstream that
+misbehaves below HTTP's level (floods, broken encodings, bad UTF-8, answers that are not JSON,
+echoed secrets), the real gateway in front of it, and the official `openai` client, which must
+always get a result or an `openai.APIError` it can handle, never a parse crash or a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.test_utils import TestClient
+
+from gateway.providers import _sse
+from gateway.settings import ModelConfig, Target
+from tests.conftest import (
+    MakeSettings,
+    calls_in,
+    create_key,
+    openai_client,
+    provider_config,
+    start_gateway,
+)
+
+MiB = 1024 * 1024
+UPSTREAM_KEY = "sk-upstream-0123456789abcdefghij"
+# Base URL path per provider type; "responses" is an openai provider with `responses_api`.
+KINDS = {"openai": "/v1", "responses": "/v1", "azure": "", "anthropic": "", "gemini": ""}
+HI = [{"role": "user", "content": "hi"}]
+
+Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+def http(status: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    """A raw HTTP/1.1 response, exactly as given (no header is added)."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"HTTP/1.1 {status}\r\n{head}\r\n".encode() + body
+
+
+def whole(body: bytes, content_type: str = "application/json", **headers: str) -> bytes:
+    return http(
+        "200 OK", {"Content-Type": content_type, **headers, "Content-Length": str(len(body))}, body
+    )
+
+
+def until_close(body: bytes, content_type: str = "text/event-stream") -> bytes:
+    """A 200 whose body ends when the connection closes (no length, no chunks)."""
+    return http("200 OK", {"Content-Type": content_type, "Connection": "close"}, body)
+
+
+def sends(data: bytes) -> Answer:
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+
+    return answer
+
+
+@dataclass
+class RawUpstream:
+    """An upstream below HTTP's level: each request (head and body) is read and recorded,
+    then `answer` writes whatever bytes it likes, with TCP_NODELAY so writes go out as
+    written."""
+
+    answer: Answer
+    requests: list[bytes] = field(default_factory=list)
+    server: asyncio.Server | None = None
+    port: int = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (int(line[15:]) for line in head.lower().split(b"\r\n")
+                     if line.startswith(b"content-length:")),
+                    0,
+                )  # fmt: skip
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                await self.answer(request, writer)
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@dataclass
+class Rig:
+    gateway: TestClient[Any, Any]
+    key: str
+    kind: str
+    upstream: RawUpstream
+
+    def body(self, stream: bool) -> tuple[str, dict[str, Any]]:
+        if self.kind == "responses":
+            return "/v1/responses", {"model": "m", "input": "hi", "stream": stream}
+        return "/v1/chat/completions", {"model": "m", "messages": HI, "stream": stream}
+
+    async def call(self, *, stream: bool) -> tuple[int, bytes]:
+        path, body = self.body(stream)
+        resp = await self.gateway.post(
+            path, json=body, headers={"Authorization": f"Bearer {self.key}"}
+        )
+        return resp.status, await resp.read()
+
+    async def sdk(self, *, stream: bool) -> Any:
+        """What the official client makes of the answer: chunks, a completion, or its error."""
+        async with openai_client(self.gateway, self.key) as client:
+            try:
+                if self.kind == "responses":
+                    if stream:
+                        events = await client.responses.create(model="m", input="hi", stream=True)
+                        return [event async for event in events]
+                    return await client.responses.create(model="m", input="hi")
+                if stream:
+                    chunks = await client.chat.completions.create(
+                        model="m", messages=HI, stream=True
+                    )  # type: ignore[arg-type]
+                    return [chunk async for chunk in chunks]
+                return await client.chat.completions.create(model="m", messages=HI)  # type: ignore[arg-type]
+            except openai.APIError as exc:
+                return exc
+
+
+Build = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
+    servers: list[asyncio.Server] = []
+
+    async def make(kind: str, answer: Answer, **fields: Any) -> Rig:
+        upstream = RawUpstream(answer)
+        await upstream.start()
+        assert upstream.server is not None
+        servers.append(upstream.server)
+        base = f"http://127.0.0.1:{upstream.port}{KINDS[kind]}"
+        config_kind = kind
+        if kind == "responses":
+            config_kind, fields = "openai", {**fields, "responses_api": True}
+        if kind == "azure":
+            fields = {"api_version": "2024-10-21", **fields}
+        provider = provider_config(
+            config_kind, name="up", base_url=base, api_keys=(UPSTREAM_KEY,), **fields
+        )
+        model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
+        settings = make_settings(providers=(provider,), models=(model,))
+        gateway = await start_gateway(aiohttp_client, settings)
+        return Rig(gateway, await create_key(gateway), kind, upstream)
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def chunk(content: str | bytes) -> bytes:
+    """An OpenAI chat.completion.chunk payload (bytes content is inserted as it is)."""
+    text = content if isinstance(content, bytes) else json.dumps(content)[1:-1].encode()
+    return (
+        b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
+        b'[{"index":0,"delta":{"content":"%b"},"finish_reason":null}]}' % text
+    )
+
+
+COMPLETION = (
+    b'{"id":"c","object":"chat.completion","created":1,"model":"m-1","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"%b"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+)
+
+
+def sse(*payloads: bytes) -> bytes:
+    return b"".join(b"data: %b\n\n" % p for p in payloads)
+
+
+# --- SSE: floods, and events an SDK cannot parse ----------------------------------------------
+
+
+@pytest.mark.parametrize("junk", [b"\n", b"\r\n", b": ping\n\n"], ids=["lf", "crlf", "pings"])
+async def test_a_flood_before_the_first_event_costs_work_per_read(
+    build: Build, junk: bytes
+) -> None:
+    # 8 MiB of blank lines (or pings) before the answer: once a microsecond of Python per
+    # byte, enough for a few upstreams to starve every other client of the event loop.
+    flood = junk * (8 * MiB // len(junk))
+    body = flood + sse(chunk("hi"), b"[DONE]")
+    rig = await build("openai", sends(until_close(body)))
+    with calls_in(_sse) as work:
+        chunks = await rig.sdk(stream=True)
+    assert [c.choices[0].delta.content for c in chunks] == ["hi"]
+    assert sum(work.values()) <= len(body) // 500, work.most_common(5)
+
+
+BAD_EVENTS = {
+    "not-json": b"hello",
+    "nul-byte": chunk(b"a\x00b"),
+    "array": b"[1,2]",
+    "string": b'"str"',
+    "truncated": chunk("x")[:40],
+    "trailing-garbage": b'{"id": "c"} x',
+}
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first", "mid-stream"])
+@pytest.mark.parametrize("bad", list(BAD_EVENTS))
+@pytest.mark.parametrize("kind", ["openai", "azure"])
+async def test_events_that_are_not_json_objects_are_errors_the_sdk_raises(
+    build: Build, kind: str, bad: str, first: bool
+) -> None:
+    # Relayed as they were, each made the SDK raise json.JSONDecodeError (or yield a list).
+    good = [] if first else [chunk("hi")]
+    rig = await build(kind, sends(until_close(sse(*good, BAD_EVENTS[bad], b"[DONE]"))))
+    result = await rig.sdk(stream=True)
+    assert isinstance(result, openai.APIError), result
+    assert "malformed" in result.message
+    if first:
+        assert isinstance(result, openai.APIStatusError) and result.status_code == 503
+
+
+async def test_an_event_the_stream_ends_in_the_middle_of_is_an_error(build: Build) -> None:
+    rig = await build("openai", sends(until_close(sse(chunk("hi")) + b"data: " + chunk("x")[:30])))
+    status, body = await rig.call(stream=True)
+    assert status == 200
+    assert body.startswith(b"data: " + chunk("hi") + b"\n\n")
+    assert b'"code":"upstream_error"' in body and b"malformed" in body
+    assert not body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_empty_data_events_are_not_relayed(build: Build) -> None:
+    rig = await build(
+        "openai", sends(until_close(b"data:\n\ndata: \n\n" + sse(chunk("hi"), b"[DONE]")))
+    )
+    chunks = await rig.sdk(stream=True)
+    assert [c.choices[0].delta.content for c in chunks] == ["hi"]
+
+
+@pytest.mark.parametrize("kind", ["openai", "azure"])
+async def test_invalid_utf8_in_a_stream_reaches_the_sdk_as_replacement_characters(
+    build: Build, kind: str
+) -> None:
+    # Relayed as it was, one bad byte made the SDK fail to decode the whole stream
+    # (UnicodeDecodeError). The SSE standard reads invalid bytes as U+FFFD.
+    events = sse(chunk("h\u00e9"), chunk(b"bad \xff\xfe byte"), chunk(b"half \xe2\x82"), b"[DONE]")
+    rig = await build(kind, sends(until_close(events)))
+    chunks = await rig.sdk(stream=True)
+    assert [c.choices[0].delta.content for c in chunks] == [
+        "h\u00e9",
+        "bad \ufffd\ufffd byte",
+        "half \ufffd",
+    ]
+
+
+# --- Whole answers: bad UTF-8, and answers that are not JSON objects --------------------------
+
+
+@pytest.mark.parametrize("kind", ["openai", "azure"])
+async def test_invalid_utf8_in_an_answer_reaches_the_sdk_as_replacement_characters(
+    build: Build, kind: str
+) -> None:
+    rig = await build(kind, sends(whole(COMPLETION % b"bad \xff byte")))
+    completion = await rig.sdk(stream=False)
+    assert completion.choices[0].message.content == "bad \ufffd byte"
+
+
+ANTHROPIC_TOOL_USE = (
+    b'{"id":"msg_1","type":"message","role":"assistant","model":"m-1","content":[{"type":'
+    b'"tool_use","id":"toolu_1","name":"f","input":{"city":"\xff\xfeParis"}}],"stop_reason":'
+    b'"tool_use","stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":1}}'
+)
+GEMINI_FUNCTION_CALL = (
+    b'{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"f","args":'
+    b'{"city":"\xff\xfeParis"}}}]},"finishReason":"STOP"}],"usageMetadata":'
+    b'{"promptTokenCount":1,"candidatesTokenCount":1,"totalTokenCount":2}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "answer"), [("anthropic", ANTHROPIC_TOOL_USE), ("gemini", GEMINI_FUNCTION_CALL)]
+)
+async def test_invalid_utf8_in_translated_tool_arguments_is_not_a_gateway_crash(
+    build: Build, kind: str, answer: bytes
+) -> None:
+    # Tool arguments are kept as raw JSON and decoded to text late: one bad byte was an
+    # unhandled UnicodeDecodeError, a 500 logged as a gateway bug.
+    rig = await build(kind, sends(whole(answer)))
+    completion = await rig.sdk(stream=False)
+    call = completion.choices[0].message.tool_calls[0]
+    assert json.loads(call.function.arguments) == {"city": "\ufffd\ufffdParis"}
+
+
+@pytest.mark.parametrize("answer", [b"[1,2]", b'"str"', b"null", b"42", b"hello", b""])
+@pytest.mark.parametrize("kind", ["openai", "azure", "responses"])
+async def test_an_answer_that_is_not_a_json_object_is_a_502(
+    build: Build, kind: str, answer: bytes
+) -> None:
+    # Relayed as they were, the SDK returned a list or a str where a completion belongs.
+    rig = await build(kind, sends(whole(answer)))
+    result = await rig.sdk(stream=False)
+    assert isinstance(result, openai.APIStatusError), result
+    assert result.status_code == 502
+    assert "malformed" in result.message
