@@ -16,6 +16,7 @@ import openai
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from gateway.providers import _sse
 from gateway.settings import ModelConfig, Target
@@ -32,7 +33,7 @@ MiB = 1024 * 1024
 UPSTREAM_KEY = "sk-upstream-0123456789abcdefghij"
 # Base URL path per provider type; "responses" is an openai provider with `responses_api`.
 KINDS = {"openai": "/v1", "responses": "/v1", "azure": "", "anthropic": "", "gemini": ""}
-HI = [{"role": "user", "content": "hi"}]
+HI: Any = [{"role": "user", "content": "hi"}]
 
 Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 
@@ -84,10 +85,13 @@ class RawUpstream:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    (int(line[15:]) for line in head.lower().split(b"\r\n")
-                     if line.startswith(b"content-length:")),
+                    (
+                        int(line[15:])
+                        for line in head.lower().split(b"\r\n")
+                        if line.startswith(b"content-length:")
+                    ),
                     0,
-                )  # fmt: skip
+                )
                 request = head + await reader.readexactly(length)
                 self.requests.append(request)
                 await self.answer(request, writer)
@@ -130,9 +134,9 @@ class Rig:
                 if stream:
                     chunks = await client.chat.completions.create(
                         model="m", messages=HI, stream=True
-                    )  # type: ignore[arg-type]
+                    )
                     return [chunk async for chunk in chunks]
-                return await client.chat.completions.create(model="m", messages=HI)  # type: ignore[arg-type]
+                return await client.chat.completions.create(model="m", messages=HI)
             except openai.APIError as exc:
                 return exc
 
@@ -155,9 +159,8 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
             config_kind, fields = "openai", {**fields, "responses_api": True}
         if kind == "azure":
             fields = {"api_version": "2024-10-21", **fields}
-        provider = provider_config(
-            config_kind, name="up", base_url=base, api_keys=(UPSTREAM_KEY,), **fields
-        )
+        fields.setdefault("api_keys", (UPSTREAM_KEY,))
+        provider = provider_config(config_kind, name="up", base_url=base, **fields)
         model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
         settings = make_settings(providers=(provider,), models=(model,))
         gateway = await start_gateway(aiohttp_client, settings)
@@ -314,3 +317,142 @@ async def test_an_answer_that_is_not_a_json_object_is_a_502(
     assert isinstance(result, openai.APIStatusError), result
     assert result.status_code == 502
     assert "malformed" in result.message
+
+
+# --- Secrets: an upstream that echoes the gateway's key ----------------------------------------
+
+ECHO = f"Invalid request from key {UPSTREAM_KEY} (account acme-prod)"
+
+
+def error_status(status: int) -> Answer:
+    body = json.dumps({"error": {"message": ECHO, "type": "invalid_request_error"}}).encode()
+    return sends(
+        http(
+            f"{status} Oops",
+            {"Content-Type": "application/json", "Content-Length": str(len(body))},
+            body,
+        )
+    )
+
+
+def named_events(events: list[dict[str, Any]]) -> bytes:
+    """Events with an `event:` line naming their type (Anthropic's and the Responses API's)."""
+    return b"".join(
+        b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events
+    )
+
+
+def error_event(kind: str, after_content: bool) -> Answer:
+    """A stream that fails with an error event whose message holds the key."""
+    error: dict[str, Any]
+    if kind == "anthropic":
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "m-1",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": 0},
+            },
+        }
+        text = [
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "hi"},
+            },
+        ]
+        error = {"type": "error", "error": {"type": "api_error", "message": ECHO}}
+        events: list[dict[str, Any]] = [start, *(text if after_content else []), error]
+        body = named_events(events)
+    elif kind == "gemini":
+        part = {"candidates": [{"content": {"role": "model", "parts": [{"text": "hi"}]}}]}
+        error = {"error": {"code": 500, "message": ECHO, "status": "INTERNAL"}}
+        body = sse(*[json.dumps(e).encode() for e in ([part] if after_content else []) + [error]])
+    elif kind == "responses":
+        created = {
+            "type": "response.created",
+            "sequence_number": 0,
+            "response": {
+                "id": "resp_1",
+                "object": "response",
+                "status": "in_progress",
+                "output": [],
+            },
+        }
+        delta = {
+            "type": "response.output_text.delta",
+            "sequence_number": 1,
+            "item_id": "m",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": "hi",
+        }
+        error = {"type": "error", "sequence_number": 2, "code": "server_error", "message": ECHO}
+        events = [created, *([delta] if after_content else []), error]
+        body = named_events(events)
+    else:
+        error = {"error": {"message": ECHO, "type": "server_error"}}
+        body = sse(*([chunk("hi")] if after_content else []), json.dumps(error).encode())
+    return sends(until_close(body))
+
+
+SECRET_ATTACKS = [
+    "status-400",
+    "status-404",
+    "status-418",
+    "status-500",
+    "event-first",
+    "event-after-content",
+]
+
+
+@pytest.mark.parametrize("attack", SECRET_ATTACKS)
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_an_upstream_never_makes_the_gateway_hand_out_its_key(
+    build: Build, kind: str, attack: str
+) -> None:
+    # Client-caused errors keep the upstream's message, and server errors said what the
+    # upstream said: an upstream (or a proxy in front of it) that quotes the key it was sent
+    # gave the gateway's credential to every client. Nor may the key reach the logs.
+    stream = attack.startswith("event")
+    if stream:
+        answer = error_event(kind, after_content=attack == "event-after-content")
+    else:
+        answer = error_status(int(attack.removeprefix("status-")))
+    rig = await build(kind, answer)
+    with capture_logs() as logs:
+        status, body = await rig.call(stream=stream)
+    assert status != 200 or b"error" in body
+    assert UPSTREAM_KEY.encode() not in body
+    assert UPSTREAM_KEY not in repr(logs)
+    if attack in ("status-400", "status-404"):  # the client's fault: the message is relayed
+        assert b"[redacted]" in body and b"acme-prod" in body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_key_echoed_in_an_answer_is_redacted(build: Build, stream: bool) -> None:
+    text = f"your key is {UPSTREAM_KEY}".encode()
+    answer = until_close(sse(chunk(text), b"[DONE]")) if stream else whole(COMPLETION % text)
+    rig = await build("openai", sends(answer))
+    result = await rig.sdk(stream=stream)
+    content = result[0].choices[0].delta.content if stream else result.choices[0].message.content
+    assert content == "your key is [redacted]"
+
+
+async def test_short_placeholder_keys_are_not_redacted(build: Build) -> None:
+    # Keyless local servers take any key ("ollama", "EMPTY"): a word that short is no secret,
+    # and replacing it in answers would corrupt them.
+    rig = await build("openai", sends(whole(COMPLETION % b"EMPTY is empty")), api_keys=("EMPTY",))
+    completion = await rig.sdk(stream=False)
+    assert completion.choices[0].message.content == "EMPTY is empty"
+    assert b"authorization: Bearer EMPTY\r\n" in rig.upstream.requests[0]

@@ -11,7 +11,8 @@ follow an upstream's redirect and bound every buffer):
   connection is closed, not returned to the pool. Error bodies are read up to 64 KiB.
 - What it hands back (answers, error bodies, events) is valid UTF-8: invalid bytes are read
   as U+FFFD, as the SSE standard reads a stream, so no later decode of an upstream's text
-  can fail.
+  can fail. Nor does it hold the key it sent: an upstream (or a proxy before it) that quotes
+  the key in an error message or an answer would otherwise hand it to the client.
 - Every request carries the gateway's `x-request-id`.
 - Client-side failures (refused, reset, timed out) become `UpstreamConnectionError` or
   `UpstreamTimeout`, before a byte of the answer is used.
@@ -43,6 +44,11 @@ T = TypeVar("T")
 # Enough for any error envelope; the rest of a larger error body is not read.
 ERROR_BODY_BYTES = 64 * 1024
 
+# Keys shorter than this are placeholders for keyless servers ("EMPTY", "ollama"), not
+# secrets: replacing such a word wherever an answer says it would corrupt the answer.
+MIN_SECRET_CHARS = 16
+REDACTED = b"[redacted]"
+
 Classifier = Callable[[str, int, bytes, Mapping[str, str]], UpstreamError]
 
 
@@ -52,6 +58,15 @@ class Attempt(Protocol):
     api_key: str | None
     request_id: str
     first_byte_at: float | None
+
+
+def _secret(attempt: Attempt) -> bytes | None:
+    key = attempt.api_key
+    return key.encode() if key is not None and len(key) >= MIN_SECRET_CHARS else None
+
+
+def _redact(data: bytes, secret: bytes | None) -> bytes:
+    return data.replace(secret, REDACTED) if secret is not None and secret in data else data
 
 
 def bearer(api_key: str) -> dict[str, str]:
@@ -147,13 +162,13 @@ class UpstreamClient:
                 allow_redirects=False,
             ) as resp:
                 if resp.status >= 300:
-                    raise await self._failure(resp)
+                    raise await self._failure(resp, attempt)
                 data = await self._read(resp, self.config.max_response_bytes)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_failure(self.config.name, exc) from exc
         # Only an answer counts: a refused call must not be charged as if it ran.
         attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
-        return utf8(data)
+        return _redact(utf8(data), _secret(attempt))
 
     async def stream(
         self, url: str, body: bytes, attempt: Attempt
@@ -176,32 +191,38 @@ class UpstreamClient:
                 allow_redirects=False,
             ) as resp:
                 if resp.status >= 300:
-                    raise await self._failure(resp)
+                    raise await self._failure(resp, attempt)
                 frames = self._dialect.frames(self.config.max_event_bytes)
+                secret = _secret(attempt)
                 try:
                     async for piece in resp.content.iter_any():
                         batch = frames.feed(piece)
                         if batch:
                             if attempt.first_byte_at is None:
                                 attempt.first_byte_at = time.monotonic()
+                            if secret is not None:
+                                _redact_each(batch, secret)
                             yield batch
                 except EventTooLarge:
                     resp.close()  # drop the connection: the rest of the event is not read
                     raise self._too_large("a stream event", "max_event_bytes") from None
                 tail = frames.end()
                 if tail:
+                    if secret is not None:
+                        _redact_each(tail, secret)
                     yield tail
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_failure(self.config.name, exc) from exc
 
-    async def _failure(self, resp: aiohttp.ClientResponse) -> UpstreamError:
+    async def _failure(self, resp: aiohttp.ClientResponse, attempt: Attempt) -> UpstreamError:
         if resp.status < 400:
             resp.close()  # its body and Location are not the client's business
             return UpstreamBadResponse(
                 f"The upstream provider '{self.config.name}' answered HTTP {resp.status} "
                 "(a redirect); the gateway never follows upstream redirects."
             )
-        body = utf8(await self._read(resp, ERROR_BODY_BYTES, truncate=True))
+        body = await self._read(resp, ERROR_BODY_BYTES, truncate=True)
+        body = _redact(utf8(body), _secret(attempt))
         return self._dialect.classify(self.config.name, resp.status, body, resp.headers)
 
     async def _read(
@@ -235,3 +256,9 @@ class UpstreamClient:
             f"The upstream provider '{self.config.name}' sent {what} larger than "
             f"{limit} bytes (the provider's {setting})."
         )
+
+
+def _redact_each(batch: list[bytes], secret: bytes) -> None:
+    for i, payload in enumerate(batch):
+        if secret in payload:
+            batch[i] = payload.replace(secret, REDACTED)
