@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
 from gateway.providers import _sse
-from gateway.settings import ModelConfig, Target
+from gateway.settings import ModelConfig, RoutingSettings, Target
 from tests.conftest import (
     MakeSettings,
     calls_in,
@@ -148,7 +148,8 @@ Build = Callable[..., Awaitable[Rig]]
 async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
     servers: list[asyncio.Server] = []
 
-    async def make(kind: str, answer: Answer, **fields: Any) -> Rig:
+    async def make(kind: str, answer: Answer, server: Any = None, **fields: Any) -> Rig:
+        server = server or {}
         upstream = RawUpstream(answer)
         await upstream.start()
         assert upstream.server is not None
@@ -162,7 +163,7 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
         fields.setdefault("api_keys", (UPSTREAM_KEY,))
         provider = provider_config(config_kind, name="up", base_url=base, **fields)
         model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
-        settings = make_settings(providers=(provider,), models=(model,))
+        settings = make_settings(providers=(provider,), models=(model,), **server)
         gateway = await start_gateway(aiohttp_client, settings)
         return Rig(gateway, await create_key(gateway), kind, upstream)
 
@@ -456,3 +457,33 @@ async def test_short_placeholder_keys_are_not_redacted(build: Build) -> None:
     completion = await rig.sdk(stream=False)
     assert completion.choices[0].message.content == "EMPTY is empty"
     assert b"authorization: Bearer EMPTY\r\n" in rig.upstream.requests[0]
+
+
+async def test_an_account_out_of_credit_is_the_gateways_problem_and_fails_over(
+    build: Build,
+) -> None:
+    # OpenRouter and DeepSeek say 402 when the operator's balance is spent. It was relayed
+    # as "answered HTTP 402: <the upstream's text about the operator's account>", a 502 that
+    # was never retried, so the account's other keys were never tried.
+    broke = f"Insufficient balance on account acme-prod ({UPSTREAM_KEY[:12]}...)"
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if UPSTREAM_KEY.encode() in request:
+            body = json.dumps({"error": {"message": broke, "code": "insufficient_balance"}})
+            writer.write(http("402 Payment Required", {"Content-Length": str(len(body))}))
+            writer.write(body.encode())
+        else:
+            writer.write(whole(COMPLETION % b"from the second account"))
+        await writer.drain()
+
+    second = "sk-second-account-0123456789"
+    routing = RoutingSettings(max_attempts=2, backoff_initial=0)
+    rig = await build("openai", answer, {"routing": routing}, api_keys=(UPSTREAM_KEY, second))
+    completions = [await rig.sdk(stream=False) for _ in range(2)]
+    assert [c.choices[0].message.content for c in completions] == ["from the second account"] * 2
+
+    rig = await build("openai", answer)  # one account only: the client learns nothing of it
+    status, body = await rig.call(stream=False)
+    error = json.loads(body)["error"]
+    assert (status, error["code"]) == (503, "upstream_quota_exhausted")
+    assert "acme-prod" not in error["message"] and "402" in error["message"]

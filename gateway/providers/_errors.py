@@ -149,6 +149,13 @@ def error_from_status(
     code = str(detail.code) if detail.code is not None else None
     message = detail.message or f"upstream returned HTTP {status}"
     reasons = {d.reason for d in detail.details}
+    if status == 402:
+        # OpenRouter and DeepSeek: the operator's balance is spent. Like insufficient_quota,
+        # our account's problem (another account may do), and its text names the account.
+        return UpstreamUnavailable(
+            f"The upstream provider '{provider}' account is out of credit (HTTP 402).",
+            code="upstream_quota_exhausted",
+        )
     if status in (401, 403) or reasons & _CREDENTIAL_REASONS:
         return UpstreamAuthError(
             f"The upstream provider '{provider}' rejected the gateway's credentials "
