@@ -8,6 +8,7 @@ naming the field and the problem, so a bad config stops the process before it bi
 from __future__ import annotations
 
 import os
+import re
 import typing
 import urllib.parse
 from collections.abc import Mapping
@@ -41,6 +42,11 @@ _ROOT_ONLY = {
     "gemini": ("/v1beta", "/v1beta/openai"),
     "azure": ("/openai", "/openai/v1", "/openai/deployments"),
 }
+
+# RFC 9110: a header name is a token; a value has no control characters (line breaks
+# would start another header).
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 PROVIDER_TYPES = tuple(str(t.__struct_config__.tag) for t in typing.get_args(ProviderConfig))
 
@@ -85,10 +91,30 @@ def _upstream(p: UpstreamT, where: str, environ: Mapping[str, str]) -> UpstreamT
                 f"{root}); the gateway adds the rest of the path"
             )
     keys = tuple(
-        _resolve_secret(k, f"{where}.api_keys[{j}]", environ) for j, k in enumerate(p.api_keys)
+        _header_value(
+            _resolve_secret(k, f"{where}.api_keys[{j}]", environ), f"{where}.api_keys[{j}]"
+        )
+        for j, k in enumerate(p.api_keys)
     )
-    headers = {k: _resolve_secret(v, f"{where}.headers.{k}", environ) for k, v in p.headers.items()}
+    headers = {}
+    for k, v in p.headers.items():
+        if not _TOKEN.match(k):
+            raise ConfigError(f"{where}.headers: {k!r} is not a valid header name")
+        value = _resolve_secret(v, f"{where}.headers.{k}", environ)
+        headers[k] = _header_value(value, f"{where}.headers.{k}")
     return msgspec.structs.replace(p, api_keys=keys, headers=headers)
+
+
+def _header_value(value: str, where: str) -> str:
+    """A value sent in a header (a key, or one of `headers`), checked before any request:
+    aiohttp refuses a line break at request time, which would fail every request."""
+    if _CONTROL.search(value):
+        # Never the value itself: it is usually a secret.
+        raise ConfigError(
+            f"{where}: contains a control character, such as the line break a secret read "
+            "from a file keeps; a header cannot carry it"
+        )
+    return value
 
 
 def _with_demo(settings: Settings) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,35 @@ def test_a_config_with_its_own_demo_provider_is_left_alone(tmp_path: Path) -> No
     settings = load_settings(write(tmp_path, text), {})
     assert [p.type for p in settings.providers] == ["openai"]
     assert settings.model("demo") is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "where"),
+    [
+        ("api_keys = ['env:KEY']", "sk-secret-from-a-file\n", "providers[0].api_keys[0]"),
+        ("api_keys = ['env:KEY']", "sk-secret\r\nX-Injected: 1", "providers[0].api_keys[0]"),
+        ("headers = { X-Org = 'env:KEY' }", "org-1\r\nX-Injected: 1", "providers[0].headers.X-Org"),
+        ("headers = { X-Org = 'env:KEY' }", "org\x001", "providers[0].headers.X-Org"),
+    ],
+)
+def test_a_secret_a_header_cannot_carry_is_refused_at_start(
+    tmp_path: Path, field: str, value: str, where: str
+) -> None:
+    # A key read into the environment with its file's newline (KEY=$(cat key.txt) keeps
+    # none, but --env-file and many secret stores do) made every request fail with an
+    # unhandled 500: aiohttp refuses to send a header with a line break, at request time.
+    text = f"[[providers]]\nname = 'p'\ntype = 'openai'\n{field}\n"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), {"KEY": value})
+    rendered = str(info.value)
+    assert f"{where}: contains a control character" in rendered
+    assert value.split("\n")[0].split("\x00")[0].strip() not in rendered  # no secret shown
+
+
+@pytest.mark.parametrize("name", ["X Org", "X-Org:", "X-Org\r\nX-Injected", ""])
+def test_a_header_name_that_is_no_token_is_refused(tmp_path: Path, name: str) -> None:
+    text = f"[[providers]]\nname = 'p'\ntype = 'openai'\nheaders = {{ {json.dumps(name)} = 'v' }}\n"
+    with pytest.raises(
+        ConfigError, match=r"providers\[0\]\.headers: .* is not a valid header name"
+    ):
+        load_settings(write(tmp_path, text), {})
