@@ -487,3 +487,59 @@ async def test_an_account_out_of_credit_is_the_gateways_problem_and_fails_over(
     error = json.loads(body)["error"]
     assert (status, error["code"]) == (503, "upstream_quota_exhausted")
     assert "acme-prod" not in error["message"] and "402" in error["message"]
+
+
+# --- HTTP that is not HTTP -----------------------------------------------------------------
+
+GOOD = COMPLETION % b"hi"
+NOT_HTTP = {
+    "garbage": b"\x00\x01 SSH-2.0-OpenSSH\r\n\r\n",
+    "header-too-long": http("200 OK", {"X-Big": "a" * 100_000, "Content-Length": "2"}, b"{}"),
+    "too-many-headers": http("200 OK", {**{f"X-{i}": "a" for i in range(20_000)}}, b""),
+    "bad-chunk": http("200 OK", {"Transfer-Encoding": "chunked"}, b"zz\r\nabc\r\n0\r\n\r\n"),
+    "chunked-and-length": http(
+        "200 OK",
+        {"Transfer-Encoding": "chunked", "Content-Length": "5"},
+        b"5\r\nhello\r\n0\r\n\r\n",
+    ),
+    "brotli": whole(b"\x1b\x03\x00\xf8", **{"Content-Encoding": "br"}),  # not asked for
+    "zstd": whole(b"(\xb5/\xfd\x00X\x11\x00\x00{}", **{"Content-Encoding": "zstd"}),
+    "bad-gzip": whole(b"\x1f\x8b\x08\x00not gzip at all", **{"Content-Encoding": "gzip"}),
+    "bad-deflate": whole(b"\x78\x9cnot deflate", **{"Content-Encoding": "deflate"}),
+    "switching-protocols": http(
+        "101 Switching Protocols", {"Upgrade": "h2c", "Connection": "Upgrade"}
+    ),
+    "no-final-status": http("100 Continue", {}) + http("101 Switching Protocols", {}),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", list(NOT_HTTP))
+async def test_an_answer_that_is_not_valid_http_is_a_bad_response(
+    build: Build, case: str, stream: bool
+) -> None:
+    # These were reported as "Could not reach the upstream provider" (an answer arrived:
+    # the operator looks for a network fault that is not there) or, for a 101, read as if
+    # it were the answer.
+    rig = await build("openai", sends(NOT_HTTP[case]))
+    result = await rig.sdk(stream=stream)
+    assert isinstance(result, openai.APIStatusError), result
+    assert result.status_code == 502
+    assert result.code == "upstream_bad_response", result.message
+    assert "127.0.0.1" not in result.message
+
+
+TRUNCATED = {
+    "closed-in-the-head": b"HTTP/1.1 200 OK\r\nContent-Ty",
+    "length-too-long": http("200 OK", {"Content-Length": "100000"}, GOOD),
+    "chunk-cut": http("200 OK", {"Transfer-Encoding": "chunked"}, b"ff\r\n" + GOOD[:20]),
+}
+
+
+@pytest.mark.parametrize("case", list(TRUNCATED))
+async def test_an_answer_cut_short_is_a_dropped_connection(build: Build, case: str) -> None:
+    rig = await build("openai", sends(TRUNCATED[case]))
+    result = await rig.sdk(stream=False)
+    assert isinstance(result, openai.APIStatusError), result
+    assert (result.status_code, result.code) == (502, "upstream_connection_error")
+    assert "closed the connection" in result.message

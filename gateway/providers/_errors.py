@@ -16,10 +16,12 @@ from typing import TypeVar
 import aiohttp
 import msgspec
 import structlog
+from aiohttp.http_exceptions import ContentEncodingError
 
 from gateway.errors import (
     UpstreamAuthError,
     UpstreamBadRequest,
+    UpstreamBadResponse,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamRateLimited,
@@ -231,9 +233,22 @@ def read_usage(provider: str, decoder: msgspec.json.Decoder[T], body: bytes, wha
 
 
 def upstream_failure(provider: str, exc: BaseException) -> UpstreamError:
-    """Map a client-side exception (timeout, refused, reset) to an UpstreamError."""
+    """Map a client-side exception (timeout, refused, reset, an answer that is not HTTP) to
+    an UpstreamError."""
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return UpstreamTimeout(f"The upstream provider '{provider}' did not answer in time.")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # The gateway never calls raise_for_status: this is aiohttp refusing an answer's head
+        # (not HTTP, headers too large, a broken chunk, an encoding it cannot decode).
+        return UpstreamBadResponse(
+            f"The upstream provider '{provider}' sent an answer that is not valid HTTP."
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError) and isinstance(
+        exc.__cause__, ContentEncodingError
+    ):
+        return UpstreamBadResponse(
+            f"The upstream provider '{provider}' sent a body its Content-Encoding does not decode."
+        )
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
         return UpstreamConnectionError(
             f"The upstream provider '{provider}' closed the connection mid-response."

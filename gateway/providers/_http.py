@@ -15,7 +15,9 @@ follow an upstream's redirect and bound every buffer):
   the key in an error message or an answer would otherwise hand it to the client.
 - Every request carries the gateway's `x-request-id`.
 - Client-side failures (refused, reset, timed out) become `UpstreamConnectionError` or
-  `UpstreamTimeout`, before a byte of the answer is used.
+  `UpstreamTimeout`, and an answer that is not valid HTTP (a broken head or chunk, a body its
+  Content-Encoding does not decode, a 101) an `UpstreamBadResponse`, before a byte of the
+  answer is used.
 
 A provider supplies what differs as a `Dialect`: the headers that carry an account's key,
 fixed headers (an API version), how error answers are classified, and how a stream is split
@@ -161,7 +163,7 @@ class UpstreamClient:
                 timeout=self._unary_timeout,
                 allow_redirects=False,
             ) as resp:
-                if resp.status >= 300:
+                if not 200 <= resp.status < 300:
                     raise await self._failure(resp, attempt)
                 data = await self._read(resp, self.config.max_response_bytes)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -190,7 +192,7 @@ class UpstreamClient:
                 timeout=self._stream_timeout,
                 allow_redirects=False,
             ) as resp:
-                if resp.status >= 300:
+                if not 200 <= resp.status < 300:
                     raise await self._failure(resp, attempt)
                 frames = self._dialect.frames(self.config.max_event_bytes)
                 secret = _secret(attempt)
@@ -217,6 +219,11 @@ class UpstreamClient:
     async def _failure(self, resp: aiohttp.ClientResponse, attempt: Attempt) -> UpstreamError:
         if resp.status < 400:
             resp.close()  # its body and Location are not the client's business
+            if resp.status < 300:  # 101: a protocol switch nobody asked for
+                return UpstreamBadResponse(
+                    f"The upstream provider '{self.config.name}' answered HTTP {resp.status}, "
+                    "not a final answer."
+                )
             return UpstreamBadResponse(
                 f"The upstream provider '{self.config.name}' answered HTTP {resp.status} "
                 "(a redirect); the gateway never follows upstream redirects."
