@@ -543,3 +543,101 @@ async def test_an_answer_cut_short_is_a_dropped_connection(build: Build, case: s
     assert isinstance(result, openai.APIStatusError), result
     assert (result.status_code, result.code) == (502, "upstream_connection_error")
     assert "closed the connection" in result.message
+
+
+# --- Slow upstreams ------------------------------------------------------------------------
+
+
+@dataclass
+class Trickle:
+    """An answer that never ends: `head`, then `piece` every `every` seconds, until `most`
+    pieces are out (then the connection closes, so a test always ends)."""
+
+    head: bytes
+    piece: bytes
+    every: float = 0.05
+    most: int = 40
+    sent: int = 0
+
+    async def __call__(self, request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(self.head)
+        await writer.drain()
+        while self.sent < self.most:
+            await asyncio.sleep(self.every)
+            writer.write(self.piece)
+            await writer.drain()
+            self.sent += 1
+        writer.close()
+
+
+def chunked(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def test_a_trickled_answer_is_cut_at_total_timeout(build: Build) -> None:
+    # One byte at a time keeps every read short, so only the whole-answer bound can end it.
+    head = http("200 OK", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    trickle = Trickle(head + chunked(b'{"id": "'), chunked(b"x"))
+    rig = await build("openai", trickle, read_timeout=60.0, total_timeout=0.5)
+    status, body = await rig.call(stream=False)
+    assert status == 504 and b"upstream_timeout" in body
+    assert trickle.sent < trickle.most  # ended by the gateway, at ~10 of 40 pieces
+
+
+SLOW_STARTS = {
+    "pings": (b"", b": ping\n\n"),
+    "partial-event": (b"data: {", b" "),
+}
+
+
+@pytest.mark.parametrize(
+    "first_byte_timeout",
+    [
+        0.5,
+        pytest.param(
+            None,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="Open, for the stream-timeout watchdog work: without first_byte_timeout, "
+                "the time to the first event is bounded only per read (sock_read), so pings or a "
+                "trickled partial event keep a client waiting for its status forever, although "
+                "docs say first_byte_timeout defaults to read_timeout.",
+            ),
+        ),
+    ],
+    ids=["first_byte_timeout", "default"],
+)
+@pytest.mark.parametrize("start", list(SLOW_STARTS))
+async def test_a_stream_that_never_sends_its_first_event_is_a_timeout(
+    build: Build, start: str, first_byte_timeout: float | None
+) -> None:
+    first, piece = SLOW_STARTS[start]
+    head = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
+    trickle = Trickle(head + (chunked(first) if first else b""), chunked(piece))
+    fields = {"read_timeout": 0.5, "first_byte_timeout": first_byte_timeout}
+    rig = await build("openai", trickle, **fields)
+    status, body = await rig.call(stream=True)
+    assert (status, trickle.sent < trickle.most) == (504, True), body
+
+
+async def test_a_stream_that_stalls_mid_event_ends_with_an_error_event(build: Build) -> None:
+    # After the first event, read_timeout bounds each silence: a stall in the middle of an
+    # event ends the stream with an error event the SDK raises, not a hang.
+    release = asyncio.Event()
+
+    async def stall(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(until_close(sse(chunk("hi")) + b'data: {"id":'))
+        await writer.drain()
+        await release.wait()
+
+    rig = await build("openai", stall, read_timeout=0.5)
+    try:
+        async with openai_client(rig.gateway, rig.key) as client:
+            stream = await client.chat.completions.create(model="m", messages=HI, stream=True)
+            seen = []
+            with pytest.raises(openai.APIError, match="did not answer in time"):
+                async for event in stream:
+                    seen.append(event.choices[0].delta.content)
+        assert seen == ["hi"]
+    finally:
+        release.set()
