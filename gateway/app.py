@@ -41,8 +41,11 @@ from gateway.usage import UsageRecorder
 
 __all__ = ["create_app"]
 
-# Large enough for a big tool-call or image event on one SSE line.
-_READ_BUFSIZE = 2**20
+# aiohttp's default. Events are split by our own decoder, which takes lines of any length,
+# so nothing needs a larger read buffer, and it bounds what aiohttp holds per connection:
+# with 1 MiB it inflated a compressed answer in 1 MiB steps into a 2 MiB buffer (a bomb
+# cost twice its limit; a hundred at once, over a gigabyte).
+_READ_BUFSIZE = 2**16
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -80,6 +80,12 @@ def _upstream(p: UpstreamT, where: str, environ: Mapping[str, str]) -> UpstreamT
             f"{where}.base_url: azure providers need their resource's endpoint "
             "(https://RESOURCE.openai.azure.com)"
         )
+    for limit in ("max_response_bytes", "max_event_bytes"):
+        if getattr(p, limit) > p.max_buffered_bytes:
+            raise ConfigError(
+                f"{where}.max_buffered_bytes: must be at least {limit} ({getattr(p, limit)}), "
+                "or an answer that size could never be read"
+            )
     if p.base_url is not None and not p.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.base_url: must start with http:// or https://")
     if p.base_url is not None and p.type in _ROOT_ONLY:

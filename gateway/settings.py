@@ -125,6 +125,10 @@ class UpstreamConfig(_Provider, frozen=True, kw_only=True):
     # event once its stream has started) and the upstream connection is dropped.
     max_response_bytes: PositiveInt = 64 * 1024 * 1024
     max_event_bytes: PositiveInt = 16 * 1024 * 1024
+    # The most the gateway holds at once of this provider's answers and unfinished events,
+    # over all its requests; past it, the request that needs more gets a 503 (another route
+    # may be tried), so a hostile upstream cannot make it hold max_connections of each.
+    max_buffered_bytes: PositiveInt = 256 * 1024 * 1024
 
     @property
     def url(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,7 @@ from structlog.testing import capture_logs
 from gateway.providers import _sse
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from tests.conftest import (
+    NEVER_HANG,
     MakeSettings,
     calls_in,
     create_key,
@@ -117,6 +120,14 @@ class Rig:
 
     async def call(self, *, stream: bool) -> tuple[int, bytes]:
         path, body = self.body(stream)
+        return await self.post(path, body)
+
+    async def call_with(self, word: bytes) -> tuple[int, bytes]:
+        """A non-streaming chat request whose prompt is `word` (for upstreams that read it)."""
+        messages = [{"role": "user", "content": word.decode()}]
+        return await self.post("/v1/chat/completions", {"model": "m", "messages": messages})
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
         resp = await self.gateway.post(
             path, json=body, headers={"Authorization": f"Bearer {self.key}"}
         )
@@ -641,3 +652,106 @@ async def test_a_stream_that_stalls_mid_event_ends_with_an_error_event(build: Bu
         assert seen == ["hi"]
     finally:
         release.set()
+
+
+# --- Memory: many requests at once --------------------------------------------------------
+
+
+async def peak_growth(work: Awaitable[Any]) -> tuple[Any, int]:
+    """`work`'s result and how far the process's traced memory rose above where it began."""
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        result = await work
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak - base
+
+
+def gzipped(head: bytes, filler: bytes, megabytes: int) -> bytes:
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [squeeze.compress(head)] + [squeeze.compress(filler * MiB) for _ in range(megabytes)]
+    return b"".join([*parts, squeeze.flush()])
+
+
+JSON_BOMB = gzipped(b'{"id": "', b"x", 64)
+SSE_BOMB = gzipped(b"data: ", b"x", 64)
+
+
+@pytest.mark.parametrize(
+    ("bomb", "stream"), [(JSON_BOMB, False), (SSE_BOMB, True)], ids=["json", "sse"]
+)
+async def test_a_compressed_bomb_costs_little_beyond_the_limit(
+    build: Build, bomb: bytes, stream: bool
+) -> None:
+    # aiohttp inflated 1 MiB steps into a 2 MiB buffer (read_bufsize was 1 MiB), so a bomb
+    # cost about twice the limit: 200 of them at once took the process to 1.3 GB of RSS.
+    content_type = "text/event-stream" if stream else "application/json"
+    answer = whole(bomb, content_type, **{"Content-Encoding": "gzip"})
+    rig = await build("openai", sends(answer), max_response_bytes=4 * MiB, max_event_bytes=4 * MiB)
+    (status, body), growth = await peak_growth(rig.call(stream=stream))
+    assert status == 502 and b"upstream_bad_response" in body
+    assert growth < 4 * MiB + 2 * MiB, f"{growth / MiB:.1f} MiB"
+
+
+@dataclass
+class Gate:
+    """Holds every answer until `count` requests have arrived, so they run at once."""
+
+    count: int
+    arrived: int = 0
+    all_in: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.count:
+            self.all_in.set()
+        await asyncio.wait_for(self.all_in.wait(), NEVER_HANG)
+
+
+def endless(gate: Gate, first: bytes, stream: bool) -> Answer:
+    """After the gate opens: `first`, then `x` forever (until the gateway hangs up)."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if b"small" in request:
+            writer.write(whole(COMPLETION % (b"s" * 3 * MiB)))
+            return
+        await gate.wait()
+        content_type = "text/event-stream" if stream else "application/json"
+        writer.write(until_close(first, content_type))
+        piece = b"x" * 65536
+        for _ in range(64 * 16):
+            writer.write(piece)
+            await writer.drain()
+        writer.close()
+
+    return answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_providers_answers_in_memory_at_once_are_bounded(
+    build: Build, stream: bool
+) -> None:
+    # Each answer was bounded, but not their sum: max_connections (100) answers of 64 MiB,
+    # 6.4 GB, were the gateway's to hold for one hostile upstream, and the OOM killer would
+    # take every client down with it.
+    many = 12
+    gate = Gate(many)
+    limits = {"max_response_bytes": 4 * MiB, "max_event_bytes": 4 * MiB}
+    first = b"data: " if stream else b'{"id": "'
+    routing = RoutingSettings(max_attempts=1, failure_threshold=100)  # no breaker in the way
+    answer = endless(gate, first, stream)
+    rig = await build("openai", answer, {"routing": routing}, max_buffered_bytes=10 * MiB, **limits)
+    calls = asyncio.gather(*[rig.call(stream=stream) for _ in range(many)])
+    results, growth = await peak_growth(calls)
+    assert growth < 10 * MiB + many * MiB, f"{growth / MiB:.1f} MiB"  # not 12 x 4 MiB
+    errors = [json.loads(body)["error"] for _, body in results]
+    busy = [e for e in errors if "max_buffered_bytes" in e["message"]]
+    assert len(busy) >= many - 3, errors  # at most two answers fit at once, and one more
+    assert {e["code"] for e in busy} == {"upstream_buffers_full"}
+    assert {status for status, _ in results} <= {502, 503}
+    # Every byte was given back: a 3 MiB answer still fits three times over.
+    for _ in range(3):
+        status, body = await rig.call_with(b"small")
+        assert status == 200, body

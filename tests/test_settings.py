@@ -115,6 +115,10 @@ def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
         ),
         ("[server]\nadmin_key = 'short'\n", "server.admin_key: must be at least 16 characters"),
         (
+            "[[providers]]\nname = 'p'\ntype = 'openai'\nmax_buffered_bytes = 1000\n",
+            "providers[0].max_buffered_bytes: must be at least max_response_bytes (67108864)",
+        ),
+        (
             "[[providers]]\nname = 'a'\ntype = 'anthropic'\napi_keys = ['k']\n"
             "base_url = 'https://api.anthropic.com/v1'\n",
             "providers[0].base_url: give the API root",

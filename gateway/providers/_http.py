@@ -8,7 +8,8 @@ follow an upstream's redirect and bound every buffer):
 - A whole answer is read up to the provider's `max_response_bytes`, one stream event up to
   its `max_event_bytes`, counted after decompression (aiohttp inflates in bounded steps as
   the body is read, so a compressed body is never inflated past the limit). Past a limit the
-  connection is closed, not returned to the pool. Error bodies are read up to 64 KiB.
+  connection is closed, not returned to the pool. Error bodies are read up to 64 KiB. What
+  all of a provider's requests hold at once is bounded too (`max_buffered_bytes`).
 - What it hands back (answers, error bodies, events) is valid UTF-8: invalid bytes are read
   as U+FFFD, as the SSE standard reads a stream, so no later decode of an upstream's text
   can fail. Nor does it hold the key it sent: an upstream (or a proxy before it) that quotes
@@ -34,7 +35,7 @@ from typing import Protocol, TypeVar
 import aiohttp
 import msgspec
 
-from gateway.errors import UpstreamBadResponse, UpstreamError
+from gateway.errors import UpstreamBadResponse, UpstreamError, UpstreamUnavailable
 from gateway.providers._errors import error_from_status, upstream_failure
 from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder, utf8
 from gateway.settings import UpstreamConfig
@@ -124,6 +125,7 @@ class UpstreamClient:
         self._stream_timeout = _stream_timeout(config)
         self._base = {"content-type": "application/json", **dialect.headers, **config.headers}
         self._by_account: dict[str | None, dict[str, str]] = {}
+        self._free = config.max_buffered_bytes  # of what all its requests may hold at once
 
     def headers(self, attempt: Attempt) -> dict[str, str]:
         """The headers of one request: its account's (built once per account) and its id."""
@@ -196,23 +198,30 @@ class UpstreamClient:
                     raise await self._failure(resp, attempt)
                 frames = self._dialect.frames(self.config.max_event_bytes)
                 secret = _secret(attempt)
+                held = 0
                 try:
                     async for piece in resp.content.iter_any():
                         batch = frames.feed(piece)
+                        if frames.held != held:
+                            self._hold(resp, frames.held - held)
+                            held = frames.held
                         if batch:
                             if attempt.first_byte_at is None:
                                 attempt.first_byte_at = time.monotonic()
                             if secret is not None:
                                 _redact_each(batch, secret)
                             yield batch
+                    tail = frames.end()
+                    if tail:
+                        if secret is not None:
+                            _redact_each(tail, secret)
+                        yield tail
                 except EventTooLarge:
                     resp.close()  # drop the connection: the rest of the event is not read
                     raise self._too_large("a stream event", "max_event_bytes") from None
-                tail = frames.end()
-                if tail:
-                    if secret is not None:
-                        _redact_each(tail, secret)
-                    yield tail
+                finally:
+                    frames.clear()  # a traceback may keep this frame, and so the decoder
+                    self._free += held
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_failure(self.config.name, exc) from exc
 
@@ -246,16 +255,39 @@ class UpstreamClient:
             raise self._too_large("an answer", "max_response_bytes")
         pieces: list[bytes] = []
         size = 0
-        async for piece in resp.content.iter_any():
-            size += len(piece)
-            if size > limit:
-                resp.close()
-                if truncate:
-                    pieces.append(piece[: len(piece) - (size - limit)])
-                    break
-                raise self._too_large("an answer", "max_response_bytes")
-            pieces.append(piece)
+        try:
+            async for piece in resp.content.iter_any():
+                if size + len(piece) > limit:
+                    resp.close()
+                    if truncate:
+                        pieces.append(piece[: limit - size])
+                        break
+                    raise self._too_large("an answer", "max_response_bytes")
+                self._hold(resp, len(piece))
+                size += len(piece)
+                pieces.append(piece)
+        except BaseException:
+            pieces.clear()  # the traceback keeps this frame: free the bytes, not just the count
+            raise
+        finally:
+            self._free += size
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _hold(self, resp: aiohttp.ClientResponse, more: int) -> None:
+        """Count `more` bytes of answers in memory (fewer, when negative) against the
+        provider's `max_buffered_bytes`.
+
+        Raises:
+            UpstreamUnavailable: they would not fit; the connection is dropped.
+        """
+        if more > self._free:
+            resp.close()
+            raise UpstreamUnavailable(
+                f"The gateway holds as much of the upstream provider '{self.config.name}''s "
+                "answers as it may at once (the provider's max_buffered_bytes); retry later.",
+                code="upstream_buffers_full",
+            )
+        self._free -= more
 
     def _too_large(self, what: str, setting: str) -> UpstreamBadResponse:
         limit = getattr(self.config, setting)

@@ -39,6 +39,15 @@ class FrameDecoder(Protocol):
         """The payload of an event left unterminated when the stream ended, if any."""
         ...
 
+    @property
+    def held(self) -> int:
+        """Bytes held of an event that has not ended yet."""
+        ...
+
+    def clear(self) -> None:
+        """Drop what is held: the stream is over."""
+        ...
+
 
 def utf8(data: bytes) -> bytes:
     """`data` as valid UTF-8: invalid bytes become U+FFFD (as the SSE standard decodes)."""
@@ -90,6 +99,13 @@ class SSEDecoder:
         if not events or b"data:" not in data:
             return []  # e.g. a run of blank lines or pings: nothing to dispatch
         return _payloads(events, data.isascii())
+
+    @property
+    def held(self) -> int:
+        return len(self._buf)
+
+    def clear(self) -> None:
+        self._buf.clear()
 
     def _hold(self) -> None:
         """Check the unfinished event against the limit; resume its search at its end."""
