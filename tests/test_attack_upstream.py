@@ -8,18 +8,23 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
+from gateway import cli
 from gateway.providers import _sse
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from tests.conftest import (
@@ -132,6 +137,13 @@ class Rig:
             path, json=body, headers={"Authorization": f"Bearer {self.key}"}
         )
         return resp.status, await resp.read()
+
+    async def sdk_with(self, word: str) -> Any:
+        """A streamed chat request through the SDK whose prompt is `word`."""
+        messages: Any = [{"role": "user", "content": word}]
+        async with openai_client(self.gateway, self.key) as client:
+            chunks = await client.chat.completions.create(model="m", messages=messages, stream=True)
+            return [chunk async for chunk in chunks]
 
     async def sdk(self, *, stream: bool) -> Any:
         """What the official client makes of the answer: chunks, a completion, or its error."""
@@ -247,6 +259,25 @@ async def test_events_that_are_not_json_objects_are_errors_the_sdk_raises(
         assert isinstance(result, openai.APIStatusError) and result.status_code == 503
 
 
+RESPONSE_CREATED = {
+    "type": "response.created",
+    "sequence_number": 0,
+    "response": {"id": "resp_1", "object": "response", "status": "in_progress", "output": []},
+}
+
+
+@pytest.mark.parametrize("bad", ["not-json", "nul-byte", "array", "truncated", "trailing-garbage"])
+async def test_responses_events_that_are_not_json_objects_are_errors_the_sdk_raises(
+    build: Build, bad: str
+) -> None:
+    events = named_events([RESPONSE_CREATED]) + b"event: x\ndata: %b\n\n" % BAD_EVENTS[bad]
+    rig = await build("responses", sends(until_close(events)))
+    result = await rig.sdk(stream=True)
+    # The Responses API reports a failure mid-stream as an `error` event, as OpenAI does.
+    assert [event.type for event in result] == ["response.created", "error"]
+    assert "malformed" in result[-1].message
+
+
 async def test_an_event_the_stream_ends_in_the_middle_of_is_an_error(build: Build) -> None:
     rig = await build("openai", sends(until_close(sse(chunk("hi")) + b"data: " + chunk("x")[:30])))
     status, body = await rig.call(stream=True)
@@ -336,15 +367,14 @@ async def test_an_answer_that_is_not_a_json_object_is_a_502(
 ECHO = f"Invalid request from key {UPSTREAM_KEY} (account acme-prod)"
 
 
-def error_status(status: int) -> Answer:
+def error_status_bytes(status: int) -> bytes:
     body = json.dumps({"error": {"message": ECHO, "type": "invalid_request_error"}}).encode()
-    return sends(
-        http(
-            f"{status} Oops",
-            {"Content-Type": "application/json", "Content-Length": str(len(body))},
-            body,
-        )
-    )
+    head = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    return http(f"{status} Oops", head, body)
+
+
+def error_status(status: int) -> Answer:
+    return sends(error_status_bytes(status))
 
 
 def named_events(events: list[dict[str, Any]]) -> bytes:
@@ -595,9 +625,11 @@ async def test_a_trickled_answer_is_cut_at_total_timeout(build: Build) -> None:
     assert trickle.sent < trickle.most  # ended by the gateway, at ~10 of 40 pieces
 
 
-SLOW_STARTS = {
-    "pings": (b"", b": ping\n\n"),
-    "partial-event": (b"data: {", b" "),
+SSE_HEAD = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
+SLOW_STARTS = {  # (what comes at once, what then trickles)
+    "pings": (SSE_HEAD, chunked(b": ping\n\n")),
+    "partial-event": (SSE_HEAD + chunked(b"data: {"), chunked(b" ")),
+    "trickled-head": (b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a"),
 }
 
 
@@ -622,9 +654,7 @@ SLOW_STARTS = {
 async def test_a_stream_that_never_sends_its_first_event_is_a_timeout(
     build: Build, start: str, first_byte_timeout: float | None
 ) -> None:
-    first, piece = SLOW_STARTS[start]
-    head = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
-    trickle = Trickle(head + (chunked(first) if first else b""), chunked(piece))
+    trickle = Trickle(*SLOW_STARTS[start])
     fields = {"read_timeout": 0.5, "first_byte_timeout": first_byte_timeout}
     rig = await build("openai", trickle, **fields)
     status, body = await rig.call(stream=True)
@@ -755,3 +785,324 @@ async def test_a_providers_answers_in_memory_at_once_are_bounded(
     for _ in range(3):
         status, body = await rig.call_with(b"small")
         assert status == 200, body
+
+
+# --- Redirects and other statuses ---------------------------------------------------------
+
+ODD_REDIRECTS = {
+    "300-no-location": http("300 Multiple Choices", {"Content-Length": "0"}),
+    "304": http("304 Not Modified", {}),
+    "305-use-proxy": http(
+        "305 Use Proxy", {"Location": "http://127.0.0.1:9/", "Content-Length": "0"}
+    ),
+    "306": http("306 Switch Proxy", {"Content-Length": "0"}),
+    "308-same-host-relative": http(
+        "308 Permanent Redirect", {"Location": "/v1/steal", "Content-Length": "0"}
+    ),
+    "399": http("399 Unknown", {"Content-Length": "0"}),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", list(ODD_REDIRECTS))
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_no_3xx_is_followed_whatever_its_shape(
+    build: Build, kind: str, case: str, stream: bool
+) -> None:
+    # Not even to the same host: the upstream sees one request, and the client a 502.
+    rig = await build(kind, sends(ODD_REDIRECTS[case]))
+    status, body = await rig.call(stream=stream)
+    error = json.loads(body)["error"]
+    assert (status, error["code"]) == (502, "upstream_bad_response")
+    assert "redirect" in error["message"] and "steal" not in error["message"]
+    assert len(rig.upstream.requests) == 1
+
+
+def gzip(data: bytes) -> bytes:
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return squeeze.compress(data) + squeeze.flush()
+
+
+def raw_deflate(data: bytes) -> bytes:
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return squeeze.compress(data) + squeeze.flush()
+
+
+STREAM = sse(chunk("hel"), chunk("lo"), b"[DONE]")
+UNUSUAL_BUT_VALID = {
+    "100-continue-first": (False, http("100 Continue", {}) + whole(GOOD)),
+    "103-early-hints-first": (
+        False,
+        http("103 Early Hints", {"Link": "</a>; rel=preload"}) + whole(GOOD),
+    ),
+    "deflate": (False, whole(zlib.compress(GOOD), **{"Content-Encoding": "deflate"})),
+    "raw-deflate": (False, whole(raw_deflate(GOOD), **{"Content-Encoding": "deflate"})),
+    "chunk-extensions-and-trailers": (
+        False,
+        http("200 OK", {"Transfer-Encoding": "chunked", "Trailer": "X-T"})
+        + b"%x;ext=1\r\n%b\r\n0\r\nX-T: 1\r\n\r\n" % (len(GOOD), GOOD),
+    ),
+    "206-partial": (False, http("206 Partial Content", {"Content-Length": str(len(GOOD))}, GOOD)),
+    "gzip-stream": (True, whole(gzip(STREAM), "text/event-stream", **{"Content-Encoding": "gzip"})),
+    "cr-only-stream": (True, until_close(STREAM.replace(b"\n", b"\r"))),
+    "crlf-stream": (True, until_close(STREAM.replace(b"\n", b"\r\n"))),
+    "data-without-space": (True, until_close(STREAM.replace(b"data: ", b"data:"))),
+    "multi-line-data": (
+        True,
+        until_close(STREAM.replace(b'"created":1,', b'"created":1,\ndata: ')),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSUAL_BUT_VALID))
+async def test_unusual_but_valid_http_is_answered(build: Build, case: str) -> None:
+    stream, answer = UNUSUAL_BUT_VALID[case]
+    rig = await build("openai", sends(answer))
+    result = await rig.sdk(stream=stream)
+    if stream:
+        assert "".join(c.choices[0].delta.content for c in result) == "hello"
+    else:
+        assert result.choices[0].message.content == "hi"
+
+
+def one_byte_writes(data: bytes) -> Answer:
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(http("200 OK", {"Content-Type": "text/event-stream", "Connection": "close"}))
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await writer.drain()  # with TCP_NODELAY: a segment each, as far as the kernel goes
+        writer.close()
+
+    return answer
+
+
+ANTHROPIC_STREAM = named_events(
+    [
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "m-1",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": 0},
+            },
+        },
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "h\u00e9llo"},
+        },
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": 2},
+        },
+        {"type": "message_stop"},
+    ]
+)
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize(
+    ("kind", "events", "text"),
+    [("openai", STREAM, "hello"), ("anthropic", ANTHROPIC_STREAM, "h\u00e9llo")],
+    ids=["openai", "anthropic"],
+)
+async def test_a_stream_written_a_byte_at_a_time_arrives_whole(
+    build: Build, kind: str, events: bytes, text: str, newline: bytes
+) -> None:
+    rig = await build(kind, one_byte_writes(events.replace(b"\n", newline)))
+    chunks = await rig.sdk(stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+# --- Client-chosen model ids in URLs -------------------------------------------------------
+
+HOSTILE_IDS = [
+    "..",
+    "../../v1/files",
+    "%2e%2e%2f",
+    "a?key=x",
+    "a#b",
+    "a\r\nX-Evil: 1",
+    "a b",
+    "ünï",
+    "//evil.example/x",
+    "@evil.example",
+]
+
+
+@pytest.mark.parametrize("kind", ["gemini", "azure"])
+async def test_a_client_chosen_model_id_stays_one_path_segment(build: Build, kind: str) -> None:
+    # "<provider>/<model>" ids put the client's text into Gemini's and Azure's URLs.
+    rig = await build(
+        kind,
+        sends(
+            whole(b'{"error": {"message": "no such model"}}').replace(b"200 OK", b"404 Not Found")
+        ),
+    )
+    rig.upstream.requests.clear()
+    for model in HOSTILE_IDS:
+        body = {"model": f"up/{model}", "messages": HI}
+        status, _ = await rig.post("/v1/chat/completions", body)
+        assert status == 404
+    prefix = b"POST /v1beta/models/" if kind == "gemini" else b"POST /openai/deployments/"
+    for request in rig.upstream.requests:
+        line, *headers = request.split(b"\r\n\r\n")[0].split(b"\r\n")
+        path = line.split(b" ")[1]
+        assert line.startswith(prefix) and line.endswith(b" HTTP/1.1"), line
+        rest = path.removeprefix(prefix[5:])
+        # Google takes the method from the last ":"; a ":" in a model name is just invalid.
+        split = rest.rpartition(b":") if kind == "gemini" else rest.partition(b"/")
+        segment, action = split[0], split[2]
+        assert b"/" not in segment and b"?" not in segment and b"#" not in segment, line
+        assert action in (b"generateContent", b"chat/completions?api-version=2024-10-21"), line
+        assert not any(h.lower().startswith(b"x-evil") for h in headers)
+    # Azure answers ".." itself (it could only be resolved as a path), the rest reach it.
+    assert len(rig.upstream.requests) == len(HOSTILE_IDS) - (kind == "azure")
+
+
+# --- Many at once --------------------------------------------------------------------------
+
+
+async def test_two_hundred_streams_against_a_misbehaving_upstream_all_end_cleanly(
+    build: Build,
+) -> None:
+    many = 200
+    gate = Gate(many)
+    misbehaviours = [
+        b"data: not json\n\n",  # malformed
+        b"data: " + chunk(b"x") + b"\xff\xfe\n\n",  # not JSON after U+FFFD either
+        b'data: {"id":',  # cut mid-event
+        b"\n" * 100_000,  # a flood, then the end
+    ]
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if b"after" in request:
+            writer.write(until_close(sse(chunk("fine"), b"[DONE]")))
+            writer.close()
+            return
+        await gate.wait()
+        which = misbehaviours[len(rig.upstream.requests) % len(misbehaviours)]
+        writer.write(until_close(sse(chunk("hi")) + which))
+        await writer.drain()
+        writer.close()
+
+    routing = RoutingSettings(max_attempts=1, failure_threshold=10_000)
+    rig = await build("openai", answer, {"routing": routing}, max_connections=many)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    url = rig.gateway.make_url("/v1/chat/completions")
+    body = {"model": "m", "messages": HI, "stream": True}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> bytes:
+            async with session.post(url, json=body, headers=headers) as resp:
+                assert resp.status == 200
+                return await resp.read()
+
+        bodies = await asyncio.gather(*[one() for _ in range(many)])
+    for got in bodies:
+        assert got.startswith(b"data: " + chunk("hi") + b"\n\n")
+        last = got.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+        assert last.startswith(b'data: {"error":') or last == b"data: [DONE]", got[-300:]
+    # All ended, and the gateway is none the worse for it.
+    chunks = await rig.sdk_with("after")
+    assert [c.choices[0].delta.content for c in chunks] == ["fine"]
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (Linux's VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return (
+        int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+        * 1024
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
+async def test_a_real_gateway_process_stays_small_under_a_storm_of_bombs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gateway serve` as a real process: 60 requests at once against gzip bombs, endless
+    events and errors that quote the key. Its peak RSS stays near its limits (each request
+    alone may hold 8 MiB, all together 32 MiB), and its log holds neither key."""
+    many = 60
+    gate = Gate(many)
+    sse_bomb = whole(SSE_BOMB, "text/event-stream", **{"Content-Encoding": "gzip"})
+    json_bomb = whole(JSON_BOMB, **{"Content-Encoding": "gzip"})
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if b"warm-up" not in request:
+            await gate.wait()
+        turn = len(upstream.requests) % 3
+        if b"warm-up" in request or turn == 0:
+            writer.write(error_status_bytes(400))
+        else:
+            writer.write(sse_bomb if turn == 1 else json_bomb)
+        await writer.drain()
+
+    upstream = RawUpstream(answer)
+    await upstream.start()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\n\n[routing]\nmax_attempts = 1\nfailure_threshold = 1000\n\n'
+        f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
+        f'base_url = "http://127.0.0.1:{upstream.port}/v1"\nmax_connections = {many}\n'
+        f"max_response_bytes = {8 * MiB}\nmax_event_bytes = {8 * MiB}\n"
+        f"max_buffered_bytes = {32 * MiB}\n"
+    )
+    assert (
+        await asyncio.to_thread(
+            cli.main, ["keys", "create", "--name", "t", "--db", str(db), "--json"]
+        )
+        == 0
+    )
+    secret = json.loads(capsys.readouterr().out)["key"]
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+            stdout=out, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    try:
+        async with asyncio.timeout(NEVER_HANG * 2):
+            assert proc.stderr is not None
+            assert b"listening" in await proc.stderr.readline()
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            headers = {"Authorization": f"Bearer {secret}"}
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+                async def call(word: str, stream: bool) -> tuple[int, bytes]:
+                    messages = [{"role": "user", "content": word}]
+                    body = {"model": "up/x", "messages": messages, "stream": stream}
+                    async with session.post(url, json=body, headers=headers) as resp:
+                        return resp.status, await resp.read()
+
+                assert (await call("warm-up", False))[0] == 400
+                before = peak_rss(proc.pid)
+                results = await asyncio.gather(*[call("go", i % 2 == 0) for i in range(many)])
+                growth = peak_rss(proc.pid) - before
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        assert upstream.server is not None
+        upstream.server.close()
+    assert {status for status, _ in results} <= {400, 502, 503}
+    assert all(UPSTREAM_KEY.encode() not in body for _, body in results)
+    # Before: each bomb cost about twice its limit, and nothing bounded their sum (~900 MB).
+    assert growth < 120 * MiB, f"{growth / MiB:.0f} MiB"  # measured: ~50 MiB
+    logged = log.read_bytes()
+    assert b'"status":400' in logged
+    assert UPSTREAM_KEY.encode() not in logged and secret.encode() not in logged
