@@ -349,6 +349,58 @@ async def test_invalid_utf8_in_translated_tool_arguments_is_not_a_gateway_crash(
     assert json.loads(call.function.arguments) == {"city": "\ufffd\ufffdParis"}
 
 
+NESTED = b"[" * 5000 + b"]" * 5000
+DEEP = b'{"id":"c","x":%b}' % NESTED
+DEEP_USAGE = b'{"choices":[],"usage":{"prompt_tokens":1,"x":%b}}' % NESTED
+DEEP_ERROR = b'{"error":{"message":"m","x":%b}}' % NESTED
+
+
+@pytest.mark.parametrize(
+    ("kind", "stream", "answer"),
+    [
+        ("openai", False, sends(whole(DEEP))),
+        ("openai", False, sends(whole(DEEP_USAGE))),
+        ("openai", True, sends(until_close(sse(chunk("hi"), DEEP)))),
+        ("openai", True, sends(until_close(sse(DEEP_USAGE)))),
+        ("openai", True, sends(until_close(sse(DEEP_ERROR)))),
+        ("azure", True, sends(until_close(sse(b'{"prompt_filter_results":' + DEEP[1:])))),
+        ("responses", False, sends(whole(DEEP))),
+        ("responses", True, sends(until_close(b"event: x\ndata: %b\n\n" % DEEP))),
+        ("anthropic", True, sends(until_close(b"event: x\ndata: %b\n\n" % DEEP))),
+        ("gemini", True, sends(until_close(sse(DEEP)))),
+        ("gemini", True, sends(until_close(sse(DEEP_ERROR)))),
+        ("openai", False, sends(whole(DEEP_ERROR).replace(b"200 OK", b"400 Bad Request"))),
+        ("anthropic", False, sends(whole(DEEP_ERROR).replace(b"200 OK", b"500 Oops"))),
+    ],
+    ids=[
+        "answer",
+        "usage",
+        "event",
+        "usage-event",
+        "error-event",
+        "azure-filter-event",
+        "responses-answer",
+        "responses-event",
+        "anthropic-event",
+        "gemini-event",
+        "gemini-error-event",
+        "400-body",
+        "500-body",
+    ],
+)
+async def test_json_nested_too_deep_to_decode_is_malformed_not_a_gateway_crash(
+    build: Build, kind: str, stream: bool, answer: Answer
+) -> None:
+    # msgspec raises RecursionError (not one of its own errors) past ~1000 levels; where only
+    # its own were caught, the answer was an unhandled 500, logged as a gateway bug.
+    rig = await build(kind, answer)
+    with capture_logs() as logs:
+        status, body = await rig.call(stream=stream)
+    assert status in (200, 400, 502, 503), body
+    assert b"The gateway failed" not in body
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+
+
 @pytest.mark.parametrize("answer", [b"[1,2]", b'"str"', b"null", b"42", b"hello", b""])
 @pytest.mark.parametrize("kind", ["openai", "azure", "responses"])
 async def test_an_answer_that_is_not_a_json_object_is_a_502(
@@ -1106,3 +1158,31 @@ async def test_a_real_gateway_process_stays_small_under_a_storm_of_bombs(
     logged = log.read_bytes()
     assert b'"status":400' in logged
     assert UPSTREAM_KEY.encode() not in logged and secret.encode() not in logged
+
+
+# --- A hostile client --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["openai", "responses"])
+async def test_a_body_nested_just_deep_enough_is_a_400_not_a_gateway_crash(
+    build: Build, kind: str
+) -> None:
+    # The handler decodes the body, and the pass-through decodes it again (for the fields it
+    # forwards) from deeper in the stack, where fewer levels of nesting are left before
+    # RecursionError: a body in between passed the first and crashed the second (a 500).
+    rig = await build(kind, sends(whole(GOOD if kind == "openai" else b'{"id": "r"}')))
+    statuses = set()
+    for depth in range(850, 1000, 3):
+        nested = b"[" * depth + b"]" * depth
+        if kind == "openai":
+            body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"x":%b}' % nested
+            path = "/v1/chat/completions"
+        else:
+            body = b'{"model":"m","input":"hi","x":%b}' % nested
+            path = "/v1/responses"
+        headers = {"Authorization": f"Bearer {rig.key}", "Content-Type": "application/json"}
+        resp = await rig.gateway.post(path, data=body, headers=headers)
+        statuses.add(resp.status)
+        if resp.status == 400:
+            assert (await resp.json())["error"]["message"] == "Request body is nested too deeply."
+    assert statuses == {200, 400}

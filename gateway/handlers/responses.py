@@ -23,7 +23,6 @@ import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import cast
 
-import msgspec
 from aiohttp import web
 
 from gateway import pipeline
@@ -40,7 +39,7 @@ from gateway.responses import (
     to_chat,
 )
 from gateway.router import Route
-from gateway.schemas.codec import RAW_OBJECT, decode_body
+from gateway.schemas.codec import decode_body, raw_object
 from gateway.schemas.responses import ResponseCreateRequest
 from gateway.sse import relay
 from gateway.trace import TRACE_KEY
@@ -132,7 +131,7 @@ async def _pass_through(ex: Exchange, body: bytes, *, stream: bool) -> web.Strea
     Raises:
         UpstreamError: before anything was sent to the client (so it may still fall back).
     """
-    fields: dict[str, msgspec.Raw] = RAW_OBJECT.decode(body)  # decode_body made sure it is JSON
+    fields = raw_object(body)  # decode_body made sure it is JSON
     if not stream:
         reply = await pipeline.try_routes(
             ex, lambda route: _upstream(route).responses(ex.call, fields)

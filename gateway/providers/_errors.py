@@ -34,6 +34,7 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 __all__ = [
+    "DECODE_ERRORS",
     "MAX_RETRY_AFTER",
     "error_from_status",
     "is_json_object",
@@ -44,6 +45,11 @@ __all__ = [
     "upstream_detail",
     "upstream_failure",
 ]
+
+# What decoding an upstream's JSON may raise: msgspec's own errors, and RecursionError for
+# nesting deeper than the interpreter's recursion limit (about 1000), which msgspec does not
+# wrap. Caught wherever upstream JSON is decoded, or such an answer is a gateway crash.
+DECODE_ERRORS = (msgspec.MsgspecError, RecursionError)
 
 # The longest wait an upstream may ask for that the gateway believes (a day); beyond that, or
 # for a value that is not a finite number, the header is ignored.
@@ -106,7 +112,7 @@ _CREDENTIAL_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED"})
 def _envelope(body: bytes) -> _OpenAIErrorEnvelope | None:
     try:
         env = _ERROR_DECODER.decode(body)
-    except msgspec.MsgspecError:
+    except DECODE_ERRORS:
         return None
     if isinstance(env, list):
         return env[0] if env else None
@@ -207,7 +213,7 @@ def is_json_object(data: bytes) -> bool:
     to parse it (or returns a list where a completion belongs)."""
     try:
         _ANY_OBJECT.decode(data)
-    except msgspec.MsgspecError:
+    except DECODE_ERRORS:
         return False
     return True
 
@@ -227,7 +233,7 @@ def read_usage(provider: str, decoder: msgspec.json.Decoder[T], body: bytes, wha
         if is_json_object(body):
             log.warning("upstream_usage_unreadable", provider=provider)
             return None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         pass
     raise UpstreamError(f"The upstream provider '{provider}' returned a malformed {what}.")
 

@@ -36,7 +36,7 @@ import aiohttp
 import msgspec
 
 from gateway.errors import UpstreamBadResponse, UpstreamError, UpstreamUnavailable
-from gateway.providers._errors import error_from_status, upstream_failure
+from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
 from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder, utf8
 from gateway.settings import UpstreamConfig
 
@@ -145,7 +145,7 @@ class UpstreamClient:
         """
         try:
             return decoder.decode(data)
-        except (msgspec.MsgspecError, RecursionError):
+        except DECODE_ERRORS:
             raise UpstreamError(
                 f"The upstream provider '{self.config.name}' returned a malformed answer."
             ) from None

@@ -17,6 +17,7 @@ import aiohttp
 import msgspec
 
 from gateway.errors import UpstreamBadRequest
+from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._http import Dialect, key_header
 from gateway.providers.base import ChatCall
 from gateway.providers.openai import OpenAIProvider
@@ -69,7 +70,7 @@ class AzureProvider(OpenAIProvider):
         if b'"prompt_filter_results"' in data:
             try:
                 view = _FILTER_CHUNK.decode(data)
-            except msgspec.MsgspecError:
+            except DECODE_ERRORS:
                 pass  # not ours to judge: the OpenAI rules below decide
             else:
                 if not view.choices and view.object != "chat.completion.chunk":

@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import msgspec
 
 from gateway.schemas.chat import ChatCompletionRequest
-from gateway.schemas.codec import RAW_OBJECT, raw_fields
+from gateway.schemas.codec import raw_fields, raw_object
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
 
@@ -66,7 +66,7 @@ class ChatCall:
         fields the typed request does not model. Made on first use: only providers that
         forward the body need it, and the body is decoded at most once more."""
         if self._raw is None:
-            self._raw = RAW_OBJECT.decode(self.body) if self.body else raw_fields(self.request)
+            self._raw = raw_object(self.body) if self.body else raw_fields(self.request)
         return self._raw
 
     @property

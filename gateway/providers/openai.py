@@ -23,7 +23,7 @@ from gateway.providers._errors import is_json_object, read_usage, stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.openai_responses import ResponsesRelay
-from gateway.schemas.codec import RAW_OBJECT, encode, present
+from gateway.schemas.codec import encode, present, raw_object
 from gateway.schemas.common import Usage
 from gateway.settings import AzureConfig, OpenAIConfig
 
@@ -77,7 +77,7 @@ class OpenAIProvider:
             if not call.request.wants_usage:
                 # Ask for usage, keeping any other stream option the client (or server) uses.
                 options = call.raw.get("stream_options")
-                extra = RAW_OBJECT.decode(options) if present(options) else {}
+                extra = raw_object(options) if present(options) else {}
                 extra["include_usage"] = _TRUE
                 fields["stream_options"] = msgspec.Raw(encode(extra))
         return encode(fields)
@@ -133,7 +133,7 @@ class OpenAIProvider:
                 # Unreadable usage: relay the event, let the usage row be estimated.
                 log.warning("upstream_usage_unreadable", provider=self.config.name)
                 usage_only = b'"choices":[]' in data or b'"choices": []' in data
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 raise self._malformed() from None
             else:
                 call.usage = view.usage

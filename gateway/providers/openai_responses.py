@@ -20,7 +20,7 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamConnectionError, UpstreamError
-from gateway.providers._errors import error_from_status, read_usage, stream_error
+from gateway.providers._errors import DECODE_ERRORS, error_from_status, read_usage, stream_error
 from gateway.providers._http import UpstreamClient
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
@@ -116,7 +116,7 @@ def event_error(provider: str, payload: bytes) -> UpstreamError:
     """
     try:
         view = _ERROR_EVENT.decode(payload)
-    except msgspec.MsgspecError:
+    except DECODE_ERRORS:
         view = _ErrorEventView()
     fields = view.error if isinstance(view.error, _ErrorFields) else view
     message = fields.message or (view.error if isinstance(view.error, str) else None)
@@ -211,7 +211,7 @@ class ResponsesRelay:
         """One upstream event's type; usage of a terminal event is accounted on the way."""
         try:
             kind = _EVENT.decode(payload).type
-        except msgspec.MsgspecError:
+        except DECODE_ERRORS:
             kind = ""
         if not kind and stream_error(self._name, payload) is not None:
             return "error"  # a chat-style {"error": {...}} event

@@ -16,13 +16,13 @@ from gateway.errors import InvalidRequest
 
 __all__ = [
     "ENCODER",
-    "RAW_OBJECT",
     "ErrorPath",
     "decode_body",
     "encode",
     "error_path",
     "present",
     "raw_fields",
+    "raw_object",
 ]
 
 T = TypeVar("T")
@@ -30,13 +30,11 @@ T = TypeVar("T")
 ENCODER = msgspec.json.Encoder()
 encode = ENCODER.encode
 
-# Top-level JSON object with values kept as raw bytes: cheap, and lets pass-through forward
-# fields the typed structs do not know.
-RAW_OBJECT: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(
-    dict[str, msgspec.Raw]
-)
-
-_DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
+# Decoders by type, each made once. A top-level object with its values kept as raw bytes
+# (cheap, and lets pass-through forward fields the typed structs do not know) is `raw_object`.
+_DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {
+    dict[str, msgspec.Raw]: msgspec.json.Decoder(dict[str, msgspec.Raw])
+}
 
 
 def present(value: msgspec.Raw | msgspec.UnsetType | None) -> TypeGuard[msgspec.Raw]:
@@ -107,3 +105,15 @@ def decode_body(body: bytes, type_: type[T]) -> T:
         raise InvalidRequest("Request body is not valid UTF-8.") from None
     except RecursionError:
         raise InvalidRequest("Request body is nested too deeply.") from None
+
+
+def raw_object(body: bytes) -> dict[str, msgspec.Raw]:
+    """A body's top-level fields as raw JSON, for pass-through.
+
+    The body was decoded once already, but this may run deeper in the stack, where fewer
+    levels of nesting are left before RecursionError: so it maps errors as `decode_body`.
+
+    Raises:
+        InvalidRequest: as `decode_body`.
+    """
+    return decode_body(body, dict[str, msgspec.Raw])

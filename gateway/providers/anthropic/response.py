@@ -8,6 +8,7 @@ import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError, UpstreamUnavailable
+from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._translate import ChunkWriter, completion_body, message
 from gateway.providers.anthropic.request import JSON_TOOL, JsonTool
 from gateway.providers.anthropic.wire import (
@@ -128,7 +129,7 @@ class AnthropicStream:
         """
         try:
             event = EVENT_DECODER.decode(data)
-        except msgspec.MsgspecError:
+        except DECODE_ERRORS:
             raise UpstreamError(
                 f"The upstream provider '{self.provider}' sent a malformed stream event."
             ) from None

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
-from gateway.providers._errors import stream_error
+from gateway.providers._errors import DECODE_ERRORS, stream_error
 from gateway.providers._translate import (
     ChunkWriter,
     completion_body,
@@ -139,7 +138,7 @@ class GeminiStream:
                 raise error
         try:
             resp = RESPONSE_DECODER.decode(data)
-        except msgspec.MsgspecError:
+        except DECODE_ERRORS:
             raise UpstreamError(
                 f"The upstream provider '{self.provider}' sent a malformed stream chunk."
             ) from None
