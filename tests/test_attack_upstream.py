@@ -595,6 +595,8 @@ NOT_HTTP = {
         {"Transfer-Encoding": "chunked", "Content-Length": "5"},
         b"5\r\nhello\r\n0\r\n\r\n",
     ),
+    "two-lengths": http("200 OK", {"Content-Length": "2", "content-length": "3"}, b"{}"),
+    "nul-in-a-header": http("200 OK", {"X-A": "a\x00b", "Content-Length": "2"}, b"{}"),
     "brotli": whole(b"\x1b\x03\x00\xf8", **{"Content-Encoding": "br"}),  # not asked for
     "zstd": whole(b"(\xb5/\xfd\x00X\x11\x00\x00{}", **{"Content-Encoding": "zstd"}),
     "bad-gzip": whole(b"\x1f\x8b\x08\x00not gzip at all", **{"Content-Encoding": "gzip"}),
