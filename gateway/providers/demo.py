@@ -5,18 +5,28 @@ It answers "You said: <last user text>", honours `max_tokens` (finish_reason "le
 and the last message is not a tool result, it calls the named or first tool with arguments
 sampled from the tool's JSON schema; after a tool result it reports what the tool returned.
 Tokens are counted as the words it emits (completion) and a chars/4 estimate (prompt).
+
+It also embeds (`/v1/embeddings`): a text's vector is the normalised sum of a few signed unit
+vectors per word, chosen by hashing the word (the "hashing trick"), so it is the same on every
+run and texts that share words are closer than texts that do not. `dimensions` sets the length
+(default 1536, at most 3072, OpenAI's figures); token ids are embedded as words of their own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import time
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import msgspec
 
+from gateway.errors import InvalidRequest
+from gateway.providers._embeddings import embedding_list
 from gateway.providers.base import ChatCall, ChatReply
+from gateway.providers.capabilities import EmbeddingCall
 from gateway.schemas.chat import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -41,7 +51,12 @@ from gateway.schemas.common import Usage
 from gateway.settings import DemoConfig
 from gateway.tokens import estimate_prompt_tokens, message_text
 
-__all__ = ["DemoProvider"]
+__all__ = ["DEMO_DIMENSIONS", "MAX_DEMO_DIMENSIONS", "DemoProvider", "demo_vector"]
+
+DEMO_DIMENSIONS = 1536
+MAX_DEMO_DIMENSIONS = 3072
+_SLOTS_PER_WORD = 4
+_WORD = re.compile(r"\w+")
 
 
 class _Answer(msgspec.Struct):
@@ -156,6 +171,32 @@ class DemoProvider:
         )
         return ChatReply(body=encode(completion), usage=call.usage)
 
+    async def embeddings(self, call: EmbeddingCall) -> ChatReply:
+        req = call.request
+        dims = req.dimensions if isinstance(req.dimensions, int) else DEMO_DIMENSIONS
+        if dims > MAX_DEMO_DIMENSIONS:
+            raise InvalidRequest(
+                f"Invalid value for 'dimensions': the demo model makes at most "
+                f"{MAX_DEMO_DIMENSIONS} dimensions.",
+                param="dimensions",
+            )
+        texts = req.texts()
+        words = (
+            [_WORD.findall(text.lower()) or [text] for text in texts]
+            if texts is not None
+            else [[f"#{token}" for token in tokens] for tokens in req.token_lists()]
+        )
+        call.first_byte_at = time.monotonic()
+        prompt = req.prompt_estimate()
+        call.usage = Usage(prompt_tokens=prompt, total_tokens=prompt)
+        body = embedding_list(
+            [demo_vector(w, dims) for w in words],
+            model=req.model,
+            prompt_tokens=prompt,
+            as_base64=req.base64,
+        )
+        return ChatReply(body=body, usage=call.usage)
+
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         req = call.request
         n = req.n or 1
@@ -214,3 +255,22 @@ def _deltas(answer: _Answer, n: int) -> Iterator[list[ChunkChoice]]:
         for word in answer.words:
             yield [ChunkChoice(i, Delta(content=word)) for i in range(n)]
     yield [ChunkChoice(i, Delta(), answer.finish_reason) for i in range(n)]
+
+
+def demo_vector(words: list[str], dims: int) -> list[float]:
+    """A unit vector for a bag of words: each word adds signed ones at hashed positions."""
+    sparse: dict[int, float] = {}
+    for word in words:
+        digest = hashlib.blake2b(word.encode(), digest_size=4 * _SLOTS_PER_WORD).digest()
+        for slot in range(_SLOTS_PER_WORD):
+            bits = int.from_bytes(digest[4 * slot : 4 * slot + 4], "little")
+            index = (bits >> 1) % dims
+            sparse[index] = sparse.get(index, 0.0) + (1.0 if bits & 1 else -1.0)
+    norm = math.sqrt(sum(v * v for v in sparse.values()))
+    vector = [0.0] * dims
+    if norm == 0:  # every contribution cancelled out: still a unit vector, and a fixed one
+        vector[0] = 1.0
+        return vector
+    for index, value in sparse.items():
+        vector[index] = value / norm
+    return vector

@@ -4,6 +4,8 @@ The client's body is forwarded field for field (unknown fields included) with th
 `model` becomes the upstream name, the model's default `max_tokens` fills a missing limit,
 and streams always ask for `include_usage` so usage can be accounted; that extra usage chunk
 is dropped again when the client did not ask for it. Upstream bytes go back untouched.
+Embeddings (`/embeddings`) and legacy completions (`/completions`, streams as for chat) pass
+through the same way.
 
 Upstreams with `responses_api = true` also get `/v1/responses` requests as they are
 (`OpenAIResponsesProvider`, which relays them with `gateway.providers.openai_responses`).
@@ -21,7 +23,8 @@ import structlog
 from gateway.errors import UpstreamError
 from gateway.providers._errors import read_usage, stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
-from gateway.providers.base import ChatCall, ChatReply
+from gateway.providers.base import Call, ChatCall, ChatReply
+from gateway.providers.capabilities import CompletionCall, EmbeddingCall
 from gateway.providers.openai_responses import ResponsesRelay
 from gateway.schemas.codec import RAW_OBJECT, encode, present
 from gateway.schemas.common import Usage
@@ -56,15 +59,14 @@ class OpenAIProvider:
     def __init__(self, config: OpenAIConfig | AzureConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, self.dialect)
-        self._url = f"{config.url}/chat/completions"
 
-    def chat_url(self, call: ChatCall) -> str:
-        """Where chat completions go (Azure: per deployment)."""
-        return self._url
+    def url(self, call: Call, operation: str) -> str:
+        """Where an operation (`chat/completions`, `embeddings`, `completions`) goes (Azure:
+        per deployment)."""
+        return f"{self.config.url}/{operation}"
 
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
-        fields = dict(call.raw)
-        fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        fields = _fields(call)
         if call.model.reasoning and "max_tokens" in fields:
             # Reasoning models reject max_tokens; max_completion_tokens means the same there.
             limit = fields.pop("max_tokens")
@@ -73,25 +75,43 @@ class OpenAIProvider:
             key = "max_completion_tokens" if call.model.reasoning else "max_tokens"
             fields[key] = msgspec.Raw(encode(call.model.max_tokens))
         if stream:
-            fields["stream"] = _TRUE
-            if not call.request.wants_usage:
-                # Ask for usage, keeping any other stream option the client (or server) uses.
-                options = call.raw.get("stream_options")
-                extra = RAW_OBJECT.decode(options) if present(options) else {}
-                extra["include_usage"] = _TRUE
-                fields["stream_options"] = msgspec.Raw(encode(extra))
+            _stream_with_usage(fields, call.raw, call.request.wants_usage)
         return encode(fields)
 
     async def chat(self, call: ChatCall) -> ChatReply:
-        body = await self._http.post(self.chat_url(call), self._body(call, stream=False), call)
-        view = read_usage(self.config.name, _USAGE, body, "completion")
+        url = self.url(call, "chat/completions")
+        return await self._post(url, self._body(call, stream=False), call, "completion")
+
+    def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
+        url = self.url(call, "chat/completions")
+        body = self._body(call, stream=True)
+        return self._stream(url, body, call, keep_usage_chunk=call.request.wants_usage)
+
+    async def embeddings(self, call: EmbeddingCall) -> ChatReply:
+        body = encode(_fields(call))
+        return await self._post(self.url(call, "embeddings"), body, call, "embeddings answer")
+
+    async def completion(self, call: CompletionCall) -> ChatReply:
+        body = encode(_completion_fields(call))
+        return await self._post(self.url(call, "completions"), body, call, "completion")
+
+    def stream_completion(self, call: CompletionCall) -> AsyncGenerator[list[bytes], None]:
+        fields = _completion_fields(call)
+        _stream_with_usage(fields, call.raw, call.request.wants_usage)
+        url = self.url(call, "completions")
+        return self._stream(url, encode(fields), call, keep_usage_chunk=call.request.wants_usage)
+
+    async def _post(self, url: str, body: bytes, call: Call, what: str) -> ChatReply:
+        answer = await self._http.post(url, body, call)
+        view = read_usage(self.config.name, _USAGE, answer, what)
         if view is not None:
             call.usage = view.usage
-        return ChatReply(body=body, usage=call.usage)
+        return ChatReply(body=answer, usage=call.usage)
 
-    async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
-        keep_usage_chunk = call.request.wants_usage
-        events = self._http.stream(self.chat_url(call), self._body(call, stream=True), call)
+    async def _stream(
+        self, url: str, body: bytes, call: Call, *, keep_usage_chunk: bool
+    ) -> AsyncGenerator[list[bytes], None]:
+        events = self._http.stream(url, body, call)
         async with contextlib.aclosing(events):
             async for batch in events:
                 out, done, error = self._relay(call, batch, keep_usage_chunk)
@@ -103,7 +123,7 @@ class OpenAIProvider:
                     return
 
     def _relay(
-        self, call: ChatCall, batch: list[bytes], keep_usage_chunk: bool
+        self, call: Call, batch: list[bytes], keep_usage_chunk: bool
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (events for the client, saw [DONE], upstream error event)."""
         out: list[bytes] = []
@@ -117,7 +137,7 @@ class OpenAIProvider:
                 return out, True, exc
         return out, False, None
 
-    def _keep(self, call: ChatCall, data: bytes, keep_usage_chunk: bool) -> bool:
+    def _keep(self, call: Call, data: bytes, keep_usage_chunk: bool) -> bool:
         """Account for one upstream event; False for events the client must not get."""
         if b'"usage":{' in data or b'"usage": {' in data:
             try:
@@ -141,6 +161,32 @@ class OpenAIProvider:
                 raise error
         call.chunks += 1
         return True
+
+
+def _fields(call: Call) -> dict[str, msgspec.Raw]:
+    """The client's fields, to be sent with `model` set to the upstream model."""
+    fields = dict(call.raw)
+    fields["model"] = msgspec.Raw(encode(call.upstream_model))
+    return fields
+
+
+def _completion_fields(call: CompletionCall) -> dict[str, msgspec.Raw]:
+    fields = _fields(call)
+    if not isinstance(call.request.max_tokens, int) and call.model.max_tokens is not None:
+        fields["max_tokens"] = msgspec.Raw(encode(call.model.max_tokens))
+    return fields
+
+
+def _stream_with_usage(
+    fields: dict[str, msgspec.Raw], raw: dict[str, msgspec.Raw], wants_usage: bool
+) -> None:
+    """Make `fields` a stream that reports usage, keeping the client's other stream options."""
+    fields["stream"] = _TRUE
+    if not wants_usage:
+        options = raw.get("stream_options")
+        extra = RAW_OBJECT.decode(options) if present(options) else {}
+        extra["include_usage"] = _TRUE
+        fields["stream_options"] = msgspec.Raw(encode(extra))
 
 
 class OpenAIResponsesProvider(OpenAIProvider):

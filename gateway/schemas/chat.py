@@ -40,6 +40,7 @@ __all__ = [
     "JSONObjectFormat",
     "JSONSchemaFormat",
     "Message",
+    "NamedFunction",
     "RefusalContentPart",
     "ResponseFormat",
     "StreamOptions",
@@ -183,16 +184,16 @@ class CustomTool(_Tool, tag="custom"):
     custom: Raw
 
 
-class _NamedFunction(msgspec.Struct):
+class NamedFunction(msgspec.Struct):
     name: str
 
 
 class ToolChoiceFunction(_Tool, tag="function"):
-    function: _NamedFunction
+    function: NamedFunction
 
 
 class ToolChoiceCustom(_Tool, tag="custom"):
-    custom: _NamedFunction
+    custom: NamedFunction
 
 
 class ToolChoiceAllowedTools(_Tool, tag="allowed_tools"):

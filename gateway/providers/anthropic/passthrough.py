@@ -1,0 +1,156 @@
+"""`POST /v1/messages` (and its token count) relayed to Anthropic untranslated.
+
+The client's body goes to `{base_url}/v1/messages` as it is, with `model` set to the upstream
+model, so `cache_control`, thinking blocks and their signatures, server tools and fields added
+after this was written all reach Anthropic; the client's `anthropic-version` and
+`anthropic-beta` headers go with it. A whole answer is relayed untouched; events are relayed
+as they arrive, each with its `event:` line, up to and including `message_stop`.
+
+Usage is read on the way (`message_start` holds the input and cache counts, `message_delta`
+the final output count) into the call in chat terms, cache writes apart. Events are held back
+until the answer has content, so an `error` event that comes first (Anthropic reports overload
+right after `message_start`) is still an HTTP status and another route may be tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Mapping
+
+import msgspec
+
+from gateway.errors import UpstreamConnectionError, UpstreamError
+from gateway.providers._errors import read_usage
+from gateway.providers._http import UpstreamClient
+from gateway.providers.anthropic.response import event_error, openai_usage
+from gateway.providers.anthropic.wire import AnthropicErrorBody, AnthropicUsage
+from gateway.providers.base import ChatCall, ChatReply
+from gateway.responses.framing import event_frame
+from gateway.schemas.codec import encode
+
+__all__ = ["MessagesRelay"]
+
+_TRUE = msgspec.Raw(b"true")
+
+
+class _UsageView(msgspec.Struct):
+    usage: AnthropicUsage | None = None
+
+
+class _EventView(msgspec.Struct):
+    """What the relay reads of an event; the rest is skipped unparsed."""
+
+    type: str = ""
+    message: _UsageView | None = None
+    usage: AnthropicUsage | None = None
+    error: AnthropicErrorBody | None = None
+
+
+class _CountView(msgspec.Struct):
+    input_tokens: int
+
+
+_USAGE = msgspec.json.Decoder(_UsageView)
+_EVENT = msgspec.json.Decoder(_EventView)
+_COUNT = msgspec.json.Decoder(_CountView)
+
+
+def _account(call: ChatCall, usage: AnthropicUsage) -> None:
+    call.usage = openai_usage(usage)
+    call.cache_write_tokens = usage.cache_creation_input_tokens or 0
+
+
+def _merge(into: AnthropicUsage, usage: AnthropicUsage) -> None:
+    for name in usage.__struct_fields__:
+        value = getattr(usage, name)
+        if value is not None:
+            setattr(into, name, value)
+
+
+class MessagesRelay:
+    """Relays Messages API requests to one Anthropic upstream through its provider's client."""
+
+    def __init__(self, http: UpstreamClient, root: str) -> None:
+        self._http = http
+        self._name = http.config.name
+        self._url = f"{root}/v1/messages"
+        self._count_url = f"{root}/v1/messages/count_tokens"
+
+    def _body(self, call: ChatCall, body: dict[str, msgspec.Raw], *, stream: bool) -> bytes:
+        fields = dict(body)
+        fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        if stream:
+            fields["stream"] = _TRUE
+        return encode(fields)
+
+    async def create(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> ChatReply:
+        data = self._body(call, body, stream=False)
+        answer = await self._http.post(self._url, data, call, headers)
+        view = read_usage(self._name, _USAGE, answer, "message")
+        if view is not None and view.usage is not None:
+            _account(call, view.usage)
+        return ChatReply(body=answer, usage=call.usage)
+
+    async def count(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> bytes:
+        data = self._body(call, body, stream=False)
+        answer = await self._http.post(self._count_url, data, call, headers)
+        self._http.decode(_COUNT, answer)  # only a real count is relayed
+        return answer
+
+    async def stream(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> AsyncGenerator[list[bytes], None]:
+        usage = AnthropicUsage()
+        held: list[bytes] = []
+        events = self._http.stream(self._url, self._body(call, body, stream=True), call, headers)
+        async with contextlib.aclosing(events):
+            async for batch in events:
+                ended, error = self._reframe(call, batch, usage, held)
+                if error is not None:
+                    if held and call.chunks:
+                        yield held  # what came before the error still reaches the client
+                    raise error
+                if held and (call.chunks or ended):
+                    yield held
+                    held = []
+                if ended:
+                    return  # whatever follows (or a connection left open) is not ours
+        # Cut like a dropped connection (which a retry may fix before the first event).
+        raise UpstreamConnectionError(
+            f"The upstream provider '{self._name}' ended the stream before the message was "
+            "complete."
+        )
+
+    def _reframe(
+        self, call: ChatCall, batch: list[bytes], usage: AnthropicUsage, out: list[bytes]
+    ) -> tuple[bool, UpstreamError | None]:
+        """Frame one batch's events into `out`; (saw `message_stop`, an upstream error)."""
+        for payload in batch:
+            try:
+                event = _EVENT.decode(payload)
+            except msgspec.MsgspecError:
+                return False, UpstreamError(
+                    f"The upstream provider '{self._name}' sent a malformed stream event."
+                )
+            kind = event.type
+            if not kind or not kind.isascii() or not kind.replace("_", "").isalnum():
+                return False, UpstreamError(
+                    f"The upstream provider '{self._name}' sent a malformed stream event."
+                )
+            if kind == "error":
+                return False, event_error(self._name, event.error or AnthropicErrorBody())
+            if kind == "message_start" and event.message and event.message.usage:
+                _merge(usage, event.message.usage)
+            elif kind == "message_delta" and event.usage is not None:
+                _merge(usage, event.usage)
+                _account(call, usage)
+            elif kind == "content_block_delta":
+                call.chunks += 1
+            out.append(event_frame(kind.encode(), payload))
+            if kind == "message_stop":
+                return True, None
+        return False, None
