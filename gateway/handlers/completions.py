@@ -21,6 +21,7 @@ from gateway.schemas.codec import decode_body
 from gateway.schemas.completions import CompletionRequest
 from gateway.settings import ModelConfig
 from gateway.sse import relay
+from gateway.trace import TRACE_KEY
 
 __all__ = ["create_completion"]
 
@@ -32,6 +33,7 @@ def _upstream(route: Route) -> CompletionsPassThrough:
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
     """OpenAI Completions; `model` and `prompt` are required."""
+    request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
     body = await request.read()
     req = decode_body(body, CompletionRequest)
 

@@ -18,17 +18,19 @@ from gateway.providers.capabilities import Embedder, EmbeddingCall
 from gateway.schemas.codec import decode_body
 from gateway.schemas.embeddings import EmbeddingRequest
 from gateway.settings import ModelConfig
+from gateway.trace import TRACE_KEY
 
 __all__ = ["create_embeddings"]
 
 
 async def create_embeddings(request: web.Request) -> web.Response:
     """OpenAI Embeddings; `model` and `input` are required."""
+    request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
     body = await request.read()
     req = decode_body(body, EmbeddingRequest)
+    req.check()
 
     def embedding_call(model: ModelConfig) -> EmbeddingCall:
-        req.check()
         return EmbeddingCall(request=req, body=body, model=model)
 
     ex = pipeline.open_exchange(request, req.model, embedding_call, serves=Embedder)

@@ -32,6 +32,9 @@ ROOTS = (
     # Responses API, for serving /v1/responses later.
     "Response",
     "ResponseStreamEvent",
+    # Embeddings and legacy completions (#15).
+    "CreateEmbeddingResponse",
+    "CreateCompletionResponse",
 )
 REF_PREFIX = "#/components/schemas/"
 DROPPED_KEYS = {"discriminator", "nullable", "$recursiveAnchor"}
