@@ -47,6 +47,8 @@ from tests.fakes import Recorded, ScriptedFake, _sample
 Json = dict[str, Any]
 
 VERSION = "2023-06-01"
+# The versions the API takes: the first GA one, and what anthropic-sdk-python 2.x sends.
+VERSIONS = (VERSION, "2026-10-21")
 DOCS = "Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude"
 
 # Realistic (type, message) for scripted error statuses, as Anthropic sends them.
@@ -402,6 +404,8 @@ ROLE_BLOCKS = {
 SCHEMA = {"type": ("object",), "*": None}  # "*": any other key
 TOOL = {"type?": ("custom",), "name": str, "description?": str, "input_schema": SCHEMA}
 TOOL |= {"cache_control?": CACHE, "strict?": bool}
+SERVER_TOOL = re.compile(r"^[a-z_]+_\d{8}$")  # Anthropic-run tools, versioned by date
+SERVER = {"type": str, "name": str, "cache_control?": CACHE, "*": None}
 PARALLEL = {"type": str, "disable_parallel_tool_use?": bool}
 REQUEST = {
     "model": str,
@@ -515,7 +519,7 @@ def validate(version: str | None, raw: bytes) -> Json:
         Invalid: with the message the real API puts in its 400 ``invalid_request_error``.
     """
     _check(version is not None, "anthropic-version: header is required")
-    _check(version == VERSION, f"anthropic-version: invalid version '{version}'")
+    _check(version in VERSIONS, f"anthropic-version: invalid version '{version}'")
     try:
         body: Json = json.loads(raw)
     except ValueError:
@@ -537,6 +541,9 @@ def check_request(body: Json) -> None:
     for i, block in enumerate(body["system"] if isinstance(body.get("system"), list) else []):
         _nonblank(block["text"], f"system.{i}.text")
     for i, tool in enumerate(body.get("tools") or []):
+        if SERVER_TOOL.match(str(tool.get("type"))):  # web_search_20250305, bash_20250124...
+            _conform(tool, SERVER, f"tools.{i}.{tool['type']}")
+            continue
         _conform(tool, TOOL, f"tools.{i}.custom")
     names = [tool["name"] for tool in body.get("tools") or []]
     for i, name in enumerate(names):

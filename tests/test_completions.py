@@ -89,7 +89,9 @@ async def test_completion(rig: Rig) -> None:
 
 
 async def test_model_limit_fills_a_missing_max_tokens(rig: Rig) -> None:
-    reply = await rig.client.completions.create(model="c", prompt="one two three four five six seven")
+    reply = await rig.client.completions.create(
+        model="c", prompt="one two three four five six seven"
+    )
     assert rig.fake.completions_requests[-1].json["max_tokens"] == 7
     assert reply.choices[0].finish_reason == "length"
     await rig.client.completions.create(model="c", prompt=[1, 2, 3])  # token prompts pass

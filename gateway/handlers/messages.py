@@ -28,6 +28,7 @@ from gateway import pipeline
 from gateway.errors import InvalidRequest
 from gateway.failover import Exchange
 from gateway.messages import MessageEvents, Translation, error_event, from_completion, to_chat
+from gateway.messages.errors import anthropic_status
 from gateway.messages.schema import MessagesRequest
 from gateway.passthrough import native_first
 from gateway.providers import ChatCall
@@ -140,7 +141,14 @@ async def _translated(ex: Exchange[ChatCall], *, stream: bool) -> web.StreamResp
 async def _relay(request: web.Request, batches: AsyncIterator[list[bytes]]) -> web.StreamResponse:
     # Batches hold framed events (`event:` and `data:` lines); Messages streams end with
     # `message_stop`, without `[DONE]`.
-    return await relay(request, batches, frame=b"".join, error_frame=error_event, end=b"")
+    return await relay(
+        request,
+        batches,
+        frame=b"".join,
+        error_frame=error_event,
+        end=b"",
+        status_of=anthropic_status,
+    )
 
 
 class _Count(msgspec.Struct):

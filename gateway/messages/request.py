@@ -18,18 +18,19 @@ block types chat has no place for) is not dropped silently: it becomes the trans
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from gateway.errors import InvalidRequest
 from gateway.messages.schema import (
+    BLOCKS,
+    SOURCE,
     Content,
     MessagesBlock,
     MessagesMessage,
     MessagesRequest,
-    MessagesSource,
     MessagesTool,
 )
 from gateway.schemas.chat import (
@@ -56,9 +57,11 @@ from gateway.schemas.chat import (
     ToolMessage,
     UserMessage,
 )
-from gateway.schemas.codec import encode
+from gateway.schemas.codec import encode, error_path
 
 __all__ = ["Translation", "effort", "to_chat"]
+
+T = TypeVar("T")
 
 _FUNCTION = msgspec.json.Decoder(FunctionDefinition)
 _EFFORTS: dict[str, ReasoningEffort] = {"low": "low", "medium": "medium", "high": "high"}
@@ -111,9 +114,7 @@ def _text(blocks: list[MessagesBlock]) -> str:
 
 def _source_part(b: _Builder, block: MessagesBlock, at: str) -> list[ContentPart]:
     """An image or document block as chat content parts."""
-    source = block.source
-    if not isinstance(source, MessagesSource):
-        raise InvalidRequest(f"Missing required parameter: '{at}.source'.", param=f"{at}.source")
+    source = _read(SOURCE, block.source, f"{at}.source")
     kind = source.type
     if kind == "base64" and isinstance(source.data, str) and isinstance(source.media_type, str):
         url = f"data:{source.media_type};base64,{source.data}"
@@ -131,6 +132,21 @@ def _source_part(b: _Builder, block: MessagesBlock, at: str) -> list[ContentPart
     return []
 
 
+def _read(decoder: msgspec.json.Decoder[T], raw: msgspec.Raw | UnsetType, at: str) -> T:
+    """A block field kept raw, read for a block type the translation knows.
+
+    Raises:
+        InvalidRequest: the field is missing or malformed (named by its path).
+    """
+    if raw is UNSET:
+        raise InvalidRequest(f"Missing required parameter: '{at}'.", param=at)
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        problem = error_path(str(exc)).problem
+        raise InvalidRequest(f"Invalid value for '{at}': {problem}", param=at) from None
+
+
 def _user_turn(b: _Builder, blocks: list[MessagesBlock], at: str) -> None:
     """Tool results first (as `tool` messages), then the rest as one user message."""
     parts: list[ContentPart] = []
@@ -141,7 +157,8 @@ def _user_turn(b: _Builder, blocks: list[MessagesBlock], at: str) -> None:
         elif block.type in ("image", "document"):
             parts.extend(_source_part(b, block, where))
         elif block.type == "tool_result" and isinstance(block.tool_use_id, str):
-            result = _blocks(block.content) if isinstance(block.content, str | list) else []
+            content = block.content
+            result = [] if content is UNSET else _blocks(_read(BLOCKS, content, f"{where}.content"))
             text = _text(result)
             b.messages.append(ToolMessage(content=text, tool_call_id=block.tool_use_id))
             for k, inner in enumerate(result):  # images a tool returned follow as user parts
@@ -193,7 +210,7 @@ def _turn(b: _Builder, msg: MessagesMessage, at: str) -> None:
 def _tools(b: _Builder, tools: list[MessagesTool]) -> list[FunctionTool]:
     out: list[FunctionTool] = []
     for i, tool in enumerate(tools):
-        if not tool.is_client_tool:
+        if not tool.is_client_tool or not isinstance(tool.name, str):
             b.refuse(f"tools[{i}]", f"the server tool '{tool.type}'")
             continue
         fields: dict[str, object] = {"name": tool.name}
@@ -256,9 +273,12 @@ def to_chat(req: MessagesRequest, *, reasoning: bool) -> Translation:
         if getattr(req, name) is not UNSET:
             b.refuse(name, "a server-side feature")
     if not b.messages:
-        raise InvalidRequest(
-            "The messages must include at least one non-empty message.", param="messages"
-        )
+        if b.refusal is None:
+            raise InvalidRequest(
+                "The messages must include at least one non-empty message.", param="messages"
+            )
+        b.messages.append(UserMessage(content=""))  # only a native upstream will see it
+    chat.messages = b.messages
     return Translation(chat=chat, refusal=b.refusal)
 
 

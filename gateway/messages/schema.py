@@ -37,21 +37,27 @@ class MessagesSource(msgspec.Struct):
 
 
 class MessagesBlock(msgspec.Struct):
-    """Any content block; which fields it has depends on its `type`."""
+    """Any content block; which fields it has depends on its `type`. `source` and `content`
+    differ in shape between block types (a `search_result`'s source is a string), so they are
+    kept raw and read by the translation only for the types it knows."""
 
     type: str
     text: str | UnsetType = UNSET
-    source: MessagesSource | UnsetType = UNSET
+    source: Raw | UnsetType = UNSET
     id: str | UnsetType = UNSET
     name: str | UnsetType = UNSET
     input: Raw | UnsetType = UNSET
     tool_use_id: str | UnsetType = UNSET
-    content: str | list[MessagesBlock] | UnsetType | None = UNSET
+    content: Raw | UnsetType = UNSET
     is_error: bool | UnsetType | None = UNSET
     title: str | UnsetType | None = UNSET
 
 
 Content = str | list[MessagesBlock]
+
+# What an image or document `source`, and a `tool_result`'s or document's `content`, hold.
+SOURCE: msgspec.json.Decoder[MessagesSource] = msgspec.json.Decoder(MessagesSource)
+BLOCKS: msgspec.json.Decoder[Content] = msgspec.json.Decoder(Content)
 
 
 class MessagesMessage(msgspec.Struct):
@@ -62,7 +68,7 @@ class MessagesMessage(msgspec.Struct):
 class MessagesTool(msgspec.Struct):
     """A client tool (no `type`, or `custom`), or a server tool (`web_search_20250305`...)."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1)]
+    name: str | UnsetType = UNSET
     type: str | UnsetType | None = UNSET
     description: str | UnsetType | None = UNSET
     input_schema: Raw | UnsetType = UNSET
