@@ -93,7 +93,7 @@ class FakeAzure(FakeOpenAI):
             "deployment within the last 5 minutes, please wait a moment and try again.",
         )
 
-    async def _azure_embeddings(self, request: web.Request) -> web.Response:
+    async def _azure_embeddings(self, request: web.Request) -> web.StreamResponse:
         """Embeddings of the deployment's model (the deployment name stands for it)."""
         missing = self._unknown(request)
         return missing or await self._embeddings(request, request.match_info["deployment"])

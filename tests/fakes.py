@@ -334,20 +334,29 @@ class FakeOpenAI(ScriptedFake[Script]):
             self.client_disconnected.set()
             raise
 
-    async def _embeddings(self, request: web.Request, model: str | None = None) -> web.Response:
-        """``POST /v1/embeddings`` (see ``tests.fake_endpoints``); scripts apply as for chat."""
-        plan = self.next_plan()
-        body = request[RECORDED].json
+    async def _refusal(self, request: web.Request, plan: Script) -> web.StreamResponse | None:
+        """What a script or a body without a model answers instead of the endpoint (or None)."""
         await self.pause(plan)
         if plan.drop_before_response:
             return self._drop(request, web.Response())
         if plan.status >= 400:
             error = plan.error or error_body(plan.status)
             return web.json_response(error, status=plan.status, headers=self._headers(plan))
+        body = request[RECORDED].json
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return web.json_response(
-                error_body(400, "You must provide a model parameter."), status=400
-            )
+            missing = error_body(400, "You must provide a model parameter.")
+            return web.json_response(missing, status=400)
+        return None
+
+    async def _embeddings(
+        self, request: web.Request, model: str | None = None
+    ) -> web.StreamResponse:
+        """``POST /v1/embeddings`` (see ``tests.fake_endpoints``); scripts apply as for chat."""
+        plan = self.next_plan()
+        refused = await self._refusal(request, plan)
+        if refused is not None:
+            return refused
+        body = request[RECORDED].json
         try:
             answer = openai_embeddings(body, model or body["model"])
         except Refused as exc:
@@ -359,22 +368,14 @@ class FakeOpenAI(ScriptedFake[Script]):
     ) -> web.StreamResponse:
         """``POST /v1/completions`` (see ``tests.fake_endpoints``); scripts as for chat."""
         plan = self.next_plan()
-        body = request[RECORDED].json
         try:
-            await self.pause(plan)
-            if plan.drop_before_response:
-                return self._drop(request, web.Response())
-            if plan.status >= 400:
-                error = plan.error or error_body(plan.status)
-                return web.json_response(error, status=plan.status, headers=self._headers(plan))
-            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-                return web.json_response(
-                    error_body(400, "You must provide a model parameter."), status=400
-                )
+            refused = await self._refusal(request, plan)
+            if refused is not None:
+                return refused
+            body = request[RECORDED].json
+            reply_id = f"cmpl-fake{next(self._ids)}"
             try:
-                reply = completion_reply(
-                    body, model or body["model"], f"cmpl-fake{next(self._ids)}"
-                )
+                reply = completion_reply(body, model or body["model"], reply_id)
             except Refused as exc:
                 return web.json_response(error_body(400, str(exc), param=exc.param), status=400)
             if not body.get("stream"):
@@ -383,14 +384,11 @@ class FakeOpenAI(ScriptedFake[Script]):
             response = web.StreamResponse(headers=headers)
             await response.prepare(request)
             frames = [_sse(c) for c in completion_chunks(body, reply)]
-            return await self.play(
-                request,
-                response,
-                frames,
-                plan,
-                lambda _: _sse(plan.stream_error),
-                b"data: [DONE]\n\n",
-            )
+
+            def error(_: int) -> bytes:
+                return _sse(plan.stream_error)
+
+            return await self.play(request, response, frames, plan, error, b"data: [DONE]\n\n")
         except asyncio.CancelledError:
             self.client_disconnected.set()
             raise

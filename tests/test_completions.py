@@ -13,7 +13,6 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.settings import ModelConfig, Target
 from tests.conftest import (
     MakeSettings,
     create_key,
@@ -23,11 +22,9 @@ from tests.conftest import (
     start_gateway,
     usage_rows,
 )
-from tests.fake_azure import FakeAzure
 from tests.fakes import FakeOpenAI
+from tests.rigs import fake_for, model_on, serve
 from tests.spec import validate_completion
-
-KEY = "upstream-key"
 
 
 @dataclass
@@ -46,21 +43,17 @@ async def rig(
     make_settings: MakeSettings,
 ) -> AsyncIterator[Rig]:
     kind: str = request.param
-    fake = FakeOpenAI(api_key=KEY) if kind == "openai" else FakeAzure(api_key=KEY)
-    await fake.start(aiohttp_server)
-    extra = {"api_version": "2024-10-21"} if kind == "azure" else {}
-    provider = provider_config(kind, name="up", base_url=fake.base_url, api_keys=(KEY,), **extra)
-    model = ModelConfig(
-        name="c",
-        targets=(Target(provider="up", model="gpt-4o-mini"),),
+    fake = fake_for(kind)
+    assert isinstance(fake, FakeOpenAI)
+    model = model_on(
+        "c",
+        "up",
+        "gpt-4o-mini",
         input_price_per_mtok=1000.0,
         output_price_per_mtok=2000.0,
         max_tokens=7,
     )
-    gateway = await start_gateway(
-        aiohttp_client, make_settings(providers=(provider,), models=(model,))
-    )
-    key = await create_key(gateway)
+    gateway, key = await serve(kind, fake, aiohttp_server, aiohttp_client, make_settings, model)
     async with openai_client(gateway, key) as client:
         yield Rig(fake, gateway, key, client)
 

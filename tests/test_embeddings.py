@@ -32,9 +32,9 @@ from tests.fake_azure import FakeAzure
 from tests.fake_endpoints import vector
 from tests.fake_gemini import FakeGemini
 from tests.fakes import FakeOpenAI
+from tests.rigs import UPSTREAM_KEY, fake_for, model_on, serve
 from tests.spec import floats_of, validate_embeddings, validate_error
 
-KEY = "upstream-key"
 KINDS = ("openai", "azure", "gemini", "demo")
 UPSTREAM = {
     "openai": "text-embedding-3-small",
@@ -61,42 +61,21 @@ class Rig:
         return [r.json for r in self.fake.embeddings_requests]
 
 
-def _fake(kind: str) -> Fake | None:
-    if kind == "openai":
-        return FakeOpenAI(api_key=KEY)
-    if kind == "azure":
-        return FakeAzure(api_key=KEY, deployments=("text-embedding-3-small",))
-    if kind == "gemini":
-        return FakeGemini(api_key=KEY)
-    return None
-
-
 async def _rig(
     kind: str,
     aiohttp_server: AiohttpServer,
     aiohttp_client: AiohttpClient,
     make_settings: MakeSettings,
 ) -> Rig:
-    fake = _fake(kind)
-    providers = ()
-    target = "demo"
-    if fake is not None:
-        await fake.start(aiohttp_server)
-        extra = {"api_version": "2024-10-21"} if kind == "azure" else {}
-        providers = (
-            provider_config(kind, name="up", base_url=fake.base_url, api_keys=(KEY,), **extra),
-        )
-        target = "up"
-    model = ModelConfig(
-        name="emb",
-        targets=(Target(provider=target, model=UPSTREAM[kind]),),
-        input_price_per_mtok=1000.0,
-        embeddings=True,
-    )
-    settings = make_settings(providers=providers, models=(model,))
-    gateway = await start_gateway(aiohttp_client, settings)
-    client = openai_client(gateway, await create_key(gateway))
-    return Rig(kind, fake, gateway, client)
+    fake: Fake | None = None
+    if kind == "azure":
+        fake = FakeAzure(api_key=UPSTREAM_KEY, deployments=("text-embedding-3-small",))
+    elif kind != "demo":
+        fake = fake_for(kind)  # type: ignore[assignment]
+    target = "demo" if fake is None else "up"
+    model = model_on("emb", target, UPSTREAM[kind], input_price_per_mtok=1000.0, embeddings=True)
+    gateway, key = await serve(kind, fake, aiohttp_server, aiohttp_client, make_settings, model)
+    return Rig(kind, fake, gateway, openai_client(gateway, key))
 
 
 @pytest.fixture(params=KINDS)
@@ -106,19 +85,6 @@ async def rig(
     aiohttp_client: AiohttpClient,
     make_settings: MakeSettings,
 ) -> AsyncIterator[Rig]:
-    built = await _rig(request.param, aiohttp_server, aiohttp_client, make_settings)
-    async with built.client:
-        yield built
-
-
-@pytest.fixture(params=[k for k in KINDS if k != "demo"])
-async def upstream(
-    request: pytest.FixtureRequest,
-    aiohttp_server: AiohttpServer,
-    aiohttp_client: AiohttpClient,
-    make_settings: MakeSettings,
-) -> AsyncIterator[Rig]:
-    """The rig of each provider type that has an upstream (to fail)."""
     built = await _rig(request.param, aiohttp_server, aiohttp_client, make_settings)
     async with built.client:
         yield built
@@ -265,11 +231,13 @@ async def test_models_list_says_which_models_embed(rig: Rig) -> None:
 async def test_anthropic_models_are_refused_with_a_clear_400(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
 ) -> None:
-    fake = FakeAnthropic(api_key=KEY)
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
     await fake.start(aiohttp_server)
     settings = make_settings(
         providers=(
-            provider_config("anthropic", name="claude", base_url=fake.base_url, api_keys=(KEY,)),
+            provider_config(
+                "anthropic", name="claude", base_url=fake.base_url, api_keys=(UPSTREAM_KEY,)
+            ),
         ),
     )
     gateway = await start_gateway(aiohttp_client, settings)
@@ -290,14 +258,16 @@ async def test_anthropic_models_are_refused_with_a_clear_400(
 async def test_fails_over_to_another_provider_type(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
 ) -> None:
-    primary, backup = FakeOpenAI(), FakeGemini(api_key=KEY)
+    primary, backup = FakeOpenAI(), FakeGemini(api_key=UPSTREAM_KEY)
     await primary.start(aiohttp_server)
     await backup.start(aiohttp_server)
     primary.script(status=503)
     settings = make_settings(
         providers=(
             provider_config("openai", name="oai", base_url=primary.base_url),
-            provider_config("gemini", name="gem", base_url=backup.base_url, api_keys=(KEY,)),
+            provider_config(
+                "gemini", name="gem", base_url=backup.base_url, api_keys=(UPSTREAM_KEY,)
+            ),
         ),
         models=(
             ModelConfig(
@@ -323,10 +293,12 @@ async def test_fails_over_to_another_provider_type(
 async def test_gemini_takes_at_most_100_inputs_a_call(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
 ) -> None:
-    fake = FakeGemini(api_key=KEY)
+    fake = FakeGemini(api_key=UPSTREAM_KEY)
     await fake.start(aiohttp_server)
     settings = make_settings(
-        providers=(provider_config("gemini", name="gem", base_url=fake.base_url, api_keys=(KEY,)),)
+        providers=(
+            provider_config("gemini", name="gem", base_url=fake.base_url, api_keys=(UPSTREAM_KEY,)),
+        )
     )
     gateway = await start_gateway(aiohttp_client, settings)
     texts = [f"text {i}" for i in range(150)]
@@ -339,14 +311,21 @@ async def test_gemini_takes_at_most_100_inputs_a_call(
     assert reply.data[149].embedding == pytest.approx(vector("text 149", 3072)[:2], abs=1e-7)
 
 
-async def test_upstream_errors_map_as_for_chat(upstream: Rig) -> None:
-    rig = upstream
+@pytest.mark.parametrize("kind", ["openai", "azure", "gemini"])
+async def test_upstream_errors_map_as_for_chat(
+    kind: str,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+) -> None:
+    rig = await _rig(kind, aiohttp_server, aiohttp_client, make_settings)
     assert rig.fake is not None
-    rig.fake.script(status=400)
-    with pytest.raises(openai.BadRequestError):
-        await rig.client.embeddings.create(model="emb", input="hi")
-    rig.fake.script(status=429, headers={"retry-after": "7"})  # (the account then cools down)
-    with pytest.raises(openai.RateLimitError) as err:
-        await rig.client.embeddings.create(model="emb", input="hi")
+    async with rig.client:
+        rig.fake.script(status=400)
+        with pytest.raises(openai.BadRequestError):
+            await rig.client.embeddings.create(model="emb", input="hi")
+        rig.fake.script(status=429, headers={"retry-after": "7"})  # (the account cools down)
+        with pytest.raises(openai.RateLimitError) as err:
+            await rig.client.embeddings.create(model="emb", input="hi")
     assert err.value.response.headers["retry-after"] == "7"
     validate_error(err.value.response.json())

@@ -7,7 +7,6 @@ Anthropic's published API), and the stream's event sequence against the one Anth
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,31 +19,23 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 
-from gateway.settings import ModelConfig, Target
 from tests.conftest import (
     MakeSettings,
-    create_key,
-    provider_config,
-    start_gateway,
     usage_rows,
 )
 from tests.fake_anthropic import FakeAnthropic
 from tests.fake_gemini import FakeGemini
 from tests.fakes import FakeOpenAI
+from tests.rigs import UPSTREAM_KEY, fake_for, model_on, serve
+from tests.test_contract import PNG
 
-KEY = "upstream-key"
+KEY = UPSTREAM_KEY
 KINDS = ("anthropic", "openai", "gemini")
 UPSTREAM = {
     "anthropic": "claude-sonnet-4-5",
     "openai": "gpt-4o-mini",
     "gemini": "gemini-2.5-flash",
 }
-PNG = base64.b64encode(
-    bytes.fromhex(
-        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-        "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
-    )
-).decode()
 WEATHER = {
     "name": "get_weather",
     "description": "Current weather for a city.",
@@ -85,14 +76,6 @@ def anthropic_client(gateway: TestClient[Any, Any], key: str) -> anthropic.Async
     )
 
 
-def _fake(kind: str) -> Fake:
-    if kind == "anthropic":
-        return FakeAnthropic(api_key=KEY)
-    if kind == "openai":
-        return FakeOpenAI(api_key=KEY)
-    return FakeGemini(api_key=KEY)
-
-
 async def build(
     kind: str,
     aiohttp_server: AiohttpServer,
@@ -100,16 +83,9 @@ async def build(
     make_settings: MakeSettings,
     **model: Any,
 ) -> Rig:
-    fake = _fake(kind)
-    await fake.start(aiohttp_server)
-    provider = provider_config(kind, name="up", base_url=fake.base_url, api_keys=(KEY,))
-    config = ModelConfig(
-        name="claude", targets=(Target(provider="up", model=UPSTREAM[kind]),), **model
-    )
-    gateway = await start_gateway(
-        aiohttp_client, make_settings(providers=(provider,), models=(config,))
-    )
-    key = await create_key(gateway)
+    fake = fake_for(kind)
+    config = model_on("claude", "up", UPSTREAM[kind], **model)
+    gateway, key = await serve(kind, fake, aiohttp_server, aiohttp_client, make_settings, config)
     return Rig(kind, fake, gateway, key, anthropic_client(gateway, key))
 
 

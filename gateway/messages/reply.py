@@ -14,15 +14,13 @@ import os
 
 import msgspec
 
-from gateway.errors import UpstreamError
 from gateway.messages.schema import BlockOut, MessageOut, TextOut, ThinkingOut, ToolUseOut, UsageOut
-from gateway.schemas.chat import ChatCompletion
+from gateway.providers._translate import read_completion
 from gateway.schemas.codec import encode
 from gateway.schemas.common import PromptTokensDetails, Usage
 
 __all__ = ["from_completion", "message_id", "stop_reason", "tool_input", "usage_out"]
 
-_COMPLETION = msgspec.json.Decoder(ChatCompletion)
 _STOP_REASONS = {
     "stop": "end_turn",
     "length": "max_tokens",
@@ -78,10 +76,7 @@ def from_completion(body: bytes, estimate: int) -> bytes:
     Raises:
         UpstreamError: the completion cannot be read.
     """
-    try:
-        completion = _COMPLETION.decode(body)
-    except (msgspec.MsgspecError, RecursionError):
-        raise UpstreamError("The upstream provider returned a malformed completion.") from None
+    completion = read_completion(body)
     content: list[BlockOut] = []
     finish = None
     if completion.choices:

@@ -12,6 +12,7 @@ and `message_stop`. Thinking text is a `thinking` block, text a `text` block, ea
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ from gateway.messages.schema import (
 )
 from gateway.providers._translate import new_call_id
 from gateway.providers.base import ChatCall
-from gateway.responses.framing import event_frame
+from gateway.responses.framing import event_frame, framed_batches
 from gateway.schemas.chat import ChatCompletionChunk, DeltaFunction, DeltaToolCall
 from gateway.schemas.codec import encode
 
@@ -76,17 +77,9 @@ class MessageEvents:
 
     async def events(self, chunks: AsyncIterator[list[bytes]]) -> AsyncGenerator[list[bytes], None]:
         """Translate every batch; `message_delta` and `message_stop` follow the stream's end."""
-        async for batch in chunks:
-            failure: UpstreamError | None = None
-            try:
-                for data in batch:
-                    self._chunk(data)
-            except UpstreamError as exc:
-                failure = exc  # what came before it still goes out
-            if self._frames:
-                yield self._take()
-            if failure is not None:
-                raise failure
+        async with contextlib.aclosing(framed_batches(chunks, self._chunk, self._take)) as out:
+            async for frames in out:
+                yield frames
         self._begin("", "")
         self._close()
         call = self._call

@@ -51,6 +51,7 @@ __all__ = [
     "ToolChoice",
     "ToolMessage",
     "UserMessage",
+    "wants_usage",
 ]
 
 
@@ -242,6 +243,11 @@ class StreamOptions(msgspec.Struct, omit_defaults=True):
     include_obfuscation: bool | UnsetType | None = UNSET
 
 
+def wants_usage(options: StreamOptions | UnsetType | None) -> bool:
+    """True when the client asked for the final usage chunk of a stream."""
+    return isinstance(options, StreamOptions) and options.include_usage is True
+
+
 Metadata = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
     msgspec.Meta(max_length=16),
@@ -296,9 +302,7 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
 
     @property
     def wants_usage(self) -> bool:
-        """True when the client asked for the final usage chunk of a stream."""
-        so = self.stream_options
-        return isinstance(so, StreamOptions) and so.include_usage is True
+        return wants_usage(self.stream_options)
 
     @property
     def token_limit(self) -> int | None:

@@ -12,7 +12,7 @@ from typing import Annotated
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from gateway.schemas.chat import StreamOptions
+from gateway.schemas.chat import StreamOptions, wants_usage
 
 __all__ = ["CompletionRequest"]
 
@@ -36,9 +36,7 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
 
     @property
     def wants_usage(self) -> bool:
-        """True when the client asked for the final usage chunk of a stream."""
-        so = self.stream_options
-        return isinstance(so, StreamOptions) and so.include_usage is True
+        return wants_usage(self.stream_options)
 
     @property
     def choices(self) -> int:
