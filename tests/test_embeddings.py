@@ -191,6 +191,8 @@ async def demo(gateway: TestClient[Any, Any], key: str) -> AsyncIterator[openai.
         ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
         ({"input": "a", "dimensions": 0}, "dimensions"),
         ({"input": "a", "dimensions": 3073}, "dimensions"),
+        ({"input": "word " * 7000}, "input"),  # over 8192 tokens in one input
+        ({"input": [[1] * 8000] * 38}, "input"),  # over 300,000 in the request
         ({}, "input"),
     ],
 )

@@ -297,3 +297,14 @@ async def test_an_early_stream_error_is_still_a_status(native: Rig) -> None:
     assert seen and failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     rows = await usage_rows(native.gateway)
     assert [r["status"] for r in rows] == [529, 500, 500]
+
+
+async def test_unbelievable_upstream_usage_is_estimated(native: Rig) -> None:
+    native.fake.script(input_tokens=-5)
+    reply = await native.client.messages.create(**body())
+    assert reply.usage.input_tokens == -5  # relayed untouched: it is the upstream's answer
+    native.fake.script(input_tokens=-5)
+    async with native.client.messages.stream(**body()) as stream:
+        await stream.get_final_message()
+    rows = await usage_rows(native.gateway)
+    assert [(r["estimated"], r["prompt_tokens"] > 0) for r in rows[-2:]] == [(1, True)] * 2

@@ -439,3 +439,12 @@ async def test_a_malformed_chunk_fails_after_what_came_before() -> None:
             got.append(batch)
     assert b"text_delta" in b"".join(got[0])
     assert msgspec.json.decode(got[0][0].split(b"data: ", 1)[1])["type"] == "message_start"
+
+
+async def test_interleaved_tool_calls_are_refused() -> None:
+    def call(index: int, **function: str) -> bytes:
+        return chunk({"tool_calls": [{"index": index, "function": function}]})
+
+    batch = [call(0, name="f", arguments="{"), call(1, name="g"), call(0, arguments="}")]
+    with pytest.raises(UpstreamError):
+        await translate([batch])

@@ -145,6 +145,8 @@ def _read(decoder: msgspec.json.Decoder[T], raw: msgspec.Raw | UnsetType, at: st
     except msgspec.ValidationError as exc:
         problem = error_path(str(exc)).problem
         raise InvalidRequest(f"Invalid value for '{at}': {problem}", param=at) from None
+    except (msgspec.DecodeError, RecursionError):
+        raise InvalidRequest(f"Invalid value for '{at}': nested too deeply.", param=at) from None
 
 
 def _user_turn(b: _Builder, blocks: list[MessagesBlock], at: str) -> None:

@@ -73,6 +73,7 @@ class MessageEvents:
         self._blocks = 0  # blocks opened so far: the next block's index
         self._open: str | None = None  # the open block's kind: thinking, text, or tool_use
         self._tool: _Tool | None = None
+        self._done_calls: set[int] = set()  # chat tool-call indexes that have had a block
         self._finish: str | None = None
 
     async def events(self, chunks: AsyncIterator[list[bytes]]) -> AsyncGenerator[list[bytes], None]:
@@ -150,6 +151,10 @@ class MessageEvents:
         function = fragment.function if isinstance(fragment.function, DeltaFunction) else None
         tool = self._tool
         if tool is None or tool.chat_index != fragment.index:
+            if fragment.index in self._done_calls:  # its block is closed: it cannot continue
+                raise UpstreamError(
+                    "The upstream provider interleaved the fragments of several tool calls."
+                )
             self._close()
             call_id = fragment.id if isinstance(fragment.id, str) and fragment.id else None
             tool = self._tool = _Tool(fragment.index, call_id or new_call_id())
@@ -167,6 +172,7 @@ class MessageEvents:
 
     def _open_tool(self, tool: _Tool) -> None:
         tool.opened = True
+        self._done_calls.add(tool.chat_index)
         self._start("tool_use", ToolUseOut(id=tool.id, name=tool.name, input=_NO_INPUT))
         if tool.arguments:
             self._delta(JsonDelta(partial_json=tool.arguments))

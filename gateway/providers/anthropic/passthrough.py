@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
 
 import msgspec
+import structlog
+from msgspec import UNSET, UnsetType
 
 from gateway.errors import UpstreamConnectionError, UpstreamError
 from gateway.providers._errors import read_usage
@@ -27,44 +30,76 @@ from gateway.providers.anthropic.wire import AnthropicErrorBody, AnthropicUsage
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode
+from gateway.schemas.common import Count
 
 __all__ = ["MessagesRelay"]
+
+log = structlog.get_logger(__name__)
 
 _TRUE = msgspec.Raw(b"true")
 
 
+class _Usage(msgspec.Struct):
+    """Anthropic's usage counts, as far as they are believable (else the row is estimated)."""
+
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    cache_creation_input_tokens: Count | None = None
+    cache_read_input_tokens: Count | None = None
+
+
 class _UsageView(msgspec.Struct):
-    usage: AnthropicUsage | None = None
+    usage: _Usage | None = None
+
+
+class _RawUsage(msgspec.Struct):
+    usage: msgspec.Raw | UnsetType = UNSET
 
 
 class _EventView(msgspec.Struct):
-    """What the relay reads of an event; the rest is skipped unparsed."""
+    """What the relay reads of an event (usage raw: a bad count must not break the stream)."""
 
     type: str = ""
-    message: _UsageView | None = None
-    usage: AnthropicUsage | None = None
+    message: _RawUsage | None = None
+    usage: msgspec.Raw | UnsetType = UNSET
     error: AnthropicErrorBody | None = None
 
 
 class _CountView(msgspec.Struct):
-    input_tokens: int
+    input_tokens: Count
 
 
 _USAGE = msgspec.json.Decoder(_UsageView)
+_USAGE_ONLY = msgspec.json.Decoder(_Usage)
 _EVENT = msgspec.json.Decoder(_EventView)
 _COUNT = msgspec.json.Decoder(_CountView)
 
 
-def _account(call: ChatCall, usage: AnthropicUsage) -> None:
-    call.usage = openai_usage(usage)
+def _account(call: ChatCall, usage: _Usage) -> None:
+    call.usage = openai_usage(AnthropicUsage(**msgspec.structs.asdict(usage)))
     call.cache_write_tokens = usage.cache_creation_input_tokens or 0
 
 
-def _merge(into: AnthropicUsage, usage: AnthropicUsage) -> None:
-    for name in usage.__struct_fields__:
-        value = getattr(usage, name)
-        if value is not None:
-            setattr(into, name, value)
+@dataclass(slots=True)
+class _Tally:
+    """A stream's usage so far; once a count cannot be read, the usage row is estimated."""
+
+    usage: _Usage = field(default_factory=_Usage)
+    readable: bool = True
+
+    def merge(self, raw: msgspec.Raw | UnsetType, provider: str) -> None:
+        if raw is UNSET:
+            return
+        try:
+            usage = _USAGE_ONLY.decode(raw)
+        except msgspec.MsgspecError:
+            log.warning("upstream_usage_unreadable", provider=provider)
+            self.readable = False
+            return
+        for name in usage.__struct_fields__:
+            value = getattr(usage, name)
+            if value is not None:
+                setattr(self.usage, name, value)
 
 
 class MessagesRelay:
@@ -104,12 +139,12 @@ class MessagesRelay:
     async def stream(
         self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
     ) -> AsyncGenerator[list[bytes], None]:
-        usage = AnthropicUsage()
+        tally = _Tally()
         held: list[bytes] = []
         events = self._http.stream(self._url, self._body(call, body, stream=True), call, headers)
         async with contextlib.aclosing(events):
             async for batch in events:
-                ended, error = self._reframe(call, batch, usage, held)
+                ended, error = self._reframe(call, batch, tally, held)
                 if error is not None:
                     if held and call.chunks:
                         yield held  # what came before the error still reaches the client
@@ -126,7 +161,7 @@ class MessagesRelay:
         )
 
     def _reframe(
-        self, call: ChatCall, batch: list[bytes], usage: AnthropicUsage, out: list[bytes]
+        self, call: ChatCall, batch: list[bytes], tally: _Tally, out: list[bytes]
     ) -> tuple[bool, UpstreamError | None]:
         """Frame one batch's events into `out`; (saw `message_stop`, an upstream error)."""
         for payload in batch:
@@ -143,11 +178,12 @@ class MessagesRelay:
                 )
             if kind == "error":
                 return False, event_error(self._name, event.error or AnthropicErrorBody())
-            if kind == "message_start" and event.message and event.message.usage:
-                _merge(usage, event.message.usage)
-            elif kind == "message_delta" and event.usage is not None:
-                _merge(usage, event.usage)
-                _account(call, usage)
+            if kind == "message_start" and event.message is not None:
+                tally.merge(event.message.usage, self._name)
+            elif kind == "message_delta":
+                tally.merge(event.usage, self._name)
+                if tally.readable:
+                    _account(call, tally.usage)
             elif kind == "content_block_delta":
                 call.chunks += 1
             out.append(event_frame(kind.encode(), payload))
