@@ -316,3 +316,23 @@ async def test_error_mid_stream_is_an_error_event(rig: Rig) -> None:
                 seen.append(text)
     assert "".join(seen).startswith("echo")
     assert err.value.body["type"] == "error"  # type: ignore[index]
+
+
+async def test_stop_sequences_and_sampling_reach_the_upstream(rig: Rig) -> None:
+    await rig.client.messages.create(
+        model="claude",
+        max_tokens=50,
+        messages=HELLO,
+        stop_sequences=["END", "STOP"],
+        metadata={"user_id": "u-7"},
+        extra_body={"temperature": 0.3},  # (anthropic-sdk-python 2.x has no parameter for it)
+    )
+    sent = rig.last()
+    if rig.kind == "anthropic":
+        assert sent["stop_sequences"] == ["END", "STOP"] and sent["temperature"] == 0.3
+        assert sent["metadata"] == {"user_id": "u-7"}
+    elif rig.kind == "openai":
+        assert (sent["stop"], sent["temperature"], sent["user"]) == (["END", "STOP"], 0.3, "u-7")
+    else:
+        config = sent["generationConfig"]
+        assert config["stopSequences"] == ["END", "STOP"] and config["temperature"] == 0.3
