@@ -98,7 +98,7 @@ def open_exchange(
 
     Args:
         make_call: the endpoint's call for the resolved model (it may refuse the request).
-        serves: the provider capability (a Protocol of `providers.base`) the endpoint needs;
+        serves: the provider capability (a Protocol of `providers.capabilities`) it needs;
             the model's routes are narrowed to providers that have it.
         free: the request uses no tokens (a token count): its key's request limits apply,
             but no tokens are held.

@@ -7,11 +7,13 @@ Anthropic's published API), and the stream's event sequence against the one Anth
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anthropic
 import pydantic
 import pytest
@@ -19,8 +21,11 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 
+from gateway.state import USAGE_KEY
 from tests.conftest import (
+    NEVER_HANG,
     MakeSettings,
+    app_of,
     usage_rows,
 )
 from tests.fake_anthropic import FakeAnthropic
@@ -336,3 +341,20 @@ async def test_stop_sequences_and_sampling_reach_the_upstream(rig: Rig) -> None:
     else:
         config = sent["generationConfig"]
         assert config["stopSequences"] == ["END", "STOP"] and config["temperature"] == 0.3
+
+
+async def test_a_client_hanging_up_mid_stream_closes_the_upstream(rig: Rig) -> None:
+    rig.fake.always(content=" ".join(["word"] * 50), hold=asyncio.Event(), hold_after=5)
+    fields = {"model": "claude", "max_tokens": 200, "messages": HELLO, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            rig.gateway.make_url("/v1/messages"), json=fields, headers={"x-api-key": rig.key}
+        )
+        assert resp.status == 200
+        await resp.content.readuntil(b"\n\n")
+        resp.close()  # hang up mid-stream
+    async with asyncio.timeout(NEVER_HANG):
+        await rig.fake.client_disconnected.wait()
+        await app_of(rig.gateway)[USAGE_KEY].wait_recorded(1)
+    row = (await usage_rows(rig.gateway))[-1]
+    assert (row["status"], row["stream"], row["estimated"]) == (499, 1, 1)
