@@ -74,7 +74,6 @@ def _begin(
     request: web.Request, body: bytes
 ) -> tuple[MessagesRequest, Translation, Exchange[ChatCall]]:
     """Decode and translate the request; open its exchange (see `pipeline.open_exchange`)."""
-    request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
     req = decode_body(body, MessagesRequest)
     if request.path.endswith("/count_tokens"):
         free = True
@@ -94,6 +93,7 @@ def _begin(
 
 async def create_message(request: web.Request) -> web.StreamResponse:
     """Anthropic's Messages API; `model`, `messages` and `max_tokens` are required."""
+    request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
     body = await request.read()
     headers = _headers(request)
     req, translation, ex = _begin(request, body)
@@ -157,6 +157,7 @@ class _Count(msgspec.Struct):
 
 async def count_tokens(request: web.Request) -> web.Response:
     """The input tokens of a Messages request (the upstream's count, or an estimate)."""
+    request[TRACE_KEY].metered = True
     body = await request.read()
     headers = _headers(request)
     _, _, ex = _begin(request, body)
