@@ -24,7 +24,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.failover import Exchange, attempt_each, no_route
+from gateway.failover import Exchange, attempt_each
 from gateway.providers import ChatCall, ChatReply
 from gateway.records import KeyRecord, model_allowed
 from gateway.router import Route, Router
@@ -64,6 +64,7 @@ def begin(
         InvalidRequest: no model, a parameter the model does not take.
         NotFound: the model does not exist.
         PermissionDenied: the key may not use the model.
+        UpstreamError: no account of the model may be tried now (`Router.routes`).
     """
     trace = request[TRACE_KEY]
     trace.metered = True  # refusals get a usage row too
@@ -87,8 +88,6 @@ def begin(
             param="stream_options",
         )
     routes = router.routes(model)
-    if not routes:
-        raise no_route(model_id)
     route = routes[0]
     trace.model = model
     trace.model_id = model_id

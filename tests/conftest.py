@@ -18,6 +18,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
+from gateway.router import Router
 from gateway.settings import (
     DemoConfig,
     ModelConfig,
@@ -27,7 +28,7 @@ from gateway.settings import (
     Settings,
     Target,
 )
-from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import KEYS_KEY, ROUTER_KEY, STORE_KEY, USAGE_KEY
 
 DEMO = DemoConfig(name="demo")
 # One upstream attempt per request, so a scripted upstream failure reaches the client as it is;
@@ -88,6 +89,11 @@ def app_of(client: TestClient[Any, Any]) -> web.Application:
     app = client.server.app
     assert app is not None
     return app
+
+
+def router_of(client: TestClient[Any, Any]) -> Router:
+    """The router new requests get (the current config's)."""
+    return app_of(client)[ROUTER_KEY]
 
 
 async def create_key(client: TestClient[Any, Any], **fields: Any) -> str:

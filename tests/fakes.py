@@ -18,7 +18,8 @@ Knobs: status/error/headers (scripted HTTP errors), delay_headers, chunk_delay, 
 ``asyncio.Event`` the answer waits for; with hold_after=N, a stream waits after N chunks),
 drop_before_response, drop_after=N (abort mid-stream), error_after=N (`data: {"error": ...}`
 event), content (a long text without spaces streams as one huge SSE line), tool_call/arguments,
-finish_reason. Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
+finish_reason, match (a queued script only takes chat requests whose last user text contains
+it). Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
 ``fake.models``.
 
 ``POST /v1/responses`` gives the same answers in the Responses API's shapes: a ``response``
@@ -116,6 +117,7 @@ class Script:
     tool_call: bool | None = None  # None: call a tool iff tools given and tool_choice != "none"
     arguments: str | None = None  # tool call arguments (default: built from the tool's schema)
     finish_reason: str | None = None  # default "stop" / "tool_calls"
+    match: str | None = None  # queued: only for requests whose last user text contains it
 
 
 S = TypeVar("S")
@@ -149,8 +151,14 @@ class ScriptedFake(Generic[S]):
         self.default = self.script_type(**knobs)
         return self.default
 
-    def next_plan(self) -> S:
-        return self.queue.pop(0) if self.queue else self.default
+    def next_plan(self, text: str = "") -> S:
+        """The first queued script for a request whose last user text is `text` (a script
+        with a `match` only takes requests containing it), else the default."""
+        for i, plan in enumerate(self.queue):
+            match = getattr(plan, "match", None)
+            if match is None or match in text:
+                return self.queue.pop(i)
+        return self.default
 
     def make_app(self) -> web.Application:
         raise NotImplementedError
@@ -270,12 +278,12 @@ class FakeOpenAI(ScriptedFake[Script]):
         return web.json_response({"object": "list", "data": data}, headers=self._headers())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        plan = self.next_plan()
         body = request[RECORDED].json
         if not isinstance(body, dict):
             return web.json_response(
                 error_body(400, "We could not parse the JSON body."), status=400
             )
+        plan = self.next_plan(_last_user(body.get("messages") or []))
         try:
             await self.pause(plan)
             if plan.drop_before_response:
