@@ -97,6 +97,17 @@ class KeyCache:
         self.loads += 1
         self._loaded.set()
 
+    async def regroup(self, groups: Iterable[GroupConfig]) -> None:
+        """Apply a reloaded config's groups: every key is merged with them again. On failure
+        (the database), the cache keeps its groups and keys."""
+        previous = self._groups
+        self._groups = {g.name: g for g in groups}
+        try:
+            await self.load()
+        except BaseException:
+            self._groups = previous
+            raise
+
     async def wait_reload(self, after: int) -> None:
         """Wait until the cache has been (re)loaded more than `after` times."""
         while self.loads <= after:

@@ -27,11 +27,11 @@ from gateway.errors import (
 from gateway.failover import Exchange, attempt_each
 from gateway.providers import ChatCall, ChatReply
 from gateway.records import KeyRecord, model_allowed
-from gateway.router import Route, Router
+from gateway.router import Route
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
 from gateway.settings import ProviderConfig
-from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY, SETTINGS_KEY
+from gateway.state import GATE_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY
 from gateway.tokens import estimate_prompt_tokens
 from gateway.trace import TRACE_KEY
 
@@ -74,7 +74,7 @@ def begin(
         raise InvalidRequest(
             f"The model id is longer than {MAX_MODEL_ID} characters.", param="model"
         )
-    router: Router = request.app[ROUTER_KEY]
+    router = request[SNAPSHOT_KEY].router
     principal = request[PRINCIPAL_KEY]
     model = router.resolve(model_id)
     if not model_allowed(principal.key.models, model_id, router.providers_of(model)):
@@ -137,15 +137,15 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
 
 
 async def try_routes(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -> T:
-    """`failover.attempt_each` over the request's routes, with the app's breakers and routing
-    settings.
+    """`failover.attempt_each` over the request's routes, with the breakers and routing
+    settings of the config the request runs on.
 
     Raises:
         UpstreamError: as `attempt_each` does.
     """
-    app = ex.request.app
+    router = ex.request[SNAPSHOT_KEY].router
     return await attempt_each(
-        ex, attempt, breakers=app[ROUTER_KEY].breakers, routing=app[SETTINGS_KEY].routing
+        ex, attempt, breakers=router.breakers, routing=router.settings.routing
     )
 
 

@@ -28,7 +28,7 @@ from gateway.settings import (
     Settings,
     Target,
 )
-from gateway.state import KEYS_KEY, ROUTER_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import KEYS_KEY, LIVE_KEY, STORE_KEY, USAGE_KEY
 
 DEMO = DemoConfig(name="demo")
 # One upstream attempt per request, so a scripted upstream failure reaches the client as it is;
@@ -93,7 +93,7 @@ def app_of(client: TestClient[Any, Any]) -> web.Application:
 
 def router_of(client: TestClient[Any, Any]) -> Router:
     """The router new requests get (the current config's)."""
-    return app_of(client)[ROUTER_KEY]
+    return app_of(client)[LIVE_KEY].current.router
 
 
 async def create_key(client: TestClient[Any, Any], **fields: Any) -> str:
