@@ -4,6 +4,9 @@
     server = await fake.start(aiohttp_server)        # or: await aiohttp_server(fake.make_app())
     provider = OpenAIConfig(..., base_url=fake.base_url)
 
+Requests are checked where OpenAI is strict and clients meet it: a tool-call id over 40 characters
+(a Responses ``call_id`` over 64) gets OpenAI's 400 ``string_above_max_length``.
+
 By default ``POST /v1/chat/completions`` answers like OpenAI does: a ``chat.completion`` echoing the
 last user message ("echo: <text>"; in JSON mode a JSON object sampled from the schema), or a call
 to the first tool when ``tools`` are given and ``tool_choice`` is not ``"none"``; with
@@ -283,6 +286,9 @@ class FakeOpenAI(ScriptedFake[Script]):
             return web.json_response(
                 error_body(400, "We could not parse the JSON body."), status=400
             )
+        refused = _too_long_ids(body)
+        if refused is not None:
+            return web.json_response(refused, status=400)
         plan = self.next_plan(_last_user(body.get("messages") or []))
         try:
             await self.pause(plan)
@@ -307,6 +313,9 @@ class FakeOpenAI(ScriptedFake[Script]):
             return web.json_response(
                 error_body(400, "Missing required parameter: 'model'."), status=400
             )
+        refused = _too_long_ids(body)
+        if refused is not None:
+            return web.json_response(refused, status=400)
         try:
             await self.pause(plan)
             if plan.drop_before_response:
@@ -506,6 +515,34 @@ class FakeOpenAI(ScriptedFake[Script]):
 
         end = b"" if events else b"data: [DONE]\n\n"
         return await self.play(request, response, frames, plan, error, end)
+
+
+def _too_long(param: str, value: Any, limit: int) -> Json | None:
+    if not isinstance(value, str) or len(value) <= limit:
+        return None
+    return error_body(
+        400,
+        f"Invalid '{param}': string too long. Expected a string with maximum length "
+        f"{limit}, but got a string with length {len(value)} instead.",
+        code="string_above_max_length",
+        param=param,
+    )
+
+
+def _too_long_ids(body: Json) -> Json | None:
+    """OpenAI's 400 for a tool-call id over its limit: 40 characters in chat messages, 64 for
+    a Responses `call_id` (as real clients have met it, e.g. with ids minted by other APIs)."""
+    for i, msg in enumerate(body.get("messages") or []):
+        for j, call in enumerate(msg.get("tool_calls") or [] if isinstance(msg, dict) else []):
+            found = _too_long(f"messages[{i}].tool_calls[{j}].id", call.get("id"), 40)
+            if found is not None:
+                return found
+    items = body.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        found = _too_long(f"input[{i}].call_id", item.get("call_id"), 64)
+        if found is not None:
+            return found
+    return None
 
 
 def openai_usage(prompt: int, completion: int) -> Json:

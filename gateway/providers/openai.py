@@ -1,9 +1,10 @@
 """OpenAI and every OpenAI-compatible server (vLLM, Ollama, OpenRouter, DeepSeek...): pass-through.
 
-The client's body is forwarded field for field (unknown fields included) with three edits:
+The client's body is forwarded field for field (unknown fields included) with these edits:
 `model` becomes the upstream name, the model's default `max_tokens` fills a missing limit,
-and streams always ask for `include_usage` so usage can be accounted; that extra usage chunk
-is dropped again when the client did not ask for it. Upstream bytes go back untouched.
+tool-call ids longer than OpenAI's 40 characters are shortened (`_call_ids`), and streams
+always ask for `include_usage` so usage can be accounted; that extra usage chunk is dropped
+again when the client did not ask for it. Upstream bytes go back untouched.
 
 Upstreams with `responses_api = true` also get `/v1/responses` requests as they are
 (`OpenAIResponsesProvider`, which relays them with `gateway.providers.openai_responses`).
@@ -19,6 +20,7 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
+from gateway.providers._call_ids import short_ids
 from gateway.providers._errors import read_usage, stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers.base import ChatCall, ChatReply
@@ -65,6 +67,9 @@ class OpenAIProvider:
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
         fields = dict(call.raw)
         fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        messages = short_ids(call.request, fields["messages"])
+        if messages is not None:  # ids minted elsewhere, too long for OpenAI
+            fields["messages"] = messages
         if call.model.reasoning and "max_tokens" in fields:
             # Reasoning models reject max_tokens; max_completion_tokens means the same there.
             limit = fields.pop("max_tokens")

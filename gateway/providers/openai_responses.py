@@ -1,7 +1,8 @@
 """`POST /v1/responses` passed through to OpenAI-compatible upstreams (`responses_api = true`).
 
 The client's body goes to `{base_url}/responses` as it is, with `model` set to the upstream
-model and the model's default output limit filled in when the request sets none. A whole
+model, the model's default output limit filled in when the request sets none, and `call_id`s
+longer than OpenAI's 64 characters shortened (`_call_ids`). A whole
 answer is relayed untouched; events are relayed as they arrive, each with its `event:` line,
 up to and including the terminal `response.completed`/`.incomplete`/`.failed` event, after
 which the upstream is not read any further. Usage is read from the final `response`.
@@ -20,6 +21,7 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamConnectionError, UpstreamError
+from gateway.providers._call_ids import short_input_ids
 from gateway.providers._errors import error_from_status, read_usage, stream_error
 from gateway.providers._http import UpstreamClient
 from gateway.providers.base import ChatCall, ChatReply
@@ -153,6 +155,9 @@ class ResponsesRelay:
     def _body(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> bytes:
         fields = dict(body)
         fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        items = short_input_ids(fields["input"]) if "input" in fields else None
+        if items is not None:  # call ids minted elsewhere, too long for OpenAI
+            fields["input"] = items
         if not present(fields.get("max_output_tokens")) and call.model.max_tokens is not None:
             fields["max_output_tokens"] = msgspec.Raw(encode(call.model.max_tokens))
         return encode(fields)
