@@ -20,8 +20,9 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
+from gateway.providers._answers import StreamCheck, completion_usage
 from gateway.providers._call_ids import short_ids
-from gateway.providers._errors import read_usage, stream_error
+from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.openai_responses import ResponsesRelay
@@ -36,17 +37,13 @@ log = structlog.get_logger(__name__)
 _TRUE = msgspec.Raw(b"true")
 
 
-class _UsageView(msgspec.Struct):
-    """Only what we read from an upstream completion; the rest is skipped unparsed."""
+class _ChunkUsageView(msgspec.Struct):
+    """Only what we read from an upstream chunk with usage; the rest is skipped unparsed."""
 
     usage: Usage | None = None
-
-
-class _ChunkUsageView(_UsageView):
     choices: list[msgspec.Raw] = []
 
 
-_USAGE = msgspec.json.Decoder(_UsageView)
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
 
 
@@ -89,26 +86,26 @@ class OpenAIProvider:
 
     async def chat(self, call: ChatCall) -> ChatReply:
         body = await self._http.post(self.chat_url(call), self._body(call, stream=False), call)
-        view = read_usage(self.config.name, _USAGE, body, "completion")
-        if view is not None:
-            call.usage = view.usage
+        call.usage = completion_usage(self.config.name, body)  # raises unless a completion
         return ChatReply(body=body, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         keep_usage_chunk = call.request.wants_usage
+        check = StreamCheck(self.config.name)
         events = self._http.stream(self.chat_url(call), self._body(call, stream=True), call)
         async with contextlib.aclosing(events):
             async for batch in events:
-                out, done, error = self._relay(call, batch, keep_usage_chunk)
+                out, done, error = self._relay(call, batch, keep_usage_chunk, check)
                 if out:
                     yield out  # chunks before an error event still reach the client
                 if error is not None:
                     raise error
                 if done:
                     return
+        check.end()  # closed without [DONE]: an error unless the answer had finished
 
     def _relay(
-        self, call: ChatCall, batch: list[bytes], keep_usage_chunk: bool
+        self, call: ChatCall, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (events for the client, saw [DONE], upstream error event)."""
         out: list[bytes] = []
@@ -116,6 +113,7 @@ class OpenAIProvider:
             if data == b"[DONE]":
                 return out, True, None
             try:
+                check.see(data)
                 if self._keep(call, data, keep_usage_chunk):
                     out.append(data)
             except UpstreamError as exc:

@@ -115,6 +115,7 @@ class AnthropicContentBlock(msgspec.Struct):
 
 
 class AnthropicResponse(msgspec.Struct):
+    type: str = ""  # "message": anything else is not an answer
     id: str = ""
     model: str = ""
     content: list[AnthropicContentBlock] = []
