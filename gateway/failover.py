@@ -96,17 +96,21 @@ def _record(ex: Exchange, route: Route, started: float, status: int) -> None:
     )
 
 
-def _next_route(ex: Exchange, tried: int, breakers: BreakerBoard) -> tuple[Route, Claim] | None:
+def _next_route(
+    ex: Exchange, tried: int, breakers: BreakerBoard, failed: set[Account]
+) -> tuple[Route, Claim] | None:
     """The next route to try and what the attempt is; routes are cycled, so a model with one
     account still gets its retries. With no route in rotation, the one closest to recovery
-    (panic); None when the upstreams asked for a pause or refused every account."""
+    (panic) that has not failed this request already (a dead upstream is not hammered with
+    retries); None when nothing is left, or the upstreams asked for a pause or refused every
+    account."""
     routes = ex.routes
     for offset in range(len(routes)):
         route = routes[(tried + offset) % len(routes)]
         claim = breakers.attempt(route.account)
         if claim is not None:
             return route, claim
-    account = breakers.panic(r.account for r in routes)
+    account = breakers.panic(r.account for r in routes if r.account not in failed)
     if account is None:
         return None
     return next(r for r in routes if r.account == account), Claim.PANIC
@@ -147,7 +151,7 @@ async def attempt_each(
                 break
             await asyncio.sleep(delay)
         # Claimed only now, right before the attempt, so no exit can leave a probe claimed.
-        found = _next_route(ex, len(failures), breakers)
+        found = _next_route(ex, len(failures), breakers, {a for _, a in failures if a})
         if found is None:
             break
         route, claim = found

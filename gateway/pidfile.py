@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,14 @@ def keep_pid_file(app: web.Application, database: str) -> None:
     path = pid_path(database)
 
     async def write(_: web.Application) -> None:
-        path.write_text(f"{os.getpid()}\n", encoding="ascii")
+        try:
+            path.write_text(f"{os.getpid()}\n", encoding="ascii")
+        except OSError as exc:  # serving matters more: `kill -HUP <pid>` still reloads
+            print(
+                f"gateway: cannot write {path} ({exc.strerror}); `gateway reload` will not "
+                "find this server",
+                file=sys.stderr,
+            )
 
     async def remove(_: web.Application) -> None:
         with contextlib.suppress(OSError, ValueError):

@@ -129,14 +129,17 @@ async def test_the_only_account_is_tried_while_it_cools_down(rig: Solo) -> None:
     assert rig.breakers.state(("up", 0)) == "closed"  # its success closed the breaker
 
 
-async def test_a_failed_panic_attempt_reopens_the_breaker(rig: Solo) -> None:
+async def test_a_failed_panic_attempt_reopens_the_breaker_without_retries(rig: Solo) -> None:
+    """While the only account is out for failures, a request tries it once (it may have
+    recovered), not max_attempts times: a dead upstream is not hammered."""
     for _ in range(3):
         rig.breakers.failed(("up", 0))
     rig.clock.now += 20
-    rig.fake.script(status=500, times=3)
+    rig.fake.always(status=500)
     async with await rig.client() as client:
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(model="m", messages=HELLO)
+    assert len(rig.fake.chat_requests) == 1
     assert rig.breakers.remaining(("up", 0)) == ROUTING.cooldown  # from the last failure
 
 

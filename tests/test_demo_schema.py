@@ -192,3 +192,14 @@ def test_remote_refs_and_odd_schemas_never_fail() -> None:
     for _ in range(200):
         deep = {"type": "object", "properties": {"x": deep}, "required": ["x"]}
     sample(deep, "t")  # bounded, not a RecursionError
+
+
+def test_a_hostile_schema_costs_bounded_work() -> None:
+    """A client's schema must not make the gateway build a huge answer."""
+    assert len(sample({"type": "array", "minItems": 10**9}, "t")) == 64
+    assert len(sample({"type": "string", "minLength": 10**9}, "t")) == 4096
+    wide: dict[str, Any] = {"type": "integer"}
+    for _ in range(8):  # 64**8 values if each array were filled
+        wide = {"type": "array", "items": wide, "minItems": 64}
+    flat = str(sample(wide, "t"))
+    assert flat.count("1") <= 10_000

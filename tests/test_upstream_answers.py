@@ -192,6 +192,12 @@ async def test_a_finished_stream_without_done_still_completes(start: Start) -> N
     assert await stream_text(client) == "one two"
 
 
+async def test_blank_keep_alive_events_are_not_relayed(start: Start) -> None:
+    """`data:` with nothing after it would make the SDK fail to parse it."""
+    frames = (HEAD, b"data: \n\n", chunk({}, "stop"), b"data: [DONE]\n\n")
+    assert await stream_text(await start("openai", streaming(*frames))) == "one two"
+
+
 @pytest.mark.parametrize("bad", [b"data: {not json\n\n", b"data: 42\n\n", b'data: "x"\n\n'])
 async def test_an_event_that_is_not_a_json_object_is_an_error_event(
     start: Start, bad: bytes

@@ -222,12 +222,14 @@ class StreamCheck:
         self.provider = provider
         self.finished = False
 
-    def see(self, data: bytes) -> None:
-        """Check one event.
+    def see(self, data: bytes) -> bool:
+        """Check one event; False for a blank one (a keep-alive, not for the client).
 
         Raises:
             UpstreamError: the event is not a JSON object.
         """
+        if not data.strip():
+            return False
         try:
             _EVENT.decode(data)
         except (msgspec.MsgspecError, RecursionError):
@@ -237,6 +239,7 @@ class StreamCheck:
             ) from None
         if not self.finished and _FINISHED.search(data):
             self.finished = True
+        return True
 
     def end(self) -> None:
         """The upstream closed the stream without `[DONE]`.

@@ -115,7 +115,9 @@ def stop_sequences(req: ChatCompletionRequest) -> list[str]:
 def top_k(req: ChatCompletionRequest) -> int | None:
     """The client's `top_k` if it limits anything (0 or less means no limit, as vLLM reads it)."""
     value = req.top_k
-    return value if isinstance(value, int) and value > 0 else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    return None
 
 
 def nonzero(value: float | UnsetType | None) -> float | None:

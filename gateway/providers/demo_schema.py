@@ -40,6 +40,12 @@ FORMATS = {
 }
 # Far deeper than any schema a client writes; recursion is cut at the first repeated `$ref`.
 MAX_DEPTH = 64
+# Bounds on the work a hostile schema can ask for (`minItems: 1e9`, nested arrays): values
+# made in all, items of one array, characters of one string. Past them the answer is smaller
+# than the schema asks, never slow.
+MAX_VALUES = 10_000
+MAX_ITEMS = 64
+MAX_LENGTH = 4096
 
 Path = tuple[str, ...]  # the `$ref`s followed to reach a schema
 
@@ -48,6 +54,7 @@ class _Sampler:
     def __init__(self, root: dict[str, Any], text: str) -> None:
         self.root = root
         self.text = text
+        self.budget = MAX_VALUES
 
     def ref(self, pointer: str) -> dict[str, Any]:
         """A local `$ref` (`#`, `#/$defs/X`, `#/definitions/X`, any JSON pointer)."""
@@ -71,7 +78,8 @@ class _Sampler:
     def value(self, schema: Any, path: Path = (), depth: int = 0) -> Any:
         if schema is True or not isinstance(schema, dict):
             return self.text
-        if depth > MAX_DEPTH:
+        self.budget -= 1
+        if depth > MAX_DEPTH or self.budget < 0:
             return None
         if "const" in schema:
             return schema["const"]
@@ -137,18 +145,19 @@ class _Sampler:
         high = schema.get("maxItems")
         if isinstance(high, int):
             count = min(count, high)
+        count = max(0, min(count, MAX_ITEMS, self.budget))
         if items is False or self.loops(items, path):
             return head[:count]  # a tree's leaves: no children
         rest = [self.value(items, path, depth + 1) for _ in range(count - len(head))]
         return head[:count] + rest
 
     def string(self, schema: dict[str, Any]) -> str:
-        text = FORMATS.get(str(schema.get("format")), self.text)
+        text = FORMATS.get(str(schema.get("format")), self.text)[:MAX_LENGTH]
         low, high = schema.get("minLength"), schema.get("maxLength")
         if isinstance(high, int) and len(text) > high:
             text = text[:high]
         if isinstance(low, int) and len(text) < low:
-            text = text + "x" * (low - len(text))
+            text = text + "x" * (min(low, MAX_LENGTH) - len(text))
         return text
 
 

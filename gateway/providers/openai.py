@@ -113,8 +113,7 @@ class OpenAIProvider:
             if data == b"[DONE]":
                 return out, True, None
             try:
-                check.see(data)
-                if self._keep(call, data, keep_usage_chunk):
+                if check.see(data) and self._keep(call, data, keep_usage_chunk):
                     out.append(data)
             except UpstreamError as exc:
                 return out, True, exc

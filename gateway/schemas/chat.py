@@ -277,7 +277,7 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
     temperature: Temperature | UnsetType | None = UNSET
     top_p: TopP | UnsetType | None = UNSET
     # Not an OpenAI field: Anthropic, Gemini and vLLM take it (vLLM: -1 or 0 mean no limit).
-    top_k: int | UnsetType | None = UNSET
+    top_k: int | float | UnsetType | None = UNSET
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | UnsetType | None = UNSET
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | UnsetType | None = UNSET
     seed: int | UnsetType | None = UNSET
