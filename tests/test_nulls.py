@@ -12,6 +12,7 @@ the upstream must be what leaving the field out sends (an OpenAI-compatible upst
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import openai
@@ -20,20 +21,18 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from jsonschema import Draft202012Validator
 
 from gateway.settings import ModelConfig, Target
-from tests.conftest import MakeSettings, create_key, openai_client, provider_config, start_gateway
-from tests.fake_anthropic import FakeAnthropic
-from tests.fake_azure import FakeAzure
-from tests.fake_gemini import FakeGemini
-from tests.fakes import FakeOpenAI
+from tests.conftest import (
+    MakeSettings,
+    create_key,
+    fake_provider,
+    openai_client,
+    start_fakes,
+    start_gateway,
+)
 from tests.spec import schemas
+from tests.test_contract import UPSTREAM_MODELS
 
 KINDS = ("openai", "azure", "anthropic", "gemini", "demo")
-UPSTREAMS = {
-    "openai": (FakeOpenAI, "gpt-4o-mini"),
-    "azure": (FakeAzure, "gpt-4o-mini"),
-    "anthropic": (FakeAnthropic, "claude-sonnet-4-5"),
-    "gemini": (FakeGemini, "gemini-2.5-flash"),
-}
 MESSAGES = [
     {"role": "user", "content": "hello"},
     {"role": "assistant", "content": "hi there"},
@@ -95,32 +94,36 @@ class Rig:
         return _strip_nulls(received) if self.kind in ("openai", "azure") else received
 
 
-@pytest.fixture(params=KINDS)
-async def rig(
-    request: pytest.FixtureRequest,
-    aiohttp_server: AiohttpServer,
-    aiohttp_client: AiohttpClient,
-    make_settings: MakeSettings,
-) -> Any:
-    kind: str = request.param
-    fake = None
-    providers: tuple[Any, ...] = ()
-    target = Target(provider="demo", model="demo")
-    if kind != "demo":
-        fake_type, upstream = UPSTREAMS[kind]
-        fake = fake_type()
-        await fake.start(aiohttp_server)
-        extra = {"api_version": "2024-10-21"} if kind == "azure" else {}
-        providers = (
-            provider_config(kind, name="up", base_url=fake.base_url, api_keys=["k"], **extra),
+MakeRig = Callable[[str], Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> AsyncIterator[MakeRig]:
+    clients: list[openai.AsyncOpenAI] = []
+
+    async def make(kind: str) -> Rig:
+        fake, providers, target = None, (), Target(provider="demo", model="demo")
+        if kind != "demo":
+            fake = (await start_fakes(aiohttp_server, kind))[kind]
+            providers = (fake_provider(kind, fake, name="up"),)
+            target = Target(provider="up", model=UPSTREAM_MODELS[kind])
+        model = ModelConfig(name="m", targets=(target,))
+        gw = await start_gateway(
+            aiohttp_client, make_settings(providers=providers, models=(model,))
         )
-        target = Target(provider="up", model=upstream)
-    settings = make_settings(
-        providers=providers, models=(ModelConfig(name="m", targets=(target,)),)
-    )
-    gw = await start_gateway(aiohttp_client, settings)
-    async with openai_client(gw, await create_key(gw)) as client:
-        yield Rig(kind, fake, client)
+        clients.append(openai_client(gw, await create_key(gw)))
+        return Rig(kind, fake, clients[-1])
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture(params=KINDS)
+async def rig(request: pytest.FixtureRequest, make_rig: MakeRig) -> Rig:
+    return await make_rig(request.param)
 
 
 async def test_every_nullable_request_field_takes_null(rig: Rig) -> None:

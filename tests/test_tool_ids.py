@@ -17,9 +17,14 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 
 from gateway.providers._call_ids import short_input_ids, shorten
 from gateway.settings import ModelConfig, RoutingSettings, Target
-from tests.conftest import MakeSettings, create_key, openai_client, provider_config, start_gateway
-from tests.fake_anthropic import FakeAnthropic
-from tests.fake_gemini import FakeGemini
+from tests.conftest import (
+    MakeSettings,
+    create_key,
+    fake_provider,
+    openai_client,
+    start_fakes,
+    start_gateway,
+)
 from tests.fakes import FakeOpenAI
 
 TOOL = {
@@ -53,18 +58,9 @@ class Loop:
 async def loop(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
 ) -> Any:
-    fakes = {"openai": FakeOpenAI(), "anthropic": FakeAnthropic(), "gemini": FakeGemini()}
-    for fake in fakes.values():
-        await fake.start(aiohttp_server)
-    providers = tuple(
-        provider_config(kind, name=kind, base_url=fake.base_url, api_keys=["k"])
-        for kind, fake in fakes.items()
-    )
-    providers += (
-        provider_config(
-            "openai", name="oai-r", base_url=fakes["openai"].base_url, responses_api=True
-        ),
-    )
+    fakes = await start_fakes(aiohttp_server, "openai", "anthropic", "gemini")
+    providers = tuple(fake_provider(kind, fake) for kind, fake in fakes.items())
+    providers += (fake_provider("openai", fakes["openai"], name="oai-r", responses_api=True),)
     models = (
         ModelConfig(name="g", targets=(Target(provider="gemini", model="gemini-3-pro-preview"),)),
         ModelConfig(name="c", targets=(Target(provider="anthropic", model="claude-sonnet-4-5"),)),

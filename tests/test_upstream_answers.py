@@ -19,6 +19,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from tests.conftest import MakeSettings, create_key, openai_client, provider_config, start_gateway
+from tests.test_robustness import chunk
 
 # Provider type ("responses": an openai one that serves the Responses API) -> base URL path.
 KINDS = {"openai": "/v1", "azure": "", "anthropic": "", "gemini": "", "responses": "/v1"}
@@ -155,17 +156,6 @@ def streaming(*frames: bytes) -> Handler:
         return resp
 
     return handler
-
-
-def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    event = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "m-1",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
 async def stream_text(client: openai.AsyncOpenAI) -> str:

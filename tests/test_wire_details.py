@@ -11,10 +11,14 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 
 from gateway.settings import ModelConfig, Target
-from tests.conftest import MakeSettings, create_key, openai_client, provider_config, start_gateway
-from tests.fake_anthropic import FakeAnthropic
-from tests.fake_gemini import FakeGemini
-from tests.fakes import FakeOpenAI
+from tests.conftest import (
+    MakeSettings,
+    create_key,
+    fake_provider,
+    openai_client,
+    start_fakes,
+    start_gateway,
+)
 from tests.spec import validate_error
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -48,17 +52,9 @@ async def test_stored_responses_still_need_a_key(oai: openai.AsyncOpenAI) -> Non
 async def upstreams(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
 ) -> Any:
-    fakes = {"openai": FakeOpenAI(), "anthropic": FakeAnthropic(), "gemini": FakeGemini()}
-    for fake in fakes.values():
-        await fake.start(aiohttp_server)
+    fakes = await start_fakes(aiohttp_server, "openai", "anthropic", "gemini")
     providers = tuple(
-        provider_config(
-            kind,
-            name=kind,
-            base_url=fake.base_url,
-            api_keys=["k"],
-            reasoning_models=["claude-sonnet-4*"],
-        )
+        fake_provider(kind, fake, reasoning_models=["claude-sonnet-4*"])
         for kind, fake in fakes.items()
     )
     models = tuple(

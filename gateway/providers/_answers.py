@@ -156,14 +156,14 @@ class _Choice(msgspec.Struct):
 class _Completion(msgspec.Struct):
     """What makes a body an OpenAI `chat.completion`: choices that hold messages."""
 
-    choices: list[_Choice] | UnsetType = UNSET
+    items: list[_Choice] | UnsetType = msgspec.field(default=UNSET, name="choices")
     usage: msgspec.Raw = _NULL  # (a Raw cannot be in a union)
 
 
 class _Response(msgspec.Struct):
     """What makes a body a Responses API `response`: its output items."""
 
-    output: list[msgspec.Raw] | UnsetType = UNSET
+    items: list[msgspec.Raw] | UnsetType = msgspec.field(default=UNSET, name="output")
     usage: msgspec.Raw = _NULL
 
 
@@ -172,6 +172,18 @@ _RESPONSE = msgspec.json.Decoder(_Response)
 _USAGE = msgspec.json.Decoder(Usage | None)
 _RESPONSE_USAGE = msgspec.json.Decoder(ResponseUsage | None)
 
+View = TypeVar("View", _Completion, _Response)
+
+
+def _checked(provider: str, body: bytes, decoder: msgspec.json.Decoder[View], what: str) -> View:
+    try:
+        view = decoder.decode(body)
+    except (msgspec.MsgspecError, RecursionError):
+        raise answer_error(provider, body, what) from None
+    if view.items is UNSET:
+        raise answer_error(provider, body, what)
+    return view
+
 
 def completion_usage(provider: str, body: bytes) -> Usage | None:
     """The usage of an upstream `chat.completion`, once its body is known to be one.
@@ -179,12 +191,7 @@ def completion_usage(provider: str, body: bytes) -> Usage | None:
     Raises:
         UpstreamError: the body is not a completion (`answer_error`).
     """
-    try:
-        view = _COMPLETION.decode(body)
-    except (msgspec.MsgspecError, RecursionError):
-        raise answer_error(provider, body, "chat completion") from None
-    if view.choices is UNSET:
-        raise answer_error(provider, body, "chat completion")
+    view = _checked(provider, body, _COMPLETION, "chat completion")
     return _usage(provider, view.usage, _USAGE)
 
 
@@ -195,12 +202,7 @@ def response_usage(provider: str, body: bytes) -> Usage | None:
     Raises:
         UpstreamError: the body is not a response (`answer_error`).
     """
-    try:
-        view = _RESPONSE.decode(body)
-    except (msgspec.MsgspecError, RecursionError):
-        raise answer_error(provider, body, "response") from None
-    if view.output is UNSET:
-        raise answer_error(provider, body, "response")
+    view = _checked(provider, body, _RESPONSE, "response")
     usage = _usage(provider, view.usage, _RESPONSE_USAGE)
     return usage.to_usage() if usage is not None else None
 
