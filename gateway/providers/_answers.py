@@ -9,7 +9,6 @@ anything else is an `UpstreamBadResponse`, a 502 that another route may do bette
 
 from __future__ import annotations
 
-import re
 from typing import TypeVar
 
 import msgspec
@@ -149,8 +148,12 @@ def _usage(provider: str, raw: msgspec.Raw, decoder: msgspec.json.Decoder[T]) ->
 _NULL = msgspec.Raw(b"null")
 
 
+class _Object(msgspec.Struct):
+    """Any JSON object: decoding one checks the JSON and skips every value unread."""
+
+
 class _Choice(msgspec.Struct):
-    message: dict[str, msgspec.Raw]
+    message: _Object
 
 
 class _Completion(msgspec.Struct):
@@ -207,10 +210,12 @@ def response_usage(provider: str, body: bytes) -> Usage | None:
     return usage.to_usage() if usage is not None else None
 
 
-# A finish_reason with a value; inside a JSON string every quote is escaped, so in an event
-# that is valid JSON these bytes can only be the key itself.
-_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
-_EVENT = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# A finish_reason with a value, as servers write it; inside a JSON string every quote is
+# escaped, so in an event that is valid JSON these bytes can only be the key itself.
+_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
+
+
+_EVENT = msgspec.json.Decoder(_Object)
 
 
 class StreamCheck:
@@ -230,7 +235,7 @@ class StreamCheck:
         Raises:
             UpstreamError: the event is not a JSON object.
         """
-        if not data.strip():
+        if not data or data.isspace():
             return False
         try:
             _EVENT.decode(data)
@@ -239,7 +244,7 @@ class StreamCheck:
                 f"The upstream provider '{self.provider}' sent a stream event that is not "
                 "a JSON object."
             ) from None
-        if not self.finished and _FINISHED.search(data):
+        if not self.finished and (_FINISHED[0] in data or _FINISHED[1] in data):
             self.finished = True
         return True
 
