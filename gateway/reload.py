@@ -73,30 +73,37 @@ async def reload_config(app: web.Application) -> bool:
         config stays.
     """
     reloader = app[RELOADER_KEY]
-    live = app[LIVE_KEY]
     async with reloader.lock:
         try:
-            loaded = await asyncio.to_thread(reloader.load)
-        except ConfigError as exc:
-            log.error("config_reload_failed", error=str(exc), kept="the running config")
-            return False
-        old = live.current
-        settings = _keep_startup_fields(old.settings.server, loaded)
-        try:
-            snapshot = build_snapshot(settings, old)
-        except Exception as exc:
-            log.exception("config_reload_failed", error=str(exc), kept="the running config")
-            return False
-        try:
-            await app[KEYS_KEY].regroup(settings.groups)
-        except Exception as exc:  # the database failed: the key cache kept its groups
-            live.discard(snapshot)
-            log.exception("config_reload_failed", error=str(exc), kept="the running config")
-            return False
-        live.swap(snapshot)
-        reloader.reloads += 1
-        log.info("config_reloaded", **_changes(old.settings, settings))
-        return True
+            return await _reload(app)
+        finally:
+            reloader.finished.set()
+
+
+async def _reload(app: web.Application) -> bool:
+    reloader, live = app[RELOADER_KEY], app[LIVE_KEY]
+    try:
+        loaded = await asyncio.to_thread(reloader.load)
+    except ConfigError as exc:
+        log.error("config_reload_failed", error=str(exc), kept="the running config")
+        return False
+    old = live.current
+    settings = _keep_startup_fields(old.settings.server, loaded)
+    try:
+        snapshot = build_snapshot(settings, old)
+    except Exception as exc:
+        log.exception("config_reload_failed", error=str(exc), kept="the running config")
+        return False
+    try:
+        await app[KEYS_KEY].regroup(settings.groups)
+    except Exception as exc:  # the database failed: the key cache kept its groups
+        live.discard(snapshot)
+        log.exception("config_reload_failed", error=str(exc), kept="the running config")
+        return False
+    live.swap(snapshot)
+    reloader.reloads += 1
+    log.info("config_reloaded", **_changes(old.settings, settings))
+    return True
 
 
 def _on_sighup(app: web.Application) -> None:

@@ -150,4 +150,5 @@ class Reloader:
         self.load = load
         self.lock = asyncio.Lock()  # one reload at a time, in order
         self.tasks: set[asyncio.Task[bool]] = set()
-        self.reloads = 0  # completed reloads, observable by tests and operators
+        self.reloads = 0  # reloads taken, observable by tests and operators
+        self.finished = asyncio.Event()  # set whenever a reload (taken or not) has ended

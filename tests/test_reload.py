@@ -6,6 +6,9 @@ requests, what in-flight requests keep, what breakers keep, and what a bad confi
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.reload import reload_config
 from gateway.snapshot import Snapshot
-from gateway.state import LIVE_KEY, RELOADER_KEY
+from gateway.state import KEYS_KEY, LIVE_KEY, RELOADER_KEY, STORE_KEY
 from tests.conftest import NEVER_HANG, app_of, create_key, openai_client, usage_rows
 from tests.fakes import FakeOpenAI
 
@@ -244,3 +247,50 @@ async def test_concurrent_reloads_apply_in_order(
     results = await asyncio.gather(*(s.reload() for _ in range(3)))
     assert results == [True, True, True]
     assert [m.name for m in current(s.gw).settings.models] == ["m", "demo"]
+
+
+async def test_sighup_reloads_the_running_app(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka"))
+    reloader = app_of(s.gw)[RELOADER_KEY]
+    s.write(s.provider("a", s.a, "ka") + model("m", "a"))
+    reloader.finished.clear()
+    os.kill(os.getpid(), signal.SIGHUP)  # the app's handler, installed at its start
+    async with asyncio.timeout(NEVER_HANG):
+        await reloader.finished.wait()
+    assert reloader.reloads == 1
+    async with s.client() as client:
+        assert (await client.chat.completions.create(model="m", messages=HELLO)).model == "up-a"
+
+
+async def test_a_reload_the_database_fails_changes_nothing(
+    setup: Reloadable, aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka") + model("m", "a"))
+    before = current(s.gw)
+    cache = app_of(s.gw)[KEYS_KEY]
+    store = app_of(s.gw)[STORE_KEY]
+
+    async def unreachable() -> list[Any]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "list_keys", unreachable)
+    team = '[[groups]]\nname = "team"\nmodels = ["m"]\n'
+    with capture_logs() as logs:
+        assert not await s.reload(s.provider("b", s.b, "kb") + model("m", "b") + team)
+    assert (
+        "disk I/O error" in next(e for e in logs if e["event"] == "config_reload_failed")["error"]
+    )
+    assert current(s.gw) is before
+    assert cache.with_groups(await create_key_record(s)).models == ()  # old groups kept
+    async with s.client() as client:
+        assert (await client.chat.completions.create(model="m", messages=HELLO)).model == "up-a"
+
+
+async def create_key_record(s: Reloadable) -> Any:
+    """A new key record in group `team`."""
+    record, _ = await app_of(s.gw)[STORE_KEY].create_key(name="t", group_name="team")
+    return record
