@@ -215,7 +215,7 @@ class BreakerBoard:
             reason=cause.value,
         )
 
-    def disable(self, account: Account, claim: Claim = Claim.ORDINARY) -> None:
+    def disable(self, account: Account) -> None:
         """Take the account out for `auth_cooldown`: the upstream refused its credentials."""
         breaker = self._get(account)
         breaker.open_until = self.clock() + self.auth_cooldown

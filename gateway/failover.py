@@ -2,9 +2,11 @@
 
 An attempt that fails for a reason another account or target may not share (connection
 refused or reset, timeouts, 429, 5xx, Anthropic's 529) moves on to the next route, after a
-capped exponential backoff with jitter; the failed account's breaker counts the failure (a 429
-with `retry-after` cools it down for that long, which is how the upstream's wish is honoured:
-the next try goes elsewhere). An upstream that refuses our credentials disables that account.
+capped exponential backoff with jitter; the failed account's breaker counts the failure, once
+however often this request failed there (a 429 with `retry-after` cools it down for that long,
+which is how the upstream's wish is honoured: the next try goes elsewhere). An upstream that
+refuses our credentials disables that account for a while. With every route out of rotation,
+the one closest to recovery is still tried, once (`gateway.breaker`).
 A 4xx caused by the request itself is answered at once. A per-request deadline bounds it all.
 Nothing here runs once a byte of the answer went to the client: streams never retry.
 
@@ -179,7 +181,7 @@ async def attempt_each(
             _record(ex, route, started, exc.status)
             if isinstance(exc, UpstreamAuthError):
                 # Our key: another account may still work; this one waits for the operator.
-                breakers.disable(account, claim)
+                breakers.disable(account)
                 exc = credentials_refused(account, breakers.remaining(account))
             elif exc.retryable:
                 breakers.failed(
