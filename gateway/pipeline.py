@@ -26,7 +26,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.failover import Exchange, attempt_each, no_route
+from gateway.failover import Exchange, attempt_each
 from gateway.providers import ChatCall, ChatReply
 from gateway.providers.base import Call, has_capability
 from gateway.records import KeyRecord, model_allowed
@@ -35,7 +35,7 @@ from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
 from gateway.schemas.common import PromptTokensDetails
 from gateway.settings import ModelConfig, ProviderConfig
-from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY, SETTINGS_KEY
+from gateway.state import GATE_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY
 from gateway.trace import TRACE_KEY
 
 __all__ = [
@@ -72,6 +72,7 @@ def begin(
         InvalidRequest: no model, a parameter the model does not take.
         NotFound: the model does not exist.
         PermissionDenied: the key may not use the model.
+        UpstreamError: no account of the model may be tried now (`Router.routes`).
     """
 
     def chat_call(model: ModelConfig) -> ChatCall:
@@ -117,7 +118,7 @@ def open_exchange(
         raise InvalidRequest(
             f"The model id is longer than {MAX_MODEL_ID} characters.", param="model"
         )
-    router: Router = request.app[ROUTER_KEY]
+    router = request[SNAPSHOT_KEY].router
     principal = request[PRINCIPAL_KEY]
     model = router.resolve(model_id)
     if not model_allowed(principal.key.models, model_id, router.providers_of(model)):
@@ -128,9 +129,8 @@ def open_exchange(
     routes = router.routes(model)
     if serves is not None:
         _require(router, model, model_id, serves, trace.endpoint)
+        # Never empty: `routes` lists every account of the model (or raised).
         routes = [route for route in routes if has_capability(route.provider, serves)]
-    if not routes:
-        raise no_route(model_id)
     route = routes[0]
     call.upstream_model, call.api_key = route.upstream_model, route.api_key
     call.request_id = trace.request_id
@@ -190,15 +190,15 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
 
 
 async def try_routes(ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]]) -> T:
-    """`failover.attempt_each` over the request's routes, with the app's breakers and routing
-    settings.
+    """`failover.attempt_each` over the request's routes, with the breakers and routing
+    settings of the config the request runs on.
 
     Raises:
         UpstreamError: as `attempt_each` does.
     """
-    app = ex.request.app
+    router = ex.request[SNAPSHOT_KEY].router
     return await attempt_each(
-        ex, attempt, breakers=app[ROUTER_KEY].breakers, routing=app[SETTINGS_KEY].routing
+        ex, attempt, breakers=router.breakers, routing=router.settings.routing
     )
 
 

@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import web
 
 from gateway import pipeline
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.failover import Exchange
 from gateway.passthrough import native_first
 from gateway.providers import ChatCall
@@ -40,7 +40,7 @@ from gateway.schemas.responses import ResponseCreateRequest
 from gateway.sse import relay
 from gateway.trace import TRACE_KEY
 
-__all__ = ["create_response"]
+__all__ = ["create_response", "stored_response"]
 
 Batches = AsyncGenerator[list[bytes], None]
 
@@ -67,6 +67,19 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         )
     finally:
         pipeline.finish(ex)
+
+
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """`GET`/`DELETE /v1/responses/{id}` (and its `input_items`, `cancel`): 404, since the
+    gateway stores no responses (a clear answer instead of "unknown route")."""
+    response_id = request.match_info["response_id"]
+    raise NotFound(
+        f"Response with id '{response_id[:100]}' not found: this gateway does not store "
+        "responses, so they cannot be retrieved, cancelled or deleted. Send the earlier turns "
+        "in 'input' instead of 'previous_response_id'.",
+        param="response_id",
+        code="response_not_found",
+    )
 
 
 async def _translated(

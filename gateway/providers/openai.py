@@ -1,11 +1,13 @@
 """OpenAI and every OpenAI-compatible server (vLLM, Ollama, OpenRouter, DeepSeek...): pass-through.
 
-The client's body is forwarded field for field (unknown fields included) with three edits:
+The client's body is forwarded field for field (unknown fields included) with these edits:
 `model` becomes the upstream name, the model's default `max_tokens` fills a missing limit,
-and streams always ask for `include_usage` so usage can be accounted; that extra usage chunk
-is dropped again when the client did not ask for it. Upstream bytes go back untouched.
-Embeddings (`/embeddings`) and legacy completions (`/completions`, streams as for chat) pass
-through the same way.
+tool-call ids longer than OpenAI's 40 characters are shortened (`_call_ids`), and streams
+always ask for `include_usage` so usage can be accounted; that extra usage chunk is dropped
+again when the client did not ask for it. Upstream bytes go back untouched; answers are
+checked to be what they claim before they are relayed (`_answers`). Embeddings
+(`/embeddings`) and legacy completions (`/completions`, streams as for chat) pass through the
+same way.
 
 Upstreams with `responses_api = true` also get `/v1/responses` requests as they are
 (`OpenAIResponsesProvider`, which relays them with `gateway.providers.openai_responses`).
@@ -21,7 +23,14 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
-from gateway.providers._errors import read_usage, stream_error
+from gateway.providers._answers import (
+    StreamCheck,
+    completion_usage,
+    embeddings_usage,
+    text_completion_usage,
+)
+from gateway.providers._call_ids import short_ids
+from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers.base import Call, ChatCall, ChatReply
 from gateway.providers.capabilities import CompletionCall, EmbeddingCall
@@ -37,17 +46,13 @@ log = structlog.get_logger(__name__)
 _TRUE = msgspec.Raw(b"true")
 
 
-class _UsageView(msgspec.Struct):
-    """Only what we read from an upstream completion; the rest is skipped unparsed."""
+class _ChunkUsageView(msgspec.Struct):
+    """Only what we read from an upstream chunk with usage; the rest is skipped unparsed."""
 
     usage: Usage | None = None
-
-
-class _ChunkUsageView(_UsageView):
     choices: list[msgspec.Raw] = []
 
 
-_USAGE = msgspec.json.Decoder(_UsageView)
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
 
 
@@ -67,6 +72,9 @@ class OpenAIProvider:
 
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
         fields = _fields(call)
+        messages = short_ids(call.request, fields["messages"])
+        if messages is not None:  # ids minted elsewhere, too long for OpenAI
+            fields["messages"] = messages
         if call.model.reasoning and "max_tokens" in fields:
             # Reasoning models reject max_tokens; max_completion_tokens means the same there.
             limit = fields.pop("max_tokens")
@@ -80,7 +88,9 @@ class OpenAIProvider:
 
     async def chat(self, call: ChatCall) -> ChatReply:
         url = self.url(call, "chat/completions")
-        return await self._post(url, self._body(call, stream=False), call, "completion")
+        body = await self._http.post(url, self._body(call, stream=False), call)
+        call.usage = completion_usage(self.config.name, body)  # raises unless a completion
+        return ChatReply(body=body, usage=call.usage)
 
     def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         url = self.url(call, "chat/completions")
@@ -89,11 +99,15 @@ class OpenAIProvider:
 
     async def embeddings(self, call: EmbeddingCall) -> ChatReply:
         body = encode(_fields(call))
-        return await self._post(self.url(call, "embeddings"), body, call, "embeddings answer")
+        answer = await self._http.post(self.url(call, "embeddings"), body, call)
+        call.usage = embeddings_usage(self.config.name, answer)  # raises unless embeddings
+        return ChatReply(body=answer, usage=call.usage)
 
     async def completion(self, call: CompletionCall) -> ChatReply:
         body = encode(_completion_fields(call))
-        return await self._post(self.url(call, "completions"), body, call, "completion")
+        answer = await self._http.post(self.url(call, "completions"), body, call)
+        call.usage = text_completion_usage(self.config.name, answer)
+        return ChatReply(body=answer, usage=call.usage)
 
     def stream_completion(self, call: CompletionCall) -> AsyncGenerator[list[bytes], None]:
         fields = _completion_fields(call)
@@ -101,29 +115,24 @@ class OpenAIProvider:
         url = self.url(call, "completions")
         return self._stream(url, encode(fields), call, keep_usage_chunk=call.request.wants_usage)
 
-    async def _post(self, url: str, body: bytes, call: Call, what: str) -> ChatReply:
-        answer = await self._http.post(url, body, call)
-        view = read_usage(self.config.name, _USAGE, answer, what)
-        if view is not None:
-            call.usage = view.usage
-        return ChatReply(body=answer, usage=call.usage)
-
     async def _stream(
         self, url: str, body: bytes, call: Call, *, keep_usage_chunk: bool
     ) -> AsyncGenerator[list[bytes], None]:
+        check = StreamCheck(self.config.name)
         events = self._http.stream(url, body, call)
         async with contextlib.aclosing(events):
             async for batch in events:
-                out, done, error = self._relay(call, batch, keep_usage_chunk)
+                out, done, error = self._relay(call, batch, keep_usage_chunk, check)
                 if out:
                     yield out  # chunks before an error event still reach the client
                 if error is not None:
                     raise error
                 if done:
                     return
+        check.end()  # closed without [DONE]: an error unless the answer had finished
 
     def _relay(
-        self, call: Call, batch: list[bytes], keep_usage_chunk: bool
+        self, call: Call, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (events for the client, saw [DONE], upstream error event)."""
         out: list[bytes] = []
@@ -131,7 +140,7 @@ class OpenAIProvider:
             if data == b"[DONE]":
                 return out, True, None
             try:
-                if self._keep(call, data, keep_usage_chunk):
+                if check.see(data) and self._keep(call, data, keep_usage_chunk):
                     out.append(data)
             except UpstreamError as exc:
                 return out, True, exc

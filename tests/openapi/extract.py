@@ -35,6 +35,8 @@ ROOTS = (
     # Embeddings and legacy completions (#15).
     "CreateEmbeddingResponse",
     "CreateCompletionResponse",
+    # The request, for the test that sends each of its nullable fields as null.
+    "CreateChatCompletionRequest",
 )
 REF_PREFIX = "#/components/schemas/"
 DROPPED_KEYS = {"discriminator", "nullable", "$recursiveAnchor"}

@@ -23,7 +23,7 @@ import structlog
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import UpstreamConnectionError, UpstreamError
-from gateway.providers._errors import read_usage
+from gateway.providers._answers import answer_error
 from gateway.providers._http import UpstreamClient
 from gateway.providers.anthropic.response import event_error, openai_usage
 from gateway.providers.anthropic.wire import AnthropicErrorBody, AnthropicUsage
@@ -48,8 +48,12 @@ class _Usage(msgspec.Struct):
     cache_read_input_tokens: Count | None = None
 
 
-class _UsageView(msgspec.Struct):
-    usage: _Usage | None = None
+class _MessageView(msgspec.Struct):
+    """What makes a body an Anthropic `message`; its usage is read apart (a bad count must
+    not cost the client a good answer)."""
+
+    type: str = ""
+    usage: msgspec.Raw | UnsetType = UNSET
 
 
 class _RawUsage(msgspec.Struct):
@@ -69,7 +73,7 @@ class _CountView(msgspec.Struct):
     input_tokens: Count
 
 
-_USAGE = msgspec.json.Decoder(_UsageView)
+_MESSAGE = msgspec.json.Decoder(_MessageView)
 _USAGE_ONLY = msgspec.json.Decoder(_Usage)
 _EVENT = msgspec.json.Decoder(_EventView)
 _COUNT = msgspec.json.Decoder(_CountView)
@@ -123,9 +127,14 @@ class MessagesRelay:
     ) -> ChatReply:
         data = self._body(call, body, stream=False)
         answer = await self._http.post(self._url, data, call, headers)
-        view = read_usage(self._name, _USAGE, answer, "message")
-        if view is not None and view.usage is not None:
-            _account(call, view.usage)
+        view = self._http.decode(_MESSAGE, answer, "message")
+        if view.type != "message":
+            raise answer_error(self._name, answer, "message")
+        if view.usage is not UNSET:
+            try:
+                _account(call, _USAGE_ONLY.decode(view.usage))
+            except msgspec.ValidationError:
+                log.warning("upstream_usage_unreadable", provider=self._name)
         return ChatReply(body=answer, usage=call.usage)
 
     async def count(
@@ -133,7 +142,7 @@ class MessagesRelay:
     ) -> bytes:
         data = self._body(call, body, stream=False)
         answer = await self._http.post(self._count_url, data, call, headers)
-        self._http.decode(_COUNT, answer)  # only a real count is relayed
+        self._http.decode(_COUNT, answer, "token count")  # only a real count is relayed
         return answer
 
     async def stream(

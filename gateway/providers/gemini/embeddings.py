@@ -55,7 +55,11 @@ async def embed(http: UpstreamClient, url: str, model: str, call: EmbeddingCall)
                 for text in batch
             ]
         )
-        answer = http.decode(BATCH_EMBED_DECODER, await http.post(url, encode(body), call))
+        answer = http.decode(
+            BATCH_EMBED_DECODER,
+            await http.post(url, encode(body), call),
+            "batchEmbedContents answer",
+        )
         if len(answer.embeddings) != len(batch):
             raise UpstreamError(
                 f"The upstream provider '{http.config.name}' answered {len(answer.embeddings)} "
