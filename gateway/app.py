@@ -2,34 +2,35 @@
 
 The factory does no I/O, so tests build apps from their own settings and several apps can run
 side by side. Cleanup contexts open in this order and close in reverse: store → usage writer →
-key cache → providers (one HTTP session per upstream).
+key cache → the config requests run on (providers, one HTTP session per upstream, and the
+router: `gateway.snapshot`) → with `reload`, the SIGHUP handler that re-reads it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from weakref import WeakSet
 
-import aiohttp
 from aiohttp import web
 
 from gateway.admission import Gate
 from gateway.auth import auth_middleware
 from gateway.keys import KeyCache
 from gateway.middleware import error_middleware, request_context
-from gateway.providers import Provider, build_provider
 from gateway.records import KeyRecord
-from gateway.router import Router
+from gateway.reload import reload_ctx
 from gateway.routes import setup_routes
-from gateway.settings import Settings, UpstreamConfig
+from gateway.settings import Settings
+from gateway.snapshot import LiveConfig, Reloader, build_snapshot
 from gateway.state import (
     GATE_KEY,
     INFLIGHT_KEY,
     KEYS_KEY,
-    ROUTER_KEY,
+    LIVE_KEY,
+    RELOADER_KEY,
     SETTINGS_KEY,
     SHUTTING_DOWN_KEY,
     STORE_KEY,
@@ -40,12 +41,6 @@ from gateway.store import Store
 from gateway.usage import UsageRecorder
 
 __all__ = ["create_app"]
-
-# aiohttp's default. Events are split by our own decoder, which takes lines of any length,
-# so nothing needs a larger read buffer, and it bounds what aiohttp holds per connection:
-# with 1 MiB it inflated a compressed answer in 1 MiB steps into a 2 MiB buffer (a bomb
-# cost twice its limit; a hundred at once, over a gigabyte).
-_READ_BUFSIZE = 2**16
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -89,24 +84,10 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def _session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=cfg.max_connections, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, read_bufsize=_READ_BUFSIZE)
-
-
-async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS_KEY]
-    sessions: list[aiohttp.ClientSession] = []
-    providers: dict[str, Provider] = {}
-    for cfg in settings.providers:
-        session = _session(cfg) if isinstance(cfg, UpstreamConfig) else None
-        if session is not None:
-            sessions.append(session)
-        providers[cfg.name] = build_provider(cfg, session)
-    app[ROUTER_KEY] = Router(settings, providers)
+async def _config_ctx(app: web.Application) -> AsyncIterator[None]:
+    live = app[LIVE_KEY] = LiveConfig(build_snapshot(app[SETTINGS_KEY]))
     yield
-    for session in sessions:
-        await session.close()
+    await live.close()
 
 
 async def _wind_down(app: web.Application) -> None:
@@ -116,7 +97,7 @@ async def _wind_down(app: web.Application) -> None:
     app[SHUTTING_DOWN_KEY].set()
     tasks: set[asyncio.Task[Any]] = app[INFLIGHT_KEY]
     inflight = list(tasks)
-    grace = app[SETTINGS_KEY].server.shutdown_grace_seconds
+    grace = app[LIVE_KEY].current.settings.server.shutdown_grace_seconds
     if inflight and grace > 0:
         await asyncio.wait(inflight, timeout=grace)
     open_streams: WeakSet[asyncio.Task[Any]] = app[STREAMS_KEY]
@@ -125,8 +106,15 @@ async def _wind_down(app: web.Application) -> None:
             task.cancel()
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the gateway application for `settings`. No I/O happens until it starts."""
+def create_app(
+    settings: Settings, *, reload: Callable[[], Settings] | None = None
+) -> web.Application:
+    """Build the gateway application for `settings`. No I/O happens until it starts.
+
+    Args:
+        reload: how to re-read the config (blocking: it reads the file; raises ConfigError);
+            with it, SIGHUP reloads the config while the app runs (`gateway.reload`).
+    """
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[request_context, error_middleware, auth_middleware],
@@ -136,6 +124,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
     app.on_shutdown.append(_wind_down)
-    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _keys_ctx, _router_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _keys_ctx, _config_ctx])
+    if reload is not None:
+        app[RELOADER_KEY] = Reloader(reload)
+        app.cleanup_ctx.append(reload_ctx)
     setup_routes(app)
     return app

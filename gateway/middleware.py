@@ -1,4 +1,5 @@
-"""Request context (id, contextvars, canonical log line, usage row) and error mapping.
+"""Request context (id, contextvars, canonical log line, usage row) and error mapping (OpenAI's
+error shape, or Anthropic's on the Messages API routes).
 
 Order in the app: `request_context` → `error_middleware` → `auth_middleware` → handler, so
 the log line and usage row see the final status of every request, errors included.
@@ -19,9 +20,10 @@ import structlog
 from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord
 from gateway.schemas.codec import encode
-from gateway.state import INFLIGHT_KEY, USAGE_KEY
+from gateway.state import INFLIGHT_KEY, LIVE_KEY, SNAPSHOT_KEY, USAGE_KEY
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
 
 __all__ = ["error_middleware", "request_context"]
@@ -62,6 +64,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     inflight = request.app[INFLIGHT_KEY]
     if task is not None:
         inflight.add(task)
+    live = request.app[LIVE_KEY]
+    # The config this request runs on, held until it (or its stream) ends: a reload meanwhile
+    # changes nothing for it.
+    snapshot = request[SNAPSHOT_KEY] = live.enter()
     try:
         response = await handler(request)
         status = response.status
@@ -75,6 +81,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         if task is not None:
             inflight.discard(task)
+        live.leave(snapshot)
         _finish(request, trace, trace.status or status)
 
 
@@ -94,10 +101,19 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         prompt_tokens=trace.prompt_tokens,
         completion_tokens=trace.completion_tokens,
         total_tokens=trace.prompt_tokens + trace.completion_tokens,
-        cost_usd=model.cost_usd(trace.prompt_tokens, trace.completion_tokens) if model else 0.0,
+        cost_usd=model.cost_usd(
+            trace.prompt_tokens,
+            trace.completion_tokens,
+            trace.cache_read_tokens,
+            trace.cache_write_tokens,
+        )
+        if model
+        else 0.0,
         latency_ms=round((time.perf_counter() - trace.started) * 1000, 3),
         ttft_ms=trace.ttft_ms,
         estimated=trace.estimated,
+        cache_read_tokens=trace.cache_read_tokens,
+        cache_write_tokens=trace.cache_write_tokens,
     )
     if trace.metered:
         request.app[USAGE_KEY].record(record)
@@ -128,7 +144,8 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
     return _HTTP_ERRORS.get(exc.status, GatewayError)(exc.reason, status=exc.status)
 
 
-def error_response(exc: GatewayError) -> web.Response:
+def error_response(exc: GatewayError, request: web.Request | None = None) -> web.Response:
+    """The response of an error: OpenAI's shape, or Anthropic's on the Messages routes."""
     headers = {}
     if exc.retry_after is not None:
         # Whole seconds, rounded up so a client that obeys is not refused again; the SDKs
@@ -137,8 +154,14 @@ def error_response(exc: GatewayError) -> web.Response:
         headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after * 1000)))
     if exc.should_retry is not None:
         headers["x-should-retry"] = "true" if exc.should_retry else "false"
+    status, body = exc.status, None
+    if request is not None and request.path.startswith(MESSAGES_PATH):
+        status, body = anthropic_error(exc, request[TRACE_KEY].request_id)
     return web.Response(
-        status=exc.status, body=encode(exc.body()), content_type="application/json", headers=headers
+        status=status,
+        body=encode(exc.body()) if body is None else body,
+        content_type="application/json",
+        headers=headers,
     )
 
 
@@ -147,13 +170,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
-        return error_response(exc)
+        return error_response(exc, request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(request, exc))
+        return error_response(_from_http_exception(request, exc), request)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled_error")
-        return error_response(GatewayError("The gateway failed to process the request."))
+        return error_response(GatewayError("The gateway failed to process the request."), request)

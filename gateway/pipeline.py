@@ -1,16 +1,18 @@
 """The request path every model endpoint shares, whatever its wire format.
 
-`begin()` resolves the model, checks the key may use it, and picks the upstream; `complete()`
-and `stream()` call it; `finish()` accounts for what was used, in a `finally`, so a failed,
-refused or abandoned request is accounted too. Chat completions and the Responses API both
-run on this, so limits, budgets, usage rows and routing apply alike.
+`open_exchange()` resolves the model, checks the key may use it, holds what its limits and
+budget allow, and picks the upstream (`begin()` is that for chat requests); `complete()`,
+`stream()` and `try_routes()` call it; `finish()` accounts for what was used, in a `finally`,
+so a failed, refused or abandoned request is accounted too. Chat completions, the Responses
+and Messages APIs, embeddings and legacy completions all run on this, so limits, budgets,
+usage rows and routing apply alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 from msgspec import UNSET
@@ -24,23 +26,27 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.failover import Exchange, attempt_each, no_route
+from gateway.failover import Exchange, attempt_each
 from gateway.providers import ChatCall, ChatReply
+from gateway.providers.base import Call, has_capability
 from gateway.records import KeyRecord, model_allowed
 from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
-from gateway.settings import ProviderConfig
-from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY, SETTINGS_KEY
-from gateway.tokens import estimate_prompt_tokens
+from gateway.schemas.common import PromptTokensDetails
+from gateway.settings import ModelConfig, ProviderConfig
+from gateway.state import GATE_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY
 from gateway.trace import TRACE_KEY
 
 __all__ = [
     "MAX_MODEL_ID",
+    "Batches",
     "begin",
     "complete",
     "finish",
     "first_batch",
+    "open_exchange",
+    "release",
     "stream",
     "try_routes",
 ]
@@ -48,6 +54,8 @@ __all__ = [
 MAX_MODEL_ID = 256
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Call)
+Batches = AsyncGenerator[list[bytes], None]
 
 
 def begin(
@@ -55,13 +63,50 @@ def begin(
     req: ChatCompletionRequest,
     body: bytes | None,
     model_id: str | None,
-) -> Exchange:
+) -> Exchange[ChatCall]:
     """Check a decoded chat request against the key and the config, and choose its upstream.
 
     `body` is the client's JSON when `req` is the client's own chat request (see `ChatCall`).
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
+        NotFound: the model does not exist.
+        PermissionDenied: the key may not use the model.
+        UpstreamError: no account of the model may be tried now (`Router.routes`).
+    """
+
+    def chat_call(model: ModelConfig) -> ChatCall:
+        _check_reasoning(req, model.name, model.reasoning)
+        if req.stream_options not in (UNSET, None) and not req.is_stream:
+            raise InvalidRequest(
+                "The 'stream_options' parameter is only allowed when 'stream' is true.",
+                param="stream_options",
+            )
+        return ChatCall(request=req, body=body, model=model)
+
+    return open_exchange(request, model_id, chat_call)
+
+
+def open_exchange(
+    request: web.Request,
+    model_id: str | None,
+    make_call: Callable[[ModelConfig], C],
+    *,
+    serves: type | None = None,
+    free: bool = False,
+) -> Exchange[C]:
+    """Resolve the model, check the key may use it, and choose the upstream of any endpoint.
+
+    Args:
+        make_call: the endpoint's call for the resolved model (it may refuse the request).
+        serves: the provider capability (a Protocol of `providers.capabilities`) it needs;
+            the model's routes are narrowed to providers that have it.
+        free: the request uses no tokens (a token count): its key's request limits apply,
+            but no tokens are held.
+
+    Raises:
+        InvalidRequest: no model, a parameter the model does not take, or (with `serves`) no
+            provider of the model has the capability.
         NotFound: the model does not exist.
         PermissionDenied: the key may not use the model.
     """
@@ -73,50 +118,57 @@ def begin(
         raise InvalidRequest(
             f"The model id is longer than {MAX_MODEL_ID} characters.", param="model"
         )
-    router: Router = request.app[ROUTER_KEY]
+    router = request[SNAPSHOT_KEY].router
     principal = request[PRINCIPAL_KEY]
     model = router.resolve(model_id)
     if not model_allowed(principal.key.models, model_id, router.providers_of(model)):
         raise PermissionDenied(
             f"This API key is not allowed to use the model '{model_id}'.", param="model"
         )
-    _check_reasoning(req, model_id, model.reasoning)
-    if req.stream_options not in (UNSET, None) and not req.is_stream:
-        raise InvalidRequest(
-            "The 'stream_options' parameter is only allowed when 'stream' is true.",
-            param="stream_options",
-        )
+    call = make_call(model)
     routes = router.routes(model)
-    if not routes:
-        raise no_route(model_id)
+    if serves is not None:
+        _require(router, model, model_id, serves, trace.endpoint)
+        # Never empty: `routes` lists every account of the model (or raised).
+        routes = [route for route in routes if has_capability(route.provider, serves)]
     route = routes[0]
+    call.upstream_model, call.api_key = route.upstream_model, route.api_key
+    call.request_id = trace.request_id
     trace.model = model
     trace.model_id = model_id
     trace.provider = route.provider.config.name
     trace.upstream_model = route.upstream_model
-    trace.stream = req.is_stream
-    call = ChatCall(
-        request=req,
-        body=body,
-        model=model,
-        upstream_model=route.upstream_model,
-        api_key=route.api_key,
-        request_id=trace.request_id,
-    )
+    trace.stream = call.is_stream
     ex = Exchange(request=request, trace=trace, call=call, provider=route.provider, routes=routes)
     key = principal.key
     if key.has_limits or key.has_budget:
-        ex.ticket = _admit(request.app[GATE_KEY], key, call, routes)
+        gate = request.app[GATE_KEY]
+        if free:
+            ex.ticket = gate.admit(key, 0, 0.0)
+        else:
+            ex.ticket = _admit(gate, key, call, routes)
     return ex
 
 
-def _admit(gate: Gate, key: KeyRecord, call: ChatCall, routes: list[Route]) -> Ticket | None:
+def _require(router: Router, model: ModelConfig, model_id: str, serves: type, path: str) -> None:
+    """Refuse a model none of whose providers has what the endpoint needs (whatever their
+    breakers say: this is about what the model is, not about what is up)."""
+    kinds = {router.provider(t.provider).config.type for t in model.targets}
+    if any(has_capability(router.provider(t.provider), serves) for t in model.targets):
+        return
+    raise InvalidRequest(
+        f"The model '{model_id}' is served by {' and '.join(sorted(kinds))} providers, "
+        f"which have no {path} API.",
+        param="model",
+        code="unsupported_model",
+    )
+
+
+def _admit(gate: Gate, key: KeyRecord, call: Call, routes: list[Route]) -> Ticket | None:
     """Hold what the request may use at most: its prompt (estimated) and its output limit
     (without one of its own, the largest default of the providers it may be routed to)."""
-    prompt = estimate_prompt_tokens(call.request)
-    choices = call.request.n if isinstance(call.request.n, int) else 1
-    default = max(r.provider.config.default_max_tokens for r in routes)
-    output = (call.max_tokens or default) * choices
+    prompt = call.prompt_estimate()
+    output = call.output_bound(max(r.provider.config.default_max_tokens for r in routes))
     return gate.admit(key, prompt + output, call.model.cost_usd(prompt, output))
 
 
@@ -137,20 +189,20 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
             )
 
 
-async def try_routes(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -> T:
-    """`failover.attempt_each` over the request's routes, with the app's breakers and routing
-    settings.
+async def try_routes(ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]]) -> T:
+    """`failover.attempt_each` over the request's routes, with the breakers and routing
+    settings of the config the request runs on.
 
     Raises:
         UpstreamError: as `attempt_each` does.
     """
-    app = ex.request.app
+    router = ex.request[SNAPSHOT_KEY].router
     return await attempt_each(
-        ex, attempt, breakers=app[ROUTER_KEY].breakers, routing=app[SETTINGS_KEY].routing
+        ex, attempt, breakers=router.breakers, routing=router.settings.routing
     )
 
 
-async def complete(ex: Exchange) -> ChatReply:
+async def complete(ex: Exchange[ChatCall]) -> ChatReply:
     """The whole answer of a non-streaming request, from the first route that gives one.
 
     Raises:
@@ -159,26 +211,34 @@ async def complete(ex: Exchange) -> ChatReply:
     return await try_routes(ex, lambda route: route.provider.chat(ex.call))
 
 
-async def stream(ex: Exchange) -> AsyncGenerator[list[bytes], None]:
-    """Batches of OpenAI chunk payloads; routes are tried until one sends its first batch.
+async def stream(
+    ex: Exchange[C], open_stream: Callable[[Route], Batches] | None = None
+) -> AsyncGenerator[list[bytes], None]:
+    """Batches of the stream's payloads; routes are tried until one sends its first batch.
+
+    Args:
+        open_stream: an attempt's stream on a route (default: the chat stream of its provider).
 
     Raises:
         UpstreamError: before the first batch (the caller can still answer with a status)
             or during the stream (the caller ends it with an error event; no retry then).
     """
-    events, first = await try_routes(ex, lambda route: _first_batch(ex, route))
+
+    def chat_stream(route: Route) -> Batches:
+        return route.provider.stream_chat(cast(ChatCall, ex.call))
+
+    opener = open_stream or chat_stream
+
+    async def attempt(route: Route) -> tuple[Batches, list[bytes]]:
+        return await first_batch(route.provider.config, opener(route))
+
+    events, first = await try_routes(ex, attempt)
     try:
         yield first
         async for batch in events:
             yield batch
     finally:
         await events.aclose()
-
-
-async def _first_batch(
-    ex: Exchange, route: Route
-) -> tuple[AsyncGenerator[list[bytes], None], list[bytes]]:
-    return await first_batch(route.provider.config, route.provider.stream_chat(ex.call))
 
 
 async def first_batch(
@@ -220,21 +280,37 @@ async def first_batch(
     return events, first
 
 
-def finish(ex: Exchange) -> None:
+def finish(ex: Exchange[Any]) -> None:
     """Copy usage (or an estimate when the upstream never reported it) into the trace."""
     trace, call = ex.trace, ex.call
     if call.first_byte_at is not None:
         trace.ttft_ms = round((call.first_byte_at - call.started_at) * 1000, 3)
     task = asyncio.current_task()
     hung_up = task is not None and task.cancelling() > 0  # the upstream already has the prompt
-    if call.usage is not None:
-        trace.prompt_tokens = call.usage.prompt_tokens
-        trace.completion_tokens = call.usage.completion_tokens
+    usage = call.usage
+    if usage is not None:
+        trace.prompt_tokens = usage.prompt_tokens
+        trace.completion_tokens = usage.completion_tokens
+        details = usage.prompt_tokens_details
+        if isinstance(details, PromptTokensDetails) and details.cached_tokens:
+            trace.cache_read_tokens = details.cached_tokens
+        trace.cache_write_tokens = call.cache_write_tokens
     elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
-        trace.prompt_tokens = estimate_prompt_tokens(call.request)
+        trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = call.chunks
     if ex.ticket is not None:
         used = trace.prompt_tokens + trace.completion_tokens
-        cost = call.model.cost_usd(trace.prompt_tokens, trace.completion_tokens)
+        cost = call.model.cost_usd(
+            trace.prompt_tokens,
+            trace.completion_tokens,
+            trace.cache_read_tokens,
+            trace.cache_write_tokens,
+        )
         ex.request.app[GATE_KEY].settle(ex.ticket, used, cost)
+
+
+def release(ex: Exchange[Any]) -> None:
+    """End a request that used no tokens (see `open_exchange(free=True)`)."""
+    if ex.ticket is not None:
+        ex.request.app[GATE_KEY].settle(ex.ticket, 0, 0.0)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.handlers import admin, chat, health, models, responses
+from gateway.handlers import (
+    admin,
+    chat,
+    completions,
+    embeddings,
+    health,
+    messages,
+    models,
+    responses,
+)
 
 __all__ = ["setup_routes"]
 
@@ -13,6 +22,15 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
     app.router.add_post("/api/v1/chat", chat.create_chat)
     app.router.add_post("/v1/responses", responses.create_response)
+    app.router.add_post("/v1/embeddings", embeddings.create_embeddings)
+    app.router.add_post("/v1/completions", completions.create_completion)
+    app.router.add_post("/v1/messages", messages.create_message)
+    app.router.add_post("/v1/messages/count_tokens", messages.count_tokens)
+    stored = "/v1/responses/{response_id}"  # nothing is stored: each says so (404)
+    app.router.add_get(stored, responses.stored_response)
+    app.router.add_delete(stored, responses.stored_response)
+    app.router.add_get(f"{stored}/input_items", responses.stored_response)
+    app.router.add_post(f"{stored}/cancel", responses.stored_response)
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model:.+}", models.get_model)
     app.router.add_get("/healthz", health.healthz)

@@ -86,6 +86,8 @@ class RoutingSettings(_Base, frozen=True):
     # ... for this long (or the upstream's retry-after, up to max_cooldown).
     cooldown: PositiveFloat = 30.0
     max_cooldown: PositiveFloat = 300.0
+    # An account whose credentials the upstream refused is out this long, then probed again.
+    auth_cooldown: PositiveFloat = 300.0
 
 
 class _Provider(_Base, frozen=True, kw_only=True, tag_field="type"):
@@ -189,15 +191,37 @@ class ModelConfig(_Base, frozen=True):
     targets: Annotated[tuple[Target, ...], msgspec.Meta(min_length=1)]
     input_price_per_mtok: NonNegativeFloat = 0.0
     output_price_per_mtok: NonNegativeFloat = 0.0
+    # Prompt tokens read from / written to the upstream's prompt cache (unset: the input price).
+    cache_read_price_per_mtok: NonNegativeFloat | None = None
+    cache_write_price_per_mtok: NonNegativeFloat | None = None
     # Used when a request sets neither max_tokens nor max_completion_tokens.
     max_tokens: PositiveInt | None = None
     # Only reasoning models accept `reasoning_effort` / `thinking`; others get a 400.
     reasoning: bool = False
+    # An embedding model: /v1/models says so (`"embeddings": true`) so clients can tell.
+    embeddings: bool = False
     description: str = ""
 
-    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+    def cost_usd(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+    ) -> float:
+        """The price of a request; `prompt_tokens` includes the cached ones (as OpenAI
+        counts them), which are priced at the cache prices instead of the input price."""
+        read = self.input_price_per_mtok
+        if self.cache_read_price_per_mtok is not None:
+            read = self.cache_read_price_per_mtok
+        write = self.input_price_per_mtok
+        if self.cache_write_price_per_mtok is not None:
+            write = self.cache_write_price_per_mtok
+        uncached = max(0, prompt_tokens - cache_read_tokens - cache_write_tokens)
         return (
-            prompt_tokens * self.input_price_per_mtok
+            uncached * self.input_price_per_mtok
+            + cache_read_tokens * read
+            + cache_write_tokens * write
             + completion_tokens * self.output_price_per_mtok
         ) / 1_000_000
 

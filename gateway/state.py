@@ -11,8 +11,8 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gateway.admission import Gate
     from gateway.keys import KeyCache, Principal
-    from gateway.router import Router
     from gateway.settings import Settings
+    from gateway.snapshot import LiveConfig, Reloader, Snapshot
     from gateway.store import Store
     from gateway.usage import UsageRecorder
 
@@ -20,22 +20,28 @@ __all__ = [
     "GATE_KEY",
     "INFLIGHT_KEY",
     "KEYS_KEY",
+    "LIVE_KEY",
     "PRINCIPAL_KEY",
-    "ROUTER_KEY",
+    "RELOADER_KEY",
     "SETTINGS_KEY",
     "SHUTTING_DOWN_KEY",
+    "SNAPSHOT_KEY",
     "STORE_KEY",
     "STREAMS_KEY",
     "USAGE_KEY",
 ]
 
+# The settings the app started with (its cleanup contexts read them). What requests run on,
+# reloadable, is the current snapshot of LIVE_KEY, taken once per request as SNAPSHOT_KEY.
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
+LIVE_KEY: web.AppKey[LiveConfig] = web.AppKey("live_config")
+# How the config is re-read on SIGHUP (set by `gateway serve`; absent: no reload).
+RELOADER_KEY: web.AppKey[Reloader] = web.AppKey("reloader")
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
 USAGE_KEY: web.AppKey[UsageRecorder] = web.AppKey("usage")
 KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
 # Rate limits and budgets of every key (memory only on the request path).
 GATE_KEY: web.AppKey[Gate] = web.AppKey("gate")
-ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
 # Tasks serving open SSE streams, so shutdown can end them with an error event.
 STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
 # Tasks serving any request, so shutdown can wait for them (up to the grace period).
@@ -44,3 +50,4 @@ INFLIGHT_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("inflight")
 SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
+SNAPSHOT_KEY: web.RequestKey[Snapshot] = web.RequestKey("snapshot")

@@ -12,7 +12,12 @@ from gateway.schemas.chat import (
     TextContentPart,
 )
 
-__all__ = ["estimate_prompt_tokens", "estimate_text_tokens", "message_text"]
+__all__ = [
+    "estimate_input_tokens",
+    "estimate_prompt_tokens",
+    "estimate_text_tokens",
+    "message_text",
+]
 
 _PER_MESSAGE = 4
 _PER_IMAGE = 85
@@ -40,4 +45,19 @@ def estimate_prompt_tokens(req: ChatCompletionRequest) -> int:
             total += _PER_IMAGE * sum(isinstance(p, ImageContentPart) for p in content)
         for call in getattr(msg, "tool_calls", None) or ():
             total += estimate_text_tokens(call.function.name + call.function.arguments)
+    return total
+
+
+def estimate_input_tokens(value: str | list[str | int | list[int]]) -> int:
+    """An embeddings `input` or a completions `prompt`: text estimated, token ids counted."""
+    if isinstance(value, str):
+        return estimate_text_tokens(value)
+    total = 0
+    for item in value:
+        if isinstance(item, str):
+            total += estimate_text_tokens(item)
+        elif isinstance(item, list):
+            total += len(item)
+        else:
+            total += 1
     return total

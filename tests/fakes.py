@@ -4,6 +4,9 @@
     server = await fake.start(aiohttp_server)        # or: await aiohttp_server(fake.make_app())
     provider = OpenAIConfig(..., base_url=fake.base_url)
 
+Requests are checked where OpenAI is strict and clients meet it: a tool-call id over 40 characters
+(a Responses ``call_id`` over 64) gets OpenAI's 400 ``string_above_max_length``.
+
 By default ``POST /v1/chat/completions`` answers like OpenAI does: a ``chat.completion`` echoing the
 last user message ("echo: <text>"; in JSON mode a JSON object sampled from the schema), or a call
 to the first tool when ``tools`` are given and ``tool_choice`` is not ``"none"``; with
@@ -18,8 +21,12 @@ Knobs: status/error/headers (scripted HTTP errors), delay_headers, chunk_delay, 
 ``asyncio.Event`` the answer waits for; with hold_after=N, a stream waits after N chunks),
 drop_before_response, drop_after=N (abort mid-stream), error_after=N (`data: {"error": ...}`
 event), content (a long text without spaces streams as one huge SSE line), tool_call/arguments,
-finish_reason. Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
+finish_reason, match (a queued script only takes chat requests whose last user text contains
+it). Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
 ``fake.models``.
+
+``POST /v1/embeddings`` and ``POST /v1/completions`` answer as OpenAI's do (see
+``tests.fake_endpoints``), with the same scripts.
 
 ``POST /v1/responses`` gives the same answers in the Responses API's shapes: a ``response``
 object, or with ``stream: true`` the real event sequence (``event:`` lines, ``sequence_number``,
@@ -47,6 +54,13 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
 from aiohttp.test_utils import TestServer
+
+from tests.fake_endpoints import (
+    Refused,
+    completion_chunks,
+    completion_reply,
+    openai_embeddings,
+)
 
 Json = dict[str, Any]
 
@@ -116,6 +130,7 @@ class Script:
     tool_call: bool | None = None  # None: call a tool iff tools given and tool_choice != "none"
     arguments: str | None = None  # tool call arguments (default: built from the tool's schema)
     finish_reason: str | None = None  # default "stop" / "tool_calls"
+    match: str | None = None  # queued: only for requests whose last user text contains it
 
 
 S = TypeVar("S")
@@ -149,8 +164,14 @@ class ScriptedFake(Generic[S]):
         self.default = self.script_type(**knobs)
         return self.default
 
-    def next_plan(self) -> S:
-        return self.queue.pop(0) if self.queue else self.default
+    def next_plan(self, text: str = "") -> S:
+        """The first queued script for a request whose last user text is `text` (a script
+        with a `match` only takes requests containing it), else the default."""
+        for i, plan in enumerate(self.queue):
+            match = getattr(plan, "match", None)
+            if match is None or match in text:
+                return self.queue.pop(i)
+        return self.default
 
     def make_app(self) -> web.Application:
         raise NotImplementedError
@@ -245,12 +266,22 @@ class FakeOpenAI(ScriptedFake[Script]):
     def responses_requests(self) -> list[Recorded]:
         return [r for r in self.requests if r.path == "/v1/responses"]
 
+    @property
+    def embeddings_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith("/embeddings")]
+
+    @property
+    def completions_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith("/completions")]
+
     # -- serving --------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._record], client_max_size=64 * 1024**2)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -270,12 +301,15 @@ class FakeOpenAI(ScriptedFake[Script]):
         return web.json_response({"object": "list", "data": data}, headers=self._headers())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        plan = self.next_plan()
         body = request[RECORDED].json
         if not isinstance(body, dict):
             return web.json_response(
                 error_body(400, "We could not parse the JSON body."), status=400
             )
+        refused = _too_long_ids(body)
+        if refused is not None:
+            return web.json_response(refused, status=400)
+        plan = self.next_plan(_last_user(body.get("messages") or []))
         try:
             await self.pause(plan)
             if plan.drop_before_response:
@@ -299,6 +333,9 @@ class FakeOpenAI(ScriptedFake[Script]):
             return web.json_response(
                 error_body(400, "Missing required parameter: 'model'."), status=400
             )
+        refused = _too_long_ids(body)
+        if refused is not None:
+            return web.json_response(refused, status=400)
         try:
             await self.pause(plan)
             if plan.drop_before_response:
@@ -310,6 +347,65 @@ class FakeOpenAI(ScriptedFake[Script]):
             if body.get("stream"):
                 return await self._stream(request, body, plan, response)
             return web.json_response(response, headers=self._headers(plan))
+        except asyncio.CancelledError:
+            self.client_disconnected.set()
+            raise
+
+    async def _refusal(self, request: web.Request, plan: Script) -> web.StreamResponse | None:
+        """What a script or a body without a model answers instead of the endpoint (or None)."""
+        await self.pause(plan)
+        if plan.drop_before_response:
+            return self._drop(request, web.Response())
+        if plan.status >= 400:
+            error = plan.error or error_body(plan.status)
+            return web.json_response(error, status=plan.status, headers=self._headers(plan))
+        body = request[RECORDED].json
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            missing = error_body(400, "You must provide a model parameter.")
+            return web.json_response(missing, status=400)
+        return None
+
+    async def _embeddings(
+        self, request: web.Request, model: str | None = None
+    ) -> web.StreamResponse:
+        """``POST /v1/embeddings`` (see ``tests.fake_endpoints``); scripts apply as for chat."""
+        plan = self.next_plan()
+        refused = await self._refusal(request, plan)
+        if refused is not None:
+            return refused
+        body = request[RECORDED].json
+        try:
+            answer = openai_embeddings(body, model or body["model"])
+        except Refused as exc:
+            return web.json_response(error_body(400, str(exc), param=exc.param), status=400)
+        return web.json_response(answer, headers=self._headers(plan))
+
+    async def _completions(
+        self, request: web.Request, model: str | None = None
+    ) -> web.StreamResponse:
+        """``POST /v1/completions`` (see ``tests.fake_endpoints``); scripts as for chat."""
+        plan = self.next_plan()
+        try:
+            refused = await self._refusal(request, plan)
+            if refused is not None:
+                return refused
+            body = request[RECORDED].json
+            reply_id = f"cmpl-fake{next(self._ids)}"
+            try:
+                reply = completion_reply(body, model or body["model"], reply_id)
+            except Refused as exc:
+                return web.json_response(error_body(400, str(exc), param=exc.param), status=400)
+            if not body.get("stream"):
+                return web.json_response(reply, headers=self._headers(plan))
+            headers = {"Content-Type": "text/event-stream; charset=utf-8"} | self._headers(plan)
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            frames = [_sse(c) for c in completion_chunks(body, reply)]
+
+            def error(_: int) -> bytes:
+                return _sse(plan.stream_error)
+
+            return await self.play(request, response, frames, plan, error, b"data: [DONE]\n\n")
         except asyncio.CancelledError:
             self.client_disconnected.set()
             raise
@@ -498,6 +594,34 @@ class FakeOpenAI(ScriptedFake[Script]):
 
         end = b"" if events else b"data: [DONE]\n\n"
         return await self.play(request, response, frames, plan, error, end)
+
+
+def _too_long(param: str, value: Any, limit: int) -> Json | None:
+    if not isinstance(value, str) or len(value) <= limit:
+        return None
+    return error_body(
+        400,
+        f"Invalid '{param}': string too long. Expected a string with maximum length "
+        f"{limit}, but got a string with length {len(value)} instead.",
+        code="string_above_max_length",
+        param=param,
+    )
+
+
+def _too_long_ids(body: Json) -> Json | None:
+    """OpenAI's 400 for a tool-call id over its limit: 40 characters in chat messages, 64 for
+    a Responses `call_id` (as real clients have met it, e.g. with ids minted by other APIs)."""
+    for i, msg in enumerate(body.get("messages") or []):
+        for j, call in enumerate(msg.get("tool_calls") or [] if isinstance(msg, dict) else []):
+            found = _too_long(f"messages[{i}].tool_calls[{j}].id", call.get("id"), 40)
+            if found is not None:
+                return found
+    items = body.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        found = _too_long(f"input[{i}].call_id", item.get("call_id"), 64)
+        if found is not None:
+            return found
+    return None
 
 
 def openai_usage(prompt: int, completion: int) -> Json:

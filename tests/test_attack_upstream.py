@@ -254,7 +254,7 @@ async def test_events_that_are_not_json_objects_are_errors_the_sdk_raises(
     rig = await build(kind, sends(until_close(sse(*good, BAD_EVENTS[bad], b"[DONE]"))))
     result = await rig.sdk(stream=True)
     assert isinstance(result, openai.APIError), result
-    assert "malformed" in result.message
+    assert "not a JSON object" in result.message
     if first:
         assert isinstance(result, openai.APIStatusError) and result.status_code == 503
 
@@ -283,7 +283,7 @@ async def test_an_event_the_stream_ends_in_the_middle_of_is_an_error(build: Buil
     status, body = await rig.call(stream=True)
     assert status == 200
     assert body.startswith(b"data: " + chunk("hi") + b"\n\n")
-    assert b'"code":"upstream_error"' in body and b"malformed" in body
+    assert b'"code":"upstream_error"' in body and b"not a JSON object" in body
     assert not body.endswith(b"data: [DONE]\n\n")
 
 
@@ -401,6 +401,23 @@ async def test_json_nested_too_deep_to_decode_is_malformed_not_a_gateway_crash(
     assert not [e for e in logs if e["log_level"] == "error"], logs
 
 
+async def test_a_messages_event_nested_too_deep_is_malformed_not_a_gateway_crash(
+    build: Build,
+) -> None:
+    # The same, on the Messages API's pass-through to Anthropic (its events are relayed).
+    start = b'{"type":"message_start","message":{"id":"m","x":%b}}' % NESTED
+    rig = await build(
+        "anthropic", sends(until_close(b"event: message_start\ndata: %b\n\n" % start))
+    )
+    body = {"model": "m", "max_tokens": 10, "messages": HI, "stream": True}
+    headers = {"x-api-key": rig.key, "anthropic-version": "2023-06-01"}
+    with capture_logs() as logs:
+        resp = await rig.gateway.post("/v1/messages", json=body, headers=headers)
+        answer = await resp.read()
+    assert b"malformed stream event" in answer, answer
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+
+
 @pytest.mark.parametrize("answer", [b"[1,2]", b'"str"', b"null", b"42", b"hello", b""])
 @pytest.mark.parametrize("kind", ["openai", "azure", "responses"])
 async def test_an_answer_that_is_not_a_json_object_is_a_502(
@@ -410,8 +427,8 @@ async def test_an_answer_that_is_not_a_json_object_is_a_502(
     rig = await build(kind, sends(whole(answer)))
     result = await rig.sdk(stream=False)
     assert isinstance(result, openai.APIStatusError), result
-    assert result.status_code == 502
-    assert "malformed" in result.message
+    assert (result.status_code, result.code) == (502, "upstream_bad_response")
+    assert "with something that is not a" in result.message
 
 
 # --- Secrets: an upstream that echoes the gateway's key ----------------------------------------
@@ -1172,7 +1189,8 @@ async def test_a_body_nested_just_deep_enough_is_a_400_not_a_gateway_crash(
     # The handler decodes the body, and the pass-through decodes it again (for the fields it
     # forwards) from deeper in the stack, where fewer levels of nesting are left before
     # RecursionError: a body in between passed the first and crashed the second (a 500).
-    rig = await build(kind, sends(whole(GOOD if kind == "openai" else b'{"id": "r"}')))
+    response = b'{"id": "r", "object": "response", "status": "completed", "output": []}'
+    rig = await build(kind, sends(whole(GOOD if kind == "openai" else response)))
     statuses = set()
     for depth in range(850, 1000, 3):
         nested = b"[" * depth + b"]" * depth

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from gateway.config import load_settings
-from gateway.settings import ConfigError
+from gateway.settings import ConfigError, ModelConfig, Target
 
 GOOD = """
 [server]
@@ -200,3 +201,18 @@ def test_a_header_name_that_is_no_token_is_refused(tmp_path: Path, name: str) ->
         ConfigError, match=r"providers\[0\]\.headers: .* is not a valid header name"
     ):
         load_settings(write(tmp_path, text), {})
+
+
+def test_cache_tokens_are_priced_apart() -> None:
+    target = (Target(provider="p", model="m"),)
+    plain = ModelConfig(
+        name="a", targets=target, input_price_per_mtok=2.0, output_price_per_mtok=8.0
+    )
+    assert plain.cost_usd(100, 10, 60, 20) == plain.cost_usd(100, 10)  # unset: the input price
+    cached = msgspec.structs.replace(
+        plain, cache_read_price_per_mtok=0.2, cache_write_price_per_mtok=2.5
+    )
+    assert cached.cost_usd(100, 10, 60, 20) == pytest.approx(
+        (20 * 2 + 60 * 0.2 + 20 * 2.5 + 80) / 1e6
+    )
+    assert cached.cost_usd(10, 0, 60, 20) == pytest.approx((60 * 0.2 + 20 * 2.5) / 1e6)

@@ -11,11 +11,9 @@ import email.utils
 import math
 import time
 from collections.abc import Mapping
-from typing import TypeVar
 
 import aiohttp
 import msgspec
-import structlog
 from aiohttp.http_exceptions import ContentEncodingError
 
 from gateway.errors import (
@@ -29,17 +27,11 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 
-T = TypeVar("T")
-
-log = structlog.get_logger(__name__)
-
 __all__ = [
     "DECODE_ERRORS",
     "MAX_RETRY_AFTER",
     "error_from_status",
-    "is_json_object",
     "parse_retry_after",
-    "read_usage",
     "retry_after_of",
     "stream_error",
     "upstream_detail",
@@ -198,44 +190,6 @@ def error_from_status(
             retry_after=retry_after,
         )
     return UpstreamError(f"The upstream provider '{provider}' answered HTTP {status}: {message}")
-
-
-class _AnyObject(msgspec.Struct):
-    """Any JSON object: decoding checks the syntax and skips every field, building nothing."""
-
-
-_ANY_OBJECT = msgspec.json.Decoder(_AnyObject)
-
-
-def is_json_object(data: bytes) -> bool:
-    """Whether `data` is one well-formed JSON object, as every answer and event of the APIs
-    the gateway speaks is; what is relayed untouched must be, or the client's SDK fails
-    to parse it (or returns a list where a completion belongs)."""
-    try:
-        _ANY_OBJECT.decode(data)
-    except DECODE_ERRORS:
-        return False
-    return True
-
-
-def read_usage(provider: str, decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T | None:
-    """The usage view of a whole upstream answer (`what`: "completion", "response"...).
-
-    A usage object we cannot read must not cost the client a good answer: None then (the
-    usage row is estimated), with a warning.
-
-    Raises:
-        UpstreamError: the answer is not a JSON object at all.
-    """
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError:
-        if is_json_object(body):
-            log.warning("upstream_usage_unreadable", provider=provider)
-            return None
-    except (msgspec.DecodeError, RecursionError):
-        pass
-    raise UpstreamError(f"The upstream provider '{provider}' returned a malformed {what}.")
 
 
 def upstream_failure(provider: str, exc: BaseException) -> UpstreamError:

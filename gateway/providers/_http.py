@@ -36,6 +36,7 @@ import aiohttp
 import msgspec
 
 from gateway.errors import UpstreamBadResponse, UpstreamError, UpstreamUnavailable
+from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
 from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder, utf8
 from gateway.settings import UpstreamConfig
@@ -127,31 +128,35 @@ class UpstreamClient:
         self._by_account: dict[str | None, dict[str, str]] = {}
         self._free = config.max_buffered_bytes  # of what all its requests may hold at once
 
-    def headers(self, attempt: Attempt) -> dict[str, str]:
-        """The headers of one request: its account's (built once per account) and its id."""
+    def headers(self, attempt: Attempt, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The headers of one request: its account's (built once per account), its id, and
+        `extra` ones the request carries on (e.g. the client's `anthropic-beta`)."""
         account = self._by_account.get(attempt.api_key)
         if account is None:
             account = dict(self._base)
             if attempt.api_key:
                 account.update(self._dialect.auth(attempt.api_key))
             self._by_account[attempt.api_key] = account
+        if extra:
+            account = {**account, **extra}
         return {**account, "x-request-id": attempt.request_id} if attempt.request_id else account
 
-    def decode(self, decoder: msgspec.json.Decoder[T], data: bytes) -> T:
-        """An upstream answer as `decoder`'s type.
+    def decode(self, decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
+        """An upstream answer (`what` the API promises) as `decoder`'s type.
 
         Raises:
-            UpstreamError: the answer is not what the upstream's API promises.
+            UpstreamError: it is not: the error it carries, or a bad response
+                (`_answers.answer_error`).
         """
         try:
             return decoder.decode(data)
         except DECODE_ERRORS:
-            raise UpstreamError(
-                f"The upstream provider '{self.config.name}' returned a malformed answer."
-            ) from None
+            raise answer_error(self.config.name, data, what) from None
 
-    async def post(self, url: str, body: bytes, attempt: Attempt) -> bytes:
-        """POST `body` and return the upstream's whole 2xx answer.
+    async def post(
+        self, url: str, body: bytes, attempt: Attempt, extra: Mapping[str, str] | None = None
+    ) -> bytes:
+        """POST `body` and return the upstream's whole 2xx answer (`extra`: more headers).
 
         Raises:
             UpstreamError: an error status, a redirect, an answer over the size limit, or a
@@ -161,7 +166,7 @@ class UpstreamClient:
             async with self._session.post(
                 url,
                 data=body,
-                headers=self.headers(attempt),
+                headers=self.headers(attempt, extra),
                 timeout=self._unary_timeout,
                 allow_redirects=False,
             ) as resp:
@@ -175,7 +180,7 @@ class UpstreamClient:
         return _redact(utf8(data), _secret(attempt))
 
     async def stream(
-        self, url: str, body: bytes, attempt: Attempt
+        self, url: str, body: bytes, attempt: Attempt, extra: Mapping[str, str] | None = None
     ) -> AsyncGenerator[list[bytes], None]:
         """POST `body` and yield the payloads of the upstream's events, batched by read.
 
@@ -190,7 +195,7 @@ class UpstreamClient:
             async with self._session.post(
                 url,
                 data=body,
-                headers=self.headers(attempt),
+                headers=self.headers(attempt, extra),
                 timeout=self._stream_timeout,
                 allow_redirects=False,
             ) as resp:

@@ -55,9 +55,11 @@ __all__ = [
     "new_call_id",
     "nonzero",
     "object_arguments",
+    "read_completion",
     "refuse_unsupported",
     "stop_sequences",
     "tool_choice_without_tools",
+    "top_k",
     "translated_stream",
     "unsupported",
 ]
@@ -109,6 +111,14 @@ def file_data(part: FileContentPart, param: str, provider_type: str) -> str:
 
 def stop_sequences(req: ChatCompletionRequest) -> list[str]:
     return [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+
+
+def top_k(req: ChatCompletionRequest) -> int | None:
+    """The client's `top_k` if it limits anything (0 or less means no limit, as vLLM reads it)."""
+    value = req.top_k
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    return None
 
 
 def nonzero(value: float | UnsetType | None) -> float | None:
@@ -170,6 +180,21 @@ def object_arguments(arguments: str, param: str) -> msgspec.Raw:
             param=param,
         )
     return raw
+
+
+_COMPLETION = msgspec.json.Decoder(ChatCompletion)
+
+
+def read_completion(body: bytes) -> ChatCompletion:
+    """A whole `chat.completion` as the struct, to answer it in another API's shape.
+
+    Raises:
+        UpstreamError: the body is not one.
+    """
+    try:
+        return _COMPLETION.decode(body)
+    except (msgspec.MsgspecError, RecursionError):
+        raise UpstreamError("The upstream provider returned a malformed completion.") from None
 
 
 def completion_id(upstream_id: str) -> str:

@@ -40,6 +40,7 @@ __all__ = [
     "JSONObjectFormat",
     "JSONSchemaFormat",
     "Message",
+    "NamedFunction",
     "RefusalContentPart",
     "ResponseFormat",
     "StreamOptions",
@@ -50,6 +51,7 @@ __all__ = [
     "ToolChoice",
     "ToolMessage",
     "UserMessage",
+    "wants_usage",
 ]
 
 
@@ -123,14 +125,30 @@ class UserMessage(_Message, tag="user"):
     name: str | UnsetType = UNSET
 
 
+_NULL = Raw(b"null")
+
+
+def _unset_nulls(obj: msgspec.Struct, names: tuple[str, ...]) -> None:
+    """Raw fields sent as JSON `null` become UNSET: OpenAI takes `null` for "not sent", and
+    code that reads a raw field would otherwise see a value. (Typed fields decode `null` to
+    None, which their readers treat as absent.)"""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not UNSET and len(value) == 4 and value == _NULL:
+            setattr(obj, name, UNSET)
+
+
 class AssistantMessage(_Message, tag="assistant"):
     # null is legal (and what SDKs send) when the turn is only tool calls.
     content: str | list[TextContentPart | RefusalContentPart] | None = None
     name: str | UnsetType = UNSET
     refusal: str | UnsetType | None = UNSET
-    tool_calls: list[ToolCall] | UnsetType = UNSET
+    tool_calls: list[ToolCall] | UnsetType | None = UNSET
     function_call: Raw | UnsetType = UNSET
     audio: Raw | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        _unset_nulls(self, ("function_call", "audio"))
 
 
 class ToolMessage(_Message, tag="tool"):
@@ -183,16 +201,16 @@ class CustomTool(_Tool, tag="custom"):
     custom: Raw
 
 
-class _NamedFunction(msgspec.Struct):
+class NamedFunction(msgspec.Struct):
     name: str
 
 
 class ToolChoiceFunction(_Tool, tag="function"):
-    function: _NamedFunction
+    function: NamedFunction
 
 
 class ToolChoiceCustom(_Tool, tag="custom"):
-    custom: _NamedFunction
+    custom: NamedFunction
 
 
 class ToolChoiceAllowedTools(_Tool, tag="allowed_tools"):
@@ -241,6 +259,11 @@ class StreamOptions(msgspec.Struct, omit_defaults=True):
     include_obfuscation: bool | UnsetType | None = UNSET
 
 
+def wants_usage(options: StreamOptions | UnsetType | None) -> bool:
+    """True when the client asked for the final usage chunk of a stream."""
+    return isinstance(options, StreamOptions) and options.include_usage is True
+
+
 Metadata = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
     msgspec.Meta(max_length=16),
@@ -260,6 +283,8 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
     max_completion_tokens: MaxTokens | UnsetType | None = UNSET
     temperature: Temperature | UnsetType | None = UNSET
     top_p: TopP | UnsetType | None = UNSET
+    # Not an OpenAI field: Anthropic, Gemini and vLLM take it (vLLM: -1 or 0 mean no limit).
+    top_k: int | float | UnsetType | None = UNSET
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | UnsetType | None = UNSET
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | UnsetType | None = UNSET
     seed: int | UnsetType | None = UNSET
@@ -289,15 +314,16 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
     functions: Raw | UnsetType = UNSET
     function_call: Raw | UnsetType = UNSET
 
+    def __post_init__(self) -> None:
+        _unset_nulls(self, _RAW_FIELDS)
+
     @property
     def is_stream(self) -> bool:
         return self.stream is True
 
     @property
     def wants_usage(self) -> bool:
-        """True when the client asked for the final usage chunk of a stream."""
-        so = self.stream_options
-        return isinstance(so, StreamOptions) and so.include_usage is True
+        return wants_usage(self.stream_options)
 
     @property
     def token_limit(self) -> int | None:
@@ -306,6 +332,15 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
                 return value
         return None
 
+
+_RAW_FIELDS = (
+    "thinking",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "functions",
+    "function_call",
+)
 
 # ---- responses -------------------------------------------------------------------------------
 
