@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -85,6 +86,14 @@ async def gateway(
 ) -> TestClient[Any, Any]:
     """The gateway with only the demo provider."""
     return await start_gateway(aiohttp_client, make_settings())
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, for a `gateway serve` process to bind."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def provider_config(kind: str, **fields: Any) -> ProviderConfig:

@@ -32,6 +32,7 @@ from tests.conftest import (
     MakeSettings,
     calls_in,
     create_key,
+    free_port,
     openai_client,
     provider_config,
     start_gateway,
@@ -453,37 +454,38 @@ def named_events(events: list[dict[str, Any]]) -> bytes:
     )
 
 
+ANTHROPIC_START: dict[str, Any] = {
+    "type": "message_start",
+    "message": {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m-1",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": 0},
+    },
+}
+ANTHROPIC_TEXT_START = {
+    "type": "content_block_start",
+    "index": 0,
+    "content_block": {"type": "text", "text": ""},
+}
+
+
+def anthropic_text(text: str) -> dict[str, Any]:
+    delta = {"type": "text_delta", "text": text}
+    return {"type": "content_block_delta", "index": 0, "delta": delta}
+
+
 def error_event(kind: str, after_content: bool) -> Answer:
     """A stream that fails with an error event whose message holds the key."""
     error: dict[str, Any]
     if kind == "anthropic":
-        start = {
-            "type": "message_start",
-            "message": {
-                "id": "msg_1",
-                "type": "message",
-                "role": "assistant",
-                "model": "m-1",
-                "content": [],
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": 1, "output_tokens": 0},
-            },
-        }
-        text = [
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": "hi"},
-            },
-        ]
         error = {"type": "error", "error": {"type": "api_error", "message": ECHO}}
-        events: list[dict[str, Any]] = [start, *(text if after_content else []), error]
+        text = [ANTHROPIC_TEXT_START, anthropic_text("hi")]
+        events: list[dict[str, Any]] = [ANTHROPIC_START, *(text if after_content else []), error]
         body = named_events(events)
     elif kind == "gemini":
         part = {"candidates": [{"content": {"role": "model", "parts": [{"text": "hi"}]}}]}
@@ -949,25 +951,9 @@ def one_byte_writes(data: bytes) -> Answer:
 
 ANTHROPIC_STREAM = named_events(
     [
-        {
-            "type": "message_start",
-            "message": {
-                "id": "msg_1",
-                "type": "message",
-                "role": "assistant",
-                "model": "m-1",
-                "content": [],
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": 1, "output_tokens": 0},
-            },
-        },
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": "h\u00e9llo"},
-        },
+        ANTHROPIC_START,
+        ANTHROPIC_TEXT_START,
+        anthropic_text("h\u00e9llo"),
         {"type": "content_block_stop", "index": 0},
         {
             "type": "message_delta",
@@ -1121,9 +1107,7 @@ async def test_a_real_gateway_process_stays_small_under_a_storm_of_bombs(
 
     upstream = RawUpstream(answer)
     await upstream.start()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     db = tmp_path / "keys.db"
     config = tmp_path / "gateway.toml"
     config.write_text(

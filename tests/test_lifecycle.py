@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 from gateway import cli
 from gateway.app import create_app
 from gateway.state import KEYS_KEY, STORE_KEY
-from tests.conftest import NEVER_HANG, MakeSettings, app_of, start_gateway
+from tests.conftest import NEVER_HANG, MakeSettings, app_of, free_port, start_gateway
 
 HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -122,9 +121,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     up_port = runner.addresses[0][1]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     db = tmp_path / "keys.db"
     config = tmp_path / "gateway.toml"
     config.write_text(
@@ -185,9 +182,7 @@ async def test_sighup_and_gateway_reload_re_read_the_config(tmp_path: Any, capsy
     """`gateway serve` as a real process: `gateway reload` (which finds it by the pid file
     next to its database) and `kill -HUP` make it re-read its config; a bad config is refused
     and the running one stays; the pid file is gone once it stops."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     db = tmp_path / "keys.db"
     config = tmp_path / "gateway.toml"
     head = f'[server]\ndatabase = "{db}"\n\n'
