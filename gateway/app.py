@@ -1,8 +1,8 @@
 """`create_app(settings)`: wires state, middlewares and routes; resources open in cleanup contexts.
 
 The factory does no I/O, so tests build apps from their own settings and several apps can run
-side by side. Cleanup contexts open in this order and close in reverse: store → usage writer →
-key cache → providers (one HTTP session per upstream).
+side by side. Cleanup contexts open in this order and close in reverse: store → usage writer
+and refusal counter → prices → key cache → providers (one HTTP session per upstream).
 """
 
 from __future__ import annotations
@@ -18,17 +18,22 @@ from aiohttp import web
 
 from gateway.admission import Gate
 from gateway.auth import auth_middleware
+from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
-from gateway.middleware import error_middleware, request_context
+from gateway.middleware import error_middleware, request_context, server_header
+from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.providers import Provider, build_provider
 from gateway.records import KeyRecord
+from gateway.refusals import RefusalCounter
 from gateway.router import Router
 from gateway.routes import setup_routes
-from gateway.settings import Settings, UpstreamConfig
+from gateway.settings import ConfigError, Settings, UpstreamConfig
 from gateway.state import (
     GATE_KEY,
     INFLIGHT_KEY,
     KEYS_KEY,
+    PRICES_KEY,
+    REFUSALS_KEY,
     ROUTER_KEY,
     SETTINGS_KEY,
     SHUTTING_DOWN_KEY,
@@ -43,10 +48,13 @@ __all__ = ["create_app"]
 
 # Large enough for a big tool-call or image event on one SSE line.
 _READ_BUFSIZE = 2**20
+# The server's one database connection serves every query in turn: a statement must not wait
+# long for another process's lock (usage writes are retried, admin writes answered 503).
+_BUSY_TIMEOUT = 0.25
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = await Store.open(app[SETTINGS_KEY].server.database)
+    store = await Store.open(app[SETTINGS_KEY].server.database, busy_timeout=_BUSY_TIMEOUT)
     app[STORE_KEY] = store
     yield
     await store.close()
@@ -58,9 +66,41 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE_KEY], flush_seconds=server.usage_flush_seconds, batch_size=server.usage_batch_size
     )
     app[USAGE_KEY] = recorder
+    refusals = app[REFUSALS_KEY] = RefusalCounter(
+        app[STORE_KEY], flush_seconds=server.usage_flush_seconds
+    )
     await recorder.start()
+    await refusals.start()
     yield
+    await refusals.stop()
     await recorder.stop()  # drains: no usage row is lost on a clean stop
+
+
+async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS_KEY]
+    if not settings.prices.database:
+        app[PRICES_KEY] = PriceBook(settings)
+        yield
+        return
+    lookup, version, provider_ids = await asyncio.to_thread(load_database)
+    unknown = {
+        p.name: p.pricing
+        for p in settings.providers
+        if p.pricing not in (None, "free", "none", *provider_ids)
+    }
+    if unknown:
+        name, pricing = next(iter(unknown.items()))
+        raise ConfigError(
+            f"providers.{name}.pricing: {pricing!r} is not a provider of the price database"
+            " (use one of its ids, 'free' or 'none')"
+        )
+    app[PRICES_KEY] = PriceBook(settings, lookup, version)
+    if not settings.prices.update:
+        yield
+        return
+    updater = await asyncio.to_thread(start_price_updates, settings.prices)
+    yield
+    await asyncio.to_thread(updater.stop)
 
 
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -126,13 +166,14 @@ def create_app(settings: Settings) -> web.Application:
     """Build the gateway application for `settings`. No I/O happens until it starts."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[request_context, error_middleware, auth_middleware],
+        middlewares=[request_context, error_middleware, auth_middleware, intake_middleware],
     )
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
     app.on_shutdown.append(_wind_down)
-    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _keys_ctx, _router_ctx])
+    app.on_response_prepare.append(server_header)
+    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _router_ctx])
     setup_routes(app)
     return app

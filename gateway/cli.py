@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, get_args, get_origin
 
 import msgspec
-from aiohttp import web
 
 from gateway import __version__, cli_output as out
 from gateway.config import load_settings
@@ -231,6 +230,7 @@ async def _usage(store: Store, args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so key and usage commands need not load the HTTP and provider stack.
     from gateway.app import create_app
+    from gateway.server import serve
 
     settings = load_settings(args.config, os.environ)
     given = {"host": args.host, "port": args.port, "database": args.db}
@@ -241,23 +241,12 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(server.log_level)
     host = f"[{server.host}]" if ":" in server.host else server.host
 
-    def announce(*_: object) -> None:
-        # run_app calls this once its sites are bound, so the line never precedes a bind error.
+    def announce() -> None:
+        # Called once the port is bound, so the line never precedes a bind error.
         print(f"Token Kiosk listening on http://{host}:{server.port}", file=sys.stderr, flush=True)
 
     try:
-        web.run_app(
-            create_app(settings),
-            host=server.host,
-            port=server.port,
-            print=announce,
-            access_log=None,
-            # The grace period is spent in the app's on_shutdown (see app.py); after it, what
-            # is still running only gets a moment to unwind.
-            shutdown_timeout=1.0,
-            # A client that hangs up cancels its handler, which closes the upstream request.
-            handler_cancellation=True,
-        )
+        serve(create_app(settings), server.host, server.port, announce)
     except OSError as exc:  # address in use, unknown host, no permission
         print(f"gateway: cannot listen on {host}:{server.port}: {exc}", file=sys.stderr)
         return 1

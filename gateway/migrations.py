@@ -56,6 +56,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE keys ADD COLUMN group_name TEXT",
         "ALTER TABLE keys ADD COLUMN notes TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # Refused requests: one row per minute, key and status (gateway.refusals).
+        """CREATE TABLE refusals (
+            minute INTEGER NOT NULL,
+            key_id TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (minute, key_id, status)
+        )""",
+    ),
 )
 
 

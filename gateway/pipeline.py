@@ -25,15 +25,29 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.failover import Exchange, attempt_each, no_route
+from gateway.media import Estimate, image_tokens
+from gateway.prices import PriceBook, Usage
 from gateway.providers import ChatCall, ChatReply
-from gateway.records import KeyRecord, model_allowed
+from gateway.records import model_allowed
 from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
+from gateway.schemas.common import (
+    CompletionTokensDetails,
+    PromptTokensDetails,
+    Usage as OpenAIUsage,
+)
 from gateway.settings import ProviderConfig
-from gateway.state import GATE_KEY, PRINCIPAL_KEY, ROUTER_KEY, SETTINGS_KEY
-from gateway.tokens import estimate_prompt_tokens
-from gateway.trace import TRACE_KEY
+from gateway.state import (
+    GATE_KEY,
+    PRICES_KEY,
+    PRINCIPAL_KEY,
+    ROUTER_KEY,
+    SETTINGS_KEY,
+    TICKET_KEY,
+)
+from gateway.tokens import estimate_prompt_tokens, prompt_size
+from gateway.trace import TRACE_KEY, RequestTrace
 
 __all__ = [
     "MAX_MODEL_ID",
@@ -63,10 +77,12 @@ def begin(
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
         NotFound: the model does not exist.
-        PermissionDenied: the key may not use the model.
+        PermissionDenied: the key may not use the model, or it has a USD budget and the
+            model has no known price.
+        RateLimited, QuotaExceeded: the request does not fit the key's limits or budget.
     """
     trace = request[TRACE_KEY]
-    trace.metered = True  # refusals get a usage row too
+    trace.metered = True  # refusals are counted too
     if not model_id:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     if len(model_id) > MAX_MODEL_ID:
@@ -90,7 +106,6 @@ def begin(
     if not routes:
         raise no_route(model_id)
     route = routes[0]
-    trace.model = model
     trace.model_id = model_id
     trace.provider = route.provider.config.name
     trace.upstream_model = route.upstream_model
@@ -105,19 +120,57 @@ def begin(
     )
     ex = Exchange(request=request, trace=trace, call=call, provider=route.provider, routes=routes)
     key = principal.key
-    if key.has_limits or key.has_budget:
-        ex.ticket = _admit(request.app[GATE_KEY], key, call, routes)
+    if key.budget_usd is not None:
+        _require_prices(request.app[PRICES_KEY], model_id, routes)
+    ex.ticket = request.get(TICKET_KEY)
+    if ex.ticket is not None:
+        _charge(request.app[GATE_KEY], request.app[PRICES_KEY], ex.ticket, call, routes)
     return ex
 
 
-def _admit(gate: Gate, key: KeyRecord, call: ChatCall, routes: list[Route]) -> Ticket | None:
-    """Hold what the request may use at most: its prompt (estimated) and its output limit
-    (without one of its own, the largest default of the providers it may be routed to)."""
-    prompt = estimate_prompt_tokens(call.request)
-    choices = call.request.n if isinstance(call.request.n, int) else 1
-    default = max(r.provider.config.default_max_tokens for r in routes)
-    output = (call.max_tokens or default) * choices
-    return gate.admit(key, prompt + output, call.model.cost_usd(prompt, output))
+def _require_prices(prices: PriceBook, model_id: str, routes: list[Route]) -> None:
+    """A key with a USD budget may only use models with a known price on every route.
+
+    Raises:
+        PermissionDenied: a route's price is unknown (code `model_price_unknown`).
+    """
+    for route in routes:
+        if prices.price(route.model, route.provider.config, route.upstream_model) is None:
+            raise PermissionDenied(
+                f"The model '{model_id}' has no known price, and this API key has a USD "
+                f'budget. Give it a price in the config ([[models]] name = "{model_id}" '
+                "with input_price_per_mtok and output_price_per_mtok), or use a model with one.",
+                param="model",
+                code="model_price_unknown",
+            )
+
+
+def _charge(
+    gate: Gate, prices: PriceBook, ticket: Ticket, call: ChatCall, routes: list[Route]
+) -> None:
+    """Hold what the request may use at most: everything its prompt holds (see
+    `tokens.prompt_size`) and its output limit (without one of its own, the largest default
+    of the providers it may be routed to, which is then sent upstream as its limit), on the
+    costliest of its routes."""
+    targets = {(r.provider.config.type, r.upstream_model) for r in routes}
+
+    def image_cost(url: str, detail: str | None) -> Estimate:
+        costs = [image_tokens(kind, model, url, detail) for kind, model in targets]
+        return Estimate(max(c.likely for c in costs), max(c.most for c in costs))
+
+    prompt = prompt_size(call.request, image_cost)
+    if call.max_tokens is None:
+        call.output_cap = max(r.provider.config.default_max_tokens for r in routes)
+    limit = call.max_tokens or 0
+    output = limit * (call.request.n if isinstance(call.request.n, int) else 1)
+    costs = [
+        (price.cost(Usage(prompt.likely, output)), price.cost(Usage(prompt.most, output)))
+        for r in routes
+        if (price := prices.price(r.model, r.provider.config, r.upstream_model)) is not None
+    ]
+    likely_usd = max((c[0] for c in costs), default=0.0)
+    most_usd = max((c[1] for c in costs), default=0.0)
+    gate.charge(ticket, (prompt.likely + output, likely_usd), (prompt.most + output, most_usd))
 
 
 def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool) -> None:
@@ -221,20 +274,38 @@ async def first_batch(
 
 
 def finish(ex: Exchange) -> None:
-    """Copy usage (or an estimate when the upstream never reported it) into the trace."""
+    """Copy usage (or an estimate when the upstream never reported it) and its cost into the
+    trace, and settle what the request held."""
     trace, call = ex.trace, ex.call
     if call.first_byte_at is not None:
         trace.ttft_ms = round((call.first_byte_at - call.started_at) * 1000, 3)
     task = asyncio.current_task()
     hung_up = task is not None and task.cancelling() > 0  # the upstream already has the prompt
-    if call.usage is not None:
-        trace.prompt_tokens = call.usage.prompt_tokens
-        trace.completion_tokens = call.usage.completion_tokens
+    usage = call.usage
+    if usage is not None:
+        trace.prompt_tokens = usage.prompt_tokens
+        trace.completion_tokens = usage.completion_tokens
     elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
         trace.prompt_tokens = estimate_prompt_tokens(call.request)
         trace.completion_tokens = call.chunks
+    price = ex.request.app[PRICES_KEY].price(call.model, ex.provider.config, call.upstream_model)
+    if price is not None:
+        trace.cost_usd = price.cost(_counts(trace, usage, call.cache_write_tokens))
     if ex.ticket is not None:
         used = trace.prompt_tokens + trace.completion_tokens
-        cost = call.model.cost_usd(trace.prompt_tokens, trace.completion_tokens)
-        ex.request.app[GATE_KEY].settle(ex.ticket, used, cost)
+        ex.request.app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
+
+
+def _counts(trace: RequestTrace, usage: OpenAIUsage | None, cache_writes: int) -> Usage:
+    prompt, completion = trace.prompt_tokens, trace.completion_tokens
+    if usage is None:
+        return Usage(prompt, completion)
+    cached = reasoning = 0
+    details = usage.prompt_tokens_details
+    if isinstance(details, PromptTokensDetails) and details.cached_tokens:
+        cached = details.cached_tokens
+    done = usage.completion_tokens_details
+    if isinstance(done, CompletionTokensDetails) and done.reasoning_tokens:
+        reasoning = done.reasoning_tokens
+    return Usage(prompt, completion, cached=cached, cache_write=cache_writes, reasoning=reasoning)

@@ -9,8 +9,10 @@ from weakref import WeakSet
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gateway.admission import Gate
+    from gateway.admission import Gate, Ticket
     from gateway.keys import KeyCache, Principal
+    from gateway.prices import PriceBook
+    from gateway.refusals import RefusalCounter
     from gateway.router import Router
     from gateway.settings import Settings
     from gateway.store import Store
@@ -20,12 +22,15 @@ __all__ = [
     "GATE_KEY",
     "INFLIGHT_KEY",
     "KEYS_KEY",
+    "PRICES_KEY",
     "PRINCIPAL_KEY",
+    "REFUSALS_KEY",
     "ROUTER_KEY",
     "SETTINGS_KEY",
     "SHUTTING_DOWN_KEY",
     "STORE_KEY",
     "STREAMS_KEY",
+    "TICKET_KEY",
     "USAGE_KEY",
 ]
 
@@ -36,6 +41,9 @@ KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
 # Rate limits and budgets of every key (memory only on the request path).
 GATE_KEY: web.AppKey[Gate] = web.AppKey("gate")
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
+PRICES_KEY: web.AppKey[PriceBook] = web.AppKey("prices")
+# Refused requests, counted per minute, key and status instead of a usage row each.
+REFUSALS_KEY: web.AppKey[RefusalCounter] = web.AppKey("refusals")
 # Tasks serving open SSE streams, so shutdown can end them with an error event.
 STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
 # Tasks serving any request, so shutdown can wait for them (up to the grace period).
@@ -44,3 +52,5 @@ INFLIGHT_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("inflight")
 SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
+# What an admitted request holds of its key's limits and budget (see gateway.intake).
+TICKET_KEY: web.RequestKey[Ticket] = web.RequestKey("ticket")

@@ -15,9 +15,11 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from gateway.app import create_app
+from gateway.server import GatewayRunner
 from gateway.settings import (
     DemoConfig,
     ModelConfig,
@@ -27,7 +29,7 @@ from gateway.settings import (
     Settings,
     Target,
 )
-from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import KEYS_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
 
 DEMO = DemoConfig(name="demo")
 # One upstream attempt per request, so a scripted upstream failure reaches the client as it is;
@@ -66,9 +68,18 @@ def make_settings(tmp_path: Path) -> MakeSettings:
     return build
 
 
+class GatewayTestServer(TestServer):
+    """aiohttp's test server on the gateway's own runner (`gateway.server`), so tests speak
+    to the protocol `gateway serve` runs: its parser errors, header timeout and all."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 async def start_gateway(aiohttp_client: AiohttpClient, settings: Settings) -> TestClient[Any, Any]:
-    # handler_cancellation: a client that hangs up cancels its request, as under `gateway serve`.
-    return await aiohttp_client(create_app(settings), server_kwargs={"handler_cancellation": True})
+    # handler_cancellation: a client that hangs up cancels its request, as under `gateway serve`
+    # (the test server sets it).
+    return await aiohttp_client(GatewayTestServer(create_app(settings)))
 
 
 @pytest.fixture
@@ -124,6 +135,16 @@ async def usage_rows(client: TestClient[Any, Any]) -> list[dict[str, Any]]:
     async with store.db.execute("SELECT * FROM usage ORDER BY id") as cur:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+
+async def refusal_counts(client: TestClient[Any, Any]) -> dict[tuple[str, int], int]:
+    """Refused requests counted so far, by (key id, status), after flushing the counter."""
+    app = app_of(client)
+    await app[REFUSALS_KEY].flush()
+    async with app[STORE_KEY].db.execute(
+        "SELECT key_id, status, SUM(count) FROM refusals GROUP BY key_id, status"
+    ) as cur:
+        return {(key_id, status): n for key_id, status, n in await cur.fetchall()}
 
 
 @contextlib.contextmanager

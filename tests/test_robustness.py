@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.providers import demo
 from gateway.settings import ModelConfig, OpenAIConfig, Target
+from gateway.state import KEYS_KEY
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -21,6 +22,7 @@ from tests.conftest import (
     calls_in,
     create_key,
     openai_client,
+    refusal_counts,
     start_gateway,
     usage_rows,
 )
@@ -310,16 +312,19 @@ async def test_odd_tool_schemas_do_not_break_the_demo(
     )
 
 
-async def test_refused_requests_get_usage_rows(gateway: TestClient[Any, Any], key: str) -> None:
-    await gateway.post(
-        CHAT,
-        json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
-        headers=auth(key),
-    )
+async def test_refused_requests_are_counted_not_written_a_row_each(
+    gateway: TestClient[Any, Any], key: str
+) -> None:
+    for _ in range(3):
+        await gateway.post(
+            CHAT,
+            json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            headers=auth(key),
+        )
     await gateway.post(CHAT, data=b"{", headers=auth(key))
-    rows = await usage_rows(gateway)
-    assert [(r["status"], r["model"]) for r in rows] == [(404, None), (400, None)]
-    assert all(r["key_id"] for r in rows)
+    assert await usage_rows(gateway) == []
+    key_id = app_of(gateway)[KEYS_KEY].lookup(key).id  # type: ignore[union-attr]
+    assert await refusal_counts(gateway) == {(key_id, 404): 3, (key_id, 400): 1}
 
 
 async def test_shutdown_ends_open_streams_with_an_error_event(

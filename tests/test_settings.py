@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_settings
+from gateway.prices import PriceBook, Usage
 from gateway.settings import ConfigError
 
 GOOD = """
@@ -66,7 +67,8 @@ def test_file_with_env_secrets(tmp_path: Path) -> None:
     assert settings.providers[0].api_keys == ("sk-real", "literal-key")
     model = settings.model("gpt")
     assert model is not None and model.max_tokens == 256
-    assert model.cost_usd(1_000_000, 1_000_000) == pytest.approx(0.75)
+    price = PriceBook(settings).price(model, settings.providers[0], "gpt-4o-mini")
+    assert price is not None and price.cost(Usage(1_000_000, 1_000_000)) == pytest.approx(0.75)
 
 
 def test_gateway_config_env_var_and_cwd_file(

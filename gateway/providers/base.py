@@ -46,6 +46,10 @@ class ChatCall:
         chunks: stream chunks with content seen so far (a completion-token estimate when the
             upstream never reports usage, e.g. because the client hung up).
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
+        output_cap: the output limit admission reserved for a request that sets none (keys
+            with a budget or tokens per minute); providers send it upstream as its limit.
+        cache_write_tokens: prompt tokens the upstream wrote to its cache (Anthropic), which
+            OpenAI's usage has no field for.
     """
 
     request: ChatCompletionRequest
@@ -57,6 +61,8 @@ class ChatCall:
     usage: Usage | None = None
     chunks: int = 0
     first_byte_at: float | None = None
+    output_cap: int | None = None
+    cache_write_tokens: int = 0
     started_at: float = field(default_factory=time.monotonic)
     _raw: dict[str, msgspec.Raw] | None = None
 
@@ -71,8 +77,9 @@ class ChatCall:
 
     @property
     def max_tokens(self) -> int | None:
-        """The client's output limit, else the model's configured default."""
-        return self.request.token_limit or self.model.max_tokens
+        """The client's output limit, else the model's configured default, else the one
+        admission reserved."""
+        return self.request.token_limit or self.model.max_tokens or self.output_cap
 
 
 @dataclass(slots=True, frozen=True)

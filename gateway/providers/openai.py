@@ -1,7 +1,8 @@
 """OpenAI and every OpenAI-compatible server (vLLM, Ollama, OpenRouter, DeepSeek...): pass-through.
 
 The client's body is forwarded field for field (unknown fields included) with three edits:
-`model` becomes the upstream name, the model's default `max_tokens` fills a missing limit,
+`model` becomes the upstream name, the model's default `max_tokens` (or the limit admission
+reserved) fills a missing limit,
 and streams always ask for `include_usage` so usage can be accounted; that extra usage chunk
 is dropped again when the client did not ask for it. Upstream bytes go back untouched.
 
@@ -69,9 +70,9 @@ class OpenAIProvider:
             # Reasoning models reject max_tokens; max_completion_tokens means the same there.
             limit = fields.pop("max_tokens")
             fields.setdefault("max_completion_tokens", limit)
-        if call.request.token_limit is None and call.model.max_tokens is not None:
+        if call.request.token_limit is None and call.max_tokens is not None:
             key = "max_completion_tokens" if call.model.reasoning else "max_tokens"
-            fields[key] = msgspec.Raw(encode(call.model.max_tokens))
+            fields[key] = msgspec.Raw(encode(call.max_tokens))
         if stream:
             fields["stream"] = _TRUE
             if not call.request.wants_usage:

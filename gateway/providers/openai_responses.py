@@ -153,8 +153,8 @@ class ResponsesRelay:
     def _body(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> bytes:
         fields = dict(body)
         fields["model"] = msgspec.Raw(encode(call.upstream_model))
-        if not present(fields.get("max_output_tokens")) and call.model.max_tokens is not None:
-            fields["max_output_tokens"] = msgspec.Raw(encode(call.model.max_tokens))
+        if not present(fields.get("max_output_tokens")) and call.max_tokens is not None:
+            fields["max_output_tokens"] = msgspec.Raw(encode(call.max_tokens))
         return encode(fields)
 
     async def create(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:

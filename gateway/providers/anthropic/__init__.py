@@ -42,6 +42,7 @@ class AnthropicProvider:
         data = await self._http.post(self._url, body, call)
         resp = self._http.decode(RESPONSE_DECODER, data)
         out, call.usage = from_anthropic(resp, json_tool)
+        call.cache_write_tokens = resp.usage.cache_creation_input_tokens or 0
         return ChatReply(body=out, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:

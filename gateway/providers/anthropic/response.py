@@ -173,6 +173,7 @@ class AnthropicStream:
         if kind == "message_stop":
             self.done = True
             usage = self.call.usage = openai_usage(self.usage)
+            self.call.cache_write_tokens = self.usage.cache_creation_input_tokens or 0
             out = [] if self.finished else [writer.finish("stop")]
             return [*out, writer.usage(usage)] if writer.include_usage else out
         return []  # ping, and event types added after this was written
