@@ -19,7 +19,7 @@ import msgspec
 
 from gateway import __version__, cli_output as out
 from gateway.config import load_settings
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.logs import configure_logging
 from gateway.records import (
     EDITABLE_FIELDS,
@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return 2
-    except (NotFound, InvalidRequest) as exc:
+    except (NotFound, InvalidRequest, StoreBusy) as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
-        return 1 if isinstance(exc, NotFound) else 2
+        return 2 if isinstance(exc, InvalidRequest) else 1
     except (sqlite3.Error, StoreError) as exc:
         print(f"gateway: database error: {exc}", file=sys.stderr)
         return 1

@@ -74,6 +74,8 @@ class GatewayError(Exception):
     # Sent as `x-should-retry`, which the OpenAI and Anthropic SDKs obey over their own rules
     # (e.g. they retry every 429 unless told not to).
     should_retry: bool | None = None
+    # The answer closes the connection: the request's body was not (wholly) read.
+    closes: bool = False
 
     def __init__(
         self,
@@ -105,6 +107,7 @@ class InvalidRequest(GatewayError):
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+    closes = True
 
 
 class RequestTimeout(InvalidRequest):
@@ -112,6 +115,7 @@ class RequestTimeout(InvalidRequest):
 
     status = 408
     code = "request_timeout"
+    closes = True
 
 
 class AuthenticationFailed(GatewayError):

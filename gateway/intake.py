@@ -54,9 +54,9 @@ async def read_body(request: web.Request) -> bytes:
             or "ncod" in type(cause).__name__
             else "it is not valid HTTP framing"
         )
-        raise InvalidRequest(
-            f"The request body could not be read: {what}.", code="malformed_body"
-        ) from None
+        error = InvalidRequest(f"The request body could not be read: {what}.", code="malformed_body")
+        error.closes = True
+        raise error from None
 
 
 @web.middleware

@@ -171,7 +171,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as exc:
         response = error_response(exc)
-        if exc.status in (408, 413):
+        if exc.closes:
             response.force_close()  # the rest of the body is not read: the connection is spent
         return response
     except web.HTTPException as exc:

@@ -159,6 +159,11 @@ class Limiter:
             state.tokens.refill(self._clock())
             state.tokens.level = min(state.tokens.capacity, state.tokens.level + held - used)
 
+    def in_flight(self, key: KeyRecord) -> int:
+        """Requests of the key that entered and have not left."""
+        state = self._keys.get(key.id)
+        return state.active if state is not None else 0
+
     def leave(self, key: KeyRecord) -> None:
         """An entered request ended: its concurrency slot is free."""
         state = self._keys.get(key.id)

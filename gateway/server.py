@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout
 from gateway.middleware import SERVER_NAME, error_response, mint_request_id
@@ -39,6 +40,7 @@ _PROBLEMS: tuple[tuple[type[BaseException], str], ...] = (
     (http_exceptions.InvalidHeader, "a header is not valid"),
     (http_exceptions.TransferEncodingError, "the chunked body is not valid"),
     (http_exceptions.ContentLengthError, "the body does not match its Content-Length"),
+    (http_exceptions.ContentEncodingError, "its Content-Encoding is not supported"),
     (http_exceptions.BadHttpMessage, "the request is not valid HTTP"),
 )
 
@@ -109,10 +111,25 @@ class GatewayProtocol(web_protocol.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
+        serving = self._current_request
         super().data_received(data)
         if self._request_count != before:  # a request head is complete (or refused)
             self._awaiting_head = False
             self._disarm()
+            if serving is not None and not serving.content.is_eof():
+                self._fail_body(serving)
+        elif self._awaiting_head and data and self._head_timer is None:
+            self._arm()  # the first bytes of a later request on a kept-alive connection
+
+    def _fail_body(self, request: web.BaseRequest) -> None:
+        """A parser error in the body of the request being served (a bad chunk): aiohttp
+        queues it as the next request and leaves the body waiting for more; the handler's
+        read fails instead (a 400), and nothing more is read from this connection."""
+        info, _ = self._messages[-1]
+        if isinstance(info, web_protocol._ErrInfo):
+            self._messages.pop()
+            request.content.set_exception(RequestPayloadError("malformed body"), info.exc)
+            self._close = True
         elif self._awaiting_head and data and self._head_timer is None:
             self._arm()  # the first bytes of a later request on a kept-alive connection
 
@@ -143,6 +160,19 @@ class GatewayProtocol(web_protocol.RequestHandler):
         self._close = True
         waiter.set_result(None)
 
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's own error logs, by their kind only: their texts quote request bytes."""
+        exc = kwargs.get("exc_info")
+        self._log(
+            "http_protocol_error",
+            error=type(exc).__name__ if isinstance(exc, BaseException) else None,
+        )
+
+    def _log(self, event: str, **fields: Any) -> None:
+        if self._throttle.allow():
+            suppressed, self._throttle.suppressed = self._throttle.suppressed, 0
+            log.warning(event, suppressed=suppressed, **fields)
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -167,16 +197,13 @@ class GatewayProtocol(web_protocol.RequestHandler):
         else:  # a handler failed past the error middleware (it should not)
             error = GatewayError("The gateway failed to process the request.", status=status)
         request_id = mint_request_id()
-        if self._throttle.allow():
-            suppressed, self._throttle.suppressed = self._throttle.suppressed, 0
-            # The kind of error only: its text quotes the raw request bytes.
-            log.warning(
-                "bad_http_request",
-                request_id=request_id,
-                status=error.status,
-                error=type(exc).__name__ if exc is not None else None,
-                suppressed=suppressed,
-            )
+        # The kind of error only: its text quotes the raw request bytes.
+        self._log(
+            "bad_http_request",
+            request_id=request_id,
+            status=error.status,
+            error=type(exc).__name__ if exc is not None else None,
+        )
         if request.writer.output_size > 0:
             raise ConnectionError("Response is sent already, cannot send an error response")
         resp = error_response(error)

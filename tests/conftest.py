@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from collections import Counter
@@ -184,3 +185,41 @@ def sse_events(body: bytes) -> list[Any]:
             break
         events.append(msgspec.json.decode(payload))
     return events
+
+
+class RawReply(msgspec.Struct):
+    """One HTTP response read off a raw socket."""
+
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+    def json(self) -> Any:
+        return msgspec.json.decode(self.body)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> RawReply:
+    """Read one response (its head, then Content-Length bytes of body) from `reader`."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return RawReply(status=int(status_line.split()[1]), headers=headers, body=body)
+
+
+async def raw_request(client: TestClient[Any, Any], *parts: bytes) -> RawReply:
+    """Send `parts` over a new socket to the gateway (bytes no HTTP client would send) and
+    read the one response."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        async with asyncio.timeout(NEVER_HANG):
+            return await read_reply(reader)
+    finally:
+        writer.close()
