@@ -54,7 +54,9 @@ async def read_body(request: web.Request) -> bytes:
             or "ncod" in type(cause).__name__
             else "it is not valid HTTP framing"
         )
-        error = InvalidRequest(f"The request body could not be read: {what}.", code="malformed_body")
+        error = InvalidRequest(
+            f"The request body could not be read: {what}.", code="malformed_body"
+        )
         error.closes = True
         raise error from None
 

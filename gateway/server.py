@@ -130,8 +130,6 @@ class GatewayProtocol(web_protocol.RequestHandler):
             self._messages.pop()
             request.content.set_exception(RequestPayloadError("malformed body"), info.exc)
             self._close = True
-        elif self._awaiting_head and data and self._head_timer is None:
-            self._arm()  # the first bytes of a later request on a kept-alive connection
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None

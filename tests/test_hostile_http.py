@@ -75,18 +75,34 @@ async def test_malformed_requests_are_json_400s_that_quote_nothing(
     assert logs[0]["status"] == 400 and logs[0]["request_id"] == reply.headers["x-request-id"]
 
 
+def entered(client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch, count: int) -> Any:
+    """An event set once `count` requests have entered the gate: from there on, each is
+    reading its body (the next thing it does)."""
+    limiter = app_of(client)[GATE_KEY].limiter
+    enter = limiter.enter
+    event = asyncio.Event()
+    seen = [0]
+
+    def counting(key: Any) -> None:
+        enter(key)
+        seen[0] += 1
+        if seen[0] >= count:
+            event.set()
+
+    monkeypatch.setattr(limiter, "enter", counting)
+    return event
+
+
 async def test_a_bad_chunk_inside_a_body_being_read_is_a_400(
-    gateway: TestClient[Any, Any],
+    gateway: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = await create_key(gateway, max_concurrency=5)
-    record = app_of(gateway)[KEYS_KEY].lookup(key)
-    assert record is not None
+    reading = entered(gateway, monkeypatch, 1)
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     with structlog.testing.capture_logs() as logs:
-        writer.write(head(key, "Transfer-Encoding: chunked") + b"5\r\n{\"mod\r\n")
-        async with asyncio.timeout(NEVER_HANG):  # admitted: the handler reads the body now
-            while app_of(gateway)[GATE_KEY].limiter.in_flight(record) < 1:
-                await asyncio.sleep(0.001)
+        writer.write(head(key, "Transfer-Encoding: chunked") + b'5\r\n{"mod\r\n')
+        async with asyncio.timeout(NEVER_HANG):
+            await reading.wait()
             writer.write(b"zz" + key.encode() + b"\r\n")
             reply = await read_reply(reader)
     writer.close()
@@ -186,12 +202,13 @@ async def test_content_length_over_the_limit_is_413_before_any_byte_is_read(
 
 
 async def test_concurrency_is_checked_before_the_body_is_read(
-    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A key limited to 2 requests in flight: 2 stalled uploads hold its slots; 48 more are
     refused on their heads alone, so nothing of their bodies is ever buffered."""
     gw = await start_gateway(aiohttp_client, make_settings(client_body_timeout=NEVER_HANG))
     secret = await create_key(gw, max_concurrency=2)
+    reading = entered(gw, monkeypatch, 2)
     upload = head(secret, "Content-Length: 1000000")
     stalled = []
     for _ in range(2):
@@ -199,11 +216,10 @@ async def test_concurrency_is_checked_before_the_body_is_read(
         writer.write(upload + b'{"model": "demo", "messages": [')
         await writer.drain()
         stalled.append((reader, writer))
+    async with asyncio.timeout(NEVER_HANG):
+        await reading.wait()  # both are inside, reading their bodies
     record = app_of(gw)[KEYS_KEY].lookup(secret)
     assert record is not None
-    async with asyncio.timeout(NEVER_HANG):  # both are inside, reading their bodies
-        while app_of(gw)[GATE_KEY].limiter.in_flight(record) < 2:
-            await asyncio.sleep(0.001)
     replies = await asyncio.gather(*(raw_request(gw, upload) for _ in range(48)))
     for reply in replies:
         error = assert_openai_error(reply, 429, "rate_limit_exceeded")
@@ -245,9 +261,7 @@ async def test_405_names_the_allowed_methods(gateway: TestClient[Any, Any], key:
         assert resp.status in (401, 405)
 
 
-async def test_the_server_header_names_no_versions(
-    gateway: TestClient[Any, Any], key: str
-) -> None:
+async def test_the_server_header_names_no_versions(gateway: TestClient[Any, Any], key: str) -> None:
     auth = {"Authorization": f"Bearer {key}"}
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     async with gateway.post(CHAT, json=body, headers=auth) as resp:
