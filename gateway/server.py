@@ -73,7 +73,7 @@ def _problem(exc: BaseException | None) -> str:
     return "the request is not valid HTTP"
 
 
-class _HeaderTimeout(Exception):
+class HeaderTimeout(Exception):
     pass
 
 
@@ -153,7 +153,7 @@ class GatewayProtocol(web_protocol.RequestHandler):
             return  # a request is being served: its body has its own timeout
         # Queue an error in place of the request that never came: the connection's own
         # loop answers it (with handle_error below) and closes, reading nothing more.
-        info = web_protocol._ErrInfo(status=408, exc=_HeaderTimeout(), message="")
+        info = web_protocol._ErrInfo(status=408, exc=HeaderTimeout(), message="")
         self._messages.append((info, EMPTY_PAYLOAD))
         self._close = True
         waiter.set_result(None)
