@@ -91,7 +91,7 @@ async def hostile_run(port: int, key: str) -> None:
     assert await send(port, f"G\x01T /{key} HTTP/1.1\r\n\r\n".encode()) == 400
     assert await send(
         port, f"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: {key}".encode()
-    ) in (0, 408)  # noqa: E501
+    ) in (0, 408)
     assert await send(port, (head + "Content-Length: 100\r\n\r\n" + PROMPT).encode()) == 408
 
 
