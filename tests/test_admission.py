@@ -135,18 +135,13 @@ class Billing:
         self.seen.append(body)
         self.arrived.set()
         await self.release.wait()
-        prompt, completion = self.bill(body, raw)
+        prompt, output = self.bill(body, raw)
         usage = {
             "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
         }
-        message = {"role": "assistant", "content": "ok", "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "length"}
-        return web.json_response(
-            {"id": "c", "object": "chat.completion", "created": 1, "model": body["model"],
-             "choices": [choice], "usage": usage}
-        )  # fmt: skip
+        return web.json_response(completion(usage, body["model"]))
 
 
 @pytest.fixture

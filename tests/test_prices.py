@@ -37,6 +37,7 @@ from tests.conftest import (
     usage_rows,
 )
 from tests.fake_anthropic import FakeAnthropic
+from tests.fakes import completion
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
@@ -139,23 +140,7 @@ async def billing_upstream(aiohttp_server: AiohttpServer, usage: dict[str, Any])
 
     async def handler(request: web.Request) -> web.Response:
         body = await request.json()
-        return web.json_response(
-            {
-                "id": "c",
-                "object": "chat.completion",
-                "created": 1,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "ok", "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": usage,
-            }
-        )
+        return web.json_response(completion(usage, body["model"]))
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)

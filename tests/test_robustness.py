@@ -26,6 +26,7 @@ from tests.conftest import (
     start_gateway,
     usage_rows,
 )
+from tests.fakes import completion
 
 CHAT = "/v1/chat/completions"
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,24 +41,6 @@ def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
-def completion(usage: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": "x",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "m",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "ok", "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": usage,
-    }
 
 
 class Raw:
