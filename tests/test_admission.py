@@ -22,6 +22,7 @@ from gateway.schemas.chat import ChatCompletionRequest
 from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.tokens import prompt_size
 from tests.conftest import NEVER_HANG, MakeSettings, create_key, start_gateway, usage_rows
+from tests.fakes import completion
 
 CHAT = "/v1/chat/completions"
 
