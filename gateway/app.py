@@ -2,18 +2,19 @@
 
 The factory does no I/O, so tests build apps from their own settings and several apps can run
 side by side. Cleanup contexts open in this order and close in reverse: store → usage writer
-and refusal counter → prices → key cache → providers (one HTTP session per upstream).
+and refusal counter → prices → key cache → the config requests run on (providers, one HTTP
+session per upstream, and the router: `gateway.snapshot`) → with `reload`, the SIGHUP handler
+that re-reads it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from weakref import WeakSet
 
-import aiohttp
 from aiohttp import web
 
 from gateway.admission import Gate
@@ -22,19 +23,20 @@ from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
 from gateway.middleware import error_middleware, request_context, server_header
 from gateway.prices import PriceBook, load_database, start_price_updates
-from gateway.providers import Provider, build_provider
 from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
-from gateway.router import Router
+from gateway.reload import reload_ctx
 from gateway.routes import setup_routes
-from gateway.settings import ConfigError, Settings, UpstreamConfig
+from gateway.settings import ConfigError, Settings
+from gateway.snapshot import LiveConfig, Reloader, build_snapshot
 from gateway.state import (
     GATE_KEY,
     INFLIGHT_KEY,
     KEYS_KEY,
+    LIVE_KEY,
     PRICES_KEY,
     REFUSALS_KEY,
-    ROUTER_KEY,
+    RELOADER_KEY,
     SETTINGS_KEY,
     SHUTTING_DOWN_KEY,
     STORE_KEY,
@@ -46,8 +48,6 @@ from gateway.usage import UsageRecorder
 
 __all__ = ["create_app"]
 
-# Large enough for a big tool-call or image event on one SSE line.
-_READ_BUFSIZE = 2**20
 # The server's one database connection serves every query in turn: a statement must not wait
 # long for another process's lock (usage writes are retried, admin writes answered 503).
 _BUSY_TIMEOUT = 0.25
@@ -79,7 +79,7 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     if not settings.prices.database:
-        app[PRICES_KEY] = PriceBook(settings)
+        app[PRICES_KEY] = PriceBook()
         yield
         return
     lookup, version, provider_ids = await asyncio.to_thread(load_database)
@@ -94,7 +94,7 @@ async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
             f"providers.{name}.pricing: {pricing!r} is not a provider of the price database"
             " (use one of its ids, 'free' or 'none')"
         )
-    app[PRICES_KEY] = PriceBook(settings, lookup, version)
+    app[PRICES_KEY] = PriceBook(lookup, version)
     if not settings.prices.update:
         yield
         return
@@ -126,24 +126,10 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def _session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=cfg.max_connections, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, read_bufsize=_READ_BUFSIZE)
-
-
-async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS_KEY]
-    sessions: list[aiohttp.ClientSession] = []
-    providers: dict[str, Provider] = {}
-    for cfg in settings.providers:
-        session = _session(cfg) if isinstance(cfg, UpstreamConfig) else None
-        if session is not None:
-            sessions.append(session)
-        providers[cfg.name] = build_provider(cfg, session)
-    app[ROUTER_KEY] = Router(settings, providers)
+async def _config_ctx(app: web.Application) -> AsyncIterator[None]:
+    live = app[LIVE_KEY] = LiveConfig(build_snapshot(app[SETTINGS_KEY]))
     yield
-    for session in sessions:
-        await session.close()
+    await live.close()
 
 
 async def _wind_down(app: web.Application) -> None:
@@ -153,7 +139,7 @@ async def _wind_down(app: web.Application) -> None:
     app[SHUTTING_DOWN_KEY].set()
     tasks: set[asyncio.Task[Any]] = app[INFLIGHT_KEY]
     inflight = list(tasks)
-    grace = app[SETTINGS_KEY].server.shutdown_grace_seconds
+    grace = app[LIVE_KEY].current.settings.server.shutdown_grace_seconds
     if inflight and grace > 0:
         await asyncio.wait(inflight, timeout=grace)
     open_streams: WeakSet[asyncio.Task[Any]] = app[STREAMS_KEY]
@@ -162,8 +148,15 @@ async def _wind_down(app: web.Application) -> None:
             task.cancel()
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the gateway application for `settings`. No I/O happens until it starts."""
+def create_app(
+    settings: Settings, *, reload: Callable[[], Settings] | None = None
+) -> web.Application:
+    """Build the gateway application for `settings`. No I/O happens until it starts.
+
+    Args:
+        reload: how to re-read the config (blocking: it reads the file; raises ConfigError);
+            with it, SIGHUP reloads the config while the app runs (`gateway.reload`).
+    """
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[request_context, error_middleware, auth_middleware, intake_middleware],
@@ -174,6 +167,9 @@ def create_app(settings: Settings) -> web.Application:
     app[INFLIGHT_KEY] = set()
     app.on_shutdown.append(_wind_down)
     app.on_response_prepare.append(server_header)
-    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _router_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx])
+    if reload is not None:
+        app[RELOADER_KEY] = Reloader(reload)
+        app.cleanup_ctx.append(reload_ctx)
     setup_routes(app)
     return app

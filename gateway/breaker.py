@@ -1,22 +1,43 @@
-"""Circuit breakers for upstream accounts: take a failing account out of rotation for a while.
+"""Circuit breakers for upstream accounts: take a failing account out of rotation for a while,
+without ever taking down what they protect.
 
-An account (one API key of one provider) that fails `threshold` times within `window` seconds,
-or answers 429 with a `retry-after`, is *open* (cooling down) until its cooling period ends.
-Then it is *half-open*: one request may probe it; success closes the breaker, failure opens it
-again. An account whose credentials the upstream refused is *disabled* until the config
-changes (a restart), since retrying cannot fix a wrong key. All state is memory only.
+An account (one API key of one provider) is out of rotation for one of three reasons:
+
+- *failures*: `threshold` failed requests within `window` seconds (all retries of one request
+  count once) take it out for `cooldown` seconds;
+- *the upstream asked*: a 429 (or 5xx) with `retry-after` takes it out for that long (capped);
+- *refused credentials* (401/403) disable it for `auth_cooldown` seconds.
+
+When its time is up it is *half-open*: one request probes it, and the probe's outcome closes
+or reopens it. Being out for failures is only a preference: when every route of a model is
+out, the route closest to recovery is still tried (Envoy's panic mode), since the failures
+may be over, so a model's only account is never refused for them. What the upstream asked for,
+and refused credentials, are honoured: with nothing else left, the client gets the upstream's
+status with the real remaining wait, or a non-retryable error saying what the operator must
+fix (`refusal()`). All state is memory only; a config reload keeps the breakers of accounts it
+did not change (`adopt()`).
 """
 
 from __future__ import annotations
 
+import enum
+import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
 
-__all__ = ["Account", "BreakerBoard"]
+from gateway.errors import (
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from gateway.settings import RoutingSettings
+
+__all__ = ["Account", "BreakerBoard", "Claim"]
 
 log = structlog.get_logger(__name__)
 
@@ -24,32 +45,68 @@ Account = tuple[str, int]  # (provider name, index of the API key in its config)
 Clock = Callable[[], float]
 
 
+class Claim(enum.Enum):
+    """What an attempt on an account is, which decides what its outcome may change."""
+
+    ORDINARY = 0  # the breaker is closed
+    PROBE = 1  # the one probe of a half-open breaker
+    PANIC = 2  # an account out of rotation, tried because no route is left
+
+
+class _Cause(enum.Enum):
+    FAILURES = "failures"
+    RATE_LIMITED = "rate_limited"  # an upstream 429 with retry-after
+    UNAVAILABLE = "unavailable"  # an upstream 5xx with retry-after
+    CREDENTIALS = "credentials"
+
+
 @dataclass(slots=True)
 class _Breaker:
     failures: deque[float] = field(default_factory=deque)
-    open_until: float = 0.0
-    probing: bool = False  # half-open, and a probe request is on its way
-    disabled: bool = False
+    open_until: float = 0.0  # 0: closed
+    cause: _Cause = _Cause.FAILURES
+    probing: bool = False  # half-open, and the probe is on its way
 
 
 class BreakerBoard:
-    """The breaker of every upstream account."""
+    """The breaker of every account of a config.
+
+    Args:
+        routing: thresholds and cooldowns.
+        accounts: every account, with what identifies it across config reloads (its
+            provider's type and address and its key): `adopt()` matches on it.
+    """
 
     def __init__(
         self,
+        routing: RoutingSettings,
+        accounts: Mapping[Account, object] | None = None,
         *,
-        threshold: int,
-        window: float,
-        cooldown: float,
-        max_pause: float = 300.0,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.threshold = threshold
-        self.window = window
-        self.cooldown = cooldown
-        self.max_pause = max_pause  # the longest an upstream's retry-after benches an account
+        self.threshold = routing.failure_threshold
+        self.window = routing.failure_window
+        self.cooldown = routing.cooldown
+        self.max_pause = routing.max_cooldown  # the longest an upstream's retry-after benches
+        self.auth_cooldown = routing.auth_cooldown
         self.clock = clock
-        self._breakers: dict[Account, _Breaker] = {}
+        self._identity = dict(accounts or {})
+        self._breakers: dict[Account, _Breaker] = {a: _Breaker() for a in self._identity}
+
+    def adopt(self, previous: BreakerBoard) -> None:
+        """Take over the breakers (and clock) of `previous` for every account whose identity
+        is unchanged, so a config reload does not forget what it has not changed. A breaker
+        object is then shared: late outcomes of requests on the old config still count."""
+        by_identity = {
+            identity: previous._breakers[account]
+            for account, identity in previous._identity.items()
+            if account in previous._breakers
+        }
+        for account, identity in self._identity.items():
+            kept = by_identity.get(identity)
+            if kept is not None:
+                self._breakers[account] = kept
+        self.clock = previous.clock
 
     def _get(self, account: Account) -> _Breaker:
         breaker = self._breakers.get(account)
@@ -58,86 +115,175 @@ class BreakerBoard:
         return breaker
 
     def usable(self, account: Account) -> bool:
-        """Whether the account may be tried now (closed, or half-open with no probe out)."""
+        """Whether the account is in rotation now (closed, or half-open with no probe out)."""
         breaker = self._breakers.get(account)
-        if breaker is None:
-            return True
-        if breaker.disabled:
-            return False
-        if breaker.open_until == 0.0:
+        if breaker is None or breaker.open_until == 0.0:
             return True
         return self.clock() >= breaker.open_until and not breaker.probing
 
-    def attempt(self, account: Account) -> bool | None:
-        """Claim an attempt: None if the account must not be tried now, else whether this
-        attempt is the half-open probe (only the probe's outcome may end the probe)."""
+    def may_panic(self, account: Account) -> bool:
+        """Whether the account may be tried when no route is in rotation: anything but an
+        account the upstream benched (retry-after) or refused, while that time lasts."""
+        breaker = self._breakers.get(account)
+        if breaker is None or breaker.cause is _Cause.FAILURES:
+            return True
+        return self.clock() >= breaker.open_until
+
+    def recovery(self, account: Account) -> float:
+        """When the account is due back in rotation (0: it is)."""
+        breaker = self._breakers.get(account)
+        return 0.0 if breaker is None else breaker.open_until
+
+    def attempt(self, account: Account) -> Claim | None:
+        """Claim an attempt in rotation: None if the account is out of it now."""
         if not self.usable(account):
             return None
         breaker = self._breakers.get(account)
         if breaker is not None and breaker.open_until:
             breaker.probing = True
-            return True
-        return False
+            return Claim.PROBE
+        return Claim.ORDINARY
 
-    def release(self, account: Account, probe: bool) -> None:
+    def panic(self, accounts: Iterable[Account]) -> Account | None:
+        """With no account in rotation: the one closest to recovery that may still be tried."""
+        found = [a for a in accounts if self.may_panic(a)]
+        return min(found, key=self.recovery) if found else None
+
+    def release(self, account: Account, claim: Claim) -> None:
         """An attempt ended without a verdict on the account (cancelled, or the request's own
         fault): a probe slot opens again."""
         breaker = self._breakers.get(account)
-        if breaker is not None and probe:
+        if breaker is not None and claim is Claim.PROBE:
             breaker.probing = False
 
-    def succeeded(self, account: Account, probe: bool = False) -> None:
+    def succeeded(self, account: Account, claim: Claim = Claim.ORDINARY) -> None:
         breaker = self._breakers.get(account)
-        if breaker is None or breaker.disabled or (breaker.probing and not probe):
-            return  # a late answer of an older attempt says nothing about the probe's account
+        if breaker is None:
+            return
+        if claim is Claim.ORDINARY and breaker.open_until:
+            return  # a late answer of an older attempt says nothing about the account now
         if breaker.open_until:
             log.info("upstream_account_recovered", provider=account[0], account=account[1])
         breaker.failures.clear()
         breaker.open_until = 0.0
+        breaker.cause = _Cause.FAILURES
         breaker.probing = False
 
     def failed(
-        self, account: Account, retry_after: float | None = None, probe: bool = False
+        self,
+        account: Account,
+        retry_after: float | None = None,
+        claim: Claim = Claim.ORDINARY,
+        *,
+        counted: bool = True,
+        rate_limited: bool = True,
     ) -> None:
-        """Count a failure; open the breaker after too many, or for the upstream's retry-after."""
+        """Record a failure: out of rotation after too many, or for the upstream's retry-after.
+
+        Args:
+            counted: False for a further failure of an account within the same request: a
+                request's retries are one failure.
+            rate_limited: the failure was a 429 (else a 5xx), for what a refusal reports.
+        """
         now = self.clock()
         breaker = self._get(account)
-        breaker.failures.append(now)
+        if counted:
+            breaker.failures.append(now)
         while breaker.failures and breaker.failures[0] <= now - self.window:
             breaker.failures.popleft()
-        pause = None
+        decisive = claim is not Claim.ORDINARY
+        if claim is Claim.PROBE:
+            breaker.probing = False
+        if breaker.probing:
+            return  # a probe is out: only its outcome decides
         if retry_after is not None and retry_after > 0:
             pause = min(retry_after, self.max_pause)
-        elif probe or len(breaker.failures) >= self.threshold:
-            pause = self.cooldown
-        if probe:
-            breaker.probing = False
-        if pause is not None and (not breaker.probing or probe):
-            breaker.open_until = max(breaker.open_until, now + pause)
-            log.warning(
-                "upstream_account_cooling_down",
-                provider=account[0],
-                account=account[1],
-                seconds=round(pause, 3),
-            )
+            cause = _Cause.RATE_LIMITED if rate_limited else _Cause.UNAVAILABLE
+        elif decisive or len(breaker.failures) >= self.threshold:
+            pause, cause = self.cooldown, _Cause.FAILURES
+        else:
+            return
+        if now + pause <= breaker.open_until and not decisive:
+            return  # already out for longer
+        breaker.open_until = now + pause
+        breaker.cause = cause
+        log.warning(
+            "upstream_account_cooling_down",
+            provider=account[0],
+            account=account[1],
+            seconds=round(pause, 3),
+            reason=cause.value,
+        )
 
     def disable(self, account: Account) -> None:
-        """Take the account out until a restart: the upstream refused its credentials."""
+        """Take the account out for `auth_cooldown`: the upstream refused its credentials."""
         breaker = self._get(account)
-        if not breaker.disabled:
-            breaker.disabled = True
-            log.error(
-                "upstream_account_disabled",
-                provider=account[0],
-                account=account[1],
-                reason="the upstream refused this API key; fix the config and restart",
+        breaker.open_until = self.clock() + self.auth_cooldown
+        breaker.cause = _Cause.CREDENTIALS
+        breaker.probing = False
+        log.error(
+            "upstream_account_disabled",
+            provider=account[0],
+            account=account[1],
+            retry_in_seconds=self.auth_cooldown,
+            reason="the upstream refused this API key; fix it in the config and reload",
+        )
+
+    def remaining(self, account: Account) -> float:
+        """Seconds until the account is due back in rotation (0: it is)."""
+        breaker = self._breakers.get(account)
+        return 0.0 if breaker is None else max(0.0, breaker.open_until - self.clock())
+
+    def refusal(self, accounts: Iterable[Account], model_id: str | None) -> UpstreamError:
+        """Why none of `accounts` may be tried now: the shortest wait an upstream asked for
+        (its 429 or 503, with the real remaining `retry-after`), else refused credentials."""
+        benched: list[tuple[float, Account, _Cause]] = []
+        for account in accounts:
+            breaker = self._breakers.get(account)
+            if breaker is not None and breaker.open_until > self.clock():
+                benched.append((self.remaining(account), account, breaker.cause))
+        waits = [b for b in benched if b[2] is not _Cause.CREDENTIALS]
+        if waits:
+            wait, account, cause = min(waits)
+            if cause is _Cause.RATE_LIMITED:
+                return UpstreamRateLimited(
+                    f"The upstream provider '{account[0]}' is rate limiting requests for the "
+                    f"model '{model_id}'; retry in {_seconds(wait)}.",
+                    retry_after=wait,
+                )
+            return UpstreamUnavailable(
+                f"The upstream provider '{account[0]}' asked for a pause for the model "
+                f"'{model_id}'; retry in {_seconds(wait)}.",
+                retry_after=wait,
             )
+        if benched:
+            wait, account, _ = min(benched)
+            return credentials_refused(account, wait)
+        return UpstreamUnavailable(f"No upstream account for the model '{model_id}' is available.")
 
     def state(self, account: Account) -> str:
         """`closed`, `open`, `half-open` or `disabled` (for tests and operators)."""
         breaker = self._breakers.get(account)
-        if breaker is None or (breaker.open_until == 0.0 and not breaker.disabled):
+        if breaker is None or breaker.open_until == 0.0:
             return "closed"
-        if breaker.disabled:
-            return "disabled"
-        return "open" if self.clock() < breaker.open_until else "half-open"
+        if self.clock() >= breaker.open_until:
+            return "half-open"
+        return "disabled" if breaker.cause is _Cause.CREDENTIALS else "open"
+
+
+def credentials_refused(account: Account, retry_in: float) -> UpstreamAuthError:
+    """The non-retryable error of an account whose credentials the upstream refused, saying
+    what the operator must fix (never which key, only where it is in the config)."""
+    provider, index = account
+    return UpstreamAuthError(
+        f"The upstream provider '{provider}' refused the gateway's credentials (API key "
+        f"#{index + 1} of that provider). This is a gateway configuration problem, not a "
+        f"problem with your request: the operator must fix providers '{provider}' "
+        f"api_keys[{index}] in the config and reload it. The gateway tries that key again "
+        f"in {_seconds(retry_in)}."
+    )
+
+
+def _seconds(wait: float) -> str:
+    whole = max(1, math.ceil(wait))
+    return f"{whole} second" if whole == 1 else f"{whole} seconds"

@@ -1,4 +1,4 @@
-"""The `gateway` command: serve the API, manage virtual keys, report usage.
+"""The `gateway` command: serve the API, reload its config, manage virtual keys, report usage.
 
 Key and usage commands open the database as a second connection; a running server notices
 their writes through `PRAGMA data_version` within seconds, with no restart. Only
@@ -21,6 +21,7 @@ from gateway import __version__, cli_output as out
 from gateway.config import load_settings
 from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.logs import configure_logging
+from gateway.pidfile import NoServer, keep_pid_file, signal_reload
 from gateway.records import (
     EDITABLE_FIELDS,
     KEY_FIELDS,
@@ -115,6 +116,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the HTTP server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=_port)
+    sub.add_parser(
+        "reload", parents=[common], help="make the running server re-read its config (SIGHUP)"
+    )
 
     keys = sub.add_parser("keys", help="manage virtual API keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -227,17 +231,23 @@ async def _usage(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    # Imported here so key and usage commands need not load the HTTP and provider stack.
-    from gateway.app import create_app
-    from gateway.server import serve
-
+def _settings(args: argparse.Namespace) -> Settings:
+    """The config `serve` runs on (and re-reads on SIGHUP): the file, then the options."""
     settings = load_settings(args.config, os.environ)
     given = {"host": args.host, "port": args.port, "database": args.db}
     server = msgspec.structs.replace(
         settings.server, **{k: v for k, v in given.items() if v is not None}
     )
-    settings = msgspec.structs.replace(settings, server=server)
+    return msgspec.structs.replace(settings, server=server)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here so key and usage commands need not load the HTTP and provider stack.
+    from gateway.app import create_app
+    from gateway.server import serve
+
+    settings = _settings(args)
+    server = settings.server
     configure_logging(server.log_level)
     host = f"[{server.host}]" if ":" in server.host else server.host
 
@@ -245,14 +255,27 @@ def _serve(args: argparse.Namespace) -> int:
         # Called once the port is bound, so the line never precedes a bind error.
         print(f"Token Kiosk listening on http://{host}:{server.port}", file=sys.stderr, flush=True)
 
+    app = create_app(settings, reload=lambda: _settings(args))
+    keep_pid_file(app, server.database)  # for `gateway reload`
     try:
-        serve(create_app(settings), server.host, server.port, announce)
+        serve(app, server.host, server.port, announce)
     except OSError as exc:  # address in use, unknown host, no permission
         print(f"gateway: cannot listen on {host}:{server.port}: {exc}", file=sys.stderr)
         return 1
     except (sqlite3.Error, StoreError) as exc:
         print(f"gateway: database error ({server.database}): {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _reload(database: str) -> int:
+    try:
+        pid = signal_reload(database)
+    except NoServer as exc:
+        print(f"gateway: reload: {exc}", file=sys.stderr)
+        return 1
+    print(f"Sent SIGHUP to the gateway (pid {pid}); its log says config_reloaded, or")
+    print("config_reload_failed with the error (the running config then stays).")
     return 0
 
 
@@ -274,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         if path is None or args.config is not None:
             args.settings = load_settings(args.config, os.environ)
             path = path or args.settings.server.database
+        if args.command == "reload":
+            return _reload(path)
         return asyncio.run(_run_with_store(path, args.run, args))
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ into responses, so status codes and error types live here and nowhere else::
         ├── UpstreamTimeout           504 upstream_error (retryable)
         ├── UpstreamConnectionError   502 upstream_error (retryable: refused, reset, DNS)
         ├── UpstreamBadResponse       502 upstream_error (retryable: a redirect, too large)
-        └── UpstreamAuthError         502 upstream_error (our upstream credentials were refused)
+        └── UpstreamAuthError         502 upstream_error (our credentials refused; not retryable)
 """
 
 from __future__ import annotations
@@ -206,7 +206,9 @@ class UpstreamBadResponse(UpstreamError):
 
 
 class UpstreamAuthError(UpstreamError):
-    """Our credentials for the upstream were refused: a gateway fault, never the client's 401."""
+    """Our credentials for the upstream were refused: a gateway fault, never the client's 401,
+    and one that retrying cannot fix until the operator does."""
 
     status = 502
     code = "upstream_auth_failed"
+    should_retry = False

@@ -2,9 +2,11 @@
 
 An attempt that fails for a reason another account or target may not share (connection
 refused or reset, timeouts, 429, 5xx, Anthropic's 529) moves on to the next route, after a
-capped exponential backoff with jitter; the failed account's breaker counts the failure (a 429
-with `retry-after` cools it down for that long, which is how the upstream's wish is honoured:
-the next try goes elsewhere). An upstream that refuses our credentials disables that account.
+capped exponential backoff with jitter; the failed account's breaker counts the failure, once
+however often this request failed there (a 429 with `retry-after` cools it down for that long,
+which is how the upstream's wish is honoured: the next try goes elsewhere). An upstream that
+refuses our credentials disables that account for a while. With every route out of rotation,
+the one closest to recovery is still tried, once (`gateway.breaker`).
 A 4xx caused by the request itself is answered at once. A per-request deadline bounds it all.
 Nothing here runs once a byte of the answer went to the client: streams never retry.
 
@@ -24,20 +26,19 @@ from typing import TypeVar
 from aiohttp import web
 
 from gateway.admission import Ticket
-from gateway.breaker import BreakerBoard
+from gateway.breaker import Account, BreakerBoard, Claim, credentials_refused
 from gateway.errors import (
     UpstreamAuthError,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamTimeout,
-    UpstreamUnavailable,
 )
 from gateway.providers import ChatCall, Provider
 from gateway.router import Route
 from gateway.settings import RoutingSettings
 from gateway.trace import CLIENT_CLOSED, RequestTrace
 
-__all__ = ["Exchange", "attempt_each", "backoff", "no_route"]
+__all__ = ["Exchange", "attempt_each", "backoff"]
 
 T = TypeVar("T")
 
@@ -97,16 +98,24 @@ def _record(ex: Exchange, route: Route, started: float, status: int) -> None:
     )
 
 
-def _next_route(ex: Exchange, tried: int, breakers: BreakerBoard) -> tuple[Route, bool] | None:
-    """The next route to try and whether it is a half-open probe; routes are cycled, so a
-    model with one account still gets its retries. None when no route may be tried now."""
+def _next_route(
+    ex: Exchange, tried: int, breakers: BreakerBoard, failed: set[Account]
+) -> tuple[Route, Claim] | None:
+    """The next route to try and what the attempt is; routes are cycled, so a model with one
+    account still gets its retries. With no route in rotation, the one closest to recovery
+    (panic) that has not failed this request already (a dead upstream is not hammered with
+    retries); None when nothing is left, or the upstreams asked for a pause or refused every
+    account."""
     routes = ex.routes
     for offset in range(len(routes)):
         route = routes[(tried + offset) % len(routes)]
-        probe = breakers.attempt(route.account)
-        if probe is not None:
-            return route, probe
-    return None
+        claim = breakers.attempt(route.account)
+        if claim is not None:
+            return route, claim
+    account = breakers.panic(r.account for r in routes if r.account not in failed)
+    if account is None:
+        return None
+    return next(r for r in routes if r.account == account), Claim.PANIC
 
 
 async def attempt_each(
@@ -120,21 +129,23 @@ async def attempt_each(
 
     Args:
         attempt: one try of the request on a route.
-        breakers: the accounts' breakers, asked before and told after every attempt.
+        breakers: the accounts' breakers, asked before and told after every attempt; all
+            failures of one account within this request count as one.
         routing: how many attempts, the backoff between them, and the deadline.
 
     Raises:
         UpstreamError: a non-retryable failure at once; else, when every try failed or the
-            deadline passed, a 429 if every failure was a rate limit, otherwise the last one.
+            deadline passed, a 429 if every failure was a rate limit, otherwise the last one;
+            with no try at all, why no account may be tried (`BreakerBoard.refusal`).
     """
     loop = asyncio.get_running_loop()
     if ex.deadline is None:  # one deadline per request, however many rounds of attempts
         ex.deadline = loop.time() + routing.deadline
     deadline = ex.deadline
-    failures: list[UpstreamError] = []
+    failures: list[tuple[UpstreamError, Account | None]] = []
     while len(failures) < routing.max_attempts:
         if loop.time() >= deadline:  # an earlier round of attempts used the time up
-            failures.append(_past_deadline(routing))
+            failures.append((_past_deadline(routing), None))
             break
         if failures:  # back off before a retry, if the deadline leaves time for one
             delay = backoff(len(failures), routing)
@@ -142,10 +153,11 @@ async def attempt_each(
                 break
             await asyncio.sleep(delay)
         # Claimed only now, right before the attempt, so no exit can leave a probe claimed.
-        claim = _next_route(ex, len(failures), breakers)
-        if claim is None:
+        found = _next_route(ex, len(failures), breakers, {a for _, a in failures if a})
+        if found is None:
             break
-        route, probe = claim
+        route, claim = found
+        account = route.account
         _use(ex, route)
         started = time.perf_counter()
         # The provider's own timeouts bound an attempt; only when the deadline comes sooner
@@ -162,30 +174,38 @@ async def attempt_each(
             if scope is None or not scope.expired():
                 raise  # not ours: providers turn their own timeouts into UpstreamTimeout
             _record(ex, route, started, 504)
-            breakers.release(route.account, probe)  # the time ran out, not the account
-            failures.append(_past_deadline(routing))
+            breakers.release(account, claim)  # the time ran out, not the account
+            failures.append((_past_deadline(routing), None))
             break
         except UpstreamError as exc:
             _record(ex, route, started, exc.status)
-            failures.append(exc)
             if isinstance(exc, UpstreamAuthError):
-                breakers.disable(route.account)  # our key: another account may still work
+                # Our key: another account may still work; this one waits for the operator.
+                breakers.disable(account)
+                exc = credentials_refused(account, breakers.remaining(account))
             elif exc.retryable:
-                breakers.failed(route.account, exc.retry_after, probe)
+                breakers.failed(
+                    account,
+                    exc.retry_after,
+                    claim,
+                    counted=all(a != account for _, a in failures),
+                    rate_limited=isinstance(exc, UpstreamRateLimited),
+                )
             else:
                 # The request's own fault: the upstream answered, which is all a probe asks.
-                if probe:
-                    breakers.succeeded(route.account, probe)
+                if claim is not Claim.ORDINARY:
+                    breakers.succeeded(account, claim)
                 raise
+            failures.append((exc, account))
             continue
         except BaseException:
             _record(ex, route, started, CLIENT_CLOSED)
-            breakers.release(route.account, probe)  # cancelled (client gone): no verdict
+            breakers.release(account, claim)  # cancelled (client gone): no verdict
             raise
-        breakers.succeeded(route.account, probe)
+        breakers.succeeded(account, claim)
         _record(ex, route, started, 200)
         return result
-    raise _final(ex, failures)
+    raise _final(ex, failures, breakers)
 
 
 def _past_deadline(routing: RoutingSettings) -> UpstreamTimeout:
@@ -194,21 +214,23 @@ def _past_deadline(routing: RoutingSettings) -> UpstreamTimeout:
     )
 
 
-def no_route(model_id: str | None) -> UpstreamUnavailable:
-    """Every account of the model is cooling down or disabled."""
-    return UpstreamUnavailable(
-        f"No upstream account for the model '{model_id}' is available right now "
-        "(all are cooling down after failures); retry later.",
-        retry_after=5.0,
-    )
-
-
-def _final(ex: Exchange, failures: list[UpstreamError]) -> UpstreamError:
+def _final(
+    ex: Exchange, failures: list[tuple[UpstreamError, Account | None]], breakers: BreakerBoard
+) -> UpstreamError:
     if not failures:
-        return no_route(ex.trace.model_id)
-    if all(isinstance(f, UpstreamRateLimited) for f in failures):
-        waits = [f.retry_after for f in failures if f.retry_after is not None]
-        last = failures[-1]
-        last.retry_after = min(waits) if waits else None
-        return last
-    return failures[-1]
+        return breakers.refusal([r.account for r in ex.routes], ex.trace.model_id)
+    last = failures[-1][0]
+    if all(isinstance(f, UpstreamRateLimited) for f, _ in failures):
+        waits = [_wait(f, a, breakers) for f, a in failures]
+        known = [w for w in waits if w is not None]
+        last.retry_after = min(known) if known else None
+    elif last.retry_after is not None:
+        last.retry_after = _wait(last, failures[-1][1], breakers)
+    return last
+
+
+def _wait(exc: UpstreamError, account: Account | None, breakers: BreakerBoard) -> float | None:
+    """What is left of the wait an upstream asked for: the account's remaining pause."""
+    if exc.retry_after is None or account is None:
+        return exc.retry_after
+    return breakers.remaining(account) or exc.retry_after

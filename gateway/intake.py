@@ -19,7 +19,7 @@ from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
-from gateway.state import GATE_KEY, PRINCIPAL_KEY, SETTINGS_KEY, TICKET_KEY
+from gateway.state import GATE_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY, TICKET_KEY
 from gateway.trace import TRACE_KEY
 
 __all__ = ["intake_middleware", "read_body"]
@@ -35,7 +35,7 @@ async def read_body(request: web.Request) -> bytes:
         PayloadTooLarge: it is larger than `max_body_bytes`.
         InvalidRequest: the parser could not read it (bad chunking or content encoding).
     """
-    timeout = request.app[SETTINGS_KEY].server.client_body_timeout
+    timeout = request[SNAPSHOT_KEY].settings.server.client_body_timeout
     try:
         async with asyncio.timeout(timeout):
             return await request.read()
@@ -63,7 +63,7 @@ async def read_body(request: web.Request) -> bytes:
 
 @web.middleware
 async def intake_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    limit = request.app[SETTINGS_KEY].server.max_body_bytes
+    limit = request[SNAPSHOT_KEY].settings.server.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"Request body is too large (at most {limit} bytes).")

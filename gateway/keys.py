@@ -80,8 +80,13 @@ class KeyCache:
         self._version: int | None = None
         self.loads = 0  # completed (re)loads, observable by tests and metrics
         self._loaded = asyncio.Event()
+        self._loading = asyncio.Lock()
 
     async def load(self) -> None:
+        async with self._loading:  # one at a time: a poll's load must not undo a regroup's
+            await self._load()
+
+    async def _load(self) -> None:
         version = await self._store.data_version()
         self._changed_meanwhile = {}  # admin changes that land while this load awaits
         keys = [with_group(k, self._groups) for k in await self._store.list_keys()]
@@ -96,6 +101,18 @@ class KeyCache:
         self._version = version  # only now: a failed load is tried again at the next poll
         self.loads += 1
         self._loaded.set()
+
+    async def regroup(self, groups: Iterable[GroupConfig]) -> None:
+        """Apply a reloaded config's groups: every key is merged with them again. On failure
+        (the database), the cache keeps its groups and keys."""
+        async with self._loading:
+            previous = self._groups
+            self._groups = {g.name: g for g in groups}
+            try:
+                await self._load()
+            except BaseException:
+                self._groups = previous
+                raise
 
     async def wait_reload(self, after: int) -> None:
         """Wait until the cache has been (re)loaded more than `after` times."""

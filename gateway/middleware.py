@@ -21,7 +21,7 @@ from aiohttp import web
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.records import UsageRecord
 from gateway.schemas.codec import encode
-from gateway.state import INFLIGHT_KEY, REFUSALS_KEY, USAGE_KEY
+from gateway.state import INFLIGHT_KEY, LIVE_KEY, REFUSALS_KEY, SNAPSHOT_KEY, USAGE_KEY
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
 
 __all__ = [
@@ -82,6 +82,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     inflight = request.app[INFLIGHT_KEY]
     if task is not None:
         inflight.add(task)
+    live = request.app[LIVE_KEY]
+    # The config this request runs on, held until it (or its stream) ends: a reload meanwhile
+    # changes nothing for it.
+    snapshot = request[SNAPSHOT_KEY] = live.enter()
     try:
         response = await handler(request)
         status = response.status
@@ -95,6 +99,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         if task is not None:
             inflight.discard(task)
+        live.leave(snapshot)
         _finish(request, trace, trace.status or status)
 
 

@@ -24,12 +24,12 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.failover import Exchange, attempt_each, no_route
+from gateway.failover import Exchange, attempt_each
 from gateway.media import Estimate, image_tokens
 from gateway.prices import PriceBook, Usage
 from gateway.providers import ChatCall, ChatReply
 from gateway.records import model_allowed
-from gateway.router import Route, Router
+from gateway.router import Route
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
 from gateway.schemas.common import (
@@ -38,14 +38,7 @@ from gateway.schemas.common import (
     Usage as OpenAIUsage,
 )
 from gateway.settings import ProviderConfig
-from gateway.state import (
-    GATE_KEY,
-    PRICES_KEY,
-    PRINCIPAL_KEY,
-    ROUTER_KEY,
-    SETTINGS_KEY,
-    TICKET_KEY,
-)
+from gateway.state import GATE_KEY, PRICES_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY, TICKET_KEY
 from gateway.tokens import estimate_prompt_tokens, prompt_size
 from gateway.trace import TRACE_KEY, RequestTrace
 
@@ -80,6 +73,7 @@ def begin(
         PermissionDenied: the key may not use the model, or it has a USD budget and the
             model has no known price.
         RateLimited, QuotaExceeded: the request does not fit the key's limits or budget.
+        UpstreamError: no account of the model may be tried now (`Router.routes`).
     """
     trace = request[TRACE_KEY]
     trace.metered = True  # refusals are counted too
@@ -89,7 +83,7 @@ def begin(
         raise InvalidRequest(
             f"The model id is longer than {MAX_MODEL_ID} characters.", param="model"
         )
-    router: Router = request.app[ROUTER_KEY]
+    router = request[SNAPSHOT_KEY].router
     principal = request[PRINCIPAL_KEY]
     model = router.resolve(model_id)
     if not model_allowed(principal.key.models, model_id, router.providers_of(model)):
@@ -103,8 +97,6 @@ def begin(
             param="stream_options",
         )
     routes = router.routes(model)
-    if not routes:
-        raise no_route(model_id)
     route = routes[0]
     trace.model_id = model_id
     trace.provider = route.provider.config.name
@@ -191,15 +183,15 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
 
 
 async def try_routes(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -> T:
-    """`failover.attempt_each` over the request's routes, with the app's breakers and routing
-    settings.
+    """`failover.attempt_each` over the request's routes, with the breakers and routing
+    settings of the config the request runs on.
 
     Raises:
         UpstreamError: as `attempt_each` does.
     """
-    app = ex.request.app
+    router = ex.request[SNAPSHOT_KEY].router
     return await attempt_each(
-        ex, attempt, breakers=app[ROUTER_KEY].breakers, routing=app[SETTINGS_KEY].routing
+        ex, attempt, breakers=router.breakers, routing=router.settings.routing
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from gateway.settings import ModelConfig, PriceSettings, ProviderConfig, Settings
+from gateway.settings import ModelConfig, PriceSettings, ProviderConfig
 
 __all__ = [
     "FREE",
@@ -205,11 +205,14 @@ def start_price_updates(settings: PriceSettings) -> Any:
 
 
 class PriceBook:
-    """Every model's price, from its config or the database, looked up once per model."""
+    """Every model's price, from its config or the database, looked up once per model.
+
+    Config prices come with the model config a request resolved to (so a reloaded config's
+    prices apply at once); the database's are cached here.
+    """
 
     def __init__(
         self,
-        settings: Settings,
         lookup: Lookup | None = None,
         version: Callable[[], object] = lambda: None,
         *,
@@ -218,7 +221,6 @@ class PriceBook:
         self._lookup = lookup
         self._version = version
         self._clock = clock
-        self._configured = {m.name: _config_price(m) for m in settings.models}
         self._found: dict[tuple[str, str], Price | None] = {}
         self._seen_version: object = version()
         self._expires = clock() + _DAY
@@ -231,7 +233,7 @@ class PriceBook:
 
     def price(self, model: ModelConfig, provider: ProviderConfig, upstream: str) -> Price | None:
         """The price of `model` served by `provider` as `upstream`, or None if unknown."""
-        configured = self._configured.get(model.name)
+        configured = _config_price(model)
         if configured is not None:
             return configured
         source = self.pricing_id(provider)

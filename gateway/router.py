@@ -4,8 +4,9 @@ A model id is a configured `[[models]]` name, or `<provider>/<upstream model>` f
 configured provider. A model has targets with priorities and weights, and a provider may hold
 several API keys (accounts). `routes()` lists what a request may try, in order: the best
 priority first, its targets in a weighted random order, each target's accounts in turn (a
-round-robin cursor spreads load), then the lower priorities as fallbacks. Accounts whose
-breaker is open (cooling down or disabled) are left out.
+round-robin cursor spreads load), then the lower priorities as fallbacks. Accounts out of
+rotation (their breaker is open) come last, closest to recovery first: they are tried only when
+no other route is left (see `gateway.breaker`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from gateway.breaker import Account, BreakerBoard
 from gateway.errors import NotFound
 from gateway.providers import Provider
-from gateway.settings import ModelConfig, RoutingSettings, Settings, Target
+from gateway.settings import ModelConfig, Settings, Target
 
 __all__ = ["Route", "Router"]
 
@@ -42,7 +43,7 @@ class Router:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._settings = settings
+        self.settings = settings
         self._providers = dict(providers)
         self._models = {m.name: m for m in settings.models}
         self._cursor: dict[str, int] = dict.fromkeys(providers, 0)
@@ -55,18 +56,11 @@ class Router:
                 key = provider.config.api_keys[0] if provider.config.api_keys else None
                 account = (provider.config.name, 0)
                 self._single[m.name] = Route(m, provider, m.targets[0].model, key, account)
-        routing: RoutingSettings = settings.routing
-        self.breakers = BreakerBoard(
-            threshold=routing.failure_threshold,
-            window=routing.failure_window,
-            cooldown=routing.cooldown,
-            max_pause=routing.max_cooldown,
-            clock=clock,
-        )
+        self.breakers = BreakerBoard(settings.routing, _accounts(self._providers), clock=clock)
 
     @property
     def models(self) -> tuple[ModelConfig, ...]:
-        return self._settings.models
+        return self.settings.models
 
     def resolve(self, model_id: str) -> ModelConfig:
         """The model config for a client's model id.
@@ -89,7 +83,7 @@ class Router:
         return ModelConfig(
             name=model_id,
             targets=(Target(provider=prefix, model=upstream),),
-            reasoning=self._settings.is_reasoning(provider.config, upstream),
+            reasoning=self.settings.is_reasoning(provider.config, upstream),
         )
 
     @staticmethod
@@ -114,18 +108,45 @@ class Router:
         return [(keys[(start + i) % len(keys)], (start + i) % len(keys)) for i in range(len(keys))]
 
     def routes(self, model: ModelConfig) -> list[Route]:
-        """Every target and account the request may try, best first; none that cools down."""
+        """Every target and account the request may try, best first; those out of rotation
+        last, closest to recovery first.
+
+        Raises:
+            UpstreamError: no account may be tried now: each is benched for the retry-after
+                its upstream asked for, or its credentials were refused
+                (`BreakerBoard.refusal`).
+        """
+        breakers = self.breakers
         single = self._single.get(model.name)
         if single is not None and self._models.get(model.name) is model:
             # The common case, one target on one account, without building anything.
-            return [single] if self.breakers.usable(single.account) else []
-        routes: list[Route] = []
+            if breakers.usable(single.account) or breakers.may_panic(single.account):
+                return [single]
+            raise breakers.refusal([single.account], model.name)
+        ready: list[Route] = []
+        waiting: list[Route] = []
         for priority in sorted({t.priority for t in model.targets}):
             tier = [t for t in model.targets if t.priority == priority]
             for target in self._weighted_order(tier):
                 provider = self._providers[target.provider]
                 for key, index in self._accounts(provider):
                     account = (provider.config.name, index)
-                    if self.breakers.usable(account):
-                        routes.append(Route(model, provider, target.model, key, account))
-        return routes
+                    route = Route(model, provider, target.model, key, account)
+                    (ready if breakers.usable(account) else waiting).append(route)
+        if not ready and not any(breakers.may_panic(r.account) for r in waiting):
+            raise breakers.refusal([r.account for r in waiting], model.name)
+        waiting.sort(key=lambda r: breakers.recovery(r.account))
+        return ready + waiting
+
+
+def _accounts(providers: Mapping[str, Provider]) -> dict[Account, object]:
+    """Every account, with what identifies it across config reloads: its provider's name,
+    type and address, and its key (a breaker belongs to an upstream account, not to a slot
+    in the config)."""
+    accounts: dict[Account, object] = {}
+    for name, provider in providers.items():
+        cfg = provider.config
+        keys: tuple[str | None, ...] = cfg.api_keys or (None,)
+        for index, key in enumerate(keys):
+            accounts[(name, index)] = (name, cfg.type, cfg.base_url, key)
+    return accounts

@@ -91,6 +91,8 @@ class RoutingSettings(_Base, frozen=True):
     # ... for this long (or the upstream's retry-after, up to max_cooldown).
     cooldown: PositiveFloat = 30.0
     max_cooldown: PositiveFloat = 300.0
+    # An account whose credentials the upstream refused is out this long, then probed again.
+    auth_cooldown: PositiveFloat = 300.0
 
 
 class _Provider(_Base, frozen=True, kw_only=True, tag_field="type"):

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from gateway.keys import KeyCache, Principal
     from gateway.prices import PriceBook
     from gateway.refusals import RefusalCounter
-    from gateway.router import Router
     from gateway.settings import Settings
+    from gateway.snapshot import LiveConfig, Reloader, Snapshot
     from gateway.store import Store
     from gateway.usage import UsageRecorder
 
@@ -22,25 +22,32 @@ __all__ = [
     "GATE_KEY",
     "INFLIGHT_KEY",
     "KEYS_KEY",
+    "LIVE_KEY",
     "PRICES_KEY",
     "PRINCIPAL_KEY",
     "REFUSALS_KEY",
-    "ROUTER_KEY",
+    "RELOADER_KEY",
     "SETTINGS_KEY",
     "SHUTTING_DOWN_KEY",
+    "SNAPSHOT_KEY",
     "STORE_KEY",
     "STREAMS_KEY",
     "TICKET_KEY",
     "USAGE_KEY",
 ]
 
+# The settings the app started with (its cleanup contexts read them). What requests run on,
+# reloadable, is the current snapshot of LIVE_KEY, taken once per request as SNAPSHOT_KEY.
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
+LIVE_KEY: web.AppKey[LiveConfig] = web.AppKey("live_config")
+# How the config is re-read on SIGHUP (set by `gateway serve`; absent: no reload).
+RELOADER_KEY: web.AppKey[Reloader] = web.AppKey("reloader")
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
 USAGE_KEY: web.AppKey[UsageRecorder] = web.AppKey("usage")
 KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
 # Rate limits and budgets of every key (memory only on the request path).
 GATE_KEY: web.AppKey[Gate] = web.AppKey("gate")
-ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
+# Model prices from the price database (config prices come with each request's snapshot).
 PRICES_KEY: web.AppKey[PriceBook] = web.AppKey("prices")
 # Refused requests, counted per minute, key and status instead of a usage row each.
 REFUSALS_KEY: web.AppKey[RefusalCounter] = web.AppKey("refusals")
@@ -52,5 +59,6 @@ INFLIGHT_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("inflight")
 SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
+SNAPSHOT_KEY: web.RequestKey[Snapshot] = web.RequestKey("snapshot")
 # What an admitted request holds of its key's limits and budget (see gateway.intake).
 TICKET_KEY: web.RequestKey[Ticket] = web.RequestKey("ticket")

@@ -15,11 +15,12 @@ import msgspec
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
 from gateway.app import create_app
+from gateway.router import Router
 from gateway.server import GatewayRunner
 from gateway.settings import (
     DemoConfig,
@@ -30,7 +31,11 @@ from gateway.settings import (
     Settings,
     Target,
 )
-from gateway.state import KEYS_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import KEYS_KEY, LIVE_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
+from tests.fake_anthropic import FakeAnthropic
+from tests.fake_azure import FakeAzure
+from tests.fake_gemini import FakeGemini
+from tests.fakes import FakeOpenAI
 
 DEMO = DemoConfig(name="demo")
 # One upstream attempt per request, so a scripted upstream failure reaches the client as it is;
@@ -96,10 +101,40 @@ def provider_config(kind: str, **fields: Any) -> ProviderConfig:
     return msgspec.convert({"type": kind, **fields}, type=ProviderConfig)  # type: ignore[arg-type]
 
 
+FAKES: dict[str, Any] = {
+    "openai": FakeOpenAI,
+    "azure": FakeAzure,
+    "anthropic": FakeAnthropic,
+    "gemini": FakeGemini,
+}
+
+
+async def start_fakes(aiohttp_server: AiohttpServer, *kinds: str) -> dict[str, Any]:
+    """A started fake upstream of each provider type in `kinds`, by type."""
+    fakes = {kind: FAKES[kind]() for kind in kinds}
+    for fake in fakes.values():
+        await fake.start(aiohttp_server)
+    return fakes
+
+
+def fake_provider(kind: str, fake: Any, **fields: Any) -> ProviderConfig:
+    """A provider of type `kind` on `fake` (named `kind` unless `name` says otherwise)."""
+    fields.setdefault("name", kind)
+    fields.setdefault("api_keys", ["k"])
+    if kind == "azure":
+        fields.setdefault("api_version", "2024-10-21")
+    return provider_config(kind, base_url=fake.base_url, **fields)
+
+
 def app_of(client: TestClient[Any, Any]) -> web.Application:
     app = client.server.app
     assert app is not None
     return app
+
+
+def router_of(client: TestClient[Any, Any]) -> Router:
+    """The router new requests get (the current config's)."""
+    return app_of(client)[LIVE_KEY].current.router
 
 
 async def create_key(client: TestClient[Any, Any], **fields: Any) -> str:

@@ -4,6 +4,9 @@
     server = await fake.start(aiohttp_server)        # or: await aiohttp_server(fake.make_app())
     provider = OpenAIConfig(..., base_url=fake.base_url)
 
+Requests are checked where OpenAI is strict and clients meet it: a tool-call id over 40 characters
+(a Responses ``call_id`` over 64) gets OpenAI's 400 ``string_above_max_length``.
+
 By default ``POST /v1/chat/completions`` answers like OpenAI does: a ``chat.completion`` echoing the
 last user message ("echo: <text>"; in JSON mode a JSON object sampled from the schema), or a call
 to the first tool when ``tools`` are given and ``tool_choice`` is not ``"none"``; with
@@ -18,7 +21,8 @@ Knobs: status/error/headers (scripted HTTP errors), delay_headers, chunk_delay, 
 ``asyncio.Event`` the answer waits for; with hold_after=N, a stream waits after N chunks),
 drop_before_response, drop_after=N (abort mid-stream), error_after=N (`data: {"error": ...}`
 event), content (a long text without spaces streams as one huge SSE line), tool_call/arguments,
-finish_reason. Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
+finish_reason, match (a queued script only takes chat requests whose last user text contains
+it). Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
 ``fake.models``.
 
 ``POST /v1/responses`` gives the same answers in the Responses API's shapes: a ``response``
@@ -116,6 +120,7 @@ class Script:
     tool_call: bool | None = None  # None: call a tool iff tools given and tool_choice != "none"
     arguments: str | None = None  # tool call arguments (default: built from the tool's schema)
     finish_reason: str | None = None  # default "stop" / "tool_calls"
+    match: str | None = None  # queued: only for requests whose last user text contains it
 
 
 S = TypeVar("S")
@@ -149,8 +154,14 @@ class ScriptedFake(Generic[S]):
         self.default = self.script_type(**knobs)
         return self.default
 
-    def next_plan(self) -> S:
-        return self.queue.pop(0) if self.queue else self.default
+    def next_plan(self, text: str = "") -> S:
+        """The first queued script for a request whose last user text is `text` (a script
+        with a `match` only takes requests containing it), else the default."""
+        for i, plan in enumerate(self.queue):
+            match = getattr(plan, "match", None)
+            if match is None or match in text:
+                return self.queue.pop(i)
+        return self.default
 
     def make_app(self) -> web.Application:
         raise NotImplementedError
@@ -270,12 +281,15 @@ class FakeOpenAI(ScriptedFake[Script]):
         return web.json_response({"object": "list", "data": data}, headers=self._headers())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        plan = self.next_plan()
         body = request[RECORDED].json
         if not isinstance(body, dict):
             return web.json_response(
                 error_body(400, "We could not parse the JSON body."), status=400
             )
+        refused = _too_long_ids(body)
+        if refused is not None:
+            return web.json_response(refused, status=400)
+        plan = self.next_plan(_last_user(body.get("messages") or []))
         try:
             await self.pause(plan)
             if plan.drop_before_response:
@@ -299,6 +313,9 @@ class FakeOpenAI(ScriptedFake[Script]):
             return web.json_response(
                 error_body(400, "Missing required parameter: 'model'."), status=400
             )
+        refused = _too_long_ids(body)
+        if refused is not None:
+            return web.json_response(refused, status=400)
         try:
             await self.pause(plan)
             if plan.drop_before_response:
@@ -498,6 +515,34 @@ class FakeOpenAI(ScriptedFake[Script]):
 
         end = b"" if events else b"data: [DONE]\n\n"
         return await self.play(request, response, frames, plan, error, end)
+
+
+def _too_long(param: str, value: Any, limit: int) -> Json | None:
+    if not isinstance(value, str) or len(value) <= limit:
+        return None
+    return error_body(
+        400,
+        f"Invalid '{param}': string too long. Expected a string with maximum length "
+        f"{limit}, but got a string with length {len(value)} instead.",
+        code="string_above_max_length",
+        param=param,
+    )
+
+
+def _too_long_ids(body: Json) -> Json | None:
+    """OpenAI's 400 for a tool-call id over its limit: 40 characters in chat messages, 64 for
+    a Responses `call_id` (as real clients have met it, e.g. with ids minted by other APIs)."""
+    for i, msg in enumerate(body.get("messages") or []):
+        for j, call in enumerate(msg.get("tool_calls") or [] if isinstance(msg, dict) else []):
+            found = _too_long(f"messages[{i}].tool_calls[{j}].id", call.get("id"), 40)
+            if found is not None:
+                return found
+    items = body.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        found = _too_long(f"input[{i}].call_id", item.get("call_id"), 64)
+        if found is not None:
+            return found
+    return None
 
 
 def openai_usage(prompt: int, completion: int) -> Json:

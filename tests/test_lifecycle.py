@@ -170,3 +170,74 @@ async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys
         await runner.cleanup()
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT status FROM usage").fetchall() == [(200,)]
+
+
+async def _log_event(stream: asyncio.StreamReader, event: str) -> dict[str, Any]:
+    """The next JSON log line of `event` the server writes (other lines are skipped)."""
+    while True:
+        line = await stream.readline()
+        assert line, f"the server exited before logging {event}"
+        if line.startswith(b"{") and json.loads(line).get("event") == event:
+            return dict(json.loads(line))
+
+
+async def test_sighup_and_gateway_reload_re_read_the_config(tmp_path: Any, capsys: Any) -> None:
+    """`gateway serve` as a real process: `gateway reload` (which finds it by the pid file
+    next to its database) and `kill -HUP` make it re-read its config; a bad config is refused
+    and the running one stays; the pid file is gone once it stops."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    head = f'[server]\ndatabase = "{db}"\n\n'
+    config.write_text(head)
+    capsys.readouterr()
+    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    secret = json.loads(capsys.readouterr().out)["key"]
+    assert await asyncio.to_thread(cli.main, ["reload", "--db", str(db)]) == 1  # not running
+    assert "no running server" in capsys.readouterr().err
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/models"
+    headers = {"Authorization": f"Bearer {secret}"}
+
+    async def models(session: ClientSession) -> list[str]:
+        async with session.get(url, headers=headers) as resp:
+            return [m["id"] for m in (await resp.json())["data"]]
+
+    try:
+        async with asyncio.timeout(60), ClientSession() as session:
+            assert proc.stderr is not None and proc.stdout is not None
+            assert b"listening" in await proc.stderr.readline()
+            assert await models(session) == ["demo"]
+            assert (tmp_path / "keys.db.pid").read_text().strip() == str(proc.pid)
+
+            demo2 = '[[models]]\nname = "demo2"\ntargets = [{ provider = "demo", model = "x" }]\n'
+            config.write_text(head + demo2)
+            argv = ["reload", "--config", str(config)]
+            assert await asyncio.to_thread(cli.main, argv) == 0
+            assert f"pid {proc.pid}" in capsys.readouterr().out
+            assert (await _log_event(proc.stdout, "config_reloaded"))["models_added"] == ["demo2"]
+            assert await models(session) == ["demo2", "demo"]
+
+            config.write_text(head + demo2 + "[[models]]\nname = 1\n")
+            proc.send_signal(signal.SIGHUP)
+            failed = await _log_event(proc.stdout, "config_reload_failed")
+            assert "models[1].name" in failed["error"]
+            assert await models(session) == ["demo2", "demo"]  # the running config stays
+
+            config.write_text(head)
+            proc.send_signal(signal.SIGHUP)
+            assert (await _log_event(proc.stdout, "config_reloaded"))["models_removed"] == ["demo2"]
+            assert await models(session) == ["demo"]
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert not (tmp_path / "keys.db.pid").exists()

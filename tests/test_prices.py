@@ -69,7 +69,7 @@ def test_config_prices_win_over_the_database() -> None:
         cached_input_price_per_mtok=0.5,
     )
     settings = Settings(providers=(openai_up(),), models=(priced,))
-    book = PriceBook(settings, lookup)
+    book = PriceBook(lookup)
     price = book.price(priced, settings.providers[0], "gpt-4o-mini")
     assert price is not None and price.source == "config"
     assert price.base == Rates(input=3, output=4, cached_input=0.5, cache_write=3, reasoning=4)
@@ -84,7 +84,7 @@ def test_database_prices_are_looked_up_once_per_upstream_model_with_a_bound() ->
         return None
 
     settings = Settings(providers=(openai_up(),))
-    book = PriceBook(settings, lookup)
+    book = PriceBook(lookup)
     provider = settings.providers[0]
     for _ in range(3):
         model = ModelConfig(name="up/x", targets=(Target(provider="up", model="x"),))
@@ -112,7 +112,7 @@ def test_free_and_none_pricing() -> None:
     settings = Settings(
         providers=(openai_up("local", pricing="free"), openai_up("own", pricing="none"))
     )
-    book = PriceBook(settings, lambda p, m: pytest.fail("no lookup"))
+    book = PriceBook(lambda p, m: pytest.fail("no lookup"))
     model = ModelConfig(name="x", targets=(Target(provider="local", model="x"),))
     assert book.price(model, settings.providers[0], "x") is FREE
     assert book.price(model, settings.providers[1], "x") is None

@@ -18,13 +18,14 @@ from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
 from gateway.settings import ModelConfig, OpenAIConfig, RoutingSettings, Settings, Target
-from gateway.state import ROUTER_KEY, SHUTTING_DOWN_KEY
+from gateway.state import SHUTTING_DOWN_KEY
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
     app_of,
     create_key,
     openai_client,
+    router_of,
     sse_events,
     start_gateway,
     usage_rows,
@@ -52,7 +53,7 @@ class Rig:
 
     @property
     def breakers(self) -> Any:
-        return app_of(self.gw)[ROUTER_KEY].breakers
+        return router_of(self.gw).breakers
 
     def post(self, body: dict[str, Any] | None = None) -> Any:
         return self.gw.post(CHAT, json=body or HI, headers={"Authorization": f"Bearer {self.key}"})
@@ -102,7 +103,7 @@ async def make_rig(
     )
     gw = await start_gateway(aiohttp_client, base)
     clock = Clock()
-    app_of(gw)[ROUTER_KEY].breakers.clock = clock
+    router_of(gw).breakers.clock = clock
     return Rig(a, b, gw, await create_key(gw), clock)
 
 
@@ -214,6 +215,8 @@ async def test_repeated_failures_open_the_breaker_and_a_probe_closes_it(rig: Rig
 
 
 async def test_bad_credentials_disable_the_account_loudly(rig: Rig) -> None:
+    """Refused credentials take the account out for `auth_cooldown` (not until a restart, as
+    before #12): then one request probes it again."""
     rig.a.script(status=401)
     with capture_logs() as logs:
         async with rig.post() as resp:
@@ -221,11 +224,23 @@ async def test_bad_credentials_disable_the_account_loudly(rig: Rig) -> None:
     assert rig.breakers.state(("a", 0)) == "disabled"
     disabled = [e for e in logs if e["event"] == "upstream_account_disabled"]
     assert disabled and disabled[0]["log_level"] == "error"
-    rig.clock.now += 10_000
+    rig.clock.now += ROUTING.auth_cooldown - 1
     for _ in range(3):
         async with rig.post() as resp:
             assert resp.status == 200
-    assert rig.accounts().count("key-a0") == 1  # never again
+    assert rig.accounts().count("key-a0") == 1  # not within auth_cooldown
+    rig.clock.now += 1
+    rig.a.script(status=401)  # the probe: still refused, so out again
+    async with rig.post() as resp:
+        assert resp.status == 200
+    assert rig.accounts()[-2:] == ["key-a0", "key-a1"]
+    assert rig.breakers.state(("a", 0)) == "disabled"
+    rig.clock.now += ROUTING.auth_cooldown  # the operator fixed the key meanwhile
+    for _ in range(2):
+        async with rig.post() as resp:
+            assert resp.status == 200
+    assert rig.breakers.state(("a", 0)) == "closed"
+    assert "key-a0" in rig.accounts()[-2:]  # back in rotation
 
 
 async def test_a_hanging_upstream_times_out_and_fails_over(
@@ -280,13 +295,20 @@ async def test_a_started_stream_is_never_retried(rig: Rig) -> None:
     assert len(rig.a.chat_requests) == 1 and rig.b.chat_requests == []  # no duplicate answer
 
 
-async def test_no_usable_account_is_a_503(rig: Rig) -> None:
-    for account in (("a", 0), ("a", 1), ("b", 0)):
-        rig.breakers.failed(account, retry_after=60)
+async def test_every_account_benched_by_its_upstream_is_a_429_with_the_remaining_wait(
+    rig: Rig,
+) -> None:
+    """Was a 503 with a fixed `retry-after: 5` before #12: the client now gets the upstream's
+    429 with what is really left of the shortest pause."""
+    for account, seconds in ((("a", 0), 60), (("a", 1), 20), (("b", 0), 90)):
+        rig.breakers.failed(account, retry_after=seconds)
+    rig.clock.now += 12.5
     async with rig.post() as resp:
         error = await resp.json()
-    assert resp.status == 503 and "cooling down" in error["error"]["message"]
-    assert resp.headers["retry-after"] == "5"
+    assert resp.status == 429 and error["error"]["type"] == "rate_limit_exceeded"
+    assert (resp.headers["retry-after"], resp.headers["retry-after-ms"]) == ("8", "7500")
+    assert "retry in 8 seconds" in error["error"]["message"]
+    assert rig.a.chat_requests == [] and rig.b.chat_requests == []
 
 
 async def test_weights_spread_a_priority_tier(
@@ -311,7 +333,7 @@ async def test_weights_spread_a_priority_tier(
         ),
     )
     gw = await start_gateway(aiohttp_client, settings)
-    app_of(gw)[ROUTER_KEY].rng.seed(7)
+    router_of(gw).rng.seed(7)
     key = await create_key(gw)
     for _ in range(200):
         async with gw.post(CHAT, json=HI, headers={"Authorization": f"Bearer {key}"}) as resp:
@@ -345,8 +367,9 @@ async def test_shutdown_lets_a_stream_finish_within_the_grace_period(
     assert b"shutting down" not in rest
 
 
-async def test_routes_skip_cooling_accounts_unit() -> None:
-    """The router lists no route through an open breaker; the list follows priorities."""
+async def test_routes_put_cooling_accounts_last_unit() -> None:
+    """The router lists a route through an open breaker only after every other one (before
+    #12 it left it out); the list follows priorities."""
     from gateway.providers.openai import OpenAIProvider
     from gateway.router import Router
 
@@ -361,27 +384,28 @@ async def test_routes_skip_cooling_accounts_unit() -> None:
     router = Router(Settings(providers=tuple(p.config for p in providers.values())), providers)
     assert [r.account for r in router.routes(model)] == [("a", 0), ("a", 1), ("b", 0)]
     router.breakers.failed(("a", 1), retry_after=5)
-    assert [r.account for r in router.routes(model)] == [("a", 0), ("b", 0)]
+    assert [r.account for r in router.routes(model)] == [("a", 0), ("b", 0), ("a", 1)]
 
 
 def test_only_the_probe_decides_a_half_open_breaker() -> None:
-    from gateway.breaker import BreakerBoard
+    from gateway.breaker import BreakerBoard, Claim
 
     clock = Clock()
-    board = BreakerBoard(threshold=1, window=60, cooldown=10, clock=clock)
+    routing = RoutingSettings(failure_threshold=1, failure_window=60, cooldown=10)
+    board = BreakerBoard(routing, clock=clock)
     account = ("a", 0)
-    assert board.attempt(account) is False  # closed: an ordinary attempt
+    assert board.attempt(account) is Claim.ORDINARY  # closed
     board.failed(account)
     assert board.state(account) == "open" and board.attempt(account) is None
     clock.now += 10
-    assert board.attempt(account) is True  # the probe
+    assert board.attempt(account) is Claim.PROBE
     assert board.attempt(account) is None  # only one at a time
     board.succeeded(account)  # a late answer of an older, ordinary attempt ...
     board.failed(account)
     assert board.state(account) == "half-open"  # ... decides nothing
-    board.release(account, probe=True)  # the probe was cancelled: the slot is free again
-    assert board.attempt(account) is True
-    board.succeeded(account, probe=True)
+    board.release(account, Claim.PROBE)  # the probe was cancelled: the slot is free again
+    assert board.attempt(account) is Claim.PROBE
+    board.succeeded(account, Claim.PROBE)
     assert board.state(account) == "closed"
     board.failed(account, retry_after=10**6)
     assert board.state(account) == "open"

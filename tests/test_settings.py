@@ -67,7 +67,7 @@ def test_file_with_env_secrets(tmp_path: Path) -> None:
     assert settings.providers[0].api_keys == ("sk-real", "literal-key")
     model = settings.model("gpt")
     assert model is not None and model.max_tokens == 256
-    price = PriceBook(settings).price(model, settings.providers[0], "gpt-4o-mini")
+    price = PriceBook().price(model, settings.providers[0], "gpt-4o-mini")
     assert price is not None and price.cost(Usage(1_000_000, 1_000_000)) == pytest.approx(0.75)
 
 

@@ -19,7 +19,7 @@ from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from gateway.intake import read_body
 from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, VIEW_NAMES, KeyRecord, key_view
 from gateway.schemas.codec import decode_body, encode
-from gateway.state import GATE_KEY, KEYS_KEY, REFUSALS_KEY, SETTINGS_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import GATE_KEY, KEYS_KEY, REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_expires, parse_since
 
 __all__ = ["create_key", "get_key", "list_keys", "revoke_key", "update_key", "usage"]
@@ -68,7 +68,7 @@ KeyUpdate = _body("KeyUpdate", update=True)
 
 
 def _require_admin(request: web.Request) -> None:
-    admin_key = request.app[SETTINGS_KEY].server.admin_key
+    admin_key = request[SNAPSHOT_KEY].settings.server.admin_key
     if admin_key is None:
         raise NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -113,7 +113,7 @@ async def create_key(request: web.Request) -> web.Response:
     """`POST /admin/keys`: the new key, with its secret in `key` (the only time it is shown)."""
     _require_admin(request)
     fields = msgspec.structs.asdict(decode_body(await read_body(request), KeyCreate))
-    request.app[SETTINGS_KEY].require_group(fields["group_name"])
+    request[SNAPSHOT_KEY].settings.require_group(fields["group_name"])
     fields["expires_at"] = _expires(fields["expires_at"])
     record, secret = await request.app[STORE_KEY].create_key(**fields)
     view = await _publish(request, record)
@@ -139,7 +139,7 @@ async def update_key(request: web.Request) -> web.Response:
     body = msgspec.structs.asdict(decode_body(await read_body(request), KeyUpdate))
     changes = {f: value for f, value in body.items() if value is not UNSET}
     if "group_name" in changes:
-        request.app[SETTINGS_KEY].require_group(changes["group_name"])
+        request[SNAPSHOT_KEY].settings.require_group(changes["group_name"])
     if "expires_at" in changes:
         changes["expires_at"] = _expires(changes["expires_at"])
     if not changes:

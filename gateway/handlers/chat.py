@@ -15,7 +15,7 @@ from gateway import pipeline
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import decode_body
 from gateway.sse import relay
-from gateway.state import SETTINGS_KEY
+from gateway.state import SNAPSHOT_KEY
 from gateway.trace import TRACE_KEY
 
 __all__ = ["create_chat", "create_chat_completion"]
@@ -28,7 +28,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
 async def create_chat(request: web.Request) -> web.StreamResponse:
     """The simple chat API: like chat completions, but `model` falls back to the default."""
-    return await _chat(request, default_model=request.app[SETTINGS_KEY].server.default_model)
+    return await _chat(request, default_model=request[SNAPSHOT_KEY].settings.server.default_model)
 
 
 async def _chat(request: web.Request, default_model: str | None) -> web.StreamResponse:

@@ -7,9 +7,8 @@ from aiohttp import web
 
 from gateway.errors import GatewayError, NotFound
 from gateway.records import model_allowed
-from gateway.router import Router
 from gateway.schemas.codec import encode
-from gateway.state import PRINCIPAL_KEY, ROUTER_KEY
+from gateway.state import PRINCIPAL_KEY, SNAPSHOT_KEY
 
 __all__ = ["get_model", "list_models"]
 
@@ -34,7 +33,7 @@ def _json(obj: msgspec.Struct) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    router: Router = request.app[ROUTER_KEY]
+    router = request[SNAPSHOT_KEY].router
     patterns = request[PRINCIPAL_KEY].key.models
     data = [
         ModelObject(id=m.name, owned_by=m.targets[0].provider)
@@ -46,7 +45,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
-    router: Router = request.app[ROUTER_KEY]
+    router = request[SNAPSHOT_KEY].router
     missing = NotFound(
         f"The model '{model_id}' does not exist or you do not have access to it.", param="model"
     )

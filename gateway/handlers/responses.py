@@ -27,7 +27,13 @@ import msgspec
 from aiohttp import web
 
 from gateway import pipeline
-from gateway.errors import GatewayError, InvalidRequest, UpstreamAuthError, UpstreamError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    UpstreamAuthError,
+    UpstreamError,
+)
 from gateway.failover import Exchange
 from gateway.providers import Provider
 from gateway.providers.base import ResponsesPassThrough
@@ -45,7 +51,7 @@ from gateway.schemas.responses import ResponseCreateRequest
 from gateway.sse import relay
 from gateway.trace import TRACE_KEY
 
-__all__ = ["create_response"]
+__all__ = ["create_response", "stored_response"]
 
 Batches = AsyncGenerator[list[bytes], None]
 
@@ -83,6 +89,19 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         return await _translated(ex, req, translation)
     finally:
         pipeline.finish(ex)
+
+
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """`GET`/`DELETE /v1/responses/{id}` (and its `input_items`, `cancel`): 404, since the
+    gateway stores no responses (a clear answer instead of "unknown route")."""
+    response_id = request.match_info["response_id"]
+    raise NotFound(
+        f"Response with id '{response_id[:100]}' not found: this gateway does not store "
+        "responses, so they cannot be retrieved, cancelled or deleted. Send the earlier turns "
+        "in 'input' instead of 'previous_response_id'.",
+        param="response_id",
+        code="response_not_found",
+    )
 
 
 def _passes_through(provider: Provider) -> bool:

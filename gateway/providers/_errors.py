@@ -11,11 +11,9 @@ import email.utils
 import math
 import time
 from collections.abc import Mapping
-from typing import TypeVar
 
 import aiohttp
 import msgspec
-import structlog
 
 from gateway.errors import (
     UpstreamAuthError,
@@ -27,15 +25,10 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 
-T = TypeVar("T")
-
-log = structlog.get_logger(__name__)
-
 __all__ = [
     "MAX_RETRY_AFTER",
     "error_from_status",
     "parse_retry_after",
-    "read_usage",
     "retry_after_of",
     "stream_error",
     "upstream_detail",
@@ -182,26 +175,6 @@ def error_from_status(
             retry_after=retry_after,
         )
     return UpstreamError(f"The upstream provider '{provider}' answered HTTP {status}: {message}")
-
-
-def read_usage(provider: str, decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T | None:
-    """The usage view of a whole upstream answer (`what`: "completion", "response"...).
-
-    A usage object we cannot read must not cost the client a good answer: None then (the
-    usage row is estimated), with a warning.
-
-    Raises:
-        UpstreamError: the answer is not JSON at all.
-    """
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError:
-        log.warning("upstream_usage_unreadable", provider=provider)
-        return None
-    except msgspec.DecodeError:
-        raise UpstreamError(
-            f"The upstream provider '{provider}' returned a malformed {what}."
-        ) from None
 
 
 def upstream_failure(provider: str, exc: BaseException) -> UpstreamError:

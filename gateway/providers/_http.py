@@ -29,6 +29,7 @@ import aiohttp
 import msgspec
 
 from gateway.errors import UpstreamBadResponse, UpstreamError
+from gateway.providers._answers import answer_error
 from gateway.providers._errors import error_from_status, upstream_failure
 from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder
 from gateway.settings import UpstreamConfig
@@ -115,18 +116,17 @@ class UpstreamClient:
             self._by_account[attempt.api_key] = account
         return {**account, "x-request-id": attempt.request_id} if attempt.request_id else account
 
-    def decode(self, decoder: msgspec.json.Decoder[T], data: bytes) -> T:
-        """An upstream answer as `decoder`'s type.
+    def decode(self, decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
+        """An upstream answer (`what` the API promises) as `decoder`'s type.
 
         Raises:
-            UpstreamError: the answer is not what the upstream's API promises.
+            UpstreamError: it is not: the error it carries, or a bad response
+                (`_answers.answer_error`).
         """
         try:
             return decoder.decode(data)
         except (msgspec.MsgspecError, RecursionError):
-            raise UpstreamError(
-                f"The upstream provider '{self.config.name}' returned a malformed answer."
-            ) from None
+            raise answer_error(self.config.name, data, what) from None
 
     async def post(self, url: str, body: bytes, attempt: Attempt) -> bytes:
         """POST `body` and return the upstream's whole 2xx answer.

@@ -58,6 +58,7 @@ __all__ = [
     "refuse_unsupported",
     "stop_sequences",
     "tool_choice_without_tools",
+    "top_k",
     "translated_stream",
     "unsupported",
 ]
@@ -109,6 +110,14 @@ def file_data(part: FileContentPart, param: str, provider_type: str) -> str:
 
 def stop_sequences(req: ChatCompletionRequest) -> list[str]:
     return [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+
+
+def top_k(req: ChatCompletionRequest) -> int | None:
+    """The client's `top_k` if it limits anything (0 or less means no limit, as vLLM reads it)."""
+    value = req.top_k
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    return None
 
 
 def nonzero(value: float | UnsetType | None) -> float | None:

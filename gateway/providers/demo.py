@@ -1,9 +1,10 @@
 """The offline `demo` provider: deterministic answers, so a first run and the tests need no network.
 
 It answers "You said: <last user text>", honours `max_tokens` (finish_reason "length"),
-`stop`, `n`, JSON mode (an object built from the schema), and tools: when tools are offered
-and the last message is not a tool result, it calls the named or first tool with arguments
-sampled from the tool's JSON schema; after a tool result it reports what the tool returned.
+`stop`, `n`, JSON mode (a value that satisfies the schema, `demo_schema`), and tools: when
+tools are offered and the last message is not a tool result, it calls the named or first tool
+with arguments that satisfy the tool's JSON schema; after a tool result it reports what the
+tool returned.
 Tokens are counted as the words it emits (completion) and a chars/4 estimate (prompt).
 """
 
@@ -12,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import AsyncGenerator, Iterator
-from typing import Any
 
 import msgspec
 
 from gateway.providers.base import ChatCall, ChatReply
+from gateway.providers.demo_schema import sample
 from gateway.schemas.chat import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -50,28 +51,6 @@ class _Answer(msgspec.Struct):
     tool_call: ToolCall | None = None
 
 
-def _sample(schema: Any, text: str, depth: int = 0) -> Any:
-    """A deterministic value that satisfies the common parts of a JSON schema."""
-    if not isinstance(schema, dict) or depth > 16:
-        return text
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum:
-        return enum[0]
-    kind = schema.get("type", "object" if "properties" in schema else "string")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object":
-        props = schema.get("properties")
-        if not isinstance(props, dict):
-            return {}
-        return {str(name): _sample(sub, text, depth + 1) for name, sub in props.items()}
-    if kind == "array":
-        return [_sample(schema.get("items", {}), text, depth + 1)]
-    if not isinstance(kind, str):
-        return text
-    return {"integer": 1, "number": 1.0, "boolean": True, "null": None}.get(kind, text)
-
-
 def _pick_tool(req: ChatCompletionRequest) -> FunctionTool | None:
     tools = [t for t in req.tools or () if isinstance(t, FunctionTool)]
     if not tools or req.tool_choice == "none":
@@ -90,7 +69,7 @@ def _answer(req: ChatCompletionRequest, limit: int | None) -> _Answer:
     tool = _pick_tool(req)
     if tool is not None:
         params = msgspec.json.decode(tool.function.parameters) if tool.function.parameters else {}
-        args = encode(_sample(params, text)).decode()
+        args = encode(sample(params, text)).decode()
         digest = hashlib.sha256(f"{tool.function.name}:{args}".encode()).hexdigest()[:24]
         call = ToolCall(id=f"call_{digest}", function=FunctionCall(tool.function.name, args))
         return _Answer(words=[], finish_reason="tool_calls", tool_call=call)
@@ -101,7 +80,7 @@ def _answer(req: ChatCompletionRequest, limit: int | None) -> _Answer:
     fmt = req.response_format
     if isinstance(fmt, JSONSchemaFormat):
         schema = msgspec.json.decode(fmt.json_schema.schema) if fmt.json_schema.schema else {}
-        reply = encode(_sample(schema, text)).decode()
+        reply = encode(sample(schema, text)).decode()
     elif isinstance(fmt, JSONObjectFormat):
         reply = encode({"reply": text}).decode()
     finish = "stop"

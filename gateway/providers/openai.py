@@ -1,10 +1,11 @@
 """OpenAI and every OpenAI-compatible server (vLLM, Ollama, OpenRouter, DeepSeek...): pass-through.
 
-The client's body is forwarded field for field (unknown fields included) with three edits:
+The client's body is forwarded field for field (unknown fields included) with these edits:
 `model` becomes the upstream name, the model's default `max_tokens` (or the limit admission
-reserved) fills a missing limit,
-and streams always ask for `include_usage` so usage can be accounted; that extra usage chunk
-is dropped again when the client did not ask for it. Upstream bytes go back untouched.
+reserved) fills a missing limit, tool-call ids longer than OpenAI's 40 characters are
+shortened (`_call_ids`), and streams always ask for `include_usage` so usage can be accounted;
+that extra usage chunk is dropped again when the client did not ask for it. Upstream bytes go
+back untouched.
 
 Upstreams with `responses_api = true` also get `/v1/responses` requests as they are
 (`OpenAIResponsesProvider`, which relays them with `gateway.providers.openai_responses`).
@@ -20,7 +21,9 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
-from gateway.providers._errors import read_usage, stream_error
+from gateway.providers._answers import StreamCheck, completion_usage
+from gateway.providers._call_ids import short_ids
+from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.providers.openai_responses import ResponsesRelay
@@ -35,17 +38,13 @@ log = structlog.get_logger(__name__)
 _TRUE = msgspec.Raw(b"true")
 
 
-class _UsageView(msgspec.Struct):
-    """Only what we read from an upstream completion; the rest is skipped unparsed."""
+class _ChunkUsageView(msgspec.Struct):
+    """Only what we read from an upstream chunk with usage; the rest is skipped unparsed."""
 
     usage: Usage | None = None
-
-
-class _ChunkUsageView(_UsageView):
     choices: list[msgspec.Raw] = []
 
 
-_USAGE = msgspec.json.Decoder(_UsageView)
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
 
 
@@ -66,6 +65,9 @@ class OpenAIProvider:
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
         fields = dict(call.raw)
         fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        messages = short_ids(call.request, fields["messages"])
+        if messages is not None:  # ids minted elsewhere, too long for OpenAI
+            fields["messages"] = messages
         if call.model.reasoning and "max_tokens" in fields:
             # Reasoning models reject max_tokens; max_completion_tokens means the same there.
             limit = fields.pop("max_tokens")
@@ -85,26 +87,26 @@ class OpenAIProvider:
 
     async def chat(self, call: ChatCall) -> ChatReply:
         body = await self._http.post(self.chat_url(call), self._body(call, stream=False), call)
-        view = read_usage(self.config.name, _USAGE, body, "completion")
-        if view is not None:
-            call.usage = view.usage
+        call.usage = completion_usage(self.config.name, body)  # raises unless a completion
         return ChatReply(body=body, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         keep_usage_chunk = call.request.wants_usage
+        check = StreamCheck(self.config.name)
         events = self._http.stream(self.chat_url(call), self._body(call, stream=True), call)
         async with contextlib.aclosing(events):
             async for batch in events:
-                out, done, error = self._relay(call, batch, keep_usage_chunk)
+                out, done, error = self._relay(call, batch, keep_usage_chunk, check)
                 if out:
                     yield out  # chunks before an error event still reach the client
                 if error is not None:
                     raise error
                 if done:
                     return
+        check.end()  # closed without [DONE]: an error unless the answer had finished
 
     def _relay(
-        self, call: ChatCall, batch: list[bytes], keep_usage_chunk: bool
+        self, call: ChatCall, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (events for the client, saw [DONE], upstream error event)."""
         out: list[bytes] = []
@@ -112,7 +114,7 @@ class OpenAIProvider:
             if data == b"[DONE]":
                 return out, True, None
             try:
-                if self._keep(call, data, keep_usage_chunk):
+                if check.see(data) and self._keep(call, data, keep_usage_chunk):
                     out.append(data)
             except UpstreamError as exc:
                 return out, True, exc

@@ -1,14 +1,16 @@
 """`POST /v1/responses` passed through to OpenAI-compatible upstreams (`responses_api = true`).
 
 The client's body goes to `{base_url}/responses` as it is, with `model` set to the upstream
-model and the model's default output limit filled in when the request sets none. A whole
+model, the model's default output limit filled in when the request sets none, and `call_id`s
+longer than OpenAI's 64 characters shortened (`_call_ids`). A whole
 answer is relayed untouched; events are relayed as they arrive, each with its `event:` line,
 up to and including the terminal `response.completed`/`.incomplete`/`.failed` event, after
 which the upstream is not read any further. Usage is read from the final `response`.
 
 An upstream `error` event (flat as documented, or wrapped in `error` as OpenAI sends it) is
 classified by its typed `type` and `code` the way an error status would be, so that e.g. a
-`context_length_exceeded` before the first event is the client's 400, not a retryable 503.
+`context_length_exceeded` before the first event is the client's 400, not a retryable 503
+(`_answers.event_error`); a whole answer that is not a `response` is refused likewise.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamConnectionError, UpstreamError
-from gateway.providers._errors import error_from_status, read_usage, stream_error
+from gateway.providers._answers import event_error, response_usage
+from gateway.providers._call_ids import short_input_ids
+from gateway.providers._errors import stream_error
 from gateway.providers._http import UpstreamClient
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, present
 from gateway.schemas.response_output import ResponseUsage
 
-__all__ = ["ResponsesRelay", "event_error"]
+__all__ = ["ResponsesRelay"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,96 +54,11 @@ class _TerminalView(msgspec.Struct):
     response: _ResponseUsageView | None = None
 
 
-class _ErrorFields(msgspec.Struct):
-    type: str | None = None
-    code: str | int | None = None
-    message: str | None = None
-    param: str | None = None
-
-
-class _ErrorEventView(_ErrorFields):
-    """`{"type": "error", "code", "message", "param"}` as documented, or with those fields
-    in an `error` object, as OpenAI sends it (and chat-style servers, without the type)."""
-
-    error: _ErrorFields | str | None = None
-
-
-_RESPONSE_USAGE = msgspec.json.Decoder(_ResponseUsageView)
 _EVENT = msgspec.json.Decoder(_EventView)
 _TERMINAL_USAGE = msgspec.json.Decoder(_TerminalView)
-_ERROR_EVENT = msgspec.json.Decoder(_ErrorEventView)
 
 # The events that end a Responses stream; each carries the whole `response`, usage included.
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
-
-# The HTTP status an error `type` (or `code`) stands for; an error event has no status.
-_STATUS_OF = {
-    "invalid_request_error": 400,
-    "not_found_error": 404,
-    "insufficient_quota": 429,
-    "rate_limit_exceeded": 429,
-    "rate_limit_error": 429,
-    "too_many_requests": 429,
-    "requests": 429,  # OpenAI's rate limit types name the limit that was hit
-    "tokens": 429,
-}
-# Codes that blame the request itself (OpenAI's `ResponseError` codes, and the context
-# window), for flat events that carry no `type`.
-_REQUEST_CODES = frozenset(
-    {
-        "context_length_exceeded",
-        "invalid_prompt",
-        "invalid_image",
-        "invalid_image_format",
-        "invalid_base64_image",
-        "invalid_image_url",
-        "image_too_large",
-        "image_too_small",
-        "image_parse_error",
-        "image_content_policy_violation",
-        "invalid_image_mode",
-        "image_file_too_large",
-        "unsupported_image_media_type",
-        "empty_image_file",
-        "failed_to_download_image",
-        "image_file_not_found",
-    }
-)
-
-
-def event_error(provider: str, payload: bytes) -> UpstreamError:
-    """The error an upstream `error` event reports, mapped as its status would be.
-
-    Only what blames the request or is a rate limit is classified; anything else (a server
-    error) stays a plain `UpstreamError`, a 502 that the pipeline makes retryable before the
-    first event, as for chat streams.
-    """
-    try:
-        view = _ERROR_EVENT.decode(payload)
-    except msgspec.MsgspecError:
-        view = _ErrorEventView()
-    fields = view.error if isinstance(view.error, _ErrorFields) else view
-    message = fields.message or (view.error if isinstance(view.error, str) else None)
-    code = fields.code
-    status = code if isinstance(code, int) and code >= 400 else None
-    for key in (fields.type, code):
-        if status is None and isinstance(key, str):
-            status = _STATUS_OF.get(key)
-    if status is None and code in _REQUEST_CODES:
-        status = 400
-    if status is None:
-        return UpstreamError(
-            f"The upstream provider '{provider}' failed mid-stream: {message or 'unknown error'}"
-        )
-    envelope = {
-        "error": {
-            "message": message,
-            "type": fields.type if fields.type != "error" else None,
-            "param": fields.param,
-            "code": code if isinstance(code, str) else None,
-        }
-    }
-    return error_from_status(provider, status, encode(envelope))
 
 
 class ResponsesRelay:
@@ -153,15 +72,16 @@ class ResponsesRelay:
     def _body(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> bytes:
         fields = dict(body)
         fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        items = short_input_ids(fields["input"]) if "input" in fields else None
+        if items is not None:  # call ids minted elsewhere, too long for OpenAI
+            fields["input"] = items
         if not present(fields.get("max_output_tokens")) and call.max_tokens is not None:
             fields["max_output_tokens"] = msgspec.Raw(encode(call.max_tokens))
         return encode(fields)
 
     async def create(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
         answer = await self._http.post(self._url, self._body(call, body), call)
-        view = read_usage(self._name, _RESPONSE_USAGE, answer, "response")
-        if view is not None:
-            call.usage = view.usage.to_usage() if view.usage is not None else None
+        call.usage = response_usage(self._name, answer)  # raises unless a `response`
         return ChatReply(body=answer, usage=call.usage)
 
     async def stream(

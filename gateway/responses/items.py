@@ -176,7 +176,7 @@ class ChatBuilder:
         call = ToolCall(id=call_id, function=function)
         last = self.messages[-1] if self.messages else None
         if isinstance(last, AssistantMessage):  # consecutive calls: one assistant turn
-            if last.tool_calls is UNSET:
+            if not isinstance(last.tool_calls, list):
                 last.tool_calls = []
             last.tool_calls.append(call)
             self.out.call_origins.setdefault(len(self.messages) - 1, []).append(where)

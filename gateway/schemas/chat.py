@@ -123,14 +123,30 @@ class UserMessage(_Message, tag="user"):
     name: str | UnsetType = UNSET
 
 
+_NULL = Raw(b"null")
+
+
+def _unset_nulls(obj: msgspec.Struct, names: tuple[str, ...]) -> None:
+    """Raw fields sent as JSON `null` become UNSET: OpenAI takes `null` for "not sent", and
+    code that reads a raw field would otherwise see a value. (Typed fields decode `null` to
+    None, which their readers treat as absent.)"""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not UNSET and len(value) == 4 and value == _NULL:
+            setattr(obj, name, UNSET)
+
+
 class AssistantMessage(_Message, tag="assistant"):
     # null is legal (and what SDKs send) when the turn is only tool calls.
     content: str | list[TextContentPart | RefusalContentPart] | None = None
     name: str | UnsetType = UNSET
     refusal: str | UnsetType | None = UNSET
-    tool_calls: list[ToolCall] | UnsetType = UNSET
+    tool_calls: list[ToolCall] | UnsetType | None = UNSET
     function_call: Raw | UnsetType = UNSET
     audio: Raw | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        _unset_nulls(self, ("function_call", "audio"))
 
 
 class ToolMessage(_Message, tag="tool"):
@@ -260,6 +276,8 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
     max_completion_tokens: MaxTokens | UnsetType | None = UNSET
     temperature: Temperature | UnsetType | None = UNSET
     top_p: TopP | UnsetType | None = UNSET
+    # Not an OpenAI field: Anthropic, Gemini and vLLM take it (vLLM: -1 or 0 mean no limit).
+    top_k: int | float | UnsetType | None = UNSET
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | UnsetType | None = UNSET
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | UnsetType | None = UNSET
     seed: int | UnsetType | None = UNSET
@@ -289,6 +307,9 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
     functions: Raw | UnsetType = UNSET
     function_call: Raw | UnsetType = UNSET
 
+    def __post_init__(self) -> None:
+        _unset_nulls(self, _RAW_FIELDS)
+
     @property
     def is_stream(self) -> bool:
         return self.stream is True
@@ -306,6 +327,15 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
                 return value
         return None
 
+
+_RAW_FIELDS = (
+    "thinking",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "functions",
+    "function_call",
+)
 
 # ---- responses -------------------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ ROOTS = (
     # Responses API, for serving /v1/responses later.
     "Response",
     "ResponseStreamEvent",
+    # The request, for the test that sends each of its nullable fields as null.
+    "CreateChatCompletionRequest",
 )
 REF_PREFIX = "#/components/schemas/"
 DROPPED_KEYS = {"discriminator", "nullable", "$recursiveAnchor"}

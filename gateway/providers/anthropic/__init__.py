@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator
 
 import aiohttp
 
+from gateway.providers._answers import answer_error
 from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
 from gateway.providers.anthropic.request import JsonTool, to_anthropic
@@ -40,7 +41,9 @@ class AnthropicProvider:
     async def chat(self, call: ChatCall) -> ChatReply:
         body, json_tool = self._body(call, stream=False)
         data = await self._http.post(self._url, body, call)
-        resp = self._http.decode(RESPONSE_DECODER, data)
+        resp = self._http.decode(RESPONSE_DECODER, data, "message")
+        if resp.type != "message":  # e.g. an error envelope with a 200
+            raise answer_error(self.config.name, data, "message")
         out, call.usage = from_anthropic(resp, json_tool)
         call.cache_write_tokens = resp.usage.cache_creation_input_tokens or 0
         return ChatReply(body=out, usage=call.usage)

@@ -28,6 +28,7 @@ from gateway.providers._translate import (
     refuse_unsupported,
     stop_sequences,
     tool_choice_without_tools,
+    top_k,
     unsupported,
 )
 from gateway.providers.anthropic.schema import object_schema, strict_schema
@@ -380,6 +381,8 @@ def to_anthropic(
         elif isinstance(req.top_p, float | int):
             # Recent models refuse temperature and top_p together; temperature wins.
             out.top_p = float(req.top_p)
+        if (k := top_k(req)) is not None:
+            out.top_k = k
     user = req.user if isinstance(req.user, str) else req.safety_identifier
     if isinstance(user, str) and user:
         out.metadata = {"user_id": user}

@@ -86,6 +86,7 @@ class AnthropicRequest(msgspec.Struct, omit_defaults=True):
     stop_sequences: list[str] | UnsetType = UNSET
     temperature: float | UnsetType = UNSET
     top_p: float | UnsetType = UNSET
+    top_k: int | UnsetType = UNSET
     tools: list[AnthropicTool] | UnsetType = UNSET
     tool_choice: AnthropicToolChoice | UnsetType = UNSET
     thinking: Raw | UnsetType = UNSET
@@ -114,6 +115,7 @@ class AnthropicContentBlock(msgspec.Struct):
 
 
 class AnthropicResponse(msgspec.Struct):
+    type: str = ""  # "message": anything else is not an answer
     id: str = ""
     model: str = ""
     content: list[AnthropicContentBlock] = []

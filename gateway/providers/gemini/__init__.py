@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 
 import aiohttp
 
+from gateway.providers._answers import answer_error
 from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
 from gateway.providers.base import ChatCall, ChatReply
@@ -44,7 +45,10 @@ class GeminiProvider:
         body = encode(to_gemini(call))
         url = self._url(call, stream=False)
         data = await self._http.post(url, body, call)
-        resp = self._http.decode(RESPONSE_DECODER, data)
+        resp = self._http.decode(RESPONSE_DECODER, data, "generateContent answer")
+        if not resp.candidates and resp.prompt_feedback is None and resp.usage_metadata is None:
+            # Every answer has candidates, or a prompt's blocking feedback, and usage.
+            raise answer_error(self.config.name, data, "generateContent answer")
         out, call.usage = from_gemini(resp, call.upstream_model)
         return ChatReply(body=out, usage=call.usage)
 

@@ -28,6 +28,7 @@ from gateway.providers._translate import (
     refuse_unsupported,
     stop_sequences,
     tool_choice_without_tools,
+    top_k,
     unsupported,
 )
 from gateway.providers.base import ChatCall
@@ -330,6 +331,8 @@ def _generation_config(call: ChatCall, gemini3: bool) -> GeminiGenerationConfig:
         cfg.temperature = float(req.temperature)
     if isinstance(req.top_p, float | int):
         cfg.top_p = float(req.top_p)
+    if (k := top_k(req)) is not None:
+        cfg.top_k = k
     if call.max_tokens is not None:
         cfg.max_output_tokens = call.max_tokens
     stops = stop_sequences(req)

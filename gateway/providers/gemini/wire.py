@@ -80,6 +80,7 @@ class GeminiThinkingConfig(_Wire):
 class GeminiGenerationConfig(_Wire):
     temperature: float | UnsetType = UNSET
     top_p: float | UnsetType = UNSET
+    top_k: int | UnsetType = UNSET
     max_output_tokens: int | UnsetType = UNSET
     stop_sequences: list[str] | UnsetType = UNSET
     candidate_count: int | UnsetType = UNSET

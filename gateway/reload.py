@@ -1,0 +1,127 @@
+"""Configuration reload without a restart: on SIGHUP (or `gateway reload`), re-read the config.
+
+The new config is loaded and checked off the event loop; if it fails, the error is logged and
+the running config stays. Otherwise a new snapshot (providers, models, groups, routing) becomes
+current for new requests, while requests and streams in flight finish on the one they started
+with (`gateway.snapshot`). Providers and the breakers of accounts the reload did not change are
+kept. `[server]` fields bound when the server started (address, database, body limit, log
+level, background loop timings) keep their running values: a warning names those that changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from gateway.settings import ConfigError, ServerSettings, Settings
+from gateway.snapshot import build_snapshot
+from gateway.state import KEYS_KEY, LIVE_KEY, RELOADER_KEY
+
+__all__ = ["RESTART_FIELDS", "reload_config", "reload_ctx"]
+
+log = structlog.get_logger(__name__)
+
+# `[server]` fields bound at start: a reload keeps their running values.
+RESTART_FIELDS = (
+    "host",
+    "port",
+    "database",
+    "max_body_bytes",
+    "log_level",
+    "keys_refresh_seconds",
+    "usage_flush_seconds",
+    "usage_batch_size",
+)
+
+
+def _keep_startup_fields(running: ServerSettings, new: Settings) -> Settings:
+    changed = [f for f in RESTART_FIELDS if getattr(running, f) != getattr(new.server, f)]
+    if changed:
+        log.warning("config_reload_needs_restart", fields=[f"server.{f}" for f in changed])
+    kept = {f: getattr(running, f) for f in RESTART_FIELDS}
+    return msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **kept))
+
+
+def _changes(old: Settings, new: Settings) -> dict[str, list[str]]:
+    """What a reload changes, by name, for its log line."""
+    out: dict[str, list[str]] = {}
+    for section in ("providers", "models", "groups"):
+        before = {x.name: x for x in getattr(old, section)}
+        after = {x.name: x for x in getattr(new, section)}
+        for verb, names in (
+            ("added", after.keys() - before.keys()),
+            ("removed", before.keys() - after.keys()),
+            ("changed", {n for n in after.keys() & before.keys() if after[n] != before[n]}),
+        ):
+            if names:
+                out[f"{section}_{verb}"] = sorted(names)
+    if old.routing != new.routing:
+        out["routing"] = ["changed"]
+    return out
+
+
+async def reload_config(app: web.Application) -> bool:
+    """Re-read the config and make it current for new requests.
+
+    Returns:
+        Whether the new config was taken; when not, the error is logged and the running
+        config stays.
+    """
+    reloader = app[RELOADER_KEY]
+    async with reloader.lock:
+        try:
+            return await _reload(app)
+        finally:
+            reloader.finished.set()
+
+
+async def _reload(app: web.Application) -> bool:
+    reloader, live = app[RELOADER_KEY], app[LIVE_KEY]
+    try:
+        loaded = await asyncio.to_thread(reloader.load)
+    except ConfigError as exc:
+        log.error("config_reload_failed", error=str(exc), kept="the running config")
+        return False
+    old = live.current
+    settings = _keep_startup_fields(old.settings.server, loaded)
+    try:
+        snapshot = build_snapshot(settings, old)
+    except Exception as exc:
+        log.exception("config_reload_failed", error=str(exc), kept="the running config")
+        return False
+    try:
+        await app[KEYS_KEY].regroup(settings.groups)
+    except Exception as exc:  # the database failed: the key cache kept its groups
+        live.discard(snapshot)
+        log.exception("config_reload_failed", error=str(exc), kept="the running config")
+        return False
+    live.swap(snapshot)
+    reloader.reloads += 1
+    log.info("config_reloaded", **_changes(old.settings, settings))
+    return True
+
+
+def _on_sighup(app: web.Application) -> None:
+    reloader = app[RELOADER_KEY]
+    task = asyncio.get_running_loop().create_task(reload_config(app), name="config-reload")
+    reloader.tasks.add(task)
+    task.add_done_callback(reloader.tasks.discard)
+
+
+async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
+    """SIGHUP reloads the config while the app runs (where the platform has SIGHUP)."""
+    loop = asyncio.get_running_loop()
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is not None:
+        loop.add_signal_handler(hup, _on_sighup, app)
+    yield
+    if hup is not None:
+        loop.remove_signal_handler(hup)
+    tasks = app[RELOADER_KEY].tasks
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,296 @@
+"""Configuration reload without a restart (issue #12), in process: what changes for new
+requests, what in-flight requests keep, what breakers keep, and what a bad config changes
+(nothing). `gateway serve` itself, with SIGHUP and `gateway reload`, is in test_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
+
+from gateway.app import create_app
+from gateway.config import load_settings
+from gateway.reload import reload_config
+from gateway.snapshot import Snapshot
+from gateway.state import KEYS_KEY, LIVE_KEY, RELOADER_KEY, STORE_KEY
+from tests.conftest import NEVER_HANG, app_of, create_key, openai_client, usage_rows
+from tests.fakes import FakeOpenAI
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def current(client: TestClient[Any, Any]) -> Snapshot:
+    return app_of(client)[LIVE_KEY].current
+
+
+class Reloadable:
+    """A gateway started from a config file, and the two fake upstreams it may point at."""
+
+    def __init__(self, tmp_path: Path, a: FakeOpenAI, b: FakeOpenAI) -> None:
+        self.path = tmp_path / "gateway.toml"
+        self.database = tmp_path / "keys.db"
+        self.a, self.b = a, b
+        self.key = ""
+
+    gw: TestClient[Any, Any]  # once started
+
+    def write(self, body: str) -> None:
+        self.path.write_text(
+            f'[server]\ndatabase = "{self.database}"\nusage_flush_seconds = 0.05\n'
+            f"keys_refresh_seconds = 0.1\n\n{body}",
+            encoding="utf-8",
+        )
+
+    def provider(self, name: str, fake: FakeOpenAI, *keys: str) -> str:
+        api_keys = ", ".join(f'"{k}"' for k in keys)
+        return (
+            f'[[providers]]\nname = "{name}"\ntype = "openai"\n'
+            f'base_url = "{fake.base_url}"\napi_keys = [{api_keys}]\n\n'
+        )
+
+    async def start(self, aiohttp_client: AiohttpClient, body: str) -> TestClient[Any, Any]:
+        self.write(body)
+        load = lambda: load_settings(self.path, {})  # noqa: E731 - as `serve` passes it
+        app = create_app(load(), reload=load)
+        self.gw = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        self.key = await create_key(self.gw)
+        return self.gw
+
+    async def reload(self, body: str | None = None) -> bool:
+        if body is not None:
+            self.write(body)
+        return await reload_config(app_of(self.gw))
+
+    def client(self) -> openai.AsyncOpenAI:
+        return openai_client(self.gw, self.key)
+
+
+def model(name: str, *targets: str) -> str:
+    listed = ", ".join(f'{{ provider = "{t}", model = "up-{t}" }}' for t in targets)
+    return f'[[models]]\nname = "{name}"\ntargets = [{listed}]\n\n'
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, aiohttp_server: AiohttpServer) -> Reloadable:
+    a, b = FakeOpenAI(), FakeOpenAI()
+    await a.start(aiohttp_server)
+    await b.start(aiohttp_server)
+    return Reloadable(tmp_path, a, b)
+
+
+async def test_providers_models_and_routing_change_for_new_requests(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka") + model("m", "a"))
+    async with s.client() as client:
+        first = await client.chat.completions.create(model="m", messages=HELLO)
+        assert first.model == "up-a"
+        routing = "[routing]\nmax_attempts = 1\n\n"
+        new = routing + s.provider("a", s.a, "ka") + s.provider("b", s.b, "kb")
+        with capture_logs() as logs:
+            assert await s.reload(new + model("m", "b") + model("m2", "a"))
+        assert (await client.chat.completions.create(model="m", messages=HELLO)).model == "up-b"
+        assert (await client.chat.completions.create(model="m2", messages=HELLO)).model == "up-a"
+        assert (await client.chat.completions.create(model="b/x", messages=HELLO)).model == "x"
+        assert [m.id async for m in client.models.list()] == ["m", "m2", "demo"]
+        s.b.script(status=500)  # one attempt now: the 500 is the answer
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(model="m", messages=HELLO)
+    line = next(e for e in logs if e["event"] == "config_reloaded")
+    assert line["providers_added"] == ["b"] and line["models_added"] == ["m2"]
+    assert line["models_changed"] == ["m"] and line["routing"] == ["changed"]
+    assert app_of(s.gw)[RELOADER_KEY].reloads == 1
+
+
+async def test_groups_change_for_keys_on_reload(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    base = s.provider("a", s.a, "ka") + model("m", "a") + model("m2", "a")
+    await s.start(aiohttp_client, base + '[[groups]]\nname = "team"\nmodels = ["m"]\n')
+    member = await create_key(s.gw, group_name="team")
+    async with openai_client(s.gw, member) as client:
+        await client.chat.completions.create(model="m", messages=HELLO)
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.chat.completions.create(model="m2", messages=HELLO)
+        assert await s.reload(base + '[[groups]]\nname = "team"\nmodels = ["m2"]\nrpm = 1\n')
+        await client.chat.completions.create(model="m2", messages=HELLO)
+        with pytest.raises(openai.RateLimitError):  # the group's new rpm applies too
+            await client.chat.completions.create(model="m2", messages=HELLO)
+
+
+async def test_in_flight_requests_and_streams_finish_on_the_old_config(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka") + model("m", "a"))
+    old = current(s.gw)
+    rest, answer = asyncio.Event(), asyncio.Event()
+    s.a.script(content="one two three four", hold=rest, hold_after=1)  # the stream
+    s.a.script(hold=answer)  # the non-streaming request
+    async with s.client() as client:
+        stream = await client.chat.completions.create(model="m", messages=HELLO, stream=True)
+        first = await anext(aiter(stream))
+        s.a.request_seen.clear()
+        waiting = asyncio.create_task(client.chat.completions.create(model="m", messages=HELLO))
+        await s.a.request_seen.wait()
+        # Provider `a` is gone from the new config; `m` now goes to `b`.
+        assert await s.reload(s.provider("b", s.b, "kb") + model("m", "b"))
+        assert (await client.chat.completions.create(model="m", messages=HELLO)).model == "up-b"
+        assert not old.sessions["a"].closed  # requests still run on it
+        rest.set()
+        chunks = [first, *[c async for c in stream]]
+        answer.set()
+        reply = await waiting
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three four" and chunks[-1].choices[0].finish_reason == "stop"
+    assert reply.model == "up-a"
+    rows = await usage_rows(s.gw)
+    assert sorted(r["provider"] for r in rows) == ["a", "a", "b"]
+    async with asyncio.timeout(NEVER_HANG):  # the old session closes once they are done
+        await old.closed.wait()
+    assert old.sessions["a"].closed
+
+
+async def test_breakers_of_unchanged_accounts_keep_their_state(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "k0", "k1") + model("m", "a"))
+    breakers = current(s.gw).router.breakers
+    breakers.failed(("a", 0), retry_after=60)
+    breakers.failed(("a", 1), retry_after=60)
+    # k0 moves to index 1 and k1 is replaced; a model is added.
+    assert await s.reload(s.provider("a", s.a, "k2", "k0") + model("m", "a") + model("n", "a"))
+    after = current(s.gw).router.breakers
+    assert after.state(("a", 1)) == "open"  # k0, wherever it is in the list
+    assert after.state(("a", 0)) == "closed"  # k2 is a new account
+    async with s.client() as client:
+        for _ in range(2):
+            await client.chat.completions.create(model="m", messages=HELLO)
+    assert {r.headers["authorization"] for r in s.a.chat_requests} == {"Bearer k2"}
+    # The same provider at another address is another upstream: its breakers start closed.
+    assert await s.reload(s.provider("a", s.b, "k2", "k0") + model("m", "a"))
+    assert current(s.gw).router.breakers.state(("a", 1)) == "closed"
+
+
+@pytest.mark.parametrize(
+    ("broken", "error"),
+    [
+        ("[server\n", "not valid TOML"),
+        ('[routing]\nmax_attempts = "three"\n', "routing.max_attempts"),
+        (model("z", "nowhere"), "no provider named 'nowhere'"),
+    ],
+)
+async def test_a_config_that_fails_validation_is_refused_and_the_old_one_stays(
+    setup: Reloadable, aiohttp_client: AiohttpClient, broken: str, error: str
+) -> None:
+    s = setup
+    good = s.provider("a", s.a, "ka") + model("m", "a")
+    await s.start(aiohttp_client, good)
+    before = current(s.gw)
+    with capture_logs() as logs:
+        assert not await s.reload(good + broken)
+    failed = next(e for e in logs if e["event"] == "config_reload_failed")
+    assert failed["log_level"] == "error" and error in failed["error"]
+    assert current(s.gw) is before
+    async with s.client() as client:
+        assert (await client.chat.completions.create(model="m", messages=HELLO)).model == "up-a"
+    assert await s.reload(good + model("n", "a"))  # a good config is taken afterwards
+
+
+async def test_server_fields_bound_at_start_keep_their_running_values(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    body = s.provider("a", s.a, "ka")
+    await s.start(aiohttp_client, body)
+    running = current(s.gw).settings.server
+    moved = body.replace("[[providers]]", "default_model = 'a/x'\n\n[[providers]]", 1)
+    s.write(moved)
+    s.path.write_text(
+        s.path.read_text().replace("[server]\n", "[server]\nport = 9999\nlog_level = 'debug'\n"),
+        encoding="utf-8",
+    )
+    with capture_logs() as logs:
+        assert await s.reload()
+    warning = next(e for e in logs if e["event"] == "config_reload_needs_restart")
+    assert warning["fields"] == ["server.port", "server.log_level"]
+    server = current(s.gw).settings.server
+    assert (server.port, server.log_level) == (running.port, running.log_level)
+    assert server.default_model == "a/x"  # not bound at start: taken
+    resp = await s.gw.post(
+        "/api/v1/chat",
+        json={"messages": HELLO},
+        headers={"Authorization": f"Bearer {s.key}"},
+    )
+    assert (await resp.json())["model"] == "x"
+
+
+async def test_concurrent_reloads_apply_in_order(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka"))
+    s.write(s.provider("a", s.a, "ka") + model("m", "a"))
+    results = await asyncio.gather(*(s.reload() for _ in range(3)))
+    assert results == [True, True, True]
+    assert [m.name for m in current(s.gw).settings.models] == ["m", "demo"]
+
+
+async def test_sighup_reloads_the_running_app(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka"))
+    reloader = app_of(s.gw)[RELOADER_KEY]
+    s.write(s.provider("a", s.a, "ka") + model("m", "a"))
+    reloader.finished.clear()
+    os.kill(os.getpid(), signal.SIGHUP)  # the app's handler, installed at its start
+    async with asyncio.timeout(NEVER_HANG):
+        await reloader.finished.wait()
+    assert reloader.reloads == 1
+    async with s.client() as client:
+        assert (await client.chat.completions.create(model="m", messages=HELLO)).model == "up-a"
+
+
+async def test_a_reload_the_database_fails_changes_nothing(
+    setup: Reloadable, aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka") + model("m", "a"))
+    before = current(s.gw)
+    cache = app_of(s.gw)[KEYS_KEY]
+    store = app_of(s.gw)[STORE_KEY]
+
+    async def unreachable() -> list[Any]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "list_keys", unreachable)
+    team = '[[groups]]\nname = "team"\nmodels = ["m"]\n'
+    with capture_logs() as logs:
+        assert not await s.reload(s.provider("b", s.b, "kb") + model("m", "b") + team)
+    assert (
+        "disk I/O error" in next(e for e in logs if e["event"] == "config_reload_failed")["error"]
+    )
+    assert current(s.gw) is before
+    assert cache.with_groups(await create_key_record(s)).models == ()  # old groups kept
+    async with s.client() as client:
+        assert (await client.chat.completions.create(model="m", messages=HELLO)).model == "up-a"
+
+
+async def create_key_record(s: Reloadable) -> Any:
+    """A new key record in group `team`."""
+    record, _ = await app_of(s.gw)[STORE_KEY].create_key(name="t", group_name="team")
+    return record
