@@ -27,7 +27,7 @@ from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
 from gateway.reload import reload_ctx
 from gateway.routes import setup_routes
-from gateway.settings import ConfigError, Settings
+from gateway.settings import Settings
 from gateway.snapshot import LiveConfig, Reloader, build_snapshot
 from gateway.state import (
     GATE_KEY,
@@ -83,18 +83,9 @@ async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     lookup, version, provider_ids = await asyncio.to_thread(load_database)
-    unknown = {
-        p.name: p.pricing
-        for p in settings.providers
-        if p.pricing not in (None, "free", "none", *provider_ids)
-    }
-    if unknown:
-        name, pricing = next(iter(unknown.items()))
-        raise ConfigError(
-            f"providers.{name}.pricing: {pricing!r} is not a provider of the price database"
-            " (use one of its ids, 'free' or 'none')"
-        )
-    app[PRICES_KEY] = PriceBook(lookup, version)
+    prices = PriceBook(lookup, version, provider_ids=provider_ids)
+    prices.check(settings)
+    app[PRICES_KEY] = prices
     if not settings.prices.update:
         yield
         return

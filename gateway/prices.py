@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from gateway.settings import ModelConfig, PriceSettings, ProviderConfig
+from gateway.settings import ConfigError, ModelConfig, PriceSettings, ProviderConfig, Settings
 
 __all__ = [
     "FREE",
@@ -216,14 +216,31 @@ class PriceBook:
         lookup: Lookup | None = None,
         version: Callable[[], object] = lambda: None,
         *,
+        provider_ids: frozenset[str] = frozenset(),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._lookup = lookup
+        self._provider_ids = provider_ids
         self._version = version
         self._clock = clock
         self._found: dict[tuple[str, str], Price | None] = {}
         self._seen_version: object = version()
         self._expires = clock() + _DAY
+
+    def check(self, settings: Settings) -> None:
+        """Refuse a config whose providers name a price list the database does not have.
+
+        Raises:
+            ConfigError: naming the first such provider.
+        """
+        if self._lookup is None:
+            return
+        for p in settings.providers:
+            if p.pricing not in (None, "free", "none", *self._provider_ids):
+                raise ConfigError(
+                    f"providers.{p.name}.pricing: {p.pricing!r} is not a provider of the price"
+                    " database (use one of its ids, 'free' or 'none')"
+                )
 
     def pricing_id(self, provider: ProviderConfig) -> str | None:
         """The database provider id for `provider` ('free' and 'none' are not ids)."""
