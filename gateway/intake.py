@@ -7,7 +7,8 @@ refused before one byte of its body is buffered; its tokens and budget are charg
 body shows what it may use (`pipeline.begin`). `read_body()` reads a body within
 `client_body_timeout` (408 after it) and turns a body the parser rejects (bad chunking, a
 `Content-Encoding` it is not in) into a 400; the body is then cached on the request, so a
-handler's own `request.read()` returns it at once.
+handler's own `request.read()` returns it at once. A client that sent `Expect: 100-continue`
+is told to continue only then (`expect_later`), so a refused one never sends its body.
 """
 
 from __future__ import annotations
@@ -15,16 +16,35 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from aiohttp import http_exceptions, web
+from aiohttp import hdrs, http_exceptions, web
+from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from gateway.state import GATE_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY, TICKET_KEY
 from gateway.trace import TRACE_KEY
 
-__all__ = ["intake_middleware", "read_body"]
+__all__ = ["expect_later", "intake_middleware", "read_body"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def expect_later(request: web.Request) -> None:
+    """Every route's `Expect` handler: aiohttp's default answers `100-continue` before any
+    middleware has run (and an unknown expectation with a plain-text 417); `read_body`
+    answers it instead, once the request is admitted."""
+
+
+async def _continue(request: web.Request) -> None:
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is None or request.version != HttpVersion11:
+        return
+    if expect.lower() != "100-continue":
+        raise InvalidRequest(
+            "The Expect header can only be 100-continue.", code="expectation_failed", status=417
+        )
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the response proper has not begun
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -36,6 +56,7 @@ async def read_body(request: web.Request) -> bytes:
         InvalidRequest: the parser could not read it (bad chunking or content encoding).
     """
     timeout = request[SNAPSHOT_KEY].settings.server.client_body_timeout
+    await _continue(request)
     try:
         async with asyncio.timeout(timeout):
             return await request.read()

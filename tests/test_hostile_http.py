@@ -291,3 +291,24 @@ def test_log_throttle_counts_what_it_holds_back() -> None:
     assert throttle.suppressed == 3
     now[0] = 60.0
     assert throttle.allow()
+
+
+async def test_100_continue_only_once_admitted(gateway: TestClient[Any, Any]) -> None:
+    limited = await create_key(gateway, rpm=1)
+    body = b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
+    expect = ("Expect: 100-continue", f"Content-Length: {len(body)}")
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    async with asyncio.timeout(NEVER_HANG):
+        writer.write(head(limited, *expect))
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        assert (await read_reply(reader)).status == 200
+    writer.close()
+    # Out of requests: the final answer comes at once, no 100 Continue, no body sent.
+    refused = await raw_request(gateway, head(limited, *expect))
+    assert_openai_error(refused, 429, "rate_limit_exceeded")
+    odd = await raw_request(gateway, head(limited, "Expect: something-else", "Content-Length: 2"))
+    assert odd.status in (417, 429)
+    fresh = await create_key(gateway)
+    odd = await raw_request(gateway, head(fresh, "Expect: something-else", "Content-Length: 2"))
+    assert_openai_error(odd, 417, "expectation_failed")
