@@ -1,7 +1,10 @@
-"""Bearer-key authentication: `auth_middleware` finds the caller's key in the key cache.
+"""Virtual-key authentication: `auth_middleware` finds the caller's key in the key cache.
 
 Routes under `/v1/` and `/api/` need a usable key (not revoked, not expired); the request then
 carries its `Principal` under `PRINCIPAL_KEY`, and its trace and log context the key's id.
+The key may come as `Authorization: Bearer <key>` (OpenAI's SDK, Anthropic's with an auth
+token), `x-api-key: <key>` (Anthropic's SDK and Claude Code) or `api-key: <key>` (Azure-style
+clients), checked alike.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from gateway.keys import Principal
 from gateway.state import KEYS_KEY, PRINCIPAL_KEY
 from gateway.trace import TRACE_KEY
 
-__all__ = ["auth_middleware"]
+__all__ = ["auth_middleware", "client_key"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -25,14 +28,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PROTECTED_PREFIXES = ("/v1/", "/api/")
 
 
-def _bearer(request: web.Request) -> str | None:
+# Headers that carry the key by itself, in the order they are read after `Authorization`.
+_KEY_HEADERS = ("x-api-key", "api-key")
+
+
+def client_key(request: web.Request) -> str | None:
+    """The key the client sent: a Bearer token, else an `x-api-key` or `api-key` header."""
     header = request.headers.get("Authorization")
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    for name in _KEY_HEADERS:
+        value = request.headers.get(name, "").strip()
+        if value:
+            return value
+    return None
 
 
 def authenticate(request: web.Request) -> Principal:
@@ -41,10 +52,12 @@ def authenticate(request: web.Request) -> Principal:
     Raises:
         AuthenticationFailed: the key is missing, unknown, revoked or expired.
     """
-    secret = _bearer(request)
+    secret = client_key(request)
     if secret is None:
         raise AuthenticationFailed(
-            "Missing API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            "Missing API key. Send it as 'Authorization: Bearer <key>' (or in an 'x-api-key' "
+            "or 'api-key' header).",
+            code="missing_api_key",
         )
     key = request.app[KEYS_KEY].lookup(secret)
     if key is None:

@@ -166,7 +166,8 @@ def _describe(err: msgspec.MsgspecError) -> str:
 DEMO_MODEL = ModelConfig(
     name="demo",
     targets=(Target(provider="demo", model="demo"),),
-    description="Offline demo model: answers from your last message.",
+    description="Offline demo model: answers from your last message, and embeds text.",
+    embeddings=True,
 )
 
 

@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
@@ -33,7 +33,8 @@ from gateway.errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
-from gateway.providers import ChatCall, Provider
+from gateway.providers import Provider
+from gateway.providers.base import Call
 from gateway.router import Route
 from gateway.settings import RoutingSettings
 from gateway.trace import CLIENT_CLOSED, RequestTrace
@@ -41,17 +42,18 @@ from gateway.trace import CLIENT_CLOSED, RequestTrace
 __all__ = ["Exchange", "attempt_each", "backoff"]
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Call)
 
 _rng = random.Random()  # noqa: S311 - jitter, not security
 
 
 @dataclass(slots=True)
-class Exchange:
+class Exchange(Generic[C]):
     """One model request between its client and its upstream."""
 
     request: web.Request
     trace: RequestTrace
-    call: ChatCall
+    call: C
     provider: Provider  # the upstream of the current (finally: the answering) attempt
     routes: list[Route]  # what the request may try, in order
     ticket: Ticket | None = None  # what the request holds of its key's limits and budget
@@ -72,13 +74,14 @@ def _bound(route: Route, stream: bool) -> float:
     return min(cfg.total_timeout, cfg.read_timeout)
 
 
-def _use(ex: Exchange, route: Route) -> None:
+def _use(ex: Exchange[Any], route: Route) -> None:
     """Point the exchange at `route`, forgetting what an earlier attempt left in the call."""
     call, trace = ex.call, ex.trace
     ex.provider = route.provider
     call.upstream_model = route.upstream_model
     call.api_key = route.api_key
     call.usage, call.chunks, call.first_byte_at = None, 0, None
+    call.cache_write_tokens = 0
     trace.provider = route.provider.config.name
     trace.upstream_model = route.upstream_model
     headers = trace.headers if trace.headers is not None else {}
@@ -86,7 +89,7 @@ def _use(ex: Exchange, route: Route) -> None:
     trace.headers = headers
 
 
-def _record(ex: Exchange, route: Route, started: float, status: int) -> None:
+def _record(ex: Exchange[Any], route: Route, started: float, status: int) -> None:
     ex.trace.attempts.append(
         {
             "provider": route.account[0],
@@ -99,7 +102,7 @@ def _record(ex: Exchange, route: Route, started: float, status: int) -> None:
 
 
 def _next_route(
-    ex: Exchange, tried: int, breakers: BreakerBoard, failed: set[Account]
+    ex: Exchange[Any], tried: int, breakers: BreakerBoard, failed: set[Account]
 ) -> tuple[Route, Claim] | None:
     """The next route to try and what the attempt is; routes are cycled, so a model with one
     account still gets its retries. With no route in rotation, the one closest to recovery
@@ -119,7 +122,7 @@ def _next_route(
 
 
 async def attempt_each(
-    ex: Exchange,
+    ex: Exchange[Any],
     attempt: Callable[[Route], Awaitable[T]],
     *,
     breakers: BreakerBoard,
@@ -162,7 +165,7 @@ async def attempt_each(
         started = time.perf_counter()
         # The provider's own timeouts bound an attempt; only when the deadline comes sooner
         # is a timer of ours needed (most requests: never, and a timer costs a few us).
-        soon = loop.time() + _bound(route, ex.call.request.is_stream) > deadline
+        soon = loop.time() + _bound(route, ex.call.is_stream) > deadline
         scope = asyncio.timeout_at(deadline) if soon else None
         try:
             if scope is None:
@@ -215,7 +218,7 @@ def _past_deadline(routing: RoutingSettings) -> UpstreamTimeout:
 
 
 def _final(
-    ex: Exchange, failures: list[tuple[UpstreamError, Account | None]], breakers: BreakerBoard
+    ex: Exchange[Any], failures: list[tuple[UpstreamError, Account | None]], breakers: BreakerBoard
 ) -> UpstreamError:
     if not failures:
         return breakers.refusal([r.account for r in ex.routes], ex.trace.model_id)

@@ -1,4 +1,5 @@
-"""Request context (id, contextvars, canonical log line, usage row) and error mapping.
+"""Request context (id, contextvars, canonical log line, usage row) and error mapping (OpenAI's
+error shape, or Anthropic's on the Messages API routes).
 
 Order in the app: `request_context` → `error_middleware` → `auth_middleware` → handler, so
 the log line and usage row see the final status of every request, errors included.
@@ -19,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord
 from gateway.schemas.codec import encode
 from gateway.state import INFLIGHT_KEY, LIVE_KEY, REFUSALS_KEY, SNAPSHOT_KEY, USAGE_KEY
@@ -123,6 +125,8 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         latency_ms=round((time.perf_counter() - trace.started) * 1000, 3),
         ttft_ms=trace.ttft_ms,
         estimated=trace.estimated,
+        cache_read_tokens=trace.cache_read_tokens,
+        cache_write_tokens=trace.cache_write_tokens,
     )
     if trace.metered:
         if status >= 400 and not trace.attempts and trace.key_id is not None:
@@ -156,7 +160,8 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
     return _HTTP_ERRORS.get(exc.status, GatewayError)(exc.reason, status=exc.status)
 
 
-def error_response(exc: GatewayError) -> web.Response:
+def error_response(exc: GatewayError, request: web.Request | None = None) -> web.Response:
+    """The response of an error: OpenAI's shape, or Anthropic's on the Messages routes."""
     headers = {}
     if exc.retry_after is not None:
         # Whole seconds, rounded up so a client that obeys is not refused again; the SDKs
@@ -165,8 +170,14 @@ def error_response(exc: GatewayError) -> web.Response:
         headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after * 1000)))
     if exc.should_retry is not None:
         headers["x-should-retry"] = "true" if exc.should_retry else "false"
+    status, body = exc.status, None
+    if request is not None and request.path.startswith(MESSAGES_PATH):
+        status, body = anthropic_error(exc, request[TRACE_KEY].request_id)
     return web.Response(
-        status=exc.status, body=encode(exc.body()), content_type="application/json", headers=headers
+        status=status,
+        body=encode(exc.body()) if body is None else body,
+        content_type="application/json",
+        headers=headers,
     )
 
 
@@ -175,14 +186,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
-        response = error_response(exc)
+        response = error_response(exc, request)
         if exc.closes:
             response.force_close()  # the rest of the body is not read: the connection is spent
         return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(_from_http_exception(request, exc))
+        response = error_response(_from_http_exception(request, exc), request)
         if "Allow" in exc.headers:  # a 405 says which methods the route takes
             response.headers["Allow"] = exc.headers["Allow"]
         return response
@@ -190,4 +201,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception:
         log.exception("unhandled_error")
-        return error_response(GatewayError("The gateway failed to process the request."))
+        return error_response(GatewayError("The gateway failed to process the request."), request)

@@ -57,6 +57,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE keys ADD COLUMN notes TEXT NOT NULL DEFAULT ''",
     ),
     (
+        # Prompt-cache reads and writes, part of prompt_tokens, priced apart (#15).
+        "ALTER TABLE usage ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
         # Refused requests: one row per minute, key and status (gateway.refusals).
         """CREATE TABLE refusals (
             minute INTEGER NOT NULL,

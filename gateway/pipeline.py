@@ -1,16 +1,18 @@
 """The request path every model endpoint shares, whatever its wire format.
 
-`begin()` resolves the model, checks the key may use it, and picks the upstream; `complete()`
-and `stream()` call it; `finish()` accounts for what was used, in a `finally`, so a failed,
-refused or abandoned request is accounted too. Chat completions and the Responses API both
-run on this, so limits, budgets, usage rows and routing apply alike.
+`open_exchange()` resolves the model, checks the key may use it, holds what its limits and
+budget allow, and picks the upstream (`begin()` is that for chat requests); `complete()`,
+`stream()` and `try_routes()` call it; `finish()` accounts for what was used, in a `finally`,
+so a failed, refused or abandoned request is accounted too. Chat completions, the Responses
+and Messages APIs, embeddings and legacy completions all run on this, so limits, budgets,
+usage rows and routing apply alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 from msgspec import UNSET
@@ -27,9 +29,10 @@ from gateway.errors import (
 from gateway.failover import Exchange, attempt_each
 from gateway.media import Estimate, image_tokens
 from gateway.prices import PriceBook, Usage
-from gateway.providers import ChatCall, ChatReply
+from gateway.providers import ChatReply
+from gateway.providers.base import Call, ChatCall, has_capability
 from gateway.records import model_allowed
-from gateway.router import Route
+from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
 from gateway.schemas.common import (
@@ -37,17 +40,19 @@ from gateway.schemas.common import (
     PromptTokensDetails,
     Usage as OpenAIUsage,
 )
-from gateway.settings import ProviderConfig
+from gateway.settings import ModelConfig, ProviderConfig
 from gateway.state import GATE_KEY, PRICES_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY, TICKET_KEY
-from gateway.tokens import estimate_prompt_tokens, prompt_size
 from gateway.trace import TRACE_KEY, RequestTrace
 
 __all__ = [
     "MAX_MODEL_ID",
+    "Batches",
     "begin",
     "complete",
     "finish",
     "first_batch",
+    "open_exchange",
+    "release",
     "stream",
     "try_routes",
 ]
@@ -55,6 +60,8 @@ __all__ = [
 MAX_MODEL_ID = 256
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Call)
+Batches = AsyncGenerator[list[bytes], None]
 
 
 def begin(
@@ -62,7 +69,7 @@ def begin(
     req: ChatCompletionRequest,
     body: bytes | None,
     model_id: str | None,
-) -> Exchange:
+) -> Exchange[ChatCall]:
     """Check a decoded chat request against the key and the config, and choose its upstream.
 
     `body` is the client's JSON when `req` is the client's own chat request (see `ChatCall`).
@@ -74,6 +81,42 @@ def begin(
             model has no known price.
         RateLimited, QuotaExceeded: the request does not fit the key's limits or budget.
         UpstreamError: no account of the model may be tried now (`Router.routes`).
+    """
+
+    def chat_call(model: ModelConfig) -> ChatCall:
+        _check_reasoning(req, model.name, model.reasoning)
+        if req.stream_options not in (UNSET, None) and not req.is_stream:
+            raise InvalidRequest(
+                "The 'stream_options' parameter is only allowed when 'stream' is true.",
+                param="stream_options",
+            )
+        return ChatCall(request=req, body=body, model=model)
+
+    return open_exchange(request, model_id, chat_call)
+
+
+def open_exchange(
+    request: web.Request,
+    model_id: str | None,
+    make_call: Callable[[ModelConfig], C],
+    *,
+    serves: type | None = None,
+    free: bool = False,
+) -> Exchange[C]:
+    """Resolve the model, check the key may use it, and choose the upstream of any endpoint.
+
+    Args:
+        make_call: the endpoint's call for the resolved model (it may refuse the request).
+        serves: the provider capability (a Protocol of `providers.capabilities`) it needs;
+            the model's routes are narrowed to providers that have it.
+        free: the request uses no tokens (a token count): its key's request limits apply,
+            but no tokens are held.
+
+    Raises:
+        InvalidRequest: no model, a parameter the model does not take, or (with `serves`) no
+            provider of the model has the capability.
+        NotFound: the model does not exist.
+        PermissionDenied: the key may not use the model.
     """
     trace = request[TRACE_KEY]
     trace.metered = True  # refusals are counted too
@@ -90,32 +133,25 @@ def begin(
         raise PermissionDenied(
             f"This API key is not allowed to use the model '{model_id}'.", param="model"
         )
-    _check_reasoning(req, model_id, model.reasoning)
-    if req.stream_options not in (UNSET, None) and not req.is_stream:
-        raise InvalidRequest(
-            "The 'stream_options' parameter is only allowed when 'stream' is true.",
-            param="stream_options",
-        )
+    call = make_call(model)
     routes = router.routes(model)
+    if serves is not None:
+        _require(router, model, model_id, serves, trace.endpoint)
+        # Never empty: `routes` lists every account of the model (or raised).
+        routes = [route for route in routes if has_capability(route.provider, serves)]
     route = routes[0]
+    call.upstream_model, call.api_key = route.upstream_model, route.api_key
+    call.request_id = trace.request_id
     trace.model_id = model_id
     trace.provider = route.provider.config.name
     trace.upstream_model = route.upstream_model
-    trace.stream = req.is_stream
-    call = ChatCall(
-        request=req,
-        body=body,
-        model=model,
-        upstream_model=route.upstream_model,
-        api_key=route.api_key,
-        request_id=trace.request_id,
-    )
+    trace.stream = call.is_stream
     ex = Exchange(request=request, trace=trace, call=call, provider=route.provider, routes=routes)
     key = principal.key
     if key.budget_usd is not None:
         _require_prices(request.app[PRICES_KEY], model_id, routes)
     ex.ticket = request.get(TICKET_KEY)
-    if ex.ticket is not None:
+    if ex.ticket is not None and not free:  # a free request holds no tokens
         _charge(request.app[GATE_KEY], request.app[PRICES_KEY], ex.ticket, call, routes)
     return ex
 
@@ -137,9 +173,7 @@ def _require_prices(prices: PriceBook, model_id: str, routes: list[Route]) -> No
             )
 
 
-def _charge(
-    gate: Gate, prices: PriceBook, ticket: Ticket, call: ChatCall, routes: list[Route]
-) -> None:
+def _charge(gate: Gate, prices: PriceBook, ticket: Ticket, call: Call, routes: list[Route]) -> None:
     """Hold what the request may use at most: everything its prompt holds (see
     `tokens.prompt_size`) and its output limit (without one of its own, the largest default
     of the providers it may be routed to, which is then sent upstream as its limit), on the
@@ -150,11 +184,10 @@ def _charge(
         costs = [image_tokens(kind, model, url, detail) for kind, model in targets]
         return Estimate(max(c.likely for c in costs), max(c.most for c in costs))
 
-    prompt = prompt_size(call.request, image_cost)
-    if call.max_tokens is None:
-        call.output_cap = max(r.provider.config.default_max_tokens for r in routes)
-    limit = call.max_tokens or 0
-    output = limit * (call.request.n if isinstance(call.request.n, int) else 1)
+    prompt = call.prompt_size(image_cost)
+    default = max(r.provider.config.default_max_tokens for r in routes)
+    call.cap_output(default)
+    output = call.output_bound(default)
     costs = [
         (price.cost(Usage(prompt.likely, output)), price.cost(Usage(prompt.most, output)))
         for r in routes
@@ -163,6 +196,20 @@ def _charge(
     likely_usd = max((c[0] for c in costs), default=0.0)
     most_usd = max((c[1] for c in costs), default=0.0)
     gate.charge(ticket, (prompt.likely + output, likely_usd), (prompt.most + output, most_usd))
+
+
+def _require(router: Router, model: ModelConfig, model_id: str, serves: type, path: str) -> None:
+    """Refuse a model none of whose providers has what the endpoint needs (whatever their
+    breakers say: this is about what the model is, not about what is up)."""
+    kinds = {router.provider(t.provider).config.type for t in model.targets}
+    if any(has_capability(router.provider(t.provider), serves) for t in model.targets):
+        return
+    raise InvalidRequest(
+        f"The model '{model_id}' is served by {' and '.join(sorted(kinds))} providers, "
+        f"which have no {path} API.",
+        param="model",
+        code="unsupported_model",
+    )
 
 
 def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool) -> None:
@@ -182,7 +229,7 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
             )
 
 
-async def try_routes(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -> T:
+async def try_routes(ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]]) -> T:
     """`failover.attempt_each` over the request's routes, with the breakers and routing
     settings of the config the request runs on.
 
@@ -195,7 +242,7 @@ async def try_routes(ex: Exchange, attempt: Callable[[Route], Awaitable[T]]) -> 
     )
 
 
-async def complete(ex: Exchange) -> ChatReply:
+async def complete(ex: Exchange[ChatCall]) -> ChatReply:
     """The whole answer of a non-streaming request, from the first route that gives one.
 
     Raises:
@@ -204,26 +251,34 @@ async def complete(ex: Exchange) -> ChatReply:
     return await try_routes(ex, lambda route: route.provider.chat(ex.call))
 
 
-async def stream(ex: Exchange) -> AsyncGenerator[list[bytes], None]:
-    """Batches of OpenAI chunk payloads; routes are tried until one sends its first batch.
+async def stream(
+    ex: Exchange[C], open_stream: Callable[[Route], Batches] | None = None
+) -> AsyncGenerator[list[bytes], None]:
+    """Batches of the stream's payloads; routes are tried until one sends its first batch.
+
+    Args:
+        open_stream: an attempt's stream on a route (default: the chat stream of its provider).
 
     Raises:
         UpstreamError: before the first batch (the caller can still answer with a status)
             or during the stream (the caller ends it with an error event; no retry then).
     """
-    events, first = await try_routes(ex, lambda route: _first_batch(ex, route))
+
+    def chat_stream(route: Route) -> Batches:
+        return route.provider.stream_chat(cast(ChatCall, ex.call))
+
+    opener = open_stream or chat_stream
+
+    async def attempt(route: Route) -> tuple[Batches, list[bytes]]:
+        return await first_batch(route.provider.config, opener(route))
+
+    events, first = await try_routes(ex, attempt)
     try:
         yield first
         async for batch in events:
             yield batch
     finally:
         await events.aclose()
-
-
-async def _first_batch(
-    ex: Exchange, route: Route
-) -> tuple[AsyncGenerator[list[bytes], None], list[bytes]]:
-    return await first_batch(route.provider.config, route.provider.stream_chat(ex.call))
 
 
 async def first_batch(
@@ -265,7 +320,7 @@ async def first_batch(
     return events, first
 
 
-def finish(ex: Exchange) -> None:
+def finish(ex: Exchange[Any]) -> None:
     """Copy usage (or an estimate when the upstream never reported it) and its cost into the
     trace, and settle what the request held."""
     trace, call = ex.trace, ex.call
@@ -277,27 +332,37 @@ def finish(ex: Exchange) -> None:
     if usage is not None:
         trace.prompt_tokens = usage.prompt_tokens
         trace.completion_tokens = usage.completion_tokens
+        details = usage.prompt_tokens_details
+        if isinstance(details, PromptTokensDetails) and details.cached_tokens:
+            trace.cache_read_tokens = details.cached_tokens
+        trace.cache_write_tokens = call.cache_write_tokens
     elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
-        trace.prompt_tokens = estimate_prompt_tokens(call.request)
+        trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = call.chunks
     price = ex.request.app[PRICES_KEY].price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
-        trace.cost_usd = price.cost(_counts(trace, usage, call.cache_write_tokens))
+        trace.cost_usd = price.cost(_counts(trace, usage))
     if ex.ticket is not None:
         used = trace.prompt_tokens + trace.completion_tokens
         ex.request.app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
 
 
-def _counts(trace: RequestTrace, usage: OpenAIUsage | None, cache_writes: int) -> Usage:
-    prompt, completion = trace.prompt_tokens, trace.completion_tokens
-    if usage is None:
-        return Usage(prompt, completion)
-    cached = reasoning = 0
-    details = usage.prompt_tokens_details
-    if isinstance(details, PromptTokensDetails) and details.cached_tokens:
-        cached = details.cached_tokens
-    done = usage.completion_tokens_details
+def _counts(trace: RequestTrace, usage: OpenAIUsage | None) -> Usage:
+    reasoning = 0
+    done = usage.completion_tokens_details if usage is not None else None
     if isinstance(done, CompletionTokensDetails) and done.reasoning_tokens:
         reasoning = done.reasoning_tokens
-    return Usage(prompt, completion, cached=cached, cache_write=cache_writes, reasoning=reasoning)
+    return Usage(
+        trace.prompt_tokens,
+        trace.completion_tokens,
+        cached=trace.cache_read_tokens,
+        cache_write=trace.cache_write_tokens,
+        reasoning=reasoning,
+    )
+
+
+def release(ex: Exchange[Any]) -> None:
+    """End a request that used no tokens (see `open_exchange(free=True)`)."""
+    if ex.ticket is not None:
+        ex.request.app[GATE_KEY].settle(ex.ticket, 0, 0.0)

@@ -89,13 +89,13 @@ class Price:
 
     def cost(self, usage: Usage) -> float:
         r = self.rates(usage.prompt)
-        cached = min(usage.cached, usage.prompt)
-        written = min(usage.cache_write, usage.prompt - cached)
+        # Cache reads and writes are billed as reported, even past an inconsistent prompt.
+        uncached = max(0, usage.prompt - usage.cached - usage.cache_write)
         reasoning = min(usage.reasoning, usage.completion)
         return (
-            (usage.prompt - cached - written) * r.input
-            + cached * r.cached_input
-            + written * r.cache_write
+            uncached * r.input
+            + usage.cached * r.cached_input
+            + usage.cache_write * r.cache_write
             + (usage.completion - reasoning) * r.output
             + reasoning * r.reasoning
         ) / 1_000_000
@@ -113,7 +113,7 @@ def _config_price(model: ModelConfig) -> Price | None:
         Rates(
             input=inp,
             output=out,
-            cached_input=_or(model.cached_input_price_per_mtok, inp),
+            cached_input=_or(model.cache_read_price_per_mtok, inp),
             cache_write=_or(model.cache_write_price_per_mtok, inp),
             reasoning=_or(model.reasoning_price_per_mtok, out),
         )

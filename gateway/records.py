@@ -162,6 +162,9 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     ttft_ms: float | None = None
     # True when the upstream did not report usage (e.g. the client hung up) and we estimated.
     estimated: bool = False
+    # Of prompt_tokens: those read from and written to the upstream's prompt cache.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class UsageSummaryRow(msgspec.Struct, frozen=True, kw_only=True):

@@ -86,6 +86,10 @@ class Router:
             reasoning=self.settings.is_reasoning(provider.config, upstream),
         )
 
+    def provider(self, name: str) -> Provider:
+        """A configured provider (targets were checked to name one when the config loaded)."""
+        return self._providers[name]
+
     @staticmethod
     def providers_of(model: ModelConfig) -> tuple[str, ...]:
         return tuple(t.provider for t in model.targets)

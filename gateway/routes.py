@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.handlers import admin, chat, health, models, responses
+from gateway.handlers import (
+    admin,
+    chat,
+    completions,
+    embeddings,
+    health,
+    messages,
+    models,
+    responses,
+)
 from gateway.intake import expect_later
 
 __all__ = ["setup_routes"]
@@ -16,6 +25,10 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion, expect_handler=later)
     app.router.add_post("/api/v1/chat", chat.create_chat, expect_handler=later)
     app.router.add_post("/v1/responses", responses.create_response, expect_handler=later)
+    app.router.add_post("/v1/embeddings", embeddings.create_embeddings, expect_handler=later)
+    app.router.add_post("/v1/completions", completions.create_completion, expect_handler=later)
+    app.router.add_post("/v1/messages", messages.create_message, expect_handler=later)
+    app.router.add_post("/v1/messages/count_tokens", messages.count_tokens, expect_handler=later)
     stored = "/v1/responses/{response_id}"  # nothing is stored: each says so (404)
     app.router.add_get(stored, responses.stored_response, expect_handler=later)
     app.router.add_delete(stored, responses.stored_response, expect_handler=later)

@@ -196,17 +196,19 @@ class ModelConfig(_Base, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     targets: Annotated[tuple[Target, ...], msgspec.Meta(min_length=1)]
     # USD per million tokens, for cost accounting and USD budgets; unset: the provider's
-    # price list (see `pricing`). Cached input, cache writes and reasoning default to the
+    # price list (see `pricing`). Prompt-cache reads and writes and reasoning default to the
     # input and output prices.
     input_price_per_mtok: NonNegativeFloat | None = None
     output_price_per_mtok: NonNegativeFloat | None = None
-    cached_input_price_per_mtok: NonNegativeFloat | None = None
+    cache_read_price_per_mtok: NonNegativeFloat | None = None
     cache_write_price_per_mtok: NonNegativeFloat | None = None
     reasoning_price_per_mtok: NonNegativeFloat | None = None
     # Used when a request sets neither max_tokens nor max_completion_tokens.
     max_tokens: PositiveInt | None = None
     # Only reasoning models accept `reasoning_effort` / `thinking`; others get a 400.
     reasoning: bool = False
+    # An embedding model: /v1/models says so (`"embeddings": true`) so clients can tell.
+    embeddings: bool = False
     description: str = ""
 
 

@@ -91,6 +91,7 @@ async def relay(
     frame: Callable[[list[bytes]], bytes] = data_frames,
     error_frame: Callable[[GatewayError], bytes] = _error_frame,
     end: bytes = DONE,
+    status_of: Callable[[GatewayError], int] = lambda exc: exc.status,
 ) -> web.StreamResponse:
     """Stream `events` to the client; the 200 goes out only once the first batch is there.
 
@@ -101,6 +102,8 @@ async def relay(
         frame: turns one batch into the bytes of its SSE events.
         error_frame: the SSE event of a failure.
         end: written after the last batch (chat streams: `data: [DONE]`).
+        status_of: the status a failure stands for, for the usage row (the route's error
+            shape may use other statuses than the gateway's own).
     """
     trace = request[TRACE_KEY]
     first = await anext(aiter(events))
@@ -113,21 +116,21 @@ async def relay(
         if end:
             await sse.write(end)
     except GatewayError as exc:
-        trace.status = exc.status
+        trace.status = status_of(exc)
         await _try(sse.error(exc, error_frame))
     except ConnectionError:
         trace.status = CLIENT_CLOSED  # the client hung up; the upstream is closed by its owner
     except asyncio.CancelledError:
         if request.app[SHUTTING_DOWN_KEY].is_set():
-            trace.status = 503
             shutdown = UpstreamUnavailable("The gateway is shutting down.")
+            trace.status = status_of(shutdown)
             await _try(sse.error(shutdown, error_frame))
         raise
     except Exception:
         # The 200 is out: a bug must still end the stream with an error the SDK raises.
         log.exception("stream_failed")
-        trace.status = 500
         failure = GatewayError("The gateway failed while streaming the response.")
+        trace.status = status_of(failure)
         await _try(sse.error(failure, error_frame))
     finally:
         await sse.close()

@@ -30,6 +30,7 @@ from gateway.schemas.codec import encode
 __all__ = [
     "Estimate",
     "ImageCost",
+    "estimate_input_tokens",
     "estimate_prompt_tokens",
     "estimate_text_tokens",
     "message_text",
@@ -124,3 +125,18 @@ def prompt_size(
 def estimate_prompt_tokens(req: ChatCompletionRequest) -> int:
     """The likely input tokens of `req` (for upstreams that report none)."""
     return prompt_size(req).likely
+
+
+def estimate_input_tokens(value: str | list[str | int | list[int]]) -> int:
+    """An embeddings `input` or a completions `prompt`: text estimated, token ids counted."""
+    if isinstance(value, str):
+        return estimate_text_tokens(value)
+    total = 0
+    for item in value:
+        if isinstance(item, str):
+            total += estimate_text_tokens(item)
+        elif isinstance(item, list):
+            total += len(item)
+        else:
+            total += 1
+    return total

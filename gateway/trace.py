@@ -37,6 +37,8 @@ class RequestTrace:
     status: int | None = None  # overrides the HTTP status (stream errors, disconnects)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_read_tokens: int = 0  # of prompt_tokens
+    cache_write_tokens: int = 0  # of prompt_tokens
     ttft_ms: float | None = None
     estimated: bool = False
     cost_usd: float = 0.0  # by the price of the model and upstream that answered, when known

@@ -41,7 +41,10 @@ DEMO = DemoConfig(name="demo")
 # One upstream attempt per request, so a scripted upstream failure reaches the client as it is;
 # tests about retries and failover (test_routing.py) pass their own routing settings.
 ONE_ATTEMPT = RoutingSettings(max_attempts=1)
-DEMO_MODEL = ModelConfig(name="demo", targets=(Target(provider="demo", model="demo"),))
+# As every config has it (gateway.config.DEMO_MODEL): a chat model that embeds too.
+DEMO_MODEL = ModelConfig(
+    name="demo", targets=(Target(provider="demo", model="demo"),), embeddings=True
+)
 
 # Tests wait on events, never on time; this bound only turns a hang (a regression that never
 # sets the event) into a failure, and is far longer than any passing wait.

@@ -11,7 +11,9 @@ Anthropic's, so a translation bug fails a test as it would fail in production. A
 gets a ``message`` echoing the last user text ("echo: <text>"), a tool call (see ``_tool_calls``),
 "tool said: <result>" after a tool_result turn, or JSON sampled from ``output_config``'s schema;
 ``stop_sequences`` and ``max_tokens`` (a token per word) cut the text. ``stream: true`` gets the
-real ``event:``/``data:`` SSE sequence. Requests are recorded in ``fake.requests``. Scripting:
+real ``event:``/``data:`` SSE sequence. A replayed thinking block must carry a signature this
+fake issued (``fake.signatures``), unchanged. ``POST /v1/messages/count_tokens`` counts a
+request's input tokens. Requests are recorded in ``fake.requests``. Scripting:
 
     fake.script(status=529)                                  # next request only (FIFO queue)
     fake.script(status=429, headers={"retry-after": "1"}, times=2)
@@ -45,6 +47,8 @@ from tests.fakes import Recorded, ScriptedFake, _sample
 Json = dict[str, Any]
 
 VERSION = "2023-06-01"
+# The versions the API takes: the first GA one, and what anthropic-sdk-python 2.x sends.
+VERSIONS = (VERSION, "2026-10-21")
 DOCS = "Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude"
 
 # Realistic (type, message) for scripted error statuses, as Anthropic sends them.
@@ -116,6 +120,7 @@ class FakeAnthropic(ScriptedFake[Script]):
     def __init__(self, *, api_key: str | None = None) -> None:
         # api_key: when set, requests must carry `x-api-key: <api_key>`
         super().__init__(api_key=api_key)
+        self.signatures: set[str] = set()  # of the thinking blocks issued: valid to replay
 
     # -- scripting ------------------------------------------------------------------------
 
@@ -128,6 +133,7 @@ class FakeAnthropic(ScriptedFake[Script]):
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._record], client_max_size=32 * 1024**2)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         return app
 
     @web.middleware
@@ -146,6 +152,7 @@ class FakeAnthropic(ScriptedFake[Script]):
         plan = self.next_plan()
         try:
             body = validate(request.headers.get("anthropic-version"), await request.read())
+            _check_signatures(body, self.signatures)
         except Invalid as exc:
             return _error_response(error_body(400, str(exc)), 400)
         try:
@@ -156,12 +163,33 @@ class FakeAnthropic(ScriptedFake[Script]):
                 error = plan.error or error_body(plan.status)
                 return _error_response(error, plan.status, plan.headers)
             reply = _reply(body, plan)
+            self.signatures |= {b["signature"] for b in reply["content"] if "signature" in b}
             if body.get("stream"):
                 return await self._stream(request, plan, reply)
             return web.json_response(reply, headers=_headers(plan))
         except asyncio.CancelledError:
             self.client_disconnected.set()
             raise
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """``POST /v1/messages/count_tokens``: a request as for messages, without ``max_tokens``
+        or ``stream`` (which the API refuses here); answers ``{"input_tokens": N}``."""
+        plan = self.next_plan()
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+            if isinstance(body, dict):
+                for name in ("max_tokens", "stream"):
+                    if name in body:
+                        raise Invalid(f"{name}: Extra inputs are not permitted")
+                raw = json.dumps({**body, "max_tokens": 1}).encode()
+            body = validate(request.headers.get("anthropic-version"), raw)
+        except (Invalid, ValueError) as exc:
+            return _error_response(error_body(400, str(exc)), 400)
+        if plan.status >= 400:
+            return _error_response(plan.error or error_body(plan.status), plan.status, plan.headers)
+        tokens = _count_input(body) if plan.input_tokens is None else plan.input_tokens
+        return web.json_response({"input_tokens": tokens}, headers=_headers(plan))
 
     async def _stream(self, request: web.Request, plan: Script, reply: Json) -> web.StreamResponse:
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -376,6 +404,8 @@ ROLE_BLOCKS = {
 SCHEMA = {"type": ("object",), "*": None}  # "*": any other key
 TOOL = {"type?": ("custom",), "name": str, "description?": str, "input_schema": SCHEMA}
 TOOL |= {"cache_control?": CACHE, "strict?": bool}
+SERVER_TOOL = re.compile(r"^[a-z_]+_\d{8}$")  # Anthropic-run tools, versioned by date
+SERVER = {"type": str, "name": str, "cache_control?": CACHE, "*": None}
 PARALLEL = {"type": str, "disable_parallel_tool_use?": bool}
 REQUEST = {
     "model": str,
@@ -489,7 +519,7 @@ def validate(version: str | None, raw: bytes) -> Json:
         Invalid: with the message the real API puts in its 400 ``invalid_request_error``.
     """
     _check(version is not None, "anthropic-version: header is required")
-    _check(version == VERSION, f"anthropic-version: invalid version '{version}'")
+    _check(version in VERSIONS, f"anthropic-version: invalid version '{version}'")
     try:
         body: Json = json.loads(raw)
     except ValueError:
@@ -511,6 +541,9 @@ def check_request(body: Json) -> None:
     for i, block in enumerate(body["system"] if isinstance(body.get("system"), list) else []):
         _nonblank(block["text"], f"system.{i}.text")
     for i, tool in enumerate(body.get("tools") or []):
+        if SERVER_TOOL.match(str(tool.get("type"))):  # web_search_20250305, bash_20250124...
+            _conform(tool, SERVER, f"tools.{i}.{tool['type']}")
+            continue
         _conform(tool, TOOL, f"tools.{i}.custom")
     names = [tool["name"] for tool in body.get("tools") or []]
     for i, name in enumerate(names):
@@ -628,6 +661,14 @@ def _validate_messages(messages: list[Json], has_tools: bool, thinking: bool) ->
         "Requests which include `tool_use` or `tool_result` blocks must define tools.",
     )
     _validate_pairing(messages, thinking)
+
+
+def _check_signatures(body: Json, issued: set[str]) -> None:
+    """Replayed thinking blocks must carry the signature the API gave them, unchanged."""
+    for n, message in enumerate(body["messages"]):
+        for m, block in enumerate(_blocks(message["content"])):
+            if block["type"] == "thinking" and block["signature"] not in issued:
+                raise Invalid(f"messages.{n}.content.{m}: Invalid `signature` in `thinking` block")
 
 
 def _validate_pairing(messages: list[Json], thinking: bool) -> None:

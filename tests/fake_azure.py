@@ -4,9 +4,10 @@
     await fake.start(aiohttp_server)
     provider = AzureConfig(..., base_url=fake.base_url, api_version="2024-10-21")
 
-Only `POST /openai/deployments/{deployment}/chat/completions?api-version=...` exists, as on a
-resource: an unknown path or a missing or unsupported `api-version` is a 404 "Resource not
-found"; the key must come in `api-key` (a key sent as `Authorization: Bearer` is taken for an
+Only `POST /openai/deployments/{deployment}/chat/completions?api-version=...` (and its
+`/embeddings` and `/completions`, answered as `FakeOpenAI` does) exists, as on a resource: an
+unknown path or a missing or unsupported `api-version` is a 404 "Resource not found"; the key
+must come in `api-key` (a key sent as `Authorization: Bearer` is taken for an
 Entra ID token and refused with 401); an unknown deployment is Azure's `DeploymentNotFound`.
 Answers are OpenAI's (`FakeOpenAI` writes them) with Azure's additions: the content filter's
 `prompt_filter_results` (in streams, a first chunk with empty `choices` and blank ids) and
@@ -78,7 +79,28 @@ class FakeAzure(FakeOpenAI):
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._check], client_max_size=64 * 1024**2)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
+        app.router.add_post("/openai/deployments/{deployment}/embeddings", self._azure_embeddings)
+        app.router.add_post("/openai/deployments/{deployment}/completions", self._azure_completions)
         return app
+
+    def _unknown(self, request: web.Request) -> web.Response | None:
+        if request.match_info["deployment"] in self.deployments:
+            return None
+        return azure_error(
+            404,
+            "DeploymentNotFound",
+            "The API deployment for this resource does not exist. If you created the "
+            "deployment within the last 5 minutes, please wait a moment and try again.",
+        )
+
+    async def _azure_embeddings(self, request: web.Request) -> web.StreamResponse:
+        """Embeddings of the deployment's model (the deployment name stands for it)."""
+        missing = self._unknown(request)
+        return missing or await self._embeddings(request, request.match_info["deployment"])
+
+    async def _azure_completions(self, request: web.Request) -> web.StreamResponse:
+        missing = self._unknown(request)
+        return missing or await self._completions(request, request.match_info["deployment"])
 
     @web.middleware
     async def _check(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -96,13 +118,9 @@ class FakeAzure(FakeOpenAI):
         return response
 
     async def _azure_chat(self, request: web.Request) -> web.StreamResponse:
-        if request.match_info["deployment"] not in self.deployments:
-            return azure_error(
-                404,
-                "DeploymentNotFound",
-                "The API deployment for this resource does not exist. If you created the "
-                "deployment within the last 5 minutes, please wait a moment and try again.",
-            )
+        missing = self._unknown(request)
+        if missing is not None:
+            return missing
         plan = self.queue[0] if self.queue else self.default
         if isinstance(plan, AzureScript) and plan.content_filter == "prompt":
             self.next_plan()

@@ -15,6 +15,7 @@ said: <json of the response values>" after function responses; JSON sampled from
 the text. ``:streamGenerateContent?alt=sse`` streams the same answer as ``data: <JSON>`` events
 ended by CRLF CRLF: text word by word, calls whole, finishReason and the usage totals on the last
 event, no [DONE]. Without ``alt=sse`` it answers 400 (Google would stream a JSON array).
+``:batchEmbedContents`` embeds text as Google does (see ``tests.fake_endpoints``).
 
 Every request is checked the way Google checks it (``validate`` can be called directly): unknown
 field names at any depth (camelCase or proto snake_case), scalar and enum types (enums
@@ -48,6 +49,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fake_endpoints import Refused, gemini_embeddings
 from tests.fakes import RECORDED, Recorded, ScriptedFake
 
 Json = dict[str, Any]
@@ -662,6 +664,10 @@ class FakeGemini(ScriptedFake[Script]):
         self.signatures: set[str] = set()  # thought signatures issued; replaying them is valid
 
     @property
+    def embed_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith(":batchEmbedContents")]
+
+    @property
     def generate_requests(self) -> list[Recorded]:
         actions = (":generateContent", ":streamGenerateContent")
         return [r for r in self.requests if r.path.endswith(actions)]
@@ -683,6 +689,8 @@ class FakeGemini(ScriptedFake[Script]):
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         model, _, action = request.match_info["model_action"].rpartition(":")
+        if action == "batchEmbedContents" and model:
+            return await self._embed(request, model)
         if action not in ("generateContent", "streamGenerateContent") or not model:
             return web.json_response(google_error(404, "Method not found."), status=404)
         plan = self.next_plan()
@@ -711,6 +719,20 @@ class FakeGemini(ScriptedFake[Script]):
         except asyncio.CancelledError:
             self.client_disconnected.set()
             raise
+
+    async def _embed(self, request: web.Request, model: str) -> web.Response:
+        """``:batchEmbedContents`` (see ``tests.fake_endpoints``); scripts apply as for chat."""
+        plan = self.next_plan()
+        await self.pause(plan)
+        if plan.status >= 400:
+            details = quota_details(model, plan.retry_delay) if plan.status == 429 else None
+            error = plan.error or google_error(plan.status, model=model, details=details)
+            return web.json_response(error, status=plan.status, headers=self._headers(plan))
+        try:
+            answer = gemini_embeddings(request[RECORDED].json, model)
+        except Refused as exc:
+            return web.json_response(google_error(400, str(exc)), status=400)
+        return web.json_response(answer, headers=self._headers(plan))
 
     def _headers(self, plan: Script) -> dict[str, str]:
         timing = f"gfet4t7; dur={random.randint(200, 900)}"

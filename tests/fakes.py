@@ -25,6 +25,9 @@ finish_reason, match (a queued script only takes chat requests whose last user t
 it). Scripts apply to chat and Responses requests; ``GET /v1/models`` lists
 ``fake.models``.
 
+``POST /v1/embeddings`` and ``POST /v1/completions`` answer as OpenAI's do (see
+``tests.fake_endpoints``), with the same scripts.
+
 ``POST /v1/responses`` gives the same answers in the Responses API's shapes: a ``response``
 object, or with ``stream: true`` the real event sequence (``event:`` lines, ``sequence_number``,
 no ``[DONE]``; ``error_after`` sends an ``error`` event).
@@ -51,6 +54,13 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
 from aiohttp.test_utils import TestServer
+
+from tests.fake_endpoints import (
+    Refused,
+    completion_chunks,
+    completion_reply,
+    openai_embeddings,
+)
 
 Json = dict[str, Any]
 
@@ -256,12 +266,22 @@ class FakeOpenAI(ScriptedFake[Script]):
     def responses_requests(self) -> list[Recorded]:
         return [r for r in self.requests if r.path == "/v1/responses"]
 
+    @property
+    def embeddings_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith("/embeddings")]
+
+    @property
+    def completions_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith("/completions")]
+
     # -- serving --------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._record], client_max_size=64 * 1024**2)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -327,6 +347,65 @@ class FakeOpenAI(ScriptedFake[Script]):
             if body.get("stream"):
                 return await self._stream(request, body, plan, response)
             return web.json_response(response, headers=self._headers(plan))
+        except asyncio.CancelledError:
+            self.client_disconnected.set()
+            raise
+
+    async def _refusal(self, request: web.Request, plan: Script) -> web.StreamResponse | None:
+        """What a script or a body without a model answers instead of the endpoint (or None)."""
+        await self.pause(plan)
+        if plan.drop_before_response:
+            return self._drop(request, web.Response())
+        if plan.status >= 400:
+            error = plan.error or error_body(plan.status)
+            return web.json_response(error, status=plan.status, headers=self._headers(plan))
+        body = request[RECORDED].json
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            missing = error_body(400, "You must provide a model parameter.")
+            return web.json_response(missing, status=400)
+        return None
+
+    async def _embeddings(
+        self, request: web.Request, model: str | None = None
+    ) -> web.StreamResponse:
+        """``POST /v1/embeddings`` (see ``tests.fake_endpoints``); scripts apply as for chat."""
+        plan = self.next_plan()
+        refused = await self._refusal(request, plan)
+        if refused is not None:
+            return refused
+        body = request[RECORDED].json
+        try:
+            answer = openai_embeddings(body, model or body["model"])
+        except Refused as exc:
+            return web.json_response(error_body(400, str(exc), param=exc.param), status=400)
+        return web.json_response(answer, headers=self._headers(plan))
+
+    async def _completions(
+        self, request: web.Request, model: str | None = None
+    ) -> web.StreamResponse:
+        """``POST /v1/completions`` (see ``tests.fake_endpoints``); scripts as for chat."""
+        plan = self.next_plan()
+        try:
+            refused = await self._refusal(request, plan)
+            if refused is not None:
+                return refused
+            body = request[RECORDED].json
+            reply_id = f"cmpl-fake{next(self._ids)}"
+            try:
+                reply = completion_reply(body, model or body["model"], reply_id)
+            except Refused as exc:
+                return web.json_response(error_body(400, str(exc), param=exc.param), status=400)
+            if not body.get("stream"):
+                return web.json_response(reply, headers=self._headers(plan))
+            headers = {"Content-Type": "text/event-stream; charset=utf-8"} | self._headers(plan)
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            frames = [_sse(c) for c in completion_chunks(body, reply)]
+
+            def error(_: int) -> bytes:
+                return _sse(plan.stream_error)
+
+            return await self.play(request, response, frames, plan, error, b"data: [DONE]\n\n")
         except asyncio.CancelledError:
             self.client_disconnected.set()
             raise

@@ -15,7 +15,9 @@ Notable things the spec requires (and real OpenAI sends):
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from collections import Counter
 from functools import cache
 from pathlib import Path
@@ -93,6 +95,32 @@ def validate_response_event(obj: dict[str, Any]) -> None:
     validate("ResponseStreamEvent", obj)
 
 
+def validate_embeddings(obj: dict[str, Any]) -> None:
+    """An embeddings ``list`` (``POST /v1/embeddings``). The spec describes vectors as floats:
+    base64 vectors (little-endian float32s) are checked as the floats they decode to."""
+    decoded = dict(obj)
+    if isinstance(obj.get("data"), list):
+        decoded["data"] = [
+            item | {"embedding": floats_of(item["embedding"])}
+            if isinstance(item, dict) and isinstance(item.get("embedding"), str)
+            else item
+            for item in obj["data"]
+        ]
+    validate("CreateEmbeddingResponse", decoded)
+
+
+def floats_of(encoded: str) -> list[float]:
+    """A base64 embedding as the SDKs decode it: little-endian float32s."""
+    raw = base64.b64decode(encoded, validate=True)
+    assert len(raw) % 4 == 0, f"base64 embedding of {len(raw)} bytes is not float32s"
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def validate_completion(obj: dict[str, Any]) -> None:
+    """A legacy ``text_completion`` (or one chunk of its stream: the same shape)."""
+    validate("CreateCompletionResponse", obj)
+
+
 def validate_chat_stream(chunks: list[dict[str, Any]], *, include_usage: bool = False) -> None:
     """A whole chat stream (decoded ``data:`` payloads before ``[DONE]``): each chunk against the
     schema, plus what SDK accumulators rely on and the schema cannot say (AssertionError)."""
@@ -143,11 +171,14 @@ def validate_chat_stream(chunks: list[dict[str, Any]], *, include_usage: bool = 
 
 __all__ = [
     "ValidationError",
+    "floats_of",
     "schemas",
     "validate",
     "validate_chat_chunk",
     "validate_chat_completion",
     "validate_chat_stream",
+    "validate_completion",
+    "validate_embeddings",
     "validate_error",
     "validate_model",
     "validate_models_list",

@@ -12,7 +12,14 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
 from gateway.settings import AnthropicConfig, ModelConfig, Target
-from tests.conftest import MakeSettings, create_key, openai_client, sse_events, start_gateway
+from tests.conftest import (
+    MakeSettings,
+    create_key,
+    openai_client,
+    sse_events,
+    start_gateway,
+    usage_rows,
+)
 from tests.fake_anthropic import FakeAnthropic
 from tests.spec import validate_chat_stream
 
@@ -163,6 +170,12 @@ async def test_cache_tokens_reach_usage(rig: Rig, client: openai.AsyncOpenAI) ->
     assert reply.usage.prompt_tokens == 65
     assert reply.usage.prompt_tokens_details is not None
     assert reply.usage.prompt_tokens_details.cached_tokens == 50
+    rig.fake.script(input_tokens=5, cache_read_input_tokens=7, cache_creation_input_tokens=3)
+    stream = await client.chat.completions.create(model="claude", messages=HI, stream=True)
+    _ = [c async for c in stream]
+    rows = await usage_rows(rig.gateway)
+    cache = [(r["prompt_tokens"], r["cache_read_tokens"], r["cache_write_tokens"]) for r in rows]
+    assert cache == [(65, 50, 10), (15, 7, 3)]  # both ways, the usage row has the cache
 
 
 async def test_unsupported_field_never_reaches_the_upstream(

@@ -19,23 +19,15 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.settings import ModelConfig, Target
 from tests.conftest import (
     MakeSettings,
-    create_key,
     openai_client,
-    provider_config,
     sse_events,
-    start_gateway,
     usage_rows,
 )
-from tests.fake_anthropic import FakeAnthropic
-from tests.fake_azure import FakeAzure
-from tests.fake_gemini import FakeGemini
-from tests.fakes import FakeOpenAI
+from tests.rigs import Fake, fake_for, model_on, serve
 from tests.spec import validate_chat_completion, validate_chat_stream, validate_error
 
-UPSTREAM_KEY = "upstream-secret-key"
 KINDS = ("openai", "azure", "anthropic", "gemini")
 UPSTREAM_MODELS = {
     "openai": "gpt-4o-mini",
@@ -63,7 +55,6 @@ WEATHER = {
         },
     },
 }
-Fake = FakeOpenAI | FakeAzure | FakeAnthropic | FakeGemini
 
 
 @dataclass
@@ -151,16 +142,6 @@ class Rig:
         return found
 
 
-def _fake(kind: str) -> Fake:
-    if kind == "openai":
-        return FakeOpenAI(api_key=UPSTREAM_KEY)
-    if kind == "azure":
-        return FakeAzure(api_key=UPSTREAM_KEY)
-    if kind == "anthropic":
-        return FakeAnthropic(api_key=UPSTREAM_KEY)
-    return FakeGemini(api_key=UPSTREAM_KEY)
-
-
 @pytest.fixture(params=KINDS)
 async def rig(
     request: pytest.FixtureRequest,
@@ -169,26 +150,11 @@ async def rig(
     make_settings: MakeSettings,
 ) -> AsyncIterator[Rig]:
     kind: str = request.param
-    fake = _fake(kind)
-    await fake.start(aiohttp_server)
-    extra = {"api_version": "2024-10-21"} if kind == "azure" else {}
-    provider = provider_config(
-        kind, name="up", base_url=fake.base_url, api_keys=(UPSTREAM_KEY,), **extra
+    fake = fake_for(kind)
+    model = model_on(
+        "m", "up", UPSTREAM_MODELS[kind], input_price_per_mtok=1.0, output_price_per_mtok=2.0
     )
-    upstream = UPSTREAM_MODELS[kind]
-    settings = make_settings(
-        providers=(provider,),
-        models=(
-            ModelConfig(
-                name="m",
-                targets=(Target(provider="up", model=upstream),),
-                input_price_per_mtok=1.0,
-                output_price_per_mtok=2.0,
-            ),
-        ),
-    )
-    gateway = await start_gateway(aiohttp_client, settings)
-    key = await create_key(gateway)
+    gateway, key = await serve(kind, fake, aiohttp_server, aiohttp_client, make_settings, model)
     async with openai_client(gateway, key) as client:
         yield Rig(kind, fake, gateway, key, client)
 

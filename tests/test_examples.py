@@ -107,7 +107,10 @@ async def test_every_python_example_runs(block: Block, demo_url: str) -> None:
             f'client = OpenAI(base_url="{demo_url}/v1", api_key="sk-kiosk-demo")\n' + code
         )
     out = await _run([sys.executable, "-c", code])
-    assert "You said: Hello!" in out
+    if "Hello!" in code:  # a chat example: the demo model's answer
+        assert "You said: Hello!" in out
+    else:  # e.g. embeddings: it ran and printed what it says it prints
+        assert out.strip()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

@@ -376,6 +376,7 @@ async def test_full_featured_request_is_accepted(
         "source": {"type": "text", "media_type": "text/plain", "data": "plain"},
     }
     thought = {"type": "thinking", "thinking": "Need weather.", "signature": "c2ln"}
+    fake.signatures.add("c2ln")  # as if the fake had issued it: replayed signatures are checked
     call_b = CALL | {"id": "call_abc-1", "name": "get_time", "input": {}}
     messages = [
         user(text("look") | {"cache_control": cache}, image_b64, image_url, pdf, note),
@@ -722,3 +723,35 @@ async def test_client_disconnect_is_noticed(
     response.close()  # hang up mid-stream
     async with asyncio.timeout(NEVER_HANG):
         await fake.client_disconnected.wait()
+
+
+async def test_thinking_signatures_must_be_replayed_unchanged(
+    fake: FakeAnthropic, session: aiohttp.ClientSession
+) -> None:
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    first = await message(fake, session, max_tokens=2048, thinking=thinking)
+    block = first["content"][0]
+    assert block["type"] == "thinking" and block["signature"] in fake.signatures
+    history = [HELLO["messages"][0], {"role": "assistant", "content": [block]}]
+    follow = [*history, {"role": "user", "content": "and?"}]
+    await message(fake, session, max_tokens=2048, thinking=thinking, messages=follow)
+    forged = [*history[:1], {"role": "assistant", "content": [block | {"signature": "Zm9v"}]}]
+    response = await post(fake, session, **(HELLO | {"messages": [*forged, follow[-1]]}))
+    assert response.status == 400
+    assert "Invalid `signature`" in (await response.json())["error"]["message"]
+
+
+async def test_count_tokens(fake: FakeAnthropic, session: aiohttp.ClientSession) -> None:
+    url = f"{fake.base_url}/v1/messages/count_tokens"
+    body = {"model": HELLO["model"], "messages": HELLO["messages"]}
+    response = await session.post(url, json=body, headers=VERSION)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["input_tokens"] > 0
+    response = await session.post(url, json=body | {"max_tokens": 5}, headers=VERSION)
+    assert response.status == 400
+    assert "max_tokens: Extra inputs" in (await response.json())["error"]["message"]
+    response = await session.post(url, json=body, headers={})
+    assert response.status == 400
+    fake.script(status=529)
+    response = await session.post(url, json=body, headers=VERSION)
+    assert response.status == 529

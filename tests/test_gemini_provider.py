@@ -97,7 +97,7 @@ async def test_client_model_names_cannot_escape_the_models_path(
     recorded = rig.fake.generate_requests[-1]
     # One path segment, decoded by the server: the name reaches Gemini as a (bad) model name.
     assert recorded.path == "/v1beta/models/../../v1/files?x=:generateContent"
-    url = GeminiProvider(rig_config(), None)._url(make_call("../../v1/files?x="), stream=False)  # type: ignore[arg-type]
+    url = GeminiProvider(rig_config(), None)._url(make_call("../../v1/files?x="), "generateContent")  # type: ignore[arg-type]
     assert url.endswith("/v1beta/models/..%2F..%2Fv1%2Ffiles%3Fx%3D:generateContent")
 
 

@@ -177,6 +177,7 @@ async def test_models_list_and_get_respect_allow_list(
         "object": "model",
         "created": 1_700_000_000,
         "owned_by": "demo",
+        "embeddings": True,  # the demo model embeds too
     }
     validate_model(await (await gateway.get("/v1/models/demo", headers=auth(key))).json())
     assert (await gateway.get("/v1/models/demo/anything", headers=auth(key))).status == 200

@@ -66,7 +66,7 @@ def test_config_prices_win_over_the_database() -> None:
         targets=(Target(provider="up", model="gpt-4o-mini"),),
         input_price_per_mtok=3.0,
         output_price_per_mtok=4.0,
-        cached_input_price_per_mtok=0.5,
+        cache_read_price_per_mtok=0.5,
     )
     settings = Settings(providers=(openai_up(),), models=(priced,))
     book = PriceBook(lookup)

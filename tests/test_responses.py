@@ -31,8 +31,9 @@ from tests.conftest import (
     start_gateway,
     usage_rows,
 )
+from tests.rigs import UPSTREAM_KEY, fake_for
 from tests.spec import validate_error, validate_response, validate_response_event
-from tests.test_contract import PNG, UPSTREAM_KEY, UPSTREAM_MODELS, Rig, _fake
+from tests.test_contract import PNG, UPSTREAM_MODELS, Rig
 
 KINDS = ("demo", "openai", "openai-responses", "anthropic", "gemini")
 UPSTREAMS = ("openai", "openai-responses", "anthropic", "gemini")
@@ -94,7 +95,7 @@ async def rig(
     fake: Any = None
     target = Target(provider="demo", model="demo")
     if kind != "demo":
-        fake = _fake(kind)
+        fake = fake_for(kind)
         await fake.start(aiohttp_server)
         providers = (
             provider_config(
@@ -451,7 +452,7 @@ async def test_several_output_items_stream_through_the_sdk_helper(
     make_settings: MakeSettings,
 ) -> None:
     """Text, then two tool calls: each item gets its own output_index, as the SDK demands."""
-    fake = _fake(kind)
+    fake = fake_for(kind)
     await fake.start(aiohttp_server)
     if kind == "anthropic":
         fake.script(content="Let me check.", parallel=True)
@@ -501,7 +502,7 @@ async def test_sdk_stream_state_accepts_the_events(
 ) -> None:
     """The installed SDK's `ResponseStreamState` (behind `responses.stream()`) over what the
     gateway streams: thinking then text from a reasoning model, and text then two calls."""
-    fake = _fake("anthropic")
+    fake = fake_for("anthropic")
     await fake.start(aiohttp_server)
     tools: list[dict[str, Any]] = []
     body: dict[str, Any] = {"input": "hello there"}

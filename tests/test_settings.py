@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from gateway.config import load_settings
 from gateway.prices import PriceBook, Usage
-from gateway.settings import ConfigError
+from gateway.settings import ConfigError, DemoConfig, ModelConfig, Target
 
 GOOD = """
 [server]
@@ -165,3 +166,22 @@ def test_a_config_with_its_own_demo_provider_is_left_alone(tmp_path: Path) -> No
     settings = load_settings(write(tmp_path, text), {})
     assert [p.type for p in settings.providers] == ["openai"]
     assert settings.model("demo") is None
+
+
+def cost(model: ModelConfig, prompt: int, completion: int, read: int = 0, write: int = 0) -> float:
+    price = PriceBook().price(model, DemoConfig(name="p"), "m")  # config prices: no lookup
+    assert price is not None
+    return price.cost(Usage(prompt, completion, cached=read, cache_write=write))
+
+
+def test_cache_tokens_are_priced_apart() -> None:
+    target = (Target(provider="p", model="m"),)
+    plain = ModelConfig(
+        name="a", targets=target, input_price_per_mtok=2.0, output_price_per_mtok=8.0
+    )
+    assert cost(plain, 100, 10, 60, 20) == cost(plain, 100, 10)  # unset: the input price
+    cached = msgspec.structs.replace(
+        plain, cache_read_price_per_mtok=0.2, cache_write_price_per_mtok=2.5
+    )
+    assert cost(cached, 100, 10, 60, 20) == pytest.approx((20 * 2 + 60 * 0.2 + 20 * 2.5 + 80) / 1e6)
+    assert cost(cached, 10, 0, 60, 20) == pytest.approx((60 * 0.2 + 20 * 2.5) / 1e6)

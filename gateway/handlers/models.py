@@ -1,4 +1,5 @@
-"""`GET /v1/models` and `GET /v1/models/{id}`: the models the calling key may use, OpenAI-shaped."""
+"""`GET /v1/models` and `GET /v1/models/{id}`: the models the calling key may use, OpenAI-shaped
+(with one extension field, `embeddings`, that says which models embed)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class ModelObject(msgspec.Struct):
     owned_by: str
     object: str = "model"
     created: int = _CREATED
+    # Extension: an embedding model (`embeddings = true` in its config), for /v1/embeddings.
+    embeddings: bool = False
 
 
 class ModelList(msgspec.Struct):
@@ -36,7 +39,7 @@ async def list_models(request: web.Request) -> web.Response:
     router = request[SNAPSHOT_KEY].router
     patterns = request[PRINCIPAL_KEY].key.models
     data = [
-        ModelObject(id=m.name, owned_by=m.targets[0].provider)
+        ModelObject(id=m.name, owned_by=m.targets[0].provider, embeddings=m.embeddings)
         for m in router.models
         if model_allowed(patterns, m.name, router.providers_of(m))
     ]
@@ -56,4 +59,6 @@ async def get_model(request: web.Request) -> web.Response:
     # A model the key may not use is reported as missing, not as forbidden: no existence leak.
     if not model_allowed(request[PRINCIPAL_KEY].key.models, model_id, router.providers_of(model)):
         raise missing
-    return _json(ModelObject(id=model_id, owned_by=model.targets[0].provider))
+    return _json(
+        ModelObject(id=model_id, owned_by=model.targets[0].provider, embeddings=model.embeddings)
+    )

@@ -1,17 +1,12 @@
 """`POST /v1/responses`: the Responses API on the shared pipeline, for every provider.
 
 The request is translated into a chat request first, so `pipeline.begin()` applies the same
-model, permission, limit, budget and routing checks as chat completions do. Which way it goes:
-
-- It asks for what only an upstream serving the Responses API itself (`responses_api = true`)
-  can do (`Translation.refusal`: built-in tools, stored state, file ids): only those routes
-  are tried, and without one the refusal is the answer.
-- The first route (the router's pick) is such an upstream: the client's own body goes to the
-  pass-through routes (model rewritten) and their answer or events are relayed. Should every
-  one of them fail in a way another upstream may not share, the translated request gets the
-  remaining routes.
-- Otherwise the chat request runs through the pipeline over every route, and its completion
-  or chunk stream becomes a `response` object or the Responses event stream.
+model, permission, limit, budget and routing checks as chat completions do. Which way it goes
+(`passthrough.native_first`): to upstreams serving the Responses API themselves
+(`responses_api = true`), the client's own body (model rewritten), their answer or events
+relayed; to the others, the translated chat request, whose completion or chunk stream becomes
+a `response` object or the Responses event stream. What only the former can do
+(`Translation.refusal`: built-in tools, stored state, file ids) goes to them only.
 
 As for chat, everything that can fail with a status happens before the first byte goes out.
 """
@@ -19,7 +14,6 @@ As for chat, everything that can fail with a status happens before the first byt
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import cast
 
@@ -27,15 +21,10 @@ import msgspec
 from aiohttp import web
 
 from gateway import pipeline
-from gateway.errors import (
-    GatewayError,
-    InvalidRequest,
-    NotFound,
-    UpstreamAuthError,
-    UpstreamError,
-)
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.failover import Exchange
-from gateway.providers import Provider
+from gateway.passthrough import native_first
+from gateway.providers import ChatCall
 from gateway.providers.base import ResponsesPassThrough
 from gateway.responses import (
     ResponseEvents,
@@ -69,24 +58,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None
     try:
-        through = [route for route in ex.routes if _passes_through(route.provider)]
-        if translation.refusal is not None:
-            if not through:
-                raise translation.refusal
-            ex.routes = through  # only they can serve it
-            return await _pass_through(ex, body, stream=req.is_stream)
-        if _passes_through(ex.routes[0].provider):
-            rest = [route for route in ex.routes if not _passes_through(route.provider)]
-            ex.routes = through
-            try:
-                return await _pass_through(ex, body, stream=req.is_stream)
-            except UpstreamError as exc:
-                # The fallback shares the request's deadline (ex.deadline, set by the first
-                # round of attempts): it stops at once when that has passed.
-                if not (rest and _may_fail_over(exc)):
-                    raise
-            ex.routes = rest
-        return await _translated(ex, req, translation)
+        return await native_first(
+            ex,
+            ResponsesPassThrough,
+            translation.refusal,
+            lambda: _pass_through(ex, body, stream=req.is_stream),
+            lambda: _translated(ex, req, translation),
+        )
     finally:
         pipeline.finish(ex)
 
@@ -104,24 +82,8 @@ async def stored_response(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _passes_through(provider: Provider) -> bool:
-    return _serves_responses(type(provider))
-
-
-@functools.cache
-def _serves_responses(kind: type) -> bool:
-    # Once per provider class: a protocol check costs far more than this cache lookup.
-    return issubclass(kind, ResponsesPassThrough)
-
-
-def _may_fail_over(exc: UpstreamError) -> bool:
-    """Whether another upstream might succeed where the pass-through ones failed: what
-    `attempt_each` would move on from (retryable failures, refused credentials)."""
-    return exc.retryable or isinstance(exc, UpstreamAuthError)
-
-
 async def _translated(
-    ex: Exchange, req: ResponseCreateRequest, translation: Translation
+    ex: Exchange[ChatCall], req: ResponseCreateRequest, translation: Translation
 ) -> web.StreamResponse:
     """Run the translated chat request over `ex.routes`; answer in Responses shapes."""
     base = shell(req, translation)
@@ -145,7 +107,7 @@ def _upstream(route: Route) -> ResponsesPassThrough:
     return cast(ResponsesPassThrough, route.provider)
 
 
-async def _pass_through(ex: Exchange, body: bytes, *, stream: bool) -> web.StreamResponse:
+async def _pass_through(ex: Exchange[ChatCall], body: bytes, *, stream: bool) -> web.StreamResponse:
     """Relay the client's body over `ex.routes` (all pass through).
 
     Raises:

@@ -21,7 +21,15 @@ from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage
 from gateway.schemas.response_output import ResponseUsage
 
-__all__ = ["StreamCheck", "answer_error", "completion_usage", "event_error", "response_usage"]
+__all__ = [
+    "StreamCheck",
+    "answer_error",
+    "completion_usage",
+    "embeddings_usage",
+    "event_error",
+    "response_usage",
+    "text_completion_usage",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -170,12 +178,28 @@ class _Response(msgspec.Struct):
     usage: msgspec.Raw = _NULL
 
 
+class _Embeddings(msgspec.Struct):
+    """What makes a body an OpenAI embeddings `list`: its data items."""
+
+    items: list[msgspec.Raw] | UnsetType = msgspec.field(default=UNSET, name="data")
+    usage: msgspec.Raw = _NULL
+
+
+class _TextCompletion(msgspec.Struct):
+    """What makes a body a legacy `text_completion`: its choices."""
+
+    items: list[msgspec.Raw] | UnsetType = msgspec.field(default=UNSET, name="choices")
+    usage: msgspec.Raw = _NULL
+
+
 _COMPLETION = msgspec.json.Decoder(_Completion)
+_EMBEDDINGS = msgspec.json.Decoder(_Embeddings)
+_TEXT_COMPLETION = msgspec.json.Decoder(_TextCompletion)
 _RESPONSE = msgspec.json.Decoder(_Response)
 _USAGE = msgspec.json.Decoder(Usage | None)
 _RESPONSE_USAGE = msgspec.json.Decoder(ResponseUsage | None)
 
-View = TypeVar("View", _Completion, _Response)
+View = TypeVar("View", _Completion, _Response, _Embeddings, _TextCompletion)
 
 
 def _checked(provider: str, body: bytes, decoder: msgspec.json.Decoder[View], what: str) -> View:
@@ -186,6 +210,26 @@ def _checked(provider: str, body: bytes, decoder: msgspec.json.Decoder[View], wh
     if view.items is UNSET:
         raise answer_error(provider, body, what)
     return view
+
+
+def embeddings_usage(provider: str, body: bytes) -> Usage | None:
+    """The usage of an upstream embeddings answer, once its body is known to be one.
+
+    Raises:
+        UpstreamError: the body is not an embeddings list (`answer_error`).
+    """
+    view = _checked(provider, body, _EMBEDDINGS, "embeddings list")
+    return _usage(provider, view.usage, _USAGE)
+
+
+def text_completion_usage(provider: str, body: bytes) -> Usage | None:
+    """The usage of an upstream legacy completion, once its body is known to be one.
+
+    Raises:
+        UpstreamError: the body is not a completion (`answer_error`).
+    """
+    view = _checked(provider, body, _TEXT_COMPLETION, "completion")
+    return _usage(provider, view.usage, _USAGE)
 
 
 def completion_usage(provider: str, body: bytes) -> Usage | None:

@@ -106,14 +106,17 @@ class UpstreamClient:
         self._base = {"content-type": "application/json", **dialect.headers, **config.headers}
         self._by_account: dict[str | None, dict[str, str]] = {}
 
-    def headers(self, attempt: Attempt) -> dict[str, str]:
-        """The headers of one request: its account's (built once per account) and its id."""
+    def headers(self, attempt: Attempt, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The headers of one request: its account's (built once per account), its id, and
+        `extra` ones the request carries on (e.g. the client's `anthropic-beta`)."""
         account = self._by_account.get(attempt.api_key)
         if account is None:
             account = dict(self._base)
             if attempt.api_key:
                 account.update(self._dialect.auth(attempt.api_key))
             self._by_account[attempt.api_key] = account
+        if extra:
+            account = {**account, **extra}
         return {**account, "x-request-id": attempt.request_id} if attempt.request_id else account
 
     def decode(self, decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
@@ -128,8 +131,10 @@ class UpstreamClient:
         except (msgspec.MsgspecError, RecursionError):
             raise answer_error(self.config.name, data, what) from None
 
-    async def post(self, url: str, body: bytes, attempt: Attempt) -> bytes:
-        """POST `body` and return the upstream's whole 2xx answer.
+    async def post(
+        self, url: str, body: bytes, attempt: Attempt, extra: Mapping[str, str] | None = None
+    ) -> bytes:
+        """POST `body` and return the upstream's whole 2xx answer (`extra`: more headers).
 
         Raises:
             UpstreamError: an error status, a redirect, an answer over the size limit, or a
@@ -139,7 +144,7 @@ class UpstreamClient:
             async with self._session.post(
                 url,
                 data=body,
-                headers=self.headers(attempt),
+                headers=self.headers(attempt, extra),
                 timeout=self._unary_timeout,
                 allow_redirects=False,
             ) as resp:
@@ -153,7 +158,7 @@ class UpstreamClient:
         return data
 
     async def stream(
-        self, url: str, body: bytes, attempt: Attempt
+        self, url: str, body: bytes, attempt: Attempt, extra: Mapping[str, str] | None = None
     ) -> AsyncGenerator[list[bytes], None]:
         """POST `body` and yield the payloads of the upstream's events, batched by read.
 
@@ -168,7 +173,7 @@ class UpstreamClient:
             async with self._session.post(
                 url,
                 data=body,
-                headers=self.headers(attempt),
+                headers=self.headers(attempt, extra),
                 timeout=self._stream_timeout,
                 allow_redirects=False,
             ) as resp:

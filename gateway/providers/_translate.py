@@ -55,6 +55,7 @@ __all__ = [
     "new_call_id",
     "nonzero",
     "object_arguments",
+    "read_completion",
     "refuse_unsupported",
     "stop_sequences",
     "tool_choice_without_tools",
@@ -179,6 +180,21 @@ def object_arguments(arguments: str, param: str) -> msgspec.Raw:
             param=param,
         )
     return raw
+
+
+_COMPLETION = msgspec.json.Decoder(ChatCompletion)
+
+
+def read_completion(body: bytes) -> ChatCompletion:
+    """A whole `chat.completion` as the struct, to answer it in another API's shape.
+
+    Raises:
+        UpstreamError: the body is not one.
+    """
+    try:
+        return _COMPLETION.decode(body)
+    except (msgspec.MsgspecError, RecursionError):
+        raise UpstreamError("The upstream provider returned a malformed completion.") from None
 
 
 def completion_id(upstream_id: str) -> str:

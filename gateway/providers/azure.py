@@ -2,11 +2,12 @@
 
 The wire format is OpenAI's, so the OpenAI adapter does the work; only the address and the
 key differ. A target's `model` names a deployment, which is part of the URL
-(`/openai/deployments/{deployment}/chat/completions?api-version=...`), and the key goes in
-an `api-key` header. Azure's content filter answers as OpenAI-shaped errors (HTTP 400 with
-code `content_filter`) and `finish_reason: "content_filter"`, both relayed as they are; the
-chunk a stream opens with to report the prompt's filter results (empty `choices`, blank `id`
-and `object`) is not an OpenAI chunk, so it is not relayed.
+(`/openai/deployments/{deployment}/chat/completions?api-version=...`, and `/embeddings` or
+`/completions` for those APIs), and the key goes in an `api-key` header. Azure's content
+filter answers as OpenAI-shaped errors (HTTP 400 with code `content_filter`) and
+`finish_reason: "content_filter"`, both relayed as they are; the chunk a stream opens with
+to report the prompt's filter results (empty `choices`, blank `id` and `object`) is not an
+OpenAI chunk, so it is not relayed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import msgspec
 
 from gateway.errors import UpstreamBadRequest
 from gateway.providers._http import Dialect, key_header
-from gateway.providers.base import ChatCall
+from gateway.providers.base import Call
 from gateway.providers.openai import OpenAIProvider
 from gateway.settings import AzureConfig
 
@@ -43,8 +44,8 @@ class AzureProvider(OpenAIProvider):
         self._root = f"{config.url}/openai/deployments/"
         self._query = urllib.parse.urlencode({"api-version": config.api_version})
 
-    def chat_url(self, call: ChatCall) -> str:
-        """The deployment's chat URL.
+    def url(self, call: Call, operation: str) -> str:
+        """The deployment's URL of an operation.
 
         Raises:
             UpstreamBadRequest: 404, the name cannot be a deployment's (as Azure would say).
@@ -63,9 +64,9 @@ class AzureProvider(OpenAIProvider):
             err.type = "not_found_error"
             raise err
         deployment = urllib.parse.quote(name, safe="")
-        return f"{self._root}{deployment}/chat/completions?{self._query}"
+        return f"{self._root}{deployment}/{operation}?{self._query}"
 
-    def _keep(self, call: ChatCall, data: bytes, keep_usage_chunk: bool) -> bool:
+    def _keep(self, call: Call, data: bytes, keep_usage_chunk: bool) -> bool:
         if b'"prompt_filter_results"' in data:
             try:
                 view = _FILTER_CHUNK.decode(data)

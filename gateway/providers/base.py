@@ -26,43 +26,48 @@ from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import RAW_OBJECT, raw_fields
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
+from gateway.tokens import Estimate, ImageCost, estimate_prompt_tokens, prompt_size
 
-__all__ = ["ChatCall", "ChatReply", "Provider", "ResponsesPassThrough"]
+__all__ = [
+    "Call",
+    "ChatCall",
+    "ChatReply",
+    "Provider",
+    "ResponsesPassThrough",
+    "has_capability",
+]
 
 
-@dataclass(slots=True)
-class ChatCall:
-    """One chat request on its way to one upstream target.
+@dataclass(slots=True, kw_only=True)
+class Call:
+    """One request on its way to one upstream target, whatever its endpoint.
+
+    The pipeline and the failover loop read and reset these fields; the endpoint's call type
+    (`ChatCall`, `EmbeddingCall`, `CompletionCall`) adds its request and says what it may use.
 
     Attributes:
-        request: the validated client request.
-        body: the client's JSON body when `request` is the client's own chat request (None
-            when it was translated, e.g. from the Responses API).
         model: the model config the request resolved to (prices, defaults, reasoning flag).
-        upstream_model: the model name to send upstream.
+        upstream_model: the model name to send upstream (set by the route being tried).
         api_key: the upstream account to use, chosen by the router (None for keyless servers).
         request_id: the gateway's request id, forwarded upstream as `x-request-id`.
+        body: the client's JSON body, when the upstream may be sent its fields as they are.
         usage: filled by the provider when the upstream reports usage.
+        cache_write_tokens: prompt tokens the upstream wrote to its prompt cache (Anthropic
+            reports them; reads are `usage.prompt_tokens_details.cached_tokens`).
         chunks: stream chunks with content seen so far (a completion-token estimate when the
             upstream never reports usage, e.g. because the client hung up).
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
-        output_cap: the output limit admission reserved for a request that sets none (keys
-            with a budget or tokens per minute); providers send it upstream as its limit.
-        cache_write_tokens: prompt tokens the upstream wrote to its cache (Anthropic), which
-            OpenAI's usage has no field for.
     """
 
-    request: ChatCompletionRequest
-    body: bytes | None
     model: ModelConfig
-    upstream_model: str
+    upstream_model: str = ""
     api_key: str | None = None
     request_id: str = ""
+    body: bytes | None = None
     usage: Usage | None = None
+    cache_write_tokens: int = 0
     chunks: int = 0
     first_byte_at: float | None = None
-    output_cap: int | None = None
-    cache_write_tokens: int = 0
     started_at: float = field(default_factory=time.monotonic)
     _raw: dict[str, msgspec.Raw] | None = None
 
@@ -72,8 +77,57 @@ class ChatCall:
         fields the typed request does not model. Made on first use: only providers that
         forward the body need it, and the body is decoded at most once more."""
         if self._raw is None:
-            self._raw = RAW_OBJECT.decode(self.body) if self.body else raw_fields(self.request)
+            self._raw = RAW_OBJECT.decode(self.body) if self.body else self._fields()
         return self._raw
+
+    def _fields(self) -> dict[str, msgspec.Raw]:
+        return {}
+
+    @property
+    def is_stream(self) -> bool:
+        return False
+
+    def prompt_estimate(self) -> int:
+        """The prompt's tokens, estimated (for admission, and usage the upstream never told)."""
+        return 0
+
+    def prompt_size(self, image_cost: ImageCost) -> Estimate:
+        """The prompt's likely tokens and the most it can be (a token is at least a byte of
+        the client's JSON); `image_cost` prices an image on the upstreams at hand."""
+        likely = self.prompt_estimate()
+        return Estimate(likely, max(likely, len(self.body or b"")))
+
+    def output_bound(self, default: int) -> int:
+        """The most output tokens the request may produce; `default` is the largest output
+        limit of the providers it may be routed to, for requests that set none."""
+        return 0
+
+    def cap_output(self, default: int) -> None:
+        """A request of a key with a budget or tokens per minute gets an output limit sent
+        upstream when it sets none (so that `output_bound` holds); by default it has one."""
+
+
+@dataclass(slots=True, kw_only=True)
+class ChatCall(Call):
+    """One chat request on its way to one upstream target.
+
+    Attributes:
+        request: the validated client request.
+        body: the client's JSON body when `request` is the client's own chat request (None
+            when it was translated, e.g. from the Responses API).
+        output_cap: the output limit admission reserved for a request that sets none (keys
+            with a budget or tokens per minute); providers send it upstream as its limit.
+    """
+
+    request: ChatCompletionRequest
+    output_cap: int | None = None
+
+    def _fields(self) -> dict[str, msgspec.Raw]:
+        return raw_fields(self.request)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.request.is_stream
 
     @property
     def max_tokens(self) -> int | None:
@@ -81,10 +135,27 @@ class ChatCall:
         admission reserved."""
         return self.request.token_limit or self.model.max_tokens or self.output_cap
 
+    def prompt_estimate(self) -> int:
+        return estimate_prompt_tokens(self.request)
+
+    def prompt_size(self, image_cost: ImageCost) -> Estimate:
+        return prompt_size(self.request, image_cost)
+
+    def cap_output(self, default: int) -> None:
+        if self.max_tokens is None:
+            self.output_cap = default
+
+    def output_bound(self, default: int) -> int:
+        choices = self.request.n if isinstance(self.request.n, int) else 1
+        return (self.max_tokens or default) * choices
+
 
 @dataclass(slots=True, frozen=True)
 class ChatReply:
-    body: bytes  # an OpenAI chat.completion object (a `response` from pass-through), JSON
+    """A whole answer: its JSON body (a `chat.completion`, an embeddings `list`, a `response`
+    or a `message` from a pass-through upstream) and the usage read from it."""
+
+    body: bytes
     usage: Usage | None
 
 
@@ -146,3 +217,16 @@ class ResponsesPassThrough(Protocol):
                 and a stream that ends before its terminal `response.*` event.
         """
         ...
+
+
+def has_capability(provider: object, capability: type) -> bool:
+    """Whether `provider` implements the optional `capability` Protocol."""
+    key = (type(provider), capability)
+    found = _CAPABLE.get(key)
+    if found is None:
+        # Once per provider class: a protocol check costs far more than this lookup.
+        found = _CAPABLE[key] = issubclass(key[0], capability)
+    return found
+
+
+_CAPABLE: dict[tuple[type, type], bool] = {}

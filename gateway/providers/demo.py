@@ -6,17 +6,32 @@ tools are offered and the last message is not a tool result, it calls the named 
 with arguments that satisfy the tool's JSON schema; after a tool result it reports what the
 tool returned.
 Tokens are counted as the words it emits (completion) and a chars/4 estimate (prompt).
+
+It also embeds (`/v1/embeddings`): a text's vector is the normalised sum of a few signed unit
+vectors per word, chosen by hashing the word (the "hashing trick"), so it is the same on every
+run and texts that share words are closer than texts that do not. `dimensions` sets the length
+(default 1536, at most 3072, OpenAI's figures); token ids are embedded as words of their own.
+An input may hold 8192 tokens and a request 300,000 (OpenAI's limits), and the vectors are made
+in a worker thread, so a large request does not stall the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
+import math
+import re
+import struct
 import time
 from collections.abc import AsyncGenerator, Iterator
 
 import msgspec
 
+from gateway.errors import InvalidRequest
+from gateway.providers._embeddings import embedding_list
 from gateway.providers.base import ChatCall, ChatReply
+from gateway.providers.capabilities import EmbeddingCall
 from gateway.providers.demo_schema import sample
 from gateway.schemas.chat import (
     ChatCompletion,
@@ -39,10 +54,19 @@ from gateway.schemas.chat import (
 )
 from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage
+from gateway.schemas.embeddings import EmbeddingRequest
 from gateway.settings import DemoConfig
-from gateway.tokens import estimate_prompt_tokens, message_text
+from gateway.tokens import estimate_prompt_tokens, estimate_text_tokens, message_text
 
-__all__ = ["DemoProvider"]
+__all__ = ["DEMO_DIMENSIONS", "MAX_DEMO_DIMENSIONS", "DemoProvider", "demo_vector"]
+
+DEMO_DIMENSIONS = 1536
+MAX_DEMO_DIMENSIONS = 3072
+MAX_INPUT_TOKENS = 8192  # OpenAI's limits for one input and one request
+MAX_REQUEST_TOKENS = 300_000
+_SLOTS_PER_WORD = 4
+_SLOTS = struct.Struct(f"<{_SLOTS_PER_WORD}I").unpack
+_WORD = re.compile(r"\w+")
 
 
 class _Answer(msgspec.Struct):
@@ -135,6 +159,35 @@ class DemoProvider:
         )
         return ChatReply(body=encode(completion), usage=call.usage)
 
+    async def embeddings(self, call: EmbeddingCall) -> ChatReply:
+        req = call.request
+        dims = req.dimensions if isinstance(req.dimensions, int) else DEMO_DIMENSIONS
+        if dims > MAX_DEMO_DIMENSIONS:
+            raise InvalidRequest(
+                f"Invalid value for 'dimensions': the demo model makes at most "
+                f"{MAX_DEMO_DIMENSIONS} dimensions.",
+                param="dimensions",
+            )
+        prompt = req.prompt_estimate()
+        texts = req.texts()
+        sizes = (
+            [estimate_text_tokens(t) for t in texts]
+            if texts is not None
+            else [len(t) for t in req.token_lists()]
+        )
+        longest = max(sizes)
+        if longest > MAX_INPUT_TOKENS or prompt > MAX_REQUEST_TOKENS:
+            raise InvalidRequest(
+                f"Invalid value for 'input': the demo model takes at most {MAX_INPUT_TOKENS} "
+                f"tokens an input and {MAX_REQUEST_TOKENS} a request (OpenAI's limits).",
+                param="input",
+            )
+        call.first_byte_at = time.monotonic()
+        call.usage = Usage(prompt_tokens=prompt, total_tokens=prompt)
+        # Hashing every word and writing the vectors is CPU work: off the event loop.
+        body = await asyncio.to_thread(_embed, req, dims, prompt)
+        return ChatReply(body=body, usage=call.usage)
+
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         req = call.request
         n = req.n or 1
@@ -193,3 +246,32 @@ def _deltas(answer: _Answer, n: int) -> Iterator[list[ChunkChoice]]:
         for word in answer.words:
             yield [ChunkChoice(i, Delta(content=word)) for i in range(n)]
     yield [ChunkChoice(i, Delta(), answer.finish_reason) for i in range(n)]
+
+
+def demo_vector(words: list[str], dims: int) -> list[float]:
+    """A unit vector for a bag of words: each word adds signed ones at hashed positions."""
+    sparse: dict[int, float] = {}
+    for word, count in collections.Counter(words).items():
+        digest = hashlib.blake2b(word.encode(), digest_size=4 * _SLOTS_PER_WORD).digest()
+        for bits in _SLOTS(digest):
+            index = (bits >> 1) % dims
+            sparse[index] = sparse.get(index, 0.0) + (count if bits & 1 else -count)
+    norm = math.sqrt(sum(v * v for v in sparse.values()))
+    vector = [0.0] * dims
+    if norm == 0:  # every contribution cancelled out: still a unit vector, and a fixed one
+        vector[0] = 1.0
+        return vector
+    for index, value in sparse.items():
+        vector[index] = value / norm
+    return vector
+
+
+def _embed(req: EmbeddingRequest, dims: int, prompt: int) -> bytes:
+    texts = req.texts()
+    words = (
+        [_WORD.findall(text.lower()) or [text] for text in texts]
+        if texts is not None
+        else [[f"#{token}" for token in tokens] for tokens in req.token_lists()]
+    )
+    vectors = [demo_vector(w, dims) for w in words]
+    return embedding_list(vectors, model=req.model, prompt_tokens=prompt, as_base64=req.base64)

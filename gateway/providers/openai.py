@@ -5,7 +5,9 @@ The client's body is forwarded field for field (unknown fields included) with th
 reserved) fills a missing limit, tool-call ids longer than OpenAI's 40 characters are
 shortened (`_call_ids`), and streams always ask for `include_usage` so usage can be accounted;
 that extra usage chunk is dropped again when the client did not ask for it. Upstream bytes go
-back untouched.
+back untouched; answers are checked to be what they claim before they are relayed
+(`_answers`). Embeddings (`/embeddings`) and legacy completions (`/completions`, streams as for
+chat) pass through the same way.
 
 Upstreams with `responses_api = true` also get `/v1/responses` requests as they are
 (`OpenAIResponsesProvider`, which relays them with `gateway.providers.openai_responses`).
@@ -21,11 +23,17 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
-from gateway.providers._answers import StreamCheck, completion_usage
+from gateway.providers._answers import (
+    StreamCheck,
+    completion_usage,
+    embeddings_usage,
+    text_completion_usage,
+)
 from gateway.providers._call_ids import short_ids
 from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
-from gateway.providers.base import ChatCall, ChatReply
+from gateway.providers.base import Call, ChatCall, ChatReply
+from gateway.providers.capabilities import CompletionCall, EmbeddingCall
 from gateway.providers.openai_responses import ResponsesRelay
 from gateway.schemas.codec import RAW_OBJECT, encode, present
 from gateway.schemas.common import Usage
@@ -56,15 +64,14 @@ class OpenAIProvider:
     def __init__(self, config: OpenAIConfig | AzureConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, self.dialect)
-        self._url = f"{config.url}/chat/completions"
 
-    def chat_url(self, call: ChatCall) -> str:
-        """Where chat completions go (Azure: per deployment)."""
-        return self._url
+    def url(self, call: Call, operation: str) -> str:
+        """Where an operation (`chat/completions`, `embeddings`, `completions`) goes (Azure:
+        per deployment)."""
+        return f"{self.config.url}/{operation}"
 
     def _body(self, call: ChatCall, *, stream: bool) -> bytes:
-        fields = dict(call.raw)
-        fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        fields = _fields(call)
         messages = short_ids(call.request, fields["messages"])
         if messages is not None:  # ids minted elsewhere, too long for OpenAI
             fields["messages"] = messages
@@ -76,24 +83,43 @@ class OpenAIProvider:
             key = "max_completion_tokens" if call.model.reasoning else "max_tokens"
             fields[key] = msgspec.Raw(encode(call.max_tokens))
         if stream:
-            fields["stream"] = _TRUE
-            if not call.request.wants_usage:
-                # Ask for usage, keeping any other stream option the client (or server) uses.
-                options = call.raw.get("stream_options")
-                extra = RAW_OBJECT.decode(options) if present(options) else {}
-                extra["include_usage"] = _TRUE
-                fields["stream_options"] = msgspec.Raw(encode(extra))
+            _stream_with_usage(fields, call.raw, call.request.wants_usage)
         return encode(fields)
 
     async def chat(self, call: ChatCall) -> ChatReply:
-        body = await self._http.post(self.chat_url(call), self._body(call, stream=False), call)
+        url = self.url(call, "chat/completions")
+        body = await self._http.post(url, self._body(call, stream=False), call)
         call.usage = completion_usage(self.config.name, body)  # raises unless a completion
         return ChatReply(body=body, usage=call.usage)
 
-    async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
-        keep_usage_chunk = call.request.wants_usage
+    def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
+        url = self.url(call, "chat/completions")
+        body = self._body(call, stream=True)
+        return self._stream(url, body, call, keep_usage_chunk=call.request.wants_usage)
+
+    async def embeddings(self, call: EmbeddingCall) -> ChatReply:
+        body = encode(_fields(call))
+        answer = await self._http.post(self.url(call, "embeddings"), body, call)
+        call.usage = embeddings_usage(self.config.name, answer)  # raises unless embeddings
+        return ChatReply(body=answer, usage=call.usage)
+
+    async def completion(self, call: CompletionCall) -> ChatReply:
+        body = encode(_completion_fields(call))
+        answer = await self._http.post(self.url(call, "completions"), body, call)
+        call.usage = text_completion_usage(self.config.name, answer)
+        return ChatReply(body=answer, usage=call.usage)
+
+    def stream_completion(self, call: CompletionCall) -> AsyncGenerator[list[bytes], None]:
+        fields = _completion_fields(call)
+        _stream_with_usage(fields, call.raw, call.request.wants_usage)
+        url = self.url(call, "completions")
+        return self._stream(url, encode(fields), call, keep_usage_chunk=call.request.wants_usage)
+
+    async def _stream(
+        self, url: str, body: bytes, call: Call, *, keep_usage_chunk: bool
+    ) -> AsyncGenerator[list[bytes], None]:
         check = StreamCheck(self.config.name)
-        events = self._http.stream(self.chat_url(call), self._body(call, stream=True), call)
+        events = self._http.stream(url, body, call)
         async with contextlib.aclosing(events):
             async for batch in events:
                 out, done, error = self._relay(call, batch, keep_usage_chunk, check)
@@ -106,7 +132,7 @@ class OpenAIProvider:
         check.end()  # closed without [DONE]: an error unless the answer had finished
 
     def _relay(
-        self, call: ChatCall, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
+        self, call: Call, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (events for the client, saw [DONE], upstream error event)."""
         out: list[bytes] = []
@@ -120,7 +146,7 @@ class OpenAIProvider:
                 return out, True, exc
         return out, False, None
 
-    def _keep(self, call: ChatCall, data: bytes, keep_usage_chunk: bool) -> bool:
+    def _keep(self, call: Call, data: bytes, keep_usage_chunk: bool) -> bool:
         """Account for one upstream event; False for events the client must not get."""
         if b'"usage":{' in data or b'"usage": {' in data:
             try:
@@ -144,6 +170,32 @@ class OpenAIProvider:
                 raise error
         call.chunks += 1
         return True
+
+
+def _fields(call: Call) -> dict[str, msgspec.Raw]:
+    """The client's fields, to be sent with `model` set to the upstream model."""
+    fields = dict(call.raw)
+    fields["model"] = msgspec.Raw(encode(call.upstream_model))
+    return fields
+
+
+def _completion_fields(call: CompletionCall) -> dict[str, msgspec.Raw]:
+    fields = _fields(call)
+    if not isinstance(call.request.max_tokens, int) and call.model.max_tokens is not None:
+        fields["max_tokens"] = msgspec.Raw(encode(call.model.max_tokens))
+    return fields
+
+
+def _stream_with_usage(
+    fields: dict[str, msgspec.Raw], raw: dict[str, msgspec.Raw], wants_usage: bool
+) -> None:
+    """Make `fields` a stream that reports usage, keeping the client's other stream options."""
+    fields["stream"] = _TRUE
+    if not wants_usage:
+        options = raw.get("stream_options")
+        extra = RAW_OBJECT.decode(options) if present(options) else {}
+        extra["include_usage"] = _TRUE
+        fields["stream_options"] = msgspec.Raw(encode(extra))
 
 
 class OpenAIResponsesProvider(OpenAIProvider):

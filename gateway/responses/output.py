@@ -17,8 +17,8 @@ import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
+from gateway.providers._translate import read_completion
 from gateway.responses.translation import Translation
-from gateway.schemas.chat import ChatCompletion
 from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage
 from gateway.schemas.response_output import (
@@ -41,8 +41,6 @@ from gateway.schemas.responses import (
 )
 
 __all__ = ["finished", "from_completion", "incomplete", "item_status", "new_id", "shell"]
-
-_COMPLETION = msgspec.json.Decoder(ChatCompletion)
 
 _INCOMPLETE = {
     "length": IncompleteDetails(reason="max_output_tokens"),
@@ -118,10 +116,7 @@ def from_completion(body: bytes, base: Response, usage: Usage | None) -> bytes:
     Raises:
         UpstreamError: the completion is not one.
     """
-    try:
-        completion = _COMPLETION.decode(body)
-    except (msgspec.MsgspecError, RecursionError):
-        raise UpstreamError("The upstream provider returned a malformed completion.") from None
+    completion = read_completion(body)
     if not completion.choices:
         raise UpstreamError("The upstream provider returned a completion without choices.")
     choice = completion.choices[0]

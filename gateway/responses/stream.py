@@ -10,6 +10,7 @@ Every event carries `sequence_number`, counting from 0, and is framed with its `
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,7 +19,7 @@ import msgspec
 
 from gateway.errors import GatewayError, UpstreamError
 from gateway.providers.base import ChatCall
-from gateway.responses.framing import event_frame
+from gateway.responses.framing import event_frame, framed_batches
 from gateway.responses.output import finished, item_status, new_id
 from gateway.schemas.chat import ChatCompletionChunk, Delta, DeltaFunction, DeltaToolCall
 from gateway.schemas.codec import encode
@@ -134,17 +135,10 @@ class ResponseEvents:
 
     async def events(self, chunks: AsyncIterator[list[bytes]]) -> AsyncGenerator[list[bytes], None]:
         """Translate every batch; the terminal event follows the end of the chat stream."""
-        async for batch in chunks:
-            failure: UpstreamError | None = None
-            try:
-                for data in batch:
-                    self._chunk(data)
-            except UpstreamError as exc:
-                failure = exc  # what came before it still goes out, numbers stay contiguous
-            if self._frames:
-                yield self._take()
-            if failure is not None:
-                raise failure
+        # After a failure, what came before it still goes out, and numbers stay contiguous.
+        async with contextlib.aclosing(framed_batches(chunks, self._chunk, self._take)) as out:
+            async for frames in out:
+                yield frames
         self._close()
         done = finished(self._response, self._items, self._finish, self._call.usage)
         if done.status == "completed":

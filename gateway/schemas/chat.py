@@ -40,6 +40,7 @@ __all__ = [
     "JSONObjectFormat",
     "JSONSchemaFormat",
     "Message",
+    "NamedFunction",
     "RefusalContentPart",
     "ResponseFormat",
     "StreamOptions",
@@ -50,6 +51,7 @@ __all__ = [
     "ToolChoice",
     "ToolMessage",
     "UserMessage",
+    "wants_usage",
 ]
 
 
@@ -199,16 +201,16 @@ class CustomTool(_Tool, tag="custom"):
     custom: Raw
 
 
-class _NamedFunction(msgspec.Struct):
+class NamedFunction(msgspec.Struct):
     name: str
 
 
 class ToolChoiceFunction(_Tool, tag="function"):
-    function: _NamedFunction
+    function: NamedFunction
 
 
 class ToolChoiceCustom(_Tool, tag="custom"):
-    custom: _NamedFunction
+    custom: NamedFunction
 
 
 class ToolChoiceAllowedTools(_Tool, tag="allowed_tools"):
@@ -255,6 +257,11 @@ ResponseFormat = TextFormat | JSONObjectFormat | JSONSchemaFormat
 class StreamOptions(msgspec.Struct, omit_defaults=True):
     include_usage: bool | UnsetType | None = UNSET
     include_obfuscation: bool | UnsetType | None = UNSET
+
+
+def wants_usage(options: StreamOptions | UnsetType | None) -> bool:
+    """True when the client asked for the final usage chunk of a stream."""
+    return isinstance(options, StreamOptions) and options.include_usage is True
 
 
 Metadata = Annotated[
@@ -316,9 +323,7 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
 
     @property
     def wants_usage(self) -> bool:
-        """True when the client asked for the final usage chunk of a stream."""
-        so = self.stream_options
-        return isinstance(so, StreamOptions) and so.include_usage is True
+        return wants_usage(self.stream_options)
 
     @property
     def token_limit(self) -> int | None:

@@ -32,6 +32,9 @@ ROOTS = (
     # Responses API, for serving /v1/responses later.
     "Response",
     "ResponseStreamEvent",
+    # Embeddings and legacy completions (#15).
+    "CreateEmbeddingResponse",
+    "CreateCompletionResponse",
     # The request, for the test that sends each of its nullable fields as null.
     "CreateChatCompletionRequest",
 )

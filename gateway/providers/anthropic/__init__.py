@@ -1,19 +1,22 @@
 """Anthropic's Messages API behind the OpenAI chat interface (`type = "anthropic"`).
 
 `request` translates what clients send, `response` what Anthropic answers (whole or streamed),
-`wire` holds the Messages API structs; this module is the adapter that moves the bytes.
+`wire` holds the Messages API structs; this module is the adapter that moves the bytes. Clients
+of the Messages API itself (`/v1/messages`) are relayed untranslated by `passthrough`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 
 import aiohttp
+import msgspec
 
 from gateway.providers._answers import answer_error
 from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
+from gateway.providers.anthropic.passthrough import MessagesRelay
 from gateway.providers.anthropic.request import JsonTool, to_anthropic
 from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
 from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER
@@ -33,6 +36,7 @@ class AnthropicProvider:
         self.config = config
         self._http = UpstreamClient(config, session, _DIALECT)
         self._url = f"{config.url}/v1/messages"
+        self._relay = MessagesRelay(self._http, config.url)
 
     def _body(self, call: ChatCall, *, stream: bool) -> tuple[bytes, JsonTool | None]:
         request, json_tool = to_anthropic(call, self.config.default_max_tokens, stream=stream)
@@ -55,3 +59,18 @@ class AnthropicProvider:
         async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
             async for batch in chunks:
                 yield batch
+
+    async def messages(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> ChatReply:
+        return await self._relay.create(call, body, headers)
+
+    def stream_messages(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> AsyncGenerator[list[bytes], None]:
+        return self._relay.stream(call, body, headers)
+
+    async def count_tokens(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> bytes:
+        return await self._relay.count(call, body, headers)

@@ -23,7 +23,7 @@ from gateway.schemas.chat import Choice, FunctionCall, ToolCall
 from gateway.schemas.codec import encode
 from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
 
-__all__ = ["AnthropicStream", "finish_reason", "from_anthropic", "openai_usage"]
+__all__ = ["AnthropicStream", "event_error", "finish_reason", "from_anthropic", "openai_usage"]
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -48,6 +48,16 @@ def openai_usage(usage: AnthropicUsage) -> Usage:
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
     )
+
+
+def event_error(provider: str, error: AnthropicErrorBody) -> UpstreamError:
+    """The failure an Anthropic stream's `error` event reports: overload, an internal error
+    or a rate limit may pass on another route (before the first byte); anything else not."""
+    text = f"The upstream provider '{provider}' failed mid-stream: "
+    text += error.message or error.type or "unknown error"
+    if error.type in ("overloaded_error", "api_error", "rate_limit_error"):
+        return UpstreamUnavailable(text)
+    return UpstreamError(text)
 
 
 def finish_reason(stop_reason: str | None, json_tool: JsonTool | None) -> str:
@@ -144,7 +154,7 @@ class AnthropicStream:
             start = self.writer.start()
             return [start] if start else []
         if kind == "error":
-            raise self._error(event.error or AnthropicErrorBody())
+            raise event_error(self.provider, event.error or AnthropicErrorBody())
         writer = self.writer
         if writer is None:
             if kind == "ping":
@@ -227,10 +237,3 @@ class AnthropicStream:
                 state.has_arguments = True
                 return [writer.tool_arguments(state.slot, delta.partial_json)]
         return []  # signature, citation and empty deltas carry nothing for OpenAI clients
-
-    def _error(self, error: AnthropicErrorBody) -> UpstreamError:
-        text = f"The upstream provider '{self.provider}' failed mid-stream: "
-        text += error.message or error.type or "unknown error"
-        if error.type in ("overloaded_error", "api_error", "rate_limit_error"):
-            return UpstreamUnavailable(text)
-        return UpstreamError(text)

@@ -1,7 +1,8 @@
 """Google's Gemini API (`generateContent`, streamed or not) behind the OpenAI chat interface.
 
 `request` translates what clients send (with `schema` for JSON Schemas), `response` what
-Gemini answers, `wire` holds the API's structs; this module is the adapter (`type = "gemini"`).
+Gemini answers, `embeddings` embedding requests, `wire` holds the API's structs; this module
+is the adapter (`type = "gemini"`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import aiohttp
 from gateway.providers._answers import answer_error
 from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
-from gateway.providers.base import ChatCall, ChatReply
+from gateway.providers.base import Call, ChatCall, ChatReply
+from gateway.providers.capabilities import EmbeddingCall
+from gateway.providers.gemini.embeddings import embed
 from gateway.providers.gemini.request import to_gemini
 from gateway.providers.gemini.response import GeminiStream, from_gemini
 from gateway.providers.gemini.wire import RESPONSE_DECODER
@@ -34,16 +37,15 @@ class GeminiProvider:
         self.config = config
         self._http = UpstreamClient(config, session, _DIALECT)
 
-    def _url(self, call: ChatCall, *, stream: bool) -> str:
+    def _url(self, call: Call, action: str) -> str:
         # The model name comes from the client for "<provider>/<model>" ids: quote it so it
         # can only ever name a model, never another path.
         model = urllib.parse.quote(call.upstream_model.removeprefix("models/"), safe="")
-        action = "streamGenerateContent?alt=sse" if stream else "generateContent"
         return f"{self.config.url}/v1beta/models/{model}:{action}"
 
     async def chat(self, call: ChatCall) -> ChatReply:
         body = encode(to_gemini(call))
-        url = self._url(call, stream=False)
+        url = self._url(call, "generateContent")
         data = await self._http.post(url, body, call)
         resp = self._http.decode(RESPONSE_DECODER, data, "generateContent answer")
         if not resp.candidates and resp.prompt_feedback is None and resp.usage_metadata is None:
@@ -55,8 +57,12 @@ class GeminiProvider:
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         body = encode(to_gemini(call))
         state = GeminiStream(call, self.config.name)
-        url = self._url(call, stream=True)
+        url = self._url(call, "streamGenerateContent?alt=sse")
         events = self._http.stream(url, body, call)
         async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
             async for batch in chunks:
                 yield batch
+
+    async def embeddings(self, call: EmbeddingCall) -> ChatReply:
+        model = f"models/{call.upstream_model.removeprefix('models/')}"
+        return await embed(self._http, self._url(call, "batchEmbedContents"), model, call)

@@ -1,4 +1,5 @@
-"""Gemini `generateContent` wire structs: camelCase on the wire, unset fields left out.
+"""Gemini `generateContent` and `batchEmbedContents` wire structs: camelCase on the wire,
+unset fields left out.
 
 Outbound structs carry what the translation writes; inbound ones name only what it reads.
 """
@@ -140,4 +141,23 @@ class GeminiResponse(msgspec.Struct, rename="camel"):
     response_id: str = ""
 
 
+class GeminiEmbedRequest(_Wire):
+    model: str  # "models/<name>": the model the URL names
+    content: GeminiContent
+    output_dimensionality: int | UnsetType = UNSET
+
+
+class GeminiBatchEmbedRequest(_Wire):
+    requests: list[GeminiEmbedRequest]
+
+
+class GeminiEmbedding(msgspec.Struct):
+    values: list[float] = []
+
+
+class GeminiBatchEmbedResponse(msgspec.Struct):
+    embeddings: list[GeminiEmbedding] = []
+
+
 RESPONSE_DECODER = msgspec.json.Decoder(GeminiResponse)
+BATCH_EMBED_DECODER = msgspec.json.Decoder(GeminiBatchEmbedResponse)

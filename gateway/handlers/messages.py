@@ -1,0 +1,185 @@
+"""`POST /v1/messages` and `POST /v1/messages/count_tokens`: Anthropic's Messages API.
+
+A request is translated into a chat request first (`messages.to_chat`), so the pipeline
+applies the same model, permission, limit, budget and routing checks as chat completions do.
+Which way it goes (`passthrough.native_first`): to Anthropic upstreams the client's own body
+(model rewritten) with its `anthropic-version` and `anthropic-beta` headers, their answer or
+events relayed; to the others the translated chat request, whose completion or chunks become
+a `message` or Anthropic's event stream. Errors on these routes are Anthropic-shaped (see
+`messages.errors`; the middleware writes them, the streams end with an `error` event).
+
+A token count is the Anthropic upstream's when the model's first route is one, else the
+gateway's estimate of the translated request; it uses no tokens, so it holds none of the key's
+budget, but counts as a request against its limits and gets a usage row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from typing import cast
+
+import msgspec
+from aiohttp import web
+from msgspec import UNSET
+
+from gateway import pipeline
+from gateway.errors import InvalidRequest
+from gateway.failover import Exchange
+from gateway.messages import MessageEvents, Translation, error_event, from_completion, to_chat
+from gateway.messages.errors import anthropic_status
+from gateway.messages.schema import MessagesRequest
+from gateway.passthrough import native_first
+from gateway.providers import ChatCall
+from gateway.providers.base import has_capability
+from gateway.providers.capabilities import MessagesPassThrough
+from gateway.router import Route
+from gateway.schemas.codec import RAW_OBJECT, decode_body, encode
+from gateway.settings import ModelConfig
+from gateway.sse import relay
+from gateway.tokens import estimate_text_tokens
+from gateway.trace import TRACE_KEY
+
+__all__ = ["count_tokens", "create_message"]
+
+# The client headers an Anthropic upstream gets too; anything else (its key!) never does.
+_FORWARDED = ("anthropic-version", "anthropic-beta")
+_HEADER_VALUE = re.compile(r"^[A-Za-z0-9._,: -]{1,1024}$")
+
+
+def _headers(request: web.Request) -> dict[str, str]:
+    """The client's `anthropic-version` and `anthropic-beta`, for Anthropic upstreams.
+
+    Raises:
+        InvalidRequest: a value no Anthropic header has (checked before it goes anywhere).
+    """
+    out: dict[str, str] = {}
+    for name in _FORWARDED:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        if not _HEADER_VALUE.match(value):
+            raise InvalidRequest(f"{name}: invalid header value.", param=name)
+        out[name] = value
+    return out
+
+
+def _native(route: Route) -> MessagesPassThrough:
+    # native_first gives relayed() only routes that have the capability.
+    return cast(MessagesPassThrough, route.provider)
+
+
+def _begin(
+    request: web.Request, body: bytes
+) -> tuple[MessagesRequest, Translation, Exchange[ChatCall]]:
+    """Decode and translate the request; open its exchange (see `pipeline.open_exchange`)."""
+    req = decode_body(body, MessagesRequest)
+    if request.path.endswith("/count_tokens"):
+        free = True
+    else:
+        free = False
+        if req.max_tokens is UNSET:
+            raise InvalidRequest("max_tokens: Field required", param="max_tokens")
+    translations: list[Translation] = []
+
+    def messages_call(model: ModelConfig) -> ChatCall:
+        translations.append(to_chat(req, reasoning=model.reasoning))
+        return ChatCall(request=translations[0].chat, model=model)
+
+    ex = pipeline.open_exchange(request, req.model, messages_call, free=free)
+    return req, translations[0], ex
+
+
+async def create_message(request: web.Request) -> web.StreamResponse:
+    """Anthropic's Messages API; `model`, `messages` and `max_tokens` are required."""
+    request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
+    body = await request.read()
+    headers = _headers(request)
+    req, translation, ex = _begin(request, body)
+    try:
+        return await native_first(
+            ex,
+            MessagesPassThrough,
+            translation.refusal,
+            lambda: _relayed(ex, body, headers, stream=req.is_stream),
+            lambda: _translated(ex, stream=req.is_stream),
+        )
+    finally:
+        pipeline.finish(ex)
+
+
+async def _relayed(
+    ex: Exchange[ChatCall], body: bytes, headers: dict[str, str], *, stream: bool
+) -> web.StreamResponse:
+    fields: dict[str, msgspec.Raw] = RAW_OBJECT.decode(body)  # decode_body made sure it is JSON
+    if not stream:
+        reply = await pipeline.try_routes(
+            ex, lambda route: _native(route).messages(ex.call, fields, headers)
+        )
+        return web.Response(body=reply.body, content_type="application/json")
+    events = pipeline.stream(
+        ex, lambda route: _native(route).stream_messages(ex.call, fields, headers)
+    )
+    async with contextlib.aclosing(events) as batches:
+        return await _relay(ex.request, batches)
+
+
+async def _translated(ex: Exchange[ChatCall], *, stream: bool) -> web.StreamResponse:
+    estimate = ex.call.prompt_estimate()
+    if stream:
+        converter = MessageEvents(ex.call, estimate)
+        async with (
+            contextlib.aclosing(pipeline.stream(ex)) as chunks,
+            contextlib.aclosing(converter.events(chunks)) as batches,
+        ):
+            return await _relay(ex.request, batches)
+    reply = await pipeline.complete(ex)
+    return web.Response(body=from_completion(reply.body, estimate), content_type="application/json")
+
+
+async def _relay(request: web.Request, batches: AsyncIterator[list[bytes]]) -> web.StreamResponse:
+    # Batches hold framed events (`event:` and `data:` lines); Messages streams end with
+    # `message_stop`, without `[DONE]`.
+    return await relay(
+        request,
+        batches,
+        frame=b"".join,
+        error_frame=error_event,
+        end=b"",
+        status_of=anthropic_status,
+    )
+
+
+class _Count(msgspec.Struct):
+    input_tokens: int
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """The input tokens of a Messages request (the upstream's count, or an estimate)."""
+    request[TRACE_KEY].metered = True
+    body = await request.read()
+    headers = _headers(request)
+    _, _, ex = _begin(request, body)
+    try:
+        first = ex.routes[0].provider
+        if has_capability(first, MessagesPassThrough):
+            ex.routes = [r for r in ex.routes if has_capability(r.provider, MessagesPassThrough)]
+            fields: dict[str, msgspec.Raw] = RAW_OBJECT.decode(body)
+            answer = await pipeline.try_routes(
+                ex, lambda route: _native(route).count_tokens(ex.call, fields, headers)
+            )
+            return web.Response(body=answer, content_type="application/json")
+        return web.Response(
+            body=encode(_Count(input_tokens=_estimate(ex.call))), content_type="application/json"
+        )
+    finally:
+        pipeline.release(ex)
+
+
+def _estimate(call: ChatCall) -> int:
+    """The translated request's estimate, its tool definitions included."""
+    total = call.prompt_estimate()
+    for tool in call.request.tools or ():
+        total += estimate_text_tokens(encode(tool).decode())
+    return total

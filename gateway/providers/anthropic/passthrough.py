@@ -1,0 +1,201 @@
+"""`POST /v1/messages` (and its token count) relayed to Anthropic untranslated.
+
+The client's body goes to `{base_url}/v1/messages` as it is, with `model` set to the upstream
+model, so `cache_control`, thinking blocks and their signatures, server tools and fields added
+after this was written all reach Anthropic; the client's `anthropic-version` and
+`anthropic-beta` headers go with it. A whole answer is relayed untouched; events are relayed
+as they arrive, each with its `event:` line, up to and including `message_stop`.
+
+Usage is read on the way (`message_start` holds the input and cache counts, `message_delta`
+the final output count) into the call in chat terms, cache writes apart. Events are held back
+until the answer has content, so an `error` event that comes first (Anthropic reports overload
+right after `message_start`) is still an HTTP status and another route may be tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+
+import msgspec
+import structlog
+from msgspec import UNSET, UnsetType
+
+from gateway.errors import UpstreamConnectionError, UpstreamError
+from gateway.providers._answers import answer_error
+from gateway.providers._http import UpstreamClient
+from gateway.providers.anthropic.response import event_error, openai_usage
+from gateway.providers.anthropic.wire import AnthropicErrorBody, AnthropicUsage
+from gateway.providers.base import ChatCall, ChatReply
+from gateway.responses.framing import event_frame
+from gateway.schemas.codec import encode
+from gateway.schemas.common import Count
+
+__all__ = ["MessagesRelay"]
+
+log = structlog.get_logger(__name__)
+
+_TRUE = msgspec.Raw(b"true")
+
+
+class _Usage(msgspec.Struct):
+    """Anthropic's usage counts, as far as they are believable (else the row is estimated)."""
+
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    cache_creation_input_tokens: Count | None = None
+    cache_read_input_tokens: Count | None = None
+
+
+class _MessageView(msgspec.Struct):
+    """What makes a body an Anthropic `message`; its usage is read apart (a bad count must
+    not cost the client a good answer)."""
+
+    type: str = ""
+    usage: msgspec.Raw | UnsetType = UNSET
+
+
+class _RawUsage(msgspec.Struct):
+    usage: msgspec.Raw | UnsetType = UNSET
+
+
+class _EventView(msgspec.Struct):
+    """What the relay reads of an event (usage raw: a bad count must not break the stream)."""
+
+    type: str = ""
+    message: _RawUsage | None = None
+    usage: msgspec.Raw | UnsetType = UNSET
+    error: AnthropicErrorBody | None = None
+
+
+class _CountView(msgspec.Struct):
+    input_tokens: Count
+
+
+_MESSAGE = msgspec.json.Decoder(_MessageView)
+_USAGE_ONLY = msgspec.json.Decoder(_Usage)
+_EVENT = msgspec.json.Decoder(_EventView)
+_COUNT = msgspec.json.Decoder(_CountView)
+
+
+def _account(call: ChatCall, usage: _Usage) -> None:
+    call.usage = openai_usage(AnthropicUsage(**msgspec.structs.asdict(usage)))
+    call.cache_write_tokens = usage.cache_creation_input_tokens or 0
+
+
+@dataclass(slots=True)
+class _Tally:
+    """A stream's usage so far; once a count cannot be read, the usage row is estimated."""
+
+    usage: _Usage = field(default_factory=_Usage)
+    readable: bool = True
+
+    def merge(self, raw: msgspec.Raw | UnsetType, provider: str) -> None:
+        if raw is UNSET:
+            return
+        try:
+            usage = _USAGE_ONLY.decode(raw)
+        except msgspec.MsgspecError:
+            log.warning("upstream_usage_unreadable", provider=provider)
+            self.readable = False
+            return
+        for name in usage.__struct_fields__:
+            value = getattr(usage, name)
+            if value is not None:
+                setattr(self.usage, name, value)
+
+
+class MessagesRelay:
+    """Relays Messages API requests to one Anthropic upstream through its provider's client."""
+
+    def __init__(self, http: UpstreamClient, root: str) -> None:
+        self._http = http
+        self._name = http.config.name
+        self._url = f"{root}/v1/messages"
+        self._count_url = f"{root}/v1/messages/count_tokens"
+
+    def _body(self, call: ChatCall, body: dict[str, msgspec.Raw], *, stream: bool) -> bytes:
+        fields = dict(body)
+        fields["model"] = msgspec.Raw(encode(call.upstream_model))
+        if stream:
+            fields["stream"] = _TRUE
+        return encode(fields)
+
+    async def create(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> ChatReply:
+        data = self._body(call, body, stream=False)
+        answer = await self._http.post(self._url, data, call, headers)
+        view = self._http.decode(_MESSAGE, answer, "message")
+        if view.type != "message":
+            raise answer_error(self._name, answer, "message")
+        if view.usage is not UNSET:
+            try:
+                _account(call, _USAGE_ONLY.decode(view.usage))
+            except msgspec.ValidationError:
+                log.warning("upstream_usage_unreadable", provider=self._name)
+        return ChatReply(body=answer, usage=call.usage)
+
+    async def count(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> bytes:
+        data = self._body(call, body, stream=False)
+        answer = await self._http.post(self._count_url, data, call, headers)
+        self._http.decode(_COUNT, answer, "token count")  # only a real count is relayed
+        return answer
+
+    async def stream(
+        self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
+    ) -> AsyncGenerator[list[bytes], None]:
+        tally = _Tally()
+        held: list[bytes] = []
+        events = self._http.stream(self._url, self._body(call, body, stream=True), call, headers)
+        async with contextlib.aclosing(events):
+            async for batch in events:
+                ended, error = self._reframe(call, batch, tally, held)
+                if error is not None:
+                    if held and call.chunks:
+                        yield held  # what came before the error still reaches the client
+                    raise error
+                if held and (call.chunks or ended):
+                    yield held
+                    held = []
+                if ended:
+                    return  # whatever follows (or a connection left open) is not ours
+        # Cut like a dropped connection (which a retry may fix before the first event).
+        raise UpstreamConnectionError(
+            f"The upstream provider '{self._name}' ended the stream before the message was "
+            "complete."
+        )
+
+    def _reframe(
+        self, call: ChatCall, batch: list[bytes], tally: _Tally, out: list[bytes]
+    ) -> tuple[bool, UpstreamError | None]:
+        """Frame one batch's events into `out`; (saw `message_stop`, an upstream error)."""
+        for payload in batch:
+            try:
+                event = _EVENT.decode(payload)
+            except msgspec.MsgspecError:
+                return False, UpstreamError(
+                    f"The upstream provider '{self._name}' sent a malformed stream event."
+                )
+            kind = event.type
+            if not kind or not kind.isascii() or not kind.replace("_", "").isalnum():
+                return False, UpstreamError(
+                    f"The upstream provider '{self._name}' sent a malformed stream event."
+                )
+            if kind == "error":
+                return False, event_error(self._name, event.error or AnthropicErrorBody())
+            if kind == "message_start" and event.message is not None:
+                tally.merge(event.message.usage, self._name)
+            elif kind == "message_delta":
+                tally.merge(event.usage, self._name)
+                if tally.readable:
+                    _account(call, tally.usage)
+            elif kind == "content_block_delta":
+                call.chunks += 1
+            out.append(event_frame(kind.encode(), payload))
+            if kind == "message_stop":
+                return True, None
+        return False, None

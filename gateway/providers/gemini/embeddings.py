@@ -1,0 +1,71 @@
+"""OpenAI embeddings requests → Gemini's `batchEmbedContents`, and its vectors back.
+
+Each input text becomes one `EmbedContentRequest` (`model` naming the same model as the URL,
+as Google requires), `dimensions` becomes `outputDimensionality`. Google takes at most 100
+requests per call, so larger inputs are sent in batches of 100, one after the other. Gemini
+embeds text only: token-id inputs are a 400. It reports no token usage for embeddings, so the
+usage is the gateway's estimate (and the usage row says it was estimated).
+"""
+
+from __future__ import annotations
+
+from msgspec import UNSET
+
+from gateway.errors import UpstreamError
+from gateway.providers._embeddings import embedding_list
+from gateway.providers._http import UpstreamClient
+from gateway.providers.base import ChatReply
+from gateway.providers.capabilities import EmbeddingCall
+from gateway.providers.gemini.request import PROVIDER
+from gateway.providers.gemini.wire import (
+    BATCH_EMBED_DECODER,
+    GeminiBatchEmbedRequest,
+    GeminiContent,
+    GeminiEmbedRequest,
+    GeminiPart,
+)
+from gateway.schemas.codec import encode
+from gateway.schemas.embeddings import text_inputs
+
+__all__ = ["BATCH_LIMIT", "embed"]
+
+BATCH_LIMIT = 100  # Google's most requests in one batchEmbedContents call
+
+
+async def embed(http: UpstreamClient, url: str, model: str, call: EmbeddingCall) -> ChatReply:
+    """Embed the call's texts through `url` (the model's `:batchEmbedContents`).
+
+    Raises:
+        InvalidRequest: the input is token ids.
+        UpstreamError: the upstream failed, or answered with another number of vectors.
+    """
+    req = call.request
+    texts = text_inputs(req, PROVIDER)
+    dims = req.dimensions if isinstance(req.dimensions, int) else UNSET
+    vectors: list[list[float]] = []
+    for start in range(0, len(texts), BATCH_LIMIT):
+        batch = texts[start : start + BATCH_LIMIT]
+        body = GeminiBatchEmbedRequest(
+            requests=[
+                GeminiEmbedRequest(
+                    model=model,
+                    content=GeminiContent(parts=[GeminiPart(text=text)]),
+                    output_dimensionality=dims,
+                )
+                for text in batch
+            ]
+        )
+        answer = http.decode(
+            BATCH_EMBED_DECODER,
+            await http.post(url, encode(body), call),
+            "batchEmbedContents answer",
+        )
+        if len(answer.embeddings) != len(batch):
+            raise UpstreamError(
+                f"The upstream provider '{http.config.name}' answered {len(answer.embeddings)} "
+                f"embeddings for {len(batch)} inputs."
+            )
+        vectors.extend(e.values for e in answer.embeddings)
+    prompt = req.prompt_estimate()
+    body_out = embedding_list(vectors, model=req.model, prompt_tokens=prompt, as_base64=req.base64)
+    return ChatReply(body=body_out, usage=None)

@@ -1,0 +1,45 @@
+"""OpenAI's legacy Completions request (`POST /v1/completions`), as far as the gateway reads it.
+
+Completions are passed through to OpenAI-compatible upstreams as the client sent them; the
+struct names what the gateway needs (the model, streaming, limits for admission, the prompt
+for estimates) and checks those fields' types, tolerating every other field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from gateway.schemas.chat import StreamOptions, wants_usage
+
+__all__ = ["CompletionRequest"]
+
+Token = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+
+
+class CompletionRequest(msgspec.Struct, omit_defaults=True):
+    """`POST /v1/completions` body (unknown fields tolerated and forwarded)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    prompt: str | list[str | Token | list[Token]]
+    stream: bool | UnsetType | None = UNSET
+    stream_options: StreamOptions | UnsetType | None = UNSET
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | UnsetType | None = UNSET
+    n: Annotated[int, msgspec.Meta(ge=1, le=128)] | UnsetType | None = UNSET
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=20)] | UnsetType | None = UNSET
+
+    @property
+    def is_stream(self) -> bool:
+        return self.stream is True
+
+    @property
+    def wants_usage(self) -> bool:
+        return wants_usage(self.stream_options)
+
+    @property
+    def choices(self) -> int:
+        """Completions generated upstream: `best_of` of them when set (each is billed)."""
+        n = self.n if isinstance(self.n, int) else 1
+        return max(n, self.best_of) if isinstance(self.best_of, int) else n
