@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 keys.db:
-	cp keys.db.sample keys.db
+	install -m 600 keys.db.sample keys.db  # readable by its owner only: it holds key digests
 
 run: $(STAMP) keys.db
 	$(BIN)/gateway serve --host $(HOST) --port $(PORT)

@@ -1,7 +1,9 @@
 """Admission: a key's rate limits and budget, checked together before a request goes upstream.
 
-`Gate.admit()` charges the rate limits and holds budget for one request and returns a
-`Ticket`; `Gate.settle()` gives back what the request did not use. Keys without limits or
+`Gate.enter()` takes a concurrency slot and a request of the key's rate before the body is
+read and returns a `Ticket`; `Gate.charge()` holds the request's tokens and budget once the body
+shows what it may use; `Gate.settle()` gives back what it did not use, and `Gate.leave()` frees
+its slot. Keys without limits or
 budget pass through without any of this work. `Gate.sync()` reads the spending of budgeted
 keys from the usage table when the key cache (re)loads, before those keys serve requests.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.budgets import BudgetBook, Spend, period_start
+from gateway.budgets import Amount, BudgetBook, Spend, period_start
 from gateway.errors import GatewayError
 from gateway.ratelimit import Limiter
 from gateway.records import KeyRecord
@@ -29,13 +31,15 @@ Clock = Callable[[], float]
 
 @dataclass(slots=True)
 class Ticket:
-    """What one admitted request holds until it ends."""
+    """What one admitted request holds until it ends: a slot and a request of the key's limits
+    (from `enter`), and its hold of tokens and budget (from `charge`)."""
 
     key: KeyRecord
-    tokens: int
-    usd: float
     limited: bool
     budgeted: bool
+    tokens: int = 0
+    usd: float = 0.0
+    charged: bool = False
 
 
 class Gate:
@@ -70,34 +74,59 @@ class Gate:
             tokens, usd = await self._store.spend_since(key.id, start)
             self.budgets.load(key, start, tokens, usd)
 
-    def admit(self, key: KeyRecord, tokens: int, usd: float) -> Ticket | None:
-        """Charge one request that may use `tokens` (costing `usd`) to the key.
+    def enter(self, key: KeyRecord) -> Ticket | None:
+        """Before its body is read: a request takes a slot and a request of the key's limits.
 
         Raises:
-            RateLimited: a rate or concurrency limit has no room.
-            QuotaExceeded: the budget has not enough left.
+            RateLimited: no slot, or no request left this minute.
         """
         limited = key.has_limits
         budgeted = key.has_budget
         if not (limited or budgeted):
             return None
-        if budgeted:
-            self.budgets.reserve(key, tokens, usd)
         if limited:
-            try:
-                self.limiter.admit(key, tokens)
-            except GatewayError:
-                if budgeted:
-                    self.budgets.settle(key, (tokens, usd), (0, 0.0))  # it never ran
-                raise
-        return Ticket(key=key, tokens=tokens, usd=usd, limited=limited, budgeted=budgeted)
+            self.limiter.enter(key)
+        return Ticket(key=key, limited=limited, budgeted=budgeted)
+
+    def charge(self, ticket: Ticket, likely: Amount, most: Amount) -> None:
+        """Once its body shows what it may use: hold the request's `most` (tokens, USD) if its
+        `likely` fits the key's tokens per minute and budget.
+
+        Raises:
+            RateLimited: the tokens per minute have no room.
+            QuotaExceeded: the budget has not enough left.
+        """
+        key = ticket.key
+        try:
+            if ticket.budgeted:
+                self.budgets.reserve(key, likely, most)
+            if ticket.limited:
+                try:
+                    self.limiter.take(key, likely[0], most[0])
+                except GatewayError:
+                    if ticket.budgeted:
+                        self.budgets.settle(key, most, (0, 0.0))  # it never ran
+                    raise
+        except GatewayError:
+            if ticket.limited:
+                self.limiter.refund(key)  # a refused request costs no request of the rate
+            raise
+        ticket.tokens, ticket.usd, ticket.charged = most[0], most[1], True
 
     def settle(self, ticket: Ticket, tokens: int, usd: float) -> None:
-        """The admitted request ended having used `tokens` costing `usd`."""
+        """The charged request ended having used `tokens` costing `usd`."""
+        if not ticket.charged:
+            return
+        ticket.charged = False
         if ticket.limited:
-            self.limiter.release(ticket.key, ticket.tokens, tokens)
+            self.limiter.give_back(ticket.key, ticket.tokens, tokens)
         if ticket.budgeted:
             self.budgets.settle(ticket.key, (ticket.tokens, ticket.usd), (tokens, usd))
+
+    def leave(self, ticket: Ticket) -> None:
+        """The request is over (answered, refused or abandoned): its slot is free."""
+        if ticket.limited:
+            self.limiter.leave(ticket.key)
 
     def headers(self, key: KeyRecord) -> dict[str, str]:
         return self.limiter.headers(key) if key.rpm is not None or key.tpm is not None else {}

@@ -1,9 +1,10 @@
 """`create_app(settings)`: wires state, middlewares and routes; resources open in cleanup contexts.
 
 The factory does no I/O, so tests build apps from their own settings and several apps can run
-side by side. Cleanup contexts open in this order and close in reverse: store → usage writer →
-key cache → the config requests run on (providers, one HTTP session per upstream, and the
-router: `gateway.snapshot`) → with `reload`, the SIGHUP handler that re-reads it.
+side by side. Cleanup contexts open in this order and close in reverse: store → usage writer
+and refusal counter → prices → key cache → the config requests run on (providers, one HTTP
+session per upstream, and the router: `gateway.snapshot`) → with `reload`, the SIGHUP handler
+that re-reads it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from aiohttp import web
 
 from gateway.admission import Gate
 from gateway.auth import auth_middleware
+from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
-from gateway.middleware import error_middleware, request_context
+from gateway.middleware import error_middleware, request_context, server_header
+from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.records import KeyRecord
+from gateway.refusals import RefusalCounter
 from gateway.reload import reload_ctx
 from gateway.routes import setup_routes
 from gateway.settings import Settings
@@ -30,6 +34,8 @@ from gateway.state import (
     INFLIGHT_KEY,
     KEYS_KEY,
     LIVE_KEY,
+    PRICES_KEY,
+    REFUSALS_KEY,
     RELOADER_KEY,
     SETTINGS_KEY,
     SHUTTING_DOWN_KEY,
@@ -42,9 +48,13 @@ from gateway.usage import UsageRecorder
 
 __all__ = ["create_app"]
 
+# The server's one database connection serves every query in turn: a statement must not wait
+# long for another process's lock (usage writes are retried, admin writes answered 503).
+_BUSY_TIMEOUT = 0.25
+
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = await Store.open(app[SETTINGS_KEY].server.database)
+    store = await Store.open(app[SETTINGS_KEY].server.database, busy_timeout=_BUSY_TIMEOUT)
     app[STORE_KEY] = store
     yield
     await store.close()
@@ -56,9 +66,32 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE_KEY], flush_seconds=server.usage_flush_seconds, batch_size=server.usage_batch_size
     )
     app[USAGE_KEY] = recorder
+    refusals = app[REFUSALS_KEY] = RefusalCounter(
+        app[STORE_KEY], flush_seconds=server.usage_flush_seconds
+    )
     await recorder.start()
+    await refusals.start()
     yield
+    await refusals.stop()
     await recorder.stop()  # drains: no usage row is lost on a clean stop
+
+
+async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS_KEY]
+    if not settings.prices.database:
+        app[PRICES_KEY] = PriceBook()
+        yield
+        return
+    lookup, version, provider_ids = await asyncio.to_thread(load_database)
+    prices = PriceBook(lookup, version, provider_ids=provider_ids)
+    prices.check(settings)
+    app[PRICES_KEY] = prices
+    if not settings.prices.update:
+        yield
+        return
+    updater = await asyncio.to_thread(start_price_updates, settings.prices)
+    yield
+    await asyncio.to_thread(updater.stop)
 
 
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -117,14 +150,15 @@ def create_app(
     """
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[request_context, error_middleware, auth_middleware],
+        middlewares=[request_context, error_middleware, auth_middleware, intake_middleware],
     )
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
     app.on_shutdown.append(_wind_down)
-    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _keys_ctx, _config_ctx])
+    app.on_response_prepare.append(server_header)
+    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx])
     if reload is not None:
         app[RELOADER_KEY] = Reloader(reload)
         app.cleanup_ctx.append(reload_ctx)

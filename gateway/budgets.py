@@ -1,11 +1,12 @@
 """Per-key spending budgets (tokens and/or USD, per day, week, month or in total).
 
-A request reserves what it may cost (prompt estimate plus its output limit, priced with the
-model's prices) before it is sent, and the reservation is settled with what it really cost
-when it ends. A reservation that does not fit beside what is spent and what other requests
-hold is refused, so concurrent requests cannot together overspend by more than their own
-estimates were short. Spent amounts come from the usage table, so they survive a restart.
-Periods are calendar periods in UTC; weeks start on Monday.
+A request holds the most it can cost (its prompt's upper bound plus its output limit, priced
+with the model's prices) while it runs, and the hold is settled with what it really cost when
+it ends. It is admitted only when its likely cost fits beside what is spent and what the other
+requests in flight hold. So the budget is overspent by no more than one request's cost: the
+last one admitted holds less than its most only by what its likely cost was short, and every
+other request in flight holds at least what it can use. Spent amounts come from the usage
+table, so they survive a restart. Periods are calendar periods in UTC; weeks start on Monday.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from datetime import UTC, datetime, timedelta
 from gateway.errors import QuotaExceeded
 from gateway.records import BudgetPeriod, KeyRecord
 
-__all__ = ["BudgetBook", "Spend", "period_start"]
+__all__ = ["Amount", "BudgetBook", "Spend", "period_start"]
 
 Clock = Callable[[], float]
+Amount = tuple[int, float]  # tokens, USD
 
 
 def period_start(period: BudgetPeriod | None, now: float) -> float:
@@ -111,11 +113,13 @@ class BudgetBook:
         if start > spend.start:  # a new period: what was spent before no longer counts
             spend.start, spend.tokens, spend.usd = start, 0, 0.0
 
-    def reserve(self, key: KeyRecord, tokens: int, usd: float) -> None:
-        """Hold `tokens` and `usd` of the key's budget for one request, or refuse it.
+    def reserve(self, key: KeyRecord, likely: Amount, most: Amount) -> None:
+        """Hold `most` (tokens, USD) of the key's budget for one request, or refuse it: it is
+        refused unless its `likely` amount fits beside what is spent and what the requests in
+        flight hold (their `most`).
 
         Raises:
-            QuotaExceeded: the hold does not fit in what is left of the budget.
+            QuotaExceeded: the request does not fit in what is left of the budget.
         """
         spend = self.spent(key)
         if spend is None:  # not loaded yet (a key created a moment ago has spent nothing)
@@ -123,6 +127,7 @@ class BudgetBook:
                 start=period_start(key.budget_period, self._clock())
             )
             self._periods[key.id] = key.budget_period
+        tokens, usd = likely
         over = []
         if key.budget_tokens is not None:
             left = key.budget_tokens - spend.tokens - spend.held_tokens
@@ -140,10 +145,10 @@ class BudgetBook:
                 f"{' and '.join(over)} {when}, and this request may use up to {tokens} "
                 f"tokens (${usd:.4f}). Lower max_tokens or wait for the next period."
             )
-        spend.held_tokens += tokens
-        spend.held_usd += usd
+        spend.held_tokens += most[0]
+        spend.held_usd += most[1]
 
-    def settle(self, key: KeyRecord, held: tuple[int, float], used: tuple[int, float]) -> None:
+    def settle(self, key: KeyRecord, held: Amount, used: Amount) -> None:
         """Release a request's hold and count what it really used."""
         spend = self._spend.get(key.id)
         if spend is None:

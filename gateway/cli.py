@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, get_args, get_origin
 
 import msgspec
-from aiohttp import web
 
 from gateway import __version__, cli_output as out
 from gateway.config import load_settings
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.logs import configure_logging
 from gateway.pidfile import NoServer, keep_pid_file, signal_reload
 from gateway.records import (
@@ -245,31 +244,21 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so key and usage commands need not load the HTTP and provider stack.
     from gateway.app import create_app
+    from gateway.server import serve
 
     settings = _settings(args)
     server = settings.server
     configure_logging(server.log_level)
     host = f"[{server.host}]" if ":" in server.host else server.host
 
-    def announce(*_: object) -> None:
-        # run_app calls this once its sites are bound, so the line never precedes a bind error.
+    def announce() -> None:
+        # Called once the port is bound, so the line never precedes a bind error.
         print(f"Token Kiosk listening on http://{host}:{server.port}", file=sys.stderr, flush=True)
 
     app = create_app(settings, reload=lambda: _settings(args))
     keep_pid_file(app, server.database)  # for `gateway reload`
     try:
-        web.run_app(
-            app,
-            host=server.host,
-            port=server.port,
-            print=announce,
-            access_log=None,
-            # The grace period is spent in the app's on_shutdown (see app.py); after it, what
-            # is still running only gets a moment to unwind.
-            shutdown_timeout=1.0,
-            # A client that hangs up cancels its handler, which closes the upstream request.
-            handler_cancellation=True,
-        )
+        serve(app, server.host, server.port, announce)
     except OSError as exc:  # address in use, unknown host, no permission
         print(f"gateway: cannot listen on {host}:{server.port}: {exc}", file=sys.stderr)
         return 1
@@ -314,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return 2
-    except (NotFound, InvalidRequest) as exc:
+    except (NotFound, InvalidRequest, StoreBusy) as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
-        return 1 if isinstance(exc, NotFound) else 2
+        return 2 if isinstance(exc, InvalidRequest) else 1
     except (sqlite3.Error, StoreError) as exc:
         print(f"gateway: database error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,9 @@
-"""How the `gateway` command prints keys and usage: aligned tables for people, JSON for scripts."""
+"""How the `gateway` command prints keys and usage: aligned tables for people, JSON for scripts.
+
+Names, notes, metadata and model ids come from whoever created a key or sent a request, so
+every character a terminal would act on (escape sequences, other control and format
+characters such as bidi overrides) is printed escaped (`\x1b`), never raw.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from gateway.schemas.codec import encode
 
 __all__ = [
     "budget",
+    "clean",
     "ms",
     "opt",
     "print_json",
@@ -26,8 +32,25 @@ __all__ = [
 ]
 
 
+def clean(text: str) -> str:
+    """`text` with every non-printable character (but the space) written as an escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _json_escape(c: str) -> str:
+    code = ord(c)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # outside the BMP: a surrogate pair, as JSON writes it
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def print_json(obj: Any) -> None:
-    print(msgspec.json.format(encode(obj), indent=2).decode())
+    text = msgspec.json.format(encode(obj), indent=2).decode()
+    # msgspec leaves DEL, C1 controls and format characters raw; escaped, they are still JSON.
+    print("".join(c if c.isprintable() or c == "\n" else _json_escape(c) for c in text))
 
 
 def when(ts: float | None, never: str = "-") -> str:
@@ -56,6 +79,7 @@ def table(
 ) -> str:
     """Columns padded to their widest cell; columns from index `right_from` on align right."""
     right = len(headers) if right_from is None else right_from
+    rows = [[clean(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     lines = [
         "  ".join(
@@ -88,8 +112,8 @@ def print_key(key: KeyRecord) -> None:
     times = sorted((f.name for f in KEY_FIELDS if f.name.endswith("_at")), key=_is_history)
     lines |= {t.removesuffix("_at"): when(getattr(key, t), _NEVER.get(t, "-")) for t in times}
     lines |= {f"meta.{k}": v for k, v in key.metadata.items()}
-    width = max(map(len, lines))
-    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in lines.items()))
+    width = max(len(clean(name)) for name in lines)
+    print("\n".join(f"{clean(name).ljust(width)}  {clean(value)}" for name, value in lines.items()))
 
 
 _NEVER = {"expires_at": "never"}  # what an unset time means, where "-" would not say it

@@ -5,12 +5,14 @@ into responses, so status codes and error types live here and nowhere else::
 
     GatewayError                      500 server_error
     ├── InvalidRequest                400 invalid_request_error
-    │   └── PayloadTooLarge           413 invalid_request_error / request_too_large
+    │   ├── PayloadTooLarge           413 invalid_request_error / request_too_large
+    │   └── RequestTimeout            408 invalid_request_error / request_timeout
     ├── AuthenticationFailed          401 authentication_error / invalid_api_key
     ├── PermissionDenied              403 permission_error / model_not_allowed
     ├── NotFound                      404 not_found_error / model_not_found
     ├── RateLimited                   429 rate_limit_exceeded (carries retry_after)
     ├── QuotaExceeded                 429 insufficient_quota
+    ├── StoreBusy                     503 server_error / database_busy (carries retry_after)
     └── UpstreamError                 502 upstream_error  (the provider failed us)
         ├── UpstreamBadRequest        4xx invalid_request_error (the upstream blamed the request)
         ├── UpstreamRateLimited       429 rate_limit_exceeded (retryable, carries retry_after)
@@ -36,6 +38,8 @@ __all__ = [
     "PermissionDenied",
     "QuotaExceeded",
     "RateLimited",
+    "RequestTimeout",
+    "StoreBusy",
     "UpstreamAuthError",
     "UpstreamBadRequest",
     "UpstreamBadResponse",
@@ -70,6 +74,8 @@ class GatewayError(Exception):
     # Sent as `x-should-retry`, which the OpenAI and Anthropic SDKs obey over their own rules
     # (e.g. they retry every 429 unless told not to).
     should_retry: bool | None = None
+    # The answer closes the connection: the request's body was not (wholly) read.
+    closes: bool = False
 
     def __init__(
         self,
@@ -101,6 +107,15 @@ class InvalidRequest(GatewayError):
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+    closes = True
+
+
+class RequestTimeout(InvalidRequest):
+    """The client took too long to send its request head or body."""
+
+    status = 408
+    code = "request_timeout"
+    closes = True
 
 
 class AuthenticationFailed(GatewayError):
@@ -132,6 +147,13 @@ class QuotaExceeded(GatewayError):
     type = "insufficient_quota"
     code = "insufficient_quota"
     should_retry = False  # retrying cannot help until the budget period turns
+
+
+class StoreBusy(GatewayError):
+    """The database is locked by another writer (a backup, the CLI): try again shortly."""
+
+    status = 503
+    code = "database_busy"
 
 
 class UpstreamError(GatewayError):

@@ -23,10 +23,17 @@ from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLar
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord
 from gateway.schemas.codec import encode
-from gateway.state import INFLIGHT_KEY, LIVE_KEY, SNAPSHOT_KEY, USAGE_KEY
+from gateway.state import INFLIGHT_KEY, LIVE_KEY, REFUSALS_KEY, SNAPSHOT_KEY, USAGE_KEY
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
 
-__all__ = ["error_middleware", "request_context"]
+__all__ = [
+    "SERVER_NAME",
+    "error_middleware",
+    "error_response",
+    "mint_request_id",
+    "request_context",
+    "server_header",
+]
 
 log = structlog.get_logger("gateway.request")
 
@@ -41,11 +48,24 @@ _ID_PREFIX = f"req_{uuid.uuid4().hex[:16]}"
 _id_counter = itertools.count(1)
 
 
+# The `Server` header of every answer: the product, never the versions of what runs it.
+SERVER_NAME = "token-kiosk"
+
+
+def mint_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+
+
 def _new_request_id(request: web.Request) -> str:
     incoming = request.headers.get("X-Request-ID")
     if incoming and _SAFE_ID.match(incoming):
         return incoming
-    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+    return mint_request_id()
+
+
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: aiohttp would name its own and Python's versions."""
+    response.headers["Server"] = SERVER_NAME
 
 
 @web.middleware
@@ -86,8 +106,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
-    """Queue the usage row (for model requests) and write the canonical log line."""
-    model = trace.model
+    """Queue the usage row (for model requests; a refusal before any upstream call is only
+    counted) and write the canonical log line."""
     record = UsageRecord(
         ts=trace.ts,
         request_id=trace.request_id,
@@ -101,14 +121,7 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         prompt_tokens=trace.prompt_tokens,
         completion_tokens=trace.completion_tokens,
         total_tokens=trace.prompt_tokens + trace.completion_tokens,
-        cost_usd=model.cost_usd(
-            trace.prompt_tokens,
-            trace.completion_tokens,
-            trace.cache_read_tokens,
-            trace.cache_write_tokens,
-        )
-        if model
-        else 0.0,
+        cost_usd=trace.cost_usd,
         latency_ms=round((time.perf_counter() - trace.started) * 1000, 3),
         ttft_ms=trace.ttft_ms,
         estimated=trace.estimated,
@@ -116,7 +129,10 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         cache_write_tokens=trace.cache_write_tokens,
     )
     if trace.metered:
-        request.app[USAGE_KEY].record(record)
+        if status >= 400 and not trace.attempts and trace.key_id is not None:
+            request.app[REFUSALS_KEY].count(trace.ts, trace.key_id, status)
+        else:
+            request.app[USAGE_KEY].record(record)
     fields = msgspec.structs.asdict(record)
     del fields["ts"], fields["endpoint"]  # the log line has its own timestamp and the path
     if trace.attempts:
@@ -170,11 +186,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
-        return error_response(exc, request)
+        response = error_response(exc, request)
+        if exc.closes:
+            response.force_close()  # the rest of the body is not read: the connection is spent
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(request, exc), request)
+        response = error_response(_from_http_exception(request, exc), request)
+        if "Allow" in exc.headers:  # a 405 says which methods the route takes
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -61,6 +61,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE usage ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # Refused requests: one row per minute, key and status (gateway.refusals).
+        """CREATE TABLE refusals (
+            minute INTEGER NOT NULL,
+            key_id TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (minute, key_id, status)
+        )""",
+    ),
 )
 
 

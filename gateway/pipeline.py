@@ -27,16 +27,22 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.failover import Exchange, attempt_each
-from gateway.providers import ChatCall, ChatReply
-from gateway.providers.base import Call, has_capability
-from gateway.records import KeyRecord, model_allowed
+from gateway.media import Estimate, image_tokens
+from gateway.prices import PriceBook, Usage
+from gateway.providers import ChatReply
+from gateway.providers.base import Call, ChatCall, has_capability
+from gateway.records import model_allowed
 from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import present
-from gateway.schemas.common import PromptTokensDetails
+from gateway.schemas.common import (
+    CompletionTokensDetails,
+    PromptTokensDetails,
+    Usage as OpenAIUsage,
+)
 from gateway.settings import ModelConfig, ProviderConfig
-from gateway.state import GATE_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY
-from gateway.trace import TRACE_KEY
+from gateway.state import GATE_KEY, PRICES_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY, TICKET_KEY
+from gateway.trace import TRACE_KEY, RequestTrace
 
 __all__ = [
     "MAX_MODEL_ID",
@@ -71,7 +77,9 @@ def begin(
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
         NotFound: the model does not exist.
-        PermissionDenied: the key may not use the model.
+        PermissionDenied: the key may not use the model, or it has a USD budget and the
+            model has no known price.
+        RateLimited, QuotaExceeded: the request does not fit the key's limits or budget.
         UpstreamError: no account of the model may be tried now (`Router.routes`).
     """
 
@@ -111,7 +119,7 @@ def open_exchange(
         PermissionDenied: the key may not use the model.
     """
     trace = request[TRACE_KEY]
-    trace.metered = True  # refusals get a usage row too
+    trace.metered = True  # refusals are counted too
     if not model_id:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     if len(model_id) > MAX_MODEL_ID:
@@ -134,20 +142,60 @@ def open_exchange(
     route = routes[0]
     call.upstream_model, call.api_key = route.upstream_model, route.api_key
     call.request_id = trace.request_id
-    trace.model = model
     trace.model_id = model_id
     trace.provider = route.provider.config.name
     trace.upstream_model = route.upstream_model
     trace.stream = call.is_stream
     ex = Exchange(request=request, trace=trace, call=call, provider=route.provider, routes=routes)
     key = principal.key
-    if key.has_limits or key.has_budget:
-        gate = request.app[GATE_KEY]
-        if free:
-            ex.ticket = gate.admit(key, 0, 0.0)
-        else:
-            ex.ticket = _admit(gate, key, call, routes)
+    if key.budget_usd is not None:
+        _require_prices(request.app[PRICES_KEY], model_id, routes)
+    ex.ticket = request.get(TICKET_KEY)
+    if ex.ticket is not None and not free:  # a free request holds no tokens
+        _charge(request.app[GATE_KEY], request.app[PRICES_KEY], ex.ticket, call, routes)
     return ex
+
+
+def _require_prices(prices: PriceBook, model_id: str, routes: list[Route]) -> None:
+    """A key with a USD budget may only use models with a known price on every route.
+
+    Raises:
+        PermissionDenied: a route's price is unknown (code `model_price_unknown`).
+    """
+    for route in routes:
+        if prices.price(route.model, route.provider.config, route.upstream_model) is None:
+            raise PermissionDenied(
+                f"The model '{model_id}' has no known price, and this API key has a USD "
+                f'budget. Give it a price in the config ([[models]] name = "{model_id}" '
+                "with input_price_per_mtok and output_price_per_mtok), or use a model with one.",
+                param="model",
+                code="model_price_unknown",
+            )
+
+
+def _charge(gate: Gate, prices: PriceBook, ticket: Ticket, call: Call, routes: list[Route]) -> None:
+    """Hold what the request may use at most: everything its prompt holds (see
+    `tokens.prompt_size`) and its output limit (without one of its own, the largest default
+    of the providers it may be routed to, which is then sent upstream as its limit), on the
+    costliest of its routes."""
+    targets = {(r.provider.config.type, r.upstream_model) for r in routes}
+
+    def image_cost(url: str, detail: str | None) -> Estimate:
+        costs = [image_tokens(kind, model, url, detail) for kind, model in targets]
+        return Estimate(max(c.likely for c in costs), max(c.most for c in costs))
+
+    prompt = call.prompt_size(image_cost)
+    default = max(r.provider.config.default_max_tokens for r in routes)
+    call.cap_output(default)
+    output = call.output_bound(default)
+    costs = [
+        (price.cost(Usage(prompt.likely, output)), price.cost(Usage(prompt.most, output)))
+        for r in routes
+        if (price := prices.price(r.model, r.provider.config, r.upstream_model)) is not None
+    ]
+    likely_usd = max((c[0] for c in costs), default=0.0)
+    most_usd = max((c[1] for c in costs), default=0.0)
+    gate.charge(ticket, (prompt.likely + output, likely_usd), (prompt.most + output, most_usd))
 
 
 def _require(router: Router, model: ModelConfig, model_id: str, serves: type, path: str) -> None:
@@ -162,14 +210,6 @@ def _require(router: Router, model: ModelConfig, model_id: str, serves: type, pa
         param="model",
         code="unsupported_model",
     )
-
-
-def _admit(gate: Gate, key: KeyRecord, call: Call, routes: list[Route]) -> Ticket | None:
-    """Hold what the request may use at most: its prompt (estimated) and its output limit
-    (without one of its own, the largest default of the providers it may be routed to)."""
-    prompt = call.prompt_estimate()
-    output = call.output_bound(max(r.provider.config.default_max_tokens for r in routes))
-    return gate.admit(key, prompt + output, call.model.cost_usd(prompt, output))
 
 
 def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool) -> None:
@@ -281,7 +321,8 @@ async def first_batch(
 
 
 def finish(ex: Exchange[Any]) -> None:
-    """Copy usage (or an estimate when the upstream never reported it) into the trace."""
+    """Copy usage (or an estimate when the upstream never reported it) and its cost into the
+    trace, and settle what the request held."""
     trace, call = ex.trace, ex.call
     if call.first_byte_at is not None:
         trace.ttft_ms = round((call.first_byte_at - call.started_at) * 1000, 3)
@@ -299,15 +340,26 @@ def finish(ex: Exchange[Any]) -> None:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = call.chunks
+    price = ex.request.app[PRICES_KEY].price(call.model, ex.provider.config, call.upstream_model)
+    if price is not None:
+        trace.cost_usd = price.cost(_counts(trace, usage))
     if ex.ticket is not None:
         used = trace.prompt_tokens + trace.completion_tokens
-        cost = call.model.cost_usd(
-            trace.prompt_tokens,
-            trace.completion_tokens,
-            trace.cache_read_tokens,
-            trace.cache_write_tokens,
-        )
-        ex.request.app[GATE_KEY].settle(ex.ticket, used, cost)
+        ex.request.app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
+
+
+def _counts(trace: RequestTrace, usage: OpenAIUsage | None) -> Usage:
+    reasoning = 0
+    done = usage.completion_tokens_details if usage is not None else None
+    if isinstance(done, CompletionTokensDetails) and done.reasoning_tokens:
+        reasoning = done.reasoning_tokens
+    return Usage(
+        trace.prompt_tokens,
+        trace.completion_tokens,
+        cached=trace.cache_read_tokens,
+        cache_write=trace.cache_write_tokens,
+        reasoning=reasoning,
+    )
 
 
 def release(ex: Exchange[Any]) -> None:

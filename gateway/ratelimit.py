@@ -1,10 +1,12 @@
 """Per-key rate limits in memory: requests per minute, tokens per minute, requests in flight.
 
 Each limit is a token bucket that refills continuously (capacity = the per-minute limit), the
-model OpenAI's own `x-ratelimit-*` headers describe. A request takes one request token and its
-estimated tokens (prompt estimate + output limit) at admission; when it ends, the difference
-to what it really used is given back or taken. Every read-modify-write here is free of
-`await`, so it is atomic on the event loop and a burst cannot slip past a limit.
+model OpenAI's own `x-ratelimit-*` headers describe. A request takes a concurrency slot and one
+request token before its body is read (`enter`), then its tokens once the body shows what it
+may use (`take`: prompt estimate + output limit); when it ends, the difference to what it
+really used is given back or taken (`give_back`) and its slot freed (`leave`). Every
+read-modify-write here is free of `await`, so it is atomic on the event loop and a burst
+cannot slip past a limit.
 """
 
 from __future__ import annotations
@@ -87,11 +89,12 @@ class Limiter:
         state.tokens = _sized(state.tokens, key.tpm, now)
         return state
 
-    def admit(self, key: KeyRecord, tokens: int) -> None:
-        """Charge one request and `tokens` to the key's limits, or refuse without charging.
+    def enter(self, key: KeyRecord) -> None:
+        """Charge one request to the key's request rate and take a slot of its concurrency,
+        before its body is read, or refuse without charging.
 
         Raises:
-            RateLimited: a limit has no room; `retry_after` says when it will.
+            RateLimited: no slot, or no request left this minute; `retry_after` says when.
         """
         now = self._clock()
         state = self._state(key, now)
@@ -100,42 +103,72 @@ class Limiter:
                 f"Too many requests in flight for this API key (limit {key.max_concurrency}).",
                 retry_after=1.0,
             )
-        requests, budget = state.requests, state.tokens
-        if budget is not None and tokens > budget.capacity:
+        requests = state.requests
+        if requests is not None:
+            requests.refill(now)
+            wait = requests.wait(1)
+            if wait > 0:
+                raise RateLimited(
+                    f"Rate limit reached for this API key on requests per minute (limit "
+                    f"{key.rpm}). Please try again in {duration(wait)}.",
+                    retry_after=wait,
+                )
+            requests.level -= 1
+        state.active += 1
+
+    def take(self, key: KeyRecord, likely: int, most: int) -> None:
+        """Charge an entered request's tokens to the key's tokens per minute: it is refused
+        unless its `likely` tokens are there, and holds its `most` until it ends.
+
+        Raises:
+            RateLimited: the tokens are not there; `retry_after` says when they will be.
+        """
+        state = self._keys.get(key.id)
+        budget = state.tokens if state is not None else None
+        if state is None or budget is None:
+            return
+        if likely > budget.capacity:
             err = RateLimited(
-                f"Request too large for this API key's limit of {key.tpm} tokens per minute: "
-                f"it may use up to {tokens} tokens (prompt plus max_tokens). Lower max_tokens.",
+                f"Request too large for this API key's limit of {key.tpm} tokens per "
+                f"minute: it may use up to {likely} tokens (prompt plus max_tokens). "
+                "Lower max_tokens or send less.",
             )
             err.should_retry = False
             raise err
-        wait = 0.0
-        for bucket, amount in ((requests, 1), (budget, tokens)):
-            if bucket is not None:
-                bucket.refill(now)
-                wait = max(wait, bucket.wait(amount))
+        budget.refill(self._clock())
+        wait = budget.wait(likely)
         if wait > 0:
-            what = "requests" if requests is not None and requests.wait(1) > 0 else "tokens"
-            limit = key.rpm if what == "requests" else key.tpm
             raise RateLimited(
-                f"Rate limit reached for this API key on {what} per minute (limit {limit}). "
-                f"Please try again in {duration(wait)}.",
+                f"Rate limit reached for this API key on tokens per minute (limit "
+                f"{key.tpm}). Please try again in {duration(wait)}.",
                 retry_after=wait,
             )
-        if requests is not None:
-            requests.level -= 1
-        if budget is not None:
-            budget.level -= tokens
-        state.active += 1
+        budget.level -= most
 
-    def release(self, key: KeyRecord, reserved: int, used: int) -> None:
-        """A request admitted with `reserved` tokens ended having used `used`."""
+    def refund(self, key: KeyRecord) -> None:
+        """Give back the request an entered request took: it was refused and never ran."""
         state = self._keys.get(key.id)
-        if state is None:
-            return
-        state.active = max(0, state.active - 1)
-        if state.tokens is not None:
+        if state is not None and state.requests is not None:
+            state.requests.refill(self._clock())
+            state.requests.level = min(state.requests.capacity, state.requests.level + 1)
+
+    def give_back(self, key: KeyRecord, held: int, used: int) -> None:
+        """A request that held `held` tokens ended having used `used`."""
+        state = self._keys.get(key.id)
+        if state is not None and state.tokens is not None:
             state.tokens.refill(self._clock())
-            state.tokens.level = min(state.tokens.capacity, state.tokens.level + reserved - used)
+            state.tokens.level = min(state.tokens.capacity, state.tokens.level + held - used)
+
+    def in_flight(self, key: KeyRecord) -> int:
+        """Requests of the key that entered and have not left."""
+        state = self._keys.get(key.id)
+        return state.active if state is not None else 0
+
+    def leave(self, key: KeyRecord) -> None:
+        """An entered request ended: its concurrency slot is free."""
+        state = self._keys.get(key.id)
+        if state is not None:
+            state.active = max(0, state.active - 1)
 
     def headers(self, key: KeyRecord) -> dict[str, str]:
         """The `x-ratelimit-*` headers for the key's current state (empty without rpm/tpm)."""

@@ -32,7 +32,8 @@ __all__ = [
 ]
 
 BudgetPeriod = Literal["day", "week", "month", "total"]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+# SQLite stores integers up to 2**63 - 1: beyond that a value is refused, naming its field.
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 # Marks a key's limits and budget (`None`: none): what a config group can default for its keys

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway.settings import ConfigError, ServerSettings, Settings
 from gateway.snapshot import build_snapshot
-from gateway.state import KEYS_KEY, LIVE_KEY, RELOADER_KEY
+from gateway.state import KEYS_KEY, LIVE_KEY, PRICES_KEY, RELOADER_KEY
 
 __all__ = ["RESTART_FIELDS", "reload_config", "reload_ctx"]
 
@@ -36,6 +36,7 @@ RESTART_FIELDS = (
     "keys_refresh_seconds",
     "usage_flush_seconds",
     "usage_batch_size",
+    "client_header_timeout",
 )
 
 
@@ -84,6 +85,7 @@ async def _reload(app: web.Application) -> bool:
     reloader, live = app[RELOADER_KEY], app[LIVE_KEY]
     try:
         loaded = await asyncio.to_thread(reloader.load)
+        app[PRICES_KEY].check(loaded)
     except ConfigError as exc:
         log.error("config_reload_failed", error=str(exc), kept="the running config")
         return False

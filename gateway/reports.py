@@ -20,6 +20,25 @@ _GROUP_EXPR = {
     "model": "COALESCE(model, '-')",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
 }
+# The same for the refusal counts (gateway.refusals), which have no model: their rows join
+# the reports as requests and errors with no tokens.
+_REFUSAL_GROUP_EXPR = {
+    "key": "key_id",
+    "model": "'-'",
+    "day": "strftime('%Y-%m-%d', minute * 60, 'unixepoch')",
+}
+
+
+def _where(
+    ts: str, *, since: float | None, until: float | None, key_id: str | None
+) -> tuple[str, list[Any]]:
+    conditions: list[str] = []
+    params: list[Any] = []
+    for clause, value in ((f"{ts} >= ?", since), (f"{ts} < ?", until), ("key_id = ?", key_id)):
+        if value is not None:
+            conditions.append(clause)
+            params.append(value)
+    return (f"WHERE {' AND '.join(conditions)}" if conditions else ""), params
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -47,20 +66,19 @@ async def summarize(
         since: unix time, inclusive. until: unix time, exclusive.
         by: group by key id, model id, or UTC day (`YYYY-MM-DD`).
     """
-    conditions: list[str] = []
-    params: list[Any] = []
-    for clause, value in (("ts >= ?", since), ("ts < ?", until), ("key_id = ?", key_id)):
-        if value is not None:
-            conditions.append(clause)
-            params.append(value)
-    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    where, params = _where("ts", since=since, until=until, key_id=key_id)
+    refusals_where, refusals_params = _where("minute * 60", since=since, until=until, key_id=key_id)
     group = _GROUP_EXPR[by]
     totals_sql = (
-        f"SELECT {group} AS grp, COUNT(*), TOTAL(status >= 400), TOTAL(prompt_tokens),"  # noqa: S608
-        f" TOTAL(completion_tokens), TOTAL(total_tokens), TOTAL(cost_usd)"
-        f" FROM usage {where} GROUP BY grp ORDER BY grp"
+        f"SELECT grp, TOTAL(n), TOTAL(errors), TOTAL(prompt), TOTAL(completion), TOTAL(total),"  # noqa: S608
+        f" TOTAL(cost) FROM ("
+        f"SELECT {group} AS grp, 1 AS n, status >= 400 AS errors, prompt_tokens AS prompt,"
+        f" completion_tokens AS completion, total_tokens AS total, cost_usd AS cost"
+        f" FROM usage {where} UNION ALL"
+        f" SELECT {_REFUSAL_GROUP_EXPR[by]}, count, count, 0, 0, 0, 0.0 FROM refusals"
+        f" {refusals_where}) GROUP BY grp ORDER BY grp"
     )
-    async with db.execute(totals_sql, params) as cur:
+    async with db.execute(totals_sql, [*params, *refusals_params]) as cur:
         totals = await cur.fetchall()
     # Percentiles need every latency of a group; SQLite has no percentile function, so
     # stream them sorted and keep one group in memory at a time.
@@ -82,7 +100,7 @@ async def summarize(
         result.append(
             UsageSummaryRow(
                 group=grp,
-                requests=n,
+                requests=int(n),
                 errors=int(errors),
                 prompt_tokens=int(prompt),
                 completion_tokens=int(completion),

@@ -24,6 +24,7 @@ __all__ = [
     "GroupConfig",
     "ModelConfig",
     "OpenAIConfig",
+    "PriceSettings",
     "ProviderConfig",
     "RoutingSettings",
     "ServerSettings",
@@ -68,6 +69,10 @@ class ServerSettings(_Base, frozen=True):
     usage_batch_size: PositiveInt = 500
     # On SIGTERM/SIGINT: how long in-flight requests and streams may take to finish.
     shutdown_grace_seconds: NonNegativeFloat = 30.0
+    # Like nginx's: the longest a client may take to send a request's headers (from the
+    # connection's start or the first byte of a later request), and its whole body.
+    client_header_timeout: PositiveFloat = 60.0
+    client_body_timeout: PositiveFloat = 60.0
 
 
 class RoutingSettings(_Base, frozen=True):
@@ -98,8 +103,13 @@ class _Provider(_Base, frozen=True, kw_only=True, tag_field="type"):
     # "<provider>/<model>" ids that have no [[models]] entry of their own.
     reasoning_models: tuple[str, ...] = ()
     # Output limit for upstreams that require one (Anthropic's `max_tokens`) when neither the
-    # request nor the model config sets one; also what admission reserves for such requests.
+    # request nor the model config sets one; also the limit sent upstream for keys with a
+    # token or USD budget or tokens per minute, which admission reserves.
     default_max_tokens: PositiveInt = 4096
+    # Whose prices apply to this provider's models when a model's config has none: a
+    # genai-prices provider id (default: openai, azure, anthropic or google by type), "free"
+    # (a server you run yourself), or "none" (only config prices).
+    pricing: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
 
     @property
     def type(self) -> str:
@@ -189,11 +199,14 @@ class ModelConfig(_Base, frozen=True):
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     targets: Annotated[tuple[Target, ...], msgspec.Meta(min_length=1)]
-    input_price_per_mtok: NonNegativeFloat = 0.0
-    output_price_per_mtok: NonNegativeFloat = 0.0
-    # Prompt tokens read from / written to the upstream's prompt cache (unset: the input price).
+    # USD per million tokens, for cost accounting and USD budgets; unset: the provider's
+    # price list (see `pricing`). Prompt-cache reads and writes and reasoning default to the
+    # input and output prices.
+    input_price_per_mtok: NonNegativeFloat | None = None
+    output_price_per_mtok: NonNegativeFloat | None = None
     cache_read_price_per_mtok: NonNegativeFloat | None = None
     cache_write_price_per_mtok: NonNegativeFloat | None = None
+    reasoning_price_per_mtok: NonNegativeFloat | None = None
     # Used when a request sets neither max_tokens nor max_completion_tokens.
     max_tokens: PositiveInt | None = None
     # Only reasoning models accept `reasoning_effort` / `thinking`; others get a 400.
@@ -201,29 +214,6 @@ class ModelConfig(_Base, frozen=True):
     # An embedding model: /v1/models says so (`"embeddings": true`) so clients can tell.
     embeddings: bool = False
     description: str = ""
-
-    def cost_usd(
-        self,
-        prompt_tokens: int,
-        completion_tokens: int,
-        cache_read_tokens: int = 0,
-        cache_write_tokens: int = 0,
-    ) -> float:
-        """The price of a request; `prompt_tokens` includes the cached ones (as OpenAI
-        counts them), which are priced at the cache prices instead of the input price."""
-        read = self.input_price_per_mtok
-        if self.cache_read_price_per_mtok is not None:
-            read = self.cache_read_price_per_mtok
-        write = self.input_price_per_mtok
-        if self.cache_write_price_per_mtok is not None:
-            write = self.cache_write_price_per_mtok
-        uncached = max(0, prompt_tokens - cache_read_tokens - cache_write_tokens)
-        return (
-            uncached * self.input_price_per_mtok
-            + cache_read_tokens * read
-            + cache_write_tokens * write
-            + completion_tokens * self.output_price_per_mtok
-        ) / 1_000_000
 
 
 if TYPE_CHECKING:  # mypy cannot see fields made at run time; code reads them with getattr
@@ -251,9 +241,21 @@ class GroupConfig(_GroupLimits, frozen=True, kw_only=True):
     models: tuple[str, ...] = ()
 
 
+class PriceSettings(_Base, frozen=True):
+    """Where model prices come from when a model's config has none (`[prices]`)."""
+
+    # The price database bundled with the genai-prices package (works offline).
+    database: bool = True
+    # Fetch newer prices at run time (off by default: no network call unless asked for).
+    update: bool = False
+    update_url: str | None = None  # default: the genai-prices project's published data
+    update_interval: Annotated[float, msgspec.Meta(ge=60)] = 3600.0
+
+
 class Settings(_Base, frozen=True):
     server: ServerSettings = ServerSettings()
     routing: RoutingSettings = RoutingSettings()
+    prices: PriceSettings = PriceSettings()
     providers: tuple[ProviderConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     groups: tuple[GroupConfig, ...] = ()

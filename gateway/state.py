@@ -9,8 +9,10 @@ from weakref import WeakSet
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gateway.admission import Gate
+    from gateway.admission import Gate, Ticket
     from gateway.keys import KeyCache, Principal
+    from gateway.prices import PriceBook
+    from gateway.refusals import RefusalCounter
     from gateway.settings import Settings
     from gateway.snapshot import LiveConfig, Reloader, Snapshot
     from gateway.store import Store
@@ -21,13 +23,16 @@ __all__ = [
     "INFLIGHT_KEY",
     "KEYS_KEY",
     "LIVE_KEY",
+    "PRICES_KEY",
     "PRINCIPAL_KEY",
+    "REFUSALS_KEY",
     "RELOADER_KEY",
     "SETTINGS_KEY",
     "SHUTTING_DOWN_KEY",
     "SNAPSHOT_KEY",
     "STORE_KEY",
     "STREAMS_KEY",
+    "TICKET_KEY",
     "USAGE_KEY",
 ]
 
@@ -42,6 +47,10 @@ USAGE_KEY: web.AppKey[UsageRecorder] = web.AppKey("usage")
 KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
 # Rate limits and budgets of every key (memory only on the request path).
 GATE_KEY: web.AppKey[Gate] = web.AppKey("gate")
+# Model prices from the price database (config prices come with each request's snapshot).
+PRICES_KEY: web.AppKey[PriceBook] = web.AppKey("prices")
+# Refused requests, counted per minute, key and status instead of a usage row each.
+REFUSALS_KEY: web.AppKey[RefusalCounter] = web.AppKey("refusals")
 # Tasks serving open SSE streams, so shutdown can end them with an error event.
 STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
 # Tasks serving any request, so shutdown can wait for them (up to the grace period).
@@ -51,3 +60,5 @@ SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 SNAPSHOT_KEY: web.RequestKey[Snapshot] = web.RequestKey("snapshot")
+# What an admitted request holds of its key's limits and budget (see gateway.intake).
+TICKET_KEY: web.RequestKey[Ticket] = web.RequestKey("ticket")

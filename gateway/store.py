@@ -10,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
 import aiosqlite
 import msgspec
 
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.migrations import StoreError, migrate, pragma
 from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
+from gateway.refusals import Refusals
 from gateway.reports import summarize
 from gateway.schemas.codec import encode, error_path
 
@@ -44,6 +46,26 @@ _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
 _INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({_marks(_KEY_FIELDS)})"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
 _INSERT_USAGE = f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
+_ADD_REFUSALS = (
+    "INSERT INTO refusals (minute, key_id, status, count) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (minute, key_id, status) DO UPDATE SET count = count + excluded.count"
+)
+# SQLite's result codes for a database another connection has locked.
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+@contextlib.contextmanager
+def _busy_is_503() -> Iterator[None]:
+    """A locked database (another process writing, a backup) as `StoreBusy`, not a 500."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES:
+            raise StoreBusy(
+                "The database is busy (locked by another process); try again shortly.",
+                retry_after=1.0,
+            ) from None
+        raise
 
 
 def _editable(fields: dict[str, Any]) -> dict[str, Any]:
@@ -100,8 +122,14 @@ class Store:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str) -> Store:
-        """Open (creating if missing) the database at `path` and bring its schema up to date.
+    async def open(cls, path: str, *, busy_timeout: float = 5.0) -> Store:
+        """Open (creating if missing, readable by its owner only) the database at `path` and
+        bring its schema up to date.
+
+        Args:
+            busy_timeout: how long a statement waits for another connection's lock. The
+                server keeps it short: its one connection serves every query in turn, so a
+                wait there would stall them all (a busy write is retried or answered 503).
 
         Raises:
             sqlite3.Error: the file cannot be opened or is not a database.
@@ -114,7 +142,8 @@ class Store:
         db = await aiosqlite.connect(path)
         try:
             # busy_timeout first: switching to WAL itself waits on other connections' locks.
-            for setting in ("busy_timeout = 5000", "journal_mode = WAL", "synchronous = NORMAL"):
+            busy = f"busy_timeout = {round(busy_timeout * 1000)}"
+            for setting in (busy, "journal_mode = WAL", "synchronous = NORMAL"):
                 await pragma(db, setting)
             await pragma(db, "foreign_keys = ON")
             await migrate(db)
@@ -129,15 +158,16 @@ class Store:
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
-            # IMMEDIATE takes the write lock up front, so a read-modify-write cannot lose a
-            # race with another process (the CLI) between its read and its write.
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-                await self.db.commit()
-            except BaseException:
-                await self.db.rollback()
-                raise
+            with _busy_is_503():
+                # IMMEDIATE takes the write lock up front, so a read-modify-write cannot lose
+                # a race with another process (the CLI) between its read and its write.
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.db
+                    await self.db.commit()
+                except BaseException:
+                    await self.db.rollback()
+                    raise
 
     async def ping(self) -> None:
         async with self.db.execute("SELECT 1") as cur:
@@ -184,12 +214,14 @@ class Store:
 
     async def list_keys(self) -> list[KeyRecord]:
         """Every key, revoked and expired ones included, oldest first."""
-        async with self.db.execute(f"{_SELECT_KEY} ORDER BY created_at, id") as cur:
-            return [_key_from_row(row) for row in await cur.fetchall()]
+        with _busy_is_503():
+            async with self.db.execute(f"{_SELECT_KEY} ORDER BY created_at, id") as cur:
+                return [_key_from_row(row) for row in await cur.fetchall()]
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        async with self.db.execute(f"{_SELECT_KEY} WHERE id = ?", (key_id,)) as cur:
-            row = await cur.fetchone()
+        with _busy_is_503():
+            async with self.db.execute(f"{_SELECT_KEY} WHERE id = ?", (key_id,)) as cur:
+                row = await cur.fetchone()
         return None if row is None else _key_from_row(row)
 
     async def require_key(self, key_id: str) -> KeyRecord:
@@ -242,6 +274,12 @@ class Store:
         async with self._transaction() as db:
             await db.executemany(_INSERT_USAGE, params)
 
+    async def add_refusals(self, counts: Refusals) -> None:
+        """Add refused-request counts to their (minute, key, status) rows, in one transaction."""
+        params = [(*entry, n) for entry, n in counts.items()]
+        async with self._transaction() as db:
+            await db.executemany(_ADD_REFUSALS, params)
+
     async def spend_since(self, key_id: str, since: float) -> tuple[int, float]:
         """Tokens and USD a key has used since a unix time (its budget period's start)."""
         async with self.db.execute(
@@ -265,10 +303,15 @@ class Store:
             since: unix time, inclusive. until: unix time, exclusive.
             by: group by key id, model id, or UTC day (`YYYY-MM-DD`).
         """
-        return await summarize(self.db, since=since, until=until, key_id=key_id, by=by)
+        with _busy_is_503():
+            return await summarize(self.db, since=since, until=until, key_id=key_id, by=by)
 
 
 def _probe(path: str) -> None:
+    if path != ":memory:" and not path.startswith("file:"):
+        # Created by us, for the owner only: SQLite gives the -wal and -shm files the same mode.
+        with contextlib.suppress(OSError):  # exists already, or sqlite3 says why not
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     sqlite3.connect(path).close()
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.records import KeyRecord
-from gateway.settings import ModelConfig
 from gateway.state import GATE_KEY
 
 __all__ = ["CLIENT_CLOSED", "TRACE_KEY", "RequestTrace", "add_trace_headers"]
@@ -31,7 +30,6 @@ class RequestTrace:
     endpoint: str = ""
     metered: bool = False  # True once a model was resolved: the request gets a usage row
     key_id: str | None = None
-    model: ModelConfig | None = None
     model_id: str | None = None
     provider: str | None = None
     upstream_model: str | None = None
@@ -43,6 +41,7 @@ class RequestTrace:
     cache_write_tokens: int = 0  # of prompt_tokens
     ttft_ms: float | None = None
     estimated: bool = False
+    cost_usd: float = 0.0  # by the price of the model and upstream that answered, when known
     # Extra response headers (x-gateway-provider).
     headers: dict[str, str] | None = None
     # A key with rate limits: its x-ratelimit-* headers go on every response, made once, as

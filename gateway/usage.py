@@ -21,7 +21,8 @@ __all__ = ["UsageRecorder", "UsageSink"]
 
 log = structlog.get_logger(__name__)
 
-_MAX_BACKOFF_SECONDS = 60.0
+# A database that comes back gets the rows held for it within this long.
+_MAX_BACKOFF_SECONDS = 10.0
 
 
 class UsageSink(Protocol):
@@ -60,6 +61,8 @@ class UsageRecorder:
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.recorded = 0  # rows ever recorded, for tests and metrics
+        self.dropped = 0  # rows given up on (beyond max_retained while the store failed)
+        self.failing = False  # the last write failed: /readyz reports not ready
         self._arrived = asyncio.Event()
 
     @property
@@ -100,10 +103,12 @@ class UsageRecorder:
                 try:
                     await self._store.insert_usage(batch)
                 except Exception:
+                    self.failing = True
                     self._trim()
                     raise
                 # Only the task appends to _held while we await, and only at the end.
                 del self._held[: len(batch)]
+            self.failing = False
 
     async def stop(self) -> None:
         """Stop the task and write everything still queued; no row is lost on a clean stop."""
@@ -146,4 +151,5 @@ class UsageRecorder:
         excess = len(self._held) - self._max_retained
         if excess > 0:
             del self._held[:excess]
+            self.dropped += excess
             log.error("usage_rows_dropped", rows=excess, retained=len(self._held))

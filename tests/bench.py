@@ -225,10 +225,14 @@ api_keys = ["{UPSTREAM_KEY}"]
 [[models]]
 name = "{MODEL}"
 targets = [{{ provider = "up", model = "bench-model" }}]
+input_price_per_mtok = 0.15  # a price: the limits key has a USD budget
+output_price_per_mtok = 0.60
 
 [[models]]
 name = "{ANTHROPIC_MODEL}"
 targets = [{{ provider = "ant", model = "claude-bench" }}]
+input_price_per_mtok = 3.0
+output_price_per_mtok = 15.0
 """
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import sys
@@ -16,10 +17,12 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from gateway.app import create_app
 from gateway.router import Router
+from gateway.server import GatewayRunner
 from gateway.settings import (
     DemoConfig,
     ModelConfig,
@@ -29,7 +32,7 @@ from gateway.settings import (
     Settings,
     Target,
 )
-from gateway.state import KEYS_KEY, LIVE_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import KEYS_KEY, LIVE_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
 from tests.fake_anthropic import FakeAnthropic
 from tests.fake_azure import FakeAzure
 from tests.fake_gemini import FakeGemini
@@ -75,9 +78,18 @@ def make_settings(tmp_path: Path) -> MakeSettings:
     return build
 
 
+class GatewayTestServer(TestServer):
+    """aiohttp's test server on the gateway's own runner (`gateway.server`), so tests speak
+    to the protocol `gateway serve` runs: its parser errors, header timeout and all."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 async def start_gateway(aiohttp_client: AiohttpClient, settings: Settings) -> TestClient[Any, Any]:
-    # handler_cancellation: a client that hangs up cancels its request, as under `gateway serve`.
-    return await aiohttp_client(create_app(settings), server_kwargs={"handler_cancellation": True})
+    # handler_cancellation: a client that hangs up cancels its request, as under `gateway serve`
+    # (the test server sets it).
+    return await aiohttp_client(GatewayTestServer(create_app(settings)))
 
 
 @pytest.fixture
@@ -173,6 +185,16 @@ async def usage_rows(client: TestClient[Any, Any]) -> list[dict[str, Any]]:
         return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
 
+async def refusal_counts(client: TestClient[Any, Any]) -> dict[tuple[str, int], int]:
+    """Refused requests counted so far, by (key id, status), after flushing the counter."""
+    app = app_of(client)
+    await app[REFUSALS_KEY].flush()
+    async with app[STORE_KEY].db.execute(
+        "SELECT key_id, status, SUM(count) FROM refusals GROUP BY key_id, status"
+    ) as cur:
+        return {(key_id, status): n for key_id, status, n in await cur.fetchall()}
+
+
 @contextlib.contextmanager
 def calls_in(module: ModuleType) -> Iterator[Counter[str]]:
     """Count, while the block runs, the calls into `module`'s functions (by function name) and
@@ -210,3 +232,41 @@ def sse_events(body: bytes) -> list[Any]:
             break
         events.append(msgspec.json.decode(payload))
     return events
+
+
+class RawReply(msgspec.Struct):
+    """One HTTP response read off a raw socket."""
+
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+    def json(self) -> Any:
+        return msgspec.json.decode(self.body)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> RawReply:
+    """Read one response (its head, then Content-Length bytes of body) from `reader`."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return RawReply(status=int(status_line.split()[1]), headers=headers, body=body)
+
+
+async def raw_request(client: TestClient[Any, Any], *parts: bytes) -> RawReply:
+    """Send `parts` over a new socket to the gateway (bytes no HTTP client would send) and
+    read the one response."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        async with asyncio.timeout(NEVER_HANG):
+            return await read_reply(reader)
+    finally:
+        writer.close()

@@ -796,3 +796,16 @@ SAMPLES: dict[str, Any] = {
 
 
 __all__ = ["ERRORS", "FakeOpenAI", "Recorded", "Script", "ScriptedFake", "error_body"]
+
+
+def completion(usage: Json, model: str = "m") -> Json:
+    """A minimal ``chat.completion`` answering "ok", with ``usage`` as given."""
+    message = {"role": "assistant", "content": "ok", "refusal": None}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+        "usage": usage,
+    }

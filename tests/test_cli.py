@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway import cli
+from gateway import cli, server as server_module
 from gateway.records import UsageRecord
 from gateway.state import SETTINGS_KEY
 from gateway.store import open_store
@@ -283,11 +283,11 @@ def test_serve_applies_overrides_and_runs_the_app(
 ) -> None:
     calls: dict[str, Any] = {}
 
-    def fake_run_app(app: web.Application, **kwargs: Any) -> None:
-        calls.update(kwargs, app=app)
-        kwargs["print"]("======== Running on ... ========")  # what run_app does once bound
+    def fake_serve(app: web.Application, host: str, port: int, announce: Any) -> None:
+        calls.update(app=app, host=host, port=port)
+        announce()  # what serve does once bound
 
-    monkeypatch.setattr(web, "run_app", fake_run_app)
+    monkeypatch.setattr(server_module, "serve", fake_serve)
     monkeypatch.setattr(cli, "configure_logging", lambda level: calls.setdefault("level", level))
     monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./gateway.toml: the embedded default
@@ -295,7 +295,7 @@ def test_serve_applies_overrides_and_runs_the_app(
     assert cli.main(["serve", "--host", "::1", "--port", "9123", "--db", db]) == 0
     server = calls["app"][SETTINGS_KEY].server
     assert (server.host, server.port, server.database) == ("::1", 9123, db)
-    assert (calls["host"], calls["port"], calls["access_log"]) == ("::1", 9123, None)
+    assert (calls["host"], calls["port"]) == ("::1", 9123)
     assert calls["level"] == "info"
     out, err = capsys.readouterr()
     assert err == "Token Kiosk listening on http://[::1]:9123\n" and out == ""

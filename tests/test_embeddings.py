@@ -24,6 +24,7 @@ from tests.conftest import (
     create_key,
     openai_client,
     provider_config,
+    refusal_counts,
     start_gateway,
     usage_rows,
 )
@@ -254,7 +255,8 @@ async def test_anthropic_models_are_refused_with_a_clear_400(
             "code": "unsupported_model",
         }
     assert fake.requests == []
-    assert (await usage_rows(gateway))[-1]["status"] == 400
+    # Refused before any upstream call: counted, not written as a usage row (issue #11).
+    assert [status for _, status in await refusal_counts(gateway)] == [400]
 
 
 async def test_fails_over_to_another_provider_type(

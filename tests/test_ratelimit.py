@@ -26,21 +26,37 @@ def key(**limits: object) -> KeyRecord:
     )  # type: ignore[arg-type]
 
 
+def admit(limiter: Limiter, k: KeyRecord, tokens: int) -> None:
+    """What the gate does for one request: enter, then take its tokens (or give it back)."""
+    limiter.enter(k)
+    try:
+        limiter.take(k, tokens, tokens)
+    except RateLimited:
+        limiter.refund(k)
+        limiter.leave(k)
+        raise
+
+
+def release(limiter: Limiter, k: KeyRecord, held: int, used: int) -> None:
+    limiter.give_back(k, held, used)
+    limiter.leave(k)
+
+
 def test_rpm_window_refills_continuously() -> None:
     clock = Clock()
     limiter = Limiter(clock)
     k = key(rpm=3)
     for _ in range(3):
-        limiter.admit(k, 0)
+        admit(limiter, k, 0)
     with pytest.raises(RateLimited) as err:
-        limiter.admit(k, 0)
+        admit(limiter, k, 0)
     assert err.value.retry_after == pytest.approx(20.0)  # one request comes back every 20 s
     assert "requests per minute (limit 3)" in err.value.message
     clock.now += 19.9
     with pytest.raises(RateLimited):
-        limiter.admit(k, 0)
+        admit(limiter, k, 0)
     clock.now += 0.1
-    limiter.admit(k, 0)
+    admit(limiter, k, 0)
     headers = limiter.headers(k)
     assert headers["x-ratelimit-limit-requests"] == "3"
     assert headers["x-ratelimit-remaining-requests"] == "0"
@@ -53,20 +69,20 @@ def test_tokens_are_reserved_then_settled() -> None:
     clock = Clock()
     limiter = Limiter(clock)
     k = key(tpm=1000)
-    limiter.admit(k, 600)
+    admit(limiter, k, 600)
     with pytest.raises(RateLimited) as err:
-        limiter.admit(k, 600)
+        admit(limiter, k, 600)
     assert "tokens per minute (limit 1000)" in err.value.message
     assert err.value.retry_after == pytest.approx(200 / (1000 / 60))
-    limiter.release(k, reserved=600, used=100)  # 500 come back at once
-    limiter.admit(k, 600)
+    release(limiter, k, 600, 100)  # 500 come back at once
+    admit(limiter, k, 600)
     assert limiter.headers(k)["x-ratelimit-remaining-tokens"] == "300"
 
 
 def test_a_request_larger_than_the_limit_is_never_retried() -> None:
     limiter = Limiter(Clock())
     with pytest.raises(RateLimited) as err:
-        limiter.admit(key(tpm=100), 101)
+        admit(limiter, key(tpm=100), 101)
     assert err.value.should_retry is False
     assert "Lower max_tokens" in err.value.message
 
@@ -75,24 +91,24 @@ def test_using_more_than_reserved_is_a_debt() -> None:
     clock = Clock()
     limiter = Limiter(clock)
     k = key(tpm=600)
-    limiter.admit(k, 100)
-    limiter.release(k, reserved=100, used=700)  # 600 over the reservation
+    admit(limiter, k, 100)
+    release(limiter, k, 100, 700)  # 600 over the reservation
     with pytest.raises(RateLimited):
-        limiter.admit(k, 1)
+        admit(limiter, k, 1)
     clock.now += 60
-    limiter.admit(k, 1)
+    admit(limiter, k, 1)
 
 
 def test_concurrency_limit() -> None:
     limiter = Limiter(Clock())
     k = key(max_concurrency=2)
-    limiter.admit(k, 0)
-    limiter.admit(k, 0)
+    admit(limiter, k, 0)
+    admit(limiter, k, 0)
     with pytest.raises(RateLimited) as err:
-        limiter.admit(k, 0)
+        admit(limiter, k, 0)
     assert "in flight" in err.value.message
-    limiter.release(k, 0, 0)
-    limiter.admit(k, 0)
+    release(limiter, k, 0, 0)
+    admit(limiter, k, 0)
 
 
 def test_refusal_charges_nothing() -> None:
@@ -100,14 +116,14 @@ def test_refusal_charges_nothing() -> None:
     limiter = Limiter(clock)
     k = key(rpm=10, tpm=100)
     with pytest.raises(RateLimited):
-        limiter.admit(k, 500)
+        admit(limiter, k, 500)
     assert limiter.headers(k)["x-ratelimit-remaining-requests"] == "10"
 
 
 def test_limits_changed_at_run_time_are_followed() -> None:
     clock = Clock()
     limiter = Limiter(clock)
-    limiter.admit(key(rpm=10), 0)
+    admit(limiter, key(rpm=10), 0)
     assert limiter.headers(key(rpm=2))["x-ratelimit-remaining-requests"] == "2"
     assert limiter.headers(key(rpm=2))["x-ratelimit-limit-requests"] == "2"
     assert limiter.headers(key()) == {}
@@ -137,20 +153,20 @@ def test_budget_holds_reservations_and_rolls_over() -> None:
     assert book.needs_load(k)
     book.load(k, period_start("day", day), tokens=700, usd=0.1)
     assert not book.needs_load(k)
-    book.reserve(k, 200, 0.01)
+    book.reserve(k, (200, 0.01), (200, 0.01))
     with pytest.raises(QuotaExceeded) as err:
-        book.reserve(k, 200, 0.01)  # 700 spent + 200 held + 200 > 1000
+        book.reserve(k, (200, 0.01), (200, 0.01))  # 700 spent + 200 held + 200 > 1000
     assert err.value.message.startswith("API limit exceeded, upgrade your plan")
     assert "100 of 1000 tokens left this day" in err.value.message
     assert err.value.should_retry is False
     book.settle(k, (200, 0.01), (50, 0.001))
-    book.reserve(k, 200, 0.01)
+    book.reserve(k, (200, 0.01), (200, 0.01))
     spend = book.spent(k)
     assert spend is not None and (spend.tokens, spend.held_tokens) == (750, 200)
     clock.now += 3600  # midnight passed: a new day, a fresh budget (the 200 held still count)
-    book.reserve(k, 800, 0.49)
+    book.reserve(k, (800, 0.49), (800, 0.49))
     with pytest.raises(QuotaExceeded, match=r"\$0.5000 of \$1 left"):
-        book.reserve(k, 0, 0.6)
+        book.reserve(k, (0, 0.6), (0, 0.6))
     assert book.needs_load(key(budget_tokens=5, budget_period="week"))  # period changed
 
 

@@ -294,3 +294,24 @@ async def create_key_record(s: Reloadable) -> Any:
     """A new key record in group `team`."""
     record, _ = await app_of(s.gw)[STORE_KEY].create_key(name="t", group_name="team")
     return record
+
+
+async def test_prices_follow_a_reload_and_an_unknown_price_list_is_refused(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    priced = model("m", "a") + "input_price_per_mtok = 1000000.0\noutput_price_per_mtok = 0.0\n\n"
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka") + priced)
+    cheaper = priced.replace("1000000.0", "500000.0")
+    assert await s.reload(s.provider("a", s.a, "ka") + cheaper)
+    async with s.client() as client:
+        await client.chat.completions.create(model="m", messages=HELLO)
+    (row,) = await usage_rows(s.gw)
+    assert row["cost_usd"] == pytest.approx(row["prompt_tokens"] * 0.5)
+    unknown = s.provider("a", s.a, "ka").replace(
+        'type = "openai"', 'type = "openai"\npricing = "x"'
+    )
+    with capture_logs() as logs:
+        assert not await s.reload(unknown + cheaper)
+    failed = next(e for e in logs if e["event"] == "config_reload_failed")
+    assert "providers.a.pricing: 'x'" in failed["error"]

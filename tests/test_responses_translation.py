@@ -32,7 +32,7 @@ from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails,
 from gateway.schemas.response_output import ResponseUsage
 from gateway.schemas.responses import ResponseCreateRequest
 from gateway.settings import ConfigError, ModelConfig, Target
-from tests.conftest import create_key, usage_rows
+from tests.conftest import create_key, refusal_counts, usage_rows
 from tests.spec import validate_error, validate_response, validate_response_event
 
 
@@ -543,8 +543,9 @@ async def test_key_without_the_model_is_refused(gateway: TestClient[Any, Any]) -
     ) as client:
         with pytest.raises(openai.PermissionDeniedError):
             await client.responses.create(model="demo", input="hi")
-    rows = await usage_rows(gateway)
-    assert (rows[-1]["endpoint"], rows[-1]["status"]) == ("/v1/responses", 403)
+    # Refused before any upstream call: counted, not written as a usage row.
+    assert [status for _, status in await refusal_counts(gateway)] == [403]
+    assert await usage_rows(gateway) == []
 
 
 def test_responses_api_setting_is_only_for_openai_providers(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.providers import demo
 from gateway.settings import ModelConfig, OpenAIConfig, Target
+from gateway.state import KEYS_KEY
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -21,9 +22,11 @@ from tests.conftest import (
     calls_in,
     create_key,
     openai_client,
+    refusal_counts,
     start_gateway,
     usage_rows,
 )
+from tests.fakes import completion
 
 CHAT = "/v1/chat/completions"
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,24 +41,6 @@ def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
-def completion(usage: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": "x",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "m",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "ok", "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": usage,
-    }
 
 
 class Raw:
@@ -310,16 +295,19 @@ async def test_odd_tool_schemas_do_not_break_the_demo(
     )
 
 
-async def test_refused_requests_get_usage_rows(gateway: TestClient[Any, Any], key: str) -> None:
-    await gateway.post(
-        CHAT,
-        json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
-        headers=auth(key),
-    )
+async def test_refused_requests_are_counted_not_written_a_row_each(
+    gateway: TestClient[Any, Any], key: str
+) -> None:
+    for _ in range(3):
+        await gateway.post(
+            CHAT,
+            json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            headers=auth(key),
+        )
     await gateway.post(CHAT, data=b"{", headers=auth(key))
-    rows = await usage_rows(gateway)
-    assert [(r["status"], r["model"]) for r in rows] == [(404, None), (400, None)]
-    assert all(r["key_id"] for r in rows)
+    assert await usage_rows(gateway) == []
+    key_id = app_of(gateway)[KEYS_KEY].lookup(key).id  # type: ignore[union-attr]
+    assert await refusal_counts(gateway) == {(key_id, 404): 3, (key_id, 400): 1}
 
 
 async def test_shutdown_ends_open_streams_with_an_error_event(

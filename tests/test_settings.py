@@ -9,7 +9,8 @@ import msgspec
 import pytest
 
 from gateway.config import load_settings
-from gateway.settings import ConfigError, ModelConfig, Target
+from gateway.prices import PriceBook, Usage
+from gateway.settings import ConfigError, DemoConfig, ModelConfig, Target
 
 GOOD = """
 [server]
@@ -68,7 +69,8 @@ def test_file_with_env_secrets(tmp_path: Path) -> None:
     assert settings.providers[0].api_keys == ("sk-real", "literal-key")
     model = settings.model("gpt")
     assert model is not None and model.max_tokens == 256
-    assert model.cost_usd(1_000_000, 1_000_000) == pytest.approx(0.75)
+    price = PriceBook().price(model, settings.providers[0], "gpt-4o-mini")
+    assert price is not None and price.cost(Usage(1_000_000, 1_000_000)) == pytest.approx(0.75)
 
 
 def test_gateway_config_env_var_and_cwd_file(
@@ -203,16 +205,20 @@ def test_a_header_name_that_is_no_token_is_refused(tmp_path: Path, name: str) ->
         load_settings(write(tmp_path, text), {})
 
 
+def cost(model: ModelConfig, prompt: int, completion: int, read: int = 0, write: int = 0) -> float:
+    price = PriceBook().price(model, DemoConfig(name="p"), "m")  # config prices: no lookup
+    assert price is not None
+    return price.cost(Usage(prompt, completion, cached=read, cache_write=write))
+
+
 def test_cache_tokens_are_priced_apart() -> None:
     target = (Target(provider="p", model="m"),)
     plain = ModelConfig(
         name="a", targets=target, input_price_per_mtok=2.0, output_price_per_mtok=8.0
     )
-    assert plain.cost_usd(100, 10, 60, 20) == plain.cost_usd(100, 10)  # unset: the input price
+    assert cost(plain, 100, 10, 60, 20) == cost(plain, 100, 10)  # unset: the input price
     cached = msgspec.structs.replace(
         plain, cache_read_price_per_mtok=0.2, cache_write_price_per_mtok=2.5
     )
-    assert cached.cost_usd(100, 10, 60, 20) == pytest.approx(
-        (20 * 2 + 60 * 0.2 + 20 * 2.5 + 80) / 1e6
-    )
-    assert cached.cost_usd(10, 0, 60, 20) == pytest.approx((60 * 0.2 + 20 * 2.5) / 1e6)
+    assert cost(cached, 100, 10, 60, 20) == pytest.approx((20 * 2 + 60 * 0.2 + 20 * 2.5 + 80) / 1e6)
+    assert cost(cached, 10, 0, 60, 20) == pytest.approx((60 * 0.2 + 20 * 2.5) / 1e6)

@@ -16,9 +16,10 @@ from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
+from gateway.intake import read_body
 from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, VIEW_NAMES, KeyRecord, key_view
 from gateway.schemas.codec import decode_body, encode
-from gateway.state import GATE_KEY, KEYS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import GATE_KEY, KEYS_KEY, REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_expires, parse_since
 
 __all__ = ["create_key", "get_key", "list_keys", "revoke_key", "update_key", "usage"]
@@ -111,7 +112,7 @@ def _view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
 async def create_key(request: web.Request) -> web.Response:
     """`POST /admin/keys`: the new key, with its secret in `key` (the only time it is shown)."""
     _require_admin(request)
-    fields = msgspec.structs.asdict(decode_body(await request.read(), KeyCreate))
+    fields = msgspec.structs.asdict(decode_body(await read_body(request), KeyCreate))
     request[SNAPSHOT_KEY].settings.require_group(fields["group_name"])
     fields["expires_at"] = _expires(fields["expires_at"])
     record, secret = await request.app[STORE_KEY].create_key(**fields)
@@ -135,7 +136,7 @@ async def get_key(request: web.Request) -> web.Response:
 async def update_key(request: web.Request) -> web.Response:
     """`PATCH /admin/keys/{id}`: change what the body names; `null` clears."""
     _require_admin(request)
-    body = msgspec.structs.asdict(decode_body(await request.read(), KeyUpdate))
+    body = msgspec.structs.asdict(decode_body(await read_body(request), KeyUpdate))
     changes = {f: value for f, value in body.items() if value is not UNSET}
     if "group_name" in changes:
         request[SNAPSHOT_KEY].settings.require_group(changes["group_name"])
@@ -168,7 +169,9 @@ async def usage(request: web.Request) -> web.Response:
             bounds[name] = parse_since(text) if text else None
         except ValueError as exc:
             raise InvalidRequest(f"Invalid '{name}': {exc}", param=name) from None
-    await request.app[USAGE_KEY].flush()  # requests that just ended are part of the report
+    # Requests that just ended are part of the report.
+    await request.app[USAGE_KEY].flush()
+    await request.app[REFUSALS_KEY].flush()
     store = request.app[STORE_KEY]
     key_id = query.get("key")
     if key_id is not None:

@@ -1,14 +1,24 @@
-"""`GET /healthz` (the process answers) and `GET /readyz` (database reachable, config loaded)."""
+"""`GET /healthz` (the process answers) and `GET /readyz` (usage can be written, config loaded).
+
+`/readyz` answers within a second whatever the database does: its ping is bounded, and a
+usage writer whose last write failed (rows held in memory, waiting for the database) makes
+the gateway not ready, so a load balancer can send traffic elsewhere.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
-from gateway.state import STORE_KEY
+from gateway.schemas.codec import encode
+from gateway.state import REFUSALS_KEY, STORE_KEY, USAGE_KEY
 
 __all__ = ["healthz", "readyz"]
 
 _OK = b'{"status":"ok"}'
+# The ping's bound: a database stuck behind another process's lock is not ready.
+_PING_SECONDS = 0.5
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -16,12 +26,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    database = "ok"
     try:
-        await request.app[STORE_KEY].ping()
+        async with asyncio.timeout(_PING_SECONDS):
+            await app[STORE_KEY].ping()
+    except TimeoutError:
+        database = "busy"
     except Exception:
-        return web.Response(
-            status=503,
-            body=b'{"status":"unavailable","database":"unreachable"}',
-            content_type="application/json",
-        )
-    return web.Response(body=b'{"status":"ready","database":"ok"}', content_type="application/json")
+        database = "unreachable"
+    recorder = app[USAGE_KEY]
+    failing = recorder.failing or app[REFUSALS_KEY].failing
+    ready = database == "ok" and not failing
+    body = {
+        "status": "ready" if ready else "unavailable",
+        "database": database,
+        "usage": "failing" if failing else "ok",
+        "usage_pending": recorder.pending,
+        "usage_dropped": recorder.dropped,
+    }
+    return web.Response(
+        status=200 if ready else 503, body=encode(body), content_type="application/json"
+    )

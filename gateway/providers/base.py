@@ -26,7 +26,7 @@ from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import raw_fields, raw_object
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
-from gateway.tokens import estimate_prompt_tokens
+from gateway.tokens import Estimate, ImageCost, estimate_prompt_tokens, prompt_size
 
 __all__ = [
     "Call",
@@ -91,10 +91,20 @@ class Call:
         """The prompt's tokens, estimated (for admission, and usage the upstream never told)."""
         return 0
 
+    def prompt_size(self, image_cost: ImageCost) -> Estimate:
+        """The prompt's likely tokens and the most it can be (a token is at least a byte of
+        the client's JSON); `image_cost` prices an image on the upstreams at hand."""
+        likely = self.prompt_estimate()
+        return Estimate(likely, max(likely, len(self.body or b"")))
+
     def output_bound(self, default: int) -> int:
         """The most output tokens the request may produce; `default` is the largest output
         limit of the providers it may be routed to, for requests that set none."""
         return 0
+
+    def cap_output(self, default: int) -> None:
+        """A request of a key with a budget or tokens per minute gets an output limit sent
+        upstream when it sets none (so that `output_bound` holds); by default it has one."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -105,9 +115,12 @@ class ChatCall(Call):
         request: the validated client request.
         body: the client's JSON body when `request` is the client's own chat request (None
             when it was translated, e.g. from the Responses API).
+        output_cap: the output limit admission reserved for a request that sets none (keys
+            with a budget or tokens per minute); providers send it upstream as its limit.
     """
 
     request: ChatCompletionRequest
+    output_cap: int | None = None
 
     def _fields(self) -> dict[str, msgspec.Raw]:
         return raw_fields(self.request)
@@ -118,11 +131,19 @@ class ChatCall(Call):
 
     @property
     def max_tokens(self) -> int | None:
-        """The client's output limit, else the model's configured default."""
-        return self.request.token_limit or self.model.max_tokens
+        """The client's output limit, else the model's configured default, else the one
+        admission reserved."""
+        return self.request.token_limit or self.model.max_tokens or self.output_cap
 
     def prompt_estimate(self) -> int:
         return estimate_prompt_tokens(self.request)
+
+    def prompt_size(self, image_cost: ImageCost) -> Estimate:
+        return prompt_size(self.request, image_cost)
+
+    def cap_output(self, default: int) -> None:
+        if self.max_tokens is None:
+            self.output_cap = default
 
     def output_bound(self, default: int) -> int:
         choices = self.request.n if isinstance(self.request.n, int) else 1

@@ -1,13 +1,13 @@
 """OpenAI and every OpenAI-compatible server (vLLM, Ollama, OpenRouter, DeepSeek...): pass-through.
 
 The client's body is forwarded field for field (unknown fields included) with these edits:
-`model` becomes the upstream name, the model's default `max_tokens` fills a missing limit,
-tool-call ids longer than OpenAI's 40 characters are shortened (`_call_ids`), and streams
-always ask for `include_usage` so usage can be accounted; that extra usage chunk is dropped
-again when the client did not ask for it. Upstream bytes go back untouched; answers are
-checked to be what they claim before they are relayed (`_answers`). Embeddings
-(`/embeddings`) and legacy completions (`/completions`, streams as for chat) pass through the
-same way.
+`model` becomes the upstream name, the model's default `max_tokens` (or the limit admission
+reserved) fills a missing limit, tool-call ids longer than OpenAI's 40 characters are
+shortened (`_call_ids`), and streams always ask for `include_usage` so usage can be accounted;
+that extra usage chunk is dropped again when the client did not ask for it. Upstream bytes go
+back untouched; answers are checked to be what they claim before they are relayed
+(`_answers`). Embeddings (`/embeddings`) and legacy completions (`/completions`, streams as for
+chat) pass through the same way.
 
 Upstreams with `responses_api = true` also get `/v1/responses` requests as they are
 (`OpenAIResponsesProvider`, which relays them with `gateway.providers.openai_responses`).
@@ -79,9 +79,9 @@ class OpenAIProvider:
             # Reasoning models reject max_tokens; max_completion_tokens means the same there.
             limit = fields.pop("max_tokens")
             fields.setdefault("max_completion_tokens", limit)
-        if call.request.token_limit is None and call.model.max_tokens is not None:
+        if call.request.token_limit is None and call.max_tokens is not None:
             key = "max_completion_tokens" if call.model.reasoning else "max_tokens"
-            fields[key] = msgspec.Raw(encode(call.model.max_tokens))
+            fields[key] = msgspec.Raw(encode(call.max_tokens))
         if stream:
             _stream_with_usage(fields, call.raw, call.request.wants_usage)
         return encode(fields)

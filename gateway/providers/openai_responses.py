@@ -75,8 +75,8 @@ class ResponsesRelay:
         items = short_input_ids(fields["input"]) if "input" in fields else None
         if items is not None:  # call ids minted elsewhere, too long for OpenAI
             fields["input"] = items
-        if not present(fields.get("max_output_tokens")) and call.model.max_tokens is not None:
-            fields["max_output_tokens"] = msgspec.Raw(encode(call.model.max_tokens))
+        if not present(fields.get("max_output_tokens")) and call.max_tokens is not None:
+            fields["max_output_tokens"] = msgspec.Raw(encode(call.max_tokens))
         return encode(fields)
 
     async def create(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:

@@ -279,7 +279,7 @@ def _thinking(call: ChatCall, max_tokens: int) -> tuple[Raw | UnsetType, int]:
     if effort == "none":
         return Raw(b'{"type":"disabled"}'), max_tokens
     budget = THINKING_BUDGETS[effort]
-    if req.token_limit is None:
+    if req.token_limit is None and call.output_cap is None:
         max_tokens += budget  # the default limit is for the answer; thinking comes on top
     elif max_tokens <= budget:
         budget = max_tokens - 1  # the client's limit counts thinking, as OpenAI's does

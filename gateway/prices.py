@@ -1,0 +1,275 @@
+"""What a model costs: its config's prices, else the `genai-prices` database, else unknown.
+
+A `[[models]]` entry's own prices always win. Otherwise the price of the upstream model is
+looked up in the price database bundled with the `genai-prices` package (Pydantic's, updated
+with every release; it works offline), under the provider's `pricing` id (by default the one
+its type names: openai, azure, anthropic, google; `free` for the demo). The gateway fetches
+newer prices at run time only when `[prices] update = true`. Lookups are cached per upstream
+model, with a bound, since clients choose `<provider>/<model>` ids; the cache empties once a day
+(prices change on dates the database knows) and whenever the database is updated.
+
+Costs count what the upstream reports: cached input at its cache-read price, Anthropic's cache
+writes at their price, reasoning at its own price where the model has one, and the price tier
+the prompt's size reaches ("above 200k input tokens").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import structlog
+
+from gateway.settings import ConfigError, ModelConfig, PriceSettings, ProviderConfig, Settings
+
+__all__ = [
+    "FREE",
+    "Price",
+    "PriceBook",
+    "Rates",
+    "Usage",
+    "load_database",
+    "start_price_updates",
+]
+
+log = structlog.get_logger(__name__)
+
+# The database's provider id for each provider type, unless a provider names its own.
+DEFAULT_PRICING = {
+    "openai": "openai",
+    "azure": "azure",
+    "anthropic": "anthropic",
+    "gemini": "google",
+}
+_CACHE_LIMIT = 4096
+_DAY = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float
+    cache_write: float
+    reasoning: float
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts as the upstream reported them (cached, written and reasoning tokens are
+    parts of the prompt and completion counts, as in OpenAI's usage)."""
+
+    prompt: int
+    completion: int
+    cached: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A model's rates, and the rates of each tier a larger prompt reaches."""
+
+    base: Rates
+    tiers: tuple[tuple[int, Rates], ...] = ()  # (prompt tokens above which, rates), ascending
+    source: str = "config"
+
+    def rates(self, prompt_tokens: int) -> Rates:
+        found = self.base
+        for start, rates in self.tiers:
+            if prompt_tokens > start:
+                found = rates
+        return found
+
+    def cost(self, usage: Usage) -> float:
+        r = self.rates(usage.prompt)
+        # Cache reads and writes are billed as reported, even past an inconsistent prompt.
+        uncached = max(0, usage.prompt - usage.cached - usage.cache_write)
+        reasoning = min(usage.reasoning, usage.completion)
+        return (
+            uncached * r.input
+            + usage.cached * r.cached_input
+            + usage.cache_write * r.cache_write
+            + (usage.completion - reasoning) * r.output
+            + reasoning * r.reasoning
+        ) / 1_000_000
+
+
+FREE = Price(Rates(0.0, 0.0, 0.0, 0.0, 0.0), source="free")
+
+
+def _config_price(model: ModelConfig) -> Price | None:
+    if model.input_price_per_mtok is None and model.output_price_per_mtok is None:
+        return None
+    inp = model.input_price_per_mtok or 0.0
+    out = model.output_price_per_mtok or 0.0
+    return Price(
+        Rates(
+            input=inp,
+            output=out,
+            cached_input=_or(model.cache_read_price_per_mtok, inp),
+            cache_write=_or(model.cache_write_price_per_mtok, inp),
+            reasoning=_or(model.reasoning_price_per_mtok, out),
+        )
+    )
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+# Looks up (database provider id, upstream model) -> Price, or None when it has no price.
+Lookup = Callable[[str, str], Price | None]
+
+
+def _component(price: Any, prompt: int) -> float | None:
+    """One price of the database (a Decimal, or tiers by prompt size) at a prompt size."""
+    if price is None:
+        return None
+    if isinstance(price, Decimal):
+        return float(price)
+    applicable = price.base
+    for tier in price.tiers:
+        if prompt > tier.start:
+            applicable = tier.price
+    return float(applicable)
+
+
+def _rates(prices: Any, prompt: int) -> Rates | None:
+    inp = _component(prices.input_mtok or prices.input_text_mtok, prompt)
+    out = _component(prices.output_mtok or prices.output_text_mtok, prompt)
+    if inp is None or out is None:
+        return None
+    return Rates(
+        input=inp,
+        output=out,
+        cached_input=_or(_component(prices.cache_read_mtok, prompt), inp),
+        cache_write=_or(_component(prices.cache_write_mtok, prompt), inp),
+        reasoning=_or(_component(prices.output_reasoning_mtok, prompt), out),
+    )
+
+
+def _from_database(prices: Any) -> Price | None:
+    """A `genai_prices` ModelPrice as a `Price` (its tiers flattened: one set of rates for
+    each prompt size at which any of its prices changes)."""
+    starts = sorted(
+        {tier.start for value in vars(prices).values() for tier in getattr(value, "tiers", ())}
+    )
+    base = _rates(prices, 0)
+    if base is None:
+        return None
+    tiers = tuple((start, rates) for start in starts if (rates := _rates(prices, start + 1)))
+    return Price(base, tiers, source="genai-prices")
+
+
+def load_database() -> tuple[Lookup, Callable[[], object], frozenset[str]]:
+    """The bundled (or last fetched) `genai-prices` database: a lookup, a function whose
+    result changes whenever the database is replaced by an update, and its provider ids.
+    Imports take ~0.4 s, so call this off the event loop, once."""
+    from genai_prices import data_snapshot  # heavy: imported only when serving
+
+    def lookup(provider_id: str, model: str) -> Price | None:
+        snapshot = data_snapshot.get_snapshot()
+        provider = data_snapshot.find_provider_by_id(snapshot.providers, provider_id)
+        if provider is None:
+            return None
+        # Provider.find_model, not the snapshot's lookups: those cache every model name they
+        # are asked about, without a bound.
+        found = provider.find_model(model, all_providers=snapshot.providers)
+        if found is None:
+            return None
+        return _from_database(found.get_prices(datetime.now(tz=UTC)))
+
+    ids = frozenset(p.id for p in data_snapshot.get_snapshot().providers)
+    return lookup, data_snapshot.get_snapshot, ids
+
+
+def start_price_updates(settings: PriceSettings) -> Any:
+    """Start genai-prices' own background updater (a thread that fetches the price data
+    every `update_interval` seconds; a failed fetch keeps the prices it had). Returns it, for
+    `stop()`. Blocks while the first fetch starts, so call it off the event loop."""
+    from genai_prices import UpdatePrices  # heavy: imported only when serving
+
+    options: dict[str, Any] = {"update_interval": settings.update_interval}
+    if settings.update_url is not None:
+        options["url"] = settings.update_url
+    updater = UpdatePrices(**options)
+    updater.start()
+    return updater
+
+
+class PriceBook:
+    """Every model's price, from its config or the database, looked up once per model.
+
+    Config prices come with the model config a request resolved to (so a reloaded config's
+    prices apply at once); the database's are cached here.
+    """
+
+    def __init__(
+        self,
+        lookup: Lookup | None = None,
+        version: Callable[[], object] = lambda: None,
+        *,
+        provider_ids: frozenset[str] = frozenset(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._lookup = lookup
+        self._provider_ids = provider_ids
+        self._version = version
+        self._clock = clock
+        self._found: dict[tuple[str, str], Price | None] = {}
+        self._seen_version: object = version()
+        self._expires = clock() + _DAY
+
+    def check(self, settings: Settings) -> None:
+        """Refuse a config whose providers name a price list the database does not have.
+
+        Raises:
+            ConfigError: naming the first such provider.
+        """
+        if self._lookup is None:
+            return
+        for p in settings.providers:
+            if p.pricing not in (None, "free", "none", *self._provider_ids):
+                raise ConfigError(
+                    f"providers.{p.name}.pricing: {p.pricing!r} is not a provider of the price"
+                    " database (use one of its ids, 'free' or 'none')"
+                )
+
+    def pricing_id(self, provider: ProviderConfig) -> str | None:
+        """The database provider id for `provider` ('free' and 'none' are not ids)."""
+        if provider.pricing is not None:
+            return provider.pricing
+        return "free" if provider.type == "demo" else DEFAULT_PRICING.get(provider.type)
+
+    def price(self, model: ModelConfig, provider: ProviderConfig, upstream: str) -> Price | None:
+        """The price of `model` served by `provider` as `upstream`, or None if unknown."""
+        configured = _config_price(model)
+        if configured is not None:
+            return configured
+        source = self.pricing_id(provider)
+        if source == "free":
+            return FREE
+        if source in (None, "none") or self._lookup is None:
+            return None
+        self._expire()
+        key = (source, upstream)
+        if key in self._found:
+            return self._found[key]
+        if len(self._found) >= _CACHE_LIMIT:
+            del self._found[next(iter(self._found))]  # the oldest lookup goes first
+        found = self._found[key] = self._lookup(source, upstream)
+        return found
+
+    def _expire(self) -> None:
+        now = self._clock()
+        version = self._version()
+        if now >= self._expires or version is not self._seen_version:
+            self._found.clear()
+            self._expires, self._seen_version = now + _DAY, version

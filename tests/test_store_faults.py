@@ -1,0 +1,247 @@
+"""The database under stress or attack: locked by another process, values it cannot hold, files
+other users could read, names that are terminal escapes, and floods of refused requests."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from aiohttp.test_utils import TestClient
+
+from gateway import cli
+from gateway.settings import ModelConfig, OpenAIConfig, Target
+from gateway.state import KEYS_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
+from tests.conftest import (
+    MakeSettings,
+    app_of,
+    create_key,
+    refusal_counts,
+    start_gateway,
+    usage_rows,
+)
+from tests.fakes import FakeOpenAI
+
+ADMIN = "admin-key-0123456789abcdef"
+HI = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+CHAT = "/v1/chat/completions"
+
+
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture
+async def gw(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> TestClient[Any, Any]:
+    return await start_gateway(aiohttp_client, make_settings(admin_key=ADMIN))
+
+
+@pytest.fixture
+def locked(gw: TestClient[Any, Any]) -> Iterator[sqlite3.Connection]:
+    """Another process's write lock on the gateway's database (a backup, a long CLI write)."""
+    conn = sqlite3.connect(app_of(gw)[STORE_KEY].path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    yield conn
+    conn.rollback()
+    conn.close()
+
+
+async def test_admin_writes_while_the_database_is_locked_are_503s_at_once(
+    gw: TestClient[Any, Any], locked: sqlite3.Connection
+) -> None:
+    async with gw.post("/admin/keys", json={"name": "a"}, headers=admin()) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        error = (await resp.json())["error"]
+    assert error["code"] == "database_busy" and error["type"] == "server_error"
+    started = time.monotonic()
+    async with gw.get("/admin/usage", headers=admin()) as resp:  # must write what is queued
+        assert resp.status in (200, 503)
+    # Not after the 5 to 10 s a long busy timeout took (the bound is that timeout, not speed).
+    assert time.monotonic() - started < 5
+    locked.rollback()
+    async with gw.post("/admin/keys", json={"name": "a"}, headers=admin()) as resp:
+        assert resp.status == 201
+
+
+async def test_usage_rows_are_kept_while_the_database_is_locked_and_written_after(
+    gw: TestClient[Any, Any], locked: sqlite3.Connection
+) -> None:
+    secret = await create_key_unlocked(gw, locked)
+    recorder = app_of(gw)[USAGE_KEY]
+    for _ in range(3):
+        async with gw.post(CHAT, json=HI, headers={"Authorization": f"Bearer {secret}"}) as resp:
+            assert resp.status == 200
+    with pytest.raises(Exception, match="busy"):
+        await recorder.flush()
+    async with gw.get("/readyz") as resp:
+        assert resp.status == 503
+        state = await resp.json()
+    assert state["usage"] == "failing" and state["usage_pending"] == 3
+    locked.rollback()
+    await recorder.flush()  # the database is back: the rows held for it are written
+    assert [r["status"] for r in await usage_rows(gw)] == [200, 200, 200]
+    async with gw.get("/readyz") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["usage"] == "ok"
+
+
+async def create_key_unlocked(gw: TestClient[Any, Any], locked: sqlite3.Connection) -> str:
+    locked.rollback()
+    secret = await create_key(gw)
+    locked.execute("BEGIN IMMEDIATE")
+    return secret
+
+
+async def test_readyz_answers_when_the_database_does_not(
+    gw: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def stuck() -> None:  # a connection stuck behind another process's lock
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(app_of(gw)[STORE_KEY], "ping", stuck)
+    async with gw.get("/readyz") as resp:  # bounded by the ping's half second
+        assert resp.status == 503
+        assert (await resp.json())["database"] == "busy"
+
+
+@pytest.mark.parametrize("field", ["rpm", "tpm", "max_concurrency", "budget_tokens"])
+async def test_integers_beyond_the_store_are_400s_naming_the_field(
+    gw: TestClient[Any, Any], field: str
+) -> None:
+    for value in (2**63, 2**64 + 1, 10**30):
+        async with gw.post("/admin/keys", json={"name": "a", field: value}, headers=admin()) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == field
+    async with gw.post("/admin/keys", json={"name": "a"}, headers=admin()) as resp:
+        key_id = (await resp.json())["id"]
+    async with gw.patch(f"/admin/keys/{key_id}", json={field: 2**63}, headers=admin()) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == field
+    async with gw.patch(f"/admin/keys/{key_id}", json={field: 2**63 - 1}, headers=admin()) as r:
+        assert r.status == 200
+
+
+def test_the_cli_refuses_integers_beyond_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "k.db")
+    assert cli.main(["keys", "create", "--name", "a", "--rpm", str(2**64), "--db", db]) == 2
+    assert "rpm" in capsys.readouterr().err
+
+
+async def test_database_files_are_readable_by_their_owner_only(gw: TestClient[Any, Any]) -> None:
+    path = Path(app_of(gw)[STORE_KEY].path)
+    await create_key(gw)  # a write: the WAL and its index exist
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+
+
+def test_the_cli_creates_a_private_database_too(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    assert cli.main(["keys", "create", "--name", "a", "--db", str(db)]) == 0
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+def test_the_cli_prints_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "k.db")
+    evil = "ok\x1b[2J\x1b]0;pwned\x07\u202eevil\x9b31m"
+    args = ["keys", "create", "--name", evil, "--notes", evil, "--db", db, "--json"]
+    assert cli.main(args) == 0
+    created = capsys.readouterr().out
+    assert "\\u001b[2J" in created and "\\u009b" in created and "\\u202e" in created
+    key_id = __import__("json").loads(created)["id"]
+    for argv in (["keys", "list"], ["keys", "show", key_id], ["keys", "list", "--json"]):
+        assert cli.main([*argv, "--db", db]) == 0
+        out = capsys.readouterr().out
+        assert not any(c in out for c in "\x1b\x07\x9b\u202e"), argv
+        assert "\\x1b" in out or "\\u001b" in out
+
+
+async def test_a_flood_of_refusals_writes_a_row_per_minute_key_and_status(
+    gw: TestClient[Any, Any],
+) -> None:
+    secret = await create_key(gw, rpm=5)
+    headers = {"Authorization": f"Bearer {secret}"}
+
+    async def one(body: Any) -> int:
+        async with gw.post(CHAT, json=body, headers=headers) as resp:
+            return resp.status
+
+    statuses = [await one(HI) for _ in range(5)]
+    statuses += await asyncio.gather(*(one(HI) for _ in range(500)))
+    statuses += await asyncio.gather(*(one({"model": "demo"}) for _ in range(500)))
+    assert statuses.count(200) == 5 and statuses.count(429) == 1000
+    counts = await refusal_counts(gw)
+    assert sum(counts.values()) == 1000 and len(counts) == 1
+    async with app_of(gw)[STORE_KEY].db.execute("SELECT COUNT(*) FROM refusals") as cur:
+        (rows,) = await cur.fetchone()  # type: ignore[misc]
+    assert rows <= 2  # one per minute (the flood may straddle a minute's end)
+    assert len(await usage_rows(gw)) == 5
+    key_id = app_of(gw)[KEYS_KEY].lookup(secret).id  # type: ignore[union-attr]
+    async with gw.get(f"/admin/usage?key={key_id}", headers=admin()) as resp:
+        (report,) = (await resp.json())["data"]
+    assert (report["requests"], report["errors"]) == (1005, 1000)
+
+
+def test_the_usage_report_shows_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "k.db")
+    assert cli.main(["keys", "create", "--name", "a", "--db", db, "--json"]) == 0
+    key_id = __import__("json").loads(capsys.readouterr().out)["id"]
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("INSERT INTO refusals VALUES (?, ?, 429, 7)", (int(time.time() // 60), key_id))
+    conn.close()
+    assert cli.main(["usage", "--db", db, "--json", "--by", "day"]) == 0
+    (row,) = __import__("json").loads(capsys.readouterr().out)
+    assert (row["requests"], row["errors"], row["total_tokens"]) == (7, 7, 0)
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-5", "99999999999999999999999", "x"])
+async def test_odd_upstream_retry_after_is_never_a_500(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    value: str,
+) -> None:
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    fake.always(status=429, headers={"retry-after": value, "retry-after-ms": value})
+    settings = make_settings(
+        providers=(OpenAIConfig(name="up", base_url=fake.base_url),),
+        models=(ModelConfig(name="m", targets=(Target(provider="up", model="gpt-4o-mini"),)),),
+    )
+    gw = await start_gateway(aiohttp_client, settings)
+    secret = await create_key(gw)
+    for stream in (False, True):
+        body = {"model": "m", "messages": HI["messages"], "stream": stream}
+        async with gw.post(CHAT, json=body, headers={"Authorization": f"Bearer {secret}"}) as r:
+            assert r.status == 429
+            assert (await r.json())["error"]["type"] == "rate_limit_exceeded"
+            if "Retry-After" in r.headers:
+                assert 1 <= int(r.headers["Retry-After"]) <= 3600
+
+
+async def test_refusal_counts_survive_a_database_outage(gw: TestClient[Any, Any]) -> None:
+    counter = app_of(gw)[REFUSALS_KEY]
+    counter.count(time.time(), "key_x", 429)
+    locked = sqlite3.connect(app_of(gw)[STORE_KEY].path, isolation_level=None)
+    locked.execute("BEGIN IMMEDIATE")
+    with pytest.raises(Exception, match="busy"):
+        await counter.flush()
+    assert counter.failing
+    counter.count(time.time(), "key_x", 429)
+    locked.rollback()
+    locked.close()
+    assert await refusal_counts(gw) == {("key_x", 429): 2}
+    assert not counter.failing
