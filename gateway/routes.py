@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from gateway.handlers import (
@@ -18,29 +20,40 @@ from gateway.intake import expect_later
 
 __all__ = ["setup_routes"]
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+_STORED = "/v1/responses/{response_id}"  # nothing is stored: each says so (404)
+
+_ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("POST", "/v1/chat/completions", chat.create_chat_completion),
+    ("POST", "/api/v1/chat", chat.create_chat),
+    ("POST", "/v1/responses", responses.create_response),
+    ("POST", "/v1/embeddings", embeddings.create_embeddings),
+    ("POST", "/v1/completions", completions.create_completion),
+    ("POST", "/v1/messages", messages.create_message),
+    ("POST", "/v1/messages/count_tokens", messages.count_tokens),
+    ("GET", _STORED, responses.stored_response),
+    ("DELETE", _STORED, responses.stored_response),
+    ("GET", f"{_STORED}/input_items", responses.stored_response),
+    ("POST", f"{_STORED}/cancel", responses.stored_response),
+    ("GET", "/v1/models", models.list_models),
+    ("GET", "/v1/models/{model:.+}", models.get_model),
+    ("GET", "/healthz", health.healthz),
+    ("GET", "/readyz", health.readyz),
+    ("POST", "/admin/keys", admin.create_key),
+    ("GET", "/admin/keys", admin.list_keys),
+    ("GET", "/admin/keys/{key_id}", admin.get_key),
+    ("PATCH", "/admin/keys/{key_id}", admin.update_key),
+    ("DELETE", "/admin/keys/{key_id}", admin.revoke_key),
+    ("GET", "/admin/usage", admin.usage),
+)
+
 
 def setup_routes(app: web.Application) -> None:
-    # `Expect: 100-continue` is answered once a request is admitted (gateway.intake).
-    later = expect_later
-    app.router.add_post("/v1/chat/completions", chat.create_chat_completion, expect_handler=later)
-    app.router.add_post("/api/v1/chat", chat.create_chat, expect_handler=later)
-    app.router.add_post("/v1/responses", responses.create_response, expect_handler=later)
-    app.router.add_post("/v1/embeddings", embeddings.create_embeddings, expect_handler=later)
-    app.router.add_post("/v1/completions", completions.create_completion, expect_handler=later)
-    app.router.add_post("/v1/messages", messages.create_message, expect_handler=later)
-    app.router.add_post("/v1/messages/count_tokens", messages.count_tokens, expect_handler=later)
-    stored = "/v1/responses/{response_id}"  # nothing is stored: each says so (404)
-    app.router.add_get(stored, responses.stored_response, expect_handler=later)
-    app.router.add_delete(stored, responses.stored_response, expect_handler=later)
-    app.router.add_get(f"{stored}/input_items", responses.stored_response, expect_handler=later)
-    app.router.add_post(f"{stored}/cancel", responses.stored_response, expect_handler=later)
-    app.router.add_get("/v1/models", models.list_models, expect_handler=later)
-    app.router.add_get("/v1/models/{model:.+}", models.get_model, expect_handler=later)
-    app.router.add_get("/healthz", health.healthz, expect_handler=later)
-    app.router.add_get("/readyz", health.readyz, expect_handler=later)
-    app.router.add_post("/admin/keys", admin.create_key, expect_handler=later)
-    app.router.add_get("/admin/keys", admin.list_keys, expect_handler=later)
-    app.router.add_get("/admin/keys/{key_id}", admin.get_key, expect_handler=later)
-    app.router.add_patch("/admin/keys/{key_id}", admin.update_key, expect_handler=later)
-    app.router.add_delete("/admin/keys/{key_id}", admin.revoke_key, expect_handler=later)
-    app.router.add_get("/admin/usage", admin.usage, expect_handler=later)
+    for method, path, handler in _ROUTES:
+        # `Expect: 100-continue` is answered once a request is admitted (gateway.intake).
+        if method == "GET":  # add_get, as before: it answers HEAD too
+            app.router.add_get(path, handler, expect_handler=expect_later)
+        else:
+            app.router.add_route(method, path, handler, expect_handler=expect_later)
