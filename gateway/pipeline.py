@@ -23,7 +23,6 @@ from gateway.errors import (
     PermissionDenied,
     UpstreamConnectionError,
     UpstreamError,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway.failover import Exchange, attempt_each
@@ -284,26 +283,15 @@ async def stream(
 async def first_batch(
     config: ProviderConfig, events: AsyncGenerator[list[bytes], None]
 ) -> tuple[AsyncGenerator[list[bytes], None], list[bytes]]:
-    """Wait (bounded by the provider's first-byte timeout) for an attempt's first batch.
+    """Wait for an attempt's first batch (the upstream client's watchdog bounds the wait by
+    the provider's first-byte timeout).
 
     Raises:
         UpstreamError: the attempt failed before its first batch (retryable where another
             route may do better), with `events` closed.
     """
-    # Without a first-byte timeout of its own, read_timeout bounds every wait for the upstream
-    # (the client's per-read timer), and an extra timer here would only cost time.
-    limit = config.first_byte_timeout or config.read_timeout
     try:
-        if config.first_byte_timeout is None:
-            first = await anext(events, None)
-        else:
-            async with asyncio.timeout(config.first_byte_timeout):
-                first = await anext(events, None)
-    except TimeoutError:
-        await events.aclose()
-        raise UpstreamTimeout(
-            f"The upstream provider '{config.name}' sent nothing within {limit:g} s."
-        ) from None
+        first = await anext(events, None)
     except UpstreamError as exc:
         await events.aclose()
         if type(exc) is UpstreamError:  # an error event, or malformed, before any byte went out

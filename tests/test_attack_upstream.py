@@ -708,19 +708,7 @@ SLOW_STARTS = {  # (what comes at once, what then trickles)
 
 @pytest.mark.parametrize(
     "first_byte_timeout",
-    [
-        0.5,
-        pytest.param(
-            None,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Open, for the stream-timeout watchdog work: without first_byte_timeout, "
-                "the time to the first event is bounded only per read (sock_read), so pings, a "
-                "trickled partial event or a trickled head keep a client waiting for its status "
-                "forever, although the docs say first_byte_timeout defaults to read_timeout.",
-            ),
-        ),
-    ],
+    [0.5, None],  # None: first_byte_timeout defaults to read_timeout, pings or not
     ids=["first_byte_timeout", "default"],
 )
 @pytest.mark.parametrize("start", list(SLOW_STARTS))
@@ -755,6 +743,42 @@ async def test_a_stream_that_stalls_mid_event_ends_with_an_error_event(build: Bu
         assert seen == ["hi"]
     finally:
         release.set()
+
+
+async def test_a_stream_longer_than_read_timeout_lives_while_events_keep_coming(
+    build: Build,
+) -> None:
+    # read_timeout bounds each silence, not the stream: 30 events 0.03 s apart (about 0.9 s)
+    # pass a read_timeout of 0.3 s.
+    events = Trickle(SSE_HEAD, chunked(sse(chunk("x"))), every=0.03, most=30)
+    rig = await build("openai", events, read_timeout=0.3)
+    status, body = await rig.call(stream=True)
+    assert status == 200
+    assert body.count(b'"content":"x"') == 30
+
+
+async def test_a_stream_arms_no_timer_per_upstream_read(build: Build) -> None:
+    # The upstream client's watchdog bounds each silence; aiohttp's sock_read timer (one
+    # TimerHandle made and cancelled per read) is not used for streams.
+    events = Trickle(SSE_HEAD, chunked(sse(chunk("x"))), every=0.002, most=100)
+    rig = await build("openai", events, read_timeout=30.0)
+    loop = asyncio.get_running_loop()
+    armed: list[str] = []
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        armed.append(getattr(callback, "__qualname__", repr(callback)))
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        status, body = await rig.call(stream=True)
+    finally:
+        del loop.call_at
+    assert status == 200 and body.count(b'"content":"x"') == 100
+    # The fake upstream's own sleeps (one per event) are not the gateway's timers.
+    gateway_timers = [name for name in armed if "_set_result_unless_cancelled" not in name]
+    assert len(gateway_timers) < 10, gateway_timers
 
 
 # --- Memory: many requests at once --------------------------------------------------------

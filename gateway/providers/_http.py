@@ -27,6 +27,7 @@ into events. URLs and body codecs stay with the provider.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,10 +36,16 @@ from typing import Protocol, TypeVar
 import aiohttp
 import msgspec
 
-from gateway.errors import UpstreamBadResponse, UpstreamError, UpstreamUnavailable
+from gateway.errors import (
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
 from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder, utf8
+from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
 
 __all__ = ["Attempt", "Dialect", "UpstreamClient", "bearer", "key_header"]
@@ -103,10 +110,9 @@ def _unary_timeout(cfg: UpstreamConfig) -> aiohttp.ClientTimeout:
 
 
 def _stream_timeout(cfg: UpstreamConfig) -> aiohttp.ClientTimeout:
-    # No total: a long, healthy generation must never be cut; sock_read bounds each silence.
-    return aiohttp.ClientTimeout(
-        total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
-    )
+    # No total: a long, healthy generation must never be cut. No sock_read either: aiohttp
+    # would arm a timer per read; the client's watchdog bounds each silence instead.
+    return aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout)
 
 
 class UpstreamClient:
@@ -127,6 +133,8 @@ class UpstreamClient:
         self._base = {"content-type": "application/json", **dialect.headers, **config.headers}
         self._by_account: dict[str | None, dict[str, str]] = {}
         self._free = config.max_buffered_bytes  # of what all its requests may hold at once
+        first = config.first_byte_timeout or config.read_timeout
+        self.watchdog = Watchdog(first, config.read_timeout)
 
     def headers(self, attempt: Attempt, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The headers of one request: its account's (built once per account), its id, and
@@ -191,44 +199,68 @@ class UpstreamClient:
             UpstreamError: before the first batch as for `post`; after it, a failure of the
                 connection or an event over the size limit.
         """
+        with self.watchdog.watch() as watch:
+            try:
+                async with self._session.post(
+                    url,
+                    data=body,
+                    headers=self.headers(attempt, extra),
+                    timeout=self._stream_timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    if not 200 <= resp.status < 300:
+                        raise await self._failure(resp, attempt)
+                    async for batch in self._batches(resp, attempt, watch):
+                        watch.reading = False  # the client's pace is not the upstream's
+                        yield batch
+                        watch.reading, watch.last = True, time.monotonic()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise upstream_failure(self.config.name, exc) from exc
+            except asyncio.CancelledError:
+                if not watch.timed_out():
+                    raise
+                raise self._silent(watch) from None
+
+    async def _batches(
+        self, resp: aiohttp.ClientResponse, attempt: Attempt, watch: Watch
+    ) -> AsyncGenerator[list[bytes], None]:
+        frames = self._dialect.frames(self.config.max_event_bytes)
+        secret = _secret(attempt)
+        held = 0
         try:
-            async with self._session.post(
-                url,
-                data=body,
-                headers=self.headers(attempt, extra),
-                timeout=self._stream_timeout,
-                allow_redirects=False,
-            ) as resp:
-                if not 200 <= resp.status < 300:
-                    raise await self._failure(resp, attempt)
-                frames = self._dialect.frames(self.config.max_event_bytes)
-                secret = _secret(attempt)
-                held = 0
-                try:
-                    async for piece in resp.content.iter_any():
-                        batch = frames.feed(piece)
-                        if frames.held != held:
-                            self._hold(resp, frames.held - held)
-                            held = frames.held
-                        if batch:
-                            if attempt.first_byte_at is None:
-                                attempt.first_byte_at = time.monotonic()
-                            if secret is not None:
-                                _redact_each(batch, secret)
-                            yield batch
-                    tail = frames.end()
-                    if tail:
-                        if secret is not None:
-                            _redact_each(tail, secret)
-                        yield tail
-                except EventTooLarge:
-                    resp.close()  # drop the connection: the rest of the event is not read
-                    raise self._too_large("a stream event", "max_event_bytes") from None
-                finally:
-                    frames.clear()  # a traceback may keep this frame, and so the decoder
-                    self._free += held
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_failure(self.config.name, exc) from exc
+            async for piece in resp.content.iter_any():
+                batch = frames.feed(piece)
+                if frames.held != held:
+                    self._hold(resp, frames.held - held)
+                    held = frames.held
+                if batch:
+                    if watch.first:
+                        attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
+                        watch.first, watch.limit = False, self.config.read_timeout
+                    if secret is not None:
+                        _redact_each(batch, secret)
+                    yield batch
+                elif not watch.first:
+                    watch.last = time.monotonic()  # pings keep a started stream open
+            tail = frames.end()
+            if tail:
+                if secret is not None:
+                    _redact_each(tail, secret)
+                yield tail
+        except EventTooLarge:
+            resp.close()  # drop the connection: the rest of the event is not read
+            raise self._too_large("a stream event", "max_event_bytes") from None
+        finally:
+            frames.clear()  # a traceback may keep this frame, and so the decoder
+            self._free += held
+
+    def _silent(self, watch: Watch) -> UpstreamError:
+        if watch.first:
+            return UpstreamTimeout(
+                f"The upstream provider '{self.config.name}' sent nothing within "
+                f"{self.watchdog.first_byte_timeout:g} s."
+            )
+        return upstream_failure(self.config.name, TimeoutError())  # as aiohttp's timeout was
 
     async def _failure(self, resp: aiohttp.ClientResponse, attempt: Attempt) -> UpstreamError:
         if resp.status < 400:
