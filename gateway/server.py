@@ -263,11 +263,26 @@ async def _run(app: web.Application, host: str, port: int, announce: Callable[[]
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        backlog = app[SETTINGS_KEY].server.listen_backlog
+        await web.TCPSite(runner, host, port, backlog=backlog).start()
         announce()
+        log.info("serving", loop=type(loop).__module__.partition(".")[0], backlog=backlog)
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is wanted and installed (it has no Windows build), else
+    None: asyncio's own. uvloop runs the same code with about half the CPU per event."""
+    if not use_uvloop:
+        return None
+    try:
+        import uvloop  # here: it is optional (no Windows build)
+    except ImportError:  # pragma: no cover (a dependency wherever it builds)
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def serve(app: web.Application, host: str, port: int, announce: Callable[[], None]) -> None:
@@ -276,5 +291,6 @@ def serve(app: web.Application, host: str, port: int, announce: Callable[[], Non
     Raises:
         OSError: the address cannot be bound.
     """
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(app, host, port, announce))
+    factory = loop_factory(app[SETTINGS_KEY].server.uvloop)
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_run(app, host, port, announce))

@@ -73,6 +73,11 @@ class ServerSettings(_Base, frozen=True):
     # connection's start or the first byte of a later request), and its whole body.
     client_header_timeout: PositiveFloat = 60.0
     client_body_timeout: PositiveFloat = 60.0
+    # Run on uvloop where it is installed (Linux, macOS); false: asyncio's own event loop.
+    uvloop: bool = True
+    # Connections the kernel queues before the gateway accepts them. The usual 128 drops
+    # connection attempts under bursts of a thousand clients, which then wait seconds to retry.
+    listen_backlog: PositiveInt = 1024
 
 
 class RoutingSettings(_Base, frozen=True):
