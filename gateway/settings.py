@@ -136,7 +136,11 @@ class UpstreamConfig(_Provider, frozen=True, kw_only=True):
     read_timeout: PositiveFloat = 300.0
     # Whole-request bound for non-streaming calls; streams are bounded by read_timeout only.
     total_timeout: PositiveFloat = 600.0
-    max_connections: PositiveInt = 100
+    # Connections open to this provider at once; none: no limit, so a healthy stream never
+    # waits behind others. With a limit, a request waits at most pool_timeout seconds for
+    # one, then gets a 503 (waits are logged and counted in GET /admin/stats).
+    max_connections: PositiveInt | None = None
+    pool_timeout: PositiveFloat = 10.0
     # The most the gateway reads of one upstream answer (non-streaming), and of one stream
     # event, counted after decompression; past either, the client gets a 502 (or an error
     # event once its stream has started) and the upstream connection is dropped.
@@ -144,7 +148,7 @@ class UpstreamConfig(_Provider, frozen=True, kw_only=True):
     max_event_bytes: PositiveInt = 16 * 1024 * 1024
     # The most the gateway holds at once of this provider's answers and unfinished events,
     # over all its requests; past it, the request that needs more gets a 503 (another route
-    # may be tried), so a hostile upstream cannot make it hold max_connections of each.
+    # may be tried), so a hostile upstream cannot make it hold one of each per connection.
     max_buffered_bytes: PositiveInt = 256 * 1024 * 1024
 
     @property
@@ -186,7 +190,7 @@ class DemoConfig(_Provider, frozen=True, kw_only=True, tag="demo"):
     first_byte_timeout: ClassVar[float | None] = None
     read_timeout: ClassVar[float] = 60.0
     total_timeout: ClassVar[float] = 60.0
-    max_connections: ClassVar[int] = 1
+    max_connections: ClassVar[int | None] = None
 
 
 ProviderConfig = OpenAIConfig | AzureConfig | AnthropicConfig | GeminiConfig | DemoConfig

@@ -43,7 +43,8 @@ class Snapshot:
 
 
 def _session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=cfg.max_connections, ttl_dns_cache=300)
+    # No limit here: aiohttp would queue silently; the upstream client's PoolGate bounds.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, read_bufsize=_READ_BUFSIZE)
 
 

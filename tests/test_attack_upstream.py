@@ -1214,3 +1214,119 @@ async def test_a_body_nested_just_deep_enough_is_a_400_not_a_gateway_crash(
         if resp.status == 400:
             assert (await resp.json())["error"]["message"] == "Request body is nested too deeply."
     assert statuses == {200, 400}
+
+
+# --- Connections: no silent queue ---------------------------------------------------------
+
+
+def held_streams(opened: list[int], release: asyncio.Event) -> Answer:
+    """Streams that send a first event at once, then stay open until `release` is set."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        opened.append(1)
+        writer.write(SSE_HEAD + chunked(sse(chunk("hi"))))
+        await writer.drain()
+        await release.wait()
+        writer.write(chunked(sse(b"[DONE]")) + b"0\r\n\r\n")
+        writer.close()
+
+    return answer
+
+
+async def test_by_default_no_stream_waits_for_a_connection(build: Build) -> None:
+    # 150 streams at once to one provider, each held open: all reach the upstream and get
+    # their first event (a pool of 100 used to queue the last 50 silently).
+    opened: list[int] = []
+    release = asyncio.Event()
+    rig = await build("openai", held_streams(opened, release))
+    path, body = rig.body(stream=True)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = rig.gateway.make_url(path)
+
+        async def first_event() -> tuple[aiohttp.ClientResponse, bytes]:
+            resp = await session.post(url, json=body, headers=headers)
+            return resp, await resp.content.readuntil(b"\n\n")
+
+        try:
+            async with asyncio.timeout(NEVER_HANG):
+                started = await asyncio.gather(*[first_event() for _ in range(150)])
+            assert len(opened) == 150
+            assert all(resp.status == 200 and b"hi" in event for resp, event in started)
+        finally:
+            release.set()
+        for resp, _ in started:
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_set_connection_limit_bounds_the_wait_logs_counts_and_answers_503(
+    build: Build,
+) -> None:
+    opened: list[int] = []
+    release = asyncio.Event()
+    server = {"admin_key": "admin-0123456789abcdef"}
+    rig = await build(
+        "openai", held_streams(opened, release), server, max_connections=2, pool_timeout=0.3
+    )
+    path, body = rig.body(stream=True)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    held = [await rig.gateway.post(path, json=body, headers=headers) for _ in range(2)]
+    try:
+        with capture_logs() as logs:
+            status, answer = await rig.call(stream=True)  # a third: no connection within 0.3 s
+        assert status == 503
+        error = json.loads(answer)["error"]
+        assert error["code"] == "upstream_pool_full" and "max_connections" in error["message"]
+        assert [e["event"] for e in logs if e["event"].startswith("upstream_pool")] == [
+            "upstream_pool_full"
+        ]
+        admin = {"Authorization": "Bearer admin-0123456789abcdef"}
+        async with rig.gateway.get("/admin/stats", headers=admin) as resp:
+            stats = (await resp.json())["providers"]["up"]
+        assert stats | {"wait_seconds": 0} == {
+            "max_connections": 2,
+            "in_use": 2,
+            "waiting": 0,
+            "waited": 1,
+            "wait_seconds": 0,
+            "pool_timeouts": 1,
+            "stream_timeouts": 0,
+        }
+        assert stats["wait_seconds"] >= 0.3
+        async with rig.gateway.get("/admin/stats") as resp:
+            assert resp.status == 401  # the admin key is needed
+    finally:
+        release.set()
+    for resp in held:
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    assert len(opened) == 2
+
+
+async def test_a_request_that_gets_a_connection_within_pool_timeout_is_served(
+    build: Build,
+) -> None:
+    opened: list[int] = []
+    release = asyncio.Event()
+    server = {"admin_key": "admin-0123456789abcdef"}
+    rig = await build("openai", held_streams(opened, release), server, max_connections=1)
+    admin = {"Authorization": "Bearer admin-0123456789abcdef"}
+
+    async def waiting() -> int:
+        async with rig.gateway.get("/admin/stats", headers=admin) as resp:
+            return int((await resp.json())["providers"]["up"]["waiting"])
+
+    path, body = rig.body(stream=True)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    first = await rig.gateway.post(path, json=body, headers=headers)
+    with capture_logs() as logs:
+        second = asyncio.ensure_future(rig.call(stream=True))
+        async with asyncio.timeout(NEVER_HANG):
+            while not await waiting():  # noqa: ASYNC110 (the gate has no event: a counter)
+                await asyncio.sleep(0.01)
+        release.set()  # the first stream ends, and frees its connection for the second
+        status, answer = await second
+    assert status == 200 and answer.endswith(b"data: [DONE]\n\n")
+    assert (await first.read()).endswith(b"data: [DONE]\n\n")
+    waits = [e for e in logs if e["event"] == "upstream_pool_wait"]
+    assert len(waits) == 1 and waits[0]["provider"] == "up"

@@ -17,6 +17,7 @@ from msgspec import UNSET, UnsetType
 
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from gateway.intake import read_body
+from gateway.providers._pool import UpstreamStats
 from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, VIEW_NAMES, KeyRecord, key_view
 from gateway.schemas.codec import decode_body, encode
 from gateway.state import GATE_KEY, KEYS_KEY, REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
@@ -183,3 +184,16 @@ async def usage(request: web.Request) -> web.Response:
         by=by,  # type: ignore[arg-type]  # checked above
     )
     return _json({"object": "list", "by": by, "data": rows})
+
+
+async def stats(request: web.Request) -> web.Response:
+    """`GET /admin/stats`: each upstream provider's connection and stream-timeout counters
+    (`UpstreamStats`), since it was built (a reload that changes a provider starts anew)."""
+    _require_admin(request)
+    providers = request[SNAPSHOT_KEY].providers
+    upstreams = {
+        name: found
+        for name, provider in providers.items()
+        if isinstance(found := getattr(provider, "stats", None), UpstreamStats)
+    }
+    return _json({"object": "stats", "providers": upstreams})

@@ -44,6 +44,7 @@ from gateway.errors import (
 )
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
+from gateway.providers._pool import PoolGate
 from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder, utf8
 from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
@@ -135,6 +136,8 @@ class UpstreamClient:
         self._free = config.max_buffered_bytes  # of what all its requests may hold at once
         first = config.first_byte_timeout or config.read_timeout
         self.watchdog = Watchdog(first, config.read_timeout)
+        self.pool = PoolGate(config.name, config.max_connections, config.pool_timeout)
+        self.stats = self.pool.stats
 
     def headers(self, attempt: Attempt, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The headers of one request: its account's (built once per account), its id, and
@@ -171,13 +174,16 @@ class UpstreamClient:
                 failure to reach the upstream.
         """
         try:
-            async with self._session.post(
-                url,
-                data=body,
-                headers=self.headers(attempt, extra),
-                timeout=self._unary_timeout,
-                allow_redirects=False,
-            ) as resp:
+            async with (
+                self.pool,
+                self._session.post(
+                    url,
+                    data=body,
+                    headers=self.headers(attempt, extra),
+                    timeout=self._unary_timeout,
+                    allow_redirects=False,
+                ) as resp,
+            ):
                 if not 200 <= resp.status < 300:
                     raise await self._failure(resp, attempt)
                 data = await self._read(resp, self.config.max_response_bytes)
@@ -199,27 +205,28 @@ class UpstreamClient:
             UpstreamError: before the first batch as for `post`; after it, a failure of the
                 connection or an event over the size limit.
         """
-        with self.watchdog.watch() as watch:
-            try:
-                async with self._session.post(
-                    url,
-                    data=body,
-                    headers=self.headers(attempt, extra),
-                    timeout=self._stream_timeout,
-                    allow_redirects=False,
-                ) as resp:
-                    if not 200 <= resp.status < 300:
-                        raise await self._failure(resp, attempt)
-                    async for batch in self._batches(resp, attempt, watch):
-                        watch.reading = False  # the client's pace is not the upstream's
-                        yield batch
-                        watch.reading, watch.last = True, time.monotonic()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise upstream_failure(self.config.name, exc) from exc
-            except asyncio.CancelledError:
-                if not watch.timed_out():
-                    raise
-                raise self._silent(watch) from None
+        async with self.pool:
+            with self.watchdog.watch() as watch:
+                try:
+                    async with self._session.post(
+                        url,
+                        data=body,
+                        headers=self.headers(attempt, extra),
+                        timeout=self._stream_timeout,
+                        allow_redirects=False,
+                    ) as resp:
+                        if not 200 <= resp.status < 300:
+                            raise await self._failure(resp, attempt)
+                        async for batch in self._batches(resp, attempt, watch):
+                            watch.reading = False  # the client's pace is not the upstream's
+                            yield batch
+                            watch.reading, watch.last = True, time.monotonic()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise upstream_failure(self.config.name, exc) from exc
+                except asyncio.CancelledError:
+                    if not watch.timed_out():
+                        raise
+                    raise self._silent(watch) from None
 
     async def _batches(
         self, resp: aiohttp.ClientResponse, attempt: Attempt, watch: Watch
@@ -255,6 +262,7 @@ class UpstreamClient:
             self._free += held
 
     def _silent(self, watch: Watch) -> UpstreamError:
+        self.stats.stream_timeouts += 1
         if watch.first:
             return UpstreamTimeout(
                 f"The upstream provider '{self.config.name}' sent nothing within "

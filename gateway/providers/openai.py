@@ -64,6 +64,7 @@ class OpenAIProvider:
     def __init__(self, config: OpenAIConfig | AzureConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, self.dialect)
+        self.stats = self._http.stats  # GET /admin/stats
 
     def url(self, call: Call, operation: str) -> str:
         """Where an operation (`chat/completions`, `embeddings`, `completions`) goes (Azure:
