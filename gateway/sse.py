@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, UpstreamUnavailable
+from gateway.providers._sse import Framed
 from gateway.schemas.codec import encode
 from gateway.state import SHUTTING_DOWN_KEY, STREAMS_KEY
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
@@ -38,7 +39,9 @@ def _frame(payload: bytes) -> bytes:
 
 
 def data_frames(payloads: list[bytes]) -> bytes:
-    """Payloads as `data:` events (OpenAI chat streams)."""
+    """Payloads as `data:` events (OpenAI chat streams); a `Framed` batch is events already."""
+    if type(payloads) is Framed:
+        return payloads[0]
     return _frame(payloads[0]) if len(payloads) == 1 else b"".join([_frame(p) for p in payloads])
 
 

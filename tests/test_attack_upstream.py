@@ -36,6 +36,7 @@ from tests.conftest import (
     openai_client,
     provider_config,
     start_gateway,
+    usage_rows,
 )
 
 MiB = 1024 * 1024
@@ -960,6 +961,40 @@ async def test_unusual_but_valid_http_is_answered(build: Build, case: str) -> No
         assert "".join(c.choices[0].delta.content for c in result) == "hello"
     else:
         assert result.choices[0].message.content == "hi"
+
+
+PLAIN = sse(chunk("h\u00e9l"), chunk("lo")) + sse(
+    b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
+    b'[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+)
+USAGE = (
+    b'{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+)
+
+
+@pytest.mark.parametrize("wants_usage", [False, True])
+async def test_plain_chunks_reach_the_client_as_the_upstream_sent_them(
+    build: Build, wants_usage: bool
+) -> None:
+    # Pass-through: plain chunks go out byte for byte; the usage chunk the gateway asked
+    # for is still counted, and dropped unless the client asked for it too.
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(http("200 OK", {"Content-Type": "text/event-stream", "Connection": "close"}))
+        for part in (*PLAIN.split(b"\n\n")[:-1], b"data: " + USAGE, b"data: [DONE]"):
+            writer.write(part + b"\n\n")
+            await writer.drain()
+        writer.close()
+
+    rig = await build("openai", answer)
+    path, body = rig.body(stream=True)
+    if wants_usage:
+        body["stream_options"] = {"include_usage": True}
+    status, got = await rig.post(path, body)
+    assert status == 200
+    usage = sse(USAGE) if wants_usage else b""
+    assert got == PLAIN + usage + b"data: [DONE]\n\n"
+    row = (await usage_rows(rig.gateway))[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (3, 2, 0)
 
 
 def one_byte_writes(data: bytes) -> Answer:

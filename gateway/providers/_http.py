@@ -45,7 +45,7 @@ from gateway.errors import (
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
 from gateway.providers._pool import PoolGate
-from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder, utf8
+from gateway.providers._sse import EventTooLarge, Framed, FrameDecoder, SSEDecoder, utf8
 from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
 
@@ -194,12 +194,20 @@ class UpstreamClient:
         return _redact(utf8(data), _secret(attempt))
 
     async def stream(
-        self, url: str, body: bytes, attempt: Attempt, extra: Mapping[str, str] | None = None
+        self,
+        url: str,
+        body: bytes,
+        attempt: Attempt,
+        extra: Mapping[str, str] | None = None,
+        *,
+        passthrough: bool = False,
     ) -> AsyncGenerator[list[bytes], None]:
         """POST `body` and yield the payloads of the upstream's events, batched by read.
 
         A batch holds every event one network read completed, so a burst of events costs one
-        client write, and nothing waits for more input than has arrived.
+        client write, and nothing waits for more input than has arrived. With `passthrough`,
+        a read that is whole, canonical events (`_sse.canonical`), valid UTF-8 without the
+        key comes as one `Framed` batch of its bytes, for a caller that relays them as SSE.
 
         Raises:
             UpstreamError: before the first batch as for `post`; after it, a failure of the
@@ -217,7 +225,7 @@ class UpstreamClient:
                     ) as resp:
                         if not 200 <= resp.status < 300:
                             raise await self._failure(resp, attempt)
-                        async for batch in self._batches(resp, attempt, watch):
+                        async for batch in self._batches(resp, attempt, watch, passthrough):
                             watch.reading = False  # the client's pace is not the upstream's
                             yield batch
                             watch.reading, watch.last = True, time.monotonic()
@@ -229,17 +237,25 @@ class UpstreamClient:
                     raise self._silent(watch) from None
 
     async def _batches(
-        self, resp: aiohttp.ClientResponse, attempt: Attempt, watch: Watch
+        self, resp: aiohttp.ClientResponse, attempt: Attempt, watch: Watch, passthrough: bool
     ) -> AsyncGenerator[list[bytes], None]:
         frames = self._dialect.frames(self.config.max_event_bytes)
         secret = _secret(attempt)
         held = 0
         try:
             async for piece in resp.content.iter_any():
-                batch = frames.feed(piece)
-                if frames.held != held:
-                    self._hold(resp, frames.held - held)
-                    held = frames.held
+                if (
+                    passthrough
+                    and frames.passes(piece)
+                    and (secret is None or secret not in piece)
+                    and (piece.isascii() or utf8(piece) is piece)
+                ):
+                    batch: list[bytes] = Framed((piece,))  # nothing to repair or redact
+                else:
+                    batch = frames.feed(piece)
+                    if frames.held != held:
+                        self._hold(resp, frames.held - held)
+                        held = frames.held
                 if batch:
                     if watch.first:
                         attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
