@@ -15,6 +15,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from itertools import chain
 from typing import Any, Literal
 
 import aiosqlite
@@ -46,6 +47,16 @@ _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
 _INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({_marks(_KEY_FIELDS)})"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
 _INSERT_USAGE = f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
+# Full runs of rows go in one multi-row INSERT (a statement SQLite prepares once and runs
+# once for the run, about half the CPU of a step per row); the rest of a batch row by row.
+# Sized under SQLite's bound-parameter limit (32766 since 3.32, 999 before).
+_USAGE_RUN = min(
+    250, (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(_USAGE_FIELDS)
+)
+_INSERT_USAGE_RUN = (
+    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES "  # noqa: S608
+    + ", ".join([f"({_marks(_USAGE_FIELDS)})"] * _USAGE_RUN)
+)
 _ADD_REFUSALS = (
     "INSERT INTO refusals (minute, key_id, status, count) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (minute, key_id, status) DO UPDATE SET count = count + excluded.count"
@@ -270,9 +281,15 @@ class Store:
         """Append usage rows in one transaction (all or none)."""
         if not rows:
             return
-        params = [msgspec.structs.astuple(r) for r in rows]
+        astuple = msgspec.structs.astuple
+        runs, rest = divmod(len(rows), _USAGE_RUN)
+        split = runs * _USAGE_RUN
         async with self._transaction() as db:
-            await db.executemany(_INSERT_USAGE, params)
+            for start in range(0, split, _USAGE_RUN):
+                run = rows[start : start + _USAGE_RUN]
+                await db.execute(_INSERT_USAGE_RUN, list(chain.from_iterable(map(astuple, run))))
+            if rest:
+                await db.executemany(_INSERT_USAGE, [astuple(r) for r in rows[split:]])
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""

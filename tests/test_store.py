@@ -16,7 +16,7 @@ import pytest
 from gateway.errors import InvalidRequest, NotFound
 from gateway.migrations import MIGRATIONS
 from gateway.records import UsageRecord
-from gateway.store import Store, StoreError, open_store
+from gateway.store import _USAGE_RUN, Store, StoreError, open_store
 
 SAMPLE_DB = Path(__file__).resolve().parent.parent / "keys.db.sample"
 DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
@@ -215,6 +215,17 @@ async def test_insert_usage_writes_every_column(store: Store) -> None:
     assert rows[0][:8] == (1, DAY1, "req", "key_a", "demo", "demo", "demo", "/v1/chat/completions")
     assert rows[0][8:] == (1, 429, 3, 4, 7, 0.5, 12.5, 3.25, 1, 2, 1)
     assert rows[1][3:5] == (None, None) and rows[1][15] is None
+
+
+async def test_a_large_batch_is_written_whole_in_order_in_multi_row_runs(store: Store) -> None:
+    # Runs of _USAGE_RUN rows go in one multi-row INSERT each, the rest row by row.
+    count = 2 * _USAGE_RUN + 7
+    await store.insert_usage(
+        [usage(request_id=f"r{i}", prompt_tokens=i, ttft_ms=None if i % 2 else 1.5)
+         for i in range(count)]
+    )  # fmt: skip
+    rows = await fetch(store, "SELECT request_id, prompt_tokens, ttft_ms FROM usage ORDER BY id")
+    assert rows == [(f"r{i}", i, None if i % 2 else 1.5) for i in range(count)]
 
 
 async def test_usage_summary_groupings(store: Store) -> None:
