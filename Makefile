@@ -43,8 +43,11 @@ lint: $(STAMP)
 
 check: lint test
 
+# Not part of `make test`. BENCH_QUICK=1: smaller and shorter runs (a smoke test).
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench_micro
+	$(BIN)/python -m tests.bench $(if $(filter 1,$(BENCH_QUICK)),--quick)
+	$(BIN)/python -m tests.bench_streams
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov build *.egg-info
