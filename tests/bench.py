@@ -28,8 +28,9 @@ reported too, and so is each server process's CPU time per request (from /proc).
 
 Targets (relay cells): gateway throughput >= 0.8 x relay in every cell, and gateway p50 at
 concurrency 1 within 0.15 ms of the relay's. The relay runs on uvloop with no connection limit,
-as the gateway does (`tests/bench_servers.py`), so the ratio is against the fastest floor. The anthropic cells have no target: translation
-throughput >= 0.8 x pass-through is printed as information; the limits cells are reported.
+as the gateway does (`tests/bench_servers.py`), so the ratio is against the fastest floor.
+The anthropic cells have no target: translation throughput >= 0.8 x pass-through is printed as
+information; the limits cells are reported.
 Missing a target still exits 0 (this is a measurement); a server that does not start, or any
 request that errors (in any cell: JSON must be a `chat.completion`, a stream must end with
 `data: [DONE]`), exits 1. The gateway's output goes to /dev/null (its per-request log line is
