@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.providers._answers import StreamCheck
 from gateway.providers._sse import Framed, SSEDecoder
+from gateway.providers._stream_check import StreamCheck
 
 CHUNK = b'{"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'
 DONE_CHUNK = b'{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'

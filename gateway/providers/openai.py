@@ -27,7 +27,6 @@ import structlog
 
 from gateway.errors import UpstreamError
 from gateway.providers._answers import (
-    StreamCheck,
     completion_usage,
     embeddings_usage,
     text_completion_usage,
@@ -36,6 +35,7 @@ from gateway.providers._call_ids import short_ids
 from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers._sse import Framed
+from gateway.providers._stream_check import StreamCheck
 from gateway.providers.base import Call, ChatCall, ChatReply
 from gateway.providers.capabilities import CompletionCall, EmbeddingCall
 from gateway.providers.openai_responses import ResponsesRelay
