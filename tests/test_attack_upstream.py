@@ -1365,3 +1365,30 @@ async def test_a_request_that_gets_a_connection_within_pool_timeout_is_served(
     assert (await first.read()).endswith(b"data: [DONE]\n\n")
     waits = [e for e in logs if e["event"] == "upstream_pool_wait"]
     assert len(waits) == 1 and waits[0]["provider"] == "up"
+
+
+async def test_a_client_that_hangs_up_gives_its_connection_back(build: Build) -> None:
+    # max_connections = 1: were the slot of a stream whose client hung up kept, the
+    # provider would answer nothing but 503s from then on.
+    opened: list[int] = []
+    release = asyncio.Event()
+    server = {"admin_key": "admin-0123456789abcdef"}
+    rig = await build(
+        "openai", held_streams(opened, release), server, max_connections=1, pool_timeout=5.0
+    )
+    path, body = rig.body(stream=True)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    for _ in range(3):  # each hangs up after its first event, while the upstream holds on
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(rig.gateway.make_url(path), json=body, headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            assert b"hi" in await resp.content.readuntil(b"\n\n")
+    release.set()
+    status, answer = await rig.call(stream=True)
+    assert status == 200 and answer.endswith(b"data: [DONE]\n\n")
+    admin = {"Authorization": "Bearer admin-0123456789abcdef"}
+    async with rig.gateway.get("/admin/stats", headers=admin) as resp:
+        stats = (await resp.json())["providers"]["up"]
+    assert (stats["in_use"], stats["pool_timeouts"]) == (0, 0)
