@@ -1392,3 +1392,13 @@ async def test_a_client_that_hangs_up_gives_its_connection_back(build: Build) ->
     async with rig.gateway.get("/admin/stats", headers=admin) as resp:
         stats = (await resp.json())["providers"]["up"]
     assert (stats["in_use"], stats["pool_timeouts"]) == (0, 0)
+
+
+async def test_streams_the_watchdog_ends_are_counted(build: Build) -> None:
+    server = {"admin_key": "admin-0123456789abcdef"}
+    rig = await build("openai", Trickle(*SLOW_STARTS["pings"]), server, read_timeout=0.3)
+    status, _ = await rig.call(stream=True)
+    assert status == 504
+    admin = {"Authorization": "Bearer admin-0123456789abcdef"}
+    async with rig.gateway.get("/admin/stats", headers=admin) as resp:
+        assert (await resp.json())["providers"]["up"]["stream_timeouts"] == 1
