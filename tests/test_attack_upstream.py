@@ -173,13 +173,15 @@ Build = Callable[..., Awaitable[Rig]]
 async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
     servers: list[asyncio.Server] = []
 
-    async def make(kind: str, answer: Answer, server: Any = None, **fields: Any) -> Rig:
+    async def make(
+        kind: str, answer: Answer, server: Any = None, host: str = "127.0.0.1", **fields: Any
+    ) -> Rig:
         server = server or {}
         upstream = RawUpstream(answer)
         await upstream.start()
         assert upstream.server is not None
         servers.append(upstream.server)
-        base = f"http://127.0.0.1:{upstream.port}{KINDS[kind]}"
+        base = f"http://{host}:{upstream.port}{KINDS[kind]}"
         config_kind = kind
         if kind == "responses":
             config_kind, fields = "openai", {**fields, "responses_api": True}
@@ -1402,3 +1404,15 @@ async def test_streams_the_watchdog_ends_are_counted(build: Build) -> None:
     admin = {"Authorization": "Bearer admin-0123456789abcdef"}
     async with rig.gateway.get("/admin/stats", headers=admin) as resp:
         assert (await resp.json())["providers"]["up"]["stream_timeouts"] == 1
+
+
+async def test_a_cookie_an_upstream_sets_is_never_sent_back(build: Build) -> None:
+    # One session per provider serves every client: a cookie kept from one client's answer
+    # would go out with the next client's request.
+    answer = whole(COMPLETION % b"hi", **{"Set-Cookie": "session=client-a; Path=/"})
+    rig = await build("openai", sends(answer), host="localhost")  # a name: IPs get no cookies
+    for _ in range(2):
+        status, _body = await rig.call(stream=False)
+        assert status == 200
+    assert len(rig.upstream.requests) == 2
+    assert b"client-a" not in rig.upstream.requests[1]
