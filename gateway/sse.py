@@ -49,14 +49,20 @@ def _error_frame(exc: GatewayError) -> bytes:
     return _frame(encode(exc.body()))
 
 
+class _EventStream(EventSourceResponse):
+    """aiohttp-sse's response, whose headers go out with its first event in one write (as
+    `web.Response`'s do with its body) instead of a write of their own: `relay()` starts a
+    stream only once its first batch is there, so nothing is sent later for it."""
+
+    _send_headers_immediately = False
+
+
 class SSEStream:
     """One client event stream: `start()`, then `write()` framed events, `error()`, `close()`."""
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
-        self.response = EventSourceResponse(
-            sep="\n", allow_all_methods=True, ping_interval=PING_SECONDS
-        )
+        self.response = _EventStream(sep="\n", allow_all_methods=True, ping_interval=PING_SECONDS)
 
     async def start(self) -> None:
         trace = self._request[TRACE_KEY]
