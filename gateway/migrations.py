@@ -71,6 +71,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (minute, key_id, status)
         )""",
     ),
+    (
+        # The dashboard (gateway.dashboard.queries): its charts and top lists read ranges of
+        # time, and a key's page its own rows, from these covering indexes alone (a year of
+        # rows stays fast), and a key's refusals by key.
+        """CREATE INDEX usage_ts_cover ON usage
+            (ts, key_id, model, status, total_tokens, cost_usd)""",
+        """CREATE INDEX usage_key_cover ON usage
+            (key_id, ts, model, status, total_tokens, cost_usd)""",
+        "CREATE INDEX refusals_key ON refusals (key_id, minute)",
+    ),
 )
 
 
