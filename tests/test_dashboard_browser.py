@@ -63,7 +63,7 @@ class Browser:
         assert response is not None and response.ok, path
 
     async def shot(self, name: str) -> None:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        # Playwright makes the directory if it is missing.
         await self.page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
 
     async def text(self, selector: str) -> str:
@@ -209,7 +209,11 @@ async def test_phone_sized_screen(chromium: Any, gw: TestClient[Any, Any]) -> No
     await b.page.fill("input[name=name]", "phone-key")
     await b.page.click("text=Create key")
     await b.page.click("text=Go to the key")
-    pages = {"overview": "/dashboard", "keys": "/dashboard/keys", "upstreams": "/dashboard/upstreams"}
+    pages = {
+        "overview": "/dashboard",
+        "keys": "/dashboard/keys",
+        "upstreams": "/dashboard/upstreams",
+    }
     pages["key-detail"] = b.page.url.removeprefix(b.base)
     for name, path in pages.items():
         await b.goto(path)

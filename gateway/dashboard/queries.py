@@ -1,8 +1,9 @@
 """What the dashboard reads: the usage and refusals tables, the same rows `gateway usage` and the
 admin API report from, grouped by hour or day and by key or model.
 
-Each query reads a time range through a covering index (migration step 5), so a year of rows
-is a range scan of the index, never of the table. Refused requests (gateway.refusals) count
+Hours are read from the usage rows through a covering index, whole days from the daily
+rollup SQLite keeps beside them (both migration step 5), so a year of rows is a few thousand
+rollup rows, never a scan of the table. Refused requests (gateway.refusals) count
 as requests and errors, as in the usage reports.
 """
 
@@ -48,21 +49,39 @@ async def _rows(
         return list(await cur.fetchall())
 
 
+_DAY = 86400
+
+# One query for both sources: the usage rows per `step` (3600: hours), or the daily rollup
+# (`usage_daily`, migration step 5) per day; refused requests join as requests and errors.
+_SERIES = (
+    "SELECT b, TOTAL(n), TOTAL(e), TOTAL(t), TOTAL(c) FROM ({rows}"
+    " UNION ALL"
+    " SELECT CAST(minute * 60 / :step AS INTEGER), TOTAL(count), TOTAL(count), 0, 0"
+    " FROM refusals WHERE minute >= :since / 60 AND minute * 60 < :until"
+    " GROUP BY 1) GROUP BY b"
+)
+_HOURLY_ROWS = (
+    "SELECT CAST(ts / :step AS INTEGER) AS b, COUNT(*) AS n, TOTAL(status >= 400) AS e,"
+    " TOTAL(total_tokens) AS t, TOTAL(cost_usd) AS c"
+    " FROM usage WHERE ts >= :since AND ts < :until GROUP BY b"
+)
+_DAILY_ROWS = (
+    "SELECT day AS b, SUM(requests) AS n, SUM(errors) AS e, SUM(tokens) AS t,"
+    " TOTAL(cost_usd) AS c FROM usage_daily"
+    " WHERE day >= :since / 86400 AND day < :until / 86400 GROUP BY day"
+)
+
+
+def _whole_days(since: float, until: float) -> bool:
+    return since % _DAY == 0 and until % _DAY == 0
+
+
 async def series(db: aiosqlite.Connection, since: float, until: float, step: int) -> Bucketed:
     """Requests, errors, tokens and spend per `step` seconds (3600 or 86400: UTC hours or days)
-    from `since` to `until`; every bucket is there, empty ones as zeros."""
-    rows = await _rows(
-        db,
-        "SELECT b, TOTAL(n), TOTAL(e), TOTAL(t), TOTAL(c) FROM ("
-        " SELECT CAST(ts / :step AS INTEGER) AS b, COUNT(*) AS n, TOTAL(status >= 400) AS e,"
-        " TOTAL(total_tokens) AS t, TOTAL(cost_usd) AS c"
-        " FROM usage WHERE ts >= :since AND ts < :until GROUP BY b"
-        " UNION ALL"
-        " SELECT CAST(minute * 60 / :step AS INTEGER), TOTAL(count), TOTAL(count), 0, 0"
-        " FROM refusals WHERE minute >= :since / 60 AND minute * 60 < :until"
-        " GROUP BY 1) GROUP BY b",
-        {"step": step, "since": since, "until": until},
-    )
+    from `since` to `until` (whole steps); every bucket is there, empty ones as zeros."""
+    daily = step == _DAY and _whole_days(since, until)
+    sql = _SERIES.format(rows=_DAILY_ROWS if daily else _HOURLY_ROWS)
+    rows = await _rows(db, sql, {"step": step, "since": since, "until": until})
     found = {int(b): (int(n), int(e), int(t), float(c)) for b, n, e, t, c in rows}
     out = Bucketed()
     for b in range(int(since // step), int((until - 1) // step) + 1):
@@ -78,18 +97,25 @@ async def series(db: aiosqlite.Connection, since: float, until: float, step: int
 async def top(
     db: aiosqlite.Connection, column: str, since: float, until: float, limit: int = 10
 ) -> list[tuple[str, int, int, float]]:
-    """The keys or models (`column`) that spent most in the range: id, requests, tokens, USD."""
+    """The keys or models (`column`) that spent most in the range: id, requests, tokens, USD.
+    Whole days are read from the daily rollup."""
     if column not in ("key_id", "model"):
         raise ValueError(column)
-    return [
-        (str(g), int(n), int(t), float(c))
-        for g, n, t, c in await _rows(
-            db,
+    if _whole_days(since, until):
+        sql = (
+            f"SELECT {column}, SUM(requests), SUM(tokens), TOTAL(cost_usd) FROM usage_daily"  # noqa: S608
+            f" WHERE day >= ? AND day < ? AND {column} != ''"
+        )
+        params: tuple[float, ...] = (since // _DAY, until // _DAY)
+    else:
+        sql = (
             f"SELECT {column}, COUNT(*), TOTAL(total_tokens), TOTAL(cost_usd) FROM usage"  # noqa: S608
             f" WHERE ts >= ? AND ts < ? AND {column} IS NOT NULL"
-            f" GROUP BY {column} ORDER BY 4 DESC, 2 DESC, 1 LIMIT ?",
-            (since, until, limit),
         )
+        params = (since, until)
+    sql += f" GROUP BY {column} ORDER BY 4 DESC, 2 DESC, 1 LIMIT ?"
+    return [
+        (str(g), int(n), int(t), float(c)) for g, n, t, c in await _rows(db, sql, (*params, limit))
     ]
 
 
