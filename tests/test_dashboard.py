@@ -274,3 +274,41 @@ async def test_keys_page_escapes_names(gw: TestClient[Any, Any]) -> None:
     async with gw.get("/dashboard/keys") as resp:
         page = await resp.text()
     assert "<script>alert(1)" not in page and "&lt;script&gt;" in page
+
+
+async def test_sessions_are_bounded() -> None:
+    book = SessionBook(clock=lambda: 0.0)
+    first, _ = book.open(ADMIN, ttl=60)
+    for _ in range(1000):
+        book.open(ADMIN, ttl=60)
+    assert len(book) == 1000
+    assert book.get(first, ADMIN) is None  # the oldest made room
+
+
+async def test_head_and_unknown_periods(gw: TestClient[Any, Any]) -> None:
+    await sign_in(gw)
+    async with gw.head("/dashboard") as resp:
+        assert resp.status == 200
+    for query in ("?period=9999d", "?period=%00", "?period="):
+        async with gw.get("/dashboard" + query) as resp:
+            assert resp.status == 200
+            assert "Last 7d" in await resp.text()
+
+
+async def test_a_form_without_a_length_is_refused(gw: TestClient[Any, Any]) -> None:
+    csrf = await sign_in(gw)
+
+    async def chunks() -> Any:
+        yield f"csrf={csrf}&name=x".encode()
+
+    async with gw.post("/dashboard/keys", data=chunks(), headers=FORM) as resp:
+        assert resp.status == 413
+    assert await gw.app[STORE].list_keys() == []  # type: ignore[index]
+
+
+async def test_unknown_key_pages_are_404(gw: TestClient[Any, Any]) -> None:
+    csrf = await sign_in(gw)
+    async with gw.get("/dashboard/keys/key_nope") as resp:
+        assert resp.status == 404
+    async with gw.post("/dashboard/keys/key_nope/revoke", data={"csrf": csrf}) as resp:
+        assert resp.status == 404

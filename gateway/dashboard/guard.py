@@ -14,6 +14,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from gateway.dashboard.render import page
@@ -26,6 +27,8 @@ __all__ = ["COOKIE", "FORM_LIMIT", "form", "redirect", "render", "signed_in"]
 __all__ += ["sign_in", "sign_in_page", "sign_out"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = structlog.get_logger(__name__)
 
 COOKIE = "kiosk_session"
 FORM_LIMIT = 64 * 1024  # a dashboard form is a few hundred bytes
@@ -124,6 +127,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     presented = (await form(request)).get("admin_key", "")
     if not admin_key_matches(presented, admin_key):
         book.failed()
+        log.warning("dashboard_sign_in_failed", remote=request.remote)
         await asyncio.sleep(_FAILED_SIGN_IN_DELAY)  # slows a guesser; costs a person nothing
         return page("signin.html", status=401, error="That is not the admin key.")
     ttl = request[SNAPSHOT_KEY].settings.server.dashboard_session_hours * 3600
