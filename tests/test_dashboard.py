@@ -310,5 +310,26 @@ async def test_unknown_key_pages_are_404(gw: TestClient[Any, Any]) -> None:
     csrf = await sign_in(gw)
     async with gw.get("/dashboard/keys/key_nope") as resp:
         assert resp.status == 404
+        assert resp.content_type == "text/html"
+        assert "No key with id &#39;key_nope&#39;." in await resp.text()
     async with gw.post("/dashboard/keys/key_nope/revoke", data={"csrf": csrf}) as resp:
         assert resp.status == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"name=\xff\xfe&csrf=",
+        b"name=%ff&csrf=",
+        b"name=a&name=b&csrf=",
+        b"\x00\x00",
+        b"=&=&&csrf",
+        b"a=&" * 100 + b"csrf=",
+    ],
+)
+async def test_hostile_form_bodies(gw: TestClient[Any, Any], body: bytes) -> None:
+    csrf = await sign_in(gw)
+    data = body + csrf.encode() if body.endswith(b"csrf=") else body
+    for path in ("/dashboard/keys", "/dashboard/signin"):
+        async with gw.post(path, data=data, headers=FORM) as resp:
+            assert resp.status in (200, 400, 401, 403), (path, resp.status)

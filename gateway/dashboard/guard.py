@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from gateway.dashboard.render import page
-from gateway.errors import NotFound
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.handlers.admin import admin_key_matches
 from gateway.intake import read_body
 from gateway.state import DASHBOARD_SESSION_KEY, DASHBOARD_SESSIONS_KEY, SNAPSHOT_KEY
@@ -32,6 +33,7 @@ log = structlog.get_logger(__name__)
 
 COOKIE = "kiosk_session"
 FORM_LIMIT = 64 * 1024  # a dashboard form is a few hundred bytes
+_MAX_FIELDS = 64  # it has a dozen fields
 _FAILED_SIGN_IN_DELAY = 0.5  # seconds each wrong admin key costs its sender
 
 
@@ -66,20 +68,29 @@ def _refused(status: int, message: str) -> web.Response:
 
 
 async def form(request: web.Request) -> dict[str, str]:
-    """The request's URL-encoded form, read within the body timeout and `FORM_LIMIT`."""
+    """The request's URL-encoded form, read within the body timeout and `FORM_LIMIT`.
+
+    Parsed here, strictly: aiohttp's `post()` fails with a 500 on bytes that are not UTF-8.
+    """
     if request.content_type != "application/x-www-form-urlencoded":
         raise web.HTTPUnsupportedMediaType(text="A dashboard form is URL-encoded.")
     length = request.content_length
     if length is None or length > FORM_LIMIT:
         raise web.HTTPRequestEntityTooLarge(max_size=FORM_LIMIT, actual_size=length or 0)
-    await read_body(request)  # cached: post() parses it
-    data = await request.post()
-    return {k: v for k, v in data.items() if isinstance(v, str)}
+    body = await read_body(request)
+    try:
+        pairs = urllib.parse.parse_qsl(
+            body.decode(), keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS
+        )
+    except ValueError:  # UnicodeDecodeError included
+        raise InvalidRequest("The form is not URL-encoded UTF-8.") from None
+    return dict(pairs)
 
 
 def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
     """A page for the signed-in operator (its sign-out form needs the CSRF token)."""
     session = request[DASHBOARD_SESSION_KEY]
+    context.setdefault("nav", "")
     return page(template, status=status, csrf=session.csrf, **context)
 
 
@@ -100,7 +111,10 @@ def signed_in(handler: Handler) -> Handler:
             if not _same_origin(request) or not session.csrf_matches(fields.get("csrf", "")):
                 return _refused(403, "This form did not come from the dashboard (CSRF check).")
         request[DASHBOARD_SESSION_KEY] = session
-        return await handler(request)
+        try:
+            return await handler(request)
+        except GatewayError as exc:  # an unknown key, a busy database: said on a page
+            return render(request, "refused.html", status=exc.status, message=exc.message)
 
     return guarded
 
