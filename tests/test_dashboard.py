@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -333,3 +334,12 @@ async def test_hostile_form_bodies(gw: TestClient[Any, Any], body: bytes) -> Non
     for path in ("/dashboard/keys", "/dashboard/signin"):
         async with gw.post(path, data=data, headers=FORM) as resp:
             assert resp.status in (200, 400, 401, 403), (path, resp.status)
+
+
+async def test_guesses_sent_at_once_are_counted_one_by_one(gw: TestClient[Any, Any]) -> None:
+    async def guess(n: int) -> int:
+        async with gw.post("/dashboard/signin", data={"admin_key": f"guess-{n}"}) as resp:
+            return resp.status
+
+    statuses = await asyncio.gather(*(guess(n) for n in range(20)))
+    assert sorted(statuses) == [401] * 5 + [429] * 15

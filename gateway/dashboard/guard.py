@@ -130,20 +130,23 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     admin_key = _admin_key(request)
     if not _same_origin(request):
         return _refused(403, "Sign in from the dashboard's own page.")
-    book = request.app[DASHBOARD_SESSIONS_KEY]
-    wait = book.locked_for()
-    if wait > 0:
-        response = page(
-            "signin.html", status=429, error=f"Too many failed sign-ins; wait {wait:.0f} s."
-        )
-        response.headers["Retry-After"] = str(max(1, round(wait)))
-        return response
     presented = (await form(request)).get("admin_key", "")
-    if not admin_key_matches(presented, admin_key):
-        book.failed()
-        log.warning("dashboard_sign_in_failed", remote=request.remote)
-        await asyncio.sleep(_FAILED_SIGN_IN_DELAY)  # slows a guesser; costs a person nothing
-        return page("signin.html", status=401, error="That is not the admin key.")
+    book = request.app[DASHBOARD_SESSIONS_KEY]
+    # One attempt at a time, a wrong one holding the turn for its delay: guesses sent at
+    # once are counted one by one, and the lock-out stops them after the limit.
+    async with book.turn:
+        wait = book.locked_for()
+        if wait > 0:
+            response = page(
+                "signin.html", status=429, error=f"Too many failed sign-ins; wait {wait:.0f} s."
+            )
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
+        if not admin_key_matches(presented, admin_key):
+            book.failed()
+            log.warning("dashboard_sign_in_failed", remote=request.remote)
+            await asyncio.sleep(_FAILED_SIGN_IN_DELAY)  # slows a guesser; costs a person nothing
+            return page("signin.html", status=401, error="That is not the admin key.")
     ttl = request[SNAPSHOT_KEY].settings.server.dashboard_session_hours * 3600
     token, _ = book.open(admin_key, ttl)
     response = redirect("/dashboard")

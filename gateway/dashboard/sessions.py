@@ -9,6 +9,7 @@ Failed sign-ins are counted: past a few a minute, sign-in is refused for the res
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -47,6 +48,7 @@ class SessionBook:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
         self._failures: deque[float] = deque()
+        self.turn = asyncio.Lock()  # sign-in attempts, one at a time (gateway.dashboard.guard)
 
     def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
         """A new session for `ttl` seconds: its cookie token (never stored) and the session."""
