@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
+import openai
 import pytest
-from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
 from gateway.dashboard.sessions import SessionBook
+from gateway.settings import ModelConfig, OpenAIConfig, RoutingSettings, Target
 from gateway.state import DASHBOARD_SESSIONS_KEY as DASHBOARD_SESSIONS, STORE_KEY as STORE
 from tests.conftest import MakeSettings, create_key, openai_client, start_gateway
+from tests.fakes import FakeOpenAI
 
 ADMIN = "admin-key-0123456789abcdef"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -343,3 +347,57 @@ async def test_guesses_sent_at_once_are_counted_one_by_one(gw: TestClient[Any, A
 
     statuses = await asyncio.gather(*(guess(n) for n in range(20)))
     assert sorted(statuses) == [401] * 5 + [429] * 15
+
+
+async def test_upstreams_page_shows_an_open_breaker_and_its_failures(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    settings = make_settings(
+        admin_key=ADMIN,
+        routing=RoutingSettings(backoff_initial=0.001, backoff_max=0.002),
+        providers=(OpenAIConfig(name="up", base_url=fake.base_url, api_keys=("k0", "k1")),),
+        models=(ModelConfig(name="m", targets=(Target(provider="up", model="gpt-x"),)),),
+    )
+    gw = await start_gateway(aiohttp_client, settings)
+    fake.always(status=503)
+    async with openai_client(gw, await create_key(gw)) as oai:
+        for _ in range(3):
+            with pytest.raises(openai.InternalServerError):
+                await oai.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "x"}]
+                )
+    await sign_in(gw)
+    async with gw.get("/dashboard/upstreams") as resp:
+        page = await resp.text()
+    rows = re.findall(r"<tr>(.*?)</tr>", page, re.S)
+    up = [r for r in rows if "up <small" in r]
+    assert len(up) == 2  # one row per account: "key 1 of 2", "key 2 of 2"
+    assert all('class="status open"' in r for r in up), up
+    assert all(re.search(r"in \d+ s", r) for r in up)  # when each is tried again
+    assert all(re.search(r"3 in the last 30 s; latest \d+ s ago", r) for r in up)
+    assert all(re.search(r">3; latest 20\d\d-", r) for r in up)  # failed requests, 24 h
+    assert "k0" not in page and "k1" not in page  # never an upstream key
+
+
+async def test_an_expired_key_can_be_edited_without_touching_its_expiry(
+    gw: TestClient[Any, Any],
+) -> None:
+    store = gw.app[STORE]  # type: ignore[index]
+    record, _ = await store.create_key(name="old", expires_at=time.time() - 60)
+    csrf = await sign_in(gw)
+    async with gw.get(f"/dashboard/keys/{record.id}") as resp:
+        page = await resp.text()
+    assert "expired" in page
+    shown = re.search(r'name="expires_at" value="([^"]*)"', page)
+    assert shown is not None and shown.group(1)
+    form = {"csrf": csrf, "name": "renamed", "expires_at": shown.group(1)}
+    async with gw.post(f"/dashboard/keys/{record.id}", data=form, allow_redirects=False) as r:
+        assert r.status == 303
+    key = await store.require_key(record.id)
+    assert key.name == "renamed" and key.expires_at == record.expires_at
+    form["expires_at"] = ""  # cleared: never expires
+    async with gw.post(f"/dashboard/keys/{record.id}", data=form, allow_redirects=False) as r:
+        assert r.status == 303
+    assert (await store.require_key(record.id)).expires_at is None
