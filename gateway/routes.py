@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway import dashboard
 from gateway.handlers import (
     admin,
     chat,
@@ -48,6 +49,7 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/admin/keys/{key_id}", admin.revoke_key),
     ("GET", "/admin/usage", admin.usage),
     ("GET", "/admin/stats", admin.stats),
+    *dashboard.ROUTES,
 )
 
 

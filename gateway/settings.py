@@ -78,6 +78,12 @@ class ServerSettings(_Base, frozen=True):
     # Connections the kernel queues before the gateway accepts them. The usual 128 drops
     # connection attempts under bursts of a thousand clients, which then wait seconds to retry.
     listen_backlog: PositiveInt = 1024
+    # The dashboard at /dashboard (on whenever there is an admin key, unless this is false),
+    # how long a sign-in lasts, and whether to trust `X-Forwarded-Proto: https` from a proxy
+    # in front (then its session cookie is `Secure` even though the proxy speaks plain HTTP).
+    dashboard: bool = True
+    dashboard_session_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 30)] = 12.0
+    trust_forwarded_proto: bool = False
 
 
 class RoutingSettings(_Base, frozen=True):

@@ -25,7 +25,7 @@ from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.migrations import StoreError, migrate, pragma
 from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
-from gateway.reports import summarize
+from gateway.reports import ROLL_UP, roll_up, summarize
 from gateway.schemas.codec import encode, error_path
 
 __all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
@@ -278,7 +278,7 @@ class Store:
     # Usage
 
     async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
-        """Append usage rows in one transaction (all or none)."""
+        """Append usage rows, and add them to the daily rollup, in one transaction (all or none)."""
         if not rows:
             return
         astuple = msgspec.structs.astuple
@@ -290,6 +290,7 @@ class Store:
                 await db.execute(_INSERT_USAGE_RUN, list(chain.from_iterable(map(astuple, run))))
             if rest:
                 await db.executemany(_INSERT_USAGE, [astuple(r) for r in rows[split:]])
+            await db.executemany(ROLL_UP, roll_up(rows))
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""
