@@ -193,6 +193,7 @@ def client_main(argv: Sequence[str]) -> None:
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--fresh-seconds", type=float, default=0.0)
     parser.add_argument("--requests", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="where the figures go (JSON)")
     args = parser.parse_args(argv)
     from tests.bench_servers import new_event_loop
 
@@ -200,22 +201,36 @@ def client_main(argv: Sequence[str]) -> None:
     work = _flood(args) if args.requests else _client(args)
     result = loop.run_until_complete(work)
     loop.close()
-    sys.stdout.write(json.dumps(result))
+    args.out.write_text(json.dumps(result))
 
 
 # --- the orchestration -------------------------------------------------------------------------
 
 
-def _run_client(server: Server, key: str, *extra: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "tests.bench_streams", "client", "--url", server.url]
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [*argv, "--key", key, *extra], cwd=ROOT, stdout=subprocess.PIPE
-    )
+class _Client:
+    """A load client process; its figures come back in a file (they can be megabytes)."""
+
+    def __init__(self, server: Server, key: str, *extra: str) -> None:
+        fd, name = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        self.out = Path(name)
+        argv = [sys.executable, "-m", "tests.bench_streams", "client", "--url", server.url]
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [*argv, "--key", key, "--out", str(self.out), *extra], cwd=ROOT
+        )
 
 
-def _finish(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    out, _ = proc.communicate(timeout=600)
-    result: dict[str, Any] = json.loads(out)
+def _run_client(server: Server, key: str, *extra: str) -> _Client:
+    return _Client(server, key, *extra)
+
+
+def _finish(client: _Client) -> dict[str, Any]:
+    try:
+        if client.proc.wait(timeout=600) != 0:
+            raise RuntimeError(f"the load client exited with {client.proc.returncode}")
+        result: dict[str, Any] = json.loads(client.out.read_text())
+    finally:
+        client.out.unlink(missing_ok=True)
     return result
 
 
