@@ -22,7 +22,15 @@ from gateway.schemas.codec import decode_body, encode
 from gateway.state import GATE_KEY, KEYS_KEY, REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_expires, parse_since
 
-__all__ = ["create_key", "get_key", "list_keys", "revoke_key", "update_key", "usage"]
+__all__ = [
+    "create_key",
+    "get_key",
+    "list_keys",
+    "require_admin",
+    "revoke_key",
+    "update_key",
+    "usage",
+]
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Metadata = Annotated[
@@ -67,7 +75,7 @@ KeyCreate = _body("KeyCreate", update=False)
 KeyUpdate = _body("KeyUpdate", update=True)
 
 
-def _require_admin(request: web.Request) -> None:
+def require_admin(request: web.Request) -> None:
     admin_key = request[SNAPSHOT_KEY].settings.server.admin_key
     if admin_key is None:
         raise NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
@@ -111,7 +119,7 @@ def _view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
 
 async def create_key(request: web.Request) -> web.Response:
     """`POST /admin/keys`: the new key, with its secret in `key` (the only time it is shown)."""
-    _require_admin(request)
+    require_admin(request)
     fields = msgspec.structs.asdict(decode_body(await read_body(request), KeyCreate))
     request[SNAPSHOT_KEY].settings.require_group(fields["group_name"])
     fields["expires_at"] = _expires(fields["expires_at"])
@@ -122,20 +130,20 @@ async def create_key(request: web.Request) -> web.Response:
 
 async def list_keys(request: web.Request) -> web.Response:
     """`GET /admin/keys`: every key, revoked and expired ones included."""
-    _require_admin(request)
+    require_admin(request)
     keys = await request.app[STORE_KEY].list_keys()
     return _json({"object": "list", "data": [_view(request, k) for k in keys]})
 
 
 async def get_key(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     key = await request.app[STORE_KEY].require_key(request.match_info["key_id"])
     return _json(_view(request, key))
 
 
 async def update_key(request: web.Request) -> web.Response:
     """`PATCH /admin/keys/{id}`: change what the body names; `null` clears."""
-    _require_admin(request)
+    require_admin(request)
     body = msgspec.structs.asdict(decode_body(await read_body(request), KeyUpdate))
     changes = {f: value for f, value in body.items() if value is not UNSET}
     if "group_name" in changes:
@@ -150,14 +158,14 @@ async def update_key(request: web.Request) -> web.Response:
 
 async def revoke_key(request: web.Request) -> web.Response:
     """`DELETE /admin/keys/{id}`: revoke for good (the record stays for the usage history)."""
-    _require_admin(request)
+    require_admin(request)
     key = await request.app[STORE_KEY].revoke_key(request.match_info["key_id"])
     return _json(await _publish(request, key))
 
 
 async def usage(request: web.Request) -> web.Response:
     """`GET /admin/usage?since=7d&until=...&key=...&by=key|model|day`."""
-    _require_admin(request)
+    require_admin(request)
     query = request.query
     by = query.get("by", "key")
     if by not in ("key", "model", "day"):

@@ -1,0 +1,273 @@
+"""Prometheus metrics: what requests did, counted once per request as it ends, and what the
+gateway holds now (breakers, open streams, rows waiting), read only when scraped.
+
+`request_context` hands every finished request's trace to `Metrics.observe()`: the one place
+where a request's outcome becomes metrics, so the request path pays a few dictionary lookups
+and counter increments, never a label parse or a lock of ours. Gauges of state that already
+exists elsewhere are not kept in step on the hot path; `_StateCollector` reads that state at
+scrape time. Each app has its own `CollectorRegistry` (never the process-wide default), so
+tests and several apps in one process never share counters.
+
+Labels stay bounded: no request ids; endpoints are route patterns; model ids (which clients
+choose for `<provider>/<model>`) and keys are capped (`[metrics] max_models`, `max_keys`:
+past the cap, new values count as `other`), and per-key series can be switched off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from gateway.settings import MetricsSettings
+from gateway.state import (
+    INFLIGHT_KEY,
+    KEYS_KEY,
+    LIVE_KEY,
+    REFUSALS_KEY,
+    STREAMS_KEY,
+    USAGE_KEY,
+)
+from gateway.trace import CLIENT_CLOSED, RequestTrace
+
+__all__ = ["CONTENT_TYPE", "OTHER", "Metrics", "outcome", "render"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+OTHER = "other"  # the label value of everything past a cap
+_PREFIX = "tokenkiosk"
+
+# LLM requests take from milliseconds (refusals, cached answers) to minutes (long outputs).
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+C = TypeVar("C")
+
+
+class _Series(Generic[C]):
+    """A metric's labelled children, cached: `Counter.labels()` checks and converts its
+    arguments and takes a lock on every call; a dict lookup does not."""
+
+    __slots__ = ("_children", "_labels")
+
+    def __init__(self, labels: Callable[..., C]) -> None:
+        self._labels = labels
+        self._children: dict[tuple[str, ...], C] = {}
+
+    def __call__(self, *values: str) -> C:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._labels(*values)
+        return child
+
+
+class _Cap:
+    """The first `limit` distinct values keep their name; later ones become `other`."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+    def __contains__(self, value: str) -> bool:
+        return value in self._seen
+
+
+def outcome(status: int) -> str:
+    """An upstream attempt's outcome label, from the status `failover` recorded for it."""
+    if status < 400:
+        return "success"
+    if status == 429:
+        return "rate_limited"
+    if status == 504:
+        return "timeout"
+    if status == CLIENT_CLOSED:
+        return "cancelled"
+    return "client_error" if status < 500 else "error"
+
+
+class Metrics:
+    """Every metric of one app, and how a finished request updates them."""
+
+    def __init__(self, app: web.Application, settings: MetricsSettings) -> None:
+        # Without `_created` series: in the text format each counter would get a second
+        # family of creation times that no dashboard reads (the flag is process-wide).
+        disable_created_metrics()
+        self.registry = registry = CollectorRegistry(auto_describe=False)
+        self.per_key = settings.per_key
+        self.models = _Cap(settings.max_models)
+        self.keys = _Cap(settings.max_keys)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Series[Any]:
+            return _Series(Counter(f"{_PREFIX}_{name}", doc, labels, registry=registry).labels)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: Any) -> _Series[Any]:
+            metric = Histogram(f"{_PREFIX}_{name}", doc, labels, registry=registry, buckets=buckets)
+            return _Series(metric.labels)
+
+        route = ("endpoint", "model", "provider")
+        self.requests = counter(
+            "requests", "Requests answered, by final status.", (*route, "status")
+        )
+        self.duration = histogram(
+            "request_duration_seconds",
+            "Time from a request's arrival to its end (a stream's last byte).",
+            route,
+            _DURATION_BUCKETS,
+        )
+        self.ttft = histogram(
+            "time_to_first_token_seconds",
+            "Streams: time from the request's arrival to the first token.",
+            ("model", "provider"),
+            _TTFT_BUCKETS,
+        )
+        self.tokens = counter("tokens", "Tokens used, input or output.", ("model", "type"))
+        self.cost = counter("cost_usd", "Cost in US dollars at the configured prices.", ("model",))
+        self.key_tokens = counter("key_tokens", "Tokens used per key.", ("key", "type"))
+        self.key_cost = counter("key_cost_usd", "Cost in US dollars per key.", ("key",))
+        self.refusals = counter(
+            "refusals",
+            "Requests the gateway refused for a key's rate limits or budget.",
+            ("key", "reason"),
+        )
+        self.attempts = counter(
+            "upstream_attempts",
+            "Upstream attempts, by provider, account (its API key's index) and outcome.",
+            ("provider", "account", "outcome"),
+        )
+        self.retries = counter("retries", "Upstream attempts after a request's first.", ("model",))
+        self.failovers = counter(
+            "failovers", "Retries that went to another account or provider.", ("model",)
+        )
+        registry.register(_StateCollector(app, self))
+
+    def observe(self, trace: RequestTrace, endpoint: str, status: int, seconds: float) -> None:
+        """Count one finished request. Called once per request, by `request_context`."""
+        model = self.models(trace.model_id) if trace.model_id else ""
+        provider = trace.provider or ""
+        self.requests(endpoint, model, provider, str(status)).inc()
+        self.duration(endpoint, model, provider).observe(seconds)
+        if trace.stream and trace.ttft_ms is not None:
+            self.ttft(model, provider).observe(trace.ttft_ms / 1000)
+        tokens_in, tokens_out = trace.prompt_tokens, trace.completion_tokens
+        if tokens_in or tokens_out:
+            self.tokens(model, "input").inc(tokens_in)
+            self.tokens(model, "output").inc(tokens_out)
+        if trace.cost_usd:
+            self.cost(model).inc(trace.cost_usd)
+        if trace.attempts:
+            self._attempts(trace.attempts, model)
+        if self.per_key and trace.key_id is not None:
+            key = self.keys(trace.key_id)
+            if tokens_in or tokens_out:
+                self.key_tokens(key, "input").inc(tokens_in)
+                self.key_tokens(key, "output").inc(tokens_out)
+            if trace.cost_usd:
+                self.key_cost(key).inc(trace.cost_usd)
+            if trace.refused is not None:
+                self.refusals(key, trace.refused).inc()
+
+    def _attempts(self, attempts: list[dict[str, Any]], model: str) -> None:
+        previous = None
+        for attempt in attempts:
+            account = (str(attempt["provider"]), str(attempt["account"]))
+            self.attempts(*account, outcome(int(attempt["status"]))).inc()
+            if previous is not None:
+                self.retries(model).inc()
+                if account != previous:
+                    self.failovers(model).inc()
+            previous = account
+
+
+class _StateCollector(Collector):
+    """Gauges read from the app's state when scraped: nothing to keep in step per request."""
+
+    def __init__(self, app: web.Application, metrics: Metrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        app = self._app
+        streams = GaugeMetricFamily(f"{_PREFIX}_open_streams", "Event streams open to clients.")
+        streams.add_metric([], sum(1 for task in app[STREAMS_KEY] if not task.done()))
+        yield streams
+        inflight = GaugeMetricFamily(f"{_PREFIX}_requests_in_flight", "Requests being served.")
+        inflight.add_metric([], len(app[INFLIGHT_KEY]))
+        yield inflight
+        if USAGE_KEY in app:
+            usage = app[USAGE_KEY]
+            pending = GaugeMetricFamily(
+                f"{_PREFIX}_usage_rows_pending", "Usage rows waiting to be written."
+            )
+            pending.add_metric([], usage.pending)
+            yield pending
+            dropped = CounterMetricFamily(
+                f"{_PREFIX}_usage_rows_dropped",
+                "Usage rows given up on while the database failed, since the start.",
+            )
+            dropped.add_metric([], usage.dropped)
+            yield dropped
+        if REFUSALS_KEY in app:
+            counts = GaugeMetricFamily(
+                f"{_PREFIX}_refusal_counts_pending",
+                "Refused requests counted in memory, not yet written.",
+            )
+            counts.add_metric([], app[REFUSALS_KEY].pending)
+            yield counts
+        if LIVE_KEY in app:
+            yield from _breakers(app)
+        if KEYS_KEY in app and self._metrics.per_key:
+            info = GaugeMetricFamily(
+                f"{_PREFIX}_key_info",
+                "The name of each key that has per-key series.",
+                labels=("key", "name"),
+            )
+            tracked = self._metrics.keys
+            for key in app[KEYS_KEY].records():
+                if key.id in tracked:
+                    info.add_metric([key.id, key.name], 1)
+            yield info
+
+
+_STATES = ("closed", "half-open", "open", "disabled")
+
+
+def _breakers(app: web.Application) -> Iterator[Metric]:
+    breakers = app[LIVE_KEY].current.router.breakers
+    state = GaugeMetricFamily(
+        f"{_PREFIX}_upstream_breaker_state",
+        "1 for the current state of each upstream account's breaker "
+        "(closed, half-open, open, disabled).",
+        labels=("provider", "account", "state"),
+    )
+    wait = GaugeMetricFamily(
+        f"{_PREFIX}_upstream_breaker_retry_in_seconds",
+        "Seconds until an account out of rotation is tried again (0: in rotation).",
+        labels=("provider", "account"),
+    )
+    for provider, index in breakers.accounts():
+        now = breakers.state((provider, index))
+        for name in _STATES:
+            state.add_metric([provider, str(index), name], 1 if name == now else 0)
+        wait.add_metric([provider, str(index)], breakers.remaining((provider, index)))
+    yield state
+    yield wait
+
+
+def render(metrics: Metrics) -> bytes:
+    """The text exposition of every metric."""
+    return generate_latest(metrics.registry)
