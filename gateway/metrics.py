@@ -131,7 +131,7 @@ class Metrics:
         )
         self.ttft = histogram(
             "time_to_first_token_seconds",
-            "Streams: time from the request's arrival to the first token.",
+            "Streams: time from the call upstream to its first event (a usage row's ttft_ms).",
             ("model", "provider"),
             _TTFT_BUCKETS,
         )
