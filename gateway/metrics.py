@@ -106,7 +106,7 @@ class Metrics:
     def __init__(self, app: web.Application, settings: MetricsSettings) -> None:
         # Without `_created` series: in the text format each counter would get a second
         # family of creation times that no dashboard reads (the flag is process-wide).
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
         self.registry = registry = CollectorRegistry(auto_describe=False)
         self.per_key = settings.per_key
         self.models = _Cap(settings.max_models)
