@@ -15,6 +15,7 @@ past the cap, new values count as `other`), and per-key series can be switched o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -153,7 +154,8 @@ class Metrics:
         self.failovers = counter(
             "failovers", "Retries that went to another account or provider.", ("model",)
         )
-        registry.register(_StateCollector(app, self))
+        self.state = _StateCollector(app, self)
+        registry.register(self.state)
 
     def observe(self, trace: RequestTrace, endpoint: str, status: int, seconds: float) -> None:
         """Count one finished request. Called once per request, by `request_context`."""
@@ -171,15 +173,20 @@ class Metrics:
             self.cost(model).inc(trace.cost_usd)
         if trace.attempts:
             self._attempts(trace.attempts, model)
-        if self.per_key and trace.key_id is not None:
-            key = self.keys(trace.key_id)
-            if tokens_in or tokens_out:
-                self.key_tokens(key, "input").inc(tokens_in)
-                self.key_tokens(key, "output").inc(tokens_out)
-            if trace.cost_usd:
-                self.key_cost(key).inc(trace.cost_usd)
+        if trace.key_id is None:
+            return
+        if not self.per_key:  # refusals still count by reason, with an empty key
             if trace.refused is not None:
-                self.refusals(key, trace.refused).inc()
+                self.refusals("", trace.refused).inc()
+            return
+        key = self.keys(trace.key_id)
+        if tokens_in or tokens_out:
+            self.key_tokens(key, "input").inc(tokens_in)
+            self.key_tokens(key, "output").inc(tokens_out)
+        if trace.cost_usd:
+            self.key_cost(key).inc(trace.cost_usd)
+        if trace.refused is not None:
+            self.refusals(key, trace.refused).inc()
 
     def _attempts(self, attempts: list[dict[str, Any]], model: str) -> None:
         previous = None
@@ -194,19 +201,29 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    """Gauges read from the app's state when scraped: nothing to keep in step per request."""
+    """Gauges read from the app's state when scraped: nothing to keep in step per request.
+
+    The state belongs to the event loop, so `read()` takes it there; the text is then made
+    in a worker thread (`render`) from what was read."""
 
     def __init__(self, app: web.Application, metrics: Metrics) -> None:
         self._app = app
         self._metrics = metrics
+        self._read: list[Metric] = []
+
+    def read(self) -> None:
+        self._read = list(self._gauges())
 
     def collect(self) -> Iterator[Metric]:
+        return iter(self._read)
+
+    def _gauges(self) -> Iterator[Metric]:
         app = self._app
         streams = GaugeMetricFamily(f"{_PREFIX}_open_streams", "Event streams open to clients.")
-        streams.add_metric([], sum(1 for task in app[STREAMS_KEY] if not task.done()))
+        streams.add_metric([], sum(1 for task in app.get(STREAMS_KEY, ()) if not task.done()))
         yield streams
         inflight = GaugeMetricFamily(f"{_PREFIX}_requests_in_flight", "Requests being served.")
-        inflight.add_metric([], len(app[INFLIGHT_KEY]))
+        inflight.add_metric([], len(app.get(INFLIGHT_KEY, ())))
         yield inflight
         if USAGE_KEY in app:
             usage = app[USAGE_KEY]
@@ -268,6 +285,9 @@ def _breakers(app: web.Application) -> Iterator[Metric]:
     yield wait
 
 
-def render(metrics: Metrics) -> bytes:
-    """The text exposition of every metric."""
-    return generate_latest(metrics.registry)
+async def render(metrics: Metrics) -> bytes:
+    """The text exposition of every metric. The state gauges are read on the event loop; the
+    text is made in a thread: with a thousand keys it takes tens of milliseconds, which the
+    loop would otherwise stop for (prometheus-client's metrics take their own locks)."""
+    metrics.state.read()
+    return await asyncio.to_thread(generate_latest, metrics.registry)

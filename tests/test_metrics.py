@@ -242,11 +242,14 @@ async def test_per_key_series_are_capped_or_off(
                  status="200") == 1  # fmt: skip
     off = with_metrics(make_settings(admin_key=ADMIN), per_key=False)
     gw = await start_gateway(aiohttp_client, off)
-    assert await chat(gw, await create_key(gw)) == 200
+    limited = await create_key(gw, rpm=1)
+    assert [await chat(gw, limited) for _ in range(2)] == [200, 429]
     m = await scrape(gw)
     assert not series(m, "tokenkiosk_key_tokens_total")
     assert not series(m, "tokenkiosk_key_info")
     assert value(m, "tokenkiosk_tokens_total", model="demo", type="input") > 0
+    # Refusals still count, by reason alone.
+    assert series(m, "tokenkiosk_refusals_total") == [{"key": "", "reason": "requests_per_minute"}]
 
 
 def key_id(client: TestClient[Any, Any], name: str) -> str:
@@ -268,6 +271,38 @@ async def test_rate_limit_and_budget_refusals_by_key_and_reason(gw: TestClient[A
     requests = "tokenkiosk_requests_total"
     assert value(m, requests, endpoint=CHAT, model="", provider="", status="429") == 2
     assert value(m, requests, endpoint=CHAT, model="demo", provider="demo", status="429") == 1
+
+
+async def test_hostile_model_ids_cannot_break_the_format(gw: TestClient[Any, Any]) -> None:
+    """A client-chosen `<provider>/<model>` id with quotes, braces, backslashes and a newline
+    is a label value like any other: escaped, and the scrape still parses."""
+    key = await create_key(gw)
+    hostile = 'demo/a"b}\\c\nd{e="f"}'
+    assert await chat(gw, key, {**HI, "model": hostile}) == 200
+    m = await scrape(gw)
+    models = {s["model"] for s in series(m, "tokenkiosk_requests_total")}
+    assert hostile in models
+    assert value(m, "tokenkiosk_tokens_total", model=hostile, type="output") > 0
+
+
+async def test_scrapes_while_requests_and_streams_run(gw: TestClient[Any, Any]) -> None:
+    """Scrapes (made in a worker thread) side by side with requests changing the counters."""
+    key = await create_key(gw)
+    stream = {**HI, "stream": True}
+
+    async def scrapes() -> list[Samples]:
+        return [await scrape(gw) for _ in range(10)]
+
+    results = await asyncio.gather(
+        scrapes(), *(chat(gw, key, stream if i % 2 else HI) for i in range(40)), scrapes()
+    )
+    assert results[1:-1] == [200] * 40
+    final = await scrape(gw)
+    chat_ok = {"endpoint": CHAT, "model": "demo", "provider": "demo", "status": "200"}
+    assert value(final, "tokenkiosk_requests_total", **chat_ok) == 40
+    seen = [value(s, "tokenkiosk_requests_total", **chat_ok) for s in [*results[0], *results[-1]]]
+    assert all(0 <= n <= 40 for n in seen)
+    assert value(final, "tokenkiosk_open_streams") == 0
 
 
 def _two_upstreams(

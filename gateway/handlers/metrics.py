@@ -22,4 +22,4 @@ async def metrics(request: web.Request) -> web.Response:
         raise NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
     if not request[SNAPSHOT_KEY].settings.metrics.public:
         require_admin(request)
-    return web.Response(body=render(found), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=await render(found), headers={"Content-Type": CONTENT_TYPE})
