@@ -166,7 +166,7 @@ def create_app(
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
     if settings.metrics.enabled:
-        app[METRICS_KEY] = Metrics(app, settings.metrics)
+        app[METRICS_KEY] = Metrics(app, settings.metrics, [m.name for m in settings.models])
     app.on_shutdown.append(_wind_down)
     app.on_response_prepare.extend([server_header, cors_headers])
     app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx])

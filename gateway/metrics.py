@@ -16,7 +16,7 @@ past the cap, new values count as `other`), and per-key series can be switched o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from aiohttp import web
@@ -68,13 +68,14 @@ class _Series(Generic[C]):
 
 
 class _Cap:
-    """The first `limit` distinct values keep their name; later ones become `other`."""
+    """The first `limit` distinct values keep their name; later ones become `other`. Values
+    in `keep` always keep theirs (and do not count)."""
 
     __slots__ = ("_limit", "_seen")
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._seen: set[str] = set()
+    def __init__(self, limit: int, keep: Iterable[str] = ()) -> None:
+        self._seen: set[str] = set(keep)
+        self._limit = limit + len(self._seen)
 
     def __call__(self, value: str) -> str:
         if value in self._seen:
@@ -104,13 +105,16 @@ def outcome(status: int) -> str:
 class Metrics:
     """Every metric of one app, and how a finished request updates them."""
 
-    def __init__(self, app: web.Application, settings: MetricsSettings) -> None:
+    def __init__(
+        self, app: web.Application, settings: MetricsSettings, models: Iterable[str] = ()
+    ) -> None:
+        """`models`: the configured model ids, named whatever ids clients send first."""
         # Without `_created` series: in the text format each counter would get a second
         # family of creation times that no dashboard reads (the flag is process-wide).
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
         self.registry = registry = CollectorRegistry(auto_describe=False)
         self.per_key = settings.per_key
-        self.models = _Cap(settings.max_models)
+        self.models = _Cap(settings.max_models, models)
         self.keys = _Cap(settings.max_keys)
 
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Series[Any]:

@@ -230,16 +230,20 @@ async def test_per_key_series_are_capped_or_off(
     keys = [await create_key(gw, name=f"k{i}") for i in range(4)]
     for key in keys:
         assert await chat(gw, key) == 200
-    # A model id past the cap (a `<provider>/<model>` id the client chose) counts as other.
-    assert await chat(gw, keys[0], {**HI, "model": "demo/anything"}) == 200
+    # Model ids past the cap (`<provider>/<model>` ids clients chose) count as other; a
+    # configured model keeps its name however many came first.
+    for model in ("demo/one", "demo/two", "demo/three", "demo"):
+        assert await chat(gw, keys[0], {**HI, "model": model}) == 200
     m = await scrape(gw)
     by_key = {s["key"] for s in series(m, "tokenkiosk_key_tokens_total")}
     assert len(by_key) == 3 and "other" in by_key  # two keys by id, the rest together
     assert len(series(m, "tokenkiosk_key_info")) == 2
     assert value(m, "tokenkiosk_requests_total", endpoint=CHAT, model="demo", provider="demo",
-                 status="200") == 4  # fmt: skip
+                 status="200") == 5  # fmt: skip
+    assert value(m, "tokenkiosk_requests_total", endpoint=CHAT, model="demo/one",
+                 provider="demo", status="200") == 1  # fmt: skip
     assert value(m, "tokenkiosk_requests_total", endpoint=CHAT, model="other", provider="demo",
-                 status="200") == 1  # fmt: skip
+                 status="200") == 2  # fmt: skip
     off = with_metrics(make_settings(admin_key=ADMIN), per_key=False)
     gw = await start_gateway(aiohttp_client, off)
     limited = await create_key(gw, rpm=1)
