@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 from weakref import WeakSet
 
@@ -20,6 +21,7 @@ from aiohttp import web
 from gateway.admission import Gate
 from gateway.auth import auth_middleware
 from gateway.cors import cors_headers, cors_preflight
+from gateway.gauges import app_gauges
 from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
 from gateway.metrics import Metrics
@@ -166,7 +168,8 @@ def create_app(
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
     if settings.metrics.enabled:
-        app[METRICS_KEY] = Metrics(app, settings.metrics, [m.name for m in settings.models])
+        models = [m.name for m in settings.models]
+        app[METRICS_KEY] = Metrics(settings.metrics, models, partial(app_gauges, app))
     app.on_shutdown.append(_wind_down)
     app.on_response_prepare.extend([server_header, cors_headers])
     app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx])

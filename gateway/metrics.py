@@ -4,7 +4,7 @@ gateway holds now (breakers, open streams, rows waiting), read only when scraped
 `request_context` hands every finished request's trace to `Metrics.observe()`: the one place
 where a request's outcome becomes metrics, so the request path pays a few dictionary lookups
 and counter increments, never a label parse or a lock of ours. Gauges of state that already
-exists elsewhere are not kept in step on the hot path; `_StateCollector` reads that state at
+exists elsewhere are not kept in step on the hot path; `gateway.gauges` reads that state at
 scrape time. Each app has its own `CollectorRegistry` (never the process-wide default), so
 tests and several apps in one process never share counters.
 
@@ -17,34 +17,53 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from gateway.settings import MetricsSettings
-from gateway.state import (
-    INFLIGHT_KEY,
-    KEYS_KEY,
-    LIVE_KEY,
-    REFUSALS_KEY,
-    STREAMS_KEY,
-    USAGE_KEY,
-)
-from gateway.trace import CLIENT_CLOSED, RequestTrace
 
-__all__ = ["CONTENT_TYPE", "OTHER", "Metrics", "outcome", "render"]
+__all__ = ["CONTENT_TYPE", "OTHER", "PREFIX", "Metrics", "outcome", "render"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER = "other"  # the label value of everything past a cap
-_PREFIX = "tokenkiosk"
+PREFIX = "tokenkiosk"
 
 # LLM requests take from milliseconds (refusals, cached answers) to minutes (long outputs).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+CLIENT_CLOSED = 499  # as `gateway.trace` records a request whose client hung up
+
+
+class Finished(Protocol):
+    """What `observe()` reads of a finished request: `gateway.trace.RequestTrace` (not
+    imported: the trace depends on the app state, which holds these metrics)."""
+
+    @property
+    def key_id(self) -> str | None: ...
+    @property
+    def model_id(self) -> str | None: ...
+    @property
+    def provider(self) -> str | None: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def ttft_ms(self) -> float | None: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def cost_usd(self) -> float: ...
+    @property
+    def refused(self) -> str | None: ...
+    @property
+    def attempts(self) -> list[dict[str, object]]: ...
 
 
 C = TypeVar("C")
@@ -106,9 +125,15 @@ class Metrics:
     """Every metric of one app, and how a finished request updates them."""
 
     def __init__(
-        self, app: web.Application, settings: MetricsSettings, models: Iterable[str] = ()
+        self,
+        settings: MetricsSettings,
+        models: Iterable[str] = (),
+        gauges: Callable[[], Iterable[Metric]] = tuple,
     ) -> None:
-        """`models`: the configured model ids, named whatever ids clients send first."""
+        """Args:
+        models: the configured model ids, named whatever ids clients send first.
+        gauges: the gauges of the app's state, read at each scrape (`gateway.gauges`).
+        """
         # Without `_created` series: in the text format each counter would get a second
         # family of creation times that no dashboard reads (the flag is process-wide).
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
@@ -118,10 +143,10 @@ class Metrics:
         self.keys = _Cap(settings.max_keys)
 
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Series[Any]:
-            return _Series(Counter(f"{_PREFIX}_{name}", doc, labels, registry=registry).labels)
+            return _Series(Counter(f"{PREFIX}_{name}", doc, labels, registry=registry).labels)
 
         def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: Any) -> _Series[Any]:
-            metric = Histogram(f"{_PREFIX}_{name}", doc, labels, registry=registry, buckets=buckets)
+            metric = Histogram(f"{PREFIX}_{name}", doc, labels, registry=registry, buckets=buckets)
             return _Series(metric.labels)
 
         route = ("endpoint", "model", "provider")
@@ -158,10 +183,10 @@ class Metrics:
         self.failovers = counter(
             "failovers", "Retries that went to another account or provider.", ("model",)
         )
-        self.state = _StateCollector(app, self)
+        self.state = _StateCollector(gauges)
         registry.register(self.state)
 
-    def observe(self, trace: RequestTrace, endpoint: str, status: int, seconds: float) -> None:
+    def observe(self, trace: Finished, endpoint: str, status: int, seconds: float) -> None:
         """Count one finished request. Called once per request, by `request_context`."""
         model = self.models(trace.model_id) if trace.model_id else ""
         provider = trace.provider or ""
@@ -192,11 +217,12 @@ class Metrics:
         if trace.refused is not None:
             self.refusals(key, trace.refused).inc()
 
-    def _attempts(self, attempts: list[dict[str, Any]], model: str) -> None:
+    def _attempts(self, attempts: list[dict[str, object]], model: str) -> None:
         previous = None
         for attempt in attempts:
             account = (str(attempt["provider"]), str(attempt["account"]))
-            self.attempts(*account, outcome(int(attempt["status"]))).inc()
+            status = attempt["status"]
+            self.attempts(*account, outcome(status if isinstance(status, int) else 500)).inc()
             if previous is not None:
                 self.retries(model).inc()
                 if account != previous:
@@ -205,14 +231,13 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    """Gauges read from the app's state when scraped: nothing to keep in step per request.
+    """Gauges read from state kept elsewhere, when scraped: nothing to keep in step per request.
 
-    The state belongs to the event loop, so `read()` takes it there; the text is then made
-    in a worker thread (`render`) from what was read."""
+    That state belongs to the event loop, so `read()` takes it there; the text is then made in
+    a worker thread (`render`) from what was read."""
 
-    def __init__(self, app: web.Application, metrics: Metrics) -> None:
-        self._app = app
-        self._metrics = metrics
+    def __init__(self, gauges: Callable[[], Iterable[Metric]]) -> None:
+        self._gauges = gauges
         self._read: list[Metric] = []
 
     def read(self) -> None:
@@ -220,73 +245,6 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return iter(self._read)
-
-    def _gauges(self) -> Iterator[Metric]:
-        app = self._app
-        streams = GaugeMetricFamily(f"{_PREFIX}_open_streams", "Event streams open to clients.")
-        streams.add_metric([], sum(1 for task in app.get(STREAMS_KEY, ()) if not task.done()))
-        yield streams
-        inflight = GaugeMetricFamily(f"{_PREFIX}_requests_in_flight", "Requests being served.")
-        inflight.add_metric([], len(app.get(INFLIGHT_KEY, ())))
-        yield inflight
-        if USAGE_KEY in app:
-            usage = app[USAGE_KEY]
-            pending = GaugeMetricFamily(
-                f"{_PREFIX}_usage_rows_pending", "Usage rows waiting to be written."
-            )
-            pending.add_metric([], usage.pending)
-            yield pending
-            dropped = CounterMetricFamily(
-                f"{_PREFIX}_usage_rows_dropped",
-                "Usage rows given up on while the database failed, since the start.",
-            )
-            dropped.add_metric([], usage.dropped)
-            yield dropped
-        if REFUSALS_KEY in app:
-            counts = GaugeMetricFamily(
-                f"{_PREFIX}_refusal_counts_pending",
-                "Refused requests counted in memory, not yet written.",
-            )
-            counts.add_metric([], app[REFUSALS_KEY].pending)
-            yield counts
-        if LIVE_KEY in app:
-            yield from _breakers(app)
-        if KEYS_KEY in app and self._metrics.per_key:
-            info = GaugeMetricFamily(
-                f"{_PREFIX}_key_info",
-                "The name of each key that has per-key series.",
-                labels=("key", "name"),
-            )
-            tracked = self._metrics.keys
-            for key in app[KEYS_KEY].records():
-                if key.id in tracked:
-                    info.add_metric([key.id, key.name], 1)
-            yield info
-
-
-_STATES = ("closed", "half-open", "open", "disabled")
-
-
-def _breakers(app: web.Application) -> Iterator[Metric]:
-    breakers = app[LIVE_KEY].current.router.breakers
-    state = GaugeMetricFamily(
-        f"{_PREFIX}_upstream_breaker_state",
-        "1 for the current state of each upstream account's breaker "
-        "(closed, half-open, open, disabled).",
-        labels=("provider", "account", "state"),
-    )
-    wait = GaugeMetricFamily(
-        f"{_PREFIX}_upstream_breaker_retry_in_seconds",
-        "Seconds until an account out of rotation is tried again (0: in rotation).",
-        labels=("provider", "account"),
-    )
-    for provider, index in breakers.accounts():
-        now = breakers.state((provider, index))
-        for name in _STATES:
-            state.add_metric([provider, str(index), name], 1 if name == now else 0)
-        wait.add_metric([provider, str(index)], breakers.remaining((provider, index)))
-    yield state
-    yield wait
 
 
 async def render(metrics: Metrics) -> bytes:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
@@ -101,7 +100,7 @@ def time_per_call(call: Callable[[], None], rounds: int = ROUNDS) -> float:
 
 
 def observe_costs() -> None:
-    metrics = Metrics(web.Application(), MetricsSettings())
+    metrics = Metrics(MetricsSettings())
     print(f"{'Metrics.observe()':<22} {'us per request':>15}")
     for name, trace in SHAPES.items():
         endpoint = trace.endpoint
