@@ -184,6 +184,7 @@ class Metrics:
             "failovers", "Retries that went to another account or provider.", ("model",)
         )
         self.state = _StateCollector(gauges)
+        self.rendering: asyncio.Future[bytes] | None = None  # the scrape being made
         registry.register(self.state)
 
     def observe(self, trace: Finished, endpoint: str, status: int, seconds: float) -> None:
@@ -250,6 +251,11 @@ class _StateCollector(Collector):
 async def render(metrics: Metrics) -> bytes:
     """The text exposition of every metric. The state gauges are read on the event loop; the
     text is made in a thread: with a thousand keys it takes tens of milliseconds, which the
-    loop would otherwise stop for (prometheus-client's metrics take their own locks)."""
-    metrics.state.read()
-    return await asyncio.to_thread(generate_latest, metrics.registry)
+    loop would otherwise stop for (prometheus-client's metrics take their own locks). Scrapes
+    that arrive while one is being made share it, so a flood of them costs one at a time."""
+    pending = metrics.rendering
+    if pending is None or pending.done():
+        metrics.state.read()
+        pending = asyncio.ensure_future(asyncio.to_thread(generate_latest, metrics.registry))
+        metrics.rendering = pending
+    return await asyncio.shield(pending)  # a scrape that hangs up leaves it to the others

@@ -15,7 +15,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import outcome
+from gateway.metrics import outcome, render
 from gateway.settings import (
     MetricsSettings,
     ModelConfig,
@@ -157,7 +157,7 @@ async def test_an_open_stream_is_counted_while_it_lasts(
         models=(ModelConfig(name="m", targets=(Target(provider="up", model="x"),)),),
     )
     gw = await start_gateway(aiohttp_client, settings)
-    key = await create_key(gw)
+    key = await create_key(gw, name="one-at-a-time", max_concurrency=1)
     rest = asyncio.Event()
     fake.script(content="one two three", hold=rest, hold_after=1)
     resp = await gw.post(
@@ -168,6 +168,11 @@ async def test_an_open_stream_is_counted_while_it_lasts(
     assert resp.status == 200
     await resp.content.readline()  # the first event is here: the stream is open
     assert value(await scrape(gw), "tokenkiosk_open_streams") == 1
+    assert await chat(gw, key, {**HI, "model": "m"}) == 429  # its one slot is taken
+    m = await scrape(gw)
+    assert value(m, "tokenkiosk_refusals_total", key=key_id(gw, "one-at-a-time"),
+                 reason="concurrency") == 1  # fmt: skip
+    assert value(m, "tokenkiosk_requests_in_flight") == 2  # the stream and the scrape
     rest.set()
     await resp.read()
     m = await scrape(gw)
@@ -265,16 +270,19 @@ async def test_rate_limit_and_budget_refusals_by_key_and_reason(gw: TestClient[A
     assert [await chat(gw, limited) for _ in range(3)] == [200, 429, 429]
     budgeted = await create_key(gw, name="budgeted", budget_tokens=1, budget_period="day")
     assert await chat(gw, budgeted) == 429
+    small = await create_key(gw, name="small", tpm=1)
+    assert await chat(gw, small) == 429  # more tokens than a minute of its limit
     m = await scrape(gw)
     refusals = "tokenkiosk_refusals_total"
     assert value(m, refusals, key=key_id(gw, "limited"), reason="requests_per_minute") == 2
     assert value(m, refusals, key=key_id(gw, "budgeted"), reason="budget") == 1
-    assert len(series(m, refusals)) == 2
+    assert value(m, refusals, key=key_id(gw, "small"), reason="tokens_per_minute") == 1
+    assert len(series(m, refusals)) == 3
     # A refusal is a request too, with its status: before the body is read (the request
     # rate) its model is not known yet; a budget is checked once it is.
     requests = "tokenkiosk_requests_total"
     assert value(m, requests, endpoint=CHAT, model="", provider="", status="429") == 2
-    assert value(m, requests, endpoint=CHAT, model="demo", provider="demo", status="429") == 1
+    assert value(m, requests, endpoint=CHAT, model="demo", provider="demo", status="429") == 2
 
 
 async def test_hostile_model_ids_cannot_break_the_format(gw: TestClient[Any, Any]) -> None:
@@ -307,6 +315,21 @@ async def test_scrapes_while_requests_and_streams_run(gw: TestClient[Any, Any]) 
     seen = [value(s, "tokenkiosk_requests_total", **chat_ok) for s in [*results[0], *results[-1]]]
     assert all(0 <= n <= 40 for n in seen)
     assert value(final, "tokenkiosk_open_streams") == 0
+
+
+async def test_scrapes_at_once_share_one_rendering(
+    gw: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of scrapes costs one rendering at a time, and each gets the whole text."""
+    metrics = app_of(gw)[METRICS_KEY]
+    reads = []
+    read = metrics.state.read
+    monkeypatch.setattr(metrics.state, "read", lambda: reads.append(read()))
+    texts = await asyncio.gather(*(render(metrics) for _ in range(20)))
+    assert len(reads) == 1
+    assert len(set(texts)) == 1 and b"tokenkiosk_open_streams" in texts[0]
+    await render(metrics)  # that one is done: the next is made afresh
+    assert len(reads) == 2
 
 
 def _two_upstreams(
