@@ -195,12 +195,14 @@ class Metrics:
         self.duration(endpoint, model, provider).observe(seconds)
         if trace.stream and trace.ttft_ms is not None:
             self.ttft(model, provider).observe(trace.ttft_ms / 1000)
-        tokens_in, tokens_out = trace.prompt_tokens, trace.completion_tokens
+        # A counter refuses a negative step: whatever an upstream reported, never one.
+        tokens_in, tokens_out = max(0, trace.prompt_tokens), max(0, trace.completion_tokens)
+        cost = trace.cost_usd if trace.cost_usd > 0 else 0.0
         if tokens_in or tokens_out:
             self.tokens(model, "input").inc(tokens_in)
             self.tokens(model, "output").inc(tokens_out)
-        if trace.cost_usd:
-            self.cost(model).inc(trace.cost_usd)
+        if cost:
+            self.cost(model).inc(cost)
         if trace.attempts:
             self._attempts(trace.attempts, model)
         if trace.key_id is None:
@@ -213,8 +215,8 @@ class Metrics:
         if tokens_in or tokens_out:
             self.key_tokens(key, "input").inc(tokens_in)
             self.key_tokens(key, "output").inc(tokens_out)
-        if trace.cost_usd:
-            self.key_cost(key).inc(trace.cost_usd)
+        if cost:
+            self.key_cost(key).inc(cost)
         if trace.refused is not None:
             self.refusals(key, trace.refused).inc()
 

@@ -144,7 +144,10 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
     if metrics is not None:
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else "other"
-        metrics.observe(trace, endpoint, status, record.latency_ms / 1000)
+        try:
+            metrics.observe(trace, endpoint, status, record.latency_ms / 1000)
+        except Exception:  # a metric is never worth a request's log line and usage row
+            log.exception("metrics_update_failed")
     fields = msgspec.structs.asdict(record)
     del fields["ts"], fields["endpoint"]  # the log line has its own timestamp and the path
     if trace.attempts:

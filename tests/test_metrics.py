@@ -13,9 +13,10 @@ import openai
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import outcome, render
+from gateway.metrics import Metrics, outcome, render
 from gateway.settings import (
     MetricsSettings,
     ModelConfig,
@@ -418,6 +419,33 @@ async def test_bad_credentials_show_as_a_disabled_account(
                  state="disabled") == 1  # fmt: skip
     assert value(m, "tokenkiosk_requests_total", endpoint=CHAT, model="m", provider="a",
                  status="502") == 1  # fmt: skip
+
+
+def test_negative_usage_from_an_upstream_counts_nothing() -> None:
+    """A hostile upstream's negative token count never reaches a counter (which would raise)."""
+    from gateway.trace import RequestTrace
+
+    metrics = Metrics(MetricsSettings())
+    trace = RequestTrace(request_id="r", started=0.0, ts=0.0, endpoint=CHAT, key_id="key_1",
+                         model_id="m", provider="up", prompt_tokens=-5, completion_tokens=3,
+                         cost_usd=-1.0)  # fmt: skip
+    metrics.observe(trace, CHAT, 200, 0.1)
+    m = parse(generate_latest(metrics.registry).decode())
+    assert value(m, "tokenkiosk_tokens_total", model="m", type="input") == 0
+    assert value(m, "tokenkiosk_tokens_total", model="m", type="output") == 3
+    assert not series(m, "tokenkiosk_cost_usd_total")
+
+
+async def test_a_failing_metric_update_costs_the_request_nothing(
+    gw: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app_of(gw)[METRICS_KEY], "observe", broken)
+    key = await create_key(gw)
+    assert await chat(gw, key) == 200
+    assert len(await usage_rows(gw)) == 1  # the usage row is still written
 
 
 @pytest.mark.parametrize(
