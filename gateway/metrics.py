@@ -86,6 +86,23 @@ class _Series(Generic[C]):
         return child
 
 
+class _Spend:
+    """The tokens and cost counters of one model or key, found with one lookup."""
+
+    __slots__ = ("cost", "input", "output")
+
+    def __init__(self, tokens: Counter, cost: Counter, label: str) -> None:
+        self.input = tokens.labels(label, "input")
+        self.output = tokens.labels(label, "output")
+        self.cost = cost.labels(label)
+
+    def add(self, tokens_in: int, tokens_out: int, cost: float) -> None:
+        self.input.inc(tokens_in)
+        self.output.inc(tokens_out)
+        if cost:
+            self.cost.inc(cost)
+
+
 class _Cap:
     """The first `limit` distinct values keep their name; later ones become `other`. Values
     in `keep` always keep theirs (and do not count)."""
@@ -159,16 +176,36 @@ class Metrics:
             route,
             _DURATION_BUCKETS,
         )
+        # (endpoint, model, provider, status) -> its request counter and duration histogram.
+        self._routes: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self.ttft = histogram(
             "time_to_first_token_seconds",
             "Streams: time from the call upstream to its first event (a usage row's ttft_ms).",
             ("model", "provider"),
             _TTFT_BUCKETS,
         )
-        self.tokens = counter("tokens", "Tokens used, input or output.", ("model", "type"))
-        self.cost = counter("cost_usd", "Cost in US dollars at the configured prices.", ("model",))
-        self.key_tokens = counter("key_tokens", "Tokens used per key.", ("key", "type"))
-        self.key_cost = counter("key_cost_usd", "Cost in US dollars per key.", ("key",))
+
+        def spend(prefix: str, label: str) -> Callable[[str], _Spend]:
+            tokens = Counter(
+                f"{PREFIX}_{prefix}tokens", "Tokens used, input or output.", (label, "type"),
+                registry=registry,
+            )  # fmt: skip
+            cost = Counter(
+                f"{PREFIX}_{prefix}cost_usd", "Cost in US dollars at the configured prices.",
+                (label,), registry=registry,
+            )  # fmt: skip
+            found: dict[str, _Spend] = {}
+
+            def of(value: str) -> _Spend:
+                spent = found.get(value)
+                if spent is None:
+                    spent = found[value] = _Spend(tokens, cost, value)
+                return spent
+
+            return of
+
+        self.by_model = spend("", "model")
+        self.by_key = spend("key_", "key")
         self.refusals = counter(
             "refusals",
             "Requests the gateway refused for a key's rate limits or budget.",
@@ -191,18 +228,22 @@ class Metrics:
         """Count one finished request. Called once per request, by `request_context`."""
         model = self.models(trace.model_id) if trace.model_id else ""
         provider = trace.provider or ""
-        self.requests(endpoint, model, provider, str(status)).inc()
-        self.duration(endpoint, model, provider).observe(seconds)
+        route = self._routes.get((endpoint, model, provider, status))
+        if route is None:
+            route = self._routes[(endpoint, model, provider, status)] = (
+                self.requests(endpoint, model, provider, str(status)),
+                self.duration(endpoint, model, provider),
+            )
+        route[0].inc()
+        route[1].observe(seconds)
         if trace.stream and trace.ttft_ms is not None:
             self.ttft(model, provider).observe(trace.ttft_ms / 1000)
         # A counter refuses a negative step: whatever an upstream reported, never one.
         tokens_in, tokens_out = max(0, trace.prompt_tokens), max(0, trace.completion_tokens)
         cost = trace.cost_usd if trace.cost_usd > 0 else 0.0
-        if tokens_in or tokens_out:
-            self.tokens(model, "input").inc(tokens_in)
-            self.tokens(model, "output").inc(tokens_out)
-        if cost:
-            self.cost(model).inc(cost)
+        spent = tokens_in or tokens_out or cost
+        if spent:
+            self.by_model(model).add(tokens_in, tokens_out, cost)
         if trace.attempts:
             self._attempts(trace.attempts, model)
         if trace.key_id is None:
@@ -212,11 +253,8 @@ class Metrics:
                 self.refusals("", trace.refused).inc()
             return
         key = self.keys(trace.key_id)
-        if tokens_in or tokens_out:
-            self.key_tokens(key, "input").inc(tokens_in)
-            self.key_tokens(key, "output").inc(tokens_out)
-        if cost:
-            self.key_cost(key).inc(cost)
+        if spent:
+            self.by_key(key).add(tokens_in, tokens_out, cost)
         if trace.refused is not None:
             self.refusals(key, trace.refused).inc()
 
