@@ -81,14 +81,14 @@ async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: the CORS headers of an answer to a listed origin."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return
+    """`on_response_prepare`: the CORS headers of an answer to a listed origin, and with any
+    origins configured, `Vary: Origin` on every answer (a cache must not hand one origin's,
+    or no origin's, answer to another)."""
     origins = _origins(request)
     if not origins:
         return
     response.headers.add("Vary", "Origin")
-    if _allowed(origins, origin):
+    origin = request.headers.get("Origin")
+    if origin is not None and _allowed(origins, origin):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = _EXPOSE

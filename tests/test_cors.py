@@ -112,9 +112,11 @@ async def test_an_unlisted_origin_gets_no_cors_headers(gw: TestClient[Any, Any])
     reply = await raw_request(gw, post(OTHER, key))
     assert reply.status == 200  # not a browser: CORS is only what the browser lets a page read
     assert not any(h.startswith("access-control-") for h in reply.headers)
-    # No Origin at all (curl, the SDKs outside a browser): nothing changes.
+    # No Origin at all (curl, the SDKs outside a browser): no CORS headers; `Vary` still
+    # tells caches the answer depends on it.
     resp = await gw.get("/healthz")
     assert "Access-Control-Allow-Origin" not in resp.headers
+    assert resp.headers["Vary"] == "Origin"
 
 
 async def test_off_by_default(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> None:
