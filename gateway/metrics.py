@@ -21,14 +21,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
 from gateway.settings import MetricsSettings
 
 __all__ = ["CONTENT_TYPE", "OTHER", "PREFIX", "Metrics", "outcome", "render"]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# `generate_latest` writes names with legacy characters only (ours have no others), which is
+# the 0.0.4 text format every Prometheus version reads.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 OTHER = "other"  # the label value of everything past a cap
 PREFIX = "tokenkiosk"
 

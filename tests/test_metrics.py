@@ -69,7 +69,7 @@ def series(samples: Samples, name: str) -> list[dict[str, str]]:
 async def scrape(client: TestClient[Any, Any], headers: dict[str, str] | None = None) -> Samples:
     resp = await client.get("/metrics", headers=AS_ADMIN if headers is None else headers)
     assert resp.status == 200, await resp.text()
-    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     return parse(await resp.text())
 
 
