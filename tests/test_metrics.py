@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+import aiohttp
 import msgspec
 import openai
 import pytest
@@ -25,8 +26,9 @@ from gateway.settings import (
     Settings,
     Target,
 )
-from gateway.state import KEYS_KEY, METRICS_KEY
+from gateway.state import KEYS_KEY, METRICS_KEY, USAGE_KEY
 from tests.conftest import (
+    NEVER_HANG,
     MakeSettings,
     app_of,
     create_key,
@@ -179,6 +181,43 @@ async def test_an_open_stream_is_counted_while_it_lasts(
     m = await scrape(gw)
     assert value(m, "tokenkiosk_open_streams") == 0
     assert value(m, "tokenkiosk_time_to_first_token_seconds_count", model="m", provider="up") == 1
+
+
+async def test_a_client_hanging_up_mid_stream_counts_as_499(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, make_settings: MakeSettings
+) -> None:
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    settings = make_settings(
+        admin_key=ADMIN,
+        providers=(OpenAIConfig(name="up", base_url=fake.base_url, api_keys=("k",)),),
+        models=(ModelConfig(name="m", targets=(Target(provider="up", model="x"),)),),
+    )
+    gw = await start_gateway(aiohttp_client, settings)
+    key = await create_key(gw)
+    fake.script(content="one two three four", hold=asyncio.Event(), hold_after=1)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            gw.make_url(CHAT),
+            json={**HI, "model": "m", "stream": True},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert resp.status == 200
+        await resp.content.readuntil(b"\n\n")
+        resp.close()  # hang up mid-stream
+    async with asyncio.timeout(NEVER_HANG):
+        await fake.client_disconnected.wait()
+        await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    [row] = await usage_rows(gw)
+    m = await scrape(gw)
+    assert row["status"] == 499
+    gone = {"endpoint": CHAT, "model": "m", "provider": "up", "status": "499"}
+    assert value(m, "tokenkiosk_requests_total", **gone) == 1
+    assert value(m, "tokenkiosk_open_streams") == 0
+    # The attempt itself succeeded (its first event came); the estimate of what was used counts.
+    assert value(m, "tokenkiosk_upstream_attempts_total", provider="up", account="0",
+                 outcome="success") == 1  # fmt: skip
+    assert value(m, "tokenkiosk_tokens_total", model="m", type="input") == row["prompt_tokens"]
 
 
 async def test_needs_the_admin_key_unless_public(
