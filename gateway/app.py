@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway.admission import Gate
 from gateway.auth import auth_middleware
 from gateway.cors import cors_headers, cors_preflight
+from gateway.dashboard.sessions import SessionBook
 from gateway.gauges import app_gauges
 from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
@@ -34,6 +35,7 @@ from gateway.routes import setup_routes
 from gateway.settings import Settings
 from gateway.snapshot import LiveConfig, Reloader, build_snapshot
 from gateway.state import (
+    DASHBOARD_SESSIONS_KEY,
     GATE_KEY,
     INFLIGHT_KEY,
     KEYS_KEY,
@@ -167,6 +169,7 @@ def create_app(
     app[STREAMS_KEY] = WeakSet()
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
+    app[DASHBOARD_SESSIONS_KEY] = SessionBook()
     if settings.metrics.enabled:
         models = [m.name for m in settings.models]
         app[METRICS_KEY] = Metrics(settings.metrics, models, partial(app_gauges, app))

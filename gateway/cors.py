@@ -7,7 +7,8 @@ listed origin as its headers go out, so errors and event streams carry it too. A
 is not listed gets no CORS header at all, and its preflight goes on like any request (a 401 or
 405), which a browser treats as a refusal. The origin is echoed exactly (never `*`), with
 `Vary: Origin` so caches keep answers to different origins apart. Reloadable: each request
-reads the list from the config it runs on.
+reads the list from the config it runs on. The dashboard is left out: it is used from its own
+origin only, and checks `Origin` itself against cross-site forms.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ _MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 # their own, such as OpenAI's `x-stainless-*`); anything else gets the fixed list.
 _HEADER_LIST = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*$")
 _MAX_HEADER_LIST = 2048
+_NOT_FOR = "/dashboard"  # paths CORS leaves alone
 
 
 def _origins(request: web.Request) -> tuple[str, ...]:
@@ -60,7 +62,11 @@ def _allowed(origins: tuple[str, ...], origin: str) -> bool:
 
 @web.middleware
 async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+    if (
+        request.method != "OPTIONS"
+        or "Access-Control-Request-Method" not in request.headers
+        or request.path.startswith(_NOT_FOR)
+    ):
         return await handler(request)
     origin = request.headers.get("Origin")
     if origin is None or not _allowed(_origins(request), origin):
@@ -85,7 +91,7 @@ async def cors_headers(request: web.Request, response: web.StreamResponse) -> No
     origins configured, `Vary: Origin` on every answer (a cache must not hand one origin's,
     or no origin's, answer to another)."""
     origins = _origins(request)
-    if not origins:
+    if not origins or request.path.startswith(_NOT_FOR):
         return
     response.headers.add("Vary", "Origin")
     origin = request.headers.get("Origin")

@@ -119,6 +119,23 @@ async def test_an_unlisted_origin_gets_no_cors_headers(gw: TestClient[Any, Any])
     assert resp.headers["Vary"] == "Origin"
 
 
+async def test_the_dashboard_is_left_alone(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    """The dashboard is used from its own origin only: no CORS for it, even for a listed one."""
+    gw = await start_gateway(aiohttp_client, make_settings(cors_origins=(APP,), admin_key="a" * 16))
+    reply = await raw_request(
+        gw,
+        b"OPTIONS /dashboard/keys HTTP/1.1\r\nHost: gw\r\nOrigin: " + APP.encode()
+        + b"\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+    )  # fmt: skip
+    assert reply.status != 204
+    assert not any(h.startswith("access-control-") for h in reply.headers)
+    resp = await gw.get("/dashboard/signin", headers={"Origin": APP})
+    assert resp.status == 200
+    assert "Access-Control-Allow-Origin" not in resp.headers
+
+
 async def test_off_by_default(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> None:
     gw = await start_gateway(aiohttp_client, make_settings())
     reply = await raw_request(gw, preflight(APP))
