@@ -73,6 +73,12 @@ class ServerSettings(_Base, frozen=True):
     # connection's start or the first byte of a later request), and its whole body.
     client_header_timeout: PositiveFloat = 60.0
     client_body_timeout: PositiveFloat = 60.0
+    # Rate limits, concurrency and budgets shared by every replica (`redis://host:6379/0`);
+    # unset: in memory, per process. When Redis cannot be reached: "refuse" answers 503,
+    # "local" falls back to this replica's own in-memory limits.
+    redis_url: str | None = None
+    redis_failure: Literal["refuse", "local"] = "refuse"
+    redis_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.25
 
 
 class RoutingSettings(_Base, frozen=True):
