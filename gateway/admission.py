@@ -153,3 +153,7 @@ class Gate:
 
     def spent(self, key: KeyRecord) -> Spend | None:
         return self.budgets.spent(key) if key.has_budget else None
+
+    async def spending(self, key: KeyRecord) -> Spend | None:
+        """`spent`, as the admin API asks it: shared gates read Redis."""
+        return self.spent(key)

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from gateway import limits_lua
 from gateway.admission import Gate, Ticket
-from gateway.budgets import Amount, BudgetBook, over_budget, period_start
+from gateway.budgets import Amount, BudgetBook, Spend, over_budget, period_start
 from gateway.errors import LimitsUnavailable
 from gateway.ratelimit import duration, no_requests, no_slot, no_tokens, too_large
 from gateway.records import KeyRecord
@@ -146,10 +146,41 @@ class SharedGate(Gate):
         return None
 
     def settle(self, ticket: Ticket, tokens: int, usd: float) -> None:
+        """Note what the request used; it reaches Redis with its `leave` (one round trip).
+        The headers this answer gets show the unused tokens given back already."""
         if not ticket.shared or ticket.local_charge:
             super().settle(ticket, tokens, usd)
         elif ticket.charged:
             ticket.used = (tokens, usd)
+            key = ticket.key
+            seen = self._seen.get(key.id)
+            if key.tpm is not None and seen is not None and seen.tpm is not None:
+                level = _refilled(seen.tpm, key.tpm, time.monotonic() - seen.at)
+                self._saw(key, tpm=min(float(key.tpm), level + ticket.tokens - tokens))
+
+    async def spending(self, key: KeyRecord) -> Spend | None:
+        """The key's shared spending this period (this replica's ended requests counted)."""
+        if not key.has_budget or not self.up:
+            return self.spent(key)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        start = period_start(key.budget_period, time.time())
+        try:
+            tokens, usd = await self.redis.hmget(_spent_key(key, start), ["t", "u"])
+            if tokens is None:
+                await self._seed_spend(key)
+                tokens, usd = await self.redis.hmget(_spent_key(key, start), ["t", "u"])
+            held_t, held_u = await self.redis.hmget(_k(key, "held"), ["#t", "#u"])
+        except _FAILURES as exc:
+            self._went_down(exc)
+            return self.spent(key)
+        return Spend(
+            start=start,
+            tokens=int(tokens or 0),
+            usd=float(usd or 0),
+            held_tokens=int(held_t or 0),
+            held_usd=max(0.0, float(held_u or 0)),
+        )
 
     def leave(self, ticket: Ticket) -> None:
         if not ticket.shared:
@@ -172,7 +203,7 @@ class SharedGate(Gate):
         for name, cap, level in (("requests", key.rpm, seen.rpm), ("tokens", key.tpm, seen.tpm)):
             if cap is None:
                 continue
-            now = cap if level is None else min(cap, level + elapsed * cap / 60)
+            now = cap if level is None else _refilled(level, cap, elapsed)
             headers[f"x-ratelimit-limit-{name}"] = str(cap)
             headers[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(now)))
             headers[f"x-ratelimit-reset-{name}"] = duration(max(0.0, (cap - now) * 60 / cap))
@@ -364,6 +395,10 @@ class SharedGate(Gate):
             self._seen.clear()
             log.warning("redis_reachable", fallbacks=self.fallbacks)
             return
+
+
+def _refilled(level: float, cap: int, elapsed: float) -> float:
+    return min(float(cap), level + elapsed * cap / 60)
 
 
 def _k(key: KeyRecord, name: str) -> str:

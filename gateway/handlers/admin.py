@@ -97,13 +97,13 @@ async def _publish(request: web.Request, key: KeyRecord) -> dict[str, Any]:
     enforced = request.app[KEYS_KEY].with_groups(key)
     await request.app[GATE_KEY].sync([enforced], request.app[USAGE_KEY].flush)
     request.app[KEYS_KEY].put(key)
-    return _view(request, key)
+    return await _view(request, key)
 
 
-def _view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
+async def _view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
     view = key_view(key)
     view["object"] = "api_key"
-    spend = request.app[GATE_KEY].spent(request.app[KEYS_KEY].with_groups(key))
+    spend = await request.app[GATE_KEY].spending(request.app[KEYS_KEY].with_groups(key))
     if spend is not None:
         view["spend"] = {"period_start": spend.start, "tokens": spend.tokens, "usd": spend.usd}
     return view
@@ -124,13 +124,13 @@ async def list_keys(request: web.Request) -> web.Response:
     """`GET /admin/keys`: every key, revoked and expired ones included."""
     _require_admin(request)
     keys = await request.app[STORE_KEY].list_keys()
-    return _json({"object": "list", "data": [_view(request, k) for k in keys]})
+    return _json({"object": "list", "data": [await _view(request, k) for k in keys]})
 
 
 async def get_key(request: web.Request) -> web.Response:
     _require_admin(request)
     key = await request.app[STORE_KEY].require_key(request.match_info["key_id"])
-    return _json(_view(request, key))
+    return _json(await _view(request, key))
 
 
 async def update_key(request: web.Request) -> web.Response:
