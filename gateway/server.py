@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -244,7 +245,13 @@ class GatewayRunner(web.AppRunner):
         return _GatewayServer(base, self.app[SETTINGS_KEY].server.client_header_timeout)
 
 
-async def _run(app: web.Application, host: str, port: int, announce: Callable[[], None]) -> None:
+async def _run(
+    app: web.Application,
+    host: str,
+    port: int,
+    announce: Callable[[], None],
+    sock: socket.socket | None = None,
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -263,18 +270,28 @@ async def _run(app: web.Application, host: str, port: int, announce: Callable[[]
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        if sock is not None:  # a worker of `gateway serve --workers N` (see workers.py)
+            await web.SockSite(runner, sock).start()
+        else:
+            await web.TCPSite(runner, host, port).start()
         announce()
         await stop.wait()
     finally:
         await runner.cleanup()
 
 
-def serve(app: web.Application, host: str, port: int, announce: Callable[[], None]) -> None:
-    """Serve `app` until SIGINT or SIGTERM; `announce()` runs once the port is bound.
+def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    announce: Callable[[], None],
+    sock: socket.socket | None = None,
+) -> None:
+    """Serve `app` until SIGINT or SIGTERM; `announce()` runs once the port is bound (or,
+    given a listening `sock`, once it serves on it).
 
     Raises:
         OSError: the address cannot be bound.
     """
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(app, host, port, announce))
+        asyncio.run(_run(app, host, port, announce, sock))
