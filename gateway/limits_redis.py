@@ -81,6 +81,7 @@ class SharedGate(Gate):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probe: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._reload: asyncio.Task[None] | None = None
         self._keys: dict[str, KeyRecord] = {}
         self._flush: Callable[[], Awaitable[None]] | None = None
 
@@ -89,6 +90,8 @@ class SharedGate(Gate):
     async def admit(self, key: KeyRecord) -> Ticket | None:
         if not (key.has_limits or key.has_budget):
             return None
+        if key.has_budget:
+            self._keys[key.id] = key  # a fallback must know its spending
         if not self.up:
             return self._fallback_enter(key)
         ticket = Ticket(key=key, limited=key.has_limits, budgeted=key.has_budget, shared=True)
@@ -114,7 +117,7 @@ class SharedGate(Gate):
 
     async def hold(self, ticket: Ticket, likely: Amount, most: Amount) -> None:
         if not ticket.shared:
-            return self.charge(ticket, likely, most)
+            return await self._charge_locally(ticket, likely, most)
         key = ticket.key
         if key.tpm is not None and likely[0] > key.tpm:
             raise too_large(key, likely[0])
@@ -131,7 +134,7 @@ class SharedGate(Gate):
             if self.failure != "local":
                 raise self._refusal() from None
             ticket.local_charge = True
-            return self.charge(ticket, likely, most)
+            return await self._charge_locally(ticket, likely, most)
         verdict = answer[0].decode()
         if verdict == "budget":
             refusal = over_budget(key, likely, int(float(answer[1])), float(answer[2]))
@@ -243,7 +246,7 @@ class SharedGate(Gate):
         """Let the requests' last steps reach Redis (bounded), then stop the background tasks."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
-        for task in (self._probe, self._renewer):
+        for task in (self._probe, self._renewer, self._reload):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -359,6 +362,18 @@ class SharedGate(Gate):
             seen.tpm = min(float(key.tpm), seen.tpm + elapsed * key.tpm / 60)
         seen.at = now
 
+    async def _charge_locally(self, ticket: Ticket, likely: Amount, most: Amount) -> None:
+        if self._reload is not None:  # the fallback's budgets are being read afresh
+            await asyncio.shield(self._reload)
+        self.charge(ticket, likely, most)
+
+    async def _reload_budgets(self) -> None:
+        """What the fallback needs: what every replica spent (the usage table), not what
+        this one knew when Redis went away."""
+        self.budgets = BudgetBook(self._wall)
+        with contextlib.suppress(Exception):
+            await Gate.sync(self, list(self._keys.values()), self._flush)
+
     def _fallback_enter(self, key: KeyRecord) -> Ticket | None:
         self.fallbacks += 1
         if self.failure != "local":
@@ -378,13 +393,11 @@ class SharedGate(Gate):
         log.warning(
             "redis_unreachable", error=f"{type(exc).__name__}: {exc}", fallback=self.failure
         )
+        if self.failure == "local":
+            self._reload = asyncio.create_task(self._reload_budgets())
         self._probe = asyncio.create_task(self._wait_for_redis())
 
     async def _wait_for_redis(self) -> None:
-        if self.failure == "local":  # the fallback needs what the other replicas spent
-            self.budgets = BudgetBook(self._wall)
-            with contextlib.suppress(Exception):
-                await Gate.sync(self, list(self._keys.values()))
         while True:
             await asyncio.sleep(_PROBE_SECONDS)
             try:
