@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from gateway import limits_lua
@@ -44,6 +44,8 @@ log = structlog.get_logger(__name__)
 # How long a request's slot and hold outlive a replica that stopped renewing them.
 LEASE_SECONDS = 30.0
 _PROBE_SECONDS = 1.0
+POOL_SIZE = 16
+_POOL_WAIT_SECONDS = 5.0
 _PERIOD_SECONDS = {"day": 86400, "week": 7 * 86400, "month": 31 * 86400}
 _FAILURES = (RedisError, OSError, TimeoutError)
 
@@ -431,11 +433,14 @@ def open_gate(server: ServerSettings, store: Store) -> Gate:
     if server.redis_url is None:
         return Gate(store)
     timeout = server.redis_timeout_seconds
-    redis = Redis.from_url(
+    # A few connections, shared: a burst waits its turn for one (a script takes well under a
+    # millisecond) rather than opening hundreds at once, which would time out on a busy box.
+    pool = BlockingConnectionPool.from_url(
         server.redis_url,
+        max_connections=POOL_SIZE,
+        timeout=_POOL_WAIT_SECONDS,  # waiting for a busy pool is load, not an outage
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry_on_timeout=False,
-        health_check_interval=0,
     )
-    return SharedGate(store, redis, failure=server.redis_failure)
+    return SharedGate(store, Redis(connection_pool=pool), failure=server.redis_failure)

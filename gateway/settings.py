@@ -78,7 +78,7 @@ class ServerSettings(_Base, frozen=True):
     # "local" falls back to this replica's own in-memory limits.
     redis_url: str | None = None
     redis_failure: Literal["refuse", "local"] = "refuse"
-    redis_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.25
+    redis_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
 
 
 class RoutingSettings(_Base, frozen=True):
