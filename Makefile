@@ -43,8 +43,10 @@ lint: $(STAMP)
 
 check: lint test
 
+# BENCH_SCALING=1 adds Redis-shared limits vs in memory and --workers 2 vs one process.
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
+	if [ -n "$$BENCH_SCALING" ]; then $(BIN)/python -m tests.bench_scaling; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov build *.egg-info
