@@ -22,11 +22,10 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway import limits_lua
 from gateway.admission import Gate, Ticket
@@ -80,7 +79,8 @@ class SharedGate(Gate):
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
         self._seen: dict[str, _Seen] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
+        self._ender: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._reload: asyncio.Task[None] | None = None
@@ -167,8 +167,8 @@ class SharedGate(Gate):
         """The key's shared spending this period (this replica's ended requests counted)."""
         if not key.has_budget or not self.up:
             return self.spent(key)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        if self._ender is not None:
+            await asyncio.shield(self._ender)
         start = period_start(key.budget_period, time.time())
         try:
             tokens, usd = await self.redis.hmget(_spent_key(key, start), ["t", "u"])
@@ -195,9 +195,9 @@ class SharedGate(Gate):
             self._leases.pop(ticket.lease, None)
         if ticket.used is None and ticket.charged:  # it ended without settling: nothing used
             ticket.used = (0, 0.0)
-        task = asyncio.create_task(self._end(ticket))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._ending.append(ticket)
+        if self._ender is None or self._ender.done():
+            self._ender = asyncio.create_task(self._end_all())
 
     def headers(self, key: KeyRecord) -> dict[str, str]:
         seen = self._seen.get(key.id) if self.up else None
@@ -246,8 +246,8 @@ class SharedGate(Gate):
 
     async def close(self) -> None:
         """Let the requests' last steps reach Redis (bounded), then stop the background tasks."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=2.0)
+        if self._ender is not None:
+            await asyncio.wait([self._ender], timeout=2.0)
         for task in (self._probe, self._renewer, self._reload):
             if task is not None:
                 task.cancel()
@@ -324,28 +324,42 @@ class SharedGate(Gate):
         ttl = int(start + length - now) + 86400 if length else 0
         await self._seed(keys=[_spent_key(key, start)], args=[tokens, repr(usd), ttl])
 
-    async def _end(self, ticket: Ticket) -> None:
-        key = ticket.key
-        used = ticket.used or (0, 0.0)
-        try:
-            await self._finish(
-                keys=[
+    async def _end_all(self) -> None:
+        """Send the end of every request that ended meanwhile, one pipeline per turn: under
+        load, many requests share one round trip."""
+        while self._ending:
+            batch, self._ending = self._ending, []
+            try:
+                try:
+                    await self._send_ends(batch)
+                except NoScriptError:  # Redis restarted and forgot the script
+                    await self.redis.script_load(limits_lua.FINISH)
+                    await self._send_ends(batch)
+            except _FAILURES as exc:  # their leases end on their own
+                self._went_down(exc)
+
+    async def _send_ends(self, batch: list[Ticket]) -> None:
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ticket in batch:
+                key = ticket.key
+                used = ticket.used or (0, 0.0)
+                spent = _spent_key(key, period_start(key.budget_period, now))
+                _ = pipe.evalsha(  # queued; sent by execute()
+                    self._finish.sha,
+                    4,
                     _k(key, "tpm"),
                     _k(key, "lease"),
                     _k(key, "held"),
-                    _spent_key(key, period_start(key.budget_period, time.time())),
-                ],
-                args=[
+                    spent,
                     ticket.lease or "",
                     key.tpm or 0,
                     ticket.tokens,
                     used[0],
                     repr(used[1]),
                     "1" if ticket.used is not None else "0",
-                ],
-            )
-        except _FAILURES as exc:  # its lease ends on its own
-            self._went_down(exc)
+                )
+            await pipe.execute()
 
     def _saw(self, key: KeyRecord, *, rpm: float | None = None, tpm: float | None = None) -> None:
         seen = self._seen.get(key.id)

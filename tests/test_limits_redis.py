@@ -248,3 +248,26 @@ async def test_redis_outage_falls_back_to_local_limits(
         assert resp.status == 200
         state = await resp.json()
         assert state["limits"] == "redis down: local" and state["limits_fallbacks"] >= 5
+
+
+async def test_a_redis_that_forgot_the_scripts_gets_them_again(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    gw = await outage_gateway(aiohttp_server, aiohttp_client, make_settings, redis_server, "refuse")
+    secret = await create_key(gw, rpm=100, tpm=100_000, budget_tokens=1000, budget_period="day")
+    assert (await status(gw, secret))[0] == 200
+    admin = Redis.from_url(redis_server.url)
+    try:
+        await admin.script_flush()  # as after a restart: EVALSHA answers NOSCRIPT
+        assert (await status(gw, secret))[0] == 200
+        await admin.script_flush()
+        assert (await status(gw, secret))[0] == 200
+        record = app_of(gw)[KEYS_KEY].lookup(secret)
+        assert record is not None
+        spend = await app_of(gw)[GATE_KEY].spending(record)
+        assert spend is not None and spend.tokens == 30 and spend.held_tokens == 0
+    finally:
+        await admin.aclose()
