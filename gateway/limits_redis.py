@@ -253,7 +253,7 @@ class SharedGate(Gate):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
 
     async def renew_forever(self) -> None:
         """Renew the leases of this replica's requests in flight, a third of a lease apart."""
