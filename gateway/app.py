@@ -18,6 +18,7 @@ from weakref import WeakSet
 from aiohttp import web
 
 from gateway.auth import auth_middleware
+from gateway.dashboard.sessions import SessionBook
 from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
 from gateway.limits_redis import open_gate
@@ -30,6 +31,7 @@ from gateway.routes import setup_routes
 from gateway.settings import Settings
 from gateway.snapshot import LiveConfig, Reloader, build_snapshot
 from gateway.state import (
+    DASHBOARD_SESSIONS_KEY,
     GATE_KEY,
     INFLIGHT_KEY,
     KEYS_KEY,
@@ -158,6 +160,7 @@ def create_app(
     app[STREAMS_KEY] = WeakSet()
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
+    app[DASHBOARD_SESSIONS_KEY] = SessionBook()
     app.on_shutdown.append(_wind_down)
     app.on_response_prepare.append(server_header)
     app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx])

@@ -71,6 +71,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (minute, key_id, status)
         )""",
     ),
+    (
+        # The dashboard (gateway.dashboard.queries). Its charts over hours read ranges of
+        # usage through a covering index; over days, and its top lists, a daily rollup that
+        # `Store.insert_usage` adds each batch of rows to, in the same transaction (filled
+        # here from the rows already there), so a year is a few thousand rows. A key's page
+        # reads its own rows by key (usage_key_ts), and its refusals by key.
+        """CREATE INDEX usage_ts_cover ON usage
+            (ts, key_id, model, status, total_tokens, cost_usd)""",
+        "CREATE INDEX refusals_key ON refusals (key_id, minute)",
+        """CREATE TABLE usage_daily (
+            day INTEGER NOT NULL,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            tokens INTEGER NOT NULL,
+            cost_usd REAL NOT NULL,
+            PRIMARY KEY (day, key_id, model)
+        ) WITHOUT ROWID""",
+        """INSERT INTO usage_daily
+            SELECT CAST(ts / 86400 AS INTEGER), COALESCE(key_id, ''), COALESCE(model, ''),
+                COUNT(*), SUM(status >= 400), SUM(total_tokens), TOTAL(cost_usd)
+            FROM usage GROUP BY 1, 2, 3""",
+    ),
 )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway import dashboard
 from gateway.handlers import (
     admin,
     chat,
@@ -47,6 +48,7 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("PATCH", "/admin/keys/{key_id}", admin.update_key),
     ("DELETE", "/admin/keys/{key_id}", admin.revoke_key),
     ("GET", "/admin/usage", admin.usage),
+    *dashboard.ROUTES,
 )
 
 

@@ -79,6 +79,12 @@ class ServerSettings(_Base, frozen=True):
     redis_url: str | None = None
     redis_failure: Literal["refuse", "local"] = "refuse"
     redis_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
+    # The dashboard at /dashboard (on whenever there is an admin key, unless this is false),
+    # how long a sign-in lasts, and whether to trust `X-Forwarded-Proto: https` from a proxy
+    # in front (then its session cookie is `Secure` even though the proxy speaks plain HTTP).
+    dashboard: bool = True
+    dashboard_session_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 30)] = 12.0
+    trust_forwarded_proto: bool = False
 
 
 class RoutingSettings(_Base, frozen=True):

@@ -10,6 +10,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.admission import Gate, Ticket
+    from gateway.dashboard.sessions import Session, SessionBook
     from gateway.keys import KeyCache, Principal
     from gateway.prices import PriceBook
     from gateway.refusals import RefusalCounter
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from gateway.usage import UsageRecorder
 
 __all__ = [
+    "DASHBOARD_SESSIONS_KEY",
+    "DASHBOARD_SESSION_KEY",
     "GATE_KEY",
     "INFLIGHT_KEY",
     "KEYS_KEY",
@@ -57,6 +60,10 @@ STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
 INFLIGHT_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("inflight")
 # Set when the server begins to shut down; streams ended then say why.
 SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
+
+# Dashboard sign-ins (memory only: a restart signs everyone out), and a page's own session.
+DASHBOARD_SESSIONS_KEY: web.AppKey[SessionBook] = web.AppKey("dashboard_sessions")
+DASHBOARD_SESSION_KEY: web.RequestKey[Session] = web.RequestKey("dashboard_session")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 SNAPSHOT_KEY: web.RequestKey[Snapshot] = web.RequestKey("snapshot")

@@ -24,7 +24,7 @@ from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.migrations import StoreError, migrate, pragma
 from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
-from gateway.reports import summarize
+from gateway.reports import ROLL_UP, roll_up, summarize
 from gateway.schemas.codec import encode, error_path
 
 __all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
@@ -267,12 +267,13 @@ class Store:
     # Usage
 
     async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
-        """Append usage rows in one transaction (all or none)."""
+        """Append usage rows, and add them to the daily rollup, in one transaction (all or none)."""
         if not rows:
             return
         params = [msgspec.structs.astuple(r) for r in rows]
         async with self._transaction() as db:
             await db.executemany(_INSERT_USAGE, params)
+            await db.executemany(ROLL_UP, roll_up(rows))
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""
