@@ -155,12 +155,13 @@ FINISH = (
     + """
 local t = now()
 local tpm = tonumber(ARGV[2])
+-- Always: a request cancelled while its charge ran may hold budget it never heard of.
+release(KEYS[3], ARGV[1])
 if ARGV[6] == '1' then
   if tpm > 0 then
     local l = level(KEYS[1], tpm, t)
     store(KEYS[1], tpm, math.min(tpm, l + tonumber(ARGV[3]) - tonumber(ARGV[4])), t)
   end
-  release(KEYS[3], ARGV[1])
   if redis.call('EXISTS', KEYS[4]) == 1 then
     redis.call('HINCRBY', KEYS[4], 't', ARGV[4])
     redis.call('HINCRBYFLOAT', KEYS[4], 'u', ARGV[5])

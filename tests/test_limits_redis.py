@@ -271,3 +271,32 @@ async def test_a_redis_that_forgot_the_scripts_gets_them_again(
         assert spend is not None and spend.tokens == 30 and spend.held_tokens == 0
     finally:
         await admin.aclose()
+
+
+async def test_a_hold_whose_request_never_saw_its_answer_is_released(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_url: str,
+) -> None:
+    _, gw, _ = await two_gateways(
+        aiohttp_server, aiohttp_client, make_settings, redis_url=redis_url
+    )
+    secret = await create_key(gw, budget_tokens=1000, budget_period="total")
+    key = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert key is not None
+    gate = SharedGate(app_of(gw)[STORE_KEY], Redis.from_url(redis_url))
+    try:
+        await gate.spending(key)  # seeds the period's spending
+        ticket = await gate.admit(key)
+        assert ticket is not None
+        # The charge ran in Redis, but its request was cancelled (the client hung up) before
+        # it heard the answer: the ticket does not know it holds anything.
+        assert (await gate._run_charge(ticket, (60, 0.0), (90, 0.0)))[0] == b"ok"
+        held = await gate.spending(key)
+        assert held is not None and held.held_tokens == 90
+        gate.leave(ticket)
+        spend = await gate.spending(key)
+        assert spend is not None and (spend.tokens, spend.held_tokens) == (0, 0)
+    finally:
+        await gate.close()
