@@ -130,7 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="processes serving the port (N > 1 needs server.redis_url)",
     )
-    serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)  # set by the parent
+    serve.add_argument("--worker-fd", help=argparse.SUPPRESS)  # set by the parent: SOCKET,WATCH
     sub.add_parser(
         "reload", parents=[common], help="make the running server re-read its config (SIGHUP)"
     )
@@ -312,9 +312,17 @@ def _serve_worker(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.server import serve
 
     app = create_app(settings, reload=lambda: _settings(args))
-    sock = workers.worker_socket(args.worker_fd)
+    fd, watch, ready = workers.worker_fds(args.worker_fd)
+    workers.watch_parent(app, watch)
+    sock = workers.worker_socket(fd)
     try:
-        serve(app, settings.server.host, settings.server.port, lambda: None, sock=sock)
+        serve(
+            app,
+            settings.server.host,
+            settings.server.port,
+            lambda: workers.worker_ready(ready),
+            sock=sock,
+        )
     except (sqlite3.Error, StoreError) as exc:
         print(f"gateway: database error ({settings.server.database}): {exc}", file=sys.stderr)
         return 1

@@ -8,10 +8,12 @@ kernel fills one queue per socket, and the connections queued for a dead worker 
 
 The parent serves nothing itself. It forwards SIGTERM and SIGINT to every worker (each
 finishes its requests within `shutdown_grace_seconds`, then exits) and exits once they all
-have; SIGHUP is forwarded too, so each re-reads the config. A worker that dies while the
-others serve is started again; one that dies within its first seconds (a config or database
-problem every worker would meet) stops them all instead, and the parent exits 1. The pid file
-names the parent, so `gateway reload` reaches every worker.
+have; SIGHUP is forwarded too, so each re-reads the config. The parent says it listens once
+every worker serves; a worker that exits before that (a config or database problem every
+worker would meet) stops them all, and the parent exits 1. Later, a worker that dies is
+started again a second later while the others serve. Workers stop on their own when the
+parent dies (they watch a pipe only it holds open). The pid file names the parent, so
+`gateway reload` reaches every worker.
 
 More than one worker needs `[server] redis_url`: each worker would otherwise count limits and
 budgets of its own, and a budget would be spent once per worker.
@@ -20,25 +22,26 @@ budgets of its own, and a budget would be spent once per worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gateway.settings import ServerSettings
 
+if TYPE_CHECKING:  # `gateway keys ...` imports this module without the HTTP stack
+    from aiohttp import web
+
 __all__ = ["needs_redis", "supervise"]
 
 log = structlog.get_logger(__name__)
 
-# A worker that exits sooner than this after its start failed to start; restarting it would
-# only fail again.
-START_SECONDS = 5.0
-_RESTART_DELAY = 1.0
+_RESTART_DELAY = 1.0  # a worker that keeps crashing is restarted once a second, not in a loop
 
 
 def needs_redis(server: ServerSettings, workers: int) -> str | None:
@@ -64,17 +67,31 @@ def supervise(
 ) -> int:
     """Run `workers` copies of `gateway <argv> --worker-fd <fd>` on `sock` until a signal
     stops them; the exit status (0: every worker stopped cleanly)."""
-    command = [sys.executable, "-m", "gateway", *argv, "--worker-fd", str(sock.fileno())]
-    return asyncio.run(_supervise(sock, command, workers, announce))
+    # Workers inherit the read end of a pipe whose write end only this process holds: when it
+    # dies, even by SIGKILL, they read EOF and stop (see `watch_parent`).
+    # And the write end of one more, where each writes a byte once it serves.
+    watch, alive = os.pipe()
+    ready, serving = os.pipe()
+    fds = f"{sock.fileno()},{watch},{serving}"
+    command = [sys.executable, "-m", "gateway", *argv, "--worker-fd", fds]
+    try:
+        return asyncio.run(_supervise(sock, command, workers, announce, (watch, serving), ready))
+    finally:
+        for fd in (watch, alive, ready, serving):
+            os.close(fd)
 
 
 async def _supervise(
-    sock: socket.socket, command: list[str], workers: int, announce: Callable[[], None]
+    sock: socket.socket,
+    command: list[str],
+    workers: int,
+    announce: Callable[[], None],
+    passed: tuple[int, int],
+    ready: int,
 ) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     procs: dict[int, asyncio.subprocess.Process] = {}
-    started: dict[int, float] = {}
 
     def forward(sig: int) -> None:
         for proc in procs.values():
@@ -86,15 +103,19 @@ async def _supervise(
     loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
 
     async def start(index: int) -> None:
-        procs[index] = await asyncio.create_subprocess_exec(*command, pass_fds=(sock.fileno(),))
-        started[index] = time.monotonic()
+        procs[index] = await asyncio.create_subprocess_exec(
+            *command, pass_fds=(sock.fileno(), *passed)
+        )
         log.info("worker_started", worker=index, pid=procs[index].pid)
 
     for index in range(workers):
         await start(index)
-    announce()
-    failed = False
     stop = asyncio.create_task(stopping.wait())
+    failed = not await _all_ready(ready, workers, stop, procs)
+    if failed:
+        stopping.set()
+    else:
+        announce()
     while not stopping.is_set():
         waits = {asyncio.create_task(p.wait()): i for i, p in procs.items()}
         done, _ = await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
@@ -106,10 +127,6 @@ async def _supervise(
             index = waits[task]
             proc = procs[index]
             log.warning("worker_exited", worker=index, pid=proc.pid, status=proc.returncode)
-            if time.monotonic() - started[index] < START_SECONDS:
-                failed = True
-                stopping.set()
-                break
             await asyncio.sleep(_RESTART_DELAY)  # a worker that crashes at once cannot spin
             if not stopping.is_set():
                 await start(index)
@@ -119,8 +136,61 @@ async def _supervise(
     return 1 if failed or any(code not in (0, -signal.SIGTERM) for code in codes) else 0
 
 
+async def _all_ready(
+    ready: int, workers: int, stop: asyncio.Task[Any], procs: dict[int, Any]
+) -> bool:
+    """Wait until every worker serves (False: one exited first, or a signal came)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(ready), "rb", 0)
+    )
+    try:
+        count = asyncio.create_task(reader.readexactly(workers))
+        exits = [asyncio.create_task(p.wait()) for p in procs.values()]
+        await asyncio.wait([count, stop, *exits], return_when=asyncio.FIRST_COMPLETED)
+        for task in (count, *exits):
+            task.cancel()
+        return count.done() and not count.cancelled() and count.exception() is None
+    finally:
+        transport.close()
+
+
+def worker_fds(text: str) -> tuple[int, int, int]:
+    """`--worker-fd SOCKET,WATCH,READY`: the listening socket and the parent's two pipes."""
+    sock, watch, ready = (int(part) for part in text.split(","))
+    return sock, watch, ready
+
+
+def worker_ready(fd: int) -> None:
+    """Tell the parent this worker serves."""
+    with contextlib.suppress(OSError):
+        os.write(fd, b"1")
+        os.close(fd)
+
+
 def worker_socket(fd: int) -> socket.socket:
     """The listening socket a worker inherited from its parent."""
     sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
     return sock
+
+
+def watch_parent(app: web.Application, fd: int) -> None:
+    """Once `app` runs, stop it (as SIGTERM does) when the parent's pipe closes: the parent
+    died, and a worker must not serve on alone, out of its control."""
+    os.set_inheritable(fd, False)
+
+    def parent_gone() -> None:
+        with contextlib.suppress(BlockingIOError):
+            if os.read(fd, 1):
+                return
+        asyncio.get_running_loop().remove_reader(fd)
+        log.warning("worker_parent_gone", pid=os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def start(_: web.Application) -> None:
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, parent_gone)
+
+    app.on_startup.append(start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sqlite3
 import subprocess
@@ -63,6 +64,7 @@ class Replica:
             sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
             "--port", str(self.port), *self.extra,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: kill() reaches workers too
         )  # fmt: skip
         assert self.proc.stdout is not None
         async with asyncio.timeout(NEVER_HANG):
@@ -91,8 +93,9 @@ class Replica:
         return code
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -160,9 +161,87 @@ async def test_workers_share_one_port_restart_and_stop_together(
             statuses = [(await post(session, parent.url, secret))[0] for _ in range(40)]
         assert statuses.count(200) == 30  # one rate across the workers
         assert parent.proc is not None
-        parent.proc.send_signal(signal.SIGHUP)  # reload reaches the workers; they keep serving
-        assert len(await prefixes(parent.url, 50)) >= 1
+        # SIGHUP to the parent reaches every worker: each serves the new model.
+        config.write_text(config.read_text() + '\n[[models]]\nname = "m2"\n'
+                          'targets = [{ provider = "up", model = "gpt-4o" }]\n')  # fmt: skip
+        parent.proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(NEVER_HANG):
+            while True:  # each worker reloads on its own loop, in its own time
+                if await models_everywhere(parent.url, secret) == {"m2"}:
+                    break
+                await asyncio.sleep(0.05)
+        # A worker that dies is started again; the other serves meanwhile.
+        children = child_pids(parent.proc.pid)
+        assert len(children) == 2
+        victim = min(children)
+        os.kill(victim, signal.SIGKILL)
+        async with asyncio.timeout(NEVER_HANG):
+            while True:  # gone (the connections it held die with it: none now)
+                if not _alive(victim):
+                    break
+                await asyncio.sleep(0.02)
+            while True:  # restarted after a second; it serves once it has started
+                if len(await prefixes(parent.url, 50)) == 2:
+                    break
+                await asyncio.sleep(0.1)
+        assert victim not in child_pids(parent.proc.pid)
+        assert len(child_pids(parent.proc.pid)) == 2
         assert await parent.stop() == 0
+        assert not child_pids(parent.proc.pid)
+
+
+async def test_workers_stop_when_their_parent_dies(
+    tmp_path: Path, aiohttp_server: AiohttpServer, redis_server: RedisServer
+) -> None:
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    config = write_config(tmp_path, fake.base_url, redis_server.url)
+    async with replicas(config, 1, "--workers", "2") as (parent,):
+        assert parent.proc is not None
+        children = child_pids(parent.proc.pid)
+        assert len(children) == 2
+        parent.proc.kill()  # SIGKILL: it cannot tell them
+        await parent.proc.wait()
+        async with asyncio.timeout(NEVER_HANG):
+            while True:  # they read EOF on its pipe and stop (no event reaches us)
+                if not any(_alive(pid) for pid in children):
+                    break
+                await asyncio.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def child_pids(parent: int) -> set[int]:
+    """The processes whose parent is `parent` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+async def models_everywhere(url: str, secret: str) -> set[str]:
+    """Which of the models `m2` every answer of 20 fresh connections lists (empty: some do not)."""
+    connector = TCPConnector(force_close=True)
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with ClientSession(connector=connector, headers=headers) as session:
+
+        async def one() -> bool:
+            async with session.get(f"{url}/v1/models") as resp:
+                return "m2" in {m["id"] for m in (await resp.json())["data"]}
+
+        answers = await asyncio.gather(*(one() for _ in range(20)))
+    return {"m2"} if all(answers) else set()
 
 
 async def test_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
