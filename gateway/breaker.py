@@ -229,6 +229,10 @@ class BreakerBoard:
             reason="the upstream refused this API key; fix it in the config and reload",
         )
 
+    def accounts(self) -> list[Account]:
+        """Every account with a breaker (for the metrics)."""
+        return list(self._breakers)
+
     def remaining(self, account: Account) -> float:
         """Seconds until the account is due back in rotation (0: it is)."""
         breaker = self._breakers.get(account)

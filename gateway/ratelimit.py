@@ -82,26 +82,32 @@ def duration(seconds: float) -> str:
 
 
 def no_slot(key: KeyRecord) -> RateLimited:
-    return RateLimited(
+    err = RateLimited(
         f"Too many requests in flight for this API key (limit {key.max_concurrency}).",
         retry_after=1.0,
     )
+    err.reason = "concurrency"
+    return err
 
 
 def no_requests(key: KeyRecord, wait: float) -> RateLimited:
-    return RateLimited(
+    err = RateLimited(
         f"Rate limit reached for this API key on requests per minute (limit "
         f"{key.rpm}). Please try again in {duration(wait)}.",
         retry_after=wait,
     )
+    err.reason = "requests_per_minute"
+    return err
 
 
 def no_tokens(key: KeyRecord, wait: float) -> RateLimited:
-    return RateLimited(
+    err = RateLimited(
         f"Rate limit reached for this API key on tokens per minute (limit "
         f"{key.tpm}). Please try again in {duration(wait)}.",
         retry_after=wait,
     )
+    err.reason = "tokens_per_minute"
+    return err
 
 
 def too_large(key: KeyRecord, likely: int) -> RateLimited:
@@ -112,6 +118,7 @@ def too_large(key: KeyRecord, likely: int) -> RateLimited:
         "Lower max_tokens or send less.",
     )
     err.should_retry = False
+    err.reason = "tokens_per_minute"
     return err
 
 

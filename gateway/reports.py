@@ -117,12 +117,17 @@ async def summarize(
                 values.append(latency)
     if values:
         percentiles[group_of] = _p50_p95(values)
+    names: dict[str, str] = {}
+    if by == "key" and totals:
+        async with db.execute("SELECT id, name FROM keys") as cur:
+            names = {key: name for key, name in await cur.fetchall()}
     result = []
     for grp, n, errors, prompt, completion, total, cost in totals:
         p50, p95 = percentiles.get(grp, (None, None))
         result.append(
             UsageSummaryRow(
                 group=grp,
+                name=names.get(grp),
                 requests=int(n),
                 errors=int(errors),
                 prompt_tokens=int(prompt),

@@ -14,6 +14,7 @@ from gateway.handlers import (
     embeddings,
     health,
     messages,
+    metrics,
     models,
     responses,
 )
@@ -42,6 +43,7 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/models/{model:.+}", models.get_model),
     ("GET", "/healthz", health.healthz),
     ("GET", "/readyz", health.readyz),
+    ("GET", "/metrics", metrics.metrics),
     ("POST", "/admin/keys", admin.create_key),
     ("GET", "/admin/keys", admin.list_keys),
     ("GET", "/admin/keys/{key_id}", admin.get_key),

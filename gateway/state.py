@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from gateway.admission import Gate, Ticket
     from gateway.dashboard.sessions import Session, SessionBook
     from gateway.keys import KeyCache, Principal
+    from gateway.metrics import Metrics
     from gateway.prices import PriceBook
     from gateway.refusals import RefusalCounter
     from gateway.settings import Settings
@@ -26,6 +27,7 @@ __all__ = [
     "INFLIGHT_KEY",
     "KEYS_KEY",
     "LIVE_KEY",
+    "METRICS_KEY",
     "PRICES_KEY",
     "PRINCIPAL_KEY",
     "REFUSALS_KEY",
@@ -54,6 +56,8 @@ GATE_KEY: web.AppKey[Gate] = web.AppKey("gate")
 PRICES_KEY: web.AppKey[PriceBook] = web.AppKey("prices")
 # Refused requests, counted per minute, key and status instead of a usage row each.
 REFUSALS_KEY: web.AppKey[RefusalCounter] = web.AppKey("refusals")
+# Prometheus metrics of this app (absent with `[metrics] enabled = false`).
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics")
 # Tasks serving open SSE streams, so shutdown can end them with an error event.
 STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
 # Tasks serving any request, so shutdown can wait for them (up to the grace period).

@@ -24,6 +24,7 @@ __all__ = [
     "create_key",
     "get_key",
     "list_keys",
+    "require_admin",
     "revoke_key",
     "update_key",
     "usage",
@@ -35,7 +36,7 @@ def admin_key_matches(presented: str, admin_key: str) -> bool:
     return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), admin_key.encode())
 
 
-def _require_admin(request: web.Request) -> None:
+def require_admin(request: web.Request) -> None:
     admin_key = request[SNAPSHOT_KEY].settings.server.admin_key
     if admin_key is None:
         raise NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
@@ -50,7 +51,7 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 async def create_key(request: web.Request) -> web.Response:
     """`POST /admin/keys`: the new key, with its secret in `key` (the only time it is shown)."""
-    _require_admin(request)
+    require_admin(request)
     body = decode_body(await read_body(request), keyops.KeyCreate)
     view, secret = await keyops.create(request, body)
     return _json({**view, "key": secret}, status=201)
@@ -58,33 +59,33 @@ async def create_key(request: web.Request) -> web.Response:
 
 async def list_keys(request: web.Request) -> web.Response:
     """`GET /admin/keys`: every key, revoked and expired ones included."""
-    _require_admin(request)
+    require_admin(request)
     keys = await request.app[STORE_KEY].list_keys()
     return _json({"object": "list", "data": [await keyops.view(request, k) for k in keys]})
 
 
 async def get_key(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     key = await request.app[STORE_KEY].require_key(request.match_info["key_id"])
     return _json(await keyops.view(request, key))
 
 
 async def update_key(request: web.Request) -> web.Response:
     """`PATCH /admin/keys/{id}`: change what the body names; `null` clears."""
-    _require_admin(request)
+    require_admin(request)
     body = decode_body(await read_body(request), keyops.KeyUpdate)
     return _json(await keyops.update(request, request.match_info["key_id"], body))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
     """`DELETE /admin/keys/{id}`: revoke for good (the record stays for the usage history)."""
-    _require_admin(request)
+    require_admin(request)
     return _json(await keyops.revoke(request, request.match_info["key_id"]))
 
 
 async def usage(request: web.Request) -> web.Response:
     """`GET /admin/usage?since=7d&until=...&key=...&by=key|model|day`."""
-    _require_admin(request)
+    require_admin(request)
     query = request.query
     by = query.get("by", "key")
     if by not in ("key", "model", "day"):
