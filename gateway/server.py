@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -244,7 +245,13 @@ class GatewayRunner(web.AppRunner):
         return _GatewayServer(base, self.app[SETTINGS_KEY].server.client_header_timeout)
 
 
-async def _run(app: web.Application, host: str, port: int, announce: Callable[[], None]) -> None:
+async def _run(
+    app: web.Application,
+    host: str,
+    port: int,
+    announce: Callable[[], None],
+    sock: socket.socket | None = None,
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -264,7 +271,10 @@ async def _run(app: web.Application, host: str, port: int, announce: Callable[[]
     await runner.setup()
     try:
         backlog = app[SETTINGS_KEY].server.listen_backlog
-        await web.TCPSite(runner, host, port, backlog=backlog).start()
+        if sock is not None:  # a worker of `gateway serve --workers N` (see workers.py)
+            await web.SockSite(runner, sock, backlog=backlog).start()
+        else:
+            await web.TCPSite(runner, host, port, backlog=backlog).start()
         announce()
         log.info("serving", loop=type(loop).__module__.partition(".")[0], backlog=backlog)
         await stop.wait()
@@ -285,12 +295,19 @@ def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | 
     return factory
 
 
-def serve(app: web.Application, host: str, port: int, announce: Callable[[], None]) -> None:
-    """Serve `app` until SIGINT or SIGTERM; `announce()` runs once the port is bound.
+def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    announce: Callable[[], None],
+    sock: socket.socket | None = None,
+) -> None:
+    """Serve `app` until SIGINT or SIGTERM; `announce()` runs once the port is bound (or,
+    given a listening `sock`, once it serves on it).
 
     Raises:
         OSError: the address cannot be bound.
     """
     factory = loop_factory(app[SETTINGS_KEY].server.uvloop)
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_run(app, host, port, announce))
+        runner.run(_run(app, host, port, announce, sock))

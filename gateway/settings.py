@@ -84,6 +84,12 @@ class ServerSettings(_Base, frozen=True):
     # Browser origins (`https://app.example.com`, or `*` for any) whose pages may call the
     # API: preflights are answered and answers carry CORS headers. Default: none.
     cors_origins: tuple[Origin, ...] = ()
+    # Rate limits, concurrency and budgets shared by every replica (`redis://host:6379/0`);
+    # unset: in memory, per process. When Redis cannot be reached: "refuse" answers 503,
+    # "local" falls back to this replica's own in-memory limits.
+    redis_url: str | None = None
+    redis_failure: Literal["refuse", "local"] = "refuse"
+    redis_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
     # The dashboard at /dashboard (on whenever there is an admin key, unless this is false),
     # how long a sign-in lasts, and whether to trust `X-Forwarded-Proto: https` from a proxy
     # in front (then its session cookie is `Secure` even though the proxy speaks plain HTTP).

@@ -63,13 +63,13 @@ async def list_keys(request: web.Request) -> web.Response:
     """`GET /admin/keys`: every key, revoked and expired ones included."""
     require_admin(request)
     keys = await request.app[STORE_KEY].list_keys()
-    return _json({"object": "list", "data": [keyops.view(request, k) for k in keys]})
+    return _json({"object": "list", "data": [await keyops.view(request, k) for k in keys]})
 
 
 async def get_key(request: web.Request) -> web.Response:
     require_admin(request)
     key = await request.app[STORE_KEY].require_key(request.match_info["key_id"])
-    return _json(keyops.view(request, key))
+    return _json(await keyops.view(request, key))
 
 
 async def update_key(request: web.Request) -> web.Response:

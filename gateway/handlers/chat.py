@@ -36,7 +36,7 @@ async def _chat(request: web.Request, default_model: str | None) -> web.StreamRe
     body = await request.read()
     req = decode_body(body, ChatCompletionRequest)
     model_id = req.model if req.model is not UNSET else default_model
-    ex = pipeline.begin(request, req, body, model_id)
+    ex = await pipeline.begin(request, req, body, model_id)
     try:
         if req.is_stream:
             ex.call.sse_out = True  # relayed event for event: upstream bytes may pass as they are
