@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
-from gateway.records import UsageRecord
+from gateway.records import UsageRecord, mint_uid
 from gateway.schemas.codec import encode
 from gateway.state import INFLIGHT_KEY, LIVE_KEY, REFUSALS_KEY, SNAPSHOT_KEY, USAGE_KEY
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
@@ -127,6 +127,7 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         estimated=trace.estimated,
         cache_read_tokens=trace.cache_read_tokens,
         cache_write_tokens=trace.cache_write_tokens,
+        uid=mint_uid(),
     )
     if trace.metered:
         if status >= 400 and not trace.attempts and trace.key_id is not None:

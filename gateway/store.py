@@ -14,7 +14,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import aiosqlite
@@ -45,7 +45,10 @@ _USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
 _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
 _INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({_marks(_KEY_FIELDS)})"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
-_INSERT_USAGE = f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
+_INSERT_USAGE = (
+    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
+    " ON CONFLICT (uid) DO NOTHING"
+)
 _ADD_REFUSALS = (
     "INSERT INTO refusals (minute, key_id, status, count) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (minute, key_id, status) DO UPDATE SET count = count + excluded.count"
@@ -94,14 +97,48 @@ def _checked(record: KeyRecord) -> KeyRecord:
         ) from None
 
 
-def _key_from_row(row: Sequence[Any]) -> KeyRecord:
+def new_key(name: str, secret: str | None, fields: dict[str, Any]) -> tuple[KeyRecord, str]:
+    """A new key record (checked) and its plain secret, random unless given.
+
+    Raises:
+        InvalidRequest: a field does not exist, is not the caller's to set, or has the
+            wrong type.
+    """
+    fields = _editable(fields)
+    if secret is None:
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    now = time.time()
+    record = _checked(
+        KeyRecord(
+            id="key_" + secrets.token_hex(6),
+            name=name,
+            prefix=secret[:_PREFIX_CHARS],
+            digest=hashlib.sha256(secret.encode()).hexdigest(),
+            created_at=now,
+            updated_at=now,
+            **fields,
+        )
+    )
+    return record, secret
+
+
+def updated_key(current: KeyRecord, changes: dict[str, Any]) -> KeyRecord:
+    """`current` with caller-given changes applied and checked.
+
+    Raises:
+        InvalidRequest: a field cannot be changed or has the wrong type.
+    """
+    return _checked(msgspec.structs.replace(current, **_editable(changes), updated_at=time.time()))
+
+
+def key_from_row(row: Sequence[Any]) -> KeyRecord:
     fields = dict(zip(_KEY_FIELDS, row, strict=True))
     fields["models"] = msgspec.json.decode(fields["models"])
     fields["metadata"] = msgspec.json.decode(fields["metadata"])
     return msgspec.convert(fields, KeyRecord)
 
 
-def _key_params(key: KeyRecord) -> tuple[Any, ...]:
+def key_params(key: KeyRecord) -> tuple[Any, ...]:
     """The record's values in `_KEY_FIELDS` order, JSON columns encoded."""
     values = msgspec.structs.asdict(key)
     values["models"] = encode(list(key.models)).decode()
@@ -169,6 +206,11 @@ class Store:
                     await self.db.rollback()
                     raise
 
+    dialect = "sqlite"
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """SQLite cannot push changes: key caches poll `data_version` instead."""
+
     async def ping(self) -> None:
         async with self.db.execute("SELECT 1") as cur:
             await cur.fetchone()
@@ -193,36 +235,22 @@ class Store:
             InvalidRequest: a field does not exist, is not the caller's to set, or has the
                 wrong type.
         """
-        fields = _editable(fields)
-        if secret is None:
-            secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        now = time.time()
-        record = _checked(
-            KeyRecord(
-                id="key_" + secrets.token_hex(6),
-                name=name,
-                prefix=secret[:_PREFIX_CHARS],
-                digest=hashlib.sha256(secret.encode()).hexdigest(),
-                created_at=now,
-                updated_at=now,
-                **fields,
-            )
-        )
+        record, secret = new_key(name, secret, fields)
         async with self._transaction() as db:
-            await db.execute(_INSERT_KEY, _key_params(record))
+            await db.execute(_INSERT_KEY, key_params(record))
         return record, secret
 
     async def list_keys(self) -> list[KeyRecord]:
         """Every key, revoked and expired ones included, oldest first."""
         with _busy_is_503():
             async with self.db.execute(f"{_SELECT_KEY} ORDER BY created_at, id") as cur:
-                return [_key_from_row(row) for row in await cur.fetchall()]
+                return [key_from_row(row) for row in await cur.fetchall()]
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         with _busy_is_503():
             async with self.db.execute(f"{_SELECT_KEY} WHERE id = ?", (key_id,)) as cur:
                 row = await cur.fetchone()
-        return None if row is None else _key_from_row(row)
+        return None if row is None else key_from_row(row)
 
     async def require_key(self, key_id: str) -> KeyRecord:
         """The key with `key_id`.
@@ -242,11 +270,11 @@ class Store:
             NotFound: no key has this id (code `key_not_found`).
             InvalidRequest: a field cannot be changed or has the wrong type.
         """
-        changes = _editable(changes)
+        _editable(dict(changes))  # refuse bad fields before taking the write lock
         async with self._transaction() as db:
             current = await self.require_key(key_id)
-            updated = _checked(msgspec.structs.replace(current, **changes, updated_at=time.time()))
-            await db.execute(_UPDATE_KEY, (*_key_params(updated), key_id))
+            updated = updated_key(current, changes)
+            await db.execute(_UPDATE_KEY, (*key_params(updated), key_id))
         return updated
 
     async def revoke_key(self, key_id: str) -> KeyRecord:
@@ -305,6 +333,39 @@ class Store:
         """
         with _busy_is_503():
             return await summarize(self.db, since=since, until=until, key_id=key_id, by=by)
+
+    # Whole-database copies (`gateway copy-db`)
+
+    async def is_empty(self) -> bool:
+        """No key, usage row or refusal count yet."""
+        for table in ("keys", "usage", "refusals"):
+            async with self.db.execute(f"SELECT 1 FROM {table} LIMIT 1") as cur:  # noqa: S608
+                if await cur.fetchone() is not None:
+                    return False
+        return True
+
+    async def insert_keys(self, keys: Sequence[KeyRecord]) -> None:
+        """Insert whole key records as they are (ids, digests and times kept)."""
+        async with self._transaction() as db:
+            await db.executemany(_INSERT_KEY, [key_params(k) for k in keys])
+
+    async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:
+        """Every usage row, oldest first, `batch` at a time."""
+        async with self.db.execute(
+            f"SELECT {', '.join(_USAGE_FIELDS)} FROM usage ORDER BY id"  # noqa: S608
+        ) as cur:
+            while rows := await cur.fetchmany(batch):
+                yield [usage_from_row(row) for row in rows]
+
+    async def export_refusals(self) -> Refusals:
+        async with self.db.execute("SELECT minute, key_id, status, count FROM refusals") as cur:
+            return Refusals({(m, k, s): n for m, k, s, n in await cur.fetchall()})
+
+
+def usage_from_row(row: Sequence[Any]) -> UsageRecord:
+    fields = dict(zip(_USAGE_FIELDS, row, strict=True))
+    fields["stream"], fields["estimated"] = bool(fields["stream"]), bool(fields["estimated"])
+    return UsageRecord(**fields)
 
 
 def _probe(path: str) -> None:

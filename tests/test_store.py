@@ -213,7 +213,7 @@ async def test_insert_usage_writes_every_column(store: Store) -> None:
     await store.insert_usage([])
     rows = await fetch(store, "SELECT * FROM usage ORDER BY id")
     assert rows[0][:8] == (1, DAY1, "req", "key_a", "demo", "demo", "demo", "/v1/chat/completions")
-    assert rows[0][8:] == (1, 429, 3, 4, 7, 0.5, 12.5, 3.25, 1, 2, 1)
+    assert rows[0][8:] == (1, 429, 3, 4, 7, 0.5, 12.5, 3.25, 1, 2, 1, None)
     assert rows[1][3:5] == (None, None) and rows[1][15] is None
 
 

@@ -1,0 +1,298 @@
+"""PostgreSQL persistence through asyncpg: the same schema, methods and rules as `gateway.store`.
+
+Used when `[server] database` is a `postgresql://` URL, so several replicas share keys, usage
+and refusal counts. Migrations run under a transaction-level advisory lock, so replicas that
+start together apply them once. Key changes (any replica, the CLI, hand-written SQL) bump
+`key_changes.version` and `NOTIFY kiosk_keys` (a trigger); `on_change` listens on a connection of
+its own, and `data_version` — polled by the key cache every second — is the safety net that
+also re-opens that connection after a database restart. Usage rows carry a unique `uid` and are
+inserted `ON CONFLICT DO NOTHING`, so a batch retried after a lost commit is written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import asyncpg
+import msgspec
+import structlog
+
+from gateway.errors import NotFound, StoreBusy
+from gateway.migrations import MIGRATIONS, StoreError, statements
+from gateway.pg_reports import Conn, summarize
+from gateway.records import KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
+from gateway.refusals import Refusals
+from gateway.store import key_from_row, key_params, new_key, updated_key, usage_from_row
+
+__all__ = ["PgStore", "is_postgres_url"]
+
+log = structlog.get_logger(__name__)
+
+# Any fixed number: every gateway takes this advisory lock around its migrations.
+_MIGRATION_LOCK = 0x6B696F736B  # "kiosk"
+_CHANNEL = "kiosk_keys"
+_CONNECT_TIMEOUT = 5.0  # a database that does not answer is an error, never a hang
+_COMMAND_TIMEOUT = 30.0
+
+_KEY_FIELDS = [f.name for f in KEY_FIELDS]
+_USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
+
+
+def _marks(count: int, start: int = 1) -> str:
+    return ", ".join(f"${n}" for n in range(start, start + count))
+
+
+_SELECT_KEY = f"SELECT {', '.join(_KEY_FIELDS)} FROM keys"  # noqa: S608
+_INSERT_KEY = f"INSERT INTO keys ({', '.join(_KEY_FIELDS)}) VALUES ({_marks(len(_KEY_FIELDS))})"  # noqa: S608
+_UPDATE_KEY = (
+    f"UPDATE keys SET {', '.join(f'{f} = ${n}' for n, f in enumerate(_KEY_FIELDS, 1))}"  # noqa: S608
+    f" WHERE id = ${len(_KEY_FIELDS) + 1}"
+)
+_INSERT_USAGE = (
+    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(len(_USAGE_FIELDS))})"  # noqa: S608
+    " ON CONFLICT (uid) DO NOTHING"
+)
+_ADD_REFUSALS = (
+    "INSERT INTO refusals (minute, key_id, status, count) VALUES ($1, $2, $3, $4)"
+    " ON CONFLICT (minute, key_id, status) DO UPDATE SET count = refusals.count + excluded.count"
+)
+# Errors meaning "the database is not reachable right now", not "this query is wrong".
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+def is_postgres_url(database: str) -> bool:
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+@contextlib.contextmanager
+def _unavailable_is_503() -> Iterator[None]:
+    """A database that is down or restarting as `StoreBusy` (503 with Retry-After), not a 500."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreBusy(
+            f"The database is unavailable ({type(exc).__name__}); try again shortly.",
+            retry_after=1.0,
+        ) from None
+
+
+def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
+    values = msgspec.structs.astuple(row)
+    index = _USAGE_FIELDS.index
+    out = list(values)
+    out[index("stream")], out[index("estimated")] = int(row.stream), int(row.estimated)
+    return tuple(out)
+
+
+class PgStore:
+    """The gateway's database on PostgreSQL. Create with `await PgStore.open(url)`."""
+
+    dialect = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+        self.pool = pool
+        self.path = url
+        self._listener: asyncpg.Connection | None = None
+        self._callbacks: list[Callable[[], None]] = []
+
+    @classmethod
+    async def open(cls, url: str) -> PgStore:
+        """Connect and bring the schema up to date.
+
+        Raises:
+            StoreError: the database is unreachable or its schema is newer than this code.
+        """
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=8,
+                timeout=_CONNECT_TIMEOUT,
+                command_timeout=_COMMAND_TIMEOUT,
+            )
+        except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from None
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, url)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=_CONNECT_TIMEOUT)
+            self._listener = None
+        await self.pool.close()
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    # Key changes
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the loop) whenever any connection changes the keys. The listening
+        connection opens at the next `data_version()` and re-opens there after a loss."""
+        self._callbacks.append(callback)
+
+    def _notified(self, *_: object) -> None:
+        for callback in self._callbacks:
+            callback()
+
+    async def _listen(self) -> None:
+        if not self._callbacks or (self._listener is not None and not self._listener.is_closed()):
+            return
+        try:
+            conn = await asyncpg.connect(self.path, timeout=_CONNECT_TIMEOUT)
+            await conn.add_listener(_CHANNEL, self._notified)
+        except Exception as exc:  # the poll goes on; the next one tries again
+            log.warning("key_listener_unavailable", error=type(exc).__name__)
+            return
+        self._listener = conn
+        self._notified()  # changes may have landed while nobody listened
+
+    async def data_version(self) -> int:
+        """A number that changes whenever any connection changes the keys."""
+        await self._listen()
+        version: int = await self.pool.fetchval("SELECT version FROM key_changes")
+        return version
+
+    # Keys
+
+    async def create_key(
+        self, *, name: str, secret: str | None = None, **fields: Any
+    ) -> tuple[KeyRecord, str]:
+        """See `gateway.store.Store.create_key`."""
+        record, secret = new_key(name, secret, fields)
+        with _unavailable_is_503():
+            await self.pool.execute(_INSERT_KEY, *key_params(record))
+        return record, secret
+
+    async def list_keys(self) -> list[KeyRecord]:
+        with _unavailable_is_503():
+            rows = await self.pool.fetch(f"{_SELECT_KEY} ORDER BY created_at, id")
+        return [key_from_row(tuple(row)) for row in rows]
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        with _unavailable_is_503():
+            row = await self.pool.fetchrow(f"{_SELECT_KEY} WHERE id = $1", key_id)
+        return None if row is None else key_from_row(tuple(row))
+
+    async def require_key(self, key_id: str) -> KeyRecord:
+        key = await self.get_key(key_id)
+        if key is None:
+            raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
+        return key
+
+    async def update_key(self, key_id: str, /, **changes: Any) -> KeyRecord:
+        """See `gateway.store.Store.update_key`; the row is locked from read to write."""
+        with _unavailable_is_503():
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(f"{_SELECT_KEY} WHERE id = $1 FOR UPDATE", key_id)
+                if row is None:
+                    raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
+                updated = updated_key(key_from_row(tuple(row)), changes)
+                await conn.execute(_UPDATE_KEY, *key_params(updated), key_id)
+        return updated
+
+    async def revoke_key(self, key_id: str) -> KeyRecord:
+        now = time.time()
+        with _unavailable_is_503():
+            await self.pool.execute(
+                "UPDATE keys SET revoked_at = $1, updated_at = $1"
+                " WHERE id = $2 AND revoked_at IS NULL",
+                now,
+                key_id,
+            )
+        return await self.require_key(key_id)
+
+    # Usage
+
+    async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
+        """Append usage rows in one transaction (all or none); rows already written (same
+        `uid`, from a retried batch) are skipped."""
+        if not rows:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_INSERT_USAGE, [_usage_params(r) for r in rows])
+
+    async def add_refusals(self, counts: Refusals) -> None:
+        params = [(*entry, n) for entry, n in counts.items()]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_ADD_REFUSALS, params)
+
+    async def spend_since(self, key_id: str, since: float) -> tuple[int, float]:
+        row = await self.pool.fetchrow(
+            "SELECT COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cost_usd), 0)::float8"
+            " FROM usage WHERE key_id = $1 AND ts >= $2",
+            key_id,
+            since,
+        )
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
+
+    async def usage_summary(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        key_id: str | None = None,
+        by: Literal["key", "model", "day"] = "key",
+    ) -> list[UsageSummaryRow]:
+        with _unavailable_is_503():
+            async with self.pool.acquire() as conn:
+                return await summarize(conn, since=since, until=until, key_id=key_id, by=by)
+
+    # Whole-database copies (`gateway copy-db`)
+
+    async def is_empty(self) -> bool:
+        for table in ("keys", "usage", "refusals"):
+            if await self.pool.fetchval(f"SELECT 1 FROM {table} LIMIT 1") is not None:  # noqa: S608
+                return False
+        return True
+
+    async def insert_keys(self, keys: Sequence[KeyRecord]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_INSERT_KEY, [key_params(k) for k in keys])
+
+    async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            sql = f"SELECT {', '.join(_USAGE_FIELDS)} FROM usage ORDER BY id"  # noqa: S608
+            cursor = await conn.cursor(sql)
+            while rows := await cursor.fetch(batch):
+                yield [usage_from_row(tuple(r)) for r in rows]
+
+    async def export_refusals(self) -> Refusals:
+        rows = await self.pool.fetch("SELECT minute, key_id, status, count FROM refusals")
+        return Refusals({(m, k, s): n for m, k, s, n in rows})
+
+
+async def migrate(conn: Conn) -> None:
+    """Apply the steps past the database's schema version, all in one transaction, under an
+    advisory lock (replicas starting together wait for the first one's migration)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        version = await conn.fetchval("SELECT version FROM schema_version")
+        if version is None:
+            await conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            version = 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"database schema version {version} is newer than this gateway understands"
+                f" ({len(MIGRATIONS)}); upgrade the gateway"
+            )
+        for step in MIGRATIONS[version:]:
+            for statement in statements(step, "postgres"):
+                await conn.execute(statement)
+        await conn.execute("UPDATE schema_version SET version = $1", len(MIGRATIONS))
