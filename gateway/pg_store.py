@@ -12,6 +12,7 @@ inserted `ON CONFLICT DO NOTHING`, so a batch retried after a lost commit is wri
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -27,7 +28,7 @@ from gateway.records import KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
 from gateway.store import key_from_row, key_params, new_key, updated_key, usage_from_row
 
-__all__ = ["PgStore", "is_postgres_url"]
+__all__ = ["PgStore", "is_postgres_url", "redact"]
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,13 @@ _UNAVAILABLE = (
 
 def is_postgres_url(database: str) -> bool:
     return database.startswith(("postgresql://", "postgres://"))
+
+
+def redact(database: str) -> str:
+    """The database for messages and logs: a URL's password replaced by `***`."""
+    if not is_postgres_url(database):
+        return database
+    return re.sub(r"^(\w+://[^:/@]*:)[^@]*@", r"\1***@", database)
 
 
 @contextlib.contextmanager
@@ -255,15 +263,32 @@ class PgStore:
 
     # Whole-database copies (`gateway copy-db`)
 
-    async def is_empty(self) -> bool:
+    async def is_empty(self, conn: Conn | None = None) -> bool:
+        query = (conn or self.pool).fetchval
         for table in ("keys", "usage", "refusals"):
-            if await self.pool.fetchval(f"SELECT 1 FROM {table} LIMIT 1") is not None:  # noqa: S608
+            if await query(f"SELECT 1 FROM {table} LIMIT 1") is not None:  # noqa: S608
                 return False
         return True
 
-    async def insert_keys(self, keys: Sequence[KeyRecord]) -> None:
+    async def import_rows(
+        self,
+        keys: Sequence[KeyRecord],
+        usage: AsyncIterator[list[UsageRecord]],
+        refusals: Refusals,
+    ) -> int:
+        """See `gateway.store.Store.import_rows`: one transaction, an empty database only."""
+        written = 0
         async with self.pool.acquire() as conn, conn.transaction():
+            # Nobody else fills the tables meanwhile (a replica started too early waits).
+            await conn.execute("LOCK TABLE keys, usage, refusals IN EXCLUSIVE MODE")
+            if not await self.is_empty(conn):
+                raise StoreError("the target database is not empty")
             await conn.executemany(_INSERT_KEY, [key_params(k) for k in keys])
+            async for batch in usage:
+                await conn.executemany(_INSERT_USAGE, [_usage_params(r) for r in batch])
+                written += len(batch)
+            await conn.executemany(_ADD_REFUSALS, [(*e, n) for e, n in refusals.items()])
+        return written
 
     async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:
         async with self.pool.acquire() as conn, conn.transaction():

@@ -2,12 +2,15 @@
 
 It lives next to the database, as `<database>.pid`: every command already knows where the
 database is (`--db`, or `server.database` of the config), and a database has one server.
+For a PostgreSQL URL (shared by replicas, each on its own box) it is `gateway-<hash>.pid` in
+the working directory, the hash taken of the URL, so no password appears in a file name.
 `gateway serve` writes it once it has started and removes it when it stops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import sys
@@ -25,6 +28,8 @@ class NoServer(Exception):
 
 
 def pid_path(database: str) -> Path:
+    if database.startswith(("postgresql://", "postgres://")):
+        return Path(f"gateway-{hashlib.sha256(database.encode()).hexdigest()[:16]}.pid")
     return Path(f"{database}.pid")
 
 

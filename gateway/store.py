@@ -344,10 +344,28 @@ class Store:
                     return False
         return True
 
-    async def insert_keys(self, keys: Sequence[KeyRecord]) -> None:
-        """Insert whole key records as they are (ids, digests and times kept)."""
+    async def import_rows(
+        self,
+        keys: Sequence[KeyRecord],
+        usage: AsyncIterator[list[UsageRecord]],
+        refusals: Refusals,
+    ) -> int:
+        """Fill an empty database with another's keys (as they are: ids, digests, times), usage
+        rows and refusal counts, all in one transaction; returns the usage rows written.
+
+        Raises:
+            StoreError: the database is not empty (nothing is written).
+        """
+        written = 0
         async with self._transaction() as db:
+            if not await self.is_empty():
+                raise StoreError("the target database is not empty")
             await db.executemany(_INSERT_KEY, [key_params(k) for k in keys])
+            async for batch in usage:
+                await db.executemany(_INSERT_USAGE, [msgspec.structs.astuple(r) for r in batch])
+                written += len(batch)
+            await db.executemany(_ADD_REFUSALS, [(*entry, n) for entry, n in refusals.items()])
+        return written
 
     async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:
         """Every usage row, oldest first, `batch` at a time."""
