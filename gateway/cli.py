@@ -24,6 +24,7 @@ from gateway.config import load_settings
 from gateway.database import Database, opened_database
 from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.logs import configure_logging
+from gateway.pg_store import redact
 from gateway.pidfile import NoServer, keep_pid_file, signal_reload
 from gateway.records import (
     EDITABLE_FIELDS,
@@ -34,7 +35,6 @@ from gateway.records import (
     value_type,
 )
 from gateway.settings import ConfigError, Settings
-from gateway.pg_store import redact
 from gateway.store import StoreError
 from gateway.timeparse import parse_expires, parse_since
 

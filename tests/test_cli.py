@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 
 from gateway import cli, server as server_module
+from gateway.database import opened_database
 from gateway.records import UsageRecord
 from gateway.state import SETTINGS_KEY
-from gateway.database import opened_database
 
 
 class Run:
