@@ -1,0 +1,207 @@
+"""Gateways sharing one real PostgreSQL: key changes reach every replica within a second, and
+usage rows reach the database exactly once, through a database restart and a SIGTERM under load."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp.pytest_plugin import AiohttpClient
+
+from gateway import cli
+from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
+from tests.conftest import NEVER_HANG, MakeSettings, app_of, free_port, start_gateway
+from tests.test_lifecycle import refused
+
+HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+ADMIN = "admin-key-0123456789abcdef"
+_ids = itertools.count(1)
+
+
+async def usage_by_request(url: str) -> Counter[str]:
+    """How many usage rows each request id has in the database."""
+    conn = await asyncpg.connect(url)
+    try:
+        return Counter(r[0] for r in await conn.fetch("SELECT request_id FROM usage"))
+    finally:
+        await conn.close()
+
+
+async def test_key_changes_on_one_replica_reach_the_others_within_a_second(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, pg_url: str
+) -> None:
+    # Polls 2 s apart (the most settings allow): only the pushed notification beats 1 s.
+    settings = make_settings(database=pg_url, admin_key=ADMIN, keys_refresh_seconds=2.0)
+    a, b = [await start_gateway(aiohttp_client, settings) for _ in range(2)]
+    cache_b = app_of(b)[KEYS_KEY]
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    loop = asyncio.get_running_loop()
+
+    async def on_b_within_a_second(change: Callable[[], Awaitable[Any]]) -> Any:
+        loads, started = cache_b.loads, loop.time()
+        result = await change()
+        async with asyncio.timeout(NEVER_HANG):
+            await cache_b.wait_reload(loads)
+        assert loop.time() - started < 1.0
+        return result
+
+    async def create() -> Any:
+        async with a.post("/admin/keys", json={"name": "shared"}, headers=admin) as resp:
+            assert resp.status == 201
+            return await resp.json()
+
+    created = await on_b_within_a_second(create)
+    user = {"Authorization": f"Bearer {created['key']}"}
+    assert (await b.post("/v1/chat/completions", json=HELLO, headers=user)).status == 200
+
+    async def limit_models() -> None:
+        body = {"models": ["nothing-like-demo"]}
+        async with a.patch(f"/admin/keys/{created['id']}", json=body, headers=admin) as resp:
+            assert resp.status == 200
+
+    await on_b_within_a_second(limit_models)
+    assert (await b.post("/v1/chat/completions", json=HELLO, headers=user)).status == 403
+
+    async def revoke() -> None:
+        async with a.delete(f"/admin/keys/{created['id']}", headers=admin) as resp:
+            assert resp.status == 200
+
+    await on_b_within_a_second(revoke)
+    resp = await b.post("/v1/chat/completions", json=HELLO, headers=user)
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "key_revoked"
+
+
+async def load(
+    post: Callable[[str], Awaitable[int | None]], stop: asyncio.Event, workers: int = 8
+) -> tuple[list[str], list[str]]:
+    """Requests from `workers` clients until `stop`: (answered ids, ids that got no answer)."""
+    answered: list[str] = []
+    lost: list[str] = []
+
+    async def worker() -> None:
+        while not stop.is_set():
+            request_id = f"load-{next(_ids)}"
+            status = await post(request_id)
+            if status is None:
+                lost.append(request_id)
+                return  # the server is gone
+            assert status == 200, status
+            answered.append(request_id)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return answered, lost
+
+
+async def test_a_database_restart_under_load_loses_and_doubles_no_usage_row(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, pg_url: str, pg_server: Any
+) -> None:
+    settings = make_settings(database=pg_url, usage_flush_seconds=0.02, usage_batch_size=20)
+    client = await start_gateway(aiohttp_client, settings)
+    app = app_of(client)
+    record, secret = await app[STORE_KEY].create_key(name="load")
+    app[KEYS_KEY].put(record)
+    recorder = app[USAGE_KEY]
+
+    async def post(request_id: str) -> int:
+        headers = {"Authorization": f"Bearer {secret}", "X-Request-ID": request_id}
+        async with client.post("/v1/chat/completions", json=HELLO, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(load(post, stop))
+    async with asyncio.timeout(NEVER_HANG * 4):
+        await recorder.wait_recorded(100)
+        await asyncio.to_thread(pg_server.stop)  # requests go on: keys are in memory
+        mark = recorder.recorded
+        await recorder.wait_recorded(mark + 200)
+        async with client.get("/readyz") as resp:  # rows wait, counted, and readiness says so
+            body = await resp.json()
+        assert resp.status == 503 and body["database"] != "ok"
+        assert body["usage"] == "failing" and body["usage_pending"] > 0
+        await asyncio.to_thread(pg_server.start)
+        mark = recorder.recorded
+        await recorder.wait_recorded(mark + 100)
+        stop.set()
+        answered, lost = await traffic
+        await recorder.flush()
+    assert lost == [] and recorder.dropped == 0
+    rows = await usage_by_request(pg_url)
+    assert sorted(rows) == sorted(answered)  # every request once, nothing else
+    assert set(rows.values()) == {1}
+
+
+async def test_sigterm_under_load_writes_each_answered_request_once(
+    tmp_path: Path, capsys: Any, database: str
+) -> None:
+    """A real `gateway serve` process, SIGTERM while 8 clients keep sending requests."""
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{database}"\nusage_batch_size = 50\nshutdown_grace_seconds = 10\n'
+    )
+    capsys.readouterr()
+    argv = ["keys", "create", "--name", "t", "--db", database, "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    secret = json.loads(capsys.readouterr().out)["key"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    started = asyncio.Event()
+    try:
+        async with asyncio.timeout(NEVER_HANG * 4), aiohttp.ClientSession() as session:
+            assert proc.stderr is not None
+            line = await proc.stderr.readline()
+            assert b"listening" in line, line
+            answers = 0
+
+            async def post(request_id: str) -> int | None:
+                nonlocal answers
+                headers = {"Authorization": f"Bearer {secret}", "X-Request-ID": request_id}
+                try:
+                    async with session.post(url, json=HELLO, headers=headers) as resp:
+                        await resp.read()
+                except aiohttp.ClientError:
+                    return None
+                answers += 1
+                if answers == 300:
+                    started.set()
+                return resp.status
+
+            stop = asyncio.Event()
+            traffic = asyncio.create_task(load(post, stop))
+            await started.wait()
+            proc.send_signal(signal.SIGTERM)
+            await refused(port)
+            stop.set()
+            answered, lost = await traffic
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if database.startswith("postgresql://"):
+        rows = await usage_by_request(database)
+    else:
+        import sqlite3
+
+        with sqlite3.connect(database) as conn:
+            rows = Counter(r[0] for r in conn.execute("SELECT request_id FROM usage"))
+        conn.close()
+    assert len(answered) >= 300
+    # Each answered request has one row; a request cut off by the shutdown has at most one.
+    assert set(answered) <= set(rows) <= set(answered) | set(lost)
+    assert set(rows.values()) == {1}
