@@ -143,7 +143,9 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
         admin_key = environ.get(admin_key[4:]) or None
     if admin_key is not None and len(admin_key) < 16:
         raise ConfigError("server.admin_key: must be at least 16 characters")
-    server = msgspec.structs.replace(settings.server, admin_key=admin_key)
+    # A PostgreSQL URL may hold a password: `database = "env:KIOSK_DATABASE_URL"`.
+    database = _resolve_secret(settings.server.database, "server.database", environ)
+    server = msgspec.structs.replace(settings.server, admin_key=admin_key, database=database)
 
     providers: list[ProviderConfig] = []
     seen: set[str] = set()
