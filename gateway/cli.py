@@ -22,9 +22,9 @@ import msgspec
 from gateway import __version__, cli_output as out
 from gateway.config import load_settings
 from gateway.database import Database, opened_database
+from gateway.dburl import redact
 from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.logs import configure_logging
-from gateway.pg_store import redact
 from gateway.pidfile import NoServer, keep_pid_file, signal_reload
 from gateway.records import (
     EDITABLE_FIELDS,

@@ -12,7 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Protocol
 
-from gateway.pg_store import PgStore, is_postgres_url
+from gateway.dburl import is_postgres_url
+from gateway.pg_store import PgStore
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
 from gateway.store import Store

@@ -12,7 +12,6 @@ inserted `ON CONFLICT DO NOTHING`, so a batch retried after a lost commit is wri
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -24,11 +23,19 @@ import structlog
 from gateway.errors import NotFound, StoreBusy
 from gateway.migrations import MIGRATIONS, StoreError, statements
 from gateway.pg_reports import Conn, summarize
-from gateway.records import KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
+from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
-from gateway.store import key_from_row, key_params, new_key, updated_key, usage_from_row
+from gateway.rows import (
+    KEY_COLUMNS,
+    USAGE_COLUMNS,
+    key_from_row,
+    key_params,
+    new_key,
+    updated_key,
+    usage_from_row,
+)
 
-__all__ = ["PgStore", "is_postgres_url", "redact"]
+__all__ = ["PgStore"]
 
 log = structlog.get_logger(__name__)
 
@@ -38,8 +45,8 @@ _CHANNEL = "kiosk_keys"
 _CONNECT_TIMEOUT = 5.0  # a database that does not answer is an error, never a hang
 _COMMAND_TIMEOUT = 30.0
 
-_KEY_FIELDS = [f.name for f in KEY_FIELDS]
-_USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
+_KEY_FIELDS = KEY_COLUMNS
+_USAGE_FIELDS = USAGE_COLUMNS
 
 
 def _marks(count: int, start: int = 1) -> str:
@@ -68,17 +75,6 @@ _UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
 )
-
-
-def is_postgres_url(database: str) -> bool:
-    return database.startswith(("postgresql://", "postgres://"))
-
-
-def redact(database: str) -> str:
-    """The database for messages and logs: a URL's password replaced by `***`."""
-    if not is_postgres_url(database):
-        return database
-    return re.sub(r"^(\w+://[^:/@]*:)[^@]*@", r"\1***@", database)
 
 
 @contextlib.contextmanager

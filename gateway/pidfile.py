@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.dburl import is_postgres_url, redact
+
 if TYPE_CHECKING:  # the reload command signals a server without loading the HTTP stack
     from aiohttp import web
 
@@ -28,7 +30,7 @@ class NoServer(Exception):
 
 
 def pid_path(database: str) -> Path:
-    if database.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(database):
         return Path(f"gateway-{hashlib.sha256(database.encode()).hexdigest()[:16]}.pid")
     return Path(f"{database}.pid")
 
@@ -83,7 +85,7 @@ def signal_reload(database: str) -> int:
     try:
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
-        raise NoServer(f"no running server found for {database} (no {path})") from None
+        raise NoServer(f"no running server found for {redact(database)} (no {path})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise NoServer(f"cannot read {path}: {exc}") from None
     try:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -20,26 +18,31 @@ from typing import Any, Literal
 import aiosqlite
 import msgspec
 
-from gateway.errors import InvalidRequest, NotFound, StoreBusy
+from gateway.errors import NotFound, StoreBusy
 from gateway.migrations import StoreError, migrate, pragma
-from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
+from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
 from gateway.reports import summarize
-from gateway.schemas.codec import encode, error_path
+from gateway.rows import (
+    KEY_COLUMNS as _KEY_FIELDS,
+    SECRET_PREFIX,
+    USAGE_COLUMNS as _USAGE_FIELDS,
+    editable,
+    key_from_row,
+    key_params,
+    new_key,
+    updated_key,
+    usage_from_row,
+)
 
 __all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
-
-SECRET_PREFIX = "sk-kiosk-"  # noqa: S105 (a label, not a secret)
-_PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart
 
 
 def _marks(fields: Sequence[str]) -> str:
     return ", ".join("?" * len(fields))
 
 
-_KEY_FIELDS = [f.name for f in KEY_FIELDS]
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
-_USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
 # A record's fields are its table's columns; queries name them explicitly. S608 is silenced
 # where SQL is built from these constants: values are always bound parameters.
 _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
@@ -69,81 +72,6 @@ def _busy_is_503() -> Iterator[None]:
                 retry_after=1.0,
             ) from None
         raise
-
-
-def _editable(fields: dict[str, Any]) -> dict[str, Any]:
-    """Caller-given key fields, refused unless editable, JSON-ish collections made exact.
-
-    Raises:
-        InvalidRequest: a field that does not exist or is the gateway's to set.
-    """
-    unknown = sorted(set(fields) - set(EDITABLE_FIELDS))
-    if unknown:
-        raise InvalidRequest(f"Key field {unknown[0]!r} cannot be changed.", param=unknown[0])
-    if "models" in fields:
-        fields["models"] = tuple(fields["models"] or ())
-    if "metadata" in fields:
-        fields["metadata"] = dict(fields["metadata"] or {})
-    return fields
-
-
-def _checked(record: KeyRecord) -> KeyRecord:
-    """Type-check a record built from caller input (msgspec validates the Struct annotations)."""
-    try:
-        return msgspec.convert(msgspec.structs.asdict(record), KeyRecord)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(
-            f"Invalid key field: {exc}", param=error_path(str(exc)).param
-        ) from None
-
-
-def new_key(name: str, secret: str | None, fields: dict[str, Any]) -> tuple[KeyRecord, str]:
-    """A new key record (checked) and its plain secret, random unless given.
-
-    Raises:
-        InvalidRequest: a field does not exist, is not the caller's to set, or has the
-            wrong type.
-    """
-    fields = _editable(fields)
-    if secret is None:
-        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-    now = time.time()
-    record = _checked(
-        KeyRecord(
-            id="key_" + secrets.token_hex(6),
-            name=name,
-            prefix=secret[:_PREFIX_CHARS],
-            digest=hashlib.sha256(secret.encode()).hexdigest(),
-            created_at=now,
-            updated_at=now,
-            **fields,
-        )
-    )
-    return record, secret
-
-
-def updated_key(current: KeyRecord, changes: dict[str, Any]) -> KeyRecord:
-    """`current` with caller-given changes applied and checked.
-
-    Raises:
-        InvalidRequest: a field cannot be changed or has the wrong type.
-    """
-    return _checked(msgspec.structs.replace(current, **_editable(changes), updated_at=time.time()))
-
-
-def key_from_row(row: Sequence[Any]) -> KeyRecord:
-    fields = dict(zip(_KEY_FIELDS, row, strict=True))
-    fields["models"] = msgspec.json.decode(fields["models"])
-    fields["metadata"] = msgspec.json.decode(fields["metadata"])
-    return msgspec.convert(fields, KeyRecord)
-
-
-def key_params(key: KeyRecord) -> tuple[Any, ...]:
-    """The record's values in `_KEY_FIELDS` order, JSON columns encoded."""
-    values = msgspec.structs.asdict(key)
-    values["models"] = encode(list(key.models)).decode()
-    values["metadata"] = encode(key.metadata).decode()
-    return tuple(values[f] for f in _KEY_FIELDS)
 
 
 class Store:
@@ -270,7 +198,7 @@ class Store:
             NotFound: no key has this id (code `key_not_found`).
             InvalidRequest: a field cannot be changed or has the wrong type.
         """
-        _editable(dict(changes))  # refuse bad fields before taking the write lock
+        editable(dict(changes))  # refuse bad fields before taking the write lock
         async with self._transaction() as db:
             current = await self.require_key(key_id)
             updated = updated_key(current, changes)
@@ -378,12 +306,6 @@ class Store:
     async def export_refusals(self) -> Refusals:
         async with self.db.execute("SELECT minute, key_id, status, count FROM refusals") as cur:
             return Refusals({(m, k, s): n for m, k, s, n in await cur.fetchall()})
-
-
-def usage_from_row(row: Sequence[Any]) -> UsageRecord:
-    fields = dict(zip(_USAGE_FIELDS, row, strict=True))
-    fields["stream"], fields["estimated"] = bool(fields["stream"]), bool(fields["estimated"])
-    return UsageRecord(**fields)
 
 
 def _probe(path: str) -> None:

@@ -106,7 +106,9 @@ async def load(
 async def test_a_database_restart_under_load_loses_and_doubles_no_usage_row(
     aiohttp_client: AiohttpClient, make_settings: MakeSettings, pg_url: str, pg_server: Any
 ) -> None:
-    settings = make_settings(database=pg_url, usage_flush_seconds=0.02, usage_batch_size=20)
+    settings = make_settings(
+        database=pg_url, usage_flush_seconds=0.02, usage_batch_size=20, admin_key=ADMIN
+    )
     client = await start_gateway(aiohttp_client, settings)
     app = app_of(client)
     record, secret = await app[STORE_KEY].create_key(name="load")
@@ -130,6 +132,10 @@ async def test_a_database_restart_under_load_loses_and_doubles_no_usage_row(
             body = await resp.json()
         assert resp.status == 503 and body["database"] != "ok"
         assert body["usage"] == "failing" and body["usage_pending"] > 0
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        async with client.get("/admin/keys", headers=admin) as resp:  # no hang, no 500
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+            assert (await resp.json())["error"]["code"] == "database_busy"
         await asyncio.to_thread(pg_server.start)
         mark = recorder.recorded
         await recorder.wait_recorded(mark + 100)
@@ -205,3 +211,20 @@ async def test_sigterm_under_load_writes_each_answered_request_once(
     # Each answered request has one row; a request cut off by the shutdown has at most one.
     assert set(answered) <= set(rows) <= set(answered) | set(lost)
     assert set(rows.values()) == {1}
+
+
+async def test_a_reused_request_id_hides_no_usage(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
+) -> None:
+    """Rows are deduplicated by the gateway's own id, never the client's X-Request-ID."""
+    client = await start_gateway(aiohttp_client, make_settings(database=database))
+    app = app_of(client)
+    record, secret = await app[STORE_KEY].create_key(name="sly")
+    app[KEYS_KEY].put(record)
+    headers = {"Authorization": f"Bearer {secret}", "X-Request-ID": "same-id"}
+    for _ in range(3):
+        async with client.post("/v1/chat/completions", json=HELLO, headers=headers) as resp:
+            assert resp.status == 200 and resp.headers["X-Request-ID"] == "same-id"
+    await app[USAGE_KEY].flush()
+    (summary,) = await app[STORE_KEY].usage_summary(key_id=record.id)
+    assert summary.requests == 3

@@ -12,8 +12,9 @@ import pytest
 
 from gateway import cli
 from gateway.database import opened_database
+from gateway.dburl import redact
 from gateway.migrations import MIGRATIONS
-from gateway.pg_store import PgStore, redact
+from gateway.pg_store import PgStore
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow, mint_uid
 from gateway.store import StoreError
 from tests.conftest import NEVER_HANG, free_port
@@ -153,3 +154,32 @@ def test_migrate_command(pg_url: str, capsys: pytest.CaptureFixture[str]) -> Non
     bad = f"postgresql://postgres:secret-pw@127.0.0.1:{free_port()}/x"
     assert cli.main(["keys", "list", "--db", bad]) == 1
     assert "secret-pw" not in capsys.readouterr().err
+
+
+def test_copy_db_back_to_a_new_sqlite_file(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = str(tmp_path / "keys.db")
+    keys, expected = asyncio.run(seed(source))
+    assert cli.main(["copy-db", "--from", source, "--to", pg_url]) == 0
+    backup = str(tmp_path / "backup.db")
+    assert cli.main(["copy-db", "--from", pg_url, "--to", backup]) == 0
+    assert "7 usage rows" in capsys.readouterr().out
+
+    async def copied() -> None:
+        async with opened_database(backup) as db:
+            assert await db.list_keys() == keys
+            assert [await db.usage_summary(by=by) for by in ("key", "model", "day")] == expected
+
+    asyncio.run(copied())
+    assert cli.main(["copy-db", "--from", pg_url, "--to", backup]) == 1  # not empty now
+
+
+def test_reload_names_no_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where `serve` on a URL writes its pid file
+    assert cli.main(["reload", "--db", "postgresql://kiosk:secret-pw@db.internal/kiosk"]) == 1
+    err = capsys.readouterr().err
+    assert "no running server found for postgresql://kiosk:***@db.internal/kiosk" in err
+    assert "secret-pw" not in err and "gateway-" in err
