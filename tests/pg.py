@@ -7,6 +7,7 @@ Without the binaries, the tests that need the server skip, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -87,7 +88,7 @@ class PgServer:
         self._command("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
-        try:
+        """Stop the server if it runs (a failed test may have left it stopped) and delete it."""
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop("immediate")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -163,7 +163,7 @@ async def test_sigterm_under_load_writes_each_answered_request_once(
     secret = json.loads(capsys.readouterr().out)["key"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,  # its pid file
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     started = asyncio.Event()
