@@ -11,6 +11,7 @@ inserted `ON CONFLICT DO NOTHING`, so a batch retried after a lost commit is wri
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -89,6 +90,12 @@ def _unavailable_is_503() -> Iterator[None]:
         ) from None
 
 
+def _retrieve(task: asyncio.Task[object]) -> None:
+    """Mark a background query's error as seen (its awaiters, if any, got it)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
     values = msgspec.structs.astuple(row)
     index = _USAGE_FIELDS.index
@@ -106,6 +113,7 @@ class PgStore:
         self.pool = pool
         self.path = url
         self._listener: asyncpg.Connection | None = None
+        self._ping: asyncio.Task[object] | None = None
         self._callbacks: list[Callable[[], None]] = []
 
     @classmethod
@@ -134,14 +142,25 @@ class PgStore:
         return cls(pool, url)
 
     async def close(self) -> None:
+        """Close every connection; a server that does not answer gets them cut."""
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close(timeout=_CONNECT_TIMEOUT)
             self._listener = None
-        await self.pool.close()
+        try:
+            async with asyncio.timeout(_CONNECT_TIMEOUT):
+                await self.pool.close()
+        except TimeoutError:
+            self.pool.terminate()
 
     async def ping(self) -> None:
-        await self.pool.fetchval("SELECT 1")
+        """`SELECT 1`, at most one at a time. A caller that stops waiting (`/readyz`'s bound)
+        returns at once: asyncpg's cancellation of a query on a hung server itself waits for
+        the server, so the query is left to finish or time out on its own."""
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.create_task(self.pool.fetchval("SELECT 1"))
+            self._ping.add_done_callback(_retrieve)
+        await asyncio.shield(self._ping)
 
     # Key changes
 

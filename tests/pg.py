@@ -12,6 +12,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -86,6 +87,26 @@ class PgServer:
 
     def stop(self, mode: str = "fast") -> None:
         self._command("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def _processes(self) -> list[int]:
+        """The postmaster and its children (backends, writers), read from /proc."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        found = [postmaster]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # The fields after the command name (which may hold spaces) start at ")".
+                if int(stat.read_text().rpartition(")")[2].split()[1]) == postmaster:
+                    found.append(int(stat.parent.name))
+        return found
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing answers."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
 
     def destroy(self) -> None:
         """Stop the server if it runs (a failed test may have left it stopped) and delete it."""

@@ -4,18 +4,20 @@ usage rows reach the database exactly once, through a database restart and a SIG
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 
 from gateway import cli
@@ -228,3 +230,51 @@ async def test_a_reused_request_id_hides_no_usage(
     await app[USAGE_KEY].flush()
     (summary,) = await app[STORE_KEY].usage_summary(key_id=record.id)
     assert summary.requests == 3
+
+
+@pytest.fixture
+def own_pg() -> Iterator[Any]:
+    """A PostgreSQL server of this test's own (it gets frozen)."""
+    from tests.pg import PgServer, find_pg_bin
+
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl; `apt-get install postgresql`)")
+    server = PgServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.resume()
+        server.destroy()
+
+
+async def test_a_frozen_database_stalls_neither_requests_nor_readiness(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, own_pg: Any
+) -> None:
+    settings = make_settings(database=own_pg.admin_url, usage_flush_seconds=0.02)
+    client = await start_gateway(aiohttp_client, settings)
+    app = app_of(client)
+    record, secret = await app[STORE_KEY].create_key(name="frozen")
+    app[KEYS_KEY].put(record)
+    headers = {"Authorization": f"Bearer {secret}"}
+    loop = asyncio.get_running_loop()
+    own_pg.pause()
+    try:
+        started = loop.time()
+        for _ in range(20):  # the request path never waits on the database
+            async with client.post("/v1/chat/completions", json=HELLO, headers=headers) as resp:
+                assert resp.status == 200
+        for _ in range(3):  # a bounded answer each time, not a 30 s query timeout
+            async with client.get("/readyz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["database"] == "busy"
+        assert loop.time() - started < 5
+    finally:
+        own_pg.resume()
+    async with asyncio.timeout(NEVER_HANG * 2):
+        while app[USAGE_KEY].pending:  # written once the database answers again
+            with contextlib.suppress(Exception):
+                await app[USAGE_KEY].flush()
+    (summary,) = await app[STORE_KEY].usage_summary()
+    assert summary.requests == 20
