@@ -124,18 +124,34 @@ MIGRATIONS: tuple[tuple[Statement, ...], ...] = (
     ),
     (
         # Prompt-cache reads and writes, part of prompt_tokens, priced apart (#15).
-        "ALTER TABLE usage ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",
+        # (SQLite's INTEGER is 64-bit; PostgreSQL's is 32: token counts go up to 2**53.)
+        Dialects(
+            sqlite="ALTER TABLE usage ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0",
+            postgres="ALTER TABLE usage ADD COLUMN cache_read_tokens BIGINT NOT NULL DEFAULT 0",
+        ),
+        Dialects(
+            sqlite="ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",
+            postgres="ALTER TABLE usage ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0",
+        ),
     ),
     (
         # Refused requests: one row per minute, key and status (gateway.refusals).
-        """CREATE TABLE refusals (
+        Dialects(
+            sqlite="""CREATE TABLE refusals (
             minute INTEGER NOT NULL,
             key_id TEXT NOT NULL,
             status INTEGER NOT NULL,
             count INTEGER NOT NULL,
             PRIMARY KEY (minute, key_id, status)
         )""",
+            postgres="""CREATE TABLE refusals (
+            minute BIGINT NOT NULL,
+            key_id TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            count BIGINT NOT NULL,
+            PRIMARY KEY (minute, key_id, status)
+        )""",
+        ),
     ),
     (
         # Exactly once: each row carries an id the gateway minted for it (never the client's

@@ -49,8 +49,10 @@ async def summarize(
     where = _where("ts", params, since=since, until=until, key_id=key_id)
     refusals_where = _where("minute * 60", params, since=since, until=until, key_id=key_id)
     sql = (
-        "SELECT grp, SUM(n)::bigint, SUM(errors)::bigint, SUM(prompt)::bigint,"  # noqa: S608
-        " SUM(completion)::bigint, SUM(total)::bigint, SUM(cost)::float8,"
+        # Sums as doubles, like SQLite's TOTAL(): a hostile upstream's huge token counts make
+        # a big number, never an out-of-range error.
+        "SELECT grp, SUM(n)::float8, SUM(errors)::float8, SUM(prompt)::float8,"  # noqa: S608
+        " SUM(completion)::float8, SUM(total)::float8, SUM(cost)::float8,"
         " percentile_cont(0.5) WITHIN GROUP (ORDER BY latency),"
         " percentile_cont(0.95) WITHIN GROUP (ORDER BY latency) FROM ("
         f"SELECT {_GROUP_EXPR[by]} AS grp, 1 AS n, (status >= 400)::int AS errors,"

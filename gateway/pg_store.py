@@ -97,9 +97,13 @@ def _retrieve(task: asyncio.Task[object]) -> None:
 
 
 def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
-    values = msgspec.structs.astuple(row)
+    """The row's values for asyncpg: flags as integers, and a NUL character (a client's model
+    name may hold one; PostgreSQL's text cannot) as U+FFFD, so one row never fails its batch."""
+    out = [
+        v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v
+        for v in msgspec.structs.astuple(row)
+    ]
     index = _USAGE_FIELDS.index
-    out = list(values)
     out[index("stream")], out[index("estimated")] = int(row.stream), int(row.estimated)
     return tuple(out)
 
@@ -257,7 +261,7 @@ class PgStore:
 
     async def spend_since(self, key_id: str, since: float) -> tuple[int, float]:
         row = await self.pool.fetchrow(
-            "SELECT COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cost_usd), 0)::float8"
+            "SELECT COALESCE(SUM(total_tokens), 0)::float8, COALESCE(SUM(cost_usd), 0)::float8"
             " FROM usage WHERE key_id = $1 AND ts >= $2",
             key_id,
             since,

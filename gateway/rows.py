@@ -32,6 +32,8 @@ _PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart
 # A record's fields are its table's columns, in this order.
 KEY_COLUMNS = [f.name for f in KEY_FIELDS]
 USAGE_COLUMNS = [f.name for f in msgspec.structs.fields(UsageRecord)]
+# Key fields stored as plain text (not JSON) that callers give.
+_TEXT_FIELDS = ("name", "notes", "group_name")
 
 
 def editable(fields: dict[str, Any]) -> dict[str, Any]:
@@ -51,13 +53,22 @@ def editable(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def checked(record: KeyRecord) -> KeyRecord:
-    """Type-check a record built from caller input (msgspec validates the Struct annotations)."""
+    """Type-check a record built from caller input (msgspec validates the Struct annotations).
+
+    A NUL character in a text column is refused: PostgreSQL's text cannot hold one, and a key
+    must be storable in either backend (JSON columns hold it escaped).
+    """
     try:
-        return msgspec.convert(msgspec.structs.asdict(record), KeyRecord)
+        checked = msgspec.convert(msgspec.structs.asdict(record), KeyRecord)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(
             f"Invalid key field: {exc}", param=error_path(str(exc)).param
         ) from None
+    for name in _TEXT_FIELDS:
+        value = getattr(checked, name)
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidRequest(f"Key field {name!r} holds a NUL character.", param=name)
+    return checked
 
 
 def new_key(name: str, secret: str | None, fields: dict[str, Any]) -> tuple[KeyRecord, str]:

@@ -18,11 +18,19 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 
 from gateway import cli
 from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
-from tests.conftest import NEVER_HANG, MakeSettings, app_of, free_port, start_gateway
+from tests.conftest import (
+    NEVER_HANG,
+    MakeSettings,
+    app_of,
+    fake_provider,
+    free_port,
+    start_fakes,
+    start_gateway,
+)
 from tests.test_lifecycle import refused
 
 HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
@@ -278,3 +286,36 @@ async def test_a_frozen_database_stalls_neither_requests_nor_readiness(
                 await app[USAGE_KEY].flush()
     (summary,) = await app[STORE_KEY].usage_summary()
     assert summary.requests == 20
+
+
+async def test_hostile_text_cannot_poison_a_usage_batch_or_a_key(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    make_settings: MakeSettings,
+    database: str,
+) -> None:
+    """PostgreSQL's text holds no NUL character: a model name with one must neither fail the
+    batch its row is in (every other row would wait with it) nor a key change."""
+    fake = (await start_fakes(aiohttp_server, "openai"))["openai"]
+    settings = make_settings(
+        providers=(fake_provider("openai", fake),), database=database, admin_key=ADMIN
+    )
+    client = await start_gateway(aiohttp_client, settings)
+    app = app_of(client)
+    record, secret = await app[STORE_KEY].create_key(name="sly")
+    app[KEYS_KEY].put(record)
+    headers = {"Authorization": f"Bearer {secret}"}
+    for model in ("openai/gpt\u0000x", "demo", "openai/gpt-4o"):
+        body = {**HELLO, "model": model}
+        async with client.post("/v1/chat/completions", json=body, headers=headers) as resp:
+            await resp.read()
+    await app[USAGE_KEY].flush()
+    assert (await app[STORE_KEY].usage_summary())[0].requests == 3
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for body in ({"name": "a\u0000b"}, {"name": "n", "notes": "\u0000"}):
+        async with client.post("/admin/keys", json=body, headers=admin) as resp:
+            assert resp.status == 400, await resp.text()
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    async with client.post("/admin/keys", json={"name": "fine", "metadata": {"k": "\u0000"}},
+                           headers=admin) as resp:  # fmt: skip
+        assert resp.status == 201  # JSON columns hold it escaped

@@ -183,3 +183,18 @@ def test_reload_names_no_password(
     err = capsys.readouterr().err
     assert "no running server found for postgresql://kiosk:***@db.internal/kiosk" in err
     assert "secret-pw" not in err and "gateway-" in err
+
+
+async def test_huge_token_counts_are_stored_and_summed(database: str) -> None:
+    """Token counts up to 2**53 (what answers may report) in every column, summed past 2**63:
+    stored by both backends, reported as SQLite's TOTAL() reports them."""
+    big = 2**53
+    async with opened_database(database) as store:
+        rows = [row(prompt_tokens=big, completion_tokens=big, total_tokens=2 * big,
+                    cache_read_tokens=big, cache_write_tokens=big) for _ in range(600)]  # fmt: skip
+        await store.insert_usage(rows)
+        await store.add_refusals(Counter({(28_000_000, "key_a", 429): 2**40}))
+        (summary,) = await store.usage_summary()
+        assert summary.total_tokens == 600 * 2 * big > 2**63
+        assert summary.requests == 600 + 2**40
+        assert (await store.spend_since("key_a", 0))[0] == 600 * 2 * big
