@@ -29,10 +29,15 @@ def _where(
 ) -> str:
     """Conditions on the rows; their values are appended to `params` ($n placeholders)."""
     conditions: list[str] = []
-    for clause, value in ((f"{ts} >= ", since), (f"{ts} < ", until), ("key_id = ", key_id)):
+    # Times are doubles, also against `minute * 60` (whose type would make them integers).
+    for clause, value, cast in (
+        (f"{ts} >= ", since, "::float8"),
+        (f"{ts} < ", until, "::float8"),
+        ("key_id = ", key_id, ""),
+    ):
         if value is not None:
             params.append(value)
-            conditions.append(f"{clause}${len(params)}")
+            conditions.append(f"{clause}${len(params)}{cast}")
     return f"WHERE {' AND '.join(conditions)}" if conditions else ""
 
 

@@ -198,3 +198,16 @@ async def test_huge_token_counts_are_stored_and_summed(database: str) -> None:
         assert summary.total_tokens == 600 * 2 * big > 2**63
         assert summary.requests == 600 + 2**40
         assert (await store.spend_since("key_a", 0))[0] == 600 * 2 * big
+
+
+async def test_report_bounds_are_any_time(database: str) -> None:
+    """Fractional and far-off bounds select refusal minutes as they select usage rows."""
+    minute = 28_000_000
+    async with opened_database(database) as store:
+        await store.add_refusals(Counter({(minute, "key_a", 429): 2}))
+        await store.insert_usage([row(ts=minute * 60 + 0.25)])
+        everything = await store.usage_summary(since=1.5, until=1e308)
+        assert [(r.group, r.requests) for r in everything] == [("key_a", 3)]
+        after = await store.usage_summary(since=minute * 60 + 0.5)
+        assert after == []
+        assert [r.requests for r in await store.usage_summary(until=minute * 60 + 0.5)] == [3]
