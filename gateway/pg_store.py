@@ -212,6 +212,8 @@ class PgStore:
         return [key_from_row(tuple(row)) for row in rows]
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
+        if "\x00" in key_id:  # no key has one (PostgreSQL's text cannot hold it)
+            return None
         with _unavailable_is_503():
             row = await self.pool.fetchrow(f"{_SELECT_KEY} WHERE id = $1", key_id)
         return None if row is None else key_from_row(tuple(row))
@@ -224,6 +226,7 @@ class PgStore:
 
     async def update_key(self, key_id: str, /, **changes: Any) -> KeyRecord:
         """See `gateway.store.Store.update_key`; the row is locked from read to write."""
+        await self.require_key(key_id)  # an id no key can have is refused before any SQL
         with _unavailable_is_503():
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(f"{_SELECT_KEY} WHERE id = $1 FOR UPDATE", key_id)
@@ -234,6 +237,7 @@ class PgStore:
         return updated
 
     async def revoke_key(self, key_id: str) -> KeyRecord:
+        await self.require_key(key_id)
         now = time.time()
         with _unavailable_is_503():
             await self.pool.execute(

@@ -319,3 +319,19 @@ async def test_hostile_text_cannot_poison_a_usage_batch_or_a_key(
     async with client.post("/admin/keys", json={"name": "fine", "metadata": {"k": "\u0000"}},
                            headers=admin) as resp:  # fmt: skip
         assert resp.status == 201  # JSON columns hold it escaped
+
+
+async def test_a_nul_in_a_key_id_is_an_unknown_key(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
+) -> None:
+    client = await start_gateway(aiohttp_client, make_settings(database=database, admin_key=ADMIN))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for method, path in (
+        ("GET", "/admin/keys/key_%00x"),
+        ("PATCH", "/admin/keys/key_%00x"),
+        ("DELETE", "/admin/keys/key_%00x"),
+        ("GET", "/admin/usage?key=key_%00x"),
+    ):
+        async with client.request(method, path, headers=admin, json={"rpm": 1}) as resp:
+            assert resp.status == 404, (method, path, await resp.text())
+            assert (await resp.json())["error"]["code"] == "key_not_found"
