@@ -3,10 +3,11 @@
 Used when `[server] database` is a `postgresql://` URL, so several replicas share keys, usage
 and refusal counts. Migrations run under a transaction-level advisory lock, so replicas that
 start together apply them once. Key changes (any replica, the CLI, hand-written SQL) bump
-`key_changes.version` and `NOTIFY kiosk_keys` (a trigger); `on_change` listens on a connection of
-its own, and `data_version` — polled by the key cache every second — is the safety net that
-also re-opens that connection after a database restart. Usage rows carry a unique `uid` and are
-inserted `ON CONFLICT DO NOTHING`, so a batch retried after a lost commit is written once.
+`key_changes.version` and `NOTIFY kiosk_keys` (a trigger); `on_change` listens on a connection
+of its own (`gateway.pg_listen`), and `data_version` (polled by the key cache every second) is
+the safety net that also re-opens that connection after a database restart. Usage rows carry
+a unique `uid` and are inserted `ON CONFLICT DO NOTHING`, so a batch retried after a lost
+commit is written once.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any, Literal
 
 import asyncpg
 import msgspec
-import structlog
 
 from gateway.errors import NotFound, StoreBusy
 from gateway.migrations import MIGRATIONS, StoreError, statements
+from gateway.pg_listen import KeyListener
 from gateway.pg_reports import Conn, summarize
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
@@ -38,11 +39,8 @@ from gateway.rows import (
 
 __all__ = ["PgStore"]
 
-log = structlog.get_logger(__name__)
-
 # Any fixed number: every gateway takes this advisory lock around its migrations.
 _MIGRATION_LOCK = 0x6B696F736B  # "kiosk"
-_CHANNEL = "kiosk_keys"
 _CONNECT_TIMEOUT = 5.0  # a database that does not answer is an error, never a hang
 _COMMAND_TIMEOUT = 30.0
 
@@ -116,9 +114,8 @@ class PgStore:
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self.pool = pool
         self.path = url
-        self._listener: asyncpg.Connection | None = None
+        self._listener = KeyListener(url, _CONNECT_TIMEOUT)
         self._ping: asyncio.Task[object] | None = None
-        self._callbacks: list[Callable[[], None]] = []
 
     @classmethod
     async def open(cls, url: str) -> PgStore:
@@ -147,10 +144,7 @@ class PgStore:
 
     async def close(self) -> None:
         """Close every connection; a server that does not answer gets them cut."""
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close(timeout=_CONNECT_TIMEOUT)
-            self._listener = None
+        await self._listener.close()
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT):
                 await self.pool.close()
@@ -171,27 +165,11 @@ class PgStore:
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the loop) whenever any connection changes the keys. The listening
         connection opens at the next `data_version()` and re-opens there after a loss."""
-        self._callbacks.append(callback)
-
-    def _notified(self, *_: object) -> None:
-        for callback in self._callbacks:
-            callback()
-
-    async def _listen(self) -> None:
-        if not self._callbacks or (self._listener is not None and not self._listener.is_closed()):
-            return
-        try:
-            conn = await asyncpg.connect(self.path, timeout=_CONNECT_TIMEOUT)
-            await conn.add_listener(_CHANNEL, self._notified)
-        except Exception as exc:  # the poll goes on; the next one tries again
-            log.warning("key_listener_unavailable", error=type(exc).__name__)
-            return
-        self._listener = conn
-        self._notified()  # changes may have landed while nobody listened
+        self._listener.callbacks.append(callback)
 
     async def data_version(self) -> int:
         """A number that changes whenever any connection changes the keys."""
-        await self._listen()
+        await self._listener.ensure()
         version: int = await self.pool.fetchval("SELECT version FROM key_changes")
         return version
 
