@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 __all__ = ["is_postgres_url", "redact"]
 
@@ -12,7 +13,15 @@ def is_postgres_url(database: str) -> bool:
 
 
 def redact(database: str) -> str:
-    """The database for messages and logs: a URL's password replaced by `***`."""
+    """The database for messages and logs: a URL's password (in its user part or a `password=`
+    parameter) replaced by `***`."""
     if not is_postgres_url(database):
         return database
-    return re.sub(r"^(\w+://[^:/@]*:)[^@]*@", r"\1***@", database)
+    parts = urlsplit(database)
+    user, at, host = parts.netloc.rpartition("@")
+    if at and ":" in user:
+        user = user.split(":", 1)[0] + ":***"
+    netloc = f"{user}@{host}" if at else host
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    shown = f"{parts.scheme}://{netloc}{parts.path}"
+    return shown + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")

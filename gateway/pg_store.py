@@ -17,6 +17,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
@@ -133,7 +134,9 @@ class PgStore:
                 command_timeout=_COMMAND_TIMEOUT,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
-            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from None
+            password = urlsplit(url).password
+            message = str(exc).replace(password, "***") if password else str(exc)
+            raise StoreError(f"cannot connect to PostgreSQL: {message}") from None
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)

@@ -211,3 +211,18 @@ async def test_report_bounds_are_any_time(database: str) -> None:
         after = await store.usage_summary(since=minute * 60 + 0.5)
         assert after == []
         assert [r.requests for r in await store.usage_summary(until=minute * 60 + 0.5)] == [3]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:p@ss@db:5432/k?sslmode=require&password=x",
+         "postgresql://u:***@db:5432/k?sslmode=require&password=***"),
+        ("postgres://u:pw@db", "postgres://u:***@db"),
+        ("postgresql://u@db/k", "postgresql://u@db/k"),
+        ("postgresql:///k?host=/run/postgresql", "postgresql:///k?host=/run/postgresql"),
+        ("keys.db", "keys.db"),
+    ],
+)  # fmt: skip
+def test_redact_hides_every_password(url: str, shown: str) -> None:
+    assert redact(url) == shown
