@@ -335,3 +335,34 @@ async def test_a_nul_in_a_key_id_is_an_unknown_key(
         async with client.request(method, path, headers=admin, json={"rpm": 1}) as resp:
             assert resp.status == 404, (method, path, await resp.text())
             assert (await resp.json())["error"]["code"] == "key_not_found"
+
+
+async def test_a_cli_revocation_reaches_every_replica_within_a_second(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, pg_url: str, capsys: Any
+) -> None:
+    settings = make_settings(database=pg_url, keys_refresh_seconds=2.0)
+    replicas = [await start_gateway(aiohttp_client, settings) for _ in range(3)]
+    record, secret = await app_of(replicas[0])[STORE_KEY].create_key(name="cli")
+    for replica in replicas:
+        app_of(replica)[KEYS_KEY].put(record)
+    user = {"Authorization": f"Bearer {secret}"}
+    caches = [app_of(r)[KEYS_KEY] for r in replicas]
+
+    async def revoked(cache: Any) -> None:
+        while True:
+            loads = cache.loads
+            key = cache.lookup(secret)
+            if key is None or key.revoked_at is not None:
+                return
+            await cache.wait_reload(loads)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    argv = ["keys", "revoke", record.id, "--db", pg_url]
+    assert await asyncio.to_thread(cli.main, argv) == 0  # another process would do the same
+    async with asyncio.timeout(NEVER_HANG):
+        await asyncio.gather(*(revoked(c) for c in caches))
+    assert loop.time() - started < 1.0
+    for replica in replicas:
+        resp = await replica.post("/v1/chat/completions", json=HELLO, headers=user)
+        assert resp.status == 401
