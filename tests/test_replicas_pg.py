@@ -57,11 +57,15 @@ async def test_key_changes_on_one_replica_reach_the_others_within_a_second(
     admin = {"Authorization": f"Bearer {ADMIN}"}
     loop = asyncio.get_running_loop()
 
-    async def on_b_within_a_second(change: Callable[[], Awaitable[Any]]) -> Any:
-        loads, started = cache_b.loads, loop.time()
+    async def on_b_within_a_second(
+        change: Callable[[], Awaitable[Any]], seen: Callable[[Any], bool]
+    ) -> Any:
+        """Make `change` on replica A; return once B's cache shows it (`seen(result)`)."""
+        started = loop.time()
         result = await change()
         async with asyncio.timeout(NEVER_HANG):
-            await cache_b.wait_reload(loads)
+            while not seen(result):
+                await cache_b.wait_reload(cache_b.loads)
         assert loop.time() - started < 1.0
         return result
 
@@ -70,8 +74,9 @@ async def test_key_changes_on_one_replica_reach_the_others_within_a_second(
             assert resp.status == 201
             return await resp.json()
 
-    created = await on_b_within_a_second(create)
-    user = {"Authorization": f"Bearer {created['key']}"}
+    created = await on_b_within_a_second(create, lambda c: cache_b.lookup(c["key"]) is not None)
+    secret = created["key"]
+    user = {"Authorization": f"Bearer {secret}"}
     assert (await b.post("/v1/chat/completions", json=HELLO, headers=user)).status == 200
 
     async def limit_models() -> None:
@@ -79,14 +84,14 @@ async def test_key_changes_on_one_replica_reach_the_others_within_a_second(
         async with a.patch(f"/admin/keys/{created['id']}", json=body, headers=admin) as resp:
             assert resp.status == 200
 
-    await on_b_within_a_second(limit_models)
+    await on_b_within_a_second(limit_models, lambda _: cache_b.lookup(secret).models != ())
     assert (await b.post("/v1/chat/completions", json=HELLO, headers=user)).status == 403
 
     async def revoke() -> None:
         async with a.delete(f"/admin/keys/{created['id']}", headers=admin) as resp:
             assert resp.status == 200
 
-    await on_b_within_a_second(revoke)
+    await on_b_within_a_second(revoke, lambda _: cache_b.lookup(secret).revoked_at is not None)
     resp = await b.post("/v1/chat/completions", json=HELLO, headers=user)
     assert resp.status == 401
     assert (await resp.json())["error"]["code"] == "key_revoked"
