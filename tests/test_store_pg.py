@@ -226,3 +226,29 @@ async def test_report_bounds_are_any_time(database: str) -> None:
 )  # fmt: skip
 def test_redact_hides_every_password(url: str, shown: str) -> None:
     assert redact(url) == shown
+
+
+async def test_both_backends_have_the_same_tables_and_columns(tmp_path: Path, pg_url: str) -> None:
+    """One migration list, two dialects: every table and column exists in both, in order."""
+    import sqlite3
+
+    async with opened_database(str(tmp_path / "keys.db")), opened_database(pg_url):
+        pass
+    with sqlite3.connect(tmp_path / "keys.db") as conn:
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        lite = {t: [c[1] for c in conn.execute(f"PRAGMA table_info({t})")] for t in tables}
+    conn.close()
+    pg = await asyncpg.connect(pg_url)
+    try:
+        rows = await pg.fetch(
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"
+        )
+    finally:
+        await pg.close()
+    postgres: dict[str, list[str]] = {}
+    for table, column in rows:
+        postgres.setdefault(table, []).append(column)
+    # PostgreSQL's own bookkeeping: the schema version and the key-change counter.
+    assert set(postgres) - set(lite) == {"schema_version", "key_changes"}
+    assert {t: postgres[t] for t in lite} == lite
