@@ -351,3 +351,10 @@ def test_usage_until(run: Run) -> None:
     assert run.json("usage", "--until", "1d") == [
         r for r in everything if r["group"] == "key_other"
     ]
+
+
+def test_migrate(run: Run) -> None:
+    status, out, err = run("migrate")
+    assert status == 0, err
+    assert out.strip().endswith("schema up to date")
+    assert run("migrate")[0] == 0  # nothing left to do is no error
