@@ -89,6 +89,13 @@ def _unavailable_is_503() -> Iterator[None]:
         ) from None
 
 
+def _no_nul(key_id: str) -> None:
+    """No key id holds a NUL (PostgreSQL's text cannot): such an id is an unknown key, found
+    without sending PostgreSQL a parameter it would refuse."""
+    if "\x00" in key_id:
+        raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
+
+
 def _retrieve(task: asyncio.Task[object]) -> None:
     """Mark a background query's error as seen (its awaiters, if any, got it)."""
     if not task.cancelled():
@@ -193,7 +200,7 @@ class PgStore:
         return [key_from_row(tuple(row)) for row in rows]
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        if "\x00" in key_id:  # no key has one (PostgreSQL's text cannot hold it)
+        if "\x00" in key_id:
             return None
         with _unavailable_is_503():
             row = await self.pool.fetchrow(f"{_SELECT_KEY} WHERE id = $1", key_id)
@@ -207,7 +214,7 @@ class PgStore:
 
     async def update_key(self, key_id: str, /, **changes: Any) -> KeyRecord:
         """See `gateway.store.Store.update_key`; the row is locked from read to write."""
-        await self.require_key(key_id)  # an id no key can have is refused before any SQL
+        _no_nul(key_id)
         with _unavailable_is_503():
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(f"{_SELECT_KEY} WHERE id = $1 FOR UPDATE", key_id)
@@ -218,7 +225,7 @@ class PgStore:
         return updated
 
     async def revoke_key(self, key_id: str) -> KeyRecord:
-        await self.require_key(key_id)
+        _no_nul(key_id)
         now = time.time()
         with _unavailable_is_503():
             await self.pool.execute(
