@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 import asyncpg
 import msgspec
 
-from gateway import __version__, cli_output as out
+from gateway import __version__, cli_db, cli_output as out
 from gateway.config import load_settings
 from gateway.database import Database, opened_database
 from gateway.dburl import redact
@@ -156,14 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--by", choices=("key", "model", "day"), default="key")
     usage.set_defaults(run=_usage)
 
-    sub.add_parser(
-        "migrate", parents=[common], help="bring the database's schema up to date"
-    ).set_defaults(run=_migrate)
-    copy = sub.add_parser(
-        "copy-db", help="copy keys, usage and refusal counts into an empty database"
-    )
-    copy.add_argument("--from", dest="source", required=True, metavar="PATH|URL")
-    copy.add_argument("--to", dest="target", required=True, metavar="PATH|URL")
+    cli_db.add_commands(sub, common)
     return parser
 
 
@@ -248,32 +241,6 @@ async def _usage(store: Database, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _migrate(store: Database, args: argparse.Namespace) -> int:
-    # Opening the database applied any missing migration step.
-    print(f"{redact(store.path)}: schema up to date")
-    return 0
-
-
-async def _copy_db(source: str, target: str) -> int:
-    """Copy everything from `source` into the empty database `target`, in one transaction."""
-    if source == target:
-        print("gateway: copy-db: --from and --to are the same database", file=sys.stderr)
-        return 2
-    async with opened_database(source) as src, opened_database(target) as dst:
-        keys = await src.list_keys()
-        refusals = await src.export_refusals()
-        try:
-            rows = await dst.import_rows(keys, src.export_usage(), refusals)
-        except StoreError as exc:
-            print(f"gateway: copy-db: {redact(target)}: {exc}; nothing copied", file=sys.stderr)
-            return 1
-    print(
-        f"Copied {len(keys)} keys, {rows} usage rows and {refusals.total()} refused-request"
-        f" counts from {redact(source)} to {redact(target)}."
-    )
-    return 0
-
-
 def _settings(args: argparse.Namespace) -> Settings:
     """The config `serve` runs on (and re-reads on SIGHUP): the file, then the options."""
     settings = load_settings(args.config, os.environ)
@@ -334,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "copy-db":
-            return asyncio.run(_copy_db(args.source, args.target))
+            return asyncio.run(cli_db.copy_db(args.source, args.target))
         # Settings only supply the database path. With --db and no --config they are not
         # loaded, so a shell without the providers' env secrets can still manage keys.
         path = args.db

@@ -1,7 +1,7 @@
 """The database schema as ordered migration steps, and the code that applies them to SQLite.
 
 Step N leaves the database at schema version N (SQLite: `PRAGMA user_version`; PostgreSQL: the
-`schema_version` table, see `gateway.pg_store`). Never edit a released step: append a new one,
+`schema_version` table, see `gateway.pg_migrate`). Never edit a released step: append a new one,
 so every existing `keys.db` (and `keys.db.sample`) upgrades in place on open. One list serves
 both backends: a statement is plain SQL both understand, or a `Dialects` pair where they differ
 (`None`: that backend has nothing to do).

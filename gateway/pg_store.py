@@ -23,8 +23,9 @@ import asyncpg
 import msgspec
 
 from gateway.errors import NotFound, StoreBusy
-from gateway.migrations import MIGRATIONS, StoreError, statements
+from gateway.migrations import StoreError
 from gateway.pg_listen import KeyListener
+from gateway.pg_migrate import migrate
 from gateway.pg_reports import Conn, summarize
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
@@ -41,7 +42,6 @@ from gateway.rows import (
 __all__ = ["PgStore"]
 
 # Any fixed number: every gateway takes this advisory lock around its migrations.
-_MIGRATION_LOCK = 0x6B696F736B  # "kiosk"
 _CONNECT_TIMEOUT = 5.0  # a database that does not answer is an error, never a hang
 _COMMAND_TIMEOUT = 30.0
 
@@ -311,24 +311,3 @@ class PgStore:
     async def export_refusals(self) -> Refusals:
         rows = await self.pool.fetch("SELECT minute, key_id, status, count FROM refusals")
         return Refusals({(m, k, s): n for m, k, s, n in rows})
-
-
-async def migrate(conn: Conn) -> None:
-    """Apply the steps past the database's schema version, all in one transaction, under an
-    advisory lock (replicas starting together wait for the first one's migration)."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        version = await conn.fetchval("SELECT version FROM schema_version")
-        if version is None:
-            await conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-            version = 0
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"database schema version {version} is newer than this gateway understands"
-                f" ({len(MIGRATIONS)}); upgrade the gateway"
-            )
-        for step in MIGRATIONS[version:]:
-            for statement in statements(step, "postgres"):
-                await conn.execute(statement)
-        await conn.execute("UPDATE schema_version SET version = $1", len(MIGRATIONS))
