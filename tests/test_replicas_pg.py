@@ -1,5 +1,6 @@
-"""Gateways sharing one real PostgreSQL: key changes reach every replica within a second, and
-usage rows reach the database exactly once, through a database restart and a SIGTERM under load."""
+"""Gateways on a real PostgreSQL (and, where it matters, on SQLite too): key changes reach every
+replica within a second; usage rows reach the database exactly once, through a database restart,
+a frozen database and a SIGTERM under load; hostile text cannot poison a batch or a key."""
 
 from __future__ import annotations
 
@@ -17,17 +18,19 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import openai
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 
 from gateway import cli
-from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import KEYS_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
     app_of,
     fake_provider,
     free_port,
+    openai_client,
     start_fakes,
     start_gateway,
 )
@@ -371,3 +374,30 @@ async def test_a_cli_revocation_reaches_every_replica_within_a_second(
     for replica in replicas:
         resp = await replica.post("/v1/chat/completions", json=HELLO, headers=user)
         assert resp.status == 401
+
+
+async def test_the_openai_sdk_sees_the_same_gateway_on_either_backend(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
+) -> None:
+    client = await start_gateway(aiohttp_client, make_settings(database=database))
+    app = app_of(client)
+    record, secret = await app[STORE_KEY].create_key(name="sdk", budget_tokens=10_000)
+    app[KEYS_KEY].put(record)
+    async with openai_client(client, secret) as oai:
+        plain = await oai.chat.completions.create(model="demo", messages=[HELLO["messages"][0]])
+        stream = await oai.chat.completions.create(
+            model="demo",
+            messages=[HELLO["messages"][0]],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].usage is not None
+        with pytest.raises(openai.NotFoundError):
+            await oai.chat.completions.create(model="nope", messages=[HELLO["messages"][0]])
+    assert plain.usage is not None
+    await app[USAGE_KEY].flush()
+    await app[REFUSALS_KEY].flush()
+    (row,) = await app[STORE_KEY].usage_summary(key_id=record.id)
+    assert row.requests == 3 and row.errors == 1  # the unknown model is a counted refusal
+    assert row.total_tokens == plain.usage.total_tokens + chunks[-1].usage.total_tokens
