@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 from weakref import WeakSet
 
@@ -19,9 +20,13 @@ from aiohttp import web
 
 from gateway.admission import Gate
 from gateway.auth import auth_middleware
+from gateway.cors import cors_headers, cors_preflight
+from gateway.dashboard.sessions import SessionBook
 from gateway.database import open_database
+from gateway.gauges import app_gauges
 from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
+from gateway.metrics import Metrics
 from gateway.middleware import error_middleware, request_context, server_header
 from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.records import KeyRecord
@@ -31,10 +36,12 @@ from gateway.routes import setup_routes
 from gateway.settings import Settings
 from gateway.snapshot import LiveConfig, Reloader, build_snapshot
 from gateway.state import (
+    DASHBOARD_SESSIONS_KEY,
     GATE_KEY,
     INFLIGHT_KEY,
     KEYS_KEY,
     LIVE_KEY,
+    METRICS_KEY,
     PRICES_KEY,
     REFUSALS_KEY,
     RELOADER_KEY,
@@ -150,14 +157,24 @@ def create_app(
     """
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[request_context, error_middleware, auth_middleware, intake_middleware],
+        middlewares=[
+            request_context,
+            cors_preflight,
+            error_middleware,
+            auth_middleware,
+            intake_middleware,
+        ],
     )
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
+    app[DASHBOARD_SESSIONS_KEY] = SessionBook()
+    if settings.metrics.enabled:
+        models = [m.name for m in settings.models]
+        app[METRICS_KEY] = Metrics(settings.metrics, models, partial(app_gauges, app))
     app.on_shutdown.append(_wind_down)
-    app.on_response_prepare.append(server_header)
+    app.on_response_prepare.extend([server_header, cors_headers])
     app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx])
     if reload is not None:
         app[RELOADER_KEY] = Reloader(reload)

@@ -229,6 +229,10 @@ class BreakerBoard:
             reason="the upstream refused this API key; fix it in the config and reload",
         )
 
+    def accounts(self) -> list[Account]:
+        """Every account with a breaker (for the metrics)."""
+        return list(self._breakers)
+
     def remaining(self, account: Account) -> float:
         """Seconds until the account is due back in rotation (0: it is)."""
         breaker = self._breakers.get(account)
@@ -260,6 +264,15 @@ class BreakerBoard:
             wait, account, _ = min(benched)
             return credentials_refused(account, wait)
         return UpstreamUnavailable(f"No upstream account for the model '{model_id}' is available.")
+
+    def recent_failures(self, account: Account) -> tuple[int, float | None]:
+        """Failures counted within the window, and seconds since the latest (None: none)."""
+        breaker = self._breakers.get(account)
+        if breaker is None or not breaker.failures:
+            return 0, None
+        now = self.clock()
+        recent = sum(1 for t in breaker.failures if t > now - self.window)
+        return recent, now - breaker.failures[-1]
 
     def state(self, account: Account) -> str:
         """`closed`, `open`, `half-open` or `disabled` (for tests and operators)."""

@@ -231,13 +231,17 @@ async def _usage(store: Database, args: argparse.Namespace) -> int:
     if args.json:
         out.print_json(rows)
         return 0
-    headers = (args.by.upper(), "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL", "COST_USD")
+    # By key, each key's name beside its id (a name alone may be shared or changed).
+    named = args.by == "key"
+    group = ("KEY", "NAME") if named else (args.by.upper(),)
+    headers = (*group, "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL", "COST_USD")
     body = []
     for r in rows:
         counts = (r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.total_tokens)
         latency = (out.ms(r.p50_latency_ms), out.ms(r.p95_latency_ms))
-        body.append([r.group, *map(str, counts), f"{r.cost_usd:.4f}", *latency])
-    print(out.table((*headers, "P50_MS", "P95_MS"), body, right_from=1))
+        names = (r.group, r.name or "-") if named else (r.group,)
+        body.append([*names, *map(str, counts), f"{r.cost_usd:.4f}", *latency])
+    print(out.table((*headers, "P50_MS", "P95_MS"), body, right_from=len(group)))
     return 0
 
 

@@ -76,6 +76,8 @@ class GatewayError(Exception):
     should_retry: bool | None = None
     # The answer closes the connection: the request's body was not (wholly) read.
     closes: bool = False
+    # Why the gateway refused a key's request (its limits or budget), for the metrics.
+    reason: str | None = None
 
     def __init__(
         self,
@@ -140,6 +142,9 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_exceeded"
     code = "rate_limit_exceeded"
+    # Which of the key's limits refused it: concurrency, requests_per_minute or
+    # tokens_per_minute.
+    reason: str | None = "rate_limit"
 
 
 class QuotaExceeded(GatewayError):
@@ -147,6 +152,7 @@ class QuotaExceeded(GatewayError):
     type = "insufficient_quota"
     code = "insufficient_quota"
     should_retry = False  # retrying cannot help until the budget period turns
+    reason: str | None = "budget"
 
 
 class StoreBusy(GatewayError):

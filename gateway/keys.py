@@ -153,6 +153,10 @@ class KeyCache:
         self._changed_meanwhile[key.digest] = key
         return key
 
+    def records(self) -> list[KeyRecord]:
+        """Every key as enforced (for the metrics' key names)."""
+        return list(self._by_digest.values())
+
     def lookup(self, secret: str) -> KeyRecord | None:
         digest = digest_of(secret)
         key = self._by_digest.get(digest)

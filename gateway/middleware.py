@@ -23,7 +23,14 @@ from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLar
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord, mint_uid
 from gateway.schemas.codec import encode
-from gateway.state import INFLIGHT_KEY, LIVE_KEY, REFUSALS_KEY, SNAPSHOT_KEY, USAGE_KEY
+from gateway.state import (
+    INFLIGHT_KEY,
+    LIVE_KEY,
+    METRICS_KEY,
+    REFUSALS_KEY,
+    SNAPSHOT_KEY,
+    USAGE_KEY,
+)
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
 
 __all__ = [
@@ -134,6 +141,14 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
             request.app[REFUSALS_KEY].count(trace.ts, trace.key_id, status)
         else:
             request.app[USAGE_KEY].record(record)
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "other"
+        try:
+            metrics.observe(trace, endpoint, status, record.latency_ms / 1000)
+        except Exception:  # a metric is never worth a request's log line and usage row
+            log.exception("metrics_update_failed")
     fields = msgspec.structs.asdict(record)
     del fields["ts"], fields["endpoint"]  # the log line has its own timestamp and the path
     if trace.attempts:
@@ -187,6 +202,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
+        request[TRACE_KEY].refused = exc.reason
         response = error_response(exc, request)
         if exc.closes:
             response.force_close()  # the rest of the body is not read: the connection is spent

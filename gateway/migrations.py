@@ -14,7 +14,16 @@ from typing import Any, Literal
 import aiosqlite
 import msgspec
 
-__all__ = ["MIGRATIONS", "Dialect", "Dialects", "StoreError", "migrate", "pragma", "statements"]
+__all__ = [
+    "FILL_DAILY",
+    "MIGRATIONS",
+    "Dialect",
+    "Dialects",
+    "StoreError",
+    "migrate",
+    "pragma",
+    "statements",
+]
 
 Dialect = Literal["sqlite", "postgres"]
 
@@ -71,6 +80,23 @@ _PG_KEY_CHANGES_FUNCTION = """CREATE FUNCTION kiosk_keys_changed() RETURNS trigg
             PERFORM pg_notify('kiosk_keys', '');
             RETURN NULL;
         END $$"""
+
+
+# The daily rollup (`usage_daily`) computed from the usage rows: migration step 5 fills it,
+# and `gateway copy-db` rebuilds it in the target. Rows without a key or model roll up under ''.
+# Tokens are summed past 64 bits (answers may report up to 2**53 each): as SQLite's TOTAL()
+# does, and on PostgreSQL in a NUMERIC column.
+FILL_DAILY: dict[Dialect, str] = {
+    "sqlite": """INSERT INTO usage_daily
+            SELECT CAST(ts / 86400 AS INTEGER), COALESCE(key_id, ''), COALESCE(model, ''),
+                COUNT(*), SUM(status >= 400), TOTAL(total_tokens), TOTAL(cost_usd)
+            FROM usage GROUP BY 1, 2, 3""",
+    "postgres": """INSERT INTO usage_daily
+            SELECT floor(ts / 86400)::bigint, COALESCE(key_id, ''), COALESCE(model, ''),
+                COUNT(*), SUM((status >= 400)::int), COALESCE(SUM(total_tokens), 0),
+                COALESCE(SUM(cost_usd), 0)
+            FROM usage GROUP BY 1, 2, 3""",
+}
 
 
 def _pg(sql: str) -> Dialects:
@@ -152,6 +178,39 @@ MIGRATIONS: tuple[tuple[Statement, ...], ...] = (
             PRIMARY KEY (minute, key_id, status)
         )""",
         ),
+    ),
+    (
+        # The dashboard (gateway.dashboard.queries). Its charts over hours read ranges of
+        # usage through a covering index; over days, and its top lists, a daily rollup that
+        # `insert_usage` adds each batch of rows to, in the same transaction (filled here from
+        # the rows already there), so a year is a few thousand rows. A key's page reads its
+        # own rows by key (usage_key_ts), and its refusals by key.
+        """CREATE INDEX usage_ts_cover ON usage
+            (ts, key_id, model, status, total_tokens, cost_usd)""",
+        "CREATE INDEX refusals_key ON refusals (key_id, minute)",
+        Dialects(
+            sqlite="""CREATE TABLE usage_daily (
+            day INTEGER NOT NULL,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            tokens INTEGER NOT NULL,
+            cost_usd REAL NOT NULL,
+            PRIMARY KEY (day, key_id, model)
+        ) WITHOUT ROWID""",
+            postgres="""CREATE TABLE usage_daily (
+            day BIGINT NOT NULL,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests BIGINT NOT NULL,
+            errors BIGINT NOT NULL,
+            tokens NUMERIC NOT NULL,
+            cost_usd DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (day, key_id, model)
+        )""",
+        ),
+        Dialects(sqlite=FILL_DAILY["sqlite"], postgres=FILL_DAILY["postgres"]),
     ),
     (
         # Exactly once: each row carries an id the gateway minted for it (never the client's

@@ -66,9 +66,14 @@ async def summarize(
         f" SELECT {_REFUSAL_GROUP_EXPR[by]}, count, count, 0, 0, 0, 0.0, NULL FROM refusals"
         f' {refusals_where}) AS rows GROUP BY grp ORDER BY grp COLLATE "C"'
     )
+    rows = await conn.fetch(sql, *params)
+    names: dict[str, str] = {}
+    if by == "key" and rows:
+        names = {key: name for key, name in await conn.fetch("SELECT id, name FROM keys")}
     return [
         UsageSummaryRow(
             group=grp,
+            name=names.get(grp),
             requests=int(n),
             errors=int(errors),
             prompt_tokens=int(prompt),
@@ -78,7 +83,5 @@ async def summarize(
             p50_latency_ms=p50,
             p95_latency_ms=p95,
         )
-        for grp, n, errors, prompt, completion, total, cost, p50, p95 in await conn.fetch(
-            sql, *params
-        )
+        for grp, n, errors, prompt, completion, total, cost, p50, p95 in rows
     ]

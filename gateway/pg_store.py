@@ -23,7 +23,7 @@ import asyncpg
 import msgspec
 
 from gateway.errors import NotFound, StoreBusy
-from gateway.migrations import StoreError
+from gateway.migrations import FILL_DAILY, StoreError
 from gateway.pg_listen import KeyListener
 from gateway.pg_migrate import migrate
 from gateway.pg_reports import Conn, summarize
@@ -62,6 +62,19 @@ _UPDATE_KEY = (
 _INSERT_USAGE = (
     f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(len(_USAGE_FIELDS))})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING"
+)
+# A usage row and, only if it was new (its uid not written before), its part of the daily
+# rollup (migration step 5): one statement, so a retried batch never counts a row twice.
+_INSERT_USAGE_ROLLED_UP = (
+    f"WITH new AS ({_INSERT_USAGE} RETURNING ts, key_id, model, status, total_tokens, cost_usd)"  # noqa: S608
+    " INSERT INTO usage_daily (day, key_id, model, requests, errors, tokens, cost_usd)"
+    " SELECT floor(ts / 86400)::bigint, COALESCE(key_id, ''), COALESCE(model, ''), 1,"
+    " (status >= 400)::int, total_tokens, cost_usd FROM new"
+    " ON CONFLICT (day, key_id, model) DO UPDATE SET"
+    " requests = usage_daily.requests + excluded.requests,"
+    " errors = usage_daily.errors + excluded.errors,"
+    " tokens = usage_daily.tokens + excluded.tokens,"
+    " cost_usd = usage_daily.cost_usd + excluded.cost_usd"
 )
 _ADD_REFUSALS = (
     "INSERT INTO refusals (minute, key_id, status, count) VALUES ($1, $2, $3, $4)"
@@ -239,12 +252,13 @@ class PgStore:
     # Usage
 
     async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
-        """Append usage rows in one transaction (all or none); rows already written (same
-        `uid`, from a retried batch) are skipped."""
+        """Append usage rows, and add them to the daily rollup, in one transaction (all or
+        none); rows already written (same `uid`, from a retried batch) are skipped, in the
+        rollup too."""
         if not rows:
             return
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(_INSERT_USAGE, [_usage_params(r) for r in rows])
+            await conn.executemany(_INSERT_USAGE_ROLLED_UP, [_usage_params(r) for r in rows])
 
     async def add_refusals(self, counts: Refusals) -> None:
         params = [(*entry, n) for entry, n in counts.items()]
@@ -272,6 +286,12 @@ class PgStore:
             async with self.pool.acquire() as conn:
                 return await summarize(conn, since=since, until=until, key_id=key_id, by=by)
 
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of a read-only query (`$n` placeholders): the dashboard's
+        (`gateway.dashboard.queries`)."""
+        with _unavailable_is_503():
+            return [tuple(row) for row in await self.pool.fetch(sql, *params)]
+
     # Whole-database copies (`gateway copy-db`)
 
     async def is_empty(self, conn: Conn | None = None) -> bool:
@@ -291,7 +311,7 @@ class PgStore:
         written = 0
         async with self.pool.acquire() as conn, conn.transaction():
             # Nobody else fills the tables meanwhile (a replica started too early waits).
-            await conn.execute("LOCK TABLE keys, usage, refusals IN EXCLUSIVE MODE")
+            await conn.execute("LOCK TABLE keys, usage, refusals, usage_daily IN EXCLUSIVE MODE")
             if not await self.is_empty(conn):
                 raise StoreError("the target database is not empty")
             await conn.executemany(_INSERT_KEY, [key_params(k) for k in keys])
@@ -299,6 +319,9 @@ class PgStore:
                 await conn.executemany(_INSERT_USAGE, [_usage_params(r) for r in batch])
                 written += len(batch)
             await conn.executemany(_ADD_REFUSALS, [(*e, n) for e, n in refusals.items()])
+            # The rollup is rebuilt from the rows just written (the source's may differ).
+            await conn.execute("DELETE FROM usage_daily")
+            await conn.execute(FILL_DAILY["postgres"])
         return written
 
     async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:

@@ -99,20 +99,24 @@ class Limiter:
         now = self._clock()
         state = self._state(key, now)
         if key.max_concurrency is not None and state.active >= key.max_concurrency:
-            raise RateLimited(
+            err = RateLimited(
                 f"Too many requests in flight for this API key (limit {key.max_concurrency}).",
                 retry_after=1.0,
             )
+            err.reason = "concurrency"
+            raise err
         requests = state.requests
         if requests is not None:
             requests.refill(now)
             wait = requests.wait(1)
             if wait > 0:
-                raise RateLimited(
+                err = RateLimited(
                     f"Rate limit reached for this API key on requests per minute (limit "
                     f"{key.rpm}). Please try again in {duration(wait)}.",
                     retry_after=wait,
                 )
+                err.reason = "requests_per_minute"
+                raise err
             requests.level -= 1
         state.active += 1
 
@@ -134,15 +138,18 @@ class Limiter:
                 "Lower max_tokens or send less.",
             )
             err.should_retry = False
+            err.reason = "tokens_per_minute"
             raise err
         budget.refill(self._clock())
         wait = budget.wait(likely)
         if wait > 0:
-            raise RateLimited(
+            err = RateLimited(
                 f"Rate limit reached for this API key on tokens per minute (limit "
                 f"{key.tpm}). Please try again in {duration(wait)}.",
                 retry_after=wait,
             )
+            err.reason = "tokens_per_minute"
+            raise err
         budget.level -= most
 
     def refund(self, key: KeyRecord) -> None:

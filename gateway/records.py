@@ -196,6 +196,8 @@ class UsageSummaryRow(msgspec.Struct, frozen=True, kw_only=True):
     """One group of a usage report (`by` = key, model or day)."""
 
     group: str
+    # By key: the key's name (None for requests without a key, or a key since deleted).
+    name: str | None = None
     requests: int
     errors: int
     prompt_tokens: int

@@ -18,7 +18,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.settings import ConfigError, ServerSettings, Settings
+from gateway.settings import ConfigError, Settings
 from gateway.snapshot import build_snapshot
 from gateway.state import KEYS_KEY, LIVE_KEY, PRICES_KEY, RELOADER_KEY
 
@@ -40,12 +40,26 @@ RESTART_FIELDS = (
 )
 
 
-def _keep_startup_fields(running: ServerSettings, new: Settings) -> Settings:
-    changed = [f for f in RESTART_FIELDS if getattr(running, f) != getattr(new.server, f)]
+# `[metrics]` fields bound at start (the metrics are made once); `public` is reloadable.
+METRICS_RESTART_FIELDS = ("enabled", "per_key", "max_keys", "max_models")
+
+
+def _keep_startup_fields(running: Settings, new: Settings) -> Settings:
+    changed = [
+        f"{section}.{f}"
+        for section, fields in (("server", RESTART_FIELDS), ("metrics", METRICS_RESTART_FIELDS))
+        for f in fields
+        if getattr(getattr(running, section), f) != getattr(getattr(new, section), f)
+    ]
     if changed:
-        log.warning("config_reload_needs_restart", fields=[f"server.{f}" for f in changed])
-    kept = {f: getattr(running, f) for f in RESTART_FIELDS}
-    return msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **kept))
+        log.warning("config_reload_needs_restart", fields=changed)
+    server = {f: getattr(running.server, f) for f in RESTART_FIELDS}
+    metrics = {f: getattr(running.metrics, f) for f in METRICS_RESTART_FIELDS}
+    return msgspec.structs.replace(
+        new,
+        server=msgspec.structs.replace(new.server, **server),
+        metrics=msgspec.structs.replace(new.metrics, **metrics),
+    )
 
 
 def _changes(old: Settings, new: Settings) -> dict[str, list[str]]:
@@ -90,7 +104,7 @@ async def _reload(app: web.Application) -> bool:
         log.error("config_reload_failed", error=str(exc), kept="the running config")
         return False
     old = live.current
-    settings = _keep_startup_fields(old.settings.server, loaded)
+    settings = _keep_startup_fields(old.settings, loaded)
     try:
         snapshot = build_snapshot(settings, old)
     except Exception as exc:

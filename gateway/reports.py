@@ -4,14 +4,14 @@ percentiles of a time range, read from the usage table (SQLite has no percentile
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import aiosqlite
 
-from gateway.records import UsageSummaryRow
+from gateway.records import UsageRecord, UsageSummaryRow
 
-__all__ = ["summarize"]
+__all__ = ["ROLL_UP", "roll_up", "summarize"]
 
 # `by` -> the SQL expression naming a row's group. Rows without a key or model (failed auth,
 # unknown model) group under "-"; days are UTC.
@@ -27,6 +27,35 @@ _REFUSAL_GROUP_EXPR = {
     "model": "'-'",
     "day": "strftime('%Y-%m-%d', minute * 60, 'unixepoch')",
 }
+
+
+# Adds a batch's (day, key, model) figures to the daily rollup (migration step 5), which the
+# dashboard reads for whole days; rows without a key or model roll up under ''.
+ROLL_UP = (
+    "INSERT INTO usage_daily (day, key_id, model, requests, errors, tokens, cost_usd)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, key_id, model) DO UPDATE SET"
+    " requests = requests + excluded.requests, errors = errors + excluded.errors,"
+    " tokens = tokens + excluded.tokens, cost_usd = cost_usd + excluded.cost_usd"
+)
+
+
+def roll_up(rows: Iterable[UsageRecord]) -> list[tuple[Any, ...]]:
+    """A batch of usage rows as `ROLL_UP` parameters: one per UTC day, key and model."""
+    sums: dict[tuple[int, str, str], list[float]] = {}
+    for r in rows:
+        group = (int(r.ts // 86400), r.key_id or "", r.model or "")
+        acc = sums.setdefault(group, [0, 0, 0, 0.0])
+        acc[0] += 1
+        acc[1] += r.status >= 400
+        acc[2] += r.total_tokens
+        acc[3] += r.cost_usd
+    # Tokens past SQLite's 64-bit integers (a hostile upstream's counts) go as a float, as
+    # TOTAL() sums them, rather than failing the batch.
+    return [(*g, int(a[0]), int(a[1]), _int64_or_float(a[2]), a[3]) for g, a in sums.items()]
+
+
+def _int64_or_float(n: float) -> Any:
+    return int(n) if n < 2**63 else float(n)
 
 
 def _where(
@@ -94,12 +123,17 @@ async def summarize(
                 values.append(latency)
     if values:
         percentiles[group_of] = _p50_p95(values)
+    names: dict[str, str] = {}
+    if by == "key" and totals:
+        async with db.execute("SELECT id, name FROM keys") as cur:
+            names = {key: name for key, name in await cur.fetchall()}
     result = []
     for grp, n, errors, prompt, completion, total, cost in totals:
         p50, p95 = percentiles.get(grp, (None, None))
         result.append(
             UsageSummaryRow(
                 group=grp,
+                name=names.get(grp),
                 requests=int(n),
                 errors=int(errors),
                 prompt_tokens=int(prompt),

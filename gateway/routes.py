@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway import dashboard
 from gateway.handlers import (
     admin,
     chat,
@@ -13,6 +14,7 @@ from gateway.handlers import (
     embeddings,
     health,
     messages,
+    metrics,
     models,
     responses,
 )
@@ -41,12 +43,14 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/models/{model:.+}", models.get_model),
     ("GET", "/healthz", health.healthz),
     ("GET", "/readyz", health.readyz),
+    ("GET", "/metrics", metrics.metrics),
     ("POST", "/admin/keys", admin.create_key),
     ("GET", "/admin/keys", admin.list_keys),
     ("GET", "/admin/keys/{key_id}", admin.get_key),
     ("PATCH", "/admin/keys/{key_id}", admin.update_key),
     ("DELETE", "/admin/keys/{key_id}", admin.revoke_key),
     ("GET", "/admin/usage", admin.usage),
+    *dashboard.ROUTES,
 )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "DemoConfig",
     "GeminiConfig",
     "GroupConfig",
+    "MetricsSettings",
     "ModelConfig",
     "OpenAIConfig",
     "PriceSettings",
@@ -43,6 +44,8 @@ DEFAULT_BASE_URLS: dict[str, str] = {
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+# As a browser sends it in `Origin`: scheme, host and port only (no path, no slash at the end).
+Origin = Annotated[str, msgspec.Meta(pattern=r"^(\*|https?://[^/\s]+)$", max_length=256)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 
 
@@ -73,6 +76,15 @@ class ServerSettings(_Base, frozen=True):
     # connection's start or the first byte of a later request), and its whole body.
     client_header_timeout: PositiveFloat = 60.0
     client_body_timeout: PositiveFloat = 60.0
+    # Browser origins (`https://app.example.com`, or `*` for any) whose pages may call the
+    # API: preflights are answered and answers carry CORS headers. Default: none.
+    cors_origins: tuple[Origin, ...] = ()
+    # The dashboard at /dashboard (on whenever there is an admin key, unless this is false),
+    # how long a sign-in lasts, and whether to trust `X-Forwarded-Proto: https` from a proxy
+    # in front (then its session cookie is `Secure` even though the proxy speaks plain HTTP).
+    dashboard: bool = True
+    dashboard_session_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 30)] = 12.0
+    trust_forwarded_proto: bool = False
 
 
 class RoutingSettings(_Base, frozen=True):
@@ -252,8 +264,22 @@ class PriceSettings(_Base, frozen=True):
     update_interval: Annotated[float, msgspec.Meta(ge=60)] = 3600.0
 
 
+class MetricsSettings(_Base, frozen=True):
+    """`GET /metrics` in the Prometheus text format (`[metrics]`)."""
+
+    enabled: bool = True
+    # Scrapes need the admin key as a Bearer token unless this is true.
+    public: bool = False
+    # Tokens, cost and refusals per key; past `max_keys` keys, the rest count as `other`.
+    per_key: bool = True
+    max_keys: PositiveInt = 1000
+    # Past this many model ids, further ones count as `other` (ids may come from clients).
+    max_models: PositiveInt = 500
+
+
 class Settings(_Base, frozen=True):
     server: ServerSettings = ServerSettings()
+    metrics: MetricsSettings = MetricsSettings()
     routing: RoutingSettings = RoutingSettings()
     prices: PriceSettings = PriceSettings()
     providers: tuple[ProviderConfig, ...] = ()

@@ -10,8 +10,10 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.admission import Gate, Ticket
+    from gateway.dashboard.sessions import Session, SessionBook
     from gateway.database import Database
     from gateway.keys import KeyCache, Principal
+    from gateway.metrics import Metrics
     from gateway.prices import PriceBook
     from gateway.refusals import RefusalCounter
     from gateway.settings import Settings
@@ -19,10 +21,13 @@ if TYPE_CHECKING:
     from gateway.usage import UsageRecorder
 
 __all__ = [
+    "DASHBOARD_SESSIONS_KEY",
+    "DASHBOARD_SESSION_KEY",
     "GATE_KEY",
     "INFLIGHT_KEY",
     "KEYS_KEY",
     "LIVE_KEY",
+    "METRICS_KEY",
     "PRICES_KEY",
     "PRINCIPAL_KEY",
     "REFUSALS_KEY",
@@ -51,12 +56,18 @@ GATE_KEY: web.AppKey[Gate] = web.AppKey("gate")
 PRICES_KEY: web.AppKey[PriceBook] = web.AppKey("prices")
 # Refused requests, counted per minute, key and status instead of a usage row each.
 REFUSALS_KEY: web.AppKey[RefusalCounter] = web.AppKey("refusals")
+# Prometheus metrics of this app (absent with `[metrics] enabled = false`).
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics")
 # Tasks serving open SSE streams, so shutdown can end them with an error event.
 STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
 # Tasks serving any request, so shutdown can wait for them (up to the grace period).
 INFLIGHT_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("inflight")
 # Set when the server begins to shut down; streams ended then say why.
 SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
+
+# Dashboard sign-ins (memory only: a restart signs everyone out), and a page's own session.
+DASHBOARD_SESSIONS_KEY: web.AppKey[SessionBook] = web.AppKey("dashboard_sessions")
+DASHBOARD_SESSION_KEY: web.RequestKey[Session] = web.RequestKey("dashboard_session")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 SNAPSHOT_KEY: web.RequestKey[Snapshot] = web.RequestKey("snapshot")

@@ -19,10 +19,10 @@ import aiosqlite
 import msgspec
 
 from gateway.errors import NotFound, StoreBusy
-from gateway.migrations import StoreError, migrate, pragma
+from gateway.migrations import FILL_DAILY, StoreError, migrate, pragma
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
-from gateway.reports import summarize
+from gateway.reports import ROLL_UP, roll_up, summarize
 from gateway.rows import (
     KEY_COLUMNS as _KEY_FIELDS,
     SECRET_PREFIX,
@@ -223,12 +223,17 @@ class Store:
     # Usage
 
     async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
-        """Append usage rows in one transaction (all or none)."""
+        """Append usage rows, and add them to the daily rollup, in one transaction (all or none).
+
+        Rows already written (same `uid`, from a batch retried after a lost commit) are
+        skipped, and so left out of the rollup: the write lock keeps anyone from adding
+        them between the look and the insert."""
         if not rows:
             return
-        params = [msgspec.structs.astuple(r) for r in rows]
         async with self._transaction() as db:
-            await db.executemany(_INSERT_USAGE, params)
+            new = await _unwritten(db, rows)
+            await db.executemany(_INSERT_USAGE, [msgspec.structs.astuple(r) for r in new])
+            await db.executemany(ROLL_UP, roll_up(new))
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""
@@ -262,6 +267,13 @@ class Store:
         with _busy_is_503():
             return await summarize(self.db, since=since, until=until, key_id=key_id, by=by)
 
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of a read-only query (`?` placeholders): the dashboard's
+        (`gateway.dashboard.queries`)."""
+        with _busy_is_503():
+            async with self.db.execute(sql, params) as cur:
+                return [tuple(row) for row in await cur.fetchall()]
+
     # Whole-database copies (`gateway copy-db`)
 
     async def is_empty(self) -> bool:
@@ -293,6 +305,10 @@ class Store:
                 await db.executemany(_INSERT_USAGE, [msgspec.structs.astuple(r) for r in batch])
                 written += len(batch)
             await db.executemany(_ADD_REFUSALS, [(*entry, n) for entry, n in refusals.items()])
+            # The source's rollup may lag or differ (rows edited by hand): rebuild it from
+            # the rows just written.
+            await db.execute("DELETE FROM usage_daily")
+            await db.execute(FILL_DAILY["sqlite"])
         return written
 
     async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:
@@ -306,6 +322,31 @@ class Store:
     async def export_refusals(self) -> Refusals:
         async with self.db.execute("SELECT minute, key_id, status, count FROM refusals") as cur:
             return Refusals({(m, k, s): n for m, k, s, n in await cur.fetchall()})
+
+
+# How many uids one look-up binds (SQLite allows 32766 parameters since 3.32, 999 before).
+_UID_CHUNK = 500
+
+
+async def _unwritten(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """`rows` without those whose uid the table (or an earlier row of `rows`) already holds."""
+    uids = [r.uid for r in rows if r.uid is not None]
+    seen: set[str] = set()
+    for start in range(0, len(uids), _UID_CHUNK):
+        chunk = uids[start : start + _UID_CHUNK]
+        sql = f"SELECT uid FROM usage WHERE uid IN ({_marks(chunk)})"  # noqa: S608
+        async with db.execute(sql, chunk) as cur:
+            seen.update(uid for (uid,) in await cur.fetchall())
+    if not seen and len(set(uids)) == len(uids):
+        return list(rows)
+    new = []
+    for row in rows:
+        if row.uid is not None:
+            if row.uid in seen:
+                continue
+            seen.add(row.uid)
+        new.append(row)
+    return new
 
 
 def _probe(path: str) -> None:

@@ -47,6 +47,8 @@ class RequestTrace:
     # A key with rate limits: its x-ratelimit-* headers go on every response, made once, as
     # the response goes out (so they show what this request took).
     limited: KeyRecord | None = None
+    # Why the gateway refused it for its key's limits or budget (`GatewayError.reason`).
+    refused: str | None = None
     # Every upstream attempt: provider, account, upstream model, status, ms.
     attempts: list[dict[str, object]] = field(default_factory=list)
 

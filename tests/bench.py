@@ -203,12 +203,15 @@ def gateway_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]
 
 
-def write_config(path: Path, upstream: Server) -> None:
+def write_config(path: Path, upstream: Server, *, metrics: bool = True) -> None:
     path.write_text(
         f"""\
 [server]
 log_level = "info"
 default_model = "{MODEL}"
+
+[metrics]
+enabled = {"true" if metrics else "false"}
 
 [[providers]]
 name = "up"
@@ -607,6 +610,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw figures here")
     parser.add_argument(
+        "--metrics",
+        choices=("on", "off"),
+        default="on",
+        help="the gateway's Prometheus metrics (default: on, as `gateway serve` runs)",
+    )
+    parser.add_argument(
         "--gateway-log", type=Path, metavar="FILE", help="keep the gateway's stdout/stderr here"
     )
     args = parser.parse_args(argv)
@@ -664,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     output=subprocess.DEVNULL,
                 )
             config, db = tmp / "gateway.toml", tmp / "keys.db"
-            write_config(config, upstream)
+            write_config(config, upstream, metrics=args.metrics == "on")
             key = asyncio.run(create_key(db))
             limited_key = asyncio.run(create_key(db, limited=True))
             port = free_port()

@@ -22,6 +22,7 @@ from aiohttp.web_runner import BaseRunner
 
 from gateway.app import create_app
 from gateway.router import Router
+from gateway.rows import USAGE_COLUMNS
 from gateway.server import GatewayRunner
 from gateway.settings import (
     DemoConfig,
@@ -179,10 +180,9 @@ async def usage_rows(client: TestClient[Any, Any]) -> list[dict[str, Any]]:
     """Every usage row written so far (after flushing the recorder)."""
     app = app_of(client)
     await app[USAGE_KEY].flush()
-    store = app[STORE_KEY]
-    async with store.db.execute("SELECT * FROM usage ORDER BY id") as cur:
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+    names = ["id", *USAGE_COLUMNS]  # either backend: the columns by name
+    rows = await app[STORE_KEY].fetch(f"SELECT {', '.join(names)} FROM usage ORDER BY id")  # noqa: S608
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 async def refusal_counts(client: TestClient[Any, Any]) -> dict[tuple[str, int], int]:

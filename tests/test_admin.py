@@ -167,6 +167,9 @@ async def test_usage_report(gw: TestClient[Any, Any]) -> None:
     assert by_model["demo"]["requests"] == 3 and by_model["demo"]["errors"] == 0
     assert by_model["demo"]["p50_latency_ms"] is not None
     assert by_model["-"]["errors"] == 1
+    async with gw.get("/admin/usage", headers=admin()) as resp:  # by key: with its name
+        [row] = (await resp.json())["data"]
+    assert (row["group"], row["name"], row["requests"]) == (created["id"], "a", 4)
     async with gw.get("/admin/usage", params={"until": "1h"}, headers=admin()) as resp:
         assert (await resp.json())["data"] == []  # nothing before an hour ago
     for params, param in (({"by": "week"}, "by"), ({"since": "soon"}, "since")):

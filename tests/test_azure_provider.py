@@ -162,7 +162,9 @@ async def test_rate_limits_keep_azures_retry_after_ms(rig: Rig, client: openai.A
     rig.fake.script(status=429, headers={"retry-after-ms": "1500", "retry-after": "2"})
     with pytest.raises(openai.RateLimitError) as caught:
         await client.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]
-    assert caught.value.response.headers["retry-after-ms"] == "1500"
+    # The wait left on the cooled account when the answer goes out: 1500 ms less the time
+    # the gateway took to answer (a few ms, more on a loaded machine), never more.
+    assert 1400 <= int(caught.value.response.headers["retry-after-ms"]) <= 1500
 
 
 def test_config_azure_needs_its_version_and_endpoint(tmp_path: Path) -> None:

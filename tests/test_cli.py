@@ -244,6 +244,25 @@ def test_usage_report(run: Run) -> None:
     assert len({len(line) for line in [header, *lines]}) == 1  # right-aligned numbers
 
 
+def test_usage_by_key_names_each_key(run: Run) -> None:
+    """Key names beside the ids, in the table and the JSON; a key since deleted (or none) has
+    none."""
+    key_id = run.json("keys", "create", "--name", "team\x1b[31mred")["id"]
+    seed_usage(run.db, key_id)
+    rows = run.json("usage")
+    assert [(r["group"], r["name"]) for r in rows] == [
+        (key_id, "team\x1b[31mred"),
+        ("key_other", None),
+    ]
+    assert all(r["name"] is None for r in run.json("usage", "--by", "model"))
+    _, out, _ = run("usage")
+    header, *lines = out.splitlines()
+    assert header.split()[:3] == ["KEY", "NAME", "REQUESTS"]
+    assert lines[0].split()[:4] == [key_id, "team\\x1b[31mred", "2", "1"]  # escaped, not raw
+    assert lines[1].split()[:3] == ["key_other", "-", "1"]
+    assert len({len(line) for line in [header, *lines]}) == 1
+
+
 def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "gateway.toml"
     bad.write_text("[server]\nport = 'eighty'\n")

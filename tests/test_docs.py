@@ -23,6 +23,7 @@ from gateway.cli import _build_parser
 from gateway.config import load_settings
 from gateway.settings import (
     GroupConfig,
+    MetricsSettings,
     ModelConfig,
     ProviderConfig,
     RoutingSettings,
@@ -156,7 +157,8 @@ def test_every_config_field_is_documented() -> None:
         header = f"[[{section.name}]]" if section.default == () else f"[{section.name}]"
         assert f"`{header}`" in text, f"{page.name} has no section on {header}"
     providers = typing.get_args(ProviderConfig)  # every provider type's own fields too
-    for struct in (ServerSettings, RoutingSettings, *providers, Target, ModelConfig):
+    structs = (ServerSettings, RoutingSettings, MetricsSettings, *providers, Target, ModelConfig)
+    for struct in structs:
         for field in msgspec.structs.fields(struct):
             name = f"{struct.__name__}.{field.name}"
             assert f"`{field.name}`" in text, f"{page.name} does not describe {name}"

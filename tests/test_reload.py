@@ -210,6 +210,23 @@ async def test_a_config_that_fails_validation_is_refused_and_the_old_one_stays(
     assert await s.reload(good + model("n", "a"))  # a good config is taken afterwards
 
 
+async def test_metrics_public_reloads_and_the_rest_waits_for_a_restart(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    body = s.provider("a", s.a, "ka")
+    await s.start(aiohttp_client, body)
+    assert (await s.gw.get("/metrics")).status == 404  # no admin key, not public
+    with capture_logs() as logs:
+        assert await s.reload(body + "\n[metrics]\npublic = true\nmax_keys = 5\n")
+    warning = next(e for e in logs if e["event"] == "config_reload_needs_restart")
+    assert warning["fields"] == ["metrics.max_keys"]
+    metrics = current(s.gw).settings.metrics
+    assert (metrics.public, metrics.max_keys) == (True, 1000)
+    resp = await s.gw.get("/metrics")
+    assert resp.status == 200 and "tokenkiosk_requests_total" in await resp.text()
+
+
 async def test_server_fields_bound_at_start_keep_their_running_values(
     setup: Reloadable, aiohttp_client: AiohttpClient
 ) -> None:

@@ -112,6 +112,18 @@ async def test_a_retried_batch_is_written_once(database: str) -> None:
         assert summary.requests == 6  # 3 + 1 new + 2 without uid (never deduplicated)
 
 
+async def test_usage_by_key_names_each_key(database: str) -> None:
+    """`gateway usage` and `/admin/usage` name each key beside its id, on either backend."""
+    async with opened_database(database) as store:
+        key, _ = await store.create_key(name="team a")
+        await store.insert_usage([row(key_id=key.id), row(key_id="key_gone"), row(key_id=None)])
+        rows = await store.usage_summary()
+        assert sorted((r.group, r.name) for r in rows) == sorted(
+            [("-", None), (key.id, "team a"), ("key_gone", None)]
+        )
+        assert all(r.name is None for r in await store.usage_summary(by="model"))
+
+
 def test_copy_db_moves_sqlite_to_postgres(
     tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,72 +8,40 @@ the one that creates it; changes reach the running key cache at once.
 from __future__ import annotations
 
 import hmac
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-import msgspec
 from aiohttp import web
-from msgspec import UNSET, UnsetType
 
+from gateway import keyops
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from gateway.intake import read_body
-from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, VIEW_NAMES, KeyRecord, key_view
 from gateway.schemas.codec import decode_body, encode
-from gateway.state import GATE_KEY, KEYS_KEY, REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
-from gateway.timeparse import parse_expires, parse_since
+from gateway.state import REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
+from gateway.timeparse import parse_since
 
-__all__ = ["create_key", "get_key", "list_keys", "revoke_key", "update_key", "usage"]
-
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Metadata = Annotated[
-    dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
-    msgspec.Meta(max_length=16),
+__all__ = [
+    "admin_key_matches",
+    "create_key",
+    "get_key",
+    "list_keys",
+    "require_admin",
+    "revoke_key",
+    "update_key",
+    "usage",
 ]
 
-# Where the API takes more, or less, than the record's own type: bounds on what people type,
-# and an expiry also as "30d" or an ISO-8601 time (besides unix seconds).
-_API_TYPES: dict[str, Any] = {
-    "name": Name,
-    "expires_at": float | str | None,
-    "notes": Annotated[str, msgspec.Meta(max_length=2000)],
-    "metadata": Metadata,
-}
+
+def admin_key_matches(presented: str, admin_key: str) -> bool:
+    """Constant-time comparison of what a caller presents with the admin key."""
+    return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), admin_key.encode())
 
 
-def _body(name: str, *, update: bool) -> type[msgspec.Struct]:
-    """The body of a key's creation or (`update`) change: every editable `KeyRecord` field.
-
-    A change leaves out what stays as it is (UNSET); `null` clears a limit, budget, expiry or
-    group. Attributes keep the record's names, so a decoded body maps onto the store's fields.
-    """
-    fields: list[tuple[str, Any, Any]] = []
-    for f in KEY_FIELDS:
-        if f.name not in EDITABLE_FIELDS:
-            continue
-        kind = _API_TYPES.get(f.name, f.type)
-        rename = VIEW_NAMES.get(f.name, f.name)  # the name `key_view` shows it by
-        if update:
-            default = msgspec.field(default=UNSET, name=rename)
-            kind = kind | UnsetType
-        elif f.default_factory is not msgspec.NODEFAULT:
-            default = msgspec.field(default_factory=f.default_factory, name=rename)
-        else:
-            default = msgspec.field(default=f.default, name=rename)
-        fields.append((f.name, kind, default))
-    return msgspec.defstruct(name, fields, forbid_unknown_fields=True, kw_only=True)
-
-
-KeyCreate = _body("KeyCreate", update=False)
-KeyUpdate = _body("KeyUpdate", update=True)
-
-
-def _require_admin(request: web.Request) -> None:
+def require_admin(request: web.Request) -> None:
     admin_key = request[SNAPSHOT_KEY].settings.server.admin_key
     if admin_key is None:
         raise NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    presented = token.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(presented, admin_key.encode()):
+    if scheme.lower() != "bearer" or not admin_key_matches(token.strip(), admin_key):
         raise AuthenticationFailed("The admin API needs 'Authorization: Bearer <admin key>'.")
 
 
@@ -81,83 +49,43 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=encode(obj), status=status, content_type="application/json")
 
 
-def _expires(value: float | str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        # Unix seconds get the same checks as "30d" or an ISO-8601 time.
-        text = datetime.fromtimestamp(value, UTC).isoformat() if isinstance(value, float) else value
-        return parse_expires(text)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise InvalidRequest(f"Invalid 'expires_at': {exc}", param="expires_at") from None
-
-
-async def _publish(request: web.Request, key: KeyRecord) -> dict[str, Any]:
-    """Put a changed key into the running cache (its spending loaded first); its view."""
-    enforced = request.app[KEYS_KEY].with_groups(key)
-    await request.app[GATE_KEY].sync([enforced], request.app[USAGE_KEY].flush)
-    request.app[KEYS_KEY].put(key)
-    return _view(request, key)
-
-
-def _view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
-    view = key_view(key)
-    view["object"] = "api_key"
-    spend = request.app[GATE_KEY].spent(request.app[KEYS_KEY].with_groups(key))
-    if spend is not None:
-        view["spend"] = {"period_start": spend.start, "tokens": spend.tokens, "usd": spend.usd}
-    return view
-
-
 async def create_key(request: web.Request) -> web.Response:
     """`POST /admin/keys`: the new key, with its secret in `key` (the only time it is shown)."""
-    _require_admin(request)
-    fields = msgspec.structs.asdict(decode_body(await read_body(request), KeyCreate))
-    request[SNAPSHOT_KEY].settings.require_group(fields["group_name"])
-    fields["expires_at"] = _expires(fields["expires_at"])
-    record, secret = await request.app[STORE_KEY].create_key(**fields)
-    view = await _publish(request, record)
+    require_admin(request)
+    body = decode_body(await read_body(request), keyops.KeyCreate)
+    view, secret = await keyops.create(request, body)
     return _json({**view, "key": secret}, status=201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
     """`GET /admin/keys`: every key, revoked and expired ones included."""
-    _require_admin(request)
+    require_admin(request)
     keys = await request.app[STORE_KEY].list_keys()
-    return _json({"object": "list", "data": [_view(request, k) for k in keys]})
+    return _json({"object": "list", "data": [keyops.view(request, k) for k in keys]})
 
 
 async def get_key(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     key = await request.app[STORE_KEY].require_key(request.match_info["key_id"])
-    return _json(_view(request, key))
+    return _json(keyops.view(request, key))
 
 
 async def update_key(request: web.Request) -> web.Response:
     """`PATCH /admin/keys/{id}`: change what the body names; `null` clears."""
-    _require_admin(request)
-    body = msgspec.structs.asdict(decode_body(await read_body(request), KeyUpdate))
-    changes = {f: value for f, value in body.items() if value is not UNSET}
-    if "group_name" in changes:
-        request[SNAPSHOT_KEY].settings.require_group(changes["group_name"])
-    if "expires_at" in changes:
-        changes["expires_at"] = _expires(changes["expires_at"])
-    if not changes:
-        raise InvalidRequest("The body names no field to change.")
-    key = await request.app[STORE_KEY].update_key(request.match_info["key_id"], **changes)
-    return _json(await _publish(request, key))
+    require_admin(request)
+    body = decode_body(await read_body(request), keyops.KeyUpdate)
+    return _json(await keyops.update(request, request.match_info["key_id"], body))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
     """`DELETE /admin/keys/{id}`: revoke for good (the record stays for the usage history)."""
-    _require_admin(request)
-    key = await request.app[STORE_KEY].revoke_key(request.match_info["key_id"])
-    return _json(await _publish(request, key))
+    require_admin(request)
+    return _json(await keyops.revoke(request, request.match_info["key_id"]))
 
 
 async def usage(request: web.Request) -> web.Response:
     """`GET /admin/usage?since=7d&until=...&key=...&by=key|model|day`."""
-    _require_admin(request)
+    require_admin(request)
     query = request.query
     by = query.get("by", "key")
     if by not in ("key", "model", "day"):

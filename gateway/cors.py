@@ -1,0 +1,100 @@
+"""CORS: browser applications on the origins of `[server] cors_origins` may call the API.
+
+`cors_preflight` answers a preflight (`OPTIONS` with `Access-Control-Request-Method`) from a
+listed origin at once, before authentication (browsers send no credentials with it);
+`cors_headers` (`on_response_prepare`) adds `Access-Control-Allow-Origin` to every answer to a
+listed origin as its headers go out, so errors and event streams carry it too. An origin that
+is not listed gets no CORS header at all, and its preflight goes on like any request (a 401 or
+405), which a browser treats as a refusal. The origin is echoed exactly (never `*`), with
+`Vary: Origin` so caches keep answers to different origins apart. Reloadable: each request
+reads the list from the config it runs on. The dashboard is left out: it is used from its own
+origin only, and checks `Origin` itself against cross-site forms.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.state import LIVE_KEY, SNAPSHOT_KEY
+
+__all__ = ["cors_headers", "cors_preflight"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+_ALLOW_HEADERS = "Authorization, Content-Type"
+# What a page's script may read of an answer besides the CORS-safelisted headers.
+_EXPOSE = ", ".join(
+    (
+        "X-Request-ID",
+        "x-gateway-provider",
+        "Retry-After",
+        "retry-after-ms",
+        "x-should-retry",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    )
+)
+_MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
+# Requested headers are echoed when they are a plain list of header names (the SDKs send
+# their own, such as OpenAI's `x-stainless-*`); anything else gets the fixed list.
+_HEADER_LIST = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*$")
+_MAX_HEADER_LIST = 2048
+_NOT_FOR = "/dashboard"  # paths CORS leaves alone
+
+
+def _origins(request: web.Request) -> tuple[str, ...]:
+    snapshot = request.get(SNAPSHOT_KEY)
+    settings = snapshot.settings if snapshot is not None else request.app[LIVE_KEY].current.settings
+    return settings.server.cors_origins
+
+
+def _allowed(origins: tuple[str, ...], origin: str) -> bool:
+    return origin in origins or "*" in origins
+
+
+@web.middleware
+async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if (
+        request.method != "OPTIONS"
+        or "Access-Control-Request-Method" not in request.headers
+        or request.path.startswith(_NOT_FOR)
+    ):
+        return await handler(request)
+    origin = request.headers.get("Origin")
+    if origin is None or not _allowed(_origins(request), origin):
+        return await handler(request)
+    requested = request.headers.get("Access-Control-Request-Headers", "").strip()
+    allow = _ALLOW_HEADERS
+    if requested and len(requested) <= _MAX_HEADER_LIST and _HEADER_LIST.match(requested):
+        allow = f"{_ALLOW_HEADERS}, {requested}"
+    # The origin and Vary are added by `cors_headers`, as on every answer.
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": _METHODS,
+            "Access-Control-Allow-Headers": allow,
+            "Access-Control-Max-Age": _MAX_AGE,
+        },
+    )
+
+
+async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: the CORS headers of an answer to a listed origin, and with any
+    origins configured, `Vary: Origin` on every answer (a cache must not hand one origin's,
+    or no origin's, answer to another)."""
+    origins = _origins(request)
+    if not origins or request.path.startswith(_NOT_FOR):
+        return
+    response.headers.add("Vary", "Origin")
+    origin = request.headers.get("Origin")
+    if origin is not None and _allowed(origins, origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _EXPOSE

@@ -1,0 +1,106 @@
+"""Dashboard sign-ins: server-side sessions in memory, their CSRF tokens, and a brake on guessing.
+
+A session is a random 256-bit token in a cookie (`HttpOnly`, `SameSite=Strict`, path
+`/dashboard`); the server keeps only its SHA-256, with a second random token that every form
+must send back (CSRF). A session ends when it is signed out, when it expires, when the gateway
+restarts, or when the admin key changes (it remembers a digest of the key it was opened with).
+Failed sign-ins are counted: past a few a minute, sign-in is refused for the rest of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Session", "SessionBook"]
+
+Clock = Callable[[], float]
+
+_MAX_SESSIONS = 1000  # the oldest is dropped past this: memory stays bounded
+_FAILURE_WINDOW = 60.0
+_MAX_FAILURES = 5  # per window, for the whole gateway (whoever guesses, it is one admin key)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(slots=True)
+class Session:
+    csrf: str
+    expires: float
+    admin_digest: str
+
+    def csrf_matches(self, presented: str) -> bool:
+        return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), self.csrf.encode())
+
+
+class SessionBook:
+    """Every open dashboard session, by the digest of its cookie token."""
+
+    def __init__(self, *, clock: Clock = time.time) -> None:
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._failures: deque[float] = deque()
+        self.turn = asyncio.Lock()  # sign-in attempts, one at a time (gateway.dashboard.guard)
+
+    def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
+        """A new session for `ttl` seconds: its cookie token (never stored) and the session."""
+        self._expire()
+        while len(self._sessions) >= _MAX_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
+        token = secrets.token_urlsafe(32)
+        session = Session(
+            csrf=secrets.token_urlsafe(32),
+            expires=self.clock() + ttl,
+            admin_digest=_digest(admin_key),
+        )
+        self._sessions[_digest(token)] = session
+        return token, session
+
+    def get(self, token: str | None, admin_key: str) -> Session | None:
+        """The live session of a cookie token, if it was opened with the current admin key."""
+        if not token:
+            return None
+        key = _digest(token)
+        session = self._sessions.get(key)
+        if session is None:
+            return None
+        if session.expires <= self.clock() or not hmac.compare_digest(
+            session.admin_digest, _digest(admin_key)
+        ):
+            del self._sessions[key]
+            return None
+        return session
+
+    def close(self, token: str | None) -> None:
+        if token:
+            self._sessions.pop(_digest(token), None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for key in [k for k, s in self._sessions.items() if s.expires <= now]:
+            del self._sessions[key]
+
+    # Guessing the admin key
+
+    def failed(self) -> None:
+        self._failures.append(self.clock())
+
+    def locked_for(self) -> float:
+        """Seconds until sign-in is allowed again (0: it is)."""
+        now = self.clock()
+        while self._failures and self._failures[0] <= now - _FAILURE_WINDOW:
+            self._failures.popleft()
+        if len(self._failures) < _MAX_FAILURES:
+            return 0.0
+        return self._failures[0] + _FAILURE_WINDOW - now
