@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -63,13 +64,28 @@ _INSERT_USAGE = (
     f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(len(_USAGE_FIELDS))})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING"
 )
-# A usage row and, only if it was new (its uid not written before), its part of the daily
-# rollup (migration step 5): one statement, so a retried batch never counts a row twice.
-_INSERT_USAGE_ROLLED_UP = (
-    f"WITH new AS ({_INSERT_USAGE} RETURNING ts, key_id, model, status, total_tokens, cost_usd)"  # noqa: S608
+# A batch's columns as arrays (one parameter each), of these element types.
+_ARRAY_TYPES = {float: "float8", int: "int8", bool: "int8", str: "text"}
+
+
+def _array_type(kind: Any) -> str:
+    """`float | None` -> its array's element type."""
+    plain = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+    return _ARRAY_TYPES[plain[0]]
+
+
+_HINTS = typing.get_type_hints(UsageRecord)
+_UNNEST = ", ".join(f"${n}::{_array_type(_HINTS[f])}[]" for n, f in enumerate(_USAGE_FIELDS, 1))
+# A batch in one statement: its rows, then the daily rollup (migration step 5) of the rows
+# actually inserted (a uid written before, by a retried batch, is skipped in both), one upsert
+# per day, key and model, taken in order so replicas writing at once never deadlock.
+_INSERT_USAGE_BATCH = (
+    f"WITH new AS (INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) SELECT * FROM unnest({_UNNEST})"  # noqa: S608
+    " ON CONFLICT (uid) DO NOTHING RETURNING ts, key_id, model, status, total_tokens, cost_usd)"
     " INSERT INTO usage_daily (day, key_id, model, requests, errors, tokens, cost_usd)"
-    " SELECT floor(ts / 86400)::bigint, COALESCE(key_id, ''), COALESCE(model, ''), 1,"
-    " (status >= 400)::int, total_tokens, cost_usd FROM new"
+    " SELECT floor(ts / 86400)::bigint, COALESCE(key_id, ''), COALESCE(model, ''), COUNT(*),"
+    " SUM((status >= 400)::int), SUM(total_tokens), SUM(cost_usd) FROM new"
+    " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     " ON CONFLICT (day, key_id, model) DO UPDATE SET"
     " requests = usage_daily.requests + excluded.requests,"
     " errors = usage_daily.errors + excluded.errors,"
@@ -258,7 +274,8 @@ class PgStore:
         if not rows:
             return
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(_INSERT_USAGE_ROLLED_UP, [_usage_params(r) for r in rows])
+            columns = list(zip(*(_usage_params(r) for r in rows), strict=True))
+            await conn.execute(_INSERT_USAGE_BATCH, *columns)
 
     async def add_refusals(self, counts: Refusals) -> None:
         params = [(*entry, n) for entry, n in counts.items()]
