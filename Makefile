@@ -43,8 +43,13 @@ lint: $(STAMP)
 
 check: lint test
 
+# Not part of `make test`. BENCH_QUICK=1: smaller and shorter runs (a smoke test).
+# BENCH_SCALING=1 adds Redis-shared limits vs in memory and --workers 2 vs one process.
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench_micro
+	$(BIN)/python -m tests.bench $(if $(filter 1,$(BENCH_QUICK)),--quick)
+	$(BIN)/python -m tests.bench_streams
+	if [ -n "$$BENCH_SCALING" ]; then $(BIN)/python -m tests.bench_scaling; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov build *.egg-info

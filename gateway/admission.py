@@ -40,6 +40,12 @@ class Ticket:
     tokens: int = 0
     usd: float = 0.0
     charged: bool = False
+    # Shared limits (`limits_redis.SharedGate`): admitted through Redis, under this lease;
+    # charged in memory after all (Redis went away in between); what it used, once settled.
+    shared: bool = False
+    lease: str | None = None
+    local_charge: bool = False
+    used: tuple[int, float] | None = None
 
 
 class Gate:
@@ -73,6 +79,20 @@ class Gate:
             start = period_start(key.budget_period, self._wall())
             tokens, usd = await self._store.spend_since(key.id, start)
             self.budgets.load(key, start, tokens, usd)
+
+    def start(self) -> None:
+        """Start background work (the in-memory gate has none)."""
+
+    async def close(self) -> None:
+        """Stop background work (the in-memory gate has none)."""
+
+    async def admit(self, key: KeyRecord) -> Ticket | None:
+        """`enter`, as the request path calls it: shared gates must ask Redis."""
+        return self.enter(key)
+
+    async def hold(self, ticket: Ticket, likely: Amount, most: Amount) -> None:
+        """`charge`, as the request path calls it: shared gates must ask Redis."""
+        self.charge(ticket, likely, most)
 
     def enter(self, key: KeyRecord) -> Ticket | None:
         """Before its body is read: a request takes a slot and a request of the key's limits.
@@ -133,3 +153,7 @@ class Gate:
 
     def spent(self, key: KeyRecord) -> Spend | None:
         return self.budgets.spent(key) if key.has_budget else None
+
+    async def spending(self, key: KeyRecord) -> Spend | None:
+        """`spent`, as the admin API asks it: shared gates read Redis."""
+        return self.spent(key)

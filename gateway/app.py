@@ -18,7 +18,6 @@ from weakref import WeakSet
 
 from aiohttp import web
 
-from gateway.admission import Gate
 from gateway.auth import auth_middleware
 from gateway.cors import cors_headers, cors_preflight
 from gateway.dashboard.sessions import SessionBook
@@ -26,6 +25,7 @@ from gateway.database import open_database
 from gateway.gauges import app_gauges
 from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
+from gateway.limits_redis import open_gate
 from gateway.metrics import Metrics
 from gateway.middleware import error_middleware, request_context, server_header
 from gateway.prices import PriceBook, load_database, start_price_updates
@@ -103,7 +103,7 @@ async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
-    gate = app[GATE_KEY] = Gate(app[STORE_KEY])
+    gate = app[GATE_KEY] = open_gate(settings.server, app[STORE_KEY])
     recorder = app[USAGE_KEY]
 
     async def sync_budgets(keys: list[KeyRecord]) -> None:
@@ -118,10 +118,12 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     await cache.load()
     app[KEYS_KEY] = cache
     task = asyncio.create_task(cache.run(), name="key-cache-refresh")
+    gate.start()
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await gate.close()
 
 
 async def _config_ctx(app: web.Application) -> AsyncIterator[None]:

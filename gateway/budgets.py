@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from gateway.errors import QuotaExceeded
 from gateway.records import BudgetPeriod, KeyRecord
 
-__all__ = ["Amount", "BudgetBook", "Spend", "period_start"]
+__all__ = ["Amount", "BudgetBook", "Spend", "over_budget", "period_start"]
 
 Clock = Callable[[], float]
 Amount = tuple[int, float]  # tokens, USD
@@ -69,6 +69,26 @@ class Spend:
     usd: float = 0.0
     held_tokens: int = 0
     held_usd: float = 0.0
+
+
+def over_budget(key: KeyRecord, likely: Amount, left: int, left_usd: float) -> QuotaExceeded | None:
+    """The refusal of a request whose `likely` amount does not fit in what is `left` of the
+    key's budget (tokens, USD; each checked only when the key has that budget), or None."""
+    tokens, usd = likely
+    over = []
+    if key.budget_tokens is not None and tokens > left:
+        over.append(f"{max(0, left)} of {key.budget_tokens} tokens left")
+    if key.budget_usd is not None and usd > left_usd:
+        over.append(f"${max(0.0, left_usd):.4f} of ${key.budget_usd:g} left")
+    if not over:
+        return None
+    period = key.budget_period or "total"
+    when = "in total" if period == "total" else f"this {period}"
+    return QuotaExceeded(
+        f"API limit exceeded, upgrade your plan: this key's budget has "
+        f"{' and '.join(over)} {when}, and this request may use up to {tokens} "
+        f"tokens (${usd:.4f}). Lower max_tokens or wait for the next period."
+    )
 
 
 class BudgetBook:
@@ -127,24 +147,16 @@ class BudgetBook:
                 start=period_start(key.budget_period, self._clock())
             )
             self._periods[key.id] = key.budget_period
-        tokens, usd = likely
-        over = []
-        if key.budget_tokens is not None:
-            left = key.budget_tokens - spend.tokens - spend.held_tokens
-            if tokens > left:
-                over.append(f"{max(0, left)} of {key.budget_tokens} tokens left")
-        if key.budget_usd is not None:
-            left_usd = key.budget_usd - spend.usd - spend.held_usd
-            if usd > left_usd:
-                over.append(f"${max(0.0, left_usd):.4f} of ${key.budget_usd:g} left")
-        if over:
-            period = key.budget_period or "total"
-            when = "in total" if period == "total" else f"this {period}"
-            raise QuotaExceeded(
-                f"API limit exceeded, upgrade your plan: this key's budget has "
-                f"{' and '.join(over)} {when}, and this request may use up to {tokens} "
-                f"tokens (${usd:.4f}). Lower max_tokens or wait for the next period."
-            )
+        refusal = over_budget(
+            key,
+            likely,
+            key.budget_tokens - spend.tokens - spend.held_tokens
+            if key.budget_tokens is not None
+            else 0,
+            key.budget_usd - spend.usd - spend.held_usd if key.budget_usd is not None else 0.0,
+        )
+        if refusal is not None:
+            raise refusal
         spend.held_tokens += most[0]
         spend.held_usd += most[1]
 

@@ -19,13 +19,13 @@ from typing import Any, Literal, get_args, get_origin
 import asyncpg
 import msgspec
 
-from gateway import __version__, cli_db, cli_output as out
+from gateway import __version__, cli_db, cli_output as out, workers
 from gateway.config import load_settings
 from gateway.database import Database, opened_database
 from gateway.dburl import redact
 from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.logs import configure_logging
-from gateway.pidfile import NoServer, keep_pid_file, signal_reload
+from gateway.pidfile import NoServer, keep_pid_file, pid_file, signal_reload
 from gateway.records import (
     EDITABLE_FIELDS,
     KEY_FIELDS,
@@ -72,6 +72,13 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
     return port
+
+
+def _workers(text: str) -> int:
+    workers = int(text)
+    if not 1 <= workers <= 256:
+        raise argparse.ArgumentTypeError(f"workers must be 1-256, got {workers}")
+    return workers
 
 
 def _key_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
@@ -124,6 +131,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the HTTP server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=_port)
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="processes serving the port (N > 1 needs server.redis_url)",
+    )
+    serve.add_argument("--worker-fd", help=argparse.SUPPRESS)  # set by the parent: SOCKET,WATCH
     sub.add_parser(
         "reload", parents=[common], help="make the running server re-read its config (SIGHUP)"
     )
@@ -264,6 +279,29 @@ def _serve(args: argparse.Namespace) -> int:
     server = settings.server
     configure_logging(server.log_level)
     host = f"[{server.host}]" if ":" in server.host else server.host
+    if args.worker_fd is not None:
+        return _serve_worker(args, settings)
+    problem = workers.needs_redis(server, args.workers)
+    if problem is not None:
+        print(f"gateway: {problem}", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        try:
+            sock = workers.listen(server.host, server.port)
+        except OSError as exc:
+            print(f"gateway: cannot listen on {host}:{server.port}: {exc}", file=sys.stderr)
+            return 1
+        port = sock.getsockname()[1]
+
+        def ready() -> None:
+            print(
+                f"Token Kiosk listening on http://{host}:{port} ({args.workers} workers)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        with pid_file(server.database):
+            return workers.supervise(sock, args.argv, args.workers, ready)
 
     def announce() -> None:
         # Called once the port is bound, so the line never precedes a bind error.
@@ -278,6 +316,29 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
         print(f"gateway: database error ({redact(server.database)}): {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """One worker of `serve --workers N`: the app on the socket its parent bound."""
+    from gateway.app import create_app
+    from gateway.server import serve
+
+    app = create_app(settings, reload=lambda: _settings(args))
+    fd, watch, ready = workers.worker_fds(args.worker_fd)
+    workers.watch_parent(app, watch)
+    sock = workers.worker_socket(fd)
+    try:
+        serve(
+            app,
+            settings.server.host,
+            settings.server.port,
+            lambda: workers.worker_ready(ready),
+            sock=sock,
+        )
+    except (sqlite3.Error, StoreError) as exc:
+        print(f"gateway: database error ({settings.server.database}): {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -301,6 +362,7 @@ async def _run_with_store(path: str, run: Command, args: argparse.Namespace) -> 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage or config error)."""
     args = _build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `serve` workers run
     try:
         if args.command == "serve":
             return _serve(args)

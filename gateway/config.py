@@ -145,7 +145,17 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
         raise ConfigError("server.admin_key: must be at least 16 characters")
     # A PostgreSQL URL may hold a password: `database = "env:KIOSK_DATABASE_URL"`.
     database = _resolve_secret(settings.server.database, "server.database", environ)
-    server = msgspec.structs.replace(settings.server, admin_key=admin_key, database=database)
+    redis_url = settings.server.redis_url
+    if redis_url is not None:
+        redis_url = _resolve_secret(redis_url, "server.redis_url", environ)
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "server.redis_url: must start with redis://, rediss:// or unix:// "
+                "(e.g. redis://127.0.0.1:6379/0)"
+            )
+    server = msgspec.structs.replace(
+        settings.server, admin_key=admin_key, database=database, redis_url=redis_url
+    )
 
     providers: list[ProviderConfig] = []
     seen: set[str] = set()

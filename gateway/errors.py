@@ -13,6 +13,7 @@ into responses, so status codes and error types live here and nowhere else::
     ├── RateLimited                   429 rate_limit_exceeded (carries retry_after)
     ├── QuotaExceeded                 429 insufficient_quota
     ├── StoreBusy                     503 server_error / database_busy (carries retry_after)
+    ├── LimitsUnavailable             503 server_error / limits_unavailable (Redis is down)
     └── UpstreamError                 502 upstream_error  (the provider failed us)
         ├── UpstreamBadRequest        4xx invalid_request_error (the upstream blamed the request)
         ├── UpstreamRateLimited       429 rate_limit_exceeded (retryable, carries retry_after)
@@ -33,6 +34,7 @@ __all__ = [
     "ErrorEnvelope",
     "GatewayError",
     "InvalidRequest",
+    "LimitsUnavailable",
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
@@ -160,6 +162,14 @@ class StoreBusy(GatewayError):
 
     status = 503
     code = "database_busy"
+
+
+class LimitsUnavailable(GatewayError):
+    """The shared limits (Redis) cannot be reached and `redis_failure = "refuse"`."""
+
+    status = 503
+    code = "limits_unavailable"
+    reason: str | None = "limits_unavailable"  # counted with the refusals (metrics)
 
 
 class UpstreamError(GatewayError):

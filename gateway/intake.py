@@ -93,7 +93,7 @@ async def intake_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     request[TRACE_KEY].metered = True  # refusals from here on are counted for the key
     gate = request.app[GATE_KEY]
-    ticket = gate.enter(principal.key)
+    ticket = await gate.admit(principal.key)
     if ticket is None:
         await read_body(request)
         return await handler(request)

@@ -80,14 +80,14 @@ async def _publish(request: web.Request, key: KeyRecord) -> dict[str, Any]:
     enforced = request.app[KEYS_KEY].with_groups(key)
     await request.app[GATE_KEY].sync([enforced], request.app[USAGE_KEY].flush)
     request.app[KEYS_KEY].put(key)
-    return view(request, key)
+    return await view(request, key)
 
 
-def view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
+async def view(request: web.Request, key: KeyRecord) -> dict[str, Any]:
     """A key as the admin API shows it, with its spending in the current budget period."""
     shown = key_view(key)
     shown["object"] = "api_key"
-    spend = request.app[GATE_KEY].spent(request.app[KEYS_KEY].with_groups(key))
+    spend = await request.app[GATE_KEY].spending(request.app[KEYS_KEY].with_groups(key))
     if spend is not None:
         shown["spend"] = {"period_start": spend.start, "tokens": spend.tokens, "usd": spend.usd}
     return shown

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.logs import info_line
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord, mint_uid
 from gateway.schemas.codec import encode
@@ -153,7 +154,8 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
     del fields["ts"], fields["endpoint"]  # the log line has its own timestamp and the path
     if trace.attempts:
         fields["attempts"] = trace.attempts
-    log.info("request", method=request.method, path=request.path, **fields)
+    fields["method"], fields["path"] = request.method, request.path
+    info_line(log, "request", fields)
 
 
 _HTTP_ERRORS: dict[int, type[GatewayError]] = {

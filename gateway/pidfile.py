@@ -14,6 +14,7 @@ import hashlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from gateway.dburl import is_postgres_url, redact
 if TYPE_CHECKING:  # the reload command signals a server without loading the HTTP stack
     from aiohttp import web
 
-__all__ = ["NoServer", "keep_pid_file", "pid_path", "signal_reload"]
+__all__ = ["NoServer", "keep_pid_file", "pid_file", "pid_path", "signal_reload"]
 
 
 class NoServer(Exception):
@@ -57,6 +58,20 @@ def keep_pid_file(app: web.Application, database: str) -> None:
 
     app.on_startup.append(write)
     app.on_cleanup.append(remove)
+
+
+@contextlib.contextmanager
+def pid_file(database: str) -> Iterator[None]:
+    """The pid file of a process that serves no app itself (the parent of `--workers`)."""
+    path = pid_path(database)
+    with contextlib.suppress(OSError):
+        path.write_text(f"{os.getpid()}\n", encoding="ascii")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if int(path.read_text(encoding="ascii")) == os.getpid():
+                path.unlink()
 
 
 def _is_gateway(pid: int) -> bool:

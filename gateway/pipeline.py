@@ -23,7 +23,6 @@ from gateway.errors import (
     PermissionDenied,
     UpstreamConnectionError,
     UpstreamError,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway.failover import Exchange, attempt_each
@@ -64,7 +63,7 @@ C = TypeVar("C", bound=Call)
 Batches = AsyncGenerator[list[bytes], None]
 
 
-def begin(
+async def begin(
     request: web.Request,
     req: ChatCompletionRequest,
     body: bytes | None,
@@ -92,10 +91,10 @@ def begin(
             )
         return ChatCall(request=req, body=body, model=model)
 
-    return open_exchange(request, model_id, chat_call)
+    return await open_exchange(request, model_id, chat_call)
 
 
-def open_exchange(
+async def open_exchange(
     request: web.Request,
     model_id: str | None,
     make_call: Callable[[ModelConfig], C],
@@ -152,7 +151,7 @@ def open_exchange(
         _require_prices(request.app[PRICES_KEY], model_id, routes)
     ex.ticket = request.get(TICKET_KEY)
     if ex.ticket is not None and not free:  # a free request holds no tokens
-        _charge(request.app[GATE_KEY], request.app[PRICES_KEY], ex.ticket, call, routes)
+        await _charge(request.app[GATE_KEY], request.app[PRICES_KEY], ex.ticket, call, routes)
     return ex
 
 
@@ -173,7 +172,9 @@ def _require_prices(prices: PriceBook, model_id: str, routes: list[Route]) -> No
             )
 
 
-def _charge(gate: Gate, prices: PriceBook, ticket: Ticket, call: Call, routes: list[Route]) -> None:
+async def _charge(
+    gate: Gate, prices: PriceBook, ticket: Ticket, call: Call, routes: list[Route]
+) -> None:
     """Hold what the request may use at most: everything its prompt holds (see
     `tokens.prompt_size`) and its output limit (without one of its own, the largest default
     of the providers it may be routed to, which is then sent upstream as its limit), on the
@@ -195,7 +196,7 @@ def _charge(gate: Gate, prices: PriceBook, ticket: Ticket, call: Call, routes: l
     ]
     likely_usd = max((c[0] for c in costs), default=0.0)
     most_usd = max((c[1] for c in costs), default=0.0)
-    gate.charge(ticket, (prompt.likely + output, likely_usd), (prompt.most + output, most_usd))
+    await gate.hold(ticket, (prompt.likely + output, likely_usd), (prompt.most + output, most_usd))
 
 
 def _require(router: Router, model: ModelConfig, model_id: str, serves: type, path: str) -> None:
@@ -284,26 +285,15 @@ async def stream(
 async def first_batch(
     config: ProviderConfig, events: AsyncGenerator[list[bytes], None]
 ) -> tuple[AsyncGenerator[list[bytes], None], list[bytes]]:
-    """Wait (bounded by the provider's first-byte timeout) for an attempt's first batch.
+    """Wait for an attempt's first batch (the upstream client's watchdog bounds the wait by
+    the provider's first-byte timeout).
 
     Raises:
         UpstreamError: the attempt failed before its first batch (retryable where another
             route may do better), with `events` closed.
     """
-    # Without a first-byte timeout of its own, read_timeout bounds every wait for the upstream
-    # (the client's per-read timer), and an extra timer here would only cost time.
-    limit = config.first_byte_timeout or config.read_timeout
     try:
-        if config.first_byte_timeout is None:
-            first = await anext(events, None)
-        else:
-            async with asyncio.timeout(config.first_byte_timeout):
-                first = await anext(events, None)
-    except TimeoutError:
-        await events.aclose()
-        raise UpstreamTimeout(
-            f"The upstream provider '{config.name}' sent nothing within {limit:g} s."
-        ) from None
+        first = await anext(events, None)
     except UpstreamError as exc:
         await events.aclose()
         if type(exc) is UpstreamError:  # an error event, or malformed, before any byte went out

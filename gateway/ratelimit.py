@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from gateway.errors import RateLimited
 from gateway.records import KeyRecord
 
-__all__ = ["Limiter", "TokenBucket", "duration"]
+__all__ = [
+    "Limiter",
+    "TokenBucket",
+    "duration",
+    "no_requests",
+    "no_slot",
+    "no_tokens",
+    "too_large",
+]
 
 Clock = Callable[[], float]
 
@@ -73,6 +81,47 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{rest}s"
 
 
+def no_slot(key: KeyRecord) -> RateLimited:
+    err = RateLimited(
+        f"Too many requests in flight for this API key (limit {key.max_concurrency}).",
+        retry_after=1.0,
+    )
+    err.reason = "concurrency"
+    return err
+
+
+def no_requests(key: KeyRecord, wait: float) -> RateLimited:
+    err = RateLimited(
+        f"Rate limit reached for this API key on requests per minute (limit "
+        f"{key.rpm}). Please try again in {duration(wait)}.",
+        retry_after=wait,
+    )
+    err.reason = "requests_per_minute"
+    return err
+
+
+def no_tokens(key: KeyRecord, wait: float) -> RateLimited:
+    err = RateLimited(
+        f"Rate limit reached for this API key on tokens per minute (limit "
+        f"{key.tpm}). Please try again in {duration(wait)}.",
+        retry_after=wait,
+    )
+    err.reason = "tokens_per_minute"
+    return err
+
+
+def too_large(key: KeyRecord, likely: int) -> RateLimited:
+    """A request that could never fit the key's tokens per minute: retrying will not help."""
+    err = RateLimited(
+        f"Request too large for this API key's limit of {key.tpm} tokens per "
+        f"minute: it may use up to {likely} tokens (prompt plus max_tokens). "
+        "Lower max_tokens or send less.",
+    )
+    err.should_retry = False
+    err.reason = "tokens_per_minute"
+    return err
+
+
 class Limiter:
     """The rate-limit state of every key that has limits. Pure memory, no I/O."""
 
@@ -99,24 +148,13 @@ class Limiter:
         now = self._clock()
         state = self._state(key, now)
         if key.max_concurrency is not None and state.active >= key.max_concurrency:
-            err = RateLimited(
-                f"Too many requests in flight for this API key (limit {key.max_concurrency}).",
-                retry_after=1.0,
-            )
-            err.reason = "concurrency"
-            raise err
+            raise no_slot(key)
         requests = state.requests
         if requests is not None:
             requests.refill(now)
             wait = requests.wait(1)
             if wait > 0:
-                err = RateLimited(
-                    f"Rate limit reached for this API key on requests per minute (limit "
-                    f"{key.rpm}). Please try again in {duration(wait)}.",
-                    retry_after=wait,
-                )
-                err.reason = "requests_per_minute"
-                raise err
+                raise no_requests(key, wait)
             requests.level -= 1
         state.active += 1
 
@@ -132,24 +170,11 @@ class Limiter:
         if state is None or budget is None:
             return
         if likely > budget.capacity:
-            err = RateLimited(
-                f"Request too large for this API key's limit of {key.tpm} tokens per "
-                f"minute: it may use up to {likely} tokens (prompt plus max_tokens). "
-                "Lower max_tokens or send less.",
-            )
-            err.should_retry = False
-            err.reason = "tokens_per_minute"
-            raise err
+            raise too_large(key, likely)
         budget.refill(self._clock())
         wait = budget.wait(likely)
         if wait > 0:
-            err = RateLimited(
-                f"Rate limit reached for this API key on tokens per minute (limit "
-                f"{key.tpm}). Please try again in {duration(wait)}.",
-                retry_after=wait,
-            )
-            err.reason = "tokens_per_minute"
-            raise err
+            raise no_tokens(key, wait)
         budget.level -= most
 
     def refund(self, key: KeyRecord) -> None:

@@ -50,6 +50,7 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("PATCH", "/admin/keys/{key_id}", admin.update_key),
     ("DELETE", "/admin/keys/{key_id}", admin.revoke_key),
     ("GET", "/admin/usage", admin.usage),
+    ("GET", "/admin/stats", admin.stats),
     *dashboard.ROUTES,
 )
 

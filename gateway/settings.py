@@ -76,9 +76,20 @@ class ServerSettings(_Base, frozen=True):
     # connection's start or the first byte of a later request), and its whole body.
     client_header_timeout: PositiveFloat = 60.0
     client_body_timeout: PositiveFloat = 60.0
+    # Run on uvloop where it is installed (Linux, macOS); false: asyncio's own event loop.
+    uvloop: bool = True
+    # Connections the kernel queues before the gateway accepts them. The usual 128 drops
+    # connection attempts under bursts of a thousand clients, which then wait seconds to retry.
+    listen_backlog: PositiveInt = 1024
     # Browser origins (`https://app.example.com`, or `*` for any) whose pages may call the
     # API: preflights are answered and answers carry CORS headers. Default: none.
     cors_origins: tuple[Origin, ...] = ()
+    # Rate limits, concurrency and budgets shared by every replica (`redis://host:6379/0`);
+    # unset: in memory, per process. When Redis cannot be reached: "refuse" answers 503,
+    # "local" falls back to this replica's own in-memory limits.
+    redis_url: str | None = None
+    redis_failure: Literal["refuse", "local"] = "refuse"
+    redis_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
     # The dashboard at /dashboard (on whenever there is an admin key, unless this is false),
     # how long a sign-in lasts, and whether to trust `X-Forwarded-Proto: https` from a proxy
     # in front (then its session cookie is `Secure` even though the proxy speaks plain HTTP).
@@ -143,7 +154,11 @@ class UpstreamConfig(_Provider, frozen=True, kw_only=True):
     read_timeout: PositiveFloat = 300.0
     # Whole-request bound for non-streaming calls; streams are bounded by read_timeout only.
     total_timeout: PositiveFloat = 600.0
-    max_connections: PositiveInt = 100
+    # Connections open to this provider at once; none: no limit, so a healthy stream never
+    # waits behind others. With a limit, a request waits at most pool_timeout seconds for
+    # one, then gets a 503 (waits are logged and counted in GET /admin/stats).
+    max_connections: PositiveInt | None = None
+    pool_timeout: PositiveFloat = 10.0
     # The most the gateway reads of one upstream answer (non-streaming), and of one stream
     # event, counted after decompression; past either, the client gets a 502 (or an error
     # event once its stream has started) and the upstream connection is dropped.
@@ -151,7 +166,7 @@ class UpstreamConfig(_Provider, frozen=True, kw_only=True):
     max_event_bytes: PositiveInt = 16 * 1024 * 1024
     # The most the gateway holds at once of this provider's answers and unfinished events,
     # over all its requests; past it, the request that needs more gets a 503 (another route
-    # may be tried), so a hostile upstream cannot make it hold max_connections of each.
+    # may be tried), so a hostile upstream cannot make it hold one of each per connection.
     max_buffered_bytes: PositiveInt = 256 * 1024 * 1024
 
     @property
@@ -193,7 +208,7 @@ class DemoConfig(_Provider, frozen=True, kw_only=True, tag="demo"):
     first_byte_timeout: ClassVar[float | None] = None
     read_timeout: ClassVar[float] = 60.0
     total_timeout: ClassVar[float] = 60.0
-    max_connections: ClassVar[int] = 1
+    max_connections: ClassVar[int | None] = None
 
 
 ProviderConfig = OpenAIConfig | AzureConfig | AnthropicConfig | GeminiConfig | DemoConfig

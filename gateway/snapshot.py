@@ -43,8 +43,13 @@ class Snapshot:
 
 
 def _session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=cfg.max_connections, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, read_bufsize=_READ_BUFSIZE)
+    # No limit here: aiohttp would queue silently; the upstream client's PoolGate bounds.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    # No cookie jar: a cookie an upstream sets for one client's request must not ride along
+    # on another's (and matching cookies cost time on every request).
+    return aiohttp.ClientSession(
+        connector=connector, read_bufsize=_READ_BUFSIZE, cookie_jar=aiohttp.DummyCookieJar()
+    )
 
 
 def build_snapshot(settings: Settings, previous: Snapshot | None = None) -> Snapshot:

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, UpstreamUnavailable
+from gateway.providers._sse import Framed
 from gateway.schemas.codec import encode
 from gateway.state import SHUTTING_DOWN_KEY, STREAMS_KEY
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
@@ -38,7 +39,9 @@ def _frame(payload: bytes) -> bytes:
 
 
 def data_frames(payloads: list[bytes]) -> bytes:
-    """Payloads as `data:` events (OpenAI chat streams)."""
+    """Payloads as `data:` events (OpenAI chat streams); a `Framed` batch is events already."""
+    if type(payloads) is Framed:
+        return payloads[0]
     return _frame(payloads[0]) if len(payloads) == 1 else b"".join([_frame(p) for p in payloads])
 
 
@@ -46,14 +49,20 @@ def _error_frame(exc: GatewayError) -> bytes:
     return _frame(encode(exc.body()))
 
 
+class _EventStream(EventSourceResponse):
+    """aiohttp-sse's response, whose headers go out with its first event in one write (as
+    `web.Response`'s do with its body) instead of a write of their own: `relay()` starts a
+    stream only once its first batch is there, so nothing is sent later for it."""
+
+    _send_headers_immediately = False
+
+
 class SSEStream:
     """One client event stream: `start()`, then `write()` framed events, `error()`, `close()`."""
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
-        self.response = EventSourceResponse(
-            sep="\n", allow_all_methods=True, ping_interval=PING_SECONDS
-        )
+        self.response = _EventStream(sep="\n", allow_all_methods=True, ping_interval=PING_SECONDS)
 
     async def start(self) -> None:
         trace = self._request[TRACE_KEY]

@@ -13,6 +13,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from itertools import chain
 from typing import Any, Literal
 
 import aiosqlite
@@ -51,6 +52,17 @@ _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHE
 _INSERT_USAGE = (
     f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING"
+)
+# Full runs of rows go in one multi-row INSERT (a statement SQLite prepares once and runs
+# once for the run, about half the CPU of a step per row); the rest of a batch row by row.
+# Sized under SQLite's bound-parameter limit (32766 since 3.32, 999 before).
+_USAGE_RUN = min(
+    250, (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(_USAGE_FIELDS)
+)
+_INSERT_USAGE_RUN = (
+    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES "  # noqa: S608
+    + ", ".join([f"({_marks(_USAGE_FIELDS)})"] * _USAGE_RUN)
+    + " ON CONFLICT (uid) DO NOTHING"
 )
 _ADD_REFUSALS = (
     "INSERT INTO refusals (minute, key_id, status, count) VALUES (?, ?, ?, ?)"
@@ -230,9 +242,15 @@ class Store:
         them between the look and the insert."""
         if not rows:
             return
+        astuple = msgspec.structs.astuple
         async with self._transaction() as db:
             new = await _unwritten(db, rows)
-            await db.executemany(_INSERT_USAGE, [msgspec.structs.astuple(r) for r in new])
+            split = len(new) - len(new) % _USAGE_RUN
+            for start in range(0, split, _USAGE_RUN):
+                run = new[start : start + _USAGE_RUN]
+                await db.execute(_INSERT_USAGE_RUN, list(chain.from_iterable(map(astuple, run))))
+            if split < len(new):
+                await db.executemany(_INSERT_USAGE, [astuple(r) for r in new[split:]])
             await db.executemany(ROLL_UP, roll_up(new))
 
     async def add_refusals(self, counts: Refusals) -> None:

@@ -27,8 +27,10 @@ in machine load hits both alike. Stream latency is the whole response; time to f
 reported too, and so is each server process's CPU time per request (from /proc).
 
 Targets (relay cells): gateway throughput >= 0.8 x relay in every cell, and gateway p50 at
-concurrency 1 within 0.3 ms of the relay's. The anthropic cells have no target: translation
-throughput >= 0.8 x pass-through is printed as information; the limits cells are reported.
+concurrency 1 within 0.15 ms of the relay's. The relay runs on uvloop with no connection limit,
+as the gateway does (`tests/bench_servers.py`), so the ratio is against the fastest floor.
+The anthropic cells have no target: translation throughput >= 0.8 x pass-through is printed as
+information; the limits cells are reported.
 Missing a target still exits 0 (this is a measurement); a server that does not start, or any
 request that errors (in any cell: JSON must be a `chat.completion`, a stream must end with
 `data: [DONE]`), exits 1. The gateway's output goes to /dev/null (its per-request log line is
@@ -69,7 +71,7 @@ MODEL = "bench"
 ANTHROPIC_MODEL = "bench-anthropic"
 UPSTREAM_KEY = "bench-upstream-key"
 THROUGHPUT_TARGET = 0.8  # gateway rps / relay rps, every cell
-P50_TARGET_MS = 0.3  # gateway p50 - relay p50 at concurrency 1
+P50_TARGET_MS = 0.15  # gateway p50 - relay p50 at concurrency 1 (issue #13)
 TRANSLATION_INFO = 0.8  # anthropic rps / openai rps, every cell: information, not a target
 DEFAULT_REQUESTS = {1: 10000, 32: 20000}
 ROUNDS = 4  # each cell alternates its two sides this many times

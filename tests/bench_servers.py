@@ -12,12 +12,20 @@ one text_delta per word, content_block_stop, message_delta with usage, message_s
 
 The relay is the floor any aiohttp gateway pays: read the client's body, POST it upstream through
 one shared `ClientSession`, and hand the bytes back (whole for JSON, `iter_any()` chunks for SSE).
-It parses nothing and checks nothing.
+It parses nothing and checks nothing, runs on uvloop (as `gateway serve` does) and, like the
+gateway, keeps no connection limit (nothing queues) and a listen backlog of 1024.
+
+For `tests/bench_streams.py`, both also serve `/slow/v1/chat/completions`: the upstream streams
+`--slow-chunks` chunks `--slow-interval` seconds apart (each chunk's content is the time it was
+sent, `t<unix seconds>`, so a client can tell how late it arrived), then a finish chunk, the
+usage chunk when asked for, and `data: [DONE]`; the relay passes it through as the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -238,9 +246,39 @@ async def _upstream_messages(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def upstream_app() -> web.Application:
+def _slow_chunk(content: str, finish_reason: str | None = None) -> bytes:
+    delta = {"content": content} if content else {}
+    return _event(_chunk(delta, finish_reason))
+
+
+def slow_stream(chunks: int, interval: float) -> Any:
+    """A handler streaming `chunks` timestamped chunks `interval` seconds apart."""
+    finish = _slow_chunk("", "stop")
+    usage = _event({**_chunk({}, None), "choices": [], "usage": _USAGE})
+    done = b"data: [DONE]\n\n"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        req = _DECODER.decode(await request.read())
+        include_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(chunks):
+            if i:  # on a fixed schedule, so a late wake-up does not delay the rest
+                await asyncio.sleep(max(0.0, start + i * interval - loop.time()))
+            await resp.write(_slow_chunk(f"t{time.time():.6f}"))
+        await resp.write(finish + (usage if include_usage else b"") + done)
+        await resp.write_eof()
+        return resp
+
+    return handler
+
+
+def upstream_app(slow_chunks: int = 100, slow_interval: float = 0.1) -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _upstream_chat)
+    app.router.add_post("/slow/v1/chat/completions", slow_stream(slow_chunks, slow_interval))
     app.router.add_post("/v1/messages", _upstream_messages)
     return app
 
@@ -256,9 +294,10 @@ _UPSTREAM_HEADERS = {
 async def _relay_chat(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     session = request.app[_SESSION_KEY]
-    async with session.post(
-        request.app[_TARGET_KEY], data=body, headers=_UPSTREAM_HEADERS
-    ) as upstream:
+    target = request.app[_TARGET_KEY]
+    if request.path.startswith("/slow/"):
+        target = target.replace("/v1/", "/slow/v1/", 1)
+    async with session.post(target, data=body, headers=_UPSTREAM_HEADERS) as upstream:
         if not upstream.headers.get("Content-Type", "").startswith(STREAM_CONTENT_TYPE):
             return web.Response(
                 status=upstream.status, body=await upstream.read(), content_type="application/json"
@@ -276,13 +315,14 @@ def relay_app(upstream: str) -> web.Application:
     app[_TARGET_KEY] = upstream.rstrip("/") + "/v1/chat/completions"
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-        # Same pool size as the gateway's default `max_connections`.
-        app[_SESSION_KEY] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+        # No limit, as the gateway's default `max_connections`: nothing queues.
+        app[_SESSION_KEY] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         yield
         await app[_SESSION_KEY].close()
 
     app.cleanup_ctx.append(session_ctx)
     app.router.add_post("/v1/chat/completions", _relay_chat)
+    app.router.add_post("/slow/v1/chat/completions", _relay_chat)
     return app
 
 
@@ -292,14 +332,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", help="relay only: the upstream's base URL")
+    parser.add_argument("--slow-chunks", type=int, default=100)
+    parser.add_argument("--slow-interval", type=float, default=0.1)
     args = parser.parse_args(argv)
     if args.role == "relay":
         if not args.upstream:
             parser.error("relay needs --upstream")
         app = relay_app(args.upstream)
     else:
-        app = upstream_app()
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+        app = upstream_app(args.slow_chunks, args.slow_interval)
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        backlog=1024,
+        loop=new_event_loop(),
+    )
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's, as the gateway's (asyncio's where it is not installed)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 if __name__ == "__main__":

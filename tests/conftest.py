@@ -38,6 +38,7 @@ from tests.fake_anthropic import FakeAnthropic
 from tests.fake_azure import FakeAzure
 from tests.fake_gemini import FakeGemini
 from tests.fakes import FakeOpenAI
+from tests.redis_server import RedisServer
 
 DEMO = DemoConfig(name="demo")
 # One upstream attempt per request, so a scripted upstream failure reaches the client as it is;
@@ -99,6 +100,31 @@ async def gateway(
 ) -> TestClient[Any, Any]:
     """The gateway with only the demo provider."""
     return await start_gateway(aiohttp_client, make_settings())
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One throw-away redis-server for the session (tests use fresh keys, so they do not meet);
+    skips when redis-server is not installed."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), free_port()).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to stop and start (outages)."""
+    server = RedisServer(tmp_path, free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def limits_backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Server settings for the limits tests: in memory, and shared through a real Redis."""
+    if request.param == "memory":
+        return {}
+    return {"redis_url": request.getfixturevalue("redis_url")}
 
 
 def free_port() -> int:

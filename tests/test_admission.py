@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import struct
 import zlib
@@ -25,6 +26,12 @@ from tests.conftest import NEVER_HANG, MakeSettings, create_key, start_gateway, 
 from tests.fakes import completion
 
 CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def make_settings(make_settings: MakeSettings, limits_backend: dict[str, Any]) -> MakeSettings:
+    """Every test here runs twice: limits in memory, and shared through a real Redis."""
+    return functools.partial(make_settings, **limits_backend)
 
 
 def png(width: int, height: int) -> str:

@@ -36,6 +36,7 @@ from tests.conftest import (
     openai_client,
     provider_config,
     start_gateway,
+    usage_rows,
 )
 
 MiB = 1024 * 1024
@@ -172,13 +173,15 @@ Build = Callable[..., Awaitable[Rig]]
 async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
     servers: list[asyncio.Server] = []
 
-    async def make(kind: str, answer: Answer, server: Any = None, **fields: Any) -> Rig:
+    async def make(
+        kind: str, answer: Answer, server: Any = None, host: str = "127.0.0.1", **fields: Any
+    ) -> Rig:
         server = server or {}
         upstream = RawUpstream(answer)
         await upstream.start()
         assert upstream.server is not None
         servers.append(upstream.server)
-        base = f"http://127.0.0.1:{upstream.port}{KINDS[kind]}"
+        base = f"http://{host}:{upstream.port}{KINDS[kind]}"
         config_kind = kind
         if kind == "responses":
             config_kind, fields = "openai", {**fields, "responses_api": True}
@@ -708,19 +711,7 @@ SLOW_STARTS = {  # (what comes at once, what then trickles)
 
 @pytest.mark.parametrize(
     "first_byte_timeout",
-    [
-        0.5,
-        pytest.param(
-            None,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Open, for the stream-timeout watchdog work: without first_byte_timeout, "
-                "the time to the first event is bounded only per read (sock_read), so pings, a "
-                "trickled partial event or a trickled head keep a client waiting for its status "
-                "forever, although the docs say first_byte_timeout defaults to read_timeout.",
-            ),
-        ),
-    ],
+    [0.5, None],  # None: first_byte_timeout defaults to read_timeout, pings or not
     ids=["first_byte_timeout", "default"],
 )
 @pytest.mark.parametrize("start", list(SLOW_STARTS))
@@ -755,6 +746,42 @@ async def test_a_stream_that_stalls_mid_event_ends_with_an_error_event(build: Bu
         assert seen == ["hi"]
     finally:
         release.set()
+
+
+async def test_a_stream_longer_than_read_timeout_lives_while_events_keep_coming(
+    build: Build,
+) -> None:
+    # read_timeout bounds each silence, not the stream: 30 events 0.03 s apart (about 0.9 s)
+    # pass a read_timeout of 0.3 s.
+    events = Trickle(SSE_HEAD, chunked(sse(chunk("x"))), every=0.03, most=30)
+    rig = await build("openai", events, read_timeout=0.3)
+    status, body = await rig.call(stream=True)
+    assert status == 200
+    assert body.count(b'"content":"x"') == 30
+
+
+async def test_a_stream_arms_no_timer_per_upstream_read(build: Build) -> None:
+    # The upstream client's watchdog bounds each silence; aiohttp's sock_read timer (one
+    # TimerHandle made and cancelled per read) is not used for streams.
+    events = Trickle(SSE_HEAD, chunked(sse(chunk("x"))), every=0.002, most=100)
+    rig = await build("openai", events, read_timeout=30.0)
+    loop = asyncio.get_running_loop()
+    armed: list[str] = []
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        armed.append(getattr(callback, "__qualname__", repr(callback)))
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        status, body = await rig.call(stream=True)
+    finally:
+        del loop.call_at
+    assert status == 200 and body.count(b'"content":"x"') == 100
+    # The fake upstream's own sleeps (one per event) are not the gateway's timers.
+    gateway_timers = [name for name in armed if "_set_result_unless_cancelled" not in name]
+    assert len(gateway_timers) < 10, gateway_timers
 
 
 # --- Memory: many requests at once --------------------------------------------------------
@@ -936,6 +963,40 @@ async def test_unusual_but_valid_http_is_answered(build: Build, case: str) -> No
         assert "".join(c.choices[0].delta.content for c in result) == "hello"
     else:
         assert result.choices[0].message.content == "hi"
+
+
+PLAIN = sse(chunk("h\u00e9l"), chunk("lo")) + sse(
+    b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
+    b'[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+)
+USAGE = (
+    b'{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+)
+
+
+@pytest.mark.parametrize("wants_usage", [False, True])
+async def test_plain_chunks_reach_the_client_as_the_upstream_sent_them(
+    build: Build, wants_usage: bool
+) -> None:
+    # Pass-through: plain chunks go out byte for byte; the usage chunk the gateway asked
+    # for is still counted, and dropped unless the client asked for it too.
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(http("200 OK", {"Content-Type": "text/event-stream", "Connection": "close"}))
+        for part in (*PLAIN.split(b"\n\n")[:-1], b"data: " + USAGE, b"data: [DONE]"):
+            writer.write(part + b"\n\n")
+            await writer.drain()
+        writer.close()
+
+    rig = await build("openai", answer)
+    path, body = rig.body(stream=True)
+    if wants_usage:
+        body["stream_options"] = {"include_usage": True}
+    status, got = await rig.post(path, body)
+    assert status == 200
+    usage = sse(USAGE) if wants_usage else b""
+    assert got == PLAIN + usage + b"data: [DONE]\n\n"
+    row = (await usage_rows(rig.gateway))[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (3, 2, 0)
 
 
 def one_byte_writes(data: bytes) -> Answer:
@@ -1190,3 +1251,168 @@ async def test_a_body_nested_just_deep_enough_is_a_400_not_a_gateway_crash(
         if resp.status == 400:
             assert (await resp.json())["error"]["message"] == "Request body is nested too deeply."
     assert statuses == {200, 400}
+
+
+# --- Connections: no silent queue ---------------------------------------------------------
+
+
+def held_streams(opened: list[int], release: asyncio.Event) -> Answer:
+    """Streams that send a first event at once, then stay open until `release` is set."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        opened.append(1)
+        writer.write(SSE_HEAD + chunked(sse(chunk("hi"))))
+        await writer.drain()
+        await release.wait()
+        writer.write(chunked(sse(b"[DONE]")) + b"0\r\n\r\n")
+        writer.close()
+
+    return answer
+
+
+async def test_by_default_no_stream_waits_for_a_connection(build: Build) -> None:
+    # 150 streams at once to one provider, each held open: all reach the upstream and get
+    # their first event (a pool of 100 used to queue the last 50 silently).
+    opened: list[int] = []
+    release = asyncio.Event()
+    rig = await build("openai", held_streams(opened, release))
+    path, body = rig.body(stream=True)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = rig.gateway.make_url(path)
+
+        async def first_event() -> tuple[aiohttp.ClientResponse, bytes]:
+            resp = await session.post(url, json=body, headers=headers)
+            return resp, await resp.content.readuntil(b"\n\n")
+
+        try:
+            async with asyncio.timeout(NEVER_HANG):
+                started = await asyncio.gather(*[first_event() for _ in range(150)])
+            assert len(opened) == 150
+            assert all(resp.status == 200 and b"hi" in event for resp, event in started)
+        finally:
+            release.set()
+        for resp, _ in started:
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_set_connection_limit_bounds_the_wait_logs_counts_and_answers_503(
+    build: Build,
+) -> None:
+    opened: list[int] = []
+    release = asyncio.Event()
+    server = {"admin_key": "admin-0123456789abcdef"}
+    rig = await build(
+        "openai", held_streams(opened, release), server, max_connections=2, pool_timeout=0.3
+    )
+    path, body = rig.body(stream=True)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    held = [await rig.gateway.post(path, json=body, headers=headers) for _ in range(2)]
+    try:
+        with capture_logs() as logs:
+            status, answer = await rig.call(stream=True)  # a third: no connection within 0.3 s
+        assert status == 503
+        error = json.loads(answer)["error"]
+        assert error["code"] == "upstream_pool_full" and "max_connections" in error["message"]
+        assert [e["event"] for e in logs if e["event"].startswith("upstream_pool")] == [
+            "upstream_pool_full"
+        ]
+        admin = {"Authorization": "Bearer admin-0123456789abcdef"}
+        async with rig.gateway.get("/admin/stats", headers=admin) as resp:
+            stats = (await resp.json())["providers"]["up"]
+        assert stats | {"wait_seconds": 0} == {
+            "max_connections": 2,
+            "in_use": 2,
+            "waiting": 0,
+            "waited": 1,
+            "wait_seconds": 0,
+            "pool_timeouts": 1,
+            "stream_timeouts": 0,
+        }
+        assert stats["wait_seconds"] >= 0.3
+        async with rig.gateway.get("/admin/stats") as resp:
+            assert resp.status == 401  # the admin key is needed
+    finally:
+        release.set()
+    for resp in held:
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    assert len(opened) == 2
+
+
+async def test_a_request_that_gets_a_connection_within_pool_timeout_is_served(
+    build: Build,
+) -> None:
+    opened: list[int] = []
+    release = asyncio.Event()
+    server = {"admin_key": "admin-0123456789abcdef"}
+    rig = await build("openai", held_streams(opened, release), server, max_connections=1)
+    admin = {"Authorization": "Bearer admin-0123456789abcdef"}
+
+    async def waiting() -> int:
+        async with rig.gateway.get("/admin/stats", headers=admin) as resp:
+            return int((await resp.json())["providers"]["up"]["waiting"])
+
+    path, body = rig.body(stream=True)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    first = await rig.gateway.post(path, json=body, headers=headers)
+    with capture_logs() as logs:
+        second = asyncio.ensure_future(rig.call(stream=True))
+        async with asyncio.timeout(NEVER_HANG):
+            while not await waiting():  # noqa: ASYNC110 (the gate has no event: a counter)
+                await asyncio.sleep(0.01)
+        release.set()  # the first stream ends, and frees its connection for the second
+        status, answer = await second
+    assert status == 200 and answer.endswith(b"data: [DONE]\n\n")
+    assert (await first.read()).endswith(b"data: [DONE]\n\n")
+    waits = [e for e in logs if e["event"] == "upstream_pool_wait"]
+    assert len(waits) == 1 and waits[0]["provider"] == "up"
+
+
+async def test_a_client_that_hangs_up_gives_its_connection_back(build: Build) -> None:
+    # max_connections = 1: were the slot of a stream whose client hung up kept, the
+    # provider would answer nothing but 503s from then on.
+    opened: list[int] = []
+    release = asyncio.Event()
+    server = {"admin_key": "admin-0123456789abcdef"}
+    rig = await build(
+        "openai", held_streams(opened, release), server, max_connections=1, pool_timeout=5.0
+    )
+    path, body = rig.body(stream=True)
+    headers = {"Authorization": f"Bearer {rig.key}"}
+    for _ in range(3):  # each hangs up after its first event, while the upstream holds on
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(rig.gateway.make_url(path), json=body, headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            assert b"hi" in await resp.content.readuntil(b"\n\n")
+    release.set()
+    status, answer = await rig.call(stream=True)
+    assert status == 200 and answer.endswith(b"data: [DONE]\n\n")
+    admin = {"Authorization": "Bearer admin-0123456789abcdef"}
+    async with rig.gateway.get("/admin/stats", headers=admin) as resp:
+        stats = (await resp.json())["providers"]["up"]
+    assert (stats["in_use"], stats["pool_timeouts"]) == (0, 0)
+
+
+async def test_streams_the_watchdog_ends_are_counted(build: Build) -> None:
+    server = {"admin_key": "admin-0123456789abcdef"}
+    rig = await build("openai", Trickle(*SLOW_STARTS["pings"]), server, read_timeout=0.3)
+    status, _ = await rig.call(stream=True)
+    assert status == 504
+    admin = {"Authorization": "Bearer admin-0123456789abcdef"}
+    async with rig.gateway.get("/admin/stats", headers=admin) as resp:
+        assert (await resp.json())["providers"]["up"]["stream_timeouts"] == 1
+
+
+async def test_a_cookie_an_upstream_sets_is_never_sent_back(build: Build) -> None:
+    # One session per provider serves every client: a cookie kept from one client's answer
+    # would go out with the next client's request.
+    answer = whole(COMPLETION % b"hi", **{"Set-Cookie": "session=client-a; Path=/"})
+    rig = await build("openai", sends(answer), host="localhost")  # a name: IPs get no cookies
+    for _ in range(2):
+        status, _body = await rig.call(stream=False)
+        assert status == 200
+    assert len(rig.upstream.requests) == 2
+    assert b"client-a" not in rig.upstream.requests[1]

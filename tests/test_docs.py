@@ -43,6 +43,7 @@ ENV = {
     "GEMINI_API_KEY": "g",
     "AZURE_OPENAI_API_KEY": "az",
     "GATEWAY_ADMIN_KEY": "admin-key-of-at-least-16-characters",
+    "GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0",
 }
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)[^`]*$")

@@ -236,3 +236,26 @@ async def test_sighup_and_gateway_reload_re_read_the_config(tmp_path: Any, capsy
             proc.kill()
             await proc.wait()
     assert not (tmp_path / "keys.db.pid").exists()
+
+
+@pytest.mark.parametrize(("setting", "loop"), [("", "uvloop"), ("uvloop = false\n", "asyncio")])
+async def test_the_server_runs_on_uvloop_unless_told_not_to(
+    tmp_path: Any, setting: str, loop: str
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\ndatabase = "{tmp_path / "keys.db"}"\n{setting}')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config),
+        "--port", str(free_port()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(60):
+            assert proc.stdout is not None
+            serving = await _log_event(proc.stdout, "serving")
+            assert (serving["loop"], serving["backlog"]) == (loop, 1024)
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

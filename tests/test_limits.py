@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -32,6 +33,12 @@ HI = [{"role": "user", "content": "hi"}]
 # a byte: 3 + 4 per message + 2) plus 50.
 RESERVED = 58
 HELD = 59
+
+
+@pytest.fixture
+def make_settings(make_settings: MakeSettings, limits_backend: dict[str, Any]) -> MakeSettings:
+    """Every test here runs twice: limits in memory, and shared through a real Redis."""
+    return functools.partial(make_settings, **limits_backend)
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -136,7 +143,7 @@ async def test_spend_survives_a_restart(
     _, again = await rig(aiohttp_server, aiohttp_client, make_settings)
     record = app_of(again)[KEYS_KEY].lookup(secret)
     assert record is not None
-    spend = app_of(again)[GATE_KEY].spent(record)
+    spend = await app_of(again)[GATE_KEY].spending(record)
     assert spend is not None and spend.tokens == spent
     # 3 reservations fit the budget, but 2 requests' real use is already spent.
     left = 3 * RESERVED - spent
@@ -266,7 +273,7 @@ async def test_a_cut_stream_still_counts_what_was_generated(
     assert rows[-1]["completion_tokens"] > 0
     record = app_of(gw)[KEYS_KEY].lookup(secret)
     assert record is not None
-    spend = app_of(gw)[GATE_KEY].spent(record)
+    spend = await app_of(gw)[GATE_KEY].spending(record)
     assert spend is not None and spend.tokens == rows[-1]["total_tokens"]
     assert spend.held_tokens == 0
     assert (await app_of(gw)[STORE_KEY].spend_since(record.id, 0))[0] == spend.tokens
@@ -283,7 +290,7 @@ async def test_failed_upstream_calls_are_not_charged(
             assert resp.status == 503
     record = app_of(gw)[KEYS_KEY].lookup(secret)
     assert record is not None
-    spend = app_of(gw)[GATE_KEY].spent(record)
+    spend = await app_of(gw)[GATE_KEY].spending(record)
     assert spend is not None and (spend.tokens, spend.usd, spend.held_tokens) == (0, 0.0, 0)
     async with gw.get("/v1/models", headers=auth(secret)) as resp:
         assert resp.headers["x-ratelimit-remaining-tokens"] == "10000"

@@ -74,3 +74,56 @@ def test_tracebacks_never_carry_local_variables(capfd: Any) -> None:
         logging.getLogger().handlers.clear()
     assert "boom" in out and "ValueError" in out
     assert "hunter2" not in out
+
+
+async def _one_request(gateway: TestClient[Any, Any], key: str) -> None:
+    resp = await gateway.post(
+        "/v1/chat/completions",
+        json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert resp.status == 200
+
+
+async def test_the_request_line_written_directly_is_the_one_structlog_would_write(
+    gateway: TestClient[Any, Any], key: str, capfd: Any
+) -> None:
+    # Once configured, the request line skips structlog's processor chain (it is written on
+    # every request); what comes out must be the same line, field for field.
+    import json
+    import logging
+
+    with structlog.testing.capture_logs() as logs:
+        await _one_request(gateway, key)
+    captured = next(e for e in logs if e["event"] == "request")
+    configure_logging("info", cache=False)
+    try:
+        await _one_request(gateway, key)
+        out = capfd.readouterr().out.splitlines()
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    lines = [json.loads(line) for line in out if line.startswith("{")]
+    written = next(line for line in lines if line["event"] == "request")
+    # capture_logs shows the level as log_level, and no context variables or timestamp.
+    expected = set(captured) - {"log_level"} | {"level", "timestamp", "request_id", "key_id"}
+    assert set(written) == expected
+    assert written["level"] == "info" and written["status"] == 200
+    assert written["key_id"].startswith("key_") and written["request_id"].startswith("req_")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", written["timestamp"])
+    assert key not in "\n".join(out)
+
+
+async def test_above_info_no_request_line_is_written(
+    gateway: TestClient[Any, Any], key: str, capfd: Any
+) -> None:
+    import logging
+
+    configure_logging("warning", cache=False)
+    try:
+        await _one_request(gateway, key)
+        out = capfd.readouterr().out
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert '"event":"request"' not in out

@@ -131,6 +131,12 @@ def test_unset_admin_env_turns_admin_off(tmp_path: Path) -> None:
             "base_url = 'https://generativelanguage.googleapis.com/v1beta/openai/'\n",
             "providers[0].base_url: give the API root",
         ),
+        (
+            "[server]\nredis_url = 'http://127.0.0.1:6379'\n",
+            "server.redis_url: must start with redis://, rediss:// or unix://",
+        ),
+        ("[server]\nredis_url = 'env:NO_SUCH_VAR'\n", "server.redis_url: environment variable"),
+        ("[server]\nredis_failure = 'ignore'\n", "redis_failure"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(tmp_path: Path, text: str, message: str) -> None:

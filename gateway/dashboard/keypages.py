@@ -44,11 +44,11 @@ def _next_reset(period: BudgetPeriod | None, now: float) -> float | None:
     return period_start(period, start + ahead) if period == "month" else start + ahead
 
 
-def _row(
+async def _row(
     request: web.Request, key: KeyRecord, used: dict[str, float], now: float
 ) -> dict[str, Any]:
     enforced = request.app[KEYS_KEY].with_groups(key)
-    view = keyops.view(request, key)
+    view = await keyops.view(request, key)
     spend = view.get("spend")
     budget = None
     if spend is not None and (enforced.budget_usd or enforced.budget_tokens):
@@ -109,7 +109,7 @@ async def _page(request: web.Request, **extra: Any) -> web.Response:
     now = time.time()
     records = await request.app[STORE_KEY].list_keys()
     used = await queries.last_used(request.app[STORE_KEY], [k.id for k in records])
-    rows = [_row(request, k, used, now) for k in reversed(records)]  # newest first
+    rows = [await _row(request, k, used, now) for k in reversed(records)]  # newest first
     extra.setdefault("values", _form_values(None))
     extra.setdefault("error", None)
     return render(request, "keys.html", nav="keys", rows=rows, **extra)
@@ -149,7 +149,7 @@ async def _detail(request: web.Request, key: KeyRecord, **extra: Any) -> web.Res
         request,
         "key.html",
         nav="keys",
-        row=_row(request, key, used, time.time()),
+        row=await _row(request, key, used, time.time()),
         period=name,
         periods=["24h", "7d", "30d", "90d", "365d"],
         step="hour" if step == 3600 else "day",

@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway import keyops
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from gateway.intake import read_body
+from gateway.providers._pool import UpstreamStats
 from gateway.schemas.codec import decode_body, encode
 from gateway.state import REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_since
@@ -26,6 +27,7 @@ __all__ = [
     "list_keys",
     "require_admin",
     "revoke_key",
+    "stats",
     "update_key",
     "usage",
 ]
@@ -61,13 +63,13 @@ async def list_keys(request: web.Request) -> web.Response:
     """`GET /admin/keys`: every key, revoked and expired ones included."""
     require_admin(request)
     keys = await request.app[STORE_KEY].list_keys()
-    return _json({"object": "list", "data": [keyops.view(request, k) for k in keys]})
+    return _json({"object": "list", "data": [await keyops.view(request, k) for k in keys]})
 
 
 async def get_key(request: web.Request) -> web.Response:
     require_admin(request)
     key = await request.app[STORE_KEY].require_key(request.match_info["key_id"])
-    return _json(keyops.view(request, key))
+    return _json(await keyops.view(request, key))
 
 
 async def update_key(request: web.Request) -> web.Response:
@@ -111,3 +113,16 @@ async def usage(request: web.Request) -> web.Response:
         by=by,  # type: ignore[arg-type]  # checked above
     )
     return _json({"object": "list", "by": by, "data": rows})
+
+
+async def stats(request: web.Request) -> web.Response:
+    """`GET /admin/stats`: each upstream provider's connection and stream-timeout counters
+    (`UpstreamStats`), since it was built (a reload that changes a provider starts anew)."""
+    require_admin(request)
+    providers = request[SNAPSHOT_KEY].providers
+    upstreams = {
+        name: found
+        for name, provider in providers.items()
+        if isinstance(found := getattr(provider, "stats", None), UpstreamStats)
+    }
+    return _json({"object": "stats", "providers": upstreams})

@@ -36,9 +36,10 @@ async def _chat(request: web.Request, default_model: str | None) -> web.StreamRe
     body = await request.read()
     req = decode_body(body, ChatCompletionRequest)
     model_id = req.model if req.model is not UNSET else default_model
-    ex = pipeline.begin(request, req, body, model_id)
+    ex = await pipeline.begin(request, req, body, model_id)
     try:
         if req.is_stream:
+            ex.call.sse_out = True  # relayed event for event: upstream bytes may pass as they are
             async with contextlib.aclosing(pipeline.stream(ex)) as events:
                 return await relay(request, events)
         reply = await pipeline.complete(ex)

@@ -40,9 +40,12 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     def completion_call(model: ModelConfig) -> CompletionCall:
         return CompletionCall(request=req, body=body, model=model)
 
-    ex = pipeline.open_exchange(request, req.model, completion_call, serves=CompletionsPassThrough)
+    ex = await pipeline.open_exchange(
+        request, req.model, completion_call, serves=CompletionsPassThrough
+    )
     try:
         if req.is_stream:
+            ex.call.sse_out = True  # relayed event for event: upstream bytes may pass as they are
             events = pipeline.stream(ex, lambda route: _upstream(route).stream_completion(ex.call))
             async with contextlib.aclosing(events) as batches:
                 return await relay(request, batches)

@@ -33,7 +33,7 @@ async def create_embeddings(request: web.Request) -> web.Response:
     def embedding_call(model: ModelConfig) -> EmbeddingCall:
         return EmbeddingCall(request=req, body=body, model=model)
 
-    ex = pipeline.open_exchange(request, req.model, embedding_call, serves=Embedder)
+    ex = await pipeline.open_exchange(request, req.model, embedding_call, serves=Embedder)
     try:
         reply = await pipeline.try_routes(
             ex, lambda route: cast(Embedder, route.provider).embeddings(ex.call)

@@ -70,7 +70,7 @@ def _native(route: Route) -> MessagesPassThrough:
     return cast(MessagesPassThrough, route.provider)
 
 
-def _begin(
+async def _begin(
     request: web.Request, body: bytes
 ) -> tuple[MessagesRequest, Translation, Exchange[ChatCall]]:
     """Decode and translate the request; open its exchange (see `pipeline.open_exchange`)."""
@@ -87,7 +87,7 @@ def _begin(
         translations.append(to_chat(req, reasoning=model.reasoning))
         return ChatCall(request=translations[0].chat, model=model)
 
-    ex = pipeline.open_exchange(request, req.model, messages_call, free=free)
+    ex = await pipeline.open_exchange(request, req.model, messages_call, free=free)
     return req, translations[0], ex
 
 
@@ -96,7 +96,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
     body = await request.read()
     headers = _headers(request)
-    req, translation, ex = _begin(request, body)
+    req, translation, ex = await _begin(request, body)
     try:
         return await native_first(
             ex,
@@ -160,7 +160,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     request[TRACE_KEY].metered = True
     body = await request.read()
     headers = _headers(request)
-    _, _, ex = _begin(request, body)
+    _, _, ex = await _begin(request, body)
     try:
         first = ex.routes[0].provider
         if has_capability(first, MessagesPassThrough):

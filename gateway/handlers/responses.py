@@ -53,7 +53,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     model_id = req.model if isinstance(req.model, str) else None
     try:
         # No body: the chat request is made from the struct, only if a provider forwards it.
-        ex = pipeline.begin(request, translation.chat, None, model_id)
+        ex = await pipeline.begin(request, translation.chat, None, model_id)
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None
     try:

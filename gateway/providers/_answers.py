@@ -15,14 +15,13 @@ import msgspec
 import structlog
 from msgspec import UNSET, UnsetType
 
-from gateway.errors import UpstreamBadResponse, UpstreamConnectionError, UpstreamError
+from gateway.errors import UpstreamBadResponse, UpstreamError
 from gateway.providers._errors import error_from_status
 from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage
 from gateway.schemas.response_output import ResponseUsage
 
 __all__ = [
-    "StreamCheck",
     "answer_error",
     "completion_usage",
     "embeddings_usage",
@@ -252,54 +251,3 @@ def response_usage(provider: str, body: bytes) -> Usage | None:
     view = _checked(provider, body, _RESPONSE, "response")
     usage = _usage(provider, view.usage, _RESPONSE_USAGE)
     return usage.to_usage() if usage is not None else None
-
-
-# A finish_reason with a value, as servers write it; inside a JSON string every quote is
-# escaped, so in an event that is valid JSON these bytes can only be the key itself.
-_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
-
-
-_EVENT = msgspec.json.Decoder(_Object)
-
-
-class StreamCheck:
-    """What an OpenAI chat stream must be before it is relayed as complete: every event a JSON
-    object, and a `finish_reason` (or `data: [DONE]`) before it ends, so that a stream cut
-    short ends with an error event instead of looking finished."""
-
-    __slots__ = ("finished", "provider")
-
-    def __init__(self, provider: str) -> None:
-        self.provider = provider
-        self.finished = False
-
-    def see(self, data: bytes) -> bool:
-        """Check one event; False for a blank one (a keep-alive, not for the client).
-
-        Raises:
-            UpstreamError: the event is not a JSON object.
-        """
-        if not data or data.isspace():
-            return False
-        try:
-            _EVENT.decode(data)
-        except (msgspec.MsgspecError, RecursionError):
-            raise UpstreamError(
-                f"The upstream provider '{self.provider}' sent a stream event that is not "
-                "a JSON object."
-            ) from None
-        if not self.finished and (_FINISHED[0] in data or _FINISHED[1] in data):
-            self.finished = True
-        return True
-
-    def end(self) -> None:
-        """The upstream closed the stream without `[DONE]`.
-
-        Raises:
-            UpstreamConnectionError: no choice had finished: the answer was cut short.
-        """
-        if not self.finished:
-            raise UpstreamConnectionError(
-                f"The upstream provider '{self.provider}' ended the stream before the answer "
-                "was complete (no finish_reason and no [DONE])."
-            )

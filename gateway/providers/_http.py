@@ -27,6 +27,7 @@ into events. URLs and body codecs stay with the provider.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,10 +36,17 @@ from typing import Protocol, TypeVar
 import aiohttp
 import msgspec
 
-from gateway.errors import UpstreamBadResponse, UpstreamError, UpstreamUnavailable
+from gateway.errors import (
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
-from gateway.providers._sse import EventTooLarge, FrameDecoder, SSEDecoder, utf8
+from gateway.providers._pool import PoolGate
+from gateway.providers._sse import EventTooLarge, Framed, FrameDecoder, SSEDecoder, utf8
+from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
 
 __all__ = ["Attempt", "Dialect", "UpstreamClient", "bearer", "key_header"]
@@ -103,10 +111,9 @@ def _unary_timeout(cfg: UpstreamConfig) -> aiohttp.ClientTimeout:
 
 
 def _stream_timeout(cfg: UpstreamConfig) -> aiohttp.ClientTimeout:
-    # No total: a long, healthy generation must never be cut; sock_read bounds each silence.
-    return aiohttp.ClientTimeout(
-        total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
-    )
+    # No total: a long, healthy generation must never be cut. No sock_read either: aiohttp
+    # would arm a timer per read; the client's watchdog bounds each silence instead.
+    return aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout)
 
 
 class UpstreamClient:
@@ -127,6 +134,10 @@ class UpstreamClient:
         self._base = {"content-type": "application/json", **dialect.headers, **config.headers}
         self._by_account: dict[str | None, dict[str, str]] = {}
         self._free = config.max_buffered_bytes  # of what all its requests may hold at once
+        first = config.first_byte_timeout or config.read_timeout
+        self.watchdog = Watchdog(first, config.read_timeout)
+        self.pool = PoolGate(config.name, config.max_connections, config.pool_timeout)
+        self.stats = self.pool.stats
 
     def headers(self, attempt: Attempt, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The headers of one request: its account's (built once per account), its id, and
@@ -163,13 +174,16 @@ class UpstreamClient:
                 failure to reach the upstream.
         """
         try:
-            async with self._session.post(
-                url,
-                data=body,
-                headers=self.headers(attempt, extra),
-                timeout=self._unary_timeout,
-                allow_redirects=False,
-            ) as resp:
+            async with (
+                self.pool,
+                self._session.post(
+                    url,
+                    data=body,
+                    headers=self.headers(attempt, extra),
+                    timeout=self._unary_timeout,
+                    allow_redirects=False,
+                ) as resp,
+            ):
                 if not 200 <= resp.status < 300:
                     raise await self._failure(resp, attempt)
                 data = await self._read(resp, self.config.max_response_bytes)
@@ -180,55 +194,97 @@ class UpstreamClient:
         return _redact(utf8(data), _secret(attempt))
 
     async def stream(
-        self, url: str, body: bytes, attempt: Attempt, extra: Mapping[str, str] | None = None
+        self,
+        url: str,
+        body: bytes,
+        attempt: Attempt,
+        extra: Mapping[str, str] | None = None,
+        *,
+        passthrough: bool = False,
     ) -> AsyncGenerator[list[bytes], None]:
         """POST `body` and yield the payloads of the upstream's events, batched by read.
 
         A batch holds every event one network read completed, so a burst of events costs one
-        client write, and nothing waits for more input than has arrived.
+        client write, and nothing waits for more input than has arrived. With `passthrough`,
+        a read that is whole, canonical events (`_sse.canonical`), valid UTF-8 without the
+        key comes as one `Framed` batch of its bytes, for a caller that relays them as SSE.
 
         Raises:
             UpstreamError: before the first batch as for `post`; after it, a failure of the
                 connection or an event over the size limit.
         """
-        try:
-            async with self._session.post(
-                url,
-                data=body,
-                headers=self.headers(attempt, extra),
-                timeout=self._stream_timeout,
-                allow_redirects=False,
-            ) as resp:
-                if not 200 <= resp.status < 300:
-                    raise await self._failure(resp, attempt)
-                frames = self._dialect.frames(self.config.max_event_bytes)
-                secret = _secret(attempt)
-                held = 0
+        async with self.pool:
+            with self.watchdog.watch() as watch:
                 try:
-                    async for piece in resp.content.iter_any():
-                        batch = frames.feed(piece)
-                        if frames.held != held:
-                            self._hold(resp, frames.held - held)
-                            held = frames.held
-                        if batch:
-                            if attempt.first_byte_at is None:
-                                attempt.first_byte_at = time.monotonic()
-                            if secret is not None:
-                                _redact_each(batch, secret)
+                    async with self._session.post(
+                        url,
+                        data=body,
+                        headers=self.headers(attempt, extra),
+                        timeout=self._stream_timeout,
+                        allow_redirects=False,
+                    ) as resp:
+                        if not 200 <= resp.status < 300:
+                            raise await self._failure(resp, attempt)
+                        async for batch in self._batches(resp, attempt, watch, passthrough):
+                            watch.reading = False  # the client's pace is not the upstream's
                             yield batch
-                    tail = frames.end()
-                    if tail:
-                        if secret is not None:
-                            _redact_each(tail, secret)
-                        yield tail
-                except EventTooLarge:
-                    resp.close()  # drop the connection: the rest of the event is not read
-                    raise self._too_large("a stream event", "max_event_bytes") from None
-                finally:
-                    frames.clear()  # a traceback may keep this frame, and so the decoder
-                    self._free += held
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_failure(self.config.name, exc) from exc
+                            watch.reading, watch.last = True, time.monotonic()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise upstream_failure(self.config.name, exc) from exc
+                except asyncio.CancelledError:
+                    if not watch.timed_out():
+                        raise
+                    raise self._silent(watch) from None
+
+    async def _batches(
+        self, resp: aiohttp.ClientResponse, attempt: Attempt, watch: Watch, passthrough: bool
+    ) -> AsyncGenerator[list[bytes], None]:
+        frames = self._dialect.frames(self.config.max_event_bytes)
+        secret = _secret(attempt)
+        held = 0
+        try:
+            async for piece in resp.content.iter_any():
+                if (
+                    passthrough
+                    and frames.passes(piece)
+                    and (secret is None or secret not in piece)
+                    and (piece.isascii() or utf8(piece) is piece)
+                ):
+                    batch: list[bytes] = Framed((piece,))  # nothing to repair or redact
+                else:
+                    batch = frames.feed(piece)
+                    if frames.held != held:
+                        self._hold(resp, frames.held - held)
+                        held = frames.held
+                if batch:
+                    if watch.first:
+                        attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
+                        watch.first, watch.limit = False, self.config.read_timeout
+                    if secret is not None:
+                        _redact_each(batch, secret)
+                    yield batch
+                elif not watch.first:
+                    watch.last = time.monotonic()  # pings keep a started stream open
+            tail = frames.end()
+            if tail:
+                if secret is not None:
+                    _redact_each(tail, secret)
+                yield tail
+        except EventTooLarge:
+            resp.close()  # drop the connection: the rest of the event is not read
+            raise self._too_large("a stream event", "max_event_bytes") from None
+        finally:
+            frames.clear()  # a traceback may keep this frame, and so the decoder
+            self._free += held
+
+    def _silent(self, watch: Watch) -> UpstreamError:
+        self.stats.stream_timeouts += 1
+        if watch.first:
+            return UpstreamTimeout(
+                f"The upstream provider '{self.config.name}' sent nothing within "
+                f"{self.watchdog.first_byte_timeout:g} s."
+            )
+        return upstream_failure(self.config.name, TimeoutError())  # as aiohttp's timeout was
 
     async def _failure(self, resp: aiohttp.ClientResponse, attempt: Attempt) -> UpstreamError:
         if resp.status < 400:

@@ -15,13 +15,24 @@ event whose data is empty is not dispatched: what comes out is valid UTF-8, neve
 
 from __future__ import annotations
 
-__all__ = ["EventTooLarge", "FrameDecoder", "SSEDecoder", "utf8"]
+__all__ = ["EventTooLarge", "FrameDecoder", "Framed", "SSEDecoder", "utf8"]
 
 from typing import Protocol
 
 
 class EventTooLarge(Exception):
     """One upstream event exceeds the provider's `max_event_bytes`."""
+
+
+class Framed(list[bytes]):
+    """A batch that is a run of whole SSE events as the upstream sent them, to be relayed as
+    they are once checked (`StreamCheck.see_run`), not split and framed again."""
+
+    __slots__ = ()
+
+    def payloads(self) -> list[bytes]:
+        """Its events' payloads, as `SSEDecoder` reads them (for a run that cannot pass)."""
+        return SSEDecoder(len(self[0])).feed(self[0])
 
 
 class FrameDecoder(Protocol):
@@ -42,6 +53,11 @@ class FrameDecoder(Protocol):
     @property
     def held(self) -> int:
         """Bytes held of an event that has not ended yet."""
+        ...
+
+    def passes(self, piece: bytes) -> bool:
+        """Whether `piece` may be whole `data:` events that could be relayed as they are:
+        nothing is held before it, it starts a data line and ends an event."""
         ...
 
     def clear(self) -> None:
@@ -103,6 +119,9 @@ class SSEDecoder:
     @property
     def held(self) -> int:
         return len(self._buf)
+
+    def passes(self, piece: bytes) -> bool:
+        return not self._buf and not self._cr and piece[:6] == b"data: " and piece[-2:] == b"\n\n"
 
     def clear(self) -> None:
         self._buf.clear()

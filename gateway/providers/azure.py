@@ -67,6 +67,9 @@ class AzureProvider(OpenAIProvider):
         deployment = urllib.parse.quote(name, safe="")
         return f"{self._root}{deployment}/{operation}?{self._query}"
 
+    def _looks_at(self, events: bytes) -> bool:
+        return b'"prompt_filter_results"' in events
+
     def _keep(self, call: Call, data: bytes, keep_usage_chunk: bool) -> bool:
         if b'"prompt_filter_results"' in data:
             try:

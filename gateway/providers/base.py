@@ -57,6 +57,9 @@ class Call:
         chunks: stream chunks with content seen so far (a completion-token estimate when the
             upstream never reports usage, e.g. because the client hung up).
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
+        sse_out: the stream goes to the client as SSE events of the same payloads (chat and
+            completions streams), so a provider may yield `_sse.Framed` batches of upstream
+            events as they are; other endpoints translate the payloads, and get payloads.
     """
 
     model: ModelConfig
@@ -68,6 +71,7 @@ class Call:
     cache_write_tokens: int = 0
     chunks: int = 0
     first_byte_at: float | None = None
+    sse_out: bool = False
     started_at: float = field(default_factory=time.monotonic)
     _raw: dict[str, msgspec.Raw] | None = None
 

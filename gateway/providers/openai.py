@@ -6,8 +6,11 @@ reserved) fills a missing limit, tool-call ids longer than OpenAI's 40 character
 shortened (`_call_ids`), and streams always ask for `include_usage` so usage can be accounted;
 that extra usage chunk is dropped again when the client did not ask for it. Upstream bytes go
 back untouched; answers are checked to be what they claim before they are relayed
-(`_answers`). Embeddings (`/embeddings`) and legacy completions (`/completions`, streams as for
-chat) pass through the same way.
+(`_answers`). A stream the chat or completions handler relays as it is (`Call.sse_out`) is
+passed through a read at a time: a read of plain `data: {...}` events with nothing to account
+or strip goes out as the upstream's bytes, checked in one decode; any other read is split into
+its events and each is looked at. Embeddings (`/embeddings`) and legacy completions
+(`/completions`, streams as for chat) pass through the same way.
 
 Upstreams with `responses_api = true` also get `/v1/responses` requests as they are
 (`OpenAIResponsesProvider`, which relays them with `gateway.providers.openai_responses`).
@@ -24,7 +27,6 @@ import structlog
 
 from gateway.errors import UpstreamError
 from gateway.providers._answers import (
-    StreamCheck,
     completion_usage,
     embeddings_usage,
     text_completion_usage,
@@ -32,6 +34,8 @@ from gateway.providers._answers import (
 from gateway.providers._call_ids import short_ids
 from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
+from gateway.providers._sse import Framed
+from gateway.providers._stream_check import StreamCheck
 from gateway.providers.base import Call, ChatCall, ChatReply
 from gateway.providers.capabilities import CompletionCall, EmbeddingCall
 from gateway.providers.openai_responses import ResponsesRelay
@@ -64,6 +68,7 @@ class OpenAIProvider:
     def __init__(self, config: OpenAIConfig | AzureConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, self.dialect)
+        self.stats = self._http.stats  # GET /admin/stats
 
     def url(self, call: Call, operation: str) -> str:
         """Where an operation (`chat/completions`, `embeddings`, `completions`) goes (Azure:
@@ -119,7 +124,7 @@ class OpenAIProvider:
         self, url: str, body: bytes, call: Call, *, keep_usage_chunk: bool
     ) -> AsyncGenerator[list[bytes], None]:
         check = StreamCheck(self.config.name)
-        events = self._http.stream(url, body, call)
+        events = self._http.stream(url, body, call, passthrough=call.sse_out)
         async with contextlib.aclosing(events):
             async for batch in events:
                 out, done, error = self._relay(call, batch, keep_usage_chunk, check)
@@ -135,6 +140,12 @@ class OpenAIProvider:
         self, call: Call, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (events for the client, saw [DONE], upstream error event)."""
+        if type(batch) is Framed:
+            events = 0 if self._looks_at(batch[0]) else check.see_run(batch[0])
+            if events:
+                call.chunks += events
+                return batch, False, None  # as the upstream sent it
+            batch = batch.payloads()
         out: list[bytes] = []
         for data in batch:
             if data == b"[DONE]":
@@ -145,6 +156,11 @@ class OpenAIProvider:
             except UpstreamError as exc:
                 return out, True, exc
         return out, False, None
+
+    def _looks_at(self, events: bytes) -> bool:
+        """Whether `_keep` must see these events one by one although they are plain chunks
+        (a dialect's own kinds of event: Azure's prompt filter results)."""
+        return False
 
     def _keep(self, call: Call, data: bytes, keep_usage_chunk: bool) -> bool:
         """Account for one upstream event; False for events the client must not get."""

@@ -35,6 +35,7 @@ class AnthropicProvider:
     def __init__(self, config: AnthropicConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, _DIALECT)
+        self.stats = self._http.stats  # GET /admin/stats
         self._url = f"{config.url}/v1/messages"
         self._relay = MessagesRelay(self._http, config.url)
 

@@ -36,6 +36,7 @@ class GeminiProvider:
     def __init__(self, config: GeminiConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self._http = UpstreamClient(config, session, _DIALECT)
+        self.stats = self._http.stats  # GET /admin/stats
 
     def _url(self, call: Call, action: str) -> str:
         # The model name comes from the client for "<provider>/<model>" ids: quote it so it

@@ -1,0 +1,113 @@
+"""An OpenAI stream is checked as it is relayed: every event a JSON object, and an answer that
+finished before the stream ended, so a stream cut short ends with an error event instead of
+looking complete. A run of plain chunks is checked in one decode (`see_run`), for relaying it
+as the upstream sent it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.errors import UpstreamConnectionError, UpstreamError
+
+__all__ = ["StreamCheck"]
+
+
+class _Object(msgspec.Struct):
+    """Any JSON object: decoding one checks the JSON and skips every value unread."""
+
+
+# A finish_reason with a value, as servers write it; inside a JSON string every quote is
+# escaped, so in an event that is valid JSON these bytes can only be the key itself.
+_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
+
+
+_EVENT = msgspec.json.Decoder(_Object)
+
+
+class _RunChoice(msgspec.Struct):
+    finish_reason: object = None
+
+
+class _RunChunk(msgspec.Struct):
+    """What a relayed chunk is checked for; the rest is skipped unread."""
+
+    choices: list[_RunChoice] = []
+    usage: object = None
+    error: object = None
+
+
+_RUN = msgspec.json.Decoder(list[_RunChunk])
+
+
+class StreamCheck:
+    """What an OpenAI chat stream must be before it is relayed as complete: every event a JSON
+    object, and a `finish_reason` (or `data: [DONE]`) before it ends, so that a stream cut
+    short ends with an error event instead of looking finished."""
+
+    __slots__ = ("finished", "provider")
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.finished = False
+
+    def see(self, data: bytes) -> bool:
+        """Check one event; False for a blank one (a keep-alive, not for the client).
+
+        Raises:
+            UpstreamError: the event is not a JSON object.
+        """
+        if not data or data.isspace():
+            return False
+        try:
+            _EVENT.decode(data)
+        except (msgspec.MsgspecError, RecursionError):
+            raise UpstreamError(
+                f"The upstream provider '{self.provider}' sent a stream event that is not "
+                "a JSON object."
+            ) from None
+        if not self.finished and (_FINISHED[0] in data or _FINISHED[1] in data):
+            self.finished = True
+        return True
+
+    def see_run(self, events: bytes) -> int:
+        """Check a run of SSE events (from `data: ` to a blank line) in one decode, for
+        relaying them as they are: how many they are, or 0 when they are not all plain
+        chunks, each one `data:` line holding one JSON object with no usage and no error
+        (then the caller splits them and looks at each with `see`).
+
+        With the separators turned into commas they make a JSON array. A line break left in
+        it (a comment, a second data line, an object over several lines) or a CR is refused:
+        JSON would read through what an SSE client splits. An event that is several objects
+        ("{},{}") gives more elements than events, so their count is checked too.
+        """
+        body = events[6:-2].replace(b"\n\ndata: ", b",")
+        if b"\n" in body or b"\r" in body:
+            return 0
+        try:
+            chunks = _RUN.decode(b"[%b]" % body)
+        except (msgspec.MsgspecError, RecursionError):
+            return 0
+        count = (len(events) - 8 - len(body)) // 7 + 1  # each separator is 7 bytes shorter
+        if len(chunks) != count:
+            return 0
+        finished = self.finished
+        for chunk in chunks:
+            if chunk.usage is not None or chunk.error is not None:
+                return 0
+            if not finished:
+                finished = any(choice.finish_reason for choice in chunk.choices)
+        self.finished = finished
+        return count
+
+    def end(self) -> None:
+        """The upstream closed the stream without `[DONE]`.
+
+        Raises:
+            UpstreamConnectionError: no choice had finished: the answer was cut short.
+        """
+        if not self.finished:
+            raise UpstreamConnectionError(
+                f"The upstream provider '{self.provider}' ended the stream before the answer "
+                "was complete (no finish_reason and no [DONE])."
+            )

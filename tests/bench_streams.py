@@ -1,0 +1,484 @@
+"""What users of long LLM streams live with: the gateway against a bare relay, in one run.
+
+    .venv/bin/python -m tests.bench_streams                 # part of `make bench`
+    BENCH_QUICK=1 .venv/bin/python -m tests.bench_streams   # smaller and shorter
+    .venv/bin/python -m tests.bench_streams --streams 2000 --seconds 30 --json out.json
+
+Processes on 127.0.0.1: the fake upstream and the relay (`tests/bench_servers.py`, uvloop),
+`gateway serve` (uvloop, a real key, auth, limits, routing, usage rows and its log line on),
+and the load client, in a process of its own (`client` below, uvloop), so the load generator
+is not what is measured. Each scenario runs against the relay, then against the gateway.
+
+* streams: `--streams` concurrent streams (opened over `--ramp` seconds) of chunks 100 ms
+  apart for `--seconds`, through `/slow/v1/chat/completions`. Reported: the server's CPU
+  while every stream is open; each chunk's delay (the time it arrived minus the time the
+  upstream wrote it, which the chunk carries); the latency of fresh non-streaming requests
+  sent during the load; memory per open stream (RSS growth / streams); errors.
+* ttfb: 300 streams to one provider at once, default config: time to first byte.
+* memory: `--requests` JSON requests at concurrency 32; the gateway's RSS after the first
+  tenth and at the end.
+
+Targets (issue #13) are printed with each figure; missing one still exits 0 (a measurement);
+a server that does not start exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.bench import (
+    KEY_LIMITS,
+    MODEL,
+    ROOT,
+    Server,
+    Servers,
+    free_port,
+    gateway_command,
+    wait_http,
+    wait_tcp,
+)
+
+__all__ = ["main"]
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+INTERVAL = 0.1
+SLOW_MODEL = "bench-slow"
+UPSTREAM_KEY = "bench-upstream-key"
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# --- the load client (its own process) --------------------------------------------------------
+
+
+def _body(stream: bool, model: str = MODEL) -> bytes:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    ).encode()
+
+
+async def _client(args: argparse.Namespace) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
+    stream_url = args.url + args.stream_path
+    fresh_url = f"{args.url}/v1/chat/completions"
+    delays: list[float] = []
+    ttfb: list[float] = []
+    fresh: list[float] = []
+    errors: list[str] = []
+    opened = asyncio.Event()
+    open_count = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one_stream(delay: float) -> None:
+            nonlocal open_count
+            await asyncio.sleep(delay)
+            start = time.monotonic()
+            try:
+                async with session.post(
+                    stream_url, data=_body(True, args.model), headers=headers
+                ) as resp:
+                    if resp.status != 200:
+                        errors.append(f"status {resp.status}")
+                        return
+                    first = True
+                    open_count += 1
+                    if open_count == args.streams:
+                        opened.set()
+                    tail = last = b""
+                    async for piece in resp.content.iter_any():
+                        now = time.time()
+                        if first:
+                            ttfb.append(time.monotonic() - start)
+                            first = False
+                        data, pos = tail + piece, 0
+                        while True:  # each chunk carries the time the upstream sent it
+                            at = data.find(b'"content":"t', pos)
+                            if at < 0:
+                                tail = data[-11:]  # a marker may straddle two reads
+                                break
+                            end = data.find(b'"', at + 12)
+                            if end < 0:
+                                tail = data[at:]
+                                break
+                            delays.append(now - float(data[at + 12 : end]))
+                            pos = end
+                        last = (last + piece)[-64:]
+                    if b"[DONE]" not in last:
+                        errors.append("stream ended without [DONE]")
+            except (aiohttp.ClientError, OSError) as exc:
+                errors.append(type(exc).__name__)
+
+        async def fresh_requests() -> None:
+            await opened.wait()
+            end = time.monotonic() + args.fresh_seconds
+            while time.monotonic() < end:
+                start = time.monotonic()
+                try:
+                    async with session.post(fresh_url, data=_body(False), headers=headers) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            errors.append(f"fresh status {resp.status}")
+                except (aiohttp.ClientError, OSError) as exc:
+                    errors.append(type(exc).__name__)
+                fresh.append(time.monotonic() - start)
+                await asyncio.sleep(0.05)
+
+        streams = [one_stream(args.ramp * i / max(1, args.streams)) for i in range(args.streams)]
+        tasks = [*streams, fresh_requests()] if args.fresh_seconds > 0 else streams
+        await asyncio.gather(*tasks)
+    # The first chunks of each stream see the ramp's own load: count from the steady part.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "delays_ms": [round(d * 1000, 3) for d in delays],
+        "ttfb_ms": [round(t * 1000, 3) for t in ttfb],
+        "fresh_ms": [round(f * 1000, 3) for f in fresh],
+        "errors": errors,
+        "client_cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+
+
+async def _flood(args: argparse.Namespace) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
+    url = f"{args.url}/v1/chat/completions"
+    errors = 0
+    left = args.requests
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def worker() -> None:
+            nonlocal errors, left
+            while left > 0:
+                left -= 1
+                async with session.post(url, data=_body(False), headers=headers) as resp:
+                    await resp.read()
+                    errors += resp.status != 200
+
+        await asyncio.gather(*[worker() for _ in range(32)])
+    return {"errors": errors}
+
+
+def client_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench_streams client")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--streams", type=int, default=0)
+    parser.add_argument("--ramp", type=float, default=0.0)
+    parser.add_argument("--stream-path", default="/v1/chat/completions")
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--fresh-seconds", type=float, default=0.0)
+    parser.add_argument("--requests", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="where the figures go (JSON)")
+    args = parser.parse_args(argv)
+    from tests.bench_servers import new_event_loop
+
+    loop = new_event_loop()
+    work = _flood(args) if args.requests else _client(args)
+    result = loop.run_until_complete(work)
+    loop.close()
+    args.out.write_text(json.dumps(result))
+
+
+# --- the orchestration -------------------------------------------------------------------------
+
+
+class _Client:
+    """A load client process; its figures come back in a file (they can be megabytes)."""
+
+    def __init__(self, server: Server, key: str, *extra: str) -> None:
+        fd, name = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        self.out = Path(name)
+        argv = [sys.executable, "-m", "tests.bench_streams", "client", "--url", server.url]
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [*argv, "--key", key, "--out", str(self.out), *extra], cwd=ROOT
+        )
+
+
+def _run_client(server: Server, key: str, *extra: str) -> _Client:
+    return _Client(server, key, *extra)
+
+
+def _finish(client: _Client) -> dict[str, Any]:
+    try:
+        if client.proc.wait(timeout=600) != 0:
+            raise RuntimeError(f"the load client exited with {client.proc.returncode}")
+        result: dict[str, Any] = json.loads(client.out.read_text())
+    finally:
+        client.out.unlink(missing_ok=True)
+    return result
+
+
+def _slow(server: Server) -> list[str]:
+    """How a side is asked for the slow upstream's streams (the relay by path, the gateway
+    by model)."""
+    if server.name == "relay":
+        return ["--stream-path", "/slow/v1/chat/completions"]
+    return ["--model", SLOW_MODEL]
+
+
+def long_streams(server: Server, key: str, streams: int, seconds: float) -> dict[str, Any]:
+    """One side's long-streams figures (see the module docstring)."""
+    ramp = min(5.0, max(1.0, streams / 400))
+    steady = seconds - ramp - 2.0  # every stream is open from ramp to `seconds`
+    base_rss = _rss_kib(server.proc.pid)
+    proc = _run_client(
+        server, key, "--streams", str(streams), "--ramp", str(ramp), *_slow(server),
+        "--fresh-seconds", str(max(1.0, steady - 1.0)),
+    )  # fmt: skip
+    time.sleep(ramp + 1.0)
+    cpu0, t0 = server.cpu_seconds() or 0.0, time.monotonic()
+    time.sleep(max(1.0, steady - 1.0))
+    cpu1, t1 = server.cpu_seconds() or 0.0, time.monotonic()
+    rss = _rss_kib(server.proc.pid)
+    result = _finish(proc)
+    # Chunks written during the ramp wait behind connection set-up: count the steady ones.
+    delays = result["delays_ms"]
+    skip = len(delays) * ramp / seconds
+    steady_delays = delays[int(skip) :]
+    return {
+        "streams": streams,
+        "cpu_percent": round((cpu1 - cpu0) / (t1 - t0) * 100, 1),
+        "delay_p50_ms": _pct(steady_delays, 50),
+        "delay_p99_ms": _pct(steady_delays, 99),
+        "chunks": len(delays),
+        "fresh_p50_ms": _pct(result["fresh_ms"], 50),
+        "fresh_p99_ms": _pct(result["fresh_ms"], 99),
+        "fresh_requests": len(result["fresh_ms"]),
+        "kib_per_stream": round((rss - base_rss) / streams, 1),
+        "errors": len(result["errors"]),
+        "error_kinds": sorted(set(result["errors"]))[:5],
+        "client_cpu_percent": round(result["client_cpu_s"] / seconds * 100, 1),
+    }
+
+
+def first_bytes(server: Server, key: str, streams: int) -> dict[str, Any]:
+    result = _finish(_run_client(server, key, "--streams", str(streams), *_slow(server)))
+    return {
+        "streams": streams,
+        "ttfb_p50_ms": _pct(result["ttfb_ms"], 50),
+        "ttfb_p99_ms": _pct(result["ttfb_ms"], 99),
+        "errors": len(result["errors"]),
+    }
+
+
+def memory_flat(server: Server, key: str, requests: int) -> dict[str, Any]:
+    tenth = max(1, requests // 10)
+    first = _finish(_run_client(server, key, "--requests", str(tenth)))
+    rss_a = _rss_kib(server.proc.pid)
+    rest = _finish(_run_client(server, key, "--requests", str(requests - tenth)))
+    rss_b = _rss_kib(server.proc.pid)
+    return {
+        "requests": requests,
+        "rss_after_tenth_mib": round(rss_a / 1024, 1),
+        "rss_at_end_mib": round(rss_b / 1024, 1),
+        "growth_percent": round((rss_b - rss_a) / rss_a * 100, 1),
+        "errors": first["errors"] + rest["errors"],
+    }
+
+
+def _start(
+    servers: Servers, tmp: Path, log: Any, slow_chunks: int
+) -> tuple[Server, Server, Server, str]:
+    py = sys.executable
+    up_port = free_port()
+    upstream = servers.start(
+        "upstream",
+        [py, "-m", "tests.bench_servers", "upstream", "--port", str(up_port),
+         "--slow-chunks", str(slow_chunks), "--slow-interval", str(INTERVAL)],
+        cwd=ROOT, port=up_port, output=log,
+    )  # fmt: skip
+    wait_tcp(upstream)
+    relay_port = free_port()
+    relay = servers.start(
+        "relay",
+        [py, "-m", "tests.bench_servers", "relay", "--port", str(relay_port),
+         "--upstream", upstream.url],
+        cwd=ROOT, port=relay_port, output=log,
+    )  # fmt: skip
+    wait_tcp(relay)
+    config = tmp / "gateway.toml"
+    config.write_text(
+        f"""\
+[server]
+database = "{tmp / "keys.db"}"
+log_level = "info"
+
+[[providers]]
+name = "up"
+type = "openai"
+base_url = "{upstream.url}/v1"
+api_keys = ["{UPSTREAM_KEY}"]
+
+[[providers]]
+name = "slow"
+type = "openai"
+base_url = "{upstream.url}/slow/v1"
+api_keys = ["{UPSTREAM_KEY}"]
+
+[[models]]
+name = "{MODEL}"
+targets = [{{ provider = "up", model = "bench-model" }}]
+input_price_per_mtok = 0.15
+output_price_per_mtok = 0.60
+
+[[models]]
+name = "{SLOW_MODEL}"
+targets = [{{ provider = "slow", model = "bench-model" }}]
+input_price_per_mtok = 0.15
+output_price_per_mtok = 0.60
+"""
+    )
+    key = asyncio.run(_create_key(tmp / "keys.db"))
+    gw_port = free_port()
+    gateway = servers.start(
+        "gateway",
+        [*gateway_command(), "serve", "--config", str(config), "--port", str(gw_port)],
+        cwd=tmp, port=gw_port, output=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_http(gateway, "/healthz")
+    return upstream, relay, gateway, key
+
+
+async def _create_key(db: Path) -> str:
+    """A key with limits and a budget it never reaches: admission runs on every request."""
+    from gateway.store import Store
+
+    store = await Store.open(str(db))
+    try:
+        _record, secret = await store.create_key(
+            name="bench", models=[MODEL, SLOW_MODEL], **KEY_LIMITS
+        )
+    finally:
+        await store.close()
+    return secret
+
+
+TARGETS = {
+    "cpu_ratio": 1.5,
+    "delay_p50_ms": 1.0,
+    "delay_p99_ms": 30.0,
+    "fresh_p99_ms": 30.0,
+    "kib_per_stream": 40.0,
+    "ttfb_p99_over_relay_ms": 50.0,
+    "memory_growth_percent": 10.0,
+}
+
+
+def verdicts(figures: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(what, gateway figure, target, met) for each of issue #13's targets measured here."""
+    out: list[tuple[str, str, str, bool]] = []
+    streams = figures.get("streams")
+    if streams:
+        relay, gw = streams["relay"], streams["gateway"]
+        ratio = gw["cpu_percent"] / max(relay["cpu_percent"], 0.1)
+        out.append(("CPU vs relay", f"{ratio:.2f}x", "<= 1.5x", ratio <= TARGETS["cpu_ratio"]))
+        for name, label in (
+            ("delay_p50_ms", "added chunk delay p50"),
+            ("delay_p99_ms", "added chunk delay p99"),
+            ("fresh_p99_ms", "fresh request p99 under load"),
+            ("kib_per_stream", "memory per open stream (KiB)"),
+        ):
+            value = gw[name]
+            ok = value is not None and value <= TARGETS[name]
+            out.append((label, f"{value}", f"<= {TARGETS[name]:g}", ok))
+        out.append(("errors during long streams", str(gw["errors"]), "0", gw["errors"] == 0))
+    ttfb = figures.get("ttfb")
+    if ttfb:
+        over = (ttfb["gateway"]["ttfb_p99_ms"] or 0) - (ttfb["relay"]["ttfb_p99_ms"] or 0)
+        limit = TARGETS["ttfb_p99_over_relay_ms"]
+        out.append(
+            ("300 streams: TTFB p99 over relay (ms)", f"{over:.1f}", f"<= {limit:g}", over <= limit)
+        )
+    memory = figures.get("memory")
+    if memory:
+        growth = memory["growth_percent"]
+        limit = TARGETS["memory_growth_percent"]
+        out.append(
+            (
+                f"RSS growth over {memory['requests']} requests (%)",
+                f"{growth}",
+                f"<= {limit:g}",
+                growth <= limit,
+            )
+        )
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench_streams")
+    parser.add_argument("--streams", type=int, default=200 if QUICK else 1000)
+    parser.add_argument("--seconds", type=float, default=6.0 if QUICK else 12.0)
+    parser.add_argument("--ttfb-streams", type=int, default=100 if QUICK else 300)
+    parser.add_argument("--requests", type=int, default=10_000 if QUICK else 100_000)
+    parser.add_argument(
+        "--only", choices=("streams", "ttfb", "memory"), action="append",
+        help="run only these scenarios (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["client"]:
+        client_main(argv[1:])
+        return 0
+    args = parse_args(argv)
+    only = set(args.only or ("streams", "ttfb", "memory"))
+    servers = Servers()
+    figures: dict[str, Any] = {"cores": os.cpu_count(), "load_before": os.getloadavg()[0]}
+    slow_chunks = round(args.seconds / INTERVAL)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "wb") as log:
+            _, relay, gateway, key = _start(servers, Path(tmp), log, slow_chunks)
+            sides = (relay, gateway)
+            if "streams" in only:
+                figures["streams"] = {
+                    side.name: long_streams(side, key, args.streams, args.seconds) for side in sides
+                }
+            if "ttfb" in only:
+                figures["ttfb"] = {
+                    side.name: first_bytes(side, key, args.ttfb_streams) for side in sides
+                }
+            if "memory" in only:
+                figures["memory"] = memory_flat(gateway, key, args.requests)
+    finally:
+        servers.stop_all()
+    figures["load_after"] = os.getloadavg()[0]
+    print(json.dumps({k: v for k, v in figures.items()}, indent=1))
+    print("\nTargets (issue #13):")
+    for what, value, target, ok in verdicts(figures):
+        print(f"  {'met ' if ok else 'MISS'}  {what:44s} {value:>10s}  (target {target})")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

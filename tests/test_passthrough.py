@@ -1,0 +1,61 @@
+"""OpenAI streams relayed as the upstream sent them: the one-decode check of a run of events."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.providers._sse import Framed, SSEDecoder
+from gateway.providers._stream_check import StreamCheck
+
+CHUNK = b'{"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'
+DONE_CHUNK = b'{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+
+
+def events(*payloads: bytes) -> bytes:
+    return b"".join(b"data: %b\n\n" % p for p in payloads)
+
+
+def test_a_run_of_plain_chunks_passes_counted() -> None:
+    check = StreamCheck("up")
+    assert check.see_run(events(CHUNK, CHUNK, CHUNK)) == 3
+    assert not check.finished
+    assert check.see_run(events(CHUNK, DONE_CHUNK)) == 2
+    assert check.finished  # a finish_reason seen on the way through
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        events(CHUNK, b'{"id":"c","choices":[],"usage":{"prompt_tokens":1}}'),  # to account
+        events(b'{"error":{"message":"overloaded"}}'),  # to end the stream with
+        events(CHUNK, b"[DONE]"),  # to stop at
+        events(b"{},{}"),  # one event, two objects: not one JSON object for the client
+        events(b'{"a":1'),  # not JSON
+        events(b"[1]"),  # JSON, not an object
+        b'data: {\n"a":1}\n\n',  # an SSE client reads the event "{" and skips the line
+        b'data: {\r\r"a":1}\n\n',  # the same with CRs
+        b"data: {}\n\n: ping\n\ndata: {}\n\n",  # a comment between
+        b"data: {}\n\n\n\ndata: {}\n\n",  # a blank line too many
+        b'data: {"a":\ndata: 1}\n\n',  # several data lines: one payload, joined by a newline
+    ],
+    ids=[
+        "usage", "error", "done", "two-objects", "not-json", "array", "lf-inside",
+        "cr-inside", "comment", "blank-line", "multi-line",
+    ],
+)  # fmt: skip
+def test_a_run_with_anything_to_look_at_does_not_pass(run: bytes) -> None:
+    assert StreamCheck("up").see_run(run) == 0
+
+
+def test_a_run_that_cannot_pass_is_split_as_the_decoder_splits_it() -> None:
+    run = b'data: {"a":\ndata: 1}\n\ndata: {}\n\n'
+    assert Framed((run,)).payloads() == SSEDecoder(1024).feed(run) == [b'{"a":\n1}', b"{}"]
+
+
+def test_only_whole_data_events_with_nothing_held_may_pass() -> None:
+    decoder = SSEDecoder(1024)
+    assert decoder.passes(events(CHUNK))
+    assert not decoder.passes(b": ping\n\n")
+    assert not decoder.passes(b"data: {}\n")  # a partial event
+    decoder.feed(b"data: {")
+    assert not decoder.passes(events(CHUNK))  # it would complete the held event
