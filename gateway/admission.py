@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import structlog
 
 from gateway.budgets import Amount, BudgetBook, Spend, period_start
+from gateway.database import Database
 from gateway.errors import GatewayError
 from gateway.ratelimit import Limiter
 from gateway.records import KeyRecord
-from gateway.store import Store
 
 __all__ = ["Gate", "Ticket"]
 
@@ -52,7 +52,7 @@ class Gate:
     """Rate limits and budgets of every key; memory only on the request path."""
 
     def __init__(
-        self, store: Store, *, monotonic: Clock = time.monotonic, wall: Clock = time.time
+        self, store: Database, *, monotonic: Clock = time.monotonic, wall: Clock = time.time
     ) -> None:
         self._store = store
         self._wall = wall

@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway.auth import auth_middleware
 from gateway.cors import cors_headers, cors_preflight
 from gateway.dashboard.sessions import SessionBook
+from gateway.database import open_database
 from gateway.gauges import app_gauges
 from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
@@ -50,7 +51,6 @@ from gateway.state import (
     STREAMS_KEY,
     USAGE_KEY,
 )
-from gateway.store import Store
 from gateway.usage import UsageRecorder
 
 __all__ = ["create_app"]
@@ -61,7 +61,7 @@ _BUSY_TIMEOUT = 0.25
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = await Store.open(app[SETTINGS_KEY].server.database, busy_timeout=_BUSY_TIMEOUT)
+    store = await open_database(app[SETTINGS_KEY].server.database, busy_timeout=_BUSY_TIMEOUT)
     app[STORE_KEY] = store
     yield
     await store.close()

@@ -1,8 +1,9 @@
 """The `gateway` command: serve the API, reload its config, manage virtual keys, report usage.
 
-Key and usage commands open the database as a second connection; a running server notices
-their writes through `PRAGMA data_version` within seconds, with no restart. Only
-`keys create` ever prints a secret, once.
+Key and usage commands open the database (a SQLite file or a PostgreSQL URL) as a second
+connection; running servers notice their writes within a second (SQLite: `PRAGMA data_version`;
+PostgreSQL: LISTEN/NOTIFY), with no restart. Only `keys create` ever prints a secret, once.
+`migrate` brings a database's schema up to date; `copy-db` moves a SQLite database to PostgreSQL.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, get_args, get_origin
 
+import asyncpg
 import msgspec
 
-from gateway import __version__, cli_output as out, workers
+from gateway import __version__, cli_db, cli_output as out, workers
 from gateway.config import load_settings
+from gateway.database import Database, opened_database
+from gateway.dburl import redact
 from gateway.errors import InvalidRequest, NotFound, StoreBusy
 from gateway.logs import configure_logging
 from gateway.pidfile import NoServer, keep_pid_file, pid_file, signal_reload
@@ -31,13 +35,13 @@ from gateway.records import (
     value_type,
 )
 from gateway.settings import ConfigError, Settings
-from gateway.store import Store, StoreError, open_store
+from gateway.store import StoreError
 from gateway.timeparse import parse_expires, parse_since
 
 __all__ = ["main"]
 
 
-Command = Callable[[Store, argparse.Namespace], Awaitable[int]]
+Command = Callable[[Database, argparse.Namespace], Awaitable[int]]
 
 
 def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -112,7 +116,11 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML config (default: $GATEWAY_CONFIG, ./gateway.toml, else built in)",
     )
-    common.add_argument("--db", metavar="PATH", help="database file (default: server.database)")
+    common.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        help="SQLite file or postgresql:// URL (default: server.database)",
+    )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON")
     both = [common, as_json]
@@ -162,6 +170,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--by", choices=("key", "model", "day"), default="key")
     usage.set_defaults(run=_usage)
+
+    cli_db.add_commands(sub, common)
     return parser
 
 
@@ -174,7 +184,7 @@ def _check_group(name: str | None, args: argparse.Namespace) -> None:
         settings.require_group(name)
 
 
-async def _keys_create(store: Store, args: argparse.Namespace) -> int:
+async def _keys_create(store: Database, args: argparse.Namespace) -> int:
     _check_group(args.group_name, args)
     given = vars(args)  # options left out are None: the record's defaults apply
     fields = {f: given[f] for f in EDITABLE_FIELDS if given.get(f) is not None}
@@ -188,7 +198,7 @@ async def _keys_create(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _keys_list(store: Store, args: argparse.Namespace) -> int:
+async def _keys_list(store: Database, args: argparse.Namespace) -> int:
     keys = await store.list_keys()
     if args.json:
         out.print_json([key_view(k) for k in keys])
@@ -203,11 +213,11 @@ async def _keys_list(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _keys_show(store: Store, args: argparse.Namespace) -> int:
+async def _keys_show(store: Database, args: argparse.Namespace) -> int:
     return out.show(await store.require_key(args.id), args)
 
 
-async def _keys_update(store: Store, args: argparse.Namespace) -> int:
+async def _keys_update(store: Database, args: argparse.Namespace) -> int:
     given = vars(args)  # options left out are absent (SUPPRESS), not None
     changes = {f: given[f] for f in EDITABLE_FIELDS if f in given}
     for field, cleared in (("notes", ""), ("group_name", None)):
@@ -223,11 +233,11 @@ async def _keys_update(store: Store, args: argparse.Namespace) -> int:
     return out.show(await store.update_key(args.id, **changes), args)
 
 
-async def _keys_revoke(store: Store, args: argparse.Namespace) -> int:
+async def _keys_revoke(store: Database, args: argparse.Namespace) -> int:
     return out.show(await store.revoke_key(args.id), args)
 
 
-async def _usage(store: Store, args: argparse.Namespace) -> int:
+async def _usage(store: Database, args: argparse.Namespace) -> int:
     if args.key is not None:
         await store.require_key(args.key)
     rows = await store.usage_summary(
@@ -304,8 +314,8 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # address in use, unknown host, no permission
         print(f"gateway: cannot listen on {host}:{server.port}: {exc}", file=sys.stderr)
         return 1
-    except (sqlite3.Error, StoreError) as exc:
-        print(f"gateway: database error ({server.database}): {exc}", file=sys.stderr)
+    except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
+        print(f"gateway: database error ({redact(server.database)}): {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -345,7 +355,7 @@ def _reload(database: str) -> int:
 
 
 async def _run_with_store(path: str, run: Command, args: argparse.Namespace) -> int:
-    async with open_store(path) as store:
+    async with opened_database(path) as store:
         return await run(store, args)
 
 
@@ -356,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "copy-db":
+            return asyncio.run(cli_db.copy_db(args.source, args.target))
         # Settings only supply the database path. With --db and no --config they are not
         # loaded, so a shell without the providers' env secrets can still manage keys.
         path = args.db
@@ -372,6 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     except (NotFound, InvalidRequest, StoreBusy) as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidRequest) else 1
-    except (sqlite3.Error, StoreError) as exc:
+    except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
         print(f"gateway: database error: {exc}", file=sys.stderr)
         return 1

@@ -143,6 +143,8 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
         admin_key = environ.get(admin_key[4:]) or None
     if admin_key is not None and len(admin_key) < 16:
         raise ConfigError("server.admin_key: must be at least 16 characters")
+    # A PostgreSQL URL may hold a password: `database = "env:KIOSK_DATABASE_URL"`.
+    database = _resolve_secret(settings.server.database, "server.database", environ)
     redis_url = settings.server.redis_url
     if redis_url is not None:
         redis_url = _resolve_secret(redis_url, "server.redis_url", environ)
@@ -151,7 +153,9 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
                 "server.redis_url: must start with redis://, rediss:// or unix:// "
                 "(e.g. redis://127.0.0.1:6379/0)"
             )
-    server = msgspec.structs.replace(settings.server, admin_key=admin_key, redis_url=redis_url)
+    server = msgspec.structs.replace(
+        settings.server, admin_key=admin_key, database=database, redis_url=redis_url
+    )
 
     providers: list[ProviderConfig] = []
     seen: set[str] = set()

@@ -1,14 +1,16 @@
 """Every virtual key in memory, by the SHA-256 digest of its secret, refreshed from the store.
 
 API keys have enough entropy that a fast hash is safe, and a dict lookup keeps the database off
-the request path. The cache polls `PRAGMA data_version` so keys created, changed or revoked by
-the CLI (another connection) take effect within `keys_refresh_seconds`. Keys are held as they
-are enforced: merged with their config group's defaults (`with_group`).
+the request path. The cache polls the store's `data_version` (SQLite: `PRAGMA data_version`)
+so keys created, changed or revoked by the CLI (another connection) or another replica take
+effect within `keys_refresh_seconds`; PostgreSQL also notifies it at once (LISTEN/NOTIFY).
+Keys are held as they are enforced: merged with their config group's defaults (`with_group`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -17,9 +19,9 @@ from dataclasses import dataclass
 import msgspec
 import structlog
 
+from gateway.database import Database
 from gateway.records import LIMIT_FIELDS, KeyRecord
 from gateway.settings import GroupConfig
-from gateway.store import Store
 
 __all__ = ["KeyCache", "Principal", "digest_of", "with_group"]
 
@@ -65,7 +67,7 @@ class KeyCache:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         refresh_seconds: float,
         *,
         groups: Iterable[GroupConfig] = (),
@@ -81,6 +83,9 @@ class KeyCache:
         self.loads = 0  # completed (re)loads, observable by tests and metrics
         self._loaded = asyncio.Event()
         self._loading = asyncio.Lock()
+        # Set when the database says the keys changed (PostgreSQL's NOTIFY): reload now.
+        self._poked = asyncio.Event()
+        store.on_change(self._poked.set)
 
     async def load(self) -> None:
         async with self._loading:  # one at a time: a poll's load must not undo a regroup's
@@ -128,7 +133,11 @@ class KeyCache:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self._refresh)
+            # Poll every `refresh_seconds` (the safety net), sooner when the database says so.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._refresh):
+                    await self._poked.wait()
+            self._poked.clear()
             try:
                 await self.refresh()
             except Exception:  # keep serving from the last good cache

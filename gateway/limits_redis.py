@@ -30,11 +30,11 @@ from redis.exceptions import NoScriptError, RedisError
 from gateway import limits_lua
 from gateway.admission import Gate, Ticket
 from gateway.budgets import Amount, BudgetBook, Spend, over_budget, period_start
+from gateway.database import Database
 from gateway.errors import LimitsUnavailable
 from gateway.ratelimit import duration, no_requests, no_slot, no_tokens, too_large
 from gateway.records import KeyRecord
 from gateway.settings import ServerSettings
-from gateway.store import Store
 
 __all__ = ["SharedGate", "open_gate"]
 
@@ -62,7 +62,12 @@ class SharedGate(Gate):
     """The gate of a replica among several: Redis holds the counts, memory the fallback."""
 
     def __init__(
-        self, store: Store, redis: Redis, *, failure: str = "refuse", lease: float = LEASE_SECONDS
+        self,
+        store: Database,
+        redis: Redis,
+        *,
+        failure: str = "refuse",
+        lease: float = LEASE_SECONDS,
     ) -> None:
         super().__init__(store)
         self.redis = redis
@@ -442,7 +447,7 @@ def _starts(now: float) -> list[float]:
     return [period_start(p, now) for p in ("total", "day", "week", "month")]
 
 
-def open_gate(server: ServerSettings, store: Store) -> Gate:
+def open_gate(server: ServerSettings, store: Database) -> Gate:
     """The one place the limits backend is chosen: Redis when `redis_url` is set."""
     if server.redis_url is None:
         return Gate(store)

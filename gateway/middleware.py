@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.logs import info_line
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
-from gateway.records import UsageRecord
+from gateway.records import UsageRecord, mint_uid
 from gateway.schemas.codec import encode
 from gateway.state import (
     INFLIGHT_KEY,
@@ -135,6 +135,7 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         estimated=trace.estimated,
         cache_read_tokens=trace.cache_read_tokens,
         cache_write_tokens=trace.cache_write_tokens,
+        uid=mint_uid(),
     )
     if trace.metered:
         if status >= 400 and not trace.attempts and trace.key_id is not None:

@@ -2,18 +2,23 @@
 
 It lives next to the database, as `<database>.pid`: every command already knows where the
 database is (`--db`, or `server.database` of the config), and a database has one server.
+For a PostgreSQL URL (shared by replicas, each on its own box) it is `gateway-<hash>.pid` in
+the working directory, the hash taken of the URL, so no password appears in a file name.
 `gateway serve` writes it once it has started and removes it when it stops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from gateway.dburl import is_postgres_url, redact
 
 if TYPE_CHECKING:  # the reload command signals a server without loading the HTTP stack
     from aiohttp import web
@@ -26,6 +31,8 @@ class NoServer(Exception):
 
 
 def pid_path(database: str) -> Path:
+    if is_postgres_url(database):
+        return Path(f"gateway-{hashlib.sha256(database.encode()).hexdigest()[:16]}.pid")
     return Path(f"{database}.pid")
 
 
@@ -93,7 +100,7 @@ def signal_reload(database: str) -> int:
     try:
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
-        raise NoServer(f"no running server found for {database} (no {path})") from None
+        raise NoServer(f"no running server found for {redact(database)} (no {path})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise NoServer(f"cannot read {path}: {exc}") from None
     try:

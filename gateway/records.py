@@ -11,6 +11,9 @@ bodies, the CLI's options and the config groups' defaults are all read from it (
 from __future__ import annotations
 
 import fnmatch
+import itertools
+import os
+import uuid
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -27,6 +30,7 @@ __all__ = [
     "UsageSummaryRow",
     "describe",
     "key_view",
+    "mint_uid",
     "model_allowed",
     "value_type",
 ]
@@ -142,6 +146,24 @@ def key_view(key: KeyRecord) -> dict[str, Any]:
     return view
 
 
+_uid_prefix = uuid.uuid4().hex
+_uid_counter = itertools.count(1)
+
+
+def _new_uid_prefix() -> None:
+    """A forked worker mints from its own prefix, never its parent's."""
+    global _uid_prefix, _uid_counter
+    _uid_prefix, _uid_counter = uuid.uuid4().hex, itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_uid_prefix)
+
+
+def mint_uid() -> str:
+    """A usage row's unique id: a random per-process prefix and a counter (no syscall)."""
+    return f"{_uid_prefix}{next(_uid_counter):x}"
+
+
 class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One request as the usage table stores it."""
 
@@ -165,6 +187,9 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     # Of prompt_tokens: those read from and written to the upstream's prompt cache.
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # Minted by the gateway for this row alone (`mint_uid`); the database keeps one row per
+    # uid, so a write retried after a lost commit adds nothing. None: not deduplicated.
+    uid: str | None = None
 
 
 class UsageSummaryRow(msgspec.Struct, frozen=True, kw_only=True):

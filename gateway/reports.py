@@ -39,7 +39,7 @@ ROLL_UP = (
 )
 
 
-def roll_up(rows: Iterable[UsageRecord]) -> list[tuple[int, str, str, int, int, int, float]]:
+def roll_up(rows: Iterable[UsageRecord]) -> list[tuple[Any, ...]]:
     """A batch of usage rows as `ROLL_UP` parameters: one per UTC day, key and model."""
     sums: dict[tuple[int, str, str], list[float]] = {}
     for r in rows:
@@ -49,7 +49,13 @@ def roll_up(rows: Iterable[UsageRecord]) -> list[tuple[int, str, str, int, int, 
         acc[1] += r.status >= 400
         acc[2] += r.total_tokens
         acc[3] += r.cost_usd
-    return [(*g, int(a[0]), int(a[1]), int(a[2]), a[3]) for g, a in sums.items()]
+    # Tokens past SQLite's 64-bit integers (a hostile upstream's counts) go as a float, as
+    # TOTAL() sums them, rather than failing the batch.
+    return [(*g, int(a[0]), int(a[1]), _int64_or_float(a[2]), a[3]) for g, a in sums.items()]
+
+
+def _int64_or_float(n: float) -> Any:
+    return int(n) if n < 2**63 else float(n)
 
 
 def _where(

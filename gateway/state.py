@@ -11,13 +11,13 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gateway.admission import Gate, Ticket
     from gateway.dashboard.sessions import Session, SessionBook
+    from gateway.database import Database
     from gateway.keys import KeyCache, Principal
     from gateway.metrics import Metrics
     from gateway.prices import PriceBook
     from gateway.refusals import RefusalCounter
     from gateway.settings import Settings
     from gateway.snapshot import LiveConfig, Reloader, Snapshot
-    from gateway.store import Store
     from gateway.usage import UsageRecorder
 
 __all__ = [
@@ -47,7 +47,7 @@ SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
 LIVE_KEY: web.AppKey[LiveConfig] = web.AppKey("live_config")
 # How the config is re-read on SIGHUP (set by `gateway serve`; absent: no reload).
 RELOADER_KEY: web.AppKey[Reloader] = web.AppKey("reloader")
-STORE_KEY: web.AppKey[Store] = web.AppKey("store")
+STORE_KEY: web.AppKey[Database] = web.AppKey("store")
 USAGE_KEY: web.AppKey[UsageRecorder] = web.AppKey("usage")
 KEYS_KEY: web.AppKey[KeyCache] = web.AppKey("keys")
 # Rate limits and budgets of every key (memory only on the request path).

@@ -9,44 +9,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
-import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, Literal
 
 import aiosqlite
 import msgspec
 
-from gateway.errors import InvalidRequest, NotFound, StoreBusy
-from gateway.migrations import StoreError, migrate, pragma
-from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, UsageRecord, UsageSummaryRow
+from gateway.errors import NotFound, StoreBusy
+from gateway.migrations import FILL_DAILY, StoreError, migrate, pragma
+from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
 from gateway.reports import ROLL_UP, roll_up, summarize
-from gateway.schemas.codec import encode, error_path
+from gateway.rows import (
+    KEY_COLUMNS as _KEY_FIELDS,
+    SECRET_PREFIX,
+    USAGE_COLUMNS as _USAGE_FIELDS,
+    editable,
+    key_from_row,
+    key_params,
+    new_key,
+    updated_key,
+    usage_from_row,
+)
 
 __all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
-
-SECRET_PREFIX = "sk-kiosk-"  # noqa: S105 (a label, not a secret)
-_PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart
 
 
 def _marks(fields: Sequence[str]) -> str:
     return ", ".join("?" * len(fields))
 
 
-_KEY_FIELDS = [f.name for f in KEY_FIELDS]
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
-_USAGE_FIELDS = [f.name for f in msgspec.structs.fields(UsageRecord)]
 # A record's fields are its table's columns; queries name them explicitly. S608 is silenced
 # where SQL is built from these constants: values are always bound parameters.
 _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
 _INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({_marks(_KEY_FIELDS)})"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
-_INSERT_USAGE = f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
+_INSERT_USAGE = (
+    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
+    " ON CONFLICT (uid) DO NOTHING"
+)
 # Full runs of rows go in one multi-row INSERT (a statement SQLite prepares once and runs
 # once for the run, about half the CPU of a step per row); the rest of a batch row by row.
 # Sized under SQLite's bound-parameter limit (32766 since 3.32, 999 before).
@@ -56,6 +62,7 @@ _USAGE_RUN = min(
 _INSERT_USAGE_RUN = (
     f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES "  # noqa: S608
     + ", ".join([f"({_marks(_USAGE_FIELDS)})"] * _USAGE_RUN)
+    + " ON CONFLICT (uid) DO NOTHING"
 )
 _ADD_REFUSALS = (
     "INSERT INTO refusals (minute, key_id, status, count) VALUES (?, ?, ?, ?)"
@@ -77,47 +84,6 @@ def _busy_is_503() -> Iterator[None]:
                 retry_after=1.0,
             ) from None
         raise
-
-
-def _editable(fields: dict[str, Any]) -> dict[str, Any]:
-    """Caller-given key fields, refused unless editable, JSON-ish collections made exact.
-
-    Raises:
-        InvalidRequest: a field that does not exist or is the gateway's to set.
-    """
-    unknown = sorted(set(fields) - set(EDITABLE_FIELDS))
-    if unknown:
-        raise InvalidRequest(f"Key field {unknown[0]!r} cannot be changed.", param=unknown[0])
-    if "models" in fields:
-        fields["models"] = tuple(fields["models"] or ())
-    if "metadata" in fields:
-        fields["metadata"] = dict(fields["metadata"] or {})
-    return fields
-
-
-def _checked(record: KeyRecord) -> KeyRecord:
-    """Type-check a record built from caller input (msgspec validates the Struct annotations)."""
-    try:
-        return msgspec.convert(msgspec.structs.asdict(record), KeyRecord)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(
-            f"Invalid key field: {exc}", param=error_path(str(exc)).param
-        ) from None
-
-
-def _key_from_row(row: Sequence[Any]) -> KeyRecord:
-    fields = dict(zip(_KEY_FIELDS, row, strict=True))
-    fields["models"] = msgspec.json.decode(fields["models"])
-    fields["metadata"] = msgspec.json.decode(fields["metadata"])
-    return msgspec.convert(fields, KeyRecord)
-
-
-def _key_params(key: KeyRecord) -> tuple[Any, ...]:
-    """The record's values in `_KEY_FIELDS` order, JSON columns encoded."""
-    values = msgspec.structs.asdict(key)
-    values["models"] = encode(list(key.models)).decode()
-    values["metadata"] = encode(key.metadata).decode()
-    return tuple(values[f] for f in _KEY_FIELDS)
 
 
 class Store:
@@ -180,6 +146,11 @@ class Store:
                     await self.db.rollback()
                     raise
 
+    dialect = "sqlite"
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """SQLite cannot push changes: key caches poll `data_version` instead."""
+
     async def ping(self) -> None:
         async with self.db.execute("SELECT 1") as cur:
             await cur.fetchone()
@@ -204,36 +175,22 @@ class Store:
             InvalidRequest: a field does not exist, is not the caller's to set, or has the
                 wrong type.
         """
-        fields = _editable(fields)
-        if secret is None:
-            secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        now = time.time()
-        record = _checked(
-            KeyRecord(
-                id="key_" + secrets.token_hex(6),
-                name=name,
-                prefix=secret[:_PREFIX_CHARS],
-                digest=hashlib.sha256(secret.encode()).hexdigest(),
-                created_at=now,
-                updated_at=now,
-                **fields,
-            )
-        )
+        record, secret = new_key(name, secret, fields)
         async with self._transaction() as db:
-            await db.execute(_INSERT_KEY, _key_params(record))
+            await db.execute(_INSERT_KEY, key_params(record))
         return record, secret
 
     async def list_keys(self) -> list[KeyRecord]:
         """Every key, revoked and expired ones included, oldest first."""
         with _busy_is_503():
             async with self.db.execute(f"{_SELECT_KEY} ORDER BY created_at, id") as cur:
-                return [_key_from_row(row) for row in await cur.fetchall()]
+                return [key_from_row(row) for row in await cur.fetchall()]
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         with _busy_is_503():
             async with self.db.execute(f"{_SELECT_KEY} WHERE id = ?", (key_id,)) as cur:
                 row = await cur.fetchone()
-        return None if row is None else _key_from_row(row)
+        return None if row is None else key_from_row(row)
 
     async def require_key(self, key_id: str) -> KeyRecord:
         """The key with `key_id`.
@@ -253,11 +210,11 @@ class Store:
             NotFound: no key has this id (code `key_not_found`).
             InvalidRequest: a field cannot be changed or has the wrong type.
         """
-        changes = _editable(changes)
+        editable(dict(changes))  # refuse bad fields before taking the write lock
         async with self._transaction() as db:
             current = await self.require_key(key_id)
-            updated = _checked(msgspec.structs.replace(current, **changes, updated_at=time.time()))
-            await db.execute(_UPDATE_KEY, (*_key_params(updated), key_id))
+            updated = updated_key(current, changes)
+            await db.execute(_UPDATE_KEY, (*key_params(updated), key_id))
         return updated
 
     async def revoke_key(self, key_id: str) -> KeyRecord:
@@ -278,19 +235,23 @@ class Store:
     # Usage
 
     async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
-        """Append usage rows, and add them to the daily rollup, in one transaction (all or none)."""
+        """Append usage rows, and add them to the daily rollup, in one transaction (all or none).
+
+        Rows already written (same `uid`, from a batch retried after a lost commit) are
+        skipped, and so left out of the rollup: the write lock keeps anyone from adding
+        them between the look and the insert."""
         if not rows:
             return
         astuple = msgspec.structs.astuple
-        runs, rest = divmod(len(rows), _USAGE_RUN)
-        split = runs * _USAGE_RUN
         async with self._transaction() as db:
+            new = await _unwritten(db, rows)
+            split = len(new) - len(new) % _USAGE_RUN
             for start in range(0, split, _USAGE_RUN):
-                run = rows[start : start + _USAGE_RUN]
+                run = new[start : start + _USAGE_RUN]
                 await db.execute(_INSERT_USAGE_RUN, list(chain.from_iterable(map(astuple, run))))
-            if rest:
-                await db.executemany(_INSERT_USAGE, [astuple(r) for r in rows[split:]])
-            await db.executemany(ROLL_UP, roll_up(rows))
+            if split < len(new):
+                await db.executemany(_INSERT_USAGE, [astuple(r) for r in new[split:]])
+            await db.executemany(ROLL_UP, roll_up(new))
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""
@@ -323,6 +284,87 @@ class Store:
         """
         with _busy_is_503():
             return await summarize(self.db, since=since, until=until, key_id=key_id, by=by)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of a read-only query (`?` placeholders): the dashboard's
+        (`gateway.dashboard.queries`)."""
+        with _busy_is_503():
+            async with self.db.execute(sql, params) as cur:
+                return [tuple(row) for row in await cur.fetchall()]
+
+    # Whole-database copies (`gateway copy-db`)
+
+    async def is_empty(self) -> bool:
+        """No key, usage row or refusal count yet."""
+        for table in ("keys", "usage", "refusals"):
+            async with self.db.execute(f"SELECT 1 FROM {table} LIMIT 1") as cur:  # noqa: S608
+                if await cur.fetchone() is not None:
+                    return False
+        return True
+
+    async def import_rows(
+        self,
+        keys: Sequence[KeyRecord],
+        usage: AsyncIterator[list[UsageRecord]],
+        refusals: Refusals,
+    ) -> int:
+        """Fill an empty database with another's keys (as they are: ids, digests, times), usage
+        rows and refusal counts, all in one transaction; returns the usage rows written.
+
+        Raises:
+            StoreError: the database is not empty (nothing is written).
+        """
+        written = 0
+        async with self._transaction() as db:
+            if not await self.is_empty():
+                raise StoreError("the target database is not empty")
+            await db.executemany(_INSERT_KEY, [key_params(k) for k in keys])
+            async for batch in usage:
+                await db.executemany(_INSERT_USAGE, [msgspec.structs.astuple(r) for r in batch])
+                written += len(batch)
+            await db.executemany(_ADD_REFUSALS, [(*entry, n) for entry, n in refusals.items()])
+            # The source's rollup may lag or differ (rows edited by hand): rebuild it from
+            # the rows just written.
+            await db.execute("DELETE FROM usage_daily")
+            await db.execute(FILL_DAILY["sqlite"])
+        return written
+
+    async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:
+        """Every usage row, oldest first, `batch` at a time."""
+        async with self.db.execute(
+            f"SELECT {', '.join(_USAGE_FIELDS)} FROM usage ORDER BY id"  # noqa: S608
+        ) as cur:
+            while rows := await cur.fetchmany(batch):
+                yield [usage_from_row(row) for row in rows]
+
+    async def export_refusals(self) -> Refusals:
+        async with self.db.execute("SELECT minute, key_id, status, count FROM refusals") as cur:
+            return Refusals({(m, k, s): n for m, k, s, n in await cur.fetchall()})
+
+
+# How many uids one look-up binds (SQLite allows 32766 parameters since 3.32, 999 before).
+_UID_CHUNK = 500
+
+
+async def _unwritten(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """`rows` without those whose uid the table (or an earlier row of `rows`) already holds."""
+    uids = [r.uid for r in rows if r.uid is not None]
+    seen: set[str] = set()
+    for start in range(0, len(uids), _UID_CHUNK):
+        chunk = uids[start : start + _UID_CHUNK]
+        sql = f"SELECT uid FROM usage WHERE uid IN ({_marks(chunk)})"  # noqa: S608
+        async with db.execute(sql, chunk) as cur:
+            seen.update(uid for (uid,) in await cur.fetchall())
+    if not seen and len(set(uids)) == len(uids):
+        return list(rows)
+    new = []
+    for row in rows:
+        if row.uid is not None:
+            if row.uid in seen:
+                continue
+            seen.add(row.uid)
+        new.append(row)
+    return new
 
 
 def _probe(path: str) -> None:

@@ -22,6 +22,7 @@ from aiohttp.web_runner import BaseRunner
 
 from gateway.app import create_app
 from gateway.router import Router
+from gateway.rows import USAGE_COLUMNS
 from gateway.server import GatewayRunner
 from gateway.settings import (
     DemoConfig,
@@ -205,10 +206,9 @@ async def usage_rows(client: TestClient[Any, Any]) -> list[dict[str, Any]]:
     """Every usage row written so far (after flushing the recorder)."""
     app = app_of(client)
     await app[USAGE_KEY].flush()
-    store = app[STORE_KEY]
-    async with store.db.execute("SELECT * FROM usage ORDER BY id") as cur:
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+    names = ["id", *USAGE_COLUMNS]  # either backend: the columns by name
+    rows = await app[STORE_KEY].fetch(f"SELECT {', '.join(names)} FROM usage ORDER BY id")  # noqa: S608
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 async def refusal_counts(client: TestClient[Any, Any]) -> dict[tuple[str, int], int]:
@@ -296,3 +296,52 @@ async def raw_request(client: TestClient[Any, Any], *parts: bytes) -> RawReply:
             return await read_reply(reader)
     finally:
         writer.close()
+
+
+# PostgreSQL: one throw-away server per test session, a fresh database per test (tests/pg.py).
+
+_pg_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """The session's PostgreSQL server; the test skips (saying why) where none is installed."""
+    from tests.pg import PgServer, find_pg_bin
+
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl; `apt-get install postgresql`)")
+    server = PgServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+async def pg_url(pg_server: Any) -> AsyncIterator[str]:
+    """A URL of a new, empty database on the session's server, dropped after the test."""
+    import asyncpg
+
+    name = f"kiosk_test_{next(_pg_databases)}"
+    admin = await asyncpg.connect(pg_server.admin_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    yield pg_server.url(name)
+    admin = await asyncpg.connect(pg_server.admin_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend in turn: a SQLite path, then a PostgreSQL URL (skipped without PostgreSQL)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "keys.db")
+    url: str = request.getfixturevalue("pg_url")
+    return url

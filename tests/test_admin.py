@@ -21,8 +21,11 @@ def admin(key: str = ADMIN) -> dict[str, str]:
 
 
 @pytest.fixture
-async def gw(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> TestClient[Any, Any]:
-    base = make_settings(admin_key=ADMIN)
+async def gw(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
+) -> TestClient[Any, Any]:
+    """The gateway with an admin key, on each backend in turn (SQLite, PostgreSQL)."""
+    base = make_settings(admin_key=ADMIN, database=database)
     settings = Settings(
         server=base.server,
         providers=base.providers,

@@ -63,7 +63,7 @@ async def fill(path: str, now: float) -> list[str]:
         )
         await store.add_refusals(refusals)
         until = (now // 86400 + 1) * 86400
-        series = await queries.series(store.db, until - YEAR, until, 86400)
+        series = await queries.series(store, until - YEAR, until, 86400)
         assert sum(series.requests) == ROWS + refusals.total()
         plan = await store.db.execute_fetchall(
             "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM usage WHERE ts >= 0 AND ts < 1"

@@ -6,7 +6,9 @@ test_docs.py checks that the examples parse; here they run:
   would leave things (the embedded default config, `keys.db` copied from `keys.db.sample`, no
   provider keys in the environment). `key_0123456789ab` stands for the id of the key the block
   created; a command with `--config FILE` gets the page's `toml` block just before it as FILE.
-  (`serve` runs forever and `reload` needs a server: test_lifecycle.py runs both.)
+  (`serve` runs forever and `reload` needs a server: test_lifecycle.py runs both.) The docs'
+  PostgreSQL URL, `postgresql://kiosk@db.internal/kiosk`, stands for a new database on the
+  test session's throw-away server (those blocks skip without PostgreSQL).
 - the quick start's HTTP examples (those with the demo key) against the gateway serving that
   default config: the `curl` lines with curl, the Python ones with the `openai` client.
 """
@@ -30,6 +32,7 @@ from gateway.config import load_settings
 from tests.test_docs import BLOCKS, ROOT, Block, _commands
 
 PLACEHOLDER = "key_0123456789ab"
+PG_PLACEHOLDER = "postgresql://kiosk@db.internal/kiosk"
 SECRETS = ("GATEWAY_CONFIG", "OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY")
 CLI_BLOCKS = [b for b in BLOCKS if b.lang == "sh" and _commands(b)]
 DEMO_URL = "http://127.0.0.1:8080"
@@ -59,14 +62,18 @@ def _newest_key(database: Path) -> str:
 
 
 @pytest.mark.parametrize("block", CLI_BLOCKS, ids=[b.where for b in CLI_BLOCKS])
-def test_every_command_line_example_runs(block: Block, fresh: Path) -> None:
+def test_every_command_line_example_runs(
+    block: Block, fresh: Path, request: pytest.FixtureRequest
+) -> None:
     created = PLACEHOLDER
+    pg_url = request.getfixturevalue("pg_url") if PG_PLACEHOLDER in block.body else None
     for argv in _commands(block):
         if argv[0] in ("serve", "reload"):
             continue
         if "--config" in argv:
             (fresh / argv[argv.index("--config") + 1]).write_text(_toml_before(block))
         argv = [created if word == PLACEHOLDER else word for word in argv]
+        argv = [pg_url if word == PG_PLACEHOLDER and pg_url else word for word in argv]
         assert cli.main(argv) == 0, f"{block.where}: `gateway {' '.join(argv)}` failed"
         if argv[:2] == ["keys", "create"]:
             created = _newest_key(fresh / "keys.db")

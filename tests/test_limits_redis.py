@@ -14,7 +14,9 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from gateway.database import opened_database
 from gateway.limits_redis import SharedGate
+from gateway.records import UsageRecord, mint_uid
 from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.state import GATE_KEY, KEYS_KEY, STORE_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, start_gateway
@@ -300,3 +302,42 @@ async def test_a_hold_whose_request_never_saw_its_answer_is_released(
         assert spend is not None and (spend.tokens, spend.held_tokens) == (0, 0)
     finally:
         await gate.close()
+
+
+def row(**fields: Any) -> UsageRecord:
+    base: dict[str, Any] = {
+        "ts": time.time(), "request_id": "r", "key_id": None, "model": "m", "provider": "up",
+        "upstream_model": "gpt-4o-mini", "endpoint": CHAT, "stream": False, "status": 200,
+    }  # fmt: skip
+    return UsageRecord(**(base | fields))
+
+
+async def test_a_budget_is_seeded_from_the_usage_table_on_either_backend(
+    database: str, redis_url: str
+) -> None:
+    """The shared spending starts from the key's usage rows of the period, read through the
+    Database interface: on SQLite and on PostgreSQL alike; rows of other keys, of earlier
+    periods and a retried batch do not count."""
+    async with opened_database(database) as db:
+        key, _ = await db.create_key(name="seeded", budget_tokens=10_000, budget_period="day")
+        other, _ = await db.create_key(name="other")
+        now = time.time()
+        rows = [
+            row(ts=now - i, key_id=key.id, total_tokens=100, cost_usd=0.25, uid=mint_uid())
+            for i in range(3)
+        ]  # fmt: skip
+        await db.insert_usage(rows)
+        await db.insert_usage(rows)  # a retried batch: written once
+        await db.insert_usage(
+            [
+                row(key_id=other.id, total_tokens=7),
+                row(ts=now - 3 * 86400, key_id=key.id, total_tokens=5000),
+            ]
+        )
+        gate = SharedGate(db, Redis.from_url(redis_url))
+        try:
+            spend = await gate.spending(key)
+            assert spend is not None
+            assert (spend.tokens, spend.usd) == (300, pytest.approx(0.75))
+        finally:
+            await gate.close()

@@ -87,8 +87,10 @@ async def gw(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> Test
 
 
 async def test_requests_tokens_cost_and_latency_after_real_requests(
-    gw: TestClient[Any, Any],
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
 ) -> None:
+    """On either backend (SQLite, then a real PostgreSQL)."""
+    gw = await start_gateway(aiohttp_client, make_settings(admin_key=ADMIN, database=database))
     key = await create_key(gw, name="team-a")
     async with openai_client(gw, key) as oai:
         await oai.chat.completions.create(model="demo", messages=[{"role": "user", "content": "a"}])

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from gateway.database import Database, opened_database
 from gateway.errors import InvalidRequest, NotFound
 from gateway.migrations import MIGRATIONS
-from gateway.records import UsageRecord
+from gateway.records import UsageRecord, mint_uid
 from gateway.store import _USAGE_RUN, Store, StoreError, open_store
 
 SAMPLE_DB = Path(__file__).resolve().parent.parent / "keys.db.sample"
@@ -29,8 +30,15 @@ def db_path(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def store(db_path: str) -> AsyncIterator[Store]:
+async def sqlite_store(db_path: str) -> AsyncIterator[Store]:
     async with open_store(db_path) as s:
+        yield s
+
+
+@pytest.fixture
+async def store(database: str) -> AsyncIterator[Database]:
+    """Each backend in turn: SQLite, then PostgreSQL (skipped where it is not installed)."""
+    async with opened_database(database) as s:
         yield s
 
 
@@ -86,8 +94,10 @@ async def test_newer_schema_is_refused(db_path: str) -> None:
         await Store.open(db_path)
 
 
-async def test_create_key_stores_only_the_digest(store: Store, db_path: str) -> None:
-    record, secret = await store.create_key(name="alice", models=["demo", "openai/*"], rpm=60)
+async def test_create_key_stores_only_the_digest(sqlite_store: Store, db_path: str) -> None:
+    record, secret = await sqlite_store.create_key(
+        name="alice", models=["demo", "openai/*"], rpm=60
+    )
     assert secret.startswith("sk-kiosk-") and len(secret) > 40
     assert record.id.startswith("key_") and len(record.id) == 16
     int(record.id[4:], 16)  # 12 hex characters
@@ -96,14 +106,14 @@ async def test_create_key_stores_only_the_digest(store: Store, db_path: str) -> 
     assert record.models == ("demo", "openai/*")
     assert record.rpm == 60 and record.tpm is None
     assert record.created_at == record.updated_at
-    await store.close()
+    await sqlite_store.close()
     raw = file_bytes(db_path)
     assert record.digest.encode() in raw
     assert secret.encode() not in raw
     assert secret[12:].encode() not in raw
 
 
-async def test_keys_round_trip(store: Store) -> None:
+async def test_keys_round_trip(store: Database) -> None:
     created, _ = await store.create_key(
         name="bob",
         tpm=1000,
@@ -122,7 +132,7 @@ async def test_keys_round_trip(store: Store) -> None:
     assert [k.name for k in await store.list_keys()] == ["bob", "carol"]
 
 
-async def test_update_key(store: Store) -> None:
+async def test_update_key(store: Database) -> None:
     created, _ = await store.create_key(name="dave", rpm=10, expires_at=2e9)
     updated = await store.update_key(
         created.id, name="dave2", models=["demo"], rpm=None, tpm=500, expires_at=None
@@ -143,7 +153,7 @@ async def test_update_key(store: Store) -> None:
     assert await store.get_key(created.id) == updated
 
 
-async def test_update_key_rejects_unknown_ids_and_fields(store: Store) -> None:
+async def test_update_key_rejects_unknown_ids_and_fields(store: Database) -> None:
     created, _ = await store.create_key(name="erin")
     with pytest.raises(NotFound) as info:
         await store.update_key("key_missing", rpm=1)
@@ -157,7 +167,7 @@ async def test_update_key_rejects_unknown_ids_and_fields(store: Store) -> None:
     assert await store.get_key(created.id) == created  # failed updates change nothing
 
 
-async def test_revoke_is_idempotent(store: Store) -> None:
+async def test_revoke_is_idempotent(store: Database) -> None:
     created, _ = await store.create_key(name="frank")
     revoked = await store.revoke_key(created.id)
     assert revoked.revoked_at is not None and not revoked.usable_at(revoked.revoked_at)
@@ -167,35 +177,37 @@ async def test_revoke_is_idempotent(store: Store) -> None:
         await store.revoke_key("key_missing")
 
 
-async def test_duplicate_secret_is_rejected(store: Store) -> None:
-    await store.create_key(name="a", secret="sk-kiosk-same")
+async def test_duplicate_secret_is_rejected(sqlite_store: Store) -> None:
+    await sqlite_store.create_key(name="a", secret="sk-kiosk-same")
     with pytest.raises(sqlite3.IntegrityError):
-        await store.create_key(name="b", secret="sk-kiosk-same")
-    assert len(await store.list_keys()) == 1  # the failed transaction rolled back
+        await sqlite_store.create_key(name="b", secret="sk-kiosk-same")
+    assert len(await sqlite_store.list_keys()) == 1  # the failed transaction rolled back
 
 
-async def test_data_version_sees_other_connections_only(store: Store, db_path: str) -> None:
-    before = await store.data_version()
-    await store.create_key(name="own write")
-    assert await store.data_version() == before  # own commits do not count; callers know them
+async def test_data_version_sees_other_connections_only(sqlite_store: Store, db_path: str) -> None:
+    before = await sqlite_store.data_version()
+    await sqlite_store.create_key(name="own write")
+    assert (
+        await sqlite_store.data_version() == before
+    )  # own commits do not count; callers know them
     async with open_store(db_path) as cli:
         created, _ = await cli.create_key(name="from the cli")
-    after = await store.data_version()
+    after = await sqlite_store.data_version()
     assert after != before
-    assert created in await store.list_keys()
+    assert created in await sqlite_store.list_keys()
     async with open_store(db_path) as cli:
         await cli.revoke_key(created.id)
-    assert await store.data_version() != after
+    assert await sqlite_store.data_version() != after
 
 
-async def test_concurrent_writes_on_one_connection(store: Store) -> None:
+async def test_concurrent_writes_on_one_connection(store: Database) -> None:
     results = await asyncio.gather(*(store.create_key(name=f"k{i}") for i in range(20)))
     await store.insert_usage([usage(request_id=str(i)) for i in range(5)])
     assert len({r.id for r, _ in results}) == 20
     assert len(await store.list_keys()) == 20
 
 
-async def test_insert_usage_writes_every_column(store: Store) -> None:
+async def test_insert_usage_writes_every_column(sqlite_store: Store) -> None:
     row = usage(
         stream=True,
         status=429,
@@ -209,26 +221,43 @@ async def test_insert_usage_writes_every_column(store: Store) -> None:
         cache_read_tokens=2,
         cache_write_tokens=1,
     )
-    await store.insert_usage([row, usage(key_id=None, model=None)])
-    await store.insert_usage([])
-    rows = await fetch(store, "SELECT * FROM usage ORDER BY id")
+    await sqlite_store.insert_usage([row, usage(key_id=None, model=None)])
+    await sqlite_store.insert_usage([])
+    rows = await fetch(sqlite_store, "SELECT * FROM usage ORDER BY id")
     assert rows[0][:8] == (1, DAY1, "req", "key_a", "demo", "demo", "demo", "/v1/chat/completions")
-    assert rows[0][8:] == (1, 429, 3, 4, 7, 0.5, 12.5, 3.25, 1, 2, 1)
+    assert rows[0][8:] == (1, 429, 3, 4, 7, 0.5, 12.5, 3.25, 1, 2, 1, None)
     assert rows[1][3:5] == (None, None) and rows[1][15] is None
 
 
-async def test_a_large_batch_is_written_whole_in_order_in_multi_row_runs(store: Store) -> None:
+async def test_a_large_batch_is_written_whole_in_order_in_multi_row_runs(
+    sqlite_store: Store,
+) -> None:
     # Runs of _USAGE_RUN rows go in one multi-row INSERT each, the rest row by row.
     count = 2 * _USAGE_RUN + 7
-    await store.insert_usage(
+    await sqlite_store.insert_usage(
         [usage(request_id=f"r{i}", prompt_tokens=i, ttft_ms=None if i % 2 else 1.5)
          for i in range(count)]
     )  # fmt: skip
-    rows = await fetch(store, "SELECT request_id, prompt_tokens, ttft_ms FROM usage ORDER BY id")
+    rows = await fetch(
+        sqlite_store, "SELECT request_id, prompt_tokens, ttft_ms FROM usage ORDER BY id"
+    )
     assert rows == [(f"r{i}", i, None if i % 2 else 1.5) for i in range(count)]
 
 
-async def test_usage_summary_groupings(store: Store) -> None:
+async def test_a_large_retried_batch_counts_each_row_once(store: Database) -> None:
+    # Multi-row runs and uid deduplication together: a batch of several runs retried with
+    # new rows added writes only the new ones, and the rollup counts only those.
+    count = 2 * _USAGE_RUN + 7
+    batch = [usage(request_id=f"r{i}", total_tokens=1, uid=mint_uid()) for i in range(count)]
+    await store.insert_usage(batch[: _USAGE_RUN + 3])
+    await store.insert_usage(batch)
+    rows = await store.fetch("SELECT request_id FROM usage ORDER BY request_id")
+    assert sorted(r[0] for r in rows) == sorted(f"r{i}" for i in range(count))
+    rolled = await store.fetch("SELECT SUM(requests), SUM(tokens) FROM usage_daily")
+    assert [tuple(int(v) for v in r) for r in rolled] == [(count, count)]
+
+
+async def test_usage_summary_groupings(store: Database) -> None:
     await store.insert_usage(
         [
             usage(key_id="key_a", model="m1", prompt_tokens=10, completion_tokens=5,
@@ -262,7 +291,7 @@ async def test_usage_summary_groupings(store: Store) -> None:
     assert await store.usage_summary(key_id="key_none") == []
 
 
-async def test_usage_percentiles_interpolate(store: Store) -> None:
+async def test_usage_percentiles_interpolate(store: Database) -> None:
     await store.insert_usage([usage(latency_ms=float(ms)) for ms in range(100, 0, -1)])
     (row,) = await store.usage_summary()
     assert row.requests == 100

@@ -21,7 +21,6 @@ from gateway.dashboard.guard import form, redirect, render, signed_in
 from gateway.dashboard.pages import DAY, chart, fresh, period_of
 from gateway.errors import GatewayError
 from gateway.records import BudgetPeriod, KeyRecord
-from gateway.reports import summarize
 from gateway.state import KEYS_KEY, STORE_KEY
 
 __all__ = ["confirm_revoke", "create_key", "key_detail", "keys", "revoke_key", "update_key"]
@@ -109,7 +108,7 @@ async def _page(request: web.Request, **extra: Any) -> web.Response:
     await fresh(request)
     now = time.time()
     records = await request.app[STORE_KEY].list_keys()
-    used = await queries.last_used(request.app[STORE_KEY].db, [k.id for k in records])
+    used = await queries.last_used(request.app[STORE_KEY], [k.id for k in records])
     rows = [await _row(request, k, used, now) for k in reversed(records)]  # newest first
     extra.setdefault("values", _form_values(None))
     extra.setdefault("error", None)
@@ -137,11 +136,11 @@ async def create_key(request: web.Request) -> web.StreamResponse:
 
 async def _detail(request: web.Request, key: KeyRecord, **extra: Any) -> web.Response:
     await fresh(request)
-    db = request.app[STORE_KEY].db
+    db = request.app[STORE_KEY]
     name, since, until, step = period_of(request, default="30d")
     starts, by_model = await queries.key_series(db, key.id, since, until, step)
-    per_model = await summarize(db, since=since, until=until, key_id=key.id, by="model")
-    overall = await summarize(db, since=since, until=until, key_id=key.id, by="key")
+    per_model = await db.usage_summary(since=since, until=until, key_id=key.id, by="model")
+    overall = await db.usage_summary(since=since, until=until, key_id=key.id, by="key")
     used = await queries.last_used(db, [key.id])
     extra.setdefault("values", _form_values(key))
     extra.setdefault("error", None)

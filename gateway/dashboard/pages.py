@@ -53,7 +53,7 @@ def chart(starts: list[int], series: dict[str, list[Any]]) -> dict[str, Any]:
 async def overview(request: web.Request) -> web.StreamResponse:
     """`GET /dashboard`: today's and the period's figures, charts over time, top spenders."""
     await fresh(request)
-    db = request.app[STORE_KEY].db
+    db = request.app[STORE_KEY]
     name, since, until, step = period_of(request)
     today_start = time.time() // DAY * DAY
     today = (await queries.series(db, today_start, today_start + DAY, DAY)).totals
@@ -89,7 +89,7 @@ async def upstreams(request: web.Request) -> web.StreamResponse:
     await fresh(request)
     snapshot = request[SNAPSHOT_KEY]
     board = snapshot.router.breakers
-    failed = await queries.provider_errors(request.app[STORE_KEY].db, time.time() - DAY)
+    failed = await queries.provider_errors(request.app[STORE_KEY], time.time() - DAY)
     rows = []
     for cfg in snapshot.settings.providers:
         for index in range(max(1, len(cfg.api_keys))):
