@@ -14,19 +14,23 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from aiohttp import ClientSession
 
-from gateway.store import open_store
+from gateway.database import opened_database
 from tests.conftest import NEVER_HANG, free_port
 
-__all__ = ["Replica", "create_key", "replicas", "usage_rows", "write_config"]
+__all__ = ["Replica", "create_key", "replicas", "usage_rows", "usage_rows_pg", "write_config"]
 
 
-def write_config(directory: Path, upstream: str, redis_url: str, **server: Any) -> Path:
-    """A config for every replica: the shared database and Redis, the fake upstream as `m`."""
+def write_config(
+    directory: Path, upstream: str, redis_url: str, database: str | None = None, **server: Any
+) -> Path:
+    """A config for every replica: the shared database (a SQLite file in `directory` unless
+    given: a path or a `postgresql://` URL) and Redis, the fake upstream as `m`."""
     lines = [
         "[server]",
-        f'database = "{directory / "keys.db"}"',
+        f'database = "{database or directory / "keys.db"}"',
         f'redis_url = "{redis_url}"',
         "keys_refresh_seconds = 0.2",
         "usage_flush_seconds = 0.1",
@@ -112,8 +116,8 @@ async def replicas(config: Path, count: int, *extra: str) -> AsyncIterator[list[
                 await replica.proc.wait()
 
 
-async def create_key(database: Path, **fields: Any) -> str:
-    async with open_store(str(database)) as store:
+async def create_key(database: Path | str, **fields: Any) -> str:
+    async with opened_database(str(database)) as store:
         _, secret = await store.create_key(name="replicas", **fields)
     return secret
 
@@ -128,6 +132,16 @@ async def wait_known(session: ClientSession, urls: Sequence[str], secret: str) -
                     if resp.status == 200:
                         break
                 await asyncio.sleep(0.05)
+
+
+async def usage_rows_pg(url: str) -> list[tuple[int, int, str]]:
+    """(status, total_tokens, request_id) of every usage row in a PostgreSQL database."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT status, total_tokens, request_id FROM usage")
+    finally:
+        await conn.close()
+    return [(r[0], r[1], r[2]) for r in rows]
 
 
 def usage_rows(database: Path) -> list[tuple[int, int]]:

@@ -1,5 +1,5 @@
-"""Several real `gateway serve` processes sharing one SQLite file and one real Redis: a budget
-and a request rate hold across them, a Redis outage is refused as configured, and
+"""Several real `gateway serve` processes sharing one SQLite file (or one PostgreSQL) and one
+real Redis: a budget and a request rate hold across them, a Redis outage is refused as configured, and
 `--workers N` serves one port from N processes."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 from aiohttp.pytest_plugin import AiohttpServer
 
+from gateway.database import opened_database
+from gateway.records import UsageRecord
 from tests.conftest import NEVER_HANG
 from tests.fakes import FakeOpenAI
 from tests.redis_server import RedisServer
@@ -25,6 +27,7 @@ from tests.replicas import (
     create_key,
     replicas,
     usage_rows,
+    usage_rows_pg,
     wait_known,
     write_config,
 )
@@ -83,6 +86,69 @@ async def test_a_hundred_requests_over_two_replicas_stay_within_one_budget(
     assert statuses.count(200) == len(admitted) >= 10, (rows, logs)  # 1000: ~17 of 58
     assert statuses.count(429) == 100 - len(admitted)
     assert sum(admitted) <= budget + max(admitted)
+    assert len({prefix for _, prefix in results}) == 2  # both replicas answered
+
+
+def spent_before(key_id: str, tokens: int) -> UsageRecord:
+    """A usage row of today, as an earlier request of the key left it."""
+    return UsageRecord(
+        ts=time.time(),
+        request_id="seeded",
+        key_id=key_id,
+        model="m",
+        provider="up",
+        upstream_model="gpt-4o-mini",
+        endpoint="/v1/chat/completions",
+        stream=False,
+        status=200,
+        prompt_tokens=0,
+        completion_tokens=tokens,
+        total_tokens=tokens,
+        uid="seeded-1",
+    )
+
+
+async def test_two_replicas_on_postgresql_and_redis_share_a_budget_and_write_each_row_once(
+    tmp_path: Path, aiohttp_server: AiohttpServer, redis_server: RedisServer, pg_url: str
+) -> None:
+    # The whole scale-out set-up: keys, usage and the spent total seeded from PostgreSQL,
+    # limits in Redis, two processes; 400 tokens are spent before the replicas start.
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    release = asyncio.Event()
+    fake.always(content="word " * 40, hold=release)  # 48 tokens each; held until all decided
+    config = write_config(tmp_path, fake.base_url, redis_server.url, database=pg_url)
+    budget = 1000
+    secret = await create_key(pg_url, budget_tokens=budget, budget_period="day")
+    async with opened_database(pg_url) as db:
+        key_id = (await db.list_keys())[0].id
+        await db.insert_usage([spent_before(key_id, tokens=400)])
+    async with replicas(config, 2) as group, ClientSession() as session, released(release):
+        urls = [r.url for r in group]
+        await wait_known(session, urls, secret)
+        tasks = [asyncio.create_task(post(session, urls[i % 2], secret)) for i in range(100)]
+        async with asyncio.timeout(NEVER_HANG):
+            while sum(t.done() for t in tasks) + len(fake.chat_requests) < len(tasks):
+                fake.request_seen.clear()
+                seen = asyncio.create_task(fake.request_seen.wait())
+                await asyncio.wait(
+                    [seen, *[t for t in tasks if not t.done()]],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                seen.cancel()
+            release.set()
+            results = await asyncio.gather(*tasks)
+        for replica in group:
+            assert await replica.stop() == 0  # every usage row written
+    rows = await usage_rows_pg(pg_url)
+    new = [(status, tokens, rid) for status, tokens, rid in rows if rid != "seeded"]
+    admitted = [tokens for status, tokens, _ in new if status == 200]
+    statuses = [s for s, _ in results]
+    assert statuses.count(200) == len(admitted) >= 5, rows  # 600 left: ~12 of 48
+    assert statuses.count(429) == 100 - len(admitted)
+    assert 400 + sum(admitted) <= budget + max(admitted)
+    ids = [rid for status, _, rid in new if status == 200]
+    assert len(ids) == len(set(ids)) == statuses.count(200)  # each answer's row, once
     assert len({prefix for _, prefix in results}) == 2  # both replicas answered
 
 
