@@ -1,6 +1,6 @@
 """Several real `gateway serve` processes sharing one SQLite file (or one PostgreSQL) and one
-real Redis: a budget and a request rate hold across them, a Redis outage is refused as configured, and
-`--workers N` serves one port from N processes."""
+real Redis: a budget and a request rate hold across them, a Redis outage is refused as
+configured, and `--workers N` serves one port from N processes."""
 
 from __future__ import annotations
 
