@@ -89,6 +89,7 @@ class GatewayError(Exception):
         code: str | None = None,
         status: int | None = None,
         retry_after: float | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -97,6 +98,8 @@ class GatewayError(Exception):
             self.code = code
         if status is not None:
             self.status = status
+        if reason is not None:
+            self.reason = reason
         self.retry_after = retry_after
 
     def body(self) -> ErrorEnvelope:

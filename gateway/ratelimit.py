@@ -82,32 +82,29 @@ def duration(seconds: float) -> str:
 
 
 def no_slot(key: KeyRecord) -> RateLimited:
-    err = RateLimited(
+    return RateLimited(
         f"Too many requests in flight for this API key (limit {key.max_concurrency}).",
         retry_after=1.0,
+        reason="concurrency",
     )
-    err.reason = "concurrency"
-    return err
 
 
 def no_requests(key: KeyRecord, wait: float) -> RateLimited:
-    err = RateLimited(
+    return RateLimited(
         f"Rate limit reached for this API key on requests per minute (limit "
         f"{key.rpm}). Please try again in {duration(wait)}.",
         retry_after=wait,
+        reason="requests_per_minute",
     )
-    err.reason = "requests_per_minute"
-    return err
 
 
 def no_tokens(key: KeyRecord, wait: float) -> RateLimited:
-    err = RateLimited(
+    return RateLimited(
         f"Rate limit reached for this API key on tokens per minute (limit "
         f"{key.tpm}). Please try again in {duration(wait)}.",
         retry_after=wait,
+        reason="tokens_per_minute",
     )
-    err.reason = "tokens_per_minute"
-    return err
 
 
 def too_large(key: KeyRecord, likely: int) -> RateLimited:
@@ -116,9 +113,9 @@ def too_large(key: KeyRecord, likely: int) -> RateLimited:
         f"Request too large for this API key's limit of {key.tpm} tokens per "
         f"minute: it may use up to {likely} tokens (prompt plus max_tokens). "
         "Lower max_tokens or send less.",
+        reason="tokens_per_minute",
     )
     err.should_retry = False
-    err.reason = "tokens_per_minute"
     return err
 
 
