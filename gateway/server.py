@@ -25,6 +25,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout
+from gateway.logs import flush_lines
 from gateway.middleware import SERVER_NAME, error_response, mint_request_id
 from gateway.state import SETTINGS_KEY
 
@@ -280,6 +281,7 @@ async def _run(
         await stop.wait()
     finally:
         await runner.cleanup()
+        flush_lines()  # the last requests' lines, buffered for a turn that may not come
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
