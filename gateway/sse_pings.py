@@ -83,9 +83,16 @@ class StreamPings:
                     self._ping(response, seen.writer)
 
     def _ping(self, response: StreamResponse, writer: AbstractStreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(_send(response, writer))
+        task = asyncio.get_running_loop().create_task(self._send_if_open(response, writer))
         self._pings.add(task)
         task.add_done_callback(self._pings.discard)
+
+    async def _send_if_open(self, response: StreamResponse, writer: AbstractStreamWriter) -> None:
+        # The stream may have ended since the ping was due: its end (`write_eof`) can still be
+        # waiting for a slow client to drain, and a ping written then would follow the
+        # terminating chunk, where the client reads the next response on the connection.
+        if response in self._streams:
+            await _send(response, writer)
 
 
 async def _send(response: StreamResponse, writer: AbstractStreamWriter) -> None:

@@ -6,10 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 
 from gateway import sse_pings
-from gateway.sse_pings import PING
+from gateway.sse import _EventStream
+from gateway.sse_pings import PING, StreamPings
 from gateway.state import PINGS_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, openai_client, sse_events
 from tests.test_openai_provider import HI, Rig, make_rig
@@ -83,3 +85,52 @@ async def test_pings_stop_with_the_stream_and_never_follow_its_end(rig: Rig) -> 
             body = await resp.read()
         assert body.endswith(b"data: [DONE]\n\n") and PING not in body
     assert len(app_of(rig.gateway)[PINGS_KEY]) == 0
+
+
+async def test_a_ping_due_as_a_slow_stream_ends_never_follows_its_last_chunk(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """A ping the watcher started just before the stream ended runs while the end waits for
+    a slow client to drain: it must write nothing, or its bytes would follow the terminating
+    chunk and be read as the start of the next response on the connection."""
+    pings = StreamPings(INTERVAL)
+    pinged: list[asyncio.Task[None]] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = _EventStream(pings)
+        writer = await resp.prepare(request)
+        assert writer is not None
+        await resp.write(b"data: 1\n\n")
+        pings._ping(resp, writer)  # the watcher found it silent: a ping is due this turn
+        pinged.extend(pings._pings)
+        request.protocol.pause_writing()  # the client is slow: the end waits for a drain
+
+        async def client_reads_again() -> None:
+            await asyncio.gather(*pinged)  # the ping ran while the end was waiting
+            request.protocol.resume_writing()
+
+        reads = asyncio.create_task(client_reads_again())
+        resp.stop_streaming()
+        await resp.write_eof()  # the last chunk goes out, then waits for the drain
+        await reads
+        return resp
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="next")
+
+    app = web.Application()
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/next", hello)
+    server = await aiohttp_server(app)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await reader.readuntil(b"\r\n0\r\n\r\n")
+            writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+        await pings.close()
+    assert b"data: 1" in first and PING not in first and len(pinged) == 1
+    assert head.startswith(b"HTTP/1.1 200"), head  # not ping bytes left over from the stream
