@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import msgspec
 import structlog
@@ -49,6 +49,24 @@ class _UTCTimestamp:
         return event
 
 
+class _Lossy:
+    """stdout for log lines that a closed or broken stdout (a log reader gone: EPIPE) cannot
+    fail: the line is lost, the request or the server start that wrote it goes on."""
+
+    __slots__ = ("__weakref__", "_stream")  # (structlog keeps a lock per file, weakly)
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, data: Any) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._stream.write(data)
+
+    def flush(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._stream.flush()
+
+
 class _Flushing:
     """Lines written to a buffered stream and flushed once per turn of the event loop: under
     load, the request lines of one turn share one write to the file or pipe instead of a
@@ -57,7 +75,7 @@ class _Flushing:
 
     __slots__ = ("_pending", "_stream")
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: _Lossy) -> None:
         self._stream = stream
         self._pending: asyncio.AbstractEventLoop | None = None  # where a flush is due
 
@@ -75,8 +93,7 @@ class _Flushing:
     def flush(self) -> None:
         """Write out what is buffered (also called when the server stops)."""
         self._pending = None
-        with contextlib.suppress(ValueError, OSError):  # closed or broken stdout: nothing to do
-            self._stream.flush()
+        self._stream.flush()
 
 
 class _Direct:
@@ -155,10 +172,10 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory(cast(BinaryIO, _Lossy(sys.stdout.buffer))),
         cache_logger_on_first_use=cache,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(_Lossy(sys.stdout))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -169,7 +186,7 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
         )
     )
     global _direct, _info
-    _direct = _Direct(_Flushing(sys.stdout.buffer), processors)
+    _direct = _Direct(_Flushing(_Lossy(sys.stdout.buffer)), processors)
     _info = numeric <= logging.INFO
     root = logging.getLogger()
     root.handlers[:] = [handler]
