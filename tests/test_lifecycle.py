@@ -262,3 +262,73 @@ async def test_the_server_runs_on_uvloop_unless_told_not_to(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_sigterm_ends_a_silent_stream_within_the_grace_period(
+    tmp_path: Any, capsys: Any
+) -> None:
+    """A stream whose upstream went silent (pinged meanwhile) does not hold the process past
+    its grace period: the client gets the shutdown error event and the process exits 0."""
+    first, never = asyncio.Event(), asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        delta = {"role": "assistant", "content": "one"}
+        event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+        await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        first.set()
+        await never.wait()  # silent from here on
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    up_port = runner.addresses[0][1]
+    port = free_port()
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\nshutdown_grace_seconds = 1\n\n'
+        f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
+    )
+    capsys.readouterr()
+    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    secret = json.loads(capsys.readouterr().out)["key"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(60):
+            assert proc.stderr is not None
+            assert b"listening" in await proc.stderr.readline()
+            body = {
+                "model": "up/x",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+            }
+            headers = {"Authorization": f"Bearer {secret}"}
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            async with (
+                ClientSession() as session,
+                session.post(url, json=body, headers=headers) as resp,
+            ):
+                await first.wait()
+                start = asyncio.get_running_loop().time()
+                proc.send_signal(signal.SIGTERM)
+                tail = await resp.read()
+            assert await proc.wait() == 0
+            took = asyncio.get_running_loop().time() - start
+    finally:
+        never.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
+    assert b"shutting down" in tail and b'"error"' in tail
+    assert took < 8  # the grace period (1 s) and the stop, not the stream's silence
