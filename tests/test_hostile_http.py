@@ -312,3 +312,73 @@ async def test_100_continue_only_once_admitted(gateway: TestClient[Any, Any]) ->
     fresh = await create_key(gateway)
     odd = await raw_request(gateway, head(fresh, "Expect: something-else", "Content-Length: 2"))
     assert_openai_error(odd, 417, "expectation_failed")
+
+
+BODY = b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+async def test_a_body_that_trickles_in_past_the_timeout_gets_a_408(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    """The body timer is for the whole body: a byte now and then does not keep it alive."""
+    gw = await start_gateway(aiohttp_client, make_settings(client_body_timeout=0.3))
+    secret = await create_key(gw)
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            writer.write(head(secret, f"Content-Length: {len(BODY)}"))
+            replied = asyncio.create_task(read_reply(reader))
+            for byte in BODY:
+                if replied.done():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)  # a byte every 50 ms: done after ~3 s, not 0.3
+            reply = await replied
+    finally:
+        writer.close()
+    assert_openai_error(reply, 408, "request_timeout")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_sent_with_its_head_and_100_continue_is_answered(
+    gateway: TestClient[Any, Any], chunked: bool
+) -> None:
+    """A client that asks for 100 Continue but sends its (whole) body with the head anyway:
+    the body is here, so no timer, one answer (after an optional 100 Continue)."""
+    secret = await create_key(gateway)
+    if chunked:
+        framing = "Transfer-Encoding: chunked"
+        body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(BODY), BODY)
+    else:
+        framing, body = f"Content-Length: {len(BODY)}", BODY
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            writer.write(head(secret, "Expect: 100-continue", framing) + body)
+            reply = await read_reply(reader)
+            if reply.status == 100:
+                reply = await read_reply(reader)
+    finally:
+        writer.close()
+    assert reply.status == 200 and reply.json()["object"] == "chat.completion"
+
+
+async def test_a_chunked_body_that_never_ends_gets_a_408(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    gw = await start_gateway(aiohttp_client, make_settings(client_body_timeout=0.2))
+    secret = await create_key(gw)
+    first = b"%x\r\n%b\r\n" % (len(BODY), BODY)  # a whole chunk, but never the last one
+    reply = await raw_request(gw, head(secret, "Transfer-Encoding: chunked") + first)
+    assert_openai_error(reply, 408, "request_timeout")
+
+
+async def test_a_chunked_body_over_the_limit_is_a_413(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    gw = await start_gateway(aiohttp_client, make_settings(max_body_bytes=1024))
+    secret = await create_key(gw)
+    big = b'{"model": "demo", "pad": "' + b"a" * 4000 + b'"}'
+    body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(big), big)  # whole, with the head: no timer
+    reply = await raw_request(gw, head(secret, "Transfer-Encoding: chunked") + body)
+    assert_openai_error(reply, 413, "request_too_large")
