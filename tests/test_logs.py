@@ -127,3 +127,50 @@ async def test_above_info_no_request_line_is_written(
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
     assert '"event":"request"' not in out
+
+
+async def test_lines_on_one_kept_alive_connection_carry_only_their_own_ids(
+    gateway: TestClient[Any, Any], key: str, capfd: Any, monkeypatch: Any
+) -> None:
+    """Requests one after another on one connection share its context: a line (the request
+    line, an error's line) never carries an earlier request's key or request id."""
+    import json
+    import logging
+
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.handlers import models
+    from tests.conftest import create_key
+
+    other = await create_key(gateway)
+
+    def broken(obj: Any) -> Any:
+        raise RuntimeError("a bug after auth")
+
+    monkeypatch.setattr(models, "_json", broken)
+    base = f"http://{gateway.host}:{gateway.port}"
+    configure_logging("info", cache=False)
+    sent: list[tuple[str, str | None]] = []
+    try:
+        async with ClientSession(base, connector=TCPConnector(limit=1)) as session:
+            for secret in (key, other, "sk-nope", other, None, key):
+                headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+                async with session.get("/v1/models/demo", headers=headers) as resp:
+                    await resp.read()
+                    sent.append((resp.headers["X-Request-ID"], secret))
+        out = capfd.readouterr().out.splitlines()
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    lines = [json.loads(line) for line in out if line.startswith("{")]
+    requests = [line for line in lines if line["event"] == "request"]
+    errors = [line for line in lines if line["event"] == "unhandled_error"]
+    key_ids = {line["request_id"]: line["key_id"] for line in requests if line["status"] == 500}
+    assert [line["request_id"] for line in requests] == [rid for rid, _ in sent]
+    assert len(set(key_ids.values())) == 2  # two keys, each request line with its own
+    for (rid, secret), line in zip(sent, requests, strict=True):
+        assert line["request_id"] == rid
+        assert (line["key_id"] is None) == (secret in ("sk-nope", None))
+    assert len(errors) == 4  # the authorised requests hit the bug: each line its own ids
+    for error in errors:
+        assert error["key_id"] == key_ids[error["request_id"]]
