@@ -134,3 +134,35 @@ async def test_a_ping_due_as_a_slow_stream_ends_never_follows_its_last_chunk(
         await pings.close()
     assert b"data: 1" in first and PING not in first and len(pinged) == 1
     assert head.startswith(b"HTTP/1.1 200"), head  # not ping bytes left over from the stream
+
+
+STREAMING = {
+    "/v1/completions": {"model": "gpt", "prompt": "hello world", "stream": True},
+    "/v1/responses": {"model": "gpt", "input": "hello world", "stream": True},
+    "/v1/messages": {
+        "model": "gpt",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hello world"}],
+        "stream": True,
+    },
+}
+
+
+@pytest.mark.parametrize("path", STREAMING)
+async def test_every_streaming_endpoint_is_pinged_in_a_silence_and_ends_cleanly(
+    rig: Rig, path: str
+) -> None:
+    rest = asyncio.Event()
+    rig.fake.always(content="one two three", hold=rest, hold_after=1)
+    pings = app_of(rig.gateway)[PINGS_KEY]
+    async with rig.gateway.post(path, json=STREAMING[path], headers=rig.headers) as resp:
+        assert resp.status == 200, await resp.text()
+        async with asyncio.timeout(NEVER_HANG):
+            first = await resp.content.readuntil(b"\n\n")
+            while (event := await resp.content.readuntil(b"\n\n")) != PING:
+                first += event  # (a stream may open with a few events of its own)
+        rest.set()
+        tail = await resp.read()
+    assert PING not in first and PING not in tail
+    assert b'"type":"error"' not in tail and b'{"error"' not in tail and len(pings) == 0
+    assert tail.rstrip().endswith((b"[DONE]", b"}"))  # a whole last event, nothing after it
