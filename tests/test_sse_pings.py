@@ -166,3 +166,35 @@ async def test_every_streaming_endpoint_is_pinged_in_a_silence_and_ends_cleanly(
     assert PING not in first and PING not in tail
     assert b'"type":"error"' not in tail and b'{"error"' not in tail and len(pings) == 0
     assert tail.rstrip().endswith((b"[DONE]", b"}"))  # a whole last event, nothing after it
+
+
+async def test_hundreds_of_silent_streams_are_each_pinged_and_all_end_cleanly(rig: Rig) -> None:
+    from aiohttp import ClientSession, TCPConnector
+
+    count = 300
+    rest = asyncio.Event()
+    rig.fake.always(content="one two", hold=rest, hold_after=1)
+    pings = app_of(rig.gateway)[PINGS_KEY]
+    base = f"http://{rig.gateway.host}:{rig.gateway.port}"
+    pinged = 0
+
+    async def one(session: ClientSession) -> bytes:
+        nonlocal pinged
+        async with session.post("/v1/chat/completions", json={**HI, "stream": True}) as resp:
+            first = await resp.content.readuntil(b"\n\n")
+            assert await resp.content.readuntil(b"\n\n") == PING
+            pinged += 1
+            if pinged == count:
+                rest.set()  # every stream was pinged: the upstream goes on
+            return first + await resp.read()
+
+    async with ClientSession(base, connector=TCPConnector(limit=0), headers=rig.headers) as s:
+        async with asyncio.timeout(NEVER_HANG * 4):
+            bodies = await asyncio.gather(*(one(s) for _ in range(count)))
+    for body in bodies:
+        assert body.endswith(b"data: [DONE]\n\n")  # (more pings while the others waited)
+        text = "".join(
+            e["choices"][0]["delta"].get("content") or "" for e in sse_events(body) if e["choices"]
+        )
+        assert text == "one two"
+    assert len(pings) == 0
