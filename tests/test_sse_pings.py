@@ -198,3 +198,50 @@ async def test_hundreds_of_silent_streams_are_each_pinged_and_all_end_cleanly(ri
         )
         assert text == "one two"
     assert len(pings) == 0
+
+
+async def test_a_client_that_stops_reading_in_a_silence_then_reads_gets_it_all_in_order(
+    aiohttp_server: AiohttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stalled client during a silence: the pings wait in the buffer with the stream (a
+    ping's write never waits for the client: no task piles up), and once it reads again it
+    gets them, then the rest of the stream, then its end."""
+    pings = StreamPings(INTERVAL)
+    sent: list[int] = []
+    several = asyncio.Event()
+    send = sse_pings._send
+
+    async def counted(response: Any, writer: Any) -> None:
+        sent.append(1)
+        await send(response, writer)
+        if len(sent) == 3:
+            several.set()
+
+    monkeypatch.setattr(sse_pings, "_send", counted)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = _EventStream(pings)
+        await resp.prepare(request)
+        await resp.write(b"data: 1\n\n")
+        request.protocol.pause_writing()  # the client takes nothing (its buffers are full)
+        await several.wait()
+        assert len(pings._pings) == 1  # only the ping now running: none waits for the client
+        request.protocol.resume_writing()  # it reads again
+        await resp.write(b"data: 2\n\n")
+        resp.stop_streaming()
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/stream", stream)
+    server = await aiohttp_server(app)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            body = await reader.readuntil(b"\r\n0\r\n\r\n")
+    finally:
+        writer.close()
+        await pings.close()
+    assert body.count(PING) == len(sent) >= 3
+    assert body.index(b"data: 1") < body.index(PING) and body.rindex(PING) < body.index(b"data: 2")
