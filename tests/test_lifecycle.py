@@ -332,3 +332,98 @@ async def test_sigterm_ends_a_silent_stream_within_the_grace_period(
         await runner.cleanup()
     assert b"shutting down" in tail and b'"error"' in tail
     assert took < 8  # the grace period (1 s) and the stop, not the stream's silence
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
+async def test_many_reloads_with_a_stream_open_keep_memory_flat_and_the_stream_whole(
+    tmp_path: Any, capsys: Any
+) -> None:
+    """Start-up objects are frozen out of the collector's sight: what reloads replace (the
+    providers, their sessions) must still be freed, and a stream open across them ends whole."""
+    first, rest = asyncio.Event(), asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for word in ("one", " two"):
+            delta = {"role": "assistant", "content": word}
+            event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            first.set()
+            await rest.wait()
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    up_port = runner.addresses[0][1]
+    port = free_port()
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    up = (
+        f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
+    )
+    variants = [
+        f'[server]\ndatabase = "{db}"\n\n{up}',
+        f'[server]\ndatabase = "{db}"\n\n{up}\n'
+        + up.replace('"up"', '"up2"')
+        + '[[models]]\nname = "m2"\ntargets = [{ provider = "up2", model = "x" }]\n',
+    ]
+    config.write_text(variants[0])
+    capsys.readouterr()
+    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    secret = json.loads(capsys.readouterr().out)["key"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    async def reloads(count: int) -> None:
+        assert proc.stdout is not None
+        for i in range(count):
+            config.write_text(variants[(i + 1) % 2])
+            proc.send_signal(signal.SIGHUP)
+            await _log_event(proc.stdout, "config_reloaded")
+
+    try:
+        async with asyncio.timeout(120), ClientSession() as session:
+            assert proc.stderr is not None
+            assert b"listening" in await proc.stderr.readline()
+            body = {
+                "model": "up/x",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+            }
+            headers = {"Authorization": f"Bearer {secret}"}
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            async with session.post(url, json=body, headers=headers) as resp:
+                await first.wait()
+                await reloads(40)  # warm up: caches, the first retired snapshots
+                before = _rss_kb(proc.pid)
+                await reloads(200)
+                after = _rss_kb(proc.pid)
+                rest.set()
+                tail = await resp.read()
+            models = f"http://127.0.0.1:{port}/v1/models"
+            async with session.get(models, headers=headers) as listed:
+                assert listed.status == 200
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    finally:
+        rest.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
+    assert tail.endswith(b"data: [DONE]\n\n") and b"two" in tail
+    assert after < before * 1.1, (before, after)  # flat within 10 %
