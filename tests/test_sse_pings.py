@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -245,3 +246,29 @@ async def test_a_client_that_stops_reading_in_a_silence_then_reads_gets_it_all_i
         await pings.close()
     assert body.count(PING) == len(sent) >= 3
     assert body.index(b"data: 1") < body.index(PING) and body.rindex(PING) < body.index(b"data: 2")
+
+
+async def test_a_client_gone_during_a_silence_is_counted_as_gone(rig: Rig) -> None:
+    from tests.conftest import usage_rows
+
+    rest = asyncio.Event()
+    rig.fake.always(content="one two three", hold=rest, hold_after=1)
+    pings = app_of(rig.gateway)[PINGS_KEY]
+    reader, writer = await asyncio.open_connection(rig.gateway.host, rig.gateway.port)
+    body = json.dumps({**HI, "stream": True}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {rig.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    async with asyncio.timeout(NEVER_HANG):
+        writer.write(head + body)
+        await reader.readuntil(b"data: ")  # the stream began
+        writer.close()  # and its client is gone in the silence that follows
+        await writer.wait_closed()
+        await asyncio.sleep(INTERVAL * 4)  # a silence long enough for pings to be due
+        rest.set()
+        rows: list[dict[str, Any]] = []
+        while not rows or len(pings):
+            await asyncio.sleep(INTERVAL / 3)  # the row is written after the end
+            rows = await usage_rows(rig.gateway)
+    assert rows[-1]["status"] == 499  # counted as the client's hang-up, not a gateway failure
