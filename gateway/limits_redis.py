@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from gateway import limits_lua
 from gateway.admission import Gate, Ticket
@@ -34,6 +34,7 @@ from gateway.database import Database
 from gateway.errors import LimitsUnavailable
 from gateway.ratelimit import duration, no_requests, no_slot, no_tokens, too_large
 from gateway.records import KeyRecord
+from gateway.redis_link import Arg, RedisLink
 from gateway.settings import ServerSettings
 
 __all__ = ["SharedGate", "open_gate"]
@@ -71,6 +72,7 @@ class SharedGate(Gate):
     ) -> None:
         super().__init__(store)
         self.redis = redis
+        self.link = RedisLink(redis)  # the request path's scripts
         self.failure = failure
         self.lease = lease
         self.up = True
@@ -105,9 +107,11 @@ class SharedGate(Gate):
         ticket.lease = f"{self._replica}:{next(self._ids)}"
         if key.rpm is not None or key.max_concurrency is not None:
             try:
-                answer = await self._enter(
-                    keys=[_k(key, "rpm"), _k(key, "lease"), _k(key, "held")],
-                    args=[key.rpm or 0, key.max_concurrency or 0, ticket.lease, self.lease],
+                answer = await self.link.script(
+                    self._enter.sha,
+                    limits_lua.ENTER,
+                    [_k(key, "rpm"), _k(key, "lease"), _k(key, "held")],
+                    [key.rpm or 0, key.max_concurrency or 0, ticket.lease, self.lease],
                 )
             except _FAILURES as exc:
                 self._went_down(exc)
@@ -258,6 +262,7 @@ class SharedGate(Gate):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self.link.close()
         await self.redis.aclose(close_connection_pool=True)
 
     async def renew_forever(self) -> None:
@@ -291,15 +296,17 @@ class SharedGate(Gate):
     async def _run_charge(self, ticket: Ticket, likely: Amount, most: Amount) -> list[bytes]:
         key = ticket.key
         start = period_start(key.budget_period, time.time())
-        answer: list[bytes] = await self._charge(
-            keys=[
+        answer: list[bytes] = await self.link.script(
+            self._charge.sha,
+            limits_lua.CHARGE,
+            [
                 _k(key, "rpm"),
                 _k(key, "tpm"),
                 _k(key, "lease"),
                 _k(key, "held"),
                 _spent_key(key, start),
             ],
-            args=[
+            [
                 key.rpm or 0,
                 key.tpm or 0,
                 likely[0],
@@ -330,41 +337,33 @@ class SharedGate(Gate):
         await self._seed(keys=[_spent_key(key, start)], args=[tokens, repr(usd), ttl])
 
     async def _end_all(self) -> None:
-        """Send the end of every request that ended meanwhile, one pipeline per turn: under
-        load, many requests share one round trip."""
+        """Send the end of every request that ended meanwhile, together: under load, many
+        requests share one round trip."""
         while self._ending:
             batch, self._ending = self._ending, []
-            try:
-                try:
-                    await self._send_ends(batch)
-                except NoScriptError:  # Redis restarted and forgot the script
-                    await self.redis.script_load(limits_lua.FINISH)
-                    await self._send_ends(batch)
-            except _FAILURES as exc:  # their leases end on their own
-                self._went_down(exc)
-
-    async def _send_ends(self, batch: list[Ticket]) -> None:
-        now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
+            now = time.time()
+            calls: list[tuple[list[str], list[Arg]]] = []
             for ticket in batch:
                 key = ticket.key
                 used = ticket.used or (0, 0.0)
                 spent = _spent_key(key, period_start(key.budget_period, now))
-                _ = pipe.evalsha(  # queued; sent by execute()
-                    self._finish.sha,
-                    4,
-                    _k(key, "tpm"),
-                    _k(key, "lease"),
-                    _k(key, "held"),
-                    spent,
-                    ticket.lease or "",
-                    key.tpm or 0,
-                    ticket.tokens,
-                    used[0],
-                    repr(used[1]),
-                    "1" if ticket.used is not None else "0",
+                calls.append(
+                    (
+                        [_k(key, "tpm"), _k(key, "lease"), _k(key, "held"), spent],
+                        [
+                            ticket.lease or "",
+                            key.tpm or 0,
+                            ticket.tokens,
+                            used[0],
+                            repr(used[1]),
+                            "1" if ticket.used is not None else "0",
+                        ],
+                    )
                 )
-            await pipe.execute()
+            try:
+                await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
+            except _FAILURES as exc:  # their leases end on their own
+                self._went_down(exc)
 
     def _saw(self, key: KeyRecord, *, rpm: float | None = None, tpm: float | None = None) -> None:
         seen = self._seen.get(key.id)
