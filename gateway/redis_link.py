@@ -33,7 +33,7 @@ __all__ = ["Arg", "RedisLink"]
 Arg = str | bytes | int | float
 
 
-class RedisLink(asyncio.Protocol):
+class RedisLink:
     """Commands over one connection, pipelined per loop turn; the replies in order."""
 
     def __init__(self, redis: Redis) -> None:
@@ -42,13 +42,11 @@ class RedisLink(asyncio.Protocol):
         self._class = pool.connection_class
         self.timeout: float | None = self._kwargs.get("socket_timeout")
         self._connect_timeout = self._kwargs.get("socket_connect_timeout") or self.timeout
-        self._transport: asyncio.Transport | None = None
+        self._connection: _Connection | None = None  # ready: AUTH and SELECT went first
         self._connecting: asyncio.Task[None] | None = None
-        self._reader = hiredis.Reader(replyError=ResponseError)
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._out: list[bytes] = []
+        self._out: list[bytes] = []  # this turn's commands, not written yet
+        self._pending: list[asyncio.Future[Any]] = []  # their replies
         self._scheduled = False
-        self._ready = False  # connected, and AUTH/SELECT sent ahead of everything else
         self._closed = False
 
     # -- calls ---------------------------------------------------------------------------
@@ -61,7 +59,7 @@ class RedisLink(asyncio.Protocol):
             future.set_exception(RedisConnectionError("The Redis link is closed."))
             return future
         self._out.append(_pack(command))
-        self._waiting.append(future)
+        self._pending.append(future)
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
@@ -94,7 +92,8 @@ class RedisLink(asyncio.Protocol):
             async with asyncio.timeout(self.timeout):
                 return [await future for future in futures]
         except TimeoutError:
-            self._drop(TimeoutError("Redis did not answer in time."))
+            if self._connection is not None:  # its replies would come late, or never
+                self._connection.fail(TimeoutError("Redis did not answer in time."))
             raise
         finally:
             for future in futures:  # the others failed alike: their errors are seen
@@ -103,7 +102,9 @@ class RedisLink(asyncio.Protocol):
 
     def close(self) -> None:
         self._closed = True
-        self._drop(RedisConnectionError("The Redis link is closed."))
+        if self._connection is not None:
+            self._connection.fail(RedisConnectionError("The Redis link is closed."))
+        self._fail_pending(RedisConnectionError("The Redis link is closed."))
 
     # -- the connection ------------------------------------------------------------------
 
@@ -111,80 +112,102 @@ class RedisLink(asyncio.Protocol):
         self._scheduled = False
         if not self._out:
             return
-        if self._ready and self._transport is not None:
-            data, self._out = b"".join(self._out), []
-            self._transport.write(data)
-        elif self._connecting is None and self._transport is None:
+        connection = self._connection
+        if connection is not None and connection.transport is not None:
+            connection.waiting.extend(self._pending)
+            connection.transport.write(b"".join(self._out))
+            self._out, self._pending = [], []
+        elif self._connecting is None:
+            self._connection = None
             self._connecting = asyncio.create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         kw = self._kwargs
+        connection = _Connection(self)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if issubclass(self._class, UnixDomainSocketConnection):
-                    await loop.create_unix_connection(lambda: self, kw["path"])
+                    await loop.create_unix_connection(lambda: connection, kw["path"])
                 else:
                     context: ssl.SSLContext | None = None
                     if issubclass(self._class, SSLConnection):
                         context = self._class(**kw).ssl_context.get()
                     host, port = kw.get("host", "localhost"), kw.get("port", 6379)
-                    await loop.create_connection(lambda: self, host, port, ssl=context)
-                await self._handshake()
-            self._ready = True
+                    await loop.create_connection(lambda: connection, host, port, ssl=context)
+                await connection.handshake(kw)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._drop(exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc)))
+            error = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
+            connection.fail(error)
+            self._fail_pending(error)
+        else:
+            if not self._closed:
+                self._connection = connection
         finally:
             self._connecting = None
         self._flush()
 
-    async def _handshake(self) -> None:
-        """AUTH and SELECT as the URL asks, ahead of the commands already queued."""
-        kw = self._kwargs
+    def _fail_pending(self, error: BaseException) -> None:
+        pending, self._out, self._pending = self._pending, [], []
+        for future in pending:
+            if not future.done():
+                future.set_exception(error)
+
+    def _lost(self, connection: _Connection) -> None:
+        if self._connection is connection:
+            self._connection = None
+
+
+class _Connection(asyncio.Protocol):
+    """One connection of a link: its replies go to the commands written on it, in order."""
+
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(replyError=ResponseError)
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+
+    async def handshake(self, kw: dict[str, Any]) -> None:
+        """AUTH and SELECT as the URL asks, before any command of the link's."""
         first: list[tuple[Arg, ...]] = []
         if kw.get("password"):
             user = kw.get("username")
             first.append(("AUTH", user, kw["password"]) if user else ("AUTH", kw["password"]))
         if kw.get("db"):
             first.append(("SELECT", kw["db"]))
-        if not first:
+        if not first or self.transport is None:
             return
-        assert self._transport is not None
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in first]
-        self._waiting.extendleft(reversed(futures))
-        self._transport.write(b"".join(_pack(c) for c in first))
+        self.waiting.extend(futures)
+        self.transport.write(b"".join(_pack(c) for c in first))
         for reply in [await f for f in futures]:
             if isinstance(reply, ResponseError):
-                self._transport.abort()
                 raise reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
+        self.transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
+        self.reader.feed(data)
         try:
-            while (reply := self._reader.gets()) is not False:
-                future = self._waiting.popleft()
+            while (reply := self.reader.gets()) is not False:
+                future = self.waiting.popleft()
                 if not future.done():
                     future.set_result(reply)
         except (hiredis.ProtocolError, IndexError) as exc:  # not Redis, or out of step
-            self._drop(RedisConnectionError(f"Bad reply from Redis: {exc}"))
+            self.fail(RedisConnectionError(f"Bad reply from Redis: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._drop(RedisConnectionError("Redis closed the connection."))
+        self.fail(RedisConnectionError("Redis closed the connection."))
 
-    def _drop(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
         """End the connection; every command waiting on it fails with `error`."""
-        transport, self._transport = self._transport, None
-        self._ready = False
+        self.link._lost(self)
+        transport, self.transport = self.transport, None
         if transport is not None:
             transport.abort()
-        self._reader = hiredis.Reader(replyError=ResponseError)
-        waiting, self._waiting = self._waiting, collections.deque()
-        self._out = []
+        waiting, self.waiting = self.waiting, collections.deque()
         for future in waiting:
             if not future.done():
                 future.set_exception(error)
