@@ -20,8 +20,9 @@ import itertools
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -174,27 +175,52 @@ class SharedGate(Gate):
 
     async def spending(self, key: KeyRecord) -> Spend | None:
         """The key's shared spending this period (this replica's ended requests counted)."""
-        if not key.has_budget or not self.up:
-            return self.spent(key)
+        return (await self.spendings([key]))[0]
+
+    async def spendings(self, keys: Sequence[KeyRecord]) -> list[Spend | None]:
+        """`spending` of every key, read in one pipeline (periods not in Redis yet are seeded
+        from the usage table first, then read again)."""
+        if not self.up:
+            return [self.spent(key) for key in keys]
         if self._ender is not None:
             await asyncio.shield(self._ender)
-        start = period_start(key.budget_period, time.time())
+        now = time.time()
+        budgeted = [(key, period_start(key.budget_period, now)) for key in keys if key.has_budget]
         try:
-            tokens, usd = await self.redis.hmget(_spent_key(key, start), ["t", "u"])
-            if tokens is None:
-                await self._seed_spend(key)
-                tokens, usd = await self.redis.hmget(_spent_key(key, start), ["t", "u"])
-            held_t, held_u = await self.redis.hmget(_k(key, "held"), ["#t", "#u"])
+            read = await self._read_spending(budgeted)
+            unseeded = [i for i, (spent, _) in enumerate(read) if spent[0] is None]
+            for i in unseeded:
+                await self._seed_spend(budgeted[i][0])
+            again = await self._read_spending([budgeted[i] for i in unseeded])
+            for i, fresh in zip(unseeded, again, strict=True):
+                read[i] = fresh
         except _FAILURES as exc:
             self._went_down(exc)
-            return self.spent(key)
-        return Spend(
-            start=start,
-            tokens=int(tokens or 0),
-            usd=float(usd or 0),
-            held_tokens=int(held_t or 0),
-            held_usd=max(0.0, float(held_u or 0)),
-        )
+            return [self.spent(key) for key in keys]
+        found = {
+            key.id: Spend(
+                start=start,
+                tokens=int(tokens or 0),
+                usd=float(usd or 0),
+                held_tokens=int(held_t or 0),
+                held_usd=max(0.0, float(held_u or 0)),
+            )
+            for (key, start), ((tokens, usd), (held_t, held_u)) in zip(budgeted, read, strict=True)
+        }
+        return [found.get(key.id) for key in keys]
+
+    async def _read_spending(
+        self, keys: Sequence[tuple[KeyRecord, float]]
+    ) -> list[tuple[list[Any], list[Any]]]:
+        """(spent t and u, held #t and #u) of each (key, period start)."""
+        if not keys:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, start in keys:
+                _ = pipe.hmget(_spent_key(key, start), ["t", "u"])  # queued; sent by execute()
+                _ = pipe.hmget(_k(key, "held"), ["#t", "#u"])
+            replies = await pipe.execute()
+        return [(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     def leave(self, ticket: Ticket) -> None:
         if not ticket.shared:
