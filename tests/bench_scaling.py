@@ -24,6 +24,10 @@ measured), except in `workers`. Four comparisons (`--only`, default all):
   with Redis): the throughput two processes get (the machine's cores are shared with the
   load generator and the upstream, so this is a floor).
 
+* gate: the limits alone, in this process: a limited request's admit, hold, settle and leave
+  through the in-memory gate and through the Redis-shared one, one at a time and 32 at once.
+  Its CPU per request is the least noisy figure of the cost of sharing limits.
+
 CPU per request is the sum over a side's gateway processes (not Redis's or PostgreSQL's);
 for `--workers 2` the work is in its children, which /proc does not count in the parent until
 they exit, so it is not shown. Exits 1 if a server does not start or a request fails.
@@ -59,6 +63,7 @@ from tests.bench import (
     print_table,
     wait_http,
 )
+from tests.bench_gate import gate_cost
 from tests.bench_streams import (
     INTERVAL,
     create_key,
@@ -70,7 +75,7 @@ from tests.bench_streams import (
 
 __all__ = ["main"]
 
-COMPARISONS = ("replicas", "streams", "limits", "workers")
+COMPARISONS = ("gate", "replicas", "streams", "limits", "workers")
 TITLES = {
     "replicas": "Two replicas on PostgreSQL + Redis vs one on SQLite (limits in memory)",
     "limits": "Limits shared through Redis vs in memory (one process, same key, same limits)",
@@ -114,6 +119,9 @@ def _backends(stack: contextlib.ExitStack, tmp: Path) -> tuple[str, str]:
     stack.callback(pg.destroy)
     pg.start()
     return redis.url, pg.admin_url  # the server is ours alone: its default database will do
+
+
+GATE_REQUESTS = 5000
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -166,6 +174,10 @@ def run(args: argparse.Namespace, tmp: Path, servers: Servers) -> dict[str, Any]
         for server in started:
             wait_http(server, "/healthz")
         figures: dict[str, Any] = {}
+        if "gate" in only:
+            print("The limits alone (in memory, in Redis):", flush=True)
+            requests = GATE_REQUESTS // 10 if args.quick else GATE_REQUESTS
+            figures["gate"] = asyncio.run(gate_cost(str(tmp / "gate.db"), redis_url, requests))
         comparisons: dict[str, tuple[Side, Side]] = {}
         if "replicas" in only:
             comparisons["replicas"] = (
@@ -207,6 +219,11 @@ def report(figures: dict[str, Any]) -> int:
             heads = {"replicas": ("one", "two"), "limits": ("mem", "redis")}
             print_table(pairs, TITLES[name], heads.get(name, ("one", "two")), NOTES[name])
             errors += sum(f.errors for pair in pairs for f in pair)
+    gate = figures.get("gate")
+    if gate:
+        print("\nThe limits alone: a limited request's admit, hold, settle, leave (this process)")
+        for cell, row in gate.items():
+            print(f"  {cell:<12} {row['cpu_us']:8.1f} us CPU/request   p50 {row['p50_ms']:.3f} ms")
     streams = figures.get("streams")
     if streams:
         print(f"\nLong streams ({next(iter(streams.values()))['streams']} streams, chunks 100 ms)")
@@ -246,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.json:
         raw = {
-            name: [[asdict(x), asdict(y)] for x, y in value] if name != "streams" else value
+            name: [[asdict(x), asdict(y)] for x, y in value] if name in TITLES else value
             for name, value in figures.items()
         }
         args.json.write_text(json.dumps(raw, indent=1))
