@@ -92,6 +92,8 @@ class RedisLink:
             async with asyncio.timeout(self.timeout):
                 return [await future for future in futures]
         except TimeoutError:
+            if all(f.done() and not f.cancelled() for f in futures):
+                return [f.result() for f in futures]  # late by this loop's own lag only
             if self._connection is not None:  # its replies would come late, or never
                 self._connection.fail(TimeoutError("Redis did not answer in time."))
             raise

@@ -92,27 +92,33 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     ttfb: list[float] = []
     fresh: list[float] = []
     errors: list[str] = []
-    opened = asyncio.Event()
+    opened = asyncio.Event()  # every stream has opened, or failed to
     open_count = 0
+
+    def one_more() -> None:
+        nonlocal open_count
+        open_count += 1
+        if open_count == args.streams:
+            opened.set()
+
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def one_stream(delay: float, stream_url: str) -> None:
-            nonlocal open_count
             await asyncio.sleep(delay)
             start = time.monotonic()
+            counted = False
             try:
                 async with session.post(
                     stream_url, data=_body(True, args.model), headers=headers
                 ) as resp:
+                    one_more()
+                    counted = True
                     if resp.status != 200:
                         errors.append(f"status {resp.status}")
                         return
                     first = True
-                    open_count += 1
-                    if open_count == args.streams:
-                        opened.set()
                     tail = last = b""
                     async for piece in resp.content.iter_any():
                         now = time.time()
@@ -135,6 +141,8 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
                     if b"[DONE]" not in last:
                         errors.append("stream ended without [DONE]")
             except (aiohttp.ClientError, OSError) as exc:
+                if not counted:  # it never opened: the fresh requests must not wait for it
+                    one_more()
                 errors.append(type(exc).__name__)
 
         async def fresh_requests() -> None:
