@@ -132,3 +132,19 @@ async def test_a_server_that_is_not_redis_fails_the_calls(not_redis: int) -> Non
             await link.wait([link.send("PING"), link.send("PING")])
     finally:
         link.close()
+
+
+async def test_a_caller_that_gives_up_does_not_shift_the_replies_of_others(
+    redis_url: str,
+) -> None:
+    """A request cancelled while its command is on the wire (its client hung up): the reply
+    that comes for it is dropped, and the next caller gets its own."""
+    link = link_to(redis_url)
+    try:
+        gone = asyncio.create_task(link.wait([link.send("ECHO", "for the cancelled one")]))
+        await asyncio.sleep(0)  # it is waiting
+        gone.cancel()
+        assert await link.wait([link.send("ECHO", "mine")]) == [b"mine"]
+        assert gone.cancelled()
+    finally:
+        link.close()
