@@ -11,7 +11,7 @@ keys from the usage table when the key cache (re)loads, before those keys serve 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -157,3 +157,7 @@ class Gate:
     async def spending(self, key: KeyRecord) -> Spend | None:
         """`spent`, as the admin API asks it: shared gates read Redis."""
         return self.spent(key)
+
+    async def spendings(self, keys: Sequence[KeyRecord]) -> list[Spend | None]:
+        """`spending` of each key (shared gates: one round trip for them all)."""
+        return [self.spent(key) for key in keys]

@@ -2,11 +2,9 @@
 
 `SharedGate` is a `Gate` whose request steps run as Lua scripts in Redis (`limits_lua.py`),
 registered once and run with EVALSHA, so replicas share one count with the semantics and
-headers of the in-memory gate. What it inherits is the per-replica fallback: while Redis is
-unreachable, requests are refused with a 503 (`redis_failure = "refuse"`) or go through the
-in-memory limits of this replica (`"local"`). A circuit keeps a dead Redis from costing every
-request a timeout: after one failure, requests take the fallback at once, and a probe pings
-Redis every second until it answers. Both transitions are logged once.
+headers of the in-memory gate. The request path's scripts go over one multiplexed connection
+(`redis_link.py`); the levels they return make the response headers (`limits_levels.py`). What
+it inherits is the per-replica fallback while Redis is unreachable (`limits_fallback.py`).
 
 A request's slot and budget hold carry a lease that this replica renews while the request runs;
 a crashed replica's requests give theirs back when their lease ends.
@@ -17,48 +15,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import NoScriptError, RedisError
 
 from gateway import limits_lua
 from gateway.admission import Gate, Ticket
-from gateway.budgets import Amount, BudgetBook, Spend, over_budget, period_start
+from gateway.budgets import Amount, Spend, over_budget, period_start
 from gateway.database import Database
 from gateway.errors import LimitsUnavailable
-from gateway.ratelimit import duration, no_requests, no_slot, no_tokens, too_large
+from gateway.limits_fallback import FAILURES as _FAILURES, FallbackGate
+from gateway.limits_levels import Levels
+from gateway.limits_state import (
+    key_names,
+    period_starts,
+    read_spending,
+    renew_leases,
+    seed_spending,
+    spent_name,
+)
+from gateway.ratelimit import no_requests, no_slot, no_tokens, too_large
 from gateway.records import KeyRecord
+from gateway.redis_link import Arg, RedisLink
 from gateway.settings import ServerSettings
 
 __all__ = ["SharedGate", "open_gate"]
 
-log = structlog.get_logger(__name__)
-
 # How long a request's slot and hold outlive a replica that stopped renewing them.
 LEASE_SECONDS = 30.0
-_PROBE_SECONDS = 1.0
 POOL_SIZE = 16
 _POOL_WAIT_SECONDS = 5.0
-_PERIOD_SECONDS = {"day": 86400, "week": 7 * 86400, "month": 31 * 86400}
-_FAILURES = (RedisError, OSError, TimeoutError)
 
 
-@dataclass(slots=True)
-class _Seen:
-    """A key's bucket levels as the last script returned them (for its response headers)."""
-
-    rpm: float | None = None
-    tpm: float | None = None
-    at: float = 0.0
-
-
-class SharedGate(Gate):
+class SharedGate(FallbackGate):
     """The gate of a replica among several: Redis holds the counts, memory the fallback."""
 
     def __init__(
@@ -69,12 +60,10 @@ class SharedGate(Gate):
         failure: str = "refuse",
         lease: float = LEASE_SECONDS,
     ) -> None:
-        super().__init__(store)
-        self.redis = redis
-        self.failure = failure
+        super().__init__(store, redis, failure=failure)
+        self.link = RedisLink(redis)  # the request path's scripts
         self.lease = lease
-        self.up = True
-        self.fallbacks = 0  # requests that met a Redis outage (refused or limited locally)
+        self.levels = Levels()
         self._enter = redis.register_script(limits_lua.ENTER)
         self._charge = redis.register_script(limits_lua.CHARGE)
         self._finish = redis.register_script(limits_lua.FINISH)
@@ -83,14 +72,9 @@ class SharedGate(Gate):
         self._ids = itertools.count()
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
-        self._seen: dict[str, _Seen] = {}
         self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
         self._ender: asyncio.Task[None] | None = None
-        self._probe: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
-        self._reload: asyncio.Task[None] | None = None
-        self._keys: dict[str, KeyRecord] = {}
-        self._flush: Callable[[], Awaitable[None]] | None = None
 
     # -- the request path ----------------------------------------------------------------
 
@@ -105,9 +89,11 @@ class SharedGate(Gate):
         ticket.lease = f"{self._replica}:{next(self._ids)}"
         if key.rpm is not None or key.max_concurrency is not None:
             try:
-                answer = await self._enter(
-                    keys=[_k(key, "rpm"), _k(key, "lease"), _k(key, "held")],
-                    args=[key.rpm or 0, key.max_concurrency or 0, ticket.lease, self.lease],
+                answer = await self.link.script(
+                    self._enter.sha,
+                    limits_lua.ENTER,
+                    key_names(key, "rpm", "lease", "held"),
+                    [key.rpm or 0, key.max_concurrency or 0, ticket.lease, self.lease],
                 )
             except _FAILURES as exc:
                 self._went_down(exc)
@@ -116,9 +102,9 @@ class SharedGate(Gate):
             if verdict == "slots":
                 raise no_slot(key)
             if verdict == "rate":
-                self._saw(key, rpm=float(answer[2]))
+                self.levels.saw(key, rpm=float(answer[2]))
                 raise no_requests(key, float(answer[1]))
-            self._saw(key, rpm=float(answer[1]))
+            self.levels.saw(key, rpm=float(answer[1]))
         self._leases[ticket.lease] = ticket
         return ticket
 
@@ -147,11 +133,11 @@ class SharedGate(Gate):
             refusal = over_budget(key, likely, int(float(answer[1])), float(answer[2]))
             raise refusal if refusal is not None else LimitsUnavailable("Budget check failed.")
         if verdict == "tokens":
-            self._saw(key, tpm=float(answer[2]))
+            self.levels.saw(key, tpm=float(answer[2]))
             raise no_tokens(key, float(answer[1]))
         if verdict != "ok":
             raise LimitsUnavailable("The shared budget could not be read; try again.")
-        self._saw(key, tpm=float(answer[1]))
+        self.levels.saw(key, tpm=float(answer[1]))
         ticket.tokens, ticket.usd, ticket.charged = most[0], most[1], True
         return None
 
@@ -162,35 +148,34 @@ class SharedGate(Gate):
             super().settle(ticket, tokens, usd)
         elif ticket.charged:
             ticket.used = (tokens, usd)
-            key = ticket.key
-            seen = self._seen.get(key.id)
-            if key.tpm is not None and seen is not None and seen.tpm is not None:
-                level = _refilled(seen.tpm, key.tpm, time.monotonic() - seen.at)
-                self._saw(key, tpm=min(float(key.tpm), level + ticket.tokens - tokens))
+            self.levels.give_back(ticket.key, ticket.tokens - tokens)
 
     async def spending(self, key: KeyRecord) -> Spend | None:
         """The key's shared spending this period (this replica's ended requests counted)."""
-        if not key.has_budget or not self.up:
-            return self.spent(key)
+        return (await self.spendings([key]))[0]
+
+    async def spendings(self, keys: Sequence[KeyRecord]) -> list[Spend | None]:
+        """`spending` of every key, read in one pipeline (periods not in Redis yet are seeded
+        from the usage table first, then read again)."""
+        if not self.up:
+            return [self.spent(key) for key in keys]
         if self._ender is not None:
             await asyncio.shield(self._ender)
-        start = period_start(key.budget_period, time.time())
+        now = time.time()
+        budgeted = [(key, period_start(key.budget_period, now)) for key in keys if key.has_budget]
         try:
-            tokens, usd = await self.redis.hmget(_spent_key(key, start), ["t", "u"])
-            if tokens is None:
-                await self._seed_spend(key)
-                tokens, usd = await self.redis.hmget(_spent_key(key, start), ["t", "u"])
-            held_t, held_u = await self.redis.hmget(_k(key, "held"), ["#t", "#u"])
+            read = await read_spending(self.redis, budgeted)
+            unseeded = [i for i, spend in enumerate(read) if spend is None]
+            for i in unseeded:
+                await self._seed_spend(budgeted[i][0])
+            again = await read_spending(self.redis, [budgeted[i] for i in unseeded])
+            for i, fresh in zip(unseeded, again, strict=True):
+                read[i] = fresh
         except _FAILURES as exc:
             self._went_down(exc)
-            return self.spent(key)
-        return Spend(
-            start=start,
-            tokens=int(tokens or 0),
-            usd=float(usd or 0),
-            held_tokens=int(held_t or 0),
-            held_usd=max(0.0, float(held_u or 0)),
-        )
+            return [self.spent(key) for key in keys]
+        found = {key.id: spend for (key, _), spend in zip(budgeted, read, strict=True)}
+        return [found.get(key.id) for key in keys]
 
     def leave(self, ticket: Ticket) -> None:
         if not ticket.shared:
@@ -205,19 +190,8 @@ class SharedGate(Gate):
             self._ender = asyncio.create_task(self._end_all())
 
     def headers(self, key: KeyRecord) -> dict[str, str]:
-        seen = self._seen.get(key.id) if self.up else None
-        if seen is None:
-            return super().headers(key)
-        elapsed = time.monotonic() - seen.at
-        headers: dict[str, str] = {}
-        for name, cap, level in (("requests", key.rpm, seen.rpm), ("tokens", key.tpm, seen.tpm)):
-            if cap is None:
-                continue
-            now = cap if level is None else _refilled(level, cap, elapsed)
-            headers[f"x-ratelimit-limit-{name}"] = str(cap)
-            headers[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(now)))
-            headers[f"x-ratelimit-reset-{name}"] = duration(max(0.0, (cap - now) * 60 / cap))
-        return headers
+        shown = self.levels.headers(key) if self.up else None
+        return super().headers(key) if shown is None else shown
 
     # -- keys (re)loaded -----------------------------------------------------------------
 
@@ -240,7 +214,7 @@ class SharedGate(Gate):
             self._keys[key.id] = key
         await super().sync(keys, flush)
         if stale and self.up:
-            names = [_spent_key(k, start) for k in stale for start in _starts(time.time())]
+            names = [spent_name(k, start) for k in stale for start in period_starts(time.time())]
             try:
                 await self.redis.delete(*names)
             except _FAILURES as exc:
@@ -253,11 +227,12 @@ class SharedGate(Gate):
         """Let the requests' last steps reach Redis (bounded), then stop the background tasks."""
         if self._ender is not None:
             await asyncio.wait([self._ender], timeout=2.0)
-        for task in (self._probe, self._renewer, self._reload):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        await self.stop_probe()
+        self.link.close()
         await self.redis.aclose(close_connection_pool=True)
 
     async def renew_forever(self) -> None:
@@ -268,38 +243,24 @@ class SharedGate(Gate):
                 await self.renew()
 
     async def renew(self) -> None:
-        by_key: dict[str, list[str]] = {}
-        records: dict[str, KeyRecord] = {}
-        for lease, ticket in self._leases.items():
-            by_key.setdefault(ticket.key.id, []).append(lease)
-            records[ticket.key.id] = ticket.key
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key_id, leases in by_key.items():
-                    key = records[key_id]
-                    await self._renew(
-                        keys=[_k(key, "lease"), _k(key, "held")],
-                        args=[self.lease, *leases],
-                        client=pipe,
-                    )
-                await pipe.execute()
+            await renew_leases(self.redis, self._renew, self.lease, self._leases)
         except _FAILURES as exc:
             self._went_down(exc)
+
+    def came_back(self) -> None:
+        self.levels.clear()  # what scripts said before the outage is stale
 
     # -- internals -----------------------------------------------------------------------
 
     async def _run_charge(self, ticket: Ticket, likely: Amount, most: Amount) -> list[bytes]:
         key = ticket.key
         start = period_start(key.budget_period, time.time())
-        answer: list[bytes] = await self._charge(
-            keys=[
-                _k(key, "rpm"),
-                _k(key, "tpm"),
-                _k(key, "lease"),
-                _k(key, "held"),
-                _spent_key(key, start),
-            ],
-            args=[
+        answer: list[bytes] = await self.link.script(
+            self._charge.sha,
+            limits_lua.CHARGE,
+            [*key_names(key, "rpm", "tpm", "lease", "held"), spent_name(key, start)],
+            [
                 key.rpm or 0,
                 key.tpm or 0,
                 likely[0],
@@ -317,134 +278,32 @@ class SharedGate(Gate):
         return answer
 
     async def _seed_spend(self, key: KeyRecord) -> None:
-        """The period's spending is not in Redis yet (a new period, a Redis restart): seed it
-        from the usage table, with this replica's finished requests written first."""
-        if self._flush is not None:
+        if self._flush is not None:  # this replica's finished requests are counted first
             with contextlib.suppress(Exception):
                 await self._flush()
-        now = time.time()
-        start = period_start(key.budget_period, now)
-        tokens, usd = await self._store.spend_since(key.id, start)
-        length = _PERIOD_SECONDS.get(key.budget_period or "total", 0)
-        ttl = int(start + length - now) + 86400 if length else 0
-        await self._seed(keys=[_spent_key(key, start)], args=[tokens, repr(usd), ttl])
+        await seed_spending(self._seed, self._store, key)
 
     async def _end_all(self) -> None:
-        """Send the end of every request that ended meanwhile, one pipeline per turn: under
-        load, many requests share one round trip."""
+        """Send the end of every request that ended meanwhile, together: under load, many
+        requests share one round trip."""
         while self._ending:
             batch, self._ending = self._ending, []
+            now = time.time()
+            calls = [_finish_call(ticket, now) for ticket in batch]
             try:
-                try:
-                    await self._send_ends(batch)
-                except NoScriptError:  # Redis restarted and forgot the script
-                    await self.redis.script_load(limits_lua.FINISH)
-                    await self._send_ends(batch)
+                await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
             except _FAILURES as exc:  # their leases end on their own
                 self._went_down(exc)
 
-    async def _send_ends(self, batch: list[Ticket]) -> None:
-        now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for ticket in batch:
-                key = ticket.key
-                used = ticket.used or (0, 0.0)
-                spent = _spent_key(key, period_start(key.budget_period, now))
-                _ = pipe.evalsha(  # queued; sent by execute()
-                    self._finish.sha,
-                    4,
-                    _k(key, "tpm"),
-                    _k(key, "lease"),
-                    _k(key, "held"),
-                    spent,
-                    ticket.lease or "",
-                    key.tpm or 0,
-                    ticket.tokens,
-                    used[0],
-                    repr(used[1]),
-                    "1" if ticket.used is not None else "0",
-                )
-            await pipe.execute()
 
-    def _saw(self, key: KeyRecord, *, rpm: float | None = None, tpm: float | None = None) -> None:
-        seen = self._seen.get(key.id)
-        if seen is None:
-            seen = self._seen[key.id] = _Seen()
-        now = time.monotonic()
-        # Carry the other bucket's level forward to now, so both read from one instant.
-        elapsed = now - seen.at
-        if rpm is not None and rpm >= 0:
-            seen.rpm = rpm
-        elif seen.rpm is not None and key.rpm is not None:
-            seen.rpm = min(float(key.rpm), seen.rpm + elapsed * key.rpm / 60)
-        if tpm is not None and tpm > -1:
-            seen.tpm = tpm
-        elif seen.tpm is not None and key.tpm is not None:
-            seen.tpm = min(float(key.tpm), seen.tpm + elapsed * key.tpm / 60)
-        seen.at = now
-
-    async def _charge_locally(self, ticket: Ticket, likely: Amount, most: Amount) -> None:
-        if self._reload is not None:  # the fallback's budgets are being read afresh
-            await asyncio.shield(self._reload)
-        self.charge(ticket, likely, most)
-
-    async def _reload_budgets(self) -> None:
-        """What the fallback needs: what every replica spent (the usage table), not what
-        this one knew when Redis went away."""
-        self.budgets = BudgetBook(self._wall)
-        with contextlib.suppress(Exception):
-            await Gate.sync(self, list(self._keys.values()), self._flush)
-
-    def _fallback_enter(self, key: KeyRecord) -> Ticket | None:
-        self.fallbacks += 1
-        if self.failure != "local":
-            raise self._refusal()
-        return self.enter(key)
-
-    def _refusal(self) -> LimitsUnavailable:
-        return LimitsUnavailable(
-            "The gateway cannot reach its shared rate limits (Redis); try again shortly.",
-            retry_after=_PROBE_SECONDS,
-        )
-
-    def _went_down(self, exc: BaseException) -> None:
-        if not self.up:
-            return
-        self.up = False
-        log.warning(
-            "redis_unreachable", error=f"{type(exc).__name__}: {exc}", fallback=self.failure
-        )
-        if self.failure == "local":
-            self._reload = asyncio.create_task(self._reload_budgets())
-        self._probe = asyncio.create_task(self._wait_for_redis())
-
-    async def _wait_for_redis(self) -> None:
-        while True:
-            await asyncio.sleep(_PROBE_SECONDS)
-            try:
-                await self.redis.ping()
-            except _FAILURES:
-                continue
-            self.up = True
-            self._seen.clear()
-            log.warning("redis_reachable", fallbacks=self.fallbacks)
-            return
-
-
-def _refilled(level: float, cap: int, elapsed: float) -> float:
-    return min(float(cap), level + elapsed * cap / 60)
-
-
-def _k(key: KeyRecord, name: str) -> str:
-    return f"tk:{{{key.id}}}:{name}"
-
-
-def _spent_key(key: KeyRecord, start: float) -> str:
-    return f"tk:{{{key.id}}}:spent:{int(start)}"
-
-
-def _starts(now: float) -> list[float]:
-    return [period_start(p, now) for p in ("total", "day", "week", "month")]
+def _finish_call(ticket: Ticket, now: float) -> tuple[list[str], list[Arg]]:
+    """FINISH's keys and arguments for a request that ended (see `limits_lua.FINISH`)."""
+    key = ticket.key
+    used = ticket.used or (0, 0.0)
+    spent = spent_name(key, period_start(key.budget_period, now))
+    charged = "1" if ticket.used is not None else "0"
+    args: list[Arg] = [ticket.lease or "", key.tpm or 0, ticket.tokens, used[0], repr(used[1])]
+    return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged]
 
 
 def open_gate(server: ServerSettings, store: Database) -> Gate:

@@ -13,61 +13,36 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from itertools import chain
 from typing import Any, Literal
 
 import aiosqlite
-import msgspec
 
 from gateway.errors import NotFound, StoreBusy
-from gateway.migrations import FILL_DAILY, StoreError, migrate, pragma
+from gateway.migrations import StoreError, migrate, pragma
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
-from gateway.reports import ROLL_UP, roll_up, summarize
+from gateway.reports import summarize
 from gateway.rows import (
     KEY_COLUMNS as _KEY_FIELDS,
     SECRET_PREFIX,
-    USAGE_COLUMNS as _USAGE_FIELDS,
     editable,
     key_from_row,
     key_params,
     new_key,
     updated_key,
-    usage_from_row,
 )
+from gateway.sqlite_copy import INSERT_KEY, SqliteCopies
+from gateway.sqlite_usage import ADD_REFUSALS, USAGE_RUN, write_usage
 
 __all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
-
-
-def _marks(fields: Sequence[str]) -> str:
-    return ", ".join("?" * len(fields))
 
 
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
 # A record's fields are its table's columns; queries name them explicitly. S608 is silenced
 # where SQL is built from these constants: values are always bound parameters.
 _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
-_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({_marks(_KEY_FIELDS)})"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
-_INSERT_USAGE = (
-    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({_marks(_USAGE_FIELDS)})"  # noqa: S608
-    " ON CONFLICT (uid) DO NOTHING"
-)
-# Full runs of rows go in one multi-row INSERT (a statement SQLite prepares once and runs
-# once for the run, about half the CPU of a step per row); the rest of a batch row by row.
-# Sized under SQLite's bound-parameter limit (32766 since 3.32, 999 before).
-_USAGE_RUN = min(
-    250, (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(_USAGE_FIELDS)
-)
-_INSERT_USAGE_RUN = (
-    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES "  # noqa: S608
-    + ", ".join([f"({_marks(_USAGE_FIELDS)})"] * _USAGE_RUN)
-    + " ON CONFLICT (uid) DO NOTHING"
-)
-_ADD_REFUSALS = (
-    "INSERT INTO refusals (minute, key_id, status, count) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (minute, key_id, status) DO UPDATE SET count = count + excluded.count"
-)
+_USAGE_RUN = USAGE_RUN  # the rows one multi-row INSERT takes (tests size batches by it)
 # SQLite's result codes for a database another connection has locked.
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
@@ -86,7 +61,7 @@ def _busy_is_503() -> Iterator[None]:
         raise
 
 
-class Store:
+class Store(SqliteCopies):
     """The gateway's database. Create with `await Store.open(path)` or `open_store(path)`.
 
     `db` is the underlying connection, exposed for tests and ad-hoc reads; write through the
@@ -177,7 +152,7 @@ class Store:
         """
         record, secret = new_key(name, secret, fields)
         async with self._transaction() as db:
-            await db.execute(_INSERT_KEY, key_params(record))
+            await db.execute(INSERT_KEY, key_params(record))
         return record, secret
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -242,22 +217,14 @@ class Store:
         them between the look and the insert."""
         if not rows:
             return
-        astuple = msgspec.structs.astuple
         async with self._transaction() as db:
-            new = await _unwritten(db, rows)
-            split = len(new) - len(new) % _USAGE_RUN
-            for start in range(0, split, _USAGE_RUN):
-                run = new[start : start + _USAGE_RUN]
-                await db.execute(_INSERT_USAGE_RUN, list(chain.from_iterable(map(astuple, run))))
-            if split < len(new):
-                await db.executemany(_INSERT_USAGE, [astuple(r) for r in new[split:]])
-            await db.executemany(ROLL_UP, roll_up(new))
+            await write_usage(db, rows)
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""
         params = [(*entry, n) for entry, n in counts.items()]
         async with self._transaction() as db:
-            await db.executemany(_ADD_REFUSALS, params)
+            await db.executemany(ADD_REFUSALS, params)
 
     async def spend_since(self, key_id: str, since: float) -> tuple[int, float]:
         """Tokens and USD a key has used since a unix time (its budget period's start)."""
@@ -291,80 +258,6 @@ class Store:
         with _busy_is_503():
             async with self.db.execute(sql, params) as cur:
                 return [tuple(row) for row in await cur.fetchall()]
-
-    # Whole-database copies (`gateway copy-db`)
-
-    async def is_empty(self) -> bool:
-        """No key, usage row or refusal count yet."""
-        for table in ("keys", "usage", "refusals"):
-            async with self.db.execute(f"SELECT 1 FROM {table} LIMIT 1") as cur:  # noqa: S608
-                if await cur.fetchone() is not None:
-                    return False
-        return True
-
-    async def import_rows(
-        self,
-        keys: Sequence[KeyRecord],
-        usage: AsyncIterator[list[UsageRecord]],
-        refusals: Refusals,
-    ) -> int:
-        """Fill an empty database with another's keys (as they are: ids, digests, times), usage
-        rows and refusal counts, all in one transaction; returns the usage rows written.
-
-        Raises:
-            StoreError: the database is not empty (nothing is written).
-        """
-        written = 0
-        async with self._transaction() as db:
-            if not await self.is_empty():
-                raise StoreError("the target database is not empty")
-            await db.executemany(_INSERT_KEY, [key_params(k) for k in keys])
-            async for batch in usage:
-                await db.executemany(_INSERT_USAGE, [msgspec.structs.astuple(r) for r in batch])
-                written += len(batch)
-            await db.executemany(_ADD_REFUSALS, [(*entry, n) for entry, n in refusals.items()])
-            # The source's rollup may lag or differ (rows edited by hand): rebuild it from
-            # the rows just written.
-            await db.execute("DELETE FROM usage_daily")
-            await db.execute(FILL_DAILY["sqlite"])
-        return written
-
-    async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:
-        """Every usage row, oldest first, `batch` at a time."""
-        async with self.db.execute(
-            f"SELECT {', '.join(_USAGE_FIELDS)} FROM usage ORDER BY id"  # noqa: S608
-        ) as cur:
-            while rows := await cur.fetchmany(batch):
-                yield [usage_from_row(row) for row in rows]
-
-    async def export_refusals(self) -> Refusals:
-        async with self.db.execute("SELECT minute, key_id, status, count FROM refusals") as cur:
-            return Refusals({(m, k, s): n for m, k, s, n in await cur.fetchall()})
-
-
-# How many uids one look-up binds (SQLite allows 32766 parameters since 3.32, 999 before).
-_UID_CHUNK = 500
-
-
-async def _unwritten(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
-    """`rows` without those whose uid the table (or an earlier row of `rows`) already holds."""
-    uids = [r.uid for r in rows if r.uid is not None]
-    seen: set[str] = set()
-    for start in range(0, len(uids), _UID_CHUNK):
-        chunk = uids[start : start + _UID_CHUNK]
-        sql = f"SELECT uid FROM usage WHERE uid IN ({_marks(chunk)})"  # noqa: S608
-        async with db.execute(sql, chunk) as cur:
-            seen.update(uid for (uid,) in await cur.fetchall())
-    if not seen and len(set(uids)) == len(uids):
-        return list(rows)
-    new = []
-    for row in rows:
-        if row.uid is not None:
-            if row.uid in seen:
-                continue
-            seen.add(row.uid)
-        new.append(row)
-    return new
 
 
 def _probe(path: str) -> None:

@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import os
@@ -324,6 +325,11 @@ class Side:
     server: Server
     model: str = MODEL
     key: str | None = None  # the comparison's own virtual key, else the run's
+    more: tuple[Server, ...] = ()  # further replicas: requests go round robin over all
+
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        return (self.server, *self.more)
 
 
 class Client:
@@ -331,10 +337,10 @@ class Client:
 
     def __init__(self, side: Side, key: str, mode: Mode, concurrency: int) -> None:
         self.label = side.label
-        self.server = side.server
+        self.servers = side.servers
         self.mode = mode
         self.concurrency = concurrency
-        self.url = f"{side.server.url}/v1/chat/completions"
+        self.urls = itertools.cycle([f"{s.url}/v1/chat/completions" for s in self.servers])
         self.body = request_body(mode, side.model)
         self.samples = Samples()
         self.wall = 0.0
@@ -352,7 +358,7 @@ class Client:
         for _ in range(max(1, requests // self.concurrency)):
             await asyncio.gather(
                 *(
-                    one_request(self.session, self.url, self.body, self.mode, warm)
+                    one_request(self.session, next(self.urls), self.body, self.mode, warm)
                     for _ in range(self.concurrency)
                 )
             )
@@ -367,13 +373,14 @@ class Client:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                await one_request(self.session, self.url, self.body, self.mode, self.samples)
+                url = next(self.urls)
+                await one_request(self.session, url, self.body, self.mode, self.samples)
 
-        cpu_before = self.server.cpu_seconds()
+        cpu_before = cpu_seconds(self.servers)
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         self.wall += time.perf_counter() - start
-        cpu_after = self.server.cpu_seconds()
+        cpu_after = cpu_seconds(self.servers)
         if self.cpu is not None and cpu_before is not None and cpu_after is not None:
             self.cpu += cpu_after - cpu_before
         else:
@@ -386,6 +393,12 @@ class Client:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+def cpu_seconds(servers: Sequence[Server]) -> float | None:
+    """The CPU time every one of `servers` has used so far, or None if one cannot tell."""
+    times = [server.cpu_seconds() for server in servers]
+    return None if None in times else sum(t for t in times if t is not None)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

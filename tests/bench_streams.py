@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import resource
@@ -45,6 +46,7 @@ from tests.bench import (
     ROOT,
     Server,
     Servers,
+    cpu_seconds,
     free_port,
     gateway_command,
     wait_http,
@@ -84,33 +86,39 @@ def _body(stream: bool, model: str = MODEL) -> bytes:
 
 async def _client(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
-    stream_url = args.url + args.stream_path
-    fresh_url = f"{args.url}/v1/chat/completions"
+    stream_urls = [url + args.stream_path for url in args.url]  # round robin over replicas
+    fresh_urls = itertools.cycle([f"{url}/v1/chat/completions" for url in args.url])
     delays: list[float] = []
     ttfb: list[float] = []
     fresh: list[float] = []
     errors: list[str] = []
-    opened = asyncio.Event()
+    opened = asyncio.Event()  # every stream has opened, or failed to
     open_count = 0
+
+    def one_more() -> None:
+        nonlocal open_count
+        open_count += 1
+        if open_count == args.streams:
+            opened.set()
+
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def one_stream(delay: float) -> None:
-            nonlocal open_count
+        async def one_stream(delay: float, stream_url: str) -> None:
             await asyncio.sleep(delay)
             start = time.monotonic()
+            counted = False
             try:
                 async with session.post(
                     stream_url, data=_body(True, args.model), headers=headers
                 ) as resp:
+                    one_more()
+                    counted = True
                     if resp.status != 200:
                         errors.append(f"status {resp.status}")
                         return
                     first = True
-                    open_count += 1
-                    if open_count == args.streams:
-                        opened.set()
                     tail = last = b""
                     async for piece in resp.content.iter_any():
                         now = time.time()
@@ -133,6 +141,8 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
                     if b"[DONE]" not in last:
                         errors.append("stream ended without [DONE]")
             except (aiohttp.ClientError, OSError) as exc:
+                if not counted:  # it never opened: the fresh requests must not wait for it
+                    one_more()
                 errors.append(type(exc).__name__)
 
         async def fresh_requests() -> None:
@@ -141,7 +151,9 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
             while time.monotonic() < end:
                 start = time.monotonic()
                 try:
-                    async with session.post(fresh_url, data=_body(False), headers=headers) as resp:
+                    async with session.post(
+                        next(fresh_urls), data=_body(False), headers=headers
+                    ) as resp:
                         await resp.read()
                         if resp.status != 200:
                             errors.append(f"fresh status {resp.status}")
@@ -150,7 +162,10 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
                 fresh.append(time.monotonic() - start)
                 await asyncio.sleep(0.05)
 
-        streams = [one_stream(args.ramp * i / max(1, args.streams)) for i in range(args.streams)]
+        streams = [
+            one_stream(args.ramp * i / max(1, args.streams), stream_urls[i % len(stream_urls)])
+            for i in range(args.streams)
+        ]
         tasks = [*streams, fresh_requests()] if args.fresh_seconds > 0 else streams
         await asyncio.gather(*tasks)
     # The first chunks of each stream see the ramp's own load: count from the steady part.
@@ -166,7 +181,7 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _flood(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
-    url = f"{args.url}/v1/chat/completions"
+    url = f"{args.url[0]}/v1/chat/completions"
     errors = 0
     left = args.requests
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -185,7 +200,7 @@ async def _flood(args: argparse.Namespace) -> dict[str, Any]:
 
 def client_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench_streams client")
-    parser.add_argument("--url", required=True)
+    parser.add_argument("--url", required=True, action="append", help="repeat: round robin")
     parser.add_argument("--key", required=True)
     parser.add_argument("--streams", type=int, default=0)
     parser.add_argument("--ramp", type=float, default=0.0)
@@ -210,18 +225,20 @@ def client_main(argv: Sequence[str]) -> None:
 class _Client:
     """A load client process; its figures come back in a file (they can be megabytes)."""
 
-    def __init__(self, server: Server, key: str, *extra: str) -> None:
+    def __init__(self, servers: Sequence[Server], key: str, *extra: str) -> None:
         fd, name = tempfile.mkstemp(suffix=".json")
         os.close(fd)
         self.out = Path(name)
-        argv = [sys.executable, "-m", "tests.bench_streams", "client", "--url", server.url]
+        argv = [sys.executable, "-m", "tests.bench_streams", "client"]
+        for server in servers:
+            argv += ["--url", server.url]
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [*argv, "--key", key, "--out", str(self.out), *extra], cwd=ROOT
         )
 
 
-def _run_client(server: Server, key: str, *extra: str) -> _Client:
-    return _Client(server, key, *extra)
+def _run_client(server: Server | Sequence[Server], key: str, *extra: str) -> _Client:
+    return _Client([server] if isinstance(server, Server) else server, key, *extra)
 
 
 def _finish(client: _Client) -> dict[str, Any]:
@@ -242,20 +259,24 @@ def _slow(server: Server) -> list[str]:
     return ["--model", SLOW_MODEL]
 
 
-def long_streams(server: Server, key: str, streams: int, seconds: float) -> dict[str, Any]:
-    """One side's long-streams figures (see the module docstring)."""
+def long_streams(
+    server: Server, key: str, streams: int, seconds: float, more: Sequence[Server] = ()
+) -> dict[str, Any]:
+    """One side's long-streams figures (see the module docstring); with `more` replicas the
+    streams go round robin over all, and CPU and memory are their sums."""
+    sides = [server, *more]
     ramp = min(5.0, max(1.0, streams / 400))
     steady = seconds - ramp - 2.0  # every stream is open from ramp to `seconds`
-    base_rss = _rss_kib(server.proc.pid)
+    base_rss = sum(_rss_kib(side.proc.pid) for side in sides)
     proc = _run_client(
-        server, key, "--streams", str(streams), "--ramp", str(ramp), *_slow(server),
+        sides, key, "--streams", str(streams), "--ramp", str(ramp), *_slow(server),
         "--fresh-seconds", str(max(1.0, steady - 1.0)),
     )  # fmt: skip
     time.sleep(ramp + 1.0)
-    cpu0, t0 = server.cpu_seconds() or 0.0, time.monotonic()
+    cpu0, t0 = cpu_seconds(sides) or 0.0, time.monotonic()
     time.sleep(max(1.0, steady - 1.0))
-    cpu1, t1 = server.cpu_seconds() or 0.0, time.monotonic()
-    rss = _rss_kib(server.proc.pid)
+    cpu1, t1 = cpu_seconds(sides) or 0.0, time.monotonic()
+    rss = sum(_rss_kib(side.proc.pid) for side in sides)
     result = _finish(proc)
     # Chunks written during the ramp wait behind connection set-up: count the steady ones.
     delays = result["delays_ms"]
@@ -302,33 +323,15 @@ def memory_flat(server: Server, key: str, requests: int) -> dict[str, Any]:
     }
 
 
-def _start(
-    servers: Servers, tmp: Path, log: Any, slow_chunks: int
-) -> tuple[Server, Server, Server, str]:
-    py = sys.executable
-    up_port = free_port()
-    upstream = servers.start(
-        "upstream",
-        [py, "-m", "tests.bench_servers", "upstream", "--port", str(up_port),
-         "--slow-chunks", str(slow_chunks), "--slow-interval", str(INTERVAL)],
-        cwd=ROOT, port=up_port, output=log,
-    )  # fmt: skip
-    wait_tcp(upstream)
-    relay_port = free_port()
-    relay = servers.start(
-        "relay",
-        [py, "-m", "tests.bench_servers", "relay", "--port", str(relay_port),
-         "--upstream", upstream.url],
-        cwd=ROOT, port=relay_port, output=log,
-    )  # fmt: skip
-    wait_tcp(relay)
-    config = tmp / "gateway.toml"
-    config.write_text(
+def write_config(path: Path, upstream: Server, database: str, *extra: str) -> Path:
+    """A gateway config with the fast model and the slow one; `extra` lines go in [server]."""
+    lines = "".join(f"{line}\n" for line in extra)
+    path.write_text(
         f"""\
 [server]
-database = "{tmp / "keys.db"}"
+database = "{database}"
 log_level = "info"
-
+{lines}
 [[providers]]
 name = "up"
 type = "openai"
@@ -354,28 +357,59 @@ input_price_per_mtok = 0.15
 output_price_per_mtok = 0.60
 """
     )
-    key = asyncio.run(_create_key(tmp / "keys.db"))
-    gw_port = free_port()
-    gateway = servers.start(
-        "gateway",
-        [*gateway_command(), "serve", "--config", str(config), "--port", str(gw_port)],
-        cwd=tmp, port=gw_port, output=subprocess.DEVNULL,
+    return path
+
+
+def start_upstream(servers: Servers, log: Any, slow_chunks: int) -> Server:
+    """The fake upstream, its slow streams `slow_chunks` chunks long."""
+    up_port = free_port()
+    upstream = servers.start(
+        "upstream",
+        [sys.executable, "-m", "tests.bench_servers", "upstream", "--port", str(up_port),
+         "--slow-chunks", str(slow_chunks), "--slow-interval", str(INTERVAL)],
+        cwd=ROOT, port=up_port, output=log,
     )  # fmt: skip
+    wait_tcp(upstream)
+    return upstream
+
+
+def start_gateway(servers: Servers, name: str, config: Path, cwd: Path, *extra: str) -> Server:
+    port = free_port()
+    return servers.start(
+        name,
+        [*gateway_command(), "serve", "--config", str(config), "--port", str(port), *extra],
+        cwd=cwd, port=port, output=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _start(
+    servers: Servers, tmp: Path, log: Any, slow_chunks: int
+) -> tuple[Server, Server, Server, str]:
+    upstream = start_upstream(servers, log, slow_chunks)
+    relay_port = free_port()
+    relay = servers.start(
+        "relay",
+        [sys.executable, "-m", "tests.bench_servers", "relay", "--port", str(relay_port),
+         "--upstream", upstream.url],
+        cwd=ROOT, port=relay_port, output=log,
+    )  # fmt: skip
+    wait_tcp(relay)
+    config = write_config(tmp / "gateway.toml", upstream, str(tmp / "keys.db"))
+    key = asyncio.run(create_key(str(tmp / "keys.db")))
+    gateway = start_gateway(servers, "gateway", config, tmp)
     wait_http(gateway, "/healthz")
     return upstream, relay, gateway, key
 
 
-async def _create_key(db: Path) -> str:
-    """A key with limits and a budget it never reaches: admission runs on every request."""
-    from gateway.store import Store
+async def create_key(database: str) -> str:
+    """A key with limits and a budget it never reaches: admission runs on every request.
+    `database`: a SQLite path or a PostgreSQL URL."""
+    from gateway.database import opened_database
 
-    store = await Store.open(str(db))
-    try:
+    async with opened_database(database) as store:
         _record, secret = await store.create_key(
             name="bench", models=[MODEL, SLOW_MODEL], **KEY_LIMITS
         )
-    finally:
-        await store.close()
     return secret
 
 

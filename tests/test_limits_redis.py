@@ -341,3 +341,39 @@ async def test_a_budget_is_seeded_from_the_usage_table_on_either_backend(
             assert (spend.tokens, spend.usd) == (300, pytest.approx(0.75))
         finally:
             await gate.close()
+
+
+async def test_the_key_list_shows_every_keys_shared_spending_from_any_replica(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_url: str,
+) -> None:
+    """`GET /admin/keys` on one replica shows what requests through the other spent, for
+    every budgeted key at once (read in one pipeline); a key never used shows 0, one without
+    a budget no spending."""
+    admin = {"Authorization": "Bearer admin-key-0123456789abcdef"}
+    fake, one, two = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_url,
+        admin_key="admin-key-0123456789abcdef",
+    )
+    fake.always(content="two words")  # 10 tokens a request
+    used = [await create_key(one, budget_tokens=1000, budget_period="day") for _ in range(3)]
+    idle = await create_key(one, budget_usd=5.0, budget_period="month")
+    await create_key(one)
+    for i, secret in enumerate(used):
+        for _ in range(i + 1):
+            assert (await status(one, secret))[0] == 200
+    ids = [app_of(one)[KEYS_KEY].lookup(s) for s in (*used, idle)]
+    assert ids[0] is not None
+    await app_of(one)[GATE_KEY].spending(ids[0])  # returns once one's ends reached Redis
+    await app_of(two)[KEYS_KEY].load()
+    async with two.get("/admin/keys", headers=admin) as resp:
+        assert resp.status == 200
+        listed = (await resp.json())["data"]
+    spends = {k["id"]: k.get("spend") for k in listed}
+    assert [spends[k.id]["tokens"] for k in ids if k is not None] == [10, 20, 30, 0]
+    assert len(listed) == 5 and sum(s is None for s in spends.values()) == 1

@@ -63,7 +63,7 @@ async def list_keys(request: web.Request) -> web.Response:
     """`GET /admin/keys`: every key, revoked and expired ones included."""
     require_admin(request)
     keys = await request.app[STORE_KEY].list_keys()
-    return _json({"object": "list", "data": [await keyops.view(request, k) for k in keys]})
+    return _json({"object": "list", "data": await keyops.views(request, keys)})
 
 
 async def get_key(request: web.Request) -> web.Response:

@@ -1,0 +1,85 @@
+"""How usage rows and refusal counts are written into SQLite (`store.py` holds the lock and
+the transaction around them).
+
+A batch may be written twice (its commit was lost, the recorder retried): rows whose `uid` the
+table holds are skipped, and so left out of the daily rollup.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from itertools import chain
+
+import aiosqlite
+import msgspec
+
+from gateway.records import UsageRecord
+from gateway.reports import ROLL_UP, roll_up
+from gateway.rows import USAGE_COLUMNS as _USAGE_FIELDS
+
+__all__ = ["ADD_REFUSALS", "INSERT_USAGE", "USAGE_RUN", "marks", "write_usage"]
+
+
+def marks(fields: Sequence[object]) -> str:
+    return ", ".join("?" * len(fields))
+
+
+INSERT_USAGE = (
+    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({marks(_USAGE_FIELDS)})"  # noqa: S608
+    " ON CONFLICT (uid) DO NOTHING"
+)
+# Full runs of rows go in one multi-row INSERT (a statement SQLite prepares once and runs
+# once for the run, about half the CPU of a step per row); the rest of a batch row by row.
+# Sized under SQLite's bound-parameter limit (32766 since 3.32, 999 before).
+USAGE_RUN = min(
+    250, (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(_USAGE_FIELDS)
+)
+_INSERTUSAGE_RUN = (
+    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES "  # noqa: S608
+    + ", ".join([f"({marks(_USAGE_FIELDS)})"] * USAGE_RUN)
+    + " ON CONFLICT (uid) DO NOTHING"
+)
+ADD_REFUSALS = (
+    "INSERT INTO refusals (minute, key_id, status, count) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (minute, key_id, status) DO UPDATE SET count = count + excluded.count"
+)
+
+
+async def write_usage(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> None:
+    """Insert the rows not written yet and add them to the daily rollup (in the caller's
+    transaction, under its write lock, so no one adds them between the look and the insert)."""
+    astuple = msgspec.structs.astuple
+    new = await _unwritten(db, rows)
+    split = len(new) - len(new) % USAGE_RUN
+    for start in range(0, split, USAGE_RUN):
+        run = new[start : start + USAGE_RUN]
+        await db.execute(_INSERTUSAGE_RUN, list(chain.from_iterable(map(astuple, run))))
+    if split < len(new):
+        await db.executemany(INSERT_USAGE, [astuple(r) for r in new[split:]])
+    await db.executemany(ROLL_UP, roll_up(new))
+
+
+# How many uids one look-up binds (SQLite allows 32766 parameters since 3.32, 999 before).
+_UID_CHUNK = 500
+
+
+async def _unwritten(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """`rows` without those whose uid the table (or an earlier row of `rows`) already holds."""
+    uids = [r.uid for r in rows if r.uid is not None]
+    seen: set[str] = set()
+    for start in range(0, len(uids), _UID_CHUNK):
+        chunk = uids[start : start + _UID_CHUNK]
+        sql = f"SELECT uid FROM usage WHERE uid IN ({marks(chunk)})"  # noqa: S608
+        async with db.execute(sql, chunk) as cur:
+            seen.update(uid for (uid,) in await cur.fetchall())
+    if not seen and len(set(uids)) == len(uids):
+        return list(rows)
+    new = []
+    for row in rows:
+        if row.uid is not None:
+            if row.uid in seen:
+                continue
+            seen.add(row.uid)
+        new.append(row)
+    return new
