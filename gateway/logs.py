@@ -67,19 +67,31 @@ class _Lossy:
             self._stream.flush()
 
 
+_PIPE_BUF = 4096  # POSIX's least PIPE_BUF (Linux's is 4096)
+
+
 class _Flushing:
     """Lines written to a buffered stream and flushed once per turn of the event loop: under
     load, the request lines of one turn share one write to the file or pipe instead of a
     write each. Outside a running loop (the CLI), each line is flushed at once, as
-    structlog's BytesLogger does. Other log lines flush the same stream, so the order holds."""
+    structlog's BytesLogger does. Other log lines flush the same stream, so the order holds.
 
-    __slots__ = ("_pending", "_stream")
+    One write holds at most PIPE_BUF bytes (4 KiB) of whole lines, which POSIX writes to a
+    pipe in one piece: the processes of `gateway serve --workers N` share one stdout, and
+    their lines must not interleave mid-line."""
+
+    __slots__ = ("_held", "_pending", "_stream")
 
     def __init__(self, stream: _Lossy) -> None:
         self._stream = stream
         self._pending: asyncio.AbstractEventLoop | None = None  # where a flush is due
+        self._held = 0  # bytes written since the last flush
 
     def __call__(self, data: bytes) -> None:
+        if self._held and self._held + len(data) > _PIPE_BUF:
+            self._stream.flush()  # what is held first (a line over PIPE_BUF then goes alone)
+            self._held = 0
+        self._held += len(data)
         self._stream.write(data)
         try:
             loop = asyncio.get_running_loop()
@@ -93,6 +105,7 @@ class _Flushing:
     def flush(self) -> None:
         """Write out what is buffered (also called when the server stops)."""
         self._pending = None
+        self._held = 0
         self._stream.flush()
 
 

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway import middleware
+from gateway import logs, middleware
 from gateway.logs import configure_logging
 
 
@@ -201,3 +201,35 @@ async def test_the_row_and_line_are_made_after_the_answer_is_written(
         body = await resp.read()
         assert [e["status"] for e in logs if e["event"] == "request"] == [200]
     assert len(written) == 1 and written[0] >= len(body) > 0
+
+
+async def test_request_lines_reach_stdout_in_whole_lines_of_at_most_pipe_buf_a_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `serve --workers N` shares one stdout pipe: a write of at most PIPE_BUF bytes is never
+    # interleaved with another process's, so lines go out in whole-line writes of that size.
+    writes: list[bytes] = []
+
+    class Sink:
+        def __init__(self) -> None:
+            self.buffer = b""
+
+        def write(self, data: bytes) -> None:
+            self.buffer += data
+
+        def flush(self) -> None:
+            if self.buffer:
+                writes.append(self.buffer)
+            self.buffer = b""
+
+    flushing = logs._Flushing(logs._Lossy(Sink()))
+    lines = [b'{"n":%d,"pad":"%b"}\n' % (i, b"x" * (i * 37 % 900)) for i in range(200)]
+    for line in lines:
+        flushing(line)  # all in one turn of the loop
+    big = b'{"big":"%b"}\n' % (b"y" * 9000)
+    flushing(big)
+    flushing.flush()
+    assert b"".join(writes) == b"".join(lines) + big
+    assert all(w.endswith(b"\n") for w in writes)
+    assert all(len(w) <= 4096 for w in writes if w != big) and big in writes
+    assert len(writes) < len(lines) / 4  # still many lines a write
