@@ -35,6 +35,7 @@ from gateway.reload import reload_ctx
 from gateway.routes import setup_routes
 from gateway.settings import Settings
 from gateway.snapshot import LiveConfig, Reloader, build_snapshot
+from gateway.sse_pings import PING_SECONDS, StreamPings
 from gateway.state import (
     DASHBOARD_SESSIONS_KEY,
     GATE_KEY,
@@ -42,6 +43,7 @@ from gateway.state import (
     KEYS_KEY,
     LIVE_KEY,
     METRICS_KEY,
+    PINGS_KEY,
     PRICES_KEY,
     REFUSALS_KEY,
     RELOADER_KEY,
@@ -132,6 +134,11 @@ async def _config_ctx(app: web.Application) -> AsyncIterator[None]:
     await live.close()
 
 
+async def _pings_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[PINGS_KEY].close()
+
+
 async def _wind_down(app: web.Application) -> None:
     """On shutdown (the listening sockets are already closed): let in-flight requests and
     streams finish within the grace period, then end the streams still open with an error
@@ -169,6 +176,7 @@ def create_app(
     )
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()
+    app[PINGS_KEY] = StreamPings(PING_SECONDS)
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
     app[DASHBOARD_SESSIONS_KEY] = SessionBook()
@@ -177,7 +185,9 @@ def create_app(
         app[METRICS_KEY] = Metrics(settings.metrics, models, partial(app_gauges, app))
     app.on_shutdown.append(_wind_down)
     app.on_response_prepare.extend([server_header, cors_headers])
-    app.cleanup_ctx.extend([_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx])
+    app.cleanup_ctx.extend(
+        [_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx, _pings_ctx]
+    )
     if reload is not None:
         app[RELOADER_KEY] = Reloader(reload)
         app.cleanup_ctx.append(reload_ctx)

@@ -58,6 +58,10 @@ async def read_body(request: web.Request) -> bytes:
     timeout = request[SNAPSHOT_KEY].settings.server.client_body_timeout
     await _continue(request)
     try:
+        if request.content.is_eof():
+            # Already here whole (a small body comes with its head): nothing to wait for, so
+            # no timer to arm and cancel (asyncio.timeout costs ~11 us a request).
+            return await request.read()
         async with asyncio.timeout(timeout):
             return await request.read()
     except TimeoutError:

@@ -6,17 +6,19 @@ aiohttp's own stdlib loggers go through the same renderer so every line has one 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import msgspec
 import structlog
 import structlog.tracebacks
 
-__all__ = ["configure_logging", "info_line"]
+__all__ = ["configure_logging", "flush_lines", "info_line"]
 
 # Not the shared codec.ENCODER: log events may hold any object (an exception, a path), which
 # this one writes as its str() instead of failing.
@@ -47,6 +49,36 @@ class _UTCTimestamp:
         return event
 
 
+class _Flushing:
+    """Lines written to a buffered stream and flushed once per turn of the event loop: under
+    load, the request lines of one turn share one write to the file or pipe instead of a
+    write each. Outside a running loop (the CLI), each line is flushed at once, as
+    structlog's BytesLogger does. Other log lines flush the same stream, so the order holds."""
+
+    __slots__ = ("_pending", "_stream")
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._pending: asyncio.AbstractEventLoop | None = None  # where a flush is due
+
+    def __call__(self, data: bytes) -> None:
+        self._stream.write(data)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._pending is not loop:  # (a loop that closed before its flush ran: anew)
+            self._pending = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write out what is buffered (also called when the server stops)."""
+        self._pending = None
+        with contextlib.suppress(ValueError, OSError):  # closed or broken stdout: nothing to do
+            self._stream.flush()
+
+
 class _Direct:
     """The request line's short way to stdout: what structlog's chain would write (event,
     context variables, fields, level, timestamp) as one msgspec encode and one write,
@@ -54,7 +86,7 @@ class _Direct:
 
     __slots__ = ("_processors", "_stamp", "_write")
 
-    def __init__(self, write: Callable[[bytes], None], processors: list[Any]) -> None:
+    def __init__(self, write: _Flushing, processors: list[Any]) -> None:
         self._stamp = _UTCTimestamp()
         self._write = write
         self._processors = processors
@@ -65,14 +97,17 @@ class _Direct:
         return structlog.get_config()["processors"] is self._processors
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        # The gateway binds only `request_id` and `key_id` to the context, and the request
+        # line's fields carry both, first and in that order: merging the context (a walk of
+        # every context variable) would change nothing in the line.
         line: dict[str, Any] = {"event": event}
-        context = structlog.contextvars.get_contextvars()
-        if context:
-            line.update(context)
         line.update(fields)
         line["level"] = "info"
         self._stamp(None, "", line)
         self._write(_ENCODER.encode(line) + b"\n")
+
+    def flush(self) -> None:
+        self._write.flush()
 
 
 _direct: _Direct | None = None
@@ -90,17 +125,10 @@ def info_line(logger: Any, event: str, fields: dict[str, Any]) -> None:
         logger.info(event, **fields)
 
 
-class _Flushing:
-    """A line written and flushed at once, as structlog's BytesLogger does."""
-
-    __slots__ = ("_stream",)
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def __call__(self, data: bytes) -> None:
-        self._stream.write(data)
-        self._stream.flush()
+def flush_lines() -> None:
+    """Write out request lines still buffered for this turn of the loop (at shutdown)."""
+    if _direct is not None:
+        _direct.flush()
 
 
 def configure_logging(level: str = "info", *, cache: bool = True) -> None:

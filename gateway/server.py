@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import time
@@ -25,6 +26,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout
+from gateway.logs import flush_lines
 from gateway.middleware import SERVER_NAME, error_response, mint_request_id
 from gateway.state import SETTINGS_KEY
 
@@ -269,6 +271,15 @@ async def _run(
         keepalive_timeout=75.0,
     )
     await runner.setup()
+    # What start-up made (modules, settings, the price database: ~90k objects) lives as long as
+    # the process: out of the collector's sight, a full collection under load takes
+    # microseconds instead of ~90 ms that every open stream and request would wait for.
+    gc.collect()
+    gc.freeze()
+    # A young-generation collection every 10,000 objects instead of 700: a request makes
+    # several hundred, so the default ran one every other request (30-50 us of CPU a request
+    # on this machine, 10-20 us with 10,000; each pause stays a few ms).
+    gc.set_threshold(GC_YOUNG_THRESHOLD)
     try:
         backlog = app[SETTINGS_KEY].server.listen_backlog
         if sock is not None:  # a worker of `gateway serve --workers N` (see workers.py)
@@ -276,10 +287,21 @@ async def _run(
         else:
             await web.TCPSite(runner, host, port, backlog=backlog).start()
         announce()
-        log.info("serving", loop=type(loop).__module__.partition(".")[0], backlog=backlog)
+        kind = type(loop).__module__.partition(".")[0]
+        log.info(
+            "serving",
+            loop=kind,
+            backlog=backlog,
+            frozen_objects=gc.get_freeze_count(),
+            gc_threshold=gc.get_threshold()[0],
+        )
         await stop.wait()
     finally:
         await runner.cleanup()
+        flush_lines()  # the last requests' lines, buffered for a turn that may not come
+
+
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:

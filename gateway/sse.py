@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, UpstreamUnavailable
 from gateway.providers._sse import Framed
 from gateway.schemas.codec import encode
-from gateway.state import SHUTTING_DOWN_KEY, STREAMS_KEY
+from gateway.sse_pings import StreamPings
+from gateway.state import PINGS_KEY, SHUTTING_DOWN_KEY, STREAMS_KEY
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
 
 __all__ = ["DONE", "SSEStream", "data_frames", "relay"]
@@ -28,8 +30,6 @@ __all__ = ["DONE", "SSEStream", "data_frames", "relay"]
 log = structlog.get_logger(__name__)
 
 DONE = b"data: [DONE]\n\n"
-
-PING_SECONDS = 15.0
 
 
 def _frame(payload: bytes) -> bytes:
@@ -50,11 +50,33 @@ def _error_frame(exc: GatewayError) -> bytes:
 
 
 class _EventStream(EventSourceResponse):
-    """aiohttp-sse's response, whose headers go out with its first event in one write (as
-    `web.Response`'s do with its body) instead of a write of their own: `relay()` starts a
-    stream only once its first batch is there, so nothing is sent later for it."""
+    """aiohttp-sse's response (its headers, chunked encoding and the kernel's TCP user
+    timeout for stalled peers) with two changes for many streams at once:
+
+    - its headers go out with its first event in one write (as `web.Response`'s do with its
+      body) instead of a write of their own: `relay()` starts a stream only once its first
+      batch is there, so nothing is sent later for it;
+    - no ping task of its own: the app's `StreamPings` pings every silent stream from one
+      task."""
 
     _send_headers_immediately = False
+
+    def __init__(self, pings: StreamPings) -> None:
+        super().__init__(sep="\n", allow_all_methods=True)
+        self._pings = pings
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await super().prepare(request)
+        self._set_tcp_user_timeout(request)
+        writer = await web.StreamResponse.prepare(self, request)  # not aiohttp-sse's: no task
+        self.enable_chunked_encoding()
+        if writer is not None:
+            self._pings.add(self, writer)
+        return writer
+
+    def stop_streaming(self) -> None:
+        self._pings.discard(self)
 
 
 class SSEStream:
@@ -62,7 +84,7 @@ class SSEStream:
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
-        self.response = _EventStream(sep="\n", allow_all_methods=True, ping_interval=PING_SECONDS)
+        self.response = _EventStream(request.app[PINGS_KEY])
 
     async def start(self) -> None:
         trace = self._request[TRACE_KEY]

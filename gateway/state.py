@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from gateway.refusals import RefusalCounter
     from gateway.settings import Settings
     from gateway.snapshot import LiveConfig, Reloader, Snapshot
+    from gateway.sse_pings import StreamPings
     from gateway.usage import UsageRecorder
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "KEYS_KEY",
     "LIVE_KEY",
     "METRICS_KEY",
+    "PINGS_KEY",
     "PRICES_KEY",
     "PRINCIPAL_KEY",
     "REFUSALS_KEY",
@@ -60,6 +62,8 @@ REFUSALS_KEY: web.AppKey[RefusalCounter] = web.AppKey("refusals")
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics")
 # Tasks serving open SSE streams, so shutdown can end them with an error event.
 STREAMS_KEY: web.AppKey[WeakSet[asyncio.Task[Any]]] = web.AppKey("streams")
+# The open SSE streams' keep-alive pings, from one task (see sse_pings.py).
+PINGS_KEY: web.AppKey[StreamPings] = web.AppKey("pings")
 # Tasks serving any request, so shutdown can wait for them (up to the grace period).
 INFLIGHT_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("inflight")
 # Set when the server begins to shut down; streams ended then say why.

@@ -24,7 +24,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
-from gateway import cli
+from gateway import cli, intake
 from gateway.providers import _sse
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from tests.conftest import (
@@ -1419,3 +1419,44 @@ async def test_a_cookie_an_upstream_sets_is_never_sent_back(build: Build) -> Non
         assert status == 200
     assert len(rig.upstream.requests) == 2
     assert b"client-a" not in rig.upstream.requests[1]
+
+
+async def test_a_request_whose_body_is_here_arms_no_timer_for_it(build: Build) -> None:
+    # A body that came with its head (every small JSON request) needs no client_body_timeout:
+    # asyncio.timeout costs ~11 us a request, for nothing to wait for.
+    rig = await build("openai", sends(whole(COMPLETION % b"hi")))
+    loop = asyncio.get_running_loop()
+    armed: list[str] = []
+    body_timer = asyncio.Event()
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        frame = sys._getframe(1)
+        while frame is not None:  # the test's client and the fake upstream arm their own
+            if frame.f_code is intake.read_body.__code__:
+                armed.append(getattr(callback, "__qualname__", repr(callback)))
+                body_timer.set()
+            frame = frame.f_back  # type: ignore[assignment]
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        status, _ = await rig.call(stream=False)
+        assert status == 200 and armed == []
+        # A body that is still on its way is waited for within client_body_timeout.
+        reader, writer = await asyncio.open_connection(rig.gateway.host, rig.gateway.port)
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nAuthorization: Bearer %b\r\nContent-Length: %d\r\n\r\n{"
+            % (rig.key.encode(), len(body))
+        )
+        await writer.drain()
+        async with asyncio.timeout(NEVER_HANG):
+            await body_timer.wait()
+        writer.write(body[1:].encode())
+        assert b" 200 " in await reader.readline()
+        writer.close()
+    finally:
+        del loop.call_at
+    assert armed == ["Timeout._on_timeout"]

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 import structlog
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import middleware
 from gateway.logs import configure_logging
 
 
@@ -127,3 +130,27 @@ async def test_above_info_no_request_line_is_written(
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
     assert '"event":"request"' not in out
+
+
+async def test_the_row_and_line_are_made_after_the_answer_is_written(
+    gateway: TestClient[Any, Any], key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The usage row, metrics and log line cost the client no latency: they are made once
+    # aiohttp has handed the answer to the socket, and still before anything else is read.
+    written: list[int] = []
+    finish = middleware._finish
+
+    def noting(request: web.Request, trace: Any, status: int) -> None:
+        written.append(request.writer.output_size if request.writer is not None else -1)
+        finish(request, trace, status)
+
+    monkeypatch.setattr(middleware, "_finish", noting)
+    with structlog.testing.capture_logs() as logs:
+        resp = await gateway.post(
+            "/v1/chat/completions",
+            json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        body = await resp.read()
+        assert [e["status"] for e in logs if e["event"] == "request"] == [200]
+    assert len(written) == 1 and written[0] >= len(body) > 0

@@ -256,12 +256,12 @@ class UpstreamClient:
                     if frames.held != held:
                         self._hold(resp, frames.held - held)
                         held = frames.held
+                    if secret is not None:
+                        _redact_each(batch, secret)
                 if batch:
                     if watch.first:
                         attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
                         watch.first, watch.limit = False, self.config.read_timeout
-                    if secret is not None:
-                        _redact_each(batch, secret)
                     yield batch
                 elif not watch.first:
                     watch.last = time.monotonic()  # pings keep a started stream open
