@@ -22,12 +22,17 @@ keys.db:
 run: $(STAMP) keys.db
 	$(BIN)/gateway serve --host $(HOST) --port $(PORT)
 
-# The suite runs under coverage with a 90% floor (pyproject's [tool.coverage.report]).
+# The suite runs under coverage with a 90% floor (pyproject's [tool.coverage.report]), on
+# one pytest-xdist worker per CPU core, at most 4 (TEST_WORKERS=0: in one process; see
+# docs/development.md).
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --cov --cov-report=term:skip-covered
+	$(PYTEST) --cov --cov-report=term:skip-covered
 
 cov: $(STAMP)
-	$(BIN)/python -m pytest -q --cov --cov-report=term --cov-report=html
+	$(PYTEST) --cov --cov-report=term --cov-report=html
 
 fmt: $(STAMP)
 	$(BIN)/ruff format gateway tests

@@ -12,6 +12,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
+from gateway.dashboard import guard
 from gateway.dashboard.sessions import SessionBook
 from gateway.settings import ModelConfig, OpenAIConfig, RoutingSettings, Target
 from gateway.state import DASHBOARD_SESSIONS_KEY as DASHBOARD_SESSIONS, STORE_KEY as STORE
@@ -25,6 +26,13 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 @pytest.fixture
 async def gw(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> TestClient[Any, Any]:
     return await start_gateway(aiohttp_client, make_settings(admin_key=ADMIN))
+
+
+@pytest.fixture
+def short_brake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wrong admin keys cost 10 ms, not half a second each, for tests that send many (they
+    count refusals; test_a_wrong_admin_key_costs_its_sender_the_delay times the real one)."""
+    monkeypatch.setattr(guard, "_FAILED_SIGN_IN_DELAY", 0.01)
 
 
 async def sign_in(gw: TestClient[Any, Any], key: str = ADMIN) -> str:
@@ -115,6 +123,14 @@ async def test_forwarded_proto_is_ignored_unless_trusted(gw: TestClient[Any, Any
         assert "Secure" not in resp.headers["Set-Cookie"]
 
 
+async def test_a_wrong_admin_key_costs_its_sender_the_delay(gw: TestClient[Any, Any]) -> None:
+    started = time.monotonic()
+    async with gw.post("/dashboard/signin", data={"admin_key": "wrong"}) as resp:
+        assert resp.status == 401
+    assert time.monotonic() - started >= guard._FAILED_SIGN_IN_DELAY == 0.5
+
+
+@pytest.mark.usefixtures("short_brake")
 async def test_wrong_admin_key_and_the_brake_on_guessing(gw: TestClient[Any, Any]) -> None:
     gw.app[DASHBOARD_SESSIONS].clock = lambda: 1000.0  # type: ignore[index]
     for _ in range(5):
@@ -332,6 +348,7 @@ async def test_unknown_key_pages_are_404(gw: TestClient[Any, Any]) -> None:
         b"a=&" * 100 + b"csrf=",
     ],
 )
+@pytest.mark.usefixtures("short_brake")
 async def test_hostile_form_bodies(gw: TestClient[Any, Any], body: bytes) -> None:
     csrf = await sign_in(gw)
     data = body + csrf.encode() if body.endswith(b"csrf=") else body
@@ -340,6 +357,7 @@ async def test_hostile_form_bodies(gw: TestClient[Any, Any], body: bytes) -> Non
             assert resp.status in (200, 400, 401, 403), (path, resp.status)
 
 
+@pytest.mark.usefixtures("short_brake")
 async def test_guesses_sent_at_once_are_counted_one_by_one(gw: TestClient[Any, Any]) -> None:
     async def guess(n: int) -> int:
         async with gw.post("/dashboard/signin", data={"admin_key": f"guess-{n}"}) as resp:

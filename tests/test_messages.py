@@ -26,6 +26,7 @@ from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
     app_of,
+    sdk_tls,
     usage_rows,
 )
 from tests.fake_anthropic import FakeAnthropic
@@ -77,7 +78,11 @@ class Rig:
 
 def anthropic_client(gateway: TestClient[Any, Any], key: str) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(
-        base_url=str(gateway.make_url("")).rstrip("/"), api_key=key, max_retries=0, timeout=10
+        base_url=str(gateway.make_url("")).rstrip("/"),
+        api_key=key,
+        max_retries=0,
+        timeout=10,
+        http_client=anthropic.DefaultAsyncHttpxClient(verify=sdk_tls()),
     )
 
 

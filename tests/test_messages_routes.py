@@ -18,6 +18,7 @@ from tests.conftest import (
     MakeSettings,
     create_key,
     provider_config,
+    sdk_tls,
     start_gateway,
     usage_rows,
 )
@@ -195,7 +196,10 @@ async def test_bearer_wins_over_other_key_headers(gateway: TestClient[Any, Any],
     basic = {"Authorization": "Basic Zm9vOmJhcg==", "x-api-key": key}  # not a key: next header
     assert (await gateway.post("/v1/chat/completions", json=sent, headers=basic)).status == 200
     async with anthropic.AsyncAnthropic(
-        base_url=str(gateway.make_url("")).rstrip("/"), auth_token=key, max_retries=0
+        base_url=str(gateway.make_url("")).rstrip("/"),
+        auth_token=key,
+        max_retries=0,
+        http_client=anthropic.DefaultAsyncHttpxClient(verify=sdk_tls()),
     ) as client:  # ANTHROPIC_AUTH_TOKEN: a Bearer token
         reply = await client.messages.create(model="demo", max_tokens=20, messages=HELLO)  # type: ignore[arg-type]
     assert reply.content[0].text == "You said: hello there"  # type: ignore[union-attr]

@@ -32,7 +32,7 @@ from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails,
 from gateway.schemas.response_output import ResponseUsage
 from gateway.schemas.responses import ResponseCreateRequest
 from gateway.settings import ConfigError, ModelConfig, Target
-from tests.conftest import create_key, refusal_counts, usage_rows
+from tests.conftest import create_key, refusal_counts, sdk_tls, usage_rows
 from tests.spec import validate_error, validate_response, validate_response_event
 
 
@@ -539,7 +539,10 @@ async def test_demo_limit_gives_an_incomplete_response(oai: openai.AsyncOpenAI) 
 async def test_key_without_the_model_is_refused(gateway: TestClient[Any, Any]) -> None:
     secret = await create_key(gateway, models=["other"])
     async with openai.AsyncOpenAI(
-        base_url=str(gateway.make_url("/v1")), api_key=secret, max_retries=0
+        base_url=str(gateway.make_url("/v1")),
+        api_key=secret,
+        max_retries=0,
+        http_client=openai.DefaultAsyncHttpxClient(verify=sdk_tls()),
     ) as client:
         with pytest.raises(openai.PermissionDeniedError):
             await client.responses.create(model="demo", input="hi")
