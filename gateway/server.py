@@ -276,10 +276,6 @@ async def _run(
     # microseconds instead of ~90 ms that every open stream and request would wait for.
     gc.collect()
     gc.freeze()
-    # A young-generation collection every 10,000 objects instead of 700: a request makes
-    # several hundred, so the default ran one every other request (30-50 us of CPU a request
-    # on this machine, 10-20 us with 10,000; each pause stays a few ms).
-    gc.set_threshold(GC_YOUNG_THRESHOLD)
     try:
         backlog = app[SETTINGS_KEY].server.listen_backlog
         if sock is not None:  # a worker of `gateway serve --workers N` (see workers.py)
@@ -293,15 +289,11 @@ async def _run(
             loop=kind,
             backlog=backlog,
             frozen_objects=gc.get_freeze_count(),
-            gc_threshold=gc.get_threshold()[0],
         )
         await stop.wait()
     finally:
         await runner.cleanup()
         flush_lines()  # the last requests' lines, buffered for a turn that may not come
-
-
-GC_YOUNG_THRESHOLD = 10_000
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
