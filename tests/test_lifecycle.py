@@ -98,6 +98,36 @@ async def refused(port: int) -> None:
             await writer.wait_closed()
 
 
+async def _serve_before(
+    upstream: Any, tmp_path: Any, capsys: Any, *, grace: float
+) -> tuple[web.AppRunner, asyncio.subprocess.Process, str, int]:
+    """A fake upstream served by `upstream`, and a real `gateway serve` in front of it with
+    `grace` seconds to wind down and a key made with the CLI: (upstream runner, process, key,
+    port). The caller ends both."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    up_port = runner.addresses[0][1]
+    port = free_port()
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\nshutdown_grace_seconds = {grace:g}\n\n'
+        f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
+    )
+    capsys.readouterr()
+    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    secret = json.loads(capsys.readouterr().out)["key"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    return runner, proc, secret, port
+
+
 async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys: Any) -> None:
     """`gateway serve` as a real process: SIGTERM lets an open stream finish, writes usage, 0."""
     chunks, rest = asyncio.Event(), asyncio.Event()
@@ -115,27 +145,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", upstream)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    up_port = runner.addresses[0][1]
-    port = free_port()
-    db = tmp_path / "keys.db"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[server]\ndatabase = "{db}"\nshutdown_grace_seconds = 10\n\n'
-        f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
-    )
-    capsys.readouterr()
-    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    secret = json.loads(capsys.readouterr().out)["key"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    runner, proc, secret, port = await _serve_before(upstream, tmp_path, capsys, grace=10)
     try:
         async with asyncio.timeout(60):  # fail, never hang, whatever goes wrong
             assert proc.stderr is not None
@@ -165,7 +175,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys
             proc.kill()
             await proc.wait()
         await runner.cleanup()
-    with sqlite3.connect(db) as conn:
+    with sqlite3.connect(tmp_path / "keys.db") as conn:
         assert conn.execute("SELECT status FROM usage").fetchall() == [(200,)]
 
 
@@ -281,27 +291,7 @@ async def test_sigterm_ends_a_silent_stream_within_the_grace_period(
         await never.wait()  # silent from here on
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", upstream)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    up_port = runner.addresses[0][1]
-    port = free_port()
-    db = tmp_path / "keys.db"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[server]\ndatabase = "{db}"\nshutdown_grace_seconds = 1\n\n'
-        f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
-    )
-    capsys.readouterr()
-    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    secret = json.loads(capsys.readouterr().out)["key"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    runner, proc, secret, port = await _serve_before(upstream, tmp_path, capsys, grace=1)
     try:
         async with asyncio.timeout(60):
             assert proc.stderr is not None
