@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import socket
 import ssl
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,6 +24,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
+from gateway import cli
 from gateway.app import create_app
 from gateway.router import Router
 from gateway.rows import USAGE_COLUMNS
@@ -176,6 +179,25 @@ def app_of(client: TestClient[Any, Any]) -> web.Application:
 def router_of(client: TestClient[Any, Any]) -> Router:
     """The router new requests get (the current config's)."""
     return app_of(client)[LIVE_KEY].current.router
+
+
+async def cli_key(db: str | Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """A key made with `gateway keys create` on `db` (as an operator would); its secret."""
+    capsys.readouterr()
+    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    secret: str = json.loads(capsys.readouterr().out)["key"]
+    return secret
+
+
+async def start_serve(config: Path, port: int, **popen: Any) -> asyncio.subprocess.Process:
+    """A real `gateway serve` process on `config` and `port` (`popen`: its stdout, stderr,
+    env, cwd...; stderr is a pipe unless given)."""
+    popen.setdefault("stderr", subprocess.PIPE)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        **popen,
+    )  # fmt: skip
 
 
 async def create_key(client: TestClient[Any, Any], **fields: Any) -> str:

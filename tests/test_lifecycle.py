@@ -18,7 +18,15 @@ from aiohttp.pytest_plugin import AiohttpClient
 from gateway import cli
 from gateway.app import create_app
 from gateway.state import KEYS_KEY, STORE_KEY
-from tests.conftest import NEVER_HANG, MakeSettings, app_of, free_port, start_gateway
+from tests.conftest import (
+    NEVER_HANG,
+    MakeSettings,
+    app_of,
+    cli_key,
+    free_port,
+    start_gateway,
+    start_serve,
+)
 
 HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -117,14 +125,8 @@ async def _serve_before(
         f'[server]\ndatabase = "{db}"\nshutdown_grace_seconds = {grace:g}\n\n'
         f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
     )
-    capsys.readouterr()
-    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    secret = json.loads(capsys.readouterr().out)["key"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    secret = await cli_key(db, capsys)
+    proc = await start_serve(config, port, stdout=subprocess.DEVNULL)
     return runner, proc, secret, port
 
 
@@ -197,16 +199,10 @@ async def test_sighup_and_gateway_reload_re_read_the_config(tmp_path: Any, capsy
     config = tmp_path / "gateway.toml"
     head = f'[server]\ndatabase = "{db}"\n\n'
     config.write_text(head)
-    capsys.readouterr()
-    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    secret = json.loads(capsys.readouterr().out)["key"]
+    secret = await cli_key(db, capsys)
     assert await asyncio.to_thread(cli.main, ["reload", "--db", str(db)]) == 1  # not running
     assert "no running server" in capsys.readouterr().err
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = await start_serve(config, port, stdout=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/v1/models"
     headers = {"Authorization": f"Bearer {secret}"}
 
@@ -368,14 +364,8 @@ async def test_many_reloads_with_a_stream_open_keep_memory_flat_and_the_stream_w
         + '[[models]]\nname = "m2"\ntargets = [{ provider = "up2", model = "x" }]\n',
     ]
     config.write_text(variants[0])
-    capsys.readouterr()
-    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    secret = json.loads(capsys.readouterr().out)["key"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    secret = await cli_key(db, capsys)
+    proc = await start_serve(config, port, stdout=subprocess.PIPE)
 
     async def reloads(count: int) -> None:
         assert proc.stdout is not None

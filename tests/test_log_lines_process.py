@@ -8,14 +8,12 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession
 
-from gateway import cli
-from tests.conftest import free_port
+from tests.conftest import cli_key, free_port, start_serve
 
 HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -25,14 +23,8 @@ async def _serve(tmp_path: Path, capsys: Any, stdout: int) -> tuple[Any, str, in
     db = tmp_path / "keys.db"
     config = tmp_path / "gateway.toml"
     config.write_text(f'[server]\ndatabase = "{db}"\n')
-    capsys.readouterr()
-    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    secret = json.loads(capsys.readouterr().out)["key"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=stdout, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    secret = await cli_key(db, capsys)
+    proc = await start_serve(config, port, stdout=stdout)
     assert proc.stderr is not None
     assert b"listening" in await proc.stderr.readline()
     return proc, secret, port

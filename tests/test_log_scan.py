@@ -8,7 +8,6 @@ import gzip
 import json
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ import pytest
 from aiohttp import ClientSession
 from aiohttp.pytest_plugin import AiohttpServer
 
-from gateway import cli
-from tests.conftest import read_reply
+from tests.conftest import cli_key, read_reply, start_serve
 from tests.fakes import FakeOpenAI, error_body
 
 UPSTREAM_KEY = "sk-upstream-7f3a9c1e5b2d4f6a8c0e"
@@ -114,15 +112,10 @@ async def test_nothing_secret_is_logged_during_a_hostile_run(
         f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "{fake.base_url}"\n'
         'api_keys = ["env:UP_KEY"]\n'
     )
-    argv = ["keys", "create", "--name", "t", "--db", str(db), "--json"]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    key = json.loads(capsys.readouterr().out)["key"]
+    key = await cli_key(db, capsys)
     port = free_port()
     env: dict[str, Any] = {"ADMIN": ADMIN_KEY, "UP_KEY": UPSTREAM_KEY, "PATH": "/usr/bin:/bin"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
+    proc = await start_serve(config, port, stdout=subprocess.PIPE, env=env)
     try:
         async with asyncio.timeout(60):
             assert proc.stderr is not None

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import signal
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -28,11 +26,13 @@ from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
     app_of,
+    cli_key,
     fake_provider,
     free_port,
     openai_client,
     start_fakes,
     start_gateway,
+    start_serve,
 )
 from tests.test_lifecycle import refused
 
@@ -175,14 +175,8 @@ async def test_sigterm_under_load_writes_each_answered_request_once(
     config.write_text(
         f'[server]\ndatabase = "{database}"\nusage_batch_size = 50\nshutdown_grace_seconds = 10\n'
     )
-    capsys.readouterr()
-    argv = ["keys", "create", "--name", "t", "--db", database, "--json"]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    secret = json.loads(capsys.readouterr().out)["key"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,  # its pid file
-    )  # fmt: skip
+    secret = await cli_key(database, capsys)
+    proc = await start_serve(config, port, stdout=subprocess.DEVNULL, cwd=tmp_path)  # its pid file
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     started = asyncio.Event()
     try:
