@@ -70,18 +70,4 @@ async def summarize(
     names: dict[str, str] = {}
     if by == "key" and rows:
         names = {key: name for key, name in await conn.fetch("SELECT id, name FROM keys")}
-    return [
-        UsageSummaryRow(
-            group=grp,
-            name=names.get(grp),
-            requests=int(n),
-            errors=int(errors),
-            prompt_tokens=int(prompt),
-            completion_tokens=int(completion),
-            total_tokens=int(total),
-            cost_usd=float(cost),
-            p50_latency_ms=p50,
-            p95_latency_ms=p95,
-        )
-        for grp, n, errors, prompt, completion, total, cost, p50, p95 in rows
-    ]
+    return [UsageSummaryRow.of(row[:7], (row[7], row[8]), names) for row in rows]

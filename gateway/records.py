@@ -14,6 +14,7 @@ import fnmatch
 import itertools
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -206,3 +207,27 @@ class UsageSummaryRow(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float
     p50_latency_ms: float | None
     p95_latency_ms: float | None
+
+    @classmethod
+    def of(
+        cls,
+        totals: Sequence[Any],
+        latency: tuple[float | None, float | None],
+        names: Mapping[str, str],
+    ) -> UsageSummaryRow:
+        """A report row from its SQL totals (group, requests, errors, prompt, completion and
+        total tokens, cost: the same columns on both backends), its latency p50 and p95, and
+        the names of keys (a `by=key` report)."""
+        group, requests, errors, prompt, completion, total, cost = totals
+        return cls(
+            group=group,
+            name=names.get(group),
+            requests=int(requests),
+            errors=int(errors),
+            prompt_tokens=int(prompt),
+            completion_tokens=int(completion),
+            total_tokens=int(total),
+            cost_usd=float(cost),  # (PostgreSQL's sum of a double comes as a Decimal)
+            p50_latency_ms=latency[0],
+            p95_latency_ms=latency[1],
+        )

@@ -127,21 +127,4 @@ async def summarize(
     if by == "key" and totals:
         async with db.execute("SELECT id, name FROM keys") as cur:
             names = {key: name for key, name in await cur.fetchall()}
-    result = []
-    for grp, n, errors, prompt, completion, total, cost in totals:
-        p50, p95 = percentiles.get(grp, (None, None))
-        result.append(
-            UsageSummaryRow(
-                group=grp,
-                name=names.get(grp),
-                requests=int(n),
-                errors=int(errors),
-                prompt_tokens=int(prompt),
-                completion_tokens=int(completion),
-                total_tokens=int(total),
-                cost_usd=cost,
-                p50_latency_ms=p50,
-                p95_latency_ms=p95,
-            )
-        )
-    return result
+    return [UsageSummaryRow.of(row, percentiles.get(row[0], (None, None)), names) for row in totals]
