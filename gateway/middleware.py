@@ -119,10 +119,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         # made now runs before the loop reads any further input, so nothing can observe the
         # request as done without its row and line. While the server stops, at once: the
         # usage writer's last flush must find the row.
+        status = trace.status or status
         if shutting_down.is_set():
-            _finish(request, trace, trace.status or status)
+            _finish(request, trace, status)
         else:
-            asyncio.get_running_loop().call_soon(_finish, request, trace, trace.status or status)
+            asyncio.get_running_loop().call_soon(_finish, request, trace, status)
 
 
 def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:

@@ -14,13 +14,10 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-import structlog
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web import StreamResponse
 
 __all__ = ["PING", "PING_SECONDS", "StreamPings"]
-
-log = structlog.get_logger(__name__)
 
 PING = b": ping\n\n"  # a comment: every SSE client skips it
 PING_SECONDS = 15.0  # the longest silence a stream keeps before a ping
