@@ -28,6 +28,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout
 from gateway.logs import flush_lines
 from gateway.middleware import SERVER_NAME, error_response, mint_request_id
+from gateway.sse_pings import SEND_TIMEOUT
 from gateway.state import SETTINGS_KEY
 
 __all__ = ["GatewayProtocol", "GatewayRunner", "LogThrottle", "serve"]
@@ -80,6 +81,24 @@ class HeaderTimeout(Exception):
     pass
 
 
+# A client that acknowledges none of what the gateway sent for SEND_TIMEOUT is gone: the
+# kernel aborts its connection (TCP_USER_TIMEOUT, Linux), as aiohttp-sse does for a stream.
+_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def _abort_stalled_peers(transport: asyncio.BaseTransport) -> None:
+    """Set the send timeout once per connection, not per stream: aiohttp-sse reads, sets and
+    restores it around every stream, three system calls each. An idle keep-alive connection
+    is not affected (nothing is unacknowledged); a stream to a peer that stopped reading,
+    or a long answer it never takes, is."""
+    if _TCP_USER_TIMEOUT is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):  # the peer may already be gone
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(SEND_TIMEOUT * 1000))
+
+
 class GatewayProtocol(web_protocol.RequestHandler):
     """aiohttp's request handler with JSON errors, throttled logs and a header timeout.
 
@@ -106,6 +125,7 @@ class GatewayProtocol(web_protocol.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        _abort_stalled_peers(transport)
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:

@@ -19,7 +19,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, UpstreamUnavailable
-from gateway.providers._sse import Framed
+from gateway.providers._sse import DONE_EVENT, Framed, data_event
 from gateway.schemas.codec import encode
 from gateway.sse_pings import StreamPings
 from gateway.state import PINGS_KEY, SHUTTING_DOWN_KEY, STREAMS_KEY
@@ -29,35 +29,33 @@ __all__ = ["DONE", "SSEStream", "data_frames", "relay"]
 
 log = structlog.get_logger(__name__)
 
-DONE = b"data: [DONE]\n\n"
-
-
-def _frame(payload: bytes) -> bytes:
-    if b"\n" in payload:  # a multi-line payload needs a `data:` field per line
-        payload = payload.replace(b"\n", b"\ndata: ")
-    return b"data: %b\n\n" % payload
+DONE = DONE_EVENT
 
 
 def data_frames(payloads: list[bytes]) -> bytes:
     """Payloads as `data:` events (OpenAI chat streams); a `Framed` batch is events already."""
     if type(payloads) is Framed:
-        return payloads[0]
-    return _frame(payloads[0]) if len(payloads) == 1 else b"".join([_frame(p) for p in payloads])
+        return payloads[0] if len(payloads) == 1 else b"".join(payloads)
+    if len(payloads) == 1:
+        return data_event(payloads[0])
+    return b"".join([data_event(p) for p in payloads])
 
 
 def _error_frame(exc: GatewayError) -> bytes:
-    return _frame(encode(exc.body()))
+    return data_event(encode(exc.body()))
 
 
 class _EventStream(EventSourceResponse):
-    """aiohttp-sse's response (its headers, chunked encoding and the kernel's TCP user
-    timeout for stalled peers) with two changes for many streams at once:
+    """aiohttp-sse's response (its headers and chunked encoding) with three changes for many
+    streams at once:
 
     - its headers go out with its first event in one write (as `web.Response`'s do with its
       body) instead of a write of their own: `relay()` starts a stream only once its first
       batch is there, so nothing is sent later for it;
     - no ping task of its own: the app's `StreamPings` pings every silent stream from one
-      task."""
+      task;
+    - the kernel's TCP user timeout that drops a stalled peer is set once per connection
+      (`gateway.server`), not set and restored around every stream."""
 
     _send_headers_immediately = False
 
@@ -68,7 +66,6 @@ class _EventStream(EventSourceResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
-        self._set_tcp_user_timeout(request)
         writer = await web.StreamResponse.prepare(self, request)  # not aiohttp-sse's: no task
         self.enable_chunked_encoding()
         if writer is not None:
@@ -105,6 +102,15 @@ class SSEStream:
         """Report a failure after the 200 went out: an error event, then the end of the stream."""
         if self.response.prepared:  # before that, the client already hung up
             await self.response.write(frame(exc))
+
+    async def end(self, last: bytes) -> None:
+        """Write the stream's `last` events and finish the response, in one write.
+
+        Raises:
+            ConnectionError: the client hung up.
+        """
+        self.response.stop_streaming()
+        await self.response.write_eof(last)
 
     async def close(self) -> None:
         """Stop pings and finish the HTTP response; safe after a client disconnect."""
@@ -144,8 +150,7 @@ async def relay(
         await sse.write(frame(first))
         async for batch in events:
             await sse.write(frame(batch))
-        if end:
-            await sse.write(end)
+        await sse.end(end)
     except GatewayError as exc:
         trace.status = status_of(exc)
         await _try(sse.error(exc, error_frame))

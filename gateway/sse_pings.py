@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web import StreamResponse
 
-__all__ = ["PING", "PING_SECONDS", "StreamPings"]
+__all__ = ["PING", "PING_SECONDS", "SEND_TIMEOUT", "StreamPings"]
 
 PING = b": ping\n\n"  # a comment: every SSE client skips it
 PING_SECONDS = 15.0  # the longest silence a stream keeps before a ping
-_SEND_TIMEOUT = 120.0  # as aiohttp-sse's: a peer that takes no ping for this long is dropped
+SEND_TIMEOUT = 120.0  # as aiohttp-sse's: a peer that takes nothing for this long is dropped
 
 
 @dataclass(slots=True)
@@ -94,7 +94,7 @@ class StreamPings:
 
 async def _send(response: StreamResponse, writer: AbstractStreamWriter) -> None:
     try:
-        async with asyncio.timeout(_SEND_TIMEOUT):
+        async with asyncio.timeout(SEND_TIMEOUT):
             await response.write(PING)
     except TimeoutError:
         # A peer that takes nothing: its buffer would never drain. (The kernel's TCP user

@@ -977,17 +977,23 @@ USAGE = (
 )
 
 
+@pytest.mark.parametrize("whole_stream", [False, True], ids=["event-per-read", "one-read"])
 @pytest.mark.parametrize("wants_usage", [False, True])
 async def test_plain_chunks_reach_the_client_as_the_upstream_sent_them(
-    build: Build, wants_usage: bool
+    build: Build, wants_usage: bool, whole_stream: bool
 ) -> None:
     # Pass-through: plain chunks go out byte for byte; the usage chunk the gateway asked
-    # for is still counted, and dropped unless the client asked for it too.
+    # for is still counted, and dropped unless the client asked for it too. Whether the
+    # upstream's events come a read each or all in one read (chunks, usage and [DONE]).
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(http("200 OK", {"Content-Type": "text/event-stream", "Connection": "close"}))
-        for part in (*PLAIN.split(b"\n\n")[:-1], b"data: " + USAGE, b"data: [DONE]"):
-            writer.write(part + b"\n\n")
-            await writer.drain()
+        parts = (*PLAIN.split(b"\n\n")[:-1], b"data: " + USAGE, b"data: [DONE]")
+        if whole_stream:
+            writer.write(b"".join(part + b"\n\n" for part in parts))
+        else:
+            for part in parts:
+                writer.write(part + b"\n\n")
+                await writer.drain()
         writer.close()
 
     rig = await build("openai", answer)
@@ -1000,6 +1006,38 @@ async def test_plain_chunks_reach_the_client_as_the_upstream_sent_them(
     assert got == PLAIN + usage + b"data: [DONE]\n\n"
     row = (await usage_rows(rig.gateway))[-1]
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (3, 2, 0)
+
+
+@pytest.mark.parametrize(
+    "after",
+    [sse(USAGE, b"[DONE]"), sse(b"[DONE]", chunk("late")), sse(b"[DONE]") + b": bye\n\n"],
+    ids=["usage-then-done", "chunk-after-done", "comment-after-done"],
+)
+async def test_a_read_of_chunks_and_the_end_relays_the_chunks_and_ends_once(
+    build: Build, after: bytes
+) -> None:
+    # Chunks, then what ends the stream, in one read: the chunks pass, nothing after
+    # [DONE] reaches the client, and the client gets one [DONE].
+    rig = await build("openai", sends(until_close(PLAIN + after)))
+    path, body = rig.body(stream=True)
+    status, got = await rig.post(path, body)
+    assert status == 200
+    assert got == PLAIN + b"data: [DONE]\n\n"
+
+
+async def test_an_error_event_in_the_read_of_plain_chunks_ends_the_stream_after_them(
+    build: Build,
+) -> None:
+    error = b'{"error":{"message":"overloaded mid-stream","type":"server_error"}}'
+    rig = await build("openai", sends(until_close(sse(chunk("hel"), error, chunk("lo")))))
+    path, body = rig.body(stream=True)
+    status, got = await rig.post(path, body)
+    assert status == 200
+    events = got.split(b"\n\n")
+    assert events[0] == sse(chunk("hel"))[:-2]  # as the upstream sent it
+    assert b"overloaded mid-stream" in events[1] and events[2:] == [b""]  # then the end
+    raised = await rig.sdk(stream=True)
+    assert isinstance(raised, openai.APIError) and "overloaded mid-stream" in raised.message
 
 
 def one_byte_writes(data: bytes) -> Answer:

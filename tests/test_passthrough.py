@@ -17,16 +17,35 @@ def events(*payloads: bytes) -> bytes:
 
 def test_a_run_of_plain_chunks_passes_counted() -> None:
     check = StreamCheck("up")
-    assert check.see_run(events(CHUNK, CHUNK, CHUNK)) == 3
+    run = events(CHUNK, CHUNK, CHUNK)
+    assert check.see_run(run) == (3, len(run))
     assert not check.finished
-    assert check.see_run(events(CHUNK, DONE_CHUNK)) == 2
+    run = events(CHUNK, DONE_CHUNK)
+    assert check.see_run(run) == (2, len(run))
     assert check.finished  # a finish_reason seen on the way through
+
+
+USAGE_CHUNK = b'{"id":"c","choices":[],"usage":{"prompt_tokens":1}}'
+
+
+def test_the_plain_chunks_before_a_usage_chunk_pass() -> None:
+    """The usage chunk often comes in the read of the last chunks: those still pass, and the
+    check says where they end so the usage chunk alone is looked at."""
+    check = StreamCheck("up")
+    head = events(CHUNK, DONE_CHUNK)
+    assert check.see_run(head + events(USAGE_CHUNK)) == (2, len(head))
+    assert check.finished
+    error = events(b'{"error":{"message":"overloaded"}}')
+    assert StreamCheck("up").see_run(events(CHUNK) + error + events(CHUNK)) == (
+        1,
+        len(events(CHUNK)),
+    )
 
 
 @pytest.mark.parametrize(
     "run",
     [
-        events(CHUNK, b'{"id":"c","choices":[],"usage":{"prompt_tokens":1}}'),  # to account
+        events(USAGE_CHUNK, CHUNK),  # to account
         events(b'{"error":{"message":"overloaded"}}'),  # to end the stream with
         events(CHUNK, b"[DONE]"),  # to stop at
         events(b"{},{}"),  # one event, two objects: not one JSON object for the client
@@ -44,7 +63,9 @@ def test_a_run_of_plain_chunks_passes_counted() -> None:
     ],
 )  # fmt: skip
 def test_a_run_with_anything_to_look_at_does_not_pass(run: bytes) -> None:
-    assert StreamCheck("up").see_run(run) == 0
+    check = StreamCheck("up")
+    assert check.see_run(run) == (0, 0)
+    assert not check.finished
 
 
 def test_a_run_that_cannot_pass_is_split_as_the_decoder_splits_it() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 
 from gateway import sse_pings
 from gateway.sse import _EventStream
-from gateway.sse_pings import PING, StreamPings
+from gateway.sse_pings import PING, SEND_TIMEOUT, StreamPings
 from gateway.state import PINGS_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, openai_client, sse_events
 from tests.test_openai_provider import HI, Rig, make_rig
@@ -272,3 +273,30 @@ async def test_a_client_gone_during_a_silence_is_counted_as_gone(rig: Rig) -> No
             await asyncio.sleep(INTERVAL / 3)  # the row is written after the end
             rows = await usage_rows(rig.gateway)
     assert rows[-1]["status"] == 499  # counted as the client's hang-up, not a gateway failure
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="TCP_USER_TIMEOUT is Linux's")
+async def test_a_stalled_peer_is_dropped_by_the_kernel_on_every_client_connection(
+    rig: Rig,
+) -> None:
+    """The send timeout is set once per connection, before and after a stream alike: no
+    stream pays the system calls to set it and put it back."""
+    runner = rig.gateway.server.runner
+    assert runner is not None and runner.server is not None
+    server = runner.server
+
+    def user_timeouts() -> list[int]:
+        return [
+            proto.transport.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT
+            )
+            for proto in server.connections
+            if proto.transport is not None
+        ]
+
+    async with rig.post(HI) as resp:
+        assert resp.status == 200
+        assert user_timeouts() == [int(SEND_TIMEOUT * 1000)]
+    async with rig.post({**HI, "stream": True}) as resp:
+        await resp.read()
+    assert user_timeouts() == [int(SEND_TIMEOUT * 1000)]  # the same connection, kept as it was

@@ -15,7 +15,15 @@ event whose data is empty is not dispatched: what comes out is valid UTF-8, neve
 
 from __future__ import annotations
 
-__all__ = ["EventTooLarge", "FrameDecoder", "Framed", "SSEDecoder", "utf8"]
+__all__ = [
+    "DONE_EVENT",
+    "EventTooLarge",
+    "FrameDecoder",
+    "Framed",
+    "SSEDecoder",
+    "data_event",
+    "utf8",
+]
 
 from typing import Protocol
 
@@ -24,15 +32,28 @@ class EventTooLarge(Exception):
     """One upstream event exceeds the provider's `max_event_bytes`."""
 
 
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
 class Framed(list[bytes]):
-    """A batch that is a run of whole SSE events as the upstream sent them, to be relayed as
-    they are once checked (`StreamCheck.see_run`), not split and framed again."""
+    """A batch of whole SSE events, already framed: runs of events as the upstream sent them,
+    relayed as they are once checked (`StreamCheck.see_run`), not split and framed again.
+    The upstream client yields one run (a read); what a provider relays may be that run's
+    plain head followed by its other events framed again (`data_event`)."""
 
     __slots__ = ()
 
     def payloads(self) -> list[bytes]:
         """Its events' payloads, as `SSEDecoder` reads them (for a run that cannot pass)."""
-        return SSEDecoder(len(self[0])).feed(self[0])
+        run = self[0] if len(self) == 1 else b"".join(self)
+        return SSEDecoder(len(run)).feed(run)
+
+
+def data_event(payload: bytes) -> bytes:
+    """`payload` as one SSE event (a `data:` field per line of a multi-line payload)."""
+    if b"\n" in payload:
+        payload = payload.replace(b"\n", b"\ndata: ")
+    return b"data: %b\n\n" % payload
 
 
 class FrameDecoder(Protocol):

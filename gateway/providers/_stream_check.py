@@ -70,11 +70,13 @@ class StreamCheck:
             self.finished = True
         return True
 
-    def see_run(self, events: bytes) -> int:
+    def see_run(self, events: bytes) -> tuple[int, int]:
         """Check a run of SSE events (from `data: ` to a blank line) in one decode, for
-        relaying them as they are: how many they are, or 0 when they are not all plain
-        chunks, each one `data:` line holding one JSON object with no usage and no error
-        (then the caller splits them and looks at each with `see`).
+        relaying its plain chunks as they are, each one `data:` line holding one JSON object
+        with no usage and no error: how many of them lead the run and where they end
+        (`(0, 0)` when none does or the run is not all JSON objects; the caller splits the
+        rest and looks at each event with `see`). An upstream sends its usage chunk last,
+        often in the read of its last chunks: those still pass.
 
         With the separators turned into commas they make a JSON array. A line break left in
         it (a comment, a second data line, an object over several lines) or a CR is refused:
@@ -83,22 +85,29 @@ class StreamCheck:
         """
         body = events[6:-2].replace(b"\n\ndata: ", b",")
         if b"\n" in body or b"\r" in body:
-            return 0
+            return 0, 0
         try:
             chunks = _RUN.decode(b"[%b]" % body)
         except (msgspec.MsgspecError, RecursionError):
-            return 0
+            return 0, 0
         count = (len(events) - 8 - len(body)) // 7 + 1  # each separator is 7 bytes shorter
         if len(chunks) != count:
-            return 0
+            return 0, 0
         finished = self.finished
+        plain = 0
         for chunk in chunks:
             if chunk.usage is not None or chunk.error is not None:
-                return 0
+                break
             if not finished:
                 finished = any(choice.finish_reason for choice in chunk.choices)
+            plain += 1
         self.finished = finished
-        return count
+        if plain == count:
+            return count, len(events)
+        end = 0
+        for _ in range(plain):  # past the separator after each plain event
+            end = events.index(b"\n\ndata: ", end) + 2
+        return plain, end
 
     def end(self) -> None:
         """The upstream closed the stream without `[DONE]`.

@@ -34,7 +34,7 @@ from gateway.providers._answers import (
 from gateway.providers._call_ids import short_ids
 from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
-from gateway.providers._sse import Framed
+from gateway.providers._sse import DONE_EVENT, Framed, data_event
 from gateway.providers._stream_check import StreamCheck
 from gateway.providers.base import Call, ChatCall, ChatReply
 from gateway.providers.capabilities import CompletionCall, EmbeddingCall
@@ -141,11 +141,7 @@ class OpenAIProvider:
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (events for the client, saw [DONE], upstream error event)."""
         if type(batch) is Framed:
-            events = 0 if self._looks_at(batch[0]) else check.see_run(batch[0])
-            if events:
-                call.chunks += events
-                return batch, False, None  # as the upstream sent it
-            batch = batch.payloads()
+            return self._relay_run(call, batch[0], keep_usage_chunk, check)
         out: list[bytes] = []
         for data in batch:
             if data == b"[DONE]":
@@ -156,6 +152,30 @@ class OpenAIProvider:
             except UpstreamError as exc:
                 return out, True, exc
         return out, False, None
+
+    def _relay_run(
+        self, call: Call, run: bytes, keep_usage_chunk: bool, check: StreamCheck
+    ) -> tuple[list[bytes], bool, UpstreamError | None]:
+        """`_relay` for a read of whole events: its leading plain chunks go out as the
+        upstream's bytes; what follows them (the usage chunk, an error event) is looked at
+        event by event, and a final `[DONE]` ends the stream."""
+        done = run.endswith(DONE_EVENT) and (
+            len(run) == len(DONE_EVENT) or run[-len(DONE_EVENT) - 2 : -len(DONE_EVENT)] == b"\n\n"
+        )
+        if done:
+            run = run[: -len(DONE_EVENT)]
+            if not run:
+                return [], True, None
+        plain, end = (0, 0) if self._looks_at(run) else check.see_run(run)
+        call.chunks += plain
+        if end == len(run):
+            return Framed((run,)), done, None  # as the upstream sent it
+        out, ended, error = self._relay(
+            call, Framed((run[end:],)).payloads(), keep_usage_chunk, check
+        )
+        if end:
+            out = Framed((run[:end], *[data_event(data) for data in out]))
+        return out, done or ended, error
 
     def _looks_at(self, events: bytes) -> bool:
         """Whether `_keep` must see these events one by one although they are plain chunks
