@@ -56,10 +56,14 @@ def test_the_plain_chunks_before_a_usage_chunk_pass() -> None:
         b"data: {}\n\n: ping\n\ndata: {}\n\n",  # a comment between
         b"data: {}\n\n\n\ndata: {}\n\n",  # a blank line too many
         b'data: {"a":\ndata: 1}\n\n',  # several data lines: one payload, joined by a newline
+        events(b'{"a":"', b'"},{}'),  # a string from one event into the next, made up for
+        events(b'{"a":[1', b"2]},{}"),  # an array from one event into the next, made up for
+        events(b'{"a":[1', b"2]}, {}"),  # the same, a space making the lengths add up
     ],
     ids=[
         "usage", "error", "done", "two-objects", "not-json", "array", "lf-inside",
-        "cr-inside", "comment", "blank-line", "multi-line",
+        "cr-inside", "comment", "blank-line", "multi-line", "string-across",
+        "array-across", "array-across-spaced",
     ],
 )  # fmt: skip
 def test_a_run_with_anything_to_look_at_does_not_pass(run: bytes) -> None:

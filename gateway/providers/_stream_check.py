@@ -38,6 +38,12 @@ class _RunChunk(msgspec.Struct):
 
 
 _RUN = msgspec.json.Decoder(list[_RunChunk])
+_RAWS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _one_each(elements: list[msgspec.Raw], events: int) -> bool:
+    """Whether a run's elements are one per event: as many, and none across a separator."""
+    return len(elements) == events and b"\n" not in b"".join(elements)
 
 
 class StreamCheck:
@@ -78,19 +84,28 @@ class StreamCheck:
         rest and looks at each event with `see`). An upstream sends its usage chunk last,
         often in the read of its last chunks: those still pass.
 
-        With the separators turned into commas they make a JSON array. A line break left in
-        it (a comment, a second data line, an object over several lines) or a CR is refused:
-        JSON would read through what an SSE client splits. An event that is several objects
-        ("{},{}") gives more elements than events, so their count is checked too.
+        With each separator turned into a line break and a comma they make a JSON array. A
+        line break left in it (a comment, a second data line, an object over several lines) or
+        a CR is refused: JSON would read through what an SSE client splits. A JSON string
+        cannot hold a line break, so none runs from one event into the next; an event that is
+        several objects ("{},{}") gives more elements than events; and of several events, each
+        element must be one event's (none holds a separator's line break): an event that opens
+        an array the next one closes ("{"a":[1", "2]},{}") is not two objects to the client.
         """
-        body = events[6:-2].replace(b"\n\ndata: ", b",")
-        if b"\n" in body or b"\r" in body:
+        body = events[6:-2]
+        if b"\r" in body:
             return 0, 0
+        joined = body.replace(b"\n\ndata: ", b"\n,")
+        count = (len(body) - len(joined)) // 6 + 1  # each separator is 6 bytes shorter
+        if joined.count(b"\n") != count - 1:
+            return 0, 0
+        array = b"[%b]" % joined
         try:
-            chunks = _RUN.decode(b"[%b]" % body)
+            if count > 1 and not _one_each(_RAWS.decode(array), count):
+                return 0, 0
+            chunks = _RUN.decode(array)
         except (msgspec.MsgspecError, RecursionError):
             return 0, 0
-        count = (len(events) - 8 - len(body)) // 7 + 1  # each separator is 7 bytes shorter
         if len(chunks) != count:
             return 0, 0
         finished = self.finished
