@@ -77,11 +77,17 @@ class _EventStream(EventSourceResponse):
 
 
 class SSEStream:
-    """One client event stream: `start()`, then `write()` framed events, `error()`, `close()`."""
+    """One client event stream: `start()`, then `write()` framed events, `error()`, `close()`.
+
+    Once its end is written (`end()`), nothing more is: that write may still wait for a
+    slow client when a shutdown or a hang-up interrupts it, but its bytes, the chunked
+    terminator last, are already queued, and anything after them would reach the client as
+    the start of the next response on the connection."""
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self.response = _EventStream(request.app[PINGS_KEY])
+        self.ended = False
 
     async def start(self) -> None:
         trace = self._request[TRACE_KEY]
@@ -100,7 +106,7 @@ class SSEStream:
         self, exc: GatewayError, frame: Callable[[GatewayError], bytes] = _error_frame
     ) -> None:
         """Report a failure after the 200 went out: an error event, then the end of the stream."""
-        if self.response.prepared:  # before that, the client already hung up
+        if self.response.prepared and not self.ended:  # before: the client already hung up
             await self.response.write(frame(exc))
 
     async def end(self, last: bytes) -> None:
@@ -110,11 +116,12 @@ class SSEStream:
             ConnectionError: the client hung up.
         """
         self.response.stop_streaming()
+        self.ended = True
         await self.response.write_eof(last)
 
     async def close(self) -> None:
         """Stop pings and finish the HTTP response; safe after a client disconnect."""
-        if not self.response.prepared:
+        if not self.response.prepared or self.ended:
             return
         self.response.stop_streaming()
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -157,7 +164,11 @@ async def relay(
     except ConnectionError:
         trace.status = CLIENT_CLOSED  # the client hung up; the upstream is closed by its owner
     except asyncio.CancelledError:
-        if request.app[SHUTTING_DOWN_KEY].is_set():
+        if not request.app[SHUTTING_DOWN_KEY].is_set():
+            raise
+        if sse.ended:  # only the wait for a slow client to take the end was cut short
+            trace.status = sse.response.status
+        else:
             shutdown = UpstreamUnavailable("The gateway is shutting down.")
             trace.status = status_of(shutdown)
             await _try(sse.error(shutdown, error_frame))
