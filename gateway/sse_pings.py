@@ -98,7 +98,7 @@ async def _send(response: StreamResponse, writer: AbstractStreamWriter) -> None:
             await response.write(PING)
     except TimeoutError:
         # A peer that takes nothing: its buffer would never drain. (The kernel's TCP user
-        # timeout, set with the stream's headers, usually drops it first.)
+        # timeout, set on every client connection by `gateway.server`, usually drops it first.)
         transport = writer.transport
         if transport is not None:
             transport.abort()
