@@ -5,6 +5,7 @@ nothing is ever relayed in one piece), and the usage row is the same."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.test_attack_upstream import (
     RawUpstream,
     Rig,
     chunk,
+    http,
     one_byte_writes,
     sends,
     sse,
@@ -131,6 +133,8 @@ CHAT = {
     "space-data-before-done": sse(chunk("a"), STOP, b" ", DONE),
     "trailing-space-on-done": sse(chunk("a"), STOP) + b"data: [DONE] \n\n",
     "no-done-after-stop": sse(chunk("a"), STOP, USAGE),
+    "blank-line-after-done": sse(chunk("a"), STOP, USAGE, DONE) + b"\n",
+    "ping-after-done": sse(chunk("a"), STOP, DONE) + b": ping\n\n",
     "no-done-no-stop": sse(chunk("a"), USAGE),
     "key-echoed-after-plain-chunks": sse(chunk("a"), chunk(f"key {UPSTREAM_KEY}"), STOP, DONE),
     "key-echoed-in-the-usage-chunk": sse(
@@ -278,3 +282,40 @@ async def test_an_sdk_raises_the_error_event_after_the_plain_chunks_of_its_read(
             async for c in chunks:
                 seen.append(c.choices[0].delta.content)
     assert seen == ["a"]
+
+
+def pieces(*parts: bytes) -> Answer:
+    """The body in these writes, each drained (with TCP_NODELAY: a read each, mostly)."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(http("200 OK", {"Content-Type": "text/event-stream", "Connection": "close"}))
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        writer.close()
+
+    return answer
+
+
+SPLITS = {
+    "done-split": (sse(chunk("a"), STOP, USAGE) + b"data: [DO", b"NE]\n\n"),
+    "done-split-after-its-line": (sse(chunk("a"), STOP) + b"data: [DONE]\n", b"\n"),
+    "done-split-before-its-separator": (sse(chunk("a"), STOP)[:-1], b"\n" + sse(DONE)),
+    "usage-split": (sse(chunk("a"), STOP) + b"data: " + USAGE[:20], USAGE[20:] + b"\n\n"),
+    "cr-split-from-its-lf": (b"data: " + chunk("a") + b"\r", b"\n\r\n" + sse(STOP, DONE)),
+    "reads-each-ending-in-the-usage": (sse(chunk("a"), USAGE), sse(STOP, USAGE_2, DONE)),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLITS))
+async def test_events_split_across_reads_reach_the_client_as_event_by_event(
+    build: Build, case: str
+) -> None:
+    parts = SPLITS[case]
+    split = await build("openai", pieces(*parts))
+    apart = await build("openai", one_byte_writes(b"".join(parts)))
+    got = await split.post("/v1/chat/completions", CHAT_BODY)
+    assert got == await apart.post("/v1/chat/completions", CHAT_BODY)
+    check_framing(got)
+    row, expected = (await usage_rows(split.gateway))[-1], (await usage_rows(apart.gateway))[-1]
+    assert (row["prompt_tokens"], row["status"]) == (expected["prompt_tokens"], expected["status"])
