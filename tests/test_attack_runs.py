@@ -133,6 +133,7 @@ CHAT = {
     "space-data-before-done": sse(chunk("a"), STOP, b" ", DONE),
     "trailing-space-on-done": sse(chunk("a"), STOP) + b"data: [DONE] \n\n",
     "no-done-after-stop": sse(chunk("a"), STOP, USAGE),
+    "invalid-utf8-after-plain-chunks": sse(chunk("a"), chunk(b"\xff\xfeok"), STOP, USAGE, DONE),
     "blank-line-after-done": sse(chunk("a"), STOP, USAGE, DONE) + b"\n",
     "ping-after-done": sse(chunk("a"), STOP, DONE) + b": ping\n\n",
     "no-done-no-stop": sse(chunk("a"), USAGE),
