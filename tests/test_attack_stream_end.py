@@ -146,7 +146,35 @@ async def test_a_kept_alive_connection_carries_the_next_response_clean_after_a_s
         writer.write_eof()
         assert await reader.read() == b""  # nothing after the last response's end
     writer.close()
-    assert len({row["status"] for row in await usage_rows(gateway.client)}) == 1
+    assert [row["status"] for row in await usage_rows(gateway.client)] == [200] * 4
+
+
+async def test_requests_pipelined_behind_a_stream_are_answered_in_order_after_its_end(
+    make: Make,
+) -> None:
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if b'"stream":true' in request:
+            writer.write(until_close(STREAM))
+        else:
+            writer.write(whole(COMPLETION % b"hi"))
+        await writer.drain()
+        writer.close()
+
+    gateway = await make(answer)
+    reader, writer = await gateway.connect()
+    async with asyncio.timeout(NEVER_HANG):
+        writer.write(
+            gateway.request(stream=True)
+            + gateway.request(stream=False)
+            + gateway.request(stream=True)
+        )
+        answers = [await read_response(reader) for _ in range(3)]
+        writer.write_eof()
+        assert await reader.read() == b""
+    writer.close()
+    assert all(head.startswith(b"HTTP/1.1 200 OK\r\n") for head, _ in answers)
+    assert answers[0][1] == answers[2][1] == sse(chunk("a"), chunk("b"), STOP, b"[DONE]")
+    assert b'"content":"hi"' in answers[1][1]
 
 
 async def test_a_shutdown_while_the_end_waits_for_a_slow_client_adds_nothing_after_it(
