@@ -1,7 +1,7 @@
 """An OpenAI stream is checked as it is relayed: every event a JSON object, and an answer that
 finished before the stream ended, so a stream cut short ends with an error event instead of
-looking complete. A run of plain chunks is checked in one decode (`see_run`), for relaying it
-as the upstream sent it.
+looking complete. A run of plain chunks is checked at once (`see_run`: one decode, and one more
+for a run of several events), for relaying it as the upstream sent it.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class StreamCheck:
         return True
 
     def see_run(self, events: bytes) -> tuple[int, int]:
-        """Check a run of SSE events (from `data: ` to a blank line) in one decode, for
+        """Check a run of SSE events (from `data: ` to a blank line) at once, for
         relaying its plain chunks as they are, each one `data:` line holding one JSON object
         with no usage and no error: how many of them lead the run and where they end
         (`(0, 0)` when none does or the run is not all JSON objects; the caller splits the
@@ -89,8 +89,9 @@ class StreamCheck:
         a CR is refused: JSON would read through what an SSE client splits. A JSON string
         cannot hold a line break, so none runs from one event into the next; an event that is
         several objects ("{},{}") gives more elements than events; and of several events, each
-        element must be one event's (none holds a separator's line break): an event that opens
-        an array the next one closes ("{"a":[1", "2]},{}") is not two objects to the client.
+        element must be one event's (none holds a separator's line break, a second decode that
+        only splits): an event that opens an array the next one closes ("{"a":[1", "2]},{}") is
+        not two objects to the client.
         """
         body = events[6:-2]
         if b"\r" in body:
