@@ -14,13 +14,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 from aiohttp.web_protocol import RequestHandler
 from structlog.testing import capture_logs
 
 from gateway import server
+from gateway.app import create_app
 from gateway.settings import ModelConfig, Target
 from tests.conftest import (
     NEVER_HANG,
@@ -332,3 +335,23 @@ async def test_connections_reset_right_after_accept_log_no_error(
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert not [log for log in logs if log["log_level"] in ("error", "critical")], logs
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+
+
+async def test_a_connection_that_is_not_tcp_is_served(
+    make_settings: MakeSettings, tmp_path: Any
+) -> None:
+    # No `gateway serve` path listens on anything but TCP; an embedder's Unix socket must not
+    # trip over the TCP-only send timeout.
+    runner = server.GatewayRunner(create_app(make_settings()), handler_cancellation=True)
+    await runner.setup()
+    path = str(tmp_path / "gw.sock")
+    try:
+        await web.UnixSite(runner, path).start()
+        async with (
+            asyncio.timeout(NEVER_HANG),
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as session,
+            session.get("http://gw/healthz") as resp,
+        ):
+            assert resp.status == 200
+    finally:
+        await runner.cleanup()
