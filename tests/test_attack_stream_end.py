@@ -74,7 +74,7 @@ class Gateway:
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
         ) % (self.key.encode(), len(body), body)
 
-    def connections(self) -> list[RequestHandler[Any]]:
+    def connections(self) -> list[RequestHandler]:
         runner = self.client.server.runner
         assert runner is not None and runner.server is not None
         return list(runner.server.connections)
