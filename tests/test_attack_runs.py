@@ -320,3 +320,34 @@ async def test_events_split_across_reads_reach_the_client_as_event_by_event(
     check_framing(got)
     row, expected = (await usage_rows(split.gateway))[-1], (await usage_rows(apart.gateway))[-1]
     assert (row["prompt_tokens"], row["status"]) == (expected["prompt_tokens"], expected["status"])
+
+
+def chunked(body: bytes) -> bytes:
+    """A 200 event stream in one HTTP chunk, the connection kept alive for the next request."""
+    head = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
+    return head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+
+
+def keep_alive(data: bytes) -> Answer:
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()  # and the connection stays open for the next request
+
+    return answer
+
+
+async def test_many_streams_at_once_over_kept_alive_upstream_connections(build: Build) -> None:
+    # Each answer a read of chunks, usage and [DONE], its HTTP end right behind: 100 streams
+    # at once, then 100 more on the upstream connections the first ones left.
+    body = CHAT["two-usage-chunks"]
+    rig = await build("openai", keep_alive(chunked(body)))
+    expected = sse(chunk("a"), STOP, DONE)
+    for _ in range(2):
+        answers = await asyncio.gather(
+            *(rig.post("/v1/chat/completions", CHAT_BODY) for _ in range(100))
+        )
+        assert answers == [(200, expected)] * 100
+    rows = await usage_rows(rig.gateway)
+    assert {(r["status"], r["prompt_tokens"], r["estimated"]) for r in rows} == {(200, 7, 0)}
+    assert len(rows) == 200
+    assert len(rig.upstream.requests) == 200
