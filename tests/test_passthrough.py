@@ -84,3 +84,15 @@ def test_only_whole_data_events_with_nothing_held_may_pass() -> None:
     assert not decoder.passes(b"data: {}\n")  # a partial event
     decoder.feed(b"data: {")
     assert not decoder.passes(events(CHUNK))  # it would complete the held event
+
+
+def test_a_read_of_one_event_is_checked_as_the_same_run_would_be() -> None:
+    """A read of one event (most reads of a streaming answer) is decoded as one object, and
+    judged exactly as in a longer run."""
+    check = StreamCheck("up")
+    assert check.see_run(events(CHUNK)) == (1, len(events(CHUNK)))
+    assert not check.finished
+    assert check.see_run(events(DONE_CHUNK)) == (1, len(events(DONE_CHUNK)))
+    assert check.finished
+    for payload in (USAGE_CHUNK, b'{"error":{"message":"x"}}', b"{},{}", b"[1]", b"", b"{"):
+        assert StreamCheck("up").see_run(events(payload)) == (0, 0), payload

@@ -38,6 +38,7 @@ class _RunChunk(msgspec.Struct):
 
 
 _RUN = msgspec.json.Decoder(list[_RunChunk])
+_ONE = msgspec.json.Decoder(_RunChunk)
 _RAWS = msgspec.json.Decoder(list[msgspec.Raw])
 
 
@@ -96,6 +97,8 @@ class StreamCheck:
         body = events[6:-2]
         if b"\r" in body:
             return 0, 0
+        if b"\n" not in body:  # one event of one line: a read of a streaming answer, mostly
+            return self._see_one(body, len(events))
         joined = body.replace(b"\n\ndata: ", b"\n,")
         count = (len(body) - len(joined)) // 6 + 1  # each separator is 6 bytes shorter
         if joined.count(b"\n") != count - 1:
@@ -124,6 +127,18 @@ class StreamCheck:
         for _ in range(plain):  # past the separator after each plain event
             end = events.index(b"\n\ndata: ", end) + 2
         return plain, end
+
+    def _see_one(self, body: bytes, size: int) -> tuple[int, int]:
+        """`see_run` for a run of one event: its JSON decoded as one object, no list."""
+        try:
+            chunk = _ONE.decode(body)
+        except (msgspec.MsgspecError, RecursionError):
+            return 0, 0
+        if chunk.usage is not None or chunk.error is not None:
+            return 0, 0
+        if not self.finished:
+            self.finished = any(choice.finish_reason for choice in chunk.choices)
+        return 1, size
 
     def end(self) -> None:
         """The upstream closed the stream without `[DONE]`.
