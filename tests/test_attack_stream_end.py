@@ -124,18 +124,20 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         body += data[:-2]
 
 
+async def stream_or_hi(request: bytes, writer: asyncio.StreamWriter) -> None:
+    """The upstream: STREAM to a streaming request, a completion saying "hi" to another."""
+    if b'"stream":true' in request:
+        writer.write(until_close(STREAM))
+    else:
+        writer.write(whole(COMPLETION % b"hi"))
+    await writer.drain()
+    writer.close()
+
+
 async def test_a_kept_alive_connection_carries_the_next_response_clean_after_a_stream(
     make: Make,
 ) -> None:
-    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
-        if b'"stream":true' in request:
-            writer.write(until_close(STREAM))
-        else:
-            writer.write(whole(COMPLETION % b"hi"))
-        await writer.drain()
-        writer.close()
-
-    gateway = await make(answer)
+    gateway = await make(stream_or_hi)
     reader, writer = await gateway.connect()
     async with asyncio.timeout(NEVER_HANG):
         for stream in (True, True, False, True):
@@ -155,15 +157,7 @@ async def test_a_kept_alive_connection_carries_the_next_response_clean_after_a_s
 async def test_requests_pipelined_behind_a_stream_are_answered_in_order_after_its_end(
     make: Make,
 ) -> None:
-    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
-        if b'"stream":true' in request:
-            writer.write(until_close(STREAM))
-        else:
-            writer.write(whole(COMPLETION % b"hi"))
-        await writer.drain()
-        writer.close()
-
-    gateway = await make(answer)
+    gateway = await make(stream_or_hi)
     reader, writer = await gateway.connect()
     async with asyncio.timeout(NEVER_HANG):
         writer.write(
