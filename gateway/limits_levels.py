@@ -45,11 +45,11 @@ class Levels:
         if rpm is not None and rpm >= 0:
             seen.rpm = rpm
         elif seen.rpm is not None and key.rpm is not None:
-            seen.rpm = min(float(key.rpm), seen.rpm + elapsed * key.rpm / 60)
+            seen.rpm = _refilled(seen.rpm, key.rpm, elapsed)
         if tpm is not None and tpm > -1:
             seen.tpm = tpm
         elif seen.tpm is not None and key.tpm is not None:
-            seen.tpm = min(float(key.tpm), seen.tpm + elapsed * key.tpm / 60)
+            seen.tpm = _refilled(seen.tpm, key.tpm, elapsed)
         seen.at = now
 
     def give_back(self, key: KeyRecord, tokens: int) -> None:

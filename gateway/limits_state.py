@@ -42,7 +42,7 @@ def key_names(key: KeyRecord, *names: str) -> list[str]:
 
 
 def spent_name(key: KeyRecord, start: float) -> str:
-    return f"tk:{{{key.id}}}:spent:{int(start)}"
+    return key_name(key, f"spent:{int(start)}")
 
 
 def period_starts(now: float) -> list[float]:

@@ -31,6 +31,7 @@ from gateway.pg_reports import Conn, summarize
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
 from gateway.rows import (
+    COPIED_TABLES,
     KEY_COLUMNS,
     USAGE_COLUMNS,
     key_from_row,
@@ -313,7 +314,7 @@ class PgStore:
 
     async def is_empty(self, conn: Conn | None = None) -> bool:
         query = (conn or self.pool).fetchval
-        for table in ("keys", "usage", "refusals"):
+        for table in COPIED_TABLES:
             if await query(f"SELECT 1 FROM {table} LIMIT 1") is not None:  # noqa: S608
                 return False
         return True

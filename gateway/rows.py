@@ -16,6 +16,7 @@ from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, KeyRecord, UsageRecord
 from gateway.schemas.codec import encode, error_path
 
 __all__ = [
+    "COPIED_TABLES",
     "KEY_COLUMNS",
     "SECRET_PREFIX",
     "USAGE_COLUMNS",
@@ -32,6 +33,8 @@ _PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart
 # A record's fields are its table's columns, in this order.
 KEY_COLUMNS = [f.name for f in KEY_FIELDS]
 USAGE_COLUMNS = [f.name for f in msgspec.structs.fields(UsageRecord)]
+# The tables `gateway copy-db` copies; a target must have none of their rows.
+COPIED_TABLES = ("keys", "usage", "refusals")
 # Key fields stored as plain text (not JSON) that callers give.
 _TEXT_FIELDS = ("name", "notes", "group_name")
 

@@ -11,7 +11,7 @@ import msgspec
 from gateway.migrations import FILL_DAILY, StoreError
 from gateway.records import KeyRecord, UsageRecord
 from gateway.refusals import Refusals
-from gateway.rows import KEY_COLUMNS, USAGE_COLUMNS, key_params, usage_from_row
+from gateway.rows import COPIED_TABLES, KEY_COLUMNS, USAGE_COLUMNS, key_params, usage_from_row
 from gateway.sqlite_usage import ADD_REFUSALS, INSERT_USAGE, marks
 
 __all__ = ["INSERT_KEY", "SqliteCopies"]
@@ -29,7 +29,7 @@ class SqliteCopies:
 
     async def is_empty(self) -> bool:
         """No key, usage row or refusal count yet."""
-        for table in ("keys", "usage", "refusals"):
+        for table in COPIED_TABLES:
             async with self.db.execute(f"SELECT 1 FROM {table} LIMIT 1") as cur:  # noqa: S608
                 if await cur.fetchone() is not None:
                     return False

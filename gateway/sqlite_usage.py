@@ -35,7 +35,7 @@ INSERT_USAGE = (
 USAGE_RUN = min(
     250, (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(_USAGE_FIELDS)
 )
-_INSERTUSAGE_RUN = (
+_INSERT_USAGE_RUN = (
     f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES "  # noqa: S608
     + ", ".join([f"({marks(_USAGE_FIELDS)})"] * USAGE_RUN)
     + " ON CONFLICT (uid) DO NOTHING"
@@ -54,7 +54,7 @@ async def write_usage(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> 
     split = len(new) - len(new) % USAGE_RUN
     for start in range(0, split, USAGE_RUN):
         run = new[start : start + USAGE_RUN]
-        await db.execute(_INSERTUSAGE_RUN, list(chain.from_iterable(map(astuple, run))))
+        await db.execute(_INSERT_USAGE_RUN, list(chain.from_iterable(map(astuple, run))))
     if split < len(new):
         await db.executemany(INSERT_USAGE, [astuple(r) for r in new[split:]])
     await db.executemany(ROLL_UP, roll_up(new))

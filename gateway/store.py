@@ -32,7 +32,7 @@ from gateway.rows import (
     updated_key,
 )
 from gateway.sqlite_copy import INSERT_KEY, SqliteCopies
-from gateway.sqlite_usage import ADD_REFUSALS, USAGE_RUN, write_usage
+from gateway.sqlite_usage import ADD_REFUSALS, write_usage
 
 __all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
 
@@ -42,7 +42,6 @@ _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
 # where SQL is built from these constants: values are always bound parameters.
 _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
-_USAGE_RUN = USAGE_RUN  # the rows one multi-row INSERT takes (tests size batches by it)
 # SQLite's result codes for a database another connection has locked.
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 

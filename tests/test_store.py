@@ -17,7 +17,8 @@ from gateway.database import Database, opened_database
 from gateway.errors import InvalidRequest, NotFound
 from gateway.migrations import MIGRATIONS
 from gateway.records import UsageRecord, mint_uid
-from gateway.store import _USAGE_RUN, Store, StoreError, open_store
+from gateway.sqlite_usage import USAGE_RUN
+from gateway.store import Store, StoreError, open_store
 
 SAMPLE_DB = Path(__file__).resolve().parent.parent / "keys.db.sample"
 DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
@@ -232,8 +233,8 @@ async def test_insert_usage_writes_every_column(sqlite_store: Store) -> None:
 async def test_a_large_batch_is_written_whole_in_order_in_multi_row_runs(
     sqlite_store: Store,
 ) -> None:
-    # Runs of _USAGE_RUN rows go in one multi-row INSERT each, the rest row by row.
-    count = 2 * _USAGE_RUN + 7
+    # Runs of USAGE_RUN rows go in one multi-row INSERT each, the rest row by row.
+    count = 2 * USAGE_RUN + 7
     await sqlite_store.insert_usage(
         [usage(request_id=f"r{i}", prompt_tokens=i, ttft_ms=None if i % 2 else 1.5)
          for i in range(count)]
@@ -247,9 +248,9 @@ async def test_a_large_batch_is_written_whole_in_order_in_multi_row_runs(
 async def test_a_large_retried_batch_counts_each_row_once(store: Database) -> None:
     # Multi-row runs and uid deduplication together: a batch of several runs retried with
     # new rows added writes only the new ones, and the rollup counts only those.
-    count = 2 * _USAGE_RUN + 7
+    count = 2 * USAGE_RUN + 7
     batch = [usage(request_id=f"r{i}", total_tokens=1, uid=mint_uid()) for i in range(count)]
-    await store.insert_usage(batch[: _USAGE_RUN + 3])
+    await store.insert_usage(batch[: USAGE_RUN + 3])
     await store.insert_usage(batch)
     rows = await store.fetch("SELECT request_id FROM usage ORDER BY request_id")
     assert sorted(r[0] for r in rows) == sorted(f"r{i}" for i in range(count))
