@@ -61,7 +61,8 @@ class SharedGate(FallbackGate):
         lease: float = LEASE_SECONDS,
     ) -> None:
         super().__init__(store, redis, failure=failure)
-        self.link = RedisLink(redis)  # the request path's scripts
+        # The request path's scripts, loaded on each of the link's connections.
+        self.link = RedisLink(redis, (limits_lua.ENTER, limits_lua.CHARGE, limits_lua.FINISH))
         self.lease = lease
         self.levels = Levels()
         self._enter = redis.register_script(limits_lua.ENTER)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
@@ -36,12 +37,19 @@ Arg = str | bytes | int | float
 class RedisLink:
     """Commands over one connection, pipelined per loop turn; the replies in order."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, scripts: Sequence[str] = ()) -> None:
+        """Args:
+        scripts: Lua sources loaded on every new connection before any command goes on it:
+            a Redis that starts empty (or restarted) would otherwise answer their first
+            EVALSHA with NOSCRIPT, and the reload's round trips let a later command overtake
+            it (a request's end that gives tokens back, passed by the next request's hold).
+        """
         pool = redis.connection_pool
         self._kwargs: dict[str, Any] = dict(pool.connection_kwargs)
         self._class = pool.connection_class
         self.timeout: float | None = self._kwargs.get("socket_timeout")
         self._connect_timeout = self._kwargs.get("socket_connect_timeout") or self.timeout
+        self._scripts = tuple(scripts)
         self._connection: _Connection | None = None  # ready: AUTH and SELECT went first
         self._connecting: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # this turn's commands, not written yet
@@ -137,7 +145,7 @@ class RedisLink:
                         context = self._class(**kw).ssl_context.get()
                     host, port = kw.get("host", "localhost"), kw.get("port", 6379)
                     await loop.create_connection(lambda: connection, host, port, ssl=context)
-                await connection.handshake(kw)
+                await connection.handshake(kw, self._scripts)
         except (RedisError, OSError, TimeoutError) as exc:
             error = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
             connection.fail(error)
@@ -169,14 +177,16 @@ class _Connection(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
 
-    async def handshake(self, kw: dict[str, Any]) -> None:
-        """AUTH and SELECT as the URL asks, before any command of the link's."""
+    async def handshake(self, kw: dict[str, Any], scripts: Sequence[str]) -> None:
+        """AUTH and SELECT as the URL asks, and SCRIPT LOAD of `scripts`, before any command
+        of the link's."""
         first: list[tuple[Arg, ...]] = []
         if kw.get("password"):
             user = kw.get("username")
             first.append(("AUTH", user, kw["password"]) if user else ("AUTH", kw["password"]))
         if kw.get("db"):
             first.append(("SELECT", kw["db"]))
+        first.extend(("SCRIPT", "LOAD", source) for source in scripts)
         if not first or self.transport is None:
             return
         loop = asyncio.get_running_loop()

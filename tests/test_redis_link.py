@@ -4,6 +4,7 @@ against servers that misbehave: a frozen Redis, one that is gone, one that is no
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import time
@@ -50,6 +51,22 @@ async def test_a_script_redis_forgot_is_loaded_again(redis_url: str) -> None:
         assert await link.script(sha, source, [], []) == b"fresh " + source[14:-1].encode()
         with pytest.raises(ResponseError, match="boom"):
             await link.script(await admin.script_load("error('boom')"), "", [], [])
+    finally:
+        link.close()
+        await admin.aclose()
+
+
+async def test_its_scripts_are_loaded_before_its_first_command(redis_url: str) -> None:
+    """A Redis that starts empty (or restarted) has them before any EVALSHA goes out, so no
+    call meets NOSCRIPT and its reload (whose round trips let later commands overtake it)."""
+    admin = Redis.from_url(redis_url)
+    source = "return 'preloaded " + str(time.time()) + "'"
+    sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 (Redis names scripts so)
+    link = RedisLink(Redis.from_url(redis_url, socket_timeout=5.0), [source])
+    try:
+        await admin.script_flush()
+        assert await admin.script_exists(sha) == [False]
+        assert await link.wait([link.send("SCRIPT", "EXISTS", sha)]) == [[1]]  # its first
     finally:
         link.close()
         await admin.aclose()
