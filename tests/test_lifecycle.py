@@ -130,6 +130,16 @@ async def _serve_before(
     return runner, proc, secret, port
 
 
+def _stream(session: ClientSession, port: int, secret: str) -> Any:
+    """A streamed chat request to the `up` provider of the `gateway serve` on `port`."""
+    body = {"model": "up/x", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    return session.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+
+
 async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys: Any) -> None:
     """`gateway serve` as a real process: SIGTERM lets an open stream finish, writes usage, 0."""
     chunks, rest = asyncio.Event(), asyncio.Event()
@@ -153,16 +163,9 @@ async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys
             assert proc.stderr is not None
             line = await proc.stderr.readline()
             assert b"listening" in line, line
-            body = {
-                "model": "up/x",
-                "messages": [{"role": "user", "content": "hi"}],
-                "stream": True,
-            }
-            headers = {"Authorization": f"Bearer {secret}"}
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
             async with (
                 ClientSession() as session,
-                session.post(url, json=body, headers=headers) as resp,
+                _stream(session, port, secret) as resp,
             ):
                 await chunks.wait()
                 proc.send_signal(signal.SIGTERM)
@@ -294,16 +297,9 @@ async def test_sigterm_ends_a_silent_stream_within_the_grace_period(
         async with asyncio.timeout(60):
             assert proc.stderr is not None
             assert b"listening" in await proc.stderr.readline()
-            body = {
-                "model": "up/x",
-                "messages": [{"role": "user", "content": "hi"}],
-                "stream": True,
-            }
-            headers = {"Authorization": f"Bearer {secret}"}
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
             async with (
                 ClientSession() as session,
-                session.post(url, json=body, headers=headers) as resp,
+                _stream(session, port, secret) as resp,
             ):
                 await first.wait()
                 start = asyncio.get_running_loop().time()
@@ -380,14 +376,8 @@ async def test_many_reloads_with_a_stream_open_keep_memory_flat_and_the_stream_w
         async with asyncio.timeout(120), ClientSession() as session:
             assert proc.stderr is not None
             assert b"listening" in await proc.stderr.readline()
-            body = {
-                "model": "up/x",
-                "messages": [{"role": "user", "content": "hi"}],
-                "stream": True,
-            }
             headers = {"Authorization": f"Bearer {secret}"}
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            async with session.post(url, json=body, headers=headers) as resp:
+            async with _stream(session, port, secret) as resp:
                 await first.wait()
                 await reloads(40)  # warm up: caches, the first retired snapshots
                 before = _rss_kb(proc.pid)
