@@ -40,6 +40,12 @@ def test_the_plain_chunks_before_a_usage_chunk_pass() -> None:
         1,
         len(events(CHUNK)),
     )
+    # Whatever follows the plain head is left to the caller: [DONE], an event that is not one
+    # JSON object (which `see` then refuses), a usage chunk.
+    for tail in (events(b"[DONE]"), events(b"{},{}"), events(b'{"a":[1', b"2]},{}")):
+        check = StreamCheck("up")
+        assert check.see_run(events(CHUNK) + tail) == (1, len(events(CHUNK)))
+        assert not check.finished
 
 
 @pytest.mark.parametrize(
@@ -47,7 +53,7 @@ def test_the_plain_chunks_before_a_usage_chunk_pass() -> None:
     [
         events(USAGE_CHUNK, CHUNK),  # to account
         events(b'{"error":{"message":"overloaded"}}'),  # to end the stream with
-        events(CHUNK, b"[DONE]"),  # to stop at
+        events(b"[DONE]", CHUNK),  # to stop at
         events(b"{},{}"),  # one event, two objects: not one JSON object for the client
         events(b'{"a":1'),  # not JSON
         events(b"[1]"),  # JSON, not an object

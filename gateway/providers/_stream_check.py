@@ -1,7 +1,7 @@
 """An OpenAI stream is checked as it is relayed: every event a JSON object, and an answer that
 finished before the stream ended, so a stream cut short ends with an error event instead of
-looking complete. A run of plain chunks is checked at once (`see_run`: one decode, and one more
-for a run of several events), for relaying it as the upstream sent it.
+looking complete. A run of plain chunks is checked at once (`see_run`: one short decode per
+event), for relaying it as the upstream sent it.
 """
 
 from __future__ import annotations
@@ -25,26 +25,15 @@ _FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
 _EVENT = msgspec.json.Decoder(_Object)
 
 
-class _RunChoice(msgspec.Struct):
-    finish_reason: object = None
-
-
 class _RunChunk(msgspec.Struct):
     """What a relayed chunk is checked for; the rest is skipped unread."""
 
-    choices: list[_RunChoice] = []
     usage: object = None
     error: object = None
 
 
-_RUN = msgspec.json.Decoder(list[_RunChunk])
-_ONE = msgspec.json.Decoder(_RunChunk)
-_RAWS = msgspec.json.Decoder(list[msgspec.Raw])
-
-
-def _one_each(elements: list[msgspec.Raw], events: int) -> bool:
-    """Whether a run's elements are one per event: as many, and none across a separator."""
-    return len(elements) == events and b"\n" not in b"".join(elements)
+_RUN_CHUNK = msgspec.json.Decoder(_RunChunk)
+_SEPARATOR = b"\n\ndata: "
 
 
 class StreamCheck:
@@ -81,64 +70,42 @@ class StreamCheck:
         """Check a run of SSE events (from `data: ` to a blank line) at once, for
         relaying its plain chunks as they are, each one `data:` line holding one JSON object
         with no usage and no error: how many of them lead the run and where they end
-        (`(0, 0)` when none does or the run is not all JSON objects; the caller splits the
-        rest and looks at each event with `see`). An upstream sends its usage chunk last,
-        often in the read of its last chunks: those still pass.
+        (`(0, 0)` when none does; the caller splits the rest and looks at each event with
+        `see`, which refuses what is not a JSON object). An upstream sends its usage chunk
+        last, often in the read of its last chunks: those still pass.
 
-        With each separator turned into a line break and a comma they make a JSON array. A
-        line break left in it (a comment, a second data line, an object over several lines) or
-        a CR is refused: JSON would read through what an SSE client splits. A JSON string
-        cannot hold a line break, so none runs from one event into the next; an event that is
-        several objects ("{},{}") gives more elements than events; and of several events, each
-        element must be one event's (none holds a separator's line break, a second decode that
-        only splits): an event that opens an array the next one closes ("{"a":[1", "2]},{}") is
-        not two objects to the client.
+        Each event is decoded on its own, into a struct of two fields (the rest is checked
+        and skipped unread): one JSON object per event is then what the client's SSE parser
+        will read, which no decode of the events joined together can prove (an event that
+        opens an array the next one closes is valid JSON joined). A line break other than the
+        separators (a comment, a second data line, an object over several lines) or a CR
+        makes the run not plain: JSON would read through what an SSE client splits.
         """
         body = events[6:-2]
         if b"\r" in body:
             return 0, 0
         if b"\n" not in body:  # one event of one line: a read of a streaming answer, mostly
-            return self._see_one(body, len(events))
-        joined = body.replace(b"\n\ndata: ", b"\n,")
-        count = (len(body) - len(joined)) // 6 + 1  # each separator is 6 bytes shorter
-        if joined.count(b"\n") != count - 1:
-            return 0, 0
-        array = b"[%b]" % joined
-        try:
-            if count > 1 and not _one_each(_RAWS.decode(array), count):
+            datas = [body]
+        else:
+            datas = body.split(_SEPARATOR)
+            if body.count(b"\n") != 2 * (len(datas) - 1):
                 return 0, 0
-            chunks = _RUN.decode(array)
-        except (msgspec.MsgspecError, RecursionError):
-            return 0, 0
-        if len(chunks) != count:
-            return 0, 0
-        finished = self.finished
         plain = 0
-        for chunk in chunks:
+        for data in datas:
+            try:
+                chunk = _RUN_CHUNK.decode(data)
+            except (msgspec.MsgspecError, RecursionError):
+                break
             if chunk.usage is not None or chunk.error is not None:
                 break
-            if not finished:
-                finished = any(choice.finish_reason for choice in chunk.choices)
             plain += 1
-        self.finished = finished
-        if plain == count:
-            return count, len(events)
-        end = 0
-        for _ in range(plain):  # past the separator after each plain event
-            end = events.index(b"\n\ndata: ", end) + 2
+        if plain == len(datas):
+            end = len(events)
+        else:  # each event is its data and 8 bytes: "data: " and the blank line
+            end = sum([len(data) for data in datas[:plain]]) + 8 * plain
+        if not self.finished and plain:
+            self.finished = _FINISHED[0] in events[:end] or _FINISHED[1] in events[:end]
         return plain, end
-
-    def _see_one(self, body: bytes, size: int) -> tuple[int, int]:
-        """`see_run` for a run of one event: its JSON decoded as one object, no list."""
-        try:
-            chunk = _ONE.decode(body)
-        except (msgspec.MsgspecError, RecursionError):
-            return 0, 0
-        if chunk.usage is not None or chunk.error is not None:
-            return 0, 0
-        if not self.finished:
-            self.finished = any(choice.finish_reason for choice in chunk.choices)
-        return 1, size
 
     def end(self) -> None:
         """The upstream closed the stream without `[DONE]`.
