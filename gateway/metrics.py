@@ -25,7 +25,7 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from gateway.series import Count, CounterFamily, HistogramFamily, Observed, Snapshot
+from gateway.series import Count, CounterFamily, Families, HistogramFamily, Observed
 from gateway.settings import MetricsSettings
 
 __all__ = ["CONTENT_TYPE", "OTHER", "PREFIX", "Metrics", "outcome", "render"]
@@ -79,6 +79,23 @@ class _Spend:
         self.input = tokens(label, "input")
         self.output = tokens(label, "output")
         self.cost = cost(label)
+
+
+class _Spending:
+    """The tokens and cost counters by model or by key: a `_Spend` per label, made when first
+    used (`found` holds those made, for the request path to look up without a call)."""
+
+    __slots__ = ("_cost", "_tokens", "found")
+
+    def __init__(self, tokens: CounterFamily, cost: CounterFamily) -> None:
+        self._tokens, self._cost = tokens, cost
+        self.found: dict[str, _Spend] = {}
+
+    def __call__(self, label: str) -> _Spend:
+        spend = self.found.get(label)
+        if spend is None:
+            spend = self.found[label] = _Spend(self._tokens, self._cost, label)
+        return spend
 
 
 class _Route:
@@ -161,14 +178,15 @@ class Metrics:
             ("model", "provider"),
             _TTFT_BUCKETS,
         )
-        tokens_doc = "Tokens used, input or output."
-        cost_doc = "Cost in US dollars at the configured prices."
-        self._tokens = CounterFamily(f"{PREFIX}_tokens", tokens_doc, ("model", "type"))
-        self._cost = CounterFamily(f"{PREFIX}_cost_usd", cost_doc, ("model",))
-        self._key_tokens = CounterFamily(f"{PREFIX}_key_tokens", tokens_doc, ("key", "type"))
-        self._key_cost = CounterFamily(f"{PREFIX}_key_cost_usd", cost_doc, ("key",))
-        self._spent: dict[str, _Spend] = {}  # by model
-        self._key_spent: dict[str, _Spend] = {}  # by key
+        tokens = "Tokens used, input or output."
+        cost = "Cost in US dollars at the configured prices."
+        spent = [
+            CounterFamily(f"{PREFIX}_tokens", tokens, ("model", "type")),
+            CounterFamily(f"{PREFIX}_cost_usd", cost, ("model",)),
+            CounterFamily(f"{PREFIX}_key_tokens", tokens, ("key", "type")),
+            CounterFamily(f"{PREFIX}_key_cost_usd", cost, ("key",)),
+        ]
+        self.by_model, self.by_key = _Spending(*spent[:2]), _Spending(*spent[2:])
         self.refusals = CounterFamily(
             f"{PREFIX}_refusals",
             "Requests the gateway refused for a key's rate limits or budget.",
@@ -190,11 +208,10 @@ class Metrics:
         # Each app has its own registry (never the process-wide default): tests and several
         # apps in one process never share series. Nothing here has a `_created` series.
         self.registry = CollectorRegistry(auto_describe=False)
-        self.counted = Snapshot(
+        self.counted = Families(
             (
-                self.requests, self.duration, self.ttft, self._tokens, self._cost,
-                self._key_tokens, self._key_cost, self.refusals, self.attempts, self.retries,
-                self.failovers,
+                self.requests, self.duration, self.ttft, *spent, self.refusals, self.attempts,
+                self.retries, self.failovers,
             )
         )  # fmt: skip
         self.state = _StateCollector(gauges)
@@ -230,7 +247,7 @@ class Metrics:
         if spent:
             spend = route.spend
             if spend is None:
-                spend = route.spend = self._spend(self._spent, model, key=False)
+                spend = route.spend = self.by_model(model)
             spend.input.value += tokens_in
             spend.output.value += tokens_out
             spend.cost.value += cost
@@ -252,7 +269,7 @@ class Metrics:
         if key not in self.keys:
             key = self.keys(key)
         if spent:
-            spend = self._key_spent.get(key) or self._spend(self._key_spent, key, key=True)
+            spend = self.by_key.found.get(key) or self.by_key(key)
             spend.input.value += tokens_in
             spend.output.value += tokens_out
             spend.cost.value += cost
@@ -267,15 +284,6 @@ class Metrics:
             provider,
         )
         return route
-
-    def _spend(self, found: dict[str, _Spend], label: str, *, key: bool) -> _Spend:
-        spend = found.get(label)
-        if spend is None:
-            if key:
-                spend = found[label] = _Spend(self._key_tokens, self._key_cost, label)
-            else:
-                spend = found[label] = _Spend(self._tokens, self._cost, label)
-        return spend
 
     def _attempt(self, tried: tuple[object, object, object]) -> Count:
         provider, account, status = tried
@@ -317,8 +325,8 @@ async def render(metrics: Metrics) -> bytes:
     pending = metrics.rendering
     if pending is None or pending.done():
         metrics.state.read()
-        counted = metrics.counted.read()  # a copy: the loop goes on counting while the text is made
-        pending = asyncio.ensure_future(asyncio.to_thread(_text, counted, metrics.state))
+        copy = metrics.counted.read()  # the loop goes on counting while the text is made
+        pending = asyncio.ensure_future(asyncio.to_thread(_text, copy, metrics.state))
         metrics.rendering = pending
     return await asyncio.shield(pending)  # a scrape that hangs up leaves it to the others
 

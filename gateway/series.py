@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["Count", "CounterFamily", "Family", "HistogramFamily", "Observed", "Read", "Snapshot"]
+__all__ = ["Copy", "Count", "CounterFamily", "Families", "Family", "HistogramFamily", "Observed"]
 
 Labels: TypeAlias = tuple[str, ...]
 
@@ -130,7 +130,7 @@ class HistogramFamily:
 Family: TypeAlias = CounterFamily | HistogramFamily
 
 
-class Read(Collector):
+class Copy(Collector):
     """The families as `read()` found them: what the worker thread makes the text from."""
 
     def __init__(self, read: list[Callable[[], Metric]]) -> None:
@@ -140,7 +140,7 @@ class Read(Collector):
         return (metric() for metric in self._read)
 
 
-class Snapshot(Collector):
+class Families(Collector):
     """Families registered as one collector (in a registry, in this order). `read()` copies
     them (on the event loop); `collect()` reads them where it is called, for a caller on the
     loop."""
@@ -148,8 +148,8 @@ class Snapshot(Collector):
     def __init__(self, families: Iterable[Family]) -> None:
         self._families = tuple(families)
 
-    def read(self) -> Read:
-        return Read([family.read() for family in self._families])
+    def read(self) -> Copy:
+        return Copy([family.read() for family in self._families])
 
     def collect(self) -> Iterator[Metric]:
         return self.read().collect()
