@@ -16,7 +16,6 @@ past the cap, new values count as `other`), and per-key series can be switched o
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -294,8 +293,12 @@ class Metrics:
     def _retried(self, attempts: list[dict[str, object]], model: str) -> None:
         """Every attempt after the first is a retry; one to another account, a failover."""
         self.retries(model).value += len(attempts) - 1
-        accounts = [(str(a["provider"]), str(a["account"])) for a in attempts]
-        moved = sum(before != after for before, after in itertools.pairwise(accounts))
+        moved, previous = 0, None
+        for attempt in attempts:
+            account = (str(attempt["provider"]), str(attempt["account"]))
+            if previous is not None and account != previous:
+                moved += 1
+            previous = account
         if moved:
             self.failovers(model).value += moved
 
