@@ -180,7 +180,7 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("settings", SETTINGS)
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))
 async def test_the_text_is_prometheus_clients_own(settings: MetricsSettings, seed: int) -> None:
     rng = random.Random(seed)
     configured = ("m",)
@@ -190,7 +190,7 @@ async def test_the_text_is_prometheus_clients_own(settings: MetricsSettings, see
         request = random_trace(rng)
         ours.observe(*request)
         theirs.observe(*request)
-        if step % 37 == 0:
+        if step % 59 == 0:
             assert generate_latest(ours.registry) == generate_latest(theirs.registry)
     expected = generate_latest(theirs.registry)
     assert generate_latest(ours.registry) == expected
