@@ -3,10 +3,12 @@ gateway holds now (breakers, open streams, rows waiting), read only when scraped
 
 `request_context` hands every finished request's trace to `Metrics.observe()`: the one place
 where a request's outcome becomes metrics, so the request path pays a few dictionary lookups
-and counter increments, never a label parse or a lock of ours. Gauges of state that already
-exists elsewhere are not kept in step on the hot path; `gateway.gauges` reads that state at
-scrape time. Each app has its own `CollectorRegistry` (never the process-wide default), so
-tests and several apps in one process never share counters.
+and additions to plain numbers (`gateway.series`: no lock, no label parse, no call into
+prometheus-client); a scrape copies them on the loop and prometheus-client writes the text
+from the copy. Gauges of state that already exists elsewhere are not kept in step on the hot
+path; `gateway.gauges` reads that state at scrape time. Each app has its own
+`CollectorRegistry` (never the process-wide default), so tests and several apps in one
+process never share counters.
 
 Labels stay bounded: no request ids; endpoints are route patterns; model ids (which clients
 choose for `<provider>/<model>`) and keys are capped (`[metrics] max_models`, `max_keys`:
