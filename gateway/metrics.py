@@ -23,10 +23,10 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
-from gateway.series import Count, CounterFamily, Families, HistogramFamily, Observed
+from gateway.series import Count, CounterFamily, Families, HistogramFamily, Observed, text
 from gateway.settings import MetricsSettings
 
 __all__ = ["CONTENT_TYPE", "OTHER", "PREFIX", "Metrics", "outcome", "render"]
@@ -331,12 +331,6 @@ async def render(metrics: Metrics) -> bytes:
     if pending is None or pending.done():
         metrics.state.read()
         copy = metrics.counted.read()  # the loop goes on counting while the text is made
-        pending = asyncio.ensure_future(asyncio.to_thread(_text, copy, metrics.state))
+        pending = asyncio.ensure_future(asyncio.to_thread(text, copy, metrics.state))
         metrics.rendering = pending
     return await asyncio.shield(pending)  # a scrape that hangs up leaves it to the others
-
-
-def _text(*collectors: Collector) -> bytes:
-    """The text of these collectors' families, in this order (what `generate_latest` makes of
-    a registry that holds them)."""
-    return b"".join(generate_latest(collector) for collector in collectors)

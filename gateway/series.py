@@ -26,10 +26,20 @@ from itertools import accumulate
 from typing import TypeAlias
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["Copy", "Count", "CounterFamily", "Families", "Family", "HistogramFamily", "Observed"]
+__all__ = [
+    "Copy",
+    "Count",
+    "CounterFamily",
+    "Families",
+    "Family",
+    "HistogramFamily",
+    "Observed",
+    "text",
+]
 
 Labels: TypeAlias = tuple[str, ...]
 
@@ -153,3 +163,9 @@ class Families(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return self.read().collect()
+
+
+def text(*collectors: Collector) -> bytes:
+    """The text format of these collectors' families, in this order: what `generate_latest`
+    makes of a registry that holds them."""
+    return b"".join(generate_latest(collector) for collector in collectors)
