@@ -25,9 +25,15 @@ _FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
 _EVENT = msgspec.json.Decoder(_Object)
 
 
-class _RunChunk(msgspec.Struct):
-    """What a relayed chunk is checked for; the rest is skipped unread."""
+class _RunChoice(msgspec.Struct, gc=False):
+    finish_reason: object = None
 
+
+class _RunChunk(msgspec.Struct, gc=False):
+    """What a relayed chunk is checked for; the rest is skipped unread. (Not tracked by the
+    garbage collector: what JSON decodes to holds no reference cycle.)"""
+
+    choices: list[_RunChoice] = []
     usage: object = None
     error: object = None
 
@@ -74,10 +80,10 @@ class StreamCheck:
         `see`, which refuses what is not a JSON object). An upstream sends its usage chunk
         last, often in the read of its last chunks: those still pass.
 
-        Each event is decoded on its own, into a struct of two fields (the rest is checked
-        and skipped unread): one JSON object per event is then what the client's SSE parser
-        will read, which no decode of the events joined together can prove (an event that
-        opens an array the next one closes is valid JSON joined). A line break other than the
+        Each event is decoded on its own, into a struct of what is looked at (the rest is
+        checked and skipped unread): one JSON object per event is then what the client's SSE
+        parser will read, which no decode of the events joined together can prove (an event
+        that opens an array the next one closes is valid JSON joined). A line break other than the
         separators (a comment, a second data line, an object over several lines) or a CR
         makes the run not plain: JSON would read through what an SSE client splits.
         """
@@ -85,11 +91,11 @@ class StreamCheck:
         if b"\r" in body:
             return 0, 0
         if b"\n" not in body:  # one event of one line: a read of a streaming answer, mostly
-            datas = [body]
-        else:
-            datas = body.split(_SEPARATOR)
-            if body.count(b"\n") != 2 * (len(datas) - 1):
-                return 0, 0
+            return self._see_one(body, len(events))
+        datas = body.split(_SEPARATOR)
+        if body.count(b"\n") != 2 * (len(datas) - 1):
+            return 0, 0
+        finished = self.finished
         plain = 0
         for data in datas:
             try:
@@ -98,14 +104,30 @@ class StreamCheck:
                 break
             if chunk.usage is not None or chunk.error is not None:
                 break
+            if not finished:
+                for choice in chunk.choices:
+                    if choice.finish_reason:
+                        finished = True
             plain += 1
+        self.finished = finished
         if plain == len(datas):
-            end = len(events)
-        else:  # each event is its data and 8 bytes: "data: " and the blank line
-            end = sum([len(data) for data in datas[:plain]]) + 8 * plain
-        if not self.finished and plain:
-            self.finished = _FINISHED[0] in events[:end] or _FINISHED[1] in events[:end]
-        return plain, end
+            return plain, len(events)
+        # Each event is its data and 8 bytes: "data: " and the blank line.
+        return plain, sum([len(data) for data in datas[:plain]]) + 8 * plain
+
+    def _see_one(self, body: bytes, size: int) -> tuple[int, int]:
+        """`see_run` for a run of one event, without the split and the loop."""
+        try:
+            chunk = _RUN_CHUNK.decode(body)
+        except (msgspec.MsgspecError, RecursionError):
+            return 0, 0
+        if chunk.usage is not None or chunk.error is not None:
+            return 0, 0
+        if not self.finished:
+            for choice in chunk.choices:
+                if choice.finish_reason:
+                    self.finished = True
+        return 1, size
 
     def end(self) -> None:
         """The upstream closed the stream without `[DONE]`.
