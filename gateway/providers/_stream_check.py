@@ -6,6 +6,8 @@ event), for relaying it as the upstream sent it.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import msgspec
 
 from gateway.errors import UpstreamConnectionError, UpstreamError
@@ -17,16 +19,15 @@ class _Object(msgspec.Struct):
     """Any JSON object: decoding one checks the JSON and skips every value unread."""
 
 
-# A finish_reason with a value, as servers write it; inside a JSON string every quote is
-# escaped, so in an event that is valid JSON these bytes can only be the key itself.
-_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
-
-
 _EVENT = msgspec.json.Decoder(_Object)
 
 
 class _RunChoice(msgspec.Struct, gc=False):
-    finish_reason: object = None
+    """A choice has finished when its finish_reason is a non-empty string; any other form
+    (`""`, `0`, `true`, an object, a finish_reason elsewhere in the chunk) is no finish, read
+    the same by `see` and `see_run`, so that a stream cut short is one whatever the reads."""
+
+    finish_reason: str | None = None
 
 
 class _RunChunk(msgspec.Struct, gc=False):
@@ -62,15 +63,29 @@ class StreamCheck:
         if not data or data.isspace():
             return False
         try:
+            chunk = _RUN_CHUNK.decode(data)
+        except msgspec.ValidationError:
+            chunk = None  # a JSON object maybe, but not chunk-shaped: checked, not finished
+            self._check(data)
+        except (msgspec.MsgspecError, RecursionError):
+            self._refuse()
+        if chunk is not None and not self.finished:
+            for choice in chunk.choices:
+                if choice.finish_reason:
+                    self.finished = True
+        return True
+
+    def _check(self, data: bytes) -> None:
+        try:
             _EVENT.decode(data)
         except (msgspec.MsgspecError, RecursionError):
-            raise UpstreamError(
-                f"The upstream provider '{self.provider}' sent a stream event that is not "
-                "a JSON object."
-            ) from None
-        if not self.finished and (_FINISHED[0] in data or _FINISHED[1] in data):
-            self.finished = True
-        return True
+            self._refuse()
+
+    def _refuse(self) -> NoReturn:
+        raise UpstreamError(
+            f"The upstream provider '{self.provider}' sent a stream event that is not "
+            "a JSON object."
+        ) from None
 
     def see_run(self, events: bytes) -> tuple[int, int]:
         """Check a run of SSE events (from `data: ` to a blank line) at once, for

@@ -183,27 +183,33 @@ class OpenAIProvider:
         return False
 
     def _keep(self, call: Call, data: bytes, keep_usage_chunk: bool) -> bool:
-        """Account for one upstream event; False for events the client must not get."""
+        """Account for one upstream event; False for events the client must not get.
+
+        An error event ends the stream whatever else it holds; a usage chunk is one whose own
+        `usage` is an object (not null, not one nested in a choice or in an error), as
+        `StreamCheck.see_run` reads a chunk, so a read gives what its events one by one give.
+        """
+        if data.startswith(b'{"error"') or b'"error":' in data[:16]:
+            error = stream_error(self.config.name, data)
+            if error is not None:
+                raise error
         if b'"usage":{' in data or b'"usage": {' in data:
             try:
                 view = _CHUNK_USAGE.decode(data)
             except msgspec.ValidationError:
                 # Unreadable usage: relay the event, let the usage row be estimated.
                 log.warning("upstream_usage_unreadable", provider=self.config.name)
-                usage_only = b'"choices":[]' in data or b'"choices": []' in data
+                if b'"choices":[]' in data or b'"choices": []' in data:
+                    return keep_usage_chunk
             except (msgspec.DecodeError, RecursionError):
                 raise UpstreamError(
                     f"The upstream provider '{self.config.name}' sent a malformed stream event."
                 ) from None
             else:
-                call.usage = view.usage
-                usage_only = not view.choices
-            if usage_only:
-                return keep_usage_chunk
-        elif data.startswith(b'{"error"') or b'"error":' in data[:16]:
-            error = stream_error(self.config.name, data)
-            if error is not None:
-                raise error
+                if view.usage is not None:
+                    call.usage = view.usage
+                    if not view.choices:
+                        return keep_usage_chunk
         call.chunks += 1
         return True
 
