@@ -71,6 +71,9 @@ CASES = {
     "usage-null-then-usage": sse(
         chunk("a"), STOP, b'{"usage":null,"choices":[],"usage":%b}' % USAGE_BODY, DONE
     ),
+    "usage-spaced": sse(chunk("a"), STOP, USAGE.replace(b'"usage":', b'"usage" :\t'), DONE),
+    "usage-with-a-nested-null": sse(chunk("a"), STOP, USAGE[:-1] + b',"x":{"usage":null}}', DONE),
+    "usage-null-spaced": sse(chunk("a")[:-1] + b',"usage": null}', STOP, USAGE, DONE),
     "usage-unreadable": sse(
         chunk("a"), STOP, b'{"choices":[],"usage":{"prompt_tokens":"x"}}', DONE
     ),
@@ -192,13 +195,20 @@ async def test_an_error_event_holding_usage_ends_the_stream(
     assert row["status"] == 502
 
 
-@pytest.mark.parametrize("case", ["usage-then-null", "usage-nested-in-a-choice"])
-async def test_a_usage_that_is_null_or_nested_is_no_usage_chunk(build: Build, case: str) -> None:
+@pytest.mark.parametrize(
+    "case",
+    ["usage-then-null", "usage-nested-in-a-choice", "usage-spaced", "usage-with-a-nested-null"],
+)
+async def test_a_usage_that_is_null_or_nested_is_no_usage_chunk_and_a_spaced_one_is(
+    build: Build, case: str
+) -> None:
     got, row = await both_ways(
         build, "openai", CASES[case], "/v1/chat/completions", CHAT_BODY, False
     )
     if case == "usage-then-null":  # relayed as the chunk it is; the row estimated
         assert b'"usage":null}' in got[1] and row["estimated"]
+    elif case in ("usage-spaced", "usage-with-a-nested-null"):  # a usage chunk: counted, stripped
+        assert b'"usage"' not in got[1] and (row["prompt_tokens"], row["estimated"]) == (3, 0)
     else:  # relayed; the real usage chunk after it counted and stripped
         assert b'"usage":{"prompt_tokens":3' in got[1] and USAGE not in got[1]
         assert (row["prompt_tokens"], row["estimated"]) == (3, 0)

@@ -193,7 +193,8 @@ class OpenAIProvider:
             error = stream_error(self.config.name, data)
             if error is not None:
                 raise error
-        if b'"usage":{' in data or b'"usage": {' in data:
+        if b'"usage"' in data and (b'"usage":null' not in data or b'"usage":{' in data):
+            # `"usage"` with any spacing; not decoded for vLLM's `"usage":null` on every chunk
             try:
                 view = _CHUNK_USAGE.decode(data)
             except msgspec.ValidationError:
