@@ -2,8 +2,8 @@
 
 `cors_preflight` answers a preflight (`OPTIONS` with `Access-Control-Request-Method`) from a
 listed origin at once, before authentication (browsers send no credentials with it);
-`cors_headers` (`on_response_prepare`) adds `Access-Control-Allow-Origin` to every answer to a
-listed origin as its headers go out, so errors and event streams carry it too. An origin that
+`add_cors_headers` (from the app's `on_response_prepare` receiver) adds
+`Access-Control-Allow-Origin` to every answer to a listed origin as its headers go out, so errors and event streams carry it too. An origin that
 is not listed gets no CORS header at all, and its preflight goes on like any request (a 401 or
 405), which a browser treats as a refusal. The origin is echoed exactly (never `*`), with
 `Vary: Origin` so caches keep answers to different origins apart. Reloadable: each request
@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway.state import LIVE_KEY, SNAPSHOT_KEY
 
-__all__ = ["cors_headers", "cors_preflight"]
+__all__ = ["add_cors_headers", "cors_preflight"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,8 +51,11 @@ _NOT_FOR = "/dashboard"  # paths CORS leaves alone
 
 
 def _origins(request: web.Request) -> tuple[str, ...]:
-    snapshot = request.get(SNAPSHOT_KEY)
-    settings = snapshot.settings if snapshot is not None else request.app[LIVE_KEY].current.settings
+    # Not `request.get()`: Mapping's, in Python, two calls on every answer.
+    try:
+        settings = request[SNAPSHOT_KEY].settings
+    except KeyError:  # an answer made before `request_context` took the snapshot
+        settings = request.app[LIVE_KEY].current.settings
     return settings.server.cors_origins
 
 
@@ -75,7 +78,7 @@ async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamRe
     allow = _ALLOW_HEADERS
     if requested and len(requested) <= _MAX_HEADER_LIST and _HEADER_LIST.match(requested):
         allow = f"{_ALLOW_HEADERS}, {requested}"
-    # The origin and Vary are added by `cors_headers`, as on every answer.
+    # The origin and Vary are added by `add_cors_headers`, as on every answer.
     return web.Response(
         status=204,
         headers={
@@ -86,8 +89,8 @@ async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamRe
     )
 
 
-async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: the CORS headers of an answer to a listed origin, and with any
+def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """As an answer's headers go out (`on_response_prepare`): the CORS headers of an answer to a listed origin, and with any
     origins configured, `Vary: Origin` on every answer (a cache must not hand one origin's,
     or no origin's, answer to another)."""
     origins = _origins(request)

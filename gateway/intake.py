@@ -97,11 +97,10 @@ async def intake_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     request[TRACE_KEY].metered = True  # refusals from here on are counted for the key
     gate = request.app[GATE_KEY]
-    ticket = await gate.admit(principal.key)
-    if ticket is None:
+    ticket = request[TICKET_KEY] = await gate.admit(principal.key)
+    if ticket is None:  # a key without limits: nothing held, nothing to give back
         await read_body(request)
         return await handler(request)
-    request[TICKET_KEY] = ticket
     try:
         await read_body(request)
         return await handler(request)

@@ -7,7 +7,6 @@ aiohttp's own stdlib loggers go through the same renderer so every line has one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -58,13 +57,19 @@ class _Lossy:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
+    # try/except rather than contextlib.suppress: a request's line passes here twice, and
+    # a context manager is an object and two calls each time.
     def write(self, data: Any) -> None:
-        with contextlib.suppress(ValueError, OSError):
+        try:
             self._stream.write(data)
+        except (ValueError, OSError):
+            pass
 
     def flush(self) -> None:
-        with contextlib.suppress(ValueError, OSError):
+        try:
             self._stream.flush()
+        except (ValueError, OSError):
+            pass
 
 
 _PIPE_BUF = 4096  # POSIX's least PIPE_BUF (Linux's is 4096)
