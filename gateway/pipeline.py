@@ -11,7 +11,7 @@ usage rows and routing apply alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from aiohttp import web
@@ -128,7 +128,8 @@ async def open_exchange(
     router = request[SNAPSHOT_KEY].router
     principal = request[PRINCIPAL_KEY]
     model = router.resolve(model_id)
-    if not model_allowed(principal.key.models, model_id, router.providers_of(model)):
+    models = principal.key.models  # (an empty list allows every model)
+    if models and not model_allowed(models, model_id, router.providers_of(model)):
         raise PermissionDenied(
             f"This API key is not allowed to use the model '{model_id}'.", param="model"
         )
@@ -230,26 +231,32 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
             )
 
 
-async def try_routes(ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]]) -> T:
+# `try_routes` and `complete` are plain functions that hand back `attempt_each`'s coroutine
+# for the caller to await: as coroutines of their own, each would add a frame that every
+# suspension of the request (connect, send, wait for the answer) passes through twice.
+
+
+def try_routes(
+    ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]]
+) -> Coroutine[Any, Any, T]:
     """`failover.attempt_each` over the request's routes, with the breakers and routing
-    settings of the config the request runs on.
+    settings of the config the request runs on (to be awaited).
 
     Raises:
         UpstreamError: as `attempt_each` does.
     """
     router = ex.request[SNAPSHOT_KEY].router
-    return await attempt_each(
-        ex, attempt, breakers=router.breakers, routing=router.settings.routing
-    )
+    return attempt_each(ex, attempt, breakers=router.breakers, routing=router.settings.routing)
 
 
-async def complete(ex: Exchange[ChatCall]) -> ChatReply:
-    """The whole answer of a non-streaming request, from the first route that gives one.
+def complete(ex: Exchange[ChatCall]) -> Coroutine[Any, Any, ChatReply]:
+    """The whole answer of a non-streaming request, from the first route that gives one
+    (to be awaited).
 
     Raises:
         UpstreamError: the upstream refused the request, or every attempt failed.
     """
-    return await try_routes(ex, lambda route: route.provider.chat(ex.call))
+    return try_routes(ex, lambda route: route.provider.chat(ex.call))
 
 
 async def stream(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pytest
 import structlog
@@ -222,7 +222,7 @@ async def test_request_lines_reach_stdout_in_whole_lines_of_at_most_pipe_buf_a_w
                 writes.append(self.buffer)
             self.buffer = b""
 
-    flushing = logs._Flushing(logs._Lossy(Sink()))
+    flushing = logs._Flushing(cast(BinaryIO, Sink()))
     lines = [b'{"n":%d,"pad":"%b"}\n' % (i, b"x" * (i * 37 % 900)) for i in range(200)]
     for line in lines:
         flushing(line)  # all in one turn of the loop
@@ -233,3 +233,23 @@ async def test_request_lines_reach_stdout_in_whole_lines_of_at_most_pipe_buf_a_w
     assert all(w.endswith(b"\n") for w in writes)
     assert all(len(w) <= 4096 for w in writes if w != big) and big in writes
     assert len(writes) < len(lines) / 4  # still many lines a write
+
+
+def test_a_stdout_that_fails_loses_the_request_line_and_nothing_else() -> None:
+    # The request line's writer wraps stdout itself (no `_Lossy` around it): a closed stdout
+    # (ValueError) or a broken pipe (OSError) must not fail the request that wrote the line.
+    class Failing:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def write(self, data: bytes) -> None:
+            raise self.exc
+
+        def flush(self) -> None:
+            raise self.exc
+
+    for exc in (ValueError("I/O operation on closed file"), BrokenPipeError()):
+        flushing = logs._Flushing(cast(BinaryIO, Failing(exc)))
+        flushing(b'{"event":"request"}\n')
+        flushing(b"x" * 5000 + b"\n")  # past PIPE_BUF: a flush inside the write
+        flushing.flush()
