@@ -55,13 +55,14 @@ async def read_body(request: web.Request) -> bytes:
         PayloadTooLarge: it is larger than `max_body_bytes`.
         InvalidRequest: the parser could not read it (bad chunking or content encoding).
     """
-    timeout = request[SNAPSHOT_KEY].settings.server.client_body_timeout
     await _continue(request)
+    timeout = 0.0
     try:
         if request.content.is_eof():
             # Already here whole (a small body comes with its head): nothing to wait for, so
             # no timer to arm and cancel (asyncio.timeout costs ~11 us a request).
             return await request.read()
+        timeout = request[SNAPSHOT_KEY].settings.server.client_body_timeout
         async with asyncio.timeout(timeout):
             return await request.read()
     except TimeoutError:
