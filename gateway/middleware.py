@@ -90,9 +90,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         endpoint=request.path,
     )
     request[TRACE_KEY] = trace
-    # Requests on one connection share its task's context: the previous request's key goes,
-    # this one's id comes (cheaper than clear_contextvars, which walks the whole context).
-    structlog.contextvars.unbind_contextvars("key_id")
+    # aiohttp runs each request in a task of its own, on a copy of its connection's context:
+    # what an earlier request on the connection bound (its key) is not in this one's, so
+    # there is nothing to unbind (tests/test_logs.py checks it).
     structlog.contextvars.bind_contextvars(request_id=trace.request_id)
     status = 500
     task = asyncio.current_task()

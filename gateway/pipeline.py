@@ -129,7 +129,10 @@ async def open_exchange(
     principal = request[PRINCIPAL_KEY]
     model = router.resolve(model_id)
     models = principal.key.models  # (an empty list allows every model)
-    if models and not model_allowed(models, model_id, router.providers_of(model)):
+    # `model_id in models` first: the usual grant, without the providers' tuple and globs.
+    if models and model_id not in models and not model_allowed(
+        models, model_id, router.providers_of(model)
+    ):
         raise PermissionDenied(
             f"This API key is not allowed to use the model '{model_id}'.", param="model"
         )
@@ -323,8 +326,6 @@ def finish(ex: Exchange[Any]) -> None:
     trace, call = ex.trace, ex.call
     if call.first_byte_at is not None:
         trace.ttft_ms = round((call.first_byte_at - call.started_at) * 1000, 3)
-    task = asyncio.current_task()
-    hung_up = task is not None and task.cancelling() > 0  # the upstream already has the prompt
     usage = call.usage
     if usage is not None:
         trace.prompt_tokens = usage.prompt_tokens
@@ -333,7 +334,7 @@ def finish(ex: Exchange[Any]) -> None:
         if isinstance(details, PromptTokensDetails) and details.cached_tokens:
             trace.cache_read_tokens = details.cached_tokens
         trace.cache_write_tokens = call.cache_write_tokens
-    elif call.first_byte_at is not None or hung_up:
+    elif call.first_byte_at is not None or _hung_up():
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = call.chunks
@@ -343,6 +344,13 @@ def finish(ex: Exchange[Any]) -> None:
     if ex.ticket is not None:
         used = trace.prompt_tokens + trace.completion_tokens
         ex.request.app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
+
+
+def _hung_up() -> bool:
+    """Whether the client hung up (the request is being cancelled): the upstream already
+    has the prompt."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _counts(trace: RequestTrace, usage: OpenAIUsage | None) -> Usage:

@@ -253,3 +253,34 @@ def test_a_stdout_that_fails_loses_the_request_line_and_nothing_else() -> None:
         flushing(b'{"event":"request"}\n')
         flushing(b"x" * 5000 + b"\n")  # past PIPE_BUF: a flush inside the write
         flushing.flush()
+
+
+async def test_a_request_on_a_kept_alive_connection_has_none_of_the_last_ones_context(
+    gateway: TestClient[Any, Any], key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp runs each request in a task of its own, on a copy of the connection's context:
+    # the key an authenticated request bound is not in the context of the next request on
+    # the same connection (an unauthenticated one here), with no unbind of ours.
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.handlers import health
+
+    seen: list[dict[str, Any]] = []
+    real = health.encode
+
+    def spying(obj: Any) -> bytes:
+        seen.append(structlog.contextvars.get_contextvars())
+        return real(obj)
+
+    monkeypatch.setattr(health, "encode", spying)
+    base = f"http://{gateway.host}:{gateway.port}"
+    async with ClientSession(base, connector=TCPConnector(limit=1)) as session:
+        async with session.get(
+            "/v1/models/demo", headers={"Authorization": f"Bearer {key}"}
+        ) as first:
+            assert first.status == 200
+            await first.read()
+        async with session.get("/readyz") as second:
+            await second.read()
+            request_id = second.headers["X-Request-ID"]
+    assert seen == [{"request_id": request_id}]
