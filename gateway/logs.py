@@ -17,7 +17,7 @@ import msgspec
 import structlog
 import structlog.tracebacks
 
-__all__ = ["configure_logging", "flush_lines", "info_line"]
+__all__ = ["RequestLine", "configure_logging", "flush_lines", "info_line", "request_line"]
 
 # Not the shared codec.ENCODER: log events may hold any object (an exception, a path), which
 # this one writes as its str() instead of failing.
@@ -27,6 +27,11 @@ _ENCODER = msgspec.json.Encoder(enc_hook=str)
 def _serialize(obj: Any, **_: Any) -> bytes:
     # JSONRenderer passes `default=`, which msgspec does not take; enc_hook does its job.
     return _ENCODER.encode(obj)
+
+
+# ".000Z" to ".999Z": a timestamp's end, looked up rather than formatted on every line (a
+# format spec is parsed on each use: about 5,000 instructions a request).
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 class _UTCTimestamp:
@@ -39,13 +44,47 @@ class _UTCTimestamp:
     def __call__(
         self, _: Any, __: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
+        event["timestamp"] = self.now()
+        return event
+
+    def now(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
-        return event
+        return self._prefix + _MILLIS[int((now - second) * 1000)]
+
+
+class RequestLine(msgspec.Struct, kw_only=True):
+    """The canonical line of a request (`middleware._finish`), field for field and in the
+    order structlog writes it (tests check it). A Struct rather than a dict: encoded with
+    its field names made once, without a dict built, copied and extended per request
+    (about 20,000 instructions a request)."""
+
+    event: str = "request"
+    request_id: str
+    key_id: str | None
+    model: str | None
+    provider: str | None
+    upstream_model: str | None
+    stream: bool
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: float
+    latency_ms: float
+    ttft_ms: float | None
+    estimated: bool
+    cache_read_tokens: int
+    cache_write_tokens: int
+    uid: str | None
+    attempts: list[dict[str, object]] | msgspec.UnsetType = msgspec.UNSET  # when there were
+    method: str
+    path: str
+    level: str = "info"
+    timestamp: str = ""  # set as it is written
 
 
 class _Lossy:
@@ -152,6 +191,10 @@ class _Direct:
         self._stamp(None, "", line)
         self._write(_ENCODER.encode(line) + b"\n")
 
+    def request(self, line: RequestLine) -> None:
+        line.timestamp = self._stamp.now()
+        self._write(_ENCODER.encode(line) + b"\n")
+
     def flush(self) -> None:
         self._write.flush()
 
@@ -169,6 +212,21 @@ def info_line(logger: Any, event: str, fields: dict[str, Any]) -> None:
             _direct(event, fields)
     else:
         logger.info(event, **fields)
+
+
+def request_line(logger: Any, line: RequestLine) -> None:
+    """`info_line` for a request's line: one encode of the Struct once `configure_logging`
+    has set logging up; through structlog otherwise, as the same fields."""
+    if _direct is not None and _direct.active():
+        if _info:
+            _direct.request(line)
+        return
+    fields = {
+        name: value
+        for name, value in msgspec.structs.asdict(line).items()
+        if value is not msgspec.UNSET and name not in ("event", "level", "timestamp")
+    }
+    logger.info(line.event, **fields)
 
 
 def flush_lines() -> None:

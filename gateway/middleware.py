@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.cors import add_cors_headers
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
-from gateway.logs import info_line
+from gateway.logs import RequestLine, request_line
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord, mint_uid
 from gateway.schemas.codec import encode
@@ -169,12 +169,31 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
             metrics.observe(trace, endpoint, status, record.latency_ms / 1000)
         except Exception:  # a metric is never worth a request's log line and usage row
             log.exception("metrics_update_failed")
-    fields = msgspec.structs.asdict(record)
-    del fields["ts"], fields["endpoint"]  # the log line has its own timestamp and the path
-    if trace.attempts:
-        fields["attempts"] = trace.attempts
-    fields["method"], fields["path"] = request.method, request.path
-    info_line(log, "request", fields)
+    # The usage row's fields but its time and endpoint: the line has its own timestamp and
+    # the path.
+    line = RequestLine(
+        request_id=record.request_id,
+        key_id=record.key_id,
+        model=record.model,
+        provider=record.provider,
+        upstream_model=record.upstream_model,
+        stream=record.stream,
+        status=record.status,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        total_tokens=record.total_tokens,
+        cost_usd=record.cost_usd,
+        latency_ms=record.latency_ms,
+        ttft_ms=record.ttft_ms,
+        estimated=record.estimated,
+        cache_read_tokens=record.cache_read_tokens,
+        cache_write_tokens=record.cache_write_tokens,
+        uid=record.uid,
+        attempts=trace.attempts or msgspec.UNSET,
+        method=request.method,
+        path=request.path,
+    )
+    request_line(log, line)
 
 
 _HTTP_ERRORS: dict[int, type[GatewayError]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, BinaryIO, cast
 
+import msgspec
 import pytest
 import structlog
 from aiohttp import web
@@ -284,3 +285,16 @@ async def test_a_request_on_a_kept_alive_connection_has_none_of_the_last_ones_co
             await second.read()
             request_id = second.headers["X-Request-ID"]
     assert seen == [{"request_id": request_id}]
+
+
+def test_the_request_line_has_every_field_of_the_usage_row_but_its_time_and_endpoint() -> None:
+    # The line is its own Struct (cheaper to encode than a dict made from the row): a field
+    # added to the usage row must be added to the line too.
+    from gateway.records import UsageRecord
+
+    row = {f.name for f in msgspec.structs.fields(UsageRecord)}
+    line = [f.name for f in msgspec.structs.fields(logs.RequestLine)]
+    assert set(line) == row - {"ts", "endpoint"} | {
+        "event", "attempts", "method", "path", "level", "timestamp"
+    }
+    assert line[0] == "event" and line[-2:] == ["level", "timestamp"]
