@@ -99,13 +99,13 @@ class _Lossy:
     # try/except rather than contextlib.suppress: a request's line passes here twice, and
     # a context manager is an object and two calls each time.
     def write(self, data: Any) -> None:
-        try:
+        try:  # noqa: SIM105 - cheaper than contextlib.suppress, see above
             self._stream.write(data)
         except (ValueError, OSError):
             pass
 
     def flush(self) -> None:
-        try:
+        try:  # noqa: SIM105 - cheaper than contextlib.suppress, see above
             self._stream.flush()
         except (ValueError, OSError):
             pass
@@ -138,7 +138,7 @@ class _Flushing:
         if self._held and self._held + len(data) > _PIPE_BUF:
             self._flush()  # what is held first (a line over PIPE_BUF then goes alone)
         self._held += len(data)
-        try:
+        try:  # noqa: SIM105 - cheaper than contextlib.suppress, see above
             self._stream.write(data)
         except (ValueError, OSError):
             pass
@@ -158,7 +158,7 @@ class _Flushing:
 
     def _flush(self) -> None:
         self._held = 0
-        try:
+        try:  # noqa: SIM105 - cheaper than contextlib.suppress, see above
             self._stream.flush()
         except (ValueError, OSError):
             pass

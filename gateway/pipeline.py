@@ -130,8 +130,10 @@ async def open_exchange(
     model = router.resolve(model_id)
     models = principal.key.models  # (an empty list allows every model)
     # `model_id in models` first: the usual grant, without the providers' tuple and globs.
-    if models and model_id not in models and not model_allowed(
-        models, model_id, router.providers_of(model)
+    if (
+        models
+        and model_id not in models
+        and not model_allowed(models, model_id, router.providers_of(model))
     ):
         raise PermissionDenied(
             f"This API key is not allowed to use the model '{model_id}'.", param="model"
