@@ -1,6 +1,7 @@
 """What the metrics cost a request, two ways.
 
-    .venv/bin/python -m tests.bench_metrics            # about half a minute
+    .venv/bin/python -m tests.bench_metrics                 # about half a minute
+    .venv/bin/python -m tests.bench_metrics --instructions  # under valgrind: about a minute
 
 1. `Metrics.observe()` timed in a loop, per request shape: it is all the request path pays
    for the metrics (the gauges are read when scraped).
@@ -8,12 +9,21 @@
    in alternating rounds, as CPU time per request (client and server: both sides pay the
    same client share, so the difference is the server's).
 
+`--instructions` instead counts the machine instructions of one `observe()` per request shape
+under callgrind (`valgrind` must be installed): the same on every run, where the timings move
+with whatever else the machine does. Each shape is counted over `CALLS` calls after a warm-up,
+less the same loop calling a method that does nothing.
+
 docs/performance.md has the figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -165,9 +175,68 @@ async def ab(rounds: int = 6, per_round: int = 500) -> None:
             await off[0].close()
 
 
+CALLS = 20_000
+
+
+class _Nothing:
+    def observe(self, *args: object) -> None:
+        return None
+
+
+def _count_under_callgrind() -> None:
+    """Run by `instructions()` inside valgrind: one callgrind dump per shape."""
+    metrics = Metrics(MetricsSettings())
+    pid = str(os.getpid())
+
+    tool = shutil.which("callgrind_control") or "callgrind_control"
+
+    def control(*args: str) -> None:
+        subprocess.run([tool, *args, pid], stdout=subprocess.DEVNULL, check=True)  # noqa: S603 - valgrind's own tool
+
+    shapes = [("nothing", SHAPES["health check"]), *SHAPES.items()]
+    for i, (name, trace) in enumerate(shapes):
+        observe = _Nothing().observe if name == "nothing" else metrics.observe
+        status = 429 if trace.refused else 200
+        for _ in range(100):
+            observe(trace, trace.endpoint, status, 0.01)
+        control("--zero")
+        control("--instr=on")
+        for _ in range(CALLS):
+            observe(trace, trace.endpoint, status, 0.01)
+        control("--instr=off")
+        control(f"--dump=shape{i}")
+
+
+def instructions() -> None:
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        subprocess.run(  # noqa: S603 - valgrind running our own interpreter and module
+            [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+             sys.executable, "-m", "tests.bench_metrics", "--under-callgrind"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        counts = []
+        for dump in sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:])):
+            totals = next(
+                line for line in dump.read_text().splitlines() if line.startswith("totals:")
+            )
+            counts.append(int(totals.split()[1]) / CALLS)
+    print(f"{'Metrics.observe()':<22} {'instructions per request':>25}")
+    for name, count in zip(SHAPES, counts[1:], strict=True):
+        print(f"{name:<22} {count - counts[0]:>25,.0f}")
+
+
 def main() -> None:
-    observe_costs()
-    asyncio.run(ab())
+    if "--under-callgrind" in sys.argv:
+        _count_under_callgrind()
+    elif "--instructions" in sys.argv:
+        instructions()
+    else:
+        observe_costs()
+        asyncio.run(ab())
 
 
 if __name__ == "__main__":
