@@ -136,13 +136,13 @@ class BreakerBoard:
 
     def attempt(self, account: Account) -> Claim | None:
         """Claim an attempt in rotation: None if the account is out of it now."""
+        breaker = self._breakers.get(account)
+        if breaker is None or not breaker.open_until:  # closed: most attempts, at once
+            return Claim.ORDINARY
         if not self.usable(account):
             return None
-        breaker = self._breakers.get(account)
-        if breaker is not None and breaker.open_until:
-            breaker.probing = True
-            return Claim.PROBE
-        return Claim.ORDINARY
+        breaker.probing = True
+        return Claim.PROBE
 
     def panic(self, accounts: Iterable[Account]) -> Account | None:
         """With no account in rotation: the one closest to recovery that may still be tried."""

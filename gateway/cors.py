@@ -2,10 +2,11 @@
 
 `cors_preflight` answers a preflight (`OPTIONS` with `Access-Control-Request-Method`) from a
 listed origin at once, before authentication (browsers send no credentials with it);
-`cors_headers` (`on_response_prepare`) adds `Access-Control-Allow-Origin` to every answer to a
-listed origin as its headers go out, so errors and event streams carry it too. An origin that
-is not listed gets no CORS header at all, and its preflight goes on like any request (a 401 or
-405), which a browser treats as a refusal. The origin is echoed exactly (never `*`), with
+`add_cors_headers` (from the app's `on_response_prepare` receiver) adds
+`Access-Control-Allow-Origin` to every answer to a listed origin as its headers go out, so
+errors and event streams carry it too. An origin that is not listed gets no CORS header at
+all, and its preflight goes on like any request (a 401 or 405), which a browser treats as a
+refusal. The origin is echoed exactly (never `*`), with
 `Vary: Origin` so caches keep answers to different origins apart. Reloadable: each request
 reads the list from the config it runs on. The dashboard is left out: it is used from its own
 origin only, and checks `Origin` itself against cross-site forms.
@@ -20,7 +21,7 @@ from aiohttp import web
 
 from gateway.state import LIVE_KEY, SNAPSHOT_KEY
 
-__all__ = ["cors_headers", "cors_preflight"]
+__all__ = ["add_cors_headers", "cors_preflight"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,8 +52,11 @@ _NOT_FOR = "/dashboard"  # paths CORS leaves alone
 
 
 def _origins(request: web.Request) -> tuple[str, ...]:
-    snapshot = request.get(SNAPSHOT_KEY)
-    settings = snapshot.settings if snapshot is not None else request.app[LIVE_KEY].current.settings
+    # Not `request.get()`: Mapping's, in Python, two calls on every answer.
+    try:
+        settings = request[SNAPSHOT_KEY].settings
+    except KeyError:  # an answer made before `request_context` took the snapshot
+        settings = request.app[LIVE_KEY].current.settings
     return settings.server.cors_origins
 
 
@@ -61,35 +65,44 @@ def _allowed(origins: tuple[str, ...], origin: str) -> bool:
 
 
 @web.middleware
-async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+def cors_preflight(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    # A plain function that hands back the next handler's coroutine, not a coroutine of its
+    # own: nearly every request only passes through, and this way no frame of it stays in
+    # the request's await chain (which every suspension of the request walks).
     if (
         request.method != "OPTIONS"
         or "Access-Control-Request-Method" not in request.headers
         or request.path.startswith(_NOT_FOR)
     ):
-        return await handler(request)
+        return handler(request)
     origin = request.headers.get("Origin")
     if origin is None or not _allowed(_origins(request), origin):
-        return await handler(request)
+        return handler(request)
     requested = request.headers.get("Access-Control-Request-Headers", "").strip()
     allow = _ALLOW_HEADERS
     if requested and len(requested) <= _MAX_HEADER_LIST and _HEADER_LIST.match(requested):
         allow = f"{_ALLOW_HEADERS}, {requested}"
-    # The origin and Vary are added by `cors_headers`, as on every answer.
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Methods": _METHODS,
-            "Access-Control-Allow-Headers": allow,
-            "Access-Control-Max-Age": _MAX_AGE,
-        },
+    # The origin and Vary are added by `add_cors_headers`, as on every answer.
+    return _answer(
+        web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": _METHODS,
+                "Access-Control-Allow-Headers": allow,
+                "Access-Control-Max-Age": _MAX_AGE,
+            },
+        )
     )
 
 
-async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: the CORS headers of an answer to a listed origin, and with any
-    origins configured, `Vary: Origin` on every answer (a cache must not hand one origin's,
-    or no origin's, answer to another)."""
+async def _answer(response: web.StreamResponse) -> web.StreamResponse:
+    return response
+
+
+def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """As an answer's headers go out (`on_response_prepare`): the CORS headers of an answer
+    to a listed origin, and with any origins configured, `Vary: Origin` on every answer (a
+    cache must not hand one origin's, or no origin's, answer to another)."""
     origins = _origins(request)
     if not origins or request.path.startswith(_NOT_FOR):
         return

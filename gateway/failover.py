@@ -102,19 +102,20 @@ def _record(ex: Exchange[Any], route: Route, started: float, status: int) -> Non
 
 
 def _next_route(
-    ex: Exchange[Any], tried: int, breakers: BreakerBoard, failed: set[Account]
+    ex: Exchange[Any], breakers: BreakerBoard, failures: list[tuple[UpstreamError, Account | None]]
 ) -> tuple[Route, Claim] | None:
     """The next route to try and what the attempt is; routes are cycled, so a model with one
     account still gets its retries. With no route in rotation, the one closest to recovery
     (panic) that has not failed this request already (a dead upstream is not hammered with
     retries); None when nothing is left, or the upstreams asked for a pause or refused every
     account."""
-    routes = ex.routes
+    routes, tried = ex.routes, len(failures)
     for offset in range(len(routes)):
         route = routes[(tried + offset) % len(routes)]
         claim = breakers.attempt(route.account)
         if claim is not None:
             return route, claim
+    failed = {a for _, a in failures if a}
     account = breakers.panic(r.account for r in routes if r.account not in failed)
     if account is None:
         return None
@@ -156,7 +157,7 @@ async def attempt_each(
                 break
             await asyncio.sleep(delay)
         # Claimed only now, right before the attempt, so no exit can leave a probe claimed.
-        found = _next_route(ex, len(failures), breakers, {a for _, a in failures if a})
+        found = _next_route(ex, breakers, failures)
         if found is None:
             break
         route, claim = found

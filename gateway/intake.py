@@ -55,13 +55,14 @@ async def read_body(request: web.Request) -> bytes:
         PayloadTooLarge: it is larger than `max_body_bytes`.
         InvalidRequest: the parser could not read it (bad chunking or content encoding).
     """
-    timeout = request[SNAPSHOT_KEY].settings.server.client_body_timeout
     await _continue(request)
+    timeout = 0.0
     try:
         if request.content.is_eof():
             # Already here whole (a small body comes with its head): nothing to wait for, so
             # no timer to arm and cancel (asyncio.timeout costs ~11 us a request).
             return await request.read()
+        timeout = request[SNAPSHOT_KEY].settings.server.client_body_timeout
         async with asyncio.timeout(timeout):
             return await request.read()
     except TimeoutError:
@@ -97,11 +98,10 @@ async def intake_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     request[TRACE_KEY].metered = True  # refusals from here on are counted for the key
     gate = request.app[GATE_KEY]
-    ticket = await gate.admit(principal.key)
-    if ticket is None:
+    ticket = request[TICKET_KEY] = await gate.admit(principal.key)
+    if ticket is None:  # a key without limits: nothing held, nothing to give back
         await read_body(request)
         return await handler(request)
-    request[TICKET_KEY] = ticket
     try:
         await read_body(request)
         return await handler(request)

@@ -19,8 +19,9 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from gateway.cors import add_cors_headers
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
-from gateway.logs import info_line
+from gateway.logs import RequestLine, request_line
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord, mint_uid
 from gateway.schemas.codec import encode
@@ -41,7 +42,7 @@ __all__ = [
     "error_response",
     "mint_request_id",
     "request_context",
-    "server_header",
+    "response_headers",
 ]
 
 log = structlog.get_logger("gateway.request")
@@ -72,9 +73,12 @@ def _new_request_id(request: web.Request) -> str:
     return mint_request_id()
 
 
-async def server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: aiohttp would name its own and Python's versions."""
+async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`, as every answer's headers go out: the `Server` header (aiohttp's
+    would name its own and Python's versions) and the CORS headers. One receiver for both:
+    each receiver is a coroutine awaited per answer."""
     response.headers["Server"] = SERVER_NAME
+    add_cors_headers(request, response)
 
 
 @web.middleware
@@ -86,17 +90,18 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         endpoint=request.path,
     )
     request[TRACE_KEY] = trace
-    # Requests on one connection share its task's context: the previous request's key goes,
-    # this one's id comes (cheaper than clear_contextvars, which walks the whole context).
-    structlog.contextvars.unbind_contextvars("key_id")
+    # aiohttp runs each request in a task of its own, on a copy of its connection's context:
+    # what an earlier request on the connection bound (its key) is not in this one's, so
+    # there is nothing to unbind (tests/test_logs.py checks it).
     structlog.contextvars.bind_contextvars(request_id=trace.request_id)
     status = 500
     task = asyncio.current_task()
-    inflight = request.app[INFLIGHT_KEY]
+    app = request.app  # (a property that walks the match info: read once)
+    inflight = app[INFLIGHT_KEY]
     if task is not None:
         inflight.add(task)
-    live = request.app[LIVE_KEY]
-    shutting_down = request.app[SHUTTING_DOWN_KEY]
+    live = app[LIVE_KEY]
+    shutting_down = app[SHUTTING_DOWN_KEY]
     # The config this request runs on, held until it (or its stream) ends: a reload meanwhile
     # changes nothing for it.
     snapshot = request[SNAPSHOT_KEY] = live.enter()
@@ -150,12 +155,13 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         cache_write_tokens=trace.cache_write_tokens,
         uid=mint_uid(),
     )
+    app = request.app
     if trace.metered:
         if status >= 400 and not trace.attempts and trace.key_id is not None:
-            request.app[REFUSALS_KEY].count(trace.ts, trace.key_id, status)
+            app[REFUSALS_KEY].count(trace.ts, trace.key_id, status)
         else:
-            request.app[USAGE_KEY].record(record)
-    metrics = request.app.get(METRICS_KEY)
+            app[USAGE_KEY].record(record)
+    metrics = app.get(METRICS_KEY)
     if metrics is not None:
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else "other"
@@ -163,12 +169,31 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
             metrics.observe(trace, endpoint, status, record.latency_ms / 1000)
         except Exception:  # a metric is never worth a request's log line and usage row
             log.exception("metrics_update_failed")
-    fields = msgspec.structs.asdict(record)
-    del fields["ts"], fields["endpoint"]  # the log line has its own timestamp and the path
-    if trace.attempts:
-        fields["attempts"] = trace.attempts
-    fields["method"], fields["path"] = request.method, request.path
-    info_line(log, "request", fields)
+    # The usage row's fields but its time and endpoint: the line has its own timestamp and
+    # the path.
+    line = RequestLine(
+        request_id=record.request_id,
+        key_id=record.key_id,
+        model=record.model,
+        provider=record.provider,
+        upstream_model=record.upstream_model,
+        stream=record.stream,
+        status=record.status,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        total_tokens=record.total_tokens,
+        cost_usd=record.cost_usd,
+        latency_ms=record.latency_ms,
+        ttft_ms=record.ttft_ms,
+        estimated=record.estimated,
+        cache_read_tokens=record.cache_read_tokens,
+        cache_write_tokens=record.cache_write_tokens,
+        uid=record.uid,
+        attempts=trace.attempts or msgspec.UNSET,
+        method=request.method,
+        path=request.path,
+    )
+    request_line(log, line)
 
 
 _HTTP_ERRORS: dict[int, type[GatewayError]] = {

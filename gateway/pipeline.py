@@ -11,7 +11,7 @@ usage rows and routing apply alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from aiohttp import web
@@ -128,7 +128,13 @@ async def open_exchange(
     router = request[SNAPSHOT_KEY].router
     principal = request[PRINCIPAL_KEY]
     model = router.resolve(model_id)
-    if not model_allowed(principal.key.models, model_id, router.providers_of(model)):
+    models = principal.key.models  # (an empty list allows every model)
+    # `model_id in models` first: the usual grant, without the providers' tuple and globs.
+    if (
+        models
+        and model_id not in models
+        and not model_allowed(models, model_id, router.providers_of(model))
+    ):
         raise PermissionDenied(
             f"This API key is not allowed to use the model '{model_id}'.", param="model"
         )
@@ -230,26 +236,32 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
             )
 
 
-async def try_routes(ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]]) -> T:
+# `try_routes` and `complete` are plain functions that hand back `attempt_each`'s coroutine
+# for the caller to await: as coroutines of their own, each would add a frame that every
+# suspension of the request (connect, send, wait for the answer) passes through twice.
+
+
+def try_routes(
+    ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]]
+) -> Coroutine[Any, Any, T]:
     """`failover.attempt_each` over the request's routes, with the breakers and routing
-    settings of the config the request runs on.
+    settings of the config the request runs on (to be awaited).
 
     Raises:
         UpstreamError: as `attempt_each` does.
     """
     router = ex.request[SNAPSHOT_KEY].router
-    return await attempt_each(
-        ex, attempt, breakers=router.breakers, routing=router.settings.routing
-    )
+    return attempt_each(ex, attempt, breakers=router.breakers, routing=router.settings.routing)
 
 
-async def complete(ex: Exchange[ChatCall]) -> ChatReply:
-    """The whole answer of a non-streaming request, from the first route that gives one.
+def complete(ex: Exchange[ChatCall]) -> Coroutine[Any, Any, ChatReply]:
+    """The whole answer of a non-streaming request, from the first route that gives one
+    (to be awaited).
 
     Raises:
         UpstreamError: the upstream refused the request, or every attempt failed.
     """
-    return await try_routes(ex, lambda route: route.provider.chat(ex.call))
+    return try_routes(ex, lambda route: route.provider.chat(ex.call))
 
 
 async def stream(
@@ -316,8 +328,6 @@ def finish(ex: Exchange[Any]) -> None:
     trace, call = ex.trace, ex.call
     if call.first_byte_at is not None:
         trace.ttft_ms = round((call.first_byte_at - call.started_at) * 1000, 3)
-    task = asyncio.current_task()
-    hung_up = task is not None and task.cancelling() > 0  # the upstream already has the prompt
     usage = call.usage
     if usage is not None:
         trace.prompt_tokens = usage.prompt_tokens
@@ -326,7 +336,7 @@ def finish(ex: Exchange[Any]) -> None:
         if isinstance(details, PromptTokensDetails) and details.cached_tokens:
             trace.cache_read_tokens = details.cached_tokens
         trace.cache_write_tokens = call.cache_write_tokens
-    elif call.first_byte_at is not None or hung_up:
+    elif call.first_byte_at is not None or _hung_up():
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = call.chunks
@@ -336,6 +346,13 @@ def finish(ex: Exchange[Any]) -> None:
     if ex.ticket is not None:
         used = trace.prompt_tokens + trace.completion_tokens
         ex.request.app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
+
+
+def _hung_up() -> bool:
+    """Whether the client hung up (the request is being cancelled): the upstream already
+    has the prompt."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _counts(trace: RequestTrace, usage: OpenAIUsage | None) -> Usage:

@@ -15,12 +15,13 @@ the prompt's size reaches ("above 200k input tokens").
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -60,10 +61,10 @@ class Rates:
     reasoning: float
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """Token counts as the upstream reported them (cached, written and reasoning tokens are
-    parts of the prompt and completion counts, as in OpenAI's usage)."""
+    parts of the prompt and completion counts, as in OpenAI's usage). A named tuple, not a
+    frozen dataclass: one is made per request, and a tuple is built in one step."""
 
     prompt: int
     completion: int
@@ -107,15 +108,34 @@ FREE = Price(Rates(0.0, 0.0, 0.0, 0.0, 0.0), source="free")
 def _config_price(model: ModelConfig) -> Price | None:
     if model.input_price_per_mtok is None and model.output_price_per_mtok is None:
         return None
-    inp = model.input_price_per_mtok or 0.0
-    out = model.output_price_per_mtok or 0.0
+    return _price_of(
+        model.input_price_per_mtok,
+        model.output_price_per_mtok,
+        model.cache_read_price_per_mtok,
+        model.cache_write_price_per_mtok,
+        model.reasoning_price_per_mtok,
+    )
+
+
+# Made once per set of config prices rather than on every request (a frozen dataclass is
+# built an attribute at a time, through object.__setattr__). Bounded: a reload may bring new
+# prices, and the old sets are left to age out.
+@functools.lru_cache(maxsize=1024)
+def _price_of(
+    inp: float | None,
+    out: float | None,
+    cache_read: float | None,
+    cache_write: float | None,
+    reasoning: float | None,
+) -> Price:
+    inp, out = inp or 0.0, out or 0.0
     return Price(
         Rates(
             input=inp,
             output=out,
-            cached_input=_or(model.cache_read_price_per_mtok, inp),
-            cache_write=_or(model.cache_write_price_per_mtok, inp),
-            reasoning=_or(model.reasoning_price_per_mtok, out),
+            cached_input=_or(cache_read, inp),
+            cache_write=_or(cache_write, inp),
+            reasoning=_or(reasoning, out),
         )
     )
 

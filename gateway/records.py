@@ -94,7 +94,8 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def has_limits(self) -> bool:
-        return any(v is not None for v in (self.rpm, self.tpm, self.max_concurrency))
+        # (Not any() over a generator: read on every request.)
+        return self.rpm is not None or self.tpm is not None or self.max_concurrency is not None
 
     @property
     def has_budget(self) -> bool:

@@ -75,5 +75,6 @@ DASHBOARD_SESSION_KEY: web.RequestKey[Session] = web.RequestKey("dashboard_sessi
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 SNAPSHOT_KEY: web.RequestKey[Snapshot] = web.RequestKey("snapshot")
-# What an admitted request holds of its key's limits and budget (see gateway.intake).
-TICKET_KEY: web.RequestKey[Ticket] = web.RequestKey("ticket")
+# What an admitted request holds of its key's limits and budget (see gateway.intake); None
+# for a key without limits.
+TICKET_KEY: web.RequestKey[Ticket | None] = web.RequestKey("ticket")

@@ -295,3 +295,21 @@ async def test_error_bodies_are_read_only_in_part(build: Build) -> None:
     resp, growth = await _peak_growth(lambda: rig.call(stream=False))()
     assert resp.status == 503
     assert growth < 10 * MiB
+
+
+async def _small_chunked(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(b'{"id": "' + b"x" * 6000 + b'"}')  # no length: chunked, in one write
+    return resp
+
+
+async def test_an_answer_that_came_whole_is_still_held_to_the_limit(build: Build) -> None:
+    # An answer all here with its head is taken at once (no piece-by-piece read): one over
+    # `max_response_bytes` that declared no length is refused all the same.
+    upstream = Upstream(_small_chunked)
+    rig = await build("openai", upstream, max_response_bytes=4096)
+    resp = await rig.call(stream=False)
+    assert resp.status == 502
+    error = (await resp.json())["error"]
+    assert error["code"] == "upstream_bad_response" and "max_response_bytes" in error["message"]

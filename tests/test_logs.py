@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, BinaryIO, cast
 
+import msgspec
 import pytest
 import structlog
 from aiohttp import web
@@ -222,7 +223,7 @@ async def test_request_lines_reach_stdout_in_whole_lines_of_at_most_pipe_buf_a_w
                 writes.append(self.buffer)
             self.buffer = b""
 
-    flushing = logs._Flushing(logs._Lossy(Sink()))
+    flushing = logs._Flushing(cast(BinaryIO, Sink()))
     lines = [b'{"n":%d,"pad":"%b"}\n' % (i, b"x" * (i * 37 % 900)) for i in range(200)]
     for line in lines:
         flushing(line)  # all in one turn of the loop
@@ -233,3 +234,66 @@ async def test_request_lines_reach_stdout_in_whole_lines_of_at_most_pipe_buf_a_w
     assert all(w.endswith(b"\n") for w in writes)
     assert all(len(w) <= 4096 for w in writes if w != big) and big in writes
     assert len(writes) < len(lines) / 4  # still many lines a write
+
+
+def test_a_stdout_that_fails_loses_the_request_line_and_nothing_else() -> None:
+    # The request line's writer wraps stdout itself (no `_Lossy` around it): a closed stdout
+    # (ValueError) or a broken pipe (OSError) must not fail the request that wrote the line.
+    class Failing:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def write(self, data: bytes) -> None:
+            raise self.exc
+
+        def flush(self) -> None:
+            raise self.exc
+
+    for exc in (ValueError("I/O operation on closed file"), BrokenPipeError()):
+        flushing = logs._Flushing(cast(BinaryIO, Failing(exc)))
+        flushing(b'{"event":"request"}\n')
+        flushing(b"x" * 5000 + b"\n")  # past PIPE_BUF: a flush inside the write
+        flushing.flush()
+
+
+async def test_a_request_on_a_kept_alive_connection_has_none_of_the_last_ones_context(
+    gateway: TestClient[Any, Any], key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp runs each request in a task of its own, on a copy of the connection's context:
+    # the key an authenticated request bound is not in the context of the next request on
+    # the same connection (an unauthenticated one here), with no unbind of ours.
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.handlers import health
+
+    seen: list[dict[str, Any]] = []
+    real = health.encode
+
+    def spying(obj: Any) -> bytes:
+        seen.append(structlog.contextvars.get_contextvars())
+        return real(obj)
+
+    monkeypatch.setattr(health, "encode", spying)
+    base = f"http://{gateway.host}:{gateway.port}"
+    async with ClientSession(base, connector=TCPConnector(limit=1)) as session:
+        async with session.get(
+            "/v1/models/demo", headers={"Authorization": f"Bearer {key}"}
+        ) as first:
+            assert first.status == 200
+            await first.read()
+        async with session.get("/readyz") as second:
+            await second.read()
+            request_id = second.headers["X-Request-ID"]
+    assert seen == [{"request_id": request_id}]
+
+
+def test_the_request_line_has_every_field_of_the_usage_row_but_its_time_and_endpoint() -> None:
+    # The line is its own Struct (cheaper to encode than a dict made from the row): a field
+    # added to the usage row must be added to the line too.
+    from gateway.records import UsageRecord
+
+    row = {f.name for f in msgspec.structs.fields(UsageRecord)}
+    line = [f.name for f in msgspec.structs.fields(logs.RequestLine)]
+    extra = {"event", "attempts", "method", "path", "level", "timestamp"}
+    assert set(line) == row - {"ts", "endpoint"} | extra
+    assert line[0] == "event" and line[-2:] == ["level", "timestamp"]

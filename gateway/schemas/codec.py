@@ -107,6 +107,10 @@ def decode_body(body: bytes, type_: type[T]) -> T:
         raise InvalidRequest("Request body is nested too deeply.") from None
 
 
+# Made once: `dict[str, msgspec.Raw]` is a new alias object (to build and hash) at each use.
+_RAW_OBJECT = dict[str, msgspec.Raw]
+
+
 def raw_object(body: bytes) -> dict[str, msgspec.Raw]:
     """A body's top-level fields as raw JSON, for pass-through.
 
@@ -116,4 +120,4 @@ def raw_object(body: bytes) -> dict[str, msgspec.Raw]:
     Raises:
         InvalidRequest: as `decode_body`.
     """
-    return decode_body(body, dict[str, msgspec.Raw])
+    return decode_body(body, _RAW_OBJECT)
