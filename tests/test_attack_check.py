@@ -284,3 +284,23 @@ async def test_the_sdk_reads_a_read_of_odd_but_valid_chunks(build: Build) -> Non
     contents = [c.choices[0].delta.content for c in got if c.choices]
     assert contents == ["h\u00e9", "x\x00\n\ndata: y", "b", "a", None]
     assert [c.usage.total_tokens for c in got if c.usage] == [5]
+
+
+@pytest.mark.parametrize(
+    "case", ["finish-empty-string", "finish-top-level", "usage-spaced", "error-with-usage-inside"]
+)
+async def test_azure_reads_odd_chunks_as_event_by_event(build: Build, case: str) -> None:
+    got, _ = await both_ways(build, "azure", CASES[case], "/v1/chat/completions", CHAT_BODY, False)
+    check_framing(got)
+    assert_sdk_safe(got)
+
+
+@pytest.mark.parametrize("case", ["finish-empty-string", "usage-spaced", "error-with-usage-inside"])
+async def test_a_completions_read_of_odd_chunks_is_as_event_by_event(
+    build: Build, case: str
+) -> None:
+    body = {"model": "m", "prompt": "hi", "stream": True}
+    upstream = CASES[case].replace(b"chat.completion.chunk", b"text_completion")
+    got, _ = await both_ways(build, "openai", upstream, "/v1/completions", body, False)
+    check_framing(got)
+    assert_sdk_safe(got)
