@@ -15,17 +15,16 @@ one shared `ClientSession`, and hand the bytes back (whole for JSON, `iter_any()
 It parses nothing and checks nothing, runs on uvloop (as `gateway serve` does) and, like the
 gateway, keeps no connection limit (nothing queues) and a listen backlog of 1024.
 
-For `tests/bench_streams.py`, both also serve `/slow/v1/chat/completions`: the upstream streams
-`--slow-chunks` chunks `--slow-interval` seconds apart (each chunk's content is the time it was
-sent, `t<unix seconds>`, so a client can tell how late it arrived), then a finish chunk, the
-usage chunk when asked for, and `data: [DONE]`; the relay passes it through as the rest.
+For `tests/bench_streams.py`, `slow` is the slow upstream of long streams (`tests/bench_slow.py`,
+raw asyncio protocols): `--slow-chunks` chunks `--slow-interval` seconds apart, each chunk's
+content the time it was sent, `t<unix seconds>`. The relay sends `/slow/v1/chat/completions` to
+`--slow-upstream` and passes it through as the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -246,45 +245,16 @@ async def _upstream_messages(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _slow_chunk(content: str, finish_reason: str | None = None) -> bytes:
-    delta = {"content": content} if content else {}
-    return _event(_chunk(delta, finish_reason))
-
-
-def slow_stream(chunks: int, interval: float) -> Any:
-    """A handler streaming `chunks` timestamped chunks `interval` seconds apart."""
-    finish = _slow_chunk("", "stop")
-    usage = _event({**_chunk({}, None), "choices": [], "usage": _USAGE})
-    done = b"data: [DONE]\n\n"
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        req = _DECODER.decode(await request.read())
-        include_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
-        await resp.prepare(request)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for i in range(chunks):
-            if i:  # on a fixed schedule, so a late wake-up does not delay the rest
-                await asyncio.sleep(max(0.0, start + i * interval - loop.time()))
-            await resp.write(_slow_chunk(f"t{time.time():.6f}"))
-        await resp.write(finish + (usage if include_usage else b"") + done)
-        await resp.write_eof()
-        return resp
-
-    return handler
-
-
-def upstream_app(slow_chunks: int = 100, slow_interval: float = 0.1) -> web.Application:
+def upstream_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _upstream_chat)
-    app.router.add_post("/slow/v1/chat/completions", slow_stream(slow_chunks, slow_interval))
     app.router.add_post("/v1/messages", _upstream_messages)
     return app
 
 
 _SESSION_KEY: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 _TARGET_KEY: web.AppKey[str] = web.AppKey("target", str)
+_SLOW_KEY: web.AppKey[str] = web.AppKey("slow", str)
 _UPSTREAM_HEADERS = {
     "Authorization": "Bearer bench-upstream-key",
     "Content-Type": "application/json",
@@ -294,9 +264,7 @@ _UPSTREAM_HEADERS = {
 async def _relay_chat(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     session = request.app[_SESSION_KEY]
-    target = request.app[_TARGET_KEY]
-    if request.path.startswith("/slow/"):
-        target = target.replace("/v1/", "/slow/v1/", 1)
+    target = request.app[_SLOW_KEY if request.path.startswith("/slow/") else _TARGET_KEY]
     async with session.post(target, data=body, headers=_UPSTREAM_HEADERS) as upstream:
         if not upstream.headers.get("Content-Type", "").startswith(STREAM_CONTENT_TYPE):
             return web.Response(
@@ -310,9 +278,10 @@ async def _relay_chat(request: web.Request) -> web.StreamResponse:
         return resp
 
 
-def relay_app(upstream: str) -> web.Application:
+def relay_app(upstream: str, slow_upstream: str | None = None) -> web.Application:
     app = web.Application()
     app[_TARGET_KEY] = upstream.rstrip("/") + "/v1/chat/completions"
+    app[_SLOW_KEY] = (slow_upstream or upstream).rstrip("/") + "/slow/v1/chat/completions"
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # No limit, as the gateway's default `max_connections`: nothing queues.
@@ -328,19 +297,32 @@ def relay_app(upstream: str) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench_servers")
-    parser.add_argument("role", choices=("upstream", "relay"))
+    parser.add_argument("role", choices=("upstream", "relay", "slow"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", help="relay only: the upstream's base URL")
-    parser.add_argument("--slow-chunks", type=int, default=100)
-    parser.add_argument("--slow-interval", type=float, default=0.1)
+    parser.add_argument("--slow-upstream", help="relay only: the slow upstream's base URL")
+    parser.add_argument("--slow-chunks", type=int, default=100, help="slow only")
+    parser.add_argument("--slow-interval", type=float, default=0.1, help="slow only")
     args = parser.parse_args(argv)
+    if args.role == "slow":
+        from tests.bench_slow import serve
+
+        loop = new_event_loop()
+        serve_slow = serve(args.host, args.port, args.slow_chunks, args.slow_interval)
+        try:
+            loop.run_until_complete(serve_slow)
+        except KeyboardInterrupt:  # pragma: no cover - how the bench stops it
+            pass
+        finally:
+            loop.close()
+        return
     if args.role == "relay":
         if not args.upstream:
             parser.error("relay needs --upstream")
-        app = relay_app(args.upstream)
+        app = relay_app(args.upstream, args.slow_upstream)
     else:
-        app = upstream_app(args.slow_chunks, args.slow_interval)
+        app = upstream_app()
     web.run_app(
         app,
         host=args.host,

@@ -5,15 +5,19 @@
     .venv/bin/python -m tests.bench_streams --streams 2000 --seconds 30 --json out.json
 
 Processes on 127.0.0.1: the fake upstream and the relay (`tests/bench_servers.py`, uvloop),
-`gateway serve` (uvloop, a real key, auth, limits, routing, usage rows and its log line on),
-and the load client, in a process of its own (`client` below, uvloop), so the load generator
-is not what is measured. Each scenario runs against the relay, then against the gateway.
+the slow upstream of the long streams (`tests/bench_slow.py`), `gateway serve` (uvloop, a real
+key, auth, limits, routing, usage rows and its log line on), and the load client, in a process
+of its own (`client` below, uvloop), so the load generator is not what is measured. The slow
+upstream and the client's streams are raw asyncio protocols, the cheapest HTTP/1.1 we can
+write: on this 2-core machine they share the cores with the server measured, where real
+clients and upstreams would not. Each scenario runs against the relay, then against the gateway.
 
 * streams: `--streams` concurrent streams (opened over `--ramp` seconds) of chunks 100 ms
   apart for `--seconds`, through `/slow/v1/chat/completions`. Reported: the server's CPU
   while every stream is open; each chunk's delay (the time it arrived minus the time the
   upstream wrote it, which the chunk carries); the latency of fresh non-streaming requests
-  sent during the load; memory per open stream (RSS growth / streams); errors.
+  sent during the load; memory per open stream (RSS growth / streams); errors; the CPU of
+  the load client and of the slow upstream.
 * ttfb: 300 streams to one provider at once, default config: time to first byte.
 * memory: `--requests` JSON requests at concurrency 32; the gateway's RSS after the first
   tenth and at the end.
@@ -36,11 +40,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
+from yarl import URL
 
 from tests.bench import (
+    HOST,
     KEY_LIMITS,
     MODEL,
     ROOT,
@@ -52,6 +58,7 @@ from tests.bench import (
     wait_http,
     wait_tcp,
 )
+from tests.bench_slow import Stream, StreamFigures
 
 __all__ = ["main"]
 
@@ -88,12 +95,11 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
     stream_urls = [url + args.stream_path for url in args.url]  # round robin over replicas
     fresh_urls = itertools.cycle([f"{url}/v1/chat/completions" for url in args.url])
-    delays: list[float] = []
-    ttfb: list[float] = []
+    figures = StreamFigures()
     fresh: list[float] = []
-    errors: list[str] = []
     opened = asyncio.Event()  # every stream has opened, or failed to
     open_count = 0
+    loop = asyncio.get_running_loop()
 
     def one_more() -> None:
         nonlocal open_count
@@ -101,49 +107,26 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
         if open_count == args.streams:
             opened.set()
 
+    async def one_stream(delay: float, stream_url: str) -> None:
+        await asyncio.sleep(delay)
+        url = URL(stream_url)
+        host, port = url.host or HOST, url.port or 80
+        body = _body(True, args.model)
+        request = (
+            f"POST {url.raw_path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {args.key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        stream = Stream(request, figures, one_more, time.monotonic())
+        try:
+            await loop.create_connection(lambda: stream, host, port)
+        except OSError as exc:
+            stream.fail(type(exc).__name__)
+        await stream.done
+
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-        async def one_stream(delay: float, stream_url: str) -> None:
-            await asyncio.sleep(delay)
-            start = time.monotonic()
-            counted = False
-            try:
-                async with session.post(
-                    stream_url, data=_body(True, args.model), headers=headers
-                ) as resp:
-                    one_more()
-                    counted = True
-                    if resp.status != 200:
-                        errors.append(f"status {resp.status}")
-                        return
-                    first = True
-                    tail = last = b""
-                    async for piece in resp.content.iter_any():
-                        now = time.time()
-                        if first:
-                            ttfb.append(time.monotonic() - start)
-                            first = False
-                        data, pos = tail + piece, 0
-                        while True:  # each chunk carries the time the upstream sent it
-                            at = data.find(b'"content":"t', pos)
-                            if at < 0:
-                                tail = data[-11:]  # a marker may straddle two reads
-                                break
-                            end = data.find(b'"', at + 12)
-                            if end < 0:
-                                tail = data[at:]
-                                break
-                            delays.append(now - float(data[at + 12 : end]))
-                            pos = end
-                        last = (last + piece)[-64:]
-                    if b"[DONE]" not in last:
-                        errors.append("stream ended without [DONE]")
-            except (aiohttp.ClientError, OSError) as exc:
-                if not counted:  # it never opened: the fresh requests must not wait for it
-                    one_more()
-                errors.append(type(exc).__name__)
 
         async def fresh_requests() -> None:
             await opened.wait()
@@ -156,9 +139,9 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
                     ) as resp:
                         await resp.read()
                         if resp.status != 200:
-                            errors.append(f"fresh status {resp.status}")
+                            figures.errors.append(f"fresh status {resp.status}")
                 except (aiohttp.ClientError, OSError) as exc:
-                    errors.append(type(exc).__name__)
+                    figures.errors.append(type(exc).__name__)
                 fresh.append(time.monotonic() - start)
                 await asyncio.sleep(0.05)
 
@@ -171,10 +154,10 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     # The first chunks of each stream see the ramp's own load: count from the steady part.
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "delays_ms": [round(d * 1000, 3) for d in delays],
-        "ttfb_ms": [round(t * 1000, 3) for t in ttfb],
+        "delays_ms": [round(d * 1000, 3) for d in figures.delays],
+        "ttfb_ms": [round(t * 1000, 3) for t in figures.ttfb],
         "fresh_ms": [round(f * 1000, 3) for f in fresh],
-        "errors": errors,
+        "errors": figures.errors,
         "client_cpu_s": usage.ru_utime + usage.ru_stime,
     }
 
@@ -260,10 +243,16 @@ def _slow(server: Server) -> list[str]:
 
 
 def long_streams(
-    server: Server, key: str, streams: int, seconds: float, more: Sequence[Server] = ()
+    server: Server,
+    key: str,
+    streams: int,
+    seconds: float,
+    more: Sequence[Server] = (),
+    upstream: Server | None = None,
 ) -> dict[str, Any]:
     """One side's long-streams figures (see the module docstring); with `more` replicas the
-    streams go round robin over all, and CPU and memory are their sums."""
+    streams go round robin over all, and CPU and memory are their sums. With `upstream` (the
+    slow one), its CPU over the same time is reported too."""
     sides = [server, *more]
     ramp = min(5.0, max(1.0, streams / 400))
     steady = seconds - ramp - 2.0  # every stream is open from ramp to `seconds`
@@ -273,9 +262,12 @@ def long_streams(
         "--fresh-seconds", str(max(1.0, steady - 1.0)),
     )  # fmt: skip
     time.sleep(ramp + 1.0)
+    tools = [upstream] if upstream is not None else []
     cpu0, t0 = cpu_seconds(sides) or 0.0, time.monotonic()
+    up0 = cpu_seconds(tools) or 0.0
     time.sleep(max(1.0, steady - 1.0))
     cpu1, t1 = cpu_seconds(sides) or 0.0, time.monotonic()
+    up1 = cpu_seconds(tools) or 0.0
     rss = sum(_rss_kib(side.proc.pid) for side in sides)
     result = _finish(proc)
     # Chunks written during the ramp wait behind connection set-up: count the steady ones.
@@ -295,6 +287,7 @@ def long_streams(
         "errors": len(result["errors"]),
         "error_kinds": sorted(set(result["errors"]))[:5],
         "client_cpu_percent": round(result["client_cpu_s"] / seconds * 100, 1),
+        "upstream_cpu_percent": round((up1 - up0) / (t1 - t0) * 100, 1) if tools else None,
     }
 
 
@@ -323,7 +316,7 @@ def memory_flat(server: Server, key: str, requests: int) -> dict[str, Any]:
     }
 
 
-def write_config(path: Path, upstream: Server, database: str, *extra: str) -> Path:
+def write_config(path: Path, upstream: Upstreams, database: str, *extra: str) -> Path:
     """A gateway config with the fast model and the slow one; `extra` lines go in [server]."""
     lines = "".join(f"{line}\n" for line in extra)
     path.write_text(
@@ -335,13 +328,13 @@ log_level = "info"
 [[providers]]
 name = "up"
 type = "openai"
-base_url = "{upstream.url}/v1"
+base_url = "{upstream.fast.url}/v1"
 api_keys = ["{UPSTREAM_KEY}"]
 
 [[providers]]
 name = "slow"
 type = "openai"
-base_url = "{upstream.url}/slow/v1"
+base_url = "{upstream.slow.url}/slow/v1"
 api_keys = ["{UPSTREAM_KEY}"]
 
 [[models]]
@@ -360,17 +353,30 @@ output_price_per_mtok = 0.60
     return path
 
 
-def start_upstream(servers: Servers, log: Any, slow_chunks: int) -> Server:
-    """The fake upstream, its slow streams `slow_chunks` chunks long."""
-    up_port = free_port()
-    upstream = servers.start(
-        "upstream",
-        [sys.executable, "-m", "tests.bench_servers", "upstream", "--port", str(up_port),
-         "--slow-chunks", str(slow_chunks), "--slow-interval", str(INTERVAL)],
+class Upstreams(NamedTuple):
+    """The fast upstream (`tests/bench_servers.py`) and the slow one (`tests/bench_slow.py`)."""
+
+    fast: Server
+    slow: Server
+
+
+def start_upstream(servers: Servers, log: Any, slow_chunks: int) -> Upstreams:
+    """The fake upstreams, the slow one's streams `slow_chunks` chunks long."""
+    python = [sys.executable, "-m", "tests.bench_servers"]
+    up_port, slow_port = free_port(), free_port()
+    fast = servers.start(
+        "upstream", [*python, "upstream", "--port", str(up_port)],
         cwd=ROOT, port=up_port, output=log,
     )  # fmt: skip
-    wait_tcp(upstream)
-    return upstream
+    slow = servers.start(
+        "slow",
+        [*python, "slow", "--port", str(slow_port), "--slow-chunks", str(slow_chunks),
+         "--slow-interval", str(INTERVAL)],
+        cwd=ROOT, port=slow_port, output=log,
+    )  # fmt: skip
+    wait_tcp(fast)
+    wait_tcp(slow)
+    return Upstreams(fast, slow)
 
 
 def start_gateway(servers: Servers, name: str, config: Path, cwd: Path, *extra: str) -> Server:
@@ -384,13 +390,13 @@ def start_gateway(servers: Servers, name: str, config: Path, cwd: Path, *extra: 
 
 def _start(
     servers: Servers, tmp: Path, log: Any, slow_chunks: int
-) -> tuple[Server, Server, Server, str]:
+) -> tuple[Upstreams, Server, Server, str]:
     upstream = start_upstream(servers, log, slow_chunks)
     relay_port = free_port()
     relay = servers.start(
         "relay",
         [sys.executable, "-m", "tests.bench_servers", "relay", "--port", str(relay_port),
-         "--upstream", upstream.url],
+         "--upstream", upstream.fast.url, "--slow-upstream", upstream.slow.url],
         cwd=ROOT, port=relay_port, output=log,
     )  # fmt: skip
     wait_tcp(relay)
@@ -490,11 +496,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     slow_chunks = round(args.seconds / INTERVAL)
     try:
         with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "wb") as log:
-            _, relay, gateway, key = _start(servers, Path(tmp), log, slow_chunks)
+            upstream, relay, gateway, key = _start(servers, Path(tmp), log, slow_chunks)
             sides = (relay, gateway)
             if "streams" in only:
                 figures["streams"] = {
-                    side.name: long_streams(side, key, args.streams, args.seconds) for side in sides
+                    side.name: long_streams(
+                        side, key, args.streams, args.seconds, upstream=upstream.slow
+                    )
+                    for side in sides
                 }
             if "ttfb" in only:
                 figures["ttfb"] = {
