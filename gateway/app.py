@@ -18,16 +18,13 @@ from weakref import WeakSet
 
 from aiohttp import web
 
-from gateway.auth import auth_middleware
-from gateway.cors import cors_preflight
 from gateway.dashboard.sessions import SessionBook
 from gateway.database import open_database
 from gateway.gauges import app_gauges
-from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
 from gateway.limits_redis import open_gate
 from gateway.metrics import Metrics
-from gateway.middleware import error_middleware, request_context, response_headers
+from gateway.middleware import gateway, response_headers
 from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
@@ -166,13 +163,7 @@ def create_app(
     """
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[
-            request_context,
-            cors_preflight,
-            error_middleware,
-            auth_middleware,
-            intake_middleware,
-        ],
+        middlewares=[gateway],
     )
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()

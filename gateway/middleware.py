@@ -1,8 +1,12 @@
-"""Request context (id, contextvars, canonical log line, usage row) and error mapping (OpenAI's
-error shape, or Anthropic's on the Messages API routes).
+"""Every request's way through the gateway, in one middleware (`gateway`): its context (id,
+contextvars, canonical log line, usage row), CORS preflights, authentication, intake, and the
+mapping of errors to OpenAI's error shape (or Anthropic's on the Messages API routes).
 
-Order in the app: `request_context` → `error_middleware` → `auth_middleware` → handler, so
-the log line and usage row see the final status of every request, errors included.
+In this order: context → preflight → (errors mapped from here on) authentication → intake →
+handler, so the log line and usage row see the final status of every request, errors
+included. One middleware rather than one per step: aiohttp calls each through a partial, and
+each adds a coroutine frame that every suspension of the request (reading the body, waiting
+for the upstream) passes through twice.
 """
 
 from __future__ import annotations
@@ -19,29 +23,32 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.cors import add_cors_headers
+from gateway.auth import sign_in
+from gateway.cors import add_cors_headers, preflight
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.intake import check_length, read_body
 from gateway.logs import RequestLine, request_line
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord, mint_uid
 from gateway.schemas.codec import encode
 from gateway.state import (
+    GATE_KEY,
     INFLIGHT_KEY,
     LIVE_KEY,
     METRICS_KEY,
     REFUSALS_KEY,
     SHUTTING_DOWN_KEY,
     SNAPSHOT_KEY,
+    TICKET_KEY,
     USAGE_KEY,
 )
 from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
 
 __all__ = [
     "SERVER_NAME",
-    "error_middleware",
     "error_response",
+    "gateway",
     "mint_request_id",
-    "request_context",
     "response_headers",
 ]
 
@@ -82,7 +89,7 @@ async def response_headers(request: web.Request, response: web.StreamResponse) -
 
 
 @web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
     trace = RequestTrace(
         request_id=_new_request_id(request),
         started=time.perf_counter(),
@@ -90,10 +97,6 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         endpoint=request.path,
     )
     request[TRACE_KEY] = trace
-    # aiohttp runs each request in a task of its own, on a copy of its connection's context:
-    # what an earlier request on the connection bound (its key) is not in this one's, so
-    # there is nothing to unbind (tests/test_logs.py checks it).
-    structlog.contextvars.bind_contextvars(request_id=trace.request_id)
     status = 500
     task = asyncio.current_task()
     app = request.app  # (a property that walks the match info: read once)
@@ -106,7 +109,60 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     # changes nothing for it.
     snapshot = request[SNAPSHOT_KEY] = live.enter()
     try:
-        response = await handler(request)
+        # A preflight from a listed origin is answered before authentication (browsers send
+        # no credentials with it).
+        response: web.StreamResponse | None = preflight(request)
+        if response is None:
+            try:
+                try:
+                    principal = sign_in(request, trace)
+                finally:
+                    # aiohttp runs each request in a task of its own, on a copy of its
+                    # connection's context: what an earlier request on the connection bound
+                    # (its key) is not in this one's, so there is nothing to unbind
+                    # (tests/test_logs.py checks it). One bind of both: a call each costs.
+                    if trace.key_id is None:
+                        structlog.contextvars.bind_contextvars(request_id=trace.request_id)
+                    else:
+                        structlog.contextvars.bind_contextvars(
+                            request_id=trace.request_id, key_id=trace.key_id
+                        )
+                check_length(request, snapshot)
+                if principal is None or request.method != "POST":
+                    response = await handler(request)
+                else:
+                    # A model request: a slot of its key's concurrency and a request of its
+                    # rate are taken before its body is read (`gateway.intake`).
+                    trace.metered = True  # refusals from here on are counted for the key
+                    gate = app[GATE_KEY]
+                    ticket = request[TICKET_KEY] = await gate.admit(principal.key)
+                    if ticket is None:  # a key without limits: nothing held or given back
+                        await read_body(request)
+                        response = await handler(request)
+                    else:
+                        try:
+                            await read_body(request)
+                            response = await handler(request)
+                        finally:
+                            gate.leave(ticket)
+            except GatewayError as exc:
+                trace.refused = exc.reason
+                response = error_response(exc, request)
+                if exc.closes:  # the rest of the body is not read: the connection is spent
+                    response.force_close()
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = error_response(_from_http_exception(request, exc), request)
+                if "Allow" in exc.headers:  # a 405 says which methods the route takes
+                    response.headers["Allow"] = exc.headers["Allow"]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("unhandled_error")
+                response = error_response(
+                    GatewayError("The gateway failed to process the request."), request
+                )
         status = response.status
         if not response.prepared:  # streams set these themselves before their headers go out
             response.headers["X-Request-ID"] = trace.request_id
@@ -235,27 +291,3 @@ def error_response(exc: GatewayError, request: web.Request | None = None) -> web
         content_type="application/json",
         headers=headers,
     )
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        request[TRACE_KEY].refused = exc.reason
-        response = error_response(exc, request)
-        if exc.closes:
-            response.force_close()  # the rest of the body is not read: the connection is spent
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = error_response(_from_http_exception(request, exc), request)
-        if "Allow" in exc.headers:  # a 405 says which methods the route takes
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled_error")
-        return error_response(GatewayError("The gateway failed to process the request."), request)

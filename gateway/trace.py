@@ -1,6 +1,6 @@
 """The per-request trace: what a request learned on its way, for its log line and usage row.
 
-`request_context` (middleware) creates one per request under `TRACE_KEY`; authentication,
+`middleware.gateway` creates one per request under `TRACE_KEY`; authentication,
 the pipeline, retries and the SSE writer fill it in; the middleware reads it when the request
 ends. This module depends on nothing above it, so all of them can import it.
 """
