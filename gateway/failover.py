@@ -37,7 +37,7 @@ from gateway.providers import Provider
 from gateway.providers.base import Call
 from gateway.router import Route
 from gateway.settings import RoutingSettings
-from gateway.trace import CLIENT_CLOSED, RequestTrace
+from gateway.trace import CLIENT_CLOSED, RequestTrace, elapsed_ms
 
 __all__ = ["Exchange", "attempt_each", "backoff"]
 
@@ -96,7 +96,7 @@ def _record(ex: Exchange[Any], route: Route, started: float, status: int) -> Non
             "account": route.account[1],
             "model": route.upstream_model,
             "status": status,
-            "ms": round((time.perf_counter() - started) * 1000, 3),
+            "ms": elapsed_ms(started, time.perf_counter()),
         }
     )
 

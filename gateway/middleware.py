@@ -42,7 +42,7 @@ from gateway.state import (
     TICKET_KEY,
     USAGE_KEY,
 )
-from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
+from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers, elapsed_ms
 
 __all__ = [
     "SERVER_NAME",
@@ -204,7 +204,7 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         completion_tokens=trace.completion_tokens,
         total_tokens=trace.prompt_tokens + trace.completion_tokens,
         cost_usd=trace.cost_usd,
-        latency_ms=round((time.perf_counter() - trace.started) * 1000, 3),
+        latency_ms=elapsed_ms(trace.started, time.perf_counter()),
         ttft_ms=trace.ttft_ms,
         estimated=trace.estimated,
         cache_read_tokens=trace.cache_read_tokens,

@@ -41,7 +41,7 @@ from gateway.schemas.common import (
 )
 from gateway.settings import ModelConfig, ProviderConfig
 from gateway.state import GATE_KEY, PRICES_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY, TICKET_KEY
-from gateway.trace import TRACE_KEY, RequestTrace
+from gateway.trace import TRACE_KEY, RequestTrace, elapsed_ms
 
 __all__ = [
     "MAX_MODEL_ID",
@@ -327,7 +327,7 @@ def finish(ex: Exchange[Any]) -> None:
     trace, and settle what the request held."""
     trace, call = ex.trace, ex.call
     if call.first_byte_at is not None:
-        trace.ttft_ms = round((call.first_byte_at - call.started_at) * 1000, 3)
+        trace.ttft_ms = elapsed_ms(call.started_at, call.first_byte_at)
     usage = call.usage
     if usage is not None:
         trace.prompt_tokens = usage.prompt_tokens

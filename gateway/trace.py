@@ -14,7 +14,15 @@ from aiohttp import web
 from gateway.records import KeyRecord
 from gateway.state import GATE_KEY
 
-__all__ = ["CLIENT_CLOSED", "TRACE_KEY", "RequestTrace", "add_trace_headers"]
+__all__ = ["CLIENT_CLOSED", "TRACE_KEY", "RequestTrace", "add_trace_headers", "elapsed_ms"]
+
+
+def elapsed_ms(start: float, end: float) -> float:
+    """Milliseconds from `start` to `end` (seconds, of one clock), to the microsecond. Not
+    `round(x, 3)`, which writes the float out as text and reads it back: a few thousand
+    instructions a request for its three durations."""
+    return int((end - start) * 1_000_000 + 0.5) / 1000
+
 
 # nginx's convention for "client closed the connection before the response was complete".
 CLIENT_CLOSED = 499
