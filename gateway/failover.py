@@ -20,9 +20,9 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from gateway.admission import Ticket
@@ -47,9 +47,9 @@ C = TypeVar("C", bound=Call)
 _rng = random.Random()  # noqa: S311 - jitter, not security
 
 
-@dataclass(slots=True)
-class Exchange(Generic[C]):
-    """One model request between its client and its upstream."""
+class Exchange(msgspec.Struct, Generic[C]):
+    """One model request between its client and its upstream. (A Struct: its fields are set
+    in C, where a dataclass's `__init__` is Python.)"""
 
     request: web.Request
     trace: RequestTrace
