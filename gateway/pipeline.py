@@ -222,18 +222,18 @@ def _require(router: Router, model: ModelConfig, model_id: str, serves: type, pa
 def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool) -> None:
     if reasoning:
         return
-    sent = {
-        "reasoning_effort": req.reasoning_effort not in (UNSET, None),
-        "thinking": present(req.thinking),
-    }
-    for name, value in sent.items():
-        if value:
-            raise InvalidRequest(
-                f"The '{name}' parameter is not supported by the model '{model_id}'; "
-                "it is only accepted for models marked as reasoning models.",
-                param=name,
-                code="unsupported_parameter",
-            )
+    if req.reasoning_effort not in (UNSET, None):
+        name = "reasoning_effort"
+    elif present(req.thinking):
+        name = "thinking"
+    else:
+        return  # (nearly every request: two tests, no dict of them built)
+    raise InvalidRequest(
+        f"The '{name}' parameter is not supported by the model '{model_id}'; "
+        "it is only accepted for models marked as reasoning models.",
+        param=name,
+        code="unsupported_parameter",
+    )
 
 
 # `try_routes` and `complete` are plain functions that hand back `attempt_each`'s coroutine
