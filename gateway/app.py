@@ -24,7 +24,7 @@ from gateway.gauges import app_gauges
 from gateway.keys import KeyCache
 from gateway.limits_redis import open_gate
 from gateway.metrics import Metrics
-from gateway.middleware import gateway, response_headers
+from gateway.middleware import gateway
 from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
@@ -175,7 +175,6 @@ def create_app(
         models = [m.name for m in settings.models]
         app[METRICS_KEY] = Metrics(settings.metrics, models, partial(app_gauges, app))
     app.on_shutdown.append(_wind_down)
-    app.on_response_prepare.append(response_headers)
     app.cleanup_ctx.extend(
         [_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx, _pings_ctx]
     )

@@ -2,9 +2,9 @@
 
 `preflight` answers a preflight (`OPTIONS` with `Access-Control-Request-Method`) from a
 listed origin at once, before authentication (browsers send no credentials with it);
-`add_cors_headers` (from the app's `on_response_prepare` receiver) adds
-`Access-Control-Allow-Origin` to every answer to a listed origin as its headers go out, so
-errors and event streams carry it too. An origin that is not listed gets no CORS header at
+`add_cors_headers` (through `middleware.response_headers`) adds
+`Access-Control-Allow-Origin` to every answer to a listed origin before its headers go out,
+so errors and event streams carry it too. An origin that is not listed gets no CORS header at
 all, and its preflight goes on like any request (a 401 or 405), which a browser treats as a
 refusal. The origin is echoed exactly (never `*`), with
 `Vary: Origin` so caches keep answers to different origins apart. Reloadable: each request
@@ -89,9 +89,9 @@ def preflight(request: web.Request) -> web.Response | None:
 
 
 def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """As an answer's headers go out (`on_response_prepare`): the CORS headers of an answer
-    to a listed origin, and with any origins configured, `Vary: Origin` on every answer (a
-    cache must not hand one origin's, or no origin's, answer to another)."""
+    """Before an answer's headers go out (`middleware.response_headers`): the CORS headers of
+    an answer to a listed origin, and with any origins configured, `Vary: Origin` on every
+    answer (a cache must not hand one origin's, or no origin's, answer to another)."""
     origins = _origins(request)
     if not origins or request.path.startswith(_NOT_FOR):
         return

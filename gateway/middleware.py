@@ -80,10 +80,11 @@ def _new_request_id(request: web.Request) -> str:
     return mint_request_id()
 
 
-async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`, as every answer's headers go out: the `Server` header (aiohttp's
-    would name its own and Python's versions) and the CORS headers. One receiver for both:
-    each receiver is a coroutine awaited per answer."""
+def response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer's own headers, set before it goes out: the `Server` header (aiohttp's
+    would name its own and Python's versions) and the CORS headers. Set by `gateway` on the
+    answers it returns and by `sse.SSEStream` on a stream before it starts, rather than
+    from `on_response_prepare`: its receivers are coroutines, awaited on every answer."""
     response.headers["Server"] = SERVER_NAME
     add_cors_headers(request, response)
 
@@ -151,7 +152,8 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
                 if exc.closes:  # the rest of the body is not read: the connection is spent
                     response.force_close()
             except web.HTTPException as exc:
-                if exc.status < 400:
+                if exc.status < 400:  # (a redirect): aiohttp answers it as it is
+                    response_headers(request, exc)
                     raise
                 response = error_response(_from_http_exception(request, exc), request)
                 if "Allow" in exc.headers:  # a 405 says which methods the route takes
@@ -167,6 +169,7 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not response.prepared:  # streams set these themselves before their headers go out
             response.headers["X-Request-ID"] = trace.request_id
             add_trace_headers(request, trace, response)
+            response_headers(request, response)
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED  # handler cancelled because the client went away
