@@ -58,11 +58,14 @@ ADD_REFUSALS = (
 )
 
 
-async def write_usage(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> None:
+async def write_usage(
+    db: aiosqlite.Connection, rows: Sequence[UsageRecord], *, fresh: bool = False
+) -> None:
     """Insert the rows not written yet and add them to the daily rollup (in the caller's
-    transaction, under its write lock, so no one adds them between the look and the insert)."""
+    transaction, under its write lock, so no one adds them between the look and the insert).
+    `fresh` rows were never written before: no look for them in the table."""
     astuple = msgspec.structs.astuple
-    new = await _unwritten(db, rows)
+    new = list(rows) if fresh else await _unwritten(db, rows)
     start, left = 0, len(new)
     while left:
         size = USAGE_RUN if left >= USAGE_RUN else 1 << (left.bit_length() - 1)
