@@ -24,7 +24,6 @@ from gateway.gauges import app_gauges
 from gateway.keys import KeyCache
 from gateway.limits_redis import open_gate
 from gateway.metrics import Metrics
-from gateway.middleware import gateway
 from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
@@ -163,7 +162,6 @@ def create_app(
     """
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[gateway],
     )
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()

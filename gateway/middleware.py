@@ -1,18 +1,21 @@
-"""Every request's way through the gateway, in one middleware (`gateway`): its context (id,
+"""Every request's way through the gateway, in one coroutine (`gateway`): its context (id,
 contextvars, canonical log line, usage row), CORS preflights, authentication, intake, and the
 mapping of errors to OpenAI's error shape (or Anthropic's on the Messages API routes).
 
 In this order: context → preflight → (errors mapped from here on) authentication → intake →
 handler, so the log line and usage row see the final status of every request, errors
-included. One middleware rather than one per step: aiohttp calls each through a partial, and
-each adds a coroutine frame that every suspension of the request (reading the body, waiting
-for the upstream) passes through twice.
+included. `routes.setup_routes` wraps every route's handler in it (`through_gateway`), and
+adds a last route that takes every other path and method (`unmatched`: a 404 or 405). Not
+aiohttp middlewares: aiohttp calls each through a partial, adds one of its own whenever
+there are any, and each adds a coroutine frame that every suspension of the request (reading
+the body, waiting for the upstream) passes through twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
 import math
 import re
@@ -49,10 +52,13 @@ from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_head
 
 __all__ = [
     "SERVER_NAME",
+    "UNMATCHED",
     "error_response",
     "gateway",
     "mint_request_id",
     "response_headers",
+    "through_gateway",
+    "unmatched",
 ]
 
 log = structlog.get_logger("gateway.request")
@@ -103,7 +109,30 @@ def response_headers(request: web.Request, response: web.StreamResponse) -> None
     add_cors_headers(request, response)
 
 
-@web.middleware
+def through_gateway(handler: Handler) -> Handler:
+    """A route's handler, called through `gateway`."""
+    return functools.partial(gateway, handler=handler)
+
+
+# The path of the route that takes every path and method no other route does (added last);
+# its canonical form, counted as `other` in metrics.
+UNMATCHED = r"/{unmatched:[\s\S]*}"
+_UNMATCHED_CANONICAL = "/{unmatched}"
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """What aiohttp's router answers a path or method no route takes (here, through
+    `gateway`, in OpenAI's shape): a 405 naming the methods the path takes, else a 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical != _UNMATCHED_CANONICAL:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
     trace = RequestTrace(
         request_id=_new_request_id(request),
@@ -232,6 +261,8 @@ def _finish(request: web.Request, app: web.Application, trace: RequestTrace, sta
     if metrics is not None:
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else "other"
+        if endpoint == _UNMATCHED_CANONICAL:
+            endpoint = "other"
         try:
             metrics.observe(trace, endpoint, status, record.latency_ms / 1000)
         except Exception:  # a metric is never worth a request's log line and usage row
