@@ -109,13 +109,14 @@ def response_headers(request: web.Request, response: web.StreamResponse) -> None
     add_cors_headers(request, response)
 
 
-def through_gateway(handler: Handler) -> Handler:
-    """A route's handler, called through `gateway`."""
-    return functools.partial(gateway, handler=handler)
+def through_gateway(handler: Handler, route: str) -> Handler:
+    """A route's handler, called through `gateway`; `route` is the route's pattern, the
+    endpoint its requests are counted under in metrics."""
+    return functools.partial(gateway, handler=handler, route=route)
 
 
-# The path of the route that takes every path and method no other route does (added last);
-# its canonical form, counted as `other` in metrics.
+# The path of the route that takes every path and method no other route does (added last,
+# counted under `other` in metrics), and its pattern.
 UNMATCHED = r"/{unmatched:[\s\S]*}"
 _UNMATCHED_CANONICAL = "/{unmatched}"
 
@@ -133,7 +134,7 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
-async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def gateway(request: web.Request, handler: Handler, route: str) -> web.StreamResponse:
     trace = RequestTrace(
         request_id=_new_request_id(request),
         started=time.perf_counter(),
@@ -223,12 +224,14 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
         # usage writer's last flush must find the row.
         status = trace.status or status
         if shutting_down.is_set():
-            _finish(request, app, trace, status)
+            _finish(request, app, route, trace, status)
         else:
-            asyncio.get_running_loop().call_soon(_finish, request, app, trace, status)
+            asyncio.get_running_loop().call_soon(_finish, request, app, route, trace, status)
 
 
-def _finish(request: web.Request, app: web.Application, trace: RequestTrace, status: int) -> None:
+def _finish(
+    request: web.Request, app: web.Application, route: str, trace: RequestTrace, status: int
+) -> None:
     """Queue the usage row (for model requests; a refusal before any upstream call is only
     counted) and write the canonical log line."""
     record = UsageRecord(
@@ -259,12 +262,8 @@ def _finish(request: web.Request, app: web.Application, trace: RequestTrace, sta
             app[USAGE_KEY].record(record)
     metrics = app.get(METRICS_KEY)
     if metrics is not None:
-        resource = request.match_info.route.resource
-        endpoint = resource.canonical if resource is not None else "other"
-        if endpoint == _UNMATCHED_CANONICAL:
-            endpoint = "other"
         try:
-            metrics.observe(trace, endpoint, status, record.latency_ms / 1000)
+            metrics.observe(trace, route, status, record.latency_ms / 1000)
         except Exception:  # a metric is never worth a request's log line and usage row
             log.exception("metrics_update_failed")
     # The usage row's fields but its time and endpoint: the line has its own timestamp and
