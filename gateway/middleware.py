@@ -175,7 +175,11 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
                     # rate are taken before its body is read (`gateway.intake`).
                     trace.metered = True  # refusals from here on are counted for the key
                     gate = app[GATE_KEY]
-                    ticket = request[TICKET_KEY] = await gate.admit(principal.key)
+                    ticket = request[TICKET_KEY] = (
+                        gate.enter(principal.key)
+                        if gate.admits_at_once
+                        else await gate.admit(principal.key)
+                    )
                     if ticket is None:  # a key without limits: nothing held or given back
                         await read_body(request)
                         response = await handler(request)

@@ -155,7 +155,10 @@ async def open_exchange(
     key = principal.key
     if key.budget_usd is not None:
         _require_prices(request.app[PRICES_KEY], model_id, routes)
-    ex.ticket = request.get(TICKET_KEY)
+    try:  # (set by `middleware.gateway` on every model request; not Mapping.get's two calls)
+        ex.ticket = request[TICKET_KEY]
+    except KeyError:
+        ex.ticket = None
     if ex.ticket is not None and not free:  # a free request holds no tokens
         await _charge(request.app[GATE_KEY], request.app[PRICES_KEY], ex.ticket, call, routes)
     return ex
