@@ -153,17 +153,16 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
     # The config this request runs on, held until it (or its stream) ends: a reload meanwhile
     # changes nothing for it.
     snapshot = request[SNAPSHOT_KEY] = live.enter()
+    # aiohttp runs each request in a task of its own, on a copy of its connection's context:
+    # what an earlier request on the connection bound (its key) is not in this one's, so
+    # there is nothing to unbind (tests/test_logs.py checks it).
+    _REQUEST_ID.set(trace.request_id)
     try:
         # A preflight from a listed origin is answered before authentication (browsers send
         # no credentials with it).
         response: web.StreamResponse | None = preflight(request)
         if response is None:
             try:
-                # aiohttp runs each request in a task of its own, on a copy of its
-                # connection's context: what an earlier request on the connection bound (its
-                # key) is not in this one's, so there is nothing to unbind (tests/test_logs.py
-                # checks it).
-                _REQUEST_ID.set(trace.request_id)
                 principal = sign_in(request, trace)
                 if principal is not None:
                     _KEY_ID.set(principal.key.id)
