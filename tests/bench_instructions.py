@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.bench_instructions      # JSON and stream, gateway and relay
     .venv/bin/python -m tests.bench_instructions --mode stream --side gateway --requests 1000
+    .venv/bin/python -m tests.bench_instructions --mode stream --side gateway --keep /tmp/cg
 
 Timings on a shared 2-core VM move by half between runs of the same code; the instructions a
 process executes for the same requests do not (runs agree within about 1 %). This starts the
@@ -59,8 +60,11 @@ def _toggle(server: Server, on: bool) -> None:
     )
 
 
-def count(mode: bench.Mode, side: str, requests: int, warm_up: int) -> float:
-    """Instructions per request of `side` ("gateway" or "relay") for `requests` in `mode`."""
+def count(
+    mode: bench.Mode, side: str, requests: int, warm_up: int, keep: Path | None = None
+) -> float:
+    """Instructions per request of `side` ("gateway" or "relay") for `requests` in `mode`
+    (`keep`: a directory to copy the callgrind output file to, for `callgrind_annotate`)."""
     servers = Servers()
     tmp = Path(tempfile.mkdtemp(prefix="tk-instr-"))
     bench.START_TIMEOUT = VALGRIND_START_TIMEOUT
@@ -97,6 +101,9 @@ def count(mode: bench.Mode, side: str, requests: int, warm_up: int) -> float:
     finally:
         servers.stop_all()  # callgrind writes its file as the process exits
     try:
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, keep / f"callgrind.{side}.{mode}.out")
         return _total(out) / requests
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,13 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side", choices=("gateway", "relay"), action="append")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--warm-up", type=int, default=300)
+    parser.add_argument("--keep", type=Path, help="a directory for the callgrind output files")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind (apt-get install valgrind)")
     os.environ["PYTHONHASHSEED"] = "0"  # the servers inherit it
     for mode in args.mode or ["json", "stream"]:
         for side in args.side or ["gateway", "relay"]:
-            per_request = count(mode, side, args.requests, args.warm_up)
+            per_request = count(mode, side, args.requests, args.warm_up, args.keep)
             print(f"{side:8} {mode:6} {per_request:12,.0f} instructions per request", flush=True)
 
 
