@@ -18,7 +18,6 @@ Upstreams with `responses_api = true` also get `/v1/responses` requests as they 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncGenerator
 
 import aiohttp
@@ -120,21 +119,13 @@ class OpenAIProvider:
         url = self.url(call, "completions")
         return self._stream(url, encode(fields), call, keep_usage_chunk=call.request.wants_usage)
 
-    async def _stream(
+    def _stream(
         self, url: str, body: bytes, call: Call, *, keep_usage_chunk: bool
     ) -> AsyncGenerator[list[bytes], None]:
-        check = StreamCheck(self.config.name)
-        events = self._http.stream(url, body, call, passthrough=call.sse_out)
-        async with contextlib.aclosing(events):
-            async for batch in events:
-                out, done, error = self._relay(call, batch, keep_usage_chunk, check)
-                if out:
-                    yield out  # chunks before an error event still reach the client
-                if error is not None:
-                    raise error
-                if done:
-                    return
-        check.end()  # closed without [DONE]: an error unless the answer had finished
+        # The upstream client's own generator, each batch checked and edited by `_ChatRelay`
+        # inside it: one generator per stream, not one more of ours around it.
+        relay = _ChatRelay(self, call, keep_usage_chunk)
+        return self._http.stream(url, body, call, passthrough=call.sse_out, relay=relay)
 
     def _relay(
         self, call: Call, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
@@ -213,6 +204,26 @@ class OpenAIProvider:
                         return keep_usage_chunk
         call.chunks += 1
         return True
+
+
+class _ChatRelay:
+    """A chat or completions stream as the upstream client relays it (`_http.Relay`): each
+    batch through the provider's `_relay`, and, closed without `[DONE]`, the stream check's
+    verdict on whether the answer had finished."""
+
+    __slots__ = ("_call", "_check", "_keep_usage_chunk", "_provider")
+
+    def __init__(self, provider: OpenAIProvider, call: Call, keep_usage_chunk: bool) -> None:
+        self._provider = provider
+        self._call = call
+        self._keep_usage_chunk = keep_usage_chunk
+        self._check = StreamCheck(provider.config.name)
+
+    def each(self, batch: list[bytes]) -> tuple[list[bytes], bool, UpstreamError | None]:
+        return self._provider._relay(self._call, batch, self._keep_usage_chunk, self._check)
+
+    def end(self) -> None:
+        self._check.end()  # an error unless the answer had finished
 
 
 def _fields(call: Call) -> dict[str, msgspec.Raw]:
