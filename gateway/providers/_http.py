@@ -94,7 +94,10 @@ def _secret(attempt: Attempt) -> bytes | None:
 
 
 def _redact(data: bytes, secret: bytes | None) -> bytes:
-    return data.replace(secret, REDACTED) if secret is not None and secret in data else data
+    # (`find` for `in`: see `_sse`)
+    if secret is not None and data.find(secret) >= 0:
+        return data.replace(secret, REDACTED)
+    return data
 
 
 def bearer(api_key: str) -> dict[str, str]:
@@ -408,5 +411,5 @@ class UpstreamClient:
 
 def _redact_each(batch: list[bytes], secret: bytes) -> None:
     for i, payload in enumerate(batch):
-        if secret in payload:
+        if payload.find(secret) >= 0:
             batch[i] = payload.replace(secret, REDACTED)
