@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -103,7 +104,7 @@ class SSEStream:
     terminator last, are already queued, and anything after them would reach the client as
     the start of the next response on the connection."""
 
-    __slots__ = ("_request", "_streams", "ended", "response", "writer")
+    __slots__ = ("_request", "_streams", "_task", "ended", "response", "writer")
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
@@ -111,6 +112,7 @@ class SSEStream:
         self.response = _EventStream(app[PINGS_KEY])
         self._streams = app[STREAMS_KEY]
         self.writer: AbstractStreamWriter | None = None
+        self._task: asyncio.Task[Any] | None = None
         self.ended = False
 
     async def start(self, first: bytes) -> None:
@@ -121,7 +123,7 @@ class SSEStream:
         response.headers["X-Request-ID"] = trace.request_id
         add_trace_headers(request, trace, response)
         writer = self.writer = await response.prepare(request)
-        task = asyncio.current_task()
+        task = self._task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
         if writer is not None:
@@ -158,9 +160,8 @@ class SSEStream:
 
     def forget(self) -> None:
         """No longer count the stream as open (for shutdown and the open-streams gauge)."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams.discard(task)
+        if self._task is not None:
+            self._streams.discard(self._task)
 
 
 async def relay(

@@ -132,7 +132,7 @@ class OpenAIProvider:
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (events for the client, saw [DONE], upstream error event)."""
         if type(batch) is Framed:
-            return self._relay_run(call, batch[0], keep_usage_chunk, check)
+            return self._relay_run(call, batch, keep_usage_chunk, check)
         out: list[bytes] = []
         for data in batch:
             if data == b"[DONE]":
@@ -145,11 +145,12 @@ class OpenAIProvider:
         return out, False, None
 
     def _relay_run(
-        self, call: Call, run: bytes, keep_usage_chunk: bool, check: StreamCheck
+        self, call: Call, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
-        """`_relay` for a read of whole events: its leading plain chunks go out as the
-        upstream's bytes; what follows them (the usage chunk, an error event) is looked at
-        event by event, and a final `[DONE]` ends the stream."""
+        """`_relay` for a read of whole events (a `Framed` batch of one run): its leading
+        plain chunks go out as the upstream's bytes; what follows them (the usage chunk, an
+        error event) is looked at event by event, and a final `[DONE]` ends the stream."""
+        run = batch[0]
         done = run.endswith(DONE_EVENT) and (
             len(run) == len(DONE_EVENT) or run[-len(DONE_EVENT) - 2 : -len(DONE_EVENT)] == b"\n\n"
         )
@@ -160,10 +161,19 @@ class OpenAIProvider:
         plain, end = (0, 0) if self._looks_at(run) else check.see_run(run)
         call.chunks += plain
         if end == len(run):
-            return Framed((run,)), done, None  # as the upstream sent it
-        out, ended, error = self._relay(
-            call, Framed((run[end:],)).payloads(), keep_usage_chunk, check
-        )
+            return (Framed((run,)) if done else batch), done, None  # as the upstream sent it
+        rest = run[end:]
+        if (
+            rest.startswith(b"data: ")
+            and rest.find(b"\n") == len(rest) - 2
+            and rest.find(b"\r") < 0
+        ):
+            # One event of one line (an upstream's usage chunk, mostly): its payload as the
+            # decoder would read it, without a decoder made for it.
+            payloads = [rest[6:-2]] if len(rest) > 8 else []
+        else:
+            payloads = Framed((rest,)).payloads()
+        out, ended, error = self._relay(call, payloads, keep_usage_chunk, check)
         if end:
             out = Framed((run[:end], *[data_event(data) for data in out]))
         return out, done or ended, error
@@ -223,6 +233,8 @@ class _ChatRelay:
         self._check = StreamCheck(provider.config.name)
 
     def each(self, batch: list[bytes]) -> tuple[list[bytes], bool, UpstreamError | None]:
+        if type(batch) is Framed:  # (what `_relay` would do first, one call less)
+            return self._provider._relay_run(self._call, batch, self._keep_usage_chunk, self._check)
         return self._provider._relay(self._call, batch, self._keep_usage_chunk, self._check)
 
     def end(self) -> None:
