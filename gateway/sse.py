@@ -96,8 +96,8 @@ _HEADERS = CIMultiDict(
 
 
 class SSEStream:
-    """One client event stream: `start()` with its first events, then `write()` framed
-    events, `error()`, `end()` or `close()`.
+    """One client event stream: `start()` with its first events, then framed events written
+    with its `writer` (one write a batch: one syscall), `error()`, `end()` or `close()`.
 
     Once its end is written (`end()`), nothing more is: that write may still wait for a
     slow client when a shutdown or a hang-up interrupts it, but its bytes, the chunked
@@ -128,10 +128,6 @@ class SSEStream:
             self._streams.add(task)
         if writer is not None:
             await writer.write(first)  # (the response's own `write()` is one frame more)
-
-    async def write(self, frames: bytes) -> None:
-        """Write events that are already framed (a batch in one call: one syscall)."""
-        await self.response.write(frames)
 
     async def error(
         self, exc: GatewayError, frame: Callable[[GatewayError], bytes] = _error_frame

@@ -130,9 +130,8 @@ class OpenAIProvider:
     def _relay(
         self, call: Call, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
-        """Split one batch into (events for the client, saw [DONE], upstream error event)."""
-        if type(batch) is Framed:
-            return self._relay_run(call, batch, keep_usage_chunk, check)
+        """Split a batch of payloads into (events for the client, saw [DONE], upstream error
+        event); a `Framed` batch goes to `_relay_run` instead (`_ChatRelay.each`)."""
         out: list[bytes] = []
         for data in batch:
             if data == b"[DONE]":
@@ -233,7 +232,7 @@ class _ChatRelay:
         self._check = StreamCheck(provider.config.name)
 
     def each(self, batch: list[bytes]) -> tuple[list[bytes], bool, UpstreamError | None]:
-        if type(batch) is Framed:  # (what `_relay` would do first, one call less)
+        if type(batch) is Framed:
             return self._provider._relay_run(self._call, batch, self._keep_usage_chunk, self._check)
         return self._provider._relay(self._call, batch, self._keep_usage_chunk, self._check)
 
