@@ -250,8 +250,11 @@ class UpstreamClient:
                     frames = self._dialect.frames(self.config.max_event_bytes)
                     secret = _secret(attempt)
                     held = 0
+                    content = resp.content
                     try:
-                        async for piece in resp.content.iter_any():
+                        # `readany()` itself, not `iter_any()`'s iterator: its `__anext__` is
+                        # one coroutine more per read.
+                        while piece := await content.readany():
                             if (
                                 passthrough
                                 and frames.passes(piece)
