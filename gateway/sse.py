@@ -22,7 +22,7 @@ from aiohttp.web import ContentCoding
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, UpstreamUnavailable
-from gateway.providers._sse import DONE_EVENT, Framed, data_event
+from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
 from gateway.schemas.codec import encode
 from gateway.sse_pings import StreamPings
 from gateway.state import PINGS_KEY, SHUTTING_DOWN_KEY, STREAMS_KEY
@@ -37,7 +37,7 @@ DONE = DONE_EVENT
 
 def data_frames(payloads: list[bytes]) -> bytes:
     """Payloads as `data:` events (OpenAI chat streams); a `Framed` batch is events already."""
-    if type(payloads) is Framed:
+    if type(payloads) is Framed or type(payloads) is Last:
         return payloads[0] if len(payloads) == 1 else b"".join(payloads)
     if len(payloads) == 1:
         return data_event(payloads[0])
@@ -115,8 +115,9 @@ class SSEStream:
         self._task: asyncio.Task[Any] | None = None
         self.ended = False
 
-    async def start(self, first: bytes) -> None:
-        """Send the headers with the stream's first events, in one write."""
+    async def start(self, first: bytes, *, last: bool = False) -> None:
+        """Send the headers with the stream's first events, in one write (with `last`, the
+        whole stream: `first` holds its end too, and the response ends with it)."""
         request = self._request
         trace = request[TRACE_KEY]
         response = self.response
@@ -126,7 +127,9 @@ class SSEStream:
         task = self._task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
-        if writer is not None:
+        if last:
+            await self.end(first)
+        elif writer is not None:
             await writer.write(first)  # (the response's own `write()` is one frame more)
 
     async def error(
@@ -185,14 +188,21 @@ async def relay(
     first = await anext(aiter(events))
     sse = SSEStream(request)
     try:
+        if type(first) is Last:  # the whole stream came at once: one write for all of it
+            await sse.start(frame(first) + end, last=True)
+            return sse.response
         await sse.start(frame(first))
         writer = sse.writer
+        last = end
         if writer is not None:
             # The payload writer's own `write()`: the response's adds a frame to every batch
             # (its checks hold here: the response is prepared and not ended).
             async for batch in events:
+                if type(batch) is Last:  # the upstream is done: the end goes with it
+                    last = frame(batch) + end
+                    break
                 await writer.write(frame(batch))
-        await sse.end(end)
+        await sse.end(last)
     except GatewayError as exc:
         trace.status = status_of(exc)
         await _try(sse.error(exc, error_frame))

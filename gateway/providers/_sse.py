@@ -24,6 +24,7 @@ __all__ = [
     "EventTooLarge",
     "FrameDecoder",
     "Framed",
+    "Last",
     "SSEDecoder",
     "data_event",
     "utf8",
@@ -51,6 +52,13 @@ class Framed(list[bytes]):
         """Its events' payloads, as `SSEDecoder` reads them (for a run that cannot pass)."""
         run = self[0] if len(self) == 1 else b"".join(self)
         return SSEDecoder(len(run)).feed(run)
+
+
+class Last(Framed):
+    """The last `Framed` batch of a stream (the upstream's `[DONE]` came with it), so the
+    client's response can end in the same write as these events."""
+
+    __slots__ = ()
 
 
 def data_event(payload: bytes) -> bytes:

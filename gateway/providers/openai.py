@@ -33,7 +33,7 @@ from gateway.providers._answers import (
 from gateway.providers._call_ids import short_ids
 from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
-from gateway.providers._sse import DONE_EVENT, Framed, data_event
+from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
 from gateway.providers._stream_check import StreamCheck
 from gateway.providers.base import Call, ChatCall, ChatReply
 from gateway.providers.capabilities import CompletionCall, EmbeddingCall
@@ -233,7 +233,12 @@ class _ChatRelay:
 
     def each(self, batch: list[bytes]) -> tuple[list[bytes], bool, UpstreamError | None]:
         if type(batch) is Framed:
-            return self._provider._relay_run(self._call, batch, self._keep_usage_chunk, self._check)
+            out, done, error = self._provider._relay_run(
+                self._call, batch, self._keep_usage_chunk, self._check
+            )
+            if done and error is None and type(out) is Framed:
+                out = Last(out)  # the client's response ends with it, in one write
+            return out, done, error
         return self._provider._relay(self._call, batch, self._keep_usage_chunk, self._check)
 
     def end(self) -> None:
