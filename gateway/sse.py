@@ -1,9 +1,10 @@
-"""Server-sent events to the client, on top of aiohttp-sse's `EventSourceResponse`.
+"""Server-sent events to the client.
 
-aiohttp-sse gives us the headers proxies need (no-cache, X-Accel-Buffering: no), never
-compresses, pings with `: ping` comments during long silences, and aborts stalled peers.
-Payloads that are already JSON bytes are framed here directly so relayed upstream chunks are
-never decoded to `str` and back. `relay()` is the one loop that moves a stream's batches to
+A stream has the headers proxies need (no-cache, X-Accel-Buffering: no, as aiohttp-sse
+sends them), is never compressed, is pinged with `: ping` comments during long silences
+(`sse_pings`), and stalled peers are dropped (`gateway.server`). Payloads that are already
+JSON bytes are framed here directly so relayed upstream chunks are never decoded to `str`
+and back. `relay()` is the one loop that moves a stream's batches to
 the client and ends it, cleanly or with an error event.
 """
 
@@ -12,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web import ContentCoding
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, UpstreamUnavailable
 from gateway.middleware import response_headers
-from gateway.providers._sse import DONE_EVENT, Framed, data_event
+from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
 from gateway.schemas.codec import encode
 from gateway.sse_pings import StreamPings
 from gateway.state import PINGS_KEY, SHUTTING_DOWN_KEY, STREAMS_KEY
@@ -35,7 +38,7 @@ DONE = DONE_EVENT
 
 def data_frames(payloads: list[bytes]) -> bytes:
     """Payloads as `data:` events (OpenAI chat streams); a `Framed` batch is events already."""
-    if type(payloads) is Framed:
+    if type(payloads) is Framed or type(payloads) is Last:
         return payloads[0] if len(payloads) == 1 else b"".join(payloads)
     if len(payloads) == 1:
         return data_event(payloads[0])
@@ -47,8 +50,8 @@ def _error_frame(exc: GatewayError) -> bytes:
 
 
 class _EventStream(EventSourceResponse):
-    """aiohttp-sse's response (its headers and chunked encoding) with three changes for many
-    streams at once:
+    """aiohttp-sse's response (its headers: proxies must neither cache, buffer nor compress
+    it; chunked encoding) with three changes for many streams at once:
 
     - its headers go out with its first event in one write (as `web.Response`'s do with its
       body) instead of a write of their own: `relay()` starts a stream only once its first
@@ -62,47 +65,63 @@ class _EventStream(EventSourceResponse):
 
     def __init__(self, pings: StreamPings) -> None:
         super().__init__(sep="\n", allow_all_methods=True)
+        self.enable_chunked_encoding()
         self._pings = pings
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
         writer = await web.StreamResponse.prepare(self, request)  # not aiohttp-sse's: no task
-        self.enable_chunked_encoding()
         if writer is not None:
             self._pings.add(self, writer)
         return writer
+
+    def enable_compression(
+        self, force: bool | ContentCoding | None = None, strategy: int | None = None
+    ) -> None:
+        raise NotImplementedError("an event stream is never compressed")
 
     def stop_streaming(self) -> None:
         self._pings.discard(self)
 
 
 class SSEStream:
-    """One client event stream: `start()`, then `write()` framed events, `error()`, `close()`.
+    """One client event stream: `start()` with its first events, then framed events written
+    with its `writer` (one write a batch: one syscall), `error()`, `end()` or `close()`.
 
     Once its end is written (`end()`), nothing more is: that write may still wait for a
     slow client when a shutdown or a hang-up interrupts it, but its bytes, the chunked
     terminator last, are already queued, and anything after them would reach the client as
     the start of the next response on the connection."""
 
+    __slots__ = ("_request", "_streams", "_task", "ended", "response", "writer")
+
     def __init__(self, request: web.Request) -> None:
         self._request = request
-        self.response = _EventStream(request.app[PINGS_KEY])
+        app = request.app  # (a property that walks the match info: read once)
+        self.response = _EventStream(app[PINGS_KEY])
+        self._streams = app[STREAMS_KEY]
+        self.writer: AbstractStreamWriter | None = None
+        self._task: asyncio.Task[Any] | None = None
         self.ended = False
 
-    async def start(self) -> None:
-        trace = self._request[TRACE_KEY]
-        self.response.headers["X-Request-ID"] = trace.request_id
-        add_trace_headers(self._request, trace, self.response)
-        response_headers(self._request, self.response)
-        await self.response.prepare(self._request)
-        task = asyncio.current_task()
+    async def start(self, first: bytes, *, last: bool = False) -> None:
+        """Send the headers with the stream's first events, in one write (with `last`, the
+        whole stream: `first` holds its end too, and the response ends with it)."""
+        request = self._request
+        trace = request[TRACE_KEY]
+        response = self.response
+        response.headers["X-Request-ID"] = trace.request_id
+        add_trace_headers(request, trace, response)
+        response_headers(request, response)
+        writer = self.writer = await response.prepare(request)
+        task = self._task = asyncio.current_task()
         if task is not None:
-            self._request.app[STREAMS_KEY].add(task)
-
-    async def write(self, frames: bytes) -> None:
-        """Write events that are already framed (a batch in one call: one syscall)."""
-        await self.response.write(frames)
+            self._streams.add(task)
+        if last:
+            await self.end(first)
+        elif writer is not None:
+            await writer.write(first)  # (the response's own `write()` is one frame more)
 
     async def error(
         self, exc: GatewayError, frame: Callable[[GatewayError], bytes] = _error_frame
@@ -128,6 +147,11 @@ class SSEStream:
         self.response.stop_streaming()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.response.write_eof()
+
+    def forget(self) -> None:
+        """No longer count the stream as open (for shutdown and the open-streams gauge)."""
+        if self._task is not None:
+            self._streams.discard(self._task)
 
 
 async def relay(
@@ -155,11 +179,21 @@ async def relay(
     first = await anext(aiter(events))
     sse = SSEStream(request)
     try:
-        await sse.start()
-        await sse.write(frame(first))
-        async for batch in events:
-            await sse.write(frame(batch))
-        await sse.end(end)
+        if type(first) is Last:  # the whole stream came at once: one write for all of it
+            await sse.start(frame(first) + end, last=True)
+            return sse.response
+        await sse.start(frame(first))
+        writer = sse.writer
+        last = end
+        if writer is not None:
+            # The payload writer's own `write()`: the response's adds a frame to every batch
+            # (its checks hold here: the response is prepared and not ended).
+            async for batch in events:
+                if type(batch) is Last:  # the upstream is done: the end goes with it
+                    last = frame(batch) + end
+                    break
+                await writer.write(frame(batch))
+        await sse.end(last)
     except GatewayError as exc:
         trace.status = status_of(exc)
         await _try(sse.error(exc, error_frame))
@@ -182,7 +216,9 @@ async def relay(
         trace.status = status_of(failure)
         await _try(sse.error(failure, error_frame))
     finally:
-        await sse.close()
+        sse.forget()
+        if not sse.ended:
+            await sse.close()
     return sse.response
 
 
