@@ -27,7 +27,6 @@ from typing import Any
 import msgspec
 import structlog
 from aiohttp import web
-from structlog.contextvars import STRUCTLOG_KEY_PREFIX
 
 from gateway.auth import sign_in
 from gateway.cors import add_cors_headers, preflight
@@ -78,15 +77,18 @@ _id_counter = itertools.count(1)
 SERVER_NAME = "token-kiosk"
 
 
-# The two fields every log line of a request carries, as structlog's context variables (it
-# merges each context variable named with its prefix into every event), set directly: what
-# `bind_contextvars` does, without its call, loop, f-strings and dict of tokens per request.
-_REQUEST_ID: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    f"{STRUCTLOG_KEY_PREFIX}request_id", default=Ellipsis
-)
-_KEY_ID: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    f"{STRUCTLOG_KEY_PREFIX}key_id", default=Ellipsis
-)
+# The two fields every log line of a request carries, as structlog's context variables, set
+# directly: what `bind_contextvars` does, without its call, loop, f-strings and dict of tokens
+# per request. The variables are structlog's own (taken from the tokens it hands back), so
+# its `merge_contextvars`, `unbind_contextvars` and `clear_contextvars` see them.
+def _structlog_var(name: str) -> contextvars.ContextVar[Any]:
+    token = structlog.contextvars.bind_contextvars(**{name: Ellipsis})[name]
+    token.var.reset(token)
+    return token.var
+
+
+_REQUEST_ID = _structlog_var("request_id")
+_KEY_ID = _structlog_var("key_id")
 
 
 def mint_request_id() -> str:

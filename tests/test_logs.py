@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import re
 from typing import Any, BinaryIO, cast
 
@@ -297,3 +298,18 @@ def test_the_request_line_has_every_field_of_the_usage_row_but_its_time_and_endp
     extra = {"event", "attempts", "method", "path", "level", "timestamp"}
     assert set(line) == row - {"ts", "endpoint"} | extra
     assert line[0] == "event" and line[-2:] == ["level", "timestamp"]
+
+
+def test_the_request_fields_are_structlog_s_own_context_variables() -> None:
+    # The middleware sets request_id and key_id directly (no bind_contextvars per request):
+    # they must be the very variables structlog binds, merges and clears.
+    def run() -> None:
+        middleware._REQUEST_ID.set("req-1")
+        middleware._KEY_ID.set("key-1")
+        assert structlog.contextvars.get_contextvars() == {"request_id": "req-1", "key_id": "key-1"}
+        structlog.contextvars.bind_contextvars(request_id="req-2")
+        assert middleware._REQUEST_ID.get() == "req-2"
+        structlog.contextvars.clear_contextvars()
+        assert structlog.contextvars.get_contextvars() == {}
+
+    contextvars.copy_context().run(run)
