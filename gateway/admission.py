@@ -58,6 +58,9 @@ class Gate:
         self._wall = wall
         self.limiter = Limiter(monotonic)
         self.budgets = BudgetBook(wall)
+        # `admit` is `enter` here (a shared gate's asks Redis): the request path then calls
+        # `enter` at once, without a coroutine to make and await.
+        self.admits_at_once = type(self).admit is Gate.admit
 
     async def sync(
         self, keys: Iterable[KeyRecord], flush: Callable[[], Awaitable[None]] | None = None

@@ -18,16 +18,12 @@ from weakref import WeakSet
 
 from aiohttp import web
 
-from gateway.auth import auth_middleware
-from gateway.cors import cors_preflight
 from gateway.dashboard.sessions import SessionBook
 from gateway.database import open_database
 from gateway.gauges import app_gauges
-from gateway.intake import intake_middleware
 from gateway.keys import KeyCache
 from gateway.limits_redis import open_gate
 from gateway.metrics import Metrics
-from gateway.middleware import error_middleware, request_context, response_headers
 from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
@@ -166,13 +162,6 @@ def create_app(
     """
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[
-            request_context,
-            cors_preflight,
-            error_middleware,
-            auth_middleware,
-            intake_middleware,
-        ],
     )
     app[SETTINGS_KEY] = settings
     app[STREAMS_KEY] = WeakSet()
@@ -184,7 +173,6 @@ def create_app(
         models = [m.name for m in settings.models]
         app[METRICS_KEY] = Metrics(settings.metrics, models, partial(app_gauges, app))
     app.on_shutdown.append(_wind_down)
-    app.on_response_prepare.append(response_headers)
     app.cleanup_ctx.extend(
         [_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx, _pings_ctx]
     )

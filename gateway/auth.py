@@ -1,7 +1,8 @@
-"""Virtual-key authentication: `auth_middleware` finds the caller's key in the key cache.
+"""Virtual-key authentication: `sign_in` finds the caller's key in the key cache.
 
 Routes under `/v1/` and `/api/` need a usable key (not revoked, not expired); the request then
-carries its `Principal` under `PRINCIPAL_KEY`, and its trace and log context the key's id.
+carries its `Principal` under `PRINCIPAL_KEY`, and its trace the key's id (`middleware.gateway`
+binds it to the log context).
 The key may come as `Authorization: Bearer <key>` (OpenAI's SDK, Anthropic's with an auth
 token), `x-api-key: <key>` (Anthropic's SDK and Claude Code) or `api-key: <key>` (Azure-style
 clients), checked alike.
@@ -10,19 +11,15 @@ clients), checked alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
-import structlog
 from aiohttp import web
 
 from gateway.errors import AuthenticationFailed
 from gateway.keys import Principal
 from gateway.state import KEYS_KEY, PRINCIPAL_KEY
-from gateway.trace import TRACE_KEY
+from gateway.trace import RequestTrace
 
-__all__ = ["auth_middleware", "client_key"]
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+__all__ = ["authenticate", "client_key", "sign_in"]
 
 # Routes that need a virtual key; health checks and the admin API (own key) do not.
 _PROTECTED_PREFIXES = ("/v1/", "/api/")
@@ -69,18 +66,19 @@ def authenticate(request: web.Request) -> Principal:
     return Principal(key)
 
 
-@web.middleware
-def auth_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-    # A plain function (its work is synchronous) that hands back the next handler's
-    # coroutine: no frame of it stays in the request's await chain. A refusal is raised from
-    # the call, inside `error_middleware`'s try, as it was from a coroutine.
-    if request.path.startswith(_PROTECTED_PREFIXES):
-        principal = authenticate(request)
-        request[PRINCIPAL_KEY] = principal
-        key = principal.key
-        trace = request[TRACE_KEY]  # (`request_context` runs first)
-        trace.key_id = key.id
-        if key.rpm is not None or key.tpm is not None:
-            trace.limited = key  # its responses tell the state of its limits
-        structlog.contextvars.bind_contextvars(key_id=key.id)
-    return handler(request)
+def sign_in(request: web.Request, trace: RequestTrace) -> Principal | None:
+    """The caller's principal on the routes that need a key (None elsewhere), stored on the
+    request under `PRINCIPAL_KEY` and its key's id in the trace.
+
+    Raises:
+        AuthenticationFailed: as `authenticate`.
+    """
+    if not request.path.startswith(_PROTECTED_PREFIXES):
+        return None
+    principal = authenticate(request)
+    request[PRINCIPAL_KEY] = principal
+    key = principal.key
+    trace.key_id = key.id
+    if key.rpm is not None or key.tpm is not None:
+        trace.limited = key  # its responses tell the state of its limits
+    return principal

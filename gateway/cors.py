@@ -1,10 +1,10 @@
 """CORS: browser applications on the origins of `[server] cors_origins` may call the API.
 
-`cors_preflight` answers a preflight (`OPTIONS` with `Access-Control-Request-Method`) from a
+`preflight` answers a preflight (`OPTIONS` with `Access-Control-Request-Method`) from a
 listed origin at once, before authentication (browsers send no credentials with it);
-`add_cors_headers` (from the app's `on_response_prepare` receiver) adds
-`Access-Control-Allow-Origin` to every answer to a listed origin as its headers go out, so
-errors and event streams carry it too. An origin that is not listed gets no CORS header at
+`add_cors_headers` (through `middleware.response_headers`) adds
+`Access-Control-Allow-Origin` to every answer to a listed origin before its headers go out,
+so errors and event streams carry it too. An origin that is not listed gets no CORS header at
 all, and its preflight goes on like any request (a 401 or 405), which a browser treats as a
 refusal. The origin is echoed exactly (never `*`), with
 `Vary: Origin` so caches keep answers to different origins apart. Reloadable: each request
@@ -15,15 +15,12 @@ origin only, and checks `Origin` itself against cross-site forms.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from gateway.state import LIVE_KEY, SNAPSHOT_KEY
 
-__all__ = ["add_cors_headers", "cors_preflight"]
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+__all__ = ["add_cors_headers", "preflight"]
 
 _METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 _ALLOW_HEADERS = "Authorization, Content-Type"
@@ -55,7 +52,7 @@ def _origins(request: web.Request) -> tuple[str, ...]:
     # Not `request.get()`: Mapping's, in Python, two calls on every answer.
     try:
         settings = request[SNAPSHOT_KEY].settings
-    except KeyError:  # an answer made before `request_context` took the snapshot
+    except KeyError:  # an answer made before `middleware.gateway` took the snapshot
         settings = request.app[LIVE_KEY].current.settings
     return settings.server.cors_origins
 
@@ -64,45 +61,37 @@ def _allowed(origins: tuple[str, ...], origin: str) -> bool:
     return origin in origins or "*" in origins
 
 
-@web.middleware
-def cors_preflight(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-    # A plain function that hands back the next handler's coroutine, not a coroutine of its
-    # own: nearly every request only passes through, and this way no frame of it stays in
-    # the request's await chain (which every suspension of the request walks).
+def preflight(request: web.Request) -> web.Response | None:
+    """The answer to a preflight from a listed origin; None for every other request (nearly
+    all), which goes on as usual. Called by `middleware.gateway` before authentication."""
     if (
         request.method != "OPTIONS"
         or "Access-Control-Request-Method" not in request.headers
         or request.path.startswith(_NOT_FOR)
     ):
-        return handler(request)
+        return None
     origin = request.headers.get("Origin")
     if origin is None or not _allowed(_origins(request), origin):
-        return handler(request)
+        return None
     requested = request.headers.get("Access-Control-Request-Headers", "").strip()
     allow = _ALLOW_HEADERS
     if requested and len(requested) <= _MAX_HEADER_LIST and _HEADER_LIST.match(requested):
         allow = f"{_ALLOW_HEADERS}, {requested}"
     # The origin and Vary are added by `add_cors_headers`, as on every answer.
-    return _answer(
-        web.Response(
-            status=204,
-            headers={
-                "Access-Control-Allow-Methods": _METHODS,
-                "Access-Control-Allow-Headers": allow,
-                "Access-Control-Max-Age": _MAX_AGE,
-            },
-        )
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": _METHODS,
+            "Access-Control-Allow-Headers": allow,
+            "Access-Control-Max-Age": _MAX_AGE,
+        },
     )
 
 
-async def _answer(response: web.StreamResponse) -> web.StreamResponse:
-    return response
-
-
 def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """As an answer's headers go out (`on_response_prepare`): the CORS headers of an answer
-    to a listed origin, and with any origins configured, `Vary: Origin` on every answer (a
-    cache must not hand one origin's, or no origin's, answer to another)."""
+    """Before an answer's headers go out (`middleware.response_headers`): the CORS headers of
+    an answer to a listed origin, and with any origins configured, `Vary: Origin` on every
+    answer (a cache must not hand one origin's, or no origin's, answer to another)."""
     origins = _origins(request)
     if not origins or request.path.startswith(_NOT_FOR):
         return

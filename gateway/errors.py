@@ -1,6 +1,6 @@
 """The gateway's error tree and the one table that maps it to OpenAI-shaped HTTP errors.
 
-Handlers, providers and the store raise these; only `middleware.error_middleware` turns them
+Handlers, providers and the store raise these; only `middleware.gateway` turns them
 into responses, so status codes and error types live here and nowhere else::
 
     GatewayError                      500 server_error

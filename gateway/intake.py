@@ -1,10 +1,10 @@
 """What happens before a request's body is read: size, admission, and a timeout on the body.
 
-`intake_middleware` runs after authentication. A `Content-Length` over `max_body_bytes` is
-answered 413 at once. A model request (a POST with a key) then takes a slot of its key's
-concurrency and a request of its request rate (`Gate.enter`), so a client past its limits is
-refused before one byte of its body is buffered; its tokens and budget are charged once the
-body shows what it may use (`pipeline.begin`). `read_body()` reads a body within
+`middleware.gateway` runs it after authentication. A `Content-Length` over `max_body_bytes`
+is answered 413 at once (`check_length`). A model request (a POST with a key) then takes a
+slot of its key's concurrency and a request of its request rate (`Gate.enter`), so a client
+past its limits is refused before one byte of its body is buffered; its tokens and budget are
+charged once the body shows what it may use (`pipeline.begin`). `read_body()` reads a body within
 `client_body_timeout` (408 after it) and turns a body the parser rejects (bad chunking, a
 `Content-Encoding` it is not in) into a 400; the body is then cached on the request, so a
 handler's own `request.read()` returns it at once. A client that sent `Expect: 100-continue`
@@ -14,19 +14,19 @@ is told to continue only then (`expect_later`), so a refused one never sends its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, http_exceptions, web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
-from gateway.state import GATE_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY, TICKET_KEY
-from gateway.trace import TRACE_KEY
+from gateway.state import SNAPSHOT_KEY
 
-__all__ = ["expect_later", "intake_middleware", "read_body"]
+if TYPE_CHECKING:
+    from gateway.snapshot import Snapshot
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+__all__ = ["check_length", "expect_later", "read_body"]
 
 
 async def expect_later(request: web.Request) -> None:
@@ -36,8 +36,8 @@ async def expect_later(request: web.Request) -> None:
 
 
 async def _continue(request: web.Request) -> None:
-    expect = request.headers.get(hdrs.EXPECT)
-    if expect is None or request.version != HttpVersion11:
+    expect = request.headers[hdrs.EXPECT]
+    if request.version != HttpVersion11:
         return
     if expect.lower() != "100-continue":
         raise InvalidRequest(
@@ -55,7 +55,8 @@ async def read_body(request: web.Request) -> bytes:
         PayloadTooLarge: it is larger than `max_body_bytes`.
         InvalidRequest: the parser could not read it (bad chunking or content encoding).
     """
-    await _continue(request)
+    if hdrs.EXPECT in request.headers:  # (rare: no coroutine made for it otherwise)
+        await _continue(request)
     timeout = 0.0
     try:
         if request.content.is_eof():
@@ -87,23 +88,13 @@ async def read_body(request: web.Request) -> bytes:
         raise error from None
 
 
-@web.middleware
-async def intake_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    limit = request[SNAPSHOT_KEY].settings.server.max_body_bytes
+def check_length(request: web.Request, snapshot: Snapshot) -> None:
+    """Refuse a body its `Content-Length` says is too large before any of it is read.
+
+    Raises:
+        PayloadTooLarge: it is over `max_body_bytes`.
+    """
+    limit = snapshot.settings.server.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"Request body is too large (at most {limit} bytes).")
-    principal = request.get(PRINCIPAL_KEY)
-    if principal is None or request.method != "POST":
-        return await handler(request)
-    request[TRACE_KEY].metered = True  # refusals from here on are counted for the key
-    gate = request.app[GATE_KEY]
-    ticket = request[TICKET_KEY] = await gate.admit(principal.key)
-    if ticket is None:  # a key without limits: nothing held, nothing to give back
-        await read_body(request)
-        return await handler(request)
-    try:
-        await read_body(request)
-        return await handler(request)
-    finally:
-        gate.leave(ticket)

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 import msgspec
 import structlog
@@ -33,9 +32,9 @@ def digest_of(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: the key record the request authenticated with."""
+class Principal(msgspec.Struct, frozen=True):
+    """Who is calling: the key record the request authenticated with. (A Struct: a frozen
+    dataclass sets its field through `object.__setattr__`, on every request.)"""
 
     key: KeyRecord
 

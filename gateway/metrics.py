@@ -1,7 +1,7 @@
 """Prometheus metrics: what requests did, counted once per request as it ends, and what the
 gateway holds now (breakers, open streams, rows waiting), read only when scraped.
 
-`request_context` hands every finished request's trace to `Metrics.observe()`: the one place
+`middleware.gateway` hands every finished request's trace to `Metrics.observe()`: the one place
 where a request's outcome becomes metrics, so the request path pays a few dictionary lookups
 and additions to plain numbers (`gateway.series`: no lock, no label parse, no call into
 prometheus-client); a scrape copies them on the loop and prometheus-client writes the text
@@ -221,7 +221,7 @@ class Metrics:
         self.registry.register(self.state)
 
     def observe(self, trace: Finished, endpoint: str, status: int, seconds: float) -> None:
-        """Count one finished request. Called once per request, by `request_context`, on the
+        """Count one finished request. Called once per request, by `middleware.gateway`, on the
         event loop (as every update of these series is: they take no lock)."""
         model = trace.model_id or ""
         if model and model not in self.models:

@@ -1,48 +1,64 @@
-"""Request context (id, contextvars, canonical log line, usage row) and error mapping (OpenAI's
-error shape, or Anthropic's on the Messages API routes).
+"""Every request's way through the gateway, in one coroutine (`gateway`): its context (id,
+contextvars, canonical log line, usage row), CORS preflights, authentication, intake, and the
+mapping of errors to OpenAI's error shape (or Anthropic's on the Messages API routes).
 
-Order in the app: `request_context` → `error_middleware` → `auth_middleware` → handler, so
-the log line and usage row see the final status of every request, errors included.
+In this order: context → preflight → (errors mapped from here on) authentication → intake →
+handler, so the log line and usage row see the final status of every request, errors
+included. `routes.setup_routes` wraps every route's handler in it (`through_gateway`), and
+adds a last route that takes every other path and method (`unmatched`: a 404 or 405). Not
+aiohttp middlewares: aiohttp calls each through a partial, adds one of its own whenever
+there are any, and each adds a coroutine frame that every suspension of the request (reading
+the body, waiting for the upstream) passes through twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import itertools
 import math
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 import structlog
 from aiohttp import web
+from structlog.contextvars import STRUCTLOG_KEY_PREFIX
 
-from gateway.cors import add_cors_headers
+from gateway.auth import sign_in
+from gateway.cors import add_cors_headers, preflight
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.intake import check_length, read_body
 from gateway.logs import RequestLine, request_line
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
 from gateway.records import UsageRecord, mint_uid
 from gateway.schemas.codec import encode
 from gateway.state import (
+    GATE_KEY,
     INFLIGHT_KEY,
     LIVE_KEY,
     METRICS_KEY,
     REFUSALS_KEY,
     SHUTTING_DOWN_KEY,
     SNAPSHOT_KEY,
+    TICKET_KEY,
     USAGE_KEY,
 )
-from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers
+from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_headers, elapsed_ms
 
 __all__ = [
     "SERVER_NAME",
-    "error_middleware",
+    "UNMATCHED",
     "error_response",
+    "gateway",
     "mint_request_id",
-    "request_context",
     "response_headers",
+    "through_gateway",
+    "unmatched",
 ]
 
 log = structlog.get_logger("gateway.request")
@@ -62,6 +78,17 @@ _id_counter = itertools.count(1)
 SERVER_NAME = "token-kiosk"
 
 
+# The two fields every log line of a request carries, as structlog's context variables (it
+# merges each context variable named with its prefix into every event), set directly: what
+# `bind_contextvars` does, without its call, loop, f-strings and dict of tokens per request.
+_REQUEST_ID: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    f"{STRUCTLOG_KEY_PREFIX}request_id", default=Ellipsis
+)
+_KEY_ID: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    f"{STRUCTLOG_KEY_PREFIX}key_id", default=Ellipsis
+)
+
+
 def mint_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
@@ -73,16 +100,41 @@ def _new_request_id(request: web.Request) -> str:
     return mint_request_id()
 
 
-async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`, as every answer's headers go out: the `Server` header (aiohttp's
-    would name its own and Python's versions) and the CORS headers. One receiver for both:
-    each receiver is a coroutine awaited per answer."""
+def response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer's own headers, set before it goes out: the `Server` header (aiohttp's
+    would name its own and Python's versions) and the CORS headers. Set by `gateway` on the
+    answers it returns and by `sse.SSEStream` on a stream before it starts, rather than
+    from `on_response_prepare`: its receivers are coroutines, awaited on every answer."""
     response.headers["Server"] = SERVER_NAME
     add_cors_headers(request, response)
 
 
-@web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+def through_gateway(handler: Handler, route: str) -> Handler:
+    """A route's handler, called through `gateway`; `route` is the route's pattern, the
+    endpoint its requests are counted under in metrics."""
+    return functools.partial(gateway, handler=handler, route=route)
+
+
+# The path of the route that takes every path and method no other route does (added last,
+# counted under `other` in metrics), and its pattern.
+UNMATCHED = r"/{unmatched:[\s\S]*}"
+_UNMATCHED_CANONICAL = "/{unmatched}"
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """What aiohttp's router answers a path or method no route takes (here, through
+    `gateway`, in OpenAI's shape): a 405 naming the methods the path takes, else a 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical != _UNMATCHED_CANONICAL:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+async def gateway(request: web.Request, handler: Handler, route: str) -> web.StreamResponse:
     trace = RequestTrace(
         request_id=_new_request_id(request),
         started=time.perf_counter(),
@@ -90,10 +142,6 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         endpoint=request.path,
     )
     request[TRACE_KEY] = trace
-    # aiohttp runs each request in a task of its own, on a copy of its connection's context:
-    # what an earlier request on the connection bound (its key) is not in this one's, so
-    # there is nothing to unbind (tests/test_logs.py checks it).
-    structlog.contextvars.bind_contextvars(request_id=trace.request_id)
     status = 500
     task = asyncio.current_task()
     app = request.app  # (a property that walks the match info: read once)
@@ -106,11 +154,65 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     # changes nothing for it.
     snapshot = request[SNAPSHOT_KEY] = live.enter()
     try:
-        response = await handler(request)
+        # A preflight from a listed origin is answered before authentication (browsers send
+        # no credentials with it).
+        response: web.StreamResponse | None = preflight(request)
+        if response is None:
+            try:
+                # aiohttp runs each request in a task of its own, on a copy of its
+                # connection's context: what an earlier request on the connection bound (its
+                # key) is not in this one's, so there is nothing to unbind (tests/test_logs.py
+                # checks it).
+                _REQUEST_ID.set(trace.request_id)
+                principal = sign_in(request, trace)
+                if principal is not None:
+                    _KEY_ID.set(principal.key.id)
+                check_length(request, snapshot)
+                if principal is None or request.method != "POST":
+                    response = await handler(request)
+                else:
+                    # A model request: a slot of its key's concurrency and a request of its
+                    # rate are taken before its body is read (`gateway.intake`).
+                    trace.metered = True  # refusals from here on are counted for the key
+                    gate = app[GATE_KEY]
+                    ticket = request[TICKET_KEY] = (
+                        gate.enter(principal.key)
+                        if gate.admits_at_once
+                        else await gate.admit(principal.key)
+                    )
+                    if ticket is None:  # a key without limits: nothing held or given back
+                        await read_body(request)
+                        response = await handler(request)
+                    else:
+                        try:
+                            await read_body(request)
+                            response = await handler(request)
+                        finally:
+                            gate.leave(ticket)
+            except GatewayError as exc:
+                trace.refused = exc.reason
+                response = error_response(exc, request)
+                if exc.closes:  # the rest of the body is not read: the connection is spent
+                    response.force_close()
+            except web.HTTPException as exc:
+                if exc.status < 400:  # (a redirect): aiohttp answers it as it is
+                    response_headers(request, exc)
+                    raise
+                response = error_response(_from_http_exception(request, exc), request)
+                if "Allow" in exc.headers:  # a 405 says which methods the route takes
+                    response.headers["Allow"] = exc.headers["Allow"]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("unhandled_error")
+                response = error_response(
+                    GatewayError("The gateway failed to process the request."), request
+                )
         status = response.status
         if not response.prepared:  # streams set these themselves before their headers go out
             response.headers["X-Request-ID"] = trace.request_id
             add_trace_headers(request, trace, response)
+            response_headers(request, response)
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED  # handler cancelled because the client went away
@@ -126,12 +228,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         # usage writer's last flush must find the row.
         status = trace.status or status
         if shutting_down.is_set():
-            _finish(request, trace, status)
+            _finish(request, app, route, trace, status)
         else:
-            asyncio.get_running_loop().call_soon(_finish, request, trace, status)
+            asyncio.get_running_loop().call_soon(_finish, request, app, route, trace, status)
 
 
-def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
+def _finish(
+    request: web.Request, app: web.Application, route: str, trace: RequestTrace, status: int
+) -> None:
     """Queue the usage row (for model requests; a refusal before any upstream call is only
     counted) and write the canonical log line."""
     record = UsageRecord(
@@ -148,14 +252,13 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
         completion_tokens=trace.completion_tokens,
         total_tokens=trace.prompt_tokens + trace.completion_tokens,
         cost_usd=trace.cost_usd,
-        latency_ms=round((time.perf_counter() - trace.started) * 1000, 3),
+        latency_ms=elapsed_ms(trace.started, time.perf_counter()),
         ttft_ms=trace.ttft_ms,
         estimated=trace.estimated,
         cache_read_tokens=trace.cache_read_tokens,
         cache_write_tokens=trace.cache_write_tokens,
         uid=mint_uid(),
     )
-    app = request.app
     if trace.metered:
         if status >= 400 and not trace.attempts and trace.key_id is not None:
             app[REFUSALS_KEY].count(trace.ts, trace.key_id, status)
@@ -163,10 +266,8 @@ def _finish(request: web.Request, trace: RequestTrace, status: int) -> None:
             app[USAGE_KEY].record(record)
     metrics = app.get(METRICS_KEY)
     if metrics is not None:
-        resource = request.match_info.route.resource
-        endpoint = resource.canonical if resource is not None else "other"
         try:
-            metrics.observe(trace, endpoint, status, record.latency_ms / 1000)
+            metrics.observe(trace, route, status, record.latency_ms / 1000)
         except Exception:  # a metric is never worth a request's log line and usage row
             log.exception("metrics_update_failed")
     # The usage row's fields but its time and endpoint: the line has its own timestamp and
@@ -235,27 +336,3 @@ def error_response(exc: GatewayError, request: web.Request | None = None) -> web
         content_type="application/json",
         headers=headers,
     )
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        request[TRACE_KEY].refused = exc.reason
-        response = error_response(exc, request)
-        if exc.closes:
-            response.force_close()  # the rest of the body is not read: the connection is spent
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = error_response(_from_http_exception(request, exc), request)
-        if "Allow" in exc.headers:  # a 405 says which methods the route takes
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled_error")
-        return error_response(GatewayError("The gateway failed to process the request."), request)

@@ -268,10 +268,10 @@ class PgStore:
 
     # Usage
 
-    async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
+    async def insert_usage(self, rows: Sequence[UsageRecord], *, fresh: bool = False) -> None:
         """Append usage rows, and add them to the daily rollup, in one transaction (all or
         none); rows already written (same `uid`, from a retried batch) are skipped, in the
-        rollup too."""
+        rollup too (by the one statement, whatever `fresh` says)."""
         if not rows:
             return
         async with self.pool.acquire() as conn, conn.transaction():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from functools import reduce
+from operator import add, attrgetter
 from typing import Any, Literal
 
 import aiosqlite
@@ -41,17 +43,35 @@ ROLL_UP = (
 
 def roll_up(rows: Iterable[UsageRecord]) -> list[tuple[Any, ...]]:
     """A batch of usage rows as `ROLL_UP` parameters: one per UTC day, key and model."""
-    sums: dict[tuple[int, str, str], list[float]] = {}
+    # Rows are grouped first, then each group summed by C loops (map, sum, reduce): a row
+    # costs a look-up and an append, not four additions in Python.
+    groups: dict[tuple[int, str, str], list[UsageRecord]] = {}
     for r in rows:
         group = (int(r.ts // 86400), r.key_id or "", r.model or "")
-        acc = sums.setdefault(group, [0, 0, 0, 0.0])
-        acc[0] += 1
-        acc[1] += r.status >= 400
-        acc[2] += r.total_tokens
-        acc[3] += r.cost_usd
-    # Tokens past SQLite's 64-bit integers (a hostile upstream's counts) go as a float, as
-    # TOTAL() sums them, rather than failing the batch.
-    return [(*g, int(a[0]), int(a[1]), _int64_or_float(a[2]), a[3]) for g, a in sums.items()]
+        members = groups.get(group)
+        if members is None:
+            groups[group] = [r]
+        else:
+            members.append(r)
+    return [
+        (
+            *g,
+            len(members),
+            sum(map(_IS_ERROR, map(_STATUS, members))),
+            # Tokens past SQLite's 64-bit integers (a hostile upstream's counts) go as a
+            # float, as TOTAL() sums them, rather than failing the batch.
+            _int64_or_float(sum(map(_TOKENS, members))),
+            # Added in row order, one at a time (as `sum` of floats does only up to 3.11).
+            reduce(add, map(_COST, members), 0.0),
+        )
+        for g, members in groups.items()
+    ]
+
+
+_STATUS = attrgetter("status")
+_IS_ERROR = (400).__le__  # 400 <= status
+_TOKENS = attrgetter("total_tokens")
+_COST = attrgetter("cost_usd")
 
 
 def _int64_or_float(n: float) -> Any:

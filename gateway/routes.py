@@ -19,6 +19,8 @@ from gateway.handlers import (
     responses,
 )
 from gateway.intake import expect_later
+from gateway.metrics import OTHER
+from gateway.middleware import UNMATCHED, through_gateway, unmatched
 
 __all__ = ["setup_routes"]
 
@@ -56,9 +58,15 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
 
 
 def setup_routes(app: web.Application) -> None:
+    """Every route, each handler called through `middleware.gateway`; last, the route of
+    every other path and method (`middleware.unmatched`)."""
     for method, path, handler in _ROUTES:
+        resource = app.router.add_resource(path)  # (the previous one again for the same path)
+        through = through_gateway(handler, resource.canonical)
         # `Expect: 100-continue` is answered once a request is admitted (gateway.intake).
-        if method == "GET":  # add_get, as before: it answers HEAD too
-            app.router.add_get(path, handler, expect_handler=expect_later)
-        else:
-            app.router.add_route(method, path, handler, expect_handler=expect_later)
+        if method == "GET":  # as add_get: it answers HEAD too
+            resource.add_route("HEAD", through, expect_handler=expect_later)
+        resource.add_route(method, through, expect_handler=expect_later)
+    app.router.add_route(
+        "*", UNMATCHED, through_gateway(unmatched, OTHER), expect_handler=expect_later
+    )

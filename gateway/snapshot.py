@@ -1,6 +1,6 @@
 """The config a request runs on: settings, providers and router, swapped whole on a reload.
 
-`request_context` takes the current `Snapshot` once per request and holds it until the request
+`middleware.gateway` takes the current `Snapshot` once per request and holds it until the request
 (or its stream) ends, so a request never mixes two configs. `LiveConfig` is the one swap
 point: it holds the current snapshot and the retired ones that requests still use, and closes
 a provider's HTTP session once no snapshot in use holds that provider. A reload reuses the

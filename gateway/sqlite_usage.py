@@ -29,34 +29,51 @@ INSERT_USAGE = (
     f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({marks(_USAGE_FIELDS)})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING"
 )
-# Full runs of rows go in one multi-row INSERT (a statement SQLite prepares once and runs
-# once for the run, about half the CPU of a step per row); the rest of a batch row by row.
-# Sized under SQLite's bound-parameter limit (32766 since 3.32, 999 before).
-USAGE_RUN = min(
-    250, (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(_USAGE_FIELDS)
-)
-_INSERT_USAGE_RUN = (
-    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES "  # noqa: S608
-    + ", ".join([f"({marks(_USAGE_FIELDS)})"] * USAGE_RUN)
-    + " ON CONFLICT (uid) DO NOTHING"
-)
+# Rows go in multi-row INSERTs (SQLite steps one statement for a run of rows instead of one
+# per row: about half the CPU of a row) of power-of-two sizes up to USAGE_RUN: a batch of
+# any size is a few runs (23 rows: 16 + 4 + 2 + 1), each of a statement prepared once and
+# kept in the connection's statement cache (a handful of shapes, not one per batch size).
+# USAGE_RUN is sized under SQLite's bound-parameter limit (32766 since 3.32, 999 before).
+_MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+USAGE_RUN = 1 << (min(256, _MAX_PARAMS // len(_USAGE_FIELDS)).bit_length() - 1)
+
+
+def _insert_run(rows: int) -> str:
+    return (
+        f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES "  # noqa: S608
+        + ", ".join([f"({marks(_USAGE_FIELDS)})"] * rows)
+        + " ON CONFLICT (uid) DO NOTHING"
+    )
+
+
+_INSERT_RUNS = {1 << n: _insert_run(1 << n) for n in range(USAGE_RUN.bit_length())}
+# Where a row's bools are: bound as ints. sqlite3 binds an int, float or str at once, but
+# asks its adapters about anything else (a bool too): a failed look-up of two attributes,
+# about 3,500 instructions a value.
+_WIDTH = len(_USAGE_FIELDS)
+_BOOLS = tuple(i for i, f in enumerate(msgspec.structs.fields(UsageRecord)) if f.type is bool)
 ADD_REFUSALS = (
     "INSERT INTO refusals (minute, key_id, status, count) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (minute, key_id, status) DO UPDATE SET count = count + excluded.count"
 )
 
 
-async def write_usage(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> None:
+async def write_usage(
+    db: aiosqlite.Connection, rows: Sequence[UsageRecord], *, fresh: bool = False
+) -> None:
     """Insert the rows not written yet and add them to the daily rollup (in the caller's
-    transaction, under its write lock, so no one adds them between the look and the insert)."""
+    transaction, under its write lock, so no one adds them between the look and the insert).
+    `fresh` rows were never written before: no look for them in the table."""
     astuple = msgspec.structs.astuple
-    new = await _unwritten(db, rows)
-    split = len(new) - len(new) % USAGE_RUN
-    for start in range(0, split, USAGE_RUN):
-        run = new[start : start + USAGE_RUN]
-        await db.execute(_INSERT_USAGE_RUN, list(chain.from_iterable(map(astuple, run))))
-    if split < len(new):
-        await db.executemany(INSERT_USAGE, [astuple(r) for r in new[split:]])
+    new = list(rows) if fresh else await _unwritten(db, rows)
+    start, left = 0, len(new)
+    while left:
+        size = USAGE_RUN if left >= USAGE_RUN else 1 << (left.bit_length() - 1)
+        params = list(chain.from_iterable(map(astuple, new[start : start + size])))
+        for column in _BOOLS:
+            params[column::_WIDTH] = map(int, params[column::_WIDTH])
+        await db.execute(_INSERT_RUNS[size], params)
+        start, left = start + size, left - size
     await db.executemany(ROLL_UP, roll_up(new))
 
 

@@ -19,6 +19,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, UpstreamUnavailable
+from gateway.middleware import response_headers
 from gateway.providers._sse import DONE_EVENT, Framed, data_event
 from gateway.schemas.codec import encode
 from gateway.sse_pings import StreamPings
@@ -93,6 +94,7 @@ class SSEStream:
         trace = self._request[TRACE_KEY]
         self.response.headers["X-Request-ID"] = trace.request_id
         add_trace_headers(self._request, trace, self.response)
+        response_headers(self._request, self.response)
         await self.response.prepare(self._request)
         task = asyncio.current_task()
         if task is not None:

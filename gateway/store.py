@@ -208,16 +208,18 @@ class Store(SqliteCopies):
 
     # Usage
 
-    async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
+    async def insert_usage(self, rows: Sequence[UsageRecord], *, fresh: bool = False) -> None:
         """Append usage rows, and add them to the daily rollup, in one transaction (all or none).
 
         Rows already written (same `uid`, from a batch retried after a lost commit) are
         skipped, and so left out of the rollup: the write lock keeps anyone from adding
-        them between the look and the insert."""
+        them between the look and the insert. `fresh`: the caller knows none of the rows
+        was handed to this method before (the usage recorder does), so none can be there
+        and the look is skipped."""
         if not rows:
             return
         async with self._transaction() as db:
-            await write_usage(db, rows)
+            await write_usage(db, rows, fresh=fresh)
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""

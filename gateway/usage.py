@@ -28,7 +28,7 @@ _MAX_BACKOFF_SECONDS = 10.0
 class UsageSink(Protocol):
     """Where rows go; `gateway.store.Store` is one."""
 
-    async def insert_usage(self, rows: Sequence[UsageRecord]) -> None: ...
+    async def insert_usage(self, rows: Sequence[UsageRecord], *, fresh: bool = False) -> None: ...
 
 
 class UsageRecorder:
@@ -58,6 +58,9 @@ class UsageRecorder:
         self._queued: list[UsageRecord] = []
         # Rows taken by a write and not yet written (including rows of failed writes).
         self._held: list[UsageRecord] = []
+        # How many rows at the start of `_held` were handed to the store already: a write
+        # that failed (or was cancelled) may still have committed them.
+        self._tried = 0
         self._full = asyncio.Event()
         # One writer at a time: the background task, flush() or stop().
         self._write_lock = asyncio.Lock()
@@ -103,14 +106,20 @@ class UsageRecorder:
             self._queued.clear()
             while self._held:
                 batch = self._held[: self._batch_size]
+                # Rows never handed to the store cannot be in the table: the store skips
+                # looking for them there (`fresh`). Counted as tried before the await, so
+                # a write cut short by anything, a cancellation too, leaves them checked.
+                fresh = self._tried == 0
+                self._tried = max(self._tried, len(batch))
                 try:
-                    await self._store.insert_usage(batch)
+                    await self._store.insert_usage(batch, fresh=fresh)
                 except Exception:
                     self.failing = True
                     self._trim()
                     raise
                 # Only the task appends to _held while we await, and only at the end.
                 del self._held[: len(batch)]
+                self._tried -= len(batch)
             self.failing = False
 
     async def stop(self) -> None:
@@ -155,5 +164,6 @@ class UsageRecorder:
         excess = len(self._held) - self._max_retained
         if excess > 0:
             del self._held[:excess]
+            self._tried = max(0, self._tried - excess)
             self.dropped += excess
             log.error("usage_rows_dropped", rows=excess, retained=len(self._held))

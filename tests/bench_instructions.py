@@ -14,7 +14,8 @@ the instructions per request. Every measured request must succeed. Python's hash
 
 The count includes the work after each answer (usage row, metrics, log line) and the usage
 writer's SQLite batches, whose size depends on how fast the process runs under valgrind: a few
-thousand instructions of noise per request. Needs valgrind (`apt-get install valgrind`); not
+thousand instructions of noise per request; `--without-usage-writes` leaves them out (the rows
+are held until the gateway stops, uncounted). Needs valgrind (`apt-get install valgrind`); not
 part of `make test`.
 """
 
@@ -60,11 +61,19 @@ def _toggle(server: Server, on: bool) -> None:
 
 
 def count(
-    mode: bench.Mode, side: str, requests: int, warm_up: int, keep: Path | None = None
+    mode: bench.Mode,
+    side: str,
+    requests: int,
+    warm_up: int,
+    keep: Path | None = None,
+    *,
+    usage_writes: bool = True,
 ) -> float:
     """Instructions per request of `side` ("gateway" or "relay") for `requests` in `mode`.
 
-    With `keep`, callgrind's output file is copied there (`callgrind_annotate` reads it).
+    With `keep`, the callgrind file is copied there (for `callgrind_annotate`). Without
+    `usage_writes`, the gateway holds its usage rows until it stops (uncounted): the count
+    then leaves out the SQLite batches, whose size (and so cost a row) moves between runs.
     """
     servers = Servers()
     tmp = Path(tempfile.mkdtemp(prefix="tk-instr-"))
@@ -82,6 +91,9 @@ def count(
         if side == "gateway":
             config, db = tmp / "gateway.toml", tmp / "keys.db"
             bench.write_config(config, upstream)
+            if not usage_writes:
+                held = "[server]\nusage_flush_seconds = 3600\nusage_batch_size = 1000000\n"
+                config.write_text(config.read_text().replace("[server]\n", held, 1))
             key = asyncio.run(create_key(db))
             argv = [
                 *_callgrind(out), sys.executable, "-m", "gateway", "serve", "--config",
@@ -103,7 +115,8 @@ def count(
         servers.stop_all()  # callgrind writes its file as the process exits
     try:
         if keep is not None:
-            shutil.copyfile(out, keep)
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, keep / f"callgrind.{side}.{mode}.out")
         return _total(out) / requests
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,8 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side", choices=("gateway", "relay"), action="append")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--warm-up", type=int, default=300)
+    parser.add_argument("--keep", type=Path, help="a directory to keep the callgrind files in")
     parser.add_argument(
-        "--keep", type=Path, metavar="DIR", help="copy each callgrind file into DIR"
+        "--without-usage-writes",
+        action="store_true",
+        help="hold usage rows until the gateway stops: count without the SQLite writes",
     )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -138,11 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["PYTHONHASHSEED"] = "0"  # the servers inherit it
     for mode in args.mode or ["json", "stream"]:
         for side in args.side or ["gateway", "relay"]:
-            keep = None
-            if args.keep is not None:
-                args.keep.mkdir(parents=True, exist_ok=True)
-                keep = args.keep / f"callgrind.{side}.{mode}"
-            per_request = count(mode, side, args.requests, args.warm_up, keep)
+            per_request = count(
+                mode,
+                side,
+                args.requests,
+                args.warm_up,
+                args.keep,
+                usage_writes=not args.without_usage_writes,
+            )
             print(f"{side:8} {mode:6} {per_request:12,.0f} instructions per request", flush=True)
 
 

@@ -188,9 +188,9 @@ async def test_the_row_and_line_are_made_after_the_answer_is_written(
     written: list[int] = []
     finish = middleware._finish
 
-    def noting(request: web.Request, trace: Any, status: int) -> None:
+    def noting(request: web.Request, *args: Any) -> None:
         written.append(request.writer.output_size if request.writer is not None else -1)
-        finish(request, trace, status)
+        finish(request, *args)
 
     monkeypatch.setattr(middleware, "_finish", noting)
     with structlog.testing.capture_logs() as logs:

@@ -245,6 +245,21 @@ async def test_a_large_batch_is_written_whole_in_order_in_multi_row_runs(
     assert rows == [(f"r{i}", i, None if i % 2 else 1.5) for i in range(count)]
 
 
+async def test_a_batch_of_every_kind_of_run_is_written_whole_in_order(
+    sqlite_store: Store,
+) -> None:
+    # A long run, then runs of 16, 4, 2 and 1 rows: USAGE_RUN + 23 rows.
+    count = USAGE_RUN + 23
+    await sqlite_store.insert_usage(
+        [usage(request_id=f"r{i}", stream=i % 3 == 0, uid=mint_uid()) for i in range(count)],
+        fresh=True,
+    )
+    rows = await fetch(sqlite_store, "SELECT request_id, stream FROM usage ORDER BY id")
+    assert rows == [(f"r{i}", int(i % 3 == 0)) for i in range(count)]
+    rolled = await fetch(sqlite_store, "SELECT SUM(requests) FROM usage_daily")
+    assert rolled == [(count,)]
+
+
 async def test_a_large_retried_batch_counts_each_row_once(store: Database) -> None:
     # Multi-row runs and uid deduplication together: a batch of several runs retried with
     # new rows added writes only the new ones, and the rollup counts only those.

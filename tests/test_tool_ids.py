@@ -16,6 +16,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 
 from gateway.providers._call_ids import short_input_ids, shorten
+from gateway.providers.openai import _may_hold_call_ids
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from tests.conftest import (
     MakeSettings,
@@ -146,3 +147,14 @@ def test_short_ids_unit() -> None:
     assert shorten(long) == shorten(long) and len(shorten(long)) == 29
     assert shorten(long) != shorten(long + "b")
     assert short_input_ids(b'"just text"') is None  # type: ignore[arg-type]
+
+
+def test_only_a_body_that_cannot_hold_a_call_id_skips_the_walk() -> None:
+    # The OpenAI provider looks for long ids only in bodies that may hold one: the bytes
+    # of either key, or an escape that could spell it (`tool\u005fcall_id`), or no
+    # client body at all (a translated request).
+    assert not _may_hold_call_ids(b'{"model":"o","messages":[{"role":"user","content":"hi"}]}')
+    assert _may_hold_call_ids(b'{"messages":[{"role":"tool","tool_call_id":"x"}]}')
+    assert _may_hold_call_ids(b'{"messages":[{"role":"assistant","tool_calls":[]}]}')
+    assert _may_hold_call_ids(b'{"messages":[{"role":"tool","tool\\u005fcall_id":"x"}]}')
+    assert _may_hold_call_ids(None)

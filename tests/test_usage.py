@@ -6,10 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.records import UsageRecord
+from gateway.records import UsageRecord, mint_uid
 from gateway.store import Store, open_store
 from gateway.usage import UsageRecorder
 from tests.conftest import NEVER_HANG
@@ -25,14 +26,20 @@ class SpyStore:
         self.attempts = 0
         self.written = asyncio.Event()
         self.attempted = asyncio.Event()
+        self.lost_commits = 0  # how many upcoming inserts commit, then raise
+        self.fresh: list[bool] = []  # what the recorder said of each batch
 
-    async def insert_usage(self, rows: Sequence[UsageRecord]) -> None:
+    async def insert_usage(self, rows: Sequence[UsageRecord], *, fresh: bool = False) -> None:
         self.attempts += 1
         self.attempted.set()
+        self.fresh.append(fresh)
         if self.failures:
             self.failures -= 1
             raise OSError("disk on fire")
-        await self.store.insert_usage(rows)
+        await self.store.insert_usage(rows, fresh=fresh)
+        if self.lost_commits:
+            self.lost_commits -= 1
+            raise OSError("the commit's answer was lost")
         self.batches.append(len(rows))
         self.written.set()
 
@@ -186,3 +193,25 @@ async def test_stop_logs_rows_it_cannot_write(spy: SpyStore) -> None:
     with capture_logs() as logs:
         await recorder.stop()  # does not raise: shutdown must go on
     assert [e["rows"] for e in logs if e["event"] == "usage_rows_lost"] == [1]
+
+
+async def test_a_batch_is_fresh_only_until_it_was_tried(spy: SpyStore) -> None:
+    # Rows the store never saw skip its look for rows already written; a batch whose write
+    # failed may have committed (the answer lost), so its retry is checked, and no row is
+    # written or rolled up twice.
+    recorder = UsageRecorder(spy, flush_seconds=60, batch_size=3)
+    rows = [msgspec.structs.replace(row(i), uid=mint_uid()) for i in range(5)]
+    for r in rows[:4]:
+        recorder.record(r)
+    spy.lost_commits = 1
+    with pytest.raises(OSError, match="lost"):
+        await recorder.flush()  # the first 3 rows committed, answer lost
+    recorder.record(rows[4])
+    await recorder.flush()  # the 3 again (checked), then 2 never tried
+    await recorder.flush()
+    assert spy.fresh == [True, False, True]
+    assert recorder.pending == 0
+    ids = await spy.store.db.execute_fetchall("SELECT request_id FROM usage ORDER BY id")
+    assert [r[0] for r in ids] == [f"req-{i}" for i in range(5)]
+    rolled = await spy.store.db.execute_fetchall("SELECT SUM(requests) FROM usage_daily")
+    assert [tuple(r) for r in rolled] == [(5,)]

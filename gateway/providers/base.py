@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -38,9 +37,10 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True, kw_only=True)
-class Call:
-    """One request on its way to one upstream target, whatever its endpoint.
+class Call(msgspec.Struct, kw_only=True):
+    """One request on its way to one upstream target, whatever its endpoint. (A Struct, not
+    a dataclass: one is made per request, its fields set in C rather than by a Python
+    `__init__`.)
 
     The pipeline and the failover loop read and reset these fields; the endpoint's call type
     (`ChatCall`, `EmbeddingCall`, `CompletionCall`) adds its request and says what it may use.
@@ -72,7 +72,7 @@ class Call:
     chunks: int = 0
     first_byte_at: float | None = None
     sse_out: bool = False
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = msgspec.field(default_factory=time.monotonic)
     _raw: dict[str, msgspec.Raw] | None = None
 
     @property
@@ -111,8 +111,7 @@ class Call:
         upstream when it sets none (so that `output_bound` holds); by default it has one."""
 
 
-@dataclass(slots=True, kw_only=True)
-class ChatCall(Call):
+class ChatCall(Call, kw_only=True):
     """One chat request on its way to one upstream target.
 
     Attributes:
@@ -154,10 +153,10 @@ class ChatCall(Call):
         return (self.max_tokens or default) * choices
 
 
-@dataclass(slots=True, frozen=True)
-class ChatReply:
+class ChatReply(msgspec.Struct, frozen=True):
     """A whole answer: its JSON body (a `chat.completion`, an embeddings `list`, a `response`
-    or a `message` from a pass-through upstream) and the usage read from it."""
+    or a `message` from a pass-through upstream) and the usage read from it. (A Struct: a
+    frozen dataclass sets each field through `object.__setattr__`, on every answer.)"""
 
     body: bytes
     usage: Usage | None

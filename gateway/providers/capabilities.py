@@ -15,7 +15,6 @@ refuses a model none of whose providers has it with a 400. So:
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -34,8 +33,7 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True, kw_only=True)
-class EmbeddingCall(Call):
+class EmbeddingCall(Call, kw_only=True):
     """An embeddings request on its way upstream (`body`: the client's JSON)."""
 
     request: EmbeddingRequest
@@ -44,8 +42,7 @@ class EmbeddingCall(Call):
         return self.request.prompt_estimate()
 
 
-@dataclass(slots=True, kw_only=True)
-class CompletionCall(Call):
+class CompletionCall(Call, kw_only=True):
     """A legacy completions request on its way upstream (`body`: the client's JSON)."""
 
     request: CompletionRequest

@@ -315,7 +315,16 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
     function_call: Raw | UnsetType = UNSET
 
     def __post_init__(self) -> None:
-        _unset_nulls(self, _RAW_FIELDS)
+        # Nearly every request sends none of these: six tests, not a loop of getattr calls.
+        if (
+            self.thinking is not UNSET
+            or self.audio is not UNSET
+            or self.prediction is not UNSET
+            or self.web_search_options is not UNSET
+            or self.functions is not UNSET
+            or self.function_call is not UNSET
+        ):
+            _unset_nulls(self, _RAW_FIELDS)
 
     @property
     def is_stream(self) -> bool:
@@ -327,10 +336,11 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
 
     @property
     def token_limit(self) -> int | None:
-        for value in (self.max_completion_tokens, self.max_tokens):
-            if isinstance(value, int):
-                return value
-        return None
+        value = self.max_completion_tokens
+        if isinstance(value, int):
+            return value
+        value = self.max_tokens
+        return value if isinstance(value, int) else None
 
 
 _RAW_FIELDS = (
