@@ -14,7 +14,6 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
-from weakref import WeakSet
 
 from aiohttp import web
 
@@ -145,7 +144,7 @@ async def _wind_down(app: web.Application) -> None:
     grace = app[LIVE_KEY].current.settings.server.shutdown_grace_seconds
     if inflight and grace > 0:
         await asyncio.wait(inflight, timeout=grace)
-    open_streams: WeakSet[asyncio.Task[Any]] = app[STREAMS_KEY]
+    open_streams: set[asyncio.Task[Any]] = app[STREAMS_KEY]
     for task in list(open_streams):
         if not task.done():
             task.cancel()
@@ -164,7 +163,7 @@ def create_app(
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS_KEY] = settings
-    app[STREAMS_KEY] = WeakSet()
+    app[STREAMS_KEY] = set()
     app[PINGS_KEY] = StreamPings(PING_SECONDS)
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()

@@ -46,6 +46,7 @@ from gateway.trace import TRACE_KEY, RequestTrace, elapsed_ms
 __all__ = [
     "MAX_MODEL_ID",
     "Batches",
+    "Stream",
     "begin",
     "complete",
     "finish",
@@ -267,9 +268,7 @@ def complete(ex: Exchange[ChatCall]) -> Coroutine[Any, Any, ChatReply]:
     return try_routes(ex, lambda route: route.provider.chat(ex.call))
 
 
-async def stream(
-    ex: Exchange[C], open_stream: Callable[[Route], Batches] | None = None
-) -> AsyncGenerator[list[bytes], None]:
+def stream(ex: Exchange[C], open_stream: Callable[[Route], Batches] | None = None) -> Stream:
     """Batches of the stream's payloads; routes are tried until one sends its first batch.
 
     Args:
@@ -285,16 +284,50 @@ async def stream(
 
     opener = open_stream or chat_stream
 
-    async def attempt(route: Route) -> tuple[Batches, list[bytes]]:
-        return await first_batch(route.provider.config, opener(route))
+    def attempt(route: Route) -> Coroutine[Any, Any, tuple[Batches, list[bytes]]]:
+        return first_batch(route.provider.config, opener(route))
 
-    events, first = await try_routes(ex, attempt)
-    try:
-        yield first
-        async for batch in events:
-            yield batch
-    finally:
-        await events.aclose()
+    return Stream(ex, attempt)
+
+
+class Stream:
+    """What `stream()` hands back: an async iterator of the batches of the first route that
+    sends one, to be closed with `aclose()` (`contextlib.aclosing`).
+
+    Not an async generator: after the first batch, each `__anext__()` is the answering
+    stream's own, so no frame of ours is resumed for every batch, and no generator of ours is
+    made, registered with the loop and finalised for every stream."""
+
+    __slots__ = ("_attempt", "_events", "_ex")
+
+    def __init__(
+        self,
+        ex: Exchange[Any],
+        attempt: Callable[[Route], Awaitable[tuple[Batches, list[bytes]]]],
+    ) -> None:
+        self._ex = ex
+        self._attempt: Callable[[Route], Awaitable[tuple[Batches, list[bytes]]]] | None = attempt
+        self._events: Batches | None = None
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    def __anext__(self) -> Awaitable[list[bytes]]:
+        events = self._events
+        if events is None:
+            return self._first()
+        return events.__anext__()
+
+    async def _first(self) -> list[bytes]:
+        if self._attempt is None:  # the routes were tried already, and failed
+            raise StopAsyncIteration
+        attempt, self._attempt = self._attempt, None
+        self._events, first = await try_routes(self._ex, attempt)
+        return first
+
+    async def aclose(self) -> None:
+        if self._events is not None:
+            await self._events.aclose()
 
 
 async def first_batch(
@@ -308,7 +341,14 @@ async def first_batch(
             route may do better), with `events` closed.
     """
     try:
-        first = await anext(events, None)
+        # Not `anext(events, None)`: its awaitable calls `__anext__` again at every
+        # suspension of the wait (connect, send, the answer's head).
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        await events.aclose()
+        raise UpstreamConnectionError(
+            f"The upstream provider '{config.name}' ended the stream without events."
+        ) from None
     except UpstreamError as exc:
         await events.aclose()
         if type(exc) is UpstreamError:  # an error event, or malformed, before any byte went out
@@ -317,11 +357,6 @@ async def first_batch(
     except BaseException:
         await events.aclose()
         raise
-    if first is None:
-        await events.aclose()
-        raise UpstreamConnectionError(
-            f"The upstream provider '{config.name}' ended the stream without events."
-        )
     return events, first
 
 

@@ -1,9 +1,10 @@
-"""Server-sent events to the client, on top of aiohttp-sse's `EventSourceResponse`.
+"""Server-sent events to the client.
 
-aiohttp-sse gives us the headers proxies need (no-cache, X-Accel-Buffering: no), never
-compresses, pings with `: ping` comments during long silences, and aborts stalled peers.
-Payloads that are already JSON bytes are framed here directly so relayed upstream chunks are
-never decoded to `str` and back. `relay()` is the one loop that moves a stream's batches to
+A stream has the headers proxies need (no-cache, X-Accel-Buffering: no, as aiohttp-sse
+sends them), is never compressed, is pinged with `: ping` comments during long silences
+(`sse_pings`), and stalled peers are dropped (`gateway.server`). Payloads that are already
+JSON bytes are framed here directly so relayed upstream chunks are never decoded to `str`
+and back. `relay()` is the one loop that moves a stream's batches to
 the client and ends it, cleanly or with an error event.
 """
 
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp_sse import EventSourceResponse
+from aiohttp.web import ContentCoding
+from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, UpstreamUnavailable
 from gateway.middleware import response_headers
@@ -46,9 +49,9 @@ def _error_frame(exc: GatewayError) -> bytes:
     return data_event(encode(exc.body()))
 
 
-class _EventStream(EventSourceResponse):
-    """aiohttp-sse's response (its headers and chunked encoding) with three changes for many
-    streams at once:
+class _EventStream(web.StreamResponse):
+    """An event stream response: aiohttp-sse's headers (proxies must neither cache, buffer
+    nor compress it) and chunked encoding, without aiohttp-sse's per-stream costs:
 
     - its headers go out with its first event in one write (as `web.Response`'s do with its
       body) instead of a write of their own: `relay()` starts a stream only once its first
@@ -56,53 +59,77 @@ class _EventStream(EventSourceResponse):
     - no ping task of its own: the app's `StreamPings` pings every silent stream from one
       task;
     - the kernel's TCP user timeout that drops a stalled peer is set once per connection
-      (`gateway.server`), not set and restored around every stream."""
+      (`gateway.server`), not set and restored around every stream;
+    - its headers are copied from one prebuilt set, not set one by one."""
 
     _send_headers_immediately = False
+    _chunked = True
 
     def __init__(self, pings: StreamPings) -> None:
-        super().__init__(sep="\n", allow_all_methods=True)
+        super().__init__(_real_headers=_HEADERS.copy())
         self._pings = pings
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
-        writer = await web.StreamResponse.prepare(self, request)  # not aiohttp-sse's: no task
-        self.enable_chunked_encoding()
+        writer = await super().prepare(request)
         if writer is not None:
             self._pings.add(self, writer)
         return writer
+
+    def enable_compression(
+        self, force: bool | ContentCoding | None = None, strategy: int | None = None
+    ) -> None:
+        raise NotImplementedError("an event stream is never compressed")
 
     def stop_streaming(self) -> None:
         self._pings.discard(self)
 
 
+_HEADERS = CIMultiDict(
+    {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "Connection": "keep-alive",
+        "X-Accel-Buffering": "no",
+    }
+)
+
+
 class SSEStream:
-    """One client event stream: `start()`, then `write()` framed events, `error()`, `close()`.
+    """One client event stream: `start()` with its first events, then framed events written
+    with its `writer` (one write a batch: one syscall), `error()`, `end()` or `close()`.
 
     Once its end is written (`end()`), nothing more is: that write may still wait for a
     slow client when a shutdown or a hang-up interrupts it, but its bytes, the chunked
     terminator last, are already queued, and anything after them would reach the client as
     the start of the next response on the connection."""
 
+    __slots__ = ("_request", "_streams", "_task", "ended", "response", "writer")
+
     def __init__(self, request: web.Request) -> None:
         self._request = request
-        self.response = _EventStream(request.app[PINGS_KEY])
+        app = request.app  # (a property that walks the match info: read once)
+        self.response = _EventStream(app[PINGS_KEY])
+        self._streams = app[STREAMS_KEY]
+        self.writer: AbstractStreamWriter | None = None
+        self._task: asyncio.Task[Any] | None = None
         self.ended = False
 
-    async def start(self) -> None:
-        trace = self._request[TRACE_KEY]
-        self.response.headers["X-Request-ID"] = trace.request_id
-        add_trace_headers(self._request, trace, self.response)
-        response_headers(self._request, self.response)
-        await self.response.prepare(self._request)
-        task = asyncio.current_task()
+    async def start(self, first: bytes) -> None:
+        """Send the headers with the stream's first events, in one write."""
+        request = self._request
+        trace = request[TRACE_KEY]
+        response = self.response
+        response.headers["X-Request-ID"] = trace.request_id
+        add_trace_headers(request, trace, response)
+        response_headers(request, response)
+        writer = self.writer = await response.prepare(request)
+        task = self._task = asyncio.current_task()
         if task is not None:
-            self._request.app[STREAMS_KEY].add(task)
-
-    async def write(self, frames: bytes) -> None:
-        """Write events that are already framed (a batch in one call: one syscall)."""
-        await self.response.write(frames)
+            self._streams.add(task)
+        if writer is not None:
+            await writer.write(first)  # (the response's own `write()` is one frame more)
 
     async def error(
         self, exc: GatewayError, frame: Callable[[GatewayError], bytes] = _error_frame
@@ -128,6 +155,11 @@ class SSEStream:
         self.response.stop_streaming()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.response.write_eof()
+
+    def forget(self) -> None:
+        """No longer count the stream as open (for shutdown and the open-streams gauge)."""
+        if self._task is not None:
+            self._streams.discard(self._task)
 
 
 async def relay(
@@ -155,10 +187,13 @@ async def relay(
     first = await anext(aiter(events))
     sse = SSEStream(request)
     try:
-        await sse.start()
-        await sse.write(frame(first))
-        async for batch in events:
-            await sse.write(frame(batch))
+        await sse.start(frame(first))
+        writer = sse.writer
+        if writer is not None:
+            # The payload writer's own `write()`: the response's adds a frame to every batch
+            # (its checks hold here: the response is prepared and not ended).
+            async for batch in events:
+                await writer.write(frame(batch))
         await sse.end(end)
     except GatewayError as exc:
         trace.status = status_of(exc)
@@ -182,7 +217,9 @@ async def relay(
         trace.status = status_of(failure)
         await _try(sse.error(failure, error_frame))
     finally:
-        await sse.close()
+        sse.forget()
+        if not sse.ended:
+            await sse.close()
     return sse.response
 
 

@@ -49,7 +49,7 @@ from gateway.providers._sse import EventTooLarge, Framed, FrameDecoder, SSEDecod
 from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
 
-__all__ = ["Attempt", "Dialect", "UpstreamClient", "bearer", "key_header"]
+__all__ = ["Attempt", "Dialect", "Relay", "UpstreamClient", "bearer", "key_header"]
 
 T = TypeVar("T")
 
@@ -62,6 +62,22 @@ MIN_SECRET_CHARS = 16
 REDACTED = b"[redacted]"
 
 Classifier = Callable[[str, int, bytes, Mapping[str, str]], UpstreamError]
+
+
+class Relay(Protocol):
+    """What a provider makes of each batch of a stream it reads (`UpstreamClient.stream`)."""
+
+    def each(self, batch: list[bytes]) -> tuple[list[bytes], bool, UpstreamError | None]:
+        """(the batch for the client, whether the stream is done, an error to end it with)."""
+        ...
+
+    def end(self) -> None:
+        """The upstream ended the stream without a batch saying it was done.
+
+        Raises:
+            UpstreamError: the stream must not look complete.
+        """
+        ...
 
 
 class Attempt(Protocol):
@@ -78,7 +94,10 @@ def _secret(attempt: Attempt) -> bytes | None:
 
 
 def _redact(data: bytes, secret: bytes | None) -> bytes:
-    return data.replace(secret, REDACTED) if secret is not None and secret in data else data
+    # (`find` for `in`: see `_sse`)
+    if secret is not None and data.find(secret) >= 0:
+        return data.replace(secret, REDACTED)
+    return data
 
 
 def bearer(api_key: str) -> dict[str, str]:
@@ -201,6 +220,7 @@ class UpstreamClient:
         extra: Mapping[str, str] | None = None,
         *,
         passthrough: bool = False,
+        relay: Relay | None = None,
     ) -> AsyncGenerator[list[bytes], None]:
         """POST `body` and yield the payloads of the upstream's events, batched by read.
 
@@ -208,74 +228,95 @@ class UpstreamClient:
         client write, and nothing waits for more input than has arrived. With `passthrough`,
         a read that is whole, canonical events (`_sse.canonical`), valid UTF-8 without the
         key comes as one `Framed` batch of its bytes, for a caller that relays them as SSE.
+        With `relay`, what is yielded is what `relay.each` makes of each batch, in this one
+        generator (a provider's generator around it would be resumed for every batch too).
 
         Raises:
             UpstreamError: before the first batch as for `post`; after it, a failure of the
-                connection or an event over the size limit.
+                connection, an event over the size limit, or what `relay` raises or returns.
         """
         async with self.pool:
-            with self.watchdog.watch() as watch:
-                try:
-                    async with self._session.post(
-                        url,
-                        data=body,
-                        headers=self.headers(attempt, extra),
-                        timeout=self._stream_timeout,
-                        allow_redirects=False,
-                    ) as resp:
-                        if not 200 <= resp.status < 300:
-                            raise await self._failure(resp, attempt)
-                        async for batch in self._batches(resp, attempt, watch, passthrough):
-                            watch.reading = False  # the client's pace is not the upstream's
-                            yield batch
-                            watch.reading, watch.last = True, time.monotonic()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise upstream_failure(self.config.name, exc) from exc
-                except asyncio.CancelledError:
-                    if not watch.timed_out():
-                        raise
-                    raise self._silent(watch) from None
-
-    async def _batches(
-        self, resp: aiohttp.ClientResponse, attempt: Attempt, watch: Watch, passthrough: bool
-    ) -> AsyncGenerator[list[bytes], None]:
-        frames = self._dialect.frames(self.config.max_event_bytes)
-        secret = _secret(attempt)
-        held = 0
-        try:
-            async for piece in resp.content.iter_any():
-                if (
-                    passthrough
-                    and frames.passes(piece)
-                    and (secret is None or secret not in piece)
-                    and (piece.isascii() or utf8(piece) is piece)
-                ):
-                    batch: list[bytes] = Framed((piece,))  # nothing to repair or redact
-                else:
-                    batch = frames.feed(piece)
-                    if frames.held != held:
-                        self._hold(resp, frames.held - held)
-                        held = frames.held
-                    if secret is not None:
-                        _redact_each(batch, secret)
-                if batch:
-                    if watch.first:
-                        attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
-                        watch.first, watch.limit = False, self.config.read_timeout
-                    yield batch
-                elif not watch.first:
-                    watch.last = time.monotonic()  # pings keep a started stream open
-            tail = frames.end()
-            if tail:
-                if secret is not None:
-                    _redact_each(tail, secret)
-                yield tail
-        except EventTooLarge:
-            resp.close()  # drop the connection: the rest of the event is not read
-            raise self._too_large("a stream event", "max_event_bytes") from None
-        finally:
-            frames.clear()  # a traceback may keep this frame, and so the decoder
-            self._free += held
+            watch = self.watchdog.open()
+            try:
+                async with self._session.post(
+                    url,
+                    data=body,
+                    headers=self.headers(attempt, extra),
+                    timeout=self._stream_timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    if not 200 <= resp.status < 300:
+                        raise await self._failure(resp, attempt)
+                    frames = self._dialect.frames(self.config.max_event_bytes)
+                    secret = _secret(attempt)
+                    held = 0
+                    try:
+                        async for piece in resp.content.iter_any():
+                            if (
+                                passthrough
+                                and frames.passes(piece)
+                                and (secret is None or piece.find(secret) < 0)
+                                and (piece.isascii() or utf8(piece) is piece)
+                            ):
+                                batch: list[bytes] = Framed((piece,))  # nothing to repair
+                            else:
+                                batch = frames.feed(piece)
+                                if frames.held != held:
+                                    self._hold(resp, frames.held - held)
+                                    held = frames.held
+                                if secret is not None:
+                                    _redact_each(batch, secret)
+                            if not batch:
+                                if not watch.first:
+                                    watch.last = time.monotonic()  # pings keep a stream open
+                                continue
+                            if watch.first:
+                                attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
+                                watch.first, watch.limit = False, self.config.read_timeout
+                            if relay is None:
+                                watch.reading = False  # the client's pace is not the upstream's
+                                yield batch
+                                watch.reading, watch.last = True, time.monotonic()
+                                continue
+                            out, done, error = relay.each(batch)
+                            if out:  # events before an error event still reach the client
+                                watch.reading = False
+                                yield out
+                                watch.reading, watch.last = True, time.monotonic()
+                            if error is not None:
+                                raise error
+                            if done:
+                                return
+                        tail = frames.end()
+                    except EventTooLarge:
+                        resp.close()  # drop the connection: the rest of the event is not read
+                        raise self._too_large("a stream event", "max_event_bytes") from None
+                    finally:
+                        frames.clear()  # a traceback may keep this frame, and so the decoder
+                        self._free += held
+                    if tail:
+                        if secret is not None:
+                            _redact_each(tail, secret)
+                        if relay is None:
+                            yield tail
+                        else:
+                            out, done, error = relay.each(tail)
+                            if out:
+                                yield out
+                            if error is not None:
+                                raise error
+                            if done:
+                                return
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise upstream_failure(self.config.name, exc) from exc
+            except asyncio.CancelledError:
+                if not watch.timed_out():
+                    raise
+                raise self._silent(watch) from None
+            finally:
+                self.watchdog.close(watch)
+        if relay is not None:
+            relay.end()
 
     def _silent(self, watch: Watch) -> UpstreamError:
         self.stats.stream_timeouts += 1
@@ -370,5 +411,5 @@ class UpstreamClient:
 
 def _redact_each(batch: list[bytes], secret: bytes) -> None:
     for i, payload in enumerate(batch):
-        if secret in payload:
+        if payload.find(secret) >= 0:
             batch[i] = payload.replace(secret, REDACTED)

@@ -59,19 +59,30 @@ class Watchdog:
         self._task: asyncio.Task[None] | None = None
         self.expired = 0  # streams it failed, for the record
 
-    @contextlib.contextmanager
-    def watch(self) -> Iterator[Watch]:
-        """Watch the stream the current task is reading, until the block ends."""
+    def open(self) -> Watch:
+        """Watch the stream the current task is reading, until `close()` (the upstream
+        client's stream calls these two directly: a context manager would cost a generator
+        and four calls more per stream)."""
         task = asyncio.current_task()
         assert task is not None  # a stream is only read inside a task
         watch = Watch(task, self.first_byte_timeout)
         self._open.add(watch)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._patrol())
+        return watch
+
+    def close(self, watch: Watch) -> None:
+        """Stop watching a stream."""
+        self._open.discard(watch)
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[Watch]:
+        """Watch the stream the current task is reading, until the block ends."""
+        watch = self.open()
         try:
             yield watch
         finally:
-            self._open.discard(watch)
+            self.close(watch)
 
     def check(self, now: float) -> None:
         """Fail every stream that waits for its upstream past its limit at `now`."""

@@ -18,7 +18,6 @@ Upstreams with `responses_api = true` also get `/v1/responses` requests as they 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncGenerator
 
 import aiohttp
@@ -121,28 +120,19 @@ class OpenAIProvider:
         url = self.url(call, "completions")
         return self._stream(url, encode(fields), call, keep_usage_chunk=call.request.wants_usage)
 
-    async def _stream(
+    def _stream(
         self, url: str, body: bytes, call: Call, *, keep_usage_chunk: bool
     ) -> AsyncGenerator[list[bytes], None]:
-        check = StreamCheck(self.config.name)
-        events = self._http.stream(url, body, call, passthrough=call.sse_out)
-        async with contextlib.aclosing(events):
-            async for batch in events:
-                out, done, error = self._relay(call, batch, keep_usage_chunk, check)
-                if out:
-                    yield out  # chunks before an error event still reach the client
-                if error is not None:
-                    raise error
-                if done:
-                    return
-        check.end()  # closed without [DONE]: an error unless the answer had finished
+        # The upstream client's own generator, each batch checked and edited by `_ChatRelay`
+        # inside it: one generator per stream, not one more of ours around it.
+        relay = _ChatRelay(self, call, keep_usage_chunk)
+        return self._http.stream(url, body, call, passthrough=call.sse_out, relay=relay)
 
     def _relay(
         self, call: Call, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
-        """Split one batch into (events for the client, saw [DONE], upstream error event)."""
-        if type(batch) is Framed:
-            return self._relay_run(call, batch[0], keep_usage_chunk, check)
+        """Split a batch of payloads into (events for the client, saw [DONE], upstream error
+        event); a `Framed` batch goes to `_relay_run` instead (`_ChatRelay.each`)."""
         out: list[bytes] = []
         for data in batch:
             if data == b"[DONE]":
@@ -155,11 +145,12 @@ class OpenAIProvider:
         return out, False, None
 
     def _relay_run(
-        self, call: Call, run: bytes, keep_usage_chunk: bool, check: StreamCheck
+        self, call: Call, batch: list[bytes], keep_usage_chunk: bool, check: StreamCheck
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
-        """`_relay` for a read of whole events: its leading plain chunks go out as the
-        upstream's bytes; what follows them (the usage chunk, an error event) is looked at
-        event by event, and a final `[DONE]` ends the stream."""
+        """`_relay` for a read of whole events (a `Framed` batch of one run): its leading
+        plain chunks go out as the upstream's bytes; what follows them (the usage chunk, an
+        error event) is looked at event by event, and a final `[DONE]` ends the stream."""
+        run = batch[0]
         done = run.endswith(DONE_EVENT) and (
             len(run) == len(DONE_EVENT) or run[-len(DONE_EVENT) - 2 : -len(DONE_EVENT)] == b"\n\n"
         )
@@ -170,10 +161,19 @@ class OpenAIProvider:
         plain, end = (0, 0) if self._looks_at(run) else check.see_run(run)
         call.chunks += plain
         if end == len(run):
-            return Framed((run,)), done, None  # as the upstream sent it
-        out, ended, error = self._relay(
-            call, Framed((run[end:],)).payloads(), keep_usage_chunk, check
-        )
+            return (Framed((run,)) if done else batch), done, None  # as the upstream sent it
+        rest = run[end:]
+        if (
+            rest.startswith(b"data: ")
+            and rest.find(b"\n") == len(rest) - 2
+            and rest.find(b"\r") < 0
+        ):
+            # One event of one line (an upstream's usage chunk, mostly): its payload as the
+            # decoder would read it, without a decoder made for it.
+            payloads = [rest[6:-2]] if len(rest) > 8 else []
+        else:
+            payloads = Framed((rest,)).payloads()
+        out, ended, error = self._relay(call, payloads, keep_usage_chunk, check)
         if end:
             out = Framed((run[:end], *[data_event(data) for data in out]))
         return out, done or ended, error
@@ -190,18 +190,21 @@ class OpenAIProvider:
         `usage` is an object (not null, not one nested in a choice or in an error), as
         `StreamCheck.see_run` reads a chunk, so a read gives what its events one by one give.
         """
-        if data.startswith(b'{"error"') or b'"error":' in data[:16]:
+        # (`find` for `in`: see `_sse`)
+        if data.startswith(b'{"error"') or data.find(b'"error":', 0, 16) >= 0:
             error = stream_error(self.config.name, data)
             if error is not None:
                 raise error
-        if b'"usage"' in data and (b'"usage":null' not in data or b'"usage":{' in data):
+        if data.find(b'"usage"') >= 0 and (
+            data.find(b'"usage":null') < 0 or data.find(b'"usage":{') >= 0
+        ):
             # `"usage"` with any spacing; not decoded for vLLM's `"usage":null` on every chunk
             try:
                 view = _CHUNK_USAGE.decode(data)
             except msgspec.ValidationError:
                 # Unreadable usage: relay the event, let the usage row be estimated.
                 log.warning("upstream_usage_unreadable", provider=self.config.name)
-                if b'"choices":[]' in data or b'"choices": []' in data:
+                if data.find(b'"choices":[]') >= 0 or data.find(b'"choices": []') >= 0:
                     return keep_usage_chunk
             except (msgspec.DecodeError, RecursionError):
                 raise UpstreamError(
@@ -221,6 +224,28 @@ def _may_hold_call_ids(body: bytes | None) -> bool:
     `"tool_call` (the start of both `tool_call_id` and `tool_calls`) and no escape that could
     spell one. Two scans of its bytes, instead of a walk over its messages (most requests)."""
     return body is None or b'"tool_call' in body or b"\\u" in body
+
+
+class _ChatRelay:
+    """A chat or completions stream as the upstream client relays it (`_http.Relay`): each
+    batch through the provider's `_relay`, and, closed without `[DONE]`, the stream check's
+    verdict on whether the answer had finished."""
+
+    __slots__ = ("_call", "_check", "_keep_usage_chunk", "_provider")
+
+    def __init__(self, provider: OpenAIProvider, call: Call, keep_usage_chunk: bool) -> None:
+        self._provider = provider
+        self._call = call
+        self._keep_usage_chunk = keep_usage_chunk
+        self._check = StreamCheck(provider.config.name)
+
+    def each(self, batch: list[bytes]) -> tuple[list[bytes], bool, UpstreamError | None]:
+        if type(batch) is Framed:
+            return self._provider._relay_run(self._call, batch, self._keep_usage_chunk, self._check)
+        return self._provider._relay(self._call, batch, self._keep_usage_chunk, self._check)
+
+    def end(self) -> None:
+        self._check.end()  # an error unless the answer had finished
 
 
 def _fields(call: Call) -> dict[str, msgspec.Raw]:
