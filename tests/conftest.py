@@ -126,10 +126,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture(params=["memory", "redis"])
 def limits_backend(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Server settings for the limits tests: in memory, and shared through a real Redis."""
+    """Server settings for the limits tests: in memory, and shared through a real Redis.
+
+    Redis is never down in these tests, so its timeout is not what they test: 5 s (the most
+    allowed), not 0.5 s. A hundred requests at once in the test's own event loop, on a loaded
+    2-core machine, can keep a reply that Redis sent at once unread past 0.5 s, and a request
+    was refused as `redis_unreachable`."""
     if request.param == "memory":
         return {}
-    return {"redis_url": request.getfixturevalue("redis_url")}
+    return {"redis_url": request.getfixturevalue("redis_url"), "redis_timeout_seconds": 5.0}
 
 
 def free_port() -> int:
