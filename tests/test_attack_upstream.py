@@ -789,6 +789,34 @@ async def test_a_stream_arms_no_timer_per_upstream_read(build: Build) -> None:
     assert len(gateway_timers) < 10, gateway_timers
 
 
+async def test_an_event_the_client_does_not_get_still_counts_as_the_upstream_answering(
+    build: Build,
+) -> None:
+    # Azure's prompt filter results come first and are not relayed; the silence read_timeout
+    # bounds starts from them (the upstream answered), not from the request: 0.6 s after the
+    # filter event is within 1 s, though 1.2 s after the request is not.
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        await writer.drain()
+        await asyncio.sleep(0.6)
+        writer.write(chunked(sse(AZURE_FILTER)))
+        await writer.drain()
+        await asyncio.sleep(0.6)
+        writer.write(chunked(sse(chunk("x"), b"[DONE]")) + chunked(b""))
+        await writer.drain()
+
+    rig = await build("azure", answer, first_byte_timeout=5.0, read_timeout=1.0)
+    status, body = await rig.call(stream=True)
+    assert status == 200, body
+    assert b'"content":"x"' in body and body.endswith(b"data: [DONE]\n\n")
+
+
+AZURE_FILTER = (
+    b'{"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":'
+    b'[{"prompt_index":0,"content_filter_results":{}}]}'
+)
+
+
 # --- Memory: many requests at once --------------------------------------------------------
 
 

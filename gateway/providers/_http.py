@@ -282,7 +282,10 @@ class UpstreamClient:
                             if out:  # events before an error event still reach the client
                                 watch.reading = False
                                 yield out
-                                watch.reading, watch.last = True, time.monotonic()
+                                watch.reading = True
+                            # The upstream answered, whether or not the client gets any of it
+                            # (Azure's prompt filter results, a stripped usage chunk).
+                            watch.last = time.monotonic()
                             if error is not None:
                                 raise error
                             if done:
