@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11
 from aiohttp.web import ContentCoding
 from multidict import CIMultiDict
 
@@ -72,6 +73,9 @@ class _EventStream(web.StreamResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
+        if request.version != HttpVersion11:
+            # HTTP/1.0 has no chunks (aiohttp refuses them): the body ends with the connection.
+            self._chunked = False
         writer = await super().prepare(request)
         if writer is not None:
             self._pings.add(self, writer)
