@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp.http_writer import StreamWriter
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
@@ -809,6 +810,28 @@ async def test_an_event_the_client_does_not_get_still_counts_as_the_upstream_ans
     status, body = await rig.call(stream=True)
     assert status == 200, body
     assert b'"content":"x"' in body and body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_client_slow_to_take_the_upstream_s_unterminated_last_event_gets_it(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The upstream ends its stream with an event it never terminated (no blank line), which
+    # is relayed once the connection closes. Writing it to a client that is slow to take it
+    # is the client's pace, not the upstream's silence: read_timeout does not cut it.
+    tail = chunk("TAIL").replace(b'"finish_reason":null', b'"finish_reason":"stop"')
+    body = chunked(sse(chunk("a"))) + chunked(b"data: " + tail) + chunked(b"")
+    rig = await build("openai", sends(SSE_HEAD + body), read_timeout=0.2)
+    write = StreamWriter.write
+
+    async def slow(self: StreamWriter, data: Any, *args: Any, **kwargs: Any) -> None:
+        if b"TAIL" in bytes(data):
+            await asyncio.sleep(0.6)  # three times read_timeout
+        await write(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(StreamWriter, "write", slow)
+    status, got = await rig.call(stream=True)
+    assert status == 200
+    assert b'"content":"TAIL"' in got and got.endswith(b"data: [DONE]\n\n"), got
 
 
 AZURE_FILTER = (

@@ -298,6 +298,9 @@ class UpstreamClient:
                         frames.clear()  # a traceback may keep this frame, and so the decoder
                         self._free += held
                     if tail:
+                        # The upstream has ended: the wait for the client to take the last
+                        # event is the client's pace, not the upstream's silence.
+                        watch.reading = False
                         if secret is not None:
                             _redact_each(tail, secret)
                         if relay is None:
