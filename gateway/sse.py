@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11
 from aiohttp.web import ContentCoding
@@ -74,8 +74,12 @@ class _EventStream(web.StreamResponse):
         if self.prepared:
             return await super().prepare(request)
         if request.version != HttpVersion11:
-            # HTTP/1.0 has no chunks (aiohttp refuses them): the body ends with the connection.
+            # HTTP/1.0 has no chunks (aiohttp refuses them): the body ends with the connection,
+            # which must then close, though the client asked to keep it alive (aiohttp would
+            # keep it open, and the client wait for the end of a body that has ended).
             self._chunked = False
+            self.force_close()
+            self.headers[hdrs.CONNECTION] = "close"
         writer = await super().prepare(request)
         if writer is not None:
             self._pings.add(self, writer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.state import USAGE_KEY
@@ -14,15 +15,17 @@ from tests.conftest import NEVER_HANG, app_of, refusal_counts, sse_events, usage
 STREAM = b'{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 
 
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
 async def test_an_http_1_0_client_gets_its_stream_until_the_connection_closes(
-    gateway: TestClient[Any, Any], key: str
+    gateway: TestClient[Any, Any], key: str, connection: bytes
 ) -> None:
-    # HTTP/1.0 has no chunked encoding: the stream's body ends where the connection does.
+    # HTTP/1.0 has no chunked encoding: the stream's body ends where the connection does,
+    # even for a client that asked to keep it alive.
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.0\r\nHost: gw\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer %b\r\nContent-Length: %d\r\n\r\n%b"
-        % (key.encode(), len(STREAM), STREAM)
+        b"Authorization: Bearer %b\r\n%bContent-Length: %d\r\n\r\n%b"
+        % (key.encode(), connection, len(STREAM), STREAM)
     )
     async with asyncio.timeout(NEVER_HANG):
         answer = await reader.read()
@@ -31,6 +34,7 @@ async def test_an_http_1_0_client_gets_its_stream_until_the_connection_closes(
     assert head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), head
     assert b"transfer-encoding" not in head.lower()
     assert b"server: token-kiosk" in head.lower()
+    assert b"connection: close" in head.lower()
     assert body.endswith(b"data: [DONE]\n\n")
     events = sse_events(body)
     assert events[0]["object"] == "chat.completion.chunk"
