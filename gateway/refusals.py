@@ -19,6 +19,8 @@ from typing import Protocol
 
 import structlog
 
+from gateway.usage import write_at_stop
+
 __all__ = ["RefusalCounter", "RefusalSink", "Refusals"]
 
 log = structlog.get_logger(__name__)
@@ -84,10 +86,9 @@ class RefusalCounter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        try:
-            await self.flush()
-        except Exception:
-            log.exception("refusal_counts_lost_at_stop", requests=self.pending)
+        await write_at_stop(
+            self.flush, lambda: log.exception("refusal_counts_lost_at_stop", requests=self.pending)
+        )
 
     async def _run(self) -> None:
         while True:

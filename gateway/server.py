@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 from aiohttp import http_exceptions, web, web_protocol
-from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout
@@ -110,7 +110,7 @@ class GatewayProtocol(web_protocol.RequestHandler):
     connection waits for that head, the client gets a 408 and the connection closes.
     """
 
-    __slots__ = ("_awaiting_head", "_head_timer", "_header_timeout", "_throttle")
+    __slots__ = ("_awaiting_head", "_body", "_head_timer", "_header_timeout", "_throttle")
 
     def __init__(
         self,
@@ -125,6 +125,8 @@ class GatewayProtocol(web_protocol.RequestHandler):
         self._throttle = throttle
         self._awaiting_head = True
         self._head_timer: asyncio.TimerHandle | None = None
+        # The body of the last request queued: a parser error after its head belongs to it.
+        self._body: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -137,30 +139,35 @@ class GatewayProtocol(web_protocol.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
-        serving = self._current_request
         super().data_received(data)
         if self._request_count != before:  # a request head is complete (or refused)
             self._awaiting_head = False
             self._disarm()
-            if serving is not None and not serving.content.is_eof():
-                self._fail_body(serving)
+            info, payload = self._messages[-1]
+            if not isinstance(info, web_protocol._ErrInfo):
+                self._body = payload
+            elif self._body is not None and not self._body.is_eof():
+                self._fail_body(self._body, info)
         elif self._awaiting_head and data and self._head_timer is None:
             self._arm()  # the first bytes of a later request on a kept-alive connection
 
-    def _fail_body(self, request: web.BaseRequest) -> None:
-        """A parser error in the body of the request being served (a bad chunk): aiohttp
-        queues it as the next request and leaves the body waiting for more; the handler's
-        read fails instead (a 400), and nothing more is read from this connection."""
-        info, _ = self._messages[-1]
-        if isinstance(info, web_protocol._ErrInfo):
-            self._messages.pop()
-            request.content.set_exception(RequestPayloadError("malformed body"), info.exc)
-            self._close = True
+    def _fail_body(self, body: StreamReader, info: web_protocol._ErrInfo) -> None:
+        """A parser error in the body of the last request (a bad chunk): aiohttp queues it as
+        the next request and leaves the body waiting for more, until the body timeout (a 408).
+        The body's read fails instead (a 400), and nothing more is read from this connection.
+        That request may be queued, started, or between the two (its handler's task not yet
+        run: a bad chunk read in the loop turn after its head's), so its body is the one kept
+        when its head was queued, not the request being served."""
+        self._messages.pop()
+        body.set_exception(RequestPayloadError("malformed body"), info.exc)
+        self._close = True
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         self._awaiting_head = not self._messages  # the next request's head is still to come
+        if self._body is request.content:  # answered: what follows is no longer its body
+            self._body = None
         return await super().finish_response(request, resp, start_time)
 
     def _arm(self) -> None:

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11
 from aiohttp.web import ContentCoding
 from aiohttp_sse import EventSourceResponse
 
@@ -65,12 +66,19 @@ class _EventStream(EventSourceResponse):
 
     def __init__(self, pings: StreamPings) -> None:
         super().__init__(sep="\n", allow_all_methods=True)
-        self.enable_chunked_encoding()
         self._pings = pings
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
+        if request.version == HttpVersion11:
+            self.enable_chunked_encoding()
+        else:
+            # HTTP/1.0 has no chunks (aiohttp refuses them): the body ends with the connection,
+            # which must then close, though the client asked to keep it alive (aiohttp would
+            # keep it open, and the client wait for the end of a body that has ended).
+            self.force_close()
+            self.headers[hdrs.CONNECTION] = "close"
         writer = await web.StreamResponse.prepare(self, request)  # not aiohttp-sse's: no task
         if writer is not None:
             self._pings.add(self, writer)

@@ -14,7 +14,7 @@ import structlog
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
-from gateway.server import LogThrottle
+from gateway.server import GatewayProtocol, LogThrottle
 from gateway.state import GATE_KEY, KEYS_KEY
 from tests.conftest import (
     NEVER_HANG,
@@ -109,6 +109,32 @@ async def test_a_bad_chunk_inside_a_body_being_read_is_a_400(
     error = assert_openai_error(reply, 400, "malformed_body")
     assert "framing" in error["message"] and key.encode() not in reply.body
     assert key not in repr(logs)
+
+
+async def test_a_bad_chunk_right_after_the_head_is_a_400_before_the_handler_runs(
+    gateway: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bad chunk reaches the server in the loop turn after the head's, while aiohttp has
+    queued the request but not started its handler (a loaded machine's timing, made certain
+    here): it still fails that request's body at once, not at the body timeout (a 408)."""
+    key = await create_key(gateway)
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    data_received = GatewayProtocol.data_received
+    sent: list[bool] = []
+
+    def then_the_bad_chunk(protocol: GatewayProtocol, data: bytes) -> None:
+        data_received(protocol, data)
+        if protocol._messages and not sent:  # the head is queued: the server reads the
+            sent.append(True)  # bad chunk in its next loop turn, before the handler starts
+            writer.write(b"zz" + key.encode() + b"\r\n")
+
+    monkeypatch.setattr(GatewayProtocol, "data_received", then_the_bad_chunk)
+    writer.write(head(key, "Transfer-Encoding: chunked"))
+    async with asyncio.timeout(NEVER_HANG):
+        reply = await read_reply(reader)
+    writer.close()
+    error = assert_openai_error(reply, 400, "malformed_body")
+    assert "framing" in error["message"] and key.encode() not in reply.body
 
 
 async def test_a_body_not_in_its_content_encoding_is_a_400(

@@ -285,7 +285,10 @@ class UpstreamClient:
                             if out:  # events before an error event still reach the client
                                 watch.reading = False
                                 yield out
-                                watch.reading, watch.last = True, time.monotonic()
+                                watch.reading = True
+                            # The upstream answered, whether or not the client gets any of it
+                            # (Azure's prompt filter results, a stripped usage chunk).
+                            watch.last = time.monotonic()
                             if error is not None:
                                 raise error
                             if done:
@@ -298,6 +301,9 @@ class UpstreamClient:
                         frames.clear()  # a traceback may keep this frame, and so the decoder
                         self._free += held
                     if tail:
+                        # The upstream has ended: the wait for the client to take the last
+                        # event is the client's pace, not the upstream's silence.
+                        watch.reading = False
                         if secret is not None:
                             _redact_each(tail, secret)
                         if relay is None:
