@@ -19,8 +19,6 @@ from typing import Protocol
 
 import structlog
 
-from gateway.usage import write_at_stop
-
 __all__ = ["RefusalCounter", "RefusalSink", "Refusals"]
 
 log = structlog.get_logger(__name__)
@@ -86,9 +84,10 @@ class RefusalCounter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await write_at_stop(
-            self.flush, lambda: log.exception("refusal_counts_lost_at_stop", requests=self.pending)
-        )
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("refusal_counts_lost_at_stop", requests=self.pending)
 
     async def _run(self) -> None:
         while True:

@@ -10,41 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
 
 from gateway.records import UsageRecord
 
-__all__ = ["STOP_RETRY_SECONDS", "UsageRecorder", "UsageSink", "write_at_stop"]
+__all__ = ["UsageRecorder", "UsageSink"]
 
 log = structlog.get_logger(__name__)
 
 # A database that comes back gets the rows held for it within this long.
 _MAX_BACKOFF_SECONDS = 10.0
-# At stop, a write that fails is tried again for this long before what it held is lost:
-# another replica may hold SQLite's write lock past the busy timeout for a moment (longer on a
-# loaded machine), or a database be restarting.
-STOP_RETRY_SECONDS = 5.0
-_STOP_RETRY_PAUSE = 0.1
-
-
-async def write_at_stop(flush: Callable[[], Awaitable[None]], lost: Callable[[], None]) -> None:
-    """`flush()` until it succeeds or STOP_RETRY_SECONDS have passed; then `lost()` (called
-    while the last failure is being handled, so it can log it) and return: shutdown goes on."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + STOP_RETRY_SECONDS
-    while True:
-        try:
-            await flush()
-        except Exception:
-            if loop.time() >= deadline:
-                lost()
-                return
-        else:
-            return
-        await asyncio.sleep(_STOP_RETRY_PAUSE)
 
 
 class UsageSink(Protocol):
@@ -145,8 +123,7 @@ class UsageRecorder:
             self.failing = False
 
     async def stop(self) -> None:
-        """Stop the task and write everything still queued; no row is lost on a clean stop
-        (see `write_at_stop`)."""
+        """Stop the task and write everything still queued; no row is lost on a clean stop."""
         task, self._task = self._task, None
         if task is not None:
             # Cancel only while holding the lock, so the task never dies halfway through an
@@ -155,7 +132,10 @@ class UsageRecorder:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await write_at_stop(self.flush, lambda: log.exception("usage_rows_lost", rows=self.pending))
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("usage_rows_lost", rows=self.pending)
 
     async def _run(self) -> None:
         failures = 0
