@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import os
 import sys
 import tempfile
@@ -163,7 +164,13 @@ def measure(rows: int = 10_000, batch: int = 500) -> dict[str, float]:
     with _stdout_to_devnull():
         configure_logging("info")
         finish: Any = middleware._finish
-        figures["finish_us"] = _best(lambda: finish(request, trace, 200), rows)
+        if len(inspect.signature(finish).parameters) == 5:  # (request, app, route, trace, status)
+            route = "/v1/chat/completions"
+            figures["finish_us"] = _best(
+                lambda: finish(request, request.app, route, trace, 200), rows
+            )
+        else:  # (request, trace, status), before the evening of 2026-12-03
+            figures["finish_us"] = _best(lambda: finish(request, trace, 200), rows)
         figures["log_line_us"] = _best(
             lambda: info_line(log, "request", {"method": "POST", "path": "/v1/chat/completions"}),
             rows,
