@@ -357,3 +357,17 @@ async def test_a_stop_while_another_replica_holds_the_lock_writes_every_row_and_
     assert [e["event"] for e in logs] == []
     assert written(path) == (8, 1)
 
+
+async def test_a_stop_during_a_refusal_write_adds_its_counts_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "keys.db")
+    async with open_store(path) as store:
+        watched = Watched(store)
+        watched.answer = asyncio.Event()
+        refusals = RefusalCounter(watched, flush_seconds=0.01)
+        await refusals.start()
+        refusals.count(60.0, "key_a", 429)
+        await noticed(watched.committed)  # written; its answer not heard yet
+        stopping = asyncio.create_task(refusals.stop())
+        watched.answer.set()
+        await stopping
+    assert written(path) == (0, 1)
