@@ -79,11 +79,14 @@ class RefusalCounter:
             self._task = asyncio.create_task(self._run(), name="refusal-counter")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            # Cancel only while holding the lock, so the task never dies halfway through a
+            # write (one cancelled after its commit would keep the counts and add them again).
+            async with self._lock:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
         try:
             await self.flush()
         except Exception:

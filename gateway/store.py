@@ -110,13 +110,17 @@ class Store(SqliteCopies):
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
             with _busy_is_503():
-                # IMMEDIATE takes the write lock up front, so a read-modify-write cannot lose
-                # a race with another process (the CLI) between its read and its write.
-                await self.db.execute("BEGIN IMMEDIATE")
                 try:
+                    # IMMEDIATE takes the write lock up front, so a read-modify-write cannot
+                    # lose a race with another process (the CLI) between its read and its write.
+                    await self.db.execute("BEGIN IMMEDIATE")
                     yield self.db
                     await self.db.commit()
                 except BaseException:
+                    # BEGIN too: cancelled while it waits for another process's lock, it still
+                    # runs in aiosqlite's thread, and the transaction it opens would hold the
+                    # write lock until the connection closes (every later BEGIN here an error,
+                    # every write of another process busy). Queued after it, this ends it.
                     await self.db.rollback()
                     raise
 

@@ -4,6 +4,7 @@ other users could read, names that are terminal escapes, and floods of refused r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import stat
 import time
@@ -14,11 +15,17 @@ from typing import Any
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from gateway import cli
+from gateway.records import UsageRecord, mint_uid
+from gateway.refusals import RefusalCounter, Refusals
 from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.state import KEYS_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
+from gateway.store import Store, open_store
+from gateway.usage import UsageRecorder
 from tests.conftest import (
+    NEVER_HANG,
     MakeSettings,
     app_of,
     create_key,
@@ -245,3 +252,122 @@ async def test_refusal_counts_survive_a_database_outage(gw: TestClient[Any, Any]
     locked.close()
     assert await refusal_counts(gw) == {("key_x", 429): 2}
     assert not counter.failing
+
+
+# Two replicas on one SQLite file: a write of this one waits (in aiosqlite's thread) for the
+# other's write lock, and a stop cancels it there.
+
+
+def one_row(i: int) -> UsageRecord:
+    return UsageRecord(
+        ts=60.0 + i,
+        request_id=f"req-{i}",
+        key_id="key_a",
+        model="m",
+        provider="up",
+        upstream_model="gpt-4o-mini",
+        endpoint=CHAT,
+        stream=False,
+        status=200,
+        total_tokens=48,
+        uid=mint_uid(),
+    )
+
+
+def written(path: str) -> tuple[int, int]:
+    """(usage rows, refused requests) in the file, read by a connection of its own."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        ((rows,),) = conn.execute("SELECT COUNT(*) FROM usage")
+        ((refused,),) = conn.execute("SELECT TOTAL(count) FROM refusals")
+    return rows, int(refused)
+
+
+class Watched:
+    """A real store whose refusal writes say when they begin, and can be held once they
+    committed (their answer late, as when the loop is slow to hear it)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.writing = asyncio.Event()
+        self.committed = asyncio.Event()
+        self.answer: asyncio.Event | None = None  # set: each write waits for it after its commit
+
+    async def add_refusals(self, counts: Refusals) -> None:
+        self.writing.set()
+        await self.store.add_refusals(counts)
+        self.committed.set()
+        if self.answer is not None:
+            await self.answer.wait()
+
+
+async def noticed(event: asyncio.Event) -> None:
+    async with asyncio.timeout(NEVER_HANG):
+        await event.wait()
+
+
+async def test_a_write_cancelled_while_another_process_holds_the_lock_leaves_none_open(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "keys.db")
+    other = sqlite3.connect(path, isolation_level=None)  # the other replica
+    async with open_store(path) as store:
+        watched = Watched(store)
+        other.execute("BEGIN IMMEDIATE")
+        write = asyncio.create_task(watched.add_refusals(Refusals({(1, "key_a", 429): 1})))
+        await noticed(watched.writing)  # its BEGIN is queued: it waits in the thread for the lock
+        write.cancel()
+        other.rollback()  # the lock comes free: the cancelled BEGIN goes through
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        await store.insert_usage([one_row(1)])  # not "a transaction within a transaction"
+        other.execute("BEGIN IMMEDIATE")  # nor is the lock still held here
+        other.rollback()
+    other.close()
+    assert written(path) == (1, 0)
+
+
+async def test_a_stop_while_another_replica_holds_the_lock_writes_every_row_and_count(
+    tmp_path: Path,
+) -> None:
+    # As the app stops (`_usage_ctx`): the refusal counter, then the usage writer; the
+    # counter's write is waiting for the other replica's lock when the stop comes.
+    path = str(tmp_path / "keys.db")
+    other = sqlite3.connect(path, isolation_level=None)
+    async with open_store(path) as store:
+        watched = Watched(store)
+        refusals = RefusalCounter(watched, flush_seconds=0.01)
+        recorder = UsageRecorder(store, flush_seconds=3600, batch_size=100)
+        await refusals.start()
+        await recorder.start()
+        other.execute("BEGIN IMMEDIATE")
+        for i in range(8):
+            recorder.record(one_row(i))
+        refusals.count(60.0, "key_a", 429)
+        await noticed(watched.writing)
+
+        async def stop() -> None:
+            await refusals.stop()
+            await recorder.stop()
+
+        with capture_logs() as logs:
+            stopping = asyncio.create_task(stop())
+            other.rollback()  # the other replica's write ends as this one stops
+            await stopping
+    other.close()
+    assert [e["event"] for e in logs] == []
+    assert written(path) == (8, 1)
+
+
+async def test_a_stop_during_a_refusal_write_adds_its_counts_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "keys.db")
+    async with open_store(path) as store:
+        watched = Watched(store)
+        watched.answer = asyncio.Event()
+        refusals = RefusalCounter(watched, flush_seconds=0.01)
+        await refusals.start()
+        refusals.count(60.0, "key_a", 429)
+        await noticed(watched.committed)  # written; its answer not heard yet
+        stopping = asyncio.create_task(refusals.stop())
+        watched.answer.set()
+        await stopping
+    assert written(path) == (0, 1)
