@@ -81,7 +81,11 @@ class Gate:
         for key in todo:
             start = period_start(key.budget_period, self._wall())
             tokens, usd = await self._store.spend_since(key.id, start)
-            self.budgets.load(key, start, tokens, usd)
+            # Another sync (the admin API's and a reload's run together) may have loaded this
+            # key while this one read the table, and requests settled since: what they spent
+            # is not in the table yet, and loading again would forget it.
+            if self.budgets.needs_load(key):
+                self.budgets.load(key, start, tokens, usd)
 
     def start(self) -> None:
         """Start background work (the in-memory gate has none)."""

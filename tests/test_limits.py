@@ -348,3 +348,41 @@ def test_a_budget_refusal_costs_no_request_slot() -> None:
     gate.leave(ticket)
     spend = gate.spent(key)
     assert spend is not None and (spend.tokens, spend.held_tokens) == (3, 0)
+
+
+async def test_two_syncs_of_a_new_key_do_not_forget_what_it_spent_between_them() -> None:
+    # The admin API loads a new key's spending, and a reload (PostgreSQL's NOTIFY) runs its own
+    # sync of the same key at once. A request settles between the two loads: its spend is not
+    # in the usage table yet, so the later load must not replace the book's figure.
+    from gateway.admission import Gate
+    from gateway.records import KeyRecord
+
+    class SlowStore:
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+            self.calls = 0
+
+        async def spend_since(self, key_id: str, start: float) -> tuple[int, float]:
+            self.calls += 1
+            if self.calls == 1:
+                await self.release.wait()  # the reload's read, still on its way
+            return 0, 0.0
+
+    store = SlowStore()
+    gate = Gate(store)  # type: ignore[arg-type]  # only spend_since is used
+    key = KeyRecord(
+        id="k", name="k", prefix="p", digest="d", created_at=0, updated_at=0,
+        budget_tokens=1000,
+    )  # fmt: skip
+    reload = asyncio.create_task(gate.sync([key]))
+    await asyncio.sleep(0)  # the reload is waiting for the table
+    await gate.sync([key])  # the admin API's sync loads first
+    ticket = gate.enter(key)
+    assert ticket is not None
+    gate.charge(ticket, (20, 0.0), (20, 0.0))
+    gate.settle(ticket, 11, 0.0)
+    gate.leave(ticket)
+    store.release.set()
+    await reload
+    spend = gate.spent(key)
+    assert spend is not None and spend.tokens == 11
