@@ -181,14 +181,11 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
                         if gate.admits_at_once
                         else await gate.admit(principal.key)
                     )
-                    if ticket is None:  # a key without limits: nothing held or given back
+                    try:
                         await read_body(request)
                         response = await handler(request)
-                    else:
-                        try:
-                            await read_body(request)
-                            response = await handler(request)
-                        finally:
+                    finally:
+                        if ticket is not None:  # a key without limits holds nothing
                             gate.leave(ticket)
             except GatewayError as exc:
                 trace.refused = exc.reason
