@@ -21,6 +21,7 @@ from tests.test_attack_runs import (
     Build,
     both_ways,
     build,
+    chat_both_ways,
     check_framing,
 )
 from tests.test_attack_upstream import UPSTREAM_KEY, chunk, sends, sse, until_close
@@ -144,9 +145,7 @@ def assert_sdk_safe(got: tuple[int, bytes]) -> None:
 async def test_an_odd_chunk_reaches_the_client_as_it_would_event_by_event(
     build: Build, case: str, wants_usage: bool
 ) -> None:
-    got, _ = await both_ways(
-        build, "openai", CASES[case], "/v1/chat/completions", CHAT_BODY, wants_usage
-    )
+    got, _ = await chat_both_ways(build, CASES[case], wants_usage)
     check_framing(got)
     assert_sdk_safe(got)
 
@@ -162,18 +161,14 @@ def last_event(got: tuple[int, bytes]) -> bytes:
 async def test_a_finish_reason_that_is_not_a_reason_leaves_a_cut_stream_cut(
     build: Build, case: str
 ) -> None:
-    got, row = await both_ways(
-        build, "openai", CASES[case], "/v1/chat/completions", CHAT_BODY, False
-    )
+    got, row = await chat_both_ways(build, CASES[case])
     assert b"before the answer was complete" in last_event(got)
     assert b"data: [DONE]" not in got[1]
     assert row["status"] == 502
 
 
 async def test_a_spaced_finish_reason_is_a_finish(build: Build) -> None:
-    got, row = await both_ways(
-        build, "openai", CASES["finish-spaced"], "/v1/chat/completions", CHAT_BODY, False
-    )
+    got, row = await chat_both_ways(build, CASES["finish-spaced"])
     assert last_event(got) == b"data: [DONE]" and row["status"] == 200
 
 
@@ -182,14 +177,7 @@ async def test_an_error_event_holding_usage_ends_the_stream(
     build: Build, wants_usage: bool
 ) -> None:
     # Once stripped as a usage chunk (or relayed as one): the client never saw the error.
-    got, row = await both_ways(
-        build,
-        "openai",
-        CASES["error-with-usage-inside"],
-        "/v1/chat/completions",
-        CHAT_BODY,
-        wants_usage,
-    )
+    got, row = await chat_both_ways(build, CASES["error-with-usage-inside"], wants_usage)
     assert b"overloaded" in last_event(got) and b'"error"' in last_event(got)
     assert row["status"] == 502
 
@@ -201,9 +189,7 @@ async def test_an_error_event_holding_usage_ends_the_stream(
 async def test_a_usage_that_is_null_or_nested_is_no_usage_chunk_and_a_spaced_one_is(
     build: Build, case: str
 ) -> None:
-    got, row = await both_ways(
-        build, "openai", CASES[case], "/v1/chat/completions", CHAT_BODY, False
-    )
+    got, row = await chat_both_ways(build, CASES[case])
     if case == "usage-then-null":  # relayed as the chunk it is; the row estimated
         assert b'"usage":null}' in got[1] and row["estimated"]
     elif case in ("usage-spaced", "usage-with-a-nested-null"):  # a usage chunk: counted, stripped
@@ -238,9 +224,7 @@ SPLITS = {
 async def test_odd_chunks_split_across_reads_reach_the_client_as_event_by_event(
     build: Build, case: str
 ) -> None:
-    got, row = await both_ways(
-        build, "openai", SPLITS[case], "/v1/chat/completions", CHAT_BODY, False
-    )
+    got, row = await chat_both_ways(build, SPLITS[case])
     check_framing(got)
     assert_sdk_safe(got)
     if case.endswith("after-the-usage"):  # counted, not reset by a later usage that is none

@@ -213,14 +213,21 @@ def check_framing(answer: tuple[int, bytes]) -> None:
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
+async def chat_both_ways(
+    build: Build, upstream: bytes | tuple[bytes, ...], wants_usage: bool = False
+) -> tuple[tuple[int, bytes], dict[str, Any]]:
+    """`both_ways` for a chat stream through the `openai` provider (most cases here)."""
+    return await both_ways(
+        build, "openai", upstream, "/v1/chat/completions", CHAT_BODY, wants_usage
+    )
+
+
 @pytest.mark.parametrize("wants_usage", [False, True], ids=["no-usage", "usage"])
 @pytest.mark.parametrize("case", list(CHAT))
 async def test_a_chat_read_reaches_the_client_as_it_would_event_by_event(
     build: Build, case: str, wants_usage: bool
 ) -> None:
-    got, _ = await both_ways(
-        build, "openai", CHAT[case], "/v1/chat/completions", CHAT_BODY, wants_usage
-    )
+    got, _ = await chat_both_ways(build, CHAT[case], wants_usage)
     check_framing(got)
     if not wants_usage:
         assert USAGE not in got[1]  # asked for by the gateway, not by the client
@@ -322,9 +329,7 @@ SPLITS = {
 async def test_events_split_across_reads_reach_the_client_as_event_by_event(
     build: Build, case: str
 ) -> None:
-    got, _ = await both_ways(
-        build, "openai", SPLITS[case], "/v1/chat/completions", CHAT_BODY, False
-    )
+    got, _ = await chat_both_ways(build, SPLITS[case])
     check_framing(got)
 
 
