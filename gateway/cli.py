@@ -14,7 +14,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import asyncpg
 import msgspec
@@ -37,6 +37,9 @@ from gateway.records import (
 from gateway.settings import ConfigError, Settings
 from gateway.store import StoreError
 from gateway.timeparse import parse_expires, parse_since
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 __all__ = ["main"]
 
@@ -317,6 +320,20 @@ def _serve(args: argparse.Namespace) -> int:
     except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
         print(f"gateway: database error ({redact(server.database)}): {exc}", file=sys.stderr)
         return 1
+    return _usage_status(app)
+
+
+def _usage_status(app: web.Application) -> int:
+    """0, or 3 when the server stopped with usage rows it could not write (the database was
+    gone at the end, or rows were dropped while it failed): a supervisor sees the loss in the
+    exit status, not only in the `usage_rows_lost` / `usage_rows_dropped` log lines."""
+    from gateway.state import USAGE_KEY
+
+    recorder = app.get(USAGE_KEY)
+    lost = 0 if recorder is None else recorder.lost + recorder.dropped
+    if lost:
+        print(f"gateway: {lost} usage rows could not be written to the database", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -340,7 +357,7 @@ def _serve_worker(args: argparse.Namespace, settings: Settings) -> int:
     except (sqlite3.Error, StoreError) as exc:
         print(f"gateway: database error ({settings.server.database}): {exc}", file=sys.stderr)
         return 1
-    return 0
+    return _usage_status(app)
 
 
 def _reload(database: str) -> int:

@@ -67,6 +67,7 @@ class UsageRecorder:
         self._task: asyncio.Task[None] | None = None
         self.recorded = 0  # rows ever recorded, for tests and metrics
         self.dropped = 0  # rows given up on (beyond max_retained while the store failed)
+        self.lost = 0  # rows still unwritten when stop() gave up: `gateway serve` exits 3
         self.failing = False  # the last write failed: /readyz reports not ready
         self._arrived = asyncio.Event()
 
@@ -135,7 +136,8 @@ class UsageRecorder:
         try:
             await self.flush()
         except Exception:
-            log.exception("usage_rows_lost", rows=self.pending)
+            self.lost = self.pending
+            log.exception("usage_rows_lost", rows=self.lost)
 
     async def _run(self) -> None:
         failures = 0

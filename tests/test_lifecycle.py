@@ -107,11 +107,11 @@ async def refused(port: int) -> None:
 
 
 async def _serve_before(
-    upstream: Any, tmp_path: Any, capsys: Any, *, grace: float
+    upstream: Any, tmp_path: Any, capsys: Any, *, grace: float, server: str = ""
 ) -> tuple[web.AppRunner, asyncio.subprocess.Process, str, int]:
     """A fake upstream served by `upstream`, and a real `gateway serve` in front of it with
-    `grace` seconds to wind down and a key made with the CLI: (upstream runner, process, key,
-    port). The caller ends both."""
+    `grace` seconds to wind down (and the `[server]` lines `server`) and a key made with the
+    CLI: (upstream runner, process, key, port). The caller ends both."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", upstream)
     runner = web.AppRunner(app)
@@ -122,7 +122,7 @@ async def _serve_before(
     db = tmp_path / "keys.db"
     config = tmp_path / "gateway.toml"
     config.write_text(
-        f'[server]\ndatabase = "{db}"\nshutdown_grace_seconds = {grace:g}\n\n'
+        f'[server]\ndatabase = "{db}"\nshutdown_grace_seconds = {grace:g}\n{server}\n'
         f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
     )
     secret = await cli_key(db, capsys)
@@ -182,6 +182,51 @@ async def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path: Any, capsys
         await runner.cleanup()
     with sqlite3.connect(tmp_path / "keys.db") as conn:
         assert conn.execute("SELECT status FROM usage").fetchall() == [(200,)]
+
+
+async def test_usage_rows_lost_at_stop_make_the_exit_status_3(tmp_path: Any, capsys: Any) -> None:
+    """A stop that cannot write its usage rows is not a clean stop: a supervisor sees it in the
+    exit status (3) and on stderr, not only in the `usage_rows_lost` log line."""
+
+    async def upstream(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"id": "c", "object": "chat.completion", "created": 1, "model": "x",
+             "choices": [{"index": 0, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": "hello"}}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        )  # fmt: skip
+
+    # The row waits in the queue: nothing is written before the stop.
+    held = "usage_flush_seconds = 3600\nusage_batch_size = 1000\n"
+    runner, proc, secret, port = await _serve_before(
+        upstream, tmp_path, capsys, grace=1, server=held
+    )
+    try:
+        async with asyncio.timeout(60):
+            assert proc.stderr is not None
+            line = await proc.stderr.readline()
+            assert b"listening" in line, line
+            async with (
+                ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    json={**HELLO, "model": "up/x"},
+                    headers={"Authorization": f"Bearer {secret}"},
+                ) as resp,
+            ):
+                assert resp.status == 200
+            # The database loses its usage table under the running server.
+            with sqlite3.connect(tmp_path / "keys.db", timeout=30) as conn:
+                conn.execute("DROP TABLE usage")
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 3
+            err = await proc.stderr.read()
+            assert b"gateway: 1 usage rows could not be written to the database" in err, err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
 
 
 async def _log_event(stream: asyncio.StreamReader, event: str) -> dict[str, Any]:

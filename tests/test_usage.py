@@ -193,6 +193,7 @@ async def test_stop_logs_rows_it_cannot_write(spy: SpyStore) -> None:
     with capture_logs() as logs:
         await recorder.stop()  # does not raise: shutdown must go on
     assert [e["rows"] for e in logs if e["event"] == "usage_rows_lost"] == [1]
+    assert recorder.lost == 1  # `gateway serve` then exits 3
 
 
 async def test_a_batch_is_fresh_only_until_it_was_tried(spy: SpyStore) -> None:
