@@ -257,8 +257,11 @@ async def migrate(db: aiosqlite.Connection) -> None:
     """Apply the steps past the database's `user_version`, all in one transaction."""
     if await _user_version(db) == len(MIGRATIONS):
         return
-    await db.execute("BEGIN IMMEDIATE")
     try:
+        # BEGIN inside the try, as in `Store._transaction`: cancelled while it waits for
+        # another process's lock, it still runs in aiosqlite's thread; the rollback queued
+        # after it ends the transaction it opens.
+        await db.execute("BEGIN IMMEDIATE")
         # Re-read under the write lock: another process may have migrated meanwhile.
         version = await _user_version(db)
         if version > len(MIGRATIONS):

@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
 from gateway import cli
+from gateway.migrations import migrate
 from gateway.records import UsageRecord, mint_uid
 from gateway.refusals import RefusalCounter, Refusals
 from gateway.settings import ModelConfig, OpenAIConfig, Target
@@ -371,3 +373,41 @@ async def test_a_stop_during_a_refusal_write_adds_its_counts_once(tmp_path: Path
         watched.answer.set()
         await stopping
     assert written(path) == (0, 1)
+
+
+class _BeginSpy:
+    """An aiosqlite connection that says when `BEGIN IMMEDIATE` is handed to its thread."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        self.begun = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "BEGIN IMMEDIATE":
+            self.begun.set()
+        return self.db.execute(sql, *args)
+
+
+async def test_a_migration_cancelled_while_another_process_holds_the_lock_leaves_none_open(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "keys.db")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    async with aiosqlite.connect(path, timeout=30) as db:
+        spy = _BeginSpy(db)
+        task = asyncio.create_task(migrate(spy))  # type: ignore[arg-type]
+        await noticed(spy.begun)  # its BEGIN waits in the thread for the lock
+        task.cancel()
+        other.rollback()  # the lock comes free: the cancelled BEGIN goes through
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not db.in_transaction  # the rollback queued after it ended it
+        other.execute("BEGIN IMMEDIATE")  # the lock is not held by the cancelled migration
+        other.rollback()
+        await migrate(db)  # and the next start migrates
+    other.close()
+    assert written(path) == (0, 0)
