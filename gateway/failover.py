@@ -142,7 +142,9 @@ async def attempt_each(
             deadline passed, a 429 if every failure was a rate limit, otherwise the last one;
             with no try at all, why no account may be tried (`BreakerBoard.refusal`).
     """
-    loop = asyncio.get_running_loop()
+    # (The loop from the connection's task: `get_running_loop()` makes a getpid system call
+    # on Python 3.11.)
+    loop = ex.request.task.get_loop()
     if ex.deadline is None:  # one deadline per request, however many rounds of attempts
         ex.deadline = loop.time() + routing.deadline
     deadline = ex.deadline

@@ -134,7 +134,9 @@ class _Flushing:
         self._pending: asyncio.AbstractEventLoop | None = None  # where a flush is due
         self._held = 0  # bytes written since the last flush
 
-    def __call__(self, data: bytes) -> None:
+    def __call__(self, data: bytes, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Write `data`; `loop`: the running loop, when the caller knows it (a request's line:
+        asking for it costs a getpid system call on Python 3.11)."""
         if self._held and self._held + len(data) > _PIPE_BUF:
             self._flush()  # what is held first (a line over PIPE_BUF then goes alone)
         self._held += len(data)
@@ -142,11 +144,12 @@ class _Flushing:
             self._stream.write(data)
         except (ValueError, OSError):
             pass
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
         if self._pending is not loop:  # (a loop that closed before its flush ran: anew)
             self._pending = loop
             loop.call_soon(self.flush)
@@ -191,9 +194,9 @@ class _Direct:
         self._stamp(None, "", line)
         self._write(_ENCODER.encode(line) + b"\n")
 
-    def request(self, line: RequestLine) -> None:
+    def request(self, line: RequestLine, loop: asyncio.AbstractEventLoop | None = None) -> None:
         line.timestamp = self._stamp.now()
-        self._write(_ENCODER.encode(line) + b"\n")
+        self._write(_ENCODER.encode(line) + b"\n", loop)
 
     def flush(self) -> None:
         self._write.flush()
@@ -214,12 +217,15 @@ def info_line(logger: Any, event: str, fields: dict[str, Any]) -> None:
         logger.info(event, **fields)
 
 
-def request_line(logger: Any, line: RequestLine) -> None:
+def request_line(
+    logger: Any, line: RequestLine, loop: asyncio.AbstractEventLoop | None = None
+) -> None:
     """`info_line` for a request's line: one encode of the Struct once `configure_logging`
-    has set logging up; through structlog otherwise, as the same fields."""
+    has set logging up; through structlog otherwise, as the same fields. `loop`: the running
+    loop, if the caller has it (see `_Flushing`)."""
     if _direct is not None and _direct.active():
         if _info:
-            _direct.request(line)
+            _direct.request(line, loop)
         return
     fields = {
         name: value

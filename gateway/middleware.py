@@ -145,7 +145,11 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
     )
     request[TRACE_KEY] = trace
     status = 500
-    task = asyncio.current_task()
+    # The loop from the connection's task, and this request's task from the loop: on Python
+    # 3.11, `get_running_loop()` and `current_task()` without a loop each make a getpid
+    # system call (asyncio's check that the loop is this process's).
+    loop = request.task.get_loop()
+    task = asyncio.current_task(loop)
     app = request.app  # (a property that walks the match info: read once)
     inflight = app[INFLIGHT_KEY]
     if task is not None:
@@ -226,13 +230,18 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
         # usage writer's last flush must find the row.
         status = trace.status or status
         if shutting_down.is_set():
-            _finish(request, app, route, trace, status)
+            _finish(request, app, route, trace, status, loop)
         else:
-            asyncio.get_running_loop().call_soon(_finish, request, app, route, trace, status)
+            loop.call_soon(_finish, request, app, route, trace, status, loop)
 
 
 def _finish(
-    request: web.Request, app: web.Application, route: str, trace: RequestTrace, status: int
+    request: web.Request,
+    app: web.Application,
+    route: str,
+    trace: RequestTrace,
+    status: int,
+    loop: asyncio.AbstractEventLoop | None,
 ) -> None:
     """Queue the usage row (for model requests; a refusal before any upstream call is only
     counted) and write the canonical log line."""
@@ -292,7 +301,7 @@ def _finish(
         method=request.method,
         path=request.path,
     )
-    request_line(log, line)
+    request_line(log, line, loop)
 
 
 _HTTP_ERRORS: dict[int, type[GatewayError]] = {

@@ -313,3 +313,58 @@ def test_the_request_fields_are_structlog_s_own_context_variables() -> None:
         assert structlog.contextvars.get_contextvars() == {}
 
     contextvars.copy_context().run(run)
+
+
+# asyncio's look-ups of the running loop: on Python 3.11 each makes a getpid system call (its
+# check that the loop belongs to this process).
+_LOOP_LOOKUPS = {"get_running_loop", "_get_running_loop", "get_event_loop"}
+# What runs beside requests, in tasks of its own (the usage writer, the key cache...).
+_BACKGROUND = ("usage.py", "store.py", "sqlite_usage.py", "refusals.py", "keys.py", "reload.py")
+
+
+async def test_a_request_asks_asyncio_for_no_loop(
+    gateway: TestClient[Any, Any], key: str, capfd: Any
+) -> None:
+    # The gateway's code on a request's path (middleware, failover, the log line) takes the
+    # loop from the request's task: asking asyncio for it was four getpid system calls a
+    # request, on a path that makes about ten system calls in all.
+    import asyncio
+    import logging
+    import os
+    import sys
+
+    asyncio_dir = os.path.dirname(asyncio.__file__)
+    asks: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event != "c_call" or getattr(arg, "__name__", "") not in _LOOP_LOOKUPS:
+            return
+        while frame is not None and frame.f_code.co_filename.startswith(asyncio_dir):
+            frame = frame.f_back  # (asked by asyncio for its caller: current_task(), ...)
+        if frame is None:
+            return
+        path = frame.f_code.co_filename
+        if f"{os.sep}gateway{os.sep}" in path and not path.endswith(_BACKGROUND):
+            asks.append(f"{path}:{frame.f_lineno}")
+
+    configure_logging("info", cache=False)
+    try:
+        capfd.readouterr()
+        sys.setprofile(profile)
+        try:
+            resp = await gateway.post(
+                "/v1/chat/completions",
+                json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert resp.status == 200
+            await resp.read()
+            logs.flush_lines()
+        finally:
+            sys.setprofile(None)
+        lines = [line for line in capfd.readouterr().out.splitlines() if '"request"' in line]
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert len(lines) == 1  # the line was made (and written) while profiled
+    assert asks == []
