@@ -226,6 +226,11 @@ MIGRATIONS: tuple[tuple[Statement, ...], ...] = (
             " FOR EACH STATEMENT EXECUTE FUNCTION kiosk_keys_changed()"
         ),
     ),
+    (
+        # usage_ts_cover starts with ts: every range of ts reads through it as well, and
+        # usage_ts was one more index for every row written to keep up (#13).
+        "DROP INDEX usage_ts",
+    ),
 )
 
 

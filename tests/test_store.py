@@ -15,7 +15,7 @@ import pytest
 
 from gateway.database import Database, opened_database
 from gateway.errors import InvalidRequest, NotFound
-from gateway.migrations import MIGRATIONS
+from gateway.migrations import MIGRATIONS, statements
 from gateway.records import UsageRecord, mint_uid
 from gateway.sqlite_usage import USAGE_RUN
 from gateway.store import Store, StoreError, open_store
@@ -73,8 +73,27 @@ async def test_open_creates_schema_in_wal_mode(db_path: str) -> None:
         tables = await fetch(
             store, "SELECT name FROM sqlite_master WHERE type IN ('table', 'index') ORDER BY name"
         )
-        assert {"keys", "usage", "usage_key_ts", "usage_ts"} <= {t[0] for t in tables}
+        assert {"keys", "usage", "usage_key_ts", "usage_ts_cover"} <= {t[0] for t in tables}
         await store.ping()
+
+
+async def test_usage_times_are_read_through_the_covering_index_alone(db_path: str) -> None:
+    # A database of schema 5 had usage_ts (ts) beside usage_ts_cover (ts, ...): one more
+    # index to update for every usage row written. It goes, and a range of times is still
+    # read through an index, not a scan of the table.
+    with sqlite3.connect(db_path) as conn:
+        for step in MIGRATIONS[:5]:
+            for statement in statements(step, "sqlite"):
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 5")
+    conn.close()
+    async with open_store(db_path) as store:
+        names = {n for (n,) in await fetch(store, "SELECT name FROM sqlite_master")}
+        assert "usage_ts" not in names and "usage_ts_cover" in names
+        plan = await fetch(
+            store, "EXPLAIN QUERY PLAN SELECT provider, COUNT(*) FROM usage WHERE ts >= 0"
+        )
+        assert "USING INDEX usage_ts_cover" in " ".join(str(row[-1]) for row in plan)
 
 
 async def test_migrations_are_recorded_and_idempotent(db_path: str) -> None:
