@@ -10,15 +10,22 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from itertools import chain
+from typing import Any
 
-import aiosqlite
 import msgspec
 
 from gateway.records import UsageRecord
 from gateway.reports import ROLL_UP, roll_up
 from gateway.rows import USAGE_COLUMNS as _USAGE_FIELDS
 
-__all__ = ["ADD_REFUSALS", "INSERT_USAGE", "USAGE_RUN", "marks", "write_usage"]
+__all__ = [
+    "ADD_REFUSALS",
+    "INSERT_USAGE",
+    "USAGE_RUN",
+    "marks",
+    "usage_statements",
+    "write_usage",
+]
 
 
 def marks(fields: Sequence[object]) -> str:
@@ -58,38 +65,54 @@ ADD_REFUSALS = (
 )
 
 
-async def write_usage(
-    db: aiosqlite.Connection, rows: Sequence[UsageRecord], *, fresh: bool = False
+Statements = list[tuple[str, list[Any]]]
+
+
+def usage_statements(rows: Sequence[UsageRecord]) -> tuple[Statements, list[tuple[Any, ...]]]:
+    """The multi-row INSERTs of `rows` (with their parameters) and their rollup's parameters:
+    made on the loop's thread, before the write is handed to the database's."""
+    astuple = msgspec.structs.astuple
+    inserts: Statements = []
+    start, left = 0, len(rows)
+    while left:
+        size = USAGE_RUN if left >= USAGE_RUN else 1 << (left.bit_length() - 1)
+        params = list(chain.from_iterable(map(astuple, rows[start : start + size])))
+        for column in _BOOLS:
+            params[column::_WIDTH] = map(int, params[column::_WIDTH])
+        inserts.append((_INSERT_RUNS[size], params))
+        start, left = start + size, left - size
+    return inserts, roll_up(rows)
+
+
+def write_usage(
+    conn: sqlite3.Connection,
+    rows: Sequence[UsageRecord],
+    prepared: tuple[Statements, list[tuple[Any, ...]]] | None,
 ) -> None:
     """Insert the rows not written yet and add them to the daily rollup (in the caller's
     transaction, under its write lock, so no one adds them between the look and the insert).
-    `fresh` rows were never written before: no look for them in the table."""
-    astuple = msgspec.structs.astuple
-    new = list(rows) if fresh else await _unwritten(db, rows)
-    start, left = 0, len(new)
-    while left:
-        size = USAGE_RUN if left >= USAGE_RUN else 1 << (left.bit_length() - 1)
-        params = list(chain.from_iterable(map(astuple, new[start : start + size])))
-        for column in _BOOLS:
-            params[column::_WIDTH] = map(int, params[column::_WIDTH])
-        await db.execute(_INSERT_RUNS[size], params)
-        start, left = start + size, left - size
-    await db.executemany(ROLL_UP, roll_up(new))
+    Runs in the database's thread, as one call: each statement handed over on its own was a
+    hand-off to the thread and a wake-up of the loop. `prepared`: `usage_statements(rows)`,
+    for rows never written before (no look for them in the table); None: look first."""
+    inserts, rollup = usage_statements(_unwritten(conn, rows)) if prepared is None else prepared
+    for sql, params in inserts:
+        conn.execute(sql, params)
+    if rollup:
+        conn.executemany(ROLL_UP, rollup)
 
 
 # How many uids one look-up binds (SQLite allows 32766 parameters since 3.32, 999 before).
 _UID_CHUNK = 500
 
 
-async def _unwritten(db: aiosqlite.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
+def _unwritten(conn: sqlite3.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
     """`rows` without those whose uid the table (or an earlier row of `rows`) already holds."""
     uids = [r.uid for r in rows if r.uid is not None]
     seen: set[str] = set()
     for start in range(0, len(uids), _UID_CHUNK):
         chunk = uids[start : start + _UID_CHUNK]
         sql = f"SELECT uid FROM usage WHERE uid IN ({marks(chunk)})"  # noqa: S608
-        async with db.execute(sql, chunk) as cur:
-            seen.update(uid for (uid,) in await cur.fetchall())
+        seen.update(uid for (uid,) in conn.execute(sql, chunk).fetchall())
     if not seen and len(set(uids)) == len(uids):
         return list(rows)
     new = []

@@ -12,8 +12,8 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any, Literal, cast
 
 import aiosqlite
 
@@ -32,7 +32,7 @@ from gateway.rows import (
     updated_key,
 )
 from gateway.sqlite_copy import INSERT_KEY, SqliteCopies
-from gateway.sqlite_usage import ADD_REFUSALS, write_usage
+from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
 
 __all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
 
@@ -222,8 +222,16 @@ class Store(SqliteCopies):
         and the look is skipped."""
         if not rows:
             return
-        async with self._transaction() as db:
-            await write_usage(db, rows, fresh=fresh)
+        prepared = usage_statements(rows) if fresh else None
+        async with self._write_lock:
+            with _busy_is_503():
+                # The whole transaction in one hand-off to aiosqlite's thread (its `_execute`,
+                # which its own methods use: no public call runs a function there), where
+                # BEGIN, each INSERT, the rollup and COMMIT were a hand-off and a wake-up
+                # of the loop each. Cancelled meanwhile, it still ends there, committed or
+                # rolled back: never a transaction left open.
+                run = cast(Callable[..., Awaitable[None]], self.db._execute)
+                await run(_in_transaction, self.db._conn, write_usage, rows, prepared)
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""
@@ -263,6 +271,18 @@ class Store(SqliteCopies):
         with _busy_is_503():
             async with self.db.execute(sql, params) as cur:
                 return [tuple(row) for row in await cur.fetchall()]
+
+
+def _in_transaction(conn: sqlite3.Connection, write: Callable[..., None], *args: Any) -> None:
+    """`write(conn, *args)` in a `BEGIN IMMEDIATE` transaction, committed, or rolled back if it
+    fails; in aiosqlite's thread."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        write(conn, *args)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
 
 
 def _probe(path: str) -> None:

@@ -23,6 +23,7 @@ from gateway.migrations import migrate
 from gateway.records import UsageRecord, mint_uid
 from gateway.refusals import RefusalCounter, Refusals
 from gateway.settings import ModelConfig, OpenAIConfig, Target
+from gateway.sqlite_usage import USAGE_RUN
 from gateway.state import KEYS_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
 from gateway.store import Store, open_store
 from gateway.usage import UsageRecorder
@@ -411,3 +412,59 @@ async def test_a_migration_cancelled_while_another_process_holds_the_lock_leaves
         await migrate(db)  # and the next start migrates
     other.close()
     assert written(path) == (0, 0)
+
+
+class HandOffs:
+    """Counts what a store hands to aiosqlite's thread, and says when something is handed."""
+
+    def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self.handed = asyncio.Event()
+        execute = store.db._execute
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            self.handed.set()
+            return await execute(*args, **kwargs)
+
+        monkeypatch.setattr(store.db, "_execute", counted)
+
+
+async def test_a_batch_of_usage_rows_is_one_hand_off_to_the_database_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BEGIN, each multi-row INSERT, the rollup and COMMIT were a hand-off each (a thread
+    # wake-up, then a wake-up of the loop with the answer): now the transaction is one.
+    async with open_store(str(tmp_path / "keys.db")) as store:
+        hand_offs = HandOffs(store, monkeypatch)
+        rows = [one_row(i) for i in range(USAGE_RUN + 3)]  # three multi-row INSERTs
+        await store.insert_usage(rows, fresh=True)
+        assert hand_offs.count == 1
+        await store.insert_usage([*rows, one_row(-1)])  # a retry: its look-up is in it too
+        assert hand_offs.count == 2
+    assert written(str(tmp_path / "keys.db")) == (USAGE_RUN + 4, 0)
+
+
+async def test_a_usage_write_cancelled_while_another_process_holds_the_lock_ends_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelled while its transaction waits in the thread for another process's lock, the
+    # write still ends there once the lock is free (committed: the recorder counts such rows
+    # as tried, and looks for them before it writes them again), and leaves no transaction
+    # open on the connection.
+    path = str(tmp_path / "keys.db")
+    other = sqlite3.connect(path, isolation_level=None)
+    async with open_store(path) as store:
+        hand_offs = HandOffs(store, monkeypatch)
+        other.execute("BEGIN IMMEDIATE")
+        write = asyncio.create_task(store.insert_usage([one_row(1)], fresh=True))
+        await noticed(hand_offs.handed)
+        write.cancel()
+        other.rollback()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        await store.insert_usage([one_row(2)])  # after it in the thread: not "within a transaction"
+        other.execute("BEGIN IMMEDIATE")  # nor is the lock still held
+        other.rollback()
+    other.close()
+    assert written(path) == (2, 0)
