@@ -61,6 +61,10 @@ ERROR_BODY_BYTES = 64 * 1024
 MIN_SECRET_CHARS = 16
 REDACTED = b"[redacted]"
 
+# How long a stream's connection is kept, once the stream is done, for the rest of its body
+# (a healthy upstream's follows at once): then it can be reused, not closed (`_linger`).
+LINGER_SECONDS = 1.0
+
 Classifier = Callable[[str, int, bytes, Mapping[str, str]], UpstreamError]
 
 
@@ -238,13 +242,15 @@ class UpstreamClient:
         async with self.pool:
             watch = self.watchdog.open()
             try:
-                async with self._session.post(
+                resp = await self._session.post(
                     url,
                     data=body,
                     headers=self.headers(attempt, extra),
                     timeout=self._stream_timeout,
                     allow_redirects=False,
-                ) as resp:
+                )
+                ended = False  # the upstream said the stream is done (its `[DONE]`)
+                try:
                     if not 200 <= resp.status < 300:
                         raise await self._failure(resp, attempt)
                     frames = self._dialect.frames(self.config.max_event_bytes)
@@ -282,6 +288,8 @@ class UpstreamClient:
                                 watch.reading, watch.last = True, time.monotonic()
                                 continue
                             out, done, error = relay.each(batch)
+                            # (before the yield: the client's end may close this generator there)
+                            ended = done and error is None
                             if out:  # events before an error event still reach the client
                                 watch.reading = False
                                 yield out
@@ -316,6 +324,13 @@ class UpstreamClient:
                                 raise error
                             if done:
                                 return
+                finally:
+                    if ended and not resp.content.is_eof():
+                        _linger(resp)
+                    else:
+                        # (what `async with` on the response does)
+                        resp.release()
+                        await resp.wait_for_close()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise upstream_failure(self.config.name, exc) from exc
             except asyncio.CancelledError:
@@ -416,6 +431,16 @@ class UpstreamClient:
             f"The upstream provider '{self.config.name}' sent {what} larger than "
             f"{limit} bytes (the provider's {setting})."
         )
+
+
+def _linger(resp: aiohttp.ClientResponse) -> None:
+    """Let the connection of a stream that said it was done (`[DONE]`) before its body's end
+    (the chunked terminator) arrived go back to the pool when that end comes: aiohttp releases
+    it itself at the end of the body. Nothing waits for it; an upstream that never ends the body
+    has it closed after `LINGER_SECONDS`. (Released now, it would be closed: a connection whose
+    body is unfinished is never reused.)"""
+    handle = asyncio.get_running_loop().call_later(LINGER_SECONDS, resp.close)
+    resp.content.on_eof(handle.cancel)
 
 
 def _redact_each(batch: list[bytes], secret: bytes) -> None:

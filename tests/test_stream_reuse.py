@@ -1,0 +1,167 @@
+"""A stream's upstream connection goes back to the pool when the upstream ends it well, also
+when its `data: [DONE]` and the end of its chunked body come in separate reads; an upstream
+that sends `[DONE]` and then holds the connection open costs the client no wait, and has
+its connection closed after `_http.LINGER_SECONDS`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient
+
+from gateway.providers import _http
+from gateway.settings import ModelConfig, Target
+from tests.conftest import (
+    NEVER_HANG,
+    MakeSettings,
+    create_key,
+    provider_config,
+    start_gateway,
+    usage_rows,
+)
+from tests.test_attack_upstream import (
+    UPSTREAM_KEY,
+    Answer,
+    RawUpstream,
+    Rig as Rig,
+    chunk,
+    http,
+    sse,
+)
+
+STOP = (
+    b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
+    b'[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+)
+USAGE = (
+    b'{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+)
+HEAD = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
+TERMINATOR = b"0\r\n\r\n"
+
+
+def chunked(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class CountingUpstream(RawUpstream):
+    """A `RawUpstream` that keeps, for each connection it was opened, an event set once that
+    connection is gone."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(answer)
+        self.connections: list[asyncio.Event] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        gone = asyncio.Event()
+        self.connections.append(gone)
+        try:
+            await super()._serve(reader, writer)
+        finally:
+            gone.set()
+
+
+Build = Callable[[Answer], Awaitable[Rig]]
+
+
+@pytest.fixture
+async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
+    servers: list[asyncio.Server] = []
+
+    async def make(answer: Answer) -> Rig:
+        upstream = CountingUpstream(answer)
+        await upstream.start()
+        assert upstream.server is not None
+        servers.append(upstream.server)
+        base = f"http://127.0.0.1:{upstream.port}/v1"
+        provider = provider_config("openai", name="up", base_url=base, api_keys=(UPSTREAM_KEY,))
+        model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
+        gateway = await start_gateway(
+            aiohttp_client, make_settings(providers=(provider,), models=(model,))
+        )
+        return Rig(gateway, await create_key(gateway), "openai", upstream)
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def connections(rig: Rig) -> list[asyncio.Event]:
+    upstream = rig.upstream
+    assert isinstance(upstream, CountingUpstream)
+    return upstream.connections
+
+
+async def stream(rig: Rig) -> bytes:
+    status, body = await rig.call(stream=True)
+    assert status == 200, body
+    return body
+
+
+async def test_a_stream_whose_body_ends_after_its_done_keeps_its_connection(build: Build) -> None:
+    # The body's end follows `[DONE]` only once the client has the whole stream: without the
+    # linger the gateway would already have dropped the connection and opened a new one for
+    # each stream.
+    taken = asyncio.Event()
+    ended = asyncio.Event()
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        await writer.drain()
+        await taken.wait()
+        writer.write(TERMINATOR)
+        await writer.drain()
+        ended.set()
+
+    rig = await build(answer)
+    async with asyncio.timeout(NEVER_HANG):
+        for _ in range(5):
+            taken.clear()
+            ended.clear()
+            body = await stream(rig)
+            assert body == sse(chunk("a"), STOP, b"[DONE]")
+            taken.set()
+            await ended.wait()
+            await asyncio.sleep(0)  # (one turn of the loop: the gateway reads the body's end)
+    assert len(connections(rig)) == 1
+    assert len(rig.upstream.requests) == 5
+    rows = await usage_rows(rig.gateway)
+    assert [(row["status"], row["completion_tokens"]) for row in rows] == [(200, 2)] * 5
+
+
+async def test_a_stream_whose_body_ends_with_its_done_keeps_its_connection(build: Build) -> None:
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE, b"[DONE]")) + TERMINATOR)
+        await writer.drain()
+
+    rig = await build(answer)
+    async with asyncio.timeout(NEVER_HANG):
+        for _ in range(5):
+            assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+    assert len(connections(rig)) == 1
+
+
+async def test_an_upstream_that_holds_its_connection_after_done_costs_no_wait(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hostile: `[DONE]`, then neither the body's end nor a close. The client has its whole
+    # stream at once; the gateway closes that connection after the linger, and the next
+    # stream gets a new one.
+    monkeypatch.setattr(_http, "LINGER_SECONDS", 0.05)
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        await writer.drain()
+
+    rig = await build(answer)
+    async with asyncio.timeout(NEVER_HANG):
+        assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+        await connections(rig)[0].wait()  # closed by the gateway
+        assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+        await connections(rig)[1].wait()
+    assert len(connections(rig)) == 2
+    assert len(rig.upstream.requests) == 2
+    rows = await usage_rows(rig.gateway)
+    assert [row["status"] for row in rows] == [200, 200]
