@@ -1,7 +1,11 @@
-"""A stream's upstream connection goes back to the pool when the upstream ends it well, also
+"""How a stream's upstream connection is read and reused.
+
+A stream's upstream connection goes back to the pool when the upstream ends it well, also
 when its `data: [DONE]` and the end of its chunked body come in separate reads; an upstream
 that sends `[DONE]` and then holds the connection open costs the client no wait, and has
-its connection closed after `_http.LINGER_SECONDS`."""
+its connection closed after `_http.LINGER_SECONDS`. A stream that fills the reader's buffer
+has its connection paused and resumed (`_http._ResumeWhenPaused` passes on only the resumes
+that can do anything) and arrives whole."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.pytest_plugin import AiohttpClient
 
 from gateway.providers import _http
@@ -165,3 +170,33 @@ async def test_an_upstream_that_holds_its_connection_after_done_costs_no_wait(
     assert len(rig.upstream.requests) == 2
     rows = await usage_rows(rig.gateway)
     assert [row["status"] for row in rows] == [200, 200]
+
+
+async def test_a_stream_that_fills_the_readers_buffer_is_paused_resumed_and_whole(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Thousands of events of one chunk each, all at once: more than the reader holds before
+    # it pauses the connection (twice the session's read_bufsize).
+    pauses: list[bool] = []
+    pause = ResponseHandler.pause_reading
+
+    def counting(self: ResponseHandler) -> None:
+        pauses.append(True)
+        pause(self)
+
+    monkeypatch.setattr(ResponseHandler, "pause_reading", counting)
+    words = [chunk(f"word{i:05d} " + "x" * 150) for i in range(3000)]
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"".join(chunked(sse(word)) for word in words))
+        writer.write(chunked(sse(STOP, USAGE)) + chunked(sse(b"[DONE]")) + TERMINATOR)
+        await writer.drain()
+
+    rig = await build(answer)
+    async with asyncio.timeout(NEVER_HANG):
+        for _ in range(2):
+            assert await stream(rig) == sse(*words, STOP, b"[DONE]")
+    assert pauses  # the buffer did fill: the resumes that matter were passed on
+    assert len(connections(rig)) == 1
+    rows = await usage_rows(rig.gateway)
+    assert [(row["status"], row["completion_tokens"]) for row in rows] == [(200, 2)] * 2
