@@ -18,6 +18,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 
 from gateway.providers import _http
 from gateway.settings import ModelConfig, Target
+from tests.bench_servers import message_events
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -27,6 +28,8 @@ from tests.conftest import (
     usage_rows,
 )
 from tests.test_attack_upstream import (
+    HI,
+    KINDS,
     UPSTREAM_KEY,
     Answer,
     RawUpstream,
@@ -68,25 +71,25 @@ class CountingUpstream(RawUpstream):
             gone.set()
 
 
-Build = Callable[[Answer], Awaitable[Rig]]
+Build = Callable[..., Awaitable[Rig]]
 
 
 @pytest.fixture
 async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
     servers: list[asyncio.Server] = []
 
-    async def make(answer: Answer) -> Rig:
+    async def make(answer: Answer, kind: str = "openai") -> Rig:
         upstream = CountingUpstream(answer)
         await upstream.start()
         assert upstream.server is not None
         servers.append(upstream.server)
-        base = f"http://127.0.0.1:{upstream.port}/v1"
-        provider = provider_config("openai", name="up", base_url=base, api_keys=(UPSTREAM_KEY,))
+        base = f"http://127.0.0.1:{upstream.port}{KINDS[kind]}"
+        provider = provider_config(kind, name="up", base_url=base, api_keys=(UPSTREAM_KEY,))
         model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
         gateway = await start_gateway(
             aiohttp_client, make_settings(providers=(provider,), models=(model,))
         )
-        return Rig(gateway, await create_key(gateway), "openai", upstream)
+        return Rig(gateway, await create_key(gateway), kind, upstream)
 
     yield make
     for server in servers:
@@ -200,3 +203,40 @@ async def test_a_stream_that_fills_the_readers_buffer_is_paused_resumed_and_whol
     assert len(connections(rig)) == 1
     rows = await usage_rows(rig.gateway)
     assert [(row["status"], row["completion_tokens"]) for row in rows] == [(200, 2)] * 2
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_an_anthropic_stream_whose_body_ends_after_message_stop_keeps_its_connection(
+    build: Build, path: str
+) -> None:
+    # Translated (chat completions) or passed through (messages): the stream ends at
+    # `message_stop`, and its connection goes back to the pool when the body ends.
+    taken = asyncio.Event()
+    ended = asyncio.Event()
+    *events, stop = message_events()
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(b"".join(events)) + chunked(stop))
+        await writer.drain()
+        await taken.wait()
+        writer.write(TERMINATOR)
+        await writer.drain()
+        ended.set()
+
+    rig = await build(answer, "anthropic")
+    body: dict[str, object] = {"model": "m", "messages": HI, "stream": True, "max_tokens": 50}
+    async with asyncio.timeout(NEVER_HANG):
+        for _ in range(3):
+            taken.clear()
+            ended.clear()
+            status, data = await rig.post(path, body)
+            assert status == 200, data
+            end = b"data: [DONE]\n\n" if path == "/v1/chat/completions" else stop
+            assert data.endswith(end), data[-200:]
+            taken.set()
+            await ended.wait()
+            await asyncio.sleep(0)  # (one turn of the loop: the gateway reads the body's end)
+    assert len(connections(rig)) == 1
+    assert len(rig.upstream.requests) == 3
+    rows = await usage_rows(rig.gateway)
+    assert [row["status"] for row in rows] == [200] * 3

@@ -15,6 +15,9 @@ follow an upstream's redirect and bound every buffer):
   can fail. Nor does it hold the key it sent: an upstream (or a proxy before it) that quotes
   the key in an error message or an answer would otherwise hand it to the client.
 - Every request carries the gateway's `x-request-id`.
+- A stream that the upstream ended (`[DONE]`, a terminal event: `done()`) before the end of
+  its chunked body arrived keeps its connection for the pool, released when that end comes;
+  one whose body never ends is closed after `LINGER_SECONDS`, and nothing waits for it.
 - Client-side failures (refused, reset, timed out) become `UpstreamConnectionError` or
   `UpstreamTimeout`, and an answer that is not valid HTTP (a broken head or chunk, a body its
   Content-Encoding does not decode, a 101) an `UpstreamBadResponse`, before a byte of the
@@ -28,6 +31,7 @@ into events. URLs and body codecs stay with the provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,7 +53,16 @@ from gateway.providers._sse import EventTooLarge, Framed, FrameDecoder, SSEDecod
 from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
 
-__all__ = ["Attempt", "Dialect", "Relay", "UpstreamClient", "bearer", "key_header"]
+__all__ = [
+    "Attempt",
+    "Dialect",
+    "Relay",
+    "StreamDone",
+    "UpstreamClient",
+    "bearer",
+    "done",
+    "key_header",
+]
 
 T = TypeVar("T")
 
@@ -285,7 +298,11 @@ class UpstreamClient:
                                 watch.first, watch.limit = False, self.config.read_timeout
                             if relay is None:
                                 watch.reading = False  # the client's pace is not the upstream's
-                                yield batch
+                                try:
+                                    yield batch
+                                except StreamDone:  # the caller saw the upstream's last event
+                                    ended = True
+                                    return
                                 watch.reading, watch.last = True, time.monotonic()
                                 continue
                             out, done, error = relay.each(batch)
@@ -459,6 +476,19 @@ class _ResumeWhenPaused:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._protocol, name)
+
+
+class StreamDone(Exception):
+    """Thrown into `UpstreamClient.stream` (`done()`) by a caller that read the upstream's last
+    event in what it yielded: the stream ends there, as one whose relay said it was done."""
+
+
+async def done(events: AsyncGenerator[list[bytes], None]) -> None:
+    """End `events` (an `UpstreamClient.stream` without a relay) after the upstream's last
+    event: unlike `aclose()`, its connection goes back to the pool once its body has ended,
+    instead of being closed (`_linger`)."""
+    with contextlib.suppress(StopAsyncIteration, StreamDone):
+        await events.athrow(StreamDone())
 
 
 def _linger(resp: aiohttp.ClientResponse) -> None:
