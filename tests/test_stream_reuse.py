@@ -10,6 +10,7 @@ that can do anything) and arrives whole."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -84,7 +85,11 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
         assert upstream.server is not None
         servers.append(upstream.server)
         base = f"http://127.0.0.1:{upstream.port}{KINDS[kind]}"
-        provider = provider_config(kind, name="up", base_url=base, api_keys=(UPSTREAM_KEY,))
+        fields: dict[str, object] = {"responses_api": True} if kind == "responses" else {}
+        config_kind = "openai" if kind == "responses" else kind
+        provider = provider_config(
+            config_kind, name="up", base_url=base, api_keys=(UPSTREAM_KEY,), **fields
+        )
         model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
         gateway = await start_gateway(
             aiohttp_client, make_settings(providers=(provider,), models=(model,))
@@ -240,3 +245,45 @@ async def test_an_anthropic_stream_whose_body_ends_after_message_stop_keeps_its_
     assert len(rig.upstream.requests) == 3
     rows = await usage_rows(rig.gateway)
     assert [row["status"] for row in rows] == [200] * 3
+
+
+async def test_a_responses_stream_whose_body_ends_after_its_last_event_keeps_its_connection(
+    build: Build,
+) -> None:
+    taken = asyncio.Event()
+    ended = asyncio.Event()
+    usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    events = [
+        {"type": "response.created", "response": {"id": "r", "status": "in_progress"}},
+        {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "delta": "a"},
+    ]
+    last = {"type": "response.completed", "response": {"id": "r", "status": "completed"}}
+    last["response"]["usage"] = usage  # type: ignore[index]
+
+    def frame(event: dict[str, object]) -> bytes:
+        return b"event: %s\ndata: %s\n\n" % (
+            str(event["type"]).encode(),
+            json.dumps(event).encode(),
+        )
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(b"".join(frame(e) for e in events)) + chunked(frame(last)))
+        await writer.drain()
+        await taken.wait()
+        writer.write(TERMINATOR)
+        await writer.drain()
+        ended.set()
+
+    rig = await build(answer, "responses")
+    async with asyncio.timeout(NEVER_HANG):
+        for _ in range(3):
+            taken.clear()
+            ended.clear()
+            status, data = await rig.call(stream=True)
+            assert status == 200, data
+            assert b"response.completed" in data
+            taken.set()
+            await ended.wait()
+            await asyncio.sleep(0)  # (one turn of the loop: the gateway reads the body's end)
+    assert len(connections(rig)) == 1
+    assert len(rig.upstream.requests) == 3
