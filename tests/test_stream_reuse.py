@@ -5,19 +5,23 @@ when its `data: [DONE]` and the end of its chunked body come in separate reads; 
 that sends `[DONE]` and then holds the connection open costs the client no wait, and has
 its connection closed after `_http.LINGER_SECONDS`. A stream that fills the reader's buffer
 has its connection paused and resumed (`_http._ResumeWhenPaused` passes on only the resumes
-that can do anything) and arrives whole."""
+that can do anything) and arrives whole; several chunks read at once are taken as aiohttp's
+`readany()` takes them (`_http._take`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
+from aiohttp import StreamReader
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.pytest_plugin import AiohttpClient
 
 from gateway.providers import _http
+from gateway.providers._http import _take
 from gateway.settings import ModelConfig, Target
 from tests.bench_servers import message_events
 from tests.conftest import (
@@ -287,3 +291,52 @@ async def test_a_responses_stream_whose_body_ends_after_its_last_event_keeps_its
             await asyncio.sleep(0)  # (one turn of the loop: the gateway reads the body's end)
     assert len(connections(rig)) == 1
     assert len(rig.upstream.requests) == 3
+
+
+class _Protocol:
+    """What a body reader asks of its connection, recorded."""
+
+    def __init__(self) -> None:
+        self.resumes = 0
+        self._reading_paused = False
+        self._buffer_paused = False
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self.resumes += 1
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+
+def _reader(chunks: list[bytes], limit: int) -> tuple[StreamReader, _Protocol]:
+    protocol = _Protocol()
+    reader = StreamReader(protocol, limit, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+    reader.begin_http_chunk_receiving()
+    for data in chunks:
+        reader.feed_data(data)
+        reader.end_http_chunk_receiving()
+    return reader, protocol
+
+
+def _state(reader: StreamReader) -> tuple[object, ...]:
+    r: Any = reader
+    return (r._size, r._cursor, list(r._http_chunk_splits), list(r._buffer), r.total_bytes)
+
+
+@pytest.mark.parametrize("limit", [2**16, 8], ids=["below-low-water", "above-low-water"])
+async def test_several_chunks_are_taken_as_readany_takes_them(limit: int) -> None:
+    # `_take` stands in for aiohttp's `readany()` when the reader holds several chunks: the
+    # same bytes, the reader left in the same state, and the connection resumed when aiohttp
+    # would resume it (once, not once a chunk).
+    chunks = [sse(chunk(f"w{i}")) for i in range(5)]
+    theirs, their_protocol = _reader(chunks, limit)
+    ours, our_protocol = _reader(chunks, limit)
+    assert await theirs.readany() == _take(ours) == b"".join(chunks)
+    assert _state(ours) == _state(theirs)
+    assert bool(our_protocol.resumes) == bool(their_protocol.resumes)
+    for reader in (theirs, ours):
+        reader.feed_data(b"more")
+        reader.end_http_chunk_receiving()
+        reader.feed_eof()
+    assert await theirs.readany() == await ours.readany() == b"more"
+    assert _state(ours) == _state(theirs)
