@@ -102,12 +102,13 @@ class SSEStream:
     terminator last, are already queued, and anything after them would reach the client as
     the start of the next response on the connection."""
 
-    __slots__ = ("_request", "_streams", "_task", "ended", "response", "writer")
+    __slots__ = ("_pings", "_request", "_streams", "_task", "ended", "response", "writer")
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
         app = request.app  # (a property that walks the match info: read once)
-        self.response = _EventStream(app[PINGS_KEY])
+        self._pings = app[PINGS_KEY]
+        self.response = _EventStream(self._pings)
         self._streams = app[STREAMS_KEY]
         self.writer: AbstractStreamWriter | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -123,7 +124,8 @@ class SSEStream:
         add_trace_headers(request, trace, response)
         response_headers(request, response)
         writer = self.writer = await response.prepare(request)
-        task = self._task = asyncio.current_task()
+        # (the pings' loop: `current_task()` without one asks for it, a getpid() system call)
+        task = self._task = self._pings.current_task()
         if task is not None:
             self._streams.add(task)
         if last:

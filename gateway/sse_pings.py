@@ -42,12 +42,19 @@ class StreamPings:
         self._streams: dict[StreamResponse, _Watched] = {}
         self._task: asyncio.Task[None] | None = None
         self._pings: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, response: StreamResponse, writer: AbstractStreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        self._streams[response] = _Watched(writer, writer.output_size, loop.time())
-        if self._task is None or self._task.done():
+        loop = self._loop
+        if loop is None or self._task is None or self._task.done():
+            # (asking for the running loop is a getpid() system call: once per watch task)
+            loop = self._loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._watch())
+        self._streams[response] = _Watched(writer, writer.output_size, loop.time())
+
+    def current_task(self) -> asyncio.Task[object] | None:
+        """The task of the stream just `add`ed, found without asking for the running loop."""
+        return asyncio.current_task(self._loop)
 
     def discard(self, response: StreamResponse) -> None:
         self._streams.pop(response, None)

@@ -82,3 +82,24 @@ async def test_the_patrol_fails_a_stream_by_itself_and_stops_when_none_is_open()
     async with asyncio.timeout(5):
         await patrol  # nothing left to watch: the patrol ends
     assert dog._task is None
+
+
+def test_each_stream_is_watched_as_its_own_task_on_whichever_loop_runs_it() -> None:
+    # The watchdog remembers its loop (to find a stream's task without asking for the running
+    # loop); another loop, or another task of the same one, is still found as it is.
+    dog = Watchdog(first_byte_timeout=1.0, read_timeout=1.0)
+
+    async def watched() -> tuple[asyncio.Task[object] | None, asyncio.Task[object]]:
+        watch = dog.open()
+        try:
+            return asyncio.current_task(), watch.task
+        finally:
+            dog.close(watch)
+
+    async def two() -> list[tuple[asyncio.Task[object] | None, asyncio.Task[object]]]:
+        return list(await asyncio.gather(watched(), watched()))
+
+    for _ in range(2):  # a loop each
+        pairs = asyncio.run(two())
+        assert [task for task, _ in pairs] == [watched for _, watched in pairs]
+        assert pairs[0][0] is not pairs[1][0]

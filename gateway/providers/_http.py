@@ -15,6 +15,9 @@ follow an upstream's redirect and bound every buffer):
   can fail. Nor does it hold the key it sent: an upstream (or a proxy before it) that quotes
   the key in an error message or an answer would otherwise hand it to the client.
 - Every request carries the gateway's `x-request-id`.
+- A stream that the upstream ended (`[DONE]`, a terminal event: `done()`) before the end of
+  its chunked body arrived keeps its connection for the pool, released when that end comes;
+  one whose body never ends is closed after `LINGER_SECONDS`, and nothing waits for it.
 - Client-side failures (refused, reset, timed out) become `UpstreamConnectionError` or
   `UpstreamTimeout`, and an answer that is not valid HTTP (a broken head or chunk, a body its
   Content-Encoding does not decode, a 101) an `UpstreamBadResponse`, before a byte of the
@@ -28,10 +31,11 @@ into events. URLs and body codecs stay with the provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -49,7 +53,16 @@ from gateway.providers._sse import EventTooLarge, Framed, FrameDecoder, SSEDecod
 from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
 
-__all__ = ["Attempt", "Dialect", "Relay", "UpstreamClient", "bearer", "key_header"]
+__all__ = [
+    "Attempt",
+    "Dialect",
+    "Relay",
+    "StreamDone",
+    "UpstreamClient",
+    "bearer",
+    "done",
+    "key_header",
+]
 
 T = TypeVar("T")
 
@@ -60,6 +73,10 @@ ERROR_BODY_BYTES = 64 * 1024
 # secrets: replacing such a word wherever an answer says it would corrupt the answer.
 MIN_SECRET_CHARS = 16
 REDACTED = b"[redacted]"
+
+# How long a stream's connection is kept, once the stream is done, for the rest of its body
+# (a healthy upstream's follows at once): then it can be reused, not closed (`_linger`).
+LINGER_SECONDS = 1.0
 
 Classifier = Callable[[str, int, bytes, Mapping[str, str]], UpstreamError]
 
@@ -238,23 +255,33 @@ class UpstreamClient:
         async with self.pool:
             watch = self.watchdog.open()
             try:
-                async with self._session.post(
+                resp = await self._session.post(
                     url,
                     data=body,
                     headers=self.headers(attempt, extra),
                     timeout=self._stream_timeout,
                     allow_redirects=False,
-                ) as resp:
+                )
+                ended = False  # the upstream said the stream is done (its `[DONE]`)
+                try:
                     if not 200 <= resp.status < 300:
                         raise await self._failure(resp, attempt)
                     frames = self._dialect.frames(self.config.max_event_bytes)
                     secret = _secret(attempt)
                     held = 0
-                    content = resp.content
+                    content: Any = resp.content
+                    content._protocol = _ResumeWhenPaused(content._protocol)
+                    buffer = content._buffer
                     try:
                         # `readany()` itself, not `iter_any()`'s iterator: its `__anext__` is
-                        # one coroutine more per read.
-                        while piece := await content.readany():
+                        # one coroutine more per read; several chunks at once in one piece.
+                        while piece := (
+                            _take(content)
+                            if len(buffer) > 1
+                            and content._exception is None
+                            and not content._buffer_offset
+                            else await content.readany()
+                        ):
                             if (
                                 passthrough
                                 and frames.passes(piece)
@@ -278,10 +305,16 @@ class UpstreamClient:
                                 watch.first, watch.limit = False, self.config.read_timeout
                             if relay is None:
                                 watch.reading = False  # the client's pace is not the upstream's
-                                yield batch
+                                try:
+                                    yield batch
+                                except StreamDone:  # the caller saw the upstream's last event
+                                    ended = True
+                                    return
                                 watch.reading, watch.last = True, time.monotonic()
                                 continue
                             out, done, error = relay.each(batch)
+                            # (before the yield: the client's end may close this generator there)
+                            ended = done and error is None
                             if out:  # events before an error event still reach the client
                                 watch.reading = False
                                 yield out
@@ -316,6 +349,13 @@ class UpstreamClient:
                                 raise error
                             if done:
                                 return
+                finally:
+                    if ended and not resp.content.is_eof():
+                        _linger(resp)
+                    else:
+                        # (what `async with` on the response does)
+                        resp.release()
+                        await resp.wait_for_close()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise upstream_failure(self.config.name, exc) from exc
             except asyncio.CancelledError:
@@ -416,6 +456,77 @@ class UpstreamClient:
             f"The upstream provider '{self.config.name}' sent {what} larger than "
             f"{limit} bytes (the provider's {setting})."
         )
+
+
+def _take(content: Any) -> bytes:
+    """`readany()` of a body reader that holds several HTTP chunks, whole (none partly read):
+    the same bytes, in one piece, and the reader left as `readany()` leaves it. aiohttp's
+    takes the chunks one by one, with its bookkeeping for each (OpenAI sends an event a chunk:
+    about 22 a stream), then joins them."""
+    buffer = content._buffer
+    data = b"".join(buffer)
+    buffer.clear()
+    size = len(data)
+    content._size -= size
+    cursor = content._cursor = content._cursor + size
+    splits = content._http_chunk_splits
+    while splits and splits[0] < cursor:
+        splits.popleft()
+    if content._size < content._low_water and (
+        splits is None or len(splits) < content._low_water_chunks
+    ):
+        content._protocol.resume_reading()
+    return data
+
+
+class _ResumeWhenPaused:
+    """A stream's connection as its body's reader sees it: `resume_reading()` only when
+    reading is paused.
+
+    aiohttp's reader calls the connection's `resume_reading()` for every HTTP chunk it hands
+    out, paused or not, and each call parses an empty input again: a stream whose events come
+    one a chunk (OpenAI's) costs about 22 such calls per read, some 100,000 instructions a
+    20-event stream. Pausing (flow control, decompression in bounded steps) sets the
+    protocol's flags, so a resume is passed on whenever one can do anything."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        protocol = self._protocol
+        if protocol._reading_paused or protocol._buffer_paused:
+            protocol.resume_reading(resume_parser)
+
+    def pause_reading(self) -> None:
+        self._protocol.pause_reading()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol, name)
+
+
+class StreamDone(Exception):
+    """Thrown into `UpstreamClient.stream` (`done()`) by a caller that read the upstream's last
+    event in what it yielded: the stream ends there, as one whose relay said it was done."""
+
+
+async def done(events: AsyncGenerator[list[bytes], None]) -> None:
+    """End `events` (an `UpstreamClient.stream` without a relay) after the upstream's last
+    event: unlike `aclose()`, its connection goes back to the pool once its body has ended,
+    instead of being closed (`_linger`)."""
+    with contextlib.suppress(StopAsyncIteration, StreamDone):
+        await events.athrow(StreamDone())
+
+
+def _linger(resp: aiohttp.ClientResponse) -> None:
+    """Let the connection of a stream that said it was done (`[DONE]`) before its body's end
+    (the chunked terminator) arrived go back to the pool when that end comes: aiohttp releases
+    it itself at the end of the body. Nothing waits for it; an upstream that never ends the body
+    has it closed after `LINGER_SECONDS`. (Released now, it would be closed: a connection whose
+    body is unfinished is never reused.)"""
+    handle = asyncio.get_running_loop().call_later(LINGER_SECONDS, resp.close)
+    resp.content.on_eof(handle.cancel)
 
 
 def _redact_each(batch: list[bytes], secret: bytes) -> None:

@@ -19,6 +19,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import InvalidRequest, UpstreamError
+from gateway.providers._http import done
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import (
     ChatCompletion,
@@ -358,6 +359,7 @@ async def translated_stream(
                     yield out  # what arrived before the error still reaches the client
                 raise
             if state.done:
+                await done(events)  # (its connection back to the pool, not closed)
                 break
             if out and call.chunks:
                 yield out

@@ -57,18 +57,25 @@ class Watchdog:
         self.period = min(MAX_PERIOD, first_byte_timeout / 4, read_timeout / 4)
         self._open: set[Watch] = set()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.expired = 0  # streams it failed, for the record
 
     def open(self) -> Watch:
         """Watch the stream the current task is reading, until `close()` (the upstream
         client's stream calls these two directly: a context manager would cost a generator
         and four calls more per stream)."""
-        task = asyncio.current_task()
+        # The loop named: `current_task()` without one asks for the running loop, a getpid()
+        # system call on Linux (asyncio checks the loop is not a forked parent's).
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None:  # the first stream (or a new loop)
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
         assert task is not None  # a stream is only read inside a task
         watch = Watch(task, self.first_byte_timeout)
         self._open.add(watch)
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._patrol())
+            self._task = task.get_loop().create_task(self._patrol())
         return watch
 
     def close(self, watch: Watch) -> None:

@@ -25,7 +25,7 @@ from gateway.errors import UpstreamConnectionError, UpstreamError
 from gateway.providers._answers import event_error, response_usage
 from gateway.providers._call_ids import short_input_ids
 from gateway.providers._errors import DECODE_ERRORS, stream_error
-from gateway.providers._http import UpstreamClient
+from gateway.providers._http import UpstreamClient, done
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, present
@@ -98,7 +98,10 @@ class ResponsesRelay:
                 if error is not None:
                     raise error
                 if ended:
-                    return  # whatever follows (or a connection left open) is not ours
+                    # Whatever follows (or a connection left open) is not ours; the connection
+                    # goes back to the pool if the body ends.
+                    await done(events)
+                    return
         # Cut like a dropped connection (which a retry may fix before the first event).
         raise UpstreamConnectionError(
             f"The upstream provider '{self._name}' ended the stream before the "

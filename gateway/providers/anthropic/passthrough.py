@@ -25,7 +25,7 @@ from msgspec import UNSET, UnsetType
 from gateway.errors import UpstreamConnectionError, UpstreamError
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS
-from gateway.providers._http import UpstreamClient
+from gateway.providers._http import UpstreamClient, done
 from gateway.providers.anthropic.response import event_error, openai_usage
 from gateway.providers.anthropic.wire import AnthropicErrorBody, AnthropicUsage
 from gateway.providers.base import ChatCall, ChatReply
@@ -159,11 +159,15 @@ class MessagesRelay:
                     if held and call.chunks:
                         yield held  # what came before the error still reaches the client
                     raise error
+                if ended:
+                    # Whatever follows (or a connection left open) is not ours; the connection
+                    # goes back to the pool if the body ends.
+                    await done(events)
                 if held and (call.chunks or ended):
                     yield held
                     held = []
                 if ended:
-                    return  # whatever follows (or a connection left open) is not ours
+                    return
         # Cut like a dropped connection (which a retry may fix before the first event).
         raise UpstreamConnectionError(
             f"The upstream provider '{self._name}' ended the stream before the message was "
