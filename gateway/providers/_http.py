@@ -270,8 +270,10 @@ class UpstreamClient:
                     secret = _secret(attempt)
                     held = 0
                     content: Any = resp.content
-                    content._protocol = _ResumeWhenPaused(content._protocol)
-                    buffer = content._buffer
+                    buffer: Any = ()  # no `_take` unless aiohttp's reader is the one known
+                    if FAST_READS:
+                        content._protocol = _ResumeWhenPaused(content._protocol)
+                        buffer = content._buffer
                     try:
                         # `readany()` itself, not `iter_any()`'s iterator: its `__anext__` is
                         # one coroutine more per read; several chunks at once in one piece.
@@ -456,6 +458,26 @@ class UpstreamClient:
             f"The upstream provider '{self.config.name}' sent {what} larger than "
             f"{limit} bytes (the provider's {setting})."
         )
+
+
+def _reader_known() -> bool:
+    """Whether aiohttp's body reader and connection are the ones `_take` and
+    `_ResumeWhenPaused` were written against: aiohttp 3.14, with the private fields they use
+    (tests/test_stream_reuse.py checks `_take` against `readany()` on a real reader). Any other
+    aiohttp reads through its own `readany()`: slower, never wrong."""
+    reader = set(getattr(aiohttp.streams.StreamReader, "__slots__", ()))
+    connection = set(getattr(aiohttp.base_protocol.BaseProtocol, "__slots__", ()))
+    return (
+        aiohttp.__version__.startswith("3.14.")
+        and {
+            "_protocol", "_buffer", "_buffer_offset", "_exception", "_size", "_cursor",
+            "_http_chunk_splits", "_low_water", "_low_water_chunks",
+        } <= reader
+        and {"_reading_paused", "_buffer_paused"} <= connection
+    )  # fmt: skip
+
+
+FAST_READS = _reader_known()
 
 
 def _take(content: Any) -> bytes:
