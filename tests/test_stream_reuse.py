@@ -3,7 +3,8 @@
 A stream's upstream connection goes back to the pool when the upstream ends it well, also
 when its `data: [DONE]` and the end of its chunked body come in separate reads; an upstream
 that sends `[DONE]` and then holds the connection open costs the client no wait, and has
-its connection closed after `_http.LINGER_SECONDS`. A stream that fills the reader's buffer
+its connection closed after `_http.LINGER_SECONDS`; until its connection is back in the pool or
+closed, it counts against `max_connections`. A stream that fills the reader's buffer
 has its connection paused and resumed (`_http._ResumeWhenPaused` passes on only the resumes
 that can do anything) and arrives whole; several chunks read at once are taken as aiohttp's
 `readany()` takes them (`_http._take`)."""
@@ -51,6 +52,7 @@ STOP = (
 USAGE = (
     b'{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
 )
+ADMIN_KEY = "admin-0123456789abcdef"
 HEAD = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
 TERMINATOR = b"0\r\n\r\n"
 
@@ -83,20 +85,22 @@ Build = Callable[..., Awaitable[Rig]]
 async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
     servers: list[asyncio.Server] = []
 
-    async def make(answer: Answer, kind: str = "openai") -> Rig:
+    async def make(answer: Answer, kind: str = "openai", **more: Any) -> Rig:
         upstream = CountingUpstream(answer)
         await upstream.start()
         assert upstream.server is not None
         servers.append(upstream.server)
         base = f"http://127.0.0.1:{upstream.port}{KINDS[kind]}"
         fields: dict[str, object] = {"responses_api": True} if kind == "responses" else {}
+        fields |= more
         config_kind = "openai" if kind == "responses" else kind
         provider = provider_config(
             config_kind, name="up", base_url=base, api_keys=(UPSTREAM_KEY,), **fields
         )
         model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
         gateway = await start_gateway(
-            aiohttp_client, make_settings(providers=(provider,), models=(model,))
+            aiohttp_client,
+            make_settings(providers=(provider,), models=(model,), admin_key=ADMIN_KEY),
         )
         return Rig(gateway, await create_key(gateway), kind, upstream)
 
@@ -109,6 +113,14 @@ def connections(rig: Rig) -> list[asyncio.Event]:
     upstream = rig.upstream
     assert isinstance(upstream, CountingUpstream)
     return upstream.connections
+
+
+async def upstream_stats(rig: Rig) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with rig.gateway.get("/admin/stats", headers=headers) as resp:
+        assert resp.status == 200
+        stats: dict[str, Any] = (await resp.json())["providers"]["up"]
+        return stats
 
 
 async def stream(rig: Rig) -> bytes:
@@ -186,6 +198,63 @@ async def test_an_upstream_that_holds_its_connection_after_done_costs_no_wait(
     assert len(rig.upstream.requests) == 2
     rows = await usage_rows(rig.gateway)
     assert [row["status"] for row in rows] == [200, 200]
+
+
+async def test_a_lingering_connection_counts_against_max_connections(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `max_connections = 1` is a promise to the upstream: one connection at most. A stream
+    # whose body is still open after `[DONE]` holds its connection, so the next request waits
+    # for it (on the record), and gets it, reused, once the body ends.
+    monkeypatch.setattr(_http, "LINGER_SECONDS", NEVER_HANG)
+    end = asyncio.Event()
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        end.clear()
+        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        await writer.drain()
+        await end.wait()
+        writer.write(TERMINATOR)
+        await writer.drain()
+
+    rig = await build(answer, max_connections=1, pool_timeout=NEVER_HANG)
+    async with asyncio.timeout(NEVER_HANG):
+        assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+        assert (await upstream_stats(rig))["in_use"] == 1  # the connection lingers
+        second = asyncio.ensure_future(stream(rig))
+        while not (await upstream_stats(rig))["waiting"]:  # noqa: ASYNC110 (a counter)
+            await asyncio.sleep(0.01)
+        end.set()  # the first body ends: its connection goes back to the pool, and its slot
+        assert await second == sse(chunk("a"), STOP, b"[DONE]")
+        end.set()
+        while (await upstream_stats(rig))["in_use"]:  # noqa: ASYNC110 (a counter)
+            await asyncio.sleep(0.01)
+    assert len(connections(rig)) == 1  # the second stream had the first's connection
+    stats = await upstream_stats(rig)
+    assert (stats["waited"], stats["pool_timeouts"]) == (1, 0)
+
+
+async def test_a_connection_held_after_done_frees_its_slot_when_closed(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hostile: `[DONE]`, then the body held open for good. The linger closes the connection
+    # and frees its slot: with `max_connections = 1` the provider goes on serving.
+    monkeypatch.setattr(_http, "LINGER_SECONDS", 0.05)
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        await writer.drain()
+
+    rig = await build(answer, max_connections=1, pool_timeout=NEVER_HANG)
+    async with asyncio.timeout(NEVER_HANG):
+        for _ in range(3):
+            assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+        for gone in connections(rig):
+            await gone.wait()
+        while (await upstream_stats(rig))["in_use"]:  # noqa: ASYNC110 (a counter)
+            await asyncio.sleep(0.01)
+    assert len(connections(rig)) == 3
+    assert (await upstream_stats(rig))["pool_timeouts"] == 0
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-reads", "aiohttp-reads"])

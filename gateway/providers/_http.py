@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -252,7 +253,9 @@ class UpstreamClient:
             UpstreamError: before the first batch as for `post`; after it, a failure of the
                 connection, an event over the size limit, or what `relay` raises or returns.
         """
-        async with self.pool:
+        await self.pool.enter()
+        lingering = False  # the slot went with the connection to `_linger`
+        try:
             watch = self.watchdog.open()
             try:
                 resp = await self._session.post(
@@ -353,7 +356,8 @@ class UpstreamClient:
                                 return
                 finally:
                     if ended and not resp.content.is_eof():
-                        _linger(resp)
+                        _linger(resp, self.pool.leave)
+                        lingering = True
                     else:
                         # (what `async with` on the response does)
                         resp.release()
@@ -366,6 +370,9 @@ class UpstreamClient:
                 raise self._silent(watch) from None
             finally:
                 self.watchdog.close(watch)
+        finally:
+            if not lingering:
+                self.pool.leave()
         if relay is not None:
             relay.end()
 
@@ -541,14 +548,28 @@ async def done(events: AsyncGenerator[list[bytes], None]) -> None:
         await events.athrow(StreamDone())
 
 
-def _linger(resp: aiohttp.ClientResponse) -> None:
+def _linger(resp: aiohttp.ClientResponse, leave: Callable[[], None]) -> None:
     """Let the connection of a stream that said it was done (`[DONE]`) before its body's end
     (the chunked terminator) arrived go back to the pool when that end comes: aiohttp releases
     it itself at the end of the body. Nothing waits for it; an upstream that never ends the body
     has it closed after `LINGER_SECONDS`. (Released now, it would be closed: a connection whose
-    body is unfinished is never reused.)"""
-    handle = asyncio.get_running_loop().call_later(LINGER_SECONDS, resp.close)
-    resp.content.on_eof(handle.cancel)
+    body is unfinished is never reused.) Until then the connection is still open to the
+    upstream, so it keeps its `max_connections` slot: `leave` frees it, once, at either end."""
+    left = False
+
+    def gone(close: bool) -> None:
+        nonlocal left
+        if left:
+            return
+        left = True
+        if close:
+            resp.close()
+        else:
+            handle.cancel()
+        leave()
+
+    handle = asyncio.get_running_loop().call_later(LINGER_SECONDS, gone, True)
+    resp.content.on_eof(functools.partial(gone, False))
 
 
 def _redact_each(batch: list[bytes], secret: bytes) -> None:

@@ -31,7 +31,7 @@ class UpstreamStats(msgspec.Struct, kw_only=True):
     other reader: the fields are plain counters since the provider was built)."""
 
     max_connections: int | None
-    in_use: int = 0  # requests holding a connection (or about to open one)
+    in_use: int = 0  # connections open or being opened (a stream's, until its body ends)
     waiting: int = 0  # requests waiting for one now
     waited: int = 0  # requests that had to wait
     wait_seconds: float = 0.0  # their waits, summed
@@ -40,7 +40,8 @@ class UpstreamStats(msgspec.Struct, kw_only=True):
 
 
 class PoolGate:
-    """`async with gate:` around each upstream request: a connection slot while it runs."""
+    """`async with gate:` around each upstream request: a connection slot while it runs (or
+    `enter()` and `leave()`, for a stream whose connection is still open after it ends)."""
 
     __slots__ = ("_free", "_name", "_timeout", "stats")
 
@@ -50,7 +51,8 @@ class PoolGate:
         self._free = asyncio.Semaphore(limit) if limit is not None else None
         self.stats = UpstreamStats(max_connections=limit)
 
-    async def __aenter__(self) -> None:
+    async def enter(self) -> None:
+        """Take a slot (waiting for one, on the record, when all are in use)."""
         free = self._free
         if free is not None:
             if free.locked():
@@ -59,15 +61,22 @@ class PoolGate:
                 await free.acquire()  # a slot is free: returns at once
         self.stats.in_use += 1
 
+    __aenter__ = enter
+
+    def leave(self) -> None:
+        """Give the slot back: for a stream whose connection outlives its request (its body
+        still ending after `[DONE]`), when that connection goes back to the pool or closes."""
+        self.stats.in_use -= 1
+        if self._free is not None:
+            self._free.release()
+
     async def __aexit__(
         self,
         kind: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stats.in_use -= 1
-        if self._free is not None:
-            self._free.release()
+        self.leave()
 
     async def _wait(self, free: asyncio.Semaphore) -> None:
         """Wait for a slot, at most `pool_timeout`, on the record.
