@@ -5,10 +5,15 @@ against a raw upstream that misbehaves on the wire, hostile clients and the `ope
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 
@@ -17,9 +22,13 @@ from gateway.settings import ModelConfig, Target
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
+    cli_key,
     create_key,
+    free_port,
+    openai_client,
     provider_config,
     start_gateway,
+    start_serve,
     usage_rows,
 )
 from tests.test_attack_upstream import HI, UPSTREAM_KEY, Answer, RawUpstream, Rig, chunk, http, sse
@@ -218,3 +227,323 @@ async def test_a_second_response_after_the_body_s_end_never_reaches_another_requ
             assert b"smuggled" not in body
             assert f"answer {len(rig.upstream.requests)}".encode() in body, (n, body)
         await settled(rig)
+
+
+# --- Many streams against max_connections = 2 ---------------------------------------------------
+
+
+async def test_a_storm_of_streams_and_hang_ups_never_opens_more_than_max_connections(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 40 streams at once against max_connections = 2, the upstream's answers of every shape
+    # (whole, [DONE] then the body's end later, [DONE] then nothing until the linger closes
+    # it, [DONE] then a reset), a quarter of the clients hanging up mid-stream and some while
+    # they wait for a slot. The upstream never sees more than 2 connections at once, every
+    # slot comes back (in_use and waiting 0), and each request that ran has one usage row.
+    monkeypatch.setattr(_http, "LINGER_SECONDS", 0.05)
+    shapes = ["whole", "late-end", "never-ends", "reset"]
+    served = 0
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        shape = shapes[served % len(shapes)]
+        served += 1
+        if shape == "whole":
+            writer.write(HEAD + chunked(STREAM) + TERMINATOR)
+            await writer.drain()
+            return
+        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)))
+        await writer.drain()
+        await asyncio.sleep(0)
+        writer.write(chunked(sse(b"[DONE]")))
+        await writer.drain()
+        if shape == "late-end":
+            await asyncio.sleep(0.01)
+            writer.write(TERMINATOR)
+            await writer.drain()
+        elif shape == "reset":
+            writer.transport.abort()
+        else:
+            await asyncio.sleep(NEVER_HANG)
+
+    rig = await build(answer, max_connections=2, pool_timeout=NEVER_HANG)
+    url = rig.gateway.make_url("/v1/chat/completions")
+
+    async def one(n: int, session: aiohttp.ClientSession) -> int:
+        async with session.post(url, json=BODY, headers=auth(rig)) as resp:
+            if n % 4 == 3:
+                await resp.content.readuntil(b"\n\n")  # then hangs up
+                return -1
+            body = await resp.read()
+            assert resp.status == 200 and body == sse(chunk("a"), STOP, b"[DONE]"), body
+            return resp.status
+
+    async def hang_up_waiting(session: aiohttp.ClientSession) -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.02):
+                await session.post(url, json=BODY, headers=auth(rig))
+
+    async with asyncio.timeout(NEVER_HANG):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            results = await asyncio.gather(
+                *[one(n, session) for n in range(40)],
+                *[hang_up_waiting(session) for _ in range(5)],
+            )
+        assert results.count(200) == 30
+        now = await settled(rig)
+    assert peers(rig).peak <= 2
+    assert (now["in_use"], now["waiting"], now["pool_timeouts"]) == (0, 0, 0)
+    rows = await rows_of(rig, 45)
+    assert len(rows) == 45
+    assert sorted({r["status"] for r in rows}) in ([200, 499], [200])
+    assert sum(r["status"] == 200 for r in rows) >= 30
+
+
+# --- Pass-through streams as the SDK reads them ------------------------------------------------
+
+
+def upstream_chunks(*pieces: bytes) -> Answer:
+    """A chunked stream answer, each piece an HTTP chunk and a write of its own."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD)
+        for piece in pieces:
+            writer.write(chunked(piece))
+            await writer.drain()
+            await asyncio.sleep(0)
+        writer.write(TERMINATOR)
+        await writer.drain()
+
+    return answer
+
+
+@pytest.mark.parametrize("include_usage", [True, False, None])
+async def test_the_sdk_gets_usage_only_when_it_asked_and_the_row_counts_it(
+    build: Build, include_usage: bool | None
+) -> None:
+    rig = await build(
+        upstream_chunks(sse(chunk("hé"), chunk("llo")), sse(STOP), sse(USAGE), sse(b"[DONE]"))
+    )
+    options: Any = {} if include_usage is None else {"include_usage": include_usage}
+    async with asyncio.timeout(NEVER_HANG), openai_client(rig.gateway, rig.key) as client:
+        chunks = [
+            c
+            async for c in await client.chat.completions.create(
+                model="m", messages=HI, stream=True, stream_options=options or openai.NOT_GIVEN
+            )
+        ]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "héllo"
+    usage = [c.usage for c in chunks if c.usage is not None]
+    if include_usage:
+        assert [(u.prompt_tokens, u.completion_tokens) for u in usage] == [(3, 2)]
+        assert chunks[-1].choices == []
+    else:
+        assert usage == []
+        assert all(c.choices for c in chunks)
+    sent = json.loads(rig.upstream.requests[0].partition(b"\r\n\r\n")[2])
+    assert sent["stream_options"]["include_usage"] is True
+    rows = await rows_of(rig, 1)
+    assert [(r["status"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        (200, 3, 2)
+    ]
+
+
+@pytest.mark.parametrize("cut", range(1, 8))
+async def test_an_event_split_inside_a_utf8_character_arrives_whole(build: Build, cut: int) -> None:
+    # "é€😀" split at every byte of its first characters, across HTTP chunks (and reads).
+    events = sse(chunk("é€😀".encode()), STOP, USAGE, b"[DONE]")
+    at = events.index("é".encode()) + cut
+    rig = await build(upstream_chunks(events[:at], events[at:]))
+    async with asyncio.timeout(NEVER_HANG):
+        chunks = await rig.sdk(stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "é€😀"
+    rows = await rows_of(rig, 1)
+    assert [(r["status"], r["completion_tokens"]) for r in rows] == [(200, 2)]
+
+
+@pytest.mark.parametrize("cut", [3, 10, len(UPSTREAM_KEY) - 1])
+async def test_the_upstream_key_split_across_reads_never_reaches_the_client(
+    build: Build, cut: int
+) -> None:
+    events = sse(chunk(f"my key is {UPSTREAM_KEY}!"), STOP, USAGE, b"[DONE]")
+    at = events.index(UPSTREAM_KEY.encode()) + cut
+    rig = await build(upstream_chunks(events[:at], events[at:]))
+    async with asyncio.timeout(NEVER_HANG):
+        status, body = await rig.call(stream=True)
+    assert status == 200
+    assert UPSTREAM_KEY.encode() not in body
+    assert b"my key is [redacted]!" in body
+
+
+async def test_an_event_that_grows_past_max_event_bytes_ends_the_stream_with_an_error(
+    build: Build,
+) -> None:
+    # An event that has not ended when the gateway holds more than max_event_bytes of it (the
+    # most it buffers of one event): an error event after the first one, not more memory.
+    big = sse(chunk("x" * 5000))
+    pieces = [big[i : i + 900] for i in range(0, len(big), 900)]
+    rig = await build(
+        upstream_chunks(sse(chunk("a")), *pieces, sse(STOP, USAGE, b"[DONE]")),
+        max_event_bytes=1000,
+    )
+    async with asyncio.timeout(NEVER_HANG):
+        chunks = await rig.sdk(stream=True)
+    assert isinstance(chunks, openai.APIError)
+    assert "max_event_bytes" in chunks.message
+    await settled(rig)
+    rows = await rows_of(rig, 1)
+    assert [r["status"] for r in rows] == [502]
+
+
+# --- Every way a stream fails gives its slot back ----------------------------------------------
+
+FAILURES: dict[str, tuple[bytes, int]] = {
+    # what the upstream sends (then it closes), the status of the request's usage row
+    "redirect": (http("302 Found", {"Location": "http://evil/", "Content-Length": "0"}), 502),
+    "error-500": (
+        http("500 Oops", {"Content-Type": "application/json", "Content-Length": "2"}, b"{}"),
+        503,
+    ),
+    "error-event": (HEAD + chunked(sse(chunk("a"), b'{"error":{"message":"boom"}}')), 502),
+    "cut-short": (HEAD + chunked(sse(chunk("a"))) + TERMINATOR, 502),
+    "not-json": (HEAD + chunked(sse(chunk("a"), b"{nope")) + TERMINATOR, 502),
+    "bad-chunk": (HEAD + chunked(sse(chunk("a"))) + b"zz\r\n", 502),
+    "switch": (http("101 Switching Protocols", {"Upgrade": "x", "Connection": "upgrade"}), 502),
+    "silent-head": (b"", 504),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+async def test_a_stream_that_fails_gives_its_slot_back_and_the_next_is_served(
+    build: Build, failure: str
+) -> None:
+    data, status = FAILURES[failure]
+    calls = 0
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            writer.write(HEAD + chunked(STREAM) + TERMINATOR)
+            await writer.drain()
+            return
+        if data:
+            writer.write(data)
+            await writer.drain()
+            writer.close()
+        else:
+            await asyncio.sleep(NEVER_HANG)
+
+    rig = await build(answer, max_connections=1, pool_timeout=0.5, first_byte_timeout=0.2)
+    async with asyncio.timeout(NEVER_HANG):
+        got, body = await rig.call(stream=True)
+        if got == 200:  # failed after its first event: an error event ends it
+            error = json.loads(body.split(b"data: ")[-1])["error"]
+        else:
+            error = json.loads(body)["error"]
+            assert got == status
+        assert error["message"] and UPSTREAM_KEY not in json.dumps(error)
+        await settled(rig)
+        got, body = await rig.call(stream=True)
+        assert (got, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+        now = await settled(rig)
+    assert peers(rig).peak == 1
+    assert now["pool_timeouts"] == 0
+    rows = await rows_of(rig, 2)
+    assert [r["status"] for r in rows] == [status, 200]
+
+
+# --- A real `gateway serve` on uvloop -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_uvloop", [True, False], ids=["uvloop", "asyncio"])
+async def test_a_real_serve_process_on_its_loop_survives_hostile_streams_and_loses_no_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], use_uvloop: bool
+) -> None:
+    # The suite's gateway runs on pytest's asyncio loop; `gateway serve` runs on uvloop.
+    # The same attacks on both: a stream whose connection lingers after [DONE] and is reset,
+    # one that never sends its first byte, SDK streams with and without usage, against
+    # max_connections = 1 and a pool_timeout shorter than the linger. Then SIGTERM: exit 0,
+    # one row per request with its status and tokens, no key in the log.
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if b"silent" in request:
+            await asyncio.sleep(NEVER_HANG)
+            return
+        if b"reset" in request:
+            writer.write(HEAD + chunked(sse(chunk(UPSTREAM_KEY), STOP, USAGE, b"[DONE]")))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.transport.abort()
+            return
+        writer.write(HEAD + chunked(STREAM) + TERMINATOR)
+        await writer.drain()
+
+    upstream = PeerUpstream(answer)
+    await upstream.start()
+    port = free_port()
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\nadmin_key = "{ADMIN_KEY}"\nuvloop = {str(use_uvloop).lower()}\n\n'
+        f"[routing]\nmax_attempts = 1\nfailure_threshold = 1000\n\n"
+        f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
+        f'base_url = "http://127.0.0.1:{upstream.port}/v1"\nmax_connections = 1\n'
+        "pool_timeout = 0.5\nfirst_byte_timeout = 0.3\n"
+    )
+    secret = await cli_key(db, capsys)
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        proc = await start_serve(config, port, stdout=out)
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            assert proc.stderr is not None
+            assert b"listening" in await proc.stderr.readline()
+            client = openai.AsyncOpenAI(
+                api_key=secret, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0
+            )
+            async with client:
+
+                async def chat(word: str, **more: Any) -> Any:
+                    messages: Any = [{"role": "user", "content": word}]
+                    try:
+                        chunks = await client.chat.completions.create(
+                            model="up/x", messages=messages, stream=True, **more
+                        )
+                        return [c async for c in chunks]
+                    except openai.APIError as exc:
+                        return exc
+
+                first = await chat("ok", stream_options={"include_usage": True})
+                assert first[-1].usage.completion_tokens == 2
+                reset = await chat("reset")
+                assert "".join(c.choices[0].delta.content or "" for c in reset) == "[redacted]"
+                again = await chat("ok")  # not a 503: the reset connection's slot is free
+                assert all(c.usage is None for c in again) and again[-1].choices
+                silent = await chat("silent")
+                assert isinstance(silent, openai.APIStatusError) and silent.status_code == 504
+                last = await chat("ok")
+                assert not isinstance(last, openai.APIError)
+            async with aiohttp.ClientSession() as session:
+                stats_url = f"http://127.0.0.1:{port}/admin/stats"
+                headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+                async with session.get(stats_url, headers=headers) as resp:
+                    now = (await resp.json())["providers"]["up"]
+            proc.terminate()
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        assert upstream.server is not None
+        upstream.server.close()
+    assert (now["in_use"], now["waiting"], now["pool_timeouts"]) == (0, 0, 0)
+    assert now["stream_timeouts"] == 1
+    assert upstream.peak == 1
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT status, completion_tokens FROM usage ORDER BY ts").fetchall()
+    assert [status for status, _ in rows] == [200, 200, 200, 504, 200]
+    assert [tokens for status, tokens in rows if status == 200] == [2, 2, 2, 2]
+    logged = log.read_bytes()
+    assert b"loop" in logged
+    assert UPSTREAM_KEY.encode() not in logged and secret.encode() not in logged
