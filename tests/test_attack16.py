@@ -485,7 +485,8 @@ async def test_a_real_serve_process_on_its_loop_survives_hostile_streams_and_los
     db = tmp_path / "keys.db"
     config = tmp_path / "gateway.toml"
     config.write_text(
-        f'[server]\ndatabase = "{db}"\nadmin_key = "{ADMIN_KEY}"\nuvloop = {str(use_uvloop).lower()}\n\n'
+        f'[server]\ndatabase = "{db}"\nadmin_key = "{ADMIN_KEY}"\n'
+        f"uvloop = {str(use_uvloop).lower()}\n\n"
         f"[routing]\nmax_attempts = 1\nfailure_threshold = 1000\n\n"
         f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
         f'base_url = "http://127.0.0.1:{upstream.port}/v1"\nmax_connections = 1\n'
