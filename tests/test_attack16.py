@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import sqlite3
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -548,3 +549,84 @@ async def test_a_real_serve_process_on_its_loop_survives_hostile_streams_and_los
     logged = log.read_bytes()
     assert b"loop" in logged
     assert UPSTREAM_KEY.encode() not in logged and secret.encode() not in logged
+
+
+async def test_a_shutdown_with_streams_running_and_waiting_for_a_slot_loses_no_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SIGTERM while one stream runs (its upstream holds it open after its first event) and
+    # two more wait for its one connection (max_connections = 1). Past the grace period each
+    # client gets an answer it can parse, the process exits 0, every request has its row,
+    # and the upstream never had two connections.
+    started = asyncio.Event()
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(sse(chunk("a"))))
+        await writer.drain()
+        started.set()
+        await asyncio.sleep(NEVER_HANG)
+
+    upstream = PeerUpstream(answer)
+    await upstream.start()
+    port = free_port()
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\nadmin_key = "{ADMIN_KEY}"\nshutdown_grace_seconds = 0.2\n\n'
+        f"[routing]\nmax_attempts = 1\n\n"
+        f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
+        f'base_url = "http://127.0.0.1:{upstream.port}/v1"\nmax_connections = 1\n'
+        f"pool_timeout = {NEVER_HANG}\n"
+    )
+    secret = await cli_key(db, capsys)
+    proc = await start_serve(config, port, stdout=subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            assert proc.stderr is not None
+            assert b"listening" in await proc.stderr.readline()
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            headers = {"Authorization": f"Bearer {secret}"}
+            body = {"model": "up/x", "messages": HI, "stream": True}
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+                async def call() -> tuple[int, bytes]:
+                    got = b""
+                    status = 0
+                    try:
+                        async with session.post(url, json=body, headers=headers) as resp:
+                            status = resp.status
+                            async for piece in resp.content.iter_any():
+                                got += piece
+                            return resp.status, got
+                    except aiohttp.ClientError as exc:
+                        return -status, repr(exc).encode() + b" GOT " + got
+
+                running = asyncio.ensure_future(call())
+                await started.wait()
+                waiting = [asyncio.ensure_future(call()) for _ in range(2)]
+                stats_url = f"http://127.0.0.1:{port}/admin/stats"
+                admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+                while True:
+                    async with session.get(stats_url, headers=admin) as resp:
+                        if (await resp.json())["providers"]["up"]["waiting"] == 2:
+                            break
+                    await asyncio.sleep(0.01)
+                proc.terminate()
+                results = await asyncio.gather(running, *waiting)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        assert upstream.server is not None
+        upstream.server.close()
+    status, first = results[0]
+    assert status == 200 and b"a" in first
+    assert json.loads(first.split(b"data: ")[-1])["error"]["message"]
+    for status, answer_body in results[1:]:
+        assert status == 503, answer_body
+        assert json.loads(answer_body)["error"]["message"]
+    assert upstream.peak == 1
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT status FROM usage").fetchall()
+    assert sorted(status for (status,) in rows) == [503, 503, 503]
