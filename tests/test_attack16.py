@@ -630,3 +630,105 @@ async def test_a_shutdown_with_streams_running_and_waiting_for_a_slot_loses_no_r
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT status FROM usage").fetchall()
     assert sorted(status for (status,) in rows) == [503, 503, 503]
+
+
+# --- The watchdog and the gate together ----------------------------------------------------------
+
+
+async def test_a_wait_for_a_connection_slot_is_not_counted_as_upstream_silence(
+    build: Build,
+) -> None:
+    # first_byte_timeout bounds the upstream's silence, not the wait for one of
+    # max_connections: a stream that waited 0.4 s for its slot and then gets its first event
+    # at once is served, not a 504.
+    release = asyncio.Event()
+    calls = 0
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            writer.write(HEAD + chunked(sse(chunk("a"))))
+            await writer.drain()
+            await release.wait()
+            writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
+        else:
+            writer.write(HEAD + chunked(STREAM) + TERMINATOR)
+        await writer.drain()
+
+    rig = await build(
+        answer, max_connections=1, pool_timeout=NEVER_HANG, first_byte_timeout=0.1, read_timeout=5
+    )
+    async with asyncio.timeout(NEVER_HANG):
+        first = await rig.gateway.post("/v1/chat/completions", json=BODY, headers=auth(rig))
+        assert first.status == 200
+        second = asyncio.ensure_future(rig.call(stream=True))
+        while not (await stats(rig))["waiting"]:  # noqa: ASYNC110 (a counter)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.4)  # four first-byte timeouts spent waiting for the slot
+        release.set()
+        assert (await first.read()).endswith(b"data: [DONE]\n\n")
+        status, body = await second
+        assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+        now = await settled(rig)
+    assert now["stream_timeouts"] == 0 and now["waited"] == 1
+
+
+@pytest.mark.parametrize("hang_up_after", [0, 1, 2, 3, 4])
+async def test_a_client_hanging_up_at_any_point_of_a_stream_frees_everything(
+    build: Build, monkeypatch: pytest.MonkeyPatch, hang_up_after: int
+) -> None:
+    # The upstream answers in steps (its head and first event, the second event and the
+    # finish, the usage and [DONE], the body's end), each when the test says; the client
+    # hangs up before its answer (0) or after `hang_up_after` steps reached it. With
+    # max_connections = 1 every slot must come back, and the next request be served, with
+    # never more than one connection at a time.
+    monkeypatch.setattr(_http, "LINGER_SECONDS", NEVER_HANG)
+    go = asyncio.Semaphore(0)
+    steps = [
+        HEAD + chunked(sse(chunk("a"))),
+        chunked(sse(chunk("b"), STOP)),
+        chunked(sse(USAGE, b"[DONE]")),
+        TERMINATOR,
+    ]
+    first = True
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        nonlocal first
+        if not first:
+            writer.write(HEAD + chunked(STREAM) + TERMINATOR)
+            await writer.drain()
+            return
+        first = False
+        for n, data in enumerate(steps):
+            if n:
+                await go.acquire()
+            writer.write(data)
+            await writer.drain()
+
+    rig = await build(answer, max_connections=1, pool_timeout=NEVER_HANG)
+    url = rig.gateway.make_url("/v1/chat/completions")
+    async with asyncio.timeout(NEVER_HANG):
+        async with aiohttp.ClientSession() as session:
+            if hang_up_after == 0:
+                request = asyncio.ensure_future(session.post(url, json=BODY, headers=auth(rig)))
+                while not rig.upstream.requests:  # noqa: ASYNC110 (the upstream's record)
+                    await asyncio.sleep(0.001)
+                request.cancel()
+            else:
+                resp = await session.post(url, json=BODY, headers=auth(rig))
+                assert b'"a"' in await resp.content.readuntil(b"\n\n")
+                for _ in range(hang_up_after - 1):
+                    go.release()
+                    await resp.content.readuntil(b"\n\n")
+                resp.close()
+        for _ in steps:
+            go.release()
+        status, body = await rig.call(stream=True)
+        assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+        now = await settled(rig)
+    assert peers(rig).peak == 1
+    assert now["pool_timeouts"] == 0
+    rows = await rows_of(rig, 2)
+    # a hang-up is 499 (its tokens estimated until the usage came); all read is a 200
+    assert [r["status"] for r in rows] == [499 if hang_up_after < 4 else 200, 200]
