@@ -19,9 +19,10 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 
 from gateway.providers import _http
-from gateway.settings import ModelConfig, Target
+from gateway.settings import ModelConfig, RoutingSettings, Target
 from tests.conftest import (
     NEVER_HANG,
+    ONE_ATTEMPT,
     MakeSettings,
     cli_key,
     create_key,
@@ -88,7 +89,7 @@ Build = Callable[..., Awaitable[Rig]]
 async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
     servers: list[asyncio.Server] = []
 
-    async def make(answer: Answer, **more: Any) -> Rig:
+    async def make(answer: Answer, routing: RoutingSettings = ONE_ATTEMPT, **more: Any) -> Rig:
         upstream = PeerUpstream(answer)
         await upstream.start()
         assert upstream.server is not None
@@ -103,7 +104,9 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
         model = ModelConfig(name="m", targets=(Target(provider="up", model="m-1"),))
         gateway = await start_gateway(
             aiohttp_client,
-            make_settings(providers=(provider,), models=(model,), admin_key=ADMIN_KEY),
+            make_settings(
+                providers=(provider,), models=(model,), routing=routing, admin_key=ADMIN_KEY
+            ),
         )
         return Rig(gateway, await create_key(gateway), "openai", upstream)
 
@@ -710,11 +713,18 @@ async def test_a_client_hanging_up_at_any_point_of_a_stream_frees_everything(
     url = rig.gateway.make_url("/v1/chat/completions")
     async with asyncio.timeout(NEVER_HANG):
         async with aiohttp.ClientSession() as session:
-            if hang_up_after == 0:
-                request = asyncio.ensure_future(session.post(url, json=BODY, headers=auth(rig)))
+            if hang_up_after == 0:  # gone once the upstream has the request
+                _, writer = await asyncio.open_connection(rig.gateway.host, rig.gateway.port)
+                body = json.dumps(BODY).encode()
+                writer.write(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                    b"Authorization: Bearer %b\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%b" % (rig.key.encode(), len(body), body)
+                )
                 while not rig.upstream.requests:  # noqa: ASYNC110 (the upstream's record)
                     await asyncio.sleep(0.001)
-                request.cancel()
+                writer.close()
+                await writer.wait_closed()
             else:
                 resp = await session.post(url, json=BODY, headers=auth(rig))
                 assert b'"a"' in await resp.content.readuntil(b"\n\n")
@@ -732,3 +742,100 @@ async def test_a_client_hanging_up_at_any_point_of_a_stream_frees_everything(
     rows = await rows_of(rig, 2)
     # a hang-up is 499 (its tokens estimated until the usage came); all read is a 200
     assert [r["status"] for r in rows] == [499 if hang_up_after < 4 else 200, 200]
+
+
+async def test_a_full_pool_is_not_a_failure_of_the_upstream_account(build: Build) -> None:
+    # max_connections is the gateway's own bound, not the upstream failing: requests refused
+    # for a full pool (503 upstream_pool_full) must not open the account's breaker, or a
+    # burst past max_connections would take a healthy provider out of rotation for its
+    # cooldown, refusing requests when its connections are free again.
+    release = asyncio.Event()
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(sse(chunk("a"))))
+        await writer.drain()
+        if not release.is_set():
+            await release.wait()
+        writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
+        await writer.drain()
+
+    routing = RoutingSettings(max_attempts=1, failure_threshold=2, cooldown=NEVER_HANG)
+    rig = await build(answer, routing, max_connections=1, pool_timeout=0.05)
+    async with asyncio.timeout(NEVER_HANG):
+        held = await rig.gateway.post("/v1/chat/completions", json=BODY, headers=auth(rig))
+        assert held.status == 200
+        for _ in range(3):
+            status, body = await rig.call(stream=True)
+            assert status == 503
+            assert json.loads(body)["error"]["code"] == "upstream_pool_full"
+        release.set()
+        assert (await held.read()).endswith(b"data: [DONE]\n\n")
+        await settled(rig)
+        status, body = await rig.call(stream=True)  # a connection is free: served
+        assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]")), body
+
+
+async def test_a_full_pool_does_not_take_a_healthy_provider_out_of_rotation(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    # Two routes: "up" (max_connections = 1) first, "other" behind it. While up's one
+    # connection is busy, requests find its pool full and are answered by other, as they
+    # should; once it is free again, up must serve again: its pool being full was the
+    # gateway's own bound, not up failing, and must not open up's breaker for its cooldown.
+    release = asyncio.Event()
+
+    async def held(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(sse(chunk("up"))))
+        await writer.drain()
+        if not release.is_set():
+            await release.wait()
+        writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
+        await writer.drain()
+
+    async def other_answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(sse(chunk("other"), STOP, USAGE, b"[DONE]")) + TERMINATOR)
+        await writer.drain()
+
+    up, other = PeerUpstream(held), PeerUpstream(other_answer)
+    providers = []
+    for name, upstream, more in (
+        ("up", up, {"max_connections": 1, "pool_timeout": 0.05}),
+        ("other", other, {}),
+    ):
+        await upstream.start()
+        base = f"http://127.0.0.1:{upstream.port}/v1"
+        providers.append(
+            provider_config("openai", name=name, base_url=base, api_keys=(UPSTREAM_KEY,), **more)
+        )
+    model = ModelConfig(
+        name="m",
+        targets=(
+            Target(provider="up", model="m-1", priority=0),
+            Target(provider="other", model="m-1", priority=1),
+        ),
+    )
+    routing = RoutingSettings(
+        max_attempts=2, failure_threshold=2, cooldown=NEVER_HANG, backoff_initial=0
+    )
+    settings = make_settings(providers=tuple(providers), models=(model,), routing=routing)
+    gateway = await start_gateway(aiohttp_client, settings)
+    headers = {"Authorization": f"Bearer {await create_key(gateway)}"}
+
+    async def call() -> bytes:
+        async with gateway.post("/v1/chat/completions", json=BODY, headers=headers) as resp:
+            assert resp.status == 200
+            return await resp.read()
+
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            first = await gateway.post("/v1/chat/completions", json=BODY, headers=headers)
+            assert first.status == 200
+            for _ in range(3):  # up's pool is full: other answers
+                assert b'"other"' in await call()
+            release.set()
+            assert (await first.read()).endswith(b"data: [DONE]\n\n")
+            assert b'"up"' in await call()  # up's connection is free again
+    finally:
+        for upstream in (up, other):
+            assert upstream.server is not None
+            upstream.server.close()

@@ -21,7 +21,7 @@ from types import TracebackType
 import msgspec
 import structlog
 
-from gateway.errors import UpstreamUnavailable
+from gateway.errors import UpstreamPoolFull, UpstreamUnavailable
 
 __all__ = ["PoolGate", "UpstreamStats"]
 
@@ -117,11 +117,10 @@ class PoolGate:
                 max_connections=stats.max_connections,
                 waited_s=round(time.monotonic() - start, 3),
             )
-            raise UpstreamUnavailable(
+            raise UpstreamPoolFull(
                 f"All {stats.max_connections} connections to the upstream provider "
                 f"'{self._name}' stayed in use for {self._timeout:g} s (its max_connections "
-                "and pool_timeout); retry later.",
-                code="upstream_pool_full",
+                "and pool_timeout); retry later."
             ) from None
         finally:
             stats.waiting -= 1
