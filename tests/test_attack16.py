@@ -9,6 +9,7 @@ import json
 import socket
 import sqlite3
 import subprocess
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ USAGE = (
 ADMIN_KEY = "admin-0123456789abcdef"
 HEAD = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
 TERMINATOR = b"0\r\n\r\n"
+MiB = 1024 * 1024
 STREAM = sse(chunk("a"), STOP, USAGE, b"[DONE]")
 
 
@@ -839,3 +841,59 @@ async def test_a_full_pool_does_not_take_a_healthy_provider_out_of_rotation(
         for upstream in (up, other):
             assert upstream.server is not None
             upstream.server.close()
+
+
+async def test_a_flood_after_done_is_not_held_in_memory_while_the_connection_lingers(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # [DONE], then 32 MiB more of the body, never ended: the client has its stream at once,
+    # nothing reads the rest, so the gateway must stop reading it (flow control) rather than
+    # hold it, until the linger closes the connection and frees its slot.
+    monkeypatch.setattr(_http, "LINGER_SECONDS", 0.3)
+    flooding = asyncio.Event()
+    junk = chunked(b"x" * MiB)
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(STREAM))
+        await writer.drain()
+        flooding.set()
+        for _ in range(32):
+            writer.write(junk)
+            await writer.drain()
+
+    rig = await build(answer, max_connections=1, pool_timeout=NEVER_HANG)
+    tracemalloc.start()
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            status, body = await rig.call(stream=True)
+            assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+            await flooding.wait()
+            tracemalloc.reset_peak()
+            await settled(rig)  # the linger closed it
+            peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * MiB, f"{peak / MiB:.1f} MiB"
+    status, body = await rig.call(stream=True)
+    assert status == 200
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_a_whole_stream_in_one_read_reaches_the_sdk_as_it_asked(
+    build: Build, include_usage: bool
+) -> None:
+    # The chunks, the finish, the usage chunk and [DONE] in one read (passed through as the
+    # upstream's bytes, the usage chunk cut out when the client did not ask for it).
+    rig = await build(upstream_chunks(sse(chunk("a"), chunk("b"), STOP, USAGE, b"[DONE]")))
+    async with asyncio.timeout(NEVER_HANG), openai_client(rig.gateway, rig.key) as client:
+        stream = await client.chat.completions.create(
+            model="m",
+            messages=HI,
+            stream=True,
+            stream_options={"include_usage": include_usage},
+        )
+        chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ab"
+    assert [c.usage.total_tokens for c in chunks if c.usage] == ([5] if include_usage else [])
+    rows = await rows_of(rig, 1)
+    assert [(r["status"], r["total_tokens"]) for r in rows] == [(200, 5)]
