@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
 
+from gateway.errors import StoreBusy
 from gateway.records import UsageRecord
 
 __all__ = ["UsageRecorder", "UsageSink"]
@@ -23,6 +25,8 @@ log = structlog.get_logger(__name__)
 
 # A database that comes back gets the rows held for it within this long.
 _MAX_BACKOFF_SECONDS = 10.0
+# How long `stop()` waits for another process's write lock before it gives the rows up.
+_STOP_BUSY_SECONDS = 10.0
 
 
 class UsageSink(Protocol):
@@ -133,11 +137,27 @@ class UsageRecorder:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        try:
-            await self.flush()
-        except Exception:
-            self.lost = self.pending
-            log.exception("usage_rows_lost", rows=self.lost)
+        # Another process holding the database's write lock for a moment (the CLI, a backup)
+        # is waited for, within a bound: the rows batched until now are written once it is
+        # free. Any other failure is final.
+        deadline = time.monotonic() + _STOP_BUSY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                await self.flush()
+            except StoreBusy:
+                if time.monotonic() + delay <= deadline:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                self._lose()
+            except Exception:
+                self._lose()
+            return
+
+    def _lose(self) -> None:
+        self.lost = self.pending
+        log.exception("usage_rows_lost", rows=self.lost)
 
     async def _run(self) -> None:
         failures = 0

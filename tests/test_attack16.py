@@ -897,3 +897,57 @@ async def test_a_whole_stream_in_one_read_reaches_the_sdk_as_it_asked(
     assert [c.usage.total_tokens for c in chunks if c.usage] == ([5] if include_usage else [])
     rows = await rows_of(rig, 1)
     assert [(r["status"], r["total_tokens"]) for r in rows] == [(200, 5)]
+
+
+async def test_a_database_locked_for_a_moment_at_shutdown_loses_no_usage_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The usage rows wait in the queue (batched off the request path) when SIGTERM comes,
+    # while another process (the CLI, a backup) holds the database's write lock for a
+    # moment. The server's last flush must still write them: exit 0, every row there.
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(STREAM) + TERMINATOR)
+        await writer.drain()
+
+    upstream = PeerUpstream(answer)
+    await upstream.start()
+    port = free_port()
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\nusage_flush_seconds = 3600\nusage_batch_size = 1000\n'
+        f"shutdown_grace_seconds = 0\n\n"
+        f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
+        f'base_url = "http://127.0.0.1:{upstream.port}/v1"\n'
+    )
+    secret = await cli_key(db, capsys)
+    proc = await start_serve(config, port, stdout=subprocess.DEVNULL)
+    lock = sqlite3.connect(db, timeout=NEVER_HANG, isolation_level=None)
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            assert proc.stderr is not None
+            assert b"listening" in await proc.stderr.readline()
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            headers = {"Authorization": f"Bearer {secret}"}
+            body = {"model": "up/x", "messages": HI, "stream": True}
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    async with session.post(url, json=body, headers=headers) as resp:
+                        assert resp.status == 200
+                        await resp.read()
+            lock.execute("BEGIN IMMEDIATE")  # another process writes, for a second
+            proc.terminate()
+            await asyncio.sleep(1.0)
+            lock.execute("ROLLBACK")
+            code = await proc.wait()
+            err = await proc.stderr.read()
+    finally:
+        lock.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        assert upstream.server is not None
+        upstream.server.close()
+    assert code == 0, err
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM usage").fetchone() == (3,)
