@@ -417,6 +417,20 @@ FAILURES: dict[str, tuple[bytes, int]] = {
     "bad-chunk": (HEAD + chunked(sse(chunk("a"))) + b"zz\r\n", 502),
     "switch": (http("101 Switching Protocols", {"Upgrade": "x", "Connection": "upgrade"}), 502),
     "silent-head": (b"", 504),
+    "length-and-chunks": (
+        http(
+            "200 OK",
+            {
+                "Content-Type": "text/event-stream",
+                "Content-Length": "5",
+                "Transfer-Encoding": "chunked",
+            },
+        )
+        + chunked(STREAM)
+        + TERMINATOR,
+        502,
+    ),
+    "pings-only": (HEAD + chunked(b": ping\n\n" * 1000), 502),  # then closed: no event
 }
 
 
