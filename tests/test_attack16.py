@@ -490,6 +490,14 @@ async def test_a_real_serve_process_on_its_loop_survives_hostile_streams_and_los
         if b"silent" in request:
             await asyncio.sleep(NEVER_HANG)
             return
+        if b"bytewise" in request:  # every byte a write, UTF-8 and the key split
+            data = HEAD + chunked(sse(chunk(f"é€😀 {UPSTREAM_KEY}".encode()), STOP, USAGE))
+            for i in range(len(data)):
+                writer.write(data[i : i + 1])
+                await writer.drain()
+            writer.write(chunked(sse(b"[DONE]")) + TERMINATOR)
+            await writer.drain()
+            return
         if b"reset" in request:
             writer.write(HEAD + chunked(sse(chunk(UPSTREAM_KEY), STOP, USAGE, b"[DONE]")))
             await writer.drain()
@@ -545,6 +553,9 @@ async def test_a_real_serve_process_on_its_loop_survives_hostile_streams_and_los
                 assert isinstance(silent, openai.APIStatusError) and silent.status_code == 504
                 last = await chat("ok")
                 assert not isinstance(last, openai.APIError)
+                bytewise = await chat("bytewise")
+                text = "".join(c.choices[0].delta.content or "" for c in bytewise)
+                assert text == "é€😀 [redacted]"
             async with aiohttp.ClientSession() as session:
                 stats_url = f"http://127.0.0.1:{port}/admin/stats"
                 headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -563,8 +574,8 @@ async def test_a_real_serve_process_on_its_loop_survives_hostile_streams_and_los
     assert upstream.peak == 1
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT status, completion_tokens FROM usage ORDER BY ts").fetchall()
-    assert [status for status, _ in rows] == [200, 200, 200, 504, 200]
-    assert [tokens for status, tokens in rows if status == 200] == [2, 2, 2, 2]
+    assert [status for status, _ in rows] == [200, 200, 200, 504, 200, 200]
+    assert [tokens for status, tokens in rows if status == 200] == [2, 2, 2, 2, 2]
     logged = log.read_bytes()
     assert b"loop" in logged
     assert UPSTREAM_KEY.encode() not in logged and secret.encode() not in logged
