@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -19,14 +19,14 @@ import structlog
 from gateway.errors import StoreBusy
 from gateway.records import UsageRecord
 
-__all__ = ["UsageRecorder", "UsageSink"]
+__all__ = ["UsageRecorder", "UsageSink", "flush_when_free"]
 
 log = structlog.get_logger(__name__)
 
 # A database that comes back gets the rows held for it within this long.
 _MAX_BACKOFF_SECONDS = 10.0
-# How long `stop()` waits for another process's write lock before it gives the rows up.
-_STOP_BUSY_SECONDS = 10.0
+# How long a stop waits for another process's write lock before it gives the rows up.
+STOP_BUSY_SECONDS = 10.0
 
 
 class UsageSink(Protocol):
@@ -137,27 +137,11 @@ class UsageRecorder:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        # Another process holding the database's write lock for a moment (the CLI, a backup)
-        # is waited for, within a bound: the rows batched until now are written once it is
-        # free. Any other failure is final.
-        deadline = time.monotonic() + _STOP_BUSY_SECONDS
-        delay = 0.05
-        while True:
-            try:
-                await self.flush()
-            except StoreBusy:
-                if time.monotonic() + delay <= deadline:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                self._lose()
-            except Exception:
-                self._lose()
-            return
-
-    def _lose(self) -> None:
-        self.lost = self.pending
-        log.exception("usage_rows_lost", rows=self.lost)
+        try:
+            await flush_when_free(self.flush)
+        except Exception:
+            self.lost = self.pending
+            log.exception("usage_rows_lost", rows=self.lost)
 
     async def _run(self) -> None:
         failures = 0
@@ -189,3 +173,27 @@ class UsageRecorder:
             self._tried = max(0, self._tried - excess)
             self.dropped += excess
             log.error("usage_rows_dropped", rows=excess, retained=len(self._held))
+
+
+async def flush_when_free(
+    flush: Callable[[], Awaitable[None]], seconds: float = STOP_BUSY_SECONDS
+) -> None:
+    """`flush()` at a stop, retried (backing off) while another process holds the database's
+    write lock (the CLI, a backup: `StoreBusy`), for at most `seconds`: what was batched until
+    the stop is written once the lock is free. Any other failure is final.
+
+    Raises:
+        Exception: what the last attempt raised.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        try:
+            await flush()
+        except StoreBusy:
+            if time.monotonic() + delay > deadline:
+                raise
+        else:
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)

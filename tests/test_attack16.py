@@ -929,7 +929,8 @@ async def test_a_database_locked_for_a_moment_at_shutdown_loses_no_usage_row(
 ) -> None:
     # The usage rows wait in the queue (batched off the request path) when SIGTERM comes,
     # while another process (the CLI, a backup) holds the database's write lock for a
-    # moment. The server's last flush must still write them: exit 0, every row there.
+    # moment. The server's last flush must still write them: exit 0, every row there, and
+    # the refused requests' counts too.
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(HEAD + chunked(STREAM) + TERMINATOR)
         await writer.drain()
@@ -960,6 +961,10 @@ async def test_a_database_locked_for_a_moment_at_shutdown_loses_no_usage_row(
                     async with session.post(url, json=body, headers=headers) as resp:
                         assert resp.status == 200
                         await resp.read()
+                for _ in range(2):  # refused: counted, not a row each
+                    refused = {**body, "model": "nope"}
+                    async with session.post(url, json=refused, headers=headers) as resp:
+                        assert resp.status == 404
             lock.execute("BEGIN IMMEDIATE")  # another process writes, for a second
             proc.terminate()
             await asyncio.sleep(1.0)
@@ -976,3 +981,4 @@ async def test_a_database_locked_for_a_moment_at_shutdown_loses_no_usage_row(
     assert code == 0, err
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM usage").fetchone() == (3,)
+        assert conn.execute("SELECT SUM(count) FROM refusals").fetchone() == (2,)
