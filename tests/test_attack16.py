@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import sqlite3
 import subprocess
@@ -21,6 +22,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 
 from gateway.providers import _http
 from gateway.settings import ModelConfig, RoutingSettings, Target
+from tests.bench_servers import message_events
 from tests.conftest import (
     NEVER_HANG,
     ONE_ATTEMPT,
@@ -34,7 +36,17 @@ from tests.conftest import (
     start_serve,
     usage_rows,
 )
-from tests.test_attack_upstream import HI, UPSTREAM_KEY, Answer, RawUpstream, Rig, chunk, http, sse
+from tests.test_attack_upstream import (
+    HI,
+    KINDS,
+    UPSTREAM_KEY,
+    Answer,
+    RawUpstream,
+    Rig,
+    chunk,
+    http,
+    sse,
+)
 
 STOP = (
     b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
@@ -91,15 +103,17 @@ Build = Callable[..., Awaitable[Rig]]
 async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> AsyncIterator[Build]:
     servers: list[asyncio.Server] = []
 
-    async def make(answer: Answer, routing: RoutingSettings = ONE_ATTEMPT, **more: Any) -> Rig:
+    async def make(
+        answer: Answer, routing: RoutingSettings = ONE_ATTEMPT, kind: str = "openai", **more: Any
+    ) -> Rig:
         upstream = PeerUpstream(answer)
         await upstream.start()
         assert upstream.server is not None
         servers.append(upstream.server)
         provider = provider_config(
-            "openai",
+            kind,
             name="up",
-            base_url=f"http://127.0.0.1:{upstream.port}/v1",
+            base_url=f"http://127.0.0.1:{upstream.port}{KINDS[kind]}",
             api_keys=(UPSTREAM_KEY,),
             **more,
         )
@@ -110,7 +124,7 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
                 providers=(provider,), models=(model,), routing=routing, admin_key=ADMIN_KEY
             ),
         )
-        return Rig(gateway, await create_key(gateway), "openai", upstream)
+        return Rig(gateway, await create_key(gateway), kind, upstream)
 
     yield make
     for server in servers:
@@ -982,3 +996,70 @@ async def test_a_database_locked_for_a_moment_at_shutdown_loses_no_usage_row(
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM usage").fetchone() == (3,)
         assert conn.execute("SELECT SUM(count) FROM refusals").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_chunks_with_extensions_and_trailers_split_anywhere_arrive_whole_and_reuse(
+    build: Build, seed: int
+) -> None:
+    # Valid HTTP/1.1 an upstream may send: chunk extensions, a trailer after the last chunk,
+    # events cut across chunks, every write cut at random places. The client gets the
+    # stream whole, and the connection goes back to the pool (one for all the streams).
+    rng = random.Random(seed)
+    events = sse(chunk("é€😀".encode()), chunk("two"), STOP, USAGE, b"[DONE]")
+    cuts = sorted(rng.sample(range(1, len(events)), 4))
+    pieces = [events[a:b] for a, b in zip([0, *cuts], [*cuts, len(events)], strict=True)]
+    data = HEAD + b"".join(
+        b"%x;ext=%d\r\n%b\r\n" % (len(piece), n, piece) for n, piece in enumerate(pieces)
+    )
+    data += b"0\r\nX-Trailer: done\r\n\r\n"
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        at = 0
+        for cut in [*sorted(rng.sample(range(1, len(data)), 8)), len(data)]:
+            writer.write(data[at:cut])
+            await writer.drain()
+            await asyncio.sleep(0)
+            at = cut
+
+    rig = await build(answer)
+    async with asyncio.timeout(NEVER_HANG):
+        for _ in range(3):
+            chunks = await rig.sdk(stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == "é€😀two"
+        await settled(rig)
+    assert peers(rig).accepted == 1
+    rows = await rows_of(rig, 3)
+    assert [(r["status"], r["completion_tokens"]) for r in rows] == [(200, 2)] * 3
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_an_anthropic_stream_s_connection_reset_while_lingering_frees_its_slot(
+    build: Build, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # Anthropic's streams end at message_stop (`_http.done()`), translated or passed
+    # through: a connection reset after it, before its body's end, frees its slot at once.
+    monkeypatch.setattr(_http, "LINGER_SECONDS", NEVER_HANG)
+    *events, stop = message_events()
+    served = asyncio.Event()
+    dead = asyncio.Event()
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunked(b"".join(events)) + chunked(stop))
+        await writer.drain()
+        await served.wait()
+        writer.transport.abort()
+        dead.set()
+
+    rig = await build(answer, kind="anthropic", max_connections=1, pool_timeout=0.5)
+    body: dict[str, object] = {"model": "m", "messages": HI, "stream": True, "max_tokens": 50}
+    async with asyncio.timeout(NEVER_HANG):
+        status, data = await rig.post(path, body)
+        assert status == 200, data
+        assert (await stats(rig))["in_use"] == 1  # lingering
+        served.set()
+        await dead.wait()
+        async with asyncio.timeout(0.5):  # far less than the linger
+            await settled(rig)
+    rows = await rows_of(rig, 1)
+    assert [r["status"] for r in rows] == [200]
