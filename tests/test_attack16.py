@@ -1063,3 +1063,52 @@ async def test_an_anthropic_stream_s_connection_reset_while_lingering_frees_its_
             await settled(rig)
     rows = await rows_of(rig, 1)
     assert [r["status"] for r in rows] == [200]
+
+
+async def test_requests_refused_for_a_full_pool_each_have_their_row_and_count(
+    build: Build,
+) -> None:
+    # 10 streams at once, max_connections = 2 held by the upstream past pool_timeout: 2 are
+    # served, 8 refused with a 503 upstream_pool_full, each with its usage row, all counted.
+    release = asyncio.Event()
+    opened = 0
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened
+        opened += 1
+        writer.write(HEAD + chunked(sse(chunk("a"))))
+        await writer.drain()
+        await release.wait()
+        writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
+        await writer.drain()
+
+    rig = await build(answer, max_connections=2, pool_timeout=0.1)
+    url = rig.gateway.make_url("/v1/chat/completions")
+    async with asyncio.timeout(NEVER_HANG):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def one() -> tuple[int, bytes]:
+                async with session.post(url, json=BODY, headers=auth(rig)) as resp:
+                    if resp.status == 200:
+                        await resp.content.readuntil(b"\n\n")
+                        await refused.wait()
+                        release.set()
+                    return resp.status, await resp.read()
+
+            refused = asyncio.Event()
+            calls = [asyncio.ensure_future(one()) for _ in range(10)]
+            while (await stats(rig))["pool_timeouts"] < 8:  # noqa: ASYNC110 (a counter)
+                await asyncio.sleep(0.01)
+            refused.set()
+            results = await asyncio.gather(*calls)
+        now = await settled(rig)
+    assert sorted(status for status, _ in results) == [200] * 2 + [503] * 8
+    for status, body in results:
+        if status == 503:
+            assert json.loads(body)["error"]["code"] == "upstream_pool_full"
+        else:
+            assert body.endswith(b"data: [DONE]\n\n")
+    assert (now["waited"], now["pool_timeouts"]) == (8, 8)
+    assert opened == 2 and peers(rig).peak == 2
+    rows = await rows_of(rig, 10)
+    assert sorted(r["status"] for r in rows) == [200] * 2 + [503] * 8
