@@ -617,7 +617,7 @@ async def test_a_shutdown_with_streams_running_and_waiting_for_a_slot_loses_no_r
     config = tmp_path / "gateway.toml"
     config.write_text(
         f'[server]\ndatabase = "{db}"\nadmin_key = "{ADMIN_KEY}"\nshutdown_grace_seconds = 0.2\n\n'
-        f"[routing]\nmax_attempts = 1\n\n"
+        f"[routing]\nmax_attempts = 3\nbackoff_initial = 2.0\n\n"
         f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
         f'base_url = "http://127.0.0.1:{upstream.port}/v1"\nmax_connections = 1\n'
         f"pool_timeout = {NEVER_HANG}\n"

@@ -134,4 +134,6 @@ class PoolGate:
 
 
 def _stopping() -> UpstreamUnavailable:
-    return UpstreamUnavailable("The gateway is shutting down.")
+    error = UpstreamUnavailable("The gateway is shutting down.")
+    error.retryable = False  # every provider's gate is shut: no other route, no retry
+    return error
