@@ -1112,3 +1112,47 @@ async def test_requests_refused_for_a_full_pool_each_have_their_row_and_count(
     assert opened == 2 and peers(rig).peak == 2
     rows = await rows_of(rig, 10)
     assert sorted(r["status"] for r in rows) == [200] * 2 + [503] * 8
+
+
+@pytest.mark.parametrize("gap", [0.15, 0.6])
+async def test_a_trickle_around_read_timeout_lives_or_ends_within_a_period_of_it(
+    build: Build, gap: float
+) -> None:
+    # Events 0.15 s apart with read_timeout = 0.3 s: the stream lives, however long. One gap
+    # of 0.6 s after two events: an error event ends it, within a watchdog period of the
+    # limit, counted as a stream timeout, and its slot comes back.
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD)
+        for n in range(6):
+            writer.write(chunked(sse(chunk(str(n)))))
+            await writer.drain()
+            await asyncio.sleep(gap if n == 1 else 0.15)
+        writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
+        await writer.drain()
+
+    rig = await build(answer, max_connections=1, first_byte_timeout=0.3, read_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(NEVER_HANG):
+        resp = await rig.gateway.post("/v1/chat/completions", json=BODY, headers=auth(rig))
+        assert resp.status == 200
+        events = []
+        while event := await resp.content.readuntil(b"\n\n"):
+            events.append((loop.time(), event))
+            if event.startswith(b"data: [DONE]") or b'"error"' in event:
+                break
+        now = await settled(rig)
+    if gap < 0.3:
+        assert events[-1][1] == b"data: [DONE]\n\n" and len(events) == 8
+        assert now["stream_timeouts"] == 0
+    else:
+        assert b'"error"' in events[-1][1] and len(events) == 3
+        silence = events[-1][0] - events[-2][0]
+        assert 0.3 <= silence < 0.3 + rig_period(0.3) + 0.15, silence
+        assert now["stream_timeouts"] == 1
+    rows = await rows_of(rig, 1)
+    assert [r["status"] for r in rows] == ([200] if gap < 0.3 else [504])
+
+
+def rig_period(timeout: float) -> float:
+    """The watchdog's period for a provider whose timeouts are both `timeout`."""
+    return min(1.0, timeout / 4)
