@@ -1147,7 +1147,7 @@ async def test_a_trickle_around_read_timeout_lives_or_ends_within_a_period_of_it
     else:
         assert b'"error"' in events[-1][1] and len(events) == 3
         silence = events[-1][0] - events[-2][0]
-        assert 0.3 <= silence < 0.3 + rig_period(0.3) + 0.15, silence
+        assert 0.3 <= silence < 0.3 + rig_period(0.3) + 0.3, silence  # (a loaded machine)
         assert now["stream_timeouts"] == 1
     rows = await rows_of(rig, 1)
     assert [r["status"] for r in rows] == ([200] if gap < 0.3 else [504])
