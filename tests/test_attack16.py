@@ -1156,3 +1156,21 @@ async def test_a_trickle_around_read_timeout_lives_or_ends_within_a_period_of_it
 def rig_period(timeout: float) -> float:
     """The watchdog's period for a provider whose timeouts are both `timeout`."""
     return min(1.0, timeout / 4)
+
+
+@pytest.mark.parametrize(
+    "options", [None, {}, {"include_usage": None}, "yes", [], {"include_usage": "no"}]
+)
+async def test_odd_stream_options_get_a_stream_or_a_400_never_a_500(
+    build: Build, options: Any
+) -> None:
+    rig = await build(upstream_chunks(STREAM))
+    async with asyncio.timeout(NEVER_HANG):
+        status, body = await rig.post("/v1/chat/completions", {**BODY, "stream_options": options})
+    if status == 200:
+        assert body == sse(chunk("a"), STOP, b"[DONE]")
+        rows = await rows_of(rig, 1)
+        assert [(r["status"], r["total_tokens"]) for r in rows] == [(200, 5)]
+    else:
+        assert status == 400, body
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
