@@ -24,6 +24,7 @@ from gateway.keys import KeyCache
 from gateway.limits_redis import open_gate
 from gateway.metrics import Metrics
 from gateway.prices import PriceBook, load_database, start_price_updates
+from gateway.providers._pool import PoolGate
 from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
 from gateway.reload import reload_ctx
@@ -144,6 +145,12 @@ async def _wind_down(app: web.Application) -> None:
     grace = app[LIVE_KEY].current.settings.server.shutdown_grace_seconds
     if inflight and grace > 0:
         await asyncio.wait(inflight, timeout=grace)
+    # No new upstream request from now on: one waiting for a connection slot would get the
+    # slot of a stream ended below, and open a stream the shutdown cuts a moment later.
+    for snapshot in app[LIVE_KEY].snapshots():
+        for provider in snapshot.providers.values():
+            if isinstance(gate := getattr(provider, "pool", None), PoolGate):
+                gate.shut()
     open_streams: set[asyncio.Task[Any]] = app[STREAMS_KEY]
     for task in list(open_streams):
         if not task.done():

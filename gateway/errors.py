@@ -18,6 +18,7 @@ into responses, so status codes and error types live here and nowhere else::
         ├── UpstreamBadRequest        4xx invalid_request_error (the upstream blamed the request)
         ├── UpstreamRateLimited       429 rate_limit_exceeded (retryable, carries retry_after)
         ├── UpstreamUnavailable       503 upstream_error (retryable: 5xx, overloaded)
+        │   └── UpstreamPoolFull      503 upstream_pool_full (the gateway's max_connections)
         ├── UpstreamTimeout           504 upstream_error (retryable)
         ├── UpstreamConnectionError   502 upstream_error (retryable: refused, reset, DNS)
         ├── UpstreamBadResponse       502 upstream_error (retryable: a redirect, too large)
@@ -47,6 +48,7 @@ __all__ = [
     "UpstreamBadResponse",
     "UpstreamConnectionError",
     "UpstreamError",
+    "UpstreamPoolFull",
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -201,6 +203,14 @@ class UpstreamRateLimited(UpstreamError):
 class UpstreamUnavailable(UpstreamError):
     status = 503
     retryable = True
+
+
+class UpstreamPoolFull(UpstreamUnavailable):
+    """All of a provider's `max_connections` stayed in use for `pool_timeout`: the gateway's
+    own bound, so another route may answer, but the upstream account did not fail (its
+    breaker is not told)."""
+
+    code = "upstream_pool_full"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -30,6 +30,7 @@ from gateway.breaker import Account, BreakerBoard, Claim, credentials_refused
 from gateway.errors import (
     UpstreamAuthError,
     UpstreamError,
+    UpstreamPoolFull,
     UpstreamRateLimited,
     UpstreamTimeout,
 )
@@ -189,6 +190,10 @@ async def attempt_each(
                 # Our key: another account may still work; this one waits for the operator.
                 breakers.disable(account)
                 exc = credentials_refused(account, breakers.remaining(account))
+            elif type(exc) is UpstreamPoolFull:
+                # The gateway's own bound on its connections: another route may answer, but
+                # the account did not fail (a burst must not take it out of rotation).
+                breakers.release(account, claim)
             elif exc.retryable:
                 breakers.failed(
                     account,

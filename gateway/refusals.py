@@ -19,6 +19,8 @@ from typing import Protocol
 
 import structlog
 
+from gateway.usage import flush_when_free
+
 __all__ = ["RefusalCounter", "RefusalSink", "Refusals"]
 
 log = structlog.get_logger(__name__)
@@ -88,7 +90,7 @@ class RefusalCounter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
-            await self.flush()
+            await flush_when_free(self.flush)
         except Exception:
             log.exception("refusal_counts_lost_at_stop", requests=self.pending)
 

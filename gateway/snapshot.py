@@ -109,6 +109,10 @@ class LiveConfig:
         self._collect()
         return old
 
+    def snapshots(self) -> list[Snapshot]:
+        """The current snapshot and the retired ones requests still run on."""
+        return [self.current, *self._retired]
+
     def discard(self, snapshot: Snapshot) -> None:
         """Close what a snapshot that never became current opened."""
         self._close(snapshot, self._in_use())

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import structlog
 
+from gateway.errors import StoreBusy
 from gateway.records import UsageRecord
 
-__all__ = ["UsageRecorder", "UsageSink"]
+__all__ = ["UsageRecorder", "UsageSink", "flush_when_free"]
 
 log = structlog.get_logger(__name__)
 
 # A database that comes back gets the rows held for it within this long.
 _MAX_BACKOFF_SECONDS = 10.0
+# How long a stop waits for another process's write lock before it gives the rows up.
+STOP_BUSY_SECONDS = 10.0
 
 
 class UsageSink(Protocol):
@@ -134,7 +138,7 @@ class UsageRecorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
-            await self.flush()
+            await flush_when_free(self.flush)
         except Exception:
             self.lost = self.pending
             log.exception("usage_rows_lost", rows=self.lost)
@@ -169,3 +173,27 @@ class UsageRecorder:
             self._tried = max(0, self._tried - excess)
             self.dropped += excess
             log.error("usage_rows_dropped", rows=excess, retained=len(self._held))
+
+
+async def flush_when_free(
+    flush: Callable[[], Awaitable[None]], seconds: float = STOP_BUSY_SECONDS
+) -> None:
+    """`flush()` at a stop, retried (backing off) while another process holds the database's
+    write lock (the CLI, a backup: `StoreBusy`), for at most `seconds`: what was batched until
+    the stop is written once the lock is free. Any other failure is final.
+
+    Raises:
+        Exception: what the last attempt raised.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        try:
+            await flush()
+        except StoreBusy:
+            if time.monotonic() + delay > deadline:
+                raise
+        else:
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)

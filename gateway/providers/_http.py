@@ -554,8 +554,12 @@ def _linger(resp: aiohttp.ClientResponse, leave: Callable[[], None]) -> None:
     it itself at the end of the body. Nothing waits for it; an upstream that never ends the body
     has it closed after `LINGER_SECONDS`. (Released now, it would be closed: a connection whose
     body is unfinished is never reused.) Until then the connection is still open to the
-    upstream, so it keeps its `max_connections` slot: `leave` frees it, once, at either end."""
+    upstream, so it keeps its `max_connections` slot: `leave` frees it, once, at whichever end
+    comes first, or as soon as the connection is lost meanwhile (reset, closed, or bytes that
+    are no HTTP: aiohttp then calls no end-of-body callback)."""
     left = False
+    protocol = resp.connection.protocol if resp.connection is not None else None
+    closed = protocol.closed if protocol is not None else None
 
     def gone(close: bool) -> None:
         nonlocal left
@@ -563,13 +567,30 @@ def _linger(resp: aiohttp.ClientResponse, leave: Callable[[], None]) -> None:
             return
         left = True
         if close:
-            resp.close()
-        else:
-            handle.cancel()
+            resp.close()  # (lost already: this releases it from the connector)
+        handle.cancel()
+        if closed is not None:
+            closed.remove_done_callback(lost)
+            # Whoever else looks at it, its error (a reset, later) must not go unretrieved.
+            closed.remove_done_callback(_retrieved)
+            closed.add_done_callback(_retrieved)
         leave()
 
+    def lost(future: asyncio.Future[None]) -> None:
+        _retrieved(future)
+        gone(True)
+
     handle = asyncio.get_running_loop().call_later(LINGER_SECONDS, gone, True)
+    if closed is None:  # lost before it lingered (or detached): nothing is open any more
+        gone(True)
+        return
+    closed.add_done_callback(lost)
     resp.content.on_eof(functools.partial(gone, False))
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _redact_each(batch: list[bytes], secret: bytes) -> None:

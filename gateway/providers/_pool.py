@@ -7,7 +7,9 @@ default nothing limits the connections to a provider (an upstream that cannot ta
 so with a 429 or 503, which routing handles). When an operator sets `max_connections`, this
 gate holds a request that finds them all in use for at most `pool_timeout` seconds; the wait
 is logged and counted in `UpstreamStats`, and past the bound the request fails with a 503
-`upstream_pool_full` (another route may answer it).
+`upstream_pool_full` (another route may answer it). Once the server's shutdown grace period is
+over (`shut()`), a request that waited for a slot, or comes later, is refused with a 503 instead
+of opening an upstream request the shutdown would cut a moment later.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from types import TracebackType
 import msgspec
 import structlog
 
-from gateway.errors import UpstreamUnavailable
+from gateway.errors import UpstreamPoolFull, UpstreamUnavailable
 
 __all__ = ["PoolGate", "UpstreamStats"]
 
@@ -43,23 +45,39 @@ class PoolGate:
     """`async with gate:` around each upstream request: a connection slot while it runs (or
     `enter()` and `leave()`, for a stream whose connection is still open after it ends)."""
 
-    __slots__ = ("_free", "_name", "_timeout", "stats")
+    __slots__ = ("_free", "_name", "_shut", "_timeout", "stats")
 
     def __init__(self, name: str, limit: int | None, timeout: float) -> None:
         self._name = name
         self._timeout = timeout
         self._free = asyncio.Semaphore(limit) if limit is not None else None
         self.stats = UpstreamStats(max_connections=limit)
+        self._shut = False
 
     async def enter(self) -> None:
-        """Take a slot (waiting for one, on the record, when all are in use)."""
+        """Take a slot (waiting for one, on the record, when all are in use).
+
+        Raises:
+            UpstreamUnavailable: none was freed within `pool_timeout`, or the server is
+                stopping (`shut()`).
+        """
+        if self._shut:
+            raise _stopping()
         free = self._free
         if free is not None:
             if free.locked():
                 await self._wait(free)
+                if self._shut:  # freed by the shutdown ending the streams that held it
+                    free.release()
+                    raise _stopping()
             else:
                 await free.acquire()  # a slot is free: returns at once
         self.stats.in_use += 1
+
+    def shut(self) -> None:
+        """Refuse every request that waits for a slot, or asks for one, from now on: the
+        server is stopping (its shutdown grace period is over)."""
+        self._shut = True
 
     __aenter__ = enter
 
@@ -99,11 +117,10 @@ class PoolGate:
                 max_connections=stats.max_connections,
                 waited_s=round(time.monotonic() - start, 3),
             )
-            raise UpstreamUnavailable(
+            raise UpstreamPoolFull(
                 f"All {stats.max_connections} connections to the upstream provider "
                 f"'{self._name}' stayed in use for {self._timeout:g} s (its max_connections "
-                "and pool_timeout); retry later.",
-                code="upstream_pool_full",
+                "and pool_timeout); retry later."
             ) from None
         finally:
             stats.waiting -= 1
@@ -114,3 +131,9 @@ class PoolGate:
             max_connections=stats.max_connections,
             waited_s=round(time.monotonic() - start, 3),
         )
+
+
+def _stopping() -> UpstreamUnavailable:
+    error = UpstreamUnavailable("The gateway is shutting down.")
+    error.retryable = False  # every provider's gate is shut: no other route, no retry
+    return error

@@ -68,6 +68,7 @@ class OpenAIProvider:
         self.config = config
         self._http = UpstreamClient(config, session, self.dialect)
         self.stats = self._http.stats  # GET /admin/stats
+        self.pool = self._http.pool  # shut when the server stops
 
     def url(self, call: Call, operation: str) -> str:
         """Where an operation (`chat/completions`, `embeddings`, `completions`) goes (Azure:

@@ -36,6 +36,7 @@ class AnthropicProvider:
         self.config = config
         self._http = UpstreamClient(config, session, _DIALECT)
         self.stats = self._http.stats  # GET /admin/stats
+        self.pool = self._http.pool  # shut when the server stops
         self._url = f"{config.url}/v1/messages"
         self._relay = MessagesRelay(self._http, config.url)
 

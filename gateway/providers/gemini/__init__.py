@@ -37,6 +37,7 @@ class GeminiProvider:
         self.config = config
         self._http = UpstreamClient(config, session, _DIALECT)
         self.stats = self._http.stats  # GET /admin/stats
+        self.pool = self._http.pool  # shut when the server stops
 
     def _url(self, call: Call, action: str) -> str:
         # The model name comes from the client for "<provider>/<model>" ids: quote it so it
