@@ -71,10 +71,12 @@ class Replica:
             start_new_session=True,  # its own group: kill() reaches workers too
         )  # fmt: skip
         assert self.proc.stdout is not None
+        said = b""  # (why it exited, if it does)
         async with asyncio.timeout(NEVER_HANG):
             while True:
                 line = await self.proc.stdout.readline()
-                assert line, f"the gateway exited: {await self.proc.wait()}"
+                said += line
+                assert line, f"the gateway exited: {await self.proc.wait()}: {said[-2000:]!r}"
                 if b"listening" in line:
                     break
         # The rest of its output (logs) is drained so it can never block on a full pipe.
