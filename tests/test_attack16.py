@@ -48,23 +48,10 @@ from tests.test_attack_upstream import (
     http,
     sse,
 )
+from tests.test_stream_reuse import ADMIN_KEY, HEAD, STOP, TERMINATOR, USAGE, chunked
 
-STOP = (
-    b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
-    b'[{"index":0,"delta":{},"finish_reason":"stop"}]}'
-)
-USAGE = (
-    b'{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
-)
-ADMIN_KEY = "admin-0123456789abcdef"
-HEAD = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
-TERMINATOR = b"0\r\n\r\n"
 MiB = 1024 * 1024
 STREAM = sse(chunk("a"), STOP, USAGE, b"[DONE]")
-
-
-def chunked(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 def _open(sock: socket.socket) -> bool:
@@ -95,6 +82,22 @@ class PeerUpstream(RawUpstream):
         self.accepted += 1
         self.peak = max(self.peak, len(self._socks))
         await super()._serve(reader, writer)
+
+
+def serve_config(
+    tmp_path: Path, upstream: PeerUpstream, server: str, *, routing: str = "", provider: str = ""
+) -> tuple[Path, Path]:
+    """A config for a real `gateway serve` in front of `upstream` (one OpenAI provider, "up")
+    with these lines in its sections, and its database, both in `tmp_path`."""
+    db = tmp_path / "keys.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{db}"\n{server}\n'
+        + (f"[routing]\n{routing}\n" if routing else "")
+        + f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
+        f'base_url = "http://127.0.0.1:{upstream.port}/v1"\n{provider}'
+    )
+    return config, db
 
 
 Build = Callable[..., Awaitable[Rig]]
@@ -526,15 +529,12 @@ async def test_a_real_serve_process_on_its_loop_survives_hostile_streams_and_los
     upstream = PeerUpstream(answer)
     await upstream.start()
     port = free_port()
-    db = tmp_path / "keys.db"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[server]\ndatabase = "{db}"\nadmin_key = "{ADMIN_KEY}"\n'
-        f"uvloop = {str(use_uvloop).lower()}\n\n"
-        f"[routing]\nmax_attempts = 1\nfailure_threshold = 1000\n\n"
-        f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
-        f'base_url = "http://127.0.0.1:{upstream.port}/v1"\nmax_connections = 1\n'
-        "pool_timeout = 0.5\nfirst_byte_timeout = 0.3\n"
+    config, db = serve_config(
+        tmp_path,
+        upstream,
+        f'admin_key = "{ADMIN_KEY}"\nuvloop = {str(use_uvloop).lower()}\n',
+        routing="max_attempts = 1\nfailure_threshold = 1000\n",
+        provider="max_connections = 1\npool_timeout = 0.5\nfirst_byte_timeout = 0.3\n",
     )
     secret = await cli_key(db, capsys)
     log = tmp_path / "gateway.log"
@@ -615,14 +615,12 @@ async def test_a_shutdown_with_streams_running_and_waiting_for_a_slot_loses_no_r
     upstream = PeerUpstream(answer)
     await upstream.start()
     port = free_port()
-    db = tmp_path / "keys.db"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[server]\ndatabase = "{db}"\nadmin_key = "{ADMIN_KEY}"\nshutdown_grace_seconds = 0.2\n\n'
-        f"[routing]\nmax_attempts = 3\nbackoff_initial = 2.0\n\n"
-        f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
-        f'base_url = "http://127.0.0.1:{upstream.port}/v1"\nmax_connections = 1\n'
-        f"pool_timeout = {NEVER_HANG}\n"
+    config, db = serve_config(
+        tmp_path,
+        upstream,
+        f'admin_key = "{ADMIN_KEY}"\nshutdown_grace_seconds = 0.2\n',
+        routing="max_attempts = 3\nbackoff_initial = 2.0\n",
+        provider=f"max_connections = 1\npool_timeout = {NEVER_HANG}\n",
     )
     secret = await cli_key(db, capsys)
     proc = await start_serve(config, port, stdout=subprocess.DEVNULL)
@@ -954,13 +952,10 @@ async def test_a_database_locked_for_a_moment_at_shutdown_loses_no_usage_row(
     upstream = PeerUpstream(answer)
     await upstream.start()
     port = free_port()
-    db = tmp_path / "keys.db"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[server]\ndatabase = "{db}"\nusage_flush_seconds = 3600\nusage_batch_size = 1000\n'
-        f"shutdown_grace_seconds = 0\n\n"
-        f'[[providers]]\nname = "up"\ntype = "openai"\napi_keys = ["{UPSTREAM_KEY}"]\n'
-        f'base_url = "http://127.0.0.1:{upstream.port}/v1"\n'
+    config, db = serve_config(
+        tmp_path,
+        upstream,
+        "usage_flush_seconds = 3600\nusage_batch_size = 1000\nshutdown_grace_seconds = 0\n",
     )
     secret = await cli_key(db, capsys)
     proc = await start_serve(config, port, stdout=subprocess.DEVNULL)
