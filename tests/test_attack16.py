@@ -48,7 +48,16 @@ from tests.test_attack_upstream import (
     http,
     sse,
 )
-from tests.test_stream_reuse import ADMIN_KEY, HEAD, STOP, TERMINATOR, USAGE, chunked
+from tests.test_stream_reuse import (
+    ADMIN_KEY,
+    HEAD,
+    STOP,
+    TERMINATOR,
+    USAGE,
+    chunked,
+    settled,
+    upstream_stats,
+)
 
 MiB = 1024 * 1024
 STREAM = sse(chunk("a"), STOP, USAGE, b"[DONE]")
@@ -138,24 +147,6 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
 def peers(rig: Rig) -> PeerUpstream:
     assert isinstance(rig.upstream, PeerUpstream)
     return rig.upstream
-
-
-async def stats(rig: Rig) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    async with rig.gateway.get("/admin/stats", headers=headers) as resp:
-        assert resp.status == 200
-        found: dict[str, Any] = (await resp.json())["providers"]["up"]
-        return found
-
-
-async def settled(rig: Rig) -> dict[str, Any]:
-    """The provider's stats once no slot is in use or waited for (the test's timeout bounds
-    the wait: a leaked slot hangs here)."""
-    while True:
-        now = await stats(rig)
-        if now["in_use"] == 0 and now["waiting"] == 0:
-            return now
-        await asyncio.sleep(0.01)
 
 
 async def rows_of(rig: Rig, count: int) -> list[dict[str, Any]]:
@@ -707,7 +698,7 @@ async def test_a_wait_for_a_connection_slot_is_not_counted_as_upstream_silence(
         first = await rig.gateway.post("/v1/chat/completions", json=BODY, headers=auth(rig))
         assert first.status == 200
         second = asyncio.ensure_future(rig.call(stream=True))
-        while not (await stats(rig))["waiting"]:  # noqa: ASYNC110 (a counter)
+        while not (await upstream_stats(rig))["waiting"]:  # noqa: ASYNC110 (a counter)
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.4)  # four first-byte timeouts spent waiting for the slot
         release.set()
@@ -1053,7 +1044,7 @@ async def test_an_anthropic_stream_s_connection_reset_while_lingering_frees_its_
     async with asyncio.timeout(NEVER_HANG):
         status, data = await rig.post(path, body)
         assert status == 200, data
-        assert (await stats(rig))["in_use"] == 1  # lingering
+        assert (await upstream_stats(rig))["in_use"] == 1  # lingering
         served.set()
         await dead.wait()
         async with asyncio.timeout(0.5):  # far less than the linger
@@ -1094,7 +1085,7 @@ async def test_requests_refused_for_a_full_pool_each_have_their_row_and_count(
 
             refused = asyncio.Event()
             calls = [asyncio.ensure_future(one()) for _ in range(10)]
-            while (await stats(rig))["pool_timeouts"] < 8:  # noqa: ASYNC110 (a counter)
+            while (await upstream_stats(rig))["pool_timeouts"] < 8:  # noqa: ASYNC110 (a counter)
                 await asyncio.sleep(0.01)
             refused.set()
             results = await asyncio.gather(*calls)

@@ -123,6 +123,16 @@ async def upstream_stats(rig: Rig) -> dict[str, Any]:
         return stats
 
 
+async def settled(rig: Rig) -> dict[str, Any]:
+    """The provider's stats once no slot is in use or waited for (the test's timeout bounds
+    the wait: a leaked slot hangs here)."""
+    while True:
+        now = await upstream_stats(rig)
+        if now["in_use"] == 0 and now["waiting"] == 0:
+            return now
+        await asyncio.sleep(0.01)
+
+
 async def stream(rig: Rig) -> bytes:
     status, body = await rig.call(stream=True)
     assert status == 200, body
@@ -227,10 +237,8 @@ async def test_a_lingering_connection_counts_against_max_connections(
         end.set()  # the first body ends: its connection goes back to the pool, and its slot
         assert await second == sse(chunk("a"), STOP, b"[DONE]")
         end.set()
-        while (await upstream_stats(rig))["in_use"]:  # noqa: ASYNC110 (a counter)
-            await asyncio.sleep(0.01)
+        stats = await settled(rig)
     assert len(connections(rig)) == 1  # the second stream had the first's connection
-    stats = await upstream_stats(rig)
     assert (stats["waited"], stats["pool_timeouts"]) == (1, 0)
 
 
@@ -251,10 +259,9 @@ async def test_a_connection_held_after_done_frees_its_slot_when_closed(
             assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
         for gone in connections(rig):
             await gone.wait()
-        while (await upstream_stats(rig))["in_use"]:  # noqa: ASYNC110 (a counter)
-            await asyncio.sleep(0.01)
+        stats = await settled(rig)
     assert len(connections(rig)) == 3
-    assert (await upstream_stats(rig))["pool_timeouts"] == 0
+    assert stats["pool_timeouts"] == 0
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-reads", "aiohttp-reads"])
