@@ -557,9 +557,13 @@ def _linger(resp: aiohttp.ClientResponse, leave: Callable[[], None]) -> None:
     upstream, so it keeps its `max_connections` slot: `leave` frees it, once, at whichever end
     comes first, or as soon as the connection is lost meanwhile (reset, closed, or bytes that
     are no HTTP: aiohttp then calls no end-of-body callback)."""
-    left = False
     protocol = resp.connection.protocol if resp.connection is not None else None
     closed = protocol.closed if protocol is not None else None
+    if closed is None:  # lost before it lingered (or detached): nothing is open any more
+        resp.close()
+        leave()
+        return
+    left = False
 
     def gone(close: bool) -> None:
         nonlocal left
@@ -569,11 +573,11 @@ def _linger(resp: aiohttp.ClientResponse, leave: Callable[[], None]) -> None:
         if close:
             resp.close()  # (lost already: this releases it from the connector)
         handle.cancel()
-        if closed is not None:
-            closed.remove_done_callback(lost)
-            # Whoever else looks at it, its error (a reset, later) must not go unretrieved.
-            closed.remove_done_callback(_retrieved)
-            closed.add_done_callback(_retrieved)
+        closed.remove_done_callback(lost)
+        # Whoever else looks at it, its error (a reset, later) must not go unretrieved; once
+        # only, however many streams on this connection lingered.
+        closed.remove_done_callback(_retrieved)
+        closed.add_done_callback(_retrieved)
         leave()
 
     def lost(future: asyncio.Future[None]) -> None:
@@ -581,9 +585,6 @@ def _linger(resp: aiohttp.ClientResponse, leave: Callable[[], None]) -> None:
         gone(True)
 
     handle = asyncio.get_running_loop().call_later(LINGER_SECONDS, gone, True)
-    if closed is None:  # lost before it lingered (or detached): nothing is open any more
-        gone(True)
-        return
     closed.add_done_callback(lost)
     resp.content.on_eof(functools.partial(gone, False))
 
