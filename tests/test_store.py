@@ -15,6 +15,7 @@ import pytest
 
 from gateway.database import Database, opened_database
 from gateway.errors import InvalidRequest, NotFound
+from gateway.keys import digest_of
 from gateway.migrations import MIGRATIONS, statements
 from gateway.records import UsageRecord, mint_uid
 from gateway.sqlite_usage import USAGE_RUN
@@ -131,6 +132,16 @@ async def test_create_key_stores_only_the_digest(sqlite_store: Store, db_path: s
     assert record.digest.encode() in raw
     assert secret.encode() not in raw
     assert secret[12:].encode() not in raw
+
+
+@pytest.mark.parametrize(
+    "secret", ["sk-kiosk-" + "a" * 43, "", "clé-ünïcode", "bad-\udcff-byte", "x" * 10_000]
+)
+def test_request_digests_match_hashlib(secret: str) -> None:
+    """The digest a request is looked up by (CPython's built-in SHA-256, not OpenSSL's) is
+    the one stored keys were made with; a header byte that is not UTF-8 hashes as well."""
+    expected = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+    assert digest_of(secret) == expected
 
 
 async def test_keys_round_trip(store: Database) -> None:
