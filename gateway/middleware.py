@@ -243,8 +243,14 @@ def _finish(
     status: int,
     loop: asyncio.AbstractEventLoop | None,
 ) -> None:
-    """Queue the usage row (for model requests; a refusal before any upstream call is only
-    counted) and write the canonical log line."""
+    """Settle what the request used (`pipeline.finish`), queue the usage row (for model
+    requests; a refusal before any upstream call is only counted) and write the canonical
+    log line."""
+    if trace.settle is not None:
+        try:
+            trace.settle()
+        except Exception:  # the row and the line still go out, with what is known
+            log.exception("settle_failed")
     record = UsageRecord(
         ts=trace.ts,
         request_id=trace.request_id,

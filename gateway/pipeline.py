@@ -11,6 +11,7 @@ usage rows and routing apply alike.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -361,9 +362,27 @@ async def first_batch(
 
 
 def finish(ex: Exchange[Any]) -> None:
-    """Copy usage (or an estimate when the upstream never reported it) and its cost into the
-    trace, and settle what the request held."""
+    """Account for what the request used: copy usage (or an estimate when the upstream never
+    reported it) and its cost into the trace, and settle what the request held.
+
+    For a request that holds nothing of its key's limits or budget (no ticket), only the
+    usage row, metrics and log line read what this works out: it is done once the answer is
+    out (`RequestTrace.settle`, run first by the request's accounting, before the loop reads
+    more input), so its microseconds are not the client's wait. A held request settles at
+    once: its x-ratelimit-* headers show what it used, and its slot is freed after."""
+    call = ex.call
+    # Whether the client hung up can only be told in the request's own task (the upstream
+    # already has the prompt then, so it is estimated).
+    hung_up = call.usage is None and call.first_byte_at is None and _hung_up()
+    if ex.ticket is None:
+        ex.trace.settle = functools.partial(_settle, ex, hung_up)
+    else:
+        _settle(ex, hung_up)
+
+
+def _settle(ex: Exchange[Any], hung_up: bool) -> None:
     trace, call = ex.trace, ex.call
+    trace.settle = None
     if call.first_byte_at is not None:
         trace.ttft_ms = elapsed_ms(call.started_at, call.first_byte_at)
     usage = call.usage
@@ -374,7 +393,7 @@ def finish(ex: Exchange[Any]) -> None:
         if isinstance(details, PromptTokensDetails) and details.cached_tokens:
             trace.cache_read_tokens = details.cached_tokens
         trace.cache_write_tokens = call.cache_write_tokens
-    elif call.first_byte_at is not None or _hung_up():
+    elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = call.chunks

@@ -7,6 +7,8 @@ ends. This module depends on nothing above it, so all of them can import it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 from aiohttp import web
 
@@ -59,6 +61,9 @@ class RequestTrace(msgspec.Struct, kw_only=True):
     refused: str | None = None
     # Every upstream attempt: provider, account, upstream model, status, ms.
     attempts: list[dict[str, object]] = msgspec.field(default_factory=list)
+    # What is left to account for once the answer is out (`pipeline.finish`): run first by
+    # the request's accounting (`middleware`), which reads what it sets.
+    settle: Callable[[], None] | None = None
 
 
 TRACE_KEY: web.RequestKey[RequestTrace] = web.RequestKey("trace")

@@ -12,9 +12,10 @@ import openai
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from gateway.settings import ModelConfig, OpenAIConfig, Target
-from gateway.state import USAGE_KEY
+from gateway.state import PRICES_KEY, USAGE_KEY
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -394,3 +395,35 @@ async def test_non_streaming_hang_up_cancels_upstream_and_records_an_estimate(ri
     row = (await usage_rows(rig.gateway))[-1]
     assert (row["status"], row["estimated"]) == (499, 1)
     assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 0
+
+
+async def test_a_request_without_limits_is_accounted_after_its_answer(rig: Rig) -> None:
+    """A key without limits settles once its answer is out (`pipeline.finish`): its row still
+    has the upstream's usage and its cost; and a settle that fails costs neither the row nor
+    the log line."""
+    async with rig.post(HI) as resp:
+        assert resp.status == 200
+        usage = (await resp.json())["usage"]
+    await app_of(rig.gateway)[USAGE_KEY].wait_recorded(1)
+    row = (await usage_rows(rig.gateway))[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    expected = (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6
+    assert row["cost_usd"] == pytest.approx(expected) and row["estimated"] == 0
+
+    prices = app_of(rig.gateway)[PRICES_KEY]
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("price book broken")
+
+    prices.price = broken  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        async with rig.post(HI) as resp:
+            assert resp.status == 200
+        await app_of(rig.gateway)[USAGE_KEY].wait_recorded(2)
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["settle_failed"]
+    assert any(e["event"] == "request" and e.get("status") == 200 for e in logs)
+    rows = await usage_rows(rig.gateway)
+    assert len(rows) == 2 and rows[-1]["status"] == 200
