@@ -18,7 +18,8 @@ into responses, so status codes and error types live here and nowhere else::
         ├── UpstreamBadRequest        4xx invalid_request_error (the upstream blamed the request)
         ├── UpstreamRateLimited       429 rate_limit_exceeded (retryable, carries retry_after)
         ├── UpstreamUnavailable       503 upstream_error (retryable: 5xx, overloaded)
-        │   └── UpstreamPoolFull      503 upstream_pool_full (the gateway's max_connections)
+        │   ├── UpstreamPoolFull      503 upstream_pool_full (the gateway's max_connections)
+        │   └── GatewayStopping       503 upstream_error (the server is stopping; not retried)
         ├── UpstreamTimeout           504 upstream_error (retryable)
         ├── UpstreamConnectionError   502 upstream_error (retryable: refused, reset, DNS)
         ├── UpstreamBadResponse       502 upstream_error (retryable: a redirect, too large)
@@ -34,6 +35,7 @@ __all__ = [
     "ErrorBody",
     "ErrorEnvelope",
     "GatewayError",
+    "GatewayStopping",
     "InvalidRequest",
     "LimitsUnavailable",
     "NotFound",
@@ -211,6 +213,17 @@ class UpstreamPoolFull(UpstreamUnavailable):
     breaker is not told)."""
 
     code = "upstream_pool_full"
+
+
+class GatewayStopping(UpstreamUnavailable):
+    """The server is stopping: no upstream request is opened any more, and a stream still
+    open is ended with this. Not retried (every provider's connections are refused alike),
+    and no verdict on the account it did not reach."""
+
+    retryable = False
+
+    def __init__(self) -> None:
+        super().__init__("The gateway is shutting down.")
 
 
 class UpstreamTimeout(UpstreamError):

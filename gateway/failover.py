@@ -28,6 +28,7 @@ from aiohttp import web
 from gateway.admission import Ticket
 from gateway.breaker import Account, BreakerBoard, Claim, credentials_refused
 from gateway.errors import (
+    GatewayStopping,
     UpstreamAuthError,
     UpstreamError,
     UpstreamPoolFull,
@@ -190,10 +191,13 @@ async def attempt_each(
                 # Our key: another account may still work; this one waits for the operator.
                 breakers.disable(account)
                 exc = credentials_refused(account, breakers.remaining(account))
-            elif type(exc) is UpstreamPoolFull:
-                # The gateway's own bound on its connections: another route may answer, but
-                # the account did not fail (a burst must not take it out of rotation).
+            elif isinstance(exc, (UpstreamPoolFull, GatewayStopping)):
+                # The gateway's own refusal (its bound on connections, its shutdown): the
+                # account was not reached, so no verdict on it (a burst must not take it out
+                # of rotation). A full pool may still be answered by another route.
                 breakers.release(account, claim)
+                if not exc.retryable:
+                    raise
             elif exc.retryable:
                 breakers.failed(
                     account,

@@ -22,7 +22,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.web import ContentCoding
 from aiohttp_sse import EventSourceResponse
 
-from gateway.errors import GatewayError, UpstreamUnavailable
+from gateway.errors import GatewayError, GatewayStopping
 from gateway.middleware import response_headers
 from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
 from gateway.schemas.codec import encode
@@ -215,7 +215,7 @@ async def relay(
         if sse.ended:  # only the wait for a slow client to take the end was cut short
             trace.status = sse.response.status
         else:
-            shutdown = UpstreamUnavailable("The gateway is shutting down.")
+            shutdown = GatewayStopping()
             trace.status = status_of(shutdown)
             await _try(sse.error(shutdown, error_frame))
         raise

@@ -10,6 +10,7 @@ error that tells the operator what to fix.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import openai
@@ -18,8 +19,11 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
 from gateway.breaker import BreakerBoard
-from gateway.errors import UpstreamRateLimited
+from gateway.errors import GatewayStopping, UpstreamPoolFull, UpstreamRateLimited
+from gateway.failover import Exchange, attempt_each
+from gateway.router import Route
 from gateway.settings import ModelConfig, OpenAIConfig, RoutingSettings, Target
+from gateway.trace import RequestTrace
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -247,3 +251,45 @@ def test_board_unit() -> None:
     clock.now += 5  # the pause is over: half-open, and any request may try it
     assert board.usable(paused) and board.may_panic(paused)
     assert board.panic([failing, paused]) == paused  # due back first
+
+
+async def test_the_gateways_own_refusals_are_no_verdict_on_a_probed_account() -> None:
+    """A full pool or the server's shutdown refuses an attempt before it reaches the upstream:
+    the account's half-open breaker neither closes (a probe that succeeded) nor reopens (one
+    that failed); its probe slot is free again."""
+    clock = Clock()
+    routing = RoutingSettings(failure_threshold=1, cooldown=10, max_attempts=1)
+    board = BreakerBoard(routing, clock=clock)
+    account = ("p", 0)
+    board.failed(account)
+    clock.now += 10  # half-open: the next attempt is its probe
+    opened = board.recovery(account)
+    config = SimpleNamespace(
+        name="p", total_timeout=60.0, read_timeout=60.0, connect_timeout=5.0,
+        first_byte_timeout=None,
+    )  # fmt: skip
+    route = Route(
+        model=None, provider=SimpleNamespace(config=config), upstream_model="m", api_key=None,
+        account=account,
+    )  # fmt: skip
+    for refusal in (GatewayStopping(), UpstreamPoolFull("All connections stayed in use.")):
+        call = SimpleNamespace(
+            is_stream=False, upstream_model="", api_key=None, usage=None, chunks=0,
+            first_byte_at=None, cache_write_tokens=0,
+        )  # fmt: skip
+        ex: Exchange[Any] = Exchange(
+            request=SimpleNamespace(task=asyncio.current_task()),  # type: ignore[arg-type]
+            trace=RequestTrace(request_id="r", started=0.0, ts=0.0),
+            call=call,
+            provider=route.provider,
+            routes=[route],
+        )
+
+        async def refused(route: Route, refusal: Exception = refusal) -> None:
+            raise refusal
+
+        with pytest.raises(type(refusal)):
+            await attempt_each(ex, refused, breakers=board, routing=routing)
+        assert ex.trace.attempts[0]["status"] == 503
+        assert board.recovery(account) == opened  # neither closed nor opened anew
+        assert board.usable(account)  # and its probe slot is free for the next request

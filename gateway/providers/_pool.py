@@ -21,7 +21,7 @@ from types import TracebackType
 import msgspec
 import structlog
 
-from gateway.errors import UpstreamPoolFull, UpstreamUnavailable
+from gateway.errors import GatewayStopping, UpstreamPoolFull
 
 __all__ = ["PoolGate", "UpstreamStats"]
 
@@ -58,18 +58,18 @@ class PoolGate:
         """Take a slot (waiting for one, on the record, when all are in use).
 
         Raises:
-            UpstreamUnavailable: none was freed within `pool_timeout`, or the server is
-                stopping (`shut()`).
+            UpstreamPoolFull: none was freed within `pool_timeout`.
+            GatewayStopping: the server is stopping (`shut()`).
         """
         if self._shut:
-            raise _stopping()
+            raise GatewayStopping()
         free = self._free
         if free is not None:
             if free.locked():
                 await self._wait(free)
                 if self._shut:  # freed by the shutdown ending the streams that held it
                     free.release()
-                    raise _stopping()
+                    raise GatewayStopping()
             else:
                 await free.acquire()  # a slot is free: returns at once
         self.stats.in_use += 1
@@ -100,7 +100,7 @@ class PoolGate:
         """Wait for a slot, at most `pool_timeout`, on the record.
 
         Raises:
-            UpstreamUnavailable: none was freed in time (a 503).
+            UpstreamPoolFull: none was freed in time (a 503).
         """
         stats = self.stats
         stats.waiting += 1
@@ -131,9 +131,3 @@ class PoolGate:
             max_connections=stats.max_connections,
             waited_s=round(time.monotonic() - start, 3),
         )
-
-
-def _stopping() -> UpstreamUnavailable:
-    error = UpstreamUnavailable("The gateway is shutting down.")
-    error.retryable = False  # every provider's gate is shut: no other route, no retry
-    return error
