@@ -51,8 +51,10 @@ from tests.test_attack_upstream import (
 from tests.test_stream_reuse import (
     ADMIN_KEY,
     HEAD,
+    READ,
     STOP,
     TERMINATOR,
+    UNTIL_DONE,
     USAGE,
     chunked,
     settled,
@@ -61,6 +63,18 @@ from tests.test_stream_reuse import (
 
 MiB = 1024 * 1024
 STREAM = sse(chunk("a"), STOP, USAGE, b"[DONE]")
+
+
+async def first_chunk_then(
+    writer: asyncio.StreamWriter, go: asyncio.Event, text: str = "a"
+) -> None:
+    """A stream whose first chunk comes at once and the rest (stop, usage, `[DONE]` and the
+    body's end) once `go` is set: it holds its connection until then."""
+    writer.write(HEAD + chunked(sse(chunk(text))))
+    await writer.drain()
+    await go.wait()
+    writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
+    await writer.drain()
 
 
 def _open(sock: socket.socket) -> bool:
@@ -188,7 +202,7 @@ async def test_a_lingering_connection_that_dies_frees_its_slot_at_once(
             await writer.drain()
             return
         first = False
-        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        writer.write(UNTIL_DONE)
         await writer.drain()
         await served.wait()
         if death == "reset":
@@ -207,7 +221,7 @@ async def test_a_lingering_connection_that_dies_frees_its_slot_at_once(
     rig = await build(answer, max_connections=1, pool_timeout=0.5)
     async with asyncio.timeout(NEVER_HANG):
         status, body = await rig.call(stream=True)
-        assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+        assert (status, body) == (200, READ)
         served.set()
         await dead.wait()
         async with asyncio.timeout(0.5):  # far less than the linger
@@ -291,7 +305,7 @@ async def test_a_storm_of_streams_and_hang_ups_never_opens_more_than_max_connect
                 await resp.content.readuntil(b"\n\n")  # then hangs up
                 return -1
             body = await resp.read()
-            assert resp.status == 200 and body == sse(chunk("a"), STOP, b"[DONE]"), body
+            assert resp.status == 200 and body == READ, body
             return resp.status
 
     async def hang_up_waiting(session: aiohttp.ClientSession) -> None:
@@ -476,7 +490,7 @@ async def test_a_stream_that_fails_gives_its_slot_back_and_the_next_is_served(
         assert error["message"] and UPSTREAM_KEY not in json.dumps(error)
         await settled(rig)
         got, body = await rig.call(stream=True)
-        assert (got, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+        assert (got, body) == (200, READ)
         now = await settled(rig)
     assert peers(rig).peak == 1
     assert now["pool_timeouts"] == 0
@@ -683,13 +697,10 @@ async def test_a_wait_for_a_connection_slot_is_not_counted_as_upstream_silence(
         nonlocal calls
         calls += 1
         if calls == 1:
-            writer.write(HEAD + chunked(sse(chunk("a"))))
-            await writer.drain()
-            await release.wait()
-            writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
+            await first_chunk_then(writer, release)
         else:
             writer.write(HEAD + chunked(STREAM) + TERMINATOR)
-        await writer.drain()
+            await writer.drain()
 
     rig = await build(
         answer, max_connections=1, pool_timeout=NEVER_HANG, first_byte_timeout=0.1, read_timeout=5
@@ -704,7 +715,7 @@ async def test_a_wait_for_a_connection_slot_is_not_counted_as_upstream_silence(
         release.set()
         assert (await first.read()).endswith(b"data: [DONE]\n\n")
         status, body = await second
-        assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+        assert (status, body) == (200, READ)
         now = await settled(rig)
     assert now["stream_timeouts"] == 0 and now["waited"] == 1
 
@@ -767,7 +778,7 @@ async def test_a_client_hanging_up_at_any_point_of_a_stream_frees_everything(
         for _ in steps:
             go.release()
         status, body = await rig.call(stream=True)
-        assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+        assert (status, body) == (200, READ)
         now = await settled(rig)
     assert peers(rig).peak == 1
     assert now["pool_timeouts"] == 0
@@ -784,12 +795,7 @@ async def test_a_full_pool_is_not_a_failure_of_the_upstream_account(build: Build
     release = asyncio.Event()
 
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(HEAD + chunked(sse(chunk("a"))))
-        await writer.drain()
-        if not release.is_set():
-            await release.wait()
-        writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
-        await writer.drain()
+        await first_chunk_then(writer, release)
 
     routing = RoutingSettings(max_attempts=1, failure_threshold=2, cooldown=NEVER_HANG)
     rig = await build(answer, routing, max_connections=1, pool_timeout=0.05)
@@ -804,7 +810,7 @@ async def test_a_full_pool_is_not_a_failure_of_the_upstream_account(build: Build
         assert (await held.read()).endswith(b"data: [DONE]\n\n")
         await settled(rig)
         status, body = await rig.call(stream=True)  # a connection is free: served
-        assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]")), body
+        assert (status, body) == (200, READ), body
 
 
 async def test_a_full_pool_does_not_take_a_healthy_provider_out_of_rotation(
@@ -817,12 +823,7 @@ async def test_a_full_pool_does_not_take_a_healthy_provider_out_of_rotation(
     release = asyncio.Event()
 
     async def held(request: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(HEAD + chunked(sse(chunk("up"))))
-        await writer.drain()
-        if not release.is_set():
-            await release.wait()
-        writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
-        await writer.drain()
+        await first_chunk_then(writer, release, "up")
 
     async def other_answer(request: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(HEAD + chunked(sse(chunk("other"), STOP, USAGE, b"[DONE]")) + TERMINATOR)
@@ -896,7 +897,7 @@ async def test_a_flood_after_done_is_not_held_in_memory_while_the_connection_lin
     try:
         async with asyncio.timeout(NEVER_HANG):
             status, body = await rig.call(stream=True)
-            assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+            assert (status, body) == (200, READ)
             await flooding.wait()
             tracemalloc.reset_peak()
             await settled(rig)  # the linger closed it
@@ -1064,11 +1065,7 @@ async def test_requests_refused_for_a_full_pool_each_have_their_row_and_count(
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
         nonlocal opened
         opened += 1
-        writer.write(HEAD + chunked(sse(chunk("a"))))
-        await writer.drain()
-        await release.wait()
-        writer.write(chunked(sse(STOP, USAGE, b"[DONE]")) + TERMINATOR)
-        await writer.drain()
+        await first_chunk_then(writer, release)
 
     rig = await build(answer, max_connections=2, pool_timeout=0.1)
     url = rig.gateway.make_url("/v1/chat/completions")
@@ -1156,7 +1153,7 @@ async def test_odd_stream_options_get_a_stream_or_a_400_never_a_500(
     async with asyncio.timeout(NEVER_HANG):
         status, body = await rig.post("/v1/chat/completions", {**BODY, "stream_options": options})
     if status == 200:
-        assert body == sse(chunk("a"), STOP, b"[DONE]")
+        assert body == READ
         rows = await rows_of(rig, 1)
         assert [(r["status"], r["total_tokens"]) for r in rows] == [(200, 5)]
     else:
@@ -1200,7 +1197,7 @@ async def test_hang_ups_at_random_moments_of_the_wait_never_wedge_the_gate(
         now = await settled(rig)
         async with asyncio.timeout(0.5):
             status, body = await rig.call(stream=True)
-        assert (status, body) == (200, sse(chunk("a"), STOP, b"[DONE]"))
+        assert (status, body) == (200, READ)
         # (a client gone before its request was read made none: no row)
         rows = await rows_of(rig, served.count(True) + 1)
     assert peers(rig).peak <= 2

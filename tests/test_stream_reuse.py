@@ -61,6 +61,12 @@ def chunked(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+# A stream up to its `[DONE]`, the end of its body (TERMINATOR) not sent yet; and what the
+# client reads of it (the usage chunk it did not ask for left out).
+UNTIL_DONE = HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]"))
+READ = sse(chunk("a"), STOP, b"[DONE]")
+
+
 class CountingUpstream(RawUpstream):
     """A `RawUpstream` that keeps, for each connection it was opened, an event set once that
     connection is gone."""
@@ -151,7 +157,7 @@ async def test_a_stream_whose_body_ends_after_its_done_keeps_its_connection(
     ended = asyncio.Event()
 
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        writer.write(UNTIL_DONE)
         await writer.drain()
         await taken.wait()
         writer.write(TERMINATOR)
@@ -164,7 +170,7 @@ async def test_a_stream_whose_body_ends_after_its_done_keeps_its_connection(
             taken.clear()
             ended.clear()
             body = await stream(rig)
-            assert body == sse(chunk("a"), STOP, b"[DONE]")
+            assert body == READ
             taken.set()
             await ended.wait()
             await asyncio.sleep(0)  # (one turn of the loop: the gateway reads the body's end)
@@ -182,7 +188,7 @@ async def test_a_stream_whose_body_ends_with_its_done_keeps_its_connection(build
     rig = await build(answer)
     async with asyncio.timeout(NEVER_HANG):
         for _ in range(5):
-            assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+            assert await stream(rig) == READ
     assert len(connections(rig)) == 1
 
 
@@ -195,14 +201,14 @@ async def test_an_upstream_that_holds_its_connection_after_done_costs_no_wait(
     monkeypatch.setattr(_http, "LINGER_SECONDS", 0.05)
 
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        writer.write(UNTIL_DONE)
         await writer.drain()
 
     rig = await build(answer)
     async with asyncio.timeout(NEVER_HANG):
-        assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+        assert await stream(rig) == READ
         await connections(rig)[0].wait()  # closed by the gateway
-        assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+        assert await stream(rig) == READ
         await connections(rig)[1].wait()
     assert len(connections(rig)) == 2
     assert len(rig.upstream.requests) == 2
@@ -221,7 +227,7 @@ async def test_a_lingering_connection_counts_against_max_connections(
 
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
         end.clear()
-        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        writer.write(UNTIL_DONE)
         await writer.drain()
         await end.wait()
         writer.write(TERMINATOR)
@@ -229,13 +235,13 @@ async def test_a_lingering_connection_counts_against_max_connections(
 
     rig = await build(answer, max_connections=1, pool_timeout=NEVER_HANG)
     async with asyncio.timeout(NEVER_HANG):
-        assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+        assert await stream(rig) == READ
         assert (await upstream_stats(rig))["in_use"] == 1  # the connection lingers
         second = asyncio.ensure_future(stream(rig))
         while not (await upstream_stats(rig))["waiting"]:  # noqa: ASYNC110 (a counter)
             await asyncio.sleep(0.01)
         end.set()  # the first body ends: its connection goes back to the pool, and its slot
-        assert await second == sse(chunk("a"), STOP, b"[DONE]")
+        assert await second == READ
         end.set()
         stats = await settled(rig)
     assert len(connections(rig)) == 1  # the second stream had the first's connection
@@ -250,13 +256,13 @@ async def test_a_connection_held_after_done_frees_its_slot_when_closed(
     monkeypatch.setattr(_http, "LINGER_SECONDS", 0.05)
 
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(HEAD + chunked(sse(chunk("a"), STOP, USAGE)) + chunked(sse(b"[DONE]")))
+        writer.write(UNTIL_DONE)
         await writer.drain()
 
     rig = await build(answer, max_connections=1, pool_timeout=NEVER_HANG)
     async with asyncio.timeout(NEVER_HANG):
         for _ in range(3):
-            assert await stream(rig) == sse(chunk("a"), STOP, b"[DONE]")
+            assert await stream(rig) == READ
         for gone in connections(rig):
             await gone.wait()
         stats = await settled(rig)
