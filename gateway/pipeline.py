@@ -382,7 +382,6 @@ def finish(ex: Exchange[Any]) -> None:
 
 def _settle(ex: Exchange[Any], hung_up: bool) -> None:
     trace, call = ex.trace, ex.call
-    trace.settle = None
     if call.first_byte_at is not None:
         trace.ttft_ms = elapsed_ms(call.started_at, call.first_byte_at)
     usage = call.usage
