@@ -246,9 +246,14 @@ def _finish(
     """Settle what the request used (`pipeline.finish`), queue the usage row (for model
     requests; a refusal before any upstream call is only counted) and write the canonical
     log line."""
-    if trace.settle is not None:
+    settle = trace.settle
+    if settle is not None:
+        # Dropped before it runs (or fails): it holds the request, which holds this trace. A
+        # cycle left behind would keep each request's objects (its Request, parser and
+        # streams, ~40) for the garbage collector: about a fifth more CPU per request.
+        trace.settle = None
         try:
-            trace.settle()
+            settle()
         except Exception:  # the row and the line still go out, with what is known
             log.exception("settle_failed")
     record = UsageRecord(

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
+from gateway.failover import Exchange
 from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.state import PRICES_KEY, USAGE_KEY
+from gateway.trace import RequestTrace
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -427,3 +432,52 @@ async def test_a_request_without_limits_is_accounted_after_its_answer(rig: Rig) 
     assert any(e["event"] == "request" and e.get("status") == 200 for e in logs)
     rows = await usage_rows(rig.gateway)
     assert len(rows) == 2 and rows[-1]["status"] == 200
+
+
+async def test_a_request_leaves_no_reference_cycle(rig: Rig) -> None:
+    """A request's objects go when it ends, not at the garbage collector's next pass: a cycle
+    per request (its deferred settle held the request, which held its trace) made each one
+    leave ~40 objects behind and cost about a fifth more CPU under load. Answered, streamed,
+    translated (Responses, Messages), and with a settle that fails."""
+    prices = app_of(rig.gateway)[PRICES_KEY]
+    # Translated to a chat request, whose fields are then read off its struct.
+    translated = [
+        ("/v1/responses", {"model": "gpt", "input": "hello world"}),
+        ("/v1/messages", {**HI, "max_tokens": 10}),
+    ]
+
+    async def requests() -> None:
+        async with rig.post(HI) as resp:
+            assert resp.status == 200
+        async with rig.post({**HI, "stream": True}) as resp:
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        for path, body in translated:
+            async with rig.gateway.post(path, json=body, headers=rig.headers) as resp:
+                assert resp.status == 200, await resp.text()
+
+    await requests()  # once before: what is made once (each type's decoder) is no garbage
+    gc.collect()
+    gc.disable()
+    try:
+        await requests()
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("price book broken")
+
+        prices.price = broken  # type: ignore[method-assign]
+        with capture_logs():
+            async with rig.post(HI) as resp:
+                assert resp.status == 200
+            await app_of(rig.gateway)[USAGE_KEY].wait_recorded(9)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [
+            getattr(o, "__qualname__", type(o).__name__)
+            for o in gc.garbage
+            if isinstance(o, (RequestTrace, Exchange, web.Request, types.FunctionType))
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
