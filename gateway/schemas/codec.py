@@ -47,10 +47,13 @@ def raw_fields(obj: msgspec.Struct) -> dict[str, msgspec.Raw]:
 
     Only for structs whose unset fields are `UNSET` (omitted), as request structs are.
     """
+    # The class's own tuples of names, not `msgspec.structs.fields()`: that works the type
+    # hints out anew on every call (typing's machinery, and a cycle of garbage each time).
+    cls = type(obj)
     return {
-        f.encode_name: msgspec.Raw(encode(value))
-        for f in msgspec.structs.fields(obj)
-        if (value := getattr(obj, f.name)) is not msgspec.UNSET
+        wire: msgspec.Raw(encode(value))
+        for name, wire in zip(cls.__struct_fields__, cls.__struct_encode_fields__, strict=True)
+        if (value := getattr(obj, name)) is not msgspec.UNSET
     }
 
 
