@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import io
+import json
+import logging
 import re
+import sys
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import msgspec
@@ -235,6 +241,40 @@ async def test_request_lines_reach_stdout_in_whole_lines_of_at_most_pipe_buf_a_w
     assert all(w.endswith(b"\n") for w in writes)
     assert all(len(w) <= 4096 for w in writes if w != big) and big in writes
     assert len(writes) < len(lines) / 4  # still many lines a write
+
+
+async def test_an_unbuffered_stdout_gets_a_buffer_and_the_lines_keep_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under `python -u` or PYTHONUNBUFFERED=1 stdout's bytes are the raw file: request lines
+    # still share a write per turn of the loop (held until then), and a line of structlog or
+    # of the stdlib, written at once, takes the ones held before it along, in order.
+    path = tmp_path / "stdout"
+    raw = io.FileIO(path, "wb")
+    text = io.TextIOWrapper(raw, write_through=True)
+    monkeypatch.setattr(sys, "stdout", text)
+    monkeypatch.setattr(logs, "_direct", logs._direct)  # (put back after)
+    assert isinstance(sys.stdout.buffer, io.FileIO)
+    configure_logging("info", cache=False)
+    try:
+        log = structlog.get_logger("t")
+        logs.info_line(log, "a", {"n": 1})
+        logs.info_line(log, "b", {"n": 2})
+        assert path.read_bytes() == b""  # held for the turn
+        log.warning("c")
+        logs.info_line(log, "d", {"n": 4})
+        logging.getLogger("aiohttp.server").warning("e")
+        logs.info_line(log, "f", {"n": 6})
+        await asyncio.sleep(0)  # the end of the turn
+        await asyncio.sleep(0)
+        events = [json.loads(line)["event"] for line in path.read_bytes().splitlines()]
+        assert not raw.closed  # the buffer never closes stdout
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+        monkeypatch.undo()
+        text.close()
+    assert events == ["a", "b", "c", "d", "e", "f"]
 
 
 def test_a_stdout_that_fails_loses_the_request_line_and_nothing_else() -> None:
