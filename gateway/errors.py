@@ -54,6 +54,7 @@ __all__ = [
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "drop_tracebacks",
 ]
 
 
@@ -254,3 +255,16 @@ class UpstreamAuthError(UpstreamError):
     status = 502
     code = "upstream_auth_failed"
     should_retry = False
+
+
+def drop_tracebacks(exc: BaseException | None) -> None:
+    """Forget the tracebacks of an error that is dealt with (answered, or written as the last
+    event of a stream), and of the errors it came from. A traceback holds the frames it
+    passed, and a frame what its locals hold: the error itself (a local it was raised from, a
+    reader that keeps its error, an object that carries it), so each such request would stay
+    in a cycle, its Request and body with it, until the garbage collector's next full pass."""
+    for _ in range(8):  # (a chain of causes is short; a cyclic one must not loop)
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__

@@ -34,6 +34,7 @@ from gateway.errors import (
     UpstreamPoolFull,
     UpstreamRateLimited,
     UpstreamTimeout,
+    drop_tracebacks,
 )
 from gateway.providers import Provider
 from gateway.providers.base import Call
@@ -151,76 +152,85 @@ async def attempt_each(
         ex.deadline = loop.time() + routing.deadline
     deadline = ex.deadline
     failures: list[tuple[UpstreamError, Account | None]] = []
-    while len(failures) < routing.max_attempts:
-        if loop.time() >= deadline:  # an earlier round of attempts used the time up
-            failures.append((_past_deadline(routing), None))
-            break
-        if failures:  # back off before a retry, if the deadline leaves time for one
-            delay = backoff(len(failures), routing)
-            if loop.time() + delay >= deadline:
+    try:
+        while len(failures) < routing.max_attempts:
+            if loop.time() >= deadline:  # an earlier round of attempts used the time up
+                failures.append((_past_deadline(routing), None))
                 break
-            await asyncio.sleep(delay)
-        # Claimed only now, right before the attempt, so no exit can leave a probe claimed.
-        found = _next_route(ex, breakers, failures)
-        if found is None:
-            break
-        route, claim = found
-        account = route.account
-        _use(ex, route)
-        started = time.perf_counter()
-        # The provider's own timeouts bound an attempt; only when the deadline comes sooner
-        # is a timer of ours needed (most requests: never, and a timer costs a few us).
-        soon = loop.time() + _bound(route, ex.call.is_stream) > deadline
-        scope = asyncio.timeout_at(deadline) if soon else None
-        try:
-            if scope is None:
-                result = await attempt(route)
-            else:
-                async with scope:
+            if failures:  # back off before a retry, if the deadline leaves time for one
+                delay = backoff(len(failures), routing)
+                if loop.time() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+            # Claimed only now, right before the attempt, so no exit can leave a probe claimed.
+            found = _next_route(ex, breakers, failures)
+            if found is None:
+                break
+            route, claim = found
+            account = route.account
+            _use(ex, route)
+            started = time.perf_counter()
+            # The provider's own timeouts bound an attempt; only when the deadline comes sooner
+            # is a timer of ours needed (most requests: never, and a timer costs a few us).
+            soon = loop.time() + _bound(route, ex.call.is_stream) > deadline
+            scope = asyncio.timeout_at(deadline) if soon else None
+            try:
+                if scope is None:
                     result = await attempt(route)
-        except TimeoutError:
-            if scope is None or not scope.expired():
-                raise  # not ours: providers turn their own timeouts into UpstreamTimeout
-            _record(ex, route, started, 504)
-            breakers.release(account, claim)  # the time ran out, not the account
-            failures.append((_past_deadline(routing), None))
-            break
-        except UpstreamError as exc:
-            _record(ex, route, started, exc.status)
-            if isinstance(exc, UpstreamAuthError):
-                # Our key: another account may still work; this one waits for the operator.
-                breakers.disable(account)
-                exc = credentials_refused(account, breakers.remaining(account))
-            elif isinstance(exc, (UpstreamPoolFull, GatewayStopping)):
-                # The gateway's own refusal (its bound on connections, its shutdown): the
-                # account was not reached, so no verdict on it (a burst must not take it out
-                # of rotation). A full pool may still be answered by another route.
-                breakers.release(account, claim)
-                if not exc.retryable:
+                else:
+                    async with scope:
+                        result = await attempt(route)
+            except TimeoutError:
+                if scope is None or not scope.expired():
+                    raise  # not ours: providers turn their own timeouts into UpstreamTimeout
+                _record(ex, route, started, 504)
+                breakers.release(account, claim)  # the time ran out, not the account
+                failures.append((_past_deadline(routing), None))
+                break
+            except UpstreamError as exc:
+                _record(ex, route, started, exc.status)
+                if isinstance(exc, UpstreamAuthError):
+                    # Our key: another account may still work; this one waits for the operator.
+                    breakers.disable(account)
+                    exc = credentials_refused(account, breakers.remaining(account))
+                elif isinstance(exc, (UpstreamPoolFull, GatewayStopping)):
+                    # The gateway's own refusal (its bound on connections, its shutdown): the
+                    # account was not reached, so no verdict on it (a burst must not take it out
+                    # of rotation). A full pool may still be answered by another route.
+                    breakers.release(account, claim)
+                    if not exc.retryable:
+                        raise
+                elif exc.retryable:
+                    breakers.failed(
+                        account,
+                        exc.retry_after,
+                        claim,
+                        counted=all(a != account for _, a in failures),
+                        rate_limited=isinstance(exc, UpstreamRateLimited),
+                    )
+                else:
+                    # The request's own fault: the upstream answered, which is all a probe asks.
+                    if claim is not Claim.ORDINARY:
+                        breakers.succeeded(account, claim)
                     raise
-            elif exc.retryable:
-                breakers.failed(
-                    account,
-                    exc.retry_after,
-                    claim,
-                    counted=all(a != account for _, a in failures),
-                    rate_limited=isinstance(exc, UpstreamRateLimited),
-                )
-            else:
-                # The request's own fault: the upstream answered, which is all a probe asks.
-                if claim is not Claim.ORDINARY:
-                    breakers.succeeded(account, claim)
+                failures.append((exc, account))
+                continue
+            except BaseException:
+                _record(ex, route, started, CLIENT_CLOSED)
+                breakers.release(account, claim)  # cancelled (client gone): no verdict
                 raise
-            failures.append((exc, account))
-            continue
-        except BaseException:
-            _record(ex, route, started, CLIENT_CLOSED)
-            breakers.release(account, claim)  # cancelled (client gone): no verdict
-            raise
-        breakers.succeeded(account, claim)
-        _record(ex, route, started, 200)
-        return result
-    raise _final(ex, failures, breakers)
+            breakers.succeeded(account, claim)
+            _record(ex, route, started, 200)
+            return result
+        raise _final(ex, failures, breakers)
+    finally:
+        # Each failure's traceback holds this frame, and this frame the failures: dropped, or
+        # every request with a failed attempt (its Request, body and trace) would wait in a
+        # cycle for the garbage collector, a full collection for most of them. (The one
+        # raised, if any, is on its way with a traceback from here on.)
+        for failure, _ in failures:
+            drop_tracebacks(failure)
+        failures.clear()
 
 
 def _past_deadline(routing: RoutingSettings) -> UpstreamTimeout:

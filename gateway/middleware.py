@@ -30,7 +30,13 @@ from aiohttp import web
 
 from gateway.auth import sign_in
 from gateway.cors import add_cors_headers, preflight
-from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    drop_tracebacks,
+)
 from gateway.intake import check_length, read_body
 from gateway.logs import RequestLine, request_line
 from gateway.messages.errors import PATH_PREFIX as MESSAGES_PATH, anthropic_error
@@ -66,6 +72,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # A client-supplied id is echoed only when it is short and harmless in logs and headers.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The longest path a request line holds (the rest is cut, marked "..."): a client's path must
+# not make a line longer than PIPE_BUF, the most `serve --workers N` can write to their shared
+# stdout without another worker's lines landing inside it.
+LOGGED_PATH = 1024
 
 # Ids are a random per-process prefix plus a counter: unique across restarts and processes,
 # without a syscall for fresh randomness on every request.
@@ -196,6 +206,7 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
                 response = error_response(exc, request)
                 if exc.closes:  # the rest of the body is not read: the connection is spent
                     response.force_close()
+                drop_tracebacks(exc)
             except web.HTTPException as exc:
                 if exc.status < 400:  # (a redirect): aiohttp answers it as it is
                     response_headers(request, exc)
@@ -205,8 +216,9 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
                     response.headers["Allow"] = exc.headers["Allow"]
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("unhandled_error")
+                drop_tracebacks(exc)
                 response = error_response(
                     GatewayError("The gateway failed to process the request."), request
                 )
@@ -310,7 +322,7 @@ def _finish(
         uid=record.uid,
         attempts=trace.attempts or msgspec.UNSET,
         method=request.method,
-        path=request.path,
+        path=path if len(path := request.path) <= LOGGED_PATH else path[:LOGGED_PATH] + "...",
     )
     request_line(log, line, loop)
 

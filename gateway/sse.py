@@ -22,7 +22,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.web import ContentCoding
 from aiohttp_sse import EventSourceResponse
 
-from gateway.errors import GatewayError, GatewayStopping
+from gateway.errors import GatewayError, GatewayStopping, drop_tracebacks
 from gateway.middleware import response_headers
 from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
 from gateway.schemas.codec import encode
@@ -206,6 +206,7 @@ async def relay(
         await sse.end(last)
     except GatewayError as exc:
         trace.status = status_of(exc)
+        drop_tracebacks(exc)
         await _try(sse.error(exc, error_frame))
     except ConnectionError:
         trace.status = CLIENT_CLOSED  # the client hung up; the upstream is closed by its owner
@@ -219,9 +220,10 @@ async def relay(
             trace.status = status_of(shutdown)
             await _try(sse.error(shutdown, error_frame))
         raise
-    except Exception:
+    except Exception as exc:
         # The 200 is out: a bug must still end the stream with an error the SDK raises.
         log.exception("stream_failed")
+        drop_tracebacks(exc)
         failure = GatewayError("The gateway failed while streaming the response.")
         trace.status = status_of(failure)
         await _try(sse.error(failure, error_frame))
