@@ -136,6 +136,9 @@ class GatewayProtocol(web_protocol.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        # The last request's body holds this protocol: kept past the connection (a request
+        # cancelled when its client hung up never reaches finish_response), it is a cycle.
+        self._body = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
