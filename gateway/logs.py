@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import sys
 import time
 from collections.abc import MutableMapping
@@ -100,39 +101,6 @@ def _buffered(stream: BinaryIO) -> BinaryIO:
     return io.BufferedWriter(io.FileIO(stream.fileno(), "wb", closefd=False))
 
 
-class _Lossy:
-    """stdout for log lines that a closed or broken stdout (a log reader gone: EPIPE) cannot
-    fail: the line is lost, the request or the server start that wrote it goes on."""
-
-    __slots__ = ("__weakref__", "_stream")  # (structlog keeps a lock per file, weakly)
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    # try/except rather than contextlib.suppress: a request's line passes here twice, and
-    # a context manager is an object and two calls each time.
-    def write(self, data: Any) -> None:
-        try:  # noqa: SIM105 - cheaper than contextlib.suppress, see above
-            self._stream.write(data)
-        except (ValueError, OSError):
-            pass
-
-    def flush(self) -> None:
-        try:  # noqa: SIM105 - cheaper than contextlib.suppress, see above
-            self._stream.flush()
-        except (ValueError, OSError):
-            pass
-
-
-class _LossyText(_Lossy):
-    """`_Lossy` for the stdlib's handler, which writes text, over a binary stream."""
-
-    __slots__ = ()
-
-    def write(self, data: Any) -> None:
-        super().write(data.encode())
-
-
 _PIPE_BUF = 4096  # POSIX's least PIPE_BUF (Linux's is 4096)
 
 
@@ -146,8 +114,8 @@ class _Flushing:
     pipe in one piece: the processes of `gateway serve --workers N` share one stdout, and
     their lines must not interleave mid-line.
 
-    Lossy as `_Lossy` is (a closed or broken stdout loses the line), without its wrapper: a
-    call less per write and per flush, on every request."""
+    Lossy: a closed or broken stdout (a log reader gone: EPIPE) loses the line; the request or
+    the server start that wrote it goes on."""
 
     __slots__ = ("_held", "_pending", "_stream")
 
@@ -224,6 +192,26 @@ class _Direct:
         self._write.flush()
 
 
+class _Lines:
+    """The file structlog's BytesLogger and the stdlib's handler write to: the request lines'
+    `_Flushing`, so that every line goes through one buffer, in order, in writes of whole
+    lines of at most PIPE_BUF (a line written at once takes what is held along, within that
+    bound), and is lost rather than failing what wrote it when stdout is closed or broken (a
+    log reader gone: EPIPE). Theirs are out at once: they flush after each line."""
+
+    __slots__ = ("__weakref__", "_lines", "_text")  # (structlog keeps a lock per file, weakly)
+
+    def __init__(self, lines: _Flushing, *, text: bool = False) -> None:
+        self._lines = lines
+        self._text = text  # the stdlib's handler writes str
+
+    def write(self, data: Any) -> None:
+        self._lines(data.encode() if self._text else data)
+
+    def flush(self) -> None:
+        self._lines.flush()
+
+
 _direct: _Direct | None = None
 _info = True  # info lines are written at the configured level
 
@@ -271,8 +259,10 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
         cache: bind loggers once, on first use (fast; tests that reconfigure pass False).
     """
     numeric = logging.getLevelNamesMapping()[level.upper()]
-    stdout = sys.stdout.buffer
-    out = _buffered(stdout)
+    # (None: the process started with no stdout, descriptor 1 closed: the lines go nowhere.)
+    lines = _Flushing(
+        _buffered(sys.stdout.buffer) if sys.stdout is not None else open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the process
+    )
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -289,11 +279,10 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.BytesLoggerFactory(cast(BinaryIO, _Lossy(out))),
+        logger_factory=structlog.BytesLoggerFactory(cast(BinaryIO, _Lines(lines))),
         cache_logger_on_first_use=cache,
     )
-    # Every line through one stream, so they keep their order.
-    handler = logging.StreamHandler(_Lossy(sys.stdout) if out is stdout else _LossyText(out))
+    handler = logging.StreamHandler(_Lines(lines, text=True))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -304,7 +293,7 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
         )
     )
     global _direct, _info
-    _direct = _Direct(_Flushing(out), processors)
+    _direct = _Direct(lines, processors)
     _info = numeric <= logging.INFO
     root = logging.getLogger()
     root.handlers[:] = [handler]
