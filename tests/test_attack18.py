@@ -5,10 +5,11 @@ buffer of their own over stdout under PYTHONUNBUFFERED=1, whole lines of at most
 write.
 
 Cycles: every request runs with the collector off, then `gc.DEBUG_SAVEALL` shows what only the
-collector would have freed. Answers, streams and refusals leave nothing; a request with a
-failed upstream attempt, an error event or a dropped connection mid-stream, some refusals, and
-a client that hangs up still do (xfail, each with the cycle it leaves). Memory and logs: a
-real `gateway serve`."""
+collector would have freed. Answers, streams and refusals leave nothing; nor, since errors
+that are dealt with drop their tracebacks (`errors.drop_tracebacks`) and a lost connection
+drops its last body, does a request with a failed upstream attempt, an error event or a
+dropped connection mid-stream, a refusal raised from a local, or a client that hangs up
+(each left a cycle before). Memory and logs: a real `gateway serve`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import gateway as gateway_package
 from gateway import logs, middleware
 from gateway.failover import Exchange
 from gateway.logs import configure_logging
+from gateway.middleware import LOGGED_PATH
 from gateway.server import GatewayProtocol
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from gateway.trace import TRACE_KEY, RequestTrace
@@ -312,7 +314,7 @@ async def test_answers_and_refusals_leave_no_reference_cycle(rig: Rig) -> None:
     assert left == {}
 
 
-# ---- reference cycles: what still leaves one -------------------------------------------------
+# ---- reference cycles: what left one before -------------------------------------------------
 
 FAILED_ATTEMPTS: dict[str, Action] = {
     "503, answered by the second provider": request(CHAT, chat("gpt"), "openai", status=503),
@@ -334,15 +336,6 @@ FAILED_ATTEMPTS: dict[str, Action] = {
 }  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="failover.attempt_each keeps each failed attempt's UpstreamError in its `failures` "
-    "list; the error's __traceback__ holds attempt_each's frame, whose `failures` holds the "
-    "error: a cycle keeping the web.Request (and its body), trace, Exchange, call and frames "
-    "of every request with a failed attempt (~70 objects a request answered after a 503, up "
-    "to ~200 after two connection resets or timeouts)",
-)
 async def test_a_request_with_a_failed_upstream_attempt_leaves_no_reference_cycle(
     rig: Rig,
 ) -> None:
@@ -371,14 +364,6 @@ ERROR_EVENTS: dict[str, Action] = {
 }  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="`raise error` of a local in the stream's own frame (providers/_http.py "
-    "UpstreamClient.stream, gemini/response.py GeminiStream.feed, and the stream of "
-    "anthropic/passthrough.py and of openai_responses.py): the error's traceback holds that "
-    "frame, which holds `error` (50-100 objects a request, its web.Request among them)",
-)
 async def test_an_error_event_mid_stream_leaves_no_reference_cycle(rig: Rig) -> None:
     assert await _all_left(rig, ERROR_EVENTS, ("free", "limited")) == {}
 
@@ -391,26 +376,10 @@ DROPS: dict[str, Action] = {
 }  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="providers/_http.py UpstreamClient.stream: aiohttp keeps the ClientPayloadError in "
-    "the response's StreamReader (`_exception`), and the error's traceback holds the stream's "
-    "frame, whose `content` local is that StreamReader (~70-75 objects a request: the call, "
-    "the decoders, the stream's frames)",
-)
 async def test_an_upstream_that_drops_mid_stream_leaves_no_reference_cycle(rig: Rig) -> None:
     assert await _all_left(rig, DROPS, ("free",)) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="an error raised from a local of the frame that raises it: handlers/models.py "
-    "get_model (`missing`, any key, GET /v1/models/<unknown>: ~37 objects a request), "
-    "budgets.py reserve (`refusal`, a spent budget: ~75), passthrough.py native_first "
-    "(`refusal`, a Responses built-in tool for a translated model: ~62)",
-)
 async def test_refusals_raised_from_a_local_leave_no_reference_cycle(rig: Rig) -> None:
     actions: dict[str, Action] = {
         "GET /v1/models/<unknown>": _models_404,
@@ -454,14 +423,6 @@ async def _hang_up_mid_stream(rig: Rig, key: str) -> None:
         await fake.client_disconnected.wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="server.GatewayProtocol keeps the last request's body (`_body`, a StreamReader "
-    "whose `_protocol` is the GatewayProtocol) until finish_response, which a cancelled "
-    "request never reaches, and connection_lost does not drop it: a cycle of ~38 objects "
-    "for each connection whose client hung up",
-)
 async def test_a_client_that_hangs_up_leaves_no_reference_cycle(rig: Rig) -> None:
     actions = {"before the first byte": _hang_up_before_the_first_byte,
                "mid-stream": _hang_up_mid_stream}  # fmt: skip
@@ -550,14 +511,6 @@ async def test_memory_stays_flat_under_a_flood_of_answered_requests(
     assert await _rss_growth(tmp_path, capsys, fail_first=False) < 32 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="each failed-over request leaves its cycle (attempt_each, above) holding its 150 KB "
-    "body; those promoted past the young generation wait for a full collection, which comes "
-    "after 100 middle ones (FULL_COLLECTION_EVERY): RSS grew ~60-130 MB over 2,000 requests "
-    "(~2-4 MB answered at once), and kept growing linearly to 500 MB over 40,000",
-)
 async def test_memory_stays_bounded_under_a_flood_of_failed_over_requests(
     tmp_path: Path, capsys: Any
 ) -> None:
@@ -567,15 +520,6 @@ async def test_memory_stays_bounded_under_a_flood_of_failed_over_requests(
 # ---- log lines: one buffer over stdout -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="logs._buffered: a structlog or stdlib line is written into the same BufferedWriter "
-    "as the request lines held for the turn, and flushed with them in one write: up to 4,096 "
-    "bytes of held lines plus the line (4,147 here), past PIPE_BUF, so `serve --workers N` "
-    "sharing a pipe may interleave it (before 275e017, under PYTHONUNBUFFERED=1, each line "
-    "was a write of its own)",
-)
 @pytest.mark.parametrize("other", ["structlog", "stdlib"])
 async def test_a_line_written_at_once_takes_no_write_past_pipe_buf(
     monkeypatch: pytest.MonkeyPatch, other: str
@@ -699,7 +643,9 @@ async def test_every_line_is_whole_once_and_in_order_through_sigterm(
     events = [json.loads(line) for line in out.read_bytes().splitlines()]  # every one whole
     requests = [e for e in events if e["event"] == "request"]
     assert len(requests) == 204 and len({e["request_id"] for e in requests}) == 204
-    assert [e["path"] for e in requests].count("/" + "p" * 6000) == 1
+    # (A path is logged up to LOGGED_PATH characters, then "...": the line stays within PIPE_BUF.)
+    long_path = "/" + "p" * (LOGGED_PATH - 1) + "..."
+    assert [e["path"] for e in requests].count(long_path) == 1
     names = [e["event"] for e in events]
     assert names.index("serving") < names.index("request")
     stamps = [e["timestamp"] for e in events]
@@ -758,13 +704,6 @@ async def test_a_stdout_that_fails_fails_no_request_and_stops_cleanly(
             await proc.wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="logs.configure_logging reads sys.stdout.buffer, and sys.stdout is None when the "
-    "process starts with descriptor 1 closed: `gateway serve >&-` exits 1 with an "
-    "AttributeError before it listens (not new: `_Lossy(sys.stdout.buffer)` did so before)",
-)
 async def test_a_closed_stdout_does_not_keep_the_server_from_starting(
     tmp_path: Path, capsys: Any
 ) -> None:
@@ -792,7 +731,7 @@ async def test_a_closed_stdout_does_not_keep_the_server_from_starting(
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="logs._Flushing / _Lossy ignore BlockingIOError.characters_written: on a "
+    reason="logs._Flushing ignores BlockingIOError.characters_written: on a "
     "non-blocking stdout whose reader stalls, the BufferedWriter takes part of a line, the "
     "rest is dropped, and the part reaches the log glued to a later line (not new: a "
     "buffered stdout does the same, and the raw file did before 275e017)",
@@ -951,15 +890,9 @@ async def test_two_workers_never_interleave_lines_under_pipe_buf(workers: Worker
     assert sum(b'"event":"request"' in line for line in lines) == 256
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="middleware._finish logs request.path whole: any client can make a request line "
-    "of up to ~8 KB (a 6,000-character path here), which goes out as one write past PIPE_BUF; "
-    "on a full pipe the kernel splits it and the other worker's lines land inside it (not "
-    "new: each line was a write of its own before 275e017 too)",
-)
 async def test_two_workers_never_interleave_a_line_a_client_made_long(workers: Workers) -> None:
+    # A client's 6,000-character path is logged cut (`LOGGED_PATH`): the line stays within
+    # PIPE_BUF, so the kernel never splits it.
     await workers.load(["/v1/models"] * 24 + ["/" + "p" * 6000] * 8, rounds=8)
     assert _torn(await workers.stop()) == []
 
