@@ -60,6 +60,7 @@ from tests.conftest import (
 )
 from tests.fakes import FakeOpenAI
 from tests.test_lifecycle import refused
+from tests.test_log_lines_process import load
 
 CHAT = "/v1/chat/completions"
 MSGS = [{"role": "user", "content": "hello there world"}]
@@ -672,27 +673,17 @@ async def test_a_stdout_that_fails_fails_no_request_and_stops_cleanly(
             proc, secret, port = await _serve_with(tmp_path, capsys, write, env)
         finally:
             os.close(write)
-    url = f"http://127.0.0.1:{port}{CHAT}"
-    headers = {"Authorization": f"Bearer {secret}"}
     try:
-        async with asyncio.timeout(NEVER_HANG), aiohttp.ClientSession() as session:
+        async with asyncio.timeout(NEVER_HANG):
             assert b"listening" in await _listening(proc)
-
-            async def call() -> int:
-                body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
-                async with session.post(url, json=body, headers=headers) as resp:
-                    await resp.read()
-                    return resp.status
-
-            statuses = await asyncio.gather(*(call() for _ in range(50)))
+            statuses = await load(port, secret, 50)
             if read is not None:
                 seen = b""
                 while b'"event":"request"' not in seen:  # lines came, then...
                     seen += await asyncio.to_thread(os.read, read, 1 << 16)
                 os.close(read)  # ... the reader is gone, with lines maybe still held
                 read = None
-            for _ in range(4):
-                statuses += await asyncio.gather(*(call() for _ in range(50)))
+            statuses += await load(port, secret, 200)
             assert statuses == [200] * 250
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
@@ -713,13 +704,7 @@ async def test_a_closed_stdout_does_not_keep_the_server_from_starting(
     try:
         line = await _listening(proc)
         assert b"listening" in line, line
-        async with aiohttp.ClientSession() as session:
-            body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
-            async with session.post(
-                f"http://127.0.0.1:{port}{CHAT}", json=body,
-                headers={"Authorization": f"Bearer {secret}"},
-            ) as resp:  # fmt: skip
-                assert resp.status == 200
+        assert await load(port, secret, 1) == [200]
         proc.send_signal(signal.SIGTERM)
         assert await proc.wait() == 0
     finally:
@@ -745,8 +730,6 @@ async def test_a_non_blocking_stdout_never_gets_a_torn_line(tmp_path: Path, caps
     finally:
         os.close(write)
     os.set_blocking(read, False)
-    url = f"http://127.0.0.1:{port}{CHAT}"
-    headers = {"Authorization": f"Bearer {secret}"}
 
     def drain() -> bytes:
         data = b""
@@ -760,20 +743,12 @@ async def test_a_non_blocking_stdout_never_gets_a_torn_line(tmp_path: Path, caps
             data += chunk
 
     try:
-        async with asyncio.timeout(NEVER_HANG), aiohttp.ClientSession() as session:
+        async with asyncio.timeout(NEVER_HANG):
             assert b"listening" in await _listening(proc)
-
-            async def call() -> int:
-                body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
-                async with session.post(url, json=body, headers=headers) as resp:
-                    await resp.read()
-                    return resp.status
-
-            statuses = []
-            for _ in range(8):  # ~300 KB of lines, the reader stalled: the pipe fills
-                statuses += await asyncio.gather(*(call() for _ in range(50)))
+            # ~300 KB of lines, the reader stalled: the pipe fills.
+            statuses = await load(port, secret, 400)
             data = drain()
-            statuses += await asyncio.gather(*(call() for _ in range(20)))
+            statuses += await load(port, secret, 20)
             assert statuses == [200] * 420
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0

@@ -30,8 +30,8 @@ async def _serve(tmp_path: Path, capsys: Any, stdout: int) -> tuple[Any, str, in
     return proc, secret, port
 
 
-async def _load(port: int, secret: str, count: int) -> list[int]:
-    """`count` chat requests, 50 at a time over keep-alive connections."""
+async def load(port: int, secret: str, count: int) -> list[int]:
+    """`count` chat requests, 50 at a time over keep-alive connections; their statuses."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {secret}"}
     statuses: list[int] = []
@@ -42,8 +42,8 @@ async def _load(port: int, secret: str, count: int) -> list[int]:
                 await resp.read()
                 statuses.append(resp.status)
 
-        for _ in range(count // 50):
-            await asyncio.gather(*(one() for _ in range(50)))
+        for start in range(0, count, 50):
+            await asyncio.gather(*(one() for _ in range(min(50, count - start))))
     return statuses
 
 
@@ -55,7 +55,7 @@ async def test_every_request_line_is_written_once_and_whole_by_exit(
         proc, secret, port = await _serve(tmp_path, capsys, out.fileno())
     try:
         async with asyncio.timeout(120):
-            statuses = await _load(port, secret, 1000)
+            statuses = await load(port, secret, 1000)
             proc.send_signal(signal.SIGTERM)  # the last turn's lines are still buffered
             assert await proc.wait() == 0
     finally:
@@ -82,7 +82,7 @@ async def test_a_log_reader_that_goes_away_does_not_stop_the_server(
     os.close(read)  # the log reader is gone: every write to stdout is a broken pipe now
     try:
         async with asyncio.timeout(120):
-            assert await _load(port, secret, 500) == [200] * 500
+            assert await load(port, secret, 500) == [200] * 500
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
     finally:
