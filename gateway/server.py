@@ -315,7 +315,7 @@ async def _run(
     # so it comes about once a minute or two under load rather than every few seconds. A
     # request leaves no cycles (tests/test_openai_provider.py), so the young generation is
     # only what requests in flight hold: collected every 2,000 allocations rather than 700,
-    # short requests at concurrency 32 take a collection about every thousand requests, not
+    # short requests at concurrency 32 take a collection about every 1,300 requests, not
     # every forty (~6 us a request); the long streams' chunk delays were unchanged.
     _, middle, _ = gc.get_threshold()
     gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)
