@@ -7,7 +7,6 @@ aiohttp's own stdlib loggers go through the same renderer so every line has one 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import sys
@@ -89,19 +88,60 @@ class RequestLine(msgspec.Struct, kw_only=True):
     timestamp: str = ""  # set as it is written
 
 
-def _buffered(stream: BinaryIO) -> BinaryIO:
-    """stdout's bytes with a buffer of their own where they have none: under `python -u` or
-    PYTHONUNBUFFERED=1 (set in many container images) `sys.stdout.buffer` is the raw file,
-    so every request's line was a write system call of its own (about 7 % of the gateway's
-    CPU per request at concurrency 32 here) instead of one for the lines of a turn of the
-    loop. Over stdout's descriptor, never closing it; what the setting asks still holds:
-    each line is out by the end of its turn of the loop (`_Flushing`), other lines at once."""
-    if not isinstance(stream, io.FileIO):
-        return stream
-    return io.BufferedWriter(io.FileIO(stream.fileno(), "wb", closefd=False))
-
-
 _PIPE_BUF = 4096  # POSIX's least PIPE_BUF (Linux's is 4096)
+_MAX_HELD = 1 << 20  # what waits for a stalled reader of a non-blocking stdout
+
+
+class _Descriptor:
+    """stdout's descriptor written in whole lines, with a buffer of our own: under `python -u`
+    or PYTHONUNBUFFERED=1 (set in many container images) `sys.stdout.buffer` is the raw file,
+    so every request's line was a write system call of its own (about 7 % of the gateway's CPU
+    per request at concurrency 32 here) instead of one for the lines of a turn of the loop
+    (`_Flushing`).
+
+    Never a torn line: on a non-blocking stdout whose reader stalls, a write that the pipe
+    cannot take (EAGAIN) or takes only in part keeps what is left, in order, for the next flush
+    (a BufferedWriter keeps part of a line and drops the rest); past `_MAX_HELD` waiting, new
+    lines are dropped whole. Each write is whole lines of at most PIPE_BUF bytes (a longer line
+    alone), which POSIX writes to a pipe in one piece. The descriptor is never closed."""
+
+    __slots__ = ("_fd", "_held")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._held = bytearray()
+
+    def write(self, data: bytes) -> None:
+        if len(self._held) + len(data) <= _MAX_HELD:
+            self._held += data
+
+    def flush(self) -> None:
+        held = self._held
+        while held:
+            size = len(held)
+            if size > _PIPE_BUF:
+                size = held.rfind(b"\n", 0, _PIPE_BUF) + 1 or held.find(b"\n") + 1 or size
+            try:
+                written = os.write(self._fd, held[:size])
+            except BlockingIOError:
+                return  # the reader stalled: kept for the next flush
+            except OSError:
+                held.clear()  # closed or broken (a log reader gone): lost, as documented
+                raise
+            del held[:written]
+
+
+def _stdout() -> BinaryIO:
+    """Where the lines go: stdout's descriptor (`_Descriptor`); a stdout with none (a test's
+    capture) as it is; nowhere when the process started with no stdout (descriptor 1 closed)."""
+    if sys.stdout is None:
+        return open(os.devnull, "wb")  # (lives as long as the process)
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # (io.UnsupportedOperation is an OSError)
+        return sys.stdout.buffer
+    sys.stdout.flush()  # what was printed before comes first
+    return cast(BinaryIO, _Descriptor(fd))
 
 
 class _Flushing:
@@ -259,10 +299,7 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
         cache: bind loggers once, on first use (fast; tests that reconfigure pass False).
     """
     numeric = logging.getLevelNamesMapping()[level.upper()]
-    # (None: the process started with no stdout, descriptor 1 closed: the lines go nowhere.)
-    lines = _Flushing(
-        _buffered(sys.stdout.buffer) if sys.stdout is not None else open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the process
-    )
+    lines = _Flushing(_stdout())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

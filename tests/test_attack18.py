@@ -713,14 +713,6 @@ async def test_a_closed_stdout_does_not_keep_the_server_from_starting(
             await proc.wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="logs._Flushing ignores BlockingIOError.characters_written: on a "
-    "non-blocking stdout whose reader stalls, the BufferedWriter takes part of a line, the "
-    "rest is dropped, and the part reaches the log glued to a later line (not new: a "
-    "buffered stdout does the same, and the raw file did before 275e017)",
-)
 async def test_a_non_blocking_stdout_never_gets_a_torn_line(tmp_path: Path, capsys: Any) -> None:
     read, write = os.pipe()
     os.set_blocking(write, False)  # (its open file description: the child's stdout too)
@@ -872,16 +864,58 @@ async def test_two_workers_never_interleave_a_line_a_client_made_long(workers: W
     assert _torn(await workers.stop()) == []
 
 
-def test_only_an_unbuffered_stdout_gets_a_buffer_of_its_own(tmp_path: Path) -> None:
-    # What `configure_logging` does with stdout's bytes: a buffered stdout (no -u) is used as
-    # it is; the raw file gets a BufferedWriter over its descriptor, which never closes it.
+def test_stdout_is_written_through_its_descriptor_in_whole_lines_and_never_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `configure_logging` writes to, buffered (no -u) or raw (-u): stdout's descriptor,
+    # in lines held until a flush; closing nothing. A stdout without a descriptor (a test's
+    # capture) is written as it is.
     with (tmp_path / "out").open("wb") as buffered:
-        assert logs._buffered(buffered) is buffered
-        raw = buffered.raw
-        assert isinstance(raw, io.FileIO)
-        ours = logs._buffered(raw)
-        assert isinstance(ours, io.BufferedWriter) and ours.fileno() == raw.fileno()
-        ours.write(b"x\n")
-        ours.close()
-        assert not raw.closed
-    assert (tmp_path / "out").read_bytes() == b"x\n"
+        for stdout in (io.TextIOWrapper(buffered), io.TextIOWrapper(buffered.raw)):
+            monkeypatch.setattr(sys, "stdout", stdout)
+            ours = logs._stdout()
+            assert isinstance(ours, logs._Descriptor)
+            ours.write(b"x\n")
+            ours.flush()
+            stdout.detach()
+        assert not buffered.closed
+    assert (tmp_path / "out").read_bytes() == b"x\nx\n"
+    capture = io.TextIOWrapper(io.BytesIO())
+    monkeypatch.setattr(sys, "stdout", capture)
+    assert logs._stdout() is capture.buffer
+    monkeypatch.setattr(sys, "stdout", None)
+    with logs._stdout() as nowhere:
+        assert nowhere.name == os.devnull
+
+
+def test_a_stalled_non_blocking_pipe_keeps_the_rest_of_a_line_for_the_next_flush() -> None:
+    # A pipe that is full (EAGAIN) or takes part of a write: what is left waits, in order;
+    # nothing is dropped but whole lines past `_MAX_HELD`.
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    os.set_blocking(read, False)
+    try:
+        ours = logs._Descriptor(write)
+        lines = [b'{"n":%d,"pad":"%b"}\n' % (i, b"x" * (i * 37 % 3000)) for i in range(400)]
+        got = b""
+        for k, line in enumerate(lines):
+            ours.write(line)
+            ours.flush()
+            if k % 97 == 96:  # the reader wakes up now and then
+                with contextlib.suppress(BlockingIOError):
+                    got += os.read(read, 1 << 20)
+        while True:
+            ours.flush()
+            try:
+                chunk = os.read(read, 1 << 20)
+            except BlockingIOError:
+                break
+            got += chunk
+        assert got == b"".join(lines)
+        ours.write(b"y" * logs._MAX_HELD + b"\n")  # too much to hold: dropped whole
+        ours.flush()
+        with pytest.raises(BlockingIOError):
+            os.read(read, 1)
+    finally:
+        os.close(read)
+        os.close(write)
