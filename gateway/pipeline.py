@@ -15,6 +15,7 @@ import functools
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
+import structlog
 from aiohttp import web
 from msgspec import UNSET
 
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 MAX_MODEL_ID = 256
+
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Call)
@@ -369,18 +372,38 @@ def finish(ex: Exchange[Any]) -> None:
     usage row, metrics and log line read what this works out: it is done once the answer is
     out (`RequestTrace.settle`, run first by the request's accounting, before the loop reads
     more input), so its microseconds are not the client's wait. A held request settles at
-    once: its x-ratelimit-* headers show what it used, and its slot is freed after."""
+    once: its x-ratelimit-* headers show what it used, and its slot is freed after. A
+    failure of it is logged (`settle_failed`), never the client's: its answer is out or in
+    hand, and its hold is given back with what was counted (see `_settle`)."""
     call = ex.call
     # Whether the client hung up can only be told in the request's own task (the upstream
     # already has the prompt then, so it is estimated).
     hung_up = call.usage is None and call.first_byte_at is None and _hung_up()
     if ex.ticket is None:
         ex.trace.settle = functools.partial(_settle, ex, hung_up)
-    else:
+        return
+    try:
         _settle(ex, hung_up)
+    except Exception:  # the answer is in hand: the client gets it, the row and line go out
+        log.exception("settle_failed")
 
 
 def _settle(ex: Exchange[Any], hung_up: bool) -> None:
+    """Account for the request (`_account`), then give back its hold. The second step runs
+    whatever the first raised (a price lookup, a hostile upstream's usage): with what was
+    counted so far, so a failure never keeps a key's tokens per minute or budget held."""
+    app = ex.request.app
+    trace = ex.trace
+    try:
+        _account(ex, hung_up, app[PRICES_KEY])
+    finally:
+        used = trace.prompt_tokens + trace.completion_tokens
+        if ex.ticket is not None:
+            app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
+
+
+def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
+    """Copy the request's usage (or an estimate) and its cost into the trace."""
     trace, call = ex.trace, ex.call
     if call.first_byte_at is not None:
         trace.ttft_ms = elapsed_ms(call.started_at, call.first_byte_at)
@@ -396,12 +419,9 @@ def _settle(ex: Exchange[Any], hung_up: bool) -> None:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = call.chunks
-    price = ex.request.app[PRICES_KEY].price(call.model, ex.provider.config, call.upstream_model)
+    price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
         trace.cost_usd = price.cost(_counts(trace, usage))
-    if ex.ticket is not None:
-        used = trace.prompt_tokens + trace.completion_tokens
-        ex.request.app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
 
 
 def _hung_up() -> bool:

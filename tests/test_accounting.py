@@ -1,0 +1,94 @@
+"""What a request used is accounted whatever happens while it runs: its settling fails, or its
+key is given a budget while it is in flight. In memory and shared through a real Redis."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
+
+from gateway.budgets import Spend
+from gateway.state import GATE_KEY, KEYS_KEY, PRICES_KEY, USAGE_KEY
+from tests.conftest import MakeSettings, app_of, create_key, sse_events, usage_rows
+from tests.fakes import FakeOpenAI
+from tests.test_limits import CHAT, HELD, RESERVED, auth, body, rig
+
+ADMIN = "admin-key-0123456789abcdef"
+
+
+@pytest.fixture
+def make_settings(make_settings: MakeSettings, limits_backend: dict[str, Any]) -> MakeSettings:
+    """Every test here runs twice: limits in memory, and shared through a real Redis."""
+    return functools.partial(make_settings, admin_key=ADMIN, **limits_backend)
+
+
+@pytest.fixture
+async def up(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> tuple[FakeOpenAI, TestClient[Any, Any]]:
+    return await rig(aiohttp_server, aiohttp_client, make_settings)
+
+
+async def spend_of(gw: TestClient[Any, Any], secret: str) -> Spend:
+    """The key's spending as the admin API reads it."""
+    app = app_of(gw)
+    record = app[KEYS_KEY].lookup(secret)
+    assert record is not None
+    spend = await app[GATE_KEY].spending(record)
+    assert spend is not None
+    return spend
+
+
+async def used_by(gw: TestClient[Any, Any], stream: bool, secret: str) -> dict[str, Any]:
+    """One request (streamed or not) that must be answered; the usage it reports."""
+    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    async with gw.post(CHAT, json=body(**extra), headers=auth(secret)) as resp:
+        assert resp.status == 200, await resp.text()
+        if not stream:
+            usage: dict[str, Any] = (await resp.json())["usage"]
+            return usage
+        usage = sse_events(await resp.read())[-1]["usage"]
+        return usage
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_held_request_whose_settling_fails_is_answered_and_gives_back_its_hold(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]], stream: bool
+) -> None:
+    """A request of a key with limits settles in its own task; when that fails (here: the
+    price lookup breaks once the upstream has the request, as a hostile answer's usage or a
+    price list could make it), the client still gets its answer, the failure is logged, the
+    row and the log line go out, and the hold is given back with the tokens counted."""
+    fake, gw = up
+    # Room for one request's hold (HELD) in the tokens per minute, not two: a hold never given
+    # back refuses the second request.
+    secret = await create_key(gw, tpm=HELD + RESERVED - 1, budget_tokens=10_000)
+    prices = app_of(gw)[PRICES_KEY]
+    price = prices.price
+
+    def broken(*args: Any) -> Any:
+        if fake.chat_requests:  # admitted (priced) already: it breaks as the request settles
+            raise RuntimeError("price book broken")
+        return price(*args)
+
+    prices.price = broken  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        usage = await used_by(gw, stream, secret)
+        await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["settle_failed"]
+    assert any(e["event"] == "request" and e.get("status") == 200 for e in logs)
+    [row] = await usage_rows(gw)
+    assert row["status"] == 200
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    spend = await spend_of(gw, secret)
+    assert (spend.tokens, spend.held_tokens) == (usage["total_tokens"], 0)
+
+    prices.price = price  # type: ignore[method-assign]
+    await used_by(gw, stream, secret)  # fits: the first one's hold was given back
