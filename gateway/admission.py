@@ -3,9 +3,10 @@
 `Gate.enter()` takes a concurrency slot and a request of the key's rate before the body is
 read and returns a `Ticket`; `Gate.charge()` holds the request's tokens and budget once the body
 shows what it may use; `Gate.settle()` gives back what it did not use, and `Gate.leave()` frees
-its slot. Keys without limits or
-budget pass through without any of this work. `Gate.sync()` reads the spending of budgeted
-keys from the usage table when the key cache (re)loads, before those keys serve requests.
+its slot. Keys without limits or budget pass through without any of this work, but for
+`Gate.count()` as they end: a budget given to a key while its request ran counts what that
+request used. `Gate.sync()` reads the spending of budgeted keys from the usage table when the
+key cache (re)loads, before those keys serve requests.
 """
 
 from __future__ import annotations
@@ -149,6 +150,14 @@ class Gate:
             self.limiter.give_back(ticket.key, ticket.tokens, tokens)
         if ticket.budgeted:
             self.budgets.settle(ticket.key, (ticket.tokens, ticket.usd), (tokens, usd))
+        else:  # the key may have been given a budget since the request entered
+            self.budgets.count(ticket.key.id, (tokens, usd))
+
+    def count(self, key_id: str, tokens: int, usd: float) -> None:
+        """A request without a ticket (its key had no limits or budget when it entered) ended
+        having used `tokens` costing `usd`: counted if the key has a budget now, whose
+        spending was read from the usage table before this request's row was in it."""
+        self.budgets.count(key_id, (tokens, usd))
 
     def leave(self, ticket: Ticket) -> None:
         """The request is over (answered, refused or abandoned): its slot is free."""

@@ -160,6 +160,19 @@ class BudgetBook:
         spend.held_tokens += most[0]
         spend.held_usd += most[1]
 
+    def count(self, key_id: str, used: Amount) -> None:
+        """Count what a request that held nothing of the key's budget used, if the key has a
+        budget now: one admitted before the budget was given, whose row the usage table did
+        not have yet when the book loaded the key's spending."""
+        spend = self._spend.get(key_id)
+        if spend is None:  # (nearly every such request: its key has no budget)
+            return
+        start = self._period.start(self._periods.get(key_id))
+        if start > spend.start:  # as `_roll`, with the key's current period
+            spend.start, spend.tokens, spend.usd = start, 0, 0.0
+        spend.tokens += used[0]
+        spend.usd += used[1]
+
     def settle(self, key: KeyRecord, held: Amount, used: Amount) -> None:
         """Release a request's hold and count what it really used."""
         spend = self._spend.get(key.id)

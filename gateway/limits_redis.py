@@ -151,6 +151,17 @@ class SharedGate(FallbackGate):
             ticket.used = (tokens, usd)
             self.levels.give_back(ticket.key, ticket.tokens - tokens)
 
+    def count(self, key_id: str, tokens: int, usd: float) -> None:
+        """Count a request without a ticket in its key's shared spending, if the key has a
+        budget now (FINISH, with the next requests that end: no round trip of its own)."""
+        key = self._keys.get(key_id)
+        if key is None or not key.has_budget or not self.up:
+            super().count(key_id, tokens, usd)  # the fallback's book, when it has the key
+            return
+        self._ending.append(Ticket(key=key, limited=False, budgeted=True, used=(tokens, usd)))
+        if self._ender is None or self._ender.done():
+            self._ender = asyncio.create_task(self._end_all())
+
     async def spending(self, key: KeyRecord) -> Spend | None:
         """The key's shared spending this period (this replica's ended requests counted)."""
         return (await self.spendings([key]))[0]
@@ -290,20 +301,29 @@ class SharedGate(FallbackGate):
         while self._ending:
             batch, self._ending = self._ending, []
             now = time.time()
-            calls = [_finish_call(ticket, now) for ticket in batch]
+            keys = self._keys
+            calls = [_finish_call(ticket, keys.get(ticket.key.id), now) for ticket in batch]
             try:
                 await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
             except _FAILURES as exc:  # their leases end on their own
                 self._went_down(exc)
 
 
-def _finish_call(ticket: Ticket, now: float) -> tuple[list[str], list[Arg]]:
-    """FINISH's keys and arguments for a request that ended (see `limits_lua.FINISH`)."""
+def _finish_call(
+    ticket: Ticket, current: KeyRecord | None, now: float
+) -> tuple[list[str], list[Arg]]:
+    """FINISH's keys and arguments for a request that ended (see `limits_lua.FINISH`).
+
+    What it used counts in the period of the key's `current` record (its budget may have
+    been given or changed while it ran; the spending of a period seeded meanwhile was read
+    from the usage table before this request's row was in it)."""
     key = ticket.key
     used = ticket.used or (0, 0.0)
-    spent = spent_name(key, period_start(key.budget_period, now))
+    period = (current or key).budget_period
+    spent = spent_name(key, period_start(period, now))
     charged = "1" if ticket.used is not None else "0"
-    args: list[Arg] = [ticket.lease or "", key.tpm or 0, ticket.tokens, used[0], repr(used[1])]
+    tpm = (key.tpm or 0) if ticket.limited else 0
+    args: list[Arg] = [ticket.lease or "", tpm, ticket.tokens, used[0], repr(used[1])]
     return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged]
 
 

@@ -389,9 +389,10 @@ def finish(ex: Exchange[Any]) -> None:
 
 
 def _settle(ex: Exchange[Any], hung_up: bool) -> None:
-    """Account for the request (`_account`), then give back its hold. The second step runs
-    whatever the first raised (a price lookup, a hostile upstream's usage): with what was
-    counted so far, so a failure never keeps a key's tokens per minute or budget held."""
+    """Account for the request (`_account`), then give back its hold, or count its use in a
+    budget its key was given while it ran (`Gate.count`). The second step runs whatever the
+    first raised (a price lookup, a hostile upstream's usage): with what was counted so far,
+    so a failure never keeps a key's tokens per minute or budget held."""
     app = ex.request.app
     trace = ex.trace
     try:
@@ -400,6 +401,8 @@ def _settle(ex: Exchange[Any], hung_up: bool) -> None:
         used = trace.prompt_tokens + trace.completion_tokens
         if ex.ticket is not None:
             app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
+        elif trace.key_id is not None:
+            app[GATE_KEY].count(trace.key_id, used, trace.cost_usd)
 
 
 def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:

@@ -3,6 +3,7 @@ key is given a budget while it is in flight. In memory and shared through a real
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any
 
@@ -92,3 +93,45 @@ async def test_a_held_request_whose_settling_fails_is_answered_and_gives_back_it
 
     prices.price = price  # type: ignore[method-assign]
     await used_by(gw, stream, secret)  # fits: the first one's hold was given back
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{}, {"rpm": 100}, {"budget_tokens": 10_000, "budget_period": "week"}],
+    ids=["no-limits", "rpm", "weekly-budget"],
+)
+async def test_a_budget_given_while_a_request_runs_counts_what_it_used(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]], limits: dict[str, int]
+) -> None:
+    """A key without a budget (or with a weekly one) has a stream in flight when the admin
+    API gives it a daily one: what the stream used is not in the usage table the new budget's
+    spending was read from, so it is counted when the stream ends, and the next request is
+    refused when it no longer fits."""
+    fake, gw = up
+    admin = auth(ADMIN)
+    async with gw.post("/admin/keys", json={"name": "late", **limits}, headers=admin) as resp:
+        assert resp.status == 201
+        created = await resp.json()
+    secret, key_id = created["key"], created["id"]
+    release = asyncio.Event()
+    fake.script(hold=release, hold_after=2)  # two chunks, then the upstream waits
+    stream_body = body(stream=True, stream_options={"include_usage": True})
+    async with gw.post(CHAT, json=stream_body, headers=auth(secret)) as resp:
+        assert resp.status == 200  # in flight: its first chunks are out
+        # Room for one more request (RESERVED) beside nothing spent, not beside this stream.
+        budget = {"budget_tokens": RESERVED + 5, "budget_usd": 1.0, "budget_period": "day"}
+        async with gw.patch(f"/admin/keys/{key_id}", json=budget, headers=admin) as changed:
+            assert changed.status == 200
+            assert (await changed.json())["spend"]["tokens"] == 0
+        release.set()
+        usage = sse_events(await resp.read())[-1]["usage"]
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    assert usage["total_tokens"] > 5
+
+    async with gw.get(f"/admin/keys/{key_id}", headers=admin) as resp:
+        spend = (await resp.json())["spend"]
+    assert spend["tokens"] == usage["total_tokens"]
+    assert spend["usd"] == pytest.approx(usage["total_tokens"] / 1000)  # $0.001 a token
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+        assert resp.status == 429
+        assert (await resp.json())["error"]["code"] == "insufficient_quota"
