@@ -99,6 +99,9 @@ class BudgetBook:
         self._period = _Periods(clock)
         self._spend: dict[str, Spend] = {}
         self._periods: dict[str, BudgetPeriod | None] = {}
+        # Holds of requests in flight whose key lost its budget: a budget given again while
+        # they run must count them (and their ends must not release the holds of others).
+        self._orphans: dict[str, Spend] = {}
 
     def needs_load(self, key: KeyRecord) -> bool:
         """Whether the key's spending must be read from the usage table first."""
@@ -108,7 +111,8 @@ class BudgetBook:
 
     def load(self, key: KeyRecord, start: float, tokens: int, usd: float) -> None:
         """Set a key's settled spending since `start` (requests in flight keep their holds)."""
-        held = self._spend.get(key.id)
+        orphan = self._orphans.pop(key.id, None)
+        held = self._spend.get(key.id) or orphan
         self._spend[key.id] = Spend(
             start=start,
             tokens=tokens,
@@ -119,8 +123,11 @@ class BudgetBook:
         self._periods[key.id] = key.budget_period
 
     def forget(self, key: KeyRecord) -> None:
-        self._spend.pop(key.id, None)
+        """The key has no budget now; what its requests in flight hold is kept aside."""
+        spend = self._spend.pop(key.id, None)
         self._periods.pop(key.id, None)
+        if spend is not None and (spend.held_tokens or spend.held_usd):
+            self._orphans[key.id] = spend
 
     def spent(self, key: KeyRecord) -> Spend | None:
         spend = self._spend.get(key.id)
@@ -129,7 +136,10 @@ class BudgetBook:
         return spend
 
     def _roll(self, key: KeyRecord, spend: Spend) -> None:
-        start = self._period.start(key.budget_period)
+        self._roll_to(key.budget_period, spend)
+
+    def _roll_to(self, period: BudgetPeriod | None, spend: Spend) -> None:
+        start = self._period.start(period)
         if start > spend.start:  # a new period: what was spent before no longer counts
             spend.start, spend.tokens, spend.usd = start, 0, 0.0
 
@@ -167,19 +177,25 @@ class BudgetBook:
         spend = self._spend.get(key_id)
         if spend is None:  # (nearly every such request: its key has no budget)
             return
-        start = self._period.start(self._periods.get(key_id))
-        if start > spend.start:  # as `_roll`, with the key's current period
-            spend.start, spend.tokens, spend.usd = start, 0, 0.0
+        self._roll_to(self._periods.get(key_id), spend)
         spend.tokens += used[0]
         spend.usd += used[1]
 
     def settle(self, key: KeyRecord, held: Amount, used: Amount) -> None:
-        """Release a request's hold and count what it really used."""
+        """Release a request's hold and count what it really used, in the period the key's
+        budget has now (`key` is the record the request was admitted with: the period may
+        have changed since, and the new one's spending was read from the usage table)."""
         spend = self._spend.get(key.id)
         if spend is None:
+            orphan = self._orphans.get(key.id)
+            if orphan is not None:  # its key has no budget now: only the hold goes
+                orphan.held_tokens -= held[0]
+                orphan.held_usd = max(0.0, orphan.held_usd - held[1])
+                if orphan.held_tokens <= 0:  # (every hold has tokens)
+                    del self._orphans[key.id]
             return
         spend.held_tokens = max(0, spend.held_tokens - held[0])
         spend.held_usd = max(0.0, spend.held_usd - held[1])
-        self._roll(key, spend)
+        self._roll_to(self._periods.get(key.id), spend)
         spend.tokens += used[0]
         spend.usd += used[1]

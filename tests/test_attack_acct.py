@@ -1,0 +1,110 @@
+"""Attacks on the accounting of requests in flight while their key's budget changes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from aiohttp.test_utils import TestClient
+
+from gateway.state import USAGE_KEY
+from tests.conftest import MakeSettings, app_of, sse_events, usage_rows
+from tests.fakes import FakeOpenAI
+from tests.test_accounting import ADMIN, spend_of
+from tests.test_limits import CHAT, HELD, auth, body, rig
+
+STREAM = body(stream=True, stream_options={"include_usage": True})
+
+
+@pytest.fixture
+def make_settings(make_settings: MakeSettings, limits_backend: dict[str, Any]) -> MakeSettings:
+    return functools.partial(make_settings, admin_key=ADMIN, **limits_backend)
+
+
+@pytest.fixture
+async def up(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> tuple[FakeOpenAI, TestClient[Any, Any]]:
+    return await rig(aiohttp_server, aiohttp_client, make_settings)
+
+
+async def new_key(gw: TestClient[Any, Any], **fields: Any) -> tuple[str, str]:
+    async with gw.post("/admin/keys", json={"name": "k", **fields}, headers=auth(ADMIN)) as r:
+        assert r.status == 201, await r.text()
+        made = await r.json()
+    return made["key"], made["id"]
+
+
+async def patch(gw: TestClient[Any, Any], key_id: str, **fields: Any) -> dict[str, Any]:
+    async with gw.patch(f"/admin/keys/{key_id}", json=fields, headers=auth(ADMIN)) as r:
+        assert r.status == 200, await r.text()
+        got: dict[str, Any] = await r.json()
+    return got
+
+
+async def admin_spend(gw: TestClient[Any, Any], key_id: str) -> dict[str, Any]:
+    async with gw.get(f"/admin/keys/{key_id}", headers=auth(ADMIN)) as r:
+        assert r.status == 200
+        spend: dict[str, Any] = (await r.json())["spend"]
+    return spend
+
+
+async def one(gw: TestClient[Any, Any], secret: str) -> int:
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as r:
+        assert r.status == 200, await r.text()
+        total: int = (await r.json())["usage"]["total_tokens"]
+    return total
+
+
+async def test_a_period_changed_while_a_request_runs_keeps_the_new_periods_spending(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """A daily budget becomes a total one while a held stream runs: the total's spending is
+    read from the table; the stream's end must add to it, not reset it by its old period."""
+    fake, gw = up
+    secret, key_id = await new_key(gw, budget_tokens=100_000, budget_period="day")
+    before = await one(gw, secret)
+    release = asyncio.Event()
+    fake.script(hold=release, hold_after=2)
+    async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as resp:
+        assert resp.status == 200
+        changed = await patch(gw, key_id, budget_period="total")
+        assert changed["spend"]["tokens"] == before
+        release.set()
+        usage = sse_events(await resp.read())[-1]["usage"]
+    await app_of(gw)[USAGE_KEY].wait_recorded(2)
+    assert (await admin_spend(gw, key_id))["tokens"] == before + usage["total_tokens"]
+    assert (await spend_of(gw, secret)).held_tokens == 0
+
+
+async def test_a_budget_removed_and_given_again_keeps_the_holds_of_requests_in_flight(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """A stream holds budget; the budget is removed and given again; a second stream then
+    holds budget. When the first ends, the second's hold must still be held."""
+    fake, gw = up
+    secret, key_id = await new_key(gw, budget_tokens=100_000)
+    first, second = asyncio.Event(), asyncio.Event()
+    fake.script(hold=first, hold_after=2)
+    async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as a:
+        assert a.status == 200
+        await patch(gw, key_id, budget_tokens=None)
+        await patch(gw, key_id, budget_tokens=100_000)
+        fake.script(hold=second, hold_after=2)
+        async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as b:
+            assert b.status == 200
+            first.set()
+            used_a = sse_events(await a.read())[-1]["usage"]["total_tokens"]
+            await app_of(gw)[USAGE_KEY].wait_recorded(1)
+            spend = await spend_of(gw, secret)
+            assert (spend.tokens, spend.held_tokens) == (used_a, HELD)
+            second.set()
+            used_b = sse_events(await b.read())[-1]["usage"]["total_tokens"]
+    await app_of(gw)[USAGE_KEY].wait_recorded(2)
+    spend = await spend_of(gw, secret)
+    assert (spend.tokens, spend.held_tokens) == (used_a + used_b, 0)
+    assert len(await usage_rows(gw)) == 2
+
