@@ -120,7 +120,10 @@ class KeyCache:
         if unknown:
             log.warning("key_groups_not_configured", groups=sorted(unknown))
         if self._on_load is not None:
-            await self._on_load(keys)
+            # A key the admin API changed while this load read the table is synced as it is
+            # now (its spending loaded already), not as read: that would drop its new budget.
+            changed = self._changed_meanwhile
+            await self._on_load([changed.get(k.digest, k) for k in keys] if changed else keys)
         by_digest = {k.digest: k for k in keys}
         by_digest.update(self._changed_meanwhile)  # newer than this load's snapshot
         self._by_digest = by_digest

@@ -10,11 +10,11 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from gateway.state import USAGE_KEY
+from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
 from tests.conftest import MakeSettings, app_of, sse_events, usage_rows
 from tests.fakes import FakeOpenAI
 from tests.test_accounting import ADMIN, spend_of
-from tests.test_limits import CHAT, HELD, auth, body, rig
+from tests.test_limits import CHAT, HELD, RESERVED, auth, body, rig
 
 STREAM = body(stream=True, stream_options={"include_usage": True})
 
@@ -108,3 +108,35 @@ async def test_a_budget_removed_and_given_again_keeps_the_holds_of_requests_in_f
     assert (spend.tokens, spend.held_tokens) == (used_a + used_b, 0)
     assert len(await usage_rows(gw)) == 2
 
+
+async def test_a_key_cache_load_that_read_the_keys_before_a_budget_was_given_keeps_it(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """A poll of the key cache reads the keys, then the admin API gives one a budget (its
+    spending read from the table), then the poll's budget sync runs on the records it read:
+    the budget's spending must not be forgotten (nor the shared one dropped)."""
+    _, gw = up
+    app = app_of(gw)
+    secret, key_id = await new_key(gw)
+    used = await one(gw, secret)
+    store, cache = app[STORE_KEY], app[KEYS_KEY]
+    list_keys = store.list_keys
+    read, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_list_keys() -> Any:
+        keys = await list_keys()
+        read.set()
+        await go_on.wait()
+        return keys
+
+    store.list_keys = slow_list_keys  # type: ignore[method-assign]
+    poll = asyncio.create_task(cache.load())
+    await read.wait()
+    store.list_keys = list_keys  # type: ignore[method-assign]
+    given = await patch(gw, key_id, budget_tokens=used + RESERVED - 1)
+    assert given["spend"]["tokens"] == used
+    go_on.set()
+    await poll
+    assert (await admin_spend(gw, key_id))["tokens"] == used
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+        assert resp.status == 429  # RESERVED does not fit beside what was used
