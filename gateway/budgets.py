@@ -153,10 +153,8 @@ class BudgetBook:
         """
         spend = self.spent(key)
         if spend is None:  # not loaded yet (a key created a moment ago has spent nothing)
-            spend = self._spend[key.id] = Spend(
-                start=period_start(key.budget_period, self._clock())
-            )
-            self._periods[key.id] = key.budget_period
+            self.load(key, period_start(key.budget_period, self._clock()), 0, 0.0)
+            spend = self._spend[key.id]
         refusal = over_budget(
             key,
             likely,

@@ -10,8 +10,9 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
+from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
-from tests.conftest import MakeSettings, app_of, sse_events, usage_rows
+from tests.conftest import MakeSettings, app_of, sse_events, start_gateway, usage_rows
 from tests.fakes import FakeOpenAI
 from tests.test_accounting import ADMIN, spend_of
 from tests.test_limits import CHAT, HELD, RESERVED, auth, body, rig
@@ -140,3 +141,138 @@ async def test_a_key_cache_load_that_read_the_keys_before_a_budget_was_given_kee
     assert (await admin_spend(gw, key_id))["tokens"] == used
     async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
         assert resp.status == 429  # RESERVED does not fit beside what was used
+
+
+@pytest.mark.parametrize("end", ["client-hangs-up", "upstream-drops", "upstream-error-event"])
+@pytest.mark.parametrize("limits", [{}, {"tpm": 10_000}], ids=["no-limits", "tpm"])
+async def test_a_budget_given_mid_stream_counts_a_stream_that_ends_badly_once(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]], end: str, limits: dict[str, int]
+) -> None:
+    """However the stream ends, what its row says it used is what the budget counts, nothing
+    stays held, and the next request's tokens per minute are all there."""
+    fake, gw = up
+    secret, key_id = await new_key(gw, **limits)
+    release = asyncio.Event()
+    knobs: dict[str, Any] = {"content": "one two three four five six"}
+    if end == "client-hangs-up":
+        knobs |= {"hold": release, "hold_after": 2}
+    elif end == "upstream-drops":
+        knobs |= {"hold": release, "hold_after": 2, "drop_after": 3}
+    else:
+        knobs |= {"hold": release, "hold_after": 2, "error_after": 3}
+    fake.script(**knobs)
+    async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as resp:
+        assert resp.status == 200
+        await resp.content.readany()
+        await patch(gw, key_id, budget_tokens=100_000, budget_usd=10.0)
+        if end != "client-hangs-up":
+            release.set()
+            await resp.read()
+    if end == "client-hangs-up":
+        await fake.client_disconnected.wait()
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    [row] = await usage_rows(gw)
+    assert row["total_tokens"] > 0
+    spend = await spend_of(gw, secret)
+    assert (spend.tokens, spend.held_tokens) == (row["total_tokens"], 0)
+    assert spend.usd == pytest.approx(row["cost_usd"])
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+        assert resp.status == 200
+        if limits:
+            used = (await resp.json())["usage"]["total_tokens"]
+            # (At least: the bucket refills meanwhile. A hold never given back takes ~60.)
+            left = int(resp.headers["x-ratelimit-remaining-tokens"])
+            assert left >= 10_000 - row["total_tokens"] - used
+
+
+async def test_a_token_budget_made_a_usd_one_mid_stream_counts_the_stream_once(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """The budget of a key with a stream in flight goes from tokens to USD (same period): no
+    spending is read again, the stream's cost counts once, and its hold goes."""
+    fake, gw = up
+    secret, key_id = await new_key(gw, budget_tokens=100_000, budget_period="month")
+    before = await one(gw, secret)
+    release = asyncio.Event()
+    fake.script(hold=release, hold_after=2)
+    async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as resp:
+        assert resp.status == 200
+        await patch(gw, key_id, budget_tokens=None, budget_usd=5.0)
+        release.set()
+        usage = sse_events(await resp.read())[-1]["usage"]
+    await app_of(gw)[USAGE_KEY].wait_recorded(2)
+    spend = await admin_spend(gw, key_id)
+    total = before + usage["total_tokens"]
+    assert (spend["tokens"], spend["usd"]) == (total, pytest.approx(total / 1000))
+    assert (await spend_of(gw, secret)).held_tokens == 0
+
+
+async def test_a_key_revoked_mid_stream_is_answered_and_counted(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    fake, gw = up
+    secret, key_id = await new_key(gw, budget_tokens=100_000, tpm=10_000)
+    release = asyncio.Event()
+    fake.script(hold=release, hold_after=2)
+    async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as resp:
+        assert resp.status == 200
+        async with gw.delete(f"/admin/keys/{key_id}", headers=auth(ADMIN)) as revoked:
+            assert revoked.status == 200, await revoked.text()
+        release.set()
+        usage = sse_events(await resp.read())[-1]["usage"]
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    [row] = await usage_rows(gw)
+    assert (row["status"], row["total_tokens"]) == (200, usage["total_tokens"])
+    assert (await admin_spend(gw, key_id))["tokens"] == usage["total_tokens"]
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:
+        assert resp.status == 401
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [("drop", False), ("drop", True), ("503", False), ("503", True), ("reset", True)],
+)
+async def test_a_request_that_fails_over_gives_back_its_hold_and_counts_once(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    stream: bool,
+    fault: str,
+) -> None:
+    """A route fails (connection dropped, 503, stream reset before its first chunk)."""
+    first, second = FakeOpenAI(), FakeOpenAI()
+    await first.start(aiohttp_server)
+    await second.start(aiohttp_server)
+    settings = make_settings(
+        providers=(
+            OpenAIConfig(name="a", base_url=first.base_url),
+            OpenAIConfig(name="b", base_url=second.base_url),
+        ),
+        models=(
+            ModelConfig(
+                name="m",
+                targets=(Target(provider="a", model="x"), Target(provider="b", model="y")),
+                input_price_per_mtok=1000.0,
+                output_price_per_mtok=1000.0,
+            ),
+        ),
+    )
+    gw = await start_gateway(aiohttp_client, settings)
+    secret, _ = await new_key(gw, budget_tokens=100_000, budget_usd=10.0, tpm=10_000)
+    knobs: dict[str, Any] = {
+        "drop": {"drop_before_response": True},
+        "503": {"status": 503},
+        "reset": {"drop_after": 0},
+    }[fault]
+    first.script(**knobs)
+    async with gw.post(CHAT, json=STREAM if stream else body(), headers=auth(secret)) as resp:
+        status = resp.status
+        await resp.read()
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    [row] = await usage_rows(gw)
+    # (Whether it failed over, and to which route, is routing's business: whatever it did,
+    # the budget counts what the row says, once, and holds nothing after.)
+    assert row["status"] == status
+    spend = await spend_of(gw, secret)
+    assert (spend.tokens, spend.held_tokens, spend.held_usd) == (row["total_tokens"], 0, 0.0)
+    assert spend.usd == pytest.approx(row["cost_usd"])
