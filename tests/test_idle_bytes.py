@@ -17,7 +17,6 @@ import dataclasses
 import inspect
 import json
 
-import aiohttp
 import pytest
 from aiohttp.client_proto import ResponseHandler
 from structlog.testing import capture_logs
@@ -138,11 +137,17 @@ async def test_a_quiet_idle_connection_is_still_reused(build: Build) -> None:
 
 
 async def test_the_connector_hook_matches_the_installed_aiohttp() -> None:
-    # The check overrides a private method of aiohttp's connector: if an aiohttp release
-    # renames it or changes its signature, this fails loudly rather than the gap reopening.
-    assert _connector.KNOWN, "aiohttp's TCPConnector._get changed: see gateway/providers/_connector"
-    assert inspect.iscoroutinefunction(aiohttp.TCPConnector._get)
-    assert isinstance(inspect.getattr_static(ResponseHandler, "should_close"), property)
+    # The check replaces a private factory of aiohttp's connector and reads a private queue:
+    # if an aiohttp release changes either, this fails loudly rather than the gap reopening.
     connector = _connector.upstream_connector()
-    assert type(connector) is _connector.FreshConnector
-    await connector.close()
+    try:
+        assert connector.fresh, "aiohttp's connector changed: see gateway/providers/_connector"
+        protocol = connector._factory()
+        assert isinstance(protocol, ResponseHandler)
+        assert protocol.is_connected() is False  # (no transport yet)
+        test = "return self.transport is not None and not self.transport.is_closing()\n"
+        assert inspect.getsource(ResponseHandler.is_connected).endswith(test), (
+            "aiohttp's ResponseHandler.is_connected changed: _Connection repeats its test"
+        )
+    finally:
+        await connector.close()

@@ -3,72 +3,80 @@
 Once an answer is read whole, its keep-alive connection waits in aiohttp's pool for the next
 request. Anything the upstream writes on it meanwhile was asked for by nobody: a second
 answer, the excess of a body longer than its Content-Length, a `408` before it hangs up.
-aiohttp parses such bytes into the connection's queue as they come, and the next request to
-reuse the connection took them as its answer, whoever's request that was: one client's
-answer could reach another. aiohttp checks a connection when it goes back to the pool
-(`ResponseHandler.should_close`: nothing queued, no body unfinished, no parse error), and on
-reuse only that it is still open. `FreshConnector` asks `should_close` again on reuse and
-closes a connection that now says yes, so the request gets a new connection instead.
+aiohttp parses such bytes into the connection's queue of answers as they come, and the next
+request to reuse the connection took the first one queued as its answer, whoever's request
+that was: one client's answer could reach another. aiohttp checks a connection when it goes
+back to the pool (nothing queued, no body unfinished), and on reuse only that it is still
+open (`ResponseHandler.is_connected()`). The gateway's connections (`_Connection`) count as
+open only while their queue is empty too, so the pool closes one that queued an answer while
+idle, and the request gets a new connection instead (as it does for one the upstream closed).
 
-Half a head (bytes too few to parse) is not seen by that check, and needs not be: aiohttp
-starts the next request with a new parser, so they are dropped unread. Bytes that come after
-the request is sent are its upstream's answer to it, as on any connection.
+Bytes that are no HTTP make aiohttp's parser close the connection itself. Half a head (too
+few bytes to parse) queues nothing, and needs not: aiohttp reads the next answer with a new
+parser, so they are dropped unread. Bytes that come after a request is sent are its
+upstream's answer to it, as on any connection.
 
-The check costs one property read per reused connection: no syscall, no timer. It overrides
-a private method (`TCPConnector._get`, as of aiohttp 3.10); `KNOWN` says whether the
-installed aiohttp has it as this was written against, and otherwise upstreams get aiohttp's
-plain connector (tests/test_idle_bytes.py fails on such an aiohttp, not silently).
+The check is one more test of a deque where aiohttp already tests the connection on reuse:
+no call, no syscall, no timer. aiohttp has no public way to choose the connection class, so
+`FreshConnector` replaces the factory its `__init__` sets (`_factory`, unchanged since aiohttp
+3.0) only when that is the `functools.partial(ResponseHandler, loop=...)` it was written
+against, making connections whose queue is the `_buffer` deque `_Connection` tests; otherwise
+its connections are aiohttp's own (`fresh` is False, and tests/test_idle_bytes.py fails on
+such an aiohttp rather than the gap reopening unseen).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import TYPE_CHECKING
+import collections
+import functools
+from typing import Any, cast
 
 import aiohttp
 import structlog
 from aiohttp.client_proto import ResponseHandler
 
-if TYPE_CHECKING:
-    from aiohttp.client_reqrep import ConnectionKey
-    from aiohttp.connector import Connection
-    from aiohttp.tracing import Trace
-
-__all__ = ["KNOWN", "FreshConnector", "upstream_connector"]
+__all__ = ["FreshConnector", "upstream_connector"]
 
 log = structlog.get_logger("gateway.upstream")
 
 
-def _known() -> bool:
-    get = getattr(aiohttp.TCPConnector, "_get", None)
-    return (
-        get is not None
-        and inspect.iscoroutinefunction(get)
-        and list(inspect.signature(get).parameters) == ["self", "key", "traces"]
-        and isinstance(inspect.getattr_static(ResponseHandler, "should_close", None), property)
-    )
+class _Connection(ResponseHandler):
+    """aiohttp's client connection, open only while no answer waits in its queue unasked."""
 
-
-KNOWN = _known()
+    def is_connected(self) -> bool:
+        # aiohttp's test, and the queue's: a request that reuses a connection has not been
+        # sent yet, so nothing queued can be its answer. (aiohttp asks this of a connection
+        # only while it is idle, and closes one that is not: logged once.)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if self._buffer:
+            peer = transport.get_extra_info("peername")
+            log.warning("upstream_idle_bytes", peer=str(peer[:2]) if peer else None)
+            return False
+        return True
 
 
 class FreshConnector(aiohttp.TCPConnector):
-    """aiohttp's connector, but an idle connection the upstream wrote on is closed, not
-    reused."""
+    """aiohttp's connector, but an idle connection the upstream wrote an answer on is
+    closed, not reused."""
 
-    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
-        while (conn := await super()._get(key, traces)) is not None:
-            protocol = conn.protocol
-            if protocol is None or not protocol.should_close:
-                return conn
-            conn.close()
-            log.warning("upstream_idle_bytes", host=key.host, port=key.port)
-        return None
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        factory = getattr(self, "_factory", None)
+        self.fresh = (
+            isinstance(factory, functools.partial)
+            and factory.func is ResponseHandler
+            and not factory.args
+            and set(factory.keywords) == {"loop"}
+            and isinstance(getattr(factory(), "_buffer", None), collections.deque)
+        )
+        if self.fresh:
+            connection = functools.partial(_Connection, loop=self._loop)
+            self._factory = cast("functools.partial[ResponseHandler]", connection)
 
 
-def upstream_connector() -> aiohttp.TCPConnector:
+def upstream_connector() -> FreshConnector:
     """The connector of one upstream's session. No limit: aiohttp would queue silently; the
     upstream client's `PoolGate` bounds."""
-    if KNOWN:
-        return FreshConnector(limit=0, ttl_dns_cache=300)
-    return aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)  # pragma: no cover
+    return FreshConnector(limit=0, ttl_dns_cache=300)
