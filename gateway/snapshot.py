@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from gateway.providers import Provider, build_provider
+from gateway.providers._connector import upstream_connector
 from gateway.router import Router
 from gateway.settings import ProviderConfig, Settings, UpstreamConfig
 
@@ -43,12 +44,12 @@ class Snapshot:
 
 
 def _session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
-    # No limit here: aiohttp would queue silently; the upstream client's PoolGate bounds.
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     # No cookie jar: a cookie an upstream sets for one client's request must not ride along
     # on another's (and matching cookies cost time on every request).
     return aiohttp.ClientSession(
-        connector=connector, read_bufsize=_READ_BUFSIZE, cookie_jar=aiohttp.DummyCookieJar()
+        connector=upstream_connector(),
+        read_bufsize=_READ_BUFSIZE,
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 

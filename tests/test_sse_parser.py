@@ -66,6 +66,43 @@ def test_an_event_at_the_limit_passes() -> None:
     assert batches([event[:500], event[500:], b"\n\n"], limit=1000) == [[b"x" * 994]]
 
 
+BIG = b"data: " + b"x" * 995  # 1001 bytes before its separator
+
+
+@pytest.mark.parametrize(
+    ("before", "read"),
+    [
+        (b"", BIG + b"\n\ndata: b\n\n"),
+        (b"", b"data: a\n\n" + BIG + b"\n\ndata: b\n\n"),
+        (BIG[:500], BIG[500:] + b"\n\ndata: b\n\n"),
+    ],
+    ids=["alone", "after-one", "held"],
+)
+def test_an_event_over_the_limit_in_one_read_is_refused(before: bytes, read: bytes) -> None:
+    # Whole in one read (aiohttp's `readany()` may hand over megabytes at once), never held
+    # whole: refused all the same, alone, after a small event, or ending one held before.
+    decoder = SSEDecoder(1000)
+    assert decoder.feed(before) == []
+    with pytest.raises(EventTooLarge):
+        decoder.feed(read)
+
+
+def test_a_read_over_the_limit_of_small_events_passes() -> None:
+    events = b"".join(b"data: %d\n\n" % i for i in range(500))  # 5,390 bytes
+    assert batches([events], limit=1000) == [[b"%d" % i for i in range(500)]]
+    event = b"data: " + b"x" * 994 + b"\n\n"
+    assert batches([event * 3], limit=1000) == [[b"x" * 994] * 3]  # each at the limit
+
+
+def test_a_run_over_the_limit_is_not_relayed_as_it_is() -> None:
+    # `passes` lets a run be relayed without its events being split: only one no longer than
+    # the limit, which no event over it can fit in. A longer one is read by `feed`.
+    decoder = SSEDecoder(1000)
+    assert decoder.passes(b"data: " + b"x" * 992 + b"\n\n")
+    assert not decoder.passes(b"data: " + b"x" * 993 + b"\n\n")
+    assert not decoder.passes(b"data: a\n\n" * 200)
+
+
 def test_work_is_linear_in_the_bytes_read() -> None:
     # One 4 MB event in 1-byte-ish reads: a parser that re-scans (or re-copies) its buffer on
     # every read does ~n^2/2 work; this one must stay within a small multiple of n.

@@ -4,10 +4,13 @@ One linear pass over what arrives, however the upstream splits it: each read is 
 the search for the end of an event resumes where the last one stopped, and a read is split
 into its events by one C call. What carries no data (blank lines, comments, lone `event:` or
 `id:` lines) costs no Python work per event where it can be skipped in C, so an upstream
-cannot spend one byte to make the gateway spend a microsecond. An event that grows past
-`max_event_bytes` before it ends raises `EventTooLarge`, so a hostile upstream cannot make the
-gateway buffer an endless line. CR, LF and CRLF line ends are all accepted (a CR that ends
-one read may be the first half of a CRLF split across reads, so it waits for the next one).
+cannot spend one byte to make the gateway spend a microsecond. An event larger than
+`max_event_bytes` raises `EventTooLarge`, however it arrives: one that grows past it before it
+ends (so a hostile upstream cannot make the gateway buffer an endless line), and one that
+comes whole in a single read (aiohttp's `readany()` hands over all it holds at once). Only a
+read longer than the limit can hold such an event, so only such a read has its events
+measured. CR, LF and CRLF line ends are all accepted (a CR that ends one read may be the
+first half of a CRLF split across reads, so it waits for the next one).
 
 As the SSE standard says, a stream is UTF-8 text with invalid bytes read as U+FFFD, and an
 event whose data is empty is not dispatched: what comes out is valid UTF-8, never empty.
@@ -75,7 +78,7 @@ class FrameDecoder(Protocol):
         """The payloads of the events `piece` completes (often none, often several).
 
         Raises:
-            EventTooLarge: the event being read grew past the limit.
+            EventTooLarge: an event it completes, or the one being read, is over the limit.
         """
         ...
 
@@ -90,7 +93,8 @@ class FrameDecoder(Protocol):
 
     def passes(self, piece: bytes) -> bool:
         """Whether `piece` may be whole `data:` events that could be relayed as they are:
-        nothing is held before it, it starts a data line and ends an event."""
+        nothing is held before it, it starts a data line and ends an event, and it is no
+        longer than the limit (so none of its events can be over it)."""
         ...
 
     def clear(self) -> None:
@@ -142,6 +146,8 @@ class SSEDecoder:
             data = piece  # the common case: parse the read itself
         events = data.split(b"\n\n")
         rest = events.pop()
+        if len(data) > self._limit and max(map(len, events), default=0) > self._limit:
+            raise EventTooLarge(f"an event is larger than {self._limit} bytes")
         if rest:
             buf += rest
         self._hold()
@@ -154,7 +160,13 @@ class SSEDecoder:
         return len(self._buf)
 
     def passes(self, piece: bytes) -> bool:
-        return not self._buf and not self._cr and piece[:6] == b"data: " and piece[-2:] == b"\n\n"
+        return (
+            not self._buf
+            and not self._cr
+            and len(piece) <= self._limit
+            and piece[:6] == b"data: "
+            and piece[-2:] == b"\n\n"
+        )
 
     def clear(self) -> None:
         self._buf.clear()
