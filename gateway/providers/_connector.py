@@ -3,21 +3,27 @@
 Once an answer is read whole, its keep-alive connection waits in aiohttp's pool for the next
 request. Anything the upstream writes on it meanwhile was asked for by nobody: a second
 answer, the excess of a body longer than its Content-Length, a `408` before it hangs up.
-aiohttp parses such bytes into the connection's queue of answers as they come, and the next
+aiohttp parsed such bytes into the connection's queue of answers as they came, and the next
 request to reuse the connection took the first one queued as its answer, whoever's request
-that was: one client's answer could reach another. aiohttp checks a connection when it goes
-back to the pool (nothing queued, no body unfinished), and on reuse only that it is still
-open (`ResponseHandler.is_connected()`). The gateway's connections (`_Connection`) count as
-open only while their queue is empty too, so the pool closes one that queued an answer while
-idle, and the request gets a new connection instead (as it does for one the upstream closed).
+that was: one client's answer could reach another. Nor did anything bound that queue: an
+answer without a body (a `204`: 27 bytes) is a parsed message of some 400, so an upstream
+writing them on an idle connection grew the gateway's memory at wire speed until the
+connection was reused or aiohttp's keep-alive (15 s) ended it.
 
-Bytes that are no HTTP make aiohttp's parser close the connection itself. Half a head (too
-few bytes to parse) queues nothing, and needs not: aiohttp reads the next answer with a new
-parser, so they are dropped unread. Bytes that come after a request is sent are its
-upstream's answer to it, as on any connection.
+So a connection the gateway puts back in the pool (`_Connection.should_close`, which aiohttp
+asks exactly then) gets a parser of its own while it idles (`_Idle`): the first byte that is
+not a line end (a stray CRLF after an answer is harmless) closes it, logged as
+`upstream_idle_bytes`, and nothing is parsed or kept. The request that reuses a connection
+gives it a new parser first. What the upstream sent in the same segment as the end of its
+answer is parsed with that answer, after the connection went back to the pool (aiohttp puts
+it back from inside its parser, when the body ends): such an answer waits in the queue, and
+the connection counts as open only while its queue is empty (`_Connection.is_connected`,
+aiohttp's test on reuse), so the pool closes it and the request gets a new connection
+instead (as it does for one the upstream closed). Bytes that come after a request is taken
+from the pool are its upstream's answer to it, as on any connection.
 
-The check is one more test of a deque where aiohttp already tests the connection on reuse:
-no call, no syscall, no timer. aiohttp has no public way to choose the connection class, so
+Both checks are a test or a store where aiohttp already looks at the connection: no call, no
+syscall, no timer. aiohttp has no public way to choose the connection class, so
 `FreshConnector` replaces the factory its `__init__` sets (`_factory`, unchanged since aiohttp
 3.0) only when that is the `functools.partial(ResponseHandler, loop=...)` it was written
 against, making connections whose queue is the `_buffer` deque `_Connection` tests; otherwise
@@ -27,6 +33,7 @@ such an aiohttp rather than the gap reopening unseen).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 from typing import Any, cast
@@ -34,14 +41,68 @@ from typing import Any, cast
 import aiohttp
 import structlog
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = ["FreshConnector", "upstream_connector"]
 
 log = structlog.get_logger("gateway.upstream")
 
 
+def _idle_bytes(transport: asyncio.BaseTransport) -> None:
+    peer = transport.get_extra_info("peername")
+    log.warning("upstream_idle_bytes", peer=str(peer[:2]) if peer else None)
+
+
+class _Idle:
+    """The parser of a connection idle in the pool: what the upstream writes on it is no answer
+    to anything; any byte but a line end closes the connection (aiohttp's protocol closes it
+    when its parser raises), and nothing is kept."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def feed_data(self, data: bytes) -> tuple[tuple[()], bool, bytes]:
+        if data.strip(b"\r\n"):  # (`b""`: a resume of reading, no bytes)
+            _idle_bytes(self._transport)
+            raise HttpProcessingError(message="bytes on an idle connection")
+        return (), False, b""
+
+    def feed_eof(self) -> None:
+        return None
+
+    def pause_reading(self) -> None:
+        return None
+
+
 class _Connection(ResponseHandler):
-    """aiohttp's client connection, open only while no answer waits in its queue unasked."""
+    """aiohttp's client connection, closed by any byte the upstream writes while it idles in
+    the pool, and open only while no answer waits in its queue unasked."""
+
+    __slots__ = ("_idle",)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._idle = _Idle(transport)  # once a connection, not once a request
+
+    @property
+    def should_close(self) -> bool:
+        # aiohttp's test (its text, checked by tests/test_idle_bytes.py), asked only when the
+        # connection is released: False puts it in the pool, where it reads with `_Idle`.
+        if (
+            self._should_close
+            or (self._payload is not None and not self._payload.is_eof())
+            or self._upgraded
+            or self._exception is not None
+            or self._payload_parser is not None
+            or self._buffer
+            or self._tail
+        ):
+            return True
+        idle: Any = self._idle
+        self._parser = idle
+        return False
 
     def is_connected(self) -> bool:
         # aiohttp's test, and the queue's: a request that reuses a connection has not been
@@ -51,8 +112,7 @@ class _Connection(ResponseHandler):
         if transport is None or transport.is_closing():
             return False
         if self._buffer:
-            peer = transport.get_extra_info("peername")
-            log.warning("upstream_idle_bytes", peer=str(peer[:2]) if peer else None)
+            _idle_bytes(transport)
             return False
         return True
 
