@@ -5,7 +5,8 @@ the search for the end of an event resumes where the last one stopped, and a rea
 into its events by one C call. What carries no data (blank lines, comments, lone `event:` or
 `id:` lines) costs no Python work per event where it can be skipped in C, so an upstream
 cannot spend one byte to make the gateway spend a microsecond. An event larger than
-`max_event_bytes` raises `EventTooLarge`, however it arrives: one that grows past it before it
+`max_event_bytes` (its lines, without the blank line that ends it) raises `EventTooLarge`,
+however it arrives: one that grows past it before it
 ends (so a hostile upstream cannot make the gateway buffer an endless line), and one that
 comes whole in a single read (aiohttp's `readany()` hands over all it holds at once). Only a
 read longer than the limit can hold such an event, so only such a read has its events
@@ -117,22 +118,24 @@ class SSEDecoder:
     """The `data` of each SSE event; comments (`: ping`), `event:`, `id:` and `retry:` are
     skipped, and several `data:` lines of one event are joined with newlines."""
 
-    __slots__ = ("_buf", "_cr", "_limit", "_scan")
+    __slots__ = ("_buf", "_limit", "_scan", "_tail")
 
     def __init__(self, max_event_bytes: int) -> None:
         self._limit = max_event_bytes
         self._buf = bytearray()  # the unfinished event, line ends already normalised
         self._scan = 0  # where the search for "\n\n" resumes in _buf
-        self._cr = False  # the last read ended with a CR, held back
+        # Line ends held back from the last read: a CR (maybe half a CRLF), or the LF that
+        # ends an event at the limit (maybe half its blank line: `_hold`).
+        self._tail = b""
 
     def feed(self, piece: bytes) -> list[bytes]:
-        if self._cr:
-            piece = b"\r" + piece
-            self._cr = False
+        if self._tail:
+            piece = self._tail + piece
+            self._tail = b""
         if piece.find(b"\r") >= 0:
             if piece.endswith(b"\r"):
                 piece = piece[:-1]
-                self._cr = True
+                self._tail = b"\r"
             piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._buf
         if buf:
@@ -162,7 +165,7 @@ class SSEDecoder:
     def passes(self, piece: bytes) -> bool:
         return (
             not self._buf
-            and not self._cr
+            and not self._tail
             and len(piece) <= self._limit
             and piece[:6] == b"data: "
             and piece[-2:] == b"\n\n"
@@ -170,12 +173,24 @@ class SSEDecoder:
 
     def clear(self) -> None:
         self._buf.clear()
+        self._tail = b""
 
     def _hold(self) -> None:
-        """Check the unfinished event against the limit; resume its search at its end."""
-        held = len(self._buf)
+        """Check the unfinished event against the limit; resume its search at its end.
+
+        An event's size is that of its lines, without the blank line that ends it (as a whole
+        read measures it). The line end an unfinished event at the limit ends with may be the
+        first half of that blank line (a read may end between the two): it is held back with
+        `_tail`, not in the buffer, so an event at the limit passes however it is split, and
+        what is held (`held`, counted against `max_buffered_bytes`) is never over the limit."""
+        buf = self._buf
+        held = len(buf)
         if held > self._limit:
-            raise EventTooLarge(f"an event is larger than {self._limit} bytes")
+            if held > self._limit + 1 or buf[-1] != 0x0A:
+                raise EventTooLarge(f"an event is larger than {self._limit} bytes")
+            del buf[-1]
+            self._tail = b"\n" + self._tail
+            held -= 1
         # A "\n" at the very end may be the first half of the next event's separator.
         self._scan = max(0, held - 1)
 
