@@ -174,7 +174,6 @@ async def test_a_flood_of_answers_on_an_idle_connection_is_not_held_in_memory(
     # at wire speed, gigabytes before anything looked. The gateway closes such a connection
     # at its first byte instead, so the upstream finds it closed long before it is done.
     writers: list[asyncio.StreamWriter] = []
-    readers: list[asyncio.StreamReader] = []
 
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
@@ -205,7 +204,6 @@ async def test_a_flood_of_answers_on_an_idle_connection_is_not_held_in_memory(
         assert [line for line in logs if line["event"] == "upstream_idle_bytes"]
         assert await ask(rig, "second", stream=False) == (200, "second")
         await settled(rig)
-    del readers
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
