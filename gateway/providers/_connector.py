@@ -22,13 +22,13 @@ aiohttp's test on reuse), so the pool closes it and the request gets a new conne
 instead (as it does for one the upstream closed). Bytes that come after a request is taken
 from the pool are its upstream's answer to it, as on any connection.
 
-Both checks are a test or a store where aiohttp already looks at the connection: no call, no
-syscall, no timer. aiohttp has no public way to choose the connection class, so
-`FreshConnector` replaces the factory its `__init__` sets (`_factory`, unchanged since aiohttp
-3.0) only when that is the `functools.partial(ResponseHandler, loop=...)` it was written
-against, making connections whose queue is the `_buffer` deque `_Connection` tests; otherwise
-its connections are aiohttp's own (`fresh` is False, and tests/test_idle_bytes.py fails on
-such an aiohttp rather than the gap reopening unseen).
+Both checks are a test or a store where aiohttp already looks at the connection (and a call of
+aiohttp's own `should_close`): no syscall, no timer. aiohttp has no public way to choose the
+connection class, so `FreshConnector` replaces the factory its `__init__` sets (`_factory`,
+unchanged since aiohttp 3.0) only when that is the `functools.partial(ResponseHandler,
+loop=...)` it was written against, making connections whose queue is the `_buffer` deque
+`_Connection` tests; otherwise its connections are aiohttp's own (`fresh` is False, and
+tests/test_idle_bytes.py fails on such an aiohttp rather than the gap reopening unseen).
 """
 
 from __future__ import annotations
@@ -88,17 +88,10 @@ class _Connection(ResponseHandler):
 
     @property
     def should_close(self) -> bool:
-        # aiohttp's test (its text, checked by tests/test_idle_bytes.py), asked only when the
-        # connection is released: False puts it in the pool, where it reads with `_Idle`.
-        if (
-            self._should_close
-            or (self._payload is not None and not self._payload.is_eof())
-            or self._upgraded
-            or self._exception is not None
-            or self._payload_parser is not None
-            or self._buffer
-            or self._tail
-        ):
+        # aiohttp's own test (called, not copied, so a release that adds a term keeps it),
+        # asked only when the connection is released: False puts it in the pool, where it
+        # reads with `_Idle`.
+        if super().should_close:
             return True
         idle: Any = self._idle
         self._parser = idle
