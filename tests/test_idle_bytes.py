@@ -160,7 +160,7 @@ async def test_the_connector_hook_matches_the_installed_aiohttp() -> None:
         assert protocol.is_connected() is False  # (no transport yet)
         test = "return self.transport is not None and not self.transport.is_closing()\n"
         assert inspect.getsource(ResponseHandler.is_connected).endswith(test), (
-            "aiohttp's ResponseHandler.is_connected changed: _Connection repeats its test"
+            "aiohttp's ResponseHandler.is_connected changed: _Connection adds to its test"
         )
         # _Connection.should_close adds to aiohttp's test, which aiohttp asks only of a
         # connection it is about to put in the pool (and its protocol closes a connection whose

@@ -98,11 +98,12 @@ class _Connection(ResponseHandler):
         return False
 
     def is_connected(self) -> bool:
-        # aiohttp's test, and the queue's: a request that reuses a connection has not been
-        # sent yet, so nothing queued can be its answer. (aiohttp asks this of a connection
-        # only while it is idle, and closes one that is not: logged once.)
+        # aiohttp's own test (called, not copied), and the queue's: a request that reuses a
+        # connection has not been sent yet, so nothing queued can be its answer. (aiohttp
+        # asks this of a connection only while it is idle, and closes one that is not:
+        # logged once.)
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or not super().is_connected():
             return False
         if self._buffer:
             _idle_bytes(transport)
