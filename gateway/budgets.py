@@ -132,13 +132,10 @@ class BudgetBook:
     def spent(self, key: KeyRecord) -> Spend | None:
         spend = self._spend.get(key.id)
         if spend is not None:
-            self._roll(key, spend)
+            self._roll(key.budget_period, spend)
         return spend
 
-    def _roll(self, key: KeyRecord, spend: Spend) -> None:
-        self._roll_to(key.budget_period, spend)
-
-    def _roll_to(self, period: BudgetPeriod | None, spend: Spend) -> None:
+    def _roll(self, period: BudgetPeriod | None, spend: Spend) -> None:
         start = self._period.start(period)
         if start > spend.start:  # a new period: what was spent before no longer counts
             spend.start, spend.tokens, spend.usd = start, 0, 0.0
@@ -175,7 +172,7 @@ class BudgetBook:
         spend = self._spend.get(key_id)
         if spend is None:  # (nearly every such request: its key has no budget)
             return
-        self._roll_to(self._periods.get(key_id), spend)
+        self._roll(self._periods.get(key_id), spend)
         spend.tokens += used[0]
         spend.usd += used[1]
 
@@ -194,6 +191,6 @@ class BudgetBook:
             return
         spend.held_tokens = max(0, spend.held_tokens - held[0])
         spend.held_usd = max(0.0, spend.held_usd - held[1])
-        self._roll_to(self._periods.get(key.id), spend)
+        self._roll(self._periods.get(key.id), spend)
         spend.tokens += used[0]
         spend.usd += used[1]
