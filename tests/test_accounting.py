@@ -44,6 +44,27 @@ async def spend_of(gw: TestClient[Any, Any], secret: str) -> Spend:
     return spend
 
 
+async def new_key(gw: TestClient[Any, Any], **fields: Any) -> tuple[str, str]:
+    async with gw.post("/admin/keys", json={"name": "k", **fields}, headers=auth(ADMIN)) as r:
+        assert r.status == 201, await r.text()
+        made = await r.json()
+    return made["key"], made["id"]
+
+
+async def patch(gw: TestClient[Any, Any], key_id: str, **fields: Any) -> dict[str, Any]:
+    async with gw.patch(f"/admin/keys/{key_id}", json=fields, headers=auth(ADMIN)) as r:
+        assert r.status == 200, await r.text()
+        got: dict[str, Any] = await r.json()
+    return got
+
+
+async def admin_spend(gw: TestClient[Any, Any], key_id: str) -> dict[str, Any]:
+    async with gw.get(f"/admin/keys/{key_id}", headers=auth(ADMIN)) as r:
+        assert r.status == 200
+        spend: dict[str, Any] = (await r.json())["spend"]
+    return spend
+
+
 async def used_by(gw: TestClient[Any, Any], stream: bool, secret: str) -> dict[str, Any]:
     """One request (streamed or not) that must be answered; the usage it reports."""
     extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
@@ -108,11 +129,7 @@ async def test_a_budget_given_while_a_request_runs_counts_what_it_used(
     spending was read from, so it is counted when the stream ends, and the next request is
     refused when it no longer fits."""
     fake, gw = up
-    admin = auth(ADMIN)
-    async with gw.post("/admin/keys", json={"name": "late", **limits}, headers=admin) as resp:
-        assert resp.status == 201
-        created = await resp.json()
-    secret, key_id = created["key"], created["id"]
+    secret, key_id = await new_key(gw, name="late", **limits)
     release = asyncio.Event()
     fake.script(hold=release, hold_after=2)  # two chunks, then the upstream waits
     stream_body = body(stream=True, stream_options={"include_usage": True})
@@ -120,16 +137,13 @@ async def test_a_budget_given_while_a_request_runs_counts_what_it_used(
         assert resp.status == 200  # in flight: its first chunks are out
         # Room for one more request (RESERVED) beside nothing spent, not beside this stream.
         budget = {"budget_tokens": RESERVED + 5, "budget_usd": 1.0, "budget_period": "day"}
-        async with gw.patch(f"/admin/keys/{key_id}", json=budget, headers=admin) as changed:
-            assert changed.status == 200
-            assert (await changed.json())["spend"]["tokens"] == 0
+        assert (await patch(gw, key_id, **budget))["spend"]["tokens"] == 0
         release.set()
         usage = sse_events(await resp.read())[-1]["usage"]
     await app_of(gw)[USAGE_KEY].wait_recorded(1)
     assert usage["total_tokens"] > 5
 
-    async with gw.get(f"/admin/keys/{key_id}", headers=admin) as resp:
-        spend = (await resp.json())["spend"]
+    spend = await admin_spend(gw, key_id)
     assert spend["tokens"] == usage["total_tokens"]
     assert spend["usd"] == pytest.approx(usage["total_tokens"] / 1000)  # $0.001 a token
     async with gw.post(CHAT, json=body(), headers=auth(secret)) as resp:

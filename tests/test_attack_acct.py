@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Any
 
 import pytest
@@ -14,43 +13,20 @@ from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
 from tests.conftest import MakeSettings, app_of, sse_events, start_gateway, usage_rows
 from tests.fakes import FakeOpenAI
-from tests.test_accounting import ADMIN, spend_of
-from tests.test_limits import CHAT, HELD, RESERVED, auth, body, rig
+from tests.test_accounting import (
+    ADMIN,
+    admin_spend,
+    make_settings,
+    new_key,
+    patch,
+    spend_of,
+    up,
+)
+from tests.test_limits import CHAT, HELD, RESERVED, auth, body
 
 STREAM = body(stream=True, stream_options={"include_usage": True})
 
-
-@pytest.fixture
-def make_settings(make_settings: MakeSettings, limits_backend: dict[str, Any]) -> MakeSettings:
-    return functools.partial(make_settings, admin_key=ADMIN, **limits_backend)
-
-
-@pytest.fixture
-async def up(
-    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
-) -> tuple[FakeOpenAI, TestClient[Any, Any]]:
-    return await rig(aiohttp_server, aiohttp_client, make_settings)
-
-
-async def new_key(gw: TestClient[Any, Any], **fields: Any) -> tuple[str, str]:
-    async with gw.post("/admin/keys", json={"name": "k", **fields}, headers=auth(ADMIN)) as r:
-        assert r.status == 201, await r.text()
-        made = await r.json()
-    return made["key"], made["id"]
-
-
-async def patch(gw: TestClient[Any, Any], key_id: str, **fields: Any) -> dict[str, Any]:
-    async with gw.patch(f"/admin/keys/{key_id}", json=fields, headers=auth(ADMIN)) as r:
-        assert r.status == 200, await r.text()
-        got: dict[str, Any] = await r.json()
-    return got
-
-
-async def admin_spend(gw: TestClient[Any, Any], key_id: str) -> dict[str, Any]:
-    async with gw.get(f"/admin/keys/{key_id}", headers=auth(ADMIN)) as r:
-        assert r.status == 200
-        spend: dict[str, Any] = (await r.json())["spend"]
-    return spend
+__all__ = ["make_settings", "up"]  # (the fixtures, shared with test_accounting)
 
 
 async def one(gw: TestClient[Any, Any], secret: str) -> int:
