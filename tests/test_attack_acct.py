@@ -22,7 +22,7 @@ from tests.test_accounting import (
     spend_of,
     up,
 )
-from tests.test_limits import CHAT, HELD, RESERVED, auth, body
+from tests.test_limits import CHAT, HELD, RESERVED, auth, body, rig
 
 STREAM = body(stream=True, stream_options={"include_usage": True})
 
@@ -251,4 +251,62 @@ async def test_a_request_that_fails_over_gives_back_its_hold_and_counts_once(
     assert row["status"] == status
     spend = await spend_of(gw, secret)
     assert (spend.tokens, spend.held_tokens, spend.held_usd) == (row["total_tokens"], 0, 0.0)
+    assert spend.usd == pytest.approx(row["cost_usd"])
+
+
+class SlowRead:
+    """The store's `spend_since`, whose answer (the table as it was when the read ran) comes
+    back only once the test says so: requests end while a budget's spending loads."""
+
+    def __init__(self, gw: TestClient[Any, Any]) -> None:
+        self.store = app_of(gw)[STORE_KEY]
+        self.read = self.store.spend_since
+        self.done, self.go_on = asyncio.Event(), asyncio.Event()
+        self.store.spend_since = self.spend_since  # type: ignore[method-assign]
+
+    async def spend_since(self, key_id: str, since: float) -> tuple[int, float]:
+        spent = await self.read(key_id, since)
+        self.done.set()
+        await self.go_on.wait()
+        return spent
+
+
+async def _quiet(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> tuple[FakeOpenAI, TestClient[Any, Any]]:
+    """A gateway whose key cache never polls on its own: only the admin API loads a budget."""
+    return await rig(aiohttp_server, aiohttp_client, make_settings, keys_refresh_seconds=3600.0)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{}, {"tpm": 10_000}, {"budget_tokens": 100_000, "budget_period": "week"}],
+    ids=["no-limits", "tpm", "weekly-budget"],
+)
+async def test_a_request_ending_while_a_budget_loads_counts_once(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    limits: dict[str, Any],
+) -> None:
+    """The admin API gives a key a daily budget while its stream runs; the stream ends (its
+    row queued, not in the table the budget's spending was read from) while that read is on
+    its way back: the budget must count it."""
+    fake, gw = await _quiet(aiohttp_server, aiohttp_client, make_settings)
+    secret, key_id = await new_key(gw, **limits)
+    release = asyncio.Event()
+    fake.script(hold=release, hold_after=2)
+    slow = SlowRead(gw)
+    async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as resp:
+        assert resp.status == 200
+        given = asyncio.create_task(patch(gw, key_id, budget_tokens=100_000, budget_period="day"))
+        await slow.done.wait()  # the table is read: the stream is not in it
+        release.set()
+        usage = sse_events(await resp.read())[-1]["usage"]
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)  # it ended: its row is queued
+    slow.go_on.set()
+    assert (await given)["spend"]["tokens"] == usage["total_tokens"]
+    [row] = await usage_rows(gw)
+    spend = await spend_of(gw, secret)
+    assert (spend.tokens, spend.held_tokens) == (row["total_tokens"], 0)
     assert spend.usd == pytest.approx(row["cost_usd"])
