@@ -2,11 +2,12 @@
 
 `Gate.enter()` takes a concurrency slot and a request of the key's rate before the body is
 read and returns a `Ticket`; `Gate.charge()` holds the request's tokens and budget once the body
-shows what it may use; `Gate.settle()` gives back what it did not use, and `Gate.leave()` frees
-its slot. Keys without limits or budget pass through without any of this work, but for
-`Gate.count()` as they end: a budget given to a key while its request ran counts what that
-request used. `Gate.sync()` reads the spending of budgeted keys from the usage table when the
-key cache (re)loads, before those keys serve requests.
+shows what it may use; `Gate.give_back()` gives back the tokens it did not use as it ends,
+`Gate.leave()` frees its slot, and `Gate.tally()` counts what it used in its key's budget as its
+usage row is queued. Keys without limits or budget pass through without any of this work, but
+for `Gate.count()` as their row is queued: a budget given to a key while its request ran counts
+what that request used. `Gate.sync()` reads the spending of budgeted keys from the usage table
+(and the rows not written yet) when the key cache (re)loads, before those keys serve requests.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class Ticket:
     lease: str | None = None
     local_charge: bool = False
     used: tuple[int, float] | None = None
+    # In memory: what it used, given back (`Gate.give_back`) and not counted yet (`tally`).
+    to_count: tuple[int, float] | None = None
 
 
 class Gate:
@@ -162,16 +165,32 @@ class Gate:
         ticket.tokens, ticket.usd, ticket.charged = most[0], most[1], True
 
     def settle(self, ticket: Ticket, tokens: int, usd: float) -> None:
-        """The charged request ended having used `tokens` costing `usd`."""
+        """`give_back` and `tally` at once, for a request without a usage row to wait for."""
+        self.give_back(ticket, tokens, usd)
+        self.tally(ticket)
+
+    def give_back(self, ticket: Ticket, tokens: int, usd: float) -> None:
+        """The charged request ended having used `tokens` costing `usd`: the tokens per
+        minute it did not use come back now (its answer's headers show them); its budget
+        hold stays until `tally`."""
         if not ticket.charged:
             return
         ticket.charged = False
+        ticket.to_count = (tokens, usd)
         if ticket.limited:
             self.limiter.give_back(ticket.key, ticket.tokens, tokens)
+
+    def tally(self, ticket: Ticket) -> None:
+        """Its usage row is being queued: release the request's budget hold and count what it
+        used. In the same step as the row, so a budget's spending loaded meanwhile (the table
+        and the rows not written yet: `sync`) has the request there or here, never both."""
+        used, ticket.to_count = ticket.to_count, None
+        if used is None:
+            return
         if ticket.budgeted:
-            self.budgets.settle(ticket.key, (ticket.tokens, ticket.usd), (tokens, usd))
+            self.budgets.settle(ticket.key, (ticket.tokens, ticket.usd), used)
         else:  # the key may have been given a budget since the request entered
-            self.budgets.count(ticket.key.id, (tokens, usd))
+            self.budgets.count(ticket.key.id, used)
 
     def count(self, key_id: str, tokens: int, usd: float) -> None:
         """A request without a ticket (its key had no limits or budget when it entered) ended

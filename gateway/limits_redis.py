@@ -142,14 +142,19 @@ class SharedGate(FallbackGate):
         ticket.tokens, ticket.usd, ticket.charged = most[0], most[1], True
         return None
 
-    def settle(self, ticket: Ticket, tokens: int, usd: float) -> None:
+    def give_back(self, ticket: Ticket, tokens: int, usd: float) -> None:
         """Note what the request used; it reaches Redis with its `leave` (one round trip).
         The headers this answer gets show the unused tokens given back already."""
         if not ticket.shared or ticket.local_charge:
-            super().settle(ticket, tokens, usd)
+            super().give_back(ticket, tokens, usd)
         elif ticket.charged:
             ticket.used = (tokens, usd)
             self.levels.give_back(ticket.key, ticket.tokens - tokens)
+
+    def tally(self, ticket: Ticket) -> None:
+        """(A request charged in Redis was counted there by its `leave`.)"""
+        if not ticket.shared or ticket.local_charge:
+            super().tally(ticket)
 
     def count(self, key_id: str, tokens: int, usd: float) -> None:
         """Count a request without a ticket in its key's shared spending, if the key has a
