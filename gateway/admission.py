@@ -2,18 +2,22 @@
 
 `Gate.enter()` takes a concurrency slot and a request of the key's rate before the body is
 read and returns a `Ticket`; `Gate.charge()` holds the request's tokens and budget once the body
-shows what it may use; `Gate.settle()` gives back what it did not use, and `Gate.leave()` frees
-its slot. Keys without limits or budget pass through without any of this work, but for
-`Gate.count()` as they end: a budget given to a key while its request ran counts what that
-request used. `Gate.sync()` reads the spending of budgeted keys from the usage table when the
-key cache (re)loads, before those keys serve requests.
+shows what it may use; `Gate.give_back()` gives back the tokens it did not use as it ends,
+`Gate.leave()` frees its slot, and `Gate.tally()` counts what it used in its key's budget as its
+usage row is queued. Keys without limits or budget pass through without any of this work, but
+for `Gate.count()` as their row is queued: a budget given to a key while its request ran counts
+what that request used. `Gate.sync()` reads the spending of budgeted keys from the usage table
+(and the rows not written yet) when the key cache (re)loads, before those keys serve requests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -22,12 +26,28 @@ from gateway.database import Database
 from gateway.errors import GatewayError
 from gateway.ratelimit import Limiter
 from gateway.records import KeyRecord
+from gateway.usage import Unwritten
 
-__all__ = ["Gate", "Ticket"]
+__all__ = ["Gate", "Ticket", "UsageLog"]
 
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
+
+
+class UsageLog(Protocol):
+    """Where this process's usage rows wait to be written (`usage.UsageRecorder`)."""
+
+    async def flush(self) -> None: ...
+    def still(self) -> AbstractAsyncContextManager[Unwritten]: ...
+
+
+def _none_unwritten(key_id: str, since: float) -> tuple[int, float]:
+    return 0, 0.0
+
+
+def _still(usage: UsageLog | None) -> AbstractAsyncContextManager[Unwritten]:
+    return contextlib.nullcontext(_none_unwritten) if usage is None else usage.still()
 
 
 @dataclass(slots=True)
@@ -47,6 +67,8 @@ class Ticket:
     lease: str | None = None
     local_charge: bool = False
     used: tuple[int, float] | None = None
+    # In memory: what it used, given back (`Gate.give_back`) and not counted yet (`tally`).
+    to_count: tuple[int, float] | None = None
 
 
 class Gate:
@@ -63,30 +85,31 @@ class Gate:
         # `enter` at once, without a coroutine to make and await.
         self.admits_at_once = type(self).admit is Gate.admit
 
-    async def sync(
-        self, keys: Iterable[KeyRecord], flush: Callable[[], Awaitable[None]] | None = None
-    ) -> None:
-        """Load the period spending of budgeted keys not known yet (or whose period changed)."""
+    async def sync(self, keys: Iterable[KeyRecord], usage: UsageLog | None = None) -> None:
+        """Load the period spending of budgeted keys not known yet (or whose period changed):
+        what the usage table has, plus what `usage`'s rows not written yet add. The table
+        is read while `usage` writes nothing (`UsageRecorder.still`), so each request that
+        ended is counted once, from the one or the other, whenever it ended."""
         keys = list(keys)
         for key in keys:
             if not key.has_budget:
                 self.budgets.forget(key)  # a budget given again later starts from the table
-        todo = [k for k in keys if self.budgets.needs_load(k)]
-        if not todo:
+        if not any(self.budgets.needs_load(k) for k in keys):
             return
-        if flush is not None:
-            try:
-                await flush()  # rows of requests already finished must be counted
-            except Exception:  # the keys must still load; the rows stay queued for later
-                log.exception("usage_flush_failed_before_budget_load")
-        for key in todo:
-            start = period_start(key.budget_period, self._wall())
-            tokens, usd = await self._store.spend_since(key.id, start)
-            # Another sync (the admin API's and a reload's run together) may have loaded this
-            # key while this one read the table, and requests settled since: what they spent
-            # is not in the table yet, and loading again would forget it.
-            if self.budgets.needs_load(key):
-                self.budgets.load(key, start, tokens, usd)
+        async with _still(usage) as unwritten:
+            for key in keys:
+                if self.budgets.needs_load(key):  # another sync may have loaded it meanwhile
+                    await self._load(key, unwritten)
+
+    async def _load(self, key: KeyRecord, unwritten: Unwritten) -> None:
+        start = period_start(key.budget_period, self._wall())
+        tokens, usd = await self._store.spend_since(key.id, start)
+        # A sync without a usage writer (whose `still` keeps syncs apart) may have loaded this
+        # key while this one read the table, and requests settled since: loading again
+        # would forget them.
+        if self.budgets.needs_load(key):
+            late_tokens, late_usd = unwritten(key.id, start)
+            self.budgets.load(key, start, tokens + late_tokens, usd + late_usd)
 
     def start(self) -> None:
         """Start background work (the in-memory gate has none)."""
@@ -142,16 +165,32 @@ class Gate:
         ticket.tokens, ticket.usd, ticket.charged = most[0], most[1], True
 
     def settle(self, ticket: Ticket, tokens: int, usd: float) -> None:
-        """The charged request ended having used `tokens` costing `usd`."""
+        """`give_back` and `tally` at once, for a request without a usage row to wait for."""
+        self.give_back(ticket, tokens, usd)
+        self.tally(ticket)
+
+    def give_back(self, ticket: Ticket, tokens: int, usd: float) -> None:
+        """The charged request ended having used `tokens` costing `usd`: the tokens per
+        minute it did not use come back now (its answer's headers show them); its budget
+        hold stays until `tally`."""
         if not ticket.charged:
             return
         ticket.charged = False
+        ticket.to_count = (tokens, usd)
         if ticket.limited:
             self.limiter.give_back(ticket.key, ticket.tokens, tokens)
+
+    def tally(self, ticket: Ticket) -> None:
+        """Its usage row is being queued: release the request's budget hold and count what it
+        used. In the same step as the row, so a budget's spending loaded meanwhile (the table
+        and the rows not written yet: `sync`) has the request there or here, never both."""
+        used, ticket.to_count = ticket.to_count, None
+        if used is None:
+            return
         if ticket.budgeted:
-            self.budgets.settle(ticket.key, (ticket.tokens, ticket.usd), (tokens, usd))
+            self.budgets.settle(ticket.key, (ticket.tokens, ticket.usd), used)
         else:  # the key may have been given a budget since the request entered
-            self.budgets.count(ticket.key.id, (tokens, usd))
+            self.budgets.count(ticket.key.id, used)
 
     def count(self, key_id: str, tokens: int, usd: float) -> None:
         """A request without a ticket (its key had no limits or budget when it entered) ended

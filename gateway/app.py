@@ -105,7 +105,7 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     recorder = app[USAGE_KEY]
 
     async def sync_budgets(keys: list[KeyRecord]) -> None:
-        await gate.sync(keys, recorder.flush)
+        await gate.sync(keys, recorder)
 
     cache = KeyCache(
         app[STORE_KEY],

@@ -79,7 +79,7 @@ def _expires(value: float | str | None) -> float | None:
 async def _publish(request: web.Request, key: KeyRecord) -> dict[str, Any]:
     """Put a changed key into the running cache (its spending loaded first); its view."""
     enforced = request.app[KEYS_KEY].with_groups(key)
-    await request.app[GATE_KEY].sync([enforced], request.app[USAGE_KEY].flush)
+    await request.app[GATE_KEY].sync([enforced], request.app[USAGE_KEY])
     request.app[KEYS_KEY].put(key)
     return await view(request, key)
 

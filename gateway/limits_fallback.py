@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.admission import Gate, Ticket
+from gateway.admission import Gate, Ticket, UsageLog
 from gateway.budgets import Amount, BudgetBook
 from gateway.database import Database
 from gateway.errors import LimitsUnavailable
@@ -44,7 +43,7 @@ class FallbackGate(Gate):
         self._probe: asyncio.Task[None] | None = None
         self._reload: asyncio.Task[None] | None = None
         self._keys: dict[str, KeyRecord] = {}  # what the fallback must know the spending of
-        self._flush: Callable[[], Awaitable[None]] | None = None
+        self._usage: UsageLog | None = None
 
     def came_back(self) -> None:
         """Redis answers again (a hook for what was learnt from it before)."""
@@ -66,7 +65,7 @@ class FallbackGate(Gate):
         this one knew when Redis went away."""
         self.budgets = BudgetBook(self._wall)
         with contextlib.suppress(Exception):
-            await Gate.sync(self, list(self._keys.values()), self._flush)
+            await Gate.sync(self, list(self._keys.values()), self._usage)
 
     def _fallback_enter(self, key: KeyRecord) -> Ticket | None:
         self.fallbacks += 1

@@ -17,12 +17,12 @@ import contextlib
 import itertools
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from gateway import limits_lua
-from gateway.admission import Gate, Ticket
+from gateway.admission import Gate, Ticket, UsageLog
 from gateway.budgets import Amount, Spend, over_budget, period_start
 from gateway.database import Database
 from gateway.errors import LimitsUnavailable
@@ -142,14 +142,19 @@ class SharedGate(FallbackGate):
         ticket.tokens, ticket.usd, ticket.charged = most[0], most[1], True
         return None
 
-    def settle(self, ticket: Ticket, tokens: int, usd: float) -> None:
+    def give_back(self, ticket: Ticket, tokens: int, usd: float) -> None:
         """Note what the request used; it reaches Redis with its `leave` (one round trip).
         The headers this answer gets show the unused tokens given back already."""
         if not ticket.shared or ticket.local_charge:
-            super().settle(ticket, tokens, usd)
+            super().give_back(ticket, tokens, usd)
         elif ticket.charged:
             ticket.used = (tokens, usd)
             self.levels.give_back(ticket.key, ticket.tokens - tokens)
+
+    def tally(self, ticket: Ticket) -> None:
+        """(A request charged in Redis was counted there by its `leave`.)"""
+        if not ticket.shared or ticket.local_charge:
+            super().tally(ticket)
 
     def count(self, key_id: str, tokens: int, usd: float) -> None:
         """Count a request without a ticket in its key's shared spending, if the key has a
@@ -207,14 +212,12 @@ class SharedGate(FallbackGate):
 
     # -- keys (re)loaded -----------------------------------------------------------------
 
-    async def sync(
-        self, keys: Iterable[KeyRecord], flush: Callable[[], Awaitable[None]] | None = None
-    ) -> None:
+    async def sync(self, keys: Iterable[KeyRecord], usage: UsageLog | None = None) -> None:
         """Load the fallback's spending as the in-memory gate does, and drop the shared
         spending of keys whose budget went or changed period (it is seeded again)."""
         keys = list(keys)
-        if flush is not None:
-            self._flush = flush
+        if usage is not None:
+            self._usage = usage
         stale = []
         for key in keys:
             old = self._keys.get(key.id)
@@ -224,7 +227,7 @@ class SharedGate(FallbackGate):
             ):
                 stale.append(key)
             self._keys[key.id] = key
-        await super().sync(keys, flush)
+        await super().sync(keys, usage)
         if stale and self.up:
             names = [spent_name(k, start) for k in stale for start in period_starts(time.time())]
             try:
@@ -290,9 +293,9 @@ class SharedGate(FallbackGate):
         return answer
 
     async def _seed_spend(self, key: KeyRecord) -> None:
-        if self._flush is not None:  # this replica's finished requests are counted first
+        if self._usage is not None:  # this replica's finished requests are counted first
             with contextlib.suppress(Exception):
-                await self._flush()
+                await self._usage.flush()
         await seed_spending(self._seed, self._store, key)
 
     async def _end_all(self) -> None:

@@ -389,8 +389,9 @@ def finish(ex: Exchange[Any]) -> None:
 
 
 def _settle(ex: Exchange[Any], hung_up: bool) -> None:
-    """Account for the request (`_account`), then give back its hold, or count its use in a
-    budget its key was given while it ran (`Gate.count`). The second step runs whatever the
+    """Account for the request (`_account`), then give back its hold (`Gate.give_back`; its
+    budget's at its row, `Gate.tally`), or count its use in a budget its key was given while
+    it ran (`Gate.count`). The second step runs whatever the
     first raised (a price lookup, a hostile upstream's usage): with what was counted so far,
     so a failure never keeps a key's tokens per minute or budget held."""
     app = ex.request.app
@@ -399,10 +400,14 @@ def _settle(ex: Exchange[Any], hung_up: bool) -> None:
         _account(ex, hung_up, app[PRICES_KEY])
     finally:
         used = trace.prompt_tokens + trace.completion_tokens
+        gate = app[GATE_KEY]
         if ex.ticket is not None:
-            app[GATE_KEY].settle(ex.ticket, used, trace.cost_usd)
+            gate.give_back(ex.ticket, used, trace.cost_usd)
+            # Its budget counts it with its usage row (queued once the answer is out), so a
+            # budget's spending loaded in between has it in the rows (`Gate.tally`).
+            trace.settle = functools.partial(gate.tally, ex.ticket)
         elif trace.key_id is not None:
-            app[GATE_KEY].count(trace.key_id, used, trace.cost_usd)
+            gate.count(trace.key_id, used, trace.cost_usd)
 
 
 def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:

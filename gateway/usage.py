@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from itertools import chain
 from typing import Protocol
 
 import structlog
@@ -19,7 +20,7 @@ import structlog
 from gateway.errors import StoreBusy
 from gateway.records import UsageRecord
 
-__all__ = ["UsageRecorder", "UsageSink", "flush_when_free"]
+__all__ = ["Unwritten", "UsageRecorder", "UsageSink", "flush_when_free"]
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +28,10 @@ log = structlog.get_logger(__name__)
 _MAX_BACKOFF_SECONDS = 10.0
 # How long a stop waits for another process's write lock before it gives the rows up.
 STOP_BUSY_SECONDS = 10.0
+
+
+# A key's usage (tokens, USD) in rows not in the table, since a unix time.
+Unwritten = Callable[[str, float], tuple[int, float]]
 
 
 class UsageSink(Protocol):
@@ -106,26 +111,55 @@ class UsageRecorder:
             Exception: whatever the store raised; the unwritten rows stay queued for retry.
         """
         async with self._write_lock:
-            self._full.clear()
-            self._held += self._queued
-            self._queued.clear()
-            while self._held:
-                batch = self._held[: self._batch_size]
-                # Rows never handed to the store cannot be in the table: the store skips
-                # looking for them there (`fresh`). Counted as tried before the await, so
-                # a write cut short by anything, a cancellation too, leaves them checked.
-                fresh = self._tried == 0
-                self._tried = max(self._tried, len(batch))
-                try:
-                    await self._store.insert_usage(batch, fresh=fresh)
-                except Exception:
-                    self.failing = True
-                    self._trim()
-                    raise
-                # Only the task appends to _held while we await, and only at the end.
-                del self._held[: len(batch)]
-                self._tried -= len(batch)
-            self.failing = False
+            await self._write()
+
+    async def _write(self) -> None:
+        """`flush`, under the write lock."""
+        self._full.clear()
+        self._held += self._queued
+        self._queued.clear()
+        while self._held:
+            batch = self._held[: self._batch_size]
+            # Rows never handed to the store cannot be in the table: the store skips
+            # looking for them there (`fresh`). Counted as tried before the await, so
+            # a write cut short by anything, a cancellation too, leaves them checked.
+            fresh = self._tried == 0
+            self._tried = max(self._tried, len(batch))
+            try:
+                await self._store.insert_usage(batch, fresh=fresh)
+            except Exception:
+                self.failing = True
+                self._trim()
+                raise
+            # Only the task appends to _held while we await, and only at the end.
+            del self._held[: len(batch)]
+            self._tried -= len(batch)
+        self.failing = False
+
+    @contextlib.asynccontextmanager
+    async def still(self) -> AsyncIterator[Unwritten]:
+        """Write the rows recorded so far, then none until the block ends: a read of the usage
+        table in it sees exactly the rows written before it (this process writes no others),
+        and the function it yields sums a key's rows that are not (the rest, those recorded
+        meanwhile too). A budget's spending loads in it (`Gate.sync`).
+
+        A failed write is logged, and its rows are summed as not written; a commit lost on
+        its way back may have written them (then they count twice until a reload: on the
+        safe side of a budget)."""
+        async with self._write_lock:
+            try:
+                await self._write()
+            except Exception:  # the keys must still load; the rows stay queued for later
+                log.exception("usage_flush_failed_before_budget_load")
+            yield self._unwritten
+
+    def _unwritten(self, key_id: str, since: float) -> tuple[int, float]:
+        tokens, usd = 0, 0.0
+        for row in chain(self._held, self._queued):
+            if row.key_id == key_id and row.ts >= since:  # as `spend_since` reads the table
+                tokens += row.total_tokens
+                usd += row.cost_usd
+        return tokens, usd
 
     async def stop(self) -> None:
         """Stop the task and write everything still queued; no row is lost on a clean stop."""

@@ -10,7 +10,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
 from gateway.settings import ModelConfig, OpenAIConfig, Target
-from gateway.state import KEYS_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import GATE_KEY, KEYS_KEY, STORE_KEY, USAGE_KEY
 from tests.conftest import MakeSettings, app_of, sse_events, start_gateway, usage_rows
 from tests.fakes import FakeOpenAI
 from tests.test_accounting import (
@@ -22,7 +22,7 @@ from tests.test_accounting import (
     spend_of,
     up,
 )
-from tests.test_limits import CHAT, HELD, RESERVED, auth, body
+from tests.test_limits import CHAT, HELD, RESERVED, auth, body, rig
 
 STREAM = body(stream=True, stream_options={"include_usage": True})
 
@@ -251,4 +251,103 @@ async def test_a_request_that_fails_over_gives_back_its_hold_and_counts_once(
     assert row["status"] == status
     spend = await spend_of(gw, secret)
     assert (spend.tokens, spend.held_tokens, spend.held_usd) == (row["total_tokens"], 0, 0.0)
+    assert spend.usd == pytest.approx(row["cost_usd"])
+
+
+class SlowRead:
+    """The store's `spend_since`, whose answer (the table as it was when the read ran) comes
+    back only once the test says so: requests end while a budget's spending loads."""
+
+    def __init__(self, gw: TestClient[Any, Any]) -> None:
+        self.store = app_of(gw)[STORE_KEY]
+        self.read = self.store.spend_since
+        self.done, self.go_on = asyncio.Event(), asyncio.Event()
+        self.store.spend_since = self.spend_since  # type: ignore[method-assign]
+
+    async def spend_since(self, key_id: str, since: float) -> tuple[int, float]:
+        spent = await self.read(key_id, since)
+        self.done.set()
+        await self.go_on.wait()
+        return spent
+
+
+async def _quiet(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> tuple[FakeOpenAI, TestClient[Any, Any]]:
+    """A gateway whose key cache never polls on its own: only the admin API loads a budget."""
+    return await rig(aiohttp_server, aiohttp_client, make_settings, keys_refresh_seconds=3600.0)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{}, {"tpm": 10_000}, {"budget_tokens": 100_000, "budget_period": "week"}],
+    ids=["no-limits", "tpm", "weekly-budget"],
+)
+async def test_a_request_ending_while_a_budget_loads_counts_once(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    limits: dict[str, Any],
+) -> None:
+    """The admin API gives a key a daily budget while its stream runs; the stream ends (its
+    row queued, not in the table the budget's spending was read from) while that read is on
+    its way back: the budget must count it."""
+    fake, gw = await _quiet(aiohttp_server, aiohttp_client, make_settings)
+    secret, key_id = await new_key(gw, **limits)
+    release = asyncio.Event()
+    fake.script(hold=release, hold_after=2)
+    slow = SlowRead(gw)
+    async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as resp:
+        assert resp.status == 200
+        given = asyncio.create_task(patch(gw, key_id, budget_tokens=100_000, budget_period="day"))
+        await slow.done.wait()  # the table is read: the stream is not in it
+        release.set()
+        usage = sse_events(await resp.read())[-1]["usage"]
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)  # it ended: its row is queued
+    slow.go_on.set()
+    assert (await given)["spend"]["tokens"] == usage["total_tokens"]
+    [row] = await usage_rows(gw)
+    spend = await spend_of(gw, secret)
+    assert (spend.tokens, spend.held_tokens) == (row["total_tokens"], 0)
+    assert spend.usd == pytest.approx(row["cost_usd"])
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"tpm": 10_000}, {"budget_tokens": 100_000, "budget_period": "week"}],
+    ids=["tpm", "weekly-budget"],
+)
+async def test_a_held_request_settled_just_before_a_budget_loads_counts_once(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    limits: dict[str, Any],
+) -> None:
+    """A request with a ticket settles in its handler and its row is queued a moment later
+    (after its answer is out): a budget's spending loaded in between must count it once."""
+    fake, gw = await _quiet(aiohttp_server, aiohttp_client, make_settings)
+    secret, key_id = await new_key(gw, **limits)
+    gate = app_of(gw)[GATE_KEY]
+    leave = gate.leave
+    slow = SlowRead(gw)
+
+    def leave_then_load(ticket: Any) -> None:
+        leave(ticket)  # (settled already; its row is not queued yet)
+        slow.go_on.set()  # the load goes on before the row is queued
+
+    gate.leave = leave_then_load  # type: ignore[method-assign]
+    release = asyncio.Event()
+    fake.script(hold=release, hold_after=2)
+    async with gw.post(CHAT, json=STREAM, headers=auth(secret)) as resp:
+        assert resp.status == 200
+        given = asyncio.create_task(patch(gw, key_id, budget_tokens=100_000, budget_period="day"))
+        await slow.done.wait()
+        release.set()
+        usage = sse_events(await resp.read())[-1]["usage"]
+    await given
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    [row] = await usage_rows(gw)
+    assert row["total_tokens"] == usage["total_tokens"]
+    spend = await spend_of(gw, secret)
+    assert (spend.tokens, spend.held_tokens) == (row["total_tokens"], 0)
     assert spend.usd == pytest.approx(row["cost_usd"])
