@@ -6,6 +6,7 @@ OpenAI-shaped error, and the gateway keeps serving and accounting."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -18,10 +19,14 @@ from tests.test_attack_upstream import (
     ANTHROPIC_START,
     ANTHROPIC_TEXT_START,
     Build,
+    MiB,
     Rig,
     anthropic_text,
     build,
+    chunk,
+    http,
     named_events,
+    peak_growth,
     sends,
     sse,
     until_close,
@@ -128,3 +133,51 @@ async def test_good_usage_is_still_believed(build: Build, kind: str, stream: boo
     assert await text_of(rig, "chat", stream) == "hi"
     [row] = await usage_rows(rig.gateway)
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (5, 7, 0)
+
+
+# --- The Responses API holds the whole answer it streams ---------------------------------------
+
+PIECE = "x" * 65536
+
+
+def endless_text(kind: str) -> bytes:
+    """One event of text in the shape `kind` streams it."""
+    if kind == "anthropic":
+        return named_events([anthropic_text(PIECE)])
+    if kind == "gemini":
+        part = {"candidates": [{"content": {"role": "model", "parts": [{"text": PIECE}]}}]}
+        return sse(json.dumps(part).encode())
+    return sse(chunk(PIECE))
+
+
+def streams_text(kind: str, pieces: int) -> Any:
+    """A stream of `pieces` events of 64 KiB of text, each written when the last is taken."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(http("200 OK", {"Content-Type": "text/event-stream", "Connection": "close"}))
+        if kind == "anthropic":
+            writer.write(named_events([ANTHROPIC_START, ANTHROPIC_TEXT_START]))
+        event = endless_text(kind)
+        for _ in range(pieces):
+            writer.write(event)
+            await writer.drain()
+        writer.close()
+
+    return answer
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+async def test_a_responses_stream_holds_no_more_of_the_answer_than_max_response_bytes(
+    build: Build, kind: str
+) -> None:
+    # `output_text.done` and `response.completed` repeat the whole text, so the gateway keeps
+    # it as it streams: an upstream that never stopped made it keep all of it (three copies
+    # at the end), past every limit a whole answer has.
+    rig = await build(kind, streams_text(kind, 128), max_response_bytes=MiB)
+    rig.kind = "responses"  # (the SDK's call: the upstream stays a chat one)
+    events, growth = await peak_growth(rig.sdk(stream=True))
+    assert events[-1].type == "error", [e.type for e in events[-3:]]
+    assert "max_response_bytes" in events[-1].message
+    # Without the bound: the 8 MiB answer in the SDK's events, in the gateway's parts, and
+    # three times more at the end. With it, under one copy (the rest is read-ahead).
+    assert growth < 8 * MiB, f"{growth / MiB:.1f} MiB"
