@@ -10,7 +10,7 @@ import pytest
 
 from gateway.errors import InvalidRequest, UpstreamError, UpstreamUnavailable
 from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropic, tool_id
-from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
+from gateway.providers.anthropic.response import AnthropicStream, UsageTally, from_anthropic
 from gateway.providers.anthropic.wire import AnthropicResponse
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import ChatCompletionRequest
@@ -399,6 +399,12 @@ def _response(**fields: Any) -> AnthropicResponse:
     return msgspec.json.decode(json.dumps(body), type=AnthropicResponse)
 
 
+def _translated(resp: AnthropicResponse, json_tool: JsonTool | None) -> tuple[bytes, Any]:
+    tally = UsageTally("anthropic")
+    tally.merge(resp.usage)
+    return from_anthropic(resp, json_tool, tally.counts())
+
+
 @pytest.mark.parametrize(
     ("stop", "finish"),
     [
@@ -412,7 +418,7 @@ def _response(**fields: Any) -> AnthropicResponse:
     ],
 )
 def test_finish_reasons(stop: str, finish: str) -> None:
-    body, _ = from_anthropic(_response(stop_reason=stop), json_tool=None)
+    body, _ = _translated(_response(stop_reason=stop), json_tool=None)
     assert json.loads(body)["choices"][0]["finish_reason"] == finish
 
 
@@ -432,7 +438,7 @@ def test_response_content_thinking_tools_and_cached_usage() -> None:
             "cache_creation_input_tokens": 20,
         },
     )
-    body, usage = from_anthropic(resp, json_tool=None)
+    body, usage = _translated(resp, json_tool=None)
     out = json.loads(body)
     msg = out["choices"][0]["message"]
     assert out["id"] == "chatcmpl-msg_1" and out["object"] == "chat.completion"
@@ -662,7 +668,7 @@ def test_non_object_json_schema_is_wrapped_and_unwrapped() -> None:
         content=[{"type": "tool_use", "id": "t", "name": JSON_TOOL, "input": {"values": [1, 2]}}],
         stop_reason="tool_use",
     )
-    body, _ = from_anthropic(resp, json_tool)
+    body, _ = _translated(resp, json_tool)
     assert json.loads(json.loads(body)["choices"][0]["message"]["content"]) == [1, 2]
     stream_call = make_call({"messages": [user("hi")], "stream": True})
     _, chunks = _run(

@@ -14,6 +14,7 @@ As for chat, everything that can fail with a status happens before the first byt
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import cast
 
@@ -36,6 +37,7 @@ from gateway.responses import (
 from gateway.router import Route
 from gateway.schemas.codec import decode_body, raw_object
 from gateway.schemas.responses import ResponseCreateRequest
+from gateway.settings import UpstreamConfig
 from gateway.sse import relay
 from gateway.trace import TRACE_KEY
 
@@ -88,7 +90,7 @@ async def _translated(
     base = shell(req, translation)
     try:
         if req.is_stream:
-            converter = ResponseEvents(base, ex.call)
+            converter = ResponseEvents(base, ex.call, functools.partial(_answer_limit, ex))
             async with (
                 contextlib.aclosing(pipeline.stream(ex)) as chunks,
                 contextlib.aclosing(converter.events(chunks)) as batches,
@@ -99,6 +101,11 @@ async def _translated(
         raise _renamed(exc, translation) from None
     answer = from_completion(reply.body, base, reply.usage)
     return web.Response(body=answer, content_type="application/json")
+
+
+def _answer_limit(ex: Exchange[ChatCall]) -> int | None:
+    config = ex.provider.config
+    return config.max_response_bytes if isinstance(config, UpstreamConfig) else None
 
 
 def _upstream(route: Route) -> ResponsesPassThrough:

@@ -26,6 +26,7 @@ __all__ = [
     "completion_usage",
     "embeddings_usage",
     "event_error",
+    "read_usage",
     "response_usage",
     "text_completion_usage",
 ]
@@ -142,12 +143,13 @@ def answer_error(provider: str, body: bytes, what: str) -> UpstreamError:
     )
 
 
-def _usage(provider: str, raw: msgspec.Raw, decoder: msgspec.json.Decoder[T]) -> T | None:
-    """A usage object we cannot read must not cost the client a good answer: None then (the
-    usage row is estimated), with a warning."""
+def read_usage(provider: str, raw: msgspec.Raw, decoder: msgspec.json.Decoder[T]) -> T | None:
+    """A usage object we cannot read (a count that is negative, past `Count`'s bound or not an
+    integer) must not cost the client a good answer, nor give its key budget back: None then
+    (the usage row is estimated), with a warning."""
     try:
         return decoder.decode(raw)
-    except msgspec.ValidationError:
+    except (msgspec.ValidationError, RecursionError):
         log.warning("upstream_usage_unreadable", provider=provider)
         return None
 
@@ -218,7 +220,7 @@ def embeddings_usage(provider: str, body: bytes) -> Usage | None:
         UpstreamError: the body is not an embeddings list (`answer_error`).
     """
     view = _checked(provider, body, _EMBEDDINGS, "embeddings list")
-    return _usage(provider, view.usage, _USAGE)
+    return read_usage(provider, view.usage, _USAGE)
 
 
 def text_completion_usage(provider: str, body: bytes) -> Usage | None:
@@ -228,7 +230,7 @@ def text_completion_usage(provider: str, body: bytes) -> Usage | None:
         UpstreamError: the body is not a completion (`answer_error`).
     """
     view = _checked(provider, body, _TEXT_COMPLETION, "completion")
-    return _usage(provider, view.usage, _USAGE)
+    return read_usage(provider, view.usage, _USAGE)
 
 
 def completion_usage(provider: str, body: bytes) -> Usage | None:
@@ -238,7 +240,7 @@ def completion_usage(provider: str, body: bytes) -> Usage | None:
         UpstreamError: the body is not a completion (`answer_error`).
     """
     view = _checked(provider, body, _COMPLETION, "chat completion")
-    return _usage(provider, view.usage, _USAGE)
+    return read_usage(provider, view.usage, _USAGE)
 
 
 def response_usage(provider: str, body: bytes) -> Usage | None:
@@ -249,5 +251,5 @@ def response_usage(provider: str, body: bytes) -> Usage | None:
         UpstreamError: the body is not a response (`answer_error`).
     """
     view = _checked(provider, body, _RESPONSE, "response")
-    usage = _usage(provider, view.usage, _RESPONSE_USAGE)
+    usage = read_usage(provider, view.usage, _RESPONSE_USAGE)
     return usage.to_usage() if usage is not None else None

@@ -11,13 +11,13 @@ Every event carries `sequence_number`, counting from 0, and is framed with its `
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
 
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamError
 from gateway.providers.base import ChatCall
 from gateway.responses.framing import event_frame, framed_batches
 from gateway.responses.output import finished, item_status, new_id
@@ -120,11 +120,22 @@ def _part_done(item: _Open, kind: PartKind, index: int, text: str) -> StreamEven
 
 
 class ResponseEvents:
-    """Chat chunk batches in, batches of framed Responses events out (see the module doc)."""
+    """Chat chunk batches in, batches of framed Responses events out (see the module doc).
 
-    def __init__(self, base: Response, call: ChatCall) -> None:
+    The `*.done` events and `response.completed` repeat the whole answer, so it is held as it
+    streams: like a whole answer, it is bounded by the answering provider's
+    `max_response_bytes` (`limit`, read at the first chunk; None: unbounded), counted in
+    characters of text and arguments.
+    """
+
+    def __init__(
+        self, base: Response, call: ChatCall, limit: Callable[[], int | None] = lambda: None
+    ) -> None:
         self._response = base
         self._call = call
+        self._limit = limit
+        self._max: int | None = None
+        self._held = 0
         self._seq = 0
         self._frames: list[bytes] = []
         self._items: list[OutputItem] = []
@@ -168,6 +179,7 @@ class ResponseEvents:
             raise UpstreamError("The upstream provider sent a malformed stream event.") from None
         if not self._started:
             self._started = True
+            self._max = self._limit()  # the answering provider's, now that it is known
             self._response.created_at = chunk.created
             self._response.model = chunk.model
             self._emit(CreatedEvent(response=self._response))
@@ -217,6 +229,7 @@ class ResponseEvents:
                     part=_part(part, ""),
                 )
             )
+        self._hold(text)
         item.parts[part].append(text)
         self._emit(_part_delta(item, part, list(item.parts).index(part), text))
 
@@ -236,11 +249,20 @@ class ResponseEvents:
         elif function and isinstance(function.name, str) and function.name and not item.name:
             item.name = function.name  # a late name (some servers send it after the id)
         if function and isinstance(function.arguments, str) and function.arguments:
+            self._hold(function.arguments)
             item.arguments.append(function.arguments)
             self._emit(
                 ArgumentsDeltaEvent(
                     item_id=item.id, output_index=item.index, delta=function.arguments
                 )
+            )
+
+    def _hold(self, text: str) -> None:
+        self._held += len(text)
+        if self._max is not None and self._held > self._max:
+            raise UpstreamBadResponse(
+                f"The upstream provider's answer grew larger than {self._max} bytes (the "
+                "provider's max_response_bytes), the most a Responses stream holds."
             )
 
     def _close(self) -> None:

@@ -18,7 +18,7 @@ from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
 from gateway.providers.anthropic.passthrough import MessagesRelay
 from gateway.providers.anthropic.request import JsonTool, to_anthropic
-from gateway.providers.anthropic.response import AnthropicStream, from_anthropic
+from gateway.providers.anthropic.response import AnthropicStream, UsageTally, from_anthropic
 from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.schemas.codec import encode
@@ -50,8 +50,10 @@ class AnthropicProvider:
         resp = self._http.decode(RESPONSE_DECODER, data, "message")
         if resp.type != "message":  # e.g. an error envelope with a 200
             raise answer_error(self.config.name, data, "message")
-        out, call.usage = from_anthropic(resp, json_tool)
-        call.cache_write_tokens = resp.usage.cache_creation_input_tokens or 0
+        tally = UsageTally(self.config.name)
+        tally.merge(resp.usage)
+        out, call.usage = from_anthropic(resp, json_tool, tally.counts())
+        call.cache_write_tokens = tally.cache_writes()
         return ChatReply(body=out, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -26,8 +25,8 @@ from gateway.errors import UpstreamConnectionError, UpstreamError
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._http import UpstreamClient, done
-from gateway.providers.anthropic.response import event_error, openai_usage
-from gateway.providers.anthropic.wire import AnthropicErrorBody, AnthropicUsage
+from gateway.providers.anthropic.response import UsageTally, event_error, openai_usage
+from gateway.providers.anthropic.wire import AnthropicErrorBody
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode
@@ -38,15 +37,6 @@ __all__ = ["MessagesRelay"]
 log = structlog.get_logger(__name__)
 
 _TRUE = msgspec.Raw(b"true")
-
-
-class _Usage(msgspec.Struct):
-    """Anthropic's usage counts, as far as they are believable (else the row is estimated)."""
-
-    input_tokens: Count | None = None
-    output_tokens: Count | None = None
-    cache_creation_input_tokens: Count | None = None
-    cache_read_input_tokens: Count | None = None
 
 
 class _MessageView(msgspec.Struct):
@@ -75,36 +65,15 @@ class _CountView(msgspec.Struct):
 
 
 _MESSAGE = msgspec.json.Decoder(_MessageView)
-_USAGE_ONLY = msgspec.json.Decoder(_Usage)
 _EVENT = msgspec.json.Decoder(_EventView)
 _COUNT = msgspec.json.Decoder(_CountView)
 
 
-def _account(call: ChatCall, usage: _Usage) -> None:
-    call.usage = openai_usage(AnthropicUsage(**msgspec.structs.asdict(usage)))
-    call.cache_write_tokens = usage.cache_creation_input_tokens or 0
-
-
-@dataclass(slots=True)
-class _Tally:
-    """A stream's usage so far; once a count cannot be read, the usage row is estimated."""
-
-    usage: _Usage = field(default_factory=_Usage)
-    readable: bool = True
-
-    def merge(self, raw: msgspec.Raw | UnsetType, provider: str) -> None:
-        if raw is UNSET:
-            return
-        try:
-            usage = _USAGE_ONLY.decode(raw)
-        except DECODE_ERRORS:
-            log.warning("upstream_usage_unreadable", provider=provider)
-            self.readable = False
-            return
-        for name in usage.__struct_fields__:
-            value = getattr(usage, name)
-            if value is not None:
-                setattr(self.usage, name, value)
+def _account(call: ChatCall, tally: UsageTally) -> None:
+    counts = tally.counts()
+    if counts is not None:  # (else the row is estimated)
+        call.usage = openai_usage(counts)
+        call.cache_write_tokens = tally.cache_writes()
 
 
 class MessagesRelay:
@@ -132,10 +101,9 @@ class MessagesRelay:
         if view.type != "message":
             raise answer_error(self._name, answer, "message")
         if view.usage is not UNSET:
-            try:
-                _account(call, _USAGE_ONLY.decode(view.usage))
-            except msgspec.ValidationError:
-                log.warning("upstream_usage_unreadable", provider=self._name)
+            tally = UsageTally(self._name)
+            tally.merge(view.usage)
+            _account(call, tally)
         return ChatReply(body=answer, usage=call.usage)
 
     async def count(
@@ -149,7 +117,7 @@ class MessagesRelay:
     async def stream(
         self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
     ) -> AsyncGenerator[list[bytes], None]:
-        tally = _Tally()
+        tally = UsageTally(self._name)
         held: list[bytes] = []
         events = self._http.stream(self._url, self._body(call, body, stream=True), call, headers)
         async with contextlib.aclosing(events):
@@ -175,7 +143,7 @@ class MessagesRelay:
         )
 
     def _reframe(
-        self, call: ChatCall, batch: list[bytes], tally: _Tally, out: list[bytes]
+        self, call: ChatCall, batch: list[bytes], tally: UsageTally, out: list[bytes]
     ) -> tuple[bool, UpstreamError | None]:
         """Frame one batch's events into `out`; (saw `message_stop`, an upstream error)."""
         for payload in batch:
@@ -193,11 +161,10 @@ class MessagesRelay:
             if kind == "error":
                 return False, event_error(self._name, event.error or AnthropicErrorBody())
             if kind == "message_start" and event.message is not None:
-                tally.merge(event.message.usage, self._name)
+                tally.merge(event.message.usage)
             elif kind == "message_delta":
-                tally.merge(event.usage, self._name)
-                if tally.readable:
-                    _account(call, tally.usage)
+                tally.merge(event.usage)
+                _account(call, tally)
             elif kind == "content_block_delta":
                 call.chunks += 1
             out.append(event_frame(kind.encode(), payload))

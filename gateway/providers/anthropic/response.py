@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import msgspec
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from gateway.errors import UpstreamError, UpstreamUnavailable
+from gateway.providers._answers import read_usage
 from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._translate import ChunkWriter, completion_body, message
 from gateway.providers.anthropic.request import JSON_TOOL, JsonTool
 from gateway.providers.anthropic.wire import (
     EVENT_DECODER,
+    USAGE_DECODER,
     AnthropicContentBlock,
     AnthropicDelta,
     AnthropicErrorBody,
@@ -24,7 +26,14 @@ from gateway.schemas.chat import Choice, FunctionCall, ToolCall
 from gateway.schemas.codec import encode
 from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
 
-__all__ = ["AnthropicStream", "event_error", "finish_reason", "from_anthropic", "openai_usage"]
+__all__ = [
+    "AnthropicStream",
+    "UsageTally",
+    "event_error",
+    "finish_reason",
+    "from_anthropic",
+    "openai_usage",
+]
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -49,6 +58,35 @@ def openai_usage(usage: AnthropicUsage) -> Usage:
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
     )
+
+
+@dataclass(slots=True)
+class UsageTally:
+    """An answer's usage so far (`message_start` holds the input and cache counts,
+    `message_delta` the final output count); once a count cannot be read, the answer's usage
+    is unknown and its row is estimated."""
+
+    provider: str
+    usage: AnthropicUsage = field(default_factory=AnthropicUsage)
+    readable: bool = True
+
+    def merge(self, raw: msgspec.Raw | UnsetType) -> None:
+        if raw is UNSET:
+            return
+        usage = read_usage(self.provider, raw, USAGE_DECODER)
+        if usage is None:
+            self.readable = False
+            return
+        for name in usage.__struct_fields__:
+            value = getattr(usage, name)
+            if value is not None:
+                setattr(self.usage, name, value)
+
+    def counts(self) -> AnthropicUsage | None:
+        return self.usage if self.readable else None
+
+    def cache_writes(self) -> int:
+        return (self.usage.cache_creation_input_tokens or 0) if self.readable else 0
 
 
 def event_error(provider: str, error: AnthropicErrorBody) -> UpstreamError:
@@ -77,8 +115,11 @@ def json_answer(arguments: str, json_tool: JsonTool) -> str:
     return encode(value.get("values") if isinstance(value, dict) else value).decode()
 
 
-def from_anthropic(resp: AnthropicResponse, json_tool: JsonTool | None) -> tuple[bytes, Usage]:
-    """An Anthropic `message` as an OpenAI `chat.completion` (encoded) and its usage."""
+def from_anthropic(
+    resp: AnthropicResponse, json_tool: JsonTool | None, counts: AnthropicUsage | None
+) -> tuple[bytes, Usage | None]:
+    """An Anthropic `message` as an OpenAI `chat.completion` (encoded) and its usage, from its
+    `counts` (`UsageTally`; None: unreadable, and the completion has no usage)."""
     texts: list[str] = []
     thoughts: list[str] = []
     calls: list[ToolCall] = []
@@ -93,7 +134,7 @@ def from_anthropic(resp: AnthropicResponse, json_tool: JsonTool | None) -> tuple
                 texts.append(json_answer(args, json_tool))
             else:
                 calls.append(ToolCall(id=block.id, function=FunctionCall(block.name, args)))
-    usage = openai_usage(resp.usage)
+    usage = openai_usage(counts) if counts is not None else None
     msg = message("".join(texts) if texts else None, calls, reasoning="".join(thoughts))
     body = completion_body(
         id=f"chatcmpl-{resp.id}",
@@ -126,7 +167,7 @@ class AnthropicStream:
         self.provider = provider
         self.json_tool = json_tool
         self.writer: ChunkWriter | None = None
-        self.usage = AnthropicUsage()
+        self.tally = UsageTally(provider)
         self.finished = False
         self.done = False
         self._blocks: dict[int, _BlockState] = {}  # by Anthropic's block index
@@ -151,7 +192,7 @@ class AnthropicStream:
                 model=msg.model,
                 include_usage=self.call.request.wants_usage,
             )
-            self._merge_usage(msg.usage)
+            self.tally.merge(msg.usage)
             start = self.writer.start()
             return [start] if start else []
         if kind == "error":
@@ -175,17 +216,19 @@ class AnthropicStream:
                 return [writer.text(json_answer("".join(state.held), self.json_tool))]
             return []
         if kind == "message_delta":
-            if event.usage is not None:
-                self._merge_usage(event.usage)
+            self.tally.merge(event.usage)
             if event.delta is not None and event.delta.stop_reason and not self.finished:
                 self.finished = True
                 return [writer.finish(finish_reason(event.delta.stop_reason, self.json_tool))]
             return []
         if kind == "message_stop":
             self.done = True
-            usage = self.call.usage = openai_usage(self.usage)
-            self.call.cache_write_tokens = self.usage.cache_creation_input_tokens or 0
             out = [] if self.finished else [writer.finish("stop")]
+            counts = self.tally.counts()
+            if counts is None:  # unreadable: the row is estimated, and the client told nothing
+                return out
+            usage = self.call.usage = openai_usage(counts)
+            self.call.cache_write_tokens = self.tally.cache_writes()
             return [*out, writer.usage(usage)] if writer.include_usage else out
         return []  # ping, and event types added after this was written
 
@@ -195,12 +238,6 @@ class AnthropicStream:
                 f"The upstream provider '{self.provider}' ended the stream before it was complete."
             )
         return []
-
-    def _merge_usage(self, usage: AnthropicUsage) -> None:
-        for name in usage.__struct_fields__:
-            value = getattr(usage, name)
-            if value is not None:
-                setattr(self.usage, name, value)
 
     def _block_start(
         self, writer: ChunkWriter, index: int, block: AnthropicContentBlock

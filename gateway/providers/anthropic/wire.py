@@ -11,6 +11,8 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
+from gateway.schemas.common import Count
+
 API_VERSION = "2023-06-01"
 
 # ---- wire structs: what we send ------------------------------------------------------------
@@ -99,10 +101,13 @@ class AnthropicRequest(msgspec.Struct, omit_defaults=True):
 
 
 class AnthropicUsage(msgspec.Struct):
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cache_creation_input_tokens: int | None = None
-    cache_read_input_tokens: int | None = None
+    """Anthropic's counts, as far as they are believable: read apart from the answer
+    (`USAGE_DECODER`), so a bad one costs the usage row its exactness, not the client its answer."""
+
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    cache_creation_input_tokens: Count | None = None
+    cache_read_input_tokens: Count | None = None
 
 
 class AnthropicContentBlock(msgspec.Struct):
@@ -120,7 +125,7 @@ class AnthropicResponse(msgspec.Struct):
     model: str = ""
     content: list[AnthropicContentBlock] = []
     stop_reason: str | None = None
-    usage: AnthropicUsage = msgspec.field(default_factory=AnthropicUsage)
+    usage: Raw | UnsetType = UNSET  # an `AnthropicUsage`, read apart
 
 
 class AnthropicDelta(msgspec.Struct):
@@ -142,9 +147,10 @@ class AnthropicEvent(msgspec.Struct):
     index: int = 0
     content_block: AnthropicContentBlock | None = None
     delta: AnthropicDelta | None = None
-    usage: AnthropicUsage | None = None
+    usage: Raw | UnsetType = UNSET  # an `AnthropicUsage`, read apart
     error: AnthropicErrorBody | None = None
 
 
 RESPONSE_DECODER = msgspec.json.Decoder(AnthropicResponse)
 EVENT_DECODER = msgspec.json.Decoder(AnthropicEvent)
+USAGE_DECODER = msgspec.json.Decoder(AnthropicUsage)

@@ -20,7 +20,7 @@ from gateway.providers.base import Call, ChatCall, ChatReply
 from gateway.providers.capabilities import EmbeddingCall
 from gateway.providers.gemini.embeddings import embed
 from gateway.providers.gemini.request import to_gemini
-from gateway.providers.gemini.response import GeminiStream, from_gemini
+from gateway.providers.gemini.response import GeminiStream, from_gemini, has_usage
 from gateway.providers.gemini.wire import RESPONSE_DECODER
 from gateway.schemas.codec import encode
 from gateway.settings import GeminiConfig
@@ -50,10 +50,14 @@ class GeminiProvider:
         url = self._url(call, "generateContent")
         data = await self._http.post(url, body, call)
         resp = self._http.decode(RESPONSE_DECODER, data, "generateContent answer")
-        if not resp.candidates and resp.prompt_feedback is None and resp.usage_metadata is None:
+        if (
+            not resp.candidates
+            and resp.prompt_feedback is None
+            and not has_usage(resp.usage_metadata)
+        ):
             # Every answer has candidates, or a prompt's blocking feedback, and usage.
             raise answer_error(self.config.name, data, "generateContent answer")
-        out, call.usage = from_gemini(resp, call.upstream_model)
+        out, call.usage = from_gemini(resp, call.upstream_model, self.config.name)
         return ChatReply(body=out, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:

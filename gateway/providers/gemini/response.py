@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
+from gateway.providers._answers import read_usage
 from gateway.providers._errors import DECODE_ERRORS, stream_error
 from gateway.providers._translate import (
     ChunkWriter,
@@ -16,7 +18,9 @@ from gateway.providers._translate import (
 from gateway.providers.base import ChatCall
 from gateway.providers.gemini.request import GEMINI_ID, join_call_id
 from gateway.providers.gemini.wire import (
+    NO_USAGE,
     RESPONSE_DECODER,
+    USAGE_DECODER,
     GeminiReadPart,
     GeminiResponse,
     GeminiUsage,
@@ -24,7 +28,7 @@ from gateway.providers.gemini.wire import (
 from gateway.schemas.chat import Choice, FunctionCall, ToolCall
 from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
 
-__all__ = ["GeminiStream", "finish_reason", "from_gemini", "openai_usage"]
+__all__ = ["GeminiStream", "finish_reason", "from_gemini", "has_usage", "openai_usage", "usage_of"]
 
 FILTERED = frozenset(
     {
@@ -58,6 +62,19 @@ def openai_usage(usage: GeminiUsage) -> Usage:
     )
 
 
+def has_usage(raw: msgspec.Raw) -> bool:
+    return raw is not NO_USAGE and bytes(raw) != b"null"
+
+
+def usage_of(raw: msgspec.Raw, provider: str) -> Usage | None:
+    """The usage of a `usageMetadata` (absent: all zeros); None if a count cannot be read
+    (the row is then estimated, and the client told nothing)."""
+    if not has_usage(raw):
+        return openai_usage(GeminiUsage())
+    counts = read_usage(provider, raw, USAGE_DECODER)
+    return openai_usage(counts) if counts is not None else None
+
+
 def finish_reason(reason: str | None, called_tools: bool) -> str:
     if called_tools:
         return "tool_calls"
@@ -83,8 +100,11 @@ def _image_url(part: GeminiReadPart) -> str | None:
     return f"data:{blob.mime_type};base64,{blob.data}"
 
 
-def from_gemini(resp: GeminiResponse, model: str) -> tuple[bytes, Usage]:
-    """A `GenerateContentResponse` as an OpenAI `chat.completion` (encoded) and its usage."""
+def from_gemini(
+    resp: GeminiResponse, model: str, provider: str = "gemini"
+) -> tuple[bytes, Usage | None]:
+    """A `GenerateContentResponse` as an OpenAI `chat.completion` (encoded) and its usage
+    (None: unreadable, see `usage_of`)."""
     choices: list[Choice] = []
     for cand in resp.candidates:
         texts: list[str] = []
@@ -104,7 +124,7 @@ def from_gemini(resp: GeminiResponse, model: str) -> tuple[bytes, Usage]:
         choices.append(Choice(cand.index, msg, finish_reason(cand.finish_reason, bool(calls))))
     if not choices:  # the prompt itself was blocked
         choices.append(Choice(0, message(None), "content_filter"))
-    usage = openai_usage(resp.usage_metadata or GeminiUsage())
+    usage = usage_of(resp.usage_metadata, provider)
     body = completion_body(
         id=completion_id(resp.response_id),
         model=resp.model_version or model,
@@ -127,7 +147,7 @@ class GeminiStream:
         self.call = call
         self.provider = provider
         self.writer: ChunkWriter | None = None
-        self.usage: GeminiUsage | None = None
+        self.usage = NO_USAGE  # the last `usageMetadata` (each counts the whole answer so far)
         self.open: set[int] = set()  # choices that started and have not finished
         self.done = False  # Gemini has no end event: its stream just closes
 
@@ -149,8 +169,8 @@ class GeminiStream:
                 model=resp.model_version or self.call.upstream_model,
                 include_usage=self.call.request.wants_usage,
             )
-        if resp.usage_metadata is not None:
-            self.usage = resp.usage_metadata
+        if has_usage(resp.usage_metadata):
+            self.usage = msgspec.Raw(bytes(resp.usage_metadata))  # not the whole event
         out: list[bytes] = []
         if not resp.candidates and resp.prompt_feedback and resp.prompt_feedback.block_reason:
             if (start := writer.start()) is not None:
@@ -192,5 +212,5 @@ class GeminiStream:
             raise UpstreamError(
                 f"The upstream provider '{self.provider}' ended the stream before it was complete."
             )
-        usage = self.call.usage = openai_usage(self.usage or GeminiUsage())
-        return [writer.usage(usage)] if writer.include_usage else []
+        usage = self.call.usage = usage_of(self.usage, self.provider)
+        return [writer.usage(usage)] if writer.include_usage and usage is not None else []

@@ -11,6 +11,8 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
+from gateway.schemas.common import Count
+
 
 class _Wire(msgspec.Struct, rename="camel", omit_defaults=True):
     pass
@@ -121,22 +123,28 @@ class GeminiCandidate(msgspec.Struct, rename="camel"):
 
 
 class GeminiUsage(msgspec.Struct, rename="camel"):
-    prompt_token_count: int = 0
-    candidates_token_count: int = 0
-    thoughts_token_count: int = 0
-    tool_use_prompt_token_count: int = 0
-    cached_content_token_count: int = 0
-    total_token_count: int = 0
+    """Gemini's counts, as far as they are believable: read apart from the answer
+    (`USAGE_DECODER`), so a bad one costs the usage row its exactness, not the client its answer."""
+
+    prompt_token_count: Count = 0
+    candidates_token_count: Count = 0
+    thoughts_token_count: Count = 0
+    tool_use_prompt_token_count: Count = 0
+    cached_content_token_count: Count = 0
+    total_token_count: Count = 0
 
 
 class GeminiPromptFeedback(msgspec.Struct, rename="camel"):
     block_reason: str | None = None
 
 
+NO_USAGE = Raw(b"null")
+
+
 class GeminiResponse(msgspec.Struct, rename="camel"):
     candidates: list[GeminiCandidate] = []
     prompt_feedback: GeminiPromptFeedback | None = None
-    usage_metadata: GeminiUsage | None = None
+    usage_metadata: Raw = NO_USAGE  # a `GeminiUsage`, read apart
     model_version: str = ""
     response_id: str = ""
 
@@ -161,3 +169,4 @@ class GeminiBatchEmbedResponse(msgspec.Struct):
 
 RESPONSE_DECODER = msgspec.json.Decoder(GeminiResponse)
 BATCH_EMBED_DECODER = msgspec.json.Decoder(GeminiBatchEmbedResponse)
+USAGE_DECODER = msgspec.json.Decoder(GeminiUsage)
