@@ -16,6 +16,7 @@ from msgspec import UNSET, Raw, UnsetType
 from gateway.schemas.common import Penalty, Temperature, TopP, Usage
 
 __all__ = [
+    "MAX_OUTPUT_TOKENS",
     "AssistantMessage",
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -268,7 +269,11 @@ Metadata = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
     msgspec.Meta(max_length=16),
 ]
-MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+# The largest output limit a request may set: Gemini's `maxOutputTokens` is an int32 and no model
+# writes more. Larger ones are refused (400) before admission holds them: the Redis-shared
+# limits' scripts count holds in int64 and Lua numbers, where they would stop being exact.
+MAX_OUTPUT_TOKENS = 2**31 - 1
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 

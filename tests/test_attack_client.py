@@ -1,0 +1,86 @@
+"""A hostile client attacks the gateway from outside, through raw sockets and the `openai` SDK:
+request fields at values no real request has (output limits past any model's), aimed at what
+admission hands on (the Redis-shared limits' scripts), which must answer the client with a 400
+naming the field and never take the limits down for every other key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient
+from structlog.testing import capture_logs
+
+from tests.conftest import MakeSettings, create_key, openai_client, start_gateway
+
+HI: Any = [{"role": "user", "content": "hi"}]
+# Past int64, where Redis's HINCRBY and a Lua number stop being exact.
+HUGE = 2**63
+
+# (endpoint, body) with an output limit at `HUGE`, and the field the 400 must name.
+OUTPUT_LIMITS = {
+    "chat max_tokens": (
+        "/v1/chat/completions",
+        {"model": "demo", "messages": HI, "max_tokens": HUGE},
+        "max_tokens",
+    ),
+    "chat max_completion_tokens": (
+        "/v1/chat/completions",
+        {"model": "demo", "messages": HI, "max_completion_tokens": HUGE, "stream": True},
+        "max_completion_tokens",
+    ),
+    "responses max_output_tokens": (
+        "/v1/responses",
+        {"model": "demo", "input": "hi", "max_output_tokens": HUGE},
+        "max_output_tokens",
+    ),
+    "messages max_tokens": (
+        "/v1/messages",
+        {"model": "demo", "messages": HI, "max_tokens": HUGE},
+        "max_tokens",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUT_LIMITS)
+async def test_an_output_limit_past_any_model_s_is_a_400_not_a_shared_limits_outage(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, redis_url: str, case: str
+) -> None:
+    # A key with a USD budget on a free model holds its request's tokens in Redis. A hold
+    # past int64 made the script fail; the gate took that for Redis being down and refused
+    # every limited key on the replica (503) until its next probe, a second later: one
+    # request a second from one key was an outage for all.
+    path, body, field = OUTPUT_LIMITS[case]
+    gw = await start_gateway(
+        aiohttp_client, make_settings(redis_url=redis_url, redis_timeout_seconds=5.0)
+    )
+    hostile = await create_key(gw, budget_usd=1.0)
+    other = await create_key(gw, rpm=100)
+    with capture_logs() as logs:
+        async with gw.post(path, json=body, headers={"x-api-key": hostile}) as resp:
+            assert resp.status == 400, await resp.text()
+            error = (await resp.json())["error"]
+            assert error["type"] == "invalid_request_error"
+            assert field in error["message"]
+        async with openai_client(gw, other) as sdk:
+            answer = await sdk.chat.completions.create(model="demo", messages=HI)
+            assert answer.choices[0].message.content
+    assert "redis_unreachable" not in [e["event"] for e in logs]
+
+
+async def test_the_sdk_gets_a_400_naming_an_output_limit_past_int32(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    # The largest output limit taken is 2**31 - 1 (Gemini's maxOutputTokens is an int32; no
+    # model produces more), so a larger one never reaches admission or an upstream.
+    gw = await start_gateway(aiohttp_client, make_settings())
+    async with openai_client(gw, await create_key(gw, budget_usd=1.0)) as sdk:
+        answer = await sdk.chat.completions.create(model="demo", messages=HI, max_tokens=2**31 - 1)
+        assert answer.choices[0].message.content
+        with pytest.raises(openai.BadRequestError) as caught:
+            await sdk.chat.completions.create(model="demo", messages=HI, max_tokens=2**31)
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "max_tokens"
+    assert error["code"] is None
