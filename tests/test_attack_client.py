@@ -1,7 +1,9 @@
-"""A hostile client attacks the gateway from outside, through raw sockets and the `openai` SDK:
-request fields at values no real request has (output limits past any model's), aimed at what
-admission hands on (the Redis-shared limits' scripts), which must answer the client with a 400
-naming the field and never take the limits down for every other key."""
+"""A hostile client attacks the gateway from outside, through raw sockets and the `openai` SDK,
+with requests that try to make admission hold less than the upstream may use or break what it
+hands on: output limits past any model's (the Redis-shared limits' scripts), which must be a
+400 naming the field and never take the limits down for every other key; and a reasoning
+effort whose thinking goes upstream on top of a model's configured limit, which must count in
+the key's limits."""
 
 from __future__ import annotations
 
@@ -9,10 +11,18 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from structlog.testing import capture_logs
 
-from tests.conftest import MakeSettings, create_key, openai_client, start_gateway
+from gateway.settings import ModelConfig, Target
+from tests.conftest import (
+    MakeSettings,
+    create_key,
+    fake_provider,
+    openai_client,
+    start_fakes,
+    start_gateway,
+)
 
 HI: Any = [{"role": "user", "content": "hi"}]
 # Past int64, where Redis's HINCRBY and a Lua number stop being exact.
@@ -84,3 +94,30 @@ async def test_the_sdk_gets_a_400_naming_an_output_limit_past_int32(
     assert isinstance(error, dict)
     assert error["param"] == "max_tokens"
     assert error["code"] is None
+
+
+async def test_thinking_on_top_of_a_model_s_default_limit_is_held_too(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, make_settings: MakeSettings
+) -> None:
+    # A reasoning model with a configured `max_tokens` (its answer's default length) gets
+    # Anthropic's thinking budget on top of it when the client sets no limit: the upstream
+    # may write that much, so admission must hold that much of the key's tokens per minute.
+    fake = (await start_fakes(aiohttp_server, "anthropic"))["anthropic"]
+    model = ModelConfig(
+        name="claude",
+        reasoning=True,
+        max_tokens=1000,
+        targets=(Target(provider="anthropic", model="claude-sonnet-4-5"),),
+    )
+    settings = make_settings(providers=(fake_provider("anthropic", fake),), models=(model,))
+    gw = await start_gateway(aiohttp_client, settings)
+    secret = await create_key(gw, tpm=3000)
+    async with openai_client(gw, secret) as sdk:
+        with pytest.raises(openai.RateLimitError):
+            await sdk.chat.completions.create(model="claude", messages=HI, reasoning_effort="xhigh")
+        answer = await sdk.chat.completions.create(
+            model="claude", messages=HI, reasoning_effort="low"
+        )
+    assert answer.choices[0].message.content
+    (sent,) = [r.json for r in fake.requests if r.path.endswith("/messages")]
+    assert sent["max_tokens"] == 1000 + 1024  # the answer's limit and the thinking budget
