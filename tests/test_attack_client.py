@@ -2,8 +2,8 @@
 with requests that try to make admission hold less than the upstream may use or break what it
 hands on: output limits past any model's (the Redis-shared limits' scripts), which must be a
 400 naming the field and never take the limits down for every other key; and a reasoning
-effort whose thinking goes upstream on top of a model's configured limit, which must count in
-the key's limits."""
+effort whose thinking goes upstream on top of a model's configured limit, and a small
+`max_completion_tokens` beside a large `max_tokens`, which must count in the key's limits."""
 
 from __future__ import annotations
 
@@ -121,3 +121,33 @@ async def test_thinking_on_top_of_a_model_s_default_limit_is_held_too(
     assert answer.choices[0].message.content
     (sent,) = [r.json for r in fake.requests if r.path.endswith("/messages")]
     assert sent["max_tokens"] == 1000 + 1024  # the answer's limit and the thinking budget
+
+
+async def test_both_output_limits_sent_hold_the_larger(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, make_settings: MakeSettings
+) -> None:
+    # An OpenAI-compatible upstream gets the client's fields as sent, both limits included,
+    # and which one wins there is the upstream's choice (OpenAI's `max_tokens` is the older
+    # name; servers read either). Admission counted only `max_completion_tokens`, so a small
+    # one beside a large `max_tokens` let the upstream write past the key's limits.
+    fake = (await start_fakes(aiohttp_server, "openai"))["openai"]
+    model = ModelConfig(name="gpt", targets=(Target(provider="openai", model="gpt-4o-mini"),))
+    settings = make_settings(providers=(fake_provider("openai", fake),), models=(model,))
+    gw = await start_gateway(aiohttp_client, settings)
+    secret = await create_key(gw, tpm=1000)
+    async with openai_client(gw, secret) as sdk:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await sdk.chat.completions.create(
+                model="gpt", messages=HI, max_completion_tokens=10, max_tokens=5000
+            )
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        with pytest.raises(openai.RateLimitError):
+            await sdk.chat.completions.create(
+                model="gpt", messages=HI, max_completion_tokens=5000, max_tokens=10
+            )
+        answer = await sdk.chat.completions.create(
+            model="gpt", messages=HI, max_completion_tokens=10, max_tokens=20
+        )
+    assert answer.choices[0].message.content
+    (sent,) = [r.json for r in fake.chat_requests]
+    assert (sent["max_completion_tokens"], sent["max_tokens"]) == (10, 20)

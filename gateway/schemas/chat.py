@@ -347,6 +347,16 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
         value = self.max_tokens
         return value if isinstance(value, int) else None
 
+    @property
+    def largest_token_limit(self) -> int | None:
+        """The larger of `max_tokens` and `max_completion_tokens` when both are set: both go
+        to an OpenAI-compatible upstream as sent, and which one wins is its choice, so
+        admission holds the larger."""
+        old, new = self.max_tokens, self.max_completion_tokens
+        if isinstance(old, int):
+            return max(old, new) if isinstance(new, int) else old
+        return new if isinstance(new, int) else None
+
 
 _RAW_FIELDS = (
     "thinking",
