@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
+from gateway.schemas.chat import MaxTokens
+
 __all__ = [
     "AnthropicEvent",
     "MessageOut",
@@ -111,7 +113,7 @@ class MessagesRequest(msgspec.Struct):
 
     model: Annotated[str, msgspec.Meta(min_length=1)]
     messages: Annotated[list[MessagesMessage], msgspec.Meta(min_length=1)]
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | UnsetType = UNSET
+    max_tokens: MaxTokens | UnsetType = UNSET
     system: Content | UnsetType | None = UNSET
     stop_sequences: list[str] | UnsetType | None = UNSET
     temperature: Unit | UnsetType | None = UNSET

@@ -150,7 +150,7 @@ class ChatCall(Call, kw_only=True):
 
     def output_bound(self, default: int) -> int:
         choices = self.request.n if isinstance(self.request.n, int) else 1
-        return (self.max_tokens or default) * choices
+        return (self.request.largest_token_limit or self.max_tokens or default) * choices
 
 
 class ChatReply(msgspec.Struct, frozen=True):

@@ -16,6 +16,7 @@ from msgspec import UNSET, Raw, UnsetType
 from gateway.schemas.common import Penalty, Temperature, TopP, Usage
 
 __all__ = [
+    "MAX_OUTPUT_TOKENS",
     "AssistantMessage",
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -268,7 +269,11 @@ Metadata = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
     msgspec.Meta(max_length=16),
 ]
-MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+# The largest output limit a request may set: Gemini's `maxOutputTokens` is an int32 and no model
+# writes more. Larger ones are refused (400) before admission holds them: the Redis-shared
+# limits' scripts count holds in int64 and Lua numbers, where they would stop being exact.
+MAX_OUTPUT_TOKENS = 2**31 - 1
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
@@ -341,6 +346,16 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
             return value
         value = self.max_tokens
         return value if isinstance(value, int) else None
+
+    @property
+    def largest_token_limit(self) -> int | None:
+        """The larger of `max_tokens` and `max_completion_tokens` when both are set: both go
+        to an OpenAI-compatible upstream as sent, and which one wins is its choice, so
+        admission holds the larger."""
+        old, new = self.max_tokens, self.max_completion_tokens
+        if isinstance(old, int):
+            return max(old, new) if isinstance(new, int) else old
+        return new if isinstance(new, int) else None
 
 
 _RAW_FIELDS = (

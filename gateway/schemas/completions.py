@@ -12,7 +12,7 @@ from typing import Annotated
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from gateway.schemas.chat import StreamOptions, wants_usage
+from gateway.schemas.chat import MAX_OUTPUT_TOKENS, StreamOptions, wants_usage
 
 __all__ = ["CompletionRequest"]
 
@@ -26,7 +26,7 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
     prompt: str | list[str | Token | list[Token]]
     stream: bool | UnsetType | None = UNSET
     stream_options: StreamOptions | UnsetType | None = UNSET
-    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | UnsetType | None = UNSET
+    max_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_OUTPUT_TOKENS)] | UnsetType | None = UNSET
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | UnsetType | None = UNSET
     best_of: Annotated[int, msgspec.Meta(ge=1, le=20)] | UnsetType | None = UNSET
 

@@ -66,7 +66,7 @@ from gateway.schemas.chat import (
     UserMessage,
 )
 
-__all__ = ["JSON_TOOL", "PROVIDER", "JsonTool", "to_anthropic", "tool_id"]
+__all__ = ["JSON_TOOL", "PROVIDER", "JsonTool", "thinking_on_top", "to_anthropic", "tool_id"]
 
 PROVIDER = "Anthropic"
 JSON_TOOL = "json_tool_call"  # the forced tool that carries JSON-mode answers (LiteLLM's name)
@@ -266,6 +266,19 @@ def _tool_choice(req: ChatCompletionRequest, offered: bool) -> AnthropicToolChoi
     raise unsupported(PROVIDER, "tool_choice", "use none, auto, required or a named function")
 
 
+def thinking_on_top(call: ChatCall) -> int:
+    """The thinking budget `to_anthropic` adds to the output limit (0: none): a reasoning
+    model's `reasoning_effort` when no one set a limit but the model's config, whose limit
+    is for the answer alone. Admission holds it too (`pipeline`)."""
+    req = call.request
+    if req.token_limit is not None or call.output_cap is not None or req.thinking is not UNSET:
+        return 0
+    effort = req.reasoning_effort
+    return (
+        THINKING_BUDGETS.get(effort, 0) if call.model.reasoning and isinstance(effort, str) else 0
+    )
+
+
 def _thinking(call: ChatCall, max_tokens: int) -> tuple[Raw | UnsetType, int]:
     """The `thinking` object for a reasoning model, and the max_tokens it needs."""
     req = call.request
@@ -279,8 +292,8 @@ def _thinking(call: ChatCall, max_tokens: int) -> tuple[Raw | UnsetType, int]:
     if effort == "none":
         return Raw(b'{"type":"disabled"}'), max_tokens
     budget = THINKING_BUDGETS[effort]
-    if req.token_limit is None and call.output_cap is None:
-        max_tokens += budget  # the default limit is for the answer; thinking comes on top
+    if on_top := thinking_on_top(call):
+        max_tokens += on_top  # the default limit is for the answer; thinking comes on top
     elif max_tokens <= budget:
         budget = max_tokens - 1  # the client's limit counts thinking, as OpenAI's does
         if budget < MIN_THINKING_BUDGET:
