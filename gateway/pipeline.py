@@ -31,8 +31,7 @@ from gateway.failover import Exchange, attempt_each
 from gateway.media import Estimate, image_tokens
 from gateway.prices import PriceBook, Usage
 from gateway.providers import ChatReply
-from gateway.providers.anthropic.request import thinking_on_top
-from gateway.providers.base import Call, ChatCall, has_capability
+from gateway.providers.base import Call, ChatCall, OutputOnTop, has_capability
 from gateway.records import model_allowed
 from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
@@ -204,12 +203,15 @@ async def _charge(
     default = max(r.provider.config.default_max_tokens for r in routes)
     call.cap_output(default)
     output = call.output_bound(default)
-    if (
-        call.model.reasoning
-        and isinstance(call, ChatCall)
-        and any(r.provider.config.type == "anthropic" for r in routes)
-    ):
-        output += thinking_on_top(call)  # Anthropic's thinking on top of the model's limit
+    if call.model.reasoning and isinstance(call, ChatCall):  # (e.g. Anthropic's thinking)
+        output += max(
+            (
+                cast(OutputOnTop, r.provider).output_on_top(call)
+                for r in routes
+                if has_capability(r.provider, OutputOnTop)
+            ),
+            default=0,
+        )
     costs = [
         (price.cost(Usage(prompt.likely, output)), price.cost(Usage(prompt.most, output)))
         for r in routes

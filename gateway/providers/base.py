@@ -10,7 +10,8 @@ when a stream is cut.
 Errors are raised as `gateway.errors.UpstreamError` subclasses.
 
 Optional capabilities are separate Protocols, checked with `isinstance`: `ResponsesPassThrough`
-is an upstream that serves the Responses API itself, so `/v1/responses` relays to it untranslated.
+is an upstream that serves the Responses API itself, so `/v1/responses` relays to it untranslated;
+`OutputOnTop` is one that lets the model write more than the request's output limit.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "Call",
     "ChatCall",
     "ChatReply",
+    "OutputOnTop",
     "Provider",
     "ResponsesPassThrough",
     "has_capability",
@@ -219,6 +221,16 @@ class ResponsesPassThrough(Protocol):
             UpstreamError: before or during the stream, including an upstream `error` event
                 and a stream that ends before its terminal `response.*` event.
         """
+        ...
+
+
+@runtime_checkable
+class OutputOnTop(Protocol):
+    """An upstream that may be sent a larger output limit than the request's (Anthropic adds a
+    reasoning model's thinking budget to it): admission holds that much more."""
+
+    def output_on_top(self, call: ChatCall) -> int:
+        """The tokens the upstream request adds to `call.output_bound` (0: none)."""
         ...
 
 

@@ -17,7 +17,7 @@ from gateway.providers._answers import answer_error
 from gateway.providers._http import Dialect, UpstreamClient, key_header
 from gateway.providers._translate import translated_stream
 from gateway.providers.anthropic.passthrough import MessagesRelay
-from gateway.providers.anthropic.request import JsonTool, to_anthropic
+from gateway.providers.anthropic.request import JsonTool, thinking_on_top, to_anthropic
 from gateway.providers.anthropic.response import AnthropicStream, UsageTally, from_anthropic
 from gateway.providers.anthropic.wire import API_VERSION, RESPONSE_DECODER
 from gateway.providers.base import ChatCall, ChatReply
@@ -39,6 +39,10 @@ class AnthropicProvider:
         self.pool = self._http.pool  # shut when the server stops
         self._url = f"{config.url}/v1/messages"
         self._relay = MessagesRelay(self._http, config.url)
+
+    def output_on_top(self, call: ChatCall) -> int:
+        """(`OutputOnTop`: a reasoning model's thinking budget.)"""
+        return thinking_on_top(call)
 
     def _body(self, call: ChatCall, *, stream: bool) -> tuple[bytes, JsonTool | None]:
         request, json_tool = to_anthropic(call, self.config.default_max_tokens, stream=stream)

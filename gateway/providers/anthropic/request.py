@@ -269,7 +269,7 @@ def _tool_choice(req: ChatCompletionRequest, offered: bool) -> AnthropicToolChoi
 def thinking_on_top(call: ChatCall) -> int:
     """The thinking budget `to_anthropic` adds to the output limit (0: none): a reasoning
     model's `reasoning_effort` when no one set a limit but the model's config, whose limit
-    is for the answer alone. Admission holds it too (`pipeline`)."""
+    is for the answer alone. Admission holds it too (`AnthropicProvider.output_on_top`)."""
     req = call.request
     if req.token_limit is not None or call.output_cap is not None or req.thinking is not UNSET:
         return 0
