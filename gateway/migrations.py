@@ -84,7 +84,7 @@ _PG_KEY_CHANGES_FUNCTION = """CREATE FUNCTION kiosk_keys_changed() RETURNS trigg
 
 # The daily rollup (`usage_daily`) computed from the usage rows: migration step 5 fills it,
 # and `gateway copy-db` rebuilds it in the target. Rows without a key or model roll up under ''.
-# Tokens are summed past 64 bits (answers may report up to 2**53 each): as SQLite's TOTAL()
+# Tokens are summed past 64 bits (answers may report up to 2**40 each): as SQLite's TOTAL()
 # does, and on PostgreSQL in a NUMERIC column.
 FILL_DAILY: dict[Dialect, str] = {
     "sqlite": """INSERT INTO usage_daily
@@ -150,7 +150,7 @@ MIGRATIONS: tuple[tuple[Statement, ...], ...] = (
     ),
     (
         # Prompt-cache reads and writes, part of prompt_tokens, priced apart (#15).
-        # (SQLite's INTEGER is 64-bit; PostgreSQL's is 32: token counts go up to 2**53.)
+        # (SQLite's INTEGER is 64-bit; PostgreSQL's is 32: token counts go up to 2**40.)
         Dialects(
             sqlite="ALTER TABLE usage ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0",
             postgres="ALTER TABLE usage ADD COLUMN cache_read_tokens BIGINT NOT NULL DEFAULT 0",

@@ -37,7 +37,14 @@ __all__ = ["build"]  # the fixture, used here by name
 
 # --- Usage counts no upstream can mean --------------------------------------------------------
 
-BAD_COUNTS = {"negative": -100_000, "past-sqlite": 2**63, "huge": 10**30, "float": 1.5, "str": "7"}
+BAD_COUNTS = {
+    "negative": -100_000,
+    "past-bound": 2**40 + 1,  # a thousand of 2**53 overflow a Redis counter
+    "past-sqlite": 2**63,
+    "huge": 10**30,
+    "float": 1.5,
+    "str": "7",
+}
 
 
 def anthropic_answer(output_tokens: Any, stream: bool) -> bytes:
