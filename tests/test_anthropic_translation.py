@@ -8,9 +8,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.errors import InvalidRequest, UpstreamError, UpstreamUnavailable
+from gateway.errors import InvalidRequest, UpstreamBadResponse, UpstreamError, UpstreamUnavailable
 from gateway.providers.anthropic.request import JSON_TOOL, JsonTool, to_anthropic, tool_id
-from gateway.providers.anthropic.response import AnthropicStream, UsageTally, from_anthropic
+from gateway.providers.anthropic.response import (
+    BLOCK_STATE_SIZE,
+    AnthropicStream,
+    UsageTally,
+    from_anthropic,
+)
 from gateway.providers.anthropic.wire import AnthropicResponse
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import ChatCompletionRequest
@@ -804,3 +809,27 @@ def test_data_urls_with_parameters() -> None:
         }
     )
     assert out["messages"][0]["content"][0]["source"]["media_type"] == "image/png"
+
+
+def _blocks(count: int, *, closed: bool) -> list[bytes]:
+    events: list[dict[str, Any]] = [START]
+    for index in range(count):
+        block = {"type": "text", "text": ""}
+        events.append({"type": "content_block_start", "index": index, "content_block": block})
+        if closed:
+            events.append({"type": "content_block_stop", "index": index})
+    return _events(*events)
+
+
+def test_stream_blocks_held_open_count_against_the_limit() -> None:
+    # Each open block keeps state until its stop: an upstream that opens blocks and never
+    # closes them makes the stream hold more and more, so it is bounded like an answer.
+    limit = 100 * BLOCK_STATE_SIZE
+    call = make_call({"messages": [user("hi")], "stream": True})
+    stream = AnthropicStream(call, "a", None, limit)
+    with pytest.raises(UpstreamBadResponse, match="max_response_bytes"):
+        for data in _blocks(101, closed=False):
+            stream.feed(data)
+    stream = AnthropicStream(call, "a", None, limit)  # closed blocks hold nothing
+    for data in _blocks(1000, closed=True):
+        stream.feed(data)

@@ -10,14 +10,16 @@ import asyncio
 import json
 from typing import Any
 
+import openai
 import pytest
 from structlog.testing import capture_logs
 
 from gateway.state import GATE_KEY, KEYS_KEY
-from tests.conftest import app_of, create_key, usage_rows
+from tests.conftest import app_of, create_key, openai_client, usage_rows
 from tests.test_attack_upstream import (
     ANTHROPIC_START,
     ANTHROPIC_TEXT_START,
+    HI,
     Build,
     MiB,
     Rig,
@@ -188,3 +190,76 @@ async def test_a_responses_stream_holds_no_more_of_the_answer_than_max_response_
     # Without the bound: the 8 MiB answer in the SDK's events, in the gateway's parts, and
     # three times more at the end. With it, 3.5 to 7.5 MiB was seen (read-ahead included).
     assert growth < 12 * MiB, f"{growth / MiB:.1f} MiB"
+
+
+# --- Anthropic's JSON mode holds a wrapped answer until its block ends -------------------------
+
+ARRAY_FORMAT: Any = {
+    "type": "json_schema",
+    "json_schema": {"name": "list", "schema": {"type": "array", "items": {"type": "string"}}},
+}
+JSON_TOOL_START = {
+    "type": "content_block_start",
+    "index": 0,
+    "content_block": {"type": "tool_use", "id": "toolu_1", "name": "json_tool_call", "input": {}},
+}
+
+
+def json_piece(partial: str) -> dict[str, Any]:
+    delta = {"type": "input_json_delta", "partial_json": partial}
+    return {"type": "content_block_delta", "index": 0, "delta": delta}
+
+
+def streams_json(pieces: int) -> Any:
+    """The forced JSON tool's block, opened and never closed: `pieces` deltas of 64 KiB of
+    partial JSON, each written when the last is taken."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(http("200 OK", {"Content-Type": "text/event-stream", "Connection": "close"}))
+        writer.write(named_events([ANTHROPIC_START, JSON_TOOL_START]))
+        event = named_events([json_piece(PIECE)])
+        for _ in range(pieces):
+            writer.write(event)
+            await writer.drain()
+        writer.close()
+
+    return answer
+
+
+async def json_mode(rig: Rig) -> tuple[list[str], openai.APIError | None]:
+    """A streamed chat request for a JSON array, through the SDK: its content deltas, and the
+    error event that ended it (None: it ended normally)."""
+    seen: list[str] = []
+    async with openai_client(rig.gateway, rig.key) as client:
+        stream = await client.chat.completions.create(
+            model="m", messages=HI, stream=True, response_format=ARRAY_FORMAT
+        )
+        try:
+            async for chunk_ in stream:
+                seen.extend(c.delta.content for c in chunk_.choices if c.delta.content)
+        except openai.APIError as exc:
+            return seen, exc
+    return seen, None
+
+
+async def test_a_wrapped_json_answer_holds_no_more_than_max_response_bytes(build: Build) -> None:
+    # A schema that is not an object is wrapped (`{"values": ...}`), so its answer can only be
+    # unwrapped whole: the pieces were held until the block ended. An upstream that never
+    # ended it made the gateway hold all it sent (the stream ended only when it hung up).
+    rig = await build("anthropic", streams_json(512), max_response_bytes=MiB)
+    (seen, error), growth = await peak_growth(json_mode(rig))
+    assert seen == [] and error is not None
+    assert "max_response_bytes" in error.message, error.message
+    # Without the bound, 35 MiB was seen: the 32 MiB sent, all held. With it, 4.5 MiB (1 MiB
+    # held, the rest read-ahead).
+    assert growth < 8 * MiB, f"{growth / MiB:.1f} MiB"
+
+
+async def test_a_wrapped_json_answer_within_the_limit_is_unwrapped(build: Build) -> None:
+    pieces = [json_piece(p) for p in ['{"val', 'ues": ["a", ', '"b"]}']]
+    end = {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {}}
+    events = [ANTHROPIC_START, JSON_TOOL_START, *pieces, {"type": "content_block_stop", "index": 0}]
+    body = named_events([*events, end, {"type": "message_stop"}])
+    rig = await build("anthropic", sends(until_close(body)), max_response_bytes=MiB)
+    seen, error = await json_mode(rig)
+    assert (seen, error) == (['["a","b"]'], None)

@@ -18,7 +18,7 @@ from typing import Protocol
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from gateway.errors import InvalidRequest, UpstreamError
+from gateway.errors import InvalidRequest, UpstreamBadResponse, UpstreamError
 from gateway.providers._http import done
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import (
@@ -44,6 +44,7 @@ from gateway.schemas.common import Usage
 __all__ = [
     "ChunkWriter",
     "DataURL",
+    "HeldAnswer",
     "StreamState",
     "assistant_text",
     "completion_body",
@@ -320,6 +321,36 @@ class ChunkWriter:
 
     def usage(self, usage: Usage) -> bytes:
         return self._chunk([], usage)
+
+
+class HeldAnswer:
+    """What a stream translator holds of one answer (to join or repeat it later), bounded as
+    a whole answer is: past the answering provider's `max_response_bytes` (`limit`; None:
+    unbounded), the stream ends with an error naming the setting. `what` names the holder.
+    """
+
+    __slots__ = ("held", "limit", "what")
+
+    def __init__(self, what: str, limit: int | None = None) -> None:
+        self.what = what
+        self.limit = limit
+        self.held = 0
+
+    def add(self, size: int) -> None:
+        """Count `size` more held (characters or bytes).
+
+        Raises:
+            UpstreamBadResponse: more than `limit` is held.
+        """
+        self.held += size
+        if self.limit is not None and self.held > self.limit:
+            raise UpstreamBadResponse(
+                f"The upstream provider's answer grew larger than {self.limit} bytes (the "
+                f"provider's max_response_bytes), the most {self.what} holds."
+            )
+
+    def release(self, size: int) -> None:
+        self.held -= size
 
 
 class StreamState(Protocol):

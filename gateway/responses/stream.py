@@ -17,7 +17,8 @@ from typing import Literal
 
 import msgspec
 
-from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamError
+from gateway.errors import GatewayError, UpstreamError
+from gateway.providers._translate import HeldAnswer
 from gateway.providers.base import ChatCall
 from gateway.responses.framing import event_frame, framed_batches
 from gateway.responses.output import finished, item_status, new_id
@@ -134,8 +135,7 @@ class ResponseEvents:
         self._response = base
         self._call = call
         self._limit = limit
-        self._max: int | None = None
-        self._held = 0
+        self._held = HeldAnswer("a Responses stream")
         self._seq = 0
         self._frames: list[bytes] = []
         self._items: list[OutputItem] = []
@@ -179,7 +179,7 @@ class ResponseEvents:
             raise UpstreamError("The upstream provider sent a malformed stream event.") from None
         if not self._started:
             self._started = True
-            self._max = self._limit()  # the answering provider's, now that it is known
+            self._held.limit = self._limit()  # the answering provider's, now it is known
             self._response.created_at = chunk.created
             self._response.model = chunk.model
             self._emit(CreatedEvent(response=self._response))
@@ -229,7 +229,7 @@ class ResponseEvents:
                     part=_part(part, ""),
                 )
             )
-        self._hold(text)
+        self._held.add(len(text))
         item.parts[part].append(text)
         self._emit(_part_delta(item, part, list(item.parts).index(part), text))
 
@@ -249,20 +249,12 @@ class ResponseEvents:
         elif function and isinstance(function.name, str) and function.name and not item.name:
             item.name = function.name  # a late name (some servers send it after the id)
         if function and isinstance(function.arguments, str) and function.arguments:
-            self._hold(function.arguments)
+            self._held.add(len(function.arguments))
             item.arguments.append(function.arguments)
             self._emit(
                 ArgumentsDeltaEvent(
                     item_id=item.id, output_index=item.index, delta=function.arguments
                 )
-            )
-
-    def _hold(self, text: str) -> None:
-        self._held += len(text)
-        if self._max is not None and self._held > self._max:
-            raise UpstreamBadResponse(
-                f"The upstream provider's answer grew larger than {self._max} bytes (the "
-                "provider's max_response_bytes), the most a Responses stream holds."
             )
 
     def _close(self) -> None:

@@ -62,7 +62,7 @@ class AnthropicProvider:
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         body, json_tool = self._body(call, stream=True)
-        state = AnthropicStream(call, self.config.name, json_tool)
+        state = AnthropicStream(call, self.config.name, json_tool, self.config.max_response_bytes)
         events = self._http.stream(self._url, body, call)
         async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
             async for batch in chunks:

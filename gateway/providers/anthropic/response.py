@@ -10,7 +10,7 @@ from msgspec import UNSET, UnsetType
 from gateway.errors import UpstreamError, UpstreamUnavailable
 from gateway.providers._answers import read_usage
 from gateway.providers._errors import DECODE_ERRORS
-from gateway.providers._translate import ChunkWriter, completion_body, message
+from gateway.providers._translate import ChunkWriter, HeldAnswer, completion_body, message
 from gateway.providers.anthropic.request import JSON_TOOL, JsonTool
 from gateway.providers.anthropic.wire import (
     EVENT_DECODER,
@@ -44,6 +44,9 @@ FINISH_REASONS = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
+# What an open content block's state is counted as against max_response_bytes: about the
+# memory it takes, so an upstream that opens blocks and never closes them is bounded too.
+BLOCK_STATE_SIZE = 256
 
 
 def openai_usage(usage: AnthropicUsage) -> Usage:
@@ -151,6 +154,10 @@ class _BlockState:
     slot: int = 0  # the OpenAI tool-call index of a "tool" block
     has_arguments: bool = False
     held: list[str] = field(default_factory=list)  # a wrapped JSON answer, until it is whole
+    held_size: int = 0  # its characters
+
+    def size(self) -> int:
+        return BLOCK_STATE_SIZE + self.held_size
 
 
 class AnthropicStream:
@@ -160,9 +167,19 @@ class AnthropicStream:
     tool_use to a tool call (its index counts tool calls only, not Anthropic's block index),
     and the forced JSON tool's argument fragments to `content` (a wrapped, non-object answer
     is held until its block ends, since only the whole of it can be unwrapped).
+
+    What is held, that answer and the state of each open block, is bounded as a whole answer
+    is, by the provider's `max_response_bytes` (`limit`; None: unbounded), counted in
+    characters of the held answer and `BLOCK_STATE_SIZE` per open block.
     """
 
-    def __init__(self, call: ChatCall, provider: str, json_tool: JsonTool | None) -> None:
+    def __init__(
+        self,
+        call: ChatCall,
+        provider: str,
+        json_tool: JsonTool | None,
+        limit: int | None = None,
+    ) -> None:
         self.call = call
         self.provider = provider
         self.json_tool = json_tool
@@ -170,7 +187,8 @@ class AnthropicStream:
         self.tally = UsageTally(provider)
         self.finished = False
         self.done = False
-        self._blocks: dict[int, _BlockState] = {}  # by Anthropic's block index
+        self._blocks: dict[int, _BlockState] = {}  # open blocks, by Anthropic's block index
+        self._held = HeldAnswer("a stream translated from Anthropic", limit)
 
     def feed(self, data: bytes) -> list[bytes]:
         """The chunks for one upstream event.
@@ -209,7 +227,9 @@ class AnthropicStream:
         if kind == "content_block_delta" and event.delta is not None:
             return self._block_delta(writer, event.index, event.delta)
         if kind == "content_block_stop":
-            state = self._blocks.get(event.index)
+            state = self._blocks.pop(event.index, None)
+            if state is not None:
+                self._held.release(state.size())
             if state is not None and state.kind == "tool" and not state.has_arguments:
                 return [writer.tool_arguments(state.slot, "{}")]  # a call without arguments
             if state is not None and state.held and self.json_tool is not None:
@@ -244,17 +264,24 @@ class AnthropicStream:
     ) -> list[bytes]:
         if block.type == "tool_use":
             if self.json_tool is not None and block.name == JSON_TOOL:
-                self._blocks[index] = _BlockState("json")
+                self._open(index, _BlockState("json"))
                 return []
             slot, chunk = writer.tool_start(block.id, block.name)
-            self._blocks[index] = _BlockState("tool", slot)
+            self._open(index, _BlockState("tool", slot))
             self.call.chunks += 1
             return [chunk]
-        self._blocks[index] = _BlockState(block.type)
+        self._open(index, _BlockState(block.type))
         if block.type == "text" and block.text:
             self.call.chunks += 1
             return [writer.text(block.text)]
         return []
+
+    def _open(self, index: int, state: _BlockState) -> None:
+        old = self._blocks.get(index)  # (a block started twice: the second replaces it)
+        if old is not None:
+            self._held.release(old.size())
+        self._held.add(state.size())
+        self._blocks[index] = state
 
     def _block_delta(self, writer: ChunkWriter, index: int, delta: AnthropicDelta) -> list[bytes]:
         state = self._blocks.get(index)
@@ -268,7 +295,9 @@ class AnthropicStream:
             self.call.chunks += 1
             if state.kind == "json":
                 if self.json_tool is not None and self.json_tool.wrapped:
+                    self._held.add(len(delta.partial_json))
                     state.held.append(delta.partial_json)  # unwrapped once it is whole
+                    state.held_size += len(delta.partial_json)
                     return []
                 return [writer.text(delta.partial_json)]
             if state.kind == "tool":
