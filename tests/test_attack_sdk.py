@@ -1,0 +1,43 @@
+"""What a demanding user of the official `openai` SDK meets through each translation.
+
+Each test drives the gateway with the SDK (or reads its raw answer where the SDK would hide the
+defect) in front of the in-process fakes, and checks what OpenAI's API itself guarantees and the
+translated answer broke: e.g. embeddings of unit length when `dimensions` shortens them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+
+from tests.conftest import MakeSettings, openai_client
+from tests.rigs import fake_for, model_on, serve
+
+
+@pytest.mark.parametrize("encoding", [{}, {"encoding_format": "float"}], ids=["sdk", "float"])
+async def test_gemini_shortened_embeddings_have_unit_length(
+    encoding: dict[str, Any],
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+) -> None:
+    """OpenAI's embeddings have length 1, `dimensions` or not, so clients rank by dot product.
+    Gemini normalises only its full 3072-dimension vectors: a shortened one comes back as the
+    first values of it, which the gateway must scale back to unit length."""
+    model = model_on("emb", "up", "gemini-embedding-001", embeddings=True)
+    gateway, key = await serve(
+        "gemini", fake_for("gemini"), aiohttp_server, aiohttp_client, make_settings, model
+    )
+    async with openai_client(gateway, key) as client:
+        reply = await client.embeddings.create(
+            model="emb",
+            input=["hello world", "goodbye"],
+            dimensions=8,
+            **encoding,  # none: the SDK asks for base64 and decodes it
+        )
+    for item in reply.data:
+        assert len(item.embedding) == 8
+        assert math.sqrt(sum(v * v for v in item.embedding)) == pytest.approx(1.0, abs=1e-6)
