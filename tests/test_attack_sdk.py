@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from openai.types.chat import ChatCompletionMessage
 
 from tests.conftest import MakeSettings, openai_client
 from tests.rigs import fake_for, model_on, serve
+from tests.test_contract import UPSTREAM_MODELS
 
 
 @pytest.mark.parametrize("encoding", [{}, {"encoding_format": "float"}], ids=["sdk", "float"])
@@ -41,3 +43,40 @@ async def test_gemini_shortened_embeddings_have_unit_length(
     for item in reply.data:
         assert len(item.embedding) == 8
         assert math.sqrt(sum(v * v for v in item.embedding)) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_a_refusal_fed_back_stays_in_the_history(
+    kind: str,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+) -> None:
+    """The SDK's usual loop appends the answer's message to the history; after a refusal that
+    message has `content: null` and the text in `refusal`. Translated, the turn must keep that
+    text: dropped, the model never sees it refused, and the two user turns run together."""
+    fake = fake_for(kind)
+    model = model_on("m", "up", UPSTREAM_MODELS[kind])
+    gateway, key = await serve(kind, fake, aiohttp_server, aiohttp_client, make_settings, model)
+    refused = ChatCompletionMessage(role="assistant", content=None, refusal="I can't help.")
+    async with openai_client(gateway, key) as client:
+        reply = await client.chat.completions.create(
+            model="m",
+            messages=[
+                {"role": "user", "content": "Do the bad thing."},
+                refused.model_dump(),  # type: ignore[list-item]
+                {"role": "user", "content": "Something else then."},
+            ],
+        )
+    assert reply.choices[0].message.content == "echo: Something else then."
+    body = fake.requests[-1].json
+    if kind == "anthropic":
+        turns = [(m["role"], [b["text"] for b in m["content"]]) for m in body["messages"]]
+    else:
+        turns = [(c["role"], [p["text"] for p in c["parts"]]) for c in body["contents"]]
+    assistant = "assistant" if kind == "anthropic" else "model"
+    assert turns == [
+        ("user", ["Do the bad thing."]),
+        (assistant, ["I can't help."]),
+        ("user", ["Something else then."]),
+    ]

@@ -22,6 +22,7 @@ from gateway.errors import InvalidRequest, UpstreamError
 from gateway.providers._http import done
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import (
+    AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -34,7 +35,6 @@ from gateway.schemas.chat import (
     FileContentPart,
     ImageOutput,
     ImageURL,
-    RefusalContentPart,
     TextContentPart,
     ToolCall,
 )
@@ -91,11 +91,15 @@ def joined_text(content: str | list[TextContentPart] | None, sep: str = "\n") ->
     return sep.join(p.text for p in content)
 
 
-def assistant_text(content: str | list[TextContentPart | RefusalContentPart] | None) -> str:
-    """An assistant message's text, its refusal parts included."""
+def assistant_text(msg: AssistantMessage) -> str:
+    """An assistant message's text, its refusal included: an answer the SDK appends to the
+    history after a refusal has `content: null` and the text in `refusal`."""
+    content = msg.content
     if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(p.text if isinstance(p, TextContentPart) else p.refusal for p in content)
+        text = content or ""
+    else:
+        text = "".join(p.text if isinstance(p, TextContentPart) else p.refusal for p in content)
+    return text or (msg.refusal if isinstance(msg.refusal, str) else "")
 
 
 def file_data(part: FileContentPart, param: str, provider_type: str) -> str:
