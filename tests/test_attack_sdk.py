@@ -80,3 +80,48 @@ async def test_a_refusal_fed_back_stays_in_the_history(
         (assistant, ["I can't help."]),
         ("user", ["Something else then."]),
     ]
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_a_streamed_tool_call_answer_has_null_content(
+    kind: str,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+) -> None:
+    """OpenAI opens a stream that starts with a tool call with `content: null`, so the SDK's
+    `stream()` helper ends with `content None`, as `create()` gives. A role chunk sent ahead
+    with `content: ""` made the streamed answer's text an empty string instead."""
+    fake = fake_for(kind)
+    model = model_on("m", "up", UPSTREAM_MODELS[kind])
+    gateway, key = await serve(kind, fake, aiohttp_server, aiohttp_client, make_settings, model)
+    request: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER],
+        "tool_choice": "required",
+    }
+    async with openai_client(gateway, key) as client:
+        whole = await client.chat.completions.create(**request)
+        async with client.chat.completions.stream(**request) as stream:
+            first = await anext(aiter(stream))
+            streamed = await stream.get_final_completion()
+    assert first.type == "chunk"
+    delta = first.chunk.choices[0].delta
+    assert delta.role == "assistant" and delta.tool_calls and delta.content is None
+    assert whole.choices[0].message.content is None
+    assert streamed.choices[0].message.content is None
+    assert streamed.choices[0].message.tool_calls

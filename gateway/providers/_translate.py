@@ -279,18 +279,17 @@ class ChunkWriter:
         )
 
     def _delta(self, delta: Delta, index: int = 0, finish: str | None = None) -> bytes:
+        # The role goes with a choice's first delta, not ahead of it: OpenAI's opens a tool
+        # call answer with `content: null` (the SDK's stream helper then ends with None, as
+        # a whole completion has), a text answer with `content: ""`.
         if index not in self._started:
             self._started.add(index)
             delta.role = "assistant"
             if delta.content is UNSET:
                 delta.content = "" if delta.tool_calls is UNSET else None
+            if delta.refusal is UNSET:
+                delta.refusal = None
         return self._chunk([ChunkChoice(index, delta, finish)])
-
-    def start(self, index: int = 0) -> bytes | None:
-        """The role chunk, if this choice has not sent one yet."""
-        if index in self._started:
-            return None
-        return self._delta(Delta(content="", refusal=None), index)
 
     def text(self, text: str, index: int = 0) -> bytes:
         return self._delta(Delta(content=text), index)
