@@ -521,15 +521,20 @@ def test_stream_tool_without_arguments_and_thinking() -> None:
         ),
     )
     assert stream.done
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
-    assert chunks[1]["choices"][0]["delta"] == {"reasoning_content": "hm"}
-    assert chunks[2]["choices"][0]["delta"]["tool_calls"][0]["id"] == "t1"
-    assert chunks[3]["choices"][0]["delta"]["tool_calls"] == [
+    # The role goes with the first delta (no role chunk of its own ahead of it).
+    assert chunks[0]["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+        "refusal": None,
+        "reasoning_content": "hm",
+    }
+    assert chunks[1]["choices"][0]["delta"]["tool_calls"][0]["id"] == "t1"
+    assert chunks[2]["choices"][0]["delta"]["tool_calls"] == [
         {"index": 0, "function": {"arguments": "{}"}}
     ]
-    assert chunks[4]["choices"][0]["finish_reason"] == "tool_calls"
-    assert chunks[5]["choices"] == [] and chunks[5]["usage"]["total_tokens"] == 19
-    assert all(c["usage"] is None for c in chunks[:5])
+    assert chunks[3]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[4]["choices"] == [] and chunks[4]["usage"]["total_tokens"] == 19
+    assert all(c["usage"] is None for c in chunks[:4])
     assert call.usage is not None and call.usage.completion_tokens == 12
 
 

@@ -22,6 +22,7 @@ from gateway.errors import InvalidRequest, UpstreamBadResponse, UpstreamError
 from gateway.providers._http import done
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import (
+    AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -34,7 +35,6 @@ from gateway.schemas.chat import (
     FileContentPart,
     ImageOutput,
     ImageURL,
-    RefusalContentPart,
     TextContentPart,
     ToolCall,
 )
@@ -92,11 +92,15 @@ def joined_text(content: str | list[TextContentPart] | None, sep: str = "\n") ->
     return sep.join(p.text for p in content)
 
 
-def assistant_text(content: str | list[TextContentPart | RefusalContentPart] | None) -> str:
-    """An assistant message's text, its refusal parts included."""
+def assistant_text(msg: AssistantMessage) -> str:
+    """An assistant message's text, its refusal included: an answer the SDK appends to the
+    history after a refusal has `content: null` and the text in `refusal`."""
+    content = msg.content
     if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(p.text if isinstance(p, TextContentPart) else p.refusal for p in content)
+        text = content or ""
+    else:
+        text = "".join(p.text if isinstance(p, TextContentPart) else p.refusal for p in content)
+    return text or (msg.refusal if isinstance(msg.refusal, str) else "")
 
 
 def file_data(part: FileContentPart, param: str, provider_type: str) -> str:
@@ -276,18 +280,17 @@ class ChunkWriter:
         )
 
     def _delta(self, delta: Delta, index: int = 0, finish: str | None = None) -> bytes:
+        # The role goes with a choice's first delta, not ahead of it: OpenAI's opens a tool
+        # call answer with `content: null` (the SDK's stream helper then ends with None, as
+        # a whole completion has), a text answer with `content: ""`.
         if index not in self._started:
             self._started.add(index)
             delta.role = "assistant"
             if delta.content is UNSET:
                 delta.content = "" if delta.tool_calls is UNSET else None
+            if delta.refusal is UNSET:
+                delta.refusal = None
         return self._chunk([ChunkChoice(index, delta, finish)])
-
-    def start(self, index: int = 0) -> bytes | None:
-        """The role chunk, if this choice has not sent one yet."""
-        if index in self._started:
-            return None
-        return self._delta(Delta(content="", refusal=None), index)
 
     def text(self, text: str, index: int = 0) -> bytes:
         return self._delta(Delta(content=text), index)

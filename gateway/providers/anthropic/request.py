@@ -152,7 +152,7 @@ def _user_blocks(msg: UserMessage, at: str) -> list[AnthropicBlock]:
 
 
 def _assistant_blocks(msg: AssistantMessage, at: str) -> list[AnthropicBlock]:
-    text = assistant_text(msg.content)
+    text = assistant_text(msg)
     blocks: list[AnthropicBlock] = [AnthropicText(text)] if text.strip() else []
     for j, call in enumerate(msg.tool_calls or ()):
         args = object_arguments(call.function.arguments, f"{at}.tool_calls[{j}].function.arguments")

@@ -211,8 +211,7 @@ class AnthropicStream:
                 include_usage=self.call.request.wants_usage,
             )
             self.tally.merge(msg.usage)
-            start = self.writer.start()
-            return [start] if start else []
+            return []  # the role goes out with the first delta
         if kind == "error":
             raise event_error(self.provider, event.error or AnthropicErrorBody())
         writer = self.writer

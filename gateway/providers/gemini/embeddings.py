@@ -1,13 +1,17 @@
 """OpenAI embeddings requests → Gemini's `batchEmbedContents`, and its vectors back.
 
 Each input text becomes one `EmbedContentRequest` (`model` naming the same model as the URL,
-as Google requires), `dimensions` becomes `outputDimensionality`. Google takes at most 100
+as Google requires), `dimensions` becomes `outputDimensionality`, and the shortened vectors
+that come back are scaled to unit length (OpenAI's always have it; Gemini's only at full
+size). Google takes at most 100
 requests per call, so larger inputs are sent in batches of 100, one after the other. Gemini
 embeds text only: token-id inputs are a 400. It reports no token usage for embeddings, so the
 usage is the gateway's estimate (and the usage row says it was estimated).
 """
 
 from __future__ import annotations
+
+import math
 
 from msgspec import UNSET
 
@@ -65,7 +69,13 @@ async def embed(http: UpstreamClient, url: str, model: str, call: EmbeddingCall)
                 f"The upstream provider '{http.config.name}' answered {len(answer.embeddings)} "
                 f"embeddings for {len(batch)} inputs."
             )
-        vectors.extend(e.values for e in answer.embeddings)
+        vectors.extend(e.values if dims is UNSET else _unit(e.values) for e in answer.embeddings)
     prompt = req.prompt_estimate()
     body_out = embedding_list(vectors, model=req.model, prompt_tokens=prompt, as_base64=req.base64)
     return ChatReply(body=body_out, usage=None)
+
+
+def _unit(values: list[float]) -> list[float]:
+    """`values` scaled to length 1 (a zero vector stays as it is)."""
+    length = math.sqrt(math.fsum(v * v for v in values))
+    return [v / length for v in values] if length else values

@@ -147,7 +147,7 @@ def _user_parts(msg: UserMessage, at: str) -> list[GeminiPart]:
 
 
 def _model_parts(msg: AssistantMessage, at: str, gemini3: bool) -> list[GeminiPart]:
-    text = assistant_text(msg.content)
+    text = assistant_text(msg)
     parts = [GeminiPart(text=text)] if text else []
     for j, call in enumerate(msg.tool_calls or ()):
         args = object_arguments(call.function.arguments, f"{at}.tool_calls[{j}].function.arguments")

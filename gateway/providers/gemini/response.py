@@ -148,6 +148,7 @@ class GeminiStream:
         self.provider = provider
         self.writer: ChunkWriter | None = None
         self.usage = NO_USAGE  # the last `usageMetadata` (each counts the whole answer so far)
+        self.seen: set[int] = set()  # choices that started
         self.open: set[int] = set()  # choices that started and have not finished
         self.done = False  # Gemini has no end event: its stream just closes
 
@@ -173,16 +174,13 @@ class GeminiStream:
             self.usage = msgspec.Raw(bytes(resp.usage_metadata))  # not the whole event
         out: list[bytes] = []
         if not resp.candidates and resp.prompt_feedback and resp.prompt_feedback.block_reason:
-            if (start := writer.start()) is not None:
-                out.append(start)
             out.append(writer.finish("content_filter"))
             return out
         for cand in resp.candidates:
             index = cand.index
-            start = writer.start(index)
-            if start is not None:
+            if index not in self.seen:
+                self.seen.add(index)
                 self.open.add(index)
-                out.append(start)
             for part in cand.content.parts if cand.content else ():
                 out.extend(self._part(writer, part, index))
             if cand.finish_reason and index in self.open:
