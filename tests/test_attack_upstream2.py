@@ -14,11 +14,23 @@ import math
 import struct
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
 from tests.conftest import openai_client, usage_rows
-from tests.test_attack_upstream import Build, build, sends, whole
+from tests.test_attack_upstream import (
+    ANTHROPIC_START,
+    ANTHROPIC_TEXT_START,
+    Build,
+    anthropic_text,
+    build,
+    named_events,
+    sends,
+    until_close,
+    whole,
+)
+from tests.test_messages import anthropic_client
 
 __all__ = ["build"]  # the fixture, used here by name
 
@@ -121,3 +133,87 @@ async def test_a_good_answer_is_relayed_byte_for_byte(build: Build) -> None:
     rig = await build("openai", sends(answer))
     status, out = await rig.post("/v1/embeddings", {"model": "m", "input": INPUTS})
     assert status == 200 and out == answer.split(b"\r\n\r\n", 1)[1]
+
+
+# --- /v1/messages: events out of the order the Messages API promises ---------------------------
+
+BLOCK_STOP = {"type": "content_block_stop", "index": 0}
+MESSAGE_END = [
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+    {"type": "message_stop"},
+]
+TEXT_AT_5 = {**anthropic_text("x"), "index": 5}
+OUT_OF_ORDER: dict[str, list[dict[str, Any]]] = {
+    "delta-before-message-start": [anthropic_text("hi"), ANTHROPIC_START, *MESSAGE_END],
+    "block-never-started": [ANTHROPIC_START, anthropic_text("hi"), *MESSAGE_END],
+    "delta-for-another-block": [
+        ANTHROPIC_START,
+        ANTHROPIC_TEXT_START,
+        anthropic_text("hi"),
+        TEXT_AT_5,
+        *MESSAGE_END,
+    ],
+    "block-started-at-5": [
+        ANTHROPIC_START,
+        {**ANTHROPIC_TEXT_START, "index": 5},
+        TEXT_AT_5,
+        *MESSAGE_END,
+    ],
+    "stop-of-a-block-never-started": [
+        ANTHROPIC_START,
+        ANTHROPIC_TEXT_START,
+        anthropic_text("hi"),
+        {**BLOCK_STOP, "index": 1},
+        *MESSAGE_END,
+    ],
+    "message-start-twice": [
+        ANTHROPIC_START,
+        ANTHROPIC_TEXT_START,
+        anthropic_text("hi"),
+        ANTHROPIC_START,
+        *MESSAGE_END,
+    ],
+}
+
+
+async def messages_stream(rig: Any) -> Any:
+    """The final message of a streamed `/v1/messages` request, as the `anthropic` SDK builds it."""
+    async with anthropic_client(rig.gateway, rig.key) as client:
+        messages: Any = [{"role": "user", "content": "hi"}]
+        async with client.messages.stream(model="m", max_tokens=10, messages=messages) as stream:
+            async for _ in stream:
+                pass
+            return await stream.get_final_message()
+
+
+@pytest.mark.parametrize("order", list(OUT_OF_ORDER))
+async def test_messages_events_out_of_order_are_an_error_the_sdk_raises(
+    build: Build, order: str
+) -> None:
+    # Relayed as they came, they crashed the SDK's accumulator (IndexError for a block it
+    # never saw started, RuntimeError for an event before `message_start`) instead of raising
+    # an `anthropic.APIError` a client handles; a second `message_start` was taken silently.
+    rig = await build("anthropic", sends(until_close(named_events(OUT_OF_ORDER[order]))))
+    with pytest.raises(anthropic.APIError) as caught:
+        await messages_stream(rig)
+    assert "out of order" in caught.value.message
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] >= 500 and row["prompt_tokens"] >= 0
+
+
+async def test_messages_pings_and_unknown_events_keep_their_place(build: Build) -> None:
+    ping = {"type": "ping"}
+    later = {"type": "some_event_added_later", "index": 9}
+    events = [
+        ping,
+        ANTHROPIC_START,
+        *[ping] * 1000,
+        later,
+        ANTHROPIC_TEXT_START,
+        anthropic_text("hi"),
+        BLOCK_STOP,
+        *MESSAGE_END,
+    ]
+    rig = await build("anthropic", sends(until_close(named_events(events))))
+    message = await messages_stream(rig)
+    assert [block.text for block in message.content if block.type == "text"] == ["hi"]
