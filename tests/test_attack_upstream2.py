@@ -217,3 +217,41 @@ async def test_messages_pings_and_unknown_events_keep_their_place(build: Build) 
     rig = await build("anthropic", sends(until_close(named_events(events))))
     message = await messages_stream(rig)
     assert [block.text for block in message.content if block.type == "text"] == ["hi"]
+
+
+# --- Gemini: more candidates than the client asked for ------------------------------------------
+
+
+def candidate(text: str, index: int) -> dict[str, Any]:
+    content = {"role": "model", "parts": [{"text": text}]}
+    return {"content": content, "finishReason": "STOP", "index": index}
+
+
+GEMINI_USAGE = {"promptTokenCount": 3, "candidatesTokenCount": 2}
+
+
+@pytest.mark.parametrize("n", [None, 2])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_candidates_past_n_are_dropped(build: Build, stream: bool, n: int | None) -> None:
+    # With n = 1 (or none) the client got a second choice, or a stream of chunks for indexes
+    # it never asked for (each kept open in the translator: a million indexes, a million).
+    cands = [candidate("first", 0), candidate("second", 1), candidate("stray", 7)]
+    cands += [candidate("negative", -1), candidate("again", 0)]
+    data = json.dumps({"candidates": cands, "usageMetadata": GEMINI_USAGE}).encode()
+    answer = until_close(b"data: %b\n\n" % data) if stream else whole(data)
+    rig = await build("gemini", sends(answer))
+    messages: Any = [{"role": "user", "content": "hi"}]
+    extra = {} if n is None else {"n": n}
+    async with openai_client(rig.gateway, rig.key) as client:
+        if stream:
+            chunks = await client.chat.completions.create(
+                model="m", messages=messages, stream=True, **extra
+            )
+            texts: dict[int, str] = {}
+            async for chunk in chunks:
+                for choice in chunk.choices:
+                    texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+        else:
+            completion = await client.chat.completions.create(model="m", messages=messages, **extra)
+            texts = {c.index: c.message.content or "" for c in completion.choices}
+    assert texts == ({0: "first"} if n is None else {0: "first", 1: "second"})

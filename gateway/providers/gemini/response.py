@@ -28,7 +28,15 @@ from gateway.providers.gemini.wire import (
 from gateway.schemas.chat import Choice, FunctionCall, ToolCall
 from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
 
-__all__ = ["GeminiStream", "finish_reason", "from_gemini", "has_usage", "openai_usage", "usage_of"]
+__all__ = [
+    "GeminiStream",
+    "choice_count",
+    "finish_reason",
+    "from_gemini",
+    "has_usage",
+    "openai_usage",
+    "usage_of",
+]
 
 FILTERED = frozenset(
     {
@@ -100,13 +108,22 @@ def _image_url(part: GeminiReadPart) -> str | None:
     return f"data:{blob.mime_type};base64,{blob.data}"
 
 
+def choice_count(call: ChatCall) -> int:
+    """How many choices the client asked for (`n`), and so the most it gets: candidates past
+    them (an upstream that answers several to `n = 1`, or indexes of its own) are dropped."""
+    n = call.request.n
+    return n if isinstance(n, int) else 1
+
+
 def from_gemini(
-    resp: GeminiResponse, model: str, provider: str = "gemini"
+    resp: GeminiResponse, model: str, provider: str = "gemini", *, choice_count: int = 1
 ) -> tuple[bytes, Usage | None]:
     """A `GenerateContentResponse` as an OpenAI `chat.completion` (encoded) and its usage
-    (None: unreadable, see `usage_of`)."""
+    (None: unreadable, see `usage_of`); candidates at `choice_count` or past it are dropped."""
     choices: list[Choice] = []
     for cand in resp.candidates:
+        if not 0 <= cand.index < choice_count or any(c.index == cand.index for c in choices):
+            continue
         texts: list[str] = []
         thoughts: list[str] = []
         calls: list[ToolCall] = []
@@ -149,6 +166,7 @@ class GeminiStream:
         self.writer: ChunkWriter | None = None
         self.usage = NO_USAGE  # the last `usageMetadata` (each counts the whole answer so far)
         self.open: set[int] = set()  # choices that started and have not finished
+        self.choices = choice_count(call)  # (candidates at other indexes are dropped)
         self.done = False  # Gemini has no end event: its stream just closes
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -177,8 +195,12 @@ class GeminiStream:
                 out.append(start)
             out.append(writer.finish("content_filter"))
             return out
+        seen: set[int] = set()
         for cand in resp.candidates:
             index = cand.index
+            if not 0 <= index < self.choices or index in seen:
+                continue  # (one candidate per index in a chunk, as in an answer)
+            seen.add(index)
             start = writer.start(index)
             if start is not None:
                 self.open.add(index)
