@@ -255,3 +255,23 @@ async def test_candidates_past_n_are_dropped(build: Build, stream: bool, n: int 
             completion = await client.chat.completions.create(model="m", messages=messages, **extra)
             texts = {c.index: c.message.content or "" for c in completion.choices}
     assert texts == ({0: "first"} if n is None else {0: "first", 1: "second"})
+
+
+# --- Gemini: an answer without usage ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_an_answer_without_usage_is_estimated_not_free(build: Build, stream: bool) -> None:
+    # Without `usageMetadata` the usage was all zeros and believed: the row said 0 tokens,
+    # not estimated, and the key's budget never went down, however long the prompt.
+    data = json.dumps({"candidates": [candidate("hi", 0)]}).encode()
+    rig = await build(
+        "gemini", sends(until_close(b"data: %b\n\n" % data) if stream else whole(data))
+    )
+    messages: Any = [{"role": "user", "content": "a long prompt " * 100}]
+    status, _ = await rig.post(
+        "/v1/chat/completions", {"model": "m", "messages": messages, "stream": stream}
+    )
+    [row] = await usage_rows(rig.gateway)
+    assert (status, row["status"], row["estimated"]) == (200, 200, 1)
+    assert row["prompt_tokens"] > 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import structlog
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
@@ -37,6 +38,8 @@ __all__ = [
     "openai_usage",
     "usage_of",
 ]
+
+log = structlog.get_logger(__name__)
 
 FILTERED = frozenset(
     {
@@ -75,10 +78,12 @@ def has_usage(raw: msgspec.Raw) -> bool:
 
 
 def usage_of(raw: msgspec.Raw, provider: str) -> Usage | None:
-    """The usage of a `usageMetadata` (absent: all zeros); None if a count cannot be read
-    (the row is then estimated, and the client told nothing)."""
+    """The usage of a `usageMetadata`; None if it is absent (every Gemini answer has one: an
+    answer without could otherwise cost nothing) or a count cannot be read: the row is then
+    estimated, and the client told nothing."""
     if not has_usage(raw):
-        return openai_usage(GeminiUsage())
+        log.warning("upstream_usage_missing", provider=provider)
+        return None
     counts = read_usage(provider, raw, USAGE_DECODER)
     return openai_usage(counts) if counts is not None else None
 
