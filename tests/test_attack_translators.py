@@ -229,13 +229,14 @@ def streams_json(pieces: int) -> Any:
 
 async def json_mode(rig: Rig) -> tuple[list[str], openai.APIError | None]:
     """A streamed chat request for a JSON array, through the SDK: its content deltas, and the
-    error event that ended it (None: it ended normally)."""
+    error that ended it, an HTTP status before any chunk or an error event after (None: it
+    ended normally)."""
     seen: list[str] = []
     async with openai_client(rig.gateway, rig.key) as client:
-        stream = await client.chat.completions.create(
-            model="m", messages=HI, stream=True, response_format=ARRAY_FORMAT
-        )
         try:
+            stream = await client.chat.completions.create(
+                model="m", messages=HI, stream=True, response_format=ARRAY_FORMAT
+            )
             async for chunk_ in stream:
                 seen.extend(c.delta.content for c in chunk_.choices if c.delta.content)
         except openai.APIError as exc:

@@ -31,6 +31,7 @@ from gateway.providers._answers import (
     text_completion_usage,
 )
 from gateway.providers._call_ids import short_ids
+from gateway.providers._embeddings import relayed_embeddings
 from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
@@ -107,6 +108,10 @@ class OpenAIProvider:
         body = encode(_fields(call))
         answer = await self._http.post(self.url(call, "embeddings"), body, call)
         call.usage = embeddings_usage(self.config.name, answer)  # raises unless embeddings
+        req = call.request
+        answer = relayed_embeddings(
+            self.config.name, answer, inputs=req.input_count(), as_base64=req.base64
+        )
         return ChatReply(body=answer, usage=call.usage)
 
     async def completion(self, call: CompletionCall) -> ChatReply:

@@ -74,6 +74,12 @@ class EmbeddingRequest(msgspec.Struct, omit_defaults=True):
             return [[int(t) for t in self.input if isinstance(t, int)]]
         return [item for item in self.input if isinstance(item, list)]
 
+    def input_count(self) -> int:
+        """How many inputs there are: one vector is owed for each."""
+        if isinstance(self.input, str) or isinstance(self.input[0], int):
+            return 1
+        return len(self.input)
+
     def prompt_estimate(self) -> int:
         """The input's tokens: counted for token ids, about four characters a token for text."""
         return estimate_input_tokens(self.input)

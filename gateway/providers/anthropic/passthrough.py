@@ -58,6 +58,7 @@ class _EventView(msgspec.Struct):
     message: _RawUsage | None = None
     usage: msgspec.Raw | UnsetType = UNSET
     error: AnthropicErrorBody | None = None
+    index: int | None = None
 
 
 class _CountView(msgspec.Struct):
@@ -74,6 +75,46 @@ def _account(call: ChatCall, tally: UsageTally) -> None:
     if counts is not None:  # (else the row is estimated)
         call.usage = openai_usage(counts)
         call.cache_write_tokens = tally.cache_writes()
+
+
+class _Order:
+    """Where a stream is in the order the Messages API promises, which the `anthropic` SDK
+    relies on (its accumulator indexes the blocks started so far, and raises on an event
+    before `message_start`): one `message_start` first, blocks started at the next index,
+    deltas and stops only for a block that was started."""
+
+    __slots__ = ("blocks", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.blocks = 0  # content blocks started so far
+
+    def allows(self, kind: str, index: int | None) -> bool:
+        if kind == "message_start":
+            started, self.started = self.started, True
+            return not started
+        if kind == "ping" or kind not in _ORDERED:
+            return True  # (an event type added after this was written: the SDK skips it)
+        if not self.started:
+            return False
+        if kind == "content_block_start":
+            if index != self.blocks:
+                return False
+            self.blocks += 1
+        elif kind in ("content_block_delta", "content_block_stop"):
+            return index is not None and 0 <= index < self.blocks
+        return True
+
+
+_ORDERED = frozenset(
+    {
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    }
+)
 
 
 class MessagesRelay:
@@ -118,11 +159,12 @@ class MessagesRelay:
         self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
     ) -> AsyncGenerator[list[bytes], None]:
         tally = UsageTally(self._name)
+        order = _Order()
         held: list[bytes] = []
         events = self._http.stream(self._url, self._body(call, body, stream=True), call, headers)
         async with contextlib.aclosing(events):
             async for batch in events:
-                ended, error = self._reframe(call, batch, tally, held)
+                ended, error = self._reframe(call, batch, tally, order, held)
                 if error is not None:
                     if held and call.chunks:
                         yield held  # what came before the error still reaches the client
@@ -143,7 +185,7 @@ class MessagesRelay:
         )
 
     def _reframe(
-        self, call: ChatCall, batch: list[bytes], tally: UsageTally, out: list[bytes]
+        self, call: ChatCall, batch: list[bytes], tally: UsageTally, order: _Order, out: list[bytes]
     ) -> tuple[bool, UpstreamError | None]:
         """Frame one batch's events into `out`; (saw `message_stop`, an upstream error)."""
         for payload in batch:
@@ -160,6 +202,10 @@ class MessagesRelay:
                 )
             if kind == "error":
                 return False, event_error(self._name, event.error or AnthropicErrorBody())
+            if not order.allows(kind, event.index):
+                return False, UpstreamError(
+                    f"The upstream provider '{self._name}' sent '{kind}' out of order."
+                )
             if kind == "message_start" and event.message is not None:
                 tally.merge(event.message.usage)
             elif kind == "message_delta":

@@ -20,7 +20,12 @@ from gateway.providers.base import Call, ChatCall, ChatReply
 from gateway.providers.capabilities import EmbeddingCall
 from gateway.providers.gemini.embeddings import embed
 from gateway.providers.gemini.request import to_gemini
-from gateway.providers.gemini.response import GeminiStream, from_gemini, has_usage
+from gateway.providers.gemini.response import (
+    GeminiStream,
+    choice_count,
+    from_gemini,
+    has_usage,
+)
 from gateway.providers.gemini.wire import RESPONSE_DECODER
 from gateway.schemas.codec import encode
 from gateway.settings import GeminiConfig
@@ -57,7 +62,9 @@ class GeminiProvider:
         ):
             # Every answer has candidates, or a prompt's blocking feedback, and usage.
             raise answer_error(self.config.name, data, "generateContent answer")
-        out, call.usage = from_gemini(resp, call.upstream_model, self.config.name)
+        out, call.usage = from_gemini(
+            resp, call.upstream_model, self.config.name, choice_count=choice_count(call)
+        )
         return ChatReply(body=out, usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:

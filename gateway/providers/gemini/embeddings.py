@@ -15,8 +15,7 @@ import math
 
 from msgspec import UNSET
 
-from gateway.errors import UpstreamError
-from gateway.providers._embeddings import embedding_list
+from gateway.providers._embeddings import check_vectors, embedding_list
 from gateway.providers._http import UpstreamClient
 from gateway.providers.base import ChatReply
 from gateway.providers.capabilities import EmbeddingCall
@@ -41,7 +40,8 @@ async def embed(http: UpstreamClient, url: str, model: str, call: EmbeddingCall)
 
     Raises:
         InvalidRequest: the input is token ids.
-        UpstreamError: the upstream failed, or answered with another number of vectors.
+        UpstreamError: the upstream failed, or its vectors are not what `check_vectors`
+            requires.
     """
     req = call.request
     texts = text_inputs(req, PROVIDER)
@@ -64,12 +64,10 @@ async def embed(http: UpstreamClient, url: str, model: str, call: EmbeddingCall)
             await http.post(url, encode(body), call),
             "batchEmbedContents answer",
         )
-        if len(answer.embeddings) != len(batch):
-            raise UpstreamError(
-                f"The upstream provider '{http.config.name}' answered {len(answer.embeddings)} "
-                f"embeddings for {len(batch)} inputs."
-            )
-        vectors.extend(e.values if dims is UNSET else _unit(e.values) for e in answer.embeddings)
+        batch_vectors = [e.values for e in answer.embeddings]
+        check_vectors(http.config.name, batch_vectors, len(batch))  # each batch its own count
+        vectors.extend(batch_vectors if dims is UNSET else map(_unit, batch_vectors))
+    check_vectors(http.config.name, vectors, len(texts))  # one length across batches
     prompt = req.prompt_estimate()
     body_out = embedding_list(vectors, model=req.model, prompt_tokens=prompt, as_base64=req.base64)
     return ChatReply(body=body_out, usage=None)

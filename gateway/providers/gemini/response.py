@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import structlog
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
@@ -28,7 +29,17 @@ from gateway.providers.gemini.wire import (
 from gateway.schemas.chat import Choice, FunctionCall, ToolCall
 from gateway.schemas.common import CompletionTokensDetails, PromptTokensDetails, Usage
 
-__all__ = ["GeminiStream", "finish_reason", "from_gemini", "has_usage", "openai_usage", "usage_of"]
+__all__ = [
+    "GeminiStream",
+    "choice_count",
+    "finish_reason",
+    "from_gemini",
+    "has_usage",
+    "openai_usage",
+    "usage_of",
+]
+
+log = structlog.get_logger(__name__)
 
 FILTERED = frozenset(
     {
@@ -67,10 +78,12 @@ def has_usage(raw: msgspec.Raw) -> bool:
 
 
 def usage_of(raw: msgspec.Raw, provider: str) -> Usage | None:
-    """The usage of a `usageMetadata` (absent: all zeros); None if a count cannot be read
-    (the row is then estimated, and the client told nothing)."""
+    """The usage of a `usageMetadata`; None if it is absent (every Gemini answer has one: an
+    answer without could otherwise cost nothing) or a count cannot be read: the row is then
+    estimated, and the client told nothing."""
     if not has_usage(raw):
-        return openai_usage(GeminiUsage())
+        log.warning("upstream_usage_missing", provider=provider)
+        return None
     counts = read_usage(provider, raw, USAGE_DECODER)
     return openai_usage(counts) if counts is not None else None
 
@@ -100,13 +113,22 @@ def _image_url(part: GeminiReadPart) -> str | None:
     return f"data:{blob.mime_type};base64,{blob.data}"
 
 
+def choice_count(call: ChatCall) -> int:
+    """How many choices the client asked for (`n`), and so the most it gets: candidates past
+    them (an upstream that answers several to `n = 1`, or indexes of its own) are dropped."""
+    n = call.request.n
+    return n if isinstance(n, int) else 1
+
+
 def from_gemini(
-    resp: GeminiResponse, model: str, provider: str = "gemini"
+    resp: GeminiResponse, model: str, provider: str = "gemini", *, choice_count: int = 1
 ) -> tuple[bytes, Usage | None]:
     """A `GenerateContentResponse` as an OpenAI `chat.completion` (encoded) and its usage
-    (None: unreadable, see `usage_of`)."""
+    (None: unreadable, see `usage_of`); candidates at `choice_count` or past it are dropped."""
     choices: list[Choice] = []
     for cand in resp.candidates:
+        if not 0 <= cand.index < choice_count or any(c.index == cand.index for c in choices):
+            continue
         texts: list[str] = []
         thoughts: list[str] = []
         calls: list[ToolCall] = []
@@ -150,6 +172,7 @@ class GeminiStream:
         self.usage = NO_USAGE  # the last `usageMetadata` (each counts the whole answer so far)
         self.seen: set[int] = set()  # choices that started
         self.open: set[int] = set()  # choices that started and have not finished
+        self.choices = choice_count(call)  # (candidates at other indexes are dropped)
         self.done = False  # Gemini has no end event: its stream just closes
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -176,8 +199,12 @@ class GeminiStream:
         if not resp.candidates and resp.prompt_feedback and resp.prompt_feedback.block_reason:
             out.append(writer.finish("content_filter"))
             return out
+        in_chunk: set[int] = set()
         for cand in resp.candidates:
             index = cand.index
+            if not 0 <= index < self.choices or index in in_chunk:
+                continue  # (one candidate per index in a chunk, as in an answer)
+            in_chunk.add(index)
             if index not in self.seen:
                 self.seen.add(index)
                 self.open.add(index)

@@ -11,6 +11,7 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
+from gateway.providers._embeddings import Float32
 from gateway.schemas.common import Count
 
 
@@ -160,7 +161,7 @@ class GeminiBatchEmbedRequest(_Wire):
 
 
 class GeminiEmbedding(msgspec.Struct):
-    values: list[float] = []
+    values: list[Float32] = []
 
 
 class GeminiBatchEmbedResponse(msgspec.Struct):
