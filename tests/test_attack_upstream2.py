@@ -1,13 +1,14 @@
 """What the earlier upstream attacks left alone, attacked by a hostile upstream on a raw socket
 (`test_attack_upstream`'s rig): the vectors of `/v1/embeddings` (OpenAI-compatible pass-through
-and Gemini's `batchEmbedContents`), the order of the events `/v1/messages` relays, and the
-choices and usage of Gemini's answers. The client gets an answer its SDK (`openai`, or
-`anthropic` on `/v1/messages`) parses or an OpenAI-shaped error, and the gateway keeps
-serving and accounting.
+and Gemini's `batchEmbedContents`), the order of the events `/v1/messages` relays, the choices
+and usage of Gemini's answers, and what a stream holds before its first content. The client
+gets an answer its SDK (`openai`, or `anthropic` on `/v1/messages`) parses or an
+OpenAI-shaped error, and the gateway keeps serving and accounting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -22,10 +23,14 @@ from tests.conftest import openai_client, usage_rows
 from tests.test_attack_upstream import (
     ANTHROPIC_START,
     ANTHROPIC_TEXT_START,
+    HI,
     Build,
+    MiB,
     anthropic_text,
     build,
+    http,
     named_events,
+    peak_growth,
     sends,
     until_close,
     whole,
@@ -275,3 +280,51 @@ async def test_an_answer_without_usage_is_estimated_not_free(build: Build, strea
     [row] = await usage_rows(rig.gateway)
     assert (status, row["status"], row["estimated"]) == (200, 200, 1)
     assert row["prompt_tokens"] > 100
+
+
+# --- What a stream holds before its first content -------------------------------------------
+
+
+def repeats(head: bytes, event: bytes, times: int) -> Any:
+    """A stream of `head`, then `event` `times` times (in writes of 1,000, each written when
+    the last is taken), never anything with content."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(http("200 OK", {"Content-Type": "text/event-stream", "Connection": "close"}))
+        writer.write(head)
+        for _ in range(times // 1000):
+            writer.write(event * 1000)
+            await writer.drain()
+        writer.close()
+
+    return answer
+
+
+BLOCKED = b'data: {"promptFeedback": {"blockReason": "SAFETY"}}\n\n'
+
+
+async def test_a_repeated_prompt_block_holds_no_more_than_max_response_bytes(
+    build: Build,
+) -> None:
+    # A translated stream holds its chunks until the answer has content (so an error first is
+    # still an HTTP status). Each repeat of Gemini's prompt block made one more finish chunk,
+    # all held: 40,000 repeats (2 MiB sent) made 40,000 chunks for one answer.
+    rig = await build("gemini", repeats(b"", BLOCKED, 40_000), max_response_bytes=MiB // 4)
+    body = {"model": "m", "messages": HI, "stream": True}
+    (status, out), growth = await peak_growth(rig.post("/v1/chat/completions", body))
+    assert status == 502, out[:300]
+    assert json.loads(out)["error"]["message"].find("max_response_bytes") > 0
+    assert growth < 4 * MiB, f"{growth / MiB:.1f} MiB"
+
+
+async def test_a_ping_flood_before_content_holds_no_more_than_max_response_bytes(
+    build: Build,
+) -> None:
+    # `/v1/messages` holds the events before the first content (an overload error right after
+    # `message_start` is then still an HTTP status): pings after `message_start` were all held.
+    ping = named_events([{"type": "ping"}])
+    head = named_events([ANTHROPIC_START])
+    rig = await build("anthropic", repeats(head, ping, 40_000), max_response_bytes=MiB // 4)
+    with pytest.raises(anthropic.APIError) as caught:
+        await messages_stream(rig)
+    assert "max_response_bytes" in caught.value.message, caught.value.message

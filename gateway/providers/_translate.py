@@ -369,23 +369,33 @@ class StreamState(Protocol):
 
 
 async def translated_stream(
-    call: ChatCall, events: AsyncGenerator[list[bytes], None], state: StreamState
+    call: ChatCall,
+    events: AsyncGenerator[list[bytes], None],
+    state: StreamState,
+    limit: int | None = None,
 ) -> AsyncGenerator[list[bytes], None]:
     """Feed the upstream's SSE events through `state`, one batch per upstream read.
 
     Chunks are held back until the answer has content: an upstream error event that comes
     first (Anthropic reports overload right after `message_start`) then still becomes a
-    proper HTTP status, and another route may be tried, instead of a broken stream.
+    proper HTTP status, and another route may be tried, instead of a broken stream. What is
+    held is bounded by `limit`, the provider's `max_response_bytes` (`HeldAnswer`): an
+    upstream repeating what makes no content (a Gemini prompt block, a finish) cannot grow it.
 
     Raises:
-        UpstreamError: an error event, a malformed event, or an incomplete stream.
+        UpstreamError: an error event, a malformed event, an incomplete stream, or too much
+            held before any content.
     """
     out: list[bytes] = []
+    held = HeldAnswer("a translated stream before its first content", limit)
     async with contextlib.aclosing(events):
         async for batch in events:
             try:
                 for data in batch:
-                    out.extend(state.feed(data))
+                    chunks = state.feed(data)
+                    out.extend(chunks)
+                    if not call.chunks:
+                        held.add(sum(map(len, chunks)))
                     if state.done:
                         break
             except UpstreamError:

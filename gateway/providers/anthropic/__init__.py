@@ -64,7 +64,9 @@ class AnthropicProvider:
         body, json_tool = self._body(call, stream=True)
         state = AnthropicStream(call, self.config.name, json_tool, self.config.max_response_bytes)
         events = self._http.stream(self._url, body, call)
-        async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
+        async with contextlib.aclosing(
+            translated_stream(call, events, state, self.config.max_response_bytes)
+        ) as chunks:
             async for batch in chunks:
                 yield batch
 

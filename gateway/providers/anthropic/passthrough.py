@@ -25,6 +25,7 @@ from gateway.errors import UpstreamConnectionError, UpstreamError
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._http import UpstreamClient, done
+from gateway.providers._translate import HeldAnswer
 from gateway.providers.anthropic.response import UsageTally, event_error, openai_usage
 from gateway.providers.anthropic.wire import AnthropicErrorBody
 from gateway.providers.base import ChatCall, ChatReply
@@ -123,6 +124,7 @@ class MessagesRelay:
     def __init__(self, http: UpstreamClient, root: str) -> None:
         self._http = http
         self._name = http.config.name
+        self._limit = http.config.max_response_bytes
         self._url = f"{root}/v1/messages"
         self._count_url = f"{root}/v1/messages/count_tokens"
 
@@ -161,10 +163,15 @@ class MessagesRelay:
         tally = UsageTally(self._name)
         order = _Order()
         held: list[bytes] = []
+        # Held until the first content (pings, `message_start`), bounded as a whole answer.
+        bound = HeldAnswer("a Messages stream before its first content", self._limit)
         events = self._http.stream(self._url, self._body(call, body, stream=True), call, headers)
         async with contextlib.aclosing(events):
             async for batch in events:
+                before = len(held)
                 ended, error = self._reframe(call, batch, tally, order, held)
+                if not call.chunks:
+                    bound.add(sum(map(len, held[before:])))
                 if error is not None:
                     if held and call.chunks:
                         yield held  # what came before the error still reaches the client

@@ -72,7 +72,9 @@ class GeminiProvider:
         state = GeminiStream(call, self.config.name)
         url = self._url(call, "streamGenerateContent?alt=sse")
         events = self._http.stream(url, body, call)
-        async with contextlib.aclosing(translated_stream(call, events, state)) as chunks:
+        async with contextlib.aclosing(
+            translated_stream(call, events, state, self.config.max_response_bytes)
+        ) as chunks:
             async for batch in chunks:
                 yield batch
 
