@@ -328,3 +328,55 @@ async def test_a_ping_flood_before_content_holds_no_more_than_max_response_bytes
     with pytest.raises(anthropic.APIError) as caught:
         await messages_stream(rig)
     assert "max_response_bytes" in caught.value.message, caught.value.message
+
+
+# --- Gemini: function call args that are not an object ---------------------------------------
+
+
+def function_call(args: Any) -> bytes:
+    part = {"functionCall": {"name": "f", "args": args}}
+    cand = {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}
+    return json.dumps({"candidates": [cand], "usageMetadata": GEMINI_USAGE}).encode()
+
+
+async def tool_call_answer(rig: Any, stream: bool) -> str:
+    """The arguments of the answer's tool call, as the SDK reads them."""
+    async with openai_client(rig.gateway, rig.key) as client:
+        if not stream:
+            completion = await client.chat.completions.create(model="m", messages=HI)
+            [call] = completion.choices[0].message.tool_calls or []
+            return str(call.function.arguments)
+        chunks = await client.chat.completions.create(model="m", messages=HI, stream=True)
+        parts = [
+            c.function.arguments or ""
+            async for chunk in chunks
+            for choice in chunk.choices
+            for c in choice.delta.tool_calls or []
+            if c.function is not None
+        ]
+        return "".join(parts)
+
+
+def answers(data: bytes, stream: bool) -> Any:
+    return sends(until_close(b"data: %b\n\n" % data) if stream else whole(data))
+
+
+@pytest.mark.parametrize("args", [[1, 2], "x", 5, True], ids=["list", "string", "number", "bool"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_function_call_args_not_an_object_are_an_upstream_error(
+    build: Build, stream: bool, args: Any
+) -> None:
+    # Relayed as the arguments' text ("[1, 2]"): a client's json.loads gave arguments no
+    # function takes, and the call sent back in the history was refused by Gemini.
+    rig = await build("gemini", answers(function_call(args), stream))
+    with pytest.raises(openai.APIError) as caught:
+        await tool_call_answer(rig, stream)
+    assert "not an object" in caught.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_function_call_args_null_are_no_arguments(build: Build, stream: bool) -> None:
+    rig = await build("gemini", answers(function_call(None), stream))
+    assert await tool_call_answer(rig, stream) == "{}"
+    rig = await build("gemini", answers(function_call({"a": 1}), stream))
+    assert json.loads(await tool_call_answer(rig, stream)) == {"a": 1}

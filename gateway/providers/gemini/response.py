@@ -6,7 +6,7 @@ import msgspec
 import structlog
 from msgspec import UNSET
 
-from gateway.errors import UpstreamError
+from gateway.errors import UpstreamBadResponse, UpstreamError
 from gateway.providers._answers import read_usage
 from gateway.providers._errors import DECODE_ERRORS, stream_error
 from gateway.providers._translate import (
@@ -96,14 +96,28 @@ def finish_reason(reason: str | None, called_tools: bool) -> str:
     return "content_filter" if reason in FILTERED else "stop"
 
 
-def _tool_call(part: GeminiReadPart) -> ToolCall | None:
+def _tool_call(part: GeminiReadPart, provider: str) -> ToolCall | None:
+    """A `functionCall` part as an OpenAI tool call, its `args` (an object: Gemini's `Struct`)
+    as the JSON text of its arguments; none or `null` is `{}`.
+
+    Raises:
+        UpstreamBadResponse: `args` is not an object (a list, a string, a number), which a
+            client reads as arguments no function takes and sends back in a history that
+            Gemini refuses.
+    """
     fc = part.function_call
     if fc is None:
         return None
     call_id = f"{GEMINI_ID}{fc.id}" if fc.id else new_call_id()
     call_id = join_call_id(call_id, part.thought_signature)
-    args = bytes(fc.args).decode() if fc.args is not UNSET else "{}"
-    return ToolCall(id=call_id, function=FunctionCall(fc.name, args))
+    args = bytes(fc.args).strip() if fc.args is not UNSET else b"null"
+    if args == b"null":
+        args = b"{}"
+    elif not args.startswith(b"{"):
+        raise UpstreamBadResponse(
+            f"The upstream provider '{provider}' sent a function call whose args are not an object."
+        )
+    return ToolCall(id=call_id, function=FunctionCall(fc.name, args.decode()))
 
 
 def _image_url(part: GeminiReadPart) -> str | None:
@@ -136,7 +150,7 @@ def from_gemini(
         for part in cand.content.parts if cand.content else ():
             if part.text is not None:
                 (thoughts if part.thought else texts).append(part.text)
-            elif (call := _tool_call(part)) is not None:
+            elif (call := _tool_call(part, provider)) is not None:
                 calls.append(call)
             elif (url := _image_url(part)) is not None:
                 images.append(url)
@@ -219,7 +233,7 @@ class GeminiStream:
     def _part(self, writer: ChunkWriter, part: GeminiReadPart, index: int) -> list[bytes]:
         if part.text:
             chunk = (writer.reasoning if part.thought else writer.text)(part.text, index)
-        elif (call := _tool_call(part)) is not None:
+        elif (call := _tool_call(part, self.provider)) is not None:
             _, chunk = writer.tool_start(
                 call.id, call.function.name, call.function.arguments, index
             )
