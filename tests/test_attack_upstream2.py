@@ -380,3 +380,29 @@ async def test_function_call_args_null_are_no_arguments(build: Build, stream: bo
     assert await tool_call_answer(rig, stream) == "{}"
     rig = await build("gemini", answers(function_call({"a": 1}), stream))
     assert json.loads(await tool_call_answer(rig, stream)) == {"a": 1}
+
+
+# --- Answers whose items are not what their kind holds ----------------------------------------
+
+NOT_ITEMS = {"numbers": [1, 2], "strings": ["a"], "nulls": [None], "empty-objects": [{}]}
+
+
+@pytest.mark.parametrize("items", list(NOT_ITEMS))
+async def test_a_text_completion_whose_choices_hold_no_text_is_a_502(
+    build: Build, items: str
+) -> None:
+    # Only `choices` being a list was checked: `[1, 2]` reached the client as a completion.
+    body = {"id": "c", "object": "text_completion", "model": "m-1", "choices": NOT_ITEMS[items]}
+    rig = await build("openai", sends(whole(json.dumps(body).encode())))
+    status, out = await rig.post("/v1/completions", {"model": "m", "prompt": "hi"})
+    assert status == 502, out
+    assert json.loads(out)["error"]["code"] == "upstream_bad_response"
+
+
+@pytest.mark.parametrize("items", ["numbers", "strings", "nulls"])
+async def test_a_response_whose_output_holds_no_items_is_a_502(build: Build, items: str) -> None:
+    body = {"id": "r", "object": "response", "status": "completed", "output": NOT_ITEMS[items]}
+    rig = await build("responses", sends(whole(json.dumps(body).encode())))
+    status, out = await rig.post("/v1/responses", {"model": "m", "input": "hi"})
+    assert status == 502, out
+    assert json.loads(out)["error"]["code"] == "upstream_bad_response"

@@ -173,9 +173,9 @@ class _Completion(msgspec.Struct):
 
 
 class _Response(msgspec.Struct):
-    """What makes a body a Responses API `response`: its output items."""
+    """What makes a body a Responses API `response`: its output items (objects)."""
 
-    items: list[msgspec.Raw] | UnsetType = msgspec.field(default=UNSET, name="output")
+    items: list[_Object] | UnsetType = msgspec.field(default=UNSET, name="output")
     usage: msgspec.Raw = _NULL
 
 
@@ -186,10 +186,14 @@ class _Embeddings(msgspec.Struct):
     usage: msgspec.Raw = _NULL
 
 
-class _TextCompletion(msgspec.Struct):
-    """What makes a body a legacy `text_completion`: its choices."""
+class _TextChoice(msgspec.Struct):
+    text: str
 
-    items: list[msgspec.Raw] | UnsetType = msgspec.field(default=UNSET, name="choices")
+
+class _TextCompletion(msgspec.Struct):
+    """What makes a body a legacy `text_completion`: choices that hold text."""
+
+    items: list[_TextChoice] | UnsetType = msgspec.field(default=UNSET, name="choices")
     usage: msgspec.Raw = _NULL
 
 
