@@ -170,6 +170,7 @@ def test_empty_conversation_is_a_400() -> None:
     [
         ("n", 2, "n"),
         ("logprobs", True, "logprobs"),
+        ("top_logprobs", 3, "top_logprobs"),
         ("seed", 7, "seed"),
         ("presence_penalty", 0.5, "presence_penalty"),
         ("frequency_penalty", -1, "frequency_penalty"),
@@ -193,10 +194,11 @@ def test_neutral_values_of_unsupported_fields_pass() -> None:
             "n": 1,
             "presence_penalty": 0,
             "logprobs": False,
+            "top_logprobs": 0,
             "logit_bias": {},
         }
     )
-    assert "n" not in out
+    assert "n" not in out and "top_logprobs" not in out
 
 
 def test_sampling_stop_and_user() -> None:

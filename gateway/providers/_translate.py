@@ -134,7 +134,7 @@ def nonzero(value: float | UnsetType | None) -> float | None:
 
 def refuse_unsupported(req: ChatCompletionRequest, provider_type: str) -> None:
     """Refuse the fields no translated upstream can honour (OpenAI-only features)."""
-    if req.logprobs is True or isinstance(req.top_logprobs, int):
+    if req.logprobs is True or (isinstance(req.top_logprobs, int) and req.top_logprobs > 0):
         raise unsupported(provider_type, "logprobs" if req.logprobs is True else "top_logprobs")
     if req.logit_bias:
         raise unsupported(provider_type, "logit_bias")
