@@ -1,0 +1,129 @@
+"""Attacks on the gateway's lifecycle and storage from outside, on a real `gateway serve`
+process: answers finished while it stops, a second server started on the same port.
+
+Each test starts the process on a free port with a database of its own, as an operator
+would, and ends it by signal; what they assert is what docs/operations.md promises."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tests.conftest import cli_key, free_port, start_serve
+from tests.test_lifecycle import refused
+
+HELLO = {"model": "up/x", "messages": [{"role": "user", "content": "hi"}]}
+ANSWER = {
+    "id": "c", "object": "chat.completion", "created": 1, "model": "x",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "hello"}}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}  # fmt: skip
+
+
+class Upstream:
+    """A fake OpenAI upstream whose answers wait until `release` is set; `arrived` is set
+    once a request reached it."""
+
+    def __init__(self) -> None:
+        self.arrived, self.release = asyncio.Event(), asyncio.Event()
+        self.runner: web.AppRunner | None = None
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        self.arrived.set()
+        await self.release.wait()
+        return web.json_response(ANSWER)
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        port: int = self.runner.addresses[0][1]
+        return port
+
+    async def close(self) -> None:
+        self.release.set()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def write_config(tmp_path: Path, up_port: int, server: str = "") -> Path:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{tmp_path / "keys.db"}"\n{server}\n'
+        f'[[providers]]\nname = "up"\ntype = "openai"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
+    )
+    return config
+
+
+async def listening(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stderr is not None
+    line = await proc.stderr.readline()
+    assert b"listening" in line, line
+
+
+async def ended(*procs: asyncio.subprocess.Process) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def raw_request(port: int, secret: str) -> bytes:
+    body = json.dumps(HELLO).encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {secret}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length: (status line, headers, body)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    status, *lines = head.strip().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    return status, headers, body
+
+
+async def test_an_answer_finished_during_the_stop_says_connection_close(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """A request in flight when SIGTERM comes is answered, but its keep-alive connection is
+    closed right after: the answer must say so (`Connection: close`, RFC 9112 9.6). Without
+    it a client reuses the connection for its next request, which the server never reads
+    (a request pipelined behind it the same), and the client gets a disconnect instead of
+    an answer for a request it cannot know was not taken."""
+    up = Upstream()
+    config = write_config(tmp_path, await up.start(), "shutdown_grace_seconds = 10\n")
+    secret = await cli_key(tmp_path / "keys.db", capsys)
+    port = free_port()
+    proc = await start_serve(config, port, stdout=subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(60):
+            await listening(proc)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # The second request is pipelined behind the first: accepted before the stop.
+            writer.write(raw_request(port, secret) * 2)
+            await up.arrived.wait()
+            proc.send_signal(signal.SIGTERM)
+            await refused(port)  # the stop began while the request was in flight
+            up.release.set()
+            status, headers, _ = await read_response(reader)
+            assert status.startswith("HTTP/1.1 200"), status
+            assert headers.get("connection", "").lower() == "close", headers
+            assert await reader.read() == b""  # and the connection is closed indeed
+            writer.close()
+            assert await proc.wait() == 0
+    finally:
+        await ended(proc)
+        await up.close()
