@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import cli
 from tests.conftest import cli_key, free_port, start_serve
 from tests.test_lifecycle import refused
 
@@ -127,3 +128,33 @@ async def test_an_answer_finished_during_the_stop_says_connection_close(
     finally:
         await ended(proc)
         await up.close()
+
+
+async def test_a_second_server_that_cannot_bind_leaves_the_first_ones_pid_file(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """`gateway serve` started twice on one port and database (a supervisor restarting a
+    server it thinks dead, an operator's second terminal): the second cannot bind and exits
+    1. The pid file must still name the running server, or `gateway reload` finds none."""
+    config = write_config(tmp_path, free_port())
+    port = free_port()
+    first = await start_serve(config, port, stdout=subprocess.DEVNULL)
+    second = None
+    try:
+        async with asyncio.timeout(60):
+            await listening(first)
+            second = await start_serve(config, port, stdout=subprocess.DEVNULL)
+            assert await second.wait() == 1
+            assert second.stderr is not None
+            assert b"cannot listen" in await second.stderr.read()
+            pid_file = tmp_path / "keys.db.pid"
+            assert pid_file.exists(), "the pid file of the running server is gone"
+            assert pid_file.read_text().strip() == str(first.pid)
+            argv = ["reload", "--db", str(tmp_path / "keys.db")]
+            assert await asyncio.to_thread(cli.main, argv) == 0
+            assert f"pid {first.pid}" in capsys.readouterr().out
+            first.send_signal(signal.SIGTERM)
+            assert await first.wait() == 0
+    finally:
+        await ended(first, *([second] if second else []))
+    assert not (tmp_path / "keys.db.pid").exists()
