@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from gateway import cli
 from tests.conftest import cli_key, free_port, start_serve
@@ -158,3 +158,41 @@ async def test_a_second_server_that_cannot_bind_leaves_the_first_ones_pid_file(
     finally:
         await ended(first, *([second] if second else []))
     assert not (tmp_path / "keys.db.pid").exists()
+
+
+async def test_usage_rows_are_not_written_into_a_deleted_database(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """The database file deleted under the running server (a cleanup script, `rm` in the
+    wrong directory): its connection still writes into the unlinked file, which vanishes
+    with the process. Rows written there are lost; the server must say so (the rows held,
+    `usage_rows_lost`, exit 3) rather than stop with 0 as if they were stored."""
+    up = Upstream()
+    up.release.set()
+    held = "usage_flush_seconds = 3600\nusage_batch_size = 1000\n"  # written only at the stop
+    config = write_config(tmp_path, await up.start(), held)
+    db = tmp_path / "keys.db"
+    secret = await cli_key(db, capsys)
+    port = free_port()
+    proc = await start_serve(config, port, stdout=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            await listening(proc)
+            db.unlink()
+            headers = {"Authorization": f"Bearer {secret}"}
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            async with ClientSession() as session:
+                for _ in range(3):
+                    async with session.post(url, json=HELLO, headers=headers) as resp:
+                        assert resp.status == 200
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 3
+            assert proc.stderr is not None and proc.stdout is not None
+            err = await proc.stderr.read()
+            assert b"gateway: 3 usage rows could not be written to the database" in err, err
+            lines = [json.loads(x) for x in (await proc.stdout.read()).splitlines()]
+            lost = next(x for x in lines if x["event"] == "usage_rows_lost")
+            assert "deleted or replaced" in json.dumps(lost["exception"]), lost
+    finally:
+        await ended(proc)
+        await up.close()
