@@ -306,12 +306,15 @@ def _serve(args: argparse.Namespace) -> int:
         with pid_file(server.database):
             return workers.supervise(sock, args.argv, args.workers, ready)
 
+    app = create_app(settings, reload=lambda: _settings(args))
+    write_pid_file = keep_pid_file(app, server.database)  # for `gateway reload`
+
     def announce() -> None:
-        # Called once the port is bound, so the line never precedes a bind error.
+        # Called once the port is bound, so neither the line nor the pid file precedes a
+        # bind error (a second server on the port would take the running one's pid file).
+        write_pid_file()
         print(f"Token Kiosk listening on http://{host}:{server.port}", file=sys.stderr, flush=True)
 
-    app = create_app(settings, reload=lambda: _settings(args))
-    keep_pid_file(app, server.database)  # for `gateway reload`
     try:
         serve(app, server.host, server.port, announce)
     except OSError as exc:  # address in use, unknown host, no permission

@@ -227,6 +227,10 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
             response.headers["X-Request-ID"] = trace.request_id
             add_trace_headers(request, trace, response)
             response_headers(request, response)
+            if shutting_down.is_set():
+                # The server closes the connection after this answer: say so, or a client
+                # sends its next request on it (or has one pipelined) and gets no answer.
+                response.force_close()
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED  # handler cancelled because the client went away

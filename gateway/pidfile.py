@@ -4,7 +4,7 @@ It lives next to the database, as `<database>.pid`: every command already knows 
 database is (`--db`, or `server.database` of the config), and a database has one server.
 For a PostgreSQL URL (shared by replicas, each on its own box) it is `gateway-<hash>.pid` in
 the working directory, the hash taken of the URL, so no password appears in a file name.
-`gateway serve` writes it once it has started and removes it when it stops.
+`gateway serve` writes it once it listens on its port and removes it when it stops.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import hashlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,12 +36,14 @@ def pid_path(database: str) -> Path:
     return Path(f"{database}.pid")
 
 
-def keep_pid_file(app: web.Application, database: str) -> None:
-    """Write the pid file once `app` has started; remove it when the app stops, if it is
-    still this process's (a later server on the same database may own it by then)."""
+def keep_pid_file(app: web.Application, database: str) -> Callable[[], None]:
+    """The function that writes the pid file, to call once the server listens (a server
+    that cannot bind its port must not take the file from the one that holds the port);
+    the file is removed when `app` stops, if it is still this process's (a later server on
+    the same database may own it by then)."""
     path = pid_path(database)
 
-    async def write(_: web.Application) -> None:
+    def write() -> None:
         try:
             path.write_text(f"{os.getpid()}\n", encoding="ascii")
         except OSError as exc:  # serving matters more: `kill -HUP <pid>` still reloads
@@ -56,8 +58,8 @@ def keep_pid_file(app: web.Application, database: str) -> None:
             if int(path.read_text(encoding="ascii")) == os.getpid():
                 path.unlink()
 
-    app.on_startup.append(write)
     app.on_cleanup.append(remove)
+    return write
 
 
 @contextlib.contextmanager

@@ -123,6 +123,8 @@ class SSEStream:
         response.headers["X-Request-ID"] = trace.request_id
         add_trace_headers(request, trace, response)
         response_headers(request, response)
+        if request.app[SHUTTING_DOWN_KEY].is_set():  # closed after it: `Connection: close`
+            response.force_close()
         writer = self.writer = await response.prepare(request)
         # (the pings' loop: `current_task()` without one asks for it, a getpid() system call)
         task = self._task = self._pings.current_task()

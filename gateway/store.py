@@ -34,7 +34,7 @@ from gateway.rows import (
 from gateway.sqlite_copy import INSERT_KEY, SqliteCopies
 from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
 
-__all__ = ["SECRET_PREFIX", "Store", "StoreError", "open_store"]
+__all__ = ["SECRET_PREFIX", "DatabaseMoved", "Store", "StoreError", "open_store"]
 
 
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
@@ -71,6 +71,8 @@ class Store(SqliteCopies):
         self.db = db
         self.path = path
         self._write_lock = asyncio.Lock()
+        # The file the connection opened (device, inode), None for an in-memory database.
+        self._file = _file_id(path)
 
     @classmethod
     async def open(cls, path: str, *, busy_timeout: float = 5.0) -> Store:
@@ -114,6 +116,7 @@ class Store(SqliteCopies):
                     # IMMEDIATE takes the write lock up front, so a read-modify-write cannot
                     # lose a race with another process (the CLI) between its read and its write.
                     await self.db.execute("BEGIN IMMEDIATE")
+                    await self._execute(self._check_file)
                     yield self.db
                     await self.db.commit()
                 except BaseException:
@@ -123,6 +126,26 @@ class Store(SqliteCopies):
                     # every write of another process busy). Queued after it, this ends it.
                     await self.db.rollback()
                     raise
+
+    def _check_file(self) -> None:
+        """Raise `DatabaseMoved` when the path no longer names the file the connection has
+        open: it was deleted, moved or replaced while the server ran, and what the connection
+        writes would go to a file no one reads again (deleted: gone with the process).
+
+        Raises:
+            DatabaseMoved: see above.
+        """
+        if self._file is not None and _file_id(self.path) != self._file:
+            raise DatabaseMoved(
+                f"the database file {self.path} was deleted or replaced while the server ran;"
+                " restart it to use the file now at that path"
+            )
+
+    @property
+    def _execute(self) -> Callable[..., Awaitable[Any]]:
+        """Run a function in aiosqlite's thread (its `_execute`, which its own methods use:
+        no public call runs a function there)."""
+        return cast(Callable[..., Awaitable[Any]], self.db._execute)
 
     dialect = "sqlite"
 
@@ -230,8 +253,13 @@ class Store(SqliteCopies):
                 # BEGIN, each INSERT, the rollup and COMMIT were a hand-off and a wake-up
                 # of the loop each. Cancelled meanwhile, it still ends there, committed or
                 # rolled back: never a transaction left open.
-                run = cast(Callable[..., Awaitable[None]], self.db._execute)
-                await run(_in_transaction, self.db._conn, write_usage, rows, prepared)
+                await self._execute(
+                    _in_transaction, self.db._conn, self._write_usage, rows, prepared
+                )
+
+    def _write_usage(self, conn: sqlite3.Connection, *args: Any) -> None:
+        self._check_file()
+        write_usage(conn, *args)
 
     async def add_refusals(self, counts: Refusals) -> None:
         """Add refused-request counts to their (minute, key, status) rows, in one transaction."""
@@ -283,6 +311,22 @@ def _in_transaction(conn: sqlite3.Connection, write: Callable[..., None], *args:
     except BaseException:
         conn.rollback()
         raise
+
+
+class DatabaseMoved(StoreError):
+    """The database file was deleted or replaced under the running server."""
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at `path`; None for an in-memory or URI database,
+    and (0, 0) when nothing is there."""
+    if path == ":memory:" or path.startswith("file:"):
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)
 
 
 def _probe(path: str) -> None:
