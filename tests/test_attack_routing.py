@@ -148,6 +148,22 @@ async def _status(rig: Rig) -> int:
         return resp.status
 
 
+async def test_a_retry_after_from_every_target_is_not_amplified(rig: Rig) -> None:
+    """Every account answers 503 with retry-after: each is tried once, and the next requests
+    are refused locally with the remaining wait instead of hitting the upstreams again."""
+    rig.a.always(status=503, headers={"retry-after": "7"})
+    rig.b.always(status=503, headers={"retry-after": "9"})
+    async with rig.post() as resp:
+        assert resp.status == 503
+        assert resp.headers["retry-after"] == "7"
+    tried = len(rig.a.chat_requests) + len(rig.b.chat_requests)
+    assert tried == 3
+    for _ in range(5):
+        async with rig.post() as resp:
+            assert resp.status == 503
+    assert len(rig.a.chat_requests) + len(rig.b.chat_requests) == tried
+
+
 async def test_a_stream_failing_before_its_first_byte_fails_over_after_it_does_not(
     rig: Rig,
 ) -> None:
