@@ -241,3 +241,27 @@ async def test_a_target_answering_200_with_garbage_fails_over(
         assert resp.status == 200, await resp.text()
         assert text(await resp.json()) == "echo: hello there"
     assert resp.headers["x-gateway-provider"] == "b"
+
+
+@pytest.mark.xfail(
+    reason="open: a stream's first byte counts as its account's success (and clears its "
+    "failures); what breaks after it is told to no breaker",
+)
+@pytest.mark.parametrize("fault", [{"drop_after": 1}, {"error_after": 1}], ids=["reset", "event"])
+async def test_a_target_that_breaks_every_stream_is_taken_out_of_rotation(
+    rig: Rig, fault: dict[str, Any]
+) -> None:
+    """Every stream from `a` breaks after its first chunk: no failover for those (a byte went
+    out), but each is a failed request of its account, so after `failure_threshold` of them
+    the account is out and the next streams are whole, from `b`."""
+    rig.a.always(**fault)
+    for _ in range(4):  # two per account of `a` (they take turns); threshold: 2
+        async with rig.post({**HI, "stream": True}) as resp:
+            assert resp.status == 200 and resp.headers["x-gateway-provider"] == "a"
+            assert b'"error"' in await resp.read()
+    assert [rig.breakers.state(a) for a in (A0, A1)] == ["open"] * 2
+    async with rig.post({**HI, "stream": True}) as resp:
+        assert resp.headers["x-gateway-provider"] == "b"
+        body = await resp.read()
+    assert b'"error"' not in body and body.endswith(b"data: [DONE]\n\n")
+
