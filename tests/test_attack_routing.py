@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import openai
 import pytest
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
@@ -171,7 +170,9 @@ async def test_a_stream_failing_before_its_first_byte_fails_over_after_it_does_n
     async with rig.post({**HI, "stream": True}) as resp:
         assert resp.status == 200
         events = sse_events(await resp.read())
-    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")
+    )
     rig.a.script(drop_after=2)
     async with rig.post({**HI, "stream": True}) as resp:
         assert resp.status == 200
@@ -264,4 +265,3 @@ async def test_a_target_that_breaks_every_stream_is_taken_out_of_rotation(
         assert resp.headers["x-gateway-provider"] == "b"
         body = await resp.read()
     assert b'"error"' not in body and body.endswith(b"data: [DONE]\n\n")
-
