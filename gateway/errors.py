@@ -22,7 +22,8 @@ into responses, so status codes and error types live here and nowhere else::
         │   └── GatewayStopping       503 upstream_error (the server is stopping; not retried)
         ├── UpstreamTimeout           504 upstream_error (retryable)
         ├── UpstreamConnectionError   502 upstream_error (retryable: refused, reset, DNS)
-        ├── UpstreamBadResponse       502 upstream_error (retryable: a redirect, too large)
+        ├── UpstreamBadResponse       502 upstream_error (retryable: a redirect, too large,
+        │                                 a status that blames no request, e.g. 405, 410)
         └── UpstreamAuthError         502 upstream_error (our credentials refused; not retryable)
 """
 
@@ -241,7 +242,8 @@ class UpstreamConnectionError(UpstreamError):
 
 class UpstreamBadResponse(UpstreamError):
     """The upstream answered with what the gateway never relays: a redirect (never followed),
-    or a body or stream event larger than the provider's limits."""
+    a body or stream event larger than the provider's limits, or a status that blames no
+    request (405, 410, 421, ...: the target cannot serve, another may)."""
 
     status = 502
     code = "upstream_bad_response"

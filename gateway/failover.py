@@ -245,12 +245,13 @@ def _final(
     if not failures:
         return breakers.refusal([r.account for r in ex.routes], ex.trace.model_id)
     last = failures[-1][0]
+    # The shortest wait left: the model answers again as soon as one account is back (the
+    # last failure's own pause may be the longest, and a local refusal says the shortest).
+    waits = [w for w in (_wait(f, a, breakers) for f, a in failures) if w is not None]
     if all(isinstance(f, UpstreamRateLimited) for f, _ in failures):
-        waits = [_wait(f, a, breakers) for f, a in failures]
-        known = [w for w in waits if w is not None]
-        last.retry_after = min(known) if known else None
+        last.retry_after = min(waits) if waits else None
     elif last.retry_after is not None:
-        last.retry_after = _wait(last, failures[-1][1], breakers)
+        last.retry_after = min(waits)
     return last
 
 

@@ -189,7 +189,11 @@ def error_from_status(
             f"The upstream provider '{provider}' failed (HTTP {status}): {message}",
             retry_after=retry_after,
         )
-    return UpstreamError(f"The upstream provider '{provider}' answered HTTP {status}: {message}")
+    # Any other status (405, 410, 421, 451, ...) says nothing about the request: the gateway
+    # built it, so a target that cannot serve it is that target's fault, and another may.
+    return UpstreamBadResponse(
+        f"The upstream provider '{provider}' answered HTTP {status}: {message}"
+    )
 
 
 def upstream_failure(provider: str, exc: BaseException) -> UpstreamError:
