@@ -251,7 +251,7 @@ def _final(
     if all(isinstance(f, UpstreamRateLimited) for f, _ in failures):
         last.retry_after = min(waits) if waits else None
     elif last.retry_after is not None:
-        last.retry_after = min(waits)
+        last.retry_after = min(waits) if waits else None
     return last
 
 
