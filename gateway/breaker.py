@@ -215,6 +215,14 @@ class BreakerBoard:
             reason=cause.value,
         )
 
+    def broke(self, account: Account, claim: Claim, *, counted: bool = True) -> None:
+        """Record a stream its upstream broke after the first byte, which put the account back
+        already if the stream was a probe or a panic attempt (`succeeded`): their break is
+        decisive, as their failure before that byte would have been. (As a panic claim: it
+        holds no probe slot now, and must not free another request's.)"""
+        decisive = Claim.ORDINARY if claim is Claim.ORDINARY else Claim.PANIC
+        self.failed(account, None, decisive, counted=counted)
+
     def disable(self, account: Account) -> None:
         """Take the account out for `auth_cooldown`: the upstream refused its credentials."""
         breaker = self._get(account)
