@@ -286,9 +286,8 @@ def _final(
     # The shortest wait left: the model answers again as soon as one account is back (the
     # last failure's own pause may be the longest, and a local refusal says the shortest).
     waits = [w for w in (_wait(f, a, breakers) for f, a in failures) if w is not None]
-    if all(isinstance(f, UpstreamRateLimited) for f, _ in failures):
-        last.retry_after = min(waits) if waits else None
-    elif last.retry_after is not None:
+    rate_limited = all(isinstance(f, UpstreamRateLimited) for f, _ in failures)
+    if rate_limited or last.retry_after is not None:
         last.retry_after = min(waits) if waits else None
     return last
 
