@@ -190,7 +190,15 @@ async def relay(
             shape may use other statuses than the gateway's own).
     """
     trace = request[TRACE_KEY]
-    first = await anext(aiter(events))
+    trace.upstream_ok = None  # (not what an earlier relay of the request, a failed way, said)
+    try:
+        first = await anext(aiter(events))
+    except GatewayError as exc:
+        # Before any byte went out, but perhaps after the attempt's first batch (a converter
+        # between the two may have had nothing to send yet): its account is still told.
+        if upstream_fault(exc):
+            trace.upstream_ok = False
+        raise
     sse = SSEStream(request)
     try:
         if type(first) is Last:  # the whole stream came at once: one write for all of it
