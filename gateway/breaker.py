@@ -11,13 +11,13 @@ An account (one API key of one provider) is out of rotation for one of three rea
 When its time is up it is *half-open*: one request probes it, and the probe's outcome closes
 or reopens it (a streamed probe closes it at its first byte, and reopens it if its upstream
 then breaks the stream: `broke()`). A stream's outcome is its end, not its first byte
-(`failover.stream_ended`). Being out for failures is only a preference: when every route of a model is
-out, the route closest to recovery is still tried (Envoy's panic mode), since the failures
-may be over, so a model's only account is never refused for them. What the upstream asked for,
-and refused credentials, are honoured: with nothing else left, the client gets the upstream's
-status with the real remaining wait, or a non-retryable error saying what the operator must
-fix (`refusal()`). All state is memory only; a config reload keeps the breakers of accounts it
-did not change (`adopt()`).
+(`failover.stream_ended`). Being out for failures is only a preference: when every route of
+a model is out, the route closest to recovery is still tried (Envoy's panic mode), since the
+failures may be over, so a model's only account is never refused for them. What the
+upstream asked for, and refused credentials, are honoured: with nothing else left, the client
+gets the upstream's status with the real remaining wait, or a non-retryable error saying what
+the operator must fix (`refusal()`). All state is memory only; a config reload keeps the
+breakers of accounts it did not change (`adopt()`).
 """
 
 from __future__ import annotations
