@@ -9,13 +9,15 @@ An account (one API key of one provider) is out of rotation for one of three rea
 - *refused credentials* (401/403) disable it for `auth_cooldown` seconds.
 
 When its time is up it is *half-open*: one request probes it, and the probe's outcome closes
-or reopens it. Being out for failures is only a preference: when every route of a model is
-out, the route closest to recovery is still tried (Envoy's panic mode), since the failures
-may be over, so a model's only account is never refused for them. What the upstream asked for,
-and refused credentials, are honoured: with nothing else left, the client gets the upstream's
-status with the real remaining wait, or a non-retryable error saying what the operator must
-fix (`refusal()`). All state is memory only; a config reload keeps the breakers of accounts it
-did not change (`adopt()`).
+or reopens it (a streamed probe closes it at its first byte, and reopens it if its upstream
+then breaks the stream: `broke()`). A stream's outcome is its end, not its first byte
+(`failover.stream_ended`). Being out for failures is only a preference: when every route of
+a model is out, the route closest to recovery is still tried (Envoy's panic mode), since the
+failures may be over, so a model's only account is never refused for them. What the
+upstream asked for, and refused credentials, are honoured: with nothing else left, the client
+gets the upstream's status with the real remaining wait, or a non-retryable error saying what
+the operator must fix (`refusal()`). All state is memory only; a config reload keeps the
+breakers of accounts it did not change (`adopt()`).
 """
 
 from __future__ import annotations
@@ -214,6 +216,14 @@ class BreakerBoard:
             seconds=round(pause, 3),
             reason=cause.value,
         )
+
+    def broke(self, account: Account, claim: Claim, *, counted: bool = True) -> None:
+        """Record a stream its upstream broke after the first byte, which put the account back
+        already if the stream was a probe or a panic attempt (`succeeded`): their break is
+        decisive, as their failure before that byte would have been. (As a panic claim: it
+        holds no probe slot now, and must not free another request's.)"""
+        decisive = Claim.ORDINARY if claim is Claim.ORDINARY else Claim.PANIC
+        self.failed(account, None, decisive, counted=counted)
 
     def disable(self, account: Account) -> None:
         """Take the account out for `auth_cooldown`: the upstream refused its credentials."""

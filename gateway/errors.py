@@ -56,6 +56,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "drop_tracebacks",
+    "upstream_fault",
 ]
 
 
@@ -257,6 +258,15 @@ class UpstreamAuthError(UpstreamError):
     status = 502
     code = "upstream_auth_failed"
     should_retry = False
+
+
+def upstream_fault(exc: GatewayError) -> bool:
+    """Whether a failure is the upstream's own, to count against its account: not the
+    request's (`UpstreamBadRequest`), not the gateway's (`UpstreamPoolFull`, `GatewayStopping`),
+    and not refused credentials (an account disabled at once, not counted)."""
+    return isinstance(exc, UpstreamError) and not isinstance(
+        exc, (UpstreamBadRequest, UpstreamPoolFull, GatewayStopping, UpstreamAuthError)
+    )
 
 
 def drop_tracebacks(exc: BaseException | None) -> None:

@@ -8,7 +8,9 @@ which is how the upstream's wish is honoured: the next try goes elsewhere). An u
 refuses our credentials disables that account for a while. With every route out of rotation,
 the one closest to recovery is still tried, once (`gateway.breaker`).
 A 4xx caused by the request itself is answered at once. A per-request deadline bounds it all.
-Nothing here runs once a byte of the answer went to the client: streams never retry.
+Nothing here runs once a byte of the answer went to the client: streams never retry. A
+stream's verdict waits for its end (`stream_ended`): a first byte says nothing of a stream
+that breaks after it.
 
 `Exchange` is the request being tried; the breakers and the routing settings come from
 the caller (`pipeline.try_routes`), so this loop depends on no application state.
@@ -20,7 +22,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -42,12 +44,21 @@ from gateway.router import Route
 from gateway.settings import RoutingSettings
 from gateway.trace import CLIENT_CLOSED, RequestTrace, elapsed_ms
 
-__all__ = ["Exchange", "attempt_each", "backoff"]
+__all__ = ["Exchange", "attempt_each", "backoff", "stream_ended"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Call)
 
 _rng = random.Random()  # noqa: S311 - jitter, not security
+
+
+class _Owed(NamedTuple):
+    """The answering account of a stream, whose verdict waits for the stream's end."""
+
+    breakers: BreakerBoard
+    account: Account
+    claim: Claim
+    counted: bool  # False: the request failed on the account already (its one failure)
 
 
 class Exchange(msgspec.Struct, Generic[C]):
@@ -61,6 +72,7 @@ class Exchange(msgspec.Struct, Generic[C]):
     routes: list[Route]  # what the request may try, in order
     ticket: Ticket | None = None  # what the request holds of its key's limits and budget
     deadline: float | None = None  # loop time by which an answer must have begun (set once)
+    owed: _Owed | None = None  # a stream's account, told how it went at its end
 
 
 def backoff(retry: int, routing: RoutingSettings) -> float:
@@ -131,6 +143,7 @@ async def attempt_each(
     *,
     breakers: BreakerBoard,
     routing: RoutingSettings,
+    stream: bool = False,
 ) -> T:
     """The result of the first attempt that succeeds.
 
@@ -139,6 +152,8 @@ async def attempt_each(
         breakers: the accounts' breakers, asked before and told after every attempt; all
             failures of one account within this request count as one.
         routing: how many attempts, the backoff between them, and the deadline.
+        stream: an attempt's result is a stream's first batch: its account is told how the
+            stream went at its end (`stream_ended`, which the caller must call), not at once.
 
     Raises:
         UpstreamError: a non-retryable failure at once; else, when every try failed or the
@@ -219,7 +234,15 @@ async def attempt_each(
                 _record(ex, route, started, CLIENT_CLOSED)
                 breakers.release(account, claim)  # cancelled (client gone): no verdict
                 raise
-            breakers.succeeded(account, claim)
+            if stream:
+                # A probe (or panic attempt) still puts its account back at the first byte, so
+                # that requests flow again meanwhile; the rest waits for the end of the stream.
+                if claim is not Claim.ORDINARY:
+                    breakers.succeeded(account, claim)
+                counted = all(a != account for _, a in failures)
+                ex.owed = _Owed(breakers, account, claim, counted)
+            else:
+                breakers.succeeded(account, claim)
             _record(ex, route, started, 200)
             return result
         raise _final(ex, failures, breakers)
@@ -231,6 +254,21 @@ async def attempt_each(
         for failure, _ in failures:
             drop_tracebacks(failure)
         failures.clear()
+
+
+def stream_ended(ex: Exchange[Any]) -> None:
+    """Tell the breaker of a stream's account how the stream went (`trace.upstream_ok`, set by
+    `sse.relay`): a success if the upstream finished it, a failure if it broke it (decisive for
+    a probe or panic attempt, as a failure before the first byte would have been), nothing if
+    the client, a shutdown or the gateway ended it. Once per stream; a no-op without one."""
+    owed, ex.owed = ex.owed, None
+    if owed is None:
+        return
+    ok = ex.trace.upstream_ok
+    if ok:
+        owed.breakers.succeeded(owed.account)
+    elif ok is not None:
+        owed.breakers.broke(owed.account, owed.claim, counted=owed.counted)
 
 
 def _past_deadline(routing: RoutingSettings) -> UpstreamTimeout:
@@ -248,9 +286,8 @@ def _final(
     # The shortest wait left: the model answers again as soon as one account is back (the
     # last failure's own pause may be the longest, and a local refusal says the shortest).
     waits = [w for w in (_wait(f, a, breakers) for f, a in failures) if w is not None]
-    if all(isinstance(f, UpstreamRateLimited) for f, _ in failures):
-        last.retry_after = min(waits) if waits else None
-    elif last.retry_after is not None:
+    rate_limited = all(isinstance(f, UpstreamRateLimited) for f, _ in failures)
+    if rate_limited or last.retry_after is not None:
         last.retry_after = min(waits) if waits else None
     return last
 

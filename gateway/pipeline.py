@@ -27,7 +27,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from gateway.failover import Exchange, attempt_each
+from gateway.failover import Exchange, attempt_each, stream_ended
 from gateway.media import Estimate, image_tokens
 from gateway.prices import PriceBook, Usage
 from gateway.providers import ChatReply
@@ -259,16 +259,19 @@ def _check_reasoning(req: ChatCompletionRequest, model_id: str, reasoning: bool)
 
 
 def try_routes(
-    ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]]
+    ex: Exchange[Any], attempt: Callable[[Route], Awaitable[T]], *, stream: bool = False
 ) -> Coroutine[Any, Any, T]:
     """`failover.attempt_each` over the request's routes, with the breakers and routing
-    settings of the config the request runs on (to be awaited).
+    settings of the config the request runs on (to be awaited). With `stream` (an attempt is
+    a stream's first batch), the answering account is told how it went by `finish()`.
 
     Raises:
         UpstreamError: as `attempt_each` does.
     """
     router = ex.request[SNAPSHOT_KEY].router
-    return attempt_each(ex, attempt, breakers=router.breakers, routing=router.settings.routing)
+    return attempt_each(
+        ex, attempt, breakers=router.breakers, routing=router.settings.routing, stream=stream
+    )
 
 
 def complete(ex: Exchange[ChatCall]) -> Coroutine[Any, Any, ChatReply]:
@@ -335,7 +338,7 @@ class Stream:
         if self._attempt is None:  # the routes were tried already, and failed
             raise StopAsyncIteration
         attempt, self._attempt = self._attempt, None
-        self._events, first = await try_routes(self._ex, attempt)
+        self._events, first = await try_routes(self._ex, attempt, stream=True)
         return first
 
     async def aclose(self) -> None:
@@ -383,7 +386,11 @@ def finish(ex: Exchange[Any]) -> None:
     more input), so its microseconds are not the client's wait. A held request settles at
     once: its x-ratelimit-* headers show what it used, and its slot is freed after. A
     failure of it is logged (`settle_failed`), never the client's: its answer is out or in
-    hand, and its hold is given back with what was counted (see `_settle`)."""
+    hand, and its hold is given back with what was counted (see `_settle`).
+
+    A stream's account is told here how the stream went (`failover.stream_ended`)."""
+    if ex.owed is not None:
+        stream_ended(ex)
     call = ex.call
     # Whether the client hung up can only be told in the request's own task (the upstream
     # already has the prompt then, so it is estimated).

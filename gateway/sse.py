@@ -22,7 +22,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.web import ContentCoding
 from aiohttp_sse import EventSourceResponse
 
-from gateway.errors import GatewayError, GatewayStopping, drop_tracebacks
+from gateway.errors import GatewayError, GatewayStopping, drop_tracebacks, upstream_fault
 from gateway.middleware import response_headers
 from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
 from gateway.schemas.codec import encode
@@ -178,7 +178,9 @@ async def relay(
     """Stream `events` to the client; the 200 goes out only once the first batch is there.
 
     A failure before the first batch propagates (the caller answers with its status); after
-    it, the stream ends with an error event and the trace records the status.
+    it, the stream ends with an error event and the trace records the status. The trace also
+    records whether the upstream finished the stream or broke it (`upstream_ok`, for its
+    account's breaker): a client hanging up, a shutdown or a bug of ours is neither.
 
     Args:
         frame: turns one batch into the bytes of its SSE events.
@@ -188,10 +190,19 @@ async def relay(
             shape may use other statuses than the gateway's own).
     """
     trace = request[TRACE_KEY]
-    first = await anext(aiter(events))
+    trace.upstream_ok = None  # (not what an earlier relay of the request, a failed way, said)
+    try:
+        first = await anext(aiter(events))
+    except GatewayError as exc:
+        # Before any byte went out, but perhaps after the attempt's first batch (a converter
+        # between the two may have had nothing to send yet): its account is still told.
+        if upstream_fault(exc):
+            trace.upstream_ok = False
+        raise
     sse = SSEStream(request)
     try:
         if type(first) is Last:  # the whole stream came at once: one write for all of it
+            trace.upstream_ok = True
             await sse.start(frame(first) + end, last=True)
             return sse.response
         await sse.start(frame(first))
@@ -205,9 +216,12 @@ async def relay(
                     last = frame(batch) + end
                     break
                 await writer.write(frame(batch))
+            trace.upstream_ok = True  # (even if the client hangs up before it has the end)
         await sse.end(last)
     except GatewayError as exc:
         trace.status = status_of(exc)
+        if upstream_fault(exc):
+            trace.upstream_ok = False
         drop_tracebacks(exc)
         await _try(sse.error(exc, error_frame))
     except ConnectionError:

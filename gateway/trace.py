@@ -59,6 +59,10 @@ class RequestTrace(msgspec.Struct, kw_only=True):
     limited: KeyRecord | None = None
     # Why the gateway refused it for its key's limits or budget (`GatewayError.reason`).
     refused: str | None = None
+    # How a relayed stream's upstream did (`sse.relay`), for its account's breaker: True, it
+    # finished the stream; False, it broke it; None, no verdict (the stream did not get that
+    # far, or the client, a shutdown or the gateway itself ended it).
+    upstream_ok: bool | None = None
     # Every upstream attempt: provider, account, upstream model, status, ms.
     attempts: list[dict[str, object]] = msgspec.field(default_factory=list)
     # What is left to account for once the answer is out (`pipeline.finish`): run first by

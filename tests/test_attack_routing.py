@@ -244,10 +244,6 @@ async def test_a_target_answering_200_with_garbage_fails_over(
     assert resp.headers["x-gateway-provider"] == "b"
 
 
-@pytest.mark.xfail(
-    reason="open: a stream's first byte counts as its account's success (and clears its "
-    "failures); what breaks after it is told to no breaker",
-)
 @pytest.mark.parametrize("fault", [{"drop_after": 1}, {"error_after": 1}], ids=["reset", "event"])
 async def test_a_target_that_breaks_every_stream_is_taken_out_of_rotation(
     rig: Rig, fault: dict[str, Any]

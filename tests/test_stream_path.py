@@ -28,7 +28,8 @@ async def test_the_stream_hands_on_the_first_route_s_batches_and_closes_them(
     closed: list[bool] = []
     events = _batches(closed)
 
-    async def answered(ex: Any, attempt: Any) -> tuple[Any, list[bytes]]:
+    async def answered(ex: Any, attempt: Any, *, stream: bool) -> tuple[Any, list[bytes]]:
+        assert stream  # its account is told how the stream went at its end
         return events, [b"1"]
 
     monkeypatch.setattr(pipeline, "try_routes", answered)
@@ -43,7 +44,7 @@ async def test_a_stream_whose_routes_failed_ends_without_trying_them_again(
 ) -> None:
     tries: list[int] = []
 
-    async def failed(ex: Any, attempt: Any) -> tuple[Any, list[bytes]]:
+    async def failed(ex: Any, attempt: Any, *, stream: bool) -> tuple[Any, list[bytes]]:
         tries.append(1)
         raise UpstreamUnavailable("down")
 

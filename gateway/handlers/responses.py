@@ -130,6 +130,7 @@ async def _pass_through(ex: Exchange[ChatCall], body: bytes, *, stream: bool) ->
         lambda route: pipeline.first_batch(
             route.provider.config, _upstream(route).stream_responses(ex.call, fields)
         ),
+        stream=True,
     )
     numbered = _Numbered(events, first)
     async with contextlib.aclosing(numbered.batches()) as batches:
