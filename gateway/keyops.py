@@ -20,18 +20,27 @@ from gateway.records import EDITABLE_FIELDS, KEY_FIELDS, VIEW_NAMES, KeyRecord, 
 from gateway.state import GATE_KEY, KEYS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_expires
 
-__all__ = ["KeyCreate", "KeyUpdate", "create", "revoke", "update", "view"]
+__all__ = ["MAX_ALLOWED_MODELS", "KeyCreate", "KeyUpdate", "create", "revoke", "update", "view"]
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Metadata = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
     msgspec.Meta(max_length=16),
 ]
+# An allow-list entry is a model id or a glob, at most as long as a model id a request may name
+# (`pipeline.MAX_MODEL_ID`); a key's list is walked on each of its requests. Bounded, as
+# everything people type here is.
+MAX_ALLOWED_MODELS = 256
+Models = Annotated[
+    tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ...],
+    msgspec.Meta(max_length=MAX_ALLOWED_MODELS),
+]
 
 # Where the API takes more, or less, than the record's own type: bounds on what people type,
 # and an expiry also as "30d" or an ISO-8601 time (besides unix seconds).
 _API_TYPES: dict[str, Any] = {
     "name": Name,
+    "models": Models,
     "expires_at": float | str | None,
     "notes": Annotated[str, msgspec.Meta(max_length=2000)],
     "metadata": Metadata,
