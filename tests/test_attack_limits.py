@@ -1,0 +1,103 @@
+"""Attacks on the accuracy of limits and budgets while requests race and the admin API changes
+a key mid-flight: a budget removed between a request's admission and its charge, and counts
+of concurrency, requests per minute, tokens per minute and budgets against what the docs
+promise. In memory and shared through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.state import GATE_KEY, USAGE_KEY
+from tests.conftest import app_of
+from tests.fakes import FakeOpenAI
+from tests.test_accounting import admin_spend, make_settings, new_key, patch, spend_of, up
+from tests.test_limits import CHAT, auth, body
+
+__all__ = ["make_settings", "up"]  # (the fixtures, shared with test_accounting)
+
+
+def entering(gw: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set once a request has passed the gate's first step (`enter`, or a shared
+    gate's `admit`): from there on it is reading its body."""
+    gate = app_of(gw)[GATE_KEY]
+    event = asyncio.Event()
+    name = "enter" if gate.admits_at_once else "admit"
+    inner = getattr(gate, name)
+    if gate.admits_at_once:
+
+        def counting(key: Any) -> Any:
+            ticket = inner(key)
+            event.set()
+            return ticket
+
+        monkeypatch.setattr(gate, name, counting)
+    else:
+
+        async def counting_async(key: Any) -> Any:
+            ticket = await inner(key)
+            event.set()
+            return ticket
+
+        monkeypatch.setattr(gate, name, counting_async)
+    return event
+
+
+# The admin changes made while the request's body arrives, and the budget it ends with.
+CHANGES: dict[str, tuple[list[dict[str, Any]], dict[str, Any] | None]] = {
+    "removed_and_given_again": ([{"budget_tokens": None}], {"budget_tokens": 1_000}),
+    "period_made_longer": ([{"budget_period": "month"}], None),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+async def test_a_budget_changed_while_a_body_is_read_keeps_the_spending(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]], monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A request passes the gate with its key's budget, and the admin API removes the budget
+    (or makes its period a month instead of a day) while the request's body is still
+    arriving. The request is then charged against the budget record it entered with. The
+    key's spending must stay what the usage table says plus the request, not start again at
+    zero: else the key spends its budget a second time."""
+    _, gw = up
+    during, after = CHANGES[change]
+    secret, key_id = await new_key(gw, budget_tokens=1_000, budget_period="day")
+    await one(gw, secret)
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    spent = (await admin_spend(gw, key_id))["tokens"]
+    assert spent > 0
+    reading = entering(gw, monkeypatch)
+    go = asyncio.Event()
+    payload = msgspec.json.encode(body())
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield payload[:1]  # (the client sends the headers with the first chunk)
+        await go.wait()
+        yield payload[1:]
+
+    headers = auth(secret) | {"Content-Type": "application/json"}
+    late = asyncio.create_task(gw.post(CHAT, data=slow_body(), headers=headers))
+    await reading.wait()
+    for fields in during:
+        await patch(gw, key_id, **fields)
+    go.set()
+    async with await late as r:
+        assert r.status == 200, await r.text()
+        late_used = (await r.json())["usage"]["total_tokens"]
+    await app_of(gw)[USAGE_KEY].wait_recorded(2)
+    if after is not None:
+        await patch(gw, key_id, **after)
+    assert (await admin_spend(gw, key_id))["tokens"] == spent + late_used
+    assert (await spend_of(gw, secret)).held_tokens == 0
+
+
+async def one(gw: TestClient[Any, Any], secret: str) -> int:
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as r:
+        assert r.status == 200, await r.text()
+        total: int = (await r.json())["usage"]["total_tokens"]
+    return total
