@@ -17,23 +17,32 @@ from gateway.state import GATE_KEY, USAGE_KEY
 from tests.conftest import app_of
 from tests.fakes import FakeOpenAI
 from tests.test_accounting import admin_spend, make_settings, new_key, patch, spend_of, up
-from tests.test_limits import CHAT, auth, body
+from tests.test_limits import CHAT, RESERVED, auth, body
 
 __all__ = ["make_settings", "up"]  # (the fixtures, shared with test_accounting)
 
 
-def entering(gw: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
-    """An event set once a request has passed the gate's first step (`enter`, or a shared
-    gate's `admit`): from there on it is reading its body."""
+def entering(
+    gw: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch, count: int = 1
+) -> asyncio.Event:
+    """An event set once `count` requests have passed the gate's first step (`enter`, or a
+    shared gate's `admit`): from there on each is reading its body."""
     gate = app_of(gw)[GATE_KEY]
     event = asyncio.Event()
+    seen = [0]
+
+    def one_more() -> None:
+        seen[0] += 1
+        if seen[0] >= count:
+            event.set()
+
     name = "enter" if gate.admits_at_once else "admit"
     inner = getattr(gate, name)
     if gate.admits_at_once:
 
         def counting(key: Any) -> Any:
             ticket = inner(key)
-            event.set()
+            one_more()
             return ticket
 
         monkeypatch.setattr(gate, name, counting)
@@ -41,7 +50,7 @@ def entering(gw: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch) -> async
 
         async def counting_async(key: Any) -> Any:
             ticket = await inner(key)
-            event.set()
+            one_more()
             return ticket
 
         monkeypatch.setattr(gate, name, counting_async)
@@ -101,3 +110,52 @@ async def one(gw: TestClient[Any, Any], secret: str) -> int:
         assert r.status == 200, await r.text()
         total: int = (await r.json())["usage"]["total_tokens"]
     return total
+
+
+def slow_posts(
+    gw: TestClient[Any, Any], secret: str, count: int, go: asyncio.Event
+) -> list[asyncio.Task[tuple[int, dict[str, Any]]]]:
+    """`count` requests whose bodies arrive once `go` is set (their headers at once)."""
+    payload = msgspec.json.encode(body())
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield payload[:1]  # (the client sends the headers with the first chunk)
+        await go.wait()
+        yield payload[1:]
+
+    async def post() -> tuple[int, dict[str, Any]]:
+        headers = auth(secret) | {"Content-Type": "application/json"}
+        async with gw.post(CHAT, data=slow_body(), headers=headers) as r:
+            answer: dict[str, Any] = await r.json()
+            return r.status, answer
+
+    return [asyncio.create_task(post()) for _ in range(count)]
+
+
+async def test_a_budget_lowered_while_bodies_arrive_applies_to_them(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty requests pass the gate under a large budget, and the admin API lowers it to
+    what is spent plus room for one request while their bodies arrive. The docs promise a
+    change through the admin API applies at once and a budget overspent by at most one
+    request: so at most one of them may be admitted, not all twenty on the old budget."""
+    _, gw = up
+    secret, key_id = await new_key(gw, budget_tokens=100_000)
+    await one(gw, secret)
+    await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    spent = (await admin_spend(gw, key_id))["tokens"]
+    go = asyncio.Event()
+    reading = entering(gw, monkeypatch, 20)
+    tasks = slow_posts(gw, secret, 20, go)
+    await reading.wait()
+    await patch(gw, key_id, budget_tokens=spent + RESERVED)
+    go.set()
+    answers = await asyncio.gather(*tasks)
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200] + [429] * 19, statuses
+    refused = [a for status, a in answers if status == 429]
+    assert all(a["error"]["code"] == "insufficient_quota" for a in refused)
+    used = sum(a["usage"]["total_tokens"] for status, a in answers if status == 200)
+    await app_of(gw)[USAGE_KEY].wait_recorded(2)
+    assert (await admin_spend(gw, key_id))["tokens"] == spent + used
+    assert (await spend_of(gw, secret)).held_tokens == 0
