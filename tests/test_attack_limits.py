@@ -159,3 +159,29 @@ async def test_a_budget_lowered_while_bodies_arrive_applies_to_them(
     await app_of(gw)[USAGE_KEY].wait_recorded(2)
     assert (await admin_spend(gw, key_id))["tokens"] == spent + used
     assert (await spend_of(gw, secret)).held_tokens == 0
+
+
+async def test_a_refusal_for_tokens_says_none_are_left_while_a_request_holds_more(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """A request whose most (a token a byte of its UTF-8) is far beyond its likely size (four
+    characters a token) is admitted and holds more than the key's tokens per minute: the
+    bucket is in debt. A request refused meanwhile for tokens must say so in its headers:
+    no tokens remaining, not the whole limit."""
+    fake, gw = up
+    secret, _ = await new_key(gw, tpm=300)
+    release = asyncio.Event()
+    fake.script(hold=release)
+    big = body(messages=[{"role": "user", "content": "日本語" * 100}])
+    first = asyncio.create_task(gw.post(CHAT, json=big, headers=auth(secret)))
+    await fake.request_seen.wait()
+    async with gw.post(CHAT, json=body(), headers=auth(secret)) as r:
+        assert r.status == 429
+        assert (await r.json())["error"]["code"] == "rate_limit_exceeded"
+        assert r.headers["x-ratelimit-limit-tokens"] == "300"
+        assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert r.headers["x-ratelimit-reset-tokens"] != "0ms"
+        assert float(r.headers["retry-after-ms"]) > 0
+    release.set()
+    async with await first as r:
+        assert r.status == 200
