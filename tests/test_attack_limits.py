@@ -14,10 +14,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.state import GATE_KEY, USAGE_KEY
-from tests.conftest import app_of
+from tests.conftest import app_of, sse_events
 from tests.fakes import FakeOpenAI
 from tests.test_accounting import admin_spend, make_settings, new_key, patch, spend_of, up
-from tests.test_limits import CHAT, RESERVED, auth, body
+from tests.test_limits import CHAT, RESERVED, all_decided, auth, body
 
 __all__ = ["make_settings", "up"]  # (the fixtures, shared with test_accounting)
 
@@ -185,3 +185,108 @@ async def test_a_refusal_for_tokens_says_none_are_left_while_a_request_holds_mor
     release.set()
     async with await first as r:
         assert r.status == 200
+
+
+def assert_true_headers(headers: Any, rpm: int | None, tpm: int | None) -> None:
+    """The `x-ratelimit-*` headers name the key's limits and a remaining within them."""
+    for name, limit in (("requests", rpm), ("tokens", tpm)):
+        if limit is None:
+            assert f"x-ratelimit-limit-{name}" not in headers
+            continue
+        assert headers[f"x-ratelimit-limit-{name}"] == str(limit)
+        assert 0 <= int(headers[f"x-ratelimit-remaining-{name}"]) <= limit
+
+
+async def test_twenty_at_once_against_three_slots_admit_exactly_three(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """Twenty requests of one key arrive at once, its concurrency is three: exactly three
+    reach the upstream, seventeen are refused with an OpenAI 429, `retry-after` and true
+    `x-ratelimit-*` headers; once the three end, three more get in."""
+    fake, gw = up
+    secret, _ = await new_key(gw, max_concurrency=3, rpm=1_000, tpm=100_000)
+    release = asyncio.Event()
+    fake.script(hold=release, times=3)
+
+    async def post() -> tuple[int, Any, dict[str, Any]]:
+        async with gw.post(CHAT, json=body(), headers=auth(secret)) as r:
+            return r.status, r.headers, await r.json()
+
+    tasks = [asyncio.create_task(post()) for _ in range(20)]
+    await all_decided(tasks, fake)
+    assert len(fake.chat_requests) == 3
+    refused = [t.result() for t in tasks if t.done()]
+    assert len(refused) == 17
+    for status, headers, answer in refused:
+        assert status == 429
+        assert answer["error"]["code"] == "rate_limit_exceeded", answer
+        assert int(headers["retry-after"]) >= 1 and float(headers["retry-after-ms"]) > 0
+        assert_true_headers(headers, 1_000, 100_000)
+    release.set()
+    for status, headers, _ in await asyncio.gather(*tasks):
+        assert status in (200, 429)
+        assert_true_headers(headers, 1_000, 100_000)
+    again = [asyncio.create_task(post()) for _ in range(3)]
+    assert [status for status, _, _ in await asyncio.gather(*again)] == [200] * 3
+
+
+async def test_a_burst_past_the_requests_per_minute_admits_exactly_the_limit(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """Twelve requests at once against 5 requests per minute: exactly five are answered,
+    seven refused with a wait of about a fifth of a minute and no requests remaining."""
+    _, gw = up
+    secret, _ = await new_key(gw, rpm=5)
+
+    async def post() -> tuple[int, Any]:
+        async with gw.post(CHAT, json=body(), headers=auth(secret)) as r:
+            await r.read()
+            return r.status, r.headers
+
+    answers = await asyncio.gather(*(post() for _ in range(12)))
+    assert sorted(status for status, _ in answers) == [200] * 5 + [429] * 7
+    for status, headers in answers:
+        assert_true_headers(headers, 5, None)
+        if status == 429:
+            assert headers["x-ratelimit-remaining-requests"] == "0"
+            assert 0 < float(headers["retry-after-ms"]) <= 12_000
+            assert headers["retry-after"] in ("12", "11", "10")
+
+
+async def test_a_thousand_requests_leave_the_counters_equal_to_their_sum(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """A thousand requests, fifty at a time, JSON and streams: the key's budget spending is
+    the sum of their usage, nothing stays held, and (in memory, its clock held still) the
+    tokens per minute remaining are the limit less that sum: no drift."""
+    _, gw = up
+    gate = app_of(gw)[GATE_KEY]
+    if gate.admits_at_once:  # (Redis keeps its own time: its buckets refill meanwhile)
+        gate.limiter._clock = lambda: 1_000.0
+    limit = 10_000_000
+    secret, key_id = await new_key(gw, tpm=limit, budget_tokens=limit)
+    stream = body(stream=True, stream_options={"include_usage": True})
+
+    async def post(i: int) -> tuple[int, Any]:
+        async with gw.post(CHAT, json=stream if i % 2 else body(), headers=auth(secret)) as r:
+            assert r.status == 200, await r.text()
+            if i % 2:
+                used: int = sse_events(await r.read())[-1]["usage"]["total_tokens"]
+            else:
+                used = (await r.json())["usage"]["total_tokens"]
+            return used, r.headers
+
+    total = 0
+    last: Any = None
+    for start in range(0, 1_000, 50):
+        for used, headers in await asyncio.gather(*(post(start + i) for i in range(50))):
+            total += used
+            last = headers
+    await app_of(gw)[USAGE_KEY].wait_recorded(1_000)
+    assert (await admin_spend(gw, key_id))["tokens"] == total
+    assert (await spend_of(gw, secret)).held_tokens == 0
+    if gate.admits_at_once:
+        async with gw.post(CHAT, json=body(), headers=auth(secret)) as r:
+            total += (await r.json())["usage"]["total_tokens"]
+            assert r.headers["x-ratelimit-remaining-tokens"] == str(limit - total)
+    assert_true_headers(last, None, limit)
