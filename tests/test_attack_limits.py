@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.state import GATE_KEY, USAGE_KEY
-from tests.conftest import app_of, sse_events
+from tests.conftest import app_of, sse_events, usage_rows
 from tests.fakes import FakeOpenAI
 from tests.test_accounting import admin_spend, make_settings, new_key, patch, spend_of, up
 from tests.test_limits import CHAT, RESERVED, all_decided, auth, body
@@ -290,3 +290,48 @@ async def test_a_thousand_requests_leave_the_counters_equal_to_their_sum(
             total += (await r.json())["usage"]["total_tokens"]
             assert r.headers["x-ratelimit-remaining-tokens"] == str(limit - total)
     assert_true_headers(last, None, limit)
+
+
+async def test_fifty_racing_a_budget_with_failures_and_hang_ups_overspend_one_at_most(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]],
+) -> None:
+    """Fifty requests race a small token budget: JSON, streams, requests the upstream fails
+    (their holds come back) and streams whose client hangs up after the first chunk (what was
+    generated is counted). The spending ends equal to the usage rows' tokens, nothing held,
+    and past the budget by at most one request's use."""
+    fake, gw = up
+    budget = 10 * RESERVED
+    secret, key_id = await new_key(gw, budget_tokens=budget)
+    fake.script(match="fail", status=500, times=50)
+    kinds = ["json", "stream", "fail", "hang_up", "cut"]
+    fake.script(match="cut", drop_after=1, times=50)
+
+    async def post(kind: str) -> tuple[int, int]:
+        stream = kind in ("stream", "hang_up", "cut")
+        extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        one_body = body(messages=[{"role": "user", "content": f"{kind} please"}], **extra)
+        async with gw.post(CHAT, json=one_body, headers=auth(secret)) as r:
+            if r.status != 200 or not stream:
+                answer = await r.json()
+                return r.status, answer.get("usage", {}).get("total_tokens", 0)
+            if kind == "hang_up":
+                await r.content.readline()
+                r.close()
+                return r.status, -1  # (what was generated: the usage row says)
+            if kind == "cut":
+                await r.read()  # (ends with an error event: the usage row says)
+                return r.status, -1
+            events = sse_events(await r.read())
+            return r.status, events[-1].get("usage", {}).get("total_tokens", 0) or 0
+
+    answers = await asyncio.gather(*(post(kinds[i % 5]) for i in range(50)))
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {200, 429, 502, 503}, answers  # (5xx: the upstream failed)
+    upstream = sum(status != 429 for status in statuses)
+    await app_of(gw)[USAGE_KEY].wait_recorded(upstream)
+    rows = [row for row in await usage_rows(gw) if row["key_id"] == key_id]
+    counted = sum(row["total_tokens"] or 0 for row in rows)
+    spend = await spend_of(gw, secret)
+    assert (spend.tokens, spend.held_tokens) == (counted, 0)
+    most_one = max((row["total_tokens"] or 0) for row in rows)
+    assert counted <= budget + most_one
