@@ -19,6 +19,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import structlog
 
 from gateway.budgets import Amount, BudgetBook, Spend, period_start
@@ -28,7 +29,7 @@ from gateway.ratelimit import Limiter
 from gateway.records import KeyRecord
 from gateway.usage import Unwritten
 
-__all__ = ["Gate", "Ticket", "UsageLog"]
+__all__ = ["Gate", "Ticket", "UsageLog", "follow"]
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,22 @@ class Ticket:
     used: tuple[int, float] | None = None
     # In memory: what it used, given back (`Gate.give_back`) and not counted yet (`tally`).
     to_count: tuple[int, float] | None = None
+
+
+def follow(ticket: Ticket, current: KeyRecord) -> None:
+    """Charge an entered request under its key's limits and budget as they are now (the
+    admin API may have changed them while its body arrived), within what it entered with: a
+    request that entered without limits (or budget) holds nothing of limits (or a budget)
+    given since, which count it as it ends instead (`tally`, `count`)."""
+    if current is ticket.key:
+        return
+    changes: dict[str, None] = {}
+    if not ticket.limited:
+        changes |= {"rpm": None, "tpm": None, "max_concurrency": None}
+    if not ticket.budgeted or not current.has_budget:
+        changes |= {"budget_tokens": None, "budget_usd": None}
+    ticket.key = msgspec.structs.replace(current, **changes) if changes else current
+    ticket.budgeted = ticket.key.has_budget
 
 
 class Gate:

@@ -126,13 +126,18 @@ class BudgetBook:
         """The key has no budget now; what its requests in flight hold is kept aside."""
         spend = self._spend.pop(key.id, None)
         self._periods.pop(key.id, None)
-        if spend is not None and (spend.held_tokens or spend.held_usd):
+        if spend is not None:
+            # Kept even with nothing held: a request that entered under the budget and is
+            # charged after this (its body was still arriving) holds here, not in a spending
+            # that `reserve` would otherwise start again at zero.
             self._orphans[key.id] = spend
 
     def spent(self, key: KeyRecord) -> Spend | None:
         spend = self._spend.get(key.id)
         if spend is not None:
-            self._roll(key.budget_period, spend)
+            # The period loaded, not `key`'s: a request charged with the record it entered
+            # with must not roll a newer, longer period's spending back to zero.
+            self._roll(self._periods.get(key.id), spend)
         return spend
 
     def _roll(self, period: BudgetPeriod | None, spend: Spend) -> None:
@@ -149,6 +154,11 @@ class BudgetBook:
             QuotaExceeded: the request does not fit in what is left of the budget.
         """
         spend = self.spent(key)
+        orphan = self._orphans.get(key.id) if spend is None else None
+        if orphan is not None:  # the budget was removed after the request entered: no refusal,
+            orphan.held_tokens += most[0]  # but a budget given again counts its hold
+            orphan.held_usd += most[1]
+            return
         if spend is None:  # not loaded yet (a key created a moment ago has spent nothing)
             self.load(key, period_start(key.budget_period, self._clock()), 0, 0.0)
             spend = self._spend[key.id]
@@ -184,10 +194,10 @@ class BudgetBook:
         if spend is None:
             orphan = self._orphans.get(key.id)
             if orphan is not None:  # its key has no budget now: only the hold goes
-                orphan.held_tokens -= held[0]
+                # (Kept when nothing is held: one per key whose budget went, until it comes
+                # back; a request still reading its body may be charged here yet.)
+                orphan.held_tokens = max(0, orphan.held_tokens - held[0])
                 orphan.held_usd = max(0.0, orphan.held_usd - held[1])
-                if orphan.held_tokens <= 0:  # (every hold has tokens)
-                    del self._orphans[key.id]
             return
         spend.held_tokens = max(0, spend.held_tokens - held[0])
         spend.held_usd = max(0.0, spend.held_usd - held[1])

@@ -177,6 +177,11 @@ class KeyCache:
         self._changed_meanwhile[key.digest] = key
         return key
 
+    def current(self, key: KeyRecord) -> KeyRecord:
+        """The key as enforced now (`key` itself if the cache no longer has it): one dict
+        lookup, for a request whose key may have changed since it authenticated."""
+        return self._by_digest.get(key.digest, key)
+
     def records(self) -> list[KeyRecord]:
         """Every key as enforced (for the metrics' key names)."""
         return list(self._by_digest.values())

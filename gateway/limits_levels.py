@@ -42,11 +42,13 @@ class Levels:
         now = time.monotonic()
         # Carry the other bucket's level forward to now, so both read from one instant.
         elapsed = now - seen.at
-        if rpm is not None and rpm >= 0:
+        # A script answers -1 for a bucket the key does not have; a bucket it has may be in
+        # debt (a request holding more than its likely size), below -1 too.
+        if rpm is not None and key.rpm is not None:
             seen.rpm = rpm
         elif seen.rpm is not None and key.rpm is not None:
             seen.rpm = _refilled(seen.rpm, key.rpm, elapsed)
-        if tpm is not None and tpm > -1:
+        if tpm is not None and key.tpm is not None:
             seen.tpm = tpm
         elif seen.tpm is not None and key.tpm is not None:
             seen.tpm = _refilled(seen.tpm, key.tpm, elapsed)

@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from msgspec import UNSET
 
-from gateway.admission import Gate, Ticket
+from gateway.admission import Gate, Ticket, follow
 from gateway.errors import (
     InvalidRequest,
     PermissionDenied,
@@ -42,7 +42,14 @@ from gateway.schemas.common import (
     Usage as OpenAIUsage,
 )
 from gateway.settings import ModelConfig, ProviderConfig
-from gateway.state import GATE_KEY, PRICES_KEY, PRINCIPAL_KEY, SNAPSHOT_KEY, TICKET_KEY
+from gateway.state import (
+    GATE_KEY,
+    KEYS_KEY,
+    PRICES_KEY,
+    PRINCIPAL_KEY,
+    SNAPSHOT_KEY,
+    TICKET_KEY,
+)
 from gateway.trace import TRACE_KEY, RequestTrace, elapsed_ms
 
 __all__ = [
@@ -165,6 +172,8 @@ async def open_exchange(
     except KeyError:
         ex.ticket = None
     if ex.ticket is not None and not free:  # a free request holds no tokens
+        # Its body took a while to arrive: the key's limits and budget may have changed.
+        follow(ex.ticket, request.app[KEYS_KEY].current(ex.ticket.key))
         await _charge(request.app[GATE_KEY], request.app[PRICES_KEY], ex.ticket, call, routes)
     return ex
 

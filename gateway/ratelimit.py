@@ -163,12 +163,16 @@ class Limiter:
             RateLimited: the tokens are not there; `retry_after` says when they will be.
         """
         state = self._keys.get(key.id)
-        budget = state.tokens if state is not None else None
-        if state is None or budget is None:
+        if state is None:
+            return
+        now = self._clock()
+        # (`key` is as the admin API left it while the body arrived: `Gate.charge`.)
+        budget = state.tokens = _sized(state.tokens, key.tpm, now)
+        if budget is None:
             return
         if likely > budget.capacity:
             raise too_large(key, likely)
-        budget.refill(self._clock())
+        budget.refill(now)
         wait = budget.wait(likely)
         if wait > 0:
             raise no_tokens(key, wait)
