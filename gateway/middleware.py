@@ -58,6 +58,7 @@ from gateway.trace import CLIENT_CLOSED, TRACE_KEY, RequestTrace, add_trace_head
 __all__ = [
     "SERVER_NAME",
     "UNMATCHED",
+    "answer_headers",
     "error_response",
     "gateway",
     "mint_request_id",
@@ -115,10 +116,28 @@ def _new_request_id(request: web.Request) -> str:
 def response_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer's own headers, set before it goes out: the `Server` header (aiohttp's
     would name its own and Python's versions) and the CORS headers. Set by `gateway` on the
-    answers it returns and by `sse.SSEStream` on a stream before it starts, rather than
-    from `on_response_prepare`: its receivers are coroutines, awaited on every answer."""
+    answers it returns and by `sse.SSEStream` on a stream before it starts (`answer_headers`),
+    rather than from `on_response_prepare`: its receivers are coroutines, awaited on every
+    answer."""
     response.headers["Server"] = SERVER_NAME
     add_cors_headers(request, response)
+
+
+def answer_headers(
+    request: web.Request,
+    trace: RequestTrace,
+    response: web.StreamResponse,
+    shutting_down: asyncio.Event,
+) -> None:
+    """A request's answer's headers, set just before it goes out (by `gateway`, and by
+    `sse.SSEStream` on a stream before it starts): its id and trace, `response_headers`, and
+    `Connection: close` while the server stops (it closes the connection after this answer: a
+    client would send its next request on it, or have one pipelined, and get no answer)."""
+    response.headers["X-Request-ID"] = trace.request_id
+    add_trace_headers(request, trace, response)
+    response_headers(request, response)
+    if shutting_down.is_set():
+        response.force_close()
 
 
 def through_gateway(handler: Handler, route: str) -> Handler:
@@ -224,13 +243,7 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
                 )
         status = response.status
         if not response.prepared:  # streams set these themselves before their headers go out
-            response.headers["X-Request-ID"] = trace.request_id
-            add_trace_headers(request, trace, response)
-            response_headers(request, response)
-            if shutting_down.is_set():
-                # The server closes the connection after this answer: say so, or a client
-                # sends its next request on it (or has one pipelined) and gets no answer.
-                response.force_close()
+            answer_headers(request, trace, response, shutting_down)
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED  # handler cancelled because the client went away

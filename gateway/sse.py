@@ -23,12 +23,12 @@ from aiohttp.web import ContentCoding
 from aiohttp_sse import EventSourceResponse
 
 from gateway.errors import GatewayError, GatewayStopping, drop_tracebacks, upstream_fault
-from gateway.middleware import response_headers
+from gateway.middleware import answer_headers
 from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
 from gateway.schemas.codec import encode
 from gateway.sse_pings import StreamPings
 from gateway.state import PINGS_KEY, SHUTTING_DOWN_KEY, STREAMS_KEY
-from gateway.trace import CLIENT_CLOSED, TRACE_KEY, add_trace_headers
+from gateway.trace import CLIENT_CLOSED, TRACE_KEY
 
 __all__ = ["DONE", "SSEStream", "data_frames", "relay"]
 
@@ -120,11 +120,7 @@ class SSEStream:
         request = self._request
         trace = request[TRACE_KEY]
         response = self.response
-        response.headers["X-Request-ID"] = trace.request_id
-        add_trace_headers(request, trace, response)
-        response_headers(request, response)
-        if request.app[SHUTTING_DOWN_KEY].is_set():  # closed after it: `Connection: close`
-            response.force_close()
+        answer_headers(request, trace, response, request.app[SHUTTING_DOWN_KEY])
         writer = self.writer = await response.prepare(request)
         # (the pings' loop: `current_task()` without one asks for it, a getpid() system call)
         task = self._task = self._pings.current_task()
