@@ -49,6 +49,7 @@ LEASE_SECONDS = 30.0
 POOL_SIZE = 16
 _POOL_WAIT_SECONDS = 5.0
 _CHARGE_VERDICTS = (b"ok", b"budget", b"tokens")
+_MAX_UNSENT = 100_000  # ends kept through an outage to send again
 
 
 class BadReply(RedisError):
@@ -84,6 +85,10 @@ class SharedGate(FallbackGate):
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
         self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
+        # Ends Redis did not answer (an outage), sent again once it does (`came_back`), and
+        # those being sent again.
+        self._unsent: list[Ticket] = []
+        self._again: list[Ticket] = []
         self._ender: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
 
@@ -289,6 +294,10 @@ class SharedGate(FallbackGate):
 
     def came_back(self) -> None:
         self.levels.clear()  # what scripts said before the outage is stale
+        if self._unsent:  # ends Redis did not answer: sent again, counted if not counted yet
+            self._again, self._unsent = self._again + self._unsent, []
+            if self._ender is None or self._ender.done():
+                self._ender = asyncio.create_task(self._end_all())
 
     # -- internals -----------------------------------------------------------------------
 
@@ -325,19 +334,27 @@ class SharedGate(FallbackGate):
     async def _end_all(self) -> None:
         """Send the end of every request that ended meanwhile, together: under load, many
         requests share one round trip."""
-        while self._ending:
+        while self._ending or self._again:
             batch, self._ending = self._ending, []
+            again, self._again = self._again, []
             now = time.time()
             keys = self._keys
             calls = [_finish_call(ticket, keys.get(ticket.key.id), now) for ticket in batch]
+            if again:
+                calls += [_finish_call(t, keys.get(t.key.id), now, again=True) for t in again]
             try:
                 await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
-            except _FAILURES as exc:  # their leases end on their own
+            except _FAILURES as exc:  # sent again when Redis answers (or their leases end)
                 self._went_down(exc)
+                unsent = self._unsent
+                unsent += again
+                unsent += batch
+                if len(unsent) > _MAX_UNSENT:  # the oldest: their holds go with their leases
+                    del unsent[: len(unsent) - _MAX_UNSENT]
 
 
 def _finish_call(
-    ticket: Ticket, current: KeyRecord | None, now: float
+    ticket: Ticket, current: KeyRecord | None, now: float, *, again: bool = False
 ) -> tuple[list[str], list[Arg]]:
     """FINISH's keys and arguments for a request that ended (see `limits_lua.FINISH`).
 
@@ -351,7 +368,7 @@ def _finish_call(
     charged = "1" if ticket.used is not None else "0"
     tpm = (key.tpm or 0) if ticket.limited else 0
     args: list[Arg] = [ticket.lease or "", tpm, ticket.tokens, used[0], repr(used[1])]
-    return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged]
+    return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged, int(again)]
 
 
 def open_gate(server: ServerSettings, store: Database) -> Gate:
