@@ -20,6 +20,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from gateway.admission import Ticket
 from gateway.database import opened_database
@@ -328,3 +329,38 @@ async def test_requests_that_end_while_redis_is_frozen_count_once_it_answers(
     spend = await gate.spending(key)
     assert spend is not None
     assert (spend.tokens, spend.held_tokens) == (50, 0)
+
+
+async def test_a_budget_seed_that_meets_postgresql_down_is_not_a_redis_outage(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_url: str,
+    own_pg: Any,
+) -> None:
+    """PostgreSQL is down when a budget's spending must be seeded into Redis (its first
+    request of a period, or Redis lost it): that request gets a 503 saying the database is
+    busy, not a 500, and Redis, which answers, is not taken for down: other limited keys go
+    on through it, and no `redis_unreachable` is logged."""
+    _, gw, _ = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_url,
+        database=own_pg.admin_url,
+    )
+    budgeted = await create_key(gw, budget_tokens=10_000, budget_period="day")
+    limited = await create_key(gw, rpm=1000)
+    await asyncio.to_thread(own_pg.stop)
+    try:
+        with capture_logs() as logs:
+            code, body = await post(gw, budgeted)
+            assert code == 503, body
+            assert body["error"]["code"] == "database_busy"
+            assert (await post(gw, limited))[0] != 503
+        assert "redis_unreachable" not in [e["event"] for e in logs]
+        gate = app_of(gw)[GATE_KEY]
+        assert isinstance(gate, SharedGate) and gate.up
+    finally:
+        await asyncio.to_thread(own_pg.start)
+    assert (await post(gw, budgeted))[0] != 503
