@@ -364,3 +364,33 @@ async def test_a_budget_seed_that_meets_postgresql_down_is_not_a_redis_outage(
     finally:
         await asyncio.to_thread(own_pg.start)
     assert (await post(gw, budgeted))[0] != 503
+
+
+async def test_a_redis_restart_that_lost_its_data_resets_no_budget_for_free(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """Redis restarts empty between requests: the key's spending is seeded again from the
+    usage table: what was spent stays spent, counted once."""
+    fake, gw, _ = await two_gateways(
+        aiohttp_server, aiohttp_client, make_settings, redis_url=redis_server.url
+    )
+    fake.always(content="two words")  # every request uses 10 tokens
+    secret = await create_key(gw, budget_tokens=1000, budget_period="total")
+    assert [(await post(gw, secret))[0] for _ in range(5)] == [200] * 5  # 50 spent
+    redis_server.stop()
+    redis_server.start()
+    gate = app_of(gw)[GATE_KEY]
+    async with asyncio.timeout(NEVER_HANG):
+        while (code := (await post(gw, secret))[0]) == 503:  # noqa: ASYNC110 (the probe)
+            await asyncio.sleep(0.1)
+    assert code == 200
+    key = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert key is not None and isinstance(gate, SharedGate)
+    async with asyncio.timeout(NEVER_HANG):
+        while gate._ender is not None and not gate._ender.done():
+            await asyncio.wait([gate._ender])
+    spend = await gate.spending(key)
+    assert spend is not None and spend.tokens == 60
