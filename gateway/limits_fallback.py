@@ -94,8 +94,10 @@ class FallbackGate(Gate):
         while True:
             await asyncio.sleep(_PROBE_SECONDS)
             try:
-                await self.redis.ping()
-            except FAILURES:
+                answered = await self.redis.ping()  # True for PONG only: Redis, not any server
+            except Exception:  # redis-py fails on some garbage with AttributeError: a probe
+                answered = False  # that ended here would leave the circuit open until a restart
+            if not answered:
                 continue
             self.up = True
             self.came_back()

@@ -54,6 +54,7 @@ local function release(held, m)
   if redis.call('HLEN', held) <= 2 then  -- no hold left: clear the sums' float dust
     redis.call('DEL', held)
   end
+  return true
 end
 
 -- Requests whose lease ended (their replica died): they leave, and their holds go.
@@ -147,17 +148,19 @@ return {'ok', tostring(l)}
 )
 
 # KEYS: tpm, lease, held, spent. ARGV: ticket, tpm (0: none), held tokens, used tokens,
-# used USD, charged ('1'/'0'). The request ended: its slot, hold and unused tokens come back,
-# and what it used counts (when the period's spending is known here; else it is seeded later
-# from the usage table, which has this request's row).
+# used USD, charged ('1'/'0'), again ('1': sent again after a failure). The request ended: its
+# slot, hold and unused tokens come back, and what it used counts (when the period's spending
+# is known here; else it is seeded later from the usage table, which has this request's row).
+# An end sent again may have run the first time (Redis ran it, its answer was lost): it
+# counts only if its hold is still there, which its first run released.
 FINISH = (
     _COMMON
     + """
 local t = now()
 local tpm = tonumber(ARGV[2])
 -- Always: a request cancelled while its charge ran may hold budget it never heard of.
-release(KEYS[3], ARGV[1])
-if ARGV[6] == '1' then
+local held = release(KEYS[3], ARGV[1])
+if ARGV[6] == '1' and (ARGV[7] ~= '1' or held) then
   if tpm > 0 then
     local l = level(KEYS[1], tpm, t)
     store(KEYS[1], tpm, math.min(tpm, l + tonumber(ARGV[3]) - tonumber(ARGV[4])), t)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from gateway import limits_lua
 from gateway.admission import Gate, Ticket, UsageLog
@@ -47,6 +48,16 @@ __all__ = ["SharedGate", "open_gate"]
 LEASE_SECONDS = 30.0
 POOL_SIZE = 16
 _POOL_WAIT_SECONDS = 5.0
+_CHARGE_VERDICTS = (b"ok", b"budget", b"tokens")
+_MAX_UNSENT = 100_000  # ends kept through an outage to send again
+
+
+class BadReply(RedisError):
+    """Redis answered a script with what no script returns: not Redis, or out of step."""
+
+
+# A reply of the wrong shape fails its parse with one of these: an outage too, not a 500.
+_NOT_ANSWERED = (*_FAILURES, AttributeError, IndexError, KeyError, TypeError, ValueError)
 
 
 class SharedGate(FallbackGate):
@@ -74,6 +85,10 @@ class SharedGate(FallbackGate):
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
         self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
+        # Ends Redis did not answer (an outage), sent again once it does (`came_back`), and
+        # those being sent again.
+        self._unsent: list[Ticket] = []
+        self._again: list[Ticket] = []
         self._ender: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
 
@@ -96,16 +111,21 @@ class SharedGate(FallbackGate):
                     key_names(key, "rpm", "lease", "held"),
                     [key.rpm or 0, key.max_concurrency or 0, ticket.lease, self.lease],
                 )
-            except _FAILURES as exc:
-                self._went_down(exc)
+                verdict = answer[0]
+                if verdict == b"ok":
+                    wait, rpm = 0.0, float(answer[1])
+                elif verdict == b"rate":
+                    wait, rpm = float(answer[1]), float(answer[2])
+                elif verdict == b"slots":
+                    raise no_slot(key)  # (a refusal: not caught below)
+                else:
+                    raise BadReply(f"unexpected reply {answer!r:.100}")
+            except _NOT_ANSWERED as exc:
+                self._went_down(self._bad(exc))
                 return self._fallback_enter(key)
-            verdict = answer[0].decode()
-            if verdict == "slots":
-                raise no_slot(key)
-            if verdict == "rate":
-                self.levels.saw(key, rpm=float(answer[2]))
-                raise no_requests(key, float(answer[1]))
-            self.levels.saw(key, rpm=float(answer[1]))
+            self.levels.saw(key, rpm=rpm)
+            if wait:
+                raise no_requests(key, wait)
         self._leases[ticket.lease] = ticket
         return ticket
 
@@ -123,22 +143,23 @@ class SharedGate(FallbackGate):
             if answer[0] == b"seed":
                 await self._seed_spend(key)
                 answer = await self._run_charge(ticket, likely, most)
-        except _FAILURES as exc:
-            self._went_down(exc)
+            verdict = answer[0]
+            if verdict not in _CHARGE_VERDICTS:
+                raise BadReply(f"unexpected reply {answer!r:.100}")
+            first, second = float(answer[1]), float(answer[-1])
+        except _NOT_ANSWERED as exc:
+            self._went_down(self._bad(exc))
             if self.failure != "local":
                 raise self._refusal() from None
             ticket.local_charge = True
             return await self._charge_locally(ticket, likely, most)
-        verdict = answer[0].decode()
-        if verdict == "budget":
-            refusal = over_budget(key, likely, int(float(answer[1])), float(answer[2]))
+        if verdict == b"budget":
+            refusal = over_budget(key, likely, int(first), second)
             raise refusal if refusal is not None else LimitsUnavailable("Budget check failed.")
-        if verdict == "tokens":
-            self.levels.saw(key, tpm=float(answer[2]))
-            raise no_tokens(key, float(answer[1]))
-        if verdict != "ok":
-            raise LimitsUnavailable("The shared budget could not be read; try again.")
-        self.levels.saw(key, tpm=float(answer[1]))
+        if verdict == b"tokens":
+            self.levels.saw(key, tpm=second)
+            raise no_tokens(key, first)
+        self.levels.saw(key, tpm=first)
         ticket.tokens, ticket.usd, ticket.charged = most[0], most[1], True
         return None
 
@@ -188,8 +209,8 @@ class SharedGate(FallbackGate):
             again = await read_spending(self.redis, [budgeted[i] for i in unseeded])
             for i, fresh in zip(unseeded, again, strict=True):
                 read[i] = fresh
-        except _FAILURES as exc:
-            self._went_down(exc)
+        except _NOT_ANSWERED as exc:
+            self._went_down(self._bad(exc))
             return [self.spent(key) for key in keys]
         found = {key.id: spend for (key, _), spend in zip(budgeted, read, strict=True)}
         return [found.get(key.id) for key in keys]
@@ -232,8 +253,8 @@ class SharedGate(FallbackGate):
             names = [spent_name(k, start) for k in stale for start in period_starts(time.time())]
             try:
                 await self.redis.delete(*names)
-            except _FAILURES as exc:
-                self._went_down(exc)
+            except _NOT_ANSWERED as exc:
+                self._went_down(self._bad(exc))
 
     def start(self) -> None:
         self._renewer = asyncio.create_task(self.renew_forever(), name="redis-lease-renewal")
@@ -260,11 +281,23 @@ class SharedGate(FallbackGate):
     async def renew(self) -> None:
         try:
             await renew_leases(self.redis, self._renew, self.lease, self._leases)
-        except _FAILURES as exc:
-            self._went_down(exc)
+        except _NOT_ANSWERED as exc:
+            self._went_down(self._bad(exc))
+
+    def _bad(self, exc: BaseException) -> BaseException:
+        """The error to log for `exc`; a reply of the wrong shape (a server that is not Redis,
+        or replies out of step) also ends the link's connection: the next call opens another."""
+        if isinstance(exc, _FAILURES) and not isinstance(exc, BadReply):
+            return exc
+        self.link.drop()
+        return exc if isinstance(exc, BadReply) else BadReply(f"{type(exc).__name__}: {exc}")
 
     def came_back(self) -> None:
         self.levels.clear()  # what scripts said before the outage is stale
+        if self._unsent:  # ends Redis did not answer: sent again, counted if not counted yet
+            self._again, self._unsent = self._again + self._unsent, []
+            if self._ender is None or self._ender.done():
+                self._ender = asyncio.create_task(self._end_all())
 
     # -- internals -----------------------------------------------------------------------
 
@@ -301,19 +334,27 @@ class SharedGate(FallbackGate):
     async def _end_all(self) -> None:
         """Send the end of every request that ended meanwhile, together: under load, many
         requests share one round trip."""
-        while self._ending:
+        while self._ending or self._again:
             batch, self._ending = self._ending, []
+            again, self._again = self._again, []
             now = time.time()
             keys = self._keys
             calls = [_finish_call(ticket, keys.get(ticket.key.id), now) for ticket in batch]
+            if again:
+                calls += [_finish_call(t, keys.get(t.key.id), now, again=True) for t in again]
             try:
                 await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
-            except _FAILURES as exc:  # their leases end on their own
+            except _FAILURES as exc:  # sent again when Redis answers (or their leases end)
                 self._went_down(exc)
+                unsent = self._unsent
+                unsent += again
+                unsent += batch
+                if len(unsent) > _MAX_UNSENT:  # the oldest: their holds go with their leases
+                    del unsent[: len(unsent) - _MAX_UNSENT]
 
 
 def _finish_call(
-    ticket: Ticket, current: KeyRecord | None, now: float
+    ticket: Ticket, current: KeyRecord | None, now: float, *, again: bool = False
 ) -> tuple[list[str], list[Arg]]:
     """FINISH's keys and arguments for a request that ended (see `limits_lua.FINISH`).
 
@@ -327,7 +368,7 @@ def _finish_call(
     charged = "1" if ticket.used is not None else "0"
     tpm = (key.tpm or 0) if ticket.limited else 0
     args: list[Arg] = [ticket.lease or "", tpm, ticket.tokens, used[0], repr(used[1])]
-    return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged]
+    return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged, int(again)]
 
 
 def open_gate(server: ServerSettings, store: Database) -> Gate:

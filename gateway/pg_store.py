@@ -103,7 +103,7 @@ _UNAVAILABLE = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,  # starting up, shutting down (admin_shutdown...)
 )
 
 
@@ -284,12 +284,15 @@ class PgStore:
             await conn.executemany(_ADD_REFUSALS, params)
 
     async def spend_since(self, key_id: str, since: float) -> tuple[int, float]:
-        row = await self.pool.fetchrow(
-            "SELECT COALESCE(SUM(total_tokens), 0)::float8, COALESCE(SUM(cost_usd), 0)::float8"
-            " FROM usage WHERE key_id = $1 AND ts >= $2",
-            key_id,
-            since,
-        )
+        """(A down database is `StoreBusy`: a Redis-shared budget seeded from here must not
+        take it for Redis being down.)"""
+        with _unavailable_is_503():
+            row = await self.pool.fetchrow(
+                "SELECT COALESCE(SUM(total_tokens), 0)::float8, COALESCE(SUM(cost_usd), 0)::float8"
+                " FROM usage WHERE key_id = $1 AND ts >= $2",
+                key_id,
+                since,
+            )
         return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
     async def usage_summary(

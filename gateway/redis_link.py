@@ -110,6 +110,12 @@ class RedisLink:
                 if future.done() and not future.cancelled():
                     future.exception()
 
+    def drop(self) -> None:
+        """End the connection (its replies are not Redis's, or out of step); the next call
+        opens another."""
+        if self._connection is not None:
+            self._connection.fail(RedisConnectionError("Bad reply from Redis."))
+
     def close(self) -> None:
         self._closed = True
         if self._connection is not None:
