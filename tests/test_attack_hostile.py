@@ -1,0 +1,184 @@
+"""A hostile upstream and a hostile client: the upstream key echoed JSON-escaped or split
+across reads, a compressed request body that inflates far past `max_body_bytes`, and a client
+guessing admin keys."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import pytest
+
+from tests.test_attack_upstream import (
+    ANTHROPIC_START,
+    ANTHROPIC_TEXT_START,
+    KINDS,
+    UPSTREAM_KEY,
+    Answer,
+    Build,
+    anthropic_text,
+    build,
+    chunk,
+    http,
+    named_events,
+    sends,
+    sse,
+    until_close,
+    whole,
+)
+
+__all__ = ["build"]  # the fixture, used by name
+
+# --- The upstream key, echoed in a spelling JSON reads back as the key ---------------------
+
+SLASHED_KEY = "sk-proj/0123456789abcdefghij"  # "\/" is how PHP's json_encode writes its slash
+
+
+def escape_all(key: str) -> bytes:
+    return "".join(f"\\u{ord(c):04X}" for c in key).encode()
+
+
+SPELLINGS: dict[str, tuple[str, Callable[[str], bytes]]] = {
+    "first-char-u-escaped": (UPSTREAM_KEY, lambda k: b"\\u%04x" % ord(k[0]) + k[1:].encode()),
+    "one-inner-char-u-escaped": (
+        UPSTREAM_KEY,
+        lambda k: k[:9].encode() + b"\\u%04x" % ord(k[9]) + k[10:].encode(),
+    ),
+    "every-char-u-escaped-upper-hex": (UPSTREAM_KEY, escape_all),
+    "slash-escaped": (SLASHED_KEY, lambda k: k.replace("/", "\\/").encode()),
+}
+
+
+def leaks(body: bytes, key: str) -> bool:
+    """Whether `body` holds `key` as it is, or in a JSON document (a whole body, or an SSE
+    event's data) that a client decodes to text holding it."""
+    if body.find(key.encode()) >= 0:
+        return True
+    docs = [body, *(line[5:] for line in body.split(b"\n") if line.startswith(b"data:"))]
+    for doc in docs:
+        try:
+            value = json.loads(doc)
+        except ValueError:
+            continue
+        if key in json.dumps(value, ensure_ascii=False):
+            return True
+    return False
+
+
+def spelled(text: bytes, key: str, spelling: Callable[[str], bytes]) -> bytes:
+    return text.replace(key.encode(), spelling(key))
+
+
+def error_answer(key: str, spelling: Callable[[str], bytes]) -> Answer:
+    message = f"Invalid request from key {key} (account acme-prod)"
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+    body = spelled(body, key, spelling)
+    head = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    return sends(http("400 Bad Request", head, body))
+
+
+def text_stream(kind: str, text: str) -> bytes:
+    """A whole stream of `kind` whose one text delta is `text`."""
+    if kind == "anthropic":
+        return named_events(
+            [
+                ANTHROPIC_START,
+                ANTHROPIC_TEXT_START,
+                anthropic_text(text),
+                {"type": "content_block_stop", "index": 0},
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": 2},
+                },
+                {"type": "message_stop"},
+            ]
+        )
+    if kind == "gemini":
+        candidate = {
+            "content": {"role": "model", "parts": [{"text": text}]},
+            "finishReason": "STOP",
+        }
+        usage = {"promptTokenCount": 1, "candidatesTokenCount": 2, "totalTokenCount": 3}
+        return sse(json.dumps({"candidates": [candidate], "usageMetadata": usage}).encode())
+    stop = (
+        b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
+        b'[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    )
+    return sse(chunk(text), stop, b"[DONE]")
+
+
+COMPLETION = (
+    b'{"id":"c","object":"chat.completion","created":1,"model":"m-1","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"your key is %b"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+)
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+async def test_a_key_echoed_escaped_in_an_answer_is_redacted(build: Build, spelling: str) -> None:
+    key, spell = SPELLINGS[spelling]
+    rig = await build("openai", sends(whole(COMPLETION % spell(key))), api_keys=(key,))
+    status, body = await rig.call(stream=False)
+    assert status == 200 and not leaks(body, key), body
+    completion = await rig.sdk(stream=False)
+    assert completion.choices[0].message.content == "your key is [redacted]"
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_a_key_echoed_escaped_in_an_error_body_is_redacted(
+    build: Build, kind: str, spelling: str
+) -> None:
+    key, spell = SPELLINGS[spelling]
+    rig = await build(kind, error_answer(key, spell), api_keys=(key,))
+    status, body = await rig.call(stream=False)
+    assert status == 400 and not leaks(body, key), body
+    assert b"[redacted]" in body and b"acme-prod" in body  # the client's fault: relayed
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+async def test_a_key_echoed_escaped_in_a_stream_is_redacted(
+    build: Build, kind: str, spelling: str
+) -> None:
+    key, spell = SPELLINGS[spelling]
+    events = spelled(text_stream(kind, f"your key is {key}"), key, spell)
+    rig = await build(kind, sends(until_close(events)), api_keys=(key,))
+    status, body = await rig.call(stream=True)
+    assert status == 200 and not leaks(body, key), body
+    chunks = await rig.sdk(stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "your key is [redacted]"
+
+
+def in_two_chunks(data: bytes, at: int) -> Answer:
+    """A chunked stream answer: `data` in two HTTP chunks, each a write of its own."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        head = {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"}
+        writer.write(http("200 OK", head))
+        for piece in (data[:at], data[at:]):
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return answer
+
+
+@pytest.mark.parametrize("spelling", ["as-is", "every-char-u-escaped-upper-hex", "slash-escaped"])
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+async def test_a_key_split_across_two_stream_chunks_never_reaches_the_client(
+    build: Build, kind: str, spelling: str
+) -> None:
+    # Split at every byte of the key's spelling, including inside an escape (`\u00|73`).
+    key, spell = SPELLINGS.get(spelling, (UPSTREAM_KEY, lambda k: k.encode()))
+    written = spell(key)
+    events = spelled(text_stream(kind, f"your key is {key}"), key, spell)
+    start = events.index(written)
+    for at in range(start + 1, start + len(written)):
+        rig = await build(kind, in_two_chunks(events, at), api_keys=(key,))
+        status, body = await rig.call(stream=True)
+        assert status == 200 and not leaks(body, key), (at, body)
+        assert b"[redacted]" in body
