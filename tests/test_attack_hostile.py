@@ -5,11 +5,17 @@ guessing admin keys."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import zlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.test_utils import TestClient
 
+from tests.conftest import MakeSettings, create_key, raw_request, start_gateway
 from tests.test_attack_upstream import (
     ANTHROPIC_START,
     ANTHROPIC_TEXT_START,
@@ -22,6 +28,7 @@ from tests.test_attack_upstream import (
     chunk,
     http,
     named_events,
+    peak_growth,
     sends,
     sse,
     until_close,
@@ -29,6 +36,8 @@ from tests.test_attack_upstream import (
 )
 
 __all__ = ["build"]  # the fixture, used by name
+
+CHAT = "/v1/chat/completions"
 
 # --- The upstream key, echoed in a spelling JSON reads back as the key ---------------------
 
@@ -182,3 +191,85 @@ async def test_a_key_split_across_two_stream_chunks_never_reaches_the_client(
         status, body = await rig.call(stream=True)
         assert status == 200 and not leaks(body, key), (at, body)
         assert b"[redacted]" in body
+
+
+# --- A compressed request body: a bomb -------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+@functools.cache
+def zeros_bomb(encoding: str) -> bytes:
+    """100 MiB of zeros, compressed (about 100 kB of gzip)."""
+    wbits = {"gzip": 31, "deflate": 15}[encoding]
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    block = bytes(MiB)
+    return b"".join([*(squeeze.compress(block) for _ in range(100)), squeeze.flush()])
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_request_bomb_is_a_413_in_little_memory(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, encoding: str
+) -> None:
+    limit = 4 * MiB
+    gw = await start_gateway(aiohttp_client, make_settings(max_body_bytes=limit))
+    secret = await create_key(gw)
+    bomb = zeros_bomb(encoding)
+    assert len(bomb) < MiB
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {secret}\r\n"
+        f"Content-Type: application/json\r\nContent-Encoding: {encoding}\r\n"
+        f"Content-Length: {len(bomb)}\r\n\r\n"
+    ).encode()
+
+    async def send() -> Any:
+        return await raw_request(gw, head + bomb)
+
+    reply, growth = await peak_growth(send())
+    assert reply.status == 413
+    error = reply.json()["error"]
+    assert error["code"] == "request_too_large" and str(limit) in error["message"]
+    assert growth < limit + MiB, f"{growth / MiB:.1f} MiB"
+
+
+def deflated(data: bytes, wbits: int) -> bytes:
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return squeeze.compress(data) + squeeze.flush()
+
+
+CHAT_BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}]})
+CODED = {  # what a client may send: (Content-Encoding, the body as sent)
+    "gzip": ("gzip", deflated(CHAT_BODY.encode(), 31)),
+    "x-gzip": ("x-gzip", deflated(CHAT_BODY.encode(), 31)),
+    "deflate-zlib": ("deflate", deflated(CHAT_BODY.encode(), 15)),
+    "deflate-raw": ("deflate", deflated(CHAT_BODY.encode(), -15)),
+    "gzip-two-members": (
+        "GZip",
+        deflated(CHAT_BODY[:20].encode(), 31) + deflated(CHAT_BODY[20:].encode(), 31),
+    ),
+    "identity": ("identity", CHAT_BODY.encode()),
+}
+
+
+@pytest.mark.parametrize("case", list(CODED))
+async def test_a_compressed_request_body_is_read(
+    gateway: TestClient[Any, Any], key: str, case: str
+) -> None:
+    coding, body = CODED[case]
+    headers = {"Authorization": f"Bearer {key}", "Content-Encoding": coding}
+    headers["Content-Type"] = "application/json"
+    async with gateway.post(CHAT, data=body, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip", "compress"])
+async def test_a_content_encoding_the_gateway_cannot_bound_is_a_415(
+    gateway: TestClient[Any, Any], key: str, coding: str
+) -> None:
+    headers = {"Authorization": f"Bearer {key}", "Content-Encoding": coding}
+    async with gateway.post(CHAT, data=b"\x00" * 100, headers=headers) as resp:
+        assert resp.status == 415
+        error = (await resp.json())["error"]
+        assert error["code"] == "unsupported_content_encoding" and "gzip" in error["message"]
+        assert error["type"] == "invalid_request_error"
