@@ -11,10 +11,13 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
+from gateway.brake import LIMIT, AdminBrake
+from gateway.state import ADMIN_BRAKE_KEY
 from tests.conftest import MakeSettings, create_key, raw_request, start_gateway
 from tests.test_attack_upstream import (
     ANTHROPIC_START,
@@ -273,3 +276,90 @@ async def test_a_content_encoding_the_gateway_cannot_bound_is_a_415(
         error = (await resp.json())["error"]
         assert error["code"] == "unsupported_content_encoding" and "gzip" in error["message"]
         assert error["type"] == "invalid_request_error"
+
+
+# --- Guessing the admin key ------------------------------------------------------------------
+
+ADMIN = "admin-key-0123456789abcdef"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+async def admin_gw(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> TestClient[Any, Any]:
+    return await start_gateway(aiohttp_client, make_settings(admin_key=ADMIN))
+
+
+async def status_from(
+    gw: TestClient[Any, Any], source: str, key: str | None, path: str = "/admin/keys"
+) -> tuple[int, dict[str, str], Any]:
+    """GET `path` over a connection from the address `source` (any of 127.0.0.0/8)."""
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = f"http://{gw.host}:{gw.port}{path}"
+        async with session.get(url, headers=bearer(key) if key else {}) as resp:
+            return resp.status, dict(resp.headers), await resp.json(content_type=None)
+
+
+async def test_an_address_guessing_admin_keys_is_locked_out_and_no_other_is(
+    admin_gw: TestClient[Any, Any],
+) -> None:
+    brake = admin_gw.app[ADMIN_BRAKE_KEY]
+    now = [1000.0]
+    brake._clock = lambda: now[0]
+    for i in range(brake.limit - 1):
+        status, _, _ = await status_from(admin_gw, "127.0.0.1", f"guess-{i:020d}")
+        assert status == 401
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN))[0] == 200  # not yet locked
+    for i in range(brake.limit):
+        assert (await status_from(admin_gw, "127.0.0.1", f"guess-{i:020d}"))[0] == 401
+    # Locked: even the right key is refused from there, and so is /metrics' admin check.
+    status, headers, body = await status_from(admin_gw, "127.0.0.1", ADMIN)
+    assert status == 429 and int(headers["Retry-After"]) == round(brake.lockout)
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "admin_key_attempts" and ADMIN not in json.dumps(body)
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN, "/metrics"))[0] == 429
+    # Another address is never slowed, right key or wrong.
+    assert (await status_from(admin_gw, "127.0.0.2", ADMIN))[0] == 200
+    assert (await status_from(admin_gw, "127.0.0.2", "guess-elsewhere-000000"))[0] == 401
+    # The lock-out ends.
+    now[0] += brake.lockout
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN))[0] == 200
+
+
+async def test_requests_without_a_key_lock_nobody_out(admin_gw: TestClient[Any, Any]) -> None:
+    for _ in range(3 * LIMIT):
+        assert (await status_from(admin_gw, "127.0.0.1", None))[0] == 401
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN))[0] == 200
+
+
+async def test_virtual_keys_do_not_touch_the_admin_brake(admin_gw: TestClient[Any, Any]) -> None:
+    # A wrong virtual key is a 401 of the model API, not an admin guess.
+    for i in range(2 * LIMIT):
+        async with admin_gw.post(CHAT, json={}, headers=bearer(f"sk-kiosk-wrong{i}")) as resp:
+            assert resp.status == 401
+    assert len(admin_gw.app[ADMIN_BRAKE_KEY]) == 0
+
+
+def test_the_brake_forgets_the_oldest_address_past_its_bound() -> None:
+    brake = AdminBrake(max_addresses=100)
+    for i in range(100_000):
+        brake.failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    assert len(brake) == 100
+    for _ in range(LIMIT):
+        brake.failed("192.0.2.1")
+    assert brake.locked_for("192.0.2.1") > 0 and len(brake) == 100
+    assert brake.locked_for("10.0.0.0") == 0  # forgotten long ago
+
+
+def test_wrong_keys_spread_over_more_than_a_window_do_not_lock() -> None:
+    now = [0.0]
+    brake = AdminBrake(limit=3, window=60.0, clock=lambda: now[0])
+    for _ in range(5):
+        assert not brake.failed("192.0.2.1")
+        now[0] += 31.0
+    assert brake.locked_for("192.0.2.1") == 0
