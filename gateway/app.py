@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.brake import AdminBrake
 from gateway.dashboard.sessions import SessionBook
 from gateway.database import open_database
 from gateway.gauges import app_gauges
@@ -33,6 +34,7 @@ from gateway.settings import Settings
 from gateway.snapshot import LiveConfig, Reloader, build_snapshot
 from gateway.sse_pings import PING_SECONDS, StreamPings
 from gateway.state import (
+    ADMIN_BRAKE_KEY,
     DASHBOARD_SESSIONS_KEY,
     GATE_KEY,
     INFLIGHT_KEY,
@@ -175,6 +177,7 @@ def create_app(
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = set()
     app[DASHBOARD_SESSIONS_KEY] = SessionBook()
+    app[ADMIN_BRAKE_KEY] = AdminBrake()
     if settings.metrics.enabled:
         models = [m.name for m in settings.models]
         app[METRICS_KEY] = Metrics(settings.metrics, models, partial(app_gauges, app))

@@ -257,7 +257,8 @@ class _GatewayServer(web.Server):
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,
-            **base._kwargs,
+            # A compressed request body is inflated by `intake.read_body`, in bounded steps.
+            **{**base._kwargs, "auto_decompress": False},
         )
         self._header_timeout = header_timeout
         # One throttle per server: a flood over many connections shares it.

@@ -9,6 +9,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.admission import Gate, Ticket
+    from gateway.brake import AdminBrake
     from gateway.dashboard.sessions import Session, SessionBook
     from gateway.database import Database
     from gateway.keys import KeyCache, Principal
@@ -72,6 +73,9 @@ SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 # Dashboard sign-ins (memory only: a restart signs everyone out), and a page's own session.
 DASHBOARD_SESSIONS_KEY: web.AppKey[SessionBook] = web.AppKey("dashboard_sessions")
 DASHBOARD_SESSION_KEY: web.RequestKey[Session] = web.RequestKey("dashboard_session")
+
+# Wrong admin keys per client address (memory only), and the addresses locked out.
+ADMIN_BRAKE_KEY: web.AppKey[AdminBrake] = web.AppKey("admin_brake")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 SNAPSHOT_KEY: web.RequestKey[Snapshot] = web.RequestKey("snapshot")

@@ -1,7 +1,8 @@
 """The admin API: manage keys and read usage with `Authorization: Bearer <server.admin_key>`.
 
 Without an admin key in the config the API is off (every route answers 404, as if it did not
-exist). The admin key is compared in constant time. No answer ever holds a key's secret, except
+exist). The admin key is compared in constant time, and an address that sends too many wrong
+ones is locked out for a while (`gateway.brake`). No answer ever holds a key's secret, except
 the one that creates it; changes reach the running key cache at once.
 """
 
@@ -10,14 +11,15 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from gateway import keyops
-from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
+from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, RateLimited
 from gateway.intake import read_body
 from gateway.providers._pool import UpstreamStats
 from gateway.schemas.codec import decode_body, encode
-from gateway.state import REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import ADMIN_BRAKE_KEY, REFUSALS_KEY, SNAPSHOT_KEY, STORE_KEY, USAGE_KEY
 from gateway.timeparse import parse_since
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "usage",
 ]
 
+log = structlog.get_logger(__name__)
+
 
 def admin_key_matches(presented: str, admin_key: str) -> bool:
     """Constant-time comparison of what a caller presents with the admin key."""
@@ -42,9 +46,22 @@ def require_admin(request: web.Request) -> None:
     admin_key = request[SNAPSHOT_KEY].settings.server.admin_key
     if admin_key is None:
         raise NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    brake = request.app[ADMIN_BRAKE_KEY]
+    address = request.remote or ""
+    wait = brake.locked_for(address)
+    if wait > 0:
+        raise RateLimited(
+            "Too many wrong admin keys from this address; try again later.",
+            code="admin_key_attempts",
+            retry_after=wait,
+        )
+    presented = request.headers.get("Authorization")
+    scheme, _, token = (presented or "").partition(" ")
     if scheme.lower() != "bearer" or not admin_key_matches(token.strip(), admin_key):
+        if presented is not None and brake.failed(address):
+            log.warning("admin_key_lockout", remote=address, seconds=brake.lockout)
         raise AuthenticationFailed("The admin API needs 'Authorization: Bearer <admin key>'.")
+    brake.passed(address)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:

@@ -12,8 +12,9 @@ follow an upstream's redirect and bound every buffer):
   all of a provider's requests hold at once is bounded too (`max_buffered_bytes`).
 - What it hands back (answers, error bodies, events) is valid UTF-8: invalid bytes are read
   as U+FFFD, as the SSE standard reads a stream, so no later decode of an upstream's text
-  can fail. Nor does it hold the key it sent: an upstream (or a proxy before it) that quotes
-  the key in an error message or an answer would otherwise hand it to the client.
+  can fail. Nor does it hold the key it sent, raw or JSON-escaped (`_secrets`): an upstream
+  (or a proxy before it) that quotes the key in an error message or an answer would
+  otherwise hand it to the client.
 - Every request carries the gateway's `x-request-id`.
 - A stream that the upstream ended (`[DONE]`, a terminal event: `done()`) before the end of
   its chunked body arrived keeps its connection for the pool, released when that end comes;
@@ -50,6 +51,7 @@ from gateway.errors import (
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
 from gateway.providers._pool import PoolGate
+from gateway.providers._secrets import Secret, redact, redact_each
 from gateway.providers._sse import EventTooLarge, Framed, FrameDecoder, SSEDecoder, utf8
 from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
@@ -69,11 +71,6 @@ T = TypeVar("T")
 
 # Enough for any error envelope; the rest of a larger error body is not read.
 ERROR_BODY_BYTES = 64 * 1024
-
-# Keys shorter than this are placeholders for keyless servers ("EMPTY", "ollama"), not
-# secrets: replacing such a word wherever an answer says it would corrupt the answer.
-MIN_SECRET_CHARS = 16
-REDACTED = b"[redacted]"
 
 # How long a stream's connection is kept, once the stream is done, for the rest of its body
 # (a healthy upstream's follows at once): then it can be reused, not closed (`_linger`).
@@ -104,18 +101,6 @@ class Attempt(Protocol):
     api_key: str | None
     request_id: str
     first_byte_at: float | None
-
-
-def _secret(attempt: Attempt) -> bytes | None:
-    key = attempt.api_key
-    return key.encode() if key is not None and len(key) >= MIN_SECRET_CHARS else None
-
-
-def _redact(data: bytes, secret: bytes | None) -> bytes:
-    # (`find` for `in`: see `_sse`)
-    if secret is not None and data.find(secret) >= 0:
-        return data.replace(secret, REDACTED)
-    return data
 
 
 def bearer(api_key: str) -> dict[str, str]:
@@ -170,6 +155,7 @@ class UpstreamClient:
         self._stream_timeout = _stream_timeout(config)
         self._base = {"content-type": "application/json", **dialect.headers, **config.headers}
         self._by_account: dict[str | None, dict[str, str]] = {}
+        self._secrets: dict[str | None, Secret | None] = {}
         self._free = config.max_buffered_bytes  # of what all its requests may hold at once
         first = config.first_byte_timeout or config.read_timeout
         self.watchdog = Watchdog(first, config.read_timeout)
@@ -188,6 +174,14 @@ class UpstreamClient:
         if extra:
             account = {**account, **extra}
         return {**account, "x-request-id": attempt.request_id} if attempt.request_id else account
+
+    def _secret(self, attempt: Attempt) -> Secret | None:
+        """The key `attempt` sends, to be redacted from what comes back (made once a key)."""
+        try:
+            return self._secrets[attempt.api_key]
+        except KeyError:
+            secret = self._secrets[attempt.api_key] = Secret.of(attempt.api_key)
+            return secret
 
     def decode(self, decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
         """An upstream answer (`what` the API promises) as `decoder`'s type.
@@ -228,7 +222,7 @@ class UpstreamClient:
             raise upstream_failure(self.config.name, exc) from exc
         # Only an answer counts: a refused call must not be charged as if it ran.
         attempt.first_byte_at = attempt.first_byte_at or time.monotonic()
-        return _redact(utf8(data), _secret(attempt))
+        return redact(utf8(data), self._secret(attempt))
 
     async def stream(
         self,
@@ -270,7 +264,7 @@ class UpstreamClient:
                     if not 200 <= resp.status < 300:
                         raise await self._failure(resp, attempt)
                     frames = self._dialect.frames(self.config.max_event_bytes)
-                    secret = _secret(attempt)
+                    secret = self._secret(attempt)
                     held = 0
                     content: Any = resp.content
                     buffer: Any = ()  # no `_take` unless aiohttp's reader is the one known
@@ -290,7 +284,7 @@ class UpstreamClient:
                             if (
                                 passthrough
                                 and frames.passes(piece)
-                                and (secret is None or piece.find(secret) < 0)
+                                and (secret is None or secret.absent(piece))
                                 and (piece.isascii() or utf8(piece) is piece)
                             ):
                                 batch: list[bytes] = Framed((piece,))  # nothing to repair
@@ -300,7 +294,7 @@ class UpstreamClient:
                                     self._hold(resp, frames.held - held)
                                     held = frames.held
                                 if secret is not None:
-                                    _redact_each(batch, secret)
+                                    redact_each(batch, secret)
                             if not batch:
                                 if not watch.first:
                                     watch.last = time.monotonic()  # pings keep a stream open
@@ -343,7 +337,7 @@ class UpstreamClient:
                         # event is the client's pace, not the upstream's silence.
                         watch.reading = False
                         if secret is not None:
-                            _redact_each(tail, secret)
+                            redact_each(tail, secret)
                         if relay is None:
                             yield tail
                         else:
@@ -398,7 +392,7 @@ class UpstreamClient:
                 "(a redirect); the gateway never follows upstream redirects."
             )
         body = await self._read(resp, ERROR_BODY_BYTES, truncate=True)
-        body = _redact(utf8(body), _secret(attempt))
+        body = redact(utf8(body), self._secret(attempt))
         return self._dialect.classify(self.config.name, resp.status, body, resp.headers)
 
     async def _read(
@@ -592,9 +586,3 @@ def _linger(resp: aiohttp.ClientResponse, leave: Callable[[], None]) -> None:
 def _retrieved(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _redact_each(batch: list[bytes], secret: bytes) -> None:
-    for i, payload in enumerate(batch):
-        if payload.find(secret) >= 0:
-            batch[i] = payload.replace(secret, REDACTED)

@@ -1,0 +1,365 @@
+"""A hostile upstream and a hostile client: the upstream key echoed JSON-escaped or split
+across reads, a compressed request body that inflates far past `max_body_bytes`, and a client
+guessing admin keys."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.test_utils import TestClient
+
+from gateway.brake import LIMIT, AdminBrake
+from gateway.state import ADMIN_BRAKE_KEY
+from tests.conftest import MakeSettings, create_key, raw_request, start_gateway
+from tests.test_attack_upstream import (
+    ANTHROPIC_START,
+    ANTHROPIC_TEXT_START,
+    KINDS,
+    UPSTREAM_KEY,
+    Answer,
+    Build,
+    anthropic_text,
+    build,
+    chunk,
+    http,
+    named_events,
+    peak_growth,
+    sends,
+    sse,
+    until_close,
+    whole,
+)
+
+__all__ = ["build"]  # the fixture, used by name
+
+CHAT = "/v1/chat/completions"
+
+# --- The upstream key, echoed in a spelling JSON reads back as the key ---------------------
+
+SLASHED_KEY = "sk-proj/0123456789abcdefghij"  # "\/" is how PHP's json_encode writes its slash
+
+
+def escape_all(key: str) -> bytes:
+    return "".join(f"\\u{ord(c):04X}" for c in key).encode()
+
+
+SPELLINGS: dict[str, tuple[str, Callable[[str], bytes]]] = {
+    "first-char-u-escaped": (UPSTREAM_KEY, lambda k: b"\\u%04x" % ord(k[0]) + k[1:].encode()),
+    "one-inner-char-u-escaped": (
+        UPSTREAM_KEY,
+        lambda k: k[:9].encode() + b"\\u%04x" % ord(k[9]) + k[10:].encode(),
+    ),
+    "every-char-u-escaped-upper-hex": (UPSTREAM_KEY, escape_all),
+    "slash-escaped": (SLASHED_KEY, lambda k: k.replace("/", "\\/").encode()),
+}
+
+
+def leaks(body: bytes, key: str) -> bool:
+    """Whether `body` holds `key` as it is, or in a JSON document (a whole body, or an SSE
+    event's data) that a client decodes to text holding it."""
+    if body.find(key.encode()) >= 0:
+        return True
+    docs = [body, *(line[5:] for line in body.split(b"\n") if line.startswith(b"data:"))]
+    for doc in docs:
+        try:
+            value = json.loads(doc)
+        except ValueError:
+            continue
+        if key in json.dumps(value, ensure_ascii=False):
+            return True
+    return False
+
+
+def spelled(text: bytes, key: str, spelling: Callable[[str], bytes]) -> bytes:
+    return text.replace(key.encode(), spelling(key))
+
+
+def error_answer(key: str, spelling: Callable[[str], bytes]) -> Answer:
+    message = f"Invalid request from key {key} (account acme-prod)"
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+    body = spelled(body, key, spelling)
+    head = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    return sends(http("400 Bad Request", head, body))
+
+
+def text_stream(kind: str, text: str) -> bytes:
+    """A whole stream of `kind` whose one text delta is `text`."""
+    if kind == "anthropic":
+        return named_events(
+            [
+                ANTHROPIC_START,
+                ANTHROPIC_TEXT_START,
+                anthropic_text(text),
+                {"type": "content_block_stop", "index": 0},
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": 2},
+                },
+                {"type": "message_stop"},
+            ]
+        )
+    if kind == "gemini":
+        candidate = {
+            "content": {"role": "model", "parts": [{"text": text}]},
+            "finishReason": "STOP",
+        }
+        usage = {"promptTokenCount": 1, "candidatesTokenCount": 2, "totalTokenCount": 3}
+        return sse(json.dumps({"candidates": [candidate], "usageMetadata": usage}).encode())
+    stop = (
+        b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
+        b'[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    )
+    return sse(chunk(text), stop, b"[DONE]")
+
+
+COMPLETION = (
+    b'{"id":"c","object":"chat.completion","created":1,"model":"m-1","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"your key is %b"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+)
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+async def test_a_key_echoed_escaped_in_an_answer_is_redacted(build: Build, spelling: str) -> None:
+    key, spell = SPELLINGS[spelling]
+    rig = await build("openai", sends(whole(COMPLETION % spell(key))), api_keys=(key,))
+    status, body = await rig.call(stream=False)
+    assert status == 200 and not leaks(body, key), body
+    completion = await rig.sdk(stream=False)
+    assert completion.choices[0].message.content == "your key is [redacted]"
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_a_key_echoed_escaped_in_an_error_body_is_redacted(
+    build: Build, kind: str, spelling: str
+) -> None:
+    key, spell = SPELLINGS[spelling]
+    rig = await build(kind, error_answer(key, spell), api_keys=(key,))
+    status, body = await rig.call(stream=False)
+    assert status == 400 and not leaks(body, key), body
+    assert b"[redacted]" in body and b"acme-prod" in body  # the client's fault: relayed
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+async def test_a_key_echoed_escaped_in_a_stream_is_redacted(
+    build: Build, kind: str, spelling: str
+) -> None:
+    key, spell = SPELLINGS[spelling]
+    events = spelled(text_stream(kind, f"your key is {key}"), key, spell)
+    rig = await build(kind, sends(until_close(events)), api_keys=(key,))
+    status, body = await rig.call(stream=True)
+    assert status == 200 and not leaks(body, key), body
+    chunks = await rig.sdk(stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "your key is [redacted]"
+
+
+def in_two_chunks(data: bytes, at: int) -> Answer:
+    """A chunked stream answer: `data` in two HTTP chunks, each a write of its own."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        head = {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"}
+        writer.write(http("200 OK", head))
+        for piece in (data[:at], data[at:]):
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return answer
+
+
+@pytest.mark.parametrize("spelling", ["as-is", "every-char-u-escaped-upper-hex", "slash-escaped"])
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+async def test_a_key_split_across_two_stream_chunks_never_reaches_the_client(
+    build: Build, kind: str, spelling: str
+) -> None:
+    # Split at every byte of the key's spelling, including inside an escape (`\u00|73`).
+    key, spell = SPELLINGS.get(spelling, (UPSTREAM_KEY, lambda k: k.encode()))
+    written = spell(key)
+    events = spelled(text_stream(kind, f"your key is {key}"), key, spell)
+    start = events.index(written)
+    for at in range(start + 1, start + len(written)):
+        rig = await build(kind, in_two_chunks(events, at), api_keys=(key,))
+        status, body = await rig.call(stream=True)
+        assert status == 200 and not leaks(body, key), (at, body)
+        assert b"[redacted]" in body
+
+
+# --- A compressed request body: a bomb -------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+@functools.cache
+def zeros_bomb(encoding: str) -> bytes:
+    """100 MiB of zeros, compressed (about 100 kB of gzip)."""
+    wbits = {"gzip": 31, "deflate": 15}[encoding]
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    block = bytes(MiB)
+    return b"".join([*(squeeze.compress(block) for _ in range(100)), squeeze.flush()])
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_request_bomb_is_a_413_in_little_memory(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, encoding: str
+) -> None:
+    limit = 4 * MiB
+    gw = await start_gateway(aiohttp_client, make_settings(max_body_bytes=limit))
+    secret = await create_key(gw)
+    bomb = zeros_bomb(encoding)
+    assert len(bomb) < MiB
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {secret}\r\n"
+        f"Content-Type: application/json\r\nContent-Encoding: {encoding}\r\n"
+        f"Content-Length: {len(bomb)}\r\n\r\n"
+    ).encode()
+
+    async def send() -> Any:
+        return await raw_request(gw, head + bomb)
+
+    reply, growth = await peak_growth(send())
+    assert reply.status == 413
+    error = reply.json()["error"]
+    assert error["code"] == "request_too_large" and str(limit) in error["message"]
+    assert growth < limit + MiB, f"{growth / MiB:.1f} MiB"
+
+
+def deflated(data: bytes, wbits: int) -> bytes:
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return squeeze.compress(data) + squeeze.flush()
+
+
+CHAT_BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}]})
+CODED = {  # what a client may send: (Content-Encoding, the body as sent)
+    "gzip": ("gzip", deflated(CHAT_BODY.encode(), 31)),
+    "x-gzip": ("x-gzip", deflated(CHAT_BODY.encode(), 31)),
+    "deflate-zlib": ("deflate", deflated(CHAT_BODY.encode(), 15)),
+    "deflate-raw": ("deflate", deflated(CHAT_BODY.encode(), -15)),
+    "gzip-two-members": (
+        "GZip",
+        deflated(CHAT_BODY[:20].encode(), 31) + deflated(CHAT_BODY[20:].encode(), 31),
+    ),
+    "identity": ("identity", CHAT_BODY.encode()),
+}
+
+
+@pytest.mark.parametrize("case", list(CODED))
+async def test_a_compressed_request_body_is_read(
+    gateway: TestClient[Any, Any], key: str, case: str
+) -> None:
+    coding, body = CODED[case]
+    headers = {"Authorization": f"Bearer {key}", "Content-Encoding": coding}
+    headers["Content-Type"] = "application/json"
+    async with gateway.post(CHAT, data=body, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip", "compress"])
+async def test_a_content_encoding_the_gateway_cannot_bound_is_a_415(
+    gateway: TestClient[Any, Any], key: str, coding: str
+) -> None:
+    headers = {"Authorization": f"Bearer {key}", "Content-Encoding": coding}
+    async with gateway.post(CHAT, data=b"\x00" * 100, headers=headers) as resp:
+        assert resp.status == 415
+        error = (await resp.json())["error"]
+        assert error["code"] == "unsupported_content_encoding" and "gzip" in error["message"]
+        assert error["type"] == "invalid_request_error"
+
+
+# --- Guessing the admin key ------------------------------------------------------------------
+
+ADMIN = "admin-key-0123456789abcdef"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+async def admin_gw(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> TestClient[Any, Any]:
+    return await start_gateway(aiohttp_client, make_settings(admin_key=ADMIN))
+
+
+async def status_from(
+    gw: TestClient[Any, Any], source: str, key: str | None, path: str = "/admin/keys"
+) -> tuple[int, dict[str, str], Any]:
+    """GET `path` over a connection from the address `source` (any of 127.0.0.0/8)."""
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = f"http://{gw.host}:{gw.port}{path}"
+        async with session.get(url, headers=bearer(key) if key else {}) as resp:
+            return resp.status, dict(resp.headers), await resp.json(content_type=None)
+
+
+async def test_an_address_guessing_admin_keys_is_locked_out_and_no_other_is(
+    admin_gw: TestClient[Any, Any],
+) -> None:
+    brake = admin_gw.app[ADMIN_BRAKE_KEY]
+    now = [1000.0]
+    brake._clock = lambda: now[0]
+    for i in range(brake.limit - 1):
+        status, _, _ = await status_from(admin_gw, "127.0.0.1", f"guess-{i:020d}")
+        assert status == 401
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN))[0] == 200  # not yet locked
+    for i in range(brake.limit):
+        assert (await status_from(admin_gw, "127.0.0.1", f"guess-{i:020d}"))[0] == 401
+    # Locked: even the right key is refused from there, and so is /metrics' admin check.
+    status, headers, body = await status_from(admin_gw, "127.0.0.1", ADMIN)
+    assert status == 429 and int(headers["Retry-After"]) == round(brake.lockout)
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "admin_key_attempts" and ADMIN not in json.dumps(body)
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN, "/metrics"))[0] == 429
+    # Another address is never slowed, right key or wrong.
+    assert (await status_from(admin_gw, "127.0.0.2", ADMIN))[0] == 200
+    assert (await status_from(admin_gw, "127.0.0.2", "guess-elsewhere-000000"))[0] == 401
+    # The lock-out ends.
+    now[0] += brake.lockout
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN))[0] == 200
+
+
+async def test_requests_without_a_key_lock_nobody_out(admin_gw: TestClient[Any, Any]) -> None:
+    for _ in range(3 * LIMIT):
+        assert (await status_from(admin_gw, "127.0.0.1", None))[0] == 401
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN))[0] == 200
+
+
+async def test_virtual_keys_do_not_touch_the_admin_brake(admin_gw: TestClient[Any, Any]) -> None:
+    # A wrong virtual key is a 401 of the model API, not an admin guess.
+    for i in range(2 * LIMIT):
+        async with admin_gw.post(CHAT, json={}, headers=bearer(f"sk-kiosk-wrong{i}")) as resp:
+            assert resp.status == 401
+    assert len(admin_gw.app[ADMIN_BRAKE_KEY]) == 0
+
+
+def test_the_brake_forgets_the_oldest_address_past_its_bound() -> None:
+    brake = AdminBrake(max_addresses=100)
+    for i in range(100_000):
+        brake.failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    assert len(brake) == 100
+    for _ in range(LIMIT):
+        brake.failed("192.0.2.1")
+    assert brake.locked_for("192.0.2.1") > 0 and len(brake) == 100
+    assert brake.locked_for("10.0.0.0") == 0  # forgotten long ago
+
+
+def test_wrong_keys_spread_over_more_than_a_window_do_not_lock() -> None:
+    now = [0.0]
+    brake = AdminBrake(limit=3, window=60.0, clock=lambda: now[0])
+    for _ in range(5):
+        assert not brake.failed("192.0.2.1")
+        now[0] += 31.0
+    assert brake.locked_for("192.0.2.1") == 0
