@@ -1,5 +1,6 @@
 """OpenAI's embeddings answer: written by the providers that make it themselves (Gemini, demo),
-and checked (`relayed_embeddings`) where an OpenAI-compatible upstream wrote it.
+and checked (`relayed_embeddings`) where an OpenAI-compatible upstream wrote it, in one decode
+that also classifies the answer and reads its usage.
 
 OpenAI-compatible upstreams answer in this shape already; the others get vectors from their
 own API (or compute them) and this writes them the way OpenAI does, including
@@ -21,9 +22,13 @@ import sys
 from typing import Annotated
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from gateway.errors import UpstreamBadResponse
+from gateway.providers._answers import answer_error, read_usage
+from gateway.providers.capabilities import EmbeddingCall
 from gateway.schemas.codec import encode
+from gateway.schemas.common import Usage
 from gateway.schemas.embeddings import Embedding, EmbeddingList, EmbeddingUsage
 
 __all__ = ["Float32", "check_vectors", "embedding_list", "float32_base64", "relayed_embeddings"]
@@ -38,11 +43,28 @@ class _Item(msgspec.Struct):
     embedding: list[Float32] | str
 
 
+_NULL = msgspec.Raw(b"null")
+
+
 class _Answer(msgspec.Struct):
-    data: list[_Item]
+    """An OpenAI embeddings `list`, read once: its vectors checked by type, its usage kept raw
+    (an unreadable usage must not cost the client its vectors: `read_usage`)."""
+
+    data: list[_Item] | UnsetType = UNSET
+    usage: msgspec.Raw = _NULL  # (a Raw cannot be in a union)
+
+
+class _Shape(msgspec.Struct):
+    """What makes a body an embeddings `list` at all (its `data` items, unread), read only
+    when `_Answer` failed, to tell a body that is no list from one whose vectors are bad."""
+
+    data: list[msgspec.Raw] | UnsetType = UNSET
+    usage: msgspec.Raw = _NULL
 
 
 _ANSWER = msgspec.json.Decoder(_Answer)
+_SHAPE = msgspec.json.Decoder(_Shape)
+_USAGE = msgspec.json.Decoder(Usage | None)
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
@@ -85,12 +107,18 @@ def check_vectors(provider: str, vectors: list[list[float]], inputs: int) -> Non
         raise UpstreamBadResponse(f"The upstream provider '{provider}' answered {problem}.")
 
 
-def relayed_embeddings(provider: str, body: bytes, *, inputs: int, as_base64: bool) -> bytes:
+def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes:
     """An OpenAI-compatible upstream's embeddings `list`, checked, as the client gets it: the
     upstream's bytes, or, when its vectors are in the other encoding than the one asked for
     (servers that ignore `encoding_format`), the same with `data` rewritten in that one.
 
+    One decode serves it all: whether the body is an embeddings list at all, its usage and
+    its vectors. The usage goes into `call.usage` as soon as the body is known to be a list,
+    before its vectors are checked (an upstream that answered counted the input).
+
     Raises:
+        UpstreamError: the body is not an embeddings list (`answer_error`: the error it
+            carries, classified, or a bad response).
         UpstreamBadResponse: the vectors are not what `check_vectors` and `Float32` require,
             or their indexes are not those of the inputs.
     """
@@ -99,9 +127,17 @@ def relayed_embeddings(provider: str, body: bytes, *, inputs: int, as_base64: bo
         "finite float32 numbers."
     )
     try:
-        items = _ANSWER.decode(body).data
+        answer = _ANSWER.decode(body)
     except (msgspec.MsgspecError, RecursionError):
+        # The common case never gets here: only now is it worth a second look, to tell a body
+        # that is no embeddings list (an error carried in a 200) from bad vectors.
+        call.usage = read_usage(provider, _shape(provider, body).usage, _USAGE)
         raise bad from None
+    items = answer.data
+    if items is UNSET:
+        raise answer_error(provider, body, "embeddings list")
+    call.usage = read_usage(provider, answer.usage, _USAGE)
+    inputs, as_base64 = call.request.input_count(), call.request.base64
     vectors: list[list[float]] = []
     for item in items:
         vector = _from_base64(item.embedding) if isinstance(item.embedding, str) else item.embedding
@@ -123,6 +159,21 @@ def relayed_embeddings(provider: str, body: bytes, *, inputs: int, as_base64: bo
     ]
     fields["data"] = msgspec.Raw(encode(data))
     return encode(fields)
+
+
+def _shape(provider: str, body: bytes) -> _Shape:
+    """The body as an embeddings list of unread items.
+
+    Raises:
+        UpstreamError: it is not one (`answer_error`).
+    """
+    try:
+        shape = _SHAPE.decode(body)
+    except (msgspec.MsgspecError, RecursionError):
+        raise answer_error(provider, body, "embeddings list") from None
+    if shape.data is UNSET:
+        raise answer_error(provider, body, "embeddings list")
+    return shape
 
 
 def embedding_list(
