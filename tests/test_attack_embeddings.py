@@ -7,9 +7,13 @@ and answers large enough to stall the event loop. Vector counts, NaN and base64 
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import struct
 from typing import Any
 
+import openai
 import pytest
 
 from gateway.settings import RoutingSettings
@@ -95,3 +99,71 @@ async def test_the_usage_of_an_answer_with_bad_vectors_is_still_counted(build: B
     assert got == 502
     [row] = await usage_rows(rig.gateway)
     assert (row["status"], row["prompt_tokens"], row["estimated"]) == (502, 77, False)
+
+
+# --- Vectors out of order, or not of the length asked for ---------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["float", None])  # (None: the SDK's base64, decoded)
+async def test_vectors_out_of_order_reach_the_client_in_input_order(
+    build: Build, encoding: Any
+) -> None:
+    # Relayed in the upstream's order, a client that pairs `data` with its inputs by position
+    # (as most do: OpenAI answers in input order) got every vector on the wrong text.
+    rig = await build("openai", sends(raw(answer(order=[2, 0, 1]))))
+    async with openai_client(rig.gateway, rig.key) as client:
+        options = {} if encoding is None else {"encoding_format": encoding}
+        reply = await client.embeddings.create(model="m", input=INPUTS, **options)
+    assert [d.index for d in reply.data] == [0, 1, 2]
+    assert [d.embedding for d in reply.data] == VECTORS
+
+
+@pytest.mark.parametrize("kind", ["openai", "gemini"])
+async def test_vectors_longer_than_the_dimensions_asked_for_are_a_502(
+    build: Build, kind: str
+) -> None:
+    # An upstream that ignores `dimensions` (or `outputDimensionality`) handed a client that
+    # asked for 2 numbers vectors of 3, which its index of 2-dimensional vectors refuses.
+    vectors = [[0.5, -1.25, 1.0], [2.0, 0.0, 1.0], [1.0, 3.5, 1.0]]
+    if kind == "openai":
+        upstream = raw(answer(vectors=vectors))
+    else:
+        upstream = whole(json.dumps({"embeddings": [{"values": v} for v in vectors]}).encode())
+    rig = await build(kind, sends(upstream), server={"routing": RoutingSettings(max_attempts=1)})
+    async with openai_client(rig.gateway, rig.key) as client:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.embeddings.create(model="m", input=INPUTS, dimensions=2)
+    assert caught.value.status_code == 502
+    assert caught.value.body["code"] == "upstream_bad_response"  # type: ignore[index]
+    assert "dimensions" in caught.value.message
+    async with openai_client(rig.gateway, rig.key) as client:  # without `dimensions`: fine
+        reply = await client.embeddings.create(model="m", input=INPUTS)
+    assert len(reply.data[0].embedding) == 3
+
+
+def b64(*values: float) -> str:
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+
+
+@pytest.mark.parametrize(
+    ("first", "status"),
+    [
+        ((3.0e38, -2.0e38), 200),  # finite, past 2**127: the byte scan's second look passes it
+        ((1.0, -math.inf), 502),
+        ((math.inf, -math.inf), 502),  # (a sum of them is NaN: still not finite)
+        ((math.nan, 0.0), 502),
+    ],
+)
+async def test_base64_vectors_are_finite_float32s(
+    build: Build, first: tuple[float, float], status: int
+) -> None:
+    vectors = [b64(*first), b64(1.0, 2.0), b64(3.0, 4.0)]
+    rig = await build("openai", sends(raw(answer(vectors=vectors))))
+    got, out = await rig.post(
+        "/v1/embeddings", {"model": "m", "input": INPUTS, "encoding_format": "float"}
+    )
+    assert got == status, out
+    if status == 200:
+        assert json.loads(out)["data"][0]["embedding"] == list(
+            struct.unpack("<2f", struct.pack("<2f", *first))
+        )

@@ -7,8 +7,9 @@ own API (or compute them) and this writes them the way OpenAI does, including
 `encoding_format: "base64"`, which the `openai` SDK asks for by default: each vector as
 little-endian float32s, base64-encoded, which is how the SDK decodes it.
 
-Whoever made them, the vectors a client gets are one per input, all of one non-zero length,
-of finite float32 numbers, in the encoding it asked for (`check_vectors`): an upstream's
+Whoever made them, the vectors a client gets are one per input, in input order, all of one
+non-zero length (the `dimensions` asked for, if any), of finite float32 numbers, in the
+encoding it asked for (`check_vectors`): an upstream's
 vectors that are not are a 502, not an answer that quietly pairs the wrong vector with an
 input or breaks the client's arithmetic.
 """
@@ -18,7 +19,9 @@ from __future__ import annotations
 import array
 import base64
 import binascii
+import math
 import sys
+from collections.abc import Sequence, Sized
 from typing import Annotated
 
 import msgspec
@@ -68,18 +71,28 @@ _USAGE = msgspec.json.Decoder(Usage | None)
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
-def float32_base64(values: list[float]) -> str:
+def float32_base64(values: Sequence[float]) -> str:
     """A vector as base64 of its little-endian float32s."""
-    packed = array.array("f", values)
+    packed = values if isinstance(values, array.array) else array.array("f", values)
     if sys.byteorder != "little":
+        packed = array.array("f", packed)
         packed.byteswap()
     return base64.b64encode(packed.tobytes()).decode("ascii")
 
 
-def _from_base64(text: str) -> list[float] | None:
-    """The float32s of a base64 vector, or None if it is not one (or holds NaN or inf)."""
+# Byte 3 of a little-endian float32 holds its sign and the exponent's top seven bits: all set
+# only in numbers past 2**127, inf and NaN (no embedding is near that, so one scan clears it).
+_TOP_EXPONENT = bytes(1 if b & 0x7F == 0x7F else 0 for b in range(256))
+
+
+def _from_base64(text: str) -> array.array[float] | None:
+    """The float32s of a base64 vector, or None if it is not one (or holds NaN or inf).
+
+    Looked at without a Python float per number (a 2,048-input answer holds six million):
+    the finite check is a byte scan, and only a vector that fails it is summed (NaN and inf
+    make any sum non-finite, and finite float32s cannot overflow a double's)."""
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
         return None
     if len(raw) % 4:
@@ -87,22 +100,26 @@ def _from_base64(text: str) -> list[float] | None:
     packed = array.array("f", raw)
     if sys.byteorder != "little":
         packed.byteswap()
-    try:
-        return msgspec.convert(packed.tolist(), list[Float32])
-    except msgspec.ValidationError:
+    if 1 in raw[3::4].translate(_TOP_EXPONENT) and not math.isfinite(sum(packed)):
         return None
+    return packed
 
 
-def check_vectors(provider: str, vectors: list[list[float]], inputs: int) -> None:
+def check_vectors(
+    provider: str, vectors: Sequence[Sized], inputs: int, dimensions: int | None = None
+) -> None:
     """Raises UpstreamBadResponse unless there is one vector per input, all of one non-zero
-    length (the numbers' types are the decoder's to check)."""
+    length, and that the `dimensions` asked for, if any (the numbers' types are the
+    decoder's to check)."""
     problem = None
     if len(vectors) != inputs:
         problem = f"{len(vectors)} embeddings for {inputs} inputs"
     elif len({len(v) for v in vectors}) > 1:
         problem = "embeddings of different lengths"
-    elif vectors and not vectors[0]:
+    elif vectors and not len(vectors[0]):
         problem = "empty embeddings"
+    elif vectors and dimensions is not None and len(vectors[0]) != dimensions:
+        problem = f"embeddings of {len(vectors[0])} dimensions where {dimensions} were asked for"
     if problem is not None:
         raise UpstreamBadResponse(f"The upstream provider '{provider}' answered {problem}.")
 
@@ -110,7 +127,8 @@ def check_vectors(provider: str, vectors: list[list[float]], inputs: int) -> Non
 def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes:
     """An OpenAI-compatible upstream's embeddings `list`, checked, as the client gets it: the
     upstream's bytes, or, when its vectors are in the other encoding than the one asked for
-    (servers that ignore `encoding_format`), the same with `data` rewritten in that one.
+    (servers that ignore `encoding_format`) or not in input order, the same with `data`
+    rewritten in that encoding and order.
 
     One decode serves it all: whether the body is an embeddings list at all, its usage and
     its vectors. The usage goes into `call.usage` as soon as the body is known to be a list,
@@ -119,8 +137,8 @@ def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes
     Raises:
         UpstreamError: the body is not an embeddings list (`answer_error`: the error it
             carries, classified, or a bad response).
-        UpstreamBadResponse: the vectors are not what `check_vectors` and `Float32` require,
-            or their indexes are not those of the inputs.
+        UpstreamBadResponse: the vectors are not what `check_vectors` (with the request's
+            `dimensions`) and `Float32` require, or their indexes are not those of the inputs.
     """
     bad = UpstreamBadResponse(
         f"The upstream provider '{provider}' answered embeddings that are not vectors of "
@@ -137,28 +155,44 @@ def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes
     if items is UNSET:
         raise answer_error(provider, body, "embeddings list")
     call.usage = read_usage(provider, answer.usage, _USAGE)
-    inputs, as_base64 = call.request.input_count(), call.request.base64
-    vectors: list[list[float]] = []
+    req = call.request
+    inputs, as_base64 = req.input_count(), req.base64
+    vectors: list[Sequence[float]] = []
     for item in items:
         vector = _from_base64(item.embedding) if isinstance(item.embedding, str) else item.embedding
         if vector is None:
             raise bad
         vectors.append(vector)
-    check_vectors(provider, vectors, inputs)
-    if sorted(item.index for item in items) != list(range(inputs)):
+    dims = req.dimensions if isinstance(req.dimensions, int) else None
+    check_vectors(provider, vectors, inputs, dims)
+    in_order = all(item.index == i for i, item in enumerate(items))
+    if not in_order and sorted(item.index for item in items) != list(range(inputs)):
         raise UpstreamBadResponse(
             f"The upstream provider '{provider}' answered embeddings whose indexes are not "
             "those of the inputs."
         )
-    if all(isinstance(item.embedding, str) == as_base64 for item in items):
-        return body
-    fields = _FIELDS.decode(body)
+    if in_order and all(isinstance(item.embedding, str) == as_base64 for item in items):
+        return body  # (nearly every answer: relayed as it came)
+    # In input order (clients pair vectors with inputs by position, and OpenAI answers in
+    # that order), and in the encoding asked for (servers that ignore `encoding_format`).
     data = [
-        Embedding(index=item.index, embedding=float32_base64(v) if as_base64 else v)
-        for item, v in zip(items, vectors, strict=True)
+        Embedding(index=item.index, embedding=_encoded(item.embedding, v, as_base64))
+        for item, v in sorted(zip(items, vectors, strict=True), key=lambda pair: pair[0].index)
     ]
+    fields = _FIELDS.decode(body)
     fields["data"] = msgspec.Raw(encode(data))
     return encode(fields)
+
+
+def _encoded(
+    sent: list[float] | str, vector: Sequence[float], as_base64: bool
+) -> list[float] | str:
+    """A vector as the client asked for it: as the upstream sent it if that is so."""
+    if isinstance(sent, str) == as_base64:
+        return sent
+    if as_base64:
+        return float32_base64(vector)
+    return vector.tolist() if isinstance(vector, array.array) else list(vector)
 
 
 def _shape(provider: str, body: bytes) -> _Shape:

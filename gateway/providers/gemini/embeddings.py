@@ -65,7 +65,8 @@ async def embed(http: UpstreamClient, url: str, model: str, call: EmbeddingCall)
             "batchEmbedContents answer",
         )
         batch_vectors = [e.values for e in answer.embeddings]
-        check_vectors(http.config.name, batch_vectors, len(batch))  # each batch its own count
+        asked = None if dims is UNSET else dims  # (an upstream that ignored it: a 502)
+        check_vectors(http.config.name, batch_vectors, len(batch), asked)  # each batch's count
         vectors.extend(batch_vectors if dims is UNSET else map(_unit, batch_vectors))
     check_vectors(http.config.name, vectors, len(texts))  # one length across batches
     prompt = req.prompt_estimate()
