@@ -91,14 +91,14 @@ async def test_an_unreadable_usage_costs_no_vectors_and_is_estimated(build: Buil
 async def test_the_usage_of_an_answer_with_bad_vectors_is_still_counted(build: Build) -> None:
     # The upstream answered (and billed) the input: its usage is the row's, though the client
     # gets a 502 for its vectors.
-    body = answer(vectors=[[0.1], [0.2]], usage={"prompt_tokens": 77, "total_tokens": 77})
+    body = answer(vectors=[[0.1], [0.2]], usage={"prompt_tokens": 7, "total_tokens": 7})
     rig = await build(
         "openai", sends(raw(body)), server={"routing": RoutingSettings(max_attempts=1)}
     )
     got, _ = await rig.post("/v1/embeddings", {"model": "m", "input": INPUTS})
     assert got == 502
     [row] = await usage_rows(rig.gateway)
-    assert (row["status"], row["prompt_tokens"], row["estimated"]) == (502, 77, False)
+    assert (row["status"], row["prompt_tokens"], row["estimated"]) == (502, 7, False)
 
 
 # --- Vectors out of order, or not of the length asked for ---------------------------------------
@@ -167,3 +167,23 @@ async def test_base64_vectors_are_finite_float32s(
         assert json.loads(out)["data"][0]["embedding"] == list(
             struct.unpack("<2f", struct.pack("<2f", *first))
         )
+
+
+# --- Usage that cannot be true ------------------------------------------------------------------
+
+ABSURD_USAGE = {
+    "more-tokens-than-bytes": {"prompt_tokens": 10**12, "total_tokens": 10**12},
+    "output-tokens": {"prompt_tokens": 3, "completion_tokens": 10**9, "total_tokens": 10**9 + 3},
+}
+
+
+@pytest.mark.parametrize("case", list(ABSURD_USAGE))
+async def test_usage_an_embedding_cannot_have_is_estimated(build: Build, case: str) -> None:
+    # Taken as it came, three one-letter inputs cost the key a trillion prompt tokens, or a
+    # billion output tokens an embedding never has.
+    rig = await build("openai", sends(raw(answer(usage=ABSURD_USAGE[case]))))
+    got, out = await rig.post("/v1/embeddings", {"model": "m", "input": INPUTS})
+    assert got == 200, out
+    [row] = await usage_rows(rig.gateway)
+    assert row["estimated"] and row["completion_tokens"] == 0
+    assert 0 < row["prompt_tokens"] < 100, row

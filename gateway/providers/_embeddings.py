@@ -25,6 +25,7 @@ from collections.abc import Sequence, Sized
 from typing import Annotated
 
 import msgspec
+import structlog
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import UpstreamBadResponse
@@ -35,6 +36,8 @@ from gateway.schemas.common import Usage
 from gateway.schemas.embeddings import Embedding, EmbeddingList, EmbeddingUsage
 
 __all__ = ["Float32", "check_vectors", "embedding_list", "float32_base64", "relayed_embeddings"]
+
+log = structlog.get_logger(__name__)
 
 FLOAT32_MAX = 3.4028234663852886e38
 # A number a float32 holds, finite: the bounds also refuse NaN (no comparison holds for it).
@@ -149,12 +152,12 @@ def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes
     except (msgspec.MsgspecError, RecursionError):
         # The common case never gets here: only now is it worth a second look, to tell a body
         # that is no embeddings list (an error carried in a 200) from bad vectors.
-        call.usage = read_usage(provider, _shape(provider, body).usage, _USAGE)
+        call.usage = _usage(provider, _shape(provider, body).usage, call)
         raise bad from None
     items = answer.data
     if items is UNSET:
         raise answer_error(provider, body, "embeddings list")
-    call.usage = read_usage(provider, answer.usage, _USAGE)
+    call.usage = _usage(provider, answer.usage, call)
     req = call.request
     inputs, as_base64 = req.input_count(), req.base64
     vectors: list[Sequence[float]] = []
@@ -193,6 +196,24 @@ def _encoded(
     if as_base64:
         return float32_base64(vector)
     return vector.tolist() if isinstance(vector, array.array) else list(vector)
+
+
+def _usage(provider: str, raw: msgspec.Raw, call: EmbeddingCall) -> Usage | None:
+    """The usage of an answer, or None (the row is estimated, with a warning) for one that
+    cannot be true: output tokens (an embedding has none), or more prompt tokens than the
+    request has bytes (a token is at least a byte of text, or an id written in one)."""
+    usage = read_usage(provider, raw, _USAGE)
+    if usage is None or (
+        not usage.completion_tokens and usage.prompt_tokens <= len(call.body or b"")
+    ):
+        return usage
+    log.warning(
+        "upstream_usage_implausible",
+        provider=provider,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+    )
+    return None
 
 
 def _shape(provider: str, body: bytes) -> _Shape:
