@@ -1,6 +1,6 @@
 """OpenAI's embeddings answer: written by the providers that make it themselves (Gemini, demo),
-and checked (`relayed_embeddings`) where an OpenAI-compatible upstream wrote it, in one decode
-that also classifies the answer and reads its usage.
+and checked (`relayed_embeddings`) where an OpenAI-compatible upstream wrote it, in one read
+of the body that also classifies the answer and reads its usage.
 
 OpenAI-compatible upstreams answer in this shape already; the others get vectors from their
 own API (or compute them) and this writes them the way OpenAI does, including
@@ -9,14 +9,14 @@ little-endian float32s, base64-encoded, which is how the SDK decodes it.
 
 Whoever made them, the vectors a client gets are one per input, in input order, all of one
 non-zero length (the `dimensions` asked for, if any), of finite float32 numbers, in the
-encoding it asked for (`check_vectors`): an upstream's
-vectors that are not are a 502, not an answer that quietly pairs the wrong vector with an
-input or breaks the client's arithmetic.
+encoding it asked for (`check_vectors`): an upstream's vectors that are not are a 502, not
+an answer that quietly pairs the wrong vector with an input or breaks the client's arithmetic.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import base64
 import binascii
 import math
@@ -46,7 +46,12 @@ Float32 = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 class _Item(msgspec.Struct):
     index: int
-    embedding: list[Float32] | str
+    # Read one vector at a time (`_VECTOR`), so that a large answer lets other requests run
+    # between its vectors (`relayed_embeddings`).
+    embedding: msgspec.Raw
+
+
+Vector = list[Float32] | str
 
 
 _NULL = msgspec.Raw(b"null")
@@ -69,6 +74,10 @@ class _Shape(msgspec.Struct):
 
 
 _ANSWER = msgspec.json.Decoder(_Answer)
+_VECTOR = msgspec.json.Decoder(Vector)
+# Bytes of vectors checked between two chances for other requests to run: about a
+# millisecond's work, so a 60 MB answer does not hold up the worker's other requests.
+SLICE_BYTES = 256 * 1024
 _SHAPE = msgspec.json.Decoder(_Shape)
 _USAGE = msgspec.json.Decoder(Usage | None)
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -127,15 +136,17 @@ def check_vectors(
         raise UpstreamBadResponse(f"The upstream provider '{provider}' answered {problem}.")
 
 
-def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes:
+async def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes:
     """An OpenAI-compatible upstream's embeddings `list`, checked, as the client gets it: the
     upstream's bytes, or, when its vectors are in the other encoding than the one asked for
     (servers that ignore `encoding_format`) or not in input order, the same with `data`
     rewritten in that encoding and order.
 
-    One decode serves it all: whether the body is an embeddings list at all, its usage and
-    its vectors. The usage goes into `call.usage` as soon as the body is known to be a list,
-    before its vectors are checked (an upstream that answered counted the input).
+    One read of the body serves it all: whether it is an embeddings list at all, its usage
+    and its vectors (each decoded where the list's decode left it raw, `SLICE_BYTES` of them
+    between two chances for the worker's other requests to run). The usage goes into
+    `call.usage` as soon as the body is known to be a list, before its vectors are checked
+    (an upstream that answered counted the input), unless it cannot be true (`_usage`).
 
     Raises:
         UpstreamError: the body is not an embeddings list (`answer_error`: the error it
@@ -160,12 +171,23 @@ def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes
     call.usage = _usage(provider, answer.usage, call)
     req = call.request
     inputs, as_base64 = req.input_count(), req.base64
+    sent: list[Vector] = []
     vectors: list[Sequence[float]] = []
+    checked = 0
     for item in items:
-        vector = _from_base64(item.embedding) if isinstance(item.embedding, str) else item.embedding
+        try:
+            value = _VECTOR.decode(item.embedding)
+        except (msgspec.MsgspecError, RecursionError):
+            raise bad from None
+        vector = _from_base64(value) if isinstance(value, str) else value
         if vector is None:
             raise bad
+        sent.append(value)
         vectors.append(vector)
+        checked += len(item.embedding)
+        if checked >= SLICE_BYTES:  # (only answers of many or long vectors get here)
+            checked = 0
+            await asyncio.sleep(0)
     dims = req.dimensions if isinstance(req.dimensions, int) else None
     check_vectors(provider, vectors, inputs, dims)
     in_order = all(item.index == i for i, item in enumerate(items))
@@ -174,13 +196,16 @@ def relayed_embeddings(provider: str, body: bytes, call: EmbeddingCall) -> bytes
             f"The upstream provider '{provider}' answered embeddings whose indexes are not "
             "those of the inputs."
         )
-    if in_order and all(isinstance(item.embedding, str) == as_base64 for item in items):
+    if in_order and all(isinstance(value, str) == as_base64 for value in sent):
         return body  # (nearly every answer: relayed as it came)
     # In input order (clients pair vectors with inputs by position, and OpenAI answers in
     # that order), and in the encoding asked for (servers that ignore `encoding_format`).
     data = [
-        Embedding(index=item.index, embedding=_encoded(item.embedding, v, as_base64))
-        for item, v in sorted(zip(items, vectors, strict=True), key=lambda pair: pair[0].index)
+        Embedding(index=index, embedding=_encoded(value, v, as_base64))
+        for index, value, v in sorted(
+            zip((item.index for item in items), sent, vectors, strict=True),
+            key=lambda triple: triple[0],
+        )
     ]
     fields = _FIELDS.decode(body)
     fields["data"] = msgspec.Raw(encode(data))

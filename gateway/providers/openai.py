@@ -103,7 +103,7 @@ class OpenAIProvider:
     async def embeddings(self, call: EmbeddingCall) -> ChatReply:
         body = encode(_fields(call))
         answer = await self._http.post(self.url(call, "embeddings"), body, call)
-        answer = relayed_embeddings(self.config.name, answer, call)  # sets call.usage
+        answer = await relayed_embeddings(self.config.name, answer, call)  # sets call.usage
         return ChatReply(body=answer, usage=call.usage)
 
     async def completion(self, call: CompletionCall) -> ChatReply:
