@@ -29,12 +29,15 @@ into responses, so status codes and error types live here and nowhere else::
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
 __all__ = [
     "AuthenticationFailed",
     "ErrorBody",
     "ErrorEnvelope",
+    "Fault",
     "GatewayError",
     "GatewayStopping",
     "InvalidRequest",
@@ -56,7 +59,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "drop_tracebacks",
-    "upstream_fault",
+    "fault_of",
 ]
 
 
@@ -260,13 +263,30 @@ class UpstreamAuthError(UpstreamError):
     should_retry = False
 
 
-def upstream_fault(exc: GatewayError) -> bool:
-    """Whether a failure is the upstream's own, to count against its account: not the
-    request's (`UpstreamBadRequest`), not the gateway's (`UpstreamPoolFull`, `GatewayStopping`),
-    and not refused credentials (an account disabled at once, not counted)."""
-    return isinstance(exc, UpstreamError) and not isinstance(
-        exc, (UpstreamBadRequest, UpstreamPoolFull, GatewayStopping, UpstreamAuthError)
-    )
+class Fault(enum.Enum):
+    """Whose fault a failure is, for the breaker of the upstream account it happened on."""
+
+    UPSTREAM = "upstream"  # the account's: counted as a failure
+    CREDENTIALS = "credentials"  # our key for it was refused: the operator must fix it
+    REQUEST = "request"  # the request's own: the upstream answered, which clears a probe
+    NONE = "none"  # the gateway's own refusal (a full pool, shutdown) or bug: no verdict
+
+
+def fault_of(exc: GatewayError) -> Fault:
+    """Whose fault a failure is: the one rule for failover before an answer's first byte
+    (`failover.attempt_each`) and for a stream that breaks after it (`sse.relay`).
+
+    Every `UpstreamError` is the upstream's unless a subclass says otherwise: a plain one (an
+    error event that blames no request, a malformed answer or event) too, since the gateway
+    built the request and the upstream did not answer it as its API promises.
+    """
+    if not isinstance(exc, UpstreamError) or isinstance(exc, (UpstreamPoolFull, GatewayStopping)):
+        return Fault.NONE
+    if isinstance(exc, UpstreamBadRequest):
+        return Fault.REQUEST
+    if isinstance(exc, UpstreamAuthError):
+        return Fault.CREDENTIALS
+    return Fault.UPSTREAM
 
 
 def drop_tracebacks(exc: BaseException | None) -> None:

@@ -30,13 +30,12 @@ from aiohttp import web
 from gateway.admission import Ticket
 from gateway.breaker import Account, BreakerBoard, Claim, credentials_refused
 from gateway.errors import (
-    GatewayStopping,
-    UpstreamAuthError,
+    Fault,
     UpstreamError,
-    UpstreamPoolFull,
     UpstreamRateLimited,
     UpstreamTimeout,
     drop_tracebacks,
+    fault_of,
 )
 from gateway.providers import Provider
 from gateway.providers.base import Call
@@ -204,18 +203,24 @@ async def attempt_each(
                 break
             except UpstreamError as exc:
                 _record(ex, route, started, exc.status)
-                if isinstance(exc, UpstreamAuthError):
+                fault = fault_of(exc)  # (the rule `sse.relay` judges a broken stream by)
+                if fault is Fault.CREDENTIALS:
                     # Our key: another account may still work; this one waits for the operator.
                     breakers.disable(account)
                     exc = credentials_refused(account, breakers.remaining(account))
-                elif isinstance(exc, (UpstreamPoolFull, GatewayStopping)):
+                elif fault is Fault.NONE:
                     # The gateway's own refusal (its bound on connections, its shutdown): the
                     # account was not reached, so no verdict on it (a burst must not take it out
                     # of rotation). A full pool may still be answered by another route.
                     breakers.release(account, claim)
                     if not exc.retryable:
                         raise
-                elif exc.retryable:
+                elif fault is Fault.REQUEST:
+                    # The request's own fault: the upstream answered, which is all a probe asks.
+                    if claim is not Claim.ORDINARY:
+                        breakers.succeeded(account, claim)
+                    raise
+                else:
                     breakers.failed(
                         account,
                         exc.retry_after,
@@ -223,11 +228,8 @@ async def attempt_each(
                         counted=all(a != account for _, a in failures),
                         rate_limited=isinstance(exc, UpstreamRateLimited),
                     )
-                else:
-                    # The request's own fault: the upstream answered, which is all a probe asks.
-                    if claim is not Claim.ORDINARY:
-                        breakers.succeeded(account, claim)
-                    raise
+                    if not exc.retryable:
+                        raise  # the account's fault, but not one another route is tried for
                 failures.append((exc, account))
                 continue
             except BaseException:

@@ -22,7 +22,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.web import ContentCoding
 from aiohttp_sse import EventSourceResponse
 
-from gateway.errors import GatewayError, GatewayStopping, drop_tracebacks, upstream_fault
+from gateway.errors import Fault, GatewayError, GatewayStopping, drop_tracebacks, fault_of
 from gateway.middleware import answer_headers
 from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
 from gateway.schemas.codec import encode
@@ -192,7 +192,7 @@ async def relay(
     except GatewayError as exc:
         # Before any byte went out, but perhaps after the attempt's first batch (a converter
         # between the two may have had nothing to send yet): its account is still told.
-        if upstream_fault(exc):
+        if _blames_account(exc):
             trace.upstream_ok = False
         raise
     sse = SSEStream(request)
@@ -216,7 +216,7 @@ async def relay(
         await sse.end(last)
     except GatewayError as exc:
         trace.status = status_of(exc)
-        if upstream_fault(exc):
+        if _blames_account(exc):
             trace.upstream_ok = False
         drop_tracebacks(exc)
         await _try(sse.error(exc, error_frame))
@@ -244,6 +244,13 @@ async def relay(
         if not sse.ended:
             await sse.close()
     return sse.response
+
+
+def _blames_account(exc: GatewayError) -> bool:
+    """Whether a stream's failure is its account's (`errors.fault_of`, the rule failover
+    applies before the first byte): refused credentials too, as a failure of the account
+    (the key opened the stream; only before the first byte do they disable it)."""
+    return fault_of(exc) in (Fault.UPSTREAM, Fault.CREDENTIALS)
 
 
 async def _try(aw: Awaitable[None]) -> None:

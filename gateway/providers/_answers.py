@@ -5,6 +5,8 @@ Upstreams are untrusted: a `200` whose body is `{"error": ...}`, `null` or of th
 must not reach the client as a success. The error it carries is classified by its typed `type`
 and `code`, as its status would be (a request's fault is the client's 400, a rate limit a 429);
 anything else is an `UpstreamBadResponse`, a 502 that another route may do better.
+(Embeddings answers are classified where their vectors are checked, in the same decode:
+`_embeddings.relayed_embeddings`.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from gateway.schemas.response_output import ResponseUsage
 __all__ = [
     "answer_error",
     "completion_usage",
-    "embeddings_usage",
     "event_error",
     "read_usage",
     "response_usage",
@@ -179,13 +180,6 @@ class _Response(msgspec.Struct):
     usage: msgspec.Raw = _NULL
 
 
-class _Embeddings(msgspec.Struct):
-    """What makes a body an OpenAI embeddings `list`: its data items."""
-
-    items: list[msgspec.Raw] | UnsetType = msgspec.field(default=UNSET, name="data")
-    usage: msgspec.Raw = _NULL
-
-
 class _TextChoice(msgspec.Struct):
     text: str
 
@@ -198,13 +192,12 @@ class _TextCompletion(msgspec.Struct):
 
 
 _COMPLETION = msgspec.json.Decoder(_Completion)
-_EMBEDDINGS = msgspec.json.Decoder(_Embeddings)
 _TEXT_COMPLETION = msgspec.json.Decoder(_TextCompletion)
 _RESPONSE = msgspec.json.Decoder(_Response)
 _USAGE = msgspec.json.Decoder(Usage | None)
 _RESPONSE_USAGE = msgspec.json.Decoder(ResponseUsage | None)
 
-View = TypeVar("View", _Completion, _Response, _Embeddings, _TextCompletion)
+View = TypeVar("View", _Completion, _Response, _TextCompletion)
 
 
 def _checked(provider: str, body: bytes, decoder: msgspec.json.Decoder[View], what: str) -> View:
@@ -215,16 +208,6 @@ def _checked(provider: str, body: bytes, decoder: msgspec.json.Decoder[View], wh
     if view.items is UNSET:
         raise answer_error(provider, body, what)
     return view
-
-
-def embeddings_usage(provider: str, body: bytes) -> Usage | None:
-    """The usage of an upstream embeddings answer, once its body is known to be one.
-
-    Raises:
-        UpstreamError: the body is not an embeddings list (`answer_error`).
-    """
-    view = _checked(provider, body, _EMBEDDINGS, "embeddings list")
-    return read_usage(provider, view.usage, _USAGE)
 
 
 def text_completion_usage(provider: str, body: bytes) -> Usage | None:

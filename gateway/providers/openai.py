@@ -25,11 +25,7 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
-from gateway.providers._answers import (
-    completion_usage,
-    embeddings_usage,
-    text_completion_usage,
-)
+from gateway.providers._answers import completion_usage, text_completion_usage
 from gateway.providers._call_ids import short_ids
 from gateway.providers._embeddings import relayed_embeddings
 from gateway.providers._errors import stream_error
@@ -107,11 +103,7 @@ class OpenAIProvider:
     async def embeddings(self, call: EmbeddingCall) -> ChatReply:
         body = encode(_fields(call))
         answer = await self._http.post(self.url(call, "embeddings"), body, call)
-        call.usage = embeddings_usage(self.config.name, answer)  # raises unless embeddings
-        req = call.request
-        answer = relayed_embeddings(
-            self.config.name, answer, inputs=req.input_count(), as_base64=req.base64
-        )
+        answer = await relayed_embeddings(self.config.name, answer, call)  # sets call.usage
         return ChatReply(body=answer, usage=call.usage)
 
     async def completion(self, call: CompletionCall) -> ChatReply:

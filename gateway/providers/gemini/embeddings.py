@@ -15,7 +15,7 @@ import math
 
 from msgspec import UNSET
 
-from gateway.providers._embeddings import check_vectors, embedding_list
+from gateway.providers._embeddings import check_vectors, written_embeddings
 from gateway.providers._http import UpstreamClient
 from gateway.providers.base import ChatReply
 from gateway.providers.capabilities import EmbeddingCall
@@ -65,11 +65,14 @@ async def embed(http: UpstreamClient, url: str, model: str, call: EmbeddingCall)
             "batchEmbedContents answer",
         )
         batch_vectors = [e.values for e in answer.embeddings]
-        check_vectors(http.config.name, batch_vectors, len(batch))  # each batch its own count
+        asked = None if dims is UNSET else dims  # (an upstream that ignored it: a 502)
+        check_vectors(http.config.name, batch_vectors, len(batch), asked)  # each batch's count
         vectors.extend(batch_vectors if dims is UNSET else map(_unit, batch_vectors))
     check_vectors(http.config.name, vectors, len(texts))  # one length across batches
     prompt = req.prompt_estimate()
-    body_out = embedding_list(vectors, model=req.model, prompt_tokens=prompt, as_base64=req.base64)
+    body_out = await written_embeddings(
+        vectors, model=req.model, prompt_tokens=prompt, as_base64=req.base64
+    )
     return ChatReply(body=body_out, usage=None)
 
 
