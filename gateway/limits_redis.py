@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import secrets
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from gateway import limits_lua
@@ -29,6 +32,7 @@ from gateway.errors import LimitsUnavailable
 from gateway.limits_fallback import FAILURES as _FAILURES, FallbackGate
 from gateway.limits_levels import Levels
 from gateway.limits_state import (
+    key_name,
     key_names,
     period_starts,
     read_spending,
@@ -42,6 +46,8 @@ from gateway.redis_link import Arg, RedisLink
 from gateway.settings import ServerSettings
 
 __all__ = ["SharedGate", "open_gate"]
+
+log = structlog.get_logger(__name__)
 
 # How long a request's slot and hold outlive a replica that stopped renewing them.
 LEASE_SECONDS = 30.0
@@ -62,7 +68,9 @@ class SharedGate(FallbackGate):
     ) -> None:
         super().__init__(store, redis, failure=failure)
         # The request path's scripts, loaded on each of the link's connections.
-        self.link = RedisLink(redis, (limits_lua.ENTER, limits_lua.CHARGE, limits_lua.FINISH))
+        self.link = RedisLink(
+            redis, (limits_lua.ENTER, limits_lua.CHARGE, limits_lua.FINISH, limits_lua.ADOPT)
+        )
         self.lease = lease
         self.levels = Levels()
         self._enter = redis.register_script(limits_lua.ENTER)
@@ -70,9 +78,11 @@ class SharedGate(FallbackGate):
         self._finish = redis.register_script(limits_lua.FINISH)
         self._seed = redis.register_script(limits_lua.SEED)
         self._renew = redis.register_script(limits_lua.RENEW)
+        self._adopt = redis.register_script(limits_lua.ADOPT)
         self._ids = itertools.count()
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
+        self._adopting: list[asyncio.Future[Any]] = []  # `_seat`'s replies, for `sync`
         self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
         self._ender: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -234,6 +244,53 @@ class SharedGate(FallbackGate):
                 await self.redis.delete(*names)
             except _FAILURES as exc:
                 self._went_down(exc)
+        # The leases of requests adopted are in Redis when the keys go in place (the other
+        # replicas count them from then on), and those that came in meanwhile adopted too.
+        while True:
+            self.adopt(keys)
+            sent, self._adopting = self._adopting, []
+            if not sent:
+                break
+            await asyncio.wait(sent)  # (failures: `_adopted_reply`)
+
+    def _seat(
+        self, key: KeyRecord, requests: list[tuple[asyncio.Task[Any], Ticket | None]]
+    ) -> None:
+        """Put the key's requests running in its leases (Redis's count of its requests in
+        flight), each once: under the lease it has (a request that entered under another
+        limit), or one of its own, renewed until it ends (a request that holds nothing).
+        Sent on the link at once, without a wait: the key goes in place right after, and a
+        request's end, sent later on the link, reaches Redis after its lease."""
+        if not self.up:
+            super()._seat(key, requests)
+            return
+        leases = []
+        for task, ticket in requests:
+            if ticket is not None and ticket.shared and ticket.lease is not None:
+                leases.append(ticket.lease)  # (its end takes it out of the leases)
+                continue
+            seat = Ticket(key=key, limited=False, budgeted=False, shared=True)
+            seat.lease = f"{self._replica}:{next(self._ids)}"
+            self._leases[seat.lease] = seat
+            task.add_done_callback(functools.partial(self._leave_seat, seat))
+            leases.append(seat.lease)
+        reply = self.link.send(
+            "EVALSHA", self._adopt.sha, 1, key_name(key, "lease"), self.lease, *leases
+        )
+        reply.add_done_callback(self._adopted_reply)
+        self._adopting.append(reply)
+
+    def _leave_seat(self, seat: Ticket, task: asyncio.Task[Any]) -> None:
+        self.leave(seat)
+
+    def _adopted_reply(self, reply: asyncio.Future[Any]) -> None:
+        if reply.cancelled():
+            return
+        error = reply.exception()
+        if isinstance(error, _FAILURES):
+            self._went_down(error)
+        elif isinstance(error, Exception) or isinstance(reply.result(), Exception):
+            log.warning("redis_adopt_failed", error=str(error or reply.result()))
 
     def start(self) -> None:
         self._renewer = asyncio.create_task(self.renew_forever(), name="redis-lease-renewal")

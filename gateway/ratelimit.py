@@ -196,6 +196,11 @@ class Limiter:
             state.tokens.refill(self._clock())
             state.tokens.level = min(state.tokens.capacity, state.tokens.level + held - used)
 
+    def seat(self, key: KeyRecord) -> None:
+        """A request of the key already running takes a slot of its concurrency (it entered
+        before the limit was given: `Gate.adopt`); `leave` frees it."""
+        self._state(key, self._clock()).active += 1
+
     def in_flight(self, key: KeyRecord) -> int:
         """Requests of the key that entered and have not left."""
         state = self._keys.get(key.id)

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.state import INFLIGHT_KEY
+from tests.conftest import app_of
 from tests.fakes import FakeOpenAI
 from tests.test_accounting import make_settings, new_key, patch, up
 from tests.test_limits import CHAT, auth, body
@@ -69,3 +71,68 @@ async def test_a_limit_given_while_none_was_there_starts_full(
         assert (await status_of(gw, secret))[0] == 200
     await patch(gw, key_id, tpm=100)
     assert (await status_of(gw, secret))[0] == 200
+
+
+# What the key has when its requests start (none of it a concurrency limit).
+BEFORE: dict[str, dict[str, Any]] = {
+    "nothing": {},
+    "budget": {"budget_tokens": 1_000_000},
+    "rpm": {"rpm": 1_000},
+    "tpm": {"tpm": 1_000_000},
+}
+
+
+async def streams(
+    gw: TestClient[Any, Any], fake: FakeOpenAI, secret: str, count: int, release: asyncio.Event
+) -> list[asyncio.Task[bytes]]:
+    """`count` streams of the key, each open (a chunk sent) until `release` is set."""
+    fake.script(hold=release, hold_after=1, times=count)
+
+    async def stream() -> bytes:
+        extra = {"stream": True, "stream_options": {"include_usage": True}}
+        async with gw.post(CHAT, json=body(**extra), headers=auth(secret)) as r:
+            assert r.status == 200, await r.text()
+            return await r.read()
+
+    tasks = []
+    for _ in range(count):
+        fake.request_seen.clear()
+        tasks.append(asyncio.create_task(stream()))
+        await fake.request_seen.wait()
+    return tasks
+
+
+@pytest.mark.parametrize("before", list(BEFORE))
+async def test_a_concurrency_limit_given_mid_flight_counts_the_requests_running(
+    up: tuple[FakeOpenAI, TestClient[Any, Any]], before: str
+) -> None:
+    """Three streams of a key are open when the admin gives it `max_concurrency` 1: a new
+    request is refused, as if the limit had been there when they started. Once they end, their
+    slots are free again (not stuck), and the count is right (not negative): a limit of 2 then
+    admits two requests at once, not three."""
+    fake, gw = up
+    secret, key_id = await new_key(gw, **BEFORE[before])
+    release = asyncio.Event()
+    running = await streams(gw, fake, secret, 3, release)
+    serving = list(app_of(gw)[INFLIGHT_KEY])  # the gateway's tasks serving them
+    assert len(serving) == 3
+    await patch(gw, key_id, max_concurrency=1)
+    refused = await status_of(gw, secret)
+    assert refused[0] == 429 and "in flight" in refused[1], refused
+    await patch(gw, key_id, max_concurrency=3)
+    refused = await status_of(gw, secret)
+    assert refused[0] == 429 and "in flight" in refused[1], refused
+    release.set()
+    for task in running:
+        await task
+    # A slot adopted mid-flight is freed as the task serving its request ends (a moment
+    # after the stream's end reached the client).
+    await asyncio.wait(serving)
+    assert (await status_of(gw, secret))[0] == 200
+    await patch(gw, key_id, max_concurrency=2)
+    again = asyncio.Event()
+    two = await held(gw, fake, secret, 2, again)
+    refused = await status_of(gw, secret)
+    assert refused[0] == 429 and "in flight" in refused[1], refused
+    again.set()
+    assert [(await t)[0] for t in two] == [200, 200]
