@@ -32,7 +32,7 @@ from gateway.ratelimit import Limiter
 from gateway.records import KeyRecord
 from gateway.usage import Unwritten
 
-__all__ = ["Gate", "Running", "Ticket", "UsageLog", "follow"]
+__all__ = ["Gate", "Running", "Ticket", "UsageLog", "follow", "still"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +50,8 @@ def _none_unwritten(key_id: str, since: float) -> tuple[int, float]:
     return 0, 0.0
 
 
-def _still(usage: UsageLog | None) -> AbstractAsyncContextManager[Unwritten]:
+def still(usage: UsageLog | None) -> AbstractAsyncContextManager[Unwritten]:
+    """`usage.still()`, or (no usage writer) a block where no row waits to be written."""
     return contextlib.nullcontext(_none_unwritten) if usage is None else usage.still()
 
 
@@ -71,6 +72,7 @@ class Ticket:
     lease: str | None = None
     local_charge: bool = False
     used: tuple[int, float] | None = None
+    row: bool = False  # its usage row is queued (`SharedGate.tally`): for a seed's read
     # In memory: what it used, given back (`Gate.give_back`) and not counted yet (`tally`).
     to_count: tuple[int, float] | None = None
 
@@ -161,7 +163,7 @@ class Gate:
                 self.budgets.forget(key)  # a budget given again later starts from the table
         if not any(self.budgets.needs_load(k) for k in keys):
             return
-        async with _still(usage) as unwritten:
+        async with still(usage) as unwritten:
             for key in keys:
                 if self.budgets.needs_load(key):  # another sync may have loaded it meanwhile
                     await self._load(key, unwritten)

@@ -25,7 +25,7 @@ import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from gateway import limits_lua
-from gateway.admission import Gate, Ticket, UsageLog
+from gateway.admission import Gate, Ticket, UsageLog, still
 from gateway.budgets import Amount, Spend, over_budget, period_start
 from gateway.database import Database
 from gateway.errors import LimitsUnavailable
@@ -84,6 +84,9 @@ class SharedGate(FallbackGate):
         self._leases: dict[str, Ticket] = {}
         self._adopting: list[asyncio.Future[Any]] = []  # `_seat`'s replies, for `sync`
         self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
+        # Held while ends are sent (until Redis answers) and while a spending is seeded: a
+        # seed knows which ends reached Redis before it and which will after (`_seed_spend`).
+        self._finishing = asyncio.Lock()
         self._ender: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
 
@@ -162,9 +165,12 @@ class SharedGate(FallbackGate):
             self.levels.give_back(ticket.key, ticket.tokens - tokens)
 
     def tally(self, ticket: Ticket) -> None:
-        """(A request charged in Redis was counted there by its `leave`.)"""
+        """(A request charged in Redis is counted there by its `leave`; its row is queued
+        now, which a seed's read must know: `_seed_spend`.)"""
         if not ticket.shared or ticket.local_charge:
             super().tally(ticket)
+        else:
+            ticket.row = True
 
     def count(self, key_id: str, tokens: int, usd: float) -> None:
         """Count a request without a ticket in its key's shared spending, if the key has a
@@ -173,7 +179,10 @@ class SharedGate(FallbackGate):
         if key is None or not key.has_budget or not self.up:
             super().count(key_id, tokens, usd)  # the fallback's book, when it has the key
             return
-        self._ending.append(Ticket(key=key, limited=False, budgeted=True, used=(tokens, usd)))
+        # (Its row is queued in the same step: `pipeline._settle`, then `middleware._finish`.)
+        self._ending.append(
+            Ticket(key=key, limited=False, budgeted=True, used=(tokens, usd), row=True)
+        )
         if self._ender is None or self._ender.done():
             self._ender = asyncio.create_task(self._end_all())
 
@@ -350,23 +359,42 @@ class SharedGate(FallbackGate):
         return answer
 
     async def _seed_spend(self, key: KeyRecord) -> None:
-        if self._usage is not None:  # this replica's finished requests are counted first
-            with contextlib.suppress(Exception):
-                await self._usage.flush()
-        await seed_spending(self._seed, self._store, key)
+        """Seed the key's spending this period from the usage table, each of this replica's
+        requests that ended counted once: with no end sent meanwhile (`_finishing`), and the
+        table read while the usage writer writes nothing (`UsageRecorder.still`), a request
+        is in what the read sees (its row written or queued) or not, and its end reached Redis
+        before the counter was there (dropped) or is still to be sent (counted in it): those
+        still to be sent whose row the read has are taken off what it read."""
+        start = period_start(key.budget_period, time.time())
+        name = spent_name(key, start)
+        async with self._finishing, still(self._usage) as unwritten:
+            now = time.time()
+            keys = self._keys
+            # In one step: the rows queued, and the ends still to be sent of those rows.
+            late_tokens, late_usd = unwritten(key.id, start)
+            to_come = [
+                t.used
+                for t in self._ending
+                if t.row and t.used is not None and _counted_in(t, keys.get(t.key.id), now) == name
+            ]
+            tokens, usd = await self._store.spend_since(key.id, start)
+            tokens += late_tokens - sum(used[0] for used in to_come)
+            usd += late_usd - sum(used[1] for used in to_come)
+            await seed_spending(self._seed, key, start, max(0, tokens), max(0.0, usd))
 
     async def _end_all(self) -> None:
         """Send the end of every request that ended meanwhile, together: under load, many
         requests share one round trip."""
         while self._ending:
-            batch, self._ending = self._ending, []
-            now = time.time()
-            keys = self._keys
-            calls = [_finish_call(ticket, keys.get(ticket.key.id), now) for ticket in batch]
-            try:
-                await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
-            except _FAILURES as exc:  # their leases end on their own
-                self._went_down(exc)
+            async with self._finishing:
+                batch, self._ending = self._ending, []
+                now = time.time()
+                keys = self._keys
+                calls = [_finish_call(ticket, keys.get(ticket.key.id), now) for ticket in batch]
+                try:
+                    await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
+                except _FAILURES as exc:  # their leases end on their own
+                    self._went_down(exc)
 
 
 def _finish_call(
@@ -379,12 +407,16 @@ def _finish_call(
     from the usage table before this request's row was in it)."""
     key = ticket.key
     used = ticket.used or (0, 0.0)
-    period = (current or key).budget_period
-    spent = spent_name(key, period_start(period, now))
+    spent = _counted_in(ticket, current, now)
     charged = "1" if ticket.used is not None else "0"
     tpm = (key.tpm or 0) if ticket.limited else 0
     args: list[Arg] = [ticket.lease or "", tpm, ticket.tokens, used[0], repr(used[1])]
     return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged]
+
+
+def _counted_in(ticket: Ticket, current: KeyRecord | None, now: float) -> str:
+    """The spending (Redis key) a request that ends now counts in (`_finish_call`)."""
+    return spent_name(ticket.key, period_start((current or ticket.key).budget_period, now))
 
 
 def open_gate(server: ServerSettings, store: Database) -> Gate:
