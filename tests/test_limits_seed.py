@@ -5,8 +5,8 @@ usage row the seed's read sees. The order is forced with hooks, not left to timi
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -32,7 +32,7 @@ async def gw_up(
     make_settings: MakeSettings,
     redis_url: str,
 ) -> tuple[FakeOpenAI, TestClient[Any, Any]]:
-    settings: Any = lambda **kw: make_settings(redis_url=redis_url, admin_key=ADMIN, **kw)  # noqa: E731
+    settings = functools.partial(make_settings, redis_url=redis_url, admin_key=ADMIN)
     return await rig(aiohttp_server, aiohttp_client, settings)
 
 
@@ -116,8 +116,7 @@ async def test_a_request_whose_end_reaches_redis_after_the_seed_counts_once(
         await seed(key)
         seeded.set()
 
-    ends: Callable[[], Awaitable[None]] = late_ends
-    monkeypatch.setattr(gate, "_end_all", ends)
+    monkeypatch.setattr(gate, "_end_all", late_ends)
     monkeypatch.setattr(gate, "_seed_spend", seed_then_tell)
     release.set()
     assert (await running[0])[0] == 200
