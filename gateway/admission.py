@@ -7,17 +7,20 @@ shows what it may use; `Gate.give_back()` gives back the tokens it did not use a
 usage row is queued. Keys without limits or budget pass through without any of this work, but
 for `Gate.count()` as their row is queued: a budget given to a key while its request ran counts
 what that request used. `Gate.sync()` reads the spending of budgeted keys from the usage table
-(and the rows not written yet) when the key cache (re)loads, before those keys serve requests.
+(and the rows not written yet) when the key cache (re)loads, before those keys serve requests,
+and has a concurrency limit given to a key count its requests already running (`Gate.adopt`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import structlog
@@ -29,7 +32,7 @@ from gateway.ratelimit import Limiter
 from gateway.records import KeyRecord
 from gateway.usage import Unwritten
 
-__all__ = ["Gate", "Ticket", "UsageLog", "follow"]
+__all__ = ["Gate", "Running", "Ticket", "UsageLog", "follow", "still"]
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +50,8 @@ def _none_unwritten(key_id: str, since: float) -> tuple[int, float]:
     return 0, 0.0
 
 
-def _still(usage: UsageLog | None) -> AbstractAsyncContextManager[Unwritten]:
+def still(usage: UsageLog | None) -> AbstractAsyncContextManager[Unwritten]:
+    """`usage.still()`, or (no usage writer) a block where no row waits to be written."""
     return contextlib.nullcontext(_none_unwritten) if usage is None else usage.still()
 
 
@@ -68,8 +72,14 @@ class Ticket:
     lease: str | None = None
     local_charge: bool = False
     used: tuple[int, float] | None = None
+    row: bool = False  # its usage row is queued (`SharedGate.tally`): for a seed's read
     # In memory: what it used, given back (`Gate.give_back`) and not counted yet (`tally`).
     to_count: tuple[int, float] | None = None
+
+
+# The metered requests in flight of the keys asked for, by key id: each one's task and ticket
+# (None: it holds nothing). `middleware.running_requests` reads them for `Gate.adopt`.
+Running = Callable[[Container[str]], dict[str, list[tuple["asyncio.Task[Any]", Ticket | None]]]]
 
 
 def follow(ticket: Ticket, current: KeyRecord) -> None:
@@ -98,6 +108,8 @@ class Gate:
         self._wall = wall
         self.limiter = Limiter(monotonic)
         self.budgets = BudgetBook(wall)
+        self.running: Running | None = None  # set by the app (none: nothing to adopt)
+        self._adopted: set[asyncio.Task[Any]] = set()  # requests `adopt` has seen, running
         # `admit` is `enter` here (a shared gate's asks Redis): the request path then calls
         # `enter` at once, without a coroutine to make and await.
         self.admits_at_once = type(self).admit is Gate.admit
@@ -106,14 +118,52 @@ class Gate:
         """Load the period spending of budgeted keys not known yet (or whose period changed):
         what the usage table has, plus what `usage`'s rows not written yet add. The table
         is read while `usage` writes nothing (`UsageRecorder.still`), so each request that
-        ended is counted once, from the one or the other, whenever it ended."""
+        ended is counted once, from the one or the other, whenever it ended.
+
+        Then `adopt` their requests running (again once the reads are done: the key cache
+        and the admin API put the keys in place right after, with no wait between)."""
         keys = list(keys)
+        self.adopt(keys)
+        await self._sync_budgets(keys, usage)
+        self.adopt(keys)
+
+    def adopt(self, keys: Iterable[KeyRecord]) -> None:
+        """Count the requests in flight of keys with a concurrency limit that took no slot of
+        it (their key had no limits when they entered, or a budget only), as if the limit had
+        been there: each holds a slot until it ends. A request is adopted once, whatever
+        changes of its key follow; those that took a slot as they entered hold it already."""
+        running = self.running
+        capped = {k.id: k for k in keys if k.max_concurrency is not None}
+        if running is None or not capped:
+            return
+        adopted = self._adopted
+        for key_id, requests in running(capped).items():
+            fresh = [(task, ticket) for task, ticket in requests if task not in adopted]
+            for task, _ in fresh:
+                adopted.add(task)
+                task.add_done_callback(adopted.discard)
+            if fresh:
+                self._seat(capped[key_id], fresh)
+
+    def _seat(
+        self, key: KeyRecord, requests: list[tuple[asyncio.Task[Any], Ticket | None]]
+    ) -> None:
+        """A slot of the key's concurrency for each of its requests running that took none."""
+        for task, ticket in requests:
+            if ticket is None or not ticket.limited:
+                self.limiter.seat(key)
+                task.add_done_callback(functools.partial(self._unseat, key))
+
+    def _unseat(self, key: KeyRecord, task: asyncio.Task[Any]) -> None:
+        self.limiter.leave(key)
+
+    async def _sync_budgets(self, keys: list[KeyRecord], usage: UsageLog | None) -> None:
         for key in keys:
             if not key.has_budget:
                 self.budgets.forget(key)  # a budget given again later starts from the table
         if not any(self.budgets.needs_load(k) for k in keys):
             return
-        async with _still(usage) as unwritten:
+        async with still(usage) as unwritten:
             for key in keys:
                 if self.budgets.needs_load(key):  # another sync may have loaded it meanwhile
                     await self._load(key, unwritten)

@@ -24,6 +24,7 @@ from gateway.gauges import app_gauges
 from gateway.keys import KeyCache
 from gateway.limits_redis import open_gate
 from gateway.metrics import Metrics
+from gateway.middleware import running_requests
 from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.providers._pool import PoolGate
 from gateway.records import KeyRecord
@@ -104,6 +105,7 @@ async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     gate = app[GATE_KEY] = open_gate(settings.server, app[STORE_KEY])
+    gate.running = running_requests(app[INFLIGHT_KEY])
     recorder = app[USAGE_KEY]
 
     async def sync_budgets(keys: list[KeyRecord]) -> None:
@@ -142,7 +144,7 @@ async def _wind_down(app: web.Application) -> None:
     streams finish within the grace period, then end the streams still open with an error
     event. aiohttp then cancels whatever else is left."""
     app[SHUTTING_DOWN_KEY].set()
-    tasks: set[asyncio.Task[Any]] = app[INFLIGHT_KEY]
+    tasks = app[INFLIGHT_KEY]
     inflight = list(tasks)
     grace = app[LIVE_KEY].current.settings.server.shutdown_grace_seconds
     if inflight and grace > 0:
@@ -175,7 +177,7 @@ def create_app(
     app[STREAMS_KEY] = set()
     app[PINGS_KEY] = StreamPings(PING_SECONDS)
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
-    app[INFLIGHT_KEY] = set()
+    app[INFLIGHT_KEY] = {}
     app[DASHBOARD_SESSIONS_KEY] = SessionBook()
     app[ADMIN_BRAKE_KEY] = AdminBrake()
     if settings.metrics.enabled:

@@ -65,7 +65,7 @@ class FallbackGate(Gate):
         this one knew when Redis went away."""
         self.budgets = BudgetBook(self._wall)
         with contextlib.suppress(Exception):
-            await Gate.sync(self, list(self._keys.values()), self._usage)
+            await self._sync_budgets(list(self._keys.values()), self._usage)
 
     def _fallback_enter(self, key: KeyRecord) -> Ticket | None:
         self.fallbacks += 1

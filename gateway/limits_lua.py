@@ -19,7 +19,7 @@ Numbers go back to Python as strings: Redis turns a Lua float into an integer.
 
 from __future__ import annotations
 
-__all__ = ["CHARGE", "ENTER", "FINISH", "RENEW", "SEED"]
+__all__ = ["ADOPT", "CHARGE", "ENTER", "FINISH", "RENEW", "SEED"]
 
 _COMMON = """
 local function now()
@@ -180,6 +180,16 @@ SEED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 't', ARGV[1], 'u', ARGV[2])
 if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
+# KEYS: lease. ARGV: lease s, tickets... Requests already running when their key was given a
+# concurrency limit count in flight from now on (those counted already keep their lease).
+ADOPT = """
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'NX', until_, ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) * 2)
 return 1
 """
 

@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import secrets
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from gateway import limits_lua
-from gateway.admission import Gate, Ticket, UsageLog
+from gateway.admission import Gate, Ticket, UsageLog, still
 from gateway.budgets import Amount, Spend, over_budget, period_start
 from gateway.database import Database
 from gateway.errors import LimitsUnavailable
 from gateway.limits_fallback import FAILURES as _FAILURES, FallbackGate
 from gateway.limits_levels import Levels
 from gateway.limits_state import (
+    key_name,
     key_names,
     period_starts,
     read_spending,
@@ -43,6 +47,8 @@ from gateway.redis_link import Arg, RedisLink
 from gateway.settings import ServerSettings
 
 __all__ = ["SharedGate", "open_gate"]
+
+log = structlog.get_logger(__name__)
 
 # How long a request's slot and hold outlive a replica that stopped renewing them.
 LEASE_SECONDS = 30.0
@@ -73,7 +79,9 @@ class SharedGate(FallbackGate):
     ) -> None:
         super().__init__(store, redis, failure=failure)
         # The request path's scripts, loaded on each of the link's connections.
-        self.link = RedisLink(redis, (limits_lua.ENTER, limits_lua.CHARGE, limits_lua.FINISH))
+        self.link = RedisLink(
+            redis, (limits_lua.ENTER, limits_lua.CHARGE, limits_lua.FINISH, limits_lua.ADOPT)
+        )
         self.lease = lease
         self.levels = Levels()
         self._enter = redis.register_script(limits_lua.ENTER)
@@ -81,14 +89,19 @@ class SharedGate(FallbackGate):
         self._finish = redis.register_script(limits_lua.FINISH)
         self._seed = redis.register_script(limits_lua.SEED)
         self._renew = redis.register_script(limits_lua.RENEW)
+        self._adopt = redis.register_script(limits_lua.ADOPT)
         self._ids = itertools.count()
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
+        self._adopting: list[asyncio.Future[Any]] = []  # `_seat`'s replies, for `sync`
         self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
         # Ends Redis did not answer (an outage), sent again once it does (`came_back`), and
         # those being sent again.
         self._unsent: list[Ticket] = []
         self._again: list[Ticket] = []
+        # Held while ends are sent (until Redis answers) and while a spending is seeded: a
+        # seed knows which ends reached Redis before it and which will after (`_seed_spend`).
+        self._finishing = asyncio.Lock()
         self._ender: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
 
@@ -173,9 +186,12 @@ class SharedGate(FallbackGate):
             self.levels.give_back(ticket.key, ticket.tokens - tokens)
 
     def tally(self, ticket: Ticket) -> None:
-        """(A request charged in Redis was counted there by its `leave`.)"""
+        """(A request charged in Redis is counted there by its `leave`; its row is queued
+        now, which a seed's read must know: `_seed_spend`.)"""
         if not ticket.shared or ticket.local_charge:
             super().tally(ticket)
+        else:
+            ticket.row = True
 
     def count(self, key_id: str, tokens: int, usd: float) -> None:
         """Count a request without a ticket in its key's shared spending, if the key has a
@@ -184,7 +200,10 @@ class SharedGate(FallbackGate):
         if key is None or not key.has_budget or not self.up:
             super().count(key_id, tokens, usd)  # the fallback's book, when it has the key
             return
-        self._ending.append(Ticket(key=key, limited=False, budgeted=True, used=(tokens, usd)))
+        # (Its row is queued in the same step: `pipeline._settle`, then `middleware._finish`.)
+        self._ending.append(
+            Ticket(key=key, limited=False, budgeted=True, used=(tokens, usd), row=True)
+        )
         if self._ender is None or self._ender.done():
             self._ender = asyncio.create_task(self._end_all())
 
@@ -255,6 +274,53 @@ class SharedGate(FallbackGate):
                 await self.redis.delete(*names)
             except _NOT_ANSWERED as exc:
                 self._went_down(self._bad(exc))
+        # The leases of requests adopted are in Redis when the keys go in place (the other
+        # replicas count them from then on), and those that came in meanwhile adopted too.
+        while True:
+            self.adopt(keys)
+            sent, self._adopting = self._adopting, []
+            if not sent:
+                break
+            await asyncio.wait(sent)  # (failures: `_adopted_reply`)
+
+    def _seat(
+        self, key: KeyRecord, requests: list[tuple[asyncio.Task[Any], Ticket | None]]
+    ) -> None:
+        """Put the key's requests running in its leases (Redis's count of its requests in
+        flight), each once: under the lease it has (a request that entered under another
+        limit), or one of its own, renewed until it ends (a request that holds nothing).
+        Sent on the link at once, without a wait: the key goes in place right after, and a
+        request's end, sent later on the link, reaches Redis after its lease."""
+        if not self.up:
+            super()._seat(key, requests)
+            return
+        leases = []
+        for task, ticket in requests:
+            if ticket is not None and ticket.shared and ticket.lease is not None:
+                leases.append(ticket.lease)  # (its end takes it out of the leases)
+                continue
+            seat = Ticket(key=key, limited=False, budgeted=False, shared=True)
+            seat.lease = f"{self._replica}:{next(self._ids)}"
+            self._leases[seat.lease] = seat
+            task.add_done_callback(functools.partial(self._leave_seat, seat))
+            leases.append(seat.lease)
+        reply = self.link.send(
+            "EVALSHA", self._adopt.sha, 1, key_name(key, "lease"), self.lease, *leases
+        )
+        reply.add_done_callback(self._adopted_reply)
+        self._adopting.append(reply)
+
+    def _leave_seat(self, seat: Ticket, task: asyncio.Task[Any]) -> None:
+        self.leave(seat)
+
+    def _adopted_reply(self, reply: asyncio.Future[Any]) -> None:
+        if reply.cancelled():
+            return
+        error = reply.exception()
+        if isinstance(error, _NOT_ANSWERED):
+            self._went_down(self._bad(error))
+        elif isinstance(error, Exception) or isinstance(reply.result(), Exception):
+            log.warning("redis_adopt_failed", error=str(error or reply.result()))
 
     def start(self) -> None:
         self._renewer = asyncio.create_task(self.renew_forever(), name="redis-lease-renewal")
@@ -326,31 +392,50 @@ class SharedGate(FallbackGate):
         return answer
 
     async def _seed_spend(self, key: KeyRecord) -> None:
-        if self._usage is not None:  # this replica's finished requests are counted first
-            with contextlib.suppress(Exception):
-                await self._usage.flush()
-        await seed_spending(self._seed, self._store, key)
+        """Seed the key's spending this period from the usage table, each of this replica's
+        requests that ended counted once: with no end sent meanwhile (`_finishing`), and the
+        table read while the usage writer writes nothing (`UsageRecorder.still`), a request
+        is in what the read sees (its row written or queued) or not, and its end reached Redis
+        before the counter was there (dropped) or is still to be sent (counted in it): those
+        still to be sent whose row the read has are taken off what it read."""
+        start = period_start(key.budget_period, time.time())
+        name = spent_name(key, start)
+        async with self._finishing, still(self._usage) as unwritten:
+            now = time.time()
+            keys = self._keys
+            # In one step: the rows queued, and the ends still to be sent of those rows.
+            late_tokens, late_usd = unwritten(key.id, start)
+            to_come = [
+                t.used
+                for t in self._ending
+                if t.row and t.used is not None and _counted_in(t, keys.get(t.key.id), now) == name
+            ]
+            tokens, usd = await self._store.spend_since(key.id, start)
+            tokens += late_tokens - sum(used[0] for used in to_come)
+            usd += late_usd - sum(used[1] for used in to_come)
+            await seed_spending(self._seed, key, start, max(0, tokens), max(0.0, usd))
 
     async def _end_all(self) -> None:
         """Send the end of every request that ended meanwhile, together: under load, many
         requests share one round trip."""
         while self._ending or self._again:
-            batch, self._ending = self._ending, []
-            again, self._again = self._again, []
-            now = time.time()
-            keys = self._keys
-            calls = [_finish_call(ticket, keys.get(ticket.key.id), now) for ticket in batch]
-            if again:
-                calls += [_finish_call(t, keys.get(t.key.id), now, again=True) for t in again]
-            try:
-                await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
-            except _FAILURES as exc:  # sent again when Redis answers (or their leases end)
-                self._went_down(exc)
-                unsent = self._unsent
-                unsent += again
-                unsent += batch
-                if len(unsent) > _MAX_UNSENT:  # the oldest: their holds go with their leases
-                    del unsent[: len(unsent) - _MAX_UNSENT]
+            async with self._finishing:
+                batch, self._ending = self._ending, []
+                again, self._again = self._again, []
+                now = time.time()
+                keys = self._keys
+                calls = [_finish_call(ticket, keys.get(ticket.key.id), now) for ticket in batch]
+                if again:
+                    calls += [_finish_call(t, keys.get(t.key.id), now, again=True) for t in again]
+                try:
+                    await self.link.scripts(self._finish.sha, limits_lua.FINISH, calls)
+                except _FAILURES as exc:  # sent again when Redis answers (or their leases end)
+                    self._went_down(exc)
+                    unsent = self._unsent
+                    unsent += again
+                    unsent += batch
+                    if len(unsent) > _MAX_UNSENT:  # the oldest: their holds go with their leases
+                        del unsent[: len(unsent) - _MAX_UNSENT]
 
 
 def _finish_call(
@@ -363,12 +448,16 @@ def _finish_call(
     from the usage table before this request's row was in it)."""
     key = ticket.key
     used = ticket.used or (0, 0.0)
-    period = (current or key).budget_period
-    spent = spent_name(key, period_start(period, now))
+    spent = _counted_in(ticket, current, now)
     charged = "1" if ticket.used is not None else "0"
     tpm = (key.tpm or 0) if ticket.limited else 0
     args: list[Arg] = [ticket.lease or "", tpm, ticket.tokens, used[0], repr(used[1])]
     return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged, int(again)]
+
+
+def _counted_in(ticket: Ticket, current: KeyRecord | None, now: float) -> str:
+    """The spending (Redis key) a request that ends now counts in (`_finish_call`)."""
+    return spent_name(ticket.key, period_start((current or ticket.key).budget_period, now))
 
 
 def open_gate(server: ServerSettings, store: Database) -> Gate:

@@ -17,7 +17,6 @@ from redis.commands.core import AsyncScript
 
 from gateway.admission import Ticket
 from gateway.budgets import Spend, period_start
-from gateway.database import Database
 from gateway.records import KeyRecord
 
 __all__ = [
@@ -79,14 +78,13 @@ async def read_spending(
     return found
 
 
-async def seed_spending(seed: AsyncScript, store: Database, key: KeyRecord) -> None:
-    """Seed the key's spending this period from the usage table (once: a replica that seeded
-    it first wins), to expire a day after the period ends."""
-    now = time.time()
-    start = period_start(key.budget_period, now)
-    tokens, usd = await store.spend_since(key.id, start)
+async def seed_spending(
+    seed: AsyncScript, key: KeyRecord, start: float, tokens: int, usd: float
+) -> None:
+    """Seed the key's spending of the period from `start` (read from the usage table), once:
+    a replica that seeded it first wins. It expires a day after the period ends."""
     length = _PERIOD_SECONDS.get(key.budget_period or "total", 0)
-    ttl = int(start + length - now) + 86400 if length else 0
+    ttl = int(start + length - time.time()) + 86400 if length else 0
     await seed(keys=[spent_name(key, start)], args=[tokens, repr(usd), ttl])
 
 

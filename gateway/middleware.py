@@ -21,13 +21,14 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 import msgspec
 import structlog
 from aiohttp import web
 
+from gateway.admission import Running, Ticket
 from gateway.auth import sign_in
 from gateway.cors import add_cors_headers, preflight
 from gateway.errors import (
@@ -63,6 +64,7 @@ __all__ = [
     "gateway",
     "mint_request_id",
     "response_headers",
+    "running_requests",
     "through_gateway",
     "unmatched",
 ]
@@ -140,6 +142,21 @@ def answer_headers(
         response.force_close()
 
 
+def running_requests(inflight: dict[asyncio.Task[Any], web.Request]) -> Running:
+    """The model requests in flight of some keys, from `INFLIGHT_KEY` (`admission.Running`):
+    read when keys change, not per request."""
+
+    def of(key_ids: Container[str]) -> dict[str, list[tuple[asyncio.Task[Any], Ticket | None]]]:
+        found: dict[str, list[tuple[asyncio.Task[Any], Ticket | None]]] = {}
+        for task, request in inflight.items():
+            trace = request.get(TRACE_KEY)
+            if trace is not None and trace.metered and trace.key_id in key_ids:
+                found.setdefault(trace.key_id, []).append((task, request.get(TICKET_KEY)))
+        return found
+
+    return of
+
+
 def through_gateway(handler: Handler, route: str) -> Handler:
     """A route's handler, called through `gateway`; `route` is the route's pattern, the
     endpoint its requests are counted under in metrics."""
@@ -182,7 +199,7 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
     app = request.app  # (a property that walks the match info: read once)
     inflight = app[INFLIGHT_KEY]
     if task is not None:
-        inflight.add(task)
+        inflight[task] = request
     live = app[LIVE_KEY]
     shutting_down = app[SHUTTING_DOWN_KEY]
     # The config this request runs on, held until it (or its stream) ends: a reload meanwhile
@@ -250,7 +267,7 @@ async def gateway(request: web.Request, handler: Handler, route: str) -> web.Str
         raise
     finally:
         if task is not None:
-            inflight.discard(task)
+            inflight.pop(task, None)
         live.leave(snapshot)
         # After the answer is handed to the socket (aiohttp writes a response once this
         # returns): its usage row, metrics and log line cost the client no latency. A callback

@@ -69,6 +69,8 @@ class _KeyState:
     requests: TokenBucket | None = None
     tokens: TokenBucket | None = None
     active: int = 0
+    # The buckets of limits the key no longer has, kept for when they come back (`_sized`).
+    laid_by: tuple[TokenBucket | None, TokenBucket | None] | None = None
 
 
 def duration(seconds: float) -> str:
@@ -131,8 +133,8 @@ class Limiter:
         if state is None:
             state = self._keys[key.id] = _KeyState()
         # Limits change at run time (CLI, admin API): follow them without losing the level.
-        state.requests = _sized(state.requests, key.rpm, now)
-        state.tokens = _sized(state.tokens, key.tpm, now)
+        if not (_fits(state.requests, key.rpm) and _fits(state.tokens, key.tpm)):
+            _follow(state, key, now)
         return state
 
     def enter(self, key: KeyRecord) -> None:
@@ -167,7 +169,9 @@ class Limiter:
             return
         now = self._clock()
         # (`key` is as the admin API left it while the body arrived: `Gate.charge`.)
-        budget = state.tokens = _sized(state.tokens, key.tpm, now)
+        if not _fits(state.tokens, key.tpm):
+            _follow(state, key, now)
+        budget = state.tokens
         if budget is None:
             return
         if likely > budget.capacity:
@@ -191,6 +195,11 @@ class Limiter:
         if state is not None and state.tokens is not None:
             state.tokens.refill(self._clock())
             state.tokens.level = min(state.tokens.capacity, state.tokens.level + held - used)
+
+    def seat(self, key: KeyRecord) -> None:
+        """A request of the key already running takes a slot of its concurrency (it entered
+        before the limit was given: `Gate.adopt`); `leave` frees it."""
+        self._state(key, self._clock()).active += 1
 
     def in_flight(self, key: KeyRecord) -> int:
         """Requests of the key that entered and have not left."""
@@ -217,12 +226,34 @@ class Limiter:
         return headers
 
 
-def _sized(bucket: TokenBucket | None, limit: int | None, now: float) -> TokenBucket | None:
+def _fits(bucket: TokenBucket | None, limit: int | None) -> bool:
+    """Whether the bucket is the one the limit needs as it is (None for no limit)."""
+    return limit is None if bucket is None else bucket.capacity == limit
+
+
+def _follow(state: _KeyState, key: KeyRecord, now: float) -> None:
+    """Give the key's state the buckets of its limits as they are now. A limit removed lays
+    its bucket by, and one given again takes it back, refilled for the time passed at the
+    rate it had: removing a limit and giving it again is as if it had stayed (only the
+    requests served meanwhile were not charged), so it cannot give a minute's spending back
+    for free."""
+    requests, tokens = state.laid_by or (None, None)
+    state.requests, requests = _sized(state.requests, requests, key.rpm, now)
+    state.tokens, tokens = _sized(state.tokens, tokens, key.tpm, now)
+    state.laid_by = None if requests is None and tokens is None else (requests, tokens)
+
+
+def _sized(
+    bucket: TokenBucket | None, laid_by: TokenBucket | None, limit: int | None, now: float
+) -> tuple[TokenBucket | None, TokenBucket | None]:
+    """The bucket for `limit` and the one laid by, from those the key had."""
     if limit is None:
-        return None
+        return None, bucket or laid_by
     if bucket is None:
-        return TokenBucket(limit, now)
+        if laid_by is None:
+            return TokenBucket(limit, now), None
+        bucket = laid_by
     if bucket.capacity != limit:
         bucket.refill(now)
         bucket.resize(limit)
-    return bucket
+    return bucket, None

@@ -65,8 +65,10 @@ METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics")
 STREAMS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
 # The open SSE streams' keep-alive pings, from one task (see sse_pings.py).
 PINGS_KEY: web.AppKey[StreamPings] = web.AppKey("pings")
-# Tasks serving any request, so shutdown can wait for them (up to the grace period).
-INFLIGHT_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("inflight")
+# Tasks serving any request and their requests, so shutdown can wait for them (up to the grace
+# period) and a concurrency limit given to a key counts those of its requests running
+# (`admission.Gate.adopt`). (A dict costs a request a few nanoseconds more than a set.)
+INFLIGHT_KEY: web.AppKey[dict[asyncio.Task[Any], web.Request]] = web.AppKey("inflight")
 # Set when the server begins to shut down; streams ended then say why.
 SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 

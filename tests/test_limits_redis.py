@@ -18,10 +18,12 @@ from gateway.database import opened_database
 from gateway.limits_redis import SharedGate
 from gateway.records import UsageRecord, mint_uid
 from gateway.settings import ModelConfig, OpenAIConfig, Target
-from gateway.state import GATE_KEY, KEYS_KEY, STORE_KEY
+from gateway.state import GATE_KEY, INFLIGHT_KEY, KEYS_KEY, STORE_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, start_gateway
 from tests.fakes import FakeOpenAI
 from tests.redis_server import RedisServer
+from tests.test_accounting import ADMIN, new_key, patch
+from tests.test_limits_midflight import held, status_of, streams
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
@@ -377,3 +379,37 @@ async def test_the_key_list_shows_every_keys_shared_spending_from_any_replica(
     spends = {k["id"]: k.get("spend") for k in listed}
     assert [spends[k.id]["tokens"] for k in ids if k is not None] == [10, 20, 30, 0]
     assert len(listed) == 5 and sum(s is None for s in spends.values()) == 1
+
+
+async def test_a_concurrency_limit_given_on_one_replica_counts_the_others_requests(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_url: str,
+) -> None:
+    """Two replicas on one Redis: two streams of a key run on the second when the admin API
+    of the first gives the key `max_concurrency` 2. Once the second reloads its keys (its
+    next poll), the first refuses a new request; as the streams end, the slots come back."""
+    fake, one, two = await two_gateways(
+        aiohttp_server, aiohttp_client, make_settings, redis_url=redis_url, admin_key=ADMIN
+    )
+    secret, key_id = await new_key(one)
+    await known(two, secret)
+    release = asyncio.Event()
+    running = await streams(two, fake, secret, 2, release)
+    serving = list(app_of(two)[INFLIGHT_KEY])
+    await patch(one, key_id, max_concurrency=2)
+    assert (await status_of(one, secret))[0] == 200  # the second has not seen the change yet
+    await app_of(two)[KEYS_KEY].load()
+    refused = await status_of(one, secret)
+    assert refused[0] == 429 and "in flight" in refused[1], refused
+    release.set()
+    for task in running:
+        await task
+    await asyncio.wait(serving)
+    again = asyncio.Event()
+    held_two = await held(one, fake, secret, 2, again)
+    refused = await status_of(one, secret)
+    assert refused[0] == 429 and "in flight" in refused[1], refused
+    again.set()
+    assert [(await t)[0] for t in held_two] == [200, 200]
