@@ -8,7 +8,7 @@ import asyncio
 import functools
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -164,10 +164,12 @@ async def test_a_key_echoed_escaped_in_a_stream_is_redacted(
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "your key is [redacted]"
 
 
-def in_two_chunks(data: bytes, at: int) -> Answer:
-    """A chunked stream answer: `data` in two HTTP chunks, each a write of its own."""
+def in_two_chunks(data: bytes, cuts: Iterator[int]) -> Answer:
+    """A chunked stream answer: `data` in two HTTP chunks, each a write of its own, cut at
+    the next of `cuts` (each request its own cut, on one gateway)."""
 
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        at = next(cuts)
         head = {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"}
         writer.write(http("200 OK", head))
         for piece in (data[:at], data[at:]):
@@ -189,8 +191,9 @@ async def test_a_key_split_across_two_stream_chunks_never_reaches_the_client(
     written = spell(key)
     events = spelled(text_stream(kind, f"your key is {key}"), key, spell)
     start = events.index(written)
-    for at in range(start + 1, start + len(written)):
-        rig = await build(kind, in_two_chunks(events, at), api_keys=(key,))
+    cuts = range(start + 1, start + len(written))
+    rig = await build(kind, in_two_chunks(events, iter(cuts)), api_keys=(key,))
+    for at in cuts:
         status, body = await rig.call(stream=True)
         assert status == 200 and not leaks(body, key), (at, body)
         assert b"[redacted]" in body
