@@ -373,17 +373,10 @@ _pg_databases = iter(range(1, 1_000_000))
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Any]:
     """The session's PostgreSQL server; the test skips (saying why) where none is installed."""
-    from tests.pg import PgServer, find_pg_bin
+    from tests.pg import own_server
 
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl; `apt-get install postgresql`)")
-    server = PgServer(bin_dir)
-    try:
-        server.start()
+    with own_server() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture

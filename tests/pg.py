@@ -15,7 +15,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import free_port
 
@@ -109,7 +112,24 @@ class PgServer:
             os.kill(pid, signal.SIGCONT)
 
     def destroy(self) -> None:
-        """Stop the server if it runs (a failed test may have left it stopped) and delete it."""
+        """Stop the server if it runs (a failed test may have left it stopped or frozen) and
+        delete it."""
+        self.resume()
         with contextlib.suppress(subprocess.CalledProcessError):
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_server() -> Iterator[PgServer]:
+    """A started PostgreSQL server, destroyed after; the test skips (saying why) where none is
+    installed."""
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl; `apt-get install postgresql`)")
+    server = PgServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import struct
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -195,6 +197,28 @@ async def test_usage_an_embedding_cannot_have_is_estimated(build: Build, case: s
 # --- Answers large enough to stall every other request ------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def loop_held() -> AsyncIterator[list[float]]:
+    """The gaps between two runs of a ready task while the block runs: CPU time of the loop's
+    thread, which other processes on a busy machine do not inflate as they do wall time."""
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.thread_time()
+        while not done.is_set():
+            await asyncio.sleep(0.002)
+            gaps.append(time.thread_time() - last)
+            last = time.thread_time()
+
+    ticker = asyncio.create_task(tick())
+    try:
+        yield gaps
+    finally:
+        done.set()
+        await ticker
+
+
 async def test_a_large_answer_is_checked_without_stalling_the_event_loop(build: Build) -> None:
     # 2,048 float vectors of 1,536 numbers (21 MB, under `max_response_bytes`: what OpenAI
     # answers a client that asks for floats): decoded and checked in one call on the event
@@ -206,23 +230,9 @@ async def test_a_large_answer_is_checked_without_stalling_the_event_loop(build: 
     body = b'{"object":"list","data":[%b],"model":"m-1","usage":{"prompt_tokens":2048,' % items
     body += b'"total_tokens":2048}}'
     rig = await build("openai", sends(whole(body)))
-    gaps: list[float] = []
-    done = asyncio.Event()
-
-    async def tick() -> None:
-        # The loop's work between two runs of a ready task: CPU time of this (the loop's)
-        # thread, which other processes on a busy machine do not inflate as they do wall time.
-        last = time.thread_time()
-        while not done.is_set():
-            await asyncio.sleep(0.002)
-            gaps.append(time.thread_time() - last)
-            last = time.thread_time()
-
-    ticker = asyncio.create_task(tick())
     request = {"model": "m", "input": ["a"] * 2048, "encoding_format": "float"}
-    got, out = await rig.post("/v1/embeddings", request)
-    done.set()
-    await ticker
+    async with loop_held() as gaps:
+        got, out = await rig.post("/v1/embeddings", request)
     assert got == 200 and len(out) == len(body)
     assert max(gaps) < 0.15, f"the event loop was held for {max(gaps):.3f} s of CPU"
 
@@ -236,21 +246,9 @@ async def test_a_large_gemini_answer_is_written_without_stalling_the_event_loop(
     vector = msgspec.json.encode([round(0.001 * (i % 997) - 0.5, 6) for i in range(3072)])
     batch = b'{"embeddings":[%b]}' % b",".join(b'{"values":%b}' % vector for _ in range(100))
     rig = await build("gemini", sends(whole(batch, Connection="close")))
-    gaps: list[float] = []
-    done = asyncio.Event()
-
-    async def tick() -> None:  # as in the test above: the loop thread's CPU time between runs
-        last = time.thread_time()
-        while not done.is_set():
-            await asyncio.sleep(0.002)
-            gaps.append(time.thread_time() - last)
-            last = time.thread_time()
-
-    ticker = asyncio.create_task(tick())
     request = {"model": "m", "input": ["a"] * 2000, "encoding_format": "float"}
-    got, out = await rig.post("/v1/embeddings", request)
-    done.set()
-    await ticker
+    async with loop_held() as gaps:
+        got, out = await rig.post("/v1/embeddings", request)
     assert got == 200, out[:300]
     data = msgspec.json.decode(out)["data"]
     assert [d["index"] for d in data] == list(range(2000)) and len(data[-1]["embedding"]) == 3072

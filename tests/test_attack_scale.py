@@ -214,17 +214,10 @@ async def _listener_of(
 @pytest.fixture
 def own_pg() -> Iterator[Any]:
     """A PostgreSQL server of this test's own (it gets stopped)."""
-    from tests.pg import PgServer, find_pg_bin
+    from tests.pg import own_server
 
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl; `apt-get install postgresql`)")
-    server = PgServer(bin_dir)
-    try:
-        server.start()
+    with own_server() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 async def test_a_stop_while_postgresql_is_down_ends_soon_and_counts_what_it_lost(

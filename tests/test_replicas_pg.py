@@ -246,18 +246,10 @@ async def test_a_reused_request_id_hides_no_usage(
 @pytest.fixture
 def own_pg() -> Iterator[Any]:
     """A PostgreSQL server of this test's own (it gets frozen)."""
-    from tests.pg import PgServer, find_pg_bin
+    from tests.pg import own_server
 
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl; `apt-get install postgresql`)")
-    server = PgServer(bin_dir)
-    try:
-        server.start()
+    with own_server() as server:
         yield server
-    finally:
-        server.resume()
-        server.destroy()
 
 
 async def test_a_frozen_database_stalls_neither_requests_nor_readiness(
