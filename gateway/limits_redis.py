@@ -29,7 +29,7 @@ from gateway import limits_lua
 from gateway.admission import Gate, Ticket, UsageLog, still
 from gateway.budgets import Amount, Spend, over_budget, period_start
 from gateway.database import Database
-from gateway.errors import LimitsUnavailable
+from gateway.errors import LimitsUnavailable, StoreBusy
 from gateway.limits_fallback import FAILURES as _FAILURES, FallbackGate
 from gateway.limits_levels import Levels
 from gateway.limits_state import (
@@ -46,7 +46,7 @@ from gateway.records import KeyRecord
 from gateway.redis_link import Arg, RedisLink
 from gateway.settings import ServerSettings
 
-__all__ = ["SharedGate", "open_gate"]
+__all__ = ["LEASE_SECONDS", "SEED_WAIT_SECONDS", "SharedGate", "open_gate"]
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +56,9 @@ POOL_SIZE = 16
 _POOL_WAIT_SECONDS = 5.0
 _CHARGE_VERDICTS = (b"ok", b"budget", b"tokens")
 _MAX_UNSENT = 100_000  # ends kept through an outage to send again
+# How long a request waits for its budget's spending to be seeded from the usage table before
+# it gets a 503 `database_busy` (a frozen database would hold it for the 30 s query timeout).
+SEED_WAIT_SECONDS = 2.0
 
 
 class BadReply(RedisError):
@@ -76,6 +79,7 @@ class SharedGate(FallbackGate):
         *,
         failure: str = "refuse",
         lease: float = LEASE_SECONDS,
+        seed_wait: float = SEED_WAIT_SECONDS,
     ) -> None:
         super().__init__(store, redis, failure=failure)
         # The request path's scripts, loaded on each of the link's connections.
@@ -83,11 +87,12 @@ class SharedGate(FallbackGate):
             redis, (limits_lua.ENTER, limits_lua.CHARGE, limits_lua.FINISH, limits_lua.ADOPT)
         )
         self.lease = lease
+        self.seed_wait = seed_wait
         self.levels = Levels()
         self._enter = redis.register_script(limits_lua.ENTER)
         self._charge = redis.register_script(limits_lua.CHARGE)
         self._finish = redis.register_script(limits_lua.FINISH)
-        self._seed = redis.register_script(limits_lua.SEED)
+        self._seed_script = redis.register_script(limits_lua.SEED)
         self._renew = redis.register_script(limits_lua.RENEW)
         self._adopt = redis.register_script(limits_lua.ADOPT)
         self._ids = itertools.count()
@@ -102,6 +107,7 @@ class SharedGate(FallbackGate):
         # Held while ends are sent (until Redis answers) and while a spending is seeded: a
         # seed knows which ends reached Redis before it and which will after (`_seed_spend`).
         self._finishing = asyncio.Lock()
+        self._seeds: dict[str, asyncio.Task[None]] = {}  # by spending (Redis key) name
         self._ender: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
 
@@ -329,6 +335,11 @@ class SharedGate(FallbackGate):
         """Let the requests' last steps reach Redis (bounded), then stop the background tasks."""
         if self._ender is not None:
             await asyncio.wait([self._ender], timeout=2.0)
+        seeds = list(self._seeds.values())
+        for seed in seeds:  # (one waiting for a database that does not answer)
+            seed.cancel()
+        if seeds:
+            await asyncio.wait(seeds, timeout=2.0)
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -392,28 +403,62 @@ class SharedGate(FallbackGate):
         return answer
 
     async def _seed_spend(self, key: KeyRecord) -> None:
-        """Seed the key's spending this period from the usage table, each of this replica's
-        requests that ended counted once: with no end sent meanwhile (`_finishing`), and the
-        table read while the usage writer writes nothing (`UsageRecorder.still`), a request
-        is in what the read sees (its row written or queued) or not, and its end reached Redis
-        before the counter was there (dropped) or is still to be sent (counted in it): those
-        still to be sent whose row the read has are taken off what it read."""
+        """Seed the key's spending this period from the usage table (`_seed`), waiting at
+        most `seed_wait` seconds: a database that does not answer (frozen, overloaded) costs
+        the request a 503 `database_busy`, not the 30 s query timeout. The seed goes on in
+        the background, shared by the key's next requests, and is done once the database
+        answers.
+
+        Raises:
+            StoreBusy: the database did not answer within `seed_wait` (or is down).
+        """
         start = period_start(key.budget_period, time.time())
         name = spent_name(key, start)
-        async with self._finishing, still(self._usage) as unwritten:
-            now = time.time()
-            keys = self._keys
-            # In one step: the rows queued, and the ends still to be sent of those rows.
-            late_tokens, late_usd = unwritten(key.id, start)
-            to_come = [
-                t.used
-                for t in self._ending
-                if t.row and t.used is not None and _counted_in(t, keys.get(t.key.id), now) == name
-            ]
+        task = self._seeds.get(name)
+        if task is None:
+            task = self._seeds[name] = asyncio.create_task(self._seed(key, start, name))
+            task.add_done_callback(functools.partial(self._seeded, name))
+        done, _ = await asyncio.wait([task], timeout=self.seed_wait)
+        if not done:
+            raise StoreBusy(
+                "The database did not answer in time to read the key's budget spending;"
+                " try again shortly.",
+                retry_after=1.0,
+            )
+        task.result()
+
+    def _seeded(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._seeds.get(name) is task:
+            del self._seeds[name]
+        if not task.cancelled():
+            task.exception()  # (its waiters got it; a seed nobody waits for any more: dropped)
+
+    async def _seed(self, key: KeyRecord, start: float, name: str) -> None:
+        """`_seed_spend`'s work: each of this replica's requests that ended counted once.
+
+        The table is read while the usage writer writes nothing (`UsageRecorder.still`), so
+        the read sees exactly the rows written before the block; then, with no end being
+        sent (`_finishing`, held only from there to the SEED script, so a slow read never
+        holds back the ends of other keys), in one step: every end sent so far found no
+        counter (dropped) and its request's row is in what was read or still queued (added);
+        the ends still to be sent will count in the counter, so those whose row is queued
+        are taken off."""
+        async with still(self._usage) as unwritten:
             tokens, usd = await self._store.spend_since(key.id, start)
-            tokens += late_tokens - sum(used[0] for used in to_come)
-            usd += late_usd - sum(used[1] for used in to_come)
-            await seed_spending(self._seed, key, start, max(0, tokens), max(0.0, usd))
+            async with self._finishing:
+                now = time.time()
+                keys = self._keys
+                late_tokens, late_usd = unwritten(key.id, start)
+                to_come = [
+                    t.used
+                    for t in self._ending
+                    if t.row
+                    and t.used is not None
+                    and _counted_in(t, keys.get(t.key.id), now) == name
+                ]
+                tokens += late_tokens - sum(used[0] for used in to_come)
+                usd += late_usd - sum(used[1] for used in to_come)
+                await seed_spending(self._seed_script, key, start, max(0, tokens), max(0.0, usd))
 
     async def _end_all(self) -> None:
         """Send the end of every request that ended meanwhile, together: under load, many
