@@ -95,6 +95,7 @@ class SharedGate(FallbackGate):
         self._seed_script = redis.register_script(limits_lua.SEED)
         self._renew = redis.register_script(limits_lua.RENEW)
         self._adopt = redis.register_script(limits_lua.ADOPT)
+        self._read = redis.register_script(limits_lua.READ)
         self._ids = itertools.count()
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
@@ -127,7 +128,7 @@ class SharedGate(FallbackGate):
                 answer = await self.link.script(
                     self._enter.sha,
                     limits_lua.ENTER,
-                    key_names(key, "rpm", "lease", "held"),
+                    key_names(key, "rpm", "lease", "held", "lapsed"),
                     [key.rpm or 0, key.max_concurrency or 0, ticket.lease, self.lease],
                 )
                 verdict = answer[0]
@@ -227,11 +228,11 @@ class SharedGate(FallbackGate):
         now = time.time()
         budgeted = [(key, period_start(key.budget_period, now)) for key in keys if key.has_budget]
         try:
-            read = await read_spending(self.redis, budgeted)
+            read = await read_spending(self.redis, self._read, budgeted)
             unseeded = [i for i, spend in enumerate(read) if spend is None]
             for i in unseeded:
                 await self._seed_spend(budgeted[i][0])
-            again = await read_spending(self.redis, [budgeted[i] for i in unseeded])
+            again = await read_spending(self.redis, self._read, [budgeted[i] for i in unseeded])
             for i, fresh in zip(unseeded, again, strict=True):
                 read[i] = fresh
         except _NOT_ANSWERED as exc:
@@ -384,7 +385,11 @@ class SharedGate(FallbackGate):
         answer: list[bytes] = await self.link.script(
             self._charge.sha,
             limits_lua.CHARGE,
-            [*key_names(key, "rpm", "tpm", "lease", "held"), spent_name(key, start)],
+            [
+                *key_names(key, "rpm", "tpm", "lease", "held"),
+                spent_name(key, start),
+                key_name(key, "lapsed"),
+            ],
             [
                 key.rpm or 0,
                 key.tpm or 0,
@@ -497,7 +502,8 @@ def _finish_call(
     charged = "1" if ticket.used is not None else "0"
     tpm = (key.tpm or 0) if ticket.limited else 0
     args: list[Arg] = [ticket.lease or "", tpm, ticket.tokens, used[0], repr(used[1])]
-    return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged, int(again)]
+    keys = [*key_names(key, "tpm", "lease", "held"), spent, key_name(key, "lapsed")]
+    return keys, [*args, charged, int(again)]
 
 
 def _counted_in(ticket: Ticket, current: KeyRecord | None, now: float) -> str:
