@@ -100,6 +100,10 @@ class SharedGate(FallbackGate):
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
         self._adopting: list[asyncio.Future[Any]] = []  # `_seat`'s replies, for `sync`
+        # Keys with a concurrency limit (as last synced), and the lease under which `_seat`
+        # put each request in Redis's leases: for `came_back`, which puts them in again.
+        self._capped: dict[str, KeyRecord] = {}
+        self._seats: dict[asyncio.Task[Any], str] = {}
         self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
         # Ends Redis did not answer (an outage), sent again once it does (`came_back`), and
         # those being sent again.
@@ -274,6 +278,10 @@ class SharedGate(FallbackGate):
             ):
                 stale.append(key)
             self._keys[key.id] = key
+            if key.max_concurrency is not None:
+                self._capped[key.id] = key
+            else:
+                self._capped.pop(key.id, None)
         await super().sync(keys, usage)
         if stale and self.up:
             names = [spent_name(k, start) for k in stale for start in period_starts(time.time())]
@@ -299,18 +307,27 @@ class SharedGate(FallbackGate):
         Sent on the link at once, without a wait: the key goes in place right after, and a
         request's end, sent later on the link, reaches Redis after its lease."""
         if not self.up:
-            super()._seat(key, requests)
+            super()._seat(key, requests)  # (in Redis too once it answers: `came_back`)
             return
         leases = []
+        seats = self._seats
         for task, ticket in requests:
-            if ticket is not None and ticket.shared and ticket.lease is not None:
-                leases.append(ticket.lease)  # (its end takes it out of the leases)
+            lease = seats.get(task)
+            if lease is not None:  # seated before: the same lease (ADOPT adds it if missing)
+                leases.append(lease)
                 continue
-            seat = Ticket(key=key, limited=False, budgeted=False, shared=True)
-            seat.lease = f"{self._replica}:{next(self._ids)}"
-            self._leases[seat.lease] = seat
-            task.add_done_callback(functools.partial(self._leave_seat, seat))
-            leases.append(seat.lease)
+            if ticket is not None and ticket.shared and ticket.lease is not None:
+                lease = ticket.lease  # (its end takes it out of the leases)
+            else:
+                seat = Ticket(key=key, limited=False, budgeted=False, shared=True)
+                lease = seat.lease = f"{self._replica}:{next(self._ids)}"
+                self._leases[lease] = seat
+                task.add_done_callback(functools.partial(self._leave_seat, seat))
+            seats[task] = lease
+            task.add_done_callback(self._unseated)
+            leases.append(lease)
+        if not leases:
+            return
         reply = self.link.send(
             "EVALSHA", self._adopt.sha, 1, key_name(key, "lease"), self.lease, *leases
         )
@@ -319,6 +336,9 @@ class SharedGate(FallbackGate):
 
     def _leave_seat(self, seat: Ticket, task: asyncio.Task[Any]) -> None:
         self.leave(seat)
+
+    def _unseated(self, task: asyncio.Task[Any]) -> None:
+        self._seats.pop(task, None)
 
     def _adopted_reply(self, reply: asyncio.Future[Any]) -> None:
         if reply.cancelled():
@@ -372,12 +392,25 @@ class SharedGate(FallbackGate):
 
     def came_back(self) -> None:
         self.levels.clear()  # what scripts said before the outage is stale
+        self._reseat()
         if self._unsent:  # ends Redis did not answer: sent again, counted if not counted yet
             self._again, self._unsent = self._again + self._unsent, []
             if self._ender is None or self._ender.done():
                 self._ender = asyncio.create_task(self._end_all())
 
     # -- internals -----------------------------------------------------------------------
+
+    def _reseat(self) -> None:
+        """Redis answers again: the requests running of keys with a concurrency limit go in
+        its leases, if they are not there: those the fallback admitted, those adopted while
+        it was away (seated in this replica's memory only), and those whose lease lapsed
+        meanwhile (their lease again: ADOPT adds only what is missing). Sent before any
+        request's step that follows (the link keeps the order)."""
+        running = self.running
+        if running is None or not self._capped:
+            return
+        for key_id, requests in running(self._capped).items():
+            self._seat(self._capped[key_id], requests)
 
     async def _run_charge(self, ticket: Ticket, likely: Amount, most: Amount) -> list[bytes]:
         key = ticket.key

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from aiohttp.test_utils import TestClient
 
 from gateway.limits_redis import SEED_WAIT_SECONDS, SharedGate
 from gateway.limits_state import key_name
@@ -20,6 +21,7 @@ from gateway.settings import ModelConfig, OpenAIConfig, Target
 from gateway.state import GATE_KEY, KEYS_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, free_port, start_gateway
 from tests.fakes import FakeOpenAI
+from tests.test_accounting import ADMIN, new_key, patch
 from tests.test_attack_scale import post
 from tests.test_limits_redis import known, two_gateways
 
@@ -131,6 +133,30 @@ class CutProxy:
             yield self
 
 
+async def partitioned_pair(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_url: str,
+    proxy: CutProxy,
+    **server: Any,
+) -> tuple[FakeOpenAI, TestClient[Any, Any], TestClient[Any, Any]]:
+    """Two replicas on one database and one Redis: A reaches Redis through `proxy` (which
+    can cut it off), B directly."""
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    fake.always(content="two words")  # 8 prompt tokens + 2: every request uses 10
+    build = functools.partial(
+        make_settings,
+        providers=(OpenAIConfig(name="up", base_url=fake.base_url),),
+        models=(ModelConfig(name="m", targets=(Target(provider="up", model="g"),)),),
+        **server,
+    )
+    a = await start_gateway(aiohttp_client, build(redis_url=proxy.url))
+    b = await start_gateway(aiohttp_client, build(redis_url=redis_url))
+    return fake, a, b
+
+
 async def redis_time(gate: SharedGate) -> float:
     seconds, micros = await gate.redis.time()
     return seconds + micros / 1e6
@@ -151,18 +177,11 @@ async def test_ends_held_through_an_outage_longer_than_their_lease_still_count(
     count in the key's spending, once (it was dropped: their holds were gone). And ends
     that Redis ran, their answers lost ("answered"), must not count again when they are
     sent again after the lease (their holds went with their first run, not with a lease)."""
-    fake = FakeOpenAI()
-    await fake.start(aiohttp_server)
-    fake.always(content="two words")  # 8 prompt tokens + 2: every request uses 10
     redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     async with CutProxy(redis_port).running() as proxy:
-        build = functools.partial(
-            make_settings,
-            providers=(OpenAIConfig(name="up", base_url=fake.base_url),),
-            models=(ModelConfig(name="m", targets=(Target(provider="up", model="g"),)),),
+        fake, a, b = await partitioned_pair(
+            aiohttp_server, aiohttp_client, make_settings, redis_url, proxy
         )
-        a = await start_gateway(aiohttp_client, build(redis_url=proxy.url))
-        b = await start_gateway(aiohttp_client, build(redis_url=redis_url))
         gate_a, gate_b = app_of(a)[GATE_KEY], app_of(b)[GATE_KEY]
         assert isinstance(gate_a, SharedGate) and isinstance(gate_b, SharedGate)
         gate_a.lease = 0.5  # (30 s in production)
@@ -214,3 +233,59 @@ async def test_ends_held_through_an_outage_longer_than_their_lease_still_count(
         spend = await gate_b.spending(key)
         assert spend is not None
         assert (spend.tokens, spend.held_tokens) == (50 + extra, 0)
+
+
+@pytest.mark.parametrize("given", ["before", "during"])
+async def test_requests_the_local_fallback_admitted_count_in_a_concurrency_limit_after(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_url: str,
+    given: str,
+) -> None:
+    """Replica A loses Redis (`redis_failure = "local"`) and admits two requests of a key on
+    its own. The key has a concurrency limit of 2 from the start ("before"), or is given it
+    on A while they run ("during"). Once A reaches Redis again, the two must count in the
+    key's requests in flight, on every replica: B refuses a third (it admitted it), and
+    admits again once they end."""
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    async with CutProxy(redis_port).running() as proxy:
+        fake, a, b = await partitioned_pair(
+            aiohttp_server,
+            aiohttp_client,
+            make_settings,
+            redis_url,
+            proxy,
+            redis_failure="local",
+            admin_key=ADMIN,
+        )
+        gate_a = app_of(a)[GATE_KEY]
+        assert isinstance(gate_a, SharedGate)
+        limit = {"max_concurrency": 2} if given == "before" else {"rpm": 1000}
+        secret, key_id = await new_key(a, **limit)
+        await known(b, secret)
+        proxy.cut = True
+        release = asyncio.Event()
+        fake.script(hold=release, times=2)
+        running = []
+        for _ in range(2):  # admitted by A's fallback (the first after its call timed out)
+            fake.request_seen.clear()
+            running.append(asyncio.create_task(post(a, secret)))
+            await fake.request_seen.wait()
+        assert not gate_a.up and gate_a.fallbacks == 2
+        if given == "during":
+            await patch(a, key_id, max_concurrency=2)
+            await known(b, secret)
+        proxy.heal()
+        async with asyncio.timeout(NEVER_HANG):
+            assert gate_a._probe is not None
+            await gate_a._probe  # A reaches Redis again
+            await gate_a.link.wait([gate_a.link.send("PING")])  # what it sent is answered
+        code, body = await post(b, secret)
+        assert code == 429, body
+        release.set()
+        assert [code for code, _ in await asyncio.gather(*running)] == [200, 200]
+        async with asyncio.timeout(NEVER_HANG):
+            while gate_a._ender is not None and not gate_a._ender.done():
+                await asyncio.wait([gate_a._ender])
+        assert [(await post(b, secret))[0] for _ in range(2)] == [200, 200]
