@@ -479,8 +479,8 @@ class SharedGate(FallbackGate):
         sent (`_finishing`, held only from there to the SEED script, so a slow read never
         holds back the ends of other keys), in one step: every end sent so far found no
         counter (dropped) and its request's row is in what was read or still queued (added);
-        the ends still to be sent will count in the counter, so those whose row is queued
-        are taken off."""
+        the ends still to be sent will count in the counter, so the rows of those (read or
+        queued) are taken off."""
         async with still(self._usage) as unwritten:
             tokens, usd = await self._store.spend_since(key.id, start)
             async with self._finishing:
