@@ -11,17 +11,34 @@ replicas with skewed clocks share one clock. A key's Redis keys share the hash t
   (a replica renews its own; a crashed replica's expire, and with them their holds);
 - `tk:{id}:held`: each request's hold of the budget (`"<tokens> <usd>"`) and their sums `#t`,
   `#u`;
+- `tk:{id}:lapsed`: the requests whose hold went with their lease (`purge`) before their end
+  came: an end sent again after an outage longer than a lease still counts (`FINISH`);
 - `tk:{id}:spent:<period start>`: tokens `t` and USD `u` spent in the period, seeded from the
   usage table when absent.
+
+The leases and holds live for `KEEP_SECONDS` past their last touch, not for a lease: a
+lapsed hold stays until a script purges it (and notes it in `lapsed`), so an end held back
+by an outage of up to that long finds its hold, or its note, when it is sent again.
 
 Numbers go back to Python as strings: Redis turns a Lua float into an integer.
 """
 
 from __future__ import annotations
 
-__all__ = ["ADOPT", "CHARGE", "ENTER", "FINISH", "RENEW", "SEED"]
+__all__ = ["ADOPT", "CHARGE", "ENTER", "FINISH", "KEEP_SECONDS", "READ", "RENEW", "SEED"]
 
-_COMMON = """
+# How long a key's leases, holds and lapsed notes outlive their last touch (a day): ends held
+# back by an outage up to this long still count when they are sent again.
+KEEP_SECONDS = 86400
+
+_KEEP = f"""
+local KEEP = {KEEP_SECONDS}
+local function keep(lease) return math.max(math.ceil(lease) * 2, KEEP) end
+"""
+
+_COMMON = (
+    _KEEP
+    + """
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -57,26 +74,35 @@ local function release(held, m)
   return true
 end
 
--- Requests whose lease ended (their replica died): they leave, and their holds go.
-local function purge(lease, held, t)
+-- Requests whose lease ended (their replica died, or lost Redis): they leave, and their holds
+-- go, noted in `lapsed` (an end sent again later counts what it used: FINISH).
+local function purge(lease, held, lapsed, t)
   local gone = redis.call('ZRANGEBYSCORE', lease, '-inf', t)
-  for _, m in ipairs(gone) do release(held, m) end
+  local noted = false
+  for _, m in ipairs(gone) do
+    if release(held, m) then
+      redis.call('HSET', lapsed, m, '1')
+      noted = true
+    end
+  end
   if #gone > 0 then redis.call('ZREMRANGEBYSCORE', lease, '-inf', t) end
+  if noted then redis.call('EXPIRE', lapsed, KEEP) end
 end
 
 local function refund(key, cap, t)
   if cap > 0 then store(key, cap, math.min(cap, level(key, cap, t) + 1), t) end
 end
 """
+)
 
-# KEYS: rpm, lease, held. ARGV: rpm (0: none), max concurrency (0: none), ticket, lease s.
+# KEYS: rpm, lease, held, lapsed. ARGV: rpm (0: none), max concurrency (0: none), ticket, lease s.
 # -> {'ok', rpm level} | {'slots'} | {'rate', wait s, rpm level}
 ENTER = (
     _COMMON
     + """
 local t = now()
 local cap, maxc, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
-purge(KEYS[2], KEYS[3], t)
+purge(KEYS[2], KEYS[3], KEYS[4], t)
 if maxc > 0 and redis.call('ZCARD', KEYS[2]) >= maxc then return {'slots'} end
 local l = -1
 if cap > 0 then
@@ -87,13 +113,13 @@ if cap > 0 then
 end
 if maxc > 0 then
   redis.call('ZADD', KEYS[2], t + lease, ARGV[3])
-  redis.call('EXPIRE', KEYS[2], math.ceil(lease) * 2)
+  redis.call('EXPIRE', KEYS[2], keep(lease))
 end
 return {'ok', tostring(l)}
 """
 )
 
-# KEYS: rpm, tpm, lease, held, spent. ARGV: rpm, tpm (0: none), likely tokens, most tokens,
+# KEYS: rpm, tpm, lease, held, spent, lapsed. ARGV: rpm, tpm (0: none), likely tokens, most tokens,
 # budget tokens, budget USD ('' : none), likely USD, most USD, ticket, lease s.
 # -> {'ok', tpm level} | {'seed'} | {'budget', tokens left, USD left} | {'tokens', wait, level}
 CHARGE = (
@@ -107,7 +133,7 @@ local lease = tonumber(ARGV[10])
 if budgeted then
   local s = redis.call('HMGET', KEYS[5], 't', 'u')
   if not s[1] then return {'seed'} end
-  purge(KEYS[3], KEYS[4], t)
+  purge(KEYS[3], KEYS[4], KEYS[6], t)
   local h = redis.call('HMGET', KEYS[4], '#t', '#u')
   local held_t, held_u = tonumber(h[1] or '0'), math.max(0, tonumber(h[2] or '0'))
   local left_t, left_u = 0, 0
@@ -139,20 +165,21 @@ if budgeted then
   redis.call('HSET', KEYS[4], ARGV[9], ARGV[4] .. ' ' .. ARGV[8])
   redis.call('HINCRBY', KEYS[4], '#t', most)
   redis.call('HINCRBYFLOAT', KEYS[4], '#u', ARGV[8])
-  redis.call('EXPIRE', KEYS[4], math.ceil(lease) * 2)
+  redis.call('EXPIRE', KEYS[4], keep(lease))
   redis.call('ZADD', KEYS[3], t + lease, ARGV[9])
-  redis.call('EXPIRE', KEYS[3], math.ceil(lease) * 2)
+  redis.call('EXPIRE', KEYS[3], keep(lease))
 end
 return {'ok', tostring(l)}
 """
 )
 
-# KEYS: tpm, lease, held, spent. ARGV: ticket, tpm (0: none), held tokens, used tokens,
-# used USD, charged ('1'/'0'), again ('1': sent again after a failure). The request ended: its
-# slot, hold and unused tokens come back, and what it used counts (when the period's spending
-# is known here; else it is seeded later from the usage table, which has this request's row).
-# An end sent again may have run the first time (Redis ran it, its answer was lost): it
-# counts only if its hold is still there, which its first run released.
+# KEYS: tpm, lease, held, spent, lapsed. ARGV: ticket, tpm (0: none), held tokens, used
+# tokens, used USD, charged ('1'/'0'), again ('1': sent again after a failure). The request
+# ended: its slot, hold and unused tokens come back, and what it used counts (when the period's
+# spending is known here; else it is seeded later from the usage table, which has this
+# request's row). An end sent again may have run the first time (Redis ran it, its answer was
+# lost): it counts only if its hold is still there, which its first run released, or went
+# with its lease before any run of its end (noted in `lapsed`, which every run clears).
 FINISH = (
     _COMMON
     + """
@@ -160,6 +187,7 @@ local t = now()
 local tpm = tonumber(ARGV[2])
 -- Always: a request cancelled while its charge ran may hold budget it never heard of.
 local held = release(KEYS[3], ARGV[1])
+if not held and redis.call('HDEL', KEYS[5], ARGV[1]) == 1 then held = true end
 if ARGV[6] == '1' and (ARGV[7] ~= '1' or held) then
   if tpm > 0 then
     local l = level(KEYS[1], tpm, t)
@@ -185,23 +213,41 @@ return 1
 
 # KEYS: lease. ARGV: lease s, tickets... Requests already running when their key was given a
 # concurrency limit count in flight from now on (those counted already keep their lease).
-ADOPT = """
+ADOPT = (
+    _KEEP
+    + """
 local t = redis.call('TIME')
 local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'NX', until_, ARGV[i]) end
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) * 2)
+redis.call('EXPIRE', KEYS[1], keep(tonumber(ARGV[1])))
 return 1
 """
+)
 
 # KEYS: lease, held. ARGV: lease s, tickets... The replica is alive: its requests keep their
 # slots and holds for another lease.
-RENEW = """
+RENEW = (
+    _KEEP
+    + """
 local t = redis.call('TIME')
 local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i]) end
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) * 2)
+redis.call('EXPIRE', KEYS[1], keep(tonumber(ARGV[1])))
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('EXPIRE', KEYS[2], math.ceil(tonumber(ARGV[1])) * 2)
+  redis.call('EXPIRE', KEYS[2], keep(tonumber(ARGV[1])))
 end
 return 1
 """
+)
+
+# KEYS: spent, lease, held, lapsed. -> {spent tokens, spent USD, held tokens, held USD} (each
+# false where absent). The admin API's read: lapsed holds (a crashed replica's) purged first.
+READ = (
+    _COMMON
+    + """
+purge(KEYS[2], KEYS[3], KEYS[4], now())
+local s = redis.call('HMGET', KEYS[1], 't', 'u')
+local h = redis.call('HMGET', KEYS[3], '#t', '#u')
+return {s[1], s[2], h[1], h[2]}
+"""
+)

@@ -29,7 +29,7 @@ from gateway import limits_lua
 from gateway.admission import Gate, Ticket, UsageLog, still
 from gateway.budgets import Amount, Spend, over_budget, period_start
 from gateway.database import Database
-from gateway.errors import LimitsUnavailable
+from gateway.errors import LimitsUnavailable, StoreBusy
 from gateway.limits_fallback import FAILURES as _FAILURES, FallbackGate
 from gateway.limits_levels import Levels
 from gateway.limits_state import (
@@ -46,7 +46,7 @@ from gateway.records import KeyRecord
 from gateway.redis_link import Arg, RedisLink
 from gateway.settings import ServerSettings
 
-__all__ = ["SharedGate", "open_gate"]
+__all__ = ["LEASE_SECONDS", "SEED_WAIT_SECONDS", "SharedGate", "open_gate"]
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +56,9 @@ POOL_SIZE = 16
 _POOL_WAIT_SECONDS = 5.0
 _CHARGE_VERDICTS = (b"ok", b"budget", b"tokens")
 _MAX_UNSENT = 100_000  # ends kept through an outage to send again
+# How long a request waits for its budget's spending to be seeded from the usage table before
+# it gets a 503 `database_busy` (a frozen database would hold it for the 30 s query timeout).
+SEED_WAIT_SECONDS = 2.0
 
 
 class BadReply(RedisError):
@@ -76,6 +79,7 @@ class SharedGate(FallbackGate):
         *,
         failure: str = "refuse",
         lease: float = LEASE_SECONDS,
+        seed_wait: float = SEED_WAIT_SECONDS,
     ) -> None:
         super().__init__(store, redis, failure=failure)
         # The request path's scripts, loaded on each of the link's connections.
@@ -83,17 +87,23 @@ class SharedGate(FallbackGate):
             redis, (limits_lua.ENTER, limits_lua.CHARGE, limits_lua.FINISH, limits_lua.ADOPT)
         )
         self.lease = lease
+        self.seed_wait = seed_wait
         self.levels = Levels()
         self._enter = redis.register_script(limits_lua.ENTER)
         self._charge = redis.register_script(limits_lua.CHARGE)
         self._finish = redis.register_script(limits_lua.FINISH)
-        self._seed = redis.register_script(limits_lua.SEED)
+        self._seed_script = redis.register_script(limits_lua.SEED)
         self._renew = redis.register_script(limits_lua.RENEW)
         self._adopt = redis.register_script(limits_lua.ADOPT)
+        self._read = redis.register_script(limits_lua.READ)
         self._ids = itertools.count()
         self._replica = secrets.token_hex(4)
         self._leases: dict[str, Ticket] = {}
         self._adopting: list[asyncio.Future[Any]] = []  # `_seat`'s replies, for `sync`
+        # Keys with a concurrency limit (as last synced), and the lease under which `_seat`
+        # put each request in Redis's leases: for `came_back`, which puts them in again.
+        self._capped: dict[str, KeyRecord] = {}
+        self._seats: dict[asyncio.Task[Any], str] = {}
         self._ending: list[Ticket] = []  # requests that ended, for `_end_all` to send
         # Ends Redis did not answer (an outage), sent again once it does (`came_back`), and
         # those being sent again.
@@ -102,6 +112,7 @@ class SharedGate(FallbackGate):
         # Held while ends are sent (until Redis answers) and while a spending is seeded: a
         # seed knows which ends reached Redis before it and which will after (`_seed_spend`).
         self._finishing = asyncio.Lock()
+        self._seeds: dict[str, asyncio.Task[None]] = {}  # by spending (Redis key) name
         self._ender: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
 
@@ -121,7 +132,7 @@ class SharedGate(FallbackGate):
                 answer = await self.link.script(
                     self._enter.sha,
                     limits_lua.ENTER,
-                    key_names(key, "rpm", "lease", "held"),
+                    key_names(key, "rpm", "lease", "held", "lapsed"),
                     [key.rpm or 0, key.max_concurrency or 0, ticket.lease, self.lease],
                 )
                 verdict = answer[0]
@@ -221,11 +232,11 @@ class SharedGate(FallbackGate):
         now = time.time()
         budgeted = [(key, period_start(key.budget_period, now)) for key in keys if key.has_budget]
         try:
-            read = await read_spending(self.redis, budgeted)
+            read = await read_spending(self.redis, self._read, budgeted)
             unseeded = [i for i, spend in enumerate(read) if spend is None]
             for i in unseeded:
                 await self._seed_spend(budgeted[i][0])
-            again = await read_spending(self.redis, [budgeted[i] for i in unseeded])
+            again = await read_spending(self.redis, self._read, [budgeted[i] for i in unseeded])
             for i, fresh in zip(unseeded, again, strict=True):
                 read[i] = fresh
         except _NOT_ANSWERED as exc:
@@ -267,6 +278,10 @@ class SharedGate(FallbackGate):
             ):
                 stale.append(key)
             self._keys[key.id] = key
+            if key.max_concurrency is not None:
+                self._capped[key.id] = key
+            else:
+                self._capped.pop(key.id, None)
         await super().sync(keys, usage)
         if stale and self.up:
             names = [spent_name(k, start) for k in stale for start in period_starts(time.time())]
@@ -292,18 +307,27 @@ class SharedGate(FallbackGate):
         Sent on the link at once, without a wait: the key goes in place right after, and a
         request's end, sent later on the link, reaches Redis after its lease."""
         if not self.up:
-            super()._seat(key, requests)
+            super()._seat(key, requests)  # (in Redis too once it answers: `came_back`)
             return
         leases = []
+        seats = self._seats
         for task, ticket in requests:
-            if ticket is not None and ticket.shared and ticket.lease is not None:
-                leases.append(ticket.lease)  # (its end takes it out of the leases)
+            lease = seats.get(task)
+            if lease is not None:  # seated before: the same lease (ADOPT adds it if missing)
+                leases.append(lease)
                 continue
-            seat = Ticket(key=key, limited=False, budgeted=False, shared=True)
-            seat.lease = f"{self._replica}:{next(self._ids)}"
-            self._leases[seat.lease] = seat
-            task.add_done_callback(functools.partial(self._leave_seat, seat))
-            leases.append(seat.lease)
+            if ticket is not None and ticket.shared and ticket.lease is not None:
+                lease = ticket.lease  # (its end takes it out of the leases)
+            else:
+                seat = Ticket(key=key, limited=False, budgeted=False, shared=True)
+                lease = seat.lease = f"{self._replica}:{next(self._ids)}"
+                self._leases[lease] = seat
+                task.add_done_callback(functools.partial(self._leave_seat, seat))
+            seats[task] = lease
+            task.add_done_callback(self._unseated)
+            leases.append(lease)
+        if not leases:
+            return
         reply = self.link.send(
             "EVALSHA", self._adopt.sha, 1, key_name(key, "lease"), self.lease, *leases
         )
@@ -312,6 +336,9 @@ class SharedGate(FallbackGate):
 
     def _leave_seat(self, seat: Ticket, task: asyncio.Task[Any]) -> None:
         self.leave(seat)
+
+    def _unseated(self, task: asyncio.Task[Any]) -> None:
+        self._seats.pop(task, None)
 
     def _adopted_reply(self, reply: asyncio.Future[Any]) -> None:
         if reply.cancelled():
@@ -329,6 +356,11 @@ class SharedGate(FallbackGate):
         """Let the requests' last steps reach Redis (bounded), then stop the background tasks."""
         if self._ender is not None:
             await asyncio.wait([self._ender], timeout=2.0)
+        seeds = list(self._seeds.values())
+        for seed in seeds:  # (one waiting for a database that does not answer)
+            seed.cancel()
+        if seeds:
+            await asyncio.wait(seeds, timeout=2.0)
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -360,6 +392,7 @@ class SharedGate(FallbackGate):
 
     def came_back(self) -> None:
         self.levels.clear()  # what scripts said before the outage is stale
+        self._reseat()
         if self._unsent:  # ends Redis did not answer: sent again, counted if not counted yet
             self._again, self._unsent = self._again + self._unsent, []
             if self._ender is None or self._ender.done():
@@ -367,13 +400,29 @@ class SharedGate(FallbackGate):
 
     # -- internals -----------------------------------------------------------------------
 
+    def _reseat(self) -> None:
+        """Redis answers again: the requests running of keys with a concurrency limit go in
+        its leases, if they are not there: those the fallback admitted, those adopted while
+        it was away (seated in this replica's memory only), and those whose lease lapsed
+        meanwhile (their lease again: ADOPT adds only what is missing). Sent before any
+        request's step that follows (the link keeps the order)."""
+        running = self.running
+        if running is None or not self._capped:
+            return
+        for key_id, requests in running(self._capped).items():
+            self._seat(self._capped[key_id], requests)
+
     async def _run_charge(self, ticket: Ticket, likely: Amount, most: Amount) -> list[bytes]:
         key = ticket.key
         start = period_start(key.budget_period, time.time())
         answer: list[bytes] = await self.link.script(
             self._charge.sha,
             limits_lua.CHARGE,
-            [*key_names(key, "rpm", "tpm", "lease", "held"), spent_name(key, start)],
+            [
+                *key_names(key, "rpm", "tpm", "lease", "held"),
+                spent_name(key, start),
+                key_name(key, "lapsed"),
+            ],
             [
                 key.rpm or 0,
                 key.tpm or 0,
@@ -392,28 +441,62 @@ class SharedGate(FallbackGate):
         return answer
 
     async def _seed_spend(self, key: KeyRecord) -> None:
-        """Seed the key's spending this period from the usage table, each of this replica's
-        requests that ended counted once: with no end sent meanwhile (`_finishing`), and the
-        table read while the usage writer writes nothing (`UsageRecorder.still`), a request
-        is in what the read sees (its row written or queued) or not, and its end reached Redis
-        before the counter was there (dropped) or is still to be sent (counted in it): those
-        still to be sent whose row the read has are taken off what it read."""
+        """Seed the key's spending this period from the usage table (`_seed`), waiting at
+        most `seed_wait` seconds: a database that does not answer (frozen, overloaded) costs
+        the request a 503 `database_busy`, not the 30 s query timeout. The seed goes on in
+        the background, shared by the key's next requests, and is done once the database
+        answers.
+
+        Raises:
+            StoreBusy: the database did not answer within `seed_wait` (or is down).
+        """
         start = period_start(key.budget_period, time.time())
         name = spent_name(key, start)
-        async with self._finishing, still(self._usage) as unwritten:
-            now = time.time()
-            keys = self._keys
-            # In one step: the rows queued, and the ends still to be sent of those rows.
-            late_tokens, late_usd = unwritten(key.id, start)
-            to_come = [
-                t.used
-                for t in self._ending
-                if t.row and t.used is not None and _counted_in(t, keys.get(t.key.id), now) == name
-            ]
+        task = self._seeds.get(name)
+        if task is None:
+            task = self._seeds[name] = asyncio.create_task(self._seed(key, start, name))
+            task.add_done_callback(functools.partial(self._seeded, name))
+        done, _ = await asyncio.wait([task], timeout=self.seed_wait)
+        if not done:
+            raise StoreBusy(
+                "The database did not answer in time to read the key's budget spending;"
+                " try again shortly.",
+                retry_after=1.0,
+            )
+        task.result()
+
+    def _seeded(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._seeds.get(name) is task:
+            del self._seeds[name]
+        if not task.cancelled():
+            task.exception()  # (its waiters got it; a seed nobody waits for any more: dropped)
+
+    async def _seed(self, key: KeyRecord, start: float, name: str) -> None:
+        """`_seed_spend`'s work: each of this replica's requests that ended counted once.
+
+        The table is read while the usage writer writes nothing (`UsageRecorder.still`), so
+        the read sees exactly the rows written before the block; then, with no end being
+        sent (`_finishing`, held only from there to the SEED script, so a slow read never
+        holds back the ends of other keys), in one step: every end sent so far found no
+        counter (dropped) and its request's row is in what was read or still queued (added);
+        the ends still to be sent will count in the counter, so the rows of those (read or
+        queued) are taken off."""
+        async with still(self._usage) as unwritten:
             tokens, usd = await self._store.spend_since(key.id, start)
-            tokens += late_tokens - sum(used[0] for used in to_come)
-            usd += late_usd - sum(used[1] for used in to_come)
-            await seed_spending(self._seed, key, start, max(0, tokens), max(0.0, usd))
+            async with self._finishing:
+                now = time.time()
+                keys = self._keys
+                late_tokens, late_usd = unwritten(key.id, start)
+                to_come = [
+                    t.used
+                    for t in self._ending
+                    if t.row
+                    and t.used is not None
+                    and _counted_in(t, keys.get(t.key.id), now) == name
+                ]
+                tokens += late_tokens - sum(used[0] for used in to_come)
+                usd += late_usd - sum(used[1] for used in to_come)
+                await seed_spending(self._seed_script, key, start, max(0, tokens), max(0.0, usd))
 
     async def _end_all(self) -> None:
         """Send the end of every request that ended meanwhile, together: under load, many
@@ -452,7 +535,8 @@ def _finish_call(
     charged = "1" if ticket.used is not None else "0"
     tpm = (key.tpm or 0) if ticket.limited else 0
     args: list[Arg] = [ticket.lease or "", tpm, ticket.tokens, used[0], repr(used[1])]
-    return [*key_names(key, "tpm", "lease", "held"), spent], [*args, charged, int(again)]
+    keys = [*key_names(key, "tpm", "lease", "held"), spent, key_name(key, "lapsed")]
+    return keys, [*args, charged, int(again)]
 
 
 def _counted_in(ticket: Ticket, current: KeyRecord | None, now: float) -> str:

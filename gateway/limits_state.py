@@ -50,20 +50,19 @@ def period_starts(now: float) -> list[float]:
 
 
 async def read_spending(
-    redis: Redis, keys: Sequence[tuple[KeyRecord, float]]
+    redis: Redis, read: AsyncScript, keys: Sequence[tuple[KeyRecord, float]]
 ) -> list[Spend | None]:
-    """Each (key, period start)'s spending, or None where the period is not in Redis yet."""
+    """Each (key, period start)'s spending, or None where the period is not in Redis yet
+    (`limits_lua.READ`: holds whose lease ended are purged first)."""
     if not keys:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for key, start in keys:
-            _ = pipe.hmget(spent_name(key, start), ["t", "u"])  # queued; sent by execute()
-            _ = pipe.hmget(key_name(key, "held"), ["#t", "#u"])
+            names = key_names(key, "lease", "held", "lapsed")
+            await read(keys=[spent_name(key, start), *names], client=pipe)  # queued
         replies = await pipe.execute()
     found: list[Spend | None] = []
-    for (_, start), (tokens, usd), (held_t, held_u) in zip(
-        keys, replies[::2], replies[1::2], strict=True
-    ):
+    for (_, start), (tokens, usd, held_t, held_u) in zip(keys, replies, strict=True):
         found.append(
             None
             if tokens is None
