@@ -366,3 +366,61 @@ def test_wrong_keys_spread_over_more_than_a_window_do_not_lock() -> None:
         assert not brake.failed("192.0.2.1")
         now[0] += 31.0
     assert brake.locked_for("192.0.2.1") == 0
+
+
+async def test_a_lock_out_outlives_a_flood_of_other_addresses(
+    admin_gw: TestClient[Any, Any],
+) -> None:
+    """More addresses than the brake remembers, each sending a wrong key, do not evict a
+    live lock-out: the addresses merely counting are forgotten first."""
+    brake = admin_gw.app[ADMIN_BRAKE_KEY]
+    brake.max_addresses = 4
+    for i in range(LIMIT):
+        assert (await status_from(admin_gw, "127.0.0.1", f"guess-{i:020d}"))[0] == 401
+    for n in range(2, 2 + 3 * brake.max_addresses):  # each evicts an older counting address
+        assert (await status_from(admin_gw, f"127.0.1.{n}", "guess-elsewhere-000000"))[0] == 401
+    assert len(brake) <= brake.max_addresses
+    status, _, body = await status_from(admin_gw, "127.0.0.1", ADMIN)
+    assert status == 429 and body["error"]["code"] == "admin_key_attempts"
+    assert (await status_from(admin_gw, "127.0.0.2", ADMIN))[0] == 200  # never tracked
+
+
+async def test_a_brake_full_of_lock_outs_fails_closed_for_new_addresses(
+    admin_gw: TestClient[Any, Any],
+) -> None:
+    """Every slot a live lock-out: an address the brake cannot track is refused, right key or
+    wrong (it learns nothing), until the lock-out that ends first frees a slot."""
+    brake = admin_gw.app[ADMIN_BRAKE_KEY]
+    now = [1000.0]
+    brake._clock = lambda: now[0]
+    brake.max_addresses = 2
+    for source in ("127.0.0.1", "127.0.0.2"):
+        for i in range(LIMIT):
+            assert (await status_from(admin_gw, source, f"guess-{i:020d}"))[0] == 401
+        now[0] += 10.0
+    for key in ("guess-elsewhere-000000", ADMIN):
+        status, headers, body = await status_from(admin_gw, "127.0.0.3", key)
+        assert status == 429 and body["error"]["code"] == "admin_key_attempts"
+        assert int(headers["Retry-After"]) == round(brake.lockout - 20.0)  # the first ends
+    assert len(brake) == 2
+    now[0] = 1000.0 + brake.lockout  # the first lock-out ends: a slot is free again
+    assert (await status_from(admin_gw, "127.0.0.3", ADMIN))[0] == 200
+    assert (await status_from(admin_gw, "127.0.0.2", ADMIN))[0] == 429  # still locked
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN))[0] == 200
+
+
+def test_the_brake_stays_bounded_under_lock_outs_from_many_addresses() -> None:
+    now = [0.0]
+    brake = AdminBrake(max_addresses=100, clock=lambda: now[0])
+    for i in range(100_000):
+        address = f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"
+        for _ in range(LIMIT):
+            brake.failed(address)
+        assert len(brake) <= 100
+        now[0] += 0.01
+    # Past every lock-out, the table takes new addresses again.
+    now[0] += brake.lockout
+    assert brake.locked_for("192.0.2.1") == 0
+    for _ in range(LIMIT):
+        brake.failed("192.0.2.1")
+    assert brake.locked_for("192.0.2.1") > 0 and len(brake) <= 100
