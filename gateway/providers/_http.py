@@ -196,9 +196,16 @@ class UpstreamClient:
             raise answer_error(self.config.name, data, what) from None
 
     async def post(
-        self, url: str, body: bytes, attempt: Attempt, extra: Mapping[str, str] | None = None
+        self,
+        url: str,
+        body: bytes,
+        attempt: Attempt,
+        extra: Mapping[str, str] | None = None,
+        *,
+        limit: int | None = None,
     ) -> bytes:
-        """POST `body` and return the upstream's whole 2xx answer (`extra`: more headers).
+        """POST `body` and return the upstream's whole 2xx answer (`extra`: more headers), of
+        at most `limit` bytes (default: the provider's `max_response_bytes`).
 
         Raises:
             UpstreamError: an error status, a redirect, an answer over the size limit, or a
@@ -217,7 +224,7 @@ class UpstreamClient:
             ):
                 if not 200 <= resp.status < 300:
                     raise await self._failure(resp, attempt)
-                data = await self._read(resp, self.config.max_response_bytes)
+                data = await self._read(resp, limit or self.config.max_response_bytes)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_failure(self.config.name, exc) from exc
         # Only an answer counts: a refused call must not be charged as if it ran.
@@ -406,7 +413,7 @@ class UpstreamClient:
         declared = resp.content_length
         if declared is not None and declared > limit and not truncate:
             resp.close()
-            raise self._too_large("an answer", "max_response_bytes")
+            raise self._too_large("an answer", "max_response_bytes", limit)
         content = resp.content
         if content.is_eof() and content.total_bytes <= limit:
             # All here already, within the limit (a small answer comes with its head): taken
@@ -426,7 +433,7 @@ class UpstreamClient:
                     if truncate:
                         pieces.append(piece[: limit - size])
                         break
-                    raise self._too_large("an answer", "max_response_bytes")
+                    raise self._too_large("an answer", "max_response_bytes", limit)
                 self._hold(resp, len(piece))
                 size += len(piece)
                 pieces.append(piece)
@@ -453,11 +460,15 @@ class UpstreamClient:
             )
         self._free -= more
 
-    def _too_large(self, what: str, setting: str) -> UpstreamBadResponse:
-        limit = getattr(self.config, setting)
+    def _too_large(self, what: str, setting: str, limit: int | None = None) -> UpstreamBadResponse:
+        configured = getattr(self.config, setting)
+        if limit is None or limit == configured:
+            bound = f"the provider's {setting}"
+        else:  # (the largest embeddings answer the request can get: `answer_limit`)
+            bound = f"the most the request can be answered, over the provider's {setting}"
         return UpstreamBadResponse(
             f"The upstream provider '{self.config.name}' sent {what} larger than "
-            f"{limit} bytes (the provider's {setting})."
+            f"{limit or configured} bytes ({bound})."
         )
 
 
