@@ -51,7 +51,7 @@ from gateway.errors import (
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
 from gateway.providers._pool import PoolGate
-from gateway.providers._secrets import Secret, redact, redact_each
+from gateway.providers._secrets import Secret, StreamRedactor, clean, redact
 from gateway.providers._sse import EventTooLarge, Framed, FrameDecoder, SSEDecoder, utf8
 from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
@@ -272,6 +272,7 @@ class UpstreamClient:
                         raise await self._failure(resp, attempt)
                     frames = self._dialect.frames(self.config.max_event_bytes)
                     secret = self._secret(attempt)
+                    redactor: StreamRedactor | None = None  # made once a key's start is seen
                     held = 0
                     content: Any = resp.content
                     buffer: Any = ()  # no `_take` unless aiohttp's reader is the one known
@@ -291,7 +292,13 @@ class UpstreamClient:
                             if (
                                 passthrough
                                 and frames.passes(piece)
-                                and (secret is None or secret.absent(piece))
+                                and (
+                                    secret is None
+                                    or (
+                                        (redactor is None or not redactor.held)
+                                        and secret.absent(piece)
+                                    )
+                                )
                                 and (piece.isascii() or utf8(piece) is piece)
                             ):
                                 batch: list[bytes] = Framed((piece,))  # nothing to repair
@@ -300,8 +307,11 @@ class UpstreamClient:
                                 if frames.held != held:
                                     self._hold(resp, frames.held - held)
                                     held = frames.held
-                                if secret is not None:
-                                    redact_each(batch, secret)
+                                if secret is not None and (
+                                    redactor is not None or not clean(batch, secret)
+                                ):
+                                    redactor = redactor or StreamRedactor(secret)
+                                    batch = redactor.batch(batch)
                             if not batch:
                                 if not watch.first:
                                     watch.last = time.monotonic()  # pings keep a stream open
@@ -333,6 +343,9 @@ class UpstreamClient:
                             if done:
                                 return
                         tail = frames.end()
+                        if secret is not None and (tail or redactor is not None):
+                            redactor = redactor or StreamRedactor(secret)
+                            tail = [*redactor.batch(tail), *redactor.flush()]
                     except EventTooLarge:
                         resp.close()  # drop the connection: the rest of the event is not read
                         raise self._too_large("a stream event", "max_event_bytes") from None
@@ -343,8 +356,6 @@ class UpstreamClient:
                         # The upstream has ended: the wait for the client to take the last
                         # event is the client's pace, not the upstream's silence.
                         watch.reading = False
-                        if secret is not None:
-                            redact_each(tail, secret)
                         if relay is None:
                             yield tail
                         else:
