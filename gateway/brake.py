@@ -6,10 +6,15 @@ a guesser learns nothing while it waits. Other addresses are never slowed, so an
 cannot lock the operator out from elsewhere. A request without an `Authorization` header
 guessed nothing and is not counted (a scraper left without the key locks nobody out).
 
-The table is bounded: at most `MAX_ADDRESSES` addresses are remembered, the one whose last
-wrong key is oldest forgotten first, so a flood from many addresses costs a fixed amount of
-memory (an attacker with that many addresses can guess that many times `LIMIT` keys a
-window: the key's length, at least 16 characters, is what makes guessing hopeless). Only the
+The table is bounded: at most `MAX_ADDRESSES` addresses are remembered, so a flood from many
+addresses costs a fixed amount of memory. A live lock-out is never forgotten to make room:
+when the table is full, an expired lock-out goes first, then the address merely counting
+whose last wrong key is oldest. When every slot holds a live lock-out (`MAX_ADDRESSES`
+addresses each sent `LIMIT` wrong keys within `LOCKOUT` seconds), the brake fails closed: an
+address it does not hold is refused as if locked out, right key or wrong, until the lock-out
+that ends first frees its slot. (An attacker with more addresses than the table holds can
+still rotate through them so that their counts are forgotten before they reach `LIMIT`: the
+key's length, at least 16 characters, is what makes guessing hopeless.) Only the
 admin routes (the admin API and a non-public `/metrics`) consult it: a virtual key's request
 never does. The address is the connection's peer: behind a reverse proxy, every client is the
 proxy, and a guesser locks the proxy's address out of the admin API for `LOCKOUT` seconds.
@@ -30,12 +35,11 @@ MAX_ADDRESSES = 10_000
 
 
 class _Count:
-    __slots__ = ("failures", "locked_until", "since")
+    __slots__ = ("failures", "since")
 
     def __init__(self, now: float) -> None:
         self.failures = 0
         self.since = now  # the start of the current window
-        self.locked_until = 0.0
 
 
 class AdminBrake:
@@ -52,25 +56,47 @@ class AdminBrake:
         self.limit, self.window, self.lockout = limit, window, lockout
         self.max_addresses = max_addresses
         self._clock = clock
+        # Addresses counting wrong keys, the one whose last was longest ago first.
         self._counts: OrderedDict[str, _Count] = OrderedDict()
+        # Locked-out addresses and when each lock-out ends, in the order they end (every
+        # lock-out lasts `lockout`, so that is the order they began in).
+        self._locked: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._counts)
+        return len(self._counts) + len(self._locked)
+
+    @property
+    def full(self) -> bool:
+        """Every slot holds a live lock-out: addresses not held are refused (fail closed)."""
+        return len(self._locked) >= self.max_addresses
+
+    def _expire(self, now: float) -> None:
+        locked = self._locked
+        while locked:
+            address, until = next(iter(locked.items()))
+            if until > now:
+                return
+            del locked[address]
 
     def locked_for(self, address: str) -> float:
         """Seconds `address` is still locked out for (0: it is not)."""
-        count = self._counts.get(address)
-        if count is None:
-            return 0.0
-        return max(0.0, count.locked_until - self._clock())
+        now = self._clock()
+        self._expire(now)
+        until = self._locked.get(address)
+        if until is None and self.full:  # not held, and no slot to hold it: refused
+            until = next(iter(self._locked.values()))
+        return 0.0 if until is None else until - now
 
     def failed(self, address: str) -> bool:
         """`address` sent a wrong admin key: counted; whether that locked it out."""
         now = self._clock()
+        self._expire(now)
+        if address in self._locked or self.full:
+            return False  # refused while locked (`locked_for`): nothing more to count
         count = self._counts.get(address)
         if count is None:
-            if len(self._counts) >= self.max_addresses:
-                self._counts.popitem(last=False)
+            if len(self) >= self.max_addresses:
+                self._counts.popitem(last=False)  # (not empty: not `full`)
             count = self._counts[address] = _Count(now)
         else:
             self._counts.move_to_end(address)
@@ -79,8 +105,8 @@ class AdminBrake:
         count.failures += 1
         if count.failures < self.limit:
             return False
-        count.locked_until = now + self.lockout
-        count.failures, count.since = 0, now
+        del self._counts[address]
+        self._locked[address] = now + self.lockout
         return True
 
     def passed(self, address: str) -> None:

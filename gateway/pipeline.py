@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 from msgspec import UNSET
 
+from gateway import usage_bounds
 from gateway.admission import Gate, Ticket, follow
 from gateway.errors import (
     InvalidRequest,
@@ -51,6 +52,7 @@ from gateway.state import (
     TICKET_KEY,
 )
 from gateway.trace import TRACE_KEY, RequestTrace, elapsed_ms
+from gateway.usage_bounds import OUTPUT_FLOOR
 
 __all__ = [
     "MAX_MODEL_ID",
@@ -442,12 +444,18 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.ttft_ms = elapsed_ms(call.started_at, call.first_byte_at)
     usage = call.usage
     if usage is not None:
-        trace.prompt_tokens = usage.prompt_tokens
-        trace.completion_tokens = usage.completion_tokens
+        prompt = trace.prompt_tokens = usage.prompt_tokens
+        completion = trace.completion_tokens = usage.completion_tokens
         details = usage.prompt_tokens_details
         if isinstance(details, PromptTokensDetails) and details.cached_tokens:
+            prompt += details.cached_tokens
             trace.cache_read_tokens = details.cached_tokens
-        trace.cache_write_tokens = call.cache_write_tokens
+        write = trace.cache_write_tokens = call.cache_write_tokens
+        # Counts no request could have used are bounded (`usage_bounds`); every plausible
+        # answer to a client's own body passes these two comparisons.
+        body = call.body
+        if body is None or prompt + write > len(body) or completion > OUTPUT_FLOOR:
+            usage_bounds.bound(call, ex.provider, ex.provider.config.name, trace)
     elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()

@@ -23,7 +23,7 @@ import pytest
 
 from gateway.settings import RoutingSettings
 from tests.conftest import openai_client, usage_rows
-from tests.test_attack_upstream import Build, build, sends, whole
+from tests.test_attack_upstream import Build, build, http, sends, whole
 
 __all__ = ["build"]  # the fixture, used here by name
 
@@ -255,3 +255,62 @@ async def test_a_large_gemini_answer_is_written_without_stalling_the_event_loop(
     # (Sending the 40 MB answer costs about 0.1 s of the thread's CPU in the kernel alone;
     # written in one call it was 0.5 s.)
     assert max(gaps) < 0.3, f"the event loop was held for {max(gaps):.3f} s of CPU"
+
+
+# --- The largest legal answer ------------------------------------------------------------------
+
+
+def largest_float_answer() -> bytes:
+    """2,048 vectors of 3,072 floats (text-embedding-3-large's width, the most inputs OpenAI
+    takes), each float written as OpenAI writes them (`-0.012345678`): about 82 MB, built
+    once from bytes (formatting 6 million floats one by one takes seconds)."""
+    floats = [b"%.9f" % (0.001 * (i % 997) - 0.5) for i in range(3072)]
+    vector = b"[" + b",".join(floats) + b"]"
+    items = b",".join(
+        b'{"object":"embedding","index":%d,"embedding":%b}' % (i, vector) for i in range(2048)
+    )
+    body = b'{"object":"list","data":[%b],"model":"m-1","usage":{"prompt_tokens":2048,' % items
+    return body + b'"total_tokens":2048}}'
+
+
+async def test_the_largest_legal_float_answer_reaches_the_sdk(build: Build) -> None:
+    """Asked for floats: the SDK gets the whole answer. (Its own parse of 6 million floats
+    into its models takes over 20 s, so the raw answer is read here and decoded with msgspec.)"""
+    body = largest_float_answer()
+    assert len(body) > 64 * 1024 * 1024  # over the default max_response_bytes
+    rig = await build("openai", sends(whole(body)))
+    async with openai_client(rig.gateway, rig.key) as client:
+        raw = await client.embeddings.with_raw_response.create(
+            model="m", input=["a"] * 2048, encoding_format="float"
+        )
+        got = msgspec.json.decode(raw.content)
+    assert raw.status_code == 200 and len(got["data"]) == 2048
+    assert len(got["data"][-1]["embedding"]) == 3072
+    assert got["data"][-1]["embedding"][1] == pytest.approx(-0.499)
+
+
+async def test_the_largest_float_answer_to_a_base64_request_reaches_the_sdk(
+    build: Build,
+) -> None:
+    """The SDK asks for base64 by default; an upstream that answers floats anyway (the
+    gateway re-encodes them) may answer 2,048 x 3,072 floats too."""
+    rig = await build("openai", sends(whole(largest_float_answer())))
+    async with openai_client(rig.gateway, rig.key) as client:
+        got = await client.embeddings.create(model="m", input=["a"] * 2048)
+    assert len(got.data) == 2048 and len(got.data[-1].embedding) == 3072
+    assert got.data[-1].embedding[1] == pytest.approx(-0.499)
+
+
+async def test_an_answer_past_the_largest_legal_one_is_a_502(build: Build) -> None:
+    """The bound grows with the request, no further: a declared length past what 2,048
+    inputs of 3,072 floats can take is refused before a byte of it is read."""
+    head = "200 OK", {"Content-Type": "application/json", "Content-Length": str(2**31)}
+    rig = await build("openai", sends(http(*head)))
+    request = {"model": "m", "input": ["a"] * 2048, "encoding_format": "float"}
+    status, out = await rig.post("/v1/embeddings", request)
+    assert status == 502 and b"max_response_bytes" in out, out
+    # One input: the configured bound (64 MiB) is the bound.
+    head = "200 OK", {"Content-Type": "application/json", "Content-Length": str(65 * 2**20)}
+    rig = await build("openai", sends(http(*head)))
+    status, out = await rig.post("/v1/embeddings", {"model": "m", "input": "a"})
+    assert status == 502 and b"max_response_bytes" in out, out

@@ -17,6 +17,13 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
 from gateway.brake import LIMIT, AdminBrake
+from gateway.providers._secrets import (
+    MAX_HELD,
+    MAX_HELD_BYTES,
+    START_CHARS,
+    Secret,
+    StreamRedactor,
+)
 from gateway.state import ADMIN_BRAKE_KEY
 from tests.conftest import MakeSettings, create_key, raw_request, start_gateway
 from tests.test_attack_upstream import (
@@ -366,3 +373,150 @@ def test_wrong_keys_spread_over_more_than_a_window_do_not_lock() -> None:
         assert not brake.failed("192.0.2.1")
         now[0] += 31.0
     assert brake.locked_for("192.0.2.1") == 0
+
+
+async def test_a_lock_out_outlives_a_flood_of_other_addresses(
+    admin_gw: TestClient[Any, Any],
+) -> None:
+    """More addresses than the brake remembers, each sending a wrong key, do not evict a
+    live lock-out: the addresses merely counting are forgotten first."""
+    brake = admin_gw.app[ADMIN_BRAKE_KEY]
+    brake.max_addresses = 4
+    for i in range(LIMIT):
+        assert (await status_from(admin_gw, "127.0.0.1", f"guess-{i:020d}"))[0] == 401
+    for n in range(2, 2 + 3 * brake.max_addresses):  # each evicts an older counting address
+        assert (await status_from(admin_gw, f"127.0.1.{n}", "guess-elsewhere-000000"))[0] == 401
+    assert len(brake) <= brake.max_addresses
+    status, _, body = await status_from(admin_gw, "127.0.0.1", ADMIN)
+    assert status == 429 and body["error"]["code"] == "admin_key_attempts"
+    assert (await status_from(admin_gw, "127.0.0.2", ADMIN))[0] == 200  # never tracked
+
+
+async def test_a_brake_full_of_lock_outs_fails_closed_for_new_addresses(
+    admin_gw: TestClient[Any, Any],
+) -> None:
+    """Every slot a live lock-out: an address the brake cannot track is refused, right key or
+    wrong (it learns nothing), until the lock-out that ends first frees a slot."""
+    brake = admin_gw.app[ADMIN_BRAKE_KEY]
+    now = [1000.0]
+    brake._clock = lambda: now[0]
+    brake.max_addresses = 2
+    for source in ("127.0.0.1", "127.0.0.2"):
+        for i in range(LIMIT):
+            assert (await status_from(admin_gw, source, f"guess-{i:020d}"))[0] == 401
+        now[0] += 10.0
+    for key in ("guess-elsewhere-000000", ADMIN):
+        status, headers, body = await status_from(admin_gw, "127.0.0.3", key)
+        assert status == 429 and body["error"]["code"] == "admin_key_attempts"
+        assert int(headers["Retry-After"]) == round(brake.lockout - 20.0)  # the first ends
+    assert len(brake) == 2
+    now[0] = 1000.0 + brake.lockout  # the first lock-out ends: a slot is free again
+    assert (await status_from(admin_gw, "127.0.0.3", ADMIN))[0] == 200
+    assert (await status_from(admin_gw, "127.0.0.2", ADMIN))[0] == 429  # still locked
+    assert (await status_from(admin_gw, "127.0.0.1", ADMIN))[0] == 200
+
+
+def test_the_brake_stays_bounded_under_lock_outs_from_many_addresses() -> None:
+    now = [0.0]
+    brake = AdminBrake(max_addresses=100, clock=lambda: now[0])
+    for i in range(100_000):
+        address = f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"
+        for _ in range(LIMIT):
+            brake.failed(address)
+        assert len(brake) <= 100
+        now[0] += 0.01
+    # Past every lock-out, the table takes new addresses again.
+    now[0] += brake.lockout
+    assert brake.locked_for("192.0.2.1") == 0
+    for _ in range(LIMIT):
+        brake.failed("192.0.2.1")
+    assert brake.locked_for("192.0.2.1") > 0 and len(brake) <= 100
+
+
+# --- The upstream key cut into pieces over several events ------------------------------------
+
+
+def pieces_stream(kind: str, pieces: list[str]) -> bytes:
+    """A whole stream of `kind` with one text delta per piece."""
+    if kind == "anthropic":
+        stop = [
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 2},
+            },
+            {"type": "message_stop"},
+        ]
+        texts = [anthropic_text(p) for p in pieces]
+        return named_events([ANTHROPIC_START, ANTHROPIC_TEXT_START, *texts, *stop])
+    if kind == "gemini":
+        events = []
+        for i, piece in enumerate(pieces):
+            candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": piece}]}}
+            event: dict[str, Any] = {"candidates": [candidate]}
+            if i == len(pieces) - 1:
+                candidate["finishReason"] = "STOP"
+                event["usageMetadata"] = {
+                    "promptTokenCount": 1,
+                    "candidatesTokenCount": 2,
+                    "totalTokenCount": 3,
+                }
+            events.append(json.dumps(event).encode())
+        return sse(*events)
+    stop = (
+        b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
+        b'[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    )
+    return sse(*(chunk(p) for p in pieces), stop, b"[DONE]")
+
+
+def cut(text: str, size: int, at: int = 0) -> list[str]:
+    """`text` in pieces of `size` characters, the first cut `at` characters in."""
+    head = [text[:at]] if at else []
+    return head + [text[i : i + size] for i in range(at, len(text), size)]
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+async def test_a_key_cut_over_stream_events_is_redacted_in_what_the_client_joins(
+    build: Build, kind: str
+) -> None:
+    text = f"your key is {UPSTREAM_KEY}, ok?"
+    start = text.index(UPSTREAM_KEY)
+    # Each cut leaves the key's first piece at least START_CHARS long (a shorter one is not
+    # caught: docs/providers.md).
+    for size, at in [(3, start), (3, start - 1), (5, start - 3), (4, start - 2), (2, 0)]:
+        events = pieces_stream(kind, cut(text, size, at))
+        rig = await build(kind, sends(until_close(events)))
+        status, body = await rig.call(stream=True)
+        assert status == 200, body
+        chunks = await rig.sdk(stream=True)
+        joined = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert joined == "your key is [redacted], ok?", (size, at, joined)
+        assert not leaks(body, UPSTREAM_KEY[START_CHARS:]), body
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_text_that_merely_starts_like_the_key_is_relayed_as_it_came(
+    build: Build, kind: str
+) -> None:
+    text = f"ask {UPSTREAM_KEY[:8]} or sk-other-words, a task"
+    rig = await build(kind, sends(until_close(pieces_stream(kind, cut(text, 3)))))
+    chunks = await rig.sdk(stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+def test_what_waits_for_a_key_to_complete_is_bounded() -> None:
+    """An event ending with the key's start, then events without text: held back at most
+    MAX_HELD events (or MAX_HELD_BYTES), then let out as they came."""
+    redactor = StreamRedactor(Secret(UPSTREAM_KEY))
+    assert redactor.batch([chunk(UPSTREAM_KEY[:3])]) == []
+    neutral = b'{"choices":[{"index":0,"delta":{}}]}'
+    out: list[bytes] = []
+    for _ in range(MAX_HELD):  # the key's first piece and these are MAX_HELD + 1 events
+        out += redactor.batch([neutral])
+    assert out == [chunk(UPSTREAM_KEY[:3]), *[neutral] * MAX_HELD]
+    assert redactor.batch([chunk("x" * 10) + b" " * MAX_HELD_BYTES]) != []  # nothing held
+    assert redactor.batch([chunk(UPSTREAM_KEY[:3])]) == []
+    big = b'{"choices":[],"pad":"%b"}' % (b"x" * MAX_HELD_BYTES)
+    assert redactor.batch([big]) == [chunk(UPSTREAM_KEY[:3]), big]

@@ -60,6 +60,8 @@ def require_admin(request: web.Request) -> None:
     if scheme.lower() != "bearer" or not admin_key_matches(token.strip(), admin_key):
         if presented is not None and brake.failed(address):
             log.warning("admin_key_lockout", remote=address, seconds=brake.lockout)
+            if brake.full:  # from now on, addresses it does not hold are refused too
+                log.warning("admin_brake_full", addresses=len(brake))
         raise AuthenticationFailed("The admin API needs 'Authorization: Bearer <admin key>'.")
     brake.passed(address)
 

@@ -37,6 +37,7 @@ from gateway.schemas.embeddings import Embedding, EmbeddingList, EmbeddingUsage
 
 __all__ = [
     "Float32",
+    "answer_limit",
     "check_vectors",
     "embedding_list",
     "float32_base64",
@@ -78,6 +79,30 @@ class _Shape(msgspec.Struct):
 
     data: list[msgspec.Raw] | UnsetType = UNSET
     usage: msgspec.Raw = _NULL
+
+
+# The largest answer an embeddings request can legally get, so that the largest one (2,048
+# inputs of 3,072 floats, 80 MB to 200 MB of JSON by how the upstream writes a float) is not
+# refused for being over `max_response_bytes` (64 MiB), while the bound still holds: per
+# float, 32 bytes (a float64's 21 digits of a float32 on its own line, indented, as a pretty
+# printer writes it; base64 takes 6, and an upstream may answer floats whatever was asked);
+# per vector, its object; `DIMENSIONS` floats when the request does not say (the widest of
+# OpenAI's models), at most `MAX_DIMENSIONS`.
+FLOAT_BYTES = 32
+VECTOR_BYTES = 256
+FRAME_BYTES = 64 * 1024
+DIMENSIONS = 3072
+MAX_DIMENSIONS = 8192
+
+
+def answer_limit(call: EmbeddingCall, configured: int) -> int:
+    """The most bytes an answer to `call` may have: the larger of `configured` (the provider's
+    `max_response_bytes`) and what its inputs and dimensions can legally take."""
+    req = call.request
+    inputs = len(req.input) if isinstance(req.input, list) else 1
+    width = req.dimensions if isinstance(req.dimensions, int) else DIMENSIONS
+    legal = inputs * (min(width, MAX_DIMENSIONS) * FLOAT_BYTES + VECTOR_BYTES) + FRAME_BYTES
+    return max(configured, legal)
 
 
 _ANSWER = msgspec.json.Decoder(_Answer)

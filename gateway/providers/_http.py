@@ -51,7 +51,7 @@ from gateway.errors import (
 from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS, error_from_status, upstream_failure
 from gateway.providers._pool import PoolGate
-from gateway.providers._secrets import Secret, redact, redact_each
+from gateway.providers._secrets import Secret, StreamRedactor, clean, redact
 from gateway.providers._sse import EventTooLarge, Framed, FrameDecoder, SSEDecoder, utf8
 from gateway.providers._watchdog import Watch, Watchdog
 from gateway.settings import UpstreamConfig
@@ -196,9 +196,16 @@ class UpstreamClient:
             raise answer_error(self.config.name, data, what) from None
 
     async def post(
-        self, url: str, body: bytes, attempt: Attempt, extra: Mapping[str, str] | None = None
+        self,
+        url: str,
+        body: bytes,
+        attempt: Attempt,
+        extra: Mapping[str, str] | None = None,
+        *,
+        limit: int | None = None,
     ) -> bytes:
-        """POST `body` and return the upstream's whole 2xx answer (`extra`: more headers).
+        """POST `body` and return the upstream's whole 2xx answer (`extra`: more headers), of
+        at most `limit` bytes (default: the provider's `max_response_bytes`).
 
         Raises:
             UpstreamError: an error status, a redirect, an answer over the size limit, or a
@@ -217,7 +224,7 @@ class UpstreamClient:
             ):
                 if not 200 <= resp.status < 300:
                     raise await self._failure(resp, attempt)
-                data = await self._read(resp, self.config.max_response_bytes)
+                data = await self._read(resp, limit or self.config.max_response_bytes)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_failure(self.config.name, exc) from exc
         # Only an answer counts: a refused call must not be charged as if it ran.
@@ -265,6 +272,7 @@ class UpstreamClient:
                         raise await self._failure(resp, attempt)
                     frames = self._dialect.frames(self.config.max_event_bytes)
                     secret = self._secret(attempt)
+                    redactor: StreamRedactor | None = None  # made once a key's start is seen
                     held = 0
                     content: Any = resp.content
                     buffer: Any = ()  # no `_take` unless aiohttp's reader is the one known
@@ -284,7 +292,13 @@ class UpstreamClient:
                             if (
                                 passthrough
                                 and frames.passes(piece)
-                                and (secret is None or secret.absent(piece))
+                                and (
+                                    secret is None
+                                    or (
+                                        (redactor is None or not redactor.held)
+                                        and secret.absent(piece)
+                                    )
+                                )
                                 and (piece.isascii() or utf8(piece) is piece)
                             ):
                                 batch: list[bytes] = Framed((piece,))  # nothing to repair
@@ -293,8 +307,11 @@ class UpstreamClient:
                                 if frames.held != held:
                                     self._hold(resp, frames.held - held)
                                     held = frames.held
-                                if secret is not None:
-                                    redact_each(batch, secret)
+                                if secret is not None and (
+                                    redactor is not None or not clean(batch, secret)
+                                ):
+                                    redactor = redactor or StreamRedactor(secret)
+                                    batch = redactor.batch(batch)
                             if not batch:
                                 if not watch.first:
                                     watch.last = time.monotonic()  # pings keep a stream open
@@ -326,6 +343,9 @@ class UpstreamClient:
                             if done:
                                 return
                         tail = frames.end()
+                        if secret is not None and (tail or redactor is not None):
+                            redactor = redactor or StreamRedactor(secret)
+                            tail = [*redactor.batch(tail), *redactor.flush()]
                     except EventTooLarge:
                         resp.close()  # drop the connection: the rest of the event is not read
                         raise self._too_large("a stream event", "max_event_bytes") from None
@@ -336,8 +356,6 @@ class UpstreamClient:
                         # The upstream has ended: the wait for the client to take the last
                         # event is the client's pace, not the upstream's silence.
                         watch.reading = False
-                        if secret is not None:
-                            redact_each(tail, secret)
                         if relay is None:
                             yield tail
                         else:
@@ -406,7 +424,7 @@ class UpstreamClient:
         declared = resp.content_length
         if declared is not None and declared > limit and not truncate:
             resp.close()
-            raise self._too_large("an answer", "max_response_bytes")
+            raise self._too_large("an answer", "max_response_bytes", limit)
         content = resp.content
         if content.is_eof() and content.total_bytes <= limit:
             # All here already, within the limit (a small answer comes with its head): taken
@@ -426,7 +444,7 @@ class UpstreamClient:
                     if truncate:
                         pieces.append(piece[: limit - size])
                         break
-                    raise self._too_large("an answer", "max_response_bytes")
+                    raise self._too_large("an answer", "max_response_bytes", limit)
                 self._hold(resp, len(piece))
                 size += len(piece)
                 pieces.append(piece)
@@ -453,11 +471,15 @@ class UpstreamClient:
             )
         self._free -= more
 
-    def _too_large(self, what: str, setting: str) -> UpstreamBadResponse:
-        limit = getattr(self.config, setting)
+    def _too_large(self, what: str, setting: str, limit: int | None = None) -> UpstreamBadResponse:
+        configured = getattr(self.config, setting)
+        if limit is None or limit == configured:
+            bound = f"the provider's {setting}"
+        else:  # (the largest embeddings answer the request can get: `answer_limit`)
+            bound = f"the most the request can be answered, over the provider's {setting}"
         return UpstreamBadResponse(
             f"The upstream provider '{self.config.name}' sent {what} larger than "
-            f"{limit} bytes (the provider's {setting})."
+            f"{limit or configured} bytes ({bound})."
         )
 
 

@@ -29,6 +29,7 @@ from gateway.settings import ModelConfig, ProviderConfig
 from gateway.tokens import Estimate, ImageCost, estimate_prompt_tokens, prompt_size
 
 __all__ = [
+    "UNBOUNDED",
     "Call",
     "ChatCall",
     "ChatReply",
@@ -37,6 +38,10 @@ __all__ = [
     "ResponsesPassThrough",
     "has_capability",
 ]
+
+# An output ceiling for a request that sent no limit: above any count an upstream is
+# believed (2**40).
+UNBOUNDED = 2**62
 
 
 class Call(msgspec.Struct, kw_only=True):
@@ -112,6 +117,11 @@ class Call(msgspec.Struct, kw_only=True):
         """A request of a key with a budget or tokens per minute gets an output limit sent
         upstream when it sets none (so that `output_bound` holds); by default it has one."""
 
+    def output_ceiling(self) -> int:
+        """The most output tokens the upstream was asked for (the limit sent times the
+        choices; `UNBOUNDED` when none was sent): what `usage_bounds` checks usage against."""
+        return UNBOUNDED
+
 
 class ChatCall(Call, kw_only=True):
     """One chat request on its way to one upstream target.
@@ -153,6 +163,18 @@ class ChatCall(Call, kw_only=True):
     def output_bound(self, default: int) -> int:
         choices = self.request.n if isinstance(self.request.n, int) else 1
         return (self.request.largest_token_limit or self.max_tokens or default) * choices
+
+    def output_ceiling(self) -> int:
+        req = self.request
+        limit, old = req.max_completion_tokens, req.max_tokens
+        if isinstance(old, int) and not (isinstance(limit, int) and limit >= old):
+            limit = old
+        if not isinstance(limit, int):
+            limit = self.model.max_tokens or self.output_cap
+            if limit is None:
+                return UNBOUNDED
+        n = req.n
+        return limit * n if isinstance(n, int) and n > 1 else limit
 
 
 class ChatReply(msgspec.Struct, frozen=True):

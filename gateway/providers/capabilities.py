@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from gateway.providers.base import Call, ChatCall, ChatReply
+from gateway.providers.base import UNBOUNDED, Call, ChatCall, ChatReply
 from gateway.schemas.completions import CompletionRequest
 from gateway.schemas.embeddings import EmbeddingRequest
 from gateway.tokens import estimate_input_tokens
@@ -59,6 +59,12 @@ class CompletionCall(Call, kw_only=True):
         if not isinstance(limit, int):
             limit = self.model.max_tokens or default
         return limit * self.request.choices
+
+    def output_ceiling(self) -> int:
+        limit = self.request.max_tokens
+        if not isinstance(limit, int):
+            limit = self.model.max_tokens
+        return UNBOUNDED if limit is None else limit * self.request.choices
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ import structlog
 from gateway.errors import UpstreamError
 from gateway.providers._answers import completion_usage, text_completion_usage
 from gateway.providers._call_ids import short_ids
-from gateway.providers._embeddings import relayed_embeddings
+from gateway.providers._embeddings import answer_limit, relayed_embeddings
 from gateway.providers._errors import stream_error
 from gateway.providers._http import Dialect, UpstreamClient, bearer
 from gateway.providers._sse import DONE_EVENT, Framed, Last, data_event
@@ -102,7 +102,8 @@ class OpenAIProvider:
 
     async def embeddings(self, call: EmbeddingCall) -> ChatReply:
         body = encode(_fields(call))
-        answer = await self._http.post(self.url(call, "embeddings"), body, call)
+        limit = answer_limit(call, self.config.max_response_bytes)
+        answer = await self._http.post(self.url(call, "embeddings"), body, call, limit=limit)
         answer = await relayed_embeddings(self.config.name, answer, call)  # sets call.usage
         return ChatReply(body=answer, usage=call.usage)
 
