@@ -60,7 +60,8 @@ async def _row(
             "spent": spent,
             "limit": limit,
             "unit": unit,
-            "percent": min(100, round(100 * spent / limit)),
+            # Over budget is a full bar (no division: a budget of 1e-320 made it infinite).
+            "percent": 100 if spent >= limit else round(100 * spent / limit),
             "resets": _next_reset(enforced.budget_period, now),
         }
     status = "revoked" if key.revoked_at else ("active" if key.usable_at(now) else "expired")

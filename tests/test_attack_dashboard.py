@@ -1,0 +1,65 @@
+"""The dashboard attacked from outside, a third time: what a client, an upstream, the admin API
+or another page in the same browser can put in front of the operator, and what breaks.
+
+Each test here showed a defect before its fix (the module's history says which). What held
+is in tests/test_dashboard.py, tests/test_attack_admin.py and the browser tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.test_utils import TestClient
+
+from gateway.settings import ModelConfig, Target
+from tests.conftest import MakeSettings, start_gateway
+from tests.test_dashboard import ADMIN, sign_in
+
+HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+# A model on the demo provider that costs something, so a key spends.
+PRICED = ModelConfig(
+    name="priced",
+    targets=(Target(provider="demo", model="demo"),),
+    input_price_per_mtok=1000.0,
+    output_price_per_mtok=1000.0,
+)
+
+
+@pytest.fixture
+async def gw(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> TestClient[Any, Any]:
+    return await start_gateway(aiohttp_client, make_settings(admin_key=ADMIN, models=(PRICED,)))
+
+
+async def create(gw: TestClient[Any, Any], **body: Any) -> dict[str, Any]:
+    async with gw.post("/admin/keys", json={"name": "k", **body}, headers=HEADERS) as resp:
+        assert resp.status == 201, await resp.text()
+        created: dict[str, Any] = await resp.json()
+    return created
+
+
+async def chat(gw: TestClient[Any, Any], secret: str, model: str = "priced") -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"Authorization": f"Bearer {secret}"}
+    async with gw.post("/v1/chat/completions", json=body, headers=auth) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_a_tiny_budget_beside_real_spend_is_a_full_bar_not_a_500(
+    gw: TestClient[Any, Any],
+) -> None:
+    """A budget the admin API takes (any positive number) that the key's spend is more than
+    1e306 times over: the bar's percentage was round(inf), an OverflowError, a 500 on the
+    Keys page (every key's row gone with it) and on the key's own page."""
+    created = await create(gw, budget_usd=100.0, budget_period="day")
+    assert await chat(gw, created["key"]) == 200
+    patch = {"budget_usd": 1e-320}
+    async with gw.patch(f"/admin/keys/{created['id']}", json=patch, headers=HEADERS) as resp:
+        assert resp.status == 200, await resp.text()
+    await sign_in(gw)
+    for path in ("/dashboard/keys", f"/dashboard/keys/{created['id']}"):
+        async with gw.get(path) as resp:
+            assert resp.status == 200, path
+            assert '<progress max="100" value="100">' in await resp.text()
