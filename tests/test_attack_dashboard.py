@@ -63,3 +63,31 @@ async def test_a_tiny_budget_beside_real_spend_is_a_full_bar_not_a_500(
         async with gw.get(path) as resp:
             assert resp.status == 200, path
             assert '<progress max="100" value="100">' in await resp.text()
+
+
+@pytest.mark.parametrize("budget", ["inf", "Infinity", "1e999", "-inf", "nan"])
+async def test_the_key_form_refuses_a_budget_the_admin_api_refuses(
+    gw: TestClient[Any, Any], budget: str
+) -> None:
+    """The form's text went through msgspec's lax conversion, which reads "inf" and "1e999" as
+    an infinite float: a key with a budget the JSON API refuses ("Number out of range"), and
+    which the API then showed as `null`, as if it had none."""
+    async with gw.post(
+        "/admin/keys",
+        data=f'{{"name": "k", "budget_usd": {budget}}}'.encode(),
+        headers={**HEADERS, "Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 400
+    csrf = await sign_in(gw)
+    form = {"name": "k", "budget_usd": budget, "csrf": csrf}
+    async with gw.post("/dashboard/keys", data=form) as resp:
+        assert resp.status == 200  # the form again, saying what is wrong
+        text = await resp.text()
+    assert 'role="alert"' in text and "budget_usd" in text
+    created = await create(gw)
+    form = {"name": "k", "budget_usd": budget, "csrf": csrf}
+    async with gw.post(f"/dashboard/keys/{created['id']}", data=form) as resp:
+        assert resp.status == 200
+        assert "budget_usd" in await resp.text()
+    async with gw.get("/admin/keys", headers=HEADERS) as resp:
+        assert [k["budget_usd"] for k in (await resp.json())["data"]] == [None]

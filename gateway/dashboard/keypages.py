@@ -7,6 +7,7 @@ key cache sees them at once.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = ["confirm_revoke", "create_key", "key_detail", "keys", "revoke_key", "
 _FIELDS: tuple[str, ...] = ("name", "models", "rpm", "tpm", "max_concurrency", "budget_tokens")
 _FIELDS += ("budget_usd", "budget_period", "expires_at", "group", "notes")
 _TEXT = ("name", "notes")  # empty is a value, not "no limit"
+_NUMBERS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd")
 
 
 def _when_text(ts: float | None) -> str:
@@ -88,6 +90,14 @@ def _form_values(key: KeyRecord | None) -> dict[str, str]:
     return shown
 
 
+def _finite(text: str) -> bool:
+    """False for text that reads as an infinite or NaN float ("inf", "1e999", "nan")."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return True  # not a number at all: the conversion says what is wrong
+
+
 def _body(fields: dict[str, str], kind: type[msgspec.Struct], *, new: bool) -> msgspec.Struct:
     """A `KeyCreate` or `KeyUpdate` from a form. Empty fields: defaults for a new key, cleared
     limits for a change. Raises msgspec.ValidationError for what the API would refuse."""
@@ -98,7 +108,12 @@ def _body(fields: dict[str, str], kind: type[msgspec.Struct], *, new: bool) -> m
         text = fields[name].strip()
         if name == "models":
             data[name] = [m for m in text.replace(",", " ").split() if m]
-        elif text or name in _TEXT:
+        elif name in _TEXT:
+            data[name] = text
+        elif text:
+            # Lax conversion reads "inf" as a float, a budget JSON cannot even say.
+            if name in _NUMBERS and not _finite(text):
+                raise msgspec.ValidationError(f"Expected a finite number - at `$.{name}`")
             data[name] = text
         elif not new:
             data[name] = None
