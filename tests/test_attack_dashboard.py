@@ -7,8 +7,10 @@ is in tests/test_dashboard.py, tests/test_attack_admin.py and the browser tests.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
@@ -91,3 +93,42 @@ async def test_the_key_form_refuses_a_budget_the_admin_api_refuses(
         assert "budget_usd" in await resp.text()
     async with gw.get("/admin/keys", headers=HEADERS) as resp:
         assert [k["budget_usd"] for k in (await resp.json())["data"]] == [None]
+
+
+def chart_data(page: str, block: str) -> dict[str, Any]:
+    found = re.search(rf'<script type="application/json" id="{block}">(.*?)</script>', page, re.S)
+    assert found is not None
+    data: dict[str, Any] = msgspec.json.decode(found.group(1))
+    return data
+
+
+async def test_a_client_naming_many_models_cannot_swell_its_keys_page(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
+) -> None:
+    """Every model id a key's requests named was a series of the key's chart and a row of its
+    table: a client sending `demo/<anything>` 20,000 ways made its page 18 MB, built and
+    rendered on the event loop for over a second (every request through the gateway waiting),
+    and a chart of 20,000 series for the operator's browser. Now the top models by tokens
+    are drawn and the rest summed as one series; the table shows the models with the most
+    requests and says how many more there are."""
+    gw = await start_gateway(aiohttp_client, make_settings(admin_key=ADMIN, database=database))
+    created = await create(gw)
+    models = [f"demo/m{i:03}" for i in range(50 + 10)]
+    top = ["demo/big", "demo/bigger"]
+    for model in [*models, *top, *top, "demo/bigger"]:
+        assert await chat(gw, created["key"], model) == 200
+    await sign_in(gw)
+    async with gw.get(f"/dashboard/keys/{created['id']}?period=24h") as resp:
+        assert resp.status == 200
+        page = await resp.text()
+    data = chart_data(page, "chart-key")
+    labels = [s["label"] for s in data["series"]]
+    assert len(labels) == 8
+    assert labels[:2] == ["demo/bigger", "demo/big"] and labels[-1] == "(other models)"
+    per_request = 11  # the demo provider's tokens for "hi"
+    total = sum(sum(s["values"]) for s in data["series"])
+    assert total == per_request * (len(models) + 5)
+    rows = re.findall(r"<tr><td>(demo/[^<]*)</td>", page)
+    assert len(rows) == 50
+    assert rows[:2] == ["demo/big", "demo/bigger"]  # in name order, the busiest kept
+    assert "12 more models" in page
