@@ -8,6 +8,7 @@ key cache sees them at once.
 from __future__ import annotations
 
 import math
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +21,7 @@ from gateway.budgets import period_start
 from gateway.dashboard import queries
 from gateway.dashboard.guard import form, redirect, render, signed_in
 from gateway.dashboard.pages import DAY, chart, fresh, period_of
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.records import BudgetPeriod, KeyRecord
 from gateway.state import KEYS_KEY, STORE_KEY
 
@@ -35,6 +36,10 @@ _NUMBERS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd")
 # together) and lists this many models (those with the most requests): its clients choose
 # the model ids, and 20,000 of them made a page of 18 MB, rendered on the event loop.
 MAX_CHART_SERIES = 8
+# The Keys page lists this many keys at a time: each is a query and a spending look-up, and
+# 5,000 in one page held the event loop for half a second while it was rendered.
+KEYS_PER_PAGE = 50
+_PAGE_NUMBER = re.compile(r"[0-9]{1,9}")
 MAX_MODEL_ROWS = 50
 OTHER_MODELS = "(other models)"
 
@@ -126,15 +131,29 @@ def _body(fields: dict[str, str], kind: type[msgspec.Struct], *, new: bool) -> m
     return msgspec.convert(data, kind, strict=False)
 
 
+def _page_number(request: web.Request) -> int:
+    """`?page=`, from 1 (absent: 1). Raises InvalidRequest for anything else."""
+    text = request.query.get("page", "1")
+    if not _PAGE_NUMBER.fullmatch(text) or int(text) < 1:
+        raise InvalidRequest("'page' must be a whole number from 1.", param="page")
+    return int(text)
+
+
 async def _page(request: web.Request, **extra: Any) -> web.Response:
+    """The Keys page: `KEYS_PER_PAGE` keys, newest first (past the last page: the last)."""
+    number = _page_number(request)
     await fresh(request)
     now = time.time()
-    records = await request.app[STORE_KEY].list_keys()
-    used = await queries.last_used(request.app[STORE_KEY], [k.id for k in records])
-    rows = [await _row(request, k, used, now) for k in reversed(records)]  # newest first
+    records = (await request.app[STORE_KEY].list_keys())[::-1]  # newest first
+    pages = max(1, -(-len(records) // KEYS_PER_PAGE))
+    number = min(number, pages)
+    shown = records[(number - 1) * KEYS_PER_PAGE : number * KEYS_PER_PAGE]
+    used = await queries.last_used(request.app[STORE_KEY], [k.id for k in shown])
+    rows = [await _row(request, k, used, now) for k in shown]
     extra.setdefault("values", _form_values(None))
     extra.setdefault("error", None)
-    return render(request, "keys.html", nav="keys", rows=rows, **extra)
+    paging = {"number": number, "pages": pages, "count": len(records)}
+    return render(request, "keys.html", nav="keys", rows=rows, paging=paging, **extra)
 
 
 @signed_in
