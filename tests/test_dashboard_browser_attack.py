@@ -10,6 +10,7 @@ fails too, through the console errors the `Browser` records.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -92,6 +93,16 @@ async def test_hostile_strings_are_only_text(chromium: Any, gw: TestClient[Any, 
         await nothing_ran(b)
     assert b.errors == []
     await b.shot("hostile-strings")
+    # A page that says what was wrong with the URL (an unknown key id, echoed).
+    for payload in PAYLOADS:
+        response = await b.page.goto(
+            b.base + "/dashboard/keys/" + urllib.parse.quote(payload, safe="")
+        )
+        assert response is not None and response.status == 404
+        assert "No key with id" in await b.text("[role=alert]")
+        await nothing_ran(b)
+    # Chromium reports each 404 on the console; nothing else (no policy violation) may be there.
+    assert all("404" in error for error in b.errors), b.errors
 
 
 HOSTILE_PAGE = """<!doctype html><html><body>
