@@ -10,6 +10,7 @@ tests/test_dashboard_browser_attack.py (the same attacks in Chromium).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -17,6 +18,9 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
+from gateway.app import create_app
+from gateway.config import load_settings
+from gateway.reload import reload_config
 from gateway.settings import ModelConfig, Target
 from gateway.state import KEYS_KEY, STORE_KEY
 from tests.conftest import MakeSettings, app_of, start_gateway
@@ -232,3 +236,36 @@ async def test_no_state_changes_through_get(gw: TestClient[Any, Any]) -> None:
     assert key["revoked_at"] is None
     async with gw.get("/dashboard", allow_redirects=False) as resp:
         assert resp.status == 200  # still signed in
+
+
+async def test_sessions_opened_with_an_admin_key_stay_ended_when_it_comes_back(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """docs/dashboard.md: a session ends when the admin key changes in a reload. It was only
+    checked when the session was next used, so an operator who took the key out (the
+    dashboard off) or changed it, and later put it back, brought every session of before
+    back to life, a stolen cookie included."""
+    config = tmp_path / "gateway.toml"
+
+    def write(server: str) -> None:
+        config.write_text(
+            f'[server]\ndatabase = "{tmp_path / "keys.db"}"\n{server}\n', encoding="utf-8"
+        )
+
+    write(f'admin_key = "{ADMIN}"')
+    load = lambda: load_settings(config, {})  # noqa: E731 - as `serve` passes it
+    gw = await aiohttp_client(create_app(load(), reload=load))
+    await sign_in(gw)
+    for between in ("", 'admin_key = "another-admin-key-0123456789"', "dashboard = false"):
+        write(between)
+        assert await reload_config(app_of(gw))
+        write(f'admin_key = "{ADMIN}"')
+        assert await reload_config(app_of(gw))
+        async with gw.get("/dashboard", allow_redirects=False) as resp:
+            assert resp.status == 303, between or "no admin key"
+            assert resp.headers["Location"] == "/dashboard/signin"
+        await sign_in(gw)
+    # A reload that leaves the admin key as it was leaves the session alone.
+    assert await reload_config(app_of(gw))
+    async with gw.get("/dashboard", allow_redirects=False) as resp:
+        assert resp.status == 200
