@@ -7,6 +7,8 @@ key cache sees them at once.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +21,7 @@ from gateway.budgets import period_start
 from gateway.dashboard import queries
 from gateway.dashboard.guard import form, redirect, render, signed_in
 from gateway.dashboard.pages import DAY, chart, fresh, period_of
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.records import BudgetPeriod, KeyRecord
 from gateway.state import KEYS_KEY, STORE_KEY
 
@@ -29,6 +31,17 @@ __all__ = ["confirm_revoke", "create_key", "key_detail", "keys", "revoke_key", "
 _FIELDS: tuple[str, ...] = ("name", "models", "rpm", "tpm", "max_concurrency", "budget_tokens")
 _FIELDS += ("budget_usd", "budget_period", "expires_at", "group", "notes")
 _TEXT = ("name", "notes")  # empty is a value, not "no limit"
+_NUMBERS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd")
+# A key's page draws this many series at most (its models with the most tokens, then the rest
+# together) and lists this many models (those with the most requests): its clients choose
+# the model ids, and 20,000 of them made a page of 18 MB, rendered on the event loop.
+MAX_CHART_SERIES = 8
+# The Keys page lists this many keys at a time: each is a query and a spending look-up, and
+# 5,000 in one page held the event loop for half a second while it was rendered.
+KEYS_PER_PAGE = 50
+_PAGE_NUMBER = re.compile(r"[0-9]{1,9}")
+MAX_MODEL_ROWS = 50
+OTHER_MODELS = "(other models)"
 
 
 def _when_text(ts: float | None) -> str:
@@ -60,7 +73,8 @@ async def _row(
             "spent": spent,
             "limit": limit,
             "unit": unit,
-            "percent": min(100, round(100 * spent / limit)),
+            # Over budget is a full bar (no division: a budget of 1e-320 made it infinite).
+            "percent": 100 if spent >= limit else round(100 * spent / limit),
             "resets": _next_reset(enforced.budget_period, now),
         }
     status = "revoked" if key.revoked_at else ("active" if key.usable_at(now) else "expired")
@@ -87,6 +101,14 @@ def _form_values(key: KeyRecord | None) -> dict[str, str]:
     return shown
 
 
+def _finite(text: str) -> bool:
+    """False for text that reads as an infinite or NaN float ("inf", "1e999", "nan")."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return True  # not a number at all: the conversion says what is wrong
+
+
 def _body(fields: dict[str, str], kind: type[msgspec.Struct], *, new: bool) -> msgspec.Struct:
     """A `KeyCreate` or `KeyUpdate` from a form. Empty fields: defaults for a new key, cleared
     limits for a change. Raises msgspec.ValidationError for what the API would refuse."""
@@ -97,22 +119,41 @@ def _body(fields: dict[str, str], kind: type[msgspec.Struct], *, new: bool) -> m
         text = fields[name].strip()
         if name == "models":
             data[name] = [m for m in text.replace(",", " ").split() if m]
-        elif text or name in _TEXT:
+        elif name in _TEXT:
+            data[name] = text
+        elif text:
+            # Lax conversion reads "inf" as a float, a budget JSON cannot even say.
+            if name in _NUMBERS and not _finite(text):
+                raise msgspec.ValidationError(f"Expected a finite number - at `$.{name}`")
             data[name] = text
         elif not new:
             data[name] = None
     return msgspec.convert(data, kind, strict=False)
 
 
+def _page_number(request: web.Request) -> int:
+    """`?page=`, from 1 (absent: 1). Raises InvalidRequest for anything else."""
+    text = request.query.get("page", "1")
+    if not _PAGE_NUMBER.fullmatch(text) or int(text) < 1:
+        raise InvalidRequest("'page' must be a whole number from 1.", param="page")
+    return int(text)
+
+
 async def _page(request: web.Request, **extra: Any) -> web.Response:
+    """The Keys page: `KEYS_PER_PAGE` keys, newest first (past the last page: the last)."""
+    number = _page_number(request)
     await fresh(request)
     now = time.time()
-    records = await request.app[STORE_KEY].list_keys()
-    used = await queries.last_used(request.app[STORE_KEY], [k.id for k in records])
-    rows = [await _row(request, k, used, now) for k in reversed(records)]  # newest first
+    records = (await request.app[STORE_KEY].list_keys())[::-1]  # newest first
+    pages = max(1, -(-len(records) // KEYS_PER_PAGE))
+    number = min(number, pages)
+    shown = records[(number - 1) * KEYS_PER_PAGE : number * KEYS_PER_PAGE]
+    used = await queries.last_used(request.app[STORE_KEY], [k.id for k in shown])
+    rows = [await _row(request, k, used, now) for k in shown]
     extra.setdefault("values", _form_values(None))
     extra.setdefault("error", None)
-    return render(request, "keys.html", nav="keys", rows=rows, **extra)
+    paging = {"number": number, "pages": pages, "count": len(records)}
+    return render(request, "keys.html", nav="keys", rows=rows, paging=paging, **extra)
 
 
 @signed_in
@@ -138,8 +179,15 @@ async def _detail(request: web.Request, key: KeyRecord, **extra: Any) -> web.Res
     await fresh(request)
     db = request.app[STORE_KEY]
     name, since, until, step = period_of(request, default="30d")
-    starts, by_model = await queries.key_series(db, key.id, since, until, step)
+    starts, by_model = await queries.key_series(
+        db, key.id, since, until, step, limit=MAX_CHART_SERIES - 1
+    )
+    series = {OTHER_MODELS if m is None else m: tokens for m, tokens in by_model.items()}
     per_model = await db.usage_summary(since=since, until=until, key_id=key.id, by="model")
+    more_models = max(0, len(per_model) - MAX_MODEL_ROWS)
+    if more_models:  # the busiest, still in name order
+        busiest = sorted(per_model, key=lambda r: (-r.requests, r.group))[:MAX_MODEL_ROWS]
+        per_model = sorted(busiest, key=lambda r: r.group)
     overall = await db.usage_summary(since=since, until=until, key_id=key.id, by="key")
     used = await queries.last_used(db, [key.id])
     extra.setdefault("values", _form_values(key))
@@ -153,8 +201,9 @@ async def _detail(request: web.Request, key: KeyRecord, **extra: Any) -> web.Res
         period=name,
         periods=["24h", "7d", "30d", "90d", "365d"],
         step="hour" if step == 3600 else "day",
-        usage_chart=chart(starts, by_model),
+        usage_chart=chart(starts, series),
         per_model=per_model,
+        more_models=more_models,
         overall=overall[0] if overall else None,
         refusals=await queries.refusals_of(db, key.id),
         **extra,

@@ -158,24 +158,51 @@ async def top(
     return [(str(g), int(n), int(t), float(c)) for g, n, t, c in rows]
 
 
+# A key's tokens per bucket and model, its `limit` models with the most tokens in the range
+# by name and the rest as one NULL group: whatever model ids its clients send, the chart has
+# a bounded number of series. Parameters: 1 step, 2 key, 3 since, 4 until, 5 limit.
+_KEY_SERIES = {
+    "sqlite": (
+        "WITH top AS (SELECT COALESCE(model, '-') AS m FROM usage"
+        " WHERE key_id = ?2 AND ts >= ?3 AND ts < ?4"
+        " GROUP BY m ORDER BY TOTAL(total_tokens) DESC, m LIMIT ?5)"
+        " SELECT CAST(ts / ?1 AS INTEGER) AS b, CASE WHEN COALESCE(model, '-') IN"
+        " (SELECT m FROM top) THEN COALESCE(model, '-') END AS grp, TOTAL(total_tokens)"
+        " FROM usage WHERE key_id = ?2 AND ts >= ?3 AND ts < ?4 GROUP BY b, grp"
+    ),
+    "postgres": (
+        "WITH top AS (SELECT COALESCE(model, '-') AS m FROM usage"
+        " WHERE key_id = $2 AND ts >= $3::float8 AND ts < $4::float8"
+        " GROUP BY m ORDER BY SUM(total_tokens)::float8 DESC,"
+        " COALESCE(model, '-') COLLATE \"C\" LIMIT $5)"
+        " SELECT floor(ts / $1::float8)::bigint AS b, CASE WHEN COALESCE(model, '-') IN"
+        " (SELECT m FROM top) THEN COALESCE(model, '-') END AS grp,"
+        " SUM(total_tokens)::float8 FROM usage"
+        " WHERE key_id = $2 AND ts >= $3::float8 AND ts < $4::float8 GROUP BY b, grp"
+    ),
+}
+
+
 async def key_series(
-    db: Database, key_id: str, since: float, until: float, step: int
-) -> tuple[list[int], dict[str, list[int]]]:
-    """A key's tokens per bucket and model: bucket starts, and each model's tokens."""
+    db: Database, key_id: str, since: float, until: float, step: int, limit: int = 7
+) -> tuple[list[int], dict[str | None, list[int]]]:
+    """A key's tokens per bucket and model: bucket starts, and the tokens of its `limit`
+    models with the most (most first), then of all its other models together (key None)."""
     rows = await _rows(
         db,
-        "SELECT CAST(ts / ? AS INTEGER) AS b, COALESCE(model, '-'), TOTAL(total_tokens)"
-        " FROM usage WHERE key_id = ? AND ts >= ? AND ts < ? GROUP BY b, 2",
-        "SELECT floor(ts / $1::float8)::bigint AS b, COALESCE(model, '-'),"
-        " SUM(total_tokens)::float8 FROM usage"
-        " WHERE key_id = $2 AND ts >= $3::float8 AND ts < $4::float8 GROUP BY b, 2",
-        (float(step), key_id, float(since), float(until)),
+        _KEY_SERIES["sqlite"],
+        _KEY_SERIES["postgres"],
+        (float(step), key_id, float(since), float(until), limit),
     )
     first, last = int(since // step), int((until - 1) // step)
     starts = [b * step for b in range(first, last + 1)]
-    by_model: dict[str, list[int]] = {}
+    found: dict[str | None, list[int]] = {}
     for b, model, tokens in rows:
-        by_model.setdefault(model, [0] * len(starts))[int(b) - first] = int(tokens)
+        found.setdefault(model, [0] * len(starts))[int(b) - first] = int(tokens)
+    ordered = sorted((m for m in found if m is not None), key=lambda m: (-sum(found[m]), m))
+    by_model: dict[str | None, list[int]] = {m: found[m] for m in ordered}
+    if None in found:
+        by_model[None] = found[None]
     return starts, by_model
 
 

@@ -3,7 +3,8 @@
 A session is a random 256-bit token in a cookie (`HttpOnly`, `SameSite=Strict`, path
 `/dashboard`); the server keeps only its SHA-256, with a second random token that every form
 must send back (CSRF). A session ends when it is signed out, when it expires, when the gateway
-restarts, or when the admin key changes (it remembers a digest of the key it was opened with).
+restarts, or when the admin key changes (it remembers a digest of the key it was opened with,
+and a reload that changes the key or turns the dashboard off ends them all at once).
 Failed sign-ins are counted: past a few a minute, sign-in is refused for the rest of it.
 """
 
@@ -82,6 +83,12 @@ class SessionBook:
     def close(self, token: str | None) -> None:
         if token:
             self._sessions.pop(_digest(token), None)
+
+    def clear(self) -> int:
+        """End every session (a reload changed the admin key); how many there were."""
+        ended = len(self._sessions)
+        self._sessions.clear()
+        return ended
 
     def __len__(self) -> int:
         return len(self._sessions)
