@@ -26,6 +26,7 @@ from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._http import UpstreamClient, done
 from gateway.providers._translate import HeldAnswer
+from gateway.providers.anthropic.order import Order
 from gateway.providers.anthropic.response import UsageTally, event_error, openai_usage
 from gateway.providers.anthropic.wire import AnthropicErrorBody
 from gateway.providers.base import ChatCall, ChatReply
@@ -78,46 +79,6 @@ def _account(call: ChatCall, tally: UsageTally) -> None:
         call.cache_write_tokens = tally.cache_writes()
 
 
-class _Order:
-    """Where a stream is in the order the Messages API promises, which the `anthropic` SDK
-    relies on (its accumulator indexes the blocks started so far, and raises on an event
-    before `message_start`): one `message_start` first, blocks started at the next index,
-    deltas and stops only for a block that was started."""
-
-    __slots__ = ("blocks", "started")
-
-    def __init__(self) -> None:
-        self.started = False
-        self.blocks = 0  # content blocks started so far
-
-    def allows(self, kind: str, index: int | None) -> bool:
-        if kind == "message_start":
-            started, self.started = self.started, True
-            return not started
-        if kind == "ping" or kind not in _ORDERED:
-            return True  # (an event type added after this was written: the SDK skips it)
-        if not self.started:
-            return False
-        if kind == "content_block_start":
-            if index != self.blocks:
-                return False
-            self.blocks += 1
-        elif kind in ("content_block_delta", "content_block_stop"):
-            return index is not None and 0 <= index < self.blocks
-        return True
-
-
-_ORDERED = frozenset(
-    {
-        "content_block_start",
-        "content_block_delta",
-        "content_block_stop",
-        "message_delta",
-        "message_stop",
-    }
-)
-
-
 class MessagesRelay:
     """Relays Messages API requests to one Anthropic upstream through its provider's client."""
 
@@ -161,7 +122,7 @@ class MessagesRelay:
         self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
     ) -> AsyncGenerator[list[bytes], None]:
         tally = UsageTally(self._name)
-        order = _Order()
+        order = Order()
         held: list[bytes] = []
         # Held until the first content (pings, `message_start`), bounded as a whole answer.
         bound = HeldAnswer("a Messages stream before its first content", self._limit)
@@ -192,7 +153,7 @@ class MessagesRelay:
         )
 
     def _reframe(
-        self, call: ChatCall, batch: list[bytes], tally: UsageTally, order: _Order, out: list[bytes]
+        self, call: ChatCall, batch: list[bytes], tally: UsageTally, order: Order, out: list[bytes]
     ) -> tuple[bool, UpstreamError | None]:
         """Frame one batch's events into `out`; (saw `message_stop`, an upstream error)."""
         for payload in batch:

@@ -1,0 +1,119 @@
+"""The Responses API, `/v1/messages` and the Anthropic and Gemini translations attacked from
+outside by a hostile upstream (`test_attack_upstream`'s raw-socket rig), read by the real SDKs:
+`openai` (`chat.completions`, `responses.stream`) and `anthropic` (`messages.stream`). Whatever
+the upstream sends, the client gets a message its SDK builds or an API error it raises, never
+a corrupted answer or a crash inside the SDK.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import openai_client, usage_rows
+from tests.test_attack_upstream import (
+    ANTHROPIC_START,
+    Build,
+    build,
+    named_events,
+    sends,
+    until_close,
+)
+from tests.test_attack_upstream2 import OUT_OF_ORDER
+
+__all__ = ["build"]  # the fixture, used here by name
+
+TOOLS: Any = [
+    {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+    for name in ("f", "g")
+]
+RESPONSES_TOOLS: Any = [{"type": "function", **tool["function"]} for tool in TOOLS]
+HI: Any = [{"role": "user", "content": "hi"}]
+
+
+def tool_block(index: int, call_id: str, name: str, arguments: str) -> list[dict[str, Any]]:
+    block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+    delta = {"type": "input_json_delta", "partial_json": arguments}
+    return [
+        {"type": "content_block_start", "index": index, "content_block": block},
+        {"type": "content_block_delta", "index": index, "delta": delta},
+        {"type": "content_block_stop", "index": index},
+    ]
+
+
+# A second `message_start` between two tool calls: the translator began a new chunk writer,
+# whose tool-call slots counted from 0 again, so the second call went out at the first one's
+# index and the client merged the two (id "toolu_1toolu_2", name "fg", arguments "{..}{..}").
+TWO_STARTS = [
+    ANTHROPIC_START,
+    *tool_block(0, "toolu_1", "f", '{"a": 1}'),
+    ANTHROPIC_START,
+    *tool_block(1, "toolu_2", "g", '{"b": 2}'),
+    {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 2}},
+    {"type": "message_stop"},
+]
+TRANSLATED_OUT_OF_ORDER = {**OUT_OF_ORDER, "message-start-between-tool-calls": TWO_STARTS}
+
+
+class ErrorEvent(Exception):
+    """The `error` event a Responses stream ended with (the SDK yields it, raising nothing)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def chat_stream(rig: Any) -> Any:
+    async with (
+        openai_client(rig.gateway, rig.key) as client,
+        client.chat.completions.stream(model="m", messages=HI, tools=TOOLS) as stream,
+    ):
+        async for _ in stream:
+            pass
+        return await stream.get_final_completion()
+
+
+async def responses_stream(rig: Any) -> Any:
+    """The final response of a `responses.stream(...)`; a stream that ends with the Responses
+    API's `error` event raises it (`ErrorEvent`)."""
+    async with (
+        openai_client(rig.gateway, rig.key) as client,
+        client.responses.stream(model="m", input="hi", tools=RESPONSES_TOOLS) as stream,
+    ):
+        async for event in stream:
+            if event.type == "error":
+                raise ErrorEvent(event.message)
+        return await stream.get_final_response()
+
+
+@pytest.mark.parametrize("order", list(TRANSLATED_OUT_OF_ORDER))
+@pytest.mark.parametrize("read", [chat_stream, responses_stream], ids=["chat", "responses"])
+async def test_translated_anthropic_events_out_of_order_are_an_error(
+    build: Build, order: str, read: Any
+) -> None:
+    # `/v1/messages` refused these already; translated to chat or Responses they were taken:
+    # text for a block never started, blocks at any index, and a second `message_start` that
+    # merged two tool calls into one the client would have run.
+    rig = await build("anthropic", sends(until_close(named_events(TRANSLATED_OUT_OF_ORDER[order]))))
+    with pytest.raises((openai.APIError, ErrorEvent)) as caught:
+        await read(rig)
+    message = caught.value.message
+    assert "out of order" in message or "before 'message_start'" in message
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] >= 500
+
+
+@pytest.mark.parametrize("read", [chat_stream, responses_stream], ids=["chat", "responses"])
+async def test_translated_anthropic_tool_calls_in_order_stay_apart(build: Build, read: Any) -> None:
+    events = [ANTHROPIC_START, *tool_block(0, "toolu_1", "f", '{"a": 1}')]
+    events += [*tool_block(1, "toolu_2", "g", '{"b": 2}'), *TWO_STARTS[-2:]]
+    rig = await build("anthropic", sends(until_close(named_events(events))))
+    answer = await read(rig)
+    if read is chat_stream:
+        calls = answer.choices[0].message.tool_calls
+        got = [(c.id, c.function.name, c.function.arguments) for c in calls]
+    else:
+        got = [(o.call_id, o.name, o.arguments) for o in answer.output]
+    assert got == [("toolu_1", "f", '{"a": 1}'), ("toolu_2", "g", '{"b": 2}')]
