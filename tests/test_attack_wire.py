@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -21,7 +22,7 @@ from tests.test_attack_upstream import (
     sends,
     until_close,
 )
-from tests.test_attack_upstream2 import OUT_OF_ORDER
+from tests.test_attack_upstream2 import OUT_OF_ORDER, messages_stream
 
 __all__ = ["build"]  # the fixture, used here by name
 
@@ -117,3 +118,109 @@ async def test_translated_anthropic_tool_calls_in_order_stay_apart(build: Build,
     else:
         got = [(o.call_id, o.name, o.arguments) for o in answer.output]
     assert got == [("toolu_1", "f", '{"a": 1}'), ("toolu_2", "g", '{"b": 2}')]
+
+
+# --- /v1/messages: events whose fields the SDK cannot build a message from ----------------------
+
+TEXT_START = {
+    "type": "content_block_start",
+    "index": 0,
+    "content_block": {"type": "text", "text": ""},
+}
+THINKING_START = {
+    "type": "content_block_start",
+    "index": 0,
+    "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+}
+TOOL_START = {
+    "type": "content_block_start",
+    "index": 0,
+    "content_block": {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
+}
+STOP = {"type": "content_block_stop", "index": 0}
+END = [
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+    {"type": "message_stop"},
+]
+MESSAGE = ANTHROPIC_START["message"]
+
+
+def delta(value: Any) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": 0, "delta": value}
+
+
+def with_start(message: Any) -> list[dict[str, Any]]:
+    return [{"type": "message_start", "message": message}, TEXT_START, STOP, *END]
+
+
+def text_start(block: Any) -> list[dict[str, Any]]:
+    return [ANTHROPIC_START, {**TEXT_START, "content_block": block}, STOP, *END]
+
+
+def message_delta(**fields: Any) -> list[dict[str, Any]]:
+    return [ANTHROPIC_START, TEXT_START, STOP, {"type": "message_delta", **fields}, END[1]]
+
+
+# Each crashed the `anthropic` SDK's accumulator (TypeError, AttributeError) instead of raising
+# an API error: the relay checked the events' order, not what they held.
+MISSHAPEN: dict[str, list[dict[str, Any]]] = {
+    "text-null": [ANTHROPIC_START, TEXT_START, delta({"type": "text_delta", "text": None}), *END],
+    "text-number": [ANTHROPIC_START, TEXT_START, delta({"type": "text_delta", "text": 5}), *END],
+    "text-missing": [ANTHROPIC_START, TEXT_START, delta({"type": "text_delta"}), *END],
+    "delta-null": [ANTHROPIC_START, TEXT_START, delta(None), *END],
+    "json-null": [
+        ANTHROPIC_START,
+        TOOL_START,
+        delta({"type": "input_json_delta", "partial_json": None}),
+        *END,
+    ],
+    "thinking-null": [
+        ANTHROPIC_START,
+        THINKING_START,
+        delta({"type": "thinking_delta", "thinking": None}),
+        *END,
+    ],
+    "block-null": text_start(None),
+    "block-text-null": text_start({"type": "text", "text": None}),
+    "block-thinking-missing": text_start({"type": "thinking", "signature": ""}),
+    "message-null": with_start(None),
+    "message-content-missing": with_start({k: v for k, v in MESSAGE.items() if k != "content"}),
+    "message-usage-missing": with_start({k: v for k, v in MESSAGE.items() if k != "usage"}),
+    "message-delta-usage-missing": message_delta(delta={"stop_reason": "end_turn"}),
+    "message-delta-usage-null": message_delta(delta={"stop_reason": "end_turn"}, usage=None),
+    "message-delta-delta-missing": message_delta(usage={"output_tokens": 2}),
+}
+
+
+@pytest.mark.parametrize("shape", list(MISSHAPEN))
+async def test_messages_events_the_sdk_cannot_read_are_an_error(build: Build, shape: str) -> None:
+    rig = await build("anthropic", sends(until_close(named_events(MISSHAPEN[shape]))))
+    with pytest.raises(anthropic.APIError) as caught:
+        await messages_stream(rig)
+    assert "malformed" in caught.value.message
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] >= 500
+
+
+async def test_messages_events_with_fields_added_later_are_relayed(build: Build) -> None:
+    # What the check leaves alone: delta and block types it does not know, extra fields,
+    # a null signature or citation (the SDK stores those as they are).
+    events = [
+        {**ANTHROPIC_START, "extra": {"x": 1}},
+        {**TEXT_START, "content_block": {"type": "text", "text": "", "new_field": [1]}},
+        delta({"type": "text_delta", "text": "hi", "more": None}),
+        delta({"type": "some_delta_added_later", "value": 5}),
+        delta({"type": "citations_delta", "citation": None}),
+        STOP,
+        {**THINKING_START, "index": 1},
+        {**delta({"type": "signature_delta", "signature": "sig"}), "index": 1},
+        {**STOP, "index": 1},
+        {**TEXT_START, "index": 2, "content_block": {"type": "block_added_later"}},
+        {**STOP, "index": 2},
+        *END,
+    ]
+    rig = await build("anthropic", sends(until_close(named_events(events))))
+    message = await messages_stream(rig)
+    assert [block.type for block in message.content] == ["text", "thinking", "block_added_later"]
+    assert message.content[0].text == "hi"  # type: ignore[union-attr]
+    assert message.usage.output_tokens == 2

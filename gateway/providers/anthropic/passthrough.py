@@ -49,18 +49,77 @@ class _MessageView(msgspec.Struct):
     usage: msgspec.Raw | UnsetType = UNSET
 
 
-class _RawUsage(msgspec.Struct):
-    usage: msgspec.Raw | UnsetType = UNSET
+class _StartView(msgspec.Struct):
+    """A `message_start`'s message: the SDK appends blocks to its `content` and counts into its
+    `usage` (read apart: a bad count must not break the stream, but it must be an object)."""
+
+    content: list[msgspec.Raw]
+    usage: msgspec.Raw
+
+
+class _BlockView(msgspec.Struct):
+    """A started block: the SDK adds text and thinking deltas to these strings."""
+
+    type: str = ""
+    text: str | UnsetType = UNSET
+    thinking: str | UnsetType = UNSET
+
+
+class _DeltaView(msgspec.Struct):
+    """A block's delta (its text, JSON or thinking, which the SDK adds up as strings), or a
+    `message_delta`'s."""
+
+    type: str = ""
+    text: str | UnsetType = UNSET
+    partial_json: str | UnsetType = UNSET
+    thinking: str | UnsetType = UNSET
 
 
 class _EventView(msgspec.Struct):
-    """What the relay reads of an event (usage raw: a bad count must not break the stream)."""
+    """What the relay reads of an event: its order, usage, and the fields the `anthropic` SDK
+    builds its message from, typed as the SDK uses them (`_shaped`)."""
 
     type: str = ""
-    message: _RawUsage | None = None
+    message: _StartView | None = None
     usage: msgspec.Raw | UnsetType = UNSET
     error: AnthropicErrorBody | None = None
     index: int | None = None
+    content_block: _BlockView | None = None
+    delta: _DeltaView | None = None
+
+
+# Per block and delta type, the string field the SDK adds to (types not named: not read).
+_BLOCK_TEXT = {"text": "text", "thinking": "thinking"}
+_DELTA_TEXT = {
+    "text_delta": "text",
+    "input_json_delta": "partial_json",
+    "thinking_delta": "thinking",
+}
+
+
+def _is_object(raw: msgspec.Raw | UnsetType) -> bool:
+    return raw is not UNSET and memoryview(raw)[:1].tobytes() == b"{"
+
+
+def _shaped(kind: str, event: _EventView) -> bool:
+    """Whether an event holds what the `anthropic` SDK reads of it, as it reads it (a null
+    text or usage crashed its accumulator with a TypeError or AttributeError, not an API
+    error). Fields and types added after this was written pass."""
+    if kind == "content_block_delta":
+        delta = event.delta
+        return (
+            delta is not None and getattr(delta, _DELTA_TEXT.get(delta.type, "type")) is not UNSET
+        )
+    if kind == "content_block_start":
+        block = event.content_block
+        return (
+            block is not None and getattr(block, _BLOCK_TEXT.get(block.type, "type")) is not UNSET
+        )
+    if kind == "message_start":
+        return event.message is not None and _is_object(event.message.usage)
+    if kind == "message_delta":
+        return event.delta is not None and _is_object(event.usage)
+    return True
 
 
 class _CountView(msgspec.Struct):
@@ -170,6 +229,10 @@ class MessagesRelay:
                 )
             if kind == "error":
                 return False, event_error(self._name, event.error or AnthropicErrorBody())
+            if not _shaped(kind, event):
+                return False, UpstreamError(
+                    f"The upstream provider '{self._name}' sent a malformed '{kind}' event."
+                )
             if not order.allows(kind, event.index):
                 return False, UpstreamError(
                     f"The upstream provider '{self._name}' sent '{kind}' out of order."
