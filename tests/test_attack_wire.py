@@ -7,6 +7,7 @@ a corrupted answer or a crash inside the SDK.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anthropic
@@ -20,6 +21,7 @@ from tests.test_attack_upstream import (
     build,
     named_events,
     sends,
+    sse,
     until_close,
 )
 from tests.test_attack_upstream2 import OUT_OF_ORDER, messages_stream
@@ -224,3 +226,34 @@ async def test_messages_events_with_fields_added_later_are_relayed(build: Build)
     assert [block.type for block in message.content] == ["text", "thinking", "block_added_later"]
     assert message.content[0].text == "hi"  # type: ignore[union-attr]
     assert message.usage.output_tokens == 2
+
+
+# --- Usage no one can believe, in a chat stream translated for the Messages API ------------------
+
+
+def chat_chunk(**fields: Any) -> bytes:
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m-1"}
+    return json.dumps({**base, **fields}).encode()
+
+
+@pytest.mark.parametrize("count", [-3, 2**41, 1.5, "7"])
+async def test_messages_translated_stream_with_unreadable_usage_is_relayed(
+    build: Build, count: Any
+) -> None:
+    # The usage row is estimated, as on every other path; the Messages translator decoded the
+    # usage chunk with the counts typed and ended a complete answer with "malformed".
+    text = {"index": 0, "delta": {"role": "assistant", "content": "hello"}, "finish_reason": None}
+    stop = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    usage = {"prompt_tokens": count, "completion_tokens": 2, "total_tokens": 5}
+    body = sse(
+        chat_chunk(choices=[text]),
+        chat_chunk(choices=[stop]),
+        chat_chunk(choices=[], usage=usage),
+        b"[DONE]",
+    )
+    rig = await build("openai", sends(until_close(body)))
+    message = await messages_stream(rig)
+    assert [block.text for block in message.content if block.type == "text"] == ["hello"]
+    assert message.stop_reason == "end_turn"
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] == 200 and row["estimated"] == 1

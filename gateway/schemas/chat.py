@@ -24,6 +24,7 @@ __all__ = [
     "ChatMessage",
     "Choice",
     "ChunkChoice",
+    "ChunkView",
     "ContentPart",
     "Delta",
     "DeltaFunction",
@@ -446,3 +447,16 @@ class ChatCompletionChunk(msgspec.Struct):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     usage: Usage | UnsetType | None = UNSET
     system_fingerprint: str | UnsetType | None = UNSET
+
+
+class ChunkView(msgspec.Struct):
+    """What the translators to other APIs (Responses, Messages) read of a chat chunk: not its
+    `usage`, which the provider's relay accounted already (one it cannot believe is an
+    estimated usage row, not a broken stream: the translator's own usage comes from the
+    call)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
