@@ -23,8 +23,10 @@ from tests.test_attack_upstream import (
     sends,
     sse,
     until_close,
+    whole,
 )
 from tests.test_attack_upstream2 import OUT_OF_ORDER, messages_stream
+from tests.test_messages import anthropic_client
 
 __all__ = ["build"]  # the fixture, used here by name
 
@@ -255,5 +257,41 @@ async def test_messages_translated_stream_with_unreadable_usage_is_relayed(
     message = await messages_stream(rig)
     assert [block.text for block in message.content if block.type == "text"] == ["hello"]
     assert message.stop_reason == "end_turn"
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] == 200 and row["estimated"] == 1
+
+
+def chat_completion(count: Any) -> bytes:
+    message = {"role": "assistant", "content": "hello"}
+    body = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m-1",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": count, "completion_tokens": 2, "total_tokens": 5},
+    }
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("count", [-3, 2**41, 1.5, "7"])
+@pytest.mark.parametrize("api", ["responses", "messages"])
+async def test_translated_answer_with_unreadable_usage_is_relayed(
+    build: Build, api: str, count: Any
+) -> None:
+    # A whole chat completion translated to a response or a message was a 502 "malformed
+    # completion" for a count no one believes; chat clients got the answer (relayed as it is)
+    # and an estimated row, as the docs promise for every path.
+    rig = await build("openai", sends(whole(chat_completion(count))))
+    if api == "responses":
+        async with openai_client(rig.gateway, rig.key) as client:
+            response = await client.responses.create(model="m", input="hi")
+        assert response.output_text == "hello"
+        assert response.usage is None
+    else:
+        async with anthropic_client(rig.gateway, rig.key) as client:
+            message = await client.messages.create(model="m", max_tokens=10, messages=HI)
+        assert [block.text for block in message.content if block.type == "text"] == ["hello"]
+        assert message.usage.input_tokens >= 0 and message.usage.output_tokens >= 0
     [row] = await usage_rows(rig.gateway)
     assert row["status"] == 200 and row["estimated"] == 1

@@ -25,6 +25,7 @@ __all__ = [
     "Choice",
     "ChunkChoice",
     "ChunkView",
+    "CompletionView",
     "ContentPart",
     "Delta",
     "DeltaFunction",
@@ -407,6 +408,19 @@ class ChatCompletion(msgspec.Struct):
     usage: Usage | UnsetType = UNSET
     system_fingerprint: str | UnsetType | None = UNSET
     service_tier: str | UnsetType | None = UNSET
+
+
+class CompletionView(msgspec.Struct):
+    """What the translators to other APIs (Responses, Messages) read of a whole chat
+    completion: its `usage` is read apart (`_translate.completion_usage`), so a count no one
+    can believe costs the answer its usage, not the client its answer."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    object: Literal["chat.completion"] = "chat.completion"
+    usage: Raw | UnsetType = UNSET
 
 
 class DeltaFunction(msgspec.Struct):
