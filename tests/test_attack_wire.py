@@ -295,3 +295,55 @@ async def test_translated_answer_with_unreadable_usage_is_relayed(
         assert message.usage.input_tokens >= 0 and message.usage.output_tokens >= 0
     [row] = await usage_rows(rig.gateway)
     assert row["status"] == 200 and row["estimated"] == 1
+
+
+# --- /v1/messages: a whole answer that is not a message the SDK's users can read ----------------
+
+
+def anthropic_message(**fields: Any) -> bytes:
+    content = [{"type": "text", "text": "hello"}]
+    body = {**MESSAGE, "content": content, "stop_reason": "end_turn", **fields}
+    return json.dumps({k: v for k, v in body.items() if v != "absent"}).encode()
+
+
+# Each was relayed as a 200 that the SDK hands over unchecked (it does not validate), so the
+# first `block.text` or `message.usage.input_tokens` of the client's code crashed.
+NOT_A_MESSAGE = {
+    "content-null": {"content": None},
+    "content-absent": {"content": "absent"},
+    "content-a-string": {"content": "hello"},
+    "block-null": {"content": [None]},
+    "text-null": {"content": [{"type": "text", "text": None}]},
+    "text-absent": {"content": [{"type": "text"}]},
+    "usage-null": {"usage": None},
+    "usage-absent": {"usage": "absent"},
+}
+
+
+@pytest.mark.parametrize("shape", list(NOT_A_MESSAGE))
+async def test_messages_answer_that_is_not_a_message_is_a_502(build: Build, shape: str) -> None:
+    rig = await build("anthropic", sends(whole(anthropic_message(**NOT_A_MESSAGE[shape]))))
+    async with anthropic_client(rig.gateway, rig.key) as client:
+        with pytest.raises(anthropic.InternalServerError) as caught:
+            await client.messages.create(model="m", max_tokens=10, messages=HI)
+    assert caught.value.status_code == 500  # a gateway 502, in Anthropic's terms
+    assert "not a message" in caught.value.message
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] == 500
+
+
+async def test_messages_answer_with_blocks_added_later_is_relayed(build: Build) -> None:
+    content = [
+        {"type": "text", "text": "hello", "citations": None},
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}},
+        {"type": "block_added_later", "data": [1]},
+    ]
+    rig = await build("anthropic", sends(whole(anthropic_message(content=content))))
+    async with anthropic_client(rig.gateway, rig.key) as client:
+        message = await client.messages.create(model="m", max_tokens=10, messages=HI)
+    assert [block.type for block in message.content] == [
+        "text",
+        "server_tool_use",
+        "block_added_later",
+    ]
+    assert message.usage.input_tokens == 1

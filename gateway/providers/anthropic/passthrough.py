@@ -41,14 +41,6 @@ log = structlog.get_logger(__name__)
 _TRUE = msgspec.Raw(b"true")
 
 
-class _MessageView(msgspec.Struct):
-    """What makes a body an Anthropic `message`; its usage is read apart (a bad count must
-    not cost the client a good answer)."""
-
-    type: str = ""
-    usage: msgspec.Raw | UnsetType = UNSET
-
-
 class _StartView(msgspec.Struct):
     """A `message_start`'s message: the SDK appends blocks to its `content` and counts into its
     `usage` (read apart: a bad count must not break the stream, but it must be an object)."""
@@ -63,6 +55,16 @@ class _BlockView(msgspec.Struct):
     type: str = ""
     text: str | UnsetType = UNSET
     thinking: str | UnsetType = UNSET
+
+
+class _MessageView(msgspec.Struct):
+    """What makes a body an Anthropic `message` its SDK's users can read (the SDK does not
+    check it): a list of blocks as `_BlockView`, and a `usage` object, read apart (a bad
+    count must not cost the client a good answer)."""
+
+    type: str = ""
+    content: list[_BlockView] | UnsetType = UNSET
+    usage: msgspec.Raw | UnsetType = UNSET
 
 
 class _DeltaView(msgspec.Struct):
@@ -101,6 +103,18 @@ def _is_object(raw: msgspec.Raw | UnsetType) -> bool:
     return raw is not UNSET and memoryview(raw)[:1].tobytes() == b"{"
 
 
+def _block_shaped(block: _BlockView | None) -> bool:
+    """Whether a block holds the string the SDK (or its user) reads of its type."""
+    return block is not None and getattr(block, _BLOCK_TEXT.get(block.type, "type")) is not UNSET
+
+
+def _readable(view: _MessageView) -> bool:
+    """Whether a whole answer is a `message` its SDK's users can read as one."""
+    if view.type != "message" or view.content is UNSET or not _is_object(view.usage):
+        return False
+    return all(map(_block_shaped, view.content))
+
+
 def _shaped(kind: str, event: _EventView) -> bool:
     """Whether an event holds what the `anthropic` SDK reads of it, as it reads it (a null
     text or usage crashed its accumulator with a TypeError or AttributeError, not an API
@@ -111,10 +125,7 @@ def _shaped(kind: str, event: _EventView) -> bool:
             delta is not None and getattr(delta, _DELTA_TEXT.get(delta.type, "type")) is not UNSET
         )
     if kind == "content_block_start":
-        block = event.content_block
-        return (
-            block is not None and getattr(block, _BLOCK_TEXT.get(block.type, "type")) is not UNSET
-        )
+        return _block_shaped(event.content_block)
     if kind == "message_start":
         return event.message is not None and _is_object(event.message.usage)
     if kind == "message_delta":
@@ -161,12 +172,11 @@ class MessagesRelay:
         data = self._body(call, body, stream=False)
         answer = await self._http.post(self._url, data, call, headers)
         view = self._http.decode(_MESSAGE, answer, "message")
-        if view.type != "message":
+        if not _readable(view):
             raise answer_error(self._name, answer, "message")
-        if view.usage is not UNSET:
-            tally = UsageTally(self._name)
-            tally.merge(view.usage)
-            _account(call, tally)
+        tally = UsageTally(self._name)
+        tally.merge(view.usage)
+        _account(call, tally)
         return ChatReply(body=answer, usage=call.usage)
 
     async def count(
