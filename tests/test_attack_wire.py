@@ -347,3 +347,155 @@ async def test_messages_answer_with_blocks_added_later_is_relayed(build: Build) 
         "block_added_later",
     ]
     assert message.usage.input_tokens == 1
+
+
+# --- /v1/responses passed through: events out of the order the SDK builds its response in -------
+
+RESPONSE_ID = "resp_1"
+RESPONSE_USAGE = {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}
+ITEM: Any = {"type": "message", "id": "msg_1", "status": "in_progress", "role": "assistant"}
+ITEM["content"] = []
+TEXT_PART = {"type": "output_text", "text": "", "annotations": []}
+ITEM_DONE = {**ITEM, "status": "completed", "content": [{**TEXT_PART, "text": "hi"}]}
+CALL = {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": ""}
+
+
+def response(status: str = "in_progress", rid: str = RESPONSE_ID, **fields: Any) -> Any:
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": 1,
+        "status": status,
+        "model": "m-1",
+        "output": [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        **fields,
+    }
+
+
+def text_delta(value: Any = "hi", output_index: int = 0, content_index: int = 0) -> Any:
+    return {
+        "type": "response.output_text.delta",
+        "output_index": output_index,
+        "content_index": content_index,
+        "item_id": "msg_1",
+        "delta": value,
+    }
+
+
+CREATED = {"type": "response.created", "response": response()}
+ADDED = {"type": "response.output_item.added", "output_index": 0, "item": ITEM}
+PART_ADDED = {
+    "type": "response.content_part.added",
+    "output_index": 0,
+    "content_index": 0,
+    "item_id": "msg_1",
+    "part": TEXT_PART,
+}
+TEXT_DONE = {
+    "type": "response.output_text.done",
+    "output_index": 0,
+    "content_index": 0,
+    "item_id": "msg_1",
+    "text": "hi",
+}
+ITEM_DONE_EVENT = {"type": "response.output_item.done", "output_index": 0, "item": ITEM_DONE}
+COMPLETED = {
+    "type": "response.completed",
+    "response": response("completed", output=[ITEM_DONE], usage=RESPONSE_USAGE),
+}
+WHOLE = [CREATED, ADDED, PART_ADDED, text_delta(), TEXT_DONE, ITEM_DONE_EVENT, COMPLETED]
+
+
+def without(event: Any) -> list[Any]:
+    return [e for e in WHOLE if e is not event]
+
+
+def replaced(event: Any, *by: Any) -> list[Any]:
+    return [x for e in WHOLE for x in (by if e is event else (e,))]
+
+
+# Each crashed `responses.stream()` inside the SDK (RuntimeError, IndexError, TypeError,
+# AssertionError) instead of ending with an error it reports: the relay checked nothing of it.
+RESPONSES_OUT_OF_ORDER: dict[str, list[Any]] = {
+    "no-created": without(CREATED),
+    "delta-before-its-item": [CREATED, text_delta(), *WHOLE[1:]],
+    "delta-for-another-item": replaced(WHOLE[3], text_delta(output_index=3)),
+    "delta-before-its-part": without(PART_ADDED),
+    "delta-null": replaced(WHOLE[3], text_delta(None)),
+    "delta-a-number": replaced(WHOLE[3], text_delta(5)),
+    "item-added-twice": replaced(ADDED, ADDED, ADDED),
+    "part-null": replaced(PART_ADDED, {**PART_ADDED, "part": None}),
+    "arguments-for-a-message": replaced(
+        WHOLE[3],
+        {
+            "type": "response.function_call_arguments.delta",
+            "output_index": 0,
+            "item_id": "msg_1",
+            "delta": "{}",
+        },
+    ),
+    "item-done-another-item": replaced(
+        ITEM_DONE_EVENT, {**ITEM_DONE_EVENT, "item": {**ITEM_DONE, "id": "msg_2"}}
+    ),
+    "completed-another-response": replaced(
+        COMPLETED, {**COMPLETED, "response": {**COMPLETED["response"], "id": "resp_2"}}
+    ),
+    "completed-null": replaced(COMPLETED, {**COMPLETED, "response": None}),
+    "completed-with-an-item-unfinished": [
+        *WHOLE[:-1],
+        {**ADDED, "output_index": 1, "item": {**CALL, "status": "in_progress"}},
+        COMPLETED,
+    ],
+    "call-arguments-null": [
+        CREATED,
+        {**ADDED, "item": {**CALL, "arguments": None}},
+        {
+            "type": "response.function_call_arguments.delta",
+            "output_index": 0,
+            "item_id": "fc_1",
+            "delta": "{}",
+        },
+    ],
+}
+
+
+async def passed_through_stream(rig: Any) -> Any:
+    async with (
+        openai_client(rig.gateway, rig.key) as client,
+        client.responses.stream(model="m", input="hi") as stream,
+    ):
+        async for event in stream:
+            if event.type == "error":
+                raise ErrorEvent(event.message)
+        return await stream.get_final_response()
+
+
+@pytest.mark.parametrize("order", list(RESPONSES_OUT_OF_ORDER))
+async def test_responses_passed_through_out_of_order_is_an_error(build: Build, order: str) -> None:
+    rig = await build("responses", sends(until_close(named_events(RESPONSES_OUT_OF_ORDER[order]))))
+    with pytest.raises((openai.APIError, ErrorEvent)) as caught:
+        await passed_through_stream(rig)
+    assert "out of order" in caught.value.message
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] >= 500
+
+
+async def test_responses_passed_through_in_order_is_relayed(build: Build) -> None:
+    # What the check leaves alone: events it does not know (with or without an item), an
+    # item added as null (the SDK skips it), a second lifecycle event of the same response.
+    events = [
+        CREATED,
+        {"type": "response.in_progress", "response": response()},
+        {"type": "response.something_new", "value": 1},
+        {**ADDED, "output_index": 1, "item": None},
+        ADDED,
+        {"type": "response.web_search_call.searching", "output_index": 0, "item_id": "msg_1"},
+        *WHOLE[2:],
+    ]
+    rig = await build("responses", sends(until_close(named_events(events))))
+    answer = await passed_through_stream(rig)
+    assert answer.output_text == "hi"
+    assert answer.usage is not None and answer.usage.output_tokens == 4
