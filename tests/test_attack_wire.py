@@ -499,3 +499,46 @@ async def test_responses_passed_through_in_order_is_relayed(build: Build) -> Non
     answer = await passed_through_stream(rig)
     assert answer.output_text == "hi"
     assert answer.usage is not None and answer.usage.output_tokens == 4
+
+
+# --- Gemini: content for a candidate after its finishReason ---------------------------------
+
+
+def gemini_chunk(text: str, finish: str | None = None, prompt: int = 3) -> bytes:
+    candidate: Any = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+    if finish is not None:
+        candidate["finishReason"] = finish
+    usage = {"promptTokenCount": prompt, "candidatesTokenCount": 2, "totalTokenCount": prompt + 2}
+    return json.dumps({"candidates": [candidate], "usageMetadata": usage}).encode()
+
+
+AFTER_FINISH = sse(gemini_chunk("hello", "STOP"), gemini_chunk(" late", None, 4))
+
+
+async def test_gemini_content_after_finish_is_not_relayed_to_chat(build: Build) -> None:
+    # A chat stream had a `content` delta after its choice's `finish_reason` (and a Messages
+    # stream a second text block, a Responses stream a second message item): what a candidate
+    # says after it finished is not part of its answer.
+    rig = await build("gemini", sends(until_close(AFTER_FINISH)))
+    async with openai_client(rig.gateway, rig.key) as client:
+        chunks = await client.chat.completions.create(model="m", messages=HI, stream=True)
+        seen: list[tuple[str | None, str | None]] = []
+        async for chunk in chunks:
+            seen += [(c.delta.content, c.finish_reason) for c in chunk.choices]
+    assert seen[-1] == (None, "stop")
+    assert "".join(text or "" for text, _ in seen) == "hello"
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] == 200
+
+
+async def test_gemini_content_after_finish_is_not_relayed_to_responses(build: Build) -> None:
+    rig = await build("gemini", sends(until_close(AFTER_FINISH)))
+    answer = await responses_stream(rig)
+    assert answer.output_text == "hello"
+    assert [item.type for item in answer.output] == ["message"]
+
+
+async def test_gemini_content_after_finish_is_not_relayed_to_messages(build: Build) -> None:
+    rig = await build("gemini", sends(until_close(AFTER_FINISH)))
+    message = await messages_stream(rig)
+    assert [block.text for block in message.content if block.type == "text"] == ["hello"]
