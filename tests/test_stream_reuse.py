@@ -347,9 +347,27 @@ async def test_a_responses_stream_whose_body_ends_after_its_last_event_keeps_its
     taken = asyncio.Event()
     ended = asyncio.Event()
     usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    # (in the order the `openai` SDK builds a response from, which the relay checks)
+    item = {"type": "message", "id": "m", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
     events = [
         {"type": "response.created", "response": {"id": "r", "status": "in_progress"}},
-        {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "delta": "a"},
+        {"type": "response.output_item.added", "output_index": 0, "item": item},
+        {
+            "type": "response.content_part.added",
+            "output_index": 0,
+            "content_index": 0,
+            "item_id": "m",
+            "part": part,
+        },
+        {
+            "type": "response.output_text.delta",
+            "item_id": "m",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": "a",
+        },
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
     ]
     last = {"type": "response.completed", "response": {"id": "r", "status": "completed"}}
     last["response"]["usage"] = usage  # type: ignore[index]

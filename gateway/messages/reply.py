@@ -15,7 +15,7 @@ import os
 import msgspec
 
 from gateway.messages.schema import BlockOut, MessageOut, TextOut, ThinkingOut, ToolUseOut, UsageOut
-from gateway.providers._translate import read_completion
+from gateway.providers._translate import completion_usage, read_completion
 from gateway.schemas.codec import encode
 from gateway.schemas.common import PromptTokensDetails, Usage
 
@@ -71,7 +71,8 @@ def usage_out(usage: Usage | None, estimate: int, cache_write: int = 0) -> Usage
 
 
 def from_completion(body: bytes, estimate: int) -> bytes:
-    """A `chat.completion` (encoded) as an encoded Anthropic `message`.
+    """A `chat.completion` (encoded) as an encoded Anthropic `message` (its usage, if it has
+    none that can be believed: `estimate` for the input, nothing for the output).
 
     Raises:
         UpstreamError: the completion cannot be read.
@@ -93,7 +94,7 @@ def from_completion(body: bytes, estimate: int) -> bytes:
                     id=call.id, name=call.function.name, input=tool_input(call.function.arguments)
                 )
             )
-    usage = completion.usage if isinstance(completion.usage, Usage) else None
+    usage = completion_usage(completion)
     message = MessageOut(
         id=message_id(completion.id),
         model=completion.model,

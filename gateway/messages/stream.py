@@ -42,12 +42,12 @@ from gateway.messages.schema import (
 from gateway.providers._translate import new_call_id
 from gateway.providers.base import ChatCall
 from gateway.responses.framing import event_frame, framed_batches
-from gateway.schemas.chat import ChatCompletionChunk, DeltaFunction, DeltaToolCall
+from gateway.schemas.chat import ChunkView, DeltaFunction, DeltaToolCall
 from gateway.schemas.codec import encode
 
 __all__ = ["MessageEvents"]
 
-_CHUNK = msgspec.json.Decoder(ChatCompletionChunk)
+_CHUNK = msgspec.json.Decoder(ChunkView)
 _NO_INPUT = msgspec.Raw(b"{}")
 
 

@@ -29,6 +29,7 @@ from gateway.schemas.chat import (
     ChatMessage,
     Choice,
     ChunkChoice,
+    CompletionView,
     Delta,
     DeltaFunction,
     DeltaToolCall,
@@ -49,6 +50,7 @@ __all__ = [
     "assistant_text",
     "completion_body",
     "completion_id",
+    "completion_usage",
     "data_url",
     "file_data",
     "joined_text",
@@ -188,11 +190,12 @@ def object_arguments(arguments: str, param: str) -> msgspec.Raw:
     return raw
 
 
-_COMPLETION = msgspec.json.Decoder(ChatCompletion)
+_COMPLETION = msgspec.json.Decoder(CompletionView)
 
 
-def read_completion(body: bytes) -> ChatCompletion:
-    """A whole `chat.completion` as the struct, to answer it in another API's shape.
+def read_completion(body: bytes) -> CompletionView:
+    """A whole `chat.completion` as the struct, to answer it in another API's shape (its
+    usage is not read: the provider's `ChatReply.usage` is the one to believe).
 
     Raises:
         UpstreamError: the body is not one.
@@ -201,6 +204,20 @@ def read_completion(body: bytes) -> ChatCompletion:
         return _COMPLETION.decode(body)
     except (msgspec.MsgspecError, RecursionError):
         raise UpstreamError("The upstream provider returned a malformed completion.") from None
+
+
+_USAGE = msgspec.json.Decoder(Usage)
+
+
+def completion_usage(completion: CompletionView) -> Usage | None:
+    """A completion's own usage, or None when it has none that can be believed (a negative,
+    huge or non-integer count: the provider's usage row is estimated already)."""
+    if completion.usage is UNSET:
+        return None
+    try:
+        return _USAGE.decode(completion.usage)
+    except (msgspec.MsgspecError, RecursionError):
+        return None
 
 
 def completion_id(upstream_id: str) -> str:

@@ -27,6 +27,7 @@ from gateway.providers._call_ids import short_input_ids
 from gateway.providers._errors import DECODE_ERRORS, stream_error
 from gateway.providers._http import UpstreamClient, done
 from gateway.providers.base import ChatCall, ChatReply
+from gateway.providers.responses_order import EVENT_VIEW, EventView, ResponsesOrder
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, present
 from gateway.schemas.response_output import ResponseUsage
@@ -42,19 +43,12 @@ class _ResponseUsageView(msgspec.Struct):
     usage: ResponseUsage | None = None
 
 
-class _EventView(msgspec.Struct):
-    """A Responses stream event's type; the rest is skipped unparsed."""
-
-    type: str = ""
-
-
 class _TerminalView(msgspec.Struct):
     """The `response` (with usage) that a terminal Responses stream event carries."""
 
     response: _ResponseUsageView | None = None
 
 
-_EVENT = msgspec.json.Decoder(_EventView)
 _TERMINAL_USAGE = msgspec.json.Decoder(_TerminalView)
 
 # The events that end a Responses stream; each carries the whole `response`, usage included.
@@ -90,9 +84,10 @@ class ResponsesRelay:
         fields = dict(body)
         fields["stream"] = _TRUE
         events = self._http.stream(self._url, self._body(call, fields), call)
+        order = ResponsesOrder()
         async with contextlib.aclosing(events):
             async for batch in events:
-                out, ended, error = self._reframe(call, batch)
+                out, ended, error = self._reframe(call, batch, order)
                 if out:
                     yield out  # events before an error still reach the client
                 if error is not None:
@@ -109,7 +104,7 @@ class ResponsesRelay:
         )
 
     def _reframe(
-        self, call: ChatCall, batch: list[bytes]
+        self, call: ChatCall, batch: list[bytes], order: ResponsesOrder
     ) -> tuple[list[bytes], bool, UpstreamError | None]:
         """Split one batch into (framed events for the client, ended, upstream error).
 
@@ -120,7 +115,7 @@ class ResponsesRelay:
             if payload == b"[DONE]":  # not sent by OpenAI; some servers do
                 continue
             try:
-                kind = self._event_type(call, payload)
+                kind = self._event_type(call, payload, order)
             except UpstreamError as exc:
                 return out, False, exc
             if kind == "error":
@@ -130,18 +125,22 @@ class ResponsesRelay:
                 return out, True, None
         return out, False, None
 
-    def _event_type(self, call: ChatCall, payload: bytes) -> str:
-        """One upstream event's type; usage of a terminal event is accounted on the way."""
+    def _event_type(self, call: ChatCall, payload: bytes, order: ResponsesOrder) -> str:
+        """One upstream event's type, once it is in order; usage of a terminal event is
+        accounted on the way."""
         try:
-            kind = _EVENT.decode(payload).type
+            event: EventView | None = EVENT_VIEW.decode(payload)
         except DECODE_ERRORS:
-            kind = ""
+            event = None
+        kind = event.type if event is not None else ""
         if not kind and stream_error(self._name, payload) is not None:
             return "error"  # a chat-style {"error": {...}} event
-        if not kind or "\n" in kind or "\r" in kind:
+        if event is None or not kind or "\n" in kind or "\r" in kind:
             raise UpstreamError(
                 f"The upstream provider '{self._name}' sent a malformed stream event."
             )
+        if kind != "error" and not order.allows(event):
+            raise UpstreamError(f"The upstream provider '{self._name}' sent '{kind}' out of order.")
         if kind in _TERMINAL:
             try:
                 view = _TERMINAL_USAGE.decode(payload).response

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import UNSET
 
 from gateway.errors import UpstreamError
-from gateway.providers._translate import read_completion
+from gateway.providers._translate import completion_usage, read_completion
 from gateway.responses.translation import Translation
 from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage
@@ -143,8 +143,7 @@ def from_completion(body: bytes, base: Response, usage: Usage | None) -> bytes:
                 status=status,
             )
         )
-    if isinstance(completion.usage, Usage):
-        usage = completion.usage
+    usage = completion_usage(completion) or usage
     response = finished(base, output, choice.finish_reason, usage)
     response.created_at = completion.created
     response.model = completion.model

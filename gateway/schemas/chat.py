@@ -24,6 +24,8 @@ __all__ = [
     "ChatMessage",
     "Choice",
     "ChunkChoice",
+    "ChunkView",
+    "CompletionView",
     "ContentPart",
     "Delta",
     "DeltaFunction",
@@ -408,6 +410,19 @@ class ChatCompletion(msgspec.Struct):
     service_tier: str | UnsetType | None = UNSET
 
 
+class CompletionView(msgspec.Struct):
+    """What the translators to other APIs (Responses, Messages) read of a whole chat
+    completion: its `usage` is read apart (`_translate.completion_usage`), so a count no one
+    can believe costs the answer its usage, not the client its answer."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    object: Literal["chat.completion"] = "chat.completion"
+    usage: Raw | UnsetType = UNSET
+
+
 class DeltaFunction(msgspec.Struct):
     name: str | UnsetType = UNSET
     arguments: str | UnsetType = UNSET
@@ -446,3 +461,16 @@ class ChatCompletionChunk(msgspec.Struct):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     usage: Usage | UnsetType | None = UNSET
     system_fingerprint: str | UnsetType | None = UNSET
+
+
+class ChunkView(msgspec.Struct):
+    """What the translators to other APIs (Responses, Messages) read of a chat chunk: not its
+    `usage`, which the provider's relay accounted already (one it cannot believe is an
+    estimated usage row, not a broken stream: the translator's own usage comes from the
+    call)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"

@@ -26,6 +26,7 @@ from gateway.providers._answers import answer_error
 from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._http import UpstreamClient, done
 from gateway.providers._translate import HeldAnswer
+from gateway.providers.anthropic.order import Order
 from gateway.providers.anthropic.response import UsageTally, event_error, openai_usage
 from gateway.providers.anthropic.wire import AnthropicErrorBody
 from gateway.providers.base import ChatCall, ChatReply
@@ -40,26 +41,96 @@ log = structlog.get_logger(__name__)
 _TRUE = msgspec.Raw(b"true")
 
 
-class _MessageView(msgspec.Struct):
-    """What makes a body an Anthropic `message`; its usage is read apart (a bad count must
-    not cost the client a good answer)."""
+class _StartView(msgspec.Struct):
+    """A `message_start`'s message: the SDK appends blocks to its `content` and counts into its
+    `usage` (read apart: a bad count must not break the stream, but it must be an object)."""
+
+    content: list[msgspec.Raw]
+    usage: msgspec.Raw
+
+
+class _BlockView(msgspec.Struct):
+    """A started block: the SDK adds text and thinking deltas to these strings."""
 
     type: str = ""
+    text: str | UnsetType = UNSET
+    thinking: str | UnsetType = UNSET
+
+
+class _MessageView(msgspec.Struct):
+    """What makes a body an Anthropic `message` its SDK's users can read (the SDK does not
+    check it): a list of blocks as `_BlockView`, and a `usage` object, read apart (a bad
+    count must not cost the client a good answer)."""
+
+    type: str = ""
+    content: list[_BlockView] | UnsetType = UNSET
     usage: msgspec.Raw | UnsetType = UNSET
 
 
-class _RawUsage(msgspec.Struct):
-    usage: msgspec.Raw | UnsetType = UNSET
+class _DeltaView(msgspec.Struct):
+    """A block's delta (its text, JSON or thinking, which the SDK adds up as strings), or a
+    `message_delta`'s."""
+
+    type: str = ""
+    text: str | UnsetType = UNSET
+    partial_json: str | UnsetType = UNSET
+    thinking: str | UnsetType = UNSET
 
 
 class _EventView(msgspec.Struct):
-    """What the relay reads of an event (usage raw: a bad count must not break the stream)."""
+    """What the relay reads of an event: its order, usage, and the fields the `anthropic` SDK
+    builds its message from, typed as the SDK uses them (`_shaped`)."""
 
     type: str = ""
-    message: _RawUsage | None = None
+    message: _StartView | None = None
     usage: msgspec.Raw | UnsetType = UNSET
     error: AnthropicErrorBody | None = None
     index: int | None = None
+    content_block: _BlockView | None = None
+    delta: _DeltaView | None = None
+
+
+# Per block and delta type, the string field the SDK adds to (types not named: not read).
+_BLOCK_TEXT = {"text": "text", "thinking": "thinking"}
+_DELTA_TEXT = {
+    "text_delta": "text",
+    "input_json_delta": "partial_json",
+    "thinking_delta": "thinking",
+}
+
+
+def _is_object(raw: msgspec.Raw | UnsetType) -> bool:
+    return raw is not UNSET and memoryview(raw)[:1].tobytes() == b"{"
+
+
+def _block_shaped(block: _BlockView | None) -> bool:
+    """Whether a block holds the string the SDK (or its user) reads of its type."""
+    return block is not None and getattr(block, _BLOCK_TEXT.get(block.type, "type")) is not UNSET
+
+
+def _readable(view: _MessageView) -> bool:
+    """Whether a whole answer is a `message` its SDK's users can read as one."""
+    if view.type != "message" or view.content is UNSET or not _is_object(view.usage):
+        return False
+    return all(map(_block_shaped, view.content))
+
+
+def _shaped(kind: str, event: _EventView) -> bool:
+    """Whether an event holds what the `anthropic` SDK reads of it, as it reads it (a null
+    text or usage crashed its accumulator with a TypeError or AttributeError, not an API
+    error). Fields and types added after this was written pass."""
+    if kind == "content_block_delta":
+        delta = event.delta
+        return (
+            delta is not None and getattr(delta, _DELTA_TEXT.get(delta.type, "type")) is not UNSET
+        )
+    if kind == "content_block_start":
+        return _block_shaped(event.content_block)
+    if kind == "message_start":
+        return event.message is not None and _is_object(event.message.usage)
+    if kind == "message_delta":
+        return event.delta is not None and _is_object(event.usage)
+    return True
 
 
 class _CountView(msgspec.Struct):
@@ -76,46 +147,6 @@ def _account(call: ChatCall, tally: UsageTally) -> None:
     if counts is not None:  # (else the row is estimated)
         call.usage = openai_usage(counts)
         call.cache_write_tokens = tally.cache_writes()
-
-
-class _Order:
-    """Where a stream is in the order the Messages API promises, which the `anthropic` SDK
-    relies on (its accumulator indexes the blocks started so far, and raises on an event
-    before `message_start`): one `message_start` first, blocks started at the next index,
-    deltas and stops only for a block that was started."""
-
-    __slots__ = ("blocks", "started")
-
-    def __init__(self) -> None:
-        self.started = False
-        self.blocks = 0  # content blocks started so far
-
-    def allows(self, kind: str, index: int | None) -> bool:
-        if kind == "message_start":
-            started, self.started = self.started, True
-            return not started
-        if kind == "ping" or kind not in _ORDERED:
-            return True  # (an event type added after this was written: the SDK skips it)
-        if not self.started:
-            return False
-        if kind == "content_block_start":
-            if index != self.blocks:
-                return False
-            self.blocks += 1
-        elif kind in ("content_block_delta", "content_block_stop"):
-            return index is not None and 0 <= index < self.blocks
-        return True
-
-
-_ORDERED = frozenset(
-    {
-        "content_block_start",
-        "content_block_delta",
-        "content_block_stop",
-        "message_delta",
-        "message_stop",
-    }
-)
 
 
 class MessagesRelay:
@@ -141,12 +172,11 @@ class MessagesRelay:
         data = self._body(call, body, stream=False)
         answer = await self._http.post(self._url, data, call, headers)
         view = self._http.decode(_MESSAGE, answer, "message")
-        if view.type != "message":
+        if not _readable(view):
             raise answer_error(self._name, answer, "message")
-        if view.usage is not UNSET:
-            tally = UsageTally(self._name)
-            tally.merge(view.usage)
-            _account(call, tally)
+        tally = UsageTally(self._name)
+        tally.merge(view.usage)
+        _account(call, tally)
         return ChatReply(body=answer, usage=call.usage)
 
     async def count(
@@ -161,7 +191,7 @@ class MessagesRelay:
         self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]
     ) -> AsyncGenerator[list[bytes], None]:
         tally = UsageTally(self._name)
-        order = _Order()
+        order = Order()
         held: list[bytes] = []
         # Held until the first content (pings, `message_start`), bounded as a whole answer.
         bound = HeldAnswer("a Messages stream before its first content", self._limit)
@@ -192,7 +222,7 @@ class MessagesRelay:
         )
 
     def _reframe(
-        self, call: ChatCall, batch: list[bytes], tally: UsageTally, order: _Order, out: list[bytes]
+        self, call: ChatCall, batch: list[bytes], tally: UsageTally, order: Order, out: list[bytes]
     ) -> tuple[bool, UpstreamError | None]:
         """Frame one batch's events into `out`; (saw `message_stop`, an upstream error)."""
         for payload in batch:
@@ -209,6 +239,10 @@ class MessagesRelay:
                 )
             if kind == "error":
                 return False, event_error(self._name, event.error or AnthropicErrorBody())
+            if not _shaped(kind, event):
+                return False, UpstreamError(
+                    f"The upstream provider '{self._name}' sent a malformed '{kind}' event."
+                )
             if not order.allows(kind, event.index):
                 return False, UpstreamError(
                     f"The upstream provider '{self._name}' sent '{kind}' out of order."

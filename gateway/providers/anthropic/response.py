@@ -11,6 +11,7 @@ from gateway.errors import UpstreamError, UpstreamUnavailable
 from gateway.providers._answers import read_usage
 from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._translate import ChunkWriter, HeldAnswer, completion_body, message
+from gateway.providers.anthropic.order import Order
 from gateway.providers.anthropic.request import JSON_TOOL, JsonTool
 from gateway.providers.anthropic.wire import (
     EVENT_DECODER,
@@ -188,6 +189,7 @@ class AnthropicStream:
         self.finished = False
         self.done = False
         self._blocks: dict[int, _BlockState] = {}  # open blocks, by Anthropic's block index
+        self._order = Order()  # (the SDK's order: refused out of it, as `/v1/messages` does)
         self._held = HeldAnswer("a stream translated from Anthropic", limit)
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -203,8 +205,18 @@ class AnthropicStream:
                 f"The upstream provider '{self.provider}' sent a malformed stream event."
             ) from None
         kind = event.type
-        if kind == "message_start" and event.message is not None:
+        if kind == "error":
+            raise event_error(self.provider, event.error or AnthropicErrorBody())
+        if not self._order.allows(kind, event.index):
+            where = "out of order" if self._order.started else "before 'message_start'"
+            raise UpstreamError(f"The upstream provider '{self.provider}' sent '{kind}' {where}.")
+        index = event.index or 0  # (an event about a block has one: `allows` checked)
+        if kind == "message_start":
             msg = event.message
+            if msg is None:
+                raise UpstreamError(
+                    f"The upstream provider '{self.provider}' sent a malformed stream event."
+                )
             self.writer = ChunkWriter(
                 id=f"chatcmpl-{msg.id}",
                 model=msg.model,
@@ -212,8 +224,6 @@ class AnthropicStream:
             )
             self.tally.merge(msg.usage)
             return []  # the role goes out with the first delta
-        if kind == "error":
-            raise event_error(self.provider, event.error or AnthropicErrorBody())
         writer = self.writer
         if writer is None:
             if kind == "ping":
@@ -221,12 +231,16 @@ class AnthropicStream:
             raise UpstreamError(
                 f"The upstream provider '{self.provider}' sent '{kind}' before 'message_start'."
             )
-        if kind == "content_block_start" and event.content_block is not None:
-            return self._block_start(writer, event.index, event.content_block)
+        if kind == "content_block_start":
+            if event.content_block is None:
+                raise UpstreamError(
+                    f"The upstream provider '{self.provider}' sent a malformed stream event."
+                )
+            return self._block_start(writer, index, event.content_block)
         if kind == "content_block_delta" and event.delta is not None:
-            return self._block_delta(writer, event.index, event.delta)
+            return self._block_delta(writer, index, event.delta)
         if kind == "content_block_stop":
-            state = self._blocks.pop(event.index, None)
+            state = self._blocks.pop(index, None)
             if state is not None:
                 self._held.release(state.size())
             if state is not None and state.kind == "tool" and not state.has_arguments:

@@ -144,7 +144,7 @@ class AnthropicErrorBody(msgspec.Struct):
 class AnthropicEvent(msgspec.Struct):
     type: str
     message: AnthropicResponse | None = None
-    index: int = 0
+    index: int | None = None  # (None: absent, which only events without a block may be)
     content_block: AnthropicContentBlock | None = None
     delta: AnthropicDelta | None = None
     usage: Raw | UnsetType = UNSET  # an `AnthropicUsage`, read apart

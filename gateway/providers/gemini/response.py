@@ -175,8 +175,9 @@ class GeminiStream:
 
     Each Gemini chunk holds only new parts: text becomes `content` deltas, thoughts
     `reasoning_content`, a function call (always whole) one tool-call delta with its full
-    arguments, an image an `images` delta. The last chunk's `finishReason` ends each choice;
-    the stream itself ends when the upstream closes it.
+    arguments, an image an `images` delta. The last chunk's `finishReason` ends each choice
+    (parts of a candidate after its finish are dropped: a chat client would see content after
+    its choice's `finish_reason`); the stream itself ends when the upstream closes it.
     """
 
     def __init__(self, call: ChatCall, provider: str) -> None:
@@ -222,6 +223,8 @@ class GeminiStream:
             if index not in self.seen:
                 self.seen.add(index)
                 self.open.add(index)
+            elif index not in self.open:
+                continue  # it finished: what it says after that is not part of its answer
             for part in cand.content.parts if cand.content else ():
                 out.extend(self._part(writer, part, index))
             if cand.finish_reason and index in self.open:
