@@ -70,7 +70,10 @@ STOP_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 30.0
 MODEL = "bench"
 ANTHROPIC_MODEL = "bench-anthropic"
-UPSTREAM_KEY = "bench-upstream-key"
+# Spelled as vendors spell keys: one named after the model ("bench...") would make every
+# event's `"model":"bench"` a string that ends with the key's start, which the cut-key
+# redaction holds back and decodes (`providers/_secrets.py`), a cost no real stream pays.
+UPSTREAM_KEY = "sk-bench-upstream-0123456789"
 THROUGHPUT_TARGET = 0.8  # gateway rps / relay rps, every cell
 P50_TARGET_MS = 0.15  # gateway p50 - relay p50 at concurrency 1 (issue #13)
 TRANSLATION_INFO = 0.8  # anthropic rps / openai rps, every cell: information, not a target

@@ -256,7 +256,7 @@ _SESSION_KEY: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.
 _TARGET_KEY: web.AppKey[str] = web.AppKey("target", str)
 _SLOW_KEY: web.AppKey[str] = web.AppKey("slow", str)
 _UPSTREAM_HEADERS = {
-    "Authorization": "Bearer bench-upstream-key",
+    "Authorization": "Bearer sk-bench-upstream-0123456789",
     "Content-Type": "application/json",
 }
 

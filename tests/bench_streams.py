@@ -65,7 +65,7 @@ __all__ = ["main"]
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 INTERVAL = 0.1
 SLOW_MODEL = "bench-slow"
-UPSTREAM_KEY = "bench-upstream-key"
+UPSTREAM_KEY = "sk-bench-upstream-0123456789"  # (as in tests/bench.py)
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:

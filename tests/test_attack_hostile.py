@@ -23,6 +23,7 @@ from gateway.providers._secrets import (
     START_CHARS,
     Secret,
     StreamRedactor,
+    clean,
 )
 from gateway.state import ADMIN_BRAKE_KEY
 from tests.conftest import MakeSettings, create_key, raw_request, start_gateway
@@ -520,3 +521,33 @@ def test_what_waits_for_a_key_to_complete_is_bounded() -> None:
     assert redactor.batch([chunk(UPSTREAM_KEY[:3])]) == []
     big = b'{"choices":[],"pad":"%b"}' % (b"x" * MAX_HELD_BYTES)
     assert redactor.batch([big]) == [chunk(UPSTREAM_KEY[:3]), big]
+
+
+def test_only_text_that_could_hold_a_piece_of_the_key_leaves_the_fast_path() -> None:
+    """A read is relayed as it came (no decode, no `StreamRedactor`) unless it holds the key,
+    a JSON string that ends with the key's first START_CHARS or more characters, or an escape:
+    the key's first characters inside a word ("ask", "task" for an `sk-` key) are ordinary
+    text, and a stream of them costs what any other does."""
+    secret = Secret(UPSTREAM_KEY)
+    start = UPSTREAM_KEY[:START_CHARS]
+    ordinary = [
+        chunk(f"a{start}ed twice"),
+        chunk(f"{start}{start} {UPSTREAM_KEY[:6]}x."),
+        chunk(UPSTREAM_KEY[: START_CHARS - 1]),
+    ]
+    for data in ordinary:
+        assert secret.absent(data), data
+        assert clean([data], secret)
+    suspect = [
+        chunk(UPSTREAM_KEY),
+        chunk(f"{UPSTREAM_KEY} and more"),
+        chunk(f"a{start}"),
+        chunk(f"the key: {UPSTREAM_KEY[:9]}"),
+        chunk(f"{start}{UPSTREAM_KEY[:5]}"),  # the key's start again inside its own piece
+        chunk(UPSTREAM_KEY[:-1]),
+        chunk("caf\\u00e9"),
+        b'{"' + UPSTREAM_KEY[:4].encode() + b'":1}',  # (a name, not text: held, harmless)
+    ]
+    for data in suspect:
+        assert not secret.absent(data), data
+        assert not clean([data], secret)

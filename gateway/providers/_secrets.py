@@ -17,7 +17,9 @@ is only relayed without being split into events when it is whole events (`_sse.p
 
 A key cut into pieces over several events, which the client joins (content deltas), is caught
 by `StreamRedactor`: an event is searched for the key's first `START_CHARS` characters
-instead of the whole key (the same one `find`), and only an event that holds them (or an
+followed, within the key's length, by a `"` that ends a JSON string after a piece of the key
+(a `find` for the start, and two more where it occurs: "ask" or "task" in a text with an
+`sk-...` key is not a piece of it), and only an event that holds one (or an
 escape) is decoded, to see whether one of its strings ends with the start of the key. Only
 then is the event held back, with the following ones, until the key is complete (the pieces
 are rewritten: `[redacted]` where it began, empty strings after) or is not (they go out as
@@ -84,11 +86,25 @@ class Secret:
         self.escapes = (b"\\u", *(b"\\" + c.encode() for c in key if c in _SHORT))
 
     def absent(self, data: bytes) -> bool:
-        """Whether `data` can be relayed as it is: neither the key's start (so neither the
-        key, nor a piece of it another event completes) nor an escape it could be spelled
-        with is in it (one `find` more than the key's own in the common case)."""
-        if data.find(self.start) >= 0:
-            return False
+        """Whether `data` can be relayed as it is: neither the key, nor a JSON string that
+        ends with the key's first `START_CHARS` or more characters (a piece another event
+        completes), nor an escape it could be spelled with is in it."""
+        start = self.start
+        at = data.find(start)
+        if at < 0:
+            return self.unescaped(data)  # the common case: two `find`s
+        raw = self.raw
+        size = len(raw)
+        while at >= 0:
+            # The key whole, or a piece of it that a `"` ends: the first `"` after the start
+            # is the one (a key with a `"` in it is spelled with `\"`, an escape).
+            end = data.find(b'"', at + START_CHARS, at + size)
+            if end >= 0:
+                if data[at:end] == raw[: end - at]:
+                    return False
+            elif data[at : at + size] == raw:
+                return False
+            at = data.find(start, at + 1)
         return self.unescaped(data)
 
     def unescaped(self, data: bytes) -> bool:
@@ -117,10 +133,11 @@ def redact(data: bytes, secret: Secret | None) -> bytes:
 
 
 def clean(batch: list[bytes], secret: Secret) -> bool:
-    """Whether no payload of `batch` holds the key's start or an escape: nothing to redact,
-    nothing to hold back (a stream's common case: no `StreamRedactor` is made for it)."""
-    for payload in batch:
-        if payload.find(secret.start) >= 0 or not secret.unescaped(payload):
+    """Whether no payload of `batch` holds the key, a piece of it that ends a string, or an
+    escape: nothing to redact, nothing to hold back (a stream's common case: no
+    `StreamRedactor` is made for it)."""
+    for payload in batch:  # noqa: SIM110 (a loop, not a generator: once a read)
+        if not secret.absent(payload):
             return False
     return True
 
@@ -185,7 +202,7 @@ class StreamRedactor:
         secret = self.secret
         out: list[bytes] | None = None
         for i, payload in enumerate(batch):
-            if not self.held and payload.find(secret.start) < 0 and secret.unescaped(payload):
+            if not self.held and secret.absent(payload):
                 if out is not None:
                     out.append(payload)
                 continue
