@@ -27,6 +27,7 @@ from gateway.database import opened_database
 from gateway.limits_redis import SharedGate
 from gateway.state import GATE_KEY, KEYS_KEY, STORE_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, free_port, start_gateway
+from tests.fakes import FakeOpenAI
 from tests.redis_server import RedisServer
 from tests.replicas import Replica
 from tests.test_limits_redis import BODY, CHAT, auth, two_gateways
@@ -68,6 +69,24 @@ DEMO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 async def post(gw: TestClient[Any, Any], secret: str) -> tuple[int, dict[str, Any]]:
     async with gw.post(CHAT, json=BODY, headers=auth(secret)) as resp:
         return resp.status, await resp.json()
+
+
+def hold_four(
+    gw: TestClient[Any, Any], secret: str, fake: FakeOpenAI
+) -> tuple[asyncio.Event, list[asyncio.Task[tuple[int, dict[str, Any]]]]]:
+    """Four requests of `secret` sent, each answered ("two words") only once the event is set:
+    each holds its part of the key's budget until then (wait for them: `all_seen`)."""
+    release = asyncio.Event()
+    fake.always(content="two words", hold=release)
+    return release, [asyncio.create_task(post(gw, secret)) for _ in range(4)]
+
+
+async def all_seen(fake: FakeOpenAI, count: int) -> None:
+    """Wait until the fake upstream has seen `count` chat requests in all."""
+    async with asyncio.timeout(NEVER_HANG):
+        while len(fake.chat_requests) < count:
+            fake.request_seen.clear()
+            await fake.request_seen.wait()
 
 
 @pytest.mark.parametrize(
@@ -294,13 +313,8 @@ async def test_requests_that_end_while_redis_is_frozen_count_once_it_answers(
     assert (await post(gw, secret))[0] == 200  # seeds the spending, and counts 10
     gate = app_of(gw)[GATE_KEY]
     assert isinstance(gate, SharedGate)
-    release = asyncio.Event()
-    fake.always(content="two words", hold=release)
-    tasks = [asyncio.create_task(post(gw, secret)) for _ in range(4)]
-    async with asyncio.timeout(NEVER_HANG):
-        while len(fake.chat_requests) < 5:  # each holds its budget, in Redis
-            fake.request_seen.clear()
-            await fake.request_seen.wait()
+    release, tasks = hold_four(gw, secret, fake)
+    await all_seen(fake, 5)  # each holds its budget, in Redis
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)
     try:

@@ -22,7 +22,7 @@ from gateway.state import GATE_KEY, KEYS_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, free_port, start_gateway
 from tests.fakes import FakeOpenAI
 from tests.test_accounting import ADMIN, new_key, patch
-from tests.test_attack_scale import post
+from tests.test_attack_scale import all_seen, hold_four, post
 from tests.test_limits_redis import known, two_gateways
 
 
@@ -188,13 +188,8 @@ async def test_ends_held_through_an_outage_longer_than_their_lease_still_count(
         secret = await create_key(a, budget_tokens=10_000, budget_period="total")
         await known(b, secret)
         assert (await post(a, secret))[0] == 200  # seeds the spending, and counts 10
-        release = asyncio.Event()
-        fake.always(content="two words", hold=release)
-        tasks = [asyncio.create_task(post(a, secret)) for _ in range(4)]
-        async with asyncio.timeout(NEVER_HANG):
-            while len(fake.chat_requests) < 5:  # each holds its budget, in Redis
-                fake.request_seen.clear()
-                await fake.request_seen.wait()
+        release, tasks = hold_four(a, secret, fake)
+        await all_seen(fake, 5)  # each holds its budget, in Redis
         key = app_of(a)[KEYS_KEY].lookup(secret)
         assert key is not None
         leases = await gate_b.redis.zrange(key_name(key, "lease"), 0, -1, withscores=True)
