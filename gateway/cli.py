@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 import asyncpg
 import msgspec
 
-from gateway import __version__, cli_db, cli_output as out, workers
+from gateway import __version__, cli_db, cli_output as out, keybody, workers
 from gateway.config import load_settings
 from gateway.database import Database, opened_database
 from gateway.dburl import redact
@@ -30,6 +30,7 @@ from gateway.records import (
     EDITABLE_FIELDS,
     KEY_FIELDS,
     LIMIT_FIELDS,
+    VIEW_NAMES,
     describe,
     key_view,
     value_type,
@@ -181,17 +182,30 @@ def _build_parser() -> argparse.ArgumentParser:
 # Commands
 
 
-def _check_group(name: str | None, args: argparse.Namespace) -> None:
-    settings: Settings | None = getattr(args, "settings", None)
-    if settings is not None:  # without a config read (--db only) groups cannot be checked
-        settings.require_group(name)
+def _flag(field: str) -> str:
+    """The option that sets a key body's field (`models[3]`: `--models`)."""
+    name = field.split("[", 1)[0].split(".", 1)[0]
+    return "--expires" if name == "expires_at" else f"--{name.replace('_', '-')}"
+
+
+def _key_fields(
+    given: dict[str, Any], kind: type[msgspec.Struct], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The options as the admin API's body, checked as it checks one (`gateway.keybody`), so
+    the CLI stores nothing the API would refuse (an infinite budget, notes too long...).
+
+    Raises:
+        InvalidRequest: a value is refused; the message names its option.
+    """
+    body = keybody.body_of({VIEW_NAMES.get(f, f): v for f, v in given.items()}, kind, label=_flag)
+    # Without a config read (--db only) groups cannot be checked.
+    return keybody.checked(body, getattr(args, "settings", None), label=_flag)
 
 
 async def _keys_create(store: Database, args: argparse.Namespace) -> int:
-    _check_group(args.group_name, args)
     given = vars(args)  # options left out are None: the record's defaults apply
     fields = {f: given[f] for f in EDITABLE_FIELDS if given.get(f) is not None}
-    key, secret = await store.create_key(**fields)
+    key, secret = await store.create_key(**_key_fields(fields, keybody.KeyCreate, args))
     if args.json:
         out.print_json({**key_view(key), "key": secret})
     else:
@@ -227,12 +241,12 @@ async def _keys_update(store: Database, args: argparse.Namespace) -> int:
         value = changes.get(field)
         if isinstance(value, str) and value.strip().lower() == "none":  # `--group none`
             changes[field] = cleared
-    _check_group(changes.get("group_name"), args)
     if given.get("clear_expires"):
         changes["expires_at"] = None
     if not changes:
         print("gateway: keys update: nothing to change (see --help)", file=sys.stderr)
         return 2
+    changes = _key_fields(changes, keybody.KeyUpdate, args)
     return out.show(await store.update_key(args.id, **changes), args)
 
 

@@ -14,8 +14,9 @@ said: <json of the response values>" after function responses; JSON sampled from
 ``inlineData`` part when ``responseModalities`` has IMAGE; ``stopSequences``/``maxOutputTokens`` cut
 the text. ``:streamGenerateContent?alt=sse`` streams the same answer as ``data: <JSON>`` events
 ended by CRLF CRLF: text word by word, calls whole, finishReason and the usage totals on the last
-event, no [DONE]. Without ``alt=sse`` it answers 400 (Google would stream a JSON array).
-``:batchEmbedContents`` embeds text as Google does (see ``tests.fake_endpoints``).
+event, no [DONE] (``done_after`` adds one, as some proxies do). Without ``alt=sse`` it answers
+400 (Google would stream a JSON array). ``:batchEmbedContents`` embeds text as Google does (see
+``tests.fake_endpoints``).
 
 Every request is checked the way Google checks it (``validate`` can be called directly): unknown
 field names at any depth (camelCase or proto snake_case), scalar and enum types (enums
@@ -157,6 +158,10 @@ class Script:
     drop_after: int | None = None  # stream: abort the connection after N events
     error_after: int | None = None  # stream: after N events send `data: {"error": ...}` and end
     stream_error: Json = field(default_factory=lambda: google_error(503))
+    # stream: an OpenAI-style `data: [DONE]` after N events, as some proxies add (Gemini never
+    # sends it), then `after_done` (raw bytes); the remaining events follow
+    done_after: int | None = None
+    after_done: bytes = b""
     content: str | None = None  # reply text (default "echo: <last user text>"); split on spaces
     tool_call: bool | None = None  # None: call iff functions are declared and the mode asks
     arguments: Json | None = None  # functionCall.args (default: sampled from the schema)
@@ -745,6 +750,8 @@ class FakeGemini(ScriptedFake[Script]):
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         frames = [_sse(chunk) for chunk in chunks]
+        if plan.done_after is not None:
+            frames.insert(plan.done_after, b"data: [DONE]\r\n\r\n" + plan.after_done)
         return await self.play(request, response, frames, plan, lambda _: _sse(plan.stream_error))
 
 

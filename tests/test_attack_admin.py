@@ -152,3 +152,26 @@ async def test_the_dashboard_shows_hostile_names_and_model_ids_as_text(
         # Scripts are the page's own files only, and the chart data cannot close its block.
         for block in re.findall(r"<script[^>]*>(.*?)</script>", text, re.DOTALL):
             assert "<" not in block, page
+
+
+@pytest.mark.parametrize("budget", [b"1e999", b"-1e999", b"Infinity", b"NaN"])
+async def test_a_budget_json_cannot_carry_is_a_400_on_create_and_change(
+    gw: TestClient[Any, Any], budget: bytes
+) -> None:
+    """JSON has no infinity or NaN, but some decoders read `1e999` as one: the admin API's
+    refuses it ("out of range"), on a change as on a creation, and the key stays as it was."""
+    key_id = (await create(gw, budget_usd=5))["id"]
+    json_headers = {**HEADERS, "Content-Type": "application/json"}
+    for method, path, body in (
+        ("POST", "/admin/keys", b'{"name": "k", "budget_usd": %b}' % budget),
+        ("PATCH", f"/admin/keys/{key_id}", b'{"budget_usd": %b}' % budget),
+    ):
+        async with gw.request(method, path, data=body, headers=json_headers) as resp:
+            assert resp.status == 400, await resp.text()
+            error = (await resp.json())["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "invalid_request_error"
+        if budget[-1:].isdigit():  # a number out of range; the others are not JSON at all
+            assert error["param"] == "budget_usd"
+    async with gw.get("/admin/keys", headers=HEADERS) as resp:
+        assert [k["budget_usd"] for k in (await resp.json())["data"]] == [5]

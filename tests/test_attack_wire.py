@@ -542,3 +542,85 @@ async def test_gemini_content_after_finish_is_not_relayed_to_messages(build: Bui
     rig = await build("gemini", sends(until_close(AFTER_FINISH)))
     message = await messages_stream(rig)
     assert [block.text for block in message.content if block.type == "text"] == ["hello"]
+
+
+# --- An answer without any choice, translated for the Responses and Messages APIs ---------------
+
+NO_CHOICE = {"id": "c", "created": 1, "model": "m-1", "choices": []}
+NO_CHOICE_USAGE = {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+# A whole answer, and streams that end ([DONE]) without a choice ever appearing: one chunk with
+# `choices: []` (as Azure's first chunk, its content filter results), or two and a usage chunk.
+NO_CHOICE_ANSWER = whole(
+    json.dumps({**NO_CHOICE, "object": "chat.completion", "usage": NO_CHOICE_USAGE}).encode()
+)
+NO_CHOICE_STREAMS = {
+    "one-empty-chunk": sse(chat_chunk(choices=[]), b"[DONE]"),
+    "empty-chunks-and-usage": sse(
+        *[chat_chunk(choices=[])] * 2, chat_chunk(choices=[], usage=NO_CHOICE_USAGE), b"[DONE]"
+    ),
+}
+
+
+async def test_an_answer_without_choices_is_a_502_translated_and_relayed_to_chat(
+    build: Build,
+) -> None:
+    # `/v1/messages` answered an empty message (200, no content, `end_turn`), as if the model
+    # had said nothing, where `/v1/responses` answered a 502: no choice is no answer. Chat
+    # clients still get the body as the upstream sent it.
+    rig = await build("openai", sends(NO_CHOICE_ANSWER))
+    async with openai_client(rig.gateway, rig.key) as client:
+        with pytest.raises(openai.APIStatusError) as failed:
+            await client.responses.create(model="m", input="hi")
+        assert failed.value.status_code == 502
+        assert failed.value.body == {
+            "message": "The upstream provider returned a completion without choices.",
+            "type": "upstream_error",
+            "param": None,
+            "code": "upstream_error",
+        }
+        completion = await client.chat.completions.create(model="m", messages=HI)
+        assert completion.choices == []
+    async with anthropic_client(rig.gateway, rig.key) as client:
+        with pytest.raises(anthropic.InternalServerError) as caught:
+            await client.messages.create(model="m", max_tokens=10, messages=HI)
+    assert caught.value.status_code == 500  # the gateway's 502, in Anthropic's terms
+    assert caught.value.body == {
+        "type": "error",
+        "error": {
+            "type": "api_error",
+            "message": "The upstream provider returned a completion without choices.",
+        },
+        "request_id": caught.value.response.headers["x-request-id"],
+    }
+    assert [row["status"] for row in await usage_rows(rig.gateway)] == [502, 200, 500]
+
+
+@pytest.mark.parametrize("stream", list(NO_CHOICE_STREAMS))
+async def test_a_stream_without_choices_is_a_502_translated_and_relayed_to_chat(
+    build: Build, stream: str
+) -> None:
+    # Translated, it was an empty message (`message_start` ... `end_turn`) or an empty
+    # `response.completed`: a success with nothing in it. No event has gone out before the
+    # stream ends, so the error is a status, as for a whole answer without choices.
+    rig = await build("openai", sends(until_close(NO_CHOICE_STREAMS[stream])))
+    async with openai_client(rig.gateway, rig.key) as client:
+        with pytest.raises(openai.APIStatusError) as failed:
+            await responses_stream(rig)
+        assert failed.value.status_code == 502
+        assert failed.value.body == {
+            "message": "The upstream provider ended the stream without any choice.",
+            "type": "upstream_error",
+            "param": None,
+            "code": "upstream_error",
+        }
+        chunks = await client.chat.completions.create(model="m", messages=HI, stream=True)
+        relayed = [chunk.choices async for chunk in chunks]  # as the upstream sent them
+        assert relayed == [[]] * (1 if stream == "one-empty-chunk" else 2)
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        await messages_stream(rig)
+    assert caught.value.status_code == 500
+    assert caught.value.body["error"] == {
+        "type": "api_error",
+        "message": "The upstream provider ended the stream without any choice.",
+    }
+    assert [row["status"] for row in await usage_rows(rig.gateway)] == [502, 200, 500]

@@ -377,3 +377,49 @@ def test_migrate(run: Run) -> None:
     assert status == 0, err
     assert out.strip().endswith("schema up to date")
     assert run("migrate")[0] == 0  # nothing left to do is no error
+
+
+@pytest.mark.parametrize("budget", ["inf", "Infinity", "1e999", "nan"])
+def test_keys_refuse_a_budget_the_admin_api_refuses(run: Run, budget: str) -> None:
+    """`float()` reads these, so the CLI stored an infinite (or NaN) budget that the admin API
+    and the dashboard refuse, and that the API then showed as `null`, as if there were none."""
+    # (NaN is refused for not being > 0, the others for not being finite.)
+    status, out, err = run("keys", "create", "--name", "x", "--budget-usd", budget)
+    assert (status, out) == (2, "")
+    assert err.startswith("gateway: Invalid --budget-usd: "), err
+    key_id = run.json("keys", "create", "--name", "y", "--budget-usd", "5")["id"]
+    status, out, err = run("keys", "update", key_id, "--budget-usd", budget)
+    assert (status, out) == (2, "")
+    assert err.startswith("gateway: Invalid --budget-usd: "), err
+    assert [(k["name"], k["budget_usd"]) for k in run.json("keys", "list")] == [("y", 5.0)]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--notes", "n" * 2001),
+        ("--name", "n" * 201),
+        ("--models", "demo," + "m" * 257),
+        ("--rpm", str(2**63)),
+    ],
+)
+def test_keys_apply_the_admin_apis_bounds(run: Run, option: str, value: str) -> None:
+    """The CLI took notes, names and allow-list entries of any length (and numbers SQLite cannot
+    hold, refused only by the store): it checks the admin API's body type now, naming the
+    option."""
+    name = ["--name", "x"] if option != "--name" else []
+    status, out, err = run("keys", "create", *name, option, value)
+    assert (status, out) == (2, "")
+    assert err.startswith(f"gateway: Invalid {option}: "), err
+    key_id = run.json("keys", "create", "--name", "y", "--notes", "kept")["id"]
+    status, out, err = run("keys", "update", key_id, option, value)
+    assert (status, out) == (2, "")
+    assert err.startswith(f"gateway: Invalid {option}: "), err
+    assert [(k["name"], k["notes"]) for k in run.json("keys", "list")] == [("y", "kept")]
+
+
+def test_keys_take_notes_as_long_as_the_admin_api_does(run: Run) -> None:
+    created = run.json("keys", "create", "--name", "x", "--notes", "n" * 2000)
+    assert len(created["notes"]) == 2000
+    updated = run.json("keys", "update", created["id"], "--notes", "m" * 2000)
+    assert updated["notes"] == "m" * 2000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,14 @@ from gateway.providers.gemini import GeminiProvider
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import decode_body
 from gateway.settings import GeminiConfig, ModelConfig, ProviderConfig, Target
-from tests.conftest import MakeSettings, create_key, openai_client, sse_events, start_gateway
+from tests.conftest import (
+    MakeSettings,
+    create_key,
+    openai_client,
+    sse_events,
+    start_gateway,
+    usage_rows,
+)
 from tests.fake_gemini import FakeGemini
 from tests.spec import validate_chat_completion, validate_chat_stream
 
@@ -216,3 +224,47 @@ async def test_stream_ends_with_usage_after_the_upstream_closes(rig: Rig) -> Non
     assert rig.fake.generate_requests[-1].path.endswith(":streamGenerateContent")
     assert events[-1]["usage"]["total_tokens"] > 0
     assert json.dumps(events).count('"finish_reason": "stop"') == 1
+
+
+# A proxy in front of Gemini may end its stream OpenAI's way. What follows the `[DONE]` is not
+# read: here an event that is no JSON (read, it would end the stream as malformed) and text.
+AFTER_DONE = b'data: {"candidates": oops\r\n\r\ndata: {"candidates": [{"content": {"parts": [{"text": " late"}]}, "index": 0}]}\r\n\r\n'  # noqa: E501
+
+
+async def test_a_stray_done_after_the_finish_ends_the_stream(rig: Rig) -> None:
+    # `[DONE]` was read as a malformed Gemini chunk: a finished answer ended with an error.
+    rig.fake.script(content="one two three", done_after=3, after_done=AFTER_DONE)
+    async with openai_client(rig.gateway, rig.key) as client:
+        chunks = await client.chat.completions.create(
+            model="flash", messages=HI, stream=True, stream_options={"include_usage": True}
+        )
+        seen = [chunk async for chunk in chunks]
+    deltas = [(c.delta.content, c.finish_reason) for chunk in seen for c in chunk.choices]
+    assert "".join(text or "" for text, _ in deltas) == "one two three"
+    assert [finish for _, finish in deltas if finish] == ["stop"]
+    assert seen[-1].usage is not None and seen[-1].usage.total_tokens > 0
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] == 200
+
+
+async def test_a_stray_done_before_the_finish_ends_an_incomplete_stream(rig: Rig) -> None:
+    # As a Gemini stream that stops without a finishReason: the text before it, then an error.
+    # (The fake holds the rest until the first text is through: in the same read as the end,
+    # it would be held back, and the error a status, as for any stream that stops so early.)
+    hold = asyncio.Event()
+    rig.fake.script(
+        content="one two three", done_after=1, after_done=AFTER_DONE, hold=hold, hold_after=1
+    )
+    texts: list[str | None] = []
+    async with openai_client(rig.gateway, rig.key) as client:
+        chunks = await client.chat.completions.create(model="flash", messages=HI, stream=True)
+        with pytest.raises(openai.APIError) as failed:
+            async for chunk in chunks:
+                texts += [c.delta.content for c in chunk.choices]
+                hold.set()
+    assert "".join(text or "" for text in texts) == "one"
+    assert failed.value.message == (
+        "The upstream provider 'gem' ended the stream before it was complete."
+    )
+    [row] = await usage_rows(rig.gateway)
+    assert row["status"] == 502

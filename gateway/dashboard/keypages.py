@@ -7,7 +7,6 @@ key cache sees them at once.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from gateway.dashboard import queries
 from gateway.dashboard.guard import form, redirect, render, signed_in
 from gateway.dashboard.pages import DAY, chart, fresh, period_of
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.keybody import body_of
 from gateway.records import BudgetPeriod, KeyRecord
 from gateway.state import KEYS_KEY, STORE_KEY
 
@@ -31,7 +31,6 @@ __all__ = ["confirm_revoke", "create_key", "key_detail", "keys", "revoke_key", "
 _FIELDS: tuple[str, ...] = ("name", "models", "rpm", "tpm", "max_concurrency", "budget_tokens")
 _FIELDS += ("budget_usd", "budget_period", "expires_at", "group", "notes")
 _TEXT = ("name", "notes")  # empty is a value, not "no limit"
-_NUMBERS = ("rpm", "tpm", "max_concurrency", "budget_tokens", "budget_usd")
 # A key's page draws this many series at most (its models with the most tokens, then the rest
 # together) and lists this many models (those with the most requests): its clients choose
 # the model ids, and 20,000 of them made a page of 18 MB, rendered on the event loop.
@@ -101,17 +100,10 @@ def _form_values(key: KeyRecord | None) -> dict[str, str]:
     return shown
 
 
-def _finite(text: str) -> bool:
-    """False for text that reads as an infinite or NaN float ("inf", "1e999", "nan")."""
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return True  # not a number at all: the conversion says what is wrong
-
-
 def _body(fields: dict[str, str], kind: type[msgspec.Struct], *, new: bool) -> msgspec.Struct:
     """A `KeyCreate` or `KeyUpdate` from a form. Empty fields: defaults for a new key, cleared
-    limits for a change. Raises msgspec.ValidationError for what the API would refuse."""
+    limits for a change. Raises InvalidRequest for what the API would refuse (lax conversion
+    reads "inf" as a float, which `keybody.checked` refuses as the API's JSON cannot say it)."""
     data: dict[str, Any] = {}
     for name in _FIELDS:
         if name not in fields:
@@ -119,16 +111,11 @@ def _body(fields: dict[str, str], kind: type[msgspec.Struct], *, new: bool) -> m
         text = fields[name].strip()
         if name == "models":
             data[name] = [m for m in text.replace(",", " ").split() if m]
-        elif name in _TEXT:
-            data[name] = text
-        elif text:
-            # Lax conversion reads "inf" as a float, a budget JSON cannot even say.
-            if name in _NUMBERS and not _finite(text):
-                raise msgspec.ValidationError(f"Expected a finite number - at `$.{name}`")
+        elif text or name in _TEXT:  # (empty text is a value; an empty number, no limit)
             data[name] = text
         elif not new:
             data[name] = None
-    return msgspec.convert(data, kind, strict=False)
+    return body_of(data, kind, strict=False)
 
 
 def _page_number(request: web.Request) -> int:
@@ -168,7 +155,7 @@ async def create_key(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
     try:
         view, secret = await keyops.create(request, _body(fields, keyops.KeyCreate, new=True))
-    except (GatewayError, msgspec.ValidationError) as exc:
+    except GatewayError as exc:
         values = {f: fields.get(f, "") for f in _FIELDS}
         return await _page(request, values=values, error=str(exc))
     created = {"id": view["id"], "name": view["name"], "secret": secret}
@@ -226,7 +213,7 @@ async def update_key(request: web.Request) -> web.StreamResponse:
         fields.pop("expires_at", None)  # unchanged (and perhaps past: leave it be)
     try:
         await keyops.update(request, key.id, _body(fields, keyops.KeyUpdate, new=False))
-    except (GatewayError, msgspec.ValidationError) as exc:
+    except GatewayError as exc:
         values = {f: fields.get(f, "") for f in _FIELDS}
         return await _detail(request, key, values=values, error=str(exc))
     return redirect(f"/dashboard/keys/{key.id}?saved=1")

@@ -75,25 +75,23 @@ def from_completion(body: bytes, estimate: int) -> bytes:
     none that can be believed: `estimate` for the input, nothing for the output).
 
     Raises:
-        UpstreamError: the completion cannot be read.
+        UpstreamError: the completion cannot be read, or has no choice.
     """
     completion = read_completion(body)
     content: list[BlockOut] = []
-    finish = None
-    if completion.choices:
-        choice = completion.choices[0]
-        msg, finish = choice.message, choice.finish_reason
-        if msg.reasoning_content:
-            content.append(ThinkingOut(thinking=msg.reasoning_content))
-        text = (msg.content or "") + (msg.refusal or "")
-        if text:
-            content.append(TextOut(text=text))
-        for call in msg.tool_calls or ():
-            content.append(
-                ToolUseOut(
-                    id=call.id, name=call.function.name, input=tool_input(call.function.arguments)
-                )
+    choice = completion.choices[0]
+    msg, finish = choice.message, choice.finish_reason
+    if msg.reasoning_content:
+        content.append(ThinkingOut(thinking=msg.reasoning_content))
+    text = (msg.content or "") + (msg.refusal or "")
+    if text:
+        content.append(TextOut(text=text))
+    for call in msg.tool_calls or ():
+        content.append(
+            ToolUseOut(
+                id=call.id, name=call.function.name, input=tool_input(call.function.arguments)
             )
+        )
     usage = completion_usage(completion)
     message = MessageOut(
         id=message_id(completion.id),

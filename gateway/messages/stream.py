@@ -2,8 +2,9 @@
 
 `MessageEvents` is a small state machine over the chat chunks (OpenAI format, whatever the
 provider), writing Anthropic's exact sequence: `message_start` (the prompt estimate as its
-`input_tokens`, the upstream's count follows in `message_delta`), then one content block at a
-time (`content_block_start`, its deltas, `content_block_stop`) with a `ping` after the first
+`input_tokens`, the upstream's count follows in `message_delta`; sent with the first choice, and
+a stream that has none is an error), then one content block at a time (`content_block_start`,
+its deltas, `content_block_stop`) with a `ping` after the first
 block's start as Anthropic sends it, then `message_delta` with the `stop_reason` and the usage,
 and `message_stop`. Thinking text is a `thinking` block, text a `text` block, each tool call a
 `tool_use` block whose arguments arrive as `input_json_delta`s. Every event is framed with its
@@ -81,7 +82,10 @@ class MessageEvents:
         async with contextlib.aclosing(framed_batches(chunks, self._chunk, self._take)) as out:
             async for frames in out:
                 yield frames
-        self._begin("", "")
+        if not self._started:
+            # Not even a `message_start` went out: the client gets the error as a status,
+            # as for a whole completion without choices.
+            raise UpstreamError("The upstream provider ended the stream without any choice.")
         self._close()
         call = self._call
         usage = usage_out(call.usage, self._estimate, call.cache_write_tokens)
@@ -114,10 +118,12 @@ class MessageEvents:
             chunk = _CHUNK.decode(data)
         except (msgspec.MsgspecError, RecursionError):
             raise UpstreamError("The upstream provider sent a malformed stream event.") from None
-        self._begin(chunk.id, chunk.model)
         for choice in chunk.choices:
             if choice.index != 0:
                 continue  # a Messages request has one answer
+            # The message starts with its choice: a stream of none is no message (a first
+            # chunk without choices, as Azure's content filter results, carries no id either).
+            self._begin(chunk.id, chunk.model)
             delta = choice.delta
             if delta.reasoning_content:
                 self._text("thinking", delta.reasoning_content)

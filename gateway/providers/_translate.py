@@ -198,12 +198,16 @@ def read_completion(body: bytes) -> CompletionView:
     usage is not read: the provider's `ChatReply.usage` is the one to believe).
 
     Raises:
-        UpstreamError: the body is not one.
+        UpstreamError: the body is not one, or has no choice (no answer to translate: chat
+            clients get such a body as it is, the Responses and Messages APIs a 502).
     """
     try:
-        return _COMPLETION.decode(body)
+        completion = _COMPLETION.decode(body)
     except (msgspec.MsgspecError, RecursionError):
         raise UpstreamError("The upstream provider returned a malformed completion.") from None
+    if not completion.choices:
+        raise UpstreamError("The upstream provider returned a completion without choices.")
+    return completion
 
 
 _USAGE = msgspec.json.Decoder(Usage)

@@ -16,7 +16,6 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET
 
-from gateway.errors import UpstreamError
 from gateway.providers._translate import completion_usage, read_completion
 from gateway.responses.translation import Translation
 from gateway.schemas.codec import encode
@@ -117,8 +116,6 @@ def from_completion(body: bytes, base: Response, usage: Usage | None) -> bytes:
         UpstreamError: the completion is not one.
     """
     completion = read_completion(body)
-    if not completion.choices:
-        raise UpstreamError("The upstream provider returned a completion without choices.")
     choice = completion.choices[0]
     message = choice.message
     status = item_status(choice.finish_reason)

@@ -1,11 +1,12 @@
 """A chat completion chunk stream as the Responses API event stream.
 
 `ResponseEvents` is a small state machine over the chat chunks (OpenAI format, whatever the
-provider): `response.created` and `response.in_progress` first, then one output item at a time
-(`reasoning`, `message` with its `output_text`/`refusal` parts, or a `function_call`), each
-opened with `output_item.added` and closed with its `*.done` events before the next one starts,
-and `response.completed` (or `response.incomplete`) with the whole object and usage last.
-Every event carries `sequence_number`, counting from 0, and is framed with its `event:` line.
+provider): `response.created` and `response.in_progress` first (with the first choice: a stream
+that has none is an error), then one output item at a time (`reasoning`, `message` with its
+`output_text`/`refusal` parts, or a `function_call`), each opened with `output_item.added` and
+closed with its `*.done` events before the next one starts, and `response.completed` (or
+`response.incomplete`) with the whole object and usage last. Every event carries
+`sequence_number`, counting from 0, and is framed with its `event:` line.
 """
 
 from __future__ import annotations
@@ -150,6 +151,10 @@ class ResponseEvents:
         async with contextlib.aclosing(framed_batches(chunks, self._chunk, self._take)) as out:
             async for frames in out:
                 yield frames
+        if not self._started:
+            # Not even `response.created` went out: the client gets the error as a status (a
+            # 502), as for a whole completion without choices.
+            raise UpstreamError("The upstream provider ended the stream without any choice.")
         self._close()
         done = finished(self._response, self._items, self._finish, self._call.usage)
         if done.status == "completed":
@@ -177,20 +182,23 @@ class ResponseEvents:
             chunk = _CHUNK.decode(data)
         except (msgspec.MsgspecError, RecursionError):
             raise UpstreamError("The upstream provider sent a malformed stream event.") from None
-        if not self._started:
-            self._started = True
-            self._held.limit = self._limit()  # the answering provider's, now it is known
-            self._response.created_at = chunk.created
-            self._response.model = chunk.model
-            self._emit(CreatedEvent(response=self._response))
-            self._emit(InProgressEvent(response=self._response))
         for choice in chunk.choices:
             if choice.index != 0:
                 continue  # a Responses request has no `n`: one answer
+            if not self._started:  # with the first choice: a stream of none is no response
+                self._start_response(chunk)
             self._delta(choice.delta)
             if choice.finish_reason:
                 self._finish = choice.finish_reason
                 self._close()
+
+    def _start_response(self, chunk: ChatCompletionChunk) -> None:
+        self._started = True
+        self._held.limit = self._limit()  # the answering provider's, now it is known
+        self._response.created_at = chunk.created
+        self._response.model = chunk.model
+        self._emit(CreatedEvent(response=self._response))
+        self._emit(InProgressEvent(response=self._response))
 
     def _delta(self, delta: Delta) -> None:
         if delta.reasoning_content:

@@ -177,7 +177,9 @@ class GeminiStream:
     `reasoning_content`, a function call (always whole) one tool-call delta with its full
     arguments, an image an `images` delta. The last chunk's `finishReason` ends each choice
     (parts of a candidate after its finish are dropped: a chat client would see content after
-    its choice's `finish_reason`); the stream itself ends when the upstream closes it.
+    its choice's `finish_reason`); the stream itself ends when the upstream closes it, or at an
+    OpenAI-style `[DONE]`, which Gemini never sends but proxies in front of it may add
+    (what follows it is not read; without a finish before it, the answer is incomplete).
     """
 
     def __init__(self, call: ChatCall, provider: str) -> None:
@@ -188,9 +190,12 @@ class GeminiStream:
         self.seen: set[int] = set()  # choices that started
         self.open: set[int] = set()  # choices that started and have not finished
         self.choices = choice_count(call)  # (candidates at other indexes are dropped)
-        self.done = False  # Gemini has no end event: its stream just closes
+        self.done = False  # Gemini has no end event (its stream just closes): a proxy's [DONE]
 
     def feed(self, data: bytes) -> list[bytes]:
+        if data == b"[DONE]":  # not JSON: read as a chunk, it ended the stream as malformed
+            self.done = True
+            return []
         if b'"error"' in data[:48]:  # an error envelope, possibly list-wrapped or spaced
             error = stream_error(self.provider, data)
             if error is not None:
