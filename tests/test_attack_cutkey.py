@@ -470,6 +470,35 @@ async def test_text_like_the_key_is_relayed_as_it_came(build: Build, kind: str, 
     await joined_content(rig, "x" * 40, "".join(pieces), (kind, reads))
 
 
+@pytest.mark.parametrize("reads", ["one", "each"])
+async def test_a_stream_with_text_like_the_key_is_never_decoded_for_it(
+    build: Build, reads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `make bench` missed for a day: an `sk-` key and text with "ask" in it made every
+    event of a stream decoded and searched (a streamed request 4.4 times as costly). On the
+    OpenAI path no `StreamRedactor` is made for such a stream, and the client reads each
+    event byte for byte as the upstream wrote it."""
+    made: list[StreamRedactor] = []
+
+    class Counted(StreamRedactor):
+        def __init__(self, secret: Secret) -> None:
+            super().__init__(secret)
+            made.append(self)
+
+    monkeypatch.setattr("gateway.providers._http.StreamRedactor", Counted)
+    pieces = ["ask for a task. ", f"{UPSTREAM_KEY[:8]}x, sk-other; ", f"{UPSTREAM_KEY[:-1]}!"]
+    body = pieces_stream("openai", pieces)
+    rig = await build(
+        "openai", sends(until_close(body)) if reads == "one" else paced(per_event, body)
+    )
+    status, got = await rig.call(stream=True)
+    assert status == 200, got
+    sent = [line for line in body.split(b"\n") if line.startswith(b"data: {")]
+    relayed = [line for line in got.split(b"\n") if line.startswith(b"data: {")]
+    assert relayed == sent
+    assert made == []
+
+
 # --- Older than a7b4bcc: leaks the old rule has too ---------------------------------------------
 
 
