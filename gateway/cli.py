@@ -421,3 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
         print(f"gateway: database error: {exc}", file=sys.stderr)
         return 1
+    except UnicodeEncodeError:
+        # An argument that is not UTF-8 (held as lone surrogates) reached the store: a key id
+        # or `--key` (key fields are checked before, naming their option).
+        print("gateway: an argument is not UTF-8 text", file=sys.stderr)
+        return 2

@@ -120,19 +120,34 @@ def checked(
     """
     changes = {f: v for f, v in msgspec.structs.asdict(body).items() if v is not UNSET}
     for field, value in changes.items():
+        name = VIEW_NAMES.get(field, field)
         if isinstance(value, float) and not math.isfinite(value):
-            name = VIEW_NAMES.get(field, field)
             raise InvalidRequest(f"Invalid {label(name)}: expected a finite number", param=name)
+        if not _utf8(value):  # (only the CLI's arguments can hold lone surrogates)
+            raise InvalidRequest(f"Invalid {label(name)}: expected UTF-8 text", param=name)
     if "group_name" in changes and settings is not None:
         settings.require_group(changes["group_name"])
     if "expires_at" in changes:
-        changes["expires_at"] = _expires(changes["expires_at"])
+        changes["expires_at"] = _expires(changes["expires_at"], label)
     if not changes:
         raise InvalidRequest("The body names no field to change.")
     return changes
 
 
-def _expires(value: float | str | None) -> float | None:
+def _utf8(value: Any) -> bool:
+    """Whether text (or every text in a tuple) can be stored: a command line argument that is
+    not UTF-8 holds lone surrogates (`surrogateescape`), which no store can encode."""
+    texts = value if isinstance(value, tuple) else (value,)
+    try:
+        for text in texts:
+            if isinstance(text, str):
+                text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _expires(value: float | str | None, label: Callable[[str], str]) -> float | None:
     if value is None:
         return None
     try:
@@ -140,4 +155,4 @@ def _expires(value: float | str | None) -> float | None:
         text = datetime.fromtimestamp(value, UTC).isoformat() if isinstance(value, float) else value
         return parse_expires(text)
     except (ValueError, OverflowError, OSError) as exc:
-        raise InvalidRequest(f"Invalid 'expires_at': {exc}", param="expires_at") from None
+        raise InvalidRequest(f"Invalid {label('expires_at')}: {exc}", param="expires_at") from None
