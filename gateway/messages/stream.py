@@ -2,8 +2,9 @@
 
 `MessageEvents` is a small state machine over the chat chunks (OpenAI format, whatever the
 provider), writing Anthropic's exact sequence: `message_start` (the prompt estimate as its
-`input_tokens`, the upstream's count follows in `message_delta`; sent with the first choice, and
-a stream that has none is an error), then one content block at a time (`content_block_start`,
+`input_tokens`, the upstream's count follows in `message_delta`; sent with the first chunk, so
+that the client has its headers and pings while the model thinks, and a stream that ends
+without a choice ends with an error), then one content block at a time (`content_block_start`,
 its deltas, `content_block_stop`) with a `ping` after the first
 block's start as Anthropic sends it, then `message_delta` with the `stop_reason` and the usage,
 and `message_stop`. Thinking text is a `thinking` block, text a `text` block, each tool call a
@@ -71,6 +72,7 @@ class MessageEvents:
         self._estimate = estimate
         self._frames: list[bytes] = []
         self._started = False
+        self._chosen = False  # a choice of the answer came: there is a message to end
         self._blocks = 0  # blocks opened so far: the next block's index
         self._open: str | None = None  # the open block's kind: thinking, text, or tool_use
         self._tool: _Tool | None = None
@@ -82,9 +84,9 @@ class MessageEvents:
         async with contextlib.aclosing(framed_batches(chunks, self._chunk, self._take)) as out:
             async for frames in out:
                 yield frames
-        if not self._started:
-            # Not even a `message_start` went out: the client gets the error as a status,
-            # as for a whole completion without choices.
+        if not self._chosen:
+            # No answer, only choiceless chunks (or none: then the client gets a status, as
+            # for a whole completion without choices; else the stream's error event).
             raise UpstreamError("The upstream provider ended the stream without any choice.")
         self._close()
         call = self._call
@@ -118,12 +120,14 @@ class MessageEvents:
             chunk = _CHUNK.decode(data)
         except (msgspec.MsgspecError, RecursionError):
             raise UpstreamError("The upstream provider sent a malformed stream event.") from None
+        # The message starts with the first chunk, a choiceless one too (Azure's content
+        # filter results, which may come long before the first token): the client's headers
+        # and pings must not wait for the model (`sse_pings`).
+        self._begin(chunk.id, chunk.model)
         for choice in chunk.choices:
             if choice.index != 0:
                 continue  # a Messages request has one answer
-            # The message starts with its choice: a stream of none is no message (a first
-            # chunk without choices, as Azure's content filter results, carries no id either).
-            self._begin(chunk.id, chunk.model)
+            self._chosen = True
             delta = choice.delta
             if delta.reasoning_content:
                 self._text("thinking", delta.reasoning_content)

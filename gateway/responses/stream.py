@@ -1,12 +1,12 @@
 """A chat completion chunk stream as the Responses API event stream.
 
 `ResponseEvents` is a small state machine over the chat chunks (OpenAI format, whatever the
-provider): `response.created` and `response.in_progress` first (with the first choice: a stream
-that has none is an error), then one output item at a time (`reasoning`, `message` with its
-`output_text`/`refusal` parts, or a `function_call`), each opened with `output_item.added` and
-closed with its `*.done` events before the next one starts, and `response.completed` (or
-`response.incomplete`) with the whole object and usage last. Every event carries
-`sequence_number`, counting from 0, and is framed with its `event:` line.
+provider): `response.created` and `response.in_progress` first (with the first chunk; a stream
+that ends without a choice ends with an error), then one output item at a time (`reasoning`,
+`message` with its `output_text`/`refusal` parts, or a `function_call`), each opened with
+`output_item.added` and closed with its `*.done` events before the next one starts, and
+`response.completed` (or `response.incomplete`) with the whole object and usage last. Every
+event carries `sequence_number`, counting from 0, and is framed with its `event:` line.
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ class ResponseEvents:
         self._open: _Open | None = None
         self._closed_calls: set[int] = set()
         self._started = False
+        self._chosen = False  # a choice of the answer came: there is a response to end
         self._finish: str | None = None
 
     async def events(self, chunks: AsyncIterator[list[bytes]]) -> AsyncGenerator[list[bytes], None]:
@@ -151,9 +152,9 @@ class ResponseEvents:
         async with contextlib.aclosing(framed_batches(chunks, self._chunk, self._take)) as out:
             async for frames in out:
                 yield frames
-        if not self._started:
-            # Not even `response.created` went out: the client gets the error as a status (a
-            # 502), as for a whole completion without choices.
+        if not self._chosen:
+            # No answer, only choiceless chunks (or none: then the client gets a 502, as for a
+            # whole completion without choices; else the stream's error event).
             raise UpstreamError("The upstream provider ended the stream without any choice.")
         self._close()
         done = finished(self._response, self._items, self._finish, self._call.usage)
@@ -182,11 +183,12 @@ class ResponseEvents:
             chunk = _CHUNK.decode(data)
         except (msgspec.MsgspecError, RecursionError):
             raise UpstreamError("The upstream provider sent a malformed stream event.") from None
+        if not self._started:  # with the first chunk: see `MessageEvents._chunk`
+            self._start_response(chunk)
         for choice in chunk.choices:
             if choice.index != 0:
                 continue  # a Responses request has no `n`: one answer
-            if not self._started:  # with the first choice: a stream of none is no response
-                self._start_response(chunk)
+            self._chosen = True
             self._delta(choice.delta)
             if choice.finish_reason:
                 self._finish = choice.finish_reason
