@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except UnicodeEncodeError:
         # An argument that is not UTF-8 (held as lone surrogates) reached the store: a key id
-        # or `--key` (key fields are checked before, naming their option).
+        # or `--key` (key fields are checked before, naming their option). Not the server's
+        # failure: that one is a failure of its own, never called a bad argument.
+        if args.command == "serve":
+            raise
         print("gateway: an argument is not UTF-8 text", file=sys.stderr)
         return 2
