@@ -239,6 +239,19 @@ async def test_a_flood_before_the_first_event_costs_work_per_read(
     assert sum(work.values()) <= len(body) // 500, work.most_common(5)
 
 
+@pytest.mark.parametrize("junk", [b"\n", b"\r\n", b": ping\n\n"], ids=["lf", "crlf", "pings"])
+def test_a_flood_and_its_first_event_in_one_read_cost_work_per_read(junk: bytes) -> None:
+    # The test above, whatever the reads: on a loaded machine the flood's last read held
+    # 350 KB of pings and the first event, and each ping cost two `startswith`.
+    flood = junk * (8 * MiB // len(junk))
+    for events in ([chunk("hi")], [chunk("hi"), chunk("!")]):
+        decoder = _sse.SSEDecoder(64 * 1024)
+        with calls_in(_sse) as work:
+            payloads = decoder.feed(flood + sse(*events))
+        assert payloads == events
+        assert sum(work.values()) <= 40, work.most_common(5)  # a few calls, not one a ping
+
+
 BAD_EVENTS = {
     "not-json": b"hello",
     "nul-byte": chunk(b"a\x00b"),

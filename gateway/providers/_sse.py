@@ -154,8 +154,11 @@ class SSEDecoder:
         if rest:
             buf += rest
         self._hold()
-        if not events or data.find(b"data:") < 0:
+        first = data.find(b"data:")
+        if not events or first < 0:
             return []  # e.g. a run of blank lines or pings: nothing to dispatch
+        if first:  # the events before the first data line (a flood of pings) are skipped in C
+            events = events[data.count(b"\n\n", 0, first) :]
         return _payloads(events, data.isascii())
 
     @property
