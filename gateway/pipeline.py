@@ -459,7 +459,13 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
     elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
-        trace.completion_tokens = call.chunks
+        # One token a chunk, within the same bound as reported usage: an upstream that never
+        # reports it cannot charge a key more by sending empty chunks by the million.
+        completion = call.chunks
+        if completion > OUTPUT_FLOOR:
+            most = usage_bounds.completion_bound(call, ex.provider)
+            completion = min(completion, max(most, OUTPUT_FLOOR))
+        trace.completion_tokens = completion
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
         trace.cost_usd = price.cost(_counts(trace, usage))

@@ -148,3 +148,29 @@ async def test_a_small_output_limit_is_charged_at_most_the_floor(build: Build) -
         (OUTPUT_FLOOR, 1),
         (2_000, 1),
     ]
+
+
+async def test_chunks_without_usage_are_charged_within_the_output_limit(build: Build) -> None:
+    """A stream that never reports usage is charged a token a chunk (estimated); thousands
+    of chunks, empty ones too, are charged no more than reported usage could be."""
+    head = b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m-1","choices":'
+    final = head + b'[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    empty = head + b"[]}"
+    data = whole(sse(*[chunk("ok")] * 3, *[empty] * 5_000, final, b"[DONE]"), "text/event-stream")
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    rig = await build("openai", answer)
+    secret = await create_key(rig.gateway, budget_tokens=1_000_000)
+    async with rig.gateway.post(
+        CHAT,
+        json={"model": "m", "messages": HI, "stream": True, "max_tokens": 10},
+        headers={"Authorization": f"Bearer {secret}"},
+    ) as resp:
+        assert resp.status == 200
+        await resp.read()
+    await app_of(rig.gateway)[USAGE_KEY].wait_recorded(1)
+    [row] = await usage_rows(rig.gateway)
+    assert (row["completion_tokens"], row["estimated"]) == (OUTPUT_FLOOR, 1)
