@@ -109,6 +109,10 @@ class Secret:
 
     def unescaped(self, data: bytes) -> bool:
         """Whether `data` holds no escape the key could be spelled with."""
+        if data.find(b"\\") < 0:
+            # No backslash, so no escape: one `memchr` (a search for two bytes, as `\\u`,
+            # steps through the text a few bytes at a time: 5 us over a 6 KB read here).
+            return True
         for escape in self.escapes:  # noqa: SIM110 (a loop, not a generator: once a read)
             if data.find(escape) >= 0:
                 return False
