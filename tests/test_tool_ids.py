@@ -9,6 +9,7 @@ without its thought signature (Google's placeholder aside).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import openai
@@ -107,6 +108,17 @@ async def test_a_tool_loop_moves_between_gemini_anthropic_and_openai(loop: Loop)
     assert openai_id == "call_fake1" or len(openai_id) <= 40
 
 
+async def test_a_long_prompt_has_its_ids_shortened_too(loop: Loop) -> None:
+    # A body past 4 KB is not scanned for the keys (0.8 ns a byte: 94 us for 118 KB) but
+    # walked as decoded messages: its ids are shortened all the same.
+    loop.messages[0] = {"role": "user", "content": "find x in this: " + "words\n" * 2_000}
+    gemini_id = await loop.turn("g", "x is 1")
+    await loop.turn("o", "x is 2")
+    pairs = _openai_ids(loop.fakes["openai"])
+    assert pairs[0] == (shorten(gemini_id), shorten(gemini_id))
+    assert len(json.dumps(loop.fakes["openai"].chat_requests[-1].json)) > 4096
+
+
 async def test_failover_to_openai_mid_loop_shortens_the_ids(loop: Loop) -> None:
     await loop.turn("g", "x is 1")
     loop.fakes["anthropic"].script(status=529)
@@ -158,3 +170,4 @@ def test_only_a_body_that_cannot_hold_a_call_id_skips_the_walk() -> None:
     assert _may_hold_call_ids(b'{"messages":[{"role":"assistant","tool_calls":[]}]}')
     assert _may_hold_call_ids(b'{"messages":[{"role":"tool","tool\\u005fcall_id":"x"}]}')
     assert _may_hold_call_ids(None)
+    assert _may_hold_call_ids(b'{"messages":[{"role":"user","content":"%b"}]}' % (b"x" * 4096))

@@ -218,13 +218,24 @@ class OpenAIProvider:
         return True
 
 
+# The largest body scanned for tool-call ids: past it, the walk over the decoded messages
+# (`short_ids`) is the cheaper look (a search for the two bytes `\u` takes about 0.8 ns a
+# byte: 94 us over a prompt of 118 KB, where its few messages are walked in a microsecond).
+_SCAN_MOST = 4096
+
+
 def _may_hold_call_ids(body: bytes | None) -> bool:
     """Whether the request may carry a tool-call id: not when the client's own JSON has no
     `"tool_call` (the start of both `tool_call_id` and `tool_calls`) and no escape that could
-    spell one. Two scans of its bytes, instead of a walk over its messages (most requests);
+    spell one. Two scans of a short body, instead of a walk over its messages (most requests);
     `find`, not `in`: on Python 3.11 `in` on bytes first tries its operand as an integer,
     raising and dropping a TypeError each time (about 2,700 instructions)."""
-    return body is None or body.find(b'"tool_call') >= 0 or body.find(b"\\u") >= 0
+    return (
+        body is None
+        or len(body) > _SCAN_MOST
+        or body.find(b'"tool_call') >= 0
+        or body.find(b"\\u") >= 0
+    )
 
 
 class _ChatRelay:
