@@ -130,9 +130,8 @@ def redact(data: bytes, secret: Secret | None) -> bytes:
         return data
     if data.find(secret.raw) >= 0:
         data = data.replace(secret.raw, REDACTED)
-    for escape in secret.escapes:
-        if data.find(escape) >= 0:
-            return secret.pattern.sub(REDACTED, data)
+    if not secret.unescaped(data):
+        return secret.pattern.sub(REDACTED, data)
     return data
 
 
