@@ -463,8 +463,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         # reports it cannot charge a key more by sending empty chunks by the million.
         completion = call.chunks
         if completion > OUTPUT_FLOOR:
-            most = usage_bounds.completion_bound(call, ex.provider)
-            completion = min(completion, max(most, OUTPUT_FLOOR))
+            completion = min(completion, usage_bounds.completion_charged(call, ex.provider))
         trace.completion_tokens = completion
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:

@@ -44,6 +44,7 @@ __all__ = [
     "THINKING_ALLOWANCE",
     "bound",
     "completion_bound",
+    "completion_charged",
     "prompt_bound",
 ]
 
@@ -120,6 +121,12 @@ def completion_bound(call: Call, provider: object) -> int:
     return most
 
 
+def completion_charged(call: Call, provider: object) -> int:
+    """The most completion tokens `call` is charged, reported or estimated: its bound, and
+    never below `OUTPUT_FLOOR`."""
+    return max(completion_bound(call, provider), OUTPUT_FLOOR)
+
+
 def bound(call: Call, provider: object, provider_name: str, trace: RequestTrace) -> None:
     """Lower the counts in `trace` past what `call` can have used; log and mark it if so.
 
@@ -137,7 +144,7 @@ def bound(call: Call, provider: object, provider_name: str, trace: RequestTrace)
             trace.cache_write_tokens = min(cache_write, prompt_most - trace.cache_read_tokens)
     completion_most: int | None = None
     if completion > OUTPUT_FLOOR:
-        completion_most = max(completion_bound(call, provider), OUTPUT_FLOOR)
+        completion_most = completion_charged(call, provider)
         trace.completion_tokens = min(completion, completion_most)
     if (prompt, completion, cache_read, cache_write) == (
         trace.prompt_tokens,
