@@ -184,7 +184,12 @@ class ResponseEvents:
         except (msgspec.MsgspecError, RecursionError):
             raise UpstreamError("The upstream provider sent a malformed stream event.") from None
         if not self._started:  # with the first chunk: see `MessageEvents._chunk`
-            self._start_response(chunk)
+            self._started = True
+            self._held.limit = self._limit()  # the answering provider's, now it is known
+            self._response.created_at = chunk.created
+            self._response.model = chunk.model
+            self._emit(CreatedEvent(response=self._response))
+            self._emit(InProgressEvent(response=self._response))
         for choice in chunk.choices:
             if choice.index != 0:
                 continue  # a Responses request has no `n`: one answer
@@ -193,14 +198,6 @@ class ResponseEvents:
             if choice.finish_reason:
                 self._finish = choice.finish_reason
                 self._close()
-
-    def _start_response(self, chunk: ChatCompletionChunk) -> None:
-        self._started = True
-        self._held.limit = self._limit()  # the answering provider's, now it is known
-        self._response.created_at = chunk.created
-        self._response.model = chunk.model
-        self._emit(CreatedEvent(response=self._response))
-        self._emit(InProgressEvent(response=self._response))
 
     def _delta(self, delta: Delta) -> None:
         if delta.reasoning_content:
