@@ -34,6 +34,7 @@ from tests.test_attack_upstream import (
     anthropic_text,
     build,
     chunk,
+    chunked,
     http,
     named_events,
     sends,
@@ -364,7 +365,7 @@ def paced(reads: Callable[[bytes], list[bytes]], body: bytes) -> Answer:
         head = {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"}
         writer.write(http("200 OK", head))
         for piece in reads(body):
-            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            writer.write(chunked(piece))
             await writer.drain()
             await asyncio.sleep(0.001)
         writer.write(b"0\r\n\r\n")

@@ -16,7 +16,7 @@ import pytest
 
 from gateway import timeparse
 from tests.conftest import NEVER_HANG, openai_client, usage_rows
-from tests.test_attack_upstream import Build, build, http, sends, sse, until_close
+from tests.test_attack_upstream import Build, build, chunked, http, sends, sse, until_close
 from tests.test_attack_upstream2 import messages_stream
 from tests.test_attack_wire import chat_chunk, gemini_chunk
 from tests.test_cli import Run, run
@@ -29,10 +29,6 @@ EMPTY = chat_chunk(choices=[])
 TEXT = chat_chunk(choices=[{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}])
 STOP = chat_chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
 SSE_HEAD = http("200 OK", {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"})
-
-
-def chunked(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 async def responses_text(rig: Any) -> str:
