@@ -263,6 +263,45 @@ async def test_gemini_done_in_odd_places(build: Build, case: str) -> None:
     assert isinstance(chat, openai.APIError), chat  # no finish before [DONE]: incomplete
 
 
+# --- A `[DONE]` with more after it ---------------------------------------------------------
+
+# The SDKs end a stream at any data that starts with `[DONE]` (openai-python:
+# `sse.data.startswith("[DONE]")`); the gateway read `[DONE] ` as a chunk that is not JSON and
+# ended a complete answer with an error.
+DONE_SPELLINGS = {"trailing-space": b"[DONE] ", "trailing-tab": b"[DONE]\t", "more": b"[DONE]!"}
+
+
+@pytest.mark.parametrize("done", list(DONE_SPELLINGS))
+async def test_a_done_with_more_after_it_ends_an_openai_stream(build: Build, done: str) -> None:
+    usage = chat_chunk(choices=[], usage=USAGE)
+    rig = await build("openai", sends(until_close(sse(TEXT, STOP, usage, DONE_SPELLINGS[done]))))
+    chunks = await rig.sdk(stream=True)
+    assert not isinstance(chunks, Exception), chunks
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hi"
+    status, body = await rig.post(
+        "/v1/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
+    assert status == 200 and body.endswith(b"data: " + STOP + b"\n\ndata: [DONE]\n\n"), body
+    assert await messages_text(rig) == "hi"
+    assert await responses_text(rig) == "hi"
+    rows = await usage_rows(rig.gateway)
+    assert [(r["status"], r["estimated"]) for r in rows] == [(200, 0)] * 4
+
+
+@pytest.mark.parametrize("done", list(DONE_SPELLINGS))
+async def test_a_done_with_more_after_it_ends_a_gemini_stream(build: Build, done: str) -> None:
+    rig = await build(
+        "gemini", sends(until_close(sse(gemini_chunk("hi", "STOP"), DONE_SPELLINGS[done])))
+    )
+    chunks = await rig.sdk(stream=True)
+    assert not isinstance(chunks, Exception), chunks
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hi"
+    assert await messages_text(rig) == "hi"
+    assert await responses_text(rig) == "hi"
+    assert [r["status"] for r in await usage_rows(rig.gateway)] == [200] * 3
+
+
 # --- The CLI's key options ------------------------------------------------------------------
 
 NOT_UTF8 = "\udcff"  # what Python makes of a 0xff byte in argv (surrogateescape)

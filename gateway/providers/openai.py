@@ -134,7 +134,7 @@ class OpenAIProvider:
         event); a `Framed` batch goes to `_relay_run` instead (`_ChatRelay.each`)."""
         out: list[bytes] = []
         for data in batch:
-            if data == b"[DONE]":
+            if data.startswith(b"[DONE]"):  # (as the SDKs read it: `[DONE] ` ends a stream too)
                 return out, True, None
             try:
                 if check.see(data) and self._keep(call, data, keep_usage_chunk):

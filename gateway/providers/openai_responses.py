@@ -112,7 +112,7 @@ class ResponsesRelay:
         """
         out: list[bytes] = []
         for payload in batch:
-            if payload == b"[DONE]":  # not sent by OpenAI; some servers do
+            if payload.startswith(b"[DONE]"):  # not sent by OpenAI; some servers do
                 continue
             try:
                 kind = self._event_type(call, payload, order)

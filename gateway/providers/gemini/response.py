@@ -193,7 +193,7 @@ class GeminiStream:
         self.done = False  # Gemini has no end event (its stream just closes): a proxy's [DONE]
 
     def feed(self, data: bytes) -> list[bytes]:
-        if data == b"[DONE]":  # not JSON: read as a chunk, it ended the stream as malformed
+        if data.startswith(b"[DONE]"):  # (not JSON: read as a chunk, it ended as malformed)
             self.done = True
             return []
         if b'"error"' in data[:48]:  # an error envelope, possibly list-wrapped or spaced
