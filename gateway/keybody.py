@@ -9,6 +9,7 @@ so the CLI applies them without loading the HTTP stack.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -125,6 +126,12 @@ def checked(
             raise InvalidRequest(f"Invalid {label(name)}: expected a finite number", param=name)
         if not _utf8(value):  # (only the CLI's arguments can hold lone surrogates)
             raise InvalidRequest(f"Invalid {label(name)}: expected UTF-8 text", param=name)
+        if field in _PLAIN_TEXT and not _plain(value, field == "notes"):
+            raise InvalidRequest(
+                f"Invalid {label(name)}: control characters and bidirectional formatting "
+                "characters are not allowed",
+                param=name,
+            )
     if "group_name" in changes and settings is not None:
         settings.require_group(changes["group_name"])
     if "expires_at" in changes:
@@ -132,6 +139,24 @@ def checked(
     if not changes:
         raise InvalidRequest("The body names no field to change.")
     return changes
+
+
+# What people read back in the dashboard, the CLI's tables and the admin API: no control
+# characters (a name over several lines, an escape sequence for a terminal) and none of
+# Unicode's bidirectional formatting characters, which reorder what follows them on screen
+# ("key-for-\u202eved" shows as "key-for-dev"), so one key can pass for another. Notes keep
+# their line breaks and tabs (a form's text area sends CRLF).
+_UNSAFE = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_NOT_PLAIN = re.compile(f"[\x00-\x1f\x7f-\x9f{_UNSAFE}]")
+_NOT_PLAIN_NOTES = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_UNSAFE}]")
+_PLAIN_TEXT = frozenset({"name", "notes", "metadata"})
+
+
+def _plain(value: Any, lines: bool) -> bool:
+    """Whether a name, notes (`lines`) or metadata hold no character `_NOT_PLAIN` refuses."""
+    pattern = _NOT_PLAIN_NOTES if lines else _NOT_PLAIN
+    texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+    return not any(isinstance(t, str) and pattern.search(t) for t in texts)
 
 
 def _utf8(value: Any) -> bool:

@@ -139,6 +139,52 @@ async def test_bad_admin_input_is_a_400_naming_the_field(
     assert error["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", "key-for-\u202eved"),  # shows as "key-for-dev"
+        ("name", "\u2067prod\u2069"),
+        ("name", "two\nlines"),
+        ("name", "tab\tbed"),
+        ("name", "\x1b[31mred"),  # a terminal escape, for `keys list`
+        ("notes", "fine\r\nthen \u202e"),
+        ("notes", "bell\x07"),
+        ("metadata", {"team": "a\u200fb"}),
+        ("metadata", {"\u202dteam": "a"}),
+    ],
+)
+async def test_text_that_reorders_or_controls_what_is_shown_is_refused(
+    gw: TestClient[Any, Any], field: str, value: Any
+) -> None:
+    """A key's name could hold Unicode's bidirectional overrides, so one key read as another in
+    the dashboard and the CLI, and control characters (a terminal escape in `keys list`)."""
+    body = {"name": "a", field: value}
+    async with gw.post("/admin/keys", json=body, headers=admin()) as resp:
+        error = (await resp.json())["error"]
+    assert (resp.status, error["param"]) == (400, field)
+    assert "control characters and bidirectional formatting characters" in error["message"]
+    async with gw.post("/admin/keys", json={"name": "a"}, headers=admin()) as resp:
+        key_id = (await resp.json())["id"]
+    async with gw.patch(f"/admin/keys/{key_id}", json={field: value}, headers=admin()) as resp:
+        assert resp.status == 400
+    async with gw.get("/admin/keys", headers=admin()) as resp:
+        assert [(k["name"], k["notes"]) for k in (await resp.json())["data"]] == [("a", "")]
+
+
+async def test_names_and_notes_keep_any_script_and_notes_their_line_breaks(
+    gw: TestClient[Any, Any],
+) -> None:
+    body = {
+        "name": "Zoë's 日本 key \u05e9\u05dc\u05d5\u05dd 🔑",  # (Hebrew: direction is no override)
+        "notes": "first line\r\nsecond\tline\n",
+        "metadata": {"équipe": "données"},
+    }
+    async with gw.post("/admin/keys", json=body, headers=admin()) as resp:
+        created = await resp.json()
+    assert resp.status == 201, created
+    assert {f: created[f] for f in body} == body
+
+
 async def test_unknown_key_and_empty_update(gw: TestClient[Any, Any]) -> None:
     async with gw.get("/admin/keys/key_nope", headers=admin()) as resp:
         assert resp.status == 404

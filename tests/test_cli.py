@@ -217,6 +217,16 @@ def seed_usage(db: str, key_id: str) -> None:
     asyncio.run(write())
 
 
+def stored_as(db: str, key_id: str, **fields: Any) -> None:
+    """Change a key in its store directly, past the checks of the CLI and the admin API."""
+
+    async def write() -> None:
+        async with opened_database(db) as store:
+            await store.update_key(key_id, **fields)
+
+    asyncio.run(write())
+
+
 def test_usage_report(run: Run) -> None:
     key_id = run.json("keys", "create", "--name", "g")["id"]
     seed_usage(run.db, key_id)
@@ -247,7 +257,9 @@ def test_usage_report(run: Run) -> None:
 def test_usage_by_key_names_each_key(run: Run) -> None:
     """Key names beside the ids, in the table and the JSON; a key since deleted (or none) has
     none."""
-    key_id = run.json("keys", "create", "--name", "team\x1b[31mred")["id"]
+    key_id = run.json("keys", "create", "--name", "team")["id"]
+    # A name with a terminal escape in it, as one made before such names were refused.
+    stored_as(run.db, key_id, name="team\x1b[31mred")
     seed_usage(run.db, key_id)
     rows = run.json("usage")
     assert [(r["group"], r["name"]) for r in rows] == [
@@ -416,6 +428,15 @@ def test_keys_apply_the_admin_apis_bounds(run: Run, option: str, value: str) -> 
     assert (status, out) == (2, "")
     assert err.startswith(f"gateway: Invalid {option}: "), err
     assert [(k["name"], k["notes"]) for k in run.json("keys", "list")] == [("y", "kept")]
+
+
+@pytest.mark.parametrize("option", ["--name", "--notes"])
+def test_keys_refuse_a_bidirectional_override(run: Run, option: str) -> None:
+    name = ["--name", "x"] if option != "--name" else []
+    status, out, err = run("keys", "create", *name, option, "key-for-\u202eved")
+    assert (status, out) == (2, "")
+    assert err.startswith(f"gateway: Invalid {option}: control characters"), err
+    assert run.json("keys", "list") == []
 
 
 def test_keys_take_notes_as_long_as_the_admin_api_does(run: Run) -> None:

@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import MakeSettings, start_gateway
+from gateway.state import KEYS_KEY
+from tests.conftest import MakeSettings, app_of, create_key, start_gateway
 from tests.test_dashboard_browser import ADMIN, Browser, chromium, open_page, pytestmark
 
 __all__ = ["chromium", "pytestmark"]  # the fixture and the skip without Chromium, as there
@@ -55,11 +56,13 @@ async def test_hostile_strings_are_only_text(chromium: Any, gw: TestClient[Any, 
     ids = []
     for i, payload in enumerate(PAYLOADS):
         body = {"name": payload[:200], "notes": payload, "metadata": {"x": payload}}
-        async with gw.post("/admin/keys", json=body, headers=HEADERS) as resp:
-            assert resp.status == 201
-            created = await resp.json()
-        ids.append(created["id"])
-        auth = {"Authorization": f"Bearer {created['key']}"}
+        # Straight into the store: the admin API now refuses the third (its bidirectional
+        # override), and a key made before it did must still show as text.
+        secret = await create_key(gw, **body)
+        record = app_of(gw)[KEYS_KEY].lookup(secret)
+        assert record is not None and record.name == payload[:200]
+        ids.append(record.id)
+        auth = {"Authorization": f"Bearer {secret}"}
         for model in (f"demo/{payload}", f"demo/{i}"):
             chat = {"model": model, "messages": [{"role": "user", "content": payload}]}
             async with gw.post("/v1/chat/completions", json=chat, headers=auth) as resp:
