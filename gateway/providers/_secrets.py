@@ -23,7 +23,9 @@ followed, within the key's length, by a `"` that ends a JSON string after a piec
 escape) is decoded, to see whether one of its strings ends with the start of the key. Only
 then is the event held back, with the following ones, until the key is complete (the pieces
 are rewritten: `[redacted]` where it began, empty strings after) or is not (they go out as
-they came). A stream whose events never hold the key's start costs what it did.
+they came). The pieces are followed in the text a client joins them into (`_strings`: a
+choice by its `index`, a Gemini candidate's parts, an Anthropic block's start and deltas),
+each text on its own. A stream whose events never hold the key's start costs what it did.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ START_CHARS = 2
 # and their bytes: past either, they go out as they came (a key's pieces are small events).
 MAX_HELD = 256
 MAX_HELD_BYTES = 1024 * 1024
+# Texts followed at once in the middle of the key (a stream's choices, blocks, parts): past
+# it, a start in another text is not (what each costs, held, is bounded by these).
+MAX_OPEN = 256
 
 # JSON's two-character escapes of characters a key could hold (header values are printable).
 _SHORT = {'"': b'\\\\"', "\\": b"\\\\\\\\", "/": b"\\\\/"}
@@ -146,28 +151,54 @@ def clean(batch: list[bytes], secret: Secret) -> bool:
 
 
 _Path = tuple[str | int, ...]
+_Channel = tuple[Any, ...]
+
+# Top-level fields that say which text of an answer an event's strings go on with: Anthropic's
+# content block (`index`), the Responses API's output item and content part.
+_PLACES = ("index", "output_index", "content_index")
+# Anthropic's block events: a block's text begins in `content_block_start` and goes on in the
+# `delta`s of `content_block_delta`: one text to a client.
+_BLOCK_EVENTS = ("content_block_start", "content_block_delta")
 
 
-def _strings(value: Any, path: _Path = ()) -> list[tuple[_Path, str]]:
-    """Every string in a decoded JSON value, with its path."""
-    if isinstance(value, str):
-        return [(path, value)]
+# How deep in an event a string is followed: text a client joins is at most a few levels down
+# (a tool call's arguments: `choices[0].delta.tool_calls[0].function.arguments`); deeper
+# strings (a nested tool input, or a hostile event thousands of levels deep) are not, and the
+# walk's cost stays linear in the event's size.
+MAX_DEPTH = 16
+
+
+def _strings(value: Any) -> list[tuple[_Path, _Channel, str]]:
+    """Every string in a decoded event down to `MAX_DEPTH`, in the order of its text, with its
+    path and which text a client joins it to, the same for every string it joins: an element
+    of a list by its own `index` (a choice, a candidate, a tool call: a client joins them by
+    index, whatever their place in the list), an element without one as any other of its list
+    (Gemini's parts: one text), Anthropic's block start and its deltas as one block, each under
+    the event's block, output item or content part (`_PLACES`). Not recursive: no depth of
+    JSON can make it raise."""
+    top: list[Any] = []
     if isinstance(value, dict):
-        return [found for k, v in value.items() for found in _strings(v, (*path, k))]
-    if isinstance(value, list):
-        return [found for i, v in enumerate(value) for found in _strings(v, (*path, i))]
-    return []
-
-
-def _at(value: Any, path: _Path) -> Any:
-    for step in path:
-        if isinstance(step, int):
-            if not isinstance(value, list) or step >= len(value):
-                return None
-        elif not isinstance(value, dict):
-            return None
-        value = value.get(step) if isinstance(step, str) else value[step]
-    return value
+        top.extend(("@", f, value[f]) for f in _PLACES if type(value.get(f)) is int)
+    found: list[tuple[_Path, _Channel, str]] = []
+    stack: list[tuple[Any, _Path, _Channel]] = [(value, (), tuple(top))]
+    while stack:
+        node, path, channel = stack.pop()
+        if isinstance(node, str):
+            found.append((path, channel, node))
+        elif len(path) >= MAX_DEPTH:
+            continue
+        elif isinstance(node, dict):
+            block = not path and node.get("type") in _BLOCK_EVENTS
+            for k, v in reversed(node.items()):
+                step = "block" if block and k in ("content_block", "delta") else k
+                stack.append((v, (*path, k), (*channel, step)))
+        elif isinstance(node, list):
+            for i in range(len(node) - 1, -1, -1):
+                v = node[i]
+                place = v.get("index") if isinstance(v, dict) else None
+                step = ("#", place) if type(place) is int else "*"
+                stack.append((v, (*path, i), (*channel, step)))
+    return found
 
 
 def _put(value: Any, path: _Path, text: str) -> None:
@@ -176,28 +207,54 @@ def _put(value: Any, path: _Path, text: str) -> None:
     value[path[-1]] = text
 
 
+def _get(value: Any, path: _Path) -> Any:
+    for step in path:
+        value = value[step]
+    return value
+
+
+class _Held:
+    """An event held back: its bytes as they came, its decoded JSON, and whether a key's
+    pieces in it were rewritten (it then goes out encoded again)."""
+
+    __slots__ = ("changed", "payload", "value")
+
+    def __init__(self, payload: bytes, value: Any) -> None:
+        self.payload = payload
+        self.value = value
+        self.changed = False
+
+    def out(self) -> bytes:
+        return msgspec.json.encode(self.value) if self.changed else self.payload
+
+
+# A key being completed in one text (`_strings`): how many of its characters the pieces so far
+# spell, and where each piece is (its event, the string's path, the key's characters in it).
+_Pieces = list[tuple[_Held, _Path, int]]
+
+
 class StreamRedactor:
     """One stream's events with the key redacted in each (`redact`) and across events.
 
     An event one of whose strings ends with the key's first `START_CHARS` or more characters
-    is held back, with the events after it, while the string at the same place in each (a
-    choice's content, a block's text: what a client joins) goes on with the key. Complete,
-    the pieces are rewritten: the first ends in `[redacted]`, the others lose their piece.
-    Broken off (another string, an event that is no JSON), everything held goes out as it
-    came. Events without a string at that place (a ping, a finish) are held meanwhile, at
-    most `MAX_HELD` events and `MAX_HELD_BYTES` in all (past either, what is held goes out as
-    it came); the stream's end lets out what is held (`flush`).
+    is held back, with the events after it, while the strings a client joins to that one (a
+    choice's content by the choice's `index`, a Gemini candidate's parts, an Anthropic block's
+    start and its deltas: `_strings`), in this event and the next, go on with the key. Each
+    text is followed on its own, so a string like the key's start in another text (a decoy in
+    a second choice) hides nothing. Complete, the pieces are rewritten: the first ends in
+    `[redacted]`, the others lose their piece. Broken off (another string there), the pieces
+    are left as they came. What is held goes out once no text is in the middle of the key;
+    an event that is no JSON lets it out at once. Held back are at most `MAX_HELD` events and
+    `MAX_HELD_BYTES` in all: past either, what is held goes out (keys completed in it
+    rewritten); the stream's end lets out what is held (`flush`).
     """
 
-    __slots__ = ("first", "held", "matched", "path", "secret", "size")
+    __slots__ = ("held", "open", "secret", "size")
 
     def __init__(self, secret: Secret) -> None:
         self.secret = secret
-        # The events held back: each payload, and its decoded JSON when it is a piece.
-        self.held: list[tuple[bytes, Any]] = []
-        self.path: _Path = ()
-        self.matched = 0  # characters of the key the held pieces spell
-        self.first = 0  # of them, those the first piece ends with
+        self.held: list[_Held] = []  # the events held back, in order
+        self.open: dict[_Channel, tuple[int, _Pieces]] = {}  # texts in the middle of the key
         self.size = 0  # bytes held
 
     def batch(self, batch: list[bytes]) -> list[bytes]:
@@ -215,58 +272,63 @@ class StreamRedactor:
         return batch if out is None else out
 
     def flush(self) -> list[bytes]:
-        """Everything held, as it came (the stream ended)."""
-        out = [payload for payload, _ in self.held]
-        self.held, self.size = [], 0
+        """Everything held (the stream ended): keys completed in it rewritten, the rest as it
+        came."""
+        out = [event.out() for event in self.held]
+        self.held, self.open, self.size = [], {}, 0
         return out
-
-    def _hold(self, payload: bytes, value: Any) -> list[bytes]:
-        self.held.append((payload, value))
-        self.size += len(payload)
-        if len(self.held) > MAX_HELD or self.size > MAX_HELD_BYTES:
-            return self.flush()
-        return []
 
     def _see(self, payload: bytes) -> list[bytes]:
         try:
             value = msgspec.json.decode(payload)
         except (msgspec.MsgspecError, RecursionError):
             return [*self.flush(), payload]
-        if not self.held:
-            return self._begin(payload, value)
-        text = _at(value, self.path)
+        event = _Held(payload, value)
         key = self.secret.key
-        rest = key[self.matched :]
-        if not isinstance(text, str) or not text:
-            return self._hold(payload, None)
-        if rest.startswith(text) and text != rest:
-            self.matched += len(text)
-            return self._hold(payload, value)
-        if text.startswith(rest):
-            return self._complete(value, text[len(rest) :])
-        return [*self.flush(), *self._begin(payload, value)]
-
-    def _begin(self, payload: bytes, value: Any) -> list[bytes]:
-        key = self.secret.key
-        for path, text in _strings(value):
-            for size in range(min(len(text), len(key) - 1), START_CHARS - 1, -1):
-                if text.endswith(key[:size]):
-                    self.path, self.matched, self.first = path, size, size
-                    return self._hold(payload, value)
-        return [payload]
-
-    def _complete(self, last: Any, remainder: str) -> list[bytes]:
-        out: list[bytes] = []
-        for i, (payload, value) in enumerate(self.held):
-            if value is None:
-                out.append(payload)
+        opened = self.open
+        for path, channel, text in _strings(value):
+            if not text:
                 continue
-            if i == 0:  # (always a piece: the one that began the key)
-                text = _at(value, self.path)
-                _put(value, self.path, text[: len(text) - self.first] + _REDACTED_TEXT)
-            else:
-                _put(value, self.path, "")
-            out.append(msgspec.json.encode(value))
-        _put(last, self.path, remainder)
-        self.held, self.size = [], 0
-        return [*out, *self._begin(msgspec.json.encode(last), last)]
+            if channel in opened:
+                matched, pieces = opened[channel]
+                rest = key[matched:]
+                if rest.startswith(text) and text != rest:
+                    pieces.append((event, path, len(text)))
+                    opened[channel] = (matched + len(text), pieces)
+                    continue
+                del opened[channel]
+                if text.startswith(rest):
+                    pieces.append((event, path, len(rest)))
+                    _rewrite(pieces)
+                    text = _get(value, path)  # what follows the key: another may start there
+            size = _piece(text, key) if len(opened) < MAX_OPEN else 0
+            if size:
+                opened[channel] = (size, [(event, path, size)])
+        if not self.held and not opened:
+            return [event.out()]
+        self.held.append(event)
+        self.size += len(payload)
+        if not opened or len(self.held) > MAX_HELD or self.size > MAX_HELD_BYTES:
+            return self.flush()
+        return []
+
+
+def _rewrite(pieces: _Pieces) -> None:
+    """A key completed over `pieces`: `[redacted]` where it began, its other pieces removed."""
+    for i, (event, path, chars) in enumerate(pieces):
+        text = _get(event.value, path)
+        _put(
+            event.value,
+            path,
+            text[: len(text) - chars] + _REDACTED_TEXT if i == 0 else text[chars:],
+        )
+        event.changed = True
+
+
+def _piece(text: str, key: str) -> int:
+    """How many of the key's first characters `text` ends with (`START_CHARS` or more, not
+    all of them: the whole key is redacted as it is); 0 for none."""
+    for size in range(min(len(text), len(key) - 1), START_CHARS - 1, -1):
+        if text.endswith(key[:size]):
+            return size
+    return 0
