@@ -145,17 +145,21 @@ def checked(
 # characters (a name over several lines, an escape sequence for a terminal) and none of
 # Unicode's bidirectional formatting characters, which reorder what follows them on screen
 # ("key-for-\u202eved" shows as "key-for-dev"), so one key can pass for another. Notes keep
-# their line breaks and tabs (a form's text area sends CRLF).
+# their line breaks and tabs (a form's text area sends CRLF); the rest is one line each.
 _UNSAFE = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-_NOT_PLAIN = re.compile(f"[\x00-\x1f\x7f-\x9f{_UNSAFE}]")
+_NOT_PLAIN = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_UNSAFE}]")
 _NOT_PLAIN_NOTES = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_UNSAFE}]")
-_PLAIN_TEXT = frozenset({"name", "notes", "metadata"})
+_PLAIN_TEXT = frozenset({"name", "notes", "metadata", "models"})
 
 
 def _plain(value: Any, lines: bool) -> bool:
-    """Whether a name, notes (`lines`) or metadata hold no character `_NOT_PLAIN` refuses."""
+    """Whether a name, notes (`lines`), metadata or an allow-list hold no character
+    `_NOT_PLAIN` refuses (one line each: no line or paragraph separator either)."""
     pattern = _NOT_PLAIN_NOTES if lines else _NOT_PLAIN
-    texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+    if isinstance(value, dict):
+        texts = [*value.keys(), *value.values()]
+    else:
+        texts = list(value) if isinstance(value, tuple | list) else [value]
     return not any(isinstance(t, str) and pattern.search(t) for t in texts)
 
 

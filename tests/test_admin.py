@@ -151,6 +151,11 @@ async def test_bad_admin_input_is_a_400_naming_the_field(
         ("notes", "bell\x07"),
         ("metadata", {"team": "a\u200fb"}),
         ("metadata", {"\u202dteam": "a"}),
+        ("name", "two\u2028lines"),
+        ("name", "two\u2029paragraphs"),
+        ("models", ["gpt-4-\u202eved"]),
+        ("models", ["\x1b[31mred"]),
+        ("models", ["two\nlines"]),
     ],
 )
 async def test_text_that_reorders_or_controls_what_is_shown_is_refused(
@@ -177,7 +182,8 @@ async def test_names_and_notes_keep_any_script_and_notes_their_line_breaks(
     body = {
         "name": "Zoë's 日本 key \u05e9\u05dc\u05d5\u05dd 🔑",  # (Hebrew: direction is no override)
         "notes": "first line\r\nsecond\tline\n",
-        "metadata": {"équipe": "données"},
+        "metadata": {"équipe": "données", "who": "\U0001f469\u200d\U0001f4bb"},  # (a ZWJ)
+        "models": ["gpt-4o", "openai/*"],
     }
     async with gw.post("/admin/keys", json=body, headers=admin()) as resp:
         created = await resp.json()

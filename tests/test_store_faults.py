@@ -37,6 +37,7 @@ from tests.conftest import (
     usage_rows,
 )
 from tests.fakes import FakeOpenAI
+from tests.test_cli import stored_as
 
 ADMIN = "admin-key-0123456789abcdef"
 HI = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
@@ -165,10 +166,14 @@ def test_the_cli_prints_control_characters_escaped(
     db = str(tmp_path / "k.db")
     evil = "ok\x1b[2J\x1b]0;pwned\x07\u202eevil\x9b31m"
     args = ["keys", "create", "--name", evil, "--notes", evil, "--db", db, "--json"]
-    assert cli.main(args) == 0
-    created = capsys.readouterr().out
-    assert "\\u001b[2J" in created and "\\u009b" in created and "\\u202e" in created
-    key_id = __import__("json").loads(created)["id"]
+    assert cli.main(args) == 2  # refused now; a key made before may still hold such text
+    assert capsys.readouterr().out == ""
+    assert cli.main(["keys", "create", "--name", "ok", "--db", db, "--json"]) == 0
+    key_id = __import__("json").loads(capsys.readouterr().out)["id"]
+    stored_as(db, key_id, name=evil, notes=evil)
+    assert cli.main(["keys", "show", key_id, "--db", db, "--json"]) == 0
+    shown = capsys.readouterr().out
+    assert "\\u001b[2J" in shown and "\\u009b" in shown and "\\u202e" in shown
     for argv in (["keys", "list"], ["keys", "show", key_id], ["keys", "list", "--json"]):
         assert cli.main([*argv, "--db", db]) == 0
         out = capsys.readouterr().out
