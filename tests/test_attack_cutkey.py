@@ -27,7 +27,9 @@ from gateway.providers._secrets import (
     redact,
 )
 from gateway.providers._sse import SSEDecoder
+from tests.conftest import NEVER_HANG
 from tests.test_attack_hostile import cut, leaks, pieces_stream
+from tests.test_attack_small import messages_text
 from tests.test_attack_upstream import (
     ANTHROPIC_START,
     UPSTREAM_KEY,
@@ -569,7 +571,13 @@ async def test_a_key_begun_in_an_anthropic_block_start_is_redacted(build: Build)
 
 # --- Every text a client joins, followed on its own: random streams of three formats --------
 
-FUZZ_KEYS = [UPSTREAM_KEY, "sk-ant-api03-Zx9_Qw8-Lp7", "AIzaSyD-0aB1cD2eF3gH4iJ5kL6"]
+FUZZ_KEYS = [
+    UPSTREAM_KEY,
+    "sk-ant-api03-Zx9_Qw8-Lp7",
+    "AIzaSyD-0aB1cD2eF3gH4iJ5kL6",
+    "sk-proj-ABsk9x0123456789zzzz",  # its start again inside it
+    "abab5f0c3e9d2b47a1b6c8e0f2a4d6c8",  # hex, and "ab" twice at its start
+]
 
 
 def fuzz_text(rng: random.Random, key: str) -> str:
@@ -597,8 +605,11 @@ def fuzz_cuts(rng: random.Random, text: str, key: str) -> list[str]:
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
-def openai_events(rng: random.Random, pieces: dict[int, list[str]]) -> list[bytes]:
-    """Chat chunks; each may carry the next piece of several choices, in any list order."""
+def openai_events(rng: random.Random, pieces: dict[int, list[str]], key: str) -> list[bytes]:
+    """Chat chunks; each may carry the next piece of several choices, in any list order, choice
+    0 now and then without its `index` (a client reads it as `choices[0]`), and fields no
+    client joins: a top-level `index`, a fingerprint ending with the key's start, a number
+    msgspec cannot hold as a float."""
     left = {i: list(p) for i, p in pieces.items()}
     events = []
     while any(left.values()):
@@ -606,68 +617,89 @@ def openai_events(rng: random.Random, pieces: dict[int, list[str]]) -> list[byte
             next(i for i in left if left[i])
         ]
         rng.shuffle(ready)
-        choices = [
-            {"index": i, "delta": {"content": left[i].pop(0)}, "finish_reason": None} for i in ready
-        ]
-        events.append(
-            json.dumps({"id": "c", "object": "chat.completion.chunk", "choices": choices})
-        )
-    return [e.encode() for e in events]
+        choices: list[dict[str, Any]] = []
+        for i in ready:
+            choice: dict[str, Any] = {"delta": {"content": left[i].pop(0)}, "finish_reason": None}
+            if i or rng.random() < 0.7:
+                choice["index"] = i
+            choices.append(choice)
+        chunk: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "choices": choices}
+        if rng.random() < 0.2:
+            chunk["index"] = rng.randint(0, 3)
+        if rng.random() < 0.3:
+            chunk["system_fingerprint"] = "fp_4f0c3d" + key[:START_CHARS]
+        event = json.dumps(chunk).encode()
+        events.append(event[:-1] + b',"x":1e400}' if rng.random() < 0.1 else event)
+    return events
 
 
-def gemini_events(rng: random.Random, pieces: dict[int, list[str]]) -> list[bytes]:
-    """Gemini chunks; a candidate's next pieces come as one or more parts of an event."""
+THOUGHTS = ["hmm ", "so: ", "ask "]
+
+
+def gemini_events(rng: random.Random, pieces: dict[int, list[str]], key: str) -> list[bytes]:
+    """Gemini chunks; a candidate's next pieces come as one or more parts of an event, thought
+    parts between them (a chat client's `reasoning_content`: another text), candidate 0 now
+    and then without its `index` (Gemini's default)."""
     left = {i: list(p) for i, p in pieces.items()}
+    decoys = [*THOUGHTS, key[:START_CHARS], key[:5]]
     events = []
     while any(left.values()):
         candidates = []
         for i in left:
             if left[i] and rng.random() < 0.7:
                 take = rng.randint(1, 3)
-                parts = [{"text": t} for t in left[i][:take]]
+                parts: list[dict[str, Any]] = []
+                for t in left[i][:take]:
+                    if rng.random() < 0.25:
+                        parts.append({"text": rng.choice(decoys), "thought": True})
+                    parts.append({"text": t})
                 del left[i][:take]
-                candidates.append({"content": {"role": "model", "parts": parts}, "index": i})
+                candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}}
+                if i or rng.random() < 0.7:
+                    candidate["index"] = i
+                candidates.append(candidate)
         if candidates:
-            events.append(json.dumps({"candidates": candidates}))
-    return [e.encode() for e in events]
+            events.append(json.dumps({"candidates": candidates}).encode())
+    return events
 
 
-def anthropic_events(rng: random.Random, pieces: dict[int, list[str]]) -> list[bytes]:
-    """Anthropic block events: each block's first piece in its `content_block_start`, the
-    rest in text deltas, blocks interleaved (as no real stream does, but a hostile one may)."""
-    left = {i: list(p) for i, p in pieces.items()}
-    started: set[int] = set()
-    events = []
-    while any(left.values()):
-        i = rng.choice([i for i in left if left[i]])
-        text = left[i].pop(0)
-        if i not in started:
-            started.add(i)
-            block = {"type": "text", "text": text}
-            events.append({"type": "content_block_start", "index": i, "content_block": block})
-        else:
+def anthropic_events(rng: random.Random, pieces: dict[int, list[str]], key: str) -> list[bytes]:
+    """Anthropic block events, one block after another as Anthropic sends them: each block's
+    first piece in its `content_block_start`, the rest in text deltas, pings between."""
+    events: list[dict[str, Any]] = []
+    for i in sorted(pieces):
+        first, *rest = pieces[i]
+        block = {"type": "text", "text": first}
+        events.append({"type": "content_block_start", "index": i, "content_block": block})
+        for text in rest:
             delta = {"type": "text_delta", "text": text}
             events.append({"type": "content_block_delta", "index": i, "delta": delta})
-        if rng.random() < 0.2:
-            events.append({"type": "ping"})
+            if rng.random() < 0.2:
+                events.append({"type": "ping"})
+        events.append({"type": "content_block_stop", "index": i})
     return [json.dumps(e).encode() for e in events]
 
 
 def joined(kind: str, payloads: list[bytes]) -> dict[int, str]:
-    """Each text as a client joins it: by choice index, candidate index, block index."""
+    """Each text as a client joins it: by choice index (no index: 0), by candidate index (its
+    thought parts apart, under -1 - index), all blocks."""
     texts: dict[int, str] = {}
     for payload in payloads:
         event = json.loads(payload)
         if kind == "openai":
             for choice in event["choices"]:
-                texts[choice["index"]] = texts.get(choice["index"], "") + choice["delta"]["content"]
+                i = choice.get("index", 0)
+                texts[i] = texts.get(i, "") + choice["delta"]["content"]
         elif kind == "gemini":
             for candidate in event["candidates"]:
-                text = "".join(part["text"] for part in candidate["content"]["parts"])
-                texts[candidate["index"]] = texts.get(candidate["index"], "") + text
+                i = candidate.get("index", 0)
+                for part in candidate["content"]["parts"]:
+                    at = -1 - i if part.get("thought") else i
+                    texts[at] = texts.get(at, "") + part["text"]
         elif event["type"] in ("content_block_start", "content_block_delta"):
+            # A message's text blocks are one text to a client (a chat translation's content)
             block = event.get("content_block") or event["delta"]
-            texts[event["index"]] = texts.get(event["index"], "") + block["text"]
+            texts[0] = texts.get(0, "") + block["text"]
     return texts
 
 
@@ -685,7 +717,7 @@ def test_every_text_a_client_joins_has_each_key_redacted(kind: str) -> None:
         key = rng.choice(FUZZ_KEYS)
         texts = {i: fuzz_text(rng, key) for i in rng.sample(range(4), rng.randint(1, 3))}
         pieces = {i: fuzz_cuts(rng, text, key) for i, text in texts.items()}
-        events = MAKERS[kind](rng, pieces)
+        events = MAKERS[kind](rng, pieces, key)
         redactor = StreamRedactor(Secret(key))
         out: list[bytes] = []
         at = 0
@@ -694,8 +726,14 @@ def test_every_text_a_client_joins_has_each_key_redacted(kind: str) -> None:
             out += redactor.batch(events[at : at + size])
             at += size
         out += redactor.flush()
+        if kind == "anthropic":
+            texts = {0: "".join(texts[i] for i in sorted(texts))}
         expected = {i: t.replace(key, "[redacted]") for i, t in texts.items() if t}
-        assert joined(kind, out) == expected, (key, pieces)
+        got = joined(kind, out)
+        thoughts = {i: t for i, t in got.items() if i < 0}
+        assert {i: t for i, t in got.items() if i >= 0} == expected, (key, pieces)
+        # (thoughts are decoys that spell no key: they go out as they came)
+        assert joined(kind, events) == {**{i: t for i, t in texts.items() if t}, **thoughts}
 
 
 def test_an_event_of_any_depth_or_width_costs_a_walk_of_its_size() -> None:
@@ -750,3 +788,208 @@ async def test_a_decoy_in_another_choice_does_not_hide_the_key(build: Build) -> 
     assert client_joins(chunks) == "your key is [redacted]."
     second = "".join(ch.delta.content or "" for c in chunks for ch in c.choices if ch.index == 1)
     assert second == "a decoy: " + UPSTREAM_KEY[:4] + "and no more"
+
+
+HEAD, TAIL = UPSTREAM_KEY[:5], UPSTREAM_KEY[5:]  # "sk-up", "stream-0123456789abcdefghij"
+USAGE = {"promptTokenCount": 1, "candidatesTokenCount": 2, "totalTokenCount": 3}
+
+
+def through(events: list[bytes], key: str = UPSTREAM_KEY) -> list[bytes]:
+    redactor = StreamRedactor(Secret(key))
+    out: list[bytes] = []
+    for event in events:
+        out += redactor.batch([event])
+    return out + redactor.flush()
+
+
+def anthropic_two_blocks(first: str, second: str) -> bytes:
+    def block(i: int, text: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "type": "content_block_start",
+                "index": i,
+                "content_block": {"type": "text", "text": ""},
+            },
+            {
+                "type": "content_block_delta",
+                "index": i,
+                "delta": {"type": "text_delta", "text": text},
+            },
+            {"type": "content_block_stop", "index": i},
+        ]
+
+    end = [
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {"output_tokens": 2}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+    return named_events([ANTHROPIC_START, *block(0, first), *block(1, second), *end])
+
+
+# --- Texts as clients join them: found by attacking the redactor of 329ac74 -----------------
+
+
+async def test_anthropic_key_cut_across_two_text_blocks_translated_to_chat(build: Build) -> None:
+    """Two text blocks become one `content` for a chat client (and one text for the anthropic
+    SDK's `get_final_text`): the redactor follows each block on its own."""
+    rig = await build("anthropic", sends(until_close(anthropic_two_blocks("key " + HEAD, TAIL))))
+    assert client_joins(await rig.sdk(stream=True)) == "key [redacted]"
+
+
+async def test_anthropic_key_cut_across_two_text_blocks_on_v1_messages(build: Build) -> None:
+    rig = await build("anthropic", sends(until_close(anthropic_two_blocks("key " + HEAD, TAIL))))
+    assert UPSTREAM_KEY not in await messages_text(rig)
+
+
+def gemini(text: str, index: int | None, finish: str | None = None, thought: bool = False) -> bytes:
+    part: dict[str, Any] = {"text": text}
+    if thought:
+        part["thought"] = True
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": [part]}}
+    if index is not None:
+        candidate["index"] = index
+    event: dict[str, Any] = {"candidates": [candidate]}
+    if finish:
+        candidate["finishReason"] = finish
+        event["usageMetadata"] = USAGE
+    return json.dumps(event).encode()
+
+
+async def test_gemini_candidate_index_given_then_omitted(build: Build) -> None:
+    """Gemini's `index` defaults to 0 (wire.py), the redactor's channel does not: `("#", 0)`
+    in one event, `"*"` in the next."""
+    events = sse(gemini("key " + HEAD, 0), gemini(TAIL, None, "STOP"))
+    rig = await build("gemini", sends(until_close(events)))
+    assert client_joins(await rig.sdk(stream=True)) == "key [redacted]"
+
+
+def chat(content: str, index: int | None = 0, **top: Any) -> bytes:
+    choice: dict[str, Any] = {"delta": {"content": content}, "finish_reason": None}
+    if index is not None:
+        choice["index"] = index
+    return json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                       "model": "m-1", "choices": [choice], **top}).encode()  # fmt: skip
+
+
+async def test_openai_choice_index_omitted_then_given(build: Build) -> None:
+    """An OpenAI-compatible server that leaves `index` out of some chunks: a client
+    (`choices[0]`) joins them; the redactor's channel differs (`"*"` / `("#", 0)`)."""
+    events = sse(chat("key " + HEAD, None), chat(TAIL, 0), STOP, b"[DONE]")
+    rig = await build("openai", sends(until_close(events)))
+    chunks = await rig.sdk(stream=True)
+    joined = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert joined == "key [redacted]"
+
+
+async def test_openai_chunk_with_a_top_level_index_field(build: Build) -> None:
+    """A top-level `index` (no chat client reads it) changes the channel of every string."""
+    events = sse(chat("key " + HEAD, index=0), chat(TAIL, index=0, index_=1), STOP, b"[DONE]")
+    events = events.replace(b'"index_"', b'"index"')
+    rig = await build("openai", sends(until_close(events)))
+    assert client_joins(await rig.sdk(stream=True)) == "key [redacted]"
+
+
+async def test_gemini_thought_part_between_the_pieces(build: Build) -> None:
+    """A thought (reasoning_content for the client) between two content pieces was a string
+    of the same text: it broke the key off, though the content text goes on with it."""
+    events = sse(gemini("key " + HEAD, 0), gemini("hmm", 0, thought=True), gemini(TAIL, 0, "STOP"))
+    rig = await build("gemini", sends(until_close(events)))
+    assert client_joins(await rig.sdk(stream=True)) == "key [redacted]"
+
+
+async def test_a_number_msgspec_cannot_hold_as_a_float_lets_no_piece_out(build: Build) -> None:
+    """`1e400` in the event with the key's rest: msgspec could not decode it as a float
+    ("Number out of range"), so what was held went out as it came; the gateway's stream check
+    relays the event and the SDK (`json.loads`: inf) reads it. Numbers are decoded as they are
+    written now. (NaN and a lone surrogate are refused by the stream check.)"""
+    events = sse(chat("key " + HEAD), chat(TAIL)[:-1] + b',"x":1e400}', STOP, b"[DONE]")
+    rig = await build("openai", sends(until_close(events)))
+    assert client_joins(await rig.sdk(stream=True)) == "key [redacted]"
+
+
+def test_a_key_whose_start_recurs_in_it_is_followed_from_each_start() -> None:
+    """Only the longest start of the key a string ends with was followed: a key whose start
+    recurs in it ("sk" again) was missed when the text ended with the longer start."""
+    key = "sk-proj-ABsk9x0123456789zzzz"  # "sk" at 0 and at 10
+    events = [chat("key sk-proj-ABsk"), chat(key[2:])]  # joined: "...ABsk" + "-proj-ABsk9x..."
+    joined = "".join(json.loads(e)["choices"][0]["delta"]["content"] for e in through(events, key))
+    assert key not in joined
+
+
+HEX_KEY = "ab5f0c3e9d2b47a1b6c8e0f2a4d6c8e1"  # an Azure-style key: 32 hex digits
+
+
+def fingerprinted(text: str) -> bytes:
+    """A chunk as OpenAI and Azure send them: a `system_fingerprint` (hex) in every one; this
+    one ends with the key's first two characters, as 1 in 256 deployments' do."""
+    return json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                       "model": "m-1", "system_fingerprint": "fp_4f0c3dab",
+                       "choices": [{"index": 0, "delta": {"content": text},
+                                    "finish_reason": None}]}).encode()  # fmt: skip
+
+
+def test_a_string_repeated_in_every_event_ending_with_the_keys_start_holds_one_event_back() -> None:
+    """Each event's fingerprint opens its text anew (the previous one broken off), so some
+    text was always followed and nothing went out until MAX_HELD events were held: an event
+    goes out once no text followed has a piece in it or before it."""
+    redactor = StreamRedactor(Secret(HEX_KEY))
+    outs = [redactor.batch([fingerprinted(f"word{i} ")]) for i in range(10)]
+    assert sum(len(o) for o in outs) >= 9
+
+
+async def test_a_stream_with_a_fingerprint_like_the_keys_start_is_not_buffered(
+    build: Build,
+) -> None:
+    """Five chunks, then the model thinks: the client has the first before the rest comes."""
+    release = asyncio.Event()
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        head = {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"}
+        writer.write(http("200 OK", head))
+        for i in range(5):
+            writer.write(chunked(b"data: " + fingerprinted(f"word{i} ") + b"\n\n"))
+            await writer.drain()
+        await release.wait()  # the model thinks
+        writer.write(chunked(sse(STOP, b"[DONE]")) + b"0\r\n\r\n")
+        await writer.drain()
+
+    rig = await build("openai", answer, api_keys=(HEX_KEY,))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    resp = await rig.gateway.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {rig.key}"}
+    )
+    async with asyncio.timeout(NEVER_HANG):  # (held back, it came only with the rest)
+        first = await resp.content.readany()
+    assert b"word0" in first
+    release.set()
+    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+
+def test_events_that_are_json_strings_do_not_raise() -> None:
+    """An event that is a JSON string has the path `()`: `_put(value, (), ...)` indexed
+    `path[-1]` (IndexError out of `batch()`; through the gateway, an unhandled_error 500)."""
+    out = through([b'"key sk-up"', b'"stream-0123456789abcdefghij"'])
+    assert UPSTREAM_KEY.encode() not in b"".join(out)
+
+
+async def test_json_string_events_with_a_cut_key_are_no_gateway_crash(build: Build) -> None:
+    events = sse(b'"key sk-up"', b'"stream-0123456789abcdefghij"', b"[DONE]")
+    rig = await build("openai", sends(until_close(events)))
+    status, body = await rig.call(stream=True)
+    assert b"The gateway failed to process the request" not in body, (status, body)
+
+
+def test_responses_summary_parts_are_texts_of_their_own() -> None:
+    """`response.reasoning_summary_text.delta` events of one output item, interleaved by
+    `summary_index`: they were one text, so summary 1's "other" broke summary 0's key off."""
+
+    def summary(index: int, text: str) -> bytes:
+        kind = "response.reasoning_summary_text.delta"
+        event = {"type": kind, "output_index": 0, "summary_index": index, "delta": text}
+        return json.dumps(event).encode()
+
+    out = through([summary(0, "key " + HEAD), summary(1, "other"), summary(0, TAIL)])
+    texts: dict[int, str] = {}
+    for event in map(json.loads, out):
+        texts[event["summary_index"]] = texts.get(event["summary_index"], "") + event["delta"]
+    assert UPSTREAM_KEY not in texts[0], texts

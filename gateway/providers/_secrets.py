@@ -31,6 +31,7 @@ each text on its own. A stream whose events never hold the key's start costs wha
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -80,7 +81,7 @@ def _char(c: str) -> bytes:
 class Secret:
     """One upstream key, as it is and as a pattern for it with any character JSON-escaped."""
 
-    __slots__ = ("escapes", "key", "pattern", "raw", "start")
+    __slots__ = ("ends", "escapes", "key", "pattern", "raw", "start")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -89,6 +90,12 @@ class Secret:
         self.pattern = re.compile(b"".join(_char(c) for c in key))
         # What text must hold for the key to be in it escaped (else the pattern never runs).
         self.escapes = (b"\\u", *(b"\\" + c.encode() for c in key if c in _SHORT))
+        # The key's starts a string can end with, by their last character (longest first): a
+        # string is only compared with those its own last character could end.
+        ends: dict[str, list[int]] = {}
+        for size in range(len(key) - 1, START_CHARS - 1, -1):
+            ends.setdefault(key[size - 1], []).append(size)
+        self.ends = {c: tuple(sizes) for c, sizes in ends.items()}
 
     def absent(self, data: bytes) -> bool:
         """Whether `data` can be relayed as it is: neither the key, nor a JSON string that
@@ -153,13 +160,13 @@ def clean(batch: list[bytes], secret: Secret) -> bool:
 _Path = tuple[str | int, ...]
 _Channel = tuple[Any, ...]
 
-# Top-level fields that say which text of an answer an event's strings go on with: Anthropic's
-# content block (`index`), the Responses API's output item and content part.
-_PLACES = ("index", "output_index", "content_index")
+# The Responses API's events say which text their `delta` goes on with by these top-level
+# fields: the output item, its content part, its reasoning summary.
+_PLACES = ("output_index", "content_index", "summary_index")
 # Anthropic's block events: a block's text begins in `content_block_start` and goes on in the
-# `delta`s of `content_block_delta`: one text to a client.
+# `delta`s of `content_block_delta`; a client joins the text blocks of a message too (a chat
+# translation into one `content`), so the block's `index` is no part of the text's place.
 _BLOCK_EVENTS = ("content_block_start", "content_block_delta")
-
 
 # How deep in an event a string is followed: text a client joins is at most a few levels down
 # (a tool call's arguments: `choices[0].delta.tool_calls[0].function.arguments`); deeper
@@ -167,24 +174,37 @@ _BLOCK_EVENTS = ("content_block_start", "content_block_delta")
 # walk's cost stays linear in the event's size.
 MAX_DEPTH = 16
 
+# Numbers as they were written (a float out of range, `1e400`, is no failure to decode: the
+# client's JSON parser reads it), and written again the same way in an event that is rewritten.
+_DECODER = msgspec.json.Decoder(float_hook=Decimal)
+_ENCODER = msgspec.json.Encoder(decimal_format="number")
+
 
 def _strings(value: Any) -> list[tuple[_Path, _Channel, str]]:
     """Every string in a decoded event down to `MAX_DEPTH`, in the order of its text, with its
-    path and which text a client joins it to, the same for every string it joins: an element
-    of a list by its own `index` (a choice, a candidate, a tool call: a client joins them by
-    index, whatever their place in the list), an element without one as any other of its list
-    (Gemini's parts: one text), Anthropic's block start and its deltas as one block, each under
-    the event's block, output item or content part (`_PLACES`). Not recursive: no depth of
-    JSON can make it raise."""
+    path and the text a client joins it to (its channel), the same for every string joined:
+
+    - an element of a list by its `index` (a choice, a candidate, a tool call: clients join
+      them by index, whatever their place in the list; no index reads as 0, as Gemini's
+      default and a client's `choices[0]` do), a Gemini thought part apart from the others
+      (it is `reasoning_content` to a chat client), the parts of a candidate as one text;
+    - Anthropic's block start and deltas as one text (`_BLOCK_EVENTS`);
+    - a Responses API event's `delta` under its output item, content part and summary.
+
+    Not recursive: no depth of JSON can make it raise. A top-level string (an event that is a
+    JSON string, no chunk) has no place to rewrite: left out."""
     top: list[Any] = []
     if isinstance(value, dict):
-        top.extend(("@", f, value[f]) for f in _PLACES if type(value.get(f)) is int)
+        kind = value.get("type")
+        if type(kind) is str and kind.startswith("response."):
+            top.extend(("@", f, value[f]) for f in _PLACES if type(value.get(f)) is int)
     found: list[tuple[_Path, _Channel, str]] = []
     stack: list[tuple[Any, _Path, _Channel]] = [(value, (), tuple(top))]
     while stack:
         node, path, channel = stack.pop()
         if isinstance(node, str):
-            found.append((path, channel, node))
+            if path:
+                found.append((path, channel, node))
         elif len(path) >= MAX_DEPTH:
             continue
         elif isinstance(node, dict):
@@ -195,9 +215,11 @@ def _strings(value: Any) -> list[tuple[_Path, _Channel, str]]:
         elif isinstance(node, list):
             for i in range(len(node) - 1, -1, -1):
                 v = node[i]
-                place = v.get("index") if isinstance(v, dict) else None
-                step = ("#", place) if type(place) is int else "*"
-                stack.append((v, (*path, i), (*channel, step)))
+                at: Any = "*"
+                if isinstance(v, dict):
+                    place = v.get("index")
+                    at = ("#", place if type(place) is int else 0, v.get("thought") is True)
+                stack.append((v, (*path, i), (*channel, at)))
     return found
 
 
@@ -225,28 +247,37 @@ class _Held:
         self.changed = False
 
     def out(self) -> bytes:
-        return msgspec.json.encode(self.value) if self.changed else self.payload
+        return _ENCODER.encode(self.value) if self.changed else self.payload
 
 
-# A key being completed in one text (`_strings`): how many of its characters the pieces so far
-# spell, and where each piece is (its event, the string's path, the key's characters in it).
-_Pieces = list[tuple[_Held, _Path, int]]
+class _Text:
+    """A text (a channel) in the middle of the key: its strings since the first piece of the
+    earliest start still followed (event, path), and each start followed (the index of its
+    first piece in `strings`, the key's characters that piece ends with, the characters the
+    pieces spell so far). Several starts at once: a key whose start recurs in it (`sk-..sk..`)
+    may begin at either."""
+
+    __slots__ = ("starts", "strings")
+
+    def __init__(self) -> None:
+        self.strings: list[tuple[_Held, _Path]] = []
+        self.starts: list[tuple[int, int, int]] = []
 
 
 class StreamRedactor:
     """One stream's events with the key redacted in each (`redact`) and across events.
 
     An event one of whose strings ends with the key's first `START_CHARS` or more characters
-    is held back, with the events after it, while the strings a client joins to that one (a
-    choice's content by the choice's `index`, a Gemini candidate's parts, an Anthropic block's
-    start and its deltas: `_strings`), in this event and the next, go on with the key. Each
-    text is followed on its own, so a string like the key's start in another text (a decoy in
-    a second choice) hides nothing. Complete, the pieces are rewritten: the first ends in
-    `[redacted]`, the others lose their piece. Broken off (another string there), the pieces
-    are left as they came. What is held goes out once no text is in the middle of the key;
-    an event that is no JSON lets it out at once. Held back are at most `MAX_HELD` events and
-    `MAX_HELD_BYTES` in all: past either, what is held goes out (keys completed in it
-    rewritten); the stream's end lets out what is held (`flush`).
+    is held back, with the events after it, while the strings a client joins to that one (its
+    text: `_strings`), in this event and the next, go on with the key. Each text is followed
+    on its own, every start of the key in it, so a string like the key's start in another
+    text (a decoy in a second choice) hides nothing. Complete, the pieces are rewritten: the
+    first ends in `[redacted]`, the others lose their piece. Broken off (another string
+    there), the pieces are left as they came. Events go out, in order, as soon as no text
+    still followed has a piece in them or before them. An event that is no JSON lets out what
+    is held. Held back are at most `MAX_HELD` events and `MAX_HELD_BYTES` in all (past
+    either, what is held goes out, keys completed in it rewritten, and nothing is followed);
+    the stream's end lets out what is held (`flush`).
     """
 
     __slots__ = ("held", "open", "secret", "size")
@@ -254,7 +285,7 @@ class StreamRedactor:
     def __init__(self, secret: Secret) -> None:
         self.secret = secret
         self.held: list[_Held] = []  # the events held back, in order
-        self.open: dict[_Channel, tuple[int, _Pieces]] = {}  # texts in the middle of the key
+        self.open: dict[_Channel, _Text] = {}  # texts in the middle of the key
         self.size = 0  # bytes held
 
     def batch(self, batch: list[bytes]) -> list[bytes]:
@@ -280,55 +311,93 @@ class StreamRedactor:
 
     def _see(self, payload: bytes) -> list[bytes]:
         try:
-            value = msgspec.json.decode(payload)
+            value = _DECODER.decode(payload)
         except (msgspec.MsgspecError, RecursionError):
             return [*self.flush(), payload]
         event = _Held(payload, value)
-        key = self.secret.key
-        opened = self.open
         for path, channel, text in _strings(value):
-            if not text:
-                continue
-            if channel in opened:
-                matched, pieces = opened[channel]
-                rest = key[matched:]
-                if rest.startswith(text) and text != rest:
-                    pieces.append((event, path, len(text)))
-                    opened[channel] = (matched + len(text), pieces)
-                    continue
-                del opened[channel]
-                if text.startswith(rest):
-                    pieces.append((event, path, len(rest)))
-                    _rewrite(pieces)
-                    text = _get(value, path)  # what follows the key: another may start there
-            size = _piece(text, key) if len(opened) < MAX_OPEN else 0
-            if size:
-                opened[channel] = (size, [(event, path, size)])
-        if not self.held and not opened:
+            if text:
+                self._follow(event, path, channel, text)
+        if not self.held and not self.open:
             return [event.out()]
         self.held.append(event)
         self.size += len(payload)
-        if not opened or len(self.held) > MAX_HELD or self.size > MAX_HELD_BYTES:
+        if len(self.held) > MAX_HELD or self.size > MAX_HELD_BYTES:
             return self.flush()
-        return []
+        return self._release()
+
+    def _follow(self, event: _Held, path: _Path, channel: _Channel, text: str) -> None:
+        """One string of `channel`: it goes on with the starts followed there, completes one
+        (the pieces are rewritten), or breaks them off; and the key may start at its end."""
+        key = self.secret.key
+        opened = self.open
+        followed = opened.get(channel)
+        if followed is not None:
+            going_on: list[tuple[int, int, int]] = []
+            for start, first, matched in followed.starts:
+                rest = key[matched:]
+                if rest.startswith(text) and text != rest:
+                    going_on.append((start, first, matched + len(text)))
+                elif text.startswith(rest):
+                    _rewrite([*followed.strings[start:], (event, path)], first, len(rest))
+                    del opened[channel]
+                    followed = None
+                    text = _get(event.value, path)  # what follows the key: another may start
+                    break
+            if followed is not None:
+                followed.strings.append((event, path))
+                followed.starts = going_on
+        sizes = _starts(text, self.secret)
+        if sizes and (followed is not None or len(opened) < MAX_OPEN):
+            if followed is None:
+                followed = opened[channel] = _Text()
+                followed.strings.append((event, path))
+            at = len(followed.strings) - 1
+            followed.starts.extend((at, size, size) for size in sizes)
+        if followed is not None:
+            if not followed.starts:
+                del opened[channel]
+            else:
+                earliest = min(start for start, _, _ in followed.starts)
+                if earliest:  # strings before every start followed: no longer needed
+                    del followed.strings[:earliest]
+                    followed.starts = [(s - earliest, f, m) for s, f, m in followed.starts]
+
+    def _release(self) -> list[bytes]:
+        """The events held before the first piece of any text still followed, in order."""
+        needed = {id(text.strings[0][0]) for text in self.open.values()}
+        held = self.held
+        n = 0
+        while n < len(held) and id(held[n]) not in needed:
+            n += 1
+        if not n:
+            return []
+        out = [event.out() for event in held[:n]]
+        self.size -= sum(len(event.payload) for event in held[:n])
+        del held[:n]
+        return out
 
 
-def _rewrite(pieces: _Pieces) -> None:
-    """A key completed over `pieces`: `[redacted]` where it began, its other pieces removed."""
-    for i, (event, path, chars) in enumerate(pieces):
+def _rewrite(pieces: list[tuple[_Held, _Path]], first: int, last: int) -> None:
+    """A key completed over `pieces`: the first ends in `[redacted]` instead of the key's
+    `first` characters, the last loses its `last` first ones, those between are emptied."""
+    for i, (event, path) in enumerate(pieces):
         text = _get(event.value, path)
-        _put(
-            event.value,
-            path,
-            text[: len(text) - chars] + _REDACTED_TEXT if i == 0 else text[chars:],
-        )
+        if i == 0:
+            text = text[: len(text) - first] + _REDACTED_TEXT
+        elif i == len(pieces) - 1:
+            text = text[last:]
+        else:
+            text = ""
+        _put(event.value, path, text)
         event.changed = True
 
 
-def _piece(text: str, key: str) -> int:
-    """How many of the key's first characters `text` ends with (`START_CHARS` or more, not
-    all of them: the whole key is redacted as it is); 0 for none."""
-    for size in range(min(len(text), len(key) - 1), START_CHARS - 1, -1):
-        if text.endswith(key[:size]):
-            return size
-    return 0
+def _starts(text: str, secret: Secret) -> list[int]:
+    """Each number of the key's first characters `text` ends with (`START_CHARS` or more, not
+    all of them: the whole key is redacted as it is), longest first."""
+    sizes = secret.ends.get(text[-1]) if text else None
+    if sizes is None:
+        return []
+    key = secret.key
+    return [size for size in sizes if size <= len(text) and text.endswith(key[:size])]
