@@ -515,8 +515,13 @@ def _take(content: Any) -> bytes:
     content._size -= size
     cursor = content._cursor = content._cursor + size
     splits = content._http_chunk_splits
-    while splits and splits[0] < cursor:
-        splits.popleft()
+    if splits:
+        # What `readany()` pops one by one, the offsets before the cursor: all of them but
+        # the buffer's end, which only the last can be (they increase, and none is past it).
+        last = splits[-1]
+        splits.clear()
+        if last == cursor:
+            splits.append(last)
     if content._size < content._low_water and (
         splits is None or len(splits) < content._low_water_chunks
     ):
