@@ -20,12 +20,15 @@ by `StreamRedactor`: an event is searched for the key's first `START_CHARS` char
 followed, within the key's length, by a `"` that ends a JSON string after a piece of the key
 (a `find` for the start, and two more where it occurs: "ask" or "task" in a text with an
 `sk-...` key is not a piece of it), and only an event that holds one (or an
-escape) is decoded, to see whether one of its strings ends with the start of the key. Only
-then is the event held back, with the following ones, until the key is complete (the pieces
-are rewritten: `[redacted]` where it began, empty strings after) or is not (they go out as
-they came). The pieces are followed in the text a client joins them into (`_strings`: a
-choice by its `index`, a Gemini candidate's parts, an Anthropic block's start and deltas),
-each text on its own. A stream whose events never hold the key's start costs what it did.
+escape) is decoded, to see whether one of its text strings ends with the start of the key.
+Only then is the event held back, with the following ones, until later text strings go on to
+complete the key (the pieces are rewritten: `[redacted]` where it began, empty strings after)
+or do not within `QUIET_EVENTS` events (they go out as they came). The pieces are looked for
+in every text string that follows, whatever else comes between: a client joins its text from
+some of them (a choice's deltas by index or by place, a candidate's parts, an Anthropic
+message's blocks), and which ones differs from client to client; pieces of the key are
+redacted wherever they spell it. A stream whose events never hold the key's start costs what
+it did.
 """
 
 from __future__ import annotations
@@ -56,10 +59,11 @@ START_CHARS = 2
 # and their bytes: past either, they go out as they came (a key's pieces are small events).
 MAX_HELD = 256
 MAX_HELD_BYTES = 1024 * 1024
-# Texts followed at once in the middle of the key (a stream's choices, blocks, parts): past
-# it, a start in another text is not (what each costs, held, is bounded by these).
-MAX_OPEN = 256
-
+# Starts of the key followed at once (a string that ends like the key's start opens one), and
+# the events each may wait for its next piece: one that does not go on within them is not the
+# key being written out (a stream is held back by at most that many events for it).
+MAX_OPEN = 32
+QUIET_EVENTS = 16
 # JSON's two-character escapes of characters a key could hold (header values are printable).
 _SHORT = {'"': b'\\\\"', "\\": b"\\\\\\\\", "/": b"\\\\/"}
 
@@ -158,17 +162,29 @@ def clean(batch: list[bytes], secret: Secret) -> bool:
 
 
 _Path = tuple[str | int, ...]
-_Channel = tuple[Any, ...]
 
-# The Responses API's events say which text their `delta` goes on with by these top-level
-# fields: the output item, its content part, its reasoning summary.
-_PLACES = ("output_index", "content_index", "summary_index")
-# Anthropic's block events: a block's text begins in `content_block_start` and goes on in the
-# `delta`s of `content_block_delta`; a client joins the text blocks of a message too (a chat
-# translation into one `content`), so the block's `index` is no part of the text's place.
-_BLOCK_EVENTS = ("content_block_start", "content_block_delta")
+# Where a client joins text from the strings of many events: a chat delta's `content`,
+# `refusal`, reasoning (`reasoning_content`, `reasoning`) and a tool call's `arguments`, a
+# completion's and a Gemini part's `text`, an Anthropic block's `text`, `thinking` and
+# `partial_json`, a Responses API event's `delta`, an audio `transcript`. Other strings (ids,
+# names, roles, a filter's `severity`) are never joined: a key cut over them reaches no client
+# whole, and one that merely ends like the key's start holds nothing back.
+JOINED = frozenset(
+    {
+        "content",
+        "refusal",
+        "reasoning_content",
+        "reasoning",
+        "arguments",
+        "text",
+        "thinking",
+        "partial_json",
+        "delta",
+        "transcript",
+    }
+)
 
-# How deep in an event a string is followed: text a client joins is at most a few levels down
+# How deep in an event a string is looked at: text a client joins is at most a few levels down
 # (a tool call's arguments: `choices[0].delta.tool_calls[0].function.arguments`); deeper
 # strings (a nested tool input, or a hostile event thousands of levels deep) are not, and the
 # walk's cost stays linear in the event's size.
@@ -180,53 +196,32 @@ _DECODER = msgspec.json.Decoder(float_hook=Decimal)
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 
 
-def _strings(value: Any) -> list[tuple[_Path, _Channel, str]]:
-    """Every string in a decoded event down to `MAX_DEPTH`, in the order of its text, with its
-    path and the text a client joins it to (its channel), the same for every string joined:
-
-    - an element of a list by its `index` (a choice, a candidate, a tool call: clients join
-      them by index, whatever their place in the list; no index reads as 0, as Gemini's
-      default and a client's `choices[0]` do), a Gemini thought part apart from the others
-      (it is `reasoning_content` to a chat client), the parts of a candidate as one text;
-    - Anthropic's block start and deltas as one text (`_BLOCK_EVENTS`);
-    - a Responses API event's `delta` under its output item, content part and summary.
-
-    Not recursive: no depth of JSON can make it raise. A top-level string (an event that is a
-    JSON string, no chunk) has no place to rewrite: left out."""
-    top: list[Any] = []
-    if isinstance(value, dict):
-        kind = value.get("type")
-        if type(kind) is str and kind.startswith("response."):
-            top.extend(("@", f, value[f]) for f in _PLACES if type(value.get(f)) is int)
-    found: list[tuple[_Path, _Channel, str]] = []
-    stack: list[tuple[Any, _Path, _Channel]] = [(value, (), tuple(top))]
+def _texts(value: Any) -> list[tuple[_Path, str]]:
+    """The non-empty strings of a decoded event a client may join text from (`JOINED`), down
+    to `MAX_DEPTH`, in the order of the event's text. Not recursive: no depth of JSON can
+    make it raise."""
+    found: list[tuple[_Path, str]] = []
+    stack: list[tuple[Any, _Path]] = [(value, ())]
     while stack:
-        node, path, channel = stack.pop()
-        if isinstance(node, str):
-            if path:
-                found.append((path, channel, node))
-        elif len(path) >= MAX_DEPTH:
-            continue
-        elif isinstance(node, dict):
-            block = not path and node.get("type") in _BLOCK_EVENTS
-            for k, v in reversed(node.items()):
-                step = "block" if block and k in ("content_block", "delta") else k
-                stack.append((v, (*path, k), (*channel, step)))
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            if len(path) < MAX_DEPTH:
+                for k, v in reversed(node.items()):
+                    if isinstance(v, str):
+                        if v and k in JOINED:
+                            stack.append((v, (*path, k)))
+                    else:
+                        stack.append((v, (*path, k)))
         elif isinstance(node, list):
-            for i in range(len(node) - 1, -1, -1):
-                v = node[i]
-                at: Any = "*"
-                if isinstance(v, dict):
-                    place = v.get("index")
-                    at = ("#", place if type(place) is int else 0, v.get("thought") is True)
-                stack.append((v, (*path, i), (*channel, at)))
+            if len(path) < MAX_DEPTH:
+                stack.extend(
+                    (node[i], (*path, i))
+                    for i in range(len(node) - 1, -1, -1)
+                    if not isinstance(node[i], str)  # (a list's strings: no text, no key)
+                )
+        elif isinstance(node, str) and path:  # (an event that is a string: nothing to edit)
+            found.append((path, node))
     return found
-
-
-def _put(value: Any, path: _Path, text: str) -> None:
-    for step in path[:-1]:
-        value = value[step]
-    value[path[-1]] = text
 
 
 def _get(value: Any, path: _Path) -> Any:
@@ -235,58 +230,80 @@ def _get(value: Any, path: _Path) -> Any:
     return value
 
 
+def _put(value: Any, path: _Path, text: str) -> None:
+    _get(value, path[:-1])[path[-1]] = text
+
+
 class _Held:
-    """An event held back: its bytes as they came, its decoded JSON, and whether a key's
-    pieces in it were rewritten (it then goes out encoded again)."""
+    """An event held back: its bytes as they came, its decoded JSON, and the edits of the
+    strings in it that hold pieces of a completed key (it then goes out encoded again)."""
 
-    __slots__ = ("changed", "payload", "value")
+    __slots__ = ("edits", "payload", "seq", "value")
 
-    def __init__(self, payload: bytes, value: Any) -> None:
+    def __init__(self, payload: bytes, value: Any, seq: int) -> None:
         self.payload = payload
         self.value = value
-        self.changed = False
+        self.seq = seq
+        # path -> [the string as it came, key characters cut from its head, from its tail]
+        self.edits: dict[_Path, list[Any]] = {}
+
+    def edit(self, path: _Path, head: int = 0, tail: int = 0) -> None:
+        """Cut `head` characters of the key from the start of the string at `path` (all of
+        them: it is a piece inside the key) or `tail` from its end (`[redacted]` instead)."""
+        edit = self.edits.get(path)
+        if edit is None:
+            edit = self.edits[path] = [_get(self.value, path), 0, 0]
+        edit[1], edit[2] = max(edit[1], head), max(edit[2], tail)
+        text, head, tail = edit
+        if head + tail >= len(text):
+            new = _REDACTED_TEXT if tail else ""
+        else:
+            new = text[head : len(text) - tail] + (_REDACTED_TEXT if tail else "")
+        _put(self.value, path, new)
 
     def out(self) -> bytes:
-        return _ENCODER.encode(self.value) if self.changed else self.payload
+        return _ENCODER.encode(self.value) if self.edits else self.payload
 
 
-class _Text:
-    """A text (a channel) in the middle of the key: its strings since the first piece of the
-    earliest start still followed (event, path), and each start followed (the index of its
-    first piece in `strings`, the key's characters that piece ends with, the characters the
-    pieces spell so far). Several starts at once: a key whose start recurs in it (`sk-..sk..`)
-    may begin at either."""
+class _Start:
+    """A place the key may begin: the strings that spell it so far (the first ends with
+    `first` characters of the key, each other one is key characters only), how many
+    characters they spell, and the event it last went on in."""
 
-    __slots__ = ("starts", "strings")
+    __slots__ = ("first", "last", "matched", "pieces")
 
-    def __init__(self) -> None:
-        self.strings: list[tuple[_Held, _Path]] = []
-        self.starts: list[tuple[int, int, int]] = []
+    def __init__(
+        self, pieces: tuple[tuple[_Held, _Path], ...], first: int, matched: int, last: int
+    ) -> None:
+        self.pieces = pieces
+        self.first = first
+        self.matched = matched
+        self.last = last
 
 
 class StreamRedactor:
     """One stream's events with the key redacted in each (`redact`) and across events.
 
-    An event one of whose strings ends with the key's first `START_CHARS` or more characters
-    is held back, with the events after it, while the strings a client joins to that one (its
-    text: `_strings`), in this event and the next, go on with the key. Each text is followed
-    on its own, every start of the key in it, so a string like the key's start in another
-    text (a decoy in a second choice) hides nothing. Complete, the pieces are rewritten: the
-    first ends in `[redacted]`, the others lose their piece. Broken off (another string
-    there), the pieces are left as they came. Events go out, in order, as soon as no text
-    still followed has a piece in them or before them. An event that is no JSON lets out what
-    is held. Held back are at most `MAX_HELD` events and `MAX_HELD_BYTES` in all (past
-    either, what is held goes out, keys completed in it rewritten, and nothing is followed);
-    the stream's end lets out what is held (`flush`).
+    An event one of whose text strings (`JOINED`) ends with the key's first `START_CHARS` or
+    more characters is held back, with the events after it, while later text strings go on
+    with the key, whatever strings come between them (another choice's text, a thought, a
+    decoy), every place the key may begin followed at once. Complete, the pieces are
+    rewritten: the first ends in `[redacted]`, the others lose their piece. A start that goes
+    on in none of the next `QUIET_EVENTS` events is dropped, and events go out, in order, as
+    soon as no start followed has a piece in them or before them. An event that is no JSON
+    lets out what is held. Held back are at most `MAX_HELD` events and `MAX_HELD_BYTES` in all
+    (past either, what is held goes out, keys completed in it rewritten, and nothing is
+    followed); the stream's end lets out what is held (`flush`).
     """
 
-    __slots__ = ("held", "open", "secret", "size")
+    __slots__ = ("held", "secret", "seq", "size", "starts")
 
     def __init__(self, secret: Secret) -> None:
         self.secret = secret
         self.held: list[_Held] = []  # the events held back, in order
-        self.open: dict[_Channel, _Text] = {}  # texts in the middle of the key
+        self.starts: list[_Start] = []  # places the key may begin, followed
         self.size = 0  # bytes held
+        self.seq = 0  # events seen
 
     def batch(self, batch: list[bytes]) -> list[bytes]:
         """What of `batch` goes out now (`batch` itself, in the common case)."""
@@ -306,7 +323,7 @@ class StreamRedactor:
         """Everything held (the stream ended): keys completed in it rewritten, the rest as it
         came."""
         out = [event.out() for event in self.held]
-        self.held, self.open, self.size = [], {}, 0
+        self.held, self.starts, self.size = [], [], 0
         return out
 
     def _see(self, payload: bytes) -> list[bytes]:
@@ -314,11 +331,12 @@ class StreamRedactor:
             value = _DECODER.decode(payload)
         except (msgspec.MsgspecError, RecursionError):
             return [*self.flush(), payload]
-        event = _Held(payload, value)
-        for path, channel, text in _strings(value):
-            if text:
-                self._follow(event, path, channel, text)
-        if not self.held and not self.open:
+        self.seq += 1
+        event = _Held(payload, value, self.seq)
+        for path, text in _texts(value):
+            self._follow(event, path, text)
+        self.starts = [s for s in self.starts if self.seq - s.last < QUIET_EVENTS]
+        if not self.held and not self.starts:
             return [event.out()]
         self.held.append(event)
         self.size += len(payload)
@@ -326,49 +344,65 @@ class StreamRedactor:
             return self.flush()
         return self._release()
 
-    def _follow(self, event: _Held, path: _Path, channel: _Channel, text: str) -> None:
-        """One string of `channel`: it goes on with the starts followed there, completes one
-        (the pieces are rewritten), or breaks them off; and the key may start at its end."""
+    def _follow(self, event: _Held, path: _Path, text: str) -> None:
+        """One text string: it goes on with starts followed (a start that it does not go on
+        with stays, for strings after it), completes some (their pieces are rewritten), and
+        the key may begin at its end."""
         key = self.secret.key
-        opened = self.open
-        followed = opened.get(channel)
-        if followed is not None:
-            going_on: list[tuple[int, int, int]] = []
-            for start, first, matched in followed.starts:
-                rest = key[matched:]
-                if rest.startswith(text) and text != rest:
-                    going_on.append((start, first, matched + len(text)))
-                elif text.startswith(rest):
-                    _rewrite([*followed.strings[start:], (event, path)], first, len(rest))
-                    del opened[channel]
-                    followed = None
-                    text = _get(event.value, path)  # what follows the key: another may start
-                    break
-            if followed is not None:
-                followed.strings.append((event, path))
-                followed.starts = going_on
-        sizes = _starts(text, self.secret)
-        if sizes and (followed is not None or len(opened) < MAX_OPEN):
-            if followed is None:
-                followed = opened[channel] = _Text()
-                followed.strings.append((event, path))
-            at = len(followed.strings) - 1
-            followed.starts.extend((at, size, size) for size in sizes)
-        if followed is not None:
-            if not followed.starts:
-                del opened[channel]
-            else:
-                earliest = min(start for start, _, _ in followed.starts)
-                if earliest:  # strings before every start followed: no longer needed
-                    del followed.strings[:earliest]
-                    followed.starts = [(s - earliest, f, m) for s, f, m in followed.starts]
+        going_on: list[_Start] = []
+        done: list[_Start] = []
+        head = text[0]
+        for start in self.starts:
+            if key[start.matched] != head:  # (most strings: not even the next character)
+                continue
+            rest = key[start.matched :]
+            if rest.startswith(text) and text != rest:
+                pieces = (*start.pieces, (event, path))
+                going_on.append(_Start(pieces, start.first, start.matched + len(text), self.seq))
+            elif text.startswith(rest):
+                done.append(start)
+        if done:
+            for start in done:
+                first, *middle = start.pieces
+                first[0].edit(first[1], tail=start.first)
+                for held, at in middle:
+                    held.edit(at, head=len(key))  # (all of it: a piece inside the key)
+                event.edit(path, head=len(key) - start.matched)
+            # The others go on: one through some of the same strings may still complete the
+            # key in the text a client joins (a rewrite only ever cuts more of a piece).
+            self.starts = [s for s in self.starts if s not in done]
+        else:
+            # Two ways to the same characters from the same start complete alike: one is kept.
+            seen = {(id(s.pieces[0]), s.matched) for s in self.starts}
+            for start in going_on:
+                if (id(start.pieces[0]), start.matched) not in seen and self._room(start.matched):
+                    seen.add((id(start.pieces[0]), start.matched))
+                    self.starts.append(start)
+        for size in _starts(text if not done else _get(event.value, path), self.secret):
+            if self._room(size):
+                self.starts.append(_Start(((event, path),), size, size, self.seq))
+
+    def _room(self, matched: int) -> bool:
+        """Whether a start that spells `matched` characters may be followed now: with
+        `MAX_OPEN` followed, the one that went on longest ago (of those, the one that spells
+        the fewest) makes room for it, unless that one went on in this event and spells more.
+        A key being written goes on in every few events: a flood of strings ending like the
+        key's start, or of pieces that stopped, keeps none from being followed."""
+        starts = self.starts
+        if len(starts) < MAX_OPEN:
+            return True
+        stalest = min(range(len(starts)), key=lambda i: (starts[i].last, starts[i].matched))
+        if starts[stalest].last == self.seq and starts[stalest].matched > matched:
+            return False
+        del starts[stalest]
+        return True
 
     def _release(self) -> list[bytes]:
-        """The events held before the first piece of any text still followed, in order."""
-        needed = {id(text.strings[0][0]) for text in self.open.values()}
+        """The events held before the first piece of any start still followed, in order."""
+        first = min((s.pieces[0][0].seq for s in self.starts), default=self.seq + 1)
         held = self.held
         n = 0
-        while n < len(held) and id(held[n]) not in needed:
+        while n < len(held) and held[n].seq < first:
             n += 1
         if not n:
             return []
@@ -376,21 +410,6 @@ class StreamRedactor:
         self.size -= sum(len(event.payload) for event in held[:n])
         del held[:n]
         return out
-
-
-def _rewrite(pieces: list[tuple[_Held, _Path]], first: int, last: int) -> None:
-    """A key completed over `pieces`: the first ends in `[redacted]` instead of the key's
-    `first` characters, the last loses its `last` first ones, those between are emptied."""
-    for i, (event, path) in enumerate(pieces):
-        text = _get(event.value, path)
-        if i == 0:
-            text = text[: len(text) - first] + _REDACTED_TEXT
-        elif i == len(pieces) - 1:
-            text = text[last:]
-        else:
-            text = ""
-        _put(event.value, path, text)
-        event.changed = True
 
 
 def _starts(text: str, secret: Secret) -> list[int]:
