@@ -22,6 +22,7 @@ import pytest
 
 from gateway.providers._secrets import (
     MAX_OPEN,
+    MAX_TEXTS,
     START_CHARS,
     Secret,
     StreamRedactor,
@@ -45,7 +46,9 @@ from tests.test_attack_upstream import (
     sends,
     sse,
     until_close,
+    whole,
 )
+from tests.test_attack_wire import anthropic_message
 
 __all__ = ["build"]  # the fixture, used by name
 
@@ -1120,17 +1123,18 @@ async def test_anthropic_text_in_a_non_text_delta_does_not_break_the_key_message
 
 
 def test_many_decoy_choices_do_not_leave_choice_0_unfollowed() -> None:
-    """256 decoy choices ending with "sk", never going on, filled what was followed: choice
-    0's start, later in the same event, was not followed. The start that went on longest ago
-    makes room now."""
-    choices = [{"index": i, "delta": {"content": "sk"}} for i in range(1, 257)]
+    """Decoy choices ending with "sk", never going on, filled what was followed (256 of them):
+    choice 0's start, later in the same event, was not followed. The start that went on
+    longest ago makes room now; the text strings of one event looked at are bounded
+    (MAX_TEXTS: past them, a start is not followed)."""
+    choices = [{"index": i, "delta": {"content": "sk"}} for i in range(1, MAX_TEXTS)]
     choices.append({"index": 0, "delta": {"content": "key " + HEAD}})
     first = json.dumps({"choices": choices}).encode()
     out = through([first, chat(TAIL)])
     text = "".join(
         c["delta"]["content"] for e in out for c in json.loads(e)["choices"] if c["index"] == 0
     )
-    assert UPSTREAM_KEY not in text
+    assert text == "key [redacted]"
 
 
 def _responses_delta(text: str, **places: int) -> dict[str, Any]:
@@ -1240,3 +1244,32 @@ async def test_a_tool_named_like_the_keys_start_is_not_buffered(build: Build) ->
 async def test_azure_prompt_filter_chunk_does_not_buffer_the_stream(build: Build) -> None:
     rig = await build("azure", sends(b""), api_keys=(AZURE_KEY,))
     await _first_read_before_the_rest(rig, _azure_stream(5), b"w4")
+
+
+def test_a_word_ending_like_the_keys_start_holds_its_chunk_back_until_the_next() -> None:
+    """ " ask", " task", " risk": with an `sk-` key, a chunk whose text ends so is held until the
+    same choice's next chunk shows the key does not go on, and no longer (a start is kept past
+    other texts' strings, but not past its own text's)."""
+    redactor = StreamRedactor(Secret(UPSTREAM_KEY))
+    words = [" I", " will", " ask", " you", " a", " task", " now"]
+    outs = [redactor.batch([chat(w)]) for w in words]
+    assert [len(o) for o in outs] == [1, 1, 0, 2, 1, 0, 2]
+    assert redactor.flush() == []
+
+
+async def test_a_key_cut_over_two_blocks_of_a_whole_translated_answer_is_redacted(
+    build: Build,
+) -> None:
+    """A whole Anthropic answer with two text blocks, or a Gemini one with two parts, becomes one
+    chat `content`: the key cut over them was whole only in what the translation made."""
+    blocks = [{"type": "text", "text": "key " + HEAD}, {"type": "text", "text": TAIL}]
+    rig = await build("anthropic", sends(whole(anthropic_message(content=blocks))))
+    completion = await rig.sdk(stream=False)
+    assert completion.choices[0].message.content == "key [redacted]"
+    parts = [{"text": "key " + HEAD}, {"text": TAIL}]
+    candidate = {"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}
+    usage = {"promptTokenCount": 1, "candidatesTokenCount": 2, "totalTokenCount": 3}
+    answer = json.dumps({"candidates": [candidate], "usageMetadata": usage}).encode()
+    rig = await build("gemini", sends(whole(answer)))
+    completion = await rig.sdk(stream=False)
+    assert completion.choices[0].message.content == "key [redacted]"

@@ -175,6 +175,11 @@ class UpstreamClient:
             account = {**account, **extra}
         return {**account, "x-request-id": attempt.request_id} if attempt.request_id else account
 
+    def redact(self, data: bytes, attempt: Attempt) -> bytes:
+        """`data` with the key `attempt` sent redacted: an answer made from the upstream's
+        (a translation joins text the upstream sent apart, so the key may be whole only there)."""
+        return redact(data, self._secret(attempt))
+
     def _secret(self, attempt: Attempt) -> Secret | None:
         """The key `attempt` sends, to be redacted from what comes back (made once a key)."""
         try:

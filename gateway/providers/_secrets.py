@@ -64,6 +64,9 @@ MAX_HELD_BYTES = 1024 * 1024
 # key being written out (a stream is held back by at most that many events for it).
 MAX_OPEN = 32
 QUIET_EVENTS = 16
+# Text strings of one event looked at (a chunk has one for each choice, a few more with tool
+# calls or parts): what a hostile event of many can cost is bounded (about 1 ms an event).
+MAX_TEXTS = 128
 # JSON's two-character escapes of characters a key could hold (header values are printable).
 _SHORT = {'"': b'\\\\"', "\\": b"\\\\\\\\", "/": b"\\\\/"}
 
@@ -196,32 +199,54 @@ _DECODER = msgspec.json.Decoder(float_hook=Decimal)
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 
 
-def _texts(value: Any) -> list[tuple[_Path, str]]:
+# Top-level fields that say which text of an answer an event's string goes on (Anthropic's
+# block, the Responses API's output item, content part and summary).
+_PLACES = ("index", "output_index", "content_index", "summary_index")
+
+
+def _texts(value: Any, most: int) -> list[tuple[_Path, Any, str]]:
     """The non-empty strings of a decoded event a client may join text from (`JOINED`), down
-    to `MAX_DEPTH`, in the order of the event's text. Not recursive: no depth of JSON can
-    make it raise."""
-    found: list[tuple[_Path, str]] = []
-    stack: list[tuple[Any, _Path]] = [(value, ())]
-    while stack:
-        node, path = stack.pop()
+    to `MAX_DEPTH`, in the order of the event's text, each with its path and its place: the
+    path with each object's `type` and each list element's own `index` and `thought` for its
+    position (a choice, a candidate, a tool call by its index, a candidate's parts as one),
+    under the event's type and top-level places (`_PLACES`), as they were sent. Strings at the
+    same place in two events are the same text to any client: one that does not go on with a
+    key there breaks it off. The first `most` only; not recursive: no depth of JSON can make
+    it raise."""
+    top: tuple[Any, ...] = ()
+    if isinstance(value, dict):
+        top = tuple(_hashable(value.get(f)) for f in ("type", *_PLACES))
+    found: list[tuple[_Path, Any, str]] = []
+    stack: list[tuple[Any, _Path, tuple[Any, ...]]] = [(value, (), top)]
+    while stack and len(found) < most:
+        node, path, place = stack.pop()
         if isinstance(node, dict):
             if len(path) < MAX_DEPTH:
                 for k, v in reversed(node.items()):
                     if isinstance(v, str):
                         if v and k in JOINED:
-                            stack.append((v, (*path, k)))
+                            stack.append((v, (*path, k), (*place, k)))
+                    elif isinstance(v, dict):  # (with its type: a text delta's text is not
+                        kind = _hashable(v.get("type"))  # an input_json_delta's)
+                        stack.append((v, (*path, k), (*place, k, kind)))
                     else:
-                        stack.append((v, (*path, k)))
+                        stack.append((v, (*path, k), (*place, k)))
         elif isinstance(node, list):
             if len(path) < MAX_DEPTH:
-                stack.extend(
-                    (node[i], (*path, i))
-                    for i in range(len(node) - 1, -1, -1)
-                    if not isinstance(node[i], str)  # (a list's strings: no text, no key)
-                )
+                for i in range(len(node) - 1, -1, -1):
+                    v = node[i]
+                    if isinstance(v, dict):  # (by its index, not its place in the list)
+                        at = ("#", _hashable(v.get("index")), _hashable(v.get("thought")))
+                        stack.append((v, (*path, i), (*place, at)))
+                    elif not isinstance(v, str):  # (a list's strings: no text, no key)
+                        stack.append((v, (*path, i), (*place, i)))
         elif isinstance(node, str) and path:  # (an event that is a string: nothing to edit)
-            found.append((path, node))
+            found.append((path, place, node))
     return found
+
+
+def _hashable(value: Any) -> Any:
+    return value if value is None or isinstance(value, str | int | Decimal) else repr(value)
 
 
 def _get(value: Any, path: _Path) -> Any:
@@ -268,17 +293,25 @@ class _Held:
 class _Start:
     """A place the key may begin: the strings that spell it so far (the first ends with
     `first` characters of the key, each other one is key characters only), how many
-    characters they spell, and the event it last went on in."""
+    characters they spell, the event it last went on in, and the place of its last piece."""
 
-    __slots__ = ("first", "last", "matched", "pieces")
+    __slots__ = ("across", "first", "last", "matched", "pieces", "place")
 
     def __init__(
-        self, pieces: tuple[tuple[_Held, _Path], ...], first: int, matched: int, last: int
+        self,
+        pieces: tuple[tuple[_Held, _Path], ...],
+        first: int,
+        matched: int,
+        last: int,
+        place: Any,
+        across: bool = False,
     ) -> None:
         self.pieces = pieces
         self.first = first
         self.matched = matched
         self.last = last
+        self.place = place  # where its last piece is (`_texts`)
+        self.across = across  # its pieces are at more than one place
 
 
 class StreamRedactor:
@@ -333,8 +366,8 @@ class StreamRedactor:
             return [*self.flush(), payload]
         self.seq += 1
         event = _Held(payload, value, self.seq)
-        for path, text in _texts(value):
-            self._follow(event, path, text)
+        for path, place, text in _texts(value, MAX_TEXTS):
+            self._follow(event, path, place, text)
         self.starts = [s for s in self.starts if self.seq - s.last < QUIET_EVENTS]
         if not self.held and not self.starts:
             return [event.out()]
@@ -344,23 +377,33 @@ class StreamRedactor:
             return self.flush()
         return self._release()
 
-    def _follow(self, event: _Held, path: _Path, text: str) -> None:
-        """One text string: it goes on with starts followed (a start that it does not go on
-        with stays, for strings after it), completes some (their pieces are rewritten), and
-        the key may begin at its end."""
+    def _follow(self, event: _Held, path: _Path, place: Any, text: str) -> None:
+        """One text string: it goes on with starts followed, completes some (their pieces are
+        rewritten), or breaks off those whose last piece is at its place (the same text to any
+        client); a start elsewhere stays, for strings after it. The key may begin at its end."""
         key = self.secret.key
         going_on: list[_Start] = []
         done: list[_Start] = []
+        kept: list[_Start] = []
         head = text[0]
         for start in self.starts:
-            if key[start.matched] != head:  # (most strings: not even the next character)
-                continue
             rest = key[start.matched :]
-            if rest.startswith(text) and text != rest:
-                pieces = (*start.pieces, (event, path))
-                going_on.append(_Start(pieces, start.first, start.matched + len(text), self.seq))
-            elif text.startswith(rest):
-                done.append(start)
+            if key[start.matched] == head:  # (most strings: not even the next character)
+                if rest.startswith(text) and text != rest:
+                    pieces = (*start.pieces, (event, path))
+                    across = start.across or start.place != place
+                    matched = start.matched + len(text)
+                    going_on.append(_Start(pieces, start.first, matched, self.seq, place, across))
+                    if start.place != place or start.last == self.seq:
+                        kept.append(start)  # (another text may go on with it instead)
+                    continue
+                if text.startswith(rest):
+                    done.append(start)
+                    continue
+            if start.place != place or start.last == self.seq:
+                kept.append(start)  # (another text; or this event's: a second candidate of
+                # the same index, which a translation drops, or a Gemini part after it)
+        self.starts = kept
         if done:
             for start in done:
                 first, *middle = start.pieces
@@ -368,31 +411,43 @@ class StreamRedactor:
                 for held, at in middle:
                     held.edit(at, head=len(key))  # (all of it: a piece inside the key)
                 event.edit(path, head=len(key) - start.matched)
-            # The others go on: one through some of the same strings may still complete the
-            # key in the text a client joins (a rewrite only ever cuts more of a piece).
-            self.starts = [s for s in self.starts if s not in done]
-        else:
-            # Two ways to the same characters from the same start complete alike: one is kept.
-            seen = {(id(s.pieces[0]), s.matched) for s in self.starts}
+        elif going_on:
+            # Two ways to the same characters from the same start, ending at the same place,
+            # go on and complete alike: one is kept.
+            seen = {(id(s.pieces[0]), s.matched, s.place) for s in self.starts}
             for start in going_on:
-                if (id(start.pieces[0]), start.matched) not in seen and self._room(start.matched):
-                    seen.add((id(start.pieces[0]), start.matched))
+                way = (id(start.pieces[0]), start.matched, start.place)
+                if way not in seen and self._room(start):
+                    seen.add(way)
                     self.starts.append(start)
         for size in _starts(text if not done else _get(event.value, path), self.secret):
-            if self._room(size):
-                self.starts.append(_Start(((event, path),), size, size, self.seq))
+            start = _Start(((event, path),), size, size, self.seq, place)
+            if self._room(start):
+                self.starts.append(start)
 
-    def _room(self, matched: int) -> bool:
-        """Whether a start that spells `matched` characters may be followed now: with
-        `MAX_OPEN` followed, the one that went on longest ago (of those, the one that spells
-        the fewest) makes room for it, unless that one went on in this event and spells more.
-        A key being written goes on in every few events: a flood of strings ending like the
-        key's start, or of pieces that stopped, keeps none from being followed."""
+    def _room(self, new: _Start) -> bool:
+        """Whether `new` may be followed now: with `MAX_OPEN` followed, one makes room for it,
+        the one that went on longest ago (of those, the one that spells the fewest), unless
+        that one went on in this event and spells more. A start whose pieces are at more than
+        one place (a client that joins across texts: rarer) makes room first, and takes none
+        from one that is not. A key being written goes on every few events: a flood of strings
+        ending like the key's start, or of pieces that stopped, keeps none from being followed."""
         starts = self.starts
         if len(starts) < MAX_OPEN:
             return True
-        stalest = min(range(len(starts)), key=lambda i: (starts[i].last, starts[i].matched))
-        if starts[stalest].last == self.seq and starts[stalest].matched > matched:
+        stalest = -1
+        best: tuple[bool, int, int] | None = None
+        for i, old in enumerate(starts):
+            # (across first, unless `new` is across: then only among those)
+            if new.across and not old.across:
+                continue
+            rank = (not old.across, old.last, old.matched)
+            if best is None or rank < best:
+                stalest, best = i, rank
+        if stalest < 0:
+            return False
+        old = starts[stalest]
+        if old.across == new.across and old.last == self.seq and old.matched > new.matched:
             return False
         del starts[stalest]
         return True

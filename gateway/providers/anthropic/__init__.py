@@ -58,7 +58,8 @@ class AnthropicProvider:
         tally.merge(resp.usage)
         out, call.usage = from_anthropic(resp, json_tool, tally.counts())
         call.cache_write_tokens = tally.cache_writes()
-        return ChatReply(body=out, usage=call.usage)
+        # (text blocks are joined into one content: a key cut over two is whole only now)
+        return ChatReply(body=self._http.redact(out, call), usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         body, json_tool = self._body(call, stream=True)

@@ -65,7 +65,8 @@ class GeminiProvider:
         out, call.usage = from_gemini(
             resp, call.upstream_model, self.config.name, choice_count=choice_count(call)
         )
-        return ChatReply(body=out, usage=call.usage)
+        # (parts are joined into one content: a key cut over two is whole only now)
+        return ChatReply(body=self._http.redact(out, call), usage=call.usage)
 
     async def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
         body = encode(to_gemini(call))
