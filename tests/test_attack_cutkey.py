@@ -1273,3 +1273,22 @@ async def test_a_key_cut_over_two_blocks_of_a_whole_translated_answer_is_redacte
     rig = await build("gemini", sends(whole(answer)))
     completion = await rig.sdk(stream=False)
     assert completion.choices[0].message.content == "key [redacted]"
+
+
+def test_a_key_in_logprob_tokens_is_redacted_there_too() -> None:
+    """With `logprobs`, a client can join each chunk's `logprobs.content[].token` as well as its
+    content: the tokens spelled the key while the content had `[redacted]`."""
+    tokens = [" Your", " key", " is", " sk", "-up", "stream", "-", "012", "345", "678", "9"]
+    tokens += ["abcdef", "gh", "ij", "."]
+
+    def logprob_chunk(token: str) -> bytes:
+        logprobs = {"content": [{"token": token, "logprob": -0.1, "top_logprobs": []}]}
+        choice = {"index": 0, "delta": {"content": token}, "logprobs": logprobs}
+        return json.dumps(
+            {"id": "c", "object": "chat.completion.chunk", "choices": [choice]}
+        ).encode()
+
+    out = [json.loads(e) for e in through([logprob_chunk(t) for t in tokens])]
+    content = "".join(o["choices"][0]["delta"]["content"] for o in out)
+    joined_tokens = "".join(o["choices"][0]["logprobs"]["content"][0]["token"] for o in out)
+    assert content == joined_tokens == " Your key is [redacted]."

@@ -169,7 +169,8 @@ _Path = tuple[str | int, ...]
 # Where a client joins text from the strings of many events: a chat delta's `content`,
 # `refusal`, reasoning (`reasoning_content`, `reasoning`) and a tool call's `arguments`, a
 # completion's and a Gemini part's `text`, an Anthropic block's `text`, `thinking` and
-# `partial_json`, a Responses API event's `delta`, an audio `transcript`. Other strings (ids,
+# `partial_json`, a Responses API event's `delta`, an audio `transcript`, a logprob's `token`
+# (a client with `logprobs` joins them too). Other strings (ids,
 # names, roles, a filter's `severity`) are never joined: a key cut over them reaches no client
 # whole, and one that merely ends like the key's start holds nothing back.
 JOINED = frozenset(
@@ -184,6 +185,7 @@ JOINED = frozenset(
         "partial_json",
         "delta",
         "transcript",
+        "token",
     }
 )
 
@@ -403,6 +405,11 @@ class StreamRedactor:
             if start.place != place or start.last == self.seq:
                 kept.append(start)  # (another text; or this event's: a second candidate of
                 # the same index, which a translation drops, or a Gemini part after it)
+        if any(start.place == place for start in done):
+            # The key completed in its own text: starts elsewhere (its copy in a logprob's
+            # tokens, another choice) wait for their own text to complete them.
+            kept += [start for start in done if start.place != place]
+            done = [start for start in done if start.place == place]
         self.starts = kept
         if done:
             for start in done:
