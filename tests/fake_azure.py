@@ -31,6 +31,18 @@ _SAFE = {"filtered": False, "severity": "safe"}
 FILTER_RESULTS: Json = {k: _SAFE for k in ("hate", "self_harm", "sexual", "violence")}
 
 
+def prompt_filter_chunk(results: Json) -> Json:
+    """Azure's first stream chunk: the prompt's filter results, no choice, blank fields."""
+    return {
+        "choices": [],
+        "created": 0,
+        "id": "",
+        "model": "",
+        "object": "",
+        "prompt_filter_results": results,
+    }
+
+
 def azure_error(http_status: int, code: str, message: str, **extra: Any) -> web.Response:
     body = {"error": {"code": code, "message": message, **extra}}
     return web.json_response(body, status=http_status)
@@ -156,14 +168,7 @@ class FakeAzure(FakeOpenAI):
 
     def _chunks(self, body: Json, reply: Json) -> list[Json]:
         chunks = super()._chunks(body, reply)
-        first = {
-            "choices": [],
-            "created": 0,
-            "id": "",
-            "model": "",
-            "object": "",
-            "prompt_filter_results": reply["prompt_filter_results"],
-        }
+        first = prompt_filter_chunk(reply["prompt_filter_results"])
         for chunk in chunks:
             chunk.pop("obfuscation", None)  # OpenAI's, not Azure's
             for choice in chunk["choices"]:

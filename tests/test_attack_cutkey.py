@@ -30,6 +30,7 @@ from gateway.providers._secrets import (
 )
 from gateway.providers._sse import SSEDecoder
 from tests.conftest import NEVER_HANG
+from tests.fake_azure import FILTER_RESULTS, prompt_filter_chunk
 from tests.test_attack_hostile import cut, leaks, pieces_stream
 from tests.test_attack_small import messages_text
 from tests.test_attack_upstream import (
@@ -1175,16 +1176,8 @@ def test_a_tool_named_like_the_keys_start_does_not_hold_its_call_back_unit() -> 
 
 
 def _azure_stream(words: int) -> list[bytes]:
-    safe = {"filtered": False, "severity": "safe"}
-    filters = {"hate": safe, "self_harm": safe, "sexual": safe, "violence": safe}
-    first = {
-        "choices": [],
-        "created": 0,
-        "id": "",
-        "model": "",
-        "object": "",
-        "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": filters}],
-    }
+    results = [{"prompt_index": 0, "content_filter_results": FILTER_RESULTS}]
+    first = prompt_filter_chunk(results)
     chunks = [json.dumps(first).encode()]
     for i in range(words):
         chunks.append(json.dumps({"choices": [{"content_filter_results": {},

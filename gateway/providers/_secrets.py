@@ -389,8 +389,8 @@ class StreamRedactor:
         kept: list[_Start] = []
         head = text[0]
         for start in self.starts:
-            rest = key[start.matched :]
             if key[start.matched] == head:  # (most strings: not even the next character)
+                rest = key[start.matched :]
                 if rest.startswith(text) and text != rest:
                     pieces = (*start.pieces, (event, path))
                     across = start.across or start.place != place
