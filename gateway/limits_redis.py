@@ -109,6 +109,9 @@ class SharedGate(FallbackGate):
         # those being sent again.
         self._unsent: list[Ticket] = []
         self._again: list[Ticket] = []
+        # What requests the fallback admitted used while Redis was away, by key and period
+        # start: added to the shared spending once it answers (`came_back`).
+        self._offline: dict[tuple[str, float], list[Any]] = {}
         # Held while ends are sent (until Redis answers) and while a spending is seeded: a
         # seed knows which ends reached Redis before it and which will after (`_seed_spend`).
         self._finishing = asyncio.Lock()
@@ -200,7 +203,10 @@ class SharedGate(FallbackGate):
         """(A request charged in Redis is counted there by its `leave`; its row is queued
         now, which a seed's read must know: `_seed_spend`.)"""
         if not ticket.shared or ticket.local_charge:
+            used = ticket.to_count
             super().tally(ticket)
+            if used is not None:
+                self._count_later(ticket.key.id, used)
         else:
             ticket.row = True
 
@@ -210,13 +216,33 @@ class SharedGate(FallbackGate):
         key = self._keys.get(key_id)
         if key is None or not key.has_budget or not self.up:
             super().count(key_id, tokens, usd)  # the fallback's book, when it has the key
+            self._count_later(key_id, (tokens, usd))
             return
-        # (Its row is queued in the same step: `pipeline._settle`, then `middleware._finish`.)
-        self._ending.append(
-            Ticket(key=key, limited=False, budgeted=True, used=(tokens, usd), row=True)
-        )
+        self._send_spent(key, (tokens, usd))
+
+    def _send_spent(self, key: KeyRecord, used: Amount) -> None:
+        """Add what a request used to the key's shared spending with the next ends sent: a
+        FINISH that holds and frees nothing (no lease, no tokens per minute). Its row is
+        queued in the same step (`pipeline._settle`, then `middleware._finish`), so a seed
+        meanwhile takes it off what it read (`_seed`)."""
+        self._ending.append(Ticket(key=key, limited=False, budgeted=True, used=used, row=True))
         if self._ender is None or self._ender.done():
             self._ender = asyncio.create_task(self._end_all())
+
+    def _count_later(self, key_id: str, used: Amount) -> None:
+        """What a request the fallback admitted (or counted) used, for the shared spending:
+        sent now if Redis answers again already (a request that outlived the outage), else
+        summed by key and period until it does (`came_back`)."""
+        key = self._keys.get(key_id)
+        if key is None or not key.has_budget:
+            return
+        if self.up:
+            self._send_spent(key, used)
+            return
+        start = period_start(key.budget_period, time.time())
+        total = self._offline.setdefault((key_id, start), [0, 0.0])
+        total[0] += used[0]
+        total[1] += used[1]
 
     async def spending(self, key: KeyRecord) -> Spend | None:
         """The key's shared spending this period (this replica's ended requests counted)."""
@@ -393,6 +419,14 @@ class SharedGate(FallbackGate):
     def came_back(self) -> None:
         self.levels.clear()  # what scripts said before the outage is stale
         self._reseat()
+        # What the fallback's requests spent counts in the shared spending of the period it
+        # was spent in, if that is still the key's current one (a past period's is done with).
+        now = time.time()
+        offline, self._offline = self._offline, {}
+        for (key_id, start), (tokens, usd) in offline.items():
+            key = self._keys.get(key_id)
+            if key is not None and key.has_budget and period_start(key.budget_period, now) == start:
+                self._send_spent(key, (tokens, usd))
         if self._unsent:  # ends Redis did not answer: sent again, counted if not counted yet
             self._again, self._unsent = self._again + self._unsent, []
             if self._ender is None or self._ender.done():
