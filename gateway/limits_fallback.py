@@ -45,6 +45,10 @@ class FallbackGate(Gate):
         self._keys: dict[str, KeyRecord] = {}  # what the fallback must know the spending of
         self._usage: UsageLog | None = None
 
+    async def reconcile(self) -> None:
+        """Redis answers a ping again: set right in it what the outage left wrong, before
+        requests go through it. Raising (Redis does not take it) keeps the probe going."""
+
     def came_back(self) -> None:
         """Redis answers again (a hook for what was learnt from it before)."""
 
@@ -98,6 +102,11 @@ class FallbackGate(Gate):
             except Exception:  # redis-py fails on some garbage with AttributeError: a probe
                 answered = False  # that ended here would leave the circuit open until a restart
             if not answered:
+                continue
+            try:
+                await self.reconcile()
+            except Exception as exc:  # (as a ping unanswered: the outage goes on)
+                log.debug("redis_reconcile_failed", error=f"{type(exc).__name__}: {exc}")
                 continue
             self.up = True
             self.came_back()

@@ -59,6 +59,8 @@ _MAX_UNSENT = 100_000  # ends kept through an outage to send again
 # How long a request waits for its budget's spending to be seeded from the usage table before
 # it gets a 503 `database_busy` (a frozen database would hold it for the 30 s query timeout).
 SEED_WAIT_SECONDS = 2.0
+# How long Redis's return waits for this replica's usage rows to be written (`reconcile`).
+RECONCILE_FLUSH_SECONDS = 2.0
 
 
 class BadReply(RedisError):
@@ -109,9 +111,12 @@ class SharedGate(FallbackGate):
         # those being sent again.
         self._unsent: list[Ticket] = []
         self._again: list[Ticket] = []
-        # What requests the fallback admitted used while Redis was away, by key and period
-        # start: added to the shared spending once it answers (`came_back`).
-        self._offline: dict[tuple[str, float], list[Any]] = {}
+        # Spendings (Redis key names) that miss what this replica spent while Redis was away
+        # (its fallback's requests), or are stale (a budget that went or changed meanwhile):
+        # dropped before requests go through Redis again, so they are seeded afresh from the
+        # usage table (`reconcile`).
+        self._stale: set[str] = set()
+        self._late: asyncio.Task[None] | None = None
         # Held while ends are sent (until Redis answers) and while a spending is seeded: a
         # seed knows which ends reached Redis before it and which will after (`_seed_spend`).
         self._finishing = asyncio.Lock()
@@ -231,18 +236,16 @@ class SharedGate(FallbackGate):
 
     def _count_later(self, key_id: str, used: Amount) -> None:
         """What a request the fallback admitted (or counted) used, for the shared spending:
-        sent now if Redis answers again already (a request that outlived the outage), else
-        summed by key and period until it does (`came_back`)."""
+        sent now if Redis answers again already (a request that outlived the outage); else
+        its key's spending this period is marked to be seeded again (`reconcile`), from the
+        usage table that has its row by then."""
         key = self._keys.get(key_id)
         if key is None or not key.has_budget:
             return
         if self.up:
             self._send_spent(key, used)
-            return
-        start = period_start(key.budget_period, time.time())
-        total = self._offline.setdefault((key_id, start), [0, 0.0])
-        total[0] += used[0]
-        total[1] += used[1]
+        else:
+            self._stale.add(spent_name(key, period_start(key.budget_period, time.time())))
 
     async def spending(self, key: KeyRecord) -> Spend | None:
         """The key's shared spending this period (this replica's ended requests counted)."""
@@ -309,12 +312,16 @@ class SharedGate(FallbackGate):
             else:
                 self._capped.pop(key.id, None)
         await super().sync(keys, usage)
-        if stale and self.up:
+        if stale:
             names = [spent_name(k, start) for k in stale for start in period_starts(time.time())]
-            try:
-                await self.redis.delete(*names)
-            except _NOT_ANSWERED as exc:
-                self._went_down(self._bad(exc))
+            if not self.up:  # (dropped when Redis answers again: `reconcile`)
+                self._stale.update(names)
+            else:
+                try:
+                    await self.redis.delete(*names)
+                except _NOT_ANSWERED as exc:
+                    self._stale.update(names)
+                    self._went_down(self._bad(exc))
         # The leases of requests adopted are in Redis when the keys go in place (the other
         # replicas count them from then on), and those that came in meanwhile adopted too.
         while True:
@@ -387,10 +394,11 @@ class SharedGate(FallbackGate):
             seed.cancel()
         if seeds:
             await asyncio.wait(seeds, timeout=2.0)
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        for task in (self._renewer, self._late):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.stop_probe()
         self.link.close()
         await self.redis.aclose(close_connection_pool=True)
@@ -416,17 +424,40 @@ class SharedGate(FallbackGate):
         self.link.drop()
         return exc if isinstance(exc, BadReply) else BadReply(f"{type(exc).__name__}: {exc}")
 
+    async def reconcile(self) -> None:
+        """Before requests go through Redis again: drop the spendings that miss what this
+        replica's fallback admitted, or are stale (`_stale`), once this replica's rows are
+        written (within `RECONCILE_FLUSH_SECONDS`), so that whichever replica seeds them
+        next reads it all from the usage table. Not added to the counters instead: a Redis
+        that restarted empty may have had them seeded already, from a table with those rows.
+
+        Raises:
+            RedisError: Redis does not take the deletion (the probe goes on).
+        """
+        if not self._stale:
+            return
+        if self._usage is not None:
+            with contextlib.suppress(Exception):  # (a database down: those rows come later)
+                await asyncio.wait_for(asyncio.shield(self._usage.flush()), RECONCILE_FLUSH_SECONDS)
+        names = list(self._stale)
+        try:
+            await self.redis.delete(*names)
+        except _NOT_ANSWERED as exc:
+            self._bad(exc)
+            raise
+        self._stale.difference_update(names)
+
+    async def _reconcile_late(self) -> None:
+        try:
+            await self.reconcile()
+        except _NOT_ANSWERED as exc:
+            self._went_down(exc)
+
     def came_back(self) -> None:
         self.levels.clear()  # what scripts said before the outage is stale
         self._reseat()
-        # What the fallback's requests spent counts in the shared spending of the period it
-        # was spent in, if that is still the key's current one (a past period's is done with).
-        now = time.time()
-        offline, self._offline = self._offline, {}
-        for (key_id, start), (tokens, usd) in offline.items():
-            key = self._keys.get(key_id)
-            if key is not None and key.has_budget and period_start(key.budget_period, now) == start:
-                self._send_spent(key, (tokens, usd))
+        if self._stale:  # (requests of the fallback that ended while `reconcile` ran)
+            self._late = asyncio.create_task(self._reconcile_late())
         if self._unsent:  # ends Redis did not answer: sent again, counted if not counted yet
             self._again, self._unsent = self._again + self._unsent, []
             if self._ender is None or self._ender.done():

@@ -30,7 +30,7 @@ from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, free_po
 from tests.fakes import FakeOpenAI
 from tests.redis_server import RedisServer
 from tests.replicas import Replica
-from tests.test_limits_redis import BODY, CHAT, auth, known, two_gateways
+from tests.test_limits_redis import BODY, CHAT, auth, two_gateways
 
 
 class GarbageRedis:
@@ -401,61 +401,3 @@ async def test_a_redis_restart_that_lost_its_data_resets_no_budget_for_free(
             await asyncio.wait([gate._ender])
     spend = await gate.spending(key)
     assert spend is not None and spend.tokens == 60
-
-
-async def frozen_then_back(gate: SharedGate) -> None:
-    """Wait for the probe to find Redis answering again, and for the ends it sends then."""
-    async with asyncio.timeout(NEVER_HANG):
-        assert gate._probe is not None
-        await gate._probe
-        while gate._ender is not None and not gate._ender.done():
-            await asyncio.wait([gate._ender])
-
-
-async def test_what_the_local_fallback_admitted_counts_in_the_shared_spending(
-    aiohttp_server: AiohttpServer,
-    aiohttp_client: AiohttpClient,
-    make_settings: MakeSettings,
-    redis_server: RedisServer,
-) -> None:
-    """With `redis_failure = "local"`, requests admitted while Redis was frozen (it comes back
-    with its data) spent against this replica's book only: the shared counter, seeded before
-    the outage, never learnt of them, so every replica admitted that spending again until the
-    period's counter was next seeded (a day, a month, never for a total budget). Once Redis
-    answers, what they used is added to it; so is what a request the fallback admitted uses
-    when it ends after the outage."""
-    fake, gw, other = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
-    )
-    fake.always(content="two words")  # 8 prompt tokens + 2: every request uses 10
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post(gw, secret))[0] == 200  # seeds the shared spending: 10
-    gate = app_of(gw)[GATE_KEY]
-    assert isinstance(gate, SharedGate)
-    assert redis_server.process is not None
-    redis_server.process.send_signal(signal.SIGSTOP)
-    try:
-        assert [(await post(gw, secret))[0] for _ in range(3)] == [200] * 3  # 30, locally
-        assert not gate.up
-        release, tasks = hold_four(gw, secret, fake)  # admitted locally, end after the outage
-        await all_seen(fake, 8)
-    finally:
-        redis_server.process.send_signal(signal.SIGCONT)
-    await frozen_then_back(gate)
-    key = app_of(gw)[KEYS_KEY].lookup(secret)
-    assert key is not None
-    spend = await gate.spending(key)
-    assert spend is not None and spend.tokens == 40
-    release.set()
-    assert [code for code, _ in await asyncio.gather(*tasks)] == [200] * 4
-    async with asyncio.timeout(NEVER_HANG):
-        while gate._ender is not None and not gate._ender.done():
-            await asyncio.wait([gate._ender])
-    await known(other, secret)
-    for replica in (gw, other):  # one counter: every replica reads the same spending
-        spend = await app_of(replica)[GATE_KEY].spending(key)
-        assert spend is not None and (spend.tokens, spend.held_tokens) == (80, 0)

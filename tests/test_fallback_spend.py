@@ -1,0 +1,234 @@
+"""What the local fallback (`redis_failure = "local"`) admits while Redis is away reaches the
+shared spending of every replica once Redis answers again: the key's counter is dropped before
+requests go through Redis again (`SharedGate.reconcile`) and seeded afresh from the usage table,
+which has the fallback's rows. Each test uses a real throw-away redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from redis.asyncio import Redis
+
+from gateway.limits_redis import SharedGate
+from gateway.state import GATE_KEY, KEYS_KEY
+from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, usage_rows
+from tests.redis_server import RedisServer
+from tests.test_attack_scale import all_seen, hold_four, post
+from tests.test_limits_redis import known, two_gateways
+
+
+async def frozen_then_back(gate: SharedGate) -> None:
+    """Wait for the probe to find Redis answering again, and for the ends it sends then."""
+    async with asyncio.timeout(NEVER_HANG):
+        assert gate._probe is not None
+        await gate._probe
+        while gate._ender is not None and not gate._ender.done():
+            await asyncio.wait([gate._ender])
+
+
+async def ended(gate: SharedGate) -> None:
+    async with asyncio.timeout(NEVER_HANG):
+        while gate._ender is not None and not gate._ender.done():
+            await asyncio.wait([gate._ender])
+
+
+async def test_a_redis_restart_that_lost_its_data_counts_the_fallbacks_spending_once(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The commonest outage: Redis restarts empty (no persistence). Replica A's fallback spent
+    30 meanwhile (its rows are in the usage table). Replica B reaches Redis first (A's probe
+    pings once a second) and seeds the period's counter from the usage table: A's 30 are in
+    it. When A's probe then found Redis, A added its 30 again (70). Any restart that loses
+    Redis's data, with two replicas or more: A's counter must be seeded afresh instead."""
+    fake, gw, other = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")  # every request uses 10 tokens
+    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
+    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    gate = app_of(gw)[GATE_KEY]
+    assert isinstance(gate, SharedGate)
+    redis_server.stop()
+    assert [(await post(gw, secret))[0] for _ in range(3)] == [200] * 3  # 30, locally
+    assert not gate.up and gate._stale
+    assert len(await usage_rows(gw)) == 4  # A's rows are in the table
+    # A's probe has not found Redis yet when B seeds (a 1 s probe interval: B is first).
+    real_ping = gate.redis.ping
+    may_ping = asyncio.Event()
+
+    async def later_ping(*args: Any, **kwargs: Any) -> Any:
+        await may_ping.wait()
+        return await real_ping(*args, **kwargs)
+
+    monkeypatch.setattr(gate.redis, "ping", later_ping)
+    redis_server.start()
+    await known(other, secret)
+    key = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert key is not None
+    b_gate = app_of(other)[GATE_KEY]
+    assert isinstance(b_gate, SharedGate)
+    async with asyncio.timeout(NEVER_HANG):
+        while True:  # (B's pooled connection to the old server may fail once)
+            spend = await b_gate.spending(key)
+            if b_gate.up and spend is not None:
+                break
+            if b_gate._probe is not None:
+                await b_gate._probe
+    assert spend.tokens == 40  # seeded from the table: A's 30 are in it
+    may_ping.set()
+    await frozen_then_back(gate)
+    await ended(gate)
+    spend = await b_gate.spending(key)
+    assert spend is not None and spend.tokens == 40  # (A's 30 were counted twice)
+
+
+async def test_a_redis_that_takes_no_writes_yet_keeps_the_fallbacks_spending_to_count(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """Redis answers PING again but takes no writes (CLIENT PAUSE WRITE: what a failover
+    does). The fallback's spending was sent as ends then, which timed out and, sent again
+    later, were dropped (an end sent again counts only for a request that holds something
+    in Redis): lost for every replica. Now the dropping of the counter must go through
+    before the circuit closes; until it does, the probe goes on."""
+    fake, gw, _ = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")
+    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
+    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    gate = app_of(gw)[GATE_KEY]
+    assert isinstance(gate, SharedGate)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert [(await post(gw, secret))[0] for _ in range(3)] == [200] * 3  # 30, locally
+        assert not gate.up and gate._stale
+        await ended(gate)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    admin = Redis.from_url(redis_server.url)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # PING still answers
+        await frozen_then_back(gate)
+        await ended(gate)
+    finally:
+        await admin.aclose()
+    assert not gate._stale
+    key = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert key is not None
+    spend = await gate.spending(key)
+    assert spend is not None and spend.tokens == 40
+
+
+async def test_a_budget_lifted_and_given_again_during_the_outage_is_seeded_afresh(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """While Redis is away a key's budget is lifted, 20 are spent without it, and it is given
+    again: `sync` found the counter stale but could drop it only with Redis up, and nothing
+    dropped it later. The in-memory gate starts a budget given again from the table (40); the
+    shared counter kept its 10 from before the outage (for ever, for a total budget)."""
+    fake, gw, _ = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")
+    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
+    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    gate = app_of(gw)[GATE_KEY]
+    keys = app_of(gw)[KEYS_KEY]
+    assert isinstance(gate, SharedGate)
+    budgeted = keys.lookup(secret)
+    assert budgeted is not None
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert (await post(gw, secret))[0] == 200  # finds Redis away: 10, locally
+        assert not gate.up
+        free = msgspec.structs.replace(budgeted, budget_tokens=None)
+        await gate.sync([free])
+        keys.put(free)
+        assert [(await post(gw, secret))[0] for _ in range(2)] == [200] * 2  # 20, no budget
+        await gate.sync([budgeted])  # the budget is given again
+        keys.put(budgeted)
+        await usage_rows(gw)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await frozen_then_back(gate)
+    await ended(gate)
+    spend = await gate.spending(budgeted)
+    assert spend is not None and spend.tokens == 40
+
+
+async def test_what_the_local_fallback_admitted_counts_in_the_shared_spending(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """With `redis_failure = "local"`, requests admitted while Redis was frozen (it comes back
+    with its data) spent against this replica's book only: the shared counter, seeded before
+    the outage, never learnt of them, so every replica admitted that spending again until the
+    period's counter was next seeded (a day, a month, never for a total budget). Once Redis
+    answers, what they used is added to it; so is what a request the fallback admitted uses
+    when it ends after the outage."""
+    fake, gw, other = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")  # 8 prompt tokens + 2: every request uses 10
+    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
+    assert (await post(gw, secret))[0] == 200  # seeds the shared spending: 10
+    gate = app_of(gw)[GATE_KEY]
+    assert isinstance(gate, SharedGate)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert [(await post(gw, secret))[0] for _ in range(3)] == [200] * 3  # 30, locally
+        assert not gate.up
+        release, tasks = hold_four(gw, secret, fake)  # admitted locally, end after the outage
+        await all_seen(fake, 8)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await frozen_then_back(gate)
+    key = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert key is not None
+    spend = await gate.spending(key)
+    assert spend is not None and spend.tokens == 40
+    release.set()
+    assert [code for code, _ in await asyncio.gather(*tasks)] == [200] * 4
+    async with asyncio.timeout(NEVER_HANG):
+        while gate._ender is not None and not gate._ender.done():
+            await asyncio.wait([gate._ender])
+    await known(other, secret)
+    for replica in (gw, other):  # one counter: every replica reads the same spending
+        spend = await app_of(replica)[GATE_KEY].spending(key)
+        assert spend is not None and (spend.tokens, spend.held_tokens) == (80, 0)
