@@ -19,10 +19,11 @@ from aiohttp import web
 
 from gateway.brake import AdminBrake
 from gateway.dashboard.sessions import SessionBook
+from gateway.dashboard.shared_sessions import SharedSessionBook
 from gateway.database import open_database
 from gateway.gauges import app_gauges
 from gateway.keys import KeyCache
-from gateway.limits_redis import open_gate
+from gateway.limits_redis import SharedGate, open_gate
 from gateway.metrics import Metrics
 from gateway.middleware import running_requests
 from gateway.prices import PriceBook, load_database, start_price_updates
@@ -105,6 +106,8 @@ async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     gate = app[GATE_KEY] = open_gate(settings.server, app[STORE_KEY])
+    if isinstance(gate, SharedGate):  # every worker and replica shares the sessions too
+        app[DASHBOARD_SESSIONS_KEY] = SharedSessionBook(gate.redis)
     gate.running = running_requests(app[INFLIGHT_KEY])
     recorder = app[USAGE_KEY]
 

@@ -18,6 +18,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from gateway.dashboard.sessions import SessionsUnavailable
 from gateway.settings import ConfigError, Settings
 from gateway.snapshot import build_snapshot
 from gateway.state import DASHBOARD_SESSIONS_KEY, KEYS_KEY, LIVE_KEY, PRICES_KEY, RELOADER_KEY
@@ -117,18 +118,22 @@ async def _reload(app: web.Application) -> bool:
         log.exception("config_reload_failed", error=str(exc), kept="the running config")
         return False
     live.swap(snapshot)
-    _end_sessions(app, old.settings, settings)
+    await _end_sessions(app, old.settings, settings)
     reloader.reloads += 1
     log.info("config_reloaded", **_changes(old.settings, settings))
     return True
 
 
-def _end_sessions(app: web.Application, old: Settings, new: Settings) -> None:
+async def _end_sessions(app: web.Application, old: Settings, new: Settings) -> None:
     """A new admin key (or none), or the dashboard turned off, ends every dashboard session
     now: checked only when a session was next used, a key taken out and put back later would
     have brought the sessions of before back to life."""
     if old.server.admin_key != new.server.admin_key or not new.server.dashboard:
-        ended = app[DASHBOARD_SESSIONS_KEY].clear()
+        try:
+            ended = await app[DASHBOARD_SESSIONS_KEY].clear()
+        except SessionsUnavailable as exc:  # (each is checked against the key when next used)
+            log.warning("dashboard_sessions_not_ended", error=str(exc))
+            return
         if ended:
             log.info("dashboard_sessions_ended", sessions=ended)
 

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from gateway.admission import Gate, Ticket
     from gateway.brake import AdminBrake
     from gateway.dashboard.sessions import Session, SessionBook
+    from gateway.dashboard.shared_sessions import SharedSessionBook
     from gateway.database import Database
     from gateway.keys import KeyCache, Principal
     from gateway.metrics import Metrics
@@ -73,7 +74,9 @@ INFLIGHT_KEY: web.AppKey[dict[asyncio.Task[Any], web.Request]] = web.AppKey("inf
 SHUTTING_DOWN_KEY: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 
 # Dashboard sign-ins (memory only: a restart signs everyone out), and a page's own session.
-DASHBOARD_SESSIONS_KEY: web.AppKey[SessionBook] = web.AppKey("dashboard_sessions")
+DASHBOARD_SESSIONS_KEY: web.AppKey[SessionBook | SharedSessionBook] = web.AppKey(
+    "dashboard_sessions"
+)
 DASHBOARD_SESSION_KEY: web.RequestKey[Session] = web.RequestKey("dashboard_session")
 
 # Wrong admin keys per client address (memory only), and the addresses locked out.

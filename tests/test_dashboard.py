@@ -188,21 +188,21 @@ async def test_sign_out_ends_the_session_on_the_server(gw: TestClient[Any, Any])
 
 async def test_a_new_admin_key_ends_old_sessions() -> None:
     book = SessionBook(clock=lambda: 0.0)
-    token, _ = book.open("old", ttl=60)
-    assert book.get(token, "old") is not None
-    assert book.get(token, "new") is None
-    assert book.get(token, "old") is None  # dropped for good
+    token, _ = await book.open("old", ttl=60)
+    assert await book.get(token, "old") is not None
+    assert await book.get(token, "new") is None
+    assert await book.get(token, "old") is None  # dropped for good
 
 
 async def test_sessions_expire() -> None:
     now = [0.0]
     book = SessionBook(clock=lambda: now[0])
-    token, _ = book.open(ADMIN, ttl=60)
+    token, _ = await book.open(ADMIN, ttl=60)
     now[0] = 59.9
-    assert book.get(token, ADMIN) is not None
+    assert await book.get(token, ADMIN) is not None
     now[0] = 60.0
-    assert book.get(token, ADMIN) is None
-    assert book.get(None, ADMIN) is None and book.get("nonsense", ADMIN) is None
+    assert await book.get(token, ADMIN) is None
+    assert await book.get(None, ADMIN) is None and await book.get("nonsense", ADMIN) is None
 
 
 async def test_forms_must_be_small_and_url_encoded(gw: TestClient[Any, Any]) -> None:
@@ -301,11 +301,11 @@ async def test_keys_page_escapes_names(gw: TestClient[Any, Any]) -> None:
 
 async def test_sessions_are_bounded() -> None:
     book = SessionBook(clock=lambda: 0.0)
-    first, _ = book.open(ADMIN, ttl=60)
+    first, _ = await book.open(ADMIN, ttl=60)
     for _ in range(1000):
-        book.open(ADMIN, ttl=60)
+        await book.open(ADMIN, ttl=60)
     assert len(book) == 1000
-    assert book.get(first, ADMIN) is None  # the oldest made room
+    assert await book.get(first, ADMIN) is None  # the oldest made room
 
 
 async def test_head_and_unknown_periods(gw: TestClient[Any, Any]) -> None:

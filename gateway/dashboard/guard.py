@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from gateway.dashboard.render import page
+from gateway.dashboard.sessions import SessionsUnavailable
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.handlers.admin import admin_key_matches
 from gateway.intake import read_body
@@ -101,7 +102,10 @@ def signed_in(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         admin_key = _admin_key(request)
         book = request.app[DASHBOARD_SESSIONS_KEY]
-        session = book.get(request.cookies.get(COOKIE), admin_key)
+        try:
+            session = await book.get(request.cookies.get(COOKIE), admin_key)
+        except SessionsUnavailable as exc:
+            return _unavailable(exc)
         if session is None:
             if request.method in ("GET", "HEAD"):
                 return redirect("/dashboard/signin")
@@ -131,11 +135,26 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     if not _same_origin(request):
         return _refused(403, "Sign in from the dashboard's own page.")
     presented = (await form(request)).get("admin_key", "")
+    try:
+        return await _sign_in(request, admin_key, presented)
+    except SessionsUnavailable as exc:
+        return _unavailable(exc)
+
+
+def _unavailable(exc: SessionsUnavailable) -> web.Response:
+    log.warning("dashboard_sessions_unavailable", error=str(exc))
+    response = _refused(503, "The dashboard's sessions are kept in Redis, which does not answer.")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+async def _sign_in(request: web.Request, admin_key: str, presented: str) -> web.StreamResponse:
     book = request.app[DASHBOARD_SESSIONS_KEY]
     # One attempt at a time, a wrong one holding the turn for its delay: guesses sent at
-    # once are counted one by one, and the lock-out stops them after the limit.
+    # once are counted one by one, and the lock-out stops them after the limit (the turn is
+    # this process's; the count is every process's when sessions are in Redis).
     async with book.turn:
-        wait = book.locked_for()
+        wait = await book.locked_for()
         if wait > 0:
             response = page(
                 "signin.html", status=429, error=f"Too many failed sign-ins; wait {wait:.0f} s."
@@ -143,12 +162,12 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
         if not admin_key_matches(presented, admin_key):
-            book.failed()
+            await book.failed()
             log.warning("dashboard_sign_in_failed", remote=request.remote)
             await asyncio.sleep(_FAILED_SIGN_IN_DELAY)  # slows a guesser; costs a person nothing
             return page("signin.html", status=401, error="That is not the admin key.")
     ttl = request[SNAPSHOT_KEY].settings.server.dashboard_session_hours * 3600
-    token, _ = book.open(admin_key, ttl)
+    token, _ = await book.open(admin_key, ttl)
     response = redirect("/dashboard")
     _set_cookie(request, response, token, max_age=round(ttl))
     return response
@@ -169,7 +188,10 @@ def _set_cookie(request: web.Request, response: web.Response, token: str, max_ag
 @signed_in
 async def sign_out(request: web.Request) -> web.StreamResponse:
     """`POST /dashboard/signout`: the session ends on the server, the cookie in the browser."""
-    request.app[DASHBOARD_SESSIONS_KEY].close(request.cookies.get(COOKIE))
+    try:
+        await request.app[DASHBOARD_SESSIONS_KEY].close(request.cookies.get(COOKIE))
+    except SessionsUnavailable as exc:
+        return _unavailable(exc)
     response = redirect("/dashboard/signin")
     _set_cookie(request, response, "", max_age=0)
     return response

@@ -1,4 +1,4 @@
-"""Dashboard sign-ins: server-side sessions in memory, their CSRF tokens, and a brake on guessing.
+"""Dashboard sign-ins: server-side sessions, their CSRF tokens, and a brake on guessing.
 
 A session is a random 256-bit token in a cookie (`HttpOnly`, `SameSite=Strict`, path
 `/dashboard`); the server keeps only its SHA-256, with a second random token that every form
@@ -6,6 +6,10 @@ must send back (CSRF). A session ends when it is signed out, when it expires, wh
 restarts, or when the admin key changes (it remembers a digest of the key it was opened with,
 and a reload that changes the key or turns the dashboard off ends them all at once).
 Failed sign-ins are counted: past a few a minute, sign-in is refused for the rest of it.
+
+`SessionBook` keeps them in this process's memory; with `redis_url` set, `SharedSessionBook`
+(`dashboard/shared_sessions.py`) keeps them in Redis, where every worker and replica finds
+them. Both answer the same (async) calls.
 """
 
 from __future__ import annotations
@@ -19,16 +23,27 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Session", "SessionBook"]
+__all__ = [
+    "FAILURE_WINDOW",
+    "MAX_FAILURES",
+    "Session",
+    "SessionBook",
+    "SessionsUnavailable",
+    "digest",
+]
 
 Clock = Callable[[], float]
 
 _MAX_SESSIONS = 1000  # the oldest is dropped past this: memory stays bounded
-_FAILURE_WINDOW = 60.0
-_MAX_FAILURES = 5  # per window, for the whole gateway (whoever guesses, it is one admin key)
+FAILURE_WINDOW = 60.0
+MAX_FAILURES = 5  # per window, for the whole gateway (whoever guesses, it is one admin key)
 
 
-def _digest(text: str) -> str:
+class SessionsUnavailable(Exception):
+    """Where the sessions are kept (Redis) does not answer."""
+
+
+def digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
@@ -51,7 +66,7 @@ class SessionBook:
         self._failures: deque[float] = deque()
         self.turn = asyncio.Lock()  # sign-in attempts, one at a time (gateway.dashboard.guard)
 
-    def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
+    async def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
         """A new session for `ttl` seconds: its cookie token (never stored) and the session."""
         self._expire()
         while len(self._sessions) >= _MAX_SESSIONS:
@@ -60,31 +75,31 @@ class SessionBook:
         session = Session(
             csrf=secrets.token_urlsafe(32),
             expires=self.clock() + ttl,
-            admin_digest=_digest(admin_key),
+            admin_digest=digest(admin_key),
         )
-        self._sessions[_digest(token)] = session
+        self._sessions[digest(token)] = session
         return token, session
 
-    def get(self, token: str | None, admin_key: str) -> Session | None:
+    async def get(self, token: str | None, admin_key: str) -> Session | None:
         """The live session of a cookie token, if it was opened with the current admin key."""
         if not token:
             return None
-        key = _digest(token)
+        key = digest(token)
         session = self._sessions.get(key)
         if session is None:
             return None
         if session.expires <= self.clock() or not hmac.compare_digest(
-            session.admin_digest, _digest(admin_key)
+            session.admin_digest, digest(admin_key)
         ):
             del self._sessions[key]
             return None
         return session
 
-    def close(self, token: str | None) -> None:
+    async def close(self, token: str | None) -> None:
         if token:
-            self._sessions.pop(_digest(token), None)
+            self._sessions.pop(digest(token), None)
 
-    def clear(self) -> int:
+    async def clear(self) -> int:
         """End every session (a reload changed the admin key); how many there were."""
         ended = len(self._sessions)
         self._sessions.clear()
@@ -100,14 +115,14 @@ class SessionBook:
 
     # Guessing the admin key
 
-    def failed(self) -> None:
+    async def failed(self) -> None:
         self._failures.append(self.clock())
 
-    def locked_for(self) -> float:
+    async def locked_for(self) -> float:
         """Seconds until sign-in is allowed again (0: it is)."""
         now = self.clock()
-        while self._failures and self._failures[0] <= now - _FAILURE_WINDOW:
+        while self._failures and self._failures[0] <= now - FAILURE_WINDOW:
             self._failures.popleft()
-        if len(self._failures) < _MAX_FAILURES:
+        if len(self._failures) < MAX_FAILURES:
             return 0.0
-        return self._failures[0] + _FAILURE_WINDOW - now
+        return self._failures[0] + FAILURE_WINDOW - now
