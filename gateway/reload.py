@@ -131,7 +131,7 @@ async def _end_sessions(app: web.Application, old: Settings, new: Settings) -> N
     if old.server.admin_key != new.server.admin_key or not new.server.dashboard:
         try:
             ended = await app[DASHBOARD_SESSIONS_KEY].clear()
-        except SessionsUnavailable as exc:  # (each is checked against the key when next used)
+        except SessionsUnavailable as exc:  # (owed: refused until a later clear gets through)
             log.warning("dashboard_sessions_not_ended", error=str(exc))
             return
         if ended:

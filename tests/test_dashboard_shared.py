@@ -15,11 +15,15 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
+from gateway.app import create_app
+from gateway.config import load_settings
 from gateway.dashboard import guard
 from gateway.dashboard.guard import COOKIE
 from gateway.dashboard.sessions import digest
 from gateway.dashboard.shared_sessions import SharedSessionBook
+from gateway.reload import reload_config
 from gateway.state import DASHBOARD_SESSIONS_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of
 from tests.fakes import FakeOpenAI
@@ -146,12 +150,15 @@ async def test_shared_sessions_expire_end_with_a_new_admin_key_and_clear(
         now[0] = 1059.9
         assert await book.get(tokens[0], ADMIN) is not None
         assert await book.get(tokens[0], "another admin key") is None
-        assert await book.get(tokens[0], ADMIN) is None  # dropped for good
+        # Refused, not dropped: a replica still on the old key (a rolling reload) does not
+        # sign out the browsers of the new one.
+        assert await book.get(tokens[0], ADMIN) is not None
         now[0] = 1060.0
-        assert await book.get(tokens[1], ADMIN) is None  # expired
+        assert await book.get(tokens[1], ADMIN) is None  # expired, and dropped
+        assert await redis.exists(f"tk:dash:s:{digest(tokens[1])}") == 0
         assert await book.get(None, ADMIN) is None and await book.get("nonsense", ADMIN) is None
         now[0] = 1000.0
-        assert await book.clear() == 1  # the third: the others are gone already
+        assert await book.clear() == 2  # the first and the third: the second is gone already
         assert await book.get(tokens[2], ADMIN) is None
     finally:
         await redis.aclose()
@@ -188,3 +195,166 @@ async def test_a_browser_stays_signed_in_across_real_workers(
         answers = await asyncio.gather(*(one() for _ in range(60)))
         assert len({worker for _, worker in answers}) == 2  # both workers answered
         assert [status for status, _ in answers] == [200] * 60
+
+
+async def test_guesses_at_once_on_two_processes_get_no_more_than_five_compared(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checking the count and adding to it were two steps: each process passed the check at
+    four, and one guess more per process got compared."""
+    monkeypatch.setattr(guard, "_FAILED_SIGN_IN_DELAY", 0.05)
+    one, two = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
+
+    async def guess(gw: TestClient[Any, Any], i: int) -> int:
+        async with gw.post("/dashboard/signin", data={"admin_key": f"wrong {i}"}) as resp:
+            return resp.status
+
+    statuses = await asyncio.gather(*(guess((one, two)[i % 2], i) for i in range(20)))
+    assert sorted(statuses) == [401] * 5 + [429] * 15
+
+
+async def test_a_right_key_takes_back_its_attempt(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counted before the key is compared, a right key is not left as a failure: four
+    wrong keys and any number of sign-ins leave one guess before the lock."""
+    monkeypatch.setattr(guard, "_FAILED_SIGN_IN_DELAY", 0.01)
+    one, two = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
+    for i in range(4):
+        async with one.post("/dashboard/signin", data={"admin_key": f"wrong {i}"}) as resp:
+            assert resp.status == 401
+    for gw in (one, two, one):
+        await signed_in_on(gw)
+    async with two.post("/dashboard/signin", data={"admin_key": "wrong 5"}) as resp:
+        assert resp.status == 401
+    async with one.post("/dashboard/signin", data={"admin_key": ADMIN}) as resp:
+        assert resp.status == 429
+
+
+async def test_redis_refusing_writes_compares_no_key(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """Redis answering reads but refusing writes (maxmemory, a read-only replica after a
+    failover): a guess it cannot count is not compared (it was, uncounted, unlogged and
+    undelayed), so the right key is a 503 as much as a wrong one; once Redis takes writes
+    again nothing of it was counted."""
+    one, _ = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
+    admin = Redis.from_url(redis_server.url)
+    try:
+        await admin.config_set("maxmemory", 1)  # writes now fail with OOM; reads answer
+        for key in [f"wrong {i}" for i in range(10)] + [ADMIN]:
+            async with one.post(
+                "/dashboard/signin", data={"admin_key": key}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 503
+                assert COOKIE not in resp.cookies
+    finally:
+        await admin.config_set("maxmemory", 0)
+        await admin.aclose()
+    token = await signed_in_on(one)
+    assert (await page(one, token))[0] == 200
+
+
+async def test_write_access_to_redis_does_not_mint_a_session(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """The binding of a session to the admin key was the key's plain SHA-256, the same in
+    every session: whoever could write Redis copied it into a session of their own, or
+    stretched one. It is an HMAC keyed with the admin key over the session's name, CSRF
+    token and end."""
+    one, _ = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
+    token = await signed_in_on(one)
+    one.session.cookie_jar.clear()  # (each page below names its own cookie)
+    assert (await page(one, token))[0] == 200
+    attacker = Redis.from_url(redis_server.url)
+    try:
+        [name] = [n async for n in attacker.scan_iter(match="tk:dash:s:*")]
+        fields = await attacker.hgetall(name)
+        mine = "attacker-chosen-token"
+        await attacker.hset(f"tk:dash:s:{digest(mine)}", mapping=fields)  # a copy
+        await attacker.hset(
+            f"tk:dash:s:{digest(mine + '2')}",
+            mapping={b"csrf": b"c", b"admin": digest(ADMIN).encode(), b"expires": b"1e12"},
+        )
+        assert (await page(one, mine))[0] == 303
+        assert (await page(one, mine + "2"))[0] == 303
+        await attacker.hset(name, "expires", "1e12")  # stretched
+        assert (await page(one, token))[0] == 303
+        await attacker.hset(name, "expires", "nan")
+        assert (await page(one, token))[0] == 303
+    finally:
+        await attacker.aclose()
+
+
+async def test_failed_sign_ins_from_elsewhere_lock_for_a_minute_at_most(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """The count's times are Redis's; a score from elsewhere (`inf`, a clock far ahead) was
+    an endless wait, or a 500 (`round(inf)`)."""
+    one, _ = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
+    r = Redis.from_url(redis_server.url)
+    try:
+        await r.zadd("tk:dash:failed", {f"x{i}": float("inf") for i in range(5)})
+        async with one.post("/dashboard/signin", data={"admin_key": ADMIN}) as resp:
+            assert resp.status == 429
+            assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    finally:
+        await r.aclose()
+
+
+async def test_sessions_a_reload_could_not_end_stay_refused_until_it_can(
+    aiohttp_client: AiohttpClient, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A reload that turns the dashboard off ends every session; Redis not answering then
+    left them in Redis, and turning the dashboard back on (the same admin key) revived them,
+    a stolen cookie included. The clear is owed: sessions are refused (503) until it goes
+    through."""
+    config = tmp_path / "gateway.toml"
+
+    def write(dashboard: str) -> None:
+        config.write_text(
+            f'[server]\ndatabase = "{tmp_path / "keys.db"}"\nadmin_key = "{ADMIN}"\n'
+            f'redis_url = "{redis_server.url}"\nredis_timeout_seconds = 0.2\n'
+            f"dashboard = {dashboard}\n",
+            encoding="utf-8",
+        )
+
+    write("true")
+    load = lambda: load_settings(config, {})  # noqa: E731 - as `serve` passes it
+    gw = await aiohttp_client(create_app(load(), reload=load))
+    token = await signed_in_on(gw)
+    assert (await page(gw, token))[0] == 200
+    pauser = Redis.from_url(redis_server.url)
+    try:
+        with capture_logs() as logs:
+            await pauser.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+            write("false")  # an incident: the operator shuts the dashboard
+            assert await reload_config(app_of(gw))
+        assert [x["event"] for x in logs if "dashboard" in x["event"]] == [
+            "dashboard_sessions_not_ended"
+        ]
+        write("true")
+        assert await reload_config(app_of(gw))
+        assert (await page(gw, token))[0] == 503  # still paused: refused, not revived
+        await pauser.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        await pauser.aclose()
+    assert (await page(gw, token))[0] == 303  # the owed clear went through
+    assert (await page(gw, await signed_in_on(gw)))[0] == 200

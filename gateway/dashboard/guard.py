@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -150,22 +151,24 @@ def _unavailable(exc: SessionsUnavailable) -> web.Response:
 
 async def _sign_in(request: web.Request, admin_key: str, presented: str) -> web.StreamResponse:
     book = request.app[DASHBOARD_SESSIONS_KEY]
-    # One attempt at a time, a wrong one holding the turn for its delay: guesses sent at
-    # once are counted one by one, and the lock-out stops them after the limit (the turn is
-    # this process's; the count is every process's when sessions are in Redis).
+    # One attempt at a time, a wrong one holding the turn for its delay (the turn is this
+    # process's; the count is every process's when sessions are in Redis). An attempt is
+    # counted as failed before the key is compared, and taken back when it was right: guesses
+    # sent at once never get past the limit, and a count that cannot be written (Redis
+    # refusing writes) compares no key at all.
     async with book.turn:
-        wait = await book.locked_for()
+        wait, ticket = await book.attempt()  # counted as failed before the key is compared
         if wait > 0:
             response = page(
                 "signin.html", status=429, error=f"Too many failed sign-ins; wait {wait:.0f} s."
             )
-            response.headers["Retry-After"] = str(max(1, round(wait)))
+            response.headers["Retry-After"] = str(max(1, math.ceil(min(wait, 3600.0))))
             return response
         if not admin_key_matches(presented, admin_key):
-            await book.failed()
             log.warning("dashboard_sign_in_failed", remote=request.remote)
             await asyncio.sleep(_FAILED_SIGN_IN_DELAY)  # slows a guesser; costs a person nothing
             return page("signin.html", status=401, error="That is not the admin key.")
+        await book.succeeded(ticket)
     ttl = request[SNAPSHOT_KEY].settings.server.dashboard_session_hours * 3600
     token, _ = await book.open(admin_key, ttl)
     response = redirect("/dashboard")

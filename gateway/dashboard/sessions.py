@@ -63,7 +63,7 @@ class SessionBook:
     def __init__(self, *, clock: Clock = time.time) -> None:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
-        self._failures: deque[float] = deque()
+        self._failures: deque[tuple[float, str]] = deque()  # (when, ticket)
         self.turn = asyncio.Lock()  # sign-in attempts, one at a time (gateway.dashboard.guard)
 
     async def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
@@ -115,14 +115,22 @@ class SessionBook:
 
     # Guessing the admin key
 
-    async def failed(self) -> None:
-        self._failures.append(self.clock())
-
-    async def locked_for(self) -> float:
-        """Seconds until sign-in is allowed again (0: it is)."""
+    async def attempt(self) -> tuple[float, str]:
+        """Before a presented key is compared: `(seconds to wait, "")` while sign-in is
+        locked, else `(0, ticket)`. The attempt counts as a failure from now on, unless
+        `succeeded(ticket)` takes it back: guesses sent at once never get past the limit."""
         now = self.clock()
-        while self._failures and self._failures[0] <= now - FAILURE_WINDOW:
+        while self._failures and self._failures[0][0] <= now - FAILURE_WINDOW:
             self._failures.popleft()
-        if len(self._failures) < MAX_FAILURES:
-            return 0.0
-        return self._failures[0] + FAILURE_WINDOW - now
+        if len(self._failures) >= MAX_FAILURES:
+            return self._failures[0][0] + FAILURE_WINDOW - now, ""
+        ticket = secrets.token_hex(8)
+        self._failures.append((now, ticket))
+        return 0.0, ticket
+
+    async def succeeded(self, ticket: str) -> None:
+        """The attempt of `ticket` was the right key: it is not a failure."""
+        for entry in self._failures:
+            if entry[1] == ticket:
+                self._failures.remove(entry)
+                return

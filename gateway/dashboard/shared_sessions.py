@@ -5,17 +5,26 @@ others: every other page a browser opened went back to sign-in, a sign-out that 
 another worker left the session open, and each worker counted failed sign-ins on its own.
 Here (with `redis_url` set) every process reads the same sessions and the same count.
 
-A session is a hash `tk:dash:s:<SHA-256 of its token>` (its CSRF token, the digest of the
-admin key it was opened with, when it ends) that Redis expires when it ends; failed sign-ins
-are a sorted set `tk:dash:failed` of their times. What `SessionBook` says of sessions holds
-here, but the bound on how many are kept: each goes when it ends (only the admin key opens
-one). Redis not answering is `SessionsUnavailable` (the dashboard says so, with a 503).
+A session is a hash `tk:dash:s:<SHA-256 of its token>` (its CSRF token, when it ends, and an
+HMAC of both and of its name keyed with the admin key) that Redis expires when it ends. The
+HMAC is what makes it a session: whoever can write Redis but does not know the admin key can
+neither make one nor stretch one, and a session made under another admin key (a replica
+reloaded before this one) is refused but left alone. Failed sign-ins are a sorted set
+`tk:dash:failed` of their times on Redis's clock, counted and added to in one script so that
+processes guessing at once never get past the limit. Redis not answering is
+`SessionsUnavailable` (the dashboard says so, with a 503).
+
+A reload that ends every session (`clear`) while Redis does not answer is not forgotten: until
+a later `clear` gets through, this process refuses every session (with a 503) and tries again.
+What it cannot survive is this process restarting before then: the sessions are in Redis, and
+nothing remembers that they should have ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import secrets
 import time
@@ -40,6 +49,29 @@ _PREFIX = "tk:dash:s:"
 _FAILED = "tk:dash:failed"
 _CLEAR_CHUNK = 500
 
+# Adds this attempt to the failures of the last window, on Redis's own clock (the processes'
+# clocks may disagree); past the limit takes it back and answers how long to wait, never
+# more than a window (a score from elsewhere, even `inf`, cannot lock sign-in longer). The
+# add comes first: Redis refusing writes (maxmemory, a read-only replica) refuses a
+# script's first write, where a later one would have gone through.
+_ATTEMPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local window = tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local wait = tonumber(oldest[2]) + window - now
+  if not (wait <= window) then wait = window end
+  if wait < 0.001 then wait = 0.001 end
+  return tostring(wait)
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
+return '0'
+"""
+
 
 class SharedSessionBook:
     """Every open dashboard session, in Redis, by the digest of its cookie token."""
@@ -48,20 +80,20 @@ class SharedSessionBook:
         self.redis = redis
         self.clock = clock
         self.turn = asyncio.Lock()  # this process's sign-in attempts, one at a time
+        self._attempt = redis.register_script(_ATTEMPT)
+        self._clear_owed = False  # a clear that Redis did not take: sessions are refused
 
     async def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
-        session = Session(
-            csrf=secrets.token_urlsafe(32),
-            expires=self.clock() + ttl,
-            admin_digest=digest(admin_key),
-        )
         name = _PREFIX + digest(token)
+        csrf = secrets.token_urlsafe(32)
+        expires = repr(self.clock() + ttl)
+        session = Session(csrf, float(expires), _seal(admin_key, name, csrf, expires))
         async with _answered(), self.redis.pipeline(transaction=True) as pipe:
             fields: dict[Any, Any] = {
-                "csrf": session.csrf,
+                "csrf": csrf,
                 "admin": session.admin_digest,
-                "expires": repr(session.expires),
+                "expires": expires,
             }
             await pipe.hset(name, mapping=fields)  # (queued)
             await pipe.pexpire(name, int(ttl * 1000) + 1)
@@ -70,26 +102,25 @@ class SharedSessionBook:
 
     async def get(self, token: str | None, admin_key: str) -> Session | None:
         """The live session of a cookie token, if it was opened with the current admin key."""
+        if self._clear_owed:
+            await self.clear()
         if not token:
             return None
         name = _PREFIX + digest(token)
         async with _answered():
-            csrf, admin, expires = await self.redis.hmget(name, ["csrf", "admin", "expires"])
-        if csrf is None or admin is None or expires is None:
-            return None
+            fields = await self.redis.hmget(name, ["csrf", "admin", "expires"])
         try:
-            session: Session | None = Session(_text(csrf), float(expires), _text(admin))
+            csrf, seal, expires = (_text(field) for field in fields if field is not None)
+            ends = float(expires)
         except (UnicodeDecodeError, ValueError):  # (not one we wrote)
-            session = None
-        if (
-            session is None
-            or session.expires <= self.clock()
-            or not hmac.compare_digest(session.admin_digest, digest(admin_key))
-        ):
+            return None
+        if not hmac.compare_digest(seal, _seal(admin_key, name, csrf, expires)):
+            return None  # forged, or of another admin key: left to its own end
+        if not ends > self.clock():  # (an ended one Redis has not dropped yet)
             async with _answered():
                 await self.redis.delete(name)
             return None
-        return session
+        return Session(csrf, ends, seal)
 
     async def close(self, token: str | None) -> None:
         if token:
@@ -97,7 +128,10 @@ class SharedSessionBook:
                 await self.redis.delete(_PREFIX + digest(token))
 
     async def clear(self) -> int:
-        """End every session (a reload changed the admin key); how many there were."""
+        """End every session (a reload changed the admin key); how many there were.
+
+        Until one gets through, every session is refused (`get` tries again first)."""
+        self._clear_owed = True
         ended = 0
         async with _answered():
             names: list[bytes] = []
@@ -108,28 +142,31 @@ class SharedSessionBook:
                     names = []
             if names:
                 ended += await self.redis.delete(*names)
+        self._clear_owed = False
         return ended
 
-    async def failed(self) -> None:
-        now = self.clock()
-        async with _answered(), self.redis.pipeline(transaction=True) as pipe:
-            await pipe.zadd(_FAILED, {f"{now!r}:{secrets.token_hex(4)}": now})  # (queued)
-            await pipe.zremrangebyscore(_FAILED, "-inf", now - FAILURE_WINDOW)
-            await pipe.expire(_FAILED, int(FAILURE_WINDOW) + 1)
-            await pipe.execute()
-
-    async def locked_for(self) -> float:
-        """Seconds until sign-in is allowed again (0: it is), counting every process's
-        failures."""
-        now = self.clock()
+    async def attempt(self) -> tuple[float, str]:
+        """As `SessionBook.attempt`, counted with every process's attempts."""
+        ticket = secrets.token_hex(8)
         async with _answered():
-            recent: list[Any] = await self.redis.zrangebyscore(
-                _FAILED, f"({now - FAILURE_WINDOW!r}", "+inf", withscores=True
+            wait = float(
+                _text(
+                    await self._attempt(keys=[_FAILED], args=[FAILURE_WINDOW, MAX_FAILURES, ticket])
+                )
             )
-        if len(recent) < MAX_FAILURES:
-            return 0.0
-        oldest = min(float(score) for _, score in recent)
-        return max(0.0, oldest + FAILURE_WINDOW - now)
+        return (wait, "") if wait > 0 else (0.0, ticket)
+
+    async def succeeded(self, ticket: str) -> None:
+        async with _answered():
+            await self.redis.zrem(_FAILED, ticket)
+
+
+def _seal(admin_key: str, name: str, csrf: str, expires: str) -> str:
+    """What binds a session to the admin key it was opened with (and to its own name,
+    CSRF token and end): only who knows the key can make it."""
+    message = f"{name}\n{csrf}\n{expires}".encode("utf-8", "surrogateescape")
+    key = admin_key.encode("utf-8", "surrogateescape")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def _text(value: bytes | str) -> str:
