@@ -3,8 +3,9 @@
 A session is a random 256-bit token in a cookie (`HttpOnly`, `SameSite=Strict`, path
 `/dashboard`); the server keeps only its SHA-256, with a second random token that every form
 must send back (CSRF). A session ends when it is signed out, when it expires, when the gateway
-restarts, or when the admin key changes (it remembers a digest of the key it was opened with,
-and a reload that changes the key or turns the dashboard off ends them all at once).
+restarts (this book's, in memory), or when the admin key changes (it remembers a digest of the
+key it was opened with, and a reload that changes the key or turns the dashboard off ends them
+all at once).
 Failed sign-ins are counted: past a few a minute, sign-in is refused for the rest of it.
 
 `SessionBook` keeps them in this process's memory; with `redis_url` set, `SharedSessionBook`
