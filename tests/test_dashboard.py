@@ -134,7 +134,7 @@ async def test_a_wrong_admin_key_costs_its_sender_the_delay(gw: TestClient[Any, 
 
 @pytest.mark.usefixtures("short_brake")
 async def test_wrong_admin_key_and_the_brake_on_guessing(gw: TestClient[Any, Any]) -> None:
-    gw.app[DASHBOARD_SESSIONS].clock = lambda: 1000.0  # type: ignore[index]
+    gw.app[DASHBOARD_SESSIONS].failure_clock = lambda: 1000.0  # type: ignore[index]
     for _ in range(5):
         async with gw.post("/dashboard/signin", data={"admin_key": "wrong"}) as resp:
             assert resp.status == 401
@@ -142,7 +142,7 @@ async def test_wrong_admin_key_and_the_brake_on_guessing(gw: TestClient[Any, Any
     async with gw.post("/dashboard/signin", data={"admin_key": ADMIN}) as resp:
         assert resp.status == 429  # even the right key, for the rest of the minute
         assert resp.headers["Retry-After"] == "60"
-    gw.app[DASHBOARD_SESSIONS].clock = lambda: 1061.0  # type: ignore[index]
+    gw.app[DASHBOARD_SESSIONS].failure_clock = lambda: 1061.0  # type: ignore[index]
     await sign_in(gw)
 
 
@@ -421,3 +421,17 @@ async def test_an_expired_key_can_be_edited_without_touching_its_expiry(
     async with gw.post(f"/dashboard/keys/{record.id}", data=form, allow_redirects=False) as r:
         assert r.status == 303
     assert (await store.require_key(record.id)).expires_at is None
+
+
+async def test_the_lock_on_guessing_outlasts_no_window() -> None:
+    """The failures were timed with the wall clock: one stepped back (NTP, a VM resumed) left
+    them in the future, and the wait was their age plus a minute. They are timed with the
+    monotonic clock, and a wait is never more than the window."""
+    assert SessionBook().failure_clock is time.monotonic
+    now = [10_000.0]
+    book = SessionBook(failure_clock=lambda: now[0])
+    for _ in range(5):
+        assert (await book.attempt())[0] == 0
+    now[0] -= 1800
+    wait, _ = await book.attempt()
+    assert 0 < wait <= 60

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from structlog.testing import capture_logs
 
 from gateway.app import create_app
 from gateway.config import load_settings
-from gateway.dashboard import guard
+from gateway.dashboard import guard, shared_sessions
 from gateway.dashboard.guard import COOKIE
 from gateway.dashboard.sessions import digest
 from gateway.dashboard.shared_sessions import SharedSessionBook
@@ -358,3 +359,180 @@ async def test_sessions_a_reload_could_not_end_stay_refused_until_it_can(
         await pauser.aclose()
     assert (await page(gw, token))[0] == 303  # the owed clear went through
     assert (await page(gw, await signed_in_on(gw)))[0] == 200
+
+
+async def test_failures_timed_ahead_of_redis_clock_lock_no_longer_than_the_window(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Failures timed ahead of Redis's clock (a primary whose clock ran ahead, then a failover;
+    or one write to Redis) were never trimmed and the count got no expiry on the refusing
+    path: sign-in stayed locked long past the wait it announced, for ever with `inf`. They
+    are dropped like old ones, and the count expires a window after every attempt. (Window
+    shortened to 1 s here.)"""
+    monkeypatch.setattr(shared_sessions, "FAILURE_WINDOW", 1.0)
+    one, _ = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
+    r = Redis.from_url(redis_server.url)
+    try:
+        sec, _us = await r.time()
+        await r.zadd("tk:dash:failed", {f"ahead{i}": sec + 3600 for i in range(5)})
+        async with one.post("/dashboard/signin", data={"admin_key": ADMIN}) as resp:
+            assert resp.status == 429
+            assert int(resp.headers["Retry-After"]) <= 1  # "wait 1 s"
+        await asyncio.sleep(2.5)  # more than the window announced
+        async with one.post(
+            "/dashboard/signin", data={"admin_key": ADMIN}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303, f"still {resp.status} after the announced wait"
+    finally:
+        await r.aclose()
+
+
+async def test_a_session_hash_with_a_non_ascii_seal_is_refused(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """A seal that is not ASCII reached `hmac.compare_digest` on str, which raises: a 500.
+    Seals are compared as bytes."""
+    one, _ = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
+    r = Redis.from_url(redis_server.url)
+    try:
+        mine = "attacker-token"
+        await r.hset(
+            f"tk:dash:s:{digest(mine)}",
+            mapping={"csrf": "c", "admin": "é" * 64, "expires": "1e12", "opened": "1"},
+        )
+        status, _ = await page(one, mine)
+        assert status == 303
+    finally:
+        await r.aclose()
+
+
+async def test_a_session_copied_before_a_key_change_is_refused_when_put_back(
+    aiohttp_client: AiohttpClient, tmp_path: Any, redis_server: RedisServer
+) -> None:
+    """A session hash read from Redis before the admin key changed, written back after the
+    old key returned (A, B, A), verified again: a stolen cookie plus write access to Redis
+    re-opened an ended session. A session is sealed with when it was opened (Redis's
+    clock), and a process takes none opened before its last clear."""
+
+    config = tmp_path / "gateway.toml"
+
+    def write(key: str) -> None:
+        config.write_text(
+            f'[server]\ndatabase = "{tmp_path / "keys.db"}"\nadmin_key = "{key}"\n'
+            f'redis_url = "{redis_server.url}"\n',
+            encoding="utf-8",
+        )
+
+    write(ADMIN)
+    load = lambda: load_settings(config, {})  # noqa: E731
+    gw = await aiohttp_client(create_app(load(), reload=load))
+    token = await signed_in_on(gw)
+    gw.session.cookie_jar.clear()
+    assert (await page(gw, token))[0] == 200
+    attacker = Redis.from_url(redis_server.url)
+    try:
+        name = f"tk:dash:s:{digest(token)}"
+        saved = await attacker.hgetall(name)  # read access, before the incident
+        write("a-new-admin-key-0123456789")  # the operator changes the key...
+        assert await reload_config(app_of(gw))
+        assert await attacker.exists(name) == 0
+        write(ADMIN)  # ...and later puts it back
+        assert await reload_config(app_of(gw))
+        await attacker.hset(name, mapping=saved)  # replayed
+        assert (await page(gw, token))[0] == 303, "an ended session is open again"
+    finally:
+        await attacker.aclose()
+
+
+async def test_a_failure_count_of_another_type_is_dropped(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """A `tk:dash:failed` that was not a sorted set (one SET, another application sharing
+    the Redis) made every sign-in a 503 for ever (WRONGTYPE, no expiry): the admin was locked
+    out until someone deleted the key by hand. The script drops it."""
+    one, _ = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
+    r = Redis.from_url(redis_server.url)
+    try:
+        await r.set("tk:dash:failed", "x")
+        assert await r.ttl("tk:dash:failed") == -1
+        async with one.post(
+            "/dashboard/signin", data={"admin_key": ADMIN}, allow_redirects=False
+        ) as resp:
+            assert resp.status in (303, 429), f"{resp.status}: locked out with no end"
+    finally:
+        await r.aclose()
+
+
+async def test_a_wrong_key_holds_the_turn_even_if_its_sender_hangs_up(
+    tmp_path: Any, aiohttp_server: AiohttpServer, redis_server: RedisServer
+) -> None:
+    """The server cancels a handler whose client disconnects: a guesser who sent a wrong key
+    and hung up cancelled the half-second delay, and the next attempt was compared at once.
+    The turn is released by the loop when the delay is over, whatever the sender does."""
+
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    config = write_config(tmp_path, fake.base_url, redis_server.url, admin_key=ADMIN)
+    async with replicas(config, 1) as (gw,):
+        host, port = gw.url.removeprefix("http://").split(":")
+        body = b"admin_key=wrong"
+        raw = (
+            b"POST /dashboard/signin HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # compared, now in its half-second
+        writer.close()  # hang up
+        await asyncio.sleep(0.05)
+        async with ClientSession() as session:
+            started = time.monotonic()
+            async with session.post(
+                f"{gw.url}/dashboard/signin", data={"admin_key": ADMIN}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 303
+            waited = time.monotonic() - started
+            r = Redis.from_url(redis_server.url)
+            try:
+                assert await r.zcard("tk:dash:failed") == 1  # the hung-up guess was counted
+            finally:
+                await r.aclose()
+        assert waited >= 0.25, f"the next attempt was compared after {waited:.3f} s"
+
+
+async def test_a_key_changed_by_a_restart_ends_the_sessions_of_the_old_one(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, redis_server: RedisServer
+) -> None:
+    """A key changed by a restart (not a reload) cleared nothing: the old key's sessions were
+    refused but kept, and a later restart with the old key back (a config rollback) opened a
+    stolen cookie again. A process ends, on its first dashboard request, every session not
+    sealed with its admin key."""
+    from tests.conftest import start_gateway
+
+    first = await start_gateway(
+        aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
+    )
+    token = await signed_in_on(first)
+    await first.close()  # restart with a new key
+    second = await start_gateway(
+        aiohttp_client,
+        make_settings(admin_key="a-new-admin-key-0123456789", redis_url=redis_server.url),
+    )
+    assert (await page(second, token))[0] == 303
+    await second.close()  # later: the old key back (a rollback)
+    third = await start_gateway(
+        aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
+    )
+    assert (await page(third, token))[0] == 303, "the session of before the change is open"

@@ -156,7 +156,9 @@ async def _sign_in(request: web.Request, admin_key: str, presented: str) -> web.
     # counted as failed before the key is compared, and taken back when it was right: guesses
     # sent at once never get past the limit, and a count that cannot be written (Redis
     # refusing writes) compares no key at all.
-    async with book.turn:
+    await book.turn.acquire()
+    held = False  # a wrong key keeps the turn for the delay, even if its sender hangs up
+    try:
         wait, ticket = await book.attempt()  # counted as failed before the key is compared
         if wait > 0:
             response = page(
@@ -166,9 +168,14 @@ async def _sign_in(request: web.Request, admin_key: str, presented: str) -> web.
             return response
         if not admin_key_matches(presented, admin_key):
             log.warning("dashboard_sign_in_failed", remote=request.remote)
+            asyncio.get_running_loop().call_later(_FAILED_SIGN_IN_DELAY, book.turn.release)
+            held = True
             await asyncio.sleep(_FAILED_SIGN_IN_DELAY)  # slows a guesser; costs a person nothing
             return page("signin.html", status=401, error="That is not the admin key.")
         await book.succeeded(ticket)
+    finally:
+        if not held:
+            book.turn.release()
     ttl = request[SNAPSHOT_KEY].settings.server.dashboard_session_hours * 3600
     token, _ = await book.open(admin_key, ttl)
     response = redirect("/dashboard")

@@ -61,8 +61,9 @@ class Session:
 class SessionBook:
     """Every open dashboard session, by the digest of its cookie token."""
 
-    def __init__(self, *, clock: Clock = time.time) -> None:
+    def __init__(self, *, clock: Clock = time.time, failure_clock: Clock = time.monotonic) -> None:
         self.clock = clock
+        self.failure_clock = failure_clock  # (never steps back: a lock outlasts no window)
         self._sessions: dict[str, Session] = {}
         self._failures: deque[tuple[float, str]] = deque()  # (when, ticket)
         self.turn = asyncio.Lock()  # sign-in attempts, one at a time (gateway.dashboard.guard)
@@ -120,11 +121,11 @@ class SessionBook:
         """Before a presented key is compared: `(seconds to wait, "")` while sign-in is
         locked, else `(0, ticket)`. The attempt counts as a failure from now on, unless
         `succeeded(ticket)` takes it back: guesses sent at once never get past the limit."""
-        now = self.clock()
+        now = self.failure_clock()
         while self._failures and self._failures[0][0] <= now - FAILURE_WINDOW:
             self._failures.popleft()
         if len(self._failures) >= MAX_FAILURES:
-            return self._failures[0][0] + FAILURE_WINDOW - now, ""
+            return min(self._failures[0][0] + FAILURE_WINDOW - now, FAILURE_WINDOW), ""
         ticket = secrets.token_hex(8)
         self._failures.append((now, ticket))
         return 0.0, ticket

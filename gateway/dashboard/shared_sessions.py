@@ -5,8 +5,9 @@ others: every other page a browser opened went back to sign-in, a sign-out that 
 another worker left the session open, and each worker counted failed sign-ins on its own.
 Here (with `redis_url` set) every process reads the same sessions and the same count.
 
-A session is a hash `tk:dash:s:<SHA-256 of its token>` (its CSRF token, when it ends, and an
-HMAC of both and of its name keyed with the admin key) that Redis expires when it ends. The
+A session is a hash `tk:dash:s:<SHA-256 of its token>` (its CSRF token, when it ends, when it
+was opened on Redis's clock, and an HMAC of these and of its name keyed with the admin key) that
+Redis expires when it ends. The
 HMAC is what makes it a session: whoever can write Redis but does not know the admin key can
 neither make one nor stretch one, and a session made under another admin key (a replica
 reloaded before this one) is refused but left alone. Failed sign-ins are a sorted set
@@ -17,7 +18,9 @@ processes guessing at once never get past the limit. Redis not answering is
 A reload that ends every session (`clear`) while Redis does not answer is not forgotten: until
 a later `clear` gets through, this process refuses every session (with a 503) and tries again.
 What it cannot survive is this process restarting before then: the sessions are in Redis, and
-nothing remembers that they should have ended.
+nothing remembers that they should have ended. A process takes no session opened before its
+last clear (a copy written back after the key went A, B, A), and its first dashboard request
+ends every session not sealed with its own admin key (a key changed by a restart).
 """
 
 from __future__ import annotations
@@ -48,18 +51,29 @@ __all__ = ["SharedSessionBook"]
 _PREFIX = "tk:dash:s:"
 _FAILED = "tk:dash:failed"
 _CLEAR_CHUNK = 500
+_FIELDS = ["csrf", "admin", "expires", "opened"]
 
 # Adds this attempt to the failures of the last window, on Redis's own clock (the processes'
-# clocks may disagree); past the limit takes it back and answers how long to wait, never
-# more than a window (a score from elsewhere, even `inf`, cannot lock sign-in longer). The
-# add comes first: Redis refusing writes (maxmemory, a read-only replica) refuses a
-# script's first write, where a later one would have gone through.
+# clocks may disagree); past the limit takes it back and answers how long to wait. Failures
+# timed after now (a clock that stepped back, a score written from elsewhere, even `inf`)
+# count as made now, and the set expires a window after every attempt: nothing locks sign-in
+# longer than one window. A key of another type (written by someone else) is dropped first.
+# The add is the first write that can be refused: Redis refusing writes (maxmemory, a
+# read-only replica) refuses it, and the script stops there.
 _ATTEMPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window = tonumber(ARGV[1])
+local kind = redis.call('TYPE', KEYS[1])
+if type(kind) == 'table' then kind = kind['ok'] end
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 redis.call('ZADD', KEYS[1], now, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local after = string.format('(%.17g', now)
+local ahead = redis.call('ZRANGEBYSCORE', KEYS[1], after, '+inf', 'LIMIT', 0, tonumber(ARGV[2]) + 1)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], after, '+inf')
+for _, member in ipairs(ahead) do redis.call('ZADD', KEYS[1], now, member) end
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
 if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[2]) then
   redis.call('ZREM', KEYS[1], ARGV[3])
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -68,7 +82,6 @@ if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[2]) then
   if wait < 0.001 then wait = 0.001 end
   return tostring(wait)
 end
-redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
 return '0'
 """
 
@@ -82,45 +95,50 @@ class SharedSessionBook:
         self.turn = asyncio.Lock()  # this process's sign-in attempts, one at a time
         self._attempt = redis.register_script(_ATTEMPT)
         self._clear_owed = False  # a clear that Redis did not take: sessions are refused
+        self._sweep_owed = True  # sessions of another admin key, left by a restart
+        self._not_before = 0.0  # (Redis's clock) sessions opened before the last clear
 
     async def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
         name = _PREFIX + digest(token)
         csrf = secrets.token_urlsafe(32)
         expires = repr(self.clock() + ttl)
-        session = Session(csrf, float(expires), _seal(admin_key, name, csrf, expires))
-        async with _answered(), self.redis.pipeline(transaction=True) as pipe:
-            fields: dict[Any, Any] = {
-                "csrf": csrf,
-                "admin": session.admin_digest,
-                "expires": expires,
-            }
-            await pipe.hset(name, mapping=fields)  # (queued)
-            await pipe.pexpire(name, int(ttl * 1000) + 1)
-            await pipe.execute()
+        async with _answered():
+            opened = repr(_seconds(await self.redis.time()))
+            session = Session(csrf, float(expires), _seal(admin_key, name, csrf, expires, opened))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                fields: dict[Any, Any] = {
+                    "csrf": csrf,
+                    "admin": session.admin_digest,
+                    "expires": expires,
+                    "opened": opened,
+                }
+                await pipe.hset(name, mapping=fields)  # (queued)
+                await pipe.pexpire(name, int(ttl * 1000) + 1)
+                await pipe.execute()
         return token, session
 
     async def get(self, token: str | None, admin_key: str) -> Session | None:
-        """The live session of a cookie token, if it was opened with the current admin key."""
+        """The live session of a cookie token, if it was opened with the current admin key
+        (and since this process last ended every session)."""
         if self._clear_owed:
             await self.clear()
+        if self._sweep_owed:
+            await self._sweep(admin_key)
         if not token:
             return None
         name = _PREFIX + digest(token)
         async with _answered():
-            fields = await self.redis.hmget(name, ["csrf", "admin", "expires"])
-        try:
-            csrf, seal, expires = (_text(field) for field in fields if field is not None)
-            ends = float(expires)
-        except (UnicodeDecodeError, ValueError):  # (not one we wrote)
-            return None
-        if not hmac.compare_digest(seal, _seal(admin_key, name, csrf, expires)):
+            fields = await self.redis.hmget(name, _FIELDS)
+        sealed = _sealed(name, fields, admin_key)
+        if sealed is None:
             return None  # forged, or of another admin key: left to its own end
-        if not ends > self.clock():  # (an ended one Redis has not dropped yet)
-            async with _answered():
+        session, opened = sealed
+        if not session.expires > self.clock() or not opened >= self._not_before:
+            async with _answered():  # (ended: Redis has not dropped it yet, or a copy put back)
                 await self.redis.delete(name)
             return None
-        return Session(csrf, ends, seal)
+        return session
 
     async def close(self, token: str | None) -> None:
         if token:
@@ -130,10 +148,13 @@ class SharedSessionBook:
     async def clear(self) -> int:
         """End every session (a reload changed the admin key); how many there were.
 
-        Until one gets through, every session is refused (`get` tries again first)."""
+        Until one gets through, every session is refused (`get` tries again first). A copy
+        of a session written back later (whoever could read Redis before, and write it now)
+        is refused too: this process takes no session opened before its last clear."""
         self._clear_owed = True
         ended = 0
         async with _answered():
+            self._not_before = max(self._not_before, _seconds(await self.redis.time()))
             names: list[bytes] = []
             async for name in self.redis.scan_iter(match=_PREFIX + "*", count=_CLEAR_CHUNK):
                 names.append(name)
@@ -142,8 +163,37 @@ class SharedSessionBook:
                     names = []
             if names:
                 ended += await self.redis.delete(*names)
-        self._clear_owed = False
+        self._clear_owed = self._sweep_owed = False
         return ended
+
+    async def _sweep(self, admin_key: str) -> None:
+        """At start, end the sessions not sealed with this process's admin key: a key
+        changed by a restart ends them, as a reload's would, so that putting the old key
+        back later brings none back."""
+        async with _answered():
+            names: list[bytes] = []
+            async for name in self.redis.scan_iter(match=_PREFIX + "*", count=_CLEAR_CHUNK):
+                names.append(name)
+                if len(names) >= _CLEAR_CHUNK:
+                    await self._drop_unsealed(names, admin_key)
+                    names = []
+            if names:
+                await self._drop_unsealed(names, admin_key)
+        self._sweep_owed = False
+
+    async def _drop_unsealed(self, names: list[bytes], admin_key: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                await pipe.hmget(name, _FIELDS)  # (queued)
+            replies = await pipe.execute()
+        stale = [
+            name
+            for name, fields in zip(names, replies, strict=True)
+            if any(field is not None for field in fields)  # (gone since: nothing to end)
+            and _sealed(_text(name), fields, admin_key) is None
+        ]
+        if stale:
+            await self.redis.delete(*stale)
 
     async def attempt(self) -> tuple[float, str]:
         """As `SessionBook.attempt`, counted with every process's attempts."""
@@ -161,12 +211,31 @@ class SharedSessionBook:
             await self.redis.zrem(_FAILED, ticket)
 
 
-def _seal(admin_key: str, name: str, csrf: str, expires: str) -> str:
+def _seal(admin_key: str, name: str, csrf: str, expires: str, opened: str) -> str:
     """What binds a session to the admin key it was opened with (and to its own name,
-    CSRF token and end): only who knows the key can make it."""
-    message = f"{name}\n{csrf}\n{expires}".encode("utf-8", "surrogateescape")
+    CSRF token, end and opening): only who knows the key can make it."""
+    message = f"{name}\n{csrf}\n{expires}\n{opened}".encode("utf-8", "surrogateescape")
     key = admin_key.encode("utf-8", "surrogateescape")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def _sealed(name: str, fields: list[Any], admin_key: str) -> tuple[Session, float] | None:
+    """The session (and when it was opened) in a hash, if `admin_key` sealed it."""
+    try:
+        csrf, seal, expires, opened = (_text(field) for field in fields if field is not None)
+        session = Session(csrf, float(expires), seal)
+        when = float(opened)
+    except (UnicodeDecodeError, ValueError):  # (not one we wrote)
+        return None
+    expected = _seal(admin_key, name, csrf, expires, opened)
+    if not hmac.compare_digest(seal.encode(), expected.encode()):
+        return None
+    return session, when
+
+
+def _seconds(time: tuple[int, int]) -> float:
+    """A `TIME` reply (seconds, microseconds) as seconds."""
+    return time[0] + time[1] / 1_000_000
 
 
 def _text(value: bytes | str) -> str:
