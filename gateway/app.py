@@ -30,7 +30,7 @@ from gateway.prices import PriceBook, load_database, start_price_updates
 from gateway.providers._pool import PoolGate
 from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
-from gateway.reload import reload_ctx
+from gateway.reload import end_sessions, reload_ctx
 from gateway.routes import setup_routes
 from gateway.settings import Settings
 from gateway.snapshot import LiveConfig, Reloader, build_snapshot
@@ -107,7 +107,10 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     gate = app[GATE_KEY] = open_gate(settings.server, app[STORE_KEY])
     if isinstance(gate, SharedGate):  # every worker and replica shares the sessions too
-        app[DASHBOARD_SESSIONS_KEY] = SharedSessionBook(gate.redis)
+        book = app[DASHBOARD_SESSIONS_KEY] = SharedSessionBook(gate.redis)
+        server = settings.server
+        if server.admin_key is not None and server.dashboard:  # (a key changed by a restart)
+            await end_sessions(book, keep=server.admin_key)
     gate.running = running_requests(app[INFLIGHT_KEY])
     recorder = app[USAGE_KEY]
 

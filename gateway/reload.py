@@ -18,12 +18,13 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.dashboard.sessions import SessionsUnavailable
+from gateway.dashboard.sessions import SessionBook, SessionsUnavailable
+from gateway.dashboard.shared_sessions import SharedSessionBook
 from gateway.settings import ConfigError, Settings
 from gateway.snapshot import build_snapshot
 from gateway.state import DASHBOARD_SESSIONS_KEY, KEYS_KEY, LIVE_KEY, PRICES_KEY, RELOADER_KEY
 
-__all__ = ["RESTART_FIELDS", "reload_config", "reload_ctx"]
+__all__ = ["RESTART_FIELDS", "end_sessions", "reload_config", "reload_ctx"]
 
 log = structlog.get_logger(__name__)
 
@@ -126,16 +127,23 @@ async def _reload(app: web.Application) -> bool:
 
 async def _end_sessions(app: web.Application, old: Settings, new: Settings) -> None:
     """A new admin key (or none), or the dashboard turned off, ends every dashboard session
-    now: checked only when a session was next used, a key taken out and put back later would
-    have brought the sessions of before back to life."""
+    not opened with the new key now: checked only when a session was next used, a key taken
+    out and put back later would have brought the sessions of before back to life."""
     if old.server.admin_key != new.server.admin_key or not new.server.dashboard:
-        try:
-            ended = await app[DASHBOARD_SESSIONS_KEY].clear()
-        except SessionsUnavailable as exc:  # (owed: refused until a later clear gets through)
-            log.warning("dashboard_sessions_not_ended", error=str(exc))
-            return
-        if ended:
-            log.info("dashboard_sessions_ended", sessions=ended)
+        keep = new.server.admin_key if new.server.dashboard else None
+        await end_sessions(app[DASHBOARD_SESSIONS_KEY], keep)
+
+
+async def end_sessions(book: SessionBook | SharedSessionBook, keep: str | None) -> None:
+    """`book.clear(keep)`, logged; Redis not taking it is logged too (and owed by the book:
+    sessions are refused until a later try gets through)."""
+    try:
+        ended = await book.clear(keep)
+    except SessionsUnavailable as exc:
+        log.warning("dashboard_sessions_not_ended", error=str(exc))
+        return
+    if ended:
+        log.info("dashboard_sessions_ended", sessions=ended)
 
 
 def _on_sighup(app: web.Application) -> None:

@@ -435,3 +435,13 @@ async def test_the_lock_on_guessing_outlasts_no_window() -> None:
     now[0] -= 1800
     wait, _ = await book.attempt()
     assert 0 < wait <= 60
+
+
+async def test_a_clear_keeps_the_sessions_of_the_key_it_is_given() -> None:
+    book = SessionBook(clock=lambda: 0.0)
+    old, _ = await book.open("old", ttl=60)
+    new, _ = await book.open("new", ttl=60)
+    assert await book.clear("new") == 1
+    assert await book.get(new, "new") is not None
+    assert await book.get(old, "old") is None
+    assert await book.clear() == 1 and len(book) == 0

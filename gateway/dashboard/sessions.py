@@ -101,11 +101,14 @@ class SessionBook:
         if token:
             self._sessions.pop(digest(token), None)
 
-    async def clear(self) -> int:
-        """End every session (a reload changed the admin key); how many there were."""
-        ended = len(self._sessions)
-        self._sessions.clear()
-        return ended
+    async def clear(self, keep: str | None = None) -> int:
+        """End every session not opened with the admin key `keep` (every one, without): a
+        reload changed the admin key. How many ended."""
+        kept = None if keep is None else digest(keep)
+        ended = [k for k, s in self._sessions.items() if s.admin_digest != kept]
+        for key in ended:
+            del self._sessions[key]
+        return len(ended)
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -5,9 +5,8 @@ others: every other page a browser opened went back to sign-in, a sign-out that 
 another worker left the session open, and each worker counted failed sign-ins on its own.
 Here (with `redis_url` set) every process reads the same sessions and the same count.
 
-A session is a hash `tk:dash:s:<SHA-256 of its token>` (its CSRF token, when it ends, when it
-was opened on Redis's clock, and an HMAC of these and of its name keyed with the admin key) that
-Redis expires when it ends. The
+A session is a hash `tk:dash:s:<SHA-256 of its token>` (its CSRF token, when it ends, and an
+HMAC of both and of its name keyed with the admin key) that Redis expires when it ends. The
 HMAC is what makes it a session: whoever can write Redis but does not know the admin key can
 neither make one nor stretch one, and a session made under another admin key (a replica
 reloaded before this one) is refused but left alone. Failed sign-ins are a sorted set
@@ -15,12 +14,11 @@ reloaded before this one) is refused but left alone. Failed sign-ins are a sorte
 processes guessing at once never get past the limit. Redis not answering is
 `SessionsUnavailable` (the dashboard says so, with a 503).
 
-A reload that ends every session (`clear`) while Redis does not answer is not forgotten: until
-a later `clear` gets through, this process refuses every session (with a 503) and tries again.
-What it cannot survive is this process restarting before then: the sessions are in Redis, and
-nothing remembers that they should have ended. A process takes no session opened before its
-last clear (a copy written back after the key went A, B, A), and its first dashboard request
-ends every session not sealed with its own admin key (a key changed by a restart).
+A reload that changes the admin key ends every session not sealed with the new one (`clear`),
+and so does a process starting: a key changed by a restart ends the old key's sessions too,
+and putting the old key back later brings none back. A clear Redis does not take is not
+forgotten: until it gets through, this process refuses every session (with a 503) and tries
+again. What it cannot survive is this process restarting before then with the old key back.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.dashboard.sessions import (
     FAILURE_WINDOW,
@@ -51,7 +49,7 @@ __all__ = ["SharedSessionBook"]
 _PREFIX = "tk:dash:s:"
 _FAILED = "tk:dash:failed"
 _CLEAR_CHUNK = 500
-_FIELDS = ["csrf", "admin", "expires", "opened"]
+_FIELDS = ["csrf", "admin", "expires"]
 
 # Adds this attempt to the failures of the last window, on Redis's own clock (the processes'
 # clocks may disagree); past the limit takes it back and answers how long to wait. Failures
@@ -94,48 +92,48 @@ class SharedSessionBook:
         self.clock = clock
         self.turn = asyncio.Lock()  # this process's sign-in attempts, one at a time
         self._attempt = redis.register_script(_ATTEMPT)
-        self._clear_owed = False  # a clear that Redis did not take: sessions are refused
-        self._sweep_owed = True  # sessions of another admin key, left by a restart
-        self._not_before = 0.0  # (Redis's clock) sessions opened before the last clear
+        self._owed = False  # a clear that Redis did not take yet: sessions are refused
+        self._keep: str | None = None  # (the admin key whose sessions that clear keeps)
+        self._asked = 0  # clears asked for: one asked while another runs runs after it
+        self._clearing: asyncio.Task[int] | None = None
 
     async def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
         name = _PREFIX + digest(token)
         csrf = secrets.token_urlsafe(32)
         expires = repr(self.clock() + ttl)
-        async with _answered():
-            opened = repr(_seconds(await self.redis.time()))
-            session = Session(csrf, float(expires), _seal(admin_key, name, csrf, expires, opened))
-            async with self.redis.pipeline(transaction=True) as pipe:
-                fields: dict[Any, Any] = {
-                    "csrf": csrf,
-                    "admin": session.admin_digest,
-                    "expires": expires,
-                    "opened": opened,
-                }
-                await pipe.hset(name, mapping=fields)  # (queued)
-                await pipe.pexpire(name, int(ttl * 1000) + 1)
-                await pipe.execute()
+        session = Session(csrf, float(expires), _seal(admin_key, name, csrf, expires))
+        async with _answered(), self.redis.pipeline(transaction=True) as pipe:
+            fields: dict[Any, Any] = {
+                "csrf": csrf,
+                "admin": session.admin_digest,
+                "expires": expires,
+            }
+            await pipe.hset(name, mapping=fields)  # (queued)
+            await pipe.pexpire(name, int(ttl * 1000) + 1)
+            await pipe.execute()
         return token, session
 
     async def get(self, token: str | None, admin_key: str) -> Session | None:
-        """The live session of a cookie token, if it was opened with the current admin key
-        (and since this process last ended every session)."""
-        if self._clear_owed:
-            await self.clear()
-        if self._sweep_owed:
-            await self._sweep(admin_key)
+        """The live session of a cookie token, if it was opened with the current admin key."""
+        await self._settle()
         if not token:
             return None
         name = _PREFIX + digest(token)
-        async with _answered():
-            fields = await self.redis.hmget(name, _FIELDS)
-        sealed = _sealed(name, fields, admin_key)
-        if sealed is None:
+        try:
+            async with _answered():
+                fields = await self.redis.hmget(name, _FIELDS)
+        except SessionsUnavailable as exc:
+            if not _wrong_type(exc):
+                raise
+            async with _answered():  # (not a hash: not one we wrote, under our name)
+                await self.redis.delete(name)
+            return None
+        session = _sealed(name, fields, admin_key)
+        if session is None:
             return None  # forged, or of another admin key: left to its own end
-        session, opened = sealed
-        if not session.expires > self.clock() or not opened >= self._not_before:
-            async with _answered():  # (ended: Redis has not dropped it yet, or a copy put back)
+        if not session.expires > self.clock():  # (an ended one Redis has not dropped yet)
+            async with _answered():
                 await self.redis.delete(name)
             return None
         return session
@@ -145,58 +143,64 @@ class SharedSessionBook:
             async with _answered():
                 await self.redis.delete(_PREFIX + digest(token))
 
-    async def clear(self) -> int:
-        """End every session (a reload changed the admin key); how many there were.
+    async def clear(self, keep: str | None = None) -> int:
+        """End every session not sealed with `keep` (every one, without): a reload that
+        changed the admin key keeps those of the new key, opened on a replica reloaded
+        before this one; and a process starting ends those of another key, as a reload
+        would have. How many ended.
 
-        Until one gets through, every session is refused (`get` tries again first). A copy
-        of a session written back later (whoever could read Redis before, and write it now)
-        is refused too: this process takes no session opened before its last clear."""
-        self._clear_owed = True
+        Until it gets through, every session is refused (`get` tries again first)."""
+        self._owed, self._keep = True, keep
+        self._asked += 1
+        return await self._settle()
+
+    async def _settle(self) -> int:
+        """Run the clear owed, if any: one at a time, every caller meanwhile waiting for
+        the same one (and none cancelled with a caller that hangs up)."""
         ended = 0
-        async with _answered():
-            self._not_before = max(self._not_before, _seconds(await self.redis.time()))
-            names: list[bytes] = []
-            async for name in self.redis.scan_iter(match=_PREFIX + "*", count=_CLEAR_CHUNK):
-                names.append(name)
-                if len(names) >= _CLEAR_CHUNK:
-                    ended += await self.redis.delete(*names)
-                    names = []
-            if names:
-                ended += await self.redis.delete(*names)
-        self._clear_owed = self._sweep_owed = False
+        while self._owed:
+            if self._clearing is None or self._clearing.done():
+                self._clearing = asyncio.create_task(self._end_others(self._keep, self._asked))
+                self._clearing.add_done_callback(_retrieved)
+            ended += await asyncio.shield(self._clearing)
         return ended
 
-    async def _sweep(self, admin_key: str) -> None:
-        """At start, end the sessions not sealed with this process's admin key: a key
-        changed by a restart ends them, as a reload's would, so that putting the old key
-        back later brings none back."""
+    async def _end_others(self, keep: str | None, asked: int) -> int:
+        ended = 0
         async with _answered():
             names: list[bytes] = []
             async for name in self.redis.scan_iter(match=_PREFIX + "*", count=_CLEAR_CHUNK):
                 names.append(name)
                 if len(names) >= _CLEAR_CHUNK:
-                    await self._drop_unsealed(names, admin_key)
+                    ended += await self._drop(names, keep)
                     names = []
             if names:
-                await self._drop_unsealed(names, admin_key)
-        self._sweep_owed = False
+                ended += await self._drop(names, keep)
+        if asked == self._asked:  # (not if another was asked for meanwhile: that one next)
+            self._owed = False
+        return ended
 
-    async def _drop_unsealed(self, names: list[bytes], admin_key: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                await pipe.hmget(name, _FIELDS)  # (queued)
-            replies = await pipe.execute()
-        stale = [
-            name
-            for name, fields in zip(names, replies, strict=True)
-            if any(field is not None for field in fields)  # (gone since: nothing to end)
-            and _sealed(_text(name), fields, admin_key) is None
-        ]
-        if stale:
-            await self.redis.delete(*stale)
+    async def _drop(self, names: list[bytes], keep: str | None) -> int:
+        """End those of `names` not sealed with `keep`; how many."""
+        if keep is not None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    await pipe.hmget(name, _FIELDS)  # (queued)
+                replies = await pipe.execute(raise_on_error=False)
+            names = [
+                name
+                for name, fields in zip(names, replies, strict=True)
+                if isinstance(fields, Exception)  # (not a hash: not one we wrote)
+                or (
+                    any(field is not None for field in fields)  # (else gone since)
+                    and _sealed(name.decode("utf-8", "surrogateescape"), fields, keep) is None
+                )
+            ]
+        return await self.redis.delete(*names) if names else 0
 
     async def attempt(self) -> tuple[float, str]:
         """As `SessionBook.attempt`, counted with every process's attempts."""
+        await self._settle()
         ticket = secrets.token_hex(8)
         async with _answered():
             wait = float(
@@ -211,31 +215,33 @@ class SharedSessionBook:
             await self.redis.zrem(_FAILED, ticket)
 
 
-def _seal(admin_key: str, name: str, csrf: str, expires: str, opened: str) -> str:
+def _seal(admin_key: str, name: str, csrf: str, expires: str) -> str:
     """What binds a session to the admin key it was opened with (and to its own name,
-    CSRF token, end and opening): only who knows the key can make it."""
-    message = f"{name}\n{csrf}\n{expires}\n{opened}".encode("utf-8", "surrogateescape")
+    CSRF token and end): only who knows the key can make it."""
+    message = f"{name}\n{csrf}\n{expires}".encode("utf-8", "surrogateescape")
     key = admin_key.encode("utf-8", "surrogateescape")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
-def _sealed(name: str, fields: list[Any], admin_key: str) -> tuple[Session, float] | None:
-    """The session (and when it was opened) in a hash, if `admin_key` sealed it."""
+def _sealed(name: str, fields: list[Any], admin_key: str) -> Session | None:
+    """The session in a hash, if `admin_key` sealed it."""
     try:
-        csrf, seal, expires, opened = (_text(field) for field in fields if field is not None)
+        csrf, seal, expires = (_text(field) for field in fields if field is not None)
         session = Session(csrf, float(expires), seal)
-        when = float(opened)
     except (UnicodeDecodeError, ValueError):  # (not one we wrote)
         return None
-    expected = _seal(admin_key, name, csrf, expires, opened)
-    if not hmac.compare_digest(seal.encode(), expected.encode()):
-        return None
-    return session, when
+    expected = _seal(admin_key, name, csrf, expires)
+    return session if hmac.compare_digest(seal.encode(), expected.encode()) else None
 
 
-def _seconds(time: tuple[int, int]) -> float:
-    """A `TIME` reply (seconds, microseconds) as seconds."""
-    return time[0] + time[1] / 1_000_000
+def _wrong_type(exc: SessionsUnavailable) -> bool:
+    return isinstance(exc.__cause__, ResponseError) and str(exc.__cause__).startswith("WRONGTYPE")
+
+
+def _retrieved(task: asyncio.Task[int]) -> None:
+    """(A clear that failed with every caller gone: its error is theirs, already logged.)"""
+    if not task.cancelled():
+        task.exception()
 
 
 def _text(value: bytes | str) -> str:
