@@ -61,6 +61,7 @@ _MAX_UNSENT = 100_000  # ends kept through an outage to send again
 SEED_WAIT_SECONDS = 2.0
 # How long Redis's return waits for this replica's usage rows to be written (`reconcile`).
 RECONCILE_FLUSH_SECONDS = 2.0
+_RECONCILE_RETRY_SECONDS = 1.0  # between tries to write those rows once Redis answers
 
 
 class BadReply(RedisError):
@@ -427,36 +428,77 @@ class SharedGate(FallbackGate):
     async def reconcile(self) -> None:
         """Before requests go through Redis again: drop the spendings that miss what this
         replica's fallback admitted, or are stale (`_stale`), once this replica's rows are
-        written (within `RECONCILE_FLUSH_SECONDS`), so that whichever replica seeds them
-        next reads it all from the usage table. Not added to the counters instead: a Redis
-        that restarted empty may have had them seeded already, from a table with those rows.
+        written, so that whichever replica seeds them next reads it all from the usage
+        table. Not added to the counters instead: a Redis that restarted empty may have had
+        them seeded already, from a table with those rows.
+
+        The ends Redis did not answer go first: sent after the drop, one would count on top
+        of a seed that read its row. Names marked while this runs (a fallback request that
+        ends meanwhile) stay marked, for `_reconcile_late`. Rows not written within
+        `RECONCILE_FLUSH_SECONDS` (the database slow or down) leave their names marked and
+        dropped later, once they are: dropped now, a seed would miss them for good.
 
         Raises:
-            RedisError: Redis does not take the deletion (the probe goes on).
+            RedisError: Redis does not take the ends or the deletion (the probe goes on).
         """
         if not self._stale:
             return
-        if self._usage is not None:
-            with contextlib.suppress(Exception):  # (a database down: those rows come later)
-                await asyncio.wait_for(asyncio.shield(self._usage.flush()), RECONCILE_FLUSH_SECONDS)
-        names = list(self._stale)
+        names, self._stale = self._stale, set()
         try:
+            if not await self._flushed():
+                self._stale |= names
+                return
+            await self._send_unsent()
             await self.redis.delete(*names)
         except _NOT_ANSWERED as exc:
+            self._stale |= names
             self._bad(exc)
             raise
-        self._stale.difference_update(names)
+        except BaseException:
+            self._stale |= names
+            raise
+
+    async def _flushed(self) -> bool:
+        """This replica's usage rows are written (within `RECONCILE_FLUSH_SECONDS`)."""
+        if self._usage is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._usage.flush()), RECONCILE_FLUSH_SECONDS)
+        except Exception:  # (a database down or slow: `_reconcile_late` tries again)
+            return False
+        return True
+
+    async def _send_unsent(self) -> None:
+        """Send the ends Redis did not answer, now.
+
+        Raises:
+            RedisError: some are still not taken.
+        """
+        if not self._unsent:
+            return
+        self._again, self._unsent = self._again + self._unsent, []
+        if self._ender is None or self._ender.done():
+            self._ender = asyncio.create_task(self._end_all())
+        await asyncio.shield(self._ender)
+        if self._unsent:
+            raise RedisError("Redis did not take the ends of requests sent again")
 
     async def _reconcile_late(self) -> None:
-        try:
-            await self.reconcile()
-        except _NOT_ANSWERED as exc:
-            self._went_down(exc)
+        """`reconcile` again, until no name is marked: those of fallback requests that
+        ended while it ran, and those whose rows were not written yet."""
+        while self._stale:
+            try:
+                await self.reconcile()
+            except _NOT_ANSWERED as exc:
+                self._went_down(exc)
+                return
+            if self._stale:
+                await asyncio.sleep(_RECONCILE_RETRY_SECONDS)
 
     def came_back(self) -> None:
         self.levels.clear()  # what scripts said before the outage is stale
         self._reseat()
-        if self._stale:  # (requests of the fallback that ended while `reconcile` ran)
+        if self._stale and (self._late is None or self._late.done()):  # (`_reconcile_late`)
             self._late = asyncio.create_task(self._reconcile_late())
         if self._unsent:  # ends Redis did not answer: sent again, counted if not counted yet
             self._again, self._unsent = self._again + self._unsent, []

@@ -14,8 +14,9 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from redis.asyncio import Redis
 
+from gateway import limits_redis
 from gateway.limits_redis import SharedGate
-from gateway.state import GATE_KEY, KEYS_KEY
+from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, usage_rows
 from tests.redis_server import RedisServer
 from tests.test_attack_scale import all_seen, hold_four, post
@@ -232,3 +233,209 @@ async def test_what_the_local_fallback_admitted_counts_in_the_shared_spending(
     for replica in (gw, other):  # one counter: every replica reads the same spending
         spend = await app_of(replica)[GATE_KEY].spending(key)
         assert spend is not None and (spend.tokens, spend.held_tokens) == (80, 0)
+
+
+def shared(gw: Any) -> SharedGate:
+    gate = app_of(gw)[GATE_KEY]
+    assert isinstance(gate, SharedGate)
+    return gate
+
+
+def block_writes(monkeypatch: pytest.MonkeyPatch, gw: Any) -> asyncio.Event:
+    """The replica's usage writer writes nothing until the event is set (as during its
+    `usage_flush_seconds`, or a database that is slow or locked): its rows stay queued."""
+    recorder = app_of(gw)[USAGE_KEY]
+    store = recorder._store
+    real = store.insert_usage
+    may_write = asyncio.Event()
+
+    async def later(*args: Any, **kwargs: Any) -> Any:
+        await may_write.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "insert_usage", later)
+    return may_write
+
+
+async def table_tokens(gw: Any) -> int:
+    return sum(int(row["total_tokens"]) for row in await usage_rows(gw))
+
+
+async def test_a_fallback_request_ending_while_reconcile_drops_is_dropped_again(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fallback request that ends while `reconcile` drops the counter marks it again, and
+    `_reconcile_late` drops it once its row is written. The marks were a set the drop took
+    the name out of afterwards: the request's mark went with it, its row missed the flush,
+    and replica B seeded the counter without it (20, not 30)."""
+    fake, gw, other = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")  # 10 tokens a request
+    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
+    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    gate = shared(gw)
+    await known(other, secret)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert (await post(gw, secret))[0] == 200  # finds Redis away: 10, locally
+        assert not gate.up and gate._stale
+        release = asyncio.Event()
+        fake.always(content="two words", hold=release)
+        held = asyncio.create_task(post(gw, secret))  # admitted locally, still running
+        await all_seen(fake, 3)
+        deleting, may_delete = asyncio.Event(), asyncio.Event()
+        real_delete = gate.redis.delete
+
+        async def slow_delete(*names: Any) -> Any:
+            deleting.set()
+            await may_delete.wait()
+            return await real_delete(*names)
+
+        monkeypatch.setattr(gate.redis, "delete", slow_delete)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    async with asyncio.timeout(NEVER_HANG):
+        await deleting.wait()  # reconcile flushed and is dropping the counter
+    may_write = block_writes(monkeypatch, gw)  # A's next rows: not written yet
+    release.set()
+    assert (await held)[0] == 200  # ends while the circuit is still open: marked stale
+    may_delete.set()
+    await frozen_then_back(gate)
+    assert gate.up
+    key = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert key is not None
+    b_spend = await shared(other).spending(key)  # B seeds from the table (A's last row missing)
+    assert b_spend is not None
+    may_write.set()
+    assert await table_tokens(gw) == 30
+    await ended(gate)
+    if gate._late is not None:
+        await gate._late
+    spend = await shared(other).spending(key)
+    assert spend is not None and spend.tokens == 30, spend
+
+
+async def test_rows_not_written_in_time_get_their_counter_dropped_once_they_are(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows not written within RECONCILE_FLUSH_SECONDS (a slow or locked database): the
+    circuit closes, but the counter stays marked and is dropped once they are written. It
+    was dropped at once: B seeded from a table without A's fallback row, which was written a
+    moment later and never counted (20, not 30)."""
+    monkeypatch.setattr(limits_redis, "RECONCILE_FLUSH_SECONDS", 0.05)
+    monkeypatch.setattr(limits_redis, "_RECONCILE_RETRY_SECONDS", 0.05)
+    fake, gw, other = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")
+    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
+    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    gate = shared(gw)
+    await known(other, secret)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert (await post(gw, secret))[0] == 200  # finds Redis away: 10, locally
+        assert not gate.up
+        assert gate._reload is not None
+        await gate._reload
+        assert await table_tokens(gw) == 20
+        may_write = block_writes(monkeypatch, gw)  # the database is slow from here
+        assert (await post(gw, secret))[0] == 200  # 10 more, locally: its row is queued
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    try:
+        await frozen_then_back(gate)
+        assert gate.up  # (but the counter is still marked: its rows are not written)
+        assert gate._late is not None and not gate._late.done()
+        key = app_of(gw)[KEYS_KEY].lookup(secret)
+        assert key is not None
+        assert await shared(other).spending(key) is not None  # B seeds: 20
+    finally:
+        may_write.set()
+    assert await table_tokens(gw) == 30
+    async with asyncio.timeout(NEVER_HANG):
+        assert gate._late is not None
+        await gate._late  # the rows written, the counter dropped
+    assert not gate._stale
+    spend = await shared(other).spending(key)
+    assert spend is not None and spend.tokens == 30, spend
+
+
+async def test_ends_kept_through_the_outage_reach_redis_before_the_counter_is_dropped(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Request H, charged in Redis before the outage, ends during it: its end is kept and
+    its row written. Its end is sent again before the counter is dropped (by `reconcile`).
+    It was sent after (by `came_back`): it still found H's hold in Redis (Redis kept its
+    data) and added H's 10 on top of any seed in between, which had H's row (40, not 30)."""
+    fake, gw, other = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")
+    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
+    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    gate = shared(gw)
+    await known(other, secret)
+    release = asyncio.Event()
+    fake.always(content="two words", hold=release)
+    held = asyncio.create_task(post(gw, secret))  # H: holds its charge in Redis
+    await all_seen(fake, 2)
+    fake.always(content="two words")
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert (await post(gw, secret))[0] == 200  # finds Redis away: 10, locally
+        assert not gate.up and gate._stale
+        release.set()
+        assert (await held)[0] == 200  # H ends during the outage: its end is kept
+        await ended(gate)
+        assert gate._unsent
+        sending, may_send = asyncio.Event(), asyncio.Event()
+        real_scripts = gate.link.scripts
+
+        async def slow_scripts(*args: Any, **kwargs: Any) -> Any:
+            sending.set()
+            await may_send.wait()
+            return await real_scripts(*args, **kwargs)
+
+        monkeypatch.setattr(gate.link, "scripts", slow_scripts)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    async with asyncio.timeout(NEVER_HANG):
+        await sending.wait()  # H's end, sent again by reconcile, on its way
+    key = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert key is not None
+    assert await shared(other).spending(key) is not None  # B reads meanwhile: not dropped yet
+    may_send.set()
+    await frozen_then_back(gate)
+    assert not gate._unsent
+    assert await table_tokens(gw) == 30
+    spend = await shared(other).spending(key)
+    assert spend is not None and spend.tokens == 30, spend
