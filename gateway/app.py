@@ -103,14 +103,22 @@ async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(updater.stop)
 
 
+# How long a stop waits for the start's clear of other keys' dashboard sessions to end.
+_CLEAR_AT_STOP_SECONDS = 5.0
+
+
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     gate = app[GATE_KEY] = open_gate(settings.server, app[STORE_KEY])
+    clearing: asyncio.Task[None] | None = None
     if isinstance(gate, SharedGate):  # every worker and replica shares the sessions too
         book = app[DASHBOARD_SESSIONS_KEY] = SharedSessionBook(gate.redis)
+        # Sessions of another key end (a key changed by a restart, as by a reload), off the
+        # start (it walks Redis's keys): dashboard requests meanwhile wait for it.
         server = settings.server
-        if server.admin_key is not None and server.dashboard:  # (a key changed by a restart)
-            await end_sessions(book, keep=server.admin_key)
+        keep = server.admin_key if server.dashboard else None
+        book.ask_clear(keep)
+        clearing = asyncio.create_task(end_sessions(book, keep), name="dashboard-sessions-clear")
     gate.running = running_requests(app[INFLIGHT_KEY])
     recorder = app[USAGE_KEY]
 
@@ -128,9 +136,13 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(cache.run(), name="key-cache-refresh")
     gate.start()
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    if clearing is not None:  # (a process stopped at once still ends the old sessions)
+        await asyncio.wait([clearing], timeout=_CLEAR_AT_STOP_SECONDS)
+    for running in (task, clearing):
+        if running is not None:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
     await gate.close()
 
 

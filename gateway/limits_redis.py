@@ -68,6 +68,16 @@ class BadReply(RedisError):
     """Redis answered a script with what no script returns: not Redis, or out of step."""
 
 
+class Unwritten(Exception):
+    """This replica's usage rows could not be written in time (`SharedGate.reconcile`)."""
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """(A flush no try waits for any more: its failure is the writer's, logged there.)"""
+    if not task.cancelled():
+        task.exception()
+
+
 # A reply of the wrong shape fails its parse with one of these: an outage too, not a 500.
 _NOT_ANSWERED = (*_FAILURES, AttributeError, IndexError, KeyError, TypeError, ValueError)
 
@@ -118,6 +128,7 @@ class SharedGate(FallbackGate):
         # usage table (`reconcile`).
         self._stale: set[str] = set()
         self._late: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Task[None] | None = None  # (`_flushed`)
         # Held while ends are sent (until Redis answers) and while a spending is seeded: a
         # seed knows which ends reached Redis before it and which will after (`_seed_spend`).
         self._finishing = asyncio.Lock()
@@ -395,7 +406,7 @@ class SharedGate(FallbackGate):
             seed.cancel()
         if seeds:
             await asyncio.wait(seeds, timeout=2.0)
-        for task in (self._renewer, self._late):
+        for task in (self._renewer, self._late, self._flushing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -434,20 +445,20 @@ class SharedGate(FallbackGate):
 
         The ends Redis did not answer go first: sent after the drop, one would count on top
         of a seed that read its row. Names marked while this runs (a fallback request that
-        ends meanwhile) stay marked, for `_reconcile_late`. Rows not written within
-        `RECONCILE_FLUSH_SECONDS` (the database slow or down) leave their names marked and
-        dropped later, once they are: dropped now, a seed would miss them for good.
+        ends meanwhile) stay marked, for `_reconcile_late`.
 
         Raises:
             RedisError: Redis does not take the ends or the deletion (the probe goes on).
+            Unwritten: this replica's rows are not written within `RECONCILE_FLUSH_SECONDS`
+                (the database slow or down): dropped now, a seed would miss them for good,
+                and kept, the counters would miss them while requests go through Redis. The
+                probe goes on, and so does the fallback, which counts them.
         """
         if not self._stale:
             return
         names, self._stale = self._stale, set()
         try:
-            if not await self._flushed():
-                self._stale |= names
-                return
+            await self._flushed()
             await self._send_unsent()
             await self.redis.delete(*names)
         except _NOT_ANSWERED as exc:
@@ -458,40 +469,50 @@ class SharedGate(FallbackGate):
             self._stale |= names
             raise
 
-    async def _flushed(self) -> bool:
-        """This replica's usage rows are written (within `RECONCILE_FLUSH_SECONDS`)."""
+    async def _flushed(self) -> None:
+        """This replica's usage rows are written (within `RECONCILE_FLUSH_SECONDS`). One
+        flush at a time: a try that timed out leaves its flush running, and the next try
+        waits for that one (not another queued behind it on the writer's lock).
+
+        Raises:
+            Unwritten: they are not.
+        """
         if self._usage is None:
-            return True
+            return
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._usage.flush())
+            self._flushing.add_done_callback(_retrieved)
         try:
-            await asyncio.wait_for(asyncio.shield(self._usage.flush()), RECONCILE_FLUSH_SECONDS)
-        except Exception:  # (a database down or slow: `_reconcile_late` tries again)
-            return False
-        return True
+            await asyncio.wait_for(asyncio.shield(self._flushing), RECONCILE_FLUSH_SECONDS)
+        except Exception as exc:  # (a database down or slow: tried again)
+            raise Unwritten(f"{type(exc).__name__}: {exc}") from exc
 
     async def _send_unsent(self) -> None:
-        """Send the ends Redis did not answer, now.
+        """Send the ends Redis did not answer, now (and wait for those on their way).
 
         Raises:
             RedisError: some are still not taken.
         """
-        if not self._unsent:
-            return
-        self._again, self._unsent = self._again + self._unsent, []
-        if self._ender is None or self._ender.done():
-            self._ender = asyncio.create_task(self._end_all())
-        await asyncio.shield(self._ender)
+        if self._unsent:
+            self._again, self._unsent = self._again + self._unsent, []
+            if self._ender is None or self._ender.done():
+                self._ender = asyncio.create_task(self._end_all())
+        if self._ender is not None and not self._ender.done():
+            await asyncio.shield(self._ender)
         if self._unsent:
             raise RedisError("Redis did not take the ends of requests sent again")
 
     async def _reconcile_late(self) -> None:
         """`reconcile` again, until no name is marked: those of fallback requests that
-        ended while it ran, and those whose rows were not written yet."""
+        ended while it ran (their rows written first: tried again every second)."""
         while self._stale:
             try:
                 await self.reconcile()
             except _NOT_ANSWERED as exc:
                 self._went_down(exc)
                 return
+            except Unwritten:
+                pass
             if self._stale:
                 await asyncio.sleep(_RECONCILE_RETRY_SECONDS)
 

@@ -45,6 +45,14 @@ async def signed_in_on(gw: TestClient[Any, Any]) -> str:
         return resp.cookies[COOKIE].value
 
 
+async def settled(gw: TestClient[Any, Any]) -> None:
+    """The process's clear at start went through (it runs off the start)."""
+    book = app_of(gw)[DASHBOARD_SESSIONS_KEY]
+    assert isinstance(book, SharedSessionBook)
+    async with asyncio.timeout(NEVER_HANG):
+        await book._settle()
+
+
 def cookie(token: str) -> dict[str, str]:
     return {"Cookie": f"{COOKIE}={token}"}
 
@@ -321,12 +329,16 @@ async def test_failed_sign_ins_from_elsewhere_lock_for_a_minute_at_most(
 
 
 async def test_sessions_a_reload_could_not_end_stay_refused_until_it_can(
-    aiohttp_client: AiohttpClient, tmp_path: Path, redis_server: RedisServer
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A reload that turns the dashboard off ends every session; Redis not answering then
     left them in Redis, and turning the dashboard back on (the same admin key) revived them,
     a stolen cookie included. The clear is owed: sessions are refused (503) until it goes
     through."""
+    monkeypatch.setattr(shared_sessions, "_CLEAR_RETRY_SECONDS", 0.0)  # (Redis back: at once)
     config = tmp_path / "gateway.toml"
 
     def write(dashboard: str) -> None:
@@ -540,6 +552,7 @@ async def test_a_non_utf8_name_under_the_session_prefix_is_dropped(
         gw = await start_gateway(
             aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
         )
+        await settled(gw)
         assert await r.exists(b"tk:dash:s:\xff") == 0
         token = await signed_in_on(gw)
         gw.session.cookie_jar.clear()
@@ -563,6 +576,7 @@ async def test_a_key_of_another_type_under_the_session_prefix_is_dropped(
         gw = await start_gateway(
             aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
         )
+        await settled(gw)
         assert await r.exists("tk:dash:s:not-a-hash") == 0
         token = await signed_in_on(gw)
         gw.session.cookie_jar.clear()
@@ -663,3 +677,135 @@ async def test_a_rollback_after_a_restart_that_only_saw_a_sign_in_brings_no_sess
         aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
     )
     assert (await page(third, token))[0] == 303, "the session of before the change is open"
+
+
+def _write_config(
+    path: Path, tmp: Path, redis: str, key: str, *, timeout: float, dashboard: bool = True
+) -> None:
+    path.write_text(
+        f'[server]\ndatabase = "{tmp / "keys.db"}"\nadmin_key = "{key}"\n'
+        f'redis_url = "{redis}"\nredis_timeout_seconds = {timeout}\n'
+        f"dashboard = {'true' if dashboard else 'false'}\n",
+        encoding="utf-8",
+    )
+
+
+async def _gw_with(
+    aiohttp_client: AiohttpClient, tmp: Path, redis: str, name: str, key: str, wait: float
+) -> tuple[TestClient[Any, Any], Path]:
+    config = tmp / f"{name}.toml"
+    _write_config(config, tmp, redis, key, timeout=wait)
+    load = lambda: load_settings(config, {})  # noqa: E731
+    return await aiohttp_client(create_app(load(), reload=load)), config
+
+
+async def test_a_restart_with_the_dashboard_off_ends_every_session(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, redis_server: RedisServer
+) -> None:
+    """A restart with a new key B and the dashboard off (during an incident, say) ended
+    nothing, and a later rollback to A opened A's old cookie again. A process that starts
+    with the dashboard off (or no admin key) ends every session, as such a reload does."""
+    first = await start_gateway(
+        aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
+    )
+    token = await _signed_in_with(first, ADMIN)
+    await first.close()
+    second = await start_gateway(  # new key, dashboard shut
+        aiohttp_client,
+        make_settings(admin_key=NEW, dashboard=False, redis_url=redis_server.url),
+    )
+    await second.close()
+    third = await start_gateway(  # rollback
+        aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
+    )
+    assert (await page(third, token))[0] == 303, "the old key's session came back"
+
+
+async def test_a_restart_without_an_admin_key_ends_every_session(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, redis_server: RedisServer
+) -> None:
+    """A restart without an admin key cleared nothing, so restarting with the key back
+    opened the old sessions again."""
+    first = await start_gateway(
+        aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
+    )
+    token = await _signed_in_with(first, ADMIN)
+    await first.close()
+    second = await start_gateway(aiohttp_client, make_settings(redis_url=redis_server.url))
+    await second.close()
+    third = await start_gateway(
+        aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
+    )
+    assert (await page(third, token))[0] == 303, "the old key's session came back"
+
+
+async def test_two_clears_owed_for_different_keys_end_every_session(
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload A->B while Redis was paused owed clear(keep=B); a rollback B->A replaced it
+    by clear(keep=A), so A's session, which the first should have ended, opened again once
+    Redis was back. Two owed clears that keep different keys end every session."""
+    monkeypatch.setattr(shared_sessions, "_CLEAR_RETRY_SECONDS", 0.0)  # (Redis back: at once)
+    gw, config = await _gw_with(aiohttp_client, tmp_path, redis_server.url, "one", ADMIN, 0.2)
+    token = await _signed_in_with(gw, ADMIN)
+    assert (await page(gw, token))[0] == 200
+    pauser = Redis.from_url(redis_server.url)
+    try:
+        await pauser.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+        _write_config(config, tmp_path, redis_server.url, NEW, timeout=0.2)  # the cookie leaked
+        assert await reload_config(app_of(gw))
+        _write_config(config, tmp_path, redis_server.url, ADMIN, timeout=0.2)  # a quick rollback
+        assert await reload_config(app_of(gw))
+        await pauser.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        await pauser.aclose()
+    assert (await page(gw, token))[0] == 303, "the session A->B should have ended is open"
+
+
+async def test_an_owed_clear_is_tried_again_a_second_later_at_the_soonest(
+    aiohttp_client: AiohttpClient, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """While a clear was owed (Redis refusing writes), every request, a cookieless one too,
+    started a new walk of Redis's whole keyspace. One that failed is tried again a second
+    later at the soonest; requests meanwhile are refused at once."""
+    url = redis_server.url
+    r = Redis.from_url(url)
+    try:
+        pipe = r.pipeline(transaction=False)
+        for i in range(20_000):
+            pipe.set(f"tk:other:{i}", "x")  # the limits' counters, say
+        await pipe.execute()
+        gw, config = await _gw_with(aiohttp_client, tmp_path, url, "one", ADMIN, 0.5)
+        await _signed_in_with(gw, ADMIN)
+        await r.config_set("min-replicas-to-write", 1)  # writes refused (NOREPLICAS)
+        _write_config(config, tmp_path, url, NEW, timeout=0.5)
+        assert await reload_config(app_of(gw))  # the clear is owed
+        await r.config_resetstat()
+        for _ in range(20):  # no cookie at all
+            async with gw.get("/dashboard", allow_redirects=False) as resp:
+                assert resp.status in (303, 503)
+        info = await r.info("commandstats")
+        scans = info.get("cmdstat_scan", {}).get("calls", 0)
+        assert scans <= 2 * (20_000 // 500 + 5), f"{scans} SCAN calls for 20 anonymous GETs"
+    finally:
+        await r.config_set("min-replicas-to-write", 0)
+        await r.aclose()
+
+
+async def test_a_foreign_hash_under_the_session_prefix_is_dropped_at_start(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, redis_server: RedisServer
+) -> None:
+    """A hash with none of a session's fields read as "gone since", and was kept."""
+    r = Redis.from_url(redis_server.url)
+    try:
+        await r.hset("tk:dash:s:foreign", mapping={"owner": "another-app"})
+        gw = await start_gateway(
+            aiohttp_client, make_settings(admin_key=ADMIN, redis_url=redis_server.url)
+        )
+        await settled(gw)
+        assert await r.exists("tk:dash:s:foreign") == 0, "a hash not of ours was kept"
+    finally:
+        await r.aclose()

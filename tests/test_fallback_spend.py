@@ -20,7 +20,7 @@ from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, usage_rows
 from tests.redis_server import RedisServer
 from tests.test_attack_scale import all_seen, hold_four, post
-from tests.test_limits_redis import known, two_gateways
+from tests.test_limits_redis import auth, known, two_gateways
 
 
 async def frozen_then_back(gate: SharedGate) -> None:
@@ -325,19 +325,42 @@ async def test_a_fallback_request_ending_while_reconcile_drops_is_dropped_again(
     assert spend is not None and spend.tokens == 30, spend
 
 
-async def test_rows_not_written_in_time_get_their_counter_dropped_once_they_are(
+async def post_small(gw: Any, secret: str) -> tuple[int, Any]:
+    """A request whose estimate stays under its 10 tokens (`max_tokens` 2): a budget of 30
+    admits exactly three."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with gw.post("/v1/chat/completions", json=body, headers=auth(secret)) as resp:
+        return resp.status, await resp.json()
+
+
+def watch_unwritten(monkeypatch: pytest.MonkeyPatch, gate: SharedGate) -> asyncio.Event:
+    """Set when the probe's `reconcile` finds this replica's rows not written in time."""
+    found = asyncio.Event()
+    real = gate.reconcile
+
+    async def watched() -> None:
+        try:
+            await real()
+        except limits_redis.Unwritten:
+            found.set()
+            raise
+
+    monkeypatch.setattr(gate, "reconcile", watched)
+    return found
+
+
+async def outage_with_rows_unwritten(
     aiohttp_server: AiohttpServer,
     aiohttp_client: AiohttpClient,
     make_settings: MakeSettings,
     redis_server: RedisServer,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Rows not written within RECONCILE_FLUSH_SECONDS (a slow or locked database): the
-    circuit closes, but the counter stays marked and is dropped once they are written. It
-    was dropped at once: B seeded from a table without A's fallback row, which was written a
-    moment later and never counted (20, not 30)."""
+    budget: int = 10_000,
+) -> tuple[Any, Any, str, asyncio.Event]:
+    """Replica A spends 10 through Redis, 10 in its fallback (written) and 10 more whose row
+    the database does not write yet; then Redis answers again. A, B, the key, and the event
+    that lets A's rows be written."""
     monkeypatch.setattr(limits_redis, "RECONCILE_FLUSH_SECONDS", 0.05)
-    monkeypatch.setattr(limits_redis, "_RECONCILE_RETRY_SECONDS", 0.05)
     fake, gw, other = await two_gateways(
         aiohttp_server,
         aiohttp_client,
@@ -345,39 +368,129 @@ async def test_rows_not_written_in_time_get_their_counter_dropped_once_they_are(
         redis_url=redis_server.url,
         redis_failure="local",
     )
-    fake.always(content="two words")
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    fake.always(content="two words")  # 10 tokens a request
+    secret = await create_key(gw, budget_tokens=budget, budget_period="total")
+    assert (await post_small(gw, secret))[0] == 200  # seeds: 10
     gate = shared(gw)
     await known(other, secret)
+    unwritten = watch_unwritten(monkeypatch, gate)
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)
     try:
-        assert (await post(gw, secret))[0] == 200  # finds Redis away: 10, locally
+        assert (await post_small(gw, secret))[0] == 200  # finds Redis away: 10, locally
         assert not gate.up
         assert gate._reload is not None
         await gate._reload
         assert await table_tokens(gw) == 20
         may_write = block_writes(monkeypatch, gw)  # the database is slow from here
-        assert (await post(gw, secret))[0] == 200  # 10 more, locally: its row is queued
+        assert (await post_small(gw, secret))[0] == 200  # 10 more, locally: its row is queued
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
     try:
-        await frozen_then_back(gate)
-        assert gate.up  # (but the counter is still marked: its rows are not written)
-        assert gate._late is not None and not gate._late.done()
+        async with asyncio.timeout(NEVER_HANG):
+            await unwritten.wait()  # Redis answers; A's rows are not written
+    except BaseException:
+        may_write.set()
+        raise
+    return gw, other, secret, may_write
+
+
+async def test_rows_not_written_in_time_keep_the_fallback_until_they_are(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows not written within RECONCILE_FLUSH_SECONDS (a slow or locked database): the
+    counter was dropped at once, and B seeded from a table without A's fallback row, which
+    was written a moment later and never counted (20, not 30). The circuit stays open (the
+    fallback counts them) until they are written, then the counter is dropped."""
+    gw, other, secret, may_write = await outage_with_rows_unwritten(
+        aiohttp_server, aiohttp_client, make_settings, redis_server, monkeypatch
+    )
+    gate = shared(gw)
+    try:
+        assert not gate.up and gate._stale
         key = app_of(gw)[KEYS_KEY].lookup(secret)
         assert key is not None
-        assert await shared(other).spending(key) is not None  # B seeds: 20
+        spend = await shared(other).spending(key)  # B: the counter as it was, kept
+        assert spend is not None and spend.tokens == 10
     finally:
         may_write.set()
+    await frozen_then_back(gate)
+    assert gate.up and not gate._stale
     assert await table_tokens(gw) == 30
-    async with asyncio.timeout(NEVER_HANG):
-        assert gate._late is not None
-        await gate._late  # the rows written, the counter dropped
-    assert not gate._stale
-    spend = await shared(other).spending(key)
+    spend = await shared(other).spending(key)  # seeded again, from every row
     assert spend is not None and spend.tokens == 30, spend
+
+
+async def test_what_the_fallback_spent_is_enforced_while_its_rows_are_unwritten(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The circuit closed with the rows unwritten: the counter (10 of a 30 budget) missed
+    the fallback's 20, and the key was admitted again, past its budget, for as long as the
+    database was slow (helper-73). A's fallback goes on, and refuses it; once the rows are
+    written, every replica reads 30 of 30."""
+    gw, other, secret, may_write = await outage_with_rows_unwritten(
+        aiohttp_server, aiohttp_client, make_settings, redis_server, monkeypatch, budget=30
+    )
+    gate = shared(gw)
+    try:
+        assert (await post_small(gw, secret))[0] == 429  # A's fallback: 30 of 30
+        assert not gate.up
+    finally:
+        may_write.set()
+    await frozen_then_back(gate)
+    assert [(await post_small(replica, secret))[0] for replica in (gw, other)] == [429, 429]
+
+
+def pending_flushes() -> list[asyncio.Task[Any]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "UsageRecorder.flush"
+    ]
+
+
+async def test_a_hanging_database_gets_one_flush_at_a_time_and_a_stop_waits_for_none(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each try to write the rows was a new flush, shielded from its timeout, queued on the
+    usage writer's lock behind the one stuck in the database: a new task every few seconds
+    for as long as it hung, each to wait the database's timeout in turn, and a stop behind
+    them all (helper-73). A try waits for the flush of the one before."""
+    gw, _, _, may_write = await outage_with_rows_unwritten(
+        aiohttp_server, aiohttp_client, make_settings, redis_server, monkeypatch
+    )
+    gate = shared(gw)
+    try:
+        tries, third = [0], asyncio.Event()
+        real = gate._flushed
+
+        async def counted() -> None:
+            tries[0] += 1
+            if tries[0] == 3:
+                third.set()
+            await real()
+
+        monkeypatch.setattr(gate, "_flushed", counted)
+        async with asyncio.timeout(NEVER_HANG):
+            await third.wait()  # the probe tried again twice, a second apart
+        assert len(pending_flushes()) == 1
+        async with asyncio.timeout(NEVER_HANG):
+            await gate.close()  # (the gateway's stop: the flush is cancelled, not waited for)
+        assert pending_flushes() == []
+    finally:
+        may_write.set()
 
 
 async def test_ends_kept_through_the_outage_reach_redis_before_the_counter_is_dropped(

@@ -49,6 +49,7 @@ __all__ = ["SharedSessionBook"]
 _PREFIX = "tk:dash:s:"
 _FAILED = "tk:dash:failed"
 _CLEAR_CHUNK = 500
+_CLEAR_RETRY_SECONDS = 1.0
 _FIELDS = ["csrf", "admin", "expires"]
 
 # Adds this attempt to the failures of the last window, on Redis's own clock (the processes'
@@ -96,6 +97,7 @@ class SharedSessionBook:
         self._keep: str | None = None  # (the admin key whose sessions that clear keeps)
         self._asked = 0  # clears asked for: one asked while another runs runs after it
         self._clearing: asyncio.Task[int] | None = None
+        self._retry_at = 0.0  # (monotonic) a clear that failed is not tried again before
 
     async def open(self, admin_key: str, ttl: float) -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
@@ -150,19 +152,36 @@ class SharedSessionBook:
         would have. How many ended.
 
         Until it gets through, every session is refused (`get` tries again first)."""
+        self.ask_clear(keep)
+        return await self._settle()
+
+    def ask_clear(self, keep: str | None) -> None:
+        """Owe `clear(keep)`: from now on, a session is looked at only once it went through.
+        Two clears owed at once that keep different keys are both met only by ending every
+        session (A, B, A while Redis does not answer: the first one's A must end)."""
+        if self._owed and keep != self._keep:
+            keep = None
         self._owed, self._keep = True, keep
         self._asked += 1
-        return await self._settle()
+        self._retry_at = 0.0
 
     async def _settle(self) -> int:
         """Run the clear owed, if any: one at a time, every caller meanwhile waiting for
-        the same one (and none cancelled with a caller that hangs up)."""
+        the same one (and none cancelled with a caller that hangs up). One that failed is
+        tried again a second later at the soonest: until then callers are refused at once
+        (each try walks Redis's keys)."""
         ended = 0
         while self._owed:
             if self._clearing is None or self._clearing.done():
+                if time.monotonic() < self._retry_at:
+                    raise SessionsUnavailable("ending the sessions failed; tried again soon")
                 self._clearing = asyncio.create_task(self._end_others(self._keep, self._asked))
                 self._clearing.add_done_callback(_retrieved)
-            ended += await asyncio.shield(self._clearing)
+            try:
+                ended += await asyncio.shield(self._clearing)
+            except SessionsUnavailable:
+                self._retry_at = time.monotonic() + _CLEAR_RETRY_SECONDS
+                raise
         return ended
 
     async def _end_others(self, keep: str | None, asked: int) -> int:
@@ -190,11 +209,10 @@ class SharedSessionBook:
             names = [
                 name
                 for name, fields in zip(names, replies, strict=True)
-                if isinstance(fields, Exception)  # (not a hash: not one we wrote)
-                or (
-                    any(field is not None for field in fields)  # (else gone since)
-                    and _sealed(name.decode("utf-8", "surrogateescape"), fields, keep) is None
-                )
+                # (not a hash, or none of our fields, or not sealed with `keep`: not one
+                # we wrote, or not to keep; and one gone since is no harm to delete)
+                if isinstance(fields, Exception)
+                or _sealed(name.decode("utf-8", "surrogateescape"), fields, keep) is None
             ]
         return await self.redis.delete(*names) if names else 0
 
