@@ -406,7 +406,10 @@ class SharedGate(FallbackGate):
             seed.cancel()
         if seeds:
             await asyncio.wait(seeds, timeout=2.0)
-        for task in (self._renewer, self._late, self._flushing):
+        if self._flushing is not None:  # (its failure, a database's, is the writer's)
+            self._flushing.cancel()
+            await asyncio.wait([self._flushing])
+        for task in (self._renewer, self._late):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -809,3 +809,38 @@ async def test_a_foreign_hash_under_the_session_prefix_is_dropped_at_start(
         assert await r.exists("tk:dash:s:foreign") == 0, "a hash not of ours was kept"
     finally:
         await r.aclose()
+
+
+async def test_a_sign_in_that_a_reload_overtakes_opens_no_session(
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sign-in whose key was compared before a reload changed it wrote its session (sealed
+    with the old key) after the reload's clear had run: left in Redis, a later rollback to
+    the old key opened it (helper-74). The sign-in checks the key in place once its session
+    is written, and ends it if the key changed."""
+    gw, config = await _gw_with(aiohttp_client, tmp_path, redis_server.url, "one", ADMIN, 1.0)
+    book = app_of(gw)[DASHBOARD_SESSIONS_KEY]
+    real = book.open
+    opened: list[str] = []
+
+    async def overtaken(admin_key: str, ttl: float) -> Any:
+        token, session = await real(admin_key, ttl)
+        opened.append(token)
+        _write_config(config, tmp_path, redis_server.url, NEW, timeout=1.0)
+        assert await reload_config(app_of(gw))  # the reload's clear has run by now
+        return token, session
+
+    monkeypatch.setattr(book, "open", overtaken)
+    async with gw.post(
+        "/dashboard/signin", data={"admin_key": ADMIN}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 403
+        assert "kiosk_session" not in resp.cookies
+    r = Redis.from_url(redis_server.url)
+    try:
+        assert await r.exists(f"tk:dash:s:{digest(opened[0])}") == 0
+    finally:
+        await r.aclose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 from typing import Any
 
 import msgspec
@@ -552,3 +553,75 @@ async def test_ends_kept_through_the_outage_reach_redis_before_the_counter_is_dr
     assert await table_tokens(gw) == 30
     spend = await shared(other).spending(key)
     assert spend is not None and spend.tokens == 30, spend
+
+
+def fail_writes(monkeypatch: pytest.MonkeyPatch, gw: Any) -> asyncio.Event:
+    """The replica's usage writes raise (a database down or locked) until the event is set."""
+    recorder = app_of(gw)[USAGE_KEY]
+    store = recorder._store
+    real = store.insert_usage
+    may_write = asyncio.Event()
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        if not may_write.is_set():
+            raise sqlite3.OperationalError("database is locked")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "insert_usage", failing)
+    return may_write
+
+
+async def test_a_stop_after_a_failed_reconcile_flush_closes_the_gate(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A database that fails the write (rather than hanging) left the probe's flush task
+    done with that error, and `close()` raised it: the probe was never stopped, the link and
+    Redis pool never closed (helper-74). A stop ends the gate whatever the flush did."""
+    monkeypatch.setattr(limits_redis, "RECONCILE_FLUSH_SECONDS", 0.2)
+    fake, gw, other = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")
+    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
+    assert (await post_small(gw, secret))[0] == 200
+    gate = shared(gw)
+    await known(other, secret)
+    unwritten = watch_unwritten(monkeypatch, gate)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert (await post_small(gw, secret))[0] == 200  # fallback
+        assert not gate.up
+        assert gate._reload is not None
+        await gate._reload
+        may_write = fail_writes(monkeypatch, gw)
+        assert (await post_small(gw, secret))[0] == 200  # its row cannot be written
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            await unwritten.wait()
+        assert gate._flushing is not None and gate._flushing.done()
+        probe = gate._probe
+        assert probe is not None
+        error: BaseException | None = None
+        try:
+            async with asyncio.timeout(NEVER_HANG):
+                await gate.close()  # what the app's cleanup calls
+        except BaseException as exc:
+            error = exc
+        assert error is None, f"close() raised {error!r}"
+        assert probe.done(), "the probe outlived the stop"
+    finally:
+        may_write.set()
+        gate._flushing = None  # (so the app's own stop can close the gate)
+        if gate._probe is not None:
+            gate._probe.cancel()

@@ -24,7 +24,7 @@ from gateway.dashboard.sessions import SessionsUnavailable
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.handlers.admin import admin_key_matches
 from gateway.intake import read_body
-from gateway.state import DASHBOARD_SESSION_KEY, DASHBOARD_SESSIONS_KEY, SNAPSHOT_KEY
+from gateway.state import DASHBOARD_SESSION_KEY, DASHBOARD_SESSIONS_KEY, LIVE_KEY, SNAPSHOT_KEY
 
 __all__ = ["COOKIE", "FORM_LIMIT", "form", "redirect", "render", "signed_in"]
 __all__ += ["sign_in", "sign_in_page", "sign_out"]
@@ -44,6 +44,13 @@ def _admin_key(request: web.Request) -> str:
     if server.admin_key is None or not server.dashboard:
         raise NotFound(f"Unknown route: {request.method} {request.path}", code="not_found")
     return server.admin_key
+
+
+def _admin_key_now(request: web.Request) -> str | None:
+    """The admin key of the config in place now (a reload may have come since the request's
+    snapshot was taken)."""
+    server = request.app[LIVE_KEY].current.settings.server
+    return server.admin_key if server.dashboard else None
 
 
 def _scheme(request: web.Request) -> str:
@@ -178,6 +185,9 @@ async def _sign_in(request: web.Request, admin_key: str, presented: str) -> web.
             book.turn.release()
     ttl = request[SNAPSHOT_KEY].settings.server.dashboard_session_hours * 3600
     token, _ = await book.open(admin_key, ttl)
+    if _admin_key_now(request) != admin_key:  # a reload changed it meanwhile: its clear
+        await book.close(token)  # may have run before this session was written
+        return _refused(403, "The admin key changed while you signed in. Sign in again.")
     response = redirect("/dashboard")
     _set_cookie(request, response, token, max_age=round(ttl))
     return response

@@ -50,6 +50,11 @@ _PREFIX = "tk:dash:s:"
 _FAILED = "tk:dash:failed"
 _CLEAR_CHUNK = 500
 _CLEAR_RETRY_SECONDS = 1.0
+# Redis not answering, or answering what redis-py cannot parse (not Redis, or out of step).
+_NOT_ANSWERED = (
+    *(RedisError, OSError, TimeoutError),
+    *(AttributeError, IndexError, KeyError, TypeError, ValueError),
+)
 _FIELDS = ["csrf", "admin", "expires"]
 
 # Adds this attempt to the failures of the last window, on Redis's own clock (the processes'
@@ -270,5 +275,5 @@ def _text(value: bytes | str) -> str:
 async def _answered() -> AsyncIterator[None]:
     try:
         yield
-    except (RedisError, OSError, TimeoutError) as exc:
+    except _NOT_ANSWERED as exc:
         raise SessionsUnavailable(f"{type(exc).__name__}: {exc}") from exc
