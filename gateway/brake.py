@@ -14,7 +14,9 @@ addresses each sent `LIMIT` wrong keys within `LOCKOUT` seconds), the brake fail
 address it does not hold is refused as if locked out, right key or wrong, until the lock-out
 that ends first frees its slot. (An attacker with more addresses than the table holds can
 still rotate through them so that their counts are forgotten before they reach `LIMIT`: the
-key's length, at least 16 characters, is what makes guessing hopeless.) Only the
+key's length, at least 16 characters, is what makes guessing hopeless.) An IPv6 address counts
+as its /64, the block one host or one network is given (an attacker holding one has 2^64
+addresses to rotate through), and an IPv4-mapped one as its IPv4 address. Only the
 admin routes (the admin API and a non-public `/metrics`) consult it: a virtual key's request
 never does. The address is the connection's peer: behind a reverse proxy, every client is the
 proxy, and a guesser locks the proxy's address out of the admin API for `LOCKOUT` seconds.
@@ -22,16 +24,31 @@ proxy, and a guesser locks the proxy's address out of the admin API for `LOCKOUT
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["AdminBrake"]
+__all__ = ["AdminBrake", "counted_as"]
 
 LIMIT = 10
 WINDOW = 60.0
 LOCKOUT = 300.0
 MAX_ADDRESSES = 10_000
+
+
+def counted_as(address: str) -> str:
+    """Who `address` counts as: an IPv6 address its /64 network, an IPv4-mapped one its IPv4
+    address, any other as it is."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])  # (a zone: fe80::1%eth0)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class _Count:
@@ -80,6 +97,7 @@ class AdminBrake:
 
     def locked_for(self, address: str) -> float:
         """Seconds `address` is still locked out for (0: it is not)."""
+        address = counted_as(address)
         now = self._clock()
         self._expire(now)
         until = self._locked.get(address)
@@ -89,6 +107,7 @@ class AdminBrake:
 
     def failed(self, address: str) -> bool:
         """`address` sent a wrong admin key: counted; whether that locked it out."""
+        address = counted_as(address)
         now = self._clock()
         self._expire(now)
         if address in self._locked or self.full:
@@ -112,4 +131,4 @@ class AdminBrake:
     def passed(self, address: str) -> None:
         """`address` sent the right key: its wrong ones are forgotten."""
         if self._counts:
-            self._counts.pop(address, None)
+            self._counts.pop(counted_as(address), None)

@@ -551,3 +551,17 @@ def test_only_text_that_could_hold_a_piece_of_the_key_leaves_the_fast_path() -> 
     for data in suspect:
         assert not secret.absent(data), data
         assert not clean([data], secret)
+
+
+def test_an_ipv6_guesser_counts_as_its_64_block() -> None:
+    """More than 10,000 addresses rotated the wrong-key counts out of the table: one IPv6
+    host is given a /64, 2^64 addresses to rotate through. They count as one address."""
+    brake = AdminBrake(limit=3, max_addresses=100)
+    for host in range(1, 200):  # a new address for every guess, as a rotating guesser
+        brake.failed(f"2001:db8:1:2::{host:x}")
+    assert brake.locked_for("2001:db8:1:2:ffff::1") > 0 and len(brake) == 1
+    assert brake.locked_for("2001:db8:1:3::1") == 0  # the next /64: another network
+    for _ in range(3):
+        brake.failed("::ffff:192.0.2.7")
+    assert brake.locked_for("192.0.2.7") > 0  # an IPv4-mapped address is its IPv4 address
+    assert brake.locked_for("fe80::1%eth0") == 0 and brake.locked_for("not an address") == 0
