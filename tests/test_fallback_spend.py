@@ -15,7 +15,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from redis.asyncio import Redis
 
-from gateway import limits_redis
+from gateway import limits_fallback, limits_redis
 from gateway.limits_redis import SharedGate
 from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, create_key, usage_rows
@@ -362,6 +362,7 @@ async def outage_with_rows_unwritten(
     the database does not write yet; then Redis answers again. A, B, the key, and the event
     that lets A's rows be written."""
     monkeypatch.setattr(limits_redis, "RECONCILE_FLUSH_SECONDS", 0.05)
+    monkeypatch.setattr(limits_fallback, "_PROBE_SECONDS", 0.2)  # (tries again sooner)
     fake, gw, other = await two_gateways(
         aiohttp_server,
         aiohttp_client,
@@ -485,7 +486,7 @@ async def test_a_hanging_database_gets_one_flush_at_a_time_and_a_stop_waits_for_
 
         monkeypatch.setattr(gate, "_flushed", counted)
         async with asyncio.timeout(NEVER_HANG):
-            await third.wait()  # the probe tried again twice, a second apart
+            await third.wait()  # the probe tried again twice
         assert len(pending_flushes()) == 1
         async with asyncio.timeout(NEVER_HANG):
             await gate.close()  # (the gateway's stop: the flush is cancelled, not waited for)
