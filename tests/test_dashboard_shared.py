@@ -383,8 +383,8 @@ async def test_failures_timed_ahead_of_redis_clock_lock_no_longer_than_the_windo
     """Failures timed ahead of Redis's clock (a primary whose clock ran ahead, then a failover;
     or one write to Redis) were never trimmed and the count got no expiry on the refusing
     path: sign-in stayed locked long past the wait it announced, for ever with `inf`. They
-    are dropped like old ones, and the count expires a window after every attempt. (Window
-    shortened to 1 s here.)"""
+    count as made now, and the count expires a window after every attempt. (Window
+    shortened to 0.4 s here.)"""
     monkeypatch.setattr(shared_sessions, "FAILURE_WINDOW", 0.4)
     one, _ = await pair(aiohttp_server, aiohttp_client, make_settings, redis_server.url)
     r = Redis.from_url(redis_server.url)
