@@ -307,6 +307,17 @@ class PgStore:
             async with self.pool.acquire() as conn:
                 return await summarize(conn, since=since, until=until, key_id=key_id, by=by)
 
+    async def key_summary(
+        self, key_id: str, *, since: float, until: float
+    ) -> tuple[list[UsageSummaryRow], UsageSummaryRow | None]:
+        """A key's `usage_summary` by model, and its whole (PostgreSQL's percentiles are in
+        SQL: two reports)."""
+        with _unavailable_is_503():
+            async with self.pool.acquire() as conn:
+                rows = await summarize(conn, since=since, until=until, key_id=key_id, by="model")
+                whole = await summarize(conn, since=since, until=until, key_id=key_id, by="key")
+        return rows, whole[0] if whole else None
+
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a read-only query (`$n` placeholders): the dashboard's
         (`gateway.dashboard.queries`)."""

@@ -21,7 +21,7 @@ from gateway.errors import NotFound, StoreBusy
 from gateway.migrations import StoreError, migrate, pragma
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
-from gateway.reports import summarize
+from gateway.reports import summarize, summarize_key
 from gateway.rows import (
     KEY_COLUMNS as _KEY_FIELDS,
     SECRET_PREFIX,
@@ -292,6 +292,14 @@ class Store(SqliteCopies):
         """
         with _busy_is_503():
             return await summarize(self.db, since=since, until=until, key_id=key_id, by=by)
+
+    async def key_summary(
+        self, key_id: str, *, since: float, until: float
+    ) -> tuple[list[UsageSummaryRow], UsageSummaryRow | None]:
+        """A key's `usage_summary` by model, and its whole (None without a request), from
+        one read of its rows (the dashboard's key page)."""
+        with _busy_is_503():
+            return await summarize_key(self.db, key_id, since=since, until=until)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a read-only query (`?` placeholders): the dashboard's

@@ -6,11 +6,13 @@ import asyncio
 import hashlib
 import shutil
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from gateway.database import Database, opened_database
@@ -335,6 +337,33 @@ async def test_usage_summary_groupings(store: Database) -> None:
     only_a = await store.usage_summary(key_id="key_a", by="model")
     assert [(r.group, r.requests) for r in only_a] == [("m1", 1), ("m2", 1)]
     assert await store.usage_summary(key_id="key_none") == []
+
+
+async def test_a_keys_summary_is_its_reports_by_model_and_by_key(store: Database) -> None:
+    """The key page read a key's rows twice (a report by model, then by key), each reading
+    every latency of the range; `key_summary` reads them once and answers the same."""
+    await store.insert_usage(
+        [
+            usage(key_id="key_a", model=f"m{i % 3}", request_id=f"r{i}", ts=DAY1 + i,
+                  latency_ms=float(i * 7 % 101), total_tokens=i, prompt_tokens=i,
+                  cost_usd=i / 1000, status=500 if i % 9 == 0 else 200)
+            for i in range(60)
+        ]
+        + [usage(key_id="key_b", model="m0", request_id="other", latency_ms=9999.0)]
+    )  # fmt: skip
+    await store.add_refusals(Counter({(int(DAY1 // 60), "key_a", 429): 4}))
+    since, until = DAY1 - 86400, DAY2 + 86400
+    by_model, whole = await store.key_summary("key_a", since=since, until=until)
+    assert by_model == await store.usage_summary(
+        since=since, until=until, key_id="key_a", by="model"
+    )
+    [expected] = await store.usage_summary(since=since, until=until, key_id="key_a", by="key")
+    assert whole is not None
+    assert msgspec.structs.replace(whole, name=None, cost_usd=pytest.approx(whole.cost_usd)) == (
+        msgspec.structs.replace(expected, name=None, cost_usd=pytest.approx(expected.cost_usd))
+    )
+    assert whole.requests == 64 and whole.p95_latency_ms == expected.p95_latency_ms
+    assert await store.key_summary("key_none", since=since, until=until) == ([], None)
 
 
 async def test_usage_percentiles_interpolate(store: Database) -> None:

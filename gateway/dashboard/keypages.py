@@ -170,12 +170,11 @@ async def _detail(request: web.Request, key: KeyRecord, **extra: Any) -> web.Res
         db, key.id, since, until, step, limit=MAX_CHART_SERIES - 1
     )
     series = {OTHER_MODELS if m is None else m: tokens for m, tokens in by_model.items()}
-    per_model = await db.usage_summary(since=since, until=until, key_id=key.id, by="model")
+    per_model, overall = await db.key_summary(key.id, since=since, until=until)
     more_models = max(0, len(per_model) - MAX_MODEL_ROWS)
     if more_models:  # the busiest, still in name order
         busiest = sorted(per_model, key=lambda r: (-r.requests, r.group))[:MAX_MODEL_ROWS]
         per_model = sorted(busiest, key=lambda r: r.group)
-    overall = await db.usage_summary(since=since, until=until, key_id=key.id, by="key")
     used = await queries.last_used(db, [key.id])
     extra.setdefault("values", _form_values(key))
     extra.setdefault("error", None)
@@ -191,7 +190,7 @@ async def _detail(request: web.Request, key: KeyRecord, **extra: Any) -> web.Res
         usage_chart=chart(starts, series),
         per_model=per_model,
         more_models=more_models,
-        overall=overall[0] if overall else None,
+        overall=overall,
         refusals=await queries.refusals_of(db, key.id),
         **extra,
     )
