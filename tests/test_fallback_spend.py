@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -273,18 +274,10 @@ async def test_a_fallback_request_ending_while_reconcile_drops_is_dropped_again(
     `_reconcile_late` drops it once its row is written. The marks were a set the drop took
     the name out of afterwards: the request's mark went with it, its row missed the flush,
     and replica B seeded the counter without it (20, not 30)."""
-    fake, gw, other = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
+    fake, gw, other, secret = await seeded_pair(
+        aiohttp_server, aiohttp_client, make_settings, redis_server
     )
-    fake.always(content="two words")  # 10 tokens a request
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post(gw, secret))[0] == 200  # seeds: 10
     gate = shared(gw)
-    await known(other, secret)
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)
     try:
@@ -334,6 +327,31 @@ async def post_small(gw: Any, secret: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
+async def seeded_pair(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    budget: int = 10_000,
+    send: Callable[[Any, str], Awaitable[tuple[int, Any]]] = post,
+) -> tuple[Any, Any, Any, str]:
+    """Replicas A and B with the local fallback, and a key with a total budget that A spent
+    10 of through Redis (its spending seeded) and B knows: the fake upstream (10 tokens a
+    request), A, B and the key."""
+    fake, gw, other = await two_gateways(
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        redis_url=redis_server.url,
+        redis_failure="local",
+    )
+    fake.always(content="two words")
+    secret = await create_key(gw, budget_tokens=budget, budget_period="total")
+    assert (await send(gw, secret))[0] == 200  # seeds: 10
+    await known(other, secret)
+    return fake, gw, other, secret
+
+
 def watch_unwritten(monkeypatch: pytest.MonkeyPatch, gate: SharedGate) -> asyncio.Event:
     """Set when the probe's `reconcile` finds this replica's rows not written in time."""
     found = asyncio.Event()
@@ -363,18 +381,10 @@ async def outage_with_rows_unwritten(
     that lets A's rows be written."""
     monkeypatch.setattr(limits_redis, "RECONCILE_FLUSH_SECONDS", 0.05)
     monkeypatch.setattr(limits_fallback, "_PROBE_SECONDS", 0.2)  # (tries again sooner)
-    fake, gw, other = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
+    _fake, gw, other, secret = await seeded_pair(
+        aiohttp_server, aiohttp_client, make_settings, redis_server, budget=budget, send=post_small
     )
-    fake.always(content="two words")  # 10 tokens a request
-    secret = await create_key(gw, budget_tokens=budget, budget_period="total")
-    assert (await post_small(gw, secret))[0] == 200  # seeds: 10
     gate = shared(gw)
-    await known(other, secret)
     unwritten = watch_unwritten(monkeypatch, gate)
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)
@@ -506,18 +516,10 @@ async def test_ends_kept_through_the_outage_reach_redis_before_the_counter_is_dr
     its row written. Its end is sent again before the counter is dropped (by `reconcile`).
     It was sent after (by `came_back`): it still found H's hold in Redis (Redis kept its
     data) and added H's 10 on top of any seed in between, which had H's row (40, not 30)."""
-    fake, gw, other = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
+    fake, gw, other, secret = await seeded_pair(
+        aiohttp_server, aiohttp_client, make_settings, redis_server
     )
-    fake.always(content="two words")
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post(gw, secret))[0] == 200  # seeds: 10
     gate = shared(gw)
-    await known(other, secret)
     release = asyncio.Event()
     fake.always(content="two words", hold=release)
     held = asyncio.create_task(post(gw, secret))  # H: holds its charge in Redis
@@ -583,18 +585,10 @@ async def test_a_stop_after_a_failed_reconcile_flush_closes_the_gate(
     done with that error, and `close()` raised it: the probe was never stopped, the link and
     Redis pool never closed (helper-74). A stop ends the gate whatever the flush did."""
     monkeypatch.setattr(limits_redis, "RECONCILE_FLUSH_SECONDS", 0.2)
-    fake, gw, other = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
+    _fake, gw, _other, secret = await seeded_pair(
+        aiohttp_server, aiohttp_client, make_settings, redis_server, send=post_small
     )
-    fake.always(content="two words")
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post_small(gw, secret))[0] == 200
     gate = shared(gw)
-    await known(other, secret)
     unwritten = watch_unwritten(monkeypatch, gate)
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)
