@@ -16,7 +16,9 @@ that ends first frees its slot. (An attacker with more addresses than the table 
 still rotate through them so that their counts are forgotten before they reach `LIMIT`: the
 key's length, at least 16 characters, is what makes guessing hopeless.) An IPv6 address counts
 as its /64, the block one host or one network is given (an attacker holding one has 2^64
-addresses to rotate through), and an IPv4-mapped one as its IPv4 address. Only the
+addresses to rotate through), one that carries an IPv4 address (mapped, NAT64, 6to4,
+Teredo) as that address; a right key from one host of a /64 forgets none of the block's
+wrong keys. Only the
 admin routes (the admin API and a non-public `/metrics`) consult it: a virtual key's request
 never does. The address is the connection's peer: behind a reverse proxy, every client is the
 proxy, and a guesser locks the proxy's address out of the admin API for `LOCKOUT` seconds.
@@ -38,17 +40,31 @@ MAX_ADDRESSES = 10_000
 
 
 def counted_as(address: str) -> str:
-    """Who `address` counts as: an IPv6 address its /64 network, an IPv4-mapped one its IPv4
-    address, any other as it is."""
+    """Who `address` counts as: an IPv6 address its /64 network; one that carries an IPv4
+    address (IPv4-mapped or -compatible, NAT64's `64:ff9b::/96`, SIIT's `::ffff:0:0/96`,
+    6to4, Teredo's client) that IPv4 address; a link-local one itself; any other as it is."""
     try:
         ip = ipaddress.ip_address(address.partition("%")[0])  # (a zone: fe80::1%eth0)
     except ValueError:
         return address
     if isinstance(ip, ipaddress.IPv4Address):
         return address
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
+    carried = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+    if carried is None and any(ip in net for net in _CARRY_IPV4) and ip != _LOOPBACK:
+        carried = ipaddress.IPv4Address(ip.packed[12:])
+    if carried is not None:
+        return str(carried)
+    if ip.is_link_local or ip == _LOOPBACK:
+        return address
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
+# IPv6 blocks whose last 32 bits are an IPv4 host: NAT64's well-known prefix, SIIT's, and the
+# old IPv4-compatible addresses.
+_CARRY_IPV4 = tuple(
+    ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96")
+)
+_LOOPBACK = ipaddress.IPv6Address("::1")
 
 
 class _Count:
@@ -129,6 +145,9 @@ class AdminBrake:
         return True
 
     def passed(self, address: str) -> None:
-        """`address` sent the right key: its wrong ones are forgotten."""
-        if self._counts:
-            self._counts.pop(counted_as(address), None)
+        """`address` sent the right key: its wrong ones are forgotten (not those of its /64,
+        which other hosts may have sent: a guesser there would be let off by every right
+        key of a monitor beside it)."""
+        who = counted_as(address)
+        if self._counts and "/" not in who:
+            self._counts.pop(who, None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -311,12 +312,15 @@ class PgStore:
         self, key_id: str, *, since: float, until: float
     ) -> tuple[list[UsageSummaryRow], UsageSummaryRow | None]:
         """A key's `usage_summary` by model, and its whole (PostgreSQL's percentiles are in
-        SQL: two reports)."""
+        SQL: two reports), its cost the models' exactly rounded sum, as on SQLite."""
         with _unavailable_is_503():
             async with self.pool.acquire() as conn:
                 rows = await summarize(conn, since=since, until=until, key_id=key_id, by="model")
                 whole = await summarize(conn, since=since, until=until, key_id=key_id, by="key")
-        return rows, whole[0] if whole else None
+        if not whole:
+            return rows, None
+        cost = math.fsum(row.cost_usd for row in rows)
+        return rows, msgspec.structs.replace(whole[0], cost_usd=cost)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a read-only query (`$n` placeholders): the dashboard's

@@ -188,8 +188,14 @@ async def summarize_key(
         for row in totals
     ]
     everything = sorted(itertools.chain.from_iterable(latencies.values()))  # (sorted runs)
-    whole = [key_id, *(sum(row[i] for row in totals) for i in range(1, 7))]
-    return rows, UsageSummaryRow.of(whole, _p50_p95(everything) if everything else (None, None), {})
+    # The whole is the sum of the models' figures: counts as integers (exact), the cost
+    # exactly rounded (`fsum`; a sum in another order may differ in its last bit).
+    counts = [sum(int(row[i]) for row in totals) for i in range(1, 6)]
+    whole = [key_id, *counts, math.fsum(row[6] for row in totals)]
+    async with db.execute("SELECT id, name FROM keys WHERE id = ?", (key_id,)) as cur:
+        names = {key: name for key, name in await cur.fetchall()}
+    percentiles = _p50_p95(everything) if everything else (None, None)
+    return rows, UsageSummaryRow.of(whole, percentiles, names)
 
 
 async def _totals(

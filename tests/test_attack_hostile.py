@@ -16,7 +16,7 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
-from gateway.brake import LIMIT, AdminBrake
+from gateway.brake import LIMIT, AdminBrake, counted_as
 from gateway.providers._secrets import (
     MAX_HELD,
     MAX_HELD_BYTES,
@@ -565,3 +565,49 @@ def test_an_ipv6_guesser_counts_as_its_64_block() -> None:
         brake.failed("::ffff:192.0.2.7")
     assert brake.locked_for("192.0.2.7") > 0  # an IPv4-mapped address is its IPv4 address
     assert brake.locked_for("fe80::1%eth0") == 0 and brake.locked_for("not an address") == 0
+
+
+def test_a_right_key_elsewhere_in_the_64_does_not_let_a_guesser_off() -> None:
+    """Since IPv6 counts as its /64, a right key from any host of it (a monitor polling the
+    admin API) forgot the block's wrong keys: a guesser beside it sent 9 per poll, never
+    locked out (helper-75). A right key forgets only a single host's wrong keys."""
+    now = [0.0]
+    brake = AdminBrake(clock=lambda: now[0])
+    guesser, monitor = "2001:db8:1:2::bad", "2001:db8:1:2::100"
+    locked = False
+    for _ in range(5):
+        for _ in range(9):
+            locked |= brake.failed(guesser)
+            now[0] += 1.0
+        brake.passed(monitor)  # the monitor's poll, with the right key
+    assert locked and brake.locked_for(guesser) > 0
+    brake = AdminBrake()
+    for _ in range(9):
+        brake.failed("::ffff:192.0.2.7")
+    brake.passed("192.0.2.7")  # one host, however spelled: forgotten
+    assert not brake.failed("::ffff:192.0.2.7")
+
+
+@pytest.mark.parametrize(
+    ("guesser", "victim", "counted"),
+    [
+        ("64:ff9b::cb00:7107", "64:ff9b::c633:6401", "203.0.113.7"),  # NAT64
+        ("::ffff:0:cb00:7107", "::1", "203.0.113.7"),  # SIIT
+        ("::203.0.113.7", "::1", "203.0.113.7"),  # IPv4-compatible
+        ("2002:cb00:7107::1", "2002:c633:6401::1", "203.0.113.7"),  # 6to4
+        ("fe80::1%eth0", "fe80::2%eth0", "fe80::1%eth0"),  # link-local: each host
+    ],
+)
+def test_an_ipv4_host_carried_in_ipv6_counts_as_itself(
+    guesser: str, victim: str, counted: str
+) -> None:
+    """Addresses that carry an IPv4 host (NAT64, SIIT, IPv4-compatible) all fell in one /64,
+    so one IPv4 guesser behind NAT64 locked every IPv4 client out, and `::/64` held the
+    loopback `::1` too (helper-75). They count as their IPv4 address; link-local ones as
+    themselves."""
+    assert counted_as(guesser) == counted
+    brake = AdminBrake()
+    for _ in range(10):
+        brake.failed(guesser)
+    assert brake.locked_for(guesser) > 0
+    assert brake.locked_for(victim) == 0, f"{guesser}'s guesses locked out {victim}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import shutil
 import sqlite3
 from collections import Counter
@@ -364,6 +365,27 @@ async def test_a_keys_summary_is_its_reports_by_model_and_by_key(store: Database
     )
     assert whole.requests == 64 and whole.p95_latency_ms == expected.p95_latency_ms
     assert await store.key_summary("key_none", since=since, until=until) == ([], None)
+
+
+async def test_a_keys_whole_is_named_and_counted_like_its_by_key_report(store: Database) -> None:
+    """The whole had no name on SQLite (the key's name on PostgreSQL); its counts are the
+    models' added as integers, its cost their exactly rounded sum (`fsum`): a sum in another
+    order, the by-key report's, may differ in the last bit (helper-75)."""
+    record, _ = await store.create_key(name="named")
+    await store.insert_usage(
+        [
+            usage(key_id=record.id, request_id=f"r{i}", ts=DAY1 + i, model=model, cost_usd=cost)
+            for i, (model, cost) in enumerate(
+                [("a", 0.00561), ("b", 0.00561), ("a", 0.00561), ("b", 0.00561), ("a", 0.00561)]
+            )
+        ]
+    )
+    since, until = DAY1 - 60, DAY1 + 60
+    by_model, whole = await store.key_summary(record.id, since=since, until=until)
+    [old] = await store.usage_summary(since=since, until=until, key_id=record.id, by="key")
+    assert whole is not None and whole.name == old.name == "named"
+    assert whole.cost_usd == math.fsum(r.cost_usd for r in by_model)
+    assert whole.cost_usd == pytest.approx(old.cost_usd, rel=1e-12)
 
 
 async def test_usage_percentiles_interpolate(store: Database) -> None:
