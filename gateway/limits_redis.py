@@ -129,6 +129,7 @@ class SharedGate(FallbackGate):
         self._stale: set[str] = set()
         self._late: asyncio.Task[None] | None = None
         self._flushing: asyncio.Task[None] | None = None  # (`_flushed`)
+        self._unwritten_said = False  # (`_flushed`: logged once until Redis is back)
         # Held while ends are sent (until Redis answers) and while a spending is seeded: a
         # seed knows which ends reached Redis before it and which will after (`_seed_spend`).
         self._finishing = asyncio.Lock()
@@ -488,7 +489,11 @@ class SharedGate(FallbackGate):
         try:
             await asyncio.wait_for(asyncio.shield(self._flushing), RECONCILE_FLUSH_SECONDS)
         except Exception as exc:  # (a database down or slow: tried again)
-            raise Unwritten(f"{type(exc).__name__}: {exc}") from exc
+            error = f"{type(exc).__name__}: {exc}"
+            if not self._unwritten_said:  # (once until the circuit closes: said, not spammed)
+                self._unwritten_said = True
+                log.warning("redis_reachable_rows_unwritten", error=error, fallback=self.failure)
+            raise Unwritten(error) from exc
 
     async def _send_unsent(self) -> None:
         """Send the ends Redis did not answer, now (and wait for those on their way).
@@ -520,6 +525,7 @@ class SharedGate(FallbackGate):
                 await asyncio.sleep(_RECONCILE_RETRY_SECONDS)
 
     def came_back(self) -> None:
+        self._unwritten_said = False
         self.levels.clear()  # what scripts said before the outage is stale
         self._reseat()
         if self._stale and (self._late is None or self._late.done()):  # (`_reconcile_late`)

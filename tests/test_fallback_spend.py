@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from gateway import limits_fallback, limits_redis
 from gateway.limits_redis import SharedGate
@@ -418,9 +419,12 @@ async def test_rows_not_written_in_time_keep_the_fallback_until_they_are(
     counter was dropped at once, and B seeded from a table without A's fallback row, which
     was written a moment later and never counted (20, not 30). The circuit stays open (the
     fallback counts them) until they are written, then the counter is dropped."""
-    gw, other, secret, may_write = await outage_with_rows_unwritten(
-        aiohttp_server, aiohttp_client, make_settings, redis_server, monkeypatch
-    )
+    with capture_logs() as logs:
+        gw, other, secret, may_write = await outage_with_rows_unwritten(
+            aiohttp_server, aiohttp_client, make_settings, redis_server, monkeypatch
+        )
+    said = [x for x in logs if x["event"] == "redis_reachable_rows_unwritten"]
+    assert len(said) == 1 and said[0]["fallback"] == "local"
     gate = shared(gw)
     try:
         assert not gate.up and gate._stale
