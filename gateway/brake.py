@@ -17,8 +17,8 @@ still rotate through them so that their counts are forgotten before they reach `
 key's length, at least 16 characters, is what makes guessing hopeless.) An IPv6 address counts
 as its /64, the block one host or one network is given (an attacker holding one has 2^64
 addresses to rotate through), one that carries an IPv4 address (mapped, NAT64, 6to4,
-Teredo) as that address; a right key from one host of a /64 forgets none of the block's
-wrong keys. Only the
+Teredo) as that address; a right key from one host of a /64 (or a 6to4 site, or a Teredo
+client's NAT) forgets none of the block's wrong keys. Only the
 admin routes (the admin API and a non-public `/metrics`) consult it: a virtual key's request
 never does. The address is the connection's peer: behind a reverse proxy, every client is the
 proxy, and a guesser locks the proxy's address out of the admin API for `LOCKOUT` seconds.
@@ -41,29 +41,41 @@ MAX_ADDRESSES = 10_000
 
 def counted_as(address: str) -> str:
     """Who `address` counts as: an IPv6 address its /64 network; one that carries an IPv4
-    address (IPv4-mapped or -compatible, NAT64's `64:ff9b::/96`, SIIT's `::ffff:0:0/96`,
+    address (IPv4-mapped or -compatible, NAT64's well-known and local-use prefixes, SIIT's,
     6to4, Teredo's client) that IPv4 address; a link-local one itself; any other as it is."""
+    return _counted(address)[0]
+
+
+def _counted(address: str) -> tuple[str, bool]:
+    """`counted_as(address)`, and whether that is one host (whose right key may forget its
+    wrong ones), not a network: a /64, a 6to4 site, the hosts behind a Teredo client's NAT."""
     try:
         ip = ipaddress.ip_address(address.partition("%")[0])  # (a zone: fe80::1%eth0)
     except ValueError:
-        return address
+        return address, True
     if isinstance(ip, ipaddress.IPv4Address):
-        return address
-    carried = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-    if carried is None and any(ip in net for net in _CARRY_IPV4) and ip != _LOOPBACK:
-        carried = ipaddress.IPv4Address(ip.packed[12:])
-    if carried is not None:
-        return str(carried)
+        return address, True
+    site = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+    if site is not None:
+        return str(site), False
+    host = ip.ipv4_mapped
+    if host is None and ip in _LOCAL_NAT64:  # (RFC 6052's /48 layout: bits 64 to 71 skipped)
+        host = ipaddress.IPv4Address(ip.packed[6:8] + ip.packed[9:11])
+    if host is None and any(ip in net for net in _CARRY_IPV4) and ip != _LOOPBACK:
+        host = ipaddress.IPv4Address(ip.packed[12:])
+    if host is not None:
+        return str(host), True
     if ip.is_link_local or ip == _LOOPBACK:
-        return address
-    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return address, True
+    return str(ipaddress.IPv6Network((ip, 64), strict=False)), False
 
 
 # IPv6 blocks whose last 32 bits are an IPv4 host: NAT64's well-known prefix, SIIT's, and the
-# old IPv4-compatible addresses.
+# old IPv4-compatible addresses; and NAT64's local-use prefix (RFC 8215), a /48.
 _CARRY_IPV4 = tuple(
     ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96")
 )
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 _LOOPBACK = ipaddress.IPv6Address("::1")
 
 
@@ -148,6 +160,6 @@ class AdminBrake:
         """`address` sent the right key: its wrong ones are forgotten (not those of its /64,
         which other hosts may have sent: a guesser there would be let off by every right
         key of a monitor beside it)."""
-        who = counted_as(address)
-        if self._counts and "/" not in who:
+        who, one_host = _counted(address)
+        if self._counts and one_host:
             self._counts.pop(who, None)

@@ -312,15 +312,23 @@ class PgStore:
         self, key_id: str, *, since: float, until: float
     ) -> tuple[list[UsageSummaryRow], UsageSummaryRow | None]:
         """A key's `usage_summary` by model, and its whole (PostgreSQL's percentiles are in
-        SQL: two reports), its cost the models' exactly rounded sum, as on SQLite."""
+        SQL: two reports), its figures the models' summed as on SQLite (counts as integers,
+        the cost exactly rounded)."""
         with _unavailable_is_503():
             async with self.pool.acquire() as conn:
                 rows = await summarize(conn, since=since, until=until, key_id=key_id, by="model")
                 whole = await summarize(conn, since=since, until=until, key_id=key_id, by="key")
         if not whole:
             return rows, None
-        cost = math.fsum(row.cost_usd for row in rows)
-        return rows, msgspec.structs.replace(whole[0], cost_usd=cost)
+        return rows, msgspec.structs.replace(
+            whole[0],  # (its name and percentiles; its figures, the models' summed)
+            requests=sum(row.requests for row in rows),
+            errors=sum(row.errors for row in rows),
+            prompt_tokens=sum(row.prompt_tokens for row in rows),
+            completion_tokens=sum(row.completion_tokens for row in rows),
+            total_tokens=sum(row.total_tokens for row in rows),
+            cost_usd=math.fsum(row.cost_usd for row in rows),
+        )
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a read-only query (`$n` placeholders): the dashboard's

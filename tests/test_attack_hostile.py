@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import json
 import zlib
 from collections.abc import Callable, Iterator
@@ -611,3 +612,32 @@ def test_an_ipv4_host_carried_in_ipv6_counts_as_itself(
         brake.failed(guesser)
     assert brake.locked_for(guesser) > 0
     assert brake.locked_for(victim) == 0, f"{guesser}'s guesses locked out {victim}"
+
+
+def test_local_use_nat64_and_6to4_count_as_their_ipv4_host_or_site() -> None:
+    """NAT64's local-use prefix (64:ff9b:1::/48, RFC 8215) fell to the /64 rule, which holds
+    only the first 16 bits of the IPv4 address there: a guesser at 203.0.113.7 locked out
+    203.0.5.9. And a right key from one host of a 6to4 site (65,536 /64s, one IPv4 string)
+    forgot a guesser's wrong keys elsewhere in it (helper-76)."""
+
+    def local_nat64(v4: str) -> str:  # (RFC 6052's /48 layout)
+        b = ipaddress.IPv4Address(v4).packed
+        return str(
+            ipaddress.IPv6Address(bytes.fromhex("0064ff9b0001") + b[:2] + b"\0" + b[2:] + bytes(5))
+        )
+
+    guesser, victim = local_nat64("203.0.113.7"), local_nat64("203.0.5.9")
+    assert counted_as(guesser) == "203.0.113.7"
+    brake = AdminBrake()
+    for _ in range(10):
+        brake.failed(guesser)
+    assert brake.locked_for(guesser) > 0 and brake.locked_for(victim) == 0
+    now = [0.0]
+    brake = AdminBrake(clock=lambda: now[0])
+    locked = False
+    for _ in range(5):
+        for _ in range(9):
+            locked |= brake.failed("2002:cb00:7107:2::bad")
+            now[0] += 1.0
+        brake.passed("2002:cb00:7107:1::100")  # a monitor of the same 6to4 site
+    assert locked

@@ -388,6 +388,26 @@ async def test_a_keys_whole_is_named_and_counted_like_its_by_key_report(store: D
     assert whole.cost_usd == pytest.approx(old.cost_usd, rel=1e-12)
 
 
+async def test_a_keys_whole_counts_are_its_models_summed_on_both_backends(
+    store: Database,
+) -> None:
+    """PostgreSQL's whole kept the by-key report's counts, summed as doubles over all rows:
+    past 2^53 (a hostile upstream's counts) not the sum of its own per-model rows, and not
+    SQLite's figure (helper-76)."""
+    big = 2**53 + 1
+    await store.insert_usage(
+        [
+            usage(request_id="r1", ts=DAY1, model="a", total_tokens=big, prompt_tokens=big),
+            usage(request_id="r2", ts=DAY1 + 1, model="b", total_tokens=1, prompt_tokens=1),
+        ]
+    )
+    by_model, whole = await store.key_summary("key_a", since=DAY1 - 60, until=DAY1 + 60)
+    assert whole is not None
+    assert whole.total_tokens == sum(r.total_tokens for r in by_model)
+    assert whole.prompt_tokens == sum(r.prompt_tokens for r in by_model)
+    assert whole.requests == 2
+
+
 async def test_usage_percentiles_interpolate(store: Database) -> None:
     await store.insert_usage([usage(latency_ms=float(ms)) for ms in range(100, 0, -1)])
     (row,) = await store.usage_summary()
