@@ -24,6 +24,8 @@ from tests.conftest import free_port
 
 __all__ = ["PgServer", "find_pg_bin"]
 
+_START_TRIES = 5
+
 
 def find_pg_bin() -> Path | None:
     """The directory holding initdb and pg_ctl: on PATH, else Debian's newest version."""
@@ -81,19 +83,36 @@ class PgServer:
         subprocess.run(argv, check=True, capture_output=True, cwd=self.dir, timeout=120)  # noqa: S603 - PostgreSQL's own tools
 
     def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-            " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
-        self._command("pg_ctl", "-D", str(self.data), "-o", options, "-l",
-                      str(self.dir / "log"), "-w", "-t", "60", "start")  # fmt: skip
+        """Start it; on a port another process took between `free_port` and the bind (tests
+        run in parallel), again on another."""
+        for attempt in range(_START_TRIES):
+            (self.dir / "log").unlink(missing_ok=True)  # (what this try says, alone)
+            options = (
+                f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+                " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            )
+            try:
+                self._command("pg_ctl", "-D", str(self.data), "-o", options, "-l",
+                              str(self.dir / "log"), "-w", "-t", "60", "start")  # fmt: skip
+                return
+            except subprocess.CalledProcessError:
+                log = self.dir / "log"
+                taken = log.exists() and "Address already in use" in log.read_text(
+                    "utf-8", "replace"
+                )
+                if not taken or attempt == _START_TRIES - 1:
+                    raise
+                self.port = free_port()
 
     def stop(self, mode: str = "fast") -> None:
         self._command("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def _processes(self) -> list[int]:
         """The postmaster and its children (backends, writers), read from /proc."""
-        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        try:
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        except FileNotFoundError:  # (not running: never started, or stopped)
+            return []
         found = [postmaster]
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, ValueError, IndexError):
