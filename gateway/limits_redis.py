@@ -399,9 +399,12 @@ class SharedGate(FallbackGate):
         self._renewer = asyncio.create_task(self.renew_forever(), name="redis-lease-renewal")
 
     async def close(self) -> None:
-        """Let the requests' last steps reach Redis (bounded), then stop the background tasks."""
+        """Let the requests' last steps reach Redis (bounded), then stop the background tasks.
+        Spendings still to drop (`reconcile`) are dropped by no one after this: said."""
         if self._ender is not None:
             await asyncio.wait([self._ender], timeout=2.0)
+        if self._stale:
+            log.warning("redis_spending_left_stale", keys=len(self._stale))
         seeds = list(self._seeds.values())
         for seed in seeds:  # (one waiting for a database that does not answer)
             seed.cancel()

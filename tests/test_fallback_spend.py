@@ -624,3 +624,30 @@ async def test_a_stop_after_a_failed_reconcile_flush_closes_the_gate(
         gate._flushing = None  # (so the app's own stop can close the gate)
         if gate._probe is not None:
             gate._probe.cancel()
+
+
+async def test_a_replica_stopped_during_an_outage_says_what_it_leaves_stale(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+) -> None:
+    """A replica stopped while Redis is away takes its list of spendings to drop with it
+    (documented): the other replicas count its fallback's spending only at the next seed.
+    It says so as it stops, so that an operator can make that seed happen."""
+    _, gw, _, secret = await seeded_pair(
+        aiohttp_server, aiohttp_client, make_settings, redis_server
+    )
+    gate = shared(gw)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert (await post(gw, secret))[0] == 200  # the fallback's: its key marked
+        assert not gate.up and gate._stale
+        with capture_logs() as logs:
+            async with asyncio.timeout(NEVER_HANG):
+                await gate.close()
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    said = [x for x in logs if x["event"] == "redis_spending_left_stale"]
+    assert said == [{"event": "redis_spending_left_stale", "keys": 1, "log_level": "warning"}]
