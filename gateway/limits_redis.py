@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from gateway import limits_lua
 from gateway.admission import Gate, Ticket, UsageLog, still
+from gateway.background import mark_seen
 from gateway.budgets import Amount, Spend, over_budget, period_start
 from gateway.database import Database
 from gateway.errors import LimitsUnavailable, StoreBusy
@@ -70,12 +71,6 @@ class BadReply(RedisError):
 
 class Unwritten(Exception):
     """This replica's usage rows could not be written in time (`SharedGate.reconcile`)."""
-
-
-def _retrieved(task: asyncio.Task[None]) -> None:
-    """(A flush no try waits for any more: its failure is the writer's, logged there.)"""
-    if not task.cancelled():
-        task.exception()
 
 
 # A reply of the wrong shape fails its parse with one of these: an outage too, not a 500.
@@ -488,7 +483,7 @@ class SharedGate(FallbackGate):
             return
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._usage.flush())
-            self._flushing.add_done_callback(_retrieved)
+            self._flushing.add_done_callback(mark_seen)
         try:
             await asyncio.wait_for(asyncio.shield(self._flushing), RECONCILE_FLUSH_SECONDS)
         except Exception as exc:  # (a database down or slow: tried again)
@@ -608,8 +603,7 @@ class SharedGate(FallbackGate):
     def _seeded(self, name: str, task: asyncio.Task[None]) -> None:
         if self._seeds.get(name) is task:
             del self._seeds[name]
-        if not task.cancelled():
-            task.exception()  # (its waiters got it; a seed nobody waits for any more: dropped)
+        mark_seen(task)  # (its waiters got it; a seed nobody waits for any more: dropped)
 
     async def _seed(self, key: KeyRecord, start: float, name: str) -> None:
         """`_seed_spend`'s work: each of this replica's requests that ended counted once.

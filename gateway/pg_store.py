@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import msgspec
 
+from gateway.background import mark_seen
 from gateway.errors import NotFound, StoreBusy
 from gateway.migrations import FILL_DAILY, StoreError
 from gateway.pg_listen import KeyListener
@@ -127,12 +128,6 @@ def _no_nul(key_id: str) -> None:
         raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
 
 
-def _retrieve(task: asyncio.Task[object]) -> None:
-    """Mark a background query's error as seen (its awaiters, if any, got it)."""
-    if not task.cancelled():
-        task.exception()
-
-
 def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
     """The row's values for asyncpg: flags as integers, and a NUL character (a client's model
     name may hold one; PostgreSQL's text cannot) as U+FFFD, so one row never fails its batch."""
@@ -198,7 +193,7 @@ class PgStore:
         the server, so the query is left to finish or time out on its own."""
         if self._ping is None or self._ping.done():
             self._ping = asyncio.create_task(self.pool.fetchval("SELECT 1"))
-            self._ping.add_done_callback(_retrieve)
+            self._ping.add_done_callback(mark_seen)
         await asyncio.shield(self._ping)
 
     # Key changes

@@ -35,6 +35,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from gateway.background import mark_seen
 from gateway.dashboard.sessions import (
     FAILURE_WINDOW,
     MAX_FAILURES,
@@ -181,7 +182,7 @@ class SharedSessionBook:
                 if time.monotonic() < self._retry_at:
                     raise SessionsUnavailable("ending the sessions failed; tried again soon")
                 self._clearing = asyncio.create_task(self._end_others(self._keep, self._asked))
-                self._clearing.add_done_callback(_retrieved)
+                self._clearing.add_done_callback(mark_seen)
             try:
                 ended += await asyncio.shield(self._clearing)
             except SessionsUnavailable:
@@ -259,12 +260,6 @@ def _sealed(name: str, fields: list[Any], admin_key: str) -> Session | None:
 
 def _wrong_type(exc: SessionsUnavailable) -> bool:
     return isinstance(exc.__cause__, ResponseError) and str(exc.__cause__).startswith("WRONGTYPE")
-
-
-def _retrieved(task: asyncio.Task[int]) -> None:
-    """(A clear that failed with every caller gone: its error is theirs, already logged.)"""
-    if not task.cancelled():
-        task.exception()
 
 
 def _text(value: bytes | str) -> str:

@@ -42,6 +42,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import msgspec
 
+from gateway.background import mark_seen
 from gateway.errors import (
     UpstreamBadResponse,
     UpstreamError,
@@ -602,19 +603,14 @@ def _linger(resp: aiohttp.ClientResponse, leave: Callable[[], None]) -> None:
         closed.remove_done_callback(lost)
         # Whoever else looks at it, its error (a reset, later) must not go unretrieved; once
         # only, however many streams on this connection lingered.
-        closed.remove_done_callback(_retrieved)
-        closed.add_done_callback(_retrieved)
+        closed.remove_done_callback(mark_seen)
+        closed.add_done_callback(mark_seen)
         leave()
 
     def lost(future: asyncio.Future[None]) -> None:
-        _retrieved(future)
+        mark_seen(future)
         gone(True)
 
     handle = asyncio.get_running_loop().call_later(LINGER_SECONDS, gone, True)
     closed.add_done_callback(lost)
     resp.content.on_eof(functools.partial(gone, False))
-
-
-def _retrieved(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
