@@ -239,8 +239,7 @@ class SharedGate(FallbackGate):
         queued in the same step (`pipeline._settle`, then `middleware._finish`), so a seed
         meanwhile takes it off what it read (`_seed`)."""
         self._ending.append(Ticket(key=key, limited=False, budgeted=True, used=used, row=True))
-        if self._ender is None or self._ender.done():
-            self._ender = asyncio.create_task(self._end_all())
+        self._end_soon()
 
     def _count_later(self, key_id: str, used: Amount) -> None:
         """What a request the fallback admitted (or counted) used, for the shared spending:
@@ -291,8 +290,7 @@ class SharedGate(FallbackGate):
         if ticket.used is None and ticket.charged:  # it ended without settling: nothing used
             ticket.used = (0, 0.0)
         self._ending.append(ticket)
-        if self._ender is None or self._ender.done():
-            self._ender = asyncio.create_task(self._end_all())
+        self._end_soon()
 
     def headers(self, key: KeyRecord) -> dict[str, str]:
         shown = self.levels.headers(key) if self.up else None
@@ -499,10 +497,7 @@ class SharedGate(FallbackGate):
         Raises:
             RedisError: some are still not taken.
         """
-        if self._unsent:
-            self._again, self._unsent = self._again + self._unsent, []
-            if self._ender is None or self._ender.done():
-                self._ender = asyncio.create_task(self._end_all())
+        self._send_again()
         if self._ender is not None and not self._ender.done():
             await asyncio.shield(self._ender)
         if self._unsent:
@@ -528,10 +523,7 @@ class SharedGate(FallbackGate):
         self._reseat()
         if self._stale and (self._late is None or self._late.done()):  # (`_reconcile_late`)
             self._late = asyncio.create_task(self._reconcile_late())
-        if self._unsent:  # ends Redis did not answer: sent again, counted if not counted yet
-            self._again, self._unsent = self._again + self._unsent, []
-            if self._ender is None or self._ender.done():
-                self._ender = asyncio.create_task(self._end_all())
+        self._send_again()  # (ends Redis did not answer)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -631,6 +623,17 @@ class SharedGate(FallbackGate):
                 tokens += late_tokens - sum(used[0] for used in to_come)
                 usd += late_usd - sum(used[1] for used in to_come)
                 await seed_spending(self._seed_script, key, start, max(0, tokens), max(0.0, usd))
+
+    def _end_soon(self) -> None:
+        """Have the ends waiting (`_ending`, `_again`) sent: by the task under way, if any."""
+        if self._ender is None or self._ender.done():
+            self._ender = asyncio.create_task(self._end_all())
+
+    def _send_again(self) -> None:
+        """Send again the ends Redis did not answer (counted if not counted yet)."""
+        if self._unsent:
+            self._again, self._unsent = self._again + self._unsent, []
+            self._end_soon()
 
     async def _end_all(self) -> None:
         """Send the end of every request that ended meanwhile, together: under load, many
