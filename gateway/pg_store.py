@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -315,15 +314,8 @@ class PgStore:
                 whole = await summarize(conn, since=since, until=until, key_id=key_id, by="key")
         if not whole:
             return rows, None
-        return rows, msgspec.structs.replace(
-            whole[0],  # (its name and percentiles; its figures, the models' summed)
-            requests=sum(row.requests for row in rows),
-            errors=sum(row.errors for row in rows),
-            prompt_tokens=sum(row.prompt_tokens for row in rows),
-            completion_tokens=sum(row.completion_tokens for row in rows),
-            total_tokens=sum(row.total_tokens for row in rows),
-            cost_usd=math.fsum(row.cost_usd for row in rows),
-        )
+        latency = (whole[0].p50_latency_ms, whole[0].p95_latency_ms)
+        return rows, UsageSummaryRow.whole(rows, key_id, whole[0].name, latency)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a read-only query (`$n` placeholders): the dashboard's

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -229,6 +230,30 @@ class UsageSummaryRow(msgspec.Struct, frozen=True, kw_only=True):
             completion_tokens=int(completion),
             total_tokens=int(total),
             cost_usd=float(cost),  # (PostgreSQL's sum of a double comes as a Decimal)
+            p50_latency_ms=latency[0],
+            p95_latency_ms=latency[1],
+        )
+
+    @classmethod
+    def whole(
+        cls,
+        rows: Sequence[UsageSummaryRow],
+        group: str,
+        name: str | None,
+        latency: tuple[float | None, float | None],
+    ) -> UsageSummaryRow:
+        """The groups `rows` as one (a key's models as the key, on both backends): their
+        counts added as integers (exact), their cost exactly rounded (`fsum`: a sum in
+        another order may differ in its last bit), and the percentiles of all their rows."""
+        return cls(
+            group=group,
+            name=name,
+            requests=sum(row.requests for row in rows),
+            errors=sum(row.errors for row in rows),
+            prompt_tokens=sum(row.prompt_tokens for row in rows),
+            completion_tokens=sum(row.completion_tokens for row in rows),
+            total_tokens=sum(row.total_tokens for row in rows),
+            cost_usd=math.fsum(row.cost_usd for row in rows),
             p50_latency_ms=latency[0],
             p95_latency_ms=latency[1],
         )

@@ -188,14 +188,10 @@ async def summarize_key(
         for row in totals
     ]
     everything = sorted(itertools.chain.from_iterable(latencies.values()))  # (sorted runs)
-    # The whole is the sum of the models' figures: counts as integers (exact), the cost
-    # exactly rounded (`fsum`; a sum in another order may differ in its last bit).
-    counts = [sum(int(row[i]) for row in totals) for i in range(1, 6)]
-    whole = [key_id, *counts, math.fsum(row[6] for row in totals)]
-    async with db.execute("SELECT id, name FROM keys WHERE id = ?", (key_id,)) as cur:
-        names = {key: name for key, name in await cur.fetchall()}
+    async with db.execute("SELECT name FROM keys WHERE id = ?", (key_id,)) as cur:
+        named = await cur.fetchone()
     percentiles = _p50_p95(everything) if everything else (None, None)
-    return rows, UsageSummaryRow.of(whole, percentiles, names)
+    return rows, UsageSummaryRow.whole(rows, key_id, named[0] if named else None, percentiles)
 
 
 async def _totals(
