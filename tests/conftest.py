@@ -26,7 +26,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from gateway import cli
+from gateway import cli, limits_fallback
 from gateway.app import create_app
 from gateway.router import Router
 from gateway.rows import USAGE_COLUMNS
@@ -128,6 +128,15 @@ async def gateway(
 ) -> TestClient[Any, Any]:
     """The gateway with only the demo provider."""
     return await start_gateway(aiohttp_client, make_settings())
+
+
+@pytest.fixture(autouse=True)
+def _quick_redis_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's probe looks for a Redis that went away every 0.1 s in tests instead of
+    every second. Most outage tests wait for it once or twice, and what they test is what the
+    probe does when it finds Redis, not how long it waits (a test that needs the probe held
+    back holds its ping; `Retry-After` is still whole seconds, at least 1)."""
+    monkeypatch.setattr(limits_fallback, "_PROBE_SECONDS", 0.1)
 
 
 @pytest.fixture(scope="session")
