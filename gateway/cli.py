@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 import asyncpg
 import msgspec
 
-from gateway import __version__, cli_db, cli_output as out, keybody, workers
+from gateway import __version__, cli_db, cli_output as out, hangups, keybody, workers
 from gateway.config import load_settings
 from gateway.database import Database, opened_database
 from gateway.dburl import redact
@@ -288,6 +288,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    hangups.hold()  # SIGHUP waits until the server can reload on it (gateway.hangups)
     # Imported here so key and usage commands need not load the HTTP and provider stack.
     from gateway.app import create_app
     from gateway.server import serve

@@ -11,13 +11,13 @@ level, background loop timings) keep their running values: a warning names those
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import AsyncIterator
 
 import msgspec
 import structlog
 from aiohttp import web
 
+from gateway import hangups
 from gateway.dashboard.sessions import SessionBook, SessionsUnavailable
 from gateway.dashboard.shared_sessions import SharedSessionBook
 from gateway.settings import ConfigError, Settings
@@ -154,14 +154,12 @@ def _on_sighup(app: web.Application) -> None:
 
 
 async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
-    """SIGHUP reloads the config while the app runs (where the platform has SIGHUP)."""
+    """SIGHUP reloads the config while the app runs (where the platform has SIGHUP); see
+    `gateway.hangups` for before and after."""
     loop = asyncio.get_running_loop()
-    hup = getattr(signal, "SIGHUP", None)
-    if hup is not None:
-        loop.add_signal_handler(hup, _on_sighup, app)
+    hangups.take(loop, _on_sighup, app)  # (a SIGHUP that came during the start: now)
     yield
-    if hup is not None:
-        loop.remove_signal_handler(hup)
+    hangups.stop_taking(loop)  # a stop ignores SIGHUP: it would end the process, rows unwritten
     tasks = app[RELOADER_KEY].tasks
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)

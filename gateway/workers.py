@@ -8,7 +8,9 @@ kernel fills one queue per socket, and the connections queued for a dead worker 
 
 The parent serves nothing itself. It forwards SIGTERM and SIGINT to every worker (each
 finishes its requests within `shutdown_grace_seconds`, then exits) and exits once they all
-have; SIGHUP is forwarded too, so each re-reads the config. The parent says it listens once
+have; SIGHUP is forwarded too, so each re-reads the config (held until every worker serves,
+and each worker starts with it blocked, so none dies of one that came early:
+`gateway.hangups`). The parent says it listens once
 every worker serves; a worker that exits before that (a config or database problem every
 worker would meet) stops them all, and the parent exits 1. Later, a worker that dies is
 started again a second later while the others serve. Workers stop on their own when the
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gateway import hangups
 from gateway.settings import ServerSettings
 
 if TYPE_CHECKING:  # `gateway keys ...` imports this module without the HTTP stack
@@ -100,12 +103,14 @@ async def _supervise(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
 
     async def start(index: int) -> None:
-        procs[index] = await asyncio.create_subprocess_exec(
-            *command, pass_fds=(sock.fileno(), *passed)
-        )
+        # A worker starts with SIGHUP blocked, as this process has it: one forwarded before
+        # the worker can reload waits for it instead of ending it (gateway.hangups).
+        with hangups.held():
+            procs[index] = await asyncio.create_subprocess_exec(
+                *command, pass_fds=(sock.fileno(), *passed)
+            )
         log.info("worker_started", worker=index, pid=procs[index].pid)
 
     for index in range(workers):
@@ -115,6 +120,8 @@ async def _supervise(
     if failed:
         stopping.set()
     else:
+        # SIGHUP was held until every worker serves: one that came meanwhile is forwarded now.
+        hangups.take(loop, forward, signal.SIGHUP)
         announce()
     while not stopping.is_set():
         waits = {asyncio.create_task(p.wait()): i for i, p in procs.items()}
@@ -130,6 +137,7 @@ async def _supervise(
             await asyncio.sleep(_RESTART_DELAY)  # a worker that crashes at once cannot spin
             if not stopping.is_set():
                 await start(index)
+    hangups.stop_taking(loop)
     forward(signal.SIGTERM)
     codes = [await proc.wait() for proc in procs.values()]
     sock.close()
