@@ -6,12 +6,14 @@ of the process), found by an attack on reloads (2026-12-06)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from aiohttp import ClientSession
 
 from gateway import cli, hangups
 from tests.conftest import NEVER_HANG, cli_key, free_port, start_serve
+from tests.test_lifecycle import _log_event
 
 HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -47,12 +50,20 @@ async def _until(predicate: Any) -> None:
             await asyncio.sleep(0.01)
 
 
-async def _log_event(stream: asyncio.StreamReader, event: str) -> dict[str, Any]:
-    while True:
-        line = await stream.readline()
-        assert line, f"the process exited before logging {event}"
-        if line.startswith(b"{") and json.loads(line).get("event") == event:
-            return dict(json.loads(line))
+@contextlib.asynccontextmanager
+async def _two_workers(config: Path, port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`gateway serve --workers 2` on `config` and `port`, its stdout and stderr piped;
+    stopped at the end."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        "--workers", "2", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
 
 
 async def test_gateway_reload_during_a_clean_stop_does_not_kill_the_server(
@@ -141,29 +152,20 @@ async def test_gateway_reload_while_workers_start_does_not_stop_the_server(
     config.write_text(f'[server]\ndatabase = "{db}"\nredis_url = "{redis_url}"\n')
     await cli_key(db, capsys)
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        "--workers", "2", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(60):
-            assert proc.stdout is not None and proc.stderr is not None
-            await _log_event(proc.stdout, "worker_started")
-            await _log_event(proc.stdout, "worker_started")
-            # The pid file is there already, so this finds the parent and signals it (a
-            # server that wrote it only once every worker serves would answer "not running").
-            await asyncio.to_thread(cli.main, ["reload", "--db", str(db)])
-            line = await proc.stderr.readline()
-            assert b"listening" in line, f"the server stopped: exit {await proc.wait()}"
-            healthz = f"http://127.0.0.1:{port}/healthz"
-            async with ClientSession() as session, session.get(healthz) as resp:
-                assert resp.status == 200
-            for _ in range(2):  # each worker reloads once it can
-                await _log_event(proc.stdout, "config_reloaded")
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await proc.wait()
+    async with _two_workers(config, port) as proc, asyncio.timeout(60):
+        assert proc.stdout is not None and proc.stderr is not None
+        await _log_event(proc.stdout, "worker_started")
+        await _log_event(proc.stdout, "worker_started")
+        # The pid file is there already, so this finds the parent and signals it (a
+        # server that wrote it only once every worker serves would answer "not running").
+        await asyncio.to_thread(cli.main, ["reload", "--db", str(db)])
+        line = await proc.stderr.readline()
+        assert b"listening" in line, f"the server stopped: exit {await proc.wait()}"
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        async with ClientSession() as session, session.get(healthz) as resp:
+            assert resp.status == 200
+        for _ in range(2):  # each worker reloads once it can
+            await _log_event(proc.stdout, "config_reloaded")
 
 
 async def test_a_worker_started_again_takes_a_reload_forwarded_while_it_starts(
@@ -176,29 +178,19 @@ async def test_a_worker_started_again_takes_a_reload_forwarded_while_it_starts(
     config = tmp_path / "gateway.toml"
     config.write_text(f'[server]\ndatabase = "{db}"\nredis_url = "{redis_url}"\n')
     await cli_key(db, capsys)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config),
-        "--port", str(free_port()), "--workers", "2",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(60):
-            assert proc.stdout is not None and proc.stderr is not None
-            first = await _log_event(proc.stdout, "worker_started")
-            await _log_event(proc.stdout, "worker_started")
-            assert b"listening" in await proc.stderr.readline()
-            os.kill(first["pid"], signal.SIGKILL)
-            await _log_event(proc.stdout, "worker_exited")
-            again = await _log_event(proc.stdout, "worker_started")
-            assert _blocks(again["pid"])  # still starting: SIGHUP waits
-            proc.send_signal(signal.SIGHUP)
-            seen = [await _next_of(proc.stdout, ("config_reloaded", "worker_exited"))
-                    for _ in range(2)]  # fmt: skip
-            assert seen == ["config_reloaded"] * 2  # both workers; none died of it
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await proc.wait()
+    async with _two_workers(config, free_port()) as proc, asyncio.timeout(60):
+        assert proc.stdout is not None and proc.stderr is not None
+        first = await _log_event(proc.stdout, "worker_started")
+        await _log_event(proc.stdout, "worker_started")
+        assert b"listening" in await proc.stderr.readline()
+        os.kill(first["pid"], signal.SIGKILL)
+        await _log_event(proc.stdout, "worker_exited")
+        again = await _log_event(proc.stdout, "worker_started")
+        assert _blocks(again["pid"])  # still starting: SIGHUP waits
+        proc.send_signal(signal.SIGHUP)
+        seen = [await _next_of(proc.stdout, ("config_reloaded", "worker_exited"))
+                for _ in range(2)]  # fmt: skip
+        assert seen == ["config_reloaded"] * 2  # both workers; none died of it
 
 
 async def _next_of(stream: asyncio.StreamReader, events: tuple[str, ...]) -> str:
