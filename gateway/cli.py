@@ -288,7 +288,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    hangups.hold()  # SIGHUP waits until the server can reload on it (gateway.hangups)
+    with hangups.holding():  # SIGHUP waits until the server can reload on it (gateway.hangups)
+        return _serve_held(args)
+
+
+def _serve_held(args: argparse.Namespace) -> int:
     # Imported here so key and usage commands need not load the HTTP and provider stack.
     from gateway.app import create_app
     from gateway.server import serve

@@ -7,36 +7,69 @@ start, or `gateway reload` forwarded to a worker of `--workers N` still starting
 process, and one that came during a stop (when the queued usage rows are written, and the pid
 file is still there for `gateway reload` to find) killed it too, losing those rows.
 
-So `gateway serve` blocks SIGHUP first thing (`hold`): every thread and worker process it
-starts inherits the block, and a SIGHUP sent meanwhile waits. Once the loop's handler is in
-place (`take`) it is unblocked, and one that waited is delivered then: a reload asked during
-the start is made, not lost. When the server stops (`stop_taking`), SIGHUP is ignored until
-the process exits. A process that never called `hold` (a test's in-process app) keeps the
-loop's plain add-and-remove.
+So a `gateway serve` process blocks SIGHUP as soon as the package is imported (`hold`, from
+`gateway/__init__.py`; again in `cli._serve`, for a serve run in-process): every thread and
+worker process it starts inherits the block, and a SIGHUP sent meanwhile waits. Once the
+reload handler is in place (`take`) it is unblocked, and one that waited is delivered then: a
+reload asked during the start is made, not lost. When the server stops (`stop_taking`),
+SIGHUP is ignored until the process exits. SIGHUP's disposition never goes back to the default
+in between: the handler is a plain `signal.signal` handler that hands the signal to the loop,
+not the loop's own (`add_signal_handler`), which every removal, and the loop's close, set
+back to the default, when a thread started meanwhile (uvloop's, the executor's) may take it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import TYPE_CHECKING
 
-__all__ = ["held", "hold", "stop_taking", "take"]
+if TYPE_CHECKING:
+    import asyncio
+
+__all__ = ["hold", "holding", "stop_taking", "take"]
 
 _HUP = getattr(signal, "SIGHUP", None)  # (none on Windows)
 _BLOCKS = _HUP is not None and hasattr(signal, "pthread_sigmask")
-_held = False  # whether this process is a server that called `hold`
+_held = False  # whether this process holds SIGHUP for a server
+
+
+def serving_from_argv() -> bool:
+    """Whether this process runs `gateway serve` (its command line: `gateway serve ...` or
+    `python -m gateway serve ...`; the command comes first, its options after it)."""
+    return len(sys.argv) > 1 and sys.argv[1] == "serve"
 
 
 def hold() -> None:
-    """Block SIGHUP in this thread and whatever it starts from now on (a `gateway serve`
-    process, before anything else)."""
+    """Block SIGHUP in this thread and whatever it starts from now on."""
     global _held
     if _BLOCKS:
         assert _HUP is not None
         signal.pthread_sigmask(signal.SIG_BLOCK, {_HUP})
         _held = True
+
+
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """`hold` for the block's length (`cli._serve`). After it, the mask is what it was: in a
+    server process, blocked already (and SIGHUP ignored once the server ran); in a test that
+    runs the command in-process, as before."""
+    global _held
+    if not _BLOCKS:
+        yield
+        return
+    assert _HUP is not None
+    was_held = _held
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {_HUP})
+    _held = True
+    try:
+        yield
+    finally:
+        _held = was_held
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager
@@ -54,27 +87,38 @@ def held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def take(loop: asyncio.AbstractEventLoop, handler: Callable[..., object], *args: object) -> bool:
-    """Install `handler(*args)` for SIGHUP on `loop`, then let SIGHUP in (one that waited is
-    delivered now). False where there is no SIGHUP."""
+def take(loop: asyncio.AbstractEventLoop, handler: Callable[..., object], *args: object) -> None:
+    """Run `handler(*args)` on `loop` on each SIGHUP, then let SIGHUP in (one that waited is
+    delivered now). Called on the main thread, as `signal.signal` must be."""
     if _HUP is None:
-        return False
-    loop.add_signal_handler(_HUP, handler, *args)
+        return
+
+    due = False  # a call is on its way to the loop: more SIGHUPs until it runs are one
+
+    def run() -> None:
+        nonlocal due
+        due = False
+        handler(*args)
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        # A signal handler runs between two bytecodes of the main thread: whatever it raised
+        # would be raised there. A loop that closed takes no more (the process is stopping).
+        nonlocal due
+        if due:
+            return
+        due = True
+        try:
+            loop.call_soon_threadsafe(run)
+        except Exception:
+            due = False
+
+    signal.signal(_HUP, on_hup)
     if _held:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {_HUP})
-    return True
 
 
-def stop_taking(loop: asyncio.AbstractEventLoop) -> None:
-    """Remove the loop's SIGHUP handler; in a server process, SIGHUP is then ignored until it
-    exits. (Removing the handler puts the default action back, until the next call: SIGHUP is
-    blocked in this thread first, so only a thread started while it was let in could take one
-    in that moment.)"""
-    if _HUP is None:
-        return
-    if not _held:
-        loop.remove_signal_handler(_HUP)
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {_HUP})
-    loop.remove_signal_handler(_HUP)
-    signal.signal(_HUP, signal.SIG_IGN)
+def stop_taking() -> None:
+    """No more reloads: in a server process SIGHUP is ignored until it exits (elsewhere, a
+    test's in-process app, it gets its default action back)."""
+    if _HUP is not None:
+        signal.signal(_HUP, signal.SIG_IGN if _held else signal.SIG_DFL)

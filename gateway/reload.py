@@ -148,6 +148,11 @@ async def end_sessions(book: SessionBook | SharedSessionBook, keep: str | None) 
 
 def _on_sighup(app: web.Application) -> None:
     reloader = app[RELOADER_KEY]
+    if sum(not task.done() for task in reloader.tasks) >= 2:
+        # Two unfinished: at most one is past the lock, so one waits for it and reads the
+        # file after this signal, taking what this one would. (A stream of SIGHUPs queued a
+        # task each, and a stop waited for every one.)
+        return
     task = asyncio.get_running_loop().create_task(reload_config(app), name="config-reload")
     reloader.tasks.add(task)
     task.add_done_callback(reloader.tasks.discard)
@@ -159,7 +164,7 @@ async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     hangups.take(loop, _on_sighup, app)  # (a SIGHUP that came during the start: now)
     yield
-    hangups.stop_taking(loop)  # a stop ignores SIGHUP: it would end the process, rows unwritten
+    hangups.stop_taking()  # a stop ignores SIGHUP: it would end the process, rows unwritten
     tasks = app[RELOADER_KEY].tasks
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)

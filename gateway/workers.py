@@ -137,7 +137,7 @@ async def _supervise(
             await asyncio.sleep(_RESTART_DELAY)  # a worker that crashes at once cannot spin
             if not stopping.is_set():
                 await start(index)
-    hangups.stop_taking(loop)
+    hangups.stop_taking()
     forward(signal.SIGTERM)
     codes = [await proc.wait() for proc in procs.values()]
     sock.close()

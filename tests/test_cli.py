@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway import cli, hangups, server as server_module
+from gateway import cli, server as server_module
 from gateway.database import opened_database
 from gateway.records import UsageRecord
 from gateway.state import SETTINGS_KEY
@@ -329,7 +329,6 @@ def test_serve_applies_overrides_and_runs_the_app(
 
     monkeypatch.setattr(server_module, "serve", fake_serve)
     monkeypatch.setattr(cli, "configure_logging", lambda level: calls.setdefault("level", level))
-    monkeypatch.setattr(hangups, "hold", lambda: None)  # (not SIGHUP in the test process)
     monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./gateway.toml: the embedded default
     db = str(tmp_path / "serve.db")

@@ -18,6 +18,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
+from gateway import reload as reload_module
 from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.reload import reload_config
@@ -280,6 +281,24 @@ async def test_sighup_reloads_the_running_app(
     assert reloader.reloads == 1
     async with s.client() as client:
         assert (await client.chat.completions.create(model="m", messages=HELLO)).model == "up-a"
+
+
+async def test_sighups_while_a_reload_runs_and_another_waits_are_that_waiting_one(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    # A stream of SIGHUPs queued a reload each, and a stop waited for every one.
+    s = setup
+    await s.start(aiohttp_client, s.provider("a", s.a, "ka"))
+    app = app_of(s.gw)
+    reloader = app[RELOADER_KEY]
+    s.write(s.provider("a", s.a, "ka") + model("m", "a"))
+    for _ in range(50):
+        reload_module._on_sighup(app)
+    assert len(reloader.tasks) == 2
+    async with asyncio.timeout(NEVER_HANG):
+        await asyncio.gather(*reloader.tasks)
+    assert reloader.reloads == 2
+    assert [m.name for m in current(s.gw).settings.models] == ["m", "demo"]
 
 
 async def test_a_reload_the_database_fails_changes_nothing(
