@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["hold", "holding", "stop_taking", "take"]
+__all__ = ["held", "hold", "holding", "serving_from_argv", "stop_taking", "take"]
 
 _HUP = getattr(signal, "SIGHUP", None)  # (none on Windows)
 _BLOCKS = _HUP is not None and hasattr(signal, "pthread_sigmask")
@@ -53,26 +53,6 @@ def hold() -> None:
 
 
 @contextlib.contextmanager
-def holding() -> Iterator[None]:
-    """`hold` for the block's length (`cli._serve`). After it, the mask is what it was: in a
-    server process, blocked already (and SIGHUP ignored once the server ran); in a test that
-    runs the command in-process, as before."""
-    global _held
-    if not _BLOCKS:
-        yield
-        return
-    assert _HUP is not None
-    was_held = _held
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {_HUP})
-    _held = True
-    try:
-        yield
-    finally:
-        _held = was_held
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-@contextlib.contextmanager
 def held() -> Iterator[None]:
     """SIGHUP blocked for the block's length (a worker process started meanwhile inherits
     the block); one that came meanwhile is delivered after it."""
@@ -85,6 +65,21 @@ def held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """`hold` for the block's length (`cli._serve`). After it, the mask is what it was: in a
+    server process, blocked already (and SIGHUP ignored once the server ran); in a test that
+    runs the command in-process, as before."""
+    global _held
+    was_held = _held
+    with held():
+        _held = _BLOCKS
+        try:
+            yield
+        finally:
+            _held = was_held
 
 
 def take(loop: asyncio.AbstractEventLoop, handler: Callable[..., object], *args: object) -> None:
