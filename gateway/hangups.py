@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["held", "hold", "holding", "serving_from_argv", "stop_taking", "take"]
+__all__ = ["held", "hold", "holding", "serving_from_argv", "stop_on", "stop_taking", "take"]
 
 _HUP = getattr(signal, "SIGHUP", None)  # (none on Windows)
 _BLOCKS = _HUP is not None and hasattr(signal, "pthread_sigmask")
@@ -117,3 +117,20 @@ def stop_taking() -> None:
     test's in-process app, it gets its default action back)."""
     if _HUP is not None:
         signal.signal(_HUP, signal.SIG_IGN if _held else signal.SIG_DFL)
+
+
+def stop_on(loop: asyncio.AbstractEventLoop, sig: int, stop: Callable[[], object]) -> None:
+    """`stop()` on `loop` when `sig` (SIGTERM, SIGINT) comes, even in a stream of SIGHUPs.
+
+    The loop's own handler learns of a signal by a byte on its wakeup socket, and that byte
+    is dropped when the socket is full: a stream of SIGHUPs filled it, and the `--workers`
+    parent (always asyncio's loop) never learnt of the SIGTERM in its middle. A handler of
+    ours runs on the flag CPython keeps for each signal, byte or not; the loop's handler
+    stays too (its byte wakes a loop asleep in `select` at once)."""
+    loop.add_signal_handler(sig, stop)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(Exception):  # (a closed loop: the process is stopping)
+            loop.call_soon_threadsafe(stop)
+
+    signal.signal(sig, on_signal)

@@ -25,6 +25,7 @@ from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
+from gateway import hangups
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout
 from gateway.logs import flush_lines
 from gateway.middleware import SERVER_NAME, error_response, mint_request_id
@@ -294,7 +295,7 @@ async def _run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         # An event, not aiohttp's GracefulExit: the cleanup below must run while the requests
         # in flight still run (they get the grace period), not after they were all cancelled.
-        loop.add_signal_handler(sig, stop.set)
+        hangups.stop_on(loop, sig, stop.set)  # (also in a stream of SIGHUPs: gateway.hangups)
     runner = GatewayRunner(
         app,
         access_log=None,

@@ -102,7 +102,7 @@ async def _supervise(
                 proc.send_signal(sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        hangups.stop_on(loop, sig, stopping.set)
 
     async def start(index: int) -> None:
         # A worker starts with SIGHUP blocked, as this process has it: one forwarded before

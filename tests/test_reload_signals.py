@@ -246,18 +246,19 @@ def test_a_serve_that_fails_in_process_leaves_sighup_as_it_was(
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+@pytest.mark.parametrize("uvloop", [True, False])
 async def test_a_stream_of_sighups_through_a_stop_neither_ends_nor_holds_it(
-    tmp_path: Path,
+    tmp_path: Path, uvloop: bool
 ) -> None:
     """A reload loop sends SIGHUP after SIGHUP while the server stops. On uvloop, the stop
     removed the loop's handler, which put SIGHUP's default action back for a moment before it
     was ignored, and a thread started while serving (libuv's) took one then: the process
-    ended (-SIGHUP), every time here. (On asyncio's own loop, `uvloop = false`, signals sent
-    as fast as a loop of `kill` sends them fill its wakeup pipe faster than it reads it, and
-    starve it, stop or not: docs/operations.md.)"""
+    ended (-SIGHUP), every time here. On asyncio's own loop (`uvloop = false`), the SIGHUPs
+    filled the loop's wakeup socket, the SIGTERM's byte was dropped, and the stop never came
+    (`hangups.stop_on`)."""
     db = tmp_path / "keys.db"
     config = tmp_path / "gateway.toml"
-    config.write_text(f'[server]\ndatabase = "{db}"\n')  # uvloop: the default
+    config.write_text(f'[server]\ndatabase = "{db}"\nuvloop = {str(uvloop).lower()}\n')
     proc = await start_serve(config, free_port(), stdout=subprocess.DEVNULL)
     storm = None
     try:
@@ -312,3 +313,41 @@ async def test_sighup_while_gateway_serve_imports_waits(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
+
+
+# Sends `n` SIGHUPs to a pid, then one SIGTERM, then `n` more SIGHUPs (the SIGTERM comes in
+# the middle of the stream, as an operator's stop would), then exits.
+_FLOOD = """
+import os, signal, sys
+pid, n = int(sys.argv[1]), int(sys.argv[2])
+def hups():
+    for _ in range(n):
+        os.kill(pid, signal.SIGHUP)
+hups()
+os.kill(pid, signal.SIGTERM)
+hups()
+"""
+
+
+async def test_the_workers_parent_stops_on_a_sigterm_sent_in_a_stream_of_sighups(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The `--workers N` parent runs asyncio's own loop (whatever `uvloop` says), whose
+    handler learns of a signal by a byte on its wakeup socket. A stream of SIGHUPs filled
+    it, the SIGTERM's byte was dropped, and the parent served on after the stream ended
+    (found by an attack on the SIGHUP fix)."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\ndatabase = "{tmp_path / "keys.db"}"\nredis_url = "{redis_url}"\n')
+    async with _two_workers(config, free_port()) as proc:
+        assert proc.stderr is not None
+        async with asyncio.timeout(60):
+            assert b"listening" in await proc.stderr.readline()
+        drain = asyncio.create_task(proc.stderr.read())  # (not left to fill its pipe)
+        flood = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _FLOOD, str(proc.pid), "200000"
+        )
+        await flood.wait()  # the stream is over, the SIGTERM was sent in its middle
+        async with asyncio.timeout(NEVER_HANG):
+            status = await proc.wait()
+            await drain
+        assert status == 0
