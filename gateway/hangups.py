@@ -30,7 +30,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["held", "hold", "holding", "serving_from_argv", "stop_on", "stop_taking", "take"]
+__all__ = [
+    "held",
+    "hold",
+    "holding",
+    "serving_from_argv",
+    "stop_on",
+    "stop_taking",
+    "stopped",
+    "take",
+]
 
 _HUP = getattr(signal, "SIGHUP", None)  # (none on Windows)
 _BLOCKS = _HUP is not None and hasattr(signal, "pthread_sigmask")
@@ -134,3 +143,15 @@ def stop_on(loop: asyncio.AbstractEventLoop, sig: int, stop: Callable[[], object
             loop.call_soon_threadsafe(stop)
 
     signal.signal(sig, on_signal)
+
+
+def stopped(loop: asyncio.AbstractEventLoop) -> None:
+    """The stop is done (what was in flight finished, the usage rows written): SIGINT and
+    SIGTERM are ignored until the process exits. The loop's close would set them back to their
+    defaults, and a second Ctrl-C or a repeated SIGTERM then ended the process by signal
+    (-2, -15) instead of its exit status (0, or 3 for lost usage rows). Ignored first, so
+    only the moment inside `remove_signal_handler` has the default."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)

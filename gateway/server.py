@@ -340,6 +340,7 @@ async def _run(
     finally:
         await runner.cleanup()
         flush_lines()  # the last requests' lines, buffered for a turn that may not come
+        hangups.stopped(loop)
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -140,6 +140,7 @@ async def _supervise(
     hangups.stop_taking()
     forward(signal.SIGTERM)
     codes = [await proc.wait() for proc in procs.values()]
+    hangups.stopped(loop)
     sock.close()
     return 1 if failed or any(code not in (0, -signal.SIGTERM) for code in codes) else 0
 

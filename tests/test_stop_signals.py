@@ -1,0 +1,76 @@
+"""A second Ctrl-C, or a SIGTERM repeated, while `gateway serve` stops: the process still
+exits with its own status (0 here), not killed by the signal. The loop's close set SIGINT and
+SIGTERM back to their defaults, so one that came after it ended the process (-2, -15), and
+for a single server could hide exit status 3 (usage rows lost). Found by an attack on the
+stop path (2026-12-06); `gateway.hangups.stopped`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, start_serve
+from tests.test_reload_signals import _two_workers
+
+# Sends a signal to a pid every 2 ms until the pid is gone.
+_REPEAT = """
+import os, sys, time
+pid, sig = int(sys.argv[1]), int(sys.argv[2])
+try:
+    while True:
+        os.kill(pid, sig)
+        time.sleep(0.002)
+except ProcessLookupError:
+    pass
+"""
+
+
+async def _stopped_by_repeats(proc: asyncio.subprocess.Process, sig: int) -> tuple[int, bytes]:
+    """Once `proc` listens, send it `sig` every 2 ms until it exits: its status and stderr."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(60):
+        assert b"listening" in await proc.stderr.readline()
+        repeat = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _REPEAT, str(proc.pid), str(int(sig))
+        )
+        err = await proc.stderr.read()
+        status = await proc.wait()
+        await repeat.wait()
+    return status, err
+
+
+@pytest.mark.parametrize("uvloop", [True, False])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_stop_signal_repeated_until_the_server_exits_leaves_its_status(
+    tmp_path: Path, uvloop: bool, sig: int
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{tmp_path / "keys.db"}"\nuvloop = {str(uvloop).lower()}\n'
+    )
+    proc = await start_serve(config, free_port(), stdout=subprocess.DEVNULL)
+    try:
+        status, err = await _stopped_by_repeats(proc, sig)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert b"Traceback" not in err, err.decode()[-2000:]
+    assert status == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_stop_signal_repeated_until_the_workers_parent_exits_leaves_its_status(
+    tmp_path: Path, redis_url: str, sig: int
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\ndatabase = "{tmp_path / "keys.db"}"\nredis_url = "{redis_url}"\n')
+    async with _two_workers(config, free_port()) as proc:
+        status, err = await _stopped_by_repeats(proc, sig)
+    assert b"Traceback" not in err, err.decode()[-2000:]
+    assert status == 0
