@@ -123,12 +123,17 @@ class PgServer:
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): connections stay open and nothing answers."""
-        for pid in self._processes():
-            os.kill(pid, signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
         for pid in self._processes():
-            os.kill(pid, signal.SIGCONT)
+            # A backend may end between the look in /proc and the signal (a fresh clone's CI
+            # run met it once, at the session's end).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def destroy(self) -> None:
         """Stop the server if it runs (a failed test may have left it stopped or frozen) and
