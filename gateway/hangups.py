@@ -16,6 +16,11 @@ SIGHUP is ignored until the process exits. SIGHUP's disposition never goes back 
 in between: the handler is a plain `signal.signal` handler that hands the signal to the loop,
 not the loop's own (`add_signal_handler`), which every removal, and the loop's close, set
 back to the default, when a thread started meanwhile (uvloop's, the executor's) may take it.
+
+The stop signals live here too. SIGTERM and SIGINT are also taken from the flag Python keeps
+for each signal (`stop_on`), so a stream of SIGHUPs that fills the loop's wakeup socket does
+not lose them. Once the stop is done they are ignored until exit (`stopped`), so a second
+Ctrl-C does not turn the exit status into a death by signal.
 """
 
 from __future__ import annotations
