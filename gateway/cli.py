@@ -308,6 +308,14 @@ def _serve_held(args: argparse.Namespace) -> int:
         print(f"gateway: {problem}", file=sys.stderr)
         return 2
     if args.workers > 1:
+        # Each worker would create and migrate a new database at the same moment, and
+        # SQLite's switch to WAL does not wait for another's: one failed ("database is
+        # locked", about one start in eight here), and the start with it. The parent does it.
+        try:
+            asyncio.run(_prepare_database(server.database))
+        except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
+            print(f"gateway: database error ({redact(server.database)}): {exc}", file=sys.stderr)
+            return 1
         try:
             sock = workers.listen(server.host, server.port)
         except OSError as exc:
@@ -391,6 +399,12 @@ def _reload(database: str) -> int:
     print(f"Sent SIGHUP to the gateway (pid {pid}); its log says config_reloaded, or")
     print("config_reload_failed with the error (the running config then stays).")
     return 0
+
+
+async def _prepare_database(database: str) -> None:
+    """Create the database if new and bring its schema up to date (then close it)."""
+    async with opened_database(database):
+        pass
 
 
 async def _run_with_store(path: str, run: Command, args: argparse.Namespace) -> int:
