@@ -313,9 +313,8 @@ def _serve_held(args: argparse.Namespace) -> int:
         # locked", about one start in eight here), and the start with it. The parent does it.
         try:
             asyncio.run(_prepare_database(server.database))
-        except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
-            print(f"gateway: database error ({redact(server.database)}): {exc}", file=sys.stderr)
-            return 1
+        except _DATABASE_ERRORS as exc:
+            return _database_failed(server.database, exc)
         try:
             sock = workers.listen(server.host, server.port)
         except OSError as exc:
@@ -347,9 +346,8 @@ def _serve_held(args: argparse.Namespace) -> int:
     except OSError as exc:  # address in use, unknown host, no permission
         print(f"gateway: cannot listen on {host}:{server.port}: {exc}", file=sys.stderr)
         return 1
-    except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
-        print(f"gateway: database error ({redact(server.database)}): {exc}", file=sys.stderr)
-        return 1
+    except _DATABASE_ERRORS as exc:
+        return _database_failed(server.database, exc)
     return _usage_status(app)
 
 
@@ -401,6 +399,16 @@ def _reload(database: str) -> int:
     return 0
 
 
+# What a database that is missing, locked, full or unreachable raises.
+_DATABASE_ERRORS = (sqlite3.Error, StoreError, asyncpg.PostgresError)
+
+
+def _database_failed(database: str, exc: Exception) -> int:
+    """`serve` could not use its database: one line naming it (no password), exit status 1."""
+    print(f"gateway: database error ({redact(database)}): {exc}", file=sys.stderr)
+    return 1
+
+
 async def _prepare_database(database: str) -> None:
     """Create the database if new and bring its schema up to date (then close it)."""
     async with opened_database(database):
@@ -437,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NotFound, InvalidRequest, StoreBusy) as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidRequest) else 1
-    except (sqlite3.Error, StoreError, asyncpg.PostgresError) as exc:
+    except _DATABASE_ERRORS as exc:
         print(f"gateway: database error: {exc}", file=sys.stderr)
         return 1
     except UnicodeEncodeError:
