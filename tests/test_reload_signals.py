@@ -246,19 +246,18 @@ def test_a_serve_that_fails_in_process_leaves_sighup_as_it_was(
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-@pytest.mark.parametrize("uvloop", [True, False])
 async def test_a_stream_of_sighups_through_a_stop_neither_ends_nor_holds_it(
-    tmp_path: Path, uvloop: bool
+    tmp_path: Path,
 ) -> None:
-    """A reload loop sends SIGHUP after SIGHUP while the server stops. On uvloop, the stop
-    removed the loop's handler, which put SIGHUP's default action back for a moment before it
-    was ignored, and a thread started while serving (libuv's) took one then: the process
-    ended (-SIGHUP), every time here. On asyncio's own loop (`uvloop = false`), the SIGHUPs
-    filled the loop's wakeup socket, the SIGTERM's byte was dropped, and the stop never came
-    (`hangups.stop_on`)."""
+    """A reload loop sends SIGHUP after SIGHUP while the server (on uvloop, the default)
+    stops. The stop removed the loop's handler, which put SIGHUP's default action back for a
+    moment before it was ignored, and a thread started while serving (libuv's) took one then:
+    the process ended (-SIGHUP), every time here. (On asyncio's own loop a stream that does
+    not end can starve the stop as long as it lasts, as docs/operations.md says: there, one
+    that ends is the test below.)"""
     db = tmp_path / "keys.db"
     config = tmp_path / "gateway.toml"
-    config.write_text(f'[server]\ndatabase = "{db}"\nuvloop = {str(uvloop).lower()}\n')
+    config.write_text(f'[server]\ndatabase = "{db}"\n')  # uvloop: the default
     proc = await start_serve(config, free_port(), stdout=subprocess.DEVNULL)
     storm = None
     try:
@@ -339,15 +338,36 @@ async def test_the_workers_parent_stops_on_a_sigterm_sent_in_a_stream_of_sighups
     config = tmp_path / "gateway.toml"
     config.write_text(f'[server]\ndatabase = "{tmp_path / "keys.db"}"\nredis_url = "{redis_url}"\n')
     async with _two_workers(config, free_port()) as proc:
-        assert proc.stderr is not None
-        async with asyncio.timeout(60):
-            assert b"listening" in await proc.stderr.readline()
-        drain = asyncio.create_task(proc.stderr.read())  # (not left to fill its pipe)
-        flood = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _FLOOD, str(proc.pid), "200000"
-        )
-        await flood.wait()  # the stream is over, the SIGTERM was sent in its middle
-        async with asyncio.timeout(NEVER_HANG):
-            status = await proc.wait()
-            await drain
-        assert status == 0
+        assert await _stopped_by_a_flood(proc) == 0
+
+
+async def test_a_server_on_asyncio_stops_on_a_sigterm_sent_in_a_stream_of_sighups(
+    tmp_path: Path,
+) -> None:
+    """The same on `gateway serve` with `uvloop = false`: asyncio's loop."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\ndatabase = "{tmp_path / "keys.db"}"\nuvloop = false\n')
+    proc = await start_serve(config, free_port(), stdout=subprocess.DEVNULL)
+    try:
+        assert await _stopped_by_a_flood(proc) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _stopped_by_a_flood(proc: asyncio.subprocess.Process) -> int:
+    """Once `proc` listens, send it `_FLOOD` (200,000 SIGHUPs, a SIGTERM, 200,000 more): its
+    exit status once the flood is over."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(60):
+        assert b"listening" in await proc.stderr.readline()
+    drain = asyncio.create_task(proc.stderr.read())  # (not left to fill its pipe)
+    flood = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FLOOD, str(proc.pid), "200000"
+    )
+    await flood.wait()  # the stream is over, the SIGTERM was sent in its middle
+    async with asyncio.timeout(NEVER_HANG):
+        status = await proc.wait()
+        await drain
+    return status
