@@ -53,16 +53,9 @@ async def test_a_redis_restart_that_lost_its_data_counts_the_fallbacks_spending_
     pings once a second) and seeds the period's counter from the usage table: A's 30 are in
     it. When A's probe then found Redis, A added its 30 again (70). Any restart that loses
     Redis's data, with two replicas or more: A's counter must be seeded afresh instead."""
-    fake, gw, other = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
-    )
-    fake.always(content="two words")  # every request uses 10 tokens
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    _, gw, other, secret = await seeded(
+        aiohttp_server, aiohttp_client, make_settings, redis_server
+    )  # A spent 10 through Redis (every request uses 10)
     gate = app_of(gw)[GATE_KEY]
     assert isinstance(gate, SharedGate)
     redis_server.stop()
@@ -110,16 +103,9 @@ async def test_a_redis_that_takes_no_writes_yet_keeps_the_fallbacks_spending_to_
     later, were dropped (an end sent again counts only for a request that holds something
     in Redis): lost for every replica. Now the dropping of the counter must go through
     before the circuit closes; until it does, the probe goes on."""
-    fake, gw, _ = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
-    )
-    fake.always(content="two words")
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    _, gw, _, secret = await seeded(
+        aiohttp_server, aiohttp_client, make_settings, redis_server
+    )  # A spent 10 through Redis (every request uses 10)
     gate = app_of(gw)[GATE_KEY]
     assert isinstance(gate, SharedGate)
     assert redis_server.process is not None
@@ -154,16 +140,9 @@ async def test_a_budget_lifted_and_given_again_during_the_outage_is_seeded_afres
     again: `sync` found the counter stale but could drop it only with Redis up, and nothing
     dropped it later. The in-memory gate starts a budget given again from the table (40); the
     shared counter kept its 10 from before the outage (for ever, for a total budget)."""
-    fake, gw, _ = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
-    )
-    fake.always(content="two words")
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post(gw, secret))[0] == 200  # seeds: 10
+    _, gw, _, secret = await seeded(
+        aiohttp_server, aiohttp_client, make_settings, redis_server
+    )  # A spent 10 through Redis (every request uses 10)
     gate = app_of(gw)[GATE_KEY]
     keys = app_of(gw)[KEYS_KEY]
     assert isinstance(gate, SharedGate)
@@ -201,16 +180,9 @@ async def test_what_the_local_fallback_admitted_counts_in_the_shared_spending(
     period's counter was next seeded (a day, a month, never for a total budget). Once Redis
     answers, what they used is added to it; so is what a request the fallback admitted uses
     when it ends after the outage."""
-    fake, gw, other = await two_gateways(
-        aiohttp_server,
-        aiohttp_client,
-        make_settings,
-        redis_url=redis_server.url,
-        redis_failure="local",
-    )
-    fake.always(content="two words")  # 8 prompt tokens + 2: every request uses 10
-    secret = await create_key(gw, budget_tokens=10_000, budget_period="total")
-    assert (await post(gw, secret))[0] == 200  # seeds the shared spending: 10
+    fake, gw, other, secret = await seeded(
+        aiohttp_server, aiohttp_client, make_settings, redis_server
+    )  # A spent 10 through Redis (every request uses 10)
     gate = app_of(gw)[GATE_KEY]
     assert isinstance(gate, SharedGate)
     assert redis_server.process is not None
@@ -328,7 +300,7 @@ async def post_small(gw: Any, secret: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
-async def seeded_pair(
+async def seeded(
     aiohttp_server: AiohttpServer,
     aiohttp_client: AiohttpClient,
     make_settings: MakeSettings,
@@ -337,8 +309,8 @@ async def seeded_pair(
     send: Callable[[Any, str], Awaitable[tuple[int, Any]]] = post,
 ) -> tuple[Any, Any, Any, str]:
     """Replicas A and B with the local fallback, and a key with a total budget that A spent
-    10 of through Redis (its spending seeded) and B knows: the fake upstream (10 tokens a
-    request), A, B and the key."""
+    10 of through Redis (its spending seeded), not read by B yet: the fake upstream (10
+    tokens a request), A, B and the key."""
     fake, gw, other = await two_gateways(
         aiohttp_server,
         aiohttp_client,
@@ -349,6 +321,21 @@ async def seeded_pair(
     fake.always(content="two words")
     secret = await create_key(gw, budget_tokens=budget, budget_period="total")
     assert (await send(gw, secret))[0] == 200  # seeds: 10
+    return fake, gw, other, secret
+
+
+async def seeded_pair(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+    redis_server: RedisServer,
+    budget: int = 10_000,
+    send: Callable[[Any, str], Awaitable[tuple[int, Any]]] = post,
+) -> tuple[Any, Any, Any, str]:
+    """`seeded`, with the key known to B too."""
+    fake, gw, other, secret = await seeded(
+        aiohttp_server, aiohttp_client, make_settings, redis_server, budget, send
+    )
     await known(other, secret)
     return fake, gw, other, secret
 
