@@ -382,9 +382,8 @@ def _serve_worker(args: argparse.Namespace, settings: Settings) -> int:
             lambda: workers.worker_ready(ready),
             sock=sock,
         )
-    except (sqlite3.Error, StoreError) as exc:
-        print(f"gateway: database error ({settings.server.database}): {exc}", file=sys.stderr)
-        return 1
+    except _DATABASE_ERRORS as exc:  # the parent then stops the others
+        return _database_failed(settings.server.database, exc)
     return _usage_status(app)
 
 

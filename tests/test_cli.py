@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -444,3 +445,39 @@ def test_keys_take_notes_as_long_as_the_admin_api_does(run: Run) -> None:
     assert len(created["notes"]) == 2000
     updated = run.json("keys", "update", created["id"], "--notes", "m" * 2000)
     assert updated["notes"] == "m" * 2000
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        cli.StoreError("cannot connect to PostgreSQL: the server went away"),
+        asyncpg.exceptions.InsufficientPrivilegeError("permission denied for table usage"),
+    ],
+    ids=["store", "postgres"],
+)
+def test_a_workers_database_error_names_no_password(
+    error: Exception,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker of `serve --workers N` whose database fails says so in one line, as the single
+    server does: the password in a PostgreSQL URL is never printed, and PostgreSQL's own errors
+    are a line too, not a traceback (the parent then stops the other workers)."""
+
+    def failing_serve(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(server_module, "serve", failing_serve)
+    monkeypatch.setattr(cli.workers, "watch_parent", lambda app, fd: None)
+    monkeypatch.setattr(cli.workers, "worker_socket", lambda fd: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql://kiosk:s3cret-pass@db.internal:5432/kiosk"
+    assert cli.main(["serve", "--db", url, "--worker-fd", "7,8,9"]) == 1
+    out, err = capsys.readouterr()
+    assert "s3cret-pass" not in out + err
+    assert err == (
+        f"gateway: database error (postgresql://kiosk:***@db.internal:5432/kiosk): {error}\n"
+    )
