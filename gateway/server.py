@@ -306,22 +306,27 @@ async def _run(
         handler_cancellation=True,
         keepalive_timeout=75.0,
     )
-    await runner.setup()
-    # What start-up made (modules, settings, the price database: ~90k objects) lives as long as
-    # the process: out of the collector's sight, a full collection under load takes
-    # microseconds instead of ~90 ms that every open stream and request would wait for.
-    gc.collect()
-    gc.freeze()
-    # A full collection still scans every object of every open stream and request (~100 ms at
-    # 1,000 streams here): consider one after 100 middle-generation collections instead of 10,
-    # so it comes about once a minute or two under load rather than every few seconds. A
-    # request leaves no cycles (tests/test_openai_provider.py), so the young generation is
-    # only what requests in flight hold: collected every 2,000 allocations rather than 700,
-    # short requests at concurrency 32 take a collection about every 1,300 requests, not
-    # every forty (~6 us a request); the long streams' chunk delays were unchanged.
-    _, middle, _ = gc.get_threshold()
-    gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)
+    # One cleanup for a start that fails too (a bad price id, a database gone): the app's
+    # contexts that started end, and with them the database's thread, which is not a daemon
+    # (left open, the process printed its error and never exited).
     try:
+        await runner.setup()
+        # What start-up made (modules, settings, the price database: ~90k objects) lives as
+        # long as the process: out of the collector's sight, a full collection under load
+        # takes microseconds instead of ~90 ms that every open stream and request would wait
+        # for.
+        gc.collect()
+        gc.freeze()
+        # A full collection still scans every object of every open stream and request (~100
+        # ms at 1,000 streams here): consider one after 100 middle-generation collections
+        # instead of 10, so it comes about once a minute or two under load rather than every
+        # few seconds. A request leaves no cycles (tests/test_openai_provider.py), so the
+        # young generation is only what requests in flight hold: collected every 2,000
+        # allocations rather than 700, short requests at concurrency 32 take a collection
+        # about every 1,300 requests, not every forty (~6 us a request); the long streams'
+        # chunk delays were unchanged.
+        _, middle, _ = gc.get_threshold()
+        gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)
         backlog = app[SETTINGS_KEY].server.listen_backlog
         if sock is not None:  # a worker of `gateway serve --workers N` (see workers.py)
             await web.SockSite(runner, sock, backlog=backlog).start()

@@ -443,3 +443,28 @@ async def test_many_reloads_with_a_stream_open_keep_memory_flat_and_the_stream_w
         await runner.cleanup()
     assert tail.endswith(b"data: [DONE]\n\n") and b"two" in tail
     assert after < before * 1.1, (before, after)  # flat within 10 %
+
+
+async def test_a_start_that_fails_after_the_database_opened_exits(tmp_path: Any) -> None:
+    """The price check fails after the database (whose thread is not a daemon) is open: the
+    process prints the error and exits 2, where it used to wait for that thread forever,
+    deaf to SIGTERM too."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{tmp_path / "keys.db"}"\n\n'
+        '[[providers]]\nname = "o"\ntype = "openai"\npricing = "nosuchco"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config),
+        "--port", str(free_port()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(30):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 2, err
+    assert b"pricing: 'nosuchco'" in err
+    assert b"Traceback" not in err
