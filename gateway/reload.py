@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway import hangups
 from gateway.dashboard.sessions import SessionBook, SessionsUnavailable
 from gateway.dashboard.shared_sessions import SharedSessionBook
-from gateway.settings import ConfigError, Settings
+from gateway.settings import ConfigError, PriceSettings, Settings
 from gateway.snapshot import build_snapshot
 from gateway.state import DASHBOARD_SESSIONS_KEY, KEYS_KEY, LIVE_KEY, PRICES_KEY, RELOADER_KEY
 
@@ -44,24 +44,34 @@ RESTART_FIELDS = (
 
 # `[metrics]` fields bound at start (the metrics are made once); `public` is reloadable.
 METRICS_RESTART_FIELDS = ("enabled", "per_key", "max_keys", "max_models")
+# `[prices]` is bound at start as a whole: the price list is loaded, and its updates started,
+# once.
+PRICES_RESTART_FIELDS = PriceSettings.__struct_fields__
+_RESTART = (
+    ("server", RESTART_FIELDS),
+    ("metrics", METRICS_RESTART_FIELDS),
+    ("prices", PRICES_RESTART_FIELDS),
+)
+# The sections of single settings whose other fields a reload takes (named in its log line).
+_SETTINGS_SECTIONS = ("server", "metrics")
 
 
 def _keep_startup_fields(running: Settings, new: Settings) -> Settings:
     changed = [
         f"{section}.{f}"
-        for section, fields in (("server", RESTART_FIELDS), ("metrics", METRICS_RESTART_FIELDS))
+        for section, fields in _RESTART
         for f in fields
         if getattr(getattr(running, section), f) != getattr(getattr(new, section), f)
     ]
     if changed:
         log.warning("config_reload_needs_restart", fields=changed)
-    server = {f: getattr(running.server, f) for f in RESTART_FIELDS}
-    metrics = {f: getattr(running.metrics, f) for f in METRICS_RESTART_FIELDS}
-    return msgspec.structs.replace(
-        new,
-        server=msgspec.structs.replace(new.server, **server),
-        metrics=msgspec.structs.replace(new.metrics, **metrics),
-    )
+    kept = {
+        section: msgspec.structs.replace(
+            getattr(new, section), **{f: getattr(getattr(running, section), f) for f in fields}
+        )
+        for section, fields in _RESTART
+    }
+    return msgspec.structs.replace(new, **kept)
 
 
 def _changes(old: Settings, new: Settings) -> dict[str, list[str]]:
@@ -79,6 +89,15 @@ def _changes(old: Settings, new: Settings) -> dict[str, list[str]]:
                 out[f"{section}_{verb}"] = sorted(names)
     if old.routing != new.routing:
         out["routing"] = ["changed"]
+    # Names only: a changed admin key's value never reaches the log.
+    settings = [
+        f"{section}.{f}"
+        for section in _SETTINGS_SECTIONS
+        for f in getattr(old, section).__struct_fields__
+        if getattr(getattr(old, section), f) != getattr(getattr(new, section), f)
+    ]
+    if settings:
+        out["settings_changed"] = settings
     return out
 
 

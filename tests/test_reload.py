@@ -245,6 +245,8 @@ async def test_server_fields_bound_at_start_keep_their_running_values(
         assert await s.reload()
     warning = next(e for e in logs if e["event"] == "config_reload_needs_restart")
     assert warning["fields"] == ["server.port", "server.log_level"]
+    reloaded = next(e for e in logs if e["event"] == "config_reloaded")
+    assert reloaded["settings_changed"] == ["server.default_model"]  # what was taken
     server = current(s.gw).settings.server
     assert (server.port, server.log_level) == (running.port, running.log_level)
     assert server.default_model == "a/x"  # not bound at start: taken
@@ -351,3 +353,28 @@ async def test_prices_follow_a_reload_and_an_unknown_price_list_is_refused(
         assert not await s.reload(unknown + cheaper)
     failed = next(e for e in logs if e["event"] == "config_reload_failed")
     assert "providers.a.pricing: 'x'" in failed["error"]
+
+
+async def test_prices_wait_for_a_restart_and_a_new_admin_key_is_named_not_shown(
+    setup: Reloadable, aiohttp_client: AiohttpClient
+) -> None:
+    s = setup
+    body = s.provider("a", s.a, "ka")
+    await s.start(aiohttp_client, body)
+    running = current(s.gw).settings.prices
+    admin = "sk-admin-new-0123456789abcdef"
+    s.write("[prices]\nupdate_interval = 120.0\n\n" + body)
+    s.path.write_text(
+        s.path.read_text().replace("[server]\n", f'[server]\nadmin_key = "{admin}"\n'),
+        encoding="utf-8",
+    )
+    with capture_logs() as logs:
+        assert await s.reload()
+    warning = next(e for e in logs if e["event"] == "config_reload_needs_restart")
+    assert warning["fields"] == ["prices.update_interval"]  # the price list loads at start
+    assert current(s.gw).settings.prices == running
+    reloaded = next(e for e in logs if e["event"] == "config_reloaded")
+    assert reloaded["settings_changed"] == ["server.admin_key"]
+    assert admin not in repr(logs)
+    resp = await s.gw.get("/admin/keys", headers={"Authorization": f"Bearer {admin}"})
+    assert resp.status == 200  # taken
