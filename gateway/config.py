@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import msgspec
 
+from gateway.dburl import problem as database_problem, url_problem
 from gateway.schemas.codec import error_path
 from gateway.settings import (
     DEFAULT_BASE_URLS,
@@ -61,6 +62,21 @@ REASONING_MODELS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _redis_url_problem(url: str) -> str | None:
+    """Why redis-py cannot take `url`, in words that never repeat it (its own error quotes a
+    piece of it: a password's, where the password holds a `/`)."""
+    problem = url_problem(url)
+    if problem is not None:
+        return problem
+    from redis.connection import parse_url  # (not loaded by commands that never use Redis)
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return "not a valid Redis URL (e.g. redis://:password@127.0.0.1:6379/0)"
+    return None
+
+
 def _resolve_secret(value: str, where: str, environ: Mapping[str, str]) -> str:
     if not value.startswith("env:"):
         return value
@@ -88,6 +104,18 @@ def _upstream(p: UpstreamT, where: str, environ: Mapping[str, str]) -> UpstreamT
             )
     if p.base_url is not None and not p.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.base_url: must start with http:// or https://")
+    if p.base_url is not None:
+        # Never repeated in the message: a URL with a user part may hold a password.
+        problem = url_problem(p.base_url)
+        if problem is not None:
+            raise ConfigError(f"{where}.base_url: {problem}")
+        if "@" in urllib.parse.urlsplit(p.base_url).netloc:
+            # aiohttp refuses a URL's credentials beside an Authorization header: every
+            # request would fail.
+            raise ConfigError(
+                f"{where}.base_url: must not hold a user or password (the gateway signs in "
+                "with the provider's api_keys; other credentials go in its headers)"
+            )
     if p.base_url is not None and p.type in _ROOT_ONLY:
         path = urllib.parse.urlsplit(p.base_url).path.rstrip("/")
         if path.endswith(_ROOT_ONLY[p.type]):
@@ -145,6 +173,9 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
         raise ConfigError("server.admin_key: must be at least 16 characters")
     # A PostgreSQL URL may hold a password: `database = "env:KIOSK_DATABASE_URL"`.
     database = _resolve_secret(settings.server.database, "server.database", environ)
+    problem = database_problem(database)  # (its words never repeat the URL: a password)
+    if problem is not None:
+        raise ConfigError(f"server.database: {problem}")
     redis_url = settings.server.redis_url
     if redis_url is not None:
         redis_url = _resolve_secret(redis_url, "server.redis_url", environ)
@@ -153,6 +184,9 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
                 "server.redis_url: must start with redis://, rediss:// or unix:// "
                 "(e.g. redis://127.0.0.1:6379/0)"
             )
+        problem = _redis_url_problem(redis_url)
+        if problem is not None:
+            raise ConfigError(f"server.redis_url: {problem}")
     server = msgspec.structs.replace(
         settings.server, admin_key=admin_key, database=database, redis_url=redis_url
     )

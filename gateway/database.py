@@ -12,11 +12,11 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Protocol
 
-from gateway.dburl import is_postgres_url
+from gateway.dburl import is_postgres_url, problem as database_problem
 from gateway.pg_store import PgStore
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow
 from gateway.refusals import Refusals
-from gateway.store import Store
+from gateway.store import Store, StoreError
 
 __all__ = ["Database", "is_postgres_url", "open_database", "opened_database"]
 
@@ -75,6 +75,9 @@ async def open_database(database: str, *, busy_timeout: float = 5.0) -> Database
         sqlite3.Error: a SQLite file that cannot be opened.
         StoreError: an unreachable PostgreSQL, or a schema newer than this code.
     """
+    problem = database_problem(database)  # (its words never repeat the URL: a password)
+    if problem is not None:
+        raise StoreError(problem)
     if is_postgres_url(database):
         return await PgStore.open(database)
     return await Store.open(database, busy_timeout=busy_timeout)

@@ -18,7 +18,7 @@ import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import msgspec
@@ -166,8 +166,10 @@ class PgStore:
                 command_timeout=_COMMAND_TIMEOUT,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
+            message = str(exc)
             password = urlsplit(url).password
-            message = str(exc).replace(password, "***") if password else str(exc)
+            for shown in {password, unquote(password)} if password else ():
+                message = message.replace(shown, "***")
             raise StoreError(f"cannot connect to PostgreSQL: {message}") from None
         try:
             async with pool.acquire() as conn:

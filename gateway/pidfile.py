@@ -2,8 +2,9 @@
 
 It lives next to the database, as `<database>.pid`: every command already knows where the
 database is (`--db`, or `server.database` of the config), and a database has one server.
-For a PostgreSQL URL (shared by replicas, each on its own box) it is `gateway-<hash>.pid` in
-the working directory, the hash taken of the URL, so no password appears in a file name.
+For a URL (PostgreSQL's, shared by replicas, each on its own box; or one refused) it is
+`gateway-<hash>.pid` in the working directory, the hash taken of the URL, so no password
+appears in a file name.
 `gateway serve` writes it once it listens on its port and removes it when it stops.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.dburl import is_postgres_url, redact
+from gateway.dburl import is_url, redact
 
 if TYPE_CHECKING:  # the reload command signals a server without loading the HTTP stack
     from aiohttp import web
@@ -31,7 +32,7 @@ class NoServer(Exception):
 
 
 def pid_path(database: str) -> Path:
-    if is_postgres_url(database):
+    if is_url(database):
         return Path(f"gateway-{hashlib.sha256(database.encode()).hexdigest()[:16]}.pid")
     return Path(f"{database}.pid")
 
