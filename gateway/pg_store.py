@@ -105,6 +105,9 @@ _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.OperatorInterventionError,  # starting up, shutting down (admin_shutdown...)
+    # A new connection refused its sign-in (a password changed under the running server,
+    # the operator fixing it): down for now, not a failure of the request.
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
 
 

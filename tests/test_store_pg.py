@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from gateway import cli
 from gateway.database import opened_database
 from gateway.dburl import redact
+from gateway.errors import StoreBusy
 from gateway.migrations import MIGRATIONS
 from gateway.pg_store import PgStore
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow, mint_uid
@@ -264,3 +266,30 @@ async def test_both_backends_have_the_same_tables_and_columns(tmp_path: Path, pg
     # PostgreSQL's own bookkeeping: the schema version and the key-change counter.
     assert set(postgres) - set(lite) == {"schema_version", "key_changes"}
     assert {t: postgres[t] for t in lite} == lite
+
+
+async def test_a_sign_in_refused_under_a_running_server_is_a_503(
+    pg_server: Any, pg_url: str
+) -> None:
+    """A role whose sign-in PostgreSQL now refuses (its password changed, its LOGIN taken
+    away) while the server runs: the admin API says the database is unavailable for now (503,
+    retried), not that the gateway failed (500)."""
+    role = f"kiosk_role_{abs(hash(pg_url)) % 10**8}"
+    admin = await asyncpg.connect(pg_server.admin_url)
+    try:
+        await (await PgStore.open(pg_url)).close()  # its tables made by their owner
+        await admin.execute(f"CREATE ROLE {role} LOGIN SUPERUSER")
+        store = await PgStore.open(pg_url.replace("//postgres@", f"//{role}@", 1))
+        try:
+            await admin.execute(f"ALTER ROLE {role} NOLOGIN")
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+            )
+            for _ in range(3):  # the connection that went, then new ones refused
+                with pytest.raises(StoreBusy):
+                    await store.list_keys()
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
