@@ -387,6 +387,21 @@ def _serve_worker(args: argparse.Namespace, settings: Settings) -> int:
     return _usage_status(app)
 
 
+def _check_pricing(settings: Settings) -> None:
+    """What the running server checks on a reload beyond the config itself: every provider's
+    `pricing` names a price list of the price database (loaded here only when one names one).
+
+    Raises:
+        ConfigError: as `PriceBook.check`.
+    """
+    named = any(p.pricing not in (None, "free", "none") for p in settings.providers)
+    if settings.prices.database and named:
+        from gateway.prices import PriceBook, load_database  # (a price list: only if asked)
+
+        lookup, version, provider_ids = load_database()
+        PriceBook(lookup, version, provider_ids=provider_ids).check(settings)
+
+
 def _reload(database: str) -> int:
     try:
         pid = signal_reload(database)
@@ -436,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             args.settings = load_settings(args.config, os.environ)
             path = path or args.settings.server.database
         if args.command == "reload":
+            if args.settings is not None:
+                _check_pricing(args.settings)
             return _reload(path)
         return asyncio.run(_run_with_store(path, args.run, args))
     except ConfigError as exc:

@@ -481,3 +481,21 @@ def test_a_workers_database_error_names_no_password(
     assert err == (
         f"gateway: database error (postgresql://kiosk:***@db.internal:5432/kiosk): {error}\n"
     )
+
+
+def test_reload_refuses_a_pricing_the_price_database_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway reload` checks what the server would refuse, before it signals anything: a
+    provider's `pricing` the price database does not have (the server would log
+    config_reload_failed while the command said it had sent the signal)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    config = tmp_path / "gateway.toml"
+    provider = '[[providers]]\nname = "o"\ntype = "openai"\npricing = "{}"\n'
+    config.write_text(provider.format("nosuchco"))
+    assert cli.main(["reload", "--config", str(config)]) == 2
+    assert "providers.o.pricing: 'nosuchco' is not a provider" in capsys.readouterr().err
+    config.write_text(provider.format("openai"))  # a known one: on to finding the server
+    assert cli.main(["reload", "--config", str(config)]) == 1
+    assert "no running server found" in capsys.readouterr().err
