@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import msgspec
 
-from gateway.dburl import problem as database_problem, url_problem
+from gateway.dburl import problem as database_problem
 from gateway.schemas.codec import error_path
 from gateway.settings import (
     DEFAULT_BASE_URLS,
@@ -65,9 +65,6 @@ REASONING_MODELS: dict[str, tuple[str, ...]] = {
 def _redis_url_problem(url: str) -> str | None:
     """Why redis-py cannot take `url`, in words that never repeat it (its own error quotes a
     piece of it: a password's, where the password holds a `/`)."""
-    problem = url_problem(url)
-    if problem is not None:
-        return problem
     from redis.connection import parse_url  # (not loaded by commands that never use Redis)
 
     try:
@@ -106,10 +103,12 @@ def _upstream(p: UpstreamT, where: str, environ: Mapping[str, str]) -> UpstreamT
         raise ConfigError(f"{where}.base_url: must start with http:// or https://")
     if p.base_url is not None:
         # Never repeated in the message: a URL with a user part may hold a password.
-        problem = url_problem(p.base_url)
-        if problem is not None:
-            raise ConfigError(f"{where}.base_url: {problem}")
-        if "@" in urllib.parse.urlsplit(p.base_url).netloc:
+        try:
+            parts = urllib.parse.urlsplit(p.base_url)
+            parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+        except ValueError:
+            raise ConfigError(f"{where}.base_url: not a valid URL (its port)") from None
+        if "@" in parts.netloc:
             # aiohttp refuses a URL's credentials beside an Authorization header: every
             # request would fail.
             raise ConfigError(

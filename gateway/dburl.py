@@ -1,33 +1,34 @@
 """What `[server] database` names: a SQLite path or a PostgreSQL URL, and how it is shown.
 
-A URL's password may hold characters a URL reserves (`/`, `?`, `#`): unless percent-encoded,
-a URL parser ends the user part before them and reads a piece of the password as the port.
-`problem` refuses such a URL (and a URL of another kind) in words that never repeat it, and
-`redact` hides the password of any URL, parsed or not.
+A URL's password may hold characters a URL reserves (`/`, `?`, `#`, `@`, `&`): unless
+percent-encoded, a URL parser ends the user part (or a `password=` parameter) early and reads
+a piece of the password as a port, a host or another parameter, which drivers then quote in
+their errors. `problem` refuses such a URL (and a URL of another kind) in words that never
+repeat it, and `redact` hides the password of any URL, well formed or not.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import unquote
 
-__all__ = ["is_postgres_url", "is_url", "problem", "redact", "url_problem"]
+__all__ = ["is_postgres_url", "is_url", "passwords", "problem", "redact"]
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _POSTGRES = ("postgresql", "postgres")
-_PASSWORD_PARAM = re.compile(r"([?&;]password=)[^&#;]*", re.IGNORECASE)
-_ENCODE = "percent-encode /, ?, # and @ in a password or a parameter: %2F, %3F, %23, %40"
+# A `password=` parameter and everything after it: a password holding `&`, `;` or `#` has
+# no end a parser agrees on (hiding the parameters after it too is the safe side).
+_PASSWORD_PARAM = re.compile(r"([?&;]password=).*", re.IGNORECASE | re.DOTALL)
+_PASSWORD_VALUE = re.compile(r"[?&;]password=([^&]*)", re.IGNORECASE)
+# One host of a PostgreSQL URL's host list: a name or address (IPv6 in brackets), and an
+# optional port of digits.
+_HOST = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::(\d*))?")
+_ENCODE = "percent-encode /, ?, #, @ and & in a user, a password or a parameter (%2F, ...)"
 
 
 def _scheme(text: str) -> str | None:
     found = _SCHEME.match(text)
     return found.group(1).lower() if found else None
-
-
-def _authority_end(rest: str) -> int:
-    """Where a URL's authority (after `scheme://`) ends: at its first `/`, `?` or `#`."""
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    return min(ends, default=len(rest))
 
 
 def is_postgres_url(database: str) -> bool:
@@ -39,16 +40,33 @@ def is_url(database: str) -> bool:
     return _scheme(database) not in (None, "file")
 
 
-def url_problem(url: str) -> str | None:
-    """Why `url` does not parse as a URL with a host and port (None when it does), without
-    repeating it."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises for a port that is not a number or out of range
-    except ValueError:
-        return f"not a valid URL: what follows its host's colon is not a port; {_ENCODE}"
-    if "@" not in parts.netloc and "@" in url[len(parts.scheme) + 3 :]:
-        return f"not a valid URL: an @ after its host; {_ENCODE}"
+def _authority_end(rest: str) -> int:
+    """Where a URL's authority (after `scheme://`) ends: at its first `/`, `?` or `#`."""
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    return min(ends, default=len(rest))
+
+
+def _postgres_problem(url: str) -> str | None:
+    """What in a `postgresql://` URL asyncpg would read otherwise than written (see the
+    module), or cannot read; None when nothing. asyncpg takes a list of hosts
+    (`h1:5432,h2:5433`) and `key=value` parameters, an `@` among them included."""
+    rest = url[url.index("://") + 3 :]
+    end = _authority_end(rest)
+    userinfo, _, hosts = rest[:end].rpartition("@")
+    if "@" in userinfo:  # asyncpg splits at the first @, URL parsers at the last
+        return f"not a valid URL: more than one @ before its host; {_ENCODE}"
+    for host in hosts.split(","):
+        found = _HOST.fullmatch(host)
+        if found is None or (found.group(2) and int(found.group(2)) > 65535):
+            return f"not a valid URL: a host's port is not a port number; {_ENCODE}"
+    after = rest[end:]
+    if "#" in after:
+        return f"not a valid URL: a # after its host; {_ENCODE}"
+    path, _, query = after.partition("?")
+    if "@" in path:
+        return f"not a valid URL: an @ in its database name; {_ENCODE}"
+    if query and any("=" not in field for field in query.split("&")):
+        return f"not a valid URL: a parameter without =; {_ENCODE}"
     return None
 
 
@@ -63,20 +81,34 @@ def problem(database: str) -> str | None:
             "a database URL must start with postgresql:// or postgres:// (SQLAlchemy's "
             "postgresql+asyncpg:// is written postgresql:// here); anything else is a SQLite path"
         )
-    return url_problem(database)
+    return _postgres_problem(database)
+
+
+def passwords(database: str) -> list[str]:
+    """The password pieces of a URL as written and as percent-decoded, for masking them in a
+    driver's message (longest first)."""
+    found = _SCHEME.match(database)
+    if found is None:
+        return []
+    rest = database[found.end() :]
+    userinfo = rest[: _authority_end(rest)].rpartition("@")[0]
+    pieces = _PASSWORD_VALUE.findall(rest)
+    if ":" in userinfo:
+        pieces.append(userinfo.split(":", 1)[1])
+    shown = {p for piece in pieces for p in (piece, unquote(piece)) if p}
+    return sorted(shown, key=len, reverse=True)
 
 
 def redact(database: str) -> str:
     """The database for messages and logs: a URL's password (in its user part or a `password=`
-    parameter) replaced by `***`. A URL that does not parse (see the module) has everything
-    from the first `:` after `://` to its last `@` replaced: more than the password, maybe,
-    never less."""
+    parameter) replaced by `***`. A URL `problem` refuses has everything from the first `:`
+    after `://` to its last `@` replaced: more than the password, maybe, never less."""
     found = _SCHEME.match(database)
     if found is None:
         return database
     shown = _PASSWORD_PARAM.sub(r"\1***", database)
     rest = shown[found.end() :]
-    if url_problem(database) is not None:
+    if problem(database) is not None:
         userinfo, at, after = rest.rpartition("@")
         if at and ":" in userinfo:
             return f"{found.group(0)}{userinfo.split(':', 1)[0]}:***@{after}"

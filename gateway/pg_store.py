@@ -18,12 +18,12 @@ import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import msgspec
 
 from gateway.background import mark_seen
+from gateway.dburl import passwords
 from gateway.errors import NotFound, StoreBusy
 from gateway.migrations import FILL_DAILY, StoreError
 from gateway.pg_listen import KeyListener
@@ -170,8 +170,7 @@ class PgStore:
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
             message = str(exc)
-            password = urlsplit(url).password
-            for shown in {password, unquote(password)} if password else ():
+            for shown in passwords(url):
                 message = message.replace(shown, "***")
             raise StoreError(f"cannot connect to PostgreSQL: {message}") from None
         try:

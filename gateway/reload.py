@@ -39,6 +39,11 @@ RESTART_FIELDS = (
     "usage_flush_seconds",
     "usage_batch_size",
     "client_header_timeout",
+    "uvloop",
+    "listen_backlog",
+    "redis_url",
+    "redis_failure",
+    "redis_timeout_seconds",
 )
 
 
