@@ -308,6 +308,9 @@ def _serve_held(args: argparse.Namespace) -> int:
         print(f"gateway: {problem}", file=sys.stderr)
         return 2
     if args.workers > 1:
+        # What a worker's start would refuse, refused once here: a config error (exit 2),
+        # not a worker that died (exit 1).
+        _check_pricing(settings)
         # Each worker would create and migrate a new database at the same moment, and
         # SQLite's switch to WAL does not wait for another's: one failed ("database is
         # locked", about one start in eight here), and the start with it. The parent does it.

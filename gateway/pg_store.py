@@ -169,7 +169,7 @@ class PgStore:
                 command_timeout=_COMMAND_TIMEOUT,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
-            message = str(exc)
+            message = str(exc) or type(exc).__name__  # (a timeout says nothing)
             for shown in passwords(url):
                 message = message.replace(shown, "***")
             raise StoreError(f"cannot connect to PostgreSQL: {message}") from None

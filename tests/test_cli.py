@@ -499,3 +499,20 @@ def test_reload_refuses_a_pricing_the_price_database_lacks(
     config.write_text(provider.format("openai"))  # a known one: on to finding the server
     assert cli.main(["reload", "--config", str(config)]) == 1
     assert "no running server found" in capsys.readouterr().err
+
+
+def test_serve_with_workers_refuses_an_unknown_pricing_as_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent refuses it before any worker starts: exit 2 and the config error, as a
+    single server does (each worker failed on it, and the parent exited 1)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[server]\nredis_url = "redis://127.0.0.1:1/0"\n\n'
+        '[[providers]]\nname = "o"\ntype = "openai"\npricing = "nosuchco"\n'
+    )
+    assert cli.main(["serve", "--workers", "2", "--config", str(config), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gateway: config error: providers.o.pricing: 'nosuchco'"), err
