@@ -16,9 +16,10 @@ the prompt's size reaches ("above 200k input tokens").
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -188,6 +189,17 @@ def _from_database(prices: Any) -> Price | None:
     return Price(base, tiers, source="genai-prices")
 
 
+def _sane(price: Price) -> bool:
+    """Whether every rate is a finite number of at least zero. The price data may come from
+    the network (`[prices] update`): a negative rate would give keys' budgets back with every
+    request, and NaN would make a budget never run out (config prices are checked as loaded)."""
+    return all(
+        math.isfinite(value) and value >= 0
+        for rates in (price.base, *(r for _, r in price.tiers))
+        for value in astuple(rates)
+    )
+
+
 def load_database() -> tuple[Lookup, Callable[[], object], frozenset[str]]:
     """The bundled (or last fetched) `genai-prices` database: a lookup, a function whose
     result changes whenever the database is replaced by an update, and its provider ids.
@@ -204,7 +216,12 @@ def load_database() -> tuple[Lookup, Callable[[], object], frozenset[str]]:
         found = provider.find_model(model, all_providers=snapshot.providers)
         if found is None:
             return None
-        return _from_database(found.get_prices(datetime.now(tz=UTC)))
+        price = _from_database(found.get_prices(datetime.now(tz=UTC)))
+        if price is not None and not _sane(price):
+            # (once a model a day at most: the answer is cached by `PriceBook`)
+            log.warning("price_refused", provider=provider_id, model=model[:200])
+            return None
+        return price
 
     ids = frozenset(p.id for p in data_snapshot.get_snapshot().providers)
     return lookup, data_snapshot.get_snapshot, ids

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 from genai_prices import data_snapshot, wait_prices_updated_async
+from structlog.testing import capture_logs
 
 from gateway.app import create_app
 from gateway.prices import FREE, Price, PriceBook, Rates, Usage, load_database
@@ -246,24 +247,23 @@ async def test_an_unknown_pricing_id_stops_the_start(make_settings: MakeSettings
     await app.cleanup()
 
 
-async def test_prices_are_fetched_only_when_updates_are_on(
-    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
-) -> None:
-    fetched: list[str] = []
-    data = [
+def _price_data(**prices: Any) -> list[dict[str, Any]]:
+    """A price list as genai-prices fetches it: OpenAI's gpt-4o-mini at `prices`."""
+    return [
         {
             "id": "openai",
             "name": "OpenAI",
             "api_pattern": "x",
-            "models": [
-                {
-                    "id": "gpt-4o-mini",
-                    "match": {"equals": "gpt-4o-mini"},
-                    "prices": {"input_mtok": 7, "output_mtok": 9},
-                }
-            ],
+            "models": [{"id": "gpt-4o-mini", "match": {"equals": "gpt-4o-mini"}, "prices": prices}],
         }
     ]
+
+
+async def test_prices_are_fetched_only_when_updates_are_on(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    fetched: list[str] = []
+    data = _price_data(input_mtok=7, output_mtok=9)
 
     async def serve(request: web.Request) -> web.Response:
         fetched.append(request.path)
@@ -293,5 +293,53 @@ async def test_prices_are_fetched_only_when_updates_are_on(
         )
         price = app_of(gw)[PRICES_KEY].price(model, settings.providers[1], "gpt-4o-mini")
         assert price is not None and (price.base.input, price.base.output) == (7, 9)
+    finally:
+        data_snapshot.set_custom_snapshot(None)  # genai-prices keeps fetched prices globally
+
+
+@pytest.mark.parametrize(
+    "prices",
+    [
+        {"input_mtok": -7, "output_mtok": 9},  # every request would give budgets money back
+        {"input_mtok": 7, "output_mtok": 9, "cache_read_mtok": -1},
+        {"input_mtok": "1e400", "output_mtok": 9},  # infinite: past a float
+    ],
+    ids=["negative", "negative-cache-read", "infinite"],
+)
+async def test_fetched_prices_below_zero_or_not_finite_are_refused(
+    prices: dict[str, Any],
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+) -> None:
+    """The price data may come from the network (`[prices] update`): a model whose fetched
+    price is negative or not a finite number has no price (a USD budget then refuses it),
+    and the gateway says so."""
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(_price_data(**prices)), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/data.json", serve)
+    server = await aiohttp_server(app)
+    settings = make_settings(providers=(openai_up(),))
+    settings = Settings(
+        server=settings.server, providers=settings.providers, models=settings.models,
+        prices=PriceSettings(update=True, update_url=str(server.make_url("/data.json"))),
+    )  # fmt: skip
+    try:
+        gw = await start_gateway(aiohttp_client, settings)
+        assert await wait_prices_updated_async(NEVER_HANG)
+        model = ModelConfig(
+            name="up/gpt-4o-mini", targets=(Target(provider="up", model="gpt-4o-mini"),)
+        )
+        with capture_logs() as logs:
+            price = app_of(gw)[PRICES_KEY].price(model, settings.providers[1], "gpt-4o-mini")
+        assert price is None
+        refused = [e for e in logs if e["event"] == "price_refused"]
+        assert refused == [
+            {"event": "price_refused", "log_level": "warning", "provider": "openai",
+             "model": "gpt-4o-mini"}
+        ]  # fmt: skip
     finally:
         data_snapshot.set_custom_snapshot(None)  # genai-prices keeps fetched prices globally
