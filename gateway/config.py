@@ -178,7 +178,7 @@ def _resolve(settings: Settings, environ: Mapping[str, str]) -> Settings:
     redis_url = settings.server.redis_url
     if redis_url is not None:
         redis_url = _resolve_secret(redis_url, "server.redis_url", environ)
-        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if not redis_url.lower().startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 "server.redis_url: must start with redis://, rediss:// or unix:// "
                 "(e.g. redis://127.0.0.1:6379/0)"

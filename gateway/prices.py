@@ -16,7 +16,6 @@ the prompt's size reaches ("above 200k input tokens").
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
@@ -26,7 +25,14 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from gateway.settings import ConfigError, ModelConfig, PriceSettings, ProviderConfig, Settings
+from gateway.settings import (
+    MAX_PRICE_PER_MTOK,
+    ConfigError,
+    ModelConfig,
+    PriceSettings,
+    ProviderConfig,
+    Settings,
+)
 
 __all__ = [
     "FREE",
@@ -190,11 +196,12 @@ def _from_database(prices: Any) -> Price | None:
 
 
 def _sane(price: Price) -> bool:
-    """Whether every rate is a finite number of at least zero. The price data may come from
-    the network (`[prices] update`): a negative rate would give keys' budgets back with every
-    request, and NaN would make a budget never run out (config prices are checked as loaded)."""
+    """Whether every rate is a number from zero to `MAX_PRICE_PER_MTOK`. The price data may
+    come from the network (`[prices] update`): a negative rate would give keys' budgets back
+    with every request, and NaN or a cost past a float (infinite) would break them (config
+    prices are bounded the same way as loaded)."""
     return all(
-        math.isfinite(value) and value >= 0
+        0 <= value <= MAX_PRICE_PER_MTOK  # (NaN compares false, infinity is above)
         for rates in (price.base, *(r for _, r in price.tiers))
         for value in astuple(rates)
     )

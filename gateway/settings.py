@@ -44,6 +44,10 @@ DEFAULT_BASE_URLS: dict[str, str] = {
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+# The most a price may be, USD per million tokens (the dearest models cost hundreds): above it,
+# a typo or `inf`, whose cost would be infinite.
+MAX_PRICE_PER_MTOK = 1_000_000.0
+PricePerMtok = Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE_PER_MTOK)]
 # As a browser sends it in `Origin`: scheme, host and port only (no path, no slash at the end).
 Origin = Annotated[str, msgspec.Meta(pattern=r"^(\*|https?://[^/\s]+)$", max_length=256)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
@@ -229,11 +233,11 @@ class ModelConfig(_Base, frozen=True):
     # USD per million tokens, for cost accounting and USD budgets; unset: the provider's
     # price list (see `pricing`). Prompt-cache reads and writes and reasoning default to the
     # input and output prices.
-    input_price_per_mtok: NonNegativeFloat | None = None
-    output_price_per_mtok: NonNegativeFloat | None = None
-    cache_read_price_per_mtok: NonNegativeFloat | None = None
-    cache_write_price_per_mtok: NonNegativeFloat | None = None
-    reasoning_price_per_mtok: NonNegativeFloat | None = None
+    input_price_per_mtok: PricePerMtok | None = None
+    output_price_per_mtok: PricePerMtok | None = None
+    cache_read_price_per_mtok: PricePerMtok | None = None
+    cache_write_price_per_mtok: PricePerMtok | None = None
+    reasoning_price_per_mtok: PricePerMtok | None = None
     # Used when a request sets neither max_tokens nor max_completion_tokens.
     max_tokens: PositiveInt | None = None
     # Only reasoning models accept `reasoning_effort` / `thinking`; others get a 400.
