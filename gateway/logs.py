@@ -305,12 +305,13 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
         structlog.processors.add_log_level,
         _UTCTimestamp(),
     ]
+    # Tracebacks as data, but never with frame locals: they hold prompts and keys.
+    tracebacks = structlog.processors.ExceptionRenderer(
+        structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+    )
     processors: list[structlog.types.Processor] = [
         *shared,
-        # Tracebacks as data, but never with frame locals: they hold prompts and keys.
-        structlog.processors.ExceptionRenderer(
-            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        ),
+        tracebacks,
         structlog.processors.JSONRenderer(serializer=_serialize),
     ]
     structlog.configure(
@@ -325,6 +326,8 @@ def configure_logging(level: str = "info", *, cache: bool = True) -> None:
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # (a library's `exc_info`, asyncpg's say, was written as three reprs)
+                tracebacks,
                 structlog.processors.JSONRenderer(serializer=lambda o, **_: _serialize(o).decode()),
             ],
         )

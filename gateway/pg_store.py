@@ -278,7 +278,9 @@ class PgStore:
             await conn.execute(_INSERT_USAGE_BATCH, *columns)
 
     async def add_refusals(self, counts: Refusals) -> None:
-        params = [(*entry, n) for entry, n in counts.items()]
+        # In key order, as the daily rollup's: two replicas adding to the same rows in
+        # different orders deadlocked (PostgreSQL aborts one; its counts wait for a retry).
+        params = sorted((*entry, n) for entry, n in counts.items())
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(_ADD_REFUSALS, params)
 

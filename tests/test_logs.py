@@ -87,6 +87,34 @@ def test_tracebacks_never_carry_local_variables(capfd: Any) -> None:
     assert "hunter2" not in out
 
 
+def test_a_librarys_exception_is_written_as_data_without_locals(capfd: Any) -> None:
+    """asyncpg logs `Failed to restore the pool connection floor; retrying` with its exception
+    every few seconds while PostgreSQL is down: through the stdlib handler its `exc_info` came
+    out as three reprs (`<traceback object at 0x...>`). It is written as the gateway's own
+    exceptions are: data, without frame locals."""
+    import json
+    import logging
+
+    configure_logging("info", cache=False)
+    try:
+        password = "hunter2-in-a-frame"  # noqa: F841 - the local a leaky renderer would show
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError:
+            logging.getLogger("asyncpg.pool").warning(
+                "Failed to restore the pool connection floor; retrying", exc_info=True
+            )
+        logs.flush_lines()
+        out = capfd.readouterr().out
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    line = json.loads(next(x for x in out.splitlines() if "connection floor" in x))
+    assert "exc_info" not in line and "<traceback object" not in out
+    assert line["exception"][0]["exc_type"] == "ConnectionRefusedError"
+    assert "hunter2" not in out
+
+
 async def _one_request(gateway: TestClient[Any, Any], key: str) -> None:
     resp = await gateway.post(
         "/v1/chat/completions",
