@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import hmac
 import importlib
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -79,6 +80,10 @@ def with_group(key: KeyRecord, groups: Mapping[str, GroupConfig]) -> KeyRecord:
 OnLoad = Callable[[list[KeyRecord]], Awaitable[None]]
 
 
+# While refreshes keep failing, how often the log says so again.
+_FAILURE_LOG_SECONDS = 60.0
+
+
 class KeyCache:
     """Every key, by digest, in memory; `run()` keeps it in step with the database.
 
@@ -107,6 +112,8 @@ class KeyCache:
         # Set when the database says the keys changed (PostgreSQL's NOTIFY): reload now.
         self._poked = asyncio.Event()
         store.on_change(self._poked.set)
+        self.failures = 0  # refreshes failed in a row (the database down)
+        self._failure_logged = 0.0
 
     async def load(self) -> None:
         async with self._loading:  # one at a time: a poll's load must not undo a regroup's
@@ -164,8 +171,25 @@ class KeyCache:
             self._poked.clear()
             try:
                 await self.refresh()
-            except Exception:  # keep serving from the last good cache
-                log.exception("key_cache_refresh_failed")
+            except Exception as exc:  # keep serving from the last good cache
+                # Once with its traceback, then one line a minute: a database that is down
+                # fails every poll (each second, in each worker).
+                self.failures += 1
+                now = time.monotonic()
+                if self.failures == 1:
+                    log.exception("key_cache_refresh_failed")
+                    self._failure_logged = now
+                elif now - self._failure_logged >= _FAILURE_LOG_SECONDS:
+                    log.error(
+                        "key_cache_refresh_failing",
+                        failures=self.failures,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    self._failure_logged = now
+            else:
+                if self.failures:
+                    log.info("key_cache_refresh_recovered", failures=self.failures)
+                    self.failures = 0
 
     def with_groups(self, key: KeyRecord) -> KeyRecord:
         """The key as it is enforced (its group's defaults applied)."""
