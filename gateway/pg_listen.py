@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 import asyncpg
@@ -15,6 +16,8 @@ __all__ = ["CHANNEL", "KeyListener"]
 log = structlog.get_logger(__name__)
 
 CHANNEL = "kiosk_keys"
+# While the listening connection keeps failing, how often the log says so again.
+FAILURE_LOG_SECONDS = 60.0
 
 
 class KeyListener:
@@ -26,6 +29,8 @@ class KeyListener:
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()  # one listening connection, even for racing polls
         self.callbacks: list[Callable[[], None]] = []
+        self.failures = 0  # connections failed in a row
+        self._failure_logged = 0.0
 
     def _notified(self, *_: object) -> None:
         for callback in self.callbacks:
@@ -41,8 +46,20 @@ class KeyListener:
                 conn = await asyncpg.connect(self._url, timeout=self._timeout)
                 await conn.add_listener(CHANNEL, self._notified)
             except Exception as exc:
-                log.warning("key_listener_unavailable", error=type(exc).__name__)
+                # Once, then a line a minute: each poll (a second, in each worker) retries.
+                self.failures += 1
+                now = time.monotonic()
+                if self.failures == 1 or now - self._failure_logged >= FAILURE_LOG_SECONDS:
+                    log.warning(
+                        "key_listener_unavailable",
+                        error=type(exc).__name__,
+                        failures=self.failures,
+                    )
+                    self._failure_logged = now
                 return
+            if self.failures:
+                log.info("key_listener_recovered", failures=self.failures)
+                self.failures = 0
             self._conn = conn
             self._notified()  # changes may have landed while nobody listened
 

@@ -1,5 +1,6 @@
-"""The key cache's refreshes while the database is down: it serves from its last good load,
-and says so without a traceback every second (each worker polls once a second)."""
+"""The key cache's refreshes (and PostgreSQL's key listener) while the database is down: keys
+are served from the last good load, and the log says so once, then once a minute, then once
+more when it is back, rather than every second in each worker."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from structlog.testing import capture_logs
 from gateway import keys
 from gateway.errors import StoreBusy
 from gateway.keys import KeyCache
+from gateway.pg_listen import KeyListener
 from gateway.store import open_store
 
 
@@ -60,3 +62,20 @@ async def test_a_database_down_is_logged_once_then_a_line_a_minute_then_its_retu
         assert failing[0]["error"].startswith("StoreBusy: The database is unavailable")
     (back,) = [e for e in logs if e["event"] == "key_cache_refresh_recovered"]
     assert back["failures"] >= 5
+
+
+async def test_the_key_listener_says_once_that_postgresql_is_away_and_once_that_it_is_back(
+    pg_url: str,
+) -> None:
+    listener = KeyListener("postgresql://kiosk@127.0.0.1:1/kiosk", connect_timeout=2.0)
+    listener.callbacks.append(lambda: None)
+    with capture_logs() as logs:
+        for _ in range(5):  # a poll a second, each retrying
+            await listener.ensure()
+        listener._url = pg_url  # back (as after a restart)
+        await listener.ensure()
+    await listener.close()
+    away = [e for e in logs if e["event"] == "key_listener_unavailable"]
+    assert len(away) == 1 and away[0]["failures"] == 1
+    (back,) = [e for e in logs if e["event"] == "key_listener_recovered"]
+    assert back["failures"] == 5
