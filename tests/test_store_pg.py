@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway import cli
+from gateway import cli, pg_store
 from gateway.database import opened_database
 from gateway.dburl import redact
 from gateway.errors import StoreBusy
@@ -293,3 +293,25 @@ async def test_a_sign_in_refused_under_a_running_server_is_a_503(
     finally:
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_a_connect_timeout_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL that takes the connection and never answers: the error names the timeout
+    (its message is empty: the line read `cannot connect to PostgreSQL: ` and nothing)."""
+    monkeypatch.setattr(pg_store, "_CONNECT_TIMEOUT", 0.2)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # (kept open, never answered)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(StoreError) as info:
+            await PgStore.open(f"postgresql://kiosk@127.0.0.1:{port}/kiosk")
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert str(info.value) == "cannot connect to PostgreSQL: TimeoutError"
