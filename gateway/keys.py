@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import hmac
 import importlib
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ import msgspec
 import structlog
 
 from gateway.database import Database
+from gateway.logs import FailureStreak
 from gateway.records import LIMIT_FIELDS, KeyRecord
 from gateway.settings import GroupConfig
 
@@ -80,10 +80,6 @@ def with_group(key: KeyRecord, groups: Mapping[str, GroupConfig]) -> KeyRecord:
 OnLoad = Callable[[list[KeyRecord]], Awaitable[None]]
 
 
-# While refreshes keep failing, how often the log says so again.
-_FAILURE_LOG_SECONDS = 60.0
-
-
 class KeyCache:
     """Every key, by digest, in memory; `run()` keeps it in step with the database.
 
@@ -112,8 +108,7 @@ class KeyCache:
         # Set when the database says the keys changed (PostgreSQL's NOTIFY): reload now.
         self._poked = asyncio.Event()
         store.on_change(self._poked.set)
-        self.failures = 0  # refreshes failed in a row (the database down)
-        self._failure_logged = 0.0
+        self._failures = FailureStreak()  # refreshes failed in a row (the database down)
 
     async def load(self) -> None:
         async with self._loading:  # one at a time: a poll's load must not undo a regroup's
@@ -172,24 +167,20 @@ class KeyCache:
             try:
                 await self.refresh()
             except Exception as exc:  # keep serving from the last good cache
-                # Once with its traceback, then one line a minute: a database that is down
-                # fails every poll (each second, in each worker).
-                self.failures += 1
-                now = time.monotonic()
-                if self.failures == 1:
-                    log.exception("key_cache_refresh_failed")
-                    self._failure_logged = now
-                elif now - self._failure_logged >= _FAILURE_LOG_SECONDS:
-                    log.error(
-                        "key_cache_refresh_failing",
-                        failures=self.failures,
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
-                    self._failure_logged = now
+                failures = self._failures
+                if failures.failed():
+                    if failures.failures == 1:  # its traceback once, then a line a minute
+                        log.exception("key_cache_refresh_failed")
+                    else:
+                        log.error(
+                            "key_cache_refresh_failing",
+                            failures=failures.failures,
+                            error=f"{type(exc).__name__}: {exc}",
+                        )
             else:
-                if self.failures:
-                    log.info("key_cache_refresh_recovered", failures=self.failures)
-                    self.failures = 0
+                ended = self._failures.ended()
+                if ended:
+                    log.info("key_cache_refresh_recovered", failures=ended)
 
     def with_groups(self, key: KeyRecord) -> KeyRecord:
         """The key as it is enforced (its group's defaults applied)."""

@@ -18,7 +18,14 @@ import msgspec
 import structlog
 import structlog.tracebacks
 
-__all__ = ["RequestLine", "configure_logging", "flush_lines", "info_line", "request_line"]
+__all__ = [
+    "FailureStreak",
+    "RequestLine",
+    "configure_logging",
+    "flush_lines",
+    "info_line",
+    "request_line",
+]
 
 # Not the shared codec.ENCODER: log events may hold any object (an exception, a path), which
 # this one writes as its str() instead of failing.
@@ -86,6 +93,37 @@ class RequestLine(msgspec.Struct, kw_only=True):
     path: str
     level: str = "info"
     timestamp: str = ""  # set as it is written
+
+
+# While something retried at every poll keeps failing, how often the log says so again.
+FAILURE_REPEAT_SECONDS = 60.0
+
+
+class FailureStreak:
+    """Failures in a row of something retried at every poll (each second, in each worker: the
+    database down): the log says so at the first, then once every `FAILURE_REPEAT_SECONDS`,
+    and once more when it works again, rather than at every poll."""
+
+    __slots__ = ("_every", "_logged", "failures")
+
+    def __init__(self) -> None:
+        self._every = FAILURE_REPEAT_SECONDS
+        self._logged = 0.0
+        self.failures = 0
+
+    def failed(self) -> bool:
+        """Count a failure; whether to log this one (the first, then one each period)."""
+        self.failures += 1
+        now = time.monotonic()
+        if self.failures == 1 or now - self._logged >= self._every:
+            self._logged = now
+            return True
+        return False
+
+    def ended(self) -> int:
+        """It worked: how many failures in a row that ends (0: none)."""
+        ended, self.failures = self.failures, 0
+        return ended
 
 
 _PIPE_BUF = 4096  # POSIX's least PIPE_BUF (Linux's is 4096)

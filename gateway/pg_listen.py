@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 
 import asyncpg
 import structlog
+
+from gateway.logs import FailureStreak
 
 __all__ = ["CHANNEL", "KeyListener"]
 
 log = structlog.get_logger(__name__)
 
 CHANNEL = "kiosk_keys"
-# While the listening connection keeps failing, how often the log says so again.
-FAILURE_LOG_SECONDS = 60.0
 
 
 class KeyListener:
@@ -29,8 +28,7 @@ class KeyListener:
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()  # one listening connection, even for racing polls
         self.callbacks: list[Callable[[], None]] = []
-        self.failures = 0  # connections failed in a row
-        self._failure_logged = 0.0
+        self._failures = FailureStreak()  # connections failed in a row
 
     def _notified(self, *_: object) -> None:
         for callback in self.callbacks:
@@ -46,20 +44,16 @@ class KeyListener:
                 conn = await asyncpg.connect(self._url, timeout=self._timeout)
                 await conn.add_listener(CHANNEL, self._notified)
             except Exception as exc:
-                # Once, then a line a minute: each poll (a second, in each worker) retries.
-                self.failures += 1
-                now = time.monotonic()
-                if self.failures == 1 or now - self._failure_logged >= FAILURE_LOG_SECONDS:
+                if self._failures.failed():  # (each poll retries: once, then a line a minute)
                     log.warning(
                         "key_listener_unavailable",
                         error=type(exc).__name__,
-                        failures=self.failures,
+                        failures=self._failures.failures,
                     )
-                    self._failure_logged = now
                 return
-            if self.failures:
-                log.info("key_listener_recovered", failures=self.failures)
-                self.failures = 0
+            ended = self._failures.ended()
+            if ended:
+                log.info("key_listener_recovered", failures=ended)
             self._conn = conn
             self._notified()  # changes may have landed while nobody listened
 

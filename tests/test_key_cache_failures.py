@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway import keys
+from gateway import logs as gateway_logs
 from gateway.errors import StoreBusy
 from gateway.keys import KeyCache
 from gateway.pg_listen import KeyListener
@@ -21,7 +21,7 @@ from gateway.store import open_store
 async def test_a_database_down_is_logged_once_then_a_line_a_minute_then_its_return(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_every: float
 ) -> None:
-    monkeypatch.setattr(keys, "_FAILURE_LOG_SECONDS", log_every)
+    monkeypatch.setattr(gateway_logs, "FAILURE_REPEAT_SECONDS", log_every)
     async with open_store(str(tmp_path / "keys.db")) as store:
         cache = KeyCache(store, 0.01)
         await cache.load()
