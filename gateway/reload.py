@@ -11,7 +11,7 @@ level, background loop timings) keep their running values: a warning names those
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import msgspec
 import structlog
@@ -61,13 +61,20 @@ _RESTART = (
 _SETTINGS_SECTIONS = ("server", "metrics")
 
 
-def _keep_startup_fields(running: Settings, new: Settings) -> Settings:
-    changed = [
+def _differing(
+    old: Settings, new: Settings, sections: Iterable[tuple[str, Iterable[str]]]
+) -> list[str]:
+    """`section.field` of each of these fields whose value differs between two configs."""
+    return [
         f"{section}.{f}"
-        for section, fields in _RESTART
+        for section, fields in sections
         for f in fields
-        if getattr(getattr(running, section), f) != getattr(getattr(new, section), f)
+        if getattr(getattr(old, section), f) != getattr(getattr(new, section), f)
     ]
+
+
+def _keep_startup_fields(running: Settings, new: Settings) -> Settings:
+    changed = _differing(running, new, _RESTART)
     if changed:
         log.warning("config_reload_needs_restart", fields=changed)
     kept = {
@@ -95,12 +102,11 @@ def _changes(old: Settings, new: Settings) -> dict[str, list[str]]:
     if old.routing != new.routing:
         out["routing"] = ["changed"]
     # Names only: a changed admin key's value never reaches the log.
-    settings = [
-        f"{section}.{f}"
-        for section in _SETTINGS_SECTIONS
-        for f in getattr(old, section).__struct_fields__
-        if getattr(getattr(old, section), f) != getattr(getattr(new, section), f)
-    ]
+    settings = _differing(
+        old,
+        new,
+        ((section, getattr(old, section).__struct_fields__) for section in _SETTINGS_SECTIONS),
+    )
     if settings:
         out["settings_changed"] = settings
     return out
