@@ -84,6 +84,35 @@ def _resolve_secret(value: str, where: str, environ: Mapping[str, str]) -> str:
     return found
 
 
+def _check_base_url(base_url: str, kind: str, where: str) -> None:
+    """Refuse a provider's `base_url` that is not an http(s) API root without credentials, in
+    words that never repeat it (a URL with a user part may hold a password).
+
+    Raises:
+        ConfigError: naming `where`.base_url.
+    """
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.base_url: must start with http:// or https://")
+    try:
+        parts = urllib.parse.urlsplit(base_url)
+        parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+    except ValueError:
+        raise ConfigError(f"{where}.base_url: not a valid URL (its port)") from None
+    if "@" in parts.netloc:
+        # aiohttp refuses a URL's credentials beside an Authorization header: every request
+        # would fail.
+        raise ConfigError(
+            f"{where}.base_url: must not hold a user or password (the gateway signs in "
+            "with the provider's api_keys; other credentials go in its headers)"
+        )
+    if kind in _ROOT_ONLY and parts.path.rstrip("/").endswith(_ROOT_ONLY[kind]):
+        root = DEFAULT_BASE_URLS[kind] or "https://RESOURCE.openai.azure.com"
+        raise ConfigError(
+            f"{where}.base_url: give the API root (as {kind}'s SDK takes it, e.g. "
+            f"{root}); the gateway adds the rest of the path"
+        )
+
+
 def _upstream(p: UpstreamT, where: str, environ: Mapping[str, str]) -> UpstreamT:
     """Check an HTTP provider's fields and resolve its secrets."""
     if isinstance(p, AnthropicConfig | GeminiConfig | AzureConfig) and not p.api_keys:
@@ -99,30 +128,8 @@ def _upstream(p: UpstreamT, where: str, environ: Mapping[str, str]) -> UpstreamT
                 f"{where}.max_buffered_bytes: must be at least {limit} ({getattr(p, limit)}), "
                 "or an answer that size could never be read"
             )
-    if p.base_url is not None and not p.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}.base_url: must start with http:// or https://")
     if p.base_url is not None:
-        # Never repeated in the message: a URL with a user part may hold a password.
-        try:
-            parts = urllib.parse.urlsplit(p.base_url)
-            parts.port  # noqa: B018 - raises for a port that is not a number or out of range
-        except ValueError:
-            raise ConfigError(f"{where}.base_url: not a valid URL (its port)") from None
-        if "@" in parts.netloc:
-            # aiohttp refuses a URL's credentials beside an Authorization header: every
-            # request would fail.
-            raise ConfigError(
-                f"{where}.base_url: must not hold a user or password (the gateway signs in "
-                "with the provider's api_keys; other credentials go in its headers)"
-            )
-    if p.base_url is not None and p.type in _ROOT_ONLY:
-        path = urllib.parse.urlsplit(p.base_url).path.rstrip("/")
-        if path.endswith(_ROOT_ONLY[p.type]):
-            root = DEFAULT_BASE_URLS[p.type] or "https://RESOURCE.openai.azure.com"
-            raise ConfigError(
-                f"{where}.base_url: give the API root (as {p.type}'s SDK takes it, e.g. "
-                f"{root}); the gateway adds the rest of the path"
-            )
+        _check_base_url(p.base_url, p.type, where)
     keys = tuple(
         _header_value(
             _resolve_secret(k, f"{where}.api_keys[{j}]", environ), f"{where}.api_keys[{j}]"
