@@ -26,7 +26,7 @@ from gateway.keys import KeyCache
 from gateway.limits_redis import SharedGate, open_gate
 from gateway.metrics import Metrics
 from gateway.middleware import running_requests
-from gateway.prices import PriceBook, load_database, start_price_updates
+from gateway.prices import open_book, start_price_updates
 from gateway.providers._pool import PoolGate
 from gateway.records import KeyRecord
 from gateway.refusals import RefusalCounter
@@ -87,15 +87,8 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _prices_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
-    if not settings.prices.database:
-        app[PRICES_KEY] = PriceBook()
-        yield
-        return
-    lookup, version, provider_ids = await asyncio.to_thread(load_database)
-    prices = PriceBook(lookup, version, provider_ids=provider_ids)
-    prices.check(settings)
-    app[PRICES_KEY] = prices
-    if not settings.prices.update:
+    app[PRICES_KEY] = await asyncio.to_thread(open_book, settings)
+    if not (settings.prices.database and settings.prices.update):
         yield
         return
     updater = await asyncio.to_thread(start_price_updates, settings.prices)

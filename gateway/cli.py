@@ -395,14 +395,12 @@ def _check_pricing(settings: Settings) -> None:
     `pricing` names a price list of the price database (loaded here only when one names one).
 
     Raises:
-        ConfigError: as `PriceBook.check`.
+        ConfigError: as `prices.open_book`.
     """
-    named = any(p.pricing not in (None, "free", "none") for p in settings.providers)
-    if settings.prices.database and named:
-        from gateway.prices import PriceBook, load_database  # (a price list: only if asked)
+    if any(p.pricing not in (None, "free", "none") for p in settings.providers):
+        from gateway.prices import open_book  # (a price list: only if one is named)
 
-        lookup, version, provider_ids = load_database()
-        PriceBook(lookup, version, provider_ids=provider_ids).check(settings)
+        open_book(settings)
 
 
 def _reload(database: str) -> int:
