@@ -136,10 +136,9 @@ def redact(database: str) -> str:
     end = _authority_end(rest)
     user, at, host = rest[:end].rpartition("@")
     if problem(text) is not None or (not at and "@" in rest[end:]):
-        userinfo, at, after = rest.rpartition("@")
-        if at and ":" in userinfo:
-            return f"{found.group(0)}{userinfo.split(':', 1)[0]}:***@{after}"
-        return shown
+        user, at, after = rest.rpartition("@")  # (not to be trusted: up to its last @)
+    else:
+        after = host + rest[end:]
     if at and ":" in user:
-        return f"{found.group(0)}{user.split(':', 1)[0]}:***@{host}{rest[end:]}"
+        return f"{found.group(0)}{user.split(':', 1)[0]}:***@{after}"
     return shown
