@@ -111,12 +111,29 @@ _UNAVAILABLE = (
 )
 
 
+def _connection_broke(exc: asyncpg.InternalClientError) -> bool:
+    """Whether asyncpg's `InternalClientError` says that a connection's exchange with its server
+    broke off (not that asyncpg was misused, or met a value it cannot encode: those stay 500s).
+
+    A backend ended (`pg_terminate_backend`, a restart) sends its FATAL error and then closes
+    the socket. When the error arrives while the connection waits in the pool, asyncpg's
+    protocol is left in its error state, and the next query started before the close is seen
+    (its own, or the pool's reset on release) is refused by the protocol's state machine:
+    `cannot switch to state 11; another operation (2) is in progress` (asyncpg 0.32); a
+    connection already marked failed says `... protocol is in the "failed" state`. Both are
+    raised by that state machine alone, with these words."""
+    return str(exc).startswith("cannot switch to ")
+
+
 @contextlib.contextmanager
 def _unavailable_is_503() -> Iterator[None]:
-    """A database that is down or restarting as `StoreBusy` (503 with Retry-After), not a 500."""
+    """A database that is down or restarting, or a connection lost as a query starts, as
+    `StoreBusy` (503 with Retry-After), not a 500."""
     try:
         yield
-    except _UNAVAILABLE as exc:
+    except (*_UNAVAILABLE, asyncpg.InternalClientError) as exc:
+        if isinstance(exc, asyncpg.InternalClientError) and not _connection_broke(exc):
+            raise
         raise StoreBusy(
             f"The database is unavailable ({type(exc).__name__}); try again shortly.",
             retry_after=1.0,

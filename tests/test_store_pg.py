@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp.pytest_plugin import AiohttpClient
 
 from gateway import cli, pg_store
 from gateway.database import opened_database
@@ -19,7 +20,7 @@ from gateway.migrations import MIGRATIONS
 from gateway.pg_store import PgStore
 from gateway.records import KeyRecord, UsageRecord, UsageSummaryRow, mint_uid
 from gateway.store import StoreError
-from tests.conftest import NEVER_HANG, free_port
+from tests.conftest import NEVER_HANG, MakeSettings, free_port, start_gateway
 
 
 def row(**fields: object) -> UsageRecord:
@@ -293,6 +294,68 @@ async def test_a_sign_in_refused_under_a_running_server_is_a_503(
     finally:
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_backends_terminated_while_admin_requests_run_answer_503_not_500(
+    pg_server: Any, pg_url: str, aiohttp_client: AiohttpClient, make_settings: MakeSettings
+) -> None:
+    """The gateway's PostgreSQL connections are ended (`pg_terminate_backend`) over and over
+    while admin requests run. A backend's FATAL error that reaches a pooled connection before
+    its close does makes the next query on it fail in asyncpg's protocol state machine
+    (`InternalClientError: cannot switch to state ...`): that is the connection lost too, a
+    503 `database_busy` with Retry-After, as a closed one is; it was a 500 `unhandled_error`.
+    Runs until a request has met that error (at most NEVER_HANG; here within a second)."""
+    admin_key = "admin-key-0123456789abcdef"
+    gw = await start_gateway(aiohttp_client, make_settings(database=pg_url, admin_key=admin_key))
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    database = pg_url.rsplit("/", 1)[1]
+    killer = await asyncpg.connect(pg_server.admin_url)
+    met = asyncio.Event()
+    statuses: Counter[int] = Counter()
+
+    async def terminate() -> None:
+        while not met.is_set():
+            await killer.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+
+    async def ask() -> None:
+        while not met.is_set():
+            async with gw.get("/admin/keys", headers=headers) as resp:
+                body = await resp.json()
+                statuses[resp.status] += 1
+            assert resp.status in (200, 503), body
+            if resp.status == 503:
+                assert body["error"]["code"] == "database_busy", body
+                assert resp.headers["Retry-After"] == "1"
+                if "InternalClientError" in body["error"]["message"]:
+                    met.set()
+
+    try:
+        async with asyncio.timeout(NEVER_HANG):
+            await asyncio.gather(terminate(), *(ask() for _ in range(6)))
+    finally:
+        met.set()
+        await killer.close()
+    assert statuses[503] >= 1
+    async with gw.get("/admin/keys", headers=headers) as resp:  # the pool reconnects
+        assert resp.status == 200
+
+
+async def test_other_internal_client_errors_stay_errors() -> None:
+    """Only the protocol's refusal after a lost connection is taken for the database being
+    unavailable: asyncpg's other internal errors (a value it cannot encode, a schema cache out
+    of date) are the gateway's own failures, not hidden behind a retried 503."""
+    for error in (
+        asyncpg.InternalClientError("no binary format encoder for type x (OID 1)"),
+        asyncpg.OutdatedSchemaCacheError("cache lookup failed"),
+    ):
+        with pytest.raises(type(error)), pg_store._unavailable_is_503():
+            raise error
+    with pytest.raises(StoreBusy, match="InternalClientError"), pg_store._unavailable_is_503():
+        raise asyncpg.InternalClientError("cannot switch to state 11; another operation (2) ...")
 
 
 async def test_a_connect_timeout_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
