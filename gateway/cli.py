@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import asyncpg
 import msgspec
 
 from gateway import __version__, cli_db, cli_output as out, hangups, keybody, workers
-from gateway.config import load_settings
+from gateway.config import config_file, load_settings
 from gateway.database import Database, opened_database
 from gateway.dburl import redact
 from gateway.errors import InvalidRequest, NotFound, StoreBusy
@@ -310,7 +311,7 @@ def _serve_held(args: argparse.Namespace) -> int:
     if args.workers > 1:
         # What a worker's start would refuse, refused once here: a config error (exit 2),
         # not a worker that died (exit 1).
-        _check_pricing(settings)
+        _check_pricing(settings, args)
         # Each worker would create and migrate a new database at the same moment, and
         # SQLite's switch to WAL does not wait for another's: one failed ("database is
         # locked", about one start in eight here), and the start with it. The parent does it.
@@ -345,7 +346,8 @@ def _serve_held(args: argparse.Namespace) -> int:
         print(f"Token Kiosk listening on http://{host}:{server.port}", file=sys.stderr, flush=True)
 
     try:
-        serve(app, server.host, server.port, announce)
+        with _naming_config_file(args):  # (the price database's check, at the app's start)
+            serve(app, server.host, server.port, announce)
     except OSError as exc:  # address in use, unknown host, no permission
         print(f"gateway: cannot listen on {host}:{server.port}: {exc}", file=sys.stderr)
         return 1
@@ -378,29 +380,45 @@ def _serve_worker(args: argparse.Namespace, settings: Settings) -> int:
     workers.watch_parent(app, watch)
     sock = workers.worker_socket(fd)
     try:
-        serve(
-            app,
-            settings.server.host,
-            settings.server.port,
-            lambda: workers.worker_ready(ready),
-            sock=sock,
-        )
+        with _naming_config_file(args):
+            serve(
+                app,
+                settings.server.host,
+                settings.server.port,
+                lambda: workers.worker_ready(ready),
+                sock=sock,
+            )
     except _DATABASE_ERRORS as exc:  # the parent then stops the others
         return _database_failed(settings.server.database, exc)
     return _usage_status(app)
 
 
-def _check_pricing(settings: Settings) -> None:
+def _check_pricing(settings: Settings, args: argparse.Namespace) -> None:
     """What the running server checks on a reload beyond the config itself: every provider's
     `pricing` names a price list of the price database (loaded here only when one names one).
 
     Raises:
-        ConfigError: as `prices.open_book`.
+        ConfigError: as `prices.open_book`, naming the config file.
     """
     if any(p.pricing not in (None, "free", "none") for p in settings.providers):
         from gateway.prices import open_book  # (a price list: only if one is named)
 
-        open_book(settings)
+        with _naming_config_file(args):
+            open_book(settings)
+
+
+@contextlib.contextmanager
+def _naming_config_file(args: argparse.Namespace) -> Iterator[None]:
+    """A config error found beyond `load_settings` (a provider's `pricing` the price database
+    lacks: `prices.open_book`) named with the config file first, as `load_settings` names
+    its own errors."""
+    try:
+        yield
+    except ConfigError as exc:
+        where = config_file(args.config, os.environ)
+        if where is None:  # (the embedded default: no file to name)
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _reload(database: str) -> int:
@@ -453,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             path = path or args.settings.server.database
         if args.command == "reload":
             if args.settings is not None:
-                _check_pricing(args.settings)
+                _check_pricing(args.settings, args)
             return _reload(path)
         return asyncio.run(_run_with_store(path, args.run, args))
     except ConfigError as exc:

@@ -34,7 +34,7 @@ from gateway.settings import (
     UpstreamConfig,
 )
 
-__all__ = ["DEMO_MODEL", "REASONING_MODELS", "default_settings", "load_settings"]
+__all__ = ["DEMO_MODEL", "REASONING_MODELS", "config_file", "default_settings", "load_settings"]
 
 # Path endings that mean a base_url already holds what the gateway appends (a copy of the
 # OpenAI-compatible URL, say), which would end in e.g. /v1/v1/messages.
@@ -292,21 +292,27 @@ def default_settings(environ: Mapping[str, str]) -> Settings:
     return _resolve(Settings(providers=tuple(providers), models=tuple(models)), environ)
 
 
+def config_file(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> str | None:
+    """The file `load_settings(path, environ)` reads: `path`, `$GATEWAY_CONFIG` or
+    `./gateway.toml`; None for the embedded default. What a config error names first."""
+    if path is None:
+        path = environ.get("GATEWAY_CONFIG") or None
+    if path is None and Path("gateway.toml").is_file():
+        path = "gateway.toml"
+    return None if path is None else str(path)
+
+
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Settings:
     """Load settings from `path`, `$GATEWAY_CONFIG`, `./gateway.toml` or the embedded default.
 
     Raises:
         ConfigError: the file is missing, is not TOML, or has a bad field (one line says which).
     """
-    if path is None:
-        path = environ.get("GATEWAY_CONFIG") or None
-    if path is None and Path("gateway.toml").is_file():
-        path = "gateway.toml"
-    if path is None:
+    where = config_file(path, environ)
+    if where is None:
         return default_settings(environ)
-    where = str(path)
     try:
-        raw = Path(path).read_bytes()
+        raw = Path(where).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read config file ({exc.strerror})") from None
     try:

@@ -19,6 +19,7 @@ from gateway import cli, server as server_module
 from gateway.database import opened_database
 from gateway.records import UsageRecord
 from gateway.state import SETTINGS_KEY
+from tests.conftest import NEVER_HANG, free_port, start_serve
 
 
 class Run:
@@ -495,7 +496,8 @@ def test_reload_refuses_a_pricing_the_price_database_lacks(
     provider = '[[providers]]\nname = "o"\ntype = "openai"\npricing = "{}"\n'
     config.write_text(provider.format("nosuchco"))
     assert cli.main(["reload", "--config", str(config)]) == 2
-    assert "providers.o.pricing: 'nosuchco' is not a provider" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"gateway: config error: {config}: providers.o.pricing: 'nosuchco'"), err
     config.write_text(provider.format("openai"))  # a known one: on to finding the server
     assert cli.main(["reload", "--config", str(config)]) == 1
     assert "no running server found" in capsys.readouterr().err
@@ -515,4 +517,34 @@ def test_serve_with_workers_refuses_an_unknown_pricing_as_a_config_error(
     )
     assert cli.main(["serve", "--workers", "2", "--config", str(config), "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("gateway: config error: providers.o.pricing: 'nosuchco'"), err
+    assert err.startswith(f"gateway: config error: {config}: providers.o.pricing: 'nosuchco'"), err
+
+
+async def test_serve_names_the_config_file_in_a_pricing_error(tmp_path: Path) -> None:
+    """A real `gateway serve` stopped by a provider's `pricing` the price database lacks: exit
+    2 and one line naming the config file, then the field, as every other config error does
+    (it named the field alone: which of several files was wrong, the line did not say)."""
+    lines = {}
+    for name, field in (("pricing", 'pricing = "nosuchco"'), ("base_url", 'base_url = "ftp://x"')):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(
+            f'[server]\ndatabase = "{tmp_path / "keys.db"}"\n\n'
+            f'[[providers]]\nname = "o"\ntype = "openai"\n{field}\n'
+        )
+        proc = await start_serve(config, free_port())
+        try:
+            async with asyncio.timeout(NEVER_HANG):
+                _, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 2, err
+        lines[name] = err.decode()
+    assert lines["pricing"] == (
+        f"gateway: config error: {tmp_path / 'pricing.toml'}: providers.o.pricing: 'nosuchco'"
+        " is not a provider of the price database (use one of its ids, 'free' or 'none')\n"
+    )
+    assert lines["base_url"].startswith(
+        f"gateway: config error: {tmp_path / 'base_url.toml'}: providers[0].base_url: "
+    )
