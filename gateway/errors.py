@@ -236,6 +236,9 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
     retryable = True
+    # The gateway gave up waiting for an answer to a request it had sent (not a connection
+    # that never opened, nor an upstream's own 408 or 504): the upstream may bill the prompt.
+    unanswered = False
 
 
 class UpstreamConnectionError(UpstreamError):

@@ -72,6 +72,7 @@ class Exchange(msgspec.Struct, Generic[C]):
     ticket: Ticket | None = None  # what the request holds of its key's limits and budget
     deadline: float | None = None  # loop time by which an answer must have begun (set once)
     owed: _Owed | None = None  # a stream's account, told how it went at its end
+    unanswered: int = 0  # attempts given up waiting for after the prompt went upstream
 
 
 def backoff(retry: int, routing: RoutingSettings) -> float:
@@ -198,11 +199,14 @@ async def attempt_each(
                 if scope is None or not scope.expired():
                     raise  # not ours: providers turn their own timeouts into UpstreamTimeout
                 _record(ex, route, started, 504)
+                ex.unanswered += 1
                 breakers.release(account, claim)  # the time ran out, not the account
                 failures.append((_past_deadline(routing), None))
                 break
             except UpstreamError as exc:
                 _record(ex, route, started, exc.status)
+                if type(exc) is UpstreamTimeout and exc.unanswered:
+                    ex.unanswered += 1
                 fault = fault_of(exc)  # (the rule `sse.relay` judges a broken stream by)
                 if fault is Fault.CREDENTIALS:
                     # Our key: another account may still work; this one waits for the operator.

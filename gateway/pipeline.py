@@ -32,7 +32,7 @@ from gateway.failover import Exchange, attempt_each, stream_ended
 from gateway.media import Estimate, image_tokens
 from gateway.prices import PriceBook, Usage
 from gateway.providers import ChatReply
-from gateway.providers.base import Call, ChatCall, OutputOnTop, has_capability
+from gateway.providers.base import UNBOUNDED, Call, ChatCall, OutputOnTop, has_capability
 from gateway.records import model_allowed
 from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
@@ -464,7 +464,19 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         completion = call.chunks
         if completion > OUTPUT_FLOOR:
             completion = min(completion, usage_bounds.completion_charged(call, ex.provider))
+        if call.model.reasoning and (hung_up or (call.is_stream and trace.upstream_ok is not True)):
+            # A reasoning model's hidden thinking is counted only in the usage the stream ends
+            # with: cut before it, the request is charged the output limit it was sent with
+            # (what it held), not one token a visible chunk.
+            ceiling = call.output_ceiling()
+            if completion < ceiling < UNBOUNDED:
+                completion = ceiling
         trace.completion_tokens = completion
+    if ex.unanswered:
+        # Attempts the gateway stopped waiting for had the prompt upstream, which may bill it
+        # (and be generating still): each is charged the prompt's estimate.
+        trace.estimated = True
+        trace.prompt_tokens += ex.unanswered * call.prompt_estimate()
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
         trace.cost_usd = price.cost(_counts(trace, usage))

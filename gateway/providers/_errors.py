@@ -200,7 +200,9 @@ def upstream_failure(provider: str, exc: BaseException) -> UpstreamError:
     """Map a client-side exception (timeout, refused, reset, an answer that is not HTTP) to
     an UpstreamError."""
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return UpstreamTimeout(f"The upstream provider '{provider}' did not answer in time.")
+        timeout = UpstreamTimeout(f"The upstream provider '{provider}' did not answer in time.")
+        timeout.unanswered = not isinstance(exc, aiohttp.ConnectionTimeoutError)
+        return timeout
     if isinstance(exc, aiohttp.ClientResponseError):
         # The gateway never calls raise_for_status: this is aiohttp refusing an answer's head
         # (not HTTP, headers too large, a broken chunk, an encoding it cannot decode).

@@ -397,10 +397,12 @@ class UpstreamClient:
     def _silent(self, watch: Watch) -> UpstreamError:
         self.stats.stream_timeouts += 1
         if watch.first:
-            return UpstreamTimeout(
+            timeout = UpstreamTimeout(
                 f"The upstream provider '{self.config.name}' sent nothing within "
                 f"{self.watchdog.first_byte_timeout:g} s."
             )
+            timeout.unanswered = True
+            return timeout
         return upstream_failure(self.config.name, TimeoutError())  # as aiohttp's timeout was
 
     async def _failure(self, resp: aiohttp.ClientResponse, attempt: Attempt) -> UpstreamError:
