@@ -451,6 +451,8 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
             prompt += details.cached_tokens
             trace.cache_read_tokens = details.cached_tokens
         write = trace.cache_write_tokens = call.cache_write_tokens
+        if call.usage_estimated:  # a cut stream's counts so far, its output estimated
+            trace.estimated = True
         # Counts no request could have used are bounded (`usage_bounds`); every plausible
         # answer to a client's own body passes these two comparisons.
         body = call.body

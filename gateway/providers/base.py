@@ -63,6 +63,9 @@ class Call(msgspec.Struct, kw_only=True):
             reports them; reads are `usage.prompt_tokens_details.cached_tokens`).
         chunks: stream chunks with content seen so far (a completion-token estimate when the
             upstream never reports usage, e.g. because the client hung up).
+        usage_estimated: `usage` is partly the gateway's estimate: a stream cut before the
+            upstream's final count, whose counts so far were kept (Gemini, Anthropic); the usage
+            row is marked `estimated`. Set only as a stream is cut, when no attempt follows.
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
         sse_out: the stream goes to the client as SSE events of the same payloads (chat and
             completions streams), so a provider may yield `_sse.Framed` batches of upstream
@@ -77,6 +80,7 @@ class Call(msgspec.Struct, kw_only=True):
     usage: Usage | None = None
     cache_write_tokens: int = 0
     chunks: int = 0
+    usage_estimated: bool = False
     first_byte_at: float | None = None
     sse_out: bool = False
     started_at: float = msgspec.field(default_factory=time.monotonic)

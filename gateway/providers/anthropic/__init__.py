@@ -7,6 +7,7 @@ of the Messages API itself (`/v1/messages`) are relayed untranslated by `passthr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
 
@@ -65,11 +66,15 @@ class AnthropicProvider:
         body, json_tool = self._body(call, stream=True)
         state = AnthropicStream(call, self.config.name, json_tool, self.config.max_response_bytes)
         events = self._http.stream(self._url, body, call)
-        async with contextlib.aclosing(
-            translated_stream(call, events, state, self.config.max_response_bytes)
-        ) as chunks:
-            async for batch in chunks:
-                yield batch
+        try:
+            async with contextlib.aclosing(
+                translated_stream(call, events, state, self.config.max_response_bytes)
+            ) as chunks:
+                async for batch in chunks:
+                    yield batch
+        except (GeneratorExit, asyncio.CancelledError):
+            state.tally.cut(call)  # the client hung up: what message_start reported counts
+            raise
 
     async def messages(
         self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]

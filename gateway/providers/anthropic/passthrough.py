@@ -7,13 +7,15 @@ after this was written all reach Anthropic; the client's `anthropic-version` and
 as they arrive, each with its `event:` line, up to and including `message_stop`.
 
 Usage is read on the way (`message_start` holds the input and cache counts, `message_delta`
-the final output count) into the call in chat terms, cache writes apart. Events are held back
-until the answer has content, so an `error` event that comes first (Anthropic reports overload
-right after `message_start`) is still an HTTP status and another route may be tried.
+the final output count) into the call in chat terms, cache writes apart; a stream the client
+cuts before `message_delta` is charged `message_start`'s counts (`UsageTally.cut`). Events are
+held back until the answer has content, so an `error` event that comes first (Anthropic reports
+overload right after `message_start`) is still an HTTP status and another route may be tried.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
 
@@ -196,25 +198,29 @@ class MessagesRelay:
         # Held until the first content (pings, `message_start`), bounded as a whole answer.
         bound = HeldAnswer("a Messages stream before its first content", self._limit)
         events = self._http.stream(self._url, self._body(call, body, stream=True), call, headers)
-        async with contextlib.aclosing(events):
-            async for batch in events:
-                before = len(held)
-                ended, error = self._reframe(call, batch, tally, order, held)
-                if not call.chunks:
-                    bound.add(sum(map(len, held[before:])))
-                if error is not None:
-                    if held and call.chunks:
-                        yield held  # what came before the error still reaches the client
-                    raise error
-                if ended:
-                    # Whatever follows (or a connection left open) is not ours; the connection
-                    # goes back to the pool if the body ends.
-                    await done(events)
-                if held and (call.chunks or ended):
-                    yield held
-                    held = []
-                if ended:
-                    return
+        try:
+            async with contextlib.aclosing(events):
+                async for batch in events:
+                    before = len(held)
+                    ended, error = self._reframe(call, batch, tally, order, held)
+                    if not call.chunks:
+                        bound.add(sum(map(len, held[before:])))
+                    if error is not None:
+                        if held and call.chunks:
+                            yield held  # what came before the error still reaches the client
+                        raise error
+                    if ended:
+                        # Whatever follows (or a connection left open) is not ours; the
+                        # connection goes back to the pool if the body ends.
+                        await done(events)
+                    if held and (call.chunks or ended):
+                        yield held
+                        held = []
+                    if ended:
+                        return
+        except (GeneratorExit, asyncio.CancelledError):
+            tally.cut(call)  # the client hung up: what message_start reported counts
+            raise
         # Cut like a dropped connection (which a retry may fix before the first event).
         raise UpstreamConnectionError(
             f"The upstream provider '{self._name}' ended the stream before the message was "
@@ -254,6 +260,11 @@ class MessagesRelay:
                 _account(call, tally)
             elif kind == "content_block_delta":
                 call.chunks += 1
+                delta = event.delta  # (`_shaped`: one, with its type's string if it has one)
+                if delta is not None:
+                    text = delta.text or delta.partial_json or delta.thinking
+                    if text:
+                        tally.streamed += len(text)
             out.append(event_frame(kind.encode(), payload))
             if kind == "message_stop":
                 return True, None

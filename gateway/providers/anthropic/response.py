@@ -73,6 +73,7 @@ class UsageTally:
     provider: str
     usage: AnthropicUsage = field(default_factory=AnthropicUsage)
     readable: bool = True
+    streamed: int = 0  # characters of output (text, thinking, tool JSON) streamed so far
 
     def merge(self, raw: msgspec.Raw | UnsetType) -> None:
         if raw is UNSET:
@@ -91,6 +92,21 @@ class UsageTally:
 
     def cache_writes(self) -> int:
         return (self.usage.cache_creation_input_tokens or 0) if self.readable else 0
+
+    def cut(self, call: ChatCall) -> None:
+        """Account a stream cut before its final count (the client hung up): the input and
+        cache counts `message_start` reported, and for output the larger of the count so far
+        and the streamed characters at four a token (`tokens.estimate_text_tokens`; a delta
+        holds several tokens). Estimated (`Call.usage_estimated`), and bounded as reported
+        usage is (`usage_bounds`). Cut before `message_start` (or unreadable), or with its
+        usage already in hand: left as it is (the pipeline's estimate, or the final count)."""
+        usage = self.usage
+        if call.usage is not None or not self.readable or usage.input_tokens is None:
+            return
+        output = max(usage.output_tokens or 0, (self.streamed + 3) // 4)
+        call.usage = openai_usage(msgspec.structs.replace(usage, output_tokens=output))
+        call.cache_write_tokens = usage.cache_creation_input_tokens or 0
+        call.usage_estimated = True
 
 
 def event_error(provider: str, error: AnthropicErrorBody) -> UpstreamError:
@@ -286,6 +302,7 @@ class AnthropicStream:
         self._open(index, _BlockState(block.type))
         if block.type == "text" and block.text:
             self.call.chunks += 1
+            self.tally.streamed += len(block.text)
             return [writer.text(block.text)]
         return []
 
@@ -300,12 +317,15 @@ class AnthropicStream:
         state = self._blocks.get(index)
         if delta.type == "text_delta" and delta.text:
             self.call.chunks += 1
+            self.tally.streamed += len(delta.text)
             return [writer.text(delta.text)]
         if delta.type == "thinking_delta" and delta.thinking:
             self.call.chunks += 1
+            self.tally.streamed += len(delta.thinking)
             return [writer.reasoning(delta.thinking)]
         if delta.type == "input_json_delta" and delta.partial_json and state is not None:
             self.call.chunks += 1
+            self.tally.streamed += len(delta.partial_json)
             if state.kind == "json":
                 if self.json_tool is not None and self.json_tool.wrapped:
                     self._held.add(len(delta.partial_json))

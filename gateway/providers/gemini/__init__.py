@@ -7,6 +7,7 @@ is the adapter (`type = "gemini"`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import urllib.parse
 from collections.abc import AsyncGenerator
@@ -73,11 +74,15 @@ class GeminiProvider:
         state = GeminiStream(call, self.config.name)
         url = self._url(call, "streamGenerateContent?alt=sse")
         events = self._http.stream(url, body, call)
-        async with contextlib.aclosing(
-            translated_stream(call, events, state, self.config.max_response_bytes)
-        ) as chunks:
-            async for batch in chunks:
-                yield batch
+        try:
+            async with contextlib.aclosing(
+                translated_stream(call, events, state, self.config.max_response_bytes)
+            ) as chunks:
+                async for batch in chunks:
+                    yield batch
+        except (GeneratorExit, asyncio.CancelledError):
+            state.cut()  # the client hung up: Gemini's count so far is the answer's usage
+            raise
 
     async def embeddings(self, call: EmbeddingCall) -> ChatReply:
         model = f"models/{call.upstream_model.removeprefix('models/')}"

@@ -261,3 +261,13 @@ class GeminiStream:
             )
         usage = self.call.usage = usage_of(self.usage, self.provider)
         return [writer.usage(usage)] if writer.include_usage and usage is not None else []
+
+    def cut(self) -> None:
+        """Account a stream cut before its end (the client hung up): each `usageMetadata`
+        counts the whole answer so far, so the last one is the least the upstream bills for
+        it (still marked estimated: what it generated after that chunk is not counted).
+        Without one (or unreadable), the pipeline's estimate stands."""
+        call = self.call
+        if call.usage is None and has_usage(self.usage):
+            call.usage = usage_of(self.usage, self.provider)
+            call.usage_estimated = call.usage is not None
