@@ -28,6 +28,7 @@ _ALLOW_HEADERS = "Authorization, Content-Type"
 _EXPOSE = ", ".join(
     (
         "X-Request-ID",
+        "request-id",  # (the same id, on the Messages API: Anthropic's SDK reads this one)
         "x-gateway-provider",
         "Retry-After",
         "retry-after-ms",

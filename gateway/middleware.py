@@ -136,6 +136,10 @@ def answer_headers(
     `Connection: close` while the server stops (it closes the connection after this answer: a
     client would send its next request on it, or have one pipelined, and get no answer)."""
     response.headers["X-Request-ID"] = trace.request_id
+    if trace.endpoint.startswith(MESSAGES_PATH):
+        # Anthropic's own name for it: its SDK reads only this one (`_request_id`, and
+        # `request_id` on its errors).
+        response.headers["request-id"] = trace.request_id
     add_trace_headers(request, trace, response)
     response_headers(request, response)
     if shutting_down.is_set():

@@ -131,7 +131,7 @@ async def test_an_attempt_given_up_on_adds_its_prompt_to_the_answering_ones_usag
 def test_only_a_timeout_after_the_request_went_out_is_unanswered() -> None:
     """A connection that never opened had no prompt to bill; an upstream's own 504 answered."""
     cases: list[tuple[BaseException, bool]] = [
-        (asyncio.TimeoutError(), True),
+        (TimeoutError(), True),
         (aiohttp.ServerTimeoutError("read"), True),
         (aiohttp.ConnectionTimeoutError("connect"), False),
     ]
