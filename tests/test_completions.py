@@ -162,3 +162,42 @@ async def test_bad_bodies(gateway: TestClient[Any, Any], key: str) -> None:
         resp = await gateway.post("/v1/completions", data=json.dumps(body), headers=headers)
         assert resp.status == 400
         assert (await resp.json())["error"]["param"] == param
+
+
+@pytest.mark.parametrize("kind", ["openai", "azure"])
+async def test_a_counted_key_gets_the_providers_default_limit_when_it_sets_none(
+    kind: str,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    make_settings: MakeSettings,
+) -> None:
+    """As for chat: a key with a budget or tokens per minute, whose request and model set no
+    output limit, gets the provider's `default_max_tokens` sent upstream (what admission held);
+    a limit of the request's own goes as it is, and a key without either sends none."""
+    fake = fake_for(kind)
+    assert isinstance(fake, FakeOpenAI)
+    gateway, plain = await serve(
+        kind,
+        fake,
+        aiohttp_server,
+        aiohttp_client,
+        make_settings,
+        model_on("c", "up", "gpt-4o-mini"),
+    )
+    budgeted = await create_key(gateway, name="b", budget_tokens=100_000)
+    per_minute = await create_key(gateway, name="t", tpm=100_000)
+
+    async def sent(key: str, **fields: Any) -> dict[str, Any]:
+        body = {"model": "c", "prompt": "say hi"} | fields
+        headers = {"Authorization": f"Bearer {key}"}
+        async with gateway.post("/v1/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+        return fake.completions_requests[-1].json
+
+    assert "max_tokens" not in await sent(plain)
+    assert (await sent(budgeted))["max_tokens"] == 4096  # the provider's default_max_tokens
+    assert (await sent(per_minute))["max_tokens"] == 4096
+    assert (await sent(budgeted, max_tokens=None))["max_tokens"] == 4096
+    assert (await sent(budgeted, max_tokens=5))["max_tokens"] == 5  # the client's, unchanged
+    assert (await sent(per_minute, max_tokens=0))["max_tokens"] == 0
+    assert (await sent(plain, max_tokens=9))["max_tokens"] == 9

@@ -2,8 +2,9 @@
 
 Only OpenAI-compatible and Azure providers do (`CompletionsPassThrough`); other models get a
 400. The body goes upstream as the client sent it (`model` rewritten, the model's
-`max_tokens` filling a missing limit); a stream always asks for usage, and that usage chunk
-is dropped again unless the client asked for it, as for chat. Limits, budgets, retries,
+`max_tokens` filling a missing limit, else for a key with a budget or tokens per minute the
+provider's `default_max_tokens`, as for chat); a stream always asks for usage, and that usage
+chunk is dropped again unless the client asked for it, as for chat. Limits, budgets, retries,
 failover and the usage row are those of chat requests.
 """
 

@@ -43,27 +43,43 @@ class EmbeddingCall(Call, kw_only=True):
 
 
 class CompletionCall(Call, kw_only=True):
-    """A legacy completions request on its way upstream (`body`: the client's JSON)."""
+    """A legacy completions request on its way upstream (`body`: the client's JSON).
+
+    Attributes:
+        output_cap: the output limit admission reserved for a request that sets none (keys
+            with a budget or tokens per minute), sent upstream as its `max_tokens` (as
+            `ChatCall.output_cap`).
+    """
 
     request: CompletionRequest
+    output_cap: int | None = None
 
     @property
     def is_stream(self) -> bool:
         return self.request.is_stream
 
+    @property
+    def max_tokens(self) -> int | None:
+        """The client's output limit, else the model's configured default, else the one
+        admission reserved (None: no limit goes upstream)."""
+        limit = self.request.max_tokens
+        if isinstance(limit, int):
+            return limit
+        return self.model.max_tokens or self.output_cap
+
     def prompt_estimate(self) -> int:
         return estimate_input_tokens(self.request.prompt)
 
+    def cap_output(self, default: int) -> None:
+        if self.max_tokens is None:
+            self.output_cap = default
+
     def output_bound(self, default: int) -> int:
-        limit = self.request.max_tokens
-        if not isinstance(limit, int):
-            limit = self.model.max_tokens or default
-        return limit * self.request.choices
+        limit = self.max_tokens
+        return (default if limit is None else limit) * self.request.choices
 
     def output_ceiling(self) -> int:
-        limit = self.request.max_tokens
-        if not isinstance(limit, int):
-            limit = self.model.max_tokens
+        limit = self.max_tokens
         return UNBOUNDED if limit is None else limit * self.request.choices
 
 

@@ -273,9 +273,12 @@ def _fields(call: Call) -> dict[str, msgspec.Raw]:
 
 
 def _completion_fields(call: CompletionCall) -> dict[str, msgspec.Raw]:
+    """The client's fields; without a limit of its own, the model's `max_tokens` or the one
+    admission reserved (`CompletionCall.cap_output`) is sent as its `max_tokens`."""
     fields = _fields(call)
-    if not isinstance(call.request.max_tokens, int) and call.model.max_tokens is not None:
-        fields["max_tokens"] = msgspec.Raw(encode(call.model.max_tokens))
+    limit = call.max_tokens
+    if not isinstance(call.request.max_tokens, int) and limit is not None:
+        fields["max_tokens"] = msgspec.Raw(encode(limit))
     return fields
 
 
