@@ -355,17 +355,20 @@ async def test_a_budgeted_keys_legacy_completion_gets_no_output_limit_upstream(
 
 
 async def test_a_background_response_passed_through_is_charged_no_output(build: Build) -> None:
-    """WRONG: `/v1/responses` with `background: true` is refused on translated routes but
-    relayed to a `responses_api` upstream. OpenAI answers at once with a `queued` response
+    """WAS WRONG: `/v1/responses` with `background: true` is refused on translated routes but
+    was relayed to a `responses_api` upstream. OpenAI answers at once with a `queued` response
     (no usage) and then generates the whole answer on its own, billing it to the operator's
     account; the client reads it later with `previous_response_id` or OpenAI's webhooks.
-    The gateway charges the queued answer as an estimated row: the prompt's estimate and ZERO
-    output tokens, and gives back the output limit it held. So every background request is
+    The gateway charged the queued answer as an estimated row: the prompt's estimate and ZERO
+    output tokens, and gave back the output limit it held. So every background request was
     free of output: at `max_output_tokens: 4000` and a 10,000-token budget, a loop of
-    background requests runs the budget down by 11 tokens each while the upstream bills 4,000
-    each (~360x). Documented: a budget is overspent by at most one request's use; a request
-    whose usage the gateway cannot see should keep what it held (or be refused for a
-    budgeted key)."""
+    background requests ran the budget down by 11 tokens each while the upstream billed 4,000
+    each (~360x). Documented: a budget is overspent by at most one request's use.
+
+    Fixed by refusal: a background response's usage comes after the answer, from the upstream,
+    where the gateway cannot count it, so a key with a budget (or tokens per minute) gets a 400
+    naming `background`; nothing reaches the upstream and nothing is charged. (A key without
+    either still has it relayed: tests/test_responses_passthrough.py.)"""
     queued = {
         "id": "resp_1",
         "object": "response",
@@ -384,10 +387,16 @@ async def test_a_background_response_passed_through_is_charged_no_output(build: 
     )
     body = {"model": "m", "input": "write a novel", "background": True, "max_output_tokens": 4_000}
     async with gw.post("/v1/responses", json=body, headers=auth(secret)) as resp:
-        assert resp.status == 200, await resp.text()
-    assert up.requests[0]["background"] is True  # relayed: the upstream generates on its own
-    row, spent = await charged(gw, secret)
-    assert spent >= 4_000, (row, spent)  # charged 11 tokens; the upstream bills up to 4,000
+        assert resp.status == 400, await resp.text()
+        error = (await resp.json())["error"]
+    assert error["param"] == "background", error
+    assert error["type"] == "invalid_request_error", error
+    assert "cannot count" in error["message"], error
+    assert up.requests == []  # nothing reached the upstream
+    record = app_of(gw)[KEYS_KEY].lookup(secret)
+    assert record is not None
+    spend = await app_of(gw)[GATE_KEY].spending(record)
+    assert spend is None or spend.tokens == 0, spend  # nothing charged (None: nothing ever)
 
 
 # --- Attempts that time out: the upstream has the prompt (and may be generating), no charge ----

@@ -452,3 +452,34 @@ async def test_error_events_keep_their_class(
     assert events[-1]["type"] == "error"
     assert events[-1]["code"] == code
     assert (await usage_rows(gateway))[-1]["status"] == status
+
+
+async def test_background_is_relayed_only_for_a_key_that_counts_no_tokens(
+    start: Start, make_settings: MakeSettings
+) -> None:
+    """`background: true` is answered at once upstream (`queued`, no usage) and generated
+    there afterwards, past the gateway: a key without a budget or tokens per minute has it
+    relayed; one with either gets a 400 naming `background`, and nothing goes upstream."""
+    fake = FakeOpenAI()
+    gateway, plain = await start(fake.make_app())
+    status, _ = await post(gateway, plain, background=True)
+    assert status == 200
+    assert fake.responses_requests[-1].json["background"] is True
+    relayed = len(fake.responses_requests)
+    rated = await create_key(gateway, name="r", rpm=1_000)  # counts requests, not tokens
+    status, _ = await post(gateway, rated, background=True)
+    assert status == 200
+    relayed += 1
+    for fields in ({"budget_tokens": 10_000}, {"tpm": 100_000}):
+        key = await create_key(gateway, name="k", **fields)
+        for stream in (False, True):
+            status, body = await post(gateway, key, background=True, stream=stream)
+            assert status == 400, body
+            error = json.loads(body)["error"]
+            assert error["param"] == "background", error
+            assert error["code"] == "unsupported_parameter", error
+            assert "cannot count it" in error["message"], error
+        status, _ = await post(gateway, key, background=False)  # not background: relayed
+        assert status == 200
+        relayed += 1
+    assert len(fake.responses_requests) == relayed

@@ -21,6 +21,7 @@ from typing import cast
 from aiohttp import web
 
 from gateway import pipeline
+from gateway.admission import follow
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.failover import Exchange
 from gateway.passthrough import native_first
@@ -39,6 +40,7 @@ from gateway.schemas.codec import decode_body, raw_object
 from gateway.schemas.responses import ResponseCreateRequest
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
+from gateway.state import KEYS_KEY, TICKET_KEY
 from gateway.trace import TRACE_KEY
 
 __all__ = ["create_response", "stored_response"]
@@ -51,6 +53,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
     body = await request.read()
     req = decode_body(body, ResponseCreateRequest)
+    if req.background is True:
+        _refuse_counted_background(request)
     translation = to_chat(req)
     model_id = req.model if isinstance(req.model, str) else None
     try:
@@ -68,6 +72,39 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         )
     finally:
         pipeline.finish(ex)
+
+
+def _refuse_counted_background(request: web.Request) -> None:
+    """Refuse a background response to a key whose budget or tokens per minute count tokens.
+
+    A `responses_api` upstream answers `background: true` at once with a `queued` response
+    that has no usage, then generates the answer on its own (billed to the operator's
+    account); the client reads it later, from the upstream, past the gateway. Its usage never
+    passes through here, so it could not be counted against the key. A key without a budget
+    or tokens per minute counts no tokens: its background requests are relayed as before.
+
+    Raises:
+        InvalidRequest: the key has a budget or tokens per minute (param `background`).
+    """
+    try:
+        ticket = request[TICKET_KEY]
+    except KeyError:
+        return
+    if ticket is None:  # a key without limits or budget: nothing to count against
+        return
+    # The key as it is enforced now (as `pipeline.open_exchange` will charge it).
+    follow(ticket, request.app[KEYS_KEY].current(ticket.key))
+    key = ticket.key
+    if key.has_budget or key.tpm is not None:
+        raise InvalidRequest(
+            "'background': true is not supported for this API key: a background response's "
+            "usage comes after the answer, from the upstream, where the gateway cannot count "
+            "it against the key's budget or tokens per minute. Send the request without "
+            "'background' (streaming it if it is long), or use a key without a budget or "
+            "tokens per minute.",
+            param="background",
+            code="unsupported_parameter",
+        )
 
 
 async def stored_response(request: web.Request) -> web.StreamResponse:
