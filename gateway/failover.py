@@ -95,13 +95,23 @@ def _use(ex: Exchange[Any], route: Route) -> None:
     ex.provider = route.provider
     call.upstream_model = route.upstream_model
     call.api_key = route.api_key
-    call.usage, call.chunks, call.first_byte_at = None, 0, None
-    call.cache_write_tokens = 0
+    _forget(call)
     trace.provider = route.provider.config.name
     trace.upstream_model = route.upstream_model
     headers = trace.headers if trace.headers is not None else {}
     headers["x-gateway-provider"] = route.provider.config.name
     trace.headers = headers
+
+
+def _forget(call: Call) -> None:
+    """Clear what an attempt left in the call (its usage, chunks, first byte), so that it is
+    charged nothing of its own: a failed stream attempt costs what `Exchange.unanswered`
+    counts, whether or not another attempt follows (`pipeline._account` would otherwise
+    estimate the last one, e.g. a stream whose first event was an error, as if it had
+    answered)."""
+    call.usage, call.chunks, call.first_byte_at = None, 0, None
+    call.cache_write_tokens = 0
+    call.usage_estimated = False
 
 
 def _record(ex: Exchange[Any], route: Route, started: float, status: int) -> None:
@@ -199,12 +209,22 @@ async def attempt_each(
                 if scope is None or not scope.expired():
                     raise  # not ours: providers turn their own timeouts into UpstreamTimeout
                 _record(ex, route, started, 504)
+                _forget(ex.call)  # (charged as unanswered: the prompt's estimate)
                 ex.unanswered += 1
                 breakers.release(account, claim)  # the time ran out, not the account
                 failures.append((_past_deadline(routing), None))
                 break
             except UpstreamError as exc:
                 _record(ex, route, started, exc.status)
+                if stream:
+                    # Failed before its first batch, so before any byte of an answer: the
+                    # upstream said so (an error status, or its first event an error: the
+                    # client gets a status either way), or the gateway gave up on it
+                    # (`unanswered`). What it left in the call (a first byte, Anthropic's
+                    # `message_start` counts) is not charged. (A whole answer's reported usage
+                    # is: an upstream that answered and billed, e.g. embeddings whose vectors
+                    # the gateway refuses, is charged it.)
+                    _forget(ex.call)
                 if type(exc) is UpstreamTimeout and exc.unanswered:
                     ex.unanswered += 1
                 fault = fault_of(exc)  # (the rule `sse.relay` judges a broken stream by)

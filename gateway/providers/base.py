@@ -65,7 +65,8 @@ class Call(msgspec.Struct, kw_only=True):
             upstream never reports usage, e.g. because the client hung up).
         usage_estimated: `usage` is partly the gateway's estimate: a stream cut before the
             upstream's final count, whose counts so far were kept (Gemini, Anthropic); the usage
-            row is marked `estimated`. Set only as a stream is cut, when no attempt follows.
+            row is marked `estimated`. Set only as a stream is cut or broken, and cleared when
+            its attempt failed before its first batch (`failover.attempt_each`).
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
         sse_out: the stream goes to the client as SSE events of the same payloads (chat and
             completions streams), so a provider may yield `_sse.Framed` batches of upstream

@@ -7,7 +7,6 @@ of the Messages API itself (`/v1/messages`) are relayed untranslated by `passthr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
 
@@ -72,8 +71,11 @@ class AnthropicProvider:
             ) as chunks:
                 async for batch in chunks:
                     yield batch
-        except (GeneratorExit, asyncio.CancelledError):
-            state.tally.cut(call)  # the client hung up: what message_start reported counts
+        except BaseException:
+            # Cut (the client hung up, the deadline) or broken (an error event, the connection,
+            # a timeout): what message_start reported counts. (A first batch's failure is not
+            # charged: `failover.attempt_each` clears the call.)
+            state.tally.cut(call)
             raise
 
     async def messages(

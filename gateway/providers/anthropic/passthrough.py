@@ -8,14 +8,14 @@ as they arrive, each with its `event:` line, up to and including `message_stop`.
 
 Usage is read on the way (`message_start` holds the input and cache counts, `message_delta`
 the final output count) into the call in chat terms, cache writes apart; a stream the client
-cuts before `message_delta` is charged `message_start`'s counts (`UsageTally.cut`). Events are
+cuts, or that breaks, before `message_delta` is charged `message_start`'s counts
+(`UsageTally.cut`). Events are
 held back until the answer has content, so an `error` event that comes first (Anthropic reports
 overload right after `message_start`) is still an HTTP status and another route may be tried.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
 
@@ -218,14 +218,17 @@ class MessagesRelay:
                         held = []
                     if ended:
                         return
-        except (GeneratorExit, asyncio.CancelledError):
-            tally.cut(call)  # the client hung up: what message_start reported counts
+            # Cut like a dropped connection (which a retry may fix before the first event).
+            raise UpstreamConnectionError(
+                f"The upstream provider '{self._name}' ended the stream before the message "
+                "was complete."
+            )
+        except BaseException:
+            # Cut (the client hung up, the deadline) or broken (an error event, the connection,
+            # a timeout): what message_start reported counts. (A first batch's failure is not
+            # charged: `failover.attempt_each` clears the call.)
+            tally.cut(call)
             raise
-        # Cut like a dropped connection (which a retry may fix before the first event).
-        raise UpstreamConnectionError(
-            f"The upstream provider '{self._name}' ended the stream before the message was "
-            "complete."
-        )
 
     def _reframe(
         self, call: ChatCall, batch: list[bytes], tally: UsageTally, order: Order, out: list[bytes]

@@ -94,7 +94,8 @@ class UsageTally:
         return (self.usage.cache_creation_input_tokens or 0) if self.readable else 0
 
     def cut(self, call: ChatCall) -> None:
-        """Account a stream cut before its final count (the client hung up): the input and
+        """Account a stream cut or broken before its final count (the client hung up, an
+        error event, a dropped connection): the input and
         cache counts `message_start` reported, and for output the larger of the count so far
         and the streamed characters at four a token (`tokens.estimate_text_tokens`; a delta
         holds several tokens). Estimated (`Call.usage_estimated`), and bounded as reported

@@ -7,7 +7,6 @@ is the adapter (`type = "gemini"`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import urllib.parse
 from collections.abc import AsyncGenerator
@@ -80,8 +79,11 @@ class GeminiProvider:
             ) as chunks:
                 async for batch in chunks:
                     yield batch
-        except (GeneratorExit, asyncio.CancelledError):
-            state.cut()  # the client hung up: Gemini's count so far is the answer's usage
+        except BaseException:
+            # Cut (the client hung up, the deadline) or broken (an error event, the connection,
+            # a timeout): Gemini's count so far is the answer's usage. (A first batch's failure
+            # is not charged: `failover.attempt_each` clears the call.)
+            state.cut()
             raise
 
     async def embeddings(self, call: EmbeddingCall) -> ChatReply:

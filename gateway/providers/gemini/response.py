@@ -263,7 +263,8 @@ class GeminiStream:
         return [writer.usage(usage)] if writer.include_usage and usage is not None else []
 
     def cut(self) -> None:
-        """Account a stream cut before its end (the client hung up): each `usageMetadata`
+        """Account a stream cut or broken before its end (the client hung up, an error
+        event, a dropped connection): each `usageMetadata`
         counts the whole answer so far, so the last one is the least the upstream bills for
         it (still marked estimated: what it generated after that chunk is not counted).
         Without one (or unreadable), the pipeline's estimate stands."""
