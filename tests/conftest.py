@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import socket
 import ssl
@@ -21,13 +22,15 @@ from typing import Any
 import msgspec
 import openai
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from gateway import cli, limits_fallback
+from gateway import cli, limits_fallback, logs
 from gateway.app import create_app
+from gateway.logs import configure_logging
 from gateway.router import Router
 from gateway.rows import USAGE_COLUMNS
 from gateway.server import GatewayRunner
@@ -137,6 +140,27 @@ def _quick_redis_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     probe does when it finds Redis, not how long it waits (a test that needs the probe held
     back holds its ping; `Retry-After` is still whole seconds, at least 1)."""
     monkeypatch.setattr(limits_fallback, "_PROBE_SECONDS", 0.1)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts with logging as the test session set it up. `gateway serve` run
+    in-process (tests/test_cli.py, test_attack_recheck.py, ...) and the tests of
+    `configure_logging` set it up as a real server does: the level filtered in structlog's
+    wrapper, JSON lines on stdout, and every module's logger bound to that chain on first use.
+    Left so, `structlog.testing.capture_logs()` (which swaps the processors only) missed what
+    later tests in the same worker logged, and their log assertions failed or passed by the
+    order the worker ran them in. In tests the chain is also looked up at each call."""
+    monkeypatch.setattr(cli, "configure_logging", functools.partial(configure_logging, cache=False))
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    direct = (logs._direct, logs._info)
+    yield
+    structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logs._direct, logs._info = direct
 
 
 @pytest.fixture(scope="session")
