@@ -38,6 +38,7 @@ from gateway.errors import (
     fault_of,
 )
 from gateway.providers import Provider
+from gateway.providers._connector import HANDED
 from gateway.providers.base import Call
 from gateway.router import Route
 from gateway.settings import RoutingSettings
@@ -195,6 +196,7 @@ async def attempt_each(
             account = route.account
             _use(ex, route)
             started = time.perf_counter()
+            handed = HANDED.get()  # (a connection handed out since: the request went upstream)
             # The provider's own timeouts bound an attempt; only when the deadline comes sooner
             # is a timer of ours needed (most requests: never, and a timer costs a few us).
             soon = loop.time() + _bound(route, ex.call.is_stream) > deadline
@@ -210,7 +212,8 @@ async def attempt_each(
                     raise  # not ours: providers turn their own timeouts into UpstreamTimeout
                 _record(ex, route, started, 504)
                 _forget(ex.call)  # (charged as unanswered: the prompt's estimate)
-                ex.unanswered += 1
+                if HANDED.get() != handed:
+                    ex.unanswered += 1
                 breakers.release(account, claim)  # the time ran out, not the account
                 failures.append((_past_deadline(routing), None))
                 break
@@ -225,7 +228,7 @@ async def attempt_each(
                     # is: an upstream that answered and billed, e.g. embeddings whose vectors
                     # the gateway refuses, is charged it.)
                     _forget(ex.call)
-                if type(exc) is UpstreamTimeout and exc.unanswered:
+                if type(exc) is UpstreamTimeout and exc.unanswered and HANDED.get() != handed:
                     ex.unanswered += 1
                 fault = fault_of(exc)  # (the rule `sse.relay` judges a broken stream by)
                 if fault is Fault.CREDENTIALS:

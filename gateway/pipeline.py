@@ -451,37 +451,69 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
             prompt += details.cached_tokens
             trace.cache_read_tokens = details.cached_tokens
         write = trace.cache_write_tokens = call.cache_write_tokens
-        if call.usage_estimated:  # a cut stream's counts so far, its output estimated
-            trace.estimated = True
         # Counts no request could have used are bounded (`usage_bounds`); every plausible
         # answer to a client's own body passes these two comparisons.
         body = call.body
         if body is None or prompt + write > len(body) or completion > OUTPUT_FLOOR:
             usage_bounds.bound(call, ex.provider, ex.provider.config.name, trace)
+        if call.usage_estimated:  # a cut stream's counts so far
+            _at_least_estimated(ex)
     elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
-        # One token a chunk, within the same bound as reported usage: an upstream that never
-        # reports it cannot charge a key more by sending empty chunks by the million.
-        completion = call.chunks
-        if completion > OUTPUT_FLOOR:
-            completion = min(completion, usage_bounds.completion_charged(call, ex.provider))
-        if call.model.reasoning and (hung_up or (call.is_stream and trace.upstream_ok is not True)):
-            # A reasoning model's hidden thinking is counted only in the usage the stream ends
-            # with: cut before it, the request is charged the output limit it was sent with
-            # (what it held), not one token a visible chunk.
-            ceiling = call.output_ceiling()
-            if completion < ceiling < UNBOUNDED:
-                completion = ceiling
-        trace.completion_tokens = completion
+        trace.completion_tokens = _chunks_charged(ex)
+    if call.model.reasoning and trace.estimated:
+        _reasoning_charged(ex, hung_up)
     if ex.unanswered:
         # Attempts the gateway stopped waiting for had the prompt upstream, which may bill it
-        # (and be generating still): each is charged the prompt's estimate.
+        # (and be generating still): each is charged the prompt's estimate, and a reasoning
+        # model's its output limit too (it may have thought that long, unseen).
         trace.estimated = True
         trace.prompt_tokens += ex.unanswered * call.prompt_estimate()
+        ceiling = call.output_ceiling() if call.model.reasoning else UNBOUNDED
+        if ceiling < UNBOUNDED:
+            trace.completion_tokens += ex.unanswered * ceiling
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
         trace.cost_usd = price.cost(_counts(trace, usage))
+
+
+def _chunks_charged(ex: Exchange[Any]) -> int:
+    """One token a streamed chunk, within the same bound as reported usage: an upstream that
+    never reports it cannot charge a key more by sending empty chunks by the million."""
+    completion: int = ex.call.chunks
+    if completion > OUTPUT_FLOOR:
+        completion = min(completion, usage_bounds.completion_charged(ex.call, ex.provider))
+    return completion
+
+
+def _at_least_estimated(ex: Exchange[Any]) -> None:
+    """A stream cut or broken before its final count is charged what its upstream reported so
+    far (`Call.usage_estimated`), but never less than the gateway's own estimate of it: an
+    upstream that reports its input only at the end (a `message_start` of 0), or its count on
+    an early chunk only, still has the prompt and wrote every chunk after."""
+    trace, call = ex.trace, ex.call
+    trace.estimated = True
+    prompt = call.prompt_estimate()
+    if trace.prompt_tokens + trace.cache_read_tokens < prompt:
+        trace.prompt_tokens = prompt - trace.cache_read_tokens
+    completion = _chunks_charged(ex)
+    if trace.completion_tokens < completion:
+        trace.completion_tokens = completion
+
+
+def _reasoning_charged(ex: Exchange[Any], hung_up: bool) -> None:
+    """A reasoning model's hidden thinking is counted only in the usage its answer ends with:
+    a request whose answer was cut before it (the client hung up, or the stream broke) is
+    charged the output limit it was sent with (what it held), not what its visible text
+    suggests. (Thinking streamed as text is no measure either: redacted or summarised thinking
+    is billed whole.)"""
+    call, trace = ex.call, ex.trace
+    if not (hung_up or (call.is_stream and trace.upstream_ok is not True)):
+        return
+    ceiling = call.output_ceiling()
+    if trace.completion_tokens < ceiling < UNBOUNDED:
+        trace.completion_tokens = ceiling
 
 
 def _hung_up() -> bool:

@@ -35,15 +35,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 from typing import Any, cast
 
 import aiohttp
 import structlog
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.tracing import Trace
 
-__all__ = ["FreshConnector", "upstream_connector"]
+__all__ = ["HANDED", "FreshConnector", "upstream_connector"]
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -111,6 +115,13 @@ class _Connection(ResponseHandler):
         return True
 
 
+# How many upstream connections the running task has been handed (a count in its context): an
+# attempt that got one sent its request, and its upstream may bill it; one still waiting for a
+# connection (connecting, or for a `max_connections` slot) when it timed out did not
+# (`failover.attempt_each`).
+HANDED: contextvars.ContextVar[int] = contextvars.ContextVar("upstream_handed", default=0)
+
+
 class FreshConnector(aiohttp.TCPConnector):
     """aiohttp's connector, but an idle connection the upstream wrote an answer on is
     closed, not reused."""
@@ -128,6 +139,16 @@ class FreshConnector(aiohttp.TCPConnector):
         if self.fresh:
             connection = functools.partial(_Connection, loop=self._loop)
             self._factory = cast("functools.partial[ResponseHandler]", connection)
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's own signature
+    ) -> Connection:
+        conn = await super().connect(req, traces, timeout)
+        HANDED.set(HANDED.get() + 1)  # (awaited in the request's task: its context)
+        return conn
 
 
 def upstream_connector() -> FreshConnector:
