@@ -74,6 +74,9 @@ class Exchange(msgspec.Struct, Generic[C]):
     deadline: float | None = None  # loop time by which an answer must have begun (set once)
     owed: _Owed | None = None  # a stream's account, told how it went at its end
     unanswered: int = 0  # attempts given up waiting for after the prompt went upstream
+    # Whether the last attempt had its request sent (a connection was handed to it): a client
+    # that hangs up before then (waiting for a connection, or in a backoff) has sent nothing.
+    sent: bool = True
 
 
 def backoff(retry: int, routing: RoutingSettings) -> float:
@@ -187,6 +190,7 @@ async def attempt_each(
                 delay = backoff(len(failures), routing)
                 if loop.time() + delay >= deadline:
                     break
+                ex.sent = False  # (a hang-up in the backoff: no attempt running)
                 await asyncio.sleep(delay)
             # Claimed only now, right before the attempt, so no exit can leave a probe claimed.
             found = _next_route(ex, breakers, failures)
@@ -260,6 +264,7 @@ async def attempt_each(
                 failures.append((exc, account))
                 continue
             except BaseException:
+                ex.sent = HANDED.get() != handed  # (cancelled before a connection: nothing went)
                 _record(ex, route, started, CLIENT_CLOSED)
                 breakers.release(account, claim)  # cancelled (client gone): no verdict
                 raise

@@ -405,7 +405,7 @@ def finish(ex: Exchange[Any]) -> None:
     call = ex.call
     # Whether the client hung up can only be told in the request's own task (the upstream
     # already has the prompt then, so it is estimated).
-    hung_up = call.usage is None and call.first_byte_at is None and _hung_up()
+    hung_up = call.usage is None and call.first_byte_at is None and ex.sent and _hung_up()
     if ex.ticket is None:
         ex.trace.settle = functools.partial(_settle, ex, hung_up)
         return
@@ -470,7 +470,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         # model's its output limit too (it may have thought that long, unseen).
         trace.estimated = True
         trace.prompt_tokens += ex.unanswered * call.prompt_estimate()
-        ceiling = call.output_ceiling() if call.model.reasoning else UNBOUNDED
+        ceiling = _output_sent(ex) if call.model.reasoning else UNBOUNDED
         if ceiling < UNBOUNDED:
             trace.completion_tokens += ex.unanswered * ceiling
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
@@ -495,8 +495,8 @@ def _at_least_estimated(ex: Exchange[Any]) -> None:
     trace, call = ex.trace, ex.call
     trace.estimated = True
     prompt = call.prompt_estimate()
-    if trace.prompt_tokens + trace.cache_read_tokens < prompt:
-        trace.prompt_tokens = prompt - trace.cache_read_tokens
+    if trace.prompt_tokens < prompt:  # (cache reads are counted within it)
+        trace.prompt_tokens = prompt
     completion = _chunks_charged(ex)
     if trace.completion_tokens < completion:
         trace.completion_tokens = completion
@@ -511,9 +511,24 @@ def _reasoning_charged(ex: Exchange[Any], hung_up: bool) -> None:
     call, trace = ex.call, ex.trace
     if not (hung_up or (call.is_stream and trace.upstream_ok is not True)):
         return
-    ceiling = call.output_ceiling()
+    ceiling = _output_sent(ex)
     if trace.completion_tokens < ceiling < UNBOUNDED:
         trace.completion_tokens = ceiling
+
+
+def _output_sent(ex: Exchange[Any]) -> int:
+    """The output limit the upstream was sent (`UNBOUNDED`: none): the call's, and a
+    reasoning model's thinking budget where its provider adds one on top (Anthropic), as
+    admission holds it."""
+    call = ex.call
+    ceiling: int = call.output_ceiling()
+    if (
+        ceiling < UNBOUNDED
+        and isinstance(call, ChatCall)
+        and has_capability(ex.provider, OutputOnTop)
+    ):
+        ceiling += cast(OutputOnTop, ex.provider).output_on_top(call)
+    return ceiling
 
 
 def _hung_up() -> bool:

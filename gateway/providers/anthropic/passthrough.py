@@ -260,6 +260,7 @@ class MessagesRelay:
                 tally.merge(event.message.usage)
             elif kind == "message_delta":
                 tally.merge(event.usage)
+                tally.final = event.usage is not UNSET
                 _account(call, tally)
             elif kind == "content_block_delta":
                 call.chunks += 1

@@ -74,6 +74,7 @@ class UsageTally:
     usage: AnthropicUsage = field(default_factory=AnthropicUsage)
     readable: bool = True
     streamed: int = 0  # characters of output (text, thinking, tool JSON) streamed so far
+    final: bool = False  # `message_delta`'s count came: the output is known, not estimated
 
     def merge(self, raw: msgspec.Raw | UnsetType) -> None:
         if raw is UNSET:
@@ -104,9 +105,12 @@ class UsageTally:
         usage = self.usage
         if call.usage is not None or not self.readable or usage.input_tokens is None:
             return
+        call.cache_write_tokens = usage.cache_creation_input_tokens or 0
+        if self.final:  # cut between `message_delta` and `message_stop`: the counts are whole
+            call.usage = openai_usage(usage)
+            return
         output = max(usage.output_tokens or 0, (self.streamed + 3) // 4)
         call.usage = openai_usage(msgspec.structs.replace(usage, output_tokens=output))
-        call.cache_write_tokens = usage.cache_creation_input_tokens or 0
         call.usage_estimated = True
 
 
@@ -267,6 +271,7 @@ class AnthropicStream:
             return []
         if kind == "message_delta":
             self.tally.merge(event.usage)
+            self.tally.final = event.usage is not UNSET
             if event.delta is not None and event.delta.stop_reason and not self.finished:
                 self.finished = True
                 return [writer.finish(finish_reason(event.delta.stop_reason, self.json_tool))]
