@@ -388,6 +388,13 @@ class StreamState(Protocol):
         """The last chunks once the upstream stopped; raises if the answer is incomplete."""
         ...
 
+    def cut(self) -> None:
+        """The stream was cut (the client hung up, the deadline) or broke (an error event, the
+        connection, a timeout) before its end: what the upstream counted so far becomes the
+        call's usage. (A first batch's failure is not charged: `failover.attempt_each` clears
+        the call.)"""
+        ...
+
 
 async def translated_stream(
     call: ChatCall,
@@ -409,26 +416,30 @@ async def translated_stream(
     """
     out: list[bytes] = []
     held = HeldAnswer("a translated stream before its first content", limit)
-    async with contextlib.aclosing(events):
-        async for batch in events:
-            try:
-                for data in batch:
-                    chunks = state.feed(data)
-                    out.extend(chunks)
-                    if not call.chunks:
-                        held.add(sum(map(len, chunks)))
-                    if state.done:
-                        break
-            except UpstreamError:
+    try:
+        async with contextlib.aclosing(events):
+            async for batch in events:
+                try:
+                    for data in batch:
+                        chunks = state.feed(data)
+                        out.extend(chunks)
+                        if not call.chunks:
+                            held.add(sum(map(len, chunks)))
+                        if state.done:
+                            break
+                except UpstreamError:
+                    if out and call.chunks:
+                        yield out  # what arrived before the error still reaches the client
+                    raise
+                if state.done:
+                    await done(events)  # (its connection back to the pool, not closed)
+                    break
                 if out and call.chunks:
-                    yield out  # what arrived before the error still reaches the client
-                raise
-            if state.done:
-                await done(events)  # (its connection back to the pool, not closed)
-                break
-            if out and call.chunks:
-                yield out
-                out = []
-    out.extend(state.end())
-    if out:
-        yield out
+                    yield out
+                    out = []
+        out.extend(state.end())
+        if out:
+            yield out
+    except BaseException:
+        state.cut()
+        raise

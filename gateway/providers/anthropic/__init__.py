@@ -65,18 +65,11 @@ class AnthropicProvider:
         body, json_tool = self._body(call, stream=True)
         state = AnthropicStream(call, self.config.name, json_tool, self.config.max_response_bytes)
         events = self._http.stream(self._url, body, call)
-        try:
-            async with contextlib.aclosing(
-                translated_stream(call, events, state, self.config.max_response_bytes)
-            ) as chunks:
-                async for batch in chunks:
-                    yield batch
-        except BaseException:
-            # Cut (the client hung up, the deadline) or broken (an error event, the connection,
-            # a timeout): what message_start reported counts. (A first batch's failure is not
-            # charged: `failover.attempt_each` clears the call.)
-            state.tally.cut(call)
-            raise
+        async with contextlib.aclosing(
+            translated_stream(call, events, state, self.config.max_response_bytes)
+        ) as chunks:
+            async for batch in chunks:
+                yield batch
 
     async def messages(
         self, call: ChatCall, body: dict[str, msgspec.Raw], headers: Mapping[str, str]

@@ -294,6 +294,10 @@ class AnthropicStream:
             )
         return []
 
+    def cut(self) -> None:
+        """(`StreamState.cut`: what `message_start` and the stream so far counted.)"""
+        self.tally.cut(self.call)
+
     def _block_start(
         self, writer: ChunkWriter, index: int, block: AnthropicContentBlock
     ) -> list[bytes]:

@@ -73,18 +73,11 @@ class GeminiProvider:
         state = GeminiStream(call, self.config.name)
         url = self._url(call, "streamGenerateContent?alt=sse")
         events = self._http.stream(url, body, call)
-        try:
-            async with contextlib.aclosing(
-                translated_stream(call, events, state, self.config.max_response_bytes)
-            ) as chunks:
-                async for batch in chunks:
-                    yield batch
-        except BaseException:
-            # Cut (the client hung up, the deadline) or broken (an error event, the connection,
-            # a timeout): Gemini's count so far is the answer's usage. (A first batch's failure
-            # is not charged: `failover.attempt_each` clears the call.)
-            state.cut()
-            raise
+        async with contextlib.aclosing(
+            translated_stream(call, events, state, self.config.max_response_bytes)
+        ) as chunks:
+            async for batch in chunks:
+                yield batch
 
     async def embeddings(self, call: EmbeddingCall) -> ChatReply:
         model = f"models/{call.upstream_model.removeprefix('models/')}"
