@@ -365,33 +365,6 @@ async def test_a_thinking_attempt_ended_before_its_first_byte_is_charged_alike(
     assert row["completion_tokens"] == 3_000, row
 
 
-class Recording(Upstream):
-    """Records the request's JSON body, then writes `reply` and holds the connection."""
-
-    def __init__(self, reply: bytes) -> None:
-        super().__init__(reply)
-        self.bodies: list[dict[str, Any]] = []
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.decode("latin-1").split("\r\n"):
-                name, _, value = line.partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            self.bodies.append(json.loads(await reader.readexactly(length)))
-            self.seen.set()
-            writer.write(self.reply)
-            await writer.drain()
-            await reader.read()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed.set()
-            writer.close()
-
-
 def whole(payload: Any) -> bytes:
     body = json.dumps(payload).encode()
     return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
@@ -416,7 +389,7 @@ COMPLETION = {
 async def test_completions_with_best_of_and_a_null_limit_get_the_default_times_best_of(
     build: Build, key: dict[str, Any]
 ) -> None:
-    up = Recording(whole(COMPLETION))
+    up = Upstream(whole(COMPLETION))
     gw, secret = await build("openai", up, key=key, default_max_tokens=1_000)
     body = {"model": "m", "prompt": "say", "max_tokens": None, "best_of": 3, "n": 2}
     async with asyncio.timeout(NEVER_HANG):

@@ -42,55 +42,6 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": PROMPT}]}
 Build = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
-class Recording(Upstream):
-    """Records each request's JSON body, writes `reply` and holds the connection."""
-
-    def __init__(self, reply: bytes) -> None:
-        super().__init__(reply)
-        self.bodies: list[dict[str, Any]] = []
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.decode("latin-1").split("\r\n"):
-                name, _, value = line.partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            self.bodies.append(json.loads(await reader.readexactly(length)))
-            self.seen.set()
-            writer.write(self.reply)
-            await writer.drain()
-            await reader.read()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed.set()
-            writer.close()
-
-
-class Closing(Upstream):
-    """Writes `reply` to the one request, then closes the connection (a stream that ends)."""
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.decode("latin-1").split("\r\n"):
-                name, _, value = line.partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            self.seen.set()
-            writer.write(self.reply)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed.set()
-            writer.close()
-
-
 class KeepAlive:
     """Answers each request on a connection in turn with the next of `replies` (None: take the
     request and say nothing), keeping the connection open: a pooled connection is reused."""
@@ -527,7 +478,7 @@ REDACTED_THEN_TEXT = (
 async def test_a_cut_reasoning_stream_is_charged_the_limit_it_was_sent_with(
     build: Build,
 ) -> None:
-    up = Recording(REDACTED_THEN_TEXT)
+    up = Upstream(REDACTED_THEN_TEXT)
     gw = await build([("anthropic", up, {})], model={"reasoning": True, "max_tokens": 1_000})
     secret = await create_key(gw, budget_tokens=100_000)
     body = CHAT | {"reasoning_effort": "high", "stream": True}
@@ -649,7 +600,7 @@ WHOLE_STREAMS = {"openai": OPENAI_STREAM, "anthropic": ANTHROPIC_STREAM, "gemini
 async def test_a_whole_reasoning_stream_is_charged_exactly_its_usage(
     build: Build, kind: str
 ) -> None:
-    up = Closing(WHOLE_STREAMS[kind])
+    up = Upstream(WHOLE_STREAMS[kind], hold=False)
     gw = await build([(kind, up, {})], model={"reasoning": True})
     secret = await create_key(gw, budget_tokens=100_000)
     body = CHAT | {"max_tokens": 3_000, "stream": True}

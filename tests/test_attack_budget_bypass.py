@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
 from gateway.settings import ModelConfig, RoutingSettings, Target
-from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
+from gateway.state import GATE_KEY, KEYS_KEY
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -31,8 +30,8 @@ from tests.conftest import (
     create_key,
     provider_config,
     start_gateway,
-    usage_rows,
 )
+from tests.raw_upstream import RawUpstream as RawUp, charged
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdefghij"
 BASE_PATH = {"openai": "/v1", "anthropic": "", "gemini": ""}
@@ -59,50 +58,6 @@ def whole(body: bytes) -> bytes:
 def data(payload: Any, event: str | None = None) -> bytes:
     line = b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
     return (b"event: " + event.encode() + b"\n" + line) if event else line
-
-
-@dataclass
-class RawUp:
-    """An upstream that records each request, writes `reply` at once and then holds the
-    connection until the gateway closes it (`closed` is set then): what it would have sent
-    next (its usage) never goes out, as a real upstream's does not once its client is gone."""
-
-    reply: bytes
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    seen: asyncio.Event = field(default_factory=asyncio.Event)
-    server: asyncio.Server | None = None
-    port: int = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            raw = await reader.readuntil(b"\r\n\r\n")
-            lines = raw.decode("latin-1").split("\r\n")
-            length = next(
-                (
-                    int(v)
-                    for k, _, v in (h.partition(":") for h in lines)
-                    if k.lower() == "content-length"
-                ),
-                0,
-            )
-            body = await reader.readexactly(length)
-            self.paths.append(lines[0].split(" ")[1])
-            self.requests.append(json.loads(body))
-            self.seen.set()
-            writer.write(self.reply)
-            await writer.drain()
-            await reader.read()  # until the gateway closes the connection
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed.set()
-            writer.close()
 
 
 Build = Callable[..., Awaitable[tuple[TestClient[Any, Any], str, RawUp]]]
@@ -161,19 +116,6 @@ async def hang_up_after(
             got += piece
         resp.close()
     return got
-
-
-async def charged(gw: TestClient[Any, Any], secret: str) -> tuple[dict[str, Any], int]:
-    """The one usage row (once written) and the tokens the key's budget counts as spent."""
-    app = app_of(gw)
-    async with asyncio.timeout(NEVER_HANG):
-        await app[USAGE_KEY].wait_recorded(1)
-    (row,) = await usage_rows(gw)
-    record = app[KEYS_KEY].lookup(secret)
-    assert record is not None
-    spend = await app[GATE_KEY].spending(record)
-    assert spend is not None
-    return row, spend.tokens
 
 
 # --- Streams the client cuts: the upstream's own counts so far are thrown away ----------------

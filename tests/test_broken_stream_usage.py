@@ -63,21 +63,8 @@ END = (
 class Dropping(Upstream):
     """Writes its reply, then drops the connection (no end of the stream)."""
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.decode("latin-1").split("\r\n"):
-                name, _, value = line.partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            self.seen.set()
-            writer.write(self.reply)
-            await writer.drain()
-        finally:
-            self.closed.set()
-            writer.close()
+    def __init__(self, reply: bytes) -> None:
+        super().__init__(reply, hold=False)
 
 
 Build = Callable[..., Awaitable[tuple[TestClient[Any, Any], str]]]

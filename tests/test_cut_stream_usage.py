@@ -19,54 +19,17 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
 from gateway.settings import ModelConfig, Target
-from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
-    app_of,
     create_key,
     provider_config,
     start_gateway,
-    usage_rows,
 )
+from tests.raw_upstream import STREAM_HEAD as HEAD, RawUpstream as Upstream, charged, sse as event
 
-HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
 BASE = {"anthropic": "", "gemini": ""}
 PROMPT = "hello there " * 100  # 1,200 characters: ~300 tokens by the gateway's estimate
-
-
-def event(payload: Any, name: str | None = None) -> bytes:
-    line = b"data: " + json.dumps(payload).encode() + b"\n\n"
-    return b"event: " + name.encode() + b"\n" + line if name else line
-
-
-class Upstream:
-    """Writes `reply` to the one request, then holds the connection until the gateway closes it."""
-
-    def __init__(self, reply: bytes) -> None:
-        self.reply = reply
-        self.seen = asyncio.Event()
-        self.closed = asyncio.Event()
-        self.port = 0
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.decode("latin-1").split("\r\n"):
-                name, _, value = line.partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            self.seen.set()
-            writer.write(self.reply)
-            await writer.drain()
-            await reader.read()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed.set()
-            writer.close()
 
 
 Build = Callable[[str, bytes], Awaitable[tuple[TestClient[Any, Any], str, Upstream]]]
@@ -115,18 +78,6 @@ async def read(gw: TestClient[Any, Any], secret: str, path: str, until: bytes | 
             assert piece, got
             got += piece
         resp.close()
-
-
-async def charged(gw: TestClient[Any, Any], secret: str) -> tuple[dict[str, Any], int]:
-    app = app_of(gw)
-    async with asyncio.timeout(NEVER_HANG):
-        await app[USAGE_KEY].wait_recorded(1)
-    (row,) = await usage_rows(gw)
-    record = app[KEYS_KEY].lookup(secret)
-    assert record is not None
-    spend = await app[GATE_KEY].spending(record)
-    assert spend is not None
-    return row, spend.tokens
 
 
 def counts(row: dict[str, Any]) -> tuple[int, ...]:

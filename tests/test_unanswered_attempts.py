@@ -28,6 +28,7 @@ from tests.conftest import (
     start_gateway,
     usage_rows,
 )
+from tests.raw_upstream import read_request
 
 ANSWER = {
     "id": "c1",
@@ -60,13 +61,7 @@ class FirstHangs:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            await reader.readexactly(length)
+            await read_request(reader)
             self.requests += 1
             if self.requests == 1:
                 await reader.read()  # until the gateway gives up and closes
