@@ -39,10 +39,11 @@ from gateway.errors import (
 )
 from gateway.providers import Provider
 from gateway.providers._connector import HANDED
-from gateway.providers.base import Call
+from gateway.providers.base import UNBOUNDED, Call
 from gateway.router import Route
 from gateway.settings import RoutingSettings
 from gateway.trace import CLIENT_CLOSED, RequestTrace, elapsed_ms
+from gateway.usage_bounds import output_sent
 
 __all__ = ["Exchange", "attempt_each", "backoff", "stream_ended"]
 
@@ -74,6 +75,7 @@ class Exchange(msgspec.Struct, Generic[C]):
     deadline: float | None = None  # loop time by which an answer must have begun (set once)
     owed: _Owed | None = None  # a stream's account, told how it went at its end
     unanswered: int = 0  # attempts given up waiting for after the prompt went upstream
+    unanswered_output: int = 0  # their output limits, a reasoning model's (`_gave_up`)
     # Whether the last attempt had its request sent (a connection was handed to it): a client
     # that hangs up before then (waiting for a connection, or in a backoff) has sent nothing.
     sent: bool = True
@@ -116,6 +118,18 @@ def _forget(call: Call) -> None:
     call.usage, call.chunks, call.first_byte_at = None, 0, None
     call.cache_write_tokens = 0
     call.usage_estimated = False
+
+
+def _gave_up(ex: Exchange[Any]) -> None:
+    """The gateway stopped waiting for an attempt whose request went upstream: it is charged
+    the prompt's estimate, and a reasoning model the output limit that attempt was sent (its
+    own provider's: Anthropic's adds the thinking budget), which it may have thought through
+    unseen (`pipeline._account`)."""
+    ex.unanswered += 1
+    if ex.call.model.reasoning:
+        most = output_sent(ex.call, ex.provider)
+        if most < UNBOUNDED:
+            ex.unanswered_output += most
 
 
 def _record(ex: Exchange[Any], route: Route, started: float, status: int) -> None:
@@ -217,7 +231,7 @@ async def attempt_each(
                 _record(ex, route, started, 504)
                 _forget(ex.call)  # (charged as unanswered: the prompt's estimate)
                 if HANDED.get() != handed:
-                    ex.unanswered += 1
+                    _gave_up(ex)
                 breakers.release(account, claim)  # the time ran out, not the account
                 failures.append((_past_deadline(routing), None))
                 break
@@ -233,7 +247,7 @@ async def attempt_each(
                     # the gateway refuses, is charged it.)
                     _forget(ex.call)
                 if type(exc) is UpstreamTimeout and exc.unanswered and HANDED.get() != handed:
-                    ex.unanswered += 1
+                    _gave_up(ex)
                 fault = fault_of(exc)  # (the rule `sse.relay` judges a broken stream by)
                 if fault is Fault.CREDENTIALS:
                     # Our key: another account may still work; this one waits for the operator.

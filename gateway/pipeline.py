@@ -295,6 +295,13 @@ def complete(ex: Exchange[ChatCall]) -> Coroutine[Any, Any, ChatReply]:
     return try_routes(ex, lambda route: route.provider.chat(ex.call))
 
 
+def unreported(ex: Exchange[Any], reply: ChatReply) -> None:
+    """A whole answer whose upstream reported no usage: it has no chunks to count, so its
+    output is estimated from its bytes at four a token (its JSON's keys included: on the
+    safe side), within the usual bound (`_chunks_charged`)."""
+    ex.call.chunks = (len(reply.body) + 3) // 4
+
+
 def stream(ex: Exchange[C], open_stream: Callable[[Route], Batches] | None = None) -> Stream:
     """Batches of the stream's payloads; routes are tried until one sends its first batch.
 
@@ -462,17 +469,15 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = _chunks_charged(ex)
-    if call.model.reasoning and trace.estimated:
-        _reasoning_charged(ex, hung_up)
+    if call.model.reasoning and trace.estimated and (usage is None or call.usage_estimated):
+        _reasoning_charged(ex)
     if ex.unanswered:
         # Attempts the gateway stopped waiting for had the prompt upstream, which may bill it
         # (and be generating still): each is charged the prompt's estimate, and a reasoning
         # model's its output limit too (it may have thought that long, unseen).
         trace.estimated = True
         trace.prompt_tokens += ex.unanswered * call.prompt_estimate()
-        ceiling = _output_sent(ex) if call.model.reasoning else UNBOUNDED
-        if ceiling < UNBOUNDED:
-            trace.completion_tokens += ex.unanswered * ceiling
+        trace.completion_tokens += ex.unanswered_output
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
         trace.cost_usd = price.cost(_counts(trace, usage))
@@ -502,33 +507,15 @@ def _at_least_estimated(ex: Exchange[Any]) -> None:
         trace.completion_tokens = completion
 
 
-def _reasoning_charged(ex: Exchange[Any], hung_up: bool) -> None:
+def _reasoning_charged(ex: Exchange[Any]) -> None:
     """A reasoning model's hidden thinking is counted only in the usage its answer ends with:
-    a request whose answer was cut before it (the client hung up, or the stream broke) is
-    charged the output limit it was sent with (what it held), not what its visible text
-    suggests. (Thinking streamed as text is no measure either: redacted or summarised thinking
-    is billed whole.)"""
-    call, trace = ex.call, ex.trace
-    if not (hung_up or (call.is_stream and trace.upstream_ok is not True)):
-        return
-    ceiling = _output_sent(ex)
-    if trace.completion_tokens < ceiling < UNBOUNDED:
-        trace.completion_tokens = ceiling
-
-
-def _output_sent(ex: Exchange[Any]) -> int:
-    """The output limit the upstream was sent (`UNBOUNDED`: none): the call's, and a
-    reasoning model's thinking budget where its provider adds one on top (Anthropic), as
-    admission holds it."""
-    call = ex.call
-    ceiling: int = call.output_ceiling()
-    if (
-        ceiling < UNBOUNDED
-        and isinstance(call, ChatCall)
-        and has_capability(ex.provider, OutputOnTop)
-    ):
-        ceiling += cast(OutputOnTop, ex.provider).output_on_top(call)
-    return ceiling
+    a request without it (cut before it, the stream broken, or an upstream that reports none)
+    is charged at least the output limit it was sent with (what it held), not what its visible
+    text suggests. (Thinking streamed as text is no measure either: redacted or summarised
+    thinking is billed whole.)"""
+    ceiling = usage_bounds.output_sent(ex.call, ex.provider)
+    if ex.trace.completion_tokens < ceiling < UNBOUNDED:
+        ex.trace.completion_tokens = ceiling
 
 
 def _hung_up() -> bool:

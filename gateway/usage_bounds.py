@@ -45,6 +45,7 @@ __all__ = [
     "bound",
     "completion_bound",
     "completion_charged",
+    "output_sent",
     "prompt_bound",
 ]
 
@@ -118,6 +119,16 @@ def completion_bound(call: Call, provider: object) -> int:
         most += thinking * choices
     if req.prediction is not UNSET:
         most += len(req.prediction) * choices
+    return most
+
+
+def output_sent(call: Call, provider: object) -> int:
+    """The output limit `call` was sent to `provider` (`UNBOUNDED`: none): its own, and a
+    reasoning model's thinking budget where the provider adds one on top (Anthropic), as
+    admission holds it."""
+    most = call.output_ceiling()
+    if most < UNBOUNDED and isinstance(call, ChatCall) and has_capability(provider, OutputOnTop):
+        most += cast(OutputOnTop, provider).output_on_top(call)
     return most
 
 

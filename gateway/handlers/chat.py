@@ -40,6 +40,8 @@ async def _chat(request: web.Request, default_model: str | None) -> web.StreamRe
             finally:  # (not `contextlib.aclosing`: two coroutines more per stream)
                 await events.aclose()
         reply = await pipeline.complete(ex)
+        if reply.usage is None:
+            pipeline.unreported(ex, reply)
         return web.Response(body=reply.body, content_type="application/json")
     finally:
         pipeline.finish(ex)

@@ -135,6 +135,8 @@ async def _translated(ex: Exchange[ChatCall], *, stream: bool) -> web.StreamResp
         ):
             return await _relay(ex.request, batches)
     reply = await pipeline.complete(ex)
+    if reply.usage is None:
+        pipeline.unreported(ex, reply)
     return web.Response(body=from_completion(reply.body, estimate), content_type="application/json")
 
 

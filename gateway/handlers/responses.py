@@ -134,6 +134,8 @@ async def _translated(
             ):
                 return await _relay(ex.request, batches, converter.error_frame)
         reply = await pipeline.complete(ex)
+        if reply.usage is None:
+            pipeline.unreported(ex, reply)
     except InvalidRequest as exc:  # a provider refused a field: name the Responses one
         raise _renamed(exc, translation) from None
     answer = from_completion(reply.body, base, reply.usage)

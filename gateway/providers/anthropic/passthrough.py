@@ -77,6 +77,7 @@ class _DeltaView(msgspec.Struct):
     text: str | UnsetType = UNSET
     partial_json: str | UnsetType = UNSET
     thinking: str | UnsetType = UNSET
+    stop_reason: object = None  # (a `message_delta`'s: whether it closes the message)
 
 
 class _EventView(msgspec.Struct):
@@ -259,9 +260,9 @@ class MessagesRelay:
             if kind == "message_start" and event.message is not None:
                 tally.merge(event.message.usage)
             elif kind == "message_delta":
-                tally.merge(event.usage)
-                tally.final = event.usage is not UNSET
-                _account(call, tally)
+                delta = event.delta
+                stop = delta.stop_reason if delta is not None else None
+                tally.delta(event.usage, stop if isinstance(stop, str) else None)
             elif kind == "content_block_delta":
                 call.chunks += 1
                 delta = event.delta  # (`_shaped`: one, with its type's string if it has one)
@@ -271,5 +272,6 @@ class MessagesRelay:
                         tally.streamed += len(text)
             out.append(event_frame(kind.encode(), payload))
             if kind == "message_stop":
+                _account(call, tally)  # (cut before it: `UsageTally.cut`)
                 return True, None
         return False, None

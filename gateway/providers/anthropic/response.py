@@ -74,7 +74,8 @@ class UsageTally:
     usage: AnthropicUsage = field(default_factory=AnthropicUsage)
     readable: bool = True
     streamed: int = 0  # characters of output (text, thinking, tool JSON) streamed so far
-    final: bool = False  # `message_delta`'s count came: the output is known, not estimated
+    final: bool = False  # the closing `message_delta` came (a stop_reason): output is known
+    _final_at: int = 0  # what had streamed by then (content after it reopens the count)
 
     def merge(self, raw: msgspec.Raw | UnsetType) -> None:
         if raw is UNSET:
@@ -91,6 +92,14 @@ class UsageTally:
     def counts(self) -> AnthropicUsage | None:
         return self.usage if self.readable else None
 
+    def delta(self, usage: msgspec.Raw | UnsetType, stop_reason: str | None) -> None:
+        """A `message_delta`: its usage merged, and final when it closes the message (a
+        stop_reason; Anthropic sends one, after the last block). One without, or content
+        after it, leaves the output a count so far (`cut`)."""
+        self.merge(usage)
+        self.final = bool(stop_reason) and usage is not UNSET
+        self._final_at = self.streamed
+
     def cache_writes(self) -> int:
         return (self.usage.cache_creation_input_tokens or 0) if self.readable else 0
 
@@ -106,7 +115,7 @@ class UsageTally:
         if call.usage is not None or not self.readable or usage.input_tokens is None:
             return
         call.cache_write_tokens = usage.cache_creation_input_tokens or 0
-        if self.final:  # cut between `message_delta` and `message_stop`: the counts are whole
+        if self.final and self.streamed == self._final_at:  # cut before `message_stop` only
             call.usage = openai_usage(usage)
             return
         output = max(usage.output_tokens or 0, (self.streamed + 3) // 4)
@@ -270,8 +279,7 @@ class AnthropicStream:
                 return [writer.text(json_answer("".join(state.held), self.json_tool))]
             return []
         if kind == "message_delta":
-            self.tally.merge(event.usage)
-            self.tally.final = event.usage is not UNSET
+            self.tally.delta(event.usage, event.delta.stop_reason if event.delta else None)
             if event.delta is not None and event.delta.stop_reason and not self.finished:
                 self.finished = True
                 return [writer.finish(finish_reason(event.delta.stop_reason, self.json_tool))]
