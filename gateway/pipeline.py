@@ -298,8 +298,9 @@ def complete(ex: Exchange[ChatCall]) -> Coroutine[Any, Any, ChatReply]:
 def unreported(ex: Exchange[Any], reply: ChatReply) -> None:
     """A whole answer whose upstream reported no usage: it has no chunks to count, so its
     output is estimated from its bytes at four a token (its JSON's keys included: on the
-    safe side), within the usual bound (`_chunks_charged`)."""
-    ex.call.chunks = (len(reply.body) + 3) // 4
+    safe side), never past the output limit the upstream was sent."""
+    estimate = (len(reply.body) + 3) // 4
+    ex.call.chunks = min(estimate, usage_bounds.output_sent(ex.call, ex.provider))
 
 
 def stream(ex: Exchange[C], open_stream: Callable[[Route], Batches] | None = None) -> Stream:

@@ -51,6 +51,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             async with contextlib.aclosing(events) as batches:
                 return await relay(request, batches)
         reply = await pipeline.try_routes(ex, lambda route: _upstream(route).completion(ex.call))
+        if reply.usage is None:
+            pipeline.unreported(ex, reply)
         return web.Response(body=reply.body, content_type="application/json")
     finally:
         pipeline.finish(ex)

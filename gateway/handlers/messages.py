@@ -117,6 +117,8 @@ async def _relayed(
         reply = await pipeline.try_routes(
             ex, lambda route: _native(route).messages(ex.call, fields, headers)
         )
+        if reply.usage is None:
+            pipeline.unreported(ex, reply)
         return web.Response(body=reply.body, content_type="application/json")
     events = pipeline.stream(
         ex, lambda route: _native(route).stream_messages(ex.call, fields, headers)

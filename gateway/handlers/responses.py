@@ -163,6 +163,8 @@ async def _pass_through(ex: Exchange[ChatCall], body: bytes, *, stream: bool) ->
         reply = await pipeline.try_routes(
             ex, lambda route: _upstream(route).responses(ex.call, fields)
         )
+        if reply.usage is None:
+            pipeline.unreported(ex, reply)
         return web.Response(body=reply.body, content_type="application/json")
     events, first = await pipeline.try_routes(
         ex,

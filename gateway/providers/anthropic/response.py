@@ -90,7 +90,12 @@ class UsageTally:
                 setattr(self.usage, name, value)
 
     def counts(self) -> AnthropicUsage | None:
-        return self.usage if self.readable else None
+        """The usage reported; None when it cannot be read, or lacks the input or output
+        count (a `usage: {}` is no report of zero: the row is estimated)."""
+        usage = self.usage
+        if not self.readable or usage.input_tokens is None or usage.output_tokens is None:
+            return None
+        return usage
 
     def delta(self, usage: msgspec.Raw | UnsetType, stop_reason: str | None) -> None:
         """A `message_delta`: its usage merged, and final when it closes the message (a
