@@ -263,7 +263,10 @@ class MessagesRelay:
                 delta = event.delta
                 stop = delta.stop_reason if delta is not None else None
                 tally.delta(event.usage, stop if isinstance(stop, str) else None)
+            elif kind == "content_block_start":
+                tally.content += 1
             elif kind == "content_block_delta":
+                tally.content += 1
                 call.chunks += 1
                 delta = event.delta  # (`_shaped`: one, with its type's string if it has one)
                 if delta is not None:
@@ -272,6 +275,6 @@ class MessagesRelay:
                         tally.streamed += len(text)
             out.append(event_frame(kind.encode(), payload))
             if kind == "message_stop":
-                _account(call, tally)  # (cut before it: `UsageTally.cut`)
+                tally.closed(call)  # (cut before it: `UsageTally.cut`)
                 return True, None
         return False, None

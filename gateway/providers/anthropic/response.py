@@ -75,19 +75,22 @@ class UsageTally:
     readable: bool = True
     streamed: int = 0  # characters of output (text, thinking, tool JSON) streamed so far
     final: bool = False  # the closing `message_delta` came (a stop_reason): output is known
-    _final_at: int = 0  # what had streamed by then (content after it reopens the count)
+    content: int = 0  # content events (block starts and deltas) seen so far
+    _final_at: int = 0  # content events by then (content after it reopens the count)
 
-    def merge(self, raw: msgspec.Raw | UnsetType) -> None:
+    def merge(self, raw: msgspec.Raw | UnsetType) -> AnthropicUsage | None:
+        """Add an event's usage to the tally; the usage read (None: none, or unreadable)."""
         if raw is UNSET:
-            return
+            return None
         usage = read_usage(self.provider, raw, USAGE_DECODER)
         if usage is None:
             self.readable = False
-            return
+            return None
         for name in usage.__struct_fields__:
             value = getattr(usage, name)
             if value is not None:
                 setattr(self.usage, name, value)
+        return usage
 
     def counts(self) -> AnthropicUsage | None:
         """The usage reported; None when it cannot be read, or lacks the input or output
@@ -98,12 +101,28 @@ class UsageTally:
         return usage
 
     def delta(self, usage: msgspec.Raw | UnsetType, stop_reason: str | None) -> None:
-        """A `message_delta`: its usage merged, and final when it closes the message (a
-        stop_reason; Anthropic sends one, after the last block). One without, or content
-        after it, leaves the output a count so far (`cut`)."""
-        self.merge(usage)
-        self.final = bool(stop_reason) and usage is not UNSET
-        self._final_at = self.streamed
+        """A `message_delta`: its usage merged, and final when it closes the message with its
+        own output count (a stop_reason and `output_tokens`: Anthropic sends one, after the
+        last block; `message_start`'s `output_tokens` is a placeholder). One without, or
+        content after it, leaves the output a count so far (`cut`)."""
+        read = self.merge(usage)
+        counted = read is not None and read.output_tokens is not None
+        if stop_reason:
+            self.final, self._final_at = counted, self.content
+        elif not counted:  # (a later delta with a count, and no content since: still final)
+            self.final = False
+
+    def closed(self, call: ChatCall) -> AnthropicUsage | None:
+        """At `message_stop`: the final counts, into the call; without a closing count (none
+        came, or unreadable), the stream is accounted as cut (`cut`: its counts so far and an
+        estimate of its output, or the pipeline's estimate) and None."""
+        counts = self.counts()
+        if counts is None or not self.final or self.content != self._final_at:
+            self.cut(call)
+            return None
+        call.usage = openai_usage(counts)
+        call.cache_write_tokens = self.cache_writes()
+        return counts
 
     def cache_writes(self) -> int:
         return (self.usage.cache_creation_input_tokens or 0) if self.readable else 0
@@ -120,7 +139,7 @@ class UsageTally:
         if call.usage is not None or not self.readable or usage.input_tokens is None:
             return
         call.cache_write_tokens = usage.cache_creation_input_tokens or 0
-        if self.final and self.streamed == self._final_at:  # cut before `message_stop` only
+        if self.final and self.content == self._final_at:  # cut before `message_stop` only
             call.usage = openai_usage(usage)
             return
         output = max(usage.output_tokens or 0, (self.streamed + 3) // 4)
@@ -267,12 +286,14 @@ class AnthropicStream:
                 f"The upstream provider '{self.provider}' sent '{kind}' before 'message_start'."
             )
         if kind == "content_block_start":
+            self.tally.content += 1
             if event.content_block is None:
                 raise UpstreamError(
                     f"The upstream provider '{self.provider}' sent a malformed stream event."
                 )
             return self._block_start(writer, index, event.content_block)
         if kind == "content_block_delta" and event.delta is not None:
+            self.tally.content += 1
             return self._block_delta(writer, index, event.delta)
         if kind == "content_block_stop":
             state = self._blocks.pop(index, None)
@@ -292,12 +313,10 @@ class AnthropicStream:
         if kind == "message_stop":
             self.done = True
             out = [] if self.finished else [writer.finish("stop")]
-            counts = self.tally.counts()
-            if counts is None:  # unreadable: the row is estimated, and the client told nothing
+            if self.tally.closed(self.call) is None:  # estimated: the client is told nothing
                 return out
-            usage = self.call.usage = openai_usage(counts)
-            self.call.cache_write_tokens = self.tally.cache_writes()
-            return [*out, writer.usage(usage)] if writer.include_usage else out
+            usage = self.call.usage
+            return [*out, writer.usage(usage)] if writer.include_usage and usage else out
         return []  # ping, and event types added after this was written
 
     def end(self) -> list[bytes]:
