@@ -78,13 +78,18 @@ class UsageTally:
     content: int = 0  # content events (block starts and deltas) seen so far
     _final_at: int = 0  # content events by then (content after it reopens the count)
 
-    def merge(self, raw: msgspec.Raw | UnsetType) -> AnthropicUsage | None:
-        """Add an event's usage to the tally; the usage read (None: none, or unreadable)."""
+    def merge(
+        self, raw: msgspec.Raw | UnsetType, *, closing: bool = False
+    ) -> AnthropicUsage | None:
+        """Add an event's usage to the tally; the usage read (None: none, or unreadable). An
+        unreadable usage makes the answer's unknown, except a `closing` one (a stream's
+        `message_delta`): that is no final count, and what came before still stands."""
         if raw is UNSET:
             return None
         usage = read_usage(self.provider, raw, USAGE_DECODER)
         if usage is None:
-            self.readable = False
+            if not closing:
+                self.readable = False
             return None
         for name in usage.__struct_fields__:
             value = getattr(usage, name)
@@ -105,8 +110,10 @@ class UsageTally:
         own output count (a stop_reason and `output_tokens`: Anthropic sends one, after the
         last block; `message_start`'s `output_tokens` is a placeholder). One without, or
         content after it, leaves the output a count so far (`cut`)."""
-        read = self.merge(usage)
-        counted = read is not None and read.output_tokens is not None
+        read = self.merge(usage, closing=True)
+        output = read.output_tokens if read is not None else None
+        # (A count of 0 after streamed output is no count either.)
+        counted = output is not None and (output != 0 or not self.streamed)
         if stop_reason:
             self.final, self._final_at = counted, self.content
         elif not counted:  # (a later delta with a count, and no content since: still final)
