@@ -11,15 +11,19 @@ test waits on events, never on time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
 from tests.conftest import NEVER_HANG, app_of, usage_rows
 
-__all__ = ["STREAM_HEAD", "RawUpstream", "charged", "read_request", "sse"]
+__all__ = ["STREAM_HEAD", "Blackhole", "RawUpstream", "blackhole", "charged", "read_request", "sse"]
 
 # A 200 whose body ends when the connection closes.
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
@@ -95,3 +99,33 @@ async def charged(gw: TestClient[Any, Any], secret: str) -> tuple[dict[str, Any]
     spend = await app[GATE_KEY].spending(record)
     assert spend is not None
     return row, spend.tokens
+
+
+class Blackhole:
+    """A port whose connections never open: a listening socket with its backlog full, so the
+    kernel drops further SYNs (the connect hangs, as to a firewalled host)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fill: list[socket.socket] = []
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(("127.0.0.1", self.port))
+            self.fill.append(c)
+
+    def close(self) -> None:
+        for c in self.fill:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[Blackhole]:
+    hole = Blackhole()
+    yield hole
+    hole.close()

@@ -10,10 +10,8 @@ connection until the gateway closes it, so every wait is on an event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
+from tests import raw_upstream
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -174,34 +173,7 @@ async def test_a_cut_reasoning_stream_on_anthropic_is_charged_its_output_limit(
 # --- (a)/(c) timeouts before the request went upstream ------------------------------------------
 
 
-class Blackhole:
-    """A port whose connections never open: a listening socket with its backlog full, so the
-    kernel drops further SYNs (the connect hangs, as to a firewalled host)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.port = self.sock.getsockname()[1]
-        self.fill: list[socket.socket] = []
-        for _ in range(3):
-            c = socket.socket()
-            c.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                c.connect(("127.0.0.1", self.port))
-            self.fill.append(c)
-
-    def close(self) -> None:
-        for c in self.fill:
-            c.close()
-        self.sock.close()
-
-
-@pytest.fixture
-def blackhole() -> Iterator[Blackhole]:
-    hole = Blackhole()
-    yield hole
-    hole.close()
+blackhole = raw_upstream.blackhole  # the fixture
 
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": PROMPT}]}
@@ -219,7 +191,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": PROMPT}]}
 # on_request_chunk_sent / on_connection_create_end for unary calls).
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_connection_that_never_opened_is_not_charged(
-    build: Build, blackhole: Blackhole, stream: bool
+    build: Build, blackhole: raw_upstream.Blackhole, stream: bool
 ) -> None:
     # The connect is still under way (connect_timeout: 5 s) when the first-byte watchdog
     # (streams) or aiohttp's total timer (non-streaming: min(total_timeout, read_timeout))
@@ -246,7 +218,7 @@ async def test_a_connection_that_never_opened_is_not_charged(
 # cut as unanswered (`ex.unanswered += 1` on `scope.expired()`), whether the request was
 # written upstream or was still connecting (or waiting for a pool slot, `max_connections`).
 async def test_a_deadline_passed_while_connecting_is_not_charged(
-    build: Build, blackhole: Blackhole
+    build: Build, blackhole: raw_upstream.Blackhole
 ) -> None:
     gw, secret = await build(
         "openai",

@@ -11,10 +11,8 @@ waiting for a pool slot or a connection), the upstream client's own counters are
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -23,6 +21,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from gateway.state import GATE_KEY, KEYS_KEY, LIVE_KEY, USAGE_KEY
+from tests import raw_upstream
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -78,34 +77,7 @@ class KeepAlive:
             writer.close()
 
 
-class Blackhole:
-    """A port whose connections never open (a listening socket with its backlog full: the
-    kernel drops further SYNs, as a firewalled host's)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.port = self.sock.getsockname()[1]
-        self.fill: list[socket.socket] = []
-        for _ in range(3):
-            c = socket.socket()
-            c.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                c.connect(("127.0.0.1", self.port))
-            self.fill.append(c)
-
-    def close(self) -> None:
-        for c in self.fill:
-            c.close()
-        self.sock.close()
-
-
-@pytest.fixture
-def blackhole() -> Iterator[Blackhole]:
-    hole = Blackhole()
-    yield hole
-    hole.close()
+blackhole = raw_upstream.blackhole  # the fixture
 
 
 @pytest.fixture
@@ -309,7 +281,7 @@ async def test_a_client_hanging_up_while_waiting_for_a_pool_slot_is_not_charged(
 # output limit), though no byte went upstream.
 @pytest.mark.parametrize("reasoning", [False, True])
 async def test_a_client_hanging_up_while_connecting_is_not_charged(
-    build: Build, blackhole: Blackhole, reasoning: bool
+    build: Build, blackhole: raw_upstream.Blackhole, reasoning: bool
 ) -> None:
     gw = await build(
         [("openai", blackhole.port, {"connect_timeout": 30.0, "read_timeout": 30.0})],
@@ -350,7 +322,7 @@ async def test_a_timeout_on_a_reused_keep_alive_connection_is_charged(build: Bui
 # opens a connection (blackholed) and one whose first provider took the prompt and said nothing,
 # both then answered by a third provider. Only the second is charged the prompt's estimate.
 async def test_handed_is_per_request_and_per_attempt_across_providers(
-    build: Build, blackhole: Blackhole
+    build: Build, blackhole: raw_upstream.Blackhole
 ) -> None:
     silent = Upstream(b"")
     good = KeepAlive([whole(ANSWER), whole(ANSWER)])
