@@ -118,6 +118,7 @@ def _forget(call: Call) -> None:
     call.usage, call.chunks, call.first_byte_at = None, 0, None
     call.cache_write_tokens = 0
     call.usage_estimated = False
+    call.usage_chunks = -1
 
 
 def _gave_up(ex: Exchange[Any]) -> None:

@@ -464,8 +464,8 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         body = call.body
         if body is None or prompt + write > len(body) or completion > OUTPUT_FLOOR:
             usage_bounds.bound(call, ex.provider, ex.provider.config.name, trace)
-        if call.usage_estimated:  # a cut stream's counts so far
-            _at_least_estimated(ex)
+        if call.usage_estimated or (call.is_stream and _so_far(ex, usage)):
+            _at_least_estimated(ex)  # a cut stream's counts so far
     elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
@@ -491,6 +491,21 @@ def _chunks_charged(ex: Exchange[Any]) -> int:
     if completion > OUTPUT_FLOOR:
         completion = min(completion, usage_bounds.completion_charged(ex.call, ex.provider))
     return completion
+
+
+def _so_far(ex: Exchange[Any], usage: OpenAIUsage) -> bool:
+    """Whether a stream's reported usage is only a count so far (then marked so): no output
+    counted after streamed output, or a count read before content that came after it (vLLM's
+    usage on every chunk, a usage chunk sent first) on a stream that did not end."""
+    call = ex.call
+    so_far = (usage.completion_tokens == 0 and call.chunks > 0) or (
+        call.usage_chunks >= 0
+        and call.chunks != call.usage_chunks
+        and ex.trace.upstream_ok is not True
+    )
+    if so_far:
+        call.usage_estimated = True
+    return so_far
 
 
 def _at_least_estimated(ex: Exchange[Any]) -> None:

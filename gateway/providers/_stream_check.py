@@ -48,11 +48,22 @@ class StreamCheck:
     object, and a `finish_reason` (or `data: [DONE]`) before it ends, so that a stream cut
     short ends with an error event instead of looking finished."""
 
-    __slots__ = ("finished", "provider")
+    __slots__ = ("_choices", "_finishes", "finished", "provider")
 
-    def __init__(self, provider: str) -> None:
+    def __init__(self, provider: str, choices: int = 1) -> None:
+        """`choices`: how many the client asked for (`n`): each must finish (a finish_reason
+        each; an upstream's repeated one for the same choice counts too) before a close
+        without `[DONE]` counts as the end."""
         self.provider = provider
         self.finished = False
+        self._choices = choices
+        self._finishes = 0
+
+    def _finish(self) -> bool:
+        """A choice finished; whether every one has."""
+        self._finishes += 1
+        self.finished = self._finishes >= self._choices
+        return self.finished
 
     def see(self, data: bytes) -> bool:
         """Check one event; False for a blank one (a keep-alive, not for the client).
@@ -71,8 +82,8 @@ class StreamCheck:
             self._refuse()
         if chunk is not None and not self.finished:
             for choice in chunk.choices:
-                if choice.finish_reason:
-                    self.finished = True
+                if choice.finish_reason and self._finish():
+                    break
         return True
 
     def _check(self, data: bytes) -> None:
@@ -126,10 +137,10 @@ class StreamCheck:
                 break
             if not finished:
                 for choice in chunk.choices:
-                    if choice.finish_reason:
+                    if choice.finish_reason and self._finish():
                         finished = True
+                        break
             plain += 1
-        self.finished = finished
         if plain == len(datas):
             return plain, len(events)
         # Each event is its data and 8 bytes: "data: " and the blank line.
@@ -145,15 +156,15 @@ class StreamCheck:
             return 0, 0
         if not self.finished:
             for choice in chunk.choices:
-                if choice.finish_reason:
-                    self.finished = True
+                if choice.finish_reason and self._finish():
+                    break
         return 1, size
 
     def end(self) -> None:
         """The upstream closed the stream without `[DONE]`.
 
         Raises:
-            UpstreamConnectionError: no choice had finished: the answer was cut short.
+            UpstreamConnectionError: a choice had not finished: the answer was cut short.
         """
         if not self.finished:
             raise UpstreamConnectionError(

@@ -67,6 +67,9 @@ class Call(msgspec.Struct, kw_only=True):
             upstream's final count, whose counts so far were kept (Gemini, Anthropic); the usage
             row is marked `estimated`. Set only as a stream is cut or broken, and cleared when
             its attempt failed before its first batch (`failover.attempt_each`).
+        usage_chunks: `chunks` when an OpenAI-compatible stream's usage was last read: content
+            after it (vLLM's usage on every chunk, a usage chunk sent first) makes it a count
+            so far, should the stream not end (`pipeline._account`).
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
         sse_out: the stream goes to the client as SSE events of the same payloads (chat and
             completions streams), so a provider may yield `_sse.Framed` batches of upstream
@@ -82,6 +85,7 @@ class Call(msgspec.Struct, kw_only=True):
     cache_write_tokens: int = 0
     chunks: int = 0
     usage_estimated: bool = False
+    usage_chunks: int = -1  # `chunks` when a stream's usage was last read (-1: not tracked)
     first_byte_at: float | None = None
     sse_out: bool = False
     started_at: float = msgspec.field(default_factory=time.monotonic)

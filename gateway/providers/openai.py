@@ -212,6 +212,7 @@ class OpenAIProvider:
             else:
                 if view.usage is not None:
                     call.usage = view.usage
+                    call.usage_chunks = call.chunks
                     if not view.choices:
                         return keep_usage_chunk
         call.chunks += 1
@@ -249,7 +250,8 @@ class _ChatRelay:
         self._provider = provider
         self._call = call
         self._keep_usage_chunk = keep_usage_chunk
-        self._check = StreamCheck(provider.config.name)
+        n = getattr(getattr(call, "request", None), "n", None)  # (chat and completions)
+        self._check = StreamCheck(provider.config.name, n if isinstance(n, int) and n > 1 else 1)
 
     def each(self, batch: list[bytes]) -> tuple[list[bytes], bool, UpstreamError | None]:
         if type(batch) is Framed:
