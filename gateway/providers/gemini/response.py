@@ -74,7 +74,7 @@ def openai_usage(usage: GeminiUsage) -> Usage:
 
 
 def has_usage(raw: msgspec.Raw) -> bool:
-    return raw is not NO_USAGE and bytes(raw) != b"null"
+    return raw != NO_USAGE
 
 
 def usage_of(raw: msgspec.Raw, provider: str) -> Usage | None:
@@ -186,7 +186,12 @@ class GeminiStream:
         self.call = call
         self.provider = provider
         self.writer: ChunkWriter | None = None
-        self.usage = NO_USAGE  # the last `usageMetadata` (each counts the whole answer so far)
+        # Each readable `usageMetadata` counts the whole answer so far: the largest counts seen
+        # (per field; an unreadable one is ignored), and whether the last one is a final count.
+        self.most: GeminiUsage | None = None
+        self.final = False  # the last `usageMetadata` was readable and not below an earlier one
+        self.unreadable = False  # one could not be read (logged once)
+        self.answered = False  # output other than thoughts streamed (it has candidate tokens)
         self.seen: set[int] = set()  # choices that started
         self.open: set[int] = set()  # choices that started and have not finished
         self.choices = choice_count(call)  # (candidates at other indexes are dropped)
@@ -213,8 +218,8 @@ class GeminiStream:
                 model=resp.model_version or self.call.upstream_model,
                 include_usage=self.call.request.wants_usage,
             )
-        if has_usage(resp.usage_metadata):
-            self.usage = msgspec.Raw(bytes(resp.usage_metadata))  # not the whole event
+        if resp.usage_metadata != NO_USAGE:  # (absent, or `null`: none)
+            self._count(resp.usage_metadata)
         out: list[bytes] = []
         if not resp.candidates and resp.prompt_feedback and resp.prompt_feedback.block_reason:
             out.append(writer.finish("content_filter"))
@@ -249,26 +254,76 @@ class GeminiStream:
             chunk = writer.images([url], index)
         else:
             return []
+        if not part.thought:
+            self.answered = True
         self.call.chunks += 1
         return [chunk]
 
+    def _count(self, raw: msgspec.Raw) -> None:
+        """Take a chunk's `usageMetadata` into the counts so far."""
+        try:
+            counts = USAGE_DECODER.decode(raw)
+        except (msgspec.ValidationError, RecursionError):
+            if not self.unreadable:
+                self.unreadable = True
+                log.warning("upstream_usage_unreadable", provider=self.provider)
+            self.final = False
+            return
+        most = self.most
+        if most is None or (
+            counts.prompt_token_count >= most.prompt_token_count
+            and counts.candidates_token_count >= most.candidates_token_count
+            and counts.thoughts_token_count >= most.thoughts_token_count
+            and counts.cached_content_token_count >= most.cached_content_token_count
+            and counts.tool_use_prompt_token_count >= most.tool_use_prompt_token_count
+        ):
+            self.most, self.final = counts, True
+            return
+        if self.final:  # (once a run)
+            log.warning("upstream_usage_decreased", provider=self.provider)
+        self.final = False
+        most.prompt_token_count = max(most.prompt_token_count, counts.prompt_token_count)
+        most.candidates_token_count = max(
+            most.candidates_token_count, counts.candidates_token_count
+        )
+        most.thoughts_token_count = max(most.thoughts_token_count, counts.thoughts_token_count)
+        most.cached_content_token_count = max(
+            most.cached_content_token_count, counts.cached_content_token_count
+        )
+        most.tool_use_prompt_token_count = max(
+            most.tool_use_prompt_token_count, counts.tool_use_prompt_token_count
+        )
+
     def end(self) -> list[bytes]:
-        """The chunks after the upstream closed the stream: usage, if the client asked."""
+        """The chunks after the upstream closed the stream: usage, if the client asked and the
+        last `usageMetadata` is a final count (readable, not below an earlier one, and with
+        candidate tokens if output streamed). Without one, the stream is accounted as cut
+        (`cut`: its counts so far, estimated) and the client told nothing."""
         writer = self.writer
         if writer is None or self.open:
             raise UpstreamError(
                 f"The upstream provider '{self.provider}' ended the stream before it was complete."
             )
-        usage = self.call.usage = usage_of(self.usage, self.provider)
-        return [writer.usage(usage)] if writer.include_usage and usage is not None else []
+        most = self.most
+        if most is None:
+            if not self.unreadable:
+                log.warning("upstream_usage_missing", provider=self.provider)
+            return []
+        if self.final and (most.candidates_token_count or not self.answered):
+            usage = self.call.usage = openai_usage(most)
+            return [writer.usage(usage)] if writer.include_usage else []
+        if self.final:
+            log.warning("upstream_usage_without_output", provider=self.provider)
+        self.cut()
+        return []
 
     def cut(self) -> None:
         """Account a stream cut or broken before its end (the client hung up, an error
-        event, a dropped connection): each `usageMetadata`
-        counts the whole answer so far, so the last one is the least the upstream bills for
-        it (still marked estimated: what it generated after that chunk is not counted).
-        Without one (or unreadable), the pipeline's estimate stands."""
-        call = self.call
-        if call.usage is None and has_usage(self.usage):
-            call.usage = usage_of(self.usage, self.provider)
-            call.usage_estimated = call.usage is not None
+        event, a dropped connection), or ended without a final count: each `usageMetadata`
+        counts the whole answer so far, so the largest readable counts seen are the least the
+        upstream bills for it (marked estimated: what it generated after them is not counted;
+        the pipeline floors them at its own estimate). Without one, its estimate stands."""
+        call, most = self.call, self.most
+        if call.usage is None and most is not None:
+            call.usage = openai_usage(msgspec.structs.replace(most, total_token_count=0))
+            call.usage_estimated = True
