@@ -493,12 +493,17 @@ def _chunks_charged(ex: Exchange[Any]) -> int:
     return completion
 
 
+# The chunks an empty answer streams without content: its role, Azure's filter results (the
+# prompt's and the answer's), its finish. A count of 0 output after more than these is none.
+_EMPTY_CHUNKS = 4
+
+
 def _so_far(ex: Exchange[Any], usage: OpenAIUsage) -> bool:
     """Whether a stream's reported usage is only a count so far (then marked so): no output
     counted after streamed output, or a count read before content that came after it (vLLM's
     usage on every chunk, a usage chunk sent first) on a stream that did not end."""
     call = ex.call
-    so_far = (usage.completion_tokens == 0 and call.chunks > 0) or (
+    so_far = (usage.completion_tokens == 0 and call.chunks > _EMPTY_CHUNKS) or (
         call.usage_chunks >= 0
         and call.chunks != call.usage_chunks
         and ex.trace.upstream_ok is not True
