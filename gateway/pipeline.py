@@ -451,6 +451,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
     if call.first_byte_at is not None:
         trace.ttft_ms = elapsed_ms(call.started_at, call.first_byte_at)
     usage = call.usage
+    so_far = False  # the usage is a count so far (a cut stream's), not the final one
     if usage is not None:
         prompt = trace.prompt_tokens = usage.prompt_tokens
         completion = trace.completion_tokens = usage.completion_tokens
@@ -464,13 +465,14 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         body = call.body
         if body is None or prompt + write > len(body) or completion > OUTPUT_FLOOR:
             usage_bounds.bound(call, ex.provider, ex.provider.config.name, trace)
-        if call.usage_estimated or (call.is_stream and _so_far(ex, usage)):
-            _at_least_estimated(ex)  # a cut stream's counts so far
+        so_far = call.usage_estimated or (call.is_stream and _so_far(ex, usage))
+        if so_far:
+            _at_least_estimated(ex)
     elif call.first_byte_at is not None or hung_up:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = _chunks_charged(ex)
-    if call.model.reasoning and trace.estimated and (usage is None or call.usage_estimated):
+    if call.model.reasoning and trace.estimated and (usage is None or so_far):
         _reasoning_charged(ex)
     if ex.unanswered:
         # Attempts the gateway stopped waiting for had the prompt upstream, which may bill it
@@ -499,18 +501,15 @@ _EMPTY_CHUNKS = 4
 
 
 def _so_far(ex: Exchange[Any], usage: OpenAIUsage) -> bool:
-    """Whether a stream's reported usage is only a count so far (then marked so): no output
-    counted after streamed output, or a count read before content that came after it (vLLM's
-    usage on every chunk, a usage chunk sent first) on a stream that did not end."""
+    """Whether a stream's reported usage is only a count so far: no output counted after
+    streamed output, or a count read before content that came after it (vLLM's usage on every
+    chunk, a usage chunk sent first) on a stream that did not end."""
     call = ex.call
-    so_far = (usage.completion_tokens == 0 and call.chunks > _EMPTY_CHUNKS) or (
+    return (usage.completion_tokens == 0 and call.chunks > _EMPTY_CHUNKS) or (
         call.usage_chunks >= 0
         and call.chunks != call.usage_chunks
         and ex.trace.upstream_ok is not True
     )
-    if so_far:
-        call.usage_estimated = True
-    return so_far
 
 
 def _at_least_estimated(ex: Exchange[Any]) -> None:

@@ -29,7 +29,7 @@ from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._http import UpstreamClient, done
 from gateway.providers._translate import HeldAnswer
 from gateway.providers.anthropic.order import Order
-from gateway.providers.anthropic.response import UsageTally, event_error, openai_usage
+from gateway.providers.anthropic.response import UsageTally, event_error
 from gateway.providers.anthropic.wire import AnthropicErrorBody
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
@@ -145,13 +145,6 @@ _EVENT = msgspec.json.Decoder(_EventView)
 _COUNT = msgspec.json.Decoder(_CountView)
 
 
-def _account(call: ChatCall, tally: UsageTally) -> None:
-    counts = tally.counts()
-    if counts is not None:  # (else the row is estimated)
-        call.usage = openai_usage(counts)
-        call.cache_write_tokens = tally.cache_writes()
-
-
 class MessagesRelay:
     """Relays Messages API requests to one Anthropic upstream through its provider's client."""
 
@@ -179,7 +172,7 @@ class MessagesRelay:
             raise answer_error(self._name, answer, "message")
         tally = UsageTally(self._name)
         tally.merge(view.usage)
-        _account(call, tally)
+        tally.account(call)
         return ChatReply(body=answer, usage=call.usage)
 
     async def count(

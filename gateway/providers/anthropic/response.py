@@ -123,12 +123,20 @@ class UsageTally:
         """At `message_stop`: the final counts, into the call; without a closing count (none
         came, or unreadable), the stream is accounted as cut (`cut`: its counts so far and an
         estimate of its output, or the pipeline's estimate) and None."""
-        counts = self.counts()
-        if counts is None or not self.final or self.content != self._final_at:
+        if not self.final or self.content != self._final_at:
             self.cut(call)
             return None
-        call.usage = openai_usage(counts)
-        call.cache_write_tokens = self.cache_writes()
+        counts = self.account(call)
+        if counts is None:
+            self.cut(call)
+        return counts
+
+    def account(self, call: ChatCall) -> AnthropicUsage | None:
+        """A whole answer's counts (`counts`), into the call (None: left for an estimate)."""
+        counts = self.counts()
+        if counts is not None:
+            call.usage = openai_usage(counts)
+            call.cache_write_tokens = self.cache_writes()
         return counts
 
     def cache_writes(self) -> int:
