@@ -23,7 +23,17 @@ from aiohttp.test_utils import TestClient
 from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
 from tests.conftest import NEVER_HANG, app_of, usage_rows
 
-__all__ = ["STREAM_HEAD", "Blackhole", "RawUpstream", "blackhole", "charged", "read_request", "sse"]
+__all__ = [
+    "STREAM_HEAD",
+    "Blackhole",
+    "RawUpstream",
+    "auth",
+    "blackhole",
+    "charged",
+    "cut_after",
+    "read_request",
+    "sse",
+]
 
 # A 200 whose body ends when the connection closes.
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
@@ -86,6 +96,26 @@ class RawUpstream:
         finally:
             self.closed.set()
             writer.close()
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def cut_after(
+    gw: TestClient[Any, Any], secret: str, path: str, body: dict[str, Any], marker: bytes
+) -> bytes:
+    """Stream `body`, read until `marker` arrived, then hang up; what was read."""
+    got = b""
+    async with asyncio.timeout(NEVER_HANG):
+        resp = await gw.post(path, json=body, headers=auth(secret))
+        assert resp.status == 200, await resp.text()
+        while marker not in got:
+            piece = await resp.content.readany()
+            assert piece, got
+            got += piece
+        resp.close()
+    return got
 
 
 async def charged(gw: TestClient[Any, Any], secret: str) -> tuple[dict[str, Any], int]:

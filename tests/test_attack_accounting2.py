@@ -30,6 +30,7 @@ from tests.conftest import (
     start_gateway,
     usage_rows,
 )
+from tests.raw_upstream import auth, cut_after
 from tests.test_cut_stream_usage import HEAD, START, Upstream, event, gemini_chunk
 
 PROMPT = "hello there " * 100  # 1,200 characters: ~300 tokens by the gateway's estimate
@@ -72,26 +73,6 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
     yield make
     for server in servers:
         server.close()
-
-
-def auth(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
-
-
-async def cut_after(
-    gw: TestClient[Any, Any], secret: str, path: str, body: dict[str, Any], marker: bytes
-) -> bytes:
-    """Stream `body`, read until `marker` arrived, then hang up."""
-    got = b""
-    async with asyncio.timeout(NEVER_HANG):
-        resp = await gw.post(path, json=body, headers=auth(secret))
-        assert resp.status == 200, await resp.text()
-        while marker not in got:
-            piece = await resp.content.readany()
-            assert piece, got
-            got += piece
-        resp.close()
-    return got
 
 
 async def charged(gw: TestClient[Any, Any], secret: str) -> tuple[dict[str, Any], int | None]:

@@ -31,6 +31,7 @@ from tests.conftest import (
     start_gateway,
     usage_rows,
 )
+from tests.raw_upstream import auth, cut_after
 from tests.test_cut_stream_usage import HEAD, START, Upstream, event
 
 PROMPT = "hello there " * 100  # 1,200 characters
@@ -132,10 +133,6 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
         server.close()
 
 
-def auth(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
-
-
 async def until(check: Callable[[], bool]) -> None:
     """Wait until `check()` holds (for states no event marks: a pool wait, a connect)."""
     async with asyncio.timeout(NEVER_HANG):
@@ -146,22 +143,6 @@ async def until(check: Callable[[], bool]) -> None:
 def stats(gw: TestClient[Any, Any], name: str = "up0") -> Any:
     provider: Any = app_of(gw)[LIVE_KEY].current.providers[name]
     return provider.stats
-
-
-async def cut_after(
-    gw: TestClient[Any, Any], secret: str, path: str, body: dict[str, Any], marker: bytes
-) -> bytes:
-    """Stream `body`, read until `marker` arrived, then hang up."""
-    got = b""
-    async with asyncio.timeout(NEVER_HANG):
-        resp = await gw.post(path, json=body, headers=auth(secret))
-        assert resp.status == 200, await resp.text()
-        while marker not in got:
-            piece = await resp.content.readany()
-            assert piece, got
-            got += piece
-        resp.close()
-    return got
 
 
 async def spent(gw: TestClient[Any, Any], secret: str) -> int:

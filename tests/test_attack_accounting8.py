@@ -19,7 +19,7 @@ import pytest
 
 from tests import test_attack_accounting3
 from tests.conftest import NEVER_HANG, create_key
-from tests.raw_upstream import STREAM_HEAD, RawUpstream, charged, sse
+from tests.raw_upstream import STREAM_HEAD, RawUpstream, charged, cut_after, sse
 from tests.test_attack_accounting3 import CHAT, ESTIMATE, Build, auth
 
 build = test_attack_accounting3.build  # the fixture: a gateway over raw TCP upstreams
@@ -40,15 +40,8 @@ async def hang_up_after(
 ) -> None:
     """Stream `body`, read until `marker` arrived, then hang up; wait until the gateway has
     closed its upstream connection."""
-    got = b""
+    await cut_after(gw, secret, path, body, marker)
     async with asyncio.timeout(NEVER_HANG):
-        resp = await gw.post(path, json=body, headers=auth(secret))
-        assert resp.status == 200, await resp.text()
-        while marker not in got:
-            piece = await resp.content.readany()
-            assert piece, got
-            got += piece
-        resp.close()
         await upstream.closed.wait()
 
 

@@ -31,7 +31,7 @@ from tests.conftest import (
     provider_config,
     start_gateway,
 )
-from tests.raw_upstream import RawUpstream as RawUp, charged
+from tests.raw_upstream import RawUpstream as RawUp, auth, charged, cut_after
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdefghij"
 BASE_PATH = {"openai": "/v1", "anthropic": "", "gemini": ""}
@@ -98,26 +98,6 @@ async def build(aiohttp_client: AiohttpClient, make_settings: MakeSettings) -> A
         server.close()
 
 
-def auth(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
-
-
-async def hang_up_after(
-    gw: TestClient[Any, Any], secret: str, path: str, body: dict[str, Any], marker: bytes
-) -> bytes:
-    """Stream `body`, read until `marker` arrived, then hang up; what was read."""
-    got = b""
-    async with asyncio.timeout(NEVER_HANG):
-        resp = await gw.post(path, json=body, headers=auth(secret))
-        assert resp.status == 200, await resp.text()
-        while marker not in got:
-            piece = await resp.content.readany()
-            assert piece, got
-            got += piece
-        resp.close()
-    return got
-
-
 # --- Streams the client cuts: the upstream's own counts so far are thrown away ----------------
 
 
@@ -143,7 +123,7 @@ async def test_a_cut_gemini_stream_is_charged_a_token_a_chunk_not_the_usage_it_r
     }
     gw, secret, up = await build("gemini", head() + data(first), key={"budget_tokens": 10_000})
     body = {"model": "m", "messages": [{"role": "user", "content": CJK}], "stream": True}
-    await hang_up_after(gw, secret, "/v1/chat/completions", body, b"word word")
+    await cut_after(gw, secret, "/v1/chat/completions", body, b"word word")
     await asyncio.wait_for(up.closed.wait(), NEVER_HANG)
     row, spent = await charged(gw, secret)
     assert row["status"] == 499
@@ -205,7 +185,7 @@ async def test_a_cut_anthropic_stream_ignores_the_input_count_of_message_start(
         "messages": [{"role": "user", "content": CJK}],
         "stream": True,
     }
-    await hang_up_after(gw, secret, path, body, b"omega omega")
+    await cut_after(gw, secret, path, body, b"omega omega")
     await asyncio.wait_for(up.closed.wait(), NEVER_HANG)
     row, spent = await charged(gw, secret)
     assert row["status"] == 499
@@ -249,7 +229,7 @@ async def test_a_reasoning_stream_cut_before_its_usage_chunk_pays_no_reasoning(
         "reasoning_effort": "high",
         "stream": True,
     }
-    await hang_up_after(gw, secret, "/v1/chat/completions", body, b'"finish_reason": "stop"')
+    await cut_after(gw, secret, "/v1/chat/completions", body, b'"finish_reason": "stop"')
     await asyncio.wait_for(up.closed.wait(), NEVER_HANG)
     row, spent = await charged(gw, secret)
     assert row["status"] == 499 and row["estimated"], row
@@ -389,7 +369,7 @@ async def test_a_cut_openai_stream_without_reasoning_is_charged_its_chunks(build
     reply = head() + chunk({"content": "a"}) + chunk({"content": "b"}) + chunk({"content": "c"})
     gw, secret, up = await build("openai", reply, key={"budget_tokens": 10_000})
     body = {"model": "m", "messages": [{"role": "user", "content": "abc"}], "stream": True}
-    await hang_up_after(gw, secret, "/v1/chat/completions", body, b'"c"')
+    await cut_after(gw, secret, "/v1/chat/completions", body, b'"c"')
     await asyncio.wait_for(up.closed.wait(), NEVER_HANG)
     row, spent = await charged(gw, secret)
     assert (row["status"], row["estimated"], row["completion_tokens"]) == (499, 1, 3)

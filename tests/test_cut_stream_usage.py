@@ -26,7 +26,14 @@ from tests.conftest import (
     provider_config,
     start_gateway,
 )
-from tests.raw_upstream import STREAM_HEAD as HEAD, RawUpstream as Upstream, charged, sse as event
+from tests.raw_upstream import (
+    STREAM_HEAD as HEAD,
+    RawUpstream as Upstream,
+    auth,
+    charged,
+    cut_after,
+    sse as event,
+)
 
 BASE = {"anthropic": "", "gemini": ""}
 PROMPT = "hello there " * 100  # 1,200 characters: ~300 tokens by the gateway's estimate
@@ -65,19 +72,13 @@ def request(path: str) -> dict[str, Any]:
 
 async def read(gw: TestClient[Any, Any], secret: str, path: str, until: bytes | None) -> None:
     """Stream the request; hang up once `until` arrived (None: read to the end)."""
-    headers = {"Authorization": f"Bearer {secret}"}
+    if until is not None:
+        await cut_after(gw, secret, path, request(path), until)
+        return
     async with asyncio.timeout(NEVER_HANG):
-        resp = await gw.post(path, json=request(path), headers=headers)
+        resp = await gw.post(path, json=request(path), headers=auth(secret))
         assert resp.status == 200, await resp.text()
-        if until is None:
-            await resp.read()
-            return
-        got = b""
-        while until not in got:
-            piece = await resp.content.readany()
-            assert piece, got
-            got += piece
-        resp.close()
+        await resp.read()
 
 
 def counts(row: dict[str, Any]) -> tuple[int, ...]:
