@@ -385,3 +385,37 @@ async def test_gemini_cache_only_on_last_chunk_exact(build: Build) -> None:
     ), row
     consistent(row, spend)
     assert usage_chunks(data)[-1]["completion_tokens"] == 89
+
+
+# n = 2: the upstream repeats choice 0's finish (in one read, and read by read) and closes
+# without [DONE] before choice 1 finished: the answer was cut short, so the client gets an
+# error event, not a clean end (finishes were counted, not their choices).
+async def test_openai_n2_repeated_finish_of_one_choice_is_not_the_end(build: Build) -> None:
+    reply = (
+        STREAM_HEAD
+        + nchunk([(0, "a", None), (1, "b", None)])
+        + nchunk([(0, None, "stop")])
+        + nchunk([(0, None, "stop")])
+    )
+    gw, secret, _ = await gateway(build, "openai", reply)
+    body = chat_body(n=2)
+    del body["stream_options"]
+    data = await post(gw, secret, "/v1/chat/completions", body)
+    assert b'"error"' in data, data[-300:]
+    assert b"before the answer was complete" in data
+
+
+# The same, the repeated finish read one event at a time (a usage on the chunk makes it one
+# `see` looks at alone): still cut short.
+async def test_openai_n2_repeated_finish_with_usage_is_not_the_end(build: Build) -> None:
+    repeated = json.loads(nchunk([(0, None, "stop")])[6:])
+    repeated["usage"] = ousage(300, 12)
+    reply = (
+        STREAM_HEAD
+        + nchunk([(0, "a", None), (1, "b", None)])
+        + nchunk([(0, None, "stop")])
+        + sse(repeated)
+    )
+    gw, secret, _ = await gateway(build, "openai", reply)
+    data = await post(gw, secret, "/v1/chat/completions", chat_body(n=2))
+    assert b"before the answer was complete" in data, data[-300:]

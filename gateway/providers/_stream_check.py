@@ -28,6 +28,7 @@ class _RunChoice(msgspec.Struct, gc=False):
     the same by `see` and `see_run`, so that a stream cut short is one whatever the reads."""
 
     finish_reason: str | None = None
+    index: object = None  # (not validated: a choice of any index shape is still checked)
 
 
 class _RunChunk(msgspec.Struct, gc=False):
@@ -48,21 +49,27 @@ class StreamCheck:
     object, and a `finish_reason` (or `data: [DONE]`) before it ends, so that a stream cut
     short ends with an error event instead of looking finished."""
 
-    __slots__ = ("_choices", "_finishes", "finished", "provider")
+    __slots__ = ("_choices", "_finished", "finished", "provider")
 
     def __init__(self, provider: str, choices: int = 1) -> None:
         """`choices`: how many the client asked for (`n`): each must finish (a finish_reason
-        each; an upstream's repeated one for the same choice counts too) before a close
-        without `[DONE]` counts as the end."""
+        for each choice `index`; an upstream's repeated one for the same choice counts once)
+        before a close without `[DONE]` counts as the end."""
         self.provider = provider
         self.finished = False
         self._choices = choices
-        self._finishes = 0
+        self._finished: set[object] = set()
 
-    def _finish(self) -> bool:
-        """A choice finished; whether every one has."""
-        self._finishes += 1
-        self.finished = self._finishes >= self._choices
+    def _finish(self, choice: _RunChoice, place: int) -> bool:
+        """A choice finished; whether every one has. With one choice asked for, any finish
+        ends the answer; with more, each `index` counts once (a choice without an integer
+        index is known by its place in the chunk's list)."""
+        if self._choices == 1:
+            self.finished = True
+            return True
+        index = choice.index
+        self._finished.add(index if type(index) is int else ("place", place))
+        self.finished = len(self._finished) >= self._choices
         return self.finished
 
     def see(self, data: bytes) -> bool:
@@ -81,8 +88,8 @@ class StreamCheck:
         except (msgspec.MsgspecError, RecursionError):
             self._refuse()
         if chunk is not None and not self.finished:
-            for choice in chunk.choices:
-                if choice.finish_reason and self._finish():
+            for place, choice in enumerate(chunk.choices):
+                if choice.finish_reason and self._finish(choice, place):
                     break
         return True
 
@@ -136,8 +143,8 @@ class StreamCheck:
             if chunk.usage is not None or chunk.error is not None:
                 break
             if not finished:
-                for choice in chunk.choices:
-                    if choice.finish_reason and self._finish():
+                for place, choice in enumerate(chunk.choices):
+                    if choice.finish_reason and self._finish(choice, place):
                         finished = True
                         break
             plain += 1
@@ -155,8 +162,8 @@ class StreamCheck:
         if chunk.usage is not None or chunk.error is not None:
             return 0, 0
         if not self.finished:
-            for choice in chunk.choices:
-                if choice.finish_reason and self._finish():
+            for place, choice in enumerate(chunk.choices):
+                if choice.finish_reason and self._finish(choice, place):
                     break
         return 1, size
 
