@@ -336,7 +336,11 @@ def _serve_held(args: argparse.Namespace) -> int:
         with pid_file(server.database):
             return workers.supervise(sock, args.argv, args.workers, ready)
 
-    app = create_app(settings, reload=lambda: _settings(args))
+    app = create_app(
+        settings,
+        reload=lambda: _settings(args),
+        config_file=config_file(args.config, os.environ),
+    )
     write_pid_file = keep_pid_file(app, server.database)  # for `gateway reload`
 
     def announce() -> None:
@@ -375,7 +379,11 @@ def _serve_worker(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.app import create_app
     from gateway.server import serve
 
-    app = create_app(settings, reload=lambda: _settings(args))
+    app = create_app(
+        settings,
+        reload=lambda: _settings(args),
+        config_file=config_file(args.config, os.environ),
+    )
     fd, watch, ready = workers.worker_fds(args.worker_fd)
     workers.watch_parent(app, watch)
     sock = workers.worker_socket(fd)

@@ -131,7 +131,12 @@ async def _reload(app: web.Application) -> bool:
     reloader, live = app[RELOADER_KEY], app[LIVE_KEY]
     try:
         loaded = await asyncio.to_thread(reloader.load)
-        app[PRICES_KEY].check(loaded)
+        try:
+            app[PRICES_KEY].check(loaded)
+        except ConfigError as exc:
+            if reloader.source is None:
+                raise
+            raise ConfigError(f"{reloader.source}: {exc}") from None
     except ConfigError as exc:
         log.error("config_reload_failed", error=str(exc), kept="the running config")
         return False

@@ -279,6 +279,15 @@ async def test_sighup_and_gateway_reload_re_read_the_config(tmp_path: Any, capsy
             assert "models[1].name" in failed["error"]
             assert await models(session) == ["demo2", "demo"]  # the running config stays
 
+            # A price list the price database lacks is found beyond the config's own checks:
+            # its error names the config file first all the same.
+            priced = '[[providers]]\nname = "p"\ntype = "demo"\npricing = "nowhere"\n'
+            config.write_text(head + demo2 + priced)
+            proc.send_signal(signal.SIGHUP)
+            failed = await _log_event(proc.stdout, "config_reload_failed")
+            assert failed["error"].startswith(f"{config}: providers.p.pricing: 'nowhere'")
+            assert await models(session) == ["demo2", "demo"]
+
             config.write_text(head)
             proc.send_signal(signal.SIGHUP)
             assert (await _log_event(proc.stdout, "config_reloaded"))["models_removed"] == ["demo2"]
