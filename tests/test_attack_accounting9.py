@@ -23,6 +23,7 @@ from tests.test_attack_accounting8 import (
     gateway,
     gchunk,
     gusage,
+    hang_up_after,
     ochunk,
     ousage,
     post,
@@ -419,3 +420,43 @@ async def test_openai_n2_repeated_finish_with_usage_is_not_the_end(build: Build)
     gw, secret, _ = await gateway(build, "openai", reply)
     data = await post(gw, secret, "/v1/chat/completions", chat_body(n=2))
     assert b"before the answer was complete" in data, data[-300:]
+
+
+# A Gemini stream that counts only on its first chunk (a proxy that drops later
+# usageMetadata), cut after three more chunks of 250 tokens each: the count so far plus what
+# streamed after it at four characters a token (1,000), not the count and a token a chunk.
+async def test_gemini_cut_counts_what_streamed_after_the_last_count(build: Build) -> None:
+    reply = (
+        STREAM_HEAD
+        + gchunk(WORDS, gusage(PROMPT_G, 250))
+        + gchunk(WORDS, None)
+        + gchunk(WORDS, None)
+        + gchunk(WORDS + "MARK", None)
+    )
+    gw, secret, up = await gateway(build, "gemini", reply, hold=True)
+    await hang_up_after(gw, secret, "/v1/chat/completions", chat_body(), up, b"MARK")
+    row, spend = await charged(gw, secret)
+    assert row["estimated"] == 1, row
+    assert row["prompt_tokens"] == PROMPT_G, row
+    assert row["completion_tokens"] == 250 + 750 + 1, row  # ("MARK": one token more)
+    consistent(row, spend)
+
+
+# The same ended without a final count (the upstream closed after them): accounted as cut.
+# Thoughts after the count go to the output too. A count on a chunk holds that chunk's own
+# parts: a stream counted on every chunk but the last is charged its last count and the
+# last chunk only.
+async def test_gemini_unfinished_count_adds_text_and_thoughts_after_it(build: Build) -> None:
+    reply = (
+        STREAM_HEAD
+        + gchunk(WORDS, gusage(PROMPT_G, 250))
+        + gchunk(WORDS, gusage(PROMPT_G, 500))
+        + gchunk(WORDS, None, thought=True)
+        + gchunk(WORDS, None, "STOP")
+    )
+    gw, secret, _ = await gateway(build, "gemini", reply)
+    await post(gw, secret, "/v1/chat/completions", chat_body())
+    row, spend = await charged(gw, secret)
+    assert row["estimated"] == 1, row
+    assert row["completion_tokens"] == 500 + 250 + 250, row
+    consistent(row, spend)

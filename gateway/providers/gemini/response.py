@@ -192,6 +192,10 @@ class GeminiStream:
         self.final = False  # the last `usageMetadata` was readable and not below an earlier one
         self.unreadable = False  # one could not be read (logged once)
         self.answered = False  # output other than thoughts streamed (it has candidate tokens)
+        # Characters of output and of thoughts streamed since the last count taken as the
+        # answer's so far (`_count`): what a cut stream's counts do not hold yet.
+        self.text_since = 0
+        self.thought_since = 0
         self.seen: set[int] = set()  # choices that started
         self.open: set[int] = set()  # choices that started and have not finished
         self.choices = choice_count(call)  # (candidates at other indexes are dropped)
@@ -218,12 +222,13 @@ class GeminiStream:
                 model=resp.model_version or self.call.upstream_model,
                 include_usage=self.call.request.wants_usage,
             )
+        counted = False  # a count of the answer so far, this chunk's parts included
         if resp.usage_metadata != NO_USAGE:  # (absent, or `null`: none)
             self._count(resp.usage_metadata)
+            counted = self.final
         out: list[bytes] = []
         if not resp.candidates and resp.prompt_feedback and resp.prompt_feedback.block_reason:
             out.append(writer.finish("content_filter"))
-            return out
         in_chunk: set[int] = set()
         for cand in resp.candidates:
             index = cand.index
@@ -241,21 +246,29 @@ class GeminiStream:
                 self.open.discard(index)
                 called = writer.tool_calls.get(index, 0) > 0
                 out.append(writer.finish(finish_reason(cand.finish_reason, called), index))
+        if counted:
+            self.text_since = self.thought_since = 0
         return out
 
     def _part(self, writer: ChunkWriter, part: GeminiReadPart, index: int) -> list[bytes]:
+        size = 0
         if part.text:
             chunk = (writer.reasoning if part.thought else writer.text)(part.text, index)
+            size = len(part.text)
         elif (call := _tool_call(part, self.provider)) is not None:
             _, chunk = writer.tool_start(
                 call.id, call.function.name, call.function.arguments, index
             )
+            size = len(call.function.arguments)
         elif (url := _image_url(part)) is not None:
             chunk = writer.images([url], index)
         else:
             return []
-        if not part.thought:
+        if part.thought:
+            self.thought_since += size
+        else:
             self.answered = True
+            self.text_since += size
         self.call.chunks += 1
         return [chunk]
 
@@ -296,9 +309,10 @@ class GeminiStream:
 
     def end(self) -> list[bytes]:
         """The chunks after the upstream closed the stream: usage, if the client asked and the
-        last `usageMetadata` is a final count (readable, not below an earlier one, and with
-        candidate tokens if output streamed). Without one, the stream is accounted as cut
-        (`cut`: its counts so far, estimated) and the client told nothing."""
+        last `usageMetadata` is a final count (readable, not below an earlier one, with
+        candidate tokens if output streamed, and no output streamed after it). Without one,
+        the stream is accounted as cut (`cut`: its counts so far, estimated) and the client
+        told nothing."""
         writer = self.writer
         if writer is None or self.open:
             raise UpstreamError(
@@ -309,11 +323,15 @@ class GeminiStream:
             if not self.unreadable:
                 log.warning("upstream_usage_missing", provider=self.provider)
             return []
-        if self.final and (most.candidates_token_count or not self.answered):
+        after = self.text_since or self.thought_since  # output after the last count
+        if self.final and not after and (most.candidates_token_count or not self.answered):
             usage = self.call.usage = openai_usage(most)
             return [writer.usage(usage)] if writer.include_usage else []
         if self.final:
-            log.warning("upstream_usage_without_output", provider=self.provider)
+            log.warning(
+                "upstream_usage_before_output" if after else "upstream_usage_without_output",
+                provider=self.provider,
+            )
         self.cut()
         return []
 
@@ -321,9 +339,18 @@ class GeminiStream:
         """Account a stream cut or broken before its end (the client hung up, an error
         event, a dropped connection), or ended without a final count: each `usageMetadata`
         counts the whole answer so far, so the largest readable counts seen are the least the
-        upstream bills for it (marked estimated: what it generated after them is not counted;
-        the pipeline floors them at its own estimate). Without one, its estimate stands."""
+        upstream bills for it, and what streamed after the last of them (text, thoughts, tool
+        arguments) is added at four characters a token (marked estimated: what it generated
+        and did not stream is not counted; the pipeline floors them at its own estimate).
+        Without one, its estimate stands."""
         call, most = self.call, self.most
         if call.usage is None and most is not None:
-            call.usage = openai_usage(msgspec.structs.replace(most, total_token_count=0))
+            call.usage = openai_usage(
+                msgspec.structs.replace(
+                    most,
+                    candidates_token_count=most.candidates_token_count + (self.text_since + 3) // 4,
+                    thoughts_token_count=most.thoughts_token_count + (self.thought_since + 3) // 4,
+                    total_token_count=0,
+                )
+            )
             call.usage_estimated = True
