@@ -176,14 +176,14 @@ def create_app(
     settings: Settings,
     *,
     reload: Callable[[], Settings] | None = None,
-    config_file: str | None = None,
+    config_file: Callable[[], str | None] | None = None,
 ) -> web.Application:
     """Build the gateway application for `settings`. No I/O happens until it starts.
 
     Args:
         reload: how to re-read the config (blocking: it reads the file; raises ConfigError);
             with it, SIGHUP reloads the config while the app runs (`gateway.reload`).
-        config_file: the file `reload` reads, named in a reload's errors.
+        config_file: which file `reload` reads (asked at each reload), named in its errors.
     """
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
@@ -203,7 +203,7 @@ def create_app(
         [_store_ctx, _usage_ctx, _prices_ctx, _keys_ctx, _config_ctx, _pings_ctx]
     )
     if reload is not None:
-        app[RELOADER_KEY] = Reloader(reload, config_file)
+        app[RELOADER_KEY] = Reloader(reload, config_file or (lambda: None))
         app.cleanup_ctx.append(reload_ctx)
     setup_routes(app)
     return app

@@ -21,7 +21,7 @@ import asyncpg
 import msgspec
 
 from gateway import __version__, cli_db, cli_output as out, hangups, keybody, workers
-from gateway.config import config_file, load_settings
+from gateway.config import config_file, load_settings, naming
 from gateway.database import Database, opened_database
 from gateway.dburl import redact
 from gateway.errors import InvalidRequest, NotFound, StoreBusy
@@ -339,7 +339,7 @@ def _serve_held(args: argparse.Namespace) -> int:
     app = create_app(
         settings,
         reload=lambda: _settings(args),
-        config_file=config_file(args.config, os.environ),
+        config_file=lambda: config_file(args.config, os.environ),
     )
     write_pid_file = keep_pid_file(app, server.database)  # for `gateway reload`
 
@@ -382,7 +382,7 @@ def _serve_worker(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(
         settings,
         reload=lambda: _settings(args),
-        config_file=config_file(args.config, os.environ),
+        config_file=lambda: config_file(args.config, os.environ),
     )
     fd, watch, ready = workers.worker_fds(args.worker_fd)
     workers.watch_parent(app, watch)
@@ -423,10 +423,7 @@ def _naming_config_file(args: argparse.Namespace) -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        where = config_file(args.config, os.environ)
-        if where is None:  # (the embedded default: no file to name)
-            raise
-        raise ConfigError(f"{where}: {exc}") from None
+        raise naming(config_file(args.config, os.environ), exc) from None
 
 
 def _reload(database: str) -> int:

@@ -34,7 +34,14 @@ from gateway.settings import (
     UpstreamConfig,
 )
 
-__all__ = ["DEMO_MODEL", "REASONING_MODELS", "config_file", "default_settings", "load_settings"]
+__all__ = [
+    "DEMO_MODEL",
+    "REASONING_MODELS",
+    "config_file",
+    "default_settings",
+    "load_settings",
+    "naming",
+]
 
 # Path endings that mean a base_url already holds what the gateway appends (a copy of the
 # OpenAI-compatible URL, say), which would end in e.g. /v1/v1/messages.
@@ -300,6 +307,12 @@ def config_file(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     if path is None and Path("gateway.toml").is_file():
         path = "gateway.toml"
     return None if path is None else str(path)
+
+
+def naming(where: str | None, exc: ConfigError) -> ConfigError:
+    """`exc` with the config file it was found in named first, as `load_settings` names its
+    errors (the embedded default, None: as it is)."""
+    return exc if where is None else ConfigError(f"{where}: {exc}")
 
 
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Settings:

@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from gateway import hangups
+from gateway.config import naming
 from gateway.dashboard.sessions import SessionBook, SessionsUnavailable
 from gateway.dashboard.shared_sessions import SharedSessionBook
 from gateway.settings import ConfigError, PriceSettings, Settings
@@ -134,9 +135,7 @@ async def _reload(app: web.Application) -> bool:
         try:
             app[PRICES_KEY].check(loaded)
         except ConfigError as exc:
-            if reloader.source is None:
-                raise
-            raise ConfigError(f"{reloader.source}: {exc}") from None
+            raise naming(reloader.source(), exc) from None
     except ConfigError as exc:
         log.error("config_reload_failed", error=str(exc), kept="the running config")
         return False

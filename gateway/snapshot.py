@@ -157,11 +157,14 @@ async def _close(snapshot: Snapshot, sessions: list[aiohttp.ClientSession]) -> N
 
 class Reloader:
     """How the app re-reads its config: `load` (blocking: it reads a file) builds Settings
-    the way the server's own start did, or raises ConfigError; `source` is the file it reads
-    (None: the embedded default), named first in an error found beyond `load` (a provider's
-    `pricing` the price database lacks), as `load` names its own."""
+    the way the server's own start did, or raises ConfigError; `source` says which file it
+    reads (None: the embedded default; asked at each reload, as `load` looks again), named
+    first in an error found beyond `load` (a provider's `pricing` the price database lacks),
+    as `load` names its own."""
 
-    def __init__(self, load: Callable[[], Settings], source: str | None = None) -> None:
+    def __init__(
+        self, load: Callable[[], Settings], source: Callable[[], str | None] = lambda: None
+    ) -> None:
         self.load = load
         self.source = source
         self.lock = asyncio.Lock()  # one reload at a time, in order

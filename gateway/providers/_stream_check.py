@@ -49,27 +49,32 @@ class StreamCheck:
     object, and a `finish_reason` (or `data: [DONE]`) before it ends, so that a stream cut
     short ends with an error event instead of looking finished."""
 
-    __slots__ = ("_choices", "_finished", "finished", "provider")
+    __slots__ = ("_choices", "_finished", "_unindexed", "finished", "provider")
 
     def __init__(self, provider: str, choices: int = 1) -> None:
-        """`choices`: how many the client asked for (`n`): each must finish (a finish_reason
-        for each choice `index`; an upstream's repeated one for the same choice counts once)
-        before a close without `[DONE]` counts as the end."""
+        """`choices`: how many the answer has (`n`, for each prompt of a completion): each
+        must finish before a close without `[DONE]` counts as the end."""
         self.provider = provider
         self.finished = False
         self._choices = choices
-        self._finished: set[object] = set()
+        self._finished: set[int] = set()  # the indexes that finished
+        self._unindexed = 0  # finishes of choices without an integer index
 
-    def _finish(self, choice: _RunChoice, place: int) -> bool:
-        """A choice finished; whether every one has. With one choice asked for, any finish
-        ends the answer; with more, each `index` counts once (a choice without an integer
-        index is known by its place in the chunk's list)."""
+    def _finish(self, choice: _RunChoice) -> bool:
+        """A choice finished; whether every one has. With one choice, any finish ends the
+        answer. With more, each `index` from 0 to `choices` - 1 counts once (a finish repeated
+        for one choice, or for an index the answer has not, does not end it); a choice without
+        an integer index cannot be told from another, so each of its finishes counts."""
         if self._choices == 1:
             self.finished = True
             return True
         index = choice.index
-        self._finished.add(index if type(index) is int else ("place", place))
-        self.finished = len(self._finished) >= self._choices
+        if type(index) is int:
+            if 0 <= index < self._choices:
+                self._finished.add(index)
+        else:
+            self._unindexed += 1
+        self.finished = len(self._finished) + self._unindexed >= self._choices
         return self.finished
 
     def see(self, data: bytes) -> bool:
@@ -88,8 +93,8 @@ class StreamCheck:
         except (msgspec.MsgspecError, RecursionError):
             self._refuse()
         if chunk is not None and not self.finished:
-            for place, choice in enumerate(chunk.choices):
-                if choice.finish_reason and self._finish(choice, place):
+            for choice in chunk.choices:
+                if choice.finish_reason and self._finish(choice):
                     break
         return True
 
@@ -143,8 +148,8 @@ class StreamCheck:
             if chunk.usage is not None or chunk.error is not None:
                 break
             if not finished:
-                for place, choice in enumerate(chunk.choices):
-                    if choice.finish_reason and self._finish(choice, place):
+                for choice in chunk.choices:
+                    if choice.finish_reason and self._finish(choice):
                         finished = True
                         break
             plain += 1
@@ -162,8 +167,8 @@ class StreamCheck:
         if chunk.usage is not None or chunk.error is not None:
             return 0, 0
         if not self.finished:
-            for place, choice in enumerate(chunk.choices):
-                if choice.finish_reason and self._finish(choice, place):
+            for choice in chunk.choices:
+                if choice.finish_reason and self._finish(choice):
                     break
         return 1, size
 

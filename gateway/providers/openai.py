@@ -250,8 +250,9 @@ class _ChatRelay:
         self._provider = provider
         self._call = call
         self._keep_usage_chunk = keep_usage_chunk
-        n = getattr(getattr(call, "request", None), "n", None)  # (chat and completions)
-        self._check = StreamCheck(provider.config.name, n if isinstance(n, int) and n > 1 else 1)
+        # (chat and completions: `n` choices, for each prompt of a completion)
+        choices = getattr(getattr(call, "request", None), "streamed_choices", 1)
+        self._check = StreamCheck(provider.config.name, choices)
 
     def each(self, batch: list[bytes]) -> tuple[list[bytes], bool, UpstreamError | None]:
         if type(batch) is Framed:

@@ -338,6 +338,11 @@ class ChatCompletionRequest(msgspec.Struct, omit_defaults=True):
         return self.stream is True
 
     @property
+    def streamed_choices(self) -> int:
+        """The choices a stream of this request answers with (indexes 0 to this - 1)."""
+        return self.n if isinstance(self.n, int) else 1
+
+    @property
     def wants_usage(self) -> bool:
         return wants_usage(self.stream_options)
 

@@ -39,6 +39,17 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
         return wants_usage(self.stream_options)
 
     @property
+    def streamed_choices(self) -> int:
+        """The choices a stream of this request answers with (indexes 0 to this - 1): `n` for
+        each prompt (a list of strings or of token lists is several prompts; a list of
+        tokens, one)."""
+        n = self.n if isinstance(self.n, int) else 1
+        prompt = self.prompt
+        if isinstance(prompt, list) and any(not isinstance(p, int) for p in prompt):
+            return n * len(prompt)
+        return n
+
+    @property
     def choices(self) -> int:
         """Completions generated upstream: `best_of` of them when set (each is billed)."""
         n = self.n if isinstance(self.n, int) else 1
