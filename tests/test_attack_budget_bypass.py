@@ -420,3 +420,33 @@ async def test_a_glob_allow_list_cannot_reach_another_gemini_model_through_its_p
         await resp.read()
     (path,) = up.paths
     assert path.startswith("/v1beta/models/gemini-2.0-flash%2F..%2Fgemini-2.5-pro:"), path
+
+
+async def test_a_legacy_completion_of_several_prompts_is_charged_each_prompts_output(
+    build: Build,
+) -> None:
+    """A legacy completion given a list of prompts is answered `n` choices for each prompt,
+    each up to `max_tokens`: twenty prompts at 100 tokens make 2,000 output tokens, all
+    billed upstream. The usage bound took only `n` choices (`CompletionRequest.choices`), so
+    1,024 of the 2,000 reported were charged (`OUTPUT_FLOOR`), and of 20 prompts at 4,000
+    tokens, 4,000 of 80,000: a twentieth of the output."""
+    choices = [
+        {"text": " word" * 100, "index": i, "logprobs": None, "finish_reason": "length"}
+        for i in range(20)
+    ]
+    answer = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m-1",
+        "choices": choices,
+        "usage": {"prompt_tokens": 60, "completion_tokens": 2_000, "total_tokens": 2_060},
+    }
+    gw, secret, _ = await build(
+        "openai", whole(json.dumps(answer).encode()), key={"budget_tokens": 100_000}
+    )
+    body = {"model": "m", "prompt": [f"Tell me {i}" for i in range(20)], "max_tokens": 100}
+    async with gw.post("/v1/completions", json=body, headers=auth(secret)) as resp:
+        assert resp.status == 200, await resp.text()
+    row, _ = await charged(gw, secret)
+    assert (row["completion_tokens"], row["estimated"]) == (2_000, 0), row

@@ -39,18 +39,25 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
         return wants_usage(self.stream_options)
 
     @property
-    def streamed_choices(self) -> int:
-        """The choices a stream of this request answers with (indexes 0 to this - 1): `n` for
-        each prompt (a list of strings or of token lists is several prompts; a list of
-        tokens, one)."""
-        n = self.n if isinstance(self.n, int) else 1
+    def prompts(self) -> int:
+        """How many prompts the request holds, each answered on its own: a list of strings or
+        of token lists is several; a string or a list of tokens, one."""
         prompt = self.prompt
         if isinstance(prompt, list) and any(not isinstance(p, int) for p in prompt):
-            return n * len(prompt)
-        return n
+            return len(prompt)
+        return 1
+
+    @property
+    def streamed_choices(self) -> int:
+        """The choices a stream of this request answers with (indexes 0 to this - 1): `n` for
+        each prompt."""
+        return (self.n if isinstance(self.n, int) else 1) * self.prompts
 
     @property
     def choices(self) -> int:
-        """Completions generated upstream: `best_of` of them when set (each is billed)."""
+        """Completions generated upstream: `n` (`best_of` when set: each is billed) for each
+        prompt."""
         n = self.n if isinstance(self.n, int) else 1
-        return max(n, self.best_of) if isinstance(self.best_of, int) else n
+        if isinstance(self.best_of, int):
+            n = max(n, self.best_of)
+        return n * self.prompts
