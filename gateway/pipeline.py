@@ -298,9 +298,11 @@ def complete(ex: Exchange[ChatCall]) -> Coroutine[Any, Any, ChatReply]:
 def unreported(ex: Exchange[Any], reply: ChatReply) -> None:
     """A whole answer whose upstream reported no usage: it has no chunks to count, so its
     output is estimated from its bytes at four a token (its JSON's keys included: on the
-    safe side), never past the output limit the upstream was sent."""
-    estimate = (len(reply.body) + 3) // 4
-    ex.call.chunks = min(estimate, usage_bounds.output_sent(ex.call, ex.provider))
+    safe side), never past the output limit the upstream was sent; output the answer does not
+    show (`Call.unseen_output`) is charged that limit."""
+    most = usage_bounds.output_sent(ex.call, ex.provider)
+    estimate = most if ex.call.unseen_output else (len(reply.body) + 3) // 4
+    ex.call.chunks = min(estimate, most)
 
 
 def stream(ex: Exchange[C], open_stream: Callable[[Route], Batches] | None = None) -> Stream:

@@ -138,7 +138,9 @@ async def test_a_cut_stream_with_a_huge_suffix_is_charged_as_if_it_had_none(buil
     after the first chunk; the body (400 KB) is far below `max_body_bytes` (32 MiB, ~8M
     tokens of suffix per request)."""
     reply = STREAM_HEAD + data(text_chunk(0, " y = 2"))
-    gw, secret, up = await build(reply, key={"budget_tokens": 1_000})
+    # (A budget that admits them: one of 1,000 tokens now refuses each at admission, see the
+    # next test; what is charged once admitted is what this one checks.)
+    gw, secret, up = await build(reply, key={"budget_tokens": 1_000_000})
     body = {"model": "m", "prompt": "a", "suffix": SUFFIX, "max_tokens": 16, "stream": True}
     for _ in range(3):
         await cut_after(gw, secret, "/v1/completions", body, b"y = 2")
@@ -177,7 +179,8 @@ async def test_a_usd_budget_pays_nothing_for_a_cut_streams_suffix(build: Build) 
     its prompt estimate (1 token) and one chunk: $0.00004. A $0.10 budget pays for ~2,500 such
     requests' worth of the operator's money: 25,000 times its size."""
     reply = STREAM_HEAD + data(text_chunk(0, " y = 2"))
-    gw, secret, _ = await build(reply, key={"budget_usd": 0.10}, model=PRICED)
+    # (A budget that admits it: one of $0.10 now refuses it at admission.)
+    gw, secret, _ = await build(reply, key={"budget_usd": 10.0}, model=PRICED)
     body = {"model": "m", "prompt": "a", "suffix": SUFFIX, "max_tokens": 16, "stream": True}
     await cut_after(gw, secret, "/v1/completions", body, b"y = 2")
     row, _ = await charged(gw, secret)

@@ -111,6 +111,12 @@ class Call(msgspec.Struct, kw_only=True):
         """The prompt's tokens, estimated (for admission, and usage the upstream never told)."""
         return 0
 
+    @property
+    def unseen_output(self) -> bool:
+        """Whether the upstream bills output its answer does not show (a legacy completion's
+        `best_of` candidates): without a usage, the output limit is charged."""
+        return False
+
     def prompt_size(self, image_cost: ImageCost) -> Estimate:
         """The prompt's likely tokens and the most it can be (a token is at least a byte of
         the client's JSON); `image_cost` prices an image on the upstreams at hand."""

@@ -22,7 +22,7 @@ import msgspec
 from gateway.providers.base import UNBOUNDED, Call, ChatCall, ChatReply
 from gateway.schemas.completions import CompletionRequest
 from gateway.schemas.embeddings import EmbeddingRequest
-from gateway.tokens import estimate_input_tokens
+from gateway.tokens import estimate_input_tokens, estimate_text_tokens
 
 __all__ = [
     "CompletionCall",
@@ -68,7 +68,16 @@ class CompletionCall(Call, kw_only=True):
         return self.model.max_tokens or self.output_cap
 
     def prompt_estimate(self) -> int:
-        return estimate_input_tokens(self.request.prompt)
+        """The prompts and, after each, the `suffix` (fill-in-the-middle: input too)."""
+        req = self.request
+        tokens = estimate_input_tokens(req.prompt)
+        if isinstance(req.suffix, str):
+            tokens += estimate_text_tokens(req.suffix) * req.prompts
+        return tokens
+
+    @property
+    def unseen_output(self) -> bool:
+        return self.request.unseen_choices
 
     def cap_output(self, default: int) -> None:
         if self.max_tokens is None:

@@ -29,6 +29,7 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
     max_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_OUTPUT_TOKENS)] | UnsetType | None = UNSET
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | UnsetType | None = UNSET
     best_of: Annotated[int, msgspec.Meta(ge=1, le=20)] | UnsetType | None = UNSET
+    suffix: str | UnsetType | None = UNSET  # (after each prompt: input the upstream bills)
 
     @property
     def is_stream(self) -> bool:
@@ -52,6 +53,13 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
         """The choices a stream of this request answers with (indexes 0 to this - 1): `n` for
         each prompt."""
         return (self.n if isinstance(self.n, int) else 1) * self.prompts
+
+    @property
+    def unseen_choices(self) -> bool:
+        """Whether the upstream generates completions the answer does not hold (`best_of`
+        past `n`: each is billed)."""
+        n = self.n if isinstance(self.n, int) else 1
+        return isinstance(self.best_of, int) and self.best_of > n
 
     @property
     def choices(self) -> int:
