@@ -169,6 +169,14 @@ async def open_exchange(
     key = principal.key
     if key.budget_usd is not None:
         _require_prices(request.app[PRICES_KEY], model_id, routes)
+        if call.priority:
+            raise InvalidRequest(
+                "'service_tier': 'priority' is not supported for this API key: priority "
+                "processing is billed at rates the gateway's prices do not have, so it could "
+                "not be counted against the key's USD budget. Send the request without it.",
+                param="service_tier",
+                code="unsupported_value",
+            )
     try:  # (set by `middleware.gateway` on every model request; not Mapping.get's two calls)
         ex.ticket = request[TICKET_KEY]
     except KeyError:
@@ -224,7 +232,7 @@ async def _charge(
             default=0,
         )
     costs = [
-        (price.cost(Usage(prompt.likely, output)), price.cost(Usage(prompt.most, output)))
+        (price.cost(call.held(prompt.likely, output)), price.cost(call.held(prompt.most, output)))
         for r in routes
         if (price := prices.price(r.model, r.provider.config, r.upstream_model)) is not None
     ]
@@ -485,7 +493,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.completion_tokens += ex.unanswered_output
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
-        trace.cost_usd = price.cost(_counts(trace, usage))
+        trace.cost_usd = price.cost(_counts(trace, usage, _searches(call)))
 
 
 def _chunks_charged(ex: Exchange[Any]) -> int:
@@ -547,18 +555,50 @@ def _hung_up() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _counts(trace: RequestTrace, usage: OpenAIUsage | None) -> Usage:
+def _counts(trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int = 0) -> Usage:
     reasoning = 0
-    done = usage.completion_tokens_details if usage is not None else None
-    if isinstance(done, CompletionTokensDetails) and done.reasoning_tokens:
-        reasoning = done.reasoning_tokens
+    if usage is None:
+        return Usage(
+            trace.prompt_tokens,
+            trace.completion_tokens,
+            cached=trace.cache_read_tokens,
+            cache_write=trace.cache_write_tokens,
+            web_searches=web_searches,
+        )
+    done = usage.completion_tokens_details
+    audio_out = image_out = 0
+    if isinstance(done, CompletionTokensDetails):
+        if done.reasoning_tokens:
+            reasoning = done.reasoning_tokens
+        if done.audio_tokens or done.image_tokens:  # (priced apart: `prices.Usage`)
+            audio_out, image_out = _count(done.audio_tokens), _count(done.image_tokens)
+    given = usage.prompt_tokens_details
+    audio_in = _count(given.audio_tokens) if isinstance(given, PromptTokensDetails) else 0
     return Usage(
         trace.prompt_tokens,
         trace.completion_tokens,
         cached=trace.cache_read_tokens,
         cache_write=trace.cache_write_tokens,
         reasoning=reasoning,
+        audio_input=audio_in,
+        audio_output=audio_out,
+        image_output=image_out,
+        web_searches=web_searches,
     )
+
+
+def _searches(call: Call) -> int:
+    """The web searches `call` is billed: those its upstream's answer showed, or one for a
+    chat request with `web_search_options` (a search model searches once a request)."""
+    if isinstance(call, ChatCall) and call.request.web_search_options is not UNSET:
+        return max(call.web_searches, 1)
+    return call.web_searches
+
+
+def _count(value: object) -> int:
+    """A detail of an upstream's usage as a count: what is no count (a negative number, a
+    null, unset) is 0."""
+    return value if type(value) is int and value > 0 else 0
 
 
 def release(ex: Exchange[Any]) -> None:

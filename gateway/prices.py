@@ -9,8 +9,9 @@ model, with a bound, since clients choose `<provider>/<model>` ids; the cache em
 (prices change on dates the database knows) and whenever the database is updated.
 
 Costs count what the upstream reports: cached input at its cache-read price, Anthropic's cache
-writes at their price, reasoning at its own price where the model has one, and the price tier
-the prompt's size reaches ("above 200k input tokens").
+writes at their price, reasoning, audio in and out and images out at their own prices where
+the model has them, web searches at their price a call, and the price tier the prompt's size
+reaches ("above 200k input tokens").
 """
 
 from __future__ import annotations
@@ -60,25 +61,35 @@ _DAY = 86400.0
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """USD per million tokens."""
+    """USD per million tokens (a web search: USD per call)."""
 
     input: float
     output: float
     cached_input: float
     cache_write: float
     reasoning: float
+    audio_input: float = 0.0
+    audio_output: float = 0.0
+    image_output: float = 0.0
+    web_search: float = 0.0
 
 
 class Usage(NamedTuple):
-    """Token counts as the upstream reported them (cached, written and reasoning tokens are
-    parts of the prompt and completion counts, as in OpenAI's usage). A named tuple, not a
-    frozen dataclass: one is made per request, and a tuple is built in one step."""
+    """Token counts as the upstream reported them (cached, written and audio input tokens are
+    parts of the prompt count, reasoning, audio and image output tokens parts of the
+    completion count, as in OpenAI's usage), and the web searches its built-in tools made. A
+    named tuple, not a frozen dataclass: one is made per request, and a tuple is built in one
+    step."""
 
     prompt: int
     completion: int
     cached: int = 0
     cache_write: int = 0
     reasoning: int = 0
+    audio_input: int = 0
+    audio_output: int = 0
+    image_output: int = 0
+    web_searches: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +112,30 @@ class Price:
         # Cache reads and writes are billed as reported, even past an inconsistent prompt.
         uncached = max(0, usage.prompt - usage.cached - usage.cache_write)
         reasoning = min(usage.reasoning, usage.completion)
-        return (
+        cost = (
             uncached * r.input
             + usage.cached * r.cached_input
             + usage.cache_write * r.cache_write
             + (usage.completion - reasoning) * r.output
             + reasoning * r.reasoning
         ) / 1_000_000
+        if usage.audio_input or usage.audio_output or usage.image_output or usage.web_searches:
+            cost += _media(r, usage, uncached, usage.completion - reasoning)
+        return cost
+
+
+def _media(r: Rates, usage: Usage, uncached: int, output: int) -> float:
+    """What audio and image tokens cost beyond the text rates `Price.cost` charged them at
+    (each within the part of the count it belongs to), and the web searches."""
+    audio_in = min(usage.audio_input, uncached)
+    audio_out = min(usage.audio_output, output)
+    image_out = min(usage.image_output, output - audio_out)
+    extra = (
+        audio_in * (r.audio_input - r.input)
+        + audio_out * (r.audio_output - r.output)
+        + image_out * (r.image_output - r.output)
+    ) / 1_000_000
+    return extra + usage.web_searches * r.web_search
 
 
 FREE = Price(Rates(0.0, 0.0, 0.0, 0.0, 0.0), source="free")
@@ -122,6 +150,12 @@ def _config_price(model: ModelConfig) -> Price | None:
         model.cache_read_price_per_mtok,
         model.cache_write_price_per_mtok,
         model.reasoning_price_per_mtok,
+        (
+            model.audio_input_price_per_mtok,
+            model.audio_output_price_per_mtok,
+            model.image_output_price_per_mtok,
+            model.web_search_price_per_call,
+        ),
     )
 
 
@@ -135,8 +169,10 @@ def _price_of(
     cache_read: float | None,
     cache_write: float | None,
     reasoning: float | None,
+    media: tuple[float | None, float | None, float | None, float | None] = (None,) * 4,
 ) -> Price:
     inp, out = inp or 0.0, out or 0.0
+    audio_in, audio_out, image_out, web_search = media
     return Price(
         Rates(
             input=inp,
@@ -144,6 +180,10 @@ def _price_of(
             cached_input=_or(cache_read, inp),
             cache_write=_or(cache_write, inp),
             reasoning=_or(reasoning, out),
+            audio_input=_or(audio_in, inp),
+            audio_output=_or(audio_out, out),
+            image_output=_or(image_out, out),
+            web_search=web_search or 0.0,
         )
     )
 
@@ -180,6 +220,11 @@ def _rates(prices: Any, prompt: int) -> Rates | None:
         cached_input=_or(_component(prices.cache_read_mtok, prompt), inp),
         cache_write=_or(_component(prices.cache_write_mtok, prompt), inp),
         reasoning=_or(_component(prices.output_reasoning_mtok, prompt), out),
+        audio_input=_or(_component(prices.input_audio_mtok, prompt), inp),
+        audio_output=_or(_component(prices.output_audio_mtok, prompt), out),
+        image_output=_or(_component(prices.output_image_mtok, prompt), out),
+        # (USD per thousand calls in the price list)
+        web_search=(_component(prices.web_searches_kcount, prompt) or 0.0) / 1000,
     )
 
 

@@ -238,6 +238,12 @@ class ModelConfig(_Base, frozen=True):
     cache_read_price_per_mtok: PricePerMtok | None = None
     cache_write_price_per_mtok: PricePerMtok | None = None
     reasoning_price_per_mtok: PricePerMtok | None = None
+    # Audio in and out and images out (reported in the usage's details) default to the input
+    # and output prices; a web search (a built-in tool's call) to 0.
+    audio_input_price_per_mtok: PricePerMtok | None = None
+    audio_output_price_per_mtok: PricePerMtok | None = None
+    image_output_price_per_mtok: PricePerMtok | None = None
+    web_search_price_per_call: PricePerMtok | None = None
     # Used when a request sets neither max_tokens nor max_completion_tokens.
     max_tokens: PositiveInt | None = None
     # Only reasoning models accept `reasoning_effort` / `thinking`; others get a 400.

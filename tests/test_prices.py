@@ -73,7 +73,17 @@ def test_config_prices_win_over_the_database() -> None:
     book = PriceBook(lookup)
     price = book.price(priced, settings.providers[0], "gpt-4o-mini")
     assert price is not None and price.source == "config"
-    assert price.base == Rates(input=3, output=4, cached_input=0.5, cache_write=3, reasoning=4)
+    assert price.base == Rates(
+        input=3,
+        output=4,
+        cached_input=0.5,
+        cache_write=3,
+        reasoning=4,
+        audio_input=3,
+        audio_output=4,
+        image_output=4,
+        web_search=0,
+    )
     assert lookups == []
 
 

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
+from gateway.prices import Usage as Counts
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.schemas.codec import raw_fields, raw_object
 from gateway.schemas.common import Usage
@@ -70,6 +71,8 @@ class Call(msgspec.Struct, kw_only=True):
         usage_chunks: `chunks` when an OpenAI-compatible stream's usage was last read: content
             after it (vLLM's usage on every chunk, a usage chunk sent first) makes it a count
             so far, should the stream not end (`pipeline._account`).
+        web_searches: web searches the upstream's built-in tools made for it, billed a call
+            each (`prices.Usage`).
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
         sse_out: the stream goes to the client as SSE events of the same payloads (chat and
             completions streams), so a provider may yield `_sse.Framed` batches of upstream
@@ -86,6 +89,7 @@ class Call(msgspec.Struct, kw_only=True):
     chunks: int = 0
     usage_estimated: bool = False
     usage_chunks: int = -1  # `chunks` when a stream's usage was last read (-1: not tracked)
+    web_searches: int = 0
     first_byte_at: float | None = None
     sse_out: bool = False
     started_at: float = msgspec.field(default_factory=time.monotonic)
@@ -116,6 +120,17 @@ class Call(msgspec.Struct, kw_only=True):
         """Whether the upstream bills output its answer does not show (a legacy completion's
         `best_of` candidates): without a usage, the output limit is charged."""
         return False
+
+    @property
+    def priority(self) -> bool:
+        """Whether the request asks for OpenAI's priority processing (`service_tier`), billed
+        at rates of its own."""
+        return False
+
+    def held(self, prompt: int, output: int) -> Counts:
+        """What admission prices a hold of `prompt` and `output` tokens as: text, unless the
+        request asks for more costly kinds (`ChatCall.held`)."""
+        return Counts(prompt, output)
 
     def prompt_size(self, image_cost: ImageCost) -> Estimate:
         """The prompt's likely tokens and the most it can be (a token is at least a byte of
@@ -170,6 +185,29 @@ class ChatCall(Call, kw_only=True):
 
     def prompt_size(self, image_cost: ImageCost) -> Estimate:
         return prompt_size(self.request, image_cost)
+
+    @property
+    def priority(self) -> bool:
+        return self.request.service_tier == "priority"
+
+    def held(self, prompt: int, output: int) -> Counts:
+        """Audio asked for out (`modalities`) holds the whole output limit at the audio rate,
+        and images (Gemini's) at the image rate; audio sent in, the whole prompt at the audio
+        rate; `web_search_options` one search."""
+        req = self.request
+        modalities = req.modalities
+        searches = 0 if req.web_search_options is msgspec.UNSET else 1
+        audio_in = self.body is not None and self.body.find(b'"input_audio"') >= 0
+        if not modalities and not searches and not audio_in:
+            return Counts(prompt, output)
+        return Counts(
+            prompt,
+            output,
+            audio_input=prompt if audio_in else 0,
+            audio_output=output if modalities and "audio" in modalities else 0,
+            image_output=output if modalities and "image" in modalities else 0,
+            web_searches=searches,
+        )
 
     def cap_output(self, default: int) -> None:
         if self.max_tokens is None:

@@ -51,6 +51,33 @@ class _TerminalView(msgspec.Struct):
 
 _TERMINAL_USAGE = msgspec.json.Decoder(_TerminalView)
 
+
+class _ItemKind(msgspec.Struct):
+    type: object = None
+
+
+class _OutputKinds(msgspec.Struct):
+    """What a whole `response` is read for to count its web searches: its items' types."""
+
+    output: list[_ItemKind] = []
+
+
+_OUTPUT_KINDS = msgspec.json.Decoder(_OutputKinds)
+_SEARCH = "web_search_call"
+_SEARCHED = "response.web_search_call.completed"  # (one event a search, on a stream)
+
+
+def web_searches(answer: bytes) -> int:
+    """The web searches a whole `response` shows (`web_search_call` items), each billed by
+    the upstream: 0 unless the answer spells the item's type, in one search of the bytes."""
+    if answer.find(b'"web_search_call"') < 0:
+        return 0
+    try:
+        items = _OUTPUT_KINDS.decode(answer).output
+    except (msgspec.MsgspecError, RecursionError):
+        return 0  # (checked as a response already: a count of nothing more)
+    return sum(1 for item in items if item.type == _SEARCH)
+
 # The events that end a Responses stream; each carries the whole `response`, usage included.
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
@@ -76,6 +103,7 @@ class ResponsesRelay:
     async def create(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
         answer = await self._http.post(self._url, self._body(call, body), call)
         call.usage = response_usage(self._name, answer)  # raises unless a `response`
+        call.web_searches = web_searches(answer)
         return ChatReply(body=answer, usage=call.usage)
 
     async def stream(
@@ -151,4 +179,6 @@ class ResponsesRelay:
                     call.usage = view.usage.to_usage()
         elif kind.endswith(".delta"):
             call.chunks += 1
+        elif kind == _SEARCHED:
+            call.web_searches += 1
         return kind

@@ -29,6 +29,7 @@ class PromptTokensDetails(msgspec.Struct):
 class CompletionTokensDetails(msgspec.Struct):
     reasoning_tokens: Count | None = 0
     audio_tokens: int | UnsetType | None = UNSET
+    image_tokens: int | UnsetType | None = UNSET  # (Gemini's images out: priced apart)
     accepted_prediction_tokens: int | UnsetType | None = UNSET
     rejected_prediction_tokens: int | UnsetType | None = UNSET
 

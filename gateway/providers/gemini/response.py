@@ -62,14 +62,18 @@ FILTERED = frozenset(
 def openai_usage(usage: GeminiUsage) -> Usage:
     prompt = usage.prompt_token_count + usage.tool_use_prompt_token_count
     completion = usage.candidates_token_count + usage.thoughts_token_count
+    given = PromptTokensDetails(cached_tokens=usage.cached_content_token_count)
+    done = CompletionTokensDetails(reasoning_tokens=usage.thoughts_token_count)
+    if usage.prompt_tokens_details or usage.candidates_tokens_details:  # (priced apart)
+        given.audio_tokens = usage.modality(usage.prompt_tokens_details, "AUDIO") or UNSET
+        done.audio_tokens = usage.modality(usage.candidates_tokens_details, "AUDIO") or UNSET
+        done.image_tokens = usage.modality(usage.candidates_tokens_details, "IMAGE") or UNSET
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=usage.total_token_count or prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_content_token_count),
-        completion_tokens_details=CompletionTokensDetails(
-            reasoning_tokens=usage.thoughts_token_count
-        ),
+        prompt_tokens_details=given,
+        completion_tokens_details=done,
     )
 
 

@@ -123,6 +123,13 @@ class GeminiCandidate(msgspec.Struct, rename="camel"):
     index: int = 0
 
 
+class GeminiModalityCount(msgspec.Struct, rename="camel"):
+    """The tokens of one modality (TEXT, IMAGE, AUDIO, VIDEO, DOCUMENT) within a count."""
+
+    modality: str = ""
+    token_count: Count = 0
+
+
 class GeminiUsage(msgspec.Struct, rename="camel"):
     """Gemini's counts, as far as they are believable: read apart from the answer
     (`USAGE_DECODER`), so a bad one costs the usage row its exactness, not the client its answer."""
@@ -133,6 +140,13 @@ class GeminiUsage(msgspec.Struct, rename="camel"):
     tool_use_prompt_token_count: Count = 0
     cached_content_token_count: Count = 0
     total_token_count: Count = 0
+    # Audio and images are priced apart from text (`prices.Usage`).
+    prompt_tokens_details: list[GeminiModalityCount] = []
+    candidates_tokens_details: list[GeminiModalityCount] = []
+
+    def modality(self, details: list[GeminiModalityCount], name: str) -> int:
+        """The tokens of modality `name` in `details` (0: none reported)."""
+        return sum(d.token_count for d in details if d.modality == name)
 
 
 class GeminiPromptFeedback(msgspec.Struct, rename="camel"):
