@@ -369,12 +369,21 @@ async def test_priority_service_tier_charged_at_priority_rates(build: Build) -> 
         "max_completion_tokens": 2_000,
         "messages": [{"role": "user", "content": "x " * 20_000}],
     }
-    status, answer = await post(gw, secret, "/v1/chat/completions", body)
+    # The remedy taken: the gateway's prices have no priority rates, so a key with a USD
+    # budget is refused the field (chat and Responses alike), and nothing goes upstream.
+    for path, request in (("/v1/chat/completions", body), ("/v1/responses", RESPONSES)):
+        status, answer = await post(gw, secret, path, request)
+        assert status == 400, answer
+        assert answer["error"]["param"] == "service_tier", answer
+    assert up.bodies == []
+    # A key that counts no dollars is relayed the field as before (tokens are tokens).
+    tokens = await create_key(gw, budget_tokens=1_000_000)
+    status, answer = await post(gw, tokens, "/v1/chat/completions", body)
     assert status == 200, answer
     assert up.bodies[0]["service_tier"] == "priority"
-    row, _ = await row_and_spend(gw, secret)
-    billed = mtok(10_000, 2.50) + mtok(2_000, 20.0)  # $0.065; charged $0.0325
-    assert row["cost_usd"] >= billed * 0.999, (row["cost_usd"], billed)
+
+
+RESPONSES = {"model": "m", "input": "hi", "service_tier": "priority", "max_output_tokens": 10}
 
 
 # --- built-in tools billed per call -----------------------------------------------------------
@@ -715,3 +724,55 @@ async def test_anthropic_long_context_tier_is_priced(build: Build) -> None:
     assert row["prompt_tokens"] == 250_000, row
     expected = mtok(250_000, 6.0) + mtok(1_000, 22.5)
     assert abs(row["cost_usd"] - expected) < 1e-9, (row["cost_usd"], expected)
+
+
+def responses_event(kind: str, **fields: Any) -> bytes:
+    payload = {"type": kind, **fields}
+    return b"event: " + kind.encode() + b"\ndata: " + json.dumps(payload).encode() + b"\n\n"
+
+
+# Streamed, each search is a `response.web_search_call.completed` event: counted as the events
+# pass (a stream cut after them still had them billed), once each (the terminal event's
+# `output` lists the same calls and is not counted again).
+async def test_streamed_responses_web_search_calls_are_charged(build: Build) -> None:
+    usage = {
+        "input_tokens": 5_000,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 500,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 5_500,
+    }
+    response = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+    events = [responses_event("response.created", response=response)]
+    items = []
+    for i in range(3):
+        item = {"type": "web_search_call", "id": f"ws_{i}", "status": "in_progress"}
+        events += [
+            responses_event("response.output_item.added", output_index=i, item=item),
+            responses_event(
+                "response.web_search_call.completed", output_index=i, item_id=item["id"]
+            ),
+            responses_event(
+                "response.output_item.done", output_index=i, item=item | {"status": "completed"}
+            ),
+        ]
+        items.append(item | {"status": "completed"})
+    done = response | {"status": "completed", "output": items, "usage": usage}
+    events.append(responses_event("response.completed", response=done))
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+    up = RawUpstream(head + b"".join(events), hold=False)
+    gw = await build("openai", up, "gpt-5-mini", fields={"responses_api": True})
+    secret = await create_key(gw, budget_usd=1.0)
+    body = {
+        "model": "m",
+        "input": "Research the news of the day.",
+        "tools": [{"type": "web_search"}],
+        "max_output_tokens": 500,
+        "stream": True,
+    }
+    resp = await gw.post("/v1/responses", json=body, headers=auth(secret))
+    text = await resp.text()
+    assert resp.status == 200 and "response.completed" in text, text[-300:]
+    row, _ = await row_and_spend(gw, secret)
+    billed = 3 * 0.010 + mtok(5_000, 0.25) + mtok(500, 2.0)
+    assert row["cost_usd"] == pytest.approx(billed), (row["cost_usd"], billed)
