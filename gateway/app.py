@@ -50,9 +50,11 @@ from gateway.state import (
     SETTINGS_KEY,
     SHUTTING_DOWN_KEY,
     STORE_KEY,
+    STORED_KEY,
     STREAMS_KEY,
     USAGE_KEY,
 )
+from gateway.stored import StoredResponses
 from gateway.usage import UsageRecorder
 
 __all__ = ["create_app"]
@@ -193,6 +195,7 @@ def create_app(
     app[PINGS_KEY] = StreamPings(PING_SECONDS)
     app[SHUTTING_DOWN_KEY] = asyncio.Event()
     app[INFLIGHT_KEY] = {}
+    app[STORED_KEY] = StoredResponses()
     app[DASHBOARD_SESSIONS_KEY] = SessionBook()
     app[ADMIN_BRAKE_KEY] = AdminBrake()
     if settings.metrics.enabled:

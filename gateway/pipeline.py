@@ -82,10 +82,12 @@ async def begin(
     req: ChatCompletionRequest,
     body: bytes | None,
     model_id: str | None,
+    stored: Estimate | None = None,
 ) -> Exchange[ChatCall]:
     """Check a decoded chat request against the key and the config, and choose its upstream.
 
-    `body` is the client's JSON when `req` is the client's own chat request (see `ChatCall`).
+    `body` is the client's JSON when `req` is the client's own chat request (see `ChatCall`);
+    `stored`, a prompt the upstream stores for it (`ChatCall.stored_prompt`).
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
@@ -103,7 +105,7 @@ async def begin(
                 "The 'stream_options' parameter is only allowed when 'stream' is true.",
                 param="stream_options",
             )
-        return ChatCall(request=req, body=body, model=model)
+        return ChatCall(request=req, body=body, model=model, stored_prompt=stored)
 
     return await open_exchange(request, model_id, chat_call)
 

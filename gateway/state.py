@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gateway.settings import Settings
     from gateway.snapshot import LiveConfig, Reloader, Snapshot
     from gateway.sse_pings import StreamPings
+    from gateway.stored import StoredResponses
     from gateway.usage import UsageRecorder
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "SETTINGS_KEY",
     "SHUTTING_DOWN_KEY",
     "SNAPSHOT_KEY",
+    "STORED_KEY",
     "STORE_KEY",
     "STREAMS_KEY",
     "TICKET_KEY",
@@ -79,6 +81,8 @@ DASHBOARD_SESSIONS_KEY: web.AppKey[SessionBook | SharedSessionBook] = web.AppKey
 )
 DASHBOARD_SESSION_KEY: web.RequestKey[Session] = web.RequestKey("dashboard_session")
 
+# Responses stored upstream that passed through: their keys and sizes (memory only).
+STORED_KEY: web.AppKey[StoredResponses] = web.AppKey("stored_responses")
 # Wrong admin keys per client address (memory only), and the addresses locked out.
 ADMIN_BRAKE_KEY: web.AppKey[AdminBrake] = web.AppKey("admin_brake")
 

@@ -23,7 +23,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
 from gateway.settings import ModelConfig, RoutingSettings, Target
-from gateway.state import GATE_KEY, KEYS_KEY, USAGE_KEY
+from gateway.state import GATE_KEY, KEYS_KEY, STORED_KEY, USAGE_KEY
 from tests.conftest import (
     NEVER_HANG,
     MakeSettings,
@@ -576,10 +576,18 @@ async def test_previous_response_id_requests_in_flight_hold_their_stored_prompt(
     }
     up = Gathering(whole(response_body(usage, [message_item("ok")])))
     gw = await build("openai", up, "gpt-5", fields={"responses_api": True})
-    secret = await create_key(gw, budget_tokens=50_000)
+    secret = await create_key(gw, budget_tokens=100_000)
+    # The conversation so far went through the gateway (the remedy taken: its size is known
+    # from its answer's usage; one it never saw is held as a file sent by id, next test).
+    up.release.set()
+    first = {"model": "m", "input": "x " * 100, "max_output_tokens": 10}
+    status, answer = await post(gw, secret, "/v1/responses", first)
+    assert status == 200, answer
+    up.release.clear()
+    up.arrived = 0
     body = {
         "model": "m",
-        "previous_response_id": "resp_earlier",
+        "previous_response_id": answer["id"],
         "input": "And then?",
         "max_output_tokens": 10,
     }
@@ -594,9 +602,42 @@ async def test_previous_response_id_requests_in_flight_hold_their_stored_prompt(
         up.release.set()
         results = await asyncio.gather(*tasks)
     statuses = sorted(status for status, _ in results)
-    _, spend = await row_and_spend(gw, secret, rows=len(tasks))
+    # (a request refused at admission makes no usage row)
+    _, spend = await row_and_spend(gw, secret, rows=1 + statuses.count(200))
     one_request = 40_020
-    assert spend.tokens <= 50_000 + one_request, (statuses, spend.tokens)
+    assert spend.tokens <= 100_000 + one_request, (statuses, spend.tokens)
+    assert statuses.count(429) >= 3, statuses
+
+
+# A conversation the gateway never saw (made before a restart, or elsewhere) is held as a file
+# sent by id: 10,000 tokens likely. And one known to be another key's is not found for this
+# key (its conversation is that key's data), and goes nowhere.
+async def test_unknown_and_other_keys_stored_conversations(build: Build) -> None:
+    usage = {
+        "input_tokens": 10,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 10,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 20,
+    }
+    up = RawUpstream(whole(response_body(usage, [message_item("ok")])), hold=False)
+    gw = await build("openai", up, "gpt-5", fields={"responses_api": True})
+    small = await create_key(gw, budget_tokens=9_000)
+    body = {"model": "m", "previous_response_id": "resp_never_seen", "input": "And then?"}
+    status, answer = await post(gw, small, "/v1/responses", body | {"max_output_tokens": 10})
+    assert status == 429, answer  # 10,000 held for the unseen conversation
+    owner = await create_key(gw, budget_tokens=1_000_000)
+    other = await create_key(gw, budget_tokens=1_000_000)
+    status, answer = await post(gw, owner, "/v1/responses", {"model": "m", "input": "hi"})
+    assert status == 200, answer
+    sent = len(up.bodies)
+    body["previous_response_id"] = answer["id"]
+    status, refused = await post(gw, other, "/v1/responses", body)
+    assert status == 404, refused
+    assert refused["error"]["param"] == "previous_response_id", refused
+    assert len(up.bodies) == sent  # nothing went upstream
+    status, answer = await post(gw, owner, "/v1/responses", body)
+    assert status == 200, answer
 
 
 # WRONG (high, USD budgets): the admission hold prices a request asking for audio output at
@@ -776,3 +817,6 @@ async def test_streamed_responses_web_search_calls_are_charged(build: Build) -> 
     row, _ = await row_and_spend(gw, secret)
     billed = 3 * 0.010 + mtok(5_000, 0.25) + mtok(500, 2.0)
     assert row["cost_usd"] == pytest.approx(billed), (row["cost_usd"], billed)
+    # The streamed response is stored upstream: a request continuing it holds its size.
+    stored = app_of(gw)[STORED_KEY].prompt("resp_1", row["key_id"])
+    assert (stored.likely, stored.most) == (5_500, 5_500)

@@ -24,6 +24,7 @@ from gateway import pipeline
 from gateway.admission import follow
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.failover import Exchange
+from gateway.media import Estimate
 from gateway.passthrough import native_first
 from gateway.providers import ChatCall
 from gateway.providers.base import ResponsesPassThrough
@@ -36,11 +37,12 @@ from gateway.responses import (
     to_chat,
 )
 from gateway.router import Route
-from gateway.schemas.codec import decode_body, raw_object
+from gateway.schemas.codec import decode_body, present, raw_object
 from gateway.schemas.responses import ResponseCreateRequest
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
-from gateway.state import KEYS_KEY, TICKET_KEY
+from gateway.state import KEYS_KEY, STORED_KEY, TICKET_KEY
+from gateway.stored import UNKNOWN_CONVERSATION
 from gateway.trace import TRACE_KEY
 
 __all__ = ["create_response", "stored_response"]
@@ -57,9 +59,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         _refuse_counted_background(request)
     translation = to_chat(req)
     model_id = req.model if isinstance(req.model, str) else None
+    stored = _stored_prompt(request, req)
     try:
         # No body: the chat request is made from the struct, only if a provider forwards it.
-        ex = await pipeline.begin(request, translation.chat, None, model_id)
+        ex = await pipeline.begin(request, translation.chat, None, model_id, stored)
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None
     try:
@@ -72,6 +75,32 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         )
     finally:
         pipeline.finish(ex)
+
+
+def _stored_prompt(request: web.Request, req: ResponseCreateRequest) -> Estimate | None:
+    """The conversation a request continues, which the upstream stores and bills as its
+    prompt again (`gateway.stored`): its size when it passed through here, else as much as a
+    file sent by id; None when it continues none.
+
+    Raises:
+        NotFound: the previous response is known to be another key's.
+    """
+    previous = req.previous_response_id
+    if isinstance(previous, str) and previous:
+        key_id = request[TRACE_KEY].key_id
+        return request.app[STORED_KEY].prompt(previous, key_id)
+    if present(req.conversation):
+        return UNKNOWN_CONVERSATION
+    return None
+
+
+def _remember(ex: Exchange[ChatCall]) -> None:
+    """A response the upstream stores: its size, for a request that continues it."""
+    call = ex.call
+    usage = call.usage
+    if call.response_id and usage is not None:
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        ex.request.app[STORED_KEY].remember(call.response_id, ex.trace.key_id, tokens)
 
 
 def _refuse_counted_background(request: web.Request) -> None:
@@ -165,6 +194,7 @@ async def _pass_through(ex: Exchange[ChatCall], body: bytes, *, stream: bool) ->
         )
         if reply.usage is None:
             pipeline.unreported(ex, reply)
+        _remember(ex)
         return web.Response(body=reply.body, content_type="application/json")
     events, first = await pipeline.try_routes(
         ex,
@@ -174,8 +204,11 @@ async def _pass_through(ex: Exchange[ChatCall], body: bytes, *, stream: bool) ->
         stream=True,
     )
     numbered = _Numbered(events, first)
-    async with contextlib.aclosing(numbered.batches()) as batches:
-        return await _relay(ex.request, batches, numbered.error_frame)
+    try:
+        async with contextlib.aclosing(numbered.batches()) as batches:
+            return await _relay(ex.request, batches, numbered.error_frame)
+    finally:
+        _remember(ex)  # (a stream cut after its terminal event is stored all the same)
 
 
 async def _relay(

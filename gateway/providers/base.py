@@ -162,10 +162,15 @@ class ChatCall(Call, kw_only=True):
             when it was translated, e.g. from the Responses API).
         output_cap: the output limit admission reserved for a request that sets none (keys
             with a budget or tokens per minute); providers send it upstream as its limit.
+        stored_prompt: the prompt an upstream stores for the request and bills it again (a
+            Responses conversation it continues: `gateway.stored`), which it does not hold.
+        response_id: the id of the response a Responses pass-through upstream answered with.
     """
 
     request: ChatCompletionRequest
     output_cap: int | None = None
+    stored_prompt: Estimate | None = None
+    response_id: str | None = None
 
     def _fields(self) -> dict[str, msgspec.Raw]:
         return raw_fields(self.request)
@@ -181,10 +186,14 @@ class ChatCall(Call, kw_only=True):
         return self.request.token_limit or self.model.max_tokens or self.output_cap
 
     def prompt_estimate(self) -> int:
-        return estimate_prompt_tokens(self.request)
+        stored = self.stored_prompt
+        tokens = estimate_prompt_tokens(self.request)
+        return tokens if stored is None else tokens + stored.likely
 
     def prompt_size(self, image_cost: ImageCost) -> Estimate:
-        return prompt_size(self.request, image_cost)
+        stored = self.stored_prompt
+        size = prompt_size(self.request, image_cost)
+        return size if stored is None else size + stored
 
     @property
     def priority(self) -> bool:

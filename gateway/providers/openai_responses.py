@@ -41,6 +41,7 @@ _TRUE = msgspec.Raw(b"true")
 
 class _ResponseUsageView(msgspec.Struct):
     usage: ResponseUsage | None = None
+    id: object = None
 
 
 class _TerminalView(msgspec.Struct):
@@ -56,27 +57,30 @@ class _ItemKind(msgspec.Struct):
     type: object = None
 
 
-class _OutputKinds(msgspec.Struct):
-    """What a whole `response` is read for to count its web searches: its items' types."""
+class _Answer(msgspec.Struct):
+    """What a whole `response` is read for beyond its usage: its id (a conversation stored
+    upstream: `gateway.stored`) and its items' types (web searches, billed a call each)."""
 
+    id: object = None
     output: list[_ItemKind] = []
 
 
-_OUTPUT_KINDS = msgspec.json.Decoder(_OutputKinds)
+_ANSWER = msgspec.json.Decoder(_Answer)
 _SEARCH = "web_search_call"
 _SEARCHED = "response.web_search_call.completed"  # (one event a search, on a stream)
 
 
-def web_searches(answer: bytes) -> int:
-    """The web searches a whole `response` shows (`web_search_call` items), each billed by
-    the upstream: 0 unless the answer spells the item's type, in one search of the bytes."""
-    if answer.find(b'"web_search_call"') < 0:
-        return 0
+def _read_answer(call: ChatCall, answer: bytes) -> None:
+    """Take a whole `response`'s id, and the web searches it shows (`web_search_call`
+    items), into `call`."""
     try:
-        items = _OUTPUT_KINDS.decode(answer).output
+        view = _ANSWER.decode(answer)
     except (msgspec.MsgspecError, RecursionError):
-        return 0  # (checked as a response already: a count of nothing more)
-    return sum(1 for item in items if item.type == _SEARCH)
+        return  # (checked as a response already: nothing more to take)
+    if isinstance(view.id, str) and view.id:
+        call.response_id = view.id
+    call.web_searches = sum(1 for item in view.output if item.type == _SEARCH)
+
 
 # The events that end a Responses stream; each carries the whole `response`, usage included.
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -103,7 +107,7 @@ class ResponsesRelay:
     async def create(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
         answer = await self._http.post(self._url, self._body(call, body), call)
         call.usage = response_usage(self._name, answer)  # raises unless a `response`
-        call.web_searches = web_searches(answer)
+        _read_answer(call, answer)
         return ChatReply(body=answer, usage=call.usage)
 
     async def stream(
@@ -177,6 +181,8 @@ class ResponsesRelay:
             else:
                 if view is not None and view.usage is not None:
                     call.usage = view.usage.to_usage()
+                if view is not None and isinstance(view.id, str) and view.id:
+                    call.response_id = view.id
         elif kind.endswith(".delta"):
             call.chunks += 1
         elif kind == _SEARCHED:
