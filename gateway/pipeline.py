@@ -105,7 +105,11 @@ async def begin(
                 "The 'stream_options' parameter is only allowed when 'stream' is true.",
                 param="stream_options",
             )
-        return ChatCall(request=req, body=body, model=model, stored_prompt=stored)
+        # A search model searches once a request (`web_search_options`), billed a call.
+        searches = 0 if req.web_search_options is UNSET else 1
+        return ChatCall(
+            request=req, body=body, model=model, stored_prompt=stored, web_searches=searches
+        )
 
     return await open_exchange(request, model_id, chat_call)
 
@@ -495,7 +499,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.completion_tokens += ex.unanswered_output
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
-        trace.cost_usd = price.cost(_counts(trace, usage, _searches(call)))
+        trace.cost_usd = price.cost(_counts(trace, usage, call.web_searches))
 
 
 def _chunks_charged(ex: Exchange[Any]) -> int:
@@ -557,44 +561,36 @@ def _hung_up() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _counts(trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int = 0) -> Usage:
-    reasoning = 0
-    if usage is None:
+def _counts(trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int) -> Usage:
+    reasoning = audio_in = audio_out = image_out = 0
+    if usage is not None:
+        done = usage.completion_tokens_details
+        if isinstance(done, CompletionTokensDetails):
+            reasoning = done.reasoning_tokens or 0
+            if done.audio_tokens or done.image_tokens:  # (priced apart: `prices.Usage`)
+                audio_out, image_out = _count(done.audio_tokens), _count(done.image_tokens)
+        given = usage.prompt_tokens_details
+        if isinstance(given, PromptTokensDetails) and given.audio_tokens:
+            audio_in = _count(given.audio_tokens)
+    if audio_in or audio_out or image_out or web_searches:
         return Usage(
             trace.prompt_tokens,
             trace.completion_tokens,
-            cached=trace.cache_read_tokens,
-            cache_write=trace.cache_write_tokens,
-            web_searches=web_searches,
+            trace.cache_read_tokens,
+            trace.cache_write_tokens,
+            reasoning,
+            audio_in,
+            audio_out,
+            image_out,
+            web_searches,
         )
-    done = usage.completion_tokens_details
-    audio_out = image_out = 0
-    if isinstance(done, CompletionTokensDetails):
-        if done.reasoning_tokens:
-            reasoning = done.reasoning_tokens
-        if done.audio_tokens or done.image_tokens:  # (priced apart: `prices.Usage`)
-            audio_out, image_out = _count(done.audio_tokens), _count(done.image_tokens)
-    given = usage.prompt_tokens_details
-    audio_in = _count(given.audio_tokens) if isinstance(given, PromptTokensDetails) else 0
     return Usage(
         trace.prompt_tokens,
         trace.completion_tokens,
-        cached=trace.cache_read_tokens,
-        cache_write=trace.cache_write_tokens,
-        reasoning=reasoning,
-        audio_input=audio_in,
-        audio_output=audio_out,
-        image_output=image_out,
-        web_searches=web_searches,
+        trace.cache_read_tokens,
+        trace.cache_write_tokens,
+        reasoning,
     )
-
-
-def _searches(call: Call) -> int:
-    """The web searches `call` is billed: those its upstream's answer showed, or one for a
-    chat request with `web_search_options` (a search model searches once a request)."""
-    if isinstance(call, ChatCall) and call.request.web_search_options is not UNSET:
-        return max(call.web_searches, 1)
-    return call.web_searches
 
 
 def _count(value: object) -> int:
