@@ -561,7 +561,7 @@ def _hung_up() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _counts(trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int) -> Usage:
+def _counts(trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int = 0) -> Usage:
     reasoning = audio_in = audio_out = image_out = 0
     if usage is not None:
         done = usage.completion_tokens_details

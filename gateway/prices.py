@@ -56,6 +56,9 @@ DEFAULT_PRICING = {
     "gemini": "google",
 }
 _CACHE_LIMIT = 4096
+# A web search's price when neither the model's config nor the price list has one (the list
+# lacks it for some OpenAI search models): the most OpenAI's price page asks, $30 a thousand.
+UNKNOWN_SEARCH_PRICE = 0.03
 _DAY = 86400.0
 
 
@@ -183,7 +186,7 @@ def _price_of(
             audio_input=_or(audio_in, inp),
             audio_output=_or(audio_out, out),
             image_output=_or(image_out, out),
-            web_search=web_search or 0.0,
+            web_search=_or(web_search, UNKNOWN_SEARCH_PRICE),
         )
     )
 
@@ -224,8 +227,14 @@ def _rates(prices: Any, prompt: int) -> Rates | None:
         audio_output=_or(_component(prices.output_audio_mtok, prompt), out),
         image_output=_or(_component(prices.output_image_mtok, prompt), out),
         # (USD per thousand calls in the price list)
-        web_search=(_component(prices.web_searches_kcount, prompt) or 0.0) / 1000,
+        web_search=_or(
+            _thousandth(_component(prices.web_searches_kcount, prompt)), UNKNOWN_SEARCH_PRICE
+        ),
     )
+
+
+def _thousandth(value: float | None) -> float | None:
+    return None if value is None else value / 1000
 
 
 def _from_database(prices: Any) -> Price | None:

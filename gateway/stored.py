@@ -22,6 +22,9 @@ UNKNOWN_CONVERSATION = FILE_BY_ID
 # Responses remembered at once (about 150 bytes each); past it the oldest are forgotten, and
 # held as unknown if continued.
 MOST_REMEMBERED = 100_000
+# The longest response id remembered (OpenAI's are about 50 characters): a longer one, from a
+# hostile upstream, would make the map cost its length each; it is held as unknown.
+LONGEST_ID = 256
 
 
 class StoredResponses:
@@ -34,9 +37,16 @@ class StoredResponses:
         self._most = most
 
     def remember(self, response_id: str, key_id: str | None, tokens: int) -> None:
-        """A response relayed for `key_id`, whose prompt and output took `tokens`."""
+        """A response relayed for `key_id`, whose prompt and output took `tokens`. An id
+        already known keeps its first key: an upstream that answers another key with it
+        (the same id again) neither takes the conversation from its key nor gives it away."""
+        if len(response_id) > LONGEST_ID:
+            return
         known = self._known
-        known.pop(response_id, None)  # (a response id seen again goes last)
+        found = known.pop(response_id, None)  # (a response id seen again goes last)
+        if found is not None and found[0] != key_id:
+            known[response_id] = found
+            return
         if len(known) >= self._most:
             del known[next(iter(known))]
         known[response_id] = (key_id, tokens)

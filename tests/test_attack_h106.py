@@ -227,7 +227,8 @@ async def test_gemini_image_model_without_modalities_holds_the_image_rate(build:
     parts = [{"text": "Here."}, {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]
     up = Gathering(gemini_answer(usage, parts))
     gw = await build("gemini", up, "gemini-2.5-flash-image")
-    secret = await create_key(gw, budget_usd=0.02)
+    # (A budget one such request fits in: with $0.02 every one is refused, held at $0.039.)
+    secret = await create_key(gw, budget_usd=0.05)
     body = {"model": "m", "max_tokens": 1_300, "messages": [{"role": "user", "content": "A cat."}]}
     tasks = [asyncio.create_task(post(gw, secret, "/v1/chat/completions", body)) for _ in range(5)]
     await all_admitted_or_refused(up, tasks)
@@ -237,7 +238,8 @@ async def test_gemini_image_model_without_modalities_holds_the_image_rate(build:
     admitted = [s for s, _ in results].count(200)
     _, spend = await row_and_spend(gw, secret, rows=admitted)
     one_request = mtok(10, 0.30) + mtok(10, 2.50) + mtok(1_290, 30.0)
-    assert spend.usd <= 0.02 + one_request, (admitted, spend.usd)
+    assert spend.usd <= 0.05 + one_request, (admitted, spend.usd)
+    assert admitted == 1, results
 
 
 # WRONG (medium, token and USD budgets): an `item_reference` input item on the Responses
@@ -251,6 +253,8 @@ async def test_gemini_image_model_without_modalities_holds_the_image_rate(build:
 # documented way to reuse stored items without resending them; a client that learned of the
 # `previous_response_id` hold switches to it. (Also: another key's item ids are not checked
 # as previous response ids now are.) Right: hold an item reference as a file by id.
+# (Fixed: each reference is held as a file sent by id, 10,000 likely and 100,000 while in
+# flight, so the first request admitted holds what the others would need.)
 async def test_item_reference_requests_in_flight_hold_their_stored_items(build: Build) -> None:
     usage = {
         "input_tokens": 40_010,
@@ -293,6 +297,11 @@ async def test_item_reference_requests_in_flight_hold_their_stored_items(build: 
 # 10 text: Expected >= $0.01 (audio cache reads) + $0.000028. Actual: $0.003 + ...
 # Realistic: implicit caching is on by default for 2.5 models and reported in
 # `cacheTokensDetails` (modality AUDIO), which the gateway does not read.
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: Gemini's cacheTokensDetails are not read; cached audio is priced at the "
+    "text cache-read rate",
+)
 async def test_gemini_cached_audio_priced_at_the_audio_cache_rate(build: Build) -> None:
     usage = {
         "promptTokenCount": 100_010,
@@ -379,7 +388,8 @@ def test_configured_zero_audio_price_is_the_operators_choice() -> None:
 def test_plain_requests_hold_and_count_text_only() -> None:
     req = ChatCompletionRequest(model="m", messages=[])
     call = ChatCall(request=req, body=b'{"model":"m","messages":[]}', model=MODEL)
-    assert call.held(100, 200) == Usage(100, 200)
+    # (Output is held at the image rate, the text rate of every model but image models.)
+    assert call.held(100, 200) == Usage(100, 200, image_output=200)
     assert not call.priority
     plain = OpenAIUsage(prompt_tokens=100, completion_tokens=200, total_tokens=300)
     assert _counts(_trace(100, 200), plain) == Usage(100, 200)
@@ -393,7 +403,7 @@ def test_input_audio_mentioned_in_text_is_not_audio() -> None:
     )
     req = ChatCompletionRequest(model="m", messages=[])
     call = ChatCall(request=req, body=body.encode(), model=MODEL)
-    assert call.held(100, 200) == Usage(100, 200)
+    assert call.held(100, 200) == Usage(100, 200, image_output=200)
 
 
 # --- modalities and service_tier as a hostile client sends them ---------------------------------
@@ -524,9 +534,10 @@ def test_stored_map_is_bounded_and_checks_owners() -> None:
     assert len(stored._known) == 3
     assert stored.prompt("resp_0", "a") is UNKNOWN_CONVERSATION
     assert (stored.prompt("resp_4", "a").likely, stored.prompt("resp_4", "a").most) == (14, 14)
-    stored.remember("resp_long_" + "y" * 10_000, "a", 1)
+    # (ids past 256 characters are not remembered: test_huge_upstream_response_ids_...)
+    stored.remember("resp_long_" + "y" * 240, "a", 1)
     with pytest.raises(NotFound) as exc:
-        stored.prompt("resp_long_" + "y" * 10_000, "b")
+        stored.prompt("resp_long_" + "y" * 240, "b")
     assert len(str(exc.value)) < 400
 
 
@@ -571,3 +582,25 @@ async def test_cut_stream_is_not_remembered(build: Build) -> None:
         await up.closed.wait()
     await row_and_spend(gw, secret)
     assert "resp_cut" not in app_of(gw)[STORED_KEY]._known
+
+
+# An `item_reference` input item is held as a file sent by id: 10,000 tokens likely, so a
+# 9,000-token budget refuses a request with one, and nothing goes upstream; one with a
+# reference spelled with an escape is held the same.
+async def test_item_reference_holds_a_file_by_ids_size(build: Build) -> None:
+    up = RawUpstream(whole(response_body(RESPONSE_USAGE, [message_item("ok")])), hold=False)
+    gw = await build("openai", up, "gpt-5", fields={"responses_api": True})
+    secret = await create_key(gw, budget_tokens=9_000)
+    plain = {"model": "m", "input": "And then?", "max_output_tokens": 10}
+    status, answer = await post(gw, secret, "/v1/responses", plain)
+    assert status == 200, answer
+    sent = len(up.bodies)
+    for kind in ("item_reference", "item_\\u0072eference"):
+        raw = (
+            b'{"model": "m", "max_output_tokens": 10, "input": [{"type": "%s", "id": "msg_1"},'
+            b' {"role": "user", "content": "And then?"}]}' % kind.encode()
+        )
+        headers = {**auth(secret), "Content-Type": "application/json"}
+        async with gw.post("/v1/responses", data=raw, headers=headers) as resp:
+            assert resp.status == 429, await resp.text()
+    assert len(up.bodies) == sent

@@ -82,7 +82,7 @@ def test_config_prices_win_over_the_database() -> None:
         audio_input=3,
         audio_output=4,
         image_output=4,
-        web_search=0,
+        web_search=0.03,  # (none set: prices.UNKNOWN_SEARCH_PRICE)
     )
     assert lookups == []
 

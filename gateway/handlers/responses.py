@@ -18,6 +18,7 @@ import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import cast
 
+import msgspec
 from aiohttp import web
 
 from gateway import pipeline
@@ -59,7 +60,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         _refuse_counted_background(request)
     translation = to_chat(req)
     model_id = req.model if isinstance(req.model, str) else None
-    stored = _stored_prompt(request, req)
+    stored = _stored_prompt(request, req, body)
     try:
         # No body: the chat request is made from the struct, only if a provider forwards it.
         ex = await pipeline.begin(request, translation.chat, None, model_id, stored)
@@ -77,21 +78,52 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         pipeline.finish(ex)
 
 
-def _stored_prompt(request: web.Request, req: ResponseCreateRequest) -> Estimate | None:
-    """The conversation a request continues, which the upstream stores and bills as its
-    prompt again (`gateway.stored`): its size when it passed through here, else as much as a
-    file sent by id; None when it continues none.
+def _stored_prompt(
+    request: web.Request, req: ResponseCreateRequest, body: bytes
+) -> Estimate | None:
+    """What the upstream stores for a request and bills as its prompt again
+    (`gateway.stored`): the conversation it continues, its size when it passed through here,
+    else as much as a file sent by id, and each `item_reference` input item as much again;
+    None when there is none.
 
     Raises:
         NotFound: the previous response is known to be another key's.
     """
+    stored: Estimate | None = None
     previous = req.previous_response_id
     if isinstance(previous, str) and previous:
         key_id = request[TRACE_KEY].key_id
-        return request.app[STORED_KEY].prompt(previous, key_id)
-    if present(req.conversation):
-        return UNKNOWN_CONVERSATION
-    return None
+        stored = request.app[STORED_KEY].prompt(previous, key_id)
+    elif present(req.conversation):
+        stored = UNKNOWN_CONVERSATION
+    references = _references(req, body)
+    if references:
+        held = UNKNOWN_CONVERSATION.scaled(references)
+        stored = held if stored is None else stored + held
+    return stored
+
+
+class _Kind(msgspec.Struct):
+    type: object = None
+
+
+_KIND = msgspec.json.Decoder(_Kind)
+
+
+def _references(req: ResponseCreateRequest, body: bytes) -> int:
+    """How many `item_reference` input items the request holds: looked for only when its
+    body spells "reference" or holds an escape (which may spell it)."""
+    items = req.input
+    if not isinstance(items, list) or (body.find(b"reference") < 0 and body.find(b"\\u") < 0):
+        return 0
+    count = 0
+    for item in items:
+        try:
+            if _KIND.decode(item).type == "item_reference":
+                count += 1
+        except (msgspec.MsgspecError, RecursionError):
+            pass  # (refused with its field's name on the way: not counted here)
+    return count
 
 
 def _remember(ex: Exchange[ChatCall]) -> None:

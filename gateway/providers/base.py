@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import msgspec
 
 from gateway.prices import Usage as Counts
-from gateway.schemas.chat import ChatCompletionRequest
+from gateway.schemas.chat import ChatCompletionRequest, InputAudioPart
 from gateway.schemas.codec import raw_fields, raw_object
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
@@ -201,21 +201,19 @@ class ChatCall(Call, kw_only=True):
 
     def held(self, prompt: int, output: int) -> Counts:
         """Audio asked for out (`modalities`) holds the whole output limit at the audio rate,
-        and images (Gemini's) at the image rate; audio sent in, the whole prompt at the audio
+        anything else at the image rate (only image models have one above their text rate:
+        Gemini's answer with images unasked); audio sent in, the whole prompt at the audio
         rate; `web_search_options` one search."""
         req = self.request
         modalities = req.modalities
-        searches = 0 if req.web_search_options is msgspec.UNSET else 1
-        audio_in = self.body is not None and self.body.find(b'"input_audio"') >= 0
-        if not modalities and not searches and not audio_in:
-            return Counts(prompt, output)
+        audio_out = output if modalities and "audio" in modalities else 0
         return Counts(
             prompt,
             output,
-            audio_input=prompt if audio_in else 0,
-            audio_output=output if modalities and "audio" in modalities else 0,
-            image_output=output if modalities and "image" in modalities else 0,
-            web_searches=searches,
+            audio_input=prompt if _sends_audio(self.body, req) else 0,
+            audio_output=audio_out,
+            image_output=output - audio_out,
+            web_searches=self.web_searches,
         )
 
     def cap_output(self, default: int) -> None:
@@ -329,3 +327,16 @@ def has_capability(provider: object, capability: type) -> bool:
 
 
 _CAPABLE: dict[tuple[type, type], bool] = {}
+
+
+def _sends_audio(body: bytes | None, req: ChatCompletionRequest) -> bool:
+    """Whether a message of `req` holds an `input_audio` part: looked for only when the body
+    spells "audio" or holds an escape (which may spell it), most requests in two searches."""
+    if body is not None and body.find(b"audio") < 0 and body.find(b"\\u") < 0:
+        return False
+    return any(
+        isinstance(part, InputAudioPart)
+        for message in req.messages
+        if isinstance(message.content, list)
+        for part in message.content
+    )
