@@ -116,7 +116,7 @@ def _forget(call: Call) -> None:
     estimate the last one, e.g. a stream whose first event was an error, as if it had
     answered)."""
     call.usage, call.chunks, call.first_byte_at = None, 0, None
-    call.cache_write_tokens = 0
+    call.cache_write_tokens = call.cache_write_1h_tokens = 0
     call.usage_estimated = False
     call.usage_chunks = -1
 

@@ -499,7 +499,9 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.completion_tokens += ex.unanswered_output
     price = prices.price(call.model, ex.provider.config, call.upstream_model)
     if price is not None:
-        trace.cost_usd = price.cost(_counts(trace, usage, call.web_searches))
+        trace.cost_usd = price.cost(
+            _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
+        )
 
 
 def _chunks_charged(ex: Exchange[Any]) -> int:
@@ -561,7 +563,9 @@ def _hung_up() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _counts(trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int = 0) -> Usage:
+def _counts(
+    trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int = 0, hour_writes: int = 0
+) -> Usage:
     reasoning = audio_in = audio_out = image_out = 0
     if usage is not None:
         done = usage.completion_tokens_details
@@ -572,7 +576,7 @@ def _counts(trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int = 
         given = usage.prompt_tokens_details
         if isinstance(given, PromptTokensDetails) and given.audio_tokens:
             audio_in = _count(given.audio_tokens)
-    if audio_in or audio_out or image_out or web_searches:
+    if audio_in or audio_out or image_out or web_searches or hour_writes:
         return Usage(
             trace.prompt_tokens,
             trace.completion_tokens,
@@ -583,6 +587,7 @@ def _counts(trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int = 
             audio_out,
             image_out,
             web_searches,
+            hour_writes,
         )
     return Usage(
         trace.prompt_tokens,

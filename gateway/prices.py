@@ -75,6 +75,7 @@ class Rates:
     audio_output: float = 0.0
     image_output: float = 0.0
     web_search: float = 0.0
+    cache_write_1h: float = 0.0  # (Anthropic's writes kept an hour)
 
 
 class Usage(NamedTuple):
@@ -93,6 +94,7 @@ class Usage(NamedTuple):
     audio_output: int = 0
     image_output: int = 0
     web_searches: int = 0
+    cache_write_1h: int = 0  # (of `cache_write`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,21 +124,30 @@ class Price:
             + (usage.completion - reasoning) * r.output
             + reasoning * r.reasoning
         ) / 1_000_000
-        if usage.audio_input or usage.audio_output or usage.image_output or usage.web_searches:
+        if (
+            usage.audio_input
+            or usage.audio_output
+            or usage.image_output
+            or usage.web_searches
+            or usage.cache_write_1h
+        ):
             cost += _media(r, usage, uncached, usage.completion - reasoning)
         return cost
 
 
 def _media(r: Rates, usage: Usage, uncached: int, output: int) -> float:
-    """What audio and image tokens cost beyond the text rates `Price.cost` charged them at
-    (each within the part of the count it belongs to), and the web searches."""
+    """What audio and image tokens and an hour's cache writes cost beyond the rates
+    `Price.cost` charged them at (each within the part of the count it belongs to), and the
+    web searches."""
     audio_in = min(usage.audio_input, uncached)
     audio_out = min(usage.audio_output, output)
     image_out = min(usage.image_output, output - audio_out)
+    hour = min(usage.cache_write_1h, usage.cache_write)
     extra = (
         audio_in * (r.audio_input - r.input)
         + audio_out * (r.audio_output - r.output)
         + image_out * (r.image_output - r.output)
+        + hour * (r.cache_write_1h - r.cache_write)
     ) / 1_000_000
     return extra + usage.web_searches * r.web_search
 
@@ -158,6 +169,7 @@ def _config_price(model: ModelConfig) -> Price | None:
             model.audio_output_price_per_mtok,
             model.image_output_price_per_mtok,
             model.web_search_price_per_call,
+            model.cache_write_1h_price_per_mtok,
         ),
     )
 
@@ -172,16 +184,18 @@ def _price_of(
     cache_read: float | None,
     cache_write: float | None,
     reasoning: float | None,
-    media: tuple[float | None, float | None, float | None, float | None] = (None,) * 4,
+    media: tuple[float | None, ...] = (None,) * 5,
 ) -> Price:
     inp, out = inp or 0.0, out or 0.0
-    audio_in, audio_out, image_out, web_search = media
+    audio_in, audio_out, image_out, web_search, hour = media
+    write = _or(cache_write, inp)
     return Price(
         Rates(
             input=inp,
             output=out,
             cached_input=_or(cache_read, inp),
-            cache_write=_or(cache_write, inp),
+            cache_write=write,
+            cache_write_1h=_or(hour, write),
             reasoning=_or(reasoning, out),
             audio_input=_or(audio_in, inp),
             audio_output=_or(audio_out, out),
@@ -217,11 +231,13 @@ def _rates(prices: Any, prompt: int) -> Rates | None:
     out = _component(prices.output_mtok or prices.output_text_mtok, prompt)
     if inp is None or out is None:
         return None
+    write = _or(_component(prices.cache_write_mtok, prompt), inp)
     return Rates(
         input=inp,
         output=out,
         cached_input=_or(_component(prices.cache_read_mtok, prompt), inp),
-        cache_write=_or(_component(prices.cache_write_mtok, prompt), inp),
+        cache_write=write,
+        cache_write_1h=_or(_component(prices.cache_write_1h_mtok, prompt), write),
         reasoning=_or(_component(prices.output_reasoning_mtok, prompt), out),
         audio_input=_or(_component(prices.input_audio_mtok, prompt), inp),
         audio_output=_or(_component(prices.output_audio_mtok, prompt), out),

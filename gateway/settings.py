@@ -244,6 +244,7 @@ class ModelConfig(_Base, frozen=True):
     audio_output_price_per_mtok: PricePerMtok | None = None
     image_output_price_per_mtok: PricePerMtok | None = None
     web_search_price_per_call: PricePerMtok | None = None
+    cache_write_1h_price_per_mtok: PricePerMtok | None = None  # (default: the cache-write price)
     # Used when a request sets neither max_tokens nor max_completion_tokens.
     max_tokens: PositiveInt | None = None
     # Only reasoning models accept `reasoning_effort` / `thinking`; others get a 400.

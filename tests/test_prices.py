@@ -83,6 +83,7 @@ def test_config_prices_win_over_the_database() -> None:
         audio_output=4,
         image_output=4,
         web_search=0.03,  # (none set: prices.UNKNOWN_SEARCH_PRICE)
+        cache_write_1h=3,
     )
     assert lookups == []
 

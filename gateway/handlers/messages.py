@@ -85,10 +85,41 @@ async def _begin(
 
     def messages_call(model: ModelConfig) -> ChatCall:
         translations.append(to_chat(req, reasoning=model.reasoning))
-        return ChatCall(request=translations[0].chat, model=model)
+        return ChatCall(
+            request=translations[0].chat,
+            model=model,
+            held_searches=_searches_at_most(req),
+            held_writes=_cache_writes(body),
+        )
 
     ex = await pipeline.open_exchange(request, req.model, messages_call, free=free)
     return req, translations[0], ex
+
+
+# What a web search server tool without `max_uses` is held as (Anthropic sets no limit).
+UNCAPPED_SEARCHES = 10
+
+
+def _searches_at_most(req: MessagesRequest) -> int:
+    """The web searches the request's server tools may make: each `web_search` tool's
+    `max_uses`, or `UNCAPPED_SEARCHES` without one."""
+    if not req.tools:
+        return 0
+    most = 0
+    for tool in req.tools:
+        if isinstance(tool.type, str) and tool.type.startswith("web_search"):
+            uses = tool.max_uses
+            most += uses if type(uses) is int and uses >= 0 else UNCAPPED_SEARCHES
+    return most
+
+
+def _cache_writes(body: bytes) -> str:
+    """How a Messages request's prompt may be written to the prompt cache: "1h" when it asks
+    for an hour's (`"ttl": "1h"`), "5m" for other `cache_control` marks, "" for none (as
+    spelled in the body: an escaped spelling is held as input, and charged as reported)."""
+    if body.find(b"cache_control") < 0:
+        return ""
+    return "1h" if body.find(b'"1h"') >= 0 else "5m"
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:

@@ -74,6 +74,7 @@ class MessagesTool(msgspec.Struct):
     type: str | UnsetType | None = UNSET
     description: str | UnsetType | None = UNSET
     input_schema: Raw | UnsetType = UNSET
+    max_uses: object = UNSET  # (a server tool's calls at most: billed a call each)
 
     @property
     def is_client_tool(self) -> bool:

@@ -86,6 +86,7 @@ class Call(msgspec.Struct, kw_only=True):
     body: bytes | None = None
     usage: Usage | None = None
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0  # (of `cache_write_tokens`, those kept an hour: Anthropic)
     chunks: int = 0
     usage_estimated: bool = False
     usage_chunks: int = -1  # `chunks` when a stream's usage was last read (-1: not tracked)
@@ -165,12 +166,18 @@ class ChatCall(Call, kw_only=True):
         stored_prompt: the prompt an upstream stores for the request and bills it again (a
             Responses conversation it continues: `gateway.stored`), which it does not hold.
         response_id: the id of the response a Responses pass-through upstream answered with.
+        held_searches: the web searches admission holds beyond `web_searches` (an Anthropic
+            server tool's `max_uses`).
+        held_writes: the prompt-cache writes admission holds the prompt as ("5m", "1h": a
+            Messages request that marks blocks `cache_control`; "": none).
     """
 
     request: ChatCompletionRequest
     output_cap: int | None = None
     stored_prompt: Estimate | None = None
     response_id: str | None = None
+    held_searches: int = 0
+    held_writes: str = ""
 
     def _fields(self) -> dict[str, msgspec.Raw]:
         return raw_fields(self.request)
@@ -203,17 +210,21 @@ class ChatCall(Call, kw_only=True):
         """Audio asked for out (`modalities`) holds the whole output limit at the audio rate,
         anything else at the image rate (only image models have one above their text rate:
         Gemini's answer with images unasked); audio sent in, the whole prompt at the audio
-        rate; `web_search_options` one search."""
+        rate; `web_search_options` one search; a server tool its `max_uses`; a prompt marked
+        for the cache at the cache-write rate."""
         req = self.request
         modalities = req.modalities
         audio_out = output if modalities and "audio" in modalities else 0
+        writes = self.held_writes
         return Counts(
             prompt,
             output,
+            cache_write=prompt if writes else 0,
             audio_input=prompt if _sends_audio(self.body, req) else 0,
             audio_output=audio_out,
             image_output=output - audio_out,
-            web_searches=self.web_searches,
+            web_searches=max(self.web_searches, self.held_searches),
+            cache_write_1h=prompt if writes == "1h" else 0,
         )
 
     def cap_output(self, default: int) -> None:

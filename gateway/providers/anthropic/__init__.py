@@ -57,7 +57,7 @@ class AnthropicProvider:
         tally = UsageTally(self.config.name)
         tally.merge(resp.usage)
         out, call.usage = from_anthropic(resp, json_tool, tally.counts())
-        call.cache_write_tokens = tally.cache_writes()
+        tally.billed(call)
         # (text blocks are joined into one content: a key cut over two is whole only now)
         return ChatReply(body=self._http.redact(out, call), usage=call.usage)
 

@@ -57,6 +57,7 @@ class _BlockView(msgspec.Struct):
     type: str = ""
     text: str | UnsetType = UNSET
     thinking: str | UnsetType = UNSET
+    name: object = None  # (a server tool's: a web search is billed as it runs)
 
 
 class _MessageView(msgspec.Struct):
@@ -258,6 +259,13 @@ class MessagesRelay:
                 tally.delta(event.usage, stop if isinstance(stop, str) else None)
             elif kind == "content_block_start":
                 tally.content += 1
+                block = event.content_block  # (`_shaped`: one)
+                if (
+                    block is not None
+                    and block.type == "server_tool_use"
+                    and block.name == "web_search"
+                ):
+                    tally.searches += 1  # (billed as it runs: counted if cut)
             elif kind == "content_block_delta":
                 tally.content += 1
                 call.chunks += 1

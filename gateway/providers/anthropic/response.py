@@ -76,6 +76,7 @@ class UsageTally:
     streamed: int = 0  # characters of output (text, thinking, tool JSON) streamed so far
     final: bool = False  # the closing `message_delta` came (a stop_reason): output is known
     content: int = 0  # content events (block starts and deltas) seen so far
+    searches: int = 0  # web searches seen started (`server_tool_use` blocks) so far
     _final_at: int = 0  # content events by then (content after it reopens the count)
 
     def merge(
@@ -136,11 +137,22 @@ class UsageTally:
         counts = self.counts()
         if counts is not None:
             call.usage = openai_usage(counts)
-            call.cache_write_tokens = self.cache_writes()
+            self.billed(call)
         return counts
 
-    def cache_writes(self) -> int:
-        return (self.usage.cache_creation_input_tokens or 0) if self.readable else 0
+    def billed(self, call: ChatCall) -> None:
+        """Into the call, what is priced beside the token counts: the prompt-cache writes
+        (an hour's apart) and the web searches (the count reported, or the searches seen
+        started when it is less: a stream cut before its closing count)."""
+        usage = self.usage
+        readable = self.readable
+        call.cache_write_tokens = (usage.cache_creation_input_tokens or 0) if readable else 0
+        ttl = usage.cache_creation
+        hour = (ttl.ephemeral_1h_input_tokens or 0) if readable and ttl is not None else 0
+        call.cache_write_1h_tokens = min(hour, call.cache_write_tokens)
+        tools = usage.server_tool_use
+        searches = (tools.web_search_requests or 0) if readable and tools is not None else 0
+        call.web_searches = max(call.web_searches, searches, self.searches)
 
     def cut(self, call: ChatCall) -> None:
         """Account a stream cut or broken before its final count (the client hung up, an
@@ -152,8 +164,9 @@ class UsageTally:
         usage already in hand: left as it is (the pipeline's estimate, or the final count)."""
         usage = self.usage
         if call.usage is not None or not self.readable or usage.input_tokens is None:
+            call.web_searches = max(call.web_searches, self.searches)  # (billed all the same)
             return
-        call.cache_write_tokens = usage.cache_creation_input_tokens or 0
+        self.billed(call)
         if self.final and self.content == self._final_at:  # cut before `message_stop` only
             call.usage = openai_usage(usage)
             return

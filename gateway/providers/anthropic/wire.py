@@ -100,6 +100,20 @@ class AnthropicRequest(msgspec.Struct, omit_defaults=True):
 # ---- wire structs: what we read (unknown block and event types are tolerated) ---------------
 
 
+class AnthropicCacheCreation(msgspec.Struct):
+    """The prompt-cache writes by their time to live: an hour's are billed at twice the
+    input price, five minutes' at 1.25 times."""
+
+    ephemeral_5m_input_tokens: Count | None = None
+    ephemeral_1h_input_tokens: Count | None = None
+
+
+class AnthropicServerToolUse(msgspec.Struct):
+    """The server tools' calls, billed apart from tokens."""
+
+    web_search_requests: Count | None = None
+
+
 class AnthropicUsage(msgspec.Struct):
     """Anthropic's counts, as far as they are believable: read apart from the answer
     (`USAGE_DECODER`), so a bad one costs the usage row its exactness, not the client its answer."""
@@ -108,6 +122,8 @@ class AnthropicUsage(msgspec.Struct):
     output_tokens: Count | None = None
     cache_creation_input_tokens: Count | None = None
     cache_read_input_tokens: Count | None = None
+    cache_creation: AnthropicCacheCreation | None = None
+    server_tool_use: AnthropicServerToolUse | None = None
 
 
 class AnthropicContentBlock(msgspec.Struct):
