@@ -30,7 +30,7 @@ from gateway.errors import (
 )
 from gateway.failover import Exchange, attempt_each, stream_ended
 from gateway.media import Estimate, image_tokens
-from gateway.prices import PriceBook, Usage
+from gateway.prices import Price, PriceBook, Usage
 from gateway.providers import ChatReply
 from gateway.providers.base import UNBOUNDED, Call, ChatCall, OutputOnTop, has_capability
 from gateway.records import model_allowed
@@ -237,14 +237,27 @@ async def _charge(
             ),
             default=0,
         )
-    costs = [
-        (price.cost(call.held(prompt.likely, output)), price.cost(call.held(prompt.most, output)))
-        for r in routes
-        if (price := prices.price(r.model, r.provider.config, r.upstream_model)) is not None
-    ]
+    likely, most = call.held(prompt.likely, output), call.held(prompt.most, output)
+    costs = []
+    for r in routes:
+        price = prices.price(r.model, r.provider.config, r.upstream_model)
+        if price is None:
+            continue
+        searches = 0.0
+        if likely.web_searches:
+            search = prices.search_price(r.model, r.provider.config, r.upstream_model, price)
+            searches = likely.web_searches * search
+        costs.append((_held_cost(price, likely) + searches, _held_cost(price, most) + searches))
     likely_usd = max((c[0] for c in costs), default=0.0)
     most_usd = max((c[1] for c in costs), default=0.0)
     await gate.hold(ticket, (prompt.likely + output, likely_usd), (prompt.most + output, most_usd))
+
+
+def _held_cost(price: Price, held: Usage) -> float:
+    """What a hold costs: its kinds at their rates (`ChatCall.held`), never less than its
+    tokens as plain text (a model's cache-write rate may be below its input rate, and the
+    write may not happen)."""
+    return max(price.cost(held), price.cost(Usage(held.prompt, held.completion)))
 
 
 def _require(router: Router, model: ModelConfig, model_id: str, serves: type, path: str) -> None:
@@ -497,11 +510,14 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.estimated = True
         trace.prompt_tokens += ex.unanswered * call.prompt_estimate()
         trace.completion_tokens += ex.unanswered_output
-    price = prices.price(call.model, ex.provider.config, call.upstream_model)
+    config = ex.provider.config
+    price = prices.price(call.model, config, call.upstream_model)
     if price is not None:
-        trace.cost_usd = price.cost(
-            _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
-        )
+        counts = _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
+        trace.cost_usd = price.cost(counts)
+        if counts.web_searches:
+            search = prices.search_price(call.model, config, call.upstream_model, price)
+            trace.cost_usd += counts.web_searches * search
 
 
 def _chunks_charged(ex: Exchange[Any]) -> int:

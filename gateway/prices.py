@@ -124,21 +124,15 @@ class Price:
             + (usage.completion - reasoning) * r.output
             + reasoning * r.reasoning
         ) / 1_000_000
-        if (
-            usage.audio_input
-            or usage.audio_output
-            or usage.image_output
-            or usage.web_searches
-            or usage.cache_write_1h
-        ):
+        if usage.audio_input or usage.audio_output or usage.image_output or usage.cache_write_1h:
             cost += _media(r, usage, uncached, usage.completion - reasoning)
         return cost
 
 
 def _media(r: Rates, usage: Usage, uncached: int, output: int) -> float:
     """What audio and image tokens and an hour's cache writes cost beyond the rates
-    `Price.cost` charged them at (each within the part of the count it belongs to), and the
-    web searches."""
+    `Price.cost` charged them at (each within the part of the count it belongs to). Web
+    searches are priced apart (`PriceBook.search_price`)."""
     audio_in = min(usage.audio_input, uncached)
     audio_out = min(usage.audio_output, output)
     image_out = min(usage.image_output, output - audio_out)
@@ -149,7 +143,7 @@ def _media(r: Rates, usage: Usage, uncached: int, output: int) -> float:
         + image_out * (r.image_output - r.output)
         + hour * (r.cache_write_1h - r.cache_write)
     ) / 1_000_000
-    return extra + usage.web_searches * r.web_search
+    return extra
 
 
 FREE = Price(Rates(0.0, 0.0, 0.0, 0.0, 0.0), source="free")
@@ -384,6 +378,21 @@ class PriceBook:
         configured = _config_price(model)
         if configured is not None:
             return configured
+        return self._listed(provider, upstream)
+
+    def search_price(
+        self, model: ModelConfig, provider: ProviderConfig, upstream: str, price: Price
+    ) -> float:
+        """What one web search costs on `price` (the model's): the config's search price, else
+        the price list's for the upstream model (a model priced in its config keeps the list's
+        search price), else `UNKNOWN_SEARCH_PRICE`."""
+        if price.source != "config" or model.web_search_price_per_call is not None:
+            return price.base.web_search
+        listed = self._listed(provider, upstream)
+        return listed.base.web_search if listed is not None else UNKNOWN_SEARCH_PRICE
+
+    def _listed(self, provider: ProviderConfig, upstream: str) -> Price | None:
+        """The price list's price of `upstream` on `provider` (its `pricing`)."""
         source = self.pricing_id(provider)
         if source == "free":
             return FREE

@@ -239,7 +239,8 @@ class ModelConfig(_Base, frozen=True):
     cache_write_price_per_mtok: PricePerMtok | None = None
     reasoning_price_per_mtok: PricePerMtok | None = None
     # Audio in and out and images out (reported in the usage's details) default to the input
-    # and output prices; a web search (a built-in tool's call) to 0.
+    # and output prices; a web search (a built-in tool's call) to the price list's for the
+    # upstream model, else $0.03 (`prices.PriceBook.search_price`).
     audio_input_price_per_mtok: PricePerMtok | None = None
     audio_output_price_per_mtok: PricePerMtok | None = None
     image_output_price_per_mtok: PricePerMtok | None = None

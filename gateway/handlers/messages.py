@@ -96,30 +96,70 @@ async def _begin(
     return req, translations[0], ex
 
 
-# What a web search server tool without `max_uses` is held as (Anthropic sets no limit).
+# What a web search server tool without `max_uses` is held as (Anthropic sets no limit),
+# and the most one is held as (a larger `max_uses` is no promise the request keeps).
 UNCAPPED_SEARCHES = 10
+MOST_SEARCHES = 1000
 
 
 def _searches_at_most(req: MessagesRequest) -> int:
     """The web searches the request's server tools may make: each `web_search` tool's
-    `max_uses`, or `UNCAPPED_SEARCHES` without one."""
+    `max_uses`, or `UNCAPPED_SEARCHES` without one.
+
+    Raises:
+        InvalidRequest: a `max_uses` past `MOST_SEARCHES` (a key's budget holds each search).
+    """
     if not req.tools:
         return 0
     most = 0
-    for tool in req.tools:
+    for i, tool in enumerate(req.tools):
         if isinstance(tool.type, str) and tool.type.startswith("web_search"):
             uses = tool.max_uses
-            most += uses if type(uses) is int and uses >= 0 else UNCAPPED_SEARCHES
+            if type(uses) is not int or uses < 0:
+                most += UNCAPPED_SEARCHES
+            elif uses > MOST_SEARCHES:
+                raise InvalidRequest(
+                    f"tools.{i}.max_uses: at most {MOST_SEARCHES} searches a request.",
+                    param=f"tools.{i}.max_uses",
+                )
+            else:
+                most += uses
     return most
+
+
+# An escape of a character JSON never needs escaped (ASCII from " " to DEL): what may spell
+# `cache_control` or a ttl's "1h" in a hidden way. (Clients escape non-ASCII text, not these.)
+_ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
 
 
 def _cache_writes(body: bytes) -> str:
     """How a Messages request's prompt may be written to the prompt cache: "1h" when it asks
-    for an hour's (`"ttl": "1h"`), "5m" for other `cache_control` marks, "" for none (as
-    spelled in the body: an escaped spelling is held as input, and charged as reported)."""
+    for an hour's (`"ttl": "1h"`), "5m" for other `cache_control` marks, "" for none. Found
+    in the body's bytes; a body that escapes ASCII characters is read as JSON for them."""
+    if _ASCII_ESCAPE.search(body) is not None:
+        return _marked(msgspec.json.decode(body))
     if body.find(b"cache_control") < 0:
         return ""
     return "1h" if body.find(b'"1h"') >= 0 else "5m"
+
+
+def _marked(value: object) -> str:
+    """`_cache_writes` for a decoded body: its `cache_control` objects, walked without
+    recursion (the body's depth is the client's)."""
+    found = ""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            mark = item.get("cache_control")
+            if isinstance(mark, dict):
+                if mark.get("ttl") == "1h":
+                    return "1h"
+                found = "5m"
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:

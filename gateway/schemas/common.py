@@ -8,6 +8,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 __all__ = [
+    "MOST_COUNT",
     "CompletionTokensDetails",
     "Penalty",
     "PromptTokensDetails",
@@ -37,7 +38,8 @@ class CompletionTokensDetails(msgspec.Struct):
 # Counts beyond this (a trillion tokens) are nonsense from an upstream. Summed, they stay
 # far from the 64-bit counters of SQLite rows and Redis limits (HINCRBY fails past 2**63, which
 # the gate would take for Redis down): 2**23 such answers in flight at once to get there.
-Count = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
+MOST_COUNT = 2**40
+Count = Annotated[int, msgspec.Meta(ge=0, le=MOST_COUNT)]
 
 
 class Usage(msgspec.Struct):

@@ -112,6 +112,11 @@ def _block_shaped(block: _BlockView | None) -> bool:
     return block is not None and getattr(block, _BLOCK_TEXT.get(block.type, "type")) is not UNSET
 
 
+def _is_search(block: _BlockView) -> bool:
+    """Whether a block is a web search the server ran (billed a call each)."""
+    return block.type == "server_tool_use" and block.name == "web_search"
+
+
 def _readable(view: _MessageView) -> bool:
     """Whether a whole answer is a `message` its SDK's users can read as one."""
     if view.type != "message" or view.content is UNSET or not _is_object(view.usage):
@@ -173,7 +178,10 @@ class MessagesRelay:
             raise answer_error(self._name, answer, "message")
         tally = UsageTally(self._name)
         tally.merge(view.usage)
+        tally.searches = sum(map(_is_search, view.content or ()))
         tally.account(call)
+        if call.usage is None:  # (no count: what the answer shows is billed all the same)
+            tally.billed(call)
         return ChatReply(body=answer, usage=call.usage)
 
     async def count(
@@ -260,11 +268,7 @@ class MessagesRelay:
             elif kind == "content_block_start":
                 tally.content += 1
                 block = event.content_block  # (`_shaped`: one)
-                if (
-                    block is not None
-                    and block.type == "server_tool_use"
-                    and block.name == "web_search"
-                ):
+                if block is not None and _is_search(block):
                     tally.searches += 1  # (billed as it runs: counted if cut)
             elif kind == "content_block_delta":
                 tally.content += 1

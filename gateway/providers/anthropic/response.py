@@ -145,13 +145,13 @@ class UsageTally:
         (an hour's apart) and the web searches (the count reported, or the searches seen
         started when it is less: a stream cut before its closing count)."""
         usage = self.usage
-        readable = self.readable
-        call.cache_write_tokens = (usage.cache_creation_input_tokens or 0) if readable else 0
-        ttl = usage.cache_creation
-        hour = (ttl.ephemeral_1h_input_tokens or 0) if readable and ttl is not None else 0
-        call.cache_write_1h_tokens = min(hour, call.cache_write_tokens)
-        tools = usage.server_tool_use
-        searches = (tools.web_search_requests or 0) if readable and tools is not None else 0
+        if self.readable:
+            call.cache_write_tokens = usage.cache_creation_input_tokens or 0
+            hour = usage.detail("cache_creation", "ephemeral_1h_input_tokens")
+            call.cache_write_1h_tokens = min(hour, call.cache_write_tokens)
+            searches = usage.detail("server_tool_use", "web_search_requests")
+        else:
+            call.cache_write_tokens = call.cache_write_1h_tokens = searches = 0
         call.web_searches = max(call.web_searches, searches, self.searches)
 
     def cut(self, call: ChatCall) -> None:

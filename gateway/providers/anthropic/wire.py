@@ -11,7 +11,7 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
-from gateway.schemas.common import Count
+from gateway.schemas.common import MOST_COUNT, Count
 
 API_VERSION = "2023-06-01"
 
@@ -100,20 +100,6 @@ class AnthropicRequest(msgspec.Struct, omit_defaults=True):
 # ---- wire structs: what we read (unknown block and event types are tolerated) ---------------
 
 
-class AnthropicCacheCreation(msgspec.Struct):
-    """The prompt-cache writes by their time to live: an hour's are billed at twice the
-    input price, five minutes' at 1.25 times."""
-
-    ephemeral_5m_input_tokens: Count | None = None
-    ephemeral_1h_input_tokens: Count | None = None
-
-
-class AnthropicServerToolUse(msgspec.Struct):
-    """The server tools' calls, billed apart from tokens."""
-
-    web_search_requests: Count | None = None
-
-
 class AnthropicUsage(msgspec.Struct):
     """Anthropic's counts, as far as they are believable: read apart from the answer
     (`USAGE_DECODER`), so a bad one costs the usage row its exactness, not the client its answer."""
@@ -122,8 +108,16 @@ class AnthropicUsage(msgspec.Struct):
     output_tokens: Count | None = None
     cache_creation_input_tokens: Count | None = None
     cache_read_input_tokens: Count | None = None
-    cache_creation: AnthropicCacheCreation | None = None
-    server_tool_use: AnthropicServerToolUse | None = None
+    # Details priced apart (an hour's cache writes, web searches), read leniently by
+    # `detail`: one in an odd shape costs that detail, not the counts beside it.
+    cache_creation: object = None
+    server_tool_use: object = None
+
+    def detail(self, name: str, field: str) -> int:
+        """The count `field` of the detail object `name` (0: none, or not a count)."""
+        found = getattr(self, name)
+        value = found.get(field) if isinstance(found, dict) else None
+        return value if type(value) is int and 0 < value <= MOST_COUNT else 0
 
 
 class AnthropicContentBlock(msgspec.Struct):
