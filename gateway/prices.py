@@ -389,7 +389,9 @@ class PriceBook:
         if price.source != "config" or model.web_search_price_per_call is not None:
             return price.base.web_search
         listed = self._listed(provider, upstream)
-        return listed.base.web_search if listed is not None else UNKNOWN_SEARCH_PRICE
+        if listed is None or listed.source != "genai-prices":  # (none, or a free provider's)
+            return UNKNOWN_SEARCH_PRICE
+        return listed.base.web_search
 
     def _listed(self, provider: ProviderConfig, upstream: str) -> Price | None:
         """The price list's price of `upstream` on `provider` (its `pricing`)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import cast
 
 import msgspec
@@ -135,31 +135,87 @@ _ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
 def _cache_writes(body: bytes) -> str:
     """How a Messages request's prompt may be written to the prompt cache: "1h" when it asks
     for an hour's (`"ttl": "1h"`), "5m" for other `cache_control` marks, "" for none. Found
-    in the body's bytes; a body that escapes ASCII characters is read as JSON for them."""
+    in the body's bytes; a body that escapes ASCII characters is read for its marks where
+    Anthropic takes them (`_Marks`: the rest skipped unread)."""
     if _ASCII_ESCAPE.search(body) is not None:
-        return _marked(msgspec.json.decode(body))
+        try:
+            return _MARKS.decode(body).writes()
+        except (msgspec.MsgspecError, RecursionError):
+            return "1h"  # (read whole before: held at the most it may be)
     if body.find(b"cache_control") < 0:
         return ""
     return "1h" if body.find(b'"1h"') >= 0 else "5m"
 
 
-def _marked(value: object) -> str:
-    """`_cache_writes` for a decoded body: its `cache_control` objects, walked without
-    recursion (the body's depth is the client's)."""
+_NULL = msgspec.Raw(b"null")
+
+
+class _Inner(msgspec.Struct):
+    """A tool result's block: its `cache_control`, if any."""
+
+    cache_control: object = None  # (an object marks; any other shape is refused upstream)
+
+    def writes(self) -> str:
+        mark = self.cache_control
+        if isinstance(mark, dict):
+            return "1h" if mark.get("ttl") == "1h" else "5m"
+        return ""
+
+
+class _Marked(_Inner):
+    """A block or a tool, and a tool result's blocks."""
+
+    content: msgspec.Raw = _NULL
+
+    def writes(self) -> str:
+        content = self.content
+        if (found := super().writes()) or bytes(content).lstrip()[:1] != b"[":
+            return found
+        return _most(_INNER.decode(content))
+
+
+class _Said(msgspec.Struct):
+    content: msgspec.Raw = _NULL
+
+    def writes(self) -> str:
+        content = self.content
+        if bytes(content).lstrip()[:1] == b"[":
+            return _most(_BLOCKS.decode(content))
+        return ""
+
+
+class _Marks(msgspec.Struct):
+    """Where a Messages request may mark its prompt for the cache: its system blocks, its
+    messages' blocks (and a tool result's), its tools."""
+
+    system: msgspec.Raw = _NULL
+    messages: list[_Said] = []
+    tools: list[_Marked] | None = None
+
+    def writes(self) -> str:
+        found = _most(self.tools or ())
+        system = self.system
+        if bytes(system).lstrip()[:1] == b"[":
+            found = max(found, _most(_BLOCKS.decode(system)), key=_RANK.index)
+        return max(found, _most(self.messages), key=_RANK.index)
+
+
+_RANK = ("", "5m", "1h")
+
+
+def _most(items: Iterable[_Marked | _Said | _Inner]) -> str:
     found = ""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            mark = item.get("cache_control")
-            if isinstance(mark, dict):
-                if mark.get("ttl") == "1h":
-                    return "1h"
-                found = "5m"
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+    for item in items:
+        writes = item.writes()
+        if writes == "1h":
+            return writes
+        found = found or writes
     return found
+
+
+_MARKS = msgspec.json.Decoder(_Marks)
+_BLOCKS = msgspec.json.Decoder(list[_Marked])
+_INNER = msgspec.json.Decoder(list[_Inner])
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:

@@ -58,6 +58,7 @@ class _BlockView(msgspec.Struct):
     text: str | UnsetType = UNSET
     thinking: str | UnsetType = UNSET
     name: object = None  # (a server tool's: a web search is billed as it runs)
+    content: msgspec.Raw | UnsetType = UNSET  # (a search's results: an object when refused)
 
 
 class _MessageView(msgspec.Struct):
@@ -112,9 +113,17 @@ def _block_shaped(block: _BlockView | None) -> bool:
     return block is not None and getattr(block, _BLOCK_TEXT.get(block.type, "type")) is not UNSET
 
 
-def _is_search(block: _BlockView) -> bool:
-    """Whether a block is a web search the server ran (billed a call each)."""
-    return block.type == "server_tool_use" and block.name == "web_search"
+def _searches(block: _BlockView) -> int:
+    """What a block adds to the web searches the server ran (billed a call each): a
+    `server_tool_use` block of `web_search` starts one (1); a `web_search_tool_result` whose
+    content is an error object, not a list of results, says it was refused (-1: Claude tried
+    past `max_uses`, and a refused search is not billed)."""
+    if block.type == "server_tool_use":
+        return 1 if block.name == "web_search" else 0
+    if block.type == "web_search_tool_result":
+        content = block.content
+        return -1 if content is not UNSET and bytes(content).lstrip()[:1] == b"{" else 0
+    return 0
 
 
 def _readable(view: _MessageView) -> bool:
@@ -178,7 +187,7 @@ class MessagesRelay:
             raise answer_error(self._name, answer, "message")
         tally = UsageTally(self._name)
         tally.merge(view.usage)
-        tally.searches = sum(map(_is_search, view.content or ()))
+        tally.searches = sum(map(_searches, view.content or ()))
         tally.account(call)
         if call.usage is None:  # (no count: what the answer shows is billed all the same)
             tally.billed(call)
@@ -268,8 +277,8 @@ class MessagesRelay:
             elif kind == "content_block_start":
                 tally.content += 1
                 block = event.content_block  # (`_shaped`: one)
-                if block is not None and _is_search(block):
-                    tally.searches += 1  # (billed as it runs: counted if cut)
+                if block is not None:
+                    tally.searches += _searches(block)  # (billed as it runs: counted if cut)
             elif kind == "content_block_delta":
                 tally.content += 1
                 call.chunks += 1
