@@ -592,25 +592,17 @@ def _counts(
         given = usage.prompt_tokens_details
         if isinstance(given, PromptTokensDetails) and given.audio_tokens:
             audio_in = _count(given.audio_tokens)
-    if audio_in or audio_out or image_out or web_searches or hour_writes:
-        return Usage(
-            trace.prompt_tokens,
-            trace.completion_tokens,
-            trace.cache_read_tokens,
-            trace.cache_write_tokens,
-            reasoning,
-            audio_in,
-            audio_out,
-            image_out,
-            web_searches,
-            hour_writes,
-        )
     return Usage(
         trace.prompt_tokens,
         trace.completion_tokens,
         trace.cache_read_tokens,
         trace.cache_write_tokens,
         reasoning,
+        audio_in,
+        audio_out,
+        image_out,
+        web_searches,
+        hour_writes,
     )
 
 
