@@ -83,11 +83,13 @@ async def begin(
     body: bytes | None,
     model_id: str | None,
     stored: Estimate | None = None,
+    searches: int = 0,
 ) -> Exchange[ChatCall]:
     """Check a decoded chat request against the key and the config, and choose its upstream.
 
     `body` is the client's JSON when `req` is the client's own chat request (see `ChatCall`);
-    `stored`, a prompt the upstream stores for it (`ChatCall.stored_prompt`).
+    `stored`, a prompt the upstream stores for it (`ChatCall.stored_prompt`); `searches`, the
+    web searches its built-in tools may make (`ChatCall.held_searches`).
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
@@ -105,10 +107,14 @@ async def begin(
                 "The 'stream_options' parameter is only allowed when 'stream' is true.",
                 param="stream_options",
             )
-        # A search model searches once a request (`web_search_options`), billed a call.
-        searches = 0 if req.web_search_options is UNSET else 1
+        # (A search model searches once a request, `web_search_options`: billed a call.)
         return ChatCall(
-            request=req, body=body, model=model, stored_prompt=stored, web_searches=searches
+            request=req,
+            body=body,
+            model=model,
+            stored_prompt=stored,
+            web_searches=0 if req.web_search_options is UNSET else 1,
+            held_searches=searches,
         )
 
     return await open_exchange(request, model_id, chat_call)

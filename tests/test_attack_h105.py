@@ -820,3 +820,30 @@ async def test_streamed_responses_web_search_calls_are_charged(build: Build) -> 
     # The streamed response is stored upstream: a request continuing it holds its size.
     stored = app_of(gw)[STORED_KEY].prompt("resp_1", row["key_id"])
     assert (stored.likely, stored.most) == (5_500, 5_500)
+
+
+# A Responses request with a built-in `web_search` tool holds its searches at admission: its
+# `max_tool_calls`, else 10. On gpt-5-mini ($0.01 a search) a $0.05 budget is refused the
+# request without a limit (10 searches held: $0.10) and admitted with `max_tool_calls: 2`;
+# nothing of the refused one goes upstream. The tool's type may be spelled with an escape.
+async def test_responses_web_search_tool_holds_its_searches(build: Build) -> None:
+    usage = {
+        "input_tokens": 50,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 20,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 70,
+    }
+    up = RawUpstream(whole(response_body(usage, [message_item("ok")])), hold=False)
+    gw = await build("openai", up, "gpt-5-mini", fields={"responses_api": True})
+    secret = await create_key(gw, budget_usd=0.05)
+    body = {"model": "m", "input": "News?", "max_output_tokens": 20}
+    for tool in (b'{"type": "web_search"}', b'{"type": "web\\u005fsearch_preview"}'):
+        raw = b'{"model": "m", "input": "News?", "max_output_tokens": 20, "tools": [%b]}' % tool
+        headers = {**auth(secret), "Content-Type": "application/json"}
+        async with gw.post("/v1/responses", data=raw, headers=headers) as resp:
+            assert resp.status == 429, await resp.text()
+    assert up.bodies == []
+    limited = body | {"tools": [{"type": "web_search"}], "max_tool_calls": 2}
+    status, answer = await post(gw, secret, "/v1/responses", limited)
+    assert status == 200, answer

@@ -63,7 +63,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     stored = _stored_prompt(request, req, body)
     try:
         # No body: the chat request is made from the struct, only if a provider forwards it.
-        ex = await pipeline.begin(request, translation.chat, None, model_id, stored)
+        ex = await pipeline.begin(
+            request, translation.chat, None, model_id, stored, _searches_at_most(req)
+        )
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None
     try:
@@ -105,6 +107,25 @@ def _stored_prompt(
 
 class _Kind(msgspec.Struct):
     type: object = None
+
+
+# What a web search tool is held as without `max_tool_calls` (OpenAI sets no limit).
+UNCAPPED_SEARCHES = 10
+
+
+def _searches_at_most(req: ResponseCreateRequest) -> int:
+    """The web searches a request's built-in `web_search` tools may make on a pass-through
+    upstream, each billed a call: `max_tool_calls` (which counts every built-in tool's
+    calls), else `UNCAPPED_SEARCHES`; 0 without such a tool."""
+    for tool in req.tools or ():
+        try:
+            kind = _KIND.decode(tool).type
+        except (msgspec.MsgspecError, RecursionError):
+            continue  # (refused with its field's name on the way)
+        if isinstance(kind, str) and kind.startswith("web_search"):
+            most = req.max_tool_calls
+            return most if isinstance(most, int) else UNCAPPED_SEARCHES
+    return 0
 
 
 _KIND = msgspec.json.Decoder(_Kind)
