@@ -588,7 +588,7 @@ def _hung_up() -> bool:
 def _counts(
     trace: RequestTrace, usage: OpenAIUsage | None, web_searches: int = 0, hour_writes: int = 0
 ) -> Usage:
-    reasoning = audio_in = audio_out = image_out = 0
+    reasoning = audio_in = audio_out = image_out = cached_audio = 0
     if usage is not None:
         done = usage.completion_tokens_details
         if isinstance(done, CompletionTokensDetails):
@@ -596,8 +596,11 @@ def _counts(
             if done.audio_tokens or done.image_tokens:  # (priced apart: `prices.Usage`)
                 audio_out, image_out = _count(done.audio_tokens), _count(done.image_tokens)
         given = usage.prompt_tokens_details
-        if isinstance(given, PromptTokensDetails) and given.audio_tokens:
+        if isinstance(given, PromptTokensDetails) and (
+            given.audio_tokens or given.cached_audio_tokens
+        ):
             audio_in = _count(given.audio_tokens)
+            cached_audio = _count(given.cached_audio_tokens)
     return Usage(
         trace.prompt_tokens,
         trace.completion_tokens,
@@ -609,6 +612,7 @@ def _counts(
         image_out,
         web_searches,
         hour_writes,
+        cached_audio,
     )
 
 

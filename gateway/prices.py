@@ -76,6 +76,7 @@ class Rates:
     image_output: float = 0.0
     web_search: float = 0.0
     cache_write_1h: float = 0.0  # (Anthropic's writes kept an hour)
+    cached_audio_input: float = 0.0  # (Gemini's audio read from the prompt cache)
 
 
 class Usage(NamedTuple):
@@ -95,6 +96,7 @@ class Usage(NamedTuple):
     image_output: int = 0
     web_searches: int = 0
     cache_write_1h: int = 0  # (of `cache_write`)
+    cached_audio: int = 0  # (of `cached`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +126,13 @@ class Price:
             + (usage.completion - reasoning) * r.output
             + reasoning * r.reasoning
         ) / 1_000_000
-        if usage.audio_input or usage.audio_output or usage.image_output or usage.cache_write_1h:
+        if (
+            usage.audio_input
+            or usage.audio_output
+            or usage.image_output
+            or usage.cache_write_1h
+            or usage.cached_audio
+        ):
             cost += _media(r, usage, uncached, usage.completion - reasoning)
         return cost
 
@@ -137,11 +145,13 @@ def _media(r: Rates, usage: Usage, uncached: int, output: int) -> float:
     audio_out = min(usage.audio_output, output)
     image_out = min(usage.image_output, output - audio_out)
     hour = min(usage.cache_write_1h, usage.cache_write)
+    cached_audio = min(usage.cached_audio, usage.cached)
     extra = (
         audio_in * (r.audio_input - r.input)
         + audio_out * (r.audio_output - r.output)
         + image_out * (r.image_output - r.output)
         + hour * (r.cache_write_1h - r.cache_write)
+        + cached_audio * (r.cached_audio_input - r.cached_input)
     ) / 1_000_000
     return extra
 
@@ -183,11 +193,13 @@ def _price_of(
     inp, out = inp or 0.0, out or 0.0
     audio_in, audio_out, image_out, web_search, hour = media
     write = _or(cache_write, inp)
+    read = _or(cache_read, inp)
     return Price(
         Rates(
             input=inp,
             output=out,
-            cached_input=_or(cache_read, inp),
+            cached_input=read,
+            cached_audio_input=read,
             cache_write=write,
             cache_write_1h=_or(hour, write),
             reasoning=_or(reasoning, out),
@@ -226,10 +238,12 @@ def _rates(prices: Any, prompt: int) -> Rates | None:
     if inp is None or out is None:
         return None
     write = _or(_component(prices.cache_write_mtok, prompt), inp)
+    read = _or(_component(prices.cache_read_mtok, prompt), inp)
     return Rates(
         input=inp,
         output=out,
-        cached_input=_or(_component(prices.cache_read_mtok, prompt), inp),
+        cached_input=read,
+        cached_audio_input=_or(_component(prices.cache_audio_read_mtok, prompt), read),
         cache_write=write,
         cache_write_1h=_or(_component(prices.cache_write_1h_mtok, prompt), write),
         reasoning=_or(_component(prices.output_reasoning_mtok, prompt), out),

@@ -297,11 +297,6 @@ async def test_item_reference_requests_in_flight_hold_their_stored_items(build: 
 # 10 text: Expected >= $0.01 (audio cache reads) + $0.000028. Actual: $0.003 + ...
 # Realistic: implicit caching is on by default for 2.5 models and reported in
 # `cacheTokensDetails` (modality AUDIO), which the gateway does not read.
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: Gemini's cacheTokensDetails are not read; cached audio is priced at the "
-    "text cache-read rate",
-)
 async def test_gemini_cached_audio_priced_at_the_audio_cache_rate(build: Build) -> None:
     usage = {
         "promptTokenCount": 100_010,

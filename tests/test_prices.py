@@ -84,6 +84,7 @@ def test_config_prices_win_over_the_database() -> None:
         image_output=4,
         web_search=0.03,  # (none set: prices.UNKNOWN_SEARCH_PRICE)
         cache_write_1h=3,
+        cached_audio_input=0.5,
     )
     assert lookups == []
 

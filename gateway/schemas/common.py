@@ -25,6 +25,7 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 class PromptTokensDetails(msgspec.Struct):
     cached_tokens: Count | None = 0
     audio_tokens: int | UnsetType | None = UNSET
+    cached_audio_tokens: int | UnsetType | None = UNSET  # (Gemini's: priced apart)
 
 
 class CompletionTokensDetails(msgspec.Struct):

@@ -65,7 +65,12 @@ def openai_usage(usage: GeminiUsage) -> Usage:
     given = PromptTokensDetails(cached_tokens=usage.cached_content_token_count)
     done = CompletionTokensDetails(reasoning_tokens=usage.thoughts_token_count)
     if usage.prompt_tokens_details or usage.candidates_tokens_details:  # (priced apart)
-        given.audio_tokens = usage.modality(usage.prompt_tokens_details, "AUDIO") or UNSET
+        # The prompt's counts hold its cached part: audio read from the cache is priced at
+        # the cached audio rate, the rest at the audio rate.
+        cached_audio = usage.modality(usage.cache_tokens_details, "AUDIO")
+        audio = usage.modality(usage.prompt_tokens_details, "AUDIO") - cached_audio
+        given.audio_tokens = audio if audio > 0 else UNSET
+        given.cached_audio_tokens = cached_audio or UNSET
         done.audio_tokens = usage.modality(usage.candidates_tokens_details, "AUDIO") or UNSET
         done.image_tokens = usage.modality(usage.candidates_tokens_details, "IMAGE") or UNSET
     return Usage(

@@ -143,6 +143,7 @@ class GeminiUsage(msgspec.Struct, rename="camel"):
     # Audio and images are priced apart from text (`prices.Usage`).
     prompt_tokens_details: list[GeminiModalityCount] = []
     candidates_tokens_details: list[GeminiModalityCount] = []
+    cache_tokens_details: list[GeminiModalityCount] = []  # (the cached part of the prompt's)
 
     def modality(self, details: list[GeminiModalityCount], name: str) -> int:
         """The tokens of modality `name` in `details` (0: none reported)."""
