@@ -96,7 +96,7 @@ class Usage(NamedTuple):
     image_output: int = 0
     web_searches: int = 0
     cache_write_1h: int = 0  # (of `cache_write`)
-    cached_audio: int = 0  # (of `cached`)
+    cached_audio: int = 0  # (of `cached`, and of `audio_input`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +141,7 @@ def _media(r: Rates, usage: Usage, uncached: int, output: int) -> float:
     """What audio and image tokens and an hour's cache writes cost beyond the rates
     `Price.cost` charged them at (each within the part of the count it belongs to). Web
     searches are priced apart (`PriceBook.search_price`)."""
-    audio_in = min(usage.audio_input, uncached)
+    audio_in = min(max(usage.audio_input - usage.cached_audio, 0), uncached)  # (uncached)
     audio_out = min(usage.audio_output, output)
     image_out = min(usage.image_output, output - audio_out)
     hour = min(usage.cache_write_1h, usage.cache_write)

@@ -109,14 +109,20 @@ class _Kind(msgspec.Struct):
     type: object = None
 
 
-# What a web search tool is held as without `max_tool_calls` (OpenAI sets no limit).
+# What a web search tool is held as without `max_tool_calls` (OpenAI sets no limit), and the
+# most `max_tool_calls` taken beside one (a key's budget holds each search).
 UNCAPPED_SEARCHES = 10
+MOST_SEARCHES = 1000
 
 
 def _searches_at_most(req: ResponseCreateRequest) -> int:
     """The web searches a request's built-in `web_search` tools may make on a pass-through
     upstream, each billed a call: `max_tool_calls` (which counts every built-in tool's
-    calls), else `UNCAPPED_SEARCHES`; 0 without such a tool."""
+    calls), else `UNCAPPED_SEARCHES`; 0 without such a tool.
+
+    Raises:
+        InvalidRequest: `max_tool_calls` past `MOST_SEARCHES` beside a web search tool.
+    """
     for tool in req.tools or ():
         try:
             kind = _KIND.decode(tool).type
@@ -124,7 +130,14 @@ def _searches_at_most(req: ResponseCreateRequest) -> int:
             continue  # (refused with its field's name on the way)
         if isinstance(kind, str) and kind.startswith("web_search"):
             most = req.max_tool_calls
-            return most if isinstance(most, int) else UNCAPPED_SEARCHES
+            if not isinstance(most, int):
+                return UNCAPPED_SEARCHES
+            if most > MOST_SEARCHES:
+                raise InvalidRequest(
+                    f"Invalid 'max_tool_calls': at most {MOST_SEARCHES} with a web_search tool.",
+                    param="max_tool_calls",
+                )
+            return most
     return 0
 
 

@@ -64,12 +64,14 @@ def openai_usage(usage: GeminiUsage) -> Usage:
     completion = usage.candidates_token_count + usage.thoughts_token_count
     given = PromptTokensDetails(cached_tokens=usage.cached_content_token_count)
     done = CompletionTokensDetails(reasoning_tokens=usage.thoughts_token_count)
-    if usage.prompt_tokens_details or usage.candidates_tokens_details:  # (priced apart)
-        # The prompt's counts hold its cached part: audio read from the cache is priced at
-        # the cached audio rate, the rest at the audio rate.
+    if (
+        usage.prompt_tokens_details or usage.candidates_tokens_details or usage.cache_tokens_details
+    ):  # (priced apart)
+        # The prompt's audio, and of it what was read from the cache (priced at the cached
+        # audio rate), as OpenAI counts a prompt's audio: cached or not.
         cached_audio = usage.modality(usage.cache_tokens_details, "AUDIO")
-        audio = usage.modality(usage.prompt_tokens_details, "AUDIO") - cached_audio
-        given.audio_tokens = audio if audio > 0 else UNSET
+        audio = max(usage.modality(usage.prompt_tokens_details, "AUDIO"), cached_audio)
+        given.audio_tokens = audio or UNSET
         given.cached_audio_tokens = cached_audio or UNSET
         done.audio_tokens = usage.modality(usage.candidates_tokens_details, "AUDIO") or UNSET
         done.image_tokens = usage.modality(usage.candidates_tokens_details, "IMAGE") or UNSET

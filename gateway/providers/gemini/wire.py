@@ -12,7 +12,7 @@ import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
 from gateway.providers._embeddings import Float32
-from gateway.schemas.common import Count
+from gateway.schemas.common import MOST_COUNT, Count
 
 
 class _Wire(msgspec.Struct, rename="camel", omit_defaults=True):
@@ -123,13 +123,6 @@ class GeminiCandidate(msgspec.Struct, rename="camel"):
     index: int = 0
 
 
-class GeminiModalityCount(msgspec.Struct, rename="camel"):
-    """The tokens of one modality (TEXT, IMAGE, AUDIO, VIDEO, DOCUMENT) within a count."""
-
-    modality: str = ""
-    token_count: Count = 0
-
-
 class GeminiUsage(msgspec.Struct, rename="camel"):
     """Gemini's counts, as far as they are believable: read apart from the answer
     (`USAGE_DECODER`), so a bad one costs the usage row its exactness, not the client its answer."""
@@ -140,14 +133,25 @@ class GeminiUsage(msgspec.Struct, rename="camel"):
     tool_use_prompt_token_count: Count = 0
     cached_content_token_count: Count = 0
     total_token_count: Count = 0
-    # Audio and images are priced apart from text (`prices.Usage`).
-    prompt_tokens_details: list[GeminiModalityCount] = []
-    candidates_tokens_details: list[GeminiModalityCount] = []
-    cache_tokens_details: list[GeminiModalityCount] = []  # (the cached part of the prompt's)
+    # The tokens of each modality (TEXT, IMAGE, AUDIO, VIDEO, DOCUMENT) within the prompt,
+    # the answer and the prompt's cached part: audio and images are priced apart from text
+    # (`prices.Usage`). Read leniently (`modality`): an odd entry costs that entry, not the
+    # counts beside it.
+    prompt_tokens_details: object = None
+    candidates_tokens_details: object = None
+    cache_tokens_details: object = None
 
-    def modality(self, details: list[GeminiModalityCount], name: str) -> int:
-        """The tokens of modality `name` in `details` (0: none reported)."""
-        return sum(d.token_count for d in details if d.modality == name)
+    def modality(self, details: object, name: str) -> int:
+        """The tokens of modality `name` in `details` (0: none reported, or not a count)."""
+        if not isinstance(details, list):
+            return 0
+        total = 0
+        for entry in details:
+            if isinstance(entry, dict) and entry.get("modality") == name:
+                count = entry.get("tokenCount")
+                if type(count) is int and 0 < count <= MOST_COUNT:
+                    total += count
+        return total
 
 
 class GeminiPromptFeedback(msgspec.Struct, rename="camel"):
