@@ -84,12 +84,14 @@ async def begin(
     model_id: str | None,
     stored: Estimate | None = None,
     searches: int = 0,
+    searches_on: type | None = None,
 ) -> Exchange[ChatCall]:
     """Check a decoded chat request against the key and the config, and choose its upstream.
 
     `body` is the client's JSON when `req` is the client's own chat request (see `ChatCall`);
     `stored`, a prompt the upstream stores for it (`ChatCall.stored_prompt`); `searches`, the
-    web searches its built-in tools may make (`ChatCall.held_searches`).
+    web searches its built-in tools may make on routes with capability `searches_on`
+    (`ChatCall.held_searches`).
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
@@ -115,6 +117,7 @@ async def begin(
             stored_prompt=stored,
             web_searches=0 if req.web_search_options is UNSET else 1,
             held_searches=searches,
+            searches_on=searches_on,
         )
 
     return await open_exchange(request, model_id, chat_call)
@@ -250,9 +253,13 @@ async def _charge(
         if price is None:
             continue
         searches = 0.0
-        if likely.web_searches:
+        count = likely.web_searches
+        on = call.searches_on
+        if call.held_searches and on is not None and has_capability(r.provider, on):
+            count += call.held_searches  # (only a route that runs the tools makes them)
+        if count:
             search = prices.search_price(r.model, r.provider.config, r.upstream_model, price)
-            searches = likely.web_searches * search
+            searches = count * search
         costs.append((_held_cost(price, likely) + searches, _held_cost(price, most) + searches))
     likely_usd = max((c[0] for c in costs), default=0.0)
     most_usd = max((c[1] for c in costs), default=0.0)

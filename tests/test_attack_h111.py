@@ -197,10 +197,6 @@ async def test_max_tool_calls_past_float_range_is_no_500(
 # `_searches_at_most` says "on a pass-through upstream").
 # Realistic: a client sending the same Responses request with `web_search` to a model routed
 # to Chat-only upstreams (a common setup) from a key near its budget's end.
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: admission holds the searches before the route is known to be translated",
-)
 async def test_translated_route_refuses_web_search_with_400_not_quota(build: Build) -> None:
     gw, up = await responses_gateway(build, responses_api=False)
     free = await create_key(gw)

@@ -89,6 +89,7 @@ async def _begin(
             request=translations[0].chat,
             model=model,
             held_searches=_searches_at_most(req),
+            searches_on=MessagesPassThrough,
             held_writes=_cache_writes(body),
         )
 

@@ -64,7 +64,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     try:
         # No body: the chat request is made from the struct, only if a provider forwards it.
         ex = await pipeline.begin(
-            request, translation.chat, None, model_id, stored, _searches_at_most(req)
+            request,
+            translation.chat,
+            None,
+            model_id,
+            stored,
+            _searches_at_most(req),
+            ResponsesPassThrough,
         )
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None

@@ -73,6 +73,9 @@ class Call(msgspec.Struct, kw_only=True):
             so far, should the stream not end (`pipeline._account`).
         web_searches: web searches the upstream's built-in tools made for it, billed a call
             each (`prices.Usage`).
+        held_searches: the web searches admission holds beyond `web_searches` (a Responses or
+            Messages server tool's limit), on the routes with capability `searches_on` (the
+            pass-through that runs such tools: translated, the request is refused).
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
         sse_out: the stream goes to the client as SSE events of the same payloads (chat and
             completions streams), so a provider may yield `_sse.Framed` batches of upstream
@@ -91,6 +94,8 @@ class Call(msgspec.Struct, kw_only=True):
     usage_estimated: bool = False
     usage_chunks: int = -1  # `chunks` when a stream's usage was last read (-1: not tracked)
     web_searches: int = 0
+    held_searches: int = 0
+    searches_on: type | None = None
     first_byte_at: float | None = None
     sse_out: bool = False
     started_at: float = msgspec.field(default_factory=time.monotonic)
@@ -166,8 +171,6 @@ class ChatCall(Call, kw_only=True):
         stored_prompt: the prompt an upstream stores for the request and bills it again (a
             Responses conversation it continues: `gateway.stored`), which it does not hold.
         response_id: the id of the response a Responses pass-through upstream answered with.
-        held_searches: the web searches admission holds beyond `web_searches` (an Anthropic
-            server tool's `max_uses`).
         held_writes: the prompt-cache writes admission holds the prompt as ("5m", "1h": a
             Messages request that marks blocks `cache_control`; "": none).
     """
@@ -176,7 +179,6 @@ class ChatCall(Call, kw_only=True):
     output_cap: int | None = None
     stored_prompt: Estimate | None = None
     response_id: str | None = None
-    held_searches: int = 0
     held_writes: str = ""
 
     def _fields(self) -> dict[str, msgspec.Raw]:
@@ -210,8 +212,9 @@ class ChatCall(Call, kw_only=True):
         """Audio asked for out (`modalities`) holds the whole output limit at the audio rate,
         anything else at the image rate (only image models have one above their text rate:
         Gemini's answer with images unasked); audio sent in, the whole prompt at the audio
-        rate; `web_search_options` one search; a server tool its `max_uses`; a prompt marked
-        for the cache at the cache-write rate."""
+        rate; `web_search_options` one search (a server tool's, `held_searches`, are added
+        per route by `pipeline._charge`); a prompt marked for the cache at the cache-write
+        rate."""
         req = self.request
         modalities = req.modalities
         audio_out = output if modalities and "audio" in modalities else 0
@@ -223,7 +226,7 @@ class ChatCall(Call, kw_only=True):
             audio_input=prompt if _sends_audio(self.body, req) else 0,
             audio_output=audio_out,
             image_output=output - audio_out,
-            web_searches=max(self.web_searches, self.held_searches),
+            web_searches=self.web_searches,
             cache_write_1h=prompt if writes == "1h" else 0,
         )
 
