@@ -141,11 +141,14 @@ def _media(r: Rates, usage: Usage, uncached: int, output: int) -> float:
     """What audio and image tokens and an hour's cache writes cost beyond the rates
     `Price.cost` charged them at (each within the part of the count it belongs to). Web
     searches are priced apart (`PriceBook.search_price`)."""
-    audio_in = min(max(usage.audio_input - usage.cached_audio, 0), uncached)  # (uncached)
+    # The prompt's audio counts its cached part; less audio than cached audio can only be
+    # the uncached part alone (what an older gateway in front reports).
+    audio, cached_audio = usage.audio_input, usage.cached_audio
+    audio_in = min(audio - cached_audio if audio >= cached_audio else audio, uncached)
     audio_out = min(usage.audio_output, output)
     image_out = min(usage.image_output, output - audio_out)
     hour = min(usage.cache_write_1h, usage.cache_write)
-    cached_audio = min(usage.cached_audio, usage.cached)
+    cached_audio = min(cached_audio, usage.cached)
     extra = (
         audio_in * (r.audio_input - r.input)
         + audio_out * (r.audio_output - r.output)

@@ -273,7 +273,17 @@ async def test_out_of_float_range_entry_keeps_the_counts(build: Build) -> None:
     reply = gemini_answer(usage, [{"text": "ok"}]).replace(b'"@BIG@"', b"1e400")
     body = reply.split(b"\r\n\r\n", 1)[1]
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d" % len(body)
-    chat = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    # (A prompt of the size reported: a tiny one would have its 100,010 tokens lowered to the
+    # prompt bound, the request's bytes and slack, as any implausible count is.)
+    audio = {
+        "type": "input_audio",
+        "input_audio": {"data": "SUQz" + "A" * 400_000, "format": "mp3"},
+    }
+    chat = {
+        "model": "m",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, audio]}],
+    }
     status, answer, row = await gemini_cost(build, head + b"\r\n\r\n" + body, chat)
     assert status == 200, answer
     assert row["cost_usd"] >= text_cost(100_010, 100_000, 10) * 0.999, (row["cost_usd"], row)

@@ -19,6 +19,7 @@ from gateway.providers._translate import (
 from gateway.providers.base import ChatCall
 from gateway.providers.gemini.request import GEMINI_ID, join_call_id
 from gateway.providers.gemini.wire import (
+    NO_DETAILS,
     NO_USAGE,
     RESPONSE_DECODER,
     USAGE_DECODER,
@@ -65,7 +66,9 @@ def openai_usage(usage: GeminiUsage) -> Usage:
     given = PromptTokensDetails(cached_tokens=usage.cached_content_token_count)
     done = CompletionTokensDetails(reasoning_tokens=usage.thoughts_token_count)
     if (
-        usage.prompt_tokens_details or usage.candidates_tokens_details or usage.cache_tokens_details
+        usage.prompt_tokens_details != NO_DETAILS
+        or usage.candidates_tokens_details != NO_DETAILS
+        or usage.cache_tokens_details != NO_DETAILS
     ):  # (priced apart)
         # The prompt's audio, and of it what was read from the cache (priced at the cached
         # audio rate), as OpenAI counts a prompt's audio: cached or not.

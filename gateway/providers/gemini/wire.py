@@ -123,6 +123,10 @@ class GeminiCandidate(msgspec.Struct, rename="camel"):
     index: int = 0
 
 
+NO_DETAILS = Raw(b"[]")
+_DETAILS = msgspec.json.Decoder()
+
+
 class GeminiUsage(msgspec.Struct, rename="camel"):
     """Gemini's counts, as far as they are believable: read apart from the answer
     (`USAGE_DECODER`), so a bad one costs the usage row its exactness, not the client its answer."""
@@ -137,16 +141,23 @@ class GeminiUsage(msgspec.Struct, rename="camel"):
     # the answer and the prompt's cached part: audio and images are priced apart from text
     # (`prices.Usage`). Read leniently (`modality`): an odd entry costs that entry, not the
     # counts beside it.
-    prompt_tokens_details: object = None
-    candidates_tokens_details: object = None
-    cache_tokens_details: object = None
+    prompt_tokens_details: Raw = NO_DETAILS
+    candidates_tokens_details: Raw = NO_DETAILS
+    cache_tokens_details: Raw = NO_DETAILS
 
-    def modality(self, details: object, name: str) -> int:
-        """The tokens of modality `name` in `details` (0: none reported, or not a count)."""
-        if not isinstance(details, list):
+    def modality(self, details: Raw, name: str) -> int:
+        """The tokens of modality `name` in `details` (0: none reported, or not a count; a
+        list that cannot be read, 1e400 in it say, counts nothing)."""
+        if details == NO_DETAILS:
+            return 0
+        try:
+            entries = _DETAILS.decode(details)
+        except (msgspec.MsgspecError, RecursionError):
+            return 0
+        if not isinstance(entries, list):
             return 0
         total = 0
-        for entry in details:
+        for entry in entries:
             if isinstance(entry, dict) and entry.get("modality") == name:
                 count = entry.get("tokenCount")
                 if type(count) is int and 0 < count <= MOST_COUNT:
