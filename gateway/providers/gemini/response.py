@@ -60,6 +60,10 @@ FILTERED = frozenset(
 )
 
 
+# The modality details of a count (what its tokens were: audio and images priced apart).
+_DETAIL_FIELDS = ("prompt_tokens_details", "candidates_tokens_details", "cache_tokens_details")
+
+
 def openai_usage(usage: GeminiUsage) -> Usage:
     prompt = usage.prompt_token_count + usage.tool_use_prompt_token_count
     completion = usage.candidates_token_count + usage.thoughts_token_count
@@ -304,6 +308,10 @@ class GeminiStream:
             and counts.cached_content_token_count >= most.cached_content_token_count
             and counts.tool_use_prompt_token_count >= most.tool_use_prompt_token_count
         ):
+            if most is not None:  # a count without the details an earlier one had keeps them
+                for name in _DETAIL_FIELDS:
+                    if getattr(counts, name) == NO_DETAILS:
+                        setattr(counts, name, getattr(most, name))
             self.most, self.final = counts, True
             return
         if self.final:  # (once a run)
