@@ -97,7 +97,7 @@ class _Spy:
         return self.real.decode(raw)
 
 
-# SOUND: a stream of 60 chunks each carrying the usage so far with three 20,000-entry detail
+# SOUND: a stream of 60 chunks each carrying the usage so far with three 2,000-entry detail
 # lists decodes the details only when pricing its end (a handful of decodes, not one per
 # chunk), and is priced at the last chunk's cached audio.
 async def test_stream_details_not_decoded_per_chunk(
@@ -105,7 +105,7 @@ async def test_stream_details_not_decoded_per_chunk(
 ) -> None:
     spy = _Spy()
     monkeypatch.setattr(wire, "_DETAILS", spy)
-    padding = [{"modality": "TEXT", "tokenCount": 0}] * 20_000
+    padding = [{"modality": "TEXT", "tokenCount": 0}] * 2_000
     chunks = []
     for i in range(60):
         usage = usage_of([*AUDIO, *padding], [*AUDIO, *padding])
