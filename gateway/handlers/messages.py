@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterable
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
@@ -35,7 +35,7 @@ from gateway.providers import ChatCall
 from gateway.providers.base import has_capability
 from gateway.providers.capabilities import MessagesPassThrough
 from gateway.router import Route
-from gateway.schemas.codec import decode_body, encode, raw_object
+from gateway.schemas.codec import decode_body, encode, opens, raw_object
 from gateway.settings import ModelConfig
 from gateway.sse import relay
 from gateway.tokens import estimate_text_tokens
@@ -169,20 +169,14 @@ class _Marked(_Inner):
     content: msgspec.Raw = _NULL
 
     def writes(self) -> str:
-        content = self.content
-        if (found := super().writes()) or bytes(content).lstrip()[:1] != b"[":
-            return found
-        return _most(_INNER.decode(content))
+        return super().writes() or _most(_blocks(self.content, _INNER))
 
 
 class _Said(msgspec.Struct):
     content: msgspec.Raw = _NULL
 
     def writes(self) -> str:
-        content = self.content
-        if bytes(content).lstrip()[:1] == b"[":
-            return _most(_BLOCKS.decode(content))
-        return ""
+        return _most(_blocks(self.content, _BLOCKS))
 
 
 class _Marks(msgspec.Struct):
@@ -194,11 +188,13 @@ class _Marks(msgspec.Struct):
     tools: list[_Marked] | None = None
 
     def writes(self) -> str:
-        found = _most(self.tools or ())
-        system = self.system
-        if bytes(system).lstrip()[:1] == b"[":
-            found = max(found, _most(_BLOCKS.decode(system)), key=_RANK.index)
+        found = max(_most(self.tools or ()), _most(_blocks(self.system, _BLOCKS)), key=_RANK.index)
         return max(found, _most(self.messages), key=_RANK.index)
+
+
+def _blocks(value: msgspec.Raw, blocks: msgspec.json.Decoder[list[Any]]) -> list[Any]:
+    """A content that is a list of blocks, read as `blocks` reads them (a string: none)."""
+    return blocks.decode(value) if opens(value, b"[") else []
 
 
 _RANK = ("", "5m", "1h")

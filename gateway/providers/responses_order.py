@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from gateway.schemas.codec import opens
+
 __all__ = ["EVENT_VIEW", "EventView", "ResponsesOrder"]
 
 # Item types whose identity is their call id (the SDK's `_output_identity`).
@@ -47,9 +49,9 @@ class _Item(msgspec.Struct):
     def whole(self) -> bool:
         """Whether the SDK can add to it: a message's `content` list, a call's arguments."""
         if self.type == "message":
-            return _starts(self.content, b"[")
+            return opens(self.content, b"[")
         if self.type == "function_call":
-            return _starts(self.arguments, b'"')
+            return opens(self.arguments, b'"')
         return True
 
 
@@ -75,10 +77,6 @@ class EventView(msgspec.Struct):
 
 
 EVENT_VIEW = msgspec.json.Decoder(EventView)
-
-
-def _starts(raw: msgspec.Raw | UnsetType, first: bytes) -> bool:
-    return raw is not UNSET and memoryview(raw)[:1].tobytes() == first
 
 
 @dataclass(slots=True)
@@ -131,10 +129,10 @@ class ResponsesOrder:
             if out.item.type != "message" or at is None or not 0 <= at < len(parts):
                 return False
             return parts[at] == "output_text" and (
-                kind.endswith(".done") or _starts(event.delta, b'"')
+                kind.endswith(".done") or opens(event.delta, b'"')
             )
         elif kind == "response.function_call_arguments.delta":
-            return out.item.type == "function_call" and _starts(event.delta, b'"')
+            return out.item.type == "function_call" and opens(event.delta, b'"')
         return True
 
     def _created(self, event: EventView) -> bool:

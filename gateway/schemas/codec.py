@@ -42,6 +42,12 @@ def present(value: msgspec.Raw | msgspec.UnsetType | None) -> TypeGuard[msgspec.
     return isinstance(value, msgspec.Raw) and bytes(value) != b"null"
 
 
+def opens(value: msgspec.Raw | msgspec.UnsetType, first: bytes) -> bool:
+    """Whether a raw value was sent and is of the kind its first byte says (`{` an object, `[`
+    a list, `"` a string): a raw value is its JSON without the whitespace around it."""
+    return value is not msgspec.UNSET and memoryview(value)[:1].tobytes() == first
+
+
 def raw_fields(obj: msgspec.Struct) -> dict[str, msgspec.Raw]:
     """The fields `encode(obj)` would write, each as raw JSON (no decode of the encoding).
 

@@ -33,7 +33,7 @@ from gateway.providers.anthropic.response import UsageTally, event_error
 from gateway.providers.anthropic.wire import AnthropicErrorBody
 from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
-from gateway.schemas.codec import encode
+from gateway.schemas.codec import encode, opens
 from gateway.schemas.common import Count
 
 __all__ = ["MessagesRelay"]
@@ -104,10 +104,6 @@ _DELTA_TEXT = {
 }
 
 
-def _is_object(raw: msgspec.Raw | UnsetType) -> bool:
-    return raw is not UNSET and memoryview(raw)[:1].tobytes() == b"{"
-
-
 def _block_shaped(block: _BlockView | None) -> bool:
     """Whether a block holds the string the SDK (or its user) reads of its type."""
     return block is not None and getattr(block, _BLOCK_TEXT.get(block.type, "type")) is not UNSET
@@ -121,14 +117,13 @@ def _searches(block: _BlockView) -> int:
     if block.type == "server_tool_use":
         return 1 if block.name == "web_search" else 0
     if block.type == "web_search_tool_result":
-        content = block.content
-        return -1 if content is not UNSET and bytes(content).lstrip()[:1] == b"{" else 0
+        return -1 if opens(block.content, b"{") else 0
     return 0
 
 
 def _readable(view: _MessageView) -> bool:
     """Whether a whole answer is a `message` its SDK's users can read as one."""
-    if view.type != "message" or view.content is UNSET or not _is_object(view.usage):
+    if view.type != "message" or view.content is UNSET or not opens(view.usage, b"{"):
         return False
     return all(map(_block_shaped, view.content))
 
@@ -145,9 +140,9 @@ def _shaped(kind: str, event: _EventView) -> bool:
     if kind == "content_block_start":
         return _block_shaped(event.content_block)
     if kind == "message_start":
-        return event.message is not None and _is_object(event.message.usage)
+        return event.message is not None and opens(event.message.usage, b"{")
     if kind == "message_delta":
-        return event.delta is not None and _is_object(event.usage)
+        return event.delta is not None and opens(event.usage, b"{")
     return True
 
 
