@@ -22,12 +22,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.handlers.messages import UNCAPPED_SEARCHES, _cache_writes, _searches_at_most
+from gateway.handlers.messages import _cache_writes, _searches_at_most
 from gateway.messages.schema import MessagesRequest
 from gateway.prices import load_database
 from gateway.providers.base import ChatCall
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.settings import ModelConfig, Target
+from gateway.usage_bounds import UNCAPPED_SEARCHES
 from tests.conftest import create_key
 from tests.raw_upstream import RawUpstream, auth
 from tests.test_attack_h105 import (

@@ -40,6 +40,7 @@ from gateway.settings import ModelConfig
 from gateway.sse import relay
 from gateway.tokens import estimate_text_tokens
 from gateway.trace import TRACE_KEY
+from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
 
 __all__ = ["count_tokens", "create_message"]
 
@@ -95,12 +96,6 @@ async def _begin(
 
     ex = await pipeline.open_exchange(request, req.model, messages_call, free=free)
     return req, translations[0], ex
-
-
-# What a web search server tool without `max_uses` is held as (Anthropic sets no limit),
-# and the most one is held as (a larger `max_uses` is no promise the request keeps).
-UNCAPPED_SEARCHES = 10
-MOST_SEARCHES = 1000
 
 
 def _searches_at_most(req: MessagesRequest) -> int:

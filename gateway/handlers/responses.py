@@ -39,12 +39,13 @@ from gateway.responses import (
 )
 from gateway.router import Route
 from gateway.schemas.codec import decode_body, present, raw_object
-from gateway.schemas.responses import ResponseCreateRequest
+from gateway.schemas.responses import ItemType, ResponseCreateRequest, ToolType
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
 from gateway.state import KEYS_KEY, STORED_KEY, TICKET_KEY
 from gateway.stored import UNKNOWN_CONVERSATION
 from gateway.trace import TRACE_KEY
+from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
 
 __all__ = ["create_response", "stored_response"]
 
@@ -111,16 +112,6 @@ def _stored_prompt(
     return stored
 
 
-class _Kind(msgspec.Struct):
-    type: object = None
-
-
-# What a web search tool is held as without `max_tool_calls` (OpenAI sets no limit), and the
-# most `max_tool_calls` taken beside one (a key's budget holds each search).
-UNCAPPED_SEARCHES = 10
-MOST_SEARCHES = 1000
-
-
 def _searches_at_most(req: ResponseCreateRequest) -> int:
     """The web searches a request's built-in `web_search` tools may make on a pass-through
     upstream, each billed a call: `max_tool_calls` (which counts every built-in tool's
@@ -131,10 +122,10 @@ def _searches_at_most(req: ResponseCreateRequest) -> int:
     """
     for tool in req.tools or ():
         try:
-            kind = _KIND.decode(tool).type
+            kind = _TOOL_TYPE.decode(tool).type
         except (msgspec.MsgspecError, RecursionError):
             continue  # (refused with its field's name on the way)
-        if isinstance(kind, str) and kind.startswith("web_search"):
+        if kind.startswith("web_search"):
             most = req.max_tool_calls
             if not isinstance(most, int):
                 return UNCAPPED_SEARCHES
@@ -147,7 +138,8 @@ def _searches_at_most(req: ResponseCreateRequest) -> int:
     return 0
 
 
-_KIND = msgspec.json.Decoder(_Kind)
+_TOOL_TYPE = msgspec.json.Decoder(ToolType)
+_ITEM_TYPE = msgspec.json.Decoder(ItemType)
 
 
 def _references(req: ResponseCreateRequest, body: bytes) -> int:
@@ -159,7 +151,7 @@ def _references(req: ResponseCreateRequest, body: bytes) -> int:
     count = 0
     for item in items:
         try:
-            if _KIND.decode(item).type == "item_reference":
+            if _ITEM_TYPE.decode(item).type == "item_reference":
                 count += 1
         except (msgspec.MsgspecError, RecursionError):
             pass  # (refused with its field's name on the way: not counted here)
