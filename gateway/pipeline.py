@@ -252,14 +252,11 @@ async def _charge(
         price = prices.price(r.model, r.provider.config, r.upstream_model)
         if price is None:
             continue
-        searches = 0.0
         count = likely.web_searches
         on = call.searches_on
         if call.held_searches and on is not None and has_capability(r.provider, on):
             count += call.held_searches  # (only a route that runs the tools makes them)
-        if count:
-            search = prices.search_price(r.model, r.provider.config, r.upstream_model, price)
-            searches = count * search
+        searches = prices.searches_cost(count, r.model, r.provider.config, r.upstream_model, price)
         costs.append((_held_cost(price, likely) + searches, _held_cost(price, most) + searches))
     likely_usd = max((c[0] for c in costs), default=0.0)
     most_usd = max((c[1] for c in costs), default=0.0)
@@ -527,10 +524,9 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
     price = prices.price(call.model, config, call.upstream_model)
     if price is not None:
         counts = _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
-        trace.cost_usd = price.cost(counts)
-        if counts.web_searches:
-            search = prices.search_price(call.model, config, call.upstream_model, price)
-            trace.cost_usd += counts.web_searches * search
+        trace.cost_usd = price.cost(counts) + prices.searches_cost(
+            counts.web_searches, call.model, config, call.upstream_model, price
+        )
 
 
 def _chunks_charged(ex: Exchange[Any]) -> int:

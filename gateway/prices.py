@@ -397,12 +397,22 @@ class PriceBook:
             return configured
         return self._listed(provider, upstream)
 
-    def search_price(
+    def searches_cost(
+        self,
+        searches: int,
+        model: ModelConfig,
+        provider: ProviderConfig,
+        upstream: str,
+        price: Price,
+    ) -> float:
+        """What `searches` web searches cost on `price` (the model's), a call each: the config's
+        search price, else the price list's for the upstream model (a model priced in its
+        config keeps the list's search price), else `UNKNOWN_SEARCH_PRICE`."""
+        return searches * self._search_price(model, provider, upstream, price) if searches else 0.0
+
+    def _search_price(
         self, model: ModelConfig, provider: ProviderConfig, upstream: str, price: Price
     ) -> float:
-        """What one web search costs on `price` (the model's): the config's search price, else
-        the price list's for the upstream model (a model priced in its config keeps the list's
-        search price), else `UNKNOWN_SEARCH_PRICE`."""
         if price.source != "config" or model.web_search_price_per_call is not None:
             return price.base.web_search
         listed = self._listed(provider, upstream)
