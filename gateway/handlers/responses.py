@@ -38,7 +38,7 @@ from gateway.responses import (
     to_chat,
 )
 from gateway.router import Route
-from gateway.schemas.codec import decode_body, present, raw_object
+from gateway.schemas.codec import decode_body, may_spell, present, raw_object
 from gateway.schemas.responses import ItemType, ResponseCreateRequest, ToolType
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
@@ -144,9 +144,9 @@ _ITEM_TYPE = msgspec.json.Decoder(ItemType)
 
 def _references(req: ResponseCreateRequest, body: bytes) -> int:
     """How many `item_reference` input items the request holds: looked for only when its
-    body spells "reference" or holds an escape (which may spell it)."""
+    body may spell "reference"."""
     items = req.input
-    if not isinstance(items, list) or (body.find(b"reference") < 0 and body.find(b"\\u") < 0):
+    if not isinstance(items, list) or not may_spell(body, b"reference"):
         return 0
     count = 0
     for item in items:

@@ -24,7 +24,7 @@ import msgspec
 
 from gateway.prices import Usage as Counts
 from gateway.schemas.chat import ChatCompletionRequest, InputAudioPart
-from gateway.schemas.codec import raw_fields, raw_object
+from gateway.schemas.codec import may_spell, raw_fields, raw_object
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
 from gateway.tokens import Estimate, ImageCost, estimate_prompt_tokens, prompt_size
@@ -345,8 +345,8 @@ _CAPABLE: dict[tuple[type, type], bool] = {}
 
 def _sends_audio(body: bytes | None, req: ChatCompletionRequest) -> bool:
     """Whether a message of `req` holds an `input_audio` part: looked for only when the body
-    spells "audio" or holds an escape (which may spell it), most requests in two searches."""
-    if body is not None and body.find(b"audio") < 0 and body.find(b"\\u") < 0:
+    may spell "audio", most requests in two searches."""
+    if body is not None and not may_spell(body, b"audio"):
         return False
     return any(
         isinstance(part, InputAudioPart)

@@ -48,6 +48,13 @@ def opens(value: msgspec.Raw | msgspec.UnsetType, first: bytes) -> bool:
     return value is not msgspec.UNSET and memoryview(value)[:1].tobytes() == first
 
 
+def may_spell(body: bytes, word: bytes) -> bool:
+    """Whether a JSON body may hold `word` in a string or key: it spells it as it is, or it
+    holds an escape, which may spell any of its characters. (`find`, not `in`: on Python 3.11
+    `in` on bytes first tries its operand as an integer.)"""
+    return body.find(word) >= 0 or body.find(b"\\u") >= 0
+
+
 def raw_fields(obj: msgspec.Struct) -> dict[str, msgspec.Raw]:
     """The fields `encode(obj)` would write, each as raw JSON (no decode of the encoding).
 
