@@ -60,6 +60,14 @@ FILTERED = frozenset(
 )
 
 
+# The counts of a `usageMetadata` that only grow along a stream (its total aside).
+_COUNT_FIELDS = (
+    "prompt_token_count",
+    "candidates_token_count",
+    "thoughts_token_count",
+    "cached_content_token_count",
+    "tool_use_prompt_token_count",
+)
 # The modality details of a count (what its tokens were: audio and images priced apart).
 _DETAIL_FIELDS = ("prompt_tokens_details", "candidates_tokens_details", "cache_tokens_details")
 
@@ -301,13 +309,7 @@ class GeminiStream:
             self.final = False
             return
         most = self.most
-        if most is None or (
-            counts.prompt_token_count >= most.prompt_token_count
-            and counts.candidates_token_count >= most.candidates_token_count
-            and counts.thoughts_token_count >= most.thoughts_token_count
-            and counts.cached_content_token_count >= most.cached_content_token_count
-            and counts.tool_use_prompt_token_count >= most.tool_use_prompt_token_count
-        ):
+        if most is None or all(getattr(counts, n) >= getattr(most, n) for n in _COUNT_FIELDS):
             if most is not None:  # a count without the details an earlier one had keeps them
                 for name in _DETAIL_FIELDS:
                     if getattr(counts, name) == NO_DETAILS:
@@ -317,17 +319,8 @@ class GeminiStream:
         if self.final:  # (once a run)
             log.warning("upstream_usage_decreased", provider=self.provider)
         self.final = False
-        most.prompt_token_count = max(most.prompt_token_count, counts.prompt_token_count)
-        most.candidates_token_count = max(
-            most.candidates_token_count, counts.candidates_token_count
-        )
-        most.thoughts_token_count = max(most.thoughts_token_count, counts.thoughts_token_count)
-        most.cached_content_token_count = max(
-            most.cached_content_token_count, counts.cached_content_token_count
-        )
-        most.tool_use_prompt_token_count = max(
-            most.tool_use_prompt_token_count, counts.tool_use_prompt_token_count
-        )
+        for name in _COUNT_FIELDS:
+            setattr(most, name, max(getattr(most, name), getattr(counts, name)))
 
     def end(self) -> list[bytes]:
         """The chunks after the upstream closed the stream: usage, if the client asked and the
