@@ -51,6 +51,7 @@ from gateway.state import (
     SNAPSHOT_KEY,
     TICKET_KEY,
 )
+from gateway.tool_fees import ServerTools
 from gateway.trace import TRACE_KEY, RequestTrace, elapsed_ms
 from gateway.usage_bounds import OUTPUT_FLOOR
 
@@ -85,13 +86,15 @@ async def begin(
     stored: Estimate | None = None,
     searches: int = 0,
     searches_on: type | None = None,
+    server_tools: ServerTools | None = None,
 ) -> Exchange[ChatCall]:
     """Check a decoded chat request against the key and the config, and choose its upstream.
 
     `body` is the client's JSON when `req` is the client's own chat request (see `ChatCall`);
     `stored`, a prompt the upstream stores for it (`ChatCall.stored_prompt`); `searches`, the
     web searches its built-in tools may make on routes with capability `searches_on`
-    (`ChatCall.held_searches`).
+    (`ChatCall.held_searches`), and `server_tools` its other built-in tools that bill beyond
+    tokens (`ChatCall.server_tools`), held on the same routes.
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
@@ -118,6 +121,7 @@ async def begin(
             web_searches=0 if req.web_search_options is UNSET else 1,
             held_searches=searches,
             searches_on=searches_on,
+            server_tools=server_tools,
         )
 
     return await open_exchange(request, model_id, chat_call)
@@ -254,9 +258,17 @@ async def _charge(
             continue
         count = likely.web_searches
         on = call.searches_on
-        if call.held_searches and on is not None and has_capability(r.provider, on):
-            count += call.held_searches  # (only a route that runs the tools makes them)
-        searches = prices.searches_cost(count, r.model, r.provider.config, r.upstream_model, price)
+        tools = 0.0
+        runs = call.held_searches or call.server_tools is not None
+        if runs and on is not None and has_capability(r.provider, on):
+            # (Only a route that runs the tools makes their calls.)
+            count += call.held_searches
+            if call.server_tools is not None:
+                rate = prices.image_rate(call.server_tools.image_model, r.provider.config)
+                tools = call.server_tools.held(rate)
+        searches = tools + prices.searches_cost(
+            count, r.model, r.provider.config, r.upstream_model, price
+        )
         costs.append((_held_cost(price, likely) + searches, _held_cost(price, most) + searches))
     likely_usd = max((c[0] for c in costs), default=0.0)
     most_usd = max((c[1] for c in costs), default=0.0)
@@ -527,6 +539,9 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.cost_usd = price.cost(counts) + prices.searches_cost(
             counts.web_searches, call.model, config, call.upstream_model, price
         )
+        tools = call.server_tools
+        if tools is not None:
+            trace.cost_usd += tools.cost(prices.image_rate(tools.image_model, config))
 
 
 def _chunks_charged(ex: Exchange[Any]) -> int:

@@ -34,6 +34,7 @@ from gateway.settings import (
     ProviderConfig,
     Settings,
 )
+from gateway.tool_fees import UNKNOWN_IMAGE_RATE
 
 __all__ = [
     "FREE",
@@ -419,6 +420,15 @@ class PriceBook:
         if listed is None or listed.source != "genai-prices":  # (none, or a free provider's)
             return UNKNOWN_SEARCH_PRICE
         return listed.base.web_search
+
+    def image_rate(self, image_model: str, provider: ProviderConfig) -> float:
+        """USD a million image output tokens of `image_model` (a Responses image tool's) on
+        `provider`: the price list's, else `tool_fees.UNKNOWN_IMAGE_RATE` (the most it asks;
+        a free provider's images too, as its searches)."""
+        listed = self._listed(provider, image_model)
+        if listed is None or listed.source != "genai-prices":
+            return UNKNOWN_IMAGE_RATE
+        return listed.base.image_output
 
     def _listed(self, provider: ProviderConfig, upstream: str) -> Price | None:
         """The price list's price of `upstream` on `provider` (its `pricing`)."""

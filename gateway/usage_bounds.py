@@ -36,6 +36,7 @@ from gateway.media import FILE_BY_ID, Estimate, file_tokens, image_tokens
 from gateway.providers.base import UNBOUNDED, Call, ChatCall, OutputOnTop, has_capability
 from gateway.schemas.chat import ChatCompletionRequest, FileContentPart
 from gateway.tokens import ImageCost, prompt_size
+from gateway.tool_fees import MOST_SEARCHES, UNCAPPED_SEARCHES
 from gateway.trace import RequestTrace
 
 __all__ = [
@@ -57,11 +58,6 @@ PROMPT_SLACK = 4096
 # Completion tokens never doubted: the common answer is checked with one comparison, and an
 # answer to a request with a smaller output limit is charged at most this much.
 OUTPUT_FLOOR = 1024
-# A request's built-in web search tool without a limit of its own (Anthropic's `max_uses`,
-# the Responses API's `max_tool_calls`) is held as this many searches, each billed a call;
-# a limit past MOST_SEARCHES is refused (a key's budget holds each search).
-UNCAPPED_SEARCHES = 10
-MOST_SEARCHES = 1000
 # Gemini 2.5 Pro's largest thinking budget: a reasoning model may think this much beyond the
 # output limit on upstreams that do not count thinking within it.
 THINKING_ALLOWANCE = 32_768

@@ -82,13 +82,13 @@ async def test_huge_max_tool_calls(build: Build, most: int) -> None:
 # SOUND: what is not a built-in web search tool holds no search: a function tool named
 # `web_search`, a type that is no string, an unknown built-in tool; a tokens budget is not
 # touched by searches. A $0.005 budget (under one search at $0.01) is admitted for each.
+# (`file_search` and `code_interpreter` hold their own fees since: tests/test_tool_fees.py.)
 @pytest.mark.parametrize(
     "tool",
     [
         {"type": "function", "name": "web_search", "parameters": {"type": "object"}},
         {"type": "function", "name": "web_search_preview", "parameters": {}},
-        {"type": "file_search", "vector_store_ids": ["vs_1"]},
-        {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "mcp", "server_label": "x", "server_url": "https://example.com/mcp"},
     ],
 )
 async def test_tools_that_do_not_search_hold_none(build: Build, tool: dict[str, Any]) -> None:

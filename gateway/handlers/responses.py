@@ -44,6 +44,7 @@ from gateway.settings import UpstreamConfig
 from gateway.sse import relay
 from gateway.state import KEYS_KEY, STORED_KEY, TICKET_KEY
 from gateway.stored import UNKNOWN_CONVERSATION
+from gateway.tool_fees import ServerTools
 from gateway.trace import TRACE_KEY
 from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
 
@@ -72,6 +73,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             stored,
             _searches_at_most(req),
             ResponsesPassThrough,
+            ServerTools.of(req.tools, req.max_tool_calls) if req.tools else None,
         )
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None

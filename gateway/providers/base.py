@@ -28,6 +28,7 @@ from gateway.schemas.codec import may_spell, raw_fields, raw_object
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
 from gateway.tokens import Estimate, ImageCost, estimate_prompt_tokens, prompt_size
+from gateway.tool_fees import ServerTools
 
 __all__ = [
     "UNBOUNDED",
@@ -76,6 +77,9 @@ class Call(msgspec.Struct, kw_only=True):
         held_searches: the web searches admission holds beyond `web_searches` (a Responses or
             Messages server tool's limit), on the routes with capability `searches_on` (the
             pass-through that runs such tools: translated, the request is refused).
+        server_tools: a Responses request's built-in tools that bill beyond tokens and
+            searches (file search, code interpreter, image generation), and the calls of
+            them its answer made (`tool_fees`); held and charged as `held_searches` are.
         first_byte_at: monotonic time the first upstream event arrived (for ttft).
         sse_out: the stream goes to the client as SSE events of the same payloads (chat and
             completions streams), so a provider may yield `_sse.Framed` batches of upstream
@@ -96,6 +100,7 @@ class Call(msgspec.Struct, kw_only=True):
     web_searches: int = 0
     held_searches: int = 0
     searches_on: type | None = None
+    server_tools: ServerTools | None = None
     first_byte_at: float | None = None
     sse_out: bool = False
     started_at: float = msgspec.field(default_factory=time.monotonic)

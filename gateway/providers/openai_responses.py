@@ -31,6 +31,7 @@ from gateway.providers.responses_order import EVENT_VIEW, EventView, ResponsesOr
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, present
 from gateway.schemas.response_output import ResponseUsage
+from gateway.tool_fees import Item
 
 __all__ = ["ResponsesRelay"]
 
@@ -53,26 +54,38 @@ class _TerminalView(msgspec.Struct):
 _TERMINAL_USAGE = msgspec.json.Decoder(_TerminalView)
 
 
-class _ItemKind(msgspec.Struct):
-    type: object = None
-
-
 class _Answer(msgspec.Struct):
     """What a whole `response` is read for beyond its usage: its id (a conversation stored
-    upstream: `gateway.stored`) and its items' types (web searches, billed a call each)."""
+    upstream: `gateway.stored`) and its items (web searches, billed a call each, and the
+    other built-in tools' calls billed beyond tokens: `tool_fees`)."""
 
     id: object = None
-    output: list[_ItemKind] = []
+    output: list[Item] = []
+
+
+class _Added(msgspec.Struct):
+    """A stream's `response.output_item.added` or `.done` event: the item and its place."""
+
+    item: Item | None = None
+    output_index: object = None
+
+
+class _TerminalItems(msgspec.Struct):
+    response: _Answer | None = None
 
 
 _ANSWER = msgspec.json.Decoder(_Answer)
+_ADDED = msgspec.json.Decoder(_Added)
+_TERMINAL_ITEMS = msgspec.json.Decoder(_TerminalItems)
 _SEARCH = "web_search_call"
 _SEARCHED = "response.web_search_call.completed"  # (one event a search, on a stream)
+_ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done"})
+_PARTIAL_IMAGE = "response.image_generation_call.partial_image"
 
 
 def _read_answer(call: ChatCall, answer: bytes) -> None:
-    """Take a whole `response`'s id, and the web searches it shows (`web_search_call`
-    items), into `call`."""
+    """Take a whole `response`'s id, the web searches it shows (`web_search_call` items)
+    and its other billed tool calls (`ChatCall.server_tools`) into `call`."""
     try:
         view = _ANSWER.decode(answer)
     except (msgspec.MsgspecError, RecursionError):
@@ -80,6 +93,31 @@ def _read_answer(call: ChatCall, answer: bytes) -> None:
     if isinstance(view.id, str) and view.id:
         call.response_id = view.id
     call.web_searches = sum(1 for item in view.output if item.type == _SEARCH)
+    _take_items(call, view.output)
+
+
+def _take_items(call: ChatCall, items: list[Item]) -> None:
+    tools = call.server_tools
+    if tools is not None:
+        for at, item in enumerate(items):
+            tools.take(item, at)
+
+
+def _take_event(call: ChatCall, kind: str, payload: bytes) -> None:
+    """Count the billed tool call a stream event shows (`ChatCall.server_tools`): an item
+    added or done (billed as it runs: counted if the stream is cut), a partial image."""
+    tools = call.server_tools
+    if tools is None:
+        return
+    if kind == _PARTIAL_IMAGE:
+        tools.partial_image()
+        return
+    try:
+        event = _ADDED.decode(payload)
+    except (msgspec.MsgspecError, RecursionError):
+        return  # (checked in order already: an item the gateway cannot read bills nothing)
+    if event.item is not None:
+        tools.take(event.item, event.output_index)
 
 
 # The events that end a Responses stream; each carries the whole `response`, usage included.
@@ -183,8 +221,17 @@ class ResponsesRelay:
                     call.usage = view.usage.to_usage()
                 if view is not None and isinstance(view.id, str) and view.id:
                     call.response_id = view.id
+            if call.server_tools is not None:
+                try:
+                    whole = _TERMINAL_ITEMS.decode(payload).response
+                except (msgspec.MsgspecError, RecursionError):
+                    whole = None
+                if whole is not None:
+                    _take_items(call, whole.output)
         elif kind.endswith(".delta"):
             call.chunks += 1
         elif kind == _SEARCHED:
             call.web_searches += 1
+        elif kind in _ITEM_EVENTS or kind == _PARTIAL_IMAGE:
+            _take_event(call, kind, payload)
         return kind

@@ -1,0 +1,266 @@
+"""What the Responses API's built-in tools bill beyond tokens, besides web searches
+(`prices.Rates.web_search`): file searches a call each, code interpreter containers each,
+and the images the `image_generation` tool makes at its image model's output rate.
+
+OpenAI's published rates (its pricing page and image generation guide, 2026), not the price
+list's, which has none of these but the image models' rates: a file search $2.50 a thousand
+calls; a container $0.03 to $1.92 by its memory; an image its image tokens by quality and size
+(gpt-image-1's table, scaled by pixels for other sizes) at the image model's rate, and 100
+image tokens each partial image streamed. What a request does not pin (`auto`, an unknown
+value) is charged at the most it can be: high quality, the largest standard size.
+
+A request's tools (`ServerTools.of`) hold at admission: `max_tool_calls` calls, or
+`UNCAPPED_SEARCHES` without it, each at the most one of them bills, on the routes that run
+the tools. The answer's items are charged: a whole answer's `output`, a stream's items as
+each is added (billed as it runs: counted if cut) and the terminal `response`'s output once
+it comes. Calls counted are never more than `max_tool_calls` (or `MOST_SEARCHES`): a hostile
+upstream cannot charge a key for calls it did not make room for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import msgspec
+
+__all__ = [
+    "CONTAINER_PRICES",
+    "FILE_SEARCH_PRICE",
+    "MOST_SEARCHES",
+    "PARTIAL_IMAGE_TOKENS",
+    "UNCAPPED_SEARCHES",
+    "UNKNOWN_IMAGE_RATE",
+    "Item",
+    "ServerTools",
+    "image_tokens",
+]
+
+# A request's built-in web search tool without a limit of its own (Anthropic's `max_uses`,
+# the Responses API's `max_tool_calls`) is held as this many calls (searches), each billed a call;
+# a limit past MOST_SEARCHES is refused (a key's budget holds each search).
+UNCAPPED_SEARCHES = 10
+MOST_SEARCHES = 1000
+FILE_SEARCH_PRICE = 0.0025  # USD a call ($2.50 a thousand)
+# USD a container by its memory limit (a session of up to 20 minutes); one named by id is
+# charged as the smallest, which is what the request's own `auto` ones default to.
+CONTAINER_PRICES = {"1g": 0.03, "4g": 0.12, "16g": 0.48, "64g": 1.92}
+# gpt-image-1's image output tokens by quality, for 1024x1024, 1024x1536 and 1536x1024.
+_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+_IMAGE_TOKENS = {"low": (272, 408, 400), "medium": (1056, 1584, 1568), "high": (4160, 6240, 6208)}
+_SQUARE = 1024 * 1024
+_LARGEST_EDGE = 8192  # (a size past it is no size an image model makes: held as the largest)
+PARTIAL_IMAGE_TOKENS = 100
+IMAGE_MODEL = "gpt-image-1"  # (the tool's default)
+# USD a million image output tokens for an image model the price list lacks: the most it asks.
+UNKNOWN_IMAGE_RATE = 40.0
+
+
+def image_tokens(quality: object, size: object) -> int:
+    """The image output tokens one image of `quality` and `size` bills; what is not a known
+    quality or a size (`auto`, absent) at the most it can be; another `WIDTHxHEIGHT` (gpt-image-2
+    makes them) scaled from the square's count by its pixels."""
+    rows = (
+        (_IMAGE_TOKENS[quality],)
+        if isinstance(quality, str) and quality in _IMAGE_TOKENS
+        else tuple(_IMAGE_TOKENS.values())
+    )
+    if isinstance(size, str) and size in _SIZES:
+        at = _SIZES.index(size)
+        return max(row[at] for row in rows)
+    pixels = _pixels(size)
+    if pixels is None:
+        return max(max(row) for row in rows)
+    # (Never below the square's count: a smaller size is no cheaper to hold than one the
+    # upstream may make instead.)
+    return max(math.ceil(row[0] * max(pixels, _SQUARE) / _SQUARE) for row in rows)
+
+
+def _pixels(size: object) -> int | None:
+    """A `WIDTHxHEIGHT` size's pixels, or None when it is none (`auto`, garbage, too large)."""
+    if not isinstance(size, str) or size.count("x") != 1:
+        return None
+    width, height = size.split("x")
+    digits = width + height
+    if not (digits.isascii() and width.isdigit() and height.isdigit() and len(digits) < 11):
+        return None
+    w, h = int(width), int(height)
+    if not (0 < w <= _LARGEST_EDGE and 0 < h <= _LARGEST_EDGE):
+        return None
+    return w * h
+
+
+class _Tool(msgspec.Struct):
+    """A built-in tool of the request, as far as its bill goes (every field read leniently:
+    the request was checked on the way, and the upstream refuses what it does not take)."""
+
+    type: object = None
+    model: object = None
+    quality: object = None
+    size: object = None
+    partial_images: object = None
+    container: object = None
+
+
+class Item(msgspec.Struct):
+    """An output item of an answer, as far as its bill goes."""
+
+    type: object = None
+    id: object = None
+    status: object = None
+    container_id: object = None
+    quality: object = None
+    size: object = None
+
+
+_TOOL = msgspec.json.Decoder(_Tool)
+_BILLED = frozenset({"file_search_call", "code_interpreter_call", "image_generation_call"})
+
+
+def _container_price(container: object) -> float:
+    """What a code interpreter tool's container bills: an `auto` one's by its memory limit
+    (1g unless set; one not known at the most), one named by id as the smallest."""
+    if not isinstance(container, dict):
+        return CONTAINER_PRICES["1g"]
+    memory = container.get("memory_limit")
+    if memory is None:
+        return CONTAINER_PRICES["1g"]
+    return (
+        CONTAINER_PRICES.get(memory, max(CONTAINER_PRICES.values()))
+        if isinstance(memory, str)
+        else max(CONTAINER_PRICES.values())
+    )
+
+
+class ServerTools:
+    """A Responses request's built-in tools that bill beyond tokens, and what its answer's
+    calls of them have cost so far (`cost`)."""
+
+    __slots__ = (
+        "_containers",
+        "_items",
+        "_partials",
+        "container_price",
+        "image_model",
+        "image_quality",
+        "image_size",
+        "most_calls",
+        "partial_images",
+        "tools",
+    )
+
+    def __init__(self, tools: frozenset[str], most_calls: int | None) -> None:
+        self.tools = tools
+        self.most_calls = most_calls
+        self.image_model = IMAGE_MODEL
+        self.image_quality: object = None
+        self.image_size: object = None
+        self.partial_images = 0
+        self.container_price = CONTAINER_PRICES["1g"]
+        # Calls counted, by item id (or place): their type and, for an image, its tokens.
+        self._items: dict[object, tuple[object, int]] = {}
+        self._containers: dict[object, None] = {}  # (by container id: one may serve calls)
+        self._partials = 0
+
+    @classmethod
+    def of(cls, tools: Iterable[msgspec.Raw], most_calls: object) -> ServerTools | None:
+        """The request's tools that bill beyond tokens, or None when it has none."""
+        found: set[str] = set()
+        image: _Tool | None = None
+        container_price = 0.0
+        for raw in tools:
+            try:
+                tool = _TOOL.decode(raw)
+            except (msgspec.MsgspecError, RecursionError):
+                continue  # (refused with its field's name on the way)
+            kind = tool.type
+            if kind == "image_generation":
+                image = tool
+            elif kind == "code_interpreter":
+                container_price = max(container_price, _container_price(tool.container))
+            elif kind != "file_search":
+                continue
+            found.add(kind)
+        if not found:
+            return None
+        made = cls(frozenset(found), most_calls if type(most_calls) is int else None)
+        made.container_price = container_price or CONTAINER_PRICES["1g"]
+        if image is not None:
+            if isinstance(image.model, str) and image.model:
+                made.image_model = image.model
+            made.image_quality, made.image_size = image.quality, image.size
+            partials = image.partial_images
+            made.partial_images = partials if type(partials) is int and 0 < partials <= 3 else 0
+        return made
+
+    def _image_tokens(self, quality: object = None, size: object = None) -> int:
+        """One image's tokens: the answer's own quality and size, else the request's."""
+        return image_tokens(
+            quality if quality is not None else self.image_quality,
+            size if size is not None else self.image_size,
+        )
+
+    def held(self, image_rate: float) -> float:
+        """What admission holds for the calls: `max_tool_calls` (else `UNCAPPED_SEARCHES`),
+        each at the most one of the tools bills (an image with its partial images at
+        `image_rate`, USD a million tokens)."""
+        most = 0.0
+        if "file_search" in self.tools:
+            most = FILE_SEARCH_PRICE
+        if "code_interpreter" in self.tools:
+            most = max(most, self.container_price)
+        if "image_generation" in self.tools:
+            tokens = self._image_tokens() + self.partial_images * PARTIAL_IMAGE_TOKENS
+            most = max(most, tokens * image_rate / 1_000_000)
+        calls = self.most_calls if self.most_calls is not None else UNCAPPED_SEARCHES
+        return most * min(calls, MOST_SEARCHES)
+
+    def cost(self, image_rate: float) -> float:
+        """What the calls counted so far cost (images at `image_rate`)."""
+        files = images = 0
+        for kind, tokens in self._items.values():
+            if kind == "file_search_call":
+                files += 1
+            else:
+                images += tokens
+        images += self._partials * PARTIAL_IMAGE_TOKENS
+        return (
+            files * FILE_SEARCH_PRICE
+            + len(self._containers) * self.container_price
+            + images * image_rate / 1_000_000
+        )
+
+    def take(self, item: Item, at: object) -> None:
+        """Count one output item, `at` its key when it has no id (its place in the output):
+        the same call seen again (added, then done, then in the terminal response) counts
+        once, with what it says last; a failed file search or image is not billed, a
+        container runs (and bills) whether or not its code failed."""
+        kind = item.type
+        if kind not in _BILLED:
+            return
+        key = item.id if isinstance(item.id, str) and item.id else at
+        if kind == "code_interpreter_call":
+            container = item.container_id
+            place = container if isinstance(container, str) and container else key
+            if place not in self._containers and self._room():
+                self._containers[place] = None
+            return
+        if item.status == "failed":
+            self._items.pop(key, None)
+            return
+        tokens = self._image_tokens(item.quality, item.size) if kind != "file_search_call" else 0
+        if key in self._items or self._room():
+            self._items[key] = (kind, tokens)
+
+    def partial_image(self) -> None:
+        """Count one partial image a stream sent (billed beyond its image)."""
+        if self._partials < self.partial_images * self._room_for_images():
+            self._partials += 1
+
+    def _room_for_images(self) -> int:
+        return max(1, sum(1 for kind, _ in self._items.values() if kind != "file_search_call"))
+
+    def _room(self) -> bool:
+        """Whether one more call may be counted (`max_tool_calls`, else `MOST_SEARCHES`)."""
+        most = self.most_calls if self.most_calls is not None else MOST_SEARCHES
+        return len(self._items) + len(self._containers) < min(most, MOST_SEARCHES)
