@@ -523,8 +523,11 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.estimated = True
         trace.prompt_tokens = call.prompt_estimate()
         trace.completion_tokens = _chunks_charged(ex)
-    if call.model.reasoning and trace.estimated and (usage is None or so_far):
-        _reasoning_charged(ex)
+    if trace.estimated and (usage is None or so_far):
+        if call.model.reasoning:
+            _reasoning_charged(ex)
+        if call.server_tools is not None:
+            call.server_tools.unseen()  # (a forced call the cut answer did not show)
     if ex.unanswered:
         # Attempts the gateway stopped waiting for had the prompt upstream, which may bill it
         # (and be generating still): each is charged the prompt's estimate, and a reasoning

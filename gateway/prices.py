@@ -424,8 +424,8 @@ class PriceBook:
     def image_rate(self, image_model: str, provider: ProviderConfig) -> float:
         """USD a million image output tokens of `image_model` (a Responses image tool's) on
         `provider`: the price list's, else `tool_fees.UNKNOWN_IMAGE_RATE` (the most it asks;
-        a free provider's images too, as its searches)."""
-        listed = self._listed(provider, image_model)
+        a free provider's images too, as its searches; "" is a name not looked up)."""
+        listed = self._listed(provider, image_model) if image_model else None
         if listed is None or listed.source != "genai-prices":
             return UNKNOWN_IMAGE_RATE
         return listed.base.image_output

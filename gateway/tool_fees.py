@@ -5,16 +5,21 @@ and the images the `image_generation` tool makes at its image model's output rat
 OpenAI's published rates (its pricing page and image generation guide, 2026), not the price
 list's, which has none of these but the image models' rates: a file search $2.50 a thousand
 calls; a container $0.03 to $1.92 by its memory; an image its image tokens by quality and size
-(gpt-image-1's table, scaled by pixels for other sizes) at the image model's rate, and 100
-image tokens each partial image streamed. What a request does not pin (`auto`, an unknown
-value) is charged at the most it can be: high quality, the largest standard size.
+(gpt-image-1's table, gpt-image-1-mini's own; other sizes scaled by pixels) at the image
+model's rate, and 100 image tokens each partial image streamed. What a request does not pin
+(`auto`) is charged at the most it can be: high quality, the largest standard size; an
+answer's own quality and size only lower that. A quality above `high` (`xhigh`, `max`) bills
+token counts no one publishes: refused to keys with a USD budget (`ServerTools.unpriced`).
 
 A request's tools (`ServerTools.of`) hold at admission: `max_tool_calls` calls, or
 `UNCAPPED_SEARCHES` without it, each at the most one of them bills, on the routes that run
 the tools. The answer's items are charged: a whole answer's `output`, a stream's items as
 each is added (billed as it runs: counted if cut) and the terminal `response`'s output once
-it comes. Calls counted are never more than `max_tool_calls` (or `MOST_SEARCHES`): a hostile
-upstream cannot charge a key for calls it did not make room for.
+it comes; a request cut before its answer that forced a tool (`tool_choice`) and saw no call
+of it is charged one. Calls counted are never more than `max_tool_calls` (or
+`MOST_SEARCHES`): a hostile upstream cannot charge a key for calls it did not make room for.
+A stored prompt (`prompt`) carries tools the request does not name: its answer's calls are
+charged, and nothing is held for them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import msgspec
 __all__ = [
     "CONTAINER_PRICES",
     "FILE_SEARCH_PRICE",
+    "LONGEST_MODEL",
     "MOST_SEARCHES",
     "PARTIAL_IMAGE_TOKENS",
     "UNCAPPED_SEARCHES",
@@ -37,33 +43,46 @@ __all__ = [
 ]
 
 # A request's built-in web search tool without a limit of its own (Anthropic's `max_uses`,
-# the Responses API's `max_tool_calls`) is held as this many calls (searches), each billed a call;
-# a limit past MOST_SEARCHES is refused (a key's budget holds each search).
+# the Responses API's `max_tool_calls`) is held as this many calls (searches), each billed a
+# call; a limit past MOST_SEARCHES is refused (a key's budget holds each search).
 UNCAPPED_SEARCHES = 10
 MOST_SEARCHES = 1000
 FILE_SEARCH_PRICE = 0.0025  # USD a call ($2.50 a thousand)
 # USD a container by its memory limit (a session of up to 20 minutes); one named by id is
 # charged as the smallest, which is what the request's own `auto` ones default to.
 CONTAINER_PRICES = {"1g": 0.03, "4g": 0.12, "16g": 0.48, "64g": 1.92}
-# gpt-image-1's image output tokens by quality, for 1024x1024, 1024x1536 and 1536x1024.
+# Image output tokens by quality, for 1024x1024, 1024x1536 and 1536x1024: gpt-image-1's
+# (OpenAI's image generation guide), and gpt-image-1-mini's from its per-image prices at its
+# $8 a million (its model page: low $0.005 and $0.006, medium $0.011 and $0.015, high $0.036
+# and $0.052).
 _SIZES = ("1024x1024", "1024x1536", "1536x1024")
 _IMAGE_TOKENS = {"low": (272, 408, 400), "medium": (1056, 1584, 1568), "high": (4160, 6240, 6208)}
+_MODEL_TOKENS = {
+    "gpt-image-1-mini": {
+        "low": (625, 750, 750),
+        "medium": (1375, 1875, 1875),
+        "high": (4500, 6500, 6500),
+    }
+}
+_QUALITIES = frozenset({"low", "medium", "high", "auto"})
 _SQUARE = 1024 * 1024
 _LARGEST_EDGE = 8192  # (a size past it is no size an image model makes: held as the largest)
 PARTIAL_IMAGE_TOKENS = 100
 IMAGE_MODEL = "gpt-image-1"  # (the tool's default)
+LONGEST_MODEL = 256  # (an image model named longer is looked up nowhere: priced as unknown)
 # USD a million image output tokens for an image model the price list lacks: the most it asks.
 UNKNOWN_IMAGE_RATE = 40.0
 
 
-def image_tokens(quality: object, size: object) -> int:
+def image_tokens(quality: object, size: object, model: str = IMAGE_MODEL) -> int:
     """The image output tokens one image of `quality` and `size` bills; what is not a known
     quality or a size (`auto`, absent) at the most it can be; another `WIDTHxHEIGHT` (gpt-image-2
     makes them) scaled from the square's count by its pixels."""
+    table = _MODEL_TOKENS.get(model, _IMAGE_TOKENS)
     rows = (
-        (_IMAGE_TOKENS[quality],)
-        if isinstance(quality, str) and quality in _IMAGE_TOKENS
-        else tuple(_IMAGE_TOKENS.values())
+        (table[quality],)
+        if isinstance(quality, str) and quality in table
+        else tuple(table.values())
     )
     if isinstance(size, str) and size in _SIZES:
         at = _SIZES.index(size)
@@ -138,15 +157,18 @@ class ServerTools:
 
     __slots__ = (
         "_containers",
+        "_images",
         "_items",
         "_partials",
         "container_price",
+        "forced",
         "image_model",
         "image_quality",
         "image_size",
         "most_calls",
         "partial_images",
         "tools",
+        "unpriced",
     )
 
     def __init__(self, tools: frozenset[str], most_calls: int | None) -> None:
@@ -157,48 +179,76 @@ class ServerTools:
         self.image_size: object = None
         self.partial_images = 0
         self.container_price = CONTAINER_PRICES["1g"]
+        self.forced = ""  # the call type `tool_choice` forces ("" none)
+        self.unpriced = ""  # the field of a request whose calls no published price covers
         # Calls counted, by item id (or place): their type and, for an image, its tokens.
         self._items: dict[object, tuple[object, int]] = {}
-        self._containers: dict[object, None] = {}  # (by container id: one may serve calls)
+        # Code interpreter calls by item id (or place): the container each ran in (one may
+        # serve several; a call seen before its container id is said counts once).
+        self._containers: dict[object, object] = {}
+        self._images = 0
         self._partials = 0
 
     @classmethod
-    def of(cls, tools: Iterable[msgspec.Raw], most_calls: object) -> ServerTools | None:
-        """The request's tools that bill beyond tokens, or None when it has none."""
+    def of(
+        cls,
+        tools: Iterable[msgspec.Raw],
+        most_calls: object,
+        choice: object = None,
+        prompt: bool = False,
+    ) -> ServerTools | None:
+        """The request's tools that bill beyond tokens (with `choice`, its `tool_choice`'s
+        type), or None when it has none and no stored `prompt` that may carry some."""
         found: set[str] = set()
         image: _Tool | None = None
+        image_at = -1
         container_price = 0.0
-        for raw in tools:
+        for at, raw in enumerate(tools):
             try:
                 tool = _TOOL.decode(raw)
             except (msgspec.MsgspecError, RecursionError):
                 continue  # (refused with its field's name on the way)
             kind = tool.type
             if kind == "image_generation":
-                image = tool
+                image, image_at = tool, at
             elif kind == "code_interpreter":
                 container_price = max(container_price, _container_price(tool.container))
             elif kind != "file_search":
                 continue
             found.add(kind)
-        if not found:
+        if not found and not prompt:
             return None
         made = cls(frozenset(found), most_calls if type(most_calls) is int else None)
         made.container_price = container_price or CONTAINER_PRICES["1g"]
+        if f"{choice}_call" in _BILLED:
+            made.forced = f"{choice}_call"
         if image is not None:
-            if isinstance(image.model, str) and image.model:
-                made.image_model = image.model
+            model = image.model
+            if model is not None:  # (absent: the default; else priced only when a model id)
+                made.image_model = (
+                    model if isinstance(model, str) and len(model) <= LONGEST_MODEL else ""
+                )
             made.image_quality, made.image_size = image.quality, image.size
+            if image.quality is not None and image.quality not in _QUALITIES:
+                made.unpriced = f"tools[{image_at}].quality"
             partials = image.partial_images
             made.partial_images = partials if type(partials) is int and 0 < partials <= 3 else 0
+        elif prompt:
+            made.partial_images = 3  # (the most a stored prompt's image tool may ask for)
         return made
 
     def _image_tokens(self, quality: object = None, size: object = None) -> int:
-        """One image's tokens: the answer's own quality and size, else the request's."""
-        return image_tokens(
+        """One image's tokens: at the request's quality and size, or at the answer's own
+        where those bill less (never more: a hostile upstream's word raises nothing)."""
+        bound = image_tokens(self.image_quality, self.image_size, self.image_model)
+        if quality is None and size is None:
+            return bound
+        said = image_tokens(
             quality if quality is not None else self.image_quality,
             size if size is not None else self.image_size,
+            self.image_model,
         )
+        return min(said, bound)
 
     def held(self, image_rate: float) -> float:
         """What admission holds for the calls: `max_tool_calls` (else `UNCAPPED_SEARCHES`),
@@ -224,9 +274,10 @@ class ServerTools:
             else:
                 images += tokens
         images += self._partials * PARTIAL_IMAGE_TOKENS
+        containers = len(set(self._containers.values()))
         return (
             files * FILE_SEARCH_PRICE
-            + len(self._containers) * self.container_price
+            + containers * self.container_price
             + images * image_rate / 1_000_000
         )
 
@@ -242,25 +293,43 @@ class ServerTools:
         if kind == "code_interpreter_call":
             container = item.container_id
             place = container if isinstance(container, str) and container else key
-            if place not in self._containers and self._room():
-                self._containers[place] = None
+            if key in self._containers or self._room():
+                self._containers[key] = place
             return
         if item.status == "failed":
-            self._items.pop(key, None)
+            if self._items.pop(key, ("", 0))[0] == "image_generation_call":
+                self._images -= 1
             return
-        tokens = self._image_tokens(item.quality, item.size) if kind != "file_search_call" else 0
-        if key in self._items or self._room():
+        tokens = 0 if kind == "file_search_call" else self._image_tokens(item.quality, item.size)
+        if key in self._items:
+            if self._items[key][0] == kind:  # (an id the upstream gave two calls: the first's)
+                self._items[key] = (kind, tokens)
+        elif self._room():
             self._items[key] = (kind, tokens)
+            self._images += kind == "image_generation_call"
 
     def partial_image(self) -> None:
         """Count one partial image a stream sent (billed beyond its image)."""
-        if self._partials < self.partial_images * self._room_for_images():
+        if self._partials < self.partial_images * max(1, self._images):
             self._partials += 1
 
-    def _room_for_images(self) -> int:
-        return max(1, sum(1 for kind, _ in self._items.values() if kind != "file_search_call"))
+    def unseen(self) -> None:
+        """The request was cut before its answer: a call its `tool_choice` forced and no
+        item showed is charged all the same (the upstream had it to make)."""
+        forced = self.forced
+        if not forced or any(kind == forced for kind, _ in self._items.values()):
+            return
+        if forced == "code_interpreter_call":
+            if not self._containers:
+                self._containers[_UNSEEN] = _UNSEEN
+        else:
+            item = Item(type=forced, id=_UNSEEN)
+            self.take(item, _UNSEEN)
 
     def _room(self) -> bool:
         """Whether one more call may be counted (`max_tool_calls`, else `MOST_SEARCHES`)."""
         most = self.most_calls if self.most_calls is not None else MOST_SEARCHES
         return len(self._items) + len(self._containers) < min(most, MOST_SEARCHES)
+
+
+_UNSEEN = "(forced, unseen)"

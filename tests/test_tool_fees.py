@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.tool_fees import ServerTools, image_tokens
+from gateway.tool_fees import Item, ServerTools, image_tokens
 from tests.conftest import create_key
 from tests.raw_upstream import RawUpstream, auth
 from tests.test_attack_h105 import (
@@ -270,3 +270,38 @@ def test_only_tools_billed_beyond_tokens_are_kept() -> None:
     assert odd is not None and odd.container_price == 1.92
     named = ServerTools.of(tools({"type": "code_interpreter", "container": "cntr_1"}), 1)
     assert named is not None and named.container_price == 0.03
+
+
+# A call whose container id comes only with its `done` event is one container, not two.
+async def test_a_container_said_late_is_one_container(build: Build) -> None:
+    response = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+    item = {"type": "code_interpreter_call", "id": "ci_1", "status": "in_progress", "code": ""}
+    done = item | {"status": "completed", "container_id": "cntr_1", "outputs": None}
+    events = [
+        responses_event("response.created", response=response),
+        responses_event("response.output_item.added", output_index=0, item=item),
+        responses_event("response.output_item.done", output_index=0, item=done),
+        responses_event(
+            "response.completed",
+            response=response | {"status": "completed", "output": [done], "usage": USAGE},
+        ),
+    ]
+    up = RawUpstream(STREAM_HEAD + b"".join(events), hold=False)
+    gw = await build("openai", up, "gpt-5-mini", fields={"responses_api": True})
+    secret = await create_key(gw, budget_usd=5.0)
+    tools = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    resp = await gw.post("/v1/responses", json=ask(tools, stream=True), headers=auth(secret))
+    assert "response.completed" in await resp.text()
+    row, _ = await row_and_spend(gw, secret)
+    assert row["cost_usd"] == pytest.approx(TEXT + 0.03)
+
+
+def test_mini_images_and_what_an_answer_says() -> None:
+    assert image_tokens("low", "1024x1024", "gpt-image-1-mini") == 625
+    assert image_tokens("high", "1536x1024", "gpt-image-1-mini") == 6500
+    tools = ServerTools.of([b'{"type": "image_generation", "quality": "medium"}'], 2)
+    assert tools is not None
+    # The answer's own quality and size lower the charge, never raise it.
+    tools.take(Item(type="image_generation_call", id="a", quality="low", size="1024x1024"), 0)
+    tools.take(Item(type="image_generation_call", id="b", quality="high", size="4096x4096"), 1)
+    assert tools.cost(1_000_000.0) == 272 + 1584

@@ -39,10 +39,10 @@ from gateway.responses import (
 )
 from gateway.router import Route
 from gateway.schemas.codec import decode_body, may_spell, present, raw_object
-from gateway.schemas.responses import ItemType, ResponseCreateRequest, ToolType
+from gateway.schemas.responses import ItemType, ResponseCreateRequest, ToolChoiceObject, ToolType
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
-from gateway.state import KEYS_KEY, STORED_KEY, TICKET_KEY
+from gateway.state import KEYS_KEY, PRINCIPAL_KEY, STORED_KEY, TICKET_KEY
 from gateway.stored import UNKNOWN_CONVERSATION
 from gateway.tool_fees import ServerTools
 from gateway.trace import TRACE_KEY
@@ -63,6 +63,15 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     translation = to_chat(req)
     model_id = req.model if isinstance(req.model, str) else None
     stored = _stored_prompt(request, req, body)
+    tools = _server_tools(req)
+    if tools is not None and tools.unpriced and request[PRINCIPAL_KEY].key.budget_usd is not None:
+        raise InvalidRequest(
+            "This image quality is not supported for this API key: it is billed at image "
+            "token counts the gateway's prices do not have, so it could not be counted "
+            "against the key's USD budget. Use 'low', 'medium', 'high' or 'auto'.",
+            param=tools.unpriced,
+            code="unsupported_value",
+        )
     try:
         # No body: the chat request is made from the struct, only if a provider forwards it.
         ex = await pipeline.begin(
@@ -73,7 +82,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             stored,
             _searches_at_most(req),
             ResponsesPassThrough,
-            ServerTools.of(req.tools, req.max_tool_calls) if req.tools else None,
+            tools,
         )
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None
@@ -112,6 +121,21 @@ def _stored_prompt(
         held = UNKNOWN_CONVERSATION.scaled(references)
         stored = held if stored is None else stored + held
     return stored
+
+
+def _server_tools(req: ResponseCreateRequest) -> ServerTools | None:
+    """The request's built-in tools billed beyond tokens (`tool_fees`), those of a stored
+    `prompt` it names included."""
+    prompt = present(req.prompt)
+    if not req.tools and not prompt:
+        return None
+    choice = req.tool_choice
+    return ServerTools.of(
+        req.tools or (),
+        req.max_tool_calls,
+        choice.type if isinstance(choice, ToolChoiceObject) else None,
+        prompt,
+    )
 
 
 def _searches_at_most(req: ResponseCreateRequest) -> int:
