@@ -188,11 +188,12 @@ async def open_exchange(
     key = principal.key
     if key.budget_usd is not None:
         _require_prices(request.app[PRICES_KEY], model_id, routes)
-        if call.priority:
+        if call.priority and not _priority_priced(request.app[PRICES_KEY], routes):
             raise InvalidRequest(
-                "'service_tier': 'priority' is not supported for this API key: priority "
-                "processing is billed at rates the gateway's prices do not have, so it could "
-                "not be counted against the key's USD budget. Send the request without it.",
+                "'service_tier': 'priority' is not supported for this API key on this model: "
+                "priority processing is billed at rates the gateway's prices do not have for "
+                "it, so it could not be counted against the key's USD budget. Send the "
+                "request without it.",
                 param="service_tier",
                 code="unsupported_value",
             )
@@ -205,6 +206,15 @@ async def open_exchange(
         follow(ex.ticket, request.app[KEYS_KEY].current(ex.ticket.key))
         await _charge(request.app[GATE_KEY], request.app[PRICES_KEY], ex.ticket, call, routes)
     return ex
+
+
+def _priority_priced(prices: PriceBook, routes: list[Route]) -> bool:
+    """Whether every route's price has priority processing's rates (the price list's)."""
+    for route in routes:
+        price = prices.price(route.model, route.provider.config, route.upstream_model)
+        if price is None or price.service_tier("priority") is None:
+            return False
+    return True
 
 
 def _require_prices(prices: PriceBook, model_id: str, routes: list[Route]) -> None:
@@ -256,6 +266,8 @@ async def _charge(
         price = prices.price(r.model, r.provider.config, r.upstream_model)
         if price is None:
             continue
+        if call.priority:  # (held at priority processing's rates where the list has them)
+            price = price.service_tier("priority") or price
         count = likely.web_searches
         on = call.searches_on
         tools = 0.0
@@ -538,6 +550,10 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
     config = ex.provider.config
     price = prices.price(call.model, config, call.upstream_model)
     if price is not None:
+        # At the processing tier the answer says (or, without its word, the one asked for).
+        tier = call.service_tier or ("priority" if call.priority else "")
+        if tier:
+            price = price.service_tier(tier) or price
         counts = _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
         trace.cost_usd = price.cost(counts) + prices.searches_cost(
             counts.web_searches, call.model, config, call.upstream_model, price

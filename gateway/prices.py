@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -38,6 +38,7 @@ from gateway.tool_fees import UNKNOWN_IMAGE_RATE
 
 __all__ = [
     "FREE",
+    "SERVICE_TIERS",
     "Price",
     "PriceBook",
     "Rates",
@@ -61,6 +62,9 @@ _CACHE_LIMIT = 4096
 # lacks it for some OpenAI search models): the most OpenAI's price page asks, $30 a thousand.
 UNKNOWN_SEARCH_PRICE = 0.03
 _DAY = 86400.0
+# OpenAI's processing tiers whose prices differ from the standard ones (`service_tier`), as the
+# price list names them.
+SERVICE_TIERS = ("priority", "flex")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,16 @@ class Price:
     base: Rates
     tiers: tuple[tuple[int, Rates], ...] = ()  # (prompt tokens above which, rates), ascending
     source: str = "config"
+    # The prices of the processing tiers the price list has for the model (OpenAI's
+    # `service_tier`: "priority", "flex"), by tier.
+    service_tiers: tuple[tuple[str, Price], ...] = ()
+
+    def service_tier(self, tier: str) -> Price | None:
+        """The model's prices at processing tier `tier`, or None when it has none listed."""
+        for name, price in self.service_tiers:
+            if name == tier:
+                return price
+        return None
 
     def rates(self, prompt_tokens: int) -> Rates:
         found = self.base
@@ -306,11 +320,21 @@ def load_database() -> tuple[Lookup, Callable[[], object], frozenset[str]]:
         found = provider.find_model(model, all_providers=snapshot.providers)
         if found is None:
             return None
-        price = _from_database(found.get_prices(datetime.now(tz=UTC)))
+        now = datetime.now(tz=UTC)
+        price = _from_database(found.get_prices(now))
         if price is not None and not _sane(price):
             # (once a model a day at most: the answer is cached by `PriceBook`)
             log.warning("price_refused", provider=provider_id, model=model[:200])
             return None
+        if price is not None and found.price_variants:
+            tiers = []
+            for tier in SERVICE_TIERS:
+                if any(v.when.get("service_tier") == tier for v in found.price_variants):
+                    priced = _from_database(found.get_prices(now, {"service_tier": tier}))
+                    if priced is not None and _sane(priced):
+                        tiers.append((tier, priced))
+            if tiers:
+                price = replace(price, service_tiers=tuple(tiers))
         return price
 
     ids = frozenset(p.id for p in data_snapshot.get_snapshot().providers)

@@ -369,18 +369,26 @@ async def test_priority_service_tier_charged_at_priority_rates(build: Build) -> 
         "max_completion_tokens": 2_000,
         "messages": [{"role": "user", "content": "x " * 20_000}],
     }
-    # The remedy taken: the gateway's prices have no priority rates, so a key with a USD
-    # budget is refused the field (chat and Responses alike), and nothing goes upstream.
-    for path, request in (("/v1/chat/completions", body), ("/v1/responses", RESPONSES)):
+    # The remedy taken: the price list's priority rates (gpt-5: $2.50 / $20), held and
+    # charged for the request that asks for them, chat and Responses alike.
+    asked = RESPONSES | {"max_output_tokens": 2_000, "input": "x " * 20_000}
+    for i, (path, request) in enumerate((("/v1/chat/completions", body), ("/v1/responses", asked))):
         status, answer = await post(gw, secret, path, request)
+        assert status == 200, answer
+        assert up.bodies[i]["service_tier"] == "priority"
+        row, _ = await row_and_spend(gw, secret, rows=i + 1)
+        assert row["cost_usd"] == pytest.approx(mtok(10_000, 2.50) + mtok(2_000, 20.0)), row
+    # A model priced in the config has no priority rates: a USD key is refused the field,
+    # and nothing goes upstream.
+    fixed = await build(
+        "openai", up, "gpt-5", model={"input_price_per_mtok": 1.0, "output_price_per_mtok": 2.0}
+    )
+    secret = await create_key(fixed, budget_usd=5.0)
+    for path, request in (("/v1/chat/completions", body), ("/v1/responses", RESPONSES)):
+        status, answer = await post(fixed, secret, path, request)
         assert status == 400, answer
         assert answer["error"]["param"] == "service_tier", answer
-    assert up.bodies == []
-    # A key that counts no dollars is relayed the field as before (tokens are tokens).
-    tokens = await create_key(gw, budget_tokens=1_000_000)
-    status, answer = await post(gw, tokens, "/v1/chat/completions", body)
-    assert status == 200, answer
-    assert up.bodies[0]["service_tier"] == "priority"
+    assert len(up.bodies) == 2
 
 
 RESPONSES = {"model": "m", "input": "hi", "service_tier": "priority", "max_output_tokens": 10}

@@ -423,19 +423,32 @@ async def test_odd_modalities_are_refused(build: Build, modalities: Any) -> None
     assert up.bodies == []
 
 
-# SOUND: priority through `/v1/responses` is refused to a USD key whether the request is
-# translated to a chat upstream or passed through (`to_chat` copies `service_tier`). Spellings
-# OpenAI does not accept ("PRIORITY", " priority") go upstream unrefused; OpenAI answers them
-# 400 (an enum), so they are not billed (not provable offline: noted, not tested).
+# SOUND: priority through `/v1/responses` is held and charged at the priority rates whether
+# the request is translated to a chat upstream or passed through (`to_chat` copies
+# `service_tier`). Spellings OpenAI does not accept ("PRIORITY", " priority") go upstream
+# unrefused; OpenAI answers them 400 (an enum), so they are not billed (not provable offline:
+# noted, not tested).
 @pytest.mark.parametrize("responses_api", [False, True])
-async def test_priority_via_responses_is_refused(build: Build, responses_api: bool) -> None:
-    up = RawUpstream(completion({"prompt_tokens": 1, "completion_tokens": 1}), hold=False)
+async def test_priority_via_responses_is_charged_at_its_rates(
+    build: Build, responses_api: bool
+) -> None:
+    usage = {"prompt_tokens": 1_000, "completion_tokens": 100}
+    if responses_api:
+        reply = response_body(
+            {"input_tokens": 1_000, "output_tokens": 100, "total_tokens": 1_100},
+            [message_item("hi")],
+        )
+        up = RawUpstream(whole(reply), hold=False)
+    else:
+        up = RawUpstream(completion(usage), hold=False)
     gw = await build("openai", up, "gpt-5", fields={"responses_api": responses_api})
     secret = await create_key(gw, budget_usd=1.0)
     body = {"model": "m", "input": "hi", "service_tier": "priority", "max_output_tokens": 16}
     status, answer = await post(gw, secret, "/v1/responses", body)
-    assert status == 400 and answer["error"]["param"] == "service_tier", answer
-    assert up.bodies == []
+    assert status == 200, answer
+    assert up.bodies[0]["service_tier"] == "priority"
+    row, _ = await row_and_spend(gw, secret)
+    assert row["cost_usd"] == pytest.approx(mtok(1_000, 2.5) + mtok(100, 20.0))
 
 
 # SOUND: the openai SDK parses the gateway's answers whose usage now carries

@@ -18,7 +18,9 @@ import structlog
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import UpstreamBadResponse, UpstreamError
+from gateway.prices import SERVICE_TIERS
 from gateway.providers._errors import error_from_status
+from gateway.providers.base import Call
 from gateway.schemas.codec import encode
 from gateway.schemas.common import Usage
 from gateway.schemas.response_output import ResponseUsage
@@ -29,6 +31,7 @@ __all__ = [
     "event_error",
     "read_usage",
     "response_usage",
+    "served_at",
     "text_completion_usage",
 ]
 
@@ -171,6 +174,7 @@ class _Completion(msgspec.Struct):
 
     items: list[_Choice] | UnsetType = msgspec.field(default=UNSET, name="choices")
     usage: msgspec.Raw = _NULL  # (a Raw cannot be in a union)
+    service_tier: object = None
 
 
 class _Response(msgspec.Struct):
@@ -178,6 +182,7 @@ class _Response(msgspec.Struct):
 
     items: list[_Object] | UnsetType = msgspec.field(default=UNSET, name="output")
     usage: msgspec.Raw = _NULL
+    service_tier: object = None
 
 
 class _TextChoice(msgspec.Struct):
@@ -189,6 +194,7 @@ class _TextCompletion(msgspec.Struct):
 
     items: list[_TextChoice] | UnsetType = msgspec.field(default=UNSET, name="choices")
     usage: msgspec.Raw = _NULL
+    service_tier: object = None
 
 
 _COMPLETION = msgspec.json.Decoder(_Completion)
@@ -210,33 +216,46 @@ def _checked(provider: str, body: bytes, decoder: msgspec.json.Decoder[View], wh
     return view
 
 
-def text_completion_usage(provider: str, body: bytes) -> Usage | None:
-    """The usage of an upstream legacy completion, once its body is known to be one.
+def text_completion_usage(provider: str, body: bytes, call: Call) -> Usage | None:
+    """The usage of an upstream legacy completion, once its body is known to be one (its
+    processing tier into `call`: `served_at`).
 
     Raises:
         UpstreamError: the body is not a completion (`answer_error`).
     """
     view = _checked(provider, body, _TEXT_COMPLETION, "completion")
+    served_at(call, view.service_tier)
     return read_usage(provider, view.usage, _USAGE)
 
 
-def completion_usage(provider: str, body: bytes) -> Usage | None:
-    """The usage of an upstream `chat.completion`, once its body is known to be one.
+def completion_usage(provider: str, body: bytes, call: Call) -> Usage | None:
+    """The usage of an upstream `chat.completion`, once its body is known to be one (its
+    processing tier into `call`: `served_at`).
 
     Raises:
         UpstreamError: the body is not a completion (`answer_error`).
     """
     view = _checked(provider, body, _COMPLETION, "chat completion")
+    served_at(call, view.service_tier)
     return read_usage(provider, view.usage, _USAGE)
 
 
-def response_usage(provider: str, body: bytes) -> Usage | None:
+def response_usage(provider: str, body: bytes, call: Call) -> Usage | None:
     """The usage (in chat terms) of an upstream Responses `response`, once its body is known
-    to be one.
+    to be one (its processing tier into `call`: `served_at`).
 
     Raises:
         UpstreamError: the body is not a response (`answer_error`).
     """
     view = _checked(provider, body, _RESPONSE, "response")
+    served_at(call, view.service_tier)
     usage = read_usage(provider, view.usage, _RESPONSE_USAGE)
     return usage.to_usage() if usage is not None else None
+
+
+def served_at(call: Call, tier: object) -> None:
+    """Keep the processing tier an answer says it was served at (`service_tier`) when it is
+    one priced apart (`Call.service_tier`): OpenAI answers "priority" for a request sent with
+    "auto" or none on a project whose default is priority processing, and bills it so."""
+    if isinstance(tier, str) and tier in SERVICE_TIERS:
+        call.service_tier = tier

@@ -77,6 +77,9 @@ class Call(msgspec.Struct, kw_only=True):
         held_searches: the web searches admission holds beyond `web_searches` (a Responses or
             Messages server tool's limit), on the routes with capability `searches_on` (the
             pass-through that runs such tools: translated, the request is refused).
+        service_tier: the processing tier an OpenAI-compatible answer says it was served at,
+            when it is one priced apart (`prices.SERVICE_TIERS`: "priority", "flex"), so
+            charged at its rates; "" otherwise.
         server_tools: a Responses request's built-in tools that bill beyond tokens and
             searches (file search, code interpreter, image generation), and the calls of
             them its answer made (`tool_fees`); held and charged as `held_searches` are.
@@ -101,6 +104,7 @@ class Call(msgspec.Struct, kw_only=True):
     held_searches: int = 0
     searches_on: type | None = None
     server_tools: ServerTools | None = None
+    service_tier: str = ""
     first_byte_at: float | None = None
     sse_out: bool = False
     started_at: float = msgspec.field(default_factory=time.monotonic)

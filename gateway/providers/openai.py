@@ -25,7 +25,7 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamError
-from gateway.providers._answers import completion_usage, text_completion_usage
+from gateway.providers._answers import completion_usage, served_at, text_completion_usage
 from gateway.providers._call_ids import short_ids
 from gateway.providers._embeddings import answer_limit, relayed_embeddings
 from gateway.providers._errors import stream_error
@@ -51,6 +51,7 @@ class _ChunkUsageView(msgspec.Struct):
 
     usage: Usage | None = None
     choices: list[msgspec.Raw] = []
+    service_tier: object = None  # (the tier it was served at: `_answers.served_at`)
 
 
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
@@ -92,7 +93,7 @@ class OpenAIProvider:
     async def chat(self, call: ChatCall) -> ChatReply:
         url = self.url(call, "chat/completions")
         body = await self._http.post(url, self._body(call, stream=False), call)
-        call.usage = completion_usage(self.config.name, body)  # raises unless a completion
+        call.usage = completion_usage(self.config.name, body, call)  # raises unless a completion
         return ChatReply(body=body, usage=call.usage)
 
     def stream_chat(self, call: ChatCall) -> AsyncGenerator[list[bytes], None]:
@@ -110,7 +111,7 @@ class OpenAIProvider:
     async def completion(self, call: CompletionCall) -> ChatReply:
         body = encode(_completion_fields(call))
         answer = await self._http.post(self.url(call, "completions"), body, call)
-        call.usage = text_completion_usage(self.config.name, answer)
+        call.usage = text_completion_usage(self.config.name, answer, call)
         return ChatReply(body=answer, usage=call.usage)
 
     def stream_completion(self, call: CompletionCall) -> AsyncGenerator[list[bytes], None]:
@@ -213,6 +214,7 @@ class OpenAIProvider:
                 if view.usage is not None:
                     call.usage = view.usage
                     call.usage_chunks = call.chunks
+                    served_at(call, view.service_tier)
                     if not view.choices:
                         return keep_usage_chunk
         call.chunks += 1

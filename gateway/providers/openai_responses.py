@@ -22,7 +22,7 @@ import msgspec
 import structlog
 
 from gateway.errors import UpstreamConnectionError, UpstreamError
-from gateway.providers._answers import event_error, response_usage
+from gateway.providers._answers import event_error, response_usage, served_at
 from gateway.providers._call_ids import short_input_ids
 from gateway.providers._errors import DECODE_ERRORS, stream_error
 from gateway.providers._http import UpstreamClient, done
@@ -43,6 +43,7 @@ _TRUE = msgspec.Raw(b"true")
 class _ResponseUsageView(msgspec.Struct):
     usage: ResponseUsage | None = None
     id: object = None
+    service_tier: object = None  # (the tier it was served at: `_answers.served_at`)
 
 
 class _TerminalView(msgspec.Struct):
@@ -144,7 +145,7 @@ class ResponsesRelay:
 
     async def create(self, call: ChatCall, body: dict[str, msgspec.Raw]) -> ChatReply:
         answer = await self._http.post(self._url, self._body(call, body), call)
-        call.usage = response_usage(self._name, answer)  # raises unless a `response`
+        call.usage = response_usage(self._name, answer, call)  # raises unless a `response`
         _read_answer(call, answer)
         return ChatReply(body=answer, usage=call.usage)
 
@@ -219,6 +220,7 @@ class ResponsesRelay:
             else:
                 if view is not None and view.usage is not None:
                     call.usage = view.usage.to_usage()
+                    served_at(call, view.service_tier)
                 if view is not None and isinstance(view.id, str) and view.id:
                     call.response_id = view.id
             if call.server_tools is not None:
