@@ -539,7 +539,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         if call.model.reasoning:
             _reasoning_charged(ex)
         if call.server_tools is not None:
-            call.server_tools.unseen()  # (a forced call the cut answer did not show)
+            call.server_tools.cut()  # (a forced call the cut answer did not show)
     if ex.unanswered:
         # Attempts the gateway stopped waiting for had the prompt upstream, which may bill it
         # (and be generating still): each is charged the prompt's estimate, and a reasoning
@@ -547,6 +547,8 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.estimated = True
         trace.prompt_tokens += ex.unanswered * call.prompt_estimate()
         trace.completion_tokens += ex.unanswered_output
+        if call.server_tools is not None:
+            call.server_tools.given_up(ex.unanswered)
     config = ex.provider.config
     price = prices.price(call.model, config, call.upstream_model)
     if price is not None:

@@ -34,7 +34,7 @@ from gateway.settings import (
     ProviderConfig,
     Settings,
 )
-from gateway.tool_fees import UNKNOWN_IMAGE_RATE
+from gateway.tool_fees import UNKNOWN_IMAGE_RATE, base_model
 
 __all__ = [
     "FREE",
@@ -450,6 +450,8 @@ class PriceBook:
         `provider`: the price list's, else `tool_fees.UNKNOWN_IMAGE_RATE` (the most it asks;
         a free provider's images too, as its searches; "" is a name not looked up)."""
         listed = self._listed(provider, image_model) if image_model else None
+        if listed is None and image_model and base_model(image_model) != image_model:
+            listed = self._listed(provider, base_model(image_model))  # (a dated snapshot)
         if listed is None or listed.source != "genai-prices":
             return UNKNOWN_IMAGE_RATE
         return listed.base.image_output

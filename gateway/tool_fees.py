@@ -25,9 +25,12 @@ charged, and nothing is held for them.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 import msgspec
+
+from gateway.schemas.responses import ToolChoiceObject
 
 __all__ = [
     "CONTAINER_PRICES",
@@ -39,6 +42,7 @@ __all__ = [
     "UNKNOWN_IMAGE_RATE",
     "Item",
     "ServerTools",
+    "base_model",
     "image_tokens",
 ]
 
@@ -64,7 +68,20 @@ _MODEL_TOKENS = {
         "high": (4500, 6500, 6500),
     }
 }
+# (An image model not known by name, or several the request names: each count at its most.)
+_MOST_TOKENS = {
+    quality: tuple(
+        max(table[quality][at] for table in (_IMAGE_TOKENS, *_MODEL_TOKENS.values()))
+        for at in range(len(_SIZES))
+    )
+    for quality in _IMAGE_TOKENS
+}
 _QUALITIES = frozenset({"low", "medium", "high", "auto"})
+_FORMATS = frozenset({"png", "jpeg", "webp"})  # (one image each: a `gif` is many frames)
+# A dated snapshot of a model (`gpt-image-1-mini-2025-10-06`): the model's table and rate.
+_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+# The forced calls of a cut request, cheapest first: one call of the first forced is charged.
+_CHEAPEST_FIRST = ("file_search_call", "image_generation_call", "code_interpreter_call")
 _SQUARE = 1024 * 1024
 _LARGEST_EDGE = 8192  # (a size past it is no size an image model makes: held as the largest)
 PARTIAL_IMAGE_TOKENS = 100
@@ -78,7 +95,7 @@ def image_tokens(quality: object, size: object, model: str = IMAGE_MODEL) -> int
     """The image output tokens one image of `quality` and `size` bills; what is not a known
     quality or a size (`auto`, absent) at the most it can be; another `WIDTHxHEIGHT` (gpt-image-2
     makes them) scaled from the square's count by its pixels."""
-    table = _MODEL_TOKENS.get(model, _IMAGE_TOKENS)
+    table = _MODEL_TOKENS.get(base_model(model), _IMAGE_TOKENS if model else _MOST_TOKENS)
     rows = (
         (table[quality],)
         if isinstance(quality, str) and quality in table
@@ -93,6 +110,11 @@ def image_tokens(quality: object, size: object, model: str = IMAGE_MODEL) -> int
     # (Never below the square's count: a smaller size is no cheaper to hold than one the
     # upstream may make instead.)
     return max(math.ceil(row[0] * max(pixels, _SQUARE) / _SQUARE) for row in rows)
+
+
+def base_model(model: str) -> str:
+    """A model's name without the date of a snapshot (`gpt-image-1-mini-2025-10-06`)."""
+    return _SNAPSHOT.sub("", model) if model[-3:-2] == "-" else model
 
 
 def _pixels(size: object) -> int | None:
@@ -119,6 +141,7 @@ class _Tool(msgspec.Struct):
     size: object = None
     partial_images: object = None
     container: object = None
+    output_format: object = None
 
 
 class Item(msgspec.Struct):
@@ -151,6 +174,32 @@ def _container_price(container: object) -> float:
     )
 
 
+def _forced(choice: object, kinds: list[object]) -> str:
+    """The billed call a `tool_choice` forces, the cheapest of those it may be ("" none): one
+    naming a billed tool; "required", or `allowed_tools` in `required` mode, when every tool
+    it leaves is a billed one."""
+    if choice == "required":
+        left = kinds
+    elif isinstance(choice, ToolChoiceObject):
+        if choice.type != "allowed_tools":
+            left = [choice.type]
+        elif choice.mode == "required" and isinstance(choice.tools, list):
+            left = []
+            for raw in choice.tools:
+                try:
+                    left.append(_TOOL.decode(raw).type)
+                except (msgspec.MsgspecError, RecursionError):
+                    return ""
+        else:
+            return ""
+    else:
+        return ""
+    calls = {f"{kind}_call" if isinstance(kind, str) else "" for kind in left}
+    if not calls or not calls <= _BILLED:
+        return ""
+    return next(call for call in _CHEAPEST_FIRST if call in calls)
+
+
 class ServerTools:
     """A Responses request's built-in tools that bill beyond tokens, and what its answer's
     calls of them have cost so far (`cost`)."""
@@ -160,6 +209,7 @@ class ServerTools:
         "_images",
         "_items",
         "_partials",
+        "answered",
         "container_price",
         "forced",
         "image_model",
@@ -188,6 +238,7 @@ class ServerTools:
         self._containers: dict[object, object] = {}
         self._images = 0
         self._partials = 0
+        self.answered = False  # an answer came, whole, terminal or an error: none was cut
 
     @classmethod
     def of(
@@ -197,11 +248,13 @@ class ServerTools:
         choice: object = None,
         prompt: bool = False,
     ) -> ServerTools | None:
-        """The request's tools that bill beyond tokens (with `choice`, its `tool_choice`'s
-        type), or None when it has none and no stored `prompt` that may carry some."""
+        """The request's tools that bill beyond tokens (the calls its `tool_choice`, a
+        `ToolChoiceObject` or "required", forces), or None when it has none and no stored
+        `prompt` that may carry some. Several image tools are priced at the most of each
+        field they differ in."""
         found: set[str] = set()
-        image: _Tool | None = None
-        image_at = -1
+        kinds: list[object] = []  # (every tool's type, for "required")
+        images: list[tuple[int, _Tool]] = []
         container_price = 0.0
         for at, raw in enumerate(tools):
             try:
@@ -209,8 +262,9 @@ class ServerTools:
             except (msgspec.MsgspecError, RecursionError):
                 continue  # (refused with its field's name on the way)
             kind = tool.type
+            kinds.append(kind)
             if kind == "image_generation":
-                image, image_at = tool, at
+                images.append((at, tool))
             elif kind == "code_interpreter":
                 container_price = max(container_price, _container_price(tool.container))
             elif kind != "file_search":
@@ -220,22 +274,37 @@ class ServerTools:
             return None
         made = cls(frozenset(found), most_calls if type(most_calls) is int else None)
         made.container_price = container_price or CONTAINER_PRICES["1g"]
-        if f"{choice}_call" in _BILLED:
-            made.forced = f"{choice}_call"
-        if image is not None:
-            model = image.model
-            if model is not None:  # (absent: the default; else priced only when a model id)
-                made.image_model = (
-                    model if isinstance(model, str) and len(model) <= LONGEST_MODEL else ""
-                )
-            made.image_quality, made.image_size = image.quality, image.size
-            if image.quality is not None and image.quality not in _QUALITIES:
-                made.unpriced = f"tools[{image_at}].quality"
-            partials = image.partial_images
-            made.partial_images = partials if type(partials) is int and 0 < partials <= 3 else 0
+        made.forced = _forced(choice, kinds)
+        if images:
+            made._take_images(images)
         elif prompt:
             made.partial_images = 3  # (the most a stored prompt's image tool may ask for)
         return made
+
+    def _take_images(self, images: list[tuple[int, _Tool]]) -> None:
+        """Price images at the request's image tools; refuse (`unpriced`) what none prices."""
+        models, qualities, sizes = set(), set(), set()
+        for at, tool in images:
+            model, quality = tool.model, tool.quality
+            if model is None:
+                models.add(IMAGE_MODEL)  # (the tool's default)
+            elif isinstance(model, str) and len(model) <= LONGEST_MODEL:
+                models.add(model)
+            else:  # (a model id only is looked up; else priced as the most any asks)
+                models.add("")
+            if quality is not None and not (isinstance(quality, str) and quality in _QUALITIES):
+                self.unpriced = self.unpriced or f"tools[{at}].quality"
+            form = tool.output_format
+            if form is not None and not (isinstance(form, str) and form in _FORMATS):
+                self.unpriced = self.unpriced or f"tools[{at}].output_format"
+            qualities.add(quality if isinstance(quality, str) else None)
+            sizes.add(tool.size if isinstance(tool.size, str) else None)
+            partials = tool.partial_images
+            if type(partials) is int and 0 < partials <= 3:
+                self.partial_images = max(self.partial_images, partials)
+        self.image_model = models.pop() if len(models) == 1 else ""
+        self.image_quality = qualities.pop() if len(qualities) == 1 else None
+        self.image_size = sizes.pop() if len(sizes) == 1 else None
 
     def _image_tokens(self, quality: object = None, size: object = None) -> int:
         """One image's tokens: at the request's quality and size, or at the answer's own
@@ -289,7 +358,9 @@ class ServerTools:
         kind = item.type
         if kind not in _BILLED:
             return
-        key = item.id if isinstance(item.id, str) and item.id else at
+        # (By its place in the output, which each event of a stream names and the terminal
+        # `response` keeps; by its id only where an event gives no place.)
+        key = at if type(at) is int else item.id if isinstance(item.id, str) and item.id else at
         if kind == "code_interpreter_call":
             container = item.container_id
             place = container if isinstance(container, str) and container else key
@@ -313,18 +384,30 @@ class ServerTools:
         if self._partials < self.partial_images * max(1, self._images):
             self._partials += 1
 
-    def unseen(self) -> None:
-        """The request was cut before its answer: a call its `tool_choice` forced and no
-        item showed is charged all the same (the upstream had it to make)."""
+    def cut(self) -> None:
+        """The request was cut before its answer (the client hung up, the stream broke): a
+        call its `tool_choice` forced and no item showed is charged all the same, the
+        upstream having it to make. Not after an answer, whole or failed (`answered`)."""
         forced = self.forced
-        if not forced or any(kind == forced for kind, _ in self._items.values()):
+        if self.answered or not forced:
             return
         if forced == "code_interpreter_call":
             if not self._containers:
                 self._containers[_UNSEEN] = _UNSEEN
-        else:
-            item = Item(type=forced, id=_UNSEEN)
-            self.take(item, _UNSEEN)
+        elif not any(kind == forced for kind, _ in self._items.values()):
+            self.take(Item(type=forced), _UNSEEN)
+
+    def given_up(self, attempts: int) -> None:
+        """`attempts` attempts the gateway gave up waiting for had the request upstream: each
+        is charged the call its `tool_choice` forced (their items are never seen)."""
+        forced = self.forced
+        for attempt in range(attempts if forced else 0):
+            key = (_UNSEEN, attempt)
+            if forced == "code_interpreter_call":
+                if self._room():
+                    self._containers[key] = key
+            else:
+                self.take(Item(type=forced), key)
 
     def _room(self) -> bool:
         """Whether one more call may be counted (`max_tool_calls`, else `MOST_SEARCHES`)."""

@@ -39,7 +39,7 @@ from gateway.responses import (
 )
 from gateway.router import Route
 from gateway.schemas.codec import decode_body, may_spell, present, raw_object
-from gateway.schemas.responses import ItemType, ResponseCreateRequest, ToolChoiceObject, ToolType
+from gateway.schemas.responses import ItemType, ResponseCreateRequest, ToolType
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
 from gateway.state import KEYS_KEY, PRINCIPAL_KEY, STORED_KEY, TICKET_KEY
@@ -129,13 +129,7 @@ def _server_tools(req: ResponseCreateRequest) -> ServerTools | None:
     prompt = present(req.prompt)
     if not req.tools and not prompt:
         return None
-    choice = req.tool_choice
-    return ServerTools.of(
-        req.tools or (),
-        req.max_tool_calls,
-        choice.type if isinstance(choice, ToolChoiceObject) else None,
-        prompt,
-    )
+    return ServerTools.of(req.tools or (), req.max_tool_calls, req.tool_choice, prompt)
 
 
 def _searches_at_most(req: ResponseCreateRequest) -> int:

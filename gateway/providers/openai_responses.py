@@ -98,8 +98,10 @@ def _read_answer(call: ChatCall, answer: bytes) -> None:
 
 
 def _take_items(call: ChatCall, items: list[Item]) -> None:
+    """Count a whole `response`'s billed calls (its answer: nothing of it was cut)."""
     tools = call.server_tools
     if tools is not None:
+        tools.answered = True
         for at, item in enumerate(items):
             tools.take(item, at)
 
@@ -118,7 +120,8 @@ def _take_event(call: ChatCall, kind: str, payload: bytes) -> None:
     except (msgspec.MsgspecError, RecursionError):
         return  # (checked in order already: an item the gateway cannot read bills nothing)
     if event.item is not None:
-        tools.take(event.item, event.output_index)
+        at = event.output_index
+        tools.take(event.item, at if type(at) is int else None)
 
 
 # The events that end a Responses stream; each carries the whole `response`, usage included.
@@ -190,6 +193,8 @@ class ResponsesRelay:
             except UpstreamError as exc:
                 return out, False, exc
             if kind == "error":
+                if call.server_tools is not None:  # (the upstream's word: nothing was cut)
+                    call.server_tools.answered = True
                 return out, False, event_error(self._name, payload)
             out.append(event_frame(kind.encode(), payload))
             if kind in _TERMINAL:
@@ -224,6 +229,7 @@ class ResponsesRelay:
                 if view is not None and isinstance(view.id, str) and view.id:
                     call.response_id = view.id
             if call.server_tools is not None:
+                call.server_tools.answered = True
                 try:
                     whole = _TERMINAL_ITEMS.decode(payload).response
                 except (msgspec.MsgspecError, RecursionError):
