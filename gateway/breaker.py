@@ -34,12 +34,13 @@ import structlog
 from gateway.errors import (
     UpstreamAuthError,
     UpstreamError,
+    UpstreamOutOfCredit,
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
 from gateway.settings import RoutingSettings
 
-__all__ = ["Account", "BreakerBoard", "Claim"]
+__all__ = ["Account", "BreakerBoard", "Claim", "credentials_refused", "out_of_credit"]
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +61,10 @@ class _Cause(enum.Enum):
     RATE_LIMITED = "rate_limited"  # an upstream 429 with retry-after
     UNAVAILABLE = "unavailable"  # an upstream 5xx with retry-after
     CREDENTIALS = "credentials"
+    OUT_OF_CREDIT = "out_of_credit"  # (the account's credit spent: disabled as credentials)
+
+
+_DISABLED = frozenset({_Cause.CREDENTIALS, _Cause.OUT_OF_CREDIT})
 
 
 @dataclass(slots=True)
@@ -225,18 +230,21 @@ class BreakerBoard:
         decisive = Claim.ORDINARY if claim is Claim.ORDINARY else Claim.PANIC
         self.failed(account, None, decisive, counted=counted)
 
-    def disable(self, account: Account) -> None:
-        """Take the account out for `auth_cooldown`: the upstream refused its credentials."""
+    def disable(self, account: Account, out_of_credit: bool = False) -> None:
+        """Take the account out for `auth_cooldown`: the upstream refused its credentials, or
+        (`out_of_credit`) said its credit is spent."""
         breaker = self._get(account)
         breaker.open_until = self.clock() + self.auth_cooldown
-        breaker.cause = _Cause.CREDENTIALS
+        breaker.cause = _Cause.OUT_OF_CREDIT if out_of_credit else _Cause.CREDENTIALS
         breaker.probing = False
         log.error(
             "upstream_account_disabled",
             provider=account[0],
             account=account[1],
             retry_in_seconds=self.auth_cooldown,
-            reason="the upstream refused this API key; fix it in the config and reload",
+            reason="the upstream says this account's credit is spent; top it up"
+            if out_of_credit
+            else "the upstream refused this API key; fix it in the config and reload",
         )
 
     def accounts(self) -> list[Account]:
@@ -256,7 +264,7 @@ class BreakerBoard:
             breaker = self._breakers.get(account)
             if breaker is not None and breaker.open_until > self.clock():
                 benched.append((self.remaining(account), account, breaker.cause))
-        waits = [b for b in benched if b[2] is not _Cause.CREDENTIALS]
+        waits = [b for b in benched if b[2] not in _DISABLED]
         if waits:
             wait, account, cause = min(waits)
             if cause is _Cause.RATE_LIMITED:
@@ -271,7 +279,9 @@ class BreakerBoard:
                 retry_after=wait,
             )
         if benched:
-            wait, account, _ = min(benched)
+            wait, account, cause = min(benched)
+            if cause is _Cause.OUT_OF_CREDIT:
+                return out_of_credit(account, wait)
             return credentials_refused(account, wait)
         return UpstreamUnavailable(f"No upstream account for the model '{model_id}' is available.")
 
@@ -291,7 +301,7 @@ class BreakerBoard:
             return "closed"
         if self.clock() >= breaker.open_until:
             return "half-open"
-        return "disabled" if breaker.cause is _Cause.CREDENTIALS else "open"
+        return "disabled" if breaker.cause in _DISABLED else "open"
 
 
 def credentials_refused(account: Account, retry_in: float) -> UpstreamAuthError:
@@ -304,6 +314,17 @@ def credentials_refused(account: Account, retry_in: float) -> UpstreamAuthError:
         f"problem with your request: the operator must fix providers '{provider}' "
         f"api_keys[{index}] in the config and reload it. The gateway tries that key again "
         f"in {_seconds(retry_in)}."
+    )
+
+
+def out_of_credit(account: Account, retry_in: float, said: str = "") -> UpstreamOutOfCredit:
+    """The non-retryable error of an account whose upstream said its credit is spent (`said`:
+    the gateway's own words for the answer; never the upstream's text, which names the
+    operator's account)."""
+    said = said or f"The upstream provider '{account[0]}' account is out of credit."
+    return UpstreamOutOfCredit(
+        f"{said} This is a gateway account problem, not a problem with your request: the "
+        f"operator must top it up. The gateway tries it again in {_seconds(retry_in)}."
     )
 
 

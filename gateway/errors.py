@@ -24,7 +24,9 @@ into responses, so status codes and error types live here and nowhere else::
         ├── UpstreamConnectionError   502 upstream_error (retryable: refused, reset, DNS)
         ├── UpstreamBadResponse       502 upstream_error (retryable: a redirect, too large,
         │                                 a status that blames no request, e.g. 405, 410)
-        └── UpstreamAuthError         502 upstream_error (our credentials refused; not retryable)
+        ├── UpstreamAuthError         502 upstream_error (our credentials refused; not retryable)
+        └── UpstreamOutOfCredit       503 upstream_quota_exhausted (our account's credit is
+                                          spent: a 402, `insufficient_quota`; not retryable)
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "UpstreamBadResponse",
     "UpstreamConnectionError",
     "UpstreamError",
+    "UpstreamOutOfCredit",
     "UpstreamPoolFull",
     "UpstreamRateLimited",
     "UpstreamTimeout",
@@ -266,6 +269,16 @@ class UpstreamAuthError(UpstreamError):
     should_retry = False
 
 
+class UpstreamOutOfCredit(UpstreamError):
+    """The upstream account's credit or quota is spent (an HTTP 402, OpenAI's
+    `insufficient_quota`): the operator's problem, not the client's quota, and one retrying
+    cannot fix until the account is topped up; another account may still answer."""
+
+    status = 503
+    code = "upstream_quota_exhausted"
+    should_retry = False
+
+
 class Fault(enum.Enum):
     """Whose fault a failure is, for the breaker of the upstream account it happened on."""
 
@@ -287,8 +300,8 @@ def fault_of(exc: GatewayError) -> Fault:
         return Fault.NONE
     if isinstance(exc, UpstreamBadRequest):
         return Fault.REQUEST
-    if isinstance(exc, UpstreamAuthError):
-        return Fault.CREDENTIALS
+    if isinstance(exc, (UpstreamAuthError, UpstreamOutOfCredit)):
+        return Fault.CREDENTIALS  # (the account is unusable until the operator acts)
     return Fault.UPSTREAM
 
 

@@ -28,10 +28,11 @@ import msgspec
 from aiohttp import web
 
 from gateway.admission import Ticket
-from gateway.breaker import Account, BreakerBoard, Claim, credentials_refused
+from gateway.breaker import Account, BreakerBoard, Claim, credentials_refused, out_of_credit
 from gateway.errors import (
     Fault,
     UpstreamError,
+    UpstreamOutOfCredit,
     UpstreamRateLimited,
     UpstreamTimeout,
     drop_tracebacks,
@@ -251,9 +252,14 @@ async def attempt_each(
                     _gave_up(ex)
                 fault = fault_of(exc)  # (the rule `sse.relay` judges a broken stream by)
                 if fault is Fault.CREDENTIALS:
-                    # Our key: another account may still work; this one waits for the operator.
-                    breakers.disable(account)
-                    exc = credentials_refused(account, breakers.remaining(account))
+                    # Our key, or our account's spent credit: another account may still work;
+                    # this one waits for the operator.
+                    spent = isinstance(exc, UpstreamOutOfCredit)
+                    breakers.disable(account, out_of_credit=spent)
+                    if spent:
+                        exc = out_of_credit(account, breakers.remaining(account), exc.message)
+                    else:
+                        exc = credentials_refused(account, breakers.remaining(account))
                 elif fault is Fault.NONE:
                     # The gateway's own refusal (its bound on connections, its shutdown): the
                     # account was not reached, so no verdict on it (a burst must not take it out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import re
 import time
 from collections.abc import Mapping
 
@@ -22,10 +23,14 @@ from gateway.errors import (
     UpstreamBadResponse,
     UpstreamConnectionError,
     UpstreamError,
+    UpstreamOutOfCredit,
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+
+# An upstream's words for an account whose credit is spent, in a 400 (Anthropic's).
+_CREDIT_SPENT = re.compile(r"credit balance is too low", re.IGNORECASE)
 
 __all__ = [
     "DECODE_ERRORS",
@@ -152,9 +157,8 @@ def error_from_status(
     if status == 402:
         # OpenRouter and DeepSeek: the operator's balance is spent. Like insufficient_quota,
         # our account's problem (another account may do), and its text names the account.
-        return UpstreamUnavailable(
-            f"The upstream provider '{provider}' account is out of credit (HTTP 402).",
-            code="upstream_quota_exhausted",
+        return UpstreamOutOfCredit(
+            f"The upstream provider '{provider}' account is out of credit (HTTP 402)."
         )
     if status in (401, 403) or reasons & _CREDENTIAL_REASONS:
         return UpstreamAuthError(
@@ -164,9 +168,8 @@ def error_from_status(
     if status == 429:
         if code == "insufficient_quota" or detail.type == "insufficient_quota":
             # The upstream account is out of credit: our problem, not the client's quota.
-            return UpstreamUnavailable(
-                f"The upstream provider '{provider}' account has exhausted its quota.",
-                code="upstream_quota_exhausted",
+            return UpstreamOutOfCredit(
+                f"The upstream provider '{provider}' account has exhausted its quota."
             )
         # The upstream's own text names the operator's account (e.g. an org id): not relayed.
         delays = [d.retry_delay.removesuffix("s") for d in detail.details if d.retry_delay]
@@ -175,6 +178,12 @@ def error_from_status(
             retry_after=retry_after
             if retry_after is not None
             else parse_retry_after(delays[0] if delays else None),
+        )
+    if status == 400 and _CREDIT_SPENT.search(message):
+        # Anthropic's "Your credit balance is too low to access the Anthropic API": the
+        # operator's account, not the request (and its text is not relayed).
+        return UpstreamOutOfCredit(
+            f"The upstream provider '{provider}' account is out of credit (HTTP 400)."
         )
     if status in (400, 404, 409, 413, 422):
         mapped = {404: 404, 413: 413}.get(status, 400)
