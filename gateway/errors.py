@@ -278,6 +278,13 @@ class UpstreamOutOfCredit(UpstreamError):
     code = "upstream_quota_exhausted"
     should_retry = False
 
+    def __init__(self, message: str, *, whole_account: bool = True) -> None:
+        super().__init__(message)
+        # False: only this request costs more than the credit left (OpenRouter's 402 for an
+        # output limit): another account may answer it, and this one still serves others.
+        self.whole_account = whole_account
+        self.retryable = not whole_account  # (then another account is tried at once)
+
 
 class Fault(enum.Enum):
     """Whose fault a failure is, for the breaker of the upstream account it happened on."""
@@ -300,8 +307,11 @@ def fault_of(exc: GatewayError) -> Fault:
         return Fault.NONE
     if isinstance(exc, UpstreamBadRequest):
         return Fault.REQUEST
-    if isinstance(exc, (UpstreamAuthError, UpstreamOutOfCredit)):
-        return Fault.CREDENTIALS  # (the account is unusable until the operator acts)
+    if isinstance(exc, UpstreamAuthError):
+        return Fault.CREDENTIALS
+    if isinstance(exc, UpstreamOutOfCredit):  # (unusable until the operator acts; or, where
+        # only this request costs more than is left, no verdict on the account)
+        return Fault.CREDENTIALS if exc.whole_account else Fault.NONE
     return Fault.UPSTREAM
 
 

@@ -120,6 +120,9 @@ def _forget(call: Call) -> None:
     call.cache_write_tokens = call.cache_write_1h_tokens = 0
     call.usage_estimated = False
     call.usage_chunks = -1
+    call.service_tier = ""
+    if call.server_tools is not None:
+        call.server_tools.answered = False  # (an error event said so of that attempt only)
 
 
 def _gave_up(ex: Exchange[Any]) -> None:

@@ -30,9 +30,16 @@ from gateway.errors import (
 )
 from gateway.failover import Exchange, attempt_each, stream_ended
 from gateway.media import Estimate, image_tokens
-from gateway.prices import Price, PriceBook, Usage
+from gateway.prices import UNPRICED_TIERS, Price, PriceBook, Usage
 from gateway.providers import ChatReply
-from gateway.providers.base import UNBOUNDED, Call, ChatCall, OutputOnTop, has_capability
+from gateway.providers.base import (
+    UNBOUNDED,
+    Call,
+    ChatCall,
+    OutputOnTop,
+    Provider,
+    has_capability,
+)
 from gateway.records import model_allowed
 from gateway.router import Route, Router
 from gateway.schemas.chat import ChatCompletionRequest
@@ -187,12 +194,14 @@ async def open_exchange(
     ex = Exchange(request=request, trace=trace, call=call, provider=route.provider, routes=routes)
     key = principal.key
     if key.budget_usd is not None:
-        _require_prices(request.app[PRICES_KEY], model_id, routes)
-        if call.priority and not _priority_priced(request.app[PRICES_KEY], routes):
+        prices = request.app[PRICES_KEY]
+        _require_prices(prices, model_id, routes)
+        tier = call.asked_tier
+        if tier and tier not in UNPRICED_TIERS and not _tier_priced(prices, tier, routes):
             raise InvalidRequest(
-                "'service_tier': 'priority' is not supported for this API key on this model: "
-                "priority processing is billed at rates the gateway's prices do not have for "
-                "it, so it could not be counted against the key's USD budget. Send the "
+                f"'service_tier': {tier[:32]!r} is not supported for this API key on this "
+                "model: that processing is billed at rates the gateway's prices do not have "
+                "for it, so it could not be counted against the key's USD budget. Send the "
                 "request without it.",
                 param="service_tier",
                 code="unsupported_value",
@@ -208,13 +217,25 @@ async def open_exchange(
     return ex
 
 
-def _priority_priced(prices: PriceBook, routes: list[Route]) -> bool:
-    """Whether every route's price has priority processing's rates (the price list's)."""
+def _tier_priced(prices: PriceBook, tier: str, routes: list[Route]) -> bool:
+    """Whether every route that sends the request's `service_tier` upstream (`_sends_tier`)
+    has the price list's rates for `tier`."""
     for route in routes:
+        if not _sends_tier(route.provider):
+            continue  # (translated without it: served, and charged, at the standard rates)
         price = prices.price(route.model, route.provider.config, route.upstream_model)
-        if price is None or price.service_tier("priority") is None:
+        if price is None or price.service_tier(tier) is None:
             return False
     return True
+
+
+def _sends_tier(provider: Provider) -> bool:
+    """Whether requests to `provider` keep their `service_tier` (OpenAI-compatible upstreams;
+    the Anthropic and Gemini translations drop it)."""
+    return provider.config.type in _TIERED
+
+
+_TIERED = frozenset({"openai", "azure"})
 
 
 def _require_prices(prices: PriceBook, model_id: str, routes: list[Route]) -> None:
@@ -266,8 +287,9 @@ async def _charge(
         price = prices.price(r.model, r.provider.config, r.upstream_model)
         if price is None:
             continue
-        if call.priority:  # (held at priority processing's rates where the list has them)
-            price = price.service_tier("priority") or price
+        tier = call.asked_tier
+        if tier and _sends_tier(r.provider):  # (held at its tier's rates where listed)
+            price = price.service_tier(tier) or price
         count = likely.web_searches
         on = call.searches_on
         tools = 0.0
@@ -539,7 +561,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         if call.model.reasoning:
             _reasoning_charged(ex)
         if call.server_tools is not None:
-            call.server_tools.cut()  # (a forced call the cut answer did not show)
+            call.server_tools.cut(call.web_searches)  # (a forced call the cut did not show)
     if ex.unanswered:
         # Attempts the gateway stopped waiting for had the prompt upstream, which may bill it
         # (and be generating still): each is charged the prompt's estimate, and a reasoning
@@ -549,12 +571,16 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.completion_tokens += ex.unanswered_output
         if call.server_tools is not None:
             call.server_tools.given_up(ex.unanswered)
+    if call.server_tools is not None and call.server_tools.searches_owed:
+        call.web_searches += call.server_tools.searches_owed  # (forced, unseen: `tool_fees`)
+        call.server_tools.searches_owed = 0
     config = ex.provider.config
     price = prices.price(call.model, config, call.upstream_model)
     if price is not None:
-        # At the processing tier the answer says (or, without its word, the one asked for).
-        tier = call.service_tier or ("priority" if call.priority else "")
-        if tier:
+        # At the processing tier the answer says (or, without its word, the one asked for,
+        # where it went upstream).
+        tier = call.service_tier or call.asked_tier
+        if tier and (call.service_tier or _sends_tier(ex.provider)):
             price = price.service_tier(tier) or price
         counts = _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
         trace.cost_usd = price.cost(counts) + prices.searches_cost(

@@ -38,7 +38,7 @@ from gateway.tool_fees import UNKNOWN_IMAGE_RATE, base_model
 
 __all__ = [
     "FREE",
-    "SERVICE_TIERS",
+    "UNPRICED_TIERS",
     "Price",
     "PriceBook",
     "Rates",
@@ -62,9 +62,10 @@ _CACHE_LIMIT = 4096
 # lacks it for some OpenAI search models): the most OpenAI's price page asks, $30 a thousand.
 UNKNOWN_SEARCH_PRICE = 0.03
 _DAY = 86400.0
-# OpenAI's processing tiers whose prices differ from the standard ones (`service_tier`), as the
-# price list names them.
-SERVICE_TIERS = ("priority", "flex")
+# Processing tiers (OpenAI's `service_tier`) a request may ask for without a price of its
+# own: the standard one, and "flex", which costs less (charged the standard rates where the
+# list has no flex rates). Any other a key with a USD budget is refused where it is not priced.
+UNPRICED_TIERS = frozenset({"auto", "default", "flex"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +112,8 @@ class Price:
     base: Rates
     tiers: tuple[tuple[int, Rates], ...] = ()  # (prompt tokens above which, rates), ascending
     source: str = "config"
-    # The prices of the processing tiers the price list has for the model (OpenAI's
-    # `service_tier`: "priority", "flex"), by tier.
+    # The prices of the processing tiers the price list has in force for the model (OpenAI's
+    # `service_tier`: "priority", "flex", "fast", ...), by tier.
     service_tiers: tuple[tuple[str, Price], ...] = ()
 
     def service_tier(self, tier: str) -> Price | None:
@@ -326,19 +327,31 @@ def load_database() -> tuple[Lookup, Callable[[], object], frozenset[str]]:
             # (once a model a day at most: the answer is cached by `PriceBook`)
             log.warning("price_refused", provider=provider_id, model=model[:200])
             return None
-        if price is not None and found.price_variants:
+        if price is not None and found.price_variants and any(found is m for m in provider.models):
+            # (A model of another provider the list falls back to keeps its standard prices:
+            # its tiers are that provider's, as `genai_prices`' own pricing has it.)
             tiers = []
-            for tier in SERVICE_TIERS:
-                if any(v.when.get("service_tier") == tier for v in found.price_variants):
-                    priced = _from_database(found.get_prices(now, {"service_tier": tier}))
-                    if priced is not None and _sane(priced):
-                        tiers.append((tier, priced))
+            for tier in _tiers_in_force(found.price_variants, now):
+                priced = _from_database(found.get_prices(now, {"service_tier": tier}))
+                if priced is not None and _sane(priced):
+                    tiers.append((tier, priced))
             if tiers:
                 price = replace(price, service_tiers=tuple(tiers))
         return price
 
     ids = frozenset(p.id for p in data_snapshot.get_snapshot().providers)
     return lookup, data_snapshot.get_snapshot, ids
+
+
+def _tiers_in_force(variants: Any, now: datetime) -> list[str]:
+    """The processing tiers (`service_tier`) a model's price variants price now, in order."""
+    tiers: list[str] = []
+    for variant in variants:
+        tier = variant.when.get("service_tier")
+        active = variant.constraint is None or variant.constraint.active(now)
+        if isinstance(tier, str) and active and tier not in tiers:
+            tiers.append(tier)
+    return tiers
 
 
 def open_book(settings: Settings) -> PriceBook:

@@ -38,6 +38,7 @@ __all__ = [
     "LONGEST_MODEL",
     "MOST_SEARCHES",
     "PARTIAL_IMAGE_TOKENS",
+    "SEARCH_CALL",
     "UNCAPPED_SEARCHES",
     "UNKNOWN_IMAGE_RATE",
     "Item",
@@ -80,8 +81,15 @@ _QUALITIES = frozenset({"low", "medium", "high", "auto"})
 _FORMATS = frozenset({"png", "jpeg", "webp"})  # (one image each: a `gif` is many frames)
 # A dated snapshot of a model (`gpt-image-1-mini-2025-10-06`): the model's table and rate.
 _SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
-# The forced calls of a cut request, cheapest first: one call of the first forced is charged.
-_CHEAPEST_FIRST = ("file_search_call", "image_generation_call", "code_interpreter_call")
+# The forced calls of a cut request, cheapest first: one call of the first forced is charged
+# (a web search at the model's price: `Call.web_searches`).
+SEARCH_CALL = "web_search_call"
+_CHEAPEST_FIRST = (
+    "file_search_call",
+    SEARCH_CALL,
+    "image_generation_call",
+    "code_interpreter_call",
+)
 _SQUARE = 1024 * 1024
 _LARGEST_EDGE = 8192  # (a size past it is no size an image model makes: held as the largest)
 PARTIAL_IMAGE_TOKENS = 100
@@ -157,6 +165,7 @@ class Item(msgspec.Struct):
 
 _TOOL = msgspec.json.Decoder(_Tool)
 _BILLED = frozenset({"file_search_call", "code_interpreter_call", "image_generation_call"})
+_FORCEABLE = _BILLED | {SEARCH_CALL}
 
 
 def _container_price(container: object) -> float:
@@ -194,10 +203,17 @@ def _forced(choice: object, kinds: list[object]) -> str:
             return ""
     else:
         return ""
-    calls = {f"{kind}_call" if isinstance(kind, str) else "" for kind in left}
-    if not calls or not calls <= _BILLED:
+    calls = {_call_of(kind) for kind in left}
+    if not calls or not calls <= _FORCEABLE:
         return ""
     return next(call for call in _CHEAPEST_FIRST if call in calls)
+
+
+def _call_of(kind: object) -> str:
+    """The output item a tool's call is (every web search tool's: `web_search_call`)."""
+    if not isinstance(kind, str):
+        return ""
+    return SEARCH_CALL if kind.startswith("web_search") else f"{kind}_call"
 
 
 class ServerTools:
@@ -206,6 +222,7 @@ class ServerTools:
 
     __slots__ = (
         "_containers",
+        "_given_up",
         "_images",
         "_items",
         "_partials",
@@ -217,6 +234,7 @@ class ServerTools:
         "image_size",
         "most_calls",
         "partial_images",
+        "searches_owed",
         "tools",
         "unpriced",
     )
@@ -239,6 +257,8 @@ class ServerTools:
         self._images = 0
         self._partials = 0
         self.answered = False  # an answer came, whole, terminal or an error: none was cut
+        self._given_up = 0  # attempts given up on, each charged a forced call
+        self.searches_owed = 0  # forced web searches no item showed (`Call.web_searches`)
 
     @classmethod
     def of(
@@ -270,11 +290,12 @@ class ServerTools:
             elif kind != "file_search":
                 continue
             found.add(kind)
-        if not found and not prompt:
+        forced = _forced(choice, kinds) if choice is not None else ""
+        if not found and not prompt and not forced:
             return None
         made = cls(frozenset(found), most_calls if type(most_calls) is int else None)
         made.container_price = container_price or CONTAINER_PRICES["1g"]
-        made.forced = _forced(choice, kinds)
+        made.forced = forced
         if images:
             made._take_images(images)
         elif prompt:
@@ -344,6 +365,13 @@ class ServerTools:
                 images += tokens
         images += self._partials * PARTIAL_IMAGE_TOKENS
         containers = len(set(self._containers.values()))
+        forced = self.forced
+        if self._given_up and forced == "file_search_call":
+            files += self._given_up
+        elif self._given_up and forced == "code_interpreter_call":
+            containers += self._given_up
+        elif self._given_up:
+            images += self._given_up * self._image_tokens()
         return (
             files * FILE_SEARCH_PRICE
             + containers * self.container_price
@@ -384,14 +412,17 @@ class ServerTools:
         if self._partials < self.partial_images * max(1, self._images):
             self._partials += 1
 
-    def cut(self) -> None:
+    def cut(self, searches: int) -> None:
         """The request was cut before its answer (the client hung up, the stream broke): a
-        call its `tool_choice` forced and no item showed is charged all the same, the
-        upstream having it to make. Not after an answer, whole or failed (`answered`)."""
+        call its `tool_choice` forced and no item showed (of `searches` web searches seen,
+        none) is charged all the same, the upstream having it to make. Not after an answer,
+        whole or failed (`answered`)."""
         forced = self.forced
         if self.answered or not forced:
             return
-        if forced == "code_interpreter_call":
+        if forced == SEARCH_CALL:
+            self.searches_owed += not searches
+        elif forced == "code_interpreter_call":
             if not self._containers:
                 self._containers[_UNSEEN] = _UNSEEN
         elif not any(kind == forced for kind, _ in self._items.values()):
@@ -399,15 +430,12 @@ class ServerTools:
 
     def given_up(self, attempts: int) -> None:
         """`attempts` attempts the gateway gave up waiting for had the request upstream: each
-        is charged the call its `tool_choice` forced (their items are never seen)."""
-        forced = self.forced
-        for attempt in range(attempts if forced else 0):
-            key = (_UNSEEN, attempt)
-            if forced == "code_interpreter_call":
-                if self._room():
-                    self._containers[key] = key
-            else:
-                self.take(Item(type=forced), key)
+        is charged the call its `tool_choice` forced (their items are never seen; each made
+        its own, beside what the answering attempt's `max_tool_calls` allows)."""
+        if self.forced == SEARCH_CALL:
+            self.searches_owed += attempts
+        elif self.forced:
+            self._given_up += attempts
 
     def _room(self) -> bool:
         """Whether one more call may be counted (`max_tool_calls`, else `MOST_SEARCHES`)."""

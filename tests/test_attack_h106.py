@@ -385,7 +385,7 @@ def test_plain_requests_hold_and_count_text_only() -> None:
     call = ChatCall(request=req, body=b'{"model":"m","messages":[]}', model=MODEL)
     # (Output is held at the image rate, the text rate of every model but image models.)
     assert call.held(100, 200) == Usage(100, 200, image_output=200)
-    assert not call.priority
+    assert not call.asked_tier
     plain = OpenAIUsage(prompt_tokens=100, completion_tokens=200, total_tokens=300)
     assert _counts(_trace(100, 200), plain) == Usage(100, 200)
 

@@ -272,19 +272,15 @@ async def test_gemini_route_is_not_charged_a_tier_it_never_asked(build: Build) -
     assert row["cost_usd"] == pytest.approx(std(4.0, 20.0)), row
 
 
-# SOUND: Anthropic routes are as before: priority refused to a USD budget (the list has no
-# OpenAI tier rates for Claude), other tier names relayed nowhere and charged the standard
-# rates exactly (claude-sonnet-4-5: $3 / $15).
+# SOUND: on Anthropic routes the tier goes nowhere (the translation drops it, as this file's
+# Gemini test asks): every tier name, priority included, is served and charged the standard
+# rates exactly (claude-sonnet-4-5: $3 / $15). (Priority was refused here before the tiers
+# were known to be dropped on translated routes.)
 async def test_anthropic_route_unchanged(build: Build) -> None:
     up = RawUpstream(anthropic_answer(10_000, 1_000), hold=False)
     gw = await build("anthropic", up, "claude-sonnet-4-5")
     secret = await create_key(gw, budget_usd=5.0)
-    status, answer = await post(
-        gw, secret, "/v1/chat/completions", ASK | {"service_tier": "priority"}
-    )
-    assert status == 400 and answer["error"]["param"] == "service_tier", answer
-    assert up.bodies == []
-    for i, tier in enumerate(("auto", "flex", "default")):
+    for i, tier in enumerate(("auto", "flex", "default", "priority")):
         status, answer = await post(
             gw, secret, "/v1/chat/completions", ASK | {"service_tier": tier}
         )
@@ -593,15 +589,16 @@ STOP = chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
 
 
 # SOUND: whatever a stream's usage chunk says its tier is (wrong types, deep values, other
-# casings, a long string), the stream is relayed whole and charged the standard rates; a
-# tier said in content chunks only is not read (the usage chunk's word counts).
+# casings, a long string), the stream is relayed whole and charged the standard rates. (The
+# first chunk's tier is read since, for a stream cut before its usage chunk: it says none
+# here.)
 @pytest.mark.parametrize(
     "usage_tier",
     [None, 7, ["priority"], {"priority": True}, "PRIORITY", "priority " * 10_000, "default"],
 )
 async def test_hostile_stream_tiers_are_harmless(build: Build, usage_tier: Any) -> None:
     up = stream_of(
-        text_chunk("hi", service_tier="priority"),
+        text_chunk("hi"),
         STOP,
         chunk(choices=[], usage=USAGE, service_tier=usage_tier),
     )

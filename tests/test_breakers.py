@@ -275,7 +275,7 @@ async def test_the_gateways_own_refusals_are_no_verdict_on_a_probed_account() ->
     for refusal in (GatewayStopping(), UpstreamPoolFull("All connections stayed in use.")):
         call = SimpleNamespace(
             is_stream=False, upstream_model="", api_key=None, usage=None, chunks=0,
-            first_byte_at=None, cache_write_tokens=0,
+            first_byte_at=None, cache_write_tokens=0, server_tools=None,
         )  # fmt: skip
         ex: Exchange[Any] = Exchange(
             request=SimpleNamespace(task=asyncio.current_task()),  # type: ignore[arg-type]

@@ -18,7 +18,6 @@ import structlog
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import UpstreamBadResponse, UpstreamError
-from gateway.prices import SERVICE_TIERS
 from gateway.providers._errors import error_from_status
 from gateway.providers.base import Call
 from gateway.schemas.codec import encode
@@ -254,8 +253,12 @@ def response_usage(provider: str, body: bytes, call: Call) -> Usage | None:
 
 
 def served_at(call: Call, tier: object) -> None:
-    """Keep the processing tier an answer says it was served at (`service_tier`) when it is
-    one priced apart (`Call.service_tier`): OpenAI answers "priority" for a request sent with
-    "auto" or none on a project whose default is priority processing, and bills it so."""
-    if isinstance(tier, str) and tier in SERVICE_TIERS:
+    """Keep the processing tier an answer says it was served at (`service_tier`), which it
+    is charged at (`Call.service_tier`): OpenAI answers "priority" for a request sent with
+    "auto" or none on a project whose default is priority processing, and "default" for a
+    priority request past its priority limit, and bills each so."""
+    if isinstance(tier, str) and 0 < len(tier) <= _LONGEST_TIER:
         call.service_tier = tier
+
+
+_LONGEST_TIER = 32  # (OpenAI's are a word; a longer one is no tier, and charged standard)

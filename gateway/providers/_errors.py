@@ -29,8 +29,17 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 
-# An upstream's words for an account whose credit is spent, in a 400 (Anthropic's).
-_CREDIT_SPENT = re.compile(r"credit balance is too low", re.IGNORECASE)
+# Anthropic's whole message for an account whose credit is spent, in a 400. Only the whole
+# message: a 400 about the request may repeat the client's own words (an unknown field's
+# name), which must not take the operator's account out of rotation.
+_CREDIT_SPENT = re.compile(
+    r"\s*Your credit balance is too low to access the Anthropic API\. Please go to Plans & "
+    r"Billing to upgrade or purchase credits\.\s*"
+)
+# OpenRouter's 402 for one request's output limit, which the account's credit does not cover
+# ("This request requires more credits, or fewer max_tokens. ... can only afford N"): the
+# account still serves smaller requests.
+_COSTS_TOO_MUCH = re.compile(r"fewer max_tokens|can only afford")
 
 __all__ = [
     "DECODE_ERRORS",
@@ -133,6 +142,10 @@ def stream_error(provider: str, data: bytes) -> UpstreamError | None:
     code = env.error.code if isinstance(env.error, _OpenAIErrorBody) else None
     if isinstance(code, int) and code >= 400:  # Google's envelope names the HTTP status
         return error_from_status(provider, code, data)
+    if code == "insufficient_quota" or (
+        isinstance(env.error, _OpenAIErrorBody) and env.error.type == "insufficient_quota"
+    ):
+        return error_from_status(provider, 429, data)  # (the account's credit: as its 429)
     message = (
         env.error.message if isinstance(env.error, _OpenAIErrorBody) else env.error or env.message
     )
@@ -157,6 +170,12 @@ def error_from_status(
     if status == 402:
         # OpenRouter and DeepSeek: the operator's balance is spent. Like insufficient_quota,
         # our account's problem (another account may do), and its text names the account.
+        if _COSTS_TOO_MUCH.search(message):
+            return UpstreamOutOfCredit(
+                f"The upstream provider '{provider}' account's credit does not cover this "
+                "request's output limit (HTTP 402); a request with a lower max_tokens may fit.",
+                whole_account=False,
+            )
         return UpstreamOutOfCredit(
             f"The upstream provider '{provider}' account is out of credit (HTTP 402)."
         )
@@ -179,7 +198,7 @@ def error_from_status(
             if retry_after is not None
             else parse_retry_after(delays[0] if delays else None),
         )
-    if status == 400 and _CREDIT_SPENT.search(message):
+    if status == 400 and _CREDIT_SPENT.fullmatch(message):
         # Anthropic's "Your credit balance is too low to access the Anthropic API": the
         # operator's account, not the request (and its text is not relayed).
         return UpstreamOutOfCredit(

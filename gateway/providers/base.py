@@ -77,9 +77,9 @@ class Call(msgspec.Struct, kw_only=True):
         held_searches: the web searches admission holds beyond `web_searches` (a Responses or
             Messages server tool's limit), on the routes with capability `searches_on` (the
             pass-through that runs such tools: translated, the request is refused).
-        service_tier: the processing tier an OpenAI-compatible answer says it was served at,
-            when it is one priced apart (`prices.SERVICE_TIERS`: "priority", "flex"), so
-            charged at its rates; "" otherwise.
+        service_tier: the processing tier an OpenAI-compatible answer says it was served at
+            (`_answers.served_at`), charged at its rates where the price list has them; ""
+            when it said none.
         server_tools: a Responses request's built-in tools that bill beyond tokens and
             searches (file search, code interpreter, image generation), and the calls of
             them its answer made (`tool_fees`); held and charged as `held_searches` are.
@@ -137,10 +137,10 @@ class Call(msgspec.Struct, kw_only=True):
         return False
 
     @property
-    def priority(self) -> bool:
-        """Whether the request asks for OpenAI's priority processing (`service_tier`), billed
-        at rates of its own."""
-        return False
+    def asked_tier(self) -> str:
+        """The processing tier the request asks for (OpenAI's `service_tier`, some billed at
+        rates of their own), "" for none."""
+        return ""
 
     def held(self, prompt: int, output: int) -> Counts:
         """What admission prices a hold of `prompt` and `output` tokens as: text, unless the
@@ -214,8 +214,9 @@ class ChatCall(Call, kw_only=True):
         return size if stored is None else size + stored
 
     @property
-    def priority(self) -> bool:
-        return self.request.service_tier == "priority"
+    def asked_tier(self) -> str:
+        tier = self.request.service_tier
+        return tier if isinstance(tier, str) else ""
 
     def held(self, prompt: int, output: int) -> Counts:
         """Audio asked for out (`modalities`) holds the whole output limit at the audio rate,

@@ -79,6 +79,11 @@ class CompletionCall(Call, kw_only=True):
     def unseen_output(self) -> bool:
         return self.request.unseen_choices
 
+    @property
+    def asked_tier(self) -> str:
+        tier = self.request.service_tier
+        return tier if isinstance(tier, str) else ""
+
     def cap_output(self, default: int) -> None:
         if self.max_tokens is None:
             self.output_cap = default

@@ -18,6 +18,7 @@ Upstreams with `responses_api = true` also get `/v1/responses` requests as they 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 
 import aiohttp
@@ -55,6 +56,20 @@ class _ChunkUsageView(msgspec.Struct):
 
 
 _CHUNK_USAGE = msgspec.json.Decoder(_ChunkUsageView)
+
+
+class _TierView(msgspec.Struct):
+    service_tier: object = None
+
+
+_TIER = msgspec.json.Decoder(_TierView)
+
+
+def _first_tier(call: Call, data: bytes) -> None:
+    """The processing tier a stream's first chunk says it is served at (`served_at`): what a
+    stream cut before its usage chunk is charged at."""
+    with contextlib.suppress(msgspec.MsgspecError, RecursionError):  # (checked on the way)
+        served_at(call, _TIER.decode(data).service_tier)
 
 
 class OpenAIProvider:
@@ -158,6 +173,10 @@ class OpenAIProvider:
             run = run[: -len(DONE_EVENT)]
             if not run:
                 return [], True, None
+        if call.chunks == 0 and not call.service_tier and run.startswith(b"data: "):
+            line = run[6 : run.find(b"\n")]  # (the first event: `_keep` does not see it)
+            if line.find(b'"service_tier"') >= 0:
+                _first_tier(call, line)
         plain, end = (0, 0) if self._looks_at(run) else check.see_run(run)
         call.chunks += plain
         if end == len(run):
@@ -190,6 +209,8 @@ class OpenAIProvider:
         `usage` is an object (not null, not one nested in a choice or in an error), as
         `StreamCheck.see_run` reads a chunk, so a read gives what its events one by one give.
         """
+        if call.chunks == 0 and not call.service_tier and data.find(b'"service_tier"') >= 0:
+            _first_tier(call, data)  # (each chunk says it: a cut stream keeps the first's)
         # (`find` for `in`: see `_sse`)
         if data.startswith(b'{"error"') or data.find(b'"error":', 0, 16) >= 0:
             error = stream_error(self.config.name, data)

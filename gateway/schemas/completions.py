@@ -30,6 +30,7 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | UnsetType | None = UNSET
     best_of: Annotated[int, msgspec.Meta(ge=1, le=20)] | UnsetType | None = UNSET
     suffix: str | UnsetType | None = UNSET  # (after each prompt: input the upstream bills)
+    service_tier: str | UnsetType | None = UNSET  # (some tiers billed at rates of their own)
 
     @property
     def is_stream(self) -> bool:
