@@ -111,7 +111,8 @@ def _use(ex: Exchange[Any], route: Route) -> None:
 
 
 def _forget(call: Call) -> None:
-    """Clear what an attempt left in the call (its usage, chunks, first byte), so that it is
+    """Clear what an attempt left in the call (its usage, chunks, first byte, the tier it was
+    served at, whether its answer came), so that it is
     charged nothing of its own: a failed stream attempt costs what `Exchange.unanswered`
     counts, whether or not another attempt follows (`pipeline._account` would otherwise
     estimate the last one, e.g. a stream whose first event was an error, as if it had
