@@ -159,8 +159,12 @@ def _next_route(
     retries); None when nothing is left, or the upstreams asked for a pause or refused every
     account."""
     routes, tried = ex.routes, len(failures)
+    # (An account whose credit does not cover this request is not tried for it again.)
+    priced_out = {a for e, a in failures if isinstance(e, UpstreamOutOfCredit)} if tried else ()
     for offset in range(len(routes)):
         route = routes[(tried + offset) % len(routes)]
+        if route.account in priced_out:
+            continue
         claim = breakers.attempt(route.account)
         if claim is not None:
             return route, claim

@@ -30,7 +30,7 @@ from gateway.errors import (
 )
 from gateway.failover import Exchange, attempt_each, stream_ended
 from gateway.media import Estimate, image_tokens
-from gateway.prices import UNPRICED_TIERS, Price, PriceBook, Usage
+from gateway.prices import SPEED, UNPRICED_TIERS, Price, PriceBook, Usage
 from gateway.providers import ChatReply
 from gateway.providers.base import (
     UNBOUNDED,
@@ -198,12 +198,20 @@ async def open_exchange(
         _require_prices(prices, model_id, routes)
         tier = call.asked_tier
         if tier and tier not in UNPRICED_TIERS and not _tier_priced(prices, tier, routes):
+            field, value = (
+                ("speed", tier[len(SPEED) :])
+                if tier.startswith(SPEED)
+                else (
+                    "service_tier",
+                    tier,
+                )
+            )
             raise InvalidRequest(
-                f"'service_tier': {tier[:32]!r} is not supported for this API key on this "
-                "model: that processing is billed at rates the gateway's prices do not have "
-                "for it, so it could not be counted against the key's USD budget. Send the "
-                "request without it.",
-                param="service_tier",
+                f"'{field}': {value[:32]!r} is not supported for this API key on this model: "
+                "that processing is billed at rates the gateway's prices do not have for it, "
+                "so it could not be counted against the key's USD budget. Send the request "
+                "without it.",
+                param=field,
                 code="unsupported_value",
             )
     try:  # (set by `middleware.gateway` on every model request; not Mapping.get's two calls)
@@ -221,7 +229,7 @@ def _tier_priced(prices: PriceBook, tier: str, routes: list[Route]) -> bool:
     """Whether every route that sends the request's `service_tier` upstream (`_sends_tier`)
     has the price list's rates for `tier`."""
     for route in routes:
-        if not _sends_tier(route.provider):
+        if not _sends_tier(route.provider, tier):
             continue  # (translated without it: served, and charged, at the standard rates)
         price = prices.price(route.model, route.provider.config, route.upstream_model)
         if price is None or price.service_tier(tier) is None:
@@ -229,9 +237,12 @@ def _tier_priced(prices: PriceBook, tier: str, routes: list[Route]) -> bool:
     return True
 
 
-def _sends_tier(provider: Provider) -> bool:
-    """Whether requests to `provider` keep their `service_tier` (OpenAI-compatible upstreams;
-    the Anthropic and Gemini translations drop it)."""
+def _sends_tier(provider: Provider, tier: str) -> bool:
+    """Whether requests to `provider` keep what asks for `tier` (`Call.asked_tier`): the
+    `service_tier` of OpenAI-compatible upstreams (the Anthropic and Gemini translations drop
+    it), Anthropic's `speed` on its own Messages pass-through (translations drop it)."""
+    if tier.startswith(SPEED):
+        return provider.config.type == "anthropic"
     return provider.config.type in _TIERED
 
 
@@ -288,7 +299,7 @@ async def _charge(
         if price is None:
             continue
         tier = call.asked_tier
-        if tier and _sends_tier(r.provider):  # (held at its tier's rates where listed)
+        if tier and _sends_tier(r.provider, tier):  # (held at its tier's rates where listed)
             price = price.service_tier(tier) or price
         count = likely.web_searches
         on = call.searches_on
@@ -580,7 +591,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         # At the processing tier the answer says (or, without its word, the one asked for,
         # where it went upstream).
         tier = call.service_tier or call.asked_tier
-        if tier and (call.service_tier or _sends_tier(ex.provider)):
+        if tier and (call.service_tier or _sends_tier(ex.provider, tier)):
             price = price.service_tier(tier) or price
         counts = _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
         trace.cost_usd = price.cost(counts) + prices.searches_cost(

@@ -38,6 +38,7 @@ from gateway.tool_fees import UNKNOWN_IMAGE_RATE, base_model
 
 __all__ = [
     "FREE",
+    "SPEED",
     "UNPRICED_TIERS",
     "Price",
     "PriceBook",
@@ -65,7 +66,10 @@ _DAY = 86400.0
 # Processing tiers (OpenAI's `service_tier`) a request may ask for without a price of its
 # own: the standard one, and "flex", which costs less (charged the standard rates where the
 # list has no flex rates). Any other a key with a USD budget is refused where it is not priced.
-UNPRICED_TIERS = frozenset({"auto", "default", "flex"})
+UNPRICED_TIERS = frozenset({"auto", "default", "flex", "on_demand", "standard", "speed=standard"})
+# Anthropic's `speed` (its fast mode) is priced as a tier named `speed=<value>`.
+SPEED = "speed="
+_VARIANT_KEYS = {"service_tier": "", "speed": SPEED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,8 +335,8 @@ def load_database() -> tuple[Lookup, Callable[[], object], frozenset[str]]:
             # (A model of another provider the list falls back to keeps its standard prices:
             # its tiers are that provider's, as `genai_prices`' own pricing has it.)
             tiers = []
-            for tier in _tiers_in_force(found.price_variants, now):
-                priced = _from_database(found.get_prices(now, {"service_tier": tier}))
+            for tier, context in _tiers_in_force(found.price_variants, now):
+                priced = _from_database(found.get_prices(now, context))
                 if priced is not None and _sane(priced):
                     tiers.append((tier, priced))
             if tiers:
@@ -343,14 +347,21 @@ def load_database() -> tuple[Lookup, Callable[[], object], frozenset[str]]:
     return lookup, data_snapshot.get_snapshot, ids
 
 
-def _tiers_in_force(variants: Any, now: datetime) -> list[str]:
-    """The processing tiers (`service_tier`) a model's price variants price now, in order."""
-    tiers: list[str] = []
+def _tiers_in_force(variants: Any, now: datetime) -> list[tuple[str, dict[str, str]]]:
+    """The processing tiers a model's price variants price now, in order: each as its name
+    (a `service_tier`, or `speed=<value>`) and the request context that selects it."""
+    tiers: list[tuple[str, dict[str, str]]] = []
     for variant in variants:
-        tier = variant.when.get("service_tier")
+        when = variant.when
         active = variant.constraint is None or variant.constraint.active(now)
-        if isinstance(tier, str) and active and tier not in tiers:
-            tiers.append(tier)
+        if not active or len(when) != 1:
+            continue
+        ((key, value),) = when.items()
+        prefix = _VARIANT_KEYS.get(key)
+        if prefix is not None and isinstance(value, str):
+            tier = prefix + value
+            if all(tier != name for name, _ in tiers):
+                tiers.append((tier, {key: value}))
     return tiers
 
 

@@ -92,6 +92,7 @@ async def _begin(
             held_searches=_searches_at_most(req),
             searches_on=MessagesPassThrough,
             held_writes=_cache_writes(body),
+            speed=req.speed[:32] if isinstance(req.speed, str) else "",
         )
 
     ex = await pipeline.open_exchange(request, req.model, messages_call, free=free)

@@ -122,6 +122,7 @@ class MessagesRequest(msgspec.Struct):
     top_k: Annotated[int, msgspec.Meta(ge=0)] | UnsetType | None = UNSET
     tools: list[MessagesTool] | UnsetType | None = UNSET
     tool_choice: MessagesToolChoice | UnsetType | None = UNSET
+    speed: str | UnsetType | None = UNSET  # (Anthropic's fast mode: billed at its own rates)
     thinking: MessagesThinking | UnsetType | None = UNSET
     metadata: MessagesMetadata | UnsetType | None = UNSET
     output_config: MessagesOutputConfig | UnsetType | None = UNSET

@@ -36,10 +36,11 @@ _CREDIT_SPENT = re.compile(
     r"\s*Your credit balance is too low to access the Anthropic API\. Please go to Plans & "
     r"Billing to upgrade or purchase credits\.\s*"
 )
-# OpenRouter's 402 for one request's output limit, which the account's credit does not cover
-# ("This request requires more credits, or fewer max_tokens. ... can only afford N"): the
-# account still serves smaller requests.
-_COSTS_TOO_MUCH = re.compile(r"fewer max_tokens|can only afford")
+# OpenRouter's 402 for one request, larger than the account's credit covers ("This request
+# requires more credits, or fewer max_tokens. ... can only afford N", "Prompt tokens limit
+# exceeded: N > M"): the account still serves smaller requests, unless it can afford nothing.
+_COSTS_TOO_MUCH = re.compile(r"fewer max_tokens|can only afford|Prompt tokens limit exceeded")
+_AFFORDS_NOTHING = re.compile(r"can only afford 0\b")
 
 __all__ = [
     "DECODE_ERRORS",
@@ -170,7 +171,7 @@ def error_from_status(
     if status == 402:
         # OpenRouter and DeepSeek: the operator's balance is spent. Like insufficient_quota,
         # our account's problem (another account may do), and its text names the account.
-        if _COSTS_TOO_MUCH.search(message):
+        if _COSTS_TOO_MUCH.search(message) and not _AFFORDS_NOTHING.search(message):
             return UpstreamOutOfCredit(
                 f"The upstream provider '{provider}' account's credit does not cover this "
                 "request's output limit (HTTP 402); a request with a lower max_tokens may fit.",

@@ -182,6 +182,8 @@ class ChatCall(Call, kw_only=True):
         response_id: the id of the response a Responses pass-through upstream answered with.
         held_writes: the prompt-cache writes admission holds the prompt as ("5m", "1h": a
             Messages request that marks blocks `cache_control`; "": none).
+        speed: a Messages request's `speed` (Anthropic's "fast" mode, billed at rates of its
+            own on its pass-through: `asked_tier`); "" none.
     """
 
     request: ChatCompletionRequest
@@ -189,6 +191,7 @@ class ChatCall(Call, kw_only=True):
     stored_prompt: Estimate | None = None
     response_id: str | None = None
     held_writes: str = ""
+    speed: str = ""
 
     def _fields(self) -> dict[str, msgspec.Raw]:
         return raw_fields(self.request)
@@ -215,6 +218,8 @@ class ChatCall(Call, kw_only=True):
 
     @property
     def asked_tier(self) -> str:
+        if self.speed:  # (Anthropic's fast mode: `prices.SPEED`)
+            return f"speed={self.speed}"
         tier = self.request.service_tier
         return tier if isinstance(tier, str) else ""
 
