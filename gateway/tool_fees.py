@@ -249,10 +249,10 @@ class ServerTools:
         self.container_price = CONTAINER_PRICES["1g"]
         self.forced = ""  # the call type `tool_choice` forces ("" none)
         self.unpriced = ""  # the field of a request whose calls no published price covers
-        # Calls counted, by item id (or place): their type and, for an image, its tokens.
+        # Calls counted, by their place in the output (or id): type and, for an image, tokens.
         self._items: dict[object, tuple[object, int]] = {}
-        # Code interpreter calls by item id (or place): the container each ran in (one may
-        # serve several; a call seen before its container id is said counts once).
+        # Code interpreter calls by place (or id): the container each ran in (one may serve
+        # several; a call seen before its container id is said counts once).
         self._containers: dict[object, object] = {}
         self._images = 0
         self._partials = 0
