@@ -184,6 +184,7 @@ class BreakerBoard:
         *,
         counted: bool = True,
         rate_limited: bool = True,
+        at_once: bool = False,
     ) -> None:
         """Record a failure: out of rotation after too many, or for the upstream's retry-after.
 
@@ -191,6 +192,8 @@ class BreakerBoard:
             counted: False for a further failure of an account within the same request: a
                 request's retries are one failure.
             rate_limited: the failure was a 429 (else a 5xx), for what a refusal reports.
+            at_once: out for `cooldown` at this one failure, as after too many (an account
+                that may be out of credit: OpenRouter's "can only afford 0").
         """
         now = self.clock()
         breaker = self._get(account)
@@ -206,7 +209,7 @@ class BreakerBoard:
         if retry_after is not None and retry_after > 0:
             pause = min(retry_after, self.max_pause)
             cause = _Cause.RATE_LIMITED if rate_limited else _Cause.UNAVAILABLE
-        elif decisive or len(breaker.failures) >= self.threshold:
+        elif decisive or at_once or len(breaker.failures) >= self.threshold:
             pause, cause = self.cooldown, _Cause.FAILURES
         else:
             return

@@ -278,12 +278,16 @@ class UpstreamOutOfCredit(UpstreamError):
     code = "upstream_quota_exhausted"
     should_retry = False
 
-    def __init__(self, message: str, *, whole_account: bool = True) -> None:
+    def __init__(self, message: str, *, whole_account: bool = True, counts: bool = False) -> None:
         super().__init__(message)
         # False: only this request costs more than the credit left (OpenRouter's 402 for an
         # output limit): another account may answer it, and this one still serves others.
         self.whole_account = whole_account
         self.retryable = not whole_account  # (then another account is tried at once)
+        # With `whole_account` False: the account may be spent all the same (OpenRouter's
+        # "can only afford 0"), so it counts as a failure that takes it out for `cooldown`
+        # (`Fault.UPSTREAM`, `failover.attempt_each`), not for `auth_cooldown` as a spent one.
+        self.counts = counts
 
 
 class Fault(enum.Enum):
@@ -311,7 +315,9 @@ def fault_of(exc: GatewayError) -> Fault:
         return Fault.CREDENTIALS
     if isinstance(exc, UpstreamOutOfCredit):  # (unusable until the operator acts; or, where
         # only this request costs more than is left, no verdict on the account)
-        return Fault.CREDENTIALS if exc.whole_account else Fault.NONE
+        if exc.whole_account:
+            return Fault.CREDENTIALS
+        return Fault.UPSTREAM if exc.counts else Fault.NONE
     return Fault.UPSTREAM
 
 

@@ -287,6 +287,8 @@ async def attempt_each(
                         claim,
                         counted=all(a != account for _, a in failures),
                         rate_limited=isinstance(exc, UpstreamRateLimited),
+                        # (maybe spent: out for `cooldown` at once, not disabled)
+                        at_once=isinstance(exc, UpstreamOutOfCredit),
                     )
                     if not exc.retryable:
                         raise  # the account's fault, but not one another route is tried for

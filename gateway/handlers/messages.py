@@ -66,6 +66,28 @@ def _headers(request: web.Request) -> dict[str, str]:
     return out
 
 
+class _Fallback(msgspec.Struct):
+    speed: object = None
+
+
+_FALLBACK = msgspec.json.Decoder(_Fallback)
+
+
+def _speed(req: MessagesRequest) -> str:
+    """The speed the request asks for (Anthropic's fast mode, billed at rates of its own):
+    its `speed`, or "fast" when a model of its `fallbacks` (the server-side fallback beta) is
+    asked for at it, which Anthropic may serve it at; "" none."""
+    speed = req.speed if isinstance(req.speed, str) else ""
+    for raw in req.fallbacks or ():
+        try:
+            asked = _FALLBACK.decode(raw).speed
+        except (msgspec.MsgspecError, RecursionError):
+            continue  # (the upstream refuses it)
+        if asked == "fast":
+            return asked
+    return speed[:32]
+
+
 def _native(route: Route) -> MessagesPassThrough:
     # native_first gives relayed() only routes that have the capability.
     return cast(MessagesPassThrough, route.provider)
@@ -92,7 +114,7 @@ async def _begin(
             held_searches=_searches_at_most(req),
             searches_on=MessagesPassThrough,
             held_writes=_cache_writes(body),
-            speed=req.speed[:32] if isinstance(req.speed, str) else "",
+            speed=_speed(req),
         )
 
     ex = await pipeline.open_exchange(request, req.model, messages_call, free=free)

@@ -38,7 +38,8 @@ _CREDIT_SPENT = re.compile(
 )
 # OpenRouter's 402 for one request, larger than the account's credit covers ("This request
 # requires more credits, or fewer max_tokens. ... can only afford N", "Prompt tokens limit
-# exceeded: N > M"): the account still serves smaller requests, unless it can afford nothing.
+# exceeded: N > M"): the account still serves smaller requests; one that can afford nothing
+# may be spent, or this prompt may leave nothing: a failure of the account, not a disabling.
 _COSTS_TOO_MUCH = re.compile(r"fewer max_tokens|can only afford|Prompt tokens limit exceeded")
 _AFFORDS_NOTHING = re.compile(r"can only afford 0\b")
 
@@ -171,11 +172,13 @@ def error_from_status(
     if status == 402:
         # OpenRouter and DeepSeek: the operator's balance is spent. Like insufficient_quota,
         # our account's problem (another account may do), and its text names the account.
-        if _COSTS_TOO_MUCH.search(message) and not _AFFORDS_NOTHING.search(message):
+        if _COSTS_TOO_MUCH.search(message):
+            # ("can only afford 0": spent, or this prompt leaves nothing: one failure.)
             return UpstreamOutOfCredit(
                 f"The upstream provider '{provider}' account's credit does not cover this "
                 "request's output limit (HTTP 402); a request with a lower max_tokens may fit.",
                 whole_account=False,
+                counts=bool(_AFFORDS_NOTHING.search(message)),
             )
         return UpstreamOutOfCredit(
             f"The upstream provider '{provider}' account is out of credit (HTTP 402)."

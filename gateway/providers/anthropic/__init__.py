@@ -46,6 +46,7 @@ class AnthropicProvider:
 
     def _body(self, call: ChatCall, *, stream: bool) -> tuple[bytes, JsonTool | None]:
         request, json_tool = to_anthropic(call, self.config.default_max_tokens, stream=stream)
+        call.speed = ""  # (the translation sends no `speed`: served, and charged, standard)
         return encode(request), json_tool
 
     async def chat(self, call: ChatCall) -> ChatReply:

@@ -8,7 +8,8 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import UpstreamError, UpstreamUnavailable
-from gateway.providers._answers import read_usage
+from gateway.prices import SPEED
+from gateway.providers._answers import read_usage, served_at
 from gateway.providers._errors import DECODE_ERRORS
 from gateway.providers._translate import ChunkWriter, HeldAnswer, completion_body, message
 from gateway.providers.anthropic.order import Order
@@ -142,14 +143,17 @@ class UsageTally:
 
     def billed(self, call: ChatCall) -> None:
         """Into the call, what is priced beside the token counts: the prompt-cache writes
-        (an hour's apart) and the web searches (the count reported, or the searches seen
-        started when it is less: a stream cut before its closing count)."""
+        (an hour's apart), the web searches (the count reported, or the searches seen
+        started when it is less: a stream cut before its closing count) and the speed it was
+        served at."""
         usage = self.usage
         if self.readable:
             call.cache_write_tokens = usage.cache_creation_input_tokens or 0
             hour = usage.detail("cache_creation", "ephemeral_1h_input_tokens")
             call.cache_write_1h_tokens = min(hour, call.cache_write_tokens)
             searches = usage.detail("server_tool_use", "web_search_requests")
+            if isinstance(usage.speed, str) and usage.speed:
+                served_at(call, SPEED + usage.speed)  # (its word on fast mode: `prices.SPEED`)
         else:
             call.cache_write_tokens = call.cache_write_1h_tokens = searches = 0
         call.web_searches = max(call.web_searches, searches, self.searches)

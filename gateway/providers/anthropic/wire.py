@@ -112,6 +112,7 @@ class AnthropicUsage(msgspec.Struct):
     # `detail`: one in an odd shape costs that detail, not the counts beside it.
     cache_creation: object = None
     server_tool_use: object = None
+    speed: object = None  # (the speed it was served at: fast mode's rates apart)
 
     def detail(self, name: str, field: str) -> int:
         """The count `field` of the detail object `name` (0: none, or not a count)."""
