@@ -30,7 +30,7 @@ from gateway.errors import (
 )
 from gateway.failover import Exchange, attempt_each, stream_ended
 from gateway.media import Estimate, image_tokens
-from gateway.prices import SPEED, UNPRICED_TIERS, Price, PriceBook, Usage
+from gateway.prices import SPEED, STANDARD_TIERS, UNPRICED_TIERS, Price, PriceBook, Usage
 from gateway.providers import ChatReply
 from gateway.providers.base import (
     UNBOUNDED,
@@ -299,7 +299,8 @@ async def _charge(
         if price is None:
             continue
         tier = call.asked_tier
-        if tier and _sends_tier(r.provider, tier):  # (held at its tier's rates where listed)
+        if tier and tier not in STANDARD_TIERS and _sends_tier(r.provider, tier):
+            # (held at its tier's rates where listed)
             price = price.service_tier(tier) or price
         count = likely.web_searches
         on = call.searches_on
@@ -591,7 +592,11 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         # At the processing tier the answer says (or, without its word, the one asked for,
         # where it went upstream).
         tier = call.service_tier or call.asked_tier
-        if tier and (call.service_tier or _sends_tier(ex.provider, tier)):
+        if (
+            tier
+            and tier not in STANDARD_TIERS
+            and (call.service_tier or _sends_tier(ex.provider, tier))
+        ):
             price = price.service_tier(tier) or price
         counts = _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
         trace.cost_usd = price.cost(counts) + prices.searches_cost(

@@ -39,6 +39,7 @@ from gateway.tool_fees import UNKNOWN_IMAGE_RATE, base_model
 __all__ = [
     "FREE",
     "SPEED",
+    "STANDARD_TIERS",
     "UNPRICED_TIERS",
     "Price",
     "PriceBook",
@@ -66,7 +67,8 @@ _DAY = 86400.0
 # Processing tiers (OpenAI's `service_tier`) a request may ask for without a price of its
 # own: the standard one, and "flex", which costs less (charged the standard rates where the
 # list has no flex rates). Any other a key with a USD budget is refused where it is not priced.
-UNPRICED_TIERS = frozenset({"auto", "default", "flex", "on_demand", "standard", "speed=standard"})
+STANDARD_TIERS = frozenset({"auto", "default", "on_demand", "standard", "speed=standard"})
+UNPRICED_TIERS = STANDARD_TIERS | {"flex"}
 # Anthropic's `speed` (its fast mode) is priced as a tier named `speed=<value>`.
 SPEED = "speed="
 _VARIANT_KEYS = {"service_tier": "", "speed": SPEED}
