@@ -23,6 +23,7 @@ import gc
 import io
 import time
 import tracemalloc
+from types import SimpleNamespace
 from typing import Any
 
 import anthropic
@@ -30,9 +31,10 @@ import msgspec
 import pytest
 
 from gateway.gauges import _breakers
-from gateway.handlers.messages import _speed
+from gateway.handlers.messages import _refuse_fallbacks
 from gateway.messages.schema import MessagesRequest
 from gateway.schemas.codec import decode_body
+from gateway.state import PRINCIPAL_KEY
 from tests.conftest import app_of, create_key, router_of
 from tests.raw_upstream import STREAM_HEAD, RawUpstream, auth, sse
 from tests.test_attack_h105 import Build, build, row_and_spend, whole
@@ -120,7 +122,7 @@ def with_fallbacks(raw: bytes) -> bytes:
 async def test_fallbacks_default_is_relayed(build: Build) -> None:
     up = RawUpstream(opus_answer("standard"), hold=False)
     gw = await build("anthropic", up, OPUS)
-    secret = await create_key(gw, budget_usd=5.0)
+    secret = await create_key(gw, budget_tokens=10**9)  # (a USD budget is refused `fallbacks`)
     client = sdk(gw, secret)
     try:
         done = await client.beta.messages.create(
@@ -207,7 +209,7 @@ async def test_a_fallback_model_is_charged_at_its_own_rates(build: Build) -> Non
 async def test_odd_fallbacks_do_not_crash(build: Build, raw: bytes, status: int) -> None:
     up = RawUpstream(opus_answer(None, model=HAIKU), hold=False)
     gw = await build("anthropic", up, HAIKU)
-    secret = await create_key(gw, budget_usd=5.0)
+    secret = await create_key(gw, budget_tokens=10**9)  # (a USD budget is refused `fallbacks`)
     got, body = await post_raw(gw, secret, "/v1/messages", with_fallbacks(raw), FALLBACK_BETA)
     assert got == status, body
     if status == 200:
@@ -239,11 +241,10 @@ async def test_fast_fallback_spellings(build: Build, raw: bytes, refused: bool) 
     gw = await build("anthropic", up, HAIKU)
     secret = await create_key(gw, budget_usd=5.0)
     status, body = await post_raw(gw, secret, "/v1/messages", with_fallbacks(raw), FALLBACK_BETA)
-    if refused:
-        assert status == 400 and not up.bodies, (status, body)
-        assert "speed" in body["error"]["message"], body
-    else:
-        assert status == 200, body
+    # (Since the fix of this file's fallback-model finding, a USD budget is refused any
+    # `fallbacks`, however its speeds are spelled: `refused` no longer tells them apart.)
+    assert status == 400 and not up.bodies, (status, body)
+    assert body["error"]["message"].startswith("fallbacks:"), body
 
 
 # SOUND: a long `fallbacks` list of OBJECTS is cheap: 25,000 entries (~1 MB) are read for
@@ -252,7 +253,7 @@ async def test_fast_fallback_spellings(build: Build, raw: bytes, refused: bool) 
 async def test_a_huge_fallbacks_list_is_cheap(build: Build) -> None:
     up = RawUpstream(opus_answer(None, model=HAIKU), hold=False)
     gw = await build("anthropic", up, HAIKU)
-    secret = await create_key(gw, budget_usd=5.0)
+    secret = await create_key(gw, budget_tokens=10**9)  # (a USD budget is refused `fallbacks`)
     raw = b"[" + b",".join([b'{"model": "x", "speed": "standard"}'] * 25_000) + b"]"
     started = time.perf_counter()
     resp = await gw.post(
@@ -298,7 +299,10 @@ def test_a_long_fallbacks_list_of_scalars_is_cheap() -> None:
     finally:
         tracemalloc.stop()
     started = time.perf_counter()
-    assert _speed(req) == ""
+    # (Since the fix, `fallbacks` is one `Raw`, never walked: a key that may send it has it
+    # relayed, one that may not is refused by its presence alone.)
+    free = SimpleNamespace(key=SimpleNamespace(budget_usd=None, models=[]))
+    _refuse_fallbacks({PRINCIPAL_KEY: free}, req)  # type: ignore[arg-type]
     read = time.perf_counter() - started
     assert held < 8 * len(body), (held / 2**20, len(body) / 2**20)
     assert read < 10 * max(baseline, decoded / 10), (read, baseline, decoded)
@@ -423,13 +427,14 @@ async def test_cut_stream_keeps_the_speed_said(
 
 
 # SOUND: a client that hangs up before `message_start` arrives on a request that asked fast
-# through a `fallbacks` entry is charged its estimate at the fast rates (what it asked; the
-# answer never said otherwise), not the standard ones.
+# is charged its estimate at the fast rates (what it asked; the answer never said otherwise),
+# not the standard ones. (Asked through a `fallbacks` entry at first; a USD budget is refused
+# `fallbacks` since, so the top-level `speed` asks here.)
 async def test_hang_up_before_message_start_is_charged_as_asked(build: Build) -> None:
     up = RawUpstream(STREAM_HEAD, hold=True)
     gw = await build("anthropic", up, OPUS)
     secret = await create_key(gw, budget_usd=5.0)
-    body = MSG | {"stream": True, "fallbacks": [{"model": OPUS, "speed": "fast"}]}
+    body = MSG | {"stream": True, "speed": "fast"}
     task = asyncio.ensure_future(gw.post("/v1/messages", json=body, headers=auth(secret)))
     await asyncio.wait_for(up.seen.wait(), 5)
     await asyncio.sleep(0.05)
@@ -485,7 +490,7 @@ async def test_sdk_fast_fallback(
     )
     up = RawUpstream(reply, hold=False)
     gw = await build("anthropic", up, OPUS)
-    secret = await create_key(gw, budget_usd=5.0)
+    secret = await create_key(gw, budget_tokens=10**9)  # (a USD budget is refused `fallbacks`)
     client = sdk(gw, secret)
     args: dict[str, Any] = {
         "model": "m",
@@ -519,7 +524,10 @@ async def test_fast_fallback_is_held_fast(build: Build) -> None:
     body = MSG | {"fallbacks": [{"model": OPUS, "speed": "fast"}]}
     status, out = await call(gw, secret, "/v1/messages", body)
     assert status != 200 and not up.bodies, (status, out)
+    # (Any `fallbacks` is refused to a USD budget since; the request without them passes.)
     status, out = await call(gw, secret, "/v1/messages", MSG | {"fallbacks": [{"model": OPUS}]})
+    assert status == 400 and out["error"]["message"].startswith("fallbacks:"), out
+    status, out = await call(gw, secret, "/v1/messages", MSG)
     assert status == 200, out
 
 
@@ -655,6 +663,12 @@ async def test_afford_nothing_does_not_advise_a_lower_max_tokens(two: Build2) ->
 # with room to spare), or take the account out only once another account answered "afford 0"
 # to a smaller request; at least do not fail the same prompt over to every account (an
 # "afford 0" for a prompt says the prompt is the likely cause).
+@pytest.mark.xfail(
+    strict=True,
+    reason='known trade-off (docs/operations.md): "can only afford 0" takes an account out '
+    "for `cooldown` at once, as test_attack_h118 asks of a spent account; panic mode keeps "
+    "the model served meanwhile",
+)
 async def test_one_request_does_not_take_every_account_out(two: Build2) -> None:
     def reply(path: str, body: dict[str, Any], key: str) -> bytes:
         if len(body["messages"][0]["content"]) > 1_000:  # (the prompt leaves no output)
@@ -676,7 +690,7 @@ async def test_one_request_does_not_take_every_account_out(two: Build2) -> None:
 async def test_translated_request_drops_speed_and_fallbacks(build: Build) -> None:
     up = Scripted(lambda path, body, key: chat_ok())
     gw = await build("openai", up, "openai/gpt-4o-mini", fields={"pricing": "openrouter"})
-    secret = await create_key(gw, budget_usd=5.0)
+    secret = await create_key(gw, budget_tokens=10**9)  # (a USD budget is refused `fallbacks`)
     body = MSG | {"speed": "fast", "fallbacks": [{"model": OPUS, "speed": "fast"}]}
     status, out = await call(gw, secret, "/v1/messages", body)
     assert status == 200, out

@@ -38,6 +38,7 @@ from gateway.router import Route
 from gateway.schemas.codec import decode_body, encode, opens, raw_object
 from gateway.settings import ModelConfig
 from gateway.sse import relay
+from gateway.state import PRINCIPAL_KEY
 from gateway.tokens import estimate_text_tokens
 from gateway.trace import TRACE_KEY
 from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
@@ -66,26 +67,31 @@ def _headers(request: web.Request) -> dict[str, str]:
     return out
 
 
-class _Fallback(msgspec.Struct):
-    speed: object = None
+def _refuse_fallbacks(request: web.Request, req: MessagesRequest) -> None:
+    """Refuse `fallbacks` (Anthropic's server-side fallback beta: other models, at other
+    speeds, that answer when the requested one declines) to a key whose budget is in USD or
+    whose models are listed: those models bypass the key's list and the gateway's prices (the
+    answer is charged at the requested model's). Other keys have them relayed.
 
-
-_FALLBACK = msgspec.json.Decoder(_Fallback)
-
-
-def _speed(req: MessagesRequest) -> str:
-    """The speed the request asks for (Anthropic's fast mode, billed at rates of its own):
-    its `speed`, or "fast" when a model of its `fallbacks` (the server-side fallback beta) is
-    asked for at it, which Anthropic may serve it at; "" none."""
-    speed = req.speed if isinstance(req.speed, str) else ""
-    for raw in req.fallbacks or ():
-        try:
-            asked = _FALLBACK.decode(raw).speed
-        except (msgspec.MsgspecError, RecursionError):
-            continue  # (the upstream refuses it)
-        if asked == "fast":
-            return asked
-    return speed[:32]
+    Raises:
+        InvalidRequest: such a key, and fallbacks that name anything (param `fallbacks`).
+    """
+    raw = req.fallbacks
+    if raw is UNSET:
+        return
+    given = bytes(raw).strip()
+    if given in (b"null", b"[]"):
+        return
+    if not (given.startswith(b"[") or given == b'"default"'):
+        raise InvalidRequest('fallbacks: a list of models, or "default".', param="fallbacks")
+    key = request[PRINCIPAL_KEY].key
+    if key.budget_usd is not None or key.models:
+        raise InvalidRequest(
+            "fallbacks: not supported for this API key: a fallback model is served outside "
+            "the models and prices the key is held to. Send the request without it.",
+            param="fallbacks",
+            code="unsupported_parameter",
+        )
 
 
 def _native(route: Route) -> MessagesPassThrough:
@@ -104,6 +110,7 @@ async def _begin(
         free = False
         if req.max_tokens is UNSET:
             raise InvalidRequest("max_tokens: Field required", param="max_tokens")
+        _refuse_fallbacks(request, req)
     translations: list[Translation] = []
 
     def messages_call(model: ModelConfig) -> ChatCall:
@@ -114,7 +121,7 @@ async def _begin(
             held_searches=_searches_at_most(req),
             searches_on=MessagesPassThrough,
             held_writes=_cache_writes(body),
-            speed=_speed(req),
+            speed=req.speed[:32] if isinstance(req.speed, str) else "",
         )
 
     ex = await pipeline.open_exchange(request, req.model, messages_call, free=free)

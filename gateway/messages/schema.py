@@ -123,7 +123,7 @@ class MessagesRequest(msgspec.Struct):
     tools: list[MessagesTool] | UnsetType | None = UNSET
     tool_choice: MessagesToolChoice | UnsetType | None = UNSET
     speed: str | UnsetType | None = UNSET  # (Anthropic's fast mode: billed at its own rates)
-    fallbacks: list[Raw] | UnsetType | None = UNSET  # (models tried after it, each its `speed`)
+    fallbacks: Raw | UnsetType = UNSET  # (models tried after it: `handlers.messages`)
     thinking: MessagesThinking | UnsetType | None = UNSET
     metadata: MessagesMetadata | UnsetType | None = UNSET
     output_config: MessagesOutputConfig | UnsetType | None = UNSET

@@ -173,12 +173,17 @@ def error_from_status(
         # OpenRouter and DeepSeek: the operator's balance is spent. Like insufficient_quota,
         # our account's problem (another account may do), and its text names the account.
         if _COSTS_TOO_MUCH.search(message):
-            # ("can only afford 0": spent, or this prompt leaves nothing: one failure.)
+            if _AFFORDS_NOTHING.search(message):  # (spent, or this prompt leaves nothing)
+                return UpstreamOutOfCredit(
+                    f"The upstream provider '{provider}' account's credit does not cover this "
+                    "request (HTTP 402).",
+                    whole_account=False,
+                    counts=True,
+                )
             return UpstreamOutOfCredit(
                 f"The upstream provider '{provider}' account's credit does not cover this "
                 "request's output limit (HTTP 402); a request with a lower max_tokens may fit.",
                 whole_account=False,
-                counts=bool(_AFFORDS_NOTHING.search(message)),
             )
         return UpstreamOutOfCredit(
             f"The upstream provider '{provider}' account is out of credit (HTTP 402)."
