@@ -583,6 +583,10 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.completion_tokens += ex.unanswered_output
         if call.server_tools is not None:
             call.server_tools.given_up(ex.unanswered)
+    if call.steps != (0, 0):  # (Anthropic's steps beyond the answer's own: billed beside it)
+        given, made = usage_bounds.steps_charged(call)
+        trace.prompt_tokens += given
+        trace.completion_tokens += made
     if call.server_tools is not None and call.server_tools.searches_owed:
         call.web_searches += call.server_tools.searches_owed  # (forced, unseen: `tool_fees`)
         call.server_tools.searches_owed = 0

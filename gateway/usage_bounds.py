@@ -50,6 +50,7 @@ __all__ = [
     "completion_charged",
     "output_sent",
     "prompt_bound",
+    "steps_charged",
 ]
 
 log = structlog.get_logger(__name__)
@@ -100,6 +101,21 @@ def prompt_bound(call: Call) -> int | None:
         most = prompt_size(call.request, _image_cost(call.upstream_model)).most
         return len(body) + most + PROMPT_SLACK
     return len(body) + PROMPT_SLACK
+
+
+# The most output tokens the sampling steps beyond an answer's own are charged (a compaction's
+# summary, an advisor's advice: a few thousand each), whatever an upstream reports.
+STEPS_OUTPUT_MOST = 65_536
+
+
+def steps_charged(call: Call) -> tuple[int, int]:
+    """`Call.steps` within bounds: their input reads the request's context, a few times at
+    most (`prompt_bound` each, eight steps), their output `STEPS_OUTPUT_MOST` in all."""
+    given, made = call.steps
+    most = prompt_bound(call)
+    if most is not None:
+        given = min(given, 8 * most)
+    return given, min(made, STEPS_OUTPUT_MOST)
 
 
 def completion_bound(call: Call, provider: object) -> int:

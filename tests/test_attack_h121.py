@@ -301,7 +301,10 @@ async def test_compaction_iteration_is_charged(build: Build) -> None:
     secret = await create_key(gw, budget_usd=5.0)
     trigger = {"type": "input_tokens", "value": 50_000}
     edits = {"edits": [{"type": "compact_20260112", "trigger": trigger}]}
-    body = msgspec.json.encode(MSG | {"context_management": edits})
+    # (A request that compacts holds its conversation: past the trigger, and past what a
+    # compaction reads, or the usage bound would cap the reported prompt as implausible.)
+    long = {"messages": [{"role": "user", "content": "x " * 210_000}]}
+    body = msgspec.json.encode(MSG | long | {"context_management": edits})
     status, out = await post_raw(
         gw, secret, "/v1/messages", body, {"anthropic-beta": "compact-2026-01-12"}
     )
@@ -321,6 +324,11 @@ async def test_compaction_iteration_is_charged(build: Build) -> None:
 # US inference (a compliance setting some organisations put in every request). Right: charge
 # 1.1x where the answer's `usage.inference_geo` is "us" on a model that bills it (held so
 # too), or refuse `inference_geo` to USD budgets where the multiplier is not known.
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (docs/configuration.md, Prices): the price list has no data-residency "
+    "rates, and `inference_geo` is relayed and charged the standard ones",
+)
 async def test_us_inference_is_charged_its_premium(build: Build) -> None:
     up = RawUpstream(whole(message(opus_usage(None) | {"inference_geo": "us"})), hold=False)
     gw = await build("anthropic", up, OPUS)

@@ -69,13 +69,25 @@ def _headers(request: web.Request) -> dict[str, str]:
 
 def _refuse_fallbacks(request: web.Request, req: MessagesRequest) -> None:
     """Refuse `fallbacks` (Anthropic's server-side fallback beta: other models, at other
-    speeds, that answer when the requested one declines) to a key whose budget is in USD or
-    whose models are listed: those models bypass the key's list and the gateway's prices (the
-    answer is charged at the requested model's). Other keys have them relayed.
+    speeds, that answer when the requested one declines) and the advisor tool (another model
+    consulted, billed at its rates) to a key whose budget is in USD or whose models are
+    listed: those models bypass the key's list and the gateway's prices (the answer is charged
+    at the requested model's). Other keys have them relayed.
 
     Raises:
-        InvalidRequest: such a key, and fallbacks that name anything (param `fallbacks`).
+        InvalidRequest: such a key, and fallbacks that name anything (param `fallbacks`), or
+            an `advisor_*` tool (param `tools`).
     """
+    key = request[PRINCIPAL_KEY].key
+    if (key.budget_usd is not None or key.models) and any(
+        isinstance(tool.type, str) and tool.type.startswith("advisor") for tool in req.tools or ()
+    ):
+        raise InvalidRequest(
+            "tools: the advisor tool is not supported for this API key: its model is served "
+            "outside the models and prices the key is held to. Send the request without it.",
+            param="tools",
+            code="unsupported_parameter",
+        )
     raw = req.fallbacks
     if raw is UNSET:
         return
@@ -84,7 +96,6 @@ def _refuse_fallbacks(request: web.Request, req: MessagesRequest) -> None:
         return
     if not (given.startswith(b"[") or given == b'"default"'):
         raise InvalidRequest('fallbacks: a list of models, or "default".', param="fallbacks")
-    key = request[PRINCIPAL_KEY].key
     if key.budget_usd is not None or key.models:
         raise InvalidRequest(
             "fallbacks: not supported for this API key: a fallback model is served outside "

@@ -154,6 +154,7 @@ class UsageTally:
             searches = usage.detail("server_tool_use", "web_search_requests")
             if isinstance(usage.speed, str) and usage.speed:
                 served_at(call, SPEED + usage.speed)  # (its word on fast mode: `prices.SPEED`)
+            call.steps = usage.beyond_messages()  # (a compaction's, an advisor's: billed)
         else:
             call.cache_write_tokens = call.cache_write_1h_tokens = searches = 0
         call.web_searches = max(call.web_searches, searches, self.searches)

@@ -113,12 +113,35 @@ class AnthropicUsage(msgspec.Struct):
     cache_creation: object = None
     server_tool_use: object = None
     speed: object = None  # (the speed it was served at: fast mode's rates apart)
+    iterations: object = None  # (each sampling step: see `beyond_messages`)
 
     def detail(self, name: str, field: str) -> int:
         """The count `field` of the detail object `name` (0: none, or not a count)."""
         found = getattr(self, name)
-        value = found.get(field) if isinstance(found, dict) else None
-        return value if type(value) is int and 0 < value <= MOST_COUNT else 0
+        return _count(found.get(field) if isinstance(found, dict) else None)
+
+    def beyond_messages(self) -> tuple[int, int]:
+        """The input (cached or not) and output tokens of the sampling steps beyond the
+        answer's own, which Anthropic bills beside the top-level counts: `iterations` entries
+        other than "message" (a server-side compaction's summary, an advisor's
+        sub-inference), charged at the model's own rates."""
+        steps = self.iterations
+        if not isinstance(steps, list):
+            return 0, 0
+        given = made = 0
+        for step in steps[:_MOST_STEPS]:
+            if isinstance(step, dict) and step.get("type") != "message":
+                given += sum(_count(step.get(name)) for name in _STEP_INPUTS)
+                made += _count(step.get("output_tokens"))
+        return min(given, MOST_COUNT), min(made, MOST_COUNT)
+
+
+_STEP_INPUTS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+_MOST_STEPS = 256  # (a hostile upstream's list of steps is read this far)
+
+
+def _count(value: object) -> int:
+    return value if type(value) is int and 0 < value <= MOST_COUNT else 0
 
 
 class AnthropicContentBlock(msgspec.Struct):
