@@ -120,23 +120,29 @@ class AnthropicUsage(msgspec.Struct):
         found = getattr(self, name)
         return _count(found.get(field) if isinstance(found, dict) else None)
 
-    def beyond_messages(self) -> tuple[int, int]:
-        """The input (cached or not) and output tokens of the sampling steps beyond the
-        answer's own, which Anthropic bills beside the top-level counts: `iterations` entries
-        other than "message" (a server-side compaction's summary, an advisor's
-        sub-inference), charged at the model's own rates."""
+    def beyond_messages(self) -> tuple[int, int, int, int]:
+        """The tokens of the sampling steps Anthropic bills beside the answer's top-level
+        counts (`iterations` entries of the types `BILLED_STEPS`: a server-side compaction's
+        summary, an advisor's sub-inference; a `fallback_message` is the answer's own):
+        uncached input, cache reads, cache writes and output, charged at the model's rates."""
         steps = self.iterations
         if not isinstance(steps, list):
-            return 0, 0
-        given = made = 0
+            return 0, 0, 0, 0
+        given = read = written = made = 0
         for step in steps[:_MOST_STEPS]:
-            if isinstance(step, dict) and step.get("type") != "message":
-                given += sum(_count(step.get(name)) for name in _STEP_INPUTS)
+            if isinstance(step, dict) and step.get("type") in BILLED_STEPS:
+                given += _count(step.get("input_tokens"))
+                read += _count(step.get("cache_read_input_tokens"))
+                written += _count(step.get("cache_creation_input_tokens"))
                 made += _count(step.get("output_tokens"))
-        return min(given, MOST_COUNT), min(made, MOST_COUNT)
+        most = MOST_COUNT
+        return min(given, most), min(read, most), min(written, most), min(made, most)
 
 
-_STEP_INPUTS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+# The `usage.iterations` types billed beside the top-level counts (the anthropic SDK: a
+# compaction's "are not included in the top-level `usage` fields"; the advisor's docs: the
+# top level is the executor's only).
+BILLED_STEPS = frozenset({"compaction", "advisor_message"})
 _MOST_STEPS = 256  # (a hostile upstream's list of steps is read this far)
 
 
