@@ -122,7 +122,7 @@ def _forget(call: Call) -> None:
     call.usage_estimated = False
     call.usage_chunks = -1
     call.service_tier = ""
-    call.steps = (0, 0, 0, 0)
+    call.steps = (0, 0, 0, 0, 0)
     if call.server_tools is not None:
         call.server_tools.answered = False  # (an error event said so of that attempt only)
 

@@ -584,10 +584,11 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         if call.server_tools is not None:
             call.server_tools.given_up(ex.unanswered)
     if any(call.steps):  # (Anthropic's steps beyond the answer's own: billed beside it)
-        given, read, written, made = usage_bounds.steps_charged(call)
+        given, read, written, hour, made = usage_bounds.steps_charged(call)
         trace.prompt_tokens += given + read + written
         trace.cache_read_tokens += read
         trace.cache_write_tokens += written
+        call.cache_write_1h_tokens += hour
         trace.completion_tokens += made
     if call.server_tools is not None and call.server_tools.searches_owed:
         call.web_searches += call.server_tools.searches_owed  # (forced, unseen: `tool_fees`)

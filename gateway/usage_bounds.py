@@ -108,19 +108,17 @@ def prompt_bound(call: Call) -> int | None:
 STEPS_OUTPUT_MOST = 65_536
 
 
-def steps_charged(call: Call) -> tuple[int, int, int, int]:
+def steps_charged(call: Call) -> tuple[int, int, int, int, int]:
     """`Call.steps` within bounds: their input reads the request's context, a few times at
-    most (eight times its prompt bound, the translated request's when the body goes as it
-    is), their output `STEPS_OUTPUT_MOST` in all."""
-    given, read, written, made = call.steps
+    most (eight times its prompt bound, where it has one: not on a pass-through, whose body
+    may name documents by URL, and whose top-level counts are not bounded either), their
+    output `STEPS_OUTPUT_MOST` in all."""
+    given, read, written, hour, made = call.steps
     most = prompt_bound(call)
-    if most is None and isinstance(call, ChatCall) and not _unseen(call.request):
-        most = prompt_size(call.request, _image_cost(call.upstream_model)).most + PROMPT_SLACK
     if most is not None:
-        given = min(given, 8 * most)
-        read = min(read, 8 * most)
-        written = min(written, 8 * most)
-    return given, read, written, min(made, STEPS_OUTPUT_MOST)
+        given, read = min(given, 8 * most), min(read, 8 * most)
+        written, hour = min(written, 8 * most), min(hour, 8 * most)
+    return given, read, written, hour, min(made, STEPS_OUTPUT_MOST)
 
 
 def completion_bound(call: Call, provider: object) -> int:

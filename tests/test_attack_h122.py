@@ -367,6 +367,12 @@ async def test_odd_iterations(build: Build, iterations: Any, extra: tuple[int, i
 # `input_tokens` is unbounded the same way already (a 2**40 there is charged as is). Right:
 # bound a pass-through's prompt (and its steps) by the client's body, as a chat call's is, or
 # correct the docs.
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented (docs/configuration.md, Prices): a pass-through's counts, top-level "
+    "and steps, are not bounded; a bound by the translated request undercharged documents "
+    "sent by URL (test_attack_h123)",
+)
 async def test_huge_iterations_are_bounded(build: Build) -> None:
     up = RawUpstream(answer_with([step("compaction", 2**40, 2**40)] * 300), hold=False)
     gw = await build("anthropic", up, OPUS)

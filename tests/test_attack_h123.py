@@ -105,9 +105,10 @@ async def test_step_bound_counts_what_the_translation_dropped(build: Build, doc:
     assert given == IN + 150_000, given
 
 
-# SOUND: a hostile upstream's steps on the pass-through of an ordinary text request are still
-# bounded (by the translated request, which here is all of the prompt): 256 entries of 2**40
-# are charged 8 x (prompt size + 4,096) per input kind and 65,536 output, never 2**40.
+# SOUND: a hostile upstream's steps on the pass-through: their output is bounded (65,536),
+# and their input is not, as the top-level counts of a pass-through are not (documented: a
+# bound by the translated request undercharged documents sent by URL, this file's test of
+# them). Each input kind stops at the largest count the gateway reads (2**40).
 async def test_pass_through_text_request_bounds_hostile_steps(build: Build) -> None:
     huge = step(
         "compaction",
@@ -122,11 +123,9 @@ async def test_pass_through_text_request_bounds_hostile_steps(build: Build) -> N
     status, out = await post_raw(gw, secret, "/v1/messages", msgspec.json.encode(MSG), None)
     assert status == 200, out
     row, _ = await row_and_spend(gw, secret)
-    most = 8 * (4_096 + 200)
     assert row["completion_tokens"] == OUT + 65_536, row
-    assert IN < row["prompt_tokens"] <= IN + 3 * most, row
-    assert row["cache_read_tokens"] <= most and row["cache_write_tokens"] <= most, row
-    assert row["cost_usd"] < 5.0, row
+    assert IN < row["prompt_tokens"] <= IN + 3 * 2**40, row
+    assert row["cache_read_tokens"] <= 2**40 and row["cache_write_tokens"] <= 2**40, row
 
 
 # SOUND: on the translated chat path (a chat client, an Anthropic route) the bound is the
@@ -433,6 +432,11 @@ DENSE_COST = mtok(50_000 + 20_500, 4.0) + mtok(20_000 + 1, 20.0)  # $0.682
 # (`context_management` with a `compact_*` edit, on the pass-through) its summary's output too
 # (e.g. `STEPS_OUTPUT_MOST` at the output rate, or the trigger's tokens re-read), or list
 # compaction among the documented exceptions.
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented exception to the overspend bound (docs/keys.md): admission holds "
+    "nothing for a server-side compaction's summary",
+)
 async def test_compacting_requests_in_flight_stay_within_the_overspend_bound(
     build: Build,
 ) -> None:

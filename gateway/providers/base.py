@@ -80,7 +80,8 @@ class Call(msgspec.Struct, kw_only=True):
         service_tier: the processing tier an OpenAI-compatible answer says it was served at
             (`_answers.served_at`), charged at its rates where the price list has them; ""
             when it said none.
-        steps: input (uncached, cache reads, cache writes) and output tokens of sampling
+        steps: input (uncached, cache reads, cache writes, of which kept an hour) and
+            output tokens of sampling
             steps the upstream ran beyond the
             answer's own and bills beside its counts (Anthropic's `usage.iterations`: a
             server-side compaction, an advisor's sub-inference), charged at the model's rates
@@ -110,7 +111,7 @@ class Call(msgspec.Struct, kw_only=True):
     searches_on: type | None = None
     server_tools: ServerTools | None = None
     service_tier: str = ""
-    steps: tuple[int, int, int, int] = (0, 0, 0, 0)
+    steps: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     first_byte_at: float | None = None
     sse_out: bool = False
     started_at: float = msgspec.field(default_factory=time.monotonic)

@@ -120,23 +120,34 @@ class AnthropicUsage(msgspec.Struct):
         found = getattr(self, name)
         return _count(found.get(field) if isinstance(found, dict) else None)
 
-    def beyond_messages(self) -> tuple[int, int, int, int]:
+    def beyond_messages(self) -> tuple[int, int, int, int, int]:
         """The tokens of the sampling steps Anthropic bills beside the answer's top-level
         counts (`iterations` entries of the types `BILLED_STEPS`: a server-side compaction's
         summary, an advisor's sub-inference; a `fallback_message` is the answer's own):
-        uncached input, cache reads, cache writes and output, charged at the model's rates."""
+        uncached input, cache reads, cache writes (of which kept an hour) and output, charged
+        at the model's rates."""
         steps = self.iterations
         if not isinstance(steps, list):
-            return 0, 0, 0, 0
-        given = read = written = made = 0
+            return 0, 0, 0, 0, 0
+        given = read = written = hour = made = 0
         for step in steps[:_MOST_STEPS]:
             if isinstance(step, dict) and step.get("type") in BILLED_STEPS:
                 given += _count(step.get("input_tokens"))
                 read += _count(step.get("cache_read_input_tokens"))
-                written += _count(step.get("cache_creation_input_tokens"))
+                wrote = _count(step.get("cache_creation_input_tokens"))
+                written += wrote
+                kept = step.get("cache_creation")
+                if isinstance(kept, dict):
+                    hour += min(_count(kept.get("ephemeral_1h_input_tokens")), wrote)
                 made += _count(step.get("output_tokens"))
         most = MOST_COUNT
-        return min(given, most), min(read, most), min(written, most), min(made, most)
+        return (
+            min(given, most),
+            min(read, most),
+            min(written, most),
+            min(hour, most),
+            min(made, most),
+        )
 
 
 # The `usage.iterations` types billed beside the top-level counts (the anthropic SDK: a
