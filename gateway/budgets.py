@@ -87,7 +87,8 @@ def over_budget(key: KeyRecord, likely: Amount, left: int, left_usd: float) -> Q
     return QuotaExceeded(
         f"API limit exceeded, upgrade your plan: this key's budget has "
         f"{' and '.join(over)} {when}, and this request may use up to {tokens} "
-        f"tokens (${usd:.4f}). Lower max_tokens or wait for the next period."
+        f"tokens (${usd:.4f}), built-in tool calls included. Lower max_tokens (or, with "
+        "built-in tools, set max_tool_calls) or wait for the next period."
     )
 
 
