@@ -198,14 +198,9 @@ async def open_exchange(
         _require_prices(prices, model_id, routes)
         tier = call.asked_tier
         if tier and tier not in UNPRICED_TIERS and not _tier_priced(prices, tier, routes):
-            field, value = (
-                ("speed", tier[len(SPEED) :])
-                if tier.startswith(SPEED)
-                else (
-                    "service_tier",
-                    tier,
-                )
-            )
+            field, value = "service_tier", tier
+            if tier.startswith(SPEED):
+                field, value = "speed", tier[len(SPEED) :]
             raise InvalidRequest(
                 f"'{field}': {value[:32]!r} is not supported for this API key on this model: "
                 "that processing is billed at rates the gateway's prices do not have for it, "
@@ -235,6 +230,15 @@ def _tier_priced(prices: PriceBook, tier: str, routes: list[Route]) -> bool:
         if price is None or price.service_tier(tier) is None:
             return False
     return True
+
+
+def _at_tier(price: Price, tier: str, provider: Provider, *, said: bool = False) -> Price:
+    """`price` at processing tier `tier` where the price list has its rates: a tier the
+    answer `said` it was served at, or one asked for that went upstream (`_sends_tier`); a
+    standard one (`STANDARD_TIERS`), or none, is `price` itself."""
+    if not tier or tier in STANDARD_TIERS or not (said or _sends_tier(provider, tier)):
+        return price
+    return price.service_tier(tier) or price
 
 
 def _sends_tier(provider: Provider, tier: str) -> bool:
@@ -298,10 +302,7 @@ async def _charge(
         price = prices.price(r.model, r.provider.config, r.upstream_model)
         if price is None:
             continue
-        tier = call.asked_tier
-        if tier and tier not in STANDARD_TIERS and _sends_tier(r.provider, tier):
-            # (held at its tier's rates where listed)
-            price = price.service_tier(tier) or price
+        price = _at_tier(price, call.asked_tier, r.provider)  # (held at the tier asked for)
         count = likely.web_searches
         on = call.searches_on
         tools = 0.0
@@ -572,8 +573,8 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
     if trace.estimated and (usage is None or so_far):
         if call.model.reasoning:
             _reasoning_charged(ex)
-        if call.server_tools is not None:
-            call.server_tools.cut(call.web_searches)  # (a forced call the cut did not show)
+        if call.server_tools is not None:  # (a forced call the cut did not show)
+            call.web_searches += call.server_tools.cut(call.web_searches)
     if ex.unanswered:
         # Attempts the gateway stopped waiting for had the prompt upstream, which may bill it
         # (and be generating still): each is charged the prompt's estimate, and a reasoning
@@ -582,7 +583,7 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.prompt_tokens += ex.unanswered * call.prompt_estimate()
         trace.completion_tokens += ex.unanswered_output
         if call.server_tools is not None:
-            call.server_tools.given_up(ex.unanswered)
+            call.web_searches += call.server_tools.given_up(ex.unanswered)
     if any(call.steps):  # (Anthropic's steps beyond the answer's own: billed beside it)
         given, read, written, hour, made = usage_bounds.steps_charged(call)
         trace.prompt_tokens += given + read + written
@@ -590,21 +591,14 @@ def _account(ex: Exchange[Any], hung_up: bool, prices: PriceBook) -> None:
         trace.cache_write_tokens += written
         call.cache_write_1h_tokens += hour
         trace.completion_tokens += made
-    if call.server_tools is not None and call.server_tools.searches_owed:
-        call.web_searches += call.server_tools.searches_owed  # (forced, unseen: `tool_fees`)
-        call.server_tools.searches_owed = 0
     config = ex.provider.config
     price = prices.price(call.model, config, call.upstream_model)
     if price is not None:
-        # At the processing tier the answer says (or, without its word, the one asked for,
-        # where it went upstream).
-        tier = call.service_tier or call.asked_tier
-        if (
-            tier
-            and tier not in STANDARD_TIERS
-            and (call.service_tier or _sends_tier(ex.provider, tier))
-        ):
-            price = price.service_tier(tier) or price
+        # At the processing tier the answer says, else the one asked for.
+        if call.service_tier:
+            price = _at_tier(price, call.service_tier, ex.provider, said=True)
+        else:
+            price = _at_tier(price, call.asked_tier, ex.provider)
         counts = _counts(trace, usage, call.web_searches, call.cache_write_1h_tokens)
         trace.cost_usd = price.cost(counts) + prices.searches_cost(
             counts.web_searches, call.model, config, call.upstream_model, price

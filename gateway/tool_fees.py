@@ -234,7 +234,6 @@ class ServerTools:
         "image_size",
         "most_calls",
         "partial_images",
-        "searches_owed",
         "tools",
         "unpriced",
     )
@@ -258,7 +257,6 @@ class ServerTools:
         self._partials = 0
         self.answered = False  # an answer came, whole, terminal or an error: none was cut
         self._given_up = 0  # attempts given up on, each charged a forced call
-        self.searches_owed = 0  # forced web searches no item showed (`Call.web_searches`)
 
     @classmethod
     def of(
@@ -412,30 +410,34 @@ class ServerTools:
         if self._partials < self.partial_images * max(1, self._images):
             self._partials += 1
 
-    def cut(self, searches: int) -> None:
+    def cut(self, searches: int) -> int:
         """The request was cut before its answer (the client hung up, the stream broke): a
-        call its `tool_choice` forced and no item showed (of `searches` web searches seen,
-        none) is charged all the same, the upstream having it to make. Not after an answer,
-        whole or failed (`answered`)."""
+        call its `tool_choice` forced and no item showed is charged all the same, the
+        upstream having it to make. Not after an answer, whole or failed (`answered`). A
+        forced web search, priced with the model (`Call.web_searches`), is handed back: 1 when
+        none of the `searches` seen, else 0."""
         forced = self.forced
         if self.answered or not forced:
-            return
+            return 0
         if forced == SEARCH_CALL:
-            self.searches_owed += not searches
-        elif forced == "code_interpreter_call":
+            return 0 if searches else 1
+        if forced == "code_interpreter_call":
             if not self._containers:
                 self._containers[_UNSEEN] = _UNSEEN
         elif not any(kind == forced for kind, _ in self._items.values()):
             self.take(Item(type=forced), _UNSEEN)
+        return 0
 
-    def given_up(self, attempts: int) -> None:
+    def given_up(self, attempts: int) -> int:
         """`attempts` attempts the gateway gave up waiting for had the request upstream: each
         is charged the call its `tool_choice` forced (their items are never seen; each made
-        its own, beside what the answering attempt's `max_tool_calls` allows)."""
+        its own, beside what the answering attempt's `max_tool_calls` allows). Forced web
+        searches are handed back, as by `cut`."""
         if self.forced == SEARCH_CALL:
-            self.searches_owed += attempts
-        elif self.forced:
+            return attempts
+        if self.forced:
             self._given_up += attempts
+        return 0
 
     def _room(self) -> bool:
         """Whether one more call may be counted (`max_tool_calls`, else `MOST_SEARCHES`)."""

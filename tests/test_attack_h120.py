@@ -31,7 +31,7 @@ import msgspec
 import pytest
 
 from gateway.gauges import _breakers
-from gateway.handlers.messages import _refuse_fallbacks
+from gateway.handlers.messages import _refuse_other_models
 from gateway.messages.schema import MessagesRequest
 from gateway.schemas.codec import decode_body
 from gateway.state import PRINCIPAL_KEY
@@ -302,7 +302,7 @@ def test_a_long_fallbacks_list_of_scalars_is_cheap() -> None:
     # (Since the fix, `fallbacks` is one `Raw`, never walked: a key that may send it has it
     # relayed, one that may not is refused by its presence alone.)
     free = SimpleNamespace(key=SimpleNamespace(budget_usd=None, models=[]))
-    _refuse_fallbacks({PRINCIPAL_KEY: free}, req)  # type: ignore[arg-type]
+    _refuse_other_models({PRINCIPAL_KEY: free}, req)  # type: ignore[arg-type]
     read = time.perf_counter() - started
     assert held < 8 * len(body), (held / 2**20, len(body) / 2**20)
     assert read < 10 * max(baseline, decoded / 10), (read, baseline, decoded)

@@ -14,7 +14,7 @@ above each says what happens, what it costs, how realistic it is and what would 
 tests marked `# SOUND:` pin properties checked here that hold.
 
 The pass-through re-encodes the body from `raw_object` (msgspec, last duplicate wins, escapes
-decoded), and `_refuse_fallbacks` reads the same msgspec decode: the two sides cannot read
+decoded), and `_refuse_other_models` reads the same msgspec decode: the two sides cannot read
 `fallbacks` apart, and Anthropic gets one normalised `fallbacks` key.
 
 Bundled price list: claude-opus-5-5 $4 / $20 a million tokens; claude-3-5-haiku-latest

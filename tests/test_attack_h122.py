@@ -1,5 +1,5 @@
 """Attack on 95e2518 (helper-122): Anthropic's advisor tool refused to keys with a USD budget
-or a model list (`_refuse_fallbacks`: any tool whose `type` starts with "advisor"), and the
+or a model list (`_refuse_other_models`: any tool whose `type` starts with "advisor"), and the
 sampling steps billed beside an answer (`usage.iterations` entries other than "message")
 charged within their own bounds (`Call.steps`, `usage_bounds.steps_charged`).
 

@@ -67,7 +67,7 @@ def _headers(request: web.Request) -> dict[str, str]:
     return out
 
 
-def _refuse_fallbacks(request: web.Request, req: MessagesRequest) -> None:
+def _refuse_other_models(request: web.Request, req: MessagesRequest) -> None:
     """Refuse `fallbacks` (Anthropic's server-side fallback beta: other models, at other
     speeds, that answer when the requested one declines) and the advisor tool (another model
     consulted, billed at its rates) to a key whose budget is in USD or whose models are
@@ -79,7 +79,8 @@ def _refuse_fallbacks(request: web.Request, req: MessagesRequest) -> None:
             an `advisor_*` tool (param `tools`).
     """
     key = request[PRINCIPAL_KEY].key
-    if (key.budget_usd is not None or key.models) and any(
+    restricted = key.budget_usd is not None or bool(key.models)
+    if restricted and any(
         isinstance(tool.type, str) and tool.type.startswith("advisor") for tool in req.tools or ()
     ):
         raise InvalidRequest(
@@ -96,7 +97,7 @@ def _refuse_fallbacks(request: web.Request, req: MessagesRequest) -> None:
         return
     if not (given.startswith(b"[") or given == b'"default"'):
         raise InvalidRequest('fallbacks: a list of models, or "default".', param="fallbacks")
-    if key.budget_usd is not None or key.models:
+    if restricted:
         raise InvalidRequest(
             "fallbacks: not supported for this API key: a fallback model is served outside "
             "the models and prices the key is held to. Send the request without it.",
@@ -121,7 +122,7 @@ async def _begin(
         free = False
         if req.max_tokens is UNSET:
             raise InvalidRequest("max_tokens: Field required", param="max_tokens")
-        _refuse_fallbacks(request, req)
+        _refuse_other_models(request, req)
     translations: list[Translation] = []
 
     def messages_call(model: ModelConfig) -> ChatCall:

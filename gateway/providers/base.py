@@ -77,15 +77,15 @@ class Call(msgspec.Struct, kw_only=True):
         held_searches: the web searches admission holds beyond `web_searches` (a Responses or
             Messages server tool's limit), on the routes with capability `searches_on` (the
             pass-through that runs such tools: translated, the request is refused).
-        service_tier: the processing tier an OpenAI-compatible answer says it was served at
-            (`_answers.served_at`), charged at its rates where the price list has them; ""
+        service_tier: the processing tier the answer says it was served at (an
+            OpenAI-compatible `service_tier`, Anthropic's `usage.speed` as `speed=<value>`:
+            `_answers.served_at`), charged at its rates where the price list has them; ""
             when it said none.
-        steps: input (uncached, cache reads, cache writes, of which kept an hour) and
-            output tokens of sampling
-            steps the upstream ran beyond the
-            answer's own and bills beside its counts (Anthropic's `usage.iterations`: a
-            server-side compaction, an advisor's sub-inference), charged at the model's rates
-            within their own bounds (`usage_bounds.steps_charged`).
+        steps: input (uncached, cache reads, cache writes, of which kept an hour) and output
+            tokens of sampling steps the upstream ran beyond the answer's own and bills
+            beside its counts (Anthropic's `usage.iterations`: a server-side compaction, an
+            advisor's sub-inference), charged at the model's rates within their own bounds
+            (`usage_bounds.steps_charged`).
         server_tools: a Responses request's built-in tools that bill beyond tokens and
             searches (file search, code interpreter, image generation), and the calls of
             them its answer made (`tool_fees`); held and charged as `held_searches` are.
