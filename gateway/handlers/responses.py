@@ -66,9 +66,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     tools = _server_tools(req)
     if tools is not None and tools.unpriced and request[PRINCIPAL_KEY].key.budget_usd is not None:
         raise InvalidRequest(
-            "This image quality is not supported for this API key: it is billed at image "
-            "token counts the gateway's prices do not have, so it could not be counted "
-            "against the key's USD budget. Use 'low', 'medium', 'high' or 'auto'.",
+            f"Invalid '{tools.unpriced}': not supported for this API key: such images are "
+            "billed at image token counts the gateway's prices do not have, so they could not "
+            "be counted against the key's USD budget. Use a quality of 'low', 'medium', "
+            "'high' or 'auto', and an output_format of 'png', 'jpeg' or 'webp'.",
             param=tools.unpriced,
             code="unsupported_value",
         )
