@@ -150,13 +150,47 @@ def stop_on(loop: asyncio.AbstractEventLoop, sig: int, stop: Callable[[], object
     signal.signal(sig, on_signal)
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+# What CPython writes (as an "unraisable" error, with a traceback) for a signal that came
+# between its check of pending signals and its change of the handler, when it finds the
+# handler set to ignore it by the time it looks.
+_RACED = frozenset(f"Signal {int(sig)} ignored due to race condition" for sig in _STOPS)
+
+
 def stopped(loop: asyncio.AbstractEventLoop) -> None:
     """The stop is done (what was in flight finished, the usage rows written): SIGINT and
     SIGTERM are ignored until the process exits. The loop's close would set them back to their
     defaults, and a second Ctrl-C or a repeated SIGTERM then ended the process by signal
     (-2, -15) instead of its exit status (0, or 3 for lost usage rows). Ignored first, so
-    only the moment inside `remove_signal_handler` has the default."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    only the moment inside `remove_signal_handler` has the default.
+
+    A stop signal that lands inside one of these changes is ignored too, quietly: CPython
+    reports one that came between its look for pending signals and the new handler as a
+    traceback on stderr ("Signal 2 ignored due to race condition", `_quiet_raced_stops`), and
+    a Ctrl-C in the moment Python's own SIGINT handler is back raises KeyboardInterrupt."""
+    sys.unraisablehook = _quiet_raced_stops(sys.unraisablehook)
+    for sig in _STOPS:
         signal.signal(sig, signal.SIG_IGN)
-        loop.remove_signal_handler(sig)
-        signal.signal(sig, signal.SIG_IGN)
+        with contextlib.suppress(KeyboardInterrupt):
+            loop.remove_signal_handler(sig)
+        while True:
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+                break
+            except KeyboardInterrupt:  # (one that came in the moment above: ignored, as meant)
+                continue
+
+
+def _quiet_raced_stops(
+    previous: Callable[[sys.UnraisableHookArgs], object],
+) -> Callable[[sys.UnraisableHookArgs], object]:
+    """`previous`, but silent on CPython's report of a stop signal ignored in a race (`_RACED`)
+    once the stop signals are ignored: it was ignored, as every later one is."""
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, OSError) and str(exc) in _RACED:
+            return
+        previous(unraisable)
+
+    return hook
