@@ -1,34 +1,48 @@
-"""Responses an upstream stores (the Responses API's `store`, on by default) that passed
-through this gateway: whose key's each is, and how large a prompt a request continuing it
-(`previous_response_id`) sends again.
+"""What an upstream stores for a key (the Responses API's `store`, on by default) that passed
+through this gateway: whose key's it is, and how large a prompt a request continuing a stored
+response (`previous_response_id`) sends again.
 
-That prompt is billed by the upstream but never seen here: the stored conversation, which is
-the earlier response's input and output. Admission holds its size for a response known here
-(`size`), and a stated size for one not known (made before a restart, by another worker or
-process, or outside the gateway), as for a file sent by id. A response known to be another
-key's is not found for this one: its conversation is that key's data.
+An upstream resolves what it stored by id for every request of its account, and every key of
+a model's pass-through shares that account. So a response, an output item (an
+`item_reference`, or an item sent back by its id), a code interpreter container or a
+conversation whose id came back in one key's answer is that key's data: for another key it is
+not found (404), and nothing goes upstream. An id not known here (made before a restart, by
+another worker or process, or outside the gateway) is relayed, as documented.
+
+The prompt a continuation sends is billed by the upstream but never seen here: the stored
+conversation, which is the earlier response's input and output. Admission holds its size for a
+response known here with its usage (`prompt`), and a stated size for one not known (or known
+without usage: a `background` one), as for a file sent by id.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from gateway.errors import NotFound
 from gateway.media import FILE_BY_ID, Estimate
 
-__all__ = ["UNKNOWN_CONVERSATION", "StoredResponses"]
+__all__ = ["LONGEST_ID", "MOST_IDS_AN_ANSWER", "UNKNOWN_CONVERSATION", "StoredResponses"]
 
 # What a stored conversation not known here is held as: as a file sent by id (a few turns
 # likely, a long conversation at most).
 UNKNOWN_CONVERSATION = FILE_BY_ID
-# Responses remembered at once (about 150 bytes each); past it the oldest are forgotten, and
-# held as unknown if continued.
+# Ids remembered at once, of every kind (about 150 bytes each); past it the oldest are
+# forgotten, and relayed (a response held as unknown) if named again.
 MOST_REMEMBERED = 100_000
-# The longest response id remembered (OpenAI's are about 50 characters): a longer one, from a
-# hostile upstream, would make the map cost its length each; it is held as unknown.
+# The longest id remembered (OpenAI's are about 50 characters): a longer one, from a hostile
+# upstream, would make the map cost its length each; it is not remembered.
 LONGEST_ID = 256
+# The most ids taken from one answer besides its response's (its output items, containers,
+# conversation): an answer of thousands of items must not push every other key's ids out.
+MOST_IDS_AN_ANSWER = 256
+
+_UNSIZED = -1  # a response known without its usage: held as unknown when continued
 
 
 class StoredResponses:
-    """Response id -> (its key's id, its input and output tokens), the oldest forgotten first."""
+    """Id -> (its key's id, the tokens of a response's input and output, or `_UNSIZED`), the
+    oldest forgotten first."""
 
     __slots__ = ("_known", "_most")
 
@@ -36,20 +50,40 @@ class StoredResponses:
         self._known: dict[str, tuple[str | None, int]] = {}
         self._most = most
 
-    def remember(self, response_id: str, key_id: str | None, tokens: int) -> None:
-        """A response relayed for `key_id`, whose prompt and output took `tokens`. An id
-        already known keeps its first key: an upstream that answers another key with it
-        (the same id again) neither takes the conversation from its key nor gives it away."""
-        if len(response_id) > LONGEST_ID:
+    def remember(self, response_id: str, key_id: str | None, tokens: int | None) -> None:
+        """A response relayed for `key_id`, whose prompt and output took `tokens` (None: its
+        answer had no usage). An id already known keeps its first key: an upstream that
+        answers another key with it (the same id again) neither takes the conversation from
+        its key nor gives it away."""
+        self._keep(response_id, key_id, _UNSIZED if tokens is None else tokens)
+
+    def own(self, ids: Iterable[str], key_id: str | None) -> None:
+        """Ids other than a response's that an answer to `key_id` held (output items,
+        containers, a conversation): another key's request that names one is refused."""
+        for stored_id in ids:
+            self._keep(stored_id, key_id, _UNSIZED)
+
+    def _keep(self, stored_id: str, key_id: str | None, tokens: int) -> None:
+        if len(stored_id) > LONGEST_ID:
             return
         known = self._known
-        found = known.pop(response_id, None)  # (a response id seen again goes last)
+        found = known.pop(stored_id, None)  # (an id seen again goes last)
         if found is not None and found[0] != key_id:
-            known[response_id] = found
+            known[stored_id] = found
             return
+        if found is not None and tokens == _UNSIZED:
+            tokens = found[1]  # (a response's usage came with an earlier answer: kept)
         if len(known) >= self._most:
             del known[next(iter(known))]
-        known[response_id] = (key_id, tokens)
+        known[stored_id] = (key_id, tokens)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def others(self, stored_id: str, key_id: str | None) -> bool:
+        """Whether `stored_id` is known to be another key's than `key_id`."""
+        found = self._known.get(stored_id)
+        return found is not None and found[0] != key_id
 
     def prompt(self, response_id: str, key_id: str | None) -> Estimate:
         """What continuing `response_id` sends upstream again, for `key_id`.
@@ -67,4 +101,6 @@ class StoredResponses:
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
+        if tokens == _UNSIZED:
+            return UNKNOWN_CONVERSATION
         return Estimate(tokens, tokens)

@@ -568,11 +568,12 @@ async def test_odd_previous_response_ids(build: Build) -> None:
     assert len(up.bodies) == sent
 
 
-# SOUND: a stream cut before its terminal event leaves no id remembered (its size is unknown:
-# a continuation is held as unknown, 10,000 likely), and one that ended is remembered with
-# its usage. (By reading `_remember`: a `store: false` answer is remembered too; harmless: the
-# upstream refuses to continue it, and a continuation holds its real size.)
-async def test_cut_stream_is_not_remembered(build: Build) -> None:
+# SOUND: a stream cut before its terminal event is remembered without a size (a continuation
+# is held as unknown, 10,000 likely) but as its key's (another key's continuation is a 404:
+# test_attack_h125), and one that ended is remembered with its usage. (By reading
+# `_remember`: a `store: false` answer is remembered too; harmless: the upstream refuses to
+# continue it, and a continuation holds its real size.)
+async def test_cut_stream_is_remembered_without_its_size(build: Build) -> None:
     from tests.raw_upstream import STREAM_HEAD, cut_after
     from tests.test_attack_h105 import responses_event
 
@@ -589,7 +590,11 @@ async def test_cut_stream_is_not_remembered(build: Build) -> None:
     async with asyncio.timeout(NEVER_HANG):
         await up.closed.wait()
     await row_and_spend(gw, secret)
-    assert "resp_cut" not in app_of(gw)[STORED_KEY]._known
+    stored = app_of(gw)[STORED_KEY]
+    owner = stored._known["resp_cut"][0]
+    assert stored.prompt("resp_cut", owner) is UNKNOWN_CONVERSATION
+    with pytest.raises(NotFound):
+        stored.prompt("resp_cut", "another key")
 
 
 # An `item_reference` input item is held as a file sent by id: 10,000 tokens likely, so a

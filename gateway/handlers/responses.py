@@ -39,11 +39,11 @@ from gateway.responses import (
 )
 from gateway.router import Route
 from gateway.schemas.codec import decode_body, may_spell, present, raw_object
-from gateway.schemas.responses import ItemType, ResponseCreateRequest, ToolType
+from gateway.schemas.responses import ResponseCreateRequest, ToolType
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
 from gateway.state import KEYS_KEY, PRINCIPAL_KEY, STORED_KEY, TICKET_KEY
-from gateway.stored import UNKNOWN_CONVERSATION
+from gateway.stored import UNKNOWN_CONVERSATION, StoredResponses
 from gateway.tool_fees import ServerTools
 from gateway.trace import TRACE_KEY
 from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
@@ -111,13 +111,17 @@ def _stored_prompt(
         NotFound: the previous response is known to be another key's.
     """
     stored: Estimate | None = None
+    known = request.app[STORED_KEY]
+    key_id = request[TRACE_KEY].key_id
     previous = req.previous_response_id
     if isinstance(previous, str) and previous:
-        key_id = request[TRACE_KEY].key_id
-        stored = request.app[STORED_KEY].prompt(previous, key_id)
+        stored = known.prompt(previous, key_id)
     elif present(req.conversation):
+        if isinstance(req.conversation, msgspec.Raw):
+            _refuse_others(known, key_id, _conversation(req.conversation), "conversation")
         stored = UNKNOWN_CONVERSATION
-    references = _references(req, body)
+    _refuse_other_containers(known, key_id, req)
+    references = _references(req, body, known, key_id)
     if references:
         held = UNKNOWN_CONVERSATION.scaled(references)
         stored = held if stored is None else stored + held
@@ -159,33 +163,115 @@ def _searches_at_most(req: ResponseCreateRequest) -> int:
     return 0
 
 
+class _InputItem(msgspec.Struct):
+    """An input item's `type` (an easy input message has none) and `id`."""
+
+    type: object = "message"
+    id: object = None
+
+
+class _ContainerTool(msgspec.Struct):
+    """A tool's `type`, and a code interpreter's `container` (an id, or its settings)."""
+
+    type: object = None
+    container: object = None
+
+
+class _ConversationObject(msgspec.Struct):
+    id: object = None
+
+
 _TOOL_TYPE = msgspec.json.Decoder(ToolType)
-_ITEM_TYPE = msgspec.json.Decoder(ItemType)
+_ITEM = msgspec.json.Decoder(_InputItem)
+_CONTAINER_TOOL = msgspec.json.Decoder(_ContainerTool)
+_CONVERSATION = msgspec.json.Decoder(str | _ConversationObject)
 
 
-def _references(req: ResponseCreateRequest, body: bytes) -> int:
+def _references(
+    req: ResponseCreateRequest, body: bytes, known: StoredResponses, key_id: str | None
+) -> int:
     """How many `item_reference` input items the request holds: looked for only when its
-    body may spell "reference"."""
+    body may spell "reference".
+
+    Raises:
+        NotFound: an input item (a reference, or an item sent back with its id, which the
+            upstream also resolves by its id) is known to be another key's (`gateway.stored`).
+    """
     items = req.input
-    if not isinstance(items, list) or not may_spell(body, b"reference"):
+    if not isinstance(items, list) or not (
+        may_spell(body, b"reference") or (known and may_spell(body, b'"id"'))
+    ):
         return 0
     count = 0
-    for item in items:
+    for at, item in enumerate(items):
         try:
-            if _ITEM_TYPE.decode(item).type == "item_reference":
-                count += 1
+            view = _ITEM.decode(item)
         except (msgspec.MsgspecError, RecursionError):
-            pass  # (refused with its field's name on the way: not counted here)
+            continue  # (refused with its field's name on the way: not counted here)
+        if view.type == "item_reference":
+            count += 1
+        _refuse_others(known, key_id, view.id, f"input[{at}].id", "Item")
     return count
 
 
+def _refuse_other_containers(
+    known: StoredResponses, key_id: str | None, req: ResponseCreateRequest
+) -> None:
+    """Refuse a code interpreter tool whose `container` (by id) is another key's.
+
+    Raises:
+        NotFound: it is (`gateway.stored`), param `tools[N].container`.
+    """
+    if not known:
+        return
+    for at, tool in enumerate(req.tools or ()):
+        try:
+            view = _CONTAINER_TOOL.decode(tool)
+        except (msgspec.MsgspecError, RecursionError):
+            continue  # (refused with its field's name on the way)
+        if view.type == "code_interpreter":
+            _refuse_others(known, key_id, view.container, f"tools[{at}].container", "Container")
+
+
+def _refuse_others(
+    known: StoredResponses,
+    key_id: str | None,
+    stored_id: object,
+    param: str,
+    kind: str = "Conversation",
+) -> None:
+    """Raises NotFound (naming `param`) if `stored_id` is known to be another key's: what the
+    upstream stored for that key, which it would resolve for this one (`gateway.stored`)."""
+    if type(stored_id) is str and known.others(stored_id, key_id):
+        raise NotFound(
+            f"{kind} with id '{stored_id[:100]}' not found.",
+            param=param,
+            code=f"{kind.lower()}_not_found",
+        )
+
+
+def _conversation(conversation: msgspec.Raw) -> object:
+    """A request's `conversation` (an id, or `{"id": ...}`) as its id."""
+    try:
+        value = _CONVERSATION.decode(conversation)
+    except (msgspec.MsgspecError, RecursionError):
+        return None
+    return value if isinstance(value, str) else getattr(value, "id", None)
+
+
 def _remember(ex: Exchange[ChatCall]) -> None:
-    """A response the upstream stores: its size, for a request that continues it."""
+    """What the upstream stores for the request's key (`gateway.stored`): its response, with
+    its size for a request that continues it (none without usage: a `background` one), and
+    the ids of its items, containers and conversation."""
     call = ex.call
-    usage = call.usage
-    if call.response_id and usage is not None:
-        tokens = usage.prompt_tokens + usage.completion_tokens
-        ex.request.app[STORED_KEY].remember(call.response_id, ex.trace.key_id, tokens)
+    stored = ex.request.app[STORED_KEY]
+    key_id = ex.trace.key_id
+    if call.response_id:
+        usage = call.usage
+        tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
+        stored.remember(call.response_id, key_id, tokens)
+    if call.stored_ids:
+        stored.own(call.stored_ids, key_id)
 
 
 def _refuse_counted_background(request: web.Request) -> None:

@@ -187,6 +187,9 @@ class ChatCall(Call, kw_only=True):
         stored_prompt: the prompt an upstream stores for the request and bills it again (a
             Responses conversation it continues: `gateway.stored`), which it does not hold.
         response_id: the id of the response a Responses pass-through upstream answered with.
+        stored_ids: the other ids its answer held, of what the upstream stores (output items,
+            code interpreter containers, a conversation: `gateway.stored`), at most
+            `stored.MOST_IDS_AN_ANSWER`.
         held_writes: the prompt-cache writes admission holds the prompt as ("5m", "1h": a
             Messages request that marks blocks `cache_control`; "": none).
         speed: a Messages request's `speed` (Anthropic's "fast" mode, billed at rates of its
@@ -197,6 +200,7 @@ class ChatCall(Call, kw_only=True):
     output_cap: int | None = None
     stored_prompt: Estimate | None = None
     response_id: str | None = None
+    stored_ids: list[str] = []
     held_writes: str = ""
     speed: str = ""
 

@@ -31,6 +31,7 @@ from gateway.providers.responses_order import EVENT_VIEW, EventView, ResponsesOr
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, present
 from gateway.schemas.response_output import ResponseUsage
+from gateway.stored import LONGEST_ID, MOST_IDS_AN_ANSWER
 from gateway.tool_fees import Item
 
 __all__ = ["ResponsesRelay"]
@@ -42,7 +43,6 @@ _TRUE = msgspec.Raw(b"true")
 
 class _ResponseUsageView(msgspec.Struct):
     usage: ResponseUsage | None = None
-    id: object = None
     service_tier: object = None  # (the tier it was served at: `_answers.served_at`)
 
 
@@ -62,6 +62,7 @@ class _Answer(msgspec.Struct):
 
     id: object = None
     output: list[Item] = []
+    conversation: object = None
 
 
 class _Added(msgspec.Struct):
@@ -93,8 +94,29 @@ def _read_answer(call: ChatCall, answer: bytes) -> None:
         return  # (checked as a response already: nothing more to take)
     if isinstance(view.id, str) and view.id:
         call.response_id = view.id
+    _stored(call, _conversation_id(view.conversation))
+    for item in view.output:
+        _stored(call, item.id, item.container_id)
     call.web_searches = sum(1 for item in view.output if item.type == _SEARCH)
     _take_items(call, view.output)
+
+
+def _stored(call: ChatCall, *ids: object) -> None:
+    """Keep the ids an answer shows of what the upstream stores for the request's key
+    (`ChatCall.stored_ids`, `gateway.stored`): its output items, containers, conversation."""
+    kept = call.stored_ids
+    for found in ids:
+        # (An id too long to remember is not kept either: a hostile upstream's megabyte ids
+        # would be held until the request ends.)
+        if type(found) is str and 0 < len(found) <= LONGEST_ID and found not in kept:
+            if len(kept) >= MOST_IDS_AN_ANSWER:
+                return
+            kept.append(found)
+
+
+def _conversation_id(conversation: object) -> object:
+    """A response's `conversation` (`{"id": ...}`) as its id."""
+    return conversation.get("id") if isinstance(conversation, dict) else None
 
 
 def _take_items(call: ChatCall, items: list[Item]) -> None:
@@ -217,6 +239,18 @@ class ResponsesRelay:
             )
         if kind != "error" and not order.allows(event):
             raise UpstreamError(f"The upstream provider '{self._name}' sent '{kind}' out of order.")
+        # What the upstream stores for the key, as soon as an event shows it (a stream cut
+        # before its terminal event stored it all the same): the response (`response.created`
+        # first), its conversation, its items and their containers.
+        response = event.response
+        if response is not None:
+            if response.id:
+                call.response_id = response.id
+            _stored(call, _conversation_id(response.conversation))
+            for item in response.output or ():
+                _stored(call, item.id, item.container_id)
+        if event.item is not None:
+            _stored(call, event.item.id, event.item.container_id)
         if kind in _TERMINAL:
             try:
                 view = _TERMINAL_USAGE.decode(payload).response
@@ -226,8 +260,6 @@ class ResponsesRelay:
                 if view is not None and view.usage is not None:
                     call.usage = view.usage.to_usage()
                     served_at(call, view.service_tier)
-                if view is not None and isinstance(view.id, str) and view.id:
-                    call.response_id = view.id
             if call.server_tools is not None:
                 call.server_tools.answered = True
                 try:

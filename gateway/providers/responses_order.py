@@ -40,6 +40,7 @@ class _Item(msgspec.Struct):
     type: str = ""
     id: str | None = None
     call_id: str | None = None
+    container_id: object = None  # (a code interpreter call's: `gateway.stored`)
     content: msgspec.Raw | UnsetType = UNSET  # a message's parts: a list
     arguments: msgspec.Raw | UnsetType = UNSET  # a call's arguments: a string
 
@@ -58,6 +59,7 @@ class _Item(msgspec.Struct):
 class _Response(msgspec.Struct):
     id: str | None = None
     output: list[_Item] | None = None
+    conversation: object = None  # (`gateway.stored`)
 
 
 class _Part(msgspec.Struct):

@@ -1,0 +1,184 @@
+"""What an upstream stores for one key, named by another key through the Responses
+pass-through (`gateway.stored`): the ids an answer shows of a response, its output items,
+their code interpreter containers and its conversation are that key's; another key that names
+one gets a 404 and nothing goes upstream. Ids not known here are still relayed.
+
+The upstreams are raw sockets (tests/raw_upstream) answering the same bytes to every request,
+as one upstream account answers every key of the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from gateway.state import STORED_KEY, USAGE_KEY
+from gateway.stored import MOST_IDS_AN_ANSWER, UNKNOWN_CONVERSATION, StoredResponses
+from tests import test_attack_h105
+from tests.conftest import NEVER_HANG, app_of, create_key
+from tests.raw_upstream import STREAM_HEAD, RawUpstream, cut_after
+from tests.test_attack_h105 import (
+    Build,
+    message_item,
+    post,
+    response_body,
+    responses_event,
+    whole,
+)
+
+build = test_attack_h105.build  # (the fixture, by its name)
+
+USAGE = {"input_tokens": 10, "output_tokens": 10, "total_tokens": 20}
+
+
+def answer(**fields: Any) -> bytes:
+    """A whole `response` with a message, a reasoning item and a code interpreter call."""
+    output = [
+        {"type": "reasoning", "id": "rs_bob", "summary": []},
+        {"type": "code_interpreter_call", "id": "ci_bob", "status": "completed"}
+        | {"container_id": "cntr_bob", "code": "print(1)", "outputs": None},
+        message_item("ok"),
+    ]
+    return whole(response_body(USAGE, output) | fields)
+
+
+async def two_keys(build: Build, upstream: RawUpstream) -> tuple[Any, str, str]:
+    gw = await build("openai", upstream, "gpt-5", fields={"responses_api": True})
+    return gw, await create_key(gw), await create_key(gw)
+
+
+def refused(status: int, body: dict[str, Any], param: str) -> None:
+    assert status == 404, body
+    assert body["error"]["type"] == "not_found_error", body
+    assert body["error"]["param"] == param, body
+
+
+async def test_every_id_of_an_answer_is_its_keys(build: Build) -> None:
+    up = RawUpstream(answer(conversation={"id": "conv_bob"}), hold=False)
+    gw, bob, alice = await two_keys(build, up)
+    status, first = await post(gw, bob, "/v1/responses", {"model": "m", "input": "secret"})
+    assert status == 200, first
+    sent = len(up.bodies)
+    base = {"model": "m", "input": "Repeat."}
+    attempts = [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"conversation": "conv_bob"}, "conversation"),
+        ({"conversation": {"id": "conv_bob"}}, "conversation"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].id"),
+        # An item sent back by its id alone: OpenAI reads a stored reasoning item by its id.
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "hi"},
+                    {"type": "reasoning", "id": "rs_bob", "summary": []},
+                ]
+            },
+            "input[1].id",
+        ),
+        (
+            {
+                "tools": [
+                    {"type": "web_search"},
+                    {"type": "code_interpreter", "container": "cntr_bob"},
+                ]
+            },
+            "tools[1].container",
+        ),
+    ]
+    for fields, param in attempts:
+        status, body = await post(gw, alice, "/v1/responses", base | fields)
+        refused(status, body, param)
+        assert "secret" not in str(body)
+    assert len(up.bodies) == sent  # nothing went upstream
+    # Bob names his own, and alice ids nobody's here (made elsewhere): relayed.
+    for secret, fields in (
+        (bob, {"conversation": "conv_bob", "input": [{"type": "item_reference", "id": "msg_1"}]}),
+        (bob, {"tools": [{"type": "code_interpreter", "container": "cntr_bob"}]}),
+        (alice, {"input": [{"type": "item_reference", "id": "msg_elsewhere"}]}),
+        (alice, {"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}),
+    ):
+        status, body = await post(gw, secret, "/v1/responses", base | fields)
+        assert status == 200, body
+    assert len(up.bodies) == sent + 4
+
+
+async def test_an_answer_without_usage_is_its_keys_and_held_as_unknown(build: Build) -> None:
+    # As a `background` response is answered: queued, without usage.
+    up = RawUpstream(answer(status="queued", usage=None, background=True), hold=False)
+    gw, bob, alice = await two_keys(build, up)
+    status, first = await post(gw, bob, "/v1/responses", {"model": "m", "input": "secret"})
+    assert status == 200, first
+    body = {"model": "m", "input": "Go on.", "previous_response_id": "resp_1"}
+    status, answered = await post(gw, alice, "/v1/responses", body)
+    refused(status, answered, "previous_response_id")
+    stored = app_of(gw)[STORED_KEY]
+    owner = stored._known["resp_1"][0]
+    assert stored.prompt("resp_1", owner) is UNKNOWN_CONVERSATION  # its size is not known
+
+
+async def test_a_stream_cut_after_its_first_event_is_its_keys(build: Build) -> None:
+    response = {"id": "resp_cut", "object": "response", "status": "in_progress", "output": []}
+    response |= {"conversation": {"id": "conv_cut"}}
+    item = {"type": "message", "id": "msg_cut", "role": "assistant", "status": "in_progress"}
+    events = [
+        responses_event("response.created", response=response),
+        responses_event("response.output_item.added", output_index=0, item=item | {"content": []}),
+        responses_event("response.output_text.delta", output_index=0, delta="hel"),
+    ]
+    up = RawUpstream(STREAM_HEAD + b"".join(events))
+    gw, bob, alice = await two_keys(build, up)
+    body = {"model": "m", "input": "secret", "stream": True}
+    await cut_after(gw, bob, "/v1/responses", body, b"output_text.delta")
+    async with asyncio.timeout(NEVER_HANG):
+        await up.closed.wait()
+    async with asyncio.timeout(NEVER_HANG):  # its row: it ended, what it stored is remembered
+        await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    stored = app_of(gw)[STORED_KEY]
+    assert "resp_cut" in stored._known
+    assert {"msg_cut", "conv_cut"} <= stored._known.keys()
+    for fields, param in (
+        ({"previous_response_id": "resp_cut"}, "previous_response_id"),
+        ({"input": [{"type": "item_reference", "id": "msg_cut"}]}, "input[0].id"),
+        ({"conversation": "conv_cut"}, "conversation"),
+    ):
+        status, answered = await post(gw, alice, "/v1/responses", {"model": "m"} | fields)
+        refused(status, answered, param)
+
+
+async def test_an_answer_of_many_items_takes_a_bounded_number_of_ids(build: Build) -> None:
+    items = [message_item("x") | {"id": f"msg_{n}"} for n in range(MOST_IDS_AN_ANSWER + 50)]
+    up = RawUpstream(whole(response_body(USAGE, items)), hold=False)
+    gw, bob, _ = await two_keys(build, up)
+    status, first = await post(gw, bob, "/v1/responses", {"model": "m", "input": "hi"})
+    assert status == 200, first
+    known = app_of(gw)[STORED_KEY]._known
+    assert len(known) == 1 + MOST_IDS_AN_ANSWER  # the response, and the first items' ids
+    assert "msg_0" in known and f"msg_{MOST_IDS_AN_ANSWER}" not in known
+
+
+def test_an_id_keeps_its_first_key_and_a_response_its_size() -> None:
+    stored = StoredResponses(most=4)
+    stored.remember("resp_a", "bob", 30)
+    stored.own(["resp_a", "msg_a"], "bob")  # (seen again as an item: its size stays)
+    stored.own(["msg_a"], "alice")  # (an upstream answering alice with bob's id)
+    assert stored.prompt("resp_a", "bob").likely == 30
+    assert stored.others("msg_a", "alice") and not stored.others("msg_a", "bob")
+    assert not stored.others("msg_unknown", "alice")
+    stored.own(["x1", "x2", "x3"], "carol")  # the oldest are forgotten past `most`
+    assert len(stored) == 4 and not stored.others("resp_a", "alice")
+    stored.own(["msg_" + "y" * 300], "bob")  # too long to remember
+    assert not stored.others("msg_" + "y" * 300, "alice")
+
+
+@pytest.mark.parametrize("conversation", ["conv_bob", {"id": "conv_bob"}])
+async def test_a_request_in_a_conversation_is_held_as_unknown(
+    build: Build, conversation: Any
+) -> None:
+    up = RawUpstream(answer(), hold=False)
+    gw = await build("openai", up, "gpt-5", fields={"responses_api": True})
+    secret = await create_key(gw, budget_tokens=9_000)  # less than an unknown conversation
+    body = {"model": "m", "input": "hi", "max_output_tokens": 10, "conversation": conversation}
+    status, answered = await post(gw, secret, "/v1/responses", body)
+    assert status == 429, answered
