@@ -27,8 +27,9 @@ __all__ = ["LONGEST_ID", "MOST_IDS_AN_ANSWER", "UNKNOWN_CONVERSATION", "StoredRe
 # What a stored conversation not known here is held as: as a file sent by id (a few turns
 # likely, a long conversation at most).
 UNKNOWN_CONVERSATION = FILE_BY_ID
-# Ids remembered at once, of every kind (about 150 bytes each); past it the oldest are
-# forgotten, and relayed (a response held as unknown) if named again.
+# Ids remembered at once, of every kind (about 200 bytes each); past it the oldest of the key
+# with the largest share are forgotten, and relayed (a response held as unknown) if named
+# again.
 MOST_REMEMBERED = 100_000
 # The longest id remembered (OpenAI's are about 50 characters): a longer one, from a hostile
 # upstream, would make the map cost its length each; it is not remembered.
@@ -41,20 +42,24 @@ _UNSIZED = -1  # a response known without its usage: held as unknown when contin
 
 
 class StoredResponses:
-    """Id -> (its key's id, the tokens of a response's input and output, or `_UNSIZED`), the
-    oldest forgotten first."""
+    """Id -> (its key's id, the tokens of a response's input and output, or `_UNSIZED`).
 
-    __slots__ = ("_known", "_most")
+    Past `most` ids, one is forgotten from the key with the largest share (the key adding
+    one, when its share is at least the average): each key's oldest first, so one key's
+    traffic (a flood of answers of many items) forgets its own ids, not another key's."""
+
+    __slots__ = ("_by_key", "_known", "_most")
 
     def __init__(self, most: int = MOST_REMEMBERED) -> None:
         self._known: dict[str, tuple[str | None, int]] = {}
+        self._by_key: dict[str | None, dict[str, None]] = {}  # each key's ids, oldest first
         self._most = most
 
     def remember(self, response_id: str, key_id: str | None, tokens: int | None) -> None:
-        """A response relayed for `key_id`, whose prompt and output took `tokens` (None: its
-        answer had no usage). An id already known keeps its first key: an upstream that
-        answers another key with it (the same id again) neither takes the conversation from
-        its key nor gives it away."""
+        """A response relayed for `key_id`, whose prompt and output took `tokens` (None: not
+        known, or not yet: a `background` answer, a stream under way). An id already known
+        keeps its first key: an upstream that answers another key with it (the same id
+        again) neither takes the conversation from its key nor gives it away."""
         self._keep(response_id, key_id, _UNSIZED if tokens is None else tokens)
 
     def own(self, ids: Iterable[str], key_id: str | None) -> None:
@@ -67,15 +72,34 @@ class StoredResponses:
         if len(stored_id) > LONGEST_ID:
             return
         known = self._known
-        found = known.pop(stored_id, None)  # (an id seen again goes last)
-        if found is not None and found[0] != key_id:
-            known[stored_id] = found
-            return
-        if found is not None and tokens == _UNSIZED:
-            tokens = found[1]  # (a response's usage came with an earlier answer: kept)
-        if len(known) >= self._most:
-            del known[next(iter(known))]
+        found = known.get(stored_id)
+        if found is not None:
+            if found[0] != key_id:
+                return
+            if tokens == _UNSIZED:
+                tokens = found[1]  # (a response's usage came with an earlier answer: kept)
+            del known[stored_id]
+            del self._by_key[key_id][stored_id]  # (an id seen again goes last)
+        elif len(known) >= self._most:
+            self._forget_one(key_id)
         known[stored_id] = (key_id, tokens)
+        self._by_key.setdefault(key_id, {})[stored_id] = None
+
+    def _forget_one(self, adding: str | None) -> None:
+        """Forget the oldest id of the key adding one if its share is at least the average,
+        else of the key with the largest share."""
+        by_key = self._by_key
+        own = by_key.get(adding)
+        if own and len(own) * len(by_key) >= len(self._known):
+            victim = adding
+        else:
+            victim = max(by_key, key=lambda key: len(by_key[key]))
+        ids = by_key[victim]
+        oldest = next(iter(ids))
+        del ids[oldest]
+        del self._known[oldest]
+        if not ids:
+            del by_key[victim]
 
     def __len__(self) -> int:
         return len(self._known)

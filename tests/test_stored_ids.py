@@ -86,6 +86,10 @@ async def test_every_id_of_an_answer_is_its_keys(build: Build) -> None:
             },
             "tools[1].container",
         ),
+        (
+            {"input": [{"type": "mcp_approval_response", "approval_request_id": "rs_bob"}]},
+            "input[0].approval_request_id",
+        ),
     ]
     for fields, param in attempts:
         status, body = await post(gw, alice, "/v1/responses", base | fields)
@@ -166,8 +170,14 @@ def test_an_id_keeps_its_first_key_and_a_response_its_size() -> None:
     assert stored.prompt("resp_a", "bob").likely == 30
     assert stored.others("msg_a", "alice") and not stored.others("msg_a", "bob")
     assert not stored.others("msg_unknown", "alice")
-    stored.own(["x1", "x2", "x3"], "carol")  # the oldest are forgotten past `most`
-    assert len(stored) == 4 and not stored.others("resp_a", "alice")
+    # Past `most`, the key adding ids forgets its own oldest once its share is the average
+    # (2 of 4 here), and a key below it takes one from the largest share.
+    stored.own(["x1", "x2", "x3"], "carol")
+    assert len(stored) == 4
+    assert stored.others("resp_a", "alice") and stored.others("msg_a", "alice")
+    assert not stored.others("x1", "alice") and stored.others("x3", "alice")
+    stored.own(["y1"], "dave")
+    assert len(stored) == 4 and not stored.others("resp_a", "alice")  # (bob's oldest, of 2)
     stored.own(["msg_" + "y" * 300], "bob")  # too long to remember
     assert not stored.others("msg_" + "y" * 300, "alice")
 

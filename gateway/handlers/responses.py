@@ -62,7 +62,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         _refuse_counted_background(request)
     translation = to_chat(req)
     model_id = req.model if isinstance(req.model, str) else None
-    stored = _stored_prompt(request, req, body)
+    stored, named = _stored_prompt(request, req, body)
     tools = _server_tools(req)
     if tools is not None and tools.unpriced and request[PRINCIPAL_KEY].key.budget_usd is not None:
         raise InvalidRequest(
@@ -92,7 +92,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             ex,
             ResponsesPassThrough,
             translation.refusal,
-            lambda: _pass_through(ex, body, stream=req.is_stream),
+            lambda: _pass_through(ex, body, named, stream=req.is_stream),
             lambda: _translated(ex, req, translation),
         )
     finally:
@@ -101,31 +101,36 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 def _stored_prompt(
     request: web.Request, req: ResponseCreateRequest, body: bytes
-) -> Estimate | None:
+) -> tuple[Estimate | None, set[str]]:
     """What the upstream stores for a request and bills as its prompt again
     (`gateway.stored`): the conversation it continues, its size when it passed through here,
-    else as much as a file sent by id, and each `item_reference` input item as much again;
-    None when there is none.
+    else as much as a file sent by id, and each `item_reference` input item as much again
+    (None when there is none); and the ids of stored things the request names, which its
+    answer may echo (`_Remembering`).
 
     Raises:
-        NotFound: the previous response is known to be another key's.
+        NotFound: something the request names by id (a previous response, its conversation,
+            an input item, a container) is known to be another key's.
     """
     stored: Estimate | None = None
     known = request.app[STORED_KEY]
     key_id = request[TRACE_KEY].key_id
+    named: set[str] = set()
     previous = req.previous_response_id
     if isinstance(previous, str) and previous:
         stored = known.prompt(previous, key_id)
-    elif present(req.conversation):
+        named.add(previous)
+    if present(req.conversation):
         if isinstance(req.conversation, msgspec.Raw):
-            _refuse_others(known, key_id, _conversation(req.conversation), "conversation")
-        stored = UNKNOWN_CONVERSATION
-    _refuse_other_containers(known, key_id, req)
-    references = _references(req, body, known, key_id)
+            _name(known, key_id, _conversation(req.conversation), "conversation", named)
+        if stored is None:
+            stored = UNKNOWN_CONVERSATION
+    _containers(known, key_id, req, named)
+    references = _references(req, body, known, key_id, named)
     if references:
         held = UNKNOWN_CONVERSATION.scaled(references)
         stored = held if stored is None else stored + held
-    return stored
+    return stored, named
 
 
 def _server_tools(req: ResponseCreateRequest) -> ServerTools | None:
@@ -164,17 +169,20 @@ def _searches_at_most(req: ResponseCreateRequest) -> int:
 
 
 class _InputItem(msgspec.Struct):
-    """An input item's `type` (an easy input message has none) and `id`."""
+    """An input item's `type` (an easy input message has none), `id`, and the stored item an
+    MCP approval answers (`approval_request_id`)."""
 
     type: object = "message"
     id: object = None
+    approval_request_id: object = None
 
 
 class _ContainerTool(msgspec.Struct):
-    """A tool's `type`, and a code interpreter's `container` (an id, or its settings)."""
+    """Where a tool names a container: a code interpreter's `container` (an id, or its
+    settings), a shell's `environment` (`container_reference`: its `container_id`)."""
 
-    type: object = None
     container: object = None
+    environment: object = None
 
 
 class _ConversationObject(msgspec.Struct):
@@ -188,20 +196,22 @@ _CONVERSATION = msgspec.json.Decoder(str | _ConversationObject)
 
 
 def _references(
-    req: ResponseCreateRequest, body: bytes, known: StoredResponses, key_id: str | None
+    req: ResponseCreateRequest,
+    body: bytes,
+    known: StoredResponses,
+    key_id: str | None,
+    named: set[str],
 ) -> int:
-    """How many `item_reference` input items the request holds: looked for only when its
-    body may spell "reference".
+    """How many `item_reference` input items the request holds (looked for only when its
+    body may spell `id"`); the ids its input items name go into `named`.
 
     Raises:
         NotFound: an input item (a reference, or an item sent back with its id, which the
             upstream also resolves by its id) is known to be another key's (`gateway.stored`).
     """
     items = req.input
-    if not isinstance(items, list) or not (
-        may_spell(body, b"reference") or (known and may_spell(body, b'"id"'))
-    ):
-        return 0
+    if not isinstance(items, list) or not may_spell(body, b'id"'):
+        return 0  # (an item_reference has an "id", an approval its "approval_request_id")
     count = 0
     for at, item in enumerate(items):
         try:
@@ -210,44 +220,58 @@ def _references(
             continue  # (refused with its field's name on the way: not counted here)
         if view.type == "item_reference":
             count += 1
-        _refuse_others(known, key_id, view.id, f"input[{at}].id", "Item")
+        _name(known, key_id, view.id, f"input[{at}].id", named, "Item")
+        param = f"input[{at}].approval_request_id"
+        _name(known, key_id, view.approval_request_id, param, named, "Item")
     return count
 
 
-def _refuse_other_containers(
-    known: StoredResponses, key_id: str | None, req: ResponseCreateRequest
+def _containers(
+    known: StoredResponses, key_id: str | None, req: ResponseCreateRequest, named: set[str]
 ) -> None:
-    """Refuse a code interpreter tool whose `container` (by id) is another key's.
+    """Refuse a tool whose container (a code interpreter's `container` by id, a shell's
+    `environment.container_id`) is another key's; the ids go into `named`.
 
     Raises:
-        NotFound: it is (`gateway.stored`), param `tools[N].container`.
+        NotFound: it is (`gateway.stored`), param `tools[N].container` (or its
+            `environment.container_id`).
     """
-    if not known:
-        return
     for at, tool in enumerate(req.tools or ()):
         try:
             view = _CONTAINER_TOOL.decode(tool)
         except (msgspec.MsgspecError, RecursionError):
             continue  # (refused with its field's name on the way)
-        if view.type == "code_interpreter":
-            _refuse_others(known, key_id, view.container, f"tools[{at}].container", "Container")
+        _name(known, key_id, view.container, f"tools[{at}].container", named, "Container")
+        environment = view.environment
+        if isinstance(environment, dict):
+            container = environment.get("container_id")
+            param = f"tools[{at}].environment.container_id"
+            _name(known, key_id, container, param, named, "Container")
 
 
-def _refuse_others(
+def _name(
     known: StoredResponses,
     key_id: str | None,
     stored_id: object,
     param: str,
+    named: set[str],
     kind: str = "Conversation",
 ) -> None:
-    """Raises NotFound (naming `param`) if `stored_id` is known to be another key's: what the
-    upstream stored for that key, which it would resolve for this one (`gateway.stored`)."""
-    if type(stored_id) is str and known.others(stored_id, key_id):
+    """Add `stored_id` (if an id) to what the request names.
+
+    Raises:
+        NotFound: naming `param`, if `stored_id` is known to be another key's: what the
+            upstream stored for that key, which it would resolve for this one.
+    """
+    if type(stored_id) is not str:
+        return
+    if known.others(stored_id, key_id):
         raise NotFound(
             f"{kind} with id '{stored_id[:100]}' not found.",
             param=param,
             code=f"{kind.lower()}_not_found",
         )
+    named.add(stored_id)
 
 
 def _conversation(conversation: msgspec.Raw) -> object:
@@ -259,19 +283,40 @@ def _conversation(conversation: msgspec.Raw) -> object:
     return value if isinstance(value, str) else getattr(value, "id", None)
 
 
-def _remember(ex: Exchange[ChatCall]) -> None:
-    """What the upstream stores for the request's key (`gateway.stored`): its response, with
-    its size for a request that continues it (none without usage: a `background` one), and
-    the ids of its items, containers and conversation."""
-    call = ex.call
-    stored = ex.request.app[STORED_KEY]
-    key_id = ex.trace.key_id
-    if call.response_id:
-        usage = call.usage
-        tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
-        stored.remember(call.response_id, key_id, tokens)
-    if call.stored_ids:
-        stored.own(call.stored_ids, key_id)
+class _Remembering:
+    """What the upstream stores for the request's key, remembered as its answer shows it
+    (`gateway.stored`): a stream's response and items as they pass (another key is refused
+    them while the stream runs), then the response's size once its usage is known (none
+    without: a `background` one). Ids the request named itself (`_stored_prompt`) are not
+    taken from its answer, which may echo them: naming another key's id not known here
+    (made elsewhere) must not make it this key's."""
+
+    __slots__ = ("_ex", "_named", "_owned", "_response")
+
+    def __init__(self, ex: Exchange[ChatCall], named: set[str]) -> None:
+        self._ex = ex
+        self._named = named
+        self._owned = 0  # how many of `call.stored_ids` are remembered
+        self._response: str | None = None
+
+    def __call__(self, final: bool = False) -> None:
+        call = self._ex.call
+        response_id = call.response_id
+        if response_id and (final or response_id != self._response):
+            self._response = response_id
+            if response_id not in self._named:
+                usage = call.usage if final else None
+                tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
+                self._stored().remember(response_id, self._ex.trace.key_id, tokens)
+        if len(call.stored_ids) > self._owned:
+            new = call.stored_ids[self._owned :]
+            self._owned = len(call.stored_ids)
+            named = self._named
+            ids = [stored_id for stored_id in new if stored_id not in named]
+            self._stored().own(ids, self._ex.trace.key_id)
+
+    def _stored(self) -> StoredResponses:
+        return self._ex.request.app[STORED_KEY]
 
 
 def _refuse_counted_background(request: web.Request) -> None:
@@ -352,34 +397,38 @@ def _upstream(route: Route) -> ResponsesPassThrough:
     return cast(ResponsesPassThrough, route.provider)
 
 
-async def _pass_through(ex: Exchange[ChatCall], body: bytes, *, stream: bool) -> web.StreamResponse:
-    """Relay the client's body over `ex.routes` (all pass through).
+async def _pass_through(
+    ex: Exchange[ChatCall], body: bytes, named: set[str], *, stream: bool
+) -> web.StreamResponse:
+    """Relay the client's body over `ex.routes` (all pass through); `named`: the stored ids
+    it names (`_Remembering`).
 
     Raises:
         UpstreamError: before anything was sent to the client (so it may still fall back).
     """
     fields = raw_object(body)  # decode_body made sure it is JSON
+    remember = _Remembering(ex, named)
     if not stream:
         reply = await pipeline.try_routes(
             ex, lambda route: _upstream(route).responses(ex.call, fields)
         )
         if reply.usage is None:
             pipeline.unreported(ex, reply)
-        _remember(ex)
+        remember(final=True)
         return web.Response(body=reply.body, content_type="application/json")
-    events, first = await pipeline.try_routes(
-        ex,
-        lambda route: pipeline.first_batch(
-            route.provider.config, _upstream(route).stream_responses(ex.call, fields)
-        ),
-        stream=True,
-    )
-    numbered = _Numbered(events, first)
     try:
+        events, first = await pipeline.try_routes(
+            ex,
+            lambda route: pipeline.first_batch(
+                route.provider.config, _upstream(route).stream_responses(ex.call, fields)
+            ),
+            stream=True,
+        )
+        numbered = _Numbered(events, first, remember)
         async with contextlib.aclosing(numbered.batches()) as batches:
             return await _relay(ex.request, batches, numbered.error_frame)
     finally:
-        _remember(ex)  # (a stream cut after its terminal event is stored all the same)
+        remember(final=True)  # (a stream cut after its terminal event is stored all the same)
 
 
 async def _relay(
@@ -403,19 +452,23 @@ def _renamed(exc: InvalidRequest, translation: Translation) -> InvalidRequest:
 
 class _Numbered:
     """A passed-through event stream, counted so that an error event can take the next
-    `sequence_number` (upstream events number themselves from 0, one by one)."""
+    `sequence_number` (upstream events number themselves from 0, one by one), whose stored
+    ids are remembered as each batch passes (`_Remembering`)."""
 
-    def __init__(self, events: Batches, first: list[bytes]) -> None:
+    def __init__(self, events: Batches, first: list[bytes], remember: _Remembering) -> None:
         self._events = events
         self._first = first
         self._count = 0
+        self._remember = remember
 
     async def batches(self) -> Batches:
         async with contextlib.aclosing(self._events) as events:
             self._count = len(self._first)
+            self._remember()  # (before the client sees the ids)
             yield self._first
             async for batch in events:
                 self._count += len(batch)
+                self._remember()
                 yield batch
 
     def error_frame(self, exc: GatewayError) -> bytes:

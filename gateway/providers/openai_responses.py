@@ -16,7 +16,7 @@ classified by its typed `type` and `code` the way an error status would be, so t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 import msgspec
 import structlog
@@ -55,13 +55,20 @@ class _TerminalView(msgspec.Struct):
 _TERMINAL_USAGE = msgspec.json.Decoder(_TerminalView)
 
 
+class _OutputItem(Item):
+    """An output item as billed (`tool_fees.Item`), and what names the container of a shell
+    call (`gateway.stored`)."""
+
+    environment: object = None
+
+
 class _Answer(msgspec.Struct):
-    """What a whole `response` is read for beyond its usage: its id (a conversation stored
-    upstream: `gateway.stored`) and its items (web searches, billed a call each, and the
-    other built-in tools' calls billed beyond tokens: `tool_fees`)."""
+    """What a whole `response` is read for beyond its usage: its id, conversation and items'
+    ids (what the upstream stores: `gateway.stored`) and its items (web searches, billed a
+    call each, and the other built-in tools' calls billed beyond tokens: `tool_fees`)."""
 
     id: object = None
-    output: list[Item] = []
+    output: list[_OutputItem] = []
     conversation: object = None
 
 
@@ -96,7 +103,7 @@ def _read_answer(call: ChatCall, answer: bytes) -> None:
         call.response_id = view.id
     _stored(call, _conversation_id(view.conversation))
     for item in view.output:
-        _stored(call, item.id, item.container_id)
+        _stored(call, item.id, item.container_id, _container_of(item.environment))
     call.web_searches = sum(1 for item in view.output if item.type == _SEARCH)
     _take_items(call, view.output)
 
@@ -119,7 +126,12 @@ def _conversation_id(conversation: object) -> object:
     return conversation.get("id") if isinstance(conversation, dict) else None
 
 
-def _take_items(call: ChatCall, items: list[Item]) -> None:
+def _container_of(environment: object) -> object:
+    """The container a shell call's `environment` names (`container_reference`), if any."""
+    return environment.get("container_id") if isinstance(environment, dict) else None
+
+
+def _take_items(call: ChatCall, items: Sequence[Item]) -> None:
     """Count a whole `response`'s billed calls (its answer: nothing of it was cut)."""
     tools = call.server_tools
     if tools is not None:
@@ -248,9 +260,10 @@ class ResponsesRelay:
                 call.response_id = response.id
             _stored(call, _conversation_id(response.conversation))
             for item in response.output or ():
-                _stored(call, item.id, item.container_id)
-        if event.item is not None:
-            _stored(call, event.item.id, event.item.container_id)
+                _stored(call, item.id, item.container_id, _container_of(item.environment))
+        added = event.item
+        if added is not None:
+            _stored(call, added.id, added.container_id, _container_of(added.environment))
         if kind in _TERMINAL:
             try:
                 view = _TERMINAL_USAGE.decode(payload).response

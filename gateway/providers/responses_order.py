@@ -41,6 +41,7 @@ class _Item(msgspec.Struct):
     id: str | None = None
     call_id: str | None = None
     container_id: object = None  # (a code interpreter call's: `gateway.stored`)
+    environment: object = None  # (a shell call's, which may name its container)
     content: msgspec.Raw | UnsetType = UNSET  # a message's parts: a list
     arguments: msgspec.Raw | UnsetType = UNSET  # a call's arguments: a string
 
