@@ -46,13 +46,17 @@ class StoredResponses:
 
     Past `most` ids, one is forgotten from the key with the largest share (the key adding
     one, when its share is at least the average): each key's oldest first, so one key's
-    traffic (a flood of answers of many items) forgets its own ids, not another key's."""
+    traffic (a flood of answers of many items) forgets its own ids, not another key's. The
+    keys are kept by their number of ids, so the largest share is found at once, however
+    many keys there are."""
 
-    __slots__ = ("_by_key", "_known", "_most")
+    __slots__ = ("_by_count", "_by_key", "_known", "_most", "_top")
 
     def __init__(self, most: int = MOST_REMEMBERED) -> None:
         self._known: dict[str, tuple[str | None, int]] = {}
         self._by_key: dict[str | None, dict[str, None]] = {}  # each key's ids, oldest first
+        self._by_count: dict[int, dict[str | None, None]] = {}  # the keys holding N ids
+        self._top = 0  # the most ids a key holds
         self._most = most
 
     def remember(self, response_id: str, key_id: str | None, tokens: int | None) -> None:
@@ -80,10 +84,15 @@ class StoredResponses:
                 tokens = found[1]  # (a response's usage came with an earlier answer: kept)
             del known[stored_id]
             del self._by_key[key_id][stored_id]  # (an id seen again goes last)
-        elif len(known) >= self._most:
+            known[stored_id] = (key_id, tokens)
+            self._by_key[key_id][stored_id] = None
+            return
+        if len(known) >= self._most:
             self._forget_one(key_id)
         known[stored_id] = (key_id, tokens)
-        self._by_key.setdefault(key_id, {})[stored_id] = None
+        ids = self._by_key.setdefault(key_id, {})
+        self._recount(key_id, len(ids), len(ids) + 1)
+        ids[stored_id] = None
 
     def _forget_one(self, adding: str | None) -> None:
         """Forget the oldest id of the key adding one if its share is at least the average,
@@ -93,13 +102,29 @@ class StoredResponses:
         if own and len(own) * len(by_key) >= len(self._known):
             victim = adding
         else:
-            victim = max(by_key, key=lambda key: len(by_key[key]))
+            victim = next(iter(self._by_count[self._top]))
         ids = by_key[victim]
         oldest = next(iter(ids))
+        self._recount(victim, len(ids), len(ids) - 1)
         del ids[oldest]
         del self._known[oldest]
         if not ids:
             del by_key[victim]
+
+    def _recount(self, key_id: str | None, was: int, now: int) -> None:
+        """Move `key_id` from the keys holding `was` ids to those holding `now`."""
+        by_count = self._by_count
+        if was:
+            keys = by_count[was]
+            del keys[key_id]
+            if not keys:
+                del by_count[was]
+        if now:
+            by_count.setdefault(now, {})[key_id] = None
+        if now > self._top:
+            self._top = now
+        while self._top and self._top not in by_count:
+            self._top -= 1
 
     def __len__(self) -> int:
         return len(self._known)

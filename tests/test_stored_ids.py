@@ -10,6 +10,7 @@ as one upstream account answers every key of the gateway.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -192,3 +193,22 @@ async def test_a_request_in_a_conversation_is_held_as_unknown(
     body = {"model": "m", "input": "hi", "max_output_tokens": 10, "conversation": conversation}
     status, answered = await post(gw, secret, "/v1/responses", body)
     assert status == 429, answered
+
+
+def test_a_full_map_of_many_keys_forgets_from_the_largest_share_at_once() -> None:
+    # 10,000 keys of two ids each fill the map. A busy key adding 30 keeps no more than the
+    # average share, forgetting its own oldest; then 5,000 new keys add one each, below the
+    # average: each forgets one id of a key holding the most (two), found at once (a look
+    # over every key for each took seconds), and none forgets the fresh id of the key before.
+    stored = StoredResponses(most=20_000)
+    for key in range(10_000):
+        stored.own([f"a{key}", f"b{key}"], f"key{key}")
+    stored.own([f"c{n}" for n in range(30)], "busy")
+    assert sum(stored.others(f"c{n}", "x") for n in range(30)) == 2
+    started = time.perf_counter()
+    for key in range(5_000):
+        stored.own([f"new{key}"], f"new{key}")
+    assert time.perf_counter() - started < 2.0
+    assert len(stored) == 20_000
+    assert all(stored.others(f"new{key}", "x") for key in range(5_000))
+    assert all(stored.others(f"b{key}", "x") for key in range(10_000))  # (each its oldest)
