@@ -308,9 +308,10 @@ class _Remembering:
                 usage = call.usage if final else None
                 tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
                 self._stored().remember(response_id, self._ex.trace.key_id, tokens)
-        if len(call.stored_ids) > self._owned:
-            new = call.stored_ids[self._owned :]
-            self._owned = len(call.stored_ids)
+        stored_ids = call.stored_ids
+        if stored_ids is not None and len(stored_ids) > self._owned:
+            new = stored_ids[self._owned :]
+            self._owned = len(stored_ids)
             named = self._named
             ids = [stored_id for stored_id in new if stored_id not in named]
             self._stored().own(ids, self._ex.trace.key_id)

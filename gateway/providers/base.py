@@ -200,7 +200,7 @@ class ChatCall(Call, kw_only=True):
     output_cap: int | None = None
     stored_prompt: Estimate | None = None
     response_id: str | None = None
-    stored_ids: list[str] = []
+    stored_ids: list[str] | None = None  # (made by the first: chat requests have none)
     held_writes: str = ""
     speed: str = ""
 

@@ -112,6 +112,8 @@ def _stored(call: ChatCall, *ids: object) -> None:
     """Keep the ids an answer shows of what the upstream stores for the request's key
     (`ChatCall.stored_ids`, `gateway.stored`): its output items, containers, conversation."""
     kept = call.stored_ids
+    if kept is None:
+        kept = call.stored_ids = []
     for found in ids:
         # (An id too long to remember is not kept either: a hostile upstream's megabyte ids
         # would be held until the request ends.)
