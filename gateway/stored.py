@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from gateway.errors import NotFound
 from gateway.media import FILE_BY_ID, Estimate
 
-__all__ = ["LONGEST_ID", "MOST_IDS_AN_ANSWER", "UNKNOWN_CONVERSATION", "StoredResponses"]
+__all__ = ["MOST_IDS_AN_ANSWER", "UNKNOWN_CONVERSATION", "Shown", "StoredResponses"]
 
 # What a stored conversation not known here is held as: as a file sent by id (a few turns
 # likely, a long conversation at most).
@@ -39,6 +39,28 @@ LONGEST_ID = 256
 MOST_IDS_AN_ANSWER = 256
 
 _UNSIZED = -1  # a response known without its usage: held as unknown when continued
+
+
+class Shown:
+    """The ids an answer showed of what the upstream stores for its request (besides its
+    response's): those made for it (its output items) and those it may share with other
+    requests (`contexts`: a container, a conversation), at most `MOST_IDS_AN_ANSWER` in all,
+    in the order shown."""
+
+    __slots__ = ("contexts", "items")
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.contexts: list[str] = []
+
+    def add(self, found: object, *, context: bool = False) -> None:
+        """Keep `found` if it is an id (an id too long to remember is not kept either: a
+        hostile upstream's megabyte ids would be held until the request ends)."""
+        if type(found) is not str or not 0 < len(found) <= LONGEST_ID:
+            return
+        kept = self.contexts if context else self.items
+        if found not in kept and len(self.items) + len(self.contexts) < MOST_IDS_AN_ANSWER:
+            kept.append(found)
 
 
 class StoredResponses:
@@ -133,6 +155,18 @@ class StoredResponses:
         """Whether `stored_id` is known to be another key's than `key_id`."""
         found = self._known.get(stored_id)
         return found is not None and found[0] != key_id
+
+    def use(self, stored_id: str, key_id: str | None) -> bool | None:
+        """`stored_id` named by a request of `key_id`: True if it is another key's, False if
+        it is this key's (it goes last: what a key keeps using is forgotten last), None if
+        it is not known here."""
+        found = self._known.get(stored_id)
+        if found is None:
+            return None
+        if found[0] != key_id:
+            return True
+        self._keep(stored_id, key_id, _UNSIZED)
+        return False
 
     def prompt(self, response_id: str, key_id: str | None) -> Estimate:
         """What continuing `response_id` sends upstream again, for `key_id`.

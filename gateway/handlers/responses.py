@@ -99,9 +99,21 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         pipeline.finish(ex)
 
 
+class _Naming:
+    """The ids of what the upstream stores that a request names (`_stored_prompt`), and
+    whether one of them is not known here: its answer may echo them, or show what their
+    context holds (`_Remembering`)."""
+
+    __slots__ = ("ids", "unknown")
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.unknown = False
+
+
 def _stored_prompt(
     request: web.Request, req: ResponseCreateRequest, body: bytes
-) -> tuple[Estimate | None, set[str]]:
+) -> tuple[Estimate | None, _Naming]:
     """What the upstream stores for a request and bills as its prompt again
     (`gateway.stored`): the conversation it continues, its size when it passed through here,
     else as much as a file sent by id, and each `item_reference` input item as much again
@@ -115,11 +127,12 @@ def _stored_prompt(
     stored: Estimate | None = None
     known = request.app[STORED_KEY]
     key_id = request[TRACE_KEY].key_id
-    named: set[str] = set()
+    named = _Naming()
     previous = req.previous_response_id
     if isinstance(previous, str) and previous:
+        named.unknown = known.use(previous, key_id) is None  # (the key's own goes last)
         stored = known.prompt(previous, key_id)
-        named.add(previous)
+        named.ids.add(previous)
     if present(req.conversation):
         if isinstance(req.conversation, msgspec.Raw):
             _name(known, key_id, _conversation(req.conversation), "conversation", named)
@@ -169,12 +182,15 @@ def _searches_at_most(req: ResponseCreateRequest) -> int:
 
 
 class _InputItem(msgspec.Struct):
-    """An input item's `type` (an easy input message has none), `id`, and the stored item an
-    MCP approval answers (`approval_request_id`)."""
+    """An input item's `type` (an easy input message has none), `id`, the stored item an
+    MCP approval answers (`approval_request_id`), and the container a tool call sent back
+    ran in (a code interpreter call's `container_id`, a shell call's `environment`)."""
 
     type: object = "message"
     id: object = None
     approval_request_id: object = None
+    container_id: object = None
+    environment: object = None
 
 
 class _ContainerTool(msgspec.Struct):
@@ -200,7 +216,7 @@ def _references(
     body: bytes,
     known: StoredResponses,
     key_id: str | None,
-    named: set[str],
+    named: _Naming,
 ) -> int:
     """How many `item_reference` input items the request holds (looked for only when its
     body may spell `id"`); the ids its input items name go into `named`.
@@ -223,11 +239,18 @@ def _references(
         _name(known, key_id, view.id, f"input[{at}].id", named, "Item")
         param = f"input[{at}].approval_request_id"
         _name(known, key_id, view.approval_request_id, param, named, "Item")
+        # (A tool call sent back names the container it ran in, which an `auto` one reuses.)
+        param = f"input[{at}].container_id"
+        _name(known, key_id, view.container_id, param, named, "Container")
+        if isinstance(view.environment, dict):
+            container = view.environment.get("container_id")
+            param = f"input[{at}].environment.container_id"
+            _name(known, key_id, container, param, named, "Container")
     return count
 
 
 def _containers(
-    known: StoredResponses, key_id: str | None, req: ResponseCreateRequest, named: set[str]
+    known: StoredResponses, key_id: str | None, req: ResponseCreateRequest, named: _Naming
 ) -> None:
     """Refuse a tool whose container (a code interpreter's `container` by id, a shell's
     `environment.container_id`) is another key's; the ids go into `named`.
@@ -254,10 +277,10 @@ def _name(
     key_id: str | None,
     stored_id: object,
     param: str,
-    named: set[str],
+    named: _Naming,
     kind: str = "Conversation",
 ) -> None:
-    """Add `stored_id` (if an id) to what the request names.
+    """Add `stored_id` (if an id) to what the request names (`StoredResponses.use`).
 
     Raises:
         NotFound: naming `param`, if `stored_id` is known to be another key's: what the
@@ -265,13 +288,16 @@ def _name(
     """
     if type(stored_id) is not str:
         return
-    if known.others(stored_id, key_id):
+    others = known.use(stored_id, key_id)
+    if others:
         raise NotFound(
             f"{kind} with id '{stored_id[:100]}' not found.",
             param=param,
             code=f"{kind.lower()}_not_found",
         )
-    named.add(stored_id)
+    if others is None:
+        named.unknown = True
+    named.ids.add(stored_id)
 
 
 def _conversation(conversation: msgspec.Raw) -> object:
@@ -287,32 +313,43 @@ class _Remembering:
     """What the upstream stores for the request's key, remembered as its answer shows it
     (`gateway.stored`): a stream's response and items as they pass (another key is refused
     them while the stream runs), then the response's size once its usage is known (none
-    without: a `background` one). Ids the request named itself (`_stored_prompt`) are not
-    taken from its answer, which may echo them: naming another key's id not known here
-    (made elsewhere) must not make it this key's."""
+    without: a `background` one).
 
-    __slots__ = ("_ex", "_named", "_owned", "_response")
+    Ids the request named itself (`_Naming`) are not taken from its answer, which may echo
+    them; nor, when one of them is not known here, the containers and conversation its answer
+    shows, which may be that context's: continuing a response made elsewhere (another key's
+    before a restart) must not make its container the continuing key's."""
 
-    def __init__(self, ex: Exchange[ChatCall], named: set[str]) -> None:
+    __slots__ = ("_contexts", "_ex", "_items", "_named", "_response")
+
+    def __init__(self, ex: Exchange[ChatCall], named: _Naming) -> None:
         self._ex = ex
         self._named = named
-        self._owned = 0  # how many of `call.stored_ids` are remembered
+        self._items = self._contexts = 0  # how many of `call.shown`'s are remembered
         self._response: str | None = None
 
     def __call__(self, final: bool = False) -> None:
         call = self._ex.call
+        named = self._named.ids
         response_id = call.response_id
         if response_id and (final or response_id != self._response):
             self._response = response_id
-            if response_id not in self._named:
+            if response_id not in named:
                 usage = call.usage if final else None
                 tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
                 self._stored().remember(response_id, self._ex.trace.key_id, tokens)
-        stored_ids = call.stored_ids
-        if stored_ids is not None and len(stored_ids) > self._owned:
-            new = stored_ids[self._owned :]
-            self._owned = len(stored_ids)
-            named = self._named
+        shown = call.shown
+        if shown is None:
+            return
+        new: list[str] = []
+        if len(shown.items) > self._items:
+            new += shown.items[self._items :]
+            self._items = len(shown.items)
+        if len(shown.contexts) > self._contexts:
+            if not self._named.unknown:
+                new += shown.contexts[self._contexts :]
+            self._contexts = len(shown.contexts)
+        if new:
             ids = [stored_id for stored_id in new if stored_id not in named]
             self._stored().own(ids, self._ex.trace.key_id)
 
@@ -399,7 +436,7 @@ def _upstream(route: Route) -> ResponsesPassThrough:
 
 
 async def _pass_through(
-    ex: Exchange[ChatCall], body: bytes, named: set[str], *, stream: bool
+    ex: Exchange[ChatCall], body: bytes, named: _Naming, *, stream: bool
 ) -> web.StreamResponse:
     """Relay the client's body over `ex.routes` (all pass through); `named`: the stored ids
     it names (`_Remembering`).

@@ -27,6 +27,7 @@ from gateway.schemas.chat import ChatCompletionRequest, InputAudioPart
 from gateway.schemas.codec import may_spell, raw_fields, raw_object
 from gateway.schemas.common import Usage
 from gateway.settings import ModelConfig, ProviderConfig
+from gateway.stored import Shown
 from gateway.tokens import Estimate, ImageCost, estimate_prompt_tokens, prompt_size
 from gateway.tool_fees import ServerTools
 
@@ -187,9 +188,8 @@ class ChatCall(Call, kw_only=True):
         stored_prompt: the prompt an upstream stores for the request and bills it again (a
             Responses conversation it continues: `gateway.stored`), which it does not hold.
         response_id: the id of the response a Responses pass-through upstream answered with.
-        stored_ids: the other ids its answer held, of what the upstream stores (output items,
-            code interpreter containers, a conversation: `gateway.stored`), at most
-            `stored.MOST_IDS_AN_ANSWER`.
+        shown: the other ids its answer held, of what the upstream stores (output items,
+            containers, a conversation: `gateway.stored`).
         held_writes: the prompt-cache writes admission holds the prompt as ("5m", "1h": a
             Messages request that marks blocks `cache_control`; "": none).
         speed: a Messages request's `speed` (Anthropic's "fast" mode, billed at rates of its
@@ -200,7 +200,7 @@ class ChatCall(Call, kw_only=True):
     output_cap: int | None = None
     stored_prompt: Estimate | None = None
     response_id: str | None = None
-    stored_ids: list[str] | None = None  # (made by the first: chat requests have none)
+    shown: Shown | None = None  # (made by the first: chat requests have none)
     held_writes: str = ""
     speed: str = ""
 

@@ -27,11 +27,16 @@ from gateway.providers._call_ids import short_input_ids
 from gateway.providers._errors import DECODE_ERRORS, stream_error
 from gateway.providers._http import UpstreamClient, done
 from gateway.providers.base import ChatCall, ChatReply
-from gateway.providers.responses_order import EVENT_VIEW, EventView, ResponsesOrder
+from gateway.providers.responses_order import (
+    EVENT_VIEW,
+    EventView,
+    ResponsesOrder,
+    StreamItem,
+)
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, present
 from gateway.schemas.response_output import ResponseUsage
-from gateway.stored import LONGEST_ID, MOST_IDS_AN_ANSWER
+from gateway.stored import Shown
 from gateway.tool_fees import Item
 
 __all__ = ["ResponsesRelay"]
@@ -101,26 +106,28 @@ def _read_answer(call: ChatCall, answer: bytes) -> None:
         return  # (checked as a response already: nothing more to take)
     if isinstance(view.id, str) and view.id:
         call.response_id = view.id
-    _stored(call, _conversation_id(view.conversation))
+    _shown(call).add(_conversation_id(view.conversation), context=True)
     for item in view.output:
-        _stored(call, item.id, item.container_id, _container_of(item.environment))
+        _show_item(call, item)
     call.web_searches = sum(1 for item in view.output if item.type == _SEARCH)
     _take_items(call, view.output)
 
 
-def _stored(call: ChatCall, *ids: object) -> None:
-    """Keep the ids an answer shows of what the upstream stores for the request's key
-    (`ChatCall.stored_ids`, `gateway.stored`): its output items, containers, conversation."""
-    kept = call.stored_ids
-    if kept is None:
-        kept = call.stored_ids = []
-    for found in ids:
-        # (An id too long to remember is not kept either: a hostile upstream's megabyte ids
-        # would be held until the request ends.)
-        if type(found) is str and 0 < len(found) <= LONGEST_ID and found not in kept:
-            if len(kept) >= MOST_IDS_AN_ANSWER:
-                return
-            kept.append(found)
+def _shown(call: ChatCall) -> Shown:
+    """What the answer showed so far of what the upstream stores (`ChatCall.shown`)."""
+    shown = call.shown
+    if shown is None:
+        shown = call.shown = Shown()
+    return shown
+
+
+def _show_item(call: ChatCall, item: _OutputItem | StreamItem) -> None:
+    """An output item's id, and the container it ran in (a code interpreter call's
+    `container_id`, a shell call's `environment`)."""
+    shown = _shown(call)
+    shown.add(item.id)
+    shown.add(item.container_id, context=True)
+    shown.add(_container_of(item.environment), context=True)
 
 
 def _conversation_id(conversation: object) -> object:
@@ -260,12 +267,11 @@ class ResponsesRelay:
         if response is not None:
             if response.id:
                 call.response_id = response.id
-            _stored(call, _conversation_id(response.conversation))
+            _shown(call).add(_conversation_id(response.conversation), context=True)
             for item in response.output or ():
-                _stored(call, item.id, item.container_id, _container_of(item.environment))
-        added = event.item
-        if added is not None:
-            _stored(call, added.id, added.container_id, _container_of(added.environment))
+                _show_item(call, item)
+        if event.item is not None:
+            _show_item(call, event.item)
         if kind in _TERMINAL:
             try:
                 view = _TERMINAL_USAGE.decode(payload).response

@@ -19,7 +19,7 @@ from msgspec import UNSET, UnsetType
 
 from gateway.schemas.codec import opens
 
-__all__ = ["EVENT_VIEW", "EventView", "ResponsesOrder"]
+__all__ = ["EVENT_VIEW", "EventView", "ResponsesOrder", "StreamItem"]
 
 # Item types whose identity is their call id (the SDK's `_output_identity`).
 _CALL_TYPES = frozenset({"function_call", "custom_tool_call", "shell_call", "shell_call_output"})
@@ -36,7 +36,7 @@ _LIFECYCLE = frozenset(
 _TEXT = frozenset({"response.output_text.delta", "response.output_text.done"})
 
 
-class _Item(msgspec.Struct):
+class StreamItem(msgspec.Struct):
     type: str = ""
     id: str | None = None
     call_id: str | None = None
@@ -59,7 +59,7 @@ class _Item(msgspec.Struct):
 
 class _Response(msgspec.Struct):
     id: str | None = None
-    output: list[_Item] | None = None
+    output: list[StreamItem] | None = None
     conversation: object = None  # (`gateway.stored`)
 
 
@@ -74,7 +74,7 @@ class EventView(msgspec.Struct):
     response: _Response | None = None
     output_index: int | None = None
     content_index: int | None = None
-    item: _Item | None = None
+    item: StreamItem | None = None
     part: _Part | None = None
     delta: msgspec.Raw | UnsetType = UNSET
 
@@ -84,7 +84,7 @@ EVENT_VIEW = msgspec.json.Decoder(EventView)
 
 @dataclass(slots=True)
 class _Output:
-    item: _Item
+    item: StreamItem
     parts: list[str] = field(default_factory=list)  # a message's part types, by content_index
     done: bool = False
 
