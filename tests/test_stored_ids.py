@@ -10,6 +10,7 @@ as one upstream account answers every key of the gateway.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from gateway.state import STORED_KEY, USAGE_KEY
 from gateway.stored import MOST_IDS_AN_ANSWER, UNKNOWN_CONVERSATION, StoredResponses
 from tests import test_attack_h105
 from tests.conftest import NEVER_HANG, app_of, create_key
-from tests.raw_upstream import STREAM_HEAD, RawUpstream, cut_after
+from tests.raw_upstream import STREAM_HEAD, RawUpstream, auth, cut_after
 from tests.test_attack_h105 import (
     Build,
     message_item,
@@ -28,6 +29,7 @@ from tests.test_attack_h105 import (
     responses_event,
     whole,
 )
+from tests.test_attack_h107 import message, start, stream as anthropic_events, text_block
 
 build = test_attack_h105.build  # (the fixture, by its name)
 
@@ -212,3 +214,72 @@ def test_a_full_map_of_many_keys_forgets_from_the_largest_share_at_once() -> Non
     assert len(stored) == 20_000
     assert all(stored.others(f"new{key}", "x") for key in range(5_000))
     assert all(stored.others(f"b{key}", "x") for key in range(10_000))  # (each its oldest)
+
+
+# --- Anthropic's code execution containers, on the `/v1/messages` pass-through ----------------
+
+ANTHROPIC_USAGE = {"input_tokens": 10, "output_tokens": 5}
+
+
+def anthropic_answer(container: str | None) -> bytes:
+    return (
+        message(ANTHROPIC_USAGE)
+        if container is None
+        else whole(
+            json.loads(message(ANTHROPIC_USAGE).split(b"\r\n\r\n", 1)[1])
+            | {"container": {"id": container, "expires_at": "2026-12-07T15:00:00Z"}}
+        )
+    )
+
+
+def anthropic_stream(container: str) -> bytes:
+    delta = {"stop_reason": "end_turn", "stop_sequence": None}
+    delta |= {"container": {"id": container, "expires_at": "2026-12-07T15:00:00Z"}}
+    return anthropic_events(
+        start(ANTHROPIC_USAGE),
+        *text_block(0, "ran"),
+        ("message_delta", {"delta": delta, "usage": {"output_tokens": 5}}),
+        ("message_stop", {}),
+    )
+
+
+def ask(container: Any = None, *, stream: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "max_tokens": 64, "stream": stream}
+    body["messages"] = [{"role": "user", "content": "ls"}]
+    return body if container is None else body | {"container": container}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_an_anthropic_container_is_its_keys(build: Build, stream: bool) -> None:
+    shown = anthropic_stream("container_bob") if stream else anthropic_answer("container_bob")
+    up = RawUpstream(shown, hold=False)
+    gw = await build("anthropic", up, "claude-sonnet-4-5")
+    bob, alice = await create_key(gw), await create_key(gw)
+    resp = await gw.post("/v1/messages", json=ask(stream=stream), headers=auth(bob))
+    assert resp.status == 200, await resp.text()
+    await resp.read()
+    async with asyncio.timeout(NEVER_HANG):  # (remembered as the request ends)
+        await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    sent = len(up.bodies)
+    for container in ("container_bob", {"id": "container_bob", "skills": []}):
+        status, body = await post(gw, alice, "/v1/messages", ask(container))
+        assert status == 404, body
+        assert body["type"] == "error" and body["error"]["type"] == "not_found_error", body
+        status, body = await post(gw, alice, "/v1/messages/count_tokens", ask(container))
+        assert status == 404, body
+    assert len(up.bodies) == sent  # nothing went upstream
+    resp = await gw.post(
+        "/v1/messages", json=ask("container_bob", stream=stream), headers=auth(bob)
+    )
+    assert resp.status == 200, await resp.text()  # bob's own: relayed
+    await resp.read()
+
+
+async def test_naming_an_unknown_anthropic_container_does_not_claim_it(build: Build) -> None:
+    up = RawUpstream(anthropic_answer("container_made_elsewhere"), hold=False)
+    gw = await build("anthropic", up, "claude-sonnet-4-5")
+    alice, bob = await create_key(gw), await create_key(gw)
+    status, body = await post(gw, alice, "/v1/messages", ask("container_made_elsewhere"))
+    assert status == 200, body  # (not known here: relayed, as documented)
+    status, body = await post(gw, bob, "/v1/messages", ask("container_made_elsewhere"))
+    assert status == 200, body

@@ -25,7 +25,7 @@ from aiohttp import web
 from msgspec import UNSET
 
 from gateway import pipeline
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, NotFound
 from gateway.failover import Exchange
 from gateway.messages import MessageEvents, Translation, error_event, from_completion, to_chat
 from gateway.messages.errors import anthropic_status
@@ -38,7 +38,7 @@ from gateway.router import Route
 from gateway.schemas.codec import decode_body, encode, opens, raw_object
 from gateway.settings import ModelConfig
 from gateway.sse import relay
-from gateway.state import PRINCIPAL_KEY
+from gateway.state import PRINCIPAL_KEY, STORED_KEY
 from gateway.tokens import estimate_text_tokens
 from gateway.trace import TRACE_KEY
 from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
@@ -113,9 +113,11 @@ def _native(route: Route) -> MessagesPassThrough:
 
 async def _begin(
     request: web.Request, body: bytes
-) -> tuple[MessagesRequest, Translation, Exchange[ChatCall]]:
-    """Decode and translate the request; open its exchange (see `pipeline.open_exchange`)."""
+) -> tuple[MessagesRequest, Translation, Exchange[ChatCall], tuple[str | None, bool]]:
+    """Decode and translate the request; open its exchange (see `pipeline.open_exchange`);
+    the container it names (`_container`)."""
     req = decode_body(body, MessagesRequest)
+    named = _container(request, req)
     if request.path.endswith("/count_tokens"):
         free = True
     else:
@@ -137,7 +139,7 @@ async def _begin(
         )
 
     ex = await pipeline.open_exchange(request, req.model, messages_call, free=free)
-    return req, translations[0], ex
+    return req, translations[0], ex, named
 
 
 def _searches_at_most(req: MessagesRequest) -> int:
@@ -257,35 +259,93 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     request[TRACE_KEY].metered = True  # every authenticated model request gets a usage row
     body = await request.read()
     headers = _headers(request)
-    req, translation, ex = await _begin(request, body)
+    req, translation, ex, named = await _begin(request, body)
     try:
         return await native_first(
             ex,
             MessagesPassThrough,
             translation.refusal,
-            lambda: _relayed(ex, body, headers, stream=req.is_stream),
+            lambda: _relayed(ex, body, headers, named, stream=req.is_stream),
             lambda: _translated(ex, stream=req.is_stream),
         )
     finally:
         pipeline.finish(ex)
 
 
-async def _relayed(
-    ex: Exchange[ChatCall], body: bytes, headers: dict[str, str], *, stream: bool
-) -> web.StreamResponse:
-    fields = raw_object(body)  # decode_body made sure it is JSON
-    if not stream:
-        reply = await pipeline.try_routes(
-            ex, lambda route: _native(route).messages(ex.call, fields, headers)
+class _ContainerObject(msgspec.Struct):
+    id: object = None
+
+
+_CONTAINER = msgspec.json.Decoder(str | _ContainerObject | None)
+
+
+def _container(request: web.Request, req: MessagesRequest) -> tuple[str | None, bool]:
+    """The code execution container the request names (`container`: an id, or `{"id"}`),
+    and whether it is known here as the key's (`gateway.stored`).
+
+    Raises:
+        NotFound: it is another key's: what Anthropic stores for that key (the files its
+            code wrote), which it would give this one.
+    """
+    if not isinstance(req.container, msgspec.Raw):
+        return None, True
+    try:
+        value = _CONTAINER.decode(req.container)
+    except (msgspec.MsgspecError, RecursionError):
+        return None, True  # (Anthropic refuses it)
+    named = value.id if isinstance(value, _ContainerObject) else value
+    if not isinstance(named, str):
+        return None, True
+    key_id = request[TRACE_KEY].key_id
+    others = request.app[STORED_KEY].use(named, key_id)
+    if others:
+        raise NotFound(
+            f"Container with id '{named[:100]}' not found.",
+            param="container",
+            code="container_not_found",
         )
-        if reply.usage is None:
-            pipeline.unreported(ex, reply)
-        return web.Response(body=reply.body, content_type="application/json")
-    events = pipeline.stream(
-        ex, lambda route: _native(route).stream_messages(ex.call, fields, headers)
-    )
-    async with contextlib.aclosing(events) as batches:
-        return await _relay(ex.request, batches)
+    return named, others is not None
+
+
+def _remember(ex: Exchange[ChatCall], named: tuple[str | None, bool]) -> None:
+    """The container the answer names is the key's (`gateway.stored`), unless the request
+    named it itself (an echo), or named one not known here (whose answer's container may be
+    that one's context: naming what was made elsewhere does not make it this key's)."""
+    shown = ex.call.shown
+    container, known = named
+    if shown is None or not known:
+        return
+    ids = [found for found in shown.contexts if found != container]
+    if ids:
+        ex.request.app[STORED_KEY].own(ids, ex.trace.key_id)
+
+
+async def _relayed(
+    ex: Exchange[ChatCall],
+    body: bytes,
+    headers: dict[str, str],
+    named: tuple[str | None, bool],
+    *,
+    stream: bool,
+) -> web.StreamResponse:
+    """Relay the client's body over `ex.routes` (all Anthropic's); `named`: the container
+    the request names (`_container`)."""
+    fields = raw_object(body)  # decode_body made sure it is JSON
+    try:
+        if not stream:
+            reply = await pipeline.try_routes(
+                ex, lambda route: _native(route).messages(ex.call, fields, headers)
+            )
+            if reply.usage is None:
+                pipeline.unreported(ex, reply)
+            return web.Response(body=reply.body, content_type="application/json")
+        events = pipeline.stream(
+            ex, lambda route: _native(route).stream_messages(ex.call, fields, headers)
+        )
+        async with contextlib.aclosing(events) as batches:
+            return await _relay(ex.request, batches)
+    finally:
+        _remember(ex, named)  # (a container shows in the closing `message_delta`)
 
 
 async def _translated(ex: Exchange[ChatCall], *, stream: bool) -> web.StreamResponse:
@@ -325,7 +385,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     request[TRACE_KEY].metered = True
     body = await request.read()
     headers = _headers(request)
-    _, _, ex = await _begin(request, body)
+    _, _, ex, _ = await _begin(request, body)
     try:
         first = ex.routes[0].provider
         if has_capability(first, MessagesPassThrough):

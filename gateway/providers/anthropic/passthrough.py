@@ -35,6 +35,7 @@ from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, opens
 from gateway.schemas.common import Count
+from gateway.stored import Shown
 
 __all__ = ["MessagesRelay"]
 
@@ -49,6 +50,7 @@ class _StartView(msgspec.Struct):
 
     content: list[msgspec.Raw]
     usage: msgspec.Raw
+    container: object = None  # (the code execution container: `gateway.stored`)
 
 
 class _BlockView(msgspec.Struct):
@@ -69,6 +71,7 @@ class _MessageView(msgspec.Struct):
     type: str = ""
     content: list[_BlockView] | UnsetType = UNSET
     usage: msgspec.Raw | UnsetType = UNSET
+    container: object = None  # (the code execution container: `gateway.stored`)
 
 
 class _DeltaView(msgspec.Struct):
@@ -80,6 +83,7 @@ class _DeltaView(msgspec.Struct):
     partial_json: str | UnsetType = UNSET
     thinking: str | UnsetType = UNSET
     stop_reason: object = None  # (a `message_delta`'s: whether it closes the message)
+    container: object = None  # (a `message_delta`'s: the code execution container)
 
 
 class _EventView(msgspec.Struct):
@@ -102,6 +106,15 @@ _DELTA_TEXT = {
     "input_json_delta": "partial_json",
     "thinking_delta": "thinking",
 }
+
+
+def _show_container(call: ChatCall, container: object) -> None:
+    """The code execution container an answer names (`{"id": ...}`): what Anthropic stores
+    for the request's key, files included (`ChatCall.shown`, `gateway.stored`)."""
+    if isinstance(container, dict):
+        if call.shown is None:
+            call.shown = Shown()
+        call.shown.add(container.get("id"), context=True)
 
 
 def _block_shaped(block: _BlockView | None) -> bool:
@@ -180,6 +193,7 @@ class MessagesRelay:
         view = self._http.decode(_MESSAGE, answer, "message")
         if not _readable(view):
             raise answer_error(self._name, answer, "message")
+        _show_container(call, view.container)
         tally = UsageTally(self._name)
         tally.merge(view.usage)
         tally.searches = sum(map(_searches, view.content or ()))
@@ -265,8 +279,11 @@ class MessagesRelay:
                 )
             if kind == "message_start" and event.message is not None:
                 tally.merge(event.message.usage)
+                _show_container(call, event.message.container)
             elif kind == "message_delta":
                 delta = event.delta
+                if delta is not None:
+                    _show_container(call, delta.container)
                 stop = delta.stop_reason if delta is not None else None
                 tally.delta(event.usage, stop if isinstance(stop, str) else None)
             elif kind == "content_block_start":
