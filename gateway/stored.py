@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from gateway.errors import NotFound
 from gateway.media import FILE_BY_ID, Estimate
 
-__all__ = ["MOST_IDS_AN_ANSWER", "UNKNOWN_CONVERSATION", "Shown", "StoredResponses"]
+__all__ = ["MOST_IDS_AN_ANSWER", "UNKNOWN_CONVERSATION", "Naming", "Shown", "StoredResponses"]
 
 # What a stored conversation not known here is held as: as a file sent by id (a few turns
 # likely, a long conversation at most).
@@ -39,6 +39,47 @@ LONGEST_ID = 256
 MOST_IDS_AN_ANSWER = 256
 
 _UNSIZED = -1  # a response known without its usage: held as unknown when continued
+
+
+class Naming:
+    """The ids of what the upstream stores that a request names, and whether one of them is
+    not known here: its answer may echo them, or show what their context holds, which the
+    request's key does not get as its own (`handlers.responses`, `handlers.messages`)."""
+
+    __slots__ = ("ids", "unknown")
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.unknown = False
+
+    def name(
+        self,
+        known: StoredResponses,
+        key_id: str | None,
+        stored_id: object,
+        param: str,
+        kind: str = "Conversation",
+        code: str | None = None,
+    ) -> None:
+        """Add `stored_id` (if an id) to what the request names (`StoredResponses.use`: the
+        key's own goes last).
+
+        Raises:
+            NotFound: naming `param`, if `stored_id` is known to be another key's: what the
+                upstream stored for that key, which it would resolve for this one.
+        """
+        if type(stored_id) is not str:
+            return
+        others = known.use(stored_id, key_id)
+        if others:
+            raise NotFound(
+                f"{kind} with id '{stored_id[:100]}' not found.",
+                param=param,
+                code=code or f"{kind.lower()}_not_found",
+            )
+        if others is None:
+            self.unknown = True
+        self.ids.add(stored_id)
 
 
 class Shown:

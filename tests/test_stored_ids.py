@@ -283,3 +283,23 @@ async def test_naming_an_unknown_anthropic_container_does_not_claim_it(build: Bu
     assert status == 200, body  # (not known here: relayed, as documented)
     status, body = await post(gw, bob, "/v1/messages", ask("container_made_elsewhere"))
     assert status == 200, body
+
+
+async def test_a_key_continues_its_own_thread_held_at_its_size(build: Build) -> None:
+    # Bob's first message (5 + 10 tokens) is his; continuing it is held at that size, which a
+    # 9,000-token budget takes (an unknown one, held as a file by id, it would not: h128), and
+    # the thread is relayed. Alice continuing it gets the code the SDK's threads recover from.
+    up = RawUpstream(anthropic_answer(None), hold=False)
+    gw = await build("anthropic", up, "claude-sonnet-4-5")
+    bob, alice = await create_key(gw, budget_tokens=9_000), await create_key(gw)
+    status, first = await post(gw, bob, "/v1/messages", ask() | {"thread": {"type": "create"}})
+    assert status == 200, first
+    async with asyncio.timeout(NEVER_HANG):
+        await app_of(gw)[USAGE_KEY].wait_recorded(1)
+    thread = {"type": "continue", "previous_message_id": first["id"]}
+    status, body = await post(gw, bob, "/v1/messages", ask() | {"thread": thread})
+    assert status == 200, body
+    assert up.bodies[-1]["thread"] == thread
+    status, body = await post(gw, alice, "/v1/messages", ask() | {"thread": thread})
+    assert status == 404, body
+    assert body["error"]["details"] == {"error_code": "thread_not_found"}, body

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import msgspec
@@ -25,7 +25,7 @@ from aiohttp import web
 from msgspec import UNSET
 
 from gateway import pipeline
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest
 from gateway.failover import Exchange
 from gateway.messages import MessageEvents, Translation, error_event, from_completion, to_chat
 from gateway.messages.errors import anthropic_status
@@ -35,11 +35,12 @@ from gateway.providers import ChatCall
 from gateway.providers.base import has_capability
 from gateway.providers.capabilities import MessagesPassThrough
 from gateway.router import Route
-from gateway.schemas.codec import decode_body, encode, opens, raw_object
+from gateway.schemas.codec import decode_body, encode, may_spell, opens, raw_object
 from gateway.settings import ModelConfig
 from gateway.sse import relay
 from gateway.state import PRINCIPAL_KEY, STORED_KEY
-from gateway.tokens import estimate_text_tokens
+from gateway.stored import Naming
+from gateway.tokens import Estimate, estimate_text_tokens
 from gateway.trace import TRACE_KEY
 from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
 
@@ -113,11 +114,11 @@ def _native(route: Route) -> MessagesPassThrough:
 
 async def _begin(
     request: web.Request, body: bytes
-) -> tuple[MessagesRequest, Translation, Exchange[ChatCall], tuple[str | None, bool]]:
+) -> tuple[MessagesRequest, Translation, Exchange[ChatCall], Naming]:
     """Decode and translate the request; open its exchange (see `pipeline.open_exchange`);
-    the container it names (`_container`)."""
+    what it names of what Anthropic stores (`_stored`)."""
     req = decode_body(body, MessagesRequest)
-    named = _container(request, req)
+    named, held = _stored(request, req, body)
     if request.path.endswith("/count_tokens"):
         free = True
     else:
@@ -135,6 +136,7 @@ async def _begin(
             held_searches=_searches_at_most(req),
             searches_on=MessagesPassThrough,
             held_writes=_cache_writes(body),
+            stored_prompt=held,
             speed=req.speed[:32] if isinstance(req.speed, str) else "",
         )
 
@@ -272,64 +274,125 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         pipeline.finish(ex)
 
 
-class _ContainerObject(msgspec.Struct):
+class _IdObject(msgspec.Struct):
     id: object = None
 
 
-_CONTAINER = msgspec.json.Decoder(str | _ContainerObject | None)
+class _Thread(msgspec.Struct):
+    type: object = None
+    previous_message_id: object = None
 
 
-def _container(request: web.Request, req: MessagesRequest) -> tuple[str | None, bool]:
-    """The code execution container the request names (`container`: an id, or `{"id"}`),
-    and whether it is known here as the key's (`gateway.stored`).
+class _Diagnostics(msgspec.Struct):
+    previous_message_id: object = None
+
+
+class _Source(msgspec.Struct):
+    file_id: object = None
+
+
+class _Block(msgspec.Struct):
+    """A content block as far as it names a file (`container_upload`, a file source)."""
+
+    file_id: object = None
+    source: _Source | None = None
+
+
+class _Turn(msgspec.Struct):
+    content: list[_Block] | str = ""
+
+
+class _Turns(msgspec.Struct):
+    messages: list[_Turn] = []
+
+
+_CONTAINER = msgspec.json.Decoder(str | _IdObject | None)
+_THREAD = msgspec.json.Decoder(_Thread)
+_DIAGNOSTICS = msgspec.json.Decoder(_Diagnostics)
+_TURNS = msgspec.json.Decoder(_Turns)
+_DECODE = (msgspec.MsgspecError, RecursionError)
+
+
+def _stored(
+    request: web.Request, req: MessagesRequest, body: bytes
+) -> tuple[Naming, Estimate | None]:
+    """What Anthropic stores that the request names (`gateway.stored`): a code execution
+    container (`container`: an id or `{"id"}`), the message a thread continues from
+    (`thread.previous_message_id`) or that diagnostics compare with, files its code wrote
+    (`file_id` of a `container_upload` block or a file source); and the conversation a
+    continued thread bills as its prompt again (its size when known here, else held as a
+    file sent by id), None when there is none.
 
     Raises:
-        NotFound: it is another key's: what Anthropic stores for that key (the files its
-            code wrote), which it would give this one.
+        NotFound: one of them is another key's: what Anthropic stored for that key, which it
+            would give this one.
     """
-    if not isinstance(req.container, msgspec.Raw):
-        return None, True
-    try:
-        value = _CONTAINER.decode(req.container)
-    except (msgspec.MsgspecError, RecursionError):
-        return None, True  # (Anthropic refuses it)
-    named = value.id if isinstance(value, _ContainerObject) else value
-    if not isinstance(named, str):
-        return None, True
+    named = Naming()
+    known = request.app[STORED_KEY]
     key_id = request[TRACE_KEY].key_id
-    others = request.app[STORED_KEY].use(named, key_id)
-    if others:
-        raise NotFound(
-            f"Container with id '{named[:100]}' not found.",
-            param="container",
-            code="container_not_found",
-        )
-    return named, others is not None
+    held: Estimate | None = None
+    with contextlib.suppress(*_DECODE):  # (what Anthropic refuses is not looked at)
+        if isinstance(req.container, msgspec.Raw):
+            container = _CONTAINER.decode(req.container)
+            container = container.id if isinstance(container, _IdObject) else container
+            named.name(known, key_id, container, "container", "Container")
+    with contextlib.suppress(*_DECODE):
+        if isinstance(req.thread, msgspec.Raw):
+            thread = _THREAD.decode(req.thread)
+            previous = thread.previous_message_id
+            if thread.type == "continue" and isinstance(previous, str):
+                param = "thread.previous_message_id"
+                named.name(known, key_id, previous, param, "Message", "thread_not_found")
+                held = known.prompt(previous, key_id)
+    with contextlib.suppress(*_DECODE):
+        if isinstance(req.diagnostics, msgspec.Raw):
+            previous = _DIAGNOSTICS.decode(req.diagnostics).previous_message_id
+            named.name(known, key_id, previous, "diagnostics.previous_message_id", "Message")
+    if known and may_spell(body, b'file_id"'):
+        with contextlib.suppress(*_DECODE):
+            for at, turn in enumerate(_TURNS.decode(body).messages):
+                for place, block in enumerate(
+                    turn.content if isinstance(turn.content, list) else ()
+                ):
+                    where = f"messages[{at}].content[{place}]"
+                    named.name(known, key_id, block.file_id, f"{where}.file_id", "File")
+                    if block.source is not None:
+                        param = f"{where}.source.file_id"
+                        named.name(known, key_id, block.source.file_id, param, "File")
+    return named, held
 
 
-def _remember(ex: Exchange[ChatCall], named: tuple[str | None, bool]) -> None:
-    """The container the answer names is the key's (`gateway.stored`), unless the request
-    named it itself (an echo), or named one not known here (whose answer's container may be
-    that one's context: naming what was made elsewhere does not make it this key's)."""
-    shown = ex.call.shown
-    container, known = named
-    if shown is None or not known:
+def _remember(ex: Exchange[ChatCall], named: Naming) -> None:
+    """What the answer shows that Anthropic stores is the key's (`gateway.stored`): its
+    message (a thread may continue from it) with its size when its usage is known, the files
+    its code wrote, its container; not what the request named itself (an echo), nor its
+    container when the request named something not known here (it may be that context's:
+    naming what was made elsewhere does not make it this key's)."""
+    call = ex.call
+    stored = ex.request.app[STORED_KEY]
+    key_id = ex.trace.key_id
+    if call.response_id and call.response_id not in named.ids:
+        usage = call.usage
+        tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
+        stored.remember(call.response_id, key_id, tokens)
+    shown = call.shown
+    if shown is None:
         return
-    ids = [found for found in shown.contexts if found != container]
+    ids = shown.items if named.unknown else shown.items + shown.contexts
     if ids:
-        ex.request.app[STORED_KEY].own(ids, ex.trace.key_id)
+        stored.own([found for found in ids if found not in named.ids], key_id)
 
 
 async def _relayed(
     ex: Exchange[ChatCall],
     body: bytes,
     headers: dict[str, str],
-    named: tuple[str | None, bool],
+    named: Naming,
     *,
     stream: bool,
 ) -> web.StreamResponse:
-    """Relay the client's body over `ex.routes` (all Anthropic's); `named`: the container
-    the request names (`_container`)."""
+    """Relay the client's body over `ex.routes` (all Anthropic's); `named`: what the request
+    names of what Anthropic stores (`_stored`)."""
     fields = raw_object(body)  # decode_body made sure it is JSON
     try:
         if not stream:
@@ -339,13 +402,47 @@ async def _relayed(
             if reply.usage is None:
                 pipeline.unreported(ex, reply)
             return web.Response(body=reply.body, content_type="application/json")
-        events = pipeline.stream(
-            ex, lambda route: _native(route).stream_messages(ex.call, fields, headers)
+        events = _FirstRemembered(
+            pipeline.stream(
+                ex, lambda route: _native(route).stream_messages(ex.call, fields, headers)
+            ),
+            lambda: _remember(ex, named),
         )
         async with contextlib.aclosing(events) as batches:
             return await _relay(ex.request, batches)
     finally:
-        _remember(ex, named)  # (a container shows in the closing `message_delta`)
+        _remember(ex, named)  # (its size, and a container shown in its `message_delta`)
+
+
+class _FirstRemembered:
+    """A relayed stream whose first batch (`message_start`: the message's id, maybe its
+    container) is remembered as the key's before the client gets it (`_remember`); the rest
+    when the stream ends. After the first, each batch is the stream's own `__anext__`, with
+    no frame of ours (as `pipeline.Stream`)."""
+
+    __slots__ = ("_events", "_first", "_remember")
+
+    def __init__(self, events: pipeline.Stream, remember: Callable[[], None]) -> None:
+        self._events = events
+        self._remember = remember
+        self._first = True
+
+    def __aiter__(self) -> _FirstRemembered:
+        return self
+
+    def __anext__(self) -> Awaitable[list[bytes]]:
+        if self._first:
+            self._first = False
+            return self._take_first()
+        return self._events.__anext__()
+
+    async def _take_first(self) -> list[bytes]:
+        batch = await self._events.__anext__()
+        self._remember()
+        return batch
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
 
 
 async def _translated(ex: Exchange[ChatCall], *, stream: bool) -> web.StreamResponse:

@@ -43,7 +43,7 @@ from gateway.schemas.responses import ResponseCreateRequest, ToolType
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
 from gateway.state import KEYS_KEY, PRINCIPAL_KEY, STORED_KEY, TICKET_KEY
-from gateway.stored import UNKNOWN_CONVERSATION, StoredResponses
+from gateway.stored import UNKNOWN_CONVERSATION, Naming, StoredResponses
 from gateway.tool_fees import ServerTools
 from gateway.trace import TRACE_KEY
 from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
@@ -99,21 +99,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         pipeline.finish(ex)
 
 
-class _Naming:
-    """The ids of what the upstream stores that a request names (`_stored_prompt`), and
-    whether one of them is not known here: its answer may echo them, or show what their
-    context holds (`_Remembering`)."""
-
-    __slots__ = ("ids", "unknown")
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.unknown = False
-
-
 def _stored_prompt(
     request: web.Request, req: ResponseCreateRequest, body: bytes
-) -> tuple[Estimate | None, _Naming]:
+) -> tuple[Estimate | None, Naming]:
     """What the upstream stores for a request and bills as its prompt again
     (`gateway.stored`): the conversation it continues, its size when it passed through here,
     else as much as a file sent by id, and each `item_reference` input item as much again
@@ -127,7 +115,7 @@ def _stored_prompt(
     stored: Estimate | None = None
     known = request.app[STORED_KEY]
     key_id = request[TRACE_KEY].key_id
-    named = _Naming()
+    named = Naming()
     previous = req.previous_response_id
     if isinstance(previous, str) and previous:
         named.unknown = known.use(previous, key_id) is None  # (the key's own goes last)
@@ -135,7 +123,7 @@ def _stored_prompt(
         named.ids.add(previous)
     if present(req.conversation):
         if isinstance(req.conversation, msgspec.Raw):
-            _name(known, key_id, _conversation(req.conversation), "conversation", named)
+            named.name(known, key_id, _conversation(req.conversation), "conversation")
         if stored is None:
             stored = UNKNOWN_CONVERSATION
     _containers(known, key_id, req, named)
@@ -216,7 +204,7 @@ def _references(
     body: bytes,
     known: StoredResponses,
     key_id: str | None,
-    named: _Naming,
+    named: Naming,
 ) -> int:
     """How many `item_reference` input items the request holds (looked for only when its
     body may spell `id"`); the ids its input items name go into `named`.
@@ -236,21 +224,21 @@ def _references(
             continue  # (refused with its field's name on the way: not counted here)
         if view.type == "item_reference":
             count += 1
-        _name(known, key_id, view.id, f"input[{at}].id", named, "Item")
+        named.name(known, key_id, view.id, f"input[{at}].id", "Item")
         param = f"input[{at}].approval_request_id"
-        _name(known, key_id, view.approval_request_id, param, named, "Item")
+        named.name(known, key_id, view.approval_request_id, param, "Item")
         # (A tool call sent back names the container it ran in, which an `auto` one reuses.)
         param = f"input[{at}].container_id"
-        _name(known, key_id, view.container_id, param, named, "Container")
+        named.name(known, key_id, view.container_id, param, "Container")
         if isinstance(view.environment, dict):
             container = view.environment.get("container_id")
             param = f"input[{at}].environment.container_id"
-            _name(known, key_id, container, param, named, "Container")
+            named.name(known, key_id, container, param, "Container")
     return count
 
 
 def _containers(
-    known: StoredResponses, key_id: str | None, req: ResponseCreateRequest, named: _Naming
+    known: StoredResponses, key_id: str | None, req: ResponseCreateRequest, named: Naming
 ) -> None:
     """Refuse a tool whose container (a code interpreter's `container` by id, a shell's
     `environment.container_id`) is another key's; the ids go into `named`.
@@ -264,40 +252,12 @@ def _containers(
             view = _CONTAINER_TOOL.decode(tool)
         except (msgspec.MsgspecError, RecursionError):
             continue  # (refused with its field's name on the way)
-        _name(known, key_id, view.container, f"tools[{at}].container", named, "Container")
+        named.name(known, key_id, view.container, f"tools[{at}].container", "Container")
         environment = view.environment
         if isinstance(environment, dict):
             container = environment.get("container_id")
             param = f"tools[{at}].environment.container_id"
-            _name(known, key_id, container, param, named, "Container")
-
-
-def _name(
-    known: StoredResponses,
-    key_id: str | None,
-    stored_id: object,
-    param: str,
-    named: _Naming,
-    kind: str = "Conversation",
-) -> None:
-    """Add `stored_id` (if an id) to what the request names (`StoredResponses.use`).
-
-    Raises:
-        NotFound: naming `param`, if `stored_id` is known to be another key's: what the
-            upstream stored for that key, which it would resolve for this one.
-    """
-    if type(stored_id) is not str:
-        return
-    others = known.use(stored_id, key_id)
-    if others:
-        raise NotFound(
-            f"{kind} with id '{stored_id[:100]}' not found.",
-            param=param,
-            code=f"{kind.lower()}_not_found",
-        )
-    if others is None:
-        named.unknown = True
-    named.ids.add(stored_id)
+            named.name(known, key_id, container, param, "Container")
 
 
 def _conversation(conversation: msgspec.Raw) -> object:
@@ -315,14 +275,14 @@ class _Remembering:
     them while the stream runs), then the response's size once its usage is known (none
     without: a `background` one).
 
-    Ids the request named itself (`_Naming`) are not taken from its answer, which may echo
+    Ids the request named itself (`Naming`) are not taken from its answer, which may echo
     them; nor, when one of them is not known here, the containers and conversation its answer
     shows, which may be that context's: continuing a response made elsewhere (another key's
     before a restart) must not make its container the continuing key's."""
 
     __slots__ = ("_contexts", "_ex", "_items", "_named", "_response")
 
-    def __init__(self, ex: Exchange[ChatCall], named: _Naming) -> None:
+    def __init__(self, ex: Exchange[ChatCall], named: Naming) -> None:
         self._ex = ex
         self._named = named
         self._items = self._contexts = 0  # how many of `call.shown`'s are remembered
@@ -436,7 +396,7 @@ def _upstream(route: Route) -> ResponsesPassThrough:
 
 
 async def _pass_through(
-    ex: Exchange[ChatCall], body: bytes, named: _Naming, *, stream: bool
+    ex: Exchange[ChatCall], body: bytes, named: Naming, *, stream: bool
 ) -> web.StreamResponse:
     """Relay the client's body over `ex.routes` (all pass through); `named`: the stored ids
     it names (`_Remembering`).

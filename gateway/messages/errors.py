@@ -38,8 +38,15 @@ def anthropic_status(exc: GatewayError) -> int:
     return _STATUS.get(exc.status, exc.status)
 
 
+# Codes written as Anthropic's `error.details.error_code` too: the `anthropic` SDK's threads
+# read them (a thread not found, or not supported, has it send the whole conversation again).
+_DETAILED = frozenset({"thread_not_found", "thread_unsupported_request"})
+
+
 def _detail(exc: GatewayError, status: int) -> ErrorDetail:
     kind = _TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+    if exc.code in _DETAILED:
+        return ErrorDetail(type=kind, message=exc.message, details={"error_code": exc.code})
     return ErrorDetail(type=kind, message=exc.message)
 
 

@@ -59,7 +59,10 @@ from gateway.schemas.chat import (
 )
 from gateway.schemas.codec import encode, error_path
 
-__all__ = ["Translation", "effort", "to_chat"]
+__all__ = ["THREAD_UNSUPPORTED", "Translation", "effort", "to_chat"]
+
+# Anthropic's `error.details.error_code` for a `thread` it cannot take.
+THREAD_UNSUPPORTED = "thread_unsupported_request"
 
 T = TypeVar("T")
 
@@ -271,6 +274,15 @@ def to_chat(req: MessagesRequest, *, reasoning: bool) -> Translation:
     if req.metadata and isinstance(req.metadata.user_id, str):
         chat.user = req.metadata.user_id
     _output(req, chat, reasoning)
+    if req.thread is not UNSET and b.refusal is None:
+        # (The code the `anthropic` SDK's threads read: it sends the whole conversation
+        # again, without `thread`.)
+        b.refusal = InvalidRequest(
+            "The 'thread' parameter (conversation state the server holds) can only be sent to "
+            "models served by an Anthropic provider; send the whole conversation instead.",
+            param="thread",
+            code=THREAD_UNSUPPORTED,
+        )
     for name in ("mcp_servers", "container"):
         if getattr(req, name) is not UNSET:
             b.refuse(name, "a server-side feature")

@@ -128,9 +128,12 @@ class MessagesRequest(msgspec.Struct):
     metadata: MessagesMetadata | UnsetType | None = UNSET
     output_config: MessagesOutputConfig | UnsetType | None = UNSET
     stream: bool | UnsetType | None = UNSET
-    # Only an Anthropic upstream can do these (remote MCP servers, code-execution containers).
+    # Only an Anthropic upstream can do these (remote MCP servers, code-execution containers,
+    # conversation state it holds: a thread).
     mcp_servers: Raw | UnsetType = UNSET
     container: Raw | UnsetType = UNSET
+    thread: Raw | UnsetType = UNSET
+    diagnostics: Raw | UnsetType = UNSET  # (may name an earlier message: `handlers.messages`)
 
     @property
     def is_stream(self) -> bool:
@@ -241,6 +244,7 @@ class MessageStop(_Event, tag="message_stop"):
 class ErrorDetail(msgspec.Struct):
     type: str
     message: str
+    details: dict[str, str] | UnsetType = UNSET  # (`error_code`: what the SDK's threads read)
 
 
 class ErrorOut(_Event, tag="error"):

@@ -50,6 +50,7 @@ class _StartView(msgspec.Struct):
 
     content: list[msgspec.Raw]
     usage: msgspec.Raw
+    id: object = None  # (a thread's id for what continues it: `gateway.stored`)
     container: object = None  # (the code execution container: `gateway.stored`)
 
 
@@ -71,6 +72,7 @@ class _MessageView(msgspec.Struct):
     type: str = ""
     content: list[_BlockView] | UnsetType = UNSET
     usage: msgspec.Raw | UnsetType = UNSET
+    id: object = None  # (a thread's id for what continues it: `gateway.stored`)
     container: object = None  # (the code execution container: `gateway.stored`)
 
 
@@ -108,13 +110,51 @@ _DELTA_TEXT = {
 }
 
 
-def _show_container(call: ChatCall, container: object) -> None:
-    """The code execution container an answer names (`{"id": ...}`): what Anthropic stores
-    for the request's key, files included (`ChatCall.shown`, `gateway.stored`)."""
+def _show_message(call: ChatCall, message_id: object, container: object) -> None:
+    """What Anthropic stores for the request's key that a message shows (`gateway.stored`):
+    its id (a thread continues from it), its code execution container (`{"id": ...}`, the
+    files its code wrote included)."""
+    if type(message_id) is str and message_id:
+        call.response_id = message_id
     if isinstance(container, dict):
-        if call.shown is None:
-            call.shown = Shown()
-        call.shown.add(container.get("id"), context=True)
+        _shown(call).add(container.get("id"), context=True)
+
+
+def _show_files(call: ChatCall, block: _BlockView) -> None:
+    """The files a code execution result block says its code wrote (`file_id`s, which a
+    request may name again: `container_upload`, a document's or image's source)."""
+    if not block.type.endswith("code_execution_tool_result") or not isinstance(
+        block.content, msgspec.Raw
+    ):
+        return
+    try:
+        result = _RESULT.decode(block.content)
+    except (msgspec.MsgspecError, RecursionError):
+        return  # (an error result, or one the SDK reads otherwise: no files)
+    if result.content:
+        shown = _shown(call)
+        for output in result.content:
+            shown.add(output.file_id)
+
+
+def _shown(call: ChatCall) -> Shown:
+    if call.shown is None:
+        call.shown = Shown()
+    return call.shown
+
+
+class _Output(msgspec.Struct):
+    file_id: object = None
+
+
+class _Result(msgspec.Struct):
+    """A code execution result (the block's `content`): its outputs, each a file it wrote
+    (an error result has none)."""
+
+    content: list[_Output] = []
+
+
+_RESULT = msgspec.json.Decoder(_Result)
 
 
 def _block_shaped(block: _BlockView | None) -> bool:
@@ -193,7 +233,9 @@ class MessagesRelay:
         view = self._http.decode(_MESSAGE, answer, "message")
         if not _readable(view):
             raise answer_error(self._name, answer, "message")
-        _show_container(call, view.container)
+        _show_message(call, view.id, view.container)
+        for block in view.content or ():
+            _show_files(call, block)
         tally = UsageTally(self._name)
         tally.merge(view.usage)
         tally.searches = sum(map(_searches, view.content or ()))
@@ -279,11 +321,11 @@ class MessagesRelay:
                 )
             if kind == "message_start" and event.message is not None:
                 tally.merge(event.message.usage)
-                _show_container(call, event.message.container)
+                _show_message(call, event.message.id, event.message.container)
             elif kind == "message_delta":
                 delta = event.delta
                 if delta is not None:
-                    _show_container(call, delta.container)
+                    _show_message(call, None, delta.container)
                 stop = delta.stop_reason if delta is not None else None
                 tally.delta(event.usage, stop if isinstance(stop, str) else None)
             elif kind == "content_block_start":
@@ -291,6 +333,7 @@ class MessagesRelay:
                 block = event.content_block  # (`_shaped`: one)
                 if block is not None:
                     tally.searches += _searches(block)  # (billed as it runs: counted if cut)
+                    _show_files(call, block)
             elif kind == "content_block_delta":
                 tally.content += 1
                 call.chunks += 1
