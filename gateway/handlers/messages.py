@@ -39,7 +39,7 @@ from gateway.schemas.codec import decode_body, encode, may_spell, opens, raw_obj
 from gateway.settings import ModelConfig
 from gateway.sse import relay
 from gateway.state import PRINCIPAL_KEY, STORED_KEY
-from gateway.stored import Naming
+from gateway.stored import Naming, StoredResponses
 from gateway.tokens import Estimate, estimate_text_tokens
 from gateway.trace import TRACE_KEY
 from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
@@ -118,6 +118,12 @@ async def _begin(
     """Decode and translate the request; open its exchange (see `pipeline.open_exchange`);
     what it names of what Anthropic stores (`_stored`)."""
     req = decode_body(body, MessagesRequest)
+    if not req.messages and not _continues(req):
+        # (A thread continued after a `pause_turn` sends none: the server holds the turn.)
+        raise InvalidRequest(
+            "Invalid request body at 'messages': Expected `array` of length >= 1",
+            param="messages",
+        )
     named, held = _stored(request, req, body)
     if request.path.endswith("/count_tokens"):
         free = True
@@ -287,23 +293,17 @@ class _Diagnostics(msgspec.Struct):
     previous_message_id: object = None
 
 
-class _Source(msgspec.Struct):
-    file_id: object = None
-
-
-class _Block(msgspec.Struct):
-    """A content block as far as it names a file (`container_upload`, a file source)."""
-
-    file_id: object = None
-    source: _Source | None = None
-
-
 class _Turn(msgspec.Struct):
-    content: list[_Block] | str = ""
+    content: object = None  # (read as plain objects: a file may be named at any depth)
 
 
 class _Turns(msgspec.Struct):
     messages: list[_Turn] = []
+
+
+# How deep in a message's content a named file is looked for (a document in a tool result's
+# content is 3 levels down; the request's own nesting is bounded where it was decoded).
+_FILE_DEPTH = 16
 
 
 _CONTAINER = msgspec.json.Decoder(str | _IdObject | None)
@@ -351,15 +351,41 @@ def _stored(
     if known and may_spell(body, b'file_id"'):
         with contextlib.suppress(*_DECODE):
             for at, turn in enumerate(_TURNS.decode(body).messages):
-                for place, block in enumerate(
-                    turn.content if isinstance(turn.content, list) else ()
-                ):
-                    where = f"messages[{at}].content[{place}]"
-                    named.name(known, key_id, block.file_id, f"{where}.file_id", "File")
-                    if block.source is not None:
-                        param = f"{where}.source.file_id"
-                        named.name(known, key_id, block.source.file_id, param, "File")
+                _name_files(named, known, key_id, turn.content, f"messages[{at}].content", 0)
     return named, held
+
+
+def _name_files(
+    named: Naming, known: StoredResponses, key_id: str | None, value: object, at: str, depth: int
+) -> None:
+    """Name every `file_id` in a message's content, at whatever depth (`container_upload`,
+    a document's or image's file source, one in a tool result's content or a content
+    source's).
+
+    Raises:
+        NotFound: one is another key's (`Naming.name`).
+    """
+    if depth > _FILE_DEPTH:
+        return
+    if isinstance(value, list):
+        for place, item in enumerate(value):
+            _name_files(named, known, key_id, item, f"{at}[{place}]", depth + 1)
+    elif isinstance(value, dict):
+        for field, item in value.items():
+            if field == "file_id":
+                named.name(known, key_id, item, f"{at}.file_id", "File")
+            elif isinstance(item, list | dict):
+                _name_files(named, known, key_id, item, f"{at}.{field}", depth + 1)
+
+
+def _continues(req: MessagesRequest) -> bool:
+    """Whether the request continues a thread (`thread: {"type": "continue", ...}`)."""
+    if not isinstance(req.thread, msgspec.Raw):
+        return False
+    try:
+        return _THREAD.decode(req.thread).type == "continue"
+    except _DECODE:
+        return False
 
 
 def _remember(ex: Exchange[ChatCall], named: Naming) -> None:

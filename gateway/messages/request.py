@@ -57,7 +57,7 @@ from gateway.schemas.chat import (
     ToolMessage,
     UserMessage,
 )
-from gateway.schemas.codec import encode, error_path
+from gateway.schemas.codec import encode, error_path, present
 
 __all__ = ["THREAD_UNSUPPORTED", "Translation", "effort", "to_chat"]
 
@@ -274,7 +274,7 @@ def to_chat(req: MessagesRequest, *, reasoning: bool) -> Translation:
     if req.metadata and isinstance(req.metadata.user_id, str):
         chat.user = req.metadata.user_id
     _output(req, chat, reasoning)
-    if req.thread is not UNSET and b.refusal is None:
+    if present(req.thread) and b.refusal is None:
         # (The code the `anthropic` SDK's threads read: it sends the whole conversation
         # again, without `thread`.)
         b.refusal = InvalidRequest(

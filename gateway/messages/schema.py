@@ -113,7 +113,7 @@ class MessagesRequest(msgspec.Struct):
     """`POST /v1/messages` (and `/v1/messages/count_tokens`, which takes no `max_tokens`)."""
 
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    messages: Annotated[list[MessagesMessage], msgspec.Meta(min_length=1)]
+    messages: list[MessagesMessage]  # (at least one, unless a thread continues: `handlers`)
     max_tokens: MaxTokens | UnsetType = UNSET
     system: Content | UnsetType | None = UNSET
     stop_sequences: list[str] | UnsetType | None = UNSET
