@@ -207,6 +207,13 @@ class ChatCall(Call, kw_only=True):
     def _fields(self) -> dict[str, msgspec.Raw]:
         return raw_fields(self.request)
 
+    def showing(self) -> Shown:
+        """What the answer showed so far of what the upstream stores (`shown`, made at the
+        first id)."""
+        if self.shown is None:
+            self.shown = Shown()
+        return self.shown
+
     @property
     def is_stream(self) -> bool:
         return self.request.is_stream

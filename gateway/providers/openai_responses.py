@@ -36,7 +36,6 @@ from gateway.providers.responses_order import (
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, present
 from gateway.schemas.response_output import ResponseUsage
-from gateway.stored import Shown
 from gateway.tool_fees import Item
 
 __all__ = ["ResponsesRelay"]
@@ -106,25 +105,17 @@ def _read_answer(call: ChatCall, answer: bytes) -> None:
         return  # (checked as a response already: nothing more to take)
     if isinstance(view.id, str) and view.id:
         call.response_id = view.id
-    _shown(call).add(_conversation_id(view.conversation), context=True)
+    call.showing().add(_conversation_id(view.conversation), context=True)
     for item in view.output:
         _show_item(call, item)
     call.web_searches = sum(1 for item in view.output if item.type == _SEARCH)
     _take_items(call, view.output)
 
 
-def _shown(call: ChatCall) -> Shown:
-    """What the answer showed so far of what the upstream stores (`ChatCall.shown`)."""
-    shown = call.shown
-    if shown is None:
-        shown = call.shown = Shown()
-    return shown
-
-
 def _show_item(call: ChatCall, item: _OutputItem | StreamItem) -> None:
     """An output item's id, and the container it ran in (a code interpreter call's
     `container_id`, a shell call's `environment`)."""
-    shown = _shown(call)
+    shown = call.showing()
     shown.add(item.id)
     shown.add(item.container_id, context=True)
     shown.add(_container_of(item.environment), context=True)
@@ -267,7 +258,7 @@ class ResponsesRelay:
         if response is not None:
             if response.id:
                 call.response_id = response.id
-            _shown(call).add(_conversation_id(response.conversation), context=True)
+            call.showing().add(_conversation_id(response.conversation), context=True)
             for item in response.output or ():
                 _show_item(call, item)
         if event.item is not None:

@@ -35,7 +35,6 @@ from gateway.providers.base import ChatCall, ChatReply
 from gateway.responses.framing import event_frame
 from gateway.schemas.codec import encode, opens
 from gateway.schemas.common import Count
-from gateway.stored import Shown
 
 __all__ = ["MessagesRelay"]
 
@@ -117,7 +116,7 @@ def _show_message(call: ChatCall, message_id: object, container: object) -> None
     if type(message_id) is str and message_id:
         call.response_id = message_id
     if isinstance(container, dict):
-        _shown(call).add(container.get("id"), context=True)
+        call.showing().add(container.get("id"), context=True)
 
 
 def _show_files(call: ChatCall, block: _BlockView) -> None:
@@ -132,15 +131,9 @@ def _show_files(call: ChatCall, block: _BlockView) -> None:
     except (msgspec.MsgspecError, RecursionError):
         return  # (an error result, or one the SDK reads otherwise: no files)
     if result.content:
-        shown = _shown(call)
+        shown = call.showing()
         for output in result.content:
             shown.add(output.file_id)
-
-
-def _shown(call: ChatCall) -> Shown:
-    if call.shown is None:
-        call.shown = Shown()
-    return call.shown
 
 
 class _Output(msgspec.Struct):
