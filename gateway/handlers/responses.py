@@ -118,9 +118,9 @@ def _stored_prompt(
     named = Naming()
     previous = req.previous_response_id
     if isinstance(previous, str) and previous:
-        named.unknown = known.use(previous, key_id) is None  # (the key's own goes last)
+        param, code = "previous_response_id", "previous_response_not_found"
+        named.name(known, key_id, previous, param, "Previous response", code)
         stored = known.prompt(previous, key_id)
-        named.ids.add(previous)
     if present(req.conversation):
         if isinstance(req.conversation, msgspec.Raw):
             named.name(known, key_id, _conversation(req.conversation), "conversation")
