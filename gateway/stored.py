@@ -39,6 +39,9 @@ LONGEST_ID = 256
 MOST_IDS_AN_ANSWER = 256
 
 _UNSIZED = -1  # a response known without its usage: held as unknown when continued
+# The owner of an id two keys' own answers showed: no one's (`StoredResponses.own`). No key
+# id can be it (theirs are `key_` and hex).
+_CONTESTED = "\x00contested"
 
 
 class Naming:
@@ -122,40 +125,64 @@ class StoredResponses:
         self._top = 0  # the most ids a key holds
         self._most = most
 
-    def remember(self, response_id: str, key_id: str | None, tokens: int | None) -> None:
+    def remember(self, response_id: str, key_id: str | None, tokens: int | None) -> bool:
         """A response relayed for `key_id`, whose prompt and output took `tokens` (None: not
-        known, or not yet: a `background` answer, a stream under way). An id already known
-        keeps its first key: an upstream that answers another key with it (the same id
-        again) neither takes the conversation from its key nor gives it away."""
-        self._keep(response_id, key_id, _UNSIZED if tokens is None else tokens)
+        known, or not yet: a `background` answer, a stream under way); whether it is that
+        key's. An id already known keeps its first key: an upstream that answers another key
+        with it (the same id again) neither takes the conversation from its key nor gives it
+        away."""
+        return self._keep(response_id, key_id, _UNSIZED if tokens is None else tokens)
 
-    def own(self, ids: Iterable[str], key_id: str | None) -> None:
+    def own(self, ids: Iterable[str], key_id: str | None, *, contest: bool = False) -> None:
         """Ids other than a response's that an answer to `key_id` held (output items,
-        containers, a conversation): another key's request that names one is refused."""
-        for stored_id in ids:
-            self._keep(stored_id, key_id, _UNSIZED)
+        containers, a conversation): another key's request that names one is refused.
 
-    def _keep(self, stored_id: str, key_id: str | None, tokens: int) -> None:
+        With `contest` (the answer is a response of this key's own), an id another key's
+        answer showed too is no one's from then on, and relayed for every key: an upstream
+        that numbers each response's items anew (`rs_1` in every one) resolves no item by
+        its id alone, and such ids must not lock a key out of its own items. (Without it,
+        an answer that is another key's response again, an echo, takes nothing.)"""
+        for stored_id in ids:
+            self._keep(stored_id, key_id, _UNSIZED, contest=contest)
+
+    def _keep(
+        self, stored_id: str, key_id: str | None, tokens: int, *, contest: bool = False
+    ) -> bool:
         if len(stored_id) > LONGEST_ID:
-            return
+            return False
         known = self._known
         found = known.get(stored_id)
+        if found is not None and found[0] == _CONTESTED:
+            return False
+        if found is not None and found[0] != key_id:
+            if contest:
+                self._drop(stored_id, found[0])
+                self._keep(stored_id, _CONTESTED, _UNSIZED)
+            return False
         if found is not None:
-            if found[0] != key_id:
-                return
             if tokens == _UNSIZED:
                 tokens = found[1]  # (a response's usage came with an earlier answer: kept)
             del known[stored_id]
             del self._by_key[key_id][stored_id]  # (an id seen again goes last)
             known[stored_id] = (key_id, tokens)
             self._by_key[key_id][stored_id] = None
-            return
+            return True
         if len(known) >= self._most:
             self._forget_one(key_id)
         known[stored_id] = (key_id, tokens)
         ids = self._by_key.setdefault(key_id, {})
         self._recount(key_id, len(ids), len(ids) + 1)
         ids[stored_id] = None
+        return True
+
+    def _drop(self, stored_id: str, key_id: str | None) -> None:
+        """Forget `stored_id`, which is `key_id`'s."""
+        ids = self._by_key[key_id]
+        self._recount(key_id, len(ids), len(ids) - 1)
+        del ids[stored_id]
+        del self._known[stored_id]
+        if not ids:
+            del self._by_key[key_id]
 
     def _forget_one(self, adding: str | None) -> None:
         """Forget the oldest id of the key adding one if its share is at least the average,
@@ -166,13 +193,7 @@ class StoredResponses:
             victim = adding
         else:
             victim = next(iter(self._by_count[self._top]))
-        ids = by_key[victim]
-        oldest = next(iter(ids))
-        self._recount(victim, len(ids), len(ids) - 1)
-        del ids[oldest]
-        del self._known[oldest]
-        if not ids:
-            del by_key[victim]
+        self._drop(next(iter(by_key[victim])), victim)
 
     def _recount(self, key_id: str | None, was: int, now: int) -> None:
         """Move `key_id` from the keys holding `was` ids to those holding `now`."""
@@ -195,14 +216,14 @@ class StoredResponses:
     def others(self, stored_id: str, key_id: str | None) -> bool:
         """Whether `stored_id` is known to be another key's than `key_id`."""
         found = self._known.get(stored_id)
-        return found is not None and found[0] != key_id
+        return found is not None and found[0] != key_id and found[0] != _CONTESTED
 
     def use(self, stored_id: str, key_id: str | None) -> bool | None:
         """`stored_id` named by a request of `key_id`: True if it is another key's, False if
         it is this key's (it goes last: what a key keeps using is forgotten last), None if
         it is not known here."""
         found = self._known.get(stored_id)
-        if found is None:
+        if found is None or found[0] == _CONTESTED:
             return None
         if found[0] != key_id:
             return True
@@ -216,7 +237,7 @@ class StoredResponses:
             NotFound: the response is known to be another key's.
         """
         found = self._known.get(response_id)
-        if found is None:
+        if found is None or found[0] == _CONTESTED:
             return UNKNOWN_CONVERSATION
         owner, tokens = found
         if owner != key_id:

@@ -303,3 +303,22 @@ async def test_a_key_continues_its_own_thread_held_at_its_size(build: Build) -> 
     status, body = await post(gw, alice, "/v1/messages", ask() | {"thread": thread})
     assert status == 404, body
     assert body["error"]["details"] == {"error_code": "thread_not_found"}, body
+
+
+def test_an_item_id_two_keys_own_responses_showed_is_no_ones() -> None:
+    # An upstream that numbers each response's items anew shows `rs_1` in every response: the
+    # id then names no one item, and no key is refused its own (h130). An answer that is
+    # another key's response again (an echo) takes nothing.
+    stored = StoredResponses()
+    assert stored.remember("resp_a", "ana", 10)
+    stored.own(["rs_1", "cntr_a"], "ana", contest=True)
+    assert not stored.remember("resp_a", "ben", 10)  # (an echo of ana's response)
+    stored.own(["rs_1"], "ben", contest=False)
+    assert stored.others("rs_1", "ben")
+    assert stored.remember("resp_b", "ben", 10)
+    stored.own(["rs_1"], "ben", contest=True)
+    assert not stored.others("rs_1", "ben") and not stored.others("rs_1", "ana")
+    assert stored.use("rs_1", "carl") is None  # (relayed, as an id not known here)
+    stored.own(["rs_1"], "ana", contest=True)  # (no one's stays no one's)
+    assert not stored.others("rs_1", "ben")
+    assert stored.others("resp_a", "ben") and stored.others("cntr_a", "ben")

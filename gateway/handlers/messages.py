@@ -293,8 +293,32 @@ class _Diagnostics(msgspec.Struct):
     previous_message_id: object = None
 
 
+class _FileBlock(msgspec.Struct):
+    """A content block as far as it may name a file: its `file_id` (`container_upload`), its
+    `source` (a document's or image's: a file, or content holding more blocks; a
+    `search_result`'s is a string) and its `content` (a tool result's blocks). The rest
+    (text, a tool call's input...) is skipped unread."""
+
+    file_id: object = None
+    source: _FileSource | str | None = None
+    content: list[_FileBlock] | str | None = None
+
+
+class _FileSource(msgspec.Struct):
+    file_id: object = None
+    content: list[_FileBlock] | str | None = None
+
+
+class _FileTurn(msgspec.Struct):
+    content: list[_FileBlock] | str = ""
+
+
+class _FileTurns(msgspec.Struct):
+    messages: list[_FileTurn] = []
+
+
 class _Turn(msgspec.Struct):
-    content: object = None  # (read as plain objects: a file may be named at any depth)
+    content: object = None  # (as plain objects: a shape the view above does not take)
 
 
 class _Turns(msgspec.Struct):
@@ -304,12 +328,15 @@ class _Turns(msgspec.Struct):
 # How deep in a message's content a named file is looked for (a document in a tool result's
 # content is 3 levels down; the request's own nesting is bounded where it was decoded).
 _FILE_DEPTH = 16
+# The fields of a block and of a source that may hold a named file, a level further down.
+_FILE_HOLDERS = ("source", "content")
 
 
 _CONTAINER = msgspec.json.Decoder(str | _IdObject | None)
 _THREAD = msgspec.json.Decoder(_Thread)
 _DIAGNOSTICS = msgspec.json.Decoder(_Diagnostics)
 _TURNS = msgspec.json.Decoder(_Turns)
+_FILE_TURNS = msgspec.json.Decoder(_FileTurns)
 _DECODE = (msgspec.MsgspecError, RecursionError)
 
 
@@ -349,33 +376,67 @@ def _stored(
             previous = _DIAGNOSTICS.decode(req.diagnostics).previous_message_id
             named.name(known, key_id, previous, "diagnostics.previous_message_id", "Message")
     if known and may_spell(body, b'file_id"'):
-        with contextlib.suppress(*_DECODE):
-            for at, turn in enumerate(_TURNS.decode(body).messages):
-                _name_files(named, known, key_id, turn.content, f"messages[{at}].content", 0)
+        _name_files(named, known, key_id, body)
     return named, held
 
 
-def _name_files(
-    named: Naming, known: StoredResponses, key_id: str | None, value: object, at: str, depth: int
-) -> None:
-    """Name every `file_id` in a message's content, at whatever depth (`container_upload`,
-    a document's or image's file source, one in a tool result's content or a content
-    source's).
+def _name_files(named: Naming, known: StoredResponses, key_id: str | None, body: bytes) -> None:
+    """Name every file the messages' content names, at whatever depth (`container_upload`, a
+    document's or image's file source, one in a tool result's content or a content source's):
+    read through a view of only where files go (skipping the rest in C: a tool call's input
+    of a million numbers costs nothing), else, for a shape the view does not take, as plain
+    objects, looking only at those same fields.
 
     Raises:
         NotFound: one is another key's (`Naming.name`).
     """
+    contents: list[object]
+    try:
+        contents = [turn.content for turn in _FILE_TURNS.decode(body).messages]
+    except _DECODE:
+        try:
+            contents = [turn.content for turn in _TURNS.decode(body).messages]
+        except _DECODE:
+            return  # (Anthropic refuses it)
+    found: list[tuple[str, object]] = []
+    for at, content in enumerate(contents):
+        _files_in(content, ("messages", at, "content"), found, 0)
+    for where, file_id in found:
+        named.name(known, key_id, file_id, where, "File")
+
+
+def _files_in(
+    value: object, at: tuple[str | int, ...], found: list[tuple[str, object]], depth: int
+) -> None:
+    """The `file_id`s below `value` (a view's blocks, or plain objects), with where each is
+    (`messages[0].content[1].source.file_id`: made only for one found)."""
     if depth > _FILE_DEPTH:
         return
     if isinstance(value, list):
         for place, item in enumerate(value):
-            _name_files(named, known, key_id, item, f"{at}[{place}]", depth + 1)
-    elif isinstance(value, dict):
-        for field, item in value.items():
-            if field == "file_id":
-                named.name(known, key_id, item, f"{at}.file_id", "File")
-            elif isinstance(item, list | dict):
-                _name_files(named, known, key_id, item, f"{at}.{field}", depth + 1)
+            _files_in(item, (*at, place), found, depth + 1)
+        return
+    if isinstance(value, dict):
+        fields: Iterable[tuple[str, object]] = (
+            (name, value.get(name)) for name in ("file_id", *_FILE_HOLDERS)
+        )
+    elif isinstance(value, _FileBlock):
+        fields = (("file_id", value.file_id), ("source", value.source), ("content", value.content))
+    elif isinstance(value, _FileSource):
+        fields = (("file_id", value.file_id), ("content", value.content))
+    else:
+        return
+    for name, item in fields:
+        if name == "file_id":
+            if item is not None:
+                found.append((_path((*at, name)), item))
+        elif item is not None and not isinstance(item, str):
+            _files_in(item, (*at, name), found, depth + 1)
+
+
+def _path(at: tuple[str | int, ...]) -> str:
+    """`("messages", 0, "content")` as `messages[0].content`."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in at)[1:]
 
 
 def _continues(req: MessagesRequest) -> bool:
@@ -397,16 +458,17 @@ def _remember(ex: Exchange[ChatCall], named: Naming) -> None:
     call = ex.call
     stored = ex.request.app[STORED_KEY]
     key_id = ex.trace.key_id
+    own = False  # whether the message is the key's own (`StoredResponses.own`)
     if call.response_id and call.response_id not in named.ids:
         usage = call.usage
         tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
-        stored.remember(call.response_id, key_id, tokens)
+        own = stored.remember(call.response_id, key_id, tokens)
     shown = call.shown
     if shown is None:
         return
-    ids = shown.items if named.unknown else shown.items + shown.contexts
-    if ids:
-        stored.own([found for found in ids if found not in named.ids], key_id)
+    stored.own([found for found in shown.items if found not in named.ids], key_id, contest=own)
+    if not named.unknown:
+        stored.own([found for found in shown.contexts if found not in named.ids], key_id)
 
 
 async def _relayed(

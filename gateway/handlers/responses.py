@@ -280,13 +280,14 @@ class _Remembering:
     shows, which may be that context's: continuing a response made elsewhere (another key's
     before a restart) must not make its container the continuing key's."""
 
-    __slots__ = ("_contexts", "_ex", "_items", "_named", "_response")
+    __slots__ = ("_contexts", "_ex", "_items", "_named", "_own", "_response")
 
     def __init__(self, ex: Exchange[ChatCall], named: Naming) -> None:
         self._ex = ex
         self._named = named
         self._items = self._contexts = 0  # how many of `call.shown`'s are remembered
         self._response: str | None = None
+        self._own = False  # whether the response is the key's own (`StoredResponses.own`)
 
     def __call__(self, final: bool = False) -> None:
         call = self._ex.call
@@ -297,21 +298,20 @@ class _Remembering:
             if response_id not in named:
                 usage = call.usage if final else None
                 tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
-                self._stored().remember(response_id, self._ex.trace.key_id, tokens)
+                self._own = self._stored().remember(response_id, self._ex.trace.key_id, tokens)
         shown = call.shown
         if shown is None:
             return
-        new: list[str] = []
+        key_id = self._ex.trace.key_id
         if len(shown.items) > self._items:
-            new += shown.items[self._items :]
+            items = [found for found in shown.items[self._items :] if found not in named]
             self._items = len(shown.items)
+            self._stored().own(items, key_id, contest=self._own)
         if len(shown.contexts) > self._contexts:
             if not self._named.unknown:
-                new += shown.contexts[self._contexts :]
+                contexts = shown.contexts[self._contexts :]
+                self._stored().own([found for found in contexts if found not in named], key_id)
             self._contexts = len(shown.contexts)
-        if new:
-            ids = [stored_id for stored_id in new if stored_id not in named]
-            self._stored().own(ids, self._ex.trace.key_id)
 
     def _stored(self) -> StoredResponses:
         return self._ex.request.app[STORED_KEY]
