@@ -116,9 +116,12 @@ class StoredResponses:
     keys are kept by their number of ids, so the largest share is found at once, however
     many keys there are."""
 
-    __slots__ = ("_by_count", "_by_key", "_known", "_most", "_top")
+    __slots__ = ("_by_count", "_by_key", "_known", "_most", "_top", "files")
 
     def __init__(self, most: int = MOST_REMEMBERED) -> None:
+        # Whether a file an upstream's code wrote was ever remembered: until then, requests
+        # are not searched for files they name (`handlers.messages`).
+        self.files = False
         self._known: dict[str, tuple[str | None, int]] = {}
         self._by_key: dict[str | None, dict[str, None]] = {}  # each key's ids, oldest first
         self._by_count: dict[int, dict[str | None, None]] = {}  # the keys holding N ids

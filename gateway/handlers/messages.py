@@ -317,26 +317,39 @@ class _FileTurns(msgspec.Struct):
     messages: list[_FileTurn] = []
 
 
-class _Turn(msgspec.Struct):
-    content: object = None  # (as plain objects: a shape the view above does not take)
+_NULL = msgspec.Raw(b"null")
 
 
-class _Turns(msgspec.Struct):
-    messages: list[_Turn] = []
+class _RawTurn(msgspec.Struct):
+    content: msgspec.Raw = _NULL  # (a Raw cannot be in a union)
+
+
+class _RawTurns(msgspec.Struct):
+    messages: list[_RawTurn] = []
+
+
+class _RawBlock(msgspec.Struct):
+    """A block or source of a shape the view above does not take, each field left raw: only
+    what may hold a file is read further (nothing else is parsed, numbers included)."""
+
+    file_id: msgspec.Raw = _NULL
+    source: msgspec.Raw = _NULL
+    content: msgspec.Raw = _NULL
 
 
 # How deep in a message's content a named file is looked for (a document in a tool result's
 # content is 3 levels down; the request's own nesting is bounded where it was decoded).
 _FILE_DEPTH = 16
-# The fields of a block and of a source that may hold a named file, a level further down.
-_FILE_HOLDERS = ("source", "content")
 
 
 _CONTAINER = msgspec.json.Decoder(str | _IdObject | None)
 _THREAD = msgspec.json.Decoder(_Thread)
 _DIAGNOSTICS = msgspec.json.Decoder(_Diagnostics)
-_TURNS = msgspec.json.Decoder(_Turns)
 _FILE_TURNS = msgspec.json.Decoder(_FileTurns)
+_RAW_TURNS = msgspec.json.Decoder(_RawTurns)
+_RAW_BLOCK = msgspec.json.Decoder(_RawBlock)
+_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+_ANY = msgspec.json.Decoder()
 _DECODE = (msgspec.MsgspecError, RecursionError)
 
 
@@ -375,7 +388,7 @@ def _stored(
         if isinstance(req.diagnostics, msgspec.Raw):
             previous = _DIAGNOSTICS.decode(req.diagnostics).previous_message_id
             named.name(known, key_id, previous, "diagnostics.previous_message_id", "Message")
-    if known and may_spell(body, b'file_id"'):
+    if known.files and may_spell(body, b'file_id"'):
         _name_files(named, known, key_id, body)
     return named, held
 
@@ -383,55 +396,72 @@ def _stored(
 def _name_files(named: Naming, known: StoredResponses, key_id: str | None, body: bytes) -> None:
     """Name every file the messages' content names, at whatever depth (`container_upload`, a
     document's or image's file source, one in a tool result's content or a content source's):
-    read through a view of only where files go (skipping the rest in C: a tool call's input
-    of a million numbers costs nothing), else, for a shape the view does not take, as plain
-    objects, looking only at those same fields.
+    read through a view of only where files go (the rest skipped in C: a tool call's input of
+    a million numbers costs nothing), else, for a shape the view does not take (an error
+    result's object `content`), block by block with each field left raw.
 
     Raises:
         NotFound: one is another key's (`Naming.name`).
+        InvalidRequest: the messages cannot be read (never, for a body read whole already).
     """
-    contents: list[object]
+    found: list[tuple[str, object]] = []
     try:
-        contents = [turn.content for turn in _FILE_TURNS.decode(body).messages]
+        turns = _FILE_TURNS.decode(body).messages
     except _DECODE:
         try:
-            contents = [turn.content for turn in _TURNS.decode(body).messages]
-        except _DECODE:
-            return  # (Anthropic refuses it)
-    found: list[tuple[str, object]] = []
-    for at, content in enumerate(contents):
-        _files_in(content, ("messages", at, "content"), found, 0)
+            for at, raw in enumerate(_RAW_TURNS.decode(body).messages):
+                _raw_files(raw.content, ("messages", at, "content"), found, 0)
+        except _DECODE:  # (it was read whole already: never, unless it is not JSON)
+            raise InvalidRequest(
+                "The request's messages could not be read.", param="messages"
+            ) from None
+    else:
+        for at, turn in enumerate(turns):
+            if isinstance(turn.content, list):
+                _files(turn.content, ("messages", at, "content"), found, 0)
     for where, file_id in found:
         named.name(known, key_id, file_id, where, "File")
 
 
-def _files_in(
-    value: object, at: tuple[str | int, ...], found: list[tuple[str, object]], depth: int
+def _files(
+    blocks: list[_FileBlock], at: tuple[str | int, ...], found: list[tuple[str, object]], depth: int
 ) -> None:
-    """The `file_id`s below `value` (a view's blocks, or plain objects), with where each is
-    (`messages[0].content[1].source.file_id`: made only for one found)."""
+    """The `file_id`s in `blocks` and below, with where each is (made only for one found)."""
     if depth > _FILE_DEPTH:
         return
-    if isinstance(value, list):
-        for place, item in enumerate(value):
-            _files_in(item, (*at, place), found, depth + 1)
+    for place, block in enumerate(blocks):
+        file_id, source, content = block.file_id, block.source, block.content
+        if file_id is None and source is None and content is None:
+            continue  # (nearly every block: text, a tool call, an image by data)
+        here = (*at, place)
+        if file_id is not None:
+            found.append((_path((*here, "file_id")), file_id))
+        if isinstance(source, _FileSource):
+            if source.file_id is not None:
+                found.append((_path((*here, "source", "file_id")), source.file_id))
+            if isinstance(source.content, list):
+                _files(source.content, (*here, "source", "content"), found, depth + 1)
+        if isinstance(content, list):
+            _files(content, (*here, "content"), found, depth + 1)
+
+
+def _raw_files(
+    value: msgspec.Raw, at: tuple[str | int, ...], found: list[tuple[str, object]], depth: int
+) -> None:
+    """`_files` for a raw value of a shape the view does not take: a list is walked, an
+    object read for its `file_id`, `source` and `content`, anything else holds no file."""
+    if depth > _FILE_DEPTH:
         return
-    if isinstance(value, dict):
-        fields: Iterable[tuple[str, object]] = (
-            (name, value.get(name)) for name in ("file_id", *_FILE_HOLDERS)
-        )
-    elif isinstance(value, _FileBlock):
-        fields = (("file_id", value.file_id), ("source", value.source), ("content", value.content))
-    elif isinstance(value, _FileSource):
-        fields = (("file_id", value.file_id), ("content", value.content))
-    else:
-        return
-    for name, item in fields:
-        if name == "file_id":
-            if item is not None:
-                found.append((_path((*at, name)), item))
-        elif item is not None and not isinstance(item, str):
-            _files_in(item, (*at, name), found, depth + 1)
+    first = memoryview(value)[:1].tobytes()
+    if first == b"[":
+        for place, item in enumerate(_RAW_LIST.decode(value)):
+            _raw_files(item, (*at, place), found, depth + 1)
+    elif first == b"{":
+        block = _RAW_BLOCK.decode(value)
+        if memoryview(block.file_id)[:1].tobytes() == b'"':
+            found.append((_path((*at, "file_id")), _ANY.decode(block.file_id)))
+        _raw_files(block.source, (*at, "source"), found, depth + 1)
+        _raw_files(block.content, (*at, "content"), found, depth + 1)
 
 
 def _path(at: tuple[str | int, ...]) -> str:
@@ -466,7 +496,9 @@ def _remember(ex: Exchange[ChatCall], named: Naming) -> None:
     shown = call.shown
     if shown is None:
         return
-    stored.own([found for found in shown.items if found not in named.ids], key_id, contest=own)
+    if shown.items:  # (on this route, the files its code wrote)
+        stored.files = True
+        stored.own([found for found in shown.items if found not in named.ids], key_id, contest=own)
     if not named.unknown:
         stored.own([found for found in shown.contexts if found not in named.ids], key_id)
 
