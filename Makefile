@@ -23,11 +23,11 @@ run: $(STAMP) keys.db
 	$(BIN)/gateway serve --host $(HOST) --port $(PORT)
 
 # The suite runs under coverage with a 90% floor (pyproject's [tool.coverage.report]), on
-# one pytest-xdist worker per CPU core, at most 4 (TEST_WORKERS=0: in one process; see
-# docs/development.md). Compiled modules are cached (in __pycache__) even where
+# two pytest-xdist workers per CPU core, at most 4 (TEST_WORKERS=0: in one process; see
+# docs/development.md): much of it waits on real processes, which a second worker fills. Compiled modules are cached (in __pycache__) even where
 # PYTHONDONTWRITEBYTECODE is set: the suite starts `gateway serve` about sixty times, and
 # each would compile the package again (about 10 s of a run on two cores).
-TEST_WORKERS ?= auto
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n * 2 < 4 ? n * 2 : 4 )))
 PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
 
 test: $(STAMP)
