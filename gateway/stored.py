@@ -22,7 +22,14 @@ from collections.abc import Iterable
 from gateway.errors import NotFound
 from gateway.media import FILE_BY_ID, Estimate
 
-__all__ = ["MOST_IDS_AN_ANSWER", "UNKNOWN_CONVERSATION", "Naming", "Shown", "StoredResponses"]
+__all__ = [
+    "LONGEST_ID",
+    "MOST_IDS_AN_ANSWER",
+    "UNKNOWN_CONVERSATION",
+    "Naming",
+    "Shown",
+    "StoredResponses",
+]
 
 # What a stored conversation not known here is held as: as a file sent by id (a few turns
 # likely, a long conversation at most).

@@ -39,7 +39,7 @@ from gateway.schemas.codec import decode_body, encode, may_spell, opens, raw_obj
 from gateway.settings import ModelConfig
 from gateway.sse import relay
 from gateway.state import PRINCIPAL_KEY, STORED_KEY
-from gateway.stored import Naming, StoredResponses
+from gateway.stored import LONGEST_ID, Naming, StoredResponses
 from gateway.tokens import Estimate, estimate_text_tokens
 from gateway.trace import TRACE_KEY
 from gateway.usage_bounds import MOST_SEARCHES, UNCAPPED_SEARCHES
@@ -350,10 +350,13 @@ _RAW_TURNS = msgspec.json.Decoder(_RawTurns)
 _RAW_BLOCK = msgspec.json.Decoder(_RawBlock)
 _RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
 _ANY = msgspec.json.Decoder()
-# A `"file_id": "<string>"` member, its key spelled with any character as a `\u` escape.
+# A `"file_id": "<string>"` member, its key spelled with any character as a `\u` escape, whose
+# string could spell a remembered id (`LONGEST_ID` characters, each at most a 6-byte escape):
+# a longer one names no known file, and reading it to its end cost the regular expression a
+# step a character (10 s for a 30 MB value).
 _FILE_ID = re.compile(
     rb'"((?:f|\\u0066)(?:i|\\u0069)(?:l|\\u006[cC])(?:e|\\u0065)(?:_|\\u005[fF])'
-    rb'(?:i|\\u0069)(?:d|\\u0064))"\s*:\s*("(?:[^"\\]|\\.)*")'
+    rb'(?:i|\\u0069)(?:d|\\u0064))"\s*:\s*("(?:[^"\\]|\\.){0,%d}")' % (6 * LONGEST_ID)
 )
 _DECODE = (msgspec.MsgspecError, RecursionError)
 
@@ -403,11 +406,10 @@ def _name_files(named: Naming, known: StoredResponses, key_id: str | None, body:
     document's or image's file source, one in a tool result's content or a content source's).
 
     Every `"file_id": "..."` of the body, its key spelled however JSON may, is found by one
-    regular expression (about 2 ms a megabyte). Only when one of them is another key's are
-    the messages read for where it is (it is refused only where Anthropic reads a file, with
-    that place as its `param`): through a view of only where files go, else, for a shape the
-    view does not take (an error result's object `content`), block by block with each field
-    left raw.
+    regular expression (about 2 ms a megabyte). One that is another key's is refused wherever
+    it is; the messages are read for where, to name that place as the `param` (through a view
+    of only where files go, else, for a shape the view does not take, such as an error
+    result's object `content`, block by block with each field left raw).
 
     Raises:
         NotFound: one is another key's (`Naming.name`).
@@ -420,10 +422,12 @@ def _name_files(named: Naming, known: StoredResponses, key_id: str | None, body:
             if type(candidate) is str:
                 candidates.append(candidate)
     if any(known.others(candidate, key_id) for candidate in candidates):
-        _find_files(named, known, key_id, body)
-    for candidate in candidates:  # (named, for what its answer echoes: `Naming`)
-        if not known.others(candidate, key_id):
-            named.name(known, key_id, candidate, "messages", "File")
+        _find_files(named, known, key_id, body)  # (refused with its place, if it has one)
+    for candidate in candidates:
+        # Named, for what its answer echoes (`Naming`); and one that is another key's but was
+        # not placed (a duplicate key the read takes the last of, where Anthropic's parser may
+        # take the first) is refused all the same.
+        named.name(known, key_id, candidate, "messages", "File")
 
 
 def _find_files(named: Naming, known: StoredResponses, key_id: str | None, body: bytes) -> None:
