@@ -21,9 +21,11 @@ from typing import Any, TypeVar
 
 from gateway.errors import GatewayError, UpstreamAuthError, UpstreamError
 from gateway.failover import Exchange
-from gateway.providers.base import has_capability
+from gateway.providers.base import ChatCall, has_capability
+from gateway.state import STORED_KEY
+from gateway.stored import Naming, StoredResponses
 
-__all__ = ["may_fail_over", "native_first"]
+__all__ = ["Remembering", "may_fail_over", "native_first"]
 
 T = TypeVar("T")
 
@@ -68,3 +70,58 @@ async def native_first(
                 raise
         ex.routes = rest
     return await translated()
+
+
+class Remembering:
+    """What a pass-through upstream stores for the request's key, remembered as its answer
+    shows it (`gateway.stored`, `ChatCall.shown`): a stream's response (or message) and
+    items as they pass (another key is refused them while the stream runs), then its size
+    once its usage is known (none without: a `background` response); call it after each
+    batch, and with `final` at the end.
+
+    Ids the request named itself (`Naming`) are not taken from its answer, which may echo
+    them; nor, when one of them is not known here, the containers and conversation its answer
+    shows, which may be that context's: continuing what was made elsewhere (another key's
+    before a restart) must not make its container the continuing key's. An item id another
+    key's answer showed is contested only by an answer that is this key's own response.
+    `files`: the items are files the upstream's code wrote (Anthropic's), which requests are
+    then searched for (`StoredResponses.files`)."""
+
+    __slots__ = ("_contexts", "_ex", "_files", "_items", "_named", "_own", "_response")
+
+    def __init__(self, ex: Exchange[ChatCall], named: Naming, *, files: bool = False) -> None:
+        self._ex = ex
+        self._named = named
+        self._files = files
+        self._items = self._contexts = 0  # how many of `call.shown`'s are remembered
+        self._response: str | None = None
+        self._own = False  # whether the response is the key's own (`StoredResponses.own`)
+
+    def __call__(self, final: bool = False) -> None:
+        call = self._ex.call
+        named = self._named.ids
+        key_id = self._ex.trace.key_id
+        response_id = call.response_id
+        if response_id and (final or response_id != self._response):
+            self._response = response_id
+            if response_id not in named:
+                usage = call.usage if final else None
+                tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
+                self._own = self._stored().remember(response_id, key_id, tokens)
+        shown = call.shown
+        if shown is None:
+            return
+        if len(shown.items) > self._items:
+            items = [found for found in shown.items[self._items :] if found not in named]
+            self._items = len(shown.items)
+            if self._files:
+                self._stored().files = True
+            self._stored().own(items, key_id, contest=self._own)
+        if len(shown.contexts) > self._contexts:
+            if not self._named.unknown:
+                contexts = shown.contexts[self._contexts :]
+                self._stored().own([found for found in contexts if found not in named], key_id)
+            self._contexts = len(shown.contexts)
+
+    def _stored(self) -> StoredResponses:
+        return self._ex.request.app[STORED_KEY]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, cast
 
 import msgspec
@@ -30,7 +30,7 @@ from gateway.failover import Exchange
 from gateway.messages import MessageEvents, Translation, error_event, from_completion, to_chat
 from gateway.messages.errors import anthropic_status
 from gateway.messages.schema import MessagesRequest
-from gateway.passthrough import native_first
+from gateway.passthrough import Remembering, native_first
 from gateway.providers import ChatCall
 from gateway.providers.base import has_capability
 from gateway.providers.capabilities import MessagesPassThrough
@@ -512,30 +512,6 @@ def _continues(req: MessagesRequest) -> bool:
         return False
 
 
-def _remember(ex: Exchange[ChatCall], named: Naming) -> None:
-    """What the answer shows that Anthropic stores is the key's (`gateway.stored`): its
-    message (a thread may continue from it) with its size when its usage is known, the files
-    its code wrote, its container; not what the request named itself (an echo), nor its
-    container when the request named something not known here (it may be that context's:
-    naming what was made elsewhere does not make it this key's)."""
-    call = ex.call
-    stored = ex.request.app[STORED_KEY]
-    key_id = ex.trace.key_id
-    own = False  # whether the message is the key's own (`StoredResponses.own`)
-    if call.response_id and call.response_id not in named.ids:
-        usage = call.usage
-        tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
-        own = stored.remember(call.response_id, key_id, tokens)
-    shown = call.shown
-    if shown is None:
-        return
-    if shown.items:  # (on this route, the files its code wrote)
-        stored.files = True
-        stored.own([found for found in shown.items if found not in named.ids], key_id, contest=own)
-    if not named.unknown:
-        stored.own([found for found in shown.contexts if found not in named.ids], key_id)
-
-
 async def _relayed(
     ex: Exchange[ChatCall],
     body: bytes,
@@ -547,6 +523,7 @@ async def _relayed(
     """Relay the client's body over `ex.routes` (all Anthropic's); `named`: what the request
     names of what Anthropic stores (`_stored`)."""
     fields = raw_object(body)  # decode_body made sure it is JSON
+    remember = Remembering(ex, named, files=True)  # (its items: files its code wrote)
     try:
         if not stream:
             reply = await pipeline.try_routes(
@@ -559,23 +536,23 @@ async def _relayed(
             pipeline.stream(
                 ex, lambda route: _native(route).stream_messages(ex.call, fields, headers)
             ),
-            lambda: _remember(ex, named),
+            remember,
         )
         async with contextlib.aclosing(events) as batches:
             return await _relay(ex.request, batches)
     finally:
-        _remember(ex, named)  # (its size, and a container shown in its `message_delta`)
+        remember(final=True)  # (its size, and a container shown in its `message_delta`)
 
 
 class _FirstRemembered:
     """A relayed stream whose first batch (`message_start`: the message's id, maybe its
-    container) is remembered as the key's before the client gets it (`_remember`); the rest
+    container) is remembered as the key's before the client gets it (`Remembering`); the rest
     when the stream ends. After the first, each batch is the stream's own `__anext__`, with
     no frame of ours (as `pipeline.Stream`)."""
 
     __slots__ = ("_events", "_first", "_remember")
 
-    def __init__(self, events: pipeline.Stream, remember: Callable[[], None]) -> None:
+    def __init__(self, events: pipeline.Stream, remember: Remembering) -> None:
         self._events = events
         self._remember = remember
         self._first = True

@@ -26,7 +26,7 @@ from gateway.admission import follow
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.failover import Exchange
 from gateway.media import Estimate
-from gateway.passthrough import native_first
+from gateway.passthrough import Remembering, native_first
 from gateway.providers import ChatCall
 from gateway.providers.base import ResponsesPassThrough
 from gateway.responses import (
@@ -106,7 +106,7 @@ def _stored_prompt(
     (`gateway.stored`): the conversation it continues, its size when it passed through here,
     else as much as a file sent by id, and each `item_reference` input item as much again
     (None when there is none); and the ids of stored things the request names, which its
-    answer may echo (`_Remembering`).
+    answer may echo (`Remembering`).
 
     Raises:
         NotFound: something the request names by id (a previous response, its conversation,
@@ -269,54 +269,6 @@ def _conversation(conversation: msgspec.Raw) -> object:
     return value if isinstance(value, str) else getattr(value, "id", None)
 
 
-class _Remembering:
-    """What the upstream stores for the request's key, remembered as its answer shows it
-    (`gateway.stored`): a stream's response and items as they pass (another key is refused
-    them while the stream runs), then the response's size once its usage is known (none
-    without: a `background` one).
-
-    Ids the request named itself (`Naming`) are not taken from its answer, which may echo
-    them; nor, when one of them is not known here, the containers and conversation its answer
-    shows, which may be that context's: continuing a response made elsewhere (another key's
-    before a restart) must not make its container the continuing key's."""
-
-    __slots__ = ("_contexts", "_ex", "_items", "_named", "_own", "_response")
-
-    def __init__(self, ex: Exchange[ChatCall], named: Naming) -> None:
-        self._ex = ex
-        self._named = named
-        self._items = self._contexts = 0  # how many of `call.shown`'s are remembered
-        self._response: str | None = None
-        self._own = False  # whether the response is the key's own (`StoredResponses.own`)
-
-    def __call__(self, final: bool = False) -> None:
-        call = self._ex.call
-        named = self._named.ids
-        response_id = call.response_id
-        if response_id and (final or response_id != self._response):
-            self._response = response_id
-            if response_id not in named:
-                usage = call.usage if final else None
-                tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
-                self._own = self._stored().remember(response_id, self._ex.trace.key_id, tokens)
-        shown = call.shown
-        if shown is None:
-            return
-        key_id = self._ex.trace.key_id
-        if len(shown.items) > self._items:
-            items = [found for found in shown.items[self._items :] if found not in named]
-            self._items = len(shown.items)
-            self._stored().own(items, key_id, contest=self._own)
-        if len(shown.contexts) > self._contexts:
-            if not self._named.unknown:
-                contexts = shown.contexts[self._contexts :]
-                self._stored().own([found for found in contexts if found not in named], key_id)
-            self._contexts = len(shown.contexts)
-
-    def _stored(self) -> StoredResponses:
-        return self._ex.request.app[STORED_KEY]
-
-
 def _refuse_counted_background(request: web.Request) -> None:
     """Refuse a background response to a key whose budget or tokens per minute count tokens.
 
@@ -399,13 +351,13 @@ async def _pass_through(
     ex: Exchange[ChatCall], body: bytes, named: Naming, *, stream: bool
 ) -> web.StreamResponse:
     """Relay the client's body over `ex.routes` (all pass through); `named`: the stored ids
-    it names (`_Remembering`).
+    it names (`Remembering`).
 
     Raises:
         UpstreamError: before anything was sent to the client (so it may still fall back).
     """
     fields = raw_object(body)  # decode_body made sure it is JSON
-    remember = _Remembering(ex, named)
+    remember = Remembering(ex, named)
     if not stream:
         reply = await pipeline.try_routes(
             ex, lambda route: _upstream(route).responses(ex.call, fields)
@@ -451,9 +403,9 @@ def _renamed(exc: InvalidRequest, translation: Translation) -> InvalidRequest:
 class _Numbered:
     """A passed-through event stream, counted so that an error event can take the next
     `sequence_number` (upstream events number themselves from 0, one by one), whose stored
-    ids are remembered as each batch passes (`_Remembering`)."""
+    ids are remembered as each batch passes (`Remembering`)."""
 
-    def __init__(self, events: Batches, first: list[bytes], remember: _Remembering) -> None:
+    def __init__(self, events: Batches, first: list[bytes], remember: Remembering) -> None:
         self._events = events
         self._first = first
         self._count = 0
