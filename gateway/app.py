@@ -51,10 +51,12 @@ from gateway.state import (
     SHUTTING_DOWN_KEY,
     STORE_KEY,
     STORED_KEY,
+    STORED_SHARE_KEY,
     STREAMS_KEY,
     USAGE_KEY,
 )
 from gateway.stored import StoredResponses
+from gateway.stored_share import StoredShare
 from gateway.usage import UsageRecorder
 
 __all__ = ["create_app"]
@@ -80,9 +82,14 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
     refusals = app[REFUSALS_KEY] = RefusalCounter(
         app[STORE_KEY], flush_seconds=server.usage_flush_seconds
     )
+    share = app[STORED_SHARE_KEY] = StoredShare(
+        app[STORE_KEY], app[STORED_KEY], flush_seconds=server.usage_flush_seconds
+    )
     await recorder.start()
     await refusals.start()
+    await share.start()
     yield
+    await share.stop()
     await refusals.stop()
     await recorder.stop()  # drains: no usage row is lost on a clean stop
 

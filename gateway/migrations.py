@@ -231,6 +231,18 @@ MIGRATIONS: tuple[tuple[Statement, ...], ...] = (
         # usage_ts was one more index for every row written to keep up (#13).
         "DROP INDEX usage_ts",
     ),
+    (
+        # What an upstream stores for each key (gateway.stored_share): the key whose answer
+        # showed each id, for every worker and replica, and across restarts.
+        Dialects(
+            sqlite="CREATE TABLE stored_ids (id TEXT PRIMARY KEY, owner TEXT NOT NULL,"
+            " tokens INTEGER NOT NULL, file INTEGER NOT NULL, seen REAL NOT NULL) WITHOUT ROWID",
+            postgres="CREATE TABLE stored_ids (id TEXT PRIMARY KEY, owner TEXT NOT NULL,"
+            " tokens BIGINT NOT NULL, file SMALLINT NOT NULL, seen DOUBLE PRECISION NOT NULL)",
+        ),
+        "CREATE INDEX stored_ids_seen ON stored_ids (seen)",
+        "CREATE INDEX stored_ids_files ON stored_ids (file) WHERE file = 1",
+    ),
 )
 
 

@@ -116,7 +116,7 @@ class Remembering:
             self._items = len(shown.items)
             if self._files:
                 self._stored().files = True
-            self._stored().own(items, key_id, contest=self._own)
+            self._stored().own(items, key_id, contest=self._own, files=self._files)
         if len(shown.contexts) > self._contexts:
             if not self._named.unknown:
                 contexts = shown.contexts[self._contexts :]

@@ -41,6 +41,7 @@ from gateway.rows import (
     updated_key,
     usage_from_row,
 )
+from gateway.stored_share import FILES_SQL, FORGET_SQL, StoredRow, upsert_sql
 
 __all__ = ["PgStore"]
 
@@ -81,6 +82,8 @@ _UNNEST = ", ".join(f"${n}::{_array_type(_HINTS[f])}[]" for n, f in enumerate(_U
 # A batch in one statement: its rows, then the daily rollup (migration step 5) of the rows
 # actually inserted (a uid written before, by a retried batch, is skipped in both), one upsert
 # per day, key and model, taken in order so replicas writing at once never deadlock.
+_KEEP_STORED = upsert_sql(("$1", "$2", "$3", "$4", "$5"))
+_STORED_OWNERS = "SELECT id, owner, tokens FROM stored_ids WHERE id = ANY($1::text[])"
 _INSERT_USAGE_BATCH = (
     f"WITH new AS (INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) SELECT * FROM unnest({_UNNEST})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING RETURNING ts, key_id, model, status, total_tokens, cost_usd)"
@@ -339,6 +342,31 @@ class PgStore:
             return rows, None
         latency = (whole[0].p50_latency_ms, whole[0].p95_latency_ms)
         return rows, UsageSummaryRow.whole(rows, key_id, whole[0].name, latency)
+
+    # What upstreams store for each key (`gateway.stored_share`)
+
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> None:
+        """Write ids and their owners, in one transaction (in id order: see
+        `StoredShare.flush`)."""
+        with _unavailable_is_503():
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.executemany(_KEEP_STORED, rows)
+
+    async def stored_owners(self, ids: Sequence[str]) -> list[tuple[str, str, int]]:
+        """(id, owner, tokens) of those of `ids` the database holds."""
+        with _unavailable_is_503():
+            rows = await self.pool.fetch(_STORED_OWNERS, list(ids))
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def forget_stored(self, before: float) -> None:
+        """Forget the ids last written before a unix time."""
+        with _unavailable_is_503():
+            await self.pool.execute(FORGET_SQL.format("$1"), before)
+
+    async def stored_files(self) -> bool:
+        """Whether the database holds a file an upstream's code wrote."""
+        with _unavailable_is_503():
+            return await self.pool.fetchval(FILES_SQL) is not None
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a read-only query (`$n` placeholders): the dashboard's

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from gateway.snapshot import LiveConfig, Reloader, Snapshot
     from gateway.sse_pings import StreamPings
     from gateway.stored import StoredResponses
+    from gateway.stored_share import StoredShare
     from gateway.usage import UsageRecorder
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "SHUTTING_DOWN_KEY",
     "SNAPSHOT_KEY",
     "STORED_KEY",
+    "STORED_SHARE_KEY",
     "STORE_KEY",
     "STREAMS_KEY",
     "TICKET_KEY",
@@ -81,8 +83,10 @@ DASHBOARD_SESSIONS_KEY: web.AppKey[SessionBook | SharedSessionBook] = web.AppKey
 )
 DASHBOARD_SESSION_KEY: web.RequestKey[Session] = web.RequestKey("dashboard_session")
 
-# Responses stored upstream that passed through: their keys and sizes (memory only).
+# What upstreams store that passed through: its keys and sizes (`gateway.stored`), and its
+# writes to and look-ups in the database (`gateway.stored_share`).
 STORED_KEY: web.AppKey[StoredResponses] = web.AppKey("stored_responses")
+STORED_SHARE_KEY: web.AppKey[StoredShare] = web.AppKey("stored_share")
 # Wrong admin keys per client address (memory only), and the addresses locked out.
 ADMIN_BRAKE_KEY: web.AppKey[AdminBrake] = web.AppKey("admin_brake")
 

@@ -33,6 +33,7 @@ from gateway.rows import (
 )
 from gateway.sqlite_copy import INSERT_KEY, SqliteCopies
 from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
+from gateway.stored_share import FILES_SQL, FORGET_SQL, StoredRow, upsert_sql
 
 __all__ = ["SECRET_PREFIX", "DatabaseMoved", "Store", "StoreError", "open_store"]
 
@@ -44,6 +45,7 @@ _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
 # SQLite's result codes for a database another connection has locked.
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_KEEP_STORED = upsert_sql(("?",) * 5)
 
 
 @contextlib.contextmanager
@@ -301,12 +303,42 @@ class Store(SqliteCopies):
         with _busy_is_503():
             return await summarize_key(self.db, key_id, since=since, until=until)
 
+    # What upstreams store for each key (`gateway.stored_share`)
+
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> None:
+        """Write ids and their owners, in one transaction."""
+        async with self._write_lock:
+            with _busy_is_503():
+                await self._execute(_in_transaction, self.db._conn, _keep_stored, rows)
+
+    async def stored_owners(self, ids: Sequence[str]) -> list[tuple[str, str, int]]:
+        """(id, owner, tokens) of those of `ids` the database holds."""
+        marks = ", ".join("?" * len(ids))
+        sql = f"SELECT id, owner, tokens FROM stored_ids WHERE id IN ({marks})"  # noqa: S608
+        with _busy_is_503():
+            async with self.db.execute(sql, tuple(ids)) as cur:
+                return [(row[0], row[1], row[2]) for row in await cur.fetchall()]
+
+    async def forget_stored(self, before: float) -> None:
+        """Forget the ids last written before a unix time."""
+        async with self._transaction() as db:
+            await db.execute(FORGET_SQL.format("?"), (before,))
+
+    async def stored_files(self) -> bool:
+        """Whether the database holds a file an upstream's code wrote."""
+        async with self.db.execute(FILES_SQL) as cur:
+            return await cur.fetchone() is not None
+
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a read-only query (`?` placeholders): the dashboard's
         (`gateway.dashboard.queries`)."""
         with _busy_is_503():
             async with self.db.execute(sql, params) as cur:
                 return [tuple(row) for row in await cur.fetchall()]
+
+
+def _keep_stored(conn: sqlite3.Connection, rows: Sequence[StoredRow]) -> None:
+    conn.executemany(_KEEP_STORED, rows)
 
 
 def _in_transaction(conn: sqlite3.Connection, write: Callable[..., None], *args: Any) -> None:

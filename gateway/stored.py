@@ -6,8 +6,10 @@ An upstream resolves what it stored by id for every request of its account, and 
 a model's pass-through shares that account. So a response, an output item (an
 `item_reference`, or an item sent back by its id), a code interpreter container or a
 conversation whose id came back in one key's answer is that key's data: for another key it is
-not found (404), and nothing goes upstream. An id not known here (made before a restart, by
-another worker or process, or outside the gateway) is relayed, as documented.
+not found (404), and nothing goes upstream. What one process learns is shared through the
+database (`gateway.stored_share`) with every worker and replica on it, and kept across
+restarts; an id the database does not hold either (made outside the gateway, or forgotten) is
+relayed, as documented.
 
 The prompt a continuation sends is billed by the upstream but never seen here: the stored
 conversation, which is the earlier response's input and output. Admission holds its size for a
@@ -25,8 +27,11 @@ from gateway.media import FILE_BY_ID, Estimate
 __all__ = [
     "LONGEST_ID",
     "MOST_IDS_AN_ANSWER",
+    "MOST_REMEMBERED",
+    "SHARED_CONTESTED",
     "UNKNOWN_CONVERSATION",
     "Naming",
+    "SharedId",
     "Shown",
     "StoredResponses",
 ]
@@ -46,6 +51,11 @@ LONGEST_ID = 256
 MOST_IDS_AN_ANSWER = 256
 
 _UNSIZED = -1  # a response known without its usage: held as unknown when continued
+# An id's owner in the database: a key's id, "" for requests without a key, or this for an
+# id two keys' own answers showed (`_CONTESTED`).
+SHARED_CONTESTED = "*"
+# An id's (owner, tokens, whether a file an upstream's code wrote) as the database holds it.
+SharedId = tuple[str, int, bool]
 # The owner of an id two keys' own answers showed: no one's (`StoredResponses.own`). No key
 # id can be it (theirs are `key_` and hex).
 _CONTESTED = "\x00contested"
@@ -56,11 +66,14 @@ class Naming:
     not known here: its answer may echo them, or show what their context holds, which the
     request's key does not get as its own (`handlers.responses`, `handlers.messages`)."""
 
-    __slots__ = ("ids", "unknown")
+    __slots__ = ("ids", "unknown", "unresolved")
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
         self.unknown = False
+        # The ids named that this process has never known: the database may know them
+        # (`StoredShare.resolve`).
+        self.unresolved: list[str] = []
 
     def name(
         self,
@@ -89,6 +102,8 @@ class Naming:
             )
         if others is None:
             self.unknown = True
+            if stored_id not in known:
+                self.unresolved.append(stored_id)
         self.ids.add(stored_id)
 
 
@@ -123,12 +138,17 @@ class StoredResponses:
     keys are kept by their number of ids, so the largest share is found at once, however
     many keys there are."""
 
-    __slots__ = ("_by_count", "_by_key", "_known", "_most", "_top", "files")
+    __slots__ = ("_by_count", "_by_key", "_known", "_most", "_top", "files", "journal", "unshared")
 
     def __init__(self, most: int = MOST_REMEMBERED) -> None:
-        # Whether a file an upstream's code wrote was ever remembered: until then, requests
-        # are not searched for files they name (`handlers.messages`).
+        # Whether a file an upstream's code wrote was ever remembered (here, or by another
+        # process on the database): until then, requests are not searched for files they
+        # name (`handlers.messages`).
         self.files = False
+        # What to write to the database (`StoredShare`): id -> (owner, tokens, a file), at
+        # most `most` of them; None: nothing is shared (no database).
+        self.journal: dict[str, SharedId] | None = None
+        self.unshared = 0  # ids dropped from a full journal (the database was failing)
         self._known: dict[str, tuple[str | None, int]] = {}
         self._by_key: dict[str | None, dict[str, None]] = {}  # each key's ids, oldest first
         self._by_count: dict[int, dict[str | None, None]] = {}  # the keys holding N ids
@@ -143,7 +163,9 @@ class StoredResponses:
         away."""
         return self._keep(response_id, key_id, _UNSIZED if tokens is None else tokens)
 
-    def own(self, ids: Iterable[str], key_id: str | None, *, contest: bool = False) -> None:
+    def own(
+        self, ids: Iterable[str], key_id: str | None, *, contest: bool = False, files: bool = False
+    ) -> None:
         """Ids other than a response's that an answer to `key_id` held (output items,
         containers, a conversation): another key's request that names one is refused.
 
@@ -151,12 +173,34 @@ class StoredResponses:
         answer showed too is no one's from then on, and relayed for every key: an upstream
         that numbers each response's items anew (`rs_1` in every one) resolves no item by
         its id alone, and such ids must not lock a key out of its own items. (Without it,
-        an answer that is another key's response again, an echo, takes nothing.)"""
+        an answer that is another key's response again, an echo, takes nothing.) `files`:
+        the ids are files the upstream's code wrote."""
         for stored_id in ids:
-            self._keep(stored_id, key_id, _UNSIZED, contest=contest)
+            self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
+
+    def adopt(self, rows: Iterable[tuple[str, str, int]]) -> int:
+        """Ids another process (or this one before a restart) wrote to the database
+        (`StoredShare.resolve`): (id, owner, tokens). One known here already keeps what is
+        known; how many were new here."""
+        adopted = 0
+        for stored_id, owner, tokens in rows:
+            if stored_id not in self._known:
+                key_id = _CONTESTED if owner == SHARED_CONTESTED else owner or None
+                adopted += self._keep(stored_id, key_id, tokens, share=False)
+        return adopted
+
+    def __contains__(self, stored_id: str) -> bool:
+        return stored_id in self._known
 
     def _keep(
-        self, stored_id: str, key_id: str | None, tokens: int, *, contest: bool = False
+        self,
+        stored_id: str,
+        key_id: str | None,
+        tokens: int,
+        *,
+        contest: bool = False,
+        file: bool = False,
+        share: bool = True,
     ) -> bool:
         if len(stored_id) > LONGEST_ID:
             return False
@@ -172,6 +216,8 @@ class StoredResponses:
         if found is not None:
             if tokens == _UNSIZED:
                 tokens = found[1]  # (a response's usage came with an earlier answer: kept)
+            elif tokens != found[1] and share:
+                self._share(stored_id, key_id, tokens, file)
             del known[stored_id]
             del self._by_key[key_id][stored_id]  # (an id seen again goes last)
             known[stored_id] = (key_id, tokens)
@@ -183,7 +229,24 @@ class StoredResponses:
         ids = self._by_key.setdefault(key_id, {})
         self._recount(key_id, len(ids), len(ids) + 1)
         ids[stored_id] = None
+        if share:
+            self._share(stored_id, key_id, tokens, file)
         return True
+
+    def _share(self, stored_id: str, key_id: str | None, tokens: int, file: bool) -> None:
+        """Put what is now known of `stored_id` in the journal the database gets. An id no
+        upstream of a real API sends (not ASCII, or with a NUL, which PostgreSQL's text
+        cannot hold) stays this process's: it must not fail a batch."""
+        journal = self.journal
+        if journal is None or not stored_id.isascii() or "\x00" in stored_id:
+            return
+        owner = SHARED_CONTESTED if key_id == _CONTESTED else key_id or ""
+        if stored_id in journal:
+            file = file or journal.pop(stored_id)[2]  # (its newest state goes last)
+        elif len(journal) >= self._most:
+            del journal[next(iter(journal))]
+            self.unshared += 1
+        journal[stored_id] = (owner, tokens, file)
 
     def _drop(self, stored_id: str, key_id: str | None) -> None:
         """Forget `stored_id`, which is `key_id`'s."""

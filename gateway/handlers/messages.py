@@ -38,7 +38,7 @@ from gateway.router import Route
 from gateway.schemas.codec import decode_body, encode, may_spell, opens, raw_object
 from gateway.settings import ModelConfig
 from gateway.sse import relay
-from gateway.state import PRINCIPAL_KEY, STORED_KEY
+from gateway.state import PRINCIPAL_KEY, STORED_KEY, STORED_SHARE_KEY
 from gateway.stored import LONGEST_ID, Naming, StoredResponses
 from gateway.tokens import Estimate, estimate_text_tokens
 from gateway.trace import TRACE_KEY
@@ -125,6 +125,8 @@ async def _begin(
             param="messages",
         )
     named, held = _stored(request, req, body)
+    if named.unresolved and await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
+        named, held = _stored(request, req, body)  # (with what the database knew)
     if request.path.endswith("/count_tokens"):
         free = True
     else:

@@ -42,7 +42,7 @@ from gateway.schemas.codec import decode_body, may_spell, present, raw_object
 from gateway.schemas.responses import ResponseCreateRequest, ToolType
 from gateway.settings import UpstreamConfig
 from gateway.sse import relay
-from gateway.state import KEYS_KEY, PRINCIPAL_KEY, STORED_KEY, TICKET_KEY
+from gateway.state import KEYS_KEY, PRINCIPAL_KEY, STORED_KEY, STORED_SHARE_KEY, TICKET_KEY
 from gateway.stored import UNKNOWN_CONVERSATION, Naming, StoredResponses
 from gateway.tool_fees import ServerTools
 from gateway.trace import TRACE_KEY
@@ -63,6 +63,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     translation = to_chat(req)
     model_id = req.model if isinstance(req.model, str) else None
     stored, named = _stored_prompt(request, req, body)
+    if named.unresolved and await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
+        stored, named = _stored_prompt(request, req, body)  # (with what the database knew)
     tools = _server_tools(req)
     if tools is not None and tools.unpriced and request[PRINCIPAL_KEY].key.budget_usd is not None:
         raise InvalidRequest(

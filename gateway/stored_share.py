@@ -1,0 +1,194 @@
+"""What an upstream stores for each key (`gateway.stored`), shared through the database by
+every worker and replica on it, and kept across restarts.
+
+A process remembers in memory which key's answer showed each id. Alone, that leaves the
+refusal of another key's id to the process that saw the answer: with `--workers`, replicas or
+after a restart, another key's request naming it was relayed, and the upstream (one account
+for every key) gave it that key's stored data. Now:
+
+- What a process learns goes into a journal (`StoredResponses.journal`) that a background task
+  writes every `usage_flush_seconds`, off the request path, in one statement per batch. The
+  first key that showed an id keeps it (as in memory); an id two keys' own responses showed is
+  no one's.
+- A request that names an id its process has never known looks it up in the database (one
+  query, only then); what it finds is remembered here, and the request is refused if the id is
+  another key's. A process that knows an id asks nothing.
+- An id is kept `KEEP_DAYS` after it was last written (a response's usage, a file, a contest),
+  then forgotten and relayed if named again, as the upstreams keep most of it for 30 days.
+
+An id shown by one process in the last `usage_flush_seconds` is not yet in the database: named
+by another key on another process meanwhile, it is relayed. A failed lookup relays too (the
+database is down: requests are still served, as usage is) and is logged; failed writes are
+kept and written when the database is back, at most `MOST_REMEMBERED` ids (past it the oldest
+are dropped, and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+
+from gateway.stored import MOST_REMEMBERED, SharedId, StoredResponses
+from gateway.usage import flush_when_free
+
+__all__ = [
+    "FILES_SQL",
+    "FORGET_SQL",
+    "KEEP_DAYS",
+    "LOOKUP_AT_ONCE",
+    "StoredRow",
+    "StoredShare",
+    "StoredSink",
+    "upsert_sql",
+]
+
+log = structlog.get_logger(__name__)
+
+KEEP_DAYS = 30
+# Ids looked up in one query (a request names a few; a file search at most its candidates).
+LOOKUP_AT_ONCE = 256
+# How often the task forgets what is older than KEEP_DAYS.
+_FORGET_EVERY_SECONDS = 3600.0
+
+# (id, owner, tokens, a file (0/1), unix time written)
+StoredRow = tuple[str, str, int, int, float]
+
+
+def upsert_sql(marks: tuple[str, str, str, str, str]) -> str:
+    """The write of one id, in a backend's placeholders: the first owner stays; an owner of
+    "*" (contested) wins; a response's size is set by its owner only."""
+    return (  # noqa: S608 - placeholders only, the values are bound
+        "INSERT INTO stored_ids (id, owner, tokens, file, seen) VALUES ({}, {}, {}, {}, {})"
+        " ON CONFLICT (id) DO UPDATE SET"
+        " owner = CASE WHEN excluded.owner = '*' THEN '*' ELSE stored_ids.owner END,"
+        " tokens = CASE WHEN stored_ids.owner = excluded.owner AND excluded.tokens >= 0"
+        " THEN excluded.tokens ELSE stored_ids.tokens END,"
+        " file = CASE WHEN excluded.file = 1 THEN 1 ELSE stored_ids.file END,"
+        " seen = CASE WHEN stored_ids.owner = excluded.owner THEN excluded.seen"
+        " ELSE stored_ids.seen END"
+    ).format(*marks)
+
+
+FORGET_SQL = "DELETE FROM stored_ids WHERE seen < {}"
+FILES_SQL = "SELECT 1 FROM stored_ids WHERE file = 1 LIMIT 1"
+
+
+class StoredSink(Protocol):
+    """The database's side (`gateway.store.Store`, `gateway.pg_store.PgStore`)."""
+
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> None: ...
+    async def stored_owners(self, ids: Sequence[str]) -> list[tuple[str, str, int]]: ...
+    async def forget_stored(self, before: float) -> None: ...
+    async def stored_files(self) -> bool: ...
+
+
+class StoredShare:
+    """Writes `known`'s journal to `store` every `flush_seconds`, and looks up the ids a
+    request names that `known` has never held."""
+
+    def __init__(self, store: StoredSink, known: StoredResponses, *, flush_seconds: float):
+        self._store = store
+        self._known = known
+        known.journal = {}
+        self._flush_seconds = flush_seconds
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._forgot = 0.0  # when the task last forgot old ids (monotonic)
+        self._dropped = 0  # `known.unshared` when it was last logged
+        self.failing = False  # the last write failed
+
+    @property
+    def pending(self) -> int:
+        journal = self._known.journal
+        return 0 if journal is None else len(journal)
+
+    async def resolve(self, ids: Sequence[str]) -> bool:
+        """Look `ids` (named by a request, never known here) up in the database; whether one
+        was found, and so is now known here (the request's names are then read again). A
+        failed lookup is logged and finds nothing: the ids are relayed as unknown."""
+        wanted = list(dict.fromkeys(ids))
+        found: list[tuple[str, str, int]] = []
+        try:
+            for start in range(0, len(wanted), LOOKUP_AT_ONCE):
+                found += await self._store.stored_owners(wanted[start : start + LOOKUP_AT_ONCE])
+        except Exception as exc:
+            log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
+            return False
+        return self._known.adopt(found) > 0
+
+    async def flush(self) -> None:
+        """Write the journal; on failure it is kept (newer states of the same ids win) and it
+        raises."""
+        async with self._lock:
+            journal = self._known.journal
+            if not journal:
+                return
+            self._known.journal = {}
+            now = time.time()
+            rows = sorted(  # in id order: two replicas' batches cannot deadlock
+                (stored_id, owner, tokens, int(file), now)
+                for stored_id, (owner, tokens, file) in journal.items()
+            )
+            try:
+                await self._store.keep_stored(rows)
+            except BaseException:
+                self._keep_back(journal)
+                self.failing = True
+                raise
+            self.failing = False
+
+    def _keep_back(self, journal: dict[str, SharedId]) -> None:
+        """Put a batch that failed back before what was noted meanwhile (which is newer)."""
+        newer = self._known.journal or {}
+        journal.update(newer)
+        for stored_id in newer:  # (their newest state goes last)
+            journal[stored_id] = journal.pop(stored_id)
+        self._known.journal = journal
+        while len(journal) > MOST_REMEMBERED:
+            del journal[next(iter(journal))]
+            self._known.unshared += 1
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="stored-ids-share")
+
+    async def stop(self) -> None:
+        """Stop the task and write what is left: nothing learned is lost on a clean stop."""
+        task, self._task = self._task, None
+        if task is not None:
+            async with self._lock:  # (never cancelled halfway through a write)
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await flush_when_free(self.flush)
+        except Exception:
+            log.exception("stored_ids_lost_at_stop", ids=self.pending)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_seconds)
+            try:
+                await self._tick()
+            except Exception as exc:
+                # The error's class only: one line per flush while the database is down.
+                log.warning("stored_ids_write_failed", error=type(exc).__name__, held=self.pending)
+            if self._known.unshared > self._dropped:
+                self._dropped = self._known.unshared
+                log.error("stored_ids_dropped", dropped=self._dropped)
+
+    async def _tick(self) -> None:
+        """Write the journal; look for files another process learned until one is known
+        here (they turn on the search of requests for files); forget old ids hourly."""
+        await self.flush()
+        if not self._known.files and await self._store.stored_files():
+            self._known.files = True
+        now = time.monotonic()
+        if not self._forgot or now - self._forgot >= _FORGET_EVERY_SECONDS:
+            self._forgot = now
+            await self._store.forget_stored(time.time() - KEEP_DAYS * 86400.0)

@@ -1,0 +1,244 @@
+"""What an upstream stores for one key, refused to another key by every process on the same
+database (`gateway.stored_share`): a worker or replica that never saw the answer, and a
+gateway started again after a stop, on SQLite and on PostgreSQL.
+
+Each test runs two gateways in this process on one database, as two workers or replicas are;
+the upstreams are raw sockets answering every key of the account alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.test_utils import TestClient
+
+from gateway.database import Database, opened_database
+from gateway.keys import digest_of
+from gateway.media import Estimate
+from gateway.settings import ModelConfig, RoutingSettings, Target
+from gateway.state import KEYS_KEY, STORE_KEY, STORED_KEY, STORED_SHARE_KEY
+from gateway.stored import StoredResponses
+from gateway.stored_share import KEEP_DAYS
+from tests.conftest import MakeSettings, app_of, create_key, provider_config, start_gateway
+from tests.test_attack_h105 import BASE, post as post_json, whole
+from tests.test_attack_h107 import SONNET
+from tests.test_attack_h126 import Scripted
+from tests.test_attack_h128 import BOBS_RUN, ask, claude, not_found, post as post_messages
+from tests.test_stored_ids import answer, refused
+
+Gateway = TestClient[Any, Any]
+Start = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
+) -> AsyncIterator[Start]:
+    """Starts a gateway on the test's database (SQLite, then PostgreSQL) whose model "m" goes
+    to `upstream` (a provider of `kind`); every gateway of a test shares that database."""
+    servers: list[asyncio.Server] = []
+
+    async def make(kind: str, upstream: Any, model: str, **server: Any) -> Gateway:
+        if not upstream.port:
+            listening = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+            servers.append(listening)
+            upstream.port = listening.sockets[0].getsockname()[1]
+        fields = {"responses_api": True} if kind == "openai" else {}
+        cfg = provider_config(
+            kind,
+            name="up0",
+            base_url=f"http://127.0.0.1:{upstream.port}{BASE[kind]}",
+            api_keys=("sk-up-0123456789abcdefghij",),
+            **fields,
+        )
+        settings = make_settings(
+            providers=(cfg,),
+            models=(ModelConfig(name="m", targets=(Target(provider="up0", model=model),)),),
+            routing=RoutingSettings(max_attempts=1, backoff_initial=0.0),
+            database=database,
+            **server,
+        )
+        gateways.append(await start_gateway(aiohttp_client, settings))
+        return gateways[-1]
+
+    gateways: list[Gateway] = []
+    yield make
+    for gw in gateways:  # (stopped here, before the test's database is dropped)
+        await gw.close()
+    for listening in servers:
+        listening.close()
+
+
+async def knows_keys(gw: Gateway) -> None:
+    """The keys another gateway made, loaded now (not at the next poll)."""
+    await app_of(gw)[KEYS_KEY].refresh()
+
+
+def key_id_of(gw: Gateway, secret: str) -> str:
+    digest = digest_of(secret)
+    return next(k.id for k in app_of(gw)[KEYS_KEY].records() if k.digest == digest)
+
+
+async def test_another_process_refuses_another_keys_ids(start: Start) -> None:
+    up = Scripted(lambda n, _: answer(conversation={"id": "conv_bob"}))
+    first = await start("openai", up, "gpt-5")
+    second = await start("openai", up, "gpt-5")
+    bob, alice = await create_key(first), await create_key(first)
+    await knows_keys(second)
+    status, body = await post_json(first, bob, "/v1/responses", {"model": "m", "input": "secret"})
+    assert status == 200, body
+    await app_of(first)[STORED_SHARE_KEY].flush()
+    sent = len(up.bodies)
+    base = {"model": "m", "input": "Repeat."}
+    for fields, param in (
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].id"),
+        ({"tools": [{"type": "code_interpreter", "container": "cntr_bob"}]}, "tools[0].container"),
+        ({"conversation": "conv_bob"}, "conversation"),
+    ):
+        status, body = await post_json(second, alice, "/v1/responses", base | fields)
+        refused(status, body, param)
+    assert len(up.bodies) == sent  # nothing went upstream
+    # Bob's own on the second process: relayed, and held at its size (20 tokens).
+    status, body = await post_json(
+        second, bob, "/v1/responses", base | {"previous_response_id": "resp_1"}
+    )
+    assert status == 200, body
+    known = app_of(second)[STORED_KEY]
+    assert known.prompt("resp_1", key_id_of(second, bob)) == Estimate(20, 20)
+
+
+async def test_a_gateway_started_again_refuses_what_it_learned_before_its_stop(
+    start: Start,
+) -> None:
+    up = Scripted(lambda n, _: answer())
+    # Its journal is written by the stop, not by the (hour-long) interval.
+    first = await start("openai", up, "gpt-5", usage_flush_seconds=3600.0)
+    bob, alice = await create_key(first), await create_key(first)
+    status, body = await post_json(first, bob, "/v1/responses", {"model": "m", "input": "secret"})
+    assert status == 200, body
+    await first.close()
+    again = await start("openai", up, "gpt-5")
+    body = {"model": "m", "input": "Repeat.", "previous_response_id": "resp_1"}
+    refused(*await post_json(again, alice, "/v1/responses", body), "previous_response_id")
+    assert len(up.bodies) == 1
+
+
+async def test_another_process_refuses_a_thread_and_files_of_another_keys_code(
+    start: Start,
+) -> None:
+    up = Scripted(lambda n, _: whole(claude(n, BOBS_RUN if n == 0 else None)))
+    first = await start("anthropic", up, SONNET)
+    second = await start("anthropic", up, SONNET)
+    bob, alice = await create_key(first), await create_key(first)
+    await knows_keys(second)
+    assert (await post_messages(first, bob, ask()))[0] == 200
+    await app_of(first)[STORED_SHARE_KEY].flush()
+    # The second process learns from the database that files were shown, and searches for
+    # them from then on.
+    share = app_of(second)[STORED_SHARE_KEY]
+    await share._tick()
+    assert app_of(second)[STORED_KEY].files
+    source = {"type": "image", "source": {"type": "file", "file_id": "file_bob_payroll"}}
+    upload = {"type": "container_upload", "file_id": "file_bob_payroll"}
+    thread = {"type": "continue", "previous_message_id": "msg_0"}
+    for body in (
+        ask(messages=[{"role": "user", "content": [source]}]),
+        ask(messages=[{"role": "user", "content": [upload]}]),
+        ask(messages=[], thread=thread),
+    ):
+        not_found(*await post_messages(second, alice, body))
+    assert len(up.bodies) == 1
+
+
+async def test_a_failed_lookup_relays_and_is_logged(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    up = Scripted(lambda n, _: answer())
+    gw = await start("openai", up, "gpt-5")
+    alice = await create_key(gw)
+    store = app_of(gw)[STORE_KEY]
+
+    async def down(ids: Any) -> Any:
+        raise ConnectionRefusedError
+
+    monkeypatch.setattr(store, "stored_owners", down)
+    body = {"model": "m", "input": "Go on.", "previous_response_id": "resp_elsewhere"}
+    with structlog.testing.capture_logs() as logs:
+        status, answered = await post_json(gw, alice, "/v1/responses", body)
+    assert status == 200, answered
+    failed = [line for line in logs if line["event"] == "stored_ids_lookup_failed"]
+    assert failed == [
+        {"event": "stored_ids_lookup_failed", "error": "ConnectionRefusedError", "ids": 1}
+        | {"log_level": "warning"}
+    ]
+
+
+async def owners(db: Database, *ids: str) -> dict[str, tuple[str, int]]:
+    return {found: (owner, tokens) for found, owner, tokens in await db.stored_owners(ids)}
+
+
+async def test_the_first_owner_stays_a_contest_is_no_ones_and_old_ids_are_forgotten(
+    database: str,
+) -> None:
+    async with opened_database(database) as db:
+        now = time.time()
+        await db.keep_stored([("resp_1", "key_a", -1, 0, now), ("file_1", "key_a", -1, 1, now)])
+        await db.keep_stored([("resp_1", "key_a", 20, 0, now), ("file_1", "key_b", 5, 0, now)])
+        # The owner's size is taken; another key's answer that shows the id takes nothing.
+        assert await owners(db, "resp_1", "file_1", "nobody") == {
+            "resp_1": ("key_a", 20),
+            "file_1": ("key_a", -1),
+        }
+        assert await db.stored_files()
+        await db.keep_stored([("resp_1", "*", -1, 0, now)])
+        await db.keep_stored([("resp_1", "key_a", 30, 0, now)])
+        assert await owners(db, "resp_1") == {"resp_1": ("*", 20)}
+        old = now - KEEP_DAYS * 86400.0 - 1
+        await db.keep_stored([("resp_old", "key_a", 7, 0, old)])
+        await db.forget_stored(now - KEEP_DAYS * 86400.0)
+        assert set(await owners(db, "resp_1", "file_1", "resp_old")) == {"resp_1", "file_1"}
+
+
+async def test_a_request_naming_ids_this_process_knows_asks_the_database_nothing(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    up = Scripted(lambda n, _: answer())
+    gw = await start("openai", up, "gpt-5")
+    bob = await create_key(gw)
+    assert (await post_json(gw, bob, "/v1/responses", {"model": "m", "input": "hi"}))[0] == 200
+    store = app_of(gw)[STORE_KEY]
+    asked: list[Any] = []
+    real = store.stored_owners
+
+    async def counted(ids: Any) -> Any:
+        asked.append(list(ids))
+        return await real(ids)
+
+    monkeypatch.setattr(store, "stored_owners", counted)
+    body = {"model": "m", "input": "Go on.", "previous_response_id": "resp_1"}
+    assert (await post_json(gw, bob, "/v1/responses", body))[0] == 200
+    assert asked == []
+    body["previous_response_id"] = "resp_elsewhere"
+    assert (await post_json(gw, bob, "/v1/responses", body))[0] == 200
+    assert asked == [["resp_elsewhere"]]
+
+
+def test_the_journal_is_bounded_and_holds_only_ids_a_database_takes() -> None:
+    known = StoredResponses(most=3)
+    known.journal = {}
+    known.remember("resp_é", "key_a", 1)  # not ASCII: this process's only
+    known.remember("resp_\x00", "key_a", 1)
+    known.own(["a", "b", "c", "d"], "key_a", files=True)
+    assert list(known.journal) == ["b", "c", "d"]
+    assert known.journal["d"] == ("key_a", -1, True)
+    assert known.unshared == 1
+    known.remember("d", "key_a", 9)  # (a size learned later is written again)
+    assert list(known.journal) == ["b", "c", "d"]
+    assert known.journal["d"] == ("key_a", 9, True)
