@@ -186,8 +186,10 @@ class StoredShare:
         """Write the journal; look for files another process learned until one is known
         here (they turn on the search of requests for files); forget old ids hourly."""
         await self.flush()
-        if not self._known.files and await self._store.stored_files():
-            self._known.files = True
+        if not self._known.files:
+            # (The database down: asked again at the next tick, without a line each time.)
+            with contextlib.suppress(Exception):
+                self._known.files = await self._store.stored_files()
         now = time.monotonic()
         if not self._forgot or now - self._forgot >= _FORGET_EVERY_SECONDS:
             self._forgot = now
