@@ -33,6 +33,7 @@ from typing import Protocol
 
 import structlog
 
+from gateway.errors import InvalidRequest
 from gateway.stored import MOST_REMEMBERED, SharedId, StoredResponses
 from gateway.usage import flush_when_free
 
@@ -41,6 +42,7 @@ __all__ = [
     "FORGET_SQL",
     "KEEP_DAYS",
     "LOOKUP_AT_ONCE",
+    "MOST_LOOKED_UP",
     "StoredRow",
     "StoredShare",
     "StoredSink",
@@ -51,7 +53,10 @@ log = structlog.get_logger(__name__)
 
 KEEP_DAYS = 30
 # Ids looked up in one query (a request names a few; a file search at most its candidates).
-LOOKUP_AT_ONCE = 256
+LOOKUP_AT_ONCE = 1000
+# The most unknown ids one request may name (as many as a Responses request's input items): a
+# 10 MB body of file ids must not cost the database hundreds of queries.
+MOST_LOOKED_UP = 10_000
 # How often the task forgets what is older than KEEP_DAYS.
 _FORGET_EVERY_SECONDS = 3600.0
 
@@ -110,8 +115,20 @@ class StoredShare:
     async def resolve(self, ids: Sequence[str]) -> bool:
         """Look `ids` (named by a request, never known here) up in the database; whether one
         was found, and so is now known here (the request's names are then read again). A
-        failed lookup is logged and finds nothing: the ids are relayed as unknown."""
+        failed lookup is logged and finds nothing: the ids are relayed as unknown.
+
+        Raises:
+            InvalidRequest: more than `MOST_LOOKED_UP` ids (each must be looked at: one left
+                out could be another key's).
+        """
         wanted = list(dict.fromkeys(ids))
+        if len(wanted) > MOST_LOOKED_UP:
+            raise InvalidRequest(
+                f"The request names {len(wanted)} ids of stored responses, items, containers "
+                f"or files that this gateway has not seen; at most {MOST_LOOKED_UP} are "
+                "accepted in one request.",
+                code="too_many_stored_ids",
+            )
         found: list[tuple[str, str, int]] = []
         try:
             for start in range(0, len(wanted), LOOKUP_AT_ONCE):

@@ -24,7 +24,7 @@ from gateway.media import Estimate
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from gateway.state import KEYS_KEY, STORE_KEY, STORED_KEY, STORED_SHARE_KEY
 from gateway.stored import StoredResponses
-from gateway.stored_share import KEEP_DAYS
+from gateway.stored_share import KEEP_DAYS, MOST_LOOKED_UP
 from tests.conftest import MakeSettings, app_of, create_key, provider_config, start_gateway
 from tests.test_attack_h105 import BASE, post as post_json, whole
 from tests.test_attack_h107 import SONNET
@@ -242,3 +242,23 @@ def test_the_journal_is_bounded_and_holds_only_ids_a_database_takes() -> None:
     known.remember("d", "key_a", 9)  # (a size learned later is written again)
     assert list(known.journal) == ["b", "c", "d"]
     assert known.journal["d"] == ("key_a", 9, True)
+
+
+async def test_a_request_naming_more_unknown_ids_than_the_bound_is_refused(start: Start) -> None:
+    up = Scripted(lambda n, _: whole(claude(n)))
+    gw = await start("anthropic", up, SONNET)
+    alice = await create_key(gw)
+    app_of(gw)[STORED_KEY].files = True  # (some answer showed a file)
+    many = [
+        {"type": "image", "source": {"type": "file", "file_id": f"file_{n}"}}
+        for n in range(MOST_LOOKED_UP + 1)
+    ]
+    status, body = await post_messages(gw, alice, ask(messages=[{"role": "user", "content": many}]))
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_request_error", body
+    assert f"at most {MOST_LOOKED_UP}" in body["error"]["message"], body
+    assert up.bodies == []
+    status, body = await post_messages(
+        gw, alice, ask(messages=[{"role": "user", "content": many[:MOST_LOOKED_UP]}])
+    )
+    assert status == 200, body
