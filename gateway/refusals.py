@@ -12,14 +12,12 @@ and errors.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import Counter
 from typing import Protocol
 
 import structlog
 
-from gateway.usage import flush_when_free
+from gateway.flushing import Flushing
 
 __all__ = ["RefusalCounter", "RefusalSink", "Refusals"]
 
@@ -35,16 +33,18 @@ class RefusalSink(Protocol):
     async def add_refusals(self, counts: Refusals) -> None: ...
 
 
-class RefusalCounter:
+class RefusalCounter(Flushing):
     """Counts refusals in memory and writes them every `flush_seconds`."""
 
+    task_name = "refusal-counter"
+    failed_event = "refusal_write_failed"
+    lost_event = "refusal_counts_lost_at_stop"
+
     def __init__(self, store: RefusalSink, *, flush_seconds: float, max_entries: int = 100_000):
+        super().__init__(flush_seconds=flush_seconds)
         self._store = store
-        self._flush_seconds = flush_seconds
         self._max_entries = max_entries
         self._counts: Refusals = Counter()
-        self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
         self.failing = False  # the last write failed
         self.dropped = 0
 
@@ -75,30 +75,3 @@ class RefusalCounter:
                 self.failing = True
                 raise
             self.failing = False
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="refusal-counter")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            # Cancel only while holding the lock, so the task never dies halfway through a
-            # write (one cancelled after its commit would keep the counts and add them again).
-            async with self._lock:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        try:
-            await flush_when_free(self.flush)
-        except Exception:
-            log.exception("refusal_counts_lost_at_stop", requests=self.pending)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._flush_seconds)
-            try:
-                await self.flush()
-            except Exception as exc:
-                # The error's class only: one line per flush while the database is down.
-                log.warning("refusal_write_failed", error=type(exc).__name__, held=self.pending)

@@ -25,7 +25,6 @@ are dropped, and logged).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
@@ -34,8 +33,8 @@ from typing import Protocol
 import structlog
 
 from gateway.errors import InvalidRequest
+from gateway.flushing import Flushing
 from gateway.stored import MOST_REMEMBERED, SharedId, StoredResponses
-from gateway.usage import flush_when_free
 
 __all__ = [
     "FILES_SQL",
@@ -92,17 +91,19 @@ class StoredSink(Protocol):
     async def stored_files(self) -> bool: ...
 
 
-class StoredShare:
+class StoredShare(Flushing):
     """Writes `known`'s journal to `store` every `flush_seconds`, and looks up the ids a
     request names that `known` has never held."""
 
+    task_name = "stored-ids-share"
+    failed_event = "stored_ids_write_failed"
+    lost_event = "stored_ids_lost_at_stop"
+
     def __init__(self, store: StoredSink, known: StoredResponses, *, flush_seconds: float):
+        super().__init__(flush_seconds=flush_seconds)
         self._store = store
         self._known = known
         known.journal = {}
-        self._flush_seconds = flush_seconds
-        self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
         self._forgot = 0.0  # when the task last forgot old ids (monotonic)
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
@@ -170,39 +171,15 @@ class StoredShare:
             del journal[next(iter(journal))]
             self._known.unshared += 1
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="stored-ids-share")
-
-    async def stop(self) -> None:
-        """Stop the task and write what is left: nothing learned is lost on a clean stop."""
-        task, self._task = self._task, None
-        if task is not None:
-            async with self._lock:  # (never cancelled halfway through a write)
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async def tick(self) -> None:
+        """Write the journal; look for files another process learned until one is known
+        here (they turn on the search of requests for files); forget old ids hourly."""
         try:
-            await flush_when_free(self.flush)
-        except Exception:
-            log.exception("stored_ids_lost_at_stop", ids=self.pending)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._flush_seconds)
-            try:
-                await self._tick()
-            except Exception as exc:
-                # The error's class only: one line per flush while the database is down.
-                log.warning("stored_ids_write_failed", error=type(exc).__name__, held=self.pending)
+            await self.flush()
+        finally:
             if self._known.unshared > self._dropped:
                 self._dropped = self._known.unshared
                 log.error("stored_ids_dropped", dropped=self._dropped)
-
-    async def _tick(self) -> None:
-        """Write the journal; look for files another process learned until one is known
-        here (they turn on the search of requests for files); forget old ids hourly."""
-        await self.flush()
         if not self._known.files:
             # (The database down: asked again at the next tick, without a line each time.)
             with contextlib.suppress(Exception):

@@ -24,7 +24,7 @@ from gateway.media import Estimate
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from gateway.state import KEYS_KEY, STORE_KEY, STORED_KEY, STORED_SHARE_KEY
 from gateway.stored import StoredResponses
-from gateway.stored_share import KEEP_DAYS, MOST_LOOKED_UP
+from gateway.stored_share import KEEP_DAYS, MOST_LOOKED_UP, StoredShare
 from tests.conftest import MakeSettings, app_of, create_key, provider_config, start_gateway
 from tests.test_attack_h105 import BASE, post as post_json, whole
 from tests.test_attack_h107 import SONNET
@@ -143,7 +143,7 @@ async def test_another_process_refuses_a_thread_and_files_of_another_keys_code(
     # The second process learns from the database that files were shown, and searches for
     # them from then on.
     share = app_of(second)[STORED_SHARE_KEY]
-    await share._tick()
+    await share.tick()
     assert app_of(second)[STORED_KEY].files
     source = {"type": "image", "source": {"type": "file", "file_id": "file_bob_payroll"}}
     upload = {"type": "container_upload", "file_id": "file_bob_payroll"}
@@ -262,3 +262,52 @@ async def test_a_request_naming_more_unknown_ids_than_the_bound_is_refused(start
         gw, alice, ask(messages=[{"role": "user", "content": many[:MOST_LOOKED_UP]}])
     )
     assert status == 200, body
+
+
+class FlakySink:
+    """A database that fails while `down`, and otherwise keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.rows: list[Any] = []
+
+    async def keep_stored(self, rows: Any) -> None:
+        if self.down:
+            raise ConnectionRefusedError
+        self.rows += rows
+
+    async def stored_owners(self, ids: Any) -> list[tuple[str, str, int]]:
+        return []
+
+    async def forget_stored(self, before: float) -> None:
+        pass
+
+    async def stored_files(self) -> bool:
+        if self.down:
+            raise ConnectionRefusedError
+        return False
+
+
+async def test_writes_that_fail_are_kept_bounded_and_written_once_the_database_is_back() -> None:
+    known = StoredResponses(most=3)
+    sink = FlakySink()
+    share = StoredShare(sink, known, flush_seconds=60.0)
+    known.remember("resp_1", "key_a", None)
+    known.remember("resp_2", "key_a", None)
+    with structlog.testing.capture_logs() as logs, pytest.raises(ConnectionRefusedError):
+        await share.tick()
+    assert logs == []
+    known.remember("resp_1", "key_a", 20)  # (its size, learned while the write failed)
+    known.remember("resp_3", "key_a", None)
+    known.remember("resp_4", "key_a", None)  # one more than the bound
+    with structlog.testing.capture_logs() as logs, pytest.raises(ConnectionRefusedError):
+        await share.tick()
+    assert logs == [{"event": "stored_ids_dropped", "dropped": 1, "log_level": "error"}]
+    sink.down = False
+    await share.tick()
+    assert [(row[0], row[1], row[2]) for row in sink.rows] == [
+        ("resp_1", "key_a", 20),
+        ("resp_3", "key_a", -1),
+        ("resp_4", "key_a", -1),
+    ]
+    assert share.pending == 0
