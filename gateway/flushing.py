@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
-from gateway.usage import flush_when_free
+from gateway.errors import StoreBusy
 
-__all__ = ["Flushing"]
+__all__ = ["STOP_BUSY_SECONDS", "Flushing", "flush_when_free"]
 
 log = structlog.get_logger(__name__)
+
+# How long a stop waits for another process's write lock before it gives the rows up.
+STOP_BUSY_SECONDS = 10.0
 
 
 class Flushing:
@@ -64,7 +69,11 @@ class Flushing:
         try:
             await flush_when_free(self.flush)
         except Exception:
-            log.exception(self.lost_event, held=self.pending)
+            self._lost_at_stop()
+
+    def _lost_at_stop(self) -> None:
+        """What the stop could not write (in its `except` block: the line has the error)."""
+        log.exception(self.lost_event, held=self.pending)
 
     async def _run(self) -> None:
         while True:
@@ -74,3 +83,27 @@ class Flushing:
             except Exception as exc:
                 # The error's class only: one line per tick while the database is down.
                 log.warning(self.failed_event, error=type(exc).__name__, held=self.pending)
+
+
+async def flush_when_free(
+    flush: Callable[[], Awaitable[None]], seconds: float = STOP_BUSY_SECONDS
+) -> None:
+    """`flush()` at a stop, retried (backing off) while another process holds the database's
+    write lock (the CLI, a backup: `StoreBusy`), for at most `seconds`: what was batched until
+    the stop is written once the lock is free. Any other failure is final.
+
+    Raises:
+        Exception: what the last attempt raised.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        try:
+            await flush()
+        except StoreBusy:
+            if time.monotonic() + delay > deadline:
+                raise
+        else:
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from itertools import chain
 from typing import Protocol
 
 import structlog
 
-from gateway.errors import StoreBusy
+from gateway.flushing import Flushing
 from gateway.records import UsageRecord
 
-__all__ = ["Unwritten", "UsageRecorder", "UsageSink", "flush_when_free"]
+__all__ = ["Unwritten", "UsageRecorder", "UsageSink"]
 
 log = structlog.get_logger(__name__)
 
 # A database that comes back gets the rows held for it within this long.
 _MAX_BACKOFF_SECONDS = 10.0
-# How long a stop waits for another process's write lock before it gives the rows up.
-STOP_BUSY_SECONDS = 10.0
 
 
 # A key's usage (tokens, USD) in rows not in the table, since a unix time.
@@ -40,7 +37,7 @@ class UsageSink(Protocol):
     async def insert_usage(self, rows: Sequence[UsageRecord], *, fresh: bool = False) -> None: ...
 
 
-class UsageRecorder:
+class UsageRecorder(Flushing):
     """Batches usage rows into the store from a background task.
 
     Args:
@@ -50,6 +47,8 @@ class UsageRecorder:
         max_retained: rows kept across failed writes; beyond it the oldest are dropped (logged).
     """
 
+    task_name = "usage-recorder"
+
     def __init__(
         self,
         store: UsageSink,
@@ -58,8 +57,8 @@ class UsageRecorder:
         batch_size: int,
         max_retained: int = 100_000,
     ) -> None:
+        super().__init__(flush_seconds=flush_seconds)
         self._store = store
-        self._flush_seconds = flush_seconds
         self._batch_size = batch_size
         self._max_retained = max(max_retained, batch_size)
         # Rows recorded and not yet taken by a write: a list rather than an asyncio.Queue,
@@ -71,9 +70,7 @@ class UsageRecorder:
         # that failed (or was cancelled) may still have committed them.
         self._tried = 0
         self._full = asyncio.Event()
-        # One writer at a time: the background task, flush() or stop().
-        self._write_lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        # (`self._lock`: one writer at a time: the background task, flush() or stop().)
         self.recorded = 0  # rows ever recorded, for tests and metrics
         self.dropped = 0  # rows given up on (beyond max_retained while the store failed)
         self.lost = 0  # rows still unwritten when stop() gave up: `gateway serve` exits 3
@@ -100,17 +97,13 @@ class UsageRecorder:
             self._arrived.clear()
             await self._arrived.wait()
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="usage-recorder")
-
     async def flush(self) -> None:
         """Write every row recorded so far.
 
         Raises:
             Exception: whatever the store raised; the unwritten rows stay queued for retry.
         """
-        async with self._write_lock:
+        async with self._lock:
             await self._write()
 
     async def _write(self) -> None:
@@ -146,7 +139,7 @@ class UsageRecorder:
         A failed write is logged, and its rows are summed as not written; a commit lost on
         its way back may have written them (then they count twice until a reload: on the
         safe side of a budget)."""
-        async with self._write_lock:
+        async with self._lock:
             try:
                 await self._write()
             except Exception:  # the keys must still load; the rows stay queued for later
@@ -161,21 +154,10 @@ class UsageRecorder:
                 usd += row.cost_usd
         return tokens, usd
 
-    async def stop(self) -> None:
-        """Stop the task and write everything still queued; no row is lost on a clean stop."""
-        task, self._task = self._task, None
-        if task is not None:
-            # Cancel only while holding the lock, so the task never dies halfway through an
-            # insert (which could commit rows we would then write again).
-            async with self._write_lock:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        try:
-            await flush_when_free(self.flush)
-        except Exception:
-            self.lost = self.pending
-            log.exception("usage_rows_lost", rows=self.lost)
+    def _lost_at_stop(self) -> None:
+        """`gateway serve` exits 3 when rows were lost at its stop."""
+        self.lost = self.pending
+        log.exception("usage_rows_lost", rows=self.lost)
 
     async def _run(self) -> None:
         failures = 0
@@ -207,27 +189,3 @@ class UsageRecorder:
             self._tried = max(0, self._tried - excess)
             self.dropped += excess
             log.error("usage_rows_dropped", rows=excess, retained=len(self._held))
-
-
-async def flush_when_free(
-    flush: Callable[[], Awaitable[None]], seconds: float = STOP_BUSY_SECONDS
-) -> None:
-    """`flush()` at a stop, retried (backing off) while another process holds the database's
-    write lock (the CLI, a backup: `StoreBusy`), for at most `seconds`: what was batched until
-    the stop is written once the lock is free. Any other failure is final.
-
-    Raises:
-        Exception: what the last attempt raised.
-    """
-    deadline = time.monotonic() + seconds
-    delay = 0.05
-    while True:
-        try:
-            await flush()
-        except StoreBusy:
-            if time.monotonic() + delay > deadline:
-                raise
-        else:
-            return
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
