@@ -178,16 +178,14 @@ class StoredResponses:
         for stored_id in ids:
             self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
 
-    def adopt(self, rows: Iterable[tuple[str, str, int]]) -> int:
+    def adopt(self, rows: Iterable[tuple[str, str, int]]) -> None:
         """Ids another process (or this one before a restart) wrote to the database
         (`StoredShare.resolve`): (id, owner, tokens). One known here already keeps what is
-        known; how many were new here."""
-        adopted = 0
+        known."""
         for stored_id, owner, tokens in rows:
             if stored_id not in self._known:
                 key_id = _CONTESTED if owner == SHARED_CONTESTED else owner or None
-                adopted += self._keep(stored_id, key_id, tokens, share=False)
-        return adopted
+                self._keep(stored_id, key_id, tokens, share=False)
 
     def __contains__(self, stored_id: str) -> bool:
         return stored_id in self._known

@@ -115,7 +115,7 @@ class StoredShare(Flushing):
 
     async def resolve(self, ids: Sequence[str]) -> bool:
         """Look `ids` (named by a request, never known here) up in the database; whether one
-        was found, and so is now known here (the request's names are then read again). A
+        is now known here (the request's names are then read again). A
         failed lookup is logged and finds nothing: the ids are relayed as unknown.
 
         Raises:
@@ -137,7 +137,9 @@ class StoredShare(Flushing):
         except Exception as exc:
             log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
             return False
-        return self._known.adopt(found) > 0
+        self._known.adopt(found)
+        # (Known now, by this lookup or by another request's that ended while it waited.)
+        return any(stored_id in self._known for stored_id in wanted)
 
     async def flush(self) -> None:
         """Write the journal; on failure it is kept (newer states of the same ids win) and it

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -322,3 +323,59 @@ async def test_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
 def _argv(replica: Replica) -> list[Any]:
     return [sys.executable, "-m", "gateway", "serve", "--config", str(replica.config),
             "--port", str(replica.port), *replica.extra]  # fmt: skip
+
+
+async def test_every_worker_refuses_another_keys_stored_response(
+    tmp_path: Path, aiohttp_server: AiohttpServer, redis_server: RedisServer
+) -> None:
+    """Bob's response, answered by one worker, is not found for alice on either worker (the
+    other learns it from the database), and bob continues it on both."""
+    fake = FakeOpenAI()
+    await fake.start(aiohttp_server)
+    config = write_config(tmp_path, fake.base_url, redis_server.url)
+    text = config.read_text().replace(
+        'type = "openai"\n', 'type = "openai"\nresponses_api = true\n'
+    )
+    config.write_text(text)
+    database = tmp_path / "keys.db"
+    bob, alice = await create_key(database), await create_key(database)
+
+    async def respond(session: ClientSession, secret: str, **fields: Any) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {secret}"}
+        body = {"model": "m", "input": "Payroll: Dana 9,120 EUR"} | fields
+        async with session.post(f"{url}/v1/responses", json=body, headers=headers) as resp:
+            answer = await resp.json()
+            if resp.status == 200:
+                return resp.status, answer["id"]
+            assert answer["error"]["param"] == "previous_response_id", answer
+            return resp.status, resp.headers["X-Request-ID"][:20]
+
+    async with replicas(config, 1, "--workers", "2") as (parent,):
+        url = parent.url
+        # Every request on a new connection: the kernel hands each to either worker.
+        connector = TCPConnector(force_close=True)
+        timeout = ClientTimeout(total=NEVER_HANG)
+        async with ClientSession(connector=connector, timeout=timeout) as session:
+            await wait_known(session, [url], bob)
+            await wait_known(session, [url], alice)
+            status, response_id = await respond(session, bob)
+            assert status == 200
+            async with asyncio.timeout(NEVER_HANG):
+                while True:  # written by the worker within usage_flush_seconds (0.1 s)
+                    if stored(database, response_id):
+                        break
+                    await asyncio.sleep(0.02)
+            sent = len(fake.responses_requests)
+            tries = [respond(session, alice, previous_response_id=response_id) for _ in range(40)]
+            refused = await asyncio.gather(*tries)
+            assert {status for status, _ in refused} == {404}
+            assert len({worker for _, worker in refused}) == 2  # both workers refused it
+            assert len(fake.responses_requests) == sent
+            own = [respond(session, bob, previous_response_id=response_id) for _ in range(10)]
+            assert {status for status, _ in await asyncio.gather(*own)} == {200}
+
+
+def stored(database: Path, stored_id: str) -> bool:
+    """Whether the database holds `stored_id` (`gateway.stored_share`)."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        return bool(conn.execute("SELECT 1 FROM stored_ids WHERE id = ?", (stored_id,)).fetchall())

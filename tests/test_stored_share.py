@@ -114,6 +114,24 @@ async def test_another_process_refuses_another_keys_ids(start: Start) -> None:
     assert known.prompt("resp_1", key_id_of(second, bob)) == Estimate(20, 20)
 
 
+async def test_requests_at_once_on_another_process_are_all_refused(start: Start) -> None:
+    """Each looks the id up; those whose lookup ends after another's remembered it are
+    refused too (they had found it new to no one, and were relayed)."""
+    up = Scripted(lambda n, _: answer())
+    first = await start("openai", up, "gpt-5")
+    second = await start("openai", up, "gpt-5")
+    bob, alice = await create_key(first), await create_key(first)
+    await knows_keys(second)
+    assert (await post_json(first, bob, "/v1/responses", {"model": "m", "input": "hi"}))[0] == 200
+    await app_of(first)[STORED_SHARE_KEY].flush()
+    body = {"model": "m", "input": "Repeat.", "previous_response_id": "resp_1"}
+    answers = await asyncio.gather(
+        *(post_json(second, alice, "/v1/responses", body) for _ in range(20))
+    )
+    assert [status for status, _ in answers] == [404] * 20
+    assert len(up.bodies) == 1
+
+
 async def test_a_gateway_started_again_refuses_what_it_learned_before_its_stop(
     start: Start,
 ) -> None:
