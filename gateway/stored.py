@@ -34,6 +34,7 @@ __all__ = [
     "SharedId",
     "Shown",
     "StoredResponses",
+    "shareable",
 ]
 
 # What a stored conversation not known here is held as: as a file sent by id (a few turns
@@ -59,6 +60,13 @@ SharedId = tuple[str, int, bool]
 # The owner of an id two keys' own answers showed: no one's (`StoredResponses.own`). No key
 # id can be it (theirs are `key_` and hex).
 _CONTESTED = "\x00contested"
+
+
+def shareable(stored_id: str) -> bool:
+    """Whether the database may hold `stored_id`: ASCII without a NUL (PostgreSQL's text
+    cannot hold one; no real upstream sends either), at most `LONGEST_ID` long. Another id is
+    this process's only, and never looked up (its lookup would fail every id beside it)."""
+    return stored_id.isascii() and "\x00" not in stored_id and len(stored_id) <= LONGEST_ID
 
 
 class Naming:
@@ -102,7 +110,7 @@ class Naming:
             )
         if others is None:
             self.unknown = True
-            if stored_id not in known:
+            if stored_id not in known and shareable(stored_id):
                 self.unresolved.append(stored_id)
         self.ids.add(stored_id)
 
@@ -236,7 +244,7 @@ class StoredResponses:
         upstream of a real API sends (not ASCII, or with a NUL, which PostgreSQL's text
         cannot hold) stays this process's: it must not fail a batch."""
         journal = self.journal
-        if journal is None or not stored_id.isascii() or "\x00" in stored_id:
+        if journal is None or not shareable(stored_id):
             return
         owner = SHARED_CONTESTED if key_id == _CONTESTED else key_id or ""
         if stored_id in journal:

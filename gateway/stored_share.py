@@ -173,19 +173,28 @@ class StoredShare(Flushing):
             del journal[next(iter(journal))]
             self._known.unshared += 1
 
+    async def start(self) -> None:
+        await self._look_for_files()
+        await super().start()
+
+    async def _look_for_files(self) -> None:
+        """Whether another process (or this one before a restart) saw a file its upstream's
+        code wrote, which turns on the search of requests for files: asked at the start and
+        at every tick until one is known here (the database down: asked again at the next
+        tick, without a line each time)."""
+        if not self._known.files:
+            with contextlib.suppress(Exception):
+                self._known.files = await self._store.stored_files()
+
     async def tick(self) -> None:
-        """Write the journal; look for files another process learned until one is known
-        here (they turn on the search of requests for files); forget old ids hourly."""
+        """Write the journal; look for files (`_look_for_files`); forget old ids hourly."""
+        await self._look_for_files()
         try:
             await self.flush()
         finally:
             if self._known.unshared > self._dropped:
                 self._dropped = self._known.unshared
                 log.error("stored_ids_dropped", dropped=self._dropped)
-        if not self._known.files:
-            # (The database down: asked again at the next tick, without a line each time.)
-            with contextlib.suppress(Exception):
-                self._known.files = await self._store.stored_files()
         now = time.monotonic()
         if not self._forgot or now - self._forgot >= _FORGET_EVERY_SECONDS:
             self._forgot = now

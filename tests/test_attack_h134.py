@@ -153,7 +153,7 @@ async def test_a_nul_file_id_in_a_tool_input_does_not_relay_another_keys_thread(
     first, second, bob, alice = await bob_and_alice(start, up, "anthropic")
     assert (await post_messages(first, bob, ask()))[0] == 200
     await app_of(first)[STORED_SHARE_KEY].flush()
-    await app_of(second)[STORED_SHARE_KEY]._tick()  # (files are searched for from then on)
+    await app_of(second)[STORED_SHARE_KEY].tick()  # (files are searched for from then on)
     assert app_of(second)[STORED_KEY].files
     turns = [
         {
@@ -441,7 +441,7 @@ async def test_a_keys_own_thread_and_file_go_through_on_another_process(start: S
     first, second, bob, alice = await bob_and_alice(start, up, "anthropic")
     assert (await post_messages(first, bob, ask()))[0] == 200
     await app_of(first)[STORED_SHARE_KEY].flush()
-    await app_of(second)[STORED_SHARE_KEY]._tick()
+    await app_of(second)[STORED_SHARE_KEY].tick()
     upload = {"type": "container_upload", "file_id": "file_bob_payroll"}
     thread = {"type": "continue", "previous_message_id": "msg_0"}
     body = ask(messages=[{"role": "user", "content": [upload]}], thread=thread)
@@ -479,4 +479,4 @@ async def test_a_database_down_at_the_stop_is_logged(
     with structlog.testing.capture_logs() as logs:
         await asyncio.wait_for(gw.close(), 5)
     lost = [line for line in logs if line["event"] == "stored_ids_lost_at_stop"]
-    assert len(lost) == 1 and lost[0]["ids"] > 0, logs
+    assert len(lost) == 1 and lost[0]["held"] > 0, logs
