@@ -94,6 +94,7 @@ async def begin(
     searches: int = 0,
     searches_on: type | None = None,
     server_tools: ServerTools | None = None,
+    prepare: Callable[[ChatCall], Awaitable[None]] | None = None,
 ) -> Exchange[ChatCall]:
     """Check a decoded chat request against the key and the config, and choose its upstream.
 
@@ -101,7 +102,7 @@ async def begin(
     `stored`, a prompt the upstream stores for it (`ChatCall.stored_prompt`); `searches`, the
     web searches its built-in tools may make on routes with capability `searches_on`
     (`ChatCall.held_searches`), and `server_tools` its other built-in tools that bill beyond
-    tokens (`ChatCall.server_tools`), held on the same routes.
+    tokens (`ChatCall.server_tools`), held on the same routes; `prepare`, see `open_exchange`.
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take.
@@ -131,7 +132,7 @@ async def begin(
             server_tools=server_tools,
         )
 
-    return await open_exchange(request, model_id, chat_call)
+    return await open_exchange(request, model_id, chat_call, prepare=prepare)
 
 
 async def open_exchange(
@@ -141,6 +142,7 @@ async def open_exchange(
     *,
     serves: type | None = None,
     free: bool = False,
+    prepare: Callable[[C], Awaitable[None]] | None = None,
 ) -> Exchange[C]:
     """Resolve the model, check the key may use it, and choose the upstream of any endpoint.
 
@@ -150,6 +152,8 @@ async def open_exchange(
             the model's routes are narrowed to providers that have it.
         free: the request uses no tokens (a token count): its key's request limits apply,
             but no tokens are held.
+        prepare: awaited with the call once the model is resolved and the key may use it,
+            before admission (the lookup of stored ids: `gateway.stored_share`).
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take, or (with `serves`) no
@@ -209,6 +213,8 @@ async def open_exchange(
                 param=field,
                 code="unsupported_value",
             )
+    if prepare is not None:
+        await prepare(call)
     try:  # (set by `middleware.gateway` on every model request; not Mapping.get's two calls)
         ex.ticket = request[TICKET_KEY]
     except KeyError:

@@ -125,8 +125,14 @@ async def _begin(
             param="messages",
         )
     named, held = _stored(request, req, body)
-    if named.unresolved and await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
-        named, held = _stored(request, req, body)  # (with what the database knew)
+
+    async def look_up(call: ChatCall) -> None:
+        """The ids no process here ever showed, asked of the database once the key may use
+        the model (`gateway.stored_share`); what it knew is read again."""
+        nonlocal named
+        if named.unresolved and await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
+            named, call.stored_prompt = _stored(request, req, body)
+
     if request.path.endswith("/count_tokens"):
         free = True
     else:
@@ -148,7 +154,7 @@ async def _begin(
             speed=req.speed[:32] if isinstance(req.speed, str) else "",
         )
 
-    ex = await pipeline.open_exchange(request, req.model, messages_call, free=free)
+    ex = await pipeline.open_exchange(request, req.model, messages_call, free=free, prepare=look_up)
     return req, translations[0], ex, named
 
 

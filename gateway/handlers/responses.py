@@ -63,8 +63,14 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     translation = to_chat(req)
     model_id = req.model if isinstance(req.model, str) else None
     stored, named = _stored_prompt(request, req, body)
-    if named.unresolved and await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
-        stored, named = _stored_prompt(request, req, body)  # (with what the database knew)
+
+    async def look_up(call: ChatCall) -> None:
+        """The ids no process here ever showed, asked of the database once the key may use
+        the model (`gateway.stored_share`); what it knew is read again."""
+        nonlocal named
+        if named.unresolved and await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
+            call.stored_prompt, named = _stored_prompt(request, req, body)
+
     tools = _server_tools(req)
     if tools is not None and tools.unpriced and request[PRINCIPAL_KEY].key.budget_usd is not None:
         raise InvalidRequest(
@@ -86,6 +92,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             _searches_at_most(req),
             ResponsesPassThrough,
             tools,
+            look_up,
         )
     except InvalidRequest as exc:
         raise _renamed(exc, translation) from None
