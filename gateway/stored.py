@@ -19,7 +19,7 @@ without usage: a `background` one), as for a file sent by id.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from gateway.errors import NotFound
 from gateway.media import FILE_BY_ID, Estimate
@@ -146,7 +146,17 @@ class StoredResponses:
     keys are kept by their number of ids, so the largest share is found at once, however
     many keys there are."""
 
-    __slots__ = ("_by_count", "_by_key", "_known", "_most", "_top", "files", "journal", "unshared")
+    __slots__ = (
+        "_by_count",
+        "_by_key",
+        "_known",
+        "_most",
+        "_top",
+        "files",
+        "journal",
+        "today",
+        "unshared",
+    )
 
     def __init__(self, most: int = MOST_REMEMBERED) -> None:
         # Whether a file an upstream's code wrote was ever remembered (here, or by another
@@ -157,7 +167,11 @@ class StoredResponses:
         # most `most` of them; None: nothing is shared (no database).
         self.journal: dict[str, SharedId] | None = None
         self.unshared = 0  # ids dropped from a full journal (the database was failing)
-        self._known: dict[str, tuple[str | None, int]] = {}
+        # Today, in days since the epoch (`StoredShare`'s clock): an id a key uses or shows
+        # again is journaled once a day, so the database keeps what is in use (`KEEP_DAYS`).
+        self.today: Callable[[], int] = lambda: 0
+        # id -> (its key's id, a response's tokens, the `day` it was last journaled)
+        self._known: dict[str, tuple[str | None, int, int]] = {}
         self._by_key: dict[str | None, dict[str, None]] = {}  # each key's ids, oldest first
         self._by_count: dict[int, dict[str | None, None]] = {}  # the keys holding N ids
         self._top = 0  # the most ids a key holds
@@ -220,18 +234,23 @@ class StoredResponses:
                 self._keep(stored_id, _CONTESTED, _UNSIZED)
             return False
         if found is not None:
+            day = found[2]
             if tokens == _UNSIZED:
                 tokens = found[1]  # (a response's usage came with an earlier answer: kept)
-            elif tokens != found[1] and share:
-                self._share(stored_id, key_id, tokens, file)
+            if share and self.journal is not None:
+                today = self.today()
+                if tokens != found[1] or day != today:
+                    self._share(stored_id, key_id, tokens, file)
+                    day = today
             del known[stored_id]
             del self._by_key[key_id][stored_id]  # (an id seen again goes last)
-            known[stored_id] = (key_id, tokens)
+            known[stored_id] = (key_id, tokens, day)
             self._by_key[key_id][stored_id] = None
             return True
         if len(known) >= self._most:
             self._forget_one(key_id)
-        known[stored_id] = (key_id, tokens)
+        # (One the database gave is journaled when first used: its row is refreshed.)
+        known[stored_id] = (key_id, tokens, self.today() if share else -1)
         ids = self._by_key.setdefault(key_id, {})
         self._recount(key_id, len(ids), len(ids) + 1)
         ids[stored_id] = None
@@ -318,7 +337,7 @@ class StoredResponses:
         found = self._known.get(response_id)
         if found is None or found[0] == _CONTESTED:
             return UNKNOWN_CONVERSATION
-        owner, tokens = found
+        owner, tokens, _ = found
         if owner != key_id:
             raise NotFound(
                 f"Previous response with id '{response_id[:100]}' not found.",

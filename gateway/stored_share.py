@@ -104,6 +104,7 @@ class StoredShare(Flushing):
         self._store = store
         self._known = known
         known.journal = {}
+        known.today = _today
         self._forgot = 0.0  # when the task last forgot old ids (monotonic)
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
@@ -199,3 +200,7 @@ class StoredShare(Flushing):
         if not self._forgot or now - self._forgot >= _FORGET_EVERY_SECONDS:
             self._forgot = now
             await self._store.forget_stored(time.time() - KEEP_DAYS * 86400.0)
+
+
+def _today() -> int:
+    return int(time.time() // 86400.0)
