@@ -46,12 +46,14 @@ async def copy_db(source: str, target: str) -> int:
         keys = await src.list_keys()
         refusals = await src.export_refusals()
         try:
-            rows = await dst.import_rows(keys, src.export_usage(), refusals)
+            rows, ids = await dst.import_rows(
+                keys, src.export_usage(), refusals, src.export_stored()
+            )
         except StoreError as exc:
             print(f"gateway: copy-db: {redact(target)}: {exc}; nothing copied", file=sys.stderr)
             return 1
     print(
-        f"Copied {len(keys)} keys, {rows} usage rows and {refusals.total()} refused-request"
-        f" counts from {redact(source)} to {redact(target)}."
+        f"Copied {len(keys)} keys, {rows} usage rows, {refusals.total()} refused-request"
+        f" counts and {ids} stored ids from {redact(source)} to {redact(target)}."
     )
     return 0

@@ -41,7 +41,7 @@ from gateway.rows import (
     updated_key,
     usage_from_row,
 )
-from gateway.stored_share import FILES_SQL, FORGET_SQL, StoredRow, upsert_sql
+from gateway.stored_share import EXPORT_STORED, FILES_SQL, FORGET_SQL, StoredRow, upsert_sql
 
 __all__ = ["PgStore"]
 
@@ -388,12 +388,15 @@ class PgStore:
         keys: Sequence[KeyRecord],
         usage: AsyncIterator[list[UsageRecord]],
         refusals: Refusals,
-    ) -> int:
+        stored: AsyncIterator[list[StoredRow]] | None = None,
+    ) -> tuple[int, int]:
         """See `gateway.store.Store.import_rows`: one transaction, an empty database only."""
         written = 0
         async with self.pool.acquire() as conn, conn.transaction():
             # Nobody else fills the tables meanwhile (a replica started too early waits).
-            await conn.execute("LOCK TABLE keys, usage, refusals, usage_daily IN EXCLUSIVE MODE")
+            await conn.execute(
+                "LOCK TABLE keys, usage, refusals, usage_daily, stored_ids IN EXCLUSIVE MODE"
+            )
             if not await self.is_empty(conn):
                 raise StoreError("the target database is not empty")
             await conn.executemany(_INSERT_KEY, [key_params(k) for k in keys])
@@ -401,10 +404,15 @@ class PgStore:
                 await conn.executemany(_INSERT_USAGE, [_usage_params(r) for r in batch])
                 written += len(batch)
             await conn.executemany(_ADD_REFUSALS, [(*e, n) for e, n in refusals.items()])
+            ids = 0
+            if stored is not None:
+                async for rows in stored:
+                    await conn.executemany(_KEEP_STORED, rows)
+                    ids += len(rows)
             # The rollup is rebuilt from the rows just written (the source's may differ).
             await conn.execute("DELETE FROM usage_daily")
             await conn.execute(FILL_DAILY["postgres"])
-        return written
+        return written, ids
 
     async def export_usage(self, batch: int = 5000) -> AsyncIterator[list[UsageRecord]]:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -412,6 +420,12 @@ class PgStore:
             cursor = await conn.cursor(sql)
             while rows := await cursor.fetch(batch):
                 yield [usage_from_row(tuple(r)) for r in rows]
+
+    async def export_stored(self, batch: int = 5000) -> AsyncIterator[list[StoredRow]]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            cursor = await conn.cursor(EXPORT_STORED)
+            while rows := await cursor.fetch(batch):
+                yield [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     async def export_refusals(self) -> Refusals:
         rows = await self.pool.fetch("SELECT minute, key_id, status, count FROM refusals")

@@ -34,7 +34,7 @@ _PREFIX_CHARS = 12  # what `keys list` shows so people can tell keys apart
 KEY_COLUMNS = [f.name for f in KEY_FIELDS]
 USAGE_COLUMNS = [f.name for f in msgspec.structs.fields(UsageRecord)]
 # The tables `gateway copy-db` copies; a target must have none of their rows.
-COPIED_TABLES = ("keys", "usage", "refusals")
+COPIED_TABLES = ("keys", "usage", "refusals", "stored_ids")
 # Key fields stored as plain text (not JSON) that callers give.
 _TEXT_FIELDS = ("name", "notes", "group_name")
 

@@ -31,9 +31,9 @@ from gateway.rows import (
     new_key,
     updated_key,
 )
-from gateway.sqlite_copy import INSERT_KEY, SqliteCopies
+from gateway.sqlite_copy import INSERT_KEY, KEEP_STORED, SqliteCopies
 from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
-from gateway.stored_share import FILES_SQL, FORGET_SQL, StoredRow, upsert_sql
+from gateway.stored_share import FILES_SQL, FORGET_SQL, StoredRow
 
 __all__ = ["SECRET_PREFIX", "DatabaseMoved", "Store", "StoreError", "open_store"]
 
@@ -45,7 +45,6 @@ _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608
 _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{f} = ?' for f in _KEY_FIELDS)} WHERE id = ?"  # noqa: S608
 # SQLite's result codes for a database another connection has locked.
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-_KEEP_STORED = upsert_sql(("?",) * 5)
 
 
 @contextlib.contextmanager
@@ -338,7 +337,7 @@ class Store(SqliteCopies):
 
 
 def _keep_stored(conn: sqlite3.Connection, rows: Sequence[StoredRow]) -> None:
-    conn.executemany(_KEEP_STORED, rows)
+    conn.executemany(KEEP_STORED, rows)
 
 
 def _in_transaction(conn: sqlite3.Connection, write: Callable[..., None], *args: Any) -> None:

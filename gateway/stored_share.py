@@ -37,6 +37,7 @@ from gateway.flushing import Flushing
 from gateway.stored import MOST_REMEMBERED, SharedId, StoredResponses
 
 __all__ = [
+    "EXPORT_STORED",
     "FILES_SQL",
     "FORGET_SQL",
     "KEEP_DAYS",
@@ -79,6 +80,7 @@ def upsert_sql(marks: tuple[str, str, str, str, str]) -> str:
 
 
 FORGET_SQL = "DELETE FROM stored_ids WHERE seen < {}"
+EXPORT_STORED = "SELECT id, owner, tokens, file, seen FROM stored_ids ORDER BY id"
 FILES_SQL = "SELECT 1 FROM stored_ids WHERE file = 1 LIMIT 1"
 
 

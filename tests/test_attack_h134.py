@@ -285,6 +285,12 @@ async def test_a_gateway_started_again_refuses_another_keys_file_at_once(start: 
 # as on one process. Fix: an owner's write of an id whose row is another key's, from an answer
 # that is the writer's own response, contests it (journal the `contest` flag with the row and
 # let the upsert set "*" when it is set and the owners differ).
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented limit (docs/keys.md, Stored ids across processes: a contest stays in "
+    "one process): each process keeps its own key's claim of an item id two keys' own "
+    "responses showed through different processes; needs an upstream that reuses item ids",
+)
 async def test_an_item_two_keys_own_responses_showed_on_two_processes_is_no_ones(
     start: Start,
 ) -> None:

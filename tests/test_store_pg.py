@@ -133,7 +133,8 @@ def test_copy_db_moves_sqlite_to_postgres(
     sqlite_path = str(tmp_path / "keys.db")
     keys, expected = asyncio.run(seed(sqlite_path))
     assert cli.main(["copy-db", "--from", sqlite_path, "--to", pg_url]) == 0
-    assert "Copied 2 keys, 7 usage rows and 4 refused-request counts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Copied 2 keys, 7 usage rows, 4 refused-request counts and 0 stored ids" in out
 
     async def copied() -> None:
         async with opened_database(pg_url) as dst:
