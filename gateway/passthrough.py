@@ -22,12 +22,19 @@ from typing import Any, TypeVar
 from gateway.errors import GatewayError, UpstreamAuthError, UpstreamError
 from gateway.failover import Exchange
 from gateway.providers.base import ChatCall, has_capability
+from gateway.router import Route
 from gateway.state import STORED_KEY
 from gateway.stored import Naming, StoredResponses
 
-__all__ = ["Remembering", "may_fail_over", "native_first"]
+__all__ = ["Remembering", "may_fail_over", "native_first", "relays"]
 
 T = TypeVar("T")
+
+
+def relays(routes: list[Route], native: type) -> bool:
+    """Whether one of `routes` relays the request as it is (capability `native`): only then
+    do the ids it names of what the upstream stores go upstream."""
+    return any(has_capability(route.provider, native) for route in routes)
 
 
 def may_fail_over(exc: UpstreamError) -> bool:

@@ -41,7 +41,14 @@ from gateway.rows import (
     updated_key,
     usage_from_row,
 )
-from gateway.stored_share import EXPORT_STORED, FILES_SQL, FORGET_SQL, StoredRow, upsert_sql
+from gateway.stored_share import (
+    EXPORT_STORED,
+    EXPORT_STORED_COLUMNS,
+    FILES_SQL,
+    FORGET_SQL,
+    StoredRow,
+    upsert_sql,
+)
 
 __all__ = ["PgStore"]
 
@@ -83,7 +90,7 @@ _UNNEST = ", ".join(f"${n}::{_array_type(_HINTS[f])}[]" for n, f in enumerate(_U
 # actually inserted (a uid written before, by a retried batch, is skipped in both), one upsert
 # per day, key and model, taken in order so replicas writing at once never deadlock.
 _KEEP_STORED = upsert_sql(("$1", "$2", "$3", "$4", "$5"))
-_STORED_OWNERS = "SELECT id, owner, tokens FROM stored_ids WHERE id = ANY($1::text[])"
+_STORED_OWNERS = f"{EXPORT_STORED_COLUMNS} WHERE id = ANY($1::text[])"
 _INSERT_USAGE_BATCH = (
     f"WITH new AS (INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) SELECT * FROM unnest({_UNNEST})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING RETURNING ts, key_id, model, status, total_tokens, cost_usd)"
@@ -352,11 +359,11 @@ class PgStore:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.executemany(_KEEP_STORED, rows)
 
-    async def stored_owners(self, ids: Sequence[str]) -> list[tuple[str, str, int]]:
-        """(id, owner, tokens) of those of `ids` the database holds."""
+    async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]:
+        """The rows of those of `ids` the database holds."""
         with _unavailable_is_503():
             rows = await self.pool.fetch(_STORED_OWNERS, list(ids))
-        return [(row[0], row[1], row[2]) for row in rows]
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     async def forget_stored(self, before: float) -> None:
         """Forget the ids last written before a unix time."""

@@ -94,7 +94,7 @@ async def begin(
     searches: int = 0,
     searches_on: type | None = None,
     server_tools: ServerTools | None = None,
-    prepare: Callable[[ChatCall], Awaitable[None]] | None = None,
+    prepare: Callable[[ChatCall, list[Route]], Awaitable[None]] | None = None,
 ) -> Exchange[ChatCall]:
     """Check a decoded chat request against the key and the config, and choose its upstream.
 
@@ -142,7 +142,7 @@ async def open_exchange(
     *,
     serves: type | None = None,
     free: bool = False,
-    prepare: Callable[[C], Awaitable[None]] | None = None,
+    prepare: Callable[[C, list[Route]], Awaitable[None]] | None = None,
 ) -> Exchange[C]:
     """Resolve the model, check the key may use it, and choose the upstream of any endpoint.
 
@@ -152,8 +152,8 @@ async def open_exchange(
             the model's routes are narrowed to providers that have it.
         free: the request uses no tokens (a token count): its key's request limits apply,
             but no tokens are held.
-        prepare: awaited with the call once the model is resolved and the key may use it,
-            before admission (the lookup of stored ids: `gateway.stored_share`).
+        prepare: awaited with the call and its routes once the model is resolved and the key
+            may use it, before admission (the lookup of stored ids: `gateway.stored_share`).
 
     Raises:
         InvalidRequest: no model, a parameter the model does not take, or (with `serves`) no
@@ -214,7 +214,7 @@ async def open_exchange(
                 code="unsupported_value",
             )
     if prepare is not None:
-        await prepare(call)
+        await prepare(call, routes)
     try:  # (set by `middleware.gateway` on every model request; not Mapping.get's two calls)
         ex.ticket = request[TICKET_KEY]
     except KeyError:

@@ -33,7 +33,7 @@ from gateway.rows import (
 )
 from gateway.sqlite_copy import INSERT_KEY, KEEP_STORED, SqliteCopies
 from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
-from gateway.stored_share import FILES_SQL, FORGET_SQL, StoredRow
+from gateway.stored_share import EXPORT_STORED_COLUMNS, FILES_SQL, FORGET_SQL, StoredRow
 
 __all__ = ["SECRET_PREFIX", "DatabaseMoved", "Store", "StoreError", "open_store"]
 
@@ -310,13 +310,13 @@ class Store(SqliteCopies):
             with _busy_is_503():
                 await self._execute(_in_transaction, self.db._conn, _keep_stored, rows)
 
-    async def stored_owners(self, ids: Sequence[str]) -> list[tuple[str, str, int]]:
-        """(id, owner, tokens) of those of `ids` the database holds."""
+    async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]:
+        """The rows of those of `ids` the database holds."""
         marks = ", ".join("?" * len(ids))
-        sql = f"SELECT id, owner, tokens FROM stored_ids WHERE id IN ({marks})"  # noqa: S608
+        sql = f"{EXPORT_STORED_COLUMNS} WHERE id IN ({marks})"
         with _busy_is_503():
             async with self.db.execute(sql, tuple(ids)) as cur:
-                return [(row[0], row[1], row[2]) for row in await cur.fetchall()]
+                return [(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]
 
     async def forget_stored(self, before: float) -> None:
         """Forget the ids last written before a unix time."""

@@ -200,14 +200,15 @@ class StoredResponses:
         for stored_id in ids:
             self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
 
-    def adopt(self, rows: Iterable[tuple[str, str, int]]) -> None:
+    def adopt(self, rows: Iterable[tuple[str, str, int, int, float]]) -> None:
         """Ids another process (or this one before a restart) wrote to the database
-        (`StoredShare.resolve`): (id, owner, tokens). One known here already keeps what is
-        known."""
-        for stored_id, owner, tokens in rows:
+        (`StoredShare.resolve`): (id, owner, tokens, a file, unix time written). One known
+        here already keeps what is known; one written today is not written again today."""
+        for stored_id, owner, tokens, file, seen in rows:
+            self.files = self.files or file == 1
             if stored_id not in self._known:
                 key_id = _CONTESTED if owner == SHARED_CONTESTED else owner or None
-                self._keep(stored_id, key_id, tokens, share=False)
+                self._keep(stored_id, key_id, tokens, share=False, day=int(seen // 86400.0))
 
     def __contains__(self, stored_id: str) -> bool:
         return stored_id in self._known
@@ -221,6 +222,7 @@ class StoredResponses:
         contest: bool = False,
         file: bool = False,
         share: bool = True,
+        day: int = -1,
     ) -> bool:
         if len(stored_id) > LONGEST_ID:
             return False
@@ -249,8 +251,9 @@ class StoredResponses:
             return True
         if len(known) >= self._most:
             self._forget_one(key_id)
-        # (One the database gave is journaled when first used: its row is refreshed.)
-        known[stored_id] = (key_id, tokens, self.today() if share else -1)
+        # (One the database gave keeps the day it was written: used on a later day, its row
+        # is written again.)
+        known[stored_id] = (key_id, tokens, self.today() if share else day)
         ids = self._by_key.setdefault(key_id, {})
         self._recount(key_id, len(ids), len(ids) + 1)
         ids[stored_id] = None

@@ -25,7 +25,6 @@ are dropped, and logged).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -38,6 +37,7 @@ from gateway.stored import MOST_REMEMBERED, SharedId, StoredResponses
 
 __all__ = [
     "EXPORT_STORED",
+    "EXPORT_STORED_COLUMNS",
     "FILES_SQL",
     "FORGET_SQL",
     "KEEP_DAYS",
@@ -80,7 +80,8 @@ def upsert_sql(marks: tuple[str, str, str, str, str]) -> str:
 
 
 FORGET_SQL = "DELETE FROM stored_ids WHERE seen < {}"
-EXPORT_STORED = "SELECT id, owner, tokens, file, seen FROM stored_ids ORDER BY id"
+EXPORT_STORED_COLUMNS = "SELECT id, owner, tokens, file, seen FROM stored_ids"
+EXPORT_STORED = f"{EXPORT_STORED_COLUMNS} ORDER BY id"
 FILES_SQL = "SELECT 1 FROM stored_ids WHERE file = 1 LIMIT 1"
 
 
@@ -88,7 +89,7 @@ class StoredSink(Protocol):
     """The database's side (`gateway.store.Store`, `gateway.pg_store.PgStore`)."""
 
     async def keep_stored(self, rows: Sequence[StoredRow]) -> None: ...
-    async def stored_owners(self, ids: Sequence[str]) -> list[tuple[str, str, int]]: ...
+    async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]: ...
     async def forget_stored(self, before: float) -> None: ...
     async def stored_files(self) -> bool: ...
 
@@ -133,7 +134,7 @@ class StoredShare(Flushing):
                 "accepted in one request.",
                 code="too_many_stored_ids",
             )
-        found: list[tuple[str, str, int]] = []
+        found: list[StoredRow] = []
         try:
             for start in range(0, len(wanted), LOOKUP_AT_ONCE):
                 found += await self._store.stored_owners(wanted[start : start + LOOKUP_AT_ONCE])
@@ -177,21 +178,27 @@ class StoredShare(Flushing):
             self._known.unshared += 1
 
     async def start(self) -> None:
-        await self._look_for_files()
+        await self.files_seen()
         await super().start()
 
-    async def _look_for_files(self) -> None:
-        """Whether another process (or this one before a restart) saw a file its upstream's
-        code wrote, which turns on the search of requests for files: asked at the start and
-        at every tick until one is known here (the database down: asked again at the next
-        tick, without a line each time)."""
-        if not self._known.files:
-            with contextlib.suppress(Exception):
-                self._known.files = await self._store.stored_files()
+    async def files_seen(self) -> bool:
+        """Whether a file an upstream's code wrote was seen by any process on the database
+        (here, by `StoredResponses.files`): it turns on the search of requests for files.
+        Asked at the start, then by each request that may name a file while none is known
+        here (an idle gateway asks nothing); a lookup that finds a file turns it on too
+        (`StoredResponses.adopt`). A failed query is logged and answers what is known here."""
+        known = self._known
+        if known.files:
+            return True
+        try:
+            if await self._store.stored_files():
+                known.files = True  # (never off: this process may have seen one meanwhile)
+        except Exception as exc:
+            log.warning("stored_files_lookup_failed", error=type(exc).__name__)
+        return known.files
 
     async def tick(self) -> None:
-        """Write the journal; look for files (`_look_for_files`); forget old ids hourly."""
-        await self._look_for_files()
+        """Write the journal; forget old ids hourly."""
         try:
             await self.flush()
         finally:

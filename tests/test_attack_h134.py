@@ -153,8 +153,8 @@ async def test_a_nul_file_id_in_a_tool_input_does_not_relay_another_keys_thread(
     first, second, bob, alice = await bob_and_alice(start, up, "anthropic")
     assert (await post_messages(first, bob, ask()))[0] == 200
     await app_of(first)[STORED_SHARE_KEY].flush()
-    await app_of(second)[STORED_SHARE_KEY].tick()  # (files are searched for from then on)
-    assert app_of(second)[STORED_KEY].files
+    # (Files are searched for from then on.)
+    assert await app_of(second)[STORED_SHARE_KEY].files_seen()
     turns = [
         {
             "role": "assistant",
@@ -320,7 +320,8 @@ async def test_copy_db_carries_whose_each_stored_id_is(database: str, tmp_path: 
         await db.keep_stored([("resp_bob", "key_bob", 20, 0, time.time())])
     assert await copy_db(source, database) == 0
     async with opened_database(database) as db:
-        assert await db.stored_owners(["resp_bob"]) == [("resp_bob", "key_bob", 20)]
+        found = await db.stored_owners(["resp_bob"])
+        assert [row[:3] for row in found] == [("resp_bob", "key_bob", 20)]
 
 
 # --- what held ---------------------------------------------------------------------------------
@@ -410,7 +411,7 @@ async def test_two_processes_writing_the_same_ids_at_once(start: Start) -> None:
             app_of(first)[STORED_SHARE_KEY].flush(), app_of(second)[STORED_SHARE_KEY].flush()
         )
     rows = await app_of(first)[STORE_KEY].stored_owners(ids[:LOOKUP_AT_ONCE])
-    assert len(rows) == LOOKUP_AT_ONCE and {owner for _, owner, _ in rows} <= {"key_a", "key_b"}
+    assert len(rows) == LOOKUP_AT_ONCE and {row[1] for row in rows} <= {"key_a", "key_b"}
 
 
 # HELD: the openai SDK across two gateways: bob's `previous_response_id` continuation on the
@@ -464,7 +465,8 @@ async def test_the_sample_database_is_migrated(tmp_path: Path) -> None:
     shutil.copy(Path(__file__).parent.parent / "keys.db.sample", sample)
     async with opened_database(str(sample)) as db:
         await db.keep_stored([("resp_1", "key_a", 3, 1, time.time())])
-        assert await db.stored_owners(["resp_1"]) == [("resp_1", "key_a", 3)]
+        found = await db.stored_owners(["resp_1"])
+        assert [row[:3] for row in found] == [("resp_1", "key_a", 3)]
         assert await db.stored_files()
 
 

@@ -30,7 +30,7 @@ from gateway.failover import Exchange
 from gateway.messages import MessageEvents, Translation, error_event, from_completion, to_chat
 from gateway.messages.errors import anthropic_status
 from gateway.messages.schema import MessagesRequest
-from gateway.passthrough import Remembering, native_first
+from gateway.passthrough import Remembering, native_first, relays
 from gateway.providers import ChatCall
 from gateway.providers.base import has_capability
 from gateway.providers.capabilities import MessagesPassThrough
@@ -126,11 +126,22 @@ async def _begin(
         )
     named, held = _stored(request, req, body)
 
-    async def look_up(call: ChatCall) -> None:
+    async def look_up(call: ChatCall, routes: list[Route]) -> None:
         """The ids no process here ever showed, asked of the database once the key may use
-        the model (`gateway.stored_share`); what it knew is read again."""
+        the model (`gateway.stored_share`), when a route relays them (a translated request
+        sends none upstream), and whether any process saw a file (which turns on the search
+        for files); what it knew is read again."""
         nonlocal named
-        if named.unresolved and await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
+        if not relays(routes, MessagesPassThrough):
+            return
+        share = request.app[STORED_SHARE_KEY]
+        if (
+            not request.app[STORED_KEY].files
+            and may_spell(body, b'file_id"')
+            and await share.files_seen()
+        ):
+            named, call.stored_prompt = _stored(request, req, body)  # (searched for files)
+        if named.unresolved and await share.resolve(named.unresolved):
             named, call.stored_prompt = _stored(request, req, body)
 
     if request.path.endswith("/count_tokens"):

@@ -26,7 +26,7 @@ from gateway.admission import follow
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.failover import Exchange
 from gateway.media import Estimate
-from gateway.passthrough import Remembering, native_first
+from gateway.passthrough import Remembering, native_first, relays
 from gateway.providers import ChatCall
 from gateway.providers.base import ResponsesPassThrough
 from gateway.responses import (
@@ -64,11 +64,14 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     model_id = req.model if isinstance(req.model, str) else None
     stored, named = _stored_prompt(request, req, body)
 
-    async def look_up(call: ChatCall) -> None:
+    async def look_up(call: ChatCall, routes: list[Route]) -> None:
         """The ids no process here ever showed, asked of the database once the key may use
-        the model (`gateway.stored_share`); what it knew is read again."""
+        the model (`gateway.stored_share`), when a route relays them (a translated request
+        sends none upstream); what it knew is read again."""
         nonlocal named
-        if named.unresolved and await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
+        if not named.unresolved or not relays(routes, ResponsesPassThrough):
+            return
+        if await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
             call.stored_prompt, named = _stored_prompt(request, req, body)
 
     tools = _server_tools(req)
