@@ -15,12 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from aiohttp import ClientSession
+from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 from gateway.database import opened_database
 from tests.conftest import NEVER_HANG, free_port
 
-__all__ = ["Replica", "create_key", "replicas", "usage_rows", "usage_rows_pg", "write_config"]
+__all__ = [
+    "Replica",
+    "both_workers_serve",
+    "create_key",
+    "prefixes",
+    "replicas",
+    "usage_rows",
+    "usage_rows_pg",
+    "write_config",
+]
 
 
 def write_config(
@@ -153,3 +162,29 @@ def usage_rows(database: Path) -> list[tuple[int, int]]:
     """(status, total_tokens) of every usage row."""
     with contextlib.closing(sqlite3.connect(database)) as conn:
         return list(conn.execute("SELECT status, total_tokens FROM usage"))
+
+
+async def prefixes(url: str, count: int) -> set[str]:
+    """The processes (request-id prefixes) that answered `count` fresh connections."""
+
+    # Every request on a new connection, so the kernel hands each to whichever worker accepts.
+    async def one(session: ClientSession) -> str:
+        async with session.get(f"{url}/healthz") as resp:
+            assert resp.status == 200
+            return resp.headers["X-Request-ID"][:20]
+
+    connector = TCPConnector(force_close=True)
+    timeout = ClientTimeout(total=NEVER_HANG)
+    async with ClientSession(connector=connector, timeout=timeout) as session:
+        return set(await asyncio.gather(*(one(session) for _ in range(count))))
+
+
+async def both_workers_serve(url: str) -> None:
+    """Until both workers of `gateway serve --workers 2` answer on `url`: the parent is ready
+    when one is, and a worker still starting takes no connection (requests sent before then
+    all reach the other)."""
+    async with asyncio.timeout(NEVER_HANG):
+        while True:
+            if len(await prefixes(url, 20)) == 2:
+                return
+            await asyncio.sleep(0.05)

@@ -29,7 +29,7 @@ from gateway.state import DASHBOARD_SESSIONS_KEY
 from tests.conftest import NEVER_HANG, MakeSettings, app_of, start_gateway
 from tests.fakes import FakeOpenAI
 from tests.redis_server import RedisServer
-from tests.replicas import replicas, write_config
+from tests.replicas import both_workers_serve, replicas, write_config
 from tests.test_limits_redis import two_gateways
 
 ADMIN = "admin-key-0123456789abcdef"
@@ -200,7 +200,8 @@ async def test_a_browser_stays_signed_in_across_real_workers(
                 return resp.status, resp.headers["X-Request-ID"][:20]
 
         # At once, on as many connections: each worker takes some (one after another, the
-        # kernel may hand them all to one).
+        # kernel may hand them all to one), once both serve.
+        await both_workers_serve(parent.url)
         answers = await asyncio.gather(*(one() for _ in range(60)))
         assert len({worker for _, worker in answers}) == 2  # both workers answered
         assert [status for status, _ in answers] == [200] * 60

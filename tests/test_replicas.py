@@ -25,7 +25,9 @@ from tests.fakes import FakeOpenAI
 from tests.redis_server import RedisServer
 from tests.replicas import (
     Replica,
+    both_workers_serve,
     create_key,
+    prefixes,
     replicas,
     usage_rows,
     usage_rows_pg,
@@ -192,21 +194,6 @@ async def test_a_redis_outage_is_refused_by_every_replica(
                 assert resp.status == 503
 
 
-async def prefixes(url: str, count: int) -> set[str]:
-    """The processes (request-id prefixes) that answered `count` fresh connections."""
-
-    # Every request on a new connection, so the kernel hands each to whichever worker accepts.
-    async def one(session: ClientSession) -> str:
-        async with session.get(f"{url}/healthz") as resp:
-            assert resp.status == 200
-            return resp.headers["X-Request-ID"][:20]
-
-    connector = TCPConnector(force_close=True)
-    timeout = ClientTimeout(total=NEVER_HANG)
-    async with ClientSession(connector=connector, timeout=timeout) as session:
-        return set(await asyncio.gather(*(one(session) for _ in range(count))))
-
-
 async def test_workers_share_one_port_restart_and_stop_together(
     tmp_path: Path, aiohttp_server: AiohttpServer, redis_server: RedisServer
 ) -> None:
@@ -358,6 +345,7 @@ async def test_every_worker_refuses_another_keys_stored_response(
         async with ClientSession(connector=connector, timeout=timeout) as session:
             await wait_known(session, [url], bob)
             await wait_known(session, [url], alice)
+            await both_workers_serve(url)
             status, response_id = await respond(session, bob)
             assert status == 200
             async with asyncio.timeout(NEVER_HANG):
