@@ -213,6 +213,11 @@ class StoredResponses:
     def __contains__(self, stored_id: str) -> bool:
         return stored_id in self._known
 
+    @property
+    def most(self) -> int:
+        """The most ids remembered, and held for the database while it fails."""
+        return self._most
+
     def _keep(
         self,
         stored_id: str,

@@ -33,7 +33,7 @@ import structlog
 
 from gateway.errors import InvalidRequest
 from gateway.flushing import Flushing
-from gateway.stored import MOST_REMEMBERED, SharedId, StoredResponses
+from gateway.stored import SharedId, StoredResponses
 
 __all__ = [
     "EXPORT_STORED",
@@ -173,7 +173,7 @@ class StoredShare(Flushing):
         for stored_id in newer:  # (their newest state goes last)
             journal[stored_id] = journal.pop(stored_id)
         self._known.journal = journal
-        while len(journal) > MOST_REMEMBERED:
+        while len(journal) > self._known.most:
             del journal[next(iter(journal))]
             self._known.unshared += 1
 

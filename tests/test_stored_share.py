@@ -328,3 +328,49 @@ async def test_writes_that_fail_are_kept_bounded_and_written_once_the_database_i
         ("resp_4", "key_a", -1),
     ]
     assert share.pending == 0
+
+
+async def test_a_failed_write_goes_back_before_what_was_noted_meanwhile_within_the_bound() -> None:
+    known = StoredResponses(most=3)
+    sink = FlakySink()
+    share = StoredShare(sink, known, flush_seconds=60.0)
+    writing = asyncio.Event()
+    release = asyncio.Event()
+    failing = sink.keep_stored
+
+    async def slow(rows: Any) -> None:
+        writing.set()
+        await release.wait()
+        await failing(rows)
+
+    sink.keep_stored = slow  # type: ignore[method-assign]
+    known.remember("resp_1", "key_a", None)
+    known.remember("resp_2", "key_a", None)
+    flushing = asyncio.create_task(share.flush())
+    await writing.wait()
+    known.remember("resp_2", "key_a", 7)  # (newer than the batch on its way)
+    known.remember("resp_3", "key_a", None)
+    known.remember("resp_4", "key_a", None)
+    release.set()
+    with pytest.raises(ConnectionRefusedError):
+        await flushing
+    # resp_1 (the batch's oldest) is dropped for the bound; resp_2's newer size wins.
+    assert known.journal == {
+        "resp_2": ("key_a", 7, False),
+        "resp_3": ("key_a", -1, False),
+        "resp_4": ("key_a", -1, False),
+    }
+    assert list(known.journal) == ["resp_2", "resp_3", "resp_4"] and known.unshared == 1
+
+
+async def test_a_failed_look_for_files_is_logged_and_answers_what_is_known() -> None:
+    known = StoredResponses()
+    share = StoredShare(FlakySink(), known, flush_seconds=60.0)
+    with structlog.testing.capture_logs() as logs:
+        assert not await share.files_seen()
+    assert logs == [
+        {"event": "stored_files_lookup_failed", "error": "ConnectionRefusedError"}
+        | {"log_level": "warning"}
+    ]
+    known.files = True  # (this process saw one)
+    assert await share.files_seen()
