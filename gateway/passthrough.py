@@ -31,10 +31,12 @@ __all__ = ["Remembering", "may_fail_over", "native_first", "relays"]
 T = TypeVar("T")
 
 
-def relays(routes: list[Route], native: type) -> bool:
-    """Whether one of `routes` relays the request as it is (capability `native`): only then
-    do the ids it names of what the upstream stores go upstream."""
-    return any(has_capability(route.provider, native) for route in routes)
+def relays(routes: list[Route], native: type, refusal: GatewayError | None) -> bool:
+    """Whether `native_first` relays the request as it is over `routes` (capability
+    `native`): only then do the ids it names of what the upstream stores go upstream."""
+    if refusal is not None:
+        return any(has_capability(route.provider, native) for route in routes)
+    return has_capability(routes[0].provider, native)
 
 
 def may_fail_over(exc: UpstreamError) -> bool:

@@ -34,6 +34,7 @@ __all__ = [
     "SharedId",
     "Shown",
     "StoredResponses",
+    "refusal",
     "shareable",
 ]
 
@@ -69,6 +70,15 @@ def shareable(stored_id: str) -> bool:
     return stored_id.isascii() and "\x00" not in stored_id and len(stored_id) <= LONGEST_ID
 
 
+def refusal(stored_id: str, param: str, kind: str, code: str | None) -> NotFound:
+    """The 404 for a request naming `stored_id`, another key's, as its `param`."""
+    return NotFound(
+        f"{kind} with id '{stored_id[:100]}' not found.",
+        param=param,
+        code=code or f"{kind.lower()}_not_found",
+    )
+
+
 class Naming:
     """The ids of what the upstream stores that a request names, and whether one of them is
     not known here: its answer may echo them, or show what their context holds, which the
@@ -79,9 +89,9 @@ class Naming:
     def __init__(self) -> None:
         self.ids: set[str] = set()
         self.unknown = False
-        # The ids named that this process has never known: the database may know them
-        # (`StoredShare.resolve`).
-        self.unresolved: list[str] = []
+        # The ids named that this process has never known, each with how its refusal names
+        # it (`refusal`): the database may know them (`StoredShare.resolve`).
+        self.unresolved: list[tuple[str, str, str, str | None]] = []
 
     def name(
         self,
@@ -103,15 +113,11 @@ class Naming:
             return
         others = known.use(stored_id, key_id)
         if others:
-            raise NotFound(
-                f"{kind} with id '{stored_id[:100]}' not found.",
-                param=param,
-                code=code or f"{kind.lower()}_not_found",
-            )
+            raise refusal(stored_id, param, kind, code)
         if others is None:
             self.unknown = True
             if stored_id not in known and shareable(stored_id):
-                self.unresolved.append(stored_id)
+                self.unresolved.append((stored_id, param, kind, code))
         self.ids.add(stored_id)
 
 

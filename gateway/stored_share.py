@@ -33,7 +33,7 @@ import structlog
 
 from gateway.errors import InvalidRequest
 from gateway.flushing import Flushing
-from gateway.stored import SharedId, StoredResponses
+from gateway.stored import SHARED_CONTESTED, Naming, SharedId, StoredResponses, refusal
 
 __all__ = [
     "EXPORT_STORED",
@@ -109,6 +109,7 @@ class StoredShare(Flushing):
         known.journal = {}
         known.today = _today
         self._forgot = 0.0  # when the task last forgot old ids (monotonic)
+        self._files_failed: float | None = None  # when asking for files last failed
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
 
@@ -117,16 +118,20 @@ class StoredShare(Flushing):
         journal = self._known.journal
         return 0 if journal is None else len(journal)
 
-    async def resolve(self, ids: Sequence[str]) -> bool:
-        """Look `ids` (named by a request, never known here) up in the database; whether one
-        is now known here (the request's names are then read again). A
-        failed lookup is logged and finds nothing: the ids are relayed as unknown.
+    async def resolve(self, named: Naming, key_id: str | None) -> bool:
+        """Look the ids a request of `key_id` names and this process never knew
+        (`named.unresolved`) up in the database; whether one is now known here (the
+        request's names are then read again). A failed lookup is logged and finds nothing:
+        the ids are relayed as unknown.
 
         Raises:
+            NotFound: one is another key's (decided by the rows found, not by what memory
+                holds after them: adopting may forget one in a full map).
             InvalidRequest: more than `MOST_LOOKED_UP` ids (each must be looked at: one left
                 out could be another key's).
         """
-        wanted = list(dict.fromkeys(ids))
+        named_as = {found[0]: found for found in reversed(named.unresolved)}  # (first naming)
+        wanted = list(named_as)
         if len(wanted) > MOST_LOOKED_UP:
             raise InvalidRequest(
                 f"The request names {len(wanted)} ids of stored responses, items, containers "
@@ -142,6 +147,9 @@ class StoredShare(Flushing):
             log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
             return False
         self._known.adopt(found)
+        for stored_id, owner, *_ in found:
+            if owner != SHARED_CONTESTED and (owner or None) != key_id:
+                raise refusal(*named_as[stored_id])
         # (Known now, by this lookup or by another request's that ended while it waited.)
         return any(stored_id in self._known for stored_id in wanted)
 
@@ -186,15 +194,26 @@ class StoredShare(Flushing):
         (here, by `StoredResponses.files`): it turns on the search of requests for files.
         Asked at the start, then by each request that may name a file while none is known
         here (an idle gateway asks nothing); a lookup that finds a file turns it on too
-        (`StoredResponses.adopt`). A failed query is logged and answers what is known here."""
+        (`StoredResponses.adopt`). A failed query answers what is known here; while the
+        database fails it is asked again at most every `flush_seconds`, and the outage is
+        logged once (`stored_files_lookup_failed`, then `stored_files_lookup_recovered`)."""
         known = self._known
         if known.files:
             return True
+        failed = self._files_failed
+        if failed is not None and time.monotonic() - failed < self._flush_seconds:
+            return False
         try:
             if await self._store.stored_files():
                 known.files = True  # (never off: this process may have seen one meanwhile)
         except Exception as exc:
-            log.warning("stored_files_lookup_failed", error=type(exc).__name__)
+            if failed is None:
+                log.warning("stored_files_lookup_failed", error=type(exc).__name__)
+            self._files_failed = time.monotonic()
+            return known.files
+        if failed is not None:
+            self._files_failed = None
+            log.info("stored_files_lookup_recovered")
         return known.files
 
     async def tick(self) -> None:

@@ -132,16 +132,17 @@ async def _begin(
         sends none upstream), and whether any process saw a file (which turns on the search
         for files); what it knew is read again."""
         nonlocal named
-        if not relays(routes, MessagesPassThrough):
+        if not relays(routes, MessagesPassThrough, translations[0].refusal):
             return
         share = request.app[STORED_SHARE_KEY]
         if (
             not request.app[STORED_KEY].files
             and may_spell(body, b'file_id"')
+            and _FILE_ID.search(body)  # (any `\u` escape may spell it: one must be there)
             and await share.files_seen()
         ):
             named, call.stored_prompt = _stored(request, req, body)  # (searched for files)
-        if named.unresolved and await share.resolve(named.unresolved):
+        if named.unresolved and await share.resolve(named, request[TRACE_KEY].key_id):
             named, call.stored_prompt = _stored(request, req, body)
 
     if request.path.endswith("/count_tokens"):

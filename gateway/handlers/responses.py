@@ -69,9 +69,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         the model (`gateway.stored_share`), when a route relays them (a translated request
         sends none upstream); what it knew is read again."""
         nonlocal named
-        if not named.unresolved or not relays(routes, ResponsesPassThrough):
+        if not named.unresolved or not relays(routes, ResponsesPassThrough, translation.refusal):
             return
-        if await request.app[STORED_SHARE_KEY].resolve(named.unresolved):
+        if await request.app[STORED_SHARE_KEY].resolve(named, request[TRACE_KEY].key_id):
             call.stored_prompt, named = _stored_prompt(request, req, body)
 
     tools = _server_tools(req)
