@@ -37,7 +37,7 @@ from tests.test_attack_h107 import SONNET
 from tests.test_attack_h126 import Scripted
 from tests.test_attack_h128 import BOBS_RUN, ask, claude, not_found, post as post_messages
 from tests.test_stored_ids import answer, refused
-from tests.test_stored_share import Gateway, Start, knows_keys
+from tests.test_stored_share import Gateway, Start, count_lookups, knows_keys
 
 start = test_stored_share.start  # (the fixture, by its name)
 
@@ -71,20 +71,6 @@ def gate_lookups(gw: Gateway, monkeypatch: pytest.MonkeyPatch, together: int) ->
         return await real(ids)
 
     monkeypatch.setattr(store, "stored_owners", gated)
-    return asked
-
-
-def count_lookups(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The ids of each of `gw`'s database lookups, from now on."""
-    store = app_of(gw)[STORE_KEY]
-    real = store.stored_owners
-    asked: list[list[str]] = []
-
-    async def counted(ids: Any) -> Any:
-        asked.append(list(ids))
-        return await real(ids)
-
-    monkeypatch.setattr(store, "stored_owners", counted)
     return asked
 
 

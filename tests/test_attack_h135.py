@@ -34,7 +34,7 @@ from tests.test_attack_h107 import SONNET
 from tests.test_attack_h126 import Scripted
 from tests.test_attack_h128 import BOBS_RUN, ask, claude, not_found, post as post_messages
 from tests.test_stored_ids import answer, refused
-from tests.test_stored_share import Gateway, knows_keys
+from tests.test_stored_share import Gateway, count_lookups, knows_keys
 
 Json = dict[str, Any]
 # (kind, upstream, upstream model, provider fields)
@@ -83,19 +83,6 @@ async def open_gw(
         await gw.close()
     for listening in servers:
         listening.close()
-
-
-def count_lookups(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    store = app_of(gw)[STORE_KEY]
-    real = store.stored_owners
-    asked: list[list[str]] = []
-
-    async def counted(ids: Any) -> Any:
-        asked.append(list(ids))
-        return await real(ids)
-
-    monkeypatch.setattr(store, "stored_owners", counted)
-    return asked
 
 
 def chat_answer(n: int, body: Json) -> bytes:

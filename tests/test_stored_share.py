@@ -85,6 +85,20 @@ def key_id_of(gw: Gateway, secret: str) -> str:
     return next(k.id for k in app_of(gw)[KEYS_KEY].records() if k.digest == digest)
 
 
+def count_lookups(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The ids of each of `gw`'s database lookups, from now on."""
+    store = app_of(gw)[STORE_KEY]
+    real = store.stored_owners
+    asked: list[list[str]] = []
+
+    async def counted(ids: Any) -> Any:
+        asked.append(list(ids))
+        return await real(ids)
+
+    monkeypatch.setattr(store, "stored_owners", counted)
+    return asked
+
+
 async def test_another_process_refuses_another_keys_ids(start: Start) -> None:
     up = Scripted(lambda n, _: answer(conversation={"id": "conv_bob"}))
     first = await start("openai", up, "gpt-5")
@@ -230,15 +244,7 @@ async def test_a_request_naming_ids_this_process_knows_asks_the_database_nothing
     gw = await start("openai", up, "gpt-5")
     bob = await create_key(gw)
     assert (await post_json(gw, bob, "/v1/responses", {"model": "m", "input": "hi"}))[0] == 200
-    store = app_of(gw)[STORE_KEY]
-    asked: list[Any] = []
-    real = store.stored_owners
-
-    async def counted(ids: Any) -> Any:
-        asked.append(list(ids))
-        return await real(ids)
-
-    monkeypatch.setattr(store, "stored_owners", counted)
+    asked = count_lookups(gw, monkeypatch)
     body = {"model": "m", "input": "Go on.", "previous_response_id": "resp_1"}
     assert (await post_json(gw, bob, "/v1/responses", body))[0] == 200
     assert asked == []
