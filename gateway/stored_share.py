@@ -25,6 +25,7 @@ are dropped, and logged).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -42,6 +43,7 @@ __all__ = [
     "FORGET_SQL",
     "KEEP_DAYS",
     "LOOKUP_AT_ONCE",
+    "LOOKUP_SECONDS",
     "MOST_LOOKED_UP",
     "StoredRow",
     "StoredShare",
@@ -54,6 +56,8 @@ log = structlog.get_logger(__name__)
 KEEP_DAYS = 30
 # Ids looked up in one query (a request names a few; a file search at most its candidates).
 LOOKUP_AT_ONCE = 1000
+# The longest a request waits for the database's answer (a hanging one fails open, logged).
+LOOKUP_SECONDS = 2.0
 # The most unknown ids one request may name (as many as a Responses request's input items): a
 # 10 MB body of file ids must not cost the database hundreds of queries.
 MOST_LOOKED_UP = 10_000
@@ -109,7 +113,8 @@ class StoredShare(Flushing):
         known.journal = {}
         known.today = _today
         self._forgot = 0.0  # when the task last forgot old ids (monotonic)
-        self._files_failed: float | None = None  # when asking for files last failed
+        self._files_asking: asyncio.Future[bool] | None = None  # the question in flight
+        self._files_failing = False  # the last question failed (logged once)
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
 
@@ -130,8 +135,7 @@ class StoredShare(Flushing):
             InvalidRequest: more than `MOST_LOOKED_UP` ids (each must be looked at: one left
                 out could be another key's).
         """
-        named_as = {found[0]: found for found in reversed(named.unresolved)}  # (first naming)
-        wanted = list(named_as)
+        wanted = list(dict.fromkeys(stored_id for stored_id, *_ in named.unresolved))
         if len(wanted) > MOST_LOOKED_UP:
             raise InvalidRequest(
                 f"The request names {len(wanted)} ids of stored responses, items, containers "
@@ -141,15 +145,19 @@ class StoredShare(Flushing):
             )
         found: list[StoredRow] = []
         try:
-            for start in range(0, len(wanted), LOOKUP_AT_ONCE):
-                found += await self._store.stored_owners(wanted[start : start + LOOKUP_AT_ONCE])
+            async with asyncio.timeout(LOOKUP_SECONDS):
+                for start in range(0, len(wanted), LOOKUP_AT_ONCE):
+                    chunk = wanted[start : start + LOOKUP_AT_ONCE]
+                    found += await self._store.stored_owners(chunk)
         except Exception as exc:
             log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
             return False
         self._known.adopt(found)
-        for stored_id, owner, *_ in found:
-            if owner != SHARED_CONTESTED and (owner or None) != key_id:
-                raise refusal(*named_as[stored_id])
+        owners = {row[0]: row[1] for row in found}
+        for stored_id, param, kind, code in named.unresolved:  # (the first named, as memory)
+            owner = owners.get(stored_id)
+            if owner is not None and owner != SHARED_CONTESTED and (owner or None) != key_id:
+                raise refusal(stored_id, param, kind, code)
         # (Known now, by this lookup or by another request's that ended while it waited.)
         return any(stored_id in self._known for stored_id in wanted)
 
@@ -190,31 +198,38 @@ class StoredShare(Flushing):
         await super().start()
 
     async def files_seen(self) -> bool:
-        """Whether a file an upstream's code wrote was seen by any process on the database
-        (here, by `StoredResponses.files`): it turns on the search of requests for files.
-        Asked at the start, then by each request that may name a file while none is known
-        here (an idle gateway asks nothing); a lookup that finds a file turns it on too
-        (`StoredResponses.adopt`). A failed query answers what is known here; while the
-        database fails it is asked again at most every `flush_seconds`, and the outage is
-        logged once (`stored_files_lookup_failed`, then `stored_files_lookup_recovered`)."""
-        known = self._known
-        if known.files:
+        """Whether to search a request for the files an upstream's code wrote: once any
+        process on the database saw one (here, `StoredResponses.files`). Asked at the start,
+        then by each request that names a file while none is known here (an idle gateway
+        asks nothing), the requests in flight sharing one question; a lookup that finds a
+        file turns the search on too (`StoredResponses.adopt`). A question that fails (or
+        takes `LOOKUP_SECONDS`) answers yes: the request is searched, and what it names is
+        looked up, as it would be with files known. The outage is logged once
+        (`stored_files_lookup_failed`, then `stored_files_lookup_recovered`)."""
+        if self._known.files:
             return True
-        failed = self._files_failed
-        if failed is not None and time.monotonic() - failed < self._flush_seconds:
-            return False
+        asking = self._files_asking
+        if asking is None:
+            asking = self._files_asking = asyncio.ensure_future(self._ask_for_files())
+        return await asyncio.shield(asking)  # (a request that ends leaves it to the others)
+
+    async def _ask_for_files(self) -> bool:
         try:
-            if await self._store.stored_files():
-                known.files = True  # (never off: this process may have seen one meanwhile)
+            async with asyncio.timeout(LOOKUP_SECONDS):
+                found = await self._store.stored_files()
         except Exception as exc:
-            if failed is None:
+            if not self._files_failing:
+                self._files_failing = True
                 log.warning("stored_files_lookup_failed", error=type(exc).__name__)
-            self._files_failed = time.monotonic()
-            return known.files
-        if failed is not None:
-            self._files_failed = None
+            return True
+        finally:
+            self._files_asking = None
+        if self._files_failing:
+            self._files_failing = False
             log.info("stored_files_lookup_recovered")
-        return known.files
+        if found:
+            self._known.files = True  # (never off: this process may have seen one meanwhile)
+        return self._known.files
 
     async def tick(self) -> None:
         """Write the journal; forget old ids hourly."""

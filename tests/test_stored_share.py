@@ -369,14 +369,21 @@ async def test_a_failed_write_goes_back_before_what_was_noted_meanwhile_within_t
     assert list(known.journal) == ["resp_2", "resp_3", "resp_4"] and known.unshared == 1
 
 
-async def test_a_failed_look_for_files_is_logged_and_answers_what_is_known() -> None:
+async def test_a_failed_look_for_files_searches_the_request_and_is_logged_once() -> None:
     known = StoredResponses()
-    share = StoredShare(FlakySink(), known, flush_seconds=60.0)
+    sink = FlakySink()
+    share = StoredShare(sink, known, flush_seconds=60.0)
     with structlog.testing.capture_logs() as logs:
-        assert not await share.files_seen()
+        # (Failed: the request is searched, and what it names looked up, as with files.)
+        assert await share.files_seen()
+        assert await share.files_seen()
+        sink.down = False
+        assert not await share.files_seen()  # (the database answers: no file anywhere)
+    assert not known.files
     assert logs == [
         {"event": "stored_files_lookup_failed", "error": "ConnectionRefusedError"}
-        | {"log_level": "warning"}
+        | {"log_level": "warning"},
+        {"event": "stored_files_lookup_recovered", "log_level": "info"},
     ]
     known.files = True  # (this process saw one)
     assert await share.files_seen()

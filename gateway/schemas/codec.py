@@ -7,6 +7,7 @@ which field is wrong, and the same path prefixes config and key-store errors.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, NamedTuple, TypeGuard, TypeVar
 
@@ -49,10 +50,28 @@ def opens(value: msgspec.Raw | msgspec.UnsetType, first: bytes) -> bool:
 
 
 def may_spell(body: bytes, word: bytes) -> bool:
-    """Whether a JSON body may hold `word` in a string or key: it spells it as it is, or it
-    holds an escape, which may spell any of its characters. (`find`, not `in`: on Python 3.11
-    `in` on bytes first tries its operand as an integer.)"""
-    return body.find(word) >= 0 or body.find(b"\\u") >= 0
+    """Whether a JSON body may hold `word` (ASCII) in a string or key: it spells it as it is,
+    or it holds a `\\u` escape of one of its characters (a `"` in `word` ends a key or a
+    string, which no escape writes). Escapes of other characters (an SDK's `\\u001b`) do not
+    count. (`find`, not `in`: on Python 3.11 `in` on bytes first tries its operand as an
+    integer.)"""
+    if body.find(word) >= 0:
+        return True
+    if body.find(b"\\u") < 0:
+        return False
+    return any(body.find(escape) >= 0 for escape in _escapes(word))
+
+
+@functools.cache
+def _escapes(word: bytes) -> tuple[bytes, ...]:
+    """The `\\u` escapes of `word`'s characters but `"`, in both cases of their hex digits."""
+    found: dict[bytes, None] = {}
+    for char in word.decode("ascii"):
+        if char != '"':
+            code = f"\\u{ord(char):04x}"
+            found[code.encode()] = None
+            found[("\\u" + code[2:].upper()).encode()] = None
+    return tuple(found)
 
 
 def raw_fields(obj: msgspec.Struct) -> dict[str, msgspec.Raw]:
