@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from gateway.schemas.chat import AssistantMessage, ChatCompletionRequest
-from gateway.schemas.codec import decode_body
+from gateway.schemas.codec import decode_body, may_spell
 
 RAW_FIELDS = [
     name for name, hint in ChatCompletionRequest.__annotations__.items() if "Raw" in str(hint)
@@ -41,3 +41,16 @@ def test_assistant_raw_fields_accept_objects() -> None:
     msg = decode_body(body, ChatCompletionRequest).messages[0]
     assert isinstance(msg, AssistantMessage)
     assert msgspec.json.decode(msg.audio) == {"id": "a1"}  # type: ignore[arg-type]
+
+
+def test_may_spell_reads_escapes_of_the_words_own_letters_only() -> None:
+    """A body may spell a key as it is, or with any of its letters escaped (either hex case);
+    an escape of another character (an SDK's `\\u001b`, `\\u00e9`) cannot, nor an escaped
+    quote (`\\"` is a character in a string, not the end of a key)."""
+    word = b'file_id"'
+    assert may_spell(b'{"file_id": "f"}', word)
+    for escaped in (b"\\u0066", b"\\u0069", b"\\u006c", b"\\u006C", b"\\u005f", b"\\u005F"):
+        assert may_spell(b'{"' + escaped + b'": 1}', word), escaped
+    for other in (b'{"a": "\\u001b[31m"}', b'{"a": "caf\\u00e9"}', b'{"t": "file_id\\""}'):
+        assert not may_spell(other, word), other
+    assert not may_spell(b'{"a": 1}', word)
