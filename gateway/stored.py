@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from gateway.errors import NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.media import FILE_BY_ID, Estimate
 
 __all__ = [
     "LONGEST_ID",
     "MOST_IDS_AN_ANSWER",
+    "MOST_LOOKED_UP",
     "MOST_REMEMBERED",
     "SHARED_CONTESTED",
     "UNKNOWN_CONVERSATION",
@@ -36,6 +37,7 @@ __all__ = [
     "StoredResponses",
     "refusal",
     "shareable",
+    "too_many",
 ]
 
 # What a stored conversation not known here is held as: as a file sent by id (a few turns
@@ -51,6 +53,9 @@ LONGEST_ID = 256
 # The most ids taken from one answer besides its response's (its output items, containers,
 # conversation): an answer of thousands of items must not push every other key's ids out.
 MOST_IDS_AN_ANSWER = 256
+# The most ids not known here one request may name (as many as a Responses request's input
+# items): a 10 MB body of file ids must not cost the database hundreds of queries.
+MOST_LOOKED_UP = 10_000
 
 _UNSIZED = -1  # a response known without its usage: held as unknown when continued
 # An id's owner in the database: a key's id, "" for requests without a key, or this for an
@@ -68,6 +73,17 @@ def shareable(stored_id: str) -> bool:
     cannot hold one; no real upstream sends either), at most `LONGEST_ID` long. Another id is
     this process's only, and never looked up (its lookup would fail every id beside it)."""
     return stored_id.isascii() and "\x00" not in stored_id and len(stored_id) <= LONGEST_ID
+
+
+def too_many(count: int) -> InvalidRequest:
+    """The 400 for a request naming more than `MOST_LOOKED_UP` ids not known here: each must
+    be looked at (one left out could be another key's), and that many is no real request."""
+    return InvalidRequest(
+        f"The request names {count} ids of stored responses, items, containers or files "
+        f"that this gateway has not seen; at most {MOST_LOOKED_UP} are accepted in one "
+        "request.",
+        code="too_many_stored_ids",
+    )
 
 
 def refusal(stored_id: str, param: str, kind: str, code: str | None) -> NotFound:

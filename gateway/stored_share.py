@@ -26,15 +26,24 @@ are dropped, and logged).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from gateway.errors import InvalidRequest
+from gateway.background import mark_seen
 from gateway.flushing import Flushing
-from gateway.stored import SHARED_CONTESTED, Naming, SharedId, StoredResponses, refusal
+from gateway.stored import (
+    MOST_LOOKED_UP,
+    SHARED_CONTESTED,
+    Naming,
+    SharedId,
+    StoredResponses,
+    refusal,
+    too_many,
+)
 
 __all__ = [
     "EXPORT_STORED",
@@ -53,14 +62,16 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 KEEP_DAYS = 30
 # Ids looked up in one query (a request names a few; a file search at most its candidates).
 LOOKUP_AT_ONCE = 1000
 # The longest a request waits for the database's answer (a hanging one fails open, logged).
 LOOKUP_SECONDS = 2.0
-# The most unknown ids one request may name (as many as a Responses request's input items): a
-# 10 MB body of file ids must not cost the database hundreds of queries.
-MOST_LOOKED_UP = 10_000
+# Lookups left running past their deadline, at most: past it a lookup fails at once (the
+# database hangs; every request would leave one more).
+MOST_LATE = 64
 # How often the task forgets what is older than KEEP_DAYS.
 _FORGET_EVERY_SECONDS = 3600.0
 
@@ -113,7 +124,8 @@ class StoredShare(Flushing):
         known.journal = {}
         known.today = _today
         self._forgot = 0.0  # when the task last forgot old ids (monotonic)
-        self._files_asking: asyncio.Future[bool] | None = None  # the question in flight
+        self._files_asking: asyncio.Task[bool] | None = None  # the question in flight
+        self._late: set[asyncio.Future[Any]] = set()  # lookups past their deadline, running
         self._files_failing = False  # the last question failed (logged once)
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
@@ -123,11 +135,16 @@ class StoredShare(Flushing):
         journal = self._known.journal
         return 0 if journal is None else len(journal)
 
-    async def resolve(self, named: Naming, key_id: str | None) -> bool:
+    def deadline(self) -> float:
+        """When a request's questions to the database must be answered (the loop's clock):
+        `LOOKUP_SECONDS` from now."""
+        return asyncio.get_running_loop().time() + LOOKUP_SECONDS
+
+    async def resolve(self, named: Naming, key_id: str | None, deadline: float) -> bool:
         """Look the ids a request of `key_id` names and this process never knew
-        (`named.unresolved`) up in the database; whether one is now known here (the
-        request's names are then read again). A failed lookup is logged and finds nothing:
-        the ids are relayed as unknown.
+        (`named.unresolved`) up in the database, answered by `deadline` (`deadline()`);
+        whether one is now known here (the request's names are then read again). A failed
+        or late lookup is logged and finds nothing: the ids are relayed as unknown.
 
         Raises:
             NotFound: one is another key's (decided by the rows found, not by what memory
@@ -137,18 +154,9 @@ class StoredShare(Flushing):
         """
         wanted = list(dict.fromkeys(stored_id for stored_id, *_ in named.unresolved))
         if len(wanted) > MOST_LOOKED_UP:
-            raise InvalidRequest(
-                f"The request names {len(wanted)} ids of stored responses, items, containers "
-                f"or files that this gateway has not seen; at most {MOST_LOOKED_UP} are "
-                "accepted in one request.",
-                code="too_many_stored_ids",
-            )
-        found: list[StoredRow] = []
+            raise too_many(len(wanted))
         try:
-            async with asyncio.timeout(LOOKUP_SECONDS):
-                for start in range(0, len(wanted), LOOKUP_AT_ONCE):
-                    chunk = wanted[start : start + LOOKUP_AT_ONCE]
-                    found += await self._store.stored_owners(chunk)
+            found = await self._within(self._owners(wanted), deadline)
         except Exception as exc:
             log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
             return False
@@ -160,6 +168,35 @@ class StoredShare(Flushing):
                 raise refusal(stored_id, param, kind, code)
         # (Known now, by this lookup or by another request's that ended while it waited.)
         return any(stored_id in self._known for stored_id in wanted)
+
+    async def _owners(self, wanted: list[str]) -> list[StoredRow]:
+        found: list[StoredRow] = []
+        for start in range(0, len(wanted), LOOKUP_AT_ONCE):
+            found += await self._store.stored_owners(wanted[start : start + LOOKUP_AT_ONCE])
+        return found
+
+    async def _within(self, asking: Coroutine[Any, Any, T], deadline: float) -> T:
+        """`asking`'s answer by `deadline`. It runs as a task of its own, left to
+        end on its own when late: a cancelled asyncpg query waits, in the task that cancels
+        it, for its cancel request (up to `command_timeout`, on a hung network), which must
+        not hold a request. Past `MOST_LATE` such tasks none is started.
+
+        Raises:
+            TimeoutError: late, or too many late already.
+            Exception: what `asking` raised.
+        """
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0 or len(self._late) >= MOST_LATE:
+            asking.close()
+            raise TimeoutError
+        task = asyncio.ensure_future(asking)
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+        task.add_done_callback(mark_seen)  # (a late one's failure is no one's to report)
+        done, _ = await asyncio.wait({task}, timeout=left)
+        if not done:
+            raise TimeoutError
+        return task.result()
 
     async def flush(self) -> None:
         """Write the journal; on failure it is kept (newer states of the same ids win) and it
@@ -197,26 +234,39 @@ class StoredShare(Flushing):
         await self.files_seen()
         await super().start()
 
+    async def stop(self) -> None:
+        """`Flushing.stop`, and the questions still running (late, or in flight) ended."""
+        await super().stop()
+        running = {*self._late, *filter(None, [self._files_asking])}
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=LOOKUP_SECONDS)
+
     async def files_seen(self) -> bool:
-        """Whether to search a request for the files an upstream's code wrote: once any
-        process on the database saw one (here, `StoredResponses.files`). Asked at the start,
-        then by each request that names a file while none is known here (an idle gateway
-        asks nothing), the requests in flight sharing one question; a lookup that finds a
-        file turns the search on too (`StoredResponses.adopt`). A question that fails (or
-        takes `LOOKUP_SECONDS`) answers yes: the request is searched, and what it names is
-        looked up, as it would be with files known. The outage is logged once
+        """Whether any process on the database saw a file an upstream's code wrote (here,
+        `StoredResponses.files`), asked at the start: requests are then searched for files
+        before any lookup, and another key's refused from memory when known here. (Until
+        then, a request with a `file_id` member is searched and its files looked up with
+        its other ids: `handlers.messages`; a lookup that finds a file turns this on,
+        `StoredResponses.adopt`.) The requests in flight share one question; one that fails
+        (or takes `LOOKUP_SECONDS`) answers yes, and the outage is logged once
         (`stored_files_lookup_failed`, then `stored_files_lookup_recovered`)."""
         if self._known.files:
             return True
         asking = self._files_asking
         if asking is None:
-            asking = self._files_asking = asyncio.ensure_future(self._ask_for_files())
+            # (A task of no request's: its log lines name none.)
+            loop = asyncio.get_running_loop()
+            asking = loop.create_task(self._ask_for_files(), context=contextvars.Context())
+            self._files_asking = asking
+        if self._files_failing:
+            return True  # (while it fails: yes at once, the question asked again meanwhile)
         return await asyncio.shield(asking)  # (a request that ends leaves it to the others)
 
     async def _ask_for_files(self) -> bool:
         try:
-            async with asyncio.timeout(LOOKUP_SECONDS):
-                found = await self._store.stored_files()
+            found = await self._within(self._store.stored_files(), self.deadline())
         except Exception as exc:
             if not self._files_failing:
                 self._files_failing = True

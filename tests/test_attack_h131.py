@@ -121,11 +121,11 @@ async def test_the_file_scan_of_2_mb_of_small_blocks_is_cheap(
     scan = messages_handler._stored
 
     def timed(*args: Any) -> Any:
-        started = time.perf_counter()
+        started = time.thread_time()
         try:
             return scan(*args)
         finally:
-            spent.append(time.perf_counter() - started)
+            spent.append(time.thread_time() - started)
 
     monkeypatch.setattr(messages_handler, "_stored", timed)
     headers = {"Authorization": f"Bearer {ana}", "Content-Type": "application/json"}

@@ -461,10 +461,10 @@ def test_the_file_id_search_of_many_short_members_costs_about_what_its_docs_say(
     assert 15_000_000 < len(body) < 17_000_000
     named, known = Naming(), StoredResponses()
     known.files = True
-    started = time.perf_counter()
+    started = time.thread_time()
     assert messages_handler._FILE_ID.search(body) is not None  # (look_up's question)
     messages_handler._name_files(named, known, "key_alice", body)
-    took = time.perf_counter() - started
+    took = time.thread_time() - started
     assert named.unresolved
     assert took < 16 * 0.015 * 2, f"{took:.2f} s for a 16 MB body"
 
@@ -503,14 +503,14 @@ def test_the_possessive_file_id_pattern_misses_nothing_and_stays_linear() -> Non
     }
     for name, values in shapes.items():
         body = members(values)
-        started = time.perf_counter()
+        started = time.thread_time()
         assert pattern.findall(body) == [], name
-        took = time.perf_counter() - started
+        took = time.thread_time() - started
         assert took < len(body) / 1e6 * 0.04, f"{name}: {took:.2f} s for {len(body)} bytes"
     spaces = b'{"a": [%s]}' % b",".join([b'{"file_id"' + b" " * 1000 + b":1}"] * 16_000)
-    started = time.perf_counter()
+    started = time.thread_time()
     assert pattern.findall(spaces) == []
-    assert time.perf_counter() - started < 16 * 0.04
+    assert time.thread_time() - started < 16 * 0.04
 
 
 # --- may_spell ---------------------------------------------------------------------------------

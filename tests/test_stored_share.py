@@ -376,9 +376,17 @@ async def test_a_failed_look_for_files_searches_the_request_and_is_logged_once()
     with structlog.testing.capture_logs() as logs:
         # (Failed: the request is searched, and what it names looked up, as with files.)
         assert await share.files_seen()
+        # While it fails: yes at once, the question asked again meanwhile.
         assert await share.files_seen()
+        asking = share._files_asking
+        assert asking is not None
+        await asking
         sink.down = False
-        assert not await share.files_seen()  # (the database answers: no file anywhere)
+        assert await share.files_seen()
+        asking = share._files_asking
+        assert asking is not None
+        assert not await asking  # (the database answers: no file anywhere)
+        assert not await share.files_seen()
     assert not known.files
     assert logs == [
         {"event": "stored_files_lookup_failed", "error": "ConnectionRefusedError"}

@@ -71,7 +71,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         nonlocal named
         if not named.unresolved or not relays(routes, ResponsesPassThrough, translation.refusal):
             return
-        if await request.app[STORED_SHARE_KEY].resolve(named, request[TRACE_KEY].key_id):
+        share = request.app[STORED_SHARE_KEY]
+        if await share.resolve(named, request[TRACE_KEY].key_id, share.deadline()):
             call.stored_prompt, named = _stored_prompt(request, req, body)
 
     tools = _server_tools(req)

@@ -55,23 +55,25 @@ def may_spell(body: bytes, word: bytes) -> bool:
     string, which no escape writes). Escapes of other characters (an SDK's `\\u001b`) do not
     count. (`find`, not `in`: on Python 3.11 `in` on bytes first tries its operand as an
     integer.)"""
-    if body.find(word) >= 0:
-        return True
-    if body.find(b"\\u") < 0:
-        return False
-    return any(body.find(escape) >= 0 for escape in _escapes(word))
+    return body.find(word) >= 0 or spells_escaped(body, word)
+
+
+def spells_escaped(body: bytes, word: bytes) -> bool:
+    """Whether a JSON body holds a `\\u` escape of one of `word`'s characters (`may_spell`):
+    without one, `word` can only be spelled as it is."""
+    return body.find(b"\\u") >= 0 and _escapes(word).search(body) is not None
 
 
 @functools.cache
-def _escapes(word: bytes) -> tuple[bytes, ...]:
-    """The `\\u` escapes of `word`'s characters but `"`, in both cases of their hex digits."""
-    found: dict[bytes, None] = {}
-    for char in word.decode("ascii"):
-        if char != '"':
-            code = f"\\u{ord(char):04x}"
-            found[code.encode()] = None
-            found[("\\u" + code[2:].upper()).encode()] = None
-    return tuple(found)
+def _escapes(word: bytes) -> re.Pattern[bytes]:
+    """The `\\u` escapes of `word`'s characters but `"`, hex digits in either case: one
+    expression, one pass over the body (a `find` for each escape took 40 ms for 10 MB)."""
+    codes = dict.fromkeys(
+        "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{ord(char):04x}")
+        for char in word.decode("ascii")
+        if char != '"'
+    )
+    return re.compile(rb"\\u(?:" + "|".join(codes).encode() + rb")")
 
 
 def raw_fields(obj: msgspec.Struct) -> dict[str, msgspec.Raw]:
