@@ -190,10 +190,13 @@ class StoredShare(Flushing):
             asking.close()
             raise TimeoutError
         task = asyncio.ensure_future(asking)
-        self._late.add(task)
-        task.add_done_callback(self._late.discard)
         task.add_done_callback(mark_seen)  # (a late one's failure is no one's to report)
-        done, _ = await asyncio.wait({task}, timeout=left)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=left)
+        finally:
+            if not task.done():  # (late, or its request gone: it ends on its own, held here)
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
         if not done:
             raise TimeoutError
         return task.result()

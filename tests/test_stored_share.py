@@ -19,11 +19,12 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
 from gateway.database import Database, opened_database
+from gateway.errors import NotFound
 from gateway.keys import digest_of
 from gateway.media import Estimate
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from gateway.state import KEYS_KEY, STORE_KEY, STORED_KEY, STORED_SHARE_KEY
-from gateway.stored import StoredResponses
+from gateway.stored import Naming, StoredResponses
 from gateway.stored_share import KEEP_DAYS, MOST_LOOKED_UP, StoredShare
 from tests.conftest import MakeSettings, app_of, create_key, provider_config, start_gateway
 from tests.test_attack_h105 import BASE, post as post_json, whole
@@ -395,3 +396,33 @@ async def test_a_failed_look_for_files_searches_the_request_and_is_logged_once()
     ]
     known.files = True  # (this process saw one)
     assert await share.files_seen()
+
+
+async def test_lookups_in_flight_within_their_deadline_never_make_another_fail_open() -> None:
+    """Only lookups past their deadline count against `MOST_LATE`: 80 requests' lookups held
+    by a busy (not hung) database, then alice naming bob's response, are all answered."""
+    release = asyncio.Event()
+
+    class Busy(FlakySink):
+        async def stored_owners(self, ids: Any) -> list[tuple[str, str, int, int, float]]:
+            if "resp_bob" in ids:
+                return [("resp_bob", "key_bob", 20, 0, time.time())]
+            await release.wait()
+            return []
+
+    share = StoredShare(Busy(), StoredResponses(), flush_seconds=60.0)
+
+    def naming(stored_id: str) -> Naming:
+        named = Naming()
+        named.unresolved.append((stored_id, "previous_response_id", "Previous response", None))
+        return named
+
+    held = [
+        asyncio.ensure_future(share.resolve(naming(f"resp_{n}"), "key_x", share.deadline()))
+        for n in range(80)
+    ]
+    await asyncio.sleep(0)  # (each under way, none late)
+    with pytest.raises(NotFound):
+        await share.resolve(naming("resp_bob"), "key_alice", share.deadline())
+    release.set()
+    assert await asyncio.gather(*held) == [False] * 80
