@@ -123,7 +123,9 @@ class StoredShare(Flushing):
         self._known = known
         known.journal = {}
         known.today = _today
-        self._forgot = 0.0  # when the task last forgot old ids (monotonic)
+        # When the task last forgot old ids (monotonic): first a minute after the start, not
+        # at once (a write at every start, beside other processes' that start with it).
+        self._forgot = time.monotonic() - _FORGET_EVERY_SECONDS + 60.0
         self._files_asking: asyncio.Task[bool] | None = None  # the question in flight
         self._late: set[asyncio.Future[Any]] = set()  # lookups past their deadline, running
         self._files_failing = False  # the last question failed (logged once)
@@ -293,7 +295,7 @@ class StoredShare(Flushing):
                 self._dropped = self._known.unshared
                 log.error("stored_ids_dropped", dropped=self._dropped)
         now = time.monotonic()
-        if not self._forgot or now - self._forgot >= _FORGET_EVERY_SECONDS:
+        if now - self._forgot >= _FORGET_EVERY_SECONDS:
             self._forgot = now
             await self._store.forget_stored(time.time() - KEEP_DAYS * 86400.0)
 
