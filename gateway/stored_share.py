@@ -10,17 +10,20 @@ for every key) gave it that key's stored data. Now:
   writes every `usage_flush_seconds`, off the request path, in one statement per batch. The
   first key that showed an id keeps it (as in memory); an id two keys' own responses showed is
   no one's.
-- A request that names an id its process has never known looks it up in the database (one
-  query, only then); what it finds is remembered here, and the request is refused if the id is
-  another key's. A process that knows an id asks nothing.
-- An id is kept `KEEP_DAYS` after it was last written (a response's usage, a file, a contest),
-  then forgotten and relayed if named again, as the upstreams keep most of it for 30 days.
+- A request that names an id its process has never known, and is relayed as it is, looks it
+  up in the database once the key may use the model (one query per `LOOKUP_AT_ONCE` ids, only
+  then); what it finds is remembered here, and the request is refused if the id is another
+  key's. A process that knows an id asks nothing.
+- An id is kept `KEEP_DAYS` after it was last written (shown, used again on a later day, its
+  size learned, contested), then forgotten and relayed if named again, as the upstreams keep
+  a stored response for 30 days.
 
 An id shown by one process in the last `usage_flush_seconds` is not yet in the database: named
-by another key on another process meanwhile, it is relayed. A failed lookup relays too (the
-database is down: requests are still served, as usage is) and is logged; failed writes are
-kept and written when the database is back, at most `MOST_REMEMBERED` ids (past it the oldest
-are dropped, and logged).
+by another key on another process meanwhile, it is relayed. A lookup that fails or is late
+(`LOOKUP_SECONDS`) relays too (the database down or hung: requests are still served, as usage
+is) and is logged; failed writes are kept and written when the database is back, at most as
+many ids as memory holds (past it the oldest are dropped, and logged). docs/keys.md, "Stored
+ids across processes", is the reference.
 """
 
 from __future__ import annotations
