@@ -20,10 +20,11 @@ for every key) gave it that key's stored data. Now:
 
 An id shown by one process in the last `usage_flush_seconds` is not yet in the database: named
 by another key on another process meanwhile, it is relayed. A lookup that fails or is late
-(`LOOKUP_SECONDS`) relays too (the database down or hung: requests are still served, as usage
-is) and is logged; failed writes are kept and written when the database is back, at most as
-many ids as memory holds (past it the oldest are dropped, and logged). docs/keys.md, "Stored
-ids across processes", is the reference.
+(`LOOKUP_SECONDS`) is logged and refused with a 503 to try again, never relayed unchecked (a
+key flooding the database must not make another key's lookups late); failed writes are kept
+and written when the database is back, at most as many ids as memory holds (past it the
+oldest are dropped, and logged). docs/keys.md, "Stored ids across processes", is the
+reference.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from gateway.background import mark_seen
+from gateway.errors import StoreBusy
 from gateway.flushing import Flushing
 from gateway.stored import (
     MOST_LOOKED_UP,
@@ -148,14 +150,14 @@ class StoredShare(Flushing):
     async def resolve(self, named: Naming, key_id: str | None, deadline: float) -> bool:
         """Look the ids a request of `key_id` names and this process never knew
         (`named.unresolved`) up in the database, answered by `deadline` (`deadline()`);
-        whether one is now known here (the request's names are then read again). A failed
-        or late lookup is logged and finds nothing: the ids are relayed as unknown.
+        whether one is now known here (the request's names are then read again).
 
         Raises:
             NotFound: one is another key's (decided by the rows found, not by what memory
                 holds after them: adopting may forget one in a full map).
             InvalidRequest: more than `MOST_LOOKED_UP` ids (each must be looked at: one left
                 out could be another key's).
+            StoreBusy: the lookup failed or was late (logged): a 503 to try again.
         """
         wanted = list(dict.fromkeys(stored_id for stored_id, *_ in named.unresolved))
         if len(wanted) > MOST_LOOKED_UP:
@@ -163,8 +165,15 @@ class StoredShare(Flushing):
         try:
             found = await self._within(self._owners(wanted), deadline)
         except Exception as exc:
+            # Refused, not relayed: a key that floods the database with lookups (they run
+            # before admission) must not make another key's late, and so relayed.
             log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
-            return False
+            raise StoreBusy(
+                "The ids of stored responses, items, containers or files this request names "
+                "could not be checked (the database did not answer in time); try again "
+                "shortly.",
+                retry_after=1.0,
+            ) from None
         self._known.adopt(found)
         owners = {row[0]: row[1] for row in found}
         for stored_id, param, kind, code in named.unresolved:  # (the first named, as memory)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import NotFound
+from gateway.errors import NotFound, StoreBusy
 from gateway.handlers import messages as messages_handler
 from gateway.schemas.codec import spells_escaped
 from gateway.state import STORE_KEY
@@ -171,7 +171,8 @@ async def test_stop_ends_late_lookups_and_leaves_nothing_pending() -> None:
     sink = Hanging({}, 0.0)
     share = StoredShare(sink, StoredResponses(), flush_seconds=60.0)
     loop = asyncio.get_running_loop()
-    assert await share.resolve(naming("resp_x"), ALICE, loop.time() + 0.05) is False
+    with pytest.raises(StoreBusy):  # (late: refused, to try again)
+        await share.resolve(naming("resp_x"), ALICE, loop.time() + 0.05)
     assert len(share._late) == 1
     await share.stop()
     await asyncio.sleep(0)

@@ -189,7 +189,7 @@ async def test_another_process_refuses_a_thread_and_files_of_another_keys_code(
     assert app_of(second)[STORED_KEY].files
 
 
-async def test_a_failed_lookup_relays_and_is_logged(
+async def test_a_failed_lookup_is_refused_to_try_again_and_logged(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     up = Scripted(lambda n, _: answer())
@@ -204,7 +204,9 @@ async def test_a_failed_lookup_relays_and_is_logged(
     body = {"model": "m", "input": "Go on.", "previous_response_id": "resp_elsewhere"}
     with structlog.testing.capture_logs() as logs:
         status, answered = await post_json(gw, alice, "/v1/responses", body)
-    assert status == 200, answered
+    # (Not relayed unchecked: a key flooding the database must not get another's ids so.)
+    assert status == 503 and answered["error"]["code"] == "database_busy", answered
+    assert up.bodies == []
     failed = [line for line in logs if line["event"] == "stored_ids_lookup_failed"]
     assert failed == [
         {"event": "stored_ids_lookup_failed", "error": "ConnectionRefusedError", "ids": 1}
