@@ -33,7 +33,8 @@ T = TypeVar("T")
 
 def relays(routes: list[Route], native: type, refusal: GatewayError | None) -> bool:
     """Whether `native_first` relays the request as it is over `routes` (capability
-    `native`): only then do the ids it names of what the upstream stores go upstream."""
+    `native`), its choice: only then do the ids it names of what the upstream stores go
+    upstream (the lookup of stored ids asks the same)."""
     if refusal is not None:
         return any(has_capability(route.provider, native) for route in routes)
     return has_capability(routes[0].provider, native)
@@ -61,23 +62,24 @@ async def native_first(
     Raises:
         GatewayError: `refusal` without a native route, or what the attempts raised.
     """
+    if not relays(ex.routes, native, refusal):
+        if refusal is not None:
+            raise refusal
+        return await translated()
     through = [route for route in ex.routes if has_capability(route.provider, native)]
     if refusal is not None:
-        if not through:
-            raise refusal
         ex.routes = through  # only they can serve it
         return await relayed()
-    if has_capability(ex.routes[0].provider, native):
-        rest = [route for route in ex.routes if not has_capability(route.provider, native)]
-        ex.routes = through
-        try:
-            return await relayed()
-        except UpstreamError as exc:
-            # The fallback shares the request's deadline (ex.deadline, set by the first round
-            # of attempts): it stops at once when that has passed.
-            if not (rest and may_fail_over(exc)):
-                raise
-        ex.routes = rest
+    rest = [route for route in ex.routes if not has_capability(route.provider, native)]
+    ex.routes = through
+    try:
+        return await relayed()
+    except UpstreamError as exc:
+        # The fallback shares the request's deadline (ex.deadline, set by the first round
+        # of attempts): it stops at once when that has passed.
+        if not (rest and may_fail_over(exc)):
+            raise
+    ex.routes = rest
     return await translated()
 
 

@@ -43,9 +43,9 @@ from gateway.rows import (
 )
 from gateway.stored_share import (
     EXPORT_STORED,
-    EXPORT_STORED_COLUMNS,
     FILES_SQL,
     FORGET_SQL,
+    SELECT_STORED,
     StoredRow,
     upsert_sql,
 )
@@ -90,7 +90,7 @@ _UNNEST = ", ".join(f"${n}::{_array_type(_HINTS[f])}[]" for n, f in enumerate(_U
 # actually inserted (a uid written before, by a retried batch, is skipped in both), one upsert
 # per day, key and model, taken in order so replicas writing at once never deadlock.
 _KEEP_STORED = upsert_sql(("$1", "$2", "$3", "$4", "$5"))
-_STORED_OWNERS = f"{EXPORT_STORED_COLUMNS} WHERE id = ANY($1::text[])"
+_STORED_OWNERS = f"{SELECT_STORED} WHERE id = ANY($1::text[])"
 _INSERT_USAGE_BATCH = (
     f"WITH new AS (INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) SELECT * FROM unnest({_UNNEST})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING RETURNING ts, key_id, model, status, total_tokens, cost_usd)"

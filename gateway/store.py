@@ -33,7 +33,7 @@ from gateway.rows import (
 )
 from gateway.sqlite_copy import INSERT_KEY, KEEP_STORED, SqliteCopies
 from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
-from gateway.stored_share import EXPORT_STORED_COLUMNS, FILES_SQL, FORGET_SQL, StoredRow
+from gateway.stored_share import FILES_SQL, FORGET_SQL, SELECT_STORED, StoredRow
 
 __all__ = ["SECRET_PREFIX", "DatabaseMoved", "Store", "StoreError", "open_store"]
 
@@ -313,7 +313,7 @@ class Store(SqliteCopies):
     async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]:
         """The rows of those of `ids` the database holds."""
         marks = ", ".join("?" * len(ids))
-        sql = f"{EXPORT_STORED_COLUMNS} WHERE id IN ({marks})"
+        sql = f"{SELECT_STORED} WHERE id IN ({marks})"
         with _busy_is_503():
             async with self.db.execute(sql, tuple(ids)) as cur:
                 return [(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]

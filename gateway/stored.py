@@ -298,10 +298,24 @@ class StoredResponses:
         owner = SHARED_CONTESTED if key_id == _CONTESTED else key_id or ""
         if stored_id in journal:
             file = file or journal.pop(stored_id)[2]  # (its newest state goes last)
-        elif len(journal) >= self._most:
+        journal[stored_id] = (owner, tokens, file)
+        self._bound_journal(journal)
+
+    def take_back(self, batch: dict[str, SharedId]) -> None:
+        """A journal batch the database did not take (`StoredShare.flush`), put back before
+        what was noted since (which is newer), within the bound."""
+        newer = self.journal or {}
+        batch.update(newer)
+        for stored_id in newer:  # (their newest state goes last)
+            batch[stored_id] = batch.pop(stored_id)
+        self.journal = batch
+        self._bound_journal(batch)
+
+    def _bound_journal(self, journal: dict[str, SharedId]) -> None:
+        """At most `most` ids held for the database: the oldest dropped (`unshared`)."""
+        while len(journal) > self._most:
             del journal[next(iter(journal))]
             self.unshared += 1
-        journal[stored_id] = (owner, tokens, file)
 
     def _drop(self, stored_id: str, key_id: str | None) -> None:
         """Forget `stored_id`, which is `key_id`'s."""

@@ -44,7 +44,6 @@ from gateway.stored import (
     MOST_LOOKED_UP,
     SHARED_CONTESTED,
     Naming,
-    SharedId,
     StoredResponses,
     refusal,
     too_many,
@@ -52,13 +51,13 @@ from gateway.stored import (
 
 __all__ = [
     "EXPORT_STORED",
-    "EXPORT_STORED_COLUMNS",
     "FILES_SQL",
     "FORGET_SQL",
     "KEEP_DAYS",
     "LOOKUP_AT_ONCE",
     "LOOKUP_SECONDS",
     "MOST_LOOKED_UP",
+    "SELECT_STORED",
     "StoredRow",
     "StoredShare",
     "StoredSink",
@@ -72,7 +71,7 @@ T = TypeVar("T")
 KEEP_DAYS = 30
 # Ids looked up in one query (a request names a few; a file search at most its candidates).
 LOOKUP_AT_ONCE = 1000
-# The longest a request waits for the database's answer (a hanging one fails open, logged).
+# The longest a request waits for the database's answers (past it: a 503 to retry, logged).
 LOOKUP_SECONDS = 2.0
 # Lookups left running past their deadline, at most: past it a lookup fails at once (the
 # database hangs; every request would leave one more).
@@ -100,8 +99,8 @@ def upsert_sql(marks: tuple[str, str, str, str, str]) -> str:
 
 
 FORGET_SQL = "DELETE FROM stored_ids WHERE seen < {}"
-EXPORT_STORED_COLUMNS = "SELECT id, owner, tokens, file, seen FROM stored_ids"
-EXPORT_STORED = f"{EXPORT_STORED_COLUMNS} ORDER BY id"
+SELECT_STORED = "SELECT id, owner, tokens, file, seen FROM stored_ids"
+EXPORT_STORED = f"{SELECT_STORED} ORDER BY id"
 FILES_SQL = "SELECT 1 FROM stored_ids WHERE file = 1 LIMIT 1"
 
 
@@ -231,21 +230,10 @@ class StoredShare(Flushing):
             try:
                 await self._store.keep_stored(rows)
             except BaseException:
-                self._keep_back(journal)
+                self._known.take_back(journal)
                 self.failing = True
                 raise
             self.failing = False
-
-    def _keep_back(self, journal: dict[str, SharedId]) -> None:
-        """Put a batch that failed back before what was noted meanwhile (which is newer)."""
-        newer = self._known.journal or {}
-        journal.update(newer)
-        for stored_id in newer:  # (their newest state goes last)
-            journal[stored_id] = journal.pop(stored_id)
-        self._known.journal = journal
-        while len(journal) > self._known.most:
-            del journal[next(iter(journal))]
-            self._known.unshared += 1
 
     async def start(self) -> None:
         await self.files_seen()
@@ -262,13 +250,14 @@ class StoredShare(Flushing):
 
     async def files_seen(self) -> bool:
         """Whether any process on the database saw a file an upstream's code wrote (here,
-        `StoredResponses.files`), asked at the start: requests are then searched for files
-        before any lookup, and another key's refused from memory when known here. (Until
-        then, a request with a `file_id` member is searched and its files looked up with
-        its other ids: `handlers.messages`; a lookup that finds a file turns this on,
-        `StoredResponses.adopt`.) The requests in flight share one question; one that fails
-        (or takes `LOOKUP_SECONDS`) answers yes, and the outage is logged once
-        (`stored_files_lookup_failed`, then `stored_files_lookup_recovered`)."""
+        `StoredResponses.files`), which turns on the search of requests for files: asked at
+        the start, then by each request that names a file while none is known here
+        (`handlers.messages`); a lookup that finds a file turns it on too
+        (`StoredResponses.adopt`). The requests in flight share one question; one that fails
+        (or takes `LOOKUP_SECONDS`) answers yes (the request is searched, what it names looked
+        up), and while it fails requests get that yes at once, the question asked again
+        meanwhile. The outage is logged once (`stored_files_lookup_failed`, then
+        `stored_files_lookup_recovered`)."""
         if self._known.files:
             return True
         asking = self._files_asking

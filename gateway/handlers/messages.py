@@ -385,17 +385,17 @@ _ANY = msgspec.json.Decoder()
 # string could spell a remembered id (`LONGEST_ID` characters, each at most a 6-byte escape):
 # a longer one names no known file, and reading it to its end cost the regular expression a
 # step a character (10 s for a 30 MB value).
+# The value: runs of plain characters between escapes, each run and their number at most that
+# long, never given back once read (a longer value, which the closing quote does not follow,
+# fails at once: read a character at a time and backtracked, such near misses cost 36 ms a
+# megabyte).
+_FILE_VALUE = rb'\s*:\s*("[^"\\]{0,%d}+(?:\\.[^"\\]{0,%d}+){0,%d}+")' % ((6 * LONGEST_ID,) * 3)
 _FILE_ID = re.compile(
     rb'"((?:f|\\u0066)(?:i|\\u0069)(?:l|\\u006[cC])(?:e|\\u0065)(?:_|\\u005[fF])'
-    rb'(?:i|\\u0069)(?:d|\\u0064))"\s*:\s*'
-    # The value: runs of plain characters between escapes, each run and their number at most
-    # that long, never given back once read (a longer value, which the closing quote does
-    # not follow, fails at once: read a character at a time and backtracked, such near
-    # misses cost 36 ms a megabyte).
-    rb'("[^"\\]{0,%d}+(?:\\.[^"\\]{0,%d}+){0,%d}+")' % ((6 * LONGEST_ID,) * 3)
+    rb'(?:i|\\u0069)(?:d|\\u0064))"' + _FILE_VALUE
 )
 # `_FILE_ID` for a body that escapes no letter of the key: its value only.
-_PLAIN_FILE_ID = re.compile(rb'"file_id"\s*:\s*' + _FILE_ID.pattern.split(rb"\s*:\s*", 1)[1])
+_PLAIN_FILE_ID = re.compile(rb'"file_id"' + _FILE_VALUE)
 _DECODE = (msgspec.MsgspecError, RecursionError)
 
 
