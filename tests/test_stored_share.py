@@ -214,6 +214,37 @@ async def test_a_failed_lookup_is_refused_to_try_again_and_logged(
     ]
 
 
+async def test_a_failing_write_makes_the_gateway_not_ready_until_it_is_written(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other processes would relay ids they cannot read: a load balancer should know."""
+    up = Scripted(lambda n, _: answer())
+    gw = await start("openai", up, "gpt-5")
+    bob = await create_key(gw)
+    store = app_of(gw)[STORE_KEY]
+    real = store.keep_stored
+
+    async def down(rows: Any) -> None:
+        raise ConnectionRefusedError
+
+    monkeypatch.setattr(store, "keep_stored", down)
+    assert (await post_json(gw, bob, "/v1/responses", {"model": "m", "input": "hi"}))[0] == 200
+    with pytest.raises(ConnectionRefusedError):
+        await app_of(gw)[STORED_SHARE_KEY].flush()
+    async with gw.get("/readyz") as resp:
+        assert resp.status == 503
+        state = await resp.json()
+    assert state["stored_ids"] == "failing" and state["stored_ids_pending"] >= 1
+    assert state["usage"] == "ok"
+    monkeypatch.setattr(store, "keep_stored", real)
+    await app_of(gw)[STORED_SHARE_KEY].flush()
+    async with gw.get("/readyz") as resp:
+        assert resp.status == 200
+        state = await resp.json()
+    assert state["stored_ids"] == "ok" and state["stored_ids_pending"] == 0
+    assert "resp_1" in await owners(store, "resp_1")
+
+
 async def owners(db: Database, *ids: str) -> dict[str, tuple[str, int]]:
     return {row[0]: (row[1], row[2]) for row in await db.stored_owners(ids)}
 

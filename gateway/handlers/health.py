@@ -2,7 +2,9 @@
 
 `/readyz` answers within a second whatever the database does: its ping is bounded, and a
 usage writer whose last write failed (rows held in memory, waiting for the database) makes
-the gateway not ready, so a load balancer can send traffic elsewhere. So does a Redis outage
+the gateway not ready, so a load balancer can send traffic elsewhere. So does a stored-id
+writer whose last write failed: the ids it holds are unknown to the other processes on the
+database, which would relay them for any key (docs/keys.md). So does a Redis outage
 when shared limits refuse without it (`redis_failure = "refuse"`); `limits` says which
 limits apply, and `limits_fallbacks` how many requests met an outage.
 """
@@ -15,7 +17,7 @@ from aiohttp import web
 
 from gateway.limits_redis import SharedGate
 from gateway.schemas.codec import encode
-from gateway.state import GATE_KEY, REFUSALS_KEY, STORE_KEY, USAGE_KEY
+from gateway.state import GATE_KEY, REFUSALS_KEY, STORE_KEY, STORED_SHARE_KEY, USAGE_KEY
 
 __all__ = ["healthz", "readyz"]
 
@@ -40,17 +42,22 @@ async def readyz(request: web.Request) -> web.Response:
         database = "unreachable"
     recorder = app[USAGE_KEY]
     failing = recorder.failing or app[REFUSALS_KEY].failing
+    share = app[STORED_SHARE_KEY]
     gate = app[GATE_KEY]
     limits = "memory"
     if isinstance(gate, SharedGate):
         limits = "redis" if gate.up else f"redis down: {gate.failure}"
-    ready = database == "ok" and not failing and limits != "redis down: refuse"
+    ready = (
+        database == "ok" and not failing and not share.failing and limits != "redis down: refuse"
+    )
     body = {
         "status": "ready" if ready else "unavailable",
         "database": database,
         "usage": "failing" if failing else "ok",
         "usage_pending": recorder.pending,
         "usage_dropped": recorder.dropped,
+        "stored_ids": "failing" if share.failing else "ok",
+        "stored_ids_pending": share.pending,
         "limits": limits,
         "limits_fallbacks": gate.fallbacks if isinstance(gate, SharedGate) else 0,
     }
