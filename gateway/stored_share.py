@@ -21,7 +21,8 @@ for every key) gave it that key's stored data. Now:
 An id shown by one process in the last `usage_flush_seconds` is not yet in the database: named
 by another key on another process meanwhile, it is relayed. A lookup that fails or is late
 (`LOOKUP_SECONDS`) is logged and refused with a 503 to try again, never relayed unchecked (a
-key flooding the database must not make another key's lookups late); failed writes are kept
+key flooding the database must not make another key's lookups late: one key's lookups run
+`MOST_PER_KEY` at once, late ones included, the others waiting); failed writes are kept
 and written when the database is back, at most as many ids as memory holds (past it the
 oldest are dropped, and logged). docs/keys.md, "Stored ids across processes", is the
 reference.
@@ -32,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -76,6 +77,10 @@ LOOKUP_SECONDS = 2.0
 # Lookups left running past their deadline, at most: past it a lookup fails at once (the
 # database hangs; every request would leave one more).
 MOST_LATE = 64
+# One key's lookups running at once, late ones included (more wait their turn, within their
+# deadline): lookups run before admission, so a key's rate limit does not bound them, and a
+# key flooding the database must take its own turns, not other keys' (nor `MOST_LATE`).
+MOST_PER_KEY = 4
 # How often the task forgets what is older than KEEP_DAYS.
 _FORGET_EVERY_SECONDS = 3600.0
 
@@ -132,6 +137,9 @@ class StoredShare(Flushing):
         self._forgot = time.monotonic() - _FORGET_EVERY_SECONDS + 60.0
         self._files_asking: asyncio.Task[bool] | None = None  # the question in flight
         self._late: set[asyncio.Future[Any]] = set()  # lookups past their deadline, running
+        # Each key's turns (`MOST_PER_KEY`), and how many of its lookups hold or want one.
+        self._turns: dict[str, asyncio.Semaphore] = {}
+        self._turn_users: dict[str, int] = {}
         self._files_failing = False  # the last question failed (logged once)
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
@@ -162,7 +170,8 @@ class StoredShare(Flushing):
         if len(wanted) > MOST_LOOKED_UP:
             raise too_many(len(wanted))
         try:
-            found = await self._within(self._owners(wanted), deadline)
+            release = await self._turn(key_id or "", deadline)
+            found = await self._within(self._owners(wanted), deadline, release)
         except Exception as exc:
             # Refused, not relayed: a key that floods the database with lookups (they run
             # before admission) must not make another key's late, and so relayed.
@@ -182,17 +191,55 @@ class StoredShare(Flushing):
         # (Known now, by this lookup or by another request's that ended while it waited.)
         return any(stored_id in self._known for stored_id in wanted)
 
+    async def _turn(self, key: str, deadline: float) -> Callable[[], None]:
+        """One of `key`'s `MOST_PER_KEY` turns, waited for until `deadline` (TimeoutError);
+        what gives it back (once its lookup ends, late or not)."""
+        turns = self._turns.get(key)
+        if turns is None:
+            turns = self._turns[key] = asyncio.Semaphore(MOST_PER_KEY)
+        self._turn_users[key] = self._turn_users.get(key, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            turns.release()
+            self._leave(key)
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                await turns.acquire()
+        except BaseException:
+            self._leave(key)
+            raise
+        return release
+
+    def _leave(self, key: str) -> None:
+        left = self._turn_users[key] - 1
+        if left:
+            self._turn_users[key] = left
+        else:  # (no lookup of this key holds or waits for a turn)
+            del self._turn_users[key], self._turns[key]
+
     async def _owners(self, wanted: list[str]) -> list[StoredRow]:
         found: list[StoredRow] = []
         for start in range(0, len(wanted), LOOKUP_AT_ONCE):
             found += await self._store.stored_owners(wanted[start : start + LOOKUP_AT_ONCE])
         return found
 
-    async def _within(self, asking: Coroutine[Any, Any, T], deadline: float) -> T:
+    async def _within(
+        self,
+        asking: Coroutine[Any, Any, T],
+        deadline: float,
+        ended: Callable[[], None] | None = None,
+    ) -> T:
         """`asking`'s answer by `deadline`. It runs as a task of its own, left to
         end on its own when late: a cancelled asyncpg query waits, in the task that cancels
         it, for its cancel request (up to `command_timeout`, on a hung network), which must
-        not hold a request. Past `MOST_LATE` such tasks none is started.
+        not hold a request. Past `MOST_LATE` such tasks none is started. `ended` is called
+        once `asking` has ended (or was never started).
 
         Raises:
             TimeoutError: late, or too many late already.
@@ -201,9 +248,13 @@ class StoredShare(Flushing):
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0 or len(self._late) >= MOST_LATE:
             asking.close()
+            if ended is not None:
+                ended()
             raise TimeoutError
         task = asyncio.ensure_future(asking)
         task.add_done_callback(mark_seen)  # (a late one's failure is no one's to report)
+        if ended is not None:
+            task.add_done_callback(lambda _: ended())
         try:
             done, _ = await asyncio.wait({task}, timeout=left)
         finally:

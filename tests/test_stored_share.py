@@ -19,13 +19,19 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 
 from gateway.database import Database, opened_database
-from gateway.errors import NotFound
+from gateway.errors import NotFound, StoreBusy
 from gateway.keys import digest_of
 from gateway.media import Estimate
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from gateway.state import KEYS_KEY, STORE_KEY, STORED_KEY, STORED_SHARE_KEY
 from gateway.stored import Naming, StoredResponses
-from gateway.stored_share import KEEP_DAYS, MOST_LOOKED_UP, StoredShare
+from gateway.stored_share import (
+    KEEP_DAYS,
+    MOST_LATE,
+    MOST_LOOKED_UP,
+    MOST_PER_KEY,
+    StoredShare,
+)
 from tests.conftest import MakeSettings, app_of, create_key, provider_config, start_gateway
 from tests.test_attack_h105 import BASE, post as post_json, whole
 from tests.test_attack_h107 import SONNET
@@ -459,3 +465,51 @@ async def test_lookups_in_flight_within_their_deadline_never_make_another_fail_o
         await share.resolve(naming("resp_bob"), "key_alice", share.deadline())
     release.set()
     assert await asyncio.gather(*held) == [False] * 80
+
+
+async def test_one_keys_flood_of_lookups_takes_its_own_turns_not_another_keys() -> None:
+    """Lookups run before admission (no rate limit bounds them): 70 of key_x's on a database
+    that hangs for its ids run `MOST_PER_KEY` at once, late ones included, the rest refused
+    at their deadline; alice's lookup of bob's response is still asked and refused, not
+    answered with a 503 because key_x's late lookups filled `MOST_LATE`."""
+    release = asyncio.Event()
+    running = []
+
+    class Hung(FlakySink):
+        async def stored_owners(self, ids: Any) -> list[tuple[str, str, int, int, float]]:
+            if "resp_bob" in ids:
+                return [("resp_bob", "key_bob", 20, 0, time.time())]
+            running.append(ids)
+            try:
+                await release.wait()
+            finally:
+                running.remove(ids)
+            return []
+
+    share = StoredShare(Hung(), StoredResponses(), flush_seconds=60.0)
+
+    def naming(stored_id: str) -> Naming:
+        named = Naming()
+        named.unresolved.append((stored_id, "previous_response_id", "Previous response", None))
+        return named
+
+    soon = asyncio.get_running_loop().time() + 0.05
+    flood = [
+        asyncio.ensure_future(share.resolve(naming(f"resp_{n}"), "key_x", soon))
+        for n in range(MOST_LATE + 6)
+    ]
+    answers = await asyncio.gather(*flood, return_exceptions=True)
+    assert all(isinstance(a, StoreBusy) for a in answers), answers
+    assert len(running) == MOST_PER_KEY  # (late, still running: key_x's turns held)
+    with pytest.raises(NotFound):
+        await share.resolve(naming("resp_bob"), "key_alice", share.deadline())
+    # key_x's next lookup waits for its own turns (refused at its deadline), asking nothing.
+    with pytest.raises(StoreBusy):
+        await share.resolve(naming("resp_more"), "key_x", asyncio.get_running_loop().time())
+    assert len(running) == MOST_PER_KEY
+    release.set()
+    async with asyncio.timeout(5):
+        while running or share._turns:  # (the late lookups end, giving their turns back)
+            await asyncio.sleep(0)
+    assert share._turn_users == {}
+    assert await share.resolve(naming("resp_1"), "key_x", share.deadline()) is False
