@@ -26,7 +26,7 @@ from gateway.state import STORE_KEY
 from gateway.stored import Naming, StoredResponses
 from gateway.stored_share import StoredShare
 from tests import test_attack_h135
-from tests.conftest import app_of
+from tests.conftest import app_of, create_key
 from tests.test_attack_h105 import post as post_json
 from tests.test_attack_h126 import Scripted
 from tests.test_attack_h135 import PASSES, Open, flush, two
@@ -91,8 +91,9 @@ async def test_lookups_in_flight_within_their_deadline_are_not_late() -> None:
     sink = Answering({"resp_bob": BOB}, seconds=0.2)
     share = StoredShare(sink, StoredResponses(), flush_seconds=60.0)
     deadline = share.deadline()
+    # (From 64 keys: one key's own lookups run `stored_share.MOST_PER_KEY` at once since.)
     flood = [
-        asyncio.ensure_future(share.resolve(naming(f"resp_made_up_{n}"), ALICE, deadline))
+        asyncio.ensure_future(share.resolve(naming(f"resp_made_up_{n}"), f"key_{n}", deadline))
         for n in range(MOST_LATE)
     ]
     async with asyncio.timeout(5):  # (each lookup started: 64 queries in flight, none late)
@@ -136,11 +137,14 @@ async def test_a_key_filling_the_late_table_with_its_own_lookups_gets_another_ke
             in_flight -= 1
 
     monkeypatch.setattr(store, "stored_owners", answering)
+    # (The flood from 64 keys: one key's own lookups run `stored_share.MOST_PER_KEY` at once
+    # since, its others waiting their turn.)
+    flooders = [await create_key(second) for _ in range(MOST_LATE)]
     flood = [
         asyncio.ensure_future(
             post_json(
                 second,
-                alice,
+                flooders[n],
                 "/v1/responses",
                 {"model": "m", "input": "x", "previous_response_id": f"resp_made_up_{n}"},
             )
