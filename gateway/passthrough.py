@@ -98,7 +98,15 @@ class Remembering:
     `files`: the items are files the upstream's code wrote (Anthropic's), which requests are
     then searched for (`StoredResponses.files`)."""
 
-    __slots__ = ("_contexts", "_ex", "_files", "_items", "_named", "_own", "_response")
+    __slots__ = (
+        "_contexts",
+        "_ex",
+        "_files",
+        "_items",
+        "_named",
+        "_own",
+        "_response",
+    )
 
     def __init__(self, ex: Exchange[ChatCall], named: Naming, *, files: bool = False) -> None:
         self._ex = ex
@@ -133,6 +141,15 @@ class Remembering:
                 contexts = shown.contexts[self._contexts :]
                 self._stored().own([found for found in contexts if found not in named], key_id)
             self._contexts = len(shown.contexts)
+        if shown.spilled:  # (past the answer's first ids: shared only, and taken away)
+            fresh = [found for found in shown.spilled if found[0] not in named]
+            shown.spilled = []
+            items = [found for found, context in fresh if not context]
+            if items and self._files:
+                self._stored().files = True
+            self._stored().share(items, key_id, files=self._files)
+            if not self._named.unknown:
+                self._stored().share([found for found, context in fresh if context], key_id)
 
     def _stored(self) -> StoredResponses:
         return self._ex.request.app[STORED_KEY]

@@ -29,6 +29,7 @@ __all__ = [
     "MOST_IDS_AN_ANSWER",
     "MOST_LOOKED_UP",
     "MOST_REMEMBERED",
+    "MOST_SHARED_AN_ANSWER",
     "SHARED_CONTESTED",
     "UNKNOWN_CONVERSATION",
     "Naming",
@@ -50,9 +51,12 @@ MOST_REMEMBERED = 100_000
 # The longest id remembered (OpenAI's are about 50 characters): a longer one, from a hostile
 # upstream, would make the map cost its length each; it is not remembered.
 LONGEST_ID = 256
-# The most ids taken from one answer besides its response's (its output items, containers,
-# conversation): an answer of thousands of items must not push every other key's ids out.
+# The most ids of one answer remembered in memory besides its response's (its output items,
+# containers, conversation): an answer of thousands of items must not push every other key's
+# ids out. The ones after those, up to `MOST_SHARED_AN_ANSWER` in all, go to the database
+# only (`Shown.spilled`), where every process's lookup finds them.
 MOST_IDS_AN_ANSWER = 256
+MOST_SHARED_AN_ANSWER = 10_000
 # The most ids not known here one request may name (as many as a Responses request's input
 # items): a 10 MB body of file ids must not cost the database hundreds of queries.
 MOST_LOOKED_UP = 10_000
@@ -141,13 +145,17 @@ class Shown:
     """The ids an answer showed of what the upstream stores for its request (besides its
     response's): those made for it (its output items) and those it may share with other
     requests (`contexts`: a container, a conversation), at most `MOST_IDS_AN_ANSWER` in all,
-    in the order shown."""
+    in the order shown; then, up to `MOST_SHARED_AN_ANSWER` in all, the others that the
+    database can hold (`spilled`: each an id and whether it is a context, taken away as they
+    are remembered there, `passthrough.Remembering`: a stream of thousands holds none)."""
 
-    __slots__ = ("contexts", "items")
+    __slots__ = ("_spills", "contexts", "items", "spilled")
 
     def __init__(self) -> None:
         self.items: list[str] = []
         self.contexts: list[str] = []
+        self.spilled: list[tuple[str, bool]] = []
+        self._spills = 0  # how many were spilled
 
     def add(self, found: object, *, context: bool = False) -> None:
         """Keep `found` if it is an id (an id too long to remember is not kept either: a
@@ -155,8 +163,13 @@ class Shown:
         if type(found) is not str or not 0 < len(found) <= LONGEST_ID:
             return
         kept = self.contexts if context else self.items
-        if found not in kept and len(self.items) + len(self.contexts) < MOST_IDS_AN_ANSWER:
+        if found in kept:
+            return
+        if len(self.items) + len(self.contexts) < MOST_IDS_AN_ANSWER:
             kept.append(found)
+        elif self._spills < MOST_SHARED_AN_ANSWER - MOST_IDS_AN_ANSWER and shareable(found):
+            self._spills += 1  # (one shown twice counts twice: the journal keeps it once)
+            self.spilled.append((found, context))
 
 
 class StoredResponses:
@@ -178,6 +191,7 @@ class StoredResponses:
         "journal",
         "today",
         "unshared",
+        "unspilled",
     )
 
     def __init__(self, most: int = MOST_REMEMBERED) -> None:
@@ -189,6 +203,7 @@ class StoredResponses:
         # most `most` of them; None: nothing is shared (no database).
         self.journal: dict[str, SharedId] | None = None
         self.unshared = 0  # ids dropped from a full journal (the database was failing)
+        self.unspilled = 0  # ids past an answer's first not journaled (`share`)
         # Today, in days since the epoch (`StoredShare`'s clock): an id a key uses or shows
         # again is journaled once a day, so the database keeps what is in use (`KEEP_DAYS`).
         self.today: Callable[[], int] = lambda: 0
@@ -221,6 +236,21 @@ class StoredResponses:
         the ids are files the upstream's code wrote."""
         for stored_id in ids:
             self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
+
+    def share(self, ids: Iterable[str], key_id: str | None, *, files: bool = False) -> None:
+        """`own`, for ids past an answer's first `MOST_IDS_AN_ANSWER` (`Shown.spilled`): one
+        known here is kept as `own` keeps it; another goes to the database only (the journal),
+        where a lookup finds it, so an answer of thousands of items forgets nothing here. Not
+        while the journal holds half its bound (the database failing, or a flood of such
+        answers): they must not push out what other answers showed (`unspilled`)."""
+        known = self._known
+        for stored_id in ids:
+            if stored_id in known:
+                self._keep(stored_id, key_id, _UNSIZED, file=files)
+            elif self.journal is not None and len(self.journal) < self._most // 2:
+                self._share(stored_id, key_id, _UNSIZED, files)
+            else:
+                self.unspilled += 1
 
     def adopt(self, rows: Iterable[tuple[str, str, int, int, float]]) -> None:
         """Ids another process (or this one before a restart) wrote to the database

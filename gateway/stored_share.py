@@ -182,6 +182,7 @@ class StoredShare(Flushing):
                 "shortly.",
                 retry_after=1.0,
             ) from None
+        found += self._journaled(wanted, {row[0] for row in found})
         self._known.adopt(found)
         owners = {row[0]: row[1] for row in found}
         for stored_id, param, kind, code in named.unresolved:  # (the first named, as memory)
@@ -190,6 +191,21 @@ class StoredShare(Flushing):
                 raise refusal(stored_id, param, kind, code)
         # (Known now, by this lookup or by another request's that ended while it waited.)
         return any(stored_id in self._known for stored_id in wanted)
+
+    def _journaled(self, wanted: list[str], found: set[str]) -> list[StoredRow]:
+        """The rows of `wanted` ids the database did not have and this process's journal
+        holds (not written yet, and not in memory: ids past an answer's first
+        `MOST_IDS_AN_ANSWER`, or forgotten here meanwhile)."""
+        journal = self._known.journal
+        if not journal:
+            return []
+        now = time.time()
+        return [
+            (stored_id, owner, tokens, int(file), now)
+            for stored_id in wanted
+            if stored_id not in found and stored_id in journal
+            for owner, tokens, file in (journal[stored_id],)
+        ]
 
     async def _turn(self, key: str, deadline: float) -> Callable[[], None]:
         """One of `key`'s `MOST_PER_KEY` turns, waited for until `deadline` (TimeoutError);

@@ -157,12 +157,21 @@ async def test_a_stream_cut_after_its_first_event_is_its_keys(build: Build) -> N
 async def test_an_answer_of_many_items_takes_a_bounded_number_of_ids(build: Build) -> None:
     items = [message_item("x") | {"id": f"msg_{n}"} for n in range(MOST_IDS_AN_ANSWER + 50)]
     up = RawUpstream(whole(response_body(USAGE, items)), hold=False)
-    gw, bob, _ = await two_keys(build, up)
+    gw, bob, alice = await two_keys(build, up)
     status, first = await post(gw, bob, "/v1/responses", {"model": "m", "input": "hi"})
     assert status == 200, first
     known = app_of(gw)[STORED_KEY]._known
     assert len(known) == 1 + MOST_IDS_AN_ANSWER  # the response, and the first items' ids
     assert "msg_0" in known and f"msg_{MOST_IDS_AN_ANSWER}" not in known
+    # The others are the database's (here still in the journal, not yet written): another
+    # key's request naming one is refused all the same, bob's own is relayed.
+    sent = len(up.bodies)
+    late = f"msg_{MOST_IDS_AN_ANSWER + 49}"
+    naming = {"model": "m", "input": [{"type": "item_reference", "id": late}]}
+    refused(*await post(gw, alice, "/v1/responses", naming), "input[0].id")
+    assert len(up.bodies) == sent
+    status, again = await post(gw, bob, "/v1/responses", naming)
+    assert status == 200, again
 
 
 def test_an_id_keeps_its_first_key_and_a_response_its_size() -> None:

@@ -24,7 +24,7 @@ from gateway.keys import digest_of
 from gateway.media import Estimate
 from gateway.settings import ModelConfig, RoutingSettings, Target
 from gateway.state import KEYS_KEY, STORE_KEY, STORED_KEY, STORED_SHARE_KEY
-from gateway.stored import Naming, StoredResponses
+from gateway.stored import MOST_IDS_AN_ANSWER, Naming, StoredResponses
 from gateway.stored_share import (
     KEEP_DAYS,
     MOST_LATE,
@@ -33,11 +33,11 @@ from gateway.stored_share import (
     StoredShare,
 )
 from tests.conftest import MakeSettings, app_of, create_key, provider_config, start_gateway
-from tests.test_attack_h105 import BASE, post as post_json, whole
+from tests.test_attack_h105 import BASE, message_item, post as post_json, response_body, whole
 from tests.test_attack_h107 import SONNET
 from tests.test_attack_h126 import Scripted
 from tests.test_attack_h128 import BOBS_RUN, ask, claude, not_found, post as post_messages
-from tests.test_stored_ids import answer, refused
+from tests.test_stored_ids import USAGE, answer, refused
 
 Gateway = TestClient[Any, Any]
 Start = Callable[..., Awaitable[Gateway]]
@@ -512,3 +512,36 @@ async def test_one_keys_flood_of_lookups_takes_its_own_turns_not_another_keys() 
     assert running == []
     assert share._turn_users == {}
     assert await share.resolve(naming("resp_1"), "key_x", share.deadline()) is False
+
+
+async def test_ids_past_an_answers_first_are_refused_by_another_process(start: Start) -> None:
+    """An answer of more items than memory takes from one (`MOST_IDS_AN_ANSWER`): the rest
+    go to the database, and another process refuses them to another key."""
+    items = [message_item("x") | {"id": f"msg_{n}"} for n in range(MOST_IDS_AN_ANSWER + 50)]
+    up = Scripted(lambda n, _: whole(response_body(USAGE, items)))
+    first = await start("openai", up, "gpt-5")
+    second = await start("openai", up, "gpt-5")
+    bob, alice = await create_key(first), await create_key(first)
+    await knows_keys(second)
+    status, body = await post_json(first, bob, "/v1/responses", {"model": "m", "input": "hi"})
+    assert status == 200, body
+    assert f"msg_{MOST_IDS_AN_ANSWER + 49}" not in app_of(first)[STORED_KEY]
+    await app_of(first)[STORED_SHARE_KEY].flush()
+    sent = len(up.bodies)
+    for gw in (first, second):
+        for n in (0, MOST_IDS_AN_ANSWER, MOST_IDS_AN_ANSWER + 49):
+            naming = {"model": "m", "input": [{"type": "item_reference", "id": f"msg_{n}"}]}
+            refused(*await post_json(gw, alice, "/v1/responses", naming), "input[0].id")
+    assert len(up.bodies) == sent
+
+
+def test_ids_past_an_answers_first_never_push_out_what_other_answers_showed() -> None:
+    """They go to the journal only while it holds less than half its bound (a database
+    failing, or a flood of such answers); one known here is kept as it was."""
+    known = StoredResponses(most=10)
+    known.journal = {}
+    known.own(["msg_a"], "key_a")
+    known.share(["msg_a", *(f"msg_{n}" for n in range(20))], "key_b")
+    assert known.others("msg_a", "key_b")  # (still key_a's)
+    assert list(known.journal) == ["msg_a", "msg_0", "msg_1", "msg_2", "msg_3"]
+    assert known.unspilled == 16 and known.unshared == 0 and len(known) == 1
