@@ -437,25 +437,37 @@ async def test_a_failed_look_for_files_searches_the_request_and_is_logged_once()
     assert await share.files_seen()
 
 
+class Holding(FlakySink):
+    """A database that answers a lookup of `resp_bob` (key_bob's) at once, and holds every
+    other lookup (`running`) until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.running: list[Any] = []
+
+    async def stored_owners(self, ids: Any) -> list[tuple[str, str, int, int, float]]:
+        if "resp_bob" in ids:
+            return [("resp_bob", "key_bob", 20, 0, time.time())]
+        self.running.append(ids)
+        try:
+            await self.release.wait()
+        finally:
+            self.running.remove(ids)
+        return []
+
+
+def naming(stored_id: str) -> Naming:
+    named = Naming()
+    named.unresolved.append((stored_id, "previous_response_id", "Previous response", None))
+    return named
+
+
 async def test_lookups_in_flight_within_their_deadline_never_make_another_fail_open() -> None:
     """Only lookups past their deadline count against `MOST_LATE`: 80 requests' lookups held
     by a busy (not hung) database, then alice naming bob's response, are all answered."""
-    release = asyncio.Event()
-
-    class Busy(FlakySink):
-        async def stored_owners(self, ids: Any) -> list[tuple[str, str, int, int, float]]:
-            if "resp_bob" in ids:
-                return [("resp_bob", "key_bob", 20, 0, time.time())]
-            await release.wait()
-            return []
-
-    share = StoredShare(Busy(), StoredResponses(), flush_seconds=60.0)
-
-    def naming(stored_id: str) -> Naming:
-        named = Naming()
-        named.unresolved.append((stored_id, "previous_response_id", "Previous response", None))
-        return named
-
+    sink = Holding()
+    share = StoredShare(sink, StoredResponses(), flush_seconds=60.0)
     held = [
         asyncio.ensure_future(share.resolve(naming(f"resp_{n}"), "key_x", share.deadline()))
         for n in range(80)
@@ -463,7 +475,7 @@ async def test_lookups_in_flight_within_their_deadline_never_make_another_fail_o
     await asyncio.sleep(0)  # (each under way, none late)
     with pytest.raises(NotFound):
         await share.resolve(naming("resp_bob"), "key_alice", share.deadline())
-    release.set()
+    sink.release.set()
     assert await asyncio.gather(*held) == [False] * 80
 
 
@@ -472,27 +484,9 @@ async def test_one_keys_flood_of_lookups_takes_its_own_turns_not_another_keys() 
     that hangs for its ids run `MOST_PER_KEY` at once, late ones included, the rest refused
     at their deadline; alice's lookup of bob's response is still asked and refused, not
     answered with a 503 because key_x's late lookups filled `MOST_LATE`."""
-    release = asyncio.Event()
-    running = []
-
-    class Hung(FlakySink):
-        async def stored_owners(self, ids: Any) -> list[tuple[str, str, int, int, float]]:
-            if "resp_bob" in ids:
-                return [("resp_bob", "key_bob", 20, 0, time.time())]
-            running.append(ids)
-            try:
-                await release.wait()
-            finally:
-                running.remove(ids)
-            return []
-
-    share = StoredShare(Hung(), StoredResponses(), flush_seconds=60.0)
-
-    def naming(stored_id: str) -> Naming:
-        named = Naming()
-        named.unresolved.append((stored_id, "previous_response_id", "Previous response", None))
-        return named
-
+    sink = Holding()
+    running = sink.running
+    share = StoredShare(sink, StoredResponses(), flush_seconds=60.0)
     soon = asyncio.get_running_loop().time() + 0.05
     flood = [
         asyncio.ensure_future(share.resolve(naming(f"resp_{n}"), "key_x", soon))
@@ -507,7 +501,7 @@ async def test_one_keys_flood_of_lookups_takes_its_own_turns_not_another_keys() 
     with pytest.raises(StoreBusy):
         await share.resolve(naming("resp_more"), "key_x", asyncio.get_running_loop().time())
     assert len(running) == MOST_PER_KEY
-    release.set()
+    sink.release.set()
     await asyncio.wait(set(share._late))  # (the late lookups end, giving their turns back)
     assert running == []
     assert share._turn_users == {}
