@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -74,13 +74,15 @@ KEEP_DAYS = 30
 LOOKUP_AT_ONCE = 1000
 # The longest a request waits for the database's answers (past it: a 503 to retry, logged).
 LOOKUP_SECONDS = 2.0
-# Lookups left running past their deadline, at most: past it a lookup fails at once (the
-# database hangs; every request would leave one more).
+# Lookups left running past their deadline, at most: past it a lookup of a key that has
+# late ones of its own fails at once (the database hangs; every request would leave one
+# more). A key with none still starts one: a few keys' late lookups must not refuse others'.
 MOST_LATE = 64
 # One key's lookups running at once, late ones included (more wait their turn, within their
 # deadline): lookups run before admission, so a key's rate limit does not bound them, and a
-# key flooding the database must take its own turns, not other keys' (nor `MOST_LATE`).
-MOST_PER_KEY = 4
+# key flooding the database must take its own turns, not other keys'. As many as a busy key
+# continuing its users' conversations on a worker that never saw them asks at once.
+MOST_PER_KEY = 16
 # How often the task forgets what is older than KEEP_DAYS.
 _FORGET_EVERY_SECONDS = 3600.0
 
@@ -140,14 +142,17 @@ class StoredShare(Flushing):
         # Each key's turns (`MOST_PER_KEY`), and how many of its lookups hold or want one.
         self._turns: dict[str, asyncio.Semaphore] = {}
         self._turn_users: dict[str, int] = {}
+        self._late_keys: dict[str, int] = {}  # each key's late lookups
+        self._writing = 0  # the ids of the batch being written
         self._files_failing = False  # the last question failed (logged once)
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
 
     @property
     def pending(self) -> int:
+        """The ids not written yet: in the journal, and in the batch being written."""
         journal = self._known.journal
-        return 0 if journal is None else len(journal)
+        return self._writing + (0 if journal is None else len(journal))
 
     def deadline(self) -> float:
         """When a request's questions to the database must be answered (the loop's clock):
@@ -169,21 +174,31 @@ class StoredShare(Flushing):
         wanted = list(dict.fromkeys(stored_id for stored_id, *_ in named.unresolved))
         if len(wanted) > MOST_LOOKED_UP:
             raise too_many(len(wanted))
+        turn: _Turn | None = None
         try:
-            release = await self._turn(key_id or "", deadline)
-            found = await self._within(self._owners(wanted), deadline, release)
-        except Exception as exc:
-            # Refused, not relayed: a key that floods the database with lookups (they run
-            # before admission) must not make another key's late, and so relayed.
-            log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
-            raise StoreBusy(
-                "The ids of stored responses, items, containers or files this request names "
-                "could not be checked (the database did not answer in time); try again "
-                "shortly.",
-                retry_after=1.0,
-            ) from None
-        found += self._journaled(wanted, {row[0] for row in found})
-        self._known.adopt(found)
+            try:
+                turn = await self._turn(key_id or "", deadline)
+                # (Those another lookup adopted while this one waited are decided by memory:
+                # the handler reads the names again.)
+                asked = [stored_id for stored_id in wanted if stored_id not in self._known]
+                found = await self._within(self._owners(asked), deadline, turn) if asked else []
+            except Exception as exc:
+                # Refused, not relayed: a key that floods the database with lookups (they
+                # run before admission) must not make another key's late, and so relayed.
+                log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
+                raise StoreBusy(
+                    "The ids of stored responses, items, containers or files this request "
+                    "names could not be checked (the database did not answer in time); try "
+                    "again shortly.",
+                    retry_after=1.0,
+                ) from None
+            found += self._journaled(wanted, {row[0] for row in found})
+            self._known.adopt(found)
+        finally:
+            # (After the adoption: a lookup waiting for this turn asks nothing it found. A
+            # late one's is given back when its query ends.)
+            if turn is not None and not turn.late:
+                turn.release()
         owners = {row[0]: row[1] for row in found}
         for stored_id, param, kind, code in named.unresolved:  # (the first named, as memory)
             owner = owners.get(stored_id)
@@ -207,30 +222,20 @@ class StoredShare(Flushing):
             for owner, tokens, file in (journal[stored_id],)
         ]
 
-    async def _turn(self, key: str, deadline: float) -> Callable[[], None]:
-        """One of `key`'s `MOST_PER_KEY` turns, waited for until `deadline` (TimeoutError);
-        what gives it back (once its lookup ends, late or not)."""
+    async def _turn(self, key: str, deadline: float) -> _Turn:
+        """One of `key`'s `MOST_PER_KEY` turns, waited for until `deadline` (TimeoutError),
+        given back once its lookup ends (`_Turn.release`; by the query, when late)."""
         turns = self._turns.get(key)
         if turns is None:
             turns = self._turns[key] = asyncio.Semaphore(MOST_PER_KEY)
         self._turn_users[key] = self._turn_users.get(key, 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            turns.release()
-            self._leave(key)
-
         try:
             async with asyncio.timeout_at(deadline):
                 await turns.acquire()
         except BaseException:
             self._leave(key)
             raise
-        return release
+        return _Turn(self, key, turns)
 
     def _leave(self, key: str) -> None:
         left = self._turn_users[key] - 1
@@ -246,37 +251,38 @@ class StoredShare(Flushing):
         return found
 
     async def _within(
-        self,
-        asking: Coroutine[Any, Any, T],
-        deadline: float,
-        ended: Callable[[], None] | None = None,
+        self, asking: Coroutine[Any, Any, T], deadline: float, turn: _Turn | None = None
     ) -> T:
         """`asking`'s answer by `deadline`. It runs as a task of its own, left to
         end on its own when late: a cancelled asyncpg query waits, in the task that cancels
         it, for its cancel request (up to `command_timeout`, on a hung network), which must
-        not hold a request. Past `MOST_LATE` such tasks none is started. `ended` is called
-        once `asking` has ended (or was never started).
+        not hold a request. Past `MOST_LATE` such tasks none is started for a key with late
+        ones of its own (`turn`'s), nor for no key. A late one keeps `turn` until it ends.
 
         Raises:
             TimeoutError: late, or too many late already.
             Exception: what `asking` raised.
         """
         left = deadline - asyncio.get_running_loop().time()
-        if left <= 0 or len(self._late) >= MOST_LATE:
+        late = self._late
+        if left <= 0 or (
+            len(late) >= MOST_LATE and (turn is None or self._late_keys.get(turn.key))
+        ):
             asking.close()
-            if ended is not None:
-                ended()
             raise TimeoutError
         task = asyncio.ensure_future(asking)
         task.add_done_callback(mark_seen)  # (a late one's failure is no one's to report)
-        if ended is not None:
-            task.add_done_callback(lambda _: ended())
         try:
             done, _ = await asyncio.wait({task}, timeout=left)
         finally:
             if not task.done():  # (late, or its request gone: it ends on its own, held here)
-                self._late.add(task)
-                task.add_done_callback(self._late.discard)
+                late.add(task)
+                task.add_done_callback(late.discard)
+                if turn is not None:
+                    turn.late = True
+                    keys = self._late_keys
+                    keys[turn.key] = keys.get(turn.key, 0) + 1
+                    task.add_done_callback(turn.ended_late)
         if not done:
             raise TimeoutError
         return task.result()
@@ -294,12 +300,15 @@ class StoredShare(Flushing):
                 (stored_id, owner, tokens, int(file), now)
                 for stored_id, (owner, tokens, file) in journal.items()
             )
+            self._writing = len(rows)
             try:
                 await self._store.keep_stored(rows)
             except BaseException:
                 self._known.take_back(journal)
                 self.failing = True
                 raise
+            finally:
+                self._writing = 0
             self.failing = False
 
     async def start(self) -> None:
@@ -370,3 +379,32 @@ class StoredShare(Flushing):
 
 def _today() -> int:
     return int(time.time() // 86400.0)
+
+
+class _Turn:
+    """One of a key's turns (`StoredShare._turn`), given back once: by the lookup that took
+    it, or, left late, when its query ends."""
+
+    __slots__ = ("_given", "_share", "_turns", "key", "late")
+
+    def __init__(self, share: StoredShare, key: str, turns: asyncio.Semaphore) -> None:
+        self._share = share
+        self._turns = turns
+        self._given = False
+        self.key = key
+        self.late = False  # its query runs on past the deadline
+
+    def release(self) -> None:
+        if not self._given:
+            self._given = True
+            self._turns.release()
+            self._share._leave(self.key)
+
+    def ended_late(self, task: asyncio.Future[Any]) -> None:
+        keys = self._share._late_keys
+        left = keys[self.key] - 1
+        if left:
+            keys[self.key] = left
+        else:
+            del keys[self.key]
+        self.release()

@@ -225,8 +225,7 @@ async def test_a_busy_keys_own_continuations_are_answered_by_an_idle_database() 
 async def test_sixteen_keys_filling_the_late_table_do_not_fail_another_keys_lookup() -> None:
     sink = Sink({"resp_bob": BOB}, hangs=made_up)
     share = share_of(sink)
-    keys = MOST_LATE // MOST_PER_KEY
-    assert keys == 16
+    keys = MOST_LATE // MOST_PER_KEY  # (16 when this was found, 4 keys of 16 since)
     for n in range(keys):
         await flood(share, f"key_{n}", MOST_PER_KEY, soon(0.02))
     assert len(share._late) == MOST_LATE
@@ -621,7 +620,7 @@ async def test_a_flooding_key_gets_503s_and_nothing_relayed_while_others_are_ser
                 {"model": "m", "input": "x", "previous_response_id": f"resp_made_up_{n}"},
             )
         )
-        for n in range(12)
+        for n in range(MOST_PER_KEY + 8)
     ]
     async with asyncio.timeout(5):
         await all_hung.wait()
@@ -630,7 +629,7 @@ async def test_a_flooding_key_gets_503s_and_nothing_relayed_while_others_are_ser
     assert status == 503 and answered["error"]["code"] == "database_busy", answered
     status, answered = await post_json(second, bob, "/v1/responses", body)
     assert status == 200, answered
-    assert [s for s, _ in await asyncio.gather(*floods)] == [503] * 12
+    assert [s for s, _ in await asyncio.gather(*floods)] == [503] * (MOST_PER_KEY + 8)
     assert len(up.bodies) == sent + 1  # (bob's only)
     release.set()
     await asyncio.wait(set(share._late), timeout=5)
