@@ -147,7 +147,7 @@ class Remembering:
             items = [found for found, context in fresh if not context]
             if items and self._files:
                 self._stored().files = True
-            self._stored().share(items, key_id, files=self._files)
+            self._stored().share(items, key_id, contest=self._own, files=self._files)
             if not self._named.unknown:
                 self._stored().share([found for found, context in fresh if context], key_id)
 

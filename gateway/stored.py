@@ -237,7 +237,9 @@ class StoredResponses:
         for stored_id in ids:
             self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
 
-    def share(self, ids: Iterable[str], key_id: str | None, *, files: bool = False) -> None:
+    def share(
+        self, ids: Iterable[str], key_id: str | None, *, contest: bool = False, files: bool = False
+    ) -> None:
         """`own`, for ids past an answer's first `MOST_IDS_AN_ANSWER` (`Shown.spilled`): one
         known here is kept as `own` keeps it; another goes to the database only (the journal),
         where a lookup finds it, so an answer of thousands of items forgets nothing here. Not
@@ -246,7 +248,7 @@ class StoredResponses:
         known = self._known
         for stored_id in ids:
             if stored_id in known:
-                self._keep(stored_id, key_id, _UNSIZED, file=files)
+                self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
             elif self.journal is not None and len(self.journal) < self._most // 2:
                 self._share(stored_id, key_id, _UNSIZED, files)
             else:

@@ -288,10 +288,11 @@ def test_the_file_id_search_of_a_huge_body_costs_about_what_its_docs_say() -> No
     body = near_misses(16_000_000)
     named, known = Naming(), StoredResponses()
     known.files = True
-    started = time.perf_counter()
+    # (This thread's CPU time: the search's cost, not a loaded machine's wall clock.)
+    started = time.thread_time()
     assert messages_handler._FILE_ID.search(body) is None  # (look_up's question)
     messages_handler._name_files(named, known, "key_alice", body)  # (the search itself)
-    took = time.perf_counter() - started
+    took = time.thread_time() - started
     assert named.ids == set()
     assert took < 2 * 0.25, f"{took:.2f} s for 2 searches of 16 MB"
 

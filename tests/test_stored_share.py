@@ -539,3 +539,6 @@ def test_ids_past_an_answers_first_never_push_out_what_other_answers_showed() ->
     assert known.others("msg_a", "key_b")  # (still key_a's)
     assert list(known.journal) == ["msg_a", "msg_0", "msg_1", "msg_2", "msg_3"]
     assert known.unspilled == 16 and known.unshared == 0 and len(known) == 1
+    # Contested as `own` contests: key_b's own response showed key_a's item too.
+    known.share(["msg_a"], "key_b", contest=True)
+    assert not known.others("msg_a", "key_b") and not known.others("msg_a", "key_a")
