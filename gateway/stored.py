@@ -149,27 +149,33 @@ class Shown:
     database can hold (`spilled`: each an id and whether it is a context, taken away as they
     are remembered there, `passthrough.Remembering`: a stream of thousands holds none)."""
 
-    __slots__ = ("_spills", "contexts", "items", "spilled")
+    __slots__ = ("_spilled", "contexts", "items", "spilled")
 
     def __init__(self) -> None:
         self.items: list[str] = []
         self.contexts: list[str] = []
         self.spilled: list[tuple[str, bool]] = []
-        self._spills = 0  # how many were spilled
+        # The hashes of those spilled (with whether each is a context): a stream shows each
+        # item twice (added, done), which must spill once; kept as numbers, not the ids.
+        self._spilled: set[int] = set()
 
     def add(self, found: object, *, context: bool = False) -> None:
         """Keep `found` if it is an id (an id too long to remember is not kept either: a
         hostile upstream's megabyte ids would be held until the request ends)."""
         if type(found) is not str or not 0 < len(found) <= LONGEST_ID:
             return
+        spilled = self._spilled
+        if len(spilled) >= MOST_SHARED_AN_ANSWER - MOST_IDS_AN_ANSWER:
+            return  # (past every cap: an answer of millions of items costs little each)
         kept = self.contexts if context else self.items
-        if found in kept:
-            return
         if len(self.items) + len(self.contexts) < MOST_IDS_AN_ANSWER:
-            kept.append(found)
-        elif self._spills < MOST_SHARED_AN_ANSWER - MOST_IDS_AN_ANSWER and shareable(found):
-            self._spills += 1  # (one shown twice counts twice: the journal keeps it once)
-            self.spilled.append((found, context))
+            if found not in kept:
+                kept.append(found)
+        elif found not in kept:
+            mark = hash(found) * 2 + context
+            if mark not in spilled:
+                spilled.add(mark)
+                self.spilled.append((found, context))
 
 
 class StoredResponses:
@@ -192,6 +198,7 @@ class StoredResponses:
         "today",
         "unshared",
         "unspilled",
+        "writing",
     )
 
     def __init__(self, most: int = MOST_REMEMBERED) -> None:
@@ -202,6 +209,8 @@ class StoredResponses:
         # What to write to the database (`StoredShare`): id -> (owner, tokens, a file), at
         # most `most` of them; None: nothing is shared (no database).
         self.journal: dict[str, SharedId] | None = None
+        # The journal's batch being written (`StoredShare.flush`), not in the database yet.
+        self.writing: dict[str, SharedId] = {}
         self.unshared = 0  # ids dropped from a full journal (the database was failing)
         self.unspilled = 0  # ids past an answer's first not journaled (`share`)
         # Today, in days since the epoch (`StoredShare`'s clock): an id a key uses or shows
@@ -242,14 +251,25 @@ class StoredResponses:
     ) -> None:
         """`own`, for ids past an answer's first `MOST_IDS_AN_ANSWER` (`Shown.spilled`): one
         known here is kept as `own` keeps it; another goes to the database only (the journal),
-        where a lookup finds it, so an answer of thousands of items forgets nothing here. Not
-        while the journal holds half its bound (the database failing, or a flood of such
-        answers): they must not push out what other answers showed (`unspilled`)."""
+        where a lookup finds it, so an answer of thousands of items forgets nothing here. One
+        held to be written keeps its first key, as memory does (contested as `own` contests).
+        Not while half the journal's bound waits to be written (the database failing, or a
+        flood of such answers): they must not push out what other answers showed
+        (`unspilled`)."""
         known = self._known
+        journal = self.journal
+        if journal is None:
+            return
+        owner = key_id or ""
         for stored_id in ids:
-            if stored_id in known:
+            if stored_id in known or not shareable(stored_id):  # (the latter: memory only)
                 self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
-            elif self.journal is not None and len(self.journal) < self._most // 2:
+                continue
+            held = journal.get(stored_id) or self.writing.get(stored_id)
+            if held is not None:
+                if contest and held[0] not in (owner, SHARED_CONTESTED):
+                    self._share(stored_id, _CONTESTED, _UNSIZED, files or held[2])
+            elif len(journal) + len(self.writing) < self._most // 2:
                 self._share(stored_id, key_id, _UNSIZED, files)
             else:
                 self.unspilled += 1
@@ -344,10 +364,16 @@ class StoredResponses:
         self._bound_journal(batch)
 
     def _bound_journal(self, journal: dict[str, SharedId]) -> None:
-        """At most `most` ids held for the database: the oldest dropped (`unshared`)."""
+        """At most `most` ids held for the database: the oldest dropped (`unshared`). One
+        memory does not hold (past its answer's first ids, `share`) goes to memory: this
+        process still refuses it."""
         while len(journal) > self._most:
-            del journal[next(iter(journal))]
+            stored_id = next(iter(journal))
+            owner, tokens, _ = journal.pop(stored_id)
             self.unshared += 1
+            if stored_id not in self._known:
+                key_id = _CONTESTED if owner == SHARED_CONTESTED else owner or None
+                self._keep(stored_id, key_id, tokens, share=False)
 
     def _drop(self, stored_id: str, key_id: str | None) -> None:
         """Forget `stored_id`, which is `key_id`'s."""

@@ -143,7 +143,6 @@ class StoredShare(Flushing):
         self._turns: dict[str, asyncio.Semaphore] = {}
         self._turn_users: dict[str, int] = {}
         self._late_keys: dict[str, int] = {}  # each key's late lookups
-        self._writing = 0  # the ids of the batch being written
         self._files_failing = False  # the last question failed (logged once)
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
@@ -151,8 +150,8 @@ class StoredShare(Flushing):
     @property
     def pending(self) -> int:
         """The ids not written yet: in the journal, and in the batch being written."""
-        journal = self._known.journal
-        return self._writing + (0 if journal is None else len(journal))
+        known = self._known
+        return len(known.writing) + (0 if known.journal is None else len(known.journal))
 
     def deadline(self) -> float:
         """When a request's questions to the database must be answered (the loop's clock):
@@ -175,24 +174,35 @@ class StoredShare(Flushing):
         if len(wanted) > MOST_LOOKED_UP:
             raise too_many(len(wanted))
         turn: _Turn | None = None
+        asked: list[str] = []
+        found: list[StoredRow] = []
         try:
             try:
                 turn = await self._turn(key_id or "", deadline)
                 # (Those another lookup adopted while this one waited are decided by memory:
                 # the handler reads the names again.)
                 asked = [stored_id for stored_id in wanted if stored_id not in self._known]
-                found = await self._within(self._owners(asked), deadline, turn) if asked else []
+                if asked:
+                    found = await self._within(self._owners(asked), deadline, turn)
             except Exception as exc:
-                # Refused, not relayed: a key that floods the database with lookups (they
-                # run before admission) must not make another key's late, and so relayed.
-                log.warning("stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted))
-                raise StoreBusy(
-                    "The ids of stored responses, items, containers or files this request "
-                    "names could not be checked (the database did not answer in time); try "
-                    "again shortly.",
-                    retry_after=1.0,
-                ) from None
-            found += self._journaled(wanted, {row[0] for row in found})
+                held = self._journaled(asked, set())
+                if not asked or len(held) < len(asked):
+                    # Refused, not relayed: a key that floods the database with lookups
+                    # (they run before admission) must not make another key's late, and so
+                    # relayed.
+                    log.warning(
+                        "stored_ids_lookup_failed", error=type(exc).__name__, ids=len(wanted)
+                    )
+                    raise StoreBusy(
+                        "The ids of stored responses, items, containers or files this request "
+                        "names could not be checked (the database did not answer in time); "
+                        "try again shortly.",
+                        retry_after=1.0,
+                    ) from None
+                # (Each held here to write, as the answer that showed it said: decided by that,
+                # as memory would, rather than refused while the database is down.)
+                found = held
+            found += self._journaled(asked, {row[0] for row in found})
             self._known.adopt(found)
         finally:
             # (After the adoption: a lookup waiting for this turn asks nothing it found. A
@@ -202,25 +212,30 @@ class StoredShare(Flushing):
         owners = {row[0]: row[1] for row in found}
         for stored_id, param, kind, code in named.unresolved:  # (the first named, as memory)
             owner = owners.get(stored_id)
-            if owner is not None and owner != SHARED_CONTESTED and (owner or None) != key_id:
+            if owner is None:  # (not asked: another lookup adopted it; memory decides)
+                if stored_id not in asked and self._known.others(stored_id, key_id):
+                    raise refusal(stored_id, param, kind, code)
+            elif owner != SHARED_CONTESTED and (owner or None) != key_id:
                 raise refusal(stored_id, param, kind, code)
         # (Known now, by this lookup or by another request's that ended while it waited.)
         return any(stored_id in self._known for stored_id in wanted)
 
-    def _journaled(self, wanted: list[str], found: set[str]) -> list[StoredRow]:
-        """The rows of `wanted` ids the database did not have and this process's journal
-        holds (not written yet, and not in memory: ids past an answer's first
+    def _journaled(self, asked: list[str], found: set[str]) -> list[StoredRow]:
+        """The rows of `asked` ids the database did not have and this process holds to write
+        (its journal, or the batch being written; not in memory: ids past an answer's first
         `MOST_IDS_AN_ANSWER`, or forgotten here meanwhile)."""
         journal = self._known.journal
-        if not journal:
+        writing = self._known.writing
+        if not journal and not writing:
             return []
         now = time.time()
-        return [
-            (stored_id, owner, tokens, int(file), now)
-            for stored_id in wanted
-            if stored_id not in found and stored_id in journal
-            for owner, tokens, file in (journal[stored_id],)
-        ]
+        rows: list[StoredRow] = []
+        for stored_id in asked:
+            if stored_id not in found:
+                held = (journal or {}).get(stored_id) or writing.get(stored_id)
+                if held is not None:
+                    rows.append((stored_id, held[0], held[1], int(held[2]), now))
+        return rows
 
     async def _turn(self, key: str, deadline: float) -> _Turn:
         """One of `key`'s `MOST_PER_KEY` turns, waited for until `deadline` (TimeoutError),
@@ -300,15 +315,15 @@ class StoredShare(Flushing):
                 (stored_id, owner, tokens, int(file), now)
                 for stored_id, (owner, tokens, file) in journal.items()
             )
-            self._writing = len(rows)
+            self._known.writing = journal  # (found by lookups until it is in the database)
             try:
                 await self._store.keep_stored(rows)
             except BaseException:
+                self._known.writing = {}
                 self._known.take_back(journal)
                 self.failing = True
                 raise
-            finally:
-                self._writing = 0
+            self._known.writing = {}
             self.failing = False
 
     async def start(self) -> None:
