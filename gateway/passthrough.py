@@ -130,6 +130,12 @@ class Remembering:
         shown = call.shown
         if shown is None:
             return
+        if self._response is not None and not self._own:
+            # Another key's response again (an echo), or one the request named: its ids are
+            # that response's, none of this key's (those this process never knew included).
+            self._items, self._contexts = len(shown.items), len(shown.contexts)
+            shown.spilled = []
+            return
         if len(shown.items) > self._items:
             items = [found for found in shown.items[self._items :] if found not in named]
             self._items = len(shown.items)

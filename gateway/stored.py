@@ -149,33 +149,33 @@ class Shown:
     database can hold (`spilled`: each an id and whether it is a context, taken away as they
     are remembered there, `passthrough.Remembering`: a stream of thousands holds none)."""
 
-    __slots__ = ("_spilled", "contexts", "items", "spilled")
+    __slots__ = ("_marks", "contexts", "items", "spilled")
 
     def __init__(self) -> None:
         self.items: list[str] = []
         self.contexts: list[str] = []
         self.spilled: list[tuple[str, bool]] = []
-        # The hashes of those spilled (with whether each is a context): a stream shows each
-        # item twice (added, done), which must spill once; kept as numbers, not the ids.
-        self._spilled: set[int] = set()
+        # The hash of each id taken (with whether it is a context), so an id is taken once
+        # (a stream shows each item twice: added, done) at the cost of one look, however
+        # many an answer repeats; numbers, not the ids.
+        self._marks: set[int] = set()
 
     def add(self, found: object, *, context: bool = False) -> None:
         """Keep `found` if it is an id (an id too long to remember is not kept either: a
         hostile upstream's megabyte ids would be held until the request ends)."""
         if type(found) is not str or not 0 < len(found) <= LONGEST_ID:
             return
-        spilled = self._spilled
-        if len(spilled) >= MOST_SHARED_AN_ANSWER - MOST_IDS_AN_ANSWER:
+        marks = self._marks
+        if len(marks) >= MOST_SHARED_AN_ANSWER:
             return  # (past every cap: an answer of millions of items costs little each)
-        kept = self.contexts if context else self.items
-        if len(self.items) + len(self.contexts) < MOST_IDS_AN_ANSWER:
-            if found not in kept:
-                kept.append(found)
-        elif found not in kept:
-            mark = hash(found) * 2 + context
-            if mark not in spilled:
-                spilled.add(mark)
-                self.spilled.append((found, context))
+        mark = hash(found) * 2 + context
+        if mark in marks:
+            return
+        marks.add(mark)
+        if len(marks) <= MOST_IDS_AN_ANSWER:
+            (self.contexts if context else self.items).append(found)
+        else:
+            self.spilled.append((found, context))
 
 
 class StoredResponses:
@@ -318,15 +318,19 @@ class StoredResponses:
             day = found[2]
             if tokens == _UNSIZED:
                 tokens = found[1]  # (a response's usage came with an earlier answer: kept)
+            journaled = False
             if share and self.journal is not None:
                 today = self.today()
                 if tokens != found[1] or day != today:
-                    self._share(stored_id, key_id, tokens, file)
+                    journaled = True
                     day = today
             del known[stored_id]
             del self._by_key[key_id][stored_id]  # (an id seen again goes last)
             known[stored_id] = (key_id, tokens, day)
             self._by_key[key_id][stored_id] = None
+            if journaled:  # (last: a full journal may move an id it drops into memory,
+                # which may forget this one from a full map)
+                self._share(stored_id, key_id, tokens, file)
             return True
         if len(known) >= self._most:
             self._forget_one(key_id)

@@ -176,16 +176,22 @@ class StoredShare(Flushing):
         turn: _Turn | None = None
         asked: list[str] = []
         found: list[StoredRow] = []
+        held: list[StoredRow] = []
+        others: set[str] = set()
         try:
             try:
                 turn = await self._turn(key_id or "", deadline)
-                # (Those another lookup adopted while this one waited are decided by memory:
-                # the handler reads the names again.)
-                asked = [stored_id for stored_id in wanted if stored_id not in self._known]
+                # Those another lookup adopted while this one waited are decided by memory,
+                # now (adopting what the query finds may forget them from a full map).
+                known = self._known
+                asked = [stored_id for stored_id in wanted if stored_id not in known]
+                others = {i for i in wanted if i in known and known.others(i, key_id)}
+                # What this process holds to write, taken before the query: a batch written
+                # while it runs is in what it reads or in this.
+                held = self._journaled(asked)
                 if asked:
                     found = await self._within(self._owners(asked), deadline, turn)
             except Exception as exc:
-                held = self._journaled(asked, set())
                 if not asked or len(held) < len(asked):
                     # Refused, not relayed: a key that floods the database with lookups
                     # (they run before admission) must not make another key's late, and so
@@ -202,7 +208,8 @@ class StoredShare(Flushing):
                 # (Each held here to write, as the answer that showed it said: decided by that,
                 # as memory would, rather than refused while the database is down.)
                 found = held
-            found += self._journaled(asked, {row[0] for row in found})
+            have = {row[0] for row in found}
+            found += [row for row in held if row[0] not in have]
             self._known.adopt(found)
         finally:
             # (After the adoption: a lookup waiting for this turn asks nothing it found. A
@@ -212,18 +219,18 @@ class StoredShare(Flushing):
         owners = {row[0]: row[1] for row in found}
         for stored_id, param, kind, code in named.unresolved:  # (the first named, as memory)
             owner = owners.get(stored_id)
-            if owner is None:  # (not asked: another lookup adopted it; memory decides)
-                if stored_id not in asked and self._known.others(stored_id, key_id):
+            if owner is None:  # (not asked: another lookup adopted it; memory decided)
+                if stored_id in others:
                     raise refusal(stored_id, param, kind, code)
             elif owner != SHARED_CONTESTED and (owner or None) != key_id:
                 raise refusal(stored_id, param, kind, code)
         # (Known now, by this lookup or by another request's that ended while it waited.)
         return any(stored_id in self._known for stored_id in wanted)
 
-    def _journaled(self, asked: list[str], found: set[str]) -> list[StoredRow]:
-        """The rows of `asked` ids the database did not have and this process holds to write
-        (its journal, or the batch being written; not in memory: ids past an answer's first
-        `MOST_IDS_AN_ANSWER`, or forgotten here meanwhile)."""
+    def _journaled(self, asked: list[str]) -> list[StoredRow]:
+        """The rows of `asked` ids this process holds to write (its journal, or the batch
+        being written; not in memory: ids past an answer's first `MOST_IDS_AN_ANSWER`, or
+        forgotten here meanwhile)."""
         journal = self._known.journal
         writing = self._known.writing
         if not journal and not writing:
@@ -231,10 +238,9 @@ class StoredShare(Flushing):
         now = time.time()
         rows: list[StoredRow] = []
         for stored_id in asked:
-            if stored_id not in found:
-                held = (journal or {}).get(stored_id) or writing.get(stored_id)
-                if held is not None:
-                    rows.append((stored_id, held[0], held[1], int(held[2]), now))
+            held = (journal or {}).get(stored_id) or writing.get(stored_id)
+            if held is not None:
+                rows.append((stored_id, held[0], held[1], int(held[2]), now))
         return rows
 
     async def _turn(self, key: str, deadline: float) -> _Turn:
