@@ -98,15 +98,7 @@ class Remembering:
     `files`: the items are files the upstream's code wrote (Anthropic's), which requests are
     then searched for (`StoredResponses.files`)."""
 
-    __slots__ = (
-        "_contexts",
-        "_ex",
-        "_files",
-        "_items",
-        "_named",
-        "_own",
-        "_response",
-    )
+    __slots__ = ("_contexts", "_ex", "_files", "_items", "_named", "_own", "_response")
 
     def __init__(self, ex: Exchange[ChatCall], named: Naming, *, files: bool = False) -> None:
         self._ex = ex

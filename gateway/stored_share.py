@@ -22,9 +22,10 @@ An id shown by one process in the last `usage_flush_seconds` is not yet in the d
 by another key on another process meanwhile, it is relayed. A lookup that fails or is late
 (`LOOKUP_SECONDS`) is logged and refused with a 503 to try again, never relayed unchecked (a
 key flooding the database must not make another key's lookups late: one key's lookups run
-`MOST_PER_KEY` at once, late ones included, the others waiting); failed writes are kept
-and written when the database is back, at most as many ids as memory holds (past it the
-oldest are dropped, and logged). docs/keys.md, "Stored ids across processes", is the
+`MOST_PER_KEY` at once, late ones included, the others waiting; a request naming only ids
+this process holds to write is decided by those while the database is down); failed writes
+are kept and written when the database is back, at most as many ids as memory holds (past it
+the oldest are dropped, and logged). docs/keys.md, "Stored ids across processes", is the
 reference.
 """
 
