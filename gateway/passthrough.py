@@ -98,7 +98,16 @@ class Remembering:
     `files`: the items are files the upstream's code wrote (Anthropic's), which requests are
     then searched for (`StoredResponses.files`)."""
 
-    __slots__ = ("_contexts", "_ex", "_files", "_items", "_named", "_own", "_response")
+    __slots__ = (
+        "_contexts",
+        "_echo",
+        "_ex",
+        "_files",
+        "_items",
+        "_named",
+        "_own",
+        "_response",
+    )
 
     def __init__(self, ex: Exchange[ChatCall], named: Naming, *, files: bool = False) -> None:
         self._ex = ex
@@ -107,6 +116,9 @@ class Remembering:
         self._items = self._contexts = 0  # how many of `call.shown`'s are remembered
         self._response: str | None = None
         self._own = False  # whether the response is the key's own (`StoredResponses.own`)
+        # Whether the response is another key's again (an echo) or one the request named:
+        # its ids are that response's, none of this key's.
+        self._echo = False
 
     def __call__(self, final: bool = False) -> None:
         call = self._ex.call
@@ -119,12 +131,14 @@ class Remembering:
                 usage = call.usage if final else None
                 tokens = None if usage is None else usage.prompt_tokens + usage.completion_tokens
                 self._own = self._stored().remember(response_id, key_id, tokens)
+                # (Not kept is not an echo: an id too long to remember is the key's own.)
+                self._echo = self._stored().others(response_id, key_id)
+            else:
+                self._echo = True
         shown = call.shown
         if shown is None:
             return
-        if self._response is not None and not self._own:
-            # Another key's response again (an echo), or one the request named: its ids are
-            # that response's, none of this key's (those this process never knew included).
+        if self._echo:  # (those this process never knew included)
             self._items, self._contexts = len(shown.items), len(shown.contexts)
             shown.spilled = []
             return

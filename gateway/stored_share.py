@@ -207,11 +207,13 @@ class StoredShare(Flushing):
                         retry_after=1.0,
                     ) from None
                 # (Each held here to write, as the answer that showed it said: decided by that,
-                # as memory would, rather than refused while the database is down.)
+                # as memory would, rather than refused while the database is down; not
+                # adopted: once it is back, the database's first owner decides.)
                 found = held
-            have = {row[0] for row in found}
-            found += [row for row in held if row[0] not in have]
-            self._known.adopt(found)
+            else:
+                have = {row[0] for row in found}
+                found += [row for row in held if row[0] not in have]
+                self._known.adopt(found)
         finally:
             # (After the adoption: a lookup waiting for this turn asks nothing it found. A
             # late one's is given back when its query ends.)

@@ -270,11 +270,14 @@ async def test_the_fallback_decides_only_when_every_asked_id_is_held() -> None:
     known.journal = held(("h_alice", ALICE), ("h_bob", BOB), ("h_all", "*"), ("h_a2", ALICE))
     known.writing = held(("w_bob", BOB))
     sink.down = True
-    assert await share.resolve(naming("h_alice"), ALICE, share.deadline()) is True
+    # (Decided, not adopted (False: nothing new in memory), since h143: once the database is
+    # back, its first owner decides.)
+    assert await share.resolve(naming("h_alice"), ALICE, share.deadline()) is False
+    assert "h_alice" not in known
     for stored_id in ("h_bob", "w_bob"):
         with pytest.raises(NotFound, match=stored_id):
             await share.resolve(naming(stored_id), ALICE, share.deadline())
-    assert await share.resolve(naming("h_all"), ALICE, share.deadline()) is True
+    assert await share.resolve(naming("h_all"), ALICE, share.deadline()) is False
     with pytest.raises(StoreBusy):
         await share.resolve(naming("h_a2", "resp_elsewhere"), ALICE, share.deadline())
     known.adopt([("resp_carol", CAROL, 5, 0, time.time())])  # (adopted while it waited)
@@ -307,7 +310,7 @@ async def test_late_lookups_decided_by_the_journal_keep_their_turn_until_they_en
     sink = Sink(hangs=lambda ids: any(i.startswith(("h_", "resp_made_up")) for i in ids))
     share = share_of(sink)
     share._known.journal = held(("h_alice", ALICE), ("h_bob", BOB), ("h_a2", ALICE))
-    assert await share.resolve(naming("h_alice"), ALICE, soon(0.05)) is True
+    assert await share.resolve(naming("h_alice"), ALICE, soon(0.05)) is False  # (not adopted)
     with pytest.raises(NotFound):
         await share.resolve(naming("h_bob"), ALICE, soon(0.05))
     assert share._late_keys == {ALICE: 2} and share._turn_users == {ALICE: 2}
@@ -315,7 +318,7 @@ async def test_late_lookups_decided_by_the_journal_keep_their_turn_until_they_en
         await flood(share, f"key_{n}", MOST_PER_KEY, soon(0.02))
     assert len(share._late) >= MOST_LATE
     asked = len(sink.asked)
-    assert await share.resolve(naming("h_a2"), ALICE, share.deadline()) is True
+    assert await share.resolve(naming("h_a2"), ALICE, share.deadline()) is False
     assert len(sink.asked) == asked and share._turn_users[ALICE] == 2
     await end_late(share, sink)
     no_turns_left(share)
