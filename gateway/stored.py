@@ -332,6 +332,13 @@ class StoredResponses:
                 # which may forget this one from a full map)
                 self._share(stored_id, key_id, tokens, file)
             return True
+        if share and key_id != _CONTESTED:  # (a contest wins over what is held)
+            held = self._held_owner(stored_id)
+            if held is not None and (held == _CONTESTED or (held or None) != key_id):
+                # (Held to write, forgotten here: it keeps its first key, or no one's.)
+                if contest and held != _CONTESTED:
+                    self._share(stored_id, _CONTESTED, _UNSIZED, file)
+                return False
         if len(known) >= self._most:
             self._forget_one(key_id)
         # (One the database gave keeps the day it was written: used on a later day, its row
@@ -418,9 +425,37 @@ class StoredResponses:
         return len(self._known)
 
     def others(self, stored_id: str, key_id: str | None) -> bool:
-        """Whether `stored_id` is known to be another key's than `key_id`."""
+        """Whether `stored_id` is known to be another key's than `key_id` (in memory, or
+        held to be written)."""
         found = self._known.get(stored_id)
-        return found is not None and found[0] != key_id and found[0] != _CONTESTED
+        if found is not None:
+            return found[0] != key_id and found[0] != _CONTESTED
+        held = self._held_owner(stored_id)  # ("" for no key's)
+        return held is not None and (held or None) != key_id and held != _CONTESTED
+
+    def _held_owner(self, stored_id: str) -> str | None:
+        """The key (`_CONTESTED` for no one, "" for no key) whose id memory does not hold and
+        the journal or the batch being written does; None if neither holds it."""
+        held = (self.journal or {}).get(stored_id) or self.writing.get(stored_id)
+        if held is None:
+            return None
+        return _CONTESTED if held[0] == SHARED_CONTESTED else held[0]
+
+    def correct(self, rows: Iterable[tuple[str, str, int, int, float]]) -> None:
+        """The database's rows of ids just written (`StoredShare.flush`): an id memory holds
+        as another key's than the database's first one (an answer another process showed
+        first, which this one took for new: a cache in front of the upstream answering
+        alice with bob's response) becomes the database's. One contested here stays so (a
+        contest stays in its process)."""
+        known = self._known
+        for stored_id, owner, tokens, _, seen in rows:
+            found = known.get(stored_id)
+            if found is None or found[0] == _CONTESTED:
+                continue
+            key_id = _CONTESTED if owner == SHARED_CONTESTED else owner or None
+            if found[0] != key_id:
+                self._drop(stored_id, found[0])
+                self._keep(stored_id, key_id, tokens, share=False, day=int(seen // 86400.0))
 
     def use(self, stored_id: str, key_id: str | None) -> bool | None:
         """`stored_id` named by a request of `key_id`: True if it is another key's, False if

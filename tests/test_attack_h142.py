@@ -14,6 +14,7 @@ upstreams (`Scripted`). FINDING tests fail on 35fb5e7; HELD tests pin what was t
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from tests.test_attack_h126 import Scripted
 from tests.test_attack_h140 import (
     ALICE,
     BOB,
+    LATE,
     Sink,
     end_late,
     flood,
@@ -40,7 +42,7 @@ from tests.test_attack_h140 import (
     share_of,
     soon,
 )
-from tests.test_attack_h141 import PAST, Sink as Writes, Start, many_items, reference
+from tests.test_attack_h141 import PAST, Sink as Writes, Start, loop_cpu, many_items, reference
 from tests.test_stored_ids import refused
 
 start = test_attack_h141.start  # (the fixture, by its name: journals written by hand)
@@ -249,11 +251,13 @@ def test_an_answer_of_millions_of_repeated_items_costs_the_loop_little() -> None
         for n in range(MOST_IDS_AN_ANSWER):
             shown.add(f"first_{n}")
         ids = [repeated] * 200_000
-        started = time.process_time()
-        for found in ids:
-            shown.add(found)
-        projected = (time.process_time() - started) * 3_000_000 / len(ids)
-        assert projected < 2.0, f"{projected:.1f} s of loop CPU for a 64 MiB answer of {repeated}"
+        spent, floor = loop_cpu(shown.add, ids)
+        # No scan a repeat: a few times a call that only checks its argument (under coverage
+        # too, which slows both alike); and the absolute bound where nothing traces.
+        assert spent < 10 * floor, (repeated, spent, floor)
+        projected = spent * 3_000_000 / len(ids)
+        if sys.gettrace() is None:
+            assert projected < 2.0, f"{projected:.1f} s of loop CPU for 64 MiB of {repeated}"
 
 
 # --- held: the fallback while the database is down -----------------------------------------
@@ -270,14 +274,11 @@ async def test_the_fallback_decides_only_when_every_asked_id_is_held() -> None:
     known.journal = held(("h_alice", ALICE), ("h_bob", BOB), ("h_all", "*"), ("h_a2", ALICE))
     known.writing = held(("w_bob", BOB))
     sink.down = True
-    # (Decided, not adopted (False: nothing new in memory), since h143: once the database is
-    # back, its first owner decides.)
-    assert await share.resolve(naming("h_alice"), ALICE, share.deadline()) is False
-    assert "h_alice" not in known
+    assert await share.resolve(naming("h_alice"), ALICE, share.deadline()) is True
     for stored_id in ("h_bob", "w_bob"):
         with pytest.raises(NotFound, match=stored_id):
             await share.resolve(naming(stored_id), ALICE, share.deadline())
-    assert await share.resolve(naming("h_all"), ALICE, share.deadline()) is False
+    assert await share.resolve(naming("h_all"), ALICE, share.deadline()) is True
     with pytest.raises(StoreBusy):
         await share.resolve(naming("h_a2", "resp_elsewhere"), ALICE, share.deadline())
     known.adopt([("resp_carol", CAROL, 5, 0, time.time())])  # (adopted while it waited)
@@ -294,7 +295,7 @@ async def test_a_lookup_without_a_turn_is_refused_though_its_ids_are_held() -> N
     sink = Sink(hangs=made_up)
     share = share_of(sink)
     share._known.journal = held(("h_alice", ALICE))
-    await flood(share, ALICE, MOST_PER_KEY, soon(0.02))
+    await flood(share, ALICE, MOST_PER_KEY, soon(LATE))
     with pytest.raises(StoreBusy):
         await share.resolve(naming("h_alice"), ALICE, soon(0.02))
     await end_late(share, sink)
@@ -310,15 +311,15 @@ async def test_late_lookups_decided_by_the_journal_keep_their_turn_until_they_en
     sink = Sink(hangs=lambda ids: any(i.startswith(("h_", "resp_made_up")) for i in ids))
     share = share_of(sink)
     share._known.journal = held(("h_alice", ALICE), ("h_bob", BOB), ("h_a2", ALICE))
-    assert await share.resolve(naming("h_alice"), ALICE, soon(0.05)) is False  # (not adopted)
+    assert await share.resolve(naming("h_alice"), ALICE, soon(LATE)) is True
     with pytest.raises(NotFound):
-        await share.resolve(naming("h_bob"), ALICE, soon(0.05))
+        await share.resolve(naming("h_bob"), ALICE, soon(LATE))
     assert share._late_keys == {ALICE: 2} and share._turn_users == {ALICE: 2}
     for n in range(MOST_LATE // MOST_PER_KEY):
-        await flood(share, f"key_{n}", MOST_PER_KEY, soon(0.02))
+        await flood(share, f"key_{n}", MOST_PER_KEY, soon(LATE))
     assert len(share._late) >= MOST_LATE
     asked = len(sink.asked)
-    assert await share.resolve(naming("h_a2"), ALICE, share.deadline()) is False
+    assert await share.resolve(naming("h_a2"), ALICE, share.deadline()) is True
     assert len(sink.asked) == asked and share._turn_users[ALICE] == 2
     await end_late(share, sink)
     no_turns_left(share)

@@ -90,8 +90,24 @@ def remembering(ex: Answer, *named_ids: str) -> Remembering:
 # `usage_flush_seconds`), and/or treat a shareable response id memory never held as a possible
 # echo (its items journaled only, not claimed in memory) until its row is written.
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    "written",
+    [
+        pytest.param(
+            False,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="documented window (docs/keys.md, Stored ids across processes): an echo "
+                "of a response another process showed is taken for new until its process "
+                "writes its ids (`usage_flush_seconds`), when the database's first owner "
+                "corrects memory",
+            ),
+        ),
+        True,
+    ],
+)
 async def test_an_echo_of_a_response_another_process_showed_claims_nothing(
-    start: Start, kind: str
+    start: Start, kind: str, written: bool
 ) -> None:
     container = {"id": "container_bob", "expires_at": "2030-01-01T00:00:00Z"}
     if kind == "openai":
@@ -109,6 +125,8 @@ async def test_an_echo_of_a_response_another_process_showed_claims_nothing(
         assert (await post_json(first, bob, "/v1/responses", hello))[0] == 200
         await app_of(first)[STORED_SHARE_KEY].flush()  # (bob's, in the database)
         assert (await post_json(second, alice, "/v1/responses", hello))[0] == 200  # (the echo)
+        if written:  # (the echo's process wrote its claims: the database's owner corrects them)
+            await app_of(second)[STORED_SHARE_KEY].flush()
         continued = {"model": "m", "input": "go on", "previous_response_id": "resp_bob"}
         statuses = [(await post_json(second, bob, "/v1/responses", continued))[0]]
         statuses.append((await post_json(second, bob, "/v1/responses", reference("msg_bob")))[0])
@@ -118,6 +136,8 @@ async def test_an_echo_of_a_response_another_process_showed_claims_nothing(
         assert (await post_messages(first, bob, ask()))[0] == 200
         await app_of(first)[STORED_SHARE_KEY].flush()
         assert (await post_messages(second, alice, ask()))[0] == 200  # (the echo)
+        if written:
+            await app_of(second)[STORED_SHARE_KEY].flush()
         thread = {"type": "continue", "previous_message_id": "msg_0"}
         statuses = [(await post_messages(second, bob, ask(thread=thread)))[0]]
         statuses.append((await post_messages(second, bob, ask(container="container_bob")))[0])
@@ -236,10 +256,10 @@ def test_a_long_response_id_is_an_echo_only_when_named() -> None:
 
 
 # HELD: while the database is down, a key naming its own id held to write is decided by that
-# row on every request, each asking the database once (nothing adopted: no other state to go
-# stale), logging nothing; another key is refused it each time, with no lookup logged as
-# failed; once the database is back the next lookup adopts the held row and later requests
-# ask nothing.
+# row, logging nothing; another key is refused it each time (by memory, after the first:
+# the decision is remembered, asking nothing more); once the database is back and the row is
+# written, the database's first owner (carol's here: an answer another process showed first)
+# corrects memory. (Before 6d1b454 was undone, nothing was adopted: each request asked.)
 async def test_repeated_fallback_decisions_ask_once_each_and_log_nothing() -> None:
     sink = Down()
     known = StoredResponses()
@@ -247,48 +267,55 @@ async def test_repeated_fallback_decisions_ask_once_each_and_log_nothing() -> No
     known.journal = held(("msg_x", BOB))
     sink.down = True
     with capture_logs() as logs:
+        named = Naming()
+        named.name(known, BOB, "msg_x", "input[0].id", "Item")
+        assert await share.resolve(named, BOB, share.deadline()) is True
         for _ in range(3):
-            named = Naming()
-            named.name(known, BOB, "msg_x", "input[0].id", "Item")
-            assert await share.resolve(named, BOB, share.deadline()) is False
-            named = Naming()
-            named.name(known, ALICE, "msg_x", "input[0].id", "Item")
             with pytest.raises(NotFound):
+                named = Naming()
+                named.name(known, ALICE, "msg_x", "input[0].id", "Item")
                 await share.resolve(named, ALICE, share.deadline())
-    assert logs == [] and len(sink.asked) == 6 and "msg_x" not in known
-    sink.down = False
-    named = Naming()
-    named.name(known, BOB, "msg_x", "input[0].id", "Item")
-    assert await share.resolve(named, BOB, share.deadline()) is True
+    assert logs == [] and len(sink.asked) == 1
     assert known.use("msg_x", BOB) is False and known.use("msg_x", ALICE) is True
+    sink.down = False
+    sink.rows = {"msg_x": CAROL}  # (the database's first owner)
+    await share.flush()
+    assert known.use("msg_x", CAROL) is False and known.use("msg_x", BOB) is True
 
 
 # HELD: the fallback relays no other key's id: with a journal holding bob's, carol's,
 # contested and keyless rows, each key is served exactly its own and the contested ones and
-# refused the rest while the database is down; a request naming one held id and one not held
-# is a 503 for every key.
+# refused the rest while the database is down (by the rows held, or by memory once a row was
+# adopted); a request naming one held id and one not held is a 503 for every key.
 async def test_the_fallback_relays_no_other_keys_held_id() -> None:
     sink = Down()
     known = StoredResponses()
     share = StoredShare(sink, known, flush_seconds=60.0)
     known.journal = held(("i_bob", BOB), ("i_carol", CAROL), ("i_star", "*"), ("i_none", ""))
     sink.down = True
+
+    async def decide(key: str | None, *ids: str) -> None:
+        named = Naming()
+        for stored_id in ids:
+            named.name(known, key, stored_id, f"input[{stored_id}].id", "Item")
+        if named.unresolved:
+            await share.resolve(named, key, share.deadline())
+
     for key in (BOB, CAROL, ALICE, None):
         for stored_id in ("i_bob", "i_carol", "i_star", "i_none"):
-            named = Naming()
-            named.name(known, key, stored_id, "input[0].id", "Item")
             owner = (known.journal or {})[stored_id][0]
             if owner in ("*", key or ""):
-                assert await share.resolve(named, key, share.deadline()) is False
+                await decide(key, stored_id)
             else:
                 with pytest.raises(NotFound):
-                    await share.resolve(named, key, share.deadline())
-        named = Naming()
-        for stored_id in ("i_star", "i_nowhere"):
-            named.name(known, key, stored_id, f"input[{stored_id}].id", "Item")
+                    await decide(key, stored_id)
         with pytest.raises(StoreBusy):
-            await share.resolve(named, key, share.deadline())
-    assert len(known) == 0
+            await decide(key, "i_star", "i_nowhere")
+    journal = known.journal or {}
+    for stored_id in ("i_bob", "i_carol", "i_none"):  # (adopted as held, no other owner)
+        owner = journal[stored_id][0]
+        assert not known.others(stored_id, owner or None)
+        assert known.others(stored_id, ALICE)
 
 
 # HELD: through the gateway with the openai SDK (whole and streamed), on one process and
