@@ -441,22 +441,6 @@ class StoredResponses:
             return None
         return _CONTESTED if held[0] == SHARED_CONTESTED else held[0]
 
-    def correct(self, rows: Iterable[tuple[str, str, int, int, float]]) -> None:
-        """The database's rows of ids just written (`StoredShare.flush`): an id memory holds
-        as another key's than the database's first one (an answer another process showed
-        first, which this one took for new: a cache in front of the upstream answering
-        alice with bob's response) becomes the database's. One contested here stays so (a
-        contest stays in its process)."""
-        known = self._known
-        for stored_id, owner, tokens, _, seen in rows:
-            found = known.get(stored_id)
-            if found is None or found[0] == _CONTESTED:
-                continue
-            key_id = _CONTESTED if owner == SHARED_CONTESTED else owner or None
-            if found[0] != key_id:
-                self._drop(stored_id, found[0])
-                self._keep(stored_id, key_id, tokens, share=False, day=int(seen // 86400.0))
-
     def use(self, stored_id: str, key_id: str | None) -> bool | None:
         """`stored_id` named by a request of `key_id`: True if it is another key's, False if
         it is this key's (it goes last: what a key keeps using is forgotten last), None if

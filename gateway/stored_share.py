@@ -207,8 +207,7 @@ class StoredShare(Flushing):
                         retry_after=1.0,
                     ) from None
                 # (Each held here to write, as the answer that showed it said: decided by that,
-                # as memory would, rather than refused while the database is down; once the
-                # rows are written, the database's first owner corrects memory: `flush`.)
+                # as memory would, rather than refused while the database is down.)
                 found = held
             have = {row[0] for row in found}
             found += [row for row in held if row[0] not in have]
@@ -333,17 +332,6 @@ class StoredShare(Flushing):
                 raise
             self._known.writing = {}
             self.failing = False
-            await self._correct([row[0] for row in rows])
-
-    async def _correct(self, written: list[str]) -> None:
-        """Read the ids just written back, and let the database's first owner correct memory
-        (`StoredResponses.correct`). A read that fails or is late corrects nothing."""
-        try:
-            back = await self._within(self._owners(written), self.deadline())
-        except Exception as exc:
-            log.info("stored_ids_read_back_failed", error=type(exc).__name__, ids=len(written))
-            return
-        self._known.correct(back)
 
     async def start(self) -> None:
         await self.files_seen()

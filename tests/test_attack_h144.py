@@ -90,21 +90,13 @@ def remembering(ex: Answer, *named_ids: str) -> Remembering:
 # `usage_flush_seconds`), and/or treat a shareable response id memory never held as a possible
 # echo (its items journaled only, not claimed in memory) until its row is written.
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
-@pytest.mark.parametrize(
-    "written",
-    [
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="documented window (docs/keys.md, Stored ids across processes): an echo "
-                "of a response another process showed is taken for new until its process "
-                "writes its ids (`usage_flush_seconds`), when the database's first owner "
-                "corrects memory",
-            ),
-        ),
-        True,
-    ],
+@pytest.mark.parametrize("written", [False, True])
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented limit (docs/keys.md, Stored ids across processes: echoes across "
+    "processes): a process that never knew a response takes an echo of it for new; a read-back "
+    "of each write (tried, then undone after h145) let the first WRITE, not the first answer, "
+    "decide; such a cache has given alice bob's answer already",
 )
 async def test_an_echo_of_a_response_another_process_showed_claims_nothing(
     start: Start, kind: str, written: bool
@@ -257,9 +249,8 @@ def test_a_long_response_id_is_an_echo_only_when_named() -> None:
 
 # HELD: while the database is down, a key naming its own id held to write is decided by that
 # row, logging nothing; another key is refused it each time (by memory, after the first:
-# the decision is remembered, asking nothing more); once the database is back and the row is
-# written, the database's first owner (carol's here: an answer another process showed first)
-# corrects memory. (Before 6d1b454 was undone, nothing was adopted: each request asked.)
+# the decision is remembered, asking nothing more, as a lookup's answer is). (Until the
+# fallback adopted again, nothing was adopted: each request asked.)
 async def test_repeated_fallback_decisions_ask_once_each_and_log_nothing() -> None:
     sink = Down()
     known = StoredResponses()
@@ -277,10 +268,6 @@ async def test_repeated_fallback_decisions_ask_once_each_and_log_nothing() -> No
                 await share.resolve(named, ALICE, share.deadline())
     assert logs == [] and len(sink.asked) == 1
     assert known.use("msg_x", BOB) is False and known.use("msg_x", ALICE) is True
-    sink.down = False
-    sink.rows = {"msg_x": CAROL}  # (the database's first owner)
-    await share.flush()
-    assert known.use("msg_x", CAROL) is False and known.use("msg_x", BOB) is True
 
 
 # HELD: the fallback relays no other key's id: with a journal holding bob's, carol's,

@@ -1,37 +1,35 @@
-"""Attack h145: the stored ids after 5c89e33: `StoredShare.flush` reads each written batch
-back (`_correct`) and `StoredResponses.correct` gives memory the database's first owner where
-they differ; `_keep` claims no id held to write as another key's; `others` reads the journal;
-the fallback while the database is down adopts the rows it decided by again.
+"""Attack h145: the stored ids after 5c89e33: `StoredShare.flush` read each written batch back
+(`_correct`) and `StoredResponses.correct` gave memory the database's first owner where they
+differed (undone after this attack: its tests of that are gone, its findings kept); `_keep`
+claims no id held to write as another key's; `others` reads the journal; the fallback while the
+database is down adopts the rows it decided by again.
 
-Gateways in this process on one database (SQLite, then PostgreSQL) with in-process raw
-upstreams (`Scripted`), and `StoredShare` / `StoredResponses` driven directly. FINDING tests
-fail on 5c89e33; HELD tests pin what was tried and held.
+Gateways in this process on one database (SQLite, then PostgreSQL) with in-process raw upstreams
+(`Scripted`), and `StoredShare` / `StoredResponses` driven directly. FINDING tests fail on
+5c89e33; HELD tests pin what was tried and held.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from gateway import stored, stored_share
+from gateway import stored
 from gateway.errors import NotFound
 from gateway.media import Estimate
 from gateway.state import STORED_KEY, STORED_SHARE_KEY
 from gateway.stored import Naming, StoredResponses
-from gateway.stored_share import LOOKUP_AT_ONCE, MOST_LATE, StoredRow, StoredShare
+from gateway.stored_share import StoredShare
 from tests import test_attack_h141
 from tests.conftest import app_of, create_key
 from tests.test_attack_h105 import post as post_json
 from tests.test_attack_h126 import Scripted, bobs_answer
-from tests.test_attack_h140 import ALICE, BOB, Sink as Reads, naming
+from tests.test_attack_h140 import ALICE, BOB
 from tests.test_attack_h141 import Start, knows_keys, many_items, reference
 from tests.test_attack_h142 import CAROL, Down, held
-from tests.test_attack_h143 import books
 
 start = test_attack_h141.start  # (the fixture, by its name: journals written by hand)
 
@@ -107,6 +105,12 @@ async def test_an_echo_written_first_does_not_take_bobs_response_on_his_own_proc
 # answer whose response id this process never knew contest ids (own them without contest, or
 # journal a tentative claim), and decide the contest once the response's own row is read back
 # as this key's; and/or let `correct` not turn a key's id into a contested one.
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented limit (docs/keys.md, Stored ids across processes: echoes across "
+    "processes): a process that never knew a response takes an echo of it for new (the "
+    "read-back this attacked was undone: the first write, not the first answer, decided)",
+)
 async def test_an_echo_contests_none_of_bobs_items(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,6 +156,12 @@ async def test_an_echo_contests_none_of_bobs_items(
 # decided once back. Expected: corrected by a later flush. Fix: keep the ids of a batch whose
 # read-back failed or was late (bounded, as the journal is) and read them back with the next
 # flush; or adopt nothing the fallback decided by until its rows are read back.
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented limit (docs/keys.md, Stored ids across processes: echoes across "
+    "processes): a process that never knew a response takes an echo of it for new (the "
+    "read-back this attacked was undone: the first write, not the first answer, decided)",
+)
 async def test_a_read_back_that_fails_once_is_tried_again() -> None:
     sink = Down()
     known = StoredResponses()
@@ -179,70 +189,6 @@ async def test_a_read_back_that_fails_once_is_tried_again() -> None:
 # --- held -----------------------------------------------------------------------------------
 
 
-# HELD: `correct` on a full map forgets nothing and claims nothing it did not hold: a keyless
-# id read back as "" stays keyless and keeps its size, a key's own response keeps its size
-# (the row's size is not taken when the owner agrees), an id contested here stays so, an id
-# memory does not hold is not claimed, and an echo's claim becomes the database owner's at
-# the row's size.
-def test_correct_keeps_keyless_contested_and_sized_ids_and_claims_no_absent_one() -> None:
-    known = StoredResponses(most=4)
-    known.journal = {}
-    known.remember("r_none", None, 10)
-    known.remember("r_bob", BOB, 300)
-    known.own(["c"], BOB)
-    known.own(["c"], ALICE, contest=True)  # (two keys' own: no one's here)
-    known.remember("r_echo", ALICE, 20)  # (the map full)
-    rows: list[StoredRow] = [
-        ("r_none", "", -1, 0, 0.0),
-        ("r_bob", BOB, -1, 0, 0.0),
-        ("c", BOB, -1, 0, 0.0),
-        ("r_echo", BOB, 20, 0, 0.0),
-        ("absent", CAROL, -1, 0, 0.0),
-    ]
-    known.correct(rows)
-    books(known)
-    assert len(known) == 4 and "absent" not in known
-    assert known.prompt("r_none", None) == Estimate(10, 10)
-    assert known.prompt("r_bob", BOB) == Estimate(300, 300)
-    assert known.use("c", ALICE) is None and known.use("c", BOB) is None
-    assert known.use("r_echo", BOB) is False and known.prompt("r_echo", BOB) == Estimate(20, 20)
-    with pytest.raises(NotFound):
-        known.prompt("r_echo", ALICE)
-
-
-# HELD: thousands of random operations with corrections by random rows ("" and "*" among the
-# owners) on tiny maps keep the map's books (h143's `books`), and each corrected id memory
-# held (not contested) takes the row's owner, "*" as no one's.
-def test_random_corrections_keep_the_books_and_take_the_databases_owner() -> None:
-    rng = random.Random(145)
-    owners = [BOB, ALICE, CAROL, "", "*"]
-    for most in (1, 2, 3, 5):
-        known = StoredResponses(most=most)
-        known.journal = {}
-        for _ in range(2_000):
-            stored_id = f"id_{rng.randrange(10)}"
-            key = rng.choice([BOB, ALICE, CAROL, None])
-            move = rng.randrange(5)
-            if move == 0:
-                known.own([stored_id], key, contest=rng.random() < 0.3)
-            elif move == 1:
-                known.remember(stored_id, key, rng.choice([None, 5]))
-            elif move == 2:
-                known.share([stored_id], key, contest=rng.random() < 0.3)
-            elif move == 3:
-                known.adopt([(stored_id, rng.choice(owners), 3, 0, 0.0)])
-            else:
-                rows = [(f"id_{n}", rng.choice(owners), 3, 0, 0.0) for n in range(10)]
-                before = dict(known._known)
-                known.correct(rows)
-                for row_id, owner, *_ in rows:
-                    was = before.get(row_id)
-                    if was is not None and was[0] != CONTESTED:
-                        now = known._known[row_id][0]
-                        assert now == (CONTESTED if owner == "*" else owner or None)
-            books(known)
-
-
 # HELD: `_keep`'s rule for ids held to write and not in memory refuses no key its own: a
 # keyless request claims an id held as "" (None and "" not confused), a key claims its own id
 # in the batch being written (its new size kept), a key's own response contests another
@@ -260,54 +206,6 @@ def test_the_held_owner_rule_refuses_no_key_its_own() -> None:
     assert not known.others("z", ALICE) and not known.others("z", BOB)
     known.own(["z"], CAROL)  # (a contested held id: claimed by no one)
     assert "z" not in known
-
-
-# HELD (cost): a backlog of 100,000 ids (an outage's journal at its bound) is read back in
-# `LOOKUP_AT_ONCE` batches (100 queries, within the deadline against a quick database),
-# corrects every echo claim, logs nothing, and leaves the lock free and nothing pending.
-async def test_a_backlog_of_a_hundred_thousand_ids_is_read_back_and_corrected() -> None:
-    count = 100_000
-    ids = [f"resp_{n:06}" for n in range(count)]
-    sink = Reads({stored_id: BOB for stored_id in ids})
-    known = StoredResponses()
-    share = StoredShare(sink, known, flush_seconds=60.0)
-    for stored_id in ids:  # (an echo's claims, held while the database was down)
-        known.remember(stored_id, ALICE, 20)
-    with capture_logs() as logs:
-        await share.flush()
-    assert logs == [] and len(sink.asked) == count // LOOKUP_AT_ONCE
-    assert not share._lock.locked() and share.pending == 0 and len(known) == count
-    assert all(known.others(stored_id, ALICE) for stored_id in ids[:: count // 100])
-    assert known.use(ids[-1], BOB) is False
-
-
-# HELD (cost): read-backs of a database that does not answer leave at most `MOST_LATE` late
-# tasks (past it each fails at once), each flush logging one line and returning with the lock
-# free; a key with no late lookups of its own is still looked up and answered; a stop cancels
-# the late read-backs.
-async def test_late_read_backs_are_bounded_and_hold_no_lookup(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    sink = Reads({"resp_ok": BOB}, hangs=lambda ids: ids[0].startswith("rb_"))
-    known = StoredResponses()
-    share = StoredShare(sink, known, flush_seconds=60.0)
-    monkeypatch.setattr(stored_share, "LOOKUP_SECONDS", 0.01)  # (the read-back's deadline)
-    flushes = 0
-    with capture_logs() as logs:
-        while len(share._late) < MOST_LATE and flushes < 3 * MOST_LATE:
-            known.journal = {f"rb_{flushes}": (BOB, -1, False)}
-            await share.flush()
-            flushes += 1
-        for n in range(3):  # (past the bound: failing at once)
-            known.journal = {f"rb_past_{n}": (BOB, -1, False)}
-            await share.flush()
-    assert len(share._late) == MOST_LATE and not share._lock.locked()
-    assert [e["event"] for e in logs] == ["stored_ids_read_back_failed"] * (flushes + 3)
-    # Bob's lookup (no late ones of his) is started and answered meanwhile.
-    deadline = asyncio.get_running_loop().time() + 30.0
-    assert await share.resolve(naming("resp_ok"), BOB, deadline) is True
-    await share.stop()  # (the late read-backs cancelled)
-    assert share._late == set() and sink.held == 0
 
 
 # HELD: through the gateway (SQLite and PostgreSQL), keys' own answers on two processes (bob's
