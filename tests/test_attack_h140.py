@@ -549,7 +549,7 @@ async def test_the_files_question_asks_once_at_a_time_without_turns(
     sink = HungFiles()
     share = share_of(sink)
     loop = asyncio.get_running_loop()
-    monkeypatch.setattr(share, "deadline", lambda: loop.time() + 0.05)
+    monkeypatch.setattr(share, "deadline", lambda: loop.time() + LATE)
     try:
         assert all(await asyncio.gather(*(share.files_seen() for _ in range(200))))
         assert asked == 1 and len(share._late) == 1
