@@ -111,6 +111,13 @@ async def refused_all(client: openai.AsyncOpenAI, *bodies: Json) -> None:
 # the flush.) Fix: keep the owners of spilled
 # ids this process wrote (a bounded map of written spills, or move them into memory once
 # written, within the key's share) and let the fallback decide by them as by the journal.
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented limit (docs/keys.md, Stored ids across processes: the database down): "
+    "ids past an answer's first 256 live in the database once written, so naming one is a "
+    "lookup even on the process that showed it (a 503 while the database is down); before "
+    "this stop they were not remembered at all",
+)
 async def test_own_long_answer_continued_on_its_process_while_the_db_is_down(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
