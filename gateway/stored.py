@@ -72,6 +72,12 @@ SharedId = tuple[str, int, bool]
 _CONTESTED = "\x00contested"
 
 
+def _key_of(owner: str) -> str | None:
+    """The key memory holds an id as, for a database row's `owner` (`_share` maps the other
+    way): no one's for "*", no key for ""."""
+    return _CONTESTED if owner == SHARED_CONTESTED else owner or None
+
+
 def shareable(stored_id: str) -> bool:
     """Whether the database may hold `stored_id`: ASCII without a NUL (PostgreSQL's text
     cannot hold one; no real upstream sends either), at most `LONGEST_ID` long. Another id is
@@ -260,14 +266,13 @@ class StoredResponses:
         journal = self.journal
         if journal is None:
             return
-        owner = key_id or ""
         for stored_id in ids:
             if stored_id in known or not shareable(stored_id):  # (the latter: memory only)
                 self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
                 continue
-            held = journal.get(stored_id) or self.writing.get(stored_id)
+            held = self.held(stored_id)
             if held is not None:
-                if contest and held[0] not in (owner, SHARED_CONTESTED):
+                if contest and _key_of(held[0]) not in (key_id, _CONTESTED):
                     self._share(stored_id, _CONTESTED, _UNSIZED, files or held[2])
             elif len(journal) + len(self.writing) < self._most // 2:
                 self._share(stored_id, key_id, _UNSIZED, files)
@@ -281,8 +286,7 @@ class StoredResponses:
         for stored_id, owner, tokens, file, seen in rows:
             self.files = self.files or file == 1
             if stored_id not in self._known:
-                key_id = _CONTESTED if owner == SHARED_CONTESTED else owner or None
-                self._keep(stored_id, key_id, tokens, share=False, day=int(seen // 86400.0))
+                self._keep(stored_id, _key_of(owner), tokens, share=False, day=int(seen // 86400.0))
 
     def __contains__(self, stored_id: str) -> bool:
         return stored_id in self._known
@@ -332,13 +336,13 @@ class StoredResponses:
                 # which may forget this one from a full map)
                 self._share(stored_id, key_id, tokens, file)
             return True
-        if share and key_id != _CONTESTED:  # (a contest wins over what is held)
-            held = self._held_owner(stored_id)
-            if held is not None and (held == _CONTESTED or (held or None) != key_id):
-                # (Held to write, forgotten here: it keeps its first key, or no one's.)
-                if contest and held != _CONTESTED:
-                    self._share(stored_id, _CONTESTED, _UNSIZED, file)
-                return False
+        held = self.held(stored_id) if share and key_id != _CONTESTED else None
+        if held is not None and (owner := _key_of(held[0])) != key_id:
+            # (Held to write, forgotten here: it keeps its first key, or no one's; a contest
+            # wins over what is held.)
+            if contest and owner != _CONTESTED:
+                self._share(stored_id, _CONTESTED, _UNSIZED, file)
+            return False
         if len(known) >= self._most:
             self._forget_one(key_id)
         # (One the database gave keeps the day it was written: used on a later day, its row
@@ -383,8 +387,7 @@ class StoredResponses:
             owner, tokens, _ = journal.pop(stored_id)
             self.unshared += 1
             if stored_id not in self._known:
-                key_id = _CONTESTED if owner == SHARED_CONTESTED else owner or None
-                self._keep(stored_id, key_id, tokens, share=False)
+                self._keep(stored_id, _key_of(owner), tokens, share=False)
 
     def _drop(self, stored_id: str, key_id: str | None) -> None:
         """Forget `stored_id`, which is `key_id`'s."""
@@ -430,16 +433,13 @@ class StoredResponses:
         found = self._known.get(stored_id)
         if found is not None:
             return found[0] != key_id and found[0] != _CONTESTED
-        held = self._held_owner(stored_id)  # ("" for no key's)
-        return held is not None and (held or None) != key_id and held != _CONTESTED
+        held = self.held(stored_id)
+        return held is not None and _key_of(held[0]) not in (key_id, _CONTESTED)
 
-    def _held_owner(self, stored_id: str) -> str | None:
-        """The key (`_CONTESTED` for no one, "" for no key) whose id memory does not hold and
-        the journal or the batch being written does; None if neither holds it."""
-        held = (self.journal or {}).get(stored_id) or self.writing.get(stored_id)
-        if held is None:
-            return None
-        return _CONTESTED if held[0] == SHARED_CONTESTED else held[0]
+    def held(self, stored_id: str) -> SharedId | None:
+        """What the journal or the batch being written holds of `stored_id` (to be written
+        to the database), if either does."""
+        return (self.journal or {}).get(stored_id) or self.writing.get(stored_id)
 
     def use(self, stored_id: str, key_id: str | None) -> bool | None:
         """`stored_id` named by a request of `key_id`: True if it is another key's, False if

@@ -232,14 +232,13 @@ class StoredShare(Flushing):
         """The rows of `asked` ids this process holds to write (its journal, or the batch
         being written; not in memory: ids past an answer's first `MOST_IDS_AN_ANSWER`, or
         forgotten here meanwhile)."""
-        journal = self._known.journal
-        writing = self._known.writing
-        if not journal and not writing:
+        known = self._known
+        if not known.journal and not known.writing:
             return []
         now = time.time()
         rows: list[StoredRow] = []
         for stored_id in asked:
-            held = (journal or {}).get(stored_id) or writing.get(stored_id)
+            held = known.held(stored_id)
             if held is not None:
                 rows.append((stored_id, held[0], held[1], int(held[2]), now))
         return rows
@@ -260,11 +259,8 @@ class StoredShare(Flushing):
         return _Turn(self, key, turns)
 
     def _leave(self, key: str) -> None:
-        left = self._turn_users[key] - 1
-        if left:
-            self._turn_users[key] = left
-        else:  # (no lookup of this key holds or waits for a turn)
-            del self._turn_users[key], self._turns[key]
+        if not _count_down(self._turn_users, key):  # (none of its lookups holds or waits)
+            del self._turns[key]
 
     async def _owners(self, wanted: list[str]) -> list[StoredRow]:
         found: list[StoredRow] = []
@@ -301,10 +297,7 @@ class StoredShare(Flushing):
                 late.add(task)
                 task.add_done_callback(late.discard)
                 if turn is not None:
-                    turn.late = True
-                    keys = self._late_keys
-                    keys[turn.key] = keys.get(turn.key, 0) + 1
-                    task.add_done_callback(turn.ended_late)
+                    turn.went_late(task)
         if not done:
             raise TimeoutError
         return task.result()
@@ -422,11 +415,24 @@ class _Turn:
             self._turns.release()
             self._share._leave(self.key)
 
-    def ended_late(self, task: asyncio.Future[Any]) -> None:
+    def went_late(self, task: asyncio.Future[Any]) -> None:
+        """Its lookup's query, `task`, runs on past the deadline: counted among its key's late
+        ones, and the turn given back when it ends."""
+        self.late = True
         keys = self._share._late_keys
-        left = keys[self.key] - 1
-        if left:
-            keys[self.key] = left
-        else:
-            del keys[self.key]
+        keys[self.key] = keys.get(self.key, 0) + 1
+        task.add_done_callback(self._ended_late)
+
+    def _ended_late(self, task: asyncio.Future[Any]) -> None:
+        _count_down(self._share._late_keys, self.key)
         self.release()
+
+
+def _count_down(counts: dict[str, int], key: str) -> int:
+    """One fewer of `key` in `counts` (gone at none); how many are left."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+    return left
