@@ -13,17 +13,15 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
-from aiohttp.test_utils import TestClient
 
 from gateway.errors import NotFound
-from gateway.settings import ModelConfig, RoutingSettings, Target
-from gateway.state import KEYS_KEY, STORE_KEY, STORED_KEY, STORED_SHARE_KEY
+from gateway.state import STORE_KEY, STORED_KEY, STORED_SHARE_KEY
 from gateway.stored import (
     MOST_IDS_AN_ANSWER,
     MOST_SHARED_AN_ANSWER,
@@ -32,9 +30,8 @@ from gateway.stored import (
     StoredResponses,
 )
 from gateway.stored_share import StoredRow, StoredShare
-from tests.conftest import MakeSettings, app_of, create_key, provider_config, start_gateway
+from tests.conftest import MakeSettings, app_of, create_key
 from tests.test_attack_h105 import (
-    BASE,
     message_item,
     post as post_json,
     response_body,
@@ -45,9 +42,8 @@ from tests.test_attack_h107 import SONNET
 from tests.test_attack_h126 import Scripted
 from tests.test_attack_h128 import RAN, ask, claude, not_found, post as post_messages
 from tests.test_stored_ids import USAGE, refused
+from tests.test_stored_share import Start, count_lookups, gateways, knows_keys
 
-Gateway = TestClient[Any, Any]
-Start = Callable[..., Awaitable[Gateway]]
 Json = dict[str, Any]
 
 PAST = MOST_IDS_AN_ANSWER + 24  # an item id past an answer's first (`msg_280`)
@@ -58,47 +54,14 @@ STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection
 async def start(
     aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
 ) -> AsyncIterator[Start]:
-    """`tests/test_stored_share.py`'s: a gateway on the test's database (SQLite, then
-    PostgreSQL) whose model "m" goes to `upstream`; every gateway of a test shares it. Its
-    journal is written when the test says (`flush`) or at its stop, not every 0.05 s: a write
-    under way lets a lookup on its process relay a spilled id (the first finding below),
-    which made these tests flaky on PostgreSQL."""
-    servers: list[asyncio.Server] = []
-    gateways: list[Gateway] = []
-
-    async def make(kind: str, upstream: Any, model: str, **server: Any) -> Gateway:
-        if not upstream.port:
-            listening = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
-            servers.append(listening)
-            upstream.port = listening.sockets[0].getsockname()[1]
-        fields = {"responses_api": True} if kind == "openai" else {}
-        cfg = provider_config(
-            kind,
-            name="up0",
-            base_url=f"http://127.0.0.1:{upstream.port}{BASE[kind]}",
-            api_keys=("sk-up-0123456789abcdefghij",),
-            **fields,
-        )
-        server.setdefault("usage_flush_seconds", 3600.0)
-        settings = make_settings(
-            providers=(cfg,),
-            models=(ModelConfig(name="m", targets=(Target(provider="up0", model=model),)),),
-            routing=RoutingSettings(max_attempts=1, backoff_initial=0.0),
-            database=database,
-            **server,
-        )
-        gateways.append(await start_gateway(aiohttp_client, settings))
-        return gateways[-1]
-
-    yield make
-    for gw in gateways:
-        await gw.close()
-    for listening in servers:
-        listening.close()
-
-
-async def knows_keys(gw: Gateway) -> None:
-    await app_of(gw)[KEYS_KEY].refresh()
+    """`tests/test_stored_share.py`'s, but a gateway's journal is written when the test says
+    (`flush`) or at its stop, not every 0.05 s: a write under way lets a lookup on its process
+    relay a spilled id (the first finding below), which made these tests flaky on
+    PostgreSQL."""
+    async with gateways(
+        aiohttp_client, make_settings, database, usage_flush_seconds=3600.0
+    ) as make:
+        yield make
 
 
 def items(count: int, prefix: str = "msg") -> list[Json]:
@@ -114,19 +77,6 @@ def many_items(
 ) -> bytes:
     """A whole Responses answer of `count` message items `msg_0`..."""
     return whole(response_body(USAGE, items(count, prefix)) | {"id": response})
-
-
-def count_lookups(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    store = app_of(gw)[STORE_KEY]
-    real = store.stored_owners
-    asked: list[list[str]] = []
-
-    async def counted(ids: Any) -> Any:
-        asked.append(list(ids))
-        return await real(ids)
-
-    monkeypatch.setattr(store, "stored_owners", counted)
-    return asked
 
 
 class Sink:

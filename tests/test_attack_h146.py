@@ -34,7 +34,8 @@ from tests.test_attack_h107 import SONNET
 from tests.test_attack_h126 import Scripted
 from tests.test_attack_h128 import RAN, claude, sdk
 from tests.test_attack_h130 import USAGE, WEATHER, openai_flows, responses_upstream
-from tests.test_attack_h141 import Gateway, Start, count_lookups, knows_keys, start
+from tests.test_attack_h141 import Start, start
+from tests.test_stored_share import Gateway, count_lookups, knows_keys
 
 __all__ = ["start"]  # (the fixture, by its name)
 

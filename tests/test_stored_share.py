@@ -9,6 +9,7 @@ the upstreams are raw sockets answering every key of the account alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -43,13 +44,15 @@ Gateway = TestClient[Any, Any]
 Start = Callable[..., Awaitable[Gateway]]
 
 
-@pytest.fixture
-async def start(
-    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
+@contextlib.asynccontextmanager
+async def gateways(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str, **defaults: Any
 ) -> AsyncIterator[Start]:
-    """Starts a gateway on the test's database (SQLite, then PostgreSQL) whose model "m" goes
-    to `upstream` (a provider of `kind`); every gateway of a test shares that database."""
+    """Starts gateways on `database` (each a process of one deployment) whose model "m" goes
+    to `upstream` (a provider of `kind`), with `defaults` as their server settings unless the
+    call names its own; stops them (and the upstreams' sockets) at the end."""
     servers: list[asyncio.Server] = []
+    started: list[Gateway] = []
 
     async def make(kind: str, upstream: Any, model: str, **server: Any) -> Gateway:
         if not upstream.port:
@@ -69,17 +72,28 @@ async def start(
             models=(ModelConfig(name="m", targets=(Target(provider="up0", model=model),)),),
             routing=RoutingSettings(max_attempts=1, backoff_initial=0.0),
             database=database,
-            **server,
+            **(defaults | server),
         )
-        gateways.append(await start_gateway(aiohttp_client, settings))
-        return gateways[-1]
+        started.append(await start_gateway(aiohttp_client, settings))
+        return started[-1]
 
-    gateways: list[Gateway] = []
-    yield make
-    for gw in gateways:  # (stopped here, before the test's database is dropped)
-        await gw.close()
-    for listening in servers:
-        listening.close()
+    try:
+        yield make
+    finally:
+        for gw in started:  # (stopped here, before the test's database is dropped)
+            await gw.close()
+        for listening in servers:
+            listening.close()
+
+
+@pytest.fixture
+async def start(
+    aiohttp_client: AiohttpClient, make_settings: MakeSettings, database: str
+) -> AsyncIterator[Start]:
+    """Starts a gateway on the test's database (SQLite, then PostgreSQL) whose model "m" goes
+    to `upstream` (a provider of `kind`); every gateway of a test shares that database."""
+    async with gateways(aiohttp_client, make_settings, database) as make:
+        yield make
 
 
 async def knows_keys(gw: Gateway) -> None:
