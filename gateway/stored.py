@@ -54,7 +54,8 @@ LONGEST_ID = 256
 # The most ids of one answer remembered in memory besides its response's (its output items,
 # containers, conversation): an answer of thousands of items must not push every other key's
 # ids out. The ones after those, up to `MOST_SHARED_AN_ANSWER` in all, go to the database
-# only (`Shown.spilled`), where every process's lookup finds them.
+# first (`Shown.spilled`), where every process's lookup finds them, and once written to
+# memory where they forget no other key's id (`StoredResponses.written`).
 MOST_IDS_AN_ANSWER = 256
 MOST_SHARED_AN_ANSWER = 10_000
 # The most ids not known here one request may name (as many as a Responses request's input
@@ -256,8 +257,9 @@ class StoredResponses:
         self, ids: Iterable[str], key_id: str | None, *, contest: bool = False, files: bool = False
     ) -> None:
         """`own`, for ids past an answer's first `MOST_IDS_AN_ANSWER` (`Shown.spilled`): one
-        known here is kept as `own` keeps it; another goes to the database only (the journal),
-        where a lookup finds it, so an answer of thousands of items forgets nothing here. One
+        known here is kept as `own` keeps it; another goes to the database first (the journal),
+        where a lookup finds it, so an answer of thousands of items forgets nothing here (once
+        written, `written` keeps what has room). One
         held to be written keeps its first key, as memory does (contested as `own` contests).
         Not while half the journal's bound waits to be written (the database failing, or a
         flood of such answers): they must not push out what other answers showed
@@ -278,6 +280,25 @@ class StoredResponses:
                 self._share(stored_id, key_id, _UNSIZED, files)
             else:
                 self.unspilled += 1
+
+    def written(self, batch: Iterable[tuple[str, SharedId]]) -> None:
+        """A journal batch now in the database (`StoredShare.flush`): its ids memory does not
+        hold (past an answer's first `MOST_IDS_AN_ANSWER`, or forgotten here meanwhile) are
+        remembered where that forgets no other key's id (room is left, or their key holds at
+        least its share, and forgets its own oldest), so the process that showed them decides
+        them itself, the database down or not. The others are found by a lookup."""
+        known = self._known
+        by_key = self._by_key
+        today = self.today()
+        for stored_id, (owner, tokens, _) in batch:
+            if stored_id in known:
+                continue
+            key_id = _key_of(owner)
+            if len(known) >= self._most:
+                own = by_key.get(key_id)
+                if not own or len(own) * len(by_key) < len(known):
+                    continue  # (it would take another key's place)
+            self._keep(stored_id, key_id, tokens, share=False, day=today)
 
     def adopt(self, rows: Iterable[tuple[str, str, int, int, float]]) -> None:
         """Ids another process (or this one before a restart) wrote to the database

@@ -84,6 +84,8 @@ MOST_LATE = 64
 # key flooding the database must take its own turns, not other keys'. As many as a busy key
 # continuing its users' conversations on a worker that never saw them asks at once.
 MOST_PER_KEY = 16
+# A written batch's ids remembered between two turns of the loop (`flush`).
+_WRITTEN_AT_ONCE = 512
 # How often the task forgets what is older than KEEP_DAYS.
 _FORGET_EVERY_SECONDS = 3600.0
 
@@ -325,6 +327,13 @@ class StoredShare(Flushing):
                 raise
             self._known.writing = {}
             self.failing = False
+            # (In slices, the loop let go between them: a batch of 50,000 ids past their
+            # answers' first, each forgetting its key's oldest, takes a third of a second.)
+            written = list(journal.items())
+            for start in range(0, len(written), _WRITTEN_AT_ONCE):
+                if start:
+                    await asyncio.sleep(0)
+                self._known.written(written[start : start + _WRITTEN_AT_ONCE])
 
     async def start(self) -> None:
         await self.files_seen()

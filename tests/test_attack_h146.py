@@ -95,6 +95,8 @@ async def refused_all(client: openai.AsyncOpenAI, *bodies: Json) -> None:
 # --- findings ------------------------------------------------------------------------------
 
 
+# (Passes since stop 48: `StoredResponses.written` keeps a written batch's spilled ids in
+# memory within their key's share.)
 # FINDING (severity: medium): a key continuing its own long answer (more than 256 output
 # items: a long agentic run) on the very process that answered it gets a 503 `database_busy`
 # while the database is briefly down, once that answer's batch has been written. docs/keys.md:
@@ -112,13 +114,6 @@ async def refused_all(client: openai.AsyncOpenAI, *bodies: Json) -> None:
 # the flush.) Fix: keep the owners of spilled
 # ids this process wrote (a bounded map of written spills, or move them into memory once
 # written, within the key's share) and let the fallback decide by them as by the journal.
-@pytest.mark.xfail(
-    strict=True,
-    reason="documented limit (docs/keys.md, Stored ids across processes: the database down): "
-    "ids past an answer's first 256 live in the database once written, so naming one is a "
-    "lookup even on the process that showed it (a 503 while the database is down); before "
-    "this stop they were not remembered at all",
-)
 async def test_own_long_answer_continued_on_its_process_while_the_db_is_down(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
