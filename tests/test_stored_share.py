@@ -605,3 +605,31 @@ async def test_a_large_written_batch_is_kept_in_slices_between_turns_of_the_loop
     await flushing
     assert len(known) == 25_000 and "msg_x24999" in known and "msg_0" not in known
     assert turns >= 25_000 // 512
+
+
+async def test_an_id_contested_while_its_batch_is_written_is_not_kept_as_the_batchs() -> None:
+    """An id past an answer's first that another key's own response showed while its batch
+    was written is contested in the journal: memory does not take the batch's older owner."""
+    known = StoredResponses()
+    sink = FlakySink()
+    sink.down = False
+    share = StoredShare(sink, known, flush_seconds=60.0)
+    writing, release = asyncio.Event(), asyncio.Event()
+    keep = sink.keep_stored
+
+    async def slow(rows: Any) -> None:
+        writing.set()
+        await release.wait()
+        await keep(rows)
+
+    sink.keep_stored = slow  # type: ignore[method-assign]
+    known.share(["msg_x"], "key_bob")
+    flushing = asyncio.create_task(share.flush())
+    await writing.wait()
+    known.share(["msg_x"], "key_alice", contest=True)  # (alice's own response showed it too)
+    release.set()
+    await flushing
+    assert not known.others("msg_x", "key_alice") and not known.others("msg_x", "key_bob")
+    await share.flush()
+    assert sink.rows[-1][:2] == ("msg_x", "*")
+    assert not known.others("msg_x", "key_alice") and not known.others("msg_x", "key_bob")
