@@ -54,8 +54,8 @@ LONGEST_ID = 256
 # The most ids of one answer remembered in memory besides its response's (its output items,
 # containers, conversation): an answer of thousands of items must not push every other key's
 # ids out. The ones after those, up to `MOST_SHARED_AN_ANSWER` in all, go to the database
-# first (`Shown.spilled`), where every process's lookup finds them, and once written to
-# memory where they forget no other key's id (`StoredResponses.written`).
+# first (`Shown.spilled`), where every process's lookup finds them (this process's decides
+# them by what it wrote while the database is down, `StoredResponses.written`).
 MOST_IDS_AN_ANSWER = 256
 MOST_SHARED_AN_ANSWER = 10_000
 # The most ids not known here one request may name (as many as a Responses request's input
@@ -200,6 +200,7 @@ class StoredResponses:
         "_known",
         "_most",
         "_top",
+        "_wrote",
         "files",
         "journal",
         "today",
@@ -229,6 +230,8 @@ class StoredResponses:
         self._by_count: dict[int, dict[str | None, None]] = {}  # the keys holding N ids
         self._top = 0  # the most ids a key holds
         self._most = most
+        # What this process wrote of ids memory does not hold (`written`), oldest first.
+        self._wrote: dict[str, SharedId] = {}
 
     def remember(self, response_id: str, key_id: str | None, tokens: int | None) -> bool:
         """A response relayed for `key_id`, whose prompt and output took `tokens` (None: not
@@ -259,7 +262,7 @@ class StoredResponses:
         """`own`, for ids past an answer's first `MOST_IDS_AN_ANSWER` (`Shown.spilled`): one
         known here is kept as `own` keeps it; another goes to the database first (the journal),
         where a lookup finds it, so an answer of thousands of items forgets nothing here (once
-        written, `written` keeps what has room). One
+        written, `written` holds what it wrote). One
         held to be written keeps its first key, as memory does (contested as `own` contests).
         Not while half the journal's bound waits to be written (the database failing, or a
         flood of such answers): they must not push out what other answers showed
@@ -281,25 +284,24 @@ class StoredResponses:
             else:
                 self.unspilled += 1
 
-    def written(self, batch: Iterable[tuple[str, SharedId]]) -> None:
-        """A journal batch now in the database (`StoredShare.flush`): its ids memory does not
-        hold (past an answer's first `MOST_IDS_AN_ANSWER`, or forgotten here meanwhile) are
-        remembered where that forgets no other key's id (room is left, or their key holds at
-        least its share, and forgets its own oldest), so the process that showed them decides
-        them itself, the database down or not. The others are found by a lookup."""
+    def written(self, batch: dict[str, SharedId]) -> None:
+        """A journal batch now in the database (`StoredShare.flush`): what it wrote of the ids
+        memory does not hold (past an answer's first `MOST_IDS_AN_ANSWER`, or forgotten here
+        meanwhile) stays held (`held`), at most `most // 2` of them (the oldest let go), so
+        the process that showed them decides them itself while the database is down, and
+        contests them as memory does. Never in memory: an answer of thousands of items must
+        not forget its key's other ids (the lookup that adopts them is a request's)."""
         known = self._known
-        by_key = self._by_key
         journal = self.journal or {}
-        today = self.today()
-        for stored_id, (owner, tokens, _) in batch:
-            if stored_id in known or stored_id in journal:
-                continue  # (one noted again since, a contest maybe: that batch decides it)
-            key_id = _key_of(owner)
-            if len(known) >= self._most:
-                own = by_key.get(key_id)
-                if not own or len(own) * len(by_key) < len(known):
-                    continue  # (it would take another key's place)
-            self._keep(stored_id, key_id, tokens, share=False, day=today)
+        wrote = self._wrote
+        for stored_id, row in batch.items():
+            if stored_id in known:
+                wrote.pop(stored_id, None)
+            elif stored_id not in journal:  # (else noted again since: that batch decides it)
+                wrote.pop(stored_id, None)  # (its newest state goes last)
+                wrote[stored_id] = row
+        while len(wrote) > self._most // 2:
+            del wrote[next(iter(wrote))]
 
     def adopt(self, rows: Iterable[tuple[str, str, int, int, float]]) -> None:
         """Ids another process (or this one before a restart) wrote to the database
@@ -459,9 +461,13 @@ class StoredResponses:
         return held is not None and _key_of(held[0]) not in (key_id, _CONTESTED)
 
     def held(self, stored_id: str) -> SharedId | None:
-        """What the journal or the batch being written holds of `stored_id` (to be written
-        to the database), if either does."""
-        return (self.journal or {}).get(stored_id) or self.writing.get(stored_id)
+        """What this process holds of `stored_id` outside memory, newest first: the journal,
+        the batch being written, or what it wrote of an id memory does not hold (`written`)."""
+        return (
+            (self.journal or {}).get(stored_id)
+            or self.writing.get(stored_id)
+            or self._wrote.get(stored_id)
+        )
 
     def use(self, stored_id: str, key_id: str | None) -> bool | None:
         """`stored_id` named by a request of `key_id`: True if it is another key's, False if

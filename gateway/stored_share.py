@@ -23,7 +23,8 @@ by another key on another process meanwhile, it is relayed. A lookup that fails 
 (`LOOKUP_SECONDS`) is logged and refused with a 503 to try again, never relayed unchecked (a
 key flooding the database must not make another key's lookups late: one key's lookups run
 `MOST_PER_KEY` at once, late ones included, the others waiting; a request naming only ids
-this process holds to write is decided by those while the database is down); failed writes
+this process holds outside memory, to write or written by it, is decided by those while the
+database is down); failed writes
 are kept and written when the database is back, at most as many ids as memory holds (past it
 the oldest are dropped, and logged). docs/keys.md, "Stored ids across processes", is the
 reference.
@@ -84,8 +85,6 @@ MOST_LATE = 64
 # key flooding the database must take its own turns, not other keys'. As many as a busy key
 # continuing its users' conversations on a worker that never saw them asks at once.
 MOST_PER_KEY = 16
-# A written batch's ids remembered between two turns of the loop (`flush`).
-_WRITTEN_AT_ONCE = 512
 # How often the task forgets what is older than KEEP_DAYS.
 _FORGET_EVERY_SECONDS = 3600.0
 
@@ -189,9 +188,9 @@ class StoredShare(Flushing):
                 known = self._known
                 asked = [stored_id for stored_id in wanted if stored_id not in known]
                 others = {i for i in wanted if i in known and known.others(i, key_id)}
-                # What this process holds to write, taken before the query: a batch written
-                # while it runs is in what it reads or in this.
-                held = self._journaled(asked)
+                # What this process holds outside memory, taken before the query: a batch
+                # written while it runs is in what it reads or in this.
+                held = self._held(asked)
                 if asked:
                     found = await self._within(self._owners(asked), deadline, turn)
             except Exception as exc:
@@ -230,13 +229,11 @@ class StoredShare(Flushing):
         # (Known now, by this lookup or by another request's that ended while it waited.)
         return any(stored_id in self._known for stored_id in wanted)
 
-    def _journaled(self, asked: list[str]) -> list[StoredRow]:
-        """The rows of `asked` ids this process holds to write (its journal, or the batch
-        being written; not in memory: ids past an answer's first `MOST_IDS_AN_ANSWER`, or
-        forgotten here meanwhile)."""
+    def _held(self, asked: list[str]) -> list[StoredRow]:
+        """The rows of `asked` ids this process holds outside memory (its journal, the batch
+        being written, or what it wrote, `StoredResponses.held`: ids past an answer's first
+        `MOST_IDS_AN_ANSWER`, or forgotten here meanwhile)."""
         known = self._known
-        if not known.journal and not known.writing:
-            return []
         now = time.time()
         rows: list[StoredRow] = []
         for stored_id in asked:
@@ -327,13 +324,7 @@ class StoredShare(Flushing):
                 raise
             self._known.writing = {}
             self.failing = False
-            # (In slices, the loop let go between them: a batch of 50,000 ids past their
-            # answers' first, each forgetting its key's oldest, takes a third of a second.)
-            written = list(journal.items())
-            for start in range(0, len(written), _WRITTEN_AT_ONCE):
-                if start:
-                    await asyncio.sleep(0)
-                self._known.written(written[start : start + _WRITTEN_AT_ONCE])
+            self._known.written(journal)
 
     async def start(self) -> None:
         await self.files_seen()

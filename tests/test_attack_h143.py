@@ -114,8 +114,8 @@ async def test_a_new_response_with_a_long_id_still_claims_its_items(
         assert (status, len(up.bodies) - sent) == (404, 0), body
 
 
-# (Passes since stop 48: a written batch's spilled ids are kept in memory within their key's
-# share, `StoredResponses.written`, where the contest decides them as the first 256.)
+# (Passes since stop 48: what a process wrote of ids memory does not hold stays held,
+# `StoredResponses.written`, where a contest decides them as memory does the first 256.)
 # FINDING (severity: low: needs an upstream that numbers each response's items anew, which
 # docs/keys.md supports, and the database down): h142's first finding, fixed for echoes only,
 # is still open for the case its comment named too: an answer that is alice's OWN response

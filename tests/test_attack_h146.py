@@ -95,8 +95,8 @@ async def refused_all(client: openai.AsyncOpenAI, *bodies: Json) -> None:
 # --- findings ------------------------------------------------------------------------------
 
 
-# (Passes since stop 48: `StoredResponses.written` keeps a written batch's spilled ids in
-# memory within their key's share.)
+# (Passes since stop 48: what the process wrote of ids memory does not hold stays held,
+# `StoredResponses.written`, and the fallback decides by it while the database is down.)
 # FINDING (severity: medium): a key continuing its own long answer (more than 256 output
 # items: a long agentic run) on the very process that answered it gets a 503 `database_busy`
 # while the database is briefly down, once that answer's batch has been written. docs/keys.md:

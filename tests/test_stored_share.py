@@ -559,52 +559,34 @@ def test_ids_past_an_answers_first_never_push_out_what_other_answers_showed() ->
     assert not known.others("msg_a", "key_b") and not known.others("msg_a", "key_a")
 
 
-async def test_written_ids_past_an_answers_first_are_kept_here_within_their_keys_share() -> None:
-    """Once written, the ids past an answer's first go to memory, so the process that showed
-    them decides them itself (the database down or not), but only where they forget no other
-    key's id: room is left, or their key holds its share and forgets its own oldest."""
+async def test_written_ids_past_an_answers_first_stay_held_here_never_in_memory() -> None:
+    """Once written, the ids past an answer's first stay held by the process that showed
+    them (it decides them itself while the database is down, and contests them), at most
+    half of memory's bound, the oldest let go; memory forgets nothing for them."""
     known = StoredResponses(most=10)
     sink = FlakySink()
     sink.down = False
     share = StoredShare(sink, known, flush_seconds=60.0)
     known.own(["msg_a1", "msg_a2", "msg_a3"], "key_a")
     await share.flush()
-    known.share([f"msg_b{n}" for n in range(5)], "key_b")
-    assert len(known) == 3
+    known.share([f"msg_b{n}" for n in range(4)], "key_b")
     await share.flush()
-    assert len(known) == 8 and not known.writing and not known.journal
-    assert known.others("msg_b4", "key_a") and not known.others("msg_b4", "key_b")
-    # Memory full: key_c (no ids here) keeps none of its spilled ids (each would forget
-    # another key's); key_b, holding more than its share, forgets its own oldest.
-    known.own(["msg_b5", "msg_b6"], "key_b")
+    assert len(known) == 3 and not known.writing and not known.journal
+    assert known.others("msg_b3", "key_a") and not known.others("msg_b3", "key_b")
+    assert known.held("msg_b0") == ("key_b", -1, False)
+    assert known.held("msg_a1") is None  # (memory holds it)
+    # Contested as memory contests: key_a's own response showed key_b's item too.
+    known.share(["msg_b0"], "key_a", contest=True)
+    await share.flush()
+    assert sink.rows[-1][:2] == ("msg_b0", "*")
+    assert not known.others("msg_b0", "key_a") and not known.others("msg_b0", "key_b")
+    # At most half of memory's bound (5): the oldest let go (found by a lookup).
     known.share(["msg_c0", "msg_c1"], "key_c")
-    known.share(["msg_b7"], "key_b")
     await share.flush()
-    assert len(known) == 10
-    assert "msg_c0" not in known and "msg_c1" not in known  # (found by a lookup)
-    assert all(f"msg_a{n}" in known for n in (1, 2, 3))
-    assert "msg_b7" in known and "msg_b0" not in known
-    assert [row[0] for row in sink.rows[-3:]] == ["msg_b7", "msg_c0", "msg_c1"]
-
-
-async def test_a_large_written_batch_is_kept_in_slices_between_turns_of_the_loop() -> None:
-    """25,000 ids past their answers' first, each forgetting its key's oldest (a sixth of a
-    second at once): remembered in slices, other requests served between them."""
-    known = StoredResponses(most=25_000)
-    sink = FlakySink()
-    sink.down = False
-    share = StoredShare(sink, known, flush_seconds=60.0)
-    known.journal = {f"msg_{n}": ("key_a", -1, False) for n in range(25_000)}
-    await share.flush()
-    known.journal = {f"msg_x{n}": ("key_a", -1, False) for n in range(25_000)}
-    turns = 0
-    flushing = asyncio.create_task(share.flush())
-    while not flushing.done():
-        turns += 1
-        await asyncio.sleep(0)
-    await flushing
-    assert len(known) == 25_000 and "msg_x24999" in known and "msg_0" not in known
-    assert turns >= 25_000 // 512
+    assert known.held("msg_b1") is None  # (the contest made msg_b0 newest)
+    held = ("msg_b2", "msg_b3", "msg_b0", "msg_c0", "msg_c1")
+    assert all(known.held(stored_id) is not None for stored_id in held)
+    assert len(known) == 3
 
 
 async def test_an_id_contested_while_its_batch_is_written_is_not_kept_as_the_batchs() -> None:
