@@ -19,6 +19,7 @@ without usage: a `background` one), as for a file sent by id.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from gateway.errors import InvalidRequest, NotFound
@@ -226,12 +227,16 @@ class StoredResponses:
         self.today: Callable[[], int] = lambda: 0
         # id -> (its key's id, a response's tokens, the `day` it was last journaled)
         self._known: dict[str, tuple[str | None, int, int]] = {}
-        self._by_key: dict[str | None, dict[str, None]] = {}  # each key's ids, oldest first
-        self._by_count: dict[int, dict[str | None, None]] = {}  # the keys holding N ids
+        # Each key's ids, oldest first, and the keys holding N ids. (Ordered dicts: a plain
+        # dict's first item is found past every one deleted before it, so forgetting the
+        # oldest, one at a time, would cost the square of their number.)
+        self._by_key: dict[str | None, OrderedDict[str, None]] = {}
+        self._by_count: dict[int, OrderedDict[str | None, None]] = {}
         self._top = 0  # the most ids a key holds
         self._most = most
-        # What this process wrote of ids memory does not hold (`written`), oldest first.
-        self._wrote: dict[str, SharedId] = {}
+        # What this process wrote of ids memory does not hold (`written`), oldest first,
+        # each with the day it was written.
+        self._wrote: OrderedDict[str, tuple[SharedId, int]] = OrderedDict()
 
     def remember(self, response_id: str, key_id: str | None, tokens: int | None) -> bool:
         """A response relayed for `key_id`, whose prompt and output took `tokens` (None: not
@@ -277,8 +282,13 @@ class StoredResponses:
                 continue
             held = self.held(stored_id)
             if held is not None:
-                if contest and _key_of(held[0]) not in (key_id, _CONTESTED):
+                owner = _key_of(held[0])
+                if contest and owner not in (key_id, _CONTESTED):
                     self._share(stored_id, _CONTESTED, _UNSIZED, files or held[2])
+                elif owner == key_id and self._written_before_today(stored_id):
+                    # (Shown again by its key on a later day: written again, so the
+                    # database keeps what is in use, as memory's ids are.)
+                    self._share(stored_id, key_id, _UNSIZED, files or held[2])
             elif len(journal) + len(self.writing) < self._most // 2:
                 self._share(stored_id, key_id, _UNSIZED, files)
             else:
@@ -294,14 +304,15 @@ class StoredResponses:
         known = self._known
         journal = self.journal or {}
         wrote = self._wrote
+        today = self.today()
         for stored_id, row in batch.items():
             if stored_id in known:
                 wrote.pop(stored_id, None)
             elif stored_id not in journal:  # (else noted again since: that batch decides it)
-                wrote.pop(stored_id, None)  # (its newest state goes last)
-                wrote[stored_id] = row
+                wrote[stored_id] = (row, today)
+                wrote.move_to_end(stored_id)  # (its newest state goes last)
         while len(wrote) > self._most // 2:
-            del wrote[next(iter(wrote))]
+            wrote.popitem(last=False)
 
     def adopt(self, rows: Iterable[tuple[str, str, int, int, float]]) -> None:
         """Ids another process (or this one before a restart) wrote to the database
@@ -352,10 +363,8 @@ class StoredResponses:
                 if tokens != found[1] or day != today:
                     journaled = True
                     day = today
-            del known[stored_id]
-            del self._by_key[key_id][stored_id]  # (an id seen again goes last)
             known[stored_id] = (key_id, tokens, day)
-            self._by_key[key_id][stored_id] = None
+            self._by_key[key_id].move_to_end(stored_id)  # (an id seen again goes last)
             if journaled:  # (last: a full journal may move an id it drops into memory,
                 # which may forget this one from a full map)
                 self._share(stored_id, key_id, tokens, file)
@@ -372,7 +381,9 @@ class StoredResponses:
         # (One the database gave keeps the day it was written: used on a later day, its row
         # is written again.)
         known[stored_id] = (key_id, tokens, self.today() if share else day)
-        ids = self._by_key.setdefault(key_id, {})
+        ids = self._by_key.get(key_id)
+        if ids is None:
+            ids = self._by_key[key_id] = OrderedDict()
         self._recount(key_id, len(ids), len(ids) + 1)
         ids[stored_id] = None
         if share:
@@ -442,7 +453,10 @@ class StoredResponses:
             if not keys:
                 del by_count[was]
         if now:
-            by_count.setdefault(now, {})[key_id] = None
+            holding = by_count.get(now)
+            if holding is None:
+                holding = by_count[now] = OrderedDict()
+            holding[key_id] = None
         if now > self._top:
             self._top = now
         while self._top and self._top not in by_count:
@@ -460,14 +474,24 @@ class StoredResponses:
         held = self.held(stored_id)
         return held is not None and _key_of(held[0]) not in (key_id, _CONTESTED)
 
+    def _written_before_today(self, stored_id: str) -> bool:
+        """Whether `stored_id` is held only by what was written of it (`written`), on an
+        earlier day."""
+        wrote = self._wrote.get(stored_id)
+        return (
+            wrote is not None
+            and wrote[1] != self.today()
+            and stored_id not in (self.journal or {})
+            and stored_id not in self.writing
+        )
+
     def held(self, stored_id: str) -> SharedId | None:
         """What this process holds of `stored_id` outside memory, newest first: the journal,
         the batch being written, or what it wrote of an id memory does not hold (`written`)."""
-        return (
-            (self.journal or {}).get(stored_id)
-            or self.writing.get(stored_id)
-            or self._wrote.get(stored_id)
-        )
+        found = (self.journal or {}).get(stored_id) or self.writing.get(stored_id)
+        if found is None and (wrote := self._wrote.get(stored_id)) is not None:
+            return wrote[0]
+        return found
 
     def use(self, stored_id: str, key_id: str | None) -> bool | None:
         """`stored_id` named by a request of `key_id`: True if it is another key's, False if

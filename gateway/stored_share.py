@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -134,7 +135,7 @@ class StoredShare(Flushing):
         super().__init__(flush_seconds=flush_seconds)
         self._store = store
         self._known = known
-        known.journal = {}
+        known.journal = OrderedDict()  # (its oldest dropped past the bound: `_bound_journal`)
         known.today = _today
         # When the task last forgot old ids (monotonic): first a minute after the start, not
         # at once (a write at every start, beside other processes' that start with it).
@@ -308,7 +309,7 @@ class StoredShare(Flushing):
             journal = self._known.journal
             if not journal:
                 return
-            self._known.journal = {}
+            self._known.journal = OrderedDict()
             now = time.time()
             rows = sorted(  # in id order: two replicas' batches cannot deadlock
                 (stored_id, owner, tokens, int(file), now)
