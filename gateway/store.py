@@ -13,7 +13,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
@@ -33,7 +33,15 @@ from gateway.rows import (
 )
 from gateway.sqlite_copy import INSERT_KEY, KEEP_STORED, SqliteCopies
 from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
-from gateway.stored_share import FILES_SQL, FORGET_SQL, SELECT_STORED, StoredRow
+from gateway.stored_share import (
+    FILES_SQL,
+    FORGET_SQL,
+    LOOKUP_AT_ONCE,
+    SELECT_STORED,
+    StoredRow,
+)
+
+T = TypeVar("T")
 
 __all__ = ["SECRET_PREFIX", "DatabaseMoved", "Store", "StoreError", "open_store"]
 
@@ -304,11 +312,15 @@ class Store(SqliteCopies):
 
     # What upstreams store for each key (`gateway.stored_share`)
 
-    async def keep_stored(self, rows: Sequence[StoredRow]) -> None:
-        """Write ids and their owners, in one transaction."""
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[tuple[str, str]]:
+        """Write ids and their owners, in one transaction; the owner the database kept of
+        each (the first stays: `upsert_sql`), read in it."""
         async with self._write_lock:
             with _busy_is_503():
-                await self._execute(_in_transaction, self.db._conn, _keep_stored, rows)
+                kept: list[tuple[str, str]] = await self._execute(
+                    _in_transaction, self.db._conn, _keep_stored, rows
+                )
+        return kept
 
     async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]:
         """The rows of those of `ids` the database holds."""
@@ -336,20 +348,27 @@ class Store(SqliteCopies):
                 return [tuple(row) for row in await cur.fetchall()]
 
 
-def _keep_stored(conn: sqlite3.Connection, rows: Sequence[StoredRow]) -> None:
+def _keep_stored(conn: sqlite3.Connection, rows: Sequence[StoredRow]) -> list[tuple[str, str]]:
     conn.executemany(KEEP_STORED, rows)
+    kept: list[tuple[str, str]] = []
+    for start in range(0, len(rows), LOOKUP_AT_ONCE):
+        ids = [row[0] for row in rows[start : start + LOOKUP_AT_ONCE]]
+        sql = f"SELECT id, owner FROM stored_ids WHERE id IN ({', '.join('?' * len(ids))})"  # noqa: S608 - placeholders only
+        kept += conn.execute(sql, ids).fetchall()
+    return kept
 
 
-def _in_transaction(conn: sqlite3.Connection, write: Callable[..., None], *args: Any) -> None:
+def _in_transaction(conn: sqlite3.Connection, write: Callable[..., T], *args: Any) -> T:
     """`write(conn, *args)` in a `BEGIN IMMEDIATE` transaction, committed, or rolled back if it
-    fails; in aiosqlite's thread."""
+    fails; in aiosqlite's thread. Its answer."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        write(conn, *args)
+        done = write(conn, *args)
         conn.commit()
     except BaseException:
         conn.rollback()
         raise
+    return done
 
 
 class DatabaseMoved(StoreError):

@@ -117,7 +117,9 @@ FILES_SQL = "SELECT 1 FROM stored_ids WHERE file = 1 LIMIT 1"
 class StoredSink(Protocol):
     """The database's side (`gateway.store.Store`, `gateway.pg_store.PgStore`)."""
 
-    async def keep_stored(self, rows: Sequence[StoredRow]) -> None: ...
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> Sequence[tuple[str, str]] | None:
+        """Write `rows`; the owner the database kept of each id (None: as written)."""
+
     async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]: ...
     async def forget_stored(self, before: float) -> None: ...
     async def stored_files(self) -> bool: ...
@@ -317,7 +319,7 @@ class StoredShare(Flushing):
             )
             self._known.writing = journal  # (found by lookups until it is in the database)
             try:
-                await self._store.keep_stored(rows)
+                kept = await self._store.keep_stored(rows)
             except BaseException:
                 self._known.writing = {}
                 self._known.take_back(journal)
@@ -325,7 +327,7 @@ class StoredShare(Flushing):
                 raise
             self._known.writing = {}
             self.failing = False
-            self._known.written(journal)
+            self._known.written(journal, dict(kept or ()))
 
     async def start(self) -> None:
         await self.files_seen()
