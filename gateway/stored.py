@@ -276,6 +276,7 @@ class StoredResponses:
         journal = self.journal
         if journal is None:
             return
+        today = self.today()
         for stored_id in ids:
             if stored_id in known or not shareable(stored_id):  # (the latter: memory only)
                 self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
@@ -285,10 +286,14 @@ class StoredResponses:
                 owner = _key_of(held[0])
                 if contest and owner not in (key_id, _CONTESTED):
                     self._share(stored_id, _CONTESTED, _UNSIZED, files or held[2])
-                elif owner == key_id and self._written_before_today(stored_id):
+                elif owner == key_id and self.written_day(stored_id) not in (None, today):
                     # (Shown again by its key on a later day: written again, so the
-                    # database keeps what is in use, as memory's ids are.)
-                    self._share(stored_id, key_id, _UNSIZED, files or held[2])
+                    # database keeps what is in use, as memory's ids are; within the same
+                    # bound as a new one, else tried again when shown next.)
+                    if len(journal) + len(self.writing) < self._most // 2:
+                        self._share(stored_id, key_id, _UNSIZED, files or held[2])
+                    else:
+                        self.unspilled += 1
             elif len(journal) + len(self.writing) < self._most // 2:
                 self._share(stored_id, key_id, _UNSIZED, files)
             else:
@@ -477,16 +482,13 @@ class StoredResponses:
         held = self.held(stored_id)
         return held is not None and _key_of(held[0]) not in (key_id, _CONTESTED)
 
-    def _written_before_today(self, stored_id: str) -> bool:
-        """Whether `stored_id` is held only by what was written of it (`written`), on an
-        earlier day."""
+    def written_day(self, stored_id: str) -> int | None:
+        """The day `stored_id` was written, if it is held only by what was written of it
+        (`written`; not in the journal or the batch being written)."""
         wrote = self._wrote.get(stored_id)
-        return (
-            wrote is not None
-            and wrote[1] != self.today()
-            and stored_id not in (self.journal or {})
-            and stored_id not in self.writing
-        )
+        if wrote is None or stored_id in (self.journal or {}) or stored_id in self.writing:
+            return None
+        return wrote[1]
 
     def held(self, stored_id: str) -> SharedId | None:
         """What this process holds of `stored_id` outside memory, newest first: the journal,

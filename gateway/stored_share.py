@@ -242,7 +242,11 @@ class StoredShare(Flushing):
         for stored_id in asked:
             held = known.held(stored_id)
             if held is not None:
-                rows.append((stored_id, held[0], held[1], int(held[2]), now))
+                # (One written on an earlier day keeps that day: named again, it is written
+                # again, as one the database gave.)
+                day = known.written_day(stored_id)
+                seen = now if day is None else day * 86400.0
+                rows.append((stored_id, held[0], held[1], int(held[2]), seen))
         return rows
 
     async def _turn(self, key: str, deadline: float) -> _Turn:
