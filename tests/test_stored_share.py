@@ -366,6 +366,21 @@ class FlakySink:
         return False
 
 
+def held_writes(sink: FlakySink) -> tuple[asyncio.Event, asyncio.Event]:
+    """`sink`'s writes wait, once under way (the first event set), until the second is set:
+    a batch on its way to the database."""
+    writing, release = asyncio.Event(), asyncio.Event()
+    keep = sink.keep_stored
+
+    async def slow(rows: Any) -> None:
+        writing.set()
+        await release.wait()
+        await keep(rows)
+
+    sink.keep_stored = slow  # type: ignore[method-assign]
+    return writing, release
+
+
 async def test_writes_that_fail_are_kept_bounded_and_written_once_the_database_is_back() -> None:
     known = StoredResponses(most=3)
     sink = FlakySink()
@@ -395,16 +410,7 @@ async def test_a_failed_write_goes_back_before_what_was_noted_meanwhile_within_t
     known = StoredResponses(most=3)
     sink = FlakySink()
     share = StoredShare(sink, known, flush_seconds=60.0)
-    writing = asyncio.Event()
-    release = asyncio.Event()
-    failing = sink.keep_stored
-
-    async def slow(rows: Any) -> None:
-        writing.set()
-        await release.wait()
-        await failing(rows)
-
-    sink.keep_stored = slow  # type: ignore[method-assign]
+    writing, release = held_writes(sink)
     known.remember("resp_1", "key_a", None)
     known.remember("resp_2", "key_a", None)
     flushing = asyncio.create_task(share.flush())
@@ -592,20 +598,13 @@ async def test_written_ids_past_an_answers_first_stay_held_here_never_in_memory(
 
 async def test_an_id_contested_while_its_batch_is_written_is_not_kept_as_the_batchs() -> None:
     """An id past an answer's first that another key's own response showed while its batch
-    was written is contested in the journal: memory does not take the batch's older owner."""
+    was written is contested in the journal: what is held of it is not the batch's older
+    owner."""
     known = StoredResponses()
     sink = FlakySink()
     sink.down = False
     share = StoredShare(sink, known, flush_seconds=60.0)
-    writing, release = asyncio.Event(), asyncio.Event()
-    keep = sink.keep_stored
-
-    async def slow(rows: Any) -> None:
-        writing.set()
-        await release.wait()
-        await keep(rows)
-
-    sink.keep_stored = slow  # type: ignore[method-assign]
+    writing, release = held_writes(sink)
     known.share(["msg_x"], "key_bob")
     flushing = asyncio.create_task(share.flush())
     await writing.wait()
