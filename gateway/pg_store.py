@@ -45,7 +45,9 @@ from gateway.stored_share import (
     EXPORT_STORED,
     FILES_SQL,
     FORGET_SQL,
+    KEPT_SQL,
     SELECT_STORED,
+    KeptRow,
     StoredRow,
     upsert_sql,
 )
@@ -91,7 +93,7 @@ _UNNEST = ", ".join(f"${n}::{_array_type(_HINTS[f])}[]" for n, f in enumerate(_U
 # per day, key and model, taken in order so replicas writing at once never deadlock.
 _KEEP_STORED = upsert_sql(("$1", "$2", "$3", "$4", "$5"))
 _STORED_OWNERS = f"{SELECT_STORED} WHERE id = ANY($1::text[])"
-_KEPT_OWNERS = "SELECT id, owner FROM stored_ids WHERE id = ANY($1::text[])"
+_KEPT_OWNERS = f"{KEPT_SQL} = ANY($1::text[])"
 _INSERT_USAGE_BATCH = (
     f"WITH new AS (INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) SELECT * FROM unnest({_UNNEST})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING RETURNING ts, key_id, model, status, total_tokens, cost_usd)"
@@ -353,15 +355,15 @@ class PgStore:
 
     # What upstreams store for each key (`gateway.stored_share`)
 
-    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[tuple[str, str]]:
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[KeptRow]:
         """Write ids and their owners, in one transaction (in id order: see
-        `StoredShare.flush`); the owner the database kept of each (the first stays:
+        `StoredShare.flush`); what the database kept of each (the first owner stays:
         `upsert_sql`), read in it."""
         with _unavailable_is_503():
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.executemany(_KEEP_STORED, rows)
                 kept = await conn.fetch(_KEPT_OWNERS, [row[0] for row in rows])
-        return [(row[0], row[1]) for row in kept]
+        return [(row[0], row[1], row[2], row[3]) for row in kept]
 
     async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]:
         """The rows of those of `ids` the database holds."""

@@ -36,8 +36,10 @@ from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
 from gateway.stored_share import (
     FILES_SQL,
     FORGET_SQL,
+    KEPT_SQL,
     LOOKUP_AT_ONCE,
     SELECT_STORED,
+    KeptRow,
     StoredRow,
 )
 
@@ -312,12 +314,12 @@ class Store(SqliteCopies):
 
     # What upstreams store for each key (`gateway.stored_share`)
 
-    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[tuple[str, str]]:
-        """Write ids and their owners, in one transaction; the owner the database kept of
-        each (the first stays: `upsert_sql`), read in it."""
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[KeptRow]:
+        """Write ids and their owners, in one transaction; what the database kept of each
+        (the first owner stays: `upsert_sql`), read in it."""
         async with self._write_lock:
             with _busy_is_503():
-                kept: list[tuple[str, str]] = await self._execute(
+                kept: list[KeptRow] = await self._execute(
                     _in_transaction, self.db._conn, _keep_stored, rows
                 )
         return kept
@@ -348,12 +350,12 @@ class Store(SqliteCopies):
                 return [tuple(row) for row in await cur.fetchall()]
 
 
-def _keep_stored(conn: sqlite3.Connection, rows: Sequence[StoredRow]) -> list[tuple[str, str]]:
+def _keep_stored(conn: sqlite3.Connection, rows: Sequence[StoredRow]) -> list[KeptRow]:
     conn.executemany(KEEP_STORED, rows)
-    kept: list[tuple[str, str]] = []
+    kept: list[KeptRow] = []
     for start in range(0, len(rows), LOOKUP_AT_ONCE):
         ids = [row[0] for row in rows[start : start + LOOKUP_AT_ONCE]]
-        sql = f"SELECT id, owner FROM stored_ids WHERE id IN ({', '.join('?' * len(ids))})"  # noqa: S608 - placeholders only
+        sql = f"{KEPT_SQL} IN ({', '.join('?' * len(ids))})"
         kept += conn.execute(sql, ids).fetchall()
     return kept
 

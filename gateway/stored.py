@@ -299,15 +299,15 @@ class StoredResponses:
             else:
                 self.unspilled += 1
 
-    def written(self, batch: dict[str, SharedId], kept: dict[str, str]) -> None:
-        """A journal batch now in the database (`StoredShare.flush`), which `kept` the owner it
-        names of each id (the first stays; one it does not name: as written): what it holds
-        of the ids memory does not hold (past an answer's first `MOST_IDS_AN_ANSWER`, or
-        forgotten here meanwhile) stays held (`held`), at most `most // 2` of them (the
-        oldest let go), so the process that showed them decides them itself while the
-        database is down, as a lookup would, and contests them as memory does. Never in
-        memory: an answer of thousands of items must not forget its key's other ids (the
-        lookup that adopts them is a request's)."""
+    def written(self, batch: dict[str, SharedId], kept: dict[str, SharedId]) -> None:
+        """A journal batch now in the database (`StoredShare.flush`), which `kept` what it
+        names of each id (its first owner stays, with that owner's size; one it does not
+        name: as written): what it holds of the ids memory does not hold (past an answer's
+        first `MOST_IDS_AN_ANSWER`, or forgotten here meanwhile) stays held (`held`), at
+        most `most // 2` of them (the oldest let go), so the process that showed them
+        decides them itself while the database is down, as a lookup would, and contests them
+        as memory does. Never in memory: an answer of thousands of items must not forget its
+        key's other ids (the lookup that adopts them is a request's)."""
         known = self._known
         journal = self.journal or {}
         wrote = self._wrote
@@ -316,8 +316,7 @@ class StoredResponses:
             if stored_id in known:
                 wrote.pop(stored_id, None)
             elif stored_id not in journal:  # (else noted again since: that batch decides it)
-                owner = kept.get(stored_id, row[0])
-                wrote[stored_id] = ((owner, *row[1:]) if owner != row[0] else row, today)
+                wrote[stored_id] = (kept.get(stored_id, row), today)
                 wrote.move_to_end(stored_id)  # (its newest state goes last)
         while len(wrote) > self._most // 2:
             wrote.popitem(last=False)

@@ -54,6 +54,7 @@ def failing_lookups(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 # --- findings ------------------------------------------------------------------------------
 
 
+# (Passes since the next commit: the read-back gives the whole row the database kept.)
 # FINDING (severity: low: needs an echo (a response cache answering bob with alice's response,
 # on a process that never knew it, which docs/keys.md describes), the response forgotten from
 # memory before its batch is written, and the database down when alice continues it; the cost
@@ -145,7 +146,7 @@ async def test_replicas_writing_the_same_ids_at_once_read_back_what_is_kept(star
         for write, answer in zip(writes, kept, strict=True):
             assert len(answer) == len(write)
             later_contest = {r[0] for r in writes[2]}
-            for stored_id, owner in answer:
+            for stored_id, owner, *_ in answer:  # (and, since the next commit, the size)
                 if stored_id not in later_contest:
                     assert final[stored_id] == owner, (round_, stored_id, owner)
         assert all(final[f"msg_{round_}_{n:05d}"] == "*" for n in range(2900, 3100))
@@ -239,8 +240,8 @@ async def test_the_read_back_of_a_full_batch_costs_about_what_its_upsert_does(
         )
     finally:
         conn.close()
-    assert len(kept) == count and {owner for _, owner in kept} == {"key_b"}
-    assert len(again) == count and {owner for _, owner in again} == {"key_b"}
+    assert len(kept) == count and {row[1] for row in kept} == {"key_b"}
+    assert len(again) == count and {row[1] for row in again} == {"key_b"}
     costs = (alone, with_read, again_alone, again_read)
     assert with_read <= 2.5 * alone + 0.05 and again_read <= 2.5 * again_alone + 0.05, costs
 
