@@ -62,6 +62,7 @@ __all__ = [
     "LOOKUP_AT_ONCE",
     "LOOKUP_SECONDS",
     "MOST_LOOKED_UP",
+    "MOST_RETRY_SECONDS",
     "SELECT_STORED",
     "KeptRow",
     "StoredRow",
@@ -88,6 +89,10 @@ MOST_LATE = 64
 # key flooding the database must take its own turns, not other keys'. As many as a busy key
 # continuing its users' conversations on a worker that never saw them asks at once.
 MOST_PER_KEY = 16
+# The longest wait between two tries of a failing write: each try hands the database the
+# whole journal (up to 100,000 ids: about 45 ms of the loop to sort and put back), so the
+# tries back off, doubling from `usage_flush_seconds`, while it fails.
+MOST_RETRY_SECONDS = 8.0
 # How often the task forgets what is older than KEEP_DAYS.
 _FORGET_EVERY_SECONDS = 3600.0
 
@@ -312,6 +317,12 @@ class StoredShare(Flushing):
         if not done:
             raise TimeoutError
         return task.result()
+
+    def retry_seconds(self, failures: int) -> float:
+        """`flush_seconds`, doubled for each write in a row that failed, at most
+        `MOST_RETRY_SECONDS` (never less than `flush_seconds`)."""
+        flush = self._flush_seconds
+        return max(flush, min(flush * 2.0 ** min(failures, 32), MOST_RETRY_SECONDS))
 
     async def flush(self) -> None:
         """Write the journal; on failure it is kept (newer states of the same ids win) and it

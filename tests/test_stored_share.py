@@ -636,3 +636,36 @@ def test_forgetting_the_oldest_costs_what_remembering_does() -> None:
     assert len(known) == count and len(known.journal) == count
     assert known.unshared == count
     assert forgetting < 4 * adding + 0.05, (forgetting, adding)
+
+
+async def test_a_failing_write_is_tried_again_backing_off_then_at_its_pace() -> None:
+    """Each try hands the database the whole journal (up to 100,000 ids, about 45 ms of the
+    loop): while writes fail the task waits twice as long each time, up to
+    `MOST_RETRY_SECONDS`, and once one succeeds it writes every `flush_seconds` again."""
+    known = StoredResponses()
+    sink = FlakySink()
+    share = StoredShare(sink, known, flush_seconds=0.5)
+    known.remember("resp_1", "key_a", None)
+    waits: list[float] = []
+    done = asyncio.Event()
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 8:
+            sink.down = False  # (the database is back: the next try writes)
+        if len(waits) == 11:
+            done.set()
+        await real_sleep(0)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gateway.flushing.asyncio.sleep", sleep)
+        await share.start()
+        await done.wait()
+        task, share._task = share._task, None
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert waits[:11] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 0.5, 0.5, 0.5], waits
+    assert [row[0] for row in sink.rows] == ["resp_1"] and share.pending == 0
