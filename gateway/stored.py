@@ -267,10 +267,10 @@ class StoredResponses:
         """`own`, for ids past an answer's first `MOST_IDS_AN_ANSWER` (`Shown.spilled`): one
         known here is kept as `own` keeps it; another goes to the database first (the journal),
         where a lookup finds it, so an answer of thousands of items forgets nothing here (once
-        written, `written` holds what it wrote). One
-        held to be written keeps its first key, as memory does (contested as `own` contests).
-        Not while half the journal's bound waits to be written (the database failing, or a
-        flood of such answers): they must not push out what other answers showed
+        written, `written` holds what it wrote). One held here keeps its first key, as memory
+        does (contested as `own` contests; shown again by its key on a later day, written
+        again). Not while half the journal's bound waits to be written (the database failing,
+        or a flood of such answers): they must not push out what other answers showed
         (`unspilled`)."""
         known = self._known
         journal = self.journal

@@ -24,8 +24,8 @@ by another key on another process meanwhile, it is relayed. A lookup that fails 
 key flooding the database must not make another key's lookups late: one key's lookups run
 `MOST_PER_KEY` at once, late ones included, the others waiting; a request naming only ids
 this process holds outside memory, to write or written by it, is decided by those while the
-database is down); failed writes
-are kept and written when the database is back, at most as many ids as memory holds (past it
+database is down); failed writes are kept and written when the database is back (tried again
+backing off, up to `MOST_RETRY_SECONDS` apart), at most as many ids as memory holds (past it
 the oldest are dropped, and logged). docs/keys.md, "Stored ids across processes", is the
 reference.
 """
