@@ -75,22 +75,14 @@ class Flushing:
         """What the stop could not write (in its `except` block: the line has the error)."""
         log.exception(self.lost_event, held=self.pending)
 
-    def retry_seconds(self, failures: int) -> float:
-        """How long the task waits after `failures` ticks in a row failed (0: none did)."""
-        return self._flush_seconds
-
     async def _run(self) -> None:
-        failures = 0
         while True:
-            await asyncio.sleep(self.retry_seconds(failures))
+            await asyncio.sleep(self._flush_seconds)
             try:
                 await self.tick()
             except Exception as exc:
-                failures += 1
                 # The error's class only: one line per tick while the database is down.
                 log.warning(self.failed_event, error=type(exc).__name__, held=self.pending)
-            else:
-                failures = 0
 
 
 async def flush_when_free(

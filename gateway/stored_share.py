@@ -36,7 +36,7 @@ import asyncio
 import contextvars
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -91,7 +91,8 @@ MOST_LATE = 64
 MOST_PER_KEY = 16
 # The longest wait between two tries of a failing write: each try hands the database the
 # whole journal (up to 100,000 ids: about 45 ms of the loop to sort and put back), so the
-# tries back off, doubling from `usage_flush_seconds`, while it fails.
+# tries back off, doubling from `usage_flush_seconds`, while it fails; at the ticks between,
+# a cheap question notices when the database is back, and the write is tried at once.
 MOST_RETRY_SECONDS = 8.0
 # How often the task forgets what is older than KEEP_DAYS.
 _FORGET_EVERY_SECONDS = 3600.0
@@ -151,7 +152,8 @@ class StoredShare(Flushing):
         known.today = _today
         # When the task last forgot old ids (monotonic): first a minute after the start, not
         # at once (a write at every start, beside other processes' that start with it).
-        self._forgot = time.monotonic() - _FORGET_EVERY_SECONDS + 60.0
+        self._clock: Callable[[], float] = time.monotonic
+        self._forgot = self._clock() - _FORGET_EVERY_SECONDS + 60.0
         self._files_asking: asyncio.Task[bool] | None = None  # the question in flight
         self._late: set[asyncio.Future[Any]] = set()  # lookups past their deadline, running
         # Each key's turns (`MOST_PER_KEY`), and how many of its lookups hold or want one.
@@ -161,6 +163,8 @@ class StoredShare(Flushing):
         self._files_failing = False  # the last question failed (logged once)
         self._dropped = 0  # `known.unshared` when it was last logged
         self.failing = False  # the last write failed
+        self._failures = 0  # writes in a row that failed
+        self._retry_at = 0.0  # the next write's earliest time while they fail (`_clock`)
 
     @property
     def pending(self) -> int:
@@ -319,10 +323,11 @@ class StoredShare(Flushing):
         return task.result()
 
     def retry_seconds(self, failures: int) -> float:
-        """`flush_seconds`, doubled for each write in a row that failed, at most
-        `MOST_RETRY_SECONDS` (never less than `flush_seconds`)."""
+        """The least time from a failed write to the next (`failures` in a row):
+        `flush_seconds`, doubled for each, at most `MOST_RETRY_SECONDS` (never less than
+        `flush_seconds`)."""
         flush = self._flush_seconds
-        return max(flush, min(flush * 2.0 ** min(failures, 32), MOST_RETRY_SECONDS))
+        return max(flush, min(flush * 2.0 ** min(failures - 1, 32), MOST_RETRY_SECONDS))
 
     async def flush(self) -> None:
         """Write the journal; on failure it is kept (newer states of the same ids win) and it
@@ -344,9 +349,12 @@ class StoredShare(Flushing):
                 self._known.writing = {}
                 self._known.take_back(journal)
                 self.failing = True
+                self._failures += 1
+                self._retry_at = self._clock() + self.retry_seconds(self._failures)
                 raise
             self._known.writing = {}
             self.failing = False
+            self._failures = 0
             self._known.written(
                 journal, {row[0]: (row[1], row[2], row[3] == 1) for row in kept or ()}
             )
@@ -404,17 +412,25 @@ class StoredShare(Flushing):
         return self._known.files
 
     async def tick(self) -> None:
-        """Write the journal; forget old ids hourly."""
+        """Write the journal; forget old ids hourly. While writes fail, the whole journal is
+        handed over at most every `retry_seconds` (each try sorts and puts back up to
+        100,000 ids on the loop); at the ticks between, a cheap question asks whether the
+        database is back, and once it answers the write is tried at once."""
         try:
+            if self.failing and self._clock() < self._retry_at:
+                await self._store.stored_files()  # (raises while the database is down)
             await self.flush()
         finally:
             if self._known.unshared > self._dropped:
                 self._dropped = self._known.unshared
                 log.error("stored_ids_dropped", dropped=self._dropped)
-        now = time.monotonic()
+        now = self._clock()
         if now - self._forgot >= _FORGET_EVERY_SECONDS:
             self._forgot = now
-            await self._store.forget_stored(time.time() - KEEP_DAYS * 86400.0)
+            try:
+                await self._store.forget_stored(time.time() - KEEP_DAYS * 86400.0)
+            except Exception as exc:  # (tried again in an hour; the writes go on)
+                log.warning("stored_ids_forget_failed", error=type(exc).__name__)
 
 
 def _today() -> int:

@@ -638,34 +638,37 @@ def test_forgetting_the_oldest_costs_what_remembering_does() -> None:
     assert forgetting < 4 * adding + 0.05, (forgetting, adding)
 
 
-async def test_a_failing_write_is_tried_again_backing_off_then_at_its_pace() -> None:
+async def test_a_failing_write_backs_off_and_is_tried_at_once_when_the_database_is_back() -> None:
     """Each try hands the database the whole journal (up to 100,000 ids, about 45 ms of the
-    loop): while writes fail the task waits twice as long each time, up to
-    `MOST_RETRY_SECONDS`, and once one succeeds it writes every `flush_seconds` again."""
+    loop): while writes fail the next is tried twice as late each time, up to
+    `MOST_RETRY_SECONDS`; at the ticks between, a cheap question asks whether the database
+    is back, and once it answers the write is tried at that tick."""
     known = StoredResponses()
     sink = FlakySink()
     share = StoredShare(sink, known, flush_seconds=0.5)
+    now = [1000.0]
+    share._clock = lambda: now[0]
+    tries: list[float] = []
+    keep = sink.keep_stored
+
+    async def counted(rows: Any) -> None:
+        tries.append(now[0] - 1000.0)
+        await keep(rows)
+
+    sink.keep_stored = counted  # type: ignore[method-assign]
     known.remember("resp_1", "key_a", None)
-    waits: list[float] = []
-    done = asyncio.Event()
-    real_sleep = asyncio.sleep
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        if len(waits) == 8:
-            sink.down = False  # (the database is back: the next try writes)
-        if len(waits) == 11:
-            done.set()
-        await real_sleep(0)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("gateway.flushing.asyncio.sleep", sleep)
-        await share.start()
-        await done.wait()
-        task, share._task = share._task, None
-        assert task is not None
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert waits[:11] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 0.5, 0.5, 0.5], waits
-    assert [row[0] for row in sink.rows] == ["resp_1"] and share.pending == 0
+    for _ in range(60):  # (30 s of ticks, every 0.5 s)
+        now[0] += 0.5
+        with contextlib.suppress(ConnectionRefusedError):
+            await share.tick()
+    assert tries == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 24.0], tries
+    assert share.failing and share.pending == 1
+    sink.down = False  # (back between two tries: written at the next tick)
+    now[0] += 0.5
+    await share.tick()
+    assert tries[-1] == 30.5 and not share.failing and share.pending == 0
+    assert [row[0] for row in sink.rows] == ["resp_1"]
+    known.remember("resp_2", "key_a", None)
+    now[0] += 0.5
+    await share.tick()  # (the pace again)
+    assert tries[-1] == 31.0 and [row[0] for row in sink.rows] == ["resp_1", "resp_2"]
