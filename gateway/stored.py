@@ -282,20 +282,20 @@ class StoredResponses:
                 self._keep(stored_id, key_id, _UNSIZED, contest=contest, file=files)
                 continue
             held = self.held(stored_id)
+            file = files
             if held is not None:
                 owner = _key_of(held[0])
+                file = files or held[2]
                 if contest and owner not in (key_id, _CONTESTED):
-                    self._share(stored_id, _CONTESTED, _UNSIZED, files or held[2])
-                elif owner == key_id and self.written_day(stored_id) not in (None, today):
-                    # (Shown again by its key on a later day: written again, so the
-                    # database keeps what is in use, as memory's ids are; within the same
-                    # bound as a new one, else tried again when shown next.)
-                    if len(journal) + len(self.writing) < self._most // 2:
-                        self._share(stored_id, key_id, _UNSIZED, files or held[2])
-                    else:
-                        self.unspilled += 1
-            elif len(journal) + len(self.writing) < self._most // 2:
-                self._share(stored_id, key_id, _UNSIZED, files)
+                    self._share(stored_id, _CONTESTED, _UNSIZED, file)
+                    continue
+                if owner != key_id or self.written_day(stored_id) in (None, today):
+                    continue  # (its first key's; or to be written, or written today)
+                # (Shown again by its key on a later day: written again, so the database
+                # keeps what is in use, as memory's ids are; within the same bound as a new
+                # one, else tried again when shown next.)
+            if len(journal) + len(self.writing) < self._most // 2:
+                self._share(stored_id, key_id, _UNSIZED, file)
             else:
                 self.unspilled += 1
 
