@@ -45,9 +45,7 @@ from gateway.stored_share import (
     EXPORT_STORED,
     FILES_SQL,
     FORGET_SQL,
-    KEPT_SQL,
     SELECT_STORED,
-    KeptRow,
     StoredRow,
     upsert_sql,
 )
@@ -93,7 +91,6 @@ _UNNEST = ", ".join(f"${n}::{_array_type(_HINTS[f])}[]" for n, f in enumerate(_U
 # per day, key and model, taken in order so replicas writing at once never deadlock.
 _KEEP_STORED = upsert_sql(("$1", "$2", "$3", "$4", "$5"))
 _STORED_OWNERS = f"{SELECT_STORED} WHERE id = ANY($1::text[])"
-_KEPT_OWNERS = f"{KEPT_SQL} = ANY($1::text[])"
 _INSERT_USAGE_BATCH = (
     f"WITH new AS (INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) SELECT * FROM unnest({_UNNEST})"  # noqa: S608
     " ON CONFLICT (uid) DO NOTHING RETURNING ts, key_id, model, status, total_tokens, cost_usd)"
@@ -355,21 +352,21 @@ class PgStore:
 
     # What upstreams store for each key (`gateway.stored_share`)
 
-    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[KeptRow]:
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[StoredRow]:
         """Write ids and their owners, in one transaction (in id order: see
-        `StoredShare.flush`); what the database kept of each (the first owner stays:
+        `StoredShare.flush`); the rows the database kept of them (the first owner stays:
         `upsert_sql`), read in it."""
         with _unavailable_is_503():
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.executemany(_KEEP_STORED, rows)
-                kept = await conn.fetch(_KEPT_OWNERS, [row[0] for row in rows])
-        return [(row[0], row[1], row[2], row[3]) for row in kept]
+                kept = await conn.fetch(_STORED_OWNERS, [row[0] for row in rows])
+        return _stored_rows(kept)
 
     async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]:
         """The rows of those of `ids` the database holds."""
         with _unavailable_is_503():
             rows = await self.pool.fetch(_STORED_OWNERS, list(ids))
-        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return _stored_rows(rows)
 
     async def forget_stored(self, before: float) -> None:
         """Forget the ids last written before a unix time."""
@@ -443,3 +440,8 @@ class PgStore:
     async def export_refusals(self) -> Refusals:
         rows = await self.pool.fetch("SELECT minute, key_id, status, count FROM refusals")
         return Refusals({(m, k, s): n for m, k, s, n in rows})
+
+
+def _stored_rows(records: Sequence[asyncpg.Record]) -> list[StoredRow]:
+    """`_STORED_OWNERS`'s answer as `StoredRow`s."""
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in records]

@@ -12,7 +12,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
@@ -36,10 +36,8 @@ from gateway.sqlite_usage import ADD_REFUSALS, usage_statements, write_usage
 from gateway.stored_share import (
     FILES_SQL,
     FORGET_SQL,
-    KEPT_SQL,
     LOOKUP_AT_ONCE,
     SELECT_STORED,
-    KeptRow,
     StoredRow,
 )
 
@@ -314,23 +312,21 @@ class Store(SqliteCopies):
 
     # What upstreams store for each key (`gateway.stored_share`)
 
-    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[KeptRow]:
-        """Write ids and their owners, in one transaction; what the database kept of each
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> list[StoredRow]:
+        """Write ids and their owners, in one transaction; the rows the database kept of them
         (the first owner stays: `upsert_sql`), read in it."""
         async with self._write_lock:
             with _busy_is_503():
-                kept: list[KeptRow] = await self._execute(
+                kept: list[StoredRow] = await self._execute(
                     _in_transaction, self.db._conn, _keep_stored, rows
                 )
         return kept
 
     async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]:
         """The rows of those of `ids` the database holds."""
-        marks = ", ".join("?" * len(ids))
-        sql = f"{SELECT_STORED} WHERE id IN ({marks})"
         with _busy_is_503():
-            async with self.db.execute(sql, tuple(ids)) as cur:
-                return [(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]
+            async with self.db.execute(_stored_rows_sql(len(ids)), tuple(ids)) as cur:
+                return _stored_rows(await cur.fetchall())
 
     async def forget_stored(self, before: float) -> None:
         """Forget the ids last written before a unix time."""
@@ -350,13 +346,22 @@ class Store(SqliteCopies):
                 return [tuple(row) for row in await cur.fetchall()]
 
 
-def _keep_stored(conn: sqlite3.Connection, rows: Sequence[StoredRow]) -> list[KeptRow]:
+def _stored_rows_sql(count: int) -> str:
+    """The rows of `count` ids (bound in its placeholders)."""
+    return f"{SELECT_STORED} WHERE id IN ({', '.join('?' * count)})"
+
+
+def _stored_rows(rows: Iterable[Sequence[Any]]) -> list[StoredRow]:
+    """The rows of `_stored_rows_sql` as `StoredRow`s."""
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+def _keep_stored(conn: sqlite3.Connection, rows: Sequence[StoredRow]) -> list[StoredRow]:
     conn.executemany(KEEP_STORED, rows)
-    kept: list[KeptRow] = []
+    kept: list[StoredRow] = []
     for start in range(0, len(rows), LOOKUP_AT_ONCE):
         ids = [row[0] for row in rows[start : start + LOOKUP_AT_ONCE]]
-        sql = f"{KEPT_SQL} IN ({', '.join('?' * len(ids))})"
-        kept += conn.execute(sql, ids).fetchall()
+        kept += _stored_rows(conn.execute(_stored_rows_sql(len(ids)), ids))
     return kept
 
 

@@ -58,13 +58,11 @@ __all__ = [
     "FILES_SQL",
     "FORGET_SQL",
     "KEEP_DAYS",
-    "KEPT_SQL",
     "LOOKUP_AT_ONCE",
     "LOOKUP_SECONDS",
     "MOST_LOOKED_UP",
     "MOST_RETRY_SECONDS",
     "SELECT_STORED",
-    "KeptRow",
     "StoredRow",
     "StoredShare",
     "StoredSink",
@@ -99,8 +97,6 @@ _FORGET_EVERY_SECONDS = 3600.0
 
 # (id, owner, tokens, a file (0/1), unix time written)
 StoredRow = tuple[str, str, int, int, float]
-# (id, owner, tokens, a file (0/1)) as a write left it in the database (`keep_stored`)
-KeptRow = tuple[str, str, int, int]
 
 
 def upsert_sql(marks: tuple[str, str, str, str, str]) -> str:
@@ -122,14 +118,13 @@ FORGET_SQL = "DELETE FROM stored_ids WHERE seen < {}"
 SELECT_STORED = "SELECT id, owner, tokens, file, seen FROM stored_ids"
 EXPORT_STORED = f"{SELECT_STORED} ORDER BY id"
 FILES_SQL = "SELECT 1 FROM stored_ids WHERE file = 1 LIMIT 1"
-KEPT_SQL = "SELECT id, owner, tokens, file FROM stored_ids WHERE id"
 
 
 class StoredSink(Protocol):
     """The database's side (`gateway.store.Store`, `gateway.pg_store.PgStore`)."""
 
-    async def keep_stored(self, rows: Sequence[StoredRow]) -> Sequence[KeptRow] | None:
-        """Write `rows`; what the database kept of each id (None: as written)."""
+    async def keep_stored(self, rows: Sequence[StoredRow]) -> Sequence[StoredRow] | None:
+        """Write `rows`; the rows the database kept of them (None: as written)."""
 
     async def stored_owners(self, ids: Sequence[str]) -> list[StoredRow]: ...
     async def forget_stored(self, before: float) -> None: ...

@@ -175,15 +175,15 @@ async def test_a_failure_between_the_upsert_and_the_read_back_rolls_back(
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(sqlite_store, "_keep_stored", upsert_then_fail)
-    monkeypatch.setattr(
-        pg_store, "_KEPT_OWNERS", "SELECT id, owner FROM no_such_table WHERE id = ANY($1::text[])"
+    monkeypatch.setattr(  # (the read-back's query, which lookups share: undone before them)
+        pg_store, "_STORED_OWNERS", "SELECT id, owner FROM no_such_table WHERE id = ANY($1::text[])"
     )
     with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises
         await share.flush()
+    monkeypatch.undo()
     assert share.failing and await store.stored_owners(ids[:5]) == []
     assert len(known.journal or {}) == len(ids) + 1
     assert known.others("msg_1", "key_alice") and not known.others("msg_1", "key_bob")
-    monkeypatch.undo()
     await share.flush()
     assert not share.failing and not known.journal
     assert len(await store.stored_owners(ids)) == len(ids)
