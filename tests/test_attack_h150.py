@@ -15,7 +15,6 @@ upstreams and the real `openai` SDK, and their stores driven directly. FINDING t
 from __future__ import annotations
 
 import asyncio
-import gc
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from tests.conftest import app_of, create_key, openai_client
 from tests.test_attack_h126 import Scripted
 from tests.test_attack_h141 import PAST, many_items, naming, start
 from tests.test_attack_h146 import ask_long, database_down
-from tests.test_attack_h149 import ITEMS, same_items_upstream
+from tests.test_attack_h149 import ITEMS, cpu, same_items_upstream
 from tests.test_stored_share import Start, key_id_of, knows_keys
 
 __all__ = ["start"]  # (the fixture, by its name: journals written when the test says)
@@ -191,16 +190,6 @@ async def test_a_failure_between_the_upsert_and_the_read_back_rolls_back(
     assert known.held("msg_taken") == ("key_carol", -1, False)  # (the first owner stays)
 
 
-def cpu_of(work: Any) -> float:
-    gc.disable()
-    try:
-        started = time.thread_time()
-        work()
-        return time.thread_time() - started
-    finally:
-        gc.enable()
-
-
 # HELD: the read-back's cost in SQLite's thread (which every lookup and usage write of the
 # gateway shares) for a batch of 100,000 ids (the journal's bound), new and then written
 # again: at most about twice the upsert alone (measured here ~1.5x: 1,000 ids a query,
@@ -225,15 +214,15 @@ async def test_the_read_back_of_a_full_batch_costs_about_what_its_upsert_does(
             c.executemany(KEEP_STORED, rows)
 
         kept: list[Any] = []
-        alone = cpu_of(lambda: sqlite_store._in_transaction(conn, upsert, batch("a", "key_a")))
-        with_read = cpu_of(
+        alone = cpu(lambda: sqlite_store._in_transaction(conn, upsert, batch("a", "key_a")))
+        with_read = cpu(
             lambda: kept.extend(
                 sqlite_store._in_transaction(conn, sqlite_store._keep_stored, batch("b", "key_b"))
             )
         )
-        again_alone = cpu_of(lambda: sqlite_store._in_transaction(conn, upsert, batch("a", "x")))
+        again_alone = cpu(lambda: sqlite_store._in_transaction(conn, upsert, batch("a", "x")))
         again: list[Any] = []
-        again_read = cpu_of(
+        again_read = cpu(
             lambda: again.extend(
                 sqlite_store._in_transaction(conn, sqlite_store._keep_stored, batch("b", "x"))
             )
